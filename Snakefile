@@ -1,0 +1,18 @@
+# lungddpm: semantic-layout-guided 3D diffusion for thoracic CT synthesis, as a Snakemake workflow.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/preprocess.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

@@ -1,0 +1,136 @@
+"""``lungddpm <stage>``: the same library functions the Snakemake rules call, from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LungDDPMError
+from .logs import setup_logging
+
+log = logging.getLogger("lungddpm")
+
+
+def _overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``a.b=value`` pairs (YAML-parsed values) -> nested dict."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LungDDPMError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.source=lidc")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.configfile, _overrides(args.set))
+
+
+def cmd_cases(args: argparse.Namespace) -> None:
+    from .cases import case_split, list_cases
+
+    cfg = _config(args)
+    cases = list_cases(cfg)
+    split = case_split(cfg, cases)
+    print(json.dumps({c: split[c] for c in cases}, indent=2))
+
+
+def cmd_demo_dicom(args: argparse.Namespace) -> None:
+    from .cases import DEMO_ROOT, list_cases
+    from .data.demo import write_demo_case
+
+    cfg = _config(args)
+    cases = list_cases(cfg)
+    todo = args.case or cases
+    for case in todo:
+        if case not in cases:
+            raise LungDDPMError(f"--case {case}: not one of the demo cases {cases}")
+        write_demo_case(case, cases.index(case), Path(args.root or DEMO_ROOT), cfg)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from .cases import dicom_root
+    from .preprocess import preprocess_case
+
+    cfg = _config(args)
+    preprocess_case(args.case, dicom_root(cfg), Path(args.out), cfg)
+
+
+def cmd_layout(args: argparse.Namespace) -> None:
+    from .layout import make_layout
+
+    make_layout(Path(args.case_dir), Path(args.out), _config(args).layout)
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from .cases import write_case_split
+
+    write_case_split(_config(args), Path(args.out))
+
+
+def cmd_demo_qc(args: argparse.Namespace) -> None:
+    from .cases import DEMO_ROOT, list_cases
+    from .data.demo import demo_qc
+
+    cfg = _config(args)
+    demo_qc(list_cases(cfg), Path(args.root or DEMO_ROOT), Path(args.preprocessed), Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungddpm", description=__doc__)
+    parser.add_argument("--configfile", default="config/config.yaml", help="workflow config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.source=lidc (repeatable)")
+    parser.add_argument("--log", default=None, help="also log to this file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("cases", help="list the cases of the config and their split")
+    p.set_defaults(func=cmd_cases)
+    p = sub.add_parser("demo-dicom", help="write the demo phantom DICOM series")
+    p.add_argument("--case", action="append", help="only this case (repeatable); default all")
+    p.add_argument("--root", default=None, help="output root (default resources/demo)")
+    p.set_defaults(func=cmd_demo_dicom)
+    p = sub.add_parser("preprocess", help="DICOM -> HU volume, lung and nodule masks on the model grid")
+    p.add_argument("--case", required=True)
+    p.add_argument("--out", required=True, help="output folder of the case")
+    p.set_defaults(func=cmd_preprocess)
+    p = sub.add_parser("layout", help="lung + nodule masks -> semantic layout (0/1/2)")
+    p.add_argument("--case-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_layout)
+    p = sub.add_parser("split", help="write the patient-level train/val/test split")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_split)
+    p = sub.add_parser("demo-qc", help="score lung masks and nodule positions against the demo phantom's truth")
+    p.add_argument("--root", default=None)
+    p.add_argument("--preprocessed", default="results/preprocessed")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_demo_qc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log)
+    try:
+        args.func(args)
+    except LungDDPMError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Load and validate the workflow config against ``config/schema.yaml``; typed views of its sections."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_FILE = "schema.yaml"
+
+
+def _schema_path() -> Path:
+    """The schema lives in the repository's config/; an installed wheel carries a copy as package data."""
+    repo = Path(__file__).resolve().parents[1] / "config" / SCHEMA_FILE
+    if repo.is_file():
+        return repo
+    return Path(str(resources.files("lungddpm") / SCHEMA_FILE))
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(_schema_path().read_text())
+
+
+def _fill_defaults(instance: dict[str, Any], schema: Mapping[str, Any]) -> None:
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if isinstance(instance.get(key), dict) and sub.get("type") == "object":
+            _fill_defaults(instance[key], sub)
+
+
+def _errors(instance: Any, schema: Mapping[str, Any]) -> Iterator[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    for err in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
+        where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            yield f"{where}: {err.message}; allowed keys here: {allowed}"
+        else:
+            yield f"{where}: {err.message}"
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate ``config`` in place (defaults filled) and return it; raise :class:`ConfigError` listing every
+    offending key and how to fix it."""
+    schema = load_schema()
+    _fill_defaults(config, schema)
+    problems = list(_errors(config, schema))
+    data = config.get("data", {})
+    if not problems and data.get("source") == "lidc" and not data.get("dicom_root"):
+        problems.append(
+            "data.dicom_root: required when data.source is 'lidc'; pass --config data.dicom_root=/path/to/LIDC-IDRI"
+        )
+    split = config.get("split", {})
+    if not problems and abs(sum(split[k] for k in ("train", "val", "test")) - 1.0) > 1e-6:
+        problems.append("split: train + val + test must sum to 1")
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml):\n  " + "\n  ".join(problems))
+    return config
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply ``overrides`` (nested dict), validate, and return its typed view."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: config file not found; start from config/config.yaml") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (data, preprocess, ...)")
+    if overrides:
+        _merge(raw, overrides)
+    return Config.from_dict(validate_config(raw, source=str(p)))
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    n_scans: int
+    min_nodule_diameter_mm: float
+    min_readers: int
+    max_slices: int
+    seed: int
+    noise_hu: float
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    dicom_root: str | None
+    cases: tuple[str, ...]
+    consensus_level: float
+    min_readers: int
+    demo: DemoConfig
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    padding_hu: float
+    max_hu: float
+    fine_spacing_mm: float
+    spacing_mm: tuple[float, float, float]
+    size: tuple[int, int, int]
+    nodule_fraction: float
+
+
+@dataclass(frozen=True)
+class LungmaskConfig:
+    threshold_hu: float
+    airway_threshold_hu: float
+    airway_max_diameter_mm: float
+    closing_mm: float
+    min_lung_ml: float
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    min_lung_ml: float
+    max_lung_ml: float
+    min_side_fraction: float
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float
+    val: float
+    test: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    preprocess: PreprocessConfig
+    lungmask: LungmaskConfig
+    layout: LayoutConfig
+    split: SplitConfig
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> Config:
+        """Typed view of an already validated config dict."""
+        d = dict(cfg["data"])
+        d["demo"] = DemoConfig(**d["demo"])
+        d["cases"] = tuple(d["cases"])
+        p = dict(cfg["preprocess"])
+        p["spacing_mm"] = tuple(float(v) for v in p["spacing_mm"])
+        p["size"] = tuple(int(v) for v in p["size"])
+        return cls(
+            data=DataConfig(**d),
+            preprocess=PreprocessConfig(**p),
+            lungmask=LungmaskConfig(**cfg["lungmask"]),
+            layout=LayoutConfig(**cfg["layout"]),
+            split=SplitConfig(**cfg["split"]),
+        )
+
+
+def config_from_mapping(cfg: Mapping[str, Any]) -> Config:
+    """Validate a plain mapping (e.g. Snakemake's ``config``) and return its typed view."""
+    return Config.from_dict(validate_config(copy.deepcopy(dict(cfg))))

@@ -1,0 +1,1 @@
+"""Data sources: pylidc adapter (``lidc``) and the procedural demo phantom (``phantom``)."""

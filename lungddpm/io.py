@@ -1,0 +1,247 @@
+"""The only module that touches file formats: NIfTI volumes with their true affine, JSON, atomic writes.
+
+Arrays in memory are numpy ``[Z, Y, X]`` (slices first). A :class:`Geometry` holds the spacing ``(z, y, x)`` in
+mm, the LPS world position ``(x, y, z)`` of voxel ``[0, 0, 0]`` and the direction cosines (SimpleITK's
+convention: a row-major 3x3 matrix whose columns are the world directions of the x, y and z index axes).
+On disk, SimpleITK converts this to a NIfTI RAS affine, so any NIfTI reader sees the true orientation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import LungDDPMError
+
+IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a ``[Z, Y, X]`` array in LPS world coordinates (mm)."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = IDENTITY_DIRECTION
+
+    def index_to_world(self, index_zyx: np.ndarray) -> np.ndarray:
+        """index_zyx: [N, 3] (z, y, x) voxel indices -> [N, 3] LPS (x, y, z) mm."""
+        idx = np.asarray(index_zyx, dtype=np.float64).reshape(-1, 3)[:, ::-1]  # -> (x, y, z)
+        scaled = idx * np.asarray(self.spacing[::-1])
+        d = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        return scaled @ d.T + np.asarray(self.origin)
+
+    def world_to_index(self, world_xyz: np.ndarray) -> np.ndarray:
+        """world_xyz: [N, 3] LPS (x, y, z) mm -> [N, 3] fractional (z, y, x) indices."""
+        d = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        rel = (np.asarray(world_xyz, dtype=np.float64).reshape(-1, 3) - np.asarray(self.origin)) @ d
+        return (rel / np.asarray(self.spacing[::-1]))[:, ::-1]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {
+            "spacing_zyx_mm": list(self.spacing),
+            "origin_lps_xyz_mm": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+
+class VolumeReadError(LungDDPMError):
+    """A NIfTI file that cannot be read."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geometry) -> None:
+    """Write ``array`` ``[Z, Y, X]`` as compressed NIfTI with the affine of ``geometry``, atomically."""
+    if array.ndim != 3:
+        raise ValueError(f"{path}: expected a [Z, Y, X] array, got shape {array.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(tuple(float(s) for s in geometry.spacing[::-1]))
+    image.SetOrigin(tuple(float(o) for o in geometry.origin))
+    image.SetDirection(tuple(float(d) for d in geometry.direction))
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI file -> (array ``[Z, Y, X]``, geometry)."""
+    p = Path(path)
+    if not p.is_file():
+        raise VolumeReadError(f"{p}: no such file; run the stage that produces it first")
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise VolumeReadError(f"{p}: not a readable NIfTI volume ({exc}); delete it and rerun its stage") from exc
+    geometry = Geometry(
+        spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in image.GetDirection()),
+    )
+    return sitk.GetArrayFromImage(image), geometry
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise LungDDPMError(f"{p}: no such file; run the stage that produces it first") from exc
+    except json.JSONDecodeError as exc:
+        raise LungDDPMError(f"{p}: invalid JSON ({exc}); delete it and rerun its stage") from exc
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------- DICOM
+class DicomReadError(LungDDPMError):
+    """A DICOM root, series or file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """An axial CT series in HU, slices sorted by ascending z."""
+
+    hu: np.ndarray  # float32 [Z, Y, X]
+    z_positions: np.ndarray  # [Z] mm, ascending
+    pixel_spacing: tuple[float, float]  # (row, column) mm
+    origin_xy: tuple[float, float]  # LPS (x, y) of pixel [0, 0]
+    series_uid: str
+    directory: Path
+
+
+def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
+    """Find the folder under ``patient_dir`` whose DICOM files belong to ``series_uid`` (any folder layout)."""
+    import pydicom
+
+    if not patient_dir.is_dir():
+        raise DicomReadError(
+            f"{patient_dir}: patient folder not found; put the TCIA LIDC-IDRI download under data.dicom_root "
+            "(<root>/<patient id>/...) or remove the patient from data.cases"
+        )
+    fast = [d for d in patient_dir.rglob(series_uid) if d.is_dir()]
+    if fast:
+        return fast[0]
+    for folder in sorted({p.parent for p in patient_dir.rglob("*.dcm")}):
+        first = min(folder.glob("*.dcm"))
+        try:
+            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:
+            continue
+        if getattr(ds, "SeriesInstanceUID", None) == series_uid:
+            return folder
+    raise DicomReadError(
+        f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}; the download is incomplete — "
+        "re-download this patient from TCIA"
+    )
+
+
+def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: float = 3071.0) -> DicomSeries:
+    """Read every ``*.dcm`` of one axial CT series -> HU volume; padding outside the field of view -> ``padding_hu``.
+
+    Refuses (naming the file): an empty folder, unreadable files, several series mixed in one folder,
+    non-axial orientation, inconsistent pixel spacing or size, duplicate slice positions.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = sorted(directory.glob("*.dcm"))
+    if not files:
+        raise DicomReadError(f"{directory}: no *.dcm files; check data.dicom_root or re-download the series")
+    slices = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+            pixels = ds.pixel_array
+        except (InvalidDicomError, AttributeError, ValueError, OSError, KeyError) as exc:
+            raise DicomReadError(f"{f}: corrupt or incomplete DICOM file ({exc}); re-download this series") from exc
+        slices.append((ds, pixels))
+    uids = {ds.SeriesInstanceUID for ds, _ in slices}
+    if len(uids) > 1:
+        counts = {u: [f.name for f, (d, _) in zip(files, slices) if d.SeriesInstanceUID == u][:3] for u in uids}
+        raise DicomReadError(
+            f"{directory}: files of {len(uids)} series are mixed ({counts}); keep one series per folder"
+        )
+    ref = slices[0][0]
+    orientation = np.asarray([float(v) for v in ref.ImageOrientationPatient])
+    if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):
+        raise DicomReadError(
+            f"{files[0]}: ImageOrientationPatient {orientation.tolist()} is not axial; only axial CT is supported"
+        )
+    spacing = tuple(float(v) for v in ref.PixelSpacing)
+    shape = (int(ref.Rows), int(ref.Columns))
+    for f, (ds, _) in zip(files, slices):
+        if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
+            raise DicomReadError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
+    z = np.asarray([float(ds.ImagePositionPatient[2]) for ds, _ in slices])
+    order = np.argsort(z, kind="stable")
+    z = z[order]
+    dup = np.flatnonzero(np.diff(z) < 1e-3)
+    if dup.size:
+        f1, f2 = files[order[dup[0]]], files[order[dup[0] + 1]]
+        raise DicomReadError(f"{f1} and {f2}: same slice position z={z[dup[0]]}; remove the duplicate file")
+    hu = np.empty((len(files), *shape), dtype=np.float32)
+    for out_k, k in enumerate(order):
+        ds, pixels = slices[k]
+        raw = pixels.astype(np.float32)
+        pad = getattr(ds, "PixelPaddingValue", None)
+        slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
+        values = raw * slope + intercept
+        if pad is not None:
+            values[pixels == pad] = padding_hu
+        hu[out_k] = values
+    np.clip(hu, padding_hu, max_hu, out=hu)
+    x0, y0 = (float(v) for v in ref.ImagePositionPatient[:2])
+    return DicomSeries(
+        hu=hu,
+        z_positions=z,
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        origin_xy=(x0, y0),
+        series_uid=str(ref.SeriesInstanceUID),
+        directory=directory,
+    )

@@ -1,0 +1,31 @@
+# Parse-time state: the validated config, the case list and the split (deterministic from the config).
+from lungddpm.cases import DEMO_ROOT, case_split, dicom_root, list_cases
+from lungddpm.config import validate_config, config_from_mapping
+
+validate_config(config, source="snakemake config")
+CFG = config_from_mapping(config)
+CASES = list_cases(CFG)
+SPLIT = case_split(CFG, CASES)
+DICOM_ROOT = str(dicom_root(CFG))
+IS_DEMO = CFG.data.source == "demo"
+
+
+wildcard_constraints:
+    case=r"LIDC-IDRI-\d{4}(_s\d+)?",
+
+
+def final_targets():
+    targets = {
+        "layouts": expand("results/layouts/{case}.nii.gz", case=CASES),
+        "splits": "results/splits.csv",
+    }
+    if IS_DEMO:
+        targets["qc"] = "results/qc/demo_segmentation.csv"
+    return targets
+
+
+def series_input(wildcards):
+    """Demo: the manifest the demo rule writes last; real data: nothing Snakemake can build."""
+    if IS_DEMO:
+        return {"manifest": f"{DEMO_ROOT}/series/{wildcards.case}.json"}
+    return {}

@@ -1,0 +1,44 @@
+rule demo_dicom:
+    output:
+        manifest=f"{DEMO_ROOT}/series/{{case}}.json",
+        truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
+    params:
+        root=str(DEMO_ROOT),
+        index=lambda wildcards: CASES.index(wildcards.case),
+    log:
+        "logs/demo_dicom/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/demo_dicom.py"
+
+
+rule split:
+    output:
+        splits=report("results/splits.csv", category="Data", caption="../report/splits.rst"),
+    log:
+        "logs/split.log",
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/split.py"
+
+
+rule demo_qc:
+    input:
+        meta=expand("results/preprocessed/{case}/meta.json", case=CASES),
+        truth=expand(f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz", case=CASES),
+    output:
+        qc=report("results/qc/demo_segmentation.csv", category="Data", caption="../report/demo_qc.rst"),
+    params:
+        root=str(DEMO_ROOT),
+        preprocessed="results/preprocessed",
+    log:
+        "logs/demo_qc.log",
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/demo_qc.py"

@@ -1,0 +1,35 @@
+rule preprocess:
+    input:
+        unpack(series_input),
+    output:
+        ct="results/preprocessed/{case}/ct.nii.gz",
+        lung="results/preprocessed/{case}/lung.nii.gz",
+        nodules="results/preprocessed/{case}/nodules.nii.gz",
+        lung_fine="results/preprocessed/{case}/lung_fine.nii.gz",
+        meta="results/preprocessed/{case}/meta.json",
+    params:
+        dicom_root=DICOM_ROOT,
+    log:
+        "logs/preprocess/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/preprocess.py"
+
+
+rule layout:
+    input:
+        lung="results/preprocessed/{case}/lung.nii.gz",
+        nodules="results/preprocessed/{case}/nodules.nii.gz",
+        meta="results/preprocessed/{case}/meta.json",
+    output:
+        layout="results/layouts/{case}.nii.gz",
+    log:
+        "logs/layout/{case}.log",
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/layout.py"

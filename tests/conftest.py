@@ -1,0 +1,48 @@
+"""Shared fixtures. The CI-size demo workflow is built once per session (``demo_workflow``) and reused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The CI-size demo: same code path as the default demo, fewer scans.
+CI_CONFIG = {
+    "data": {"demo": {"n_scans": 3}},
+    "preprocess": {"spacing_mm": [10.0, 10.0, 10.0], "size": [32, 32, 32]},
+}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the repository's workflow in ``workdir`` with the CI config."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "ci.yaml"), "--cores", "2", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_workdir(path: Path, extra: dict | None = None) -> Path:
+    """A workflow directory with ``config/`` (the workflow's default configfile) and the CI config."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "config", path / "config", dirs_exist_ok=True)
+    cfg = {**CI_CONFIG, **(extra or {})}
+    (path / "ci.yaml").write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_workflow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CI-size demo run through every stage that exists; returns its working directory."""
+    workdir = make_workdir(tmp_path_factory.mktemp("demo"))
+    snakemake(workdir)
+    return workdir

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lungddpm.config import Config, load_config, validate_config
+from lungddpm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_is_valid_and_typed() -> None:
+    cfg = load_config(REPO / "config/config.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.data.source == "demo"
+    assert cfg.data.demo.n_scans == 12
+    assert cfg.preprocess.size == (32, 32, 32)
+    assert cfg.lungmask.closing_mm == 6  # filled from the schema default
+
+
+def test_paper_config_needs_dicom_root() -> None:
+    with pytest.raises(ConfigError, match="data.dicom_root: required"):
+        load_config(REPO / "config/paper.yaml")
+    cfg = load_config(REPO / "config/paper.yaml", {"data": {"dicom_root": "/data/LIDC-IDRI"}})
+    assert cfg.preprocess.size == (128, 128, 128)
+
+
+def test_empty_config_gets_every_default() -> None:
+    cfg = validate_config({})
+    assert cfg["data"]["consensus_level"] == 0.5
+    assert cfg["split"] == {"train": 0.7, "val": 0.1, "test": 0.2, "seed": 0}
+
+
+def test_unknown_key_is_named_with_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config({"preprocess": {"spacingmm": [1, 1, 1]}})
+    text = str(err.value)
+    assert "preprocess" in text and "'spacingmm' was unexpected" in text and "spacing_mm" in text
+
+
+def test_out_of_range_value_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"data.consensus_level: 1.5 is greater than the maximum of 1"):
+        validate_config({"data": {"consensus_level": 1.5}})
+
+
+def test_bad_enum_and_split_sum() -> None:
+    with pytest.raises(ConfigError, match="data.source: 'tcia' is not one of"):
+        validate_config({"data": {"source": "tcia"}})
+    with pytest.raises(ConfigError, match="train \\+ val \\+ test must sum to 1"):
+        validate_config({"split": {"train": 0.5, "val": 0.1, "test": 0.1}})
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
