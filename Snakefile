@@ -8,6 +8,12 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    case=r"LIDC-IDRI-\d{4}(_s\d+)?",
+
+
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 

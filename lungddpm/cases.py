@@ -30,17 +30,23 @@ def list_cases(cfg: Config) -> list[str]:
         return sorted(lidc.select_demo_cases(d.n_scans, d.min_nodule_diameter_mm, d.min_readers, d.max_slices))
     root = dicom_root(cfg)
     if not root.is_dir():
-        raise DicomError(f"{root}: data.dicom_root does not exist; point it at your TCIA LIDC-IDRI download "
-                         "(the folder that holds LIDC-IDRI-0001, LIDC-IDRI-0002, ...)")
+        raise DicomError(
+            f"{root}: data.dicom_root does not exist; point it at your TCIA LIDC-IDRI download "
+            "(the folder that holds LIDC-IDRI-0001, LIDC-IDRI-0002, ...)"
+        )
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and PATIENT_DIR.match(p.name))
     if not found:
-        raise DicomError(f"{root}: no LIDC-IDRI-XXXX patient folders; data.dicom_root must be the folder that "
-                         "holds them (e.g. .../manifest-1600709154662/LIDC-IDRI)")
+        raise DicomError(
+            f"{root}: no LIDC-IDRI-XXXX patient folders; data.dicom_root must be the folder that "
+            "holds them (e.g. .../manifest-1600709154662/LIDC-IDRI)"
+        )
     patients = list(cfg.data.cases) or found
     missing = sorted(set(patients) - set(found))
     if missing:
-        raise DicomError(f"{root}: data.cases lists {missing} but these folders are absent; download them or "
-                         "remove them from data.cases")
+        raise DicomError(
+            f"{root}: data.cases lists {missing} but these folders are absent; download them or "
+            "remove them from data.cases"
+        )
     return lidc.cases_of_patients(patients)
 
 

@@ -83,17 +83,23 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_demo_qc(args: argparse.Namespace) -> None:
     from .cases import DEMO_ROOT, list_cases
-    from .data.demo import demo_qc
+    from .data.demo import demo_qc, truth_path
 
-    cfg = _config(args)
-    demo_qc(list_cases(cfg), Path(args.root or DEMO_ROOT), Path(args.preprocessed), Path(args.out))
+    cases = list_cases(_config(args))
+    root = Path(args.root or DEMO_ROOT)
+    demo_qc(cases, [truth_path(root, c) for c in cases], [Path(args.preprocessed) / c for c in cases], Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungddpm", description=__doc__)
     parser.add_argument("--configfile", default="config/config.yaml", help="workflow config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set data.source=lidc (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.source=lidc (repeatable)",
+    )
     parser.add_argument("--log", default=None, help="also log to this file")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cases", help="list the cases of the config and their split")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import LungDDPMError
+from .errors import DicomError, LungDDPMError
 
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -139,10 +139,6 @@ def _json_default(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- DICOM
-class DicomReadError(LungDDPMError):
-    """A DICOM root, series or file that cannot be used."""
-
-
 @dataclass(frozen=True)
 class DicomSeries:
     """An axial CT series in HU, slices sorted by ascending z."""
@@ -160,7 +156,7 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
     import pydicom
 
     if not patient_dir.is_dir():
-        raise DicomReadError(
+        raise DicomError(
             f"{patient_dir}: patient folder not found; put the TCIA LIDC-IDRI download under data.dicom_root "
             "(<root>/<patient id>/...) or remove the patient from data.cases"
         )
@@ -175,7 +171,7 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
             continue
         if getattr(ds, "SeriesInstanceUID", None) == series_uid:
             return folder
-    raise DicomReadError(
+    raise DicomError(
         f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}; the download is incomplete — "
         "re-download this patient from TCIA"
     )
@@ -192,39 +188,39 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
 
     files = sorted(directory.glob("*.dcm"))
     if not files:
-        raise DicomReadError(f"{directory}: no *.dcm files; check data.dicom_root or re-download the series")
+        raise DicomError(f"{directory}: no *.dcm files; check data.dicom_root or re-download the series")
     slices = []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
             pixels = ds.pixel_array
         except (InvalidDicomError, AttributeError, ValueError, OSError, KeyError) as exc:
-            raise DicomReadError(f"{f}: corrupt or incomplete DICOM file ({exc}); re-download this series") from exc
+            raise DicomError(f"{f}: corrupt or incomplete DICOM file ({exc}); re-download this series") from exc
         slices.append((ds, pixels))
     uids = {ds.SeriesInstanceUID for ds, _ in slices}
     if len(uids) > 1:
         counts = {u: [f.name for f, (d, _) in zip(files, slices) if d.SeriesInstanceUID == u][:3] for u in uids}
-        raise DicomReadError(
+        raise DicomError(
             f"{directory}: files of {len(uids)} series are mixed ({counts}); keep one series per folder"
         )
     ref = slices[0][0]
     orientation = np.asarray([float(v) for v in ref.ImageOrientationPatient])
     if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):
-        raise DicomReadError(
+        raise DicomError(
             f"{files[0]}: ImageOrientationPatient {orientation.tolist()} is not axial; only axial CT is supported"
         )
     spacing = tuple(float(v) for v in ref.PixelSpacing)
     shape = (int(ref.Rows), int(ref.Columns))
     for f, (ds, _) in zip(files, slices):
         if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DicomReadError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
+            raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
     z = np.asarray([float(ds.ImagePositionPatient[2]) for ds, _ in slices])
     order = np.argsort(z, kind="stable")
     z = z[order]
     dup = np.flatnonzero(np.diff(z) < 1e-3)
     if dup.size:
         f1, f2 = files[order[dup[0]]], files[order[dup[0] + 1]]
-        raise DicomReadError(f"{f1} and {f2}: same slice position z={z[dup[0]]}; remove the duplicate file")
+        raise DicomError(f"{f1} and {f2}: same slice position z={z[dup[0]]}; remove the duplicate file")
     hu = np.empty((len(files), *shape), dtype=np.float32)
     for out_k, k in enumerate(order):
         ds, pixels = slices[k]

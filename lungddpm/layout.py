@@ -31,15 +31,17 @@ def compose_layout(lung: np.ndarray, nodules: np.ndarray) -> np.ndarray:
     return layout
 
 
-def check_layout(layout: np.ndarray, geometry: Geometry, cfg: LayoutConfig, name: str,
-                 midline_x_mm: float | None = None) -> dict[str, Any]:
+def check_layout(
+    layout: np.ndarray, geometry: Geometry, cfg: LayoutConfig, name: str, midline_x_mm: float | None = None
+) -> dict[str, Any]:
     """Raise :class:`LayoutError` unless ``layout`` has only labels 0/1/2, a plausible lung volume and two lungs:
     each side of the patient's midline (LPS x in mm; default the centre of the lungs' bounding box) holds at
     least ``min_side_fraction`` of the lung volume. Returns stats."""
     found = set(np.unique(layout).tolist())
     if not found <= set(LABELS):
-        raise LayoutError(f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; "
-                          "re-run the layout stage")
+        raise LayoutError(
+            f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; re-run the layout stage"
+        )
     voxel_ml = float(np.prod(geometry.spacing)) / 1000
     lung = layout > 0
     lung_ml = float(lung.sum()) * voxel_ml

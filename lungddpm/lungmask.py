@@ -46,8 +46,9 @@ def outside_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     """Air connected, within its axial slice, to the image border: room air, table gap. hu: [Z, Y, X]."""
     air = hu < threshold_hu
     labels, _ = ndi.label(air, structure=_IN_PLANE)
-    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    border = np.unique(
+        np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    )
     border = border[border > 0]
     return np.isin(labels, border)
 

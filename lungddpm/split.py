@@ -54,8 +54,9 @@ def split_cases(patient_of: Mapping[str, str], has_nodule: Mapping[str, bool], c
     return {case: assignment[patient] for case, patient in patient_of.items()}
 
 
-def write_splits(path: Path, assignment: Mapping[str, str], patient_of: Mapping[str, str],
-                 has_nodule: Mapping[str, bool]) -> None:
+def write_splits(
+    path: Path, assignment: Mapping[str, str], patient_of: Mapping[str, str], has_nodule: Mapping[str, bool]
+) -> None:
     """Write ``case_id,patient_id,subset,has_nodule`` rows, sorted by case id."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -10,22 +10,15 @@ DICOM_ROOT = str(dicom_root(CFG))
 IS_DEMO = CFG.data.source == "demo"
 
 
-wildcard_constraints:
-    case=r"LIDC-IDRI-\d{4}(_s\d+)?",
-
-
 def final_targets():
-    targets = {
-        "layouts": expand("results/layouts/{case}.nii.gz", case=CASES),
-        "splits": "results/splits.csv",
-    }
+    targets = expand("results/layouts/{case}.nii.gz", case=CASES) + ["results/splits.csv"]
     if IS_DEMO:
-        targets["qc"] = "results/qc/demo_segmentation.csv"
+        targets.append("results/qc/demo_segmentation.csv")
     return targets
 
 
 def series_input(wildcards):
-    """Demo: the manifest the demo rule writes last; real data: nothing Snakemake can build."""
+    """Demo: the manifest written last by demo_dicom. Real data has no buildable input."""
     if IS_DEMO:
         return {"manifest": f"{DEMO_ROOT}/series/{wildcards.case}.json"}
     return {}

@@ -3,7 +3,6 @@ rule demo_dicom:
         manifest=f"{DEMO_ROOT}/series/{{case}}.json",
         truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
     params:
-        root=str(DEMO_ROOT),
         index=lambda wildcards: CASES.index(wildcards.case),
     log:
         "logs/demo_dicom/{case}.log",
@@ -34,8 +33,7 @@ rule demo_qc:
     output:
         qc=report("results/qc/demo_segmentation.csv", category="Data", caption="../report/demo_qc.rst"),
     params:
-        root=str(DEMO_ROOT),
-        preprocessed="results/preprocessed",
+        cases=CASES,
     log:
         "logs/demo_qc.log",
     conda:

@@ -1,10 +1,15 @@
 """Snakemake adapter: preprocess one case (lungddpm.preprocess.preprocess_case)."""
+
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
 from lungddpm.logs import rule_logging
 from lungddpm.preprocess import preprocess_case
 
-with rule_logging(snakemake.log[0]):  # noqa: F821
-    preprocess_case(snakemake.wildcards.case, Path(snakemake.params.dicom_root),  # noqa: F821
-                    Path(snakemake.output.meta).parent, config_from_mapping(snakemake.config))  # noqa: F821
+with rule_logging(snakemake.log[0]):
+    preprocess_case(
+        snakemake.wildcards.case,
+        Path(snakemake.params.dicom_root),
+        Path(snakemake.output.meta).parent,
+        config_from_mapping(snakemake.config),
+    )

@@ -10,8 +10,9 @@ from lungddpm.errors import AnnotationError, DicomError
 
 
 def lidc_config(root: Path, cases: list[str] | None = None) -> Config:
-    return Config.from_dict(validate_config({"data": {"source": "lidc", "dicom_root": str(root),
-                                                       "cases": cases or []}}))
+    return Config.from_dict(
+        validate_config({"data": {"source": "lidc", "dicom_root": str(root), "cases": cases or []}})
+    )
 
 
 def test_missing_and_empty_dicom_root(tmp_path: Path) -> None:

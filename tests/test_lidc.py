@@ -35,7 +35,10 @@ def test_demo_selection_is_deterministic_and_meets_criteria() -> None:
 
 def test_case_ids_suffix_patients_with_several_series() -> None:
     assert lidc.cases_of_patients(["LIDC-IDRI-0365", "LIDC-IDRI-0078"]) == [
-        "LIDC-IDRI-0078", "LIDC-IDRI-0365_s1", "LIDC-IDRI-0365_s2"]
+        "LIDC-IDRI-0078",
+        "LIDC-IDRI-0365_s1",
+        "LIDC-IDRI-0365_s2",
+    ]
     a, b = lidc.scan_info("LIDC-IDRI-0365_s1"), lidc.scan_info("LIDC-IDRI-0365_s2")
     assert a.patient_id == b.patient_id == "LIDC-IDRI-0365" and a.series_uid < b.series_uid
 

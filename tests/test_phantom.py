@@ -1,0 +1,256 @@
+"""The procedural phantom: determinism, tissue HU, lung truth, nodules, and the DICOM round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from lungddpm.data.phantom import (
+    DicomQuirks,
+    NoduleSpec,
+    PhantomConfig,
+    ScanGeometry,
+    fov_mask,
+    quirks_for,
+    synthesize_thorax,
+    thorax_landmarks,
+    write_dicom_series,
+)
+from lungddpm.errors import ConfigError, DicomError
+
+PS = 2.7
+N = 128
+ZVALS = -300.0 + 10.0 * np.arange(30)
+
+
+def small_geometry(rows: int = N, cols: int = N, zvals: np.ndarray = ZVALS) -> ScanGeometry:
+    return ScanGeometry(
+        patient_id="LIDC-IDRI-9999",
+        study_uid="1.3.6.1.4.1.14519.5.2.1.6279.6001.1",
+        series_uid="1.3.6.1.4.1.14519.5.2.1.6279.6001.2",
+        pixel_spacing=PS,
+        slice_zvals=zvals,
+        slice_thickness=2.5,
+        rows=rows,
+        cols=cols,
+    )
+
+
+def pixel_of(geom: ScanGeometry, x: float, y: float) -> tuple[int, int]:
+    return round((y - geom.y0) / geom.pixel_spacing), round((x - geom.x0) / geom.pixel_spacing)
+
+
+def ball(radius_mm: float, dz: float, ps: float) -> np.ndarray:
+    rz, rxy = int(radius_mm // dz), int(radius_mm // ps)
+    zz, yy, xx = np.ogrid[-rz : rz + 1, -rxy : rxy + 1, -rxy : rxy + 1]
+    return (zz * dz) ** 2 + (yy * ps) ** 2 + (xx * ps) ** 2 <= radius_mm**2
+
+
+@pytest.fixture(scope="module")
+def geom() -> ScanGeometry:
+    return small_geometry()
+
+
+@pytest.fixture(scope="module")
+def plain(geom: ScanGeometry) -> tuple[np.ndarray, np.ndarray]:
+    return synthesize_thorax(geom, [], seed=3)
+
+
+def deepest_lung_voxel(lung: np.ndarray, geom: ScanGeometry, side: int) -> tuple[int, int, int]:
+    """(k, i, j) deepest inside the lung on one side (-1 patient right = low x, +1 left)."""
+    x = geom.x0 + geom.pixel_spacing * np.arange(geom.cols)
+    half = lung & ((x * side) > 0)[None, None, :]
+    depth = ndimage.distance_transform_edt(half, sampling=(10.0, PS, PS))
+    return tuple(int(v) for v in np.unravel_index(np.argmax(depth), depth.shape))
+
+
+def test_shapes_types_and_determinism(geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
+    hu, lung = plain
+    assert hu.shape == lung.shape == (30, N, N)
+    assert hu.dtype == np.float32 and lung.dtype == np.bool_
+    hu2, lung2 = synthesize_thorax(geom, [], seed=3)
+    assert np.array_equal(hu, hu2) and np.array_equal(lung, lung2)
+    hu3, _ = synthesize_thorax(geom, [], seed=4)
+    assert not np.array_equal(hu, hu3)
+
+
+def test_tissue_hu_and_lung_truth(geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
+    hu, lung = plain
+    voxel_ml = PS * PS * 10.0 / 1000
+    assert 1500 < lung.sum() * voxel_ml < 8000
+    x = geom.x0 + PS * np.arange(N)
+    right, left = lung[..., x < 0].sum(), lung[..., x > 0].sum()
+    assert min(right, left) / max(right, left) > 0.5  # two lungs, the left one smaller (heart)
+    parenchyma = hu[lung & (hu < -500)]  # without vessels
+    assert -900 <= np.median(parenchyma) <= -780
+    assert -900 <= np.median(hu[lung]) <= -750
+    assert not lung[-1].any() and not lung[0].any()  # above the apex, below the lung bases
+    # outside the field of view: exactly air, no lung
+    outside = ~fov_mask(geom)
+    assert np.all(hu[:, outside] == -1000.0) and not lung[:, outside].any()
+    # correlated noise of about noise_hu in the air between body and FOV edge (top corner of the FOV)
+    air = hu[:, 2:12, N // 2 - 10 : N // 2 + 10]
+    assert abs(np.median(air) + 1000) < 5 and 10 < air.std() < 30
+    assert hu.max() > 300  # bone
+    # below the back, along the midline: skin, an air gap, then the dense table
+    profile = hu[15, :, N // 2]
+    table = np.nonzero(profile > 100)[0][-1]
+    body = np.nonzero(profile > -300)[0]
+    back = body[body < table - 2][-1]
+    assert (profile[back + 2 : table - 1] < -900).any()
+
+
+def test_trachea_is_air_and_not_lung(geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
+    hu, lung = plain
+    marks = thorax_landmarks(geom)
+    i, j = pixel_of(geom, *marks["trachea_xy"])
+    assert hu[-1, i, j] < -900
+    assert not lung[-1, i - 2 : i + 3, j - 2 : j + 3].any()
+    carina_z = marks["carina"][2]
+    for k in np.nonzero(ZVALS > carina_z + 5)[0]:
+        assert hu[k, i - 1 : i + 2, j - 1 : j + 2].min() < -900  # the lumen runs down to the carina
+        assert not lung[k, i, j]
+    # the hila (ends of the main bronchi) are not lung either
+    for key in ("hilum_right", "hilum_left"):
+        x, y, z = marks[key]
+        k = int(np.argmin(np.abs(ZVALS - z)))
+        i, j = pixel_of(geom, x, y)
+        if abs(ZVALS[k] - z) < 2.0:
+            assert not lung[k, i, j]
+
+
+def test_nodules_are_painted_inside_lung(geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
+    _, lung0 = plain
+    solid = ball(12.0, 10.0, PS)
+    k, i, j = deepest_lung_voxel(lung0, geom, -1)
+    c = np.array(solid.shape) // 2
+    inside = NoduleSpec(mask=solid, offset=(k - c[0], i - c[1], j - c[2]), texture=5)
+    # a ground-glass nodule in the liver: the phantom must make lung around it
+    ggo = ball(10.0, 10.0, PS)
+    c2 = np.array(ggo.shape) // 2
+    x_liver, y_liver = -60.0, 0.0
+    k2 = int(np.argmin(np.abs(ZVALS - (ZVALS[0] + 0.12 * (ZVALS[-1] - ZVALS[0])))))
+    i2, j2 = pixel_of(geom, x_liver, y_liver)
+    assert not lung0[k2, i2, j2]
+    outside = NoduleSpec(mask=ggo, offset=(k2 - c2[0], i2 - c2[1], j2 - c2[2]), texture=1)
+    hu, lung = synthesize_thorax(geom, [inside, outside], seed=3)
+    cfg = PhantomConfig()
+    for spec in (inside, outside):
+        full = np.zeros(hu.shape, dtype=bool)
+        sl = tuple(slice(o, o + s) for o, s in zip(spec.offset, spec.mask.shape))
+        full[sl] = spec.mask
+        assert lung[full].all()
+        # the nodule is surrounded by lung (its in-plane neighbourhood within the margin)
+        ring = ndimage.binary_dilation(full, ndimage.generate_binary_structure(3, 1)[1][None], iterations=1) & ~full
+        assert lung[ring].all()
+        core = ndimage.binary_erosion(full, ndimage.generate_binary_structure(3, 1)[1][None], iterations=1)
+        expected = cfg.nodule_texture_hu[spec.texture - 1]
+        assert abs(np.median(hu[core]) - expected) < 40, (spec.texture, np.median(hu[core]))
+    # part-solid: a solid core inside a ground-glass rim
+    part = NoduleSpec(mask=solid, offset=inside.offset, texture=3)
+    hu3, _ = synthesize_thorax(geom, [part], seed=3)
+    centre = hu3[k, i - 1 : i + 2, j - 1 : j + 2]
+    assert np.median(centre) > -150
+    rim = hu3[k, i, j - int(9 / PS)]
+    assert rim < -300
+
+
+def test_nodule_outside_the_volume_is_skipped(geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
+    spec = NoduleSpec(mask=np.ones((2, 3, 3), dtype=bool), offset=(500, 0, 0), texture=4)
+    hu, lung = synthesize_thorax(geom, [spec], seed=3)
+    assert np.array_equal(hu, plain[0]) and np.array_equal(lung, plain[1])
+
+
+def test_any_matrix_irregular_and_fine_slices() -> None:
+    zvals = np.concatenate([-200.0 + 2.0 * np.arange(40), -115.0 + 2.5 * np.arange(30)])  # a gap, mixed steps
+    g = small_geometry(rows=96, cols=112, zvals=zvals)
+    hu, lung = synthesize_thorax(g, [], seed=0)
+    assert hu.shape == lung.shape == (70, 96, 112)
+    assert lung.sum() > 0 and np.isfinite(hu).all()
+
+
+def test_invalid_inputs() -> None:
+    with pytest.raises(ConfigError):
+        small_geometry(zvals=np.array([0.0, 0.0, 1.0]))
+    with pytest.raises(ConfigError):
+        NoduleSpec(mask=np.ones((2, 2, 2), dtype=bool), offset=(0, 0, 0), texture=6)
+    with pytest.raises(ConfigError):
+        DicomQuirks(signed=False, rescale_intercept=-1024.0, padding_hu=-2000.0)
+    with pytest.raises(ConfigError):
+        synthesize_thorax(small_geometry(), [], seed=0, cfg=PhantomConfig(coarse_factor=0))
+
+
+def test_quirks_cycle() -> None:
+    seen = {quirks_for(i) for i in range(10)}
+    assert quirks_for(0) == quirks_for(len(seen))
+    assert any(q.signed for q in seen) and any(not q.signed for q in seen)
+    assert {q.rescale_intercept for q in seen} == {-1024.0, -1000.0}
+    assert {q.padding_hu for q in seen} >= {None, -2000.0, -3024.0}
+
+
+@pytest.mark.parametrize("quirks", [quirks_for(0), quirks_for(1), quirks_for(3)],
+                         ids=["signed-padded", "unsigned", "signed"])
+def test_dicom_round_trip(tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray],
+                          quirks: DicomQuirks) -> None:
+    hu = plain[0].copy()
+    hu[5, 60, 60] = 5000.0  # beyond every pixel type: clipped
+    hu[5, 60, 61] = -1500.0
+    out = tmp_path / "series"
+    paths = write_dicom_series(hu, geom, out, quirks)
+    assert [p.name for p in paths][:2] == ["0030.dcm", "0029.dcm"] and len(paths) == 30
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)
+    assert [p.name for p in tmp_path.iterdir()] == ["series"]  # no temporary folder left behind
+    inside = fov_mask(geom)
+    lo, hi = (-32768, 32767) if quirks.signed else (0, 4095)
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.SOPClassUID == pydicom.uid.CTImageStorage
+        assert ds.SeriesInstanceUID == geom.series_uid and ds.StudyInstanceUID == geom.study_uid
+        assert ds.PatientID == geom.patient_id and str(ds.PatientName) == geom.patient_id
+        assert ds.InstanceNumber == 30 - k
+        assert float(ds.ImagePositionPatient[2]) == pytest.approx(ZVALS[k])
+        assert float(ds.ImagePositionPatient[0]) == pytest.approx(geom.x0)
+        assert float(ds.SliceLocation) == pytest.approx(ZVALS[k])
+        assert ds.PixelRepresentation == int(quirks.signed)
+        values = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        expected = np.clip(np.rint(hu[k].astype(np.float64) - quirks.rescale_intercept), lo, hi)
+        expected += quirks.rescale_intercept
+        assert np.array_equal(values[inside], expected[inside])
+        if quirks.padding_hu is not None:
+            assert np.all(values[~inside] == quirks.padding_hu)
+        elif not quirks.signed:
+            assert np.all(ds.pixel_array[~inside] == 0)
+        else:
+            assert np.all(values[~inside] == -1000.0)
+    # deterministic UIDs; a rewrite replaces the folder
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+    (out / "stale.dcm").write_bytes(b"")
+    paths2 = write_dicom_series(hu, geom, out, quirks)
+    assert [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths2] == uids
+    assert len(set(uids)) == 30 and not (out / "stale.dcm").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["series"]
+
+
+def test_dicom_read_by_simpleitk(tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
+    hu = plain[0]
+    write_dicom_series(hu, geom, tmp_path / "s", quirks_for(2))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
+    image = reader.Execute()
+    arr = sitk.GetArrayFromImage(image)
+    assert image.GetOrigin()[2] == pytest.approx(ZVALS[0]) and image.GetSpacing()[0] == pytest.approx(PS)
+    assert arr.shape == hu.shape
+    inside = fov_mask(geom)
+    assert np.array_equal(arr[:, inside], np.rint(hu[:, inside]))
+
+
+def test_dicom_shape_mismatch(tmp_path: Path, geom: ScanGeometry) -> None:
+    with pytest.raises(DicomError):
+        write_dicom_series(np.zeros((3, N, N), np.float32), geom, tmp_path / "x", quirks_for(0))
+    assert not (tmp_path / "x").exists()
