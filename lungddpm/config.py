@@ -128,6 +128,7 @@ class LungmaskConfig:
     airway_max_diameter_mm: float
     closing_mm: float
     min_lung_ml: float
+    min_component_fraction: float
 
 
 @dataclass(frozen=True)

@@ -103,14 +103,23 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     if n == 0:
         return LungmaskResult(np.zeros_like(body), airway, 0.0, float(airway.sum() * voxel_ml), 0, midline)
     sizes = ndi.sum(np.ones_like(labels), labels, np.arange(1, n + 1)) * voxel_ml
-    order = np.argsort(sizes)[::-1]
-    keep = [i + 1 for i in order[:2] if sizes[i] >= max(cfg.min_lung_ml, 0.1 * sizes[order[0]])]
+    boxes = ndi.find_objects(labels)
+    largest = int(np.argmax(sizes))
+    mid_height = (boxes[largest][0].start + boxes[largest][0].stop) / 2
+    # lung pieces (both lungs, or a lobe cut off by a fissure) are large and reach the upper chest; bowel gas is
+    # smaller or lies wholly below the lungs' mid-height
+    keep = [
+        i + 1
+        for i in np.argsort(sizes)[::-1]
+        if sizes[i] >= max(cfg.min_lung_ml, cfg.min_component_fraction * sizes[largest])
+        and boxes[i][0].stop > mid_height
+    ]
     lung = np.zeros_like(body)
     ball = _ball(cfg.closing_mm / sp)
     pad = np.asarray(ball.shape) // 2 + 1
     for label in keep:
         component = labels == label
-        bbox = ndi.find_objects(component.astype(np.uint8))[0]
+        bbox = boxes[label - 1]
         lo = [max(s.start - p, 0) for s, p in zip(bbox, pad)]
         hi = [min(s.stop + p, d) for s, p, d in zip(bbox, pad, component.shape)]
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))

@@ -63,3 +63,18 @@ def test_segments_lungs_with_vessels_and_without_airways() -> None:
 def test_empty_scan_gives_empty_mask() -> None:
     result = segment_lungs(np.full((10, 20, 20), 40.0, dtype=np.float32), SPACING, CFG)
     assert not result.lung.any() and result.lung_ml == 0.0
+
+
+def test_keeps_a_detached_upper_lobe_and_drops_bowel_gas() -> None:
+    hu, lung, _ = toy_thorax()
+    band = lung.copy()
+    band[:33] = band[35:] = False
+    band[..., 48:] = False
+    hu[band] = 40.0  # a soft-tissue band cuts one lung's top off (a separate component)
+    gas = np.zeros_like(lung)
+    gas[1:5, 14:29, 35:60] = True  # 96 mL, below the lungs' mid-height, inside the body, apart from them
+    hu[gas] = -1000.0
+    result = segment_lungs(hu, SPACING, CFG)
+    assert result.n_components == 3  # two lungs + the detached top piece, not the gas
+    assert not (result.lung & gas).any()
+    assert result.lung[40:45][lung[40:45]].mean() > 0.95

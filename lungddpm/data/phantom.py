@@ -143,6 +143,8 @@ class PhantomConfig:
     # body (mm at full size)
     body_half_width_mm: float = 170.0
     body_fov_fraction: float = 0.46  # body half-width <= this fraction of the FOV diameter
+    body_fov_fraction_max: float = 0.49  # ... widened up to this so every nodule lies inside the rib cage
+    nodule_cavity_margin_mm: float = 4.0  # a nodule centre must lie this deep inside the rib cage
     body_aspect: float = 0.65  # AP half-depth / half-width
     body_y_offset_mm: float = 10.0  # body centre posterior of the image centre
     skin_mm: float = 2.0
@@ -345,9 +347,9 @@ def _tubes_sdf(grid: _Grid, segs: np.ndarray, reach: float) -> np.ndarray:
 class _Thorax:
     """Derived anatomy of one scan: sizes, landmarks and signed-distance functions."""
 
-    def __init__(self, geom: ScanGeometry, cfg: PhantomConfig) -> None:
+    def __init__(self, geom: ScanGeometry, cfg: PhantomConfig, half_width_mm: float | None = None) -> None:
         self.cfg = cfg
-        a = min(cfg.body_half_width_mm, cfg.body_fov_fraction * geom.fov_mm)
+        a = min(cfg.body_half_width_mm, cfg.body_fov_fraction * geom.fov_mm) if half_width_mm is None else half_width_mm
         s = self.s = a / cfg.body_half_width_mm
         self.a, self.b, self.cy = a, cfg.body_aspect * a, cfg.body_y_offset_mm * s
         self.skin, self.fat, self.muscle = cfg.skin_mm * s, cfg.fat_mm * s, cfg.muscle_mm * s
@@ -914,10 +916,12 @@ def _paint_nodules(hu: np.ndarray, lung: np.ndarray, nodules: Sequence[NoduleSpe
             log.warning("nodule %d at offset %s has no voxel inside the volume; not painted", n, spec.offset)
             continue
         near = ndimage.distance_transform_edt(~mask, sampling=sampling) <= margin
+        rows = geom.y0 + ps * np.arange(lo[1], hi[1])
+        cols = geom.x0 + ps * np.arange(lo[2], hi[2])
+        near &= (th.cavity_sdf(cols[None, :], rows[:, None]) < 0)[None]  # never breach the chest wall
         sub, lung_sub = hu[box], lung[box]
         added = near & ~lung_sub
         if added.any():
-            rows = geom.y0 + ps * np.arange(lo[1], hi[1])
             _paint(sub, ndimage.gaussian_filter(added.astype(np.float32), sigma), th.lung_value(rows)[None, :, None])
         lung[box] = lung_sub | near
         _paint(sub, ndimage.gaussian_filter(mask.astype(np.float32), sigma), c.nodule_texture_hu[spec.texture - 1])
@@ -962,6 +966,35 @@ def _check_config(cfg: PhantomConfig) -> None:
         raise ConfigError("PhantomConfig: " + "; ".join(problems))
 
 
+def _nodule_centres(geom: ScanGeometry, nodules: Sequence[NoduleSpec]) -> np.ndarray:
+    """LPS (x, y) mm of each nodule's mask centroid -> [N, 2]."""
+    out = []
+    for spec in nodules:
+        if spec.mask.any():
+            k, i, j = np.argwhere(spec.mask).mean(axis=0) + np.asarray(spec.offset)
+            if not 0 <= k < len(geom.slice_zvals):
+                continue
+            out.append((geom.x0 + j * geom.pixel_spacing, geom.y0 + i * geom.pixel_spacing))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+
+
+def _fit_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], cfg: PhantomConfig) -> _Thorax:
+    """The default-sized thorax, widened (up to ``body_fov_fraction_max`` of the FOV) until every nodule centre
+    lies inside the rib cage: the radiologists' nodules sit in real lungs, so the phantom's lungs must hold them."""
+    default = _Thorax(geom, cfg)
+    centres = _nodule_centres(geom, nodules)
+    if centres.size == 0:
+        return default
+    a_max = max(default.a, cfg.body_fov_fraction_max * geom.fov_mm)
+    for a in np.linspace(default.a, a_max, 8):
+        th = _Thorax(geom, cfg, half_width_mm=float(a))
+        if np.all(th.cavity_sdf(centres[:, 0], centres[:, 1]) <= -cfg.nodule_cavity_margin_mm):
+            return th
+    log.info("phantom %s: nodule(s) outside the widest rib cage; their lung halo is clipped to the cavity",
+             geom.patient_id)
+    return default
+
+
 def synthesize_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], seed: int,
                       cfg: PhantomConfig = PhantomConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Procedural chest CT at ``geom`` with ``nodules`` painted in; deterministic for a given ``seed`` (>= 0).
@@ -972,7 +1005,7 @@ def synthesize_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], seed: i
     """
     _check_config(cfg)
     t0 = time.perf_counter()
-    th = _Thorax(geom, cfg)
+    th = _fit_thorax(geom, nodules, cfg)
     grid, lz = _coarse_grid(geom, cfg)
     rng_tree, rng_tex, rng_noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     hu_c, lung_c = _coarse_anatomy(th, grid, rng_tree, rng_tex)
