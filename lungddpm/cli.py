@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from .errors import LungDDPMError
 from .logs import setup_logging
@@ -55,7 +56,7 @@ def cmd_demo_dicom(args: argparse.Namespace) -> None:
     cfg = _config(args)
     cases = list_cases(cfg)
     todo = args.case or cases
-    for case in todo:
+    for case in tqdm(todo, desc="demo series", unit="scan"):
         if case not in cases:
             raise LungDDPMError(f"--case {case}: not one of the demo cases {cases}")
         write_demo_case(case, cases.index(case), Path(args.root or DEMO_ROOT), cfg)

@@ -37,6 +37,33 @@ def _fill_defaults(instance: dict[str, Any], schema: Mapping[str, Any]) -> None:
             _fill_defaults(instance[key], sub)
 
 
+def _coerce(instance: Any, schema: Mapping[str, Any]) -> Any:
+    """Turn strings into the numbers/booleans the schema expects (``snakemake --config 'preprocess={size: [64,
+    64, 64]}'`` parses nested values as strings); anything else is left for validation to report."""
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else list(types or [])
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in instance:
+                instance[key] = _coerce(instance[key], sub)
+        return instance
+    if isinstance(instance, list) and "items" in schema:
+        return [_coerce(v, schema["items"]) for v in instance]
+    if isinstance(instance, str) and "string" not in types:
+        text = instance.strip()
+        if "boolean" in types and text in ("true", "True", "false", "False"):
+            return text in ("true", "True")
+        if "null" in types and text in ("null", "None", "~", ""):
+            return None
+        for kind, cast in (("integer", int), ("number", float)):
+            if kind in types:
+                try:
+                    return cast(text)
+                except ValueError:
+                    pass
+    return instance
+
+
 def _errors(instance: Any, schema: Mapping[str, Any]) -> Iterator[str]:
     validator = jsonschema.Draft202012Validator(schema)
     for err in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
@@ -52,6 +79,7 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     """Validate ``config`` in place (defaults filled) and return it; raise :class:`ConfigError` listing every
     offending key and how to fix it."""
     schema = load_schema()
+    _coerce(config, schema)
     _fill_defaults(config, schema)
     problems = list(_errors(config, schema))
     data = config.get("data", {})

@@ -200,9 +200,7 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
     uids = {ds.SeriesInstanceUID for ds, _ in slices}
     if len(uids) > 1:
         counts = {u: [f.name for f, (d, _) in zip(files, slices) if d.SeriesInstanceUID == u][:3] for u in uids}
-        raise DicomError(
-            f"{directory}: files of {len(uids)} series are mixed ({counts}); keep one series per folder"
-        )
+        raise DicomError(f"{directory}: files of {len(uids)} series are mixed ({counts}); keep one series per folder")
     ref = slices[0][0]
     orientation = np.asarray([float(v) for v in ref.ImageOrientationPatient])
     if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):

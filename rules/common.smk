@@ -17,6 +17,11 @@ def final_targets():
     return targets
 
 
+def settings(*sections):
+    """Config sections a rule depends on, passed as params so that editing them reruns the rule."""
+    return {name: config[name] for name in sections}
+
+
 def series_input(wildcards):
     """Demo: the manifest written last by demo_dicom. Real data has no buildable input."""
     if IS_DEMO:

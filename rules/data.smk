@@ -4,8 +4,11 @@ rule demo_dicom:
         truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
     params:
         index=lambda wildcards: CASES.index(wildcards.case),
+        settings=settings("data"),
     log:
         "logs/demo_dicom/{case}.log",
+    benchmark:
+        "benchmarks/demo_dicom/{case}.tsv"
     threads: 1
     resources:
         mem_mb=3000,
@@ -18,8 +21,13 @@ rule demo_dicom:
 rule split:
     output:
         splits=report("results/splits.csv", category="Data", caption="../report/splits.rst"),
+    params:
+        cases=CASES,
+        settings=settings("data", "split"),
     log:
         "logs/split.log",
+    benchmark:
+        "benchmarks/split.tsv"
     conda:
         "../envs/lungddpm.yaml"
     script:
@@ -36,6 +44,8 @@ rule demo_qc:
         cases=CASES,
     log:
         "logs/demo_qc.log",
+    benchmark:
+        "benchmarks/demo_qc.tsv"
     conda:
         "../envs/lungddpm.yaml"
     script:

@@ -9,8 +9,11 @@ rule preprocess:
         meta="results/preprocessed/{case}/meta.json",
     params:
         dicom_root=DICOM_ROOT,
+        settings=settings("data", "preprocess", "lungmask"),
     log:
         "logs/preprocess/{case}.log",
+    benchmark:
+        "benchmarks/preprocess/{case}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -27,8 +30,12 @@ rule layout:
         meta="results/preprocessed/{case}/meta.json",
     output:
         layout="results/layouts/{case}.nii.gz",
+    params:
+        settings=settings("layout"),
     log:
         "logs/layout/{case}.log",
+    benchmark:
+        "benchmarks/layout/{case}.tsv"
     conda:
         "../envs/lungddpm.yaml"
     script:

@@ -58,3 +58,18 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("data: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_strings_from_the_command_line_are_coerced() -> None:
+    # snakemake --config 'preprocess={size: [64, 64, 64]}' delivers nested values as strings
+    cfg = validate_config(
+        {
+            "preprocess": {"size": ["64", "64", "48"], "fine_spacing_mm": "2.5"},
+            "data": {"dicom_root": "null", "consensus_level": "0.25"},
+        }
+    )
+    assert cfg["preprocess"]["size"] == [64, 64, 48] and cfg["preprocess"]["fine_spacing_mm"] == 2.5
+    assert cfg["data"]["dicom_root"] == "null"  # a string where a string is allowed stays a string
+    assert cfg["data"]["consensus_level"] == 0.25
+    with pytest.raises(ConfigError, match="preprocess.size.0: 'big' is not of type 'integer'"):
+        validate_config({"preprocess": {"size": ["big", "64", "64"]}})

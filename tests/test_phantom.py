@@ -193,10 +193,12 @@ def test_quirks_cycle() -> None:
     assert {q.padding_hu for q in seen} >= {None, -2000.0, -3024.0}
 
 
-@pytest.mark.parametrize("quirks", [quirks_for(0), quirks_for(1), quirks_for(3)],
-                         ids=["signed-padded", "unsigned", "signed"])
-def test_dicom_round_trip(tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray],
-                          quirks: DicomQuirks) -> None:
+@pytest.mark.parametrize(
+    "quirks", [quirks_for(0), quirks_for(1), quirks_for(3)], ids=["signed-padded", "unsigned", "signed"]
+)
+def test_dicom_round_trip(
+    tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray], quirks: DicomQuirks
+) -> None:
     hu = plain[0].copy()
     hu[5, 60, 60] = 5000.0  # beyond every pixel type: clipped
     hu[5, 60, 61] = -1500.0

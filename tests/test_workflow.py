@@ -122,3 +122,12 @@ def test_resampled_nodules_sit_at_the_annotations(demo_workflow: Path) -> None:
             continue
         ours = geometry.index_to_world(np.argwhere(labels == n).mean(axis=0)[None])[0]
         assert np.all(np.abs(ours - row["centroid_lps_mm"]) < np.asarray(geometry.spacing[::-1]))
+
+
+def test_bad_config_stops_snakemake_before_any_job(tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path)
+    proc = snakemake(workdir, "-n", "--config", "data={source: lidc}", check=False)
+    assert proc.returncode != 0
+    assert "data.dicom_root: required when data.source is 'lidc'" in proc.stdout + proc.stderr
+    proc = snakemake(workdir, "-n", "--config", f"data={{source: lidc, dicom_root: {tmp_path / 'none'}}}", check=False)
+    assert proc.returncode != 0 and "data.dicom_root does not exist" in proc.stdout + proc.stderr

@@ -61,11 +61,15 @@ class ScanGeometry:
     def __post_init__(self) -> None:
         z = np.array(self.slice_zvals, dtype=np.float64).reshape(-1)
         if z.size == 0 or not np.all(np.isfinite(z)) or np.any(np.diff(z) <= 0):
-            raise ConfigError(f"{self.patient_id}: slice_zvals must be a non-empty, strictly ascending list of z "
-                              "positions (mm); sort the slices by z and drop duplicates")
+            raise ConfigError(
+                f"{self.patient_id}: slice_zvals must be a non-empty, strictly ascending list of z "
+                "positions (mm); sort the slices by z and drop duplicates"
+            )
         if not self.pixel_spacing > 0 or self.rows < 8 or self.cols < 8:
-            raise ConfigError(f"{self.patient_id}: pixel_spacing {self.pixel_spacing} mm, rows {self.rows}, cols "
-                              f"{self.cols}: need a positive spacing and at least 8x8 pixels")
+            raise ConfigError(
+                f"{self.patient_id}: pixel_spacing {self.pixel_spacing} mm, rows {self.rows}, cols "
+                f"{self.cols}: need a positive spacing and at least 8x8 pixels"
+            )
         z.setflags(write=False)
         object.__setattr__(self, "slice_zvals", z)
 
@@ -393,11 +397,13 @@ class _Thorax:
             1: np.array([36.0 * s, yt + 10.0 * s, self.z_car - 0.11 * lh]),
         }
         rt, rb = cfg.trachea_radius_mm * s, cfg.bronchus_radius_mm * s
-        self.main_airways = np.array([
-            [*self.trachea_top, *self.carina, rt, rt],
-            [*self.carina, *self.hilum[-1], rb, rb],
-            [*self.carina, *self.hilum[1], rb, rb],
-        ])
+        self.main_airways = np.array(
+            [
+                [*self.trachea_top, *self.carina, rt, rt],
+                [*self.carina, *self.hilum[-1], rb, rb],
+                [*self.carina, *self.hilum[1], rb, rb],
+            ]
+        )
         self.main_walls = self.main_airways.copy()
         self.main_walls[0, 6:] += cfg.trachea_wall_mm * s
         self.main_walls[1:, 6:] += cfg.bronchus_wall_mm * s
@@ -412,22 +418,26 @@ class _Thorax:
         bif = (4.0 * s, yt - 22.0 * s, self.z_car - 0.04 * lh)
         la = (self.heart_c[0] - 8.0 * s, self.heart_c[1] + 30.0 * s)
         big = 40.0 * s
-        self.great_vessels = np.array([
-            [6.0 * s, yt - 34.0 * s, z_heart_top - 0.1 * lh, *asc_top, 15.0 * s, 15.0 * s],  # ascending aorta
-            [*asc_top, 24.0 * s, yt - 10.0 * s, self.z_car + 0.17 * lh, 13.0 * s, 13.0 * s],  # arch
-            [24.0 * s, yt - 10.0 * s, self.z_car + 0.17 * lh, *desc_top, 13.0 * s, 12.0 * s],
-            [*desc_top, 14.0 * s, y_vbf - 12.0 * s, self.z_bot - big, 12.0 * s, 12.0 * s],  # descending aorta
-            [-24.0 * s, yt - 28.0 * s, self.z_top + big, -24.0 * s, yt - 30.0 * s, z_heart_top, 10.0 * s, 10.0 * s],
-            [10.0 * s, yt - 45.0 * s, z_heart_top, *bif, 14.0 * s, 13.0 * s],  # pulmonary trunk
-            [*bif, *self.artery_root[-1], 11.0 * s, 7.0 * s],
-            [*bif, *self.artery_root[1], 11.0 * s, 7.0 * s],
-            [*self.vein_root[-1], la[0], la[1], self.vein_root[-1][2], 7.0 * s, 8.0 * s],
-            [*self.vein_root[1], la[0], la[1], self.vein_root[1][2], 7.0 * s, 8.0 * s],
-        ])
-        self.oesophagus = np.array([
-            [4.0 * s, y_vbf - 9.0 * s, self.z_top + big, 4.0 * s, y_vbf - 9.0 * s, self.z_car, 7.0 * s, 7.0 * s],
-            [4.0 * s, y_vbf - 9.0 * s, self.z_car, 12.0 * s, y_vbf - 30.0 * s, self.z_bot - big, 7.0 * s, 7.0 * s],
-        ])
+        self.great_vessels = np.array(
+            [
+                [6.0 * s, yt - 34.0 * s, z_heart_top - 0.1 * lh, *asc_top, 15.0 * s, 15.0 * s],  # ascending aorta
+                [*asc_top, 24.0 * s, yt - 10.0 * s, self.z_car + 0.17 * lh, 13.0 * s, 13.0 * s],  # arch
+                [24.0 * s, yt - 10.0 * s, self.z_car + 0.17 * lh, *desc_top, 13.0 * s, 12.0 * s],
+                [*desc_top, 14.0 * s, y_vbf - 12.0 * s, self.z_bot - big, 12.0 * s, 12.0 * s],  # descending aorta
+                [-24.0 * s, yt - 28.0 * s, self.z_top + big, -24.0 * s, yt - 30.0 * s, z_heart_top, 10.0 * s, 10.0 * s],
+                [10.0 * s, yt - 45.0 * s, z_heart_top, *bif, 14.0 * s, 13.0 * s],  # pulmonary trunk
+                [*bif, *self.artery_root[-1], 11.0 * s, 7.0 * s],
+                [*bif, *self.artery_root[1], 11.0 * s, 7.0 * s],
+                [*self.vein_root[-1], la[0], la[1], self.vein_root[-1][2], 7.0 * s, 8.0 * s],
+                [*self.vein_root[1], la[0], la[1], self.vein_root[1][2], 7.0 * s, 8.0 * s],
+            ]
+        )
+        self.oesophagus = np.array(
+            [
+                [4.0 * s, y_vbf - 9.0 * s, self.z_top + big, 4.0 * s, y_vbf - 9.0 * s, self.z_car, 7.0 * s, 7.0 * s],
+                [4.0 * s, y_vbf - 9.0 * s, self.z_car, 12.0 * s, y_vbf - 30.0 * s, self.z_bot - big, 7.0 * s, 7.0 * s],
+            ]
+        )
 
     # -- 2D shapes (x, y broadcast) ------------------------------------------------------------------------------
     def body_sdf(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -471,8 +481,15 @@ class _Thorax:
         c = self.heart_c
         return _ellipsoid_sdf(x - c[0], y - c[1], z - c[2], self.heart_r)
 
-    def lung_sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, exclusion: np.ndarray | None = None,
-                 cavity: np.ndarray | None = None, side: int = 0) -> np.ndarray:
+    def lung_sdf(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        z: np.ndarray,
+        exclusion: np.ndarray | None = None,
+        cavity: np.ndarray | None = None,
+        side: int = 0,
+    ) -> np.ndarray:
         """Signed distance to the lungs (both, or one ``side``). Grid use passes the precomputed cavity and
         mediastinal exclusion; point use (tree growth) leaves them None."""
         if cavity is None:
@@ -481,8 +498,9 @@ class _Thorax:
             exclusion = self.exclusion_sdf(x, y, z, self.gv_points(x, y, z))
         f = np.maximum(self.taper(z), 1e-3)
         ax = np.abs(x)
-        d = _ellipse_sdf(ax - 0.5 * self.a_cav, y - self.cy, 0.65 * self.a_cav * f,
-                         0.6 * (self.y_back_cav - self.y_front_cav) * f)
+        d = _ellipse_sdf(
+            ax - 0.5 * self.a_cav, y - self.cy, 0.65 * self.a_cav * f, 0.6 * (self.y_back_cav - self.y_front_cav) * f
+        )
         d = np.maximum(d, cavity)
         d = np.maximum(d, -exclusion)
         d = np.maximum(d, 2.0 * self.s - ax)
@@ -558,8 +576,13 @@ def _rotate(d: np.ndarray, axis: np.ndarray, angle: np.ndarray) -> np.ndarray:
     return d * c + np.cross(axis, d) * s
 
 
-def _grow_trees(rng: np.random.Generator, roots: Sequence[tuple[np.ndarray, np.ndarray, float]],
-                inside: Callable[[np.ndarray], np.ndarray], spec: _TreeSpec, cfg: PhantomConfig) -> np.ndarray:
+def _grow_trees(
+    rng: np.random.Generator,
+    roots: Sequence[tuple[np.ndarray, np.ndarray, float]],
+    inside: Callable[[np.ndarray], np.ndarray],
+    spec: _TreeSpec,
+    cfg: PhantomConfig,
+) -> np.ndarray:
     """Grow bifurcating trees from ``roots`` (start, direction, radius), keeping every branch inside the region
     whose signed distance ``inside`` gives for points [N, 3]. Returns capsules [N, 8]."""
     pos = np.array([r[0] for r in roots], dtype=np.float64).reshape(-1, 3)
@@ -615,14 +638,25 @@ def _tree_roots(th: _Thorax, side: int) -> dict[str, list[tuple[np.ndarray, np.n
     rv, ra = c.vessel_root_radius_mm * s, c.airway_root_radius_mm * s
     art, vein, hil = th.artery_root[sd], th.vein_root[sd], th.hilum[sd]
     return {
-        "arteries": [(art, np.array(d, dtype=float), f * rv) for d, f in (
-            ((0.3 * sd, 0.1, 0.95), 0.75), ((0.8 * sd, -0.2, 0.5), 0.75), ((0.85 * sd, -0.4, -0.2), 0.75),
-            ((0.4 * sd, 0.5, -0.75), 1.0), ((0.35 * sd, 0.05, -0.95), 0.9))] + [
-            (vein, np.array(d, dtype=float), 0.8 * rv) for d in ((0.6 * sd, 0.2, -0.75), (0.2 * sd, 0.6, -0.75))],
-        "veins": [(vein, np.array(d, dtype=float), f * rv) for d, f in (
-            ((0.7 * sd, 0.1, 0.5), 0.85), ((0.6 * sd, 0.35, -0.7), 0.9), ((0.5 * sd, -0.3, -0.8), 0.8))],
-        "airways": [(hil, np.array(d, dtype=float), ra) for d in (
-            (0.6 * sd, -0.1, 0.75), (0.55 * sd, 0.35, -0.75), (0.75 * sd, -0.5, -0.35))],
+        "arteries": [
+            (art, np.array(d, dtype=float), f * rv)
+            for d, f in (
+                ((0.3 * sd, 0.1, 0.95), 0.75),
+                ((0.8 * sd, -0.2, 0.5), 0.75),
+                ((0.85 * sd, -0.4, -0.2), 0.75),
+                ((0.4 * sd, 0.5, -0.75), 1.0),
+                ((0.35 * sd, 0.05, -0.95), 0.9),
+            )
+        ]
+        + [(vein, np.array(d, dtype=float), 0.8 * rv) for d in ((0.6 * sd, 0.2, -0.75), (0.2 * sd, 0.6, -0.75))],
+        "veins": [
+            (vein, np.array(d, dtype=float), f * rv)
+            for d, f in (((0.7 * sd, 0.1, 0.5), 0.85), ((0.6 * sd, 0.35, -0.7), 0.9), ((0.5 * sd, -0.3, -0.8), 0.8))
+        ],
+        "airways": [
+            (hil, np.array(d, dtype=float), ra)
+            for d in ((0.6 * sd, -0.1, 0.75), (0.55 * sd, 0.35, -0.75), (0.75 * sd, -0.5, -0.35))
+        ],
     }
 
 
@@ -720,8 +754,11 @@ def _texture(rng: np.random.Generator, grid: _Grid, cfg: PhantomConfig) -> np.nd
     sub = 2
     small = rng.standard_normal((zc, -(-yc // sub), -(-xc // sub)), dtype=np.float32)
     dz = float(np.median(np.diff(grid.z))) if zc > 1 else grid.h
-    small = ndimage.gaussian_filter(small, (cfg.lung_texture_mm / dz, cfg.lung_texture_mm / (sub * grid.h),
-                                            cfg.lung_texture_mm / (sub * grid.h)), mode="wrap")
+    small = ndimage.gaussian_filter(
+        small,
+        (cfg.lung_texture_mm / dz, cfg.lung_texture_mm / (sub * grid.h), cfg.lung_texture_mm / (sub * grid.h)),
+        mode="wrap",
+    )
     small /= max(float(small.std()), 1e-6)
     my = _inplane_matrix(yc, small.shape[1], sub, 0.0)
     mx = _inplane_matrix(xc, small.shape[2], sub, 0.0)
@@ -729,8 +766,9 @@ def _texture(rng: np.random.Generator, grid: _Grid, cfg: PhantomConfig) -> np.nd
     return np.matmul(my, planes)
 
 
-def _coarse_anatomy(th: _Thorax, grid: _Grid, rng_tree: np.random.Generator,
-                    rng_tex: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _coarse_anatomy(
+    th: _Thorax, grid: _Grid, rng_tree: np.random.Generator, rng_tex: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """-> (HU [Zc, Yc, Xc] float32, lung occupancy [Zc, Yc, Xc] float32 in [0, 1])."""
     c, s, h = th.cfg, th.s, grid.h
     X, Y, Z = grid.X, grid.Y, grid.Z
@@ -738,7 +776,7 @@ def _coarse_anatomy(th: _Thorax, grid: _Grid, rng_tree: np.random.Generator,
 
     # 2D: table, body wall, soft tissue, spine (the same in every slice)
     base = np.full((grid.y.size, grid.x.size), c.air_hu, dtype=np.float32)
-    y_table = th.cy + th.b + c.table_gap_mm + c.table_thickness_mm / 2 - X2 ** 2 / (2 * c.table_radius_mm)
+    y_table = th.cy + th.b + c.table_gap_mm + c.table_thickness_mm / 2 - X2**2 / (2 * c.table_radius_mm)
     d_table = np.maximum(np.abs(Y2 - y_table) - c.table_thickness_mm / 2, np.abs(X2) - 1.25 * th.a)
     _paint(base, _occ(d_table, h), c.table_hu)
     d_body = th.body_sdf(X2, Y2)
@@ -879,8 +917,12 @@ def _paint_main_airways(hu: np.ndarray, lung: np.ndarray, th: _Thorax, geom: Sca
     for seg in th.main_walls:
         lo = np.minimum(seg[0:3], seg[3:6]) - seg[6:8].max() - 4 * sigma
         hi = np.maximum(seg[0:3], seg[3:6]) + seg[6:8].max() + 4 * sigma
-        boxes.append(tuple(slice(int(np.searchsorted(v, a)), int(np.searchsorted(v, b, "right")))
-                           for v, a, b in ((z, lo[2], hi[2]), (y, lo[1], hi[1]), (x, lo[0], hi[0]))))
+        boxes.append(
+            tuple(
+                slice(int(np.searchsorted(v, a)), int(np.searchsorted(v, b, "right")))
+                for v, a, b in ((z, lo[2], hi[2]), (y, lo[1], hi[1]), (x, lo[0], hi[0]))
+            )
+        )
     for segs, value in ((th.main_walls, c.airway_wall_hu), (th.main_airways, c.air_hu)):
         for seg, box in zip(segs, boxes):
             d = _seg_sdf(x[None, None, box[2]], y[None, box[1], None], z[box[0], None, None], seg)
@@ -889,8 +931,9 @@ def _paint_main_airways(hu: np.ndarray, lung: np.ndarray, th: _Thorax, geom: Sca
                 lung[box] &= d > 0
 
 
-def _paint_nodules(hu: np.ndarray, lung: np.ndarray, nodules: Sequence[NoduleSpec], geom: ScanGeometry,
-                   th: _Thorax) -> None:
+def _paint_nodules(
+    hu: np.ndarray, lung: np.ndarray, nodules: Sequence[NoduleSpec], geom: ScanGeometry, th: _Thorax
+) -> None:
     """Paint nodules (HU by texture, soft edge) in place, inside lung added around each (``nodule_lung_margin_mm``)."""
     c, ps, z = th.cfg, geom.pixel_spacing, geom.slice_zvals
     dz = float(np.median(np.diff(z))) if z.size > 1 else max(geom.slice_thickness, ps)
@@ -990,13 +1033,15 @@ def _fit_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], cfg: PhantomC
         th = _Thorax(geom, cfg, half_width_mm=float(a))
         if np.all(th.cavity_sdf(centres[:, 0], centres[:, 1]) <= -cfg.nodule_cavity_margin_mm):
             return th
-    log.info("phantom %s: nodule(s) outside the widest rib cage; their lung halo is clipped to the cavity",
-             geom.patient_id)
+    log.info(
+        "phantom %s: nodule(s) outside the widest rib cage; their lung halo is clipped to the cavity", geom.patient_id
+    )
     return default
 
 
-def synthesize_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], seed: int,
-                      cfg: PhantomConfig = PhantomConfig()) -> tuple[np.ndarray, np.ndarray]:
+def synthesize_thorax(
+    geom: ScanGeometry, nodules: Sequence[NoduleSpec], seed: int, cfg: PhantomConfig = PhantomConfig()
+) -> tuple[np.ndarray, np.ndarray]:
     """Procedural chest CT at ``geom`` with ``nodules`` painted in; deterministic for a given ``seed`` (>= 0).
 
     Returns (hu float32 [Z, rows, cols], true lung mask bool [Z, rows, cols]). The lung mask holds the
@@ -1016,11 +1061,21 @@ def synthesize_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], seed: i
     blur_z = cfg.blur_mm / float(np.median(np.diff(z))) if z.size > 1 else 0.0
     lz_blur = ndimage.gaussian_filter1d(lz, blur_z, axis=0, mode="nearest") if blur_z > 0.05 else lz
     hu = np.empty(geom.shape, dtype=np.float32)
-    _upsample(hu_c, lz_blur, _inplane_matrix(geom.rows, grid.y.size, f, cfg.blur_mm / ps),
-              _inplane_matrix(geom.cols, grid.x.size, f, cfg.blur_mm / ps), hu)
+    _upsample(
+        hu_c,
+        lz_blur,
+        _inplane_matrix(geom.rows, grid.y.size, f, cfg.blur_mm / ps),
+        _inplane_matrix(geom.cols, grid.x.size, f, cfg.blur_mm / ps),
+        hu,
+    )
     lung = np.empty(geom.shape, dtype=bool)
-    _upsample(lung_c, lz, _inplane_matrix(geom.rows, grid.y.size, f, 0.0),
-              _inplane_matrix(geom.cols, grid.x.size, f, 0.0), lung)
+    _upsample(
+        lung_c,
+        lz,
+        _inplane_matrix(geom.rows, grid.y.size, f, 0.0),
+        _inplane_matrix(geom.cols, grid.x.size, f, 0.0),
+        lung,
+    )
     t2 = time.perf_counter()
 
     _paint_main_airways(hu, lung, th, geom)
@@ -1029,8 +1084,14 @@ def synthesize_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], seed: i
     outside = ~fov_mask(geom)
     hu[:, outside] = cfg.air_hu
     lung[:, outside] = False
-    log.debug("phantom %s: %s voxels, coarse anatomy %.2f s, upsampling %.2f s, nodules + noise %.2f s",
-              geom.patient_id, hu.shape, t1 - t0, t2 - t1, time.perf_counter() - t2)
+    log.debug(
+        "phantom %s: %s voxels, coarse anatomy %.2f s, upsampling %.2f s, nodules + noise %.2f s",
+        geom.patient_id,
+        hu.shape,
+        t1 - t0,
+        t2 - t1,
+        time.perf_counter() - t2,
+    )
     return hu, lung
 
 
@@ -1122,8 +1183,9 @@ def write_dicom_series(hu: np.ndarray, geom: ScanGeometry, out_dir: Path, quirks
     quirks' padding (or 0 for unsigned series without padding)."""
     hu = np.asarray(hu)
     if hu.shape != geom.shape:
-        raise DicomError(f"{out_dir}: volume shape {hu.shape} does not match the geometry {geom.shape} "
-                         "(slices, rows, cols)")
+        raise DicomError(
+            f"{out_dir}: volume shape {hu.shape} does not match the geometry {geom.shape} (slices, rows, cols)"
+        )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from lungddpm.data import lidc
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lungddpm.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cases_lists_the_demo_split() -> None:
+    proc = run_cli("--set", "data.demo.n_scans=3", "cases")
+    assert proc.returncode == 0, proc.stderr
+    split = json.loads(proc.stdout)
+    assert list(split) == ["LIDC-IDRI-0078", "LIDC-IDRI-0171", "LIDC-IDRI-0719"]
+    assert set(split.values()) == {"train", "val", "test"}
+
+
+def test_config_errors_exit_2_with_the_key() -> None:
+    proc = run_cli("--set", "preprocess.size=[4,4,4]", "cases")
+    assert proc.returncode == 2
+    assert "preprocess.size.0: 4 is less than the minimum of 8" in proc.stderr
+    proc = run_cli("--set", "data.source=lidc", "cases")
+    assert proc.returncode == 2 and "data.dicom_root: required" in proc.stderr
+
+
+def test_demo_selection_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path))
+    first = lidc.select_demo_cases(2, 10.0, 3, 200)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["cases"] == first
+    files[0].write_text("{corrupt")  # a damaged cache is recomputed, not trusted
+    assert lidc.select_demo_cases(2, 10.0, 3, 200) == first
+    assert json.loads(files[0].read_text())["cases"] == first

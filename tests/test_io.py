@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lungddpm.errors import LungDDPMError
+from lungddpm.io import Geometry, atomic_path, read_json, read_volume, write_json, write_volume
+
+
+def test_nifti_round_trip_keeps_voxels_and_true_affine(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1024, 3000, (5, 6, 7)).astype(np.int16)
+    geometry = Geometry(spacing=(2.5, 0.75, 0.7), origin=(-180.0, -170.5, -312.25))
+    path = tmp_path / "ct.nii.gz"
+    write_volume(path, array, geometry)
+    back, geom2 = read_volume(path)
+    assert back.dtype == np.int16 and np.array_equal(back, array)
+    assert np.allclose(geom2.spacing, geometry.spacing) and np.allclose(geom2.origin, geometry.origin)
+    # an independent reader sees the same world position (RAS = LPS with x, y negated) for a voxel
+    img = nib.load(path)
+    assert img.shape == (7, 6, 5)  # NIfTI stores (x, y, z)
+    ras = img.affine @ np.array([3, 2, 1, 1.0])  # voxel x=3, y=2, z=1
+    lps = geometry.index_to_world(np.array([[1, 2, 3]]))[0]
+    assert np.allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+
+
+def test_world_index_round_trip_with_rotation() -> None:
+    c, s = np.cos(0.3), np.sin(0.3)
+    geometry = Geometry(spacing=(3.0, 1.0, 2.0), origin=(1.0, 2.0, 3.0), direction=(c, -s, 0, s, c, 0, 0, 0, 1))
+    idx = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 7.0]])
+    assert np.allclose(geometry.world_to_index(geometry.index_to_world(idx)), idx)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "x.nii.gz"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("disk full")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with pytest.raises(ValueError, match=r"x.nii.gz: expected a \[Z, Y, X\] array"):
+        write_volume(target, np.zeros((2, 2)), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+
+
+def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(LungDDPMError, match="missing.nii.gz: no such file"):
+        read_volume(tmp_path / "missing.nii.gz")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(LungDDPMError, match="bad.nii.gz: not a readable NIfTI volume"):
+        read_volume(bad)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(LungDDPMError, match="bad.json: invalid JSON"):
+        read_json(tmp_path / "bad.json")
+    write_json(tmp_path / "ok.json", {"a": np.float32(1.5), "b": np.arange(2)})
+    assert read_json(tmp_path / "ok.json") == {"a": 1.5, "b": [0, 1]}
