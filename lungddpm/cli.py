@@ -84,11 +84,11 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_demo_qc(args: argparse.Namespace) -> None:
     from .cases import DEMO_ROOT, list_cases
-    from .data.demo import demo_qc, truth_path
+    from .data.demo import qc_case, truth_path, write_qc_table
 
-    cases = list_cases(_config(args))
     root = Path(args.root or DEMO_ROOT)
-    demo_qc(cases, [truth_path(root, c) for c in cases], [Path(args.preprocessed) / c for c in cases], Path(args.out))
+    cases = list_cases(_config(args))
+    write_qc_table([qc_case(c, truth_path(root, c), Path(args.preprocessed) / c) for c in cases], Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:

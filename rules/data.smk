@@ -36,17 +36,30 @@ rule split:
 
 rule demo_qc:
     input:
-        meta=expand("results/preprocessed/{case}/meta.json", case=CASES),
-        truth=expand(f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz", case=CASES),
+        meta="results/preprocessed/{case}/meta.json",
+        lung_fine="results/preprocessed/{case}/lung_fine.nii.gz",
+        nodules="results/preprocessed/{case}/nodules.nii.gz",
+        truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
     output:
-        qc=report("results/qc/demo_segmentation.csv", category="Data", caption="../report/demo_qc.rst"),
-    params:
-        cases=CASES,
+        qc="results/qc/demo/{case}.json",
     log:
-        "logs/demo_qc.log",
+        "logs/demo_qc/{case}.log",
     benchmark:
-        "benchmarks/demo_qc.tsv"
+        "benchmarks/demo_qc/{case}.tsv"
     conda:
         "../envs/lungddpm.yaml"
     script:
         "../scripts/demo_qc.py"
+
+
+rule demo_qc_table:
+    input:
+        rows=expand("results/qc/demo/{case}.json", case=CASES),
+    output:
+        table=report("results/qc/demo_segmentation.csv", category="Data", caption="../report/demo_qc.rst"),
+    log:
+        "logs/demo_qc_table.log",
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/demo_qc_table.py"

@@ -109,21 +109,20 @@ def qc_case(case_id: str, truth_file: Path, preprocessed: Path) -> dict[str, Any
     }
 
 
-def demo_qc(
-    case_ids: list[str], truth_files: list[Path], preprocessed_dirs: list[Path], out_csv: Path
-) -> list[dict[str, Any]]:
-    """Score each case (``truth_files`` and ``preprocessed_dirs`` in ``case_ids`` order); one CSV row per case."""
-    rows = [qc_case(c, Path(t), Path(p)) for c, t, p in zip(case_ids, truth_files, preprocessed_dirs, strict=True)]
+def write_qc_table(rows: list[dict[str, Any]], out_csv: Path) -> None:
+    """One CSV row per case (rows as returned by :func:`qc_case`)."""
+    if not rows:
+        raise ValueError(f"{out_csv}: no QC rows to write")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out_csv, buf.getvalue())
-    for row in rows:
-        log.info(
-            "%s: lung Dice %.4f, max nodule centroid error %.2f voxels",
-            row["case_id"],
-            row["lung_dice_fine"],
-            row["max_centroid_error_voxels"],
-        )
-    return rows
+    worst = min(rows, key=lambda r: r["lung_dice_fine"])
+    log.info(
+        "%d cases: lowest lung Dice %.4f (%s), largest nodule centroid error %.2f voxels",
+        len(rows),
+        worst["lung_dice_fine"],
+        worst["case_id"],
+        max(r["max_centroid_error_voxels"] for r in rows),
+    )
