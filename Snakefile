@@ -16,6 +16,7 @@ wildcard_constraints:
 
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
+include: "rules/train.smk"
 
 
 rule all:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,45 @@ def cmd_demo_qc(args: argparse.Namespace) -> None:
     write_qc_table([qc_case(c, truth_path(root, c), Path(args.preprocessed) / c) for c in cases], Path(args.out))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .cases import case_split, list_cases
+    from .diffusion.train import launch, make_job
+
+    cfg = _config(args)
+    split = case_split(cfg, list_cases(cfg))
+    res = Path(args.results)
+    subset = {s: sorted(c for c, v in split.items() if v == s) for s in ("train", "val")}
+    job = make_job(
+        cfg,
+        [res / "preprocessed" / c / "ct.nii.gz" for c in subset["train"]],
+        [res / "layouts" / f"{c}.nii.gz" for c in subset["train"]],
+        [res / "preprocessed" / c / "ct.nii.gz" for c in subset["val"]],
+        [res / "layouts" / f"{c}.nii.gz" for c in subset["val"]],
+        res / "models" / cfg.train.name,
+        Path(args.state) / "models" / cfg.train.name,
+        args.threads,
+    )
+    launch(job, cfg.train.processes)
+
+
+def cmd_train_job(args: argparse.Namespace) -> None:
+    from .diffusion.train import run_job
+
+    run_job(json.loads(Path(args.job).read_text()))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .diffusion.bench import bench_train
+
+    cfg = _config(args)
+    for precision in args.precision:
+        for compiled in sorted({args.compile, False} if args.compile else {False}):
+            result = bench_train(
+                cfg, args.size, args.batch, precision, compiled, args.channels_last, args.steps, args.threads
+            )
+            print(json.dumps(result), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungddpm", description=__doc__)
     parser.add_argument("--configfile", default="config/config.yaml", help="workflow config (YAML)")
@@ -125,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocessed", default="results/preprocessed")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_demo_qc)
+    p = sub.add_parser("train", help="train the diffusion model on the train split (torchrun if train.processes > 1)")
+    p.add_argument("--results", default="results", help="results root holding preprocessed/ and layouts/")
+    p.add_argument("--state", default="state", help="root of resumable state (checkpoints)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("train-job", help="(internal) one rank of a training job written by `train`")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_train_job)
+    p = sub.add_parser("bench", help="benchmarks: seconds per train step, samples/s, peak memory")
+    p.add_argument("what", choices=["train"])
+    p.add_argument("--size", type=int, default=64, help="cubic grid edge")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="also run torch.compile")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -175,12 +175,49 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class IntensityConfig:
+    hu_window: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    lr_warmup_steps: int
+    weight_decay: float
+    ema_decay: float
+    ema_warmup: bool
+    grad_clip: float
+    checkpoint_every: int
+    keep_checkpoints: int
+    preview_every: int
+    preview_sampler_steps: int
+    log_every: int
+    seed: int
+    precision: str
+    compile: bool
+    channels_last: bool
+    num_workers: int
+    resume: str
+    processes: int
+    gpus: int
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig
     preprocess: PreprocessConfig
     lungmask: LungmaskConfig
     layout: LayoutConfig
     split: SplitConfig
+    intensity: IntensityConfig
+    model: dict[str, Any]  # see lungddpm.diffusion.unet.unet_config_from_dict
+    diffusion: dict[str, Any]  # see lungddpm.diffusion.process.DiffusionConfig
+    train: TrainConfig
+    raw: dict[str, Any]  # the validated mapping itself (checkpoints store it)
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Config:
@@ -197,6 +234,11 @@ class Config:
             lungmask=LungmaskConfig(**cfg["lungmask"]),
             layout=LayoutConfig(**cfg["layout"]),
             split=SplitConfig(**cfg["split"]),
+            intensity=IntensityConfig(hu_window=tuple(float(v) for v in cfg["intensity"]["hu_window"])),
+            model=dict(cfg["model"]),
+            diffusion=dict(cfg["diffusion"]),
+            train=TrainConfig(**cfg["train"]),
+            raw=copy.deepcopy(dict(cfg)),
         )
 
 

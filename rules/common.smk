@@ -12,9 +12,15 @@ IS_DEMO = CFG.data.source == "demo"
 
 def final_targets():
     targets = expand("results/layouts/{case}.nii.gz", case=CASES) + ["results/splits.csv"]
+    targets.append(f"results/models/{config['train']['name']}/checkpoint.pt")
     if IS_DEMO:
         targets.append("results/qc/demo_segmentation.csv")
     return targets
+
+
+def subset_cases(subset):
+    """Cases of one split subset (train / val / test), sorted."""
+    return sorted(case for case, where in SPLIT.items() if where == subset)
 
 
 def settings(*sections):

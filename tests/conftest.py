@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 CI_CONFIG = {
     "data": {"demo": {"n_scans": 3}},
     "preprocess": {"spacing_mm": [10.0, 10.0, 10.0], "size": [32, 32, 32]},
+    "model": {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [16], "norm_groups": 4},
+    "train": {"steps": 6, "checkpoint_every": 3, "log_every": 1, "preview_every": 0, "preview_sampler_steps": 2},
 }
 
 

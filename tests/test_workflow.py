@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import REPO, make_workdir, snakemake
 
@@ -59,7 +60,7 @@ def test_split_and_logs(demo_workflow: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert sorted(r["case_id"] for r in rows) == cases_of(demo_workflow)
     assert {r["subset"] for r in rows} <= {"train", "val", "test"}
-    for rule in ("demo_dicom", "preprocess", "layout"):
+    for rule in ("demo_dicom", "preprocess", "layout", "demo_qc"):
         logs = list((demo_workflow / "logs" / rule).glob("*.log"))
         assert len(logs) == 3 and all("INFO" in p.read_text() for p in logs)
 
@@ -69,7 +70,7 @@ def test_dry_run_is_clean_and_forcerun_layout_reruns_only_layout_onwards(demo_wo
     out = snakemake(demo_workflow, "-n", "--forcerun", "layout", "--quiet", "rules").stdout
     rules = {line.split()[0] for line in out.splitlines() if line.strip() and line.split()[-1].isdigit()}
     rules -= {"total", "job"}
-    assert rules == {"layout", "all"}, out
+    assert rules == {"layout", "train", "all"}, out
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:
@@ -131,3 +132,20 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path: Path) -> None:
     assert "data.dicom_root: required when data.source is 'lidc'" in proc.stdout + proc.stderr
     proc = snakemake(workdir, "-n", "--config", f"data={{source: lidc, dicom_root: {tmp_path / 'none'}}}", check=False)
     assert proc.returncode != 0 and "data.dicom_root does not exist" in proc.stdout + proc.stderr
+
+
+def test_training_outputs_and_resume_from_undeclared_state(demo_workflow: Path) -> None:
+    model_dir = demo_workflow / "results/models/demo"
+    ckpt = torch.load(model_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and set(ckpt) >= {"ema", "model", "unet", "diffusion", "hu_window", "config"}
+    with open(model_dir / "train_log.csv") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4, 5, 6]
+    assert (model_dir / "preview.png").read_bytes()[:4] == b"\x89PNG"
+    state = demo_workflow / "state/models/demo"
+    assert sorted(p.name for p in state.glob("step_*.pt")) == ["step_0000003.pt", "step_0000006.pt"]
+    # Snakemake deletes a rule's declared outputs before rerunning it; the undeclared state survives,
+    # so the rerun resumes at step 6 instead of retraining
+    snakemake(demo_workflow, "--forcerun", "train")
+    log = (demo_workflow / "logs/train/demo.log").read_text()
+    assert "resuming from" in log and "step_0000006.pt" in log
+    assert torch.load(model_dir / "checkpoint.pt", weights_only=True)["step"] == 6
