@@ -12,11 +12,14 @@ include: "rules/common.smk"
 
 wildcard_constraints:
     case=r"LIDC-IDRI-\d{4}(_s\d+)?",
+    run="eval|augment",
+    shard=r"\d+",
 
 
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/train.smk"
+include: "rules/sample.smk"
 
 
 rule all:

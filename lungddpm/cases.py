@@ -62,3 +62,18 @@ def write_case_split(cfg: Config, path: Path) -> dict[str, str]:
     split = case_split(cfg, cases)
     write_splits(path, split, {c: lidc.scan_info(c).patient_id for c in cases}, {c: lidc.has_nodules(c) for c in cases})
     return split
+
+
+def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:
+    """Scans whose nodules form the insertion bank: the database by patient id, without the test patients
+    (their nodules must not reach training data), at most ``layout_edit.bank_max_scans``."""
+    test_patients = {lidc.scan_info(c).patient_id for c, s in split.items() if s == "test"}
+    cases = [c for c in lidc.all_cases() if c.split("_")[0] not in test_patients]
+    limit = cfg.raw["layout_edit"]["bank_max_scans"]
+    return cases[:limit] if limit else cases
+
+
+def run_cases(split: dict[str, str], run: str) -> list[str]:
+    """eval: the test cases; augment: the train cases."""
+    subset = {"eval": "test", "augment": "train"}[run]
+    return sorted(c for c, s in split.items() if s == subset)

@@ -119,14 +119,65 @@ def cmd_train_job(args: argparse.Namespace) -> None:
     run_job(json.loads(Path(args.job).read_text()))
 
 
+def cmd_nodule_bank(args: argparse.Namespace) -> None:
+    from .cases import bank_cases, case_split, list_cases
+    from .layout_edit import build_nodule_bank, save_bank
+
+    cfg = _config(args)
+    cases = bank_cases(cfg, case_split(cfg, list_cases(cfg)))
+    bank = build_nodule_bank(cases, cfg.data.consensus_level)
+    save_bank(bank, Path(args.out))
+    log.info("nodule bank: %d nodules from %d scans -> %s", len(bank), len(cases), args.out)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .cases import case_split, list_cases, run_cases
+    from .io import write_json
+    from .plan import plan, shard
+    from .synthesize import synthesize_shard
+
+    cfg = _config(args)
+    sc = cfg.raw["sample"]
+    cases = run_cases(case_split(cfg, list_cases(cfg)), args.run)
+    items = shard(plan(args.run, cases, sc["samples_per_layout"], sc["seed"]), args.shards, args.shard)
+    res = Path(args.results)
+    checkpoint = Path(sc["checkpoint"] or res / "models" / cfg.train.name / "checkpoint.pt")
+    out = res / "synthetic" / args.run
+    manifest = synthesize_shard(
+        args.run,
+        items,
+        cfg,
+        checkpoint,
+        {c: res / "preprocessed" / c / "ct.nii.gz" for c in cases},
+        {c: res / "layouts" / f"{c}.nii.gz" for c in cases},
+        out,
+        Path(args.bank),
+        args.threads,
+    )
+    write_json(out / f"shard_{args.shard}.json", {"run": args.run, "items": manifest})
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
+    from .config import Config, validate_config
     from .diffusion.bench import bench_train
 
     cfg = _config(args)
+    if args.model == "paper":  # the schema defaults are the paper's network and process
+        raw = dict(cfg.raw)
+        raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
+        cfg = Config.from_dict(raw)
     for precision in args.precision:
         for compiled in sorted({args.compile, False} if args.compile else {False}):
             result = bench_train(
-                cfg, args.size, args.batch, precision, compiled, args.channels_last, args.steps, args.threads
+                cfg,
+                args.size,
+                args.batch,
+                precision,
+                compiled,
+                args.channels_last,
+                args.steps,
+                args.threads,
+                image_size=128 if args.model == "paper" else None,
             )
             print(json.dumps(result), flush=True)
 
@@ -173,10 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-job", help="(internal) one rank of a training job written by `train`")
     p.add_argument("job")
     p.set_defaults(func=cmd_train_job)
+    p = sub.add_parser("nodule-bank", help="build the nodule bank for layout editing")
+    p.add_argument("--out", default="resources/nodule_bank.npz")
+    p.set_defaults(func=cmd_nodule_bank)
+    p = sub.add_parser("sample", help="sample one shard of a run (eval: test layouts; augment: edited train layouts)")
+    p.add_argument("--run", choices=["eval", "augment"], required=True)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--results", default="results")
+    p.add_argument("--bank", default="resources/nodule_bank.npz")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_sample)
     p = sub.add_parser("bench", help="benchmarks: seconds per train step, samples/s, peak memory")
     p.add_argument("what", choices=["train"])
     p.add_argument("--size", type=int, default=64, help="cubic grid edge")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="also run torch.compile")
     p.add_argument("--channels-last", action="store_true")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from .io import atomic_path
 
@@ -25,8 +26,8 @@ def three_plane_png(
 ) -> None:
     """Write a PNG with one row per panel (title, [Z, Y, X] volume, kind) and columns axial/coronal/sagittal.
 
-    kind: ``"hu"`` (lung window), ``"layout"`` (labels 0/1/2). ``centre`` defaults to the first layout's nodule
-    centroid, else the volume centre.
+    kind: ``"hu"`` (lung window), ``"layout"`` (labels 0/1/2). ``centre`` defaults to the centroid of the largest
+    nodule of the first layout panel, else the volume centre.
     """
     import matplotlib
 
@@ -38,7 +39,9 @@ def three_plane_png(
         centre = [s // 2 for s in shape]
         for _, vol, kind in panels:
             if kind == "layout" and (vol == 2).any():
-                centre = np.round(np.argwhere(vol == 2).mean(axis=0)).astype(int).tolist()
+                labels, n = ndi.label(vol == 2)
+                largest = 1 + int(np.argmax(ndi.sum(np.ones_like(labels), labels, range(1, n + 1))))
+                centre = np.round(np.argwhere(labels == largest).mean(axis=0)).astype(int).tolist()
                 break
     fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.6 * len(panels)), squeeze=False)
     aspects = [spacing[1] / spacing[2], spacing[0] / spacing[2], spacing[0] / spacing[1]]

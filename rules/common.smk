@@ -1,5 +1,6 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
-from lungddpm.cases import DEMO_ROOT, case_split, dicom_root, list_cases
+from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, run_cases
+from lungddpm.plan import item_to_dict, plan, shard
 from lungddpm.config import validate_config, config_from_mapping
 
 validate_config(config, source="snakemake config")
@@ -8,11 +9,16 @@ CASES = list_cases(CFG)
 SPLIT = case_split(CFG, CASES)
 DICOM_ROOT = str(dicom_root(CFG))
 IS_DEMO = CFG.data.source == "demo"
+BANK_CASES = bank_cases(CFG, SPLIT)
+MODEL = config["train"]["name"]
+CHECKPOINT = config["sample"]["checkpoint"] or f"results/models/{MODEL}/checkpoint.pt"
+N_SHARDS = config["sample"]["shards"]
 
 
 def final_targets():
     targets = expand("results/layouts/{case}.nii.gz", case=CASES) + ["results/splits.csv"]
-    targets.append(f"results/models/{config['train']['name']}/checkpoint.pt")
+    targets.append(f"results/models/{MODEL}/checkpoint.pt")
+    targets += expand("results/synthetic/{run}/shard_{shard}.json", run=("eval", "augment"), shard=range(N_SHARDS))
     if IS_DEMO:
         targets.append("results/qc/demo_segmentation.csv")
     return targets
@@ -33,3 +39,24 @@ def series_input(wildcards):
     if IS_DEMO:
         return {"manifest": f"{DEMO_ROOT}/series/{wildcards.case}.json"}
     return {}
+
+
+def run_items(run):
+    return plan(run, run_cases(SPLIT, run), config["sample"]["samples_per_layout"], config["sample"]["seed"])
+
+
+def shard_items(wildcards):
+    """The items (case, k, seed) of one shard, as plain dicts."""
+    return [item_to_dict(it) for it in shard(run_items(wildcards.run), N_SHARDS, int(wildcards.shard))]
+
+
+def sample_inputs(wildcards):
+    cases = sorted({it["case_id"] for it in shard_items(wildcards)})
+    inputs = {
+        "checkpoint": CHECKPOINT,
+        "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=cases),
+        "layouts": expand("results/layouts/{case}.nii.gz", case=cases),
+    }
+    if wildcards.run == "augment" and config["layout_edit"]["insert"] > 0:
+        inputs["bank"] = "resources/nodule_bank.npz"
+    return inputs

@@ -19,6 +19,8 @@ CI_CONFIG = {
     "preprocess": {"spacing_mm": [10.0, 10.0, 10.0], "size": [32, 32, 32]},
     "model": {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [16], "norm_groups": 4},
     "train": {"steps": 6, "checkpoint_every": 3, "log_every": 1, "preview_every": 0, "preview_sampler_steps": 2},
+    "sample": {"steps": 3, "shards": 2},
+    "layout_edit": {"bank_max_scans": 10},
 }
 
 

@@ -70,7 +70,7 @@ def test_dry_run_is_clean_and_forcerun_layout_reruns_only_layout_onwards(demo_wo
     out = snakemake(demo_workflow, "-n", "--forcerun", "layout", "--quiet", "rules").stdout
     rules = {line.split()[0] for line in out.splitlines() if line.strip() and line.split()[-1].isdigit()}
     rules -= {"total", "job"}
-    assert rules == {"layout", "train", "all"}, out
+    assert rules == {"layout", "train", "sample", "all"}, out
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:
@@ -149,3 +149,26 @@ def test_training_outputs_and_resume_from_undeclared_state(demo_workflow: Path) 
     log = (demo_workflow / "logs/train/demo.log").read_text()
     assert "resuming from" in log and "step_0000006.pt" in log
     assert torch.load(model_dir / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_synthetic_runs_never_mix_and_keep_the_reference(demo_workflow: Path) -> None:
+    with open(demo_workflow / "results/splits.csv") as fh:
+        subsets = {r["case_id"]: r["subset"] for r in csv.DictReader(fh)}
+    for run, subset in (("eval", "test"), ("augment", "train")):
+        items = []
+        for shard in (0, 1):
+            items += read_json(demo_workflow / f"results/synthetic/{run}/shard_{shard}.json")["items"]
+        assert sorted(i["case_id"] for i in items) == sorted(c for c, s in subsets.items() if s == subset)
+        for it in items:
+            prov = read_json(demo_workflow / it["provenance"])
+            assert prov["run"] == run and prov["steps"] == 3 and prov["sampler"] == "dpm++"
+            assert bool(prov["edits"]) == (run == "augment")
+            case = it["case_id"]
+            ct = nib.load(demo_workflow / f"results/preprocessed/{case}/ct.nii.gz")
+            syn = nib.load(demo_workflow / it["image"])
+            assert np.allclose(syn.affine, ct.affine) and syn.get_data_dtype() == np.int16
+            layout = np.asanyarray(nib.load(demo_workflow / it["layout"]).dataobj)
+            from lungddpm.diffusion.sample import keep_mask
+
+            keep = keep_mask(layout, (1, 1, 1))  # 10 mm margin on the 10 mm grid
+            assert np.array_equal(np.asanyarray(syn.dataobj)[keep], np.asanyarray(ct.dataobj)[keep])

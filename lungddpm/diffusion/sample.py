@@ -1,14 +1,24 @@
-"""Samplers on ``diffusers`` schedulers: DDPM ancestral (the paper's), DDIM and DPM-Solver++ (multistep).
+"""Samplers on ``diffusers`` schedulers — DDPM ancestral (the paper's), DDIM, DPM-Solver++ (multistep) — and
+anatomically-aware sampling.
 
 Every sampler is built from the training scheduler's config, so they share its ᾱ_t; the loop is the same for
 all: ``set_timesteps`` -> for each t: model output -> ``step``.
+
+Anatomically-aware sampling keeps the reference CT where the layout is background, away from the lungs: in the
+*keep mask* (background eroded by a margin, so the seam falls in generated tissue) the sample is replaced after
+each step by the reference forward-noised to the noise level the sample has *after* that step (the original
+blends one level off), and by the clean reference after the last step. Elsewhere the sampler's output is
+untouched.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from .process import GaussianDiffusion, Model
 
@@ -36,6 +46,28 @@ def make_sampler(diffusion: GaussianDiffusion, name: str) -> Any:
     raise ValueError(f"sampler {name!r} unknown; choose one of {SAMPLERS}")
 
 
+def keep_mask(layout: np.ndarray, margin_vox: tuple[int, int, int]) -> np.ndarray:
+    """Where the reference is kept: background (label 0) eroded by an ellipsoid of ``margin_vox`` (z, y, x)
+    voxels. layout: [D, H, W] labels -> bool [D, H, W]. The volume border does not erode it."""
+    background = layout == 0
+    r = np.asarray(margin_vox, dtype=float)
+    if not r.any():
+        return background
+    half = np.ceil(r).astype(int)
+    zz, yy, xx = np.ogrid[-half[0] : half[0] + 1, -half[1] : half[1] + 1, -half[2] : half[2] + 1]
+    ball = sum((c / max(ri, 1e-6)) ** 2 for c, ri in zip((zz, yy, xx), r)) <= 1.0
+    return ndi.binary_erosion(background, structure=ball, border_value=1)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Anatomically-aware sampling inputs (batched like the sample)."""
+
+    reference: torch.Tensor  # [B, 1, D, H, W] reference CT in model units
+    keep: torch.Tensor  # bool [B, 1, D, H, W]: True = reference kept
+    start_fraction: float = 0.0  # blend from this fraction of the trajectory on (0 = from the first step)
+
+
 @torch.no_grad()
 def sample(
     model: Model,
@@ -45,16 +77,42 @@ def sample(
     steps: int = 20,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    blend: Blend | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1])."""
+    """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1]).
+
+    Random numbers (initial noise, ancestral noise, the reference's forward noise) come from ``generator`` on the
+    CPU, so a seed gives the same volume on any device.
+    """
+    device = layout.device
     scheduler = make_sampler(diffusion, sampler)
-    scheduler.set_timesteps(steps, device=layout.device)
+    scheduler.set_timesteps(steps, device=device)
     shape = (layout.shape[0], 1, *layout.shape[2:])
     if noise is None:
-        noise = torch.randn(shape, generator=generator, device="cpu").to(layout.device)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        tt = torch.full((shape[0],), int(t), device=layout.device, dtype=torch.long)
-        out = model(scheduler.scale_model_input(x, t), tt, layout).float()
+        noise = torch.randn(shape, generator=generator)
+    x = noise.to(device) * scheduler.init_noise_sigma
+    timesteps = list(scheduler.timesteps)
+    first_blend = round((blend.start_fraction if blend else 0.0) * len(timesteps))
+    for i, t in enumerate(timesteps):
+        tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx:
+            out = model(scheduler.scale_model_input(x, t), tt, layout).float()
         x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if blend is not None and i >= first_blend:
+            ref = blend.reference.to(device)
+            if i + 1 < len(timesteps):  # the sample is now at the next timestep's noise level
+                ref_noise = torch.randn(shape, generator=generator).to(device)
+                prev_t = torch.full((shape[0],), int(timesteps[i + 1]), dtype=torch.long)
+                ref = diffusion.add_noise(ref, ref_noise, prev_t.to(device))
+            x = torch.where(blend.keep.to(device), ref, x)
     return x
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None

@@ -1,0 +1,43 @@
+"""What a sampling run makes: items (case, k, seed) and their shards — light enough for Snakemake's parse."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+RUNS = ("eval", "augment")
+
+
+@dataclass(frozen=True)
+class Item:
+    run: str
+    case_id: str
+    k: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.case_id}_{self.k}"
+
+
+def item_seed(base: int, run: str, case_id: str, k: int) -> int:
+    digest = hashlib.sha256(f"{base}/{run}/{case_id}/{k}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def plan(run: str, cases: Sequence[str], samples_per_layout: int, seed: int) -> list[Item]:
+    """All items of a run, sorted by case then k."""
+    if run not in RUNS:
+        raise ValueError(f"run {run!r} unknown; choose one of {RUNS}")
+    return [Item(run, c, k, item_seed(seed, run, c, k)) for c in sorted(cases) for k in range(samples_per_layout)]
+
+
+def shard(items: Sequence[Item], n_shards: int, index: int) -> list[Item]:
+    """Round-robin share ``index`` of ``n_shards`` (every item in exactly one shard)."""
+    return [it for i, it in enumerate(items) if i % n_shards == index]
+
+
+def item_to_dict(item: Item) -> dict[str, Any]:
+    return asdict(item)

@@ -1,0 +1,230 @@
+"""Bulk synthetic datasets: layouts x k samples, sharded into independent jobs, with provenance.
+
+Two runs never mix (DESIGN §1): ``eval`` samples the *test* layouts (their real CTs are the references and the
+pairs for the image-quality metrics); ``augment`` samples *train* layouts edited with new nodules from the bank
+(for the downstream segmentation arms only). Per item ``<case>_<k>``: ``.nii.gz`` (int16 HU, the case's true
+affine), ``_layout.nii.gz`` (the segmentation label), ``.gif`` (axial sweep), ``_montage.png`` (real | layout |
+synthetic) and, written last, ``.json`` provenance. Rerunning skips items whose provenance exists, matches the
+current checkpoint and settings, and whose files are all present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import Config
+from .diffusion.process import DiffusionConfig, GaussianDiffusion
+from .diffusion.sample import Blend, keep_mask, sample
+from .diffusion.train import load_model, resolve_precision
+from .errors import LayoutError
+from .intensity import hu_to_model, layout_to_channels, model_to_hu
+from .io import atomic_path, read_json, read_volume, write_json, write_volume
+from .layout import LABELS
+from .plan import Item
+
+log = logging.getLogger(__name__)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def item_files(out_dir: Path, item: Item) -> dict[str, Path]:
+    base = out_dir / item.name
+    return {
+        "image": base.with_name(f"{item.name}.nii.gz"),
+        "layout": base.with_name(f"{item.name}_layout.nii.gz"),
+        "gif": base.with_name(f"{item.name}.gif"),
+        "montage": base.with_name(f"{item.name}_montage.png"),
+        "provenance": base.with_name(f"{item.name}.json"),
+    }
+
+
+def load_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Reference CT (HU) and layout; refuses labels other than 0/1/2 or a grid different from the CT's."""
+    ct, geometry = read_volume(ct_path)
+    layout, lay_geometry = read_volume(layout_path)
+    if (
+        layout.shape != ct.shape
+        or not np.allclose(lay_geometry.origin, geometry.origin, atol=1e-3)
+        or not np.allclose(lay_geometry.spacing, geometry.spacing, atol=1e-4)
+    ):
+        raise LayoutError(
+            f"{layout_path}: grid {layout.shape} at {lay_geometry.spacing} mm differs from its reference CT "
+            f"{ct_path} {ct.shape} at {geometry.spacing} mm; rerun the layout stage for this case"
+        )
+    found = set(np.unique(layout).tolist())
+    if not found <= set(LABELS):
+        raise LayoutError(
+            f"{layout_path}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; rerun the layout stage"
+        )
+    return ct, layout.astype(np.uint8), geometry
+
+
+def gif_sweep(path: Path, volume_hu: np.ndarray, window: tuple[float, float] = (-1350.0, 150.0)) -> None:
+    """Axial sweep (one frame per slice, superior first) in a lung window."""
+    from PIL import Image
+
+    lo, hi = window
+    frames = np.clip((volume_hu[::-1] - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+    scale = max(1, 192 // max(frames.shape[1:]))
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=80, loop=0)
+
+
+def _settings(cfg: Config, run: str, ckpt_sha: str) -> dict[str, Any]:
+    s = cfg.raw["sample"]
+    settings = {
+        "checkpoint_sha256": ckpt_sha,
+        "sampler": s["sampler"],
+        "steps": s["steps"],
+        "use_ema": s["use_ema"],
+        "blend": {
+            "enabled": s["blend"],
+            "margin_mm": s["blend_margin_mm"],
+            "start_fraction": s["blend_start_fraction"],
+        },
+    }
+    if run == "augment":
+        settings["layout_edit"] = cfg.raw["layout_edit"]
+    return settings
+
+
+def _complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
+    if not files["provenance"].is_file() or not all(p.is_file() for p in files.values()):
+        return False
+    try:
+        prov = read_json(files["provenance"])
+    except Exception:
+        return False
+    return all(prov.get(k) == v for k, v in settings.items())
+
+
+def synthesize_shard(
+    run: str,
+    items: Sequence[Item],
+    cfg: Config,
+    checkpoint: Path,
+    ct_paths: dict[str, Path],
+    layout_paths: dict[str, Path],
+    out_dir: Path,
+    bank_path: Path | None = None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Sample ``items`` of ``run`` into ``out_dir``; returns one manifest entry per item (skipped or made)."""
+    from tqdm import tqdm
+
+    from .layout_edit import insert_nodules, load_bank, remove_nodules
+    from .viz import three_plane_png
+
+    if threads:
+        torch.set_num_threads(threads)
+    sc = cfg.raw["sample"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision(sc["precision"], device)
+    model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
+    model = model.to(device)
+    diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
+    window = tuple(ckpt["hu_window"])
+    ckpt_sha = sha256(checkpoint)
+    settings = _settings(cfg, run, ckpt_sha)
+    edit = cfg.raw["layout_edit"]
+    bank = candidates = None
+    if run == "augment" and edit["insert"] > 0:
+        if bank_path is None:
+            raise LayoutError("the augment run inserts nodules but no nodule bank was given; run the nodule_bank rule")
+        bank = load_bank(bank_path)
+        candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for item in tqdm(items, desc=f"sample {run}", unit="volume", mininterval=5.0):
+        files = item_files(out_dir, item)
+        entry = {"item": item.name, "case_id": item.case_id, "k": item.k, **{k: str(p) for k, p in files.items()}}
+        if _complete(files, settings):
+            log.info("%s: complete, skipped", item.name)
+            manifest.append({**entry, "skipped": True})
+            continue
+        t0 = time.perf_counter()
+        ct, layout, geometry = load_pair(ct_paths[item.case_id], layout_paths[item.case_id])
+        edits: list[dict[str, Any]] = []
+        if run == "augment":
+            rng = np.random.default_rng(item.seed)
+            if edit["remove_existing"]:
+                layout, removed = remove_nodules(layout, geometry)
+                edits += removed
+            if edit["insert"] > 0:
+                layout, inserted = insert_nodules(
+                    layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
+                )
+                edits += inserted
+        margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
+        keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
+        blend = None
+        if sc["blend"]:
+            blend = Blend(
+                torch.from_numpy(hu_to_model(ct, window))[None, None],
+                torch.from_numpy(keep)[None, None],
+                sc["blend_start_fraction"],
+            )
+        layout_t = torch.from_numpy(layout_to_channels(layout))[None].to(device)
+        x = sample(
+            model,
+            diffusion,
+            layout_t,
+            sc["sampler"],
+            sc["steps"],
+            torch.Generator().manual_seed(item.seed),
+            blend=blend,
+            autocast_dtype=dtype,
+        )
+        hu = model_to_hu(x[0, 0].float().cpu().numpy(), window)
+        hu = np.where(keep, ct, np.round(hu)).astype(np.int16)  # the reference's exact HU where it was kept
+        write_volume(files["image"], hu, geometry)
+        write_volume(files["layout"], layout, geometry)
+        gif_sweep(files["gif"], hu.astype(np.float32))
+        three_plane_png(
+            files["montage"],
+            [
+                ("real", ct.astype(np.float32), "hu"),
+                ("layout", layout, "layout"),
+                ("synthetic", hu.astype(np.float32), "hu"),
+            ],
+            spacing=geometry.spacing,
+        )
+        seconds = time.perf_counter() - t0
+        write_json(
+            files["provenance"],
+            {
+                "item": item.name,
+                "run": run,
+                "source_case": item.case_id,
+                "k": item.k,
+                "seed": item.seed,
+                **settings,
+                "checkpoint": str(checkpoint),
+                "edits": edits,
+                "keep_voxels": int(keep.sum()),
+                "geometry": geometry.to_json(),
+                "hu_window": list(window),
+                "device": str(device),
+                "seconds": round(seconds, 2),
+                "lungddpm_version": __version__,
+            },
+        )
+        log.info("%s: %s %d steps in %.1f s, %d edit(s)", item.name, sc["sampler"], sc["steps"], seconds, len(edits))
+        manifest.append({**entry, "skipped": False, "seconds": round(seconds, 2)})
+    return manifest
