@@ -71,7 +71,7 @@ def test_inserted_nodules_lie_in_the_lung_and_never_touch() -> None:
     assert len(edits) == 4 and all(e["op"] == "insert" for e in edits)
     new = (out == 2) & (layout != 2)
     assert (layout[new] == 1).all()  # placed on lung only
-    labels, n = ndi.label(out == 2)
+    _, n = ndi.label(out == 2)
     assert n == 5  # four new + the original, none merged (touching would merge them)
     assert ((out == 1) | (out == 2)).sum() == ((layout == 1) | (layout == 2)).sum()
     again, _ = insert_nodules(layout, GEOM, bank.select((0, 50)), 4, np.random.default_rng(0))

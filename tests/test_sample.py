@@ -102,7 +102,7 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
     manifest = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
     assert [m["skipped"] for m in manifest] == [False] * 4
     for item in items:
-        ct, ct_geom = read_volume(cases[item.case_id])
+        ct, _ = read_volume(cases[item.case_id])
         img = nib.load(tmp_path / f"{item.name}.nii.gz")
         assert img.get_data_dtype() == np.int16
         assert np.allclose(img.affine, nib.load(cases[item.case_id]).affine)
