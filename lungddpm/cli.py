@@ -157,15 +157,60 @@ def cmd_sample(args: argparse.Namespace) -> None:
     write_json(out / f"shard_{args.shard}.json", {"run": args.run, "items": manifest})
 
 
+def _specs(items: Sequence[str]) -> list[tuple[str, int]]:
+    """["dpm++:20", "ddpm:250"] -> [("dpm++", 20), ("ddpm", 250)]."""
+    out = []
+    for item in items:
+        name, _, steps = item.partition(":")
+        if not steps.isdigit():
+            raise LungDDPMError(f"--samplers {item!r}: expected NAME:STEPS, e.g. dpm++:20")
+        out.append((name, int(steps)))
+    return out
+
+
+def _bench_quality(args: argparse.Namespace, cfg: Any) -> None:
+    from .cases import case_split, list_cases, run_cases
+    from .diffusion.bench import compare_samplers
+    from .io import write_json
+
+    res = Path(args.results)
+    cases = run_cases(case_split(cfg, list_cases(cfg)), "eval")
+    pairs = [(res / "preprocessed" / c / "ct.nii.gz", res / "layouts" / f"{c}.nii.gz") for c in cases]
+    checkpoint = Path(cfg.raw["sample"]["checkpoint"] or res / "models" / cfg.train.name / "checkpoint.pt")
+    rows = compare_samplers(cfg, checkpoint, pairs, _specs(args.samplers), args.k, args.threads)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if args.out:
+        write_json(args.out, {"cases": cases, "checkpoint": str(checkpoint), "rows": rows})
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .config import Config, validate_config
     from .diffusion.bench import bench_train
 
     cfg = _config(args)
+    if args.what == "quality":
+        _bench_quality(args, cfg)
+        return
     if args.model == "paper":  # the schema defaults are the paper's network and process
         raw = dict(cfg.raw)
         raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
         cfg = Config.from_dict(raw)
+    if args.what == "sample":
+        from .diffusion.bench import bench_sample
+
+        for precision in args.precision:
+            for row in bench_sample(
+                cfg,
+                args.size,
+                _specs(args.samplers),
+                precision,
+                args.channels_last,
+                args.threads,
+                image_size=128 if args.model == "paper" else None,
+            ):
+                print(json.dumps(row), flush=True)
+        return
     for precision in args.precision:
         for compiled in sorted({args.compile, False} if args.compile else {False}):
             result = bench_train(
@@ -235,8 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default="resources/nodule_bank.npz")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("bench", help="benchmarks: seconds per train step, samples/s, peak memory")
-    p.add_argument("what", choices=["train"])
+    p = sub.add_parser("bench", help="benchmarks: train step time, sampling time per volume, sampler quality")
+    p.add_argument(
+        "what",
+        choices=["train", "sample", "quality"],
+        help="train: step time; sample: seconds per volume; quality: samplers on the test layouts",
+    )
+    p.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpm++:20"], help="NAME:STEPS")
+    p.add_argument("--k", type=int, default=2, help="quality: samples per test layout")
+    p.add_argument("--results", default="results", help="quality: results root")
+    p.add_argument("--out", default=None, help="quality: also write the table to this JSON file")
     p.add_argument("--size", type=int, default=64, help="cubic grid edge")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
