@@ -93,6 +93,7 @@ def _settings(cfg: Config, run: str, ckpt_sha: str) -> dict[str, Any]:
         "sampler": s["sampler"],
         "steps": s["steps"],
         "use_ema": s["use_ema"],
+        "clip_x0": s["clip_x0"],
         "blend": {
             "enabled": s["blend"],
             "margin_mm": s["blend_margin_mm"],
@@ -112,6 +113,10 @@ def _complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
     except Exception:
         return False
     return all(prov.get(k) == v for k, v in settings.items())
+
+
+def _entry(item: Item, files: dict[str, Path]) -> dict[str, Any]:
+    return {"item": item.name, "case_id": item.case_id, "k": item.k, **{k: str(p) for k, p in files.items()}}
 
 
 def synthesize_shard(
@@ -150,81 +155,105 @@ def synthesize_shard(
         bank = load_bank(bank_path)
         candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = []
-    for item in tqdm(items, desc=f"sample {run}", unit="volume", mininterval=5.0):
+    manifest: list[dict[str, Any]] = []
+    pending: list[tuple[Item, dict[str, Path]]] = []
+    for item in items:
         files = item_files(out_dir, item)
-        entry = {"item": item.name, "case_id": item.case_id, "k": item.k, **{k: str(p) for k, p in files.items()}}
         if _complete(files, settings):
             log.info("%s: complete, skipped", item.name)
-            manifest.append({**entry, "skipped": True})
-            continue
+            manifest.append({**_entry(item, files), "skipped": True})
+        else:
+            pending.append((item, files))
+    batch_size = int(sc["batch_size"])
+    bar = tqdm(total=len(pending), desc=f"sample {run}", unit="volume", mininterval=5.0)
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
         t0 = time.perf_counter()
-        ct, layout, geometry = load_pair(ct_paths[item.case_id], layout_paths[item.case_id])
-        edits: list[dict[str, Any]] = []
-        if run == "augment":
-            rng = np.random.default_rng(item.seed)
-            if edit["remove_existing"]:
-                layout, removed = remove_nodules(layout, geometry)
-                edits += removed
-            if edit["insert"] > 0:
-                layout, inserted = insert_nodules(
-                    layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
-                )
-                edits += inserted
-        margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
-        keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
+        prepared = []
+        for item, _ in chunk:
+            ct, layout, geometry = load_pair(ct_paths[item.case_id], layout_paths[item.case_id])
+            edits: list[dict[str, Any]] = []
+            if run == "augment":
+                rng = np.random.default_rng(item.seed)
+                if edit["remove_existing"]:
+                    layout, removed = remove_nodules(layout, geometry)
+                    edits += removed
+                if edit["insert"] > 0:
+                    layout, inserted = insert_nodules(
+                        layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
+                    )
+                    edits += inserted
+            margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
+            keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
+            prepared.append((ct, layout, geometry, edits, keep))
+        shapes = {p[0].shape for p in prepared}
+        if len(shapes) > 1:
+            raise LayoutError(f"cases of one batch have different grids {sorted(shapes)}; set sample.batch_size: 1")
         blend = None
         if sc["blend"]:
             blend = Blend(
-                torch.from_numpy(hu_to_model(ct, window))[None, None],
-                torch.from_numpy(keep)[None, None],
+                torch.from_numpy(np.stack([hu_to_model(p[0], window)[None] for p in prepared])),
+                torch.from_numpy(np.stack([p[4][None] for p in prepared])),
                 sc["blend_start_fraction"],
             )
-        layout_t = torch.from_numpy(layout_to_channels(layout))[None].to(device)
+        layout_t = torch.from_numpy(np.stack([layout_to_channels(p[1]) for p in prepared])).to(device)
+        generators = [torch.Generator().manual_seed(item.seed) for item, _ in chunk]
         x = sample(
             model,
             diffusion,
             layout_t,
             sc["sampler"],
             sc["steps"],
-            torch.Generator().manual_seed(item.seed),
+            generators,
             blend=blend,
             autocast_dtype=dtype,
+            clip_x0=sc["clip_x0"],
         )
-        hu = model_to_hu(x[0, 0].float().cpu().numpy(), window)
-        hu = np.where(keep, ct, np.round(hu)).astype(np.int16)  # the reference's exact HU where it was kept
-        write_volume(files["image"], hu, geometry)
-        write_volume(files["layout"], layout, geometry)
-        gif_sweep(files["gif"], hu.astype(np.float32))
-        three_plane_png(
-            files["montage"],
-            [
-                ("real", ct.astype(np.float32), "hu"),
-                ("layout", layout, "layout"),
-                ("synthetic", hu.astype(np.float32), "hu"),
-            ],
-            spacing=geometry.spacing,
-        )
-        seconds = time.perf_counter() - t0
-        write_json(
-            files["provenance"],
-            {
-                "item": item.name,
-                "run": run,
-                "source_case": item.case_id,
-                "k": item.k,
-                "seed": item.seed,
-                **settings,
-                "checkpoint": str(checkpoint),
-                "edits": edits,
-                "keep_voxels": int(keep.sum()),
-                "geometry": geometry.to_json(),
-                "hu_window": list(window),
-                "device": str(device),
-                "seconds": round(seconds, 2),
-                "lungddpm_version": __version__,
-            },
-        )
-        log.info("%s: %s %d steps in %.1f s, %d edit(s)", item.name, sc["sampler"], sc["steps"], seconds, len(edits))
-        manifest.append({**entry, "skipped": False, "seconds": round(seconds, 2)})
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for b, ((item, files), (ct, layout, geometry, edits, keep)) in enumerate(zip(chunk, prepared)):
+            hu = model_to_hu(x[b, 0].float().cpu().numpy(), window)
+            hu = np.where(keep, ct, np.round(hu)).astype(np.int16)  # the reference's exact HU where it was kept
+            write_volume(files["image"], hu, geometry)
+            write_volume(files["layout"], layout, geometry)
+            gif_sweep(files["gif"], hu.astype(np.float32))
+            three_plane_png(
+                files["montage"],
+                [
+                    ("real", ct.astype(np.float32), "hu"),
+                    ("layout", layout, "layout"),
+                    ("synthetic", hu.astype(np.float32), "hu"),
+                ],
+                spacing=geometry.spacing,
+            )
+            write_json(
+                files["provenance"],
+                {
+                    "item": item.name,
+                    "run": run,
+                    "source_case": item.case_id,
+                    "k": item.k,
+                    "seed": item.seed,
+                    **settings,
+                    "checkpoint": str(checkpoint),
+                    "edits": edits,
+                    "keep_voxels": int(keep.sum()),
+                    "geometry": geometry.to_json(),
+                    "hu_window": list(window),
+                    "device": str(device),
+                    "batch_size": len(chunk),
+                    "seconds": round(seconds, 2),
+                    "lungddpm_version": __version__,
+                },
+            )
+            log.info(
+                "%s: %s %d steps, %.1f s per volume, %d edit(s)",
+                item.name,
+                sc["sampler"],
+                sc["steps"],
+                seconds,
+                len(edits),
+            )
+            manifest.append({**_entry(item, files), "skipped": False, "seconds": round(seconds, 2)})
+        bar.update(len(chunk))
+    bar.close()
     return manifest

@@ -142,3 +142,35 @@ def test_bad_layouts_are_refused(tmp_path: Path) -> None:
         load_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_labels.nii.gz")
     with pytest.raises(LayoutError, match="bad_shape.nii.gz: grid .* differs from its reference CT"):
         load_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_shape.nii.gz")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_a_batch_equals_its_volumes_sampled_alone(sampler: str) -> None:
+    d = GaussianDiffusion()
+    torch.manual_seed(0)
+    weight = torch.randn(1, 3, 3, 3, 3) * 0.1
+
+    def model(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:  # a conv "network"
+        return torch.nn.functional.conv3d(torch.cat([x, layout], 1), weight, padding=1)
+
+    layouts = torch.randn(2, 2, 8, 8, 8)
+    refs = torch.rand(2, 1, 8, 8, 8)
+    keep = torch.zeros(2, 1, 8, 8, 8, dtype=torch.bool)
+    keep[..., :3] = True
+    steps = 30 if sampler == "ddpm" else 10
+    batch = sample(
+        model, d, layouts, sampler, steps, [torch.Generator().manual_seed(s) for s in (5, 6)], blend=Blend(refs, keep)
+    )
+    for b, s in enumerate((5, 6)):
+        alone = sample(
+            model,
+            d,
+            layouts[b : b + 1],
+            sampler,
+            steps,
+            torch.Generator().manual_seed(s),
+            blend=Blend(refs[b : b + 1], keep[b : b + 1]),
+        )
+        assert torch.allclose(batch[b : b + 1], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="1 generators for a batch of 2"):
+        sample(model, d, layouts, sampler, 2, [torch.Generator()])

@@ -192,7 +192,16 @@ def compare_samplers(
             lay = torch.from_numpy(layout_to_channels(layout))[None]
             for j in range(k):
                 t0 = time.perf_counter()
-                x = sample(model, diffusion, lay, name, steps, torch.Generator().manual_seed(seed + j), blend=blend)
+                x = sample(
+                    model,
+                    diffusion,
+                    lay,
+                    name,
+                    steps,
+                    torch.Generator().manual_seed(seed + j),
+                    blend=blend,
+                    clip_x0=sc["clip_x0"],
+                )
                 seconds.append(time.perf_counter() - t0)
                 hu = model_to_hu(x[0, 0].numpy(), window)
                 mse.append(region_mse(ct, hu, lung))

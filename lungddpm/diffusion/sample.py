@@ -13,6 +13,7 @@ untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +26,21 @@ from .process import GaussianDiffusion, Model
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
-def make_sampler(diffusion: GaussianDiffusion, name: str) -> Any:
-    """A fresh diffusers scheduler of kind ``name`` sharing the diffusion's schedule and prediction type."""
+def make_sampler(diffusion: GaussianDiffusion, name: str, clip_x0: bool = True) -> Any:
+    """A fresh diffusers scheduler of kind ``name`` sharing the diffusion's schedule and prediction type.
+
+    ``clip_x0`` clamps each step's x̂_0 to [-1, 1] (the data range), as Lung-DDPM's sampler does
+    (``clip_denoised``); for DPM-Solver++ this is diffusers' thresholding with a maximum of 1.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     config = diffusion.scheduler.config
     if name == "ddpm":
-        return DDPMScheduler.from_config(config)
+        return DDPMScheduler.from_config(config, clip_sample=clip_x0, clip_sample_range=1.0)
     if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(
+            config, clip_sample=clip_x0, clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing"
+        )
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(
             config,
@@ -42,6 +49,8 @@ def make_sampler(diffusion: GaussianDiffusion, name: str) -> Any:
             lower_order_final=True,
             final_sigmas_type="zero",
             timestep_spacing="trailing",  # "linspace" hits λ = -inf at T=250 with the cosine schedule
+            thresholding=clip_x0,
+            sample_max_value=1.0,
         )
     raise ValueError(f"sampler {name!r} unknown; choose one of {SAMPLERS}")
 
@@ -75,23 +84,33 @@ def sample(
     layout: torch.Tensor,
     sampler: str = "ddim",
     steps: int = 20,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     noise: torch.Tensor | None = None,
     blend: Blend | None = None,
     autocast_dtype: torch.dtype | None = None,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
     """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1]).
 
     Random numbers (initial noise, ancestral noise, the reference's forward noise) come from ``generator`` on the
-    CPU, so a seed gives the same volume on any device.
+    CPU — one per batch element when a sequence is given, so each volume of a batch equals the volume sampled
+    alone with its generator — and a seed gives the same volume on any device.
     """
     device = layout.device
-    scheduler = make_sampler(diffusion, sampler)
+    scheduler = make_sampler(diffusion, sampler, clip_x0)
     scheduler.set_timesteps(steps, device=device)
     shape = (layout.shape[0], 1, *layout.shape[2:])
-    if noise is None:
-        noise = torch.randn(shape, generator=generator)
-    x = noise.to(device) * scheduler.init_noise_sigma
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] * shape[0]
+    if len(generators) != shape[0]:
+        raise ValueError(f"sample: {len(generators)} generators for a batch of {shape[0]}")
+
+    def randn() -> torch.Tensor:
+        if isinstance(generator, Sequence):
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
+        return torch.randn(shape, generator=generator).to(device)
+
+    x = (randn() if noise is None else noise.to(device)) * scheduler.init_noise_sigma
+    step_generator = generators if isinstance(generator, Sequence) else generator
     timesteps = list(scheduler.timesteps)
     first_blend = round((blend.start_fraction if blend else 0.0) * len(timesteps))
     for i, t in enumerate(timesteps):
@@ -99,11 +118,11 @@ def sample(
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             out = model(scheduler.scale_model_input(x, t), tt, layout).float()
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, generator=step_generator).prev_sample
         if blend is not None and i >= first_blend:
             ref = blend.reference.to(device)
             if i + 1 < len(timesteps):  # the sample is now at the next timestep's noise level
-                ref_noise = torch.randn(shape, generator=generator).to(device)
+                ref_noise = randn()
                 prev_t = torch.full((shape[0],), int(timesteps[i + 1]), dtype=torch.long)
                 ref = diffusion.add_noise(ref, ref_noise, prev_t.to(device))
             x = torch.where(blend.keep.to(device), ref, x)
