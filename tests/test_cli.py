@@ -39,3 +39,40 @@ def test_demo_selection_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     files[0].write_text("{corrupt")  # a damaged cache is recomputed, not trusted
     assert lidc.select_demo_cases(2, 10.0, 3, 200) == first
     assert json.loads(files[0].read_text())["cases"] == first
+
+
+def test_benchmarks_print_numbers() -> None:
+    tiny = [
+        "--set",
+        "model.model_channels=8",
+        "--set",
+        "model.channel_mult=[1,2]",
+        "--set",
+        "model.norm_groups=4",
+        "--set",
+        "preprocess.size=[16,16,16]",
+    ]
+    proc = run_cli(*tiny, "bench", "train", "--model", "config", "--size", "16", "--steps", "1", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row["size"] == 16 and row["train_step_s"] > 0 and row["forward_s"] > 0 and row["peak_memory_mb"] > 0
+    proc = run_cli(
+        *tiny,
+        "bench",
+        "sample",
+        "--model",
+        "config",
+        "--size",
+        "16",
+        "--samplers",
+        "ddim:2",
+        "dpm++:3",
+        "--threads",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 2), ("dpm++", 3)]
+    assert all(r["seconds_per_volume"] > 0 for r in rows)
+    bad = run_cli(*tiny, "bench", "sample", "--samplers", "ddim")
+    assert bad.returncode == 2 and "expected NAME:STEPS" in bad.stderr

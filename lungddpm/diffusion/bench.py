@@ -18,6 +18,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _setup(
+    cfg: Config, precision: str, channels_last: bool, threads: int, image_size: int | None
+) -> tuple[torch.device, torch.dtype | None, UNet3D, torch.memory_format]:
+    """Threads, device, autocast dtype and a seeded network in the requested memory format."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision(precision, device)
+    torch.manual_seed(0)
+    model = UNet3D(unet_config_from_dict(cfg.model, image_size=image_size or max(cfg.preprocess.size))).to(device)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return device, dtype, model.to(memory_format=fmt), fmt
+
+
 def bench_train(
     cfg: Config,
     size: int,
@@ -34,13 +47,7 @@ def bench_train(
     ``image_size`` places the attention levels (default: the config's grid); Lung-DDPM's network is built for
     128, so at any input size it attends at 1/8 of the input's edge.
     """
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_precision(precision, device)
-    torch.manual_seed(0)
-    model = UNet3D(unet_config_from_dict(cfg.model, image_size=image_size or max(cfg.preprocess.size))).to(device)
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    device, dtype, model, fmt = _setup(cfg, precision, channels_last, threads, image_size)
     net = torch.compile(model) if compiled else model
     diffusion = GaussianDiffusion(DiffusionConfig(**cfg.diffusion))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -109,13 +116,8 @@ def bench_sample(
     """Seconds per volume and peak memory for each (sampler, steps) with anatomically-aware blending on."""
     from .sample import Blend, sample
 
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_precision(precision, device)
-    torch.manual_seed(0)
-    model = UNet3D(unet_config_from_dict(cfg.model, image_size=image_size or max(cfg.preprocess.size))).to(device)
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).eval()
+    device, dtype, model, fmt = _setup(cfg, precision, channels_last, threads, image_size)
+    model = model.eval()
     diffusion = GaussianDiffusion(DiffusionConfig(**cfg.diffusion))
     layout = (torch.rand(1, 2, size, size, size, device=device).round() * 2 - 1).contiguous(memory_format=fmt)
     keep = torch.zeros(1, 1, size, size, size, dtype=torch.bool)

@@ -435,6 +435,9 @@ def train(
         )
     preview_src = preview_data if preview_data is not None and preview_data.case_ids else data
 
+    def show(path: Path) -> None:
+        preview(ema.model, diffusion, preview_src.layouts[0], preview_src.images[0], cfg, path, device, dtype)
+
     from tqdm import tqdm
 
     bar = tqdm(
@@ -494,16 +497,7 @@ def train(
             _barrier(dist)
         if dist.is_main and tc.preview_every and step % tc.preview_every == 0:
             t_preview = time.perf_counter()
-            preview(
-                ema.model,
-                diffusion,
-                preview_src.layouts[0],
-                preview_src.images[0],
-                cfg,
-                state_dir / "previews" / f"step_{step:07d}.png",
-                device,
-                dtype,
-            )
+            show(state_dir / "previews" / f"step_{step:07d}.png")
             t_window += time.perf_counter() - t_preview  # preview time is not step time
         if step == stop_after:
             bar.close()
@@ -515,16 +509,7 @@ def train(
         _write_log(state_dir / "train_log.csv", log_rows)
         shutil.copyfile(state_dir / "train_log.csv", out_dir / "train_log.csv.tmp")
         os.replace(out_dir / "train_log.csv.tmp", out_dir / "train_log.csv")
-        preview(
-            ema.model,
-            diffusion,
-            preview_src.layouts[0],
-            preview_src.images[0],
-            cfg,
-            out_dir / "preview.png",
-            device,
-            dtype,
-        )
+        show(out_dir / "preview.png")
         final = {
             "ema": ema.model.state_dict(),
             "model": _unwrap(model).state_dict(),
