@@ -64,6 +64,21 @@ def write_case_split(cfg: Config, path: Path) -> dict[str, str]:
     return split
 
 
+def case_ct(results: Path, case: str) -> Path:
+    """``results/preprocessed/<case>/ct.nii.gz``."""
+    return Path(results) / "preprocessed" / case / "ct.nii.gz"
+
+
+def case_layout(results: Path, case: str) -> Path:
+    """``results/layouts/<case>.nii.gz``."""
+    return Path(results) / "layouts" / f"{case}.nii.gz"
+
+
+def model_checkpoint(cfg: Config, results: Path) -> Path:
+    """``sample.checkpoint``, or the trained model ``results/models/<train.name>/checkpoint.pt``."""
+    return Path(cfg.raw["sample"]["checkpoint"] or Path(results) / "models" / cfg.train.name / "checkpoint.pt")
+
+
 def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:
     """Scans whose nodules form the insertion bank: the database by patient id, without the test patients
     (their nodules must not reach training data), at most ``layout_edit.bank_max_scans``."""

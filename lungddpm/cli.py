@@ -93,7 +93,7 @@ def cmd_demo_qc(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .cases import case_split, list_cases
+    from .cases import case_ct, case_layout, case_split, list_cases
     from .diffusion.train import launch, make_job
 
     cfg = _config(args)
@@ -102,10 +102,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     subset = {s: sorted(c for c, v in split.items() if v == s) for s in ("train", "val")}
     job = make_job(
         cfg,
-        [res / "preprocessed" / c / "ct.nii.gz" for c in subset["train"]],
-        [res / "layouts" / f"{c}.nii.gz" for c in subset["train"]],
-        [res / "preprocessed" / c / "ct.nii.gz" for c in subset["val"]],
-        [res / "layouts" / f"{c}.nii.gz" for c in subset["val"]],
+        [case_ct(res, c) for c in subset["train"]],
+        [case_layout(res, c) for c in subset["train"]],
+        [case_ct(res, c) for c in subset["val"]],
+        [case_layout(res, c) for c in subset["val"]],
         res / "models" / cfg.train.name,
         Path(args.state) / "models" / cfg.train.name,
         args.threads,
@@ -131,7 +131,7 @@ def cmd_nodule_bank(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .cases import case_split, list_cases, run_cases
+    from .cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
     from .io import write_json
     from .plan import plan, shard
     from .synthesize import synthesize_shard
@@ -141,15 +141,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
     cases = run_cases(case_split(cfg, list_cases(cfg)), args.run)
     items = shard(plan(args.run, cases, sc["samples_per_layout"], sc["seed"]), args.shards, args.shard)
     res = Path(args.results)
-    checkpoint = Path(sc["checkpoint"] or res / "models" / cfg.train.name / "checkpoint.pt")
     out = res / "synthetic" / args.run
     manifest = synthesize_shard(
         args.run,
         items,
         cfg,
-        checkpoint,
-        {c: res / "preprocessed" / c / "ct.nii.gz" for c in cases},
-        {c: res / "layouts" / f"{c}.nii.gz" for c in cases},
+        model_checkpoint(cfg, res),
+        {c: case_ct(res, c) for c in cases},
+        {c: case_layout(res, c) for c in cases},
         out,
         Path(args.bank),
         args.threads,
@@ -169,14 +168,14 @@ def _specs(items: Sequence[str]) -> list[tuple[str, int]]:
 
 
 def _bench_quality(args: argparse.Namespace, cfg: Any) -> None:
-    from .cases import case_split, list_cases, run_cases
+    from .cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
     from .diffusion.bench import compare_samplers
     from .io import write_json
 
     res = Path(args.results)
     cases = run_cases(case_split(cfg, list_cases(cfg)), "eval")
-    pairs = [(res / "preprocessed" / c / "ct.nii.gz", res / "layouts" / f"{c}.nii.gz") for c in cases]
-    checkpoint = Path(cfg.raw["sample"]["checkpoint"] or res / "models" / cfg.train.name / "checkpoint.pt")
+    pairs = [(case_ct(res, c), case_layout(res, c)) for c in cases]
+    checkpoint = model_checkpoint(cfg, res)
     rows = compare_samplers(cfg, checkpoint, pairs, _specs(args.samplers), args.k, args.threads)
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -212,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 print(json.dumps(row), flush=True)
         return
     for precision in args.precision:
-        for compiled in sorted({args.compile, False} if args.compile else {False}):
+        for compiled in [False, True] if args.compile else [False]:
             result = bench_train(
                 cfg,
                 args.size,

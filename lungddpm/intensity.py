@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import LayoutError
-from .layout import LUNG, NODULE
+from .layout import LUNG, NODULE, check_labels
 
 
 def hu_to_model(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -23,11 +22,7 @@ def model_to_hu(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def layout_to_channels(layout: np.ndarray, name: str = "layout") -> np.ndarray:
     """layout [D, H, W] labels 0/1/2 -> float32 [2, D, H, W]: lung (label 1) and nodule (label 2) in {-1, 1}."""
-    found = set(np.unique(layout).tolist())
-    if not found <= {0, LUNG, NODULE}:
-        raise LayoutError(
-            f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; rerun the layout stage"
-        )
+    check_labels(layout, name)
     return np.stack([layout == LUNG, layout == NODULE]).astype(np.float32) * 2.0 - 1.0
 
 

@@ -18,6 +18,33 @@ BACKGROUND, LUNG, NODULE = 0, 1, 2
 LABELS = (BACKGROUND, LUNG, NODULE)
 
 
+def check_labels(layout: np.ndarray, name: str) -> None:
+    """Raise :class:`LayoutError` unless ``layout`` holds only the labels 0/1/2."""
+    found = set(np.unique(layout).tolist())
+    if not found <= set(LABELS):
+        raise LayoutError(
+            f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; rerun the layout stage"
+        )
+
+
+def read_case_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """A preprocessed CT (HU) and its layout -> (ct, uint8 layout, geometry); refuses labels other than 0/1/2 or
+    a layout grid different from the CT's."""
+    ct, geometry = read_volume(ct_path)
+    layout, lay_geometry = read_volume(layout_path)
+    if (
+        layout.shape != ct.shape
+        or not np.allclose(lay_geometry.origin, geometry.origin, atol=1e-3)
+        or not np.allclose(lay_geometry.spacing, geometry.spacing, atol=1e-4)
+    ):
+        raise LayoutError(
+            f"{layout_path}: grid {layout.shape} at {lay_geometry.spacing} mm differs from its reference CT "
+            f"{ct_path} {ct.shape} at {geometry.spacing} mm; rerun the layout stage for this case"
+        )
+    check_labels(layout, str(layout_path))
+    return ct, layout.astype(np.uint8), geometry
+
+
 def compose_layout(lung: np.ndarray, nodules: np.ndarray) -> np.ndarray:
     """lung: bool [Z, Y, X]; nodules: instance labels [Z, Y, X] (0 = none) -> uint8 layout.
 
@@ -37,11 +64,7 @@ def check_layout(
     """Raise :class:`LayoutError` unless ``layout`` has only labels 0/1/2, a plausible lung volume and two lungs:
     each side of the patient's midline (LPS x in mm; default the centre of the lungs' bounding box) holds at
     least ``min_side_fraction`` of the lung volume. Returns stats."""
-    found = set(np.unique(layout).tolist())
-    if not found <= set(LABELS):
-        raise LayoutError(
-            f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; re-run the layout stage"
-        )
+    check_labels(layout, name)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000
     lung = layout > 0
     lung_ml = float(lung.sum()) * voxel_ml

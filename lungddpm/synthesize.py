@@ -27,8 +27,8 @@ from .diffusion.sample import Blend, keep_mask, sample
 from .diffusion.train import load_model, resolve_precision
 from .errors import LayoutError
 from .intensity import hu_to_model, layout_to_channels, model_to_hu
-from .io import atomic_path, read_json, read_volume, write_json, write_volume
-from .layout import LABELS
+from .io import atomic_path, read_json, write_json, write_volume
+from .layout import read_case_pair
 from .plan import Item
 
 log = logging.getLogger(__name__)
@@ -51,27 +51,6 @@ def item_files(out_dir: Path, item: Item) -> dict[str, Path]:
         "montage": base.with_name(f"{item.name}_montage.png"),
         "provenance": base.with_name(f"{item.name}.json"),
     }
-
-
-def load_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Reference CT (HU) and layout; refuses labels other than 0/1/2 or a grid different from the CT's."""
-    ct, geometry = read_volume(ct_path)
-    layout, lay_geometry = read_volume(layout_path)
-    if (
-        layout.shape != ct.shape
-        or not np.allclose(lay_geometry.origin, geometry.origin, atol=1e-3)
-        or not np.allclose(lay_geometry.spacing, geometry.spacing, atol=1e-4)
-    ):
-        raise LayoutError(
-            f"{layout_path}: grid {layout.shape} at {lay_geometry.spacing} mm differs from its reference CT "
-            f"{ct_path} {ct.shape} at {geometry.spacing} mm; rerun the layout stage for this case"
-        )
-    found = set(np.unique(layout).tolist())
-    if not found <= set(LABELS):
-        raise LayoutError(
-            f"{layout_path}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; rerun the layout stage"
-        )
-    return ct, layout.astype(np.uint8), geometry
 
 
 def gif_sweep(path: Path, volume_hu: np.ndarray, window: tuple[float, float] = (-1350.0, 150.0)) -> None:
@@ -171,7 +150,7 @@ def synthesize_shard(
         t0 = time.perf_counter()
         prepared = []
         for item, _ in chunk:
-            ct, layout, geometry = load_pair(ct_paths[item.case_id], layout_paths[item.case_id])
+            ct, layout, geometry = read_case_pair(ct_paths[item.case_id], layout_paths[item.case_id])
             edits: list[dict[str, Any]] = []
             if run == "augment":
                 rng = np.random.default_rng(item.seed)

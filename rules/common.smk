@@ -1,5 +1,5 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
-from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, run_cases
+from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
 from lungddpm.plan import item_to_dict, plan, shard
 from lungddpm.config import validate_config, config_from_mapping
 
@@ -11,7 +11,7 @@ DICOM_ROOT = str(dicom_root(CFG))
 IS_DEMO = CFG.data.source == "demo"
 BANK_CASES = bank_cases(CFG, SPLIT)
 MODEL = config["train"]["name"]
-CHECKPOINT = config["sample"]["checkpoint"] or f"results/models/{MODEL}/checkpoint.pt"
+CHECKPOINT = str(model_checkpoint(CFG, "results"))
 N_SHARDS = config["sample"]["shards"]
 
 

@@ -15,9 +15,10 @@ from lungddpm.diffusion.sample import Blend, keep_mask, sample
 from lungddpm.diffusion.train import train
 from lungddpm.errors import LayoutError
 from lungddpm.io import Geometry, read_volume, write_volume
+from lungddpm.layout import read_case_pair
 from lungddpm.layout_edit import NoduleBank, save_bank
 from lungddpm.plan import plan, shard
-from lungddpm.synthesize import load_pair, synthesize_shard
+from lungddpm.synthesize import synthesize_shard
 
 
 def test_keep_mask_is_eroded_background() -> None:
@@ -139,9 +140,9 @@ def test_bad_layouts_are_refused(tmp_path: Path) -> None:
     write_volume(tmp_path / "bad_labels.nii.gz", np.full((8, 8, 8), 3, np.uint8), geom)
     write_volume(tmp_path / "bad_shape.nii.gz", np.zeros((8, 8, 4), np.uint8), geom)
     with pytest.raises(LayoutError, match=r"bad_labels.nii.gz: labels \[3\] found"):
-        load_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_labels.nii.gz")
+        read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_labels.nii.gz")
     with pytest.raises(LayoutError, match="bad_shape.nii.gz: grid .* differs from its reference CT"):
-        load_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_shape.nii.gz")
+        read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_shape.nii.gz")
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])

@@ -168,8 +168,8 @@ def compare_samplers(
     import numpy as np
 
     from ..intensity import hu_to_model, layout_to_channels, model_to_hu
+    from ..layout import read_case_pair
     from ..metrics.voxel import bootstrap_ci, hu_histogram_distance, region_mse
-    from ..synthesize import load_pair
     from .sample import Blend, keep_mask, sample
     from .train import load_model
 
@@ -182,7 +182,7 @@ def compare_samplers(
     for name, steps in specs:
         mse, hist, seconds = [], [], []
         for ct_path, layout_path in pairs:
-            ct, layout, geometry = load_pair(ct_path, layout_path)
+            ct, layout, geometry = read_case_pair(ct_path, layout_path)
             margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
             keep = keep_mask(layout, margin)
             lung = layout > 0

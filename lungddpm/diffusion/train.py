@@ -34,7 +34,8 @@ from .. import __version__
 from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
 from ..intensity import hu_to_model, layout_to_channels, model_to_hu
-from ..io import atomic_path, read_volume
+from ..io import atomic_path
+from ..layout import read_case_pair
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, UNetConfig, count_parameters, unet_config_from_dict
 
@@ -67,10 +68,7 @@ def load_training_data(
     images, layouts, ids = [], [], []
     shape = None
     for ct_path, layout_path in zip(ct_paths, layout_paths, strict=True):
-        hu, geom = read_volume(ct_path)
-        lay, lay_geom = read_volume(layout_path)
-        if hu.shape != lay.shape or not np.allclose(geom.origin, lay_geom.origin, atol=1e-3):
-            raise LungDDPMError(f"{layout_path}: grid {lay.shape} differs from {ct_path} {hu.shape}; rerun layout")
+        hu, lay, _ = read_case_pair(ct_path, layout_path)
         if shape is None:
             shape = hu.shape
             if any(s % multiple for s in shape):
@@ -277,11 +275,6 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
 def build_model(cfg: Config, seed: int) -> UNet3D:
     torch.manual_seed(seed)
     return UNet3D(unet_config_from_dict(cfg.model, image_size=max(cfg.preprocess.size)))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -513,9 +506,9 @@ def train(
         show(out_dir / "preview.png")
         final = {
             "ema": ema.model.state_dict(),
-            "model": _unwrap(model).state_dict(),
+            "model": model.state_dict(),
             "step": step,
-            "unet": asdict(_unwrap(model).cfg),
+            "unet": asdict(model.cfg),
             "diffusion": dict(cfg.diffusion),
             "hu_window": list(cfg.intensity.hu_window),
             "size": list(cfg.preprocess.size),
@@ -540,7 +533,7 @@ def _state(
     device: torch.device,
 ) -> dict[str, Any]:
     return {
-        "model": _unwrap(model).state_dict(),
+        "model": model.state_dict(),
         "ema": ema.model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
