@@ -19,7 +19,11 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/train.smk"
+include: "rules/import.smk"
 include: "rules/sample.smk"
+include: "rules/metrics.smk"
+include: "rules/report.smk"
+include: "rules/segment.smk"
 
 
 rule all:

@@ -8,6 +8,7 @@ from pathlib import Path
 from .config import Config
 from .data import lidc
 from .errors import DicomError
+from .io import safe_component
 from .split import split_cases, write_splits
 
 DEMO_ROOT = Path("resources/demo")
@@ -66,17 +67,18 @@ def write_case_split(cfg: Config, path: Path) -> dict[str, str]:
 
 def case_ct(results: Path, case: str) -> Path:
     """``results/preprocessed/<case>/ct.nii.gz``."""
-    return Path(results) / "preprocessed" / case / "ct.nii.gz"
+    return Path(results) / "preprocessed" / safe_component(case, "case id") / "ct.nii.gz"
 
 
 def case_layout(results: Path, case: str) -> Path:
     """``results/layouts/<case>.nii.gz``."""
-    return Path(results) / "layouts" / f"{case}.nii.gz"
+    return Path(results) / "layouts" / f"{safe_component(case, 'case id')}.nii.gz"
 
 
 def model_checkpoint(cfg: Config, results: Path) -> Path:
     """``sample.checkpoint``, or the trained model ``results/models/<train.name>/checkpoint.pt``."""
-    return Path(cfg.raw["sample"]["checkpoint"] or Path(results) / "models" / cfg.train.name / "checkpoint.pt")
+    name = safe_component(cfg.train.name, "train.name")
+    return Path(cfg.raw["sample"]["checkpoint"] or Path(results) / "models" / name / "checkpoint.pt")
 
 
 def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:

@@ -94,7 +94,7 @@ def cmd_demo_qc(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .cases import case_ct, case_layout, case_split, list_cases
-    from .diffusion.train import launch, make_job
+    from .diffusion.train import job_gpus, launch, make_job, train_processes
 
     cfg = _config(args)
     split = case_split(cfg, list_cases(cfg))
@@ -110,13 +110,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         Path(args.state) / "models" / cfg.train.name,
         args.threads,
     )
-    launch(job, cfg.train.processes)
+    launch(job, train_processes(cfg.train.processes, job_gpus(cfg.train.gpus)))
 
 
 def cmd_train_job(args: argparse.Namespace) -> None:
     from .diffusion.train import run_job
 
     run_job(json.loads(Path(args.job).read_text()))
+
+
+def cmd_import_lungddpm(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .diffusion.convert import import_from_config
+
+    summary = import_from_config(_config(args), Path(args.checkpoint), Path(args.out))
+    print(json.dumps({**asdict(summary), "out": args.out}, indent=2))
 
 
 def cmd_nodule_bank(args: argparse.Namespace) -> None:
@@ -133,13 +142,13 @@ def cmd_nodule_bank(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from .cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
     from .io import write_json
-    from .plan import plan, shard
+    from .plan import plan, samples_per_layout, shard
     from .synthesize import synthesize_shard
 
     cfg = _config(args)
     sc = cfg.raw["sample"]
     cases = run_cases(case_split(cfg, list_cases(cfg)), args.run)
-    items = shard(plan(args.run, cases, sc["samples_per_layout"], sc["seed"]), args.shards, args.shard)
+    items = shard(plan(args.run, cases, samples_per_layout(sc, args.run), sc["seed"]), args.shards, args.shard)
     res = Path(args.results)
     out = res / "synthetic" / args.run
     manifest = synthesize_shard(
@@ -154,6 +163,28 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.threads,
     )
     write_json(out / f"shard_{args.shard}.json", {"run": args.run, "items": manifest})
+
+
+def cmd_metrics(args: argparse.Namespace) -> None:
+    """Image-quality metrics of any two folders of NIfTI volumes (settings from the config's metrics section)."""
+    import torch
+
+    from .metrics.image_quality import default_cache_dir, folder_sets, image_quality
+
+    cfg = _config(args)
+    torch.set_num_threads(args.threads)
+    settings = cfg.raw["metrics"]
+    pairs, reference, floor = folder_sets(
+        Path(args.real), Path(args.synthetic), Path(args.real_labels) if args.real_labels else None, settings["seed"]
+    )
+    out = Path(args.out)
+    rows = image_quality(
+        pairs, reference, floor, settings, cfg.intensity.hu_window, out / "image_quality.csv", out / "per_case.csv",
+        Path(args.cache) if args.cache else default_cache_dir(), args.threads,
+    )  # fmt: skip
+    for r in rows:
+        print(f"{r['metric']:>12} {r['region']:>6} {r['comparison']:<28} {r['value']:.4g} "
+              f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] N={r['n_a']} vs {r['n_b']}")  # fmt: skip
 
 
 def _specs(items: Sequence[str]) -> list[tuple[str, int]]:
@@ -226,6 +257,47 @@ def cmd_bench(args: argparse.Namespace) -> None:
             print(json.dumps(result), flush=True)
 
 
+def cmd_segment(args: argparse.Namespace) -> None:
+    from .cases import case_ct, case_layout, case_split, list_cases
+    from .segmentation import arms as A
+    from .segmentation.evaluate import compare_arms, score_arm
+    from .segmentation.nnunet import prepare_arm, train_arm
+
+    cfg = _config(args)
+    seg = A.segmentation_config(cfg.raw)
+    split = case_split(cfg, list_cases(cfg))
+    train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))
+    res, state = Path(args.results), Path(args.state)
+    augment = [res / "synthetic" / "augment" / f"shard_{i}.json" for i in range(cfg.raw["sample"]["shards"])]
+    A.check_arms(seg, len(train), len(A.augment_items(augment)) if seg.needs_synthetic else 0, len(test))
+    names = [seg.arm(a).name for a in args.arm] if args.arm else seg.arm_names
+    seeds = args.seed if args.seed is not None else seg.seeds
+    folds = args.fold or seg.folds
+    steps = ["prepare", "train", "score", "compare"] if args.what == "all" else [args.what]
+    for arm in names:
+        for seed in seeds:
+            if "prepare" in steps:
+                real = {c: (case_ct(res, c), case_layout(res, c)) for c in train}
+                prepare_arm(
+                    seg.arm(arm), seed, real, augment, test, A.state_dir(state, arm, seed),
+                    A.prepared_manifest(res, arm, seed), seg, args.threads,
+                )  # fmt: skip
+            for fold in folds if "train" in steps else ():
+                train_arm(
+                    A.prepared_manifest(res, arm, seed), fold, {c: case_ct(res, c) for c in test},
+                    {c: A.prediction(res, arm, seed, fold, c) for c in test}, A.run_manifest(res, arm, seed, fold),
+                    seg, args.threads,
+                )  # fmt: skip
+        if "score" in steps:
+            runs = [A.run_manifest(res, arm, s, f) for s in seeds for f in folds]
+            nodules = {c: res / "preprocessed" / c / "nodules.nii.gz" for c in test}
+            score_arm(arm, runs, nodules, A.scores_table(res, arm), seg.evaluation)
+    if "compare" in steps:
+        scores = {arm: A.scores_table(res, arm) for arm in seg.arm_names}
+        out = res / "segmentation"
+        compare_arms(scores, seg.baseline, out / "comparison.csv", out / "comparison.png", seg.evaluation)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungddpm", description=__doc__)
     parser.add_argument("--configfile", default="config/config.yaml", help="workflow config (YAML)")
@@ -268,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-job", help="(internal) one rank of a training job written by `train`")
     p.add_argument("job")
     p.set_defaults(func=cmd_train_job)
+    p = sub.add_parser(
+        "import-lungddpm",
+        help="convert a released Lung-DDPM checkpoint into a lungddpm model checkpoint (model.num_heads, "
+        "model.norm_groups and init_convention.* from the config)",
+    )
+    p.add_argument("checkpoint", help="e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt (loaded with weights_only=True)")
+    p.add_argument(
+        "--out", required=True, help="the lungddpm checkpoint to write, e.g. results/models/lung-ddpm/checkpoint.pt"
+    )
+    p.set_defaults(func=cmd_import_lungddpm)
     p = sub.add_parser("nodule-bank", help="build the nodule bank for layout editing")
     p.add_argument("--out", default="resources/nodule_bank.npz")
     p.set_defaults(func=cmd_nodule_bank)
@@ -279,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default="resources/nodule_bank.npz")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser(
+        "metrics",
+        help="image quality of two folders of NIfTI volumes: synthetic <case>_<k> paired with real <case>; the real "
+        "volumes are split into a reference half and a real-vs-real floor half",
+    )
+    p.add_argument("--real", required=True, help="folder of real volumes (*.nii.gz)")
+    p.add_argument("--synthetic", required=True, help="folder of synthetic volumes (with <name>_layout.nii.gz)")
+    p.add_argument("--real-labels", default=None, help="folder of layouts <case>.nii.gz of the real volumes")
+    p.add_argument("--out", required=True, help="folder for image_quality.csv and per_case.csv")
+    p.add_argument("--cache", default=None, help="feature cache (default $LUNGDDPM_CACHE/features)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("bench", help="benchmarks: train step time, sampling time per volume, sampler quality")
     p.add_argument(
         "what",
@@ -298,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "segment", help="downstream nnU-Net v2: prepare/train each arm, score it on the test split, compare the arms"
+    )
+    p.add_argument("what", choices=["prepare", "train", "score", "compare", "all"])
+    p.add_argument("--arm", action="append", help="only this arm (repeatable); default every configured arm")
+    p.add_argument("--seed", type=int, action="append", help="only this seed (repeatable)")
+    p.add_argument("--fold", action="append", help="only this fold, 0-4 or all (repeatable)")
+    p.add_argument("--results", default="results")
+    p.add_argument("--state", default="state", help="root of nnU-Net's folders (state/segmentation/<arm>/seed<s>)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_segment)
     return parser
 
 

@@ -90,6 +90,12 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     split = config.get("split", {})
     if not problems and abs(sum(split[k] for k in ("train", "val", "test")) - 1.0) > 1e-6:
         problems.append("split: train + val + test must sum to 1")
+    train = config.get("train", {})
+    if not problems and 0 < train["gpus"] < train["processes"]:
+        problems.append(
+            f"train.processes: {train['processes']} processes for {train['gpus']} GPU(s); DDP runs one process per "
+            "GPU: set train.gpus >= train.processes (or train.gpus: 0 to train on CPUs)"
+        )
     if problems:
         raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml):\n  " + "\n  ".join(problems))
     return config

@@ -1,4 +1,8 @@
-"""The one place that maps HU to the model's [-1, 1] range and layouts to network channels (DESIGN §2)."""
+"""The one place that maps HU to the model's [-1, 1] range and layouts to network channels (DESIGN §2).
+
+This is lungddpm's own convention; :mod:`lungddpm.convention` wraps it beside the released Lung-DDPM model's, and
+a checkpoint names which of the two its network expects.
+"""
 
 from __future__ import annotations
 

@@ -9,8 +9,11 @@ On disk, SimpleITK converts this to a NIfTI RAS affine, so any NIfTI reader sees
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import DicomError, LungDDPMError
+from .faults import kill_point
 
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -58,9 +62,50 @@ class VolumeReadError(LungDDPMError):
     """A NIfTI file that cannot be read."""
 
 
+class DiskFullError(LungDDPMError):
+    """A write that ran out of space (ENOSPC / EDQUOT); the previous file is left as it was."""
+
+
+class UnsafePathError(LungDDPMError):
+    """A case id, run or model name that would put a file outside its folder."""
+
+
+_UNSAFE = re.compile(r"[/\\\x00]")
+
+
+def safe_component(name: str, what: str) -> str:
+    """``name`` if it is one plain path component (no separator, not ``.``/``..``, no leading dot); else raise
+    :class:`UnsafePathError`, so that ids from config, command line or DICOM cannot escape the results tree."""
+    if not isinstance(name, str) or not name or name.startswith(".") or _UNSAFE.search(name):
+        raise UnsafePathError(
+            f"{what} {name!r}: not a plain file name (path separators, '..' and leading dots are refused so that "
+            "no output lands outside results/); fix the id in the config or on the command line"
+        )
+    return name
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and "No space left on device" in str(exc)  # SimpleITK's report
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporaries of ``path`` left by a killed :func:`atomic_path` write; returns what was removed."""
+    target = Path(path)
+    stale = sorted(target.parent.glob(f".{glob.escape(target.name)}.*.tmp*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` only on success.
+
+    A failed or interrupted write leaves ``path`` as it was (a kill -9 may leave a hidden ``.<name>.*.tmp*``
+    file, which :func:`remove_stale_temps` clears); running out of space raises :class:`DiskFullError`.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
@@ -68,7 +113,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as exc:
+            if _disk_full(exc):
+                raise DiskFullError(
+                    f"{target}: no space left on device while writing it ({exc}); the previous version of the "
+                    f"file, if any, is untouched — free space on {target.parent} (df -h) and rerun"
+                ) from exc
+            raise
+        kill_point("rename")
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -160,7 +214,7 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
             f"{patient_dir}: patient folder not found; put the TCIA LIDC-IDRI download under data.dicom_root "
             "(<root>/<patient id>/...) or remove the patient from data.cases"
         )
-    fast = [d for d in patient_dir.rglob(series_uid) if d.is_dir()]
+    fast = [d for d in patient_dir.rglob(glob.escape(safe_component(series_uid, "SeriesInstanceUID"))) if d.is_dir()]
     if fast:
         return fast[0]
     for folder in sorted({p.parent for p in patient_dir.rglob("*.dcm")}):

@@ -27,6 +27,13 @@ def item_seed(base: int, run: str, case_id: str, k: int) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
+def samples_per_layout(sample: dict[str, Any], run: str) -> int:
+    """k of a run from the ``sample`` config section: ``eval_samples_per_layout`` for eval when set."""
+    if run == "eval" and sample.get("eval_samples_per_layout") is not None:
+        return int(sample["eval_samples_per_layout"])
+    return int(sample["samples_per_layout"])
+
+
 def plan(run: str, cases: Sequence[str], samples_per_layout: int, seed: int) -> list[Item]:
     """All items of a run, sorted by case then k."""
     if run not in RUNS:

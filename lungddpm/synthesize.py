@@ -22,12 +22,12 @@ import torch
 
 from . import __version__
 from .config import Config
+from .convention import convention_from_checkpoint
 from .diffusion.process import DiffusionConfig, GaussianDiffusion
 from .diffusion.sample import Blend, keep_mask, sample
 from .diffusion.train import load_model, resolve_precision
 from .errors import LayoutError
-from .intensity import hu_to_model, layout_to_channels, model_to_hu
-from .io import atomic_path, read_json, write_json, write_volume
+from .io import atomic_path, read_json, remove_stale_temps, safe_component, write_json, write_volume
 from .layout import read_case_pair
 from .plan import Item
 
@@ -43,7 +43,8 @@ def sha256(path: Path) -> str:
 
 
 def item_files(out_dir: Path, item: Item) -> dict[str, Path]:
-    base = out_dir / item.name
+    """The files of one item in ``out_dir``; an item name that is not a plain file name is refused."""
+    base = out_dir / safe_component(item.name, "synthetic item")
     return {
         "image": base.with_name(f"{item.name}.nii.gz"),
         "layout": base.with_name(f"{item.name}_layout.nii.gz"),
@@ -123,7 +124,7 @@ def synthesize_shard(
     model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
     model = model.to(device)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
-    window = tuple(ckpt["hu_window"])
+    convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
     ckpt_sha = sha256(checkpoint)
     settings = _settings(cfg, run, ckpt_sha)
     edit = cfg.raw["layout_edit"]
@@ -142,6 +143,9 @@ def synthesize_shard(
             log.info("%s: complete, skipped", item.name)
             manifest.append({**_entry(item, files), "skipped": True})
         else:
+            for path in files.values():  # a killed earlier run may have left hidden temporaries: never reused
+                for stale in remove_stale_temps(path):
+                    log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
             pending.append((item, files))
     batch_size = int(sc["batch_size"])
     bar = tqdm(total=len(pending), desc=f"sample {run}", unit="volume", mininterval=5.0)
@@ -164,18 +168,18 @@ def synthesize_shard(
                     edits += inserted
             margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
             keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
-            prepared.append((ct, layout, geometry, edits, keep))
-        shapes = {p[0].shape for p in prepared}
+            prepared.append((ct, layout, geometry, edits, keep, convention.to_model(ct, layout, keep)))
+        shapes = {p[5].image.shape[1:] for p in prepared}
         if len(shapes) > 1:
             raise LayoutError(f"cases of one batch have different grids {sorted(shapes)}; set sample.batch_size: 1")
         blend = None
         if sc["blend"]:
             blend = Blend(
-                torch.from_numpy(np.stack([hu_to_model(p[0], window)[None] for p in prepared])),
-                torch.from_numpy(np.stack([p[4][None] for p in prepared])),
+                torch.from_numpy(np.stack([p[5].image for p in prepared])),
+                torch.from_numpy(np.stack([p[5].keep for p in prepared])),
                 sc["blend_start_fraction"],
             )
-        layout_t = torch.from_numpy(np.stack([layout_to_channels(p[1]) for p in prepared])).to(device)
+        layout_t = torch.from_numpy(np.stack([p[5].layout for p in prepared])).to(device)
         generators = [torch.Generator().manual_seed(item.seed) for item, _ in chunk]
         x = sample(
             model,
@@ -189,8 +193,8 @@ def synthesize_shard(
             clip_x0=sc["clip_x0"],
         )
         seconds = (time.perf_counter() - t0) / len(chunk)
-        for b, ((item, files), (ct, layout, geometry, edits, keep)) in enumerate(zip(chunk, prepared)):
-            hu = model_to_hu(x[b, 0].float().cpu().numpy(), window)
+        for b, ((item, files), (ct, layout, geometry, edits, keep, inp)) in enumerate(zip(chunk, prepared)):
+            hu = convention.to_hu(x[b, 0].float().cpu().numpy(), inp)  # HU on the case's grid
             hu = np.where(keep, ct, np.round(hu)).astype(np.int16)  # the reference's exact HU where it was kept
             write_volume(files["image"], hu, geometry)
             write_volume(files["layout"], layout, geometry)
@@ -217,7 +221,7 @@ def synthesize_shard(
                     "edits": edits,
                     "keep_voxels": int(keep.sum()),
                     "geometry": geometry.to_json(),
-                    "hu_window": list(window),
+                    **inp.record,  # the intensity mapping: hu_window, or Lung-DDPM's per-column min/max
                     "device": str(device),
                     "batch_size": len(chunk),
                     "seconds": round(seconds, 2),

@@ -1,6 +1,6 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
-from lungddpm.plan import item_to_dict, plan, shard
+from lungddpm.plan import item_to_dict, plan, samples_per_layout, shard
 from lungddpm.config import validate_config, config_from_mapping
 
 validate_config(config, source="snakemake config")
@@ -19,8 +19,11 @@ def final_targets():
     targets = expand("results/layouts/{case}.nii.gz", case=CASES) + ["results/splits.csv"]
     targets.append(f"results/models/{MODEL}/checkpoint.pt")
     targets += expand("results/synthetic/{run}/shard_{shard}.json", run=("eval", "augment"), shard=range(N_SHARDS))
+    targets += ["results/metrics/eval/image_quality.csv", "results/report/summary.md"]
     if IS_DEMO:
         targets.append("results/qc/demo_segmentation.csv")
+    if config["segmentation"]["enabled"]:
+        targets += ["results/segmentation/comparison.csv", "results/segmentation/comparison.png"]
     return targets
 
 
@@ -42,7 +45,7 @@ def series_input(wildcards):
 
 
 def run_items(run):
-    return plan(run, run_cases(SPLIT, run), config["sample"]["samples_per_layout"], config["sample"]["seed"])
+    return plan(run, run_cases(SPLIT, run), samples_per_layout(config["sample"], run), config["sample"]["seed"])
 
 
 def shard_items(wildcards):
@@ -59,4 +62,27 @@ def sample_inputs(wildcards):
     }
     if wildcards.run == "augment" and config["layout_edit"]["insert"] > 0:
         inputs["bank"] = "resources/nodule_bank.npz"
+    return inputs
+
+
+def metrics_inputs(wildcards):
+    """The eval run's shard manifests, and the real CT + layout of every case (split into floor and reference)."""
+    cases = sorted(SPLIT)
+    return {
+        "manifests": expand("results/synthetic/eval/shard_{shard}.json", shard=range(N_SHARDS)),
+        "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=cases),
+        "layouts": expand("results/layouts/{case}.nii.gz", case=cases),
+    }
+
+
+def report_inputs(wildcards):
+    inputs = {
+        "image_quality": "results/metrics/eval/image_quality.csv",
+        "manifests": expand("results/synthetic/{run}/shard_{shard}.json", run=("eval", "augment"), shard=range(N_SHARDS)),
+    }
+    if config["segmentation"]["enabled"]:
+        inputs["segmentation"] = "results/segmentation/comparison.csv"
+        inputs["segmentation_png"] = "results/segmentation/comparison.png"
+    if not config["model"]["init_from"]:  # an imported checkpoint has no training log
+        inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
     return inputs

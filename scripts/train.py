@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
-from lungddpm.diffusion.train import launch, make_job
+from lungddpm.diffusion.train import job_gpus, launch, make_job, train_processes
 from lungddpm.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):
@@ -18,4 +18,5 @@ with rule_logging(snakemake.log[0]):
         Path(snakemake.params.state_dir),
         snakemake.threads,
     )
-    launch(job, snakemake.params.processes)
+    # one torchrun rank per GPU when the job holds several (e.g. a Slurm job with --gpus=N)
+    launch(job, train_processes(snakemake.params.processes, job_gpus(int(snakemake.resources.get("gpu", 0)))))

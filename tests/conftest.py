@@ -15,12 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The CI-size demo: same code path as the default demo, fewer scans.
 CI_CONFIG = {
-    "data": {"demo": {"n_scans": 3}},
+    "data": {"demo": {"n_scans": 4}},  # 4: two real halves of 2 for the image-quality floor
     "preprocess": {"spacing_mm": [10.0, 10.0, 10.0], "size": [32, 32, 32]},
     "model": {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [16], "norm_groups": 4},
     "train": {"steps": 6, "checkpoint_every": 3, "log_every": 1, "preview_every": 0, "preview_sampler_steps": 2},
-    "sample": {"steps": 3, "shards": 2},
+    "sample": {"steps": 3, "shards": 2, "eval_samples_per_layout": 2},
+    "metrics": {"features": {"size": [32, 32, 32]}, "bootstrap": 20, "kid_subsets": 10},
     "layout_edit": {"bank_max_scans": 10},
+    # nnU-Net: the demo's two arms, fold all, 2 iterations each (a pipeline check, ~1 min on 2 cores)
+    "segmentation": {
+        "num_epochs": 1,
+        "iterations_per_epoch": 2,
+        "val_iterations_per_epoch": 1,
+        "evaluation": {"bootstrap": 100},
+    },
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungddpm.metrics.voxel import bootstrap_ci, hu_histogram_distance, region_mse
+from lungddpm.metrics.voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics, region_mse
 
 
 def test_region_metrics_known_answers() -> None:
@@ -25,3 +25,39 @@ def test_bootstrap_interval_contains_the_mean() -> None:
     m, lo, hi = bootstrap_ci(values)
     assert lo < m < hi and lo > 4.6 and hi < 5.4
     assert bootstrap_ci([3.0, 3.0]) == (3.0, 3.0, 3.0)
+
+
+def test_paired_metrics_identical_and_lung_region_ignores_outside() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.normal(-500, 200, (16, 16, 16)).astype(np.float32)
+    lung = np.zeros(real.shape, bool)
+    lung[4:12, 4:12, 4:12] = True
+    same = paired_metrics(real, real.copy(), None, 1400.0)
+    assert same["mse"] == 0.0 and same["mae"] == 0.0 and same["psnr"] == float("inf")
+    assert same["ssim"] == pytest.approx(1.0, abs=1e-5)
+    syn = real.copy()
+    syn[~lung] += 300.0  # changes outside the lungs only
+    inside = paired_metrics(real, syn, lung, 1400.0, ssim_window=3)
+    whole = paired_metrics(real, syn, None, 1400.0, ssim_window=3)
+    assert inside["mse"] == 0.0 and inside["mae"] == 0.0
+    assert whole["mse"] == pytest.approx(300.0**2 * (~lung).mean(), rel=1e-4)
+    assert whole["psnr"] == pytest.approx(10 * np.log10(1400.0**2 / whole["mse"]), rel=1e-6)
+    assert whole["ssim"] < 0.99
+    core = np.zeros(real.shape, bool)
+    core[6:10, 6:10, 6:10] = True  # 3x3x3 windows around these voxels stay inside the lungs
+    assert paired_metrics(real, syn, core, 1400.0, ssim_window=3)["ssim"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_nodule_agreement_known_answer() -> None:
+    real = np.full((10, 10, 10), -850.0)
+    syn = real.copy()
+    nodule = np.zeros(real.shape, bool)
+    nodule[4:6, 4:6, 4:6] = True  # 8 voxels
+    real[nodule] = 20.0
+    syn[nodule] = -120.0
+    syn[3, 4, 4] = 0.0  # a solid voxel just outside the label still counts toward the synthetic size
+    out = nodule_agreement(real, syn, nodule, (2.0, 2.0, 2.0), solid_hu=-400.0)
+    assert out["nodule_mean_hu_real"] == 20.0 and out["nodule_mean_hu_synthetic"] == -120.0
+    assert out["nodule_ml_real"] == pytest.approx(8 * 8 / 1000)
+    assert out["nodule_ml_synthetic"] == pytest.approx(9 * 8 / 1000)
+    assert nodule_agreement(real, syn, np.zeros_like(nodule), (1.0, 1.0, 1.0), -400.0) == {}

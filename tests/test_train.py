@@ -34,7 +34,7 @@ def tiny_config(**train: object) -> Config:
     raw = validate_config(
         {
             "preprocess": {"size": [16, 16, 16]},
-            "model": TINY_MODEL,
+            "model": dict(TINY_MODEL),  # validate_config fills defaults in place: never into the shared dict
             "train": {
                 "steps": 20,
                 "lr": 2e-3,

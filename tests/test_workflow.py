@@ -26,7 +26,7 @@ def cases_of(workdir: Path) -> list[str]:
 
 def test_demo_outputs(demo_workflow: Path) -> None:
     cases = cases_of(demo_workflow)
-    assert len(cases) == 3
+    assert len(cases) == 4
     for case in cases:
         ct = nib.load(demo_workflow / f"results/preprocessed/{case}/ct.nii.gz")
         layout = nib.load(demo_workflow / f"results/layouts/{case}.nii.gz")
@@ -49,7 +49,7 @@ def test_demo_outputs(demo_workflow: Path) -> None:
 def test_demo_qc_meets_acceptance(demo_workflow: Path) -> None:
     with open(demo_workflow / "results/qc/demo_segmentation.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
         assert float(row["lung_dice_fine"]) >= 0.95, row
         assert float(row["max_centroid_error_voxels"]) < 1.0, row
@@ -62,7 +62,7 @@ def test_split_and_logs(demo_workflow: Path) -> None:
     assert {r["subset"] for r in rows} <= {"train", "val", "test"}
     for rule in ("demo_dicom", "preprocess", "layout", "demo_qc"):
         logs = list((demo_workflow / "logs" / rule).glob("*.log"))
-        assert len(logs) == 3 and all("INFO" in p.read_text() for p in logs)
+        assert len(logs) == 4 and all("INFO" in p.read_text() for p in logs)
 
 
 def test_dry_run_is_clean_and_forcerun_layout_reruns_only_layout_onwards(demo_workflow: Path) -> None:
@@ -70,7 +70,8 @@ def test_dry_run_is_clean_and_forcerun_layout_reruns_only_layout_onwards(demo_wo
     out = snakemake(demo_workflow, "-n", "--forcerun", "layout", "--quiet", "rules").stdout
     rules = {line.split()[0] for line in out.splitlines() if line.strip() and line.split()[-1].isdigit()}
     rules -= {"total", "job"}
-    assert rules == {"layout", "train", "sample", "all"}, out
+    assert {"layout", "train", "sample", "metrics", "report", "all"} <= rules, out
+    assert not rules & {"demo_dicom", "preprocess", "split", "demo_qc", "nodule_bank"}, out  # upstream untouched
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:
@@ -158,7 +159,8 @@ def test_synthetic_runs_never_mix_and_keep_the_reference(demo_workflow: Path) ->
         items = []
         for shard in (0, 1):
             items += read_json(demo_workflow / f"results/synthetic/{run}/shard_{shard}.json")["items"]
-        assert sorted(i["case_id"] for i in items) == sorted(c for c, s in subsets.items() if s == subset)
+        k = 2 if run == "eval" else 1  # the CI config's eval_samples_per_layout
+        assert sorted(i["case_id"] for i in items) == sorted(k * [c for c, s in subsets.items() if s == subset])
         for it in items:
             prov = read_json(demo_workflow / it["provenance"])
             assert prov["run"] == run and prov["steps"] == 3 and prov["sampler"] == "dpm++"
@@ -172,3 +174,32 @@ def test_synthetic_runs_never_mix_and_keep_the_reference(demo_workflow: Path) ->
 
             keep = keep_mask(layout, (1, 1, 1))  # 10 mm margin on the 10 mm grid
             assert np.array_equal(np.asanyarray(syn.dataobj)[keep], np.asanyarray(ct.dataobj)[keep])
+
+
+def test_image_quality_and_report(demo_workflow: Path) -> None:
+    with open(demo_workflow / "results/metrics/eval/image_quality.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    dist = [r for r in rows if "paired" not in r["comparison"]]
+    comparisons = ("synthetic-vs-real", "real-vs-real")
+    assert {(r["metric"], r["region"], r["comparison"]) for r in dist} == {
+        (m, g, c) for m in ("kid", "fid", "mmd") for g in ("whole", "lung") for c in comparisons
+    }
+    for r in dist:  # astra features, both comparisons at the same N
+        assert r["features"].startswith("astra-") and r["reportable"] == "True" and r["n_a"] == "2"
+        assert float(r["ci_low"]) <= float(r["ci_high"])
+    paired = {(r["metric"], r["region"]) for r in rows if "paired" in r["comparison"]}
+    assert {("mse", "whole"), ("mse", "lung"), ("ssim", "lung"), ("hu_w1", "lung")} <= paired
+    with open(demo_workflow / "results/metrics/eval/per_case.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2  # one test layout x 2 samples
+    summary = (demo_workflow / "results/report/summary.md").read_text()
+    assert "| synthetic vs real | real vs real (floor) |" in summary and "not a result" in summary
+    assert "## Sampling" in summary and "dpm++" in summary
+    for png in ("training_loss.png", "image_quality.png"):
+        assert (demo_workflow / "results/report" / png).read_bytes()[:4] == b"\x89PNG"
+    linked = [line.split("](")[1].split(")")[0] for line in summary.splitlines() if "](figures/" in line]
+    assert linked and all((demo_workflow / "results/report" / f).is_file() for f in linked)
+    # the feature cache lives in undeclared state, so a metrics rerun reuses it
+    assert any((demo_workflow / "state/feature_cache").rglob("*.npy"))
+    html = demo_workflow / "report.html"
+    snakemake(demo_workflow, "--report", str(html))
+    assert html.stat().st_size > 10_000

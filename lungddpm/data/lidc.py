@@ -287,4 +287,11 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
 
 def series_dir_hint(root: Path, info: ScanInfo) -> Path:
     """Where lungddpm writes (and first looks for) a series: ``<root>/<patient>/<study uid>/<series uid>``."""
-    return root / info.patient_id / info.study_uid / info.series_uid
+    from ..io import safe_component
+
+    parts = (
+        ("patient id", info.patient_id),
+        ("StudyInstanceUID", info.study_uid),
+        ("SeriesInstanceUID", info.series_uid),
+    )
+    return root.joinpath(*(safe_component(value, what) for what, value in parts))

@@ -167,7 +167,7 @@ def compare_samplers(
     layout; mean and 95% bootstrap interval over all samples."""
     import numpy as np
 
-    from ..intensity import hu_to_model, layout_to_channels, model_to_hu
+    from ..convention import convention_from_checkpoint
     from ..layout import read_case_pair
     from ..metrics.voxel import bootstrap_ci, hu_histogram_distance, region_mse
     from .sample import Blend, keep_mask, sample
@@ -176,7 +176,7 @@ def compare_samplers(
     torch.set_num_threads(threads)
     model, ckpt = load_model(checkpoint)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
-    window = tuple(ckpt["hu_window"])
+    convention = convention_from_checkpoint(ckpt, checkpoint)
     sc = cfg.raw["sample"]
     results = []
     for name, steps in specs:
@@ -186,12 +186,11 @@ def compare_samplers(
             margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
             keep = keep_mask(layout, margin)
             lung = layout > 0
+            inp = convention.to_model(ct, layout, keep)
             blend = Blend(
-                torch.from_numpy(hu_to_model(ct, window))[None, None],
-                torch.from_numpy(keep)[None, None],
-                sc["blend_start_fraction"],
+                torch.from_numpy(inp.image)[None], torch.from_numpy(inp.keep)[None], sc["blend_start_fraction"]
             )
-            lay = torch.from_numpy(layout_to_channels(layout))[None]
+            lay = torch.from_numpy(inp.layout)[None]
             for j in range(k):
                 t0 = time.perf_counter()
                 x = sample(
@@ -205,7 +204,7 @@ def compare_samplers(
                     clip_x0=sc["clip_x0"],
                 )
                 seconds.append(time.perf_counter() - t0)
-                hu = model_to_hu(x[0, 0].numpy(), window)
+                hu = convention.to_hu(x[0, 0].numpy(), inp)
                 mse.append(region_mse(ct, hu, lung))
                 hist.append(hu_histogram_distance(ct, hu, lung))
         m, lo, hi = bootstrap_ci(mse, seed=seed)

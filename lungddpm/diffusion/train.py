@@ -21,7 +21,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from torch import nn
 from .. import __version__
 from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
+from ..faults import kill_point
 from ..intensity import hu_to_model, layout_to_channels, model_to_hu
 from ..io import atomic_path
 from ..layout import read_case_pair
@@ -47,6 +48,10 @@ CKPT_KEYS = {"model", "ema", "optimizer", "scaler", "step", "rng_cpu", "rng_cuda
 
 class CheckpointError(LungDDPMError):
     """A checkpoint that cannot or must not be used."""
+
+
+class TrainingDivergedError(LungDDPMError):
+    """The loss or the gradient norm became NaN or infinite."""
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -181,7 +186,7 @@ def _barrier(dist: Dist) -> None:
 def fingerprint(cfg: Config) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: network, process, grid and intensity mapping."""
     return {
-        "model": cfg.raw["model"],
+        "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
         "diffusion": cfg.raw["diffusion"],
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
@@ -454,15 +459,20 @@ def train(
                 loss = diffusion.loss(net, x0, layout, micro["t"].to(device), micro["noise"].to(device)).mean()
                 scaler.scale(loss / tc.grad_accum).backward()
             step_loss += loss.detach() / tc.grad_accum
+        mean_loss = _all_mean(step_loss, dist)  # the same on every rank, so every rank stops together
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
         )
+        # fp16's GradScaler skips steps with inf gradients by design; otherwise a non-finite value is fatal
+        if not torch.isfinite(mean_loss) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+            bar.close()
+            raise _diverged(step, float(mean_loss), float(grad_norm), state_dir)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, step - 1)
-        final_loss = float(_all_mean(step_loss, dist))
+        final_loss = float(mean_loss)
         loss_window.append(final_loss)
         bar.update(1)
         if dist.is_main and (step % tc.log_every == 0 or step == tc.steps):
@@ -488,6 +498,7 @@ def train(
                 )
                 for old in _checkpoints(state_dir)[tc.keep_checkpoints :]:
                     old.unlink()
+                kill_point("checkpoint", step)
             _barrier(dist)
         if dist.is_main and tc.preview_every and step % tc.preview_every == 0:
             t_preview = time.perf_counter()
@@ -522,6 +533,16 @@ def train(
     return TrainResult(step, final_loss, n_params, bar.format_dict["elapsed"])
 
 
+def _diverged(step: int, loss: float, grad_norm: float, state_dir: Path) -> TrainingDivergedError:
+    kept = _checkpoints(state_dir)
+    last = f"the last good checkpoint {kept[0]} is kept and a rerun resumes from it" if kept else "no checkpoint yet"
+    return TrainingDivergedError(
+        f"step {step}: loss {loss}, gradient norm {grad_norm} — not finite, so training stopped before this step "
+        f"changed the weights; {last}. Lower train.lr, keep train.grad_clip > 0, prefer train.precision fp32 or "
+        "bf16 to fp16, and check the training CTs for NaN voxels"
+    )
+
+
 def _state(
     model: nn.Module,
     ema: EMA,
@@ -547,9 +568,12 @@ def _state(
 
 
 def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str, Any]]:
-    """A trained network from a final ``checkpoint.pt`` (EMA weights by default), in eval mode."""
+    """A trained (or imported) network from a final ``checkpoint.pt`` (EMA weights by default), in eval mode; its
+    input convention is :func:`lungddpm.convention.convention_from_checkpoint` of the returned dict."""
     ckpt = load_checkpoint(Path(checkpoint))
-    missing = {"ema", "model", "unet", "diffusion", "hu_window"} - set(ckpt)
+    missing = {"ema", "model", "unet", "diffusion"} - set(ckpt)
+    if "hu_window" not in ckpt and "convention" not in ckpt:
+        missing.add("hu_window")
     if missing:
         raise CheckpointError(
             f"{checkpoint}: not a lungddpm model checkpoint (missing {sorted(missing)}); rerun the train stage"
@@ -603,20 +627,36 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
     return train(data, cfg, Path(job["out_dir"]), Path(job["state_dir"]), val, job["threads"], stop_after)
 
 
-def launch(job: dict[str, Any], processes: int) -> None:
-    """Run ``job`` in this process, or under ``torchrun --standalone`` with ``processes`` ranks (DDP)."""
-    if processes == 1:
-        run_job(job)
-        return
-    import json
-    import subprocess
+def job_gpus(requested: int, env: Mapping[str, str] | None = None) -> int:
+    """GPUs this job holds: the ``gpu`` resource it was scheduled with (Slurm ``--gpus``), capped by the devices it
+    can see (``CUDA_VISIBLE_DEVICES``, which Slurm and most schedulers set to the job's GPUs) when that is set."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return max(0, int(requested))
+    seen = len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if seen < requested:
+        log.warning("the job requested %d GPU(s) but CUDA_VISIBLE_DEVICES=%r shows %d", requested, visible, seen)
+    return min(max(0, int(requested)), seen)
+
+
+def train_processes(configured: int, gpus: int) -> int:
+    """torchrun ranks for a training job: ``train.processes`` when set above 1, else one per GPU of the job."""
+    if configured > 1:
+        if gpus and configured > gpus:
+            raise LungDDPMError(
+                f"train.processes is {configured} but the job holds {gpus} GPU(s): one process per GPU; lower "
+                "train.processes or request more GPUs (train.gpus, or the train rule's gpu resource in the profile)"
+            )
+        return configured
+    return max(1, gpus)
+
+
+def torchrun_command(job_path: Path, processes: int) -> list[str]:
+    """The command that runs ``lungddpm train-job job_path`` as ``processes`` DDP ranks on this node."""
     import sys
 
-    job_path = Path(job["state_dir"]) / "job.json"
-    job_path.parent.mkdir(parents=True, exist_ok=True)
-    job_path.write_text(json.dumps(job, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, int(job["threads"]) // processes)))
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -627,6 +667,21 @@ def launch(job: dict[str, Any], processes: int) -> None:
         "train-job",
         str(job_path),
     ]
+
+
+def launch(job: dict[str, Any], processes: int) -> None:
+    """Run ``job`` in this process, or under ``torchrun --standalone`` with ``processes`` ranks (DDP)."""
+    if processes == 1:
+        run_job(job)
+        return
+    import json
+    import subprocess
+
+    job_path = Path(job["state_dir"]) / "job.json"
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job, indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, int(job["threads"]) // processes)))
+    cmd = torchrun_command(job_path, processes)
     log.info("launching %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:

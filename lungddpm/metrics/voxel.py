@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 
@@ -22,6 +24,71 @@ def hu_histogram_distance(real: np.ndarray, synthetic: np.ndarray, mask: np.ndar
     if not mask.any():
         raise ValueError("hu_histogram_distance: empty mask")
     return float(wasserstein_distance(real[mask].astype(np.float64), synthetic[mask].astype(np.float64)))
+
+
+def _region(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if real.shape != synthetic.shape:
+        raise ValueError(f"paired volumes differ in shape: {real.shape} vs {synthetic.shape}")
+    if mask is None:
+        return real.astype(np.float64).ravel(), synthetic.astype(np.float64).ravel()
+    if not mask.any():
+        raise ValueError("empty region mask")
+    return real[mask].astype(np.float64), synthetic[mask].astype(np.float64)
+
+
+def ssim_map(real: np.ndarray, synthetic: np.ndarray, data_range: float, window: int, sigma: float) -> np.ndarray:
+    """Local 3D SSIM (MONAI, Gaussian window) → [Z - w + 1, Y - w + 1, X - w + 1] (valid positions only)."""
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    def t(v: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None]
+
+    ssim, _ = compute_ssim_and_cs(t(synthetic), t(real), 3, [window] * 3, [sigma] * 3, data_range=data_range)
+    return ssim[0, 0].double().numpy()
+
+
+def paired_metrics(
+    real: np.ndarray,
+    synthetic: np.ndarray,
+    mask: np.ndarray | None,
+    data_range: float,
+    ssim_window: int = 7,
+    ssim_sigma: float = 1.5,
+) -> dict[str, float]:
+    """MSE, MAE (HU², HU), PSNR (dB, peak ``data_range``) and SSIM between paired HU volumes [Z, Y, X], over the
+    whole volume (``mask`` None) or inside ``mask``. SSIM inside a mask averages the local SSIM map over the mask's
+    voxels whose window lies inside the volume."""
+    r, s = _region(real, synthetic, mask)
+    d = r - s
+    mse = float(np.mean(d * d))
+    smap = ssim_map(real, synthetic, data_range, ssim_window, ssim_sigma)
+    if mask is not None:
+        h = ssim_window // 2
+        inner = mask[h : mask.shape[0] - h, h : mask.shape[1] - h, h : mask.shape[2] - h]
+        smap = smap[inner] if inner.any() else np.array([np.nan])
+    return {
+        "mse": mse,
+        "mae": float(np.mean(np.abs(d))),
+        "psnr": float(10 * np.log10(data_range**2 / mse)) if mse > 0 else float("inf"),
+        "ssim": float(np.mean(smap)),
+    }
+
+
+def nodule_agreement(
+    real: np.ndarray, synthetic: np.ndarray, nodule: np.ndarray, spacing: Sequence[float], solid_hu: float
+) -> dict[str, float]:
+    """Nodule HU and size agreement inside the layout's nodule label (``nodule`` [Z, Y, X] bool): mean HU of each
+    volume there, and the volume (mL) of voxels above ``solid_hu`` in the label dilated by one voxel."""
+    if not nodule.any():
+        return {}
+    grown = ndimage.binary_dilation(nodule)
+    ml = float(np.prod(spacing)) / 1000.0
+    return {
+        "nodule_mean_hu_real": float(real[nodule].mean()),
+        "nodule_mean_hu_synthetic": float(synthetic[nodule].mean()),
+        "nodule_ml_real": float((real[grown] > solid_hu).sum() * ml),
+        "nodule_ml_synthetic": float((synthetic[grown] > solid_hu).sum() * ml),
+    }
 
 
 def bootstrap_ci(

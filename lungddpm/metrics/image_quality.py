@@ -1,0 +1,323 @@
+"""Image quality of a synthetic set against real CTs, beside the real-vs-real noise floor.
+
+Distribution metrics (KID, FID, Gaussian MMD on 3D features) compare the synthetic volumes with a *reference*
+set of real volumes, and a disjoint *floor* set of real volumes with the same reference, at the same sample
+counts (FID and KID depend on N), each with a bootstrap interval. Each is computed on the whole volume and on the
+lung region alone, because anatomically-aware sampling copies the real background and inflates whole-volume
+similarity. Paired voxel metrics (MSE, MAE, PSNR, SSIM; whole volume and inside the lungs), the HU histogram
+distance inside the lungs and nodule HU/size agreement compare each synthetic volume with its real counterpart.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import LungDDPMError
+from ..io import atomic_path, read_volume
+from .distribution import DISTANCES, bootstrap_distance, kid
+from .features import FeatureExtractor, build_extractor, cached_features
+from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_VS_REAL = "synthetic-vs-real"
+REAL_VS_REAL = "real-vs-real"
+PAIRED = "synthetic-vs-real (paired)"
+VOXEL_METRICS = ("mse", "mae", "psnr", "ssim")
+
+
+class MetricsError(LungDDPMError):
+    """The inputs of the image-quality metrics are inconsistent."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An HU volume with its layout (labels 0 background, 1 lung, 2 nodule; None when unknown)."""
+
+    name: str
+    image: Path
+    labels: Path | None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A synthetic volume and the real volume it was generated for (same layout, same grid)."""
+
+    synthetic: Volume
+    real: Volume
+
+
+def _subsample(items: Sequence[Volume], n: int, rng: np.random.Generator) -> list[Volume]:
+    return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))] if n < len(items) else list(items)
+
+
+def _features(
+    extractor: FeatureExtractor, volumes: Sequence[Volume], region: str, cache_dir: Path, what: str
+) -> np.ndarray:
+    """[N, D] features of ``volumes`` (``region`` whole or lung)."""
+    out = []
+    for v in tqdm(volumes, desc=f"features {what} ({region})", unit="volume", mininterval=5):
+        if region == "lung" and v.labels is None:
+            raise MetricsError(f"{v.image}: the lung region needs a layout for this volume")
+        out.append(cached_features(extractor, v.image, cache_dir, v.labels if region == "lung" else None))
+    return np.stack(out)
+
+
+def distribution_rows(
+    synthetic: Sequence[Volume],
+    reference: Sequence[Volume],
+    floor: Sequence[Volume],
+    settings: dict[str, Any],
+    cache_dir: Path,
+    extractor: FeatureExtractor | None = None,
+) -> list[dict[str, Any]]:
+    """Rows (metric, region, comparison, value, CI, N) of every distribution metric, synthetic-vs-real and
+    real-vs-real at the same counts: both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference."""
+    if len(reference) < 2 or min(len(synthetic), len(floor)) < 2:
+        raise MetricsError(
+            f"distribution metrics need >= 2 volumes per set: {len(synthetic)} synthetic, {len(reference)} "
+            f"reference and {len(floor)} floor real volumes; use more cases or test layouts"
+        )
+    extractor = extractor or build_extractor(settings["features"])
+    rng = np.random.default_rng(settings["seed"])
+    n = min(len(synthetic), len(floor))
+    sets = {SYNTHETIC_VS_REAL: _subsample(synthetic, n, rng), REAL_VS_REAL: _subsample(floor, n, rng)}
+    log.info(
+        "distribution metrics: %d synthetic and %d floor volumes vs %d reference volumes, %s features",
+        n,
+        n,
+        len(reference),
+        extractor.identity,
+    )
+    distances = dict(DISTANCES)
+    distances["kid"] = lambda a, b: kid(a, b, settings["kid_subset_size"], settings["kid_subsets"], settings["seed"])
+    rows = []
+    for region in settings["regions"]:
+        ref = _features(extractor, reference, region, cache_dir, "reference")
+        for comparison, volumes in sets.items():
+            feats = _features(extractor, volumes, region, cache_dir, comparison)
+            for metric in settings["distances"]:
+                value, lo, hi = bootstrap_distance(
+                    distances[metric], feats, ref, settings["bootstrap"], settings["ci_level"], settings["seed"]
+                )
+                rows.append(
+                    {
+                        "metric": metric,
+                        "region": region,
+                        "comparison": comparison,
+                        "value": value,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "n_a": len(feats),
+                        "n_b": len(ref),
+                        "features": extractor.identity,
+                        "reportable": extractor.reportable,
+                    }
+                )
+    return rows
+
+
+def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequence[float]) -> list[dict[str, Any]]:
+    """Per-pair voxel metrics (whole and lung), lung HU histogram distance and nodule agreement."""
+    data_range = float(hu_window[1] - hu_window[0])
+    rows = []
+    for p in tqdm(pairs, desc="paired metrics", unit="pair", mininterval=5):
+        real, rg = read_volume(p.real.image)
+        syn, sg = read_volume(p.synthetic.image)
+        if real.shape != syn.shape or not np.allclose(rg.spacing, sg.spacing) or not np.allclose(rg.origin, sg.origin):
+            raise MetricsError(
+                f"{p.synthetic.image} and {p.real.image} are not on the same grid; pair each synthetic volume with "
+                "the real case it was sampled for"
+            )
+        real, syn = real.astype(np.float32), syn.astype(np.float32)
+        labels = read_volume(p.synthetic.labels or p.real.labels)[0] if (p.synthetic.labels or p.real.labels) else None
+        row: dict[str, Any] = {"synthetic": p.synthetic.name, "real": p.real.name}
+        regions: dict[str, np.ndarray | None] = {"whole": None}
+        if labels is not None:
+            regions["lung"] = labels > 0
+        for region, mask in regions.items():
+            m = paired_metrics(real, syn, mask, data_range, settings["ssim_window"], settings["ssim_sigma"])
+            row.update({f"{k}_{region}": v for k, v in m.items()})
+        if labels is not None:
+            row["hu_w1_lung"] = hu_histogram_distance(real, syn, labels > 0)
+            nod = nodule_agreement(real, syn, labels == 2, rg.spacing, settings["nodule_solid_hu"])
+            row.update(nod)
+            if nod:
+                row["nodule_hu_abs_diff"] = abs(nod["nodule_mean_hu_synthetic"] - nod["nodule_mean_hu_real"])
+                row["nodule_ml_abs_diff"] = abs(nod["nodule_ml_synthetic"] - nod["nodule_ml_real"])
+        rows.append(row)
+    return rows
+
+
+def _summary_key(column: str) -> tuple[str, str] | None:
+    """(metric, region) of a per-pair column that is summarised, None for descriptive columns."""
+    if column.startswith("nodule_") and column.endswith("_abs_diff"):
+        return column.removeprefix("nodule_"), "nodule"
+    metric, _, region = column.rpartition("_")
+    return (metric, region) if region in ("whole", "lung") else None
+
+
+def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean over pairs with a bootstrap interval, one row per paired metric and region."""
+    columns: list[str] = []
+    for r in per_pair:
+        columns += [c for c in r if c not in columns and _summary_key(c)]
+    rows = []
+    for col in columns:
+        values = [r[col] for r in per_pair if col in r and np.isfinite(r[col])]
+        if not values:
+            continue
+        metric, region = _summary_key(col)  # type: ignore[misc]
+        value, lo, hi = bootstrap_ci(values, settings["bootstrap"], settings["ci_level"], settings["seed"])
+        rows.append(
+            {
+                "metric": metric,
+                "region": region,
+                "comparison": PAIRED,
+                "value": value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_a": len(values),
+                "n_b": len(values),
+                "features": "",
+                "reportable": True,
+            }
+        )
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows of dicts → CSV (columns = union of keys in first-seen order), atomically."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def real_halves(
+    real: Sequence[Volume], first: Sequence[str], group: dict[str, str] | None = None, seed: int = 0
+) -> tuple[list[Volume], list[Volume]]:
+    """Split real volumes into two disjoint halves by group (patient): (floor, reference).
+
+    The groups of ``first`` (the real cases the synthetic volumes were sampled for) go to the floor half, the
+    others are shuffled (seeded) and fill the floor half up to half of the groups; the rest is the reference. So
+    the synthetic set is never compared with its own source CTs, whose background it copies.
+    """
+    group = group or {}
+    by_group: dict[str, list[Volume]] = {}
+    for v in real:
+        by_group.setdefault(group.get(v.name, v.name), []).append(v)
+    names = sorted(by_group)
+    firsts = [g for g in names if any(v.name in set(first) for v in by_group[g])]
+    rest = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    rest = [g for g in rest if g not in firsts]
+    n_floor = max(len(firsts), len(names) // 2)
+    floor_groups = set(firsts + rest[: max(0, n_floor - len(firsts))])
+    floor = [v for g in names if g in floor_groups for v in by_group[g]]
+    reference = [v for g in names if g not in floor_groups for v in by_group[g]]
+    return floor, reference
+
+
+def image_quality(
+    pairs: Sequence[Pair],
+    reference: Sequence[Volume],
+    floor: Sequence[Volume],
+    settings: dict[str, Any],
+    hu_window: Sequence[float],
+    out_table: Path,
+    out_per_case: Path,
+    cache_dir: Path,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Every image-quality metric: the synthetic volumes of ``pairs`` and the ``floor`` real volumes each against the
+    ``reference`` real volumes (distribution metrics), and each pair's synthetic against its real (voxel metrics).
+    Writes the table (one row per metric x region x comparison) and the per-pair CSV; returns the table rows."""
+    torch.set_num_threads(max(1, threads))
+    overlap = {v.image for v in floor} & {v.image for v in reference}
+    if overlap:
+        raise MetricsError(f"the floor set must be disjoint from the reference set; shared: {sorted(overlap)[:3]}")
+    rows = distribution_rows([p.synthetic for p in pairs], reference, floor, settings, cache_dir)
+    per_pair = pair_rows(pairs, settings, hu_window)
+    rows += summarize_pairs(per_pair, settings)
+    write_csv(out_per_case, per_pair)
+    write_csv(out_table, rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+def _nifti(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise MetricsError(f"{folder}: not a folder of NIfTI volumes")
+    files = {p.name.removesuffix(".nii.gz").removesuffix(".nii"): p for p in sorted(folder.glob("*.nii*"))}
+    files = {k: v for k, v in files.items() if not k.endswith("_layout")}
+    if not files:
+        raise MetricsError(f"{folder}: no *.nii / *.nii.gz volumes")
+    return files
+
+
+def _labels_for(name: str, image: Path, labels_dir: Path | None) -> Path | None:
+    """``<name>_layout.nii.gz`` beside the image (lungddpm's synthetic layout), else ``labels_dir/<name>.nii.gz``."""
+    beside = image.with_name(f"{name}_layout.nii.gz")
+    if beside.is_file():
+        return beside
+    if labels_dir is not None:
+        cand = labels_dir / f"{name}.nii.gz"
+        if cand.is_file():
+            return cand
+    return None
+
+
+def folder_sets(
+    real_dir: Path, synthetic_dir: Path, real_labels: Path | None = None, seed: int = 0
+) -> tuple[list[Pair], list[Volume], list[Volume]]:
+    """Pairs, reference and floor from two folders: a synthetic ``<case>_<k>`` (or ``<case>``) pairs with real
+    ``<case>``; the real volumes are split into floor and reference halves (``real_halves``)."""
+    real = {n: Volume(n, p, _labels_for(n, p, real_labels)) for n, p in _nifti(real_dir).items()}
+    pairs = []
+    for name, path in _nifti(synthetic_dir).items():
+        base = name if name in real else name.rpartition("_")[0]
+        if base not in real:
+            raise MetricsError(f"{path}: no real volume {base!r} (or {name!r}) in {real_dir} to pair it with")
+        pairs.append(Pair(Volume(name, path, _labels_for(name, path, None)), real[base]))
+    floor, reference = real_halves(list(real.values()), [p.real.name for p in pairs], seed=seed)
+    log.info("%d pairs; real volumes: %d floor, %d reference", len(pairs), len(floor), len(reference))
+    return pairs, reference, floor
+
+
+def default_cache_dir() -> Path:
+    """The feature cache of the CLI: $LUNGDDPM_CACHE/features or ~/.cache/lungddpm/features."""
+    return Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm")) / "features"
+
+
+def workflow_sets(
+    manifests: Sequence[Path], real: dict[str, tuple[Path, Path]], seed: int = 0
+) -> tuple[list[Pair], list[Volume], list[Volume]]:
+    """Pairs from the eval run's shard manifests (each item names its image, layout and source case); ``real`` maps
+    every real case id to its (ct, layout) files, split by patient into floor and reference (``real_halves``)."""
+    from ..io import read_json
+
+    pairs = []
+    volumes = {case: Volume(case, ct, layout) for case, (ct, layout) in real.items()}
+    for manifest in manifests:
+        for item in read_json(manifest)["items"]:
+            case = item["case_id"]
+            if case not in volumes:
+                raise MetricsError(f"{manifest}: item {item['item']} comes from {case}, which is not a real case input")
+            pairs.append(Pair(Volume(item["item"], Path(item["image"]), Path(item["layout"])), volumes[case]))
+    patients = {case: case.partition("_s")[0] for case in volumes}  # LIDC-IDRI-XXXX[_sN]: series of one patient
+    floor, reference = real_halves(list(volumes.values()), [p.real.name for p in pairs], patients, seed)
+    return pairs, reference, floor

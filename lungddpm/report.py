@@ -1,0 +1,270 @@
+"""The workflow report: ``summary.md`` with the image-quality table (synthetic-vs-real beside real-vs-real), the
+training-loss curve, the sampler timing table, sample montages/GIFs and, when present, the downstream nnU-Net
+comparison. Figures are PNG files beside the summary."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+DEMO_NOTE = (
+    "> **Demo data.** These numbers come from procedural phantoms, a small model trained for minutes on a CPU and a "
+    "handful of test volumes: they check that the pipeline runs end to end, they are not a result."
+)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(v: str | float) -> str:
+    x = float(v)
+    if not np.isfinite(x):
+        return str(x)
+    return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def _ci(row: dict[str, str]) -> str:
+    return f"{_fmt(row['value'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
+    """Markdown: distribution metrics synthetic-vs-real beside real-vs-real, then paired voxel metrics."""
+    dist: dict[tuple[str, str], dict[str, dict[str, str]]] = defaultdict(dict)
+    paired = []
+    for r in rows:
+        if r["comparison"].endswith("(paired)"):
+            paired.append(r)
+        else:
+            dist[(r["metric"], r["region"])][r["comparison"]] = r
+    out = ["## Image quality (eval run: test layouts)", ""]
+    if dist:
+        first = next(iter(dist.values()))
+        any_row = next(iter(first.values()))
+        out.append(
+            f"Features: `{any_row['features']}`. Value [bootstrap confidence interval]; N = volumes compared per set "
+            "(synthetic and floor sets have the same N, as FID and KID depend on it). KID, unbiased in N, is the "
+            "headline at small N; a synthetic value inside the real-vs-real interval is as close as real data gets."
+        )
+        if any_row.get("reportable") == "False":
+            out.append("**Random-network features: a test configuration, never a reported metric.**")
+        out.append("")
+        body = []
+        for (metric, region), by in dist.items():
+            s, f = by.get("synthetic-vs-real"), by.get("real-vs-real")
+            body.append(
+                [
+                    metric.upper(),
+                    region,
+                    _ci(s) if s else "",
+                    _ci(f) if f else "",
+                    f"{(s or f)['n_a']} vs {(s or f)['n_b']}",
+                ]
+            )
+        out += _table(["metric", "region", "synthetic vs real", "real vs real (floor)", "N"], body)
+        out.append("")
+    if paired:
+        out += ["Paired voxel metrics (each synthetic volume against the real CT of its layout; HU):", ""]
+        out += _table(
+            ["metric", "region", "mean [CI]", "pairs"],
+            [[r["metric"], r["region"], _ci(r), r["n_a"]] for r in paired],
+        )
+        out.append("")
+    return out
+
+
+def loss_figure(train_log: Path, out_png: Path) -> None:
+    """Training loss (and its running mean) against step → PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(train_log)
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
+    if len(loss) >= 5:
+        w = max(5, len(loss) // 20)
+        ax.plot(steps[w - 1 :], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def placeholder_figure(text: str, out_png: Path) -> None:
+    """A small PNG that says ``text`` (for a declared figure that has no data in this configuration)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 1), dpi=100)
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def quality_figure(rows: Sequence[dict[str, str]], out_png: Path) -> None:
+    """Bar plot of each distribution metric and region: synthetic-vs-real beside the real-vs-real floor, with
+    CIs → PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dist = [r for r in rows if not r["comparison"].endswith("(paired)")]
+    keys = sorted({(r["metric"], r["region"]) for r in dist})
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(2.4 * max(1, len(keys)), 3.2), dpi=100, squeeze=False)
+    for ax, (metric, region) in zip(axes[0], keys):
+        for i, comp in enumerate(("synthetic-vs-real", "real-vs-real")):
+            for r in dist:
+                if (r["metric"], r["region"], r["comparison"]) == (metric, region, comp):
+                    v, lo, hi = float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
+                    ax.bar(i, v, color=("tab:orange", "tab:blue")[i])
+                    ax.errorbar(i, v, yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], color="k", capsize=3)
+        ax.set_xticks([0, 1], ["synthetic", "real floor"], fontsize=8)
+        ax.set_title(f"{metric.upper()} ({region})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def timing_section(manifests: Sequence[Path]) -> list[str]:
+    """Markdown: per sampling run, the sampler, steps, volumes and seconds per volume (from the provenance)."""
+    runs: dict[str, dict[str, Any]] = {}
+    for m in manifests:
+        data = read_json(m)
+        for item in data["items"]:
+            prov = read_json(item["provenance"])
+            r = runs.setdefault(
+                data["run"], {"sampler": prov["sampler"], "steps": prov["steps"], "device": prov["device"], "s": []}
+            )
+            r["s"].append(float(prov["seconds"]))
+    body = [
+        [run, r["sampler"], str(r["steps"]), r["device"], str(len(r["s"])), f"{np.mean(r['s']):.1f}"]
+        for run, r in sorted(runs.items())
+    ]
+    out = ["## Sampling", ""]
+    out += _table(["run", "sampler", "steps", "device", "volumes", "seconds per volume"], body)
+    return [*out, ""]
+
+
+def montage_section(manifests: Sequence[Path], figures: Path, per_run: int) -> list[str]:
+    """Copy the first ``per_run`` montages and GIF sweeps of each run into ``figures`` and link them."""
+    note = "Each montage: real CT | layout | synthetic (three planes); the GIF sweeps the axial slices."
+    out = ["## Samples", "", note, ""]
+    figures.mkdir(parents=True, exist_ok=True)
+    shown: dict[str, int] = defaultdict(int)
+    for m in manifests:
+        data = read_json(m)
+        for item in data["items"]:
+            if shown[data["run"]] >= per_run:
+                continue
+            shown[data["run"]] += 1
+            for key in ("montage", "gif"):
+                src = Path(item[key])
+                dst = figures / f"{data['run']}_{src.name}"
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(src, tmp)
+            out.append(f"**{data['run']} / {item['item']}**  ")
+            out.append(
+                f"![{item['item']}]({figures.name}/{data['run']}_{Path(item['montage']).name}) "
+                f"![sweep]({figures.name}/{data['run']}_{Path(item['gif']).name})"
+            )
+            out.append("")
+    return out
+
+
+def segmentation_section(comparison: Path, figure: Path | None, base: Path) -> list[str]:
+    """Markdown: the downstream nnU-Net comparison (mean [CI] per arm and metric, difference from the baseline arm
+    with its CI and paired test) and its plot."""
+    rows = read_csv(comparison)
+    out = ["## Downstream nodule segmentation (nnU-Net v2, real test split)", ""]
+    body = []
+    for r in rows:
+        mean = f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        diff = f"{_fmt(r['diff'])} [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]" if r.get("diff") else ""
+        p = f"{_fmt(r['p_value'])} ({r['test']})" if r.get("p_value") else ""
+        body.append([r["arm"], r["metric"], mean, diff, p, f"{r['n_cases']} x {r['n_models']}"])
+    if body:
+        out += _table(["arm", "metric", "mean [CI]", "difference from baseline [CI]", "p", "cases x models"], body)
+        out.append("")
+    if figure is not None:
+        out += [f"![segmentation]({_relative(figure, base)})", ""]
+    return out
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        import os
+
+        return os.path.relpath(path.resolve(), base.resolve())
+
+
+def write_report(
+    out_md: Path,
+    image_quality: Path,
+    train_log: Path | None,
+    manifests: Sequence[Path],
+    loss_png: Path,
+    quality_png: Path,
+    figures: Path,
+    montages: int,
+    demo: bool,
+    segmentation: Path | None = None,
+    segmentation_png: Path | None = None,
+) -> None:
+    """Write ``summary.md`` and its figures (loss curve — a note instead for an imported model without a training
+    log —, image-quality bars, copied montages)."""
+    rows = read_csv(image_quality)
+    if train_log is not None:
+        loss_figure(train_log, loss_png)
+    else:
+        placeholder_figure("imported checkpoint: no training log", loss_png)
+    quality_figure(rows, quality_png)
+    base = out_md.parent
+    md = ["# lungddpm report", ""]
+    if demo:
+        md += [DEMO_NOTE, ""]
+    md += quality_section(rows)
+    md += [f"![image quality]({_relative(quality_png, base)})", ""]
+    md += ["## Training", ""]
+    if train_log is None:
+        md += ["The model was imported (`model.init_from`), not trained here.", ""]
+    md += [f"![training loss]({_relative(loss_png, base)})", ""]
+    md += timing_section(manifests)
+    if segmentation is not None:
+        md += segmentation_section(segmentation, segmentation_png, base)
+    md += montage_section(manifests, figures, montages)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    log.info("report: %s", out_md)

@@ -1,0 +1,304 @@
+"""Scoring of nodule segmentations on the real test split, and the comparison of arms.
+
+Per test case and model (seed x fold): voxel Dice, sensitivity and specificity of the nodule mask, and nodule-level
+detection — a true nodule (an instance of ``nodules.nii.gz``) is found when one predicted connected component
+overlaps it by ``min_overlap_voxels``; a predicted component that overlaps no nodule so is a false positive.
+Per arm: each case's scores are averaged over the arm's models, then the mean over cases gets a percentile
+bootstrap interval; each arm is compared with the baseline arm per test case (paired difference with a bootstrap
+interval and a Wilcoxon signed-rank or paired t-test).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, stats
+
+from ..errors import LungDDPMError
+from ..io import atomic_path, read_json, read_volume
+from ..metrics.voxel import bootstrap_ci
+from .arms import EvaluationConfig
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dice", "sensitivity", "specificity", "detection_sensitivity", "false_positives")
+SCORE_COLUMNS = (
+    "arm",
+    "seed",
+    "fold",
+    "case_id",
+    *METRICS,
+    "n_nodules",
+    "n_found",
+    "n_components",
+    "truth_voxels",
+    "pred_voxels",
+    "tp",
+    "fp",
+    "fn",
+)
+COMPARISON_COLUMNS = (
+    "arm",
+    "metric",
+    "n_cases",
+    "n_models",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "models_sd",
+    "baseline",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
+    "p_value",
+    "test",
+)
+COMPARED_AS = {"false_positives": "fp_per_scan"}  # its mean over cases is the false positives per scan
+PLOTTED = (("dice", "Dice"), ("sensitivity", "voxel sensitivity"), ("detection_sensitivity", "nodule detection"))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks [Z, Y, X]; 1.0 when both are empty (nothing to find and nothing predicted)."""
+    p, t = pred.astype(bool), truth.astype(bool)
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+
+
+def voxel_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Dice, sensitivity (NaN without true voxels), specificity (NaN without negatives) and the voxel counts."""
+    p, t = pred.astype(bool), truth.astype(bool)
+    tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+    tn = p.size - tp - fp - fn
+    return {
+        "dice": dice(p, t),
+        "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+        "specificity": tn / (tn + fp) if tn + fp else math.nan,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "truth_voxels": tp + fn,
+        "pred_voxels": tp + fp,
+    }
+
+
+def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_overlap: int = 1) -> dict[str, float]:
+    """Nodule-level detection of the instance map ``nodules`` (0 = none, 1..n) by the mask ``pred`` [Z, Y, X].
+
+    A nodule is found when a single predicted component (``connectivity`` 1-3, as scipy's) overlaps it by
+    ``min_overlap`` voxels; a component overlapping no nodule by that much is a false positive.
+    Returns n_nodules, n_found, n_components, false_positives and detection_sensitivity (NaN without nodules).
+    """
+    if pred.shape != nodules.shape:
+        raise ValueError(f"prediction {pred.shape} and nodule map {nodules.shape} differ in shape")
+    components, n_comp = ndimage.label(pred.astype(bool), structure=ndimage.generate_binary_structure(3, connectivity))
+    ids = [int(i) for i in np.unique(nodules) if i != 0]
+    true_components: set[int] = set()
+    found = 0
+    for i in ids:
+        hits = np.bincount(components[nodules == i], minlength=n_comp + 1)[1:]
+        matched = np.flatnonzero(hits >= min_overlap) + 1
+        true_components.update(matched.tolist())
+        found += int(matched.size > 0)
+    return {
+        "n_nodules": len(ids),
+        "n_found": found,
+        "n_components": int(n_comp),
+        "false_positives": int(n_comp - len(true_components)),
+        "detection_sensitivity": found / len(ids) if ids else math.nan,
+    }
+
+
+def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig) -> dict[str, float]:
+    """Every per-case score of a predicted mask against the instance map of the true nodules."""
+    return {**voxel_scores(pred, nodules > 0), **detection(pred, nodules, ev.connectivity, ev.min_overlap_voxels)}
+
+
+def score_arm(
+    arm: str, runs: Sequence[Path], nodules: Mapping[str, Path], out: Path, ev: EvaluationConfig
+) -> list[dict]:
+    """Score every model (``run.json`` of segment_train) of ``arm`` on every test case; write ``scores.csv``.
+
+    nodules: test case -> ``nodules.nii.gz`` (uint8 instances). One row per model x case, columns SCORE_COLUMNS.
+    """
+    rows: list[dict[str, Any]] = []
+    truth = {case: read_volume(p)[0] for case, p in nodules.items()}
+    for run_path in runs:
+        run = read_json(run_path)
+        if run["arm"] != arm:
+            raise LungDDPMError(f"{run_path}: a run of arm {run['arm']!r}, expected {arm!r}; rerun segment_train")
+        if sorted(run["predictions"]) != sorted(truth):
+            raise LungDDPMError(
+                f"{run_path}: predicts {sorted(run['predictions'])} but the test split is {sorted(truth)}; rerun "
+                "segment_train"
+            )
+        for case, pred_path in sorted(run["predictions"].items()):
+            pred = read_volume(pred_path)[0]
+            if pred.shape != truth[case].shape:
+                raise LungDDPMError(f"{pred_path}: shape {pred.shape}, but {nodules[case]} is {truth[case].shape}")
+            scores = score_case(pred > 0, truth[case], ev)
+            rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, **scores})
+    _write_csv(out, rows, SCORE_COLUMNS)
+    for metric in ("dice", "sensitivity", "detection_sensitivity"):
+        vals = [r[metric] for r in rows if not math.isnan(r[metric])]
+        log.info(
+            "arm %s: mean %s %.4f over %d case x model(s)", arm, metric, np.mean(vals) if vals else math.nan, len(vals)
+        )
+    return rows
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="raise")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _cell(r.get(k)) for k in columns})
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return "" if v is None else v
+
+
+def read_scores(path: Path) -> list[dict[str, Any]]:
+    """``scores.csv`` -> rows with numbers parsed (empty cells -> NaN)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise LungDDPMError(f"{path}: no scores; rerun segment_score")
+    for r in rows:
+        for k in METRICS:
+            r[k] = float(r[k]) if r[k] != "" else math.nan
+    return rows
+
+
+def per_case(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, float]:
+    """Case -> the metric averaged over the arm's models (NaN-aware; NaN when no model defines it)."""
+    by_case: dict[str, list[float]] = {}
+    for r in rows:
+        by_case.setdefault(r["case_id"], []).append(float(r[metric]))
+    return {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else math.nan for c, v in sorted(by_case.items())}
+
+
+def _models_sd(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
+    """Standard deviation, over the arm's models, of each model's mean over cases (NaN with one model)."""
+    by_model: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        by_model.setdefault((str(r["seed"]), str(r["fold"])), []).append(float(r[metric]))
+    means = [float(np.nanmean(v)) for v in by_model.values() if not np.all(np.isnan(v))]
+    return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+
+
+def paired_test(diffs: np.ndarray, test: str) -> float:
+    """Two-sided p-value that the paired differences are centred on 0 (NaN with fewer than 2 pairs)."""
+    if diffs.size < 2:
+        return math.nan
+    if not np.any(diffs != 0):
+        return 1.0
+    if test == "wilcoxon":
+        return float(stats.wilcoxon(diffs).pvalue)
+    if np.std(diffs) == 0:
+        return 0.0
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def compare_arms(
+    scores: Mapping[str, Path], baseline: str, table: Path, figure: Path, ev: EvaluationConfig
+) -> list[dict[str, Any]]:
+    """scores: arm -> its ``scores.csv`` (in the configured order). Writes ``table`` (one row per arm x metric,
+    columns COMPARISON_COLUMNS) and ``figure`` (bars with confidence intervals); returns the rows."""
+    if baseline not in scores:
+        raise LungDDPMError(f"baseline arm {baseline!r} has no scores; arms: {sorted(scores)}")
+    data = {arm: read_scores(p) for arm, p in scores.items()}
+    base_cases = {m: per_case(data[baseline], m) for m in METRICS}
+    out: list[dict[str, Any]] = []
+    for arm, rows in data.items():
+        n_models = len({(r["seed"], r["fold"]) for r in rows})
+        for i, metric in enumerate(METRICS):
+            cases = per_case(rows, metric)
+            vals = np.array([v for v in cases.values() if not math.isnan(v)])
+            mean, lo, hi = bootstrap_ci(vals, ev.bootstrap, ev.ci_level, ev.seed + i) if vals.size else (math.nan,) * 3
+            row: dict[str, Any] = {
+                "arm": arm,
+                "metric": COMPARED_AS.get(metric, metric),
+                "n_cases": int(vals.size),
+                "n_models": n_models,
+                "mean": mean,
+                "ci_low": lo,
+                "ci_high": hi,
+                "models_sd": _models_sd(rows, metric),
+                "baseline": baseline,
+                "diff": math.nan,
+                "diff_ci_low": math.nan,
+                "diff_ci_high": math.nan,
+                "p_value": math.nan,
+                "test": "",
+            }
+            if arm != baseline:
+                common = sorted(
+                    c
+                    for c, v in cases.items()
+                    if not math.isnan(v) and not math.isnan(base_cases[metric].get(c, math.nan))
+                )
+                d = np.array([cases[c] - base_cases[metric][c] for c in common])
+                if d.size:
+                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = bootstrap_ci(
+                        d, ev.bootstrap, ev.ci_level, ev.seed + i
+                    )
+                    row["p_value"] = paired_test(d, ev.paired_test)
+                    row["test"] = ev.paired_test
+            out.append(row)
+    _write_csv(table, out, COMPARISON_COLUMNS)
+    plot_comparison(out, figure, ev.ci_level)
+    for r in out:
+        if r["metric"] in ("dice", "sensitivity", "detection_sensitivity"):
+            log.info(
+                "%s %s: %.4f [%.4f, %.4f] (n=%d)",
+                r["arm"],
+                r["metric"],
+                r["mean"],
+                r["ci_low"],
+                r["ci_high"],
+                r["n_cases"],
+            )
+    return out
+
+
+def plot_comparison(rows: Sequence[Mapping[str, Any]], path: Path, ci_level: float) -> None:
+    """Grouped bars (one colour per arm) of Dice, voxel sensitivity and nodule detection sensitivity, and a panel of
+    false positives per scan, each with its bootstrap interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    get = {(r["arm"], r["metric"]): r for r in rows}
+    fig, (ax, ax_fp) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(arms)
+    colours = plt.get_cmap("tab10").colors
+    for k, arm in enumerate(arms):
+        for axis, metrics in ((ax, [m for m, _ in PLOTTED]), (ax_fp, ["fp_per_scan"])):
+            xs = np.arange(len(metrics)) + (k - (len(arms) - 1) / 2) * width
+            means = np.array([get[arm, m]["mean"] for m in metrics], dtype=float)
+            lo = np.array([get[arm, m]["ci_low"] for m in metrics], dtype=float)
+            hi = np.array([get[arm, m]["ci_high"] for m in metrics], dtype=float)
+            err = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0).clip(min=0)
+            axis.bar(xs, np.nan_to_num(means), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=arm)
+    n = max((r["n_cases"] for r in rows if r["metric"] == "dice"), default=0)
+    ax.set_xticks(np.arange(len(PLOTTED)), [label for _, label in PLOTTED])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"mean over {n} test case(s), {ci_level:.0%} bootstrap CI")
+    ax.legend(title="arm", fontsize=8)
+    ax_fp.set_xticks([0], ["false positives / scan"])
+    ax.set_title("nnU-Net v2 nodule segmentation, real test split")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,531 @@
+"""nnU-Net v2 through its Python API, one arm (and seed) per nnU-Net folder tree, each stage in a child process.
+
+nnunetv2 reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` (and its process counts) from the
+environment, some of it when first imported. So this module never imports nnunetv2 in the calling process: the
+parent writes the raw dataset (plain NIfTI + ``dataset.json``), then runs ``python -m lungddpm.segmentation.nnunet
+<stage> <job.json>`` with the arm's paths in the child's environment only, and streams its output into the log.
+The child's ``__main__`` guard also keeps nnU-Net's spawned worker pools from re-running the stage.
+
+Stages: ``plan`` (integrity check, fingerprint, plan, preprocess one configuration) and ``train`` (train one fold
+on an instantiated trainer with the configured length, then predict the real test CTs). nnU-Net's trees live under
+``state/`` (not rule outputs, so a rerun resumes from ``checkpoint_latest.pth`` or reuses ``checkpoint_final.pth``
+when the data and settings are unchanged); the rule outputs are manifests and the test predictions, written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LungDDPMError
+from ..io import read_json, read_volume, write_json, write_volume
+from ..layout import NODULE, read_case_pair
+from .arms import Arm, SegmentationConfig, TrainingCase, augment_items, training_cases
+
+log = logging.getLogger(__name__)
+
+DATASET_SUFFIX = "LungNodule"
+FILE_ENDING = ".nii.gz"
+READER_WRITER = "SimpleITKIO"  # reads spacing, origin and direction from our NIfTI affine
+LABELS = {"background": 0, "nodule": 1}
+
+
+class NnUNetError(LungDDPMError):
+    """nnU-Net failed, or produced something that does not match its inputs."""
+
+
+def dataset_name(dataset_id: int) -> str:
+    """nnU-Net's folder name, ``Dataset501_LungNodule``."""
+    return f"Dataset{dataset_id:03d}_{DATASET_SUFFIX}"
+
+
+def tree(state_dir: Path, fold: str | None = None) -> dict[str, Path]:
+    """nnU-Net's three roots for one arm and seed (``state_dir``); each fold has its own results root, so that
+    folds can train side by side."""
+    roots = {"nnUNet_raw": state_dir / "nnUNet_raw", "nnUNet_preprocessed": state_dir / "nnUNet_preprocessed"}
+    roots["nnUNet_results"] = state_dir / (f"fold_{fold}" if fold is not None else "plan") / "nnUNet_results"
+    return roots
+
+
+def nnunet_env(roots: Mapping[str, Path], cfg: SegmentationConfig, threads: int) -> dict[str, str]:
+    """The child's environment: this process's, plus nnU-Net's paths and process counts."""
+    env = dict(os.environ)
+    env.update({k: str(Path(v).resolve()) for k, v in roots.items()})
+    env["nnUNet_def_n_proc"] = str(cfg.processes)
+    env["nnUNet_compile"] = "true" if cfg.compile else "false"  # the child forces false on CPU
+    if cfg.da_processes is not None:
+        env["nnUNet_n_proc_DA"] = str(cfg.da_processes)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int) -> Path:
+    """Write ``<raw_root>/DatasetXXX_LungNodule/{imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz, dataset.json}``.
+
+    Images: int16 HU [Z, Y, X] with the CT's affine; labels: uint8, 1 where the layout is nodule (2). Any previous
+    export is replaced. Returns the dataset folder.
+    """
+    from tqdm import tqdm
+
+    folder = raw_root / dataset_name(dataset_id)
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir(parents=True)
+    for case in tqdm(cases, desc="nnU-Net raw dataset", unit="case", mininterval=5.0):
+        ct, layout, geometry = read_case_pair(case.image, case.layout)
+        write_volume(folder / "imagesTr" / f"{case.identifier}_0000{FILE_ENDING}", ct.astype(np.int16), geometry)
+        write_volume(
+            folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", (layout == NODULE).astype(np.uint8), geometry
+        )
+    write_json(
+        folder / "dataset.json",
+        {
+            "name": DATASET_SUFFIX,
+            "description": "lungddpm: lung nodules (layout label 2) on preprocessed chest CT, int16 HU",
+            "channel_names": {"0": "CT"},  # nnU-Net's CT normalisation (dataset-wide foreground percentiles)
+            "labels": LABELS,
+            "numTraining": len(cases),
+            "file_ending": FILE_ENDING,
+            "overwrite_image_reader_writer": READER_WRITER,
+        },
+    )
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+def launch(stage: str, job: dict[str, Any], env: Mapping[str, str], work: Path) -> dict[str, Any]:
+    """Run one nnU-Net stage in a child process with ``env``; its output goes line by line into the log.
+    Returns the child's result (``<work>/<stage>_result.json``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    job = {**job, "result": str((work / f"{stage}_result.json").resolve())}
+    Path(job["result"]).unlink(missing_ok=True)
+    job_path = work / f"{stage}_job.json"
+    write_json(job_path, job)
+    cmd = [sys.executable, "-m", "lungddpm.segmentation.nnunet", stage, str(job_path.resolve())]
+    log.info("nnU-Net %s: %s (nnUNet_raw=%s)", stage, " ".join(cmd), env.get("nnUNet_raw"))
+    proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip():
+                log.info("nnU-Net | %s", line.rstrip())
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    if rc != 0:
+        raise NnUNetError(
+            f"nnU-Net {stage} exited with status {rc} (job {job_path}); its output is in the lines above — fix the "
+            "cause and rerun the rule (finished work under the job's state folder is reused)"
+        )
+    return read_json(job["result"])
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _nnunet_version() -> str:
+    try:
+        return metadata.version("nnunetv2")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def prepare_arm(
+    arm: Arm,
+    seed: int,
+    real: Mapping[str, tuple[Path, Path]],
+    augment_manifests: Sequence[Path],
+    test_cases: Sequence[str],
+    state_dir: Path,
+    out: Path,
+    cfg: SegmentationConfig,
+    threads: int,
+) -> dict[str, Any]:
+    """Export the arm's raw dataset, then fingerprint, plan and preprocess it with nnU-Net; write ``out``.
+
+    real: train case -> (ct, layout); augment_manifests: the augment run's shard manifests (for synthetic arms);
+    test_cases: the real test split (never a training case). ``out`` (JSON) lists the training cases and nnU-Net's
+    plan (patch size, batch size, spacing) and is what the training rule depends on.
+    """
+    t0 = time.perf_counter()
+    synthetic = augment_items(augment_manifests) if arm.synthetic_fraction > 0 else []
+    cases = training_cases(arm, seed, real, synthetic, test_cases)
+    roots = tree(state_dir)
+    export_raw_dataset(cases, roots["nnUNet_raw"], cfg.dataset_id)
+    name = dataset_name(cfg.dataset_id)
+    shutil.rmtree(roots["nnUNet_preprocessed"] / name, ignore_errors=True)
+    job = {
+        "dataset_id": cfg.dataset_id,
+        "configuration": cfg.configuration,
+        "planner": cfg.planner,
+        "fingerprint_samples": cfg.fingerprint_samples,
+        "processes": cfg.processes,
+        "threads": threads,
+    }
+    result = launch("plan", job, nnunet_env(roots, cfg, threads), state_dir / "plan")
+    plans_path = roots["nnUNet_preprocessed"] / name / f"{result['plans_identifier']}.json"
+    plans = read_json(plans_path)
+    if cfg.configuration not in plans["configurations"]:
+        raise NnUNetError(
+            f"{plans_path}: nnU-Net's planner made no {cfg.configuration} configuration for these images (it drops "
+            f"3d_lowres when the images are small); planned: {sorted(plans['configurations'])} — set "
+            "segmentation.configuration to one of them"
+        )
+    conf = plans["configurations"][cfg.configuration]
+    median = conf.get("median_image_size_in_voxels")
+    log.info(
+        "nnU-Net plan %s: patch %s, batch %d, spacing %s, median image %s",
+        cfg.configuration,
+        conf["patch_size"],
+        conf["batch_size"],
+        conf["spacing"],
+        median,
+    )
+    manifest = {
+        "arm": arm.name,
+        "seed": seed,
+        "real": arm.real,
+        "synthetic_fraction": arm.synthetic_fraction,
+        "n_real": sum(c.kind == "real" for c in cases),
+        "n_synthetic": sum(c.kind == "synthetic" for c in cases),
+        "cases": [
+            {"identifier": c.identifier, "kind": c.kind, "source_case": c.source_case, "image": str(c.image)}
+            for c in cases
+        ],
+        "test_cases": sorted(test_cases),
+        "dataset": name,
+        "dataset_id": cfg.dataset_id,
+        "state_dir": str(state_dir),
+        "plans_identifier": result["plans_identifier"],
+        "plans_sha256": _digest(plans),
+        "configuration": cfg.configuration,
+        "patch_size": conf["patch_size"],
+        "batch_size": conf["batch_size"],
+        "spacing": conf["spacing"],
+        "median_image_size_in_voxels": median,
+        "nnunetv2_version": _nnunet_version(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json(out, manifest)
+    return manifest
+
+
+def training_settings(cfg: SegmentationConfig) -> dict[str, Any]:
+    """What a trained model depends on besides its data (a change retrains from scratch)."""
+    return {
+        "trainer": cfg.trainer,
+        "num_epochs": cfg.num_epochs,
+        "iterations_per_epoch": cfg.iterations_per_epoch,
+        "val_iterations_per_epoch": cfg.val_iterations_per_epoch,
+        "initial_lr": cfg.initial_lr,
+    }
+
+
+def train_arm(
+    prepared: Path,
+    fold: str,
+    test_cts: Mapping[str, Path],
+    predictions: Mapping[str, Path],
+    out: Path,
+    cfg: SegmentationConfig,
+    threads: int,
+) -> dict[str, Any]:
+    """Train fold ``fold`` of the arm prepared in ``prepared`` (its manifest) and predict every real test CT.
+
+    test_cts: test case -> ``ct.nii.gz``; predictions: test case -> output path (uint8 [Z, Y, X], 1 = nodule, the
+    CT's exact grid and affine). ``out`` (JSON, written last) records the run: seed, fold, iterations, seconds,
+    nnU-Net's last training loss and pseudo Dice, and the prediction paths.
+    """
+    prep = read_json(prepared)
+    if sorted(test_cts) != sorted(predictions):
+        raise NnUNetError(f"test CTs {sorted(test_cts)} and prediction paths {sorted(predictions)} name other cases")
+    leaked = sorted(set(test_cts) & {c["source_case"] for c in prep["cases"]})
+    if leaked:
+        raise NnUNetError(f"{prepared}: test cases {leaked} are among the training cases; rerun segment_prepare")
+    state_dir = Path(prep["state_dir"])
+    roots = tree(state_dir, fold)
+    work = state_dir / f"fold_{fold}"
+    raw_dir = work / "predictions"
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    settings = training_settings(cfg)
+    job = {
+        "dataset_id": prep["dataset_id"],
+        "plans_identifier": prep["plans_identifier"],
+        "configuration": prep["configuration"],
+        "fold": fold,
+        "seed": prep["seed"],
+        "threads": threads,
+        "device": cfg.device,
+        "checkpoint_every": cfg.checkpoint_every,
+        "final_validation": cfg.final_validation,
+        "test_time_mirroring": cfg.test_time_mirroring,
+        "tile_step_size": cfg.tile_step_size,
+        **settings,
+        # same data, plan, settings, seed and fold -> nnU-Net's checkpoints in this tree are reused or resumed
+        "stamp": _digest([prep["cases"], prep["plans_sha256"], settings, prep["seed"], fold]),
+        "test": {case: str(Path(p).resolve()) for case, p in sorted(test_cts.items())},
+        "predictions_dir": str(raw_dir.resolve()),
+    }
+    result = launch("train", job, nnunet_env(roots, cfg, threads), work)
+    for case, ct_path in sorted(test_cts.items()):
+        _copy_prediction(raw_dir / f"{case}{FILE_ENDING}", Path(ct_path), Path(predictions[case]))
+    run = {
+        "arm": prep["arm"],
+        "seed": prep["seed"],
+        "fold": fold,
+        "n_real": prep["n_real"],
+        "n_synthetic": prep["n_synthetic"],
+        **settings,
+        **{k: result[k] for k in ("trained", "epochs", "iterations", "train_seconds", "predict_seconds", "device")},
+        "final_train_loss": result.get("final_train_loss"),
+        "ema_pseudo_dice": result.get("ema_pseudo_dice"),
+        "test_time_mirroring": cfg.test_time_mirroring,
+        "predictions": {case: str(predictions[case]) for case in sorted(predictions)},
+    }
+    write_json(out, run)
+    trained = f"{result['iterations']} iterations in {result['train_seconds']:.0f} s"
+    log.info(
+        "arm %s seed %s fold %s: %s, %d test case(s) predicted in %.1f s",
+        prep["arm"],
+        prep["seed"],
+        fold,
+        trained if result["trained"] else "model reused",
+        len(test_cts),
+        result["predict_seconds"],
+    )
+    return run
+
+
+def _copy_prediction(src: Path, ct_path: Path, dst: Path) -> None:
+    """nnU-Net's prediction -> ``dst`` (uint8, the CT's geometry), refusing a grid that differs from the CT's."""
+    if not src.is_file():
+        raise NnUNetError(f"{src}: nnU-Net wrote no prediction for {ct_path}; see its output in the log")
+    pred, pg = read_volume(src)
+    ct, cg = read_volume(ct_path)
+    if (
+        pred.shape != ct.shape
+        or not np.allclose(pg.spacing, cg.spacing, atol=1e-4)
+        or not np.allclose(pg.origin, cg.origin, atol=1e-3)
+        or not np.allclose(pg.direction, cg.direction, atol=1e-5)
+    ):
+        raise NnUNetError(
+            f"{src}: prediction grid {pred.shape} at {pg.spacing} mm differs from its CT {ct_path} {ct.shape} at "
+            f"{cg.spacing} mm; check the plan's transpose and spacing in the prepared dataset manifest"
+        )
+    labels = set(np.unique(pred).tolist())
+    if not labels <= set(LABELS.values()):
+        raise NnUNetError(f"{src}: labels {sorted(labels)} in the prediction, expected a subset of {{0, 1}}")
+    write_volume(dst, pred.astype(np.uint8), cg)
+
+
+# ------------------------------------------------------------------------------------------------ child side
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _plan(job: dict[str, Any]) -> dict[str, Any]:
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiments,
+        preprocess,
+    )
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    samples = job["fingerprint_samples"]
+
+    class Fingerprint(DatasetFingerprintExtractor):  # only its constructor differs: nothing of it is pickled
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if samples is not None:  # nnU-Net draws 1e8 with replacement, ~2 s of CPU per case even at 32^3
+                self.num_foreground_voxels_for_intensitystats = int(samples)
+
+    dataset_id, n = int(job["dataset_id"]), int(job["processes"])
+    verify_dataset_integrity(str(Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id)), n)
+    extract_fingerprint_dataset(dataset_id, Fingerprint, n, clean=True, verbose=False, show_progress_bar=False)
+    # the planner sets torch's threads to nnUNet_n_proc_DA while sizing the network: 0 (augment in-process) crashes it
+    da = os.environ.get("nnUNet_n_proc_DA")
+    with _env(nnUNet_n_proc_DA=str(max(1, int(job["threads"])))) if da == "0" else contextlib.nullcontext():
+        plans_identifier = plan_experiments([dataset_id], job["planner"])
+    preprocess([dataset_id], plans_identifier, [job["configuration"]], [n], verbose=False, show_progress_bar=False)
+    return {"plans_identifier": plans_identifier}
+
+
+def _trainer_class(name: str) -> type:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    if name == nnUNetTrainer.__name__:
+        return nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return recursive_find_trainer_class_by_name(name)  # imports every trainer variant (timm, torchvision)
+
+
+def _last(trainer: Any, key: str) -> float | None:
+    try:
+        return round(float(trainer.logger.get_value(key, step=-1)), 5)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
+    import random
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    seed = int(job["seed"])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    name = dataset_name(int(job["dataset_id"]))
+    pre = Path(os.environ["nnUNet_preprocessed"]) / name
+    results = Path(os.environ["nnUNet_results"])
+    stamp = results / "lungddpm_stamp.json"
+    if not (stamp.is_file() and read_json(stamp) == job["stamp"]):
+        if results.exists():
+            log.info("data or settings changed: discarding %s", results)
+            shutil.rmtree(results)
+        write_json(stamp, job["stamp"])
+    cls = _trainer_class(job["trainer"])
+    fold: int | str = job["fold"] if job["fold"] == "all" else int(job["fold"])
+    fold_dir = results / name / f"{cls.__name__}__{job['plans_identifier']}__{job['configuration']}" / f"fold_{fold}"
+    final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"
+    plans = load_json(str(pre / f"{job['plans_identifier']}.json"))
+    plans["continue_training"] = latest.is_file() and not final.is_file()
+    trainer = cls(
+        plans=plans,
+        configuration=job["configuration"],
+        fold=fold,
+        dataset_json=load_json(str(pre / "dataset.json")),
+        device=device,
+    )
+    # nnU-Net has no trainer with a configurable length: set it on the instance, before initialize() builds the
+    # poly learning-rate schedule from num_epochs
+    trainer.num_epochs = int(job["num_epochs"])
+    trainer.num_iterations_per_epoch = int(job["iterations_per_epoch"])
+    trainer.num_val_iterations_per_epoch = int(job["val_iterations_per_epoch"])
+    trainer.initial_lr = float(job["initial_lr"])
+    trainer.save_every = int(job["checkpoint_every"])
+    t0 = time.perf_counter()
+    trained = not final.is_file()
+    if not trained:
+        log.info("%s: complete for this data and these settings, reused", final)
+        trainer.load_checkpoint(str(final))
+    else:
+        if latest.is_file():
+            log.info("resuming from %s", latest)
+            trainer.load_checkpoint(str(latest))
+        trainer.run_training()
+        if job["final_validation"]:
+            trainer.perform_actual_validation(False)
+    train_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    net = getattr(trainer.network, "_orig_mod", trainer.network)
+    predictor = nnUNetPredictor(
+        tile_step_size=float(job["tile_step_size"]),
+        use_gaussian=True,
+        use_mirroring=bool(job["test_time_mirroring"]),
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        trainer.network,
+        trainer.plans_manager,
+        trainer.configuration_manager,
+        [net.state_dict()],
+        trainer.dataset_json,
+        cls.__name__,
+        trainer.inference_allowed_mirroring_axes,
+    )
+    out_dir = Path(job["predictions_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = sorted(job["test"])
+    predictor.predict_from_files_sequential(
+        [[job["test"][c]] for c in cases], [str(out_dir / c) for c in cases], False, True, None
+    )
+    epochs = int(trainer.current_epoch)
+    return {
+        "trained": trained,
+        "epochs": epochs,
+        "iterations": epochs * int(job["iterations_per_epoch"]),
+        "train_seconds": round(train_seconds, 1),
+        "predict_seconds": round(time.perf_counter() - t0, 1),
+        "device": str(device),
+        "final_train_loss": _last(trainer, "train_losses"),
+        "ema_pseudo_dice": _last(trainer, "ema_fg_dice"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Child entry: ``python -m lungddpm.segmentation.nnunet {plan,train} <job.json>``."""
+    from ..logs import setup_logging
+
+    setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] not in ("plan", "train"):
+        log.error("usage: python -m lungddpm.segmentation.nnunet {plan,train} <job.json>")
+        return 2
+    stage, job = args[0], read_json(args[1])
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
+    if missing or "nnunetv2" in sys.modules:
+        log.error("nnU-Net's paths %s must be in the environment before nnunetv2 is imported", missing)
+        return 2
+    import torch
+
+    threads = max(1, int(job["threads"]))
+    torch.set_num_threads(threads)
+    result: dict[str, Any]
+    try:
+        if stage == "plan":
+            result = _plan(job)
+        else:
+            want = job["device"]
+            device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+            if device.type != "cuda":
+                os.environ["nnUNet_compile"] = "false"  # nnU-Net's predictor would compile on any device
+            result = _train(job, device)
+    except Exception:
+        log.exception("nnU-Net %s failed", stage)
+        return 1
+    write_json(job["result"], result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+# model.init_from: a released Lung-DDPM checkpoint becomes results/models/<name>/checkpoint.pt instead of training.
+from pathlib import Path
+
+from lungddpm.errors import ConfigError
+
+
+if config["model"]["init_from"]:
+    if not Path(config["model"]["init_from"]).is_file():
+        raise ConfigError(
+            f"model.init_from: {config['model']['init_from']} is not a file (relative paths start at the working "
+            "directory); point it at the released Lung-DDPM checkpoint, e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt"
+        )
+    if Path(f"results/models/{MODEL}/train_log.csv").is_file():
+        raise ConfigError(
+            f"model.init_from: results/models/{MODEL}/ holds a model trained here (train_log.csv), which the import "
+            f"would overwrite; set train.name to another name (e.g. lung-ddpm-released), or delete that folder"
+        )
+
+    ruleorder: import_checkpoint > train
+
+    rule import_checkpoint:
+        input:
+            source=config["model"]["init_from"],
+        output:
+            checkpoint="results/models/{name}/checkpoint.pt",
+        params:
+            settings=settings("model", "init_convention"),
+        log:
+            "logs/import_checkpoint/{name}.log",
+        benchmark:
+            "benchmarks/import_checkpoint/{name}.tsv"
+        resources:
+            mem_mb=4000,
+        conda:
+            "../envs/lungddpm.yaml"
+        script:
+            "../scripts/import_checkpoint.py"

@@ -1,0 +1,22 @@
+rule metrics:
+    input:
+        unpack(metrics_inputs),
+    output:
+        table=report(
+            "results/metrics/eval/image_quality.csv", category="Image quality", caption="../report/image_quality.rst"
+        ),
+        per_case=report("results/metrics/eval/per_case.csv", category="Image quality", caption="../report/per_case.rst"),
+    params:
+        cache_dir="state/feature_cache",
+        settings=settings("metrics", "intensity"),
+    log:
+        "logs/metrics/eval.log",
+    benchmark:
+        "benchmarks/metrics/eval.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/metrics.py"

@@ -1,0 +1,19 @@
+"""Snakemake adapter: the workflow report (lungddpm.report.write_report)."""
+
+from pathlib import Path
+
+from lungddpm.logs import rule_logging
+from lungddpm.report import write_report
+
+
+def optional(name: str) -> Path | None:
+    return Path(getattr(snakemake.input, name)) if name in snakemake.input.keys() else None
+
+
+with rule_logging(snakemake.log[0]):
+    inp, out = snakemake.input, snakemake.output
+    write_report(
+        Path(out.summary), Path(inp.image_quality), optional("train_log"), [Path(m) for m in inp.manifests],
+        Path(out.loss), Path(out.quality), Path(out.figures), snakemake.params.montages, snakemake.params.demo,
+        optional("segmentation"), optional("segmentation_png"),
+    )  # fmt: skip

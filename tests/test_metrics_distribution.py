@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+from lungddpm.metrics.distribution import bootstrap_distance, fid, kid, median_bandwidth, mmd
+
+
+def fid_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook formula in float64 with scipy's matrix square root."""
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(sa @ sb).real
+    d = a.mean(0) - b.mean(0)
+    return float(d @ d + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize(("n", "dim"), [(40, 6), (12, 64), (7, 2048)])
+def test_fid_matches_float64_scipy_reference(n: int, dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    a = rng.normal(size=(n, dim))
+    b = rng.normal(0.3, 1.2, size=(n + 3, dim))
+    if dim <= 64:
+        assert fid(a, b) == pytest.approx(fid_reference(a, b), rel=1e-6)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-8 * dim)
+    assert fid(a, b) > fid(a, a + 1e-3)
+
+
+def test_fid_of_known_gaussians() -> None:
+    # two isotropic sets: the distance grows with the squared mean shift
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(400, 3))
+    shifted = fid(a, a + np.array([2.0, 0.0, 0.0]))
+    assert shifted == pytest.approx(4.0, rel=1e-9)
+
+
+def test_mmd_zero_for_identical_sets_and_grows_with_shift() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(30, 16))
+    b = rng.normal(size=(30, 16))
+    base = mmd(a, b)
+    assert abs(mmd(a, a)) < 0.05
+    values = [mmd(a, b + s) for s in (0.5, 1.0, 2.0)]
+    assert base < values[0] < values[1] < values[2]
+    assert median_bandwidth(a, a) > 0
+
+
+def test_kid_unbiased_near_zero_and_grows_with_shift() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(50, 32)), rng.normal(size=(50, 32))
+    assert abs(kid(a, b, subset_size=25, n_subsets=20)) < 0.05
+    assert kid(a, b + 1.0, subset_size=25, n_subsets=20) > 0.5
+    assert kid(a[:3], b[:3] + 1.0) > 0  # small sets: all of them, once
+
+
+def test_bootstrap_distance_interval_and_errors() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(20, 4)), rng.normal(1.0, 1.0, size=(20, 4))
+    value, lo, hi = bootstrap_distance(fid, a, b, n_boot=50)
+    assert lo <= value <= hi and hi > lo
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid(a[:1], b)
+    with pytest.raises(ValueError, match="same D"):
+        mmd(a, b[:, :3])

@@ -1,0 +1,300 @@
+"""Downstream nnU-Net segmentation: scoring on hand-made masks, arms, nnU-Net's own dataset check, and the
+CI-size workflow's predictions, scores and comparison."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import CI_CONFIG, REPO
+
+from lungddpm.config import load_config
+from lungddpm.errors import ConfigError, LungDDPMError
+from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
+from lungddpm.segmentation.arms import (
+    Arm,
+    EvaluationConfig,
+    SegmentationConfig,
+    TrainingCase,
+    check_arms,
+    segmentation_config,
+    select_synthetic,
+    training_cases,
+)
+from lungddpm.segmentation.evaluate import compare_arms, detection, dice, score_arm, voxel_scores
+from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, train_arm
+
+EV = EvaluationConfig(
+    connectivity=3, min_overlap_voxels=1, bootstrap=200, ci_level=0.95, paired_test="wilcoxon", seed=0
+)
+GEOMETRY = Geometry(spacing=(2.5, 1.0, 1.5), origin=(10.0, -20.0, 30.0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+
+
+def box(shape: tuple[int, int, int], *slices: slice) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[slices] = True
+    return m
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def test_dice_known_answers_and_empty_cases() -> None:
+    empty = np.zeros((4, 4, 4), bool)
+    a = box((4, 4, 4), slice(0, 1), slice(0, 2), slice(0, 2))  # 4 voxels
+    b = box((4, 4, 4), slice(0, 1), slice(0, 2), slice(1, 3))  # 4 voxels, 2 shared
+    assert dice(empty, empty) == 1.0  # nothing to find, nothing predicted
+    assert dice(a, empty) == 0.0 and dice(empty, a) == 0.0
+    assert dice(a, a) == 1.0 and dice(a, b) == pytest.approx(0.5)
+    s = voxel_scores(b, a)
+    assert (s["tp"], s["fp"], s["fn"]) == (2, 2, 2)
+    assert s["sensitivity"] == pytest.approx(0.5) and s["specificity"] == pytest.approx(58 / 60)
+    s = voxel_scores(empty, empty)
+    assert s["dice"] == 1.0 and math.isnan(s["sensitivity"]) and s["specificity"] == 1.0
+
+
+def test_detection_found_missed_and_false_positives() -> None:
+    shape = (8, 8, 8)
+    nodules = np.zeros(shape, np.uint8)
+    nodules[1:3, 1:3, 1:3] = 1
+    nodules[5:7, 5:7, 5:7] = 2  # missed
+    pred = box(shape, slice(2, 4), slice(2, 4), slice(2, 4))  # overlaps nodule 1 by one voxel
+    pred[0, 7, 7] = True  # a false positive far from both
+    d = detection(pred, nodules)
+    assert (d["n_nodules"], d["n_found"], d["n_components"], d["false_positives"]) == (2, 1, 2, 1)
+    assert d["detection_sensitivity"] == pytest.approx(0.5)
+    strict = detection(pred, nodules, min_overlap=2)  # a one-voxel touch no longer finds nodule 1
+    assert (strict["n_found"], strict["false_positives"]) == (0, 2)
+    # two diagonal neighbours: one component with corners (3), two with faces only (1)
+    diagonal = np.zeros(shape, bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
+    no_nodules = np.zeros(shape, np.uint8)
+    assert detection(diagonal, no_nodules, connectivity=3)["false_positives"] == 1
+    assert detection(diagonal, no_nodules, connectivity=1)["false_positives"] == 2
+    assert math.isnan(detection(diagonal, no_nodules)["detection_sensitivity"])
+    # one component over two nodules finds both and is no false positive
+    both = box(shape, slice(1, 7), slice(1, 7), slice(1, 7))
+    assert detection(both, nodules)["n_found"] == 2 and detection(both, nodules)["false_positives"] == 0
+
+
+def _write_run(tmp: Path, arm: str, seed: int, preds: dict[str, np.ndarray]) -> Path:
+    paths = {}
+    for case, p in preds.items():
+        paths[case] = tmp / arm / f"seed{seed}" / f"{case}.nii.gz"
+        write_volume(paths[case], p.astype(np.uint8), GEOMETRY)
+    run = tmp / arm / f"seed{seed}" / "run.json"
+    write_json(run, {"arm": arm, "seed": seed, "fold": "all", "predictions": {k: str(v) for k, v in paths.items()}})
+    return run
+
+
+def test_score_and_compare_arms_known_answers(tmp_path: Path) -> None:
+    shape = (6, 6, 6)
+    truth = {}
+    for i, case in enumerate(["c1", "c2", "c3"]):
+        n = np.zeros(shape, np.uint8)
+        n[i : i + 2, 1:3, 1:3] = 1
+        truth[case] = n
+        write_volume(tmp_path / "gt" / f"{case}.nii.gz", n, GEOMETRY)
+    gt_paths = {c: tmp_path / "gt" / f"{c}.nii.gz" for c in truth}
+    perfect = _write_run(tmp_path, "real", 0, {c: n > 0 for c, n in truth.items()})
+    empty = {c: np.zeros(shape, bool) for c in truth}
+    half = {c: (n > 0) if c == "c1" else np.zeros(shape, bool) for c, n in truth.items()}
+    runs = [_write_run(tmp_path, "syn", 0, empty), _write_run(tmp_path, "syn", 1, half)]
+    rows = score_arm("real", [perfect], gt_paths, tmp_path / "real.csv", EV)
+    assert [r["dice"] for r in rows] == [1.0, 1.0, 1.0] and all(r["n_found"] == 1 for r in rows)
+    rows = score_arm("syn", runs, gt_paths, tmp_path / "syn.csv", EV)
+    assert len(rows) == 6 and sum(r["dice"] for r in rows) == 1.0
+    with pytest.raises(LungDDPMError, match="a run of arm 'real'"):
+        score_arm("syn", [perfect], gt_paths, tmp_path / "x.csv", EV)
+
+    table, figure = tmp_path / "comparison.csv", tmp_path / "comparison.png"
+    out = compare_arms({"real": tmp_path / "real.csv", "syn": tmp_path / "syn.csv"}, "real", table, figure, EV)
+    by = {(r["arm"], r["metric"]): r for r in out}
+    assert by["real", "dice"]["mean"] == 1.0 and by["real", "dice"]["n_models"] == 1
+    # syn: c1 averages its two models (0 and 1) -> 0.5; c2, c3 -> 0
+    assert by["syn", "dice"]["mean"] == pytest.approx(0.5 / 3) and by["syn", "dice"]["n_models"] == 2
+    assert by["syn", "dice"]["diff"] == pytest.approx(0.5 / 3 - 1)
+    assert by["syn", "dice"]["ci_low"] <= by["syn", "dice"]["mean"] <= by["syn", "dice"]["ci_high"]
+    assert by["syn", "dice"]["p_value"] == pytest.approx(0.25)  # exact Wilcoxon, 3 negative pairs
+    assert by["syn", "detection_sensitivity"]["mean"] == pytest.approx(0.5 / 3)
+    assert by["syn", "dice"]["models_sd"] == pytest.approx(np.std([0.0, 1 / 3], ddof=1))
+    with open(table) as fh:
+        written = list(csv.DictReader(fh))
+    assert len(written) == 10 and written[0]["metric"] == "dice" and written[0]["diff"] == ""
+    assert {r["metric"] for r in written} == {
+        "dice",
+        "sensitivity",
+        "specificity",
+        "detection_sensitivity",
+        "fp_per_scan",
+    }
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------- arms
+def _seg(**over: object) -> SegmentationConfig:
+    raw = load_config(REPO / "config/config.yaml").raw
+    raw["segmentation"].update(over)
+    return SegmentationConfig.from_config(raw)
+
+
+def test_arms_config_errors_name_the_key() -> None:
+    assert _seg().arm_names == ["real", "real+synthetic"] and _seg().folds == ("all",)
+    with pytest.raises(ConfigError, match="appear more than once"):
+        _seg(arms=[{"name": "a", "real": True, "synthetic_fraction": 0}] * 2)
+    with pytest.raises(ConfigError, match="segmentation.baseline"):
+        _seg(baseline="nope")
+    with pytest.raises(ConfigError, match="no training data"):
+        _seg(arms=[{"name": "real", "real": False, "synthetic_fraction": 0}])
+    with pytest.raises(ConfigError, match="segmentation.arms"):  # the schema refuses path-like names
+        segmentation_config({"segmentation": {"arms": [{"name": "../x", "real": True, "synthetic_fraction": 0}]}})
+    cfg = _seg(folds=[0, 1])
+    with pytest.raises(ConfigError, match=r"needs >= 5 training cases.*use folds: \[all\]"):
+        check_arms(cfg, 3, 3, 1)
+    with pytest.raises(ConfigError, match="raise sample.samples_per_layout"):
+        check_arms(_seg(), 8, 7, 2)
+    with pytest.raises(ConfigError, match="no test case"):
+        check_arms(_seg(), 8, 8, 0)
+    check_arms(_seg(), 8, 8, 2)
+
+
+def test_synthetic_draws_are_nested_seeded_and_never_from_test_cases() -> None:
+    items = [
+        {"item": f"c{i}_0", "case_id": f"c{i}", "image": f"c{i}.nii.gz", "layout": f"c{i}_l.nii.gz"} for i in range(10)
+    ]
+    half, full = select_synthetic(items, 5, 3), select_synthetic(items, 10, 3)
+    assert {i["item"] for i in half} <= {i["item"] for i in full} and len(full) == 10
+    assert select_synthetic(items, 5, 3) == half and select_synthetic(items, 5, 4) != half
+    assert Arm("x", True, 0.5).n_synthetic(5) == 3 and Arm("x", True, 1.0).n_synthetic(8) == 8
+    real = {f"c{i}": (Path(f"c{i}.nii.gz"), Path(f"l{i}.nii.gz")) for i in range(4)}
+    cases = training_cases(Arm("rs", True, 1.0), 0, real, items, test_cases=["t1"])
+    assert [c.kind for c in cases].count("real") == 4 and [c.kind for c in cases].count("synthetic") == 4
+    assert all(c.identifier.startswith(("real_", "syn_")) for c in cases)
+    with pytest.raises(LungDDPMError, match=r"derive from test cases \['c1'\]"):
+        training_cases(Arm("rs", True, 1.0), 0, real, items, test_cases=["c1"])
+
+
+# ------------------------------------------------------------------------------------------- nnU-Net
+def test_raw_dataset_export_passes_nnunet_integrity_check(tmp_path: Path) -> None:
+    cases = []
+    for i in range(2):
+        ct = np.full((8, 10, 12), -800, np.int16)
+        layout = np.ones((8, 10, 12), np.uint8)
+        layout[2:4, 3:5, 4 + i : 6 + i] = 2
+        ct[layout == 2] = 30
+        write_volume(tmp_path / f"ct{i}.nii.gz", ct, GEOMETRY)
+        write_volume(tmp_path / f"lay{i}.nii.gz", layout, GEOMETRY)
+        cases.append(
+            TrainingCase(f"real_c{i}", tmp_path / f"ct{i}.nii.gz", tmp_path / f"lay{i}.nii.gz", "real", f"c{i}")
+        )
+    folder = export_raw_dataset(cases, tmp_path / "raw", 501)
+    assert folder.name == dataset_name(501) == "Dataset501_LungNodule"
+    meta = read_json(folder / "dataset.json")
+    assert (
+        meta["numTraining"] == 2
+        and meta["labels"] == {"background": 0, "nodule": 1}
+        and meta["file_ending"] == ".nii.gz"
+    )
+    label, geometry = read_volume(folder / "labelsTr/real_c1.nii.gz")
+    image, _ = read_volume(folder / "imagesTr/real_c1_0000.nii.gz")
+    assert geometry == GEOMETRY and label.sum() == 8 and set(np.unique(label)) == {0, 1} and image.dtype == np.int16
+    # one child process (nnunetv2 is never imported here): the export passes; a label 2 in one file fails
+    bad = tmp_path / "bad_label.nii.gz"
+    write_volume(bad, (label * 2).astype(np.uint8), GEOMETRY)
+    code = (
+        "import shutil, sys\n"
+        "from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as v\n"
+        "if __name__ == '__main__':\n"
+        f"    v({str(folder)!r}, 1)\n"
+        f"    shutil.copyfile({str(bad)!r}, {str(folder / 'labelsTr/real_c1.nii.gz')!r})\n"
+        "    try:\n"
+        f"        v({str(folder)!r}, 1)\n"
+        "    except RuntimeError as exc:\n"
+        "        print('REFUSED', exc)\n"
+    )
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = proc.stdout.split("verify_dataset_integrity Done", 1)
+    assert "Error" not in first and "Unexpected labels found" in second and "REFUSED" in second
+
+
+# ------------------------------------------------------------------------------------------ workflow
+def _ci_segmentation(workdir: Path) -> SegmentationConfig:
+    extra = yaml.safe_load((workdir / "ci.yaml").read_text())
+    return SegmentationConfig.from_config(load_config(workdir / "config/config.yaml", extra).raw)
+
+
+def test_workflow_trains_both_arms_and_predicts_every_test_case(demo_workflow: Path) -> None:
+    import nibabel as nib
+
+    with open(demo_workflow / "results/splits.csv") as fh:
+        split = {r["case_id"]: r["subset"] for r in csv.DictReader(fh)}
+    train = sorted(c for c, s in split.items() if s == "train")
+    test = sorted(c for c, s in split.items() if s == "test")
+    seg = demo_workflow / "results/segmentation"
+    for arm, n_syn in (("real", 0), ("real+synthetic", len(train))):
+        prep = read_json(seg / arm / "seed0/prepared.json")
+        assert (prep["n_real"], prep["n_synthetic"]) == (len(train), n_syn)
+        assert {c["source_case"] for c in prep["cases"]} <= set(train) and prep["test_cases"] == test
+        assert prep["patch_size"] == [32, 32, 32]  # nnU-Net's plan fits the 32^3 grid
+        run = read_json(seg / arm / "seed0/fold_all/run.json")
+        assert run["iterations"] == CI_CONFIG["segmentation"]["iterations_per_epoch"] and run["device"] == "cpu"
+        assert sorted(run["predictions"]) == test
+        for case in test:
+            pred = nib.load(seg / arm / f"seed0/fold_all/predictions/{case}.nii.gz")
+            ct = nib.load(demo_workflow / f"results/preprocessed/{case}/ct.nii.gz")
+            assert pred.shape == ct.shape and np.allclose(pred.affine, ct.affine) and pred.get_data_dtype() == np.uint8
+            assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1}
+        with open(seg / arm / "scores.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [r["case_id"] for r in rows] == test
+        assert all(0 <= float(r["dice"]) <= 1 and 0 <= float(r["specificity"]) <= 1 for r in rows)
+        log = (demo_workflow / f"logs/segment_train/{arm}_seed0_foldall.log").read_text()
+        assert "nnU-Net | " in log and "Epoch 0" in log
+    with open(seg / "comparison.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["arm"], r["metric"]) for r in table][:2] == [("real", "dice"), ("real", "sensitivity")]
+    assert len(table) == 10 and all(r["n_cases"] == str(len(test)) for r in table if r["metric"] == "dice")
+    assert (seg / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_segment_train_reuses_a_finished_model(
+    demo_workflow: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same data and settings: nnU-Net's checkpoint in state/ is reused, and it predicts what the workflow did."""
+    monkeypatch.chdir(demo_workflow)
+    seg = Path("results/segmentation/real/seed0")
+    test = sorted(read_json(seg / "fold_all/run.json")["predictions"])
+    cts = {c: Path(f"results/preprocessed/{c}/ct.nii.gz") for c in test}
+    preds = {c: tmp_path / f"{c}.nii.gz" for c in test}
+    run = train_arm(seg / "prepared.json", "all", cts, preds, tmp_path / "run.json", _ci_segmentation(demo_workflow), 1)
+    assert run["trained"] is False and read_json(seg / "fold_all/run.json")["trained"] is True
+    for c in test:
+        assert np.array_equal(read_volume(preds[c])[0], read_volume(seg / f"fold_all/predictions/{c}.nii.gz")[0])
+
+
+def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, tmp_path: Path) -> None:
+    """`lungddpm segment compare` calls the same function as the rule: same scores in, same table out."""
+    cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.raw))
+    results = tmp_path / "results"
+    for arm in ("real", "real+synthetic"):
+        (results / "segmentation" / arm).mkdir(parents=True)
+        shutil.copy2(
+            demo_workflow / f"results/segmentation/{arm}/scores.csv", results / f"segmentation/{arm}/scores.csv"
+        )
+    shutil.copytree(demo_workflow / "results/synthetic/augment", results / "synthetic/augment")
+    cmd = [sys.executable, "-m", "lungddpm.cli", "--configfile", str(tmp_path / "config.yaml"), "segment", "compare"]
+    proc = subprocess.run([*cmd, "--results", str(results)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ours = (results / "segmentation/comparison.csv").read_text()
+    assert ours == (demo_workflow / "results/segmentation/comparison.csv").read_text()
+    proc = subprocess.run([*cmd, "--arm", "nope"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "segmentation arm 'nope' is not configured" in proc.stderr
