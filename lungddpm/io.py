@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
@@ -50,12 +51,29 @@ class Geometry:
         rel = (np.asarray(world_xyz, dtype=np.float64).reshape(-1, 3) - np.asarray(self.origin)) @ d
         return (rel / np.asarray(self.spacing[::-1]))[:, ::-1]
 
+    def same_grid(self, other: Geometry) -> bool:
+        """Same spacing (1e-4 mm), origin (1e-3 mm) and direction (1e-5) as ``other``."""
+        return (
+            np.allclose(self.spacing, other.spacing, atol=1e-4)
+            and np.allclose(self.origin, other.origin, atol=1e-3)
+            and np.allclose(self.direction, other.direction, atol=1e-5)
+        )
+
     def to_json(self) -> dict[str, list[float]]:
         return {
             "spacing_zyx_mm": list(self.spacing),
             "origin_lps_xyz_mm": list(self.origin),
             "direction": list(self.direction),
         }
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class VolumeReadError(LungDDPMError):

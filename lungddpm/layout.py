@@ -32,11 +32,7 @@ def read_case_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.nda
     a layout grid different from the CT's."""
     ct, geometry = read_volume(ct_path)
     layout, lay_geometry = read_volume(layout_path)
-    if (
-        layout.shape != ct.shape
-        or not np.allclose(lay_geometry.origin, geometry.origin, atol=1e-3)
-        or not np.allclose(lay_geometry.spacing, geometry.spacing, atol=1e-4)
-    ):
+    if layout.shape != ct.shape or not lay_geometry.same_grid(geometry):
         raise LayoutError(
             f"{layout_path}: grid {layout.shape} at {lay_geometry.spacing} mm differs from its reference CT "
             f"{ct_path} {ct.shape} at {geometry.spacing} mm; rerun the layout stage for this case"

@@ -10,7 +10,6 @@ current checkpoint and settings, and whose files are all present.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,19 +26,11 @@ from .diffusion.process import DiffusionConfig, GaussianDiffusion
 from .diffusion.sample import Blend, keep_mask, sample
 from .diffusion.train import load_model, resolve_precision
 from .errors import LayoutError
-from .io import atomic_path, read_json, remove_stale_temps, safe_component, write_json, write_volume
+from .io import atomic_path, file_sha256, read_json, remove_stale_temps, safe_component, write_json, write_volume
 from .layout import read_case_pair
 from .plan import Item
 
 log = logging.getLogger(__name__)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def item_files(out_dir: Path, item: Item) -> dict[str, Path]:
@@ -125,7 +116,7 @@ def synthesize_shard(
     model = model.to(device)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
-    ckpt_sha = sha256(checkpoint)
+    ckpt_sha = file_sha256(checkpoint)
     settings = _settings(cfg, run, ckpt_sha)
     edit = cfg.raw["layout_edit"]
     bank = candidates = None

@@ -262,14 +262,14 @@ def import_lung_ddpm(
     src: Path, out: Path, convention: LungDDPMConvention, num_heads: int = 1, norm_groups: int = 32
 ) -> ImportSummary:
     """Convert the Lung-DDPM checkpoint ``src`` (loaded with ``weights_only=True``) into ``out``, atomically."""
-    from ..synthesize import sha256
+    from ..io import file_sha256
 
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file; set model.init_from to the released Lung-DDPM checkpoint")
     ckpt = convert(load_checkpoint(src), convention, num_heads, norm_groups, str(src))
-    digest = sha256(src)
+    digest = file_sha256(src)
     ckpt["source"] = {"file": str(src), "sha256": digest, "format": "Lung-DDPM GaussianDiffusion state dict"}
     with atomic_path(out) as tmp:
         torch.save(ckpt, tmp)

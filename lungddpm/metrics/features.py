@@ -17,7 +17,6 @@ Each extractor owns its preprocessing from an HU volume on disk ([Z, Y, X] + geo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import LungDDPMError
-from ..io import Geometry, atomic_path, read_volume
+from ..io import Geometry, atomic_path, file_sha256, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +197,6 @@ class Preprocessing:
 
 
 # --------------------------------------------------------------------------------------------------- extractors
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -305,7 +296,7 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
         raise FeatureError(f"unknown feature extractor {kind!r}; use astra, medicalnet or random")
     log.info("loading %s weights from %s", kind, path)
     load_strict(net, _load_state_dict(path), str(path), ignore)
-    digest = _sha256(path)[:16]
+    digest = file_sha256(path)[:16]
     return FeatureExtractor(kind, net.eval(), prep, f"{kind}-{digest}_{prep_id}", net.out_features, True)
 
 
@@ -315,7 +306,7 @@ def cached_features(
 ) -> np.ndarray:
     """Features of one NIfTI volume, or of its lung region when ``labels`` (a layout: label > 0 is lung) is given,
     cached under ``cache_dir/<extractor identity>/<sha256 of the file(s)>.npy`` → [dim] float64."""
-    key = _sha256(image) + ("" if labels is None else "_lung" + _sha256(labels)[:16])
+    key = file_sha256(image) + ("" if labels is None else "_lung" + file_sha256(labels)[:16])
     path = cache_dir / extractor.identity / f"{key}.npy"
     if path.is_file():
         try:

@@ -134,7 +134,7 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
     for p in tqdm(pairs, desc="paired metrics", unit="pair", mininterval=5):
         real, rg = read_volume(p.real.image)
         syn, sg = read_volume(p.synthetic.image)
-        if real.shape != syn.shape or not np.allclose(rg.spacing, sg.spacing) or not np.allclose(rg.origin, sg.origin):
+        if real.shape != syn.shape or not rg.same_grid(sg):
             raise MetricsError(
                 f"{p.synthetic.image} and {p.real.image} are not on the same grid; pair each synthetic volume with "
                 "the real case it was sampled for"

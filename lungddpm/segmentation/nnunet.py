@@ -321,12 +321,7 @@ def _copy_prediction(src: Path, ct_path: Path, dst: Path) -> None:
         raise NnUNetError(f"{src}: nnU-Net wrote no prediction for {ct_path}; see its output in the log")
     pred, pg = read_volume(src)
     ct, cg = read_volume(ct_path)
-    if (
-        pred.shape != ct.shape
-        or not np.allclose(pg.spacing, cg.spacing, atol=1e-4)
-        or not np.allclose(pg.origin, cg.origin, atol=1e-3)
-        or not np.allclose(pg.direction, cg.direction, atol=1e-5)
-    ):
+    if pred.shape != ct.shape or not pg.same_grid(cg):
         raise NnUNetError(
             f"{src}: prediction grid {pred.shape} at {pg.spacing} mm differs from its CT {ct_path} {ct.shape} at "
             f"{cg.spacing} mm; check the plan's transpose and spacing in the prepared dataset manifest"
