@@ -175,7 +175,11 @@ def cmd_metrics(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     settings = cfg.raw["metrics"]
     pairs, reference, floor = folder_sets(
-        Path(args.real), Path(args.synthetic), Path(args.real_labels) if args.real_labels else None, settings["seed"]
+        Path(args.real),
+        Path(args.synthetic),
+        Path(args.real_labels) if args.real_labels else None,
+        settings["seed"],
+        settings["floor_fraction"],
     )
     out = Path(args.out)
     rows = image_quality(
@@ -269,11 +273,12 @@ def cmd_segment(args: argparse.Namespace) -> None:
     train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))
     res, state = Path(args.results), Path(args.state)
     augment = [res / "synthetic" / "augment" / f"shard_{i}.json" for i in range(cfg.raw["sample"]["shards"])]
-    A.check_arms(seg, len(train), len(A.augment_items(augment)) if seg.needs_synthetic else 0, len(test))
     names = [seg.arm(a).name for a in args.arm] if args.arm else seg.arm_names
     seeds = args.seed if args.seed is not None else seg.seeds
     folds = args.fold or seg.folds
     steps = ["prepare", "train", "score", "compare"] if args.what == "all" else [args.what]
+    if "prepare" in steps:  # only preparing reads the augment run
+        A.check_arms(seg, len(train), len(A.augment_items(augment)) if seg.needs_synthetic else 0, len(test))
     for arm in names:
         for seed in seeds:
             if "prepare" in steps:
@@ -364,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "metrics",
         help="image quality of two folders of NIfTI volumes: synthetic <case>_<k> paired with real <case>; the real "
-        "volumes are split into a reference half and a real-vs-real floor half",
+        "volumes are split by patient into a floor (with every paired case) and a reference, so the real folder also "
+        "needs >= 2 volumes that no synthetic volume was sampled from",
     )
     p.add_argument("--real", required=True, help="folder of real volumes (*.nii.gz)")
     p.add_argument("--synthetic", required=True, help="folder of synthetic volumes (with <name>_layout.nii.gz)")

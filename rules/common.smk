@@ -1,7 +1,10 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
+from pathlib import Path
+
 from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
 from lungddpm.plan import item_to_dict, plan, samples_per_layout, shard
 from lungddpm.config import validate_config, config_from_mapping
+from lungddpm.metrics.sets import Volume, patient_of, real_halves
 
 validate_config(config, source="snakemake config")
 CFG = config_from_mapping(config)
@@ -13,6 +16,14 @@ BANK_CASES = bank_cases(CFG, SPLIT)
 MODEL = config["train"]["name"]
 CHECKPOINT = str(model_checkpoint(CFG, "results"))
 N_SHARDS = config["sample"]["shards"]
+# the image-quality floor and reference must both be possible before any job runs (raises naming the fix)
+real_halves(
+    [Volume(c, Path(c), None) for c in sorted(SPLIT)],
+    [c for c, s in SPLIT.items() if s == "test"],
+    {c: patient_of(c) for c in SPLIT},
+    config["metrics"]["seed"],
+    config["metrics"]["floor_fraction"],
+)
 
 
 def final_targets():

@@ -7,6 +7,7 @@ rule metrics:
         ),
         per_case=report("results/metrics/eval/per_case.csv", category="Image quality", caption="../report/per_case.rst"),
     params:
+        cases=sorted(SPLIT),
         cache_dir="state/feature_cache",
         settings=settings("metrics", "intensity"),
     log:

@@ -7,12 +7,19 @@ rule report:
         quality=report(
             "results/report/image_quality.png", category="Image quality", caption="../report/image_quality_plot.rst"
         ),
-        figures=directory("results/report/figures"),
+        figures=report(
+            directory("results/report/figures"),
+            patterns=["{name}.png"],
+            category="Samples",
+            caption="../report/figures.rst",
+        ),
     params:
         montages=config["report"]["montages"],
         demo=IS_DEMO,
     log:
         "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
     conda:
         "../envs/lungddpm.yaml"
     script:

@@ -6,10 +6,12 @@ from lungddpm.logs import rule_logging
 from lungddpm.metrics.image_quality import image_quality, workflow_sets
 
 with rule_logging(snakemake.log[0]):
-    inp, out, cfg = snakemake.input, snakemake.output, snakemake.config
-    real = {Path(c).parent.name: (Path(c), Path(lay)) for c, lay in zip(inp.ct, inp.layouts)}
-    pairs, reference, floor = workflow_sets([Path(m) for m in inp.manifests], real, cfg["metrics"]["seed"])
+    inp, out, params, settings = snakemake.input, snakemake.output, snakemake.params, snakemake.config["metrics"]
+    real = {case: (Path(ct), Path(lay)) for case, ct, lay in zip(params.cases, inp.ct, inp.layouts, strict=True)}
+    pairs, reference, floor = workflow_sets(
+        [Path(m) for m in inp.manifests], real, settings["seed"], settings["floor_fraction"]
+    )
     image_quality(
-        pairs, reference, floor, cfg["metrics"], cfg["intensity"]["hu_window"], Path(out.table), Path(out.per_case),
-        Path(snakemake.params.cache_dir), snakemake.threads,
+        pairs, reference, floor, settings, snakemake.config["intensity"]["hu_window"], Path(out.table),
+        Path(out.per_case), Path(params.cache_dir), snakemake.threads,
     )  # fmt: skip

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lungddpm.cli import main
-from lungddpm.io import Geometry, write_volume
+from lungddpm.io import Geometry, read_volume, write_volume
 from lungddpm.metrics.image_quality import MetricsError, Volume, folder_sets, image_quality, real_halves
 from lungddpm.report import quality_section
 
@@ -16,6 +16,7 @@ SETTINGS = {
                  "weights": None, "seed": 0},
     "regions": ["whole", "lung"], "distances": ["kid", "fid", "mmd"], "kid_subset_size": 100, "kid_subsets": 10,
     "bootstrap": 20, "ci_level": 0.9, "seed": 0, "ssim_window": 3, "ssim_sigma": 1.0, "nodule_solid_hu": -400,
+    "nodule_margin_voxels": 1, "floor_fraction": 0.5,
 }  # fmt: skip
 GEOM = Geometry((4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
 
@@ -80,7 +81,14 @@ def test_image_quality_tables_have_floor_beside_synthetic_at_the_same_n(folders:
         assert float(r["ci_low"]) <= float(r["ci_high"])
     paired = {(r["metric"], r["region"]): float(r["value"]) for r in table if "paired" in r["comparison"]}
     assert paired[("mse", "whole")] < paired[("mse", "lung")]  # all differences lie inside the lungs
-    assert paired[("hu_abs_diff", "nodule")] < 60 and paired[("ssim", "whole")] > paired[("ssim", "lung")]
+    assert paired[("ssim", "whole")] > paired[("ssim", "lung")]
+    diffs = []
+    for p in pairs:  # the nodule HU difference recomputed from the files
+        real, syn = (read_volume(v.image)[0].astype(float) for v in (p.real, p.synthetic))
+        nodule = read_volume(p.synthetic.labels)[0] == 2
+        diffs.append(abs(syn[nodule].mean() - real[nodule].mean()))
+    assert paired[("hu_abs_diff", "nodule")] == pytest.approx(np.mean(diffs), rel=1e-4)
+    assert float(next(r["value"] for r in table if r["metric"] == "mse" and r["region"] == "lung")) > 0
     per_case = list(csv.DictReader(open(out / "pc.csv")))
     assert [r["synthetic"] for r in per_case] == ["LIDC-IDRI-0000_0", "LIDC-IDRI-0000_1", "LIDC-IDRI-0001_0",
                                                    "LIDC-IDRI-0001_1"]  # fmt: skip
@@ -103,3 +111,9 @@ def test_metrics_cli_on_two_folders(folders: dict[str, Path], capsys: pytest.Cap
     write_volume(lonely / "LIDC-IDRI-0999_0.nii.gz", np.zeros((4, 4, 4), np.int16), GEOM)
     with pytest.raises(MetricsError, match="LIDC-IDRI-0999_0.nii.gz: no real volume 'LIDC-IDRI-0999'"):
         folder_sets(folders["real"], lonely)
+
+
+def test_too_few_real_patients_are_refused_naming_the_fix() -> None:
+    vols = [Volume(n, Path(f"{n}.nii.gz"), None) for n in ("a", "b", "c")]
+    with pytest.raises(MetricsError, match="add real cases"):
+        real_halves(vols, ["a"])

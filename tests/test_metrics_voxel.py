@@ -61,3 +61,13 @@ def test_nodule_agreement_known_answer() -> None:
     assert out["nodule_ml_real"] == pytest.approx(8 * 8 / 1000)
     assert out["nodule_ml_synthetic"] == pytest.approx(9 * 8 / 1000)
     assert nodule_agreement(real, syn, np.zeros_like(nodule), (1.0, 1.0, 1.0), -400.0) == {}
+
+
+@pytest.mark.parametrize("window", [3, 4, 5])
+def test_lung_ssim_crops_the_mask_to_the_map_for_any_window(window: int) -> None:
+    rng = np.random.default_rng(1)
+    real = rng.normal(-500, 200, (12, 12, 12)).astype(np.float32)
+    mask = np.zeros(real.shape, bool)
+    mask[3:9, 3:9, 3:9] = True
+    out = paired_metrics(real, real.copy(), mask, 1400.0, ssim_window=window)
+    assert out["ssim"] == pytest.approx(1.0, abs=1e-5)

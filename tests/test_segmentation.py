@@ -290,7 +290,6 @@ def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, 
         shutil.copy2(
             demo_workflow / f"results/segmentation/{arm}/scores.csv", results / f"segmentation/{arm}/scores.csv"
         )
-    shutil.copytree(demo_workflow / "results/synthetic/augment", results / "synthetic/augment")
     cmd = [sys.executable, "-m", "lungddpm.cli", "--configfile", str(tmp_path / "config.yaml"), "segment", "compare"]
     proc = subprocess.run([*cmd, "--results", str(results)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

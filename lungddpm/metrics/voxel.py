@@ -62,9 +62,9 @@ def paired_metrics(
     d = r - s
     mse = float(np.mean(d * d))
     smap = ssim_map(real, synthetic, data_range, ssim_window, ssim_sigma)
-    if mask is not None:
-        h = ssim_window // 2
-        inner = mask[h : mask.shape[0] - h, h : mask.shape[1] - h, h : mask.shape[2] - h]
+    if mask is not None:  # map index i is the window starting at voxel i, centred at i + (w - 1) // 2
+        lo, hi = (ssim_window - 1) // 2, ssim_window // 2
+        inner = mask[lo : mask.shape[0] - hi, lo : mask.shape[1] - hi, lo : mask.shape[2] - hi]
         smap = smap[inner] if inner.any() else np.array([np.nan])
     return {
         "mse": mse,
@@ -75,13 +75,18 @@ def paired_metrics(
 
 
 def nodule_agreement(
-    real: np.ndarray, synthetic: np.ndarray, nodule: np.ndarray, spacing: Sequence[float], solid_hu: float
+    real: np.ndarray,
+    synthetic: np.ndarray,
+    nodule: np.ndarray,
+    spacing: Sequence[float],
+    solid_hu: float,
+    margin_voxels: int = 1,
 ) -> dict[str, float]:
     """Nodule HU and size agreement inside the layout's nodule label (``nodule`` [Z, Y, X] bool): mean HU of each
-    volume there, and the volume (mL) of voxels above ``solid_hu`` in the label dilated by one voxel."""
+    volume there, and the volume (mL) of voxels above ``solid_hu`` in the label dilated by ``margin_voxels``."""
     if not nodule.any():
         return {}
-    grown = ndimage.binary_dilation(nodule)
+    grown = ndimage.binary_dilation(nodule, iterations=margin_voxels) if margin_voxels else nodule
     ml = float(np.prod(spacing)) / 1000.0
     return {
         "nodule_mean_hu_real": float(real[nodule].mean()),

@@ -372,7 +372,21 @@ def _plan(job: dict[str, Any]) -> dict[str, Any]:
     with _env(nnUNet_n_proc_DA=str(max(1, int(job["threads"])))) if da == "0" else contextlib.nullcontext():
         plans_identifier = plan_experiments([dataset_id], job["planner"])
     preprocess([dataset_id], plans_identifier, [job["configuration"]], [n], verbose=False, show_progress_bar=False)
+    _write_splits(dataset_id)
     return {"plans_identifier": plans_identifier}
+
+
+def _write_splits(dataset_id: int) -> None:
+    """nnU-Net's own seeded 5-fold split, written once here (atomically) instead of by the first fold to train:
+    folds of one arm train side by side and would race on a half-written ``splits_final.json``."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    labels = Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id) / "labelsTr"
+    identifiers = sorted(p.name.removesuffix(FILE_ENDING) for p in labels.glob(f"*{FILE_ENDING}"))
+    if len(identifiers) < 5:  # nnU-Net's 5-fold split needs 5 cases; such arms train fold "all" only
+        return
+    splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)  # nnU-Net's do_split seed
+    write_json(Path(os.environ["nnUNet_preprocessed"]) / dataset_name(dataset_id) / "splits_final.json", splits)
 
 
 def _trainer_class(name: str) -> type:

@@ -1,0 +1,72 @@
+"""The sets of the image-quality metrics: volumes, synthetic/real pairs and the split of the real volumes into the
+real-vs-real floor and the reference (light: imported when the workflow is parsed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LungDDPMError
+
+
+class MetricsError(LungDDPMError):
+    """The inputs of the image-quality metrics are inconsistent."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An HU volume with its layout (labels 0 background, 1 lung, 2 nodule; None when unknown)."""
+
+    name: str
+    image: Path
+    labels: Path | None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A synthetic volume and the real volume it was generated for (same layout, same grid)."""
+
+    synthetic: Volume
+    real: Volume
+
+
+def real_halves(
+    real: Sequence[Volume],
+    first: Sequence[str],
+    group: dict[str, str] | None = None,
+    seed: int = 0,
+    floor_fraction: float = 0.5,
+) -> tuple[list[Volume], list[Volume]]:
+    """Split real volumes into two disjoint sets by group (patient): (floor, reference).
+
+    The groups of ``first`` (the real cases the synthetic volumes were sampled for) go to the floor, the others are
+    shuffled (seeded) and fill it up to ``floor_fraction`` of the groups; the rest is the reference. So the
+    synthetic set is never compared with its own source CTs, whose background it copies.
+    """
+    group = group or {}
+    by_group: dict[str, list[Volume]] = {}
+    for v in real:
+        by_group.setdefault(group.get(v.name, v.name), []).append(v)
+    names = sorted(by_group)
+    firsts = [g for g in names if any(v.name in set(first) for v in by_group[g])]
+    rest = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    rest = [g for g in rest if g not in firsts]
+    n_floor = max(len(firsts), int(len(names) * floor_fraction))
+    floor_groups = set(firsts + rest[: max(0, n_floor - len(firsts))])
+    floor = [v for g in names if g in floor_groups for v in by_group[g]]
+    reference = [v for g in names if g not in floor_groups for v in by_group[g]]
+    if len({group.get(v.name, v.name) for v in reference}) < 2 or len(floor) < 2:
+        raise MetricsError(
+            f"{len(names)} real patients, {len(firsts)} of them sources of synthetic volumes: the floor ({len(floor)}) "
+            f"and the reference ({len(reference)}) need >= 2 volumes each, and the reference only patients that no "
+            "synthetic volume was sampled from; add real cases (demo: data.demo.n_scans >= 4)"
+        )
+    return floor, reference
+
+
+def patient_of(case_id: str) -> str:
+    """The LIDC patient of a case id ``LIDC-IDRI-XXXX[_sN]`` (series of one patient share it)."""
+    return case_id.partition("_s")[0]
