@@ -9,6 +9,7 @@ On disk, SimpleITK converts this to a NIfTI RAS affine, so any NIfTI reader sees
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import glob
 import hashlib
@@ -16,7 +17,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,26 @@ class Geometry:
             "origin_lps_xyz_mm": list(self.origin),
             "direction": list(self.direction),
         }
+
+
+def write_csv(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> None:
+    """Rows of dicts → CSV, atomically. ``columns`` default to the union of the rows' keys in first-seen order;
+    floats are written with 6 significant digits and NaN as an empty cell."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.6g}"
+        return v
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="raise")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: cell(r.get(k)) for k in columns})
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

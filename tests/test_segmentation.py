@@ -19,6 +19,7 @@ from conftest import CI_CONFIG, REPO
 from lungddpm.config import load_config
 from lungddpm.errors import ConfigError, LungDDPMError
 from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
+from lungddpm.metrics.voxel import dice
 from lungddpm.segmentation.arms import (
     Arm,
     EvaluationConfig,
@@ -29,7 +30,7 @@ from lungddpm.segmentation.arms import (
     select_synthetic,
     training_cases,
 )
-from lungddpm.segmentation.evaluate import compare_arms, detection, dice, score_arm, voxel_scores
+from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
 from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, train_arm
 
 EV = EvaluationConfig(

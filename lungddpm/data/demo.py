@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import Config
 from ..io import Geometry, read_json, read_volume, write_text, write_volume
+from ..metrics.voxel import dice
 from ..preprocess import SliceGrid, resample
 from . import lidc
 from .phantom import NoduleSpec, PhantomConfig, ScanGeometry, quirks_for, synthesize_thorax, write_dicom_series
@@ -69,12 +70,6 @@ def write_demo_case(case_id: str, index: int, root: Path, cfg: Config) -> Path:
         time.perf_counter() - t0,
     )
     return series_dir
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks of the same shape (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def qc_case(case_id: str, truth_file: Path, preprocessed: Path) -> dict[str, Any]:

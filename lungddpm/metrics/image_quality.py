@@ -10,7 +10,6 @@ distance inside the lungs and nodule HU/size agreement compare each synthetic vo
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import atomic_path, read_volume
+from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, kid
 from .features import FeatureExtractor, build_extractor, cached_features
 from .sets import MetricsError, Pair, Volume, patient_of, real_halves
@@ -179,18 +178,6 @@ def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]
             }
         )
     return rows
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows of dicts → CSV (columns = union of keys in first-seen order), atomically."""
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def image_quality(

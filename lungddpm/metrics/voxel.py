@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 from scipy.stats import wasserstein_distance
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks [Z, Y, X]; 1.0 when both are empty (nothing to find and nothing predicted)."""
+    a, b = a.astype(bool), b.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def region_mse(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray) -> float:
@@ -38,6 +44,7 @@ def _region(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray | None) ->
 
 def ssim_map(real: np.ndarray, synthetic: np.ndarray, data_range: float, window: int, sigma: float) -> np.ndarray:
     """Local 3D SSIM (MONAI, Gaussian window) → [Z - w + 1, Y - w + 1, X - w + 1] (valid positions only)."""
+    import torch
     from monai.metrics.regression import compute_ssim_and_cs
 
     def t(v: np.ndarray) -> torch.Tensor:

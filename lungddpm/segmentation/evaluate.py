@@ -21,8 +21,8 @@ import numpy as np
 from scipy import ndimage, stats
 
 from ..errors import LungDDPMError
-from ..io import atomic_path, read_json, read_volume
-from ..metrics.voxel import bootstrap_ci
+from ..io import atomic_path, read_json, read_volume, write_csv
+from ..metrics.voxel import bootstrap_ci, dice
 from .arms import EvaluationConfig
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,6 @@ COMPARISON_COLUMNS = (
 )
 COMPARED_AS = {"false_positives": "fp_per_scan"}  # its mean over cases is the false positives per scan
 PLOTTED = (("dice", "Dice"), ("sensitivity", "voxel sensitivity"), ("detection_sensitivity", "nodule detection"))
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks [Z, Y, X]; 1.0 when both are empty (nothing to find and nothing predicted)."""
-    p, t = pred.astype(bool), truth.astype(bool)
-    denom = int(p.sum()) + int(t.sum())
-    return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
 
 
 def voxel_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -143,27 +136,13 @@ def score_arm(
                 raise LungDDPMError(f"{pred_path}: shape {pred.shape}, but {nodules[case]} is {truth[case].shape}")
             scores = score_case(pred > 0, truth[case], ev)
             rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, **scores})
-    _write_csv(out, rows, SCORE_COLUMNS)
+    write_csv(out, rows, SCORE_COLUMNS)
     for metric in ("dice", "sensitivity", "detection_sensitivity"):
         vals = [r[metric] for r in rows if not math.isnan(r[metric])]
         log.info(
             "arm %s: mean %s %.4f over %d case x model(s)", arm, metric, np.mean(vals) if vals else math.nan, len(vals)
         )
     return rows
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="raise")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _cell(r.get(k)) for k in columns})
-
-
-def _cell(v: Any) -> Any:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return "" if v is None else v
 
 
 def read_scores(path: Path) -> list[dict[str, Any]]:
@@ -254,7 +233,7 @@ def compare_arms(
                     row["p_value"] = paired_test(d, ev.paired_test)
                     row["test"] = ev.paired_test
             out.append(row)
-    _write_csv(table, out, COMPARISON_COLUMNS)
+    write_csv(table, out, COMPARISON_COLUMNS)
     plot_comparison(out, figure, ev.ci_level)
     for r in out:
         if r["metric"] in ("dice", "sensitivity", "detection_sensitivity"):
