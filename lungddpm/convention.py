@@ -79,7 +79,7 @@ class WindowConvention:
         return {"name": self.name, "hu_window": [float(v) for v in self.hu_window]}
 
 
-def _resize(volume: np.ndarray, size: tuple[int, ...], mode: str) -> np.ndarray:
+def resize(volume: np.ndarray, size: tuple[int, ...], mode: str) -> np.ndarray:
     """[C, *spatial] float -> [C, *size] by ``torch`` interpolation (align_corners=False: voxel centres map onto
     voxel centres, the field of view is kept); the identity when the size already matches."""
     if tuple(volume.shape[1:]) == tuple(size):
@@ -137,7 +137,7 @@ class LungDDPMConvention:
 
     def _to_network(self, a: np.ndarray, mode: str) -> np.ndarray:
         """[C, Z, Y, X] -> [C, size³] arranged (S0, S2, S1)."""
-        return _resize(self.to_original(a).transpose(0, 1, 3, 2), self.grid, mode)
+        return resize(self.to_original(a).transpose(0, 1, 3, 2), self.grid, mode)
 
     # ------------------------------------------------------------------------------------------- intensity
     def column_range(self, ct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,14 +181,14 @@ class LungDDPMConvention:
         [-1, 1] clipped first)."""
         rec = inp.record["intensity"]
         ends = np.stack([rec["column_min_hu"], rec["column_max_hu"]])  # [2, n_S2]
-        lo, hi = _resize(ends, (x.shape[1],), "linear").astype(np.float64)
+        lo, hi = resize(ends, (x.shape[1],), "linear").astype(np.float64)
         unit = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
         return (unit * (hi - lo)[None, :, None] + lo[None, :, None]).astype(np.float32)
 
     def to_hu(self, x: np.ndarray, inp: ModelInput) -> np.ndarray:
         hu = self.model_grid_hu(x, inp)  # (S0, S2, S1) on the model grid
         n0, n1, n2 = (inp.case_shape[a] for a in self.axes)
-        back = _resize(hu[None], (n0, n2, n1), "trilinear")[0].transpose(0, 2, 1)  # (S0, S1, S2), case grid
+        back = resize(hu[None], (n0, n2, n1), "trilinear")[0].transpose(0, 2, 1)  # (S0, S1, S2), case grid
         return np.ascontiguousarray(self.from_original(back), dtype=np.float32)
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
-from torch.nn import functional as F
 
+from ..convention import resize
 from ..errors import LungDDPMError
 from ..io import Geometry, atomic_path, file_sha256, read_volume
 
@@ -159,12 +159,6 @@ def body_box(volume_hu: np.ndarray, threshold_hu: float) -> tuple[slice, ...]:
     return ndimage.find_objects((labels == largest).astype(np.int8))[0]
 
 
-def resize(volume: np.ndarray, size: Sequence[int]) -> torch.Tensor:
-    """Trilinear resize of a 3D array to ``size`` → float32 tensor [1, 1, *size]."""
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)
-
-
 @dataclass(frozen=True)
 class Preprocessing:
     """HU volume → network input: RAS, crop to body, clip and scale, resize to ``size`` (D, H, W)."""
@@ -193,7 +187,7 @@ class Preprocessing:
         x = (np.clip(ras[box], lo, hi) - lo) / (hi - lo)
         if self.zscore:
             x = (x - x.mean()) / max(float(x.std()), 1e-6)
-        return resize(np.transpose(x, (2, 0, 1)), self.size)
+        return torch.from_numpy(resize(np.transpose(x, (2, 0, 1))[None], self.size, "trilinear"))[None]
 
 
 # --------------------------------------------------------------------------------------------------- extractors
