@@ -24,6 +24,7 @@ include: "rules/sample.smk"
 include: "rules/metrics.smk"
 include: "rules/report.smk"
 include: "rules/segment.smk"
+include: "rules/lesion.smk"
 
 
 rule all:

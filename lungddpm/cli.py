@@ -50,6 +50,16 @@ def cmd_cases(args: argparse.Namespace) -> None:
     print(json.dumps({c: split[c] for c in cases}, indent=2))
 
 
+def cmd_rois(args: argparse.Namespace) -> None:
+    from .cases import dicom_root
+    from .preprocessing.rois import RoiSettings, extract_rois, load_source
+
+    cfg = _config(args)
+    pre = Path(args.preprocessed or f"results/preprocessed/{args.case}")
+    rows = extract_rois(load_source(args.case, dicom_root(cfg), pre, cfg), RoiSettings.from_config(cfg), Path(args.out))
+    print(json.dumps({"case": args.case, "rois": len(rows), "table": str(Path(args.out) / "rois.csv")}))
+
+
 def cmd_demo_dicom(args: argparse.Namespace) -> None:
     from .cases import DEMO_ROOT, list_cases
     from .data.demo import write_demo_case
@@ -230,6 +240,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raw = dict(cfg.raw)
         raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
         cfg = Config.from_dict(raw)
+    if args.what == "sample" and args.scale == "lesion":
+        from .config import lesion_config
+        from .diffusion.bench import bench_inpaint
+
+        for name, steps in _specs(args.samplers):
+            for precision in args.precision:
+                for row in bench_inpaint(lesion_config(cfg), args.batch, name, steps, precision, args.threads):
+                    print(json.dumps(row), flush=True)
+        return
     if args.what == "sample":
         from .diffusion.bench import bench_sample
 
@@ -250,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             result = bench_train(
                 cfg,
                 args.size,
-                args.batch,
+                args.batch[0],
                 precision,
                 compiled,
                 args.channels_last,
@@ -355,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="the lungddpm checkpoint to write, e.g. results/models/lung-ddpm/checkpoint.pt"
     )
     p.set_defaults(func=cmd_import_lungddpm)
+    p = sub.add_parser("rois", help="lesion-scale ROIs of one case from its source DICOM (needs its preprocess)")
+    p.add_argument("--case", required=True)
+    p.add_argument("--preprocessed", default=None, help="default results/preprocessed/<case>")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_rois)
     p = sub.add_parser("nodule-bank", help="build the nodule bank for layout editing")
     p.add_argument("--out", default="resources/nodule_bank.npz")
     p.set_defaults(func=cmd_nodule_bank)
@@ -390,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="quality: results root")
     p.add_argument("--out", default=None, help="quality: also write the table to this JSON file")
     p.add_argument("--size", type=int, default=64, help="cubic grid edge")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch (lesion sample: nodules per batch, several)")
+    p.add_argument("--scale", choices=["whole", "lesion"], default="whole", help="sample: lesion = inpaint ROIs")
     p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="also run torch.compile")

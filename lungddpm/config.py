@@ -210,6 +210,11 @@ class TrainConfig:
     resume: str
     processes: int
     gpus: int
+    focus_weight: float = 0.0
+    focus_margin_mm: float = 3.0
+    cond_dropout: float = 0.0
+    flip: bool = False
+    balance_textures: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,3 +256,22 @@ class Config:
 def config_from_mapping(cfg: Mapping[str, Any]) -> Config:
     """Validate a plain mapping (e.g. Snakemake's ``config``) and return its typed view."""
     return Config.from_dict(validate_config(copy.deepcopy(dict(cfg))))
+
+
+def lesion_config(cfg: Config) -> Config:
+    """The lesion scale's view of ``cfg`` (DESIGN §5): the same sections with ``lesion.model`` and
+    ``lesion.train`` merged over ``model`` and ``train``, and the model grid replaced by the ROI grid, so that the
+    one trainer, network and samplers serve both scales. Validated like the whole config."""
+    raw = copy.deepcopy(cfg.raw)
+    lesion = raw["lesion"]
+    raw["model"] = {**raw["model"], **lesion["model"], "init_from": None}
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("gpus", "processes")}
+    _merge(raw["train"], lesion["train"])
+    n, s = int(lesion["roi"]["size"]), float(lesion["roi"]["spacing_mm"])
+    raw["preprocess"] = {**raw["preprocess"], "size": [n, n, n], "spacing_mm": [s, s, s]}
+    try:
+        return Config.from_dict(validate_config(raw, source="lesion scale (lesion.model / lesion.train)"))
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}\n  (model.* and train.* above are lesion.model.* and lesion.train.* merged over them)"
+        ) from exc

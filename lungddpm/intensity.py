@@ -24,15 +24,34 @@ def model_to_hu(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (np.clip(x.astype(np.float32), -1.0, 1.0) + 1.0) / 2.0 * (hi - lo) + lo
 
 
-def layout_to_channels(layout: np.ndarray, name: str = "layout") -> np.ndarray:
-    """layout [D, H, W] labels 0/1/2 -> float32 [2, D, H, W]: lung (label 1) and nodule (label 2) in {-1, 1}."""
+TEXTURE_CLASSES = ("ground-glass", "part-solid", "solid")
+ANY_TEXTURE = 1.0  # the nodule channel's value for "nodule, texture not given" (the whole-volume scale's only one)
+
+
+def texture_class(rating: int) -> int:
+    """LIDC texture rating 1..5 -> class index into :data:`TEXTURE_CLASSES` (1-2 ground-glass, 3 part-solid,
+    4-5 solid)."""
+    if not 1 <= int(rating) <= 5:
+        raise ValueError(f"LIDC texture rating {rating} outside 1..5")
+    return 0 if rating <= 2 else 1 if rating == 3 else 2
+
+
+def layout_to_channels(layout: np.ndarray, name: str = "layout", nodule_level: np.ndarray | None = None) -> np.ndarray:
+    """layout [D, H, W] labels 0/1/2 -> float32 [2, D, H, W]: lung (label 1) and nodule (label 2) in {-1, 1}.
+
+    ``nodule_level`` [D, H, W] (lesion scale) gives the nodule channel's value inside the nodules — the texture
+    class's level (``lesion.texture_levels``) or :data:`ANY_TEXTURE`; outside them the channel is -1.
+    """
     check_labels(layout, name)
-    return np.stack([layout == LUNG, layout == NODULE]).astype(np.float32) * 2.0 - 1.0
+    channels = np.stack([layout == LUNG, layout == NODULE]).astype(np.float32) * 2.0 - 1.0
+    if nodule_level is not None:
+        channels[1] = np.where(layout == NODULE, nodule_level, -1.0)
+    return channels
 
 
 def channels_to_layout(channels: torch.Tensor | np.ndarray) -> np.ndarray:
     """[2, D, H, W] channels in {-1, 1} (or soft) -> uint8 labels; nodule wins where both are on."""
     c = np.asarray(channels)
     out = np.where(c[0] > 0, LUNG, 0).astype(np.uint8)
-    out[c[1] > 0] = NODULE
+    out[c[1] > 0] = NODULE  # the lesion scale's texture levels are > 0 too
     return out

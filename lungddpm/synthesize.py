@@ -22,9 +22,9 @@ import torch
 from . import __version__
 from .config import Config
 from .convention import convention_from_checkpoint
+from .diffusion.checkpoint import load_model, resolve_precision
 from .diffusion.process import DiffusionConfig, GaussianDiffusion
 from .diffusion.sample import Blend, keep_mask, sample
-from .diffusion.train import load_model, resolve_precision
 from .errors import LayoutError
 from .io import atomic_path, file_sha256, read_json, remove_stale_temps, safe_component, write_json, write_volume
 from .layout import read_case_pair

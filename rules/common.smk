@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
-from lungddpm.plan import item_to_dict, plan, samples_per_layout, shard
-from lungddpm.config import validate_config, config_from_mapping
+from lungddpm.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
+from lungddpm.config import validate_config, config_from_mapping, lesion_config
 from lungddpm.metrics.sets import Volume, patient_of, real_halves
 
 validate_config(config, source="snakemake config")
@@ -16,6 +16,10 @@ BANK_CASES = bank_cases(CFG, SPLIT)
 MODEL = config["train"]["name"]
 CHECKPOINT = str(model_checkpoint(CFG, "results"))
 N_SHARDS = config["sample"]["shards"]
+LESION = config["lesion"]["enabled"]
+LESION_CFG = lesion_config(CFG)  # validates lesion.model / lesion.train at parse time
+LESION_CHECKPOINT = f"results/models/lesion/{LESION_CFG.train.name}/checkpoint.pt"
+LESION_SHARDS = config["lesion"]["sample"]["shards"]
 # the image-quality floor and reference must both be possible before any job runs (raises naming the fix)
 real_halves(
     [Volume(c, Path(c), None) for c in sorted(SPLIT)],
@@ -33,6 +37,10 @@ def final_targets():
     targets += ["results/metrics/eval/image_quality.csv", "results/report/summary.md"]
     if IS_DEMO:
         targets.append("results/qc/demo_segmentation.csv")
+    if LESION:
+        targets += expand("results/rois/{case}/rois.csv", case=CASES)
+        targets += expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
+        targets.append("results/synthetic/lesion/texture_control.csv")
     if config["segmentation"]["enabled"]:
         targets += ["results/segmentation/comparison.csv", "results/segmentation/comparison.png"]
     return targets
@@ -96,4 +104,27 @@ def report_inputs(wildcards):
         inputs["segmentation_png"] = "results/segmentation/comparison.png"
     if not config["model"]["init_from"]:  # an imported checkpoint has no training log
         inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
+    return inputs
+
+
+def lesion_items():
+    ins = config["lesion"]["insert"]
+    return lesion_plan(subset_cases("train"), ins["samples_per_case"], config["lesion"]["sample"]["seed"])
+
+
+def lesion_shard_items(wildcards):
+    return [item_to_dict(it) for it in shard(lesion_items(), LESION_SHARDS, int(wildcards.shard))]
+
+
+def lesion_inputs(wildcards):
+    """The lesion model, the bank, and per case of the shard its ROI table, fine lung mask and source series."""
+    cases = sorted({it["case_id"] for it in lesion_shard_items(wildcards)})
+    inputs = {
+        "checkpoint": LESION_CHECKPOINT,
+        "bank": "resources/nodule_bank.npz",
+        "tables": expand("results/rois/{case}/rois.csv", case=cases),
+        "lung_fine": expand("results/preprocessed/{case}/lung_fine.nii.gz", case=cases),
+    }
+    if IS_DEMO:
+        inputs["series"] = expand(f"{DEMO_ROOT}/series/{{case}}.json", case=cases)
     return inputs

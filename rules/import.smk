@@ -25,6 +25,8 @@ if config["model"]["init_from"]:
             checkpoint="results/models/{name}/checkpoint.pt",
         params:
             settings=settings("model", "init_convention"),
+        wildcard_constraints:
+            name=r"[^/]+",
         log:
             "logs/import_checkpoint/{name}.log",
         benchmark:

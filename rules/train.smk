@@ -13,6 +13,8 @@ rule train:
         state_dir=lambda wildcards: f"state/models/{wildcards.name}",
         processes=config["train"]["processes"],
         settings=settings("model", "diffusion", "train", "intensity"),
+    wildcard_constraints:
+        name=r"[^/]+",
     log:
         "logs/train/{name}.log",
     benchmark:

@@ -22,6 +22,17 @@ CI_CONFIG = {
     "sample": {"steps": 3, "shards": 2, "eval_samples_per_layout": 2},
     "metrics": {"features": {"size": [32, 32, 32]}, "bootstrap": 20, "kid_subsets": 10},
     "layout_edit": {"bank_max_scans": 10},
+    # the lesion scale: 16^3 ROIs at 2.5 mm, a tiny network, a few steps (the same code path as the demo)
+    "lesion": {
+        "roi": {"spacing_mm": 2.5, "size": 16, "rois_per_nodule": 1, "free_per_case": 2, "site_min_depth_mm": 10},
+        "model": {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4},
+        "train": {"name": "ci", "steps": 6, "batch_size": 2, "checkpoint_every": 3, "log_every": 1,
+                  "preview_every": 0, "preview_sampler_steps": 2, "precision": "bf16", "focus_weight": 2.0,
+                  "cond_dropout": 0.1, "balance_textures": True, "flip": True},
+        "insert": {"diameter_mm": [3, 12], "margin_mm": 5.0, "feather_mm": 2.5},
+        "sample": {"steps": 3, "batch_size": 4, "precision": "bf16"},
+        "texture_control_sites": 2,
+    },
     # nnU-Net: the demo's two arms, fold all, 2 iterations each (a pipeline check, ~1 min on 2 cores)
     "segmentation": {
         "num_epochs": 1,

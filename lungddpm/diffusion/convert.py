@@ -26,8 +26,8 @@ from .. import __version__
 from ..config import Config
 from ..convention import ConventionError, LungDDPMConvention
 from ..io import atomic_path
+from .checkpoint import CheckpointError, load_checkpoint
 from .process import SCHEDULES, DiffusionConfig, make_scheduler
-from .train import CheckpointError, load_checkpoint
 from .unet import UNet3D, UNetConfig
 
 log = logging.getLogger(__name__)

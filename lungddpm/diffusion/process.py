@@ -78,9 +78,16 @@ class GaussianDiffusion:
         return a.sqrt() * x_t - (1 - a).sqrt() * output
 
     def loss(
-        self, model: Model, x0: torch.Tensor, layout: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        layout: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample loss [B] (mean over voxels) of ``model`` at timesteps ``t`` with the given ``noise``."""
+        """Per-sample loss [B] (mean over voxels) of ``model`` at timesteps ``t`` with the given ``noise``;
+        ``weight`` [B, 1, D, H, W] makes it the weighted mean (the lesion-focused loss)."""
         x_t = self.add_noise(x0, noise, t)
         out = model(x_t, t, layout)
         target = self.target(x0, noise, t).to(out.dtype)
@@ -89,4 +96,7 @@ class GaussianDiffusion:
             if self.cfg.loss == "l1"
             else F.mse_loss(out, target, reduction="none")
         )
-        return err.float().flatten(1).mean(1)
+        if weight is None:
+            return err.float().flatten(1).mean(1)
+        w = weight.float().expand_as(err).flatten(1)
+        return (err.float().flatten(1) * w).sum(1) / w.sum(1)

@@ -18,7 +18,6 @@ import copy
 import csv
 import logging
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -34,20 +33,17 @@ from .. import __version__
 from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
 from ..faults import kill_point
-from ..intensity import hu_to_model, layout_to_channels, model_to_hu
+from ..intensity import ANY_TEXTURE, hu_to_model, layout_to_channels, model_to_hu
 from ..io import atomic_path
 from ..layout import read_case_pair
+from .checkpoint import CheckpointError, load_checkpoint, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
-from .unet import UNet3D, UNetConfig, count_parameters, unet_config_from_dict
+from .unet import UNet3D, count_parameters, unet_config_from_dict
 
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds", "samples_per_s")
 CKPT_KEYS = {"model", "ema", "optimizer", "scaler", "step", "rng_cpu", "rng_cuda", "fingerprint", "config", "version"}
-
-
-class CheckpointError(LungDDPMError):
-    """A checkpoint that cannot or must not be used."""
 
 
 class TrainingDivergedError(LungDDPMError):
@@ -60,8 +56,10 @@ class TrainData:
     """Training volumes cached in memory."""
 
     images: torch.Tensor  # [N, 1, D, H, W] in [-1, 1]
-    layouts: torch.Tensor  # [N, 2, D, H, W] in {-1, 1}
+    layouts: torch.Tensor  # [N, 2, D, H, W] in {-1, 1} (lesion scale: the nodule channel at texture levels)
     case_ids: tuple[str, ...]
+    weights: torch.Tensor | None = None  # [N, 1, D, H, W] lesion-focused loss weights, or None (uniform)
+    groups: tuple[str, ...] | None = None  # per sample: texture class or 'free' (train.balance_textures)
 
 
 def load_training_data(
@@ -107,9 +105,18 @@ class StepBatches(torch.utils.data.Dataset):
         timesteps: int,
         first_step: int,
         last_step: int,
+        cond_dropout: float = 0.0,
+        flip: bool = False,
+        balance: bool = False,
     ) -> None:
         self.data, self.seed, self.micro, self.world, self.rank = data, seed, micro, world, rank
         self.accum, self.timesteps, self.first, self.last = accum, timesteps, first_step, last_step
+        self.cond_dropout, self.flip = cond_dropout, flip
+        self.probs = None
+        if balance and data.groups is not None:  # each group equally often
+            groups = np.asarray(data.groups)
+            counts = {g: int((groups == g).sum()) for g in set(data.groups)}
+            self.probs = np.array([1.0 / (counts[g] * len(counts)) for g in data.groups])
 
     def __len__(self) -> int:
         return max(self.last - self.first, 0)
@@ -121,26 +128,41 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
         step = self.first + i + 1  # optimizer steps are numbered from 1
         n = len(self.data.case_ids)
-        cases = np.random.default_rng(_seed(self.seed, step)).integers(0, n, size=self.global_batch)
+        rng = np.random.default_rng(_seed(self.seed, step))
+        if self.probs is None:
+            cases = rng.integers(0, n, size=self.global_batch)
+        else:
+            cases = rng.choice(n, size=self.global_batch, p=self.probs)
         out = []
         for m in range(self.accum):
             lo = (m * self.world + self.rank) * self.micro
             idx = list(range(lo, lo + self.micro))
-            ts, noises = [], []
+            ts, noises, samples = [], [], []
             for j in idx:
                 g = torch.Generator().manual_seed(_seed(self.seed, step, j))
                 ts.append(torch.randint(0, self.timesteps, (1,), generator=g))
                 noises.append(torch.randn(self.data.images.shape[1:], generator=g))
-            sel = torch.as_tensor(cases[idx])
-            out.append(
-                {
-                    "x0": self.data.images[sel],
-                    "layout": self.data.layouts[sel],
-                    "t": torch.cat(ts),
-                    "noise": torch.stack(noises),
-                }
-            )
+                samples.append(self._augment(int(cases[j]), g))
+            batch = {k: torch.stack([smp[k] for smp in samples]) for k in samples[0]}
+            out.append({**batch, "t": torch.cat(ts), "noise": torch.stack(noises)})
         return out
+
+    def _augment(self, case: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """One sample, with the nodule texture dropped to 'any texture' (p = ``cond_dropout``) and random flips;
+        the random draws come after the timestep and noise, so they leave those unchanged."""
+        d = self.data
+        sample = {"x0": d.images[case], "layout": d.layouts[case]}
+        if d.weights is not None:
+            sample["weight"] = d.weights[case]
+        if self.cond_dropout > 0 and float(torch.rand((), generator=g)) < self.cond_dropout:
+            lay = sample["layout"].clone()
+            lay[1] = torch.where(lay[1] > 0, torch.tensor(ANY_TEXTURE), lay[1])
+            sample["layout"] = lay
+        if self.flip:
+            dims = [a + 1 for a in range(3) if float(torch.rand((), generator=g)) < 0.5]
+            if dims:
+                sample = {k: v.flip(dims) for k, v in sample.items()}
+        return sample
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -191,18 +213,6 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
     }
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused, not trusted."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused — it cannot be loaded with torch.load(weights_only=True) because it contains "
-            "arbitrary Python objects, which could run code; re-save it as plain state dicts (tensors, numbers, "
-            f"strings) ({str(exc).splitlines()[0]})"
-        ) from exc
 
 
 def _checkpoints(state_dir: Path) -> list[Path]:
@@ -256,13 +266,6 @@ class EMA:
         torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = fp32; otherwise the autocast dtype."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -405,7 +408,18 @@ def train(
     if tc.compile:
         net = torch.compile(net)
     batches = StepBatches(
-        data, tc.seed, tc.batch_size, dist.world, dist.rank, tc.grad_accum, diffusion.num_timesteps, start, tc.steps
+        data,
+        tc.seed,
+        tc.batch_size,
+        dist.world,
+        dist.rank,
+        tc.grad_accum,
+        diffusion.num_timesteps,
+        start,
+        tc.steps,
+        tc.cond_dropout,
+        tc.flip,
+        tc.balance_textures,
     )
     loader = torch.utils.data.DataLoader(
         batches,
@@ -456,7 +470,8 @@ def train(
             sync = m == len(step_batches) - 1 or dist.world == 1
             ctx = contextlib.nullcontext() if sync else net.no_sync()  # type: ignore[operator]
             with ctx, _autocast(device, dtype):
-                loss = diffusion.loss(net, x0, layout, micro["t"].to(device), micro["noise"].to(device)).mean()
+                weight = micro["weight"].to(device) if "weight" in micro else None
+                loss = diffusion.loss(net, x0, layout, micro["t"].to(device), micro["noise"].to(device), weight).mean()
                 scaler.scale(loss / tc.grad_accum).backward()
             step_loss += loss.detach() / tc.grad_accum
         mean_loss = _all_mean(step_loss, dist)  # the same on every rank, so every rank stops together
@@ -567,25 +582,6 @@ def _state(
     }
 
 
-def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str, Any]]:
-    """A trained (or imported) network from a final ``checkpoint.pt`` (EMA weights by default), in eval mode; its
-    input convention is :func:`lungddpm.convention.convention_from_checkpoint` of the returned dict."""
-    ckpt = load_checkpoint(Path(checkpoint))
-    missing = {"ema", "model", "unet", "diffusion"} - set(ckpt)
-    if "hu_window" not in ckpt and "convention" not in ckpt:
-        missing.add("hu_window")
-    if missing:
-        raise CheckpointError(
-            f"{checkpoint}: not a lungddpm model checkpoint (missing {sorted(missing)}); rerun the train stage"
-        )
-    unet_cfg = dict(ckpt["unet"])
-    for key in ("channel_mult", "attention_resolutions"):
-        unet_cfg[key] = tuple(unet_cfg[key])
-    model = UNet3D(UNetConfig(**unet_cfg))
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    return model.eval(), ckpt
-
-
 # ------------------------------------------------------------------------------------------------------ entry
 def make_job(
     cfg: Config,
@@ -596,9 +592,12 @@ def make_job(
     out_dir: Path,
     state_dir: Path,
     threads: int,
+    scale: str = "whole",
 ) -> dict[str, Any]:
-    """Everything a (possibly multi-process) training run needs, as plain JSON-able data."""
+    """Everything a (possibly multi-process) training run needs, as plain JSON-able data. ``scale`` ``lesion``:
+    ``train_cts`` / ``val_cts`` are ROI tables (``rois.csv``) and the layouts are unused."""
     return {
+        "scale": scale,
         "config": cfg.raw,
         "train_cts": [str(p) for p in train_cts],
         "train_layouts": [str(p) for p in train_layouts],
@@ -612,9 +611,16 @@ def make_job(
 
 def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
     """Load the cases of ``job`` and train (one process of a torchrun group, or the only one)."""
-    from ..config import config_from_mapping
+    from ..config import config_from_mapping, lesion_config
 
     cfg = config_from_mapping(job["config"])
+    if job.get("scale") == "lesion":
+        from ..preprocessing.rois import load_roi_training_data
+
+        cfg = lesion_config(cfg)
+        data = load_roi_training_data([Path(p) for p in job["train_cts"]], cfg)
+        val = load_roi_training_data([Path(p) for p in job["val_cts"]], cfg) if job["val_cts"] else None
+        return train(data, cfg, Path(job["out_dir"]), Path(job["state_dir"]), val, job["threads"], stop_after)
     multiple = 2 ** (len(cfg.model["channel_mult"]) - 1)
     data = load_training_data(
         [Path(p) for p in job["train_cts"]], [Path(p) for p in job["train_layouts"]], cfg.intensity.hu_window, multiple

@@ -1,0 +1,1 @@
+"""Preprocessing stages (DESIGN §6): grids, lung masks, layouts, lesion-scale ROIs, split, cases."""

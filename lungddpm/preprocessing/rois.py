@@ -1,0 +1,321 @@
+"""Lesion-scale regions of interest (DESIGN §5): isotropic ROIs resampled from the *source* CT at native resolution.
+
+Per case: one ROI per consensus nodule and ``rois_per_nodule`` (centre moved by a seeded uniform jitter), and
+``free_per_case`` nodule-free lung ROIs (centres deep inside the lung, no nodule inside, not overlapping each
+other): the insertion sites and the segmentation negatives. Each ROI is written as ``<roi>_ct.nii.gz`` (int16 HU),
+``<roi>_layout.nii.gz`` (0/1/2: lung from the fine lung mask, nodules = consensus coverage at the ROI spacing) and
+``<roi>_texture.nii.gz`` (0, or 1 + the texture class of the nodule covering the voxel), all with the ROI's true
+affine so that they overlay the full CT; ``rois.csv`` (written last) has one row per ROI saying where it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..config import Config
+from ..errors import LayoutError
+from ..intensity import TEXTURE_CLASSES, texture_class
+from ..io import Geometry, read_volume, safe_component, write_csv, write_volume
+from ..layout import compose_layout
+from ..preprocess import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
+
+log = logging.getLogger(__name__)
+
+ROI_COLUMNS = (
+    "roi", "case_id", "kind", "nodule", "texture", "texture_class", "diameter_mm", "malignancy",
+    "centre_x", "centre_y", "centre_z", "offset_x", "offset_y", "offset_z",
+    "nodule_x", "nodule_y", "nodule_z", "spacing_mm", "size", "padded_voxels", "ct", "layout", "texture_map",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RoiSettings:
+    """``lesion.roi`` of the config."""
+
+    spacing_mm: float
+    size: int
+    nodule_jitter_mm: float
+    rois_per_nodule: int
+    free_per_case: int
+    site_min_depth_mm: float
+    nodule_fraction: float
+    edge: str
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RoiSettings:
+        return cls(**cfg.raw["lesion"]["roi"])
+
+    @property
+    def half_extent_mm(self) -> float:
+        """Distance from the ROI centre to its outermost voxel centres."""
+        return (self.size - 1) / 2 * self.spacing_mm
+
+    def geometry(self, centre_xyz: np.ndarray) -> Geometry:
+        return grid_geometry(np.asarray(centre_xyz, float), (self.spacing_mm,) * 3, (self.size,) * 3)
+
+
+@dataclass(frozen=True)
+class SourceCT:
+    """A case's CT on its native grid, its fine lung mask and its consensus nodules."""
+
+    case_id: str
+    hu: np.ndarray  # float32 [K, I, J] HU, as read from DICOM
+    grid: SliceGrid
+    lung_fine: np.ndarray  # bool [Zf, Yf, Xf]
+    fine: Geometry
+    nodules: Sequence[Any]  # lidc.NoduleAnnotation
+    padding_hu: float
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """LPS (x, y, z) of the first and last voxel centres."""
+        _k, i, j = self.hu.shape
+        g = self.grid
+        lo = np.array([g.x0, g.y0, g.z_positions[0]])
+        hi = np.array([g.x0 + (j - 1) * g.col_spacing, g.y0 + (i - 1) * g.row_spacing, g.z_positions[-1]])
+        return lo, hi
+
+
+def shift_inside(centre: np.ndarray, half: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Move ``centre`` (x, y, z) so that the cube of half-edge ``half`` lies inside [lo, hi] where it can; on an
+    axis shorter than the cube the cube is centred on the scan."""
+    out = np.asarray(centre, float).copy()
+    for a in range(3):
+        if hi[a] - lo[a] < 2 * half:
+            out[a] = (lo[a] + hi[a]) / 2
+        else:
+            out[a] = min(max(out[a], lo[a] + half), hi[a] - half)
+    return out
+
+
+def outside_voxels(src: SourceCT, geometry: Geometry, size: int) -> int:
+    """ROI voxel centres beyond the scan (which resampling fills with padding)."""
+    lo, hi = src.bounds()
+    idx = np.indices((size,) * 3).reshape(3, -1).T
+    world = geometry.index_to_world(idx)
+    tol = np.array([src.grid.col_spacing, src.grid.row_spacing, 0.0]) / 2 + 1e-3
+    return int(np.any((world < lo - tol) | (world > hi + tol), axis=1).sum())
+
+
+def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.ndarray]:
+    """The ROI of ``geometry`` from the source: ``ct`` int16 HU, ``layout`` uint8 0/1/2, ``texture`` uint8 map."""
+    size = (s.size,) * 3
+    ct = resample(src.hu, src.grid, geometry, size, order=1, fill=src.padding_hu)
+    lung = resample_regular(src.lung_fine.astype(np.float32), src.fine, geometry, size, 1, 0.0, antialias=False) > 0.5
+    labels, _ = nodule_labels(list(src.nodules), src.grid, geometry, size, s.nodule_fraction)
+    texture = np.zeros(size, np.uint8)
+    for n, nod in enumerate(src.nodules, start=1):
+        texture[labels == n] = 1 + texture_class(nod.texture)
+    return {"ct": np.round(ct).astype(np.int16), "layout": compose_layout(lung, labels), "texture": texture}
+
+
+def _nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (x, y, z) boxes of the consensus masks, grown by ``margin_mm``."""
+    g, boxes = src.grid, []
+    for nod in src.nodules:
+        k0, i0, j0 = nod.offset
+        nk, ni, nj = nod.mask.shape
+        zs = g.z_positions[k0 : k0 + nk]
+        lo = np.array([g.x0 + j0 * g.col_spacing, g.y0 + i0 * g.row_spacing, zs[0]]) - margin_mm
+        hi = np.array([g.x0 + (j0 + nj - 1) * g.col_spacing, g.y0 + (i0 + ni - 1) * g.row_spacing, zs[-1]])
+        boxes.append((lo, hi + margin_mm))
+    return boxes
+
+
+def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: int = 4000) -> list[np.ndarray]:
+    """Centres (x, y, z) of ``free_per_case`` nodule-free ROIs: at least ``site_min_depth_mm`` inside the fine
+    lung mask, the cube inside the scan, away from every nodule and from each other."""
+    if s.free_per_case == 0:
+        return []
+    depth = ndi.distance_transform_edt(src.lung_fine, sampling=src.fine.spacing)
+    cand = np.argwhere(depth >= s.site_min_depth_mm)
+    lo, hi = src.bounds()
+    half = s.half_extent_mm
+    boxes = _nodule_boxes(src, half + s.spacing_mm)
+    chosen: list[np.ndarray] = []
+    for _ in range(tries if cand.size else 0):
+        c = src.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])[0]
+        if np.any(c - half < lo) or np.any(c + half > hi):
+            continue
+        if any(np.all(c >= b_lo) and np.all(c <= b_hi) for b_lo, b_hi in boxes):
+            continue
+        if any(np.all(np.abs(c - o) < 2 * half + s.spacing_mm) for o in chosen):
+            continue
+        chosen.append(c)
+        if len(chosen) == s.free_per_case:
+            return chosen
+    raise LayoutError(
+        f"{src.case_id}: found {len(chosen)} of lesion.roi.free_per_case={s.free_per_case} nodule-free lung ROIs "
+        f"({s.size}^3 at {s.spacing_mm} mm, centre >= {s.site_min_depth_mm} mm inside the lung, away from nodules) "
+        "in this scan; lower lesion.roi.free_per_case, lesion.roi.size or lesion.roi.site_min_depth_mm"
+    )
+
+
+def _jitter(rng: np.random.Generator, s: RoiSettings) -> np.ndarray:
+    return rng.uniform(-s.nodule_jitter_mm, s.nodule_jitter_mm, size=3)
+
+
+def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str, Any]]:
+    """Write every ROI of ``src`` into ``out_dir`` and ``rois.csv`` (last); returns the table rows."""
+    case = safe_component(src.case_id, "case id")
+    rng = np.random.default_rng([s.seed, *case.encode()])
+    lo, hi = src.bounds()
+    plans: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]] = []
+    for n, nod in enumerate(src.nodules, start=1):
+        if not nod.mask.any():
+            log.warning("%s: nodule %d has an empty consensus mask; no ROI", case, n)
+            continue
+        centroid = nodule_centroid_world(nod, src.grid)
+        info = {
+            "kind": "nodule",
+            "nodule": n,
+            "texture": nod.texture,
+            "texture_class": TEXTURE_CLASSES[texture_class(nod.texture)],
+            "diameter_mm": round(nod.diameter_mm, 2),
+            "malignancy": nod.malignancy,
+        }
+        for r in range(s.rois_per_nodule):
+            wanted = centroid + _jitter(rng, s)
+            centre = shift_inside(wanted, s.half_extent_mm, lo, hi)
+            plans.append((f"{case}_n{n}_{r}", centre, centroid, info))
+    for j, centre in enumerate(free_sites(src, s, rng)):
+        plans.append((f"{case}_f{j}", centre, centre, {"kind": "free"}))
+
+    rows = []
+    out_dir = Path(out_dir)
+    for name, centre, target, info in plans:
+        geometry = s.geometry(centre)
+        padded = outside_voxels(src, geometry, s.size)
+        if padded and s.edge == "refuse":
+            raise LayoutError(
+                f"{case}: ROI {name} ({s.size}^3 at {s.spacing_mm} mm) crosses the scan's edge even when shifted "
+                f"inward ({padded} voxels outside the scan, which covers z {lo[2]:.1f}..{hi[2]:.1f} mm); set "
+                "lesion.roi.edge: pad to fill them with preprocess.padding_hu, or lower lesion.roi.size"
+            )
+        if padded:
+            log.warning("%s: ROI %s crosses the scan's edge: %d voxels padded with %.0f HU", case, name, padded,
+                        src.padding_hu)  # fmt: skip
+        roi = cut_roi(src, geometry, s)
+        files = {key: out_dir / f"{name}_{key}.nii.gz" for key in ("ct", "layout", "texture")}
+        for key, path in files.items():
+            write_volume(path, roi[key], geometry)
+        offset = centre - target
+        rows.append(
+            {
+                "roi": name,
+                "case_id": case,
+                **info,
+                **{f"centre_{a}": round(float(v), 3) for a, v in zip("xyz", centre)},
+                **{f"offset_{a}": round(float(v), 3) for a, v in zip("xyz", offset)},
+                **(
+                    {f"nodule_{a}": round(float(v), 3) for a, v in zip("xyz", target)}
+                    if info["kind"] == "nodule"
+                    else {}
+                ),
+                "spacing_mm": s.spacing_mm,
+                "size": s.size,
+                "padded_voxels": padded,
+                "ct": files["ct"].name,
+                "layout": files["layout"].name,
+                "texture_map": files["texture"].name,
+            }
+        )
+    write_csv(out_dir / "rois.csv", rows, ROI_COLUMNS)
+    log.info("%s: %d nodule ROIs, %d nodule-free ROIs -> %s", case, sum(r["kind"] == "nodule" for r in rows),
+             sum(r["kind"] == "free" for r in rows), out_dir)  # fmt: skip
+    return rows
+
+
+def load_source(case_id: str, dicom_root: Path, preprocessed: Path, cfg: Config) -> SourceCT:
+    """The native CT of ``case_id`` (DICOM, checked against pylidc), its fine lung mask and consensus nodules."""
+    from ..data import lidc
+    from ..io import find_series_dir, read_dicom_series
+    from ..preprocess import check_against_annotations
+
+    pc = cfg.preprocess
+    info = lidc.scan_info(case_id)
+    series = read_dicom_series(find_series_dir(Path(dicom_root) / info.patient_id, info.series_uid), pc.padding_hu,
+                               pc.max_hu)  # fmt: skip
+    check_against_annotations(series, info)
+    lung_fine, fine = read_volume(Path(preprocessed) / "lung_fine.nii.gz")
+    nods = lidc.nodules(case_id, cfg.data.consensus_level, cfg.data.min_readers)
+    return SourceCT(case_id, series.hu, SliceGrid.of_series(series), lung_fine > 0, fine, nods, pc.padding_hu)
+
+
+def read_roi_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a ``rois.csv``; the ROI files it names lie beside it."""
+    import csv
+
+    if not Path(path).is_file():
+        raise LayoutError(f"{path}: no ROI table; run the rois rule (lungddpm rois) for this case")
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float], name: str) -> np.ndarray:
+    """Network layout channels of an ROI: [2, D, H, W], the nodule channel at its nodules' texture levels."""
+    from ..intensity import layout_to_channels
+
+    lut = np.array([1.0, *levels], np.float32)  # texture map 0 (no class known) -> "any texture"
+    return layout_to_channels(layout, name, lut[texture])
+
+
+def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:
+    """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm``, 1 elsewhere."""
+    from ..layout import NODULE
+
+    r = max(0, round(margin_mm / spacing_mm))
+    nod = layout == NODULE
+    if r and nod.any():
+        zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
+        nod = ndi.binary_dilation(nod, structure=zz**2 + yy**2 + xx**2 <= r * r)
+    return (1.0 + weight * nod).astype(np.float32)
+
+
+def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
+    """Every ROI of ``tables`` as :class:`lungddpm.diffusion.train.TrainData` for the lesion model ``cfg``
+    (:func:`lungddpm.config.lesion_config`): images [N, 1, n, n, n] in [-1, 1], layouts [N, 2, n, n, n] with
+    texture levels, and the lesion-focused loss weights when ``train.focus_weight`` > 0."""
+    import torch
+
+    from ..diffusion.train import TrainData
+    from ..intensity import hu_to_model
+    from ..layout import check_labels
+
+    levels = cfg.raw["lesion"]["texture_levels"]
+    spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])
+    images, layouts, weights, ids, groups = [], [], [], [], []
+    for table in tables:
+        for row in read_roi_table(Path(table)):
+            folder = Path(table).parent
+            ct, _geometry = read_volume(folder / row["ct"])
+            layout, _ = read_volume(folder / row["layout"])
+            texture, _ = read_volume(folder / row["texture_map"])
+            if ct.shape != (cfg.preprocess.size[0],) * 3:
+                raise LayoutError(
+                    f"{folder / row['ct']}: ROI grid {ct.shape} is not lesion.roi.size {cfg.preprocess.size}; rerun "
+                    "the rois rule"
+                )
+            check_labels(layout, str(folder / row["layout"]))
+            images.append(hu_to_model(ct, cfg.intensity.hu_window)[None])
+            layouts.append(roi_channels(layout, texture, levels, row["roi"]))
+            if cfg.train.focus_weight > 0:
+                weights.append(focus_weights(layout, spacing, cfg.train.focus_weight, cfg.train.focus_margin_mm)[None])
+            ids.append(row["roi"])
+            groups.append(row["texture_class"] or "free")
+    if not ids:
+        raise LayoutError(f"no ROIs in {[str(t) for t in tables]}: the train split has no ROI; check lesion.roi")
+    return TrainData(
+        torch.from_numpy(np.stack(images)),
+        torch.from_numpy(np.stack(layouts)),
+        tuple(ids),
+        torch.from_numpy(np.stack(weights)) if weights else None,
+        tuple(groups),
+    )

@@ -1,0 +1,205 @@
+"""The lesion run (DESIGN §5): nodules from the bank inpainted into nodule-free ROIs of train CTs, pasted back into
+the full CT on its native grid.
+
+Per site (a nodule-free ROI): a bank nodule (filtered by diameter, texture, malignancy; rescaled to the ROI
+spacing) is placed wholly inside the ROI's lung; the *generated region* is the new nodule dilated by
+``lesion.insert.margin_mm``; everything else in the ROI is kept (anatomically-aware sampling at the sample's noise
+level, :func:`lungddpm.diffusion.sample.sample`), conditioned on the edited layout with the requested texture's
+level in the nodule channel. Per item (a train case x k) the generated regions of all its sites are pasted back
+(:mod:`.paste`) into the source CT. Files of item ``<case>_<k>``: ``_ct.nii.gz`` (int16 HU, the source's native
+grid and affine), ``_label.nii.gz`` (0/1/2 with the new nodules), per site ``_s<j>_before/_after/_layout.nii.gz``
+(the ROI) and ``_s<j>_montage.png``, ``.gif``, and ``.json`` provenance written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from .. import __version__
+from ..config import Config
+from ..diffusion.checkpoint import load_model, resolve_precision
+from ..diffusion.process import DiffusionConfig, GaussianDiffusion
+from ..diffusion.sample import Blend, sample
+from ..errors import LayoutError
+from ..intensity import ANY_TEXTURE, TEXTURE_CLASSES, hu_to_model, layout_to_channels, model_to_hu, texture_class
+from ..io import Geometry, file_sha256, read_json, read_volume, remove_stale_temps, safe_component, write_json
+from ..layout import NODULE
+from ..layout_edit import BankNodule, insert_nodules
+from ..plan import Item
+from ..preprocessing.rois import read_roi_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A nodule-free ROI of a case."""
+
+    name: str
+    ct: np.ndarray  # int16 HU [n, n, n]
+    layout: np.ndarray  # uint8 [n, n, n]
+    texture: np.ndarray  # uint8 texture map [n, n, n]
+    geometry: Geometry
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """One nodule placed in a site, ready to inpaint."""
+
+    site: Site
+    layout: np.ndarray  # the edited layout
+    nodule: np.ndarray  # bool: the new nodule
+    generated: np.ndarray  # bool: the new nodule dilated by the margin (the rest is kept)
+    level: float  # nodule-channel value (texture class level or ANY_TEXTURE)
+    record: dict[str, Any]
+    seed: int
+
+
+def read_sites(table: Path) -> list[Site]:
+    """The nodule-free ROIs of one case's ``rois.csv``."""
+    sites = []
+    for row in read_roi_table(table):
+        if row["kind"] != "free":
+            continue
+        folder = Path(table).parent
+        ct, geometry = read_volume(folder / row["ct"])
+        layout, _ = read_volume(folder / row["layout"])
+        texture, _ = read_volume(folder / row["texture_map"])
+        sites.append(Site(row["roi"], ct, layout.astype(np.uint8), texture.astype(np.uint8), geometry))
+    return sites
+
+
+def ball(radius_vox: float) -> np.ndarray:
+    r = int(np.ceil(radius_vox))
+    zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return zz**2 + yy**2 + xx**2 <= radius_vox**2 + 1e-9
+
+
+def texture_level(request: str, nodule: BankNodule, levels: Sequence[float]) -> tuple[float, str]:
+    """Nodule-channel value and class name for ``request`` (bank | any | a class name)."""
+    if request == "any":
+        return ANY_TEXTURE, "any"
+    cls = texture_class(nodule.texture) if request == "bank" else TEXTURE_CLASSES.index(request)
+    return float(levels[cls]), TEXTURE_CLASSES[cls]
+
+
+def place(
+    case_id: str,
+    site: Site,
+    candidates: Sequence[BankNodule],
+    seed: int,
+    insert: dict[str, Any],
+    levels: Sequence[float],
+    texture: str,
+) -> Insertion:
+    """Draw a nodule for ``site`` (seeded), place it inside the site's lung, and make the generated region."""
+    if not candidates:
+        raise LayoutError(
+            f"{case_id}: no bank nodule matches lesion.insert (diameter_mm {insert['diameter_mm']}, textures "
+            f"{insert['textures']}, malignancies {insert['malignancies']}, min_readers {insert['min_readers']}); "
+            "widen these filters or raise layout_edit.bank_max_scans"
+        )
+    rng = np.random.default_rng(seed)
+    try:
+        layout, edits = insert_nodules(site.layout, site.geometry, candidates, 1, rng, insert["max_attempts"])
+    except LayoutError as exc:
+        raise LayoutError(
+            f"{case_id}: site {site.name} has no room for a nodule of {insert['diameter_mm']} mm inside its lung "
+            f"({exc}); lower lesion.insert.diameter_mm, raise lesion.roi.site_min_depth_mm or lesion.roi.size"
+        ) from exc
+    nodule = (layout == NODULE) & (site.layout != NODULE)
+    spacing = float(site.geometry.spacing[0])
+    generated = ndi.binary_dilation(nodule, structure=ball(insert["margin_mm"] / spacing)) if insert["margin_mm"] else nodule
+    bank_nodule = next(n for n in candidates if n.index == edits[0]["bank_index"])
+    level, cls = texture_level(texture, bank_nodule, levels)
+    record = {"site": site.name, **edits[0], "texture_class_bank": TEXTURE_CLASSES[texture_class(bank_nodule.texture)],
+              "texture_requested": cls, "nodule_level": level, "generated_voxels": int(generated.sum())}  # fmt: skip
+    return Insertion(site, layout, nodule, generated, level, record, seed)
+
+
+def inpaint(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    insertions: Sequence[Insertion],
+    window: tuple[float, float],
+    sc: dict[str, Any],
+    device: torch.device,
+) -> list[np.ndarray]:
+    """Inpaint the generated regions of ``insertions`` in batches of ``sc['batch_size']`` -> the ROIs after, int16
+    HU [n, n, n] each (source HU outside the generated region, bit for bit)."""
+    dtype = resolve_precision(sc["precision"], device)
+    out: list[np.ndarray] = []
+    for start in range(0, len(insertions), int(sc["batch_size"])):
+        chunk = insertions[start : start + int(sc["batch_size"])]
+        ref = torch.from_numpy(np.stack([hu_to_model(c.site.ct, window)[None] for c in chunk]))
+        keep = torch.from_numpy(np.stack([~c.generated[None] for c in chunk]))
+        # the sites are nodule-free: the new nodule is the only one, at its texture level
+        layouts = [layout_to_channels(c.layout, c.site.name, np.float32(c.level)) for c in chunk]
+        generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
+        x = sample(
+            model,
+            diffusion,
+            torch.from_numpy(np.stack(layouts)).to(device),
+            sc["sampler"],
+            sc["steps"],
+            generators,
+            blend=Blend(ref, keep),
+            autocast_dtype=dtype,
+            clip_x0=sc["clip_x0"],
+        )
+        for b, c in enumerate(chunk):
+            hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))
+            out.append(np.where(c.generated, hu, c.site.ct).astype(np.int16))
+    return out
+
+
+def nodule_mean_hu(roi_hu: np.ndarray, nodule: np.ndarray) -> float:
+    return float(roi_hu[nodule].mean())
+
+
+def load_lesion_model(checkpoint: Path, sc: dict[str, Any]) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
+    """The lesion network (EMA weights by default) on the GPU when there is one, its process and checkpoint."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
+    if "lesion" not in ckpt.get("config", {}) or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3:
+        raise LayoutError(f"{checkpoint}: not a lesion-scale model (its grid is not the ROI grid); run train_lesion")
+    return model.to(device), GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
+
+
+def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
+    base = safe_component(item.name, "lesion item")
+    files = {"ct": f"{base}_ct.nii.gz", "label": f"{base}_label.nii.gz", "gif": f"{base}.gif"}
+    for j in range(n_sites):
+        for kind in ("before", "after", "layout"):
+            files[f"s{j}_{kind}"] = f"{base}_s{j}_{kind}.nii.gz"
+        files[f"s{j}_montage"] = f"{base}_s{j}_montage.png"
+    return {**{k: Path(out_dir) / v for k, v in files.items()}, "provenance": Path(out_dir) / f"{base}.json"}
+
+
+def run_settings(cfg: Config, ckpt_sha: str) -> dict[str, Any]:
+    """What an item's files depend on (a rerun redoes items whose provenance disagrees)."""
+    return {"checkpoint_sha256": ckpt_sha, "sample": cfg.raw["lesion"]["sample"] | {"shards": None},
+            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
+
+
+def complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
+    if not all(p.is_file() for p in files.values()):
+        return False
+    try:
+        prov = read_json(files["provenance"])
+    except Exception:
+        return False
+    return all(prov.get(k) == v for k, v in settings.items())
+
+
+def site_seed(item: Item, j: int) -> int:
+    return (item.seed + 1_000_003 * j) % 2**62

@@ -1,0 +1,204 @@
+"""Sharded, resumable lesion runs: the augment items (nodules pasted into train CTs) and the texture-control check."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import Config
+from ..intensity import TEXTURE_CLASSES
+from ..io import Geometry, file_sha256, read_volume, remove_stale_temps, write_csv, write_json, write_volume
+from ..layout import NODULE
+from ..layout_edit import load_bank
+from ..plan import Item
+from ..preprocessing.rois import SourceCT, load_source, read_roi_table
+from .lesion import (
+    Insertion,
+    complete,
+    inpaint,
+    item_files,
+    load_lesion_model,
+    nodule_mean_hu,
+    place,
+    read_sites,
+    run_settings,
+    site_seed,
+)
+from .paste import feather_weight, native_box, native_labels, nearest_in_box, paste_back
+
+log = logging.getLogger(__name__)
+
+
+def _candidates(cfg: Config, bank_path: Path) -> list[Any]:
+    ins = cfg.raw["lesion"]["insert"]
+    bank = load_bank(bank_path)
+    return bank.select(ins["diameter_mm"], ins["textures"], ins["malignancies"], ins["min_readers"])
+
+
+def native_geometry(src: SourceCT) -> Geometry:
+    """The NIfTI geometry of the source series; refuses irregular slice spacing, which NIfTI cannot hold."""
+    from ..errors import DicomError
+
+    zs, g = src.grid.z_positions, src.grid
+    dz = float(np.median(np.diff(zs))) if zs.size > 1 else 1.0
+    if zs.size > 1 and np.max(np.abs(np.diff(zs) - dz)) > 0.01 * dz:
+        raise DicomError(
+            f"{src.case_id}: slices are irregularly spaced (steps {np.diff(zs).min():.3f}..{np.diff(zs).max():.3f} "
+            "mm), which a NIfTI file cannot represent exactly, so the pasted CT would not overlay the source; drop "
+            "this case from the lesion run (data.cases) or re-export the series with regular spacing"
+        )
+    return Geometry(spacing=(dz, g.row_spacing, g.col_spacing), origin=(g.x0, g.y0, float(zs[0])))
+
+
+def _write_item(
+    item: Item, src: SourceCT, ins: list[Insertion], after: list[np.ndarray], files: dict[str, Path], cfg: Config
+) -> list[dict[str, Any]]:
+    """Paste every site of ``item`` into its source CT and write the item's files (provenance is the caller's)."""
+    from ..synthesize import gif_sweep
+    from ..viz import three_plane_png
+
+    feather = float(cfg.raw["lesion"]["insert"]["feather_mm"])
+    ct = src.hu.astype(np.int16)
+    labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
+    records = []
+    for j, (c, roi_after) in enumerate(zip(ins, after)):
+        n = c.site.ct.shape[0]
+        box = native_box(src.grid, ct.shape, c.site.geometry, n)
+        if box is None:
+            raise RuntimeError(f"{item.name}: site {c.site.name} lies outside its scan")  # rois never writes one
+        _, changed = paste_back(ct, box, roi_after, feather_weight(c.generated, c.site.geometry.spacing[0], feather))
+        labels[box.slices][nearest_in_box(box, c.nodule)] = NODULE
+        write_volume(files[f"s{j}_before"], c.site.ct, c.site.geometry)
+        write_volume(files[f"s{j}_after"], roi_after, c.site.geometry)
+        write_volume(files[f"s{j}_layout"], c.layout, c.site.geometry)
+        three_plane_png(
+            files[f"s{j}_montage"],
+            [("before", c.site.ct.astype(np.float32), "hu"), ("after", roi_after.astype(np.float32), "hu"),
+             ("layout", c.layout, "layout")],  # fmt: skip
+            spacing=c.site.geometry.spacing,
+        )
+        mean_hu = nodule_mean_hu(roi_after, c.nodule)
+        records.append({**c.record, "native_voxels_changed": changed, "nodule_mean_hu": round(mean_hu, 1), "seed": c.seed})
+    geometry = native_geometry(src)
+    write_volume(files["ct"], ct, geometry)
+    write_volume(files["label"], labels, geometry)
+    sweep = np.concatenate([np.concatenate([c.site.ct, a], axis=2) for c, a in zip(ins, after)], axis=1)
+    gif_sweep(files["gif"], sweep.astype(np.float32))
+    return records
+
+
+def synthesize_lesion_shard(
+    items: Sequence[Item],
+    cfg: Config,
+    checkpoint: Path,
+    roi_tables: dict[str, Path],
+    dicom_root: Path,
+    preprocessed: dict[str, Path],
+    bank_path: Path,
+    out_dir: Path,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Make the lesion items of one shard in ``out_dir``; returns one manifest entry per item (made or skipped)."""
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    lc = cfg.raw["lesion"]
+    model, diffusion, ckpt, device = load_lesion_model(checkpoint, lc["sample"])
+    settings = run_settings(cfg, file_sha256(checkpoint))
+    candidates = _candidates(cfg, bank_path)
+    levels = ckpt["config"]["lesion"]["texture_levels"]
+    window = tuple(ckpt["hu_window"])
+    manifest = []
+    bar = tqdm(items, desc="lesion", unit="item", mininterval=5.0)
+    for item in bar:
+        sites = read_sites(roi_tables[item.case_id])
+        files = item_files(out_dir, item, len(sites))
+        if complete(files, settings):
+            log.info("%s: complete, skipped", item.name)
+            manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})
+            continue
+        for path in files.values():
+            for stale in remove_stale_temps(path):
+                log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
+        t0 = time.perf_counter()
+        ins = [place(item.case_id, s, candidates, site_seed(item, j), lc["insert"], levels, lc["insert"]["texture"])
+               for j, s in enumerate(sites)]  # fmt: skip
+        after = inpaint(model, diffusion, ins, window, lc["sample"], device)
+        t_sample = time.perf_counter() - t0
+        src = load_source(item.case_id, dicom_root, preprocessed[item.case_id], cfg)
+        records = _write_item(item, src, ins, after, files, cfg)
+        write_json(
+            files["provenance"],
+            {
+                "item": item.name,
+                "source_case": item.case_id,
+                "k": item.k,
+                "seed": item.seed,
+                **settings,
+                "checkpoint": str(checkpoint),
+                "sites": records,
+                "files": {k: p.name for k, p in files.items() if k != "provenance"},
+                "device": str(device),
+                "seconds_sampling": round(t_sample, 2),
+                "seconds_per_nodule": round(t_sample / max(1, len(ins)), 3),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "lungddpm_version": __version__,
+            },
+        )
+        log.info("%s: %d nodule(s), %.2f s per nodule sampling, %.1f s in all", item.name, len(ins),
+                 t_sample / max(1, len(ins)), time.perf_counter() - t0)  # fmt: skip
+        manifest.append({"item": item.name, "case_id": item.case_id, "skipped": False, "nodules": len(ins),
+                         "seconds_per_nodule": round(t_sample / max(1, len(ins)), 3)})  # fmt: skip
+    return manifest
+
+
+def texture_control(
+    cfg: Config, checkpoint: Path, roi_tables: Sequence[Path], bank_path: Path, out_csv: Path, sites: int,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Texture control: the same bank nodules, sites and seeds inpainted once per requested texture class; the
+    mean HU of the inserted nodules per class beside that of the real nodules of the class in the same ROIs'
+    cases (nodule ROIs of ``roi_tables``). Writes ``out_csv``; returns its rows."""
+    if threads:
+        torch.set_num_threads(threads)
+    lc = cfg.raw["lesion"]
+    model, diffusion, ckpt, device = load_lesion_model(checkpoint, lc["sample"])
+    levels = ckpt["config"]["lesion"]["texture_levels"]
+    window = tuple(ckpt["hu_window"])
+    candidates = _candidates(cfg, bank_path)
+    chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
+    real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
+    for table in roi_tables:
+        for row in read_roi_table(table):
+            if row["kind"] == "nodule" and row["roi"].endswith("_0"):
+                ct, _ = read_volume(Path(table).parent / row["ct"])
+                tex, _ = read_volume(Path(table).parent / row["texture_map"])
+                nod = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
+                if nod.any():
+                    real[row["texture_class"]].append(float(ct[nod].mean()))
+    rows = []
+    for cls in TEXTURE_CLASSES:
+        ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls)
+               for j, (t, s) in enumerate(chosen)]  # fmt: skip
+        after = inpaint(model, diffusion, ins, window, lc["sample"], device)
+        hu = [nodule_mean_hu(a, c.nodule) for c, a in zip(ins, after)]
+        rows.append({"texture_class": cls, "n_inserted": len(hu), "inserted_mean_hu": float(np.mean(hu)),
+                     "inserted_sd_hu": float(np.std(hu)), "n_real": len(real[cls]),
+                     "real_mean_hu": float(np.mean(real[cls])) if real[cls] else float("nan"),
+                     "real_sd_hu": float(np.std(real[cls])) if real[cls] else float("nan")})  # fmt: skip
+        log.info("texture %s: inserted %.0f HU (n=%d), real %s HU (n=%d)", cls, rows[-1]["inserted_mean_hu"],
+                 len(hu), f"{rows[-1]['real_mean_hu']:.0f}", len(real[cls]))  # fmt: skip
+    write_csv(out_csv, rows)
+    return rows
+
+
+def row_case(table: Path) -> str:
+    return Path(table).parent.name

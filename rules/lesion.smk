@@ -1,0 +1,96 @@
+# The lesion scale (DESIGN §5): ROIs from the source CT at native resolution, a texture-conditioned lesion model
+# on the train ROIs, nodules inpainted into nodule-free train ROIs and pasted back into the full CTs.
+
+
+rule rois:
+    input:
+        unpack(series_input),
+        lung_fine="results/preprocessed/{case}/lung_fine.nii.gz",
+        meta="results/preprocessed/{case}/meta.json",
+    output:
+        table=report("results/rois/{case}/rois.csv", category="Lesion scale", subcategory="ROIs", caption="../report/rois.rst"),
+    params:
+        dicom_root=DICOM_ROOT,
+        settings=settings("data", "preprocess", "lesion"),
+    log:
+        "logs/rois/{case}.log",
+    benchmark:
+        "benchmarks/rois/{case}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/rois.py"
+
+
+rule train_lesion:
+    input:
+        tables=expand("results/rois/{case}/rois.csv", case=subset_cases("train")),
+        val_tables=expand("results/rois/{case}/rois.csv", case=subset_cases("val")),
+    output:
+        checkpoint="results/models/lesion/{name}/checkpoint.pt",
+        train_log=report("results/models/lesion/{name}/train_log.csv", category="Lesion scale", caption="../report/train_log.rst"),
+        preview=report("results/models/lesion/{name}/preview.png", category="Lesion scale", caption="../report/preview.rst"),
+    params:
+        state_dir=lambda wildcards: f"state/models/lesion/{wildcards.name}",
+        settings=settings("model", "diffusion", "train", "intensity", "lesion"),
+    log:
+        "logs/train_lesion/{name}.log",
+    benchmark:
+        "benchmarks/train_lesion/{name}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+        gpu=min(config["train"]["gpus"], 1),
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/train_lesion.py"
+
+
+rule synthesize_lesion:
+    input:
+        unpack(lesion_inputs),
+    output:
+        manifest="results/synthetic/lesion/shard_{shard}.json",
+    params:
+        shard_items=lesion_shard_items,
+        dicom_root=DICOM_ROOT,
+        settings=settings("lesion", "intensity", "data", "preprocess"),
+    log:
+        "logs/synthesize_lesion/{shard}.log",
+    benchmark:
+        "benchmarks/synthesize_lesion/{shard}.tsv"
+    threads: max(1, workflow.cores // config["lesion"]["sample"]["shards"])
+    resources:
+        mem_mb=4000,
+        gpu=min(config["train"]["gpus"], 1),
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/synthesize_lesion.py"
+
+
+rule lesion_texture:
+    input:
+        checkpoint=LESION_CHECKPOINT,
+        tables=expand("results/rois/{case}/rois.csv", case=subset_cases("train")),
+        bank="resources/nodule_bank.npz",
+    output:
+        table=report("results/synthetic/lesion/texture_control.csv", category="Lesion scale", caption="../report/texture_control.rst"),
+    params:
+        sites=config["lesion"]["texture_control_sites"],
+        settings=settings("lesion"),
+    log:
+        "logs/lesion_texture.log",
+    benchmark:
+        "benchmarks/lesion_texture.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/lesion_texture.py"
