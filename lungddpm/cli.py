@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="quality: results root")
     p.add_argument("--out", default=None, help="quality: also write the table to this JSON file")
     p.add_argument("--size", type=int, default=64, help="cubic grid edge")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch (lesion sample: nodules per batch, several)")
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=[1], help="batch (lesion sample: nodules per batch, several)"
+    )
     p.add_argument("--scale", choices=["whole", "lesion"], default="whole", help="sample: lesion = inpaint ROIs")
     p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])

@@ -52,4 +52,6 @@ def item_to_dict(item: Item) -> dict[str, Any]:
 
 def lesion_plan(cases: Sequence[str], samples_per_case: int, seed: int) -> list[Item]:
     """Items of the lesion run: each train case ``samples_per_case`` times (one nodule per nodule-free ROI)."""
-    return [Item("lesion", c, k, item_seed(seed, "lesion", c, k)) for c in sorted(cases) for k in range(samples_per_case)]
+    return [
+        Item("lesion", c, k, item_seed(seed, "lesion", c, k)) for c in sorted(cases) for k in range(samples_per_case)
+    ]

@@ -221,6 +221,44 @@ def segmentation_section(comparison: Path, figure: Path | None, base: Path) -> l
     return out
 
 
+def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:
+    """Markdown: the lesion run (nodules inserted into train CTs, sampler, seconds per nodule), the texture-control
+    table, and the before/after montages of the first ``montages`` sites."""
+    sites, seconds, shown, prov = [], [], [], None
+    for m in manifests:
+        for item in read_json(m)["items"]:
+            prov = read_json(Path(m).parent / f"{item['item']}.json")
+            sites += prov["sites"]
+            seconds.append(prov["seconds_per_nodule"])
+            shown += [Path(m).parent / prov["files"][f"s{j}_montage"] for j in range(len(prov["sites"]))]
+    out = ["## Lesion scale: nodules inpainted into real CTs at native resolution", ""]
+    if prov is None:
+        return out
+    s = prov["sample"]
+    out.append(
+        f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(seconds)} train CT(s), {s['sampler']} "
+        f"{s['steps']} steps, {np.mean(seconds):.2f} s of sampling per nodule (batched {s['batch_size']}), "
+        f"pasted back with a {prov['insert']['feather_mm']} mm feather inside a {prov['insert']['margin_mm']} mm "
+        "margin."
+    )
+    out += ["", "Texture control (the same nodules, sites and seeds per requested class):", ""]
+    body = [
+        [r["texture_class"], f"{_fmt(r['inserted_mean_hu'])} ± {_fmt(r['inserted_sd_hu'])} (n={r['n_inserted']})",
+         f"{_fmt(r['real_mean_hu'])} ± {_fmt(r['real_sd_hu'])} (n={r['n_real']})" if r["n_real"] != "0" else "none"]
+        for r in read_csv(texture)
+    ]  # fmt: skip
+    out += _table(["requested texture", "inserted nodules: mean HU", "real train nodules: mean HU"], body)
+    out.append("")
+    figures.mkdir(parents=True, exist_ok=True)
+    for src in shown[:montages]:
+        dst = figures / f"lesion_{src.name}"
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        out += [f"**{src.name.removesuffix('_montage.png')}** (ROI before / after / edited layout)  ",
+                f"![{src.name}]({_relative(dst, base)})", ""]  # fmt: skip
+    return out
+
+
 def _relative(path: Path, base: Path) -> str:
     try:
         return str(path.resolve().relative_to(base.resolve()))
@@ -242,6 +280,8 @@ def write_report(
     demo: bool,
     segmentation: Path | None = None,
     segmentation_png: Path | None = None,
+    lesion_manifests: Sequence[Path] = (),
+    lesion_texture: Path | None = None,
 ) -> None:
     """Write ``summary.md`` and its figures (loss curve — a note instead for an imported model without a training
     log —, image-quality bars, copied montages)."""
@@ -264,6 +304,8 @@ def write_report(
     md += timing_section(manifests)
     if segmentation is not None:
         md += segmentation_section(segmentation, segmentation_png, base)
+    if lesion_texture is not None:
+        md += lesion_section(lesion_manifests, lesion_texture, figures, base, montages)
     md += montage_section(manifests, figures, montages)
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(md) + "\n")

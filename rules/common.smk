@@ -102,9 +102,17 @@ def report_inputs(wildcards):
     if config["segmentation"]["enabled"]:
         inputs["segmentation"] = "results/segmentation/comparison.csv"
         inputs["segmentation_png"] = "results/segmentation/comparison.png"
+    if LESION:
+        inputs["lesion"] = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
+        inputs["lesion_texture"] = "results/synthetic/lesion/texture_control.csv"
     if not config["model"]["init_from"]:  # an imported checkpoint has no training log
         inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
     return inputs
+
+
+def lesion_settings(*keys):
+    """Keys of the lesion section a rule depends on, as params (editing one reruns exactly the rules that use it)."""
+    return {f"lesion.{k}": config["lesion"][k] for k in keys}
 
 
 def lesion_items():

@@ -11,7 +11,7 @@ rule rois:
         table=report("results/rois/{case}/rois.csv", category="Lesion scale", subcategory="ROIs", caption="../report/rois.rst"),
     params:
         dicom_root=DICOM_ROOT,
-        settings=settings("data", "preprocess", "lesion"),
+        settings={**settings("data", "preprocess"), "roi": config["lesion"]["roi"]},
     log:
         "logs/rois/{case}.log",
     benchmark:
@@ -35,7 +35,7 @@ rule train_lesion:
         preview=report("results/models/lesion/{name}/preview.png", category="Lesion scale", caption="../report/preview.rst"),
     params:
         state_dir=lambda wildcards: f"state/models/lesion/{wildcards.name}",
-        settings=settings("model", "diffusion", "train", "intensity", "lesion"),
+        settings={**settings("model", "diffusion", "train", "intensity"), **lesion_settings("roi", "model", "train", "texture_levels")},
     log:
         "logs/train_lesion/{name}.log",
     benchmark:
@@ -58,7 +58,7 @@ rule synthesize_lesion:
     params:
         shard_items=lesion_shard_items,
         dicom_root=DICOM_ROOT,
-        settings=settings("lesion", "intensity", "data", "preprocess"),
+        settings={**settings("intensity", "data", "preprocess"), **lesion_settings("insert", "sample")},
     log:
         "logs/synthesize_lesion/{shard}.log",
     benchmark:
@@ -82,7 +82,7 @@ rule lesion_texture:
         table=report("results/synthetic/lesion/texture_control.csv", category="Lesion scale", caption="../report/texture_control.rst"),
     params:
         sites=config["lesion"]["texture_control_sites"],
-        settings=settings("lesion"),
+        settings=lesion_settings("insert", "sample"),
     log:
         "logs/lesion_texture.log",
     benchmark:

@@ -16,4 +16,5 @@ with rule_logging(snakemake.log[0]):
         Path(out.summary), Path(inp.image_quality), optional("train_log"), [Path(m) for m in inp.manifests],
         Path(out.loss), Path(out.quality), Path(out.figures), snakemake.params.montages, snakemake.params.demo,
         optional("segmentation"), optional("segmentation_png"),
+        [Path(m) for m in inp.get("lesion", [])], optional("lesion_texture"),
     )  # fmt: skip

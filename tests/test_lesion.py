@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungddpm.config import load_config, lesion_config
+from lungddpm.config import lesion_config, load_config
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import LayoutError
@@ -85,7 +85,9 @@ def test_roi_refuses_an_roi_crossing_the_edge(tmp_path, monkeypatch) -> None:
 
     src = _source()
     monkeypatch.setattr(rois, "free_sites", lambda *a, **k: [np.array([32.0, 32.0, 0.0])])
-    with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: ROI LIDC-IDRI-0001_f0 .* crosses the scan's edge.*edge: pad"):
+    with pytest.raises(
+        LayoutError, match=r"LIDC-IDRI-0001: ROI LIDC-IDRI-0001_f0 .* crosses the scan's edge.*edge: pad"
+    ):
         extract_rois(src, _settings(size=64, edge="refuse"), tmp_path)
     rows = extract_rois(src, _settings(size=64, edge="pad"), tmp_path)
     assert rows[0]["padded_voxels"] > 0
@@ -110,8 +112,16 @@ def test_place_inside_lung_with_margin_and_errors() -> None:
 
 def _tiny_model() -> tuple[UNet3D, GaussianDiffusion]:
     torch.manual_seed(0)
-    cfg = {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4,
-           "num_res_blocks": 1, "num_heads": 1, "dropout": 0.0, "use_checkpoint": False}
+    cfg = {
+        "model_channels": 8,
+        "channel_mult": [1, 2],
+        "attention_resolutions": [],
+        "norm_groups": 4,
+        "num_res_blocks": 1,
+        "num_heads": 1,
+        "dropout": 0.0,
+        "use_checkpoint": False,
+    }
     return UNet3D(unet_config_from_dict(cfg, image_size=16)).eval(), GaussianDiffusion(DiffusionConfig(timesteps=50))
 
 
@@ -121,7 +131,7 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
     sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
     ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
     model, diffusion = _tiny_model()
-    sc = {"batch_size": 2, "precision": "fp32", "sampler": sampler, "steps": 4, "clip_x0": True}
+    sc = {"batch_size": 2, "precision": "fp32", "sampler": sampler, "steps": 4, "clip_x0": True, "guidance": 1.0}
     a = inpaint(model, diffusion, ins, (-1000.0, 400.0), sc, torch.device("cpu"))
     b = inpaint(model, diffusion, ins[1:], (-1000.0, 400.0), {**sc, "batch_size": 1}, torch.device("cpu"))
     for c, after in zip(ins, a):
@@ -181,3 +191,56 @@ def test_lesion_config_merges_overrides_and_names_bad_keys(tmp_path) -> None:
     bad = load_config("config/config.yaml", {"lesion": {"train": {"stepz": 3}}})
     with pytest.raises(ConfigError, match=r"(?s)lesion.train.*stepz"):
         lesion_config(bad)
+
+
+def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
+    from lungddpm.diffusion.sample import sample
+
+    model, diffusion = _tiny_model()
+    with torch.no_grad():  # the output layer starts at zero; give the network a response to its layout input
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    layout = torch.from_numpy(np.stack([np.ones((16, 16, 16)), -np.ones((16, 16, 16))]).astype(np.float32))[None]
+    kw = {"clip_x0": False}  # a random network saturates clipped samples
+    plain = sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), **kw)
+    same = sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0,
+                  uncond_layout=layout, **kw)  # fmt: skip
+    other = sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0,
+                   uncond_layout=-layout, **kw)  # fmt: skip
+    # cond == uncond: the guided output is the plain one (up to batched-convolution rounding); otherwise it moves
+    assert (plain - same).abs().max() < 1e-4 * (plain - other).abs().max()
+
+
+def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None:
+    from lungddpm.diffusion.train import StepBatches, TrainData
+
+    n = 8
+    images = torch.arange(n * 4**3, dtype=torch.float32).reshape(n, 1, 4, 4, 4)
+    layouts = torch.full((n, 2, 4, 4, 4), -1.0)
+    layouts[:, 1, 1:3, 1:3, 1:3] = 0.25
+    layouts[:, 0] = images[:, 0] / 1000  # a layout channel that follows the image, to check flips stay aligned
+    groups = ("solid",) * 6 + ("ground-glass", "free")
+    data = TrainData(images, layouts, tuple(map(str, range(n))), torch.ones(n, 1, 4, 4, 4), groups)
+    sb = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 300, cond_dropout=0.5, flip=True, balance=True)
+    seen = {"solid": 0, "ground-glass": 0, "free": 0}
+    dropped = 0
+    for i in range(300):
+        micro = sb[i][0]
+        assert torch.allclose(micro["layout"][:, 0], micro["x0"][:, 0] / 1000)  # flipped together
+        for b in range(4):
+            case = int(micro["x0"][b].min() // 64)
+            seen[groups[case]] += 1
+            dropped += int((micro["layout"][b, 1] == 1.0).any())
+    assert all(abs(v / 1200 - 1 / 3) < 0.05 for v in seen.values()), seen  # each group equally often
+    assert 0.4 < dropped / 1200 < 0.6
+    again = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 300, cond_dropout=0.5, flip=True, balance=True)
+    assert all(torch.equal(a, b) for a, b in zip(sb[17][0].values(), again[17][0].values()))
+
+
+def test_lesion_plan_items_are_seeded_per_case() -> None:
+    from lungddpm.plan import lesion_plan, shard
+
+    items = lesion_plan(["LIDC-IDRI-0002", "LIDC-IDRI-0001"], 2, 0)
+    assert [it.name for it in items] == ["LIDC-IDRI-0001_0", "LIDC-IDRI-0001_1", "LIDC-IDRI-0002_0", "LIDC-IDRI-0002_1"]
+    assert len({it.seed for it in items}) == 4 and items == lesion_plan(["LIDC-IDRI-0001", "LIDC-IDRI-0002"], 2, 0)
+    assert sorted(shard(items, 2, 0) + shard(items, 2, 1), key=lambda it: it.name) == items

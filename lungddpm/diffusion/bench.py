@@ -246,7 +246,9 @@ def bench_inpaint(
     for batch in batches:
         layout = torch.from_numpy(np.stack([np.ones((n, n, n)), np.where(nodule, 0.75, -1.0)]).astype(np.float32))
         layout = layout[None].repeat(batch, 1, 1, 1, 1).to(device)
-        blend = Blend(torch.zeros(batch, 1, n, n, n), torch.from_numpy(~generated)[None, None].repeat(batch, 1, 1, 1, 1))
+        blend = Blend(
+            torch.zeros(batch, 1, n, n, n), torch.from_numpy(~generated)[None, None].repeat(batch, 1, 1, 1, 1)
+        )
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         sample(model, diffusion, layout, sampler, 2, gens, blend=blend, autocast_dtype=dtype)  # warm-up
         t0 = time.perf_counter()

@@ -89,13 +89,19 @@ def sample(
     blend: Blend | None = None,
     autocast_dtype: torch.dtype | None = None,
     clip_x0: bool = True,
+    guidance: float = 1.0,
+    uncond_layout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1]).
 
     Random numbers (initial noise, ancestral noise, the reference's forward noise) come from ``generator`` on the
     CPU — one per batch element when a sequence is given, so each volume of a batch equals the volume sampled
     alone with its generator — and a seed gives the same volume on any device.
+
+    ``guidance`` != 1 with ``uncond_layout`` [B, 2, D, H, W] (the layout with its condition dropped, e.g. "any
+    texture") is classifier-free guidance: output = uncond + guidance * (cond - uncond), two network passes per step.
     """
+    guided = uncond_layout is not None and guidance != 1.0
     device = layout.device
     scheduler = make_sampler(diffusion, sampler, clip_x0)
     scheduler.set_timesteps(steps, device=device)
@@ -117,7 +123,13 @@ def sample(
         tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
-            out = model(scheduler.scale_model_input(x, t), tt, layout).float()
+            x_in = scheduler.scale_model_input(x, t)
+            if guided:
+                both = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([layout, uncond_layout])).float()
+                cond, uncond = both.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            else:
+                out = model(x_in, tt, layout).float()
         x = scheduler.step(out, t, x, generator=step_generator).prev_sample
         if blend is not None and i >= first_blend:
             ref = blend.reference.to(device)

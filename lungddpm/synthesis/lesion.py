@@ -14,7 +14,6 @@ grid and affine), ``_label.nii.gz`` (0/1/2 with the new nodules), per site ``_s<
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +23,13 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .. import __version__
 from ..config import Config
 from ..diffusion.checkpoint import load_model, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, sample
 from ..errors import LayoutError
 from ..intensity import ANY_TEXTURE, TEXTURE_CLASSES, hu_to_model, layout_to_channels, model_to_hu, texture_class
-from ..io import Geometry, file_sha256, read_json, read_volume, remove_stale_temps, safe_component, write_json
+from ..io import Geometry, read_json, read_volume, safe_component
 from ..layout import NODULE
 from ..layout_edit import BankNodule, insert_nodules
 from ..plan import Item
@@ -118,7 +116,9 @@ def place(
         ) from exc
     nodule = (layout == NODULE) & (site.layout != NODULE)
     spacing = float(site.geometry.spacing[0])
-    generated = ndi.binary_dilation(nodule, structure=ball(insert["margin_mm"] / spacing)) if insert["margin_mm"] else nodule
+    generated = (
+        ndi.binary_dilation(nodule, structure=ball(insert["margin_mm"] / spacing)) if insert["margin_mm"] else nodule
+    )
     bank_nodule = next(n for n in candidates if n.index == edits[0]["bank_index"])
     level, cls = texture_level(texture, bank_nodule, levels)
     record = {"site": site.name, **edits[0], "texture_class_bank": TEXTURE_CLASSES[texture_class(bank_nodule.texture)],
@@ -144,6 +144,7 @@ def inpaint(
         keep = torch.from_numpy(np.stack([~c.generated[None] for c in chunk]))
         # the sites are nodule-free: the new nodule is the only one, at its texture level
         layouts = [layout_to_channels(c.layout, c.site.name, np.float32(c.level)) for c in chunk]
+        uncond = [layout_to_channels(c.layout, c.site.name, np.float32(ANY_TEXTURE)) for c in chunk]
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
         x = sample(
             model,
@@ -155,6 +156,8 @@ def inpaint(
             blend=Blend(ref, keep),
             autocast_dtype=dtype,
             clip_x0=sc["clip_x0"],
+            guidance=float(sc["guidance"]),
+            uncond_layout=torch.from_numpy(np.stack(uncond)).to(device),
         )
         for b, c in enumerate(chunk):
             hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))
@@ -166,11 +169,16 @@ def nodule_mean_hu(roi_hu: np.ndarray, nodule: np.ndarray) -> float:
     return float(roi_hu[nodule].mean())
 
 
-def load_lesion_model(checkpoint: Path, sc: dict[str, Any]) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
+def load_lesion_model(
+    checkpoint: Path, sc: dict[str, Any]
+) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
     """The lesion network (EMA weights by default) on the GPU when there is one, its process and checkpoint."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
-    if "lesion" not in ckpt.get("config", {}) or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3:
+    if (
+        "lesion" not in ckpt.get("config", {})
+        or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3
+    ):
         raise LayoutError(f"{checkpoint}: not a lesion-scale model (its grid is not the ROI grid); run train_lesion")
     return model.to(device), GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
 
