@@ -131,7 +131,8 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
     sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
     ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
     model, diffusion = _tiny_model()
-    sc = {"batch_size": 2, "precision": "fp32", "sampler": sampler, "steps": 4, "clip_x0": True, "guidance": 1.0}
+    sc = {"batch_size": 2, "precision": "fp32", "sampler": sampler, "steps": 4, "clip_x0": True, "guidance": 1.0,
+          "jump_length": 0, "jump_n_sample": 1}
     a = inpaint(model, diffusion, ins, (-1000.0, 400.0), sc, torch.device("cpu"))
     b = inpaint(model, diffusion, ins[1:], (-1000.0, 400.0), {**sc, "batch_size": 1}, torch.device("cpu"))
     for c, after in zip(ins, a):
@@ -244,3 +245,25 @@ def test_lesion_plan_items_are_seeded_per_case() -> None:
     assert [it.name for it in items] == ["LIDC-IDRI-0001_0", "LIDC-IDRI-0001_1", "LIDC-IDRI-0002_0", "LIDC-IDRI-0002_1"]
     assert len({it.seed for it in items}) == 4 and items == lesion_plan(["LIDC-IDRI-0001", "LIDC-IDRI-0002"], 2, 0)
     assert sorted(shard(items, 2, 0) + shard(items, 2, 1), key=lambda it: it.name) == items
+
+
+def test_repaint_resampling_schedule_and_sampler_check() -> None:
+    from lungddpm.diffusion.sample import Blend, Resample, sample
+
+    model, diffusion = _tiny_model()
+    calls = []
+
+    def counting(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        return model(x, t, layout)
+
+    layout = torch.from_numpy(np.stack([np.ones((16, 16, 16)), -np.ones((16, 16, 16))]).astype(np.float32))[None]
+    keep = torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool)
+    keep[..., :8] = True
+    ref = torch.full((1, 1, 16, 16, 16), -0.5)
+    x = sample(counting, diffusion, layout, "ddim", 4, torch.Generator().manual_seed(0), blend=Blend(ref, keep),
+               resample=Resample(2, 2))  # fmt: skip
+    assert len(calls) == 6 and calls[2] == calls[0] and calls[3] == calls[1]  # steps 0, 1, back to 0, 1, 2, 3
+    assert torch.equal(x[keep], ref[keep])
+    with pytest.raises(ValueError, match="single-step sampler"):
+        sample(model, diffusion, layout, "dpm++", 4, torch.Generator().manual_seed(0), resample=Resample(2, 2))

@@ -91,6 +91,7 @@ def sample(
     clip_x0: bool = True,
     guidance: float = 1.0,
     uncond_layout: torch.Tensor | None = None,
+    resample: Resample | None = None,
 ) -> torch.Tensor:
     """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1]).
 
@@ -100,8 +101,17 @@ def sample(
 
     ``guidance`` != 1 with ``uncond_layout`` [B, 2, D, H, W] (the layout with its condition dropped, e.g. "any
     texture") is classifier-free guidance: output = uncond + guidance * (cond - uncond), two network passes per step.
+    ``resample`` (RePaint, with ``blend``): every ``jump_length`` steps the sample is forward-noised back
+    ``jump_length`` steps and denoised again, ``jump_n_sample - 1`` extra times, so the generated region can
+    harmonise with the kept one; single-step samplers only (ddpm, ddim).
     """
     guided = uncond_layout is not None and guidance != 1.0
+    jumping = resample is not None and resample.jump_n_sample > 1 and resample.jump_length > 0
+    if jumping and sampler == "dpm++":
+        raise ValueError(
+            "RePaint resampling needs a single-step sampler: DPM-Solver++ carries the history of its multistep "
+            "solver, which a jump back invalidates; set the sampler to ddim or ddpm, or turn resampling off"
+        )
     device = layout.device
     scheduler = make_sampler(diffusion, sampler, clip_x0)
     scheduler.set_timesteps(steps, device=device)
@@ -119,7 +129,10 @@ def sample(
     step_generator = generators if isinstance(generator, Sequence) else generator
     timesteps = list(scheduler.timesteps)
     first_blend = round((blend.start_fraction if blend else 0.0) * len(timesteps))
-    for i, t in enumerate(timesteps):
+    jumps: dict[int, int] = {}
+    i = 0
+    while i < len(timesteps):
+        t = timesteps[i]
         tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
@@ -138,7 +151,30 @@ def sample(
                 prev_t = torch.full((shape[0],), int(timesteps[i + 1]), dtype=torch.long)
                 ref = diffusion.add_noise(ref, ref_noise, prev_t.to(device))
             x = torch.where(blend.keep.to(device), ref, x)
+        back = i + 1 - (resample.jump_length if jumping else 0)  # type: ignore[union-attr]
+        if jumping and i + 1 < len(timesteps) and (i + 1) % resample.jump_length == 0 and back >= 0:  # type: ignore[union-attr]
+            if jumps.get(i, 0) < resample.jump_n_sample - 1:  # type: ignore[union-attr]
+                jumps[i] = jumps.get(i, 0) + 1
+                x = renoise(diffusion, x, int(timesteps[i + 1]), int(timesteps[back]), randn())
+                i = back
+                continue
+        i += 1
     return x
+
+
+@dataclass(frozen=True)
+class Resample:
+    """RePaint's resampling schedule: jump back ``jump_length`` steps, ``jump_n_sample - 1`` extra times."""
+
+    jump_length: int = 0
+    jump_n_sample: int = 1
+
+
+def renoise(diffusion: GaussianDiffusion, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+    """q(x_{t_to} | x_{t_from}) for t_to > t_from: x at noise level ``t_from`` forward-noised to ``t_to``."""
+    a = diffusion.alphas_cumprod.to(x.device)
+    ratio = a[t_to] / a[t_from]
+    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
 
 
 class _null:

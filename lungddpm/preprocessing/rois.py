@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 from ..config import Config
 from ..errors import LayoutError
-from ..intensity import TEXTURE_CLASSES, texture_class
+from ..intensity import TEXTURE_CLASSES, texture_class, texture_levels
 from ..io import Geometry, read_volume, safe_component, write_csv, write_volume
 from ..layout import compose_layout
 from ..preprocess import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
@@ -289,7 +289,7 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
     from ..intensity import hu_to_model
     from ..layout import check_labels
 
-    levels = cfg.raw["lesion"]["texture_levels"]
+    levels = texture_levels(cfg.raw["lesion"]["texture_hu"], cfg.intensity.hu_window)
     spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])
     images, layouts, weights, ids, groups = [], [], [], [], []
     for table in tables:

@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from ..config import Config
 from ..diffusion.checkpoint import load_model, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
-from ..diffusion.sample import Blend, sample
+from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..intensity import ANY_TEXTURE, TEXTURE_CLASSES, hu_to_model, layout_to_channels, model_to_hu, texture_class
 from ..io import Geometry, read_json, read_volume, safe_component
@@ -157,6 +157,7 @@ def inpaint(
             autocast_dtype=dtype,
             clip_x0=sc["clip_x0"],
             guidance=float(sc["guidance"]),
+            resample=Resample(int(sc["jump_length"]), int(sc["jump_n_sample"])),
             uncond_layout=torch.from_numpy(np.stack(uncond)).to(device),
         )
         for b, c in enumerate(chunk):

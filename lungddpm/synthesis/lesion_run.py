@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..intensity import TEXTURE_CLASSES
+from ..intensity import TEXTURE_CLASSES, texture_levels
 from ..io import Geometry, file_sha256, read_volume, remove_stale_temps, write_csv, write_json, write_volume
 from ..layout import NODULE
 from ..layout_edit import load_bank
@@ -116,8 +116,8 @@ def synthesize_lesion_shard(
     model, diffusion, ckpt, device = load_lesion_model(checkpoint, lc["sample"])
     settings = run_settings(cfg, file_sha256(checkpoint))
     candidates = _candidates(cfg, bank_path)
-    levels = ckpt["config"]["lesion"]["texture_levels"]
     window = tuple(ckpt["hu_window"])
+    levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
     manifest, pending = [], []
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
@@ -180,8 +180,8 @@ def texture_control(
         torch.set_num_threads(threads)
     lc = cfg.raw["lesion"]
     model, diffusion, ckpt, device = load_lesion_model(checkpoint, lc["sample"])
-    levels = ckpt["config"]["lesion"]["texture_levels"]
     window = tuple(ckpt["hu_window"])
+    levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
     candidates = _candidates(cfg, bank_path)
     chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
     real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
