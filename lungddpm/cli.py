@@ -236,11 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "quality":
         _bench_quality(args, cfg)
         return
-    if args.model == "paper":  # the schema defaults are the paper's network and process
-        raw = dict(cfg.raw)
-        raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
-        cfg = Config.from_dict(raw)
-    if args.what == "sample" and args.scale == "lesion":
+    if args.what == "sample" and args.scale == "lesion":  # the config's lesion network (lesion.model)
         from .config import lesion_config
         from .diffusion.bench import bench_inpaint
 
@@ -249,6 +245,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 for row in bench_inpaint(lesion_config(cfg), args.batch, name, steps, precision, args.threads):
                     print(json.dumps(row), flush=True)
         return
+    if args.model == "paper":  # the schema defaults are the paper's network and process
+        raw = dict(cfg.raw)
+        raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
+        cfg = Config.from_dict(raw)
     if args.what == "sample":
         from .diffusion.bench import bench_sample
 

@@ -18,6 +18,7 @@ from test_unet import TINY, randomise
 
 from lungddpm.cli import main
 from lungddpm.convention import LungDDPMConvention
+from lungddpm.diffusion.checkpoint import CheckpointError, load_model
 from lungddpm.diffusion.convert import (
     PREFIX,
     convert,
@@ -27,7 +28,6 @@ from lungddpm.diffusion.convert import (
 )
 from lungddpm.diffusion.process import DiffusionConfig
 from lungddpm.diffusion.sample import keep_mask
-from lungddpm.diffusion.train import CheckpointError, load_model
 from lungddpm.diffusion.unet import AttentionBlock, UNet3D, UNetConfig
 from lungddpm.io import read_json
 

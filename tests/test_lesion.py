@@ -131,8 +131,16 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
     sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
     ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
     model, diffusion = _tiny_model()
-    sc = {"batch_size": 2, "precision": "fp32", "sampler": sampler, "steps": 4, "clip_x0": True, "guidance": 1.0,
-          "jump_length": 0, "jump_n_sample": 1}
+    sc = {
+        "batch_size": 2,
+        "precision": "fp32",
+        "sampler": sampler,
+        "steps": 4,
+        "clip_x0": True,
+        "guidance": 1.0,
+        "jump_length": 0,
+        "jump_n_sample": 1,
+    }
     a = inpaint(model, diffusion, ins, (-1000.0, 400.0), sc, torch.device("cpu"))
     b = inpaint(model, diffusion, ins[1:], (-1000.0, 400.0), {**sc, "batch_size": 1}, torch.device("cpu"))
     for c, after in zip(ins, a):

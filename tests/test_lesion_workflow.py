@@ -30,6 +30,7 @@ def test_rois_at_native_resolution_with_true_geometry(demo_workflow: Path) -> No
         assert len(free) == 2
         nodules = [r for r in rows if r["case_id"] == case and r["kind"] == "nodule"]
         assert len(nodules) == sum(1 for n in lidc.nodules(case, 0.5) if n.mask.any())
+    offsets = []
     for r in rows:
         folder = demo_workflow / "results/rois" / r["case_id"]
         img = nib.load(folder / r["ct"])
@@ -48,8 +49,10 @@ def test_rois_at_native_resolution_with_true_geometry(demo_workflow: Path) -> No
         centroids = [geometry.index_to_world(np.argwhere(labels == i).mean(axis=0)[None])[0] for i in range(1, n + 1)]
         error = min(np.linalg.norm(c - target) for c in centroids)
         assert error <= 2.5, (r["roi"], error)
-        offset = np.array([float(r[f"offset_{a}"]) for a in "xyz"])
-        assert np.all(np.abs(offset) <= 5.0 + 1e-6) or int(r["padded_voxels"]) >= 0
+        offsets.append(np.array([float(r[f"offset_{a}"]) for a in "xyz"]))
+    # the centres are jittered (seeded, up to 5 mm per axis; ROIs near the scan's edge are shifted further inward)
+    assert all(np.abs(o).max() > 0.1 for o in offsets)
+    assert sum(bool(np.all(np.abs(o) <= 5.0 + 1e-6)) for o in offsets) >= len(offsets) / 2
 
 
 def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> None:
@@ -90,7 +93,7 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
         assert np.array_equal(after[~gen], before[~gen])  # the ROI outside the generated region is the source
         box = native_box(src.grid, hu.shape, roi_geometry, 16)
         region = np.zeros(hu.shape, bool)
-        region[box.slices] = nearest_in_box(box, ndi.binary_dilation(gen))
+        region[box.slices] = nearest_in_box(box, ndi.binary_dilation(gen, structure=np.ones((3, 3, 3), bool)))
         inside_any |= region
         assert (labels[box.slices][nearest_in_box(box, new)] == NODULE).all()
     assert not changed[~inside_any].any()  # bit-identical outside the generated regions

@@ -20,7 +20,7 @@ from lungddpm.config import validate_config
 from lungddpm.diffusion.train import job_gpus, torchrun_command, train_processes
 from lungddpm.errors import ConfigError, LungDDPMError
 
-GPU_RULES = ("train", "sample", "metrics", "segment_train")
+GPU_RULES = ("train", "sample", "metrics", "segment_train", "train_lesion", "synthesize_lesion")
 
 
 def profile(name: str) -> dict[str, Any]:

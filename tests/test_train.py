@@ -12,18 +12,9 @@ import pytest
 import torch
 
 from lungddpm.config import Config, validate_config
+from lungddpm.diffusion.checkpoint import CheckpointError, load_checkpoint, load_model
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
-from lungddpm.diffusion.train import (
-    CheckpointError,
-    TrainData,
-    find_resume_checkpoint,
-    fingerprint,
-    load_checkpoint,
-    load_model,
-    make_job,
-    run_job,
-    train,
-)
+from lungddpm.diffusion.train import TrainData, find_resume_checkpoint, fingerprint, make_job, run_job, train
 from lungddpm.diffusion.unet import UNet3D, UNetConfig
 from lungddpm.io import Geometry, write_volume
 
