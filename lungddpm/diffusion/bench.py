@@ -229,7 +229,8 @@ def bench_inpaint(
     cfg: Config, batches: list[int], sampler: str, steps: int, precision: str, threads: int, repeats: int = 2
 ) -> list[dict[str, Any]]:
     """Lesion scale: seconds per inserted nodule and peak memory when ``batch`` ROIs of the (lesion) config's grid
-    are inpainted together — a 10 mm sphere generated inside a 3-voxel margin, the rest of the ROI kept."""
+    are inpainted together — a 10 mm sphere generated inside a 3-voxel margin, the rest of the ROI kept — with the
+    config's texture guidance (``lesion.sample.guidance``; > 1 = two network passes per step)."""
     import numpy as np
 
     from .sample import Blend, sample
@@ -242,6 +243,7 @@ def bench_inpaint(
     r2 = (zz - n / 2) ** 2 + (yy - n / 2) ** 2 + (xx - n / 2) ** 2
     radius = 5.0 / float(cfg.preprocess.spacing_mm[0])
     nodule, generated = r2 <= radius**2, r2 <= (radius + 3) ** 2
+    guidance = float(cfg.raw["lesion"]["sample"]["guidance"])
     out = []
     for batch in batches:
         layout = torch.from_numpy(np.stack([np.ones((n, n, n)), np.where(nodule, 0.75, -1.0)]).astype(np.float32))
@@ -249,11 +251,14 @@ def bench_inpaint(
         blend = Blend(
             torch.zeros(batch, 1, n, n, n), torch.from_numpy(~generated)[None, None].repeat(batch, 1, 1, 1, 1)
         )
+        uncond = layout.clone()
+        uncond[:, 1] = torch.where(uncond[:, 1] > -1, 1.0, -1.0)
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-        sample(model, diffusion, layout, sampler, 2, gens, blend=blend, autocast_dtype=dtype)  # warm-up
+        kw = {"blend": blend, "autocast_dtype": dtype, "guidance": guidance, "uncond_layout": uncond}
+        sample(model, diffusion, layout, sampler, 2, gens, **kw)  # warm-up
         t0 = time.perf_counter()
         for _ in range(repeats):
-            sample(model, diffusion, layout, sampler, steps, gens, blend=blend, autocast_dtype=dtype)
+            sample(model, diffusion, layout, sampler, steps, gens, **kw)
         seconds = (time.perf_counter() - t0) / repeats
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
         out.append(
@@ -265,6 +270,7 @@ def bench_inpaint(
                 "sampler": sampler,
                 "steps": steps,
                 "precision": "fp32" if dtype is None else precision,
+                "guidance": guidance,
                 "nodules_batched": batch,
                 "seconds_per_nodule": round(seconds / batch, 3),
                 "peak_memory_mb": round(peak, 1),

@@ -137,9 +137,9 @@ def sample(
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             x_in = scheduler.scale_model_input(x, t)
-            if guided:
-                both = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([layout, uncond_layout])).float()
-                cond, uncond = both.chunk(2)
+            if guided:  # two passes, not one of twice the batch: on the CPU a doubled batch costs ~2.5x
+                cond = model(x_in, tt, layout).float()
+                uncond = model(x_in, tt, uncond_layout).float()
                 out = uncond + guidance * (cond - uncond)
             else:
                 out = model(x_in, tt, layout).float()
