@@ -76,7 +76,8 @@ def _settings(cfg: Config, run: str, ckpt_sha: str) -> dict[str, Any]:
     return settings
 
 
-def _complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
+def provenance_complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
+    """All ``files`` exist and the provenance (``files['provenance']``, written last) agrees with ``settings``."""
     if not files["provenance"].is_file() or not all(p.is_file() for p in files.values()):
         return False
     try:
@@ -130,7 +131,7 @@ def synthesize_shard(
     pending: list[tuple[Item, dict[str, Path]]] = []
     for item in items:
         files = item_files(out_dir, item)
-        if _complete(files, settings):
+        if provenance_complete(files, settings):
             log.info("%s: complete, skipped", item.name)
             manifest.append({**_entry(item, files), "skipped": True})
         else:

@@ -104,3 +104,31 @@ def test_texture_control_table(demo_workflow: Path) -> None:
     rows = list(csv.DictReader(open(demo_workflow / "results/synthetic/lesion/texture_control.csv")))
     assert [r["texture_class"] for r in rows] == ["ground-glass", "part-solid", "solid"]
     assert all(int(r["n_inserted"]) == 2 and -1100 < float(r["inserted_mean_hu"]) < 500 for r in rows)
+
+
+def test_lesion_shard_skips_complete_items_and_reproduces_an_item(demo_workflow: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from lungddpm.config import load_config
+    from lungddpm.plan import lesion_plan, shard
+    from lungddpm.synthesis.lesion_run import synthesize_lesion_shard
+
+    cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
+    train = [r["case_id"] for r in csv.DictReader(open(demo_workflow / "results/splits.csv")) if r["subset"] == "train"]
+    items = shard(lesion_plan(train, 1, 0), 2, 0)
+    res = demo_workflow / "results"
+    args = (
+        cfg,
+        res / "models/lesion/ci/checkpoint.pt",
+        {c: res / f"rois/{c}/rois.csv" for c in train},
+        demo_workflow / "resources/demo/LIDC-IDRI",
+        {c: res / f"preprocessed/{c}" for c in train},
+        demo_workflow / "resources/nodule_bank.npz",
+    )
+    out = res / "synthetic/lesion"
+    assert all(e["skipped"] for e in synthesize_lesion_shard(items, *args, out))  # a rerun redoes nothing
+    made = synthesize_lesion_shard(items[:1], *args, tmp_path)  # the same item again, elsewhere
+    assert not made[0]["skipped"]
+    name = items[0].name
+    for suffix in ("_ct.nii.gz", "_label.nii.gz", "_s0_after.nii.gz", "_s1_layout.nii.gz"):
+        assert np.array_equal(read_volume(tmp_path / f"{name}{suffix}")[0], read_volume(out / f"{name}{suffix}")[0])

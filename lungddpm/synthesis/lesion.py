@@ -29,7 +29,7 @@ from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..intensity import ANY_TEXTURE, TEXTURE_CLASSES, hu_to_model, layout_to_channels, model_to_hu, texture_class
-from ..io import Geometry, read_json, read_volume, safe_component
+from ..io import Geometry, read_volume, safe_component
 from ..layout import NODULE
 from ..layout_edit import BankNodule, insert_nodules
 from ..plan import Item
@@ -198,16 +198,6 @@ def run_settings(cfg: Config, ckpt_sha: str) -> dict[str, Any]:
     """What an item's files depend on (a rerun redoes items whose provenance disagrees)."""
     return {"checkpoint_sha256": ckpt_sha, "sample": cfg.raw["lesion"]["sample"] | {"shards": None},
             "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
-
-
-def complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
-    if not all(p.is_file() for p in files.values()):
-        return False
-    try:
-        prov = read_json(files["provenance"])
-    except Exception:
-        return False
-    return all(prov.get(k) == v for k, v in settings.items())
 
 
 def site_seed(item: Item, j: int) -> int:

@@ -19,9 +19,9 @@ from ..layout import NODULE
 from ..layout_edit import load_bank
 from ..plan import Item
 from ..preprocessing.rois import SourceCT, load_source, read_roi_table
+from ..synthesize import provenance_complete
 from .lesion import (
     Insertion,
-    complete,
     inpaint,
     item_files,
     load_lesion_model,
@@ -122,7 +122,7 @@ def synthesize_lesion_shard(
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
         files = item_files(out_dir, item, len(sites))
-        if complete(files, settings):
+        if provenance_complete(files, settings):
             log.info("%s: complete, skipped", item.name)
             manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})
             continue
