@@ -275,3 +275,22 @@ def test_repaint_resampling_schedule_and_sampler_check() -> None:
     assert torch.equal(x[keep], ref[keep])
     with pytest.raises(ValueError, match="single-step sampler"):
         sample(model, diffusion, layout, "dpm++", 4, torch.Generator().manual_seed(0), resample=Resample(2, 2))
+
+
+def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> None:
+    from lungddpm.diffusion.checkpoint import CheckpointError
+    from lungddpm.synthesis.lesion import load_lesion_model
+
+    model, _ = _tiny_model()
+    weights = model.state_dict()
+    ckpt = {
+        "ema": weights,
+        "model": weights,
+        "unet": dict(vars(model.cfg)),
+        "size": [32] * 3,
+        "hu_window": [-1000, 400],
+    }
+    ckpt |= {"diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": {"size": 16}}}}  # trained at 32^3, ROIs 16^3
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"not a lesion-scale model.*train_lesion"):
+        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True})

@@ -106,7 +106,8 @@ def sample(
     harmonise with the kept one; single-step samplers only (ddpm, ddim).
     """
     guided = uncond_layout is not None and guidance != 1.0
-    jumping = resample is not None and resample.jump_n_sample > 1 and resample.jump_length > 0
+    jump, repeats = (resample.jump_length, resample.jump_n_sample) if resample is not None else (0, 1)
+    jumping = repeats > 1 and jump > 0
     if jumping and sampler == "dpm++":
         raise ValueError(
             "RePaint resampling needs a single-step sampler: DPM-Solver++ carries the history of its multistep "
@@ -151,9 +152,9 @@ def sample(
                 prev_t = torch.full((shape[0],), int(timesteps[i + 1]), dtype=torch.long)
                 ref = diffusion.add_noise(ref, ref_noise, prev_t.to(device))
             x = torch.where(blend.keep.to(device), ref, x)
-        back = i + 1 - (resample.jump_length if jumping else 0)  # type: ignore[union-attr]
-        if jumping and i + 1 < len(timesteps) and (i + 1) % resample.jump_length == 0 and back >= 0:  # type: ignore[union-attr]
-            if jumps.get(i, 0) < resample.jump_n_sample - 1:  # type: ignore[union-attr]
+        back = i + 1 - jump
+        if jumping and i + 1 < len(timesteps) and (i + 1) % jump == 0 and back >= 0:
+            if jumps.get(i, 0) < repeats - 1:
                 jumps[i] = jumps.get(i, 0) + 1
                 x = renoise(diffusion, x, int(timesteps[i + 1]), int(timesteps[back]), randn())
                 i = back

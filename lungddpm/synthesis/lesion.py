@@ -24,7 +24,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ..config import Config
-from ..diffusion.checkpoint import load_model, resolve_precision
+from ..diffusion.checkpoint import CheckpointError, load_model, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
@@ -180,7 +180,10 @@ def load_lesion_model(
         "lesion" not in ckpt.get("config", {})
         or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3
     ):
-        raise LayoutError(f"{checkpoint}: not a lesion-scale model (its grid is not the ROI grid); run train_lesion")
+        raise CheckpointError(
+            f"{checkpoint}: not a lesion-scale model (its grid is not lesion.roi's); point lesion at the checkpoint "
+            "that train_lesion wrote (results/models/lesion/<lesion.train.name>/checkpoint.pt)"
+        )
     return model.to(device), GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
 
 
