@@ -18,6 +18,13 @@ BACKGROUND, LUNG, NODULE = 0, 1, 2
 LABELS = (BACKGROUND, LUNG, NODULE)
 
 
+def ball(radius_vox: float) -> np.ndarray:
+    """Bool sphere structuring element of ``radius_vox`` voxels (centre voxel included), [2r+1]^3."""
+    r = int(np.ceil(radius_vox))
+    zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return zz**2 + yy**2 + xx**2 <= radius_vox**2 + 1e-9
+
+
 def check_labels(layout: np.ndarray, name: str) -> None:
     """Raise :class:`LayoutError` unless ``layout`` holds only the labels 0/1/2."""
     found = set(np.unique(layout).tolist())

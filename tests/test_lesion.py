@@ -50,7 +50,7 @@ def _site(src: SourceCT, centre: tuple[float, float, float] = (32.0, 32.0, 30.0)
     s = _settings()
     geometry = s.geometry(np.array(centre))
     roi = cut_roi(src, geometry, s)
-    return Site("LIDC-IDRI-0001_f0", roi["ct"], roi["layout"], roi["texture"], geometry)
+    return Site("LIDC-IDRI-0001_f0", roi["ct"], roi["layout"], geometry)
 
 
 def test_texture_classes_and_channel_levels() -> None:
@@ -104,7 +104,7 @@ def test_place_inside_lung_with_margin_and_errors() -> None:
     assert place("LIDC-IDRI-0001", site, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "ground-glass").level == 0.25
     with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: no bank nodule matches lesion.insert.*widen"):
         place("LIDC-IDRI-0001", site, [], 3, INSERT, (0.25, 0.5, 0.75), "bank")
-    tight = Site(site.name, site.ct, np.where(site.layout > 0, 0, 0).astype(np.uint8), site.texture, site.geometry)
+    tight = Site(site.name, site.ct, np.where(site.layout > 0, 0, 0).astype(np.uint8), site.geometry)
     tight.layout[7:9, 7:9, 7:9] = LUNG
     with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: site LIDC-IDRI-0001_f0 has no room .*lower"):
         place("LIDC-IDRI-0001", tight, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")

@@ -11,9 +11,8 @@ from scipy import ndimage as ndi
 
 from lungddpm.data import lidc
 from lungddpm.io import read_json, read_volume
-from lungddpm.layout import NODULE
+from lungddpm.layout import NODULE, ball
 from lungddpm.preprocessing.rois import read_roi_table
-from lungddpm.synthesis.lesion import ball
 from lungddpm.synthesis.paste import native_box, nearest_in_box
 
 

@@ -269,13 +269,12 @@ def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float
 
 def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:
     """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm``, 1 elsewhere."""
-    from ..layout import NODULE
+    from ..layout import NODULE, ball
 
     r = max(0, round(margin_mm / spacing_mm))
     nod = layout == NODULE
     if r and nod.any():
-        zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
-        nod = ndi.binary_dilation(nod, structure=zz**2 + yy**2 + xx**2 <= r * r)
+        nod = ndi.binary_dilation(nod, structure=ball(r))
     return (1.0 + weight * nod).astype(np.float32)
 
 

@@ -30,7 +30,7 @@ from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..intensity import ANY_TEXTURE, TEXTURE_CLASSES, hu_to_model, layout_to_channels, model_to_hu, texture_class
 from ..io import Geometry, read_volume, safe_component
-from ..layout import NODULE
+from ..layout import NODULE, ball
 from ..layout_edit import BankNodule, insert_nodules
 from ..plan import Item
 from ..preprocessing.rois import read_roi_table
@@ -45,7 +45,6 @@ class Site:
     name: str
     ct: np.ndarray  # int16 HU [n, n, n]
     layout: np.ndarray  # uint8 [n, n, n]
-    texture: np.ndarray  # uint8 texture map [n, n, n]
     geometry: Geometry
 
 
@@ -71,15 +70,8 @@ def read_sites(table: Path) -> list[Site]:
         folder = Path(table).parent
         ct, geometry = read_volume(folder / row["ct"])
         layout, _ = read_volume(folder / row["layout"])
-        texture, _ = read_volume(folder / row["texture_map"])
-        sites.append(Site(row["roi"], ct, layout.astype(np.uint8), texture.astype(np.uint8), geometry))
+        sites.append(Site(row["roi"], ct, layout.astype(np.uint8), geometry))
     return sites
-
-
-def ball(radius_vox: float) -> np.ndarray:
-    r = int(np.ceil(radius_vox))
-    zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
-    return zz**2 + yy**2 + xx**2 <= radius_vox**2 + 1e-9
 
 
 def texture_level(request: str, nodule: BankNodule, levels: Sequence[float]) -> tuple[float, str]:
@@ -144,7 +136,11 @@ def inpaint(
         keep = torch.from_numpy(np.stack([~c.generated[None] for c in chunk]))
         # the sites are nodule-free: the new nodule is the only one, at its texture level
         layouts = [layout_to_channels(c.layout, c.site.name, np.float32(c.level)) for c in chunk]
-        uncond = [layout_to_channels(c.layout, c.site.name, np.float32(ANY_TEXTURE)) for c in chunk]
+        uncond = None
+        if float(sc["guidance"]) != 1.0:  # "any texture": the unconditional pass of the guidance
+            uncond = torch.from_numpy(
+                np.stack([layout_to_channels(c.layout, c.site.name, np.float32(ANY_TEXTURE)) for c in chunk])
+            ).to(device)
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
         x = sample(
             model,
@@ -158,7 +154,7 @@ def inpaint(
             clip_x0=sc["clip_x0"],
             guidance=float(sc["guidance"]),
             resample=Resample(int(sc["jump_length"]), int(sc["jump_n_sample"])),
-            uncond_layout=torch.from_numpy(np.stack(uncond)).to(device),
+            uncond_layout=uncond,
         )
         for b, c in enumerate(chunk):
             hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))

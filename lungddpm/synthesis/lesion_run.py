@@ -42,6 +42,16 @@ def _candidates(cfg: Config, bank_path: Path) -> list[Any]:
     return bank.select(ins["diameter_mm"], ins["textures"], ins["malignancies"], ins["min_readers"])
 
 
+def _setup(cfg: Config, checkpoint: Path, bank_path: Path, threads: int | None) -> tuple[Any, ...]:
+    """Threads, the lesion model and process, its HU window and texture levels, the filtered bank nodules."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, diffusion, ckpt, device = load_lesion_model(checkpoint, cfg.raw["lesion"]["sample"])
+    window = tuple(ckpt["hu_window"])
+    levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
+    return model, diffusion, device, window, levels, _candidates(cfg, bank_path)
+
+
 def native_geometry(src: SourceCT) -> Geometry:
     """The NIfTI geometry of the source series; refuses irregular slice spacing, which NIfTI cannot hold."""
     from ..errors import DicomError
@@ -110,14 +120,9 @@ def synthesize_lesion_shard(
     """Make the lesion items of one shard in ``out_dir``; returns one manifest entry per item (made or skipped)."""
     from tqdm import tqdm
 
-    if threads:
-        torch.set_num_threads(threads)
     lc = cfg.raw["lesion"]
-    model, diffusion, ckpt, device = load_lesion_model(checkpoint, lc["sample"])
+    model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
     settings = run_settings(cfg, file_sha256(checkpoint))
-    candidates = _candidates(cfg, bank_path)
-    window = tuple(ckpt["hu_window"])
-    levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
     manifest, pending = [], []
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
@@ -176,13 +181,8 @@ def texture_control(
     """Texture control: the same bank nodules, sites and seeds inpainted once per requested texture class; the
     mean HU of the inserted nodules per class beside that of the real nodules of the class in the same ROIs'
     cases (nodule ROIs of ``roi_tables``). Writes ``out_csv``; returns its rows."""
-    if threads:
-        torch.set_num_threads(threads)
     lc = cfg.raw["lesion"]
-    model, diffusion, ckpt, device = load_lesion_model(checkpoint, lc["sample"])
-    window = tuple(ckpt["hu_window"])
-    levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
-    candidates = _candidates(cfg, bank_path)
+    model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
     chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
     real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
     for table in roi_tables:
