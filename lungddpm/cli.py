@@ -283,6 +283,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_segment(args: argparse.Namespace) -> None:
     from .cases import case_ct, case_layout, case_split, list_cases
     from .segmentation import arms as A
+    from .segmentation.datasets import arm_cases, eval_set
     from .segmentation.evaluate import compare_arms, score_arm
     from .segmentation.nnunet import prepare_arm, train_arm
 
@@ -290,35 +291,40 @@ def cmd_segment(args: argparse.Namespace) -> None:
     seg = A.segmentation_config(cfg.raw)
     split = case_split(cfg, list_cases(cfg))
     train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))
-    res, state = Path(args.results), Path(args.state)
-    augment = [res / "synthetic" / "augment" / f"shard_{i}.json" for i in range(cfg.raw["sample"]["shards"])]
+    res, state, scale = Path(args.results), Path(args.state), seg.scale
+    shards = {"volume": [res / "synthetic" / "augment" / f"shard_{i}.json" for i in range(cfg.raw["sample"]["shards"])],
+              "lesion": [res / "synthetic" / "lesion" / f"shard_{i}.json"
+                         for i in range(cfg.raw["lesion"]["sample"]["shards"])]}  # fmt: skip
+    rois = {c: res / "rois" / c / "rois.csv" for c in train + test}
+    if scale == "lesion":  # the same named inputs as rules/segment.smk
+        real_inputs: dict = {"tables": [rois[c] for c in train]}
+        test_inputs: dict = {"tables": [rois[c] for c in test]}
+    else:
+        real_inputs = {"ct": [case_ct(res, c) for c in train], "layouts": [case_layout(res, c) for c in train]}
+        test_inputs = {"ct": [case_ct(res, c) for c in test],
+                       "nodules": [res / "preprocessed" / c / "nodules.nii.gz" for c in test]}  # fmt: skip
     names = [seg.arm(a).name for a in args.arm] if args.arm else seg.arm_names
     seeds = args.seed if args.seed is not None else seg.seeds
     folds = args.fold or seg.folds
     steps = ["prepare", "train", "score", "compare"] if args.what == "all" else [args.what]
-    if "prepare" in steps:  # only preparing reads the augment run
-        A.check_arms(seg, len(train), len(A.augment_items(augment)) if seg.needs_synthetic else 0, len(test))
+    tests = eval_set(scale, test_inputs) if {"train", "score"} & set(steps) else []
     for arm in names:
         for seed in seeds:
             if "prepare" in steps:
-                real = {c: (case_ct(res, c), case_layout(res, c)) for c in train}
-                prepare_arm(
-                    seg.arm(arm), seed, real, augment, test, A.state_dir(state, arm, seed),
-                    A.prepared_manifest(res, arm, seed), seg, args.threads,
-                )  # fmt: skip
+                a = seg.arm(arm)
+                cases = arm_cases(scale, a, seed, {**real_inputs, "synthetic": shards[a.synthetic_source]}, test)
+                prepare_arm(a, seed, cases, test, A.state_dir(state, scale, arm, seed),
+                            A.prepared_manifest(res, scale, arm, seed), seg, args.threads)  # fmt: skip
             for fold in folds if "train" in steps else ():
-                train_arm(
-                    A.prepared_manifest(res, arm, seed), fold, {c: case_ct(res, c) for c in test},
-                    {c: A.prediction(res, arm, seed, fold, c) for c in test}, A.run_manifest(res, arm, seed, fold),
-                    seg, args.threads,
-                )  # fmt: skip
+                train_arm(A.prepared_manifest(res, scale, arm, seed), fold, tests,
+                          A.predictions_dir(res, scale, arm, seed, fold), A.run_manifest(res, scale, arm, seed, fold),
+                          seg, args.threads)  # fmt: skip
         if "score" in steps:
-            runs = [A.run_manifest(res, arm, s, f) for s in seeds for f in folds]
-            nodules = {c: res / "preprocessed" / c / "nodules.nii.gz" for c in test}
-            score_arm(arm, runs, nodules, A.scores_table(res, arm), seg.evaluation)
+            runs = [A.run_manifest(res, scale, arm, s, f) for s in seeds for f in folds]
+            score_arm(arm, runs, tests, A.scores_table(res, scale, arm), seg.evaluation)
     if "compare" in steps:
-        scores = {arm: A.scores_table(res, arm) for arm in seg.arm_names}
-        out = res / "segmentation"
+        scores = {arm: A.scores_table(res, scale, arm) for arm in seg.arm_names}
+        out = res / "segmentation" / scale
         compare_arms(scores, seg.baseline, out / "comparison.csv", out / "comparison.png", seg.evaluation)
 
 
@@ -433,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, action="append", help="only this seed (repeatable)")
     p.add_argument("--fold", action="append", help="only this fold, 0-4 or all (repeatable)")
     p.add_argument("--results", default="results")
-    p.add_argument("--state", default="state", help="root of nnU-Net's folders (state/segmentation/<arm>/seed<s>)")
+    p.add_argument(
+        "--state", default="state", help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_segment)
     return parser

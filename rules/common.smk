@@ -41,8 +41,10 @@ def final_targets():
         targets += expand("results/rois/{case}/rois.csv", case=CASES)
         targets += expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
         targets.append("results/synthetic/lesion/texture_control.csv")
+        targets += [f"results/metrics/lesion/{name}" for name in ("fidelity.csv", "profiles.png", "gallery.png")]
     if config["segmentation"]["enabled"]:
-        targets += ["results/segmentation/comparison.csv", "results/segmentation/comparison.png"]
+        seg = f"results/segmentation/{config['segmentation']['scale']}"
+        targets += [f"{seg}/comparison.csv", f"{seg}/comparison.png"]
     return targets
 
 
@@ -100,11 +102,15 @@ def report_inputs(wildcards):
         "manifests": expand("results/synthetic/{run}/shard_{shard}.json", run=("eval", "augment"), shard=range(N_SHARDS)),
     }
     if config["segmentation"]["enabled"]:
-        inputs["segmentation"] = "results/segmentation/comparison.csv"
-        inputs["segmentation_png"] = "results/segmentation/comparison.png"
+        seg = f"results/segmentation/{config['segmentation']['scale']}"
+        inputs["segmentation"] = f"{seg}/comparison.csv"
+        inputs["segmentation_png"] = f"{seg}/comparison.png"
     if LESION:
         inputs["lesion"] = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
         inputs["lesion_texture"] = "results/synthetic/lesion/texture_control.csv"
+        inputs["fidelity"] = "results/metrics/lesion/fidelity.csv"
+        inputs["fidelity_profiles"] = "results/metrics/lesion/profiles.png"
+        inputs["fidelity_gallery"] = "results/metrics/lesion/gallery.png"
     if not config["model"]["init_from"]:  # an imported checkpoint has no training log
         inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
     return inputs
@@ -136,3 +142,28 @@ def lesion_inputs(wildcards):
     if IS_DEMO:
         inputs["series"] = expand(f"{DEMO_ROOT}/series/{{case}}.json", case=cases)
     return inputs
+
+
+def seg_train_inputs(wildcards):  # SEG* are set by rules/segment.smk
+    """The arm's training data: train ROI tables (lesion) or train CTs and layouts (whole), plus its synthetic run."""
+    arm = SEG.arm(wildcards.arm)
+    if SEG.scale == "lesion":
+        inputs = {"tables": expand("results/rois/{case}/rois.csv", case=SEG_TRAIN)}
+    else:
+        inputs = {
+            "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=SEG_TRAIN),
+            "layouts": expand("results/layouts/{case}.nii.gz", case=SEG_TRAIN),
+        }
+    if arm.synthetic_fraction > 0:
+        inputs["synthetic"] = SEG_LESION if arm.synthetic_source == "lesion" else SEG_AUGMENT
+    return inputs
+
+
+def seg_test_inputs(wildcards=None):
+    """The test set: every ROI of the test split (lesion) or its CTs with their nodule instance maps (whole)."""
+    if SEG.scale == "lesion":
+        return {"tables": expand("results/rois/{case}/rois.csv", case=SEG_TEST)}
+    return {
+        "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=SEG_TEST),
+        "nodules": expand("results/preprocessed/{case}/nodules.nii.gz", case=SEG_TEST),
+    }

@@ -94,3 +94,26 @@ rule lesion_texture:
         "../envs/lungddpm.yaml"
     script:
         "../scripts/lesion_texture.py"
+
+
+rule lesion_fidelity:
+    input:
+        tables=expand("results/rois/{case}/rois.csv", case=CASES),
+        manifests=expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS)),
+    output:
+        table=report("results/metrics/lesion/fidelity.csv", category="Lesion scale", caption="../report/lesion_fidelity.rst"),
+        profiles=report("results/metrics/lesion/profiles.png", category="Lesion scale", caption="../report/lesion_fidelity.rst"),
+        gallery=report("results/metrics/lesion/gallery.png", category="Lesion scale", caption="../report/lesion_gallery.rst"),
+    params:
+        settings=lesion_settings("fidelity", "texture_hu"),
+    log:
+        "logs/lesion_fidelity.log",
+    benchmark:
+        "benchmarks/lesion_fidelity.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/lesion_fidelity.py"

@@ -1,6 +1,7 @@
 # Downstream evaluation: nnU-Net v2 nodule segmentation per arm (real, real+synthetic, ...), tested on the real
-# test split. One job prepares an arm and seed (dataset export, plan, preprocess), one trains each fold and
-# predicts the test CTs, one scores each arm, one compares the arms. nnU-Net's folders live under state/.
+# test split, at segmentation.scale: lesion (ROIs) or whole (CTs on the model grid). One job prepares an arm and
+# seed (dataset export, plan, preprocess), one trains each fold and predicts the test set, one scores each arm, one
+# compares the arms; segment_sweep runs the synthetic_fraction sweep. nnU-Net's folders live under state/.
 import re
 from dataclasses import asdict
 
@@ -8,28 +9,28 @@ from lungddpm.segmentation.arms import check_arms, segmentation_config
 
 SEG = segmentation_config(config)
 SEG_ARMS = SEG.arm_names
+SEG_DIR = f"results/segmentation/{SEG.scale}"
 SEG_TRAIN = subset_cases("train")
 SEG_TEST = subset_cases("test")
 SEG_THREADS = workflow.cores if SEG.threads == 0 else min(SEG.threads, workflow.cores)
 SEG_AUGMENT = expand("results/synthetic/augment/shard_{shard}.json", shard=range(N_SHARDS))
-SEG_ARM_RE = "|".join(re.escape(a) for a in SEG_ARMS)
+SEG_LESION = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
+SEG_ARM_RE = "|".join(re.escape(a) for a in SEG_ARMS + SEG.sweep_names)
 # the keys each rule depends on (editing one reruns exactly the rules that use it)
-SEG_PLAN_KEYS = ("dataset_id", "configuration", "planner", "fingerprint_samples")
+SEG_PLAN_KEYS = ("scale", "dataset_id", "configuration", "planner", "fingerprint_samples", "network")
 SEG_TRAIN_KEYS = ("trainer", "num_epochs", "iterations_per_epoch", "val_iterations_per_epoch", "initial_lr")
 SEG_PREDICT_KEYS = ("final_validation", "test_time_mirroring", "tile_step_size")
 if SEG.enabled:
-    check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST))
+    check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()))
 
 
 rule segment_prepare:
     input:
-        ct=expand("results/preprocessed/{case}/ct.nii.gz", case=SEG_TRAIN),
-        layouts=expand("results/layouts/{case}.nii.gz", case=SEG_TRAIN),
-        augment=lambda wildcards: SEG_AUGMENT if SEG.arm(wildcards.arm).synthetic_fraction > 0 else [],
+        unpack(seg_train_inputs),
     output:
-        prepared="results/segmentation/{arm}/seed{seed}/prepared.json",
+        prepared=f"{SEG_DIR}/{{arm}}/seed{{seed}}/prepared.json",
     params:
-        state_dir=lambda wildcards: f"state/segmentation/{wildcards.arm}/seed{wildcards.seed}",
+        state_dir=lambda wildcards: f"state/segmentation/{SEG.scale}/{wildcards.arm}/seed{wildcards.seed}",
         arm=lambda wildcards: asdict(SEG.arm(wildcards.arm)),
         test_cases=SEG_TEST,
         settings={k: config["segmentation"][k] for k in SEG_PLAN_KEYS},
@@ -51,13 +52,11 @@ rule segment_prepare:
 
 rule segment_train:
     input:
-        prepared="results/segmentation/{arm}/seed{seed}/prepared.json",
-        ct=expand("results/preprocessed/{case}/ct.nii.gz", case=SEG_TEST),
+        unpack(seg_test_inputs),
+        prepared=f"{SEG_DIR}/{{arm}}/seed{{seed}}/prepared.json",
     output:
-        predictions=expand(
-            "results/segmentation/{{arm}}/seed{{seed}}/fold_{{fold}}/predictions/{case}.nii.gz", case=SEG_TEST
-        ),
-        run="results/segmentation/{arm}/seed{seed}/fold_{fold}/run.json",
+        predictions=directory(f"{SEG_DIR}/{{arm}}/seed{{seed}}/fold_{{fold}}/predictions"),
+        run=f"{SEG_DIR}/{{arm}}/seed{{seed}}/fold_{{fold}}/run.json",
     params:
         settings={k: config["segmentation"][k] for k in SEG_TRAIN_KEYS + SEG_PREDICT_KEYS},
     wildcard_constraints:
@@ -80,11 +79,11 @@ rule segment_train:
 
 rule segment_score:
     input:
-        runs=expand("results/segmentation/{{arm}}/seed{seed}/fold_{fold}/run.json", seed=SEG.seeds, fold=SEG.folds),
-        nodules=expand("results/preprocessed/{case}/nodules.nii.gz", case=SEG_TEST),
+        unpack(seg_test_inputs),
+        runs=expand(f"{SEG_DIR}/{{{{arm}}}}/seed{{seed}}/fold_{{fold}}/run.json", seed=SEG.seeds, fold=SEG.folds),
     output:
         scores=report(
-            "results/segmentation/{arm}/scores.csv",
+            f"{SEG_DIR}/{{arm}}/scores.csv",
             category="Segmentation",
             subcategory="{arm}",
             caption="../report/segmentation_scores.rst",
@@ -105,15 +104,15 @@ rule segment_score:
 
 rule segment_compare:
     input:
-        scores=expand("results/segmentation/{arm}/scores.csv", arm=SEG_ARMS),
+        scores=expand(f"{SEG_DIR}/{{arm}}/scores.csv", arm=SEG_ARMS),
     output:
         table=report(
-            "results/segmentation/comparison.csv",
+            f"{SEG_DIR}/comparison.csv",
             category="Segmentation",
             caption="../report/segmentation_comparison.rst",
         ),
         plot=report(
-            "results/segmentation/comparison.png",
+            f"{SEG_DIR}/comparison.png",
             category="Segmentation",
             caption="../report/segmentation_comparison_plot.rst",
         ),
@@ -128,3 +127,22 @@ rule segment_compare:
         "../envs/lungddpm.yaml"
     script:
         "../scripts/segment_compare.py"
+
+
+rule segment_sweep:
+    input:
+        scores=expand(f"{SEG_DIR}/{{arm}}/scores.csv", arm=SEG.sweep_names),
+    output:
+        table=report(f"{SEG_DIR}/sweep.csv", category="Segmentation", caption="../report/segmentation_sweep.rst"),
+        plot=report(f"{SEG_DIR}/sweep.png", category="Segmentation", caption="../report/segmentation_sweep.rst"),
+    params:
+        fractions=[a.synthetic_fraction for a in SEG.sweep],
+        settings={k: config["segmentation"][k] for k in ("sweep", "evaluation")},
+    log:
+        "logs/segment_sweep.log",
+    benchmark:
+        "benchmarks/segment_sweep.tsv"
+    conda:
+        "../envs/lungddpm.yaml"
+    script:
+        "../scripts/segment_sweep.py"

@@ -17,4 +17,5 @@ with rule_logging(snakemake.log[0]):
         Path(out.loss), Path(out.quality), Path(out.figures), snakemake.params.montages, snakemake.params.demo,
         optional("segmentation"), optional("segmentation_png"),
         [Path(m) for m in inp.get("lesion", [])], optional("lesion_texture"),
+        optional("fidelity"), [p for p in (optional("fidelity_profiles"), optional("fidelity_gallery")) if p],
     )  # fmt: skip

@@ -4,10 +4,11 @@ from pathlib import Path
 
 from lungddpm.logs import rule_logging
 from lungddpm.segmentation.arms import segmentation_config
+from lungddpm.segmentation.datasets import eval_set
 from lungddpm.segmentation.evaluate import score_arm
 
 with rule_logging(snakemake.log[0]):
-    inp = snakemake.input
-    nodules = {Path(n).parent.name: Path(n) for n in inp.nodules}
-    evaluation = segmentation_config(snakemake.config).evaluation
-    score_arm(snakemake.wildcards.arm, [Path(r) for r in inp.runs], nodules, Path(snakemake.output.scores), evaluation)
+    cfg = segmentation_config(snakemake.config)
+    tests = eval_set(cfg.scale, dict(snakemake.input.items()))
+    runs = [Path(r) for r in snakemake.input.runs]
+    score_arm(snakemake.wildcards.arm, runs, tests, Path(snakemake.output.scores), cfg.evaluation)

@@ -24,7 +24,7 @@ CI_CONFIG = {
     "layout_edit": {"bank_max_scans": 10},
     # the lesion scale: 16^3 ROIs at 2.5 mm, a tiny network, a few steps (the same code path as the demo)
     "lesion": {
-        "roi": {"spacing_mm": 2.5, "size": 16, "rois_per_nodule": 1, "free_per_case": 2, "site_min_depth_mm": 10},
+        "roi": {"spacing_mm": 2.5, "size": 16, "rois_per_nodule": 1, "free_per_case": 3, "site_min_depth_mm": 10},
         "model": {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4},
         "train": {
             "name": "ci",
@@ -44,11 +44,13 @@ CI_CONFIG = {
         "sample": {"steps": 3, "batch_size": 4, "precision": "bf16"},
         "texture_control_sites": 2,
     },
-    # nnU-Net: the demo's two arms, fold all, 2 iterations each (a pipeline check, ~1 min on 2 cores)
+    # nnU-Net on the 16^3 ROIs: the demo's two arms, fold all, 2 iterations of a tiny network (a pipeline check);
+    # tests/test_segmentation.py also runs the whole scale on the same data
     "segmentation": {
         "num_epochs": 1,
         "iterations_per_epoch": 2,
         "val_iterations_per_epoch": 1,
+        "network": {"features_base": 4, "features_max": 16, "batch_size": 2, "patch_size": None},
         "evaluation": {"bootstrap": 100},
     },
 }

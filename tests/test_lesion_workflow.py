@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from conftest import CI_CONFIG
 from scipy import ndimage as ndi
 
 from lungddpm.data import lidc
@@ -26,7 +27,7 @@ def test_rois_at_native_resolution_with_true_geometry(demo_workflow: Path) -> No
     assert len(cases) == 4  # every case, test cases included
     for case in cases:
         free = [r for r in rows if r["case_id"] == case and r["kind"] == "free"]
-        assert len(free) == 2
+        assert len(free) == CI_CONFIG["lesion"]["roi"]["free_per_case"]
         nodules = [r for r in rows if r["case_id"] == case and r["kind"] == "nodule"]
         assert len(nodules) == sum(1 for n in lidc.nodules(case, 0.5) if n.mask.any())
     offsets = []
@@ -65,7 +66,8 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
     cfg = load_config(demo_workflow / "config/config.yaml", {"data": {"demo": {"n_scans": 4}}})
     prov = read_json(provs[0])
     case = prov["source_case"]
-    assert len(prov["sites"]) == 2 and prov["checkpoint_sha256"] and prov["sample"]["sampler"] == "dpm++"
+    assert len(prov["sites"]) == CI_CONFIG["lesion"]["roi"]["free_per_case"]
+    assert prov["checkpoint_sha256"] and prov["sample"]["sampler"] == "dpm++"
     src = load_source(
         case, demo_workflow / "resources/demo/LIDC-IDRI", demo_workflow / f"results/preprocessed/{case}", cfg
     )

@@ -14,22 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import CI_CONFIG, REPO
+from conftest import CI_CONFIG, REPO, snakemake
 
 from lungddpm.config import load_config
 from lungddpm.errors import ConfigError, LungDDPMError
 from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
 from lungddpm.metrics.voxel import dice
-from lungddpm.segmentation.arms import (
-    Arm,
-    EvaluationConfig,
-    SegmentationConfig,
-    TrainingCase,
-    check_arms,
-    segmentation_config,
-    select_synthetic,
-    training_cases,
-)
+from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig, check_arms, segmentation_config
+from lungddpm.segmentation.datasets import EvalCase, TrainingCase, eval_set, nested_draw, whole_cases
 from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
 from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, train_arm
 
@@ -102,7 +94,7 @@ def test_score_and_compare_arms_known_answers(tmp_path: Path) -> None:
         n[i : i + 2, 1:3, 1:3] = 1
         truth[case] = n
         write_volume(tmp_path / "gt" / f"{case}.nii.gz", n, GEOMETRY)
-    gt_paths = {c: tmp_path / "gt" / f"{c}.nii.gz" for c in truth}
+    gt_paths = [EvalCase(c, tmp_path / f"{c}.nii.gz", tmp_path / "gt" / f"{c}.nii.gz", "scan", c) for c in truth]
     perfect = _write_run(tmp_path, "real", 0, {c: n > 0 for c, n in truth.items()})
     empty = {c: np.zeros(shape, bool) for c in truth}
     half = {c: (n > 0) if c == "c1" else np.zeros(shape, bool) for c, n in truth.items()}
@@ -141,6 +133,8 @@ def test_score_and_compare_arms_known_answers(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- arms
 def _seg(**over: object) -> SegmentationConfig:
     raw = load_config(REPO / "config/config.yaml").raw
+    raw["segmentation"].update({"scale": "whole", "arms": [{"name": "real", "real": True, "synthetic_fraction": 0},
+                                {"name": "real+synthetic", "real": True, "synthetic_fraction": 1.0}]})  # fmt: skip
     raw["segmentation"].update(over)
     return SegmentationConfig.from_config(raw)
 
@@ -160,6 +154,9 @@ def test_arms_config_errors_name_the_key() -> None:
         check_arms(cfg, 3, 3, 1)
     with pytest.raises(ConfigError, match="raise sample.samples_per_layout"):
         check_arms(_seg(), 8, 7, 2)
+    pasted = _seg(arms=[{"name": "real", "real": True, "synthetic_fraction": 1, "synthetic_source": "lesion"}])
+    with pytest.raises(ConfigError, match="needs 8 pasted CTs .* the lesion run makes 7"):
+        check_arms(pasted, 8, 8, 2, 7)
     with pytest.raises(ConfigError, match="no test case"):
         check_arms(_seg(), 8, 8, 0)
     check_arms(_seg(), 8, 8, 2)
@@ -169,16 +166,20 @@ def test_synthetic_draws_are_nested_seeded_and_never_from_test_cases() -> None:
     items = [
         {"item": f"c{i}_0", "case_id": f"c{i}", "image": f"c{i}.nii.gz", "layout": f"c{i}_l.nii.gz"} for i in range(10)
     ]
-    half, full = select_synthetic(items, 5, 3), select_synthetic(items, 10, 3)
-    assert {i["item"] for i in half} <= {i["item"] for i in full} and len(full) == 10
-    assert select_synthetic(items, 5, 3) == half and select_synthetic(items, 5, 4) != half
+    half, full = nested_draw(10, 5, 3), nested_draw(10, 10, 3)
+    assert set(half) <= set(full) and len(full) == 10
+    assert nested_draw(10, 5, 3) == half and nested_draw(10, 5, 4) != half
     assert Arm("x", True, 0.5).n_synthetic(5) == 3 and Arm("x", True, 1.0).n_synthetic(8) == 8
     real = {f"c{i}": (Path(f"c{i}.nii.gz"), Path(f"l{i}.nii.gz")) for i in range(4)}
-    cases = training_cases(Arm("rs", True, 1.0), 0, real, items, test_cases=["t1"])
+    cases = whole_cases(Arm("rs", True, 1.0), 0, real, items, test_cases=["t1"])
     assert [c.kind for c in cases].count("real") == 4 and [c.kind for c in cases].count("synthetic") == 4
     assert all(c.identifier.startswith(("real_", "syn_")) for c in cases)
+    half_arm = [c.identifier for c in whole_cases(Arm("h", True, 0.5), 0, real, items, ["t1"]) if c.kind != "real"]
+    assert set(half_arm) <= {c.identifier for c in cases} and len(half_arm) == 2  # nested in the 1.0 arm
     with pytest.raises(LungDDPMError, match=r"derive from test cases \['c1'\]"):
-        training_cases(Arm("rs", True, 1.0), 0, real, items, test_cases=["c1"])
+        whole_cases(Arm("rs", True, 1.0), 0, real, items, test_cases=["c1"])
+    with pytest.raises(ConfigError, match="needs 5 synthetic cases but the volume run made 4"):
+        whole_cases(Arm("rs", True, 1.25), 0, real, items[:4], test_cases=["t1"])
 
 
 # ------------------------------------------------------------------------------------------- nnU-Net
@@ -232,38 +233,92 @@ def _ci_segmentation(workdir: Path) -> SegmentationConfig:
     return SegmentationConfig.from_config(load_config(workdir / "config/config.yaml", extra).raw)
 
 
-def test_workflow_trains_both_arms_and_predicts_every_test_case(demo_workflow: Path) -> None:
+def _split(workdir: Path) -> tuple[list[str], list[str]]:
+    with open(workdir / "results/splits.csv") as fh:
+        split = {r["case_id"]: r["subset"] for r in csv.DictReader(fh)}
+    return sorted(c for c, s in split.items() if s == "train"), sorted(c for c, s in split.items() if s == "test")
+
+
+def _rois(workdir: Path, cases: list[str]) -> list[dict[str, str]]:
+    rows = []
+    for c in cases:
+        with open(workdir / f"results/rois/{c}/rois.csv") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def test_workflow_lesion_scale_trains_on_rois_and_scores_every_test_roi(demo_workflow: Path) -> None:
     import nibabel as nib
 
-    with open(demo_workflow / "results/splits.csv") as fh:
-        split = {r["case_id"]: r["subset"] for r in csv.DictReader(fh)}
-    train = sorted(c for c, s in split.items() if s == "train")
-    test = sorted(c for c, s in split.items() if s == "test")
-    seg = demo_workflow / "results/segmentation"
-    for arm, n_syn in (("real", 0), ("real+synthetic", len(train))):
+    train, test = _split(demo_workflow)
+    train_rois, test_rois = _rois(demo_workflow, train), _rois(demo_workflow, test)
+    n_nodule_rois = sum(r["kind"] == "nodule" for r in train_rois)
+    seg = demo_workflow / "results/segmentation/lesion"
+    for arm, n_syn in (("real", 0), ("real+synthetic", math.floor(0.5 * n_nodule_rois + 0.5))):
         prep = read_json(seg / arm / "seed0/prepared.json")
-        assert (prep["n_real"], prep["n_synthetic"]) == (len(train), n_syn)
+        assert (prep["n_real"], prep["n_synthetic"]) == (len(train_rois), n_syn) and prep["scale"] == "lesion"
         assert {c["source_case"] for c in prep["cases"]} <= set(train) and prep["test_cases"] == test
-        assert prep["patch_size"] == [32, 32, 32]  # nnU-Net's plan fits the 32^3 grid
+        assert prep["features_per_stage"][0] == CI_CONFIG["segmentation"]["network"]["features_base"]
+        syn = [c for c in prep["cases"] if c["kind"] == "synthetic"]
+        assert all(c["image"].endswith("_after.nii.gz") and "synthetic/lesion" in c["image"] for c in syn)
         run = read_json(seg / arm / "seed0/fold_all/run.json")
-        assert run["iterations"] == CI_CONFIG["segmentation"]["iterations_per_epoch"] and run["device"] == "cpu"
-        assert sorted(run["predictions"]) == test
-        for case in test:
-            pred = nib.load(seg / arm / f"seed0/fold_all/predictions/{case}.nii.gz")
-            ct = nib.load(demo_workflow / f"results/preprocessed/{case}/ct.nii.gz")
-            assert pred.shape == ct.shape and np.allclose(pred.affine, ct.affine) and pred.get_data_dtype() == np.uint8
-            assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1}
+        assert run["iterations"] == CI_CONFIG["segmentation"]["iterations_per_epoch"] and run["scale"] == "lesion"
+        assert sorted(run["predictions"]) == sorted(r["roi"] for r in test_rois)
+        for r in test_rois:  # each prediction on its ROI's exact grid
+            pred = nib.load(seg / arm / f"seed0/fold_all/predictions/{r['roi']}.nii.gz")
+            roi = nib.load(demo_workflow / f"results/rois/{r['case_id']}/{r['ct']}")
+            assert pred.shape == roi.shape and np.allclose(pred.affine, roi.affine)
         with open(seg / arm / "scores.csv") as fh:
-            rows = list(csv.DictReader(fh))
-        assert [r["case_id"] for r in rows] == test
-        assert all(0 <= float(r["dice"]) <= 1 and 0 <= float(r["specificity"]) <= 1 for r in rows)
-        log = (demo_workflow / f"logs/segment_train/{arm}_seed0_foldall.log").read_text()
-        assert "nnU-Net | " in log and "Epoch 0" in log
+            rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+        assert {c: r["kind"] for c, r in rows.items()} == {r["roi"]: r["kind"] for r in test_rois}
+        for r in rows.values():
+            if r["kind"] == "nodule":
+                assert 0 <= float(r["dice"]) <= 1 and float(r["n_nodules"]) >= 1 and r["false_positives"] == ""  # NaN
+            else:
+                assert r["dice"] == "" and float(r["false_positives"]) >= 0 and r["n_nodules"] == "0"
+    with open(seg / "comparison.csv") as fh:
+        table = {(r["arm"], r["metric"]): r for r in csv.DictReader(fh)}
+    n_test_nodules = sum(r["kind"] == "nodule" for r in test_rois)
+    assert table["real", "dice"]["n_cases"] == str(n_test_nodules)
+    assert table["real", "fp_per_free_roi"]["n_cases"] == str(len(test_rois) - n_test_nodules)
+    diff = table["real+synthetic", "dice"]
+    assert diff["baseline"] == "real" and diff["diff"] != "" and diff["test"] == "wilcoxon"
+    assert float(diff["diff_ci_low"]) <= float(diff["diff"]) <= float(diff["diff_ci_high"])
+    assert (seg / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (demo_workflow / "results/report/summary.md").read_text()
+    assert summary.index("## Downstream nodule segmentation") < summary.index("## Lesion fidelity")
+    assert summary.index("## Lesion fidelity") < summary.index("## Image quality") < summary.index("## Samples")
+    assert "Scale: **ROIs**" in summary and "procedural thorax phantoms" in summary
+
+
+def test_workflow_whole_scale_with_volume_and_pasted_arms(demo_workflow: Path) -> None:
+    """The whole scale on the same data: the real CTs, plus whole-volume CTs or the lesion run's pasted CTs."""
+    arms = (
+        "[{name: real, real: true, synthetic_fraction: 0}, {name: volume, real: true, synthetic_fraction: 1.0,"
+        " synthetic_source: volume}, {name: pasted, real: true, synthetic_fraction: 1.0, synthetic_source: lesion}]"
+    )
+    snakemake(demo_workflow, "--config", f"segmentation={{scale: whole, arms: {arms}}}", "--",
+              "results/segmentation/whole/comparison.csv")  # fmt: skip
+    train, test = _split(demo_workflow)
+    seg = demo_workflow / "results/segmentation/whole"
+    pasted = read_json(seg / "pasted/seed0/prepared.json")
+    assert pasted["scale"] == "whole" and pasted["n_synthetic"] == len(train) and pasted["patch_size"] == [32] * 3
+    assert all(c["image"].endswith("_ct.nii.gz") for c in pasted["cases"] if c["kind"] == "synthetic")
+    raw = Path(pasted["state_dir"]) if Path(pasted["state_dir"]).is_absolute() else demo_workflow / pasted["state_dir"]
+    image, geometry = read_volume(next((raw / "nnUNet_raw/Dataset501_LungNodule/imagesTr").glob("syn_*")))
+    ct, ct_geometry = read_volume(demo_workflow / f"results/preprocessed/{train[0]}/ct.nii.gz")
+    assert image.shape == ct.shape and geometry.spacing == ct_geometry.spacing  # resampled onto the model grid
+    volume = read_json(seg / "volume/seed0/prepared.json")
+    assert all("synthetic/augment" in c["image"] for c in volume["cases"] if c["kind"] == "synthetic")
+    with open(seg / "real/scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["case_id"] for r in rows] == test and {r["kind"] for r in rows} == {"scan"}
     with open(seg / "comparison.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert [(r["arm"], r["metric"]) for r in table][:2] == [("real", "dice"), ("real", "sensitivity")]
-    assert len(table) == 10 and all(r["n_cases"] == str(len(test)) for r in table if r["metric"] == "dice")
-    assert (seg / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert {r["arm"] for r in table} == {"real", "volume", "pasted"}
+    assert "fp_per_scan" in {r["metric"] for r in table} and len(table) == 15
+    # the lesion scale's results are untouched, beside these
+    assert (demo_workflow / "results/segmentation/lesion/comparison.csv").is_file()
 
 
 def test_segment_train_reuses_a_finished_model(
@@ -271,14 +326,15 @@ def test_segment_train_reuses_a_finished_model(
 ) -> None:
     """Same data and settings: nnU-Net's checkpoint in state/ is reused, and it predicts what the workflow did."""
     monkeypatch.chdir(demo_workflow)
-    seg = Path("results/segmentation/real/seed0")
-    test = sorted(read_json(seg / "fold_all/run.json")["predictions"])
-    cts = {c: Path(f"results/preprocessed/{c}/ct.nii.gz") for c in test}
-    preds = {c: tmp_path / f"{c}.nii.gz" for c in test}
-    run = train_arm(seg / "prepared.json", "all", cts, preds, tmp_path / "run.json", _ci_segmentation(demo_workflow), 1)
+    seg = Path("results/segmentation/lesion/real/seed0")
+    _, test = _split(demo_workflow)
+    tests = eval_set("lesion", {"tables": [Path(f"results/rois/{c}/rois.csv") for c in test]})
+    run = train_arm(seg / "prepared.json", "all", tests, tmp_path / "pred", tmp_path / "run.json",
+                    _ci_segmentation(demo_workflow), 1)  # fmt: skip
     assert run["trained"] is False and read_json(seg / "fold_all/run.json")["trained"] is True
-    for c in test:
-        assert np.array_equal(read_volume(preds[c])[0], read_volume(seg / f"fold_all/predictions/{c}.nii.gz")[0])
+    for t in tests:
+        ours = read_volume(tmp_path / f"pred/{t.identifier}.nii.gz")[0]
+        assert np.array_equal(ours, read_volume(seg / f"fold_all/predictions/{t.identifier}.nii.gz")[0])
 
 
 def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, tmp_path: Path) -> None:
@@ -287,14 +343,32 @@ def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.raw))
     results = tmp_path / "results"
     for arm in ("real", "real+synthetic"):
-        (results / "segmentation" / arm).mkdir(parents=True)
-        shutil.copy2(
-            demo_workflow / f"results/segmentation/{arm}/scores.csv", results / f"segmentation/{arm}/scores.csv"
-        )
+        (results / "segmentation/lesion" / arm).mkdir(parents=True)
+        shutil.copy2(demo_workflow / f"results/segmentation/lesion/{arm}/scores.csv",
+                     results / f"segmentation/lesion/{arm}/scores.csv")  # fmt: skip
     cmd = [sys.executable, "-m", "lungddpm.cli", "--configfile", str(tmp_path / "config.yaml"), "segment", "compare"]
     proc = subprocess.run([*cmd, "--results", str(results)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    ours = (results / "segmentation/comparison.csv").read_text()
-    assert ours == (demo_workflow / "results/segmentation/comparison.csv").read_text()
+    ours = (results / "segmentation/lesion/comparison.csv").read_text()
+    assert ours == (demo_workflow / "results/segmentation/lesion/comparison.csv").read_text()
     proc = subprocess.run([*cmd, "--arm", "nope"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "segmentation arm 'nope' is not configured" in proc.stderr
+
+
+def test_workflow_sweep_target_plots_dice_against_the_synthetic_fraction(demo_workflow: Path) -> None:
+    """`snakemake segment_sweep` (its own target): one arm per fraction at sweep.real_fraction, one table, one plot."""
+    snakemake(demo_workflow, "--config", "segmentation={sweep: {fractions: [0, 0.5], real_fraction: 0.5}}", "--",
+              "segment_sweep")  # fmt: skip
+    train, _ = _split(demo_workflow)
+    seg = demo_workflow / "results/segmentation/lesion"
+    rois = _rois(demo_workflow, train)
+    prep = read_json(seg / "sweep_0.5x/seed0/prepared.json")
+    assert prep["real_fraction"] == 0.5 and 0 < prep["n_real"] < len(rois)
+    assert prep["n_synthetic"] == math.floor(0.5 * sum(r["kind"] == "nodule" for r in rois) + 0.5)
+    base = read_json(seg / "sweep_0x/seed0/prepared.json")
+    assert {c["identifier"] for c in base["cases"]} <= {c["identifier"] for c in prep["cases"]}  # nested draws
+    with open(seg / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    dice = {float(r["synthetic_fraction"]): r for r in rows if r["metric"] == "dice"}
+    assert sorted(dice) == [0.0, 0.5] and dice[0.5]["baseline"] == "sweep_0x" and dice[0.5]["p_value"] != ""
+    assert (seg / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,14 +1,19 @@
 """Segmentation settings and training arms — light enough for Snakemake's parse (no nnU-Net, no torch).
 
-An arm trains nnU-Net on the real train split and/or synthetic ``augment`` cases (train layouts edited with new
-nodules; the target is the layout's nodule label). Every arm is tested on the real test split, which neither the
-diffusion model, nor ``augment``, nor any arm's training ever sees. Each arm repeats over ``seeds`` x ``folds``.
+An arm trains nnU-Net on (a ``real_fraction`` of) the real train split and/or synthetic cases. Two scales:
+
+- ``lesion``: the cases are ROIs (DESIGN §5): the real nodule and nodule-free ROIs of the train split, plus ROIs
+  with nodules inpainted by the lesion run; tested on every ROI of the test split.
+- ``whole``: the cases are whole CTs on the model grid: the real train CTs, plus whole-volume ``augment`` CTs or
+  the real train CTs with pasted lesion-run nodules (``synthetic_source``); tested on the test split's CTs.
+
+The target is always the layout's nodule label. Neither the diffusion models, nor the synthetic runs, nor any arm
+ever sees a test patient. Each arm repeats over ``seeds`` x ``folds``.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,26 +22,36 @@ from typing import Any
 import numpy as np
 
 from ..config import validate_config
-from ..errors import ConfigError, LungDDPMError
-from ..io import read_json
-
-log = logging.getLogger(__name__)
+from ..errors import ConfigError
 
 NNUNET_MIN_CASES_PER_FOLD = 5  # nnU-Net's default split is 5-fold: integer folds need >= 5 training cases
+SCALES = ("lesion", "whole")
+SOURCES = ("volume", "lesion")  # whole-volume augment CTs | lesion-run nodules (ROIs or pasted CTs)
+
+
+def _round(x: float) -> int:
+    return int(np.floor(x + 0.5))
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One training recipe: the real train split (``real``) plus ``synthetic_fraction`` x its size of synthetic
-    ``augment`` cases."""
+    """One training recipe: ``real_fraction`` of the real train split (when ``real``) plus ``synthetic_fraction`` x
+    the size of the whole real train split (its nodule ROIs at the lesion scale) of synthetic cases from
+    ``synthetic_source``."""
 
     name: str
     real: bool
     synthetic_fraction: float
+    real_fraction: float = 1.0
+    synthetic_source: str = "volume"
 
     def n_synthetic(self, n_real: int) -> int:
-        """Synthetic cases for ``n_real`` real train cases (rounded half up)."""
-        return int(np.floor(self.synthetic_fraction * n_real + 0.5))
+        """Synthetic cases for ``n_real`` real train cases (nodule ROIs), rounded half up."""
+        return _round(self.synthetic_fraction * n_real)
+
+    def n_real(self, n_units: int) -> int:
+        """Real units (cases; nodules or free ROIs) used out of ``n_units``: at least 1 when any is asked for."""
+        return 0 if not self.real or n_units == 0 else max(1, _round(self.real_fraction * n_units))
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,9 @@ class SegmentationConfig:
     """Typed view of the validated ``segmentation`` section (see config/schema.yaml)."""
 
     enabled: bool
+    scale: str
     arms: tuple[Arm, ...]
+    sweep: tuple[Arm, ...]  # the synthetic_fraction sweep (its own target), named sweep_<f>x
     baseline: str
     seeds: tuple[int, ...]
     folds: tuple[str, ...]  # "all" or "0".."4"
@@ -77,14 +94,38 @@ class SegmentationConfig:
     processes: int
     threads: int
     gpus: int
+    network: Mapping[str, int | None]  # features_base, features_max, batch_size over nnU-Net's plan (None = keep)
     evaluation: EvaluationConfig
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> SegmentationConfig:
         """``raw``: the whole validated config mapping. Raises :class:`ConfigError` on inconsistent arms."""
         s = dict(raw["segmentation"])
-        arms = tuple(Arm(a["name"], bool(a["real"]), float(a["synthetic_fraction"])) for a in s.pop("arms"))
-        names = [a.name for a in arms]
+        scale = s["scale"]
+        own = "lesion" if scale == "lesion" else "volume"
+
+        def arm(a: Mapping[str, Any]) -> Arm:
+            source = a.get("synthetic_source") or own
+            if scale == "lesion" and source != "lesion":
+                raise ConfigError(
+                    f"segmentation.arms[{a['name']}]: synthetic_source {source!r} at segmentation.scale lesion; ROIs "
+                    "come from the lesion run only — drop synthetic_source or set segmentation.scale: whole"
+                )
+            return Arm(a["name"], bool(a["real"]), float(a["synthetic_fraction"]), float(a.get("real_fraction", 1.0)),
+                       source)  # fmt: skip
+
+        arms = tuple(arm(a) for a in s.pop("arms"))
+        sw = s.pop("sweep")
+        s["sweep"] = tuple(
+            arm({"name": f"sweep_{f:g}x", "real": True, "synthetic_fraction": f, "real_fraction": sw["real_fraction"]})
+            for f in sorted(set(sw["fractions"]))
+        )
+        if scale == "lesion" and not raw["lesion"]["enabled"]:
+            raise ConfigError(
+                "segmentation.scale is lesion but lesion.enabled is false: the ROIs and the lesion run are off; set "
+                "lesion.enabled: true or segmentation.scale: whole"
+            )
+        names = [a.name for a in arms + s["sweep"]]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(
@@ -107,18 +148,24 @@ class SegmentationConfig:
         return cls(arms=arms, **s)
 
     def arm(self, name: str) -> Arm:
-        for a in self.arms:
+        for a in self.arms + self.sweep:
             if a.name == name:
                 return a
-        raise ConfigError(f"segmentation arm {name!r} is not configured; arms are {[a.name for a in self.arms]}")
+        raise ConfigError(
+            f"segmentation arm {name!r} is not configured; arms are {[a.name for a in self.arms + self.sweep]}"
+        )
 
     @property
     def arm_names(self) -> list[str]:
         return [a.name for a in self.arms]
 
     @property
-    def needs_synthetic(self) -> bool:
-        return any(a.synthetic_fraction > 0 for a in self.arms)
+    def sweep_names(self) -> list[str]:
+        return [a.name for a in self.sweep]
+
+    def needs(self, source: str, arms: Sequence[Arm] | None = None) -> bool:
+        """Whether any of ``arms`` (default: the arms and the sweep) trains on synthetic cases of ``source``."""
+        return any(a.synthetic_fraction > 0 and a.synthetic_source == source for a in (arms or self.arms + self.sweep))
 
 
 def segmentation_config(config: Mapping[str, Any]) -> SegmentationConfig:
@@ -126,119 +173,66 @@ def segmentation_config(config: Mapping[str, Any]) -> SegmentationConfig:
     return SegmentationConfig.from_config(validate_config(copy.deepcopy(dict(config))))
 
 
-def check_arms(cfg: SegmentationConfig, n_real_train: int, n_augment: int, n_test: int) -> None:
-    """Fail before any job when the test split is empty, an arm needs more synthetic cases than ``augment``
-    makes or has no training case, or an integer fold is asked for with fewer than 5 training cases."""
+def check_arms(cfg: SegmentationConfig, n_real_train: int, n_augment: int, n_test: int, n_lesion: int = 0) -> None:
+    """Fail before any job when the test split is empty, a whole-scale arm needs more synthetic cases than
+    ``augment`` (or the lesion run's ``n_lesion`` items) makes or has no training case, or an integer fold is asked
+    for with fewer than 5 training cases.
+    (Lesion-scale counts depend on the ROIs found, so :func:`..datasets.lesion_cases` checks them.)"""
     if n_test == 0:
         raise ConfigError(
             "segmentation: the split has no test case to segment; raise split.test, add cases, or set "
             "segmentation.enabled: false"
         )
     int_folds = [f for f in cfg.folds if f != "all"]
-    for arm in cfg.arms:
+    for arm in cfg.arms:  # the sweep's arms are checked when it runs (it is its own target)
         n_syn = arm.n_synthetic(n_real_train)
-        if n_syn > n_augment:
+        if cfg.scale == "whole" and arm.synthetic_source == "lesion" and n_syn > n_lesion:
+            raise ConfigError(
+                f"segmentation.arms[{arm.name}]: synthetic_fraction {arm.synthetic_fraction} needs {n_syn} pasted CTs "
+                f"({n_real_train} real train cases) but the lesion run makes {n_lesion}; raise "
+                "lesion.insert.samples_per_case or lower the fraction"
+            )
+        if cfg.scale == "whole" and arm.synthetic_source == "volume" and n_syn > n_augment:
             raise ConfigError(
                 f"segmentation.arms[{arm.name}]: synthetic_fraction {arm.synthetic_fraction} needs {n_syn} synthetic "
                 f"cases ({n_real_train} real train cases) but the augment run makes {n_augment}; raise "
                 "sample.samples_per_layout or lower the fraction"
             )
-        n = (n_real_train if arm.real else 0) + n_syn
+        n = arm.n_real(n_real_train) + n_syn
         if n == 0:
             raise ConfigError(
                 f"segmentation.arms[{arm.name}]: no training case (the split has {n_real_train} real train cases); "
                 "add cases or raise split.train"
             )
-        if int_folds and n < NNUNET_MIN_CASES_PER_FOLD:
+        if int_folds and cfg.scale == "whole" and n < NNUNET_MIN_CASES_PER_FOLD:
             raise ConfigError(
                 f"segmentation.folds: {int_folds} use nnU-Net's 5-fold split, which needs >= "
                 f"{NNUNET_MIN_CASES_PER_FOLD} training cases, but arm {arm.name} has {n}; use folds: [all]"
             )
 
 
-@dataclass(frozen=True)
-class TrainingCase:
-    """One nnU-Net training case: a CT (int16 HU) and the semantic layout whose label 2 is the target."""
-
-    identifier: str
-    image: Path
-    layout: Path
-    kind: str  # "real" | "synthetic"
-    source_case: str
-
-
-def augment_items(manifests: Sequence[Path]) -> list[dict[str, Any]]:
-    """Items of the ``augment`` run from its shard manifests, sorted by item name."""
-    items: list[dict[str, Any]] = []
-    for m in manifests:
-        data = read_json(m)
-        if data.get("run") != "augment":
-            raise LungDDPMError(f"{m}: a shard manifest of run {data.get('run')!r}; the arms train on 'augment' only")
-        items += data["items"]
-    return sorted(items, key=lambda it: it["item"])
-
-
-def select_synthetic(items: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[Mapping[str, Any]]:
-    """``n`` of ``items`` drawn with ``seed``; for one seed a smaller draw is a prefix of a larger one (so the 0.5x
-    arm's cases are inside the 1.0x arm's)."""
-    if n > len(items):
-        raise ConfigError(f"{n} synthetic cases requested but the augment run has {len(items)}")
-    order = np.random.default_rng(seed).permutation(len(items))[:n]
-    return [items[i] for i in sorted(order)]
-
-
-def training_cases(
-    arm: Arm,
-    seed: int,
-    real: Mapping[str, tuple[Path, Path]],
-    synthetic: Sequence[Mapping[str, Any]],
-    test_cases: Sequence[str],
-) -> list[TrainingCase]:
-    """The training set of ``arm`` for ``seed``.
-
-    real: train case -> (ct, layout); synthetic: augment manifest items (``item``, ``case_id``, ``image``,
-    ``layout``); test_cases: the real test split, refused if any training case derives from it.
-    """
-    cases: list[TrainingCase] = []
-    if arm.real:
-        cases += [TrainingCase(f"real_{c}", Path(ct), Path(lay), "real", c) for c, (ct, lay) in sorted(real.items())]
-    for it in select_synthetic(synthetic, arm.n_synthetic(len(real)), seed):
-        cases.append(
-            TrainingCase(f"syn_{it['item']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"])
-        )
-    leaked = sorted({c.source_case for c in cases} & set(test_cases))
-    if leaked:
-        raise LungDDPMError(
-            f"arm {arm.name}: training cases derive from test cases {leaked}; the augment run must sample train "
-            "layouts only — rerun the split and sample stages"
-        )
-    log.info(
-        "arm %s seed %d: %d real + %d synthetic training cases",
-        arm.name,
-        seed,
-        sum(c.kind == "real" for c in cases),
-        sum(c.kind == "synthetic" for c in cases),
-    )
-    return cases
-
-
 # Paths (the same patterns as rules/segment.smk, for `lungddpm segment` outside Snakemake)
-def state_dir(state: Path, arm: str, seed: int) -> Path:
-    """nnU-Net's folders of one arm and seed: ``state/segmentation/<arm>/seed<seed>``."""
-    return Path(state) / "segmentation" / arm / f"seed{seed}"
+def state_dir(state: Path, scale: str, arm: str, seed: int) -> Path:
+    """nnU-Net's folders of one arm and seed: ``state/segmentation/<scale>/<arm>/seed<seed>``."""
+    return Path(state) / "segmentation" / scale / arm / f"seed{seed}"
 
 
-def prepared_manifest(results: Path, arm: str, seed: int) -> Path:
-    return Path(results) / "segmentation" / arm / f"seed{seed}" / "prepared.json"
+def arm_dir(results: Path, scale: str, arm: str) -> Path:
+    """``results/segmentation/<scale>/<arm>``."""
+    return Path(results) / "segmentation" / scale / arm
 
 
-def run_manifest(results: Path, arm: str, seed: int, fold: str) -> Path:
-    return Path(results) / "segmentation" / arm / f"seed{seed}" / f"fold_{fold}" / "run.json"
+def prepared_manifest(results: Path, scale: str, arm: str, seed: int) -> Path:
+    return arm_dir(results, scale, arm) / f"seed{seed}" / "prepared.json"
 
 
-def prediction(results: Path, arm: str, seed: int, fold: str, case: str) -> Path:
-    return Path(results) / "segmentation" / arm / f"seed{seed}" / f"fold_{fold}" / "predictions" / f"{case}.nii.gz"
+def run_manifest(results: Path, scale: str, arm: str, seed: int, fold: str) -> Path:
+    return arm_dir(results, scale, arm) / f"seed{seed}" / f"fold_{fold}" / "run.json"
 
 
-def scores_table(results: Path, arm: str) -> Path:
-    return Path(results) / "segmentation" / arm / "scores.csv"
+def predictions_dir(results: Path, scale: str, arm: str, seed: int, fold: str) -> Path:
+    return arm_dir(results, scale, arm) / f"seed{seed}" / f"fold_{fold}" / "predictions"
+
+
+def scores_table(results: Path, scale: str, arm: str) -> Path:
+    return arm_dir(results, scale, arm) / "scores.csv"

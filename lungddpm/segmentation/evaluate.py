@@ -1,8 +1,10 @@
 """Scoring of nodule segmentations on the real test split, and the comparison of arms.
 
 Per test case and model (seed x fold): voxel Dice, sensitivity and specificity of the nodule mask, and nodule-level
-detection — a true nodule (an instance of ``nodules.nii.gz``) is found when one predicted connected component
-overlaps it by ``min_overlap_voxels``; a predicted component that overlaps no nodule so is a false positive.
+detection — a true nodule (an instance of ``nodules.nii.gz``, or a connected nodule component of an ROI's layout)
+is found when one predicted connected component overlaps it by ``min_overlap_voxels``; a predicted component that
+overlaps no nodule so is a false positive. At the lesion scale a test case is an ROI: nodule ROIs give Dice,
+sensitivity and detection, nodule-free ROIs the false-positive components (``fp_per_free_roi``).
 Per arm: each case's scores are averaged over the arm's models, then the mean over cases gets a percentile
 bootstrap interval; each arm is compared with the baseline arm per test case (paired difference with a bootstrap
 interval and a Wilcoxon signed-rank or paired t-test).
@@ -22,8 +24,10 @@ from scipy import ndimage, stats
 
 from ..errors import LungDDPMError
 from ..io import atomic_path, read_json, read_volume, write_csv
+from ..layout import NODULE
 from ..metrics.voxel import bootstrap_ci, dice
 from .arms import EvaluationConfig
+from .datasets import EvalCase
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ SCORE_COLUMNS = (
     "seed",
     "fold",
     "case_id",
+    "kind",
     *METRICS,
     "n_nodules",
     "n_found",
@@ -59,7 +64,7 @@ COMPARISON_COLUMNS = (
     "p_value",
     "test",
 )
-COMPARED_AS = {"false_positives": "fp_per_scan"}  # its mean over cases is the false positives per scan
+FP_METRIC = {"scan": "fp_per_scan", "free": "fp_per_free_roi"}  # the mean of false_positives over those cases
 PLOTTED = (("dice", "Dice"), ("sensitivity", "voxel sensitivity"), ("detection_sensitivity", "nodule detection"))
 
 
@@ -107,20 +112,35 @@ def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_
     }
 
 
-def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig) -> dict[str, float]:
-    """Every per-case score of a predicted mask against the instance map of the true nodules."""
-    return {**voxel_scores(pred, nodules > 0), **detection(pred, nodules, ev.connectivity, ev.min_overlap_voxels)}
+def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig, kind: str = "scan") -> dict[str, float]:
+    """Every per-case score of a predicted mask against the instance map of the true nodules. A ``kind`` "nodule"
+    ROI has no false-positive count (NaN) and a "free" ROI only that one (the rest NaN)."""
+    scores = {**voxel_scores(pred, nodules > 0), **detection(pred, nodules, ev.connectivity, ev.min_overlap_voxels)}
+    if kind == "nodule":
+        scores["false_positives"] = math.nan
+    elif kind == "free":
+        scores.update(dice=math.nan, sensitivity=math.nan, detection_sensitivity=math.nan)
+    return scores
 
 
-def score_arm(
-    arm: str, runs: Sequence[Path], nodules: Mapping[str, Path], out: Path, ev: EvaluationConfig
-) -> list[dict]:
+def truth_instances(case: EvalCase, connectivity: int = 3) -> np.ndarray:
+    """The instance map of a test case's true nodules: ``nodules.nii.gz`` as written, or the connected components
+    of an ROI layout's nodule label."""
+    volume = read_volume(case.truth)[0]
+    if case.kind == "scan":
+        return volume
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    return ndimage.label(volume == NODULE, structure=structure)[0].astype(np.int32)
+
+
+def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Path, ev: EvaluationConfig) -> list[dict]:
     """Score every model (``run.json`` of segment_train) of ``arm`` on every test case; write ``scores.csv``.
 
-    nodules: test case -> ``nodules.nii.gz`` (uint8 instances). One row per model x case, columns SCORE_COLUMNS.
+    tests: the test set (:mod:`.datasets`). One row per model x case, columns SCORE_COLUMNS.
     """
     rows: list[dict[str, Any]] = []
-    truth = {case: read_volume(p)[0] for case, p in nodules.items()}
+    truth = {t.identifier: truth_instances(t, ev.connectivity) for t in tests}
+    kinds = {t.identifier: t.kind for t in tests}
     for run_path in runs:
         run = read_json(run_path)
         if run["arm"] != arm:
@@ -133,11 +153,12 @@ def score_arm(
         for case, pred_path in sorted(run["predictions"].items()):
             pred = read_volume(pred_path)[0]
             if pred.shape != truth[case].shape:
-                raise LungDDPMError(f"{pred_path}: shape {pred.shape}, but {nodules[case]} is {truth[case].shape}")
-            scores = score_case(pred > 0, truth[case], ev)
-            rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, **scores})
+                raise LungDDPMError(f"{pred_path}: shape {pred.shape}, but its truth is {truth[case].shape}")
+            scores = score_case(pred > 0, truth[case], ev, kinds[case])
+            rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, "kind": kinds[case],
+                         **scores})  # fmt: skip
     write_csv(out, rows, SCORE_COLUMNS)
-    for metric in ("dice", "sensitivity", "detection_sensitivity"):
+    for metric in ("dice", "sensitivity", "detection_sensitivity", "false_positives"):
         vals = [r[metric] for r in rows if not math.isnan(r[metric])]
         log.info(
             "arm %s: mean %s %.4f over %d case x model(s)", arm, metric, np.mean(vals) if vals else math.nan, len(vals)
@@ -188,13 +209,14 @@ def paired_test(diffs: np.ndarray, test: str) -> float:
 
 
 def compare_arms(
-    scores: Mapping[str, Path], baseline: str, table: Path, figure: Path, ev: EvaluationConfig
+    scores: Mapping[str, Path], baseline: str, table: Path, figure: Path | None, ev: EvaluationConfig
 ) -> list[dict[str, Any]]:
     """scores: arm -> its ``scores.csv`` (in the configured order). Writes ``table`` (one row per arm x metric,
-    columns COMPARISON_COLUMNS) and ``figure`` (bars with confidence intervals); returns the rows."""
+    columns COMPARISON_COLUMNS) and ``figure`` (bars with confidence intervals; None = none); returns the rows."""
     if baseline not in scores:
         raise LungDDPMError(f"baseline arm {baseline!r} has no scores; arms: {sorted(scores)}")
     data = {arm: read_scores(p) for arm, p in scores.items()}
+    fp_name = FP_METRIC["free" if any(r.get("kind") == "free" for r in data[baseline]) else "scan"]
     base_cases = {m: per_case(data[baseline], m) for m in METRICS}
     out: list[dict[str, Any]] = []
     for arm, rows in data.items():
@@ -205,7 +227,7 @@ def compare_arms(
             mean, lo, hi = bootstrap_ci(vals, ev.bootstrap, ev.ci_level, ev.seed + i) if vals.size else (math.nan,) * 3
             row: dict[str, Any] = {
                 "arm": arm,
-                "metric": COMPARED_AS.get(metric, metric),
+                "metric": fp_name if metric == "false_positives" else metric,
                 "n_cases": int(vals.size),
                 "n_models": n_models,
                 "mean": mean,
@@ -234,7 +256,8 @@ def compare_arms(
                     row["test"] = ev.paired_test
             out.append(row)
     write_csv(table, out, COMPARISON_COLUMNS)
-    plot_comparison(out, figure, ev.ci_level)
+    if figure is not None:
+        plot_comparison(out, figure, ev.ci_level)
     for r in out:
         if r["metric"] in ("dice", "sensitivity", "detection_sensitivity"):
             log.info(
@@ -259,11 +282,12 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: Path, ci_level: flo
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     get = {(r["arm"], r["metric"]): r for r in rows}
+    fp = next(m for m in FP_METRIC.values() if any(r["metric"] == m for r in rows))
     fig, (ax, ax_fp) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / len(arms)
     colours = plt.get_cmap("tab10").colors
     for k, arm in enumerate(arms):
-        for axis, metrics in ((ax, [m for m, _ in PLOTTED]), (ax_fp, ["fp_per_scan"])):
+        for axis, metrics in ((ax, [m for m, _ in PLOTTED]), (ax_fp, [fp])):
             xs = np.arange(len(metrics)) + (k - (len(arms) - 1) / 2) * width
             means = np.array([get[arm, m]["mean"] for m in metrics], dtype=float)
             lo = np.array([get[arm, m]["ci_low"] for m in metrics], dtype=float)
@@ -271,13 +295,51 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: Path, ci_level: flo
             err = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0).clip(min=0)
             axis.bar(xs, np.nan_to_num(means), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=arm)
     n = max((r["n_cases"] for r in rows if r["metric"] == "dice"), default=0)
+    lesion = fp == "fp_per_free_roi"
     ax.set_xticks(np.arange(len(PLOTTED)), [label for _, label in PLOTTED])
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"mean over {n} test case(s), {ci_level:.0%} bootstrap CI")
+    ax.set_ylabel(f"mean over {n} test {'nodule ROI' if lesion else 'case'}(s), {ci_level:.0%} bootstrap CI")
     ax.legend(title="arm", fontsize=8)
-    ax_fp.set_xticks([0], ["false positives / scan"])
-    ax.set_title("nnU-Net v2 nodule segmentation, real test split")
+    ax_fp.set_xticks([0], ["false positives / free ROI" if lesion else "false positives / scan"])
+    ax.set_title(f"nnU-Net v2 nodule segmentation, real test split ({'ROIs' if lesion else 'whole CTs'})")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def sweep(
+    scores: Mapping[float, Path], table: Path, figure: Path, ev: EvaluationConfig, real_fraction: float
+) -> list[dict[str, Any]]:
+    """The ``synthetic_fraction`` sweep: scores: fraction -> that arm's ``scores.csv``. Writes ``table`` (the
+    comparison table of the sweep's arms against the smallest fraction, plus a ``synthetic_fraction`` column) and
+    ``figure`` (Dice, voxel sensitivity and detection against the fraction, with their intervals)."""
+    fractions = sorted(scores)
+    named = {f"sweep_{f:g}x": scores[f] for f in fractions}
+    rows = compare_arms(named, f"sweep_{fractions[0]:g}x", table, None, ev)
+    for r in rows:
+        r["synthetic_fraction"] = float(r["arm"].removeprefix("sweep_").removesuffix("x"))
+    write_csv(table, rows, ("synthetic_fraction", *COMPARISON_COLUMNS))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (metric, label) in enumerate(PLOTTED):
+        sel = sorted((r for r in rows if r["metric"] == metric), key=lambda r: r["synthetic_fraction"])
+        xs = np.array([r["synthetic_fraction"] for r in sel]) + (k - 1) * 0.02 * max(fractions[-1], 1)
+        mean = np.array([r["mean"] for r in sel], dtype=float)
+        err = np.nan_to_num(np.vstack([mean - [r["ci_low"] for r in sel], [r["ci_high"] for r in sel] - mean]))
+        ax.errorbar(xs, mean, yerr=err.clip(min=0), marker="o", capsize=3, label=label)
+    n = max((r["n_cases"] for r in rows if r["metric"] == "dice"), default=0)
+    ax.set_xlabel("synthetic_fraction (synthetic nodule cases / real train nodule cases)")
+    ax.set_ylabel(f"mean over {n} test case(s), {ev.ci_level:.0%} bootstrap CI")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"nnU-Net v2 with synthetic data, {real_fraction:.0%} of the real train data")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(figure) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return rows

@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import LungDDPMError
 from ..io import read_json, read_volume, write_json, write_volume
 from ..layout import NODULE, read_case_pair
-from .arms import Arm, SegmentationConfig, TrainingCase, augment_items, training_cases
+from .arms import Arm, SegmentationConfig
+from .datasets import EvalCase, TrainingCase
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def nnunet_env(roots: Mapping[str, Path], cfg: SegmentationConfig, threads: int)
 def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int) -> Path:
     """Write ``<raw_root>/DatasetXXX_LungNodule/{imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz, dataset.json}``.
 
-    Images: int16 HU [Z, Y, X] with the CT's affine; labels: uint8, 1 where the layout is nodule (2). Any previous
-    export is replaced. Returns the dataset folder.
+    Images: int16 HU [Z, Y, X] with the CT's affine; labels: uint8, 1 where the layout is nodule (2). A case with a
+    ``grid`` is resampled onto that CT's grid first. Any previous export is replaced. Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -89,10 +90,11 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
     (folder / "labelsTr").mkdir(parents=True)
     for case in tqdm(cases, desc="nnU-Net raw dataset", unit="case", mininterval=5.0):
         ct, layout, geometry = read_case_pair(case.image, case.layout)
+        target = (layout == NODULE).astype(np.uint8)
+        if case.grid is not None:
+            ct, target, geometry = onto_grid(ct, target, geometry, Path(case.grid))
         write_volume(folder / "imagesTr" / f"{case.identifier}_0000{FILE_ENDING}", ct.astype(np.int16), geometry)
-        write_volume(
-            folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", (layout == NODULE).astype(np.uint8), geometry
-        )
+        write_volume(folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", target, geometry)
     write_json(
         folder / "dataset.json",
         {
@@ -106,6 +108,48 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
         },
     )
     return folder
+
+
+def onto_grid(ct: np.ndarray, target: np.ndarray, geometry: Any, grid: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+    """A native CT [Z, Y, X] and its 0/1 target resampled onto the grid of the CT ``grid`` (a model-grid CT of the
+    same patient): HU antialiased and linear, the target where at least half of a voxel is nodule."""
+    from ..preprocess import resample_regular
+
+    ref, ref_geometry = read_volume(grid)
+    fill = float(ct.min())
+    hu = resample_regular(ct, geometry, ref_geometry, ref.shape, order=1, fill=fill)
+    frac = resample_regular(target.astype(np.float32), geometry, ref_geometry, ref.shape, order=1, fill=0.0)
+    return np.rint(hu).astype(np.int16), (frac >= 0.5).astype(np.uint8), ref_geometry
+
+
+def apply_network(plans: dict[str, Any], configuration: str, network: Mapping[str, int | None]) -> dict[str, Any]:
+    """Resize nnU-Net's planned network: ``features_per_stage[i] = min(features_base * 2**i, features_max)``, the
+    batch size and the (cubic) training patch, each only where set (None keeps nnU-Net's plan). A patch must be a
+    multiple of the network's total stride per axis. Returns the changes made."""
+    conf = plans["configurations"][configuration]
+    arch = conf["architecture"]["arch_kwargs"]
+    changes: dict[str, Any] = {}
+    if network.get("patch_size") is not None:
+        patch = [int(network["patch_size"])] * len(conf["patch_size"])
+        stride = np.prod(np.asarray(arch["strides"]), axis=0).astype(int).tolist()
+        if any(p % s for p, s in zip(patch, stride)):
+            raise NnUNetError(
+                f"segmentation.network.patch_size {patch[0]} is not a multiple of the planned network's total stride "
+                f"{stride} (patch {conf['patch_size']}); choose a multiple of {max(stride)}"
+            )
+        changes["patch_size"] = [conf["patch_size"], patch]
+        conf["patch_size"] = patch
+    base, top = network.get("features_base"), network.get("features_max")
+    if base is not None or top is not None:
+        old = list(arch["features_per_stage"])
+        base = base if base is not None else old[0]
+        top = top if top is not None else max(old)
+        arch["features_per_stage"] = [int(min(base * 2**i, top)) for i in range(len(old))]
+        changes["features_per_stage"] = [old, arch["features_per_stage"]]
+    if network.get("batch_size") is not None:
+        changes["batch_size"] = [conf["batch_size"], int(network["batch_size"])]
+        conf["batch_size"] = int(network["batch_size"])
+    return changes
 
 
 # ----------------------------------------------------------------------------------------------- parent side
@@ -152,23 +196,23 @@ def _nnunet_version() -> str:
 def prepare_arm(
     arm: Arm,
     seed: int,
-    real: Mapping[str, tuple[Path, Path]],
-    augment_manifests: Sequence[Path],
+    cases: Sequence[TrainingCase],
     test_cases: Sequence[str],
     state_dir: Path,
     out: Path,
     cfg: SegmentationConfig,
     threads: int,
 ) -> dict[str, Any]:
-    """Export the arm's raw dataset, then fingerprint, plan and preprocess it with nnU-Net; write ``out``.
+    """Export the arm's raw dataset (``cases``, see :mod:`.datasets`), then fingerprint, plan and preprocess it
+    with nnU-Net, resizing its network as ``segmentation.network`` says; write ``out``.
 
-    real: train case -> (ct, layout); augment_manifests: the augment run's shard manifests (for synthetic arms);
-    test_cases: the real test split (never a training case). ``out`` (JSON) lists the training cases and nnU-Net's
-    plan (patch size, batch size, spacing) and is what the training rule depends on.
+    test_cases: the test split's cases (never a training case's source). ``out`` (JSON) lists the training cases
+    and nnU-Net's plan (patch size, batch size, spacing, features) and is what the training rule depends on.
     """
     t0 = time.perf_counter()
-    synthetic = augment_items(augment_manifests) if arm.synthetic_fraction > 0 else []
-    cases = training_cases(arm, seed, real, synthetic, test_cases)
+    leaked = sorted({c.source_case for c in cases} & set(test_cases))
+    if leaked:
+        raise NnUNetError(f"arm {arm.name}: test cases {leaked} are among the training cases; check the split")
     roots = tree(state_dir)
     export_raw_dataset(cases, roots["nnUNet_raw"], cfg.dataset_id)
     name = dataset_name(cfg.dataset_id)
@@ -190,21 +234,30 @@ def prepare_arm(
             f"3d_lowres when the images are small); planned: {sorted(plans['configurations'])} — set "
             "segmentation.configuration to one of them"
         )
+    changes = apply_network(plans, cfg.configuration, cfg.network)
+    if changes:
+        write_json(plans_path, plans)
+        log.info("nnU-Net network resized by segmentation.network: %s", changes)
     conf = plans["configurations"][cfg.configuration]
     median = conf.get("median_image_size_in_voxels")
+    features = conf["architecture"]["arch_kwargs"]["features_per_stage"]
     log.info(
-        "nnU-Net plan %s: patch %s, batch %d, spacing %s, median image %s",
+        "nnU-Net plan %s: patch %s, batch %d, spacing %s, features %s, median image %s",
         cfg.configuration,
         conf["patch_size"],
         conf["batch_size"],
         conf["spacing"],
+        features,
         median,
     )
     manifest = {
         "arm": arm.name,
+        "scale": cfg.scale,
         "seed": seed,
         "real": arm.real,
+        "real_fraction": arm.real_fraction,
         "synthetic_fraction": arm.synthetic_fraction,
+        "synthetic_source": arm.synthetic_source,
         "n_real": sum(c.kind == "real" for c in cases),
         "n_synthetic": sum(c.kind == "synthetic" for c in cases),
         "cases": [
@@ -221,6 +274,7 @@ def prepare_arm(
         "patch_size": conf["patch_size"],
         "batch_size": conf["batch_size"],
         "spacing": conf["spacing"],
+        "features_per_stage": features,
         "median_image_size_in_voxels": median,
         "nnunetv2_version": _nnunet_version(),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -243,24 +297,23 @@ def training_settings(cfg: SegmentationConfig) -> dict[str, Any]:
 def train_arm(
     prepared: Path,
     fold: str,
-    test_cts: Mapping[str, Path],
-    predictions: Mapping[str, Path],
+    tests: Sequence[EvalCase],
+    predictions: Path,
     out: Path,
     cfg: SegmentationConfig,
     threads: int,
 ) -> dict[str, Any]:
-    """Train fold ``fold`` of the arm prepared in ``prepared`` (its manifest) and predict every real test CT.
+    """Train fold ``fold`` of the arm prepared in ``prepared`` (its manifest) and predict every test image.
 
-    test_cts: test case -> ``ct.nii.gz``; predictions: test case -> output path (uint8 [Z, Y, X], 1 = nodule, the
-    CT's exact grid and affine). ``out`` (JSON, written last) records the run: seed, fold, iterations, seconds,
+    predictions: a folder, filled with ``<identifier>.nii.gz`` per test case (uint8 [Z, Y, X], 1 = nodule, the test
+    image's exact grid and affine). ``out`` (JSON, written last) records the run: seed, fold, iterations, seconds,
     nnU-Net's last training loss and pseudo Dice, and the prediction paths.
     """
     prep = read_json(prepared)
-    if sorted(test_cts) != sorted(predictions):
-        raise NnUNetError(f"test CTs {sorted(test_cts)} and prediction paths {sorted(predictions)} name other cases")
-    leaked = sorted(set(test_cts) & {c["source_case"] for c in prep["cases"]})
+    leaked = sorted({t.source_case for t in tests} & {c["source_case"] for c in prep["cases"]})
     if leaked:
         raise NnUNetError(f"{prepared}: test cases {leaked} are among the training cases; rerun segment_prepare")
+    test_images = {t.identifier: t.image for t in tests}
     state_dir = Path(prep["state_dir"])
     roots = tree(state_dir, fold)
     work = state_dir / f"fold_{fold}"
@@ -282,12 +335,15 @@ def train_arm(
         **settings,
         # same data, plan, settings, seed and fold -> nnU-Net's checkpoints in this tree are reused or resumed
         "stamp": _digest([prep["cases"], prep["plans_sha256"], settings, prep["seed"], fold]),
-        "test": {case: str(Path(p).resolve()) for case, p in sorted(test_cts.items())},
+        "test": {case: str(Path(p).resolve()) for case, p in sorted(test_images.items())},
         "predictions_dir": str(raw_dir.resolve()),
     }
     result = launch("train", job, nnunet_env(roots, cfg, threads), work)
-    for case, ct_path in sorted(test_cts.items()):
-        _copy_prediction(raw_dir / f"{case}{FILE_ENDING}", Path(ct_path), Path(predictions[case]))
+    predictions = Path(predictions)
+    predictions.mkdir(parents=True, exist_ok=True)
+    paths = {case: predictions / f"{case}{FILE_ENDING}" for case in sorted(test_images)}
+    for case, image in sorted(test_images.items()):
+        _copy_prediction(raw_dir / f"{case}{FILE_ENDING}", Path(image), paths[case])
     run = {
         "arm": prep["arm"],
         "seed": prep["seed"],
@@ -299,7 +355,8 @@ def train_arm(
         "final_train_loss": result.get("final_train_loss"),
         "ema_pseudo_dice": result.get("ema_pseudo_dice"),
         "test_time_mirroring": cfg.test_time_mirroring,
-        "predictions": {case: str(predictions[case]) for case in sorted(predictions)},
+        "scale": prep.get("scale", "whole"),
+        "predictions": {case: str(p) for case, p in paths.items()},
     }
     write_json(out, run)
     trained = f"{result['iterations']} iterations in {result['train_seconds']:.0f} s"
@@ -309,7 +366,7 @@ def train_arm(
         prep["seed"],
         fold,
         trained if result["trained"] else "model reused",
-        len(test_cts),
+        len(test_images),
         result["predict_seconds"],
     )
     return run

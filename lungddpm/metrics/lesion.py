@@ -1,0 +1,265 @@
+"""Lesion-level fidelity: synthetic nodules against real nodules of the same texture class, beside a real floor.
+
+Per nodule: its HU values, the fraction of its voxels at or above ``solid_hu`` (the solid-volume fraction) and a
+margin profile — mean HU against the signed distance to the nodule's boundary (negative inside), in bins of
+``profile_step_mm`` out to ``profile_mm`` either side. Per set of nodules: the pooled HU mean and SD, the pooled
+solid fraction, the mean profile and its sharpness (HU drop per mm across the boundary, the central difference of
+the mean profile at +-1 step). Distances between two sets: the Wasserstein-1 distance of the pooled HU histograms,
+the differences of those statistics and the mean absolute difference of the profiles.
+
+The floor: the real nodules of a class split into two seeded disjoint halves A and B; the synthetic nodules are
+compared with the same half B, so a synthetic row and its floor row share their reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.stats import wasserstein_distance
+
+from ..intensity import TEXTURE_CLASSES
+from ..io import atomic_path, read_volume, write_csv
+from ..layout import NODULE
+
+log = logging.getLogger(__name__)
+
+ALL = "all"
+COLUMNS = (
+    "texture_class", "comparison", "n_a", "n_b", "w1_hu", "mean_hu_a", "mean_hu_b", "sd_hu_a", "sd_hu_b",
+    "solid_fraction_a", "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    """``lesion.fidelity`` of the config."""
+
+    solid_hu: float
+    profile_mm: float
+    profile_step_mm: float
+    gallery: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """One nodule: ``hu`` [N] inside it, ``profile`` [B] (HU per distance bin), ``crop`` [H, W] (axial slice)."""
+
+    name: str
+    texture_class: str
+    hu: np.ndarray
+    solid_fraction: float
+    profile: np.ndarray
+    crop: np.ndarray
+
+
+def profile_bins(s: FidelitySettings) -> np.ndarray:
+    """Bin centres (mm) of the margin profile, ``(k + 1/2) x step`` from ``-profile_mm`` to ``+profile_mm``: the
+    boundary lies between the two central bins."""
+    n = max(1, round(s.profile_mm / s.profile_step_mm))
+    return (np.arange(-n, n) + 0.5) * s.profile_step_mm
+
+
+def margin_profile(ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np.ndarray) -> np.ndarray:
+    """Mean HU of ``ct`` [Z, Y, X] per signed distance bin (:func:`profile_bins`) to the boundary of ``mask``
+    (negative inside); NaN for a bin with no voxel. A voxel's distance is to the nearest voxel of the other side,
+    less half a voxel, so the boundary voxels on either side sit at -+ half a voxel."""
+    inside = ndi.distance_transform_edt(mask, sampling=spacing_mm)
+    outside = ndi.distance_transform_edt(~mask, sampling=spacing_mm)
+    signed = np.where(mask, -(inside - spacing_mm / 2), outside - spacing_mm / 2)
+    step = float(bins[1] - bins[0])
+    which = np.floor(signed / step).astype(int) + len(bins) // 2
+    out = np.full(len(bins), np.nan)
+    for k in range(len(bins)):
+        sel = which == k
+        if sel.any():
+            out[k] = float(ct[sel].mean())
+    return out
+
+
+def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: float, s: FidelitySettings) -> Nodule:
+    """One nodule's statistics; ``mask`` [Z, Y, X] bool must be non-empty."""
+    hu = ct[mask].astype(np.float64)
+    z = round(np.argwhere(mask)[:, 0].mean())
+    return Nodule(name, cls, hu, float(np.mean(hu >= s.solid_hu)), margin_profile(ct, mask, spacing_mm,
+                  profile_bins(s)), ct[z].astype(np.float32))  # fmt: skip
+
+
+def _mean_profile(nodules: Sequence[Nodule]) -> np.ndarray:
+    """The mean of the nodules' profiles per bin, ignoring NaN (NaN where no nodule reaches the bin)."""
+    stack = np.stack([n.profile for n in nodules])
+    counts = np.sum(~np.isnan(stack), axis=0)
+    return np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
+
+
+def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
+    """Pooled mean / SD of HU, pooled solid fraction, the mean profile and its sharpness (HU per mm)."""
+    hu = np.concatenate([n.hu for n in nodules])
+    profile = _mean_profile(nodules)
+    c = len(profile) // 2
+    return {
+        "n": len(nodules),
+        "mean_hu": float(hu.mean()),
+        "sd_hu": float(hu.std()),
+        "solid_fraction": float(sum(n.solid_fraction * n.hu.size for n in nodules) / hu.size),
+        "profile": profile,
+        "sharpness": float(profile[c - 1] - profile[c]) / step_mm,
+    }
+
+
+def compare_sets(a: Sequence[Nodule], b: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
+    """One table row of set ``a`` against set ``b`` (both non-empty)."""
+    sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
+    pooled_a, pooled_b = np.concatenate([n.hu for n in a]), np.concatenate([n.hu for n in b])
+    return {
+        "n_a": sa["n"],
+        "n_b": sb["n"],
+        "w1_hu": float(wasserstein_distance(pooled_a, pooled_b)),
+        **{f"{k}_a": sa[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
+        **{f"{k}_b": sb[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
+        "sharpness_a": sa["sharpness"],
+        "sharpness_b": sb["sharpness"],
+        "profile_l1_hu": float(np.mean(d[~np.isnan(d)]))
+        if np.any(~np.isnan(d := sa["profile"] - sb["profile"]))
+        else float("nan"),
+    }
+
+
+def real_nodules(tables: Sequence[Path], s: FidelitySettings) -> list[Nodule]:
+    """The real nodules of ``rois.csv`` tables: each nodule's first ROI, its voxels of its own texture class."""
+    from ..preprocessing.rois import read_roi_table
+
+    out = []
+    for table in tables:
+        for row in read_roi_table(Path(table)):
+            if row["kind"] != "nodule" or not row["roi"].endswith("_0"):
+                continue
+            ct, geometry = read_volume(Path(table).parent / row["ct"])
+            tex, _ = read_volume(Path(table).parent / row["texture_map"])
+            mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
+            if mask.any():
+                out.append(measure(row["roi"], row["texture_class"], ct, mask, geometry.spacing[0], s))
+    return out
+
+
+def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -> list[Nodule]:
+    """The lesion run's inserted nodules (``datasets.lesion_outputs(..., "roi")``): the inpainted ROI inside its
+    layout's nodule label, classed by the texture requested (``any`` when unconditional)."""
+    out = []
+    for it in items:
+        ct, geometry = read_volume(it["image"])
+        layout, _ = read_volume(it["layout"])
+        mask = layout == NODULE
+        if not mask.any():
+            raise ValueError(f"{it['layout']}: no nodule label in a lesion-run ROI; rerun synthesize_lesion")
+        out.append(measure(it["id"], it.get("texture") or "any", ct, mask, geometry.spacing[0], s))
+    return out
+
+
+def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings) -> list[dict[str, Any]]:
+    """Rows (COLUMNS) per texture class and for all nodules: ``real A vs real B`` (the floor) and ``synthetic vs
+    real B``; a class without the nodules for a row has none."""
+    rows = []
+    for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
+        r = [n for n in real if cls in (ALL, n.texture_class)]
+        syn = [n for n in synthetic if cls in (ALL, n.texture_class)]
+        perm = np.random.default_rng([s.seed, k]).permutation(len(r))
+        half_a, half_b = [r[i] for i in perm[: len(r) // 2]], [r[i] for i in perm[len(r) // 2 :]]
+        if half_a and half_b:
+            rows.append({"texture_class": cls, "comparison": "real A vs real B",
+                         **compare_sets(half_a, half_b, s.profile_step_mm)})  # fmt: skip
+        if syn and half_b:
+            rows.append({"texture_class": cls, "comparison": "synthetic vs real B",
+                         **compare_sets(syn, half_b, s.profile_step_mm)})  # fmt: skip
+    for row in rows:
+        log.info("%s %s: W1 %.1f HU, mean %.0f vs %.0f HU, solid %.2f vs %.2f (n %d vs %d)", row["texture_class"],
+                 row["comparison"], row["w1_hu"], row["mean_hu_a"], row["mean_hu_b"], row["solid_fraction_a"],
+                 row["solid_fraction_b"], row["n_a"], row["n_b"])  # fmt: skip
+    return rows
+
+
+def plot_profiles(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings, path: Path) -> None:
+    """One panel per texture class (and all): the mean margin profile of the real and the synthetic nodules."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = profile_bins(s)
+    classes = [*TEXTURE_CLASSES, ALL]
+    fig, axes = plt.subplots(1, len(classes), figsize=(4 * len(classes), 3.4), sharey=True)
+    for ax, cls in zip(axes, classes):
+        for label, group in (("real", real), ("synthetic", synthetic)):
+            sel = [n for n in group if cls in (ALL, n.texture_class)]
+            if sel:
+                ax.plot(bins, _mean_profile(sel), marker=".", label=f"{label} (n={len(sel)})")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(cls)
+        ax.set_xlabel("distance to the nodule boundary (mm, < 0 inside)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("mean HU")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def gallery(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings, path: Path) -> None:
+    """Per texture class two rows: up to ``gallery`` synthetic nodules, then as many real ones (the axial slice
+    through each nodule's centre, lung window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for cls in TEXTURE_CLASSES:
+        for label, group in (("synthetic", synthetic), ("real", real)):
+            rows.append((f"{label} {cls}", [n for n in group if n.texture_class == cls][: s.gallery]))
+    n_col = max(1, s.gallery)
+    fig, axes = plt.subplots(len(rows), n_col, figsize=(1.6 * n_col, 1.7 * len(rows)), squeeze=False)
+    for axrow, (label, group) in zip(axes, rows):
+        for j, ax in enumerate(axrow):
+            ax.axis("off")
+            if j < len(group):
+                ax.imshow(group[j].crop, cmap="gray", vmin=-1000, vmax=400)
+        axrow[0].set_title(label, fontsize=8, loc="left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def fidelity_settings(lesion: Mapping[str, Any]) -> FidelitySettings:
+    """``lesion.fidelity`` of a validated config's lesion section (profile_step_mm null = the ROI spacing)."""
+    f = dict(lesion["fidelity"])
+    f["profile_step_mm"] = f["profile_step_mm"] or float(lesion["roi"]["spacing_mm"])
+    return FidelitySettings(**f)
+
+
+def lesion_fidelity(
+    tables: Sequence[Path],
+    items: Sequence[Mapping[str, Any]],
+    s: FidelitySettings,
+    table: Path,
+    profiles: Path,
+    montage: Path,
+) -> list[dict[str, Any]]:
+    """The fidelity table (``table``, COLUMNS) of the lesion run's nodules (``items``) against the real nodules of
+    ``tables``, with the margin profiles (``profiles``) and the gallery (``montage``), both PNG."""
+    real, synthetic = real_nodules(tables, s), synthetic_nodules(items, s)
+    if not real or not synthetic:
+        raise ValueError(f"lesion fidelity needs real and synthetic nodules: {len(real)} real, {len(synthetic)} "
+                         "synthetic; check the ROI tables and the lesion run")  # fmt: skip
+    rows = fidelity(real, synthetic, s)
+    write_csv(table, rows, COLUMNS)
+    plot_profiles(real, synthetic, s, Path(profiles))
+    gallery(real, synthetic, s, Path(montage))
+    return rows

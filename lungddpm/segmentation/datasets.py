@@ -1,0 +1,227 @@
+"""The cases of each arm's nnU-Net dataset and of the test set, per segmentation scale (no nnU-Net, no torch).
+
+- ``lesion``: real nodule ROIs (grouped per nodule, so that a nodule's jittered ROIs are drawn together) and
+  nodule-free ROIs of the train split, plus ROIs with nodules inpainted by the lesion run; the test set is every
+  ROI of the test split. Synthetic ROIs number ``synthetic_fraction`` x the train split's real nodule ROIs.
+- ``whole``: the real train CTs on the model grid, plus whole-volume ``augment`` CTs or lesion-run CTs (real train
+  CTs with pasted nodules, resampled onto their case's model grid at export); the test set is the test CTs.
+
+Every draw is seeded and nested: for one seed a smaller fraction's cases are inside a larger one's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, LungDDPMError
+from ..io import read_json
+from ..preprocessing.rois import read_roi_table
+from .arms import Arm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One nnU-Net training case: a CT (int16 HU) and the semantic layout whose label 2 is the target.
+    ``grid``: a CT whose grid the pair is resampled onto at export (None = as written)."""
+
+    identifier: str
+    image: Path
+    layout: Path
+    kind: str  # "real" | "synthetic"
+    source_case: str
+    grid: Path | None = None
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One test image: ``truth`` is the nodule instance map (whole) or the ROI layout (lesion, label 2)."""
+
+    identifier: str
+    image: Path
+    truth: Path
+    kind: str  # "scan" | "nodule" | "free"
+    source_case: str
+
+
+def nested_draw(n_total: int, n: int, seed: int | Sequence[int]) -> list[int]:
+    """Indices of ``n`` of ``n_total`` units, drawn with ``seed``; a smaller draw is a prefix of a larger one."""
+    if n > n_total:
+        raise ConfigError(f"{n} cases requested but only {n_total} exist")
+    return sorted(np.random.default_rng(seed).permutation(n_total)[:n].tolist())
+
+
+def shard_items(manifests: Sequence[Path], run: str) -> list[dict[str, Any]]:
+    """Items of run ``run`` (``augment`` | ``lesion``) from its shard manifests, sorted by item name; each gets
+    ``folder`` (where its files lie)."""
+    items: list[dict[str, Any]] = []
+    for m in manifests:
+        data = read_json(m)
+        if data.get("run") != run:
+            raise LungDDPMError(f"{m}: a shard manifest of run {data.get('run')!r}, expected {run!r}")
+        items += [{**it, "folder": str(Path(m).parent)} for it in data["items"]]
+    return sorted(items, key=lambda it: it["item"])
+
+
+def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
+    """The lesion run's synthetic cases: ``per="roi"`` one per inserted nodule (the inpainted ROI and its layout),
+    ``per="ct"`` one per item (the pasted native CT and its label map). Keys: id, image, layout, case_id."""
+    out = []
+    for it in shard_items(manifests, "lesion"):
+        folder = Path(it["folder"])
+        prov_path = folder / f"{it['item']}.json"
+        prov = read_json(prov_path)
+        files = prov["files"]
+        if per == "ct":
+            out.append({"id": it["item"], "image": folder / files["ct"], "layout": folder / files["label"],
+                        "case_id": prov["source_case"]})  # fmt: skip
+            continue
+        for j, site in enumerate(prov["sites"]):
+            out.append({"id": f"{it['item']}_s{j}", "image": folder / files[f"s{j}_after"],
+                        "layout": folder / files[f"s{j}_layout"], "case_id": prov["source_case"],
+                        "texture": site.get("texture_requested", "")})  # fmt: skip
+    return out
+
+
+def _check_leak(arm: Arm, cases: Sequence[TrainingCase], test_cases: Sequence[str]) -> None:
+    leaked = sorted({c.source_case for c in cases} & set(test_cases))
+    if leaked:
+        raise LungDDPMError(
+            f"arm {arm.name}: training cases derive from test cases {leaked}; the synthetic runs must use train "
+            "cases only — rerun the split, sample and synthesize_lesion stages"
+        )
+
+
+def _log(arm: Arm, seed: int, cases: Sequence[TrainingCase], what: str) -> None:
+    n_real = sum(c.kind == "real" for c in cases)
+    log.info("arm %s seed %d: %d real + %d synthetic training %s", arm.name, seed, n_real, len(cases) - n_real, what)
+
+
+def _synthetic(arm: Arm, items: Sequence[Mapping[str, Any]], n: int, seed: int, fix: str) -> list[Mapping[str, Any]]:
+    if n > len(items):
+        raise ConfigError(
+            f"segmentation.arms[{arm.name}]: synthetic_fraction {arm.synthetic_fraction} needs {n} synthetic cases "
+            f"but the {arm.synthetic_source} run made {len(items)}; {fix}, or lower the fraction"
+        )
+    return [items[i] for i in nested_draw(len(items), n, seed)]
+
+
+def whole_cases(
+    arm: Arm,
+    seed: int,
+    real: Mapping[str, tuple[Path, Path]],
+    synthetic: Sequence[Mapping[str, Any]],
+    test_cases: Sequence[str],
+) -> list[TrainingCase]:
+    """The whole-scale training set of ``arm`` for ``seed``.
+
+    real: train case -> (ct, layout) on the model grid; synthetic: ``augment`` items (``item``, ``case_id``,
+    ``image``, ``layout``) or :func:`lesion_outputs` (``per="ct"``), as ``arm.synthetic_source`` says; lesion-run
+    CTs are resampled onto their case's model grid. test_cases: refused if any training case derives from one.
+    """
+    names = sorted(real)
+    cases = [
+        TrainingCase(f"real_{c}", Path(real[c][0]), Path(real[c][1]), "real", c)
+        for c in (names[i] for i in nested_draw(len(names), arm.n_real(len(names)), [seed, 1]))
+    ]
+    fix = {"volume": "raise sample.samples_per_layout", "lesion": "raise lesion.insert.samples_per_case"}[
+        arm.synthetic_source
+    ]
+    for it in _synthetic(arm, synthetic, arm.n_synthetic(len(real)), seed, fix):
+        name = it.get("item", it.get("id"))
+        grid = Path(real[it["case_id"]][0]) if arm.synthetic_source == "lesion" and it["case_id"] in real else None
+        if arm.synthetic_source == "lesion" and grid is None:
+            raise LungDDPMError(f"lesion item {name}: its case {it['case_id']} is not a train case of this split")
+        cases.append(
+            TrainingCase(f"syn_{name}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"], grid)
+        )
+    _check_leak(arm, cases, test_cases)
+    _log(arm, seed, cases, "CTs")
+    return cases
+
+
+def roi_rows(tables: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every ROI of the ``rois.csv`` tables, with its files resolved (``ct_path``, ``layout_path``)."""
+    rows = []
+    for t in tables:
+        for r in read_roi_table(Path(t)):
+            rows.append({**r, "ct_path": Path(t).parent / r["ct"], "layout_path": Path(t).parent / r["layout"]})
+    return rows
+
+
+def lesion_cases(
+    arm: Arm,
+    seed: int,
+    tables: Sequence[Path],
+    synthetic: Sequence[Mapping[str, Any]],
+    test_cases: Sequence[str],
+) -> list[TrainingCase]:
+    """The lesion-scale training set of ``arm`` for ``seed``: ``real_fraction`` of the train nodules (all their
+    ROIs) and of the nodule-free ROIs of ``tables``, plus ``synthetic_fraction`` x the tables' nodule ROIs of the
+    lesion run's ROIs (:func:`lesion_outputs`, ``per="roi"``)."""
+    rows = roi_rows(tables)
+    nodule_rows = [r for r in rows if r["kind"] == "nodule"]
+    free = [r for r in rows if r["kind"] == "free"]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in nodule_rows:
+        groups.setdefault((r["case_id"], r["nodule"]), []).append(r)
+    keys = sorted(groups)
+    chosen = [r for i in nested_draw(len(keys), arm.n_real(len(keys)), [seed, 1]) for r in groups[keys[i]]]
+    chosen += [free[i] for i in nested_draw(len(free), arm.n_real(len(free)), [seed, 2])]
+    cases = [TrainingCase(f"real_{r['roi']}", r["ct_path"], r["layout_path"], "real", r["case_id"]) for r in chosen]
+    fix = "raise lesion.insert.samples_per_case or lesion.roi.free_per_case"
+    for it in _synthetic(arm, synthetic, arm.n_synthetic(len(nodule_rows)), seed, fix):
+        cases.append(TrainingCase(f"syn_{it['id']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"]))
+    if not cases:
+        raise ConfigError(f"segmentation.arms[{arm.name}]: no training ROI; check lesion.roi and the split")
+    _check_leak(arm, cases, test_cases)
+    _log(arm, seed, cases, "ROIs")
+    return cases
+
+
+def lesion_eval_set(tables: Sequence[Path]) -> list[EvalCase]:
+    """Every ROI (nodule and nodule-free) of the test split's ``rois.csv`` tables."""
+    rows = roi_rows(tables)
+    if not any(r["kind"] == "nodule" for r in rows):
+        raise LungDDPMError(f"{[str(t) for t in tables]}: the test split has no nodule ROI to segment")
+    return [EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"]) for r in rows]
+
+
+def whole_eval_set(cts: Mapping[str, Path], nodules: Mapping[str, Path]) -> list[EvalCase]:
+    """The test CTs (case -> ct.nii.gz) with their nodule instance maps (case -> nodules.nii.gz)."""
+    if sorted(cts) != sorted(nodules):
+        raise LungDDPMError(f"test CTs {sorted(cts)} and nodule maps {sorted(nodules)} name other cases")
+    return [EvalCase(c, Path(cts[c]), Path(nodules[c]), "scan", c) for c in sorted(cts)]
+
+
+def _paths(inputs: Mapping[str, Any], key: str) -> list[Path]:
+    value = inputs.get(key, [])
+    return [Path(value)] if isinstance(value, str | Path) else [Path(v) for v in value]
+
+
+def arm_cases(
+    scale: str, arm: Arm, seed: int, inputs: Mapping[str, Any], test_cases: Sequence[str]
+) -> list[TrainingCase]:
+    """The training set of ``arm`` from the rule's named inputs: ``tables`` (lesion) or ``ct`` + ``layouts``
+    (whole), and ``synthetic`` (that run's shard manifests) when the arm uses synthetic cases."""
+    synthetic = _paths(inputs, "synthetic") if arm.synthetic_fraction > 0 else []
+    if scale == "lesion":
+        return lesion_cases(arm, seed, _paths(inputs, "tables"), lesion_outputs(synthetic, "roi"), test_cases)
+    real = {p.parent.name: (p, lay) for p, lay in zip(_paths(inputs, "ct"), _paths(inputs, "layouts"))}
+    items = shard_items(synthetic, "augment") if arm.synthetic_source == "volume" else lesion_outputs(synthetic, "ct")
+    return whole_cases(arm, seed, real, items if synthetic else [], test_cases)
+
+
+def eval_set(scale: str, inputs: Mapping[str, Any]) -> list[EvalCase]:
+    """The test set from the rule's named inputs: ``tables`` (lesion) or ``ct`` + ``nodules`` (whole)."""
+    if scale == "lesion":
+        return lesion_eval_set(_paths(inputs, "tables"))
+    cts = {p.parent.name: p for p in _paths(inputs, "ct")}
+    return whole_eval_set(cts, {p.parent.name: p for p in _paths(inputs, "nodules")})

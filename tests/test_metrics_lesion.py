@@ -1,0 +1,98 @@
+"""Lesion fidelity: margin profiles, set statistics and distances on hand-made nodules, the floor's halves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungddpm.io import Geometry, write_csv, write_volume
+from lungddpm.metrics.lesion import (
+    FidelitySettings,
+    compare_sets,
+    fidelity,
+    lesion_fidelity,
+    margin_profile,
+    measure,
+    profile_bins,
+)
+from lungddpm.preprocessing.rois import ROI_COLUMNS
+
+S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0)
+
+
+def _sphere(hu_in: float, hu_out: float, radius: float = 4.0, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    z, y, x = np.mgrid[:n, :n, :n] - (n - 1) / 2
+    mask = z**2 + y**2 + x**2 <= radius**2
+    return np.where(mask, hu_in, hu_out).astype(np.float32), mask
+
+
+def test_margin_profile_of_a_step_edge() -> None:
+    ct, mask = _sphere(0.0, -800.0)
+    bins = profile_bins(S)
+    assert list(bins) == [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+    prof = margin_profile(ct, mask, 1.0, bins)
+    assert np.all(prof[:3] == 0.0) and np.all(prof[3:] == -800.0)  # inside at the nodule's HU, outside the lung's
+    n = measure("a", "solid", ct, mask, 1.0, S)
+    assert n.solid_fraction == 1.0 and n.hu.size == mask.sum() and n.crop.shape == (16, 16)
+    soft = measure("b", "solid", np.where(mask, -500.0, -800.0), mask, 1.0, S)
+    assert soft.solid_fraction == 0.0
+
+
+def test_set_distances_known_answers() -> None:
+    a = [measure("a", "solid", *_sphere(0.0, -800.0), 1.0, S)]
+    shifted = [measure("b", "solid", *_sphere(-100.0, -800.0), 1.0, S)]
+    same = compare_sets(a, a, 1.0)
+    assert same["w1_hu"] == 0.0 and same["profile_l1_hu"] == 0.0 and same["mean_hu_a"] == same["mean_hu_b"] == 0.0
+    d = compare_sets(a, shifted, 1.0)
+    assert d["w1_hu"] == pytest.approx(100.0) and d["mean_hu_b"] == pytest.approx(-100.0)
+    # the sharp step drops 800 HU between -0.5 and +0.5 mm: 800 HU/mm; the shifted one 700
+    assert d["sharpness_a"] == pytest.approx(800.0) and d["sharpness_b"] == pytest.approx(700.0)
+    assert d["profile_l1_hu"] == pytest.approx(100.0 * 3 / 6)  # the three inside bins of six differ by 100 HU
+
+
+def test_floor_halves_are_disjoint_and_share_the_reference() -> None:
+    real = [measure(f"r{i}", "solid", *_sphere(-50.0 * i, -800.0), 1.0, S) for i in range(6)]
+    real += [measure("g0", "ground-glass", *_sphere(-600.0, -800.0), 1.0, S)]
+    syn = [measure(f"s{i}", "solid", *_sphere(-400.0, -800.0), 1.0, S) for i in range(3)]
+    rows = fidelity(real, syn, S)
+    by = {(r["texture_class"], r["comparison"]): r for r in rows}
+    floor, synth = by["solid", "real A vs real B"], by["solid", "synthetic vs real B"]
+    assert (floor["n_a"], floor["n_b"], synth["n_a"], synth["n_b"]) == (3, 3, 3, 3)
+    assert floor["mean_hu_b"] == synth["mean_hu_b"]  # the same half B
+    assert synth["w1_hu"] > floor["w1_hu"]
+    # one real ground-glass nodule: no floor, and no synthetic of that class either
+    assert ("ground-glass", "real A vs real B") not in by and ("ground-glass", "synthetic vs real B") not in by
+    assert by["all", "real A vs real B"]["n_a"] + by["all", "real A vs real B"]["n_b"] == 7
+    assert ("part-solid", "real A vs real B") not in by
+
+
+def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
+    g = Geometry(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    rows = []
+    for i in range(4):
+        ct, mask = _sphere(-40.0 * i, -820.0)
+        write_volume(tmp_path / f"n{i}_ct.nii.gz", ct.astype(np.int16), g)
+        write_volume(tmp_path / f"n{i}_tex.nii.gz", np.where(mask, 3, 0).astype(np.uint8), g)  # 3 = solid's label
+        rows.append({"roi": f"c_n{i + 1}_0", "case_id": "c", "kind": "nodule", "texture_class": "solid",
+                     "ct": f"n{i}_ct.nii.gz", "layout": "", "texture_map": f"n{i}_tex.nii.gz"})  # fmt: skip
+    write_csv(tmp_path / "rois.csv", rows, ROI_COLUMNS)
+    ct, mask = _sphere(-200.0, -820.0, radius=3.0)
+    write_volume(tmp_path / "s_after.nii.gz", ct.astype(np.int16), g)
+    write_volume(tmp_path / "s_layout.nii.gz", np.where(mask, 2, 1).astype(np.uint8), g)
+    items = [{"id": "c_0_s0", "image": tmp_path / "s_after.nii.gz", "layout": tmp_path / "s_layout.nii.gz",
+              "texture": "solid"}]  # fmt: skip
+    out = tmp_path / "out"
+    got = lesion_fidelity([tmp_path / "rois.csv"], items, S, out / "f.csv", out / "p.png", out / "g.png")
+    with open(out / "f.csv") as fh:
+        written = list(csv.DictReader(fh))
+    assert len(written) == len(got) == 4  # solid and all: floor and synthetic rows
+    assert {r["comparison"] for r in written} == {"real A vs real B", "synthetic vs real B"}
+    syn = next(r for r in got if r["texture_class"] == "solid" and r["comparison"].startswith("synthetic"))
+    assert syn["n_a"] == 1 and syn["mean_hu_a"] == pytest.approx(-200.0) and syn["solid_fraction_a"] == 1.0
+    assert (out / "p.png").read_bytes()[:4] == (out / "g.png").read_bytes()[:4] == b"\x89PNG"
+    bad = [{**items[0], "layout": tmp_path / "n0_tex.nii.gz"}]  # no label 2
+    with pytest.raises(ValueError, match="no nodule label"):
+        lesion_fidelity([tmp_path / "rois.csv"], bad, S, out / "f.csv", out / "p.png", out / "g.png")

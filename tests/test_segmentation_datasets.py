@@ -1,0 +1,223 @@
+"""The segmentation datasets per scale (ROIs, lesion-run ROIs and CTs, real_fraction draws), scoring of ROIs by
+kind, the synthetic_fraction sweep, nnU-Net's network resizing and the resampling of pasted CTs."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from lungddpm.config import load_config
+from lungddpm.errors import ConfigError, LungDDPMError
+from lungddpm.io import Geometry, read_volume, write_csv, write_json, write_volume
+from lungddpm.preprocessing.rois import ROI_COLUMNS
+from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig
+from lungddpm.segmentation.datasets import (
+    arm_cases,
+    lesion_cases,
+    lesion_eval_set,
+    lesion_outputs,
+    nested_draw,
+    whole_cases,
+)
+from lungddpm.segmentation.evaluate import compare_arms, score_arm, sweep
+from lungddpm.segmentation.nnunet import NnUNetError, apply_network, onto_grid
+
+EV = EvaluationConfig(
+    connectivity=3, min_overlap_voxels=1, bootstrap=200, ci_level=0.95, paired_test="wilcoxon", seed=0
+)
+ROI = Geometry(spacing=(1.25, 1.25, 1.25), origin=(0.0, 0.0, 0.0))
+
+
+def _roi_table(folder: Path, case: str, n_nodules: int, rois_per_nodule: int, n_free: int) -> Path:
+    """A ``rois.csv`` with tiny 8^3 ROIs: nodule ROIs carry a 2x2x2 nodule (label 2) at their centre."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    names = [(f"{case}_n{n}_{r}", "nodule", n) for n in range(1, n_nodules + 1) for r in range(rois_per_nodule)]
+    for name, kind, n in names + [(f"{case}_f{j}", "free", "") for j in range(n_free)]:
+        layout = np.ones((8, 8, 8), np.uint8)
+        if kind == "nodule":
+            layout[3:5, 3:5, 3:5] = 2
+        write_volume(folder / f"{name}_ct.nii.gz", np.where(layout == 2, 20, -800).astype(np.int16), ROI)
+        write_volume(folder / f"{name}_layout.nii.gz", layout, ROI)
+        rows.append({"roi": name, "case_id": case, "kind": kind, "nodule": n, "ct": f"{name}_ct.nii.gz",
+                     "layout": f"{name}_layout.nii.gz", "texture_map": ""})  # fmt: skip
+    write_csv(folder / "rois.csv", rows, ROI_COLUMNS)
+    return folder / "rois.csv"
+
+
+def _lesion_run(folder: Path, cases: list[str], sites: int) -> Path:
+    """A lesion shard manifest with one item per case, ``sites`` inserted-nodule ROIs each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for case in cases:
+        item = f"{case}_0"
+        files = {"ct": f"{item}_ct.nii.gz", "label": f"{item}_label.nii.gz"}
+        for j in range(sites):
+            files |= {f"s{j}_after": f"{item}_s{j}_after.nii.gz", f"s{j}_layout": f"{item}_s{j}_layout.nii.gz"}
+        prov = {"item": item, "source_case": case, "files": files,
+                "sites": [{"texture_requested": "solid"} for _ in range(sites)]}  # fmt: skip
+        write_json(folder / f"{item}.json", prov)
+        items.append({"item": item, "case_id": case, "skipped": False})
+    write_json(folder / "shard_0.json", {"run": "lesion", "items": items})
+    return folder / "shard_0.json"
+
+
+def test_nested_draws_and_real_fraction_counts() -> None:
+    small, large = nested_draw(20, 5, [3, 1]), nested_draw(20, 10, [3, 1])
+    assert set(small) <= set(large) and len(large) == 10 and nested_draw(20, 5, [4, 1]) != small
+    assert Arm("a", True, 0.0, real_fraction=0.25).n_real(9) == 2  # round half up, 2.25 -> 2
+    assert Arm("a", True, 0.0, real_fraction=0.01).n_real(9) == 1  # at least one unit when real is on
+    assert Arm("a", False, 1.0).n_real(9) == 0 and Arm("a", True, 0.5).n_synthetic(7) == 4
+    with pytest.raises(ConfigError, match="only 3 exist"):
+        nested_draw(3, 4, 0)
+
+
+def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tmp_path: Path) -> None:
+    tables = [_roi_table(tmp_path / "rois" / c, c, 2, 2, 2) for c in ("c1", "c2")]  # 8 nodule ROIs, 4 free
+    shard = _lesion_run(tmp_path / "lesion", ["c1", "c2"], 3)  # 6 inserted nodules
+    syn = lesion_outputs([shard], "roi")
+    assert [s["id"] for s in syn][:2] == ["c1_0_s0", "c1_0_s1"] and syn[0]["texture"] == "solid"
+    assert syn[0]["image"] == tmp_path / "lesion/c1_0_s0_after.nii.gz"
+    full = lesion_cases(Arm("r", True, 0.0), 0, tables, syn, ["t1"])
+    assert len(full) == 12 and all(c.kind == "real" for c in full)
+    half = lesion_cases(Arm("h", True, 0.5, real_fraction=0.5), 0, tables, syn, ["t1"])
+    real_half = [c.identifier for c in half if c.kind == "real"]
+    # 2 of 4 nodules with both their ROIs, 2 of 4 free ROIs; a subset of the full draw
+    nodules = {i.rsplit("_", 1)[0] for i in real_half if "_n" in i}
+    assert len(nodules) == 2 and sum("_n" in i for i in real_half) == 4 and sum("_f" in i for i in real_half) == 2
+    assert set(real_half) <= {c.identifier for c in full}
+    # synthetic_fraction x all 8 nodule ROIs of the split, whatever real_fraction: 0.5 x 8 = 4
+    assert [c.kind for c in half].count("synthetic") == 4
+    with pytest.raises(ConfigError, match=r"needs 8 synthetic cases but the lesion run made 6; raise lesion.insert"):
+        lesion_cases(Arm("x", True, 1.0, synthetic_source="lesion"), 0, tables, syn, ["t1"])
+    with pytest.raises(LungDDPMError, match=r"derive from test cases \['c2'\]"):
+        lesion_cases(Arm("r", True, 0.0), 0, tables, syn, ["c2"])
+    via_inputs = arm_cases("lesion", Arm("h", True, 0.5, 0.5, "lesion"), 0, {"tables": tables, "synthetic": [shard]},
+                           ["t1"])  # fmt: skip
+    assert [c.identifier for c in via_inputs] == [c.identifier for c in half]
+
+
+def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path) -> None:
+    real = {c: (tmp_path / f"{c}_ct.nii.gz", tmp_path / f"{c}_layout.nii.gz") for c in ("c1", "c2")}
+    shard = _lesion_run(tmp_path / "lesion", ["c1", "c2"], 1)
+    items = lesion_outputs([shard], "ct")
+    assert [i["id"] for i in items] == ["c1_0", "c2_0"] and items[0]["layout"].name == "c1_0_label.nii.gz"
+    cases = whole_cases(Arm("p", True, 1.0, synthetic_source="lesion"), 0, real, items, ["t"])
+    syn = [c for c in cases if c.kind == "synthetic"]
+    assert [c.identifier for c in syn] == ["syn_c1_0", "syn_c2_0"] and syn[0].grid == real["c1"][0]
+    quarter = whole_cases(Arm("q", True, 0.0, real_fraction=0.25), 0, real, [], ["t"])
+    assert len(quarter) == 1
+    # a native 1 mm CT with a 6 mm nodule, resampled onto a 2 mm model grid of the same patient
+    native = Geometry(spacing=(1.0, 1.0, 1.0), origin=(-10.0, -10.0, -10.0))
+    ct = np.full((20, 20, 20), -900, np.int16)
+    target = np.zeros((20, 20, 20), np.uint8)
+    target[8:14, 8:14, 8:14] = 1
+    ct[target == 1] = 40
+    model = Geometry(spacing=(2.0, 2.0, 2.0), origin=(-9.5, -9.5, -9.5))
+    write_volume(tmp_path / "grid.nii.gz", np.zeros((10, 10, 10), np.int16), model)
+    hu, label, geometry = onto_grid(ct, target, native, tmp_path / "grid.nii.gz")
+    assert hu.shape == label.shape == (10, 10, 10) and geometry == model and hu.dtype == np.int16
+    assert label.sum() == 27 and hu[5, 5, 5] == 40 and hu[0, 0, 0] == -900  # 6 mm = 3 voxels of 2 mm a side
+
+
+def test_roi_scores_by_kind_and_the_fp_metric(tmp_path: Path) -> None:
+    tables = [_roi_table(tmp_path / "rois/t1", "t1", 2, 1, 2)]
+    tests = lesion_eval_set(tables)
+    assert [(t.identifier, t.kind) for t in tests] == [
+        ("t1_n1_0", "nodule"), ("t1_n2_0", "nodule"), ("t1_f0", "free"), ("t1_f1", "free")
+    ]  # fmt: skip
+    preds = {}
+    for t in tests:
+        layout = read_volume(t.truth)[0]
+        p = (layout == 2).astype(np.uint8)
+        if t.identifier == "t1_n2_0":
+            p[:] = 0  # a missed nodule
+        if t.identifier == "t1_f1":
+            p[0, 0, 0] = p[7, 7, 7] = 1  # two false-positive components
+        preds[t.identifier] = p
+    run = tmp_path / "run.json"
+    for case, p in preds.items():
+        write_volume(tmp_path / f"pred/{case}.nii.gz", p, ROI)
+    write_json(run, {"arm": "real", "seed": 0, "fold": "all",
+                     "predictions": {c: str(tmp_path / f"pred/{c}.nii.gz") for c in preds}})  # fmt: skip
+    rows = score_arm("real", [run], tests, tmp_path / "scores.csv", EV)
+    by = {r["case_id"]: r for r in rows}
+    assert by["t1_n1_0"]["dice"] == 1.0 and by["t1_n2_0"]["dice"] == 0.0 and by["t1_n2_0"]["n_found"] == 0
+    assert math.isnan(by["t1_n1_0"]["false_positives"]) and math.isnan(by["t1_f0"]["dice"])
+    assert by["t1_f0"]["false_positives"] == 0 and by["t1_f1"]["false_positives"] == 2
+    out = compare_arms({"real": tmp_path / "scores.csv"}, "real", tmp_path / "c.csv", tmp_path / "c.png", EV)
+    got = {r["metric"]: r for r in out}
+    assert got["dice"]["mean"] == 0.5 and got["dice"]["n_cases"] == 2
+    assert got["fp_per_free_roi"]["mean"] == 1.0 and got["fp_per_free_roi"]["n_cases"] == 2
+    assert got["detection_sensitivity"]["mean"] == 0.5
+    with open(tmp_path / "scores.csv") as fh:
+        assert [r["kind"] for r in csv.DictReader(fh)] == ["free", "free", "nodule", "nodule"]  # by case id
+
+
+def test_sweep_table_and_plot(tmp_path: Path) -> None:
+    scores = {}
+    for f, found in ((0.0, 1), (1.0, 2), (2.0, 3)):
+        rows = [
+            {
+                "arm": f"sweep_{f:g}x",
+                "seed": 0,
+                "fold": "all",
+                "case_id": f"n{i}",
+                "kind": "nodule",
+                "dice": 1.0 if i < found else 0.0,
+                "sensitivity": 1.0 if i < found else 0.0,
+                "specificity": 1.0,
+                "detection_sensitivity": 1.0 if i < found else 0.0,
+                "false_positives": math.nan,
+            }
+            for i in range(4)
+        ]
+        rows.append({"arm": f"sweep_{f:g}x", "seed": 0, "fold": "all", "case_id": "f0", "kind": "free",
+                     "dice": math.nan, "sensitivity": math.nan, "specificity": 1.0, "detection_sensitivity": math.nan,
+                     "false_positives": 3 - f})  # fmt: skip
+        scores[f] = tmp_path / f"{f}.csv"
+        write_csv(scores[f], rows)
+    out = sweep(scores, tmp_path / "sweep.csv", tmp_path / "sweep.png", EV, 0.25)
+    dice = {r["synthetic_fraction"]: r for r in out if r["metric"] == "dice"}
+    assert [dice[f]["mean"] for f in (0.0, 1.0, 2.0)] == [0.25, 0.5, 0.75]
+    assert dice[2.0]["diff"] == pytest.approx(0.5) and dice[0.0]["baseline"] == "sweep_0x"
+    assert {r["metric"] for r in out} >= {"fp_per_free_roi"}
+    with open(tmp_path / "sweep.csv") as fh:
+        assert float(next(csv.DictReader(fh))["synthetic_fraction"]) == 0.0
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_network_resizing_and_scale_config() -> None:
+    arch = {
+        "features_per_stage": [32, 64, 128, 256, 320],
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    }
+    plans = {"configurations": {"3d_fullres": {"batch_size": 2, "patch_size": [32, 64, 64],
+                                               "architecture": {"arch_kwargs": arch}}}}  # fmt: skip
+    network = {"features_base": 8, "features_max": 48, "batch_size": 4, "patch_size": 24}
+    with pytest.raises(NnUNetError, match=r"not a multiple of the planned network's total stride \[8, 16, 16\]"):
+        apply_network(plans, "3d_fullres", network)
+    changes = apply_network(plans, "3d_fullres", {**network, "patch_size": 32})
+    conf = plans["configurations"]["3d_fullres"]
+    assert arch["features_per_stage"] == [8, 16, 32, 48, 48] and conf["batch_size"] == 4
+    assert changes["batch_size"] == [2, 4] and conf["patch_size"] == [32, 32, 32]
+    assert apply_network(plans, "3d_fullres", dict.fromkeys(network)) == {}
+    raw = load_config(REPO / "config/config.yaml").raw
+    seg = SegmentationConfig.from_config(raw)
+    assert seg.scale == "lesion" and {a.synthetic_source for a in seg.arms} == {"lesion"}
+    assert seg.sweep_names == ["sweep_0x", "sweep_0.5x", "sweep_1x", "sweep_2x"] and seg.arm("sweep_2x").real
+    paper = load_config(REPO / "config/paper.yaml", {"data": {"dicom_root": "/data/LIDC-IDRI"}}).raw
+    assert SegmentationConfig.from_config(paper).scale == "whole"
+    raw["segmentation"]["arms"] = [{"name": "v", "real": True, "synthetic_fraction": 1, "synthetic_source": "volume"}]
+    raw["segmentation"]["baseline"] = "v"
+    with pytest.raises(ConfigError, match="ROIs come from the lesion run only"):
+        SegmentationConfig.from_config(raw)
+    raw["segmentation"]["scale"], raw["lesion"]["enabled"] = "lesion", False
+    raw["segmentation"]["arms"][0].pop("synthetic_source")
+    with pytest.raises(ConfigError, match="lesion.enabled is false"):
+        SegmentationConfig.from_config(raw)
