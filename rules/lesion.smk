@@ -12,6 +12,7 @@ rule rois:
     params:
         dicom_root=DICOM_ROOT,
         settings={**settings("data", "preprocess"), "roi": config["lesion"]["roi"]},
+    priority: 10
     log:
         "logs/rois/{case}.log",
     benchmark:
@@ -36,6 +37,7 @@ rule train_lesion:
     params:
         state_dir=lambda wildcards: f"state/models/lesion/{wildcards.name}",
         settings={**settings("model", "diffusion", "train", "intensity"), **lesion_settings("roi", "model", "train", "texture_hu")},
+    priority: 10  # the lesion chain (train, inpaint, segment) is the demo's critical path: start it first
     log:
         "logs/train_lesion/{name}.log",
     benchmark:
@@ -59,6 +61,7 @@ rule synthesize_lesion:
         shard_items=lesion_shard_items,
         dicom_root=DICOM_ROOT,
         settings={**settings("intensity", "data", "preprocess"), **lesion_settings("insert", "sample")},
+    priority: 10
     log:
         "logs/synthesize_lesion/{shard}.log",
     benchmark:

@@ -51,6 +51,7 @@ def test_set_distances_known_answers() -> None:
     # the sharp step drops 800 HU between -0.5 and +0.5 mm: 800 HU/mm; the shifted one 700
     assert d["sharpness_a"] == pytest.approx(800.0) and d["sharpness_b"] == pytest.approx(700.0)
     assert d["profile_l1_hu"] == pytest.approx(100.0 * 3 / 6)  # the three inside bins of six differ by 100 HU
+    assert compare_sets(shifted, a, 1.0)["profile_l1_hu"] == pytest.approx(50.0)  # a distance: symmetric, >= 0
 
 
 def test_floor_halves_are_disjoint_and_share_the_reference() -> None:

@@ -98,6 +98,12 @@ def _mean_profile(nodules: Sequence[Nodule]) -> np.ndarray:
     return np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
 
 
+def _mean_abs(d: np.ndarray) -> float:
+    """Mean absolute value over the finite entries (NaN when none)."""
+    d = d[np.isfinite(d)]
+    return float(np.mean(np.abs(d))) if d.size else float("nan")
+
+
 def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
     """Pooled mean / SD of HU, pooled solid fraction, the mean profile and its sharpness (HU per mm)."""
     hu = np.concatenate([n.hu for n in nodules])
@@ -125,9 +131,7 @@ def compare_sets(a: Sequence[Nodule], b: Sequence[Nodule], step_mm: float) -> di
         **{f"{k}_b": sb[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
         "sharpness_a": sa["sharpness"],
         "sharpness_b": sb["sharpness"],
-        "profile_l1_hu": float(np.mean(d[~np.isnan(d)]))
-        if np.any(~np.isnan(d := sa["profile"] - sb["profile"]))
-        else float("nan"),
+        "profile_l1_hu": _mean_abs(sa["profile"] - sb["profile"]),
     }
 
 
