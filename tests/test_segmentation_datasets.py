@@ -221,3 +221,28 @@ def test_network_resizing_and_scale_config() -> None:
     raw["segmentation"]["arms"][0].pop("synthetic_source")
     with pytest.raises(ConfigError, match="lesion.enabled is false"):
         SegmentationConfig.from_config(raw)
+
+
+def test_jittered_rois_of_one_nodule_are_one_cluster(tmp_path: Path) -> None:
+    from lungddpm.metrics.voxel import bootstrap_ci
+
+    values = [0.0, 0.0, 1.0, 1.0]
+    assert bootstrap_ci(values, 300, 0.95, 7, groups=["a", "b", "c", "d"]) == bootstrap_ci(values, 300, 0.95, 7)
+    mean, lo, hi = bootstrap_ci(values, 300, 0.95, 7, groups=["n1", "n1", "n2", "n2"])
+    assert mean == 0.5 and (lo, hi) == (0.0, 1.0)  # two clusters: only 0, 0.5 and 1 can be drawn
+    tests = lesion_eval_set([_roi_table(tmp_path / "rois/t1", "t1", 2, 2, 1)])
+    assert [t.cluster for t in tests] == ["t1_n1", "t1_n1", "t1_n2", "t1_n2", "t1_f0"]
+    rows = {arm: [] for arm in ("real", "syn")}
+    for t in tests:
+        for arm, d in (("real", 0.5), ("syn", 0.5 + (0.1 if t.cluster == "t1_n1" else 0.3))):
+            rows[arm].append({"arm": arm, "seed": 0, "fold": "all", "case_id": t.identifier, "kind": t.kind,
+                              "cluster": t.cluster, "dice": d if t.kind == "nodule" else math.nan,
+                              "sensitivity": math.nan, "specificity": 1.0, "detection_sensitivity": math.nan,
+                              "false_positives": 0 if t.kind == "free" else math.nan})  # fmt: skip
+    for arm in rows:
+        write_csv(tmp_path / f"{arm}.csv", rows[arm])
+    scores = {arm: tmp_path / f"{arm}.csv" for arm in rows}
+    out = {(r["arm"], r["metric"]): r for r in compare_arms(scores, "real", tmp_path / "c.csv", None, EV)}
+    dice = out["syn", "dice"]
+    assert (dice["n_cases"], dice["n_clusters"]) == (4, 2) and dice["diff"] == pytest.approx(0.2)
+    assert dice["p_value"] == pytest.approx(0.5)  # exact Wilcoxon on 2 nodule pairs (+0.1, +0.3), not on 4 ROIs

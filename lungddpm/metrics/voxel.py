@@ -109,10 +109,21 @@ def bootstrap_ci(
     level: float = 0.95,
     seed: int = 0,
     statistic: Callable[[np.ndarray], float] = np.mean,
+    groups: Sequence[object] | None = None,
 ) -> tuple[float, float, float]:
-    """(statistic, low, high) percentile bootstrap interval of ``values``."""
+    """(statistic, low, high) percentile bootstrap interval of ``values``. With ``groups`` (one label per value),
+    a cluster bootstrap: whole groups are resampled, so that correlated values (several ROIs of one nodule) count as
+    one draw; with every label distinct it is the plain bootstrap, draw for draw."""
     v = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    boots = np.array([statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)])
+    if groups is None:
+        boots = np.array([statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)])
+    else:
+        labels = list(dict.fromkeys(groups))
+        members = [np.flatnonzero([g == label for g in groups]) for label in labels]
+        boots = np.array(
+            [statistic(v[np.concatenate([members[k] for k in rng.integers(0, len(labels), len(labels))])])
+             for _ in range(n_boot)]
+        )  # fmt: skip
     alpha = (1 - level) / 2
     return float(statistic(v)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))

@@ -42,13 +42,15 @@ class TrainingCase:
 
 @dataclass(frozen=True)
 class EvalCase:
-    """One test image: ``truth`` is the nodule instance map (whole) or the ROI layout (lesion, label 2)."""
+    """One test image: ``truth`` is the nodule instance map (whole) or the ROI layout (lesion, label 2).
+    ``cluster``: the independent unit it belongs to (its nodule, for the jittered ROIs of one nodule)."""
 
     identifier: str
     image: Path
     truth: Path
     kind: str  # "scan" | "nodule" | "free"
     source_case: str
+    cluster: str = ""
 
 
 def nested_draw(n_total: int, n: int, seed: int | Sequence[int]) -> list[int]:
@@ -191,14 +193,18 @@ def lesion_eval_set(tables: Sequence[Path]) -> list[EvalCase]:
     rows = roi_rows(tables)
     if not any(r["kind"] == "nodule" for r in rows):
         raise LungDDPMError(f"{[str(t) for t in tables]}: the test split has no nodule ROI to segment")
-    return [EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"]) for r in rows]
+    return [
+        EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"],
+                 f"{r['case_id']}_n{r['nodule']}" if r["kind"] == "nodule" else r["roi"])
+        for r in rows
+    ]  # fmt: skip
 
 
 def whole_eval_set(cts: Mapping[str, Path], nodules: Mapping[str, Path]) -> list[EvalCase]:
     """The test CTs (case -> ct.nii.gz) with their nodule instance maps (case -> nodules.nii.gz)."""
     if sorted(cts) != sorted(nodules):
         raise LungDDPMError(f"test CTs {sorted(cts)} and nodule maps {sorted(nodules)} name other cases")
-    return [EvalCase(c, Path(cts[c]), Path(nodules[c]), "scan", c) for c in sorted(cts)]
+    return [EvalCase(c, Path(cts[c]), Path(nodules[c]), "scan", c, c) for c in sorted(cts)]
 
 
 def _paths(inputs: Mapping[str, Any], key: str) -> list[Path]:

@@ -7,7 +7,9 @@ overlaps no nodule so is a false positive. At the lesion scale a test case is an
 sensitivity and detection, nodule-free ROIs the false-positive components (``fp_per_free_roi``).
 Per arm: each case's scores are averaged over the arm's models, then the mean over cases gets a percentile
 bootstrap interval; each arm is compared with the baseline arm per test case (paired difference with a bootstrap
-interval and a Wilcoxon signed-rank or paired t-test).
+interval and a Wilcoxon signed-rank or paired t-test). Cases of one cluster — the jittered ROIs of one nodule —
+are resampled together and tested as one pair (their mean difference), so correlated ROIs do not overstate
+confidence; a mean is still over the cases.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ SCORE_COLUMNS = (
     "fold",
     "case_id",
     "kind",
+    "cluster",
     *METRICS,
     "n_nodules",
     "n_found",
@@ -52,6 +55,7 @@ COMPARISON_COLUMNS = (
     "arm",
     "metric",
     "n_cases",
+    "n_clusters",
     "n_models",
     "mean",
     "ci_low",
@@ -141,6 +145,7 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
     rows: list[dict[str, Any]] = []
     truth = {t.identifier: truth_instances(t, ev.connectivity) for t in tests}
     kinds = {t.identifier: t.kind for t in tests}
+    clusters = {t.identifier: t.cluster or t.identifier for t in tests}
     for run_path in runs:
         run = read_json(run_path)
         if run["arm"] != arm:
@@ -156,7 +161,7 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
                 raise LungDDPMError(f"{pred_path}: shape {pred.shape}, but its truth is {truth[case].shape}")
             scores = score_case(pred > 0, truth[case], ev, kinds[case])
             rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, "kind": kinds[case],
-                         **scores})  # fmt: skip
+                         "cluster": clusters[case], **scores})  # fmt: skip
     write_csv(out, rows, SCORE_COLUMNS)
     for metric in ("dice", "sensitivity", "detection_sensitivity", "false_positives"):
         vals = [r[metric] for r in rows if not math.isnan(r[metric])]
@@ -216,19 +221,25 @@ def compare_arms(
     if baseline not in scores:
         raise LungDDPMError(f"baseline arm {baseline!r} has no scores; arms: {sorted(scores)}")
     data = {arm: read_scores(p) for arm, p in scores.items()}
+    cluster = {r["case_id"]: r.get("cluster") or r["case_id"] for rows in data.values() for r in rows}
     fp_name = FP_METRIC["free" if any(r.get("kind") == "free" for r in data[baseline]) else "scan"]
     base_cases = {m: per_case(data[baseline], m) for m in METRICS}
     out: list[dict[str, Any]] = []
     for arm, rows in data.items():
         n_models = len({(r["seed"], r["fold"]) for r in rows})
         for i, metric in enumerate(METRICS):
-            cases = per_case(rows, metric)
-            vals = np.array([v for v in cases.values() if not math.isnan(v)])
-            mean, lo, hi = bootstrap_ci(vals, ev.bootstrap, ev.ci_level, ev.seed + i) if vals.size else (math.nan,) * 3
+            cases = {c: v for c, v in per_case(rows, metric).items() if not math.isnan(v)}
+            vals, groups = np.array(list(cases.values())), [cluster[c] for c in cases]
+            mean, lo, hi = (
+                bootstrap_ci(vals, ev.bootstrap, ev.ci_level, ev.seed + i, groups=groups)
+                if vals.size
+                else (math.nan,) * 3
+            )
             row: dict[str, Any] = {
                 "arm": arm,
                 "metric": fp_name if metric == "false_positives" else metric,
                 "n_cases": int(vals.size),
+                "n_clusters": len(set(groups)),
                 "n_models": n_models,
                 "mean": mean,
                 "ci_low": lo,
@@ -242,17 +253,18 @@ def compare_arms(
                 "test": "",
             }
             if arm != baseline:
-                common = sorted(
-                    c
-                    for c, v in cases.items()
-                    if not math.isnan(v) and not math.isnan(base_cases[metric].get(c, math.nan))
-                )
+                common = sorted(c for c in cases if not math.isnan(base_cases[metric].get(c, math.nan)))
                 d = np.array([cases[c] - base_cases[metric][c] for c in common])
                 if d.size:
+                    g = [cluster[c] for c in common]
                     row["diff"], row["diff_ci_low"], row["diff_ci_high"] = bootstrap_ci(
-                        d, ev.bootstrap, ev.ci_level, ev.seed + i
+                        d, ev.bootstrap, ev.ci_level, ev.seed + i, groups=g
                     )
-                    row["p_value"] = paired_test(d, ev.paired_test)
+                    # the test pairs independent units: the mean difference per cluster (nodule)
+                    per_cluster = [
+                        float(d[[k for k, x in enumerate(g) if x == label]].mean()) for label in dict.fromkeys(g)
+                    ]
+                    row["p_value"] = paired_test(np.array(per_cluster), ev.paired_test)
                     row["test"] = ev.paired_test
             out.append(row)
     write_csv(table, out, COMPARISON_COLUMNS)
