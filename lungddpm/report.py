@@ -223,9 +223,16 @@ def segmentation_section(comparison: Path, figure: Path | None, base: Path) -> l
         mean = f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
         diff = f"{_fmt(r['diff'])} [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]" if r.get("diff") else ""
         p = f"{_fmt(r['p_value'])} ({r['test']})" if r.get("p_value") else ""
-        body.append([r["arm"], r["metric"], mean, diff, p, f"{r['n_cases']} x {r['n_models']}"])
+        clusters = f" ({r['n_clusters']} clusters)" if r.get("n_clusters") not in (None, "", r["n_cases"]) else ""
+        body.append([r["arm"], r["metric"], mean, diff, p, f"{r['n_cases']}{clusters} x {r['n_models']}"])
     if body:
         out += _table(["arm", "metric", "mean [CI]", "difference from baseline [CI]", "p", "cases x models"], body)
+        if lesion:
+            out.append("")
+            out.append(
+                "A cluster is one nodule's jittered ROIs: intervals resample whole clusters and the paired test "
+                "compares one mean difference per cluster, so correlated ROIs do not overstate confidence."
+            )
         out.append("")
     if figure is not None:
         out += [f"![segmentation]({_relative(figure, base)})", ""]
