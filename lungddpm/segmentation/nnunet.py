@@ -2,19 +2,20 @@
 
 nnunetv2 reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` (and its process counts) from the
 environment, some of it when first imported. So this module never imports nnunetv2 in the calling process: the
-parent writes the raw dataset (plain NIfTI + ``dataset.json``), then runs ``python -m lungddpm.segmentation.nnunet
-<stage> <job.json>`` with the arm's paths in the child's environment only, and streams its output into the log.
-The child's ``__main__`` guard also keeps nnU-Net's spawned worker pools from re-running the stage.
+parent writes the raw dataset (plain NIfTI + ``dataset.json``), then runs ``python -m
+lungddpm.segmentation.nnunet_stages <stage> <job.json>`` with the arm's paths in the child's environment only, and
+streams its output into the log. The child's ``__main__`` guard also keeps nnU-Net's spawned worker pools from
+re-running the stage.
 
-Stages: ``plan`` (integrity check, fingerprint, plan, preprocess one configuration) and ``train`` (train one fold
-on an instantiated trainer with the configured length, then predict the real test CTs). nnU-Net's trees live under
-``state/`` (not rule outputs, so a rerun resumes from ``checkpoint_latest.pth`` or reuses ``checkpoint_final.pth``
-when the data and settings are unchanged); the rule outputs are manifests and the test predictions, written last.
+Stages (:mod:`.nnunet_stages`): ``plan`` (integrity check, fingerprint, plan, preprocess one configuration) and
+``train`` (train one fold on an instantiated trainer with the configured length, then predict the test images).
+nnU-Net's trees live under ``state/`` (not rule outputs, so a rerun resumes from ``checkpoint_latest.pth`` or reuses
+``checkpoint_final.pth`` when the data and settings are unchanged); the rule outputs are manifests and the test
+predictions, written last.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def launch(stage: str, job: dict[str, Any], env: Mapping[str, str], work: Path) 
     Path(job["result"]).unlink(missing_ok=True)
     job_path = work / f"{stage}_job.json"
     write_json(job_path, job)
-    cmd = [sys.executable, "-m", "lungddpm.segmentation.nnunet", stage, str(job_path.resolve())]
+    cmd = [sys.executable, "-m", "lungddpm.segmentation.nnunet_stages", stage, str(job_path.resolve())]
     log.info("nnU-Net %s: %s (nnUNet_raw=%s)", stage, " ".join(cmd), env.get("nnUNet_raw"))
     proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -387,211 +388,3 @@ def _copy_prediction(src: Path, ct_path: Path, dst: Path) -> None:
     if not labels <= set(LABELS.values()):
         raise NnUNetError(f"{src}: labels {sorted(labels)} in the prediction, expected a subset of {{0, 1}}")
     write_volume(dst, pred.astype(np.uint8), cg)
-
-
-# ------------------------------------------------------------------------------------------------ child side
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _plan(job: dict[str, Any]) -> dict[str, Any]:
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset,
-        plan_experiments,
-        preprocess,
-    )
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-
-    samples = job["fingerprint_samples"]
-
-    class Fingerprint(DatasetFingerprintExtractor):  # only its constructor differs: nothing of it is pickled
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if samples is not None:  # nnU-Net draws 1e8 with replacement, ~2 s of CPU per case even at 32^3
-                self.num_foreground_voxels_for_intensitystats = int(samples)
-
-    dataset_id, n = int(job["dataset_id"]), int(job["processes"])
-    verify_dataset_integrity(str(Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id)), n)
-    extract_fingerprint_dataset(dataset_id, Fingerprint, n, clean=True, verbose=False, show_progress_bar=False)
-    # the planner sets torch's threads to nnUNet_n_proc_DA while sizing the network: 0 (augment in-process) crashes it
-    da = os.environ.get("nnUNet_n_proc_DA")
-    with _env(nnUNet_n_proc_DA=str(max(1, int(job["threads"])))) if da == "0" else contextlib.nullcontext():
-        plans_identifier = plan_experiments([dataset_id], job["planner"])
-    preprocess([dataset_id], plans_identifier, [job["configuration"]], [n], verbose=False, show_progress_bar=False)
-    _write_splits(dataset_id)
-    return {"plans_identifier": plans_identifier}
-
-
-def _write_splits(dataset_id: int) -> None:
-    """nnU-Net's own seeded 5-fold split, written once here (atomically) instead of by the first fold to train:
-    folds of one arm train side by side and would race on a half-written ``splits_final.json``."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-
-    labels = Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id) / "labelsTr"
-    identifiers = sorted(p.name.removesuffix(FILE_ENDING) for p in labels.glob(f"*{FILE_ENDING}"))
-    if len(identifiers) < 5:  # nnU-Net's 5-fold split needs 5 cases; such arms train fold "all" only
-        return
-    splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)  # nnU-Net's do_split seed
-    write_json(Path(os.environ["nnUNet_preprocessed"]) / dataset_name(dataset_id) / "splits_final.json", splits)
-
-
-def _trainer_class(name: str) -> type:
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    if name == nnUNetTrainer.__name__:
-        return nnUNetTrainer
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    return recursive_find_trainer_class_by_name(name)  # imports every trainer variant (timm, torchvision)
-
-
-def _last(trainer: Any, key: str) -> float | None:
-    try:
-        return round(float(trainer.logger.get_value(key, step=-1)), 5)
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-
-
-def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
-    import random
-
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    seed = int(job["seed"])
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    name = dataset_name(int(job["dataset_id"]))
-    pre = Path(os.environ["nnUNet_preprocessed"]) / name
-    results = Path(os.environ["nnUNet_results"])
-    stamp = results / "lungddpm_stamp.json"
-    if not (stamp.is_file() and read_json(stamp) == job["stamp"]):
-        if results.exists():
-            log.info("data or settings changed: discarding %s", results)
-            shutil.rmtree(results)
-        write_json(stamp, job["stamp"])
-    cls = _trainer_class(job["trainer"])
-    fold: int | str = job["fold"] if job["fold"] == "all" else int(job["fold"])
-    fold_dir = results / name / f"{cls.__name__}__{job['plans_identifier']}__{job['configuration']}" / f"fold_{fold}"
-    final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"
-    plans = load_json(str(pre / f"{job['plans_identifier']}.json"))
-    plans["continue_training"] = latest.is_file() and not final.is_file()
-    trainer = cls(
-        plans=plans,
-        configuration=job["configuration"],
-        fold=fold,
-        dataset_json=load_json(str(pre / "dataset.json")),
-        device=device,
-    )
-    # nnU-Net has no trainer with a configurable length: set it on the instance, before initialize() builds the
-    # poly learning-rate schedule from num_epochs
-    trainer.num_epochs = int(job["num_epochs"])
-    trainer.num_iterations_per_epoch = int(job["iterations_per_epoch"])
-    trainer.num_val_iterations_per_epoch = int(job["val_iterations_per_epoch"])
-    trainer.initial_lr = float(job["initial_lr"])
-    trainer.save_every = int(job["checkpoint_every"])
-    t0 = time.perf_counter()
-    trained = not final.is_file()
-    if not trained:
-        log.info("%s: complete for this data and these settings, reused", final)
-        trainer.load_checkpoint(str(final))
-    else:
-        if latest.is_file():
-            log.info("resuming from %s", latest)
-            trainer.load_checkpoint(str(latest))
-        trainer.run_training()
-        if job["final_validation"]:
-            trainer.perform_actual_validation(False)
-    train_seconds = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    trainer.set_deep_supervision_enabled(False)
-    trainer.network.eval()
-    net = getattr(trainer.network, "_orig_mod", trainer.network)
-    predictor = nnUNetPredictor(
-        tile_step_size=float(job["tile_step_size"]),
-        use_gaussian=True,
-        use_mirroring=bool(job["test_time_mirroring"]),
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        allow_tqdm=False,
-    )
-    predictor.manual_initialization(
-        trainer.network,
-        trainer.plans_manager,
-        trainer.configuration_manager,
-        [net.state_dict()],
-        trainer.dataset_json,
-        cls.__name__,
-        trainer.inference_allowed_mirroring_axes,
-    )
-    out_dir = Path(job["predictions_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cases = sorted(job["test"])
-    predictor.predict_from_files_sequential(
-        [[job["test"][c]] for c in cases], [str(out_dir / c) for c in cases], False, True, None
-    )
-    epochs = int(trainer.current_epoch)
-    return {
-        "trained": trained,
-        "epochs": epochs,
-        "iterations": epochs * int(job["iterations_per_epoch"]),
-        "train_seconds": round(train_seconds, 1),
-        "predict_seconds": round(time.perf_counter() - t0, 1),
-        "device": str(device),
-        "final_train_loss": _last(trainer, "train_losses"),
-        "ema_pseudo_dice": _last(trainer, "ema_fg_dice"),
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Child entry: ``python -m lungddpm.segmentation.nnunet {plan,train} <job.json>``."""
-    from ..logs import setup_logging
-
-    setup_logging()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] not in ("plan", "train"):
-        log.error("usage: python -m lungddpm.segmentation.nnunet {plan,train} <job.json>")
-        return 2
-    stage, job = args[0], read_json(args[1])
-    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
-    if missing or "nnunetv2" in sys.modules:
-        log.error("nnU-Net's paths %s must be in the environment before nnunetv2 is imported", missing)
-        return 2
-    import torch
-
-    threads = max(1, int(job["threads"]))
-    torch.set_num_threads(threads)
-    result: dict[str, Any]
-    try:
-        if stage == "plan":
-            result = _plan(job)
-        else:
-            want = job["device"]
-            device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-            if device.type != "cuda":
-                os.environ["nnUNet_compile"] = "false"  # nnU-Net's predictor would compile on any device
-            result = _train(job, device)
-    except Exception:
-        log.exception("nnU-Net %s failed", stage)
-        return 1
-    write_json(job["result"], result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
