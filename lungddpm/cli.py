@@ -42,7 +42,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_cases(args: argparse.Namespace) -> None:
-    from .cases import case_split, list_cases
+    from .preprocessing.cases import case_split, list_cases
 
     cfg = _config(args)
     cases = list_cases(cfg)
@@ -51,7 +51,7 @@ def cmd_cases(args: argparse.Namespace) -> None:
 
 
 def cmd_rois(args: argparse.Namespace) -> None:
-    from .cases import dicom_root
+    from .preprocessing.cases import dicom_root
     from .preprocessing.rois import RoiSettings, extract_rois, load_source
 
     cfg = _config(args)
@@ -61,8 +61,8 @@ def cmd_rois(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_dicom(args: argparse.Namespace) -> None:
-    from .cases import DEMO_ROOT, list_cases
     from .data.demo import write_demo_case
+    from .preprocessing.cases import DEMO_ROOT, list_cases
 
     cfg = _config(args)
     cases = list_cases(cfg)
@@ -74,28 +74,28 @@ def cmd_demo_dicom(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from .cases import dicom_root
-    from .preprocess import preprocess_case
+    from .preprocessing.cases import dicom_root
+    from .preprocessing.grid import preprocess_case
 
     cfg = _config(args)
     preprocess_case(args.case, dicom_root(cfg), Path(args.out), cfg)
 
 
 def cmd_layout(args: argparse.Namespace) -> None:
-    from .layout import make_layout
+    from .preprocessing.layout import make_layout
 
     make_layout(Path(args.case_dir), Path(args.out), _config(args).layout)
 
 
 def cmd_split(args: argparse.Namespace) -> None:
-    from .cases import write_case_split
+    from .preprocessing.cases import write_case_split
 
     write_case_split(_config(args), Path(args.out))
 
 
 def cmd_demo_qc(args: argparse.Namespace) -> None:
-    from .cases import DEMO_ROOT, list_cases
     from .data.demo import qc_case, truth_path, write_qc_table
+    from .preprocessing.cases import DEMO_ROOT, list_cases
 
     root = Path(args.root or DEMO_ROOT)
     cases = list_cases(_config(args))
@@ -103,8 +103,8 @@ def cmd_demo_qc(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .cases import case_ct, case_layout, case_split, list_cases
-    from .diffusion.train import job_gpus, launch, make_job, train_processes
+    from .diffusion.jobs import job_gpus, launch, make_job, train_processes
+    from .preprocessing.cases import case_ct, case_layout, case_split, list_cases
 
     cfg = _config(args)
     split = case_split(cfg, list_cases(cfg))
@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_job(args: argparse.Namespace) -> None:
-    from .diffusion.train import run_job
+    from .diffusion.jobs import run_job
 
     run_job(json.loads(Path(args.job).read_text()))
 
@@ -139,8 +139,8 @@ def cmd_import_lungddpm(args: argparse.Namespace) -> None:
 
 
 def cmd_nodule_bank(args: argparse.Namespace) -> None:
-    from .cases import bank_cases, case_split, list_cases
-    from .layout_edit import build_nodule_bank, save_bank
+    from .preprocessing.cases import bank_cases, case_split, list_cases
+    from .synthesis.layout_edit import build_nodule_bank, save_bank
 
     cfg = _config(args)
     cases = bank_cases(cfg, case_split(cfg, list_cases(cfg)))
@@ -150,10 +150,10 @@ def cmd_nodule_bank(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
     from .io import write_json
-    from .plan import plan, samples_per_layout, shard
-    from .synthesize import synthesize_shard
+    from .preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
+    from .synthesis.plan import plan, samples_per_layout, shard
+    from .synthesis.volume_run import synthesize_shard
 
     cfg = _config(args)
     sc = cfg.raw["sample"]
@@ -201,131 +201,31 @@ def cmd_metrics(args: argparse.Namespace) -> None:
               f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] N={r['n_a']} vs {r['n_b']}")  # fmt: skip
 
 
-def _specs(items: Sequence[str]) -> list[tuple[str, int]]:
-    """["dpm++:20", "ddpm:250"] -> [("dpm++", 20), ("ddpm", 250)]."""
-    out = []
-    for item in items:
-        name, _, steps = item.partition(":")
-        if not steps.isdigit():
-            raise LungDDPMError(f"--samplers {item!r}: expected NAME:STEPS, e.g. dpm++:20")
-        out.append((name, int(steps)))
-    return out
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .diffusion.bench import bench_entry
 
+    if args.what == "studio":
+        from .app.studio import bench_sites
 
-def _bench_quality(args: argparse.Namespace, cfg: Any) -> None:
-    from .cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
-    from .diffusion.bench import compare_samplers
-    from .io import write_json
-
-    res = Path(args.results)
-    cases = run_cases(case_split(cfg, list_cases(cfg)), "eval")
-    pairs = [(case_ct(res, c), case_layout(res, c)) for c in cases]
-    checkpoint = model_checkpoint(cfg, res)
-    rows = compare_samplers(cfg, checkpoint, pairs, _specs(args.samplers), args.k, args.threads)
+        rows = bench_sites(_config(args), Path(args.results).resolve().parent, args.k, args.threads)
+    else:
+        rows = bench_entry(args, _config(args))
     for row in rows:
         print(json.dumps(row), flush=True)
-    if args.out:
-        write_json(args.out, {"cases": cases, "checkpoint": str(checkpoint), "rows": rows})
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from .config import Config, validate_config
-    from .diffusion.bench import bench_train
+def cmd_app(args: argparse.Namespace) -> None:
+    from .app import launch
 
-    cfg = _config(args)
-    if args.what == "quality":
-        _bench_quality(args, cfg)
-        return
-    if args.what == "sample" and args.scale == "lesion":  # the config's lesion network (lesion.model)
-        from .config import lesion_config
-        from .diffusion.bench import bench_inpaint
-
-        for name, steps in _specs(args.samplers):
-            for precision in args.precision:
-                for row in bench_inpaint(lesion_config(cfg), args.batch, name, steps, precision, args.threads):
-                    print(json.dumps(row), flush=True)
-        return
-    if args.model == "paper":  # the schema defaults are the paper's network and process
-        raw = dict(cfg.raw)
-        raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
-        cfg = Config.from_dict(raw)
-    if args.what == "sample":
-        from .diffusion.bench import bench_sample
-
-        for precision in args.precision:
-            for row in bench_sample(
-                cfg,
-                args.size,
-                _specs(args.samplers),
-                precision,
-                args.channels_last,
-                args.threads,
-                image_size=128 if args.model == "paper" else None,
-            ):
-                print(json.dumps(row), flush=True)
-        return
-    for precision in args.precision:
-        for compiled in [False, True] if args.compile else [False]:
-            result = bench_train(
-                cfg,
-                args.size,
-                args.batch[0],
-                precision,
-                compiled,
-                args.channels_last,
-                args.steps,
-                args.threads,
-                image_size=128 if args.model == "paper" else None,
-            )
-            print(json.dumps(result), flush=True)
+    launch(_config(args), Path(args.workdir), args.host, args.port, args.threads)
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    from .cases import case_ct, case_layout, case_split, list_cases
-    from .segmentation import arms as A
-    from .segmentation.datasets import arm_cases, eval_set
-    from .segmentation.evaluate import compare_arms, score_arm
-    from .segmentation.nnunet import prepare_arm, train_arm
+    from .segmentation.experiment import STEPS, run_experiment
 
-    cfg = _config(args)
-    seg = A.segmentation_config(cfg.raw)
-    split = case_split(cfg, list_cases(cfg))
-    train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))
-    res, state, scale = Path(args.results), Path(args.state), seg.scale
-    shards = {"volume": [res / "synthetic" / "augment" / f"shard_{i}.json" for i in range(cfg.raw["sample"]["shards"])],
-              "lesion": [res / "synthetic" / "lesion" / f"shard_{i}.json"
-                         for i in range(cfg.raw["lesion"]["sample"]["shards"])]}  # fmt: skip
-    rois = {c: res / "rois" / c / "rois.csv" for c in train + test}
-    if scale == "lesion":  # the same named inputs as rules/segment.smk
-        real_inputs: dict = {"tables": [rois[c] for c in train]}
-        test_inputs: dict = {"tables": [rois[c] for c in test]}
-    else:
-        real_inputs = {"ct": [case_ct(res, c) for c in train], "layouts": [case_layout(res, c) for c in train]}
-        test_inputs = {"ct": [case_ct(res, c) for c in test],
-                       "nodules": [res / "preprocessed" / c / "nodules.nii.gz" for c in test]}  # fmt: skip
-    names = [seg.arm(a).name for a in args.arm] if args.arm else seg.arm_names
-    seeds = args.seed if args.seed is not None else seg.seeds
-    folds = args.fold or seg.folds
-    steps = ["prepare", "train", "score", "compare"] if args.what == "all" else [args.what]
-    tests = eval_set(scale, test_inputs) if {"train", "score"} & set(steps) else []
-    for arm in names:
-        for seed in seeds:
-            if "prepare" in steps:
-                a = seg.arm(arm)
-                cases = arm_cases(scale, a, seed, {**real_inputs, "synthetic": shards[a.synthetic_source]}, test)
-                prepare_arm(a, seed, cases, test, A.state_dir(state, scale, arm, seed),
-                            A.prepared_manifest(res, scale, arm, seed), seg, args.threads)  # fmt: skip
-            for fold in folds if "train" in steps else ():
-                train_arm(A.prepared_manifest(res, scale, arm, seed), fold, tests,
-                          A.predictions_dir(res, scale, arm, seed, fold), A.run_manifest(res, scale, arm, seed, fold),
-                          seg, args.threads)  # fmt: skip
-        if "score" in steps:
-            runs = [A.run_manifest(res, scale, arm, s, f) for s in seeds for f in folds]
-            score_arm(arm, runs, tests, A.scores_table(res, scale, arm), seg.evaluation)
-    if "compare" in steps:
-        scores = {arm: A.scores_table(res, scale, arm) for arm in seg.arm_names}
-        out = res / "segmentation" / scale
-        compare_arms(scores, seg.baseline, out / "comparison.csv", out / "comparison.png", seg.evaluation)
+    steps = STEPS if args.what == "all" else (args.what,)
+    run_experiment(_config(args), Path(args.results), Path(args.state), steps, args.arm, args.seed, args.fold,
+                   args.threads)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,11 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: train step time, sampling time per volume, sampler quality")
     p.add_argument(
         "what",
-        choices=["train", "sample", "quality"],
-        help="train: step time; sample: seconds per volume; quality: samplers on the test layouts",
+        choices=["train", "sample", "quality", "studio"],
+        help="train: step time; sample: seconds per volume; quality: samplers on the test layouts; studio: seconds "
+        "per nodule in the app (--k sites in the first case of the results' parent workflow)",
     )
     p.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpm++:20"], help="NAME:STEPS")
-    p.add_argument("--k", type=int, default=2, help="quality: samples per test layout")
+    p.add_argument("--k", type=int, default=2, help="quality: samples per test layout; studio: sites")
     p.add_argument("--results", default="results", help="quality: results root")
     p.add_argument("--out", default=None, help="quality: also write the table to this JSON file")
     p.add_argument("--size", type=int, default=64, help="cubic grid edge")
@@ -444,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("app", help="the interactive nodule studio: a local web app over the workflow's results")
+    p.add_argument("--workdir", default=".", help="the workflow directory (its results/ and resources/)")
+    p.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_app)
     return parser
 
 

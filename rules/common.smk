@@ -1,10 +1,11 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 from pathlib import Path
 
-from lungddpm.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
-from lungddpm.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
+from lungddpm.preprocessing.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
+from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
 from lungddpm.config import validate_config, config_from_mapping, lesion_config
 from lungddpm.metrics.sets import Volume, patient_of, real_halves
+from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
 validate_config(config, source="snakemake config")
 CFG = config_from_mapping(config)
@@ -146,24 +147,10 @@ def lesion_inputs(wildcards):
 
 def seg_train_inputs(wildcards):  # SEG* are set by rules/segment.smk
     """The arm's training data: train ROI tables (lesion) or train CTs and layouts (whole), plus its synthetic run."""
-    arm = SEG.arm(wildcards.arm)
-    if SEG.scale == "lesion":
-        inputs = {"tables": expand("results/rois/{case}/rois.csv", case=SEG_TRAIN)}
-    else:
-        inputs = {
-            "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=SEG_TRAIN),
-            "layouts": expand("results/layouts/{case}.nii.gz", case=SEG_TRAIN),
-        }
-    if arm.synthetic_fraction > 0:
-        inputs["synthetic"] = SEG_LESION if arm.synthetic_source == "lesion" else SEG_AUGMENT
-    return inputs
+    synthetic = {"volume": SEG_AUGMENT, "lesion": SEG_LESION}
+    return train_inputs(SEG.scale, SEG.arm(wildcards.arm), SEG_TRAIN, "results", synthetic)
 
 
-def seg_test_inputs(wildcards=None):
+def seg_test_inputs(wildcards):
     """The test set: every ROI of the test split (lesion) or its CTs with their nodule instance maps (whole)."""
-    if SEG.scale == "lesion":
-        return {"tables": expand("results/rois/{case}/rois.csv", case=SEG_TEST)}
-    return {
-        "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=SEG_TEST),
-        "nodules": expand("results/preprocessed/{case}/nodules.nii.gz", case=SEG_TEST),
-    }
+    return eval_inputs(SEG.scale, SEG_TEST, "results")

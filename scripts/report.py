@@ -1,9 +1,9 @@
-"""Snakemake adapter: the workflow report (lungddpm.report.write_report)."""
+"""Snakemake adapter: the workflow report (lungddpm.report.summary.write_report)."""
 
 from pathlib import Path
 
 from lungddpm.logs import rule_logging
-from lungddpm.report import write_report
+from lungddpm.report.summary import write_report
 
 
 def optional(name: str) -> Path | None:

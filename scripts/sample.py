@@ -1,11 +1,11 @@
-"""Snakemake adapter: sample one shard of a run (lungddpm.synthesize.synthesize_shard)."""
+"""Snakemake adapter: sample one shard of a run (lungddpm.synthesis.volume_run.synthesize_shard)."""
 
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
 from lungddpm.io import write_json
 from lungddpm.logs import rule_logging
-from lungddpm.synthesize import Item, synthesize_shard
+from lungddpm.synthesis.volume_run import Item, synthesize_shard
 
 with rule_logging(snakemake.log[0]):
     inp, run = snakemake.input, snakemake.wildcards.run

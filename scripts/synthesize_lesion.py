@@ -5,8 +5,8 @@ from pathlib import Path
 from lungddpm.config import config_from_mapping
 from lungddpm.io import write_json
 from lungddpm.logs import rule_logging
-from lungddpm.plan import Item
 from lungddpm.synthesis.lesion_run import synthesize_lesion_shard
+from lungddpm.synthesis.plan import Item
 
 with rule_logging(snakemake.log[0]):
     inp = snakemake.input

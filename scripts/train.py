@@ -1,9 +1,9 @@
-"""Snakemake adapter: train the diffusion model (lungddpm.diffusion.train.launch; torchrun when processes > 1)."""
+"""Snakemake adapter: train the diffusion model (lungddpm.diffusion.jobs.launch; torchrun when processes > 1)."""
 
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
-from lungddpm.diffusion.train import job_gpus, launch, make_job, train_processes
+from lungddpm.diffusion.jobs import job_gpus, launch, make_job, train_processes
 from lungddpm.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):

@@ -1,9 +1,9 @@
-"""Snakemake adapter: train the lesion model on the train ROIs (lungddpm.diffusion.train.run_job, scale lesion)."""
+"""Snakemake adapter: train the lesion model on the train ROIs (lungddpm.diffusion.jobs.run_job, scale lesion)."""
 
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
-from lungddpm.diffusion.train import make_job, run_job
+from lungddpm.diffusion.jobs import make_job, run_job
 from lungddpm.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import Config
 from ..io import Geometry, read_json, read_volume, write_text, write_volume
 from ..metrics.voxel import dice
-from ..preprocess import SliceGrid, resample
+from ..preprocessing.grid import SliceGrid, resample
 from . import lidc
 from .phantom import NoduleSpec, PhantomConfig, ScanGeometry, quirks_for, synthesize_thorax, write_dicom_series
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import Config
-from .checkpoint import resolve_precision
+from ..errors import LungDDPMError
+from .precision import autocast, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
-from .train import _autocast
 from .unet import UNet3D, count_parameters, unet_config_from_dict
 
 
@@ -63,13 +65,13 @@ def bench_train(
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             loss = diffusion.loss(net, x0, layout, t, noise).mean()
         loss.backward()
         opt.step()
 
     def forward() -> None:
-        with torch.no_grad(), _autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):
             net(x0, t, layout)
 
     t_compile = time.perf_counter()
@@ -168,10 +170,10 @@ def compare_samplers(
     layout; mean and 95% bootstrap interval over all samples."""
     import numpy as np
 
-    from ..convention import convention_from_checkpoint
-    from ..layout import read_case_pair
     from ..metrics.voxel import bootstrap_ci, hu_histogram_distance, region_mse
+    from ..preprocessing.layout import read_case_pair
     from .checkpoint import load_model
+    from .convention import convention_from_checkpoint
     from .sample import Blend, keep_mask, sample
 
     torch.set_num_threads(threads)
@@ -277,3 +279,62 @@ def bench_inpaint(
             }
         )
     return out
+
+
+def sampler_specs(items: Sequence[str]) -> list[tuple[str, int]]:
+    """["dpm++:20", "ddpm:250"] -> [("dpm++", 20), ("ddpm", 250)]."""
+    out = []
+    for item in items:
+        name, _, steps = item.partition(":")
+        if not steps.isdigit():
+            raise LungDDPMError(f"--samplers {item!r}: expected NAME:STEPS, e.g. dpm++:20")
+        out.append((name, int(steps)))
+    return out
+
+
+def bench_quality(
+    cfg: Config, results: Path, specs: list[tuple[str, int]], k: int, threads: int, out: Path | None = None
+) -> list[dict[str, Any]]:
+    """:func:`compare_samplers` on the eval run's real CTs and layouts under ``results`` with the workflow's model;
+    the rows (and the cases and checkpoint) are also written to ``out`` when given."""
+    from ..io import write_json
+    from ..preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
+
+    cases = run_cases(case_split(cfg, list_cases(cfg)), "eval")
+    pairs = [(case_ct(results, c), case_layout(results, c)) for c in cases]
+    checkpoint = model_checkpoint(cfg, results)
+    rows = compare_samplers(cfg, checkpoint, pairs, specs, k, threads)
+    if out is not None:
+        write_json(out, {"cases": cases, "checkpoint": str(checkpoint), "rows": rows})
+    return rows
+
+
+def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
+    """``lungddpm bench``'s rows for its parsed arguments ``args``: quality, sample (whole or lesion) or train."""
+    if args.what == "quality":
+        out = Path(args.out) if args.out else None
+        yield from bench_quality(cfg, Path(args.results), sampler_specs(args.samplers), args.k, args.threads, out)
+        return
+    if args.what == "sample" and args.scale == "lesion":  # the config's lesion network (lesion.model)
+        from ..config import lesion_config
+
+        for name, steps in sampler_specs(args.samplers):
+            for precision in args.precision:
+                yield from bench_inpaint(lesion_config(cfg), args.batch, name, steps, precision, args.threads)
+        return
+    if args.model == "paper":  # the schema defaults are the paper's network and process
+        from ..config import validate_config
+
+        raw = dict(cfg.raw)
+        raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
+        cfg = Config.from_dict(raw)
+    image_size = 128 if args.model == "paper" else None
+    if args.what == "sample":
+        for precision in args.precision:
+            yield from bench_sample(cfg, args.size, sampler_specs(args.samplers), precision, args.channels_last,
+                                    args.threads, image_size=image_size)  # fmt: skip
+        return
+    for precision in args.precision:
+        for compiled in [False, True] if args.compile else [False]:
+            yield bench_train(cfg, args.size, args.batch[0], precision, compiled, args.channels_last, args.steps,
+                              args.threads, image_size=image_size)  # fmt: skip

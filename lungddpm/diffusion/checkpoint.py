@@ -1,15 +1,23 @@
-"""Reading checkpoints: the one place that loads model files (sampling and synthesis never import the trainer)."""
+"""Checkpoints: the one place that loads model files (sampling and synthesis never import the trainer), and the
+trainer's resumable step checkpoints (fingerprint, newest complete one, atomic save)."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import Config
 from ..errors import LungDDPMError
+from ..io import atomic_path
 from .unet import UNet3D, UNetConfig
+
+log = logging.getLogger(__name__)
+
+CKPT_KEYS = {"model", "ema", "optimizer", "scaler", "step", "rng_cpu", "rng_cuda", "fingerprint", "config", "version"}
 
 
 class CheckpointError(LungDDPMError):
@@ -28,16 +36,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = fp32; otherwise the autocast dtype."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str, Any]]:
     """A trained (or imported) network from a final ``checkpoint.pt`` (EMA weights by default), in eval mode; its
-    input convention is :func:`lungddpm.convention.convention_from_checkpoint` of the returned dict."""
+    input convention is :func:`lungddpm.diffusion.convention.convention_from_checkpoint` of the returned dict."""
     ckpt = load_checkpoint(Path(checkpoint))
     missing = {"ema", "model", "unet", "diffusion"} - set(ckpt)
     if "hu_window" not in ckpt and "convention" not in ckpt:
@@ -52,3 +53,51 @@ def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str
     model = UNet3D(UNetConfig(**unet_cfg))
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     return model.eval(), ckpt
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: network, process, grid and intensity mapping."""
+    return {
+        "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
+        "diffusion": cfg.raw["diffusion"],
+        "size": list(cfg.preprocess.size),
+        "hu_window": list(cfg.intensity.hu_window),
+    }
+
+
+def step_checkpoints(state_dir: Path) -> list[Path]:
+    """The resumable ``step_XXXXXXX.pt`` checkpoints of ``state_dir``, newest first."""
+    return sorted(state_dir.glob("step_*.pt"), reverse=True)
+
+
+def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest complete checkpoint; truncated or corrupt files are skipped (and reported), never loaded."""
+    for path in step_checkpoints(state_dir):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            log.warning("%s: unreadable checkpoint skipped (%s)", path, exc)
+            continue
+        if not isinstance(ckpt, dict) or not CKPT_KEYS <= set(ckpt):
+            log.warning(
+                "%s: incomplete checkpoint skipped (keys %s)",
+                path,
+                sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__,
+            )
+            continue
+        if ckpt["fingerprint"] != expected:
+            raise CheckpointError(
+                f"{path}: trained with a different model/diffusion/grid config ({ckpt['fingerprint']} vs {expected}); "
+                f"delete {state_dir}, set train.resume: never, or choose a new train.name"
+            )
+        log.info("resuming from %s (step %d)", path, ckpt["step"])
+        return ckpt
+    return None
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file, renamed onto ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -7,7 +7,7 @@ so the mapping is a prefix strip, checked strictly: the architecture is read off
 tensor must land on a network tensor of the same shape or be a known schedule buffer, every network tensor must be
 covered, and the schedule must be one of ours (same T, betas ``allclose``). What shapes cannot tell — attention
 heads (legacy QKV order, converted) and GroupNorm groups — comes from the config (Lung-DDPM: 1 and 32). The output
-loads through :func:`lungddpm.diffusion.train.load_model` like a trained checkpoint and names the ``lung-ddpm``
+loads through :func:`lungddpm.diffusion.checkpoint.load_model` like a trained checkpoint and names the ``lung-ddpm``
 input convention, so sampling feeds the model the way it was trained.
 """
 
@@ -24,9 +24,9 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..convention import ConventionError, LungDDPMConvention
 from ..io import atomic_path
 from .checkpoint import CheckpointError, load_checkpoint
+from .convention import ConventionError, LungDDPMConvention
 from .process import SCHEDULES, DiffusionConfig, make_scheduler
 from .unet import UNet3D, UNetConfig
 

@@ -13,7 +13,7 @@ untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +92,7 @@ def sample(
     guidance: float = 1.0,
     uncond_layout: torch.Tensor | None = None,
     resample: Resample | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1]).
 
@@ -103,7 +104,8 @@ def sample(
     texture") is classifier-free guidance: output = uncond + guidance * (cond - uncond), two network passes per step.
     ``resample`` (RePaint, with ``blend``): every ``jump_length`` steps the sample is forward-noised back
     ``jump_length`` steps and denoised again, ``jump_n_sample - 1`` extra times, so the generated region can
-    harmonise with the kept one; single-step samplers only (ddpm, ddim).
+    harmonise with the kept one; single-step samplers only (ddpm, ddim). ``progress(i, steps)`` is called after
+    step ``i`` of ``steps`` (it goes back with RePaint's jumps).
     """
     guided = uncond_layout is not None and guidance != 1.0
     jump, repeats = (resample.jump_length, resample.jump_n_sample) if resample is not None else (0, 1)
@@ -152,6 +154,8 @@ def sample(
                 prev_t = torch.full((shape[0],), int(timesteps[i + 1]), dtype=torch.long)
                 ref = diffusion.add_noise(ref, ref_noise, prev_t.to(device))
             x = torch.where(blend.keep.to(device), ref, x)
+        if progress is not None:
+            progress(i + 1, len(timesteps))
         back = i + 1 - jump
         if jumping and i + 1 < len(timesteps) and (i + 1) % jump == 0 and back >= 0:
             if jumps.get(i, 0) < repeats - 1:

@@ -28,7 +28,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..convention import resize
+from ..diffusion.convention import resize
 from ..errors import LungDDPMError
 from ..io import Geometry, atomic_path, file_sha256, read_volume
 

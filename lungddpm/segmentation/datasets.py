@@ -231,3 +231,34 @@ def eval_set(scale: str, inputs: Mapping[str, Any]) -> list[EvalCase]:
         return lesion_eval_set(_paths(inputs, "tables"))
     cts = {p.parent.name: p for p in _paths(inputs, "ct")}
     return whole_eval_set(cts, {p.parent.name: p for p in _paths(inputs, "nodules")})
+
+
+def train_inputs(
+    scale: str, arm: Arm, cases: Sequence[str], results: Path | str, synthetic: Mapping[str, Sequence[Any]]
+) -> dict[str, list[str]]:
+    """An arm's named training inputs under ``results`` (rules/segment.smk and ``lungddpm segment`` alike): the
+    train ``cases``' ROI tables (lesion) or CTs and layouts (whole), plus ``synthetic[arm.synthetic_source]`` (that
+    run's shard manifests) when the arm uses synthetic cases."""
+    res = Path(results)
+    if scale == "lesion":
+        inputs = {"tables": [str(res / "rois" / c / "rois.csv") for c in cases]}
+    else:
+        inputs = {
+            "ct": [str(res / "preprocessed" / c / "ct.nii.gz") for c in cases],
+            "layouts": [str(res / "layouts" / f"{c}.nii.gz") for c in cases],
+        }
+    if arm.synthetic_fraction > 0:
+        inputs["synthetic"] = [str(p) for p in synthetic[arm.synthetic_source]]
+    return inputs
+
+
+def eval_inputs(scale: str, cases: Sequence[str], results: Path | str) -> dict[str, list[str]]:
+    """The test set's named inputs under ``results``: every ROI table of the test ``cases`` (lesion) or their CTs
+    with their nodule instance maps (whole)."""
+    res = Path(results)
+    if scale == "lesion":
+        return {"tables": [str(res / "rois" / c / "rois.csv") for c in cases]}
+    return {
+        "ct": [str(res / "preprocessed" / c / "ct.nii.gz") for c in cases],
+        "nodules": [str(res / "preprocessed" / c / "nodules.nii.gz") for c in cases],
+    }

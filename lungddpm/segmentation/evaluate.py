@@ -26,8 +26,8 @@ from scipy import ndimage, stats
 
 from ..errors import LungDDPMError
 from ..io import atomic_path, read_json, read_volume, write_csv
-from ..layout import NODULE
 from ..metrics.voxel import bootstrap_ci, dice
+from ..preprocessing.layout import NODULE
 from .arms import EvaluationConfig
 from .datasets import EvalCase
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import LungDDPMError
 from ..io import read_json, read_volume, write_json, write_volume
-from ..layout import NODULE, read_case_pair
+from ..preprocessing.layout import NODULE, read_case_pair
 from .arms import Arm, SegmentationConfig
 from .datasets import EvalCase, TrainingCase
 
@@ -114,7 +114,7 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
 def onto_grid(ct: np.ndarray, target: np.ndarray, geometry: Any, grid: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     """A native CT [Z, Y, X] and its 0/1 target resampled onto the grid of the CT ``grid`` (a model-grid CT of the
     same patient): HU antialiased and linear, the target where at least half of a voxel is nodule."""
-    from ..preprocess import resample_regular
+    from ..preprocessing.grid import resample_regular
 
     ref, ref_geometry = read_volume(grid)
     fill = float(ct.min())

@@ -14,7 +14,7 @@ grid and affine), ``_label.nii.gz`` (0/1/2 with the new nodules), per site ``_s<
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,24 @@ import torch
 from scipy import ndimage as ndi
 
 from ..config import Config
-from ..diffusion.checkpoint import CheckpointError, load_model, resolve_precision
+from ..diffusion.checkpoint import CheckpointError, load_model
+from ..diffusion.encoding import (
+    ANY_TEXTURE,
+    TEXTURE_CLASSES,
+    hu_to_model,
+    layout_to_channels,
+    model_to_hu,
+    texture_class,
+)
+from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
-from ..intensity import ANY_TEXTURE, TEXTURE_CLASSES, hu_to_model, layout_to_channels, model_to_hu, texture_class
 from ..io import Geometry, read_volume, safe_component
-from ..layout import NODULE, ball
-from ..layout_edit import BankNodule, insert_nodules
-from ..plan import Item
+from ..preprocessing.layout import NODULE, ball
 from ..preprocessing.rois import read_roi_table
+from .layout_edit import BankNodule, insert_nodules
+from .plan import Item
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +114,27 @@ def place(
             f"{case_id}: site {site.name} has no room for a nodule of {insert['diameter_mm']} mm inside its lung "
             f"({exc}); lower lesion.insert.diameter_mm, raise lesion.roi.site_min_depth_mm or lesion.roi.size"
         ) from exc
+    bank_nodule = next(n for n in candidates if n.index == edits[0]["bank_index"])
+    return insertion(site, layout, edits[0], bank_nodule, insert["margin_mm"], levels, texture, seed)
+
+
+def insertion(
+    site: Site,
+    layout: np.ndarray,
+    edit: dict[str, Any],
+    bank_nodule: BankNodule,
+    margin_mm: float,
+    levels: Sequence[float],
+    texture: str,
+    seed: int,
+) -> Insertion:
+    """A nodule placed in ``site`` (``layout``: the site's layout with it; ``edit``: its layout-edit record), ready
+    to inpaint: the generated region is the new nodule dilated by ``margin_mm``, the level is ``texture``'s."""
     nodule = (layout == NODULE) & (site.layout != NODULE)
     spacing = float(site.geometry.spacing[0])
-    generated = (
-        ndi.binary_dilation(nodule, structure=ball(insert["margin_mm"] / spacing)) if insert["margin_mm"] else nodule
-    )
-    bank_nodule = next(n for n in candidates if n.index == edits[0]["bank_index"])
+    generated = ndi.binary_dilation(nodule, structure=ball(margin_mm / spacing)) if margin_mm else nodule
     level, cls = texture_level(texture, bank_nodule, levels)
-    record = {"site": site.name, **edits[0], "texture_class_bank": TEXTURE_CLASSES[texture_class(bank_nodule.texture)],
+    record = {"site": site.name, **edit, "texture_class_bank": TEXTURE_CLASSES[texture_class(bank_nodule.texture)],
               "texture_requested": cls, "nodule_level": level, "generated_voxels": int(generated.sum())}  # fmt: skip
     return Insertion(site, layout, nodule, generated, level, record, seed)
 
@@ -125,9 +146,10 @@ def inpaint(
     window: tuple[float, float],
     sc: dict[str, Any],
     device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[np.ndarray]:
     """Inpaint the generated regions of ``insertions`` in batches of ``sc['batch_size']`` -> the ROIs after, int16
-    HU [n, n, n] each (source HU outside the generated region, bit for bit)."""
+    HU [n, n, n] each (source HU outside the generated region, bit for bit). ``progress``: per sampler step."""
     dtype = resolve_precision(sc["precision"], device)
     out: list[np.ndarray] = []
     for start in range(0, len(insertions), int(sc["batch_size"])):
@@ -155,6 +177,7 @@ def inpaint(
             guidance=float(sc["guidance"]),
             resample=Resample(int(sc["jump_length"]), int(sc["jump_n_sample"])),
             uncond_layout=uncond,
+            progress=progress,
         )
         for b, c in enumerate(chunk):
             hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))

@@ -13,13 +13,11 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..intensity import TEXTURE_CLASSES, texture_levels
-from ..io import Geometry, file_sha256, read_volume, remove_stale_temps, write_csv, write_json, write_volume
-from ..layout import NODULE
-from ..layout_edit import load_bank
-from ..plan import Item
-from ..preprocessing.rois import SourceCT, load_source, read_roi_table
-from ..synthesize import provenance_complete
+from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
+from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
+from ..preprocessing.layout import NODULE
+from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
+from .layout_edit import load_bank
 from .lesion import (
     Insertion,
     inpaint,
@@ -32,6 +30,8 @@ from .lesion import (
     site_seed,
 )
 from .paste import feather_weight, native_box, native_labels, nearest_in_box, paste_back
+from .plan import Item
+from .volume_run import provenance_complete
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def _write_item(
     item: Item, src: SourceCT, ins: list[Insertion], after: list[np.ndarray], files: dict[str, Path], cfg: Config
 ) -> list[dict[str, Any]]:
     """Paste every site of ``item`` into its source CT and write the item's files (provenance is the caller's)."""
-    from ..synthesize import gif_sweep
     from ..viz import three_plane_png
+    from .volume_run import gif_sweep
 
     geometry = native_geometry(src)  # refuses irregular slices before anything is written
     feather = float(cfg.raw["lesion"]["insert"]["feather_mm"])
@@ -185,14 +185,8 @@ def texture_control(
     model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
     chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
     real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
-    for table in roi_tables:
-        for row in read_roi_table(table):
-            if row["kind"] == "nodule" and row["roi"].endswith("_0"):
-                ct, _ = read_volume(Path(table).parent / row["ct"])
-                tex, _ = read_volume(Path(table).parent / row["texture_map"])
-                nod = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
-                if nod.any():
-                    real[row["texture_class"]].append(float(ct[nod].mean()))
+    for row, ct, _, nodule in real_nodule_rois(roi_tables):
+        real[row["texture_class"]].append(float(ct[nodule].mean()))
     rows = []
     for cls in TEXTURE_CLASSES:
         ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls)

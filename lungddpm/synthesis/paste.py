@@ -14,8 +14,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..io import Geometry
-from ..layout import LUNG, NODULE
-from ..preprocess import SliceGrid
+from ..preprocessing.grid import SliceGrid
+from ..preprocessing.layout import LUNG, NODULE
 
 
 @dataclass(frozen=True)

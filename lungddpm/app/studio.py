@@ -1,0 +1,280 @@
+"""The nodule studio's logic (no web framework): open a case of the workflow's results, check a site, inpaint a
+bank nodule there with the lesion model, paste it back at native resolution, undo, and export NIfTI + provenance.
+
+The same functions as the lesion run (:mod:`lungddpm.synthesis.lesion`, :mod:`lungddpm.synthesis.paste`) do the
+work: an ROI of ``lesion.roi`` is cut from the current (possibly already edited) CT around the site, the nodule is
+placed at the site, the nodule dilated by ``lesion.insert.margin_mm`` is generated, and everything else is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .. import __version__
+from ..config import Config
+from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
+from ..errors import LungDDPMError
+from ..io import Geometry, file_sha256, write_json, write_volume
+from ..preprocessing.cases import dicom_root, list_cases
+from ..preprocessing.layout import LUNG, NODULE
+from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, load_source, shift_inside
+from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
+from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
+from ..synthesis.lesion_run import native_geometry
+from ..synthesis.paste import feather_weight, native_box, native_labels, nearest_in_box, paste_back
+
+log = logging.getLogger(__name__)
+
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TEXTURE_REQUESTS = ("bank", "any", *TEXTURE_CLASSES)
+Progress = Callable[[int, int], None]
+
+
+class StudioError(LungDDPMError):
+    """A request the studio refuses; the message says why and what to do instead."""
+
+
+@dataclass
+class Edit:
+    """One inserted nodule: its record, the ROI before/after, and the native region it changed (for undo)."""
+
+    record: dict[str, Any]
+    roi: Geometry  # the ROI's grid
+    roi_before: np.ndarray  # int16 HU [n, n, n]
+    roi_after: np.ndarray  # int16 HU [n, n, n]
+    roi_layout: np.ndarray  # uint8 [n, n, n], with the new nodule
+    slices: tuple[slice, slice, slice]  # the native box
+    ct_before: np.ndarray  # int16 HU of the box before the edit
+    labels_before: np.ndarray  # uint8 labels of the box before the edit
+    seconds: float
+
+
+@dataclass
+class CaseSession:
+    """One case being edited: the source, the current CT and label map on its native grid, the edits so far."""
+
+    case_id: str
+    source: SourceCT
+    geometry: Geometry
+    ct: np.ndarray  # int16 HU [K, I, J], edited in place
+    labels: np.ndarray  # uint8 0/1/2 [K, I, J]
+    edits: list[Edit] = field(default_factory=list)
+
+    def undo(self) -> Edit | None:
+        """Restore the native region of the last edit; returns it (None when there is nothing to undo)."""
+        if not self.edits:
+            return None
+        edit = self.edits.pop()
+        self.ct[edit.slices] = edit.ct_before
+        self.labels[edit.slices] = edit.labels_before
+        return edit
+
+    def world(self, index_zyx: Sequence[int]) -> np.ndarray:
+        """LPS (x, y, z) mm of native voxel (k, i, j)."""
+        g, (k, i, j) = self.source.grid, index_zyx
+        return np.array([g.x0 + j * g.col_spacing, g.y0 + i * g.row_spacing, float(g.z_positions[k])])
+
+
+class Studio:
+    """The lesion model, the nodule bank and the cases of one workflow directory (shared by every browser tab)."""
+
+    def __init__(self, cfg: Config, workdir: Path, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg, self.workdir = cfg, Path(workdir).resolve()
+        self.results = self.workdir / "results"
+        lc = cfg.raw["lesion"]
+        self.checkpoint = self.results / "models" / "lesion" / lc["train"]["name"] / "checkpoint.pt"
+        bank_path = self.workdir / "resources" / "nodule_bank.npz"
+        for path, rule in ((self.checkpoint, "train_lesion"), (bank_path, "nodule_bank")):
+            if not path.is_file():
+                raise StudioError(
+                    f"{path}: missing; the studio needs the workflow's lesion model and nodule bank: run "
+                    f"`snakemake --cores all {rule}` in {self.workdir} (or the whole workflow) first"
+                )
+        self.model, self.diffusion, ckpt, self.device = load_lesion_model(self.checkpoint, lc["sample"])
+        self.window = tuple(ckpt["hu_window"])
+        self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
+        self.checkpoint_sha = file_sha256(self.checkpoint)
+        self.bank: NoduleBank = load_bank(bank_path)
+        self.roi = RoiSettings.from_config(cfg)
+        self.cases = tuple(c for c in list_cases(cfg) if self._lung_fine(c).is_file())
+        if not self.cases:
+            raise StudioError(f"{self.results / 'preprocessed'}: no preprocessed case; run the workflow first")
+
+    def _lung_fine(self, case_id: str) -> Path:
+        return self.results / "preprocessed" / case_id / "lung_fine.nii.gz"
+
+    def candidates(
+        self, diameter_mm: Sequence[float], textures: Sequence[int] = (), malignancies: Sequence[int] = ()
+    ) -> list[BankNodule]:
+        """Bank nodules with a diameter in [lo, hi] mm and, when given, one of the textures / malignancies."""
+        min_readers = int(self.cfg.raw["lesion"]["insert"]["min_readers"])
+        return self.bank.select(diameter_mm, textures, malignancies, min_readers)
+
+    def nodule(self, index: int) -> BankNodule:
+        """The bank nodule ``index``."""
+        for n in self.bank.nodules:
+            if n.index == int(index):
+                return n
+        raise StudioError(f"nodule bank: no nodule {index}; pick one from the list")
+
+    def open_case(self, case_id: str) -> CaseSession:
+        """The native CT of ``case_id`` (one of :attr:`cases`) and its label map (fine lung, consensus nodules)."""
+        if not isinstance(case_id, str) or not CASE_ID.match(case_id) or case_id not in self.cases:
+            raise StudioError(f"unknown case {case_id!r}: choose one of the workflow's cases: {', '.join(self.cases)}")
+        root = dicom_root(self.cfg)
+        root = root if root.is_absolute() else self.workdir / root  # relative to the workflow directory
+        src = load_source(case_id, root, self._lung_fine(case_id).parent, self.cfg)
+        geometry = native_geometry(src)
+        ct = src.hu.astype(np.int16)  # as the lesion run: the source's integral HU
+        labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
+        return CaseSession(case_id, src, geometry, ct, labels)
+
+    def check_site(
+        self, session: CaseSession, index_zyx: Sequence[int], nodule: BankNodule, texture: str = "any", seed: int = 0
+    ) -> Insertion:
+        """``nodule`` placed at native voxel ``index_zyx`` of the current CT, ready to inpaint with ``texture``
+        (bank | any | a class) and ``seed``; :class:`StudioError` says why a site is refused: outside the lung, the
+        nodule not wholly in lung, or its generated region touching another nodule."""
+        if texture not in TEXTURE_REQUESTS:
+            raise StudioError(f"texture {texture!r}: choose one of {', '.join(TEXTURE_REQUESTS)}")
+        k, i, j = (int(v) for v in index_zyx)
+        if not all(0 <= v < n for v, n in zip((k, i, j), session.ct.shape)):
+            raise StudioError(f"site {(k, i, j)} is outside the scan {session.ct.shape}")
+        if session.labels[k, i, j] == NODULE:
+            raise StudioError("that site is on a nodule: click in nodule-free lung")
+        if session.labels[k, i, j] != LUNG:
+            raise StudioError("that site is outside the lung: click inside the lung (the tinted region)")
+        target = session.world((k, i, j))
+        lo, hi = session.source.bounds()
+        roi = self.roi.geometry(shift_inside(target, self.roi.half_extent_mm, lo, hi))
+        cut = cut_roi(replace(session.source, hu=session.ct.astype(np.float32)), roi, self.roi)
+        layout = cut["layout"].copy()
+        layout[self._native_nodules_in(session, roi)] = NODULE  # nodules inserted earlier
+        try:
+            edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0])
+        except LungDDPMError as exc:
+            raise StudioError(f"{exc}: click deeper inside the lung or choose a smaller nodule") from exc
+        site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
+        edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
+        margin = float(self.cfg.raw["lesion"]["insert"]["margin_mm"])
+        ins = insertion(site, edited, edit, nodule, margin, self.levels, texture, int(seed))
+        if (ins.generated & (layout == NODULE)).any():
+            raise StudioError(
+                f"too close to another nodule: the generated region (the nodule + {margin} mm) would touch it; "
+                "click further away from it or choose a smaller nodule"
+            )
+        return ins
+
+    def _native_nodules_in(self, session: CaseSession, roi: Geometry) -> np.ndarray:
+        """bool [n, n, n]: ROI voxels whose nearest native voxel is labelled nodule."""
+        n = self.roi.size
+        world = roi.index_to_world(np.indices((n,) * 3).reshape(3, -1).T)
+        idx = session.source.grid.world_to_index(world)
+        kij = np.round(idx).astype(int)
+        inside = np.all((kij >= 0) & (kij < np.asarray(session.labels.shape)), axis=1)
+        out = np.zeros(n**3, bool)
+        out[inside] = session.labels[tuple(kij[inside].T)] == NODULE
+        return out.reshape((n,) * 3)
+
+    def random_site(
+        self, session: CaseSession, nodule: BankNodule, seed: int, tries: int = 200
+    ) -> tuple[int, int, int]:
+        """A seeded random valid site (native k, i, j) for ``nodule``: a lung voxel at least
+        ``lesion.roi.site_min_depth_mm`` deep where :meth:`check_site` accepts it."""
+        depth = ndi.distance_transform_edt(session.source.lung_fine, sampling=session.source.fine.spacing)
+        cand = np.argwhere(depth >= self.roi.site_min_depth_mm)
+        rng = np.random.default_rng(seed)
+        for _ in range(tries if cand.size else 0):
+            world = session.source.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])
+            kij = np.round(session.source.grid.world_to_index(world)[0]).astype(int)
+            try:
+                self.check_site(session, kij, nodule)
+            except StudioError:
+                continue
+            return int(kij[0]), int(kij[1]), int(kij[2])
+        raise StudioError(
+            f"no valid site for a {nodule.diameter_mm:.1f} mm nodule in {tries} random tries: choose a smaller nodule"
+        )
+
+    def generate(self, session: CaseSession, ins: Insertion, progress: Progress | None = None) -> Edit:
+        """Inpaint ``ins`` (:meth:`check_site`), paste it into the case's CT and label map; the edit is appended to
+        the session. ``progress(step, steps)`` is called after each sampler step."""
+        t0 = time.perf_counter()
+        lc = self.cfg.raw["lesion"]
+        after = inpaint(self.model, self.diffusion, [ins], self.window, lc["sample"], self.device, progress)[0]
+        roi = ins.site.geometry
+        box = native_box(session.source.grid, session.ct.shape, roi, self.roi.size)
+        if box is None:  # check_site shifts every ROI inside the scan
+            raise StudioError(f"site {ins.record['site_index_kij']}: its ROI misses the scan")
+        ct_before, labels_before = session.ct[box.slices].copy(), session.labels[box.slices].copy()
+        _, changed = paste_back(session.ct, box, after, feather_weight(ins.generated, float(roi.spacing[0]),
+                                                                       float(lc["insert"]["feather_mm"])))  # fmt: skip
+        session.labels[box.slices][nearest_in_box(box, ins.nodule)] = NODULE
+        mean_hu = round(nodule_mean_hu(after, ins.nodule), 1)
+        record = {**ins.record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}
+        edit = Edit(record, roi, ins.site.ct, after, ins.layout, box.slices, ct_before, labels_before,
+                    time.perf_counter() - t0)  # fmt: skip
+        session.edits.append(edit)
+        log.info("%s: bank nodule %d (%s) at %s in %.2f s", session.case_id, record["bank_index"],
+                 record["texture_requested"], record["site_index_kij"], edit.seconds)  # fmt: skip
+        return edit
+
+    def export(self, session: CaseSession) -> dict[str, Path]:
+        """Write the edited CT (int16 HU) and label map (0/1/2) on the native grid, each site's ROI before, after and
+        its layout, and the provenance (last) to a new folder ``results/studio/<case>/<time>/``; returns the paths."""
+        if not session.edits:
+            raise StudioError("nothing to download yet: insert a nodule first")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = self.results / "studio" / session.case_id / stamp
+        n = 1
+        while out.exists():  # never overwrite an earlier download
+            n += 1
+            out = self.results / "studio" / session.case_id / f"{stamp}-{n}"
+        base = f"{session.case_id}_studio"
+        files = {"ct": out / f"{base}_ct.nii.gz", "label": out / f"{base}_label.nii.gz"}
+        write_volume(files["ct"], session.ct, session.geometry)
+        write_volume(files["label"], session.labels, session.geometry)
+        for j, e in enumerate(session.edits):  # each site's ROI, as the lesion run writes them
+            for kind, volume in (("before", e.roi_before), ("after", e.roi_after), ("layout", e.roi_layout)):
+                files[f"s{j}_{kind}"] = out / f"{base}_s{j}_{kind}.nii.gz"
+                write_volume(files[f"s{j}_{kind}"], volume, e.roi)
+        provenance = out / f"{base}.json"
+        write_json(provenance, {
+            "item": base, "source_case": session.case_id, "tool": "lungddpm app",
+            **run_settings(self.cfg, self.checkpoint_sha), "checkpoint": str(self.checkpoint),
+            "sites": [e.record for e in session.edits], "files": {k: p.name for k, p in files.items()},
+            "device": str(self.device), "seconds_per_nodule": [round(e.seconds, 3) for e in session.edits],
+            "lungddpm_version": __version__,
+        })  # fmt: skip
+        return {**files, "provenance": provenance}
+
+
+def bench_sites(cfg: Config, workdir: Path, sites: int, threads: int) -> Iterator[dict[str, Any]]:
+    """The nodule studio's work per click (check the site, inpaint, paste back) for ``sites`` seeded random sites
+    in the first case of ``workdir``, each with the largest bank nodule the config allows."""
+    t0 = time.perf_counter()
+    studio = Studio(cfg, workdir, threads)
+    session = studio.open_case(studio.cases[0])
+    nodule = max(studio.candidates(cfg.raw["lesion"]["insert"]["diameter_mm"]), key=lambda n: n.diameter_mm)
+    yield {"what": "open", "case": session.case_id, "seconds": round(time.perf_counter() - t0, 3)}
+    for seed in range(sites):
+        site = studio.random_site(session, nodule, seed)
+        t1 = time.perf_counter()
+        ins = studio.check_site(session, site, nodule, "bank", seed)
+        t2 = time.perf_counter()
+        edit = studio.generate(session, ins)
+        yield {"what": "nodule", "site": list(site), "diameter_mm": nodule.diameter_mm, "check_s": round(t2 - t1, 3),
+               "generate_s": round(edit.seconds, 3), "total_s": round(time.perf_counter() - t1, 3)}  # fmt: skip

@@ -1,0 +1,175 @@
+"""The studio's web page (Gradio): open a case, click a site on any of three linked planes (or ask for a random
+valid one), pick a bank nodule, generate, undo, download. Handlers are thin: the work is :mod:`.studio`'s."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from .studio import TEXTURE_REQUESTS, CaseSession, Studio, StudioError
+from .views import PLANES, click_to_index, render_plane, roi_panel
+
+log = logging.getLogger(__name__)
+
+TEXTURE_NAMES = {1: "1 ground-glass", 2: "2", 3: "3 part-solid", 4: "4", 5: "5 solid"}
+EDIT_COLUMNS = ["#", "bank nodule", "diameter mm", "texture", "site (k, i, j)", "mean HU", "seconds"]
+
+
+def nodule_label(n: Any) -> str:
+    """Dropdown text of a bank nodule."""
+    return f"#{n.index}  {n.diameter_mm:.1f} mm  texture {n.texture}  malignancy {n.malignancy}  ({n.case_id})"
+
+
+def _planes(studio_session: CaseSession | None, cursor: list[int], show_lung: bool) -> list[np.ndarray | None]:
+    if studio_session is None:
+        return [None, None, None]
+    spacing = studio_session.geometry.spacing
+    return [render_plane(studio_session.ct, studio_session.labels, p, cursor, spacing, show_lung) for p in PLANES]
+
+
+def _edits_table(session: CaseSession | None) -> list[list[Any]]:
+    if session is None:
+        return []
+    return [
+        [n + 1, e.record["bank_index"], e.record["diameter_mm"], e.record["texture_requested"],
+         str(tuple(e.record["site_index_kij"])), e.record["nodule_mean_hu"], round(e.seconds, 2)]
+        for n, e in enumerate(session.edits)
+    ]  # fmt: skip
+
+
+def build_app(studio: Studio) -> Any:
+    """The Gradio Blocks app over ``studio`` (one :class:`CaseSession` per browser tab, in ``gr.State``)."""
+    insert = studio.cfg.raw["lesion"]["insert"]
+    lo, hi = (float(v) for v in insert["diameter_mm"])
+    with gr.Blocks(title="lungddpm nodule studio", analytics_enabled=False) as app:
+        session = gr.State(None)
+        cursor = gr.State([0, 0, 0])
+        gr.Markdown(
+            "## lungddpm nodule studio\nOpen a case, click a site in the lung on any plane (or ask for a random "
+            "site), pick a nodule from the bank and generate it with the lesion model. Lung is tinted blue, "
+            "nodules red; the yellow cross is the site."
+        )
+        with gr.Row():
+            case = gr.Dropdown(list(studio.cases), label="case", value=None, elem_id="case")
+            show_lung = gr.Checkbox(True, label="show the lung")
+        with gr.Row():
+            views = [gr.Image(label=p, interactive=False, elem_id=f"plane-{p}", format="png") for p in PLANES]
+        status = gr.Markdown("Choose a case.", elem_id="status")
+        with gr.Row():
+            with gr.Column():
+                diameter = gr.Slider(lo, hi, value=hi, step=0.5, label="largest diameter (mm)")
+                textures = gr.CheckboxGroup(list(TEXTURE_NAMES.values()), label="bank textures (none = all)")
+                malignancies = gr.CheckboxGroup([str(m) for m in range(1, 6)], label="bank malignancies (none = all)")
+                nodule = gr.Dropdown([], label="bank nodule", elem_id="nodule")
+            with gr.Column():
+                texture = gr.Dropdown(list(TEXTURE_REQUESTS), value=insert["texture"], label="texture to generate")
+                seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
+                with gr.Row():
+                    random_site = gr.Button("random site", elem_id="random-site")
+                    generate = gr.Button("generate", variant="primary", elem_id="generate")
+                    undo = gr.Button("undo", elem_id="undo")
+                    download = gr.Button("download NIfTI", elem_id="download")
+                files = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="files")
+        roi = gr.Image(label="ROI: before | after | after with the edited label (axial, coronal)", interactive=False,
+                       elem_id="roi", format="png")  # fmt: skip
+        edits = gr.Dataframe(headers=EDIT_COLUMNS, value=[], label="inserted nodules", interactive=False)
+
+        def bank_choices(d_max: float, tex: list[str], mal: list[str]) -> Any:
+            codes = [int(t.split()[0]) for t in tex]
+            found = studio.candidates((lo, float(d_max)), codes, [int(m) for m in mal])
+            choices = [(nodule_label(n), n.index) for n in found]
+            return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+
+        def open_case(case_id: str, lung: bool) -> tuple[Any, ...]:
+            try:
+                s = studio.open_case(case_id)
+            except StudioError as exc:
+                return None, [0, 0, 0], *_planes(None, [0, 0, 0], lung), f"**Refused:** {exc}", [], None
+            lung_idx = np.argwhere(s.labels == 1)
+            c = [int(v) for v in np.round(lung_idx.mean(axis=0))] if lung_idx.size else [v // 2 for v in s.ct.shape]
+            msg = f"Opened {case_id}: {s.ct.shape[0]} slices of {s.ct.shape[1]}x{s.ct.shape[2]}. Click a site."
+            return s, c, *_planes(s, c, lung), msg, [], None
+
+        def clicked(plane: str) -> Any:
+            def handler(s: CaseSession | None, c: list[int], lung: bool, evt: gr.SelectData) -> tuple[Any, ...]:
+                if s is None:
+                    return c, *_planes(s, c, lung), "Choose a case first."
+                x, y = evt.index
+                c = list(click_to_index(plane, x, y, c, s.ct.shape, s.geometry.spacing))
+                label = {0: "outside the lung", 1: "lung", 2: "a nodule"}[int(s.labels[tuple(c)])]
+                return c, *_planes(s, c, lung), f"Site (k, i, j) = {tuple(c)}: {label}."
+
+            return handler
+
+        def pick_random(s: CaseSession | None, c: list[int], idx: int | None, sd: float, lung: bool) -> tuple:
+            if s is None or idx is None:
+                return c, *_planes(s, c, lung), "Choose a case and a bank nodule first."
+            try:
+                c = list(studio.random_site(s, studio.nodule(idx), int(sd)))
+            except StudioError as exc:
+                return c, *_planes(s, c, lung), f"**Refused:** {exc}"
+            return c, *_planes(s, c, lung), f"Random valid site (k, i, j) = {tuple(c)}. Press generate."
+
+        def run(s: CaseSession | None, c: list[int], idx: int | None, tex: str, sd: float, lung: bool,
+                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # fmt: skip
+            if s is None or idx is None:
+                return s, *_planes(s, c, lung), "Choose a case and a bank nodule first.", gr.skip(), _edits_table(s)
+            try:
+                ins = studio.check_site(s, c, studio.nodule(idx), tex, int(sd))
+                progress(0.0, desc="generating")
+                edit = studio.generate(s, ins, lambda i, n: progress(i / n, desc=f"step {i}/{n}"))
+            except StudioError as exc:
+                return s, *_planes(s, c, lung), f"**Refused:** {exc}", gr.skip(), _edits_table(s)
+            r = edit.record
+            msg = (f"Inserted bank nodule #{r['bank_index']} ({r['diameter_mm']} mm, {r['texture_requested']}) at "
+                   f"{tuple(c)} in {edit.seconds:.2f} s: mean {r['nodule_mean_hu']} HU, "
+                   f"{r['native_voxels_changed']} native voxels changed.")  # fmt: skip
+            panel = roi_panel(edit.roi_before, edit.roi_after, edit.roi_layout)
+            return s, *_planes(s, c, lung), msg, panel, _edits_table(s)
+
+        def run_undo(s: CaseSession | None, c: list[int], lung: bool) -> tuple[Any, ...]:
+            edit = s.undo() if s is not None else None
+            msg = "Nothing to undo." if edit is None else f"Removed bank nodule #{edit.record['bank_index']}."
+            return s, *_planes(s, c, lung), msg, _edits_table(s)
+
+        def run_download(s: CaseSession | None) -> tuple[Any, str]:
+            if s is None:
+                return None, "Choose a case first."
+            try:
+                paths = studio.export(s)
+            except StudioError as exc:
+                return None, f"**Refused:** {exc}"
+            return [str(p) for p in paths.values()], f"Wrote {paths['ct'].parent}."
+
+        filters = [diameter, textures, malignancies]
+        for f in filters:
+            f.change(bank_choices, filters, nodule)
+        app.load(bank_choices, filters, nodule)
+        case.change(open_case, [case, show_lung], [session, cursor, *views, status, edits, roi])
+        show_lung.change(lambda s, c, lung: _planes(s, c, lung), [session, cursor, show_lung], views)
+        for plane, view in zip(PLANES, views):
+            view.select(clicked(plane), [session, cursor, show_lung], [cursor, *views, status])
+        random_site.click(pick_random, [session, cursor, nodule, seed, show_lung], [cursor, *views, status])
+        generate.click(run, [session, cursor, nodule, texture, seed, show_lung], [session, *views, status, roi, edits])
+        undo.click(run_undo, [session, cursor, show_lung], [session, *views, status, edits])
+        download.click(run_download, [session], [files, status])
+    return app
+
+
+def serve(studio: Studio, host: str | None = None, port: int = 7860, block: bool = True) -> Any:
+    """Start the app on ``host`` (default 127.0.0.1: this machine only; on a Hugging Face Space the platform's
+    ``GRADIO_SERVER_NAME``) without any network fetch: system fonts, no share link; :func:`lungddpm.app.launch`
+    turns telemetry off before gradio is imported."""
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this machine on port %d can use the studio", host, port)
+    font = ["ui-sans-serif", "system-ui", "sans-serif"]
+    theme = gr.themes.Default(font=font, font_mono=["ui-monospace", "monospace"])
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=1)  # one generation at a time: the CPU is shared
+    return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
+                      allowed_paths=[str(studio.results / "studio")], show_error=True, inbrowser=False)  # fmt: skip

@@ -1,0 +1,34 @@
+"""Procedural chest CT ("phantom") at the geometry of a real LIDC scan, with nodules at real consensus masks,
+written as a DICOM CT series that a normal loader reads like a real LIDC series.
+
+Anatomy is a set of approximate signed-distance shapes in LPS millimetres (patient centred near x = 0, +y
+posterior, +z superior), composed as partial-volume occupancies ``clip(0.5 - d / h, 0, 1)`` on a coarse grid
+(in-plane ``coarse_factor`` x the pixel spacing, z at the slice positions or a coarse uniform grid), then
+upsampled to the full matrix by separable linear interpolation, with the scanner blur folded into the same
+matrices. The true lung mask is the same lung occupancy upsampled without blur and thresholded at 0.5, so its
+border is where the image crosses half-way between lung and soft tissue. Cranio-caudal positions are fractions
+of the scan's z range; in-plane sizes scale with the body, whose half-width is ``min(170 mm, 0.46 * FOV)``.
+
+The package: :mod:`.spec` (public configuration), :mod:`.anatomy` (shape primitives, the thorax layout),
+:mod:`.trees` (vessel and airway trees), :mod:`.paint` (the coarse anatomy), :mod:`.volume` (full resolution and
+:func:`synthesize_thorax`), :mod:`.dicom` (the series writer). Underscored names are private to the package.
+"""
+
+from __future__ import annotations
+
+from .anatomy import thorax_landmarks
+from .dicom import DicomQuirks, quirks_for, write_dicom_series
+from .spec import NoduleSpec, PhantomConfig, ScanGeometry, fov_mask
+from .volume import synthesize_thorax
+
+__all__ = [
+    "DicomQuirks",
+    "NoduleSpec",
+    "PhantomConfig",
+    "ScanGeometry",
+    "fov_mask",
+    "quirks_for",
+    "synthesize_thorax",
+    "thorax_landmarks",
+    "write_dicom_series",
+]

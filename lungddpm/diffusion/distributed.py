@@ -1,0 +1,48 @@
+"""The process group of a training run: torchrun's environment, one process without it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    world: int
+    rank: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Read torchrun's environment; one process without it. GPU if available (one per local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(world, rank, local_rank, device)
+
+
+def all_mean(value: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The mean of a scalar ``value`` over the ranks."""
+    if dist.world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= dist.world
+    return value
+
+
+def barrier(dist: Dist) -> None:
+    """Wait for every rank (no-op in one process)."""
+    if dist.world > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,128 @@
+"""Training jobs: the JSON job a (possibly multi-process) run reads, the GPUs and ranks it gets, and the launch
+in this process or under ``torchrun --standalone``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import LungDDPMError
+from .data import load_training_data
+from .train import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def make_job(
+    cfg: Config,
+    train_cts: Sequence[Path],
+    train_layouts: Sequence[Path],
+    val_cts: Sequence[Path],
+    val_layouts: Sequence[Path],
+    out_dir: Path,
+    state_dir: Path,
+    threads: int,
+    scale: str = "whole",
+) -> dict[str, Any]:
+    """Everything a (possibly multi-process) training run needs, as plain JSON-able data. ``scale`` ``lesion``:
+    ``train_cts`` / ``val_cts`` are ROI tables (``rois.csv``) and the layouts are unused."""
+    return {
+        "scale": scale,
+        "config": cfg.raw,
+        "train_cts": [str(p) for p in train_cts],
+        "train_layouts": [str(p) for p in train_layouts],
+        "val_cts": [str(p) for p in val_cts],
+        "val_layouts": [str(p) for p in val_layouts],
+        "out_dir": str(out_dir),
+        "state_dir": str(state_dir),
+        "threads": threads,
+    }
+
+
+def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
+    """Load the cases of ``job`` and train (one process of a torchrun group, or the only one)."""
+    from ..config import config_from_mapping, lesion_config
+
+    cfg = config_from_mapping(job["config"])
+    if job.get("scale") == "lesion":
+        from ..preprocessing.rois import load_roi_training_data
+
+        cfg = lesion_config(cfg)
+        data = load_roi_training_data([Path(p) for p in job["train_cts"]], cfg)
+        val = load_roi_training_data([Path(p) for p in job["val_cts"]], cfg) if job["val_cts"] else None
+        return train(data, cfg, Path(job["out_dir"]), Path(job["state_dir"]), val, job["threads"], stop_after)
+    multiple = 2 ** (len(cfg.model["channel_mult"]) - 1)
+    data = load_training_data(
+        [Path(p) for p in job["train_cts"]], [Path(p) for p in job["train_layouts"]], cfg.intensity.hu_window, multiple
+    )
+    val = None
+    if job["val_cts"]:
+        val = load_training_data(
+            [Path(p) for p in job["val_cts"]], [Path(p) for p in job["val_layouts"]], cfg.intensity.hu_window, multiple
+        )
+    return train(data, cfg, Path(job["out_dir"]), Path(job["state_dir"]), val, job["threads"], stop_after)
+
+
+def job_gpus(requested: int, env: Mapping[str, str] | None = None) -> int:
+    """GPUs this job holds: the ``gpu`` resource it was scheduled with (Slurm ``--gpus``), capped by the devices it
+    can see (``CUDA_VISIBLE_DEVICES``, which Slurm and most schedulers set to the job's GPUs) when that is set."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return max(0, int(requested))
+    seen = len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if seen < requested:
+        log.warning("the job requested %d GPU(s) but CUDA_VISIBLE_DEVICES=%r shows %d", requested, visible, seen)
+    return min(max(0, int(requested)), seen)
+
+
+def train_processes(configured: int, gpus: int) -> int:
+    """torchrun ranks for a training job: ``train.processes`` when set above 1, else one per GPU of the job."""
+    if configured > 1:
+        if gpus and configured > gpus:
+            raise LungDDPMError(
+                f"train.processes is {configured} but the job holds {gpus} GPU(s): one process per GPU; lower "
+                "train.processes or request more GPUs (train.gpus, or the train rule's gpu resource in the profile)"
+            )
+        return configured
+    return max(1, gpus)
+
+
+def torchrun_command(job_path: Path, processes: int) -> list[str]:
+    """The command that runs ``lungddpm train-job job_path`` as ``processes`` DDP ranks on this node."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "lungddpm.cli",
+        "train-job",
+        str(job_path),
+    ]
+
+
+def launch(job: dict[str, Any], processes: int) -> None:
+    """Run ``job`` in this process, or under ``torchrun --standalone`` with ``processes`` ranks (DDP)."""
+    if processes == 1:
+        run_job(job)
+        return
+    import json
+    import subprocess
+
+    job_path = Path(job["state_dir"]) / "job.json"
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job, indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, int(job["threads"]) // processes)))
+    cmd = torchrun_command(job_path, processes)
+    log.info("launching %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise LungDDPMError(f"torchrun exited with {proc.returncode}; see the log above ({job_path})")

@@ -1,0 +1,112 @@
+"""Semantic layouts: 0 background, 1 lung, 2 nodule (Lung-DDPM's convention), with loud sanity checks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import LayoutConfig
+from ..errors import LayoutError
+from ..io import Geometry, read_json, read_volume, write_volume
+
+log = logging.getLogger(__name__)
+
+BACKGROUND, LUNG, NODULE = 0, 1, 2
+LABELS = (BACKGROUND, LUNG, NODULE)
+
+
+def ball(radius_vox: float) -> np.ndarray:
+    """Bool sphere structuring element of ``radius_vox`` voxels (centre voxel included), [2r+1]^3."""
+    r = int(np.ceil(radius_vox))
+    zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return zz**2 + yy**2 + xx**2 <= radius_vox**2 + 1e-9
+
+
+def check_labels(layout: np.ndarray, name: str) -> None:
+    """Raise :class:`LayoutError` unless ``layout`` holds only the labels 0/1/2."""
+    found = set(np.unique(layout).tolist())
+    if not found <= set(LABELS):
+        raise LayoutError(
+            f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; rerun the layout stage"
+        )
+
+
+def read_case_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """A preprocessed CT (HU) and its layout -> (ct, uint8 layout, geometry); refuses labels other than 0/1/2 or
+    a layout grid different from the CT's."""
+    ct, geometry = read_volume(ct_path)
+    layout, lay_geometry = read_volume(layout_path)
+    if layout.shape != ct.shape or not lay_geometry.same_grid(geometry):
+        raise LayoutError(
+            f"{layout_path}: grid {layout.shape} at {lay_geometry.spacing} mm differs from its reference CT "
+            f"{ct_path} {ct.shape} at {geometry.spacing} mm; rerun the layout stage for this case"
+        )
+    check_labels(layout, str(layout_path))
+    return ct, layout.astype(np.uint8), geometry
+
+
+def compose_layout(lung: np.ndarray, nodules: np.ndarray) -> np.ndarray:
+    """lung: bool [Z, Y, X]; nodules: instance labels [Z, Y, X] (0 = none) -> uint8 layout.
+
+    Nodules are always labelled 2 and are part of the lung region (a nodule voxel outside the lung mask is
+    added to it, never dropped).
+    """
+    if lung.shape != nodules.shape:
+        raise LayoutError(f"lung mask {lung.shape} and nodule mask {nodules.shape} differ in shape")
+    layout = np.where(lung | (nodules > 0), LUNG, BACKGROUND).astype(np.uint8)
+    layout[nodules > 0] = NODULE
+    return layout
+
+
+def check_layout(
+    layout: np.ndarray, geometry: Geometry, cfg: LayoutConfig, name: str, midline_x_mm: float | None = None
+) -> dict[str, Any]:
+    """Raise :class:`LayoutError` unless ``layout`` has only labels 0/1/2, a plausible lung volume and two lungs:
+    each side of the patient's midline (LPS x in mm; default the centre of the lungs' bounding box) holds at
+    least ``min_side_fraction`` of the lung volume. Returns stats."""
+    check_labels(layout, name)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000
+    lung = layout > 0
+    lung_ml = float(lung.sum()) * voxel_ml
+    if not cfg.min_lung_ml <= lung_ml <= cfg.max_lung_ml:
+        raise LayoutError(
+            f"{name}: lung volume {lung_ml:.0f} mL outside [{cfg.min_lung_ml}, {cfg.max_lung_ml}] mL; the lung "
+            "segmentation failed or the crop (preprocess.size x spacing_mm) cuts the lungs — inspect "
+            "lung_fine.nii.gz, or adjust layout.min_lung_ml / max_lung_ml"
+        )
+    if midline_x_mm is None:
+        xs = np.flatnonzero(lung.any(axis=(0, 1)))
+        mid = (int(xs[0]) + int(xs[-1]) + 1) // 2
+    else:
+        mid = int(np.ceil(geometry.world_to_index(np.array([[midline_x_mm, 0.0, 0.0]]))[0, 2]))
+        mid = min(max(mid, 0), layout.shape[2])
+    left_fraction = float(lung[..., :mid].sum()) / float(lung.sum())
+    if min(left_fraction, 1 - left_fraction) < cfg.min_side_fraction:
+        raise LayoutError(
+            f"{name}: only {min(left_fraction, 1 - left_fraction):.0%} of the lung volume on one side; two lungs "
+            f"were not found (need {cfg.min_side_fraction:.0%} each) — inspect lung_fine.nii.gz or lower "
+            "layout.min_side_fraction"
+        )
+    return {
+        "lung_ml": round(lung_ml, 1),
+        "nodule_ml": round(float((layout == NODULE).sum()) * voxel_ml, 1),
+        "side_fractions": [round(left_fraction, 3), round(1 - left_fraction, 3)],
+    }
+
+
+def make_layout(case_dir: Path, out_path: Path, cfg: LayoutConfig) -> dict[str, Any]:
+    """Read ``lung.nii.gz``, ``nodules.nii.gz`` and ``meta.json`` (body midline) of a preprocessed case, write the
+    checked layout NIfTI."""
+    lung, geometry = read_volume(case_dir / "lung.nii.gz")
+    nodules, nod_geometry = read_volume(case_dir / "nodules.nii.gz")
+    if not np.allclose(geometry.origin, nod_geometry.origin) or lung.shape != nodules.shape:
+        raise LayoutError(f"{case_dir}: lung.nii.gz and nodules.nii.gz are on different grids; rerun preprocess")
+    layout = compose_layout(lung > 0, nodules)
+    midline = read_json(case_dir / "meta.json").get("body_midline_x_mm")
+    stats = check_layout(layout, geometry, cfg, str(case_dir), midline)
+    write_volume(out_path, layout, geometry)
+    log.info("%s: layout lung %.0f mL, nodules %.1f mL", case_dir.name, stats["lung_ml"], stats["nodule_ml"])
+    return stats

@@ -1,0 +1,138 @@
+"""Classical lung segmentation on a CT resampled to a fine isotropic spacing (about 2 mm).
+
+Threshold -> remove outside air and table -> fill the body -> remove trachea and main bronchi (grown from the
+trachea in the top slices) -> keep the lung-sized components -> close (vessels, juxtapleural nodules) -> fill
+holes slice by slice. Deep lung-mask tools fetch weights at run time, which cannot work offline (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..config import LungmaskConfig
+
+log = logging.getLogger(__name__)
+
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
+
+
+@dataclass(frozen=True)
+class LungmaskResult:
+    lung: np.ndarray  # bool [Z, Y, X]
+    airway: np.ndarray  # bool [Z, Y, X] trachea + main bronchi as removed
+    lung_ml: float
+    airway_ml: float
+    n_components: int
+    body_midline_x: float  # fractional x index of the body's left-right centre (patient midline)
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    return ndi.binary_fill_holes(mask, structure=_IN_PLANE)
+
+
+def _ball(radius_vox: np.ndarray) -> np.ndarray:
+    r = np.maximum(np.round(radius_vox).astype(int), 0)
+    zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
+    rz, ry, rx = (np.maximum(radius_vox, 0.5)).tolist()
+    return (zz / rz) ** 2 + (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
+
+
+def outside_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """Air connected, within its axial slice, to the image border: room air, table gap. hu: [Z, Y, X]."""
+    air = hu < threshold_hu
+    labels, _ = ndi.label(air, structure=_IN_PLANE)
+    border = np.unique(
+        np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    )
+    border = border[border > 0]
+    return np.isin(labels, border)
+
+
+def _airway(hu: np.ndarray, body: np.ndarray, spacing: np.ndarray, cfg: LungmaskConfig) -> np.ndarray:
+    """Trachea and main bronchi: grown through HU < airway threshold from a trachea seed in the top slices."""
+    pixel_area = float(spacing[1] * spacing[2])
+    candidates = (hu < cfg.airway_threshold_hu) & body
+    cols = np.flatnonzero(body.any(axis=(0, 1)))
+    if cols.size == 0:
+        return np.zeros_like(body)
+    centre_x = (cols[0] + cols[-1]) / 2
+    tolerance_x = 0.12 * (cols[-1] - cols[0] + 1)
+    max_area = np.pi * (cfg.airway_max_diameter_mm / 2) ** 2
+    for z in range(hu.shape[0] - 1, max(hu.shape[0] - 12, -1), -1):  # top slices (z ascending = superior last)
+        labels, n = ndi.label(candidates[z])
+        if n == 0:
+            continue
+        idx = np.arange(1, n + 1)
+        areas = ndi.sum(np.ones_like(labels), labels, idx) * pixel_area
+        cx = np.array([c[1] for c in ndi.center_of_mass(np.ones_like(labels), labels, idx)])
+        ok = (areas >= 20.0) & (areas <= max_area) & (np.abs(cx - centre_x) <= tolerance_x)
+        if not ok.any():
+            continue
+        seed_label = idx[ok][np.argmin(np.abs(cx[ok] - centre_x))]
+        grown, _ = ndi.label(candidates)
+        seed_voxel = np.argwhere(labels == seed_label)[0]
+        airway = grown == grown[z, seed_voxel[0], seed_voxel[1]]
+        volume_ml = airway.sum() * pixel_area * spacing[0] / 1000
+        if volume_ml > 400:  # leaked into emphysematous lung: do not carve the lungs
+            log.warning("airway growing leaked (%.0f mL); trachea not removed", volume_ml)
+            return np.zeros_like(body)
+        return ndi.binary_dilation(airway, iterations=1) & body
+    log.warning("no trachea found in the top slices; airways not removed")
+    return np.zeros_like(body)
+
+
+def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig) -> LungmaskResult:
+    """Segment both lungs (parenchyma with vessels and nodules, without trachea and main bronchi).
+
+    hu: [Z, Y, X] HU on an (about) isotropic grid, z ascending (superior last); spacing (z, y, x) mm.
+    """
+    sp = np.asarray(spacing, dtype=float)
+    voxel_ml = float(np.prod(sp)) / 1000
+    outside = outside_air(hu, cfg.threshold_hu)
+    body = _fill_holes_2d(~outside)
+    airway = _airway(hu, body, sp, cfg)
+    body_cols = np.flatnonzero(body.any(axis=(0, 1)))
+    midline = float(body_cols[0] + body_cols[-1]) / 2 if body_cols.size else (hu.shape[2] - 1) / 2
+    candidates = (hu < cfg.threshold_hu) & body & ~airway
+    labels, n = ndi.label(candidates)
+    if n == 0:
+        return LungmaskResult(np.zeros_like(body), airway, 0.0, float(airway.sum() * voxel_ml), 0, midline)
+    sizes = ndi.sum(np.ones_like(labels), labels, np.arange(1, n + 1)) * voxel_ml
+    boxes = ndi.find_objects(labels)
+    largest = int(np.argmax(sizes))
+    mid_height = (boxes[largest][0].start + boxes[largest][0].stop) / 2
+    # lung pieces (both lungs, or a lobe cut off by a fissure) are large and reach the upper chest; bowel gas is
+    # smaller or lies wholly below the lungs' mid-height
+    keep = [
+        i + 1
+        for i in np.argsort(sizes)[::-1]
+        if sizes[i] >= max(cfg.min_lung_ml, cfg.min_component_fraction * sizes[largest])
+        and boxes[i][0].stop > mid_height
+    ]
+    lung = np.zeros_like(body)
+    ball = _ball(cfg.closing_mm / sp)
+    pad = np.asarray(ball.shape) // 2 + 1
+    for label in keep:
+        component = labels == label
+        bbox = boxes[label - 1]
+        lo = [max(s.start - p, 0) for s, p in zip(bbox, pad)]
+        hi = [min(s.stop + p, d) for s, p, d in zip(bbox, pad, component.shape)]
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        padded = np.pad(component[sl], [(p, p) for p in pad])
+        closed = ndi.binary_closing(padded, structure=ball)[tuple(slice(p, -p) for p in pad)]
+        lung[sl] |= closed
+    lung &= body
+    lung = _fill_holes_2d(lung & ~airway)
+    return LungmaskResult(
+        lung=lung,
+        airway=airway,
+        lung_ml=float(lung.sum() * voxel_ml),
+        airway_ml=float(airway.sum() * voxel_ml),
+        n_components=len(keep),
+        body_midline_x=midline,
+    )

@@ -1,0 +1,71 @@
+"""Patient-level train/val/test split, seeded and stratified by nodule presence (known at parse time)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..config import SplitConfig
+from ..errors import ConfigError
+from ..io import write_text
+
+SUBSETS = ("train", "val", "test")
+
+
+def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
+    """Largest-remainder rounding of ``n`` items over ``fractions``."""
+    raw = np.asarray(fractions) * n
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def split_cases(patient_of: Mapping[str, str], has_nodule: Mapping[str, bool], cfg: SplitConfig) -> dict[str, str]:
+    """case id -> subset. All series of a patient share a subset; patients are shuffled (seeded) within the
+    strata "has a nodule" / "has none" and allocated by the configured fractions; a subset with a non-zero
+    fraction gets at least one patient when there are enough patients."""
+    fractions = [cfg.train, cfg.val, cfg.test]
+    patients: dict[str, bool] = {}
+    for case, patient in patient_of.items():
+        patients[patient] = patients.get(patient, False) or bool(has_nodule[case])
+    rng = np.random.default_rng(cfg.seed)
+    assignment: dict[str, str] = {}
+    for stratum in (True, False):
+        members = sorted(p for p, flag in patients.items() if flag == stratum)
+        members = [members[i] for i in rng.permutation(len(members))]
+        start = 0
+        for subset, count in zip(SUBSETS, _allocate(len(members), fractions)):
+            for p in members[start : start + count]:
+                assignment[p] = subset
+            start += count
+    wanted = [s for s, f in zip(SUBSETS, fractions) if f > 0]
+    if len(patients) >= len(wanted):
+        for subset in wanted:
+            if subset not in assignment.values():
+                donors = sorted((sum(a == assignment[p] for a in assignment.values()), p) for p in assignment)
+                assignment[donors[-1][1]] = subset
+    elif len(patients) == 0:
+        raise ConfigError("split: no cases to split; check data.cases / data.dicom_root")
+    return {case: assignment[patient] for case, patient in patient_of.items()}
+
+
+def write_splits(
+    path: Path, assignment: Mapping[str, str], patient_of: Mapping[str, str], has_nodule: Mapping[str, bool]
+) -> None:
+    """Write ``case_id,patient_id,subset,has_nodule`` rows, sorted by case id."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case_id", "patient_id", "subset", "has_nodule"])
+    for case in sorted(assignment):
+        writer.writerow([case, patient_of[case], assignment[case], int(bool(has_nodule[case]))])
+    write_text(path, buf.getvalue())
+
+
+def read_splits(path: Path) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        return {row["case_id"]: row["subset"] for row in csv.DictReader(fh)}

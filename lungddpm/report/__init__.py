@@ -1,0 +1,1 @@
+"""The workflow report: tables, figures and the summary."""

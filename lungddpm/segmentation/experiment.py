@@ -1,0 +1,59 @@
+"""The downstream experiment from a shell (``lungddpm segment``): the steps rules/segment.smk runs, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import Config
+from ..preprocessing.cases import case_split, list_cases
+from . import arms as A
+from .datasets import arm_cases, eval_inputs, eval_set, train_inputs
+from .evaluate import compare_arms, score_arm
+from .nnunet import prepare_arm, train_arm
+
+STEPS = ("prepare", "train", "score", "compare")
+
+
+def run_experiment(
+    cfg: Config,
+    results: Path,
+    state: Path,
+    steps: Sequence[str] = STEPS,
+    arms: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    folds: Sequence[int | str] | None = None,
+    threads: int = 1,
+) -> None:
+    """Run ``steps`` of the segmentation experiment for ``arms`` x ``seeds`` x ``folds`` (default: the config's)
+    on the workflow's outputs under ``results``, with nnU-Net's state under ``state``; the same named inputs and
+    outputs as the rules."""
+    seg = A.segmentation_config(cfg.raw)
+    split = case_split(cfg, list_cases(cfg))
+    train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))
+    scale = seg.scale
+    sc, lc = cfg.raw["sample"], cfg.raw["lesion"]["sample"]
+    shards = {"volume": ("augment", sc["shards"]), "lesion": ("lesion", lc["shards"])}
+    synthetic = {k: [results / "synthetic" / r / f"shard_{i}.json" for i in range(n)] for k, (r, n) in shards.items()}
+    names = [seg.arm(a).name for a in arms] if arms else seg.arm_names
+    seeds = list(seeds) if seeds is not None else seg.seeds
+    folds = list(folds) if folds else seg.folds
+    tests = eval_set(scale, eval_inputs(scale, test, results)) if {"train", "score"} & set(steps) else []
+    for arm in names:
+        for seed in seeds:
+            if "prepare" in steps:
+                a = seg.arm(arm)
+                cases = arm_cases(scale, a, seed, train_inputs(scale, a, train, results, synthetic), test)
+                prepare_arm(a, seed, cases, test, A.state_dir(state, scale, arm, seed),
+                            A.prepared_manifest(results, scale, arm, seed), seg, threads)  # fmt: skip
+            for fold in folds if "train" in steps else ():
+                train_arm(A.prepared_manifest(results, scale, arm, seed), fold, tests,
+                          A.predictions_dir(results, scale, arm, seed, fold),
+                          A.run_manifest(results, scale, arm, seed, fold), seg, threads)  # fmt: skip
+        if "score" in steps:
+            runs = [A.run_manifest(results, scale, arm, s, f) for s in seeds for f in folds]
+            score_arm(arm, runs, tests, A.scores_table(results, scale, arm), seg.evaluation)
+    if "compare" in steps:
+        scores = {arm: A.scores_table(results, scale, arm) for arm in seg.arm_names}
+        out = results / "segmentation" / scale
+        compare_arms(scores, seg.baseline, out / "comparison.csv", out / "comparison.png", seg.evaluation)

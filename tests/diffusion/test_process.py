@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
+from lungddpm.diffusion.sample import SAMPLERS, sample
+
+DATA = Path(__file__).parent / "reference"
+
+
+def test_cosine_schedule_equals_lung_ddpm_buffers() -> None:
+    buffers = json.loads((DATA / "lung_ddpm_schedule_buffers.json").read_text())["buffers"]
+    d = GaussianDiffusion()
+    assert torch.allclose(d.scheduler.betas, torch.tensor(buffers["betas"]), atol=1e-7)
+    assert torch.allclose(d.alphas_cumprod, torch.tensor(buffers["alphas_cumprod"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_forward_process_target_and_x0(prediction: str) -> None:
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 1, 4, 4, 4, generator=g) * 2 - 1, torch.randn(3, 1, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 100, 249])
+    a = d.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    x_t = d.add_noise(x0, noise, t)
+    assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise, atol=1e-6)
+    target = d.target(x0, noise, t)
+    expected = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert torch.allclose(target, expected, atol=1e-6)
+    assert torch.allclose(d.predict_x0(x_t, t, target), x0, atol=1e-3)
+
+
+def test_loss_is_zero_for_a_perfect_denoiser_and_l1_or_l2() -> None:
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(2, 1, 4, 4, 4, generator=g), torch.randn(2, 1, 4, 4, 4, generator=g)
+    t = torch.tensor([10, 200])
+    for loss in ("l1", "l2"):
+        d = GaussianDiffusion(DiffusionConfig(loss=loss))
+        assert d.loss(lambda x, tt, lay: noise, x0, None, t, noise).abs().max() < 1e-7
+        off = d.loss(lambda x, tt, lay: noise + 0.5, x0, None, t, noise)
+        assert torch.allclose(off, torch.full((2,), 0.5 if loss == "l1" else 0.25))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 250), ("ddim", 20), ("dpm++", 20), ("dpm++", 250)])
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_oracle_denoiser_recovers_the_clean_volume(sampler: str, steps: int, prediction: str) -> None:
+    assert sampler in SAMPLERS
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    x0 = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    layout = torch.zeros(1, 2, 6, 6, 6)
+
+    def oracle(x_t: torch.Tensor, t: torch.Tensor, lay: torch.Tensor) -> torch.Tensor:
+        a = d.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    out = sample(oracle, d, layout, sampler, steps, torch.Generator().manual_seed(0))
+    assert (out - x0).abs().max() < 1e-3
+
+
+def test_unknown_sampler() -> None:
+    with pytest.raises(ValueError, match="sampler 'euler' unknown"):
+        sample(lambda *a: a[0], GaussianDiffusion(), torch.zeros(1, 2, 4, 4, 4), "euler", 5)

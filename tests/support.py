@@ -1,0 +1,97 @@
+"""Helpers shared by tests of several packages: tiny configs, toy volumes and networks, bank nodules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungddpm.config import Config, validate_config
+from lungddpm.diffusion.data import TrainData
+from lungddpm.diffusion.unet import UNet3D, UNetConfig
+from lungddpm.io import Geometry, write_volume
+from lungddpm.synthesis.layout_edit import BankNodule
+
+TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), norm_groups=4)
+
+
+def randomise(model: UNet3D) -> UNet3D:
+    """Undo the zero initialisations so every branch reaches the output."""
+    torch.nn.init.normal_(model.out[2].weight)
+    for block in model.modules():
+        if hasattr(block, "out_layers"):
+            torch.nn.init.normal_(block.out_layers[3].weight, std=0.05)
+        if hasattr(block, "proj_out"):
+            torch.nn.init.normal_(block.proj_out.weight, std=0.05)
+    return model
+
+
+def ball_nodule(index: int, diameter: float, texture: int = 5) -> BankNodule:
+    r = diameter / 2
+    zz, yy, xx = np.mgrid[-4:5, -16:17, -16:17]
+    mask = (zz * 2.5) ** 2 + (yy * 0.7) ** 2 + (xx * 0.7) ** 2 <= r**2
+    return BankNodule(index, f"LIDC-IDRI-{index:04d}", mask, (2.5, 0.7, 0.7), diameter, texture, 3, 4)
+
+
+TINY_MODEL = {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [8], "norm_groups": 4}
+
+
+def tiny_config(**train: object) -> Config:
+    raw = validate_config(
+        {
+            "preprocess": {"size": [16, 16, 16]},
+            "model": dict(TINY_MODEL),  # validate_config fills defaults in place: never into the shared dict
+            "train": {
+                "steps": 20,
+                "lr": 2e-3,
+                "checkpoint_every": 10,
+                "log_every": 1,
+                "preview_every": 0,
+                "preview_sampler_steps": 2,
+                "precision": "fp32",
+                **train,
+            },
+        }
+    )
+    return Config.from_dict(raw)
+
+
+def phantom_volumes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n toy [16³] CTs (HU) and layouts: a body with two lungs and a nodule."""
+    z, y, x = np.mgrid[0:16, 0:16, 0:16]
+    cts, layouts = [], []
+    for i in range(n):
+        lung = (((x - 5) / 3) ** 2 + ((y - 8) / 5) ** 2 < 1) | (((x - 11) / 3) ** 2 + ((y - 8) / 5) ** 2 < 1)
+        lung &= (z > 2) & (z < 14)
+        nodule = ((x - 5) ** 2 + (y - 8 + i) ** 2 + (z - 8) ** 2) <= 2
+        ct = np.where(lung, -850, 40).astype(np.int16)
+        ct[nodule] = 20
+        lay = np.where(lung, 1, 0).astype(np.uint8)
+        lay[nodule] = 2
+        cts.append(ct)
+        layouts.append(lay)
+    return np.stack(cts), np.stack(layouts)
+
+
+def tiny_data(n: int = 2) -> TrainData:
+    from lungddpm.diffusion.encoding import hu_to_model, layout_to_channels
+
+    cts, layouts = phantom_volumes(n)
+    return TrainData(
+        torch.from_numpy(np.stack([hu_to_model(c, (-1000, 400))[None] for c in cts])),
+        torch.from_numpy(np.stack([layout_to_channels(lay) for lay in layouts])),
+        tuple(f"case{i}" for i in range(n)),
+    )
+
+
+def write_cases(root: Path, n: int) -> tuple[list[Path], list[Path]]:
+    cts, layouts = phantom_volumes(n)
+    geom = Geometry((10.0, 10.0, 10.0), (0.0, 0.0, 0.0))
+    ct_paths, lay_paths = [], []
+    for i in range(n):
+        ct_paths.append(root / f"case{i}" / "ct.nii.gz")
+        lay_paths.append(root / "layouts" / f"case{i}.nii.gz")
+        write_volume(ct_paths[-1], cts[i], geom)
+        write_volume(lay_paths[-1], layouts[i], geom)
+    return ct_paths, lay_paths

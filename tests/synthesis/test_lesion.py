@@ -1,0 +1,296 @@
+"""Lesion scale on tiny arrays: ROI cutting and edges, placement, inpainting determinism, paste-back and seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungddpm.config import lesion_config, load_config
+from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture_class
+from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
+from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
+from lungddpm.errors import LayoutError
+from lungddpm.io import Geometry
+from lungddpm.preprocessing.grid import SliceGrid
+from lungddpm.preprocessing.layout import LUNG, NODULE
+from lungddpm.preprocessing.rois import RoiSettings, SourceCT, cut_roi, extract_rois, focus_weights, shift_inside
+from lungddpm.synthesis.layout_edit import BankNodule
+from lungddpm.synthesis.lesion import Site, inpaint, place
+from lungddpm.synthesis.paste import feather_weight, native_box, paste_back, seam_gradient_ratio
+
+INSERT = {"diameter_mm": [2, 20], "textures": [], "malignancies": [], "min_readers": 1, "margin_mm": 2.0,
+          "feather_mm": 2.0, "max_attempts": 200, "texture": "bank"}  # fmt: skip
+
+
+def _settings(**kw: object) -> RoiSettings:
+    base = dict(spacing_mm=1.0, size=16, nodule_jitter_mm=2.0, rois_per_nodule=1, free_per_case=1,
+                site_min_depth_mm=4.0, nodule_fraction=0.5, edge="pad", seed=0)  # fmt: skip
+    base.update(kw)
+    return RoiSettings(**base)  # type: ignore[arg-type]
+
+
+def _source(seed: int = 0) -> SourceCT:
+    """A 40 x 64 x 64 native CT (1 mm pixels, 1.5 mm slices) of lung at -850 HU with noise, and a fine lung mask."""
+    rng = np.random.default_rng(seed)
+    hu = (-850 + rng.normal(0, 20, (40, 64, 64))).round().astype(np.float32)
+    hu[:, :4] = hu[:, -4:] = 40.0  # body wall
+    grid = SliceGrid(np.arange(40) * 1.5, 1.0, 1.0, 0.0, 0.0)
+    lung = np.zeros((31, 33, 33), bool)  # 2 mm fine grid over the same extent
+    lung[2:-2, 3:-3, 2:-2] = True
+    return SourceCT("LIDC-IDRI-0001", hu, grid, lung, Geometry((2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), [], -1024.0)
+
+
+def _bank() -> list[BankNodule]:
+    zz, yy, xx = np.ogrid[-3:4, -3:4, -3:4]
+    return [BankNodule(0, "LIDC-IDRI-0002", zz**2 + yy**2 + xx**2 <= 9, (1.0, 1.0, 1.0), 6.0, 5, 3, 4)]
+
+
+def _site(src: SourceCT, centre: tuple[float, float, float] = (32.0, 32.0, 30.0)) -> Site:
+    s = _settings()
+    geometry = s.geometry(np.array(centre))
+    roi = cut_roi(src, geometry, s)
+    return Site("LIDC-IDRI-0001_f0", roi["ct"], roi["layout"], geometry)
+
+
+def test_texture_classes_and_channel_levels() -> None:
+    assert [texture_class(r) for r in range(1, 6)] == [0, 0, 1, 2, 2]
+    layout = np.array([[[0, 1, 2]]], np.uint8)
+    ch = layout_to_channels(layout, nodule_level=np.full(layout.shape, 0.25, np.float32))
+    assert ch[:, 0, 0].tolist() == [[-1, 1, -1], [-1, -1, 0.25]]
+    assert layout_to_channels(layout)[1, 0, 0, 2] == ANY_TEXTURE  # the whole-volume scale's only level
+
+
+def test_shift_inside_and_edge_policy(tmp_path) -> None:
+    lo, hi = np.zeros(3), np.array([63.0, 63.0, 58.5])
+    assert shift_inside(np.array([2.0, 60.0, 30.0]), 7.5, lo, hi).tolist() == [7.5, 55.5, 30.0]
+    src = _source()
+    # a 48 mm ROI in a 58.5 mm-tall scan fits; a 64 mm one cannot: pad (recorded) or refuse (named)
+    nod_src = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, [], src.padding_hu)
+    rows = extract_rois(nod_src, _settings(size=64, free_per_case=0), tmp_path / "a")
+    assert rows == []
+    with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: found 0 of lesion.roi.free_per_case=1.*lower"):
+        extract_rois(src, _settings(size=64), tmp_path / "b")
+
+
+def test_cut_roi_pads_outside_the_scan_with_padding_hu() -> None:
+    src = _source()
+    s = _settings(size=16)
+    roi = cut_roi(src, s.geometry(np.array([32.0, 32.0, -2.0])), s)  # partly below the first slice
+    assert (roi["ct"][:4] == -1024).all() and (roi["ct"][-1] != -1024).any()
+
+
+def test_roi_refuses_an_roi_crossing_the_edge(tmp_path, monkeypatch) -> None:
+    from lungddpm.preprocessing import rois
+
+    src = _source()
+    monkeypatch.setattr(rois, "free_sites", lambda *a, **k: [np.array([32.0, 32.0, 0.0])])
+    with pytest.raises(
+        LayoutError, match=r"LIDC-IDRI-0001: ROI LIDC-IDRI-0001_f0 .* crosses the scan's edge.*edge: pad"
+    ):
+        extract_rois(src, _settings(size=64, edge="refuse"), tmp_path)
+    rows = extract_rois(src, _settings(size=64, edge="pad"), tmp_path)
+    assert rows[0]["padded_voxels"] > 0
+
+
+def test_place_inside_lung_with_margin_and_errors() -> None:
+    src = _source()
+    site = _site(src)
+    ins = place("LIDC-IDRI-0001", site, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
+    assert ins.nodule.sum() > 0 and (site.layout[ins.nodule] == LUNG).all()  # wholly inside the lung
+    assert (ins.layout[ins.nodule] == NODULE).all() and (ins.layout[~ins.nodule] == site.layout[~ins.nodule]).all()
+    assert ins.generated[ins.nodule].all() and ins.generated.sum() > ins.nodule.sum()
+    assert ins.level == 0.75 and ins.record["texture_requested"] == "solid"
+    assert place("LIDC-IDRI-0001", site, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "ground-glass").level == 0.25
+    with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: no bank nodule matches lesion.insert.*widen"):
+        place("LIDC-IDRI-0001", site, [], 3, INSERT, (0.25, 0.5, 0.75), "bank")
+    tight = Site(site.name, site.ct, np.where(site.layout > 0, 0, 0).astype(np.uint8), site.geometry)
+    tight.layout[7:9, 7:9, 7:9] = LUNG
+    with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: site LIDC-IDRI-0001_f0 has no room .*lower"):
+        place("LIDC-IDRI-0001", tight, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
+
+
+def _tiny_model() -> tuple[UNet3D, GaussianDiffusion]:
+    torch.manual_seed(0)
+    cfg = {
+        "model_channels": 8,
+        "channel_mult": [1, 2],
+        "attention_resolutions": [],
+        "norm_groups": 4,
+        "num_res_blocks": 1,
+        "num_heads": 1,
+        "dropout": 0.0,
+        "use_checkpoint": False,
+    }
+    return UNet3D(unet_config_from_dict(cfg, image_size=16)).eval(), GaussianDiffusion(DiffusionConfig(timesteps=50))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) -> None:
+    src = _source()
+    sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
+    ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
+    model, diffusion = _tiny_model()
+    sc = {
+        "batch_size": 2,
+        "precision": "fp32",
+        "sampler": sampler,
+        "steps": 4,
+        "clip_x0": True,
+        "guidance": 1.0,
+        "jump_length": 0,
+        "jump_n_sample": 1,
+    }
+    a = inpaint(model, diffusion, ins, (-1000.0, 400.0), sc, torch.device("cpu"))
+    b = inpaint(model, diffusion, ins[1:], (-1000.0, 400.0), {**sc, "batch_size": 1}, torch.device("cpu"))
+    for c, after in zip(ins, a):
+        assert after.dtype == np.int16
+        assert np.array_equal(after[~c.generated], c.site.ct[~c.generated])
+        assert not np.array_equal(after[c.generated], c.site.ct[c.generated])
+    assert np.array_equal(a[1], b[0])  # same seed, same ROI, batched or alone
+
+
+def test_paste_back_changes_only_the_generated_region_and_is_seamless() -> None:
+    src = _source()
+    site = _site(src)
+    ins = place("LIDC-IDRI-0001", site, _bank(), 3, {**INSERT, "margin_mm": 4.0}, (0.25, 0.5, 0.75), "bank")
+    after = site.ct.copy()
+    after[ins.nodule] = 30  # a solid nodule; the margin keeps the lung's own values (a well-matched generator)
+    native = src.hu.astype(np.int16)
+    before = native.copy()
+    box = native_box(src.grid, native.shape, site.geometry, 16)
+    w_roi = feather_weight(ins.generated, 1.0, 2.0)
+    assert w_roi[~ins.generated].max() == 0 and w_roi.max() == 1
+    w, changed = paste_back(native, box, after, w_roi)
+    diff = native != before
+    assert changed > 0 and diff.sum() <= changed
+    outside = np.ones(native.shape, bool)
+    outside[box.slices] = w == 0
+    assert np.array_equal(native[outside], before[outside])  # bit-identical outside the generated region
+    spacing = (1.5, 1.0, 1.0)
+    lung = src.hu > -1000
+    lung[:, :4] = lung[:, -4:] = False
+    ratio = seam_gradient_ratio(native, spacing, w, box, lung)
+    assert ratio <= 1.2, ratio
+    # a cube pasted without feathering shows its edge
+    cube = np.zeros_like(ins.generated)
+    cube[4:12, 4:12, 4:12] = True
+    hard = before.copy()
+    gen = site.ct.copy()
+    gen[cube] = -500
+    w2, _ = paste_back(hard, box, gen, feather_weight(cube, 1.0, 0.0))
+    assert seam_gradient_ratio(hard, spacing, w2, box, lung) > 1.2
+
+
+def test_focus_weights_cover_nodule_and_margin() -> None:
+    layout = np.ones((9, 9, 9), np.uint8)
+    layout[4, 4, 4] = NODULE
+    w = focus_weights(layout, 1.0, 2.0, 2.0)
+    assert w[4, 4, 4] == 3.0 and w[4, 4, 6] == 3.0 and w[4, 4, 7] == 1.0 and w[0, 0, 0] == 1.0
+
+
+def test_lesion_config_merges_overrides_and_names_bad_keys(tmp_path) -> None:
+    from lungddpm.errors import ConfigError
+
+    cfg = load_config("config/config.yaml")
+    lc = lesion_config(cfg)
+    assert lc.preprocess.size == (32, 32, 32) and lc.preprocess.spacing_mm == (1.25, 1.25, 1.25)
+    assert lc.model["model_channels"] == 16 and lc.train.focus_weight == 2.0 and lc.train.name == "demo"
+    assert cfg.model["model_channels"] == 24  # the whole-volume model is untouched
+    bad = load_config("config/config.yaml", {"lesion": {"train": {"stepz": 3}}})
+    with pytest.raises(ConfigError, match=r"(?s)lesion.train.*stepz"):
+        lesion_config(bad)
+
+
+def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
+    from lungddpm.diffusion.sample import sample
+
+    model, diffusion = _tiny_model()
+    with torch.no_grad():  # the output layer starts at zero; give the network a response to its layout input
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    layout = torch.from_numpy(np.stack([np.ones((16, 16, 16)), -np.ones((16, 16, 16))]).astype(np.float32))[None]
+    kw = {"clip_x0": False}  # a random network saturates clipped samples
+    plain = sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), **kw)
+    same = sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0,
+                  uncond_layout=layout, **kw)  # fmt: skip
+    other = sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0,
+                   uncond_layout=-layout, **kw)  # fmt: skip
+    # cond == uncond: the guided output is the plain one (up to batched-convolution rounding); otherwise it moves
+    assert (plain - same).abs().max() < 1e-4 * (plain - other).abs().max()
+
+
+def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None:
+    from lungddpm.diffusion.data import StepBatches, TrainData
+
+    n = 8
+    images = torch.arange(n * 4**3, dtype=torch.float32).reshape(n, 1, 4, 4, 4)
+    layouts = torch.full((n, 2, 4, 4, 4), -1.0)
+    layouts[:, 1, 1:3, 1:3, 1:3] = 0.25
+    layouts[:, 0] = images[:, 0] / 1000  # a layout channel that follows the image, to check flips stay aligned
+    groups = ("solid",) * 6 + ("ground-glass", "free")
+    data = TrainData(images, layouts, tuple(map(str, range(n))), torch.ones(n, 1, 4, 4, 4), groups)
+    sb = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 300, cond_dropout=0.5, flip=True, balance=True)
+    seen = {"solid": 0, "ground-glass": 0, "free": 0}
+    dropped = 0
+    for i in range(300):
+        micro = sb[i][0]
+        assert torch.allclose(micro["layout"][:, 0], micro["x0"][:, 0] / 1000)  # flipped together
+        for b in range(4):
+            case = int(micro["x0"][b].min() // 64)
+            seen[groups[case]] += 1
+            dropped += int((micro["layout"][b, 1] == 1.0).any())
+    assert all(abs(v / 1200 - 1 / 3) < 0.05 for v in seen.values()), seen  # each group equally often
+    assert 0.4 < dropped / 1200 < 0.6
+    again = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 300, cond_dropout=0.5, flip=True, balance=True)
+    assert all(torch.equal(a, b) for a, b in zip(sb[17][0].values(), again[17][0].values()))
+
+
+def test_lesion_plan_items_are_seeded_per_case() -> None:
+    from lungddpm.synthesis.plan import lesion_plan, shard
+
+    items = lesion_plan(["LIDC-IDRI-0002", "LIDC-IDRI-0001"], 2, 0)
+    assert [it.name for it in items] == ["LIDC-IDRI-0001_0", "LIDC-IDRI-0001_1", "LIDC-IDRI-0002_0", "LIDC-IDRI-0002_1"]
+    assert len({it.seed for it in items}) == 4 and items == lesion_plan(["LIDC-IDRI-0001", "LIDC-IDRI-0002"], 2, 0)
+    assert sorted(shard(items, 2, 0) + shard(items, 2, 1), key=lambda it: it.name) == items
+
+
+def test_repaint_resampling_schedule_and_sampler_check() -> None:
+    from lungddpm.diffusion.sample import Blend, Resample, sample
+
+    model, diffusion = _tiny_model()
+    calls = []
+
+    def counting(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        return model(x, t, layout)
+
+    layout = torch.from_numpy(np.stack([np.ones((16, 16, 16)), -np.ones((16, 16, 16))]).astype(np.float32))[None]
+    keep = torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool)
+    keep[..., :8] = True
+    ref = torch.full((1, 1, 16, 16, 16), -0.5)
+    x = sample(counting, diffusion, layout, "ddim", 4, torch.Generator().manual_seed(0), blend=Blend(ref, keep),
+               resample=Resample(2, 2))  # fmt: skip
+    assert len(calls) == 6 and calls[2] == calls[0] and calls[3] == calls[1]  # steps 0, 1, back to 0, 1, 2, 3
+    assert torch.equal(x[keep], ref[keep])
+    with pytest.raises(ValueError, match="single-step sampler"):
+        sample(model, diffusion, layout, "dpm++", 4, torch.Generator().manual_seed(0), resample=Resample(2, 2))
+
+
+def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> None:
+    from lungddpm.diffusion.checkpoint import CheckpointError
+    from lungddpm.synthesis.lesion import load_lesion_model
+
+    model, _ = _tiny_model()
+    weights = model.state_dict()
+    ckpt = {
+        "ema": weights,
+        "model": weights,
+        "unet": dict(vars(model.cfg)),
+        "size": [32] * 3,
+        "hu_window": [-1000, 400],
+    }
+    ckpt |= {"diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": {"size": 16}}}}  # trained at 32^3, ROIs 16^3
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"not a lesion-scale model.*train_lesion"):
+        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True})

@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from support import ball_nodule, tiny_config, tiny_data, write_cases
+
+from lungddpm.diffusion.process import GaussianDiffusion
+from lungddpm.diffusion.sample import Blend, keep_mask, sample
+from lungddpm.diffusion.train import train
+from lungddpm.errors import LayoutError
+from lungddpm.io import Geometry, read_volume, write_volume
+from lungddpm.preprocessing.layout import read_case_pair
+from lungddpm.synthesis.layout_edit import NoduleBank, save_bank
+from lungddpm.synthesis.plan import plan, shard
+from lungddpm.synthesis.volume_run import synthesize_shard
+
+
+def test_keep_mask_is_eroded_background() -> None:
+    layout = np.zeros((10, 10, 10), np.uint8)
+    layout[4:6, 4:6, 4:6] = 1
+    keep = keep_mask(layout, (1, 1, 1))
+    assert not keep[layout > 0].any()
+    assert not keep[3, 4, 4] and keep[2, 4, 4]  # one-voxel margin around the lung is generated
+    assert keep[0, 0, 0]  # the volume border does not erode
+    assert np.array_equal(keep_mask(layout, (0, 0, 0)), layout == 0)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 20), ("dpm++", 20)])
+def test_blending_keeps_reference_at_the_same_noise_level(sampler: str, steps: int) -> None:
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(3)
+    shape = (1, 1, 16, 16, 16)
+    ref, x0 = torch.rand(shape, generator=g) * 2 - 1, torch.rand(shape, generator=g) * 2 - 1
+    keep = torch.zeros(shape, dtype=torch.bool)
+    keep[..., :8] = True
+    seen: list[tuple[int, float]] = []
+
+    def oracle(x_t: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        """Voxel-wise exact ε for x0; records the noise level of the kept region as the sampler sees it."""
+        a = d.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        z = (x_t - a.sqrt() * ref) / (1 - a).sqrt()
+        seen.append((int(t[0]), float(z[keep].std())))
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    out = sample(
+        oracle,
+        d,
+        torch.zeros(1, 2, 16, 16, 16),
+        sampler,
+        steps,
+        torch.Generator().manual_seed(0),
+        blend=Blend(ref, keep),
+    )
+    assert torch.equal(out[keep], ref[keep])  # clean reference after the last step
+    assert (out[~keep] - x0[~keep]).abs().max() < 1e-3  # blending never touched the generated region
+    # from the second call on, the kept region holds the reference noised to exactly the level being denoised
+    stds = [s for _, s in seen[1:]]
+    assert min(stds) > 0.9 and max(stds) < 1.1, seen[:3]
+
+
+def test_same_seed_same_volume_different_seed_different() -> None:
+    d = GaussianDiffusion()
+    model = lambda x, t, layout: 0.1 * x  # noqa: E731 - any deterministic denoiser
+    layout = torch.zeros(1, 2, 8, 8, 8)
+    a = sample(model, d, layout, "ddpm", 30, torch.Generator().manual_seed(1))
+    b = sample(model, d, layout, "ddpm", 30, torch.Generator().manual_seed(1))
+    c = sample(model, d, layout, "ddpm", 30, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Path], Path]:
+    root = tmp_path_factory.mktemp("synth")
+    cfg = tiny_config(steps=3, checkpoint_every=3)
+    train(tiny_data(), cfg, root / "model", root / "state", threads=2)
+    cts, layouts = write_cases(root / "data", 2)
+    bank = NoduleBank((ball_nodule(0, 12.0), ball_nodule(1, 15.0)))
+    save_bank(bank, root / "bank.npz")
+    return root / "model" / "checkpoint.pt", cts, layouts, root / "bank.npz"
+
+
+def synth_config(**sample_cfg: object):
+    cfg = tiny_config()
+    raw = dict(cfg.raw)
+    raw["sample"] = {**raw["sample"], "sampler": "ddim", "steps": 3, "blend_margin_mm": 10, **sample_cfg}
+    raw["layout_edit"] = {**raw["layout_edit"], "insert": 1, "diameter_mm": [5, 30]}
+    return type(cfg).from_dict(raw)
+
+
+def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: Path) -> None:
+    checkpoint, cts, layouts, bank = tiny_model
+    cfg = synth_config(samples_per_layout=2)
+    cases = {p.parent.name: p for p in cts}
+    lays = {p.name.removesuffix(".nii.gz"): p for p in layouts}
+    items = plan("augment", sorted(cases), 2, 0)
+    assert [it.name for it in shard(items, 2, 0)] == ["case0_0", "case1_0"]
+    manifest = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    assert [m["skipped"] for m in manifest] == [False] * 4
+    for item in items:
+        ct, _ = read_volume(cases[item.case_id])
+        img = nib.load(tmp_path / f"{item.name}.nii.gz")
+        assert img.get_data_dtype() == np.int16
+        assert np.allclose(img.affine, nib.load(cases[item.case_id]).affine)
+        syn, _ = read_volume(tmp_path / f"{item.name}.nii.gz")
+        layout, _ = read_volume(tmp_path / f"{item.name}_layout.nii.gz")
+        prov = json.loads((tmp_path / f"{item.name}.json").read_text())
+        keep = keep_mask(layout, (1, 1, 1))
+        assert prov["keep_voxels"] == int(keep.sum()) > 0
+        assert np.array_equal(syn[keep], ct[keep])  # the reference's exact HU where it was kept
+        assert prov["edits"][0]["op"] == "insert" and prov["sampler"] == "ddim" and prov["steps"] == 3
+        assert len(prov["checkpoint_sha256"]) == 64 and prov["seed"] == item.seed
+        assert (layout == 2).sum() > (read_volume(lays[item.case_id])[0] == 2).sum()
+        assert (tmp_path / f"{item.name}.gif").read_bytes()[:3] == b"GIF"
+        assert (tmp_path / f"{item.name}_montage.png").read_bytes()[:4] == b"\x89PNG"
+    k0, _ = read_volume(tmp_path / "case0_0.nii.gz")
+    k1, _ = read_volume(tmp_path / "case0_1.nii.gz")
+    assert not np.array_equal(k0, k1)  # different seeds per k
+    again = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    assert [m["skipped"] for m in again] == [True] * 4
+    (tmp_path / "case1_1.gif").unlink()  # an incomplete item is redone, the rest skipped
+    cfg_eval = synth_config(samples_per_layout=2)
+    redo = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    assert [m["skipped"] for m in redo] == [True, True, True, False]
+    other = synth_config(samples_per_layout=2, steps=4)  # changed settings: everything is redone
+    assert not any(
+        m["skipped"]
+        for m in synthesize_shard("augment", items[:1], other, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    )
+
+
+def test_bad_layouts_are_refused(tmp_path: Path) -> None:
+    geom = Geometry((10.0, 10.0, 10.0), (0.0, 0.0, 0.0))
+    write_volume(tmp_path / "ct.nii.gz", np.zeros((8, 8, 8), np.int16), geom)
+    write_volume(tmp_path / "bad_labels.nii.gz", np.full((8, 8, 8), 3, np.uint8), geom)
+    write_volume(tmp_path / "bad_shape.nii.gz", np.zeros((8, 8, 4), np.uint8), geom)
+    with pytest.raises(LayoutError, match=r"bad_labels.nii.gz: labels \[3\] found"):
+        read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_labels.nii.gz")
+    with pytest.raises(LayoutError, match="bad_shape.nii.gz: grid .* differs from its reference CT"):
+        read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_shape.nii.gz")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_a_batch_equals_its_volumes_sampled_alone(sampler: str) -> None:
+    d = GaussianDiffusion()
+    torch.manual_seed(0)
+    weight = torch.randn(1, 3, 3, 3, 3) * 0.1
+
+    def model(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:  # a conv "network"
+        return torch.nn.functional.conv3d(torch.cat([x, layout], 1), weight, padding=1)
+
+    layouts = torch.randn(2, 2, 8, 8, 8)
+    refs = torch.rand(2, 1, 8, 8, 8)
+    keep = torch.zeros(2, 1, 8, 8, 8, dtype=torch.bool)
+    keep[..., :3] = True
+    steps = 30 if sampler == "ddpm" else 10
+    batch = sample(
+        model, d, layouts, sampler, steps, [torch.Generator().manual_seed(s) for s in (5, 6)], blend=Blend(refs, keep)
+    )
+    for b, s in enumerate((5, 6)):
+        alone = sample(
+            model,
+            d,
+            layouts[b : b + 1],
+            sampler,
+            steps,
+            torch.Generator().manual_seed(s),
+            blend=Blend(refs[b : b + 1], keep[b : b + 1]),
+        )
+        assert torch.allclose(batch[b : b + 1], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="1 generators for a batch of 2"):
+        sample(model, d, layouts, sampler, 2, [torch.Generator()])

@@ -1,0 +1,57 @@
+"""The package's shape (issue "Structure"): modules stay small and synthesis never reaches for the trainer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "lungddpm"
+MAX_LINES = 400
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every lungddpm module ``path`` imports, at module level or inside functions (relative imports resolved)."""
+    package = _module(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("lungddpm")}
+
+
+def test_imports_are_resolved_to_real_modules() -> None:
+    modules = {_module(p) for p in PACKAGE.rglob("*.py")}
+    assert "lungddpm.diffusion.train" in modules and "lungddpm.data.phantom.dicom" in modules
+    assert imports_of(PACKAGE / "synthesis" / "volume_run.py") >= {"lungddpm.diffusion.checkpoint", "lungddpm.io"}
+
+
+def test_no_module_is_over_400_lines() -> None:
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert not {p: n for p, n in sizes.items() if n > MAX_LINES}
+
+
+def test_sampling_and_synthesis_never_import_the_training_loop() -> None:
+    users = [*PACKAGE.glob("synthesis/*.py"), *(PACKAGE / "diffusion" / f for f in ("sample.py", "checkpoint.py"))]
+    trainer = {"lungddpm.diffusion.train", "lungddpm.diffusion.jobs", "lungddpm.diffusion.data"}
+    assert {str(p.relative_to(REPO)): sorted(imports_of(p) & trainer) for p in users if imports_of(p) & trainer} == {}
+
+
+def test_tests_share_helpers_through_support_only() -> None:
+    for path in (REPO / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                assert not node.module.startswith("test_"), f"{path}: import helpers from tests/support.py"
