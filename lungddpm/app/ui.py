@@ -61,6 +61,7 @@ def build_app(studio: Studio) -> Any:
         status = gr.Markdown("Choose a case.", elem_id="status")
         with gr.Row():
             with gr.Column():
+                smallest = gr.Slider(lo, hi, value=lo, step=0.5, label="smallest diameter (mm)")
                 diameter = gr.Slider(lo, hi, value=hi, step=0.5, label="largest diameter (mm)")
                 textures = gr.CheckboxGroup(list(TEXTURE_NAMES.values()), label="bank textures (none = all)")
                 malignancies = gr.CheckboxGroup([str(m) for m in range(1, 6)], label="bank malignancies (none = all)")
@@ -78,9 +79,9 @@ def build_app(studio: Studio) -> Any:
                        elem_id="roi", format="png")  # fmt: skip
         edits = gr.Dataframe(headers=EDIT_COLUMNS, value=[], label="inserted nodules", interactive=False)
 
-        def bank_choices(d_max: float, tex: list[str], mal: list[str]) -> Any:
+        def bank_choices(d_min: float, d_max: float, tex: list[str], mal: list[str]) -> Any:
             codes = [int(t.split()[0]) for t in tex]
-            found = studio.candidates((lo, float(d_max)), codes, [int(m) for m in mal])
+            found = studio.candidates((float(d_min), float(d_max)), codes, [int(m) for m in mal])
             choices = [(nodule_label(n), n.index) for n in found]
             return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
 
@@ -145,7 +146,7 @@ def build_app(studio: Studio) -> Any:
                 return None, f"**Refused:** {exc}"
             return [str(p) for p in paths.values()], f"Wrote {paths['ct'].parent}."
 
-        filters = [diameter, textures, malignancies]
+        filters = [smallest, diameter, textures, malignancies]
         for f in filters:
             f.change(bank_choices, filters, nodule)
         app.load(bank_choices, filters, nodule)

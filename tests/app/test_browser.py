@@ -89,7 +89,8 @@ def test_place_a_nodule_in_the_browser_and_download_it(app_url: str, demo_workfl
         page.locator("#generate").click()
         page.wait_for_function(f"{STATUS}.includes('Inserted')", timeout=120_000)
         seconds = time.perf_counter() - t0
-        page.wait_for_function("document.querySelector('#roi img') && document.querySelector('#roi img').complete")
+        settled = "(() => { const i = document.querySelector('#roi img'); const s = document.querySelector('#roi [data-testid=status-tracker]'); return i && i.complete && (!s || s.classList.contains('hide')); })()"  # noqa: E501
+        page.wait_for_function(settled, timeout=30_000)
         page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
         print(f"click to result: {seconds:.2f} s; screenshot {tmp_path / 'studio.png'}")
         page.locator("#download").click()

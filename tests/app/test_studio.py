@@ -91,3 +91,12 @@ def test_missing_model_is_a_clear_error(demo_workflow: Path, tmp_path: Path) -> 
     cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
     with pytest.raises(StudioError, match="train_lesion"):
         Studio(cfg, tmp_path)
+
+
+def test_bench_reports_seconds_per_nodule(studio: Studio) -> None:
+    from lungddpm.app.studio import bench_sites
+
+    rows = list(bench_sites(studio.cfg, studio.workdir, 2, 1))
+    assert [r["what"] for r in rows] == ["open", "nodule", "nodule"]
+    assert all(r["total_s"] >= r["generate_s"] > 0 and r["check_s"] > 0 for r in rows[1:])
+    assert rows[1]["site"] != rows[2]["site"]  # one seeded random site each
