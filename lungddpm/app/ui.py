@@ -122,7 +122,10 @@ def build_app(studio: Studio) -> Any:
             try:
                 ins = studio.check_site(s, c, studio.nodule(idx), tex, int(sd))
                 progress(0.0, desc="generating")
-                edit = studio.generate(s, ins, lambda i, n: progress(i / n, desc=f"step {i}/{n}"))
+                step = max(1, int(studio.cfg.raw["lesion"]["sample"]["steps"]) // 4)  # a few updates, not one per step
+                edit = studio.generate(
+                    s, ins, lambda i, n: progress(i / n, desc=f"step {i}/{n}") if i % step == 0 else None
+                )
             except StudioError as exc:
                 return s, *_planes(s, c, lung), f"**Refused:** {exc}", gr.skip(), _edits_table(s)
             r = edit.record
@@ -155,7 +158,10 @@ def build_app(studio: Studio) -> Any:
         for plane, view in zip(PLANES, views):
             view.select(clicked(plane), [session, cursor, show_lung], [cursor, *views, status])
         random_site.click(pick_random, [session, cursor, nodule, seed, show_lung], [cursor, *views, status])
-        generate.click(run, [session, cursor, nodule, texture, seed, show_lung], [session, *views, status, roi, edits])
+        # the progress bar on the ROI panel alone: an animated tracker on every output costs the browser CPU that
+        # the sampler shares on a laptop
+        generate.click(run, [session, cursor, nodule, texture, seed, show_lung], [session, *views, status, roi, edits],
+                       show_progress_on=[roi])  # fmt: skip
         undo.click(run_undo, [session, cursor, show_lung], [session, *views, status, edits])
         download.click(run_download, [session], [files, status])
     return app

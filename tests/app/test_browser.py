@@ -71,6 +71,8 @@ def test_place_a_nodule_in_the_browser_and_download_it(app_url: str, demo_workfl
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
         page.goto(app_url, wait_until="load")
         page.locator("#case input").click()
         page.get_by_role("option", name=case, exact=True).click()
@@ -103,6 +105,9 @@ def test_place_a_nodule_in_the_browser_and_download_it(app_url: str, demo_workfl
             download.value.save_as(got[suffix])
         browser.close()
     assert (tmp_path / "studio.png").stat().st_size > 10_000
+    assert requests and all(u.startswith(app_url) or u.startswith(("data:", "blob:")) for u in requests), [
+        u for u in requests if not u.startswith(app_url)
+    ]  # offline: nothing but the app itself is fetched
 
     from lungddpm.app.studio import Studio
 
