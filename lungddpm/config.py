@@ -96,9 +96,32 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
             f"train.processes: {train['processes']} processes for {train['gpus']} GPU(s); DDP runs one process per "
             "GPU: set train.gpus >= train.processes (or train.gpus: 0 to train on CPUs)"
         )
+    if not problems:
+        problems += _grid_problems(config)
     if problems:
         raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml):\n  " + "\n  ".join(problems))
     return config
+
+
+def _grid_problems(config: Mapping[str, Any]) -> list[str]:
+    """Grids the UNet cannot take (it halves them once per level after the first), found at parse time rather than
+    when training starts."""
+    out = []
+    model, lesion = config["model"], config.get("lesion", {})
+    grids = [] if model.get("init_from") else [("preprocess.size", list(config["preprocess"]["size"]), "model")]
+    if lesion:
+        grids.append(("lesion.roi.size", [lesion["roi"]["size"]] * 3, "lesion.model"))
+    for key, size, section in grids:
+        mult = (lesion.get("model") or {}).get("channel_mult") if section == "lesion.model" else None
+        mult = mult or model["channel_mult"]
+        step = 2 ** (len(mult) - 1)
+        if any(int(s) % step for s in size):
+            out.append(
+                f"{key}: {size if key == 'preprocess.size' else size[0]} is not a multiple of {step} (the UNet halves "
+                f"its grid {len(mult) - 1} times: {section}.channel_mult {list(mult)}); choose a size divisible by "
+                f"{step} or fewer levels"
+            )
+    return out
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:

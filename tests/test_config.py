@@ -73,3 +73,14 @@ def test_strings_from_the_command_line_are_coerced() -> None:
     assert cfg["data"]["consensus_level"] == 0.25
     with pytest.raises(ConfigError, match="preprocess.size.0: 'big' is not of type 'integer'"):
         validate_config({"preprocess": {"size": ["big", "64", "64"]}})
+
+
+def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
+    with pytest.raises(
+        ConfigError, match=r"preprocess.size: \[31, 32, 32\] is not a multiple of 4 .*channel_mult \[1, 2, 2\]"
+    ):
+        validate_config({"preprocess": {"size": [31, 32, 32]}, "model": {"channel_mult": [1, 2, 2]}})
+    with pytest.raises(ConfigError, match=r"lesion.roi.size: 30 is not a multiple of 4 .*lesion.model.channel_mult"):
+        validate_config({"lesion": {"roi": {"size": 30}, "model": {"channel_mult": [1, 2, 4]}}})
+    # an imported network brings its own grid: preprocess.size is resampled to it, so any size goes
+    validate_config({"preprocess": {"size": [31, 32, 32]}, "model": {"init_from": "released.pt"}})

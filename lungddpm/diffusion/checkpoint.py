@@ -13,7 +13,7 @@ import torch
 from ..config import Config
 from ..errors import LungDDPMError
 from ..io import atomic_path
-from .unet import UNet3D, UNetConfig
+from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str
     unet_cfg = dict(ckpt["unet"])
     for key in ("channel_mult", "attention_resolutions"):
         unet_cfg[key] = tuple(unet_cfg[key])
+    if "convention" in ckpt and "time_max_period" not in unet_cfg:  # imported before the period was recorded
+        log.warning("%s: a Lung-DDPM import without its embedding period: using the original's 1000", checkpoint)
+        unet_cfg["time_max_period"] = LUNG_DDPM_TIME_MAX_PERIOD
     model = UNet3D(UNetConfig(**unet_cfg))
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     return model.eval(), ckpt

@@ -28,7 +28,7 @@ from ..io import atomic_path
 from .checkpoint import CheckpointError, load_checkpoint
 from .convention import ConventionError, LungDDPMConvention
 from .process import SCHEDULES, DiffusionConfig, make_scheduler
-from .unet import UNet3D, UNetConfig
+from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def infer_unet_config(
         attention_resolutions=tuple(sorted({image_size // ds for ds in attention_ds}, reverse=True)),
         num_heads=num_heads,
         norm_groups=norm_groups,
+        time_max_period=LUNG_DDPM_TIME_MAX_PERIOD,
     )
 
 

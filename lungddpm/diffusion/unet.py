@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+LUNG_DDPM_TIME_MAX_PERIOD = 1000.0  # the released network's modules.timestep_embedding(..., max_period=1000)
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -39,6 +41,9 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     use_checkpoint: bool = False
+    # the sinusoidal timestep embedding's longest period: guided-diffusion's 10000 for lungddpm's own models (what
+    # they were trained with); the released Lung-DDPM network uses 1000, which its import sets
+    time_max_period: float = 10000.0
 
     @property
     def time_embed_dim(self) -> int:
@@ -243,7 +248,7 @@ class UNet3D(nn.Module):
                 f"UNet3D: {x.shape[1]} input channels, expected "
                 f"{self.cfg.in_channels} image + {self.cfg.layout_channels} layout"
             )
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels, self.cfg.time_max_period))
         h = x
         skips = []
         for block in self.input_blocks:
@@ -267,4 +272,5 @@ def unet_config_from_dict(d: dict, image_size: int) -> UNetConfig:
         channel_mult=tuple(int(m) for m in d["channel_mult"]),
         attention_resolutions=tuple(int(r) for r in d["attention_resolutions"]),
         **{k: d[k] for k in keys},
+        **({"time_max_period": float(d["time_max_period"])} if "time_max_period" in d else {}),
     )

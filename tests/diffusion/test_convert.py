@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,14 @@ def original_layout(ema: UNet3D, raw: UNet3D, step: int = 1234) -> dict[str, Any
     return {"step": step, "model": wrapper(raw), "ema": wrapper(ema)}
 
 
+ORIGINAL_TINY = replace(TINY, time_max_period=1000.0)  # the released network's timestep-embedding period
+
+
 def tiny_nets() -> tuple[UNet3D, UNet3D]:
     torch.manual_seed(1)
-    ema = randomise(UNet3D(TINY))
+    ema = randomise(UNet3D(ORIGINAL_TINY))
     torch.manual_seed(2)
-    return ema, randomise(UNet3D(TINY))
+    return ema, randomise(UNet3D(ORIGINAL_TINY))
 
 
 def test_manifest_checkpoint_converts_strictly_and_round_trips(tmp_path: Path) -> None:
@@ -70,7 +74,8 @@ def test_manifest_checkpoint_converts_strictly_and_round_trips(tmp_path: Path) -
     source = manifest_checkpoint()
     torch.save(source, src)
     summary = import_lung_ddpm(src, out, LungDDPMConvention())
-    assert summary.unet == UNetConfig() and summary.diffusion == DiffusionConfig()  # the paper's network, T=250
+    paper = UNetConfig(time_max_period=1000.0)  # the paper's network, with its timestep embedding; T = 250
+    assert summary.unet == paper and summary.diffusion == DiffusionConfig()
     assert summary.tensors == 246 and summary.parameters == 40_226_433 and summary.step == 100000
     model, ckpt = load_model(out)  # the loader the sample rule uses
     assert ckpt["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
@@ -111,7 +116,7 @@ def test_tiny_original_layout_keeps_ema_and_raw_weights_apart(tmp_path: Path) ->
     src, out = tmp_path / "tiny.pt", tmp_path / "converted.pt"
     torch.save(original_layout(ema, raw), src)
     summary = import_lung_ddpm(src, out, LungDDPMConvention(size=16), norm_groups=4)
-    assert summary.unet == TINY and summary.step == 1234
+    assert summary.unet == ORIGINAL_TINY and summary.step == 1234
     x, layout, t = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 2, 16, 16, 16), torch.tensor([100])
     for use_ema, net in ((True, ema), (False, raw)):
         model, _ = load_model(out, use_ema=use_ema)
@@ -228,3 +233,29 @@ def test_import_rule_lints_clean_and_never_overwrites_a_trained_model(tmp_path: 
     (workdir / "results/models/demo/train_log.csv").write_text("step,loss\n")  # a model trained under this name
     proc = snakemake(workdir, "-n", check=False)
     assert proc.returncode != 0 and "holds a model trained here (train_log.csv)" in proc.stdout + proc.stderr
+
+
+def test_imports_use_the_originals_embedding_period_and_old_imports_are_mended(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lung-DDPM embeds timesteps with max_period 1000; with guided-diffusion's 10000 the same weights give another
+    network (the import was wrong by that before the period became part of the network config)."""
+    ema, raw = tiny_nets()
+    src, out = tmp_path / "tiny.pt", tmp_path / "converted.pt"
+    torch.save(original_layout(ema, raw), src)
+    import_lung_ddpm(src, out, LungDDPMConvention(size=16), norm_groups=4)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["unet"]["time_max_period"] == 1000.0
+    x, layout, t = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 2, 16, 16, 16), torch.tensor([100])
+    reference = ema.eval()(x, t, layout)
+    wrong = UNet3D(TINY)
+    wrong.load_state_dict(ema.state_dict())
+    rel = float((wrong.eval()(x, t, layout) - reference).abs().max() / reference.abs().max())
+    assert rel > 1e-3  # the period matters by values, not only by name
+    # an import written before the period was recorded loads with the original's period (and says so)
+    del ckpt["unet"]["time_max_period"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    with caplog.at_level("WARNING"):
+        model, _ = load_model(tmp_path / "old.pt")
+    assert model.cfg.time_max_period == 1000.0 and "embedding period" in caplog.text
+    assert torch.allclose(model(x, t, layout), reference, atol=1e-6)

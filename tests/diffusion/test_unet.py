@@ -70,3 +70,27 @@ def test_multi_head_attention_and_embedding() -> None:
     assert model(torch.randn(1, 1, 16, 16, 16), torch.tensor([3]), torch.randn(1, 2, 16, 16, 16)).shape[1] == 1
     emb = timestep_embedding(torch.tensor([0, 10]), 8)
     assert emb.shape == (2, 8) and torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+
+
+@pytest.mark.parametrize("period", [1000.0, 10000.0])
+def test_time_embedding_is_the_sinusoid_of_its_period(period: float) -> None:
+    """cos half then sin half of t x period^(-k / half), k = 0..half-1 (Lung-DDPM: period 1000)."""
+    import numpy as np
+
+    t, dim = torch.tensor([0, 1, 17, 249]), 8
+    freqs = period ** (-np.arange(dim // 2) / (dim // 2))
+    args = t.numpy()[:, None] * freqs[None]
+    expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    got = timestep_embedding(t, dim, period).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
+    assert got[2, 1] == pytest.approx(np.cos(17 * period**-0.25), abs=2e-5)  # t = 17, second frequency
+
+
+def test_the_network_uses_its_configured_period() -> None:
+    torch.manual_seed(0)
+    ours = randomise(UNet3D(TINY))
+    theirs = UNet3D(UNetConfig(**{**TINY.__dict__, "time_max_period": 1000.0}))
+    theirs.load_state_dict(ours.state_dict())
+    x, layout, t = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 2, 16, 16, 16), torch.tensor([120])
+    assert not torch.allclose(ours(x, t, layout), theirs(x, t, layout), atol=1e-4)
+    assert torch.equal(ours(x, torch.tensor([0]), layout), theirs(x, torch.tensor([0]), layout))  # t = 0: same

@@ -76,3 +76,10 @@ def test_benchmarks_print_numbers() -> None:
     assert all(r["seconds_per_volume"] > 0 for r in rows)
     bad = run_cli(*tiny, "bench", "sample", "--samplers", "ddim")
     assert bad.returncode == 2 and "expected NAME:STEPS" in bad.stderr
+
+
+def test_python_m_lungddpm_is_the_cli() -> None:
+    cmd = [sys.executable, "-m", "lungddpm", "--set", "data.demo.n_scans=3", "cases"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(run_cli("--set", "data.demo.n_scans=3", "cases").stdout)
