@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -259,3 +260,105 @@ def test_imports_use_the_originals_embedding_period_and_old_imports_are_mended(
         model, _ = load_model(tmp_path / "old.pt")
     assert model.cfg.time_max_period == 1000.0 and "embedding period" in caplog.text
     assert torch.allclose(model(x, t, layout), reference, atol=1e-6)
+
+
+# ---- parity with an independent forward of the original architecture (written from reading Lung-DDPM's
+# diffusion_model/unet.py + modules.py: guided-diffusion's UNetModel with dims=3, GroupNorm32(32, c), trilinear
+# Upsample, legacy QKV attention, timestep_embedding(max_period=1000), input = cat([x, condition]))
+def _gn(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.group_norm(x.float(), 32, p[f"{name}.weight"], p[f"{name}.bias"]).type(x.dtype)
+
+
+def _conv(p: dict[str, torch.Tensor], name: str, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    w = p[f"{name}.weight"]
+    fn = torch.nn.functional.conv1d if w.dim() == 3 else torch.nn.functional.conv3d
+    return fn(x, w, p[f"{name}.bias"], stride=stride, padding=w.shape[-1] // 2)
+
+
+def _original_layer(
+    p: dict[str, torch.Tensor], name: str, h: torch.Tensor, emb: torch.Tensor, heads: int
+) -> torch.Tensor:
+    silu = torch.nn.functional.silu
+    if f"{name}.in_layers.0.weight" in p:  # ResBlock (no scale-shift norm, no up/down)
+        r = _conv(p, f"{name}.in_layers.2", silu(_gn(p, f"{name}.in_layers.0", h)))
+        lin = torch.nn.functional.linear(silu(emb), p[f"{name}.emb_layers.1.weight"], p[f"{name}.emb_layers.1.bias"])
+        r = r + lin[:, :, None, None, None]
+        r = _conv(p, f"{name}.out_layers.3", silu(_gn(p, f"{name}.out_layers.0", r)))
+        skip = _conv(p, f"{name}.skip_connection", h) if f"{name}.skip_connection.weight" in p else h
+        return skip + r
+    if f"{name}.qkv.weight" in p:  # AttentionBlock, QKVAttentionLegacy: heads split before q, k, v
+        b, c, *spatial = h.shape
+        x = h.reshape(b, c, -1)
+        qkv = _conv(p, f"{name}.qkv", _gn(p, f"{name}.norm", x))
+        ch = qkv.shape[1] // (3 * heads)
+        q, k, v = qkv.reshape(b * heads, ch * 3, -1).split(ch, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale).float(), dim=-1)
+        a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, -1, x.shape[-1])
+        return (x + _conv(p, f"{name}.proj_out", a)).reshape(b, c, *spatial)
+    if f"{name}.op.weight" in p:  # Downsample: strided conv
+        return _conv(p, f"{name}.op", h, stride=2)
+    if f"{name}.conv.weight" in p:  # Upsample: trilinear to twice the size, then conv
+        up = torch.nn.functional.interpolate(h, tuple(2 * s for s in h.shape[2:]), mode="trilinear")
+        return _conv(p, f"{name}.conv", up)
+    return _conv(p, name, h)  # the input conv
+
+
+def original_forward(
+    p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, heads: int, max_period: float = 1000.0
+) -> torch.Tensor:
+    """Lung-DDPM's UNetModel.forward on its own state dict ``p`` (without the 'denoise_fn.' prefix); x includes
+    the condition channels."""
+    silu = torch.nn.functional.silu
+    half = int(p["time_embed.0.weight"].shape[1]) // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    temb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    lin = torch.nn.functional.linear
+    emb = lin(silu(lin(temb, p["time_embed.0.weight"], p["time_embed.0.bias"])), p["time_embed.2.weight"],
+              p["time_embed.2.bias"])  # fmt: skip
+
+    def block(prefix: str, h: torch.Tensor) -> torch.Tensor:
+        layers = sorted({int(k[len(prefix) + 1 :].split(".")[0]) for k in p if k.startswith(prefix + ".")})
+        for m in layers:
+            h = _original_layer(p, f"{prefix}.{m}", h, emb, heads)
+        return h
+
+    n_in = len({k.split(".")[1] for k in p if k.startswith("input_blocks.")})
+    n_out = len({k.split(".")[1] for k in p if k.startswith("output_blocks.")})
+    hs, h = [], x
+    for n in range(n_in):
+        h = block(f"input_blocks.{n}", h)
+        hs.append(h)
+    h = block("middle_block", h)
+    for n in range(n_out):
+        h = block(f"output_blocks.{n}", torch.cat([h, hs.pop()], dim=1))
+    return _conv(p, "out.2", silu(_gn(p, "out.0", h)))
+
+
+def test_import_matches_an_independent_forward_of_the_original_by_values() -> None:
+    """Random weights in the original's layout (two heads, 32-channel groups as GroupNorm32 needs): the imported
+    network's output equals the original architecture's forward; with guided-diffusion's embedding period it did not."""
+    cfg = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), attention_resolutions=(8,), num_heads=2,
+                     norm_groups=32, time_max_period=1000.0)  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    names = UNet3D(cfg).state_dict()
+    theirs = {k: torch.randn(v.shape, generator=g) * (0.2 if v.dim() > 1 else 0.1) + (1.0 if "norm" in k or
+              k.endswith(("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")) else 0.0)
+              for k, v in names.items()}  # fmt: skip
+    ckpt = convert({"step": 1, "ema": {**{PREFIX + k: v for k, v in theirs.items()}, **schedule_buffers()}},
+                   LungDDPMConvention(size=16), num_heads=2, norm_groups=32, where="parity")  # fmt: skip
+    imported = UNet3D(replace(cfg, **{k: ckpt["unet"][k] for k in ("time_max_period",)}))
+    imported.load_state_dict(ckpt["ema"])
+    x, layout = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 2, 16, 16, 16, generator=g)
+    t = torch.tensor([17, 230])
+    with torch.no_grad():
+        reference = original_forward(theirs, torch.cat([x, layout], dim=1), t, heads=2)
+        after = imported.eval()(x, t, layout)
+        before = UNet3D(replace(cfg, time_max_period=10000.0))
+        before.load_state_dict(ckpt["ema"])
+        old = before.eval()(x, t, layout)
+    rel_after = float((after - reference).abs().max() / reference.abs().max())
+    rel_before = float((old - reference).abs().max() / reference.abs().max())
+    print(f"parity with the original's forward: max relative difference {rel_before:.4f} before, {rel_after:.2e} after")
+    assert rel_after < 1e-5 and rel_before > 1e-2
