@@ -256,3 +256,20 @@ def test_dicom_shape_mismatch(tmp_path: Path, geom: ScanGeometry) -> None:
     with pytest.raises(DicomError):
         write_dicom_series(np.zeros((3, N, N), np.float32), geom, tmp_path / "x", quirks_for(0))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_dicom_passes_dciodvfy(
+    tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray], index: int
+) -> None:
+    """Debian's dicom3tools validates a demo slice against the CT Image IOD: no Error lines (signed and unsigned)."""
+    import shutil
+    import subprocess
+
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.fail("no dciodvfy: apt-get install --no-install-recommends dicom3tools (the README's test command does)")
+    paths = write_dicom_series(plain[0], geom, tmp_path / "s", quirks_for(index))
+    proc = subprocess.run([dciodvfy, str(paths[0])], capture_output=True, text=True)
+    report = (proc.stdout + proc.stderr).splitlines()
+    assert report and not [line for line in report if line.startswith("Error")], "\n".join(report)

@@ -98,8 +98,9 @@ def _slice_dataset(geom: ScanGeometry, quirks: DicomQuirks, k: int, pixels: np.n
     ds.PatientPosition = "FFS"
     ds.StudyInstanceUID = geom.study_uid
     ds.SeriesInstanceUID = geom.series_uid
-    ds.StudyID = ""
+    ds.StudyID = "1"  # (the DICOMDIR key dciodvfy asks for)
     ds.SeriesNumber = 1
+    ds.BodyPartExamined = "CHEST"  # an unpaired part: General Series' Type 2C Laterality is then absent
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = instance
     ds.ImagePositionPatient = [_ds(geom.x0), _ds(geom.y0), _ds(z)]
