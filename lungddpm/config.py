@@ -108,18 +108,18 @@ def _grid_problems(config: Mapping[str, Any]) -> list[str]:
     when training starts."""
     out = []
     model, lesion = config["model"], config.get("lesion", {})
-    grids = [] if model.get("init_from") else [("preprocess.size", list(config["preprocess"]["size"]), "model")]
+    grids = []  # (key, its value, the section of its network, that network's channel_mult)
+    if not model.get("init_from"):  # an imported network brings its own grid
+        grids.append(("preprocess.size", list(config["preprocess"]["size"]), "model", model["channel_mult"]))
     if lesion:
-        grids.append(("lesion.roi.size", [lesion["roi"]["size"]] * 3, "lesion.model"))
-    for key, size, section in grids:
-        mult = (lesion.get("model") or {}).get("channel_mult") if section == "lesion.model" else None
-        mult = mult or model["channel_mult"]
+        mult = (lesion.get("model") or {}).get("channel_mult") or model["channel_mult"]
+        grids.append(("lesion.roi.size", lesion["roi"]["size"], "lesion.model", mult))
+    for key, value, section, mult in grids:
         step = 2 ** (len(mult) - 1)
-        if any(int(s) % step for s in size):
+        if any(int(s) % step for s in (value if isinstance(value, list) else [value])):
             out.append(
-                f"{key}: {size if key == 'preprocess.size' else size[0]} is not a multiple of {step} (the UNet halves "
-                f"its grid {len(mult) - 1} times: {section}.channel_mult {list(mult)}); choose a size divisible by "
-                f"{step} or fewer levels"
+                f"{key}: {value} is not a multiple of {step} (the UNet halves its grid {len(mult) - 1} times: "
+                f"{section}.channel_mult {list(mult)}); choose a size divisible by {step} or fewer levels"
             )
     return out
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .. import __version__
 from ..config import Config
@@ -26,7 +25,7 @@ from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import dicom_root, list_cases
 from ..preprocessing.layout import LUNG, NODULE
-from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, load_source, shift_inside
+from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load_source, shift_inside
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
@@ -68,6 +67,7 @@ class CaseSession:
     ct: np.ndarray  # int16 HU [K, I, J], edited in place
     labels: np.ndarray  # uint8 0/1/2 [K, I, J]
     edits: list[Edit] = field(default_factory=list)
+    deep_lung: np.ndarray | None = None  # fine-grid candidate sites, computed on the first random site
 
     def undo(self) -> Edit | None:
         """Restore the native region of the last edit; returns it (None when there is nothing to undo)."""
@@ -194,8 +194,9 @@ class Studio:
     ) -> tuple[int, int, int]:
         """A seeded random valid site (native k, i, j) for ``nodule``: a lung voxel at least
         ``lesion.roi.site_min_depth_mm`` deep where :meth:`check_site` accepts it."""
-        depth = ndi.distance_transform_edt(session.source.lung_fine, sampling=session.source.fine.spacing)
-        cand = np.argwhere(depth >= self.roi.site_min_depth_mm)
+        if session.deep_lung is None:
+            session.deep_lung = deep_lung(session.source, self.roi.site_min_depth_mm)
+        cand = session.deep_lung
         rng = np.random.default_rng(seed)
         for _ in range(tries if cand.size else 0):
             world = session.source.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])

@@ -129,13 +129,18 @@ def _nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.
     return boxes
 
 
+def deep_lung(src: SourceCT, min_depth_mm: float) -> np.ndarray:
+    """Fine-grid indices [N, 3] (z, y, x) of lung voxels at least ``min_depth_mm`` inside the fine lung mask."""
+    depth = ndi.distance_transform_edt(src.lung_fine, sampling=src.fine.spacing)
+    return np.argwhere(depth >= min_depth_mm)
+
+
 def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: int = 4000) -> list[np.ndarray]:
     """Centres (x, y, z) of ``free_per_case`` nodule-free ROIs: at least ``site_min_depth_mm`` inside the fine
     lung mask, the cube inside the scan, away from every nodule and from each other."""
     if s.free_per_case == 0:
         return []
-    depth = ndi.distance_transform_edt(src.lung_fine, sampling=src.fine.spacing)
-    cand = np.argwhere(depth >= s.site_min_depth_mm)
+    cand = deep_lung(src, s.site_min_depth_mm)
     lo, hi = src.bounds()
     half = s.half_extent_mm
     boxes = _nodule_boxes(src, half + s.spacing_mm)
