@@ -51,18 +51,18 @@ def cmd_cases(args: argparse.Namespace) -> None:
 
 
 def cmd_rois(args: argparse.Namespace) -> None:
-    from .preprocessing.cases import dicom_root
     from .preprocessing.rois import RoiSettings, extract_rois, load_source
 
     cfg = _config(args)
     pre = Path(args.preprocessed or f"results/preprocessed/{args.case}")
-    rows = extract_rois(load_source(args.case, dicom_root(cfg), pre, cfg), RoiSettings.from_config(cfg), Path(args.out))
+    rows = extract_rois(load_source(args.case, pre, cfg), RoiSettings.from_config(cfg), Path(args.out))
     print(json.dumps({"case": args.case, "rois": len(rows), "table": str(Path(args.out) / "rois.csv")}))
 
 
 def cmd_demo_dicom(args: argparse.Namespace) -> None:
     from .data.demo import write_demo_case
-    from .preprocessing.cases import DEMO_ROOT, list_cases
+    from .data.sources import DEMO_ROOT
+    from .preprocessing.cases import list_cases
 
     cfg = _config(args)
     cases = list_cases(cfg)
@@ -73,12 +73,23 @@ def cmd_demo_dicom(args: argparse.Namespace) -> None:
         write_demo_case(case, cases.index(case), Path(args.root or DEMO_ROOT), cfg)
 
 
+def cmd_demo_images(args: argparse.Namespace) -> None:
+    from .data.demo import export_demo_images
+    from .data.sources import DEMO_ROOT
+    from .preprocessing.cases import list_cases
+
+    cfg = _config(args)
+    cases = list_cases(cfg)
+    files = export_demo_images(cfg, cases, Path(args.root or DEMO_ROOT), Path(args.out), args.format)
+    out = Path(args.out)
+    print(json.dumps({"ct_dir": str(out / "CT"), "label_dir": str(out / "SEG"), "cases": len(files)}))
+
+
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from .preprocessing.cases import dicom_root
     from .preprocessing.grid import preprocess_case
 
     cfg = _config(args)
-    preprocess_case(args.case, dicom_root(cfg), Path(args.out), cfg)
+    preprocess_case(args.case, Path(args.out), cfg)
 
 
 def cmd_layout(args: argparse.Namespace) -> None:
@@ -95,7 +106,8 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_demo_qc(args: argparse.Namespace) -> None:
     from .data.demo import qc_case, truth_path, write_qc_table
-    from .preprocessing.cases import DEMO_ROOT, list_cases
+    from .data.sources import DEMO_ROOT
+    from .preprocessing.cases import list_cases
 
     root = Path(args.root or DEMO_ROOT)
     cases = list_cases(_config(args))
@@ -246,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", action="append", help="only this case (repeatable); default all")
     p.add_argument("--root", default=None, help="output root (default resources/demo)")
     p.set_defaults(func=cmd_demo_dicom)
+    p = sub.add_parser("demo-images", help="write the demo cases in Lung-DDPM's CT/ + SEG/ layout (source images)")
+    p.add_argument("--out", required=True, help="folder to hold CT/ and SEG/")
+    p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
+    p.add_argument("--root", default=None, help="demo DICOM root (default resources/demo; missing series are written)")
+    p.set_defaults(func=cmd_demo_images)
     p = sub.add_parser("preprocess", help="DICOM -> HU volume, lung and nodule masks on the model grid")
     p.add_argument("--case", required=True)
     p.add_argument("--out", required=True, help="output folder of the case")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -87,6 +88,15 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         problems.append(
             "data.dicom_root: required when data.source is 'lidc'; pass --config data.dicom_root=/path/to/LIDC-IDRI"
         )
+    if not problems and data.get("source") == "images" and not data["images"]["ct_dir"]:
+        problems.append("data.images.ct_dir: required when data.source is 'images'; set it to your CT volumes' folder")
+    regex = data.get("images", {}).get("patient_regex")
+    if not problems and regex:
+        try:
+            if re.compile(regex).groups < 1:
+                problems.append(f"data.images.patient_regex: {regex!r} has no group; put the patient part in (...)")
+        except re.error as exc:
+            problems.append(f"data.images.patient_regex: {regex!r} is not a regex ({exc})")
     split = config.get("split", {})
     if not problems and abs(sum(split[k] for k in ("train", "val", "test")) - 1.0) > 1e-6:
         problems.append("split: train + val + test must sum to 1")
@@ -159,6 +169,14 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    ct_dir: str | None
+    label_dir: str | None
+    label_convention: str
+    patient_regex: str | None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str
     dicom_root: str | None
@@ -166,6 +184,7 @@ class DataConfig:
     consensus_level: float
     min_readers: int
     demo: DemoConfig
+    images: ImagesConfig
 
 
 @dataclass(frozen=True)
@@ -258,6 +277,7 @@ class Config:
         """Typed view of an already validated config dict."""
         d = dict(cfg["data"])
         d["demo"] = DemoConfig(**d["demo"])
+        d["images"] = ImagesConfig(**d["images"])
         d["cases"] = tuple(d["cases"])
         p = dict(cfg["preprocess"])
         p["spacing_mm"] = tuple(float(v) for v in p["spacing_mm"])

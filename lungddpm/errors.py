@@ -25,3 +25,7 @@ class SegmentationError(LungDDPMError):
 
 class LayoutError(LungDDPMError):
     """A semantic layout that violates the label contract."""
+
+
+class ImageError(LungDDPMError):
+    """A CT volume or label map of ``data.source: images`` that cannot be used."""

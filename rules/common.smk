@@ -1,17 +1,18 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 from pathlib import Path
 
-from lungddpm.preprocessing.cases import DEMO_ROOT, bank_cases, case_split, dicom_root, list_cases, model_checkpoint, run_cases
+from lungddpm.data.sources import DEMO_ROOT, source_files
+from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
 from lungddpm.config import validate_config, config_from_mapping, lesion_config
-from lungddpm.metrics.sets import Volume, patient_of, real_halves
+from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
 validate_config(config, source="snakemake config")
 CFG = config_from_mapping(config)
 CASES = list_cases(CFG)
 SPLIT = case_split(CFG, CASES)
-DICOM_ROOT = str(dicom_root(CFG))
+PATIENTS = case_patients(CFG, CASES)
 IS_DEMO = CFG.data.source == "demo"
 BANK_CASES = bank_cases(CFG, SPLIT)
 MODEL = config["train"]["name"]
@@ -25,7 +26,7 @@ LESION_SHARDS = config["lesion"]["sample"]["shards"]
 real_halves(
     [Volume(c, Path(c), None) for c in sorted(SPLIT)],
     [c for c, s in SPLIT.items() if s == "test"],
-    {c: patient_of(c) for c in SPLIT},
+    PATIENTS,
     config["metrics"]["seed"],
     config["metrics"]["floor_fraction"],
 )
@@ -60,10 +61,11 @@ def settings(*sections):
 
 
 def series_input(wildcards):
-    """Demo: the manifest written last by demo_dicom. Real data has no buildable input."""
+    """Demo: the manifest written last by demo_dicom. Images: the CT and its label map (edits rerun the case).
+    LIDC DICOM has no buildable input."""
     if IS_DEMO:
         return {"manifest": f"{DEMO_ROOT}/series/{wildcards.case}.json"}
-    return {}
+    return source_files(CFG, wildcards.case)
 
 
 def run_items(run):
@@ -142,6 +144,9 @@ def lesion_inputs(wildcards):
     }
     if IS_DEMO:
         inputs["series"] = expand(f"{DEMO_ROOT}/series/{{case}}.json", case=cases)
+    for case in cases:  # images: the CTs (and label maps) the nodules are pasted into
+        for key, path in source_files(CFG, case).items():
+            inputs.setdefault(f"source_{key}", []).append(path)
     return inputs
 
 

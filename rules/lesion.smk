@@ -10,7 +10,6 @@ rule rois:
     output:
         table=report("results/rois/{case}/rois.csv", category="Lesion scale", subcategory="ROIs", caption="../report/rois.rst"),
     params:
-        dicom_root=DICOM_ROOT,
         settings={**settings("data", "preprocess"), "roi": config["lesion"]["roi"]},
     priority: 10
     log:
@@ -59,7 +58,6 @@ rule synthesize_lesion:
         manifest="results/synthetic/lesion/shard_{shard}.json",
     params:
         shard_items=lesion_shard_items,
-        dicom_root=DICOM_ROOT,
         settings={**settings("intensity", "data", "preprocess"), **lesion_settings("insert", "sample")},
     priority: 10
     log:

@@ -8,6 +8,7 @@ rule metrics:
         per_case=report("results/metrics/eval/per_case.csv", category="Image quality", caption="../report/per_case.rst"),
     params:
         cases=sorted(SPLIT),
+        patients=PATIENTS,
         cache_dir="state/feature_cache",
         settings=settings("metrics", "intensity"),
     log:

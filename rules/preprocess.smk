@@ -8,7 +8,6 @@ rule preprocess:
         lung_fine="results/preprocessed/{case}/lung_fine.nii.gz",
         meta="results/preprocessed/{case}/meta.json",
     params:
-        dicom_root=DICOM_ROOT,
         settings=settings("data", "preprocess", "lungmask"),
     log:
         "logs/preprocess/{case}.log",

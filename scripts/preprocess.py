@@ -9,7 +9,6 @@ from lungddpm.preprocessing.grid import preprocess_case
 with rule_logging(snakemake.log[0]):
     preprocess_case(
         snakemake.wildcards.case,
-        Path(snakemake.params.dicom_root),
         Path(snakemake.output.meta).parent,
         config_from_mapping(snakemake.config),
     )

@@ -9,5 +9,5 @@ from lungddpm.preprocessing.rois import RoiSettings, extract_rois, load_source
 with rule_logging(snakemake.log[0]):
     cfg = config_from_mapping(snakemake.config)
     case = snakemake.wildcards.case
-    src = load_source(case, Path(snakemake.params.dicom_root), Path(snakemake.input.lung_fine).parent, cfg)
+    src = load_source(case, Path(snakemake.input.lung_fine).parent, cfg)
     extract_rois(src, RoiSettings.from_config(cfg), Path(snakemake.output.table).parent)

@@ -15,7 +15,6 @@ with rule_logging(snakemake.log[0]):
         config_from_mapping(snakemake.config),
         Path(inp.checkpoint),
         {Path(p).parent.name: Path(p) for p in inp.tables},
-        Path(snakemake.params.dicom_root),
         {Path(p).parent.name: Path(p).parent for p in inp.lung_fine},
         Path(inp.bank),
         Path(snakemake.output.manifest).parent,

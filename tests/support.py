@@ -95,3 +95,10 @@ def write_cases(root: Path, n: int) -> tuple[list[Path], list[Path]]:
         write_volume(ct_paths[-1], cts[i], geom)
         write_volume(lay_paths[-1], layouts[i], geom)
     return ct_paths, lay_paths
+
+
+def lidc_config(cfg: Config, dicom_root: Path) -> Config:
+    """``cfg`` reading LIDC-IDRI DICOM from ``dicom_root`` (e.g. a copy of the demo's series, damaged or edited)."""
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, source="lidc", dicom_root=str(dicom_root)))

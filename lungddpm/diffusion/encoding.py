@@ -27,6 +27,7 @@ def model_to_hu(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 TEXTURE_CLASSES = ("ground-glass", "part-solid", "solid")
+UNKNOWN_TEXTURE = "unknown"  # the class of a nodule whose source has no texture rating (a label map's components)
 ANY_TEXTURE = 1.0  # the nodule channel's value for "nodule, texture not given" (the whole-volume scale's only one)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, kid
 from .features import FeatureExtractor, build_extractor, cached_features
-from .sets import MetricsError, Pair, Volume, patient_of, real_halves
+from .sets import MetricsError, Pair, Volume, real_halves
 from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
 
 log = logging.getLogger(__name__)
@@ -254,10 +254,15 @@ def default_cache_dir() -> Path:
 
 
 def workflow_sets(
-    manifests: Sequence[Path], real: dict[str, tuple[Path, Path]], seed: int = 0, floor_fraction: float = 0.5
+    manifests: Sequence[Path],
+    real: dict[str, tuple[Path, Path]],
+    patients: Mapping[str, str],
+    seed: int = 0,
+    floor_fraction: float = 0.5,
 ) -> tuple[list[Pair], list[Volume], list[Volume]]:
     """Pairs from the eval run's shard manifests (each item names its image, layout and source case); ``real`` maps
-    every real case id to its (ct, layout) files, split by patient into floor and reference (``real_halves``)."""
+    every real case id to its (ct, layout) files, split by ``patients`` (case id -> patient id) into floor and
+    reference (``real_halves``)."""
     from ..io import read_json
 
     pairs = []
@@ -268,6 +273,7 @@ def workflow_sets(
             if case not in volumes:
                 raise MetricsError(f"{manifest}: item {item['item']} comes from {case}, which is not a real case input")
             pairs.append(Pair(Volume(item["item"], Path(item["image"]), Path(item["layout"])), volumes[case]))
-    patients = {case: patient_of(case) for case in volumes}
-    floor, reference = real_halves(list(volumes.values()), [p.real.name for p in pairs], patients, seed, floor_fraction)
+    floor, reference = real_halves(
+        list(volumes.values()), [p.real.name for p in pairs], {c: patients[c] for c in volumes}, seed, floor_fraction
+    )
     return pairs, reference, floor

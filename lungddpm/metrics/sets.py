@@ -65,8 +65,3 @@ def real_halves(
             "synthetic volume was sampled from; add real cases (demo: data.demo.n_scans >= 4)"
         )
     return floor, reference
-
-
-def patient_of(case_id: str) -> str:
-    """The LIDC patient of a case id ``LIDC-IDRI-XXXX[_sN]`` (series of one patient share it)."""
-    return case_id.partition("_s")[0]

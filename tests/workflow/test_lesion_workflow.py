@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from conftest import CI_CONFIG
 from scipy import ndimage as ndi
 
@@ -68,9 +69,7 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
     case = prov["source_case"]
     assert len(prov["sites"]) == CI_CONFIG["lesion"]["roi"]["free_per_case"]
     assert prov["checkpoint_sha256"] and prov["sample"]["sampler"] == "dpm++"
-    src = load_source(
-        case, demo_workflow / "resources/demo/LIDC-IDRI", demo_workflow / f"results/preprocessed/{case}", cfg
-    )
+    src = load_source(case, demo_workflow / f"results/preprocessed/{case}", cfg, demo_workflow)
     files = {k: out / v for k, v in prov["files"].items()}
     ct = nib.load(files["ct"])
     assert ct.get_data_dtype() == np.int16 and ct.shape[::-1] == src.hu.shape
@@ -107,7 +106,9 @@ def test_texture_control_table(demo_workflow: Path) -> None:
     assert all(int(r["n_inserted"]) == 2 and -1100 < float(r["inserted_mean_hu"]) < 500 for r in rows)
 
 
-def test_lesion_shard_skips_complete_items_and_reproduces_an_item(demo_workflow: Path, tmp_path: Path) -> None:
+def test_lesion_shard_skips_complete_items_and_reproduces_an_item(
+    demo_workflow: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import yaml
 
     from lungddpm.config import load_config
@@ -122,11 +123,11 @@ def test_lesion_shard_skips_complete_items_and_reproduces_an_item(demo_workflow:
         cfg,
         res / "models/lesion/ci/checkpoint.pt",
         {c: res / f"rois/{c}/rois.csv" for c in train},
-        demo_workflow / "resources/demo/LIDC-IDRI",
         {c: res / f"preprocessed/{c}" for c in train},
         demo_workflow / "resources/nodule_bank.npz",
     )
     out = res / "synthetic/lesion"
+    monkeypatch.chdir(demo_workflow)  # the demo's DICOM root is relative to the workflow directory
     assert all(e["skipped"] for e in synthesize_lesion_shard(items, *args, out))  # a rerun redoes nothing
     made = synthesize_lesion_shard(items[:1], *args, tmp_path)  # the same item again, elsewhere
     assert not made[0]["skipped"]

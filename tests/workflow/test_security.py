@@ -18,6 +18,7 @@ import pydicom
 import pytest
 import yaml
 from conftest import REPO, make_workdir, snakemake
+from support import lidc_config
 
 from lungddpm.config import Config, load_config, validate_config
 from lungddpm.data import lidc
@@ -133,7 +134,7 @@ def test_no_dicom_patient_identifiers_reach_any_output(demo_workflow: Path, tmp_
     root_logger.addHandler(handler)
     root_logger.setLevel(logging.DEBUG)
     try:
-        preprocess_case(case, root, out / "preprocessed" / case, cfg)
+        preprocess_case(case, out / "preprocessed" / case, lidc_config(cfg, root))
         make_layout(out / "preprocessed" / case, out / "layouts" / f"{case}.nii.gz", cfg.layout)
     finally:
         root_logger.removeHandler(handler)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, make_workdir, snakemake
+from support import lidc_config
 
 from lungddpm.config import Config, validate_config
 from lungddpm.data import lidc
@@ -111,7 +112,7 @@ def test_bad_series_is_refused_without_partial_output(demo_workflow: Path, tmp_p
         expected = "files of 2 series are mixed"
     out = tmp_path / "out"
     with pytest.raises(DicomError, match=expected):
-        preprocess_case(case, root, out, _cfg())
+        preprocess_case(case, out, lidc_config(_cfg(), root))
     assert not (out / "meta.json").exists() and not list(out.glob("*.nii.gz")) if out.exists() else True
 
 

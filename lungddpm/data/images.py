@@ -1,0 +1,308 @@
+"""``data.source: images``: your own CT folders (NIfTI, NRRD, MHA/MHD, or one DICOM series per subfolder), read with
+SimpleITK at their true geometry, with optional label maps matched by file stem.
+
+Label conventions: ``lung_nodule`` (Lung-DDPM's 0 background, 1 lung, 2 nodule) or ``binary`` (0, 1 = nodule).
+The lungs come from the label map when it has lung voxels, otherwise from lungddpm's lung mask; nodules are the
+connected components of the nodule label (their texture, malignancy and readers are unknown). Volumes are
+reoriented to LPS-aligned axes (``DICOMOrient``) so that they follow the same ``[Z, Y, X]`` convention as DICOM.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageError
+from ..io import DicomSeries
+from .nodules import Nodule, components
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
+CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
+CONVENTIONS = {"lung_nodule": {"lung": 1, "nodule": 2}, "binary": {"lung": None, "nodule": 1}}
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    """One CT of an image folder: its case id (the sanitised stem), files and patient."""
+
+    case_id: str
+    image: Path  # a volume file, or a folder holding one DICOM series
+    label: Path | None
+    patient_id: str
+
+
+@dataclass(frozen=True)
+class ImageScan:
+    """A CT read from an image folder, as an axial series, with what its label map says."""
+
+    series: DicomSeries
+    lung: np.ndarray | None  # bool [Z, Y, X] on the CT's grid, when the label map has lung voxels
+    nodules: list[Nodule]
+
+
+def case_id_of(path: Path) -> str:
+    """File stem (every volume suffix and nnU-Net's ``_0000`` removed; a DICOM folder's name), sanitised to
+    ``[A-Za-z0-9._-]``."""
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = CHANNEL_SUFFIX.sub("", name)
+    case = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    if not case:
+        raise ImageError(f"{path}: no usable case id in its name; rename it (letters, digits, . _ -)")
+    return case
+
+
+def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
+    """case id -> volume file (or DICOM folder) of ``folder``; other files are listed in a warning."""
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: {what} does not exist; point it at the folder holding your volumes")
+    found: dict[str, Path] = {}
+    ignored = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        lower = entry.name.lower()
+        if entry.is_dir():
+            if not dicom_dirs or not any(entry.iterdir()):
+                ignored.append(entry.name)
+                continue
+        elif not lower.endswith(SUFFIXES):
+            if not lower.endswith(COMPANIONS):
+                ignored.append(entry.name)
+            continue
+        case = case_id_of(entry)
+        if case in found:
+            raise ImageError(
+                f"{found[case]} and {entry}: both give case id {case!r}; rename one (case ids are sanitised stems)"
+            )
+        found[case] = entry
+    if ignored:
+        log.warning(
+            "%s: not volumes, ignored: %s", folder, ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else "")
+        )
+    if not found:
+        raise ImageError(
+            f"{folder}: no CT volumes ({', '.join(SUFFIXES)} files{' or DICOM series folders' if dicom_dirs else ''}); "
+            f"check {what}"
+        )
+    return found
+
+
+def patient_of(case_id: str, pattern: str | None) -> str:
+    """The patient of a case: the first group of ``data.images.patient_regex`` matched at the start of the case
+    id, or the case id itself (one patient per volume)."""
+    if not pattern:
+        return case_id
+    m = re.match(pattern, case_id)
+    if not m or not m.groups():
+        raise ImageError(f"case {case_id!r}: data.images.patient_regex {pattern!r} does not match it with a group")
+    return m.group(1)
+
+
+@functools.cache
+def discover(ct_dir: str, label_dir: str | None, patient_regex: str | None) -> dict[str, ImageCase]:
+    """Every case of an image folder, by case id (sorted); label maps are matched by stem, both ways."""
+    images = _entries(Path(ct_dir), "data.images.ct_dir", dicom_dirs=True)
+    labels = _entries(Path(label_dir), "data.images.label_dir", dicom_dirs=False) if label_dir else {}
+    if label_dir:
+        no_label = sorted(set(images) - set(labels))
+        no_image = sorted(set(labels) - set(images))
+        if no_label or no_image:
+            parts = [f"CTs without a label map: {[images[c].name for c in no_label]}"] if no_label else []
+            parts += [f"label maps without a CT: {[labels[c].name for c in no_image]}"] if no_image else []
+            raise ImageError(
+                f"{ct_dir} / {label_dir}: stems do not match ({'; '.join(parts)}); give every CT a label map of the "
+                "same stem (all zeros for a CT without nodules), or set data.images.label_dir: null"
+            )
+    return {c: ImageCase(c, images[c], labels.get(c), patient_of(c, patient_regex)) for c in sorted(images)}
+
+
+def _read(path: Path) -> Any:
+    """A SimpleITK image of a volume file or of the one DICOM series of a folder, reoriented to LPS axes."""
+    import SimpleITK as sitk
+
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if len(series) != 1:
+                raise ImageError(
+                    f"{path}: {len(series)} DICOM series in this folder; keep exactly one series per subfolder"
+                )
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(f"{path}: {image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} "
+                         "component(s); a CT must be one 3-D scalar volume")  # fmt: skip
+    image = sitk.DICOMOrient(image, "LPS")
+    if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel(), atol=1e-3):
+        raise ImageError(
+            f"{path}: oblique orientation {np.round(image.GetDirection(), 3).tolist()}; resample it onto axial, "
+            "axis-aligned slices first (only axial CT is supported)"
+        )
+    return image
+
+
+def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
+    """A CT volume -> axial series in HU [Z, Y, X] (z ascending), clipped to [``padding_hu``, ``max_hu``]."""
+    import SimpleITK as sitk
+
+    image = _read(Path(path))
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    if hu.size == 0 or float(hu.min()) >= -200.0:
+        raise ImageError(
+            f"{path}: minimum value {float(hu.min()) if hu.size else 'n/a'} - this is not a CT in Hounsfield units "
+            "(air is about -1000); export it in HU (apply the rescale slope and intercept)"
+        )
+    np.clip(hu, padding_hu, max_hu, out=hu)
+    sx, sy, sz = image.GetSpacing()
+    x0, y0, z0 = image.GetOrigin()
+    return DicomSeries(
+        hu=hu,
+        z_positions=z0 + sz * np.arange(hu.shape[0], dtype=np.float64),
+        pixel_spacing=(float(sy), float(sx)),
+        origin_xy=(float(x0), float(y0)),
+        series_uid=f"{Path(path).name}",
+        directory=Path(path),
+    )
+
+
+def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """A label map on the grid of ``ct`` -> (lung bool [Z, Y, X] or None when it has no lung label, nodule bool)."""
+    import SimpleITK as sitk
+
+    image = _read(Path(path))
+    labels = sitk.GetArrayFromImage(image)
+    sx, sy, sz = image.GetSpacing()
+    spacing_ct = (
+        ct.pixel_spacing[1],
+        ct.pixel_spacing[0],
+        float(np.diff(ct.z_positions[:2])[0]) if ct.z_positions.size > 1 else sz,
+    )
+    origin_ct = (*ct.origin_xy, float(ct.z_positions[0]))
+    if (
+        labels.shape != ct.hu.shape
+        or not np.allclose((sx, sy, sz), spacing_ct, rtol=1e-3)
+        or not np.allclose(image.GetOrigin(), origin_ct, atol=0.1 * min(spacing_ct))
+    ):
+        raise ImageError(
+            f"{path}: grid {labels.shape[::-1]} at spacing {np.round((sx, sy, sz), 4).tolist()} origin "
+            f"{np.round(image.GetOrigin(), 2).tolist()} does not match its CT {ct.directory} "
+            f"({ct.hu.shape[::-1]}, {np.round(spacing_ct, 4).tolist()}, {np.round(origin_ct, 2).tolist()}); "
+            "a label map must lie on its CT's voxel grid"
+        )
+    if not np.array_equal(labels, np.round(labels)):
+        raise ImageError(f"{path}: non-integer labels; a label map holds integer classes")
+    codes = CONVENTIONS[convention]
+    allowed = {0} | {v for v in codes.values() if v is not None}
+    found = {int(v) for v in np.unique(labels)}
+    if not found <= allowed:
+        other = "binary" if convention == "lung_nodule" else "lung_nodule"
+        raise ImageError(
+            f"{path}: labels {sorted(found)}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
+            f"set label_convention: {other} if that is how the maps are coded, or recode the map"
+        )
+    nodule = labels == codes["nodule"]
+    lung = None
+    if codes["lung"] is not None and (labels == codes["lung"]).any():
+        lung = labels > 0  # the lungs with their nodules
+    return lung, nodule
+
+
+def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu: float) -> ImageScan:
+    """CT, lungs (when labelled) and nodule components (26-connected) of one case."""
+    ct = read_ct(case.image, padding_hu, max_hu)
+    if case.label is None:
+        return ImageScan(ct, None, [])
+    lung, nodule = read_label(case.label, ct, convention)
+    dz = float(np.median(np.diff(ct.z_positions))) if ct.z_positions.size > 1 else 1.0
+    nods = components(nodule, (dz, *ct.pixel_spacing))
+    log.info("%s: %d nodule component(s) in %s, lung %s", case.case_id, len(nods), case.label.name,
+             "from the label map" if lung is not None else "from lungddpm's lung mask")  # fmt: skip
+    return ImageScan(ct, lung, nods)
+
+
+def _cache_file(label: Path, convention: str) -> Path:
+    st = label.stat()
+    key = f"images-v1|{label.resolve()}|{st.st_size}|{st.st_mtime_ns}|{convention}"
+    root = Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
+    return root / "labels" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
+
+
+def has_nodules(case: ImageCase, convention: str) -> bool:
+    """Whether the case's label map has a nodule voxel; cached on disk by file path, size and mtime, because the
+    split needs it whenever Snakemake parses the workflow."""
+    if case.label is None:
+        return False
+    cache = _cache_file(case.label, convention)
+    try:
+        return bool(json.loads(cache.read_text())["has_nodules"])
+    except (OSError, ValueError, KeyError):
+        pass
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayFromImage(_read(case.label))
+    flag = bool((labels == CONVENTIONS[convention]["nodule"]).any())
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"label": str(case.label), "has_nodules": flag}))
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only home only costs speed
+        log.debug("label scan not cached: %s", exc)
+    return flag
+
+
+def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
+    """Write ``array`` [Z, Y, X] on the grid of ``series`` (regular slices) to ``path`` in the format its suffix
+    names (NIfTI, NRRD, MHA, MHD + raw), atomically (a temporary name of the same format, then renamed)."""
+    import SimpleITK as sitk
+
+    dz = np.diff(series.z_positions)
+    if dz.size and not np.allclose(dz, dz[0], atol=1e-3):
+        raise ImageError(f"{series.directory}: irregular slice spacing; a volume file needs regular slices")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((series.pixel_spacing[1], series.pixel_spacing[0], float(dz[0]) if dz.size else 1.0))
+    image.SetOrigin((*series.origin_xy, float(series.z_positions[0])))
+    path = Path(path)
+    suffix = next((s for s in SUFFIXES if path.name.lower().endswith(s)), None)
+    if suffix is None:
+        raise ImageError(f"{path}: unknown volume format; use one of {', '.join(SUFFIXES)}")
+    tmp = path.with_name(f".{path.name[: -len(suffix)]}.{os.getpid()}.tmp{suffix}")
+    sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
+    if suffix == ".mhd":  # the header names its data file: keep the pair's names consistent
+        raw = tmp.with_suffix(".raw")
+        header = tmp.read_text().replace(raw.name, path.with_suffix(".raw").name)
+        os.replace(raw, path.with_suffix(".raw"))
+        tmp.write_text(header)
+    os.replace(tmp, path)
+
+
+def export_case(series: DicomSeries, lung: np.ndarray, nodules: list[Nodule], ct_path: Path, label_path: Path) -> None:
+    """One case in Lung-DDPM's folder layout: the CT (int16 HU) and its 0/1/2 label map (lung, nodule)."""
+    labels = lung.astype(np.uint8)
+    for nod in nodules:
+        k, i, j = nod.offset
+        box = labels[k : k + nod.mask.shape[0], i : i + nod.mask.shape[1], j : j + nod.mask.shape[2]]
+        box[nod.mask[: box.shape[0], : box.shape[1], : box.shape[2]]] = 2
+    write_image(ct_path, np.round(series.hu).astype(np.int16), series)
+    write_image(label_path, labels, series)
