@@ -203,6 +203,7 @@ class LungmaskConfig:
     airway_threshold_hu: float
     airway_max_diameter_mm: float
     closing_mm: float
+    pleural_max_diameter_mm: float
     min_lung_ml: float
     min_component_fraction: float
 

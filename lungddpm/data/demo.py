@@ -140,8 +140,6 @@ def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suf
         scan = read_case(demo_cfg, case)
         lung, _ = read_volume(truth_path(root, case))
         ct_file, seg_file = Path(out) / "CT" / f"{case}{suffix}", Path(out) / "SEG" / f"{case}{suffix}"
-        for f in (ct_file, seg_file):
-            f.parent.mkdir(parents=True, exist_ok=True)
         export_case(scan.series, lung > 0, scan.nodules, ct_file, seg_file)
         log.info("%s: %s + %s (%d nodules)", case, ct_file, seg_file, len(scan.nodules))
         written.append(ct_file)

@@ -287,6 +287,7 @@ def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
     suffix = next((s for s in SUFFIXES if path.name.lower().endswith(s)), None)
     if suffix is None:
         raise ImageError(f"{path}: unknown volume format; use one of {', '.join(SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name[: -len(suffix)]}.{os.getpid()}.tmp{suffix}")
     sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
     if suffix == ".mhd":  # the header names its data file: keep the pair's names consistent

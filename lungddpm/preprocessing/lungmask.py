@@ -1,8 +1,10 @@
 """Classical lung segmentation on a CT resampled to a fine isotropic spacing (about 2 mm).
 
 Threshold -> remove outside air and table -> fill the body -> remove trachea and main bronchi (grown from the
-trachea in the top slices) -> keep the lung-sized components -> close (vessels, juxtapleural nodules) -> fill
-holes slice by slice. Deep lung-mask tools fetch weights at run time, which cannot work offline (DESIGN §3).
+trachea in the top slices) -> keep the lung-sized components -> close (vessels, small juxtapleural nodules) ->
+pleural-surface correction (dents of the costal surface up to ``pleural_max_diameter_mm``: juxtapleural nodules and
+masses) -> fill holes slice by slice. Deep lung-mask tools fetch weights at run time, which cannot work offline
+(DESIGN §3).
 """
 
 from __future__ import annotations
@@ -86,6 +88,73 @@ def _airway(hu: np.ndarray, body: np.ndarray, spacing: np.ndarray, cfg: Lungmask
     return np.zeros_like(body)
 
 
+def _hull(mask: np.ndarray) -> np.ndarray:
+    from skimage.morphology import convex_hull_image
+
+    return convex_hull_image(mask) if mask.sum() >= 3 else mask
+
+
+MOUTH_ON_WALL = 0.5  # a dent is costal when at least this share of its mouth lies on the hull of both lungs
+# dents at least this large (mm^2) seed a nodule; smaller ones (mostly the pixelation of the surface) join only where
+# a seed of a neighbouring slice covers them (the nodule's poles)
+SEED_DENT_MM2 = 16.0
+_RING = np.ones((3, 3), bool)
+
+
+def _costal_dents(lung: np.ndarray, body: np.ndarray, sides: tuple[np.ndarray, ...], max_px: float) -> np.ndarray:
+    """Labelled costal dents of one axial slice with both lungs (0 = none). lung, body: bool [Y, X]."""
+    out = np.zeros(lung.shape, np.int32)
+    on_wall = ndi.binary_dilation(~_hull(lung), structure=_RING)  # next to the outside of both lungs' hull
+    for side in sides:
+        half = lung & side[None, :]
+        hull = _hull(half)
+        dents, n = ndi.label(hull & ~half & body, structure=_RING)
+        if n == 0:
+            continue
+        index = np.arange(1, n + 1)
+        mouth = ndi.binary_dilation(~hull, structure=_RING) & (dents > 0)
+        mouth_px = ndi.sum(mouth, dents, index)
+        wall_px = ndi.sum(mouth & on_wall, dents, index)
+        sizes = ndi.sum(dents > 0, dents, index)
+        for d in index[(mouth_px > 0) & (wall_px >= MOUTH_ON_WALL * mouth_px) & (sizes <= max_px)]:
+            out[dents == d] = out.max() + 1
+    return out
+
+
+def pleural_dents(
+    lung: np.ndarray, body: np.ndarray, midline_x: float, spacing: np.ndarray, max_diameter_mm: float
+) -> np.ndarray:
+    """Dents of the lungs' costal surface (juxtapleural nodules and masses), per axial slice with both lungs: the
+    components of (convex hull of one lung - that lung) inside the body whose mouth (their pixels next to the
+    outside of that lung's hull) lies mostly on the border of the hull of both lungs — the chest wall; the cardiac
+    and hilar notches open onto the mediastinum, inside that hull, and stay out — each at most the area of two
+    discs of ``max_diameter_mm``. Dents of at least ``SEED_DENT_MM2`` are kept, smaller ones only where a kept
+    dent of a slice within its radius covers them. lung, body: bool [Z, Y, X]; returns the bool voxels to add."""
+    added = np.zeros_like(lung)
+    if max_diameter_mm <= 0:
+        return added
+    px_mm2 = float(spacing[1] * spacing[2])
+    max_px, seed_px, min_px = 2 * np.pi * (max_diameter_mm / 2) ** 2 / px_mm2, SEED_DENT_MM2 / px_mm2, 100.0 / px_mm2
+    cols = np.arange(lung.shape[2])
+    sides = (cols < midline_x, cols >= midline_x)  # the right lung (image left), the left lung
+    dents = np.zeros(lung.shape, np.int32)
+    for z in np.flatnonzero(lung.any(axis=(1, 2))):
+        if min((lung[z] & side[None, :]).sum() for side in sides) >= min_px:  # both lungs, not a tip, in the slice
+            dents[z] = _costal_dents(lung[z], body[z], sides, max_px)
+    cover = np.zeros_like(lung)  # where the seeds lie, spread over the slices their radius reaches
+    for z in range(lung.shape[0]):
+        for d in range(1, int(dents[z].max()) + 1):
+            dent = dents[z] == d
+            if dent.sum() >= seed_px:
+                added[z] |= dent
+                reach = int(np.ceil(np.sqrt(dent.sum() * px_mm2 / np.pi) / float(spacing[0])))
+                cover[max(z - reach, 0) : z + reach + 1] |= ndi.binary_dilation(dent, structure=_RING)[None]
+    for z in range(lung.shape[0]):
+        for d in np.unique(dents[z][cover[z] & ~added[z] & (dents[z] > 0)]):
+            added[z] |= dents[z] == d
+    return added
+
+
 def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig) -> LungmaskResult:
     """Segment both lungs (parenchyma with vessels and nodules, without trachea and main bronchi).
 
@@ -127,6 +196,7 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
         closed = ndi.binary_closing(padded, structure=ball)[tuple(slice(p, -p) for p in pad)]
         lung[sl] |= closed
     lung &= body
+    lung |= pleural_dents(lung & ~airway, body & ~airway, midline, sp, cfg.pleural_max_diameter_mm)
     lung = _fill_holes_2d(lung & ~airway)
     return LungmaskResult(
         lung=lung,

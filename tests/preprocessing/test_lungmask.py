@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
+from scipy import ndimage as ndi
 
 from lungddpm.config import LungmaskConfig, validate_config
 from lungddpm.preprocessing.lungmask import outside_air, segment_lungs
@@ -78,3 +82,55 @@ def test_keeps_a_detached_upper_lobe_and_drops_bowel_gas() -> None:
     assert result.n_components == 3  # two lungs + the detached top piece, not the gas
     assert not (result.lung & gas).any()
     assert result.lung[40:45][lung[40:45]].mean() > 0.95
+
+
+# ------------------------------------------------------------------- juxtapleural nodules on the demo's phantoms
+PIXEL, SLICE = 0.8, 2.5  # mm: an LIDC-like 512 x 512 series
+
+
+def _tangent_site(lung: np.ndarray, diameter: float, side: str) -> tuple[float, float, float]:
+    """(k, i, j) of a sphere of ``diameter`` mm inside ``lung`` [Z, Y, X], one pixel from its costal surface on
+    ``side`` (right / left: lateral wall, posterior / anterior: dorsal and ventral wall) in its widest slice."""
+    k = int(np.argmax(lung.sum(axis=(1, 2))))
+    mid, r = lung.shape[2] // 2, diameter / 2 / PIXEL + 1
+    i = int(np.argwhere(lung[k])[:, 0].mean())
+    cols = np.flatnonzero(lung[k, i])
+    if side in ("right", "left"):
+        return k, i, cols[cols < mid].min() + r if side == "right" else cols[cols >= mid].max() - r
+    half = lung[k][:, :mid] if side == "posterior" else lung[k][:, mid:]
+    j = int(np.argwhere(half)[:, 1].mean()) + (0 if side == "posterior" else mid)
+    rows = np.flatnonzero(lung[k, :, j])
+    return k, rows.max() - r if side == "posterior" else rows.min() + r, j
+
+
+SITES = [((10, "right"), (20, "left")), ((30, "posterior"), (40, "anterior")), ((50, "left"),)]
+
+
+@pytest.mark.parametrize("nodules", SITES)
+def test_juxtapleural_nodules_of_10_to_50_mm_lie_inside_the_lung_mask(nodules: tuple[tuple[int, str], ...]) -> None:
+    from lungddpm.data.phantom import NoduleSpec, ScanGeometry, synthesize_thorax
+    from lungddpm.preprocessing.grid import SliceGrid, fine_geometry, resample
+
+    geom = ScanGeometry("P", "1.2.3", "1.2.3.4", PIXEL, np.arange(0, 300, SLICE), SLICE)
+    _, lung0 = synthesize_thorax(geom, [], seed=1)
+    kk, ii, jj = np.ogrid[: lung0.shape[0], : lung0.shape[1], : lung0.shape[2]]
+    spheres = []
+    for diameter, side in nodules:
+        k, i, j = _tangent_site(lung0, diameter, side)
+        d2 = ((kk - k) * SLICE) ** 2 + ((ii - i) * PIXEL) ** 2 + ((jj - j) * PIXEL) ** 2
+        spheres.append(d2 <= (diameter / 2) ** 2)
+    boxes = [ndi.find_objects(s.astype(np.uint8))[0] for s in spheres]
+    specs = [NoduleSpec(s[b], tuple(a.start for a in b), 5) for s, b in zip(spheres, boxes)]
+    hu, truth = synthesize_thorax(geom, specs, seed=1)
+    grid = SliceGrid(geom.slice_zvals.astype(float), PIXEL, PIXEL, -PIXEL * 256, -PIXEL * 256)
+    fine, size = fine_geometry(grid, hu.shape, 2.0)  # preprocessing's fine grid
+    on_fine = [resample(m.astype(np.float32), grid, fine, size, order=1, fill=0.0) >= 0.5 for m in (truth, *spheres)]
+    ours = segment_lungs(resample(hu, grid, fine, size, order=1, fill=-1024.0), fine.spacing, CFG).lung
+    off = segment_lungs(resample(hu, grid, fine, size, order=1, fill=-1024.0), fine.spacing,
+                        replace(CFG, pleural_max_diameter_mm=0)).lung  # fmt: skip
+    for (diameter, side), nodule in zip(nodules, on_fine[1:]):
+        assert hu[spheres[0]].mean() > -100  # solid: far above the lung threshold
+        inside = (ours & nodule).sum() / nodule.sum()
+        assert inside >= 0.95, f"{diameter} mm {side}: {inside:.3f} inside the lung mask"
+        assert (off & nodule).sum() / nodule.sum() < 0.95  # without the correction they are cut out
+    assert dice(ours, on_fine[0]) >= 0.985  # the mediastinum and chest wall stay out

@@ -1,0 +1,190 @@
+"""data.source images: each format read at its true geometry, label conventions, stem matching, nodule components."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lungddpm.config import ConfigError, validate_config
+from lungddpm.data.images import (
+    ImageCase,
+    case_id_of,
+    discover,
+    export_case,
+    read_ct,
+    read_image_case,
+    read_label,
+    write_image,
+)
+from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
+from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
+from lungddpm.errors import ImageError
+from lungddpm.io import DicomSeries, read_dicom_series
+
+SPACING = (0.75, 0.8, 2.5)  # x, y, z mm
+ORIGIN = (-12.0, 30.5, -101.25)
+FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _ct(shape: tuple[int, int, int] = (10, 24, 20)) -> np.ndarray:
+    """A small CT [Z, Y, X] in HU: air around a soft-tissue body with two lungs; all values distinct per voxel."""
+    rng = np.random.default_rng(0)
+    hu = np.full(shape, -1000, np.int16)
+    hu[:, 2:-2, 2:-2] = 40
+    hu[:, 5:-5, 4:9] = -850
+    hu[:, 5:-5, 11:16] = -850
+    return (hu + rng.integers(-20, 20, shape)).astype(np.int16)
+
+
+def _series(hu: np.ndarray) -> DicomSeries:
+    z = ORIGIN[2] + SPACING[2] * np.arange(hu.shape[0])
+    return DicomSeries(hu.astype(np.float32), z, (SPACING[1], SPACING[0]), ORIGIN[:2], "s", Path("ct"))
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_each_volume_format_reads_back_its_hu_and_geometry(tmp_path: Path, suffix: str) -> None:
+    hu = _ct()
+    path = tmp_path / f"case{suffix}"
+    write_image(path, hu, _series(hu))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    series = read_ct(path, padding_hu=-1024.0, max_hu=3071.0)
+    assert np.array_equal(series.hu, hu.astype(np.float32))
+    assert series.pixel_spacing == pytest.approx((SPACING[1], SPACING[0]))
+    assert series.origin_xy == pytest.approx(ORIGIN[:2])
+    assert series.z_positions == pytest.approx(ORIGIN[2] + SPACING[2] * np.arange(hu.shape[0]))
+
+
+def test_a_dicom_subfolder_reads_like_lungddpms_dicom_reader(tmp_path: Path) -> None:
+    hu = _ct((6, 32, 32)).astype(np.float32)
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=32, cols=32)
+    folder = tmp_path / "P1"
+    write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+    ours = read_ct(folder, -1024.0, 3071.0)
+    reference = read_dicom_series(folder, -1024.0, 3071.0)
+    assert np.array_equal(ours.hu, reference.hu)
+    assert ours.z_positions == pytest.approx(reference.z_positions)
+    assert ours.origin_xy == pytest.approx(reference.origin_xy)
+    assert ours.pixel_spacing == pytest.approx(reference.pixel_spacing)
+
+
+def test_a_volume_stored_in_ras_order_is_reoriented_to_lps(tmp_path: Path) -> None:
+    hu = _ct()
+    lps = tmp_path / "lps.nii.gz"
+    write_image(lps, hu, _series(hu))
+    image = sitk.ReadImage(str(lps))
+    flipped = sitk.Flip(image, [True, True, False])  # x and y stored reversed, same world positions
+    assert flipped.GetDirection() == pytest.approx((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(flipped, str(tmp_path / "ras.nii.gz"))
+    a, b = read_ct(lps, -1024, 3071), read_ct(tmp_path / "ras.nii.gz", -1024, 3071)
+    assert np.array_equal(a.hu, b.hu)
+    assert b.origin_xy == pytest.approx(a.origin_xy, abs=1e-4)
+
+
+def test_an_oblique_volume_and_a_non_hu_volume_are_refused(tmp_path: Path) -> None:
+    image = sitk.GetImageFromArray(_ct())
+    c, s = np.cos(0.3), np.sin(0.3)
+    image.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "oblique.mha"))
+    with pytest.raises(ImageError, match=r"oblique.mha: oblique orientation .*resample it onto axial"):
+        read_ct(tmp_path / "oblique.mha", -1024, 3071)
+    sitk.WriteImage(sitk.GetImageFromArray((_ct() + 1024).astype(np.uint16)), str(tmp_path / "raw.nrrd"))
+    with pytest.raises(ImageError, match=r"raw.nrrd: minimum value .* not a CT in Hounsfield units"):
+        read_ct(tmp_path / "raw.nrrd", -1024, 3071)
+
+
+def _labels(shape: tuple[int, int, int]) -> np.ndarray:
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 5:-5, 4:9] = 1
+    labels[:, 5:-5, 11:16] = 1
+    labels[2:5, 7:10, 5:8] = 2  # a 3 x 3 x 3 cube
+    labels[6:8, 12:14, 12:15] = 2  # a 2 x 2 x 3 box
+    return labels
+
+
+def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> None:
+    hu = _ct()
+    series = _series(hu)
+    write_image(tmp_path / "ct.nrrd", hu, series)
+    write_image(tmp_path / "seg.nrrd", _labels(hu.shape), series)
+    case = ImageCase("c", tmp_path / "ct.nrrd", tmp_path / "seg.nrrd", "c")
+    scan = read_image_case(case, "lung_nodule", -1024, 3071)
+    assert scan.lung is not None and np.array_equal(scan.lung, _labels(hu.shape) > 0)
+    assert [n.offset for n in scan.nodules] == [(2, 7, 5), (6, 12, 12)]
+    voxel_ml = np.prod(SPACING) / 1000
+    assert [n.volume_ml for n in scan.nodules] == pytest.approx([27 * voxel_ml, 12 * voxel_ml])
+    assert all(n.texture == n.malignancy == n.n_readers == UNKNOWN for n in scan.nodules)
+    row = scan.nodules[0].table_row(np.zeros(3))
+    assert row["texture"] is None and row["malignancy"] is None and row["consensus_voxels"] == 27
+    binary = (_labels(hu.shape) == 2).astype(np.uint8)
+    write_image(tmp_path / "bin.nrrd", binary, series)
+    lung, nodule = read_label(tmp_path / "bin.nrrd", read_ct(tmp_path / "ct.nrrd", -1024, 3071), "binary")
+    assert lung is None and np.array_equal(nodule, binary > 0)
+    with pytest.raises(ImageError, match=r"seg.nrrd: labels \[0, 1, 2\], .*'binary' allows \[0, 1\]; set label_conv"):
+        read_label(tmp_path / "seg.nrrd", series, "binary")
+
+
+def test_a_label_map_on_another_grid_is_refused_naming_both_files(tmp_path: Path) -> None:
+    hu = _ct()
+    write_image(tmp_path / "ct.mha", hu, _series(hu))
+    write_image(tmp_path / "seg.mha", _labels(hu.shape)[:, :, :-1], _series(hu[:, :, :-1]))
+    with pytest.raises(ImageError, match=r"seg.mha: grid .* does not match its CT .*ct.mha"):
+        read_label(tmp_path / "seg.mha", read_ct(tmp_path / "ct.mha", -1024, 3071), "lung_nodule")
+
+
+def test_case_ids_are_sanitised_stems_and_stems_must_match(tmp_path: Path) -> None:
+    assert case_id_of(Path("LIDC-IDRI-0001.nii.gz")) == "LIDC-IDRI-0001"
+    assert case_id_of(Path("lung 003_0000.nii.gz")) == "lung_003"  # nnU-Net's channel suffix removed
+    assert case_id_of(Path("scan.MHD")) == "scan"
+    ct, seg = tmp_path / "CT", tmp_path / "SEG"
+    ct.mkdir(), seg.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "notes.txt"):
+        (ct / name).write_bytes(b"")
+    for name in ("a.nii.gz", "c.nii.gz"):
+        (seg / name).write_bytes(b"")
+    with pytest.raises(ImageError, match=r"CTs without a label map: \['b.nii.gz'\]; label maps without a CT: \['c.nii"):
+        discover(str(ct), str(seg), None)
+    (seg / "c.nii.gz").rename(seg / "b.nii.gz")
+    cases = discover(str(ct), str(seg), None)
+    assert list(cases) == ["a", "b"] and cases["b"].label == seg / "b.nii.gz"
+    (ct / "a.nrrd").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"a.nii.gz and .*a.nrrd: both give case id 'a'; rename one"):
+        discover(str(ct), None, None)
+
+
+def test_patient_regex_groups_series_and_is_checked_at_parse_time(tmp_path: Path) -> None:
+    ct = tmp_path / "CT"
+    ct.mkdir()
+    for name in ("p01_t0.mha", "p01_t1.mha", "p02_t0.mha"):
+        (ct / name).write_bytes(b"")
+    cases = discover(str(ct), None, r"(p\d+)_")
+    assert {c: k.patient_id for c, k in cases.items()} == {"p01_t0": "p01", "p01_t1": "p01", "p02_t0": "p02"}
+    with pytest.raises(ConfigError, match=r"data.images.patient_regex: 'p.*' has no group; put the patient part in"):
+        validate_config({"data": {"source": "images", "images": {"ct_dir": str(ct), "patient_regex": r"p\d+"}}})
+    with pytest.raises(ConfigError, match=r"data.images.ct_dir: required when data.source is 'images'"):
+        validate_config({"data": {"source": "images"}})
+
+
+def test_axial_diameter_and_components_of_known_shapes() -> None:
+    yy, xx = np.mgrid[:41, :41]
+    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 15**2)[None]  # 31 voxels across
+    assert axial_diameter_mm(disc, (0.5, 0.5)) == pytest.approx(31 * 0.5, rel=0.03)
+    line = np.zeros((1, 5, 9), bool)
+    line[0, 2, 1:8] = True
+    assert axial_diameter_mm(line, (1.0, 2.0)) == pytest.approx(np.hypot(14.0, 1.0))
+    mask = np.zeros((6, 6, 6), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = True  # diagonal neighbours: one 26-connected component
+    mask[4:6, 4:6, 4:6] = True
+    found = components(mask, (2.0, 1.0, 1.0))
+    assert [n.mask.sum() for n in found] == [2, 8] and found[1].centroid_index == (4.5, 4.5, 4.5)
+
+
+def test_export_writes_lung_ddpm_labels(tmp_path: Path) -> None:
+    hu = _ct()
+    lung = _labels(hu.shape) == 1
+    scan_nodules = components(_labels(hu.shape) == 2, (SPACING[2], SPACING[1], SPACING[0]))
+    export_case(_series(hu), lung, scan_nodules, tmp_path / "CT/x.nii.gz", tmp_path / "SEG/x.nii.gz")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "SEG/x.nii.gz")))
+    assert np.array_equal(labels, _labels(hu.shape))
