@@ -11,7 +11,7 @@ include: "rules/common.smk"
 
 
 wildcard_constraints:
-    case=r"LIDC-IDRI-\d{4}(_s\d+)?",
+    case=r"[A-Za-z0-9][A-Za-z0-9._-]*",  # LIDC ids (LIDC-IDRI-0001_s2) and sanitised file stems (data.source images)
     run="eval|augment",
     shard=r"\d+",
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
-from ..errors import DicomError
+from ..errors import DicomError, ImageError
 from ..io import DicomSeries, find_series_dir, read_dicom_series
 from . import images, lidc
 from .nodules import Nodule
@@ -94,7 +94,10 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
     ``base`` (the workflow directory)."""
     pc = cfg.preprocess
     if cfg.data.source == "images":
-        case = image_cases(cfg, base)[case_id]
+        cases = image_cases(cfg, base)
+        if case_id not in cases:
+            raise ImageError(f"{cfg.data.images.ct_dir}: no CT volume of case {case_id!r} (cases: {', '.join(cases)})")
+        case = cases[case_id]
         scan = images.read_image_case(case, cfg.data.images.label_convention, pc.padding_hu, pc.max_hu)
         return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung)
     info = lidc.scan_info(case_id)

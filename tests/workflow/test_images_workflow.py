@@ -1,0 +1,149 @@
+"""data.source images at CI size: the demo's cases in Lung-DDPM's CT/ + SEG/ layout, one volume format each, plus a
+nodule-free CT as a DICOM subfolder, through every stage at both scales."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import make_workdir, snakemake
+from scipy import ndimage as ndi
+
+from lungddpm.config import load_config
+from lungddpm.data.demo import export_demo_images, scan_geometry
+from lungddpm.data.images import read_ct, read_label, write_image
+from lungddpm.data.lidc import scan_info
+from lungddpm.data.phantom import quirks_for, synthesize_thorax, write_dicom_series
+from lungddpm.data.sources import read_case
+from lungddpm.io import read_json, read_volume
+from lungddpm.preprocessing.cases import case_split, list_cases
+from lungddpm.preprocessing.layout import NODULE
+
+FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
+NORMAL = "CT-normal-0001"  # a nodule-free CT (LeFusion's "normal CT" case) as a DICOM series folder
+IMAGES = {"source": "images", "images": {"ct_dir": "data/LIDC-IDRI/CT", "label_dir": "data/LIDC-IDRI/SEG"}}
+
+
+def _demo_cases(demo_workflow: Path) -> list[str]:
+    return sorted(p.name for p in (demo_workflow / "results/preprocessed").iterdir())
+
+
+def _write_normal_ct(data: Path, like: str) -> None:
+    """A phantom without nodules at the geometry of ``like``, as DICOM, with a 0/1 label map (its true lungs)."""
+    geom = replace(scan_geometry(scan_info(like)), patient_id=NORMAL, study_uid="1.2.826.0.1.3680043.10.1",
+                   series_uid="1.2.826.0.1.3680043.10.2")  # fmt: skip
+    hu, lung = synthesize_thorax(geom, [], seed=7)
+    write_dicom_series(hu, geom, data / "CT" / NORMAL, quirks_for(1))
+    write_image(data / "SEG" / f"{NORMAL}.nii.gz", lung.astype(np.uint8), read_ct(data / "CT" / NORMAL, -1024, 3071))
+
+
+@pytest.fixture(scope="module")
+def images_workflow(demo_workflow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = make_workdir(tmp_path_factory.mktemp("images"), {"data": IMAGES})
+    cfg = load_config(work / "config/config.yaml", yaml.safe_load((work / "ci.yaml").read_text()))
+    data = work / "data/LIDC-IDRI"
+    for case, suffix in zip(_demo_cases(demo_workflow), FORMATS, strict=True):
+        export_demo_images(cfg, [case], demo_workflow / "resources/demo", data, suffix)
+    _write_normal_ct(data, _demo_cases(demo_workflow)[0])
+    # a split seed that puts the nodule-free CT into train, where the lesion run inserts nodules
+    base = Path.cwd()
+    os.chdir(work)
+    try:
+        seed = next(s for s in range(100) if case_split(replace(cfg, split=replace(cfg.split, seed=s)),
+                                                         list_cases(cfg))[NORMAL] == "train")  # fmt: skip
+    finally:
+        os.chdir(base)
+    make_workdir(work, {"data": IMAGES, "split": {"seed": seed}})
+    snakemake(work)
+    return work
+
+
+def _nodule_voxels(scan: object) -> np.ndarray:
+    out = np.zeros(scan.series.hu.shape, bool)
+    for n in scan.nodules:
+        k, i, j = n.offset
+        out[k : k + n.mask.shape[0], i : i + n.mask.shape[1], j : j + n.mask.shape[2]] |= n.mask
+    return out
+
+
+def test_each_format_reads_the_same_hu_as_the_dicom_it_came_from(images_workflow: Path, demo_workflow: Path) -> None:
+    cfg = load_config(images_workflow / "config/config.yaml", yaml.safe_load((images_workflow / "ci.yaml").read_text()))
+    demo = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
+    for case in _demo_cases(demo_workflow):
+        ours, theirs = read_case(cfg, case, images_workflow), read_case(demo, case, demo_workflow)
+        assert np.array_equal(ours.series.hu, theirs.series.hu), case
+        assert ours.series.z_positions == pytest.approx(theirs.series.z_positions, abs=1e-3)
+        assert ours.series.origin_xy == pytest.approx(theirs.series.origin_xy, abs=1e-3)
+        # the label map's components cover exactly the consensus nodules' voxels
+        assert np.array_equal(_nodule_voxels(ours), _nodule_voxels(theirs)), case
+        assert all(n.texture == 0 for n in ours.nodules)
+
+
+def test_every_stage_ran_on_the_image_folder(images_workflow: Path, demo_workflow: Path) -> None:
+    res = images_workflow / "results"
+    split = {r["case_id"]: r for r in csv.DictReader(open(res / "splits.csv"))}
+    assert sorted(split) == sorted([*_demo_cases(demo_workflow), NORMAL])
+    assert split[NORMAL]["has_nodule"] == "0" and split[NORMAL]["subset"] == "train"
+    for case in split:
+        meta = read_json(res / f"preprocessed/{case}/meta.json")
+        assert meta["source"] == "images" and meta["lung_source"] == "label"
+        assert (len(meta["nodules"]) == 0) == (case == NORMAL)
+        assert all(row["texture"] is None and row["volume_ml"] > 0 for row in meta["nodules"])
+    rois = list(csv.DictReader(open(res / f"rois/{_demo_cases(demo_workflow)[0]}/rois.csv")))
+    assert {r["texture_class"] for r in rois if r["kind"] == "nodule"} == {"unknown"}
+    assert (res / "models/demo/checkpoint.pt").is_file() and (res / "metrics/eval/image_quality.csv").is_file()
+    assert (res / "segmentation/lesion/comparison.csv").is_file() and (res / "report/summary.md").is_file()
+
+
+def test_nodules_are_inserted_into_the_nodule_free_ct(images_workflow: Path) -> None:
+    out = images_workflow / "results/synthetic/lesion"
+    provs = [read_json(p) for p in out.glob(f"{NORMAL}_*.json")]
+    assert provs, "no lesion item for the nodule-free CT"
+    files = {k: out / v for k, v in provs[0]["files"].items()}
+    ct, _ = read_volume(files["ct"])
+    labels, _ = read_volume(files["label"])
+    source = read_ct(images_workflow / "data/LIDC-IDRI/CT" / NORMAL, -1024, 3071)
+    assert ct.shape == source.hu.shape and (labels == NODULE).any()
+    changed = ct != source.hu.astype(np.int16)
+    assert changed.any() and (labels[changed] > 0).mean() > 0.5  # the changes sit at the inserted nodules
+
+
+def _planned(workdir: Path) -> dict[str, int]:
+    """Jobs per rule of a dry run (its job stats table)."""
+    out = snakemake(workdir, "-n").stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    return {name: int(count) for name, count in (line.split() for line in table) if name != "total"}
+
+
+def test_editing_a_label_map_reruns_that_case_only(images_workflow: Path) -> None:
+    assert _planned(images_workflow) == {}
+    label = images_workflow / "data/LIDC-IDRI/SEG" / f"{NORMAL}.nii.gz"
+    ct = read_ct(images_workflow / "data/LIDC-IDRI/CT" / NORMAL, -1024, 3071)
+    lung, _ = read_label(label, ct, "lung_nodule")
+    write_image(label, (lung | ndi.binary_dilation(lung, iterations=1)).astype(np.uint8), ct)  # an edited map
+    planned = _planned(images_workflow)
+    assert planned["preprocess"] == 1 and planned["rois"] == 1 and planned["layout"] == 1
+
+
+def test_without_label_maps_the_lungs_come_from_the_lung_mask(
+    images_workflow: Path, demo_workflow: Path, tmp_path: Path
+) -> None:
+    from lungddpm.preprocessing.grid import preprocess_case
+
+    shutil.copytree(images_workflow / "data/LIDC-IDRI/CT", tmp_path / "CT", ignore=shutil.ignore_patterns(NORMAL))
+    cfg = load_config(images_workflow / "config/config.yaml", {"data": {"source": "images",
+                      "images": {"ct_dir": str(tmp_path / "CT"), "label_dir": None}}})  # fmt: skip
+    case = _demo_cases(demo_workflow)[0]
+    meta = preprocess_case(case, tmp_path / "out", cfg)
+    assert meta["lung_source"] == "lungmask" and meta["nodules"] == []
+    ours, _ = read_volume(tmp_path / "out/lung_fine.nii.gz")
+    labelled, _ = read_volume(images_workflow / f"results/preprocessed/{case}/lung_fine.nii.gz")
+    assert 2 * (ours & labelled).sum() / (ours.sum() + labelled.sum()) > 0.97  # our mask against the label's lungs
