@@ -332,6 +332,11 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
             groups.append(row["texture_class"] or "free")
     if not ids:
         raise LayoutError(f"no ROIs in {[str(t) for t in tables]}: the train split has no ROI; check lesion.roi")
+    if all(g == "free" for g in groups):
+        raise LayoutError(
+            f"{len(ids)} ROIs in {len(tables)} table(s) and no nodule among them: the train split has no labelled "
+            "nodule to learn nodule appearance from; label nodules in some train CTs or set lesion.enabled: false"
+        )
     return TrainData(
         torch.from_numpy(np.stack(images)),
         torch.from_numpy(np.stack(layouts)),

@@ -294,3 +294,25 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"not a lesion-scale model.*train_lesion"):
         load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True})
+
+
+def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:
+    from lungddpm.data.nodules import components
+    from lungddpm.preprocessing.rois import load_roi_training_data, real_nodule_rois
+
+    src = _source()
+    zz, yy, xx = np.ogrid[:40, :64, :64]
+    ball = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16  # a 8 mm label-map nodule
+    src.hu[ball] = 30.0
+    labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(ball, (1.5, 1, 1)), -1024)
+    rows = extract_rois(labelled, _settings(free_per_case=0), tmp_path / "a")
+    assert [(r["kind"], r["texture_class"], r["texture"], r["malignancy"]) for r in rows] == [
+        ("nodule", "unknown", None, None)
+    ]
+    ((_row, ct, _, mask),) = real_nodule_rois([tmp_path / "a/rois.csv"])
+    assert mask.any() and ct[mask].mean() > -200  # the unrated nodule's own voxels
+    cfg = lesion_config(load_config("config/config.yaml", {"lesion": {"roi": {"size": 16}}}))
+    assert load_roi_training_data([tmp_path / "a/rois.csv"], cfg).layouts.shape == (1, 2, 16, 16, 16)
+    extract_rois(src, _settings(), tmp_path / "b")  # free ROIs only
+    with pytest.raises(LayoutError, match=r"no nodule among them: the train split has no labelled nodule"):
+        load_roi_training_data([tmp_path / "b/rois.csv"], cfg)
