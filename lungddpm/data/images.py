@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ImageError
 from ..io import DicomSeries
-from .nodules import Nodule, components
+from .nodules import Nodule, components, paint
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,15 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     )
 
 
+def _sitk_grid(series: DicomSeries) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """SimpleITK (x, y, z) spacing and origin of a series with regular slices (else :class:`ImageError`)."""
+    dz = np.diff(series.z_positions)
+    if dz.size and not np.allclose(dz, dz[0], atol=1e-3):
+        raise ImageError(f"{series.directory}: irregular slice spacing; a volume file needs regular slices")
+    spacing = (series.pixel_spacing[1], series.pixel_spacing[0], float(dz[0]) if dz.size else 1.0)
+    return spacing, (*series.origin_xy, float(series.z_positions[0]))
+
+
 def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray | None, np.ndarray]:
     """A label map on the grid of ``ct`` -> (lung bool [Z, Y, X] or None when it has no lung label, nodule bool)."""
     import SimpleITK as sitk
@@ -193,12 +202,9 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
     image = _read(Path(path))
     labels = sitk.GetArrayFromImage(image)
     sx, sy, sz = image.GetSpacing()
-    spacing_ct = (
-        ct.pixel_spacing[1],
-        ct.pixel_spacing[0],
-        float(np.diff(ct.z_positions[:2])[0]) if ct.z_positions.size > 1 else sz,
-    )
-    origin_ct = (*ct.origin_xy, float(ct.z_positions[0]))
+    spacing_ct, origin_ct = _sitk_grid(ct)
+    if ct.z_positions.size < 2:  # one slice: no slice spacing to compare
+        spacing_ct = (*spacing_ct[:2], sz)
     if (
         labels.shape != ct.hu.shape
         or not np.allclose((sx, sy, sz), spacing_ct, rtol=1e-3)
@@ -277,12 +283,10 @@ def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
     names (NIfTI, NRRD, MHA, MHD + raw), atomically (a temporary name of the same format, then renamed)."""
     import SimpleITK as sitk
 
-    dz = np.diff(series.z_positions)
-    if dz.size and not np.allclose(dz, dz[0], atol=1e-3):
-        raise ImageError(f"{series.directory}: irregular slice spacing; a volume file needs regular slices")
+    spacing, origin = _sitk_grid(series)
     image = sitk.GetImageFromArray(array)
-    image.SetSpacing((series.pixel_spacing[1], series.pixel_spacing[0], float(dz[0]) if dz.size else 1.0))
-    image.SetOrigin((*series.origin_xy, float(series.z_positions[0])))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
     path = Path(path)
     suffix = next((s for s in SUFFIXES if path.name.lower().endswith(s)), None)
     if suffix is None:
@@ -300,10 +304,6 @@ def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
 
 def export_case(series: DicomSeries, lung: np.ndarray, nodules: list[Nodule], ct_path: Path, label_path: Path) -> None:
     """One case in Lung-DDPM's folder layout: the CT (int16 HU) and its 0/1/2 label map (lung, nodule)."""
-    labels = lung.astype(np.uint8)
-    for nod in nodules:
-        k, i, j = nod.offset
-        box = labels[k : k + nod.mask.shape[0], i : i + nod.mask.shape[1], j : j + nod.mask.shape[2]]
-        box[nod.mask[: box.shape[0], : box.shape[1], : box.shape[2]]] = 2
+    labels = paint(lung.astype(np.uint8), nodules, 2)
     write_image(ct_path, np.round(series.hu).astype(np.int16), series)
     write_image(label_path, labels, series)

@@ -6,6 +6,7 @@ malignancy or number of readers. Tables write them as ``null``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,18 @@ class Nodule:
         if self.volume_ml is not None:
             row["volume_ml"] = round(self.volume_ml, 3)
         return row
+
+
+def paint(volume: np.ndarray, nodules: Sequence[Nodule], value: int | bool) -> np.ndarray:
+    """Set every voxel of ``nodules``' masks in ``volume`` [Z, Y, X] (their scan's index space) to ``value``, in
+    place; masks reaching beyond the volume are cut. Returns ``volume``."""
+    k, i, j = volume.shape
+    for nod in nodules:
+        k0, i0, j0 = nod.offset
+        m = nod.mask
+        sl = (slice(k0, k0 + m.shape[0]), slice(i0, i0 + m.shape[1]), slice(j0, j0 + m.shape[2]))
+        volume[sl][m[: k - k0, : i - i0, : j - j0]] = value
+    return volume
 
 
 def axial_diameter_mm(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> float:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..data.nodules import Nodule, paint
 from ..io import Geometry
 from ..preprocessing.grid import SliceGrid
 from ..preprocessing.layout import LUNG, NODULE
@@ -84,11 +85,11 @@ def nearest_in_box(box: NativeBox, roi_mask: np.ndarray) -> np.ndarray:
 
 
 def native_labels(
-    shape: Sequence[int], grid: SliceGrid, lung_fine: np.ndarray, fine: Geometry, nodules: Sequence[object]
+    shape: Sequence[int], grid: SliceGrid, lung_fine: np.ndarray, fine: Geometry, nodules: Sequence[Nodule]
 ) -> np.ndarray:
     """Label map 0/1/2 on the native grid: the fine lung mask looked up nearest-neighbour per axis, the consensus
     nodules at their native masks (nodules are lung too)."""
-    k, i, j = (int(n) for n in shape)
+    _, i, j = (int(n) for n in shape)
     fz = np.round((grid.z_positions - fine.origin[2]) / fine.spacing[0]).astype(int)
     fy = np.round((grid.y0 + np.arange(i) * grid.row_spacing - fine.origin[1]) / fine.spacing[1]).astype(int)
     fx = np.round((grid.x0 + np.arange(j) * grid.col_spacing - fine.origin[0]) / fine.spacing[2]).astype(int)
@@ -97,13 +98,7 @@ def native_labels(
         :, :, np.clip(fx, 0, lung_fine.shape[2] - 1)
     ]
     lung = lung & ok[0][:, None, None] & ok[1][None, :, None] & ok[2][None, None, :]
-    labels = np.where(lung, LUNG, 0).astype(np.uint8)
-    for nod in nodules:
-        k0, i0, j0 = nod.offset  # type: ignore[attr-defined]
-        m = nod.mask  # type: ignore[attr-defined]
-        sl = (slice(k0, k0 + m.shape[0]), slice(i0, i0 + m.shape[1]), slice(j0, j0 + m.shape[2]))
-        labels[sl][m[: k - k0, : i - i0, : j - j0]] = NODULE
-    return labels
+    return paint(np.where(lung, LUNG, 0).astype(np.uint8), nodules, NODULE)
 
 
 def seam_gradient_ratio(

@@ -20,6 +20,7 @@ from lungddpm.config import load_config
 from lungddpm.data.demo import export_demo_images, scan_geometry
 from lungddpm.data.images import read_ct, read_label, write_image
 from lungddpm.data.lidc import scan_info
+from lungddpm.data.nodules import paint
 from lungddpm.data.phantom import quirks_for, synthesize_thorax, write_dicom_series
 from lungddpm.data.sources import read_case
 from lungddpm.io import read_json, read_volume
@@ -68,11 +69,7 @@ def images_workflow(demo_workflow: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def _nodule_voxels(scan: object) -> np.ndarray:
-    out = np.zeros(scan.series.hu.shape, bool)
-    for n in scan.nodules:
-        k, i, j = n.offset
-        out[k : k + n.mask.shape[0], i : i + n.mask.shape[1], j : j + n.mask.shape[2]] |= n.mask
-    return out
+    return paint(np.zeros(scan.series.hu.shape, bool), scan.nodules, True)
 
 
 def test_each_format_reads_the_same_hu_as_the_dicom_it_came_from(images_workflow: Path, demo_workflow: Path) -> None:
