@@ -216,6 +216,11 @@ def cmd_metrics(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .diffusion.bench import bench_entry
 
+    if args.what == "speed":  # prints its own table; the rows also go to --out
+        from .diffusion.speed import speed_entry
+
+        speed_entry(args)
+        return
     if args.what == "studio":
         from .app.studio import bench_sites
 
@@ -329,24 +334,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: train step time, sampling time per volume, sampler quality")
     p.add_argument(
         "what",
-        choices=["train", "sample", "quality", "studio"],
+        choices=["train", "sample", "quality", "studio", "speed"],
         help="train: step time; sample: seconds per volume; quality: samplers on the test layouts; studio: seconds "
-        "per nodule in the app (--k sites in the first case of the results' parent workflow)",
+        "per nodule in the app (--k sites in the first case of the results' parent workflow); speed: the original "
+        "Lung-DDPM network (--lung-ddpm) against ours, side by side, per mode",
     )
+    p.add_argument("--lung-ddpm", default="peers/Lung-DDPM", help="speed: a checkout of Manem-Lab/Lung-DDPM")
+    p.add_argument("--modes", nargs="+", default=None, help="speed: NETWORK:PRECISION[:COMPILE][:channels-last]"
+                   "[:device-rng][:checkpoint] (default: the device's set)")  # fmt: skip
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="speed: cubic grid edges")
+    p.add_argument("--batch-sizes", nargs="+", default=["1"], help="speed: batches; max = the largest that fits (GPU)")
+    p.add_argument("--sampler-steps", type=int, default=20, help="speed: DPM-Solver++ steps per volume")
+    p.add_argument("--channels", type=int, default=64, help="speed: base channels of both networks (paper 64)")
+    p.add_argument("--guidance", type=float, default=1.0, help="speed: != 1 = guided sampling, two passes per step "
+                   "(the lesion scale's inpainting)")  # fmt: skip
     p.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpm++:20"], help="NAME:STEPS")
     p.add_argument("--k", type=int, default=2, help="quality: samples per test layout; studio: sites")
     p.add_argument("--results", default="results", help="quality: results root")
-    p.add_argument("--out", default=None, help="quality: also write the table to this JSON file")
+    p.add_argument("--out", default=None, help="quality: also write the table to this JSON file; speed: a folder")
     p.add_argument("--size", type=int, default=64, help="cubic grid edge")
-    p.add_argument(
-        "--batch", type=int, nargs="+", default=[1], help="batch (lesion sample: nodules per batch, several)"
-    )
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch (lesion sample: nodules per batch)")
     p.add_argument("--scale", choices=["whole", "lesion"], default="whole", help="sample: lesion = inpaint ROIs")
     p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="also run torch.compile")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up); speed: repeats (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(

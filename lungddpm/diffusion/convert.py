@@ -183,6 +183,14 @@ def _network_state(
     return out
 
 
+def original_state_to_ours(
+    state: Mapping[str, torch.Tensor], model: torch.nn.Module, heads: int, where: str
+) -> dict[str, torch.Tensor]:
+    """The original ``UNetModel``'s own state dict (no prefix) -> ``model``'s state dict, strictly checked."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    return _network_state({PREFIX + k: v for k, v in state.items()}, expected, heads, where)
+
+
 def match_schedule(state: Mapping[str, Any], where: str) -> DiffusionConfig:
     """The :class:`DiffusionConfig` whose ``diffusers`` schedule reproduces the stored buffers (T from their length,
     betas and ``alphas_cumprod`` within :data:`SCHEDULE_TOLERANCE`); ε-prediction and L1, as Lung-DDPM."""

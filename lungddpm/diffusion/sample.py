@@ -124,9 +124,10 @@ def sample(
         raise ValueError(f"sample: {len(generators)} generators for a batch of {shape[0]}")
 
     def randn() -> torch.Tensor:
-        if isinstance(generator, Sequence):
-            return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
-        return torch.randn(shape, generator=generator).to(device)
+        if isinstance(generator, Sequence):  # on each generator's device (the CPU's: the same on any device)
+            one = (1, *shape[1:])
+            return torch.cat([torch.randn(one, generator=g, device=g.device) for g in generators]).to(device)
+        return torch.randn(shape, generator=generator, device=generator.device if generator else None).to(device)
 
     x = (randn() if noise is None else noise.to(device)) * scheduler.init_noise_sigma
     step_generator = generators if isinstance(generator, Sequence) else generator

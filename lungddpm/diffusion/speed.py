@@ -1,0 +1,396 @@
+"""Speed side by side: the original Lung-DDPM network against ours, in one run, per mode (precision, compile).
+
+Both networks get the same random weights (the original's, imported into ours as ``lungddpm import-lungddpm``
+does), so the run also checks that they compute the same function. Per (mode, grid, batch): a training step
+(forward + backward + optimizer step; the original's loss, Adam and fp32 as its ``train.py``, ours AdamW), a
+no-grad forward, a DPM-Solver++-20 volume with anatomically-aware blending (the same sampler for both networks),
+peak memory, and for compiled modes the largest difference from the eager forward. On a GPU the times are CUDA
+events after warm-up and the batch ``max`` is the largest training batch that fits; on the CPU each mode runs in
+its own process, so its peak RSS is its own.
+
+Shapes: images [B, 1, S, S, S], layouts [B, 2, S, S, S] in {-1, 1}, t [B].
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import logging
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LungDDPMError
+from .convert import original_state_to_ours
+from .precision import autocast, resolve_precision
+from .process import DiffusionConfig, GaussianDiffusion
+from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig, count_parameters
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("channels-last", "device-rng", "checkpoint")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+GPU_MODES = ("original:fp32", "original:bf16", "ours:fp32", "ours:bf16", "ours:bf16:default",
+             "ours:bf16:reduce-overhead", "ours:bf16:default:device-rng")  # fmt: skip
+CPU_MODES = ("original:fp32", "ours:fp32", "ours:bf16")
+PAPER_LR = 1e-5  # Lung-DDPM's train.py --train_lr
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of running a network: ``network:precision[:compile mode][:flag...]`` (flags: :data:`FLAGS`)."""
+
+    network: str  # original | ours
+    precision: str  # fp32 | bf16 (autocast)
+    compile: str = "off"  # a torch.compile mode, or off
+    channels_last: bool = False
+    device_rng: bool = False  # the sampler draws its noise on the device (not seed-identical across devices)
+    checkpoint: bool = False  # gradient checkpointing of every block (model.use_checkpoint): memory for time
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        parts = text.split(":")
+        extra = set(parts[2:])
+        compiled = [p for p in parts[2:] if p in COMPILE_MODES]
+        unknown = extra - set(COMPILE_MODES) - set(FLAGS)
+        if len(parts) < 2 or parts[0] not in ("original", "ours") or parts[1] not in ("fp32", "bf16") or unknown:
+            raise LungDDPMError(
+                f"--modes {text!r}: expected NETWORK:PRECISION[:COMPILE][:FLAG...] with NETWORK original|ours, "
+                f"PRECISION fp32|bf16, COMPILE one of {', '.join(COMPILE_MODES)}, FLAG {'|'.join(FLAGS)}"
+            )
+        if parts[0] == "original" and extra:
+            raise LungDDPMError(f"--modes {text!r}: the original network runs as released (only its precision varies)")
+        return cls(parts[0], parts[1], compiled[0] if compiled else "off", "channels-last" in extra,
+                   "device-rng" in extra, "checkpoint" in extra)  # fmt: skip
+
+    @property
+    def label(self) -> str:
+        bits = [self.network, self.precision] + ([] if self.compile == "off" else [f"compile={self.compile}"])
+        flags = ["channels-last"] * self.channels_last + ["device-rng"] * self.device_rng
+        return " ".join(bits + flags + ["checkpoint"] * self.checkpoint)
+
+
+def load_original(checkout: Path) -> Any:
+    """The ``diffusion_model.unet`` module of a Manem-Lab/Lung-DDPM checkout, imported under a private name."""
+    unet = checkout / "diffusion_model" / "unet.py"
+    if not unet.is_file():
+        raise LungDDPMError(
+            f"{unet} not found: --lung-ddpm must be a checkout of Manem-Lab/Lung-DDPM (git clone "
+            "https://github.com/Manem-Lab/Lung-DDPM into a git-ignored folder such as peers/Lung-DDPM)"
+        )
+    name = "_lungddpm_original_diffusion_model"
+    if name not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(unet.parent)]
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{name}.unet")
+
+
+class OriginalNet(nn.Module):
+    """The original network behind our call signature: ``forward(x, t, layout)`` = net(cat([x, layout]), t)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, layout.to(x.dtype)], dim=1), t)
+
+
+def build_pair(
+    checkout: Path, image_size: int, channels: int, seed: int = 0, use_checkpoint: bool = False
+) -> tuple[nn.Module, UNet3D]:
+    """The original network (its ``create_model`` as its ``train.py`` calls it) with seeded random weights, and
+    ours with the same weights (the original's period and attention level)."""
+    torch.manual_seed(seed)
+    original = load_original(checkout).create_model(image_size, channels, 1, in_channels=3, out_channels=1)
+    with torch.no_grad():  # zero-initialised convs (output, attention projection) would make every output 0
+        for p in original.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    cfg = UNetConfig(image_size=image_size, model_channels=channels, time_max_period=LUNG_DDPM_TIME_MAX_PERIOD,
+                     use_checkpoint=use_checkpoint)  # fmt: skip
+    ours = UNet3D(cfg)
+    ours.load_state_dict(original_state_to_ours(original.state_dict(), ours, heads=1, where=str(checkout)))
+    return OriginalNet(original), ours
+
+
+def _clock(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds per call of ``fn`` (CUDA events on a GPU, wall clock on the CPU)."""
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@dataclass(frozen=True)
+class Case:
+    """What to time: the grid, the batch, repeats and the sampler's steps."""
+
+    size: int
+    batch: int
+    repeats: int = 5
+    warmup: int = 2
+    sampler_steps: int = 20
+    image_size: int = 128  # the training grid the attention level is relative to (Lung-DDPM: 128)
+    channels: int = 64
+    guidance: float = 1.0  # != 1: classifier-free guidance, two passes per step (the lesion scale's inpainting)
+
+
+def _inputs(case: Case, device: torch.device, fmt: torch.memory_format) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shape = (case.batch, 1, case.size, case.size, case.size)
+    x0 = torch.rand(shape, generator=g) * 2 - 1
+    layout = torch.rand((case.batch, 2, *shape[2:]), generator=g).round() * 2 - 1
+    t = torch.randint(0, 250, (case.batch,), generator=g)
+    noise = torch.randn(shape, generator=g)
+    out = {"x0": x0, "layout": layout, "t": t, "noise": noise}
+    return {k: v.to(device).contiguous(memory_format=fmt) if v.dim() == 5 else v.to(device) for k, v in out.items()}
+
+
+def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, Any]:
+    """One row: times, peak memory and checks of ``mode`` on ``case`` (batch 0 = the largest that fits, GPU)."""
+    from .sample import Blend, sample
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    dtype = resolve_precision(mode.precision, device)
+    original, ours = build_pair(checkout, case.image_size, case.channels, use_checkpoint=mode.checkpoint)
+    eager = (original if mode.network == "original" else ours).to(device)
+    fmt = torch.channels_last_3d if mode.channels_last else torch.contiguous_format
+    eager = eager.to(memory_format=fmt)
+    net = eager if mode.compile == "off" else torch.compile(eager, mode=mode.compile)
+    diffusion = GaussianDiffusion(DiffusionConfig(timesteps=250, schedule="cosine", prediction="epsilon", loss="l1"))
+    row: dict[str, Any] = {"mode": mode.label, "device": _device_name(device, threads), "size": case.size,
+                           "parameters": count_parameters(eager)}  # fmt: skip
+    if case.batch == 0 and device.type != "cuda":
+        raise LungDDPMError("speed: batch max (the largest that fits) needs a GPU; give a number on the CPU")
+    if case.batch == 0:
+        case = Case(**{**asdict(case), "batch": largest_batch(lambda b: _train_step(mode, net, eager, diffusion,
+                    _inputs(Case(**{**asdict(case), "batch": b}), device, fmt), device, dtype))})  # fmt: skip
+    row["batch"] = case.batch
+    data = _inputs(case, device, fmt)
+    if mode.compile != "off":  # on the initial weights, before any optimizer step can have changed them
+        inputs = (data["x0"], data["t"], data["layout"])
+        row["max_rel_diff_vs_eager"] = compiled_difference(eager.eval(), net, inputs, device, dtype)
+    step = _train_step(mode, net, eager, diffusion, data, device, dtype)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(case.warmup):
+            step()
+        _reset_peak(device)
+        row["train_step_s"] = round(_clock(device, step, case.repeats), 4)
+        row["peak_train_mb"] = round(_peak_mb(device), 1)
+        row["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in eager.parameters())
+    except RuntimeError as e:  # e.g. the original's attention under autocast: its own gradient checkpoint
+        if mode.network != "original":  # recomputes outside autocast and fails (a bf16 input, fp32 weights)
+            raise
+        row["train_step_s"] = row["peak_train_mb"] = None
+        row["train_error"] = str(e).splitlines()[0][:200]
+        log.warning("speed: %s: the training step fails: %s", mode.label, row["train_error"])
+    del step  # the optimizer's state and the gradients are not part of the inference rows' peaks
+    eager.zero_grad(set_to_none=True)
+    net.eval()
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), autocast(device, dtype):
+            return net(data["x0"], data["t"], data["layout"])
+
+    for _ in range(case.warmup):
+        forward()
+    row["forward_s"] = round(_clock(device, forward, case.repeats), 4)
+    row["forward_finite"] = bool(torch.isfinite(forward()).all())
+    keep = torch.zeros_like(data["x0"], dtype=torch.bool)
+    keep[..., : case.size // 4] = True  # a kept reference beside the lungs, as anatomically-aware sampling keeps
+    blend = Blend(data["x0"], keep)
+
+    uncond = data["layout"].clone()
+    uncond[:, 1] = -1.0  # another condition of the same cost (the guided pass of the lesion scale)
+
+    def volume() -> None:
+        gens = [torch.Generator(device if mode.device_rng else "cpu").manual_seed(i) for i in range(case.batch)]
+        sample(net, diffusion, data["layout"], "dpm++", case.sampler_steps, gens, blend=blend, autocast_dtype=dtype,
+               guidance=case.guidance, uncond_layout=uncond)  # fmt: skip
+
+    if mode.compile != "off" or device.type == "cuda":  # (on the CPU the forwards above warmed it up)
+        volume()
+    _reset_peak(device)
+    row["sampler_steps"], row["guidance"] = case.sampler_steps, case.guidance
+    row["sample_volume_s"] = round(_clock(device, volume, max(1, case.repeats // 2)) / case.batch, 4)
+    row["peak_sample_mb"] = round(_peak_mb(device), 1)
+    row["warmup_s"] = round(time.perf_counter() - t0, 1)
+    row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process max RSS"
+    return row
+
+
+def compiled_difference(
+    eager: nn.Module,
+    compiled: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
+    """Largest |compiled - eager| over the largest |eager| of one no-grad forward, same weights and precision."""
+    with torch.no_grad(), autocast(device, dtype):
+        ref, got = eager(*inputs).float(), compiled(*inputs).float()
+    if not torch.isfinite(ref).all():
+        raise LungDDPMError("speed: the eager forward is not finite; the comparison means nothing")
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))  # nan: the compiled one is not finite
+
+
+def _train_step(
+    mode: Mode,
+    net: nn.Module,
+    eager: nn.Module,
+    diffusion: GaussianDiffusion,
+    data: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> Callable[[], None]:
+    """One optimizer step as each code base trains: the original Adam (its Trainer), ours AdamW (fused on CUDA)."""
+    if mode.network == "original":
+        opt: torch.optim.Optimizer = torch.optim.Adam(eager.parameters(), lr=PAPER_LR)
+    else:
+        opt = torch.optim.AdamW(eager.parameters(), lr=PAPER_LR, weight_decay=0.0, fused=device.type == "cuda")
+    net.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, dtype):  # both: L1 between the drawn noise and the predicted noise (ε)
+            loss = diffusion.loss(net, data["x0"], data["layout"], data["t"], data["noise"]).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def largest_batch(try_batch: Callable[[int], Callable[[], None]], limit: int = 256) -> int:
+    """The largest batch (doubling from 1) whose training step runs without running out of GPU memory."""
+    best, b = 0, 1
+    while b <= limit:
+        try:
+            step = try_batch(b)
+            step()
+            step()
+            best, b = b, 2 * b
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if not best:
+        raise LungDDPMError("speed: not even batch 1 fits in GPU memory")
+    return best
+
+
+def _device_name(device: torch.device, threads: int) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
+
+
+def bench_speed(
+    checkout: Path, modes: Sequence[Mode], cases: Sequence[Case], threads: int, isolate: bool | None = None
+) -> list[dict[str, Any]]:
+    """Every (case, mode) row; ``isolate`` (default: on the CPU) runs each in a fresh process for its own peak RSS."""
+    load_original(checkout)  # fail before any timing
+    isolate = not torch.cuda.is_available() if isolate is None else isolate
+    rows = []
+    for case in cases:
+        for mode in modes:
+            log.info("speed: %s at %d³, batch %s", mode.label, case.size, case.batch or "max")
+            if isolate:
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                    row = pool.submit(run_mode, mode, checkout, case, threads).result()
+            else:
+                row = run_mode(mode, checkout, case, threads)
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            log.info("speed: %s", row)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (seconds; MB; a compiled mode's largest difference from its eager forward)."""
+    steps = sorted({r["sampler_steps"] for r in rows})
+    head = ["grid", "batch", "mode", "train step s", "forward s", f"DPM-Solver++-{'/'.join(map(str, steps))} s/volume",
+            "peak train MB", "peak sample MB", "compiled vs eager"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    keys = ("train_step_s", "forward_s", "sample_volume_s", "peak_train_mb", "peak_sample_mb")
+    for r in rows:
+        diff = r.get("max_rel_diff_vs_eager")
+        mode = r["mode"] + (f", guidance {r['guidance']:g}" if r.get("guidance", 1.0) != 1.0 else "")
+        mode += "" if r.get("weights_finite", True) and r.get("forward_finite", True) else " (NOT FINITE)"
+        values = ["fails" if r[k] is None else r[k] for k in keys]
+        cells = [f"{r['size']}³", r["batch"], mode, *values, "" if diff is None else f"{diff:.1e}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parity(checkout: Path, size: int, channels: int, image_size: int = 128) -> float:
+    """Largest relative difference between the original's and our fp32 forward with the same weights (CPU)."""
+    original, ours = build_pair(checkout, image_size, channels)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 1, size, size, size, generator=g)
+    layout = torch.randn(1, 2, size, size, size, generator=g).sign()
+    t = torch.tensor([100])
+    with torch.no_grad():
+        a, b = original.eval()(x, t, layout), ours.eval()(x, t, layout)
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def speed_entry(args: Any) -> list[dict[str, Any]]:
+    """``lungddpm bench speed``: the rows, the table on stdout, and both under ``--out`` (a folder) when given."""
+    from ..io import atomic_path, write_json
+
+    checkout = Path(args.lung_ddpm)
+    default = GPU_MODES if torch.cuda.is_available() else CPU_MODES
+    modes = [Mode.parse(m) for m in (args.modes or default)]
+    batches = [0 if b == "max" else int(b) for b in args.batch_sizes]
+    cases = [Case(size=s, batch=b, repeats=args.steps, sampler_steps=args.sampler_steps, channels=args.channels,
+                  guidance=args.guidance) for s in args.sizes for b in batches]  # fmt: skip
+    diff = parity(checkout, min(args.sizes), args.channels)
+    log.info("speed: original vs ours, same weights, fp32 forward at %d³: max relative difference %.1e",
+             min(args.sizes), diff)  # fmt: skip
+    rows = bench_speed(checkout, modes, cases, args.threads)
+    table = markdown_table(rows)
+    print(table, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "speed.json", {"parity_max_rel_diff": diff, "torch": torch.__version__, "rows": rows})
+        with atomic_path(out / "speed.md") as tmp:
+            Path(tmp).write_text(table)
+    return rows

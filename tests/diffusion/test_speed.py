@@ -1,0 +1,183 @@
+"""The side-by-side speed benchmark (`lungddpm bench speed`), on a stand-in checkout of the original.
+
+CI has no Lung-DDPM checkout (no network, and its code is never committed), so the stand-in package below has
+the original's layout (``diffusion_model/unet.py`` with ``create_model`` as its ``train.py`` calls it, a relative
+import of ``modules``) and the original's calling convention (one tensor: image and layout concatenated). Against
+the real checkout the benchmark's parity line measured 1.4e-6 at 32³ (paper network, same weights).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from support import randomise
+
+from lungddpm.diffusion import precision
+from lungddpm.diffusion.speed import (
+    Case,
+    Mode,
+    build_pair,
+    compiled_difference,
+    largest_batch,
+    markdown_table,
+    run_mode,
+)
+from lungddpm.diffusion.unet import UNet3D, UNetConfig
+from lungddpm.errors import LungDDPMError
+
+MODULES = '''
+import torch
+from lungddpm.diffusion.unet import UNet3D, UNetConfig
+
+
+class UNetModel(UNet3D):
+    """The original's call: forward(cat([x, condition]), t); its embedding period 1000."""
+
+    def __init__(self, image_size, model_channels):
+        super().__init__(UNetConfig(image_size=image_size, model_channels=model_channels, time_max_period=1000.0))
+        for p in self.parameters():  # guided-diffusion's zero_module on the output and attention projections
+            if p.dim() > 1 and p.shape[0] == 1:
+                torch.nn.init.zeros_(p)
+
+    def forward(self, x, timesteps):
+        return super().forward(x[:, :1], timesteps, x[:, 1:])
+'''
+UNET = """
+from .modules import UNetModel
+
+
+def create_model(image_size, num_channels, num_res_blocks, channel_mult="", in_channels=1, out_channels=1):
+    assert (num_res_blocks, in_channels, out_channels) == (1, 3, 1), "called as Lung-DDPM's train.py calls it"
+    return UNetModel(image_size, num_channels)
+"""
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    pkg = tmp_path / "Lung-DDPM" / "diffusion_model"
+    pkg.mkdir(parents=True)
+    (pkg / "modules.py").write_text(MODULES)
+    (pkg / "unet.py").write_text(UNET)
+    return pkg.parent
+
+
+def test_both_networks_get_the_same_nonzero_weights(checkout: Path) -> None:
+    original, ours = build_pair(checkout, image_size=128, channels=32)
+    g = torch.Generator().manual_seed(0)
+    x, layout, t = (
+        torch.randn(2, 1, 16, 16, 16, generator=g),
+        torch.randn(2, 2, 16, 16, 16, generator=g),
+        torch.tensor([3, 200]),
+    )
+    with torch.no_grad():
+        a, b = original(x, t, layout), ours(x, t, layout)
+    assert a.abs().max() > 1e-3  # the zero-initialised output conv was randomised
+    assert torch.allclose(a, b, atol=1e-6)
+    assert sum(p.numel() for p in original.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_modes_parse_and_bad_ones_say_the_grammar() -> None:
+    m = Mode.parse("ours:bf16:reduce-overhead:device-rng:checkpoint")
+    assert (m.network, m.precision, m.compile, m.channels_last, m.device_rng, m.checkpoint) == (
+        "ours", "bf16", "reduce-overhead", False, True, True)  # fmt: skip
+    assert m.label == "ours bf16 compile=reduce-overhead device-rng checkpoint"
+    assert Mode.parse("original:fp32").label == "original fp32"
+    for bad in ("ours", "theirs:fp32", "ours:fp64", "ours:bf16:fast"):
+        with pytest.raises(LungDDPMError, match="expected NETWORK:PRECISION"):
+            Mode.parse(bad)
+    with pytest.raises(LungDDPMError, match="runs as released"):
+        Mode.parse("original:bf16:default")
+
+
+def test_largest_batch_doubles_until_out_of_memory() -> None:
+    tried: list[int] = []
+
+    def attempt(limit: int):
+        def try_batch(b: int):
+            tried.append(b)
+
+            def step() -> None:
+                if b > limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory")
+
+            return step
+
+        return try_batch
+
+    assert largest_batch(attempt(5)) == 4 and tried == [1, 2, 4, 8]
+    with pytest.raises(LungDDPMError, match="not even batch 1"):
+        largest_batch(attempt(0))
+
+
+def test_compiled_forward_matches_eager_without_graph_breaks() -> None:
+    """Inductor on a small UNet3D, fullgraph (what CUDA graphs need), bf16 autocast: equal to eager within bf16's
+    tolerance."""
+    model = UNet3D(UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), norm_groups=4)).eval()
+    randomise(model)
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 1, 8, 8, 8, generator=g), torch.tensor([7]), torch.randn(1, 2, 8, 8, 8, generator=g))
+    compiled = torch.compile(model, fullgraph=True)
+    cpu = torch.device("cpu")
+    assert compiled_difference(model, compiled, inputs, cpu, torch.bfloat16) < 2e-2  # bf16: 8 mantissa bits
+    assert compiled_difference(model, lambda *a: model(*a) * 1.05, inputs, cpu, torch.bfloat16) > 3e-2  # can fail
+
+
+def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path) -> None:
+    case = Case(size=16, batch=1, repeats=1, warmup=1, sampler_steps=2, channels=32)
+    row = run_mode(Mode.parse("ours:fp32"), checkout, case, threads=2)
+    for key in ("train_step_s", "forward_s", "sample_volume_s", "peak_train_mb", "peak_sample_mb"):
+        assert row[key] > 0, key
+    assert row["mode"] == "ours fp32" and row["batch"] == 1 and row["peak_memory_kind"] == "process max RSS"
+    table = markdown_table([{**row, "mode": "ours bf16 compile=default", "max_rel_diff_vs_eager": 3e-3}, row])
+    lines = table.splitlines()
+    assert lines[0].startswith("| grid | batch | mode | train step s") and "DPM-Solver++-2 s/volume" in lines[0]
+    assert lines[2].startswith("| 16³ | 1 | ours bf16 compile=default |") and lines[2].endswith("| 3.0e-03 |")
+    assert lines[3].endswith("|  |")
+
+
+def test_cli_writes_the_table_and_refuses_a_missing_checkout(checkout: Path, tmp_path: Path) -> None:
+    out = tmp_path / "speed"
+    args = ["bench", "speed", "--lung-ddpm", str(checkout), "--sizes", "16", "--channels", "32", "--steps", "1",
+            "--sampler-steps", "2", "--threads", "1", "--modes", "original:fp32", "ours:bf16",
+            "--out", str(out)]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "lungddpm.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "speed.json").read_text())
+    assert [r["mode"] for r in result["rows"]] == ["original fp32", "ours bf16"]
+    assert result["parity_max_rel_diff"] < 1e-5
+    assert (out / "speed.md").read_text() in proc.stdout
+    # each mode ran in its own process: the peaks are separate measurements, both above the bare interpreter's
+    assert all(r["peak_train_mb"] > 100 for r in result["rows"])
+    missing = ["bench", "speed", "--lung-ddpm", str(tmp_path / "none")]
+    proc = subprocess.run([sys.executable, "-m", "lungddpm.cli", *missing], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "none/diffusion_model/unet.py not found" in proc.stderr
+    assert "Manem-Lab/Lung-DDPM" in proc.stderr
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    precision.cpu_has_native_bf16.cache_clear()
+    for amx, avx512_bf16, expected in (
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+        (False, False, None),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        precision.cpu_has_native_bf16.cache_clear()
+        assert precision.resolve_precision("auto", cpu) is expected
+        assert precision.resolve_precision("auto", gpu) is torch.bfloat16
+        assert (
+            precision.resolve_precision("fp32", cpu) is None
+            and precision.resolve_precision("bf16", cpu) is torch.bfloat16
+        )
+    monkeypatch.undo()
+    precision.cpu_has_native_bf16.cache_clear()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    assert precision.cpu_has_native_bf16() == any(f in flags for f in precision.NATIVE_BF16_FLAGS)  # this machine
