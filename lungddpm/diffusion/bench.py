@@ -17,8 +17,15 @@ from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, count_parameters, unet_config_from_dict
 
 
-def _peak_rss_mb() -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a GPU, the process's max RSS on the CPU (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_name(device: torch.device, threads: int) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
 
 
 def _setup(
@@ -89,9 +96,9 @@ def bench_train(
             fn()
         sync()
         timings[name] = (time.perf_counter() - t0) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    peak = peak_memory_mb(device)
     return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads",
+        "device": device_name(device, threads),
         "parameters": count_parameters(model),
         "size": size,
         "batch": batch,
@@ -139,10 +146,10 @@ def bench_sample(
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+        peak = peak_memory_mb(device)
         out.append(
             {
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads",
+                "device": device_name(device, threads),
                 "parameters": count_parameters(model),
                 "size": size,
                 "sampler": name,
@@ -262,10 +269,10 @@ def bench_inpaint(
         for _ in range(repeats):
             sample(model, diffusion, layout, sampler, steps, gens, **kw)
         seconds = (time.perf_counter() - t0) / repeats
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+        peak = peak_memory_mb(device)
         out.append(
             {
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads",
+                "device": device_name(device, threads),
                 "scale": "lesion",
                 "parameters": count_parameters(model),
                 "roi": f"{n}^3 at {cfg.preprocess.spacing_mm[0]} mm",

@@ -17,13 +17,12 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
-import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import LungDDPMError
+from .bench import device_name, peak_memory_mb
 from .convert import original_state_to_ours
 from .precision import autocast, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
@@ -144,12 +144,6 @@ def _clock(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(out)
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -196,13 +190,13 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     eager = eager.to(memory_format=fmt)
     net = eager if mode.compile == "off" else torch.compile(eager, mode=mode.compile)
     diffusion = GaussianDiffusion(DiffusionConfig(timesteps=250, schedule="cosine", prediction="epsilon", loss="l1"))
-    row: dict[str, Any] = {"mode": mode.label, "device": _device_name(device, threads), "size": case.size,
+    row: dict[str, Any] = {"mode": mode.label, "device": device_name(device, threads), "size": case.size,
                            "parameters": count_parameters(eager)}  # fmt: skip
     if case.batch == 0 and device.type != "cuda":
         raise LungDDPMError("speed: batch max (the largest that fits) needs a GPU; give a number on the CPU")
     if case.batch == 0:
-        case = Case(**{**asdict(case), "batch": largest_batch(lambda b: _train_step(mode, net, eager, diffusion,
-                    _inputs(Case(**{**asdict(case), "batch": b}), device, fmt), device, dtype))})  # fmt: skip
+        case = replace(case, batch=largest_batch(lambda b: _train_step(mode, net, eager, diffusion,
+                       _inputs(replace(case, batch=b), device, fmt), device, dtype)))  # fmt: skip
     row["batch"] = case.batch
     data = _inputs(case, device, fmt)
     if mode.compile != "off":  # on the initial weights, before any optimizer step can have changed them
@@ -215,7 +209,7 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
             step()
         _reset_peak(device)
         row["train_step_s"] = round(_clock(device, step, case.repeats), 4)
-        row["peak_train_mb"] = round(_peak_mb(device), 1)
+        row["peak_train_mb"] = round(peak_memory_mb(device), 1)
         row["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in eager.parameters())
     except RuntimeError as e:  # e.g. the original's attention under autocast: its own gradient checkpoint
         if mode.network != "original":  # recomputes outside autocast and fails (a bf16 input, fp32 weights)
@@ -252,7 +246,7 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     _reset_peak(device)
     row["sampler_steps"], row["guidance"] = case.sampler_steps, case.guidance
     row["sample_volume_s"] = round(_clock(device, volume, max(1, case.repeats // 2)) / case.batch, 4)
-    row["peak_sample_mb"] = round(_peak_mb(device), 1)
+    row["peak_sample_mb"] = round(peak_memory_mb(device), 1)
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
     row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process max RSS"
     return row
@@ -317,10 +311,6 @@ def largest_batch(try_batch: Callable[[int], Callable[[], None]], limit: int = 2
     return best
 
 
-def _device_name(device: torch.device, threads: int) -> str:
-    return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
-
-
 def bench_speed(
     checkout: Path, modes: Sequence[Mode], cases: Sequence[Case], threads: int, isolate: bool | None = None
 ) -> list[dict[str, Any]]:
@@ -336,7 +326,8 @@ def bench_speed(
                     row = pool.submit(run_mode, mode, checkout, case, threads).result()
             else:
                 row = run_mode(mode, checkout, case, threads)
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             log.info("speed: %s", row)
             rows.append(row)
     return rows
@@ -373,7 +364,7 @@ def parity(checkout: Path, size: int, channels: int, image_size: int = 128) -> f
 
 def speed_entry(args: Any) -> list[dict[str, Any]]:
     """``lungddpm bench speed``: the rows, the table on stdout, and both under ``--out`` (a folder) when given."""
-    from ..io import atomic_path, write_json
+    from ..io import write_json, write_text
 
     checkout = Path(args.lung_ddpm)
     default = GPU_MODES if torch.cuda.is_available() else CPU_MODES
@@ -391,6 +382,5 @@ def speed_entry(args: Any) -> list[dict[str, Any]]:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "speed.json", {"parity_max_rel_diff": diff, "torch": torch.__version__, "rows": rows})
-        with atomic_path(out / "speed.md") as tmp:
-            Path(tmp).write_text(table)
+        write_text(out / "speed.md", table)
     return rows
