@@ -23,7 +23,7 @@ from ..config import Config
 from ..data.nodules import Nodule
 from ..errors import DicomError
 from ..io import DicomSeries, Geometry, write_json, write_volume
-from .lungmask import segment_lungs
+from .lungmask import lungs_from_label, segment_lungs
 
 log = logging.getLogger(__name__)
 
@@ -241,25 +241,19 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
 
     fine, fine_size = fine_geometry(grid, series.hu.shape, pc.fine_spacing_mm)
     fine_hu = resample(series.hu, grid, fine, fine_size, order=1, fill=pc.padding_hu)
-    seg = segment_lungs(fine_hu, fine.spacing, cfg.lungmask)
-    lung_source = "lungmask"
-    if scan.lung is not None:
+    if scan.lung is not None:  # the source's own lungs: nothing of ours is segmented or removed
         lung_fine = resample(scan.lung, grid, fine, fine_size, order=1, fill=0.0) >= 0.5
-        seg = replace(seg, lung=lung_fine, lung_ml=float(lung_fine.sum()) * float(np.prod(fine.spacing)) / 1000)
-        lung_source = "label"
+        seg, lung_source = lungs_from_label(fine_hu, lung_fine, fine.spacing, cfg.lungmask), "label"
+    else:
+        seg, lung_source = segment_lungs(fine_hu, fine.spacing, cfg.lungmask), "lungmask"
     if not seg.lung.any():
         raise DicomError(
             f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
             "CT in HU? Check lungmask.threshold_hu"
         )
-    log.info(
-        "%s: lungs %.0f mL (%s) in %d component(s), airway %.0f mL removed",
-        case_id,
-        seg.lung_ml,
-        lung_source,
-        seg.n_components,
-        seg.airway_ml,
-    )
+    removed = f", airway {seg.airway_ml:.0f} mL removed" if lung_source == "lungmask" else ""
+    log.info("%s: lungs %.0f mL (%s) in %d component(s)%s", case_id, seg.lung_ml, lung_source, seg.n_components,
+             removed)  # fmt: skip
     lung_idx = np.argwhere(seg.lung)
     bbox_centre = (lung_idx.min(axis=0) + lung_idx.max(axis=0)) / 2
     centre = fine.index_to_world(bbox_centre[None])[0]
@@ -296,7 +290,8 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
         "fine_geometry": fine.to_json(),
         "lung_ml_fine": round(seg.lung_ml, 1),
         "lung_source": lung_source,
-        "airway_ml_removed": round(seg.airway_ml, 1),
+        "airway_ml_removed": round(seg.airway_ml, 1) if lung_source == "lungmask" else None,
+        "lung_components": seg.n_components,
         "lung_centre_lps_mm": [round(float(c), 2) for c in centre],
         "body_midline_x_mm": round(midline_x, 2),
         "consensus_level": cfg.data.consensus_level,

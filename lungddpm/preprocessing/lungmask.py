@@ -155,6 +155,26 @@ def pleural_dents(
     return added
 
 
+def body_mask(hu: np.ndarray, threshold_hu: float) -> tuple[np.ndarray, float]:
+    """The body (everything but outside air, filled per slice) and its midline: the fractional x index of its
+    left-right centre. hu: [Z, Y, X]; returns (bool [Z, Y, X], x index)."""
+    body = _fill_holes_2d(~outside_air(hu, threshold_hu))
+    cols = np.flatnonzero(body.any(axis=(0, 1)))
+    return body, float(cols[0] + cols[-1]) / 2 if cols.size else (hu.shape[2] - 1) / 2
+
+
+def lungs_from_label(
+    hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig
+) -> LungmaskResult:
+    """A source's own lung label as a :class:`LungmaskResult`: nothing segmented or removed (no airway), its
+    26-connected components counted, the body midline from ``hu``. hu, lung: [Z, Y, X] on the same grid."""
+    _, midline = body_mask(hu, cfg.threshold_hu)
+    n = int(ndi.label(lung, structure=np.ones((3, 3, 3), bool))[1])
+    lung_ml = float(lung.sum()) * float(np.prod(spacing)) / 1000
+    return LungmaskResult(lung=lung, airway=np.zeros_like(lung), lung_ml=lung_ml, airway_ml=0.0, n_components=n,
+                          body_midline_x=midline)  # fmt: skip
+
+
 def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig) -> LungmaskResult:
     """Segment both lungs (parenchyma with vessels and nodules, without trachea and main bronchi).
 
@@ -162,11 +182,8 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     """
     sp = np.asarray(spacing, dtype=float)
     voxel_ml = float(np.prod(sp)) / 1000
-    outside = outside_air(hu, cfg.threshold_hu)
-    body = _fill_holes_2d(~outside)
+    body, midline = body_mask(hu, cfg.threshold_hu)
     airway = _airway(hu, body, sp, cfg)
-    body_cols = np.flatnonzero(body.any(axis=(0, 1)))
-    midline = float(body_cols[0] + body_cols[-1]) / 2 if body_cols.size else (hu.shape[2] - 1) / 2
     candidates = (hu < cfg.threshold_hu) & body & ~airway
     labels, n = ndi.label(candidates)
     if n == 0:

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from lungddpm.config import LungmaskConfig, validate_config
-from lungddpm.preprocessing.lungmask import outside_air, segment_lungs
+from lungddpm.preprocessing.lungmask import lungs_from_label, outside_air, segment_lungs
 
 CFG = LungmaskConfig(**validate_config({})["lungmask"])
 SPACING = (4.0, 4.0, 4.0)
@@ -62,6 +62,19 @@ def test_segments_lungs_with_vessels_and_without_airways() -> None:
     assert result.airway_ml > 0 and result.n_components == 2
     expected_ml = lung.sum() * 64 / 1000
     assert abs(result.lung_ml - expected_ml) / expected_ml < 0.05
+
+
+def test_a_label_lung_is_taken_as_is_with_its_own_components() -> None:
+    """A source's lung label: nothing removed (its airway voxels stay), its components counted, our midline."""
+    hu, lung, airway = toy_thorax()
+    label = lung | airway  # a label that includes the airways: kept as given, not cut by our airway removal
+    label[:, :, 90:] = False
+    label[2:4, 10:12, 92:94] = True  # a third, detached piece
+    result = lungs_from_label(hu, label, SPACING, CFG)
+    assert result.lung is label and result.airway_ml == 0.0 and not result.airway.any()
+    assert result.n_components == 2  # the two lungs joined by the airways + the detached piece
+    assert result.lung_ml == pytest.approx(label.sum() * 64 / 1000)
+    assert result.body_midline_x == segment_lungs(hu, SPACING, CFG).body_midline_x == pytest.approx(47.5, abs=1)
 
 
 def test_empty_scan_gives_empty_mask() -> None:

@@ -292,12 +292,11 @@ def test_workflow_lesion_scale_trains_on_rois_and_scores_every_test_roi(demo_wor
 
 
 def test_workflow_whole_scale_with_volume_and_pasted_arms(demo_workflow: Path) -> None:
-    """The whole scale on the same data: the real CTs, plus whole-volume CTs or the lesion run's pasted CTs."""
-    arms = (
-        "[{name: real, real: true, synthetic_fraction: 0}, {name: volume, real: true, synthetic_fraction: 1.0,"
-        " synthetic_source: volume}, {name: pasted, real: true, synthetic_fraction: 1.0, synthetic_source: lesion}]"
-    )
-    snakemake(demo_workflow, "--config", f"segmentation={{scale: whole, arms: {arms}}}", "--",
+    """The whole scale on the same data: the real CTs plus whole-volume CTs (the baseline here), or plus the lesion
+    run's pasted CTs. Two arms, not three: a real-only arm is the lesion scale's baseline, already run."""
+    arms = ("[{name: volume, real: true, synthetic_fraction: 1.0, synthetic_source: volume},"
+            " {name: pasted, real: true, synthetic_fraction: 1.0, synthetic_source: lesion}]")  # fmt: skip
+    snakemake(demo_workflow, "--config", f"segmentation={{scale: whole, baseline: volume, arms: {arms}}}", "--",
               "results/segmentation/whole/comparison.csv")  # fmt: skip
     train, test = _split(demo_workflow)
     seg = demo_workflow / "results/segmentation/whole"
@@ -310,13 +309,14 @@ def test_workflow_whole_scale_with_volume_and_pasted_arms(demo_workflow: Path) -
     assert image.shape == ct.shape and geometry.spacing == ct_geometry.spacing  # resampled onto the model grid
     volume = read_json(seg / "volume/seed0/prepared.json")
     assert all("synthetic/augment" in c["image"] for c in volume["cases"] if c["kind"] == "synthetic")
-    with open(seg / "real/scores.csv") as fh:
+    assert sum(c["kind"] == "real" for c in volume["cases"]) == len(train) == volume["n_synthetic"]
+    with open(seg / "volume/scores.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["case_id"] for r in rows] == test and {r["kind"] for r in rows} == {"scan"}
     with open(seg / "comparison.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert {r["arm"] for r in table} == {"real", "volume", "pasted"}
-    assert "fp_per_scan" in {r["metric"] for r in table} and len(table) == 15
+    assert {r["arm"] for r in table} == {"volume", "pasted"} and {r["baseline"] for r in table} == {"volume"}
+    assert "fp_per_scan" in {r["metric"] for r in table} and len(table) == 10
     # the lesion scale's results are untouched, beside these
     assert (demo_workflow / "results/segmentation/lesion/comparison.csv").is_file()
 

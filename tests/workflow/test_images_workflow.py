@@ -93,6 +93,7 @@ def test_every_stage_ran_on_the_image_folder(images_workflow: Path, demo_workflo
     for case in split:
         meta = read_json(res / f"preprocessed/{case}/meta.json")
         assert meta["source"] == "images" and meta["lung_source"] == "label"
+        assert meta["airway_ml_removed"] is None and meta["lung_components"] >= 1  # the label's, not our mask's
         assert (len(meta["nodules"]) == 0) == (case == NORMAL)
         assert all(row["texture"] is None and row["volume_ml"] > 0 for row in meta["nodules"])
     rois = list(csv.DictReader(open(res / f"rois/{_demo_cases(demo_workflow)[0]}/rois.csv")))
@@ -143,7 +144,7 @@ def test_without_label_maps_the_lungs_come_from_the_lung_mask(
                       "images": {"ct_dir": str(tmp_path / "CT"), "label_dir": None}}})  # fmt: skip
     case = _demo_cases(demo_workflow)[0]
     meta = preprocess_case(case, tmp_path / "out", cfg)
-    assert meta["lung_source"] == "lungmask" and meta["nodules"] == []
+    assert meta["lung_source"] == "lungmask" and meta["nodules"] == [] and meta["airway_ml_removed"] > 0
     ours, _ = read_volume(tmp_path / "out/lung_fine.nii.gz")
     labelled, _ = read_volume(images_workflow / f"results/preprocessed/{case}/lung_fine.nii.gz")
     assert 2 * (ours & labelled).sum() / (ours.sum() + labelled.sum()) > 0.97  # our mask against the label's lungs
