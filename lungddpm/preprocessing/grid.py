@@ -246,6 +246,12 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
         seg, lung_source = lungs_from_label(fine_hu, lung_fine, fine.spacing, cfg.lungmask), "label"
     else:
         seg, lung_source = segment_lungs(fine_hu, fine.spacing, cfg.lungmask), "lungmask"
+    if not seg.lung.any() and lung_source == "label":
+        raise DicomError(
+            f"{series_dir}: the label map's lungs ({int(scan.lung.sum())} voxel(s)) vanish on the "
+            f"{pc.fine_spacing_mm} mm fine grid (preprocess.fine_spacing_mm); label the whole lungs, or keep only the "
+            "nodule label so that lungddpm segments the lungs"
+        )
     if not seg.lung.any():
         raise DicomError(
             f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lungddpm.config import ConfigError, validate_config
+from lungddpm.config import Config, ConfigError, validate_config
 from lungddpm.data.images import (
     ImageCase,
     case_id_of,
@@ -21,8 +21,9 @@ from lungddpm.data.images import (
 )
 from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
-from lungddpm.errors import ImageError
+from lungddpm.errors import DicomError, ImageError
 from lungddpm.io import DicomSeries, read_dicom_series
+from lungddpm.preprocessing.grid import preprocess_case
 
 SPACING = (0.75, 0.8, 2.5)  # x, y, z mm
 ORIGIN = (-12.0, 30.5, -101.25)
@@ -124,6 +125,20 @@ def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> N
     assert lung is None and np.array_equal(nodule, binary > 0)
     with pytest.raises(ImageError, match=r"seg.nrrd: labels \[0, 1, 2\], .*'binary' allows \[0, 1\]; set label_conv"):
         read_label(tmp_path / "seg.nrrd", series, "binary")
+
+
+def test_label_lungs_that_vanish_on_the_fine_grid_are_an_error_naming_the_ct(tmp_path: Path) -> None:
+    hu = _ct()
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[4, 10, 6] = 1  # one lung voxel: less than half a voxel of the 2 mm fine grid
+    for folder, volume in (("CT", hu), ("SEG", labels)):
+        write_image(tmp_path / folder / "case0.nii.gz", volume, _series(hu))
+    images = {"ct_dir": str(tmp_path / "CT"), "label_dir": str(tmp_path / "SEG")}
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": images}}))
+    vanish = r"CT/case0.nii.gz: the label map's lungs \(1 voxel\(s\)\) vanish on the 2.0 mm fine grid"
+    with pytest.raises(DicomError, match=vanish):
+        preprocess_case("case0", tmp_path / "out", cfg)
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 def test_a_label_map_on_another_grid_is_refused_naming_both_files(tmp_path: Path) -> None:
