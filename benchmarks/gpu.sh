@@ -1,25 +1,50 @@
 #!/usr/bin/env bash
-# The issue "Speed"'s one GPU run: the original Lung-DDPM network against ours, side by side, in one process per
-# table (CUDA-event timing after warm-up, peak CUDA memory per mode):
-#   1. 128³, batch 1, every mode;  2. 128³, the largest training batch that fits;
-#   3. the lesion scale: 64³ ROIs, the paper-size network, 32 nodules batched, guided DPM-Solver++-20.
-# Needs `pip install -e .` and a checkout of Manem-Lab/Lung-DDPM at $LUNG_DDPM (default peers/Lung-DDPM, git-ignored:
-# `carry` it to the device). Tables go to benchmarks/speed/<gpu>/{whole,max,lesion}/speed.{md,json}.
-# CPU dry run of the same script: SIZE=16 CHANNELS=32 MAX=2 LESION_SIZE=16 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
-set -euo pipefail
+# The issue "Speed"'s one GPU run: the original Lung-DDPM network against ours, side by side (CUDA-event timing
+# after warm-up, peak CUDA memory per mode), into three tables:
+#   whole:  128³, batch 1;   max: 128³, the largest training batch that fits;
+#   lesion: 64³ ROIs, the paper-size network, 32 nodules batched, guided DPM-Solver++-20.
+# The rows run in phases, most important first, within BUDGET_S seconds (default 540: one device call of 600 s);
+# a phase past the budget is cut, and every table keeps each row it finished (written after every row; a later
+# phase adds its rows to the same table). Needs this checkout's dependencies (torch, diffusers, jsonschema, ...)
+# and a checkout of Manem-Lab/Lung-DDPM at $LUNG_DDPM (default peers/Lung-DDPM, git-ignored: `carry` it along).
+# Tables: $OUT_DIR/{whole,max,lesion}/speed.{md,json}, OUT_DIR defaulting to benchmarks/speed/<gpu>
+# (on the device machine: OUT_DIR=$OUT/speed so that they come back).
+# CPU dry run: SIZE=16 CHANNELS=32 MAX=2 LESION_SIZE=16 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
 src=${LUNG_DDPM:-peers/Lung-DDPM}
 # without an install: this checkout, plus pure-Python dependencies the machine may lack, prepared elsewhere with
 # `pip install --no-deps --target peers/site diffusers jsonschema ...` and carried along (peers/ is git-ignored)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d peers/site ]; then export PYTHONPATH="$PWD/peers/site:$PYTHONPATH"; fi
+python -c "import torch, diffusers, jsonschema, yaml; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      'diffusers', diffusers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+  || { echo "gpu.sh: a dependency is missing (above); carry peers/site or pip install -e ." >&2; exit 2; }
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
 out=${OUT_DIR:-benchmarks/speed/$gpu}
 size=${SIZE:-128}
-max=${MAX:-max}
-run() { python -m lungddpm.cli bench speed --lung-ddpm "$src" --steps "${STEPS:-10}" --channels "${CHANNELS:-64}" "$@"; }
-run --sizes "$size" --batch-sizes 1 --out "$out/whole" --modes original:fp32 original:bf16 ours:fp32 ours:bf16 \
-  ours:bf16:checkpoint ours:bf16:default ours:bf16:reduce-overhead:device-rng
-run --sizes "$size" --batch-sizes "$max" --out "$out/max" --modes original:fp32 ours:bf16 ours:bf16:default
-run --sizes "${LESION_SIZE:-64}" --batch-sizes "${BATCH:-32}" --guidance 3 --out "$out/lesion" \
-  --modes original:bf16 ours:bf16 ours:bf16:default ours:bf16:reduce-overhead:device-rng
+budget=${BUDGET_S:-540}
+failed=0
+# phase TABLE SIZE BATCH [extra args] -- MODES...: one process, cut at the budget's end
+phase() {
+  local table=$1 grid=$2 batch=$3 left=$((budget - SECONDS))
+  shift 3
+  local extra=()
+  while [ "$1" != "--" ]; do extra+=("$1"); shift; done
+  shift
+  if [ "$left" -lt 30 ]; then echo "gpu.sh: $table $* not run: the ${budget} s budget is spent" >&2; failed=1; return; fi
+  echo "gpu.sh: $table at ${grid}³, batch $batch: $* (${left} s left)" >&2
+  timeout -s INT -k 10 "$left" python -m lungddpm.cli bench speed --lung-ddpm "$src" --steps "${STEPS:-6}" \
+    --channels "${CHANNELS:-64}" --sizes "$grid" --batch-sizes "$batch" --out "$out/$table" "${extra[@]}" --modes "$@"
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then echo "gpu.sh: $table $*: exit $rc (124: cut at the budget)" >&2; failed=1; fi
+}
+lesion=(${LESION_SIZE:-64} ${BATCH:-32} --guidance 3 --)
+phase whole "$size" 1 -- original:fp32 ours:bf16 ours:bf16:default
+phase lesion "${lesion[@]}" ours:bf16 original:bf16
+phase max "$size" "${MAX:-max}" -- original:fp32 ours:bf16
+phase whole "$size" 1 -- ours:bf16:reduce-overhead:device-rng original:bf16 ours:fp32 ours:bf16:checkpoint
+phase lesion "${lesion[@]}" ours:bf16:default ours:bf16:reduce-overhead:device-rng
+phase max "$size" "${MAX:-max}" -- ours:bf16:default
+for t in whole lesion max; do [ -f "$out/$t/speed.md" ] && { echo "## $t"; cat "$out/$t/speed.md"; }; done
+exit "$failed"

@@ -1,14 +1,11 @@
 """Speed side by side: the original Lung-DDPM network against ours, in one run, per mode (precision, compile).
 
 Both networks get the same random weights (the original's, imported into ours as ``lungddpm import-lungddpm``
-does), so the run also checks that they compute the same function. Per (mode, grid, batch): a training step
-(forward + backward + optimizer step; the original's loss, Adam and fp32 as its ``train.py``, ours AdamW), a
-no-grad forward, a DPM-Solver++-20 volume with anatomically-aware blending (the same sampler for both networks),
-peak memory, and for compiled modes the largest difference from the eager forward. On a GPU the times are CUDA
-events after warm-up and the batch ``max`` is the largest training batch that fits; on the CPU each mode runs in
-its own process, so its peak RSS is its own.
-
-Shapes: images [B, 1, S, S, S], layouts [B, 2, S, S, S] in {-1, 1}, t [B].
+does), so the run also checks that they compute the same function. Per (mode, grid, batch): a training step (the
+original's loss, Adam and fp32 as its ``train.py``; ours AdamW), a no-grad forward, a DPM-Solver++-20 volume with
+anatomically-aware blending (one sampler for both), peak memory, and for compiled modes the largest difference
+from eager. GPU: CUDA events after warm-up; batch ``max`` = the largest training batch that fits. CPU: each mode in
+its own process, for its own peak RSS. Shapes: images [B, 1, S, S, S], layouts [B, 2, S, S, S] in {-1, 1}, t [B].
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ GPU_MODES = ("original:fp32", "original:bf16", "ours:fp32", "ours:bf16", "ours:b
              "ours:bf16:reduce-overhead", "ours:bf16:default:device-rng")  # fmt: skip
 CPU_MODES = ("original:fp32", "ours:fp32", "ours:bf16")
 PAPER_LR = 1e-5  # Lung-DDPM's train.py --train_lr
+PARITY_SIZE = 32  # the grid of the fp32 parity check of the two networks (on the CPU, before any timing)
 
 
 @dataclass(frozen=True)
@@ -192,12 +190,13 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     diffusion = GaussianDiffusion(DiffusionConfig(timesteps=250, schedule="cosine", prediction="epsilon", loss="l1"))
     row: dict[str, Any] = {"mode": mode.label, "device": device_name(device, threads), "size": case.size,
                            "parameters": count_parameters(eager)}  # fmt: skip
+    requested = case.batch or "max"
     if case.batch == 0 and device.type != "cuda":
         raise LungDDPMError("speed: batch max (the largest that fits) needs a GPU; give a number on the CPU")
     if case.batch == 0:
         case = replace(case, batch=largest_batch(lambda b: _train_step(mode, net, eager, diffusion,
                        _inputs(replace(case, batch=b), device, fmt), device, dtype)))  # fmt: skip
-    row["batch"] = case.batch
+    row["batch"], row["requested_batch"] = case.batch, requested
     data = _inputs(case, device, fmt)
     if mode.compile != "off":  # on the initial weights, before any optimizer step can have changed them
         inputs = (data["x0"], data["t"], data["layout"])
@@ -312,9 +311,11 @@ def largest_batch(try_batch: Callable[[int], Callable[[], None]], limit: int = 2
 
 
 def bench_speed(
-    checkout: Path, modes: Sequence[Mode], cases: Sequence[Case], threads: int, isolate: bool | None = None
-) -> list[dict[str, Any]]:
-    """Every (case, mode) row; ``isolate`` (default: on the CPU) runs each in a fresh process for its own peak RSS."""
+    checkout: Path, modes: Sequence[Mode], cases: Sequence[Case], threads: int, isolate: bool | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every (case, mode) row, handed to ``on_row`` (the rows so far) as each finishes; ``isolate`` (default: on
+    the CPU) runs each in a fresh process for its own peak RSS."""
     load_original(checkout)  # fail before any timing
     isolate = not torch.cuda.is_available() if isolate is None else isolate
     rows = []
@@ -326,11 +327,22 @@ def bench_speed(
                     row = pool.submit(run_mode, mode, checkout, case, threads).result()
             else:
                 row = run_mode(mode, checkout, case, threads)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
             log.info("speed: %s", row)
             rows.append(row)
+            if on_row:
+                on_row(rows)
     return rows
+
+
+def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` without the rows ``new`` measures again (mode, grid, requested batch, guidance), then ``new``."""
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["mode"], r["size"], r.get("requested_batch", r["batch"]), r.get("guidance", 1.0)
+
+    again = {key(r) for r in new}
+    return [r for r in old if key(r) not in again] + list(new)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -364,7 +376,7 @@ def parity(checkout: Path, size: int, channels: int, image_size: int = 128) -> f
 
 def speed_entry(args: Any) -> list[dict[str, Any]]:
     """``lungddpm bench speed``: the rows, the table on stdout, and both under ``--out`` (a folder) when given."""
-    from ..io import write_json, write_text
+    from ..io import read_json, write_json, write_text
 
     checkout = Path(args.lung_ddpm)
     default = GPU_MODES if torch.cuda.is_available() else CPU_MODES
@@ -372,15 +384,17 @@ def speed_entry(args: Any) -> list[dict[str, Any]]:
     batches = [0 if b == "max" else int(b) for b in args.batch_sizes]
     cases = [Case(size=s, batch=b, repeats=args.steps, sampler_steps=args.sampler_steps, channels=args.channels,
                   guidance=args.guidance) for s in args.sizes for b in batches]  # fmt: skip
-    diff = parity(checkout, min(args.sizes), args.channels)
-    log.info("speed: original vs ours, same weights, fp32 forward at %d³: max relative difference %.1e",
-             min(args.sizes), diff)  # fmt: skip
-    rows = bench_speed(checkout, modes, cases, args.threads)
-    table = markdown_table(rows)
-    print(table, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "speed.json", {"parity_max_rel_diff": diff, "torch": torch.__version__, "rows": rows})
-        write_text(out / "speed.md", table)
+    size = min(PARITY_SIZE, *args.sizes)  # the same function at every grid: checked where the CPU is quick
+    diff = parity(checkout, size, args.channels)
+    log.info("speed: original vs ours, same weights, fp32 forward at %d³: max relative difference %.1e", size, diff)
+    out = Path(args.out) if args.out else None
+    old = read_json(out / "speed.json")["rows"] if out and (out / "speed.json").is_file() else []
+
+    def save(rows: list[dict[str, Any]]) -> None:  # after every row: a run cut short keeps what it measured
+        merged = merge_rows(old, rows)
+        write_json(out / "speed.json", {"parity_max_rel_diff": diff, "torch": torch.__version__, "rows": merged})
+        write_text(out / "speed.md", markdown_table(merged))
+
+    rows = bench_speed(checkout, modes, cases, args.threads, on_row=save if out else None)
+    print(markdown_table(rows), flush=True)
     return rows

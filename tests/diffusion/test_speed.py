@@ -26,6 +26,7 @@ from lungddpm.diffusion.speed import (
     compiled_difference,
     largest_batch,
     markdown_table,
+    merge_rows,
     run_mode,
 )
 from lungddpm.diffusion.unet import UNet3D, UNetConfig
@@ -154,10 +155,30 @@ def test_cli_writes_the_table_and_refuses_a_missing_checkout(checkout: Path, tmp
     assert (out / "speed.md").read_text() in proc.stdout
     # each mode ran in its own process: the peaks are separate measurements, both above the bare interpreter's
     assert all(r["peak_train_mb"] > 100 for r in result["rows"])
+    # a second run into the same folder replaces what it measures again and keeps the rest; a run cut short (here:
+    # batch max, which needs a GPU, after batch 1) keeps the rows it finished
+    again = [*args[: args.index("--sampler-steps")], "--sampler-steps", "3", "--threads", "1", "--modes", "ours:bf16",
+             "--batch-sizes", "1", "max", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "lungddpm.cli", *again], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "batch max (the largest that fits) needs a GPU" in proc.stderr
+    rows = json.loads((out / "speed.json").read_text())["rows"]
+    assert [(r["mode"], r["sampler_steps"]) for r in rows] == [("original fp32", 2), ("ours bf16", 3)]
+    assert "DPM-Solver++-2/3 s/volume" in (out / "speed.md").read_text()
     missing = ["bench", "speed", "--lung-ddpm", str(tmp_path / "none")]
     proc = subprocess.run([sys.executable, "-m", "lungddpm.cli", *missing], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "none/diffusion_model/unet.py not found" in proc.stderr
     assert "Manem-Lab/Lung-DDPM" in proc.stderr
+
+
+def test_merged_rows_replace_only_what_was_measured_again() -> None:
+    def row(mode: str, size: int, batch: int | str, guidance: float, s: float) -> dict[str, object]:
+        return {"mode": mode, "size": size, "batch": 8, "requested_batch": batch, "guidance": guidance, "s": s}
+
+    old = [row("ours bf16", 128, 1, 1.0, 1), row("ours bf16", 128, "max", 1.0, 2), row("ours bf16", 64, 1, 3.0, 3)]
+    new = [row("ours bf16", 128, "max", 1.0, 4), row("original fp32", 128, 1, 1.0, 5)]
+    assert [r["s"] for r in merge_rows(old, new)] == [1, 3, 4, 5]
+    legacy = {"mode": "ours bf16", "size": 128, "batch": 1, "s": 0}  # a row from before requested_batch/guidance
+    assert [r["s"] for r in merge_rows([legacy], [row("ours bf16", 128, 1, 1.0, 6)])] == [6]
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
