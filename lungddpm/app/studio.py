@@ -158,7 +158,7 @@ class Studio:
         target = session.world((k, i, j))
         lo, hi = session.source.bounds()
         roi = self.roi.geometry(shift_inside(target, self.roi.half_extent_mm, lo, hi))
-        cut = cut_roi(replace(session.source, hu=session.ct.astype(np.float32)), roi, self.roi)
+        cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
         layout[self._native_nodules_in(session, roi)] = NODULE  # nodules inserted earlier
         try:

@@ -81,40 +81,72 @@ def resample(
     order: int,
     fill: float,
     antialias: bool = True,
+    crop: bool = True,
 ) -> np.ndarray:
     """Sample ``volume`` [K, I, J] (on ``grid``) at the voxel centres of ``target`` -> float32 ``size`` (z, y, x).
 
     ``antialias`` low-passes before downsampling: block averages in-plane, then a Gaussian of sigma
     (factor - 1) / 2 voxels per axis, so a 0.7 mm CT becomes a clean 10 mm grid and a mask a coverage fraction.
+    ``crop`` filters only the part of ``volume`` the target reaches (its filter and interpolation support
+    included): the same values, much faster for an ROI of a whole CT.
     """
-    vol = np.asarray(volume, dtype=np.float32)
+    block, sigma = 1, [0.0, 0.0, 0.0]
     if antialias:
         block = max(1, int(min(target.spacing[1] / grid.row_spacing, target.spacing[2] / grid.col_spacing)))
-        if block > 1:
-            k, i, j = vol.shape
-            i2, j2 = i // block * block, j // block * block
-            if i2 == 0 or j2 == 0:
-                block = 1
-            else:
-                vol = vol[:, :i2, :j2].reshape(k, i2 // block, block, j2 // block, block).mean(axis=(2, 4))
-                grid = replace(
-                    grid,
-                    row_spacing=grid.row_spacing * block,
-                    col_spacing=grid.col_spacing * block,
-                    x0=grid.x0 + (block - 1) / 2 * grid.col_spacing,
-                    y0=grid.y0 + (block - 1) / 2 * grid.row_spacing,
-                )
+        if min(volume.shape[1:]) < block:
+            block = 1
         dz = float(np.median(np.diff(grid.z_positions))) if grid.z_positions.size > 1 else target.spacing[0]
-        sigma = [
-            max(0.0, (target.spacing[0] / dz - 1) / 2),
-            max(0.0, (target.spacing[1] / grid.row_spacing - 1) / 2),
-            max(0.0, (target.spacing[2] / grid.col_spacing - 1) / 2),
-        ]
-        if max(sigma) > 0.05:
-            vol = ndi.gaussian_filter(vol, sigma=sigma, mode="nearest")
-    idx = grid.world_to_index(grid_points(target, size))
+        steps = (dz, grid.row_spacing * block, grid.col_spacing * block)
+        sigma = [max(0.0, (t / d - 1) / 2) for t, d in zip(target.spacing, steps)]
+        if max(sigma) <= 0.05:
+            sigma = [0.0, 0.0, 0.0]
+    points = grid_points(target, size)
+    full = grid.world_to_index(points)
+    k_full = full[:, 0]  # -1e6 beyond the slices, as on the whole grid
+    k0, i0, j0 = 0, 0, 0
+    if crop:
+        (k0, k1), (i0, i1), (j0, j1) = _support(full, volume.shape, block, sigma)
+        volume = volume[k0:k1, i0:i1, j0:j1]
+        grid = grid.crop(k0, i0, j0, k1 - k0)
+    vol = np.asarray(volume, dtype=np.float32)
+    if block > 1:
+        k, i, j = vol.shape
+        i2, j2 = i // block * block, j // block * block
+        vol = vol[:, :i2, :j2].reshape(k, i2 // block, block, j2 // block, block).mean(axis=(2, 4))
+        grid = replace(
+            grid,
+            row_spacing=grid.row_spacing * block,
+            col_spacing=grid.col_spacing * block,
+            x0=grid.x0 + (block - 1) / 2 * grid.col_spacing,
+            y0=grid.y0 + (block - 1) / 2 * grid.row_spacing,
+        )
+    if max(sigma) > 0:
+        vol = ndi.gaussian_filter(vol, sigma=sigma, mode="nearest")
+    idx = grid.world_to_index(points)
+    idx[:, 0] = np.where(k_full > -1e5, k_full - k0, k_full)
     out = ndi.map_coordinates(vol, idx.T, order=order, mode="constant", cval=fill, prefilter=False)
     return out.reshape(size).astype(np.float32)
+
+
+def _support(idx: np.ndarray, shape: tuple[int, ...], block: int, sigma: list[float]) -> tuple[tuple[int, int], ...]:
+    """Per axis, the index range [start, stop) of a [K, I, J] volume that sampling at ``idx`` [N, 3] (k, i, j)
+    reads: the points' span, grown by the Gaussian's radius (scipy's 4 sigma) and the interpolation's support,
+    in-plane in whole blocks from the volume's first voxel (so the blocks are the whole volume's)."""
+    inside = idx[:, 0] > -1e5
+    if not inside.any():
+        return (0, 1), (0, min(shape[1], block)), (0, min(shape[2], block))
+    last = np.asarray(shape[:3], dtype=np.float64) - 1  # points beyond the volume read its edge
+    lo, hi = np.clip(idx[inside].min(axis=0), 0, last), np.clip(idx[inside].max(axis=0), 0, last)
+    ranges = []
+    for axis in range(3):
+        b = 1 if axis == 0 else block
+        reach = (int(4.0 * sigma[axis] + 0.5) + 2) * b + b  # in voxels of the unblocked volume
+        start = max(0, int(np.floor(lo[axis])) - reach) // b * b
+        stop = min(shape[axis], int(np.ceil(hi[axis])) + reach + 1)
+        if stop < shape[axis]:
+            stop = min(shape[axis], start + -(-(stop - start) // b) * b)
+        ranges.append((start, max(stop, start + 1)))
+    return tuple(ranges)
 
 
 def resample_regular(

@@ -68,7 +68,7 @@ class SourceCT:
     """A case's CT on its native grid, its fine lung mask and its consensus nodules."""
 
     case_id: str
-    hu: np.ndarray  # float32 [K, I, J] HU, as read from DICOM
+    hu: np.ndarray  # [K, I, J] HU: float32 as read from DICOM (or the studio's int16 CT)
     grid: SliceGrid
     lung_fine: np.ndarray  # bool [Zf, Yf, Xf]
     fine: Geometry
