@@ -82,15 +82,15 @@ def model_checkpoint(cfg: Config, results: Path) -> Path:
 
 
 def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:
-    """Scans whose nodules form the insertion bank: the database by patient id, without the test patients
-    (their nodules must not reach training data), at most ``layout_edit.bank_max_scans``. With your own images the
-    bank is the same database's contours (real radiologists' shapes with their ratings, no images needed), so nodules
-    can be inserted into CTs that have none; none of your test CTs is among them."""
+    """Scans whose nodules form the insertion bank: the database by patient id, without the held-out (val and
+    test) patients (their nodules must not reach training data; DESIGN §5), at most ``layout_edit.bank_max_scans``.
+    With your own images the bank is the same database's contours (real radiologists' shapes with their ratings,
+    no images needed), so nodules can be inserted into CTs that have none; none of your CTs is among them."""
     if cfg.data.source == "images":
-        test_patients: set[str] = set()
+        held_out: set[str] = set()
     else:
-        test_patients = {lidc.scan_info(c).patient_id for c, s in split.items() if s == "test"}
-    cases = [c for c in lidc.all_cases() if c.split("_")[0] not in test_patients]
+        held_out = {lidc.scan_info(c).patient_id for c, s in split.items() if s != "train"}
+    cases = [c for c in lidc.all_cases() if c.split("_")[0] not in held_out]
     limit = cfg.raw["layout_edit"]["bank_max_scans"]
     return cases[:limit] if limit else cases
 

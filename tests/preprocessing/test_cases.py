@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from lungddpm.config import Config, validate_config
+from lungddpm.data import lidc
 from lungddpm.errors import AnnotationError, DicomError
-from lungddpm.preprocessing.cases import case_split, list_cases
+from lungddpm.preprocessing.cases import bank_cases, case_split, list_cases
 
 
 def lidc_config(root: Path, cases: list[str] | None = None) -> Config:
@@ -46,3 +47,15 @@ def test_split_keeps_series_of_a_patient_together(tmp_path: Path) -> None:
     split = case_split(cfg, list_cases(cfg))
     assert split["LIDC-IDRI-0365_s1"] == split["LIDC-IDRI-0365_s2"]
     assert set(split.values()) == {"train", "val", "test"}
+
+
+def test_the_nodule_bank_leaves_out_val_and_test_patients() -> None:
+    first = lidc.all_cases()[:6]
+    patient = {c: lidc.scan_info(c).patient_id for c in first}
+    split = {first[0]: "test", first[1]: "val", first[2]: "train"}
+    cfg = Config.from_dict(validate_config({"layout_edit": {"bank_max_scans": 4}}))
+    bank = bank_cases(cfg, split)
+    held_out = {patient[first[0]], patient[first[1]]}
+    assert len(bank) == 4 and first[2] in bank
+    assert not {lidc.scan_info(c).patient_id for c in bank} & held_out
+    assert bank == [c for c in lidc.all_cases() if c.split("_")[0] not in held_out][:4]
