@@ -84,3 +84,9 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         validate_config({"lesion": {"roi": {"size": 30}, "model": {"channel_mult": [1, 2, 4]}}})
     # an imported network brings its own grid: preprocess.size is resampled to it, so any size goes
     validate_config({"preprocess": {"size": [31, 32, 32]}, "model": {"init_from": "released.pt"}})
+
+
+def test_the_packaged_schema_is_the_workflow_schema() -> None:
+    """lungddpm/schema.yaml (the installed wheel's copy) is a link to config/schema.yaml, never a diverging copy."""
+    packaged = REPO / "lungddpm/schema.yaml"
+    assert packaged.is_symlink() and packaged.resolve() == (REPO / "config/schema.yaml").resolve()
