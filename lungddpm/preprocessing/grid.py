@@ -9,6 +9,7 @@ fraction) onto it -> write NIfTI with the true affine + meta.json.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -101,11 +102,11 @@ def resample(
         if max(sigma) <= 0.05:
             sigma = [0.0, 0.0, 0.0]
     points = grid_points(target, size)
-    full = grid.world_to_index(points)
-    k_full = full[:, 0]  # -1e6 beyond the slices, as on the whole grid
-    k0, i0, j0 = 0, 0, 0
-    if crop:
-        (k0, k1), (i0, i1), (j0, j1) = _support(full, volume.shape, block, sigma)
+    k_full, k0 = None, 0
+    ranges = _support(grid, target, size, volume.shape, block, sigma) if crop else None
+    if ranges and any(r != (0, n) for r, n in zip(ranges, volume.shape)):
+        k_full = grid.world_to_index(points)[:, 0]  # -1e6 beyond the slices, as on the whole grid
+        (k0, k1), (i0, i1), (j0, j1) = ranges
         volume = volume[k0:k1, i0:i1, j0:j1]
         grid = grid.crop(k0, i0, j0, k1 - k0)
     vol = np.asarray(volume, dtype=np.float32)
@@ -123,20 +124,31 @@ def resample(
     if max(sigma) > 0:
         vol = ndi.gaussian_filter(vol, sigma=sigma, mode="nearest")
     idx = grid.world_to_index(points)
-    idx[:, 0] = np.where(k_full > -1e5, k_full - k0, k_full)
+    if k_full is not None:
+        idx[:, 0] = np.where(k_full > -1e5, k_full - k0, k_full)
     out = ndi.map_coordinates(vol, idx.T, order=order, mode="constant", cval=fill, prefilter=False)
     return out.reshape(size).astype(np.float32)
 
 
-def _support(idx: np.ndarray, shape: tuple[int, ...], block: int, sigma: list[float]) -> tuple[tuple[int, int], ...]:
-    """Per axis, the index range [start, stop) of a [K, I, J] volume that sampling at ``idx`` [N, 3] (k, i, j)
-    reads: the points' span, grown by the Gaussian's radius (scipy's 4 sigma) and the interpolation's support,
-    in-plane in whole blocks from the volume's first voxel (so the blocks are the whole volume's)."""
-    inside = idx[:, 0] > -1e5
-    if not inside.any():
-        return (0, 1), (0, min(shape[1], block)), (0, min(shape[2], block))
-    last = np.asarray(shape[:3], dtype=np.float64) - 1  # points beyond the volume read its edge
-    lo, hi = np.clip(idx[inside].min(axis=0), 0, last), np.clip(idx[inside].max(axis=0), 0, last)
+def _support(
+    grid: SliceGrid,
+    target: Geometry,
+    size: tuple[int, int, int],
+    shape: tuple[int, ...],
+    block: int,
+    sigma: list[float],
+) -> tuple[tuple[int, int], ...]:
+    """Per axis (k, i, j), the index range [start, stop) of a ``shape`` volume on ``grid`` that sampling it at the
+    voxel centres of ``target`` reads: their span (from the target's corners, clamped to the volume: points beyond
+    it read its edge), grown by the Gaussian's radius (scipy's 4 sigma) and the interpolation's support, in-plane
+    in whole blocks from the volume's first voxel (so the blocks are the whole volume's)."""
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in size])), dtype=np.float64)
+    w = target.index_to_world(corners)
+    zs = grid.z_positions
+    k = np.interp(w[:, 2], zs, np.arange(zs.size, dtype=np.float64))  # clamped to the slices
+    idx = np.stack([k, (w[:, 1] - grid.y0) / grid.row_spacing, (w[:, 0] - grid.x0) / grid.col_spacing], 1)
+    last = np.asarray(shape[:3], dtype=np.float64) - 1
+    lo, hi = np.clip(idx.min(axis=0), 0, last), np.clip(idx.max(axis=0), 0, last)
     ranges = []
     for axis in range(3):
         b = 1 if axis == 0 else block
