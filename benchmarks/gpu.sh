@@ -17,10 +17,12 @@ src=${LUNG_DDPM:-peers/Lung-DDPM}
 # `pip install --no-deps --target peers/site diffusers jsonschema ...` and carried along (peers/ is git-ignored)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d peers/site ]; then export PYTHONPATH="$PWD/peers/site:$PYTHONPATH"; fi
-python -c "import torch, diffusers, jsonschema, yaml; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-      'diffusers', diffusers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+# the dependencies, checked once: versions to stderr, the device's name (the tables' folder) to stdout
+gpu=$(python -c "import sys, torch, diffusers, jsonschema, yaml
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, name, file=sys.stderr)
+print(name.replace(' ', '_'))") \
   || { echo "gpu.sh: a dependency is missing (above); carry peers/site or pip install -e ." >&2; exit 2; }
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
 out=${OUT_DIR:-benchmarks/speed/$gpu}
 size=${SIZE:-128}
 budget=${BUDGET_S:-540}

@@ -28,6 +28,8 @@ from .lungmask import lungs_from_label, segment_lungs
 
 log = logging.getLogger(__name__)
 
+BEYOND = -1e6  # the slice index of a point beyond a series' slices: far outside, so sampling gives the fill value
+
 
 @dataclass(frozen=True)
 class SliceGrid:
@@ -44,13 +46,15 @@ class SliceGrid:
     def of_series(cls, series: DicomSeries) -> SliceGrid:
         return cls(series.z_positions, series.pixel_spacing[0], series.pixel_spacing[1], *series.origin_xy)
 
-    def world_to_index(self, world_xyz: np.ndarray) -> np.ndarray:
-        """[N, 3] LPS (x, y, z) -> [N, 3] fractional (k, i, j); points beyond the slices get k = -1e6."""
+    def world_to_index(self, world_xyz: np.ndarray, flag_beyond: bool = True) -> np.ndarray:
+        """[N, 3] LPS (x, y, z) -> [N, 3] fractional (k, i, j); points beyond the slices get k = :data:`BEYOND`
+        (``flag_beyond``) or the nearest slice's k."""
         w = np.asarray(world_xyz, dtype=np.float64)
         zs = self.z_positions
         k = np.interp(w[:, 2], zs, np.arange(zs.size, dtype=np.float64))
-        half = (np.median(np.diff(zs)) / 2) if zs.size > 1 else 0.5
-        k[(w[:, 2] < zs[0] - half) | (w[:, 2] > zs[-1] + half)] = -1e6
+        if flag_beyond:
+            half = (np.median(np.diff(zs)) / 2) if zs.size > 1 else 0.5
+            k[(w[:, 2] < zs[0] - half) | (w[:, 2] > zs[-1] + half)] = BEYOND
         return np.stack([k, (w[:, 1] - self.y0) / self.row_spacing, (w[:, 0] - self.x0) / self.col_spacing], 1)
 
     def crop(self, k0: int, i0: int, j0: int, nk: int) -> SliceGrid:
@@ -105,7 +109,7 @@ def resample(
     k_full, k0 = None, 0
     ranges = _support(grid, target, size, volume.shape, block, sigma) if crop else None
     if ranges and any(r != (0, n) for r, n in zip(ranges, volume.shape)):
-        k_full = grid.world_to_index(points)[:, 0]  # -1e6 beyond the slices, as on the whole grid
+        k_full = grid.world_to_index(points)[:, 0]  # BEYOND beyond the whole grid's slices
         (k0, k1), (i0, i1), (j0, j1) = ranges
         volume = volume[k0:k1, i0:i1, j0:j1]
         grid = grid.crop(k0, i0, j0, k1 - k0)
@@ -125,7 +129,7 @@ def resample(
         vol = ndi.gaussian_filter(vol, sigma=sigma, mode="nearest")
     idx = grid.world_to_index(points)
     if k_full is not None:
-        idx[:, 0] = np.where(k_full > -1e5, k_full - k0, k_full)
+        idx[:, 0] = np.where(k_full == BEYOND, BEYOND, k_full - k0)
     out = ndi.map_coordinates(vol, idx.T, order=order, mode="constant", cval=fill, prefilter=False)
     return out.reshape(size).astype(np.float32)
 
@@ -143,10 +147,7 @@ def _support(
     it read its edge), grown by the Gaussian's radius (scipy's 4 sigma) and the interpolation's support, in-plane
     in whole blocks from the volume's first voxel (so the blocks are the whole volume's)."""
     corners = np.array(list(itertools.product(*[(0, n - 1) for n in size])), dtype=np.float64)
-    w = target.index_to_world(corners)
-    zs = grid.z_positions
-    k = np.interp(w[:, 2], zs, np.arange(zs.size, dtype=np.float64))  # clamped to the slices
-    idx = np.stack([k, (w[:, 1] - grid.y0) / grid.row_spacing, (w[:, 0] - grid.x0) / grid.col_spacing], 1)
+    idx = grid.world_to_index(target.index_to_world(corners), flag_beyond=False)
     last = np.asarray(shape[:3], dtype=np.float64) - 1
     lo, hi = np.clip(idx.min(axis=0), 0, last), np.clip(idx.max(axis=0), 0, last)
     ranges = []
@@ -157,7 +158,7 @@ def _support(
         stop = min(shape[axis], int(np.ceil(hi[axis])) + reach + 1)
         if stop < shape[axis]:
             stop = min(shape[axis], start + -(-(stop - start) // b) * b)
-        ranges.append((start, max(stop, start + 1)))
+        ranges.append((start, stop))
     return tuple(ranges)
 
 
