@@ -303,19 +303,23 @@ def config_from_mapping(cfg: Mapping[str, Any]) -> Config:
 
 
 def lesion_config(cfg: Config) -> Config:
-    """The lesion scale's view of ``cfg`` (DESIGN §5): the same sections with ``lesion.model`` and
-    ``lesion.train`` merged over ``model`` and ``train``, and the model grid replaced by the ROI grid, so that the
-    one trainer, network and samplers serve both scales. Validated like the whole config."""
+    """The lesion scale's view of ``cfg`` (DESIGN §5): the same sections with ``lesion.model``,
+    ``lesion.diffusion`` and ``lesion.train`` merged over ``model``, ``diffusion`` and ``train``, and the model grid
+    replaced by the ROI grid, so that the one trainer, network and samplers serve both scales. Validated like the
+    whole config."""
     raw = copy.deepcopy(cfg.raw)
     lesion = raw["lesion"]
     raw["model"] = {**raw["model"], **lesion["model"], "init_from": None}
+    raw["diffusion"] = {**raw["diffusion"], **lesion["diffusion"]}
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("gpus", "processes")}
     _merge(raw["train"], lesion["train"])
     n, s = int(lesion["roi"]["size"]), float(lesion["roi"]["spacing_mm"])
     raw["preprocess"] = {**raw["preprocess"], "size": [n, n, n], "spacing_mm": [s, s, s]}
     try:
-        return Config.from_dict(validate_config(raw, source="lesion scale (lesion.model / lesion.train)"))
+        source = "lesion scale (lesion.model / lesion.diffusion / lesion.train)"
+        return Config.from_dict(validate_config(raw, source=source))
     except ConfigError as exc:
         raise ConfigError(
-            f"{exc}\n  (model.* and train.* above are lesion.model.* and lesion.train.* merged over them)"
+            f"{exc}\n  (model.*, diffusion.* and train.* above are lesion.model.*, lesion.diffusion.* and "
+            "lesion.train.* merged over them)"
         ) from exc

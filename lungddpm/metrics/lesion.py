@@ -1,11 +1,13 @@
 """Lesion-level fidelity: synthetic nodules against real nodules of the same texture class, beside a real floor.
 
-Per nodule: its HU values, the fraction of its voxels at or above ``solid_hu`` (the solid-volume fraction) and a
+Per nodule: its HU values, the fraction of its voxels at or above ``solid_hu`` (the solid-volume fraction), a
 margin profile — mean HU against the signed distance to the nodule's boundary (negative inside), in bins of
-``profile_step_mm`` out to ``profile_mm`` either side. Per set of nodules: the pooled HU mean and SD, the pooled
-solid fraction, the mean profile and its sharpness (HU drop per mm across the boundary, the central difference of
-the mean profile at +-1 step). Distances between two sets: the Wasserstein-1 distance of the pooled HU histograms,
-the differences of those statistics and the mean absolute difference of the profiles.
+``profile_step_mm`` out to ``profile_mm`` either side — and its *core*, the voxels at least ``core_mm`` inside the
+boundary (depth measured as the profile's distance). Per set of nodules: the pooled HU mean and SD, the pooled core
+HU mean and SD (a pooled histogram can hide a bright core behind a dark rim), the pooled solid fraction, the mean
+profile and its sharpness (HU drop per mm across the boundary, the central difference of the mean profile at +-1
+step). Distances between two sets: the Wasserstein-1 distance of the pooled HU histograms, the differences of those
+statistics and the mean absolute difference of the profiles.
 
 The floor: the real nodules of a class split into two seeded disjoint halves A and B; the synthetic nodules are
 compared with the same half B, so a synthetic row and its floor row share their reference.
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 ALL = "all"
 COLUMNS = (
     "texture_class", "comparison", "n_a", "n_b", "w1_hu", "mean_hu_a", "mean_hu_b", "sd_hu_a", "sd_hu_b",
-    "solid_fraction_a", "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu",
+    "solid_fraction_a", "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu", "core_hu_a", "core_hu_b",
+    "core_sd_a", "core_sd_b",
 )  # fmt: skip
 
 
@@ -45,15 +48,18 @@ class FidelitySettings:
     profile_step_mm: float
     gallery: int
     seed: int
+    core_mm: float
 
 
 @dataclass(frozen=True)
 class Nodule:
-    """One nodule: ``hu`` [N] inside it, ``profile`` [B] (HU per distance bin), ``crop`` [H, W] (axial slice)."""
+    """One nodule: ``hu`` [N] inside it, ``core`` [M <= N] its core's, ``profile`` [B] (HU per distance bin),
+    ``crop`` [H, W] (axial slice)."""
 
     name: str
     texture_class: str
     hu: np.ndarray
+    core: np.ndarray
     solid_fraction: float
     profile: np.ndarray
     crop: np.ndarray
@@ -86,8 +92,10 @@ def margin_profile(ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np
 def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: float, s: FidelitySettings) -> Nodule:
     """One nodule's statistics; ``mask`` [Z, Y, X] bool must be non-empty."""
     hu = ct[mask].astype(np.float64)
+    depth = ndi.distance_transform_edt(mask, sampling=spacing_mm) - spacing_mm / 2  # as margin_profile's
+    core = ct[mask & (depth >= s.core_mm)].astype(np.float64)
     z = round(np.argwhere(mask)[:, 0].mean())
-    return Nodule(name, cls, hu, float(np.mean(hu >= s.solid_hu)), margin_profile(ct, mask, spacing_mm,
+    return Nodule(name, cls, hu, core, float(np.mean(hu >= s.solid_hu)), margin_profile(ct, mask, spacing_mm,
                   profile_bins(s)), ct[z].astype(np.float32))  # fmt: skip
 
 
@@ -105,14 +113,18 @@ def _mean_abs(d: np.ndarray) -> float:
 
 
 def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
-    """Pooled mean / SD of HU, pooled solid fraction, the mean profile and its sharpness (HU per mm)."""
+    """Pooled mean / SD of HU and of the cores' HU (NaN when no nodule has a core), pooled solid fraction, the mean
+    profile and its sharpness (HU per mm)."""
     hu = np.concatenate([n.hu for n in nodules])
+    core = np.concatenate([n.core for n in nodules])
     profile = _mean_profile(nodules)
     c = len(profile) // 2
     return {
         "n": len(nodules),
         "mean_hu": float(hu.mean()),
         "sd_hu": float(hu.std()),
+        "core_hu": float(core.mean()) if core.size else float("nan"),
+        "core_sd": float(core.std()) if core.size else float("nan"),
         "solid_fraction": float(sum(n.solid_fraction * n.hu.size for n in nodules) / hu.size),
         "profile": profile,
         "sharpness": float(profile[c - 1] - profile[c]) / step_mm,
@@ -132,6 +144,7 @@ def compare_sets(a: Sequence[Nodule], b: Sequence[Nodule], step_mm: float) -> di
         "sharpness_a": sa["sharpness"],
         "sharpness_b": sb["sharpness"],
         "profile_l1_hu": _mean_abs(sa["profile"] - sb["profile"]),
+        **{f"{k}_{side}": st[k] for k in ("core_hu", "core_sd") for side, st in (("a", sa), ("b", sb))},
     }
 
 

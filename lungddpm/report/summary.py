@@ -245,19 +245,21 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
     out = ["## Lesion fidelity (inserted nodules against real nodules of the same texture class)", ""]
     out.append(
         "W1 = Wasserstein-1 distance of the HU histograms inside the nodules; solid = fraction of nodule voxels at "
-        "or above the solid threshold; sharpness = HU drop per mm across the boundary. The floor compares two "
-        "disjoint halves of the real nodules; the synthetic nodules are compared with the same half B."
+        "or above the solid threshold; sharpness = HU drop per mm across the boundary; core HU = the mean HU of "
+        "the voxels at least lesion.fidelity.core_mm inside it. The floor compares two disjoint halves of the real "
+        "nodules; the synthetic nodules are compared with the same half B."
     )
     out.append("")
     body = [
         [r["texture_class"], r["comparison"], f"{r['n_a']} vs {r['n_b']}", _fmt(r["w1_hu"]),
          f"{_fmt(r['mean_hu_a'])} / {_fmt(r['mean_hu_b'])}", f"{_fmt(r['sd_hu_a'])} / {_fmt(r['sd_hu_b'])}",
          f"{_fmt(r['solid_fraction_a'])} / {_fmt(r['solid_fraction_b'])}",
-         f"{_fmt(r['sharpness_a'])} / {_fmt(r['sharpness_b'])}", _fmt(r["profile_l1_hu"])]
+         f"{_fmt(r['sharpness_a'])} / {_fmt(r['sharpness_b'])}", _fmt(r["profile_l1_hu"]),
+         f"{_fmt(r['core_hu_a'])} / {_fmt(r['core_hu_b'])}"]
         for r in read_csv(table)
     ]  # fmt: skip
     out += _table(["class", "comparison", "n", "W1 HU", "mean HU a / b", "SD HU a / b", "solid a / b",
-                   "sharpness HU/mm a / b", "profile L1 HU"], body)  # fmt: skip
+                   "sharpness HU/mm a / b", "profile L1 HU", "core HU a / b"], body)  # fmt: skip
     out.append("")
     out += [f"![{Path(f).stem}]({_relative(Path(f), base)})" for f in figures] + [""]
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from lungddpm.io import Geometry, write_csv, write_volume
 from lungddpm.metrics.lesion import (
@@ -20,7 +21,7 @@ from lungddpm.metrics.lesion import (
 )
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
-S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0)
+S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0, core_mm=1.0)
 
 
 def _sphere(hu_in: float, hu_out: float, radius: float = 4.0, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +53,23 @@ def test_set_distances_known_answers() -> None:
     assert d["sharpness_a"] == pytest.approx(800.0) and d["sharpness_b"] == pytest.approx(700.0)
     assert d["profile_l1_hu"] == pytest.approx(100.0 * 3 / 6)  # the three inside bins of six differ by 100 HU
     assert compare_sets(shifted, a, 1.0)["profile_l1_hu"] == pytest.approx(50.0)  # a distance: symmetric, >= 0
+
+
+def test_core_is_the_voxels_deep_inside() -> None:
+    # a bright core of radius 2 in a dark rim out to radius 4, on a 1 mm grid; core_mm 1: depth - 0.5 >= 1 mm
+    ct, mask = _sphere(-400.0, -800.0)
+    zz, yy, xx = np.mgrid[:16, :16, :16] - 7.5
+    ct = np.where(zz**2 + yy**2 + xx**2 <= 2.0**2, 50.0, ct).astype(np.float32)
+    n = measure("c", "solid", ct, mask, 1.0, S)
+    depth = ndi.distance_transform_edt(mask) - 0.5
+    assert n.core.size == int((mask & (depth >= 1.0)).sum()) > 0 and n.core.size < n.hu.size
+    assert -400.0 <= n.core.min() and n.core.mean() > n.hu.mean()  # the core leaves the outer layer out
+    d = compare_sets([n], [measure("f", "solid", *_sphere(-400.0, -800.0), 1.0, S)], 1.0)
+    assert d["core_hu_a"] == pytest.approx(n.core.mean()) and d["core_hu_b"] == -400.0 and d["core_sd_b"] == 0.0
+    tiny = np.zeros((5, 5, 5), bool)
+    tiny[2, 2, 2] = True  # one voxel: no core, NaN rather than an error
+    t = measure("t", "solid", np.zeros((5, 5, 5), np.float32), tiny, 1.0, S)
+    assert t.core.size == 0 and np.isnan(compare_sets([t], [t], 1.0)["core_hu_a"])
 
 
 def test_floor_halves_are_disjoint_and_share_the_reference() -> None:
@@ -93,6 +111,8 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     assert {r["comparison"] for r in written} == {"real A vs real B", "synthetic vs real B"}
     syn = next(r for r in got if r["texture_class"] == "solid" and r["comparison"].startswith("synthetic"))
     assert syn["n_a"] == 1 and syn["mean_hu_a"] == pytest.approx(-200.0) and syn["solid_fraction_a"] == 1.0
+    row = next(r for r in written if r["texture_class"] == "solid" and r["comparison"].startswith("synthetic"))
+    assert float(row["core_hu_a"]) == -200.0 and float(row["core_sd_a"]) == 0.0  # the uniform sphere's core
     assert (out / "p.png").read_bytes()[:4] == (out / "g.png").read_bytes()[:4] == b"\x89PNG"
     bad = [{**items[0], "layout": tmp_path / "n0_tex.nii.gz"}]  # no label 2
     with pytest.raises(ValueError, match="no nodule label"):

@@ -289,6 +289,7 @@ def test_workflow_lesion_scale_trains_on_rois_and_scores_every_test_roi(demo_wor
     assert summary.index("## Downstream nodule segmentation") < summary.index("## Lesion fidelity")
     assert summary.index("## Lesion fidelity") < summary.index("## Image quality") < summary.index("## Samples")
     assert "Scale: **ROIs**" in summary and "procedural thorax phantoms" in summary
+    assert "| core HU a / b |" in summary  # the fidelity table's core column
 
 
 def test_workflow_whole_scale_with_volume_and_pasted_arms(demo_workflow: Path) -> None:

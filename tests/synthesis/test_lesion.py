@@ -200,6 +200,11 @@ def test_lesion_config_merges_overrides_and_names_bad_keys(tmp_path) -> None:
     bad = load_config("config/config.yaml", {"lesion": {"train": {"stepz": 3}}})
     with pytest.raises(ConfigError, match=r"(?s)lesion.train.*stepz"):
         lesion_config(bad)
+    v = load_config("config/config.yaml", {"lesion": {"diffusion": {"prediction": "v"}}, "diffusion": {"loss": "l2"}})
+    assert lesion_config(v).diffusion == {**v.diffusion, "prediction": "v"} and v.diffusion["prediction"] == "epsilon"
+    assert lesion_config(v).diffusion["loss"] == "l2"  # keys it does not name come from the diffusion section
+    with pytest.raises(ConfigError, match=r"(?s)predictionz.*lesion.diffusion"):
+        lesion_config(load_config("config/config.yaml", {"lesion": {"diffusion": {"predictionz": "v"}}}))
 
 
 def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
