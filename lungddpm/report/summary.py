@@ -33,6 +33,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _fmt(v: str | float) -> str:
+    if v == "":  # a CSV cell of an undefined value (e.g. the core of nodules too small to have one)
+        return "n/a"
     x = float(v)
     if not np.isfinite(x):
         return str(x)

@@ -114,6 +114,13 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     row = next(r for r in written if r["texture_class"] == "solid" and r["comparison"].startswith("synthetic"))
     assert float(row["core_hu_a"]) == -200.0 and float(row["core_sd_a"]) == 0.0  # the uniform sphere's core
     assert (out / "p.png").read_bytes()[:4] == (out / "g.png").read_bytes()[:4] == b"\x89PNG"
+    from lungddpm.report.summary import fidelity_section
+
+    md = "\n".join(fidelity_section(out / "f.csv", [out / "p.png"], out))
+    assert "| core HU a / b |" in md and "| -200 / " in md  # the synthetic row's core, then the real half's
+    tiny = [{**r, "core_hu_a": "", "core_sd_a": ""} for r in written]  # NaN is an empty cell: nodules with no core
+    write_csv(out / "tiny.csv", tiny, list(written[0]))
+    assert "| n/a / " in "\n".join(fidelity_section(out / "tiny.csv", [], out))
     bad = [{**items[0], "layout": tmp_path / "n0_tex.nii.gz"}]  # no label 2
     with pytest.raises(ValueError, match="no nodule label"):
         lesion_fidelity([tmp_path / "rois.csv"], bad, S, out / "f.csv", out / "p.png", out / "g.png")
