@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-NODULE = 2
+from lungddpm.io import read_volume
+from lungddpm.preprocessing.layout import NODULE
+
 DEPTHS = (1, 2, 3, 4)
 
 
@@ -25,8 +26,8 @@ def by_depth(pairs: list[tuple[Path, Path]], label: str) -> None:
     sizes: list[int] = []
     layers: dict[int, list[np.ndarray]] = {k: [] for k in DEPTHS}
     for ct_path, layout_path in pairs:
-        ct = np.asarray(nib.load(ct_path).dataobj, dtype=np.float64)
-        mask = np.asarray(nib.load(layout_path).dataobj) == NODULE
+        ct = read_volume(ct_path)[0].astype(np.float64)
+        mask = read_volume(layout_path)[0] == NODULE
         if not mask.any():
             raise SystemExit(f"{layout_path}: no nodule label")
         depth = ndi.distance_transform_edt(mask)
