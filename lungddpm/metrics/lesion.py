@@ -72,13 +72,20 @@ def profile_bins(s: FidelitySettings) -> np.ndarray:
     return (np.arange(-n, n) + 0.5) * s.profile_step_mm
 
 
-def margin_profile(ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np.ndarray) -> np.ndarray:
-    """Mean HU of ``ct`` [Z, Y, X] per signed distance bin (:func:`profile_bins`) to the boundary of ``mask``
-    (negative inside); NaN for a bin with no voxel. A voxel's distance is to the nearest voxel of the other side,
-    less half a voxel, so the boundary voxels on either side sit at -+ half a voxel."""
+def signed_distance(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Signed distance (mm) [Z, Y, X] to the boundary of ``mask`` (negative inside): to the nearest voxel of the
+    other side, less half a voxel, so the boundary voxels on either side sit at -+ half a voxel."""
     inside = ndi.distance_transform_edt(mask, sampling=spacing_mm)
     outside = ndi.distance_transform_edt(~mask, sampling=spacing_mm)
-    signed = np.where(mask, -(inside - spacing_mm / 2), outside - spacing_mm / 2)
+    return np.where(mask, -(inside - spacing_mm / 2), outside - spacing_mm / 2)
+
+
+def margin_profile(
+    ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np.ndarray, signed: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean HU of ``ct`` [Z, Y, X] per bin (:func:`profile_bins`) of the :func:`signed_distance` to the boundary of
+    ``mask`` (``signed``, when the caller has it); NaN for a bin with no voxel."""
+    signed = signed_distance(mask, spacing_mm) if signed is None else signed
     step = float(bins[1] - bins[0])
     which = np.floor(signed / step).astype(int) + len(bins) // 2
     out = np.full(len(bins), np.nan)
@@ -92,11 +99,11 @@ def margin_profile(ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np
 def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: float, s: FidelitySettings) -> Nodule:
     """One nodule's statistics; ``mask`` [Z, Y, X] bool must be non-empty."""
     hu = ct[mask].astype(np.float64)
-    depth = ndi.distance_transform_edt(mask, sampling=spacing_mm) - spacing_mm / 2  # as margin_profile's
-    core = ct[mask & (depth >= s.core_mm)].astype(np.float64)
+    signed = signed_distance(mask, spacing_mm)  # one pair of distance transforms for the core and the profile
+    core = ct[mask & (signed <= -s.core_mm)].astype(np.float64)
     z = round(np.argwhere(mask)[:, 0].mean())
     return Nodule(name, cls, hu, core, float(np.mean(hu >= s.solid_hu)), margin_profile(ct, mask, spacing_mm,
-                  profile_bins(s)), ct[z].astype(np.float32))  # fmt: skip
+                  profile_bins(s), signed), ct[z].astype(np.float32))  # fmt: skip
 
 
 def _mean_profile(nodules: Sequence[Nodule]) -> np.ndarray:
