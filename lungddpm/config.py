@@ -76,9 +76,9 @@ def _errors(instance: Any, schema: Mapping[str, Any]) -> Iterator[str]:
             yield f"{where}: {err.message}"
 
 
-def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+def validate_config(config: dict[str, Any], source: str = "config", scale: str = "volume") -> dict[str, Any]:
     """Validate ``config`` in place (defaults filled) and return it; raise :class:`ConfigError` listing every
-    offending key and how to fix it."""
+    offending key and how to fix it. ``scale``: ``lesion`` for :func:`lesion_config`'s merged view."""
     schema = load_schema()
     _coerce(config, schema)
     _fill_defaults(config, schema)
@@ -105,6 +105,11 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         problems.append(
             f"train.processes: {train['processes']} processes for {train['gpus']} GPU(s); DDP runs one process per "
             "GPU: set train.gpus >= train.processes (or train.gpus: 0 to train on CPUs)"
+        )
+    if not problems and scale == "volume" and config["model"].get("context"):
+        problems.append(
+            "model.context: mask-conditioned inpainting is the lesion scale's (its training knows the generated "
+            "regions); set lesion.model.context instead"
         )
     if not problems:
         problems += _grid_problems(config)
@@ -258,6 +263,8 @@ class TrainConfig:
     cond_dropout: float = 0.0
     flip: bool = False
     balance_textures: bool = False
+    context_free_diameter_mm: tuple[float, float] = (5.0, 15.0)
+    context_outside_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -317,7 +324,7 @@ def lesion_config(cfg: Config) -> Config:
     raw["preprocess"] = {**raw["preprocess"], "size": [n, n, n], "spacing_mm": [s, s, s]}
     try:
         source = "lesion scale (lesion.model / lesion.diffusion / lesion.train)"
-        return Config.from_dict(validate_config(raw, source=source))
+        return Config.from_dict(validate_config(raw, source=source, scale="lesion"))
     except ConfigError as exc:
         raise ConfigError(
             f"{exc}\n  (model.*, diffusion.* and train.* above are lesion.model.*, lesion.diffusion.* and "

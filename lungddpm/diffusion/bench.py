@@ -62,7 +62,9 @@ def bench_train(
     diffusion = GaussianDiffusion(DiffusionConfig(**cfg.diffusion))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x0 = (torch.rand(batch, 1, size, size, size, device=device) * 2 - 1).contiguous(memory_format=fmt)
-    layout = (torch.rand(batch, 2, size, size, size, device=device).round() * 2 - 1).contiguous(memory_format=fmt)
+    channels = model.cfg.layout_channels  # 2, or 4 with a context model's known image and keep mask
+    layout = torch.rand(batch, channels, size, size, size, device=device).round() * 2 - 1
+    layout = layout.contiguous(memory_format=fmt)
     noise = torch.randn_like(x0)
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
 
@@ -255,7 +257,10 @@ def bench_inpaint(
     guidance = float(cfg.raw["lesion"]["sample"]["guidance"])
     out = []
     for batch in batches:
-        layout = torch.from_numpy(np.stack([np.ones((n, n, n)), np.where(nodule, 0.75, -1.0)]).astype(np.float32))
+        planes = [np.ones((n, n, n)), np.where(nodule, 0.75, -1.0)]
+        if model.cfg.layout_channels > 2:  # a context model: the known ROI (zeros here) and the keep mask
+            planes += [np.zeros((n, n, n)), np.where(generated, -1.0, 1.0)]
+        layout = torch.from_numpy(np.stack(planes).astype(np.float32))
         layout = layout[None].repeat(batch, 1, 1, 1, 1).to(device)
         blend = Blend(
             torch.zeros(batch, 1, n, n, n), torch.from_numpy(~generated)[None, None].repeat(batch, 1, 1, 1, 1)

@@ -61,6 +61,17 @@ def layout_to_channels(layout: np.ndarray, name: str = "layout", nodule_level: n
     return channels
 
 
+CONTEXT_CHANNELS = 2  # mask-conditioned inpainting (lesion model.context): the known image and the keep mask
+
+
+def context_channels(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The extra input of a context model (mask-conditioned inpainting): image [D, H, W] in model units, keep bool
+    [D, H, W] (True = known, kept) -> float32 [2, D, H, W]: the image where kept and 0 in the generated region, and
+    the keep mask in {-1, 1}. Appended after the layout channels."""
+    keep = np.asarray(keep, bool)
+    return np.stack([np.where(keep, image, 0.0), keep * 2.0 - 1.0]).astype(np.float32)
+
+
 def channels_to_layout(channels: torch.Tensor | np.ndarray) -> np.ndarray:
     """[2, D, H, W] channels in {-1, 1} (or soft) -> uint8 labels; nodule wins where both are on."""
     c = np.asarray(channels)

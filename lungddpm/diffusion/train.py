@@ -105,11 +105,15 @@ def preview(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> None:
-    """A fast DDIM sample of ``layout`` [2, D, H, W] next to it (and the real CT), as a three-plane PNG."""
+    """A fast DDIM sample of ``layout`` [2, D, H, W] next to it (and the real CT), as a three-plane PNG; with the
+    context channels ([4, D, H, W]) the reference is kept outside the generated region."""
     from ..viz import three_plane_png
     from .encoding import channels_to_layout
-    from .sample import sample
+    from .sample import Blend, sample
 
+    blend = None
+    if layout.shape[0] > 2 and reference is not None:  # a context model: inpaint the generated region only
+        blend = Blend(reference[None], (layout[-1:] > 0)[None])
     was_training = model.training
     model.eval()
     with autocast(device, dtype):
@@ -120,6 +124,7 @@ def preview(
             "ddim",
             cfg.train.preview_sampler_steps,
             torch.Generator().manual_seed(cfg.train.seed),
+            blend=blend,
         )
     model.train(was_training)
     window = cfg.intensity.hu_window

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .encoding import CONTEXT_CHANNELS
+
 LUNG_DDPM_TIME_MAX_PERIOD = 1000.0  # the released network's modules.timestep_embedding(..., max_period=1000)
 
 
@@ -265,7 +267,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def unet_config_from_dict(d: dict, image_size: int) -> UNetConfig:
-    """Typed network config from the validated ``model`` config section."""
+    """Typed network config from the validated ``model`` config section (``context``: the known image and keep mask
+    as :data:`~lungddpm.diffusion.encoding.CONTEXT_CHANNELS` more layout channels)."""
     keys: Sequence[str] = ("model_channels", "num_res_blocks", "num_heads", "dropout", "norm_groups", "use_checkpoint")
     return UNetConfig(
         image_size=image_size,
@@ -273,4 +276,5 @@ def unet_config_from_dict(d: dict, image_size: int) -> UNetConfig:
         attention_resolutions=tuple(int(r) for r in d["attention_resolutions"]),
         **{k: d[k] for k in keys},
         **({"time_max_period": float(d["time_max_period"])} if "time_max_period" in d else {}),
+        **({"layout_channels": 2 + CONTEXT_CHANNELS} if d.get("context") else {}),
     )

@@ -299,18 +299,44 @@ def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_m
     return (1.0 + weight * nod).astype(np.float32)
 
 
+def generated_region(
+    layout: np.ndarray, spacing_mm: float, margin_mm: float, free_diameter_mm: Sequence[float], seed: int
+) -> np.ndarray:
+    """Where a context model (``model.context``) learns to generate in an ROI, as insertion generates: its nodules
+    dilated by ``margin_mm`` (the same structuring element as :func:`lungddpm.synthesis.lesion.insertion`); in a
+    nodule-free ROI a ball of a seeded diameter in ``free_diameter_mm`` at a lung voxel at least its radius deep
+    (the deepest one if none is), dilated the same way. layout [n, n, n] -> bool [n, n, n]."""
+    from .layout import LUNG, NODULE, ball
+
+    region = layout == NODULE
+    if not region.any():
+        rng = np.random.default_rng(seed)
+        radius = rng.uniform(*free_diameter_mm) / 2.0 / spacing_mm
+        depth = ndi.distance_transform_edt(layout == LUNG)
+        deep = np.argwhere(depth >= radius)
+        centre = deep[rng.integers(len(deep))] if len(deep) else np.unravel_index(np.argmax(depth), depth.shape)
+        grid = np.indices(layout.shape).reshape(3, -1).T
+        region = (((grid - np.asarray(centre)) ** 2).sum(1) <= radius**2 + 1e-9).reshape(layout.shape)
+    return ndi.binary_dilation(region, structure=ball(margin_mm / spacing_mm)) if margin_mm else region
+
+
 def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
     """Every ROI of ``tables`` as :class:`lungddpm.diffusion.data.TrainData` for the lesion model ``cfg``
     (:func:`lungddpm.config.lesion_config`): images [N, 1, n, n, n] in [-1, 1], layouts [N, 2, n, n, n] with
-    texture levels, and the lesion-focused loss weights when ``train.focus_weight`` > 0."""
+    texture levels (a context model: [N, 4, n, n, n], the known ROI and keep mask of :func:`generated_region`
+    appended), and loss weights when ``train.focus_weight`` > 0 or the model has context (then 1 + focus inside
+    the generated region, ``train.context_outside_weight`` outside)."""
+    import zlib
+
     import torch
 
     from ..diffusion.data import TrainData
-    from ..diffusion.encoding import hu_to_model
+    from ..diffusion.encoding import context_channels, hu_to_model
     from .layout import check_labels
 
     levels = texture_levels(cfg.raw["lesion"]["texture_hu"], cfg.intensity.hu_window)
     spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])
+    context, tc = bool(cfg.model.get("context")), cfg.train
     images, layouts, weights, ids, groups = [], [], [], [], []
     for table in tables:
         for row in read_roi_table(Path(table)):
@@ -324,10 +350,20 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
                     "the rois rule"
                 )
             check_labels(layout, str(folder / row["layout"]))
-            images.append(hu_to_model(ct, cfg.intensity.hu_window)[None])
-            layouts.append(roi_channels(layout, texture, levels, row["roi"]))
-            if cfg.train.focus_weight > 0:
-                weights.append(focus_weights(layout, spacing, cfg.train.focus_weight, cfg.train.focus_margin_mm)[None])
+            image = hu_to_model(ct, cfg.intensity.hu_window)
+            images.append(image[None])
+            channels = roi_channels(layout, texture, levels, row["roi"])
+            weight = focus_weights(layout, spacing, tc.focus_weight, tc.focus_margin_mm) if tc.focus_weight else None
+            if context:
+                seed = int(np.random.SeedSequence([tc.seed, zlib.crc32(row["roi"].encode())]).generate_state(1)[0])
+                margin = float(cfg.raw["lesion"]["insert"]["margin_mm"])
+                region = generated_region(layout, spacing, margin, tc.context_free_diameter_mm, seed)
+                channels = np.concatenate([channels, context_channels(image, ~region)])
+                inside = weight if weight is not None else np.ones(layout.shape, np.float32)
+                weight = np.where(region, inside, np.float32(tc.context_outside_weight)).astype(np.float32)
+            layouts.append(channels)
+            if weight is not None:
+                weights.append(weight[None])
             ids.append(row["roi"])
             groups.append(row["texture_class"] or "free")
     if not ids:

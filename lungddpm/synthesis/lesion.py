@@ -27,7 +27,9 @@ from ..config import Config
 from ..diffusion.checkpoint import CheckpointError, load_model
 from ..diffusion.encoding import (
     ANY_TEXTURE,
+    CONTEXT_CHANNELS,
     TEXTURE_CLASSES,
+    context_channels,
     hu_to_model,
     layout_to_channels,
     model_to_hu,
@@ -149,19 +151,26 @@ def inpaint(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[np.ndarray]:
     """Inpaint the generated regions of ``insertions`` in batches of ``sc['batch_size']`` -> the ROIs after, int16
-    HU [n, n, n] each (source HU outside the generated region, bit for bit). ``progress``: per sampler step."""
+    HU [n, n, n] each (source HU outside the generated region, bit for bit). ``progress``: per sampler step. A
+    context model (``model.context``) also gets the known ROI and the keep mask as input channels."""
     dtype = resolve_precision(sc["precision"], device)
+    context = has_context(model)
     out: list[np.ndarray] = []
     for start in range(0, len(insertions), int(sc["batch_size"])):
         chunk = insertions[start : start + int(sc["batch_size"])]
         ref = torch.from_numpy(np.stack([hu_to_model(c.site.ct, window)[None] for c in chunk]))
         keep = torch.from_numpy(np.stack([~c.generated[None] for c in chunk]))
-        # the sites are nodule-free: the new nodule is the only one, at its texture level
-        layouts = [layout_to_channels(c.layout, c.site.name, np.float32(c.level)) for c in chunk]
+
+        def channels(c: Insertion, level: float, r: torch.Tensor, k: torch.Tensor) -> np.ndarray:
+            # the sites are nodule-free: the new nodule is the only one, at its texture level
+            lay = layout_to_channels(c.layout, c.site.name, np.float32(level))
+            return np.concatenate([lay, context_channels(r[0].numpy(), k[0].numpy())]) if context else lay
+
+        layouts = [channels(c, c.level, r, k) for c, r, k in zip(chunk, ref, keep)]
         uncond = None
         if float(sc["guidance"]) != 1.0:  # "any texture": the unconditional pass of the guidance
             uncond = torch.from_numpy(
-                np.stack([layout_to_channels(c.layout, c.site.name, np.float32(ANY_TEXTURE)) for c in chunk])
+                np.stack([channels(c, ANY_TEXTURE, r, k) for c, r, k in zip(chunk, ref, keep)])
             ).to(device)
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
         x = sample(
@@ -183,6 +192,11 @@ def inpaint(
             hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))
             out.append(np.where(c.generated, hu, c.site.ct).astype(np.int16))
     return out
+
+
+def has_context(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a :class:`~lungddpm.diffusion.unet.UNet3D`) takes the context channels after the layout."""
+    return int(model.cfg.layout_channels) == 2 + CONTEXT_CHANNELS
 
 
 def nodule_mean_hu(roi_hu: np.ndarray, nodule: np.ndarray) -> float:

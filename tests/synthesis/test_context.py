@@ -1,0 +1,126 @@
+"""Mask-conditioned inpainting (``lesion.model.context``): the generated regions it trains on, its input channels,
+and that inpainting feeds it the site's own ROI and keep mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+from test_lesion import INSERT, _bank, _settings, _site, _source
+
+from lungddpm.config import lesion_config, load_config
+from lungddpm.diffusion.encoding import context_channels, hu_to_model
+from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
+from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
+from lungddpm.errors import ConfigError
+from lungddpm.preprocessing.layout import LUNG, NODULE, ball
+from lungddpm.preprocessing.rois import extract_rois, generated_region, load_roi_training_data
+from lungddpm.synthesis.lesion import has_context, inpaint, place
+
+WINDOW = (-1000.0, 400.0)
+
+
+def test_context_channels_hold_the_known_image_and_the_keep_mask() -> None:
+    image = np.array([[[0.5, -0.25, 1.0]]], np.float32)
+    keep = np.array([[[True, False, True]]])
+    ch = context_channels(image, keep)
+    assert ch.dtype == np.float32 and ch.shape == (2, 1, 1, 3)
+    assert ch[0, 0, 0].tolist() == [0.5, 0.0, 1.0]  # 0 where generated
+    assert ch[1, 0, 0].tolist() == [1.0, -1.0, 1.0]
+
+
+def test_generated_region_is_the_insertion_margin_around_nodules_and_a_seeded_ball_in_free_rois() -> None:
+    layout = np.zeros((16, 16, 16), np.uint8)
+    layout[2:14, 2:14, 2:14] = LUNG
+    layout[7:9, 7:9, 7:9] = NODULE
+    region = generated_region(layout, 1.25, 3.75, (5, 10), seed=0)
+    assert np.array_equal(region, ndi.binary_dilation(layout == NODULE, structure=ball(3.0)))  # as insertion()
+
+    free = np.where(layout == NODULE, LUNG, layout).astype(np.uint8)
+    a = generated_region(free, 1.25, 0.0, (5, 10), seed=1)
+    assert np.array_equal(a, generated_region(free, 1.25, 0.0, (5, 10), seed=1))  # seeded
+    assert not np.array_equal(a, generated_region(free, 1.25, 0.0, (5, 10), seed=2))
+    assert (free[a] == LUNG).all()  # a ball inside the lung: its radius fits at its centre
+    volumes = [generated_region(free, 1.0, 0.0, (5, 10), s).sum() for s in range(8)]
+    diameters = [2 * (3 * v / (4 * np.pi)) ** (1 / 3) for v in volumes]
+    assert all(4.0 <= d <= 11.0 for d in diameters)  # voxelised balls of 5-10 mm at 1 mm
+    with_margin = generated_region(free, 1.25, 2.5, (5, 10), seed=1)
+    assert np.array_equal(with_margin, ndi.binary_dilation(generated_region(free, 1.25, 0.0, (5, 10), 1), ball(2.0)))
+
+
+def _context_config() -> object:
+    over = {"lesion": {"roi": {"size": 16}, "model": {"context": True}, "train": {"focus_weight": 2.0}}}
+    return lesion_config(load_config("config/config.yaml", over))
+
+
+def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_the_generated_region(tmp_path) -> None:
+    src = _source()
+    zz, yy, xx = np.ogrid[:40, :64, :64]
+    src.hu[((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16] = 30.0
+    from lungddpm.data.nodules import components
+    from lungddpm.preprocessing.rois import SourceCT
+
+    nod = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16
+    labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(nod, (1.5, 1, 1)), -1024)
+    extract_rois(labelled, _settings(free_per_case=1), tmp_path)
+    cfg = _context_config()
+    data = load_roi_training_data([tmp_path / "rois.csv"], cfg)
+    assert data.layouts.shape == (2, 4, 16, 16, 16) and data.weights is not None
+    for i in range(2):
+        image, known, keep, w = data.images[i, 0], data.layouts[i, 2], data.layouts[i, 3] > 0, data.weights[i, 0]
+        assert keep.any() and (~keep).any()
+        assert torch.equal(known[keep], image[keep]) and (known[~keep] == 0).all()
+        assert (w[keep] == 0).all() and (w[~keep] >= 1).all()  # context_outside_weight 0; 1 + focus inside
+    nodule_roi = int(np.argmax([g != "free" for g in data.groups]))
+    nodule = data.layouts[nodule_roi, 1] > -1
+    assert (data.layouts[nodule_roi, 3][nodule] == -1).all()  # the nodule is generated, not given
+    assert (data.weights[nodule_roi, 0][nodule] == 3.0).all()  # 1 + focus_weight
+    free = 1 - nodule_roi
+    assert (data.layouts[free, 1] == -1).all()  # a free ROI's region has no nodule in the layout
+    assert (data.weights[free, 0][data.layouts[free, 3] < 0] == 1.0).all()
+
+
+def test_context_is_the_lesion_models_only() -> None:
+    cfg = _context_config()
+    model = UNet3D(unet_config_from_dict(cfg.model, image_size=16))
+    assert model.cfg.layout_channels == 4 and has_context(model)
+    assert model.input_blocks[0][0].in_channels == 5  # noisy image + lung + nodule + known ROI + keep mask
+    with pytest.raises(ConfigError, match=r"model.context: .*lesion scale.*set lesion.model.context instead"):
+        load_config("config/config.yaml", {"model": {"context": True}})
+
+
+class _Recorder(torch.nn.Module):
+    """A context UNet that records the conditioning it is given."""
+
+    def __init__(self, net: UNet3D) -> None:
+        super().__init__()
+        self.net, self.cfg, self.seen = net, net.cfg, []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        self.seen.append(layout.clone())
+        return self.net(x, t, layout)
+
+
+def test_inpainting_feeds_a_context_model_the_sites_own_roi_and_keep_mask() -> None:
+    src = _source()
+    sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
+    ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
+    torch.manual_seed(0)
+    d = {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4,
+         "num_res_blocks": 1, "num_heads": 1, "dropout": 0.0, "use_checkpoint": False, "context": True}  # fmt: skip
+    model = _Recorder(UNet3D(unet_config_from_dict(d, image_size=16)).eval())
+    sc = {"batch_size": 2, "precision": "fp32", "sampler": "dpm++", "steps": 3, "clip_x0": True, "guidance": 2.0,
+          "jump_length": 0, "jump_n_sample": 1}  # fmt: skip
+    after = inpaint(model, GaussianDiffusion(DiffusionConfig(timesteps=50)), ins, WINDOW, sc, torch.device("cpu"))
+    assert len(model.seen) == 2 * 3  # guided: a conditional and an unconditional pass per step
+    for seen in model.seen:
+        assert seen.shape == (2, 4, 16, 16, 16)
+        for b, c in enumerate(ins):
+            keep = ~c.generated
+            known = torch.from_numpy(hu_to_model(c.site.ct, WINDOW))
+            assert torch.equal(seen[b, 3] > 0, torch.from_numpy(keep))
+            assert torch.equal(seen[b, 2][torch.from_numpy(keep)], known[torch.from_numpy(keep)])
+            assert (seen[b, 2][torch.from_numpy(c.generated)] == 0).all()
+    for c, a in zip(ins, after):
+        assert np.array_equal(a[~c.generated], c.site.ct[~c.generated])  # the kept ROI bit for bit
