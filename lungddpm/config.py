@@ -264,7 +264,7 @@ class TrainConfig:
     flip: bool = False
     balance_textures: bool = False
     context_free_diameter_mm: tuple[float, float] = (5.0, 15.0)
-    context_outside_weight: float = 0.0
+    context_outside_weight: float = 1.0
 
 
 @dataclass(frozen=True)

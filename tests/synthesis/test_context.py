@@ -49,8 +49,8 @@ def test_generated_region_is_the_insertion_margin_around_nodules_and_a_seeded_ba
     assert np.array_equal(with_margin, ndi.binary_dilation(generated_region(free, 1.25, 0.0, (5, 10), 1), ball(2.0)))
 
 
-def _context_config() -> object:
-    over = {"lesion": {"roi": {"size": 16}, "model": {"context": True}, "train": {"focus_weight": 2.0}}}
+def _context_config(**train: object) -> object:
+    over = {"lesion": {"roi": {"size": 16}, "model": {"context": True}, "train": {"focus_weight": 2.0, **train}}}
     return lesion_config(load_config("config/config.yaml", over))
 
 
@@ -64,8 +64,7 @@ def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_t
     nod = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16
     labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(nod, (1.5, 1, 1)), -1024)
     extract_rois(labelled, _settings(free_per_case=1), tmp_path)
-    cfg = _context_config()
-    data = load_roi_training_data([tmp_path / "rois.csv"], cfg)
+    data = load_roi_training_data([tmp_path / "rois.csv"], _context_config(context_outside_weight=0.0))
     assert data.layouts.shape == (2, 4, 16, 16, 16) and data.weights is not None
     for i in range(2):
         image, known, keep, w = data.images[i, 0], data.layouts[i, 2], data.layouts[i, 3] > 0, data.weights[i, 0]
@@ -79,6 +78,10 @@ def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_t
     free = 1 - nodule_roi
     assert (data.layouts[free, 1] == -1).all()  # a free ROI's region has no nodule in the layout
     assert (data.weights[free, 0][data.layouts[free, 3] < 0] == 1.0).all()
+    default = load_roi_training_data([tmp_path / "rois.csv"], _context_config())  # context_outside_weight 1
+    assert torch.equal(default.layouts, data.layouts)
+    assert (default.weights[data.layouts[:, 3:] > 0] == 1.0).all()
+    assert torch.equal(default.weights[data.layouts[:, 3:] < 0], data.weights[data.layouts[:, 3:] < 0])
 
 
 def test_context_is_the_lesion_models_only() -> None:
