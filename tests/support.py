@@ -11,7 +11,10 @@ from lungddpm.config import Config, validate_config
 from lungddpm.diffusion.data import TrainData
 from lungddpm.diffusion.unet import UNet3D, UNetConfig
 from lungddpm.io import Geometry, write_volume
+from lungddpm.preprocessing.grid import SliceGrid
+from lungddpm.preprocessing.rois import RoiSettings, SourceCT, cut_roi
 from lungddpm.synthesis.layout_edit import BankNodule
+from lungddpm.synthesis.lesion import Site
 
 TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), norm_groups=4)
 
@@ -102,3 +105,38 @@ def lidc_config(cfg: Config, dicom_root: Path) -> Config:
     from dataclasses import replace
 
     return replace(cfg, data=replace(cfg.data, source="lidc", dicom_root=str(dicom_root)))
+
+
+# the lesion scale's toy source CT, ROI settings, bank and sites (tests/synthesis)
+INSERT = {"diameter_mm": [2, 20], "textures": [], "malignancies": [], "min_readers": 1, "margin_mm": 2.0,
+          "feather_mm": 2.0, "max_attempts": 200, "texture": "bank"}  # fmt: skip
+
+
+def roi_settings(**kw: object) -> RoiSettings:
+    base = dict(spacing_mm=1.0, size=16, nodule_jitter_mm=2.0, rois_per_nodule=1, free_per_case=1,
+                site_min_depth_mm=4.0, nodule_fraction=0.5, edge="pad", seed=0)  # fmt: skip
+    base.update(kw)
+    return RoiSettings(**base)  # type: ignore[arg-type]
+
+
+def source_ct(seed: int = 0) -> SourceCT:
+    """A 40 x 64 x 64 native CT (1 mm pixels, 1.5 mm slices) of lung at -850 HU with noise, and a fine lung mask."""
+    rng = np.random.default_rng(seed)
+    hu = (-850 + rng.normal(0, 20, (40, 64, 64))).round().astype(np.float32)
+    hu[:, :4] = hu[:, -4:] = 40.0  # body wall
+    grid = SliceGrid(np.arange(40) * 1.5, 1.0, 1.0, 0.0, 0.0)
+    lung = np.zeros((31, 33, 33), bool)  # 2 mm fine grid over the same extent
+    lung[2:-2, 3:-3, 2:-2] = True
+    return SourceCT("LIDC-IDRI-0001", hu, grid, lung, Geometry((2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), [], -1024.0)
+
+
+def lesion_bank() -> list[BankNodule]:
+    zz, yy, xx = np.ogrid[-3:4, -3:4, -3:4]
+    return [BankNodule(0, "LIDC-IDRI-0002", zz**2 + yy**2 + xx**2 <= 9, (1.0, 1.0, 1.0), 6.0, 5, 3, 4)]
+
+
+def toy_site(src: SourceCT, centre: tuple[float, float, float] = (32.0, 32.0, 30.0)) -> Site:
+    s = roi_settings()
+    geometry = s.geometry(np.array(centre))
+    roi = cut_roi(src, geometry, s)
+    return Site("LIDC-IDRI-0001_f0", roi["ct"], roi["layout"], geometry)

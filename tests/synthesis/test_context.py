@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage as ndi
-from test_lesion import INSERT, _bank, _settings, _site, _source
+from support import INSERT, lesion_bank, roi_settings, source_ct, toy_site
 
 from lungddpm.config import lesion_config, load_config
 from lungddpm.diffusion.encoding import context_channels, hu_to_model
@@ -55,7 +55,7 @@ def _context_config(**train: object) -> object:
 
 
 def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_the_generated_region(tmp_path) -> None:
-    src = _source()
+    src = source_ct()
     zz, yy, xx = np.ogrid[:40, :64, :64]
     src.hu[((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16] = 30.0
     from lungddpm.data.nodules import components
@@ -63,7 +63,7 @@ def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_t
 
     nod = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16
     labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(nod, (1.5, 1, 1)), -1024)
-    extract_rois(labelled, _settings(free_per_case=1), tmp_path)
+    extract_rois(labelled, roi_settings(free_per_case=1), tmp_path)
     data = load_roi_training_data([tmp_path / "rois.csv"], _context_config(context_outside_weight=0.0))
     assert data.layouts.shape == (2, 4, 16, 16, 16) and data.weights is not None
     for i in range(2):
@@ -106,9 +106,10 @@ class _Recorder(torch.nn.Module):
 
 
 def test_inpainting_feeds_a_context_model_the_sites_own_roi_and_keep_mask() -> None:
-    src = _source()
-    sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
-    ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
+    src = source_ct()
+    sites = [toy_site(src), toy_site(src, (30.0, 34.0, 28.0))]
+    levels = (0.25, 0.5, 0.75)
+    ins = [place("LIDC-IDRI-0001", s, lesion_bank(), 10 + j, INSERT, levels, "bank") for j, s in enumerate(sites)]
     torch.manual_seed(0)
     d = {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4,
          "num_res_blocks": 1, "num_heads": 1, "dropout": 0.0, "use_checkpoint": False, "context": True}  # fmt: skip

@@ -5,52 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support import INSERT, lesion_bank, roi_settings, source_ct, toy_site
 
 from lungddpm.config import lesion_config, load_config
 from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture_class
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import LayoutError
-from lungddpm.io import Geometry
-from lungddpm.preprocessing.grid import SliceGrid
 from lungddpm.preprocessing.layout import LUNG, NODULE
-from lungddpm.preprocessing.rois import RoiSettings, SourceCT, cut_roi, extract_rois, focus_weights, shift_inside
-from lungddpm.synthesis.layout_edit import BankNodule
+from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, focus_weights, shift_inside
 from lungddpm.synthesis.lesion import Site, inpaint, place
 from lungddpm.synthesis.paste import feather_weight, native_box, paste_back, seam_gradient_ratio
-
-INSERT = {"diameter_mm": [2, 20], "textures": [], "malignancies": [], "min_readers": 1, "margin_mm": 2.0,
-          "feather_mm": 2.0, "max_attempts": 200, "texture": "bank"}  # fmt: skip
-
-
-def _settings(**kw: object) -> RoiSettings:
-    base = dict(spacing_mm=1.0, size=16, nodule_jitter_mm=2.0, rois_per_nodule=1, free_per_case=1,
-                site_min_depth_mm=4.0, nodule_fraction=0.5, edge="pad", seed=0)  # fmt: skip
-    base.update(kw)
-    return RoiSettings(**base)  # type: ignore[arg-type]
-
-
-def _source(seed: int = 0) -> SourceCT:
-    """A 40 x 64 x 64 native CT (1 mm pixels, 1.5 mm slices) of lung at -850 HU with noise, and a fine lung mask."""
-    rng = np.random.default_rng(seed)
-    hu = (-850 + rng.normal(0, 20, (40, 64, 64))).round().astype(np.float32)
-    hu[:, :4] = hu[:, -4:] = 40.0  # body wall
-    grid = SliceGrid(np.arange(40) * 1.5, 1.0, 1.0, 0.0, 0.0)
-    lung = np.zeros((31, 33, 33), bool)  # 2 mm fine grid over the same extent
-    lung[2:-2, 3:-3, 2:-2] = True
-    return SourceCT("LIDC-IDRI-0001", hu, grid, lung, Geometry((2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), [], -1024.0)
-
-
-def _bank() -> list[BankNodule]:
-    zz, yy, xx = np.ogrid[-3:4, -3:4, -3:4]
-    return [BankNodule(0, "LIDC-IDRI-0002", zz**2 + yy**2 + xx**2 <= 9, (1.0, 1.0, 1.0), 6.0, 5, 3, 4)]
-
-
-def _site(src: SourceCT, centre: tuple[float, float, float] = (32.0, 32.0, 30.0)) -> Site:
-    s = _settings()
-    geometry = s.geometry(np.array(centre))
-    roi = cut_roi(src, geometry, s)
-    return Site("LIDC-IDRI-0001_f0", roi["ct"], roi["layout"], geometry)
 
 
 def test_texture_classes_and_channel_levels() -> None:
@@ -64,18 +29,18 @@ def test_texture_classes_and_channel_levels() -> None:
 def test_shift_inside_and_edge_policy(tmp_path) -> None:
     lo, hi = np.zeros(3), np.array([63.0, 63.0, 58.5])
     assert shift_inside(np.array([2.0, 60.0, 30.0]), 7.5, lo, hi).tolist() == [7.5, 55.5, 30.0]
-    src = _source()
+    src = source_ct()
     # a 48 mm ROI in a 58.5 mm-tall scan fits; a 64 mm one cannot: pad (recorded) or refuse (named)
     nod_src = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, [], src.padding_hu)
-    rows = extract_rois(nod_src, _settings(size=64, free_per_case=0), tmp_path / "a")
+    rows = extract_rois(nod_src, roi_settings(size=64, free_per_case=0), tmp_path / "a")
     assert rows == []
     with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: found 0 of lesion.roi.free_per_case=1.*lower"):
-        extract_rois(src, _settings(size=64), tmp_path / "b")
+        extract_rois(src, roi_settings(size=64), tmp_path / "b")
 
 
 def test_cut_roi_pads_outside_the_scan_with_padding_hu() -> None:
-    src = _source()
-    s = _settings(size=16)
+    src = source_ct()
+    s = roi_settings(size=16)
     roi = cut_roi(src, s.geometry(np.array([32.0, 32.0, -2.0])), s)  # partly below the first slice
     assert (roi["ct"][:4] == -1024).all() and (roi["ct"][-1] != -1024).any()
 
@@ -83,31 +48,31 @@ def test_cut_roi_pads_outside_the_scan_with_padding_hu() -> None:
 def test_roi_refuses_an_roi_crossing_the_edge(tmp_path, monkeypatch) -> None:
     from lungddpm.preprocessing import rois
 
-    src = _source()
+    src = source_ct()
     monkeypatch.setattr(rois, "free_sites", lambda *a, **k: [np.array([32.0, 32.0, 0.0])])
     with pytest.raises(
         LayoutError, match=r"LIDC-IDRI-0001: ROI LIDC-IDRI-0001_f0 .* crosses the scan's edge.*edge: pad"
     ):
-        extract_rois(src, _settings(size=64, edge="refuse"), tmp_path)
-    rows = extract_rois(src, _settings(size=64, edge="pad"), tmp_path)
+        extract_rois(src, roi_settings(size=64, edge="refuse"), tmp_path)
+    rows = extract_rois(src, roi_settings(size=64, edge="pad"), tmp_path)
     assert rows[0]["padded_voxels"] > 0
 
 
 def test_place_inside_lung_with_margin_and_errors() -> None:
-    src = _source()
-    site = _site(src)
-    ins = place("LIDC-IDRI-0001", site, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
+    src = source_ct()
+    site = toy_site(src)
+    ins = place("LIDC-IDRI-0001", site, lesion_bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
     assert ins.nodule.sum() > 0 and (site.layout[ins.nodule] == LUNG).all()  # wholly inside the lung
     assert (ins.layout[ins.nodule] == NODULE).all() and (ins.layout[~ins.nodule] == site.layout[~ins.nodule]).all()
     assert ins.generated[ins.nodule].all() and ins.generated.sum() > ins.nodule.sum()
     assert ins.level == 0.75 and ins.record["texture_requested"] == "solid"
-    assert place("LIDC-IDRI-0001", site, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "ground-glass").level == 0.25
+    assert place("LIDC-IDRI-0001", site, lesion_bank(), 3, INSERT, (0.25, 0.5, 0.75), "ground-glass").level == 0.25
     with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: no bank nodule matches lesion.insert.*widen"):
         place("LIDC-IDRI-0001", site, [], 3, INSERT, (0.25, 0.5, 0.75), "bank")
     tight = Site(site.name, site.ct, np.where(site.layout > 0, 0, 0).astype(np.uint8), site.geometry)
     tight.layout[7:9, 7:9, 7:9] = LUNG
     with pytest.raises(LayoutError, match=r"LIDC-IDRI-0001: site LIDC-IDRI-0001_f0 has no room .*lower"):
-        place("LIDC-IDRI-0001", tight, _bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
+        place("LIDC-IDRI-0001", tight, lesion_bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
 
 
 def _tiny_model() -> tuple[UNet3D, GaussianDiffusion]:
@@ -127,9 +92,10 @@ def _tiny_model() -> tuple[UNet3D, GaussianDiffusion]:
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) -> None:
-    src = _source()
-    sites = [_site(src), _site(src, (30.0, 34.0, 28.0))]
-    ins = [place("LIDC-IDRI-0001", s, _bank(), 10 + j, INSERT, (0.25, 0.5, 0.75), "bank") for j, s in enumerate(sites)]
+    src = source_ct()
+    sites = [toy_site(src), toy_site(src, (30.0, 34.0, 28.0))]
+    levels = (0.25, 0.5, 0.75)
+    ins = [place("LIDC-IDRI-0001", s, lesion_bank(), 10 + j, INSERT, levels, "bank") for j, s in enumerate(sites)]
     model, diffusion = _tiny_model()
     sc = {
         "batch_size": 2,
@@ -151,9 +117,9 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
 
 
 def test_paste_back_changes_only_the_generated_region_and_is_seamless() -> None:
-    src = _source()
-    site = _site(src)
-    ins = place("LIDC-IDRI-0001", site, _bank(), 3, {**INSERT, "margin_mm": 4.0}, (0.25, 0.5, 0.75), "bank")
+    src = source_ct()
+    site = toy_site(src)
+    ins = place("LIDC-IDRI-0001", site, lesion_bank(), 3, {**INSERT, "margin_mm": 4.0}, (0.25, 0.5, 0.75), "bank")
     after = site.ct.copy()
     after[ins.nodule] = 30  # a solid nodule; the margin keeps the lung's own values (a well-matched generator)
     native = src.hu.astype(np.int16)
@@ -305,19 +271,19 @@ def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_
     from lungddpm.data.nodules import components
     from lungddpm.preprocessing.rois import load_roi_training_data, real_nodule_rois
 
-    src = _source()
+    src = source_ct()
     zz, yy, xx = np.ogrid[:40, :64, :64]
     ball = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16  # a 8 mm label-map nodule
     src.hu[ball] = 30.0
     labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(ball, (1.5, 1, 1)), -1024)
-    rows = extract_rois(labelled, _settings(free_per_case=0), tmp_path / "a")
+    rows = extract_rois(labelled, roi_settings(free_per_case=0), tmp_path / "a")
     assert [(r["kind"], r["texture_class"], r["texture"], r["malignancy"]) for r in rows] == [
         ("nodule", "unknown", None, None)
     ]
     ((_row, ct, _, mask),) = real_nodule_rois([tmp_path / "a/rois.csv"])
     assert mask.any() and ct[mask].mean() > -200  # the unrated nodule's own voxels
     cfg = lesion_config(load_config("config/config.yaml", {"lesion": {"roi": {"size": 16}}}))
-    assert load_roi_training_data([tmp_path / "a/rois.csv"], cfg).layouts.shape == (1, 2, 16, 16, 16)
-    extract_rois(src, _settings(), tmp_path / "b")  # free ROIs only
+    assert load_roi_training_data([tmp_path / "a/rois.csv"], cfg).layouts.shape == (1, 4, 16, 16, 16)  # context
+    extract_rois(src, roi_settings(), tmp_path / "b")  # free ROIs only
     with pytest.raises(LayoutError, match=r"no nodule among them: the train split has no labelled nodule"):
         load_roi_training_data([tmp_path / "b/rois.csv"], cfg)
