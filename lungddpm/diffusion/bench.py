@@ -258,7 +258,7 @@ def bench_inpaint(
     out = []
     for batch in batches:
         planes = [np.ones((n, n, n)), np.where(nodule, 0.75, -1.0)]
-        if model.cfg.layout_channels > 2:  # a context model: the known ROI (zeros here) and the keep mask
+        if model.cfg.context:  # the known ROI (zeros here) and the keep mask
             planes += [np.zeros((n, n, n)), np.where(generated, -1.0, 1.0)]
         layout = torch.from_numpy(np.stack(planes).astype(np.float32))
         layout = layout[None].repeat(batch, 1, 1, 1, 1).to(device)

@@ -112,7 +112,7 @@ def preview(
     from .sample import Blend, sample
 
     blend = None
-    if layout.shape[0] > 2 and reference is not None:  # a context model: inpaint the generated region only
+    if model.cfg.context and reference is not None:  # inpaint the generated region only
         blend = Blend(reference[None], (layout[-1:] > 0)[None])
     was_training = model.training
     model.eval()

@@ -48,6 +48,11 @@ class UNetConfig:
     time_max_period: float = 10000.0
 
     @property
+    def context(self) -> bool:
+        """Whether the network takes the context channels (known image, keep mask) after the layout's two."""
+        return self.layout_channels == 2 + CONTEXT_CHANNELS
+
+    @property
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
 

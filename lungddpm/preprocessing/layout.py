@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from ..config import LayoutConfig
 from ..errors import LayoutError
@@ -23,6 +24,12 @@ def ball(radius_vox: float) -> np.ndarray:
     r = int(np.ceil(radius_vox))
     zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
     return zz**2 + yy**2 + xx**2 <= radius_vox**2 + 1e-9
+
+
+def dilate_mm(mask: np.ndarray, margin_mm: float, spacing_mm: float) -> np.ndarray:
+    """``mask`` [D, H, W] grown by a ball of ``margin_mm`` on an isotropic grid of ``spacing_mm`` (as is for 0): the
+    lesion scale's generated region around a nodule, at insertion and in a context model's training."""
+    return ndi.binary_dilation(mask, structure=ball(margin_mm / spacing_mm)) if margin_mm else mask
 
 
 def check_labels(layout: np.ndarray, name: str) -> None:

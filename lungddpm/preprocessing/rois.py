@@ -303,10 +303,10 @@ def generated_region(
     layout: np.ndarray, spacing_mm: float, margin_mm: float, free_diameter_mm: Sequence[float], seed: int
 ) -> np.ndarray:
     """Where a context model (``model.context``) learns to generate in an ROI, as insertion generates: its nodules
-    dilated by ``margin_mm`` (the same structuring element as :func:`lungddpm.synthesis.lesion.insertion`); in a
+    dilated by ``margin_mm`` (:func:`~lungddpm.preprocessing.layout.dilate_mm`, as insertion does); in a
     nodule-free ROI a ball of a seeded diameter in ``free_diameter_mm`` at a lung voxel at least its radius deep
     (the deepest one if none is), dilated the same way. layout [n, n, n] -> bool [n, n, n]."""
-    from .layout import LUNG, NODULE, ball
+    from .layout import LUNG, NODULE, dilate_mm
 
     region = layout == NODULE
     if not region.any():
@@ -315,9 +315,9 @@ def generated_region(
         depth = ndi.distance_transform_edt(layout == LUNG)
         deep = np.argwhere(depth >= radius)
         centre = deep[rng.integers(len(deep))] if len(deep) else np.unravel_index(np.argmax(depth), depth.shape)
-        grid = np.indices(layout.shape).reshape(3, -1).T
-        region = (((grid - np.asarray(centre)) ** 2).sum(1) <= radius**2 + 1e-9).reshape(layout.shape)
-    return ndi.binary_dilation(region, structure=ball(margin_mm / spacing_mm)) if margin_mm else region
+        zz, yy, xx = np.ogrid[: layout.shape[0], : layout.shape[1], : layout.shape[2]]
+        region = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2 + 1e-9
+    return dilate_mm(region, margin_mm, spacing_mm)
 
 
 def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
@@ -337,6 +337,7 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
     levels = texture_levels(cfg.raw["lesion"]["texture_hu"], cfg.intensity.hu_window)
     spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])
     context, tc = bool(cfg.model.get("context")), cfg.train
+    margin = float(cfg.raw["lesion"]["insert"]["margin_mm"])  # context: insertion's generated region
     images, layouts, weights, ids, groups = [], [], [], [], []
     for table in tables:
         for row in read_roi_table(Path(table)):
@@ -356,7 +357,6 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
             weight = focus_weights(layout, spacing, tc.focus_weight, tc.focus_margin_mm) if tc.focus_weight else None
             if context:
                 seed = int(np.random.SeedSequence([tc.seed, zlib.crc32(row["roi"].encode())]).generate_state(1)[0])
-                margin = float(cfg.raw["lesion"]["insert"]["margin_mm"])
                 region = generated_region(layout, spacing, margin, tc.context_free_diameter_mm, seed)
                 channels = np.concatenate([channels, context_channels(image, ~region)])
                 inside = weight if weight is not None else np.ones(layout.shape, np.float32)

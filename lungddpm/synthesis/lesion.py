@@ -21,13 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
 from ..config import Config
 from ..diffusion.checkpoint import CheckpointError, load_model
 from ..diffusion.encoding import (
     ANY_TEXTURE,
-    CONTEXT_CHANNELS,
     TEXTURE_CLASSES,
     context_channels,
     hu_to_model,
@@ -40,7 +38,7 @@ from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..io import Geometry, read_volume, safe_component
-from ..preprocessing.layout import NODULE, ball
+from ..preprocessing.layout import NODULE, dilate_mm
 from ..preprocessing.rois import read_roi_table
 from .layout_edit import BankNodule, insert_nodules
 from .plan import Item
@@ -134,7 +132,7 @@ def insertion(
     to inpaint: the generated region is the new nodule dilated by ``margin_mm``, the level is ``texture``'s."""
     nodule = (layout == NODULE) & (site.layout != NODULE)
     spacing = float(site.geometry.spacing[0])
-    generated = ndi.binary_dilation(nodule, structure=ball(margin_mm / spacing)) if margin_mm else nodule
+    generated = dilate_mm(nodule, margin_mm, spacing)
     level, cls = texture_level(texture, bank_nodule, levels)
     record = {"site": site.name, **edit, "texture_class_bank": TEXTURE_CLASSES[texture_class(bank_nodule.texture)],
               "texture_requested": cls, "nodule_level": level, "generated_voxels": int(generated.sum())}  # fmt: skip
@@ -154,29 +152,20 @@ def inpaint(
     HU [n, n, n] each (source HU outside the generated region, bit for bit). ``progress``: per sampler step. A
     context model (``model.context``) also gets the known ROI and the keep mask as input channels."""
     dtype = resolve_precision(sc["precision"], device)
-    context = has_context(model)
     out: list[np.ndarray] = []
     for start in range(0, len(insertions), int(sc["batch_size"])):
         chunk = insertions[start : start + int(sc["batch_size"])]
         ref = torch.from_numpy(np.stack([hu_to_model(c.site.ct, window)[None] for c in chunk]))
         keep = torch.from_numpy(np.stack([~c.generated[None] for c in chunk]))
-
-        def channels(c: Insertion, level: float, r: torch.Tensor, k: torch.Tensor) -> np.ndarray:
-            # the sites are nodule-free: the new nodule is the only one, at its texture level
-            lay = layout_to_channels(c.layout, c.site.name, np.float32(level))
-            return np.concatenate([lay, context_channels(r[0].numpy(), k[0].numpy())]) if context else lay
-
-        layouts = [channels(c, c.level, r, k) for c, r, k in zip(chunk, ref, keep)]
+        extra = [context_channels(r[0].numpy(), k[0].numpy()) for r, k in zip(ref, keep)] if model.cfg.context else []
         uncond = None
         if float(sc["guidance"]) != 1.0:  # "any texture": the unconditional pass of the guidance
-            uncond = torch.from_numpy(
-                np.stack([channels(c, ANY_TEXTURE, r, k) for c, r, k in zip(chunk, ref, keep)])
-            ).to(device)
+            uncond = _network_layouts(chunk, [ANY_TEXTURE] * len(chunk), extra).to(device)
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
         x = sample(
             model,
             diffusion,
-            torch.from_numpy(np.stack(layouts)).to(device),
+            _network_layouts(chunk, [c.level for c in chunk], extra).to(device),
             sc["sampler"],
             sc["steps"],
             generators,
@@ -194,9 +183,13 @@ def inpaint(
     return out
 
 
-def has_context(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (a :class:`~lungddpm.diffusion.unet.UNet3D`) takes the context channels after the layout."""
-    return int(model.cfg.layout_channels) == 2 + CONTEXT_CHANNELS
+def _network_layouts(chunk: Sequence[Insertion], levels: Sequence[float], extra: Sequence[np.ndarray]) -> torch.Tensor:
+    """The network's layout input of a batch of insertions -> [B, 2 (+2 context), n, n, n]: each site is nodule-free,
+    so its new nodule is the only one, at ``levels[b]``; ``extra``: the context channels per insertion, or empty."""
+    lays = [layout_to_channels(c.layout, c.site.name, np.float32(v)) for c, v in zip(chunk, levels)]
+    if extra:
+        lays = [np.concatenate([lay, e]) for lay, e in zip(lays, extra)]
+    return torch.from_numpy(np.stack(lays))
 
 
 def nodule_mean_hu(roi_hu: np.ndarray, nodule: np.ndarray) -> float:

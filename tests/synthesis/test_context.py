@@ -16,7 +16,7 @@ from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import ConfigError
 from lungddpm.preprocessing.layout import LUNG, NODULE, ball
 from lungddpm.preprocessing.rois import extract_rois, generated_region, load_roi_training_data
-from lungddpm.synthesis.lesion import has_context, inpaint, place
+from lungddpm.synthesis.lesion import inpaint, place
 
 WINDOW = (-1000.0, 400.0)
 
@@ -87,7 +87,7 @@ def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_t
 def test_context_is_the_lesion_models_only() -> None:
     cfg = _context_config()
     model = UNet3D(unet_config_from_dict(cfg.model, image_size=16))
-    assert model.cfg.layout_channels == 4 and has_context(model)
+    assert model.cfg.layout_channels == 4 and model.cfg.context
     assert model.input_blocks[0][0].in_channels == 5  # noisy image + lung + nodule + known ROI + keep mask
     with pytest.raises(ConfigError, match=r"model.context: .*lesion scale.*set lesion.model.context instead"):
         load_config("config/config.yaml", {"model": {"context": True}})
