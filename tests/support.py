@@ -130,6 +130,19 @@ def source_ct(seed: int = 0) -> SourceCT:
     return SourceCT("LIDC-IDRI-0001", hu, grid, lung, Geometry((2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), [], -1024.0)
 
 
+def labelled_source_ct() -> SourceCT:
+    """:func:`source_ct` with an 8 mm solid nodule (30 HU) painted in and given as a label-map component (unrated)."""
+    from dataclasses import replace
+
+    from lungddpm.data.nodules import components
+
+    src = source_ct()
+    zz, yy, xx = np.ogrid[:40, :64, :64]
+    ball = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16
+    src.hu[ball] = 30.0
+    return replace(src, nodules=components(ball, (1.5, 1, 1)))
+
+
 def lesion_bank() -> list[BankNodule]:
     zz, yy, xx = np.ogrid[-3:4, -3:4, -3:4]
     return [BankNodule(0, "LIDC-IDRI-0002", zz**2 + yy**2 + xx**2 <= 9, (1.0, 1.0, 1.0), 6.0, 5, 3, 4)]

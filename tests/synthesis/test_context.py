@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage as ndi
-from support import INSERT, lesion_bank, roi_settings, source_ct, toy_site
+from support import INSERT, labelled_source_ct, lesion_bank, roi_settings, source_ct, toy_site
 
 from lungddpm.config import lesion_config, load_config
 from lungddpm.diffusion.encoding import context_channels, hu_to_model
@@ -55,15 +55,7 @@ def _context_config(**train: object) -> object:
 
 
 def test_context_training_data_appends_known_roi_and_keep_mask_and_weighs_only_the_generated_region(tmp_path) -> None:
-    src = source_ct()
-    zz, yy, xx = np.ogrid[:40, :64, :64]
-    src.hu[((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16] = 30.0
-    from lungddpm.data.nodules import components
-    from lungddpm.preprocessing.rois import SourceCT
-
-    nod = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16
-    labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(nod, (1.5, 1, 1)), -1024)
-    extract_rois(labelled, roi_settings(free_per_case=1), tmp_path)
+    extract_rois(labelled_source_ct(), roi_settings(free_per_case=1), tmp_path)
     data = load_roi_training_data([tmp_path / "rois.csv"], _context_config(context_outside_weight=0.0))
     assert data.layouts.shape == (2, 4, 16, 16, 16) and data.weights is not None
     for i in range(2):

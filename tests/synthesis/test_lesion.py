@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support import INSERT, lesion_bank, roi_settings, source_ct, toy_site
+from support import INSERT, labelled_source_ct, lesion_bank, roi_settings, source_ct, toy_site
 
 from lungddpm.config import lesion_config, load_config
 from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture_class
@@ -268,14 +268,12 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
 
 
 def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:
-    from lungddpm.data.nodules import components
+    from dataclasses import replace
+
     from lungddpm.preprocessing.rois import load_roi_training_data, real_nodule_rois
 
-    src = source_ct()
-    zz, yy, xx = np.ogrid[:40, :64, :64]
-    ball = ((zz - 20) * 1.5) ** 2 + (yy - 32) ** 2 + (xx - 30) ** 2 <= 16  # a 8 mm label-map nodule
-    src.hu[ball] = 30.0
-    labelled = SourceCT(src.case_id, src.hu, src.grid, src.lung_fine, src.fine, components(ball, (1.5, 1, 1)), -1024)
+    labelled = labelled_source_ct()  # a 8 mm label-map nodule
+    src = replace(labelled, nodules=[])
     rows = extract_rois(labelled, roi_settings(free_per_case=0), tmp_path / "a")
     assert [(r["kind"], r["texture_class"], r["texture"], r["malignancy"]) for r in rows] == [
         ("nodule", "unknown", None, None)
