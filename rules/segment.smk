@@ -18,7 +18,14 @@ SEG_LESION = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(L
 SEG_ARM_RE = "|".join(re.escape(a) for a in SEG_ARMS + SEG.sweep_names)
 # the keys each rule depends on (editing one reruns exactly the rules that use it)
 SEG_PLAN_KEYS = ("scale", "dataset_id", "configuration", "planner", "fingerprint_samples", "network")
-SEG_TRAIN_KEYS = ("trainer", "num_epochs", "iterations_per_epoch", "val_iterations_per_epoch", "initial_lr")
+SEG_TRAIN_KEYS = (
+    "trainer",
+    "num_epochs",
+    "iterations_per_epoch",
+    "val_iterations_per_epoch",
+    "initial_lr",
+    "cpu_precision",
+)
 SEG_PREDICT_KEYS = ("final_validation", "test_time_mirroring", "tile_step_size")
 if SEG.enabled:
     check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()))

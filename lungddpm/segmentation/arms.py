@@ -90,6 +90,7 @@ class SegmentationConfig:
     tile_step_size: float
     device: str
     compile: bool
+    cpu_precision: str  # auto | fp32 | bf16: training's autocast on a CPU
     da_processes: int | None
     processes: int
     threads: int

@@ -292,6 +292,7 @@ def training_settings(cfg: SegmentationConfig) -> dict[str, Any]:
         "iterations_per_epoch": cfg.iterations_per_epoch,
         "val_iterations_per_epoch": cfg.val_iterations_per_epoch,
         "initial_lr": cfg.initial_lr,
+        "cpu_precision": cfg.cpu_precision,
     }
 
 
@@ -353,6 +354,7 @@ def train_arm(
         "n_synthetic": prep["n_synthetic"],
         **settings,
         **{k: result[k] for k in ("trained", "epochs", "iterations", "train_seconds", "predict_seconds", "device")},
+        "cpu_autocast": result.get("cpu_autocast"),
         "final_train_loss": result.get("final_train_loss"),
         "ema_pseudo_dice": result.get("ema_pseudo_dice"),
         "test_time_mirroring": cfg.test_time_mirroring,

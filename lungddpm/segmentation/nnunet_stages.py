@@ -93,6 +93,27 @@ def _trainer_class(name: str) -> type:
     return recursive_find_trainer_class_by_name(name)  # imports every trainer variant (timm, torchvision)
 
 
+def cpu_autocast_trainer(cls: type, dtype: Any) -> type:
+    """``cls`` whose network's forward runs under CPU autocast to ``dtype`` during training, its outputs cast back
+    to fp32 for nnU-Net's loss (nnU-Net autocasts on CUDA only). Same name, so nnU-Net's folders do not change."""
+    import torch
+
+    class Trainer(cls):  # type: ignore[misc, valid-type]
+        def initialize(self) -> None:
+            super().initialize()
+            forward = self.network.forward
+
+            def autocast_forward(x: torch.Tensor) -> Any:
+                with torch.autocast("cpu", dtype=dtype):
+                    out = forward(x)
+                return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
+
+            self.network.forward = autocast_forward  # an instance attribute: the state dict is untouched
+
+    Trainer.__name__ = Trainer.__qualname__ = cls.__name__
+    return Trainer
+
+
 def _last(trainer: Any, key: str) -> float | None:
     try:
         return round(float(trainer.logger.get_value(key, step=-1)), 5)
@@ -106,6 +127,8 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from ..diffusion.precision import resolve_precision
 
     seed = int(job["seed"])
     random.seed(seed)
@@ -121,6 +144,9 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
             shutil.rmtree(results)
         write_json(stamp, job["stamp"])
     cls = _trainer_class(job["trainer"])
+    dtype = resolve_precision(job["cpu_precision"], device) if device.type == "cpu" else None
+    if dtype is not None:
+        cls = cpu_autocast_trainer(cls, dtype)
     fold: int | str = job["fold"] if job["fold"] == "all" else int(job["fold"])
     fold_dir = results / name / f"{cls.__name__}__{job['plans_identifier']}__{job['configuration']}" / f"fold_{fold}"
     final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"
@@ -156,6 +182,7 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     trainer.set_deep_supervision_enabled(False)
+    trainer.network.__dict__.pop("forward", None)  # predict in fp32
     trainer.network.eval()
     net = getattr(trainer.network, "_orig_mod", trainer.network)
     predictor = nnUNetPredictor(
@@ -190,6 +217,7 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "predict_seconds": round(time.perf_counter() - t0, 1),
         "device": str(device),
+        "cpu_autocast": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "final_train_loss": _last(trainer, "train_losses"),
         "ema_pseudo_dice": _last(trainer, "ema_fg_dice"),
     }

@@ -17,6 +17,7 @@ import yaml
 from conftest import CI_CONFIG, REPO, snakemake
 
 from lungddpm.config import load_config
+from lungddpm.diffusion.precision import cpu_has_native_bf16
 from lungddpm.errors import ConfigError, LungDDPMError
 from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
 from lungddpm.metrics.voxel import dice
@@ -24,6 +25,7 @@ from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig
 from lungddpm.segmentation.datasets import EvalCase, TrainingCase, eval_set, nested_draw, whole_cases
 from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
 from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, train_arm
+from lungddpm.segmentation.nnunet_stages import cpu_autocast_trainer
 
 EV = EvaluationConfig(
     connectivity=3, min_overlap_voxels=1, bootstrap=200, ci_level=0.95, paired_test="wilcoxon", seed=0
@@ -247,6 +249,40 @@ def _rois(workdir: Path, cases: list[str]) -> list[dict[str, str]]:
     return rows
 
 
+def test_cpu_autocast_trainer_computes_in_bf16_and_hands_fp32_to_the_loss() -> None:
+    """The trainer variant behind segmentation.cpu_precision: the network's convolutions run in bf16, its outputs
+    (one tensor, or deep supervision's list) reach the loss in fp32, gradients and weights stay fp32, and neither
+    the class name (nnU-Net's folders) nor the state dict (its checkpoints) changes; removing the instance forward
+    restores fp32 for prediction."""
+    import torch
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            y = self.conv(x)
+            return [y, y[:, :, ::2, ::2, ::2]]
+
+    class Base:
+        def initialize(self) -> None:
+            self.network = Heads()
+
+    trainer = cpu_autocast_trainer(Base, torch.bfloat16)()
+    trainer.initialize()
+    seen: list[torch.dtype] = []
+    trainer.network.conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(1, 1, 4, 4, 4)
+    out = trainer.network(x)
+    assert seen == [torch.bfloat16] and [o.dtype for o in out] == [torch.float32] * 2 and out[1].shape[-1] == 2
+    sum(o.sum() for o in out).backward()
+    assert trainer.network.conv.weight.grad.dtype == torch.float32
+    assert type(trainer).__name__ == "Base" and list(trainer.network.state_dict()) == ["conv.weight", "conv.bias"]
+    trainer.network.__dict__.pop("forward")
+    assert trainer.network(x)[0].dtype == torch.float32 and seen[-1] == torch.float32
+
+
 def test_workflow_lesion_scale_trains_on_rois_and_scores_every_test_roi(demo_workflow: Path) -> None:
     import nibabel as nib
 
@@ -263,6 +299,7 @@ def test_workflow_lesion_scale_trains_on_rois_and_scores_every_test_roi(demo_wor
         assert all(c["image"].endswith("_after.nii.gz") and "synthetic/lesion" in c["image"] for c in syn)
         run = read_json(seg / arm / "seed0/fold_all/run.json")
         assert run["iterations"] == CI_CONFIG["segmentation"]["iterations_per_epoch"] and run["scale"] == "lesion"
+        assert run["cpu_precision"] == "auto" and run["cpu_autocast"] == ("bfloat16" if cpu_has_native_bf16() else None)
         assert sorted(run["predictions"]) == sorted(r["roi"] for r in test_rois)
         for r in test_rois:  # each prediction on its ROI's exact grid
             pred = nib.load(seg / arm / f"seed0/fold_all/predictions/{r['roi']}.nii.gz")
