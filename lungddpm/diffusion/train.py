@@ -250,7 +250,7 @@ def train(
     )
     model.train()
     t_window, loss_window, step = time.perf_counter(), [], start
-    final_loss = float("nan")
+    final_loss = float(log_rows[-1]["loss"]) if log_rows else float("nan")  # a finished run resumed: as logged
     for step_batches in loader:
         step += 1
         for group in optimizer.param_groups:

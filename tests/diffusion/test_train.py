@@ -88,6 +88,8 @@ def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
         assert _states_equal(a[key], b[key]), key
     log_a, log_b = read_log(tmp_path / "a" / "train_log.csv"), read_log(tmp_path / "b" / "train_log.csv")
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 20
+    again = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)  # finished: nothing left to train
+    assert again.step == 20 and again.final_loss == float(log_a[-1]["loss"])  # the logged loss, not NaN
 
 
 class Payload:
