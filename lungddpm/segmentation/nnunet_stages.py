@@ -114,6 +114,11 @@ def cpu_autocast_trainer(cls: type, dtype: Any) -> type:
     return Trainer
 
 
+def without_cpu_autocast(network: Any) -> None:
+    """Undo :func:`cpu_autocast_trainer`'s wrapper on ``network`` (a no-op on any other): its class's fp32 forward."""
+    network.__dict__.pop("forward", None)
+
+
 def _last(trainer: Any, key: str) -> float | None:
     try:
         return round(float(trainer.logger.get_value(key, step=-1)), 5)
@@ -182,7 +187,7 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     trainer.set_deep_supervision_enabled(False)
-    trainer.network.__dict__.pop("forward", None)  # predict in fp32
+    without_cpu_autocast(trainer.network)  # predict in fp32
     trainer.network.eval()
     net = getattr(trainer.network, "_orig_mod", trainer.network)
     predictor = nnUNetPredictor(

@@ -25,7 +25,7 @@ from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig
 from lungddpm.segmentation.datasets import EvalCase, TrainingCase, eval_set, nested_draw, whole_cases
 from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
 from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, train_arm
-from lungddpm.segmentation.nnunet_stages import cpu_autocast_trainer
+from lungddpm.segmentation.nnunet_stages import cpu_autocast_trainer, without_cpu_autocast
 
 EV = EvaluationConfig(
     connectivity=3, min_overlap_voxels=1, bootstrap=200, ci_level=0.95, paired_test="wilcoxon", seed=0
@@ -252,8 +252,8 @@ def _rois(workdir: Path, cases: list[str]) -> list[dict[str, str]]:
 def test_cpu_autocast_trainer_computes_in_bf16_and_hands_fp32_to_the_loss() -> None:
     """The trainer variant behind segmentation.cpu_precision: the network's convolutions run in bf16, its outputs
     (one tensor, or deep supervision's list) reach the loss in fp32, gradients and weights stay fp32, and neither
-    the class name (nnU-Net's folders) nor the state dict (its checkpoints) changes; removing the instance forward
-    restores fp32 for prediction."""
+    the class name (nnU-Net's folders) nor the state dict (its checkpoints) changes; without_cpu_autocast restores
+    fp32 for prediction."""
     import torch
 
     class Heads(torch.nn.Module):
@@ -279,7 +279,7 @@ def test_cpu_autocast_trainer_computes_in_bf16_and_hands_fp32_to_the_loss() -> N
     sum(o.sum() for o in out).backward()
     assert trainer.network.conv.weight.grad.dtype == torch.float32
     assert type(trainer).__name__ == "Base" and list(trainer.network.state_dict()) == ["conv.weight", "conv.bias"]
-    trainer.network.__dict__.pop("forward")
+    without_cpu_autocast(trainer.network)
     assert trainer.network(x)[0].dtype == torch.float32 and seen[-1] == torch.float32
 
 
