@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -48,6 +50,14 @@ def test_sampling_and_synthesis_never_import_the_training_loop() -> None:
     users = [*PACKAGE.glob("synthesis/*.py"), *(PACKAGE / "diffusion" / f for f in ("sample.py", "checkpoint.py"))]
     trainer = {"lungddpm.diffusion.train", "lungddpm.diffusion.jobs", "lungddpm.diffusion.data"}
     assert {str(p.relative_to(REPO)): sorted(imports_of(p) & trainer) for p in users if imports_of(p) & trainer} == {}
+
+
+def test_per_case_jobs_without_a_network_do_not_load_torch() -> None:
+    """torch costs ~1.3 s of import per job; the ROI, layout and lesion-metric jobs never run a network."""
+    modules = ["lungddpm.preprocessing.rois", "lungddpm.preprocessing.grid", "lungddpm.metrics.lesion"]
+    code = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
 
 
 def test_tests_share_helpers_through_support_only() -> None:

@@ -7,11 +7,14 @@ model's, and a checkpoint names which of the two its network expects.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..preprocessing.layout import LUNG, NODULE, check_labels
+
+if TYPE_CHECKING:  # torch is not needed at run time: the ROI and metric jobs import this module without it
+    import torch
 
 
 def hu_to_model(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
