@@ -265,6 +265,7 @@ class TrainConfig:
     balance_textures: bool = False
     context_free_diameter_mm: tuple[float, float] = (5.0, 15.0)
     context_outside_weight: float = 1.0
+    crop: int = 0
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ CI_CONFIG = {
             "cond_dropout": 0.1,
             "balance_textures": True,
             "flip": True,
+            "crop": 8,  # the demo's crop path (16^3 windows of its 32^3 ROIs) at CI size
         },
         "insert": {"diameter_mm": [3, 12], "margin_mm": 5.0, "feather_mm": 2.5},
         "sample": {"steps": 3, "batch_size": 4, "precision": "bf16"},

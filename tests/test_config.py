@@ -90,3 +90,31 @@ def test_the_packaged_schema_is_the_workflow_schema() -> None:
     """lungddpm/schema.yaml (the installed wheel's copy) is a link to config/schema.yaml, never a diverging copy."""
     packaged = REPO / "lungddpm/schema.yaml"
     assert packaged.is_symlink() and packaged.resolve() == (REPO / "config/schema.yaml").resolve()
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_paper_config_is_the_same_through_snakemake_merged_over_the_demo() -> None:
+    """``snakemake --configfile config/paper.yaml`` merges paper.yaml over the Snakefile's config/config.yaml, so a
+    key that only the demo sets (the demo's tiny nnU-Net, its lesion crops) would leak into a paper run."""
+    import copy
+
+    import yaml
+    from snakemake.utils import update_config
+
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    paper = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    root = {"data": {"dicom_root": "/data/LIDC-IDRI"}}
+    merged = copy.deepcopy(demo)
+    update_config(merged, paper)
+    update_config(merged, root)
+    update_config(paper, root)
+    for cfg in (merged, paper):
+        cfg["data"].pop("demo", None)  # the phantom's settings: read only when data.source is demo
+    alone, through = _leaves(validate_config(paper)), _leaves(validate_config(merged))
+    assert {k: (through[k], alone.get(k)) for k in through if through[k] != alone.get(k)} == {}

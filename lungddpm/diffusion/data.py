@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..errors import LungDDPMError
 from ..preprocessing.layout import read_case_pair
@@ -77,10 +78,13 @@ class StepBatches(torch.utils.data.Dataset):
         cond_dropout: float = 0.0,
         flip: bool = False,
         balance: bool = False,
+        crop: int = 0,
     ) -> None:
         self.data, self.seed, self.micro, self.world, self.rank = data, seed, micro, world, rank
         self.accum, self.timesteps, self.first, self.last = accum, timesteps, first_step, last_step
-        self.cond_dropout, self.flip = cond_dropout, flip
+        self.cond_dropout, self.flip, self.crop = cond_dropout, flip, crop
+        if crop and (any(crop > s for s in data.images.shape[2:])):
+            raise LungDDPMError(f"train.crop {crop} is larger than the training grid {tuple(data.images.shape[2:])}")
         self.probs = None
         if balance and data.groups is not None:  # each group equally often
             groups = np.asarray(data.groups)
@@ -110,8 +114,12 @@ class StepBatches(torch.utils.data.Dataset):
             for j in idx:
                 g = torch.Generator().manual_seed(_seed(self.seed, step, j))
                 ts.append(torch.randint(0, self.timesteps, (1,), generator=g))
-                noises.append(torch.randn(self.data.images.shape[1:], generator=g))
-                samples.append(self._augment(int(cases[j]), g))
+                noise = torch.randn(self.data.images.shape[1:], generator=g)
+                sample = self._augment(int(cases[j]), g)
+                if self.crop:
+                    sample, noise = self._crop({**sample, "noise": noise}, g)
+                noises.append(noise)
+                samples.append(sample)
             batch = {k: torch.stack([smp[k] for smp in samples]) for k in samples[0]}
             out.append({**batch, "t": torch.cat(ts), "noise": torch.stack(noises)})
         return out
@@ -132,3 +140,12 @@ class StepBatches(torch.utils.data.Dataset):
             if dims:
                 sample = {k: v.flip(dims) for k, v in sample.items()}
         return sample
+
+    def _crop(self, sample: dict[str, Tensor], g: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
+        """The same random ``crop``³ window of every tensor [C, D, H, W] (drawn last, uniform over the grid) ->
+        (the sample, its noise [1, c, c, c])."""
+        c = self.crop
+        lo = [int(torch.randint(0, n - c + 1, (1,), generator=g)) for n in sample["x0"].shape[1:]]
+        win = (slice(None), *(slice(a, a + c) for a in lo))
+        out = {k: v[win] for k, v in sample.items()}
+        return out, out.pop("noise")

@@ -165,10 +165,10 @@ def train(
     model = build_model(cfg, tc.seed).to(device)
     n_params = count_parameters(model)
     diffusion = GaussianDiffusion(DiffusionConfig(**cfg.diffusion))
-    if any(s % model.downsampling for s in data.images.shape[2:]):
+    if tc.crop % model.downsampling or any(s % model.downsampling for s in data.images.shape[2:]):
         raise LungDDPMError(
-            f"grid {tuple(data.images.shape[2:])} is not a multiple of {model.downsampling}; "
-            "change preprocess.size or model.channel_mult"
+            f"grid {tuple(data.images.shape[2:])} or train.crop {tc.crop} is not a multiple of "
+            f"{model.downsampling}; change preprocess.size, train.crop or model.channel_mult"
         )
     memory_format = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -212,6 +212,7 @@ def train(
         tc.cond_dropout,
         tc.flip,
         tc.balance_textures,
+        tc.crop,
     )
     loader = torch.utils.data.DataLoader(
         batches,

@@ -217,6 +217,34 @@ def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None
     assert all(torch.equal(a, b) for a, b in zip(sb[17][0].values(), again[17][0].values()))
 
 
+def test_step_batches_crop_one_window_of_every_tensor_and_keep_timesteps() -> None:
+    from lungddpm.diffusion.data import StepBatches, TrainData
+    from lungddpm.errors import LungDDPMError
+
+    n, e = 3, 8
+    images = torch.arange(n * e**3, dtype=torch.float32).reshape(n, 1, e, e, e)  # a voxel's value = its index
+    data = TrainData(images, torch.cat([images, -images], 1), ("a", "b", "c"), images * 2)
+    full = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 20, flip=True)
+    cropped = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 20, flip=True, crop=4)
+    corners = set()
+    for i in range(20):
+        a, b = full[i][0], cropped[i][0]
+        assert b["x0"].shape == b["noise"].shape == b["weight"].shape == (4, 1, 4, 4, 4)
+        assert torch.equal(a["t"], b["t"])  # the crop is drawn last: timesteps and noise draws unchanged
+        assert torch.equal(b["layout"], torch.cat([b["x0"], -b["x0"]], 1)) and torch.equal(b["weight"], 2 * b["x0"])
+        for j in range(4):
+            # find the window in the full (flipped) sample by the voxel values; the noise is the same window
+            hits = [(z, y, x) for z in range(5) for y in range(5) for x in range(5)
+                    if torch.equal(a["x0"][j, :, z:z + 4, y:y + 4, x:x + 4], b["x0"][j])]  # fmt: skip
+            assert len(hits) == 1
+            z, y, x = hits[0]
+            assert torch.equal(a["noise"][j, :, z : z + 4, y : y + 4, x : x + 4], b["noise"][j])
+            corners.add(hits[0])
+    assert len(corners) > 20  # windows are spread over the grid
+    with pytest.raises(LungDDPMError, match="train.crop 16 is larger than the training grid"):
+        StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 20, crop=16)
+
+
 def test_lesion_plan_items_are_seeded_per_case() -> None:
     from lungddpm.synthesis.plan import lesion_plan, shard
 
