@@ -48,6 +48,7 @@ rule segment_prepare:
         "logs/segment_prepare/{arm}_seed{seed}.log",
     benchmark:
         "benchmarks/segment_prepare/{arm}_seed{seed}.tsv"
+    priority: 5  # before the whole-volume chain: both arms prepare first, then train side by side (demo: 2 x 1 core)
     threads: min(SEG.processes, workflow.cores)
     resources:
         mem_mb=4000,
@@ -74,6 +75,7 @@ rule segment_train:
         "logs/segment_train/{arm}_seed{seed}_fold{fold}.log",
     benchmark:
         "benchmarks/segment_train/{arm}_seed{seed}_fold{fold}.tsv"
+    priority: 5
     threads: SEG_THREADS
     resources:
         mem_mb=8000,
