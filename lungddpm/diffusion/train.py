@@ -189,6 +189,7 @@ def train(
         if device.type == "cuda" and ckpt["rng_cuda"]:
             torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
         start = int(ckpt["step"])
+        _check_resume(ckpt, cfg, state_dir)
     elif tc.resume == "never" and dist.is_main:
         for old in step_checkpoints(state_dir):
             old.unlink()
@@ -348,6 +349,24 @@ def _diverged(step: int, loss: float, grad_norm: float, state_dir: Path) -> Trai
         f"step {step}: loss {loss}, gradient norm {grad_norm} — not finite, so training stopped before this step "
         f"changed the weights; {last}. Lower train.lr, keep train.grad_clip > 0, prefer train.precision fp32 or "
         "bf16 to fp16, and check the training CTs for NaN voxels"
+    )
+
+
+def _check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
+    """Refuse a checkpoint past ``train.steps``; name the training settings that changed since it was written."""
+    step, steps = int(ckpt["step"]), cfg.train.steps
+    if step > steps:
+        raise LungDDPMError(
+            f"{state_dir}: the newest checkpoint is at step {step}, past train.steps {steps}; raise train.steps to "
+            f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
+        )
+    before = (ckpt.get("config") or {}).get("train", {})
+    changed = sorted(k for k, v in cfg.raw["train"].items() if k != "steps" and k in before and before[k] != v)
+    log.info(
+        "resuming from %s step %d%s",
+        state_dir,
+        step,
+        f"; train settings changed since: {', '.join(changed)}" if changed else "",
     )
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from lungddpm.diffusion.jobs import make_job, run_job
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.train import train
 from lungddpm.diffusion.unet import UNet3D, UNetConfig
+from lungddpm.errors import LungDDPMError
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
@@ -76,7 +78,7 @@ def _states_equal(a: dict, b: dict) -> bool:
     return a == b
 
 
-def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
+def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(steps=20, checkpoint_every=10)
     train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)
     first = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2, stop_after=10)
@@ -90,6 +92,13 @@ def test_resume_is_bit_for_bit(tmp_path: Path) -> None:
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 20
     again = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)  # finished: nothing left to train
     assert again.step == 20 and again.final_loss == float(log_a[-1]["loss"])  # the logged loss, not NaN
+    # fewer steps than the newest checkpoint: refused with the way out, never a silently longer model
+    with pytest.raises(LungDDPMError, match=r"sa: the newest checkpoint is at step 20, past train.steps 15; raise"):
+        train(tiny_data(), tiny_config(steps=15, checkpoint_every=10), tmp_path / "c", tmp_path / "sa", threads=2)
+    assert not (tmp_path / "c").exists()
+    caplog.set_level(logging.INFO, logger="lungddpm.diffusion.train")
+    train(tiny_data(), tiny_config(steps=21, checkpoint_every=10, lr=1e-4), tmp_path / "a", tmp_path / "sa", threads=2)
+    assert "resuming from " in caplog.text and "step 20; train settings changed since: lr" in caplog.text
 
 
 class Payload:
