@@ -362,12 +362,8 @@ def _check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
         )
     before = (ckpt.get("config") or {}).get("train", {})
     changed = sorted(k for k, v in cfg.raw["train"].items() if k != "steps" and k in before and before[k] != v)
-    log.info(
-        "resuming from %s step %d%s",
-        state_dir,
-        step,
-        f"; train settings changed since: {', '.join(changed)}" if changed else "",
-    )
+    if changed:
+        log.info("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
 
 
 def _state(

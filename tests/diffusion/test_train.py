@@ -96,9 +96,10 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     with pytest.raises(LungDDPMError, match=r"sa: the newest checkpoint is at step 20, past train.steps 15; raise"):
         train(tiny_data(), tiny_config(steps=15, checkpoint_every=10), tmp_path / "c", tmp_path / "sa", threads=2)
     assert not (tmp_path / "c").exists()
-    caplog.set_level(logging.INFO, logger="lungddpm.diffusion.train")
+    caplog.set_level(logging.INFO, logger="lungddpm.diffusion")
     train(tiny_data(), tiny_config(steps=21, checkpoint_every=10, lr=1e-4), tmp_path / "a", tmp_path / "sa", threads=2)
-    assert "resuming from " in caplog.text and "step 20; train settings changed since: lr" in caplog.text
+    assert "step_0000020.pt (step 20)" in caplog.text
+    assert "train settings changed since the checkpoint of step 20: lr\n" in caplog.text
 
 
 class Payload:
