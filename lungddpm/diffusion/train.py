@@ -180,6 +180,7 @@ def train(
     start = 0
     ckpt = find_resume_checkpoint(state_dir, expected) if tc.resume == "auto" else None
     if ckpt is not None:
+        _check_resume(ckpt, cfg, state_dir)
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -189,7 +190,6 @@ def train(
         if device.type == "cuda" and ckpt["rng_cuda"]:
             torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
         start = int(ckpt["step"])
-        _check_resume(ckpt, cfg, state_dir)
     elif tc.resume == "never" and dist.is_main:
         for old in step_checkpoints(state_dir):
             old.unlink()
@@ -360,7 +360,7 @@ def _check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
             f"{state_dir}: the newest checkpoint is at step {step}, past train.steps {steps}; raise train.steps to "
             f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
         )
-    before = (ckpt.get("config") or {}).get("train", {})
+    before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
     changed = sorted(k for k, v in cfg.raw["train"].items() if k != "steps" and k in before and before[k] != v)
     if changed:
         log.info("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
