@@ -13,12 +13,21 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 src=${LUNG_DDPM:-peers/Lung-DDPM}
-# without an install: this checkout, plus pure-Python dependencies the machine may lack, prepared elsewhere with
-# `pip install --no-deps --target peers/site diffusers jsonschema ...` and carried along (peers/ is git-ignored)
+# without an install: this checkout, plus the dependencies the machine lacks, carried along in the git-ignored peers/:
+# wheels in peers/whl (`pip download --no-deps --only-binary=:all: --python-version 3.12 --platform ... -d
+# peers/whl diffusers jsonschema referencing jsonschema-specifications rpds-py simpleitk`, README: Speed), installed
+# here into a temporary folder where they are missing, or an installed tree in peers/site
+py=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d peers/site ]; then export PYTHONPATH="$PWD/peers/site:$PYTHONPATH"; fi
+if [ -d peers/whl ] && ! "$py" -c "import diffusers, jsonschema, SimpleITK" 2>/dev/null; then
+  site=$(mktemp -d)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" peers/whl/*.whl \
+    || { echo "gpu.sh: the wheels in peers/whl do not install (above)" >&2; exit 2; }
+  export PYTHONPATH="$site:$PYTHONPATH"
+fi
 # the dependencies, checked once: versions to stderr, the device's name (the tables' folder) to stdout
-gpu=$(python -c "import sys, torch, diffusers, jsonschema, yaml
+gpu=$("$py" -c "import sys, torch, diffusers, jsonschema, yaml
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, name, file=sys.stderr)
 print(name.replace(' ', '_'))") \
@@ -36,7 +45,7 @@ phase() {
   shift
   if [ "$left" -lt 30 ]; then echo "gpu.sh: $table $* not run: the ${budget} s budget is spent" >&2; failed=1; return; fi
   echo "gpu.sh: $table at ${grid}³, batch $batch: $* (${left} s left)" >&2
-  timeout -s INT -k 10 "$left" python -m lungddpm.cli bench speed --lung-ddpm "$src" --steps "${STEPS:-6}" \
+  timeout -s INT -k 10 "$left" "$py" -m lungddpm.cli bench speed --lung-ddpm "$src" --steps "${STEPS:-6}" \
     --channels "${CHANNELS:-64}" --sizes "$grid" --batch-sizes "$batch" --out "$out/$table" "${extra[@]}" --modes "$@"
   local rc=$?
   if [ "$rc" -ne 0 ]; then echo "gpu.sh: $table $*: exit $rc (124: cut at the budget)" >&2; failed=1; fi

@@ -210,7 +210,9 @@ def load_lesion_model(
             f"{checkpoint}: not a lesion-scale model (its grid is not lesion.roi's); point lesion at the checkpoint "
             "that train_lesion wrote (results/models/lesion/<lesion.train.name>/checkpoint.pt)"
         )
-    return model.to(device), GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
+    model = model.to(device)
+    net = torch.compile(model) if sc["compile"] else model  # the first batch pays the compile
+    return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
 
 
 def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
@@ -225,7 +227,8 @@ def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
 
 def run_settings(cfg: Config, ckpt_sha: str) -> dict[str, Any]:
     """What an item's files depend on (a rerun redoes items whose provenance disagrees)."""
-    return {"checkpoint_sha256": ckpt_sha, "sample": cfg.raw["lesion"]["sample"] | {"shards": None},
+    sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
+    return {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
             "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
 
 

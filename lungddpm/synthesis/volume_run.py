@@ -116,6 +116,8 @@ def synthesize_shard(
     dtype = resolve_precision(sc["precision"], device)
     model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
     model = model.to(device)
+    if sc["compile"]:  # the paper config on a GPU (README: Speed); the first batch pays the compile
+        model = torch.compile(model)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
     ckpt_sha = file_sha256(checkpoint)

@@ -295,6 +295,28 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
         load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True})
 
 
+def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provenance(tmp_path) -> None:
+    """lesion.sample.compile: the same weights behind torch.compile (lazy: compiling starts at the first call), and
+    items inpainted either way count as done (compile is how, not what, as shards)."""
+    from lungddpm.synthesis.lesion import load_lesion_model, run_settings
+
+    model, _ = _tiny_model()
+    weights = model.state_dict()
+    ckpt = {"ema": weights, "model": weights, "unet": dict(vars(model.cfg)), "size": [16] * 3}
+    ckpt |= {"hu_window": [-1000, 400], "diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": {"size": 16}}}}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    eager, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": False})
+    net, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
+    assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) and not isinstance(eager, type(net))
+    inner = net._orig_mod.state_dict()
+    assert all(torch.equal(inner[k], v) for k, v in weights.items())
+    cfgs = [load_config("config/config.yaml", {"lesion": {"sample": {"compile": c}}}) for c in (False, True)]
+    assert (
+        run_settings(cfgs[0], "x") == run_settings(cfgs[1], "x")
+        and "compile" not in run_settings(cfgs[1], "x")["sample"]
+    )
+
+
 def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:
     from dataclasses import replace
 
