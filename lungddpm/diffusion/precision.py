@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import LungDDPMError
+
+log = logging.getLogger(__name__)
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 dot-product instructions
 
@@ -38,3 +44,52 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+CONV_GRAD_TOLERANCE = 0.05  # bf16's own error on these probes is about 4e-3; a wrong kernel is off by ~1 or not finite
+PROBE_MAX_EDGE = 6  # probe shapes are capped at this many voxels per axis, so the float64 reference stays cheap
+
+
+@functools.cache
+def bf16_conv_grad_error(shape: tuple[int, int, int], channels: int) -> float:
+    """This CPU's bf16 weight gradient of a 3x3x3 convolution (padding 1) on a (2, channels, *shape) input: its
+    largest error against float64, relative to the largest value (nan = not finite). oneDNN in torch 2.14 on an
+    AVX512-BF16 CPU returns garbage when the depth is 2 (README: Mixed precision)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, *shape, generator=g)
+    dy = torch.randn(2, channels, *shape, generator=g)
+    w = (channels, channels, 3, 3, 3)
+    ref = torch.nn.grad.conv3d_weight(x.double(), w, dy.double(), padding=1)
+    got = torch.nn.grad.conv3d_weight(x.bfloat16(), w, dy.bfloat16(), padding=1).double()
+    err = float((got - ref).abs().max() / ref.abs().max())
+    return err if torch.isfinite(got).all() else float("nan")
+
+
+def checked_cpu_bf16(
+    dtype: torch.dtype | None,
+    device: torch.device,
+    levels: Sequence[tuple[tuple[int, int, int], int]],
+    precision: str,
+    probe: Callable[[tuple[int, int, int], int], float] = bf16_conv_grad_error,
+) -> torch.dtype | None:
+    """``dtype`` for training, unless this CPU's bf16 convolution gradients are wrong at one of the UNet's
+    ``levels`` ((D, H, W) grid, channels) each: then fp32 for ``precision: auto`` (with a warning), an error for an
+    explicit ``bf16``. GPUs and fp32 / fp16 pass unchecked."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return dtype
+    for shape, channels in levels:
+        capped = tuple(min(s, PROBE_MAX_EDGE) for s in shape)
+        err = probe(capped, channels)  # type: ignore[arg-type]
+        if err <= CONV_GRAD_TOLERANCE:  # False for nan
+            continue
+        why = (
+            f"this CPU's bf16 convolution gradients are wrong on a UNet level of {shape[0]}x{shape[1]}x{shape[2]} "
+            f"voxels and {channels} channels (relative error {err:.2g} against float64; bf16's own is about 4e-3, "
+            "a oneDNN fault with a depth of 2)"
+        )
+        fix = "choose preprocess.size / train.crop / model.channel_mult so that no level has a depth of 2"
+        if precision == "auto":
+            log.warning("%s: training in fp32 instead; to train in bf16, %s", why, fix)
+            return None
+        raise LungDDPMError(f"{why}; set train.precision (lesion.train.precision) to auto or fp32, or {fix}")
+    return dtype

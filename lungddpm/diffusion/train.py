@@ -33,7 +33,7 @@ from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_c
 from .data import StepBatches, TrainData
 from .distributed import all_mean, barrier, setup_distributed
 from .encoding import model_to_hu
-from .precision import autocast, resolve_precision
+from .precision import autocast, checked_cpu_bf16, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, count_parameters, unet_config_from_dict
 
@@ -170,6 +170,9 @@ def train(
             f"grid {tuple(data.images.shape[2:])} or train.crop {tc.crop} is not a multiple of "
             f"{model.downsampling}; change preprocess.size, train.crop or model.channel_mult"
         )
+    grid = (tc.crop,) * 3 if tc.crop else tuple(data.images.shape[2:])
+    levels = [(tuple(s >> i for s in grid), model.cfg.model_channels * m) for i, m in enumerate(model.cfg.channel_mult)]
+    dtype = checked_cpu_bf16(dtype, device, levels, tc.precision)  # type: ignore[arg-type]
     memory_format = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

@@ -202,3 +202,27 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.Mo
     precision.cpu_has_native_bf16.cache_clear()
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
     assert precision.cpu_has_native_bf16() == any(f in flags for f in precision.NATIVE_BF16_FLAGS)  # this machine
+
+
+def test_bf16_training_falls_back_or_stops_where_the_cpus_conv_gradients_are_wrong(caplog) -> None:
+    """The probe on this machine (a level without a depth of 2 is right everywhere), and the decision per result:
+    a wrong level makes auto train in fp32 with a warning, an explicit bf16 stop naming the fix."""
+    assert precision.bf16_conv_grad_error((4, 4, 4), 32) < 1e-2  # bf16's own error, on any CPU
+    cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    levels = [((16, 16, 16), 16), ((8, 8, 8), 32), ((2, 4, 4), 64)]
+    seen: list[tuple[tuple[int, int, int], int]] = []
+
+    def wrong_at_depth_2(shape: tuple[int, int, int], channels: int) -> float:
+        seen.append((shape, channels))
+        return float("nan") if shape[0] == 2 else 4e-3
+
+    assert precision.checked_cpu_bf16(bf16, cpu, levels[:2], "auto", wrong_at_depth_2) is bf16
+    assert seen == [((6, 6, 6), 16), ((6, 6, 6), 32)]  # capped at PROBE_MAX_EDGE voxels per axis
+    with caplog.at_level("WARNING"):
+        assert precision.checked_cpu_bf16(bf16, cpu, levels, "auto", wrong_at_depth_2) is None
+    assert "2x4x4 voxels and 64 channels" in caplog.text and "training in fp32 instead" in caplog.text
+    with pytest.raises(LungDDPMError, match=r"relative error nan.*train.precision \(lesion.train.precision\) to auto"):
+        precision.checked_cpu_bf16(bf16, cpu, levels, "bf16", wrong_at_depth_2)
+    n = len(seen)  # a GPU, fp32 and fp16 are not probed
+    assert precision.checked_cpu_bf16(bf16, gpu, levels, "auto", wrong_at_depth_2) is bf16
+    assert precision.checked_cpu_bf16(None, cpu, levels, "fp32", wrong_at_depth_2) is None and len(seen) == n

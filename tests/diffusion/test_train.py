@@ -167,3 +167,28 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     # agree to a few learning-rate steps while the loss trajectory agrees to 1e-4
     assert all(torch.allclose(wa[k], wb[k], atol=4 * 2e-3) for k in wa)
     assert np.mean([float((wa[k] - wb[k]).abs().mean()) for k in wa]) < 1e-4
+
+
+def test_cpu_bf16_training_probes_the_convolution_gradients_of_its_levels(tmp_path: Path, caplog) -> None:
+    """A 16³ grid with four levels has a 2x2x2 level of 32 channels: where this CPU's bf16 convolution gradients
+    are wrong there (oneDNN on AVX512-BF16), an explicit bf16 stops with the fix and auto trains in fp32."""
+    from lungddpm.config import Config, validate_config
+    from lungddpm.diffusion import precision
+
+    def cfg(prec: str) -> Config:
+        model = {**TINY_MODEL, "channel_mult": [1, 2, 4, 4], "attention_resolutions": []}
+        tr = {"steps": 2, "checkpoint_every": 2, "preview_every": 0, "preview_sampler_steps": 2, "precision": prec}
+        return Config.from_dict(validate_config({"preprocess": {"size": [16, 16, 16]}, "model": model, "train": tr}))
+
+    wrong = not precision.bf16_conv_grad_error((2, 2, 2), 32) <= precision.CONV_GRAD_TOLERANCE  # on this machine
+    if wrong:
+        with pytest.raises(LungDDPMError, match=r"2x2x2 voxels and 32 channels.*auto or fp32, or choose"):
+            train(tiny_data(), cfg("bf16"), tmp_path / "a", tmp_path / "sa", threads=2)
+        assert not (tmp_path / "a").exists()
+    else:
+        assert train(tiny_data(), cfg("bf16"), tmp_path / "a", tmp_path / "sa", threads=2).step == 2
+    with caplog.at_level(logging.INFO):
+        assert train(tiny_data(), cfg("auto"), tmp_path / "b", tmp_path / "sb", threads=2).step == 2
+    native = precision.cpu_has_native_bf16()
+    assert ("training in fp32 instead" in caplog.text) == (wrong and native)
+    assert ("bfloat16" in caplog.text) == (native and not wrong)  # the run's precision, as logged
