@@ -9,6 +9,8 @@
 # and a checkout of Manem-Lab/Lung-DDPM at $LUNG_DDPM (default peers/Lung-DDPM, git-ignored: `carry` it along).
 # Tables: $OUT_DIR/{whole,max,lesion}/speed.{md,json}, OUT_DIR defaulting to benchmarks/speed/<gpu>
 # (on the device machine: OUT_DIR=$OUT/speed so that they come back).
+# PHASES="3 5 6" runs only those phases (numbered 1-6 below): a second call on the still-warm machine finishes what
+# the first call's budget cut (a machine idle for 30 s is given back, so send the second call at once).
 # CPU dry run: SIZE=16 CHANNELS=32 MAX=2 LESION_SIZE=16 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +38,11 @@ out=${OUT_DIR:-benchmarks/speed/$gpu}
 size=${SIZE:-128}
 budget=${BUDGET_S:-540}
 failed=0
+n=0
 # phase TABLE SIZE BATCH [extra args] -- MODES...: one process, cut at the budget's end
 phase() {
+  n=$((n + 1))
+  case " ${PHASES:-1 2 3 4 5 6} " in *" $n "*) ;; *) return ;; esac  # PHASES: which to run, by number
   local table=$1 grid=$2 batch=$3 left=$((budget - SECONDS))
   shift 3
   local extra=()
