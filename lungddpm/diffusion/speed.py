@@ -201,6 +201,8 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     if mode.compile != "off":  # on the initial weights, before any optimizer step can have changed them
         inputs = (data["x0"], data["t"], data["layout"])
         row["max_rel_diff_vs_eager"] = compiled_difference(eager.eval(), net, inputs, device, dtype)
+        if dtype is not None:  # is compiling within the precision's own error here?
+            row["eager_vs_fp32"], row["compiled_vs_fp32"] = fp32_differences(eager, net, inputs, device, dtype)
     step = _train_step(mode, net, eager, diffusion, data, device, dtype)
     t0 = time.perf_counter()
     try:
@@ -264,6 +266,20 @@ def compiled_difference(
     if not torch.isfinite(ref).all():
         raise LungDDPMError("speed: the eager forward is not finite; the comparison means nothing")
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))  # nan: the compiled one is not finite
+
+
+def fp32_differences(
+    eager: nn.Module, compiled: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[float, float]:  # fmt: skip
+    """(eager, compiled) forward under ``dtype`` autocast against the eager fp32 one: largest |difference| over the
+    largest |fp32| value. The first is the precision's own error on this device, the yardstick for the second."""
+    with torch.no_grad():
+        ref = eager(*inputs).float()
+        with autocast(device, dtype):
+            low, got = eager(*inputs).float(), compiled(*inputs).float()
+    scale = ref.abs().max().clamp_min(1e-12)
+    return float((low - ref).abs().max() / scale), float((got - ref).abs().max() / scale)
 
 
 def _train_step(
@@ -346,10 +362,11 @@ def merge_rows(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> 
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (seconds; MB; a compiled mode's largest difference from its eager forward)."""
+    """The rows as a Markdown table (seconds; MB; a compiled mode's largest difference from its eager forward, and
+    both against fp32)."""
     steps = sorted({r["sampler_steps"] for r in rows})
     head = ["grid", "batch", "mode", "train step s", "forward s", f"DPM-Solver++-{'/'.join(map(str, steps))} s/volume",
-            "peak train MB", "peak sample MB", "compiled vs eager"]  # fmt: skip
+            "peak train MB", "peak sample MB", "compiled vs eager", "vs fp32: eager / compiled"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     keys = ("train_step_s", "forward_s", "sample_volume_s", "peak_train_mb", "peak_sample_mb")
     for r in rows:
@@ -357,7 +374,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         mode = r["mode"] + (f", guidance {r['guidance']:g}" if r.get("guidance", 1.0) != 1.0 else "")
         mode += "" if r.get("weights_finite", True) and r.get("forward_finite", True) else " (NOT FINITE)"
         values = ["fails" if r[k] is None else r[k] for k in keys]
-        cells = [f"{r['size']}³", r["batch"], mode, *values, "" if diff is None else f"{diff:.1e}"]
+        low, comp = r.get("eager_vs_fp32"), r.get("compiled_vs_fp32")
+        vs32 = "" if low is None else f"{low:.1e} / {comp:.1e}"
+        cells = [f"{r['size']}³", r["batch"], mode, *values, "" if diff is None else f"{diff:.1e}", vs32]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

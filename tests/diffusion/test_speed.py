@@ -24,6 +24,7 @@ from lungddpm.diffusion.speed import (
     Mode,
     build_pair,
     compiled_difference,
+    fp32_differences,
     largest_batch,
     markdown_table,
     merge_rows,
@@ -127,6 +128,9 @@ def test_compiled_forward_matches_eager_without_graph_breaks() -> None:
     cpu = torch.device("cpu")
     assert compiled_difference(model, compiled, inputs, cpu, torch.bfloat16) < 2e-2  # bf16: 8 mantissa bits
     assert compiled_difference(model, lambda *a: model(*a) * 1.05, inputs, cpu, torch.bfloat16) > 3e-2  # can fail
+    low, comp = fp32_differences(model, compiled, inputs, cpu, torch.bfloat16)  # bf16's own error, the yardstick
+    assert 1e-4 < low < 2e-2 and comp < 2 * low + 1e-3
+    assert fp32_differences(model, lambda *a: model(*a) * 1.05, inputs, cpu, torch.bfloat16)[1] > 4e-2
 
 
 def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path) -> None:
@@ -135,11 +139,14 @@ def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path) -> None:
     for key in ("train_step_s", "forward_s", "sample_volume_s", "peak_train_mb", "peak_sample_mb"):
         assert row[key] > 0, key
     assert row["mode"] == "ours fp32" and row["batch"] == 1 and row["peak_memory_kind"] == "process max RSS"
-    table = markdown_table([{**row, "mode": "ours bf16 compile=default", "max_rel_diff_vs_eager": 3e-3}, row])
+    compiled = {"mode": "ours bf16 compile=default", "max_rel_diff_vs_eager": 3e-3, "eager_vs_fp32": 4e-3}
+    table = markdown_table([{**row, **compiled, "compiled_vs_fp32": 5e-3}, row])
     lines = table.splitlines()
     assert lines[0].startswith("| grid | batch | mode | train step s") and "DPM-Solver++-2 s/volume" in lines[0]
-    assert lines[2].startswith("| 16³ | 1 | ours bf16 compile=default |") and lines[2].endswith("| 3.0e-03 |")
-    assert lines[3].endswith("|  |")
+    assert lines[2].startswith("| 16³ | 1 | ours bf16 compile=default |") and lines[2].endswith(
+        "| 3.0e-03 | 4.0e-03 / 5.0e-03 |"
+    )
+    assert lines[3].endswith("|  |  |")
 
 
 def test_cli_writes_the_table_and_refuses_a_missing_checkout(checkout: Path, tmp_path: Path) -> None:
