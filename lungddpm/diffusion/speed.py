@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import LungDDPMError
 from .bench import device_name, peak_memory_mb
 from .convert import original_state_to_ours
-from .precision import autocast, resolve_precision
+from .precision import autocast, compiled_difference, fp32_differences, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig, count_parameters
 
@@ -251,35 +251,6 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
     row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process max RSS"
     return row
-
-
-def compiled_difference(
-    eager: nn.Module,
-    compiled: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> float:
-    """Largest |compiled - eager| over the largest |eager| of one no-grad forward, same weights and precision."""
-    with torch.no_grad(), autocast(device, dtype):
-        ref, got = eager(*inputs).float(), compiled(*inputs).float()
-    if not torch.isfinite(ref).all():
-        raise LungDDPMError("speed: the eager forward is not finite; the comparison means nothing")
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))  # nan: the compiled one is not finite
-
-
-def fp32_differences(
-    eager: nn.Module, compiled: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[float, float]:  # fmt: skip
-    """(eager, compiled) forward under ``dtype`` autocast against the eager fp32 one: largest |difference| over the
-    largest |fp32| value. The first is the precision's own error on this device, the yardstick for the second."""
-    with torch.no_grad():
-        ref = eager(*inputs).float()
-        with autocast(device, dtype):
-            low, got = eager(*inputs).float(), compiled(*inputs).float()
-    scale = ref.abs().max().clamp_min(1e-12)
-    return float((low - ref).abs().max() / scale), float((got - ref).abs().max() / scale)
 
 
 def _train_step(

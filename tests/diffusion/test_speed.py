@@ -19,12 +19,11 @@ from conftest import REPO
 from support import randomise
 
 from lungddpm.diffusion import precision
+from lungddpm.diffusion.precision import compiled_difference, fp32_differences
 from lungddpm.diffusion.speed import (
     Case,
     Mode,
     build_pair,
-    compiled_difference,
-    fp32_differences,
     largest_batch,
     markdown_table,
     merge_rows,
