@@ -12,13 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lungddpm.diffusion.precision import autocast
+from lungddpm.diffusion.precision import forward_differences
 from lungddpm.diffusion.speed import Case, _inputs, build_pair
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference of ``a`` from ``b``, relative to ``b``'s largest magnitude."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 def main() -> None:
@@ -34,12 +29,10 @@ def main() -> None:
     for size in args.sizes:
         d = _inputs(Case(size=size, batch=1), device, torch.contiguous_format)
         x = (d["x0"], d["t"], d["layout"])
-        with torch.no_grad():
-            fp32 = net(*x)
-            with autocast(device, torch.bfloat16):
-                bf16, comp = net(*x), compiled(*x)
-        print(f"{device.type} {size}³: eager bf16 vs fp32 {rel(bf16, fp32):.2e}; compiled bf16 vs fp32 "
-              f"{rel(comp, fp32):.2e}; compiled vs eager bf16 {rel(comp, bf16):.2e}", flush=True)  # fmt: skip
+        diff = forward_differences(net, compiled, x, device, torch.bfloat16)
+        print(f"{device.type} {size}³: eager bf16 vs fp32 {diff['eager_vs_fp32']:.2e}; compiled bf16 vs fp32 "
+              f"{diff['compiled_vs_fp32']:.2e}; compiled vs eager bf16 {diff['max_rel_diff_vs_eager']:.2e}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

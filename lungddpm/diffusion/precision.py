@@ -97,30 +97,28 @@ def checked_cpu_bf16(
     return dtype
 
 
-def compiled_difference(
+def forward_differences(
     eager: nn.Module,
-    compiled: nn.Module,
+    compiled: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
     device: torch.device,
     dtype: torch.dtype | None,
-) -> float:
-    """Largest |compiled - eager| over the largest |eager| of one no-grad forward, same weights and precision."""
-    with torch.no_grad(), autocast(device, dtype):
-        ref, got = eager(*inputs).float(), compiled(*inputs).float()
-    if not torch.isfinite(ref).all():
-        raise LungDDPMError("speed: the eager forward is not finite; the comparison means nothing")
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))  # nan: the compiled one is not finite
+) -> dict[str, float]:
+    """One no-grad forward each, as largest |difference| over the reference's largest |value|: the compiled network
+    against the eager one under ``dtype`` autocast (``max_rel_diff_vs_eager``; nan: the compiled one is not finite)
+    and, for a lower precision, both against the eager fp32 forward (``eager_vs_fp32``, the precision's own error on
+    this device and so the yardstick for ``compiled_vs_fp32``)."""
 
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
-def fp32_differences(
-    eager: nn.Module, compiled: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[float, float]:  # fmt: skip
-    """(eager, compiled) forward under ``dtype`` autocast against the eager fp32 one: largest |difference| over the
-    largest |fp32| value. The first is the precision's own error on this device, the yardstick for the second."""
     with torch.no_grad():
-        ref = eager(*inputs).float()
         with autocast(device, dtype):
             low, got = eager(*inputs).float(), compiled(*inputs).float()
-    scale = ref.abs().max().clamp_min(1e-12)
-    return float((low - ref).abs().max() / scale), float((got - ref).abs().max() / scale)
+        if not torch.isfinite(low).all():
+            raise LungDDPMError("speed: the eager forward is not finite; the comparison means nothing")
+        out = {"max_rel_diff_vs_eager": rel(got, low)}
+        if dtype is not None:
+            ref = eager(*inputs).float()
+            out |= {"eager_vs_fp32": rel(low, ref), "compiled_vs_fp32": rel(got, ref)}
+    return out

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import LungDDPMError
 from .bench import device_name, peak_memory_mb
 from .convert import original_state_to_ours
-from .precision import autocast, compiled_difference, fp32_differences, resolve_precision
+from .precision import autocast, forward_differences, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig, count_parameters
 
@@ -200,9 +200,7 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     data = _inputs(case, device, fmt)
     if mode.compile != "off":  # on the initial weights, before any optimizer step can have changed them
         inputs = (data["x0"], data["t"], data["layout"])
-        row["max_rel_diff_vs_eager"] = compiled_difference(eager.eval(), net, inputs, device, dtype)
-        if dtype is not None:  # is compiling within the precision's own error here?
-            row["eager_vs_fp32"], row["compiled_vs_fp32"] = fp32_differences(eager, net, inputs, device, dtype)
+        row |= forward_differences(eager.eval(), net, inputs, device, dtype)  # within the precision's own error?
     step = _train_step(mode, net, eager, diffusion, data, device, dtype)
     t0 = time.perf_counter()
     try:

@@ -19,7 +19,7 @@ from conftest import REPO
 from support import randomise
 
 from lungddpm.diffusion import precision
-from lungddpm.diffusion.precision import compiled_difference, fp32_differences
+from lungddpm.diffusion.precision import forward_differences
 from lungddpm.diffusion.speed import (
     Case,
     Mode,
@@ -125,11 +125,13 @@ def test_compiled_forward_matches_eager_without_graph_breaks() -> None:
     inputs = (torch.randn(1, 1, 8, 8, 8, generator=g), torch.tensor([7]), torch.randn(1, 2, 8, 8, 8, generator=g))
     compiled = torch.compile(model, fullgraph=True)
     cpu = torch.device("cpu")
-    assert compiled_difference(model, compiled, inputs, cpu, torch.bfloat16) < 2e-2  # bf16: 8 mantissa bits
-    assert compiled_difference(model, lambda *a: model(*a) * 1.05, inputs, cpu, torch.bfloat16) > 3e-2  # can fail
-    low, comp = fp32_differences(model, compiled, inputs, cpu, torch.bfloat16)  # bf16's own error, the yardstick
+    good = forward_differences(model, compiled, inputs, cpu, torch.bfloat16)
+    bad = forward_differences(model, lambda *a: model(*a) * 1.05, inputs, cpu, torch.bfloat16)
+    assert good["max_rel_diff_vs_eager"] < 2e-2  # bf16: 8 mantissa bits
+    assert bad["max_rel_diff_vs_eager"] > 3e-2  # can fail
+    low, comp = good["eager_vs_fp32"], good["compiled_vs_fp32"]  # bf16's own error, the yardstick
     assert 1e-4 < low < 2e-2 and comp < 2 * low + 1e-3
-    assert fp32_differences(model, lambda *a: model(*a) * 1.05, inputs, cpu, torch.bfloat16)[1] > 4e-2
+    assert bad["compiled_vs_fp32"] > 4e-2
 
 
 def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path) -> None:
