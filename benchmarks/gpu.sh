@@ -9,7 +9,7 @@
 # and a checkout of Manem-Lab/Lung-DDPM at $LUNG_DDPM (default peers/Lung-DDPM, git-ignored: `carry` it along).
 # Tables: $OUT_DIR/{whole,max,lesion}/speed.{md,json}, OUT_DIR defaulting to benchmarks/speed/<gpu>
 # (on the device machine: OUT_DIR=$OUT/speed so that they come back).
-# PHASES="3 5 6" runs only those phases (numbered 1-6 below): a second call on the still-warm machine finishes what
+# PHASES="3 5 6" runs only those phases (numbered 1-7 below): a second call on the still-warm machine finishes what
 # the first call's budget cut (a machine idle for 30 s is given back, so send the second call at once).
 # CPU dry run: SIZE=16 CHANNELS=32 MAX=2 LESION_SIZE=16 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
 set -uo pipefail
@@ -42,7 +42,7 @@ n=0
 # phase TABLE SIZE BATCH [extra args] -- MODES...: one process, cut at the budget's end
 phase() {
   n=$((n + 1))
-  case " ${PHASES:-1 2 3 4 5 6} " in *" $n "*) ;; *) return ;; esac  # PHASES: which to run, by number
+  case " ${PHASES:-1 2 3 4 5 6 7} " in *" $n "*) ;; *) return ;; esac  # PHASES: which to run, by number
   local table=$1 grid=$2 batch=$3 left=$((budget - SECONDS))
   shift 3
   local extra=()
@@ -62,5 +62,8 @@ phase max "$size" "${MAX:-max}" -- original:fp32 ours:bf16
 phase whole "$size" 1 -- ours:bf16:reduce-overhead:device-rng original:bf16 ours:fp32 ours:bf16:checkpoint
 phase lesion "${lesion[@]}" ours:bf16:default ours:bf16:reduce-overhead:device-rng
 phase max "$size" "${MAX:-max}" -- ours:bf16:default
+# 7: where the compiled step's, forward's and volume's time goes (torch.profiler: $OUT_DIR/whole/profile/); it also
+# re-measures that row with the training loop's full update (clipping, the finite check, EMA; since 2026-12-04)
+phase whole "$size" 1 --profile -- ours:bf16:default
 for t in whole lesion max; do [ -f "$out/$t/speed.md" ] && { echo "## $t"; cat "$out/$t/speed.md"; }; done
 exit "$failed"

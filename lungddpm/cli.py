@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="also run torch.compile")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--profile", action="store_true", help="speed: also profile each row into <--out or .>/profile/")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up); speed: repeats (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_bench)

@@ -1,10 +1,11 @@
-"""Training benchmark: seconds per step (forward + backward + AdamW), no-grad forward, samples/s, peak memory."""
+"""Training benchmark: seconds per step (forward, backward and the training loop's update), no-grad forward,
+samples/s, peak memory; and the largest training batch that fits a GPU."""
 
 from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 
 from ..config import Config
 from ..errors import LungDDPMError
+from .device import pick_device, tune_backends
+from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, count_parameters, unet_config_from_dict
@@ -28,12 +31,31 @@ def device_name(device: torch.device, threads: int) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
 
 
+def largest_batch(try_batch: Callable[[int], Callable[[], None]], limit: int = 256) -> int:
+    """The largest batch (doubling from 1) whose training step runs without running out of GPU memory."""
+    best, b = 0, 1
+    while b <= limit:
+        try:
+            step = try_batch(b)
+            step()
+            step()
+            best, b = b, 2 * b
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if not best:
+        raise LungDDPMError("speed: not even batch 1 fits in GPU memory")
+    return best
+
+
 def _setup(
     cfg: Config, precision: str, channels_last: bool, threads: int, image_size: int | None
 ) -> tuple[torch.device, torch.dtype | None, UNet3D, torch.memory_format]:
     """Threads, device, autocast dtype and a seeded network in the requested memory format."""
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
+    tune_backends(device)
     dtype = resolve_precision(precision, device)
     torch.manual_seed(0)
     model = UNet3D(unet_config_from_dict(cfg.model, image_size=image_size or max(cfg.preprocess.size))).to(device)
@@ -60,7 +82,10 @@ def bench_train(
     device, dtype, model, fmt = _setup(cfg, precision, channels_last, threads, image_size)
     net = torch.compile(model) if compiled else model
     diffusion = GaussianDiffusion(DiffusionConfig(**cfg.diffusion))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tc = cfg.train
+    opt = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     x0 = (torch.rand(batch, 1, size, size, size, device=device) * 2 - 1).contiguous(memory_format=fmt)
     channels = model.cfg.layout_channels  # 2, or 4 with a context model's known image and keep mask
     layout = torch.rand(batch, channels, size, size, size, device=device).round() * 2 - 1
@@ -72,12 +97,11 @@ def bench_train(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step() -> None:
-        opt.zero_grad(set_to_none=True)
+    def train_step() -> None:  # the training loop's update: clipping, the finite check, AdamW, EMA
         with autocast(device, dtype):
             loss = diffusion.loss(net, x0, layout, t, noise).mean()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        apply_update(model, opt, scaler, ema, 0, loss.detach(), tc.grad_clip)
 
     def forward() -> None:
         with torch.no_grad(), autocast(device, dtype):

@@ -10,6 +10,7 @@ its own process, for its own peak RSS. Shapes: images [B, 1, S, S, S], layouts [
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.machinery
 import importlib.util
@@ -28,10 +29,14 @@ import torch
 from torch import nn
 
 from ..errors import LungDDPMError
-from .bench import device_name, peak_memory_mb
+from ..io import write_text
+from .bench import device_name, largest_batch, peak_memory_mb
 from .convert import original_state_to_ours
+from .device import pick_device, tune_backends
+from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, forward_differences, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
+from .profiling import profile_tables
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig, count_parameters
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,8 @@ GPU_MODES = ("original:fp32", "original:bf16", "ours:fp32", "ours:bf16", "ours:b
              "ours:bf16:reduce-overhead", "ours:bf16:default:device-rng")  # fmt: skip
 CPU_MODES = ("original:fp32", "ours:fp32", "ours:bf16")
 PAPER_LR = 1e-5  # Lung-DDPM's train.py --train_lr
+PAPER_GRAD_CLIP = 1.0  # config/paper.yaml train.grad_clip
+ORIGINAL_EMA_EVERY = 10  # Lung-DDPM's Trainer(update_ema_every=10)
 PARITY_SIZE = 32  # the grid of the fp32 parity check of the two networks (on the CPU, before any timing)
 
 
@@ -161,6 +168,7 @@ class Case:
     image_size: int = 128  # the training grid the attention level is relative to (Lung-DDPM: 128)
     channels: int = 64
     guidance: float = 1.0  # != 1: classifier-free guidance, two passes per step (the lesion scale's inpainting)
+    profile: str | None = None  # a folder: also write where the time of a step, a forward and a volume goes
 
 
 def _inputs(case: Case, device: torch.device, fmt: torch.memory_format) -> dict[str, torch.Tensor]:
@@ -179,8 +187,8 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     from .sample import Blend, sample
 
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    device = pick_device()
+    tune_backends(device)
     dtype = resolve_precision(mode.precision, device)
     original, ours = build_pair(checkout, case.image_size, case.channels, use_checkpoint=mode.checkpoint)
     eager = (original if mode.network == "original" else ours).to(device)
@@ -195,21 +203,22 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
         raise LungDDPMError("speed: batch max (the largest that fits) needs a GPU; give a number on the CPU")
     if case.batch == 0:
         case = replace(case, batch=largest_batch(lambda b: _train_step(mode, net, eager, diffusion,
-                       _inputs(replace(case, batch=b), device, fmt), device, dtype)))  # fmt: skip
+                       _inputs(replace(case, batch=b), device, fmt), device, dtype)[0]))  # fmt: skip
     row["batch"], row["requested_batch"] = case.batch, requested
     data = _inputs(case, device, fmt)
     if mode.compile != "off":  # on the initial weights, before any optimizer step can have changed them
         inputs = (data["x0"], data["t"], data["layout"])
         row |= forward_differences(eager.eval(), net, inputs, device, dtype)  # within the precision's own error?
-    step = _train_step(mode, net, eager, diffusion, data, device, dtype)
-    t0 = time.perf_counter()
+    step, stepped = _train_step(mode, net, eager, diffusion, data, device, dtype)
+    t0, profiled = time.perf_counter(), ""
     try:
         for _ in range(case.warmup):
             step()
         _reset_peak(device)
         row["train_step_s"] = round(_clock(device, step, case.repeats), 4)
         row["peak_train_mb"] = round(peak_memory_mb(device), 1)
-        row["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in eager.parameters())
+        row["weights_finite"] = all(stepped) and all(bool(torch.isfinite(p).all()) for p in eager.parameters())
+        profiled = profile_tables({"train step": step}, device) if case.profile else ""
     except RuntimeError as e:  # e.g. the original's attention under autocast: its own gradient checkpoint
         if mode.network != "original":  # recomputes outside autocast and fails (a bf16 input, fp32 weights)
             raise
@@ -231,7 +240,6 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     keep = torch.zeros_like(data["x0"], dtype=torch.bool)
     keep[..., : case.size // 4] = True  # a kept reference beside the lungs, as anatomically-aware sampling keeps
     blend = Blend(data["x0"], keep)
-
     uncond = data["layout"].clone()
     uncond[:, 1] = -1.0  # another condition of the same cost (the guided pass of the lesion scale)
 
@@ -248,6 +256,10 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     row["peak_sample_mb"] = round(peak_memory_mb(device), 1)
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
     row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process max RSS"
+    if case.profile:  # after the timings, which it does not touch
+        calls = {"forward": forward, f"DPM-Solver++-{case.sampler_steps} batch": volume}
+        name = f"{mode.label.replace(' ', '_').replace('=', '-')}_{case.size}_{case.batch}.txt"
+        write_text(Path(case.profile) / name, profiled + profile_tables(calls, device))
     return row
 
 
@@ -259,40 +271,39 @@ def _train_step(
     data: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype | None,
-) -> Callable[[], None]:
-    """One optimizer step as each code base trains: the original Adam (its Trainer), ours AdamW (fused on CUDA)."""
+) -> tuple[Callable[[], None], list[bool]]:
+    """One training step as each code base trains, and whether each step was finite. The original: Adam, its
+    ``loss.item()`` and its EMA every 10th step (its Trainer). Ours: the training loop's update (:func:`optim.
+    apply_update`: fused AdamW on a GPU, clipping at 1, the finite check, EMA every step; not finite: skipped)."""
+    net.train()
+    stepped: list[bool] = []
     if mode.network == "original":
         opt: torch.optim.Optimizer = torch.optim.Adam(eager.parameters(), lr=PAPER_LR)
-    else:
-        opt = torch.optim.AdamW(eager.parameters(), lr=PAPER_LR, weight_decay=0.0, fused=device.type == "cuda")
-    net.train()
+        ema_model = copy.deepcopy(eager).requires_grad_(False)
+
+        def original_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, dtype):  # both: L1 between the drawn noise and the predicted noise (ε)
+                loss = diffusion.loss(net, data["x0"], data["layout"], data["t"], data["noise"]).mean()
+            stepped.append(bool(torch.isfinite(loss)))  # its loss.item(): a wait on the device
+            loss.backward()
+            opt.step()
+            if len(stepped) % ORIGINAL_EMA_EVERY == 0:  # its EMA, one parameter tensor at a time
+                for e, p in zip(ema_model.parameters(), eager.parameters()):
+                    e.data = e.data * 0.995 + 0.005 * p.data
+
+        return original_step, stepped
+    opt = make_optimizer(eager.parameters(), PAPER_LR, 0.0, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    ema = EMA(eager, 0.995, warmup=True)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, dtype):  # both: L1 between the drawn noise and the predicted noise (ε)
+        with autocast(device, dtype):
             loss = diffusion.loss(net, data["x0"], data["layout"], data["t"], data["noise"]).mean()
         loss.backward()
-        opt.step()
+        stepped.append(apply_update(eager, opt, scaler, ema, 0, loss.detach(), PAPER_GRAD_CLIP)[0])
 
-    return step
-
-
-def largest_batch(try_batch: Callable[[int], Callable[[], None]], limit: int = 256) -> int:
-    """The largest batch (doubling from 1) whose training step runs without running out of GPU memory."""
-    best, b = 0, 1
-    while b <= limit:
-        try:
-            step = try_batch(b)
-            step()
-            step()
-            best, b = b, 2 * b
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
-    if not best:
-        raise LungDDPMError("speed: not even batch 1 fits in GPU memory")
-    return best
+    return step, stepped
 
 
 def bench_speed(
@@ -364,14 +375,15 @@ def parity(checkout: Path, size: int, channels: int, image_size: int = 128) -> f
 
 def speed_entry(args: Any) -> list[dict[str, Any]]:
     """``lungddpm bench speed``: the rows, the table on stdout, and both under ``--out`` (a folder) when given."""
-    from ..io import read_json, write_json, write_text
+    from ..io import read_json, write_json
 
     checkout = Path(args.lung_ddpm)
     default = GPU_MODES if torch.cuda.is_available() else CPU_MODES
     modes = [Mode.parse(m) for m in (args.modes or default)]
     batches = [0 if b == "max" else int(b) for b in args.batch_sizes]
+    profile = str(Path(args.out or ".") / "profile") if args.profile else None
     cases = [Case(size=s, batch=b, repeats=args.steps, sampler_steps=args.sampler_steps, channels=args.channels,
-                  guidance=args.guidance) for s in args.sizes for b in batches]  # fmt: skip
+                  guidance=args.guidance, profile=profile) for s in args.sizes for b in batches]  # fmt: skip
     size = min(PARITY_SIZE, *args.sizes)  # the same function at every grid: checked where the CPU is quick
     diff = parity(checkout, size, args.channels)
     log.info("speed: original vs ours, same weights, fp32 forward at %d³: max relative difference %.1e", size, diff)

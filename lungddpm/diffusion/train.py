@@ -10,7 +10,6 @@ the end. Batches come from :mod:`lungddpm.diffusion.data`, checkpoints are read 
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import logging
 import os
@@ -20,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,8 +29,10 @@ from ..faults import kill_point
 from ..io import atomic_path
 from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
 from .data import StepBatches, TrainData
+from .device import tune_backends
 from .distributed import all_mean, barrier, setup_distributed
 from .encoding import model_to_hu
+from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, checked_cpu_bf16, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, count_parameters, unet_config_from_dict
@@ -44,22 +44,6 @@ LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds", "samples_per_s")
 
 class TrainingDivergedError(LungDDPMError):
     """The loss or the gradient norm became NaN or infinite."""
-
-
-class EMA:
-    """Exponential moving average of parameters (buffers copied), with the usual warm-up."""
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool) -> None:
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, n_updates: int) -> None:
-        decay = min(self.decay, (1 + n_updates) / (10 + n_updates)) if self.warmup else self.decay
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
 
 
 def _lr_at(step: int, tc: TrainConfig) -> float:
@@ -157,6 +141,7 @@ def train(
         torch.set_num_threads(threads)
     dist = setup_distributed()
     device = dist.device
+    tune_backends(device)
     dtype = resolve_precision(tc.precision, device)
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     if dist.is_main:
@@ -175,7 +160,7 @@ def train(
     dtype = checked_cpu_bf16(dtype, device, levels, tc.precision)  # type: ignore[arg-type]
     memory_format = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     expected = fingerprint(cfg)
@@ -256,6 +241,7 @@ def train(
     model.train()
     t_window, loss_window, step = time.perf_counter(), [], start
     final_loss = float(log_rows[-1]["loss"]) if log_rows else float("nan")  # a finished run resumed: as logged
+    last_loss: torch.Tensor | None = None
     for step_batches in loader:
         step += 1
         for group in optimizer.param_groups:
@@ -272,34 +258,27 @@ def train(
                 scaler.scale(loss / tc.grad_accum).backward()
             step_loss += loss.detach() / tc.grad_accum
         mean_loss = all_mean(step_loss, dist)  # the same on every rank, so every rank stops together
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        )
-        # fp16's GradScaler skips steps with inf gradients by design; otherwise a non-finite value is fatal
-        if not torch.isfinite(mean_loss) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+        stepped, grad_norm = apply_update(model, optimizer, scaler, ema, step - 1, mean_loss, tc.grad_clip)
+        if not stepped:
             bar.close()
             raise _diverged(step, float(mean_loss), float(grad_norm), state_dir)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model, step - 1)
-        final_loss = float(mean_loss)
-        loss_window.append(final_loss)
+        loss_window.append(mean_loss)  # tensors: read back only when logged, so the device is not waited on
+        last_loss = mean_loss
         bar.update(1)
         if dist.is_main and (step % tc.log_every == 0 or step == tc.steps):
             seconds = (time.perf_counter() - t_window) / len(loss_window)
+            window_loss = float(torch.stack(loss_window).double().mean())
             log_rows.append(
                 {
                     "step": step,
-                    "loss": f"{np.mean(loss_window):.6f}",
+                    "loss": f"{window_loss:.6f}",
                     "lr": f"{_lr_at(step, tc):.3e}",
                     "grad_norm": f"{float(grad_norm):.4f}",
                     "seconds": f"{seconds:.3f}",
                     "samples_per_s": f"{batches.global_batch / seconds:.3f}",
                 }
             )
-            bar.set_postfix(loss=f"{np.mean(loss_window):.4f}")
+            bar.set_postfix(loss=f"{window_loss:.4f}")
             t_window, loss_window = time.perf_counter(), []
         if step % tc.checkpoint_every == 0 or step == tc.steps or step == stop_after:
             if dist.is_main:
@@ -318,8 +297,10 @@ def train(
             t_window += time.perf_counter() - t_preview  # preview time is not step time
         if step == stop_after:
             bar.close()
+            final_loss = float(last_loss)
             return TrainResult(step, final_loss, n_params, bar.format_dict["elapsed"])
     bar.close()
+    final_loss = final_loss if last_loss is None else float(last_loss)
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

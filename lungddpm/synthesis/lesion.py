@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..diffusion.checkpoint import CheckpointError, load_model
+from ..diffusion.checkpoint import CheckpointError, load_for_sampling
 from ..diffusion.encoding import (
     ANY_TEXTURE,
     TEXTURE_CLASSES,
@@ -200,8 +200,7 @@ def load_lesion_model(
     checkpoint: Path, sc: dict[str, Any]
 ) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
     """The lesion network (EMA weights by default) on the GPU when there is one, its process and checkpoint."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
+    model, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"])
     if (
         "lesion" not in ckpt.get("config", {})
         or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3
@@ -210,8 +209,7 @@ def load_lesion_model(
             f"{checkpoint}: not a lesion-scale model (its grid is not lesion.roi's); point lesion at the checkpoint "
             "that train_lesion wrote (results/models/lesion/<lesion.train.name>/checkpoint.pt)"
         )
-    model = model.to(device)
-    net = torch.compile(model) if sc["compile"] else model  # the first batch pays the compile
+    net = torch.compile(model) if sc["compile"] else model  # after the check; the first batch pays the compile
     return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..diffusion.checkpoint import load_model
+from ..diffusion.checkpoint import load_for_sampling
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
@@ -112,12 +112,8 @@ def synthesize_shard(
     if threads:
         torch.set_num_threads(threads)
     sc = cfg.raw["sample"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compile: README Speed
     dtype = resolve_precision(sc["precision"], device)
-    model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
-    model = model.to(device)
-    if sc["compile"]:  # the paper config on a GPU (README: Speed); the first batch pays the compile
-        model = torch.compile(model)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
     ckpt_sha = file_sha256(checkpoint)

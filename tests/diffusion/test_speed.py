@@ -134,11 +134,16 @@ def test_compiled_forward_matches_eager_without_graph_breaks() -> None:
     assert bad["compiled_vs_fp32"] > 4e-2
 
 
-def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path) -> None:
-    case = Case(size=16, batch=1, repeats=1, warmup=1, sampler_steps=2, channels=32)
+def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path, tmp_path: Path) -> None:
+    case = Case(size=16, batch=1, repeats=1, warmup=1, sampler_steps=2, channels=32, profile=str(tmp_path))
     row = run_mode(Mode.parse("ours:fp32"), checkout, case, threads=2)
     for key in ("train_step_s", "forward_s", "sample_volume_s", "peak_train_mb", "peak_sample_mb"):
         assert row[key] > 0, key
+    assert row["weights_finite"]  # the training loop's update stepped (fp32: no oneDNN fault at 16³)
+    profiled = (tmp_path / "ours_fp32_16_1.txt").read_text()  # where the time goes: convolutions near the top
+    sections = profiled.split("=== ")[1:]
+    assert [s.split(" (")[0] for s in sections] == ["train step", "forward", "DPM-Solver++-2 batch"]
+    assert all("conv" in "".join(s.split("\n")[5:8]) for s in sections), profiled[:3000]
     assert row["mode"] == "ours fp32" and row["batch"] == 1 and row["peak_memory_kind"] == "process max RSS"
     compiled = {"mode": "ours bf16 compile=default", "max_rel_diff_vs_eager": 3e-3, "eager_vs_fp32": 4e-3}
     table = markdown_table([{**row, **compiled, "compiled_vs_fp32": 5e-3}, row])

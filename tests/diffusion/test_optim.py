@@ -1,0 +1,84 @@
+"""The optimizer update shared by the training loop and the benchmarks, and the backend settings of a device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lungddpm.diffusion.device import tune_backends
+from lungddpm.diffusion.optim import EMA, apply_update, make_optimizer
+
+
+def _setup(seed: int = 0, fused: bool = False) -> tuple[nn.Module, torch.optim.AdamW, EMA]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Conv3d(4, 1, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=fused)
+    return model, opt, EMA(model, 0.9, warmup=False)
+
+
+def _backward(model: nn.Module, scale: float = 1.0) -> torch.Tensor:
+    x = torch.linspace(-1, 1, 2 * 2 * 4**3).reshape(2, 2, 4, 4, 4)
+    loss = (model(x) * scale).abs().mean()
+    loss.backward()
+    return loss.detach()
+
+
+def test_a_finite_update_steps_clips_and_moves_the_ema_toward_the_weights() -> None:
+    model, opt, ema = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = _backward(model, scale=1e4)  # a large gradient, so clipping at 0.5 acts
+    raw = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    stepped, norm = apply_update(model, opt, torch.amp.GradScaler("cpu", enabled=False), ema, 0, loss, 0.5)
+    assert stepped and float(norm) == pytest.approx(float(raw)) and float(raw) > 0.5
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+    for b, p, e in zip(before, model.parameters(), ema.model.parameters()):
+        assert not torch.equal(b, p.detach())
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())  # decay 0.9, no warm-up
+
+
+def test_a_step_that_is_not_finite_changes_nothing() -> None:
+    model, opt, ema = _setup()
+    weights = [p.detach().clone() for p in model.parameters()]
+    averaged = [p.clone() for p in ema.model.parameters()]
+    _backward(model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stepped, _ = apply_update(model, opt, scaler, ema, 0, torch.tensor(float("nan")), 1.0)
+    assert not stepped and opt.state_dict()["state"] == {}
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(averaged, ema.model.parameters()))
+    next(model.parameters()).grad[0] = float("inf")  # a finite loss with an infinite gradient: refused too
+    assert not apply_update(model, opt, scaler, ema, 0, torch.tensor(1.0), 1.0)[0]
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_a_fused_optimizers_state_resumes_an_unfused_one_and_both_step_alike() -> None:
+    """The GPU trains with fused AdamW, the CPU without: a checkpoint of either resumes on the other."""
+    (a, opt_a, _), (b, opt_b, _) = _setup(fused=True), _setup(fused=False)
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            _backward(model)
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    c, opt_c, _ = _setup(fused=False)
+    c.load_state_dict(a.state_dict())
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from a file: loading shares the tensors
+    for model, opt in ((a, opt_a), (c, opt_c)):
+        opt.zero_grad()
+        _backward(model)
+        opt.step()
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        torch.testing.assert_close(pa, pc, rtol=1e-5, atol=1e-6)
+    assert make_optimizer(c.parameters(), 1e-4, 0.0, torch.device("cpu")).defaults["fused"] is False
+
+
+def test_cudnn_times_its_algorithms_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tune_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    tune_backends(torch.device("cuda"))  # a flag only: no GPU is needed to set it
+    assert torch.backends.cudnn.benchmark is True
