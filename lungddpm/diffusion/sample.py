@@ -126,18 +126,19 @@ def sample(
     def randn() -> torch.Tensor:
         if isinstance(generator, Sequence):  # on each generator's device (the CPU's: the same on any device)
             one = (1, *shape[1:])
-            return torch.cat([torch.randn(one, generator=g, device=g.device) for g in generators]).to(device)
-        return torch.randn(shape, generator=generator, device=generator.device if generator else None).to(device)
+            return to_device(torch.cat([torch.randn(one, generator=g, device=g.device) for g in generators]), device)
+        on = generator.device if generator else None
+        return to_device(torch.randn(shape, generator=generator, device=on), device)
 
     x = (randn() if noise is None else noise.to(device)) * scheduler.init_noise_sigma
     step_generator = generators if isinstance(generator, Sequence) else generator
-    timesteps = list(scheduler.timesteps)
+    timesteps = [int(t) for t in scheduler.timesteps.tolist()]  # read back once, not once per step
     first_blend = round((blend.start_fraction if blend else 0.0) * len(timesteps))
     jumps: dict[int, int] = {}
     i = 0
     while i < len(timesteps):
         t = timesteps[i]
-        tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
+        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             x_in = scheduler.scale_model_input(x, t)
@@ -152,8 +153,8 @@ def sample(
             ref = blend.reference.to(device)
             if i + 1 < len(timesteps):  # the sample is now at the next timestep's noise level
                 ref_noise = randn()
-                prev_t = torch.full((shape[0],), int(timesteps[i + 1]), dtype=torch.long)
-                ref = diffusion.add_noise(ref, ref_noise, prev_t.to(device))
+                prev_t = torch.full((shape[0],), timesteps[i + 1], device=device, dtype=torch.long)
+                ref = diffusion.add_noise(ref, ref_noise, prev_t)
             x = torch.where(blend.keep.to(device), ref, x)
         if progress is not None:
             progress(i + 1, len(timesteps))
@@ -161,11 +162,19 @@ def sample(
         if jumping and i + 1 < len(timesteps) and (i + 1) % jump == 0 and back >= 0:
             if jumps.get(i, 0) < repeats - 1:
                 jumps[i] = jumps.get(i, 0) + 1
-                x = renoise(diffusion, x, int(timesteps[i + 1]), int(timesteps[back]), randn())
+                x = renoise(diffusion, x, timesteps[i + 1], timesteps[back], randn())
                 i = back
                 continue
         i += 1
     return x
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; a CPU tensor bound for a GPU goes through pinned memory without waiting, so the sampler
+    queues its next step while the GPU runs this one (a copy from pageable memory waits for the GPU's queue)."""
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 @dataclass(frozen=True)
