@@ -57,22 +57,21 @@ def test_a_step_that_is_not_finite_changes_nothing() -> None:
 def test_a_fused_optimizers_state_resumes_an_unfused_one_and_both_step_alike() -> None:
     """The GPU trains with fused AdamW, the CPU without: a checkpoint of either resumes on the other."""
     (a, opt_a, _), (b, opt_b, _) = _setup(fused=True), _setup(fused=False)
-    for _ in range(3):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            _backward(model)
-            opt.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+    def step_alike(*pairs: tuple[nn.Module, torch.optim.Optimizer], steps: int = 1) -> None:
+        for _ in range(steps):
+            for model, opt in pairs:
+                opt.zero_grad()
+                _backward(model)
+                opt.step()
+        for p, q in zip(pairs[0][0].parameters(), pairs[1][0].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    step_alike((a, opt_a), (b, opt_b), steps=3)
     c, opt_c, _ = _setup(fused=False)
     c.load_state_dict(a.state_dict())
     opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from a file: loading shares the tensors
-    for model, opt in ((a, opt_a), (c, opt_c)):
-        opt.zero_grad()
-        _backward(model)
-        opt.step()
-    for pa, pc in zip(a.parameters(), c.parameters()):
-        torch.testing.assert_close(pa, pc, rtol=1e-5, atol=1e-6)
+    step_alike((a, opt_a), (c, opt_c))
     assert make_optimizer(c.parameters(), 1e-4, 0.0, torch.device("cpu")).defaults["fused"] is False
 
 
