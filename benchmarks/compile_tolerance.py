@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lungddpm.diffusion.device import pick_device
 from lungddpm.diffusion.precision import forward_differences
 from lungddpm.diffusion.speed import Case, _inputs, build_pair
 
@@ -22,7 +23,7 @@ def main() -> None:
     p.add_argument("--lung-ddpm", type=Path, default=Path("peers/Lung-DDPM"), help="Manem-Lab/Lung-DDPM checkout")
     p.add_argument("--channels", type=int, default=64, help="base channels (paper 64)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     _, net = build_pair(args.lung_ddpm, 128, args.channels)
     net = net.to(device).eval()
     compiled = torch.compile(net)

@@ -13,7 +13,7 @@ import torch
 
 from ..config import Config
 from ..errors import LungDDPMError
-from .device import pick_device, tune_backends
+from .device import pick_device
 from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
@@ -55,7 +55,6 @@ def _setup(
     """Threads, device, autocast dtype and a seeded network in the requested memory format."""
     torch.set_num_threads(threads)
     device = pick_device()
-    tune_backends(device)
     dtype = resolve_precision(precision, device)
     torch.manual_seed(0)
     model = UNet3D(unet_config_from_dict(cfg.model, image_size=image_size or max(cfg.preprocess.size))).to(device)

@@ -13,7 +13,7 @@ import torch
 from ..config import Config
 from ..errors import LungDDPMError
 from ..io import atomic_path
-from .device import pick_device, tune_backends
+from .device import pick_device
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,8 @@ def load_for_sampling(
     checkpoint: Path, use_ema: bool = True, compile: bool = False
 ) -> tuple[torch.nn.Module, dict[str, Any], torch.device]:
     """:func:`load_model`'s network on the GPU where there is one (with the backend settings of every run there),
-    ``torch.compile``-d if asked (the first batch pays the compile), its checkpoint, and the device."""
+    ``torch.compile``-d if asked (lazily: the first batch pays the compile), its checkpoint, and the device."""
     device = pick_device()
-    tune_backends(device)
     model, ckpt = load_model(checkpoint, use_ema=use_ema)
     model = model.to(device)
     return (torch.compile(model) if compile else model), ckpt, device

@@ -11,8 +11,11 @@ log = logging.getLogger(__name__)
 
 
 def pick_device() -> torch.device:
-    """The first GPU where there is one, else the CPU (a torchrun process takes its own, in ``distributed``)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The first GPU where there is one, else the CPU, with :func:`tune_backends` applied (a torchrun process takes
+    its own, in ``distributed``, which applies it too)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tune_backends(device)
+    return device
 
 
 def tune_backends(device: torch.device) -> None:

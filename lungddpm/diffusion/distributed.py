@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import tune_backends
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -21,13 +23,15 @@ class Dist:
 
 
 def setup_distributed() -> Dist:
-    """Read torchrun's environment; one process without it. GPU if available (one per local rank)."""
+    """Read torchrun's environment; one process without it. GPU if available (one per local rank), with the
+    backend settings of every run there (:func:`~lungddpm.diffusion.device.tune_backends`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    tune_backends(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(world, rank, local_rank, device)

@@ -134,6 +134,8 @@ def sample(
     step_generator = generators if isinstance(generator, Sequence) else generator
     timesteps = [int(t) for t in scheduler.timesteps.tolist()]  # read back once, not once per step
     first_blend = round((blend.start_fraction if blend else 0.0) * len(timesteps))
+    if blend is not None:  # once, not at every step
+        blend = Blend(to_device(blend.reference, device), to_device(blend.keep, device), blend.start_fraction)
     jumps: dict[int, int] = {}
     i = 0
     while i < len(timesteps):
@@ -150,12 +152,12 @@ def sample(
                 out = model(x_in, tt, layout).float()
         x = scheduler.step(out, t, x, generator=step_generator).prev_sample
         if blend is not None and i >= first_blend:
-            ref = blend.reference.to(device)
+            ref = blend.reference
             if i + 1 < len(timesteps):  # the sample is now at the next timestep's noise level
                 ref_noise = randn()
                 prev_t = torch.full((shape[0],), timesteps[i + 1], device=device, dtype=torch.long)
                 ref = diffusion.add_noise(ref, ref_noise, prev_t)
-            x = torch.where(blend.keep.to(device), ref, x)
+            x = torch.where(blend.keep, ref, x)
         if progress is not None:
             progress(i + 1, len(timesteps))
         back = i + 1 - jump

@@ -32,7 +32,7 @@ from ..errors import LungDDPMError
 from ..io import write_text
 from .bench import device_name, largest_batch, peak_memory_mb
 from .convert import original_state_to_ours
-from .device import pick_device, tune_backends
+from .device import pick_device
 from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, forward_differences, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
@@ -188,7 +188,6 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
 
     torch.set_num_threads(threads)
     device = pick_device()
-    tune_backends(device)
     dtype = resolve_precision(mode.precision, device)
     original, ours = build_pair(checkout, case.image_size, case.channels, use_checkpoint=mode.checkpoint)
     eager = (original if mode.network == "original" else ours).to(device)

@@ -29,7 +29,6 @@ from ..faults import kill_point
 from ..io import atomic_path
 from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
 from .data import StepBatches, TrainData
-from .device import tune_backends
 from .distributed import all_mean, barrier, setup_distributed
 from .encoding import model_to_hu
 from .optim import EMA, apply_update, make_optimizer
@@ -141,7 +140,6 @@ def train(
         torch.set_num_threads(threads)
     dist = setup_distributed()
     device = dist.device
-    tune_backends(device)
     dtype = resolve_precision(tc.precision, device)
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     if dist.is_main:

@@ -200,7 +200,7 @@ def load_lesion_model(
     checkpoint: Path, sc: dict[str, Any]
 ) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
     """The lesion network (EMA weights by default) on the GPU when there is one, its process and checkpoint."""
-    model, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"])
+    net, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compiles at the first batch
     if (
         "lesion" not in ckpt.get("config", {})
         or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3
@@ -209,7 +209,6 @@ def load_lesion_model(
             f"{checkpoint}: not a lesion-scale model (its grid is not lesion.roi's); point lesion at the checkpoint "
             "that train_lesion wrote (results/models/lesion/<lesion.train.name>/checkpoint.pt)"
         )
-    net = torch.compile(model) if sc["compile"] else model  # after the check; the first batch pays the compile
     return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
 
 

@@ -292,7 +292,7 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
     ckpt |= {"diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": {"size": 16}}}}  # trained at 32^3, ROIs 16^3
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"not a lesion-scale model.*train_lesion"):
-        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True})
+        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
 
 
 def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provenance(tmp_path) -> None:
