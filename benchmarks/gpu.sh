@@ -63,7 +63,10 @@ phase whole "$size" 1 -- ours:bf16:reduce-overhead:device-rng original:bf16 ours
 phase lesion "${lesion[@]}" ours:bf16:default ours:bf16:reduce-overhead:device-rng
 phase max "$size" "${MAX:-max}" -- ours:bf16:default
 # 7: where the compiled step's, forward's and volume's time goes (torch.profiler: $OUT_DIR/whole/profile/); it also
-# re-measures that row with the training loop's full update (clipping, the finite check, EMA; since 2026-12-04)
-phase whole "$size" 1 --profile -- ours:bf16:default
+# re-measures that row with the training loop's full update (clipping, the finite check, EMA; since 2026-12-04),
+# and the same compiled row in channels-last-3d (cuDNN's bf16 3D convolutions run NDHWC: a contiguous input is
+# transposed around each one; eager channels-last lost on an H100, 0.315 against 0.195 s, perhaps in GroupNorm, which
+# the compiler generates for either layout)
+phase whole "$size" 1 --profile -- ours:bf16:default ours:bf16:default:channels-last
 for t in whole lesion max; do [ -f "$out/$t/speed.md" ] && { echo "## $t"; cat "$out/$t/speed.md"; }; done
 exit "$failed"

@@ -7,7 +7,8 @@ boundary (depth measured as the profile's distance). Per set of nodules: the poo
 HU mean and SD (a pooled histogram can hide a bright core behind a dark rim), the pooled solid fraction, the mean
 profile and its sharpness (HU drop per mm across the boundary, the central difference of the mean profile at +-1
 step). Distances between two sets: the Wasserstein-1 distance of the pooled HU histograms, the differences of those
-statistics and the mean absolute difference of the profiles.
+statistics and the mean absolute difference of the profiles; W1 with a percentile bootstrap interval over nodules
+(both sets resampled, nodules kept whole), so that a gap can be told from the few nodules a demo has.
 
 The floor: the real nodules of a class split into two seeded disjoint halves A and B; the synthetic nodules are
 compared with the same half B, so a synthetic row and its floor row share their reference.
@@ -33,9 +34,9 @@ log = logging.getLogger(__name__)
 
 ALL = "all"
 COLUMNS = (
-    "texture_class", "comparison", "n_a", "n_b", "w1_hu", "mean_hu_a", "mean_hu_b", "sd_hu_a", "sd_hu_b",
-    "solid_fraction_a", "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu", "core_hu_a", "core_hu_b",
-    "core_sd_a", "core_sd_b",
+    "texture_class", "comparison", "n_a", "n_b", "w1_hu", "w1_ci_low", "w1_ci_high", "mean_hu_a", "mean_hu_b",
+    "sd_hu_a", "sd_hu_b", "solid_fraction_a", "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu",
+    "core_hu_a", "core_hu_b", "core_sd_a", "core_sd_b",
 )  # fmt: skip
 
 
@@ -49,6 +50,8 @@ class FidelitySettings:
     gallery: int
     seed: int
     core_mm: float
+    bootstrap: int = 1000  # resamples of the W1 interval (0: none)
+    ci: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,42 @@ def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
     }
 
 
-def compare_sets(a: Sequence[Nodule], b: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
-    """One table row of set ``a`` against set ``b`` (both non-empty)."""
+def w1_interval(
+    a: Sequence[Nodule], b: Sequence[Nodule], resamples: int, ci: float, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (level ``ci``) of the W1 distance of the pooled HU histograms: each resample
+    draws the nodules of ``a`` and of ``b`` with replacement (a nodule's voxels are not independent of each other);
+    (NaN, NaN) for ``resamples`` 0. A distance's resamples lie above 0 even for a set against itself, so the floor
+    row's interval also shows how far apart the sampling of nodules alone puts two sets."""
+    if resamples <= 0:
+        return float("nan"), float("nan")
+    w1 = np.empty(resamples)
+    for i in range(resamples):
+        ia, ib = rng.integers(len(a), size=len(a)), rng.integers(len(b), size=len(b))
+        w1[i] = wasserstein_distance(np.concatenate([a[j].hu for j in ia]), np.concatenate([b[j].hu for j in ib]))
+    low, high = np.quantile(w1, [(1 - ci) / 2, (1 + ci) / 2])
+    return float(low), float(high)
+
+
+def compare_sets(
+    a: Sequence[Nodule],
+    b: Sequence[Nodule],
+    step_mm: float,
+    resamples: int = 0,
+    ci: float = 0.95,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any]:
+    """One table row of set ``a`` against set ``b`` (both non-empty); the W1 interval from ``resamples`` bootstrap
+    draws of ``rng`` (default: seed 0)."""
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
     pooled_a, pooled_b = np.concatenate([n.hu for n in a]), np.concatenate([n.hu for n in b])
+    low, high = w1_interval(a, b, resamples, ci, rng if rng is not None else np.random.default_rng(0))
     return {
         "n_a": sa["n"],
         "n_b": sb["n"],
         "w1_hu": float(wasserstein_distance(pooled_a, pooled_b)),
+        "w1_ci_low": low,
+        "w1_ci_high": high,
         **{f"{k}_a": sa[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
         **{f"{k}_b": sb[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
         "sharpness_a": sa["sharpness"],
@@ -178,23 +209,24 @@ def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -
 
 def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings) -> list[dict[str, Any]]:
     """Rows (COLUMNS) per texture class and for all nodules: ``real A vs real B`` (the floor) and ``synthetic vs
-    real B``; a class without the nodules for a row has none."""
+    real B``, each with its W1 interval (``s.bootstrap`` resamples); a class without the nodules for a row has
+    none."""
     rows = []
     for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
         r = [n for n in real if cls in (ALL, n.texture_class)]
         syn = [n for n in synthetic if cls in (ALL, n.texture_class)]
         perm = np.random.default_rng([s.seed, k]).permutation(len(r))
         half_a, half_b = [r[i] for i in perm[: len(r) // 2]], [r[i] for i in perm[len(r) // 2 :]]
-        if half_a and half_b:
-            rows.append({"texture_class": cls, "comparison": "real A vs real B",
-                         **compare_sets(half_a, half_b, s.profile_step_mm)})  # fmt: skip
-        if syn and half_b:
-            rows.append({"texture_class": cls, "comparison": "synthetic vs real B",
-                         **compare_sets(syn, half_b, s.profile_step_mm)})  # fmt: skip
+        for j, (name, a) in enumerate((("real A vs real B", half_a), ("synthetic vs real B", syn))):
+            if a and half_b:
+                rng = np.random.default_rng([s.seed, k, j])  # each row its own draws: rows do not shift each other
+                rows.append({"texture_class": cls, "comparison": name,
+                             **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, rng)})  # fmt: skip
     for row in rows:
-        log.info("%s %s: W1 %.1f HU, mean %.0f vs %.0f HU, solid %.2f vs %.2f (n %d vs %d)", row["texture_class"],
-                 row["comparison"], row["w1_hu"], row["mean_hu_a"], row["mean_hu_b"], row["solid_fraction_a"],
-                 row["solid_fraction_b"], row["n_a"], row["n_b"])  # fmt: skip
+        log.info("%s %s: W1 %.1f HU (%.1f-%.1f), mean %.0f vs %.0f HU, solid %.2f vs %.2f (n %d vs %d)",
+                 row["texture_class"], row["comparison"], row["w1_hu"], row["w1_ci_low"], row["w1_ci_high"],
+                 row["mean_hu_a"], row["mean_hu_b"], row["solid_fraction_a"], row["solid_fraction_b"], row["n_a"],
+                 row["n_b"])  # fmt: skip
     return rows
 
 

@@ -18,6 +18,7 @@ from lungddpm.metrics.lesion import (
     margin_profile,
     measure,
     profile_bins,
+    w1_interval,
 )
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
@@ -53,6 +54,25 @@ def test_set_distances_known_answers() -> None:
     assert d["sharpness_a"] == pytest.approx(800.0) and d["sharpness_b"] == pytest.approx(700.0)
     assert d["profile_l1_hu"] == pytest.approx(100.0 * 3 / 6)  # the three inside bins of six differ by 100 HU
     assert compare_sets(shifted, a, 1.0)["profile_l1_hu"] == pytest.approx(50.0)  # a distance: symmetric, >= 0
+
+
+def test_w1_interval_resamples_whole_nodules() -> None:
+    rng = np.random.default_rng
+    a = [measure(f"a{i}", "solid", *_sphere(-40.0 * i, -800.0), 1.0, S) for i in range(5)]
+    b = [measure(f"b{i}", "solid", *_sphere(-300.0 - 40.0 * i, -800.0), 1.0, S) for i in range(5)]
+    assert w1_interval(a[:1], a[:1], 50, 0.95, rng(0)) == (0.0, 0.0)  # one nodule each: every resample is the same
+    d = compare_sets(a, b, 1.0, 400, 0.95, rng(1))
+    assert d["w1_ci_low"] < d["w1_hu"] < d["w1_ci_high"]
+    # every resample of a lies at -160..0 HU and of b at -460..-300: W1 is 140 at the least and 460 at the most
+    assert 140.0 <= d["w1_ci_low"] and d["w1_ci_high"] <= 460.0 and d["w1_ci_high"] - d["w1_ci_low"] > 20.0
+    # a set against itself: W1 0; two resamples of it differ a little (a distance's bootstrap lies above 0)
+    floor = compare_sets(a, a, 1.0, 400, 0.95, rng(1))
+    assert floor["w1_hu"] == 0.0 <= floor["w1_ci_low"] < floor["w1_ci_high"] < d["w1_ci_low"]
+    assert compare_sets(a, b, 1.0, 400, 0.95, rng(1))["w1_ci_low"] == d["w1_ci_low"]  # seeded: reproducible
+    narrow = compare_sets(a, b, 1.0, 400, 0.5, rng(1))
+    assert d["w1_ci_low"] <= narrow["w1_ci_low"] <= narrow["w1_ci_high"] <= d["w1_ci_high"]
+    none = compare_sets(a, b, 1.0)  # no resamples: no interval, not a made-up one
+    assert np.isnan(none["w1_ci_low"]) and np.isnan(none["w1_ci_high"]) and none["w1_hu"] == d["w1_hu"]
 
 
 def test_core_is_the_voxels_deep_inside() -> None:
@@ -118,6 +138,8 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
 
     md = "\n".join(fidelity_section(out / "f.csv", [out / "p.png"], out))
     assert "| core HU a / b |" in md and "| -200 / " in md  # the synthetic row's core, then the real half's
+    w1 = float(row["w1_hu"])
+    assert float(row["w1_ci_low"]) <= w1 <= float(row["w1_ci_high"]) and f"| {w1:.4g} [" in md
     tiny = [{**r, "core_hu_a": "", "core_sd_a": ""} for r in written]  # NaN is an empty cell: nodules with no core
     write_csv(out / "tiny.csv", tiny, list(written[0]))
     assert "| n/a / " in "\n".join(fidelity_section(out / "tiny.csv", [], out))
