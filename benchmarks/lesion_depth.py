@@ -2,8 +2,9 @@
 ``results/rois/*/*_n*_0_*``) against the lesion run's inserted ones (``results/synthetic/lesion/*_after``).
 
 Depth k = the nodule voxels whose distance transform (in voxels) lies in [k - 1/2, k + 1/2); the last row pools
-everything deeper. This is the script behind the "ε or v" table in docs/lesion-experiments.md; ``lesion.fidelity.core_mm`` gives the
-workflow's own core statistic. Usage: ``python benchmarks/lesion_depth.py WORKDIR``.
+everything deeper. This is the script behind the "ε or v" table in docs/lesion-experiments.md;
+``lesion.fidelity.core_mm`` gives the workflow's own core statistic.
+Usage: ``python benchmarks/lesion_depth.py WORKDIR``.
 """
 
 from __future__ import annotations
