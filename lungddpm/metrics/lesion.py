@@ -8,7 +8,9 @@ HU mean and SD (a pooled histogram can hide a bright core behind a dark rim), th
 profile and its sharpness (HU drop per mm across the boundary, the central difference of the mean profile at +-1
 step). Distances between two sets: the Wasserstein-1 distance of the pooled HU histograms, the differences of those
 statistics and the mean absolute difference of the profiles; W1 with a percentile bootstrap interval over nodules
-(both sets resampled, nodules kept whole), so that a gap can be told from the few nodules a demo has.
+(both sets resampled, nodules kept whole), and for the synthetic row the excess over the floor, W1(synthetic, B) -
+W1(A, B), with a paired interval (A, B and the synthetic set resampled together): an interval above 0 says that the
+synthetic nodules are further from real ones than real ones are from each other, beyond the sampling of nodules.
 
 The floor: the real nodules of a class split into two seeded disjoint halves A and B; the synthetic nodules are
 compared with the same half B, so a synthetic row and its floor row share their reference.
@@ -34,9 +36,10 @@ log = logging.getLogger(__name__)
 
 ALL = "all"
 COLUMNS = (
-    "texture_class", "comparison", "n_a", "n_b", "w1_hu", "w1_ci_low", "w1_ci_high", "mean_hu_a", "mean_hu_b",
-    "sd_hu_a", "sd_hu_b", "solid_fraction_a", "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu",
-    "core_hu_a", "core_hu_b", "core_sd_a", "core_sd_b",
+    "texture_class", "comparison", "n_a", "n_b", "w1_hu", "w1_ci_low", "w1_ci_high", "w1_excess_hu",
+    "w1_excess_ci_low", "w1_excess_ci_high", "mean_hu_a", "mean_hu_b", "sd_hu_a", "sd_hu_b", "solid_fraction_a",
+    "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu", "core_hu_a", "core_hu_b", "core_sd_a",
+    "core_sd_b",
 )  # fmt: skip
 
 
@@ -153,8 +156,33 @@ def w1_interval(
     w1 = np.empty(resamples)
     for i in range(resamples):
         ia, ib = rng.integers(len(a), size=len(a)), rng.integers(len(b), size=len(b))
-        w1[i] = wasserstein_distance(np.concatenate([a[j].hu for j in ia]), np.concatenate([b[j].hu for j in ib]))
+        w1[i] = wasserstein_distance(_pooled(a, ia), _pooled(b, ib))
     low, high = np.quantile(w1, [(1 - ci) / 2, (1 + ci) / 2])
+    return float(low), float(high)
+
+
+def _pooled(nodules: Sequence[Nodule], idx: np.ndarray) -> np.ndarray:
+    return np.concatenate([nodules[j].hu for j in idx])
+
+
+def w1_excess_interval(
+    a: Sequence[Nodule],
+    syn: Sequence[Nodule],
+    b: Sequence[Nodule],
+    resamples: int,
+    ci: float,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of W1(syn, b) - W1(a, b): each resample draws the nodules of all three
+    sets with replacement and measures both distances to the same resampled ``b``; (NaN, NaN) for 0 resamples."""
+    if resamples <= 0:
+        return float("nan"), float("nan")
+    d = np.empty(resamples)
+    for i in range(resamples):
+        ia, isyn, ib = (rng.integers(len(x), size=len(x)) for x in (a, syn, b))
+        ref = _pooled(b, ib)
+        d[i] = wasserstein_distance(_pooled(syn, isyn), ref) - wasserstein_distance(_pooled(a, ia), ref)
+    low, high = np.quantile(d, [(1 - ci) / 2, (1 + ci) / 2])
     return float(low), float(high)
 
 
@@ -209,8 +237,8 @@ def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -
 
 def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings) -> list[dict[str, Any]]:
     """Rows (COLUMNS) per texture class and for all nodules: ``real A vs real B`` (the floor) and ``synthetic vs
-    real B``, each with its W1 interval (``s.bootstrap`` resamples); a class without the nodules for a row has
-    none."""
+    real B``, each with its W1 interval (``s.bootstrap`` resamples), the synthetic row also with its excess over
+    the floor (NaN where the class has no floor); a class without the nodules for a row has none."""
     rows = []
     for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
         r = [n for n in real if cls in (ALL, n.texture_class)]
@@ -221,10 +249,19 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
             if a and half_b:
                 rng = np.random.default_rng([s.seed, k, j])  # each row its own draws: rows do not shift each other
                 rows.append({"texture_class": cls, "comparison": name,
-                             **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, rng)})  # fmt: skip
+                             **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, rng),
+                             "w1_excess_hu": float("nan"), "w1_excess_ci_low": float("nan"),
+                             "w1_excess_ci_high": float("nan")})  # fmt: skip
+        if syn and half_a and half_b:
+            floor, synth = rows[-2], rows[-1]
+            low, high = w1_excess_interval(
+                half_a, syn, half_b, s.bootstrap, s.ci, np.random.default_rng([s.seed, k, 2])
+            )
+            synth.update(w1_excess_hu=synth["w1_hu"] - floor["w1_hu"], w1_excess_ci_low=low, w1_excess_ci_high=high)
     for row in rows:
-        log.info("%s %s: W1 %.1f HU (%.1f-%.1f), mean %.0f vs %.0f HU, solid %.2f vs %.2f (n %d vs %d)",
-                 row["texture_class"], row["comparison"], row["w1_hu"], row["w1_ci_low"], row["w1_ci_high"],
+        log.info("%s %s: W1 %.1f HU (%.1f-%.1f; over the floor %.1f, %.1f-%.1f), mean %.0f vs %.0f HU, solid %.2f "
+                 "vs %.2f (n %d vs %d)", row["texture_class"], row["comparison"], row["w1_hu"], row["w1_ci_low"],
+                 row["w1_ci_high"], row["w1_excess_hu"], row["w1_excess_ci_low"], row["w1_excess_ci_high"],
                  row["mean_hu_a"], row["mean_hu_b"], row["solid_fraction_a"], row["solid_fraction_b"], row["n_a"],
                  row["n_b"])  # fmt: skip
     return rows

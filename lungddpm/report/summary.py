@@ -247,33 +247,38 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
     out = ["## Lesion fidelity (inserted nodules against real nodules of the same texture class)", ""]
     out.append(
         "W1 = Wasserstein-1 distance of the HU histograms inside the nodules, with its bootstrap interval over "
-        "nodules (lesion.fidelity.ci, both sets resampled); solid = fraction of nodule voxels at "
-        "or above the solid threshold; sharpness = HU drop per mm across the boundary; core HU = the mean HU of "
-        "the voxels at least lesion.fidelity.core_mm inside it. The floor compares two disjoint halves of the real "
-        "nodules; the synthetic nodules are compared with the same half B."
+        "nodules (lesion.fidelity.ci, both sets resampled); W1 over the floor = the synthetic row's W1 minus the "
+        "floor's, with a paired interval (real A, real B and the synthetic set resampled together: above 0, the "
+        "synthetic nodules are further from real ones than the sampling of nodules explains); solid = fraction of "
+        "nodule voxels at or above the solid threshold; sharpness = HU drop per mm across the boundary; core HU = "
+        "the mean HU of the voxels at least lesion.fidelity.core_mm inside it. The floor compares two disjoint "
+        "halves of the real nodules; the synthetic nodules are compared with the same half B."
     )
     out.append("")
     body = [
-        [r["texture_class"], r["comparison"], f"{r['n_a']} vs {r['n_b']}", _w1(r),
+        [r["texture_class"], r["comparison"], f"{r['n_a']} vs {r['n_b']}", _w1(r), _w1(r, "w1_excess"),
          f"{_fmt(r['mean_hu_a'])} / {_fmt(r['mean_hu_b'])}", f"{_fmt(r['sd_hu_a'])} / {_fmt(r['sd_hu_b'])}",
          f"{_fmt(r['solid_fraction_a'])} / {_fmt(r['solid_fraction_b'])}",
          f"{_fmt(r['sharpness_a'])} / {_fmt(r['sharpness_b'])}", _fmt(r["profile_l1_hu"]),
          f"{_fmt(r['core_hu_a'])} / {_fmt(r['core_hu_b'])}"]
         for r in read_csv(table)
     ]  # fmt: skip
-    out += _table(["class", "comparison", "n", "W1 HU", "mean HU a / b", "SD HU a / b", "solid a / b",
-                   "sharpness HU/mm a / b", "profile L1 HU", "core HU a / b"], body)  # fmt: skip
+    out += _table(["class", "comparison", "n", "W1 HU", "W1 over the floor HU", "mean HU a / b", "SD HU a / b",
+                   "solid a / b", "sharpness HU/mm a / b", "profile L1 HU", "core HU a / b"], body)  # fmt: skip
     out.append("")
     out += [f"![{Path(f).stem}]({_relative(Path(f), base)})" for f in figures] + [""]
     return out
 
 
-def _w1(row: dict[str, str]) -> str:
-    """W1 [its bootstrap interval], the interval left out where there is none (``bootstrap: 0``, older tables)."""
-    low, high = row.get("w1_ci_low", ""), row.get("w1_ci_high", "")
-    if low == "" or high == "" or not np.isfinite(float(low)):
-        return _fmt(row["w1_hu"])
-    return f"{_fmt(row['w1_hu'])} [{_fmt(low)}, {_fmt(high)}]"
+def _w1(row: dict[str, str], key: str = "w1") -> str:
+    """``{key}_hu`` [its bootstrap interval]; the interval left out where there is none (``bootstrap: 0``, older
+    tables), and an empty cell where the value is (the excess over the floor of a floor row)."""
+    value, low, high = row.get(f"{key}_hu", ""), row.get(f"{key}_ci_low", ""), row.get(f"{key}_ci_high", "")
+    if value == "":
+        return ""
+    if low == "" or high == "":
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
 
 
 def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:

@@ -18,6 +18,7 @@ from lungddpm.metrics.lesion import (
     margin_profile,
     measure,
     profile_bins,
+    w1_excess_interval,
     w1_interval,
 )
 from lungddpm.preprocessing.rois import ROI_COLUMNS
@@ -73,6 +74,26 @@ def test_w1_interval_resamples_whole_nodules() -> None:
     assert d["w1_ci_low"] <= narrow["w1_ci_low"] <= narrow["w1_ci_high"] <= d["w1_ci_high"]
     none = compare_sets(a, b, 1.0)  # no resamples: no interval, not a made-up one
     assert np.isnan(none["w1_ci_low"]) and np.isnan(none["w1_ci_high"]) and none["w1_hu"] == d["w1_hu"]
+
+
+def test_w1_excess_over_the_floor_is_paired() -> None:
+    rng = np.random.default_rng
+    half_a = [measure(f"a{i}", "solid", *_sphere(-40.0 * i, -800.0), 1.0, S) for i in range(4)]
+    half_b = [measure(f"b{i}", "solid", *_sphere(-20.0 - 40.0 * i, -800.0), 1.0, S) for i in range(4)]
+    like_real = [measure(f"s{i}", "solid", *_sphere(-40.0 * i, -800.0), 1.0, S) for i in range(4)]  # a copy of A
+    far = [measure(f"f{i}", "solid", *_sphere(-400.0 - 40.0 * i, -800.0), 1.0, S) for i in range(4)]
+    # a synthetic set like half A: no excess beyond the sampling of nodules, the interval straddles 0
+    low, high = w1_excess_interval(half_a, like_real, half_b, 300, 0.95, rng(0))
+    assert low < 0.0 < high
+    low, high = w1_excess_interval(half_a, far, half_b, 300, 0.95, rng(0))
+    assert 0.0 < low < high  # far nodules: above the floor at every resample
+    assert np.isnan(w1_excess_interval(half_a, far, half_b, 0, 0.95, rng(0))[0])
+    rows = fidelity(half_a + half_b, far, S)  # the real split draws its own halves; the synthetic row carries it
+    by = {(r["texture_class"], r["comparison"]): r for r in rows}
+    floor, synth = by["solid", "real A vs real B"], by["solid", "synthetic vs real B"]
+    assert synth["w1_excess_hu"] == pytest.approx(synth["w1_hu"] - floor["w1_hu"])
+    assert 0.0 < synth["w1_excess_ci_low"] < synth["w1_excess_hu"] < synth["w1_excess_ci_high"]
+    assert np.isnan(floor["w1_excess_hu"]) and np.isnan(floor["w1_excess_ci_low"])
 
 
 def test_core_is_the_voxels_deep_inside() -> None:
@@ -140,6 +161,11 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     assert "| core HU a / b |" in md and "| -200 / " in md  # the synthetic row's core, then the real half's
     w1 = float(row["w1_hu"])
     assert float(row["w1_ci_low"]) <= w1 <= float(row["w1_ci_high"]) and f"| {w1:.4g} [" in md
+    excess = float(row["w1_excess_hu"])  # one synthetic nodule against two real halves of two
+    assert float(row["w1_excess_ci_low"]) <= excess <= float(row["w1_excess_ci_high"])
+    assert f"| {excess:.4g} [" in md and "| W1 over the floor HU |" in md
+    floor_row = next(r for r in written if r["texture_class"] == "solid" and r["comparison"].startswith("real"))
+    assert floor_row["w1_excess_hu"] == ""  # the floor has no excess over itself: an empty cell, not 0
     tiny = [{**r, "core_hu_a": "", "core_sd_a": ""} for r in written]  # NaN is an empty cell: nodules with no core
     write_csv(out / "tiny.csv", tiny, list(written[0]))
     assert "| n/a / " in "\n".join(fidelity_section(out / "tiny.csv", [], out))
