@@ -5,7 +5,7 @@ All take ``a: [Na, D]`` and ``b: [Nb, D]`` float arrays and compute in float64.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -98,16 +98,18 @@ def bootstrap_distance(
     b: np.ndarray,
     n_boot: int,
     level: float = 0.95,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
+    min_distinct: int = 2,
 ) -> tuple[float, float, float]:
     """(value, low, high): ``distance(a, b)`` and a percentile bootstrap interval from resampling each set with
-    replacement (resamples that leave fewer than 2 distinct rows in a set are drawn again)."""
+    replacement (resamples that leave fewer than ``min_distinct`` distinct rows in a set are drawn again: a feature
+    covariance needs 2; 1 for a distance defined on any one row, which a set of one row needs)."""
     value = distance(a, b)
     rng = np.random.default_rng(seed)
     boots: list[float] = []
     while len(boots) < n_boot:
         ia, ib = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
-        if len(set(ia)) < 2 or len(set(ib)) < 2:
+        if len(set(ia)) < min_distinct or len(set(ib)) < min_distinct:
             continue
         boots.append(distance(a[ia], b[ib]))
     alpha = (1 - level) / 2

@@ -31,6 +31,7 @@ from scipy.stats import wasserstein_distance
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import atomic_path, read_volume, write_csv
 from ..preprocessing.layout import NODULE
+from .distribution import bootstrap_distance
 
 log = logging.getLogger(__name__)
 
@@ -144,25 +145,20 @@ def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
     }
 
 
-def w1_interval(
-    a: Sequence[Nodule], b: Sequence[Nodule], resamples: int, ci: float, rng: np.random.Generator
-) -> tuple[float, float]:
-    """Percentile bootstrap interval (level ``ci``) of the W1 distance of the pooled HU histograms: each resample
-    draws the nodules of ``a`` and of ``b`` with replacement (a nodule's voxels are not independent of each other);
-    (NaN, NaN) for ``resamples`` 0. A distance's resamples lie above 0 even for a set against itself, so the floor
-    row's interval also shows how far apart the sampling of nodules alone puts two sets."""
-    if resamples <= 0:
-        return float("nan"), float("nan")
-    w1 = np.empty(resamples)
-    for i in range(resamples):
-        ia, ib = rng.integers(len(a), size=len(a)), rng.integers(len(b), size=len(b))
-        w1[i] = wasserstein_distance(_pooled(a, ia), _pooled(b, ib))
-    low, high = np.quantile(w1, [(1 - ci) / 2, (1 + ci) / 2])
-    return float(low), float(high)
-
-
 def _pooled(nodules: Sequence[Nodule], idx: np.ndarray) -> np.ndarray:
     return np.concatenate([nodules[j].hu for j in idx])
+
+
+def _hu_per_nodule(nodules: Sequence[Nodule]) -> np.ndarray:
+    """[N] object array of the nodules' HU arrays: a set that a bootstrap resamples nodule by nodule."""
+    out = np.empty(len(nodules), dtype=object)
+    out[:] = [n.hu for n in nodules]
+    return out
+
+
+def _pooled_w1(a: np.ndarray, b: np.ndarray) -> float:
+    """W1 of the pooled HU histograms of two :func:`_hu_per_nodule` sets."""
+    return float(wasserstein_distance(np.concatenate(list(a)), np.concatenate(list(b))))
 
 
 def w1_excess_interval(
@@ -192,17 +188,23 @@ def compare_sets(
     step_mm: float,
     resamples: int = 0,
     ci: float = 0.95,
-    rng: np.random.Generator | None = None,
+    seed: int | Sequence[int] = 0,
 ) -> dict[str, Any]:
-    """One table row of set ``a`` against set ``b`` (both non-empty); the W1 interval from ``resamples`` bootstrap
-    draws of ``rng`` (default: seed 0)."""
+    """One table row of set ``a`` against set ``b`` (both non-empty). W1's percentile bootstrap interval (level
+    ``ci``) comes from ``resamples`` draws (seeded by ``seed``) of the nodules of ``a`` and of ``b`` with
+    replacement, each nodule whole (its voxels are not independent of each other); NaN for 0 resamples. A
+    distance's resamples lie above 0 even for a set against itself, so the floor row's interval also shows how far
+    apart the sampling of nodules alone puts two sets."""
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
-    pooled_a, pooled_b = np.concatenate([n.hu for n in a]), np.concatenate([n.hu for n in b])
-    low, high = w1_interval(a, b, resamples, ci, rng if rng is not None else np.random.default_rng(0))
+    hu_a, hu_b = _hu_per_nodule(a), _hu_per_nodule(b)
+    if resamples > 0:
+        w1, low, high = bootstrap_distance(_pooled_w1, hu_a, hu_b, resamples, ci, seed, min_distinct=1)
+    else:
+        w1, low, high = _pooled_w1(hu_a, hu_b), float("nan"), float("nan")
     return {
         "n_a": sa["n"],
         "n_b": sb["n"],
-        "w1_hu": float(wasserstein_distance(pooled_a, pooled_b)),
+        "w1_hu": w1,
         "w1_ci_low": low,
         "w1_ci_high": high,
         **{f"{k}_a": sa[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
@@ -247,9 +249,9 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
         half_a, half_b = [r[i] for i in perm[: len(r) // 2]], [r[i] for i in perm[len(r) // 2 :]]
         for j, (name, a) in enumerate((("real A vs real B", half_a), ("synthetic vs real B", syn))):
             if a and half_b:
-                rng = np.random.default_rng([s.seed, k, j])  # each row its own draws: rows do not shift each other
+                seed = [s.seed, k, j]  # each row its own draws: rows do not shift each other
                 rows.append({"texture_class": cls, "comparison": name,
-                             **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, rng),
+                             **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, seed),
                              "w1_excess_hu": float("nan"), "w1_excess_ci_low": float("nan"),
                              "w1_excess_ci_high": float("nan")})  # fmt: skip
         if syn and half_a and half_b:

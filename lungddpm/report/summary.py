@@ -41,8 +41,8 @@ def _fmt(v: str | float) -> str:
     return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
 
-def _ci(row: dict[str, str]) -> str:
-    return f"{_fmt(row['value'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+def _ci(row: dict[str, str], value: str = "value", low: str = "ci_low", high: str = "ci_high") -> str:
+    return f"{_fmt(row[value])} [{_fmt(row[low])}, {_fmt(row[high])}]"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -278,7 +278,7 @@ def _w1(row: dict[str, str], key: str = "w1") -> str:
         return ""
     if low == "" or high == "":
         return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+    return _ci(row, f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high")
 
 
 def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:

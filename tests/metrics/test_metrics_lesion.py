@@ -19,7 +19,6 @@ from lungddpm.metrics.lesion import (
     measure,
     profile_bins,
     w1_excess_interval,
-    w1_interval,
 )
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
@@ -58,19 +57,19 @@ def test_set_distances_known_answers() -> None:
 
 
 def test_w1_interval_resamples_whole_nodules() -> None:
-    rng = np.random.default_rng
     a = [measure(f"a{i}", "solid", *_sphere(-40.0 * i, -800.0), 1.0, S) for i in range(5)]
     b = [measure(f"b{i}", "solid", *_sphere(-300.0 - 40.0 * i, -800.0), 1.0, S) for i in range(5)]
-    assert w1_interval(a[:1], a[:1], 50, 0.95, rng(0)) == (0.0, 0.0)  # one nodule each: every resample is the same
-    d = compare_sets(a, b, 1.0, 400, 0.95, rng(1))
+    one = compare_sets(a[:1], a[:1], 1.0, 50, 0.95, 0)  # one nodule each: every resample is the same
+    assert (one["w1_ci_low"], one["w1_ci_high"]) == (0.0, 0.0)
+    d = compare_sets(a, b, 1.0, 400, 0.95, 1)
     assert d["w1_ci_low"] < d["w1_hu"] < d["w1_ci_high"]
     # every resample of a lies at -160..0 HU and of b at -460..-300: W1 is 140 at the least and 460 at the most
     assert 140.0 <= d["w1_ci_low"] and d["w1_ci_high"] <= 460.0 and d["w1_ci_high"] - d["w1_ci_low"] > 20.0
     # a set against itself: W1 0; two resamples of it differ a little (a distance's bootstrap lies above 0)
-    floor = compare_sets(a, a, 1.0, 400, 0.95, rng(1))
+    floor = compare_sets(a, a, 1.0, 400, 0.95, 1)
     assert floor["w1_hu"] == 0.0 <= floor["w1_ci_low"] < floor["w1_ci_high"] < d["w1_ci_low"]
-    assert compare_sets(a, b, 1.0, 400, 0.95, rng(1))["w1_ci_low"] == d["w1_ci_low"]  # seeded: reproducible
-    narrow = compare_sets(a, b, 1.0, 400, 0.5, rng(1))
+    assert compare_sets(a, b, 1.0, 400, 0.95, 1)["w1_ci_low"] == d["w1_ci_low"]  # seeded: reproducible
+    narrow = compare_sets(a, b, 1.0, 400, 0.5, 1)
     assert d["w1_ci_low"] <= narrow["w1_ci_low"] <= narrow["w1_ci_high"] <= d["w1_ci_high"]
     none = compare_sets(a, b, 1.0)  # no resamples: no interval, not a made-up one
     assert np.isnan(none["w1_ci_low"]) and np.isnan(none["w1_ci_high"]) and none["w1_hu"] == d["w1_hu"]
