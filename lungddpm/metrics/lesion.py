@@ -11,6 +11,8 @@ statistics and the mean absolute difference of the profiles; W1 with a percentil
 (both sets resampled, nodules kept whole), and for the synthetic row the excess over the floor, W1(synthetic, B) -
 W1(A, B), with a paired interval (A, B and the synthetic set resampled together): an interval above 0 says that the
 synthetic nodules are further from real ones than real ones are from each other, beyond the sampling of nodules.
+The same for the cores: the W1 of their pooled HU histograms, and its excess over the floor from the same paired
+draws (a bright, variable core weighs little in the whole nodule's histogram of a small nodule).
 
 The floor: the real nodules of a class split into two seeded disjoint halves A and B; the synthetic nodules are
 compared with the same half B, so a synthetic row and its floor row share their reference.
@@ -40,8 +42,9 @@ COLUMNS = (
     "texture_class", "comparison", "n_a", "n_b", "w1_hu", "w1_ci_low", "w1_ci_high", "w1_excess_hu",
     "w1_excess_ci_low", "w1_excess_ci_high", "mean_hu_a", "mean_hu_b", "sd_hu_a", "sd_hu_b", "solid_fraction_a",
     "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu", "core_hu_a", "core_hu_b", "core_sd_a",
-    "core_sd_b",
+    "core_sd_b", "core_w1_hu", "core_w1_excess_hu", "core_w1_excess_ci_low", "core_w1_excess_ci_high",
 )  # fmt: skip
+EXCESS = tuple(f"{k}_excess_{x}" for k in ("w1", "core_w1") for x in ("hu", "ci_low", "ci_high"))
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,8 @@ def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
     }
 
 
-def _pooled(nodules: Sequence[Nodule], idx: np.ndarray) -> np.ndarray:
-    return np.concatenate([nodules[j].hu for j in idx])
+def _pooled(nodules: Sequence[Nodule], idx: np.ndarray, field: str = "hu") -> np.ndarray:
+    return np.concatenate([getattr(nodules[j], field) for j in idx])
 
 
 def _hu_per_nodule(nodules: Sequence[Nodule]) -> np.ndarray:
@@ -161,25 +164,36 @@ def _pooled_w1(a: np.ndarray, b: np.ndarray) -> float:
     return float(wasserstein_distance(np.concatenate(list(a)), np.concatenate(list(b))))
 
 
-def w1_excess_interval(
+def _w1_or_nan(a: np.ndarray, b: np.ndarray) -> float:
+    """W1 of two pooled value arrays; NaN when either is empty (a set whose nodules have no core)."""
+    return float(wasserstein_distance(a, b)) if a.size and b.size else float("nan")
+
+
+def excess_intervals(
     a: Sequence[Nodule],
     syn: Sequence[Nodule],
     b: Sequence[Nodule],
     resamples: int,
     ci: float,
     rng: np.random.Generator,
-) -> tuple[float, float]:
-    """Paired percentile bootstrap interval of W1(syn, b) - W1(a, b): each resample draws the nodules of all three
-    sets with replacement and measures both distances to the same resampled ``b``; (NaN, NaN) for 0 resamples."""
-    if resamples <= 0:
-        return float("nan"), float("nan")
-    d = np.empty(resamples)
+) -> dict[str, tuple[float, float]]:
+    """Paired percentile bootstrap intervals of W1(syn, b) - W1(a, b), of the pooled HU (``"w1"``) and of the
+    pooled core HU (``"core_w1"``), from the same draws: each resample draws the nodules of all three sets with
+    replacement and measures both distances to the same resampled ``b``. A core resample with an empty set is
+    left out; (NaN, NaN) for 0 resamples or when no core resample is left."""
+    q = [(1 - ci) / 2, (1 + ci) / 2]
+    d = np.full((2, max(resamples, 0)), np.nan)
     for i in range(resamples):
         ia, isyn, ib = (rng.integers(len(x), size=len(x)) for x in (a, syn, b))
-        ref = _pooled(b, ib)
-        d[i] = wasserstein_distance(_pooled(syn, isyn), ref) - wasserstein_distance(_pooled(a, ia), ref)
-    low, high = np.quantile(d, [(1 - ci) / 2, (1 + ci) / 2])
-    return float(low), float(high)
+        for k, field in enumerate(("hu", "core")):
+            ref = _pooled(b, ib, field)
+            d[k, i] = _w1_or_nan(_pooled(syn, isyn, field), ref) - _w1_or_nan(_pooled(a, ia, field), ref)
+    out = {}
+    for k, key in enumerate(("w1", "core_w1")):
+        finite = d[k][np.isfinite(d[k])]
+        low, high = np.quantile(finite, q) if finite.size else (np.nan, np.nan)
+        out[key] = (float(low), float(high))
+    return out
 
 
 def compare_sets(
@@ -213,6 +227,7 @@ def compare_sets(
         "sharpness_b": sb["sharpness"],
         "profile_l1_hu": _mean_abs(sa["profile"] - sb["profile"]),
         **{f"{k}_{side}": st[k] for k in ("core_hu", "core_sd") for side, st in (("a", sa), ("b", sb))},
+        "core_w1_hu": _w1_or_nan(_pooled(a, np.arange(len(a)), "core"), _pooled(b, np.arange(len(b)), "core")),
     }
 
 
@@ -239,8 +254,9 @@ def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -
 
 def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings) -> list[dict[str, Any]]:
     """Rows (COLUMNS) per texture class and for all nodules: ``real A vs real B`` (the floor) and ``synthetic vs
-    real B``, each with its W1 interval (``s.bootstrap`` resamples), the synthetic row also with its excess over
-    the floor (NaN where the class has no floor); a class without the nodules for a row has none."""
+    real B``, each with its W1 interval (``s.bootstrap`` resamples), the synthetic row also with its excesses over
+    the floor, of W1 and of the cores' W1 (NaN where the class has no floor, or its floor no core); a class without
+    the nodules for a row has none."""
     rows = []
     for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
         r = [n for n in real if cls in (ALL, n.texture_class)]
@@ -252,20 +268,20 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
                 seed = [s.seed, k, j]  # each row its own draws: rows do not shift each other
                 rows.append({"texture_class": cls, "comparison": name,
                              **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, seed),
-                             "w1_excess_hu": float("nan"), "w1_excess_ci_low": float("nan"),
-                             "w1_excess_ci_high": float("nan")})  # fmt: skip
+                             **dict.fromkeys(EXCESS, float("nan"))})  # fmt: skip
         if syn and half_a and half_b:
             floor, synth = rows[-2], rows[-1]
-            low, high = w1_excess_interval(
-                half_a, syn, half_b, s.bootstrap, s.ci, np.random.default_rng([s.seed, k, 2])
-            )
-            synth.update(w1_excess_hu=synth["w1_hu"] - floor["w1_hu"], w1_excess_ci_low=low, w1_excess_ci_high=high)
+            ci = excess_intervals(half_a, syn, half_b, s.bootstrap, s.ci, np.random.default_rng([s.seed, k, 2]))
+            for key, (low, high) in ci.items():
+                synth.update({f"{key}_excess_hu": synth[f"{key}_hu"] - floor[f"{key}_hu"],
+                              f"{key}_excess_ci_low": low, f"{key}_excess_ci_high": high})  # fmt: skip
     for row in rows:
         log.info("%s %s: W1 %.1f HU (%.1f-%.1f; over the floor %.1f, %.1f-%.1f), mean %.0f vs %.0f HU, solid %.2f "
-                 "vs %.2f (n %d vs %d)", row["texture_class"], row["comparison"], row["w1_hu"], row["w1_ci_low"],
-                 row["w1_ci_high"], row["w1_excess_hu"], row["w1_excess_ci_low"], row["w1_excess_ci_high"],
-                 row["mean_hu_a"], row["mean_hu_b"], row["solid_fraction_a"], row["solid_fraction_b"], row["n_a"],
-                 row["n_b"])  # fmt: skip
+                 "vs %.2f, core W1 %.1f HU (over the floor %.1f, %.1f-%.1f) (n %d vs %d)", row["texture_class"],
+                 row["comparison"], row["w1_hu"], row["w1_ci_low"], row["w1_ci_high"], row["w1_excess_hu"],
+                 row["w1_excess_ci_low"], row["w1_excess_ci_high"], row["mean_hu_a"], row["mean_hu_b"],
+                 row["solid_fraction_a"], row["solid_fraction_b"], row["core_w1_hu"], row["core_w1_excess_hu"],
+                 row["core_w1_excess_ci_low"], row["core_w1_excess_ci_high"], row["n_a"], row["n_b"])  # fmt: skip
     return rows
 
 

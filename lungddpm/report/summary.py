@@ -250,9 +250,11 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
         "nodules (lesion.fidelity.ci, both sets resampled); W1 over the floor = the synthetic row's W1 minus the "
         "floor's, with a paired interval (real A, real B and the synthetic set resampled together: above 0, the "
         "synthetic nodules are further from real ones than the sampling of nodules explains); solid = fraction of "
-        "nodule voxels at or above the solid threshold; sharpness = HU drop per mm across the boundary; core HU = "
-        "the mean HU of the voxels at least lesion.fidelity.core_mm inside it. The floor compares two disjoint "
-        "halves of the real nodules; the synthetic nodules are compared with the same half B."
+        "nodule voxels at or above the solid threshold; sharpness = HU drop per mm across the boundary; core = "
+        "the voxels at least lesion.fidelity.core_mm inside it (a dark rim can hide a bright core in the pooled "
+        "histogram), core HU their mean, core W1 the W1 of their HU histograms, with its excess over the floor "
+        "drawn in the same paired resamples. The floor compares two disjoint halves of the real nodules; the "
+        "synthetic nodules are compared with the same half B."
     )
     out.append("")
     body = [
@@ -260,19 +262,21 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
          f"{_fmt(r['mean_hu_a'])} / {_fmt(r['mean_hu_b'])}", f"{_fmt(r['sd_hu_a'])} / {_fmt(r['sd_hu_b'])}",
          f"{_fmt(r['solid_fraction_a'])} / {_fmt(r['solid_fraction_b'])}",
          f"{_fmt(r['sharpness_a'])} / {_fmt(r['sharpness_b'])}", _fmt(r["profile_l1_hu"]),
-         f"{_fmt(r['core_hu_a'])} / {_fmt(r['core_hu_b'])}"]
+         f"{_fmt(r['core_hu_a'])} / {_fmt(r['core_hu_b'])}", _w1(r, "core_w1"), _w1(r, "core_w1_excess")]
         for r in read_csv(table)
     ]  # fmt: skip
     out += _table(["class", "comparison", "n", "W1 HU", "W1 over the floor HU", "mean HU a / b", "SD HU a / b",
-                   "solid a / b", "sharpness HU/mm a / b", "profile L1 HU", "core HU a / b"], body)  # fmt: skip
+                   "solid a / b", "sharpness HU/mm a / b", "profile L1 HU", "core HU a / b", "core W1 HU",
+                   "core W1 over the floor HU"], body)  # fmt: skip
     out.append("")
     out += [f"![{Path(f).stem}]({_relative(Path(f), base)})" for f in figures] + [""]
     return out
 
 
 def _w1(row: dict[str, str], key: str = "w1") -> str:
-    """``{key}_hu`` [its bootstrap interval]; the interval left out where there is none (``bootstrap: 0``, older
-    tables), and an empty cell where the value is (the excess over the floor of a floor row)."""
+    """``{key}_hu`` [its bootstrap interval]; the interval left out where there is none (``bootstrap: 0``, the
+    core W1 of a row), and an empty cell where the value is (the excess over the floor of a floor row, a table
+    written before the column)."""
     value, low, high = row.get(f"{key}_hu", ""), row.get(f"{key}_ci_low", ""), row.get(f"{key}_ci_high", "")
     if value == "":
         return ""

@@ -13,22 +13,27 @@ from lungddpm.io import Geometry, write_csv, write_volume
 from lungddpm.metrics.lesion import (
     FidelitySettings,
     compare_sets,
+    excess_intervals,
     fidelity,
     lesion_fidelity,
     margin_profile,
     measure,
     profile_bins,
-    w1_excess_interval,
 )
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
 S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0, core_mm=1.0)
 
 
-def _sphere(hu_in: float, hu_out: float, radius: float = 4.0, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def _sphere(
+    hu_in: float, hu_out: float, radius: float = 4.0, n: int = 16, core_hu: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ball of ``hu_in`` (and, given ``core_hu``, a centre of that HU out to 2 voxels) in ``hu_out``."""
     z, y, x = np.mgrid[:n, :n, :n] - (n - 1) / 2
-    mask = z**2 + y**2 + x**2 <= radius**2
-    return np.where(mask, hu_in, hu_out).astype(np.float32), mask
+    r2 = z**2 + y**2 + x**2
+    mask = r2 <= radius**2
+    ct = np.where(mask, hu_in, hu_out)
+    return (ct if core_hu is None else np.where(r2 <= 2.0**2, core_hu, ct)).astype(np.float32), mask
 
 
 def test_margin_profile_of_a_step_edge() -> None:
@@ -82,17 +87,28 @@ def test_w1_excess_over_the_floor_is_paired() -> None:
     like_real = [measure(f"s{i}", "solid", *_sphere(-40.0 * i, -800.0), 1.0, S) for i in range(4)]  # a copy of A
     far = [measure(f"f{i}", "solid", *_sphere(-400.0 - 40.0 * i, -800.0), 1.0, S) for i in range(4)]
     # a synthetic set like half A: no excess beyond the sampling of nodules, the interval straddles 0
-    low, high = w1_excess_interval(half_a, like_real, half_b, 300, 0.95, rng(0))
-    assert low < 0.0 < high
-    low, high = w1_excess_interval(half_a, far, half_b, 300, 0.95, rng(0))
-    assert 0.0 < low < high  # far nodules: above the floor at every resample
-    assert np.isnan(w1_excess_interval(half_a, far, half_b, 0, 0.95, rng(0))[0])
-    rows = fidelity(half_a + half_b, far, S)  # the real split draws its own halves; the synthetic row carries it
+    copy = excess_intervals(half_a, like_real, half_b, 300, 0.95, rng(0))
+    assert copy["w1"][0] < 0.0 < copy["w1"][1] and copy["core_w1"][0] < 0.0 < copy["core_w1"][1]
+    assert 0.0 < excess_intervals(half_a, far, half_b, 300, 0.95, rng(0))["w1"][0]  # above the floor at every draw
+    # the rim of half A around a bright core (+400 HU, 33 of 280 voxels): the pooled histogram dilutes it, the
+    # core's W1 (88 core voxels) does not
+    bright = [measure(f"c{i}", "solid", *_sphere(-40.0 * i, -800.0, core_hu=400.0 + 40 * i), 1.0, S) for i in range(4)]
+    got = excess_intervals(half_a, bright, half_b, 300, 0.95, rng(0))
+    assert got["w1"][1] < 100.0 < 140.0 < got["core_w1"][0] < got["core_w1"][1] < 220.0
+    assert all(np.isnan(v).all() for v in excess_intervals(half_a, far, half_b, 0, 0.95, rng(0)).values())
+    rows = fidelity(half_a + half_b, bright, S)  # the real split draws its own halves; the synthetic row carries it
     by = {(r["texture_class"], r["comparison"]): r for r in rows}
     floor, synth = by["solid", "real A vs real B"], by["solid", "synthetic vs real B"]
-    assert synth["w1_excess_hu"] == pytest.approx(synth["w1_hu"] - floor["w1_hu"])
-    assert 0.0 < synth["w1_excess_ci_low"] < synth["w1_excess_hu"] < synth["w1_excess_ci_high"]
-    assert np.isnan(floor["w1_excess_hu"]) and np.isnan(floor["w1_excess_ci_low"])
+    for key in ("w1", "core_w1"):
+        assert synth[f"{key}_excess_hu"] == pytest.approx(synth[f"{key}_hu"] - floor[f"{key}_hu"])
+        assert synth[f"{key}_excess_ci_low"] < synth[f"{key}_excess_hu"] < synth[f"{key}_excess_ci_high"]
+        assert np.isnan(floor[f"{key}_excess_hu"]) and np.isnan(floor[f"{key}_excess_ci_low"])
+    assert synth["core_w1_excess_ci_low"] > 0.0 and synth["core_w1_hu"] > 2 * synth["w1_hu"]
+    tiny = np.zeros((5, 5, 5), bool)
+    tiny[2, 2, 2] = True  # one voxel, no core: that set's core distances are NaN, not an error
+    t = [measure("t", "solid", np.zeros((5, 5, 5), np.float32), tiny, 1.0, S)]
+    assert np.isnan(excess_intervals(half_a, t, half_b, 50, 0.95, rng(0))["core_w1"]).all()
+    assert np.isnan(compare_sets(t, half_b, 1.0)["core_w1_hu"])
 
 
 def test_core_is_the_voxels_deep_inside() -> None:
@@ -163,8 +179,16 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     excess = float(row["w1_excess_hu"])  # one synthetic nodule against two real halves of two
     assert float(row["w1_excess_ci_low"]) <= excess <= float(row["w1_excess_ci_high"])
     assert f"| {excess:.4g} [" in md and "| W1 over the floor HU |" in md
+    core, core_excess = float(row["core_w1_hu"]), float(row["core_w1_excess_hu"])
+    assert core > 0.0 and core == pytest.approx(float(row["core_hu_b"]) + 200.0)  # a point mass below the cores
+    assert float(row["core_w1_excess_ci_low"]) <= core_excess <= float(row["core_w1_excess_ci_high"])
+    assert "| core W1 HU | core W1 over the floor HU |" in md and f"| {core:.4g} | {core_excess:.4g} [" in md
     floor_row = next(r for r in written if r["texture_class"] == "solid" and r["comparison"].startswith("real"))
-    assert floor_row["w1_excess_hu"] == ""  # the floor has no excess over itself: an empty cell, not 0
+    assert floor_row["w1_excess_hu"] == floor_row["core_w1_excess_hu"] == ""  # no excess over itself: empty, not 0
+    old = [{k: v for k, v in r.items() if not k.startswith("core_w1")} for r in written]  # a table from before
+    write_csv(out / "old.csv", old, list(old[0]))
+    lines = [ln for ln in fidelity_section(out / "old.csv", [], out) if ln.startswith("| solid | synthetic")]
+    assert lines[0].endswith(" |  |  |")  # still renders, with empty core W1 cells
     tiny = [{**r, "core_hu_a": "", "core_sd_a": ""} for r in written]  # NaN is an empty cell: nodules with no core
     write_csv(out / "tiny.csv", tiny, list(written[0]))
     assert "| n/a / " in "\n".join(fidelity_section(out / "tiny.csv", [], out))
