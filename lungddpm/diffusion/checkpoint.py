@@ -71,10 +71,11 @@ def load_for_sampling(
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: network, process, grid and intensity mapping."""
+    """What a checkpoint must agree on to be resumed: network, process, grid and intensity mapping. A diffusion key
+    left at null is left out, so a training begun before the key existed (``snr_gamma``) still resumes."""
     return {
         "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
-        "diffusion": cfg.raw["diffusion"],
+        "diffusion": {k: v for k, v in cfg.raw["diffusion"].items() if v is not None},
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
     }

@@ -25,6 +25,7 @@ class DiffusionConfig:
     schedule: str = "cosine"
     prediction: str = "epsilon"
     loss: str = "l1"
+    snr_gamma: float | None = None  # Min-SNR-γ loss weighting (None: every timestep weighs 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +53,8 @@ class GaussianDiffusion:
     def __init__(self, cfg: DiffusionConfig = DiffusionConfig()) -> None:
         if cfg.schedule not in SCHEDULES or cfg.prediction not in PREDICTIONS or cfg.loss not in ("l1", "l2"):
             raise ValueError(f"unsupported diffusion config {cfg}")
+        if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+            raise ValueError(f"diffusion.snr_gamma must be > 0 or null, not {cfg.snr_gamma}")
         self.cfg = cfg
         self.scheduler = make_scheduler(cfg)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float32)  # [T]
@@ -77,6 +80,18 @@ class GaussianDiffusion:
             return (x_t - (1 - a).sqrt() * output) / a.sqrt()
         return a.sqrt() * x_t - (1 - a).sqrt() * output
 
+    def timestep_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ weight [B] of timesteps ``t`` [B] (Hang et al. 2023), SNR = ᾱ / (1 - ᾱ): min(SNR, γ) / SNR
+        for ε and min(SNR, γ) / (SNR + 1) for v, under L2, so that a sample's loss is its x̂_0 error weighted by
+        min(SNR, γ) and the easy low-noise steps stop dominating the gradient; the square root of that under L1
+        (an L1 error scales with the square root of an L2 one). Ones when ``snr_gamma`` is None."""
+        if self.cfg.snr_gamma is None:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        a = self.alphas_cumprod.to(t.device)[t]
+        snr = a / (1 - a)
+        w = snr.clamp(max=self.cfg.snr_gamma) / (snr if self.cfg.prediction == "epsilon" else snr + 1)
+        return w.sqrt() if self.cfg.loss == "l1" else w
+
     def loss(
         self,
         model: Model,
@@ -86,8 +101,8 @@ class GaussianDiffusion:
         noise: torch.Tensor,
         weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample loss [B] (mean over voxels) of ``model`` at timesteps ``t`` with the given ``noise``;
-        ``weight`` [B, 1, D, H, W] makes it the weighted mean (the lesion-focused loss)."""
+        """Per-sample loss [B] (mean over voxels) of ``model`` at timesteps ``t`` with the given ``noise``, times
+        :meth:`timestep_weight`; ``weight`` [B, 1, D, H, W] makes it the weighted mean (the lesion-focused loss)."""
         x_t = self.add_noise(x0, noise, t)
         out = model(x_t, t, layout)
         target = self.target(x0, noise, t).to(out.dtype)
@@ -96,7 +111,8 @@ class GaussianDiffusion:
             if self.cfg.loss == "l1"
             else F.mse_loss(out, target, reduction="none")
         )
+        per_t = self.timestep_weight(t.to(x0.device))
         if weight is None:
-            return err.float().flatten(1).mean(1)
+            return err.float().flatten(1).mean(1) * per_t
         w = weight.float().expand_as(err).flatten(1)
-        return (err.float().flatten(1) * w).sum(1) / w.sum(1)
+        return (err.float().flatten(1) * w).sum(1) / w.sum(1) * per_t

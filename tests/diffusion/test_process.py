@@ -45,6 +45,35 @@ def test_loss_is_zero_for_a_perfect_denoiser_and_l1_or_l2() -> None:
         assert torch.allclose(off, torch.full((2,), 0.5 if loss == "l1" else 0.25))
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_min_snr_weight_is_the_x0_error_capped_at_gamma(prediction: str, loss: str) -> None:
+    # Min-SNR-γ: a sample's weighted loss is its x̂_0 error times min(SNR, γ) under L2 (its square root under L1),
+    # for ε and v alike; without snr_gamma the loss is the plain one
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.rand(4, 1, 4, 4, 4, generator=g) * 2 - 1, torch.randn(4, 1, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 30, 120, 249])  # SNR about 5000, 50, 1.3, 4e-8: capped, capped, not, not
+    off = torch.randn(4, 1, 4, 4, 4, generator=g) * 0.1
+    plain = GaussianDiffusion(DiffusionConfig(prediction=prediction, loss=loss))
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction, loss=loss, snr_gamma=5.0))
+
+    def model(x: torch.Tensor, tt: torch.Tensor, lay: None) -> torch.Tensor:
+        return d.target(x0, noise, t) + off
+
+    x0_hat = d.predict_x0(d.add_noise(x0, noise, t), t, model(x0, t, None))
+    p = 1 if loss == "l1" else 2
+    x0_err = (x0_hat - x0).abs().pow(p).flatten(1).mean(1)
+    a = d.alphas_cumprod[t]
+    cap = (a / (1 - a)).clamp(max=5.0).pow(p / 2)
+    got = d.loss(model, x0, None, t, noise)
+    assert torch.allclose(got[:3], cap[:3] * x0_err[:3], rtol=1e-3)  # the last x̂_0 is 1/sqrt(4e-8) x its error
+    assert torch.equal(plain.loss(model, x0, None, t, noise) * d.timestep_weight(t), got)
+    assert d.timestep_weight(t)[0] < 0.05 < d.timestep_weight(t)[2]  # the easy low-noise step weighs least
+    assert torch.equal(plain.timestep_weight(t), torch.ones(4))
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        GaussianDiffusion(DiffusionConfig(snr_gamma=0.0))
+
+
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 250), ("ddim", 20), ("dpm++", 20), ("dpm++", 250)])
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_oracle_denoiser_recovers_the_clean_volume(sampler: str, steps: int, prediction: str) -> None:

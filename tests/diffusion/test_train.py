@@ -119,6 +119,11 @@ def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     # a configuration change is refused with the way out
     with pytest.raises(CheckpointError, match="different model/diffusion/grid config.*train.resume: never"):
         find_resume_checkpoint(state, {**expected, "size": [32, 32, 32]})
+    # a diffusion key added later and left at null (snr_gamma) does not enter the fingerprint: an older training
+    # resumes; set, it is a change like any other
+    assert "snr_gamma" in cfg.raw["diffusion"] and "snr_gamma" not in expected["diffusion"]
+    with pytest.raises(CheckpointError, match="different model/diffusion/grid config"):
+        find_resume_checkpoint(state, {**expected, "diffusion": {**expected["diffusion"], "snr_gamma": 5.0}})
     # a pickle that needs arbitrary objects is refused, loudly
     evil = state / "step_0000040.pt"
     torch.save({"model": {}, "payload": Payload()}, evil)
