@@ -111,6 +111,12 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
             "model.context: mask-conditioned inpainting is the lesion scale's (its training knows the generated "
             "regions); set lesion.model.context instead"
         )
+    diffusion = config.get("diffusion", {})
+    if not problems and diffusion["schedule"] == "linear" and diffusion["timesteps"] <= 20:
+        problems.append(
+            f"diffusion.timesteps: {diffusion['timesteps']} with the linear schedule makes beta reach 1 (DDPM's "
+            "0.02 at T=1000, rescaled to T); use more than 20 timesteps or schedule: cosine"
+        )
     if not problems:
         problems += _grid_problems(config)
     if problems:

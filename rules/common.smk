@@ -56,8 +56,13 @@ def subset_cases(subset):
 
 
 def settings(*sections):
-    """Config sections a rule depends on, passed as params so that editing them reruns the rule."""
-    return {name: config[name] for name in sections}
+    """Config sections a rule depends on, passed as params so that editing them reruns the rule. A diffusion key
+    left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
+    (snr_gamma) does not rerun the trainings of a workdir made before it."""
+    out = {name: config[name] for name in sections}
+    if "diffusion" in out:
+        out["diffusion"] = {k: v for k, v in out["diffusion"].items() if v is not None}
+    return out
 
 
 def series_input(wildcards):

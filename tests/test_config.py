@@ -49,6 +49,9 @@ def test_bad_enum_and_split_sum() -> None:
         validate_config({"data": {"source": "tcia"}})
     with pytest.raises(ConfigError, match="train \\+ val \\+ test must sum to 1"):
         validate_config({"split": {"train": 0.5, "val": 0.1, "test": 0.1}})
+    with pytest.raises(ConfigError, match="diffusion.timesteps: 20 with the linear schedule makes beta reach 1"):
+        validate_config({"diffusion": {"schedule": "linear", "timesteps": 20}})
+    assert validate_config({"diffusion": {"schedule": "linear", "timesteps": 21}})["diffusion"]["snr_gamma"] is None
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

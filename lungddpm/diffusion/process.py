@@ -53,6 +53,8 @@ class GaussianDiffusion:
     def __init__(self, cfg: DiffusionConfig = DiffusionConfig()) -> None:
         if cfg.schedule not in SCHEDULES or cfg.prediction not in PREDICTIONS or cfg.loss not in ("l1", "l2"):
             raise ValueError(f"unsupported diffusion config {cfg}")
+        if cfg.schedule == "linear" and cfg.timesteps <= 20:  # beta_end 0.02 x 1000 / T reaches 1: ᾱ hits 0
+            raise ValueError(f"diffusion.schedule linear needs timesteps > 20, not {cfg.timesteps}; or use cosine")
         if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
             raise ValueError(f"diffusion.snr_gamma must be > 0 or null, not {cfg.snr_gamma}")
         self.cfg = cfg

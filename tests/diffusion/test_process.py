@@ -72,6 +72,9 @@ def test_min_snr_weight_is_the_x0_error_capped_at_gamma(prediction: str, loss: s
     assert torch.equal(plain.timestep_weight(t), torch.ones(4))
     with pytest.raises(ValueError, match="snr_gamma must be > 0"):
         GaussianDiffusion(DiffusionConfig(snr_gamma=0.0))
+    with pytest.raises(ValueError, match="linear needs timesteps > 20"):  # beta would reach 1, ᾱ 0: NaN weights
+        GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=20))
+    assert GaussianDiffusion(DiffusionConfig(schedule="linear", timesteps=21)).alphas_cumprod[-1] > 0
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 250), ("ddim", 20), ("dpm++", 20), ("dpm++", 250)])
