@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .config_checks import consistency_problems
 from .errors import ConfigError
 
 SCHEMA_FILE = "schema.yaml"
@@ -111,38 +112,11 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
             "model.context: mask-conditioned inpainting is the lesion scale's (its training knows the generated "
             "regions); set lesion.model.context instead"
         )
-    diffusion = config.get("diffusion", {})
-    if not problems and diffusion["schedule"] == "linear" and diffusion["timesteps"] <= 20:
-        problems.append(
-            f"diffusion.timesteps: {diffusion['timesteps']} with the linear schedule makes beta reach 1 (DDPM's "
-            "0.02 at T=1000, rescaled to T); use more than 20 timesteps or schedule: cosine"
-        )
     if not problems:
-        problems += _grid_problems(config)
+        problems += consistency_problems(config)
     if problems:
         raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml):\n  " + "\n  ".join(problems))
     return config
-
-
-def _grid_problems(config: Mapping[str, Any]) -> list[str]:
-    """Grids the UNet cannot take (it halves them once per level after the first), found at parse time rather than
-    when training starts."""
-    out = []
-    model, lesion = config["model"], config.get("lesion", {})
-    grids = []  # (key, its value, the section of its network, that network's channel_mult)
-    if not model.get("init_from"):  # an imported network brings its own grid
-        grids.append(("preprocess.size", list(config["preprocess"]["size"]), "model", model["channel_mult"]))
-    if lesion:
-        mult = (lesion.get("model") or {}).get("channel_mult") or model["channel_mult"]
-        grids.append(("lesion.roi.size", lesion["roi"]["size"], "lesion.model", mult))
-    for key, value, section, mult in grids:
-        step = 2 ** (len(mult) - 1)
-        if any(int(s) % step for s in (value if isinstance(value, list) else [value])):
-            out.append(
-                f"{key}: {value} is not a multiple of {step} (the UNet halves its grid {len(mult) - 1} times: "
-                f"{section}.channel_mult {list(mult)}); choose a size divisible by {step} or fewer levels"
-            )
-    return out
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:

@@ -3,8 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lungddpm.config import Config, load_config, validate_config
+from lungddpm.config import Config, _merge, config_from_mapping, lesion_config, load_config, validate_config
 from lungddpm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,44 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         validate_config({"lesion": {"roi": {"size": 30}, "model": {"channel_mult": [1, 2, 4]}}})
     # an imported network brings its own grid: preprocess.size is resampled to it, so any size goes
     validate_config({"preprocess": {"size": [31, 32, 32]}, "model": {"init_from": "released.pt"}})
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        # a crop the UNet cannot halve, or larger than the grid: refused before the ROIs are extracted
+        ({"train": {"crop": 10}}, r"train.crop: 10 must be a multiple of 4 .* choose one of \[4, 8, .*32\]"),
+        ({"train": {"crop": 48}}, r"train.crop: 48 must be .* at most the grid \[32, 32, 32\]"),
+        # attention at a grid no level has: it would silently attend in the middle block only
+        (
+            {"model": {"attention_resolutions": [3]}},
+            r"attention_resolutions: \[3\] is no level of the 32³ .*\[32, 16, 8\]",
+        ),
+        ({"model": {"num_heads": 5}}, r"model.num_heads: 5 does not divide the \[48\] channels"),
+        # the paste-back's feather reaching into the new nodule: a faded nodule that the label map marks whole
+        ({"lesion": {"insert": {"margin_mm": 1.25, "feather_mm": 5.0}}}, r"feather_mm: 5.0 is more than margin_mm"),
+        ({"lesion": {"insert": {"diameter_mm": [15, 5]}}}, r"lesion.insert.diameter_mm: \[15, 5\] is reversed"),
+        ({"layout_edit": {"diameter_mm": [30, 10]}}, r"layout_edit.diameter_mm: \[30, 10\] is reversed"),
+        ({"lesion": {"insert": {"diameter_mm": [5, 36]}}}, r"the largest, 36 mm, .* does not fit an ROI of 40 mm"),
+        ({"lesion": {"roi": {"nodule_jitter_mm": 20}}}, r"nodule_jitter_mm: 20 can move a nodule's centre out"),
+        ({"lesion": {"fidelity": {"profile_step_mm": 0.5}}}, r"profile_step_mm: 0.5 is finer than the ROI spacing"),
+        ({"lesion": {"fidelity": {"profile_mm": 1.0}}}, r"profile_mm: 1.0 is less than one profile bin \(1.25 mm\)"),
+    ],
+)
+def test_settings_that_would_fail_late_or_silently_are_refused(config: dict, message: str) -> None:
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    _merge(demo, config)
+    with pytest.raises(ConfigError, match=message):
+        lesion_config(config_from_mapping(demo))  # the whole config, then the lesion scale's merged view
+
+
+def test_the_lesion_networks_crop_and_attention_are_checked_on_the_roi_grid() -> None:
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg = config_from_mapping(demo)
+    assert lesion_config(cfg).train.crop == 16  # the demo: 16³ crops of 32³ ROIs, attention at 8³
+    _merge(demo, {"lesion": {"roi": {"size": 64}}})  # a 64³ ROI alone: attention at 8³ is no level of [1, 2, 4]
+    with pytest.raises(ConfigError, match=r"(?s)lesion scale .*attention_resolutions: \[8\] is no level of the 64³"):
+        lesion_config(config_from_mapping(demo))
 
 
 def test_the_packaged_schema_is_the_workflow_schema() -> None:

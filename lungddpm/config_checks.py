@@ -1,0 +1,133 @@
+"""Cross-field checks of a validated config that the JSON schema cannot express: settings that would crash deep
+inside a rule, or silently do something else than asked, refused at parse time with the key and the fix.
+
+Each check returns messages ``"<key>: <what is wrong>; <the fix>"``. The lesion scale's network, training and grid
+are checked again through :func:`lungddpm.config.lesion_config`'s merged view (``preprocess.size`` = the ROI grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def consistency_problems(config: Mapping[str, Any]) -> list[str]:
+    """Every cross-field problem of ``config`` (defaults filled): grids, crops, attention and heads of the network,
+    lesion insertion, ROI jitter and the fidelity profile, and the linear schedule's length."""
+    return (
+        _grid_problems(config)
+        + _network_problems(config)
+        + _lesion_problems(config.get("lesion") or {})
+        + _diameter_problems(config.get("layout_edit") or {}, "layout_edit")
+        + _schedule_problems(config.get("diffusion") or {})
+    )
+
+
+def _grid_problems(config: Mapping[str, Any]) -> list[str]:
+    """Grids the UNet cannot take (it halves them once per level after the first)."""
+    out = []
+    model, lesion = config["model"], config.get("lesion", {})
+    grids = []  # (key, its value, the section of its network, that network's channel_mult)
+    if not model.get("init_from"):  # an imported network brings its own grid
+        grids.append(("preprocess.size", list(config["preprocess"]["size"]), "model", model["channel_mult"]))
+    if lesion:
+        mult = (lesion.get("model") or {}).get("channel_mult") or model["channel_mult"]
+        grids.append(("lesion.roi.size", lesion["roi"]["size"], "lesion.model", mult))
+    for key, value, section, mult in grids:
+        step = 2 ** (len(mult) - 1)
+        if any(int(s) % step for s in (value if isinstance(value, list) else [value])):
+            out.append(
+                f"{key}: {value} is not a multiple of {step} (the UNet halves its grid {len(mult) - 1} times: "
+                f"{section}.channel_mult {list(mult)}); choose a size divisible by {step} or fewer levels"
+            )
+    return out
+
+
+def _network_problems(config: Mapping[str, Any]) -> list[str]:
+    """The network of this view against its grid: training crops, attention levels that exist, heads that divide
+    the channels (an imported network brings its own and is not checked)."""
+    model, train = config["model"], config["train"]
+    if model.get("init_from"):
+        return []
+    size = [int(s) for s in config["preprocess"]["size"]]
+    mult = [int(m) for m in model["channel_mult"]]
+    step = 2 ** (len(mult) - 1)
+    edge = max(size)  # the network's image_size, to which attention_resolutions are relative
+    levels = [edge // 2**i for i in range(len(mult))]
+    out = []
+    crop = int(train.get("crop") or 0)
+    if crop and (crop % step or crop > min(size)):
+        out.append(
+            f"train.crop: {crop} must be a multiple of {step} (model.channel_mult {mult}) and at most the grid "
+            f"{size}; choose one of {[c for c in range(step, min(size) + 1, step)]} or 0 (the whole grid)"
+        )
+    missing = [r for r in model["attention_resolutions"] if edge % int(r) or int(r) not in levels]
+    if missing:
+        out.append(
+            f"model.attention_resolutions: {missing} is no level of the {edge}³ network, so attention would not be "
+            f"where asked (the UNet attends at the level edge // r of each r); choose from its levels {levels}"
+        )
+    heads, width = int(model["num_heads"]), int(model["model_channels"])
+    attended = {len(mult) - 1} | {i for i, lv in enumerate(levels) if lv in model["attention_resolutions"]}
+    bad = sorted({width * mult[i] for i in attended if width * mult[i] % heads})
+    if bad:
+        out.append(
+            f"model.num_heads: {heads} does not divide the {bad} channels of an attention level (the middle block "
+            "attends too); choose a divisor of model_channels x channel_mult at those levels"
+        )
+    return out
+
+
+def _diameter_problems(section: Mapping[str, Any], key: str) -> list[str]:
+    lo, hi = (float(v) for v in section.get("diameter_mm") or (0.0, 0.0))
+    if lo > hi:
+        return [f"{key}.diameter_mm: [{lo:g}, {hi:g}] is reversed; give [smallest, largest]"]
+    return []
+
+
+def _lesion_problems(lesion: Mapping[str, Any]) -> list[str]:
+    """Insertion, ROI jitter and the fidelity profile against the ROI grid."""
+    if not lesion:
+        return []
+    roi, insert, fid = lesion["roi"], lesion["insert"], lesion["fidelity"]
+    spacing = float(roi["spacing_mm"])
+    edge_mm = int(roi["size"]) * spacing
+    out = _diameter_problems(insert, "lesion.insert")
+    if float(insert["feather_mm"]) > float(insert["margin_mm"]):
+        out.append(
+            f"lesion.insert.feather_mm: {insert['feather_mm']} is more than margin_mm {insert['margin_mm']}: the "
+            "paste-back weight would still be below 1 inside the new nodule, which the label map marks whole; "
+            "lower feather_mm or raise margin_mm"
+        )
+    if float(insert["diameter_mm"][1]) + 2 * float(insert["margin_mm"]) >= edge_mm:
+        out.append(
+            f"lesion.insert.diameter_mm: the largest, {insert['diameter_mm'][1]} mm, with margin_mm "
+            f"{insert['margin_mm']} on either side does not fit an ROI of {edge_mm:g} mm (lesion.roi.size x "
+            "spacing_mm), so such nodules could never be placed; lower them or raise lesion.roi.size"
+        )
+    if float(roi["nodule_jitter_mm"]) >= edge_mm / 2:
+        out.append(
+            f"lesion.roi.nodule_jitter_mm: {roi['nodule_jitter_mm']} can move a nodule's centre out of its "
+            f"{edge_mm:g} mm ROI; keep it under {edge_mm / 2:g}"
+        )
+    step = fid.get("profile_step_mm")
+    if step is not None and float(step) < spacing:
+        out.append(
+            f"lesion.fidelity.profile_step_mm: {step} is finer than the ROI spacing {spacing:g} mm, so some of the "
+            "margin profile's bins would hold no voxel (NaN); use at least the spacing, or null"
+        )
+    if float(fid["profile_mm"]) < float(step or spacing):
+        out.append(
+            f"lesion.fidelity.profile_mm: {fid['profile_mm']} is less than one profile bin ({float(step or spacing):g}"
+            " mm); raise it"
+        )
+    return out
+
+
+def _schedule_problems(diffusion: Mapping[str, Any]) -> list[str]:
+    if diffusion.get("schedule") == "linear" and int(diffusion.get("timesteps", 1000)) <= 20:
+        return [
+            f"diffusion.timesteps: {diffusion['timesteps']} with the linear schedule makes beta reach 1 (DDPM's "
+            "0.02 at T=1000, rescaled to T); use more than 20 timesteps or schedule: cosine"
+        ]
+    return []
