@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .nodules import Nodule, components, paint
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+MAX_NODULES = 255  # nodule indices are stored as uint8 on the model grid
 COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
 CONVENTIONS = {"lung_nodule": {"lung": 1, "nodule": 2}, "binary": {"lung": None, "nodule": 1}}
@@ -109,8 +111,11 @@ def patient_of(case_id: str, pattern: str | None) -> str:
     if not pattern:
         return case_id
     m = re.match(pattern, case_id)
-    if not m or not m.groups():
-        raise ImageError(f"case {case_id!r}: data.images.patient_regex {pattern!r} does not match it with a group")
+    if not m or not m.groups() or not m.group(1):
+        raise ImageError(
+            f"case {case_id!r}: data.images.patient_regex {pattern!r} does not match it with a non-empty first group; "
+            "make the patient part a required group, e.g. '(.+)_t\\d+$'"
+        )
     return m.group(1)
 
 
@@ -140,11 +145,19 @@ def _read(path: Path) -> Any:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
             series = reader.GetGDCMSeriesIDs(str(path))
+            volumes = [f.name for f in sorted(path.iterdir()) if f.name.lower().endswith(SUFFIXES)]
+            if not series and volumes:
+                raise ImageError(
+                    f"{path}: a folder of volume files ({', '.join(volumes[:3])}), not a DICOM series; put each CT "
+                    f"directly in data.images.ct_dir as <case>{Path(volumes[0]).suffix}, named by its case"
+                )
             if len(series) != 1:
                 raise ImageError(
                     f"{path}: {len(series)} DICOM series in this folder; keep exactly one series per subfolder"
                 )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            names = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            _check_slice_positions(path, names)
+            reader.SetFileNames(names)
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
@@ -162,12 +175,49 @@ def _read(path: Path) -> Any:
     return image
 
 
+def _check_slice_positions(folder: Path, names: Sequence[str]) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced (a missing slice): SimpleITK would stack them at
+    one spacing and shift everything past the gap."""
+    import pydicom
+
+    z = np.sort([float(pydicom.dcmread(n, stop_before_pixels=True).ImagePositionPatient[2]) for n in names])
+    gaps = np.diff(z)
+    if gaps.size < 2:
+        return
+    step = float(np.median(gaps))
+    odd = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * step))
+    if odd.size:
+        where = ", ".join(f"{z[i]:.2f} to {z[i + 1]:.2f} mm" for i in odd[:3])
+        raise ImageError(
+            f"{folder}: slices are not evenly spaced ({odd.size} gap(s) unlike the usual {step:.3g} mm: {where}); "
+            "slices are missing or the series is irregular. Re-export the complete series, or resample it onto "
+            "regular slices and give it as a volume file"
+        )
+
+
+def _nifti_nans(path: Path) -> int:
+    """NaN voxels of a float NIfTI file (SimpleITK's reader turns them into 0 without a word); 0 otherwise."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return 0
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0
+    return int(np.isnan(np.asanyarray(img.dataobj)).sum())
+
+
 def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     """A CT volume -> axial series in HU [Z, Y, X] (z ascending), clipped to [``padding_hu``, ``max_hu``]."""
     import SimpleITK as sitk
 
     image = _read(Path(path))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    nans = int(np.isnan(hu).sum()) or (0 if Path(path).is_dir() else _nifti_nans(Path(path)))
+    if nans:
+        raise ImageError(
+            f"{path}: {nans} NaN voxel(s); fill them with the HU of air outside the body (e.g. -1024) and export again"
+        )
     if hu.size == 0 or float(hu.min()) >= -200.0:
         raise ImageError(
             f"{path}: minimum value {float(hu.min()) if hu.size else 'n/a'} - this is not a CT in Hounsfield units "
@@ -223,9 +273,11 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
     found = {int(v) for v in np.unique(labels)}
     if not found <= allowed:
         other = "binary" if convention == "lung_nodule" else "lung_nodule"
+        fits = found <= {0} | {v for v in CONVENTIONS[other].values() if v is not None}
+        hint = f"set label_convention: {other} if that is how the maps are coded, or recode" if fits else "recode"
         raise ImageError(
             f"{path}: labels {sorted(found)}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
-            f"set label_convention: {other} if that is how the maps are coded, or recode the map"
+            f"{hint} the map"
         )
     nodule = labels == codes["nodule"]
     lung = None
@@ -242,6 +294,11 @@ def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu:
     lung, nodule = read_label(case.label, ct, convention)
     dz = float(np.median(np.diff(ct.z_positions))) if ct.z_positions.size > 1 else 1.0
     nods = components(nodule, (dz, *ct.pixel_spacing))
+    if len(nods) > MAX_NODULES:
+        raise ImageError(
+            f"{case.label}: {len(nods)} separate nodule pieces (at most {MAX_NODULES}); a nodule label this "
+            "speckled is noise or a thresholded map: remove the specks (keep the nodules' connected masks)"
+        )
     log.info("%s: %d nodule component(s) in %s, lung %s", case.case_id, len(nods), case.label.name,
              "from the label map" if lung is not None else "from lungddpm's lung mask")  # fmt: skip
     return ImageScan(ct, lung, nods)

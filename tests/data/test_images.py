@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -14,6 +15,7 @@ from lungddpm.data.images import (
     case_id_of,
     discover,
     export_case,
+    patient_of,
     read_ct,
     read_image_case,
     read_label,
@@ -96,6 +98,32 @@ def test_an_oblique_volume_and_a_non_hu_volume_are_refused(tmp_path: Path) -> No
         read_ct(tmp_path / "raw.nrrd", -1024, 3071)
 
 
+def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path: Path) -> None:
+    # a DICOM series with a slice missing: SimpleITK would stack the rest at one spacing, shifting all past the gap
+    hu = _ct((6, 32, 32)).astype(np.float32)
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=32, cols=32)
+    folder = tmp_path / "P1"
+    write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+    assert read_ct(folder, -1024.0, 3071.0).z_positions == pytest.approx(np.arange(6) * 2.5 - 40.0)  # complete
+    files = sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    files[3].unlink()
+    with pytest.raises(ImageError, match=r"P1: slices are not evenly spaced \(1 gap\(s\) unlike the usual 2.5 mm: "
+                       r"-35.00 to -30.00 mm\); slices are missing"):  # fmt: skip
+        read_ct(folder, -1024.0, 3071.0)
+    # NaN voxels: NRRD keeps them, SimpleITK's NIfTI reader turns them into 0 HU silently; both refused
+    nan = _ct().astype(np.float32)
+    nan[3, 10, 10] = np.nan
+    for name in ("nan.nrrd", "nan.nii.gz"):
+        write_image(tmp_path / name, nan, _series(nan))
+        with pytest.raises(ImageError, match=rf"{name}: 1 NaN voxel\(s\); fill them with the HU of air"):
+            read_ct(tmp_path / name, -1024.0, 3071.0)
+    # one NIfTI per case folder (TotalSegmentator's layout) is not a DICOM series: say how to lay it out
+    (tmp_path / "s0001").mkdir()
+    write_image(tmp_path / "s0001" / "ct.nii.gz", _ct(), _series(_ct()))
+    with pytest.raises(ImageError, match=r"s0001: a folder of volume files \(ct.nii.gz\), not a DICOM series; put "):
+        read_ct(tmp_path / "s0001", -1024.0, 3071.0)
+
+
 def _labels(shape: tuple[int, int, int]) -> np.ndarray:
     labels = np.zeros(shape, np.uint8)
     labels[:, 5:-5, 4:9] = 1
@@ -125,6 +153,16 @@ def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> N
     assert lung is None and np.array_equal(nodule, binary > 0)
     with pytest.raises(ImageError, match=r"seg.nrrd: labels \[0, 1, 2\], .*'binary' allows \[0, 1\]; set label_conv"):
         read_label(tmp_path / "seg.nrrd", series, "binary")
+    write_image(tmp_path / "mask255.nrrd", (binary * 255).astype(np.uint8), series)  # fits neither convention
+    with pytest.raises(ImageError, match=r"labels \[0, 255\], .*'lung_nodule' allows \[0, 1, 2\]; recode the map"):
+        read_label(tmp_path / "mask255.nrrd", series, "lung_nodule")
+    speckled = np.zeros(hu.shape, np.uint8)
+    speckled[::2, ::2, ::2] = 2  # 5 x 12 x 10 = 600 one-voxel nodules: more than the model grid's uint8 index holds
+    write_image(tmp_path / "speckled.nrrd", speckled, series)
+    with pytest.raises(ImageError, match=r"speckled.nrrd: 600 separate nodule pieces \(at most 255\)"):
+        read_image_case(
+            ImageCase("c", tmp_path / "ct.nrrd", tmp_path / "speckled.nrrd", "c"), "lung_nodule", -1024, 3071
+        )
 
 
 def test_label_lungs_that_vanish_on_the_fine_grid_are_an_error_naming_the_ct(tmp_path: Path) -> None:
@@ -176,6 +214,8 @@ def test_patient_regex_groups_series_and_is_checked_at_parse_time(tmp_path: Path
         (ct / name).write_bytes(b"")
     cases = discover(str(ct), None, r"(p\d+)_")
     assert {c: k.patient_id for c, k in cases.items()} == {"p01_t0": "p01", "p01_t1": "p01", "p02_t0": "p02"}
+    with pytest.raises(ImageError, match=r"case 'p01_t0': data.images.patient_regex .* a non-empty first group"):
+        patient_of("p01_t0", r"(?:(q\d+)_)?")  # an optional group that matched nothing: no patient, not None
     with pytest.raises(ConfigError, match=r"data.images.patient_regex: 'p.*' has no group; put the patient part in"):
         validate_config({"data": {"source": "images", "images": {"ct_dir": str(ct), "patient_regex": r"p\d+"}}})
     with pytest.raises(ConfigError, match=r"data.images.ct_dir: required when data.source is 'images'"):
