@@ -106,7 +106,7 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ({"lesion": {"insert": {"margin_mm": 1.25, "feather_mm": 5.0}}}, r"feather_mm: 5.0 is more than margin_mm"),
         ({"lesion": {"insert": {"diameter_mm": [15, 5]}}}, r"lesion.insert.diameter_mm: \[15, 5\] is reversed"),
         ({"layout_edit": {"diameter_mm": [30, 10]}}, r"layout_edit.diameter_mm: \[30, 10\] is reversed"),
-        ({"lesion": {"insert": {"diameter_mm": [5, 36]}}}, r"the largest, 36 mm, .* does not fit an ROI of 40 mm"),
+        ({"lesion": {"insert": {"diameter_mm": [33, 36]}}}, r"the smallest, 33 mm, .* does not fit an ROI of 40 mm"),
         ({"lesion": {"roi": {"nodule_jitter_mm": 20}}}, r"nodule_jitter_mm: 20 can move a nodule's centre out"),
         ({"lesion": {"fidelity": {"profile_step_mm": 0.5}}}, r"profile_step_mm: 0.5 is finer than the ROI spacing"),
         ({"lesion": {"fidelity": {"profile_mm": 1.0}}}, r"profile_mm: 1.0 is less than one profile bin \(1.25 mm\)"),
