@@ -119,6 +119,12 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
     return config
 
 
+def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a config section that are not left at null: what a resume fingerprint and a rule's params
+    compare, so that a key added later with a null default (``diffusion.snr_gamma``) changes neither."""
+    return {k: v for k, v in section.items() if v is not None}
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read a YAML config, apply ``overrides`` (nested dict), validate, and return its typed view."""
     p = Path(path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+LINEAR_MIN_TIMESTEPS = 21  # below, the linear schedule's beta_end (DDPM's 0.02 at T=1000, x 1000 / T) reaches 1
+
 
 def consistency_problems(config: Mapping[str, Any]) -> list[str]:
     """Every cross-field problem of ``config`` (defaults filled): grids, crops, attention and heads of the network,
@@ -61,7 +63,7 @@ def _network_problems(config: Mapping[str, Any]) -> list[str]:
             f"train.crop: {crop} must be a multiple of {step} (model.channel_mult {mult}) and at most the grid "
             f"{size}; choose one of {[c for c in range(step, min(size) + 1, step)]} or 0 (the whole grid)"
         )
-    missing = [r for r in model["attention_resolutions"] if edge % int(r) or int(r) not in levels]
+    missing = [r for r in model["attention_resolutions"] if int(r) not in levels]
     if missing:
         out.append(
             f"model.attention_resolutions: {missing} is no level of the {edge}³ network, so attention would not be "
@@ -125,9 +127,9 @@ def _lesion_problems(lesion: Mapping[str, Any]) -> list[str]:
 
 
 def _schedule_problems(diffusion: Mapping[str, Any]) -> list[str]:
-    if diffusion.get("schedule") == "linear" and int(diffusion.get("timesteps", 1000)) <= 20:
+    if diffusion.get("schedule") == "linear" and int(diffusion.get("timesteps", 1000)) < LINEAR_MIN_TIMESTEPS:
         return [
             f"diffusion.timesteps: {diffusion['timesteps']} with the linear schedule makes beta reach 1 (DDPM's "
-            "0.02 at T=1000, rescaled to T); use more than 20 timesteps or schedule: cosine"
+            f"0.02 at T=1000, rescaled to T); use more than {LINEAR_MIN_TIMESTEPS - 1} timesteps or schedule: cosine"
         ]
     return []

@@ -4,7 +4,7 @@ from pathlib import Path
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
-from lungddpm.config import validate_config, config_from_mapping, lesion_config
+from lungddpm.config import validate_config, config_from_mapping, lesion_config, set_keys
 from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -59,10 +59,7 @@ def settings(*sections):
     """Config sections a rule depends on, passed as params so that editing them reruns the rule. A diffusion key
     left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
     (snr_gamma) does not rerun the trainings of a workdir made before it."""
-    out = {name: config[name] for name in sections}
-    if "diffusion" in out:
-        out["diffusion"] = {k: v for k, v in out["diffusion"].items() if v is not None}
-    return out
+    return {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
 
 
 def series_input(wildcards):

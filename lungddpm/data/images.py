@@ -156,9 +156,12 @@ def _read(path: Path) -> Any:
                     f"{path}: {len(series)} DICOM series in this folder; keep exactly one series per subfolder"
                 )
             names = reader.GetGDCMSeriesFileNames(str(path), series[0])
-            _check_slice_positions(path, names)
             reader.SetFileNames(names)
+            reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header, read with its pixels
             image = reader.Execute()
+            _check_slice_positions(
+                path, [float(reader.GetMetaData(i, "0020|0032").split("\\")[2]) for i in range(len(names))]
+            )
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -175,12 +178,10 @@ def _read(path: Path) -> Any:
     return image
 
 
-def _check_slice_positions(folder: Path, names: Sequence[str]) -> None:
-    """Refuse a DICOM series whose slices are not evenly spaced (a missing slice): SimpleITK would stack them at
-    one spacing and shift everything past the gap."""
-    import pydicom
-
-    z = np.sort([float(pydicom.dcmread(n, stop_before_pixels=True).ImagePositionPatient[2]) for n in names])
+def _check_slice_positions(folder: Path, z_mm: Sequence[float]) -> None:
+    """Refuse a DICOM series whose slice positions ``z_mm`` are not evenly spaced (a missing slice): SimpleITK
+    would stack them at one spacing and shift everything past the gap."""
+    z = np.sort(np.asarray(z_mm, dtype=np.float64))
     gaps = np.diff(z)
     if gaps.size < 2:
         return

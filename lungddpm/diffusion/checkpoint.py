@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import Config, set_keys
 from ..errors import LungDDPMError
 from ..io import atomic_path
 from .device import pick_device
@@ -75,7 +75,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     left at null is left out, so a training begun before the key existed (``snr_gamma``) still resumes."""
     return {
         "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
-        "diffusion": {k: v for k, v in cfg.raw["diffusion"].items() if v is not None},
+        "diffusion": set_keys(cfg.raw["diffusion"]),
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
     }

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config_checks import LINEAR_MIN_TIMESTEPS
+
 Model = Callable[..., torch.Tensor]
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
@@ -53,8 +55,11 @@ class GaussianDiffusion:
     def __init__(self, cfg: DiffusionConfig = DiffusionConfig()) -> None:
         if cfg.schedule not in SCHEDULES or cfg.prediction not in PREDICTIONS or cfg.loss not in ("l1", "l2"):
             raise ValueError(f"unsupported diffusion config {cfg}")
-        if cfg.schedule == "linear" and cfg.timesteps <= 20:  # beta_end 0.02 x 1000 / T reaches 1: ᾱ hits 0
-            raise ValueError(f"diffusion.schedule linear needs timesteps > 20, not {cfg.timesteps}; or use cosine")
+        if cfg.schedule == "linear" and cfg.timesteps < LINEAR_MIN_TIMESTEPS:  # ᾱ would reach 0
+            raise ValueError(
+                f"diffusion.schedule linear needs timesteps > {LINEAR_MIN_TIMESTEPS - 1}, not {cfg.timesteps}; "
+                "or use cosine"
+            )
         if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
             raise ValueError(f"diffusion.snr_gamma must be > 0 or null, not {cfg.snr_gamma}")
         self.cfg = cfg
