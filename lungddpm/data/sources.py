@@ -27,6 +27,7 @@ class CaseScan:
     series: DicomSeries  # HU [Z, Y, X], z ascending, native grid
     nodules: list[Nodule]  # masks in the series' index space
     lung: np.ndarray | None  # bool [Z, Y, X] when the source labels the lungs, else None (lungddpm's lung mask)
+    label: Path | None = None  # the label map the lungs and nodules came from (images)
 
 
 def dicom_root(cfg: Config) -> Path:
@@ -99,7 +100,7 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
             raise ImageError(f"{cfg.data.images.ct_dir}: no CT volume of case {case_id!r} (cases: {', '.join(cases)})")
         case = cases[case_id]
         scan = images.read_image_case(case, cfg.data.images.label_convention, pc.padding_hu, pc.max_hu)
-        return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung)
+        return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung, case.label)
     info = lidc.scan_info(case_id)
     series_dir = find_series_dir(Path(str(_under(base, str(dicom_root(cfg))))) / info.patient_id, info.series_uid)
     series = read_dicom_series(series_dir, padding_hu=pc.padding_hu, max_hu=pc.max_hu)

@@ -24,7 +24,8 @@ from ..config import Config
 from ..data.nodules import Nodule
 from ..errors import DicomError
 from ..io import DicomSeries, Geometry, write_json, write_volume
-from .lungmask import lungs_from_label, segment_lungs
+from .layout import check_source_lungs
+from .lungmask import body_mask, lungs_from_label, segment_lungs
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,10 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
             f"{pc.fine_spacing_mm} mm fine grid (preprocess.fine_spacing_mm); label the whole lungs, or keep only the "
             "nodule label so that lungddpm segments the lungs"
         )
+    if seg.lung_ml < cfg.layout.min_lung_ml:  # a thin scan or a label map's lungs: say so before writing anything
+        air = (fine_hu < cfg.lungmask.threshold_hu) & body_mask(fine_hu, cfg.lungmask.threshold_hu)[0]
+        label = str(scan.label) if lung_source == "label" else None
+        check_source_lungs(seg.lung, air, fine.spacing, cfg.layout, str(series_dir), label, len(scan.nodules))
     if not seg.lung.any():
         raise DicomError(
             f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "

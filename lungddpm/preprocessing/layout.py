@@ -104,6 +104,42 @@ def check_layout(
     }
 
 
+def runs_off_both_ends(mask: np.ndarray) -> bool:
+    """Whether ``mask`` [Z, Y, X] reaches both its first and its last slice."""
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    return bool(zs.size) and zs[0] == 0 and zs[-1] == mask.shape[0] - 1
+
+
+def check_source_lungs(
+    lung: np.ndarray, air: np.ndarray, spacing: tuple[float, float, float], cfg: LayoutConfig, ct: str,
+    label: str | None = None, label_nodules: int = 0,
+) -> None:  # fmt: skip
+    """Refuse, before anything is written, lungs under ``layout.min_lung_ml`` whose cause lies in the source: a CT
+    that stops inside the chest (``air``, the body's air [Z, Y, X], runs off both ends) or a label map's lung label
+    (with no nodule label, most likely a 0/1 nodule mask read as ``lung_nodule``). A full scan whose segmentation
+    falls short is left to :func:`check_layout`, after ``lung_fine.nii.gz`` is written for inspection.
+    lung, air: bool [Z, Y, X] on the fine grid of ``spacing`` (z, y, x) mm; ``label``: the label map's path."""
+    lung_ml = float(lung.sum()) * float(np.prod(spacing)) / 1000
+    if lung_ml >= cfg.min_lung_ml:
+        return
+    short = f"{ct}: lungs of {lung_ml:.1f} mL, under layout.min_lung_ml {cfg.min_lung_ml:g} mL"
+    if label is not None and not label_nodules:
+        raise LayoutError(
+            f"{short}, from label 1 of {label}, which has no nodule label 2: if that map is a 0/1 nodule mask, set "
+            "data.images.label_convention: binary; if it marks the lungs, label the whole lungs"
+        )
+    if runs_off_both_ends(air):
+        raise LayoutError(
+            f"{short}; the scan's {air.shape[0] * spacing[0]:.0f} mm in z stop inside the chest (its air runs off "
+            "both ends): use a CT of the whole chest"
+        )
+    if label is not None:
+        raise LayoutError(
+            f"{short}, from the lung label of {label}: label the whole lungs, or keep only the nodule label so that "
+            "lungddpm segments the lungs"
+        )
+
+
 def make_layout(case_dir: Path, out_path: Path, cfg: LayoutConfig) -> dict[str, Any]:
     """Read ``lung.nii.gz``, ``nodules.nii.gz`` and ``meta.json`` (body midline) of a preprocessed case, write the
     checked layout NIfTI."""

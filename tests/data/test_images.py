@@ -23,7 +23,7 @@ from lungddpm.data.images import (
 )
 from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
-from lungddpm.errors import DicomError, ImageError
+from lungddpm.errors import DicomError, ImageError, LayoutError
 from lungddpm.io import DicomSeries, read_dicom_series
 from lungddpm.preprocessing.grid import preprocess_case
 
@@ -177,6 +177,42 @@ def test_label_lungs_that_vanish_on_the_fine_grid_are_an_error_naming_the_ct(tmp
     with pytest.raises(DicomError, match=vanish):
         preprocess_case("case0", tmp_path / "out", cfg)
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def _chest(slices: int) -> np.ndarray:
+    """A 120 x 100 CT [Z, Y, X] of ``slices`` slices: a body with two air-filled lungs running its whole length."""
+    hu = np.full((slices, 120, 100), -1000, np.int16)
+    hu[:, 10:-10, 10:-10] = 40
+    hu[:, 25:-25, 20:45] = hu[:, 25:-25, 55:80] = -850
+    return hu
+
+
+@pytest.mark.parametrize("thin", [True, False])
+def test_a_thin_scan_and_a_nodule_mask_read_as_lungs_are_refused_naming_the_cause(tmp_path: Path, thin: bool) -> None:
+    hu = _chest(2 if thin else 12)
+    write_image(tmp_path / "CT" / "case0.nii.gz", hu, _series(hu))
+    images = {"ct_dir": str(tmp_path / "CT")}
+    if not thin:  # a 0/1 nodule mask under the default lung_nodule convention: its nodule reads as "lung"
+        mask = np.zeros(hu.shape, np.uint8)
+        mask[4:8, 50:56, 30:36] = 1
+        write_image(tmp_path / "SEG" / "case0.nii.gz", mask, _series(hu))
+        images["label_dir"] = str(tmp_path / "SEG")
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": images}}))
+    expected = (
+        r"CT/case0.nii.gz: lungs of 0.0 mL, under layout.min_lung_ml 500 mL; the scan's 4 mm in z stop inside the chest"
+        if thin
+        else r"CT/case0.nii.gz: lungs of [0-9.]+ mL, .* from label 1 of \S*SEG/case0.nii.gz, which has no nodule label "
+        r"2: if that map is a 0/1 nodule mask, set data.images.label_convention: binary"
+    )
+    with pytest.raises(LayoutError, match=expected):
+        preprocess_case("case0", tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+    if not thin:  # read as what it is, it gives one nodule and lungddpm's own lungs: the scan then fails only as thin
+        cfg = Config.from_dict(
+            validate_config({"data": {"source": "images", "images": {**images, "label_convention": "binary"}}})
+        )
+        with pytest.raises(LayoutError, match=r"lungs of [0-9.]+ mL.*the scan's 28 mm in z stop inside the chest"):
+            preprocess_case("case0", tmp_path / "out", cfg)
 
 
 def test_a_label_map_on_another_grid_is_refused_naming_both_files(tmp_path: Path) -> None:
