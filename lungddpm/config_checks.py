@@ -101,11 +101,11 @@ def _lesion_problems(lesion: Mapping[str, Any]) -> list[str]:
             "paste-back weight would still be below 1 inside the new nodule, which the label map marks whole; "
             "lower feather_mm or raise margin_mm"
         )
-    if float(insert["diameter_mm"][0]) + 2 * float(insert["margin_mm"]) >= edge_mm:  # then none fits
+    if float(insert["diameter_mm"][0]) + 2 * (float(insert["margin_mm"]) + spacing) >= edge_mm:  # then none fits
         out.append(
             f"lesion.insert.diameter_mm: even the smallest, {insert['diameter_mm'][0]} mm, with margin_mm "
-            f"{insert['margin_mm']} on either side does not fit an ROI of {edge_mm:g} mm (lesion.roi.size x "
-            "spacing_mm), so no nodule could be placed; lower them or raise lesion.roi.size"
+            f"{insert['margin_mm']} and a voxel on either side does not fit an ROI of {edge_mm:g} mm "
+            "(lesion.roi.size x spacing_mm), so no nodule could be placed; lower them or raise lesion.roi.size"
         )
     if float(roi["nodule_jitter_mm"]) >= edge_mm / 2:
         out.append(

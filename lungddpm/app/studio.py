@@ -24,7 +24,7 @@ from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
-from ..preprocessing.layout import LUNG, NODULE
+from ..preprocessing.layout import LUNG, NODULE, face_border
 from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load_source, shift_inside
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
@@ -161,13 +161,14 @@ class Studio:
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
         layout[self._native_nodules_in(session, roi)] = NODULE  # nodules inserted earlier
+        margin = float(self.cfg.raw["lesion"]["insert"]["margin_mm"])
+        border = face_border(margin, float(roi.spacing[0]))
         try:
-            edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0])
+            edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border)
         except LungDDPMError as exc:
             raise StudioError(f"{exc}: click deeper inside the lung or choose a smaller nodule") from exc
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
-        margin = float(self.cfg.raw["lesion"]["insert"]["margin_mm"])
         ins = insertion(site, edited, edit, nodule, margin, self.levels, texture, int(seed))
         if (ins.generated & (layout == NODULE)).any():
             raise StudioError(

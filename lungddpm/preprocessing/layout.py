@@ -32,6 +32,12 @@ def dilate_mm(mask: np.ndarray, margin_mm: float, spacing_mm: float) -> np.ndarr
     return ndi.binary_dilation(mask, structure=ball(margin_mm / spacing_mm)) if margin_mm else mask
 
 
+def face_border(margin_mm: float, spacing_mm: float) -> int:
+    """Voxels to keep between a nodule and the grid's faces so that :func:`dilate_mm` by ``margin_mm`` leaves at least
+    one kept voxel outside it on every side: the reach of its ball along an axis, plus one."""
+    return int(np.floor(margin_mm / spacing_mm + 1e-9)) + 1 if margin_mm else 1
+
+
 def check_labels(layout: np.ndarray, name: str) -> None:
     """Raise :class:`LayoutError` unless ``layout`` holds only the labels 0/1/2."""
     found = set(np.unique(layout).tolist())

@@ -163,10 +163,12 @@ def insert_nodules(
     k: int,
     rng: np.random.Generator,
     max_attempts: int = 200,
+    border: int = 0,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Insert ``k`` nodules drawn from ``candidates`` into ``layout`` [Z, Y, X] -> (new layout, edit records).
 
-    Each lies wholly inside the lung and does not touch any other nodule (existing or inserted); a nodule that
+    Each lies wholly inside the lung, at least ``border`` voxels from the grid's faces (the lesion scale keeps its
+    generated region off the ROI's faces), and does not touch any other nodule (existing or inserted); a nodule that
     finds no place in ``max_attempts`` random positions is replaced by another draw, and if none fits a
     :class:`LayoutError` names the layout.
     """
@@ -180,12 +182,13 @@ def insert_nodules(
         for _draw in range(10):
             nod = candidates[int(rng.integers(len(candidates)))]
             mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing)
-            placed = _place(out, mask, rng, max_attempts)
+            placed = _place(out, mask, rng, max_attempts, border)
             if placed is not None:
                 break
         else:
+            off = f", {border} voxel(s) off its faces," if border else ""
             raise LayoutError(
-                f"could not place {k} nodule(s) inside the lung without touching another nodule after "
+                f"could not place {k} nodule(s) inside the lung{off} without touching another nodule after "
                 f"{10 * max_attempts} tries; lower layout_edit.insert or the diameters"
             )
         sl = tuple(slice(o, o + s) for o, s in zip(placed, mask.shape))
@@ -211,15 +214,17 @@ def _insert_record(nod: BankNodule, mask: np.ndarray, offset: Sequence[int], geo
 
 
 def place_at(
-    layout: np.ndarray, geometry: Geometry, nod: BankNodule, centre_zyx: Sequence[float]
+    layout: np.ndarray, geometry: Geometry, nod: BankNodule, centre_zyx: Sequence[float], border: int = 0
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Insert ``nod`` into ``layout`` [Z, Y, X] with its centroid at the fractional index ``centre_zyx`` -> (new
-    layout, edit record); :class:`LayoutError` when it would leave the grid or the lung or touch another nodule."""
+    layout, edit record); :class:`LayoutError` when it would come within ``border`` voxels of the grid's faces,
+    leave the lung or touch another nodule."""
     mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing)
     offset = np.round(np.asarray(centre_zyx, float) - np.argwhere(mask).mean(axis=0)).astype(int)
     what = f"a nodule of {nod.diameter_mm:.1f} mm centred there"
-    if np.any(offset < 0) or np.any(offset + mask.shape > np.asarray(layout.shape)):
-        raise LayoutError(f"{what} does not fit in the {layout.shape} region around the site")
+    if np.any(offset < border) or np.any(offset + mask.shape > np.asarray(layout.shape) - border):
+        room = f" with {border} voxel(s) to its faces" if border else ""
+        raise LayoutError(f"{what} does not fit in the {layout.shape} region around the site{room}")
     sl = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, mask.shape))
     if (layout[sl][mask] == 0).any():
         raise LayoutError(f"{what} would leave the lung")
@@ -230,7 +235,9 @@ def place_at(
     return out, _insert_record(nod, mask, [int(o) for o in offset], geometry)
 
 
-def _place(layout: np.ndarray, mask: np.ndarray, rng: np.random.Generator, attempts: int) -> tuple[int, ...] | None:
+def _place(
+    layout: np.ndarray, mask: np.ndarray, rng: np.random.Generator, attempts: int, border: int = 0
+) -> tuple[int, ...] | None:
     free = _free_lung(layout)
     cand = np.argwhere(free)
     if cand.size == 0:
@@ -238,7 +245,7 @@ def _place(layout: np.ndarray, mask: np.ndarray, rng: np.random.Generator, attem
     half = np.asarray(mask.shape) // 2
     for _ in range(attempts):
         offset = cand[int(rng.integers(len(cand)))] - half
-        if np.any(offset < 0) or np.any(offset + mask.shape > np.asarray(layout.shape)):
+        if np.any(offset < border) or np.any(offset + mask.shape > np.asarray(layout.shape) - border):
             continue
         sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
         if free[sl][mask].all():

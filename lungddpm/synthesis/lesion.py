@@ -3,7 +3,8 @@ the full CT on its native grid.
 
 Per site (a nodule-free ROI): a bank nodule (filtered by diameter, texture, malignancy; rescaled to the ROI
 spacing) is placed wholly inside the ROI's lung; the *generated region* is the new nodule dilated by
-``lesion.insert.margin_mm``; everything else in the ROI is kept (anatomically-aware sampling at the sample's noise
+``lesion.insert.margin_mm``, kept off the ROI's faces so that the paste-back weight falls to 0 all round; everything
+else in the ROI is kept (anatomically-aware sampling at the sample's noise
 level, :func:`lungddpm.diffusion.sample.sample`), conditioned on the edited layout with the requested texture's
 level in the nodule channel. Per item (a train case x k) the generated regions of all its sites are pasted back
 (:mod:`.paste`) into the source CT. Files of item ``<case>_<k>``: ``_ct.nii.gz`` (int16 HU, the source's native
@@ -38,7 +39,7 @@ from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..io import Geometry, read_volume, safe_component
-from ..preprocessing.layout import NODULE, dilate_mm
+from ..preprocessing.layout import NODULE, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
 from .layout_edit import BankNodule, insert_nodules
 from .plan import Item
@@ -108,7 +109,8 @@ def place(
         )
     rng = np.random.default_rng(seed)
     try:
-        layout, edits = insert_nodules(site.layout, site.geometry, candidates, 1, rng, insert["max_attempts"])
+        border = face_border(insert["margin_mm"], float(site.geometry.spacing[0]))  # no generated voxel on a face
+        layout, edits = insert_nodules(site.layout, site.geometry, candidates, 1, rng, insert["max_attempts"], border)
     except LayoutError as exc:
         raise LayoutError(
             f"{case_id}: site {site.name} has no room for a nodule of {insert['diameter_mm']} mm inside its lung "

@@ -12,8 +12,9 @@ from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import LayoutError
-from lungddpm.preprocessing.layout import LUNG, NODULE
+from lungddpm.preprocessing.layout import LUNG, NODULE, face_border
 from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, focus_weights, shift_inside
+from lungddpm.synthesis.layout_edit import place_at
 from lungddpm.synthesis.lesion import Site, inpaint, place
 from lungddpm.synthesis.paste import feather_weight, native_box, paste_back, seam_gradient_ratio
 
@@ -75,6 +76,28 @@ def test_place_inside_lung_with_margin_and_errors() -> None:
         place("LIDC-IDRI-0001", tight, lesion_bank(), 3, INSERT, (0.25, 0.5, 0.75), "bank")
 
 
+def _faces(mask: np.ndarray) -> int:
+    return sum(int(mask.take(k, axis=a).sum()) for a in range(3) for k in (0, -1))
+
+
+def test_the_generated_region_stays_off_the_roi_faces_so_the_paste_back_weight_is_zero_there() -> None:
+    site = toy_site(source_ct())  # lung over the whole 16 mm ROI: a nodule could go anywhere
+    assert _faces(site.layout > 0) > 0
+    inserts = [
+        place("LIDC-IDRI-0001", site, lesion_bank(), seed, INSERT, (0.25, 0.5, 0.75), "bank") for seed in range(12)
+    ]
+    assert all(_faces(ins.generated) == 0 for ins in inserts)
+    assert all(_faces(feather_weight(ins.generated, 1.0, INSERT["feather_mm"])) == 0 for ins in inserts)
+    edge = Site(site.name, site.ct, np.zeros_like(site.layout), site.geometry)
+    edge.layout[:, :, :6] = LUNG  # room for a nodule only along one face
+    with pytest.raises(LayoutError, match=r"site LIDC-IDRI-0001_f0 has no room"):
+        place("LIDC-IDRI-0001", edge, lesion_bank(), 0, INSERT, (0.25, 0.5, 0.75), "bank")
+    nod = lesion_bank()[0]
+    with pytest.raises(LayoutError, match=r"does not fit .* with 3 voxel\(s\) to its faces"):
+        place_at(site.layout, site.geometry, nod, (8.0, 8.0, 1.0), face_border(INSERT["margin_mm"], 1.0))
+    assert (place_at(site.layout, site.geometry, nod, (8.0, 8.0, 8.0), 3)[0] == NODULE).any()
+
+
 def _tiny_model() -> tuple[UNet3D, GaussianDiffusion]:
     torch.manual_seed(0)
     cfg = {
@@ -119,7 +142,7 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
 def test_paste_back_changes_only_the_generated_region_and_is_seamless() -> None:
     src = source_ct()
     site = toy_site(src)
-    ins = place("LIDC-IDRI-0001", site, lesion_bank(), 3, {**INSERT, "margin_mm": 4.0}, (0.25, 0.5, 0.75), "bank")
+    ins = place("LIDC-IDRI-0001", site, lesion_bank(), 3, {**INSERT, "margin_mm": 3.0}, (0.25, 0.5, 0.75), "bank")
     after = site.ct.copy()
     after[ins.nodule] = 30  # a solid nodule; the margin keeps the lung's own values (a well-matched generator)
     native = src.hu.astype(np.int16)
