@@ -125,6 +125,20 @@ def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if v is not None}
 
 
+def canonical(value: Any, reference: Any) -> Any:
+    """``value`` with every mapping's keys in ``reference``'s order (keys it lacks after them, sorted), recursively;
+    list items against the reference's item at their index (else its first). Snakemake compares a rule's params by
+    their ``repr``, so without this a config file with the same values in another key order reruns every job."""
+    if isinstance(value, Mapping):
+        ref = reference if isinstance(reference, Mapping) else {}
+        keys = [k for k in ref if k in value] + sorted((k for k in value if k not in ref), key=str)
+        return {k: canonical(value[k], ref.get(k)) for k in keys}
+    if isinstance(value, list):
+        ref = reference if isinstance(reference, list) else []
+        return [canonical(v, ref[i] if i < len(ref) else (ref[0] if ref else None)) for i, v in enumerate(value)]
+    return value
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read a YAML config, apply ``overrides`` (nested dict), validate, and return its typed view."""
     p = Path(path)

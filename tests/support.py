@@ -153,3 +153,10 @@ def toy_site(src: SourceCT, centre: tuple[float, float, float] = (32.0, 32.0, 30
     geometry = s.geometry(np.array(centre))
     roi = cut_roi(src, geometry, s)
     return Site("LIDC-IDRI-0001_f0", roi["ct"], roi["layout"], geometry)
+
+
+def reverse_keys(value: object) -> object:
+    """``value`` with every mapping's keys in reverse order (lists' items too)."""
+    if isinstance(value, dict):
+        return {k: reverse_keys(value[k]) for k in reversed(list(value))}
+    return [reverse_keys(v) for v in value] if isinstance(value, list) else value

@@ -4,8 +4,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import reverse_keys
 
-from lungddpm.config import Config, _merge, config_from_mapping, lesion_config, load_config, validate_config
+from lungddpm.config import (
+    Config,
+    _merge,
+    canonical,
+    config_from_mapping,
+    lesion_config,
+    load_config,
+    validate_config,
+)
 from lungddpm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,3 +169,15 @@ def test_paper_config_is_the_same_through_snakemake_merged_over_the_demo() -> No
         cfg["data"].pop("demo", None)  # the phantom's settings: read only when data.source is demo
     alone, through = _leaves(validate_config(paper)), _leaves(validate_config(merged))
     assert {k: (through[k], alone.get(k)) for k in through if through[k] != alone.get(k)} == {}
+
+
+def test_canonical_order_follows_the_shipped_config_whatever_a_files_order() -> None:
+    shipped = validate_config(yaml.safe_load((REPO / "config/config.yaml").read_text()))
+    assert repr(canonical(shipped, shipped)) == repr(shipped)  # a workdir made with the shipped order keeps its params
+    flipped = reverse_keys(shipped)
+    assert flipped == shipped and repr(flipped) != repr(shipped)  # equal values, another repr: Snakemake would rerun
+    assert repr(canonical(flipped, shipped)) == repr(shipped)
+    arms = canonical(reverse_keys(shipped["segmentation"]["arms"]), shipped["segmentation"]["arms"][:1])
+    assert [list(a) for a in arms] == [list(shipped["segmentation"]["arms"][0])] * 2  # items against the first
+    extra = canonical({"z": 1, "b": {"y": 2, "x": 3}, "a": 4}, {"b": {}, "a": 0})
+    assert repr(extra) == repr({"b": {"x": 3, "y": 2}, "a": 4, "z": 1})  # unknown keys after, sorted

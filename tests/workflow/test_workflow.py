@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, make_workdir, snakemake
-from support import lidc_config
+from support import lidc_config, reverse_keys
 
 from lungddpm.config import Config, validate_config
 from lungddpm.data import lidc
@@ -68,6 +68,14 @@ def test_split_and_logs(demo_workflow: Path) -> None:
 
 def test_dry_run_is_clean_and_forcerun_layout_reruns_only_layout_onwards(demo_workflow: Path) -> None:
     assert "Nothing to be done" in snakemake(demo_workflow, "-n").stdout
+    ci = demo_workflow / "ci.yaml"
+    text = ci.read_text()
+    try:  # the same settings with every mapping's keys in reverse order: the same params, nothing to rerun
+        ci.write_text(yaml.safe_dump(reverse_keys(yaml.safe_load(text)), sort_keys=False))
+        assert ci.read_text() != text
+        assert "Nothing to be done" in snakemake(demo_workflow, "-n").stdout
+    finally:
+        ci.write_text(text)
     out = snakemake(demo_workflow, "-n", "--forcerun", "layout", "--quiet", "rules").stdout
     rules = {line.split()[0] for line in out.splitlines() if line.strip() and line.split()[-1].isdigit()}
     rules -= {"total", "job"}
