@@ -132,6 +132,11 @@ def lesion_settings(*keys):
     return {f"lesion.{k}": config["lesion"][k] for k in keys}
 
 
+def context_margin():
+    """A context lesion model trains on insertion's generated regions: lesion.insert.margin_mm shapes its weights."""
+    return {"lesion.insert.margin_mm": config["lesion"]["insert"]["margin_mm"]} if LESION_CFG.model.get("context") else {}
+
+
 def lesion_items():
     ins = config["lesion"]["insert"]
     return lesion_plan(subset_cases("train"), ins["samples_per_case"], config["lesion"]["sample"]["seed"])

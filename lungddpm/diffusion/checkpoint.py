@@ -70,15 +70,42 @@ def load_for_sampling(
     return (torch.compile(model) if compile else model), ckpt, device
 
 
-def fingerprint(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: network, process, grid and intensity mapping. A diffusion key
-    left at null is left out, so a training begun before the key existed (``snr_gamma``) still resumes."""
-    return {
+FINGERPRINT_NAMES = {
+    "model": "network (model.*)",
+    "diffusion": "diffusion process (diffusion.*)",
+    "size": "grid (preprocess.size)",
+    "hu_window": "intensity.hu_window",
+    "data": "training data (the train split's volumes and layouts or ROIs as loaded, with their texture levels, "
+    "generated regions and loss weights)",
+}
+
+
+def fingerprint(cfg: Config, data: str | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: network, process, grid, intensity mapping and, when given, the
+    training data's :func:`lungddpm.diffusion.data.data_digest`. A diffusion key left at null is left out, so a
+    training begun before the key existed (``snr_gamma``) still resumes."""
+    out = {
         "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
         "diffusion": set_keys(cfg.raw["diffusion"]),
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
     }
+    return out if data is None else {**out, "data": data}
+
+
+def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any], path: Path) -> list[str]:
+    """What differs between a checkpoint's fingerprint and the expected one, in words; a checkpoint written before
+    the data digest existed is not refused for lacking it (a warning says that its data cannot be checked)."""
+    if "data" in expected and "data" not in found:
+        log.warning("%s: written before lungddpm compared the training data on resume; assuming they are the same",
+                    path)  # fmt: skip
+        expected = {k: v for k, v in expected.items() if k != "data"}
+    out = []
+    for key in sorted(set(found) | set(expected)):
+        if found.get(key) != expected.get(key):
+            what = FINGERPRINT_NAMES.get(key, key)
+            out.append(what if key == "data" else f"{what}: {found.get(key)} then, {expected.get(key)} now")
+    return out
 
 
 def step_checkpoints(state_dir: Path) -> list[Path]:
@@ -103,10 +130,12 @@ def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[st
                 sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__,
             )
             continue
-        if ckpt["fingerprint"] != expected:
+        changed = fingerprint_differences(ckpt["fingerprint"], expected, path)
+        if changed:
             raise CheckpointError(
-                f"{path}: trained with a different model/diffusion/grid config ({ckpt['fingerprint']} vs {expected}); "
-                f"delete {state_dir}, set train.resume: never, or choose a new train.name"
+                f"{path}: trained with another {'; another '.join(changed)}; to train anew with this config choose a "
+                f"new train.name (or set train.resume: never, or delete {state_dir}); to keep that training, restore "
+                "the config it was trained with"
             )
         log.info("resuming from %s (step %d)", path, ckpt["step"])
         return ckpt

@@ -8,6 +8,7 @@ process with batch ``N * b``: rank ``r`` takes its slice of the same global batc
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,19 @@ class TrainData:
     case_ids: tuple[str, ...]
     weights: torch.Tensor | None = None  # [N, 1, D, H, W] lesion-focused loss weights, or None (uniform)
     groups: tuple[str, ...] | None = None  # per sample: texture class or 'free' (train.balance_textures)
+
+
+def data_digest(data: TrainData) -> str:
+    """sha256 of what a training draws from, as loaded: sample ids, groups, images, layouts (texture levels and context
+    channels included) and loss weights. A resume compares it, so that no training, finished or not, is continued on
+    other data (another split, preprocessing, ROIs, texture levels or generated regions)."""
+    h = hashlib.sha256(repr((data.case_ids, data.groups)).encode())
+    for t in (data.images, data.layouts, data.weights):
+        if t is not None:
+            a = np.ascontiguousarray(t.numpy())
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
 
 
 def load_training_data(

@@ -28,7 +28,7 @@ from ..errors import LungDDPMError
 from ..faults import kill_point
 from ..io import atomic_path
 from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
-from .data import StepBatches, TrainData
+from .data import StepBatches, TrainData, data_digest
 from .distributed import all_mean, barrier, setup_distributed
 from .encoding import model_to_hu
 from .optim import EMA, apply_update, make_optimizer
@@ -39,6 +39,10 @@ from .unet import UNet3D, count_parameters, unet_config_from_dict
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds", "samples_per_s")
+# train keys that do not shape the weights: a finished training resumed with only these changed is handed back as is
+RESUME_NEUTRAL = frozenset({"name", "steps", "checkpoint_every", "keep_checkpoints", "preview_every",
+                            "preview_sampler_steps", "log_every", "compile", "channels_last", "num_workers", "resume",
+                            "gpus"})  # fmt: skip
 
 
 class TrainingDivergedError(LungDDPMError):
@@ -161,7 +165,7 @@ def train(
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    expected = fingerprint(cfg)
+    expected = fingerprint(cfg, data_digest(data))
 
     start = 0
     ckpt = find_resume_checkpoint(state_dir, expected) if tc.resume == "auto" else None
@@ -335,7 +339,9 @@ def _diverged(step: int, loss: float, grad_norm: float, state_dir: Path) -> Trai
 
 
 def _check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
-    """Refuse a checkpoint past ``train.steps``; name the training settings that changed since it was written."""
+    """Refuse a checkpoint past ``train.steps``, or a finished training (its last step) whose result-shaping train
+    settings have changed since: resuming it would hand back the old weights as if trained with the new settings.
+    Changes before the last step are allowed (a deliberate change mid-run) and logged."""
     step, steps = int(ckpt["step"]), cfg.train.steps
     if step > steps:
         raise LungDDPMError(
@@ -343,9 +349,18 @@ def _check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
             f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
         )
     before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
-    changed = sorted(k for k, v in cfg.raw["train"].items() if k != "steps" and k in before and before[k] != v)
+    changed = sorted(
+        k for k, v in cfg.raw["train"].items() if k not in RESUME_NEUTRAL and k in before and before[k] != v
+    )
+    if changed and step == steps:
+        diff = ", ".join(f"{k} {before[k]} then, {cfg.raw['train'][k]} now" for k in changed)
+        raise LungDDPMError(
+            f"{state_dir}: this training finished (step {step} of {steps}) with other train settings ({diff}); to "
+            f"train anew with them choose a new train.name (or set train.resume: never, or delete {state_dir}); to "
+            "keep the finished model, restore them; to continue it with them, raise train.steps"
+        )
     if changed:
-        log.info("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
+        log.warning("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
 
 
 def _state(

@@ -20,6 +20,7 @@ from lungddpm.diffusion.checkpoint import (
     load_checkpoint,
     load_model,
 )
+from lungddpm.diffusion.data import TrainData, data_digest
 from lungddpm.diffusion.jobs import make_job, run_job
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.train import train
@@ -96,9 +97,23 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     with pytest.raises(LungDDPMError, match=r"sa: the newest checkpoint is at step 20, past train.steps 15; raise"):
         train(tiny_data(), tiny_config(steps=15, checkpoint_every=10), tmp_path / "c", tmp_path / "sa", threads=2)
     assert not (tmp_path / "c").exists()
+    # a finished training whose weight-shaping settings changed is refused, never handed back as if retrained...
+    with pytest.raises(LungDDPMError, match=r"sa: this training finished \(step 20 of 20\) with other train settings "
+                       r"\(lr 0.002 then, 0.0001 now\); to train anew with them choose a new train.name"):  # fmt: skip
+        train(tiny_data(), tiny_config(steps=20, checkpoint_every=10, lr=1e-4), tmp_path / "c", tmp_path / "sa")
+    # ... nor resumed on other data (another split, preprocessing, ROIs, texture levels)
+    other = tiny_data()
+    other = TrainData(other.images.flip(-1), other.layouts, other.case_ids)
+    assert data_digest(other) != data_digest(tiny_data()) == data_digest(tiny_data())
+    with pytest.raises(CheckpointError, match=r"step_0000020.pt: trained with another training data \(the train"):
+        train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=2)
+    assert not (tmp_path / "c").exists()
+    # how often it logs or checkpoints does not shape the weights: handed back as is
+    same = train(tiny_data(), tiny_config(steps=20, checkpoint_every=5, log_every=2), tmp_path / "c", tmp_path / "sa")
+    assert same.step == 20 and (tmp_path / "c" / "checkpoint.pt").is_file()
     caplog.set_level(logging.INFO, logger="lungddpm.diffusion")
     train(tiny_data(), tiny_config(steps=21, checkpoint_every=10, lr=1e-4), tmp_path / "a", tmp_path / "sa", threads=2)
-    assert "step_0000020.pt (step 20)" in caplog.text
+    assert "step_0000020.pt (step 20)" in caplog.text  # continued with another lr: a deliberate change mid-run
     assert "train settings changed since the checkpoint of step 20: lr\n" in caplog.text
 
 
@@ -110,19 +125,25 @@ def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     cfg = tiny_config(steps=20, checkpoint_every=10)
     state = tmp_path / "state"
     train(tiny_data(), cfg, tmp_path / "out", state, threads=2)
-    expected = fingerprint(cfg)
+    expected = fingerprint(cfg, data_digest(tiny_data()))
     # a truncated newest checkpoint is skipped, never loaded
     newest = state / "step_0000020.pt"
     newest.write_bytes(newest.read_bytes()[:5000])
     (state / ".step_0000030.pt.x.tmp.pt").write_bytes(b"partial")  # an interrupted atomic write
     assert find_resume_checkpoint(state, expected)["step"] == 10
-    # a configuration change is refused with the way out
-    with pytest.raises(CheckpointError, match="different model/diffusion/grid config.*train.resume: never"):
+    # a configuration change is refused, naming it, with the way out
+    with pytest.raises(CheckpointError, match=r"another grid \(preprocess.size\): \[16, 16, 16\] then, \[32, 32, 32\] "
+                       r"now; to train anew .*train.resume: never"):  # fmt: skip
         find_resume_checkpoint(state, {**expected, "size": [32, 32, 32]})
+    # a checkpoint from before the data digest still resumes (a warning says that its data cannot be checked)
+    old = load_checkpoint(state / "step_0000010.pt")
+    old["fingerprint"].pop("data")
+    torch.save(old, state / "step_0000010.pt")
+    assert find_resume_checkpoint(state, expected)["step"] == 10
     # a diffusion key added later and left at null (snr_gamma) does not enter the fingerprint: an older training
     # resumes; set, it is a change like any other
     assert "snr_gamma" in cfg.raw["diffusion"] and "snr_gamma" not in expected["diffusion"]
-    with pytest.raises(CheckpointError, match="different model/diffusion/grid config"):
+    with pytest.raises(CheckpointError, match=r"another diffusion process \(diffusion.\*\)"):
         find_resume_checkpoint(state, {**expected, "diffusion": {**expected["diffusion"], "snr_gamma": 5.0}})
     # a pickle that needs arbitrary objects is refused, loudly
     evil = state / "step_0000040.pt"
