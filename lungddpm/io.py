@@ -14,6 +14,7 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -27,6 +28,8 @@ import SimpleITK as sitk
 
 from .errors import DicomError, LungDDPMError
 from .faults import kill_point
+
+log = logging.getLogger(__name__)
 
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -94,6 +97,14 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """One SHA-256 of several files: of their names and :func:`file_sha256` digests, in the given order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()
 
 
@@ -256,30 +267,63 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
     fast = [d for d in patient_dir.rglob(glob.escape(safe_component(series_uid, "SeriesInstanceUID"))) if d.is_dir()]
     if fast:
         return fast[0]
-    for folder in sorted({p.parent for p in patient_dir.rglob("*.dcm")}):
-        first = min(folder.glob("*.dcm"))
-        try:
-            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except Exception:
-            continue
-        if getattr(ds, "SeriesInstanceUID", None) == series_uid:
-            return folder
+    for folder in sorted({p.parent for p in dicom_files(patient_dir, recursive=True)}):
+        for first in dicom_files(folder)[:3]:  # a file or two may be unreadable: the series is still this folder's
+            try:
+                ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            except Exception:
+                continue
+            if getattr(ds, "SeriesInstanceUID", None) == series_uid:
+                return folder
+            break
     raise DicomError(
         f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}; the download is incomplete — "
         "re-download this patient from TCIA"
     )
 
 
+def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The ``*.dcm`` files of ``folder`` (and below, if ``recursive``), sorted, without hidden ones: macOS writes a
+    ``._<name>.dcm`` metadata file beside each file copied to a FAT or network drive, and pylidc skips them too."""
+    found = Path(folder).rglob("*.dcm") if recursive else Path(folder).glob("*.dcm")
+    return sorted(p for p in found if not p.name.startswith("."))
+
+
+def _without_duplicate_positions(directory: Path, files: list[Path], slices: list[Any]) -> tuple[list[Path], list[Any]]:
+    """Of slices at the same z (within 1 um), the one with the lowest InstanceNumber, as pylidc keeps (its slice
+    positions, and so the annotations' slice indices, count each z once); the others are named in a warning. Without
+    InstanceNumbers to choose by, :class:`DicomError`."""
+    groups: dict[float, list[int]] = {}
+    for i, (ds, _) in enumerate(slices):
+        groups.setdefault(round(float(ds.ImagePositionPatient[2]), 3), []).append(i)
+    drop = set()
+    for z, members in groups.items():
+        if len(members) > 1:
+            numbers = [getattr(slices[i][0], "InstanceNumber", None) for i in members]
+            if any(n is None for n in numbers):
+                names = " and ".join(files[i].name for i in members)
+                raise DicomError(f"{directory}: {names}: same slice position z={z} and no InstanceNumber to choose "
+                                 "by; remove the duplicate file")  # fmt: skip
+            ranked = sorted((int(n), files[i].name, i) for n, i in zip(numbers, members))
+            drop |= {i for *_, i in ranked[1:]}
+    if drop:
+        log.warning("%s: %d slice(s) at the z of another slice left out, keeping the lower InstanceNumber as pylidc "
+                    "does: %s", directory, len(drop), ", ".join(files[i].name for i in sorted(drop)))  # fmt: skip
+    keep = [i for i in range(len(files)) if i not in drop]
+    return [files[i] for i in keep], [slices[i] for i in keep]
+
+
 def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: float = 3071.0) -> DicomSeries:
     """Read every ``*.dcm`` of one axial CT series -> HU volume; padding outside the field of view -> ``padding_hu``.
 
     Refuses (naming the file): an empty folder, unreadable files, several series mixed in one folder,
-    non-axial orientation, inconsistent pixel spacing or size, duplicate slice positions.
+    non-axial orientation, inconsistent pixel spacing or size. Of two slices at one position the one with the lower
+    InstanceNumber is kept, as pylidc does (a warning names the other).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    files = sorted(directory.glob("*.dcm"))
+    files = dicom_files(directory)
     if not files:
         raise DicomError(f"{directory}: no *.dcm files; check data.dicom_root or re-download the series")
     slices = []
@@ -305,13 +349,10 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
     for f, (ds, _) in zip(files, slices):
         if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
             raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
+    files, slices = _without_duplicate_positions(directory, files, slices)
     z = np.asarray([float(ds.ImagePositionPatient[2]) for ds, _ in slices])
     order = np.argsort(z, kind="stable")
     z = z[order]
-    dup = np.flatnonzero(np.diff(z) < 1e-3)
-    if dup.size:
-        f1, f2 = files[order[dup[0]]], files[order[dup[0] + 1]]
-        raise DicomError(f"{f1} and {f2}: same slice position z={z[dup[0]]}; remove the duplicate file")
     hu = np.empty((len(files), *shape), dtype=np.float32)
     for out_k, k in enumerate(order):
         ds, pixels = slices[k]

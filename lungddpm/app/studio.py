@@ -108,6 +108,7 @@ class Studio:
         self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
         self.checkpoint_sha = file_sha256(self.checkpoint)
         self.bank: NoduleBank = load_bank(bank_path)
+        self.bank_sha = file_sha256(bank_path)
         self.roi = RoiSettings.from_config(cfg)
         self.cases = tuple(c for c in list_cases(cfg, self.workdir) if self._lung_fine(c).is_file())
         if not self.cases:
@@ -254,7 +255,7 @@ class Studio:
         provenance = out / f"{base}.json"
         write_json(provenance, {
             "item": base, "source_case": session.case_id, "tool": "lungddpm app",
-            **run_settings(self.cfg, self.checkpoint_sha), "checkpoint": str(self.checkpoint),
+            **run_settings(self.cfg, self.checkpoint_sha, self.bank_sha), "checkpoint": str(self.checkpoint),
             "sites": [e.record for e in session.edits], "files": {k: p.name for k, p in files.items()},
             "device": str(self.device), "seconds_per_nodule": [round(e.seconds, 3) for e in session.edits],
             "lungddpm_version": __version__,

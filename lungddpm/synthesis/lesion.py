@@ -38,7 +38,7 @@ from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
-from ..io import Geometry, read_volume, safe_component
+from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
 from .layout_edit import BankNodule, insert_nodules
@@ -224,11 +224,22 @@ def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
     return {**{k: Path(out_dir) / v for k, v in files.items()}, "provenance": Path(out_dir) / f"{base}.json"}
 
 
-def run_settings(cfg: Config, ckpt_sha: str) -> dict[str, Any]:
-    """What an item's files depend on (a rerun redoes items whose provenance disagrees)."""
+def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dict[str, Any]:
+    """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
+    disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi``."""
     sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
-    return {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
-            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
+    out = {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
+           "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
+    return out if bank_sha is None else {**out, "bank_sha256": bank_sha}
+
+
+def item_inputs_sha256(table: Path, preprocessed: Path) -> str:
+    """One digest of what an item reads besides the settings: its case's ``rois.csv``, the nodule-free ROIs it names
+    (CT and layout) and the fine lung mask the paste-back labels with."""
+    rows = [r for r in read_roi_table(table) if r["kind"] == "free"]
+    folder = Path(table).parent
+    sites = [folder / r[k] for r in rows for k in ("ct", "layout")]
+    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz"])
 
 
 def site_seed(item: Item, j: int) -> int:

@@ -22,6 +22,7 @@ from .lesion import (
     Insertion,
     inpaint,
     item_files,
+    item_inputs_sha256,
     load_lesion_model,
     nodule_mean_hu,
     place,
@@ -121,12 +122,13 @@ def synthesize_lesion_shard(
 
     lc = cfg.raw["lesion"]
     model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
-    settings = run_settings(cfg, file_sha256(checkpoint))
-    manifest, pending = [], []
+    settings = run_settings(cfg, file_sha256(checkpoint), file_sha256(bank_path))
+    manifest, pending, inputs = [], [], {}
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
         files = item_files(out_dir, item, len(sites))
-        if provenance_complete(files, settings):
+        inputs[item.name] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id])
+        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.name]}):
             log.info("%s: complete, skipped", item.name)
             manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})
             continue
@@ -158,6 +160,7 @@ def synthesize_lesion_shard(
                 "k": item.k,
                 "seed": item.seed,
                 **settings,
+                "inputs_sha256": inputs[item.name],
                 "checkpoint": str(checkpoint),
                 "sites": records,
                 "files": {k: p.name for k, p in files.items() if k != "provenance"},

@@ -27,7 +27,16 @@ from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, keep_mask, sample
 from ..errors import LayoutError
-from ..io import atomic_path, file_sha256, read_json, remove_stale_temps, safe_component, write_json, write_volume
+from ..io import (
+    atomic_path,
+    file_sha256,
+    files_sha256,
+    read_json,
+    remove_stale_temps,
+    safe_component,
+    write_json,
+    write_volume,
+)
 from ..preprocessing.layout import read_case_pair
 from .plan import Item
 
@@ -58,10 +67,12 @@ def gif_sweep(path: Path, volume_hu: np.ndarray, window: tuple[float, float] = (
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=80, loop=0)
 
 
-def _settings(cfg: Config, run: str, ckpt_sha: str) -> dict[str, Any]:
+def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dict[str, Any]:
+    """What every item of a run depends on besides its own seed and inputs (a rerun redoes items that disagree)."""
     s = cfg.raw["sample"]
     settings = {
         "checkpoint_sha256": ckpt_sha,
+        "precision": s["precision"],
         "sampler": s["sampler"],
         "steps": s["steps"],
         "use_ema": s["use_ema"],
@@ -74,6 +85,8 @@ def _settings(cfg: Config, run: str, ckpt_sha: str) -> dict[str, Any]:
     }
     if run == "augment":
         settings["layout_edit"] = cfg.raw["layout_edit"]
+    if bank_sha is not None:
+        settings["bank_sha256"] = bank_sha
     return settings
 
 
@@ -116,8 +129,6 @@ def synthesize_shard(
     dtype = resolve_precision(sc["precision"], device)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
-    ckpt_sha = file_sha256(checkpoint)
-    settings = _settings(cfg, run, ckpt_sha)
     edit = cfg.raw["layout_edit"]
     bank = candidates = None
     if run == "augment" and edit["insert"] > 0:
@@ -125,12 +136,15 @@ def synthesize_shard(
             raise LayoutError("the augment run inserts nodules but no nodule bank was given; run the nodule_bank rule")
         bank = load_bank(bank_path)
         candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
+    settings = _settings(cfg, run, file_sha256(checkpoint), file_sha256(bank_path) if bank is not None else None)
+    inputs: dict[str, str] = {}  # per item: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, Any]] = []
     pending: list[tuple[Item, dict[str, Path]]] = []
     for item in items:
         files = item_files(out_dir, item)
-        if provenance_complete(files, settings):
+        inputs[item.name] = files_sha256([ct_paths[item.case_id], layout_paths[item.case_id]])
+        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.name]}):
             log.info("%s: complete, skipped", item.name)
             manifest.append({**_entry(item, files), "skipped": True})
         else:
@@ -208,6 +222,7 @@ def synthesize_shard(
                     "k": item.k,
                     "seed": item.seed,
                     **settings,
+                    "inputs_sha256": inputs[item.name],
                     "checkpoint": str(checkpoint),
                     "edits": edits,
                     "keep_voxels": int(keep.sum()),

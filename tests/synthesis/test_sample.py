@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +14,7 @@ from lungddpm.diffusion.process import GaussianDiffusion
 from lungddpm.diffusion.sample import Blend, keep_mask, sample
 from lungddpm.diffusion.train import train
 from lungddpm.errors import LayoutError
-from lungddpm.io import Geometry, read_volume, write_volume
+from lungddpm.io import Geometry, files_sha256, read_volume, write_volume
 from lungddpm.preprocessing.layout import read_case_pair
 from lungddpm.synthesis.layout_edit import NoduleBank, save_bank
 from lungddpm.synthesis.plan import plan, shard
@@ -131,6 +132,34 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
         m["skipped"]
         for m in synthesize_shard("augment", items[:1], other, checkpoint, cases, lays, tmp_path, bank, threads=2)
     )
+
+
+def test_a_new_seed_new_inputs_or_a_new_bank_are_sampled_anew(tiny_model, tmp_path: Path) -> None:
+    """Whatever makes an item's volume is in its provenance: a rerun after such an edit never keeps the old one."""
+    checkpoint, cts, layouts, bank = tiny_model
+    cfg = synth_config(samples_per_layout=1)
+    cases = {p.parent.name: p for p in cts}
+    lays = {p.name.removesuffix(".nii.gz"): shutil.copy(p, tmp_path / p.name) for p in layouts}
+    out = tmp_path / "out"
+
+    def skipped(items: list, bank_path: Path = bank, config=cfg) -> list[bool]:
+        return [m["skipped"] for m in synthesize_shard("augment", items, config, checkpoint, cases, lays, out,
+                                                       bank_path, threads=2)]  # fmt: skip
+
+    items = plan("augment", sorted(cases), 1, 0)
+    assert skipped(items) == [False, False] and skipped(items) == [True, True]
+    prov = json.loads((out / "case0_0.json").read_text())
+    assert prov["inputs_sha256"] == files_sha256([cases["case0"], lays["case0"]]) and prov["precision"] == "auto"
+    assert skipped(plan("augment", sorted(cases), 1, 1)) == [False, False]  # sample.seed: other seeds
+    assert skipped(items) == [False, False]  # and back
+    layout, geometry = read_volume(lays["case1"])
+    layout[0, 0, 0] = 1 - min(int(layout[0, 0, 0]), 1)  # the case's layout edited: that case only is sampled anew
+    write_volume(lays["case1"], layout, geometry)
+    assert skipped(items) == [True, False]
+    other_bank = tmp_path / "bank.npz"
+    save_bank(NoduleBank((ball_nodule(0, 14.0),)), other_bank)
+    assert skipped(items, other_bank) == [False, False]  # another nodule bank
+    assert skipped(items, other_bank, synth_config(samples_per_layout=1, precision="fp32")) == [False, False]
 
 
 def test_bad_layouts_are_refused(tmp_path: Path) -> None:

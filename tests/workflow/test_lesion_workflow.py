@@ -112,6 +112,8 @@ def test_lesion_shard_skips_complete_items_and_reproduces_an_item(
     import yaml
 
     from lungddpm.config import load_config
+    from lungddpm.io import file_sha256
+    from lungddpm.synthesis.lesion import item_inputs_sha256
     from lungddpm.synthesis.lesion_run import synthesize_lesion_shard
     from lungddpm.synthesis.plan import lesion_plan, shard
 
@@ -132,5 +134,9 @@ def test_lesion_shard_skips_complete_items_and_reproduces_an_item(
     made = synthesize_lesion_shard(items[:1], *args, tmp_path)  # the same item again, elsewhere
     assert not made[0]["skipped"]
     name = items[0].name
+    prov = read_json(tmp_path / f"{name}.json")  # what the item read: a new bank or new ROIs make it anew
+    case = items[0].case_id
+    assert prov["bank_sha256"] == file_sha256(args[4]) and prov["seed"] == items[0].seed
+    assert prov["inputs_sha256"] == item_inputs_sha256(args[2][case], args[3][case])
     for suffix in ("_ct.nii.gz", "_label.nii.gz", "_s0_after.nii.gz", "_s1_layout.nii.gz"):
         assert np.array_equal(read_volume(tmp_path / f"{name}{suffix}")[0], read_volume(out / f"{name}{suffix}")[0])
