@@ -30,10 +30,12 @@ from .nodules import Nodule
 
 log = logging.getLogger(__name__)
 
+MAX_READERS = 4  # LIDC-IDRI: each scan read by four radiologists
+
 
 def _apply_shims() -> None:
     """Restore the aliases pylidc 0.2.3 uses (only where this numpy/Python lacks them)."""
-    for name, value in (("int", int), ("float", float)):
+    for name, value in (("int", int), ("float", float), ("bool", bool)):  # np.bool: absent in numpy 1.24-1.26
         if name not in np.__dict__:
             setattr(np, name, value)
     if not hasattr(configparser, "SafeConfigParser"):
@@ -224,6 +226,13 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
     scan = _scan_by_case(case_id)
     out: list[Nodule] = []
     for cluster in _clusters(scan):
+        if len(cluster) > MAX_READERS:
+            log.warning(
+                "%s: %d annotations in one cluster around slice %.0f (LIDC has %d readers): pylidc could not "
+                "separate nearby nodules, so their consensus is one nodule with n_readers %d; inspect it, or leave "
+                "the case out with data.cases",
+                case_id, len(cluster), float(np.mean([a.centroid[2] for a in cluster])), MAX_READERS, len(cluster),
+            )  # fmt: skip
         if len(cluster) < min_readers:
             log.info(
                 "%s: nodule cluster with %d reader(s) below data.min_readers=%d, not used",

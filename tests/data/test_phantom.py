@@ -22,6 +22,7 @@ from lungddpm.data.phantom import (
     write_dicom_series,
 )
 from lungddpm.errors import ConfigError, DicomError
+from lungddpm.io import find_series_dir, read_dicom_series
 
 PS = 2.7
 N = 128
@@ -273,3 +274,32 @@ def test_dicom_passes_dciodvfy(
     proc = subprocess.run([dciodvfy, str(paths[0])], capture_output=True, text=True)
     report = (proc.stdout + proc.stderr).splitlines()
     assert report and not [line for line in report if line.startswith("Error")], "\n".join(report)
+
+
+def test_a_duplicate_slice_and_hidden_macos_files_are_handled_as_pylidc_does(
+    tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    series = tmp_path / "LIDC-IDRI-0001" / "01-01-2000-NA-30178" / "3000566.000000-NA-03192"  # NBIA's newer names
+    paths = write_dicom_series(plain[0], geom, series, quirks_for(3))
+    before = read_dicom_series(series)
+    for p in paths[:2]:  # macOS metadata beside each file copied to a FAT or network drive: sorted first
+        (series / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    dup = pydicom.dcmread(paths[3])
+    dup.InstanceNumber = 999  # the copy pylidc leaves out: the higher InstanceNumber
+    dup.PixelData = np.zeros_like(dup.pixel_array).tobytes()
+    dup.save_as(series / "zz_dup.dcm")
+    caplog.set_level("WARNING", logger="lungddpm.io")
+    after = read_dicom_series(series)
+    assert np.array_equal(after.hu, before.hu) and np.array_equal(after.z_positions, before.z_positions)
+    assert "1 slice(s) at the z of another slice left out" in caplog.text and "zz_dup.dcm" in caplog.text
+    assert find_series_dir(tmp_path / "LIDC-IDRI-0001", geom.series_uid) == series  # not named by its UID
+    first = pydicom.dcmread(paths[3])
+    first.InstanceNumber = 0  # now the copy has the lower number: it is the one kept
+    first.PixelData = np.zeros_like(first.pixel_array).tobytes()
+    first.save_as(series / "zz_dup.dcm")
+    k = int(np.flatnonzero(np.isclose(before.z_positions, float(first.ImagePositionPatient[2])))[0])
+    assert not np.array_equal(read_dicom_series(series).hu[k], before.hu[k])
+    del first.InstanceNumber
+    first.save_as(series / "zz_dup.dcm")
+    with pytest.raises(DicomError, match=r"zz_dup.dcm: same slice position z=.* no InstanceNumber to choose by"):
+        read_dicom_series(series)
