@@ -139,6 +139,19 @@ def canonical(value: Any, reference: Any) -> Any:
     return value
 
 
+def key_order_reference(path: str | Path, fallback: dict[str, Any]) -> dict[str, Any]:
+    """The shipped config at ``path`` with the schema's defaults filled, not validated (it is only the key order
+    for :func:`canonical`; the workflow validates the merged config); ``fallback`` when it cannot be read."""
+    try:
+        ref = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return fallback
+    if not isinstance(ref, dict):
+        return fallback
+    _fill_defaults(ref, load_schema())
+    return ref
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read a YAML config, apply ``overrides`` (nested dict), validate, and return its typed view."""
     p = Path(path)

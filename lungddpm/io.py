@@ -293,19 +293,22 @@ def _without_duplicate_positions(directory: Path, files: list[Path], slices: lis
     """Of slices at the same z (within 1 um), the one with the lowest InstanceNumber, as pylidc keeps (its slice
     positions, and so the annotations' slice indices, count each z once); the others are named in a warning. Without
     InstanceNumbers to choose by, :class:`DicomError`."""
-    groups: dict[float, list[int]] = {}
-    for i, (ds, _) in enumerate(slices):
-        groups.setdefault(round(float(ds.ImagePositionPatient[2]), 3), []).append(i)
+    z = [float(ds.ImagePositionPatient[2]) for ds, _ in slices]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(z)), key=z.__getitem__):  # runs of positions less than 1 um apart
+        if groups and z[i] - z[groups[-1][-1]] < 1e-3:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     drop = set()
-    for z, members in groups.items():
-        if len(members) > 1:
-            numbers = [getattr(slices[i][0], "InstanceNumber", None) for i in members]
-            if any(n is None for n in numbers):
-                names = " and ".join(files[i].name for i in members)
-                raise DicomError(f"{directory}: {names}: same slice position z={z} and no InstanceNumber to choose "
-                                 "by; remove the duplicate file")  # fmt: skip
-            ranked = sorted((int(n), files[i].name, i) for n, i in zip(numbers, members))
-            drop |= {i for *_, i in ranked[1:]}
+    for members in (g for g in groups if len(g) > 1):
+        names = " and ".join(files[i].name for i in members)
+        try:
+            ranked = sorted((int(slices[i][0].InstanceNumber), files[i].name, i) for i in members)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise DicomError(f"{directory}: {names}: same slice position z={z[members[0]]} and no InstanceNumber to "
+                             f"choose by ({exc}); remove the duplicate file") from exc  # fmt: skip
+        drop |= {i for *_, i in ranked[1:]}
     if drop:
         log.warning("%s: %d slice(s) at the z of another slice left out, keeping the lower InstanceNumber as pylidc "
                     "does: %s", directory, len(drop), ", ".join(files[i].name for i in sorted(drop)))  # fmt: skip

@@ -1,20 +1,17 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 from pathlib import Path
 
-import yaml
-
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
-from lungddpm.config import canonical, validate_config, config_from_mapping, lesion_config, set_keys
+from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, set_keys
 from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
 validate_config(config, source="snakemake config")
 # the keys in the order of the shipped config (defaults filled): the params, hence the reruns, do not depend on the
 # order of a config file's keys, and a workdir made with the shipped order keeps its params
-SHIPPED = validate_config(yaml.safe_load(Path(workflow.basedir, "config", "config.yaml").read_text()), "shipped")
-config.update(canonical(config, SHIPPED))
+config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
 CFG = config_from_mapping(config)
 CASES = list_cases(CFG)
 SPLIT = case_split(CFG, CASES)

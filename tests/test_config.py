@@ -11,6 +11,7 @@ from lungddpm.config import (
     _merge,
     canonical,
     config_from_mapping,
+    key_order_reference,
     lesion_config,
     load_config,
     validate_config,
@@ -173,6 +174,7 @@ def test_paper_config_is_the_same_through_snakemake_merged_over_the_demo() -> No
 
 def test_canonical_order_follows_the_shipped_config_whatever_a_files_order() -> None:
     shipped = validate_config(yaml.safe_load((REPO / "config/config.yaml").read_text()))
+    assert repr(key_order_reference(REPO / "config/config.yaml", {})) == repr(shipped)  # the same order, unvalidated
     assert repr(canonical(shipped, shipped)) == repr(shipped)  # a workdir made with the shipped order keeps its params
     flipped = reverse_keys(shipped)
     assert flipped == shipped and repr(flipped) != repr(shipped)  # equal values, another repr: Snakemake would rerun
@@ -181,3 +183,14 @@ def test_canonical_order_follows_the_shipped_config_whatever_a_files_order() -> 
     assert [list(a) for a in arms] == [list(shipped["segmentation"]["arms"][0])] * 2  # items against the first
     extra = canonical({"z": 1, "b": {"y": 2, "x": 3}, "a": 4}, {"b": {}, "a": 0})
     assert repr(extra) == repr({"b": {"x": 3, "y": 2}, "a": 4, "z": 1})  # unknown keys after, sorted
+
+
+def test_the_key_order_reference_needs_no_valid_shipped_file(tmp_path: Path) -> None:
+    """config.yaml edited to source: lidc, its dicom_root given on the command line: valid merged, not alone."""
+    edited = tmp_path / "config.yaml"
+    edited.write_text("data: {source: lidc}\nsplit: {seed: 3}\n")
+    with pytest.raises(ConfigError, match="data.dicom_root: required"):
+        load_config(edited)
+    ref = key_order_reference(edited, {})
+    assert list(ref)[:2] == ["data", "split"] and ref["split"]["train"] == 0.7  # its order, the defaults filled
+    assert key_order_reference(tmp_path / "missing.yaml", {"x": 1}) == {"x": 1}

@@ -76,7 +76,8 @@ FINGERPRINT_NAMES = {
     "size": "grid (preprocess.size)",
     "hu_window": "intensity.hu_window",
     "data": "training data (the train split's volumes and layouts or ROIs as loaded, with their texture levels, "
-    "generated regions and loss weights)",
+    "generated regions and loss weights, which at the lesion scale train.seed, focus_weight, focus_margin_mm, "
+    "context_free_diameter_mm, context_outside_weight and lesion.insert.margin_mm shape too)",
 }
 
 

@@ -121,7 +121,8 @@ def check_source_lungs(
     label: str | None = None, label_nodules: int = 0,
 ) -> None:  # fmt: skip
     """Refuse, before anything is written, lungs under ``layout.min_lung_ml`` whose cause lies in the source: a CT
-    that stops inside the chest (``air``, the body's air [Z, Y, X], runs off both ends) or a label map's lung label
+    that stops inside the chest (``air``, the body's air [Z, Y, X], runs off both ends and, trachea and bowel gas
+    included, holds less than ``min_lung_ml``: a full scan's holds litres) or a label map's lung label
     (with no nodule label, most likely a 0/1 nodule mask read as ``lung_nodule``). A full scan whose segmentation
     falls short is left to :func:`check_layout`, after ``lung_fine.nii.gz`` is written for inspection.
     lung, air: bool [Z, Y, X] on the fine grid of ``spacing`` (z, y, x) mm; ``label``: the label map's path."""
@@ -134,7 +135,7 @@ def check_source_lungs(
             f"{short}, from label 1 of {label}, which has no nodule label 2: if that map is a 0/1 nodule mask, set "
             "data.images.label_convention: binary; if it marks the lungs, label the whole lungs"
         )
-    if runs_off_both_ends(air):
+    if runs_off_both_ends(air) and float(air.sum()) * float(np.prod(spacing)) / 1000 < cfg.min_lung_ml:
         raise LayoutError(
             f"{short}; the scan's {air.shape[0] * spacing[0]:.0f} mm in z stop inside the chest (its air runs off "
             "both ends): use a CT of the whole chest"

@@ -127,8 +127,9 @@ def synthesize_lesion_shard(
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
         files = item_files(out_dir, item, len(sites))
-        inputs[item.name] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id])
-        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.name]}):
+        if item.case_id not in inputs:  # once per case: its k items read the same files
+            inputs[item.case_id] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id])
+        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.case_id]}):
             log.info("%s: complete, skipped", item.name)
             manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})
             continue
@@ -160,7 +161,7 @@ def synthesize_lesion_shard(
                 "k": item.k,
                 "seed": item.seed,
                 **settings,
-                "inputs_sha256": inputs[item.name],
+                "inputs_sha256": inputs[item.case_id],
                 "checkpoint": str(checkpoint),
                 "sites": records,
                 "files": {k: p.name for k, p in files.items() if k != "provenance"},

@@ -137,14 +137,15 @@ def synthesize_shard(
         bank = load_bank(bank_path)
         candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
     settings = _settings(cfg, run, file_sha256(checkpoint), file_sha256(bank_path) if bank is not None else None)
-    inputs: dict[str, str] = {}  # per item: the digest of its CT and layout, so that new inputs are sampled anew
+    inputs: dict[str, str] = {}  # per case: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, Any]] = []
     pending: list[tuple[Item, dict[str, Path]]] = []
     for item in items:
         files = item_files(out_dir, item)
-        inputs[item.name] = files_sha256([ct_paths[item.case_id], layout_paths[item.case_id]])
-        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.name]}):
+        if item.case_id not in inputs:  # once per case: its k items read the same files
+            inputs[item.case_id] = files_sha256([ct_paths[item.case_id], layout_paths[item.case_id]])
+        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.case_id]}):
             log.info("%s: complete, skipped", item.name)
             manifest.append({**_entry(item, files), "skipped": True})
         else:
@@ -222,7 +223,7 @@ def synthesize_shard(
                     "k": item.k,
                     "seed": item.seed,
                     **settings,
-                    "inputs_sha256": inputs[item.name],
+                    "inputs_sha256": inputs[item.case_id],
                     "checkpoint": str(checkpoint),
                     "edits": edits,
                     "keep_voxels": int(keep.sum()),

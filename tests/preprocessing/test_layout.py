@@ -8,7 +8,7 @@ import pytest
 from lungddpm.config import LayoutConfig
 from lungddpm.errors import LayoutError
 from lungddpm.io import Geometry, read_volume, write_json, write_volume
-from lungddpm.preprocessing.layout import check_layout, compose_layout, make_layout
+from lungddpm.preprocessing.layout import check_layout, check_source_lungs, compose_layout, make_layout
 
 GEOM = Geometry(spacing=(10.0, 10.0, 10.0), origin=(-155.0, -155.0, -300.0))
 CFG = LayoutConfig(min_lung_ml=500, max_lung_ml=12000, min_side_fraction=0.15)
@@ -66,3 +66,21 @@ def test_make_layout_writes_same_grid(tmp_path: Path) -> None:
     layout, geom = read_volume(tmp_path / "layout.nii.gz")
     assert geom == GEOM or np.allclose(geom.origin, GEOM.origin)
     assert (layout == 2).sum() == 8 and layout.dtype == np.uint8
+
+
+def test_only_a_scan_whose_air_is_too_little_and_cut_at_both_ends_is_called_thin() -> None:
+    """The trachea in the top slice and bowel gas in the bottom one cut a full scan's air at both ends too."""
+    lung = np.zeros((40, 20, 20), bool)
+    lung[10:30, 5:15, 5:15] = True  # 2000 voxels of 1 mL: 2 L of lung-shaped air, but no lungs segmented
+    air = lung.copy()
+    air[:10, 9:11, 9:11] = air[30:, 2:4, 2:4] = True  # a trachea to the top, gas to the bottom
+    few = np.zeros_like(lung)
+    few[20, 10, 10] = True  # what the segmentation kept: 1 mL
+    check_source_lungs(few, air, (10.0, 10.0, 10.0), CFG, "ct.nii.gz")  # a full scan: left to the layout check
+    with pytest.raises(LayoutError, match=r"ct.nii.gz: lungs of 1.0 mL, under layout.min_lung_ml 500 mL; the scan's "
+                       r"20 mm in z stop inside the chest"):  # fmt: skip
+        check_source_lungs(few[19:21], air[19:21], (10.0, 10.0, 10.0), CFG, "ct.nii.gz")  # 2 slices: 200 mL of air
+    with pytest.raises(LayoutError, match=r"from label 1 of seg.nrrd, which has no nodule label 2.*binary"):
+        check_source_lungs(few, air, (10.0, 10.0, 10.0), CFG, "ct.nii.gz", "seg.nrrd", 0)
+    with pytest.raises(LayoutError, match=r"from the lung label of seg.nrrd: label the whole lungs"):
+        check_source_lungs(few, air, (10.0, 10.0, 10.0), CFG, "ct.nii.gz", "seg.nrrd", 2)

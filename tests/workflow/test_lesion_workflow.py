@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +13,7 @@ from conftest import CI_CONFIG
 from scipy import ndimage as ndi
 
 from lungddpm.data import lidc
-from lungddpm.io import read_json, read_volume
+from lungddpm.io import read_json, read_volume, write_volume
 from lungddpm.preprocessing.layout import NODULE, ball
 from lungddpm.preprocessing.rois import read_roi_table
 from lungddpm.synthesis.paste import native_box, nearest_in_box
@@ -138,5 +139,11 @@ def test_lesion_shard_skips_complete_items_and_reproduces_an_item(
     case = items[0].case_id
     assert prov["bank_sha256"] == file_sha256(args[4]) and prov["seed"] == items[0].seed
     assert prov["inputs_sha256"] == item_inputs_sha256(args[2][case], args[3][case])
+    rois = shutil.copytree(res / f"rois/{case}", tmp_path / "rois")  # one of its nodule-free ROIs edited
+    free = next(r for r in csv.DictReader(open(rois / "rois.csv")) if r["kind"] == "free")
+    roi, geometry = read_volume(rois / free["ct"])
+    roi[0, 0, 0] += 1
+    write_volume(rois / free["ct"], roi, geometry)
+    assert item_inputs_sha256(rois / "rois.csv", args[3][case]) != prov["inputs_sha256"]
     for suffix in ("_ct.nii.gz", "_label.nii.gz", "_s0_after.nii.gz", "_s1_layout.nii.gz"):
         assert np.array_equal(read_volume(tmp_path / f"{name}{suffix}")[0], read_volume(out / f"{name}{suffix}")[0])
