@@ -149,19 +149,8 @@ def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
 
 
 def _pooled(nodules: Sequence[Nodule], idx: np.ndarray, field: str = "hu") -> np.ndarray:
+    """The values ``field`` (``hu`` or ``core``) of the nodules ``idx`` (a resample's indices), pooled."""
     return np.concatenate([getattr(nodules[j], field) for j in idx])
-
-
-def _hu_per_nodule(nodules: Sequence[Nodule]) -> np.ndarray:
-    """[N] object array of the nodules' HU arrays: a set that a bootstrap resamples nodule by nodule."""
-    out = np.empty(len(nodules), dtype=object)
-    out[:] = [n.hu for n in nodules]
-    return out
-
-
-def _pooled_w1(a: np.ndarray, b: np.ndarray) -> float:
-    """W1 of the pooled HU histograms of two :func:`_hu_per_nodule` sets."""
-    return float(wasserstein_distance(np.concatenate(list(a)), np.concatenate(list(b))))
 
 
 def _w1_or_nan(a: np.ndarray, b: np.ndarray) -> float:
@@ -210,11 +199,15 @@ def compare_sets(
     distance's resamples lie above 0 even for a set against itself, so the floor row's interval also shows how far
     apart the sampling of nodules alone puts two sets."""
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
-    hu_a, hu_b = _hu_per_nodule(a), _hu_per_nodule(b)
+
+    def pooled_w1(ia: np.ndarray, ib: np.ndarray) -> float:  # of two resamples of nodule indices
+        return float(wasserstein_distance(_pooled(a, ia), _pooled(b, ib)))
+
+    all_a, all_b = np.arange(len(a)), np.arange(len(b))
     if resamples > 0:
-        w1, low, high = bootstrap_distance(_pooled_w1, hu_a, hu_b, resamples, ci, seed, min_distinct=1)
+        w1, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1)
     else:
-        w1, low, high = _pooled_w1(hu_a, hu_b), float("nan"), float("nan")
+        w1, low, high = pooled_w1(all_a, all_b), float("nan"), float("nan")
     return {
         "n_a": sa["n"],
         "n_b": sb["n"],
@@ -227,7 +220,7 @@ def compare_sets(
         "sharpness_b": sb["sharpness"],
         "profile_l1_hu": _mean_abs(sa["profile"] - sb["profile"]),
         **{f"{k}_{side}": st[k] for k in ("core_hu", "core_sd") for side, st in (("a", sa), ("b", sb))},
-        "core_w1_hu": _w1_or_nan(_pooled(a, np.arange(len(a)), "core"), _pooled(b, np.arange(len(b)), "core")),
+        "core_w1_hu": _w1_or_nan(_pooled(a, all_a, "core"), _pooled(b, all_b, "core")),
     }
 
 
