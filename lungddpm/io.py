@@ -289,10 +289,10 @@ def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(p for p in found if not p.name.startswith("."))
 
 
-def _without_duplicate_positions(directory: Path, files: list[Path], slices: list[Any]) -> tuple[list[Path], list[Any]]:
-    """Of slices at the same z (within 1 um), the one with the lowest InstanceNumber, as pylidc keeps (its slice
-    positions, and so the annotations' slice indices, count each z once); the others are named in a warning. Without
-    InstanceNumbers to choose by, :class:`DicomError`."""
+def _slice_order(directory: Path, files: list[Path], slices: list[Any]) -> tuple[list[int], np.ndarray]:
+    """The slices to stack, by ascending z, and their z (mm). Of slices at the same z (within 1 um) the one with the
+    lowest InstanceNumber is kept, as pylidc keeps (its slice positions, and so the annotations' slice indices, count
+    each z once); the others are named in a warning. Without InstanceNumbers to choose by, :class:`DicomError`."""
     z = [float(ds.ImagePositionPatient[2]) for ds, _ in slices]
     groups: list[list[int]] = []
     for i in sorted(range(len(z)), key=z.__getitem__):  # runs of positions less than 1 um apart
@@ -300,20 +300,22 @@ def _without_duplicate_positions(directory: Path, files: list[Path], slices: lis
             groups[-1].append(i)
         else:
             groups.append([i])
-    drop = set()
-    for members in (g for g in groups if len(g) > 1):
-        names = " and ".join(files[i].name for i in members)
-        try:
-            ranked = sorted((int(slices[i][0].InstanceNumber), files[i].name, i) for i in members)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise DicomError(f"{directory}: {names}: same slice position z={z[members[0]]} and no InstanceNumber to "
-                             f"choose by ({exc}); remove the duplicate file") from exc  # fmt: skip
-        drop |= {i for *_, i in ranked[1:]}
-    if drop:
+    order, dropped = [], []
+    for members in groups:
+        if len(members) > 1:
+            names = " and ".join(files[i].name for i in members)
+            try:
+                ranked = sorted((int(slices[i][0].InstanceNumber), files[i].name, i) for i in members)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise DicomError(f"{directory}: {names}: same slice position z={z[members[0]]} and no InstanceNumber "
+                                 f"to choose by ({exc}); remove the duplicate file") from exc  # fmt: skip
+            members = [ranked[0][2]]
+            dropped += [i for *_, i in ranked[1:]]
+        order.append(members[0])
+    if dropped:
         log.warning("%s: %d slice(s) at the z of another slice left out, keeping the lower InstanceNumber as pylidc "
-                    "does: %s", directory, len(drop), ", ".join(files[i].name for i in sorted(drop)))  # fmt: skip
-    keep = [i for i in range(len(files)) if i not in drop]
-    return [files[i] for i in keep], [slices[i] for i in keep]
+                    "does: %s", directory, len(dropped), ", ".join(files[i].name for i in sorted(dropped)))  # fmt: skip
+    return order, np.asarray([z[i] for i in order])
 
 
 def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: float = 3071.0) -> DicomSeries:
@@ -352,11 +354,8 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
     for f, (ds, _) in zip(files, slices):
         if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
             raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
-    files, slices = _without_duplicate_positions(directory, files, slices)
-    z = np.asarray([float(ds.ImagePositionPatient[2]) for ds, _ in slices])
-    order = np.argsort(z, kind="stable")
-    z = z[order]
-    hu = np.empty((len(files), *shape), dtype=np.float32)
+    order, z = _slice_order(directory, files, slices)
+    hu = np.empty((len(order), *shape), dtype=np.float32)
     for out_k, k in enumerate(order):
         ds, pixels = slices[k]
         raw = pixels.astype(np.float32)

@@ -35,7 +35,7 @@ def dilate_mm(mask: np.ndarray, margin_mm: float, spacing_mm: float) -> np.ndarr
 def face_border(margin_mm: float, spacing_mm: float) -> int:
     """Voxels to keep between a nodule and the grid's faces so that :func:`dilate_mm` by ``margin_mm`` leaves at least
     one kept voxel outside it on every side: the reach of its ball along an axis, plus one."""
-    return int(np.floor(margin_mm / spacing_mm + 1e-9)) + 1 if margin_mm else 1
+    return int(np.floor(margin_mm / spacing_mm + 1e-9)) + 1
 
 
 def check_labels(layout: np.ndarray, name: str) -> None:
@@ -126,7 +126,8 @@ def check_source_lungs(
     (with no nodule label, most likely a 0/1 nodule mask read as ``lung_nodule``). A full scan whose segmentation
     falls short is left to :func:`check_layout`, after ``lung_fine.nii.gz`` is written for inspection.
     lung, air: bool [Z, Y, X] on the fine grid of ``spacing`` (z, y, x) mm; ``label``: the label map's path."""
-    lung_ml = float(lung.sum()) * float(np.prod(spacing)) / 1000
+    voxel_ml = float(np.prod(spacing)) / 1000
+    lung_ml = float(lung.sum()) * voxel_ml
     if lung_ml >= cfg.min_lung_ml:
         return
     short = f"{ct}: lungs of {lung_ml:.1f} mL, under layout.min_lung_ml {cfg.min_lung_ml:g} mL"
@@ -135,7 +136,7 @@ def check_source_lungs(
             f"{short}, from label 1 of {label}, which has no nodule label 2: if that map is a 0/1 nodule mask, set "
             "data.images.label_convention: binary; if it marks the lungs, label the whole lungs"
         )
-    if runs_off_both_ends(air) and float(air.sum()) * float(np.prod(spacing)) / 1000 < cfg.min_lung_ml:
+    if runs_off_both_ends(air) and float(air.sum()) * voxel_ml < cfg.min_lung_ml:
         raise LayoutError(
             f"{short}; the scan's {air.shape[0] * spacing[0]:.0f} mm in z stop inside the chest (its air runs off "
             "both ends): use a CT of the whole chest"

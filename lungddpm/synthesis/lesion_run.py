@@ -32,7 +32,7 @@ from .lesion import (
 )
 from .paste import feather_weight, native_box, native_labels, nearest_in_box, paste_back
 from .plan import Item
-from .volume_run import provenance_complete
+from .volume_run import item_settings, provenance_complete
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def synthesize_lesion_shard(
         files = item_files(out_dir, item, len(sites))
         if item.case_id not in inputs:  # once per case: its k items read the same files
             inputs[item.case_id] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id])
-        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.case_id]}):
+        if provenance_complete(files, item_settings(settings, item, inputs[item.case_id])):
             log.info("%s: complete, skipped", item.name)
             manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})
             continue
@@ -159,9 +159,7 @@ def synthesize_lesion_shard(
                 "item": item.name,
                 "source_case": item.case_id,
                 "k": item.k,
-                "seed": item.seed,
-                **settings,
-                "inputs_sha256": inputs[item.case_id],
+                **item_settings(settings, item, inputs[item.case_id]),
                 "checkpoint": str(checkpoint),
                 "sites": records,
                 "files": {k: p.name for k, p in files.items() if k != "provenance"},

@@ -90,6 +90,12 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
     return settings
 
 
+def item_settings(settings: dict[str, Any], item: Item, inputs_sha256: str) -> dict[str, Any]:
+    """A run's ``settings`` with what is an item's own (its seed and the digest of its inputs): what its provenance
+    records and a rerun compares."""
+    return {**settings, "seed": item.seed, "inputs_sha256": inputs_sha256}
+
+
 def provenance_complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
     """All ``files`` exist and the provenance (``files['provenance']``, written last) agrees with ``settings``."""
     if not files["provenance"].is_file() or not all(p.is_file() for p in files.values()):
@@ -145,7 +151,7 @@ def synthesize_shard(
         files = item_files(out_dir, item)
         if item.case_id not in inputs:  # once per case: its k items read the same files
             inputs[item.case_id] = files_sha256([ct_paths[item.case_id], layout_paths[item.case_id]])
-        if provenance_complete(files, {**settings, "seed": item.seed, "inputs_sha256": inputs[item.case_id]}):
+        if provenance_complete(files, item_settings(settings, item, inputs[item.case_id])):
             log.info("%s: complete, skipped", item.name)
             manifest.append({**_entry(item, files), "skipped": True})
         else:
@@ -221,9 +227,7 @@ def synthesize_shard(
                     "run": run,
                     "source_case": item.case_id,
                     "k": item.k,
-                    "seed": item.seed,
-                    **settings,
-                    "inputs_sha256": inputs[item.case_id],
+                    **item_settings(settings, item, inputs[item.case_id]),
                     "checkpoint": str(checkpoint),
                     "edits": edits,
                     "keep_voxels": int(keep.sum()),
