@@ -1,6 +1,7 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 from pathlib import Path
 
+from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard

@@ -5,6 +5,7 @@ rule demo_dicom:
     params:
         index=lambda wildcards: CASES.index(wildcards.case),
         settings=settings("data"),
+        phantom=PHANTOM_VERSION,
     log:
         "logs/demo_dicom/{case}.log",
     benchmark:

@@ -161,6 +161,57 @@ def test_nodules_are_painted_inside_lung(geom: ScanGeometry, plain: tuple[np.nda
     assert rim < -300
 
 
+def _lung_around(lung: np.ndarray, spec: NoduleSpec, geom: ScanGeometry) -> tuple[float, bool]:
+    """(lung fraction of the nodule's 3 mm shell, whether the nodule's lung component is one of the two lungs')."""
+    full = np.zeros(lung.shape, dtype=bool)
+    full[tuple(slice(o, o + s) for o, s in zip(spec.offset, spec.mask.shape))] = spec.mask
+    dist = ndimage.distance_transform_edt(~full, sampling=(10.0, PS, PS))
+    shell = (dist > 0) & (dist <= 3.0)
+    labels, _ = ndimage.label(lung)
+    lungs = {labels[deepest_lung_voxel(lung, geom, side)] for side in (-1, 1)}
+    centre = tuple(int(v) for v in np.round(np.argwhere(full).mean(0)))
+    return float(lung[shell].mean()), int(labels[centre]) in lungs
+
+
+@pytest.mark.parametrize("where", ["mediastinum", "behind the rib cage"])
+def test_the_thorax_is_fitted_to_hold_every_nodule_in_its_lungs(
+    geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray], where: str
+) -> None:
+    """A nodule the default anatomy puts in the mediastinum or in the back's muscle sits in lung connected to a
+    lung, as the radiologists' nodules do (before: an isolated air pocket in soft tissue, which the lung mask
+    drops, so the layout put the nodule outside the lung)."""
+    _, lung0 = plain
+    k, i, _ = deepest_lung_voxel(lung0, geom, -1)
+    if where == "mediastinum":
+        j = pixel_of(geom, 0.0, 0.0)[1]
+    else:
+        j = pixel_of(geom, -60.0, 0.0)[1]
+        i = int(np.nonzero(lung0[k, :, j])[0].max()) + round(15.0 / PS)  # 15 mm behind the lung's back
+    assert not lung0[k, i - 2 : i + 3, j - 2 : j + 3].any()
+    solid = ball(6.0, 10.0, PS)
+    c = np.array(solid.shape) // 2
+    spec = NoduleSpec(mask=solid, offset=(k - c[0], i - c[1], j - c[2]), texture=5)
+    hu, lung = synthesize_thorax(geom, [spec], seed=3)
+    shell, connected = _lung_around(lung, spec, geom)
+    assert shell > 0.9 and connected, (shell, connected)
+    assert hu[k, i, j] > -200  # the nodule itself is painted
+
+
+def test_a_nodule_in_the_lung_leaves_the_default_anatomy(
+    geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The fit moves the body only as far as the nodules need: none for a nodule deep in the default lung."""
+    _, lung0 = plain
+    k, i, j = deepest_lung_voxel(lung0, geom, 1)
+    solid = ball(6.0, 10.0, PS)
+    c = np.array(solid.shape) // 2
+    spec = NoduleSpec(mask=solid, offset=(k - c[0], i - c[1], j - c[2]), texture=5)
+    hu, lung = synthesize_thorax(geom, [spec], seed=3)
+    outside = np.ones(hu.shape, dtype=bool)
+    outside[tuple(slice(max(o - 4, 0), o + s + 4) for o, s in zip(spec.offset, solid.shape))] = False
+    assert np.array_equal(lung[outside], lung0[outside])
+
+
 def test_nodule_outside_the_volume_is_skipped(geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:
     spec = NoduleSpec(mask=np.ones((2, 3, 3), dtype=bool), offset=(500, 0, 0), texture=4)
     hu, lung = synthesize_thorax(geom, [spec], seed=3)

@@ -108,12 +108,25 @@ def _tubes_sdf(grid: _Grid, segs: np.ndarray, reach: float) -> np.ndarray:
 class _Thorax:
     """Derived anatomy of one scan: sizes, landmarks and signed-distance functions."""
 
-    def __init__(self, geom: ScanGeometry, cfg: PhantomConfig, half_width_mm: float | None = None) -> None:
+    def __init__(
+        self,
+        geom: ScanGeometry,
+        cfg: PhantomConfig,
+        half_width_mm: float | None = None,
+        aspect: float | None = None,
+        fat_scale: float = 1.0,
+        centre_mm: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
+        """The default body, or one ``half_width_mm`` wide with AP half-depth ``aspect`` x the width, subcutaneous
+        fat ``fat_scale`` x the default, centred ``centre_mm`` (x, y) off the default position. The anatomy is
+        drawn in this body's frame: world (x, y) minus ``centre_mm`` (:meth:`body_xy`)."""
         self.cfg = cfg
         a = min(cfg.body_half_width_mm, cfg.body_fov_fraction * geom.fov_mm) if half_width_mm is None else half_width_mm
         s = self.s = a / cfg.body_half_width_mm
-        self.a, self.b, self.cy = a, cfg.body_aspect * a, cfg.body_y_offset_mm * s
-        self.skin, self.fat, self.muscle = cfg.skin_mm * s, cfg.fat_mm * s, cfg.muscle_mm * s
+        self.a, self.b, self.cy = a, (cfg.body_aspect if aspect is None else aspect) * a, cfg.body_y_offset_mm * s
+        self.centre = (float(centre_mm[0]), float(centre_mm[1]))
+        self.bulges = np.zeros((0, 8), dtype=np.float32)  # lung capsules reaching nodules (volume._lung_bulges)
+        self.skin, self.fat, self.muscle = cfg.skin_mm * s, cfg.fat_mm * s * fat_scale, cfg.muscle_mm * s
         self.back = cfg.back_muscle_mm * s
         self.rib_t, self.rib_h = cfg.rib_thickness_mm * s, cfg.rib_height_mm * s
         self.gap = cfg.pleural_gap_mm * s
@@ -196,6 +209,18 @@ class _Thorax:
             ]
         )
 
+    def body_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World (x, y) mm -> this body's frame (float32)."""
+        return (np.asarray(x) - self.centre[0]).astype(np.float32), (np.asarray(y) - self.centre[1]).astype(np.float32)
+
+    def fits_fov(self, fov_mm: float, shifts: np.ndarray) -> np.ndarray:
+        """bool [S]: whether the body's outline, moved by each of ``shifts`` [S, 2] (x, y mm), lies inside the
+        circular field of view (diameter ``fov_mm``, image centre)."""
+        t = np.linspace(0.0, 2.0 * np.pi, 72, endpoint=False)
+        x = self.centre[0] + shifts[:, :1] + self.a * np.cos(t)
+        y = self.centre[1] + shifts[:, 1:] + self.cy + self.b * np.sin(t)
+        return np.hypot(x, y).max(1) <= fov_mm / 2
+
     # -- 2D shapes (x, y broadcast) ------------------------------------------------------------------------------
     def body_sdf(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return _ellipse_sdf(x, y - self.cy, self.a, self.b)
@@ -265,6 +290,8 @@ class _Thorax:
         zl, nl = self.dome(x, y, 1)
         d_dome = np.where(x < 0, (zr - z) * nr, (zl - z) * nl)
         d = np.maximum(d, d_dome)
+        for seg in self.bulges:  # lung reaching a nodule the template misses: over the mediastinum, not the wall
+            d = np.minimum(d, np.maximum(_seg_sdf(x, y, z, seg), cavity))
         if side:
             d = np.maximum(d, -side * x)
         return d
@@ -289,9 +316,9 @@ class _Thorax:
 
 
 def thorax_landmarks(geom: ScanGeometry, cfg: PhantomConfig = PhantomConfig()) -> dict[str, tuple[float, ...]]:
-    """World (LPS, mm) landmarks of the phantom for this geometry: the trachea centre ``trachea_xy`` (x, y at the
-    top slice), ``carina``, ``hilum_right``, ``hilum_left`` (x, y, z) and the ``apex_z`` / ``dome_right_z`` /
-    ``dome_left_z`` heights."""
+    """World (LPS, mm) landmarks of the phantom without nodules for this geometry: the trachea centre
+    ``trachea_xy`` (x, y at the top slice), ``carina``, ``hilum_right``, ``hilum_left`` (x, y, z) and the
+    ``apex_z`` / ``dome_right_z`` / ``dome_left_z`` heights."""
     th = _Thorax(geom, cfg)
     top, car = th.trachea_top, th.carina
     t = (geom.slice_zvals[-1] - top[2]) / (car[2] - top[2])

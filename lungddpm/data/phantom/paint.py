@@ -17,13 +17,16 @@ def _coarse_factor(geom: ScanGeometry, cfg: PhantomConfig) -> int:
     return max(1, min(cfg.coarse_factor, math.floor(cfg.coarse_max_mm / geom.pixel_spacing)))
 
 
-def _coarse_grid(geom: ScanGeometry, cfg: PhantomConfig) -> tuple[_Grid, np.ndarray]:
-    """The coarse grid and the linear z-interpolation matrix [Z, Zc] from it to the slices."""
+def _coarse_grid(
+    geom: ScanGeometry, cfg: PhantomConfig, centre_mm: tuple[float, float] = (0.0, 0.0)
+) -> tuple[_Grid, np.ndarray]:
+    """The coarse grid, in the frame of a body centred ``centre_mm`` (x, y) off the default, and the linear
+    z-interpolation matrix [Z, Zc] from it to the slices."""
     f, ps = _coarse_factor(geom, cfg), geom.pixel_spacing
     h = f * ps
     ny, nx = -(-geom.rows // f), -(-geom.cols // f)
-    xc = geom.x0 + (np.arange(nx) * f + (f - 1) / 2) * ps
-    yc = geom.y0 + (np.arange(ny) * f + (f - 1) / 2) * ps
+    xc = geom.x0 - centre_mm[0] + (np.arange(nx) * f + (f - 1) / 2) * ps
+    yc = geom.y0 - centre_mm[1] + (np.arange(ny) * f + (f - 1) / 2) * ps
     z = geom.slice_zvals
     n_uniform = math.ceil((z[-1] - z[0]) / h) + 1
     if z.size <= n_uniform:

@@ -112,8 +112,19 @@ class PhantomConfig:
     # body (mm at full size)
     body_half_width_mm: float = 170.0
     body_fov_fraction: float = 0.46  # body half-width <= this fraction of the FOV diameter
-    body_fov_fraction_max: float = 0.49  # ... widened up to this so every nodule lies inside the rib cage
-    nodule_cavity_margin_mm: float = 4.0  # a nodule centre must lie this deep inside the rib cage
+    # the body is fitted to the nodules (volume._fit_thorax): widened up to body_fov_fraction_max, deepened up to
+    # body_aspect_max, its fat thinned down to fat_scale_min and moved up to body_shift_max_mm (on a body_fit_step_mm
+    # grid), by the least total displacement (mm) that puts every nodule centre nodule_cavity_margin_mm + nodule_depth
+    # _radius_fraction x its radius inside the rib cage and, where possible, the lungs; a nodule the lungs still miss
+    # gets a lung bulge from the nearest lung deep enough to hold it, within nodule_bulge_reach_mm
+    body_fov_fraction_max: float = 0.49
+    body_aspect_max: float = 0.8
+    fat_scale_min: float = 0.5
+    body_shift_max_mm: float = 48.0
+    body_fit_step_mm: float = 4.0
+    nodule_cavity_margin_mm: float = 4.0
+    nodule_depth_radius_fraction: float = 0.5
+    nodule_bulge_reach_mm: float = 60.0
     body_aspect: float = 0.65  # AP half-depth / half-width
     body_y_offset_mm: float = 10.0  # body centre posterior of the image centre
     skin_mm: float = 2.0

@@ -37,8 +37,7 @@ def _paint_main_airways(hu: np.ndarray, lung: np.ndarray, th: _Thorax, geom: Sca
     """Trachea and main bronchi at full resolution (sharp walls, blurred by ``blur_mm``); removed from the lung."""
     c, ps = th.cfg, geom.pixel_spacing
     sigma = max(c.blur_mm, 0.3 * ps)
-    x = (geom.x0 + ps * np.arange(geom.cols)).astype(np.float32)
-    y = (geom.y0 + ps * np.arange(geom.rows)).astype(np.float32)
+    x, y = th.body_xy(geom.x0 + ps * np.arange(geom.cols), geom.y0 + ps * np.arange(geom.rows))
     z = geom.slice_zvals.astype(np.float32)
     boxes = []
     for seg in th.main_walls:
@@ -86,8 +85,7 @@ def _paint_nodules(
             log.warning("nodule %d at offset %s has no voxel inside the volume; not painted", n, spec.offset)
             continue
         near = ndimage.distance_transform_edt(~mask, sampling=sampling) <= margin
-        rows = geom.y0 + ps * np.arange(lo[1], hi[1])
-        cols = geom.x0 + ps * np.arange(lo[2], hi[2])
+        cols, rows = th.body_xy(geom.x0 + ps * np.arange(lo[2], hi[2]), geom.y0 + ps * np.arange(lo[1], hi[1]))
         near &= (th.cavity_sdf(cols[None, :], rows[:, None]) < 0)[None]  # never breach the chest wall
         sub, lung_sub = hu[box], lung[box]
         added = near & ~lung_sub
@@ -137,33 +135,96 @@ def _check_config(cfg: PhantomConfig) -> None:
 
 
 def _nodule_centres(geom: ScanGeometry, nodules: Sequence[NoduleSpec]) -> np.ndarray:
-    """LPS (x, y) mm of each nodule's mask centroid -> [N, 2]."""
+    """World (x, y, z) mm of each nodule's mask centroid and its equivalent-sphere radius (mm) -> [N, 4]; nodules
+    whose centroid lies outside the slices are left out."""
+    ps, z = geom.pixel_spacing, geom.slice_zvals
+    dz = float(np.median(np.diff(z))) if z.size > 1 else max(geom.slice_thickness, ps)
     out = []
     for spec in nodules:
         if spec.mask.any():
             k, i, j = np.argwhere(spec.mask).mean(axis=0) + np.asarray(spec.offset)
-            if not 0 <= k < len(geom.slice_zvals):
+            if not 0 <= k <= len(z) - 1:
                 continue
-            out.append((geom.x0 + j * geom.pixel_spacing, geom.y0 + i * geom.pixel_spacing))
-    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+            radius = (3.0 * spec.mask.sum() * ps * ps * dz / (4.0 * math.pi)) ** (1.0 / 3.0)
+            out.append((geom.x0 + j * ps, geom.y0 + i * ps, float(np.interp(k, np.arange(len(z)), z)), radius))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
+def _depths(th: _Thorax, centres: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Depths (mm, > 0 inside) of the nodule ``centres`` [N, 4] in the rib cage and in the lungs of ``th`` moved
+    by each of ``shifts`` [S, 2] (x, y mm) -> two [S, N]."""
+    x = (centres[None, :, 0] - th.centre[0] - shifts[:, :1]).astype(np.float32)
+    y = (centres[None, :, 1] - th.centre[1] - shifts[:, 1:]).astype(np.float32)
+    z = np.broadcast_to(centres[None, :, 2], x.shape).astype(np.float32)
+    cavity = th.cavity_sdf(x, y)
+    return -cavity, -th.lung_sdf(x, y, z, cavity=cavity)
 
 
 def _fit_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], cfg: PhantomConfig) -> _Thorax:
-    """The default-sized thorax, widened (up to ``body_fov_fraction_max`` of the FOV) until every nodule centre
-    lies inside the rib cage: the radiologists' nodules sit in real lungs, so the phantom's lungs must hold them."""
+    """The thorax that holds the nodules: the radiologists' nodules sit in real lungs, so the phantom's must hold
+    them too. Of the bodies inside the field of view (widths, depths, fat and shifts of the ``body_*`` fit keys),
+    the one that puts the most nodule depth into the rib cage, then the most nodules into the lungs, with the
+    least displacement from the default body (mm); nodules the lungs still miss get a lung bulge
+    (:func:`_lung_bulges`)."""
     default = _Thorax(geom, cfg)
     centres = _nodule_centres(geom, nodules)
     if centres.size == 0:
         return default
-    a_max = max(default.a, cfg.body_fov_fraction_max * geom.fov_mm)
-    for a in np.linspace(default.a, a_max, 8):
-        th = _Thorax(geom, cfg, half_width_mm=float(a))
-        if np.all(th.cavity_sdf(centres[:, 0], centres[:, 1]) <= -cfg.nodule_cavity_margin_mm):
-            return th
-    log.info(
-        "phantom %s: nodule(s) outside the widest rib cage; their lung halo is clipped to the cavity", geom.patient_id
-    )
-    return default
+    need = cfg.nodule_cavity_margin_mm + cfg.nodule_depth_radius_fraction * centres[:, 3]
+    r = math.floor(cfg.body_shift_max_mm / cfg.body_fit_step_mm) * cfg.body_fit_step_mm
+    steps = np.arange(-r, r + 0.5 * cfg.body_fit_step_mm, cfg.body_fit_step_mm)
+    shifts = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)
+    shifts = shifts[np.argsort(np.hypot(shifts[:, 0], shifts[:, 1]), kind="stable")]
+    widths = np.linspace(default.a, max(default.a, cfg.body_fov_fraction_max * geom.fov_mm), 8)
+    aspects = np.linspace(cfg.body_aspect, max(cfg.body_aspect, cfg.body_aspect_max), 4)
+    fats = np.linspace(1.0, min(1.0, cfg.fat_scale_min), 3)
+    best: tuple[tuple[float, ...], tuple] | None = None
+    for a in widths:
+        for aspect in aspects:
+            for fat in fats:
+                th = _Thorax(geom, cfg, half_width_mm=float(a), aspect=float(aspect), fat_scale=float(fat))
+                cav, lung = _depths(th, centres, shifts)
+                cost = np.hypot(shifts[:, 0], shifts[:, 1]) + (a - default.a) + (th.b - default.b)
+                cost += default.fat - th.fat
+                deficit = np.round(np.maximum(need - cav, 0.0).sum(1), 1)  # 0.1 mm: the cost decides ties
+                keys = np.stack([-deficit, (lung >= need).sum(1), -cost], 1)
+                keys[~th.fits_fov(geom.fov_mm, shifts)] = -np.inf
+                k = int(np.lexsort(keys.T[::-1])[-1])
+                if best is None or tuple(keys[k]) > best[0]:
+                    best = (tuple(float(v) for v in keys[k]), (float(a), float(aspect), float(fat), tuple(shifts[k])))
+    assert best is not None
+    if best[0][0] == -np.inf:  # no wider, deeper or moved body fits the field of view: the default one
+        return default
+    th = _Thorax(geom, cfg, *best[1])
+    if best[0][0] < 0:
+        log.info("phantom %s: nodule(s) outside the rib cage of the widest body; clipped", geom.patient_id)
+    th.bulges = _lung_bulges(th, centres, need, geom.patient_id)
+    return th
+
+
+def _lung_bulges(th: _Thorax, centres: np.ndarray, need: np.ndarray, case: str) -> np.ndarray:
+    """Capsules [M, 8] (body frame) of lung from each nodule whose centre lies less than ``need`` mm inside the
+    lungs to the nearest lung point (on a 3 mm grid within ``nodule_bulge_reach_mm``) deep enough to hold the
+    nodule and its lung margin."""
+    c = th.cfg
+    _, depth = _depths(th, centres, np.zeros((1, 2)))
+    steps = np.arange(-c.nodule_bulge_reach_mm, c.nodule_bulge_reach_mm + 1e-6, 3.0, dtype=np.float32)
+    grid = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.linalg.norm(grid, axis=1) <= c.nodule_bulge_reach_mm]
+    grid = grid[np.argsort(np.linalg.norm(grid, axis=1), kind="stable")]
+    out = []
+    for (x, y, z, radius), d, n in zip(centres, depth[0], need):
+        if d >= n:
+            continue
+        rho = radius + c.nodule_lung_margin_mm
+        bx, by = th.body_xy(x, y)
+        p = grid + np.array([bx, by, z], dtype=np.float32)
+        deep = np.nonzero(-th.lung_sdf(p[:, 0], p[:, 1], p[:, 2]) >= rho)[0]
+        if deep.size == 0:
+            log.info("phantom %s: no lung within %.0f mm of the nodule at %s", case, c.nodule_bulge_reach_mm, (x, y, z))
+            continue
+        out.append([bx, by, z, *p[deep[0]], rho, rho])
+    return np.asarray(out, dtype=np.float32).reshape(-1, 8)
 
 
 def synthesize_thorax(
@@ -178,7 +239,7 @@ def synthesize_thorax(
     _check_config(cfg)
     t0 = time.perf_counter()
     th = _fit_thorax(geom, nodules, cfg)
-    grid, lz = _coarse_grid(geom, cfg)
+    grid, lz = _coarse_grid(geom, cfg, th.centre)
     rng_tree, rng_tex, rng_noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     hu_c, lung_c = _coarse_anatomy(th, grid, rng_tree, rng_tex)
     t1 = time.perf_counter()
