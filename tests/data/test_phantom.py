@@ -193,7 +193,8 @@ def test_the_thorax_is_fitted_to_hold_every_nodule_in_its_lungs(
     spec = NoduleSpec(mask=solid, offset=(k - c[0], i - c[1], j - c[2]), texture=5)
     hu, lung = synthesize_thorax(geom, [spec], seed=3)
     shell, connected = _lung_around(lung, spec, geom)
-    assert shell > 0.9 and connected, (shell, connected)
+    # behind the rib cage the body moves until the centre is 4 mm inside the lung: the nodule stays juxtapleural
+    assert shell > (0.9 if where == "mediastinum" else 0.6) and connected, (shell, connected)
     assert hu[k, i, j] > -200  # the nodule itself is painted
 
 

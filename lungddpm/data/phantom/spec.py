@@ -114,16 +114,15 @@ class PhantomConfig:
     body_fov_fraction: float = 0.46  # body half-width <= this fraction of the FOV diameter
     # the body is fitted to the nodules (volume._fit_thorax): widened up to body_fov_fraction_max, deepened up to
     # body_aspect_max, its fat thinned down to fat_scale_min and moved up to body_shift_max_mm (on a body_fit_step_mm
-    # grid), by the least total displacement (mm) that puts every nodule centre nodule_cavity_margin_mm + nodule_depth
-    # _radius_fraction x its radius inside the rib cage and, where possible, the lungs; a nodule the lungs still miss
-    # gets a lung bulge from the nearest lung deep enough to hold it, within nodule_bulge_reach_mm
+    # grid), by the least total displacement (mm) that puts every nodule centre nodule_cavity_margin_mm inside the
+    # rib cage and, where possible, the lungs (a juxtapleural nodule stays at the pleura); a nodule the lungs still
+    # miss gets a lung bulge from the nearest lung deep enough to hold it, within nodule_bulge_reach_mm
     body_fov_fraction_max: float = 0.49
     body_aspect_max: float = 0.8
     fat_scale_min: float = 0.5
     body_shift_max_mm: float = 48.0
     body_fit_step_mm: float = 4.0
     nodule_cavity_margin_mm: float = 4.0
-    nodule_depth_radius_fraction: float = 0.5
     nodule_bulge_reach_mm: float = 60.0
     body_aspect: float = 0.65  # AP half-depth / half-width
     body_y_offset_mm: float = 10.0  # body centre posterior of the image centre

@@ -170,7 +170,7 @@ def _fit_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], cfg: PhantomC
     centres = _nodule_centres(geom, nodules)
     if centres.size == 0:
         return default
-    need = cfg.nodule_cavity_margin_mm + cfg.nodule_depth_radius_fraction * centres[:, 3]
+    need = np.full(len(centres), cfg.nodule_cavity_margin_mm)
     r = math.floor(cfg.body_shift_max_mm / cfg.body_fit_step_mm) * cfg.body_fit_step_mm
     steps = np.arange(-r, r + 0.5 * cfg.body_fit_step_mm, cfg.body_fit_step_mm)
     shifts = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)
