@@ -170,11 +170,10 @@ def _fit_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], cfg: PhantomC
     centres = _nodule_centres(geom, nodules)
     if centres.size == 0:
         return default
-    need = np.full(len(centres), cfg.nodule_cavity_margin_mm)
+    need = cfg.nodule_cavity_margin_mm
     r = math.floor(cfg.body_shift_max_mm / cfg.body_fit_step_mm) * cfg.body_fit_step_mm
     steps = np.arange(-r, r + 0.5 * cfg.body_fit_step_mm, cfg.body_fit_step_mm)
     shifts = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)
-    shifts = shifts[np.argsort(np.hypot(shifts[:, 0], shifts[:, 1]), kind="stable")]
     widths = np.linspace(default.a, max(default.a, cfg.body_fov_fraction_max * geom.fov_mm), 8)
     aspects = np.linspace(cfg.body_aspect, max(cfg.body_aspect, cfg.body_aspect_max), 4)
     fats = np.linspace(1.0, min(1.0, cfg.fat_scale_min), 3)
@@ -202,7 +201,7 @@ def _fit_thorax(geom: ScanGeometry, nodules: Sequence[NoduleSpec], cfg: PhantomC
     return th
 
 
-def _lung_bulges(th: _Thorax, centres: np.ndarray, need: np.ndarray, case: str) -> np.ndarray:
+def _lung_bulges(th: _Thorax, centres: np.ndarray, need: float, case: str) -> np.ndarray:
     """Capsules [M, 8] (body frame) of lung from each nodule whose centre lies less than ``need`` mm inside the
     lungs to the nearest lung point (on a 3 mm grid within ``nodule_bulge_reach_mm``) deep enough to hold the
     nodule and its lung margin."""
@@ -213,15 +212,16 @@ def _lung_bulges(th: _Thorax, centres: np.ndarray, need: np.ndarray, case: str) 
     grid = grid[np.linalg.norm(grid, axis=1) <= c.nodule_bulge_reach_mm]
     grid = grid[np.argsort(np.linalg.norm(grid, axis=1), kind="stable")]
     out = []
-    for (x, y, z, radius), d, n in zip(centres, depth[0], need):
-        if d >= n:
+    for (x, y, z, radius), d in zip(centres, depth[0]):
+        if d >= need:
             continue
         rho = radius + c.nodule_lung_margin_mm
         bx, by = th.body_xy(x, y)
         p = grid + np.array([bx, by, z], dtype=np.float32)
         deep = np.nonzero(-th.lung_sdf(p[:, 0], p[:, 1], p[:, 2]) >= rho)[0]
         if deep.size == 0:
-            log.info("phantom %s: no lung within %.0f mm of the nodule at %s", case, c.nodule_bulge_reach_mm, (x, y, z))
+            log.info("phantom %s: no lung within %.0f mm of the nodule at (%.0f, %.0f, %.0f) mm", case,
+                     c.nodule_bulge_reach_mm, x, y, z)  # fmt: skip
             continue
         out.append([bx, by, z, *p[deep[0]], rho, rho])
     return np.asarray(out, dtype=np.float32).reshape(-1, 8)
