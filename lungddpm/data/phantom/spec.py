@@ -47,6 +47,12 @@ class ScanGeometry:
         return -self.pixel_spacing * self.rows / 2
 
     @property
+    def slice_step_mm(self) -> float:
+        """The median slice spacing (mm); one slice: its thickness, at least the pixel spacing."""
+        z = self.slice_zvals
+        return float(np.median(np.diff(z))) if z.size > 1 else max(self.slice_thickness, self.pixel_spacing)
+
+    @property
     def fov_mm(self) -> float:
         """Diameter of the circular reconstruction field of view."""
         return self.pixel_spacing * min(self.rows, self.cols)

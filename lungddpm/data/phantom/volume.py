@@ -61,8 +61,7 @@ def _paint_nodules(
     hu: np.ndarray, lung: np.ndarray, nodules: Sequence[NoduleSpec], geom: ScanGeometry, th: _Thorax
 ) -> None:
     """Paint nodules (HU by texture, soft edge) in place, inside lung added around each (``nodule_lung_margin_mm``)."""
-    c, ps, z = th.cfg, geom.pixel_spacing, geom.slice_zvals
-    dz = float(np.median(np.diff(z))) if z.size > 1 else max(geom.slice_thickness, ps)
+    c, ps, dz = th.cfg, geom.pixel_spacing, geom.slice_step_mm
     sampling = (dz, ps, ps)
     sigma = (c.nodule_edge_mm / dz, c.nodule_edge_mm / ps, c.nodule_edge_mm / ps)
     margin = c.nodule_lung_margin_mm
@@ -137,8 +136,7 @@ def _check_config(cfg: PhantomConfig) -> None:
 def _nodule_centres(geom: ScanGeometry, nodules: Sequence[NoduleSpec]) -> np.ndarray:
     """World (x, y, z) mm of each nodule's mask centroid and its equivalent-sphere radius (mm) -> [N, 4]; nodules
     whose centroid lies outside the slices are left out."""
-    ps, z = geom.pixel_spacing, geom.slice_zvals
-    dz = float(np.median(np.diff(z))) if z.size > 1 else max(geom.slice_thickness, ps)
+    ps, z, dz = geom.pixel_spacing, geom.slice_zvals, geom.slice_step_mm
     out = []
     for spec in nodules:
         if spec.mask.any():
