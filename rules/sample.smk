@@ -4,6 +4,7 @@ rule nodule_bank:
     params:
         cases=BANK_CASES,
         consensus_level=config["data"]["consensus_level"],
+        clustering=CLUSTERING_VERSION,
     log:
         "logs/nodule_bank.log",
     benchmark:

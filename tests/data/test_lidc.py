@@ -70,14 +70,49 @@ def test_nodule_masks_are_slices_rows_cols() -> None:
     assert 1 <= first.texture <= 5 and first.n_readers == len(clusters[0])
 
 
-def test_a_cluster_of_more_annotations_than_readers_is_warned_about(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """pylidc gives up separating nodules whose contours touch: their annotations come as one cluster of > 4."""
-    case = "LIDC-IDRI-0078"
-    real = lidc._clusters
-    monkeypatch.setattr(lidc, "_clusters", lambda scan: [[*c, c[0]] if len(c) == 4 else c for c in real(scan)])
+def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], r: float) -> np.ndarray:
+    zz, yy, xx = np.indices(shape)
+    return (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= r * r
+
+
+def test_split_merged_separates_touching_nodules_and_keeps_one_nodule_whole() -> None:
+    shape = (20, 20, 40)
+    left = [_ball(shape, (10, 10, 10 + d), 6 + d) for d in (-0.5, 0.0, 0.5)]
+    right = [_ball(shape, (10, 10, 26 + d), 5) for d in (-0.5, 0.0, 0.5)]
+    both = _ball(shape, (10, 10, 18), 15)  # one reader's contour around the two nodules
+    groups = lidc.split_merged([left[0], right[0], left[1], both, right[1], left[2], right[2]])
+    assert sorted(sorted(g) for g in groups) in ([[0, 2, 3, 5], [1, 4, 6]], [[0, 2, 5], [1, 3, 4, 6]])
+    # five readings of one nodule: the halves overlap, so it stays one group
+    one = [_ball(shape, (10, 10, 12 + d), 5 + d / 2) for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+    assert lidc.split_merged(one) == [[0, 1, 2, 3, 4]]
+    # at most four per group: a group of five is split again only where it holds separate nodules
+    assert sorted(map(sorted, lidc.split_merged([*one, *right]))) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert lidc.split_merged(left) == [[0, 1, 2]]
+
+
+def test_merged_pylidc_clusters_are_split_into_their_nodules(caplog: pytest.LogCaptureFixture) -> None:
+    """pylidc gives up separating nodules whose contours touch (a cluster of > 4 annotations); of its 14 such
+    clusters, LIDC-IDRI-0608's holds a 20 mm nodule read by 4 radiologists and a 6 mm one read by 1 beside it."""
+    caplog.set_level("INFO", logger="lungddpm.data.lidc")
+    nods = lidc.nodules("LIDC-IDRI-0608", 0.5)
+    assert "LIDC-IDRI-0608: pylidc's cluster of 5 annotations around slice 199 holds 2 separate nodules" in caplog.text
+    assert max(n.n_readers for n in nods) == 4
+    big = next(n for n in nods if n.diameter_mm > 19)
+    others = [n for n in nods if n is not big]
+    small = min(others, key=lambda n: float(np.linalg.norm(np.subtract(n.centroid_index, big.centroid_index))))
+    assert big.n_readers == 4 and small.diameter_mm < 7
+    lo = np.maximum(big.offset, small.offset)
+    hi = np.minimum(np.add(big.offset, big.mask.shape), np.add(small.offset, small.mask.shape))
+    assert small.n_readers == 1 and np.all(hi > lo)  # they touch: their boxes overlap, their masks do not
+    a = big.mask[tuple(slice(p - o, q - o) for p, q, o in zip(lo, hi, big.offset))]
+    b = small.mask[tuple(slice(p - o, q - o) for p, q, o in zip(lo, hi, small.offset))]
+    assert b.any() and not (a & b).any()
+
+
+def test_a_cluster_of_more_annotations_than_readers_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """LIDC-IDRI-0092: five overlapping annotations of one nodule (pylidc's database has 8 such clusters)."""
+    case = "LIDC-IDRI-0092"
     caplog.set_level("WARNING", logger="lungddpm.data.lidc")
     merged = [n for n in lidc.nodules(case, 0.5) if n.n_readers == 5]
-    assert merged and f"{case}: 5 annotations in one cluster around slice" in caplog.text
-    assert "could not separate nearby nodules" in caplog.text and "data.cases" in caplog.text
+    assert len(merged) == 1 and f"{case}: 5 annotations in one cluster around slice 178" in caplog.text
+    assert "neither pylidc nor lungddpm could separate them" in caplog.text and "data.cases" in caplog.text
