@@ -1,6 +1,5 @@
-"""Distribution distances between two sets of feature vectors: FID, Gaussian-kernel MMD and KID.
-
-All take ``a: [Na, D]`` and ``b: [Nb, D]`` float arrays and compute in float64.
+"""Distribution distances: between two sets of feature vectors, FID, Gaussian-kernel MMD and KID (``a: [Na, D]``
+and ``b: [Nb, D]`` float arrays, computed in float64); between two samples of values, Wasserstein-1 (``w1``).
 """
 
 from __future__ import annotations
@@ -8,6 +7,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+
+def w1(a: np.ndarray, b: np.ndarray) -> float:
+    """Wasserstein-1 distance between the empirical distributions of two non-empty samples ``a: [Na]``, ``b: [Nb]``,
+    as ``scipy.stats.wasserstein_distance``. Integer values (HU) take a sort-free exact path: the CDFs are steps
+    at integers, so W1 is the sum over 1-wide bins of |F_a - F_b| (about 10x faster on pooled nodule HU)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+    if hi - lo > 1e6 or not (np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))):
+        from scipy.stats import wasserstein_distance
+
+        return float(wasserstein_distance(a, b))
+    n = int(hi - lo) + 1
+    fa = np.cumsum(np.bincount((a - lo).astype(np.int64), minlength=n)) / a.size
+    fb = np.cumsum(np.bincount((b - lo).astype(np.int64), minlength=n)) / b.size
+    return float(np.abs(fa - fb)[:-1].sum())
 
 
 def _check(a: np.ndarray, b: np.ndarray, minimum: int) -> tuple[np.ndarray, np.ndarray]:

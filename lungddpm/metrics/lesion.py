@@ -28,12 +28,11 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.stats import wasserstein_distance
 
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import atomic_path, read_volume, write_csv
 from ..preprocessing.layout import NODULE
-from .distribution import bootstrap_distance
+from .distribution import bootstrap_distance, w1
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def _pooled(nodules: Sequence[Nodule], idx: np.ndarray, field: str = "hu") -> np
 
 def _w1_or_nan(a: np.ndarray, b: np.ndarray) -> float:
     """W1 of two pooled value arrays; NaN when either is empty (a set whose nodules have no core)."""
-    return float(wasserstein_distance(a, b)) if a.size and b.size else float("nan")
+    return w1(a, b) if a.size and b.size else float("nan")
 
 
 def excess_intervals(
@@ -201,17 +200,17 @@ def compare_sets(
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
 
     def pooled_w1(ia: np.ndarray, ib: np.ndarray) -> float:  # of two resamples of nodule indices
-        return float(wasserstein_distance(_pooled(a, ia), _pooled(b, ib)))
+        return w1(_pooled(a, ia), _pooled(b, ib))
 
     all_a, all_b = np.arange(len(a)), np.arange(len(b))
     if resamples > 0:
-        w1, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1)
+        dist, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1)
     else:
-        w1, low, high = pooled_w1(all_a, all_b), float("nan"), float("nan")
+        dist, low, high = pooled_w1(all_a, all_b), float("nan"), float("nan")
     return {
         "n_a": sa["n"],
         "n_b": sb["n"],
-        "w1_hu": w1,
+        "w1_hu": dist,
         "w1_ci_low": low,
         "w1_ci_high": high,
         **{f"{k}_a": sa[k] for k in ("mean_hu", "sd_hu", "solid_fraction")},
@@ -222,6 +221,53 @@ def compare_sets(
         **{f"{k}_{side}": st[k] for k in ("core_hu", "core_sd") for side, st in (("a", sa), ("b", sb))},
         "core_w1_hu": _w1_or_nan(_pooled(a, all_a, "core"), _pooled(b, all_b, "core")),
     }
+
+
+def size_matched(target: Sequence[Nodule], pool: Sequence[Nodule]) -> list[Nodule]:
+    """Per nodule of ``target``, the nodule of ``pool`` nearest to it in log voxel count among those of its texture
+    class (all of ``pool`` where none is; the first of ties): ``pool`` drawn to ``target``'s size mix. A small
+    nodule is mostly partial-volume rim, so pooled histograms of two sets of different sizes differ even where
+    like sizes agree."""
+    gap = np.abs(np.log([[t.hu.size] for t in target]) - np.log([n.hu.size for n in pool]))  # [T, P]
+    same = np.array([[t.texture_class] for t in target]) == np.array([n.texture_class for n in pool])
+    gap = np.where(same | ~same.any(axis=1, keepdims=True), gap, np.inf)
+    return [pool[int(j)] for j in np.argmin(gap, axis=1)]
+
+
+def matched_rows(
+    a: Sequence[Nodule], syn: Sequence[Nodule], b: Sequence[Nodule], s: FidelitySettings, seed: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The floor and the synthetic row with real halves ``a`` and ``b`` size-matched to ``syn``
+    (:func:`size_matched`; ``n_a``/``n_b``: the distinct nodules used). Every interval comes from the same
+    ``s.bootstrap`` resamples, each drawing ``a``, ``b`` and ``syn`` with replacement and matching again, so that a
+    real nodule matched many times counts once: both rows' W1 and the synthetic row's excesses (paired)."""
+    ma, mb = size_matched(syn, a), size_matched(syn, b)
+    floor, synth = compare_sets(ma, mb, s.profile_step_mm), compare_sets(syn, mb, s.profile_step_mm)
+    distinct = {id(n) for n in mb}
+    floor.update(n_a=len({id(n) for n in ma}), n_b=len(distinct), **dict.fromkeys(EXCESS, float("nan")))
+    synth.update(n_b=len(distinct))
+    rng, resamples = np.random.default_rng(seed), max(s.bootstrap, 0)
+    d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
+    for i in range(resamples):
+        t = [syn[j] for j in rng.integers(len(syn), size=len(syn))]
+        ra, rb = (size_matched(t, [h[j] for j in rng.integers(len(h), size=len(h))]) for h in (a, b))
+        for k, field in enumerate(("hu", "core")):
+            ref = _pooled(rb, np.arange(len(rb)), field)
+            d[2 * k : 2 * k + 2, i] = [_w1_or_nan(_pooled(x, np.arange(len(x)), field), ref) for x in (ra, t)]
+    q = [(1 - s.ci) / 2, (1 + s.ci) / 2]
+
+    def interval(v: np.ndarray) -> tuple[float, float]:
+        v = v[np.isfinite(v)]
+        return (float(np.quantile(v, q[0])), float(np.quantile(v, q[1]))) if v.size else (np.nan, np.nan)
+
+    floor["w1_ci_low"], floor["w1_ci_high"] = interval(d[0])
+    synth["w1_ci_low"], synth["w1_ci_high"] = interval(d[1])
+    for k, key in enumerate(("w1", "core_w1")):
+        low, high = interval(d[2 * k + 1] - d[2 * k])
+        synth.update({f"{key}_excess_hu": synth[f"{key}_hu"] - floor[f"{key}_hu"], f"{key}_excess_ci_low": low,
+                      f"{key}_excess_ci_high": high})  # fmt: skip
+    return [{"comparison": "real A vs real B, size-matched", **floor},
+            {"comparison": "synthetic vs real B, size-matched", **synth}]  # fmt: skip
 
 
 def real_nodules(tables: Sequence[Path], s: FidelitySettings) -> list[Nodule]:
@@ -248,7 +294,8 @@ def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -
 def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings) -> list[dict[str, Any]]:
     """Rows (COLUMNS) per texture class and for all nodules: ``real A vs real B`` (the floor) and ``synthetic vs
     real B``, each with its W1 interval (``s.bootstrap`` resamples), the synthetic row also with its excesses over
-    the floor, of W1 and of the cores' W1 (NaN where the class has no floor, or its floor no core); a class without
+    the floor, of W1 and of the cores' W1 (NaN where the class has no floor, or its floor no core); then the same
+    two rows with the real halves size-matched to the synthetic nodules (:func:`matched_rows`). A class without
     the nodules for a row has none."""
     rows = []
     for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
@@ -268,6 +315,7 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
             for key, (low, high) in ci.items():
                 synth.update({f"{key}_excess_hu": synth[f"{key}_hu"] - floor[f"{key}_hu"],
                               f"{key}_excess_ci_low": low, f"{key}_excess_ci_high": high})  # fmt: skip
+            rows += [{"texture_class": cls, **r} for r in matched_rows(half_a, syn, half_b, s, [s.seed, k, 3])]
     for row in rows:
         log.info("%s %s: W1 %.1f HU (%.1f-%.1f; over the floor %.1f, %.1f-%.1f), mean %.0f vs %.0f HU, solid %.2f "
                  "vs %.2f, core W1 %.1f HU (over the floor %.1f, %.1f-%.1f) (n %d vs %d)", row["texture_class"],

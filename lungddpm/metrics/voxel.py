@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import wasserstein_distance
+
+from .distribution import w1
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -29,7 +30,7 @@ def hu_histogram_distance(real: np.ndarray, synthetic: np.ndarray, mask: np.ndar
     the mean shift for a shifted one."""
     if not mask.any():
         raise ValueError("hu_histogram_distance: empty mask")
-    return float(wasserstein_distance(real[mask].astype(np.float64), synthetic[mask].astype(np.float64)))
+    return w1(real[mask], synthetic[mask])
 
 
 def _region(real: np.ndarray, synthetic: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

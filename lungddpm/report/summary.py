@@ -254,7 +254,10 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
         "the voxels at least lesion.fidelity.core_mm inside it (a dark rim can hide a bright core in the pooled "
         "histogram), core HU their mean, core W1 the W1 of their HU histograms, with its excess over the floor "
         "drawn in the same paired resamples. The floor compares two disjoint halves of the real nodules; the "
-        "synthetic nodules are compared with the same half B."
+        "synthetic nodules are compared with the same half B. The size-matched rows replace each real half by, per "
+        "synthetic nodule, the real nodule of its class nearest in voxel count (a small nodule is mostly "
+        "partial-volume rim, so sets of different sizes differ even where like sizes agree); their n counts the "
+        "distinct real nodules used, and their intervals match again in every resample."
     )
     out.append("")
     body = [

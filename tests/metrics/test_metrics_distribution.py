@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import linalg
+from scipy.stats import wasserstein_distance
 
-from lungddpm.metrics.distribution import bootstrap_distance, fid, kid, median_bandwidth, mmd
+from lungddpm.metrics.distribution import bootstrap_distance, fid, kid, median_bandwidth, mmd, w1
 
 
 def fid_reference(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,3 +63,14 @@ def test_bootstrap_distance_interval_and_errors() -> None:
         fid(a[:1], b)
     with pytest.raises(ValueError, match="same D"):
         mmd(a, b[:, :3])
+
+
+def test_w1_equals_scipy_on_integer_and_float_samples() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # integer HU: the sort-free path
+        a = rng.integers(-1024, 400, rng.integers(1, 500)).astype(np.int16)
+        b = rng.integers(-900, 600, rng.integers(1, 500)).astype(np.float32)
+        assert w1(a, b) == pytest.approx(wasserstein_distance(a, b), rel=1e-12, abs=1e-9)
+    a, b = rng.normal(size=200), rng.normal(0.5, 2.0, size=80)  # fractions: scipy's path
+    assert w1(a, b) == pytest.approx(wasserstein_distance(a, b), rel=1e-12)
+    assert w1(np.array([3.0]), np.array([3.0])) == 0.0 and w1(np.array([0.0]), np.array([-40.0])) == 40.0

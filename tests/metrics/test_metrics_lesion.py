@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from lungddpm.metrics.lesion import (
     fidelity,
     lesion_fidelity,
     margin_profile,
+    matched_rows,
     measure,
     profile_bins,
+    size_matched,
 )
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
@@ -111,6 +114,33 @@ def test_w1_excess_over_the_floor_is_paired() -> None:
     assert np.isnan(compare_sets(t, half_b, 1.0)["core_w1_hu"])
 
 
+def test_size_matched_rows_compare_like_sizes() -> None:
+    """Real nodules: large ones near 0 HU, small ones about -300 (mostly rim); synthetic: small ones like the real
+    small ones. Pooled over all real sizes they look 270 HU too dark; against real nodules of their size they do
+    not."""
+    s = dataclasses.replace(S, bootstrap=200)
+    big = [measure(f"big{i}", "solid", *_sphere(-10.0 * i, -800.0), 1.0, S) for i in range(4)]
+    small = [measure(f"sm{i}", "solid", *_sphere(-290.0 - 5.0 * i, -800.0, radius=2.0), 1.0, S) for i in range(8)]
+    syn = [measure(f"s{i}", "solid", *_sphere(-295.0 - 10.0 * i, -800.0, radius=2.0), 1.0, S) for i in range(3)]
+    a, b = [big[0], big[2], *small[0::2]], [big[1], big[3], *small[1::2]]  # each: 2 large and 4 small
+    assert size_matched(syn, b) == [small[1]] * 3  # 32 voxels each: the first of the tied small ones
+    gg = measure("g", "ground-glass", *_sphere(-300.0, -800.0, radius=2.0), 1.0, S)
+    assert size_matched(syn[:1], [gg, big[0]]) == [big[0]]  # its own class first, whatever the size
+    assert size_matched([gg], [big[0], small[0]]) == [small[0]]  # no ground-glass in the pool: the nearest size
+    plain = compare_sets(syn, b, 1.0)
+    assert plain["w1_hu"] > 150.0 > 50.0 > compare_sets(a, b, 1.0)["w1_hu"]  # far above the plain floor
+    floor, synth = matched_rows(a, syn, b, s, [0, 1])
+    assert floor["comparison"] == "real A vs real B, size-matched" and synth["comparison"].startswith("synthetic")
+    assert (floor["n_a"], floor["n_b"], synth["n_a"], synth["n_b"]) == (1, 1, 3, 1)  # distinct used (ties: the first)
+    assert synth["w1_hu"] < 20.0 and synth["mean_hu_a"] == pytest.approx(-305.0) and synth["mean_hu_b"] == -295.0
+    assert synth["w1_excess_hu"] == pytest.approx(synth["w1_hu"] - floor["w1_hu"])
+    assert synth["w1_excess_ci_low"] <= synth["w1_excess_hu"] <= synth["w1_excess_ci_high"] < 30.0
+    assert floor["w1_ci_low"] <= floor["w1_hu"] <= floor["w1_ci_high"] and np.isnan(floor["w1_excess_hu"])
+    assert matched_rows(a, syn, b, s, [0, 1])[1]["w1_excess_ci_low"] == synth["w1_excess_ci_low"]  # seeded
+    far = [measure(f"f{i}", "solid", *_sphere(-600.0, -800.0, radius=2.0), 1.0, S) for i in range(3)]
+    assert matched_rows(a, far, b, s, [0, 1])[1]["w1_excess_ci_low"] > 200.0  # a real gap at matched size stays
+
+
 def test_core_is_the_voxels_deep_inside() -> None:
     # a bright core of radius 2 in a dark rim out to radius 4, on a 1 mm grid; core_mm 1: depth - 0.5 >= 1 mm
     ct, mask = _sphere(-400.0, -800.0)
@@ -163,8 +193,9 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     got = lesion_fidelity([tmp_path / "rois.csv"], items, S, out / "f.csv", out / "p.png", out / "g.png")
     with open(out / "f.csv") as fh:
         written = list(csv.DictReader(fh))
-    assert len(written) == len(got) == 4  # solid and all: floor and synthetic rows
-    assert {r["comparison"] for r in written} == {"real A vs real B", "synthetic vs real B"}
+    assert len(written) == len(got) == 8  # solid and all: floor and synthetic rows, plain and size-matched
+    plain = {"real A vs real B", "synthetic vs real B"}
+    assert {r["comparison"] for r in written} == plain | {f"{c}, size-matched" for c in plain}
     syn = next(r for r in got if r["texture_class"] == "solid" and r["comparison"].startswith("synthetic"))
     assert syn["n_a"] == 1 and syn["mean_hu_a"] == pytest.approx(-200.0) and syn["solid_fraction_a"] == 1.0
     row = next(r for r in written if r["texture_class"] == "solid" and r["comparison"].startswith("synthetic"))
