@@ -157,6 +157,12 @@ def _w1_or_nan(a: np.ndarray, b: np.ndarray) -> float:
     return w1(a, b) if a.size and b.size else float("nan")
 
 
+def _interval(v: np.ndarray, ci: float) -> tuple[float, float]:
+    """The percentile interval (level ``ci``) of the finite resamples ``v``; (NaN, NaN) when none is."""
+    v = v[np.isfinite(v)]
+    return tuple(float(x) for x in np.quantile(v, [(1 - ci) / 2, (1 + ci) / 2])) if v.size else (np.nan, np.nan)  # type: ignore[return-value]
+
+
 def excess_intervals(
     a: Sequence[Nodule],
     syn: Sequence[Nodule],
@@ -169,19 +175,13 @@ def excess_intervals(
     pooled core HU (``"core_w1"``), from the same draws: each resample draws the nodules of all three sets with
     replacement and measures both distances to the same resampled ``b``. A core resample with an empty set is
     left out; (NaN, NaN) for 0 resamples or when no core resample is left."""
-    q = [(1 - ci) / 2, (1 + ci) / 2]
     d = np.full((2, max(resamples, 0)), np.nan)
     for i in range(resamples):
         ia, isyn, ib = (rng.integers(len(x), size=len(x)) for x in (a, syn, b))
         for k, field in enumerate(("hu", "core")):
             ref = _pooled(b, ib, field)
             d[k, i] = _w1_or_nan(_pooled(syn, isyn, field), ref) - _w1_or_nan(_pooled(a, ia, field), ref)
-    out = {}
-    for k, key in enumerate(("w1", "core_w1")):
-        finite = d[k][np.isfinite(d[k])]
-        low, high = np.quantile(finite, q) if finite.size else (np.nan, np.nan)
-        out[key] = (float(low), float(high))
-    return out
+    return {key: _interval(d[k], ci) for k, key in enumerate(("w1", "core_w1"))}
 
 
 def compare_sets(
@@ -243,9 +243,8 @@ def matched_rows(
     real nodule matched many times counts once: both rows' W1 and the synthetic row's excesses (paired)."""
     ma, mb = size_matched(syn, a), size_matched(syn, b)
     floor, synth = compare_sets(ma, mb, s.profile_step_mm), compare_sets(syn, mb, s.profile_step_mm)
-    distinct = {id(n) for n in mb}
-    floor.update(n_a=len({id(n) for n in ma}), n_b=len(distinct), **dict.fromkeys(EXCESS, float("nan")))
-    synth.update(n_b=len(distinct))
+    floor.update(n_a=len({id(n) for n in ma}), n_b=len({id(n) for n in mb}), **dict.fromkeys(EXCESS, float("nan")))
+    synth["n_b"] = floor["n_b"]
     rng, resamples = np.random.default_rng(seed), max(s.bootstrap, 0)
     d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
     for i in range(resamples):
@@ -254,16 +253,10 @@ def matched_rows(
         for k, field in enumerate(("hu", "core")):
             ref = _pooled(rb, np.arange(len(rb)), field)
             d[2 * k : 2 * k + 2, i] = [_w1_or_nan(_pooled(x, np.arange(len(x)), field), ref) for x in (ra, t)]
-    q = [(1 - s.ci) / 2, (1 + s.ci) / 2]
-
-    def interval(v: np.ndarray) -> tuple[float, float]:
-        v = v[np.isfinite(v)]
-        return (float(np.quantile(v, q[0])), float(np.quantile(v, q[1]))) if v.size else (np.nan, np.nan)
-
-    floor["w1_ci_low"], floor["w1_ci_high"] = interval(d[0])
-    synth["w1_ci_low"], synth["w1_ci_high"] = interval(d[1])
+    floor["w1_ci_low"], floor["w1_ci_high"] = _interval(d[0], s.ci)
+    synth["w1_ci_low"], synth["w1_ci_high"] = _interval(d[1], s.ci)
     for k, key in enumerate(("w1", "core_w1")):
-        low, high = interval(d[2 * k + 1] - d[2 * k])
+        low, high = _interval(d[2 * k + 1] - d[2 * k], s.ci)
         synth.update({f"{key}_excess_hu": synth[f"{key}_hu"] - floor[f"{key}_hu"], f"{key}_excess_ci_low": low,
                       f"{key}_excess_ci_high": high})  # fmt: skip
     return [{"comparison": "real A vs real B, size-matched", **floor},
