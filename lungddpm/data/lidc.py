@@ -161,39 +161,37 @@ def cases_of_patients(patients: list[str]) -> list[str]:
 
 def split_merged(masks: list[np.ndarray], max_size: int = MAX_READERS) -> list[list[int]]:
     """Groups of annotation indices for one pylidc cluster: a cluster of more than ``max_size`` annotations (pylidc
-    stops separating nodules whose contours touch) is split in two, recursively, while its two halves hold separate
-    nodules.
+    stops separating nodules whose contours touch) is split in two while its two halves hold separate nodules, and
+    so are the halves, whatever their size (three touching nodules read twice each are three groups).
 
-    ``masks``: the annotations' boolean masks in one common box (any axis order). The halves are the top split of an
-    average-linkage tree on ``1 - overlap coefficient`` (|a & b| / min(|a|, |b|)), so that one reader's contour
-    around both nodules does not chain them; they are separate when their majority consensus masks share less
-    than ``SPLIT_MAX_OVERLAP`` of the smaller. A cluster that cannot be split so is one group (one nodule).
+    ``masks``: the annotations' boolean masks in one common box (any axis order). The halves are the two branches
+    under the root of an average-linkage tree on ``1 - overlap coefficient`` (|a & b| / min(|a|, |b|)), so that one
+    reader's contour around both nodules does not chain them; they are separate when both majority consensus masks
+    are non-empty and share less than ``SPLIT_MAX_OVERLAP`` of the smaller. A cluster that cannot be split so is one
+    group (one nodule).
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import linkage, to_tree
     from scipy.spatial.distance import squareform
 
     def consensus(idx: list[int]) -> np.ndarray:
         return np.mean([masks[i] for i in idx], axis=0) >= SPLIT_CONSENSUS_LEVEL
 
     def split(idx: list[int]) -> list[list[int]]:
-        if len(idx) <= max_size:
+        if len(idx) < 2:
             return [idx]
         flat = [masks[i].ravel() for i in idx]
         sizes = np.array([max(int(f.sum()), 1) for f in flat])
         inter = np.array([[int(np.count_nonzero(a & b)) for b in flat] for a in flat])
         dist = 1.0 - inter / np.minimum.outer(sizes, sizes)
         np.fill_diagonal(dist, 0.0)
-        labels = fcluster(linkage(squareform(np.clip(dist, 0.0, 1.0), checks=False), "average"), 2, "maxclust")
-        halves = [[i for i, lab in zip(idx, labels) if lab == k] for k in (1, 2)]
-        if not all(halves):
-            return [idx]
+        root = to_tree(linkage(squareform(np.clip(dist, 0.0, 1.0), checks=False), "average"))
+        halves = [[idx[j] for j in branch.pre_order()] for branch in (root.get_left(), root.get_right())]
         a, b = consensus(halves[0]), consensus(halves[1])
-        smaller = max(min(int(a.sum()), int(b.sum())), 1)
-        if np.count_nonzero(a & b) / smaller >= SPLIT_MAX_OVERLAP:
+        if not a.any() or not b.any() or np.count_nonzero(a & b) / min(a.sum(), b.sum()) >= SPLIT_MAX_OVERLAP:
             return [idx]
         return [*split(halves[0]), *split(halves[1])]
 
-    return split(list(range(len(masks))))
+    return split(list(range(len(masks)))) if len(masks) > max_size else [list(range(len(masks)))]
 
 
 def _annotation_masks(cluster: list[Any]) -> list[np.ndarray]:

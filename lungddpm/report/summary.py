@@ -257,7 +257,8 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
         "synthetic nodules are compared with the same half B. The size-matched rows replace each real half by, per "
         "synthetic nodule, the real nodule of its class nearest in voxel count (a small nodule is mostly "
         "partial-volume rim, so sets of different sizes differ even where like sizes agree); their n counts the "
-        "distinct real nodules used, and their intervals match again in every resample."
+        "distinct real nodules used, and their intervals match again in every resample; with few distinct real "
+        "nodules the matched floor is the noisier side, so their excess leans below 0."
     )
     out.append("")
     body = [

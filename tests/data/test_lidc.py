@@ -85,9 +85,15 @@ def test_split_merged_separates_touching_nodules_and_keeps_one_nodule_whole() ->
     # five readings of one nodule: the halves overlap, so it stays one group
     one = [_ball(shape, (10, 10, 12 + d), 5 + d / 2) for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
     assert lidc.split_merged(one) == [[0, 1, 2, 3, 4]]
-    # at most four per group: a group of five is split again only where it holds separate nodules
+    # a group of five is split again only where it holds separate nodules
     assert sorted(map(sorted, lidc.split_merged([*one, *right]))) == [[0, 1, 2, 3, 4], [5, 6, 7]]
-    assert lidc.split_merged(left) == [[0, 1, 2]]
+    # three touching nodules read twice each: three groups (every pair of them is equally far apart)
+    third = [_ball(shape, (10, 10, 36), 3), _ball(shape, (10, 10, 36.5), 3)]
+    groups = lidc.split_merged([left[0], left[1], right[0], right[1], *third])
+    assert sorted(map(sorted, groups)) == [[0, 1], [2, 3], [4, 5]]
+    # single readings that share no voxel with the rest are one-reader nodules of their own (LIDC-IDRI-0608's 6 mm one)
+    apart = [_ball(shape, (10, 3, 30), 2), _ball(shape, (10, 10, 30), 2), _ball(shape, (10, 17, 30), 2)]
+    assert sorted(map(sorted, lidc.split_merged([*one, *apart]))) == [[0, 1, 2, 3, 4], [5], [6], [7]]
 
 
 def test_merged_pylidc_clusters_are_split_into_their_nodules(caplog: pytest.LogCaptureFixture) -> None:
