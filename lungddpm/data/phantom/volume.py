@@ -151,8 +151,7 @@ def _nodule_centres(geom: ScanGeometry, nodules: Sequence[NoduleSpec]) -> np.nda
 def _depths(th: _Thorax, centres: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Depths (mm, > 0 inside) of the nodule ``centres`` [N, 4] in the rib cage and in the lungs of ``th`` moved
     by each of ``shifts`` [S, 2] (x, y mm) -> two [S, N]."""
-    x = (centres[None, :, 0] - th.centre[0] - shifts[:, :1]).astype(np.float32)
-    y = (centres[None, :, 1] - th.centre[1] - shifts[:, 1:]).astype(np.float32)
+    x, y = th.body_xy(centres[None, :, 0] - shifts[:, :1], centres[None, :, 1] - shifts[:, 1:])
     z = np.broadcast_to(centres[None, :, 2], x.shape).astype(np.float32)
     cavity = th.cavity_sdf(x, y)
     return -cavity, -th.lung_sdf(x, y, z, cavity=cavity)
