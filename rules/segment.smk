@@ -99,6 +99,7 @@ rule segment_score:
         ),
     params:
         settings=config["segmentation"]["evaluation"],
+        patients={c: PATIENTS[c] for c in SEG_TEST},  # the independent unit of the whole scale (and lesion, by patient)
     wildcard_constraints:
         arm=SEG_ARM_RE,
     log:

@@ -47,6 +47,12 @@ class SliceGrid:
     def of_series(cls, series: DicomSeries) -> SliceGrid:
         return cls(series.z_positions, series.pixel_spacing[0], series.pixel_spacing[1], *series.origin_xy)
 
+    @classmethod
+    def of_regular(cls, geometry: Geometry, n_slices: int) -> SliceGrid:
+        """The grid of ``n_slices`` slices of a regular, axis-aligned ``geometry``."""
+        zs = geometry.origin[2] + np.arange(n_slices) * geometry.spacing[0]
+        return cls(zs, geometry.spacing[1], geometry.spacing[2], geometry.origin[0], geometry.origin[1])
+
     def world_to_index(self, world_xyz: np.ndarray, flag_beyond: bool = True) -> np.ndarray:
         """[N, 3] LPS (x, y, z) -> [N, 3] fractional (k, i, j); points beyond the slices get k = :data:`BEYOND`
         (``flag_beyond``) or the nearest slice's k."""
@@ -173,9 +179,7 @@ def resample_regular(
     antialias: bool = True,
 ) -> np.ndarray:
     """Like :func:`resample` for a source on a regular, axis-aligned grid."""
-    zs = source.origin[2] + np.arange(volume.shape[0]) * source.spacing[0]
-    grid = SliceGrid(zs, source.spacing[1], source.spacing[2], source.origin[0], source.origin[1])
-    return resample(volume, grid, target, size, order, fill, antialias)
+    return resample(volume, SliceGrid.of_regular(source, volume.shape[0]), target, size, order, fill, antialias)
 
 
 def fine_geometry(

@@ -62,6 +62,7 @@ class EvaluationConfig:
     ci_level: float
     paired_test: str
     seed: int
+    cluster: str = "nodule"  # the lesion scale's independent unit: "nodule" (its jittered ROIs) or "patient"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class SegmentationConfig:
     gpus: int
     network: Mapping[str, int | None]  # features_base, features_max, batch_size over nnU-Net's plan (None = keep)
     evaluation: EvaluationConfig
+    nodule_fraction: float  # preprocess.nodule_fraction: the nodule label of a pasted CT resampled onto its grid
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> SegmentationConfig:
@@ -146,6 +148,7 @@ class SegmentationConfig:
             if len(set(s[key])) != len(s[key]):
                 raise ConfigError(f"segmentation.{key}: {list(s[key])} repeats a value; list each once")
         s["evaluation"] = EvaluationConfig(**s["evaluation"])
+        s["nodule_fraction"] = float(raw["preprocess"]["nodule_fraction"])
         return cls(arms=arms, **s)
 
     def arm(self, name: str) -> Arm:
@@ -178,13 +181,12 @@ def check_arms(cfg: SegmentationConfig, n_real_train: int, n_augment: int, n_tes
     """Fail before any job when the test split is empty, a whole-scale arm needs more synthetic cases than
     ``augment`` (or the lesion run's ``n_lesion`` items) makes or has no training case, or an integer fold is asked
     for with fewer than 5 training cases.
-    (Lesion-scale counts depend on the ROIs found, so :func:`..datasets.lesion_cases` checks them.)"""
+    (Lesion-scale counts depend on the ROIs found, so :func:`..nnunet.prepare_arm` checks them.)"""
     if n_test == 0:
         raise ConfigError(
             "segmentation: the split has no test case to segment; raise split.test, add cases, or set "
             "segmentation.enabled: false"
         )
-    int_folds = [f for f in cfg.folds if f != "all"]
     for arm in cfg.arms:  # the sweep's arms are checked when it runs (it is its own target)
         n_syn = arm.n_synthetic(n_real_train)
         if cfg.scale == "whole" and arm.synthetic_source == "lesion" and n_syn > n_lesion:
@@ -205,11 +207,18 @@ def check_arms(cfg: SegmentationConfig, n_real_train: int, n_augment: int, n_tes
                 f"segmentation.arms[{arm.name}]: no training case (the split has {n_real_train} real train cases); "
                 "add cases or raise split.train"
             )
-        if int_folds and cfg.scale == "whole" and n < NNUNET_MIN_CASES_PER_FOLD:
-            raise ConfigError(
-                f"segmentation.folds: {int_folds} use nnU-Net's 5-fold split, which needs >= "
-                f"{NNUNET_MIN_CASES_PER_FOLD} training cases, but arm {arm.name} has {n}; use folds: [all]"
-            )
+        if cfg.scale == "whole":
+            check_fold_cases(cfg, arm.name, n)
+
+
+def check_fold_cases(cfg: SegmentationConfig, arm: str, n_cases: int) -> None:
+    """Integer ``segmentation.folds`` need nnU-Net's 5-fold split, hence >= 5 training cases (else ConfigError)."""
+    int_folds = [f for f in cfg.folds if f != "all"]
+    if int_folds and n_cases < NNUNET_MIN_CASES_PER_FOLD:
+        raise ConfigError(
+            f"segmentation.folds: {int_folds} use nnU-Net's 5-fold split, which needs >= "
+            f"{NNUNET_MIN_CASES_PER_FOLD} training cases, but arm {arm} has {n_cases}; use folds: [all]"
+        )
 
 
 # Paths (the same patterns as rules/segment.smk, for `lungddpm segment` outside Snakemake)

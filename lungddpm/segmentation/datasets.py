@@ -43,7 +43,7 @@ class TrainingCase:
 @dataclass(frozen=True)
 class EvalCase:
     """One test image: ``truth`` is the nodule instance map (whole) or the ROI layout (lesion, label 2).
-    ``cluster``: the independent unit it belongs to (its nodule, for the jittered ROIs of one nodule)."""
+    ``cluster``: the independent unit it belongs to (its nodule or patient, :func:`eval_set`)."""
 
     identifier: str
     image: Path
@@ -188,23 +188,34 @@ def lesion_cases(
     return cases
 
 
-def lesion_eval_set(tables: Sequence[Path]) -> list[EvalCase]:
-    """Every ROI (nodule and nodule-free) of the test split's ``rois.csv`` tables."""
+def lesion_eval_set(
+    tables: Sequence[Path], patients: Mapping[str, str] | None = None, cluster: str = "nodule"
+) -> list[EvalCase]:
+    """Every ROI (nodule and nodule-free) of the test split's ``rois.csv`` tables. Its cluster: with ``cluster``
+    "nodule", a nodule ROI's nodule (its jittered ROIs together) and a nodule-free ROI itself; with "patient", the
+    case's patient (``patients``: case -> patient id; the case id where absent)."""
     rows = roi_rows(tables)
     if not any(r["kind"] == "nodule" for r in rows):
         raise LungDDPMError(f"{[str(t) for t in tables]}: the test split has no nodule ROI to segment")
-    return [
-        EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"],
-                 f"{r['case_id']}_n{r['nodule']}" if r["kind"] == "nodule" else r["roi"])
-        for r in rows
-    ]  # fmt: skip
+
+    def unit(r: Mapping[str, Any]) -> str:
+        if cluster == "patient":
+            return (patients or {}).get(r["case_id"], r["case_id"])
+        return f"{r['case_id']}_n{r['nodule']}" if r["kind"] == "nodule" else r["roi"]
+
+    return [EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"], unit(r)) for r in rows]
 
 
-def whole_eval_set(cts: Mapping[str, Path], nodules: Mapping[str, Path]) -> list[EvalCase]:
-    """The test CTs (case -> ct.nii.gz) with their nodule instance maps (case -> nodules.nii.gz)."""
+def whole_eval_set(
+    cts: Mapping[str, Path], nodules: Mapping[str, Path], patients: Mapping[str, str] | None = None
+) -> list[EvalCase]:
+    """The test CTs (case -> ct.nii.gz) with their nodule instance maps (case -> nodules.nii.gz); each CT's cluster
+    is its patient (``patients``: case -> patient id; the case id where absent), so two series of one patient are
+    one unit."""
     if sorted(cts) != sorted(nodules):
         raise LungDDPMError(f"test CTs {sorted(cts)} and nodule maps {sorted(nodules)} name other cases")
-    return [EvalCase(c, Path(cts[c]), Path(nodules[c]), "scan", c, c) for c in sorted(cts)]
+    p = patients or {}
+    return [EvalCase(c, Path(cts[c]), Path(nodules[c]), "scan", c, p.get(c, c)) for c in sorted(cts)]
 
 
 def _paths(inputs: Mapping[str, Any], key: str) -> list[Path]:
@@ -225,12 +236,15 @@ def arm_cases(
     return whole_cases(arm, seed, real, items if synthetic else [], test_cases)
 
 
-def eval_set(scale: str, inputs: Mapping[str, Any]) -> list[EvalCase]:
-    """The test set from the rule's named inputs: ``tables`` (lesion) or ``ct`` + ``nodules`` (whole)."""
+def eval_set(
+    scale: str, inputs: Mapping[str, Any], patients: Mapping[str, str] | None = None, cluster: str = "nodule"
+) -> list[EvalCase]:
+    """The test set from the rule's named inputs: ``tables`` (lesion) or ``ct`` + ``nodules`` (whole); ``patients``
+    (case -> patient id) and ``cluster`` (``segmentation.evaluation.cluster``) set each case's independent unit."""
     if scale == "lesion":
-        return lesion_eval_set(_paths(inputs, "tables"))
+        return lesion_eval_set(_paths(inputs, "tables"), patients, cluster)
     cts = {p.parent.name: p for p in _paths(inputs, "ct")}
-    return whole_eval_set(cts, {p.parent.name: p for p in _paths(inputs, "nodules")})
+    return whole_eval_set(cts, {p.parent.name: p for p in _paths(inputs, "nodules")}, patients)
 
 
 def train_inputs(

@@ -7,9 +7,11 @@ overlaps no nodule so is a false positive. At the lesion scale a test case is an
 sensitivity and detection, nodule-free ROIs the false-positive components (``fp_per_free_roi``).
 Per arm: each case's scores are averaged over the arm's models, then the mean over cases gets a percentile
 bootstrap interval; each arm is compared with the baseline arm per test case (paired difference with a bootstrap
-interval and a Wilcoxon signed-rank or paired t-test). Cases of one cluster — the jittered ROIs of one nodule —
-are resampled together and tested as one pair (their mean difference), so correlated ROIs do not overstate
-confidence; a mean is still over the cases.
+interval and a Wilcoxon signed-rank or paired t-test). Cases of one cluster — the jittered ROIs of one nodule, or
+with ``evaluation.cluster: patient`` every ROI of a patient; at the whole scale the CTs of one patient — are
+resampled together and tested as one pair (their mean difference); a mean is still over the cases. Nodule detection
+sensitivity weighs each case by its true nodules (nodules found over nodules, not a mean of per-scan rates); a case
+without a true nodule gives no Dice, sensitivity or detection, only its false positives.
 """
 
 from __future__ import annotations
@@ -118,11 +120,12 @@ def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_
 
 def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig, kind: str = "scan") -> dict[str, float]:
     """Every per-case score of a predicted mask against the instance map of the true nodules. A ``kind`` "nodule"
-    ROI has no false-positive count (NaN) and a "free" ROI only that one (the rest NaN)."""
+    ROI has no false-positive count (NaN); a "free" ROI, and a scan without a true nodule, only that one (the rest
+    NaN: an empty truth gives Dice 1 or 0 by whether one voxel is predicted, a false positive counted twice)."""
     scores = {**voxel_scores(pred, nodules > 0), **detection(pred, nodules, ev.connectivity, ev.min_overlap_voxels)}
     if kind == "nodule":
         scores["false_positives"] = math.nan
-    elif kind == "free":
+    elif kind == "free" or not scores["truth_voxels"]:  # no true nodule: only the false positives count (no Dice)
         scores.update(dice=math.nan, sensitivity=math.nan, detection_sensitivity=math.nan)
     return scores
 
@@ -200,16 +203,38 @@ def _models_sd(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
     return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
 
 
+def nodule_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Case -> its number of true nodules (``n_nodules``, the same for every model of the case; 1 where a table
+    lacks it, which leaves a plain mean)."""
+    return {r["case_id"]: float(r["n_nodules"]) if r.get("n_nodules") not in (None, "") else 1.0 for r in rows}
+
+
+def _weighted_ci(
+    values: np.ndarray, weights: np.ndarray | None, ev: EvaluationConfig, seed: int, groups: Sequence[str]
+) -> tuple[float, float, float]:
+    """(mean, low, high) of ``values`` weighted by ``weights`` (None: plain) with the cluster bootstrap of ``groups``:
+    detection sensitivity weighs each case by its nodules, so that its mean is nodules found over nodules."""
+    if weights is None:
+        return bootstrap_ci(values, ev.bootstrap, ev.ci_level, seed, groups=groups)
+
+    def weighted(idx: np.ndarray) -> float:
+        i = idx.astype(int)
+        return float(np.average(values[i], weights=weights[i])) if weights[i].sum() > 0 else math.nan
+
+    return bootstrap_ci(np.arange(values.size, dtype=float), ev.bootstrap, ev.ci_level, seed, weighted, groups)
+
+
 def paired_test(diffs: np.ndarray, test: str) -> float:
-    """Two-sided p-value that the paired differences are centred on 0 (NaN with fewer than 2 pairs)."""
+    """Two-sided p-value that the paired differences are centred on 0 (NaN with fewer than 2 pairs, and for the t-test
+    when every difference is the same non-zero value)."""
     if diffs.size < 2:
         return math.nan
     if not np.any(diffs != 0):
         return 1.0
     if test == "wilcoxon":
         return float(stats.wilcoxon(diffs).pvalue)
-    if np.std(diffs) == 0:
-        return 0.0
+    if np.allclose(diffs, diffs[0], rtol=1e-12, atol=0):  # equal non-zero differences: no variance to test against
+        return math.nan
     return float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
@@ -224,17 +249,16 @@ def compare_arms(
     cluster = {r["case_id"]: r.get("cluster") or r["case_id"] for rows in data.values() for r in rows}
     fp_name = FP_METRIC["free" if any(r.get("kind") == "free" for r in data[baseline]) else "scan"]
     base_cases = {m: per_case(data[baseline], m) for m in METRICS}
+    nodules = nodule_counts(data[baseline])
     out: list[dict[str, Any]] = []
     for arm, rows in data.items():
         n_models = len({(r["seed"], r["fold"]) for r in rows})
         for i, metric in enumerate(METRICS):
             cases = {c: v for c, v in per_case(rows, metric).items() if not math.isnan(v)}
             vals, groups = np.array(list(cases.values())), [cluster[c] for c in cases]
-            mean, lo, hi = (
-                bootstrap_ci(vals, ev.bootstrap, ev.ci_level, ev.seed + i, groups=groups)
-                if vals.size
-                else (math.nan,) * 3
-            )
+            weight = nodules if metric == "detection_sensitivity" else None
+            w = None if weight is None else np.array([weight[c] for c in cases])
+            mean, lo, hi = _weighted_ci(vals, w, ev, ev.seed + i, groups) if vals.size else (math.nan,) * 3
             row: dict[str, Any] = {
                 "arm": arm,
                 "metric": fp_name if metric == "false_positives" else metric,
@@ -257,13 +281,12 @@ def compare_arms(
                 d = np.array([cases[c] - base_cases[metric][c] for c in common])
                 if d.size:
                     g = [cluster[c] for c in common]
-                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = bootstrap_ci(
-                        d, ev.bootstrap, ev.ci_level, ev.seed + i, groups=g
-                    )
-                    # the test pairs independent units: the mean difference per cluster (nodule)
-                    per_cluster = [
-                        float(d[[k for k, x in enumerate(g) if x == label]].mean()) for label in dict.fromkeys(g)
-                    ]
+                    wd = None if weight is None else np.array([weight[c] for c in common])
+                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = _weighted_ci(d, wd, ev, ev.seed + i, g)
+                    # the test pairs independent units: the (weighted) mean difference per cluster (nodule, patient)
+                    ones = np.ones(d.size) if wd is None else wd
+                    members = [np.array([k for k, x in enumerate(g) if x == label]) for label in dict.fromkeys(g)]
+                    per_cluster = [float(np.average(d[m], weights=ones[m])) for m in members if ones[m].sum() > 0]
                     row["p_value"] = paired_test(np.array(per_cluster), ev.paired_test)
                     row["test"] = ev.paired_test
             out.append(row)

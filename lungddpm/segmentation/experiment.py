@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Config
-from ..preprocessing.cases import case_split, list_cases
+from ..preprocessing.cases import case_patients, case_split, list_cases
 from . import arms as A
 from .datasets import arm_cases, eval_inputs, eval_set, train_inputs
 from .evaluate import compare_arms, score_arm
@@ -38,7 +38,10 @@ def run_experiment(
     names = [seg.arm(a).name for a in arms] if arms else seg.arm_names
     seeds = list(seeds) if seeds is not None else seg.seeds
     folds = list(folds) if folds else seg.folds
-    tests = eval_set(scale, eval_inputs(scale, test, results)) if {"train", "score"} & set(steps) else []
+    patients = case_patients(cfg, test)
+    tests = []
+    if {"train", "score"} & set(steps):
+        tests = eval_set(scale, eval_inputs(scale, test, results), patients, seg.evaluation.cluster)
     for arm in names:
         for seed in seeds:
             if "prepare" in steps:

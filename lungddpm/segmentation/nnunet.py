@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import LungDDPMError
 from ..io import read_json, read_volume, write_json, write_volume
 from ..preprocessing.layout import NODULE, read_case_pair
-from .arms import Arm, SegmentationConfig
+from .arms import Arm, SegmentationConfig, check_fold_cases
 from .datasets import EvalCase, TrainingCase
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,12 @@ def nnunet_env(roots: Mapping[str, Path], cfg: SegmentationConfig, threads: int)
     return env
 
 
-def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int) -> Path:
+def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int, nodule_fraction: float) -> Path:
     """Write ``<raw_root>/DatasetXXX_LungNodule/{imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz, dataset.json}``.
 
     Images: int16 HU [Z, Y, X] with the CT's affine; labels: uint8, 1 where the layout is nodule (2). A case with a
-    ``grid`` is resampled onto that CT's grid first. Any previous export is replaced. Returns the dataset folder.
+    ``grid`` is resampled onto that CT's grid first (its label by ``nodule_fraction``, :func:`onto_grid`). Any
+    previous export is replaced. Returns the dataset folder.
     """
     from tqdm import tqdm
 
@@ -93,7 +94,7 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
         ct, layout, geometry = read_case_pair(case.image, case.layout)
         target = (layout == NODULE).astype(np.uint8)
         if case.grid is not None:
-            ct, target, geometry = onto_grid(ct, target, geometry, Path(case.grid))
+            ct, target, geometry = onto_grid(ct, target, geometry, Path(case.grid), nodule_fraction)
         write_volume(folder / "imagesTr" / f"{case.identifier}_0000{FILE_ENDING}", ct.astype(np.int16), geometry)
         write_volume(folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", target, geometry)
     write_json(
@@ -111,16 +112,21 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
     return folder
 
 
-def onto_grid(ct: np.ndarray, target: np.ndarray, geometry: Any, grid: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+def onto_grid(ct: np.ndarray, target: np.ndarray, geometry: Any, grid: Path, fraction: float) -> tuple[Any, Any, Any]:
     """A native CT [Z, Y, X] and its 0/1 target resampled onto the grid of the CT ``grid`` (a model-grid CT of the
-    same patient): HU antialiased and linear, the target where at least half of a voxel is nodule."""
-    from ..preprocessing.grid import resample_regular
+    same patient): HU antialiased and linear; the target by the rule of the real cases' nodule labels
+    (:func:`..preprocessing.grid.nodule_labels`): a voxel at least ``fraction`` covered by a nodule (each 26-connected
+    component of the target), and each nodule's centroid voxel, so small nodules are not lost. -> (int16 HU,
+    uint8 0/1, the grid's geometry)."""
+    from ..data.nodules import components
+    from ..preprocessing.grid import SliceGrid, nodule_labels, resample_regular
 
     ref, ref_geometry = read_volume(grid)
     fill = float(ct.min())
     hu = resample_regular(ct, geometry, ref_geometry, ref.shape, order=1, fill=fill)
-    frac = resample_regular(target.astype(np.float32), geometry, ref_geometry, ref.shape, order=1, fill=0.0)
-    return np.rint(hu).astype(np.int16), (frac >= 0.5).astype(np.uint8), ref_geometry
+    nodules = components(target > 0, tuple(float(v) for v in geometry.spacing))
+    labels, _ = nodule_labels(nodules, SliceGrid.of_regular(geometry, ct.shape[0]), ref_geometry, ref.shape, fraction)
+    return np.rint(hu).astype(np.int16), (labels > 0).astype(np.uint8), ref_geometry
 
 
 def apply_network(plans: dict[str, Any], configuration: str, network: Mapping[str, int | None]) -> dict[str, Any]:
@@ -214,8 +220,9 @@ def prepare_arm(
     leaked = sorted({c.source_case for c in cases} & set(test_cases))
     if leaked:
         raise NnUNetError(f"arm {arm.name}: test cases {leaked} are among the training cases; check the split")
+    check_fold_cases(cfg, arm.name, len(cases))
     roots = tree(state_dir)
-    export_raw_dataset(cases, roots["nnUNet_raw"], cfg.dataset_id)
+    export_raw_dataset(cases, roots["nnUNet_raw"], cfg.dataset_id, cfg.nodule_fraction)
     name = dataset_name(cfg.dataset_id)
     shutil.rmtree(roots["nnUNet_preprocessed"] / name, ignore_errors=True)
     job = {
@@ -225,6 +232,7 @@ def prepare_arm(
         "fingerprint_samples": cfg.fingerprint_samples,
         "processes": cfg.processes,
         "threads": threads,
+        "groups": {c.identifier: c.source_case for c in cases},  # the 5 folds keep a patient's cases together
     }
     result = launch("plan", job, nnunet_env(roots, cfg, threads), state_dir / "plan")
     plans_path = roots["nnUNet_preprocessed"] / name / f"{result['plans_identifier']}.json"

@@ -25,6 +25,7 @@ from ..io import read_json, write_json
 from .nnunet import FILE_ENDING, dataset_name
 
 log = logging.getLogger(__name__)
+NNUNET_SPLIT_SEED = 12345  # nnU-Net's do_split seed
 
 
 @contextlib.contextmanager
@@ -66,20 +67,44 @@ def _plan(job: dict[str, Any]) -> dict[str, Any]:
     with _env(nnUNet_n_proc_DA=str(max(1, int(job["threads"])))) if da == "0" else contextlib.nullcontext():
         plans_identifier = plan_experiments([dataset_id], job["planner"])
     preprocess([dataset_id], plans_identifier, [job["configuration"]], [n], verbose=False, show_progress_bar=False)
-    _write_splits(dataset_id)
+    _write_splits(dataset_id, job.get("groups"))
     return {"plans_identifier": plans_identifier}
 
 
-def _write_splits(dataset_id: int) -> None:
-    """nnU-Net's own seeded 5-fold split, written once here (atomically) instead of by the first fold to train:
-    folds of one arm train side by side and would race on a half-written ``splits_final.json``."""
+def grouped_splits(groups: dict[str, str], seed: int, n_splits: int = 5) -> list[dict[str, list[str]]] | None:
+    """A seeded ``n_splits``-fold split of the identifiers (``groups``: identifier -> its group, the source case)
+    that keeps each group in one fold, so that no validation case shares a patient (or a nodule's jittered ROIs) with
+    its fold's training cases; None with fewer groups than folds."""
+    labels = sorted(set(groups.values()))
+    if len(labels) < n_splits:
+        return None
+    order = np.random.default_rng(seed).permutation(len(labels))
+    folds = [{labels[i] for i in chunk} for chunk in np.array_split(order, n_splits)]
+    return [{"train": sorted(k for k, g in groups.items() if g not in f),
+             "val": sorted(k for k, g in groups.items() if g in f)} for f in folds]  # fmt: skip
+
+
+def _write_splits(dataset_id: int, groups: dict[str, str] | None = None) -> None:
+    """The seeded 5-fold split, written once here (atomically) instead of by the first fold to train: folds of one arm
+    train side by side and would race on a half-written ``splits_final.json``. Grouped by source case
+    (:func:`grouped_splits`) where ``groups`` names at least 5; else nnU-Net's own split of the identifiers, whose
+    validation then shares patients with training (its pseudo-Dice flatters; the test set is never touched)."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     labels = Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id) / "labelsTr"
     identifiers = sorted(p.name.removesuffix(FILE_ENDING) for p in labels.glob(f"*{FILE_ENDING}"))
     if len(identifiers) < 5:  # nnU-Net's 5-fold split needs 5 cases; such arms train fold "all" only
         return
-    splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)  # nnU-Net's do_split seed
+    splits = grouped_splits({i: (groups or {}).get(i, i) for i in identifiers}, NNUNET_SPLIT_SEED) if groups else None
+    if splits is None:
+        if groups:
+            log.warning(
+                "%d source cases are too few for 5 grouped folds: nnU-Net's own split of %d cases, whose "
+                "validation shares patients with training",
+                len(set(groups.values())),
+                len(identifiers),
+            )
+        splits = generate_crossval_split(identifiers, seed=NNUNET_SPLIT_SEED, n_splits=5)
     write_json(Path(os.environ["nnUNet_preprocessed"]) / dataset_name(dataset_id) / "splits_final.json", splits)
 
 

@@ -24,7 +24,7 @@ from lungddpm.metrics.voxel import dice
 from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig, check_arms, segmentation_config
 from lungddpm.segmentation.datasets import EvalCase, TrainingCase, eval_set, nested_draw, whole_cases
 from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
-from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, train_arm
+from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, prepare_arm, train_arm
 from lungddpm.segmentation.nnunet_stages import cpu_autocast_trainer, without_cpu_autocast
 
 EV = EvaluationConfig(
@@ -132,6 +132,42 @@ def test_score_and_compare_arms_known_answers(tmp_path: Path) -> None:
     assert figure.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_whole_scans_pool_detection_cluster_by_patient_and_drop_empty_truth(tmp_path: Path) -> None:
+    """Scans a (patient P1, 1 nodule, found), b (P1's second series, no nodule) and c (P2, 8 nodules, none found);
+    arm syn predicts what real does plus one false-positive voxel in b."""
+    shape = (8, 8, 8)
+    truth = {"a": np.zeros(shape, np.uint8), "b": np.zeros(shape, np.uint8), "c": np.zeros(shape, np.uint8)}
+    truth["a"][1:3, 1:3, 1:3] = 1
+    for n, (z, y) in enumerate([(z, y) for z in (0, 3, 6) for y in (0, 3, 6)][:8], start=1):
+        truth["c"][z, y, 0] = n
+    cts, maps = {}, {}
+    for case, n in truth.items():
+        cts[case], maps[case] = tmp_path / case / "ct.nii.gz", tmp_path / case / "nodules.nii.gz"
+        write_volume(maps[case], n, GEOMETRY)
+    tests = eval_set("whole", {"ct": list(cts.values()), "nodules": list(maps.values())}, {"a": "P1", "b": "P1"})
+    assert [(t.identifier, t.cluster) for t in tests] == [("a", "P1"), ("b", "P1"), ("c", "c")]
+    real = {c: truth["a"] > 0 if c == "a" else np.zeros(shape, bool) for c in truth}
+    syn = {**real, "b": box(shape, slice(7, 8), slice(7, 8), slice(7, 8))}
+    rows = score_arm("real", [_write_run(tmp_path, "real", 0, real)], tests, tmp_path / "real.csv", EV)
+    assert math.isnan(rows[1]["dice"]) and rows[1]["false_positives"] == 0  # no truth: no Dice of 1 for nothing
+    rows = score_arm("syn", [_write_run(tmp_path, "syn", 0, syn)], tests, tmp_path / "syn.csv", EV)
+    assert math.isnan(rows[1]["dice"]) and rows[1]["false_positives"] == 1  # not also a Dice of 0
+    scores = {"real": tmp_path / "real.csv", "syn": tmp_path / "syn.csv"}
+    by = {(r["arm"], r["metric"]): r for r in compare_arms(scores, "real", tmp_path / "c.csv", None, EV)}
+    assert by["real", "dice"]["mean"] == pytest.approx(0.5) and by["syn", "dice"]["diff"] == 0.0
+    assert (by["real", "dice"]["n_cases"], by["real", "dice"]["n_clusters"]) == (2, 2)
+    assert by["real", "detection_sensitivity"]["mean"] == pytest.approx(1 / 9)  # nodules found / nodules, not 1/2
+    assert (by["syn", "fp_per_scan"]["diff"], by["syn", "fp_per_scan"]["n_clusters"]) == (pytest.approx(1 / 3), 2)
+
+
+def test_paired_ttest_of_equal_differences_is_undefined() -> None:
+    from lungddpm.segmentation.evaluate import paired_test
+
+    assert math.isnan(paired_test(np.array([0.1, 0.1, 0.1]), "ttest"))  # no variance: not p = 0
+    assert paired_test(np.array([0.1, 0.1]), "wilcoxon") == pytest.approx(0.5)
+    assert paired_test(np.zeros(3), "ttest") == 1.0
+
+
 # ---------------------------------------------------------------------------------------------- arms
 def _seg(**over: object) -> SegmentationConfig:
     raw = load_config(REPO / "config/config.yaml").raw
@@ -154,6 +190,12 @@ def test_arms_config_errors_name_the_key() -> None:
     cfg = _seg(folds=[0, 1])
     with pytest.raises(ConfigError, match=r"needs >= 5 training cases.*use folds: \[all\]"):
         check_arms(cfg, 3, 3, 1)
+    lesion = _seg(scale="lesion", folds=[0], arms=[{"name": "real", "real": True, "synthetic_fraction": 0}])
+    check_arms(lesion, 3, 3, 1)  # lesion counts are ROIs, known when the arm is prepared, which refuses 4 of them:
+    cases = [TrainingCase(f"r{i}", Path("x"), Path("y"), "real", "c") for i in range(4)]
+    with pytest.raises(ConfigError, match=r"arm real has 4; use folds: \[all\]"):
+        prepare_arm(lesion.arm("real"), 0, cases, ["t"], Path("/nonexistent/state"), Path("/nonexistent/p.json"),
+                    lesion, 1)  # fmt: skip
     with pytest.raises(ConfigError, match="raise sample.samples_per_layout"):
         check_arms(_seg(), 8, 7, 2)
     pasted = _seg(arms=[{"name": "real", "real": True, "synthetic_fraction": 1, "synthetic_source": "lesion"}])
@@ -197,7 +239,7 @@ def test_raw_dataset_export_passes_nnunet_integrity_check(tmp_path: Path) -> Non
         cases.append(
             TrainingCase(f"real_c{i}", tmp_path / f"ct{i}.nii.gz", tmp_path / f"lay{i}.nii.gz", "real", f"c{i}")
         )
-    folder = export_raw_dataset(cases, tmp_path / "raw", 501)
+    folder = export_raw_dataset(cases, tmp_path / "raw", 501, 0.5)
     assert folder.name == dataset_name(501) == "Dataset501_LungNodule"
     meta = read_json(folder / "dataset.json")
     assert (

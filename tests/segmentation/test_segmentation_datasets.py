@@ -120,9 +120,17 @@ def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path)
     ct[target == 1] = 40
     model = Geometry(spacing=(2.0, 2.0, 2.0), origin=(-9.5, -9.5, -9.5))
     write_volume(tmp_path / "grid.nii.gz", np.zeros((10, 10, 10), np.int16), model)
-    hu, label, geometry = onto_grid(ct, target, native, tmp_path / "grid.nii.gz")
+    hu, label, geometry = onto_grid(ct, target, native, tmp_path / "grid.nii.gz", 0.5)
     assert hu.shape == label.shape == (10, 10, 10) and geometry == model and hu.dtype == np.int16
     assert label.sum() == 27 and hu[5, 5, 5] == 40 and hu[0, 0, 0] == -900  # 6 mm = 3 voxels of 2 mm a side
+    # a 2 mm nodule centred on a corner of 2 x 2 x 2 coarse voxels covers 1/8 of each; blurred and cut at 0.5 it
+    # vanished from the label while its HU stayed in the image
+    small = np.zeros((20, 20, 20), np.uint8)
+    small[9:11, 9:11, 9:11] = 1
+    _, label, _ = onto_grid(ct, small, native, tmp_path / "grid.nii.gz", 0.5)
+    assert label.sum() == 1  # its centroid voxel, as the real cases' nodule labels keep it
+    _, label, _ = onto_grid(ct, small, native, tmp_path / "grid.nii.gz", 0.05)
+    assert label.sum() == 8  # every voxel it covers by at least 5 % (1/8 each, as sampled by 5^3 points)
 
 
 def test_roi_scores_by_kind_and_the_fp_metric(tmp_path: Path) -> None:
@@ -232,6 +240,8 @@ def test_jittered_rois_of_one_nodule_are_one_cluster(tmp_path: Path) -> None:
     assert mean == 0.5 and (lo, hi) == (0.0, 1.0)  # two clusters: only 0, 0.5 and 1 can be drawn
     tests = lesion_eval_set([_roi_table(tmp_path / "rois/t1", "t1", 2, 2, 1)])
     assert [t.cluster for t in tests] == ["t1_n1", "t1_n1", "t1_n2", "t1_n2", "t1_f0"]
+    by_patient = lesion_eval_set([tmp_path / "rois/t1/rois.csv"], {"t1": "P7"}, "patient")
+    assert {t.cluster for t in by_patient} == {"P7"}  # evaluation.cluster: patient puts every ROI of P7 together
     rows = {arm: [] for arm in ("real", "syn")}
     for t in tests:
         for arm, d in (("real", 0.5), ("syn", 0.5 + (0.1 if t.cluster == "t1_n1" else 0.3))):
@@ -246,3 +256,18 @@ def test_jittered_rois_of_one_nodule_are_one_cluster(tmp_path: Path) -> None:
     dice = out["syn", "dice"]
     assert (dice["n_cases"], dice["n_clusters"]) == (4, 2) and dice["diff"] == pytest.approx(0.2)
     assert dice["p_value"] == pytest.approx(0.5)  # exact Wilcoxon on 2 nodule pairs (+0.1, +0.3), not on 4 ROIs
+
+
+def test_nnunet_folds_keep_a_source_case_together() -> None:
+    from lungddpm.segmentation.nnunet_stages import grouped_splits
+
+    groups = {f"real_c{c}_n1_{r}": f"c{c}" for c in range(6) for r in range(2)} | {
+        f"syn_c{c}_0": f"c{c}" for c in range(6)
+    }
+    splits = grouped_splits(groups, 12345)
+    assert splits is not None and len(splits) == 5 and splits == grouped_splits(groups, 12345)
+    assert sorted(k for s in splits for k in s["val"]) == sorted(groups)  # each case validates exactly once
+    for s in splits:
+        assert not {groups[k] for k in s["val"]} & {groups[k] for k in s["train"]}  # no patient on both sides
+        assert sorted(s["train"] + s["val"]) == sorted(groups)
+    assert grouped_splits({f"r{i}": f"c{i % 4}" for i in range(8)}, 12345) is None  # 4 patients: no 5 grouped folds
