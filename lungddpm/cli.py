@@ -202,6 +202,7 @@ def cmd_metrics(args: argparse.Namespace) -> None:
         Path(args.real_labels) if args.real_labels else None,
         settings["seed"],
         settings["floor_fraction"],
+        cfg.data.images.patient_regex,  # the real volumes split by patient (else by LIDC's _s<n> series suffix)
     )
     out = Path(args.out)
     rows = image_quality(

@@ -115,15 +115,28 @@ def bootstrap_distance(
     level: float = 0.95,
     seed: int | Sequence[int] = 0,
     min_distinct: int = 2,
+    groups_a: Sequence[object] | None = None,
 ) -> tuple[float, float, float]:
     """(value, low, high): ``distance(a, b)`` and a percentile bootstrap interval from resampling each set with
     replacement (resamples that leave fewer than ``min_distinct`` distinct rows in a set are drawn again: a feature
-    covariance needs 2; 1 for a distance defined on any one row, which a set of one row needs)."""
+    covariance needs 2; 1 for a distance defined on any one row, which a set of one row needs). With ``groups_a``
+    (one label per row of ``a``), ``a`` is resampled by whole groups (a cluster bootstrap: the k samples of one
+    layout are one draw); with every label distinct it is the plain bootstrap, draw for draw."""
     value = distance(a, b)
     rng = np.random.default_rng(seed)
+    members = None
+    if groups_a is not None:
+        if len(groups_a) != len(a):
+            raise ValueError(f"groups_a has {len(groups_a)} labels for {len(a)} rows")
+        labels = list(dict.fromkeys(groups_a))
+        members = [np.flatnonzero([g == label for g in groups_a]) for label in labels]
     boots: list[float] = []
     while len(boots) < n_boot:
-        ia, ib = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
+        if members is None:
+            ia = rng.integers(0, len(a), len(a))
+        else:
+            ia = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        ib = rng.integers(0, len(b), len(b))
         if len(set(ia)) < min_distinct or len(set(ib)) < min_distinct:
             continue
         boots.append(distance(a[ia], b[ib]))

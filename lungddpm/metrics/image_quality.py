@@ -6,12 +6,16 @@ counts (FID and KID depend on N), each with a bootstrap interval. Each is comput
 lung region alone, because anatomically-aware sampling copies the real background and inflates whole-volume
 similarity. Paired voxel metrics (MSE, MAE, PSNR, SSIM; whole volume and inside the lungs), the HU histogram
 distance inside the lungs and nodule HU/size agreement compare each synthetic volume with its real counterpart.
+The k synthetic samples of one layout share its real CT and background, so every interval resamples whole layouts
+(a cluster bootstrap), and the pairs are taken in a canonical order (case, k), so that the same volumes give the same
+numbers whatever the sharding or rerun history of the run that made them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.images import patient_of
 from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, kid
 from .features import FeatureExtractor, build_extractor, cached_features
@@ -32,10 +37,24 @@ SYNTHETIC_VS_REAL = "synthetic-vs-real"
 REAL_VS_REAL = "real-vs-real"
 PAIRED = "synthetic-vs-real (paired)"
 VOXEL_METRICS = ("mse", "mae", "psnr", "ssim")
+SERIES_SUFFIX = re.compile(r"(.+)_s\d+$")  # lungddpm's LIDC case ids: <patient>_s<n> for a patient's n-th series
 
 
-def _subsample(items: Sequence[Volume], n: int, rng: np.random.Generator) -> list[Volume]:
-    return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))] if n < len(items) else list(items)
+def _subsample(size: int, n: int, rng: np.random.Generator) -> list[int]:
+    """Indices of ``n`` of ``size`` items (seeded, sorted); all of them when ``n >= size``."""
+    return [int(i) for i in sorted(rng.choice(size, n, replace=False))] if n < size else list(range(size))
+
+
+def _k_of(pair: Pair) -> int:
+    """The sample index k of a synthetic ``<case>_<k>`` (-1 for a synthetic named as its case)."""
+    suffix = pair.synthetic.name.removeprefix(f"{pair.real.name}_")
+    return int(suffix) if suffix.isdigit() and suffix != pair.synthetic.name else -1
+
+
+def canonical_order(pairs: Sequence[Pair]) -> list[Pair]:
+    """``pairs`` sorted by (real case, k, synthetic name), the order the subsample and the bootstraps index: a set of
+    pairs gives the same numbers however its manifests (shards, reruns) or folders listed it."""
+    return sorted(pairs, key=lambda p: (p.real.name, _k_of(p), p.synthetic.name))
 
 
 def _features(
@@ -57,9 +76,14 @@ def distribution_rows(
     settings: dict[str, Any],
     cache_dir: Path,
     extractor: FeatureExtractor | None = None,
+    groups: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (metric, region, comparison, value, CI, N) of every distribution metric, synthetic-vs-real and
-    real-vs-real at the same counts: both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference."""
+    real-vs-real at the same counts: both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference.
+    ``groups`` (one label per synthetic volume: its layout) makes the synthetic side's bootstrap resample whole
+    layouts; None: each volume is its own."""
+    if groups is not None and len(groups) != len(synthetic):
+        raise MetricsError(f"{len(groups)} group labels for {len(synthetic)} synthetic volumes")
     if len(reference) < 2 or min(len(synthetic), len(floor)) < 2:
         raise MetricsError(
             f"distribution metrics need >= 2 volumes per set: {len(synthetic)} synthetic, {len(reference)} "
@@ -68,7 +92,9 @@ def distribution_rows(
     extractor = extractor or build_extractor(settings["features"])
     rng = np.random.default_rng(settings["seed"])
     n = min(len(synthetic), len(floor))
-    sets = {SYNTHETIC_VS_REAL: _subsample(synthetic, n, rng), REAL_VS_REAL: _subsample(floor, n, rng)}
+    pick_syn, pick_floor = _subsample(len(synthetic), n, rng), _subsample(len(floor), n, rng)
+    sets = {SYNTHETIC_VS_REAL: [synthetic[i] for i in pick_syn], REAL_VS_REAL: [floor[i] for i in pick_floor]}
+    set_groups = {SYNTHETIC_VS_REAL: None if groups is None else [groups[i] for i in pick_syn], REAL_VS_REAL: None}
     log.info(
         "distribution metrics: %d synthetic and %d floor volumes vs %d reference volumes, %s features",
         n,
@@ -85,8 +111,9 @@ def distribution_rows(
             feats = _features(extractor, volumes, region, cache_dir, comparison)
             for metric in settings["distances"]:
                 value, lo, hi = bootstrap_distance(
-                    distances[metric], feats, ref, settings["bootstrap"], settings["ci_level"], settings["seed"]
-                )
+                    distances[metric], feats, ref, settings["bootstrap"], settings["ci_level"], settings["seed"],
+                    groups_a=set_groups[comparison],
+                )  # fmt: skip
                 rows.append(
                     {
                         "metric": metric,
@@ -152,17 +179,20 @@ def _summary_key(column: str) -> tuple[str, str] | None:
 
 
 def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Mean over pairs with a bootstrap interval, one row per paired metric and region."""
+    """Mean over pairs with a bootstrap interval, one row per paired metric and region; the interval resamples
+    whole real cases (the k samples of one layout share its real CT: one draw, not k)."""
     columns: list[str] = []
     for r in per_pair:
         columns += [c for c in r if c not in columns and _summary_key(c)]
     rows = []
     for col in columns:
-        values = [r[col] for r in per_pair if col in r and np.isfinite(r[col])]
-        if not values:
+        kept = [r for r in per_pair if col in r and np.isfinite(r[col])]
+        if not kept:
             continue
+        values, groups = [r[col] for r in kept], [r["real"] for r in kept]
         metric, region = _summary_key(col)  # type: ignore[misc]
-        value, lo, hi = bootstrap_ci(values, settings["bootstrap"], settings["ci_level"], settings["seed"])
+        value, lo, hi = bootstrap_ci(values, settings["bootstrap"], settings["ci_level"], settings["seed"],
+                                     groups=groups)  # fmt: skip
         rows.append(
             {
                 "metric": metric,
@@ -198,7 +228,10 @@ def image_quality(
     overlap = {v.image for v in floor} & {v.image for v in reference}
     if overlap:
         raise MetricsError(f"the floor set must be disjoint from the reference set; shared: {sorted(overlap)[:3]}")
-    rows = distribution_rows([p.synthetic for p in pairs], reference, floor, settings, cache_dir)
+    pairs = canonical_order(pairs)
+    rows = distribution_rows(
+        [p.synthetic for p in pairs], reference, floor, settings, cache_dir, groups=[p.real.name for p in pairs]
+    )
     per_pair = pair_rows(pairs, settings, hu_window)
     rows += summarize_pairs(per_pair, settings)
     write_csv(out_per_case, per_pair)
@@ -229,12 +262,28 @@ def _labels_for(name: str, image: Path, labels_dir: Path | None) -> Path | None:
     return None
 
 
+def folder_patient(name: str, patient_regex: str | None = None) -> str:
+    """The patient of a real volume ``name``: the first group of ``patient_regex`` (``data.images.patient_regex``,
+    as ``patient_of``) when given, else the name less a ``_s<n>`` series suffix (``LIDC-IDRI-0365_s2`` ->
+    ``LIDC-IDRI-0365``), else the name itself."""
+    if patient_regex:
+        return patient_of(name, patient_regex)
+    m = SERIES_SUFFIX.fullmatch(name)
+    return m.group(1) if m else name
+
+
 def folder_sets(
-    real_dir: Path, synthetic_dir: Path, real_labels: Path | None = None, seed: int = 0, floor_fraction: float = 0.5
+    real_dir: Path,
+    synthetic_dir: Path,
+    real_labels: Path | None = None,
+    seed: int = 0,
+    floor_fraction: float = 0.5,
+    patient_regex: str | None = None,
 ) -> tuple[list[Pair], list[Volume], list[Volume]]:
-    """Pairs, reference and floor from two folders: a synthetic ``<case>_<k>`` (or ``<case>``) pairs with real
-    ``<case>``; the real volumes are split into floor and reference (``real_halves``), so the real folder needs at
-    least two volumes of patients that no synthetic volume was sampled from."""
+    """Pairs (canonical order), reference and floor from two folders: a synthetic ``<case>_<k>`` (or ``<case>``)
+    pairs with real ``<case>``; the real volumes are split by patient (``folder_patient``) into floor and reference
+    (``real_halves``), so the real folder needs at least two volumes of patients that no synthetic volume was sampled
+    from."""
     real = {n: Volume(n, p, _labels_for(n, p, real_labels)) for n, p in _nifti(real_dir).items()}
     pairs = []
     for name, path in _nifti(synthetic_dir).items():
@@ -243,9 +292,16 @@ def folder_sets(
             raise MetricsError(f"{path}: no real volume {base!r} (or {name!r}) in {real_dir} to pair it with")
         pairs.append(Pair(Volume(name, path, _labels_for(name, path, None)), real[base]))
     sources = [p.real.name for p in pairs]
-    floor, reference = real_halves(list(real.values()), sources, seed=seed, floor_fraction=floor_fraction)
-    log.info("%d pairs; real volumes: %d floor, %d reference", len(pairs), len(floor), len(reference))
-    return pairs, reference, floor
+    patients = {n: folder_patient(n, patient_regex) for n in real}
+    floor, reference = real_halves(list(real.values()), sources, patients, seed, floor_fraction)
+    log.info(
+        "%d pairs; real volumes: %d floor, %d reference (%d patients)",
+        len(pairs),
+        len(floor),
+        len(reference),
+        len(set(patients.values())),
+    )
+    return canonical_order(pairs), reference, floor
 
 
 def default_cache_dir() -> Path:
@@ -260,19 +316,22 @@ def workflow_sets(
     seed: int = 0,
     floor_fraction: float = 0.5,
 ) -> tuple[list[Pair], list[Volume], list[Volume]]:
-    """Pairs from the eval run's shard manifests (each item names its image, layout and source case); ``real`` maps
-    every real case id to its (ct, layout) files, split by ``patients`` (case id -> patient id) into floor and
-    reference (``real_halves``)."""
+    """Pairs from the eval run's shard manifests (each item names its image, layout, source case and k), sorted by
+    (case, k) whatever the shard count or the order a shard listed them in; ``real`` maps every real case id to its
+    (ct, layout) files, split by ``patients`` (case id -> patient id) into floor and reference (``real_halves``)."""
     from ..io import read_json
 
-    pairs = []
+    items = []
     volumes = {case: Volume(case, ct, layout) for case, (ct, layout) in real.items()}
     for manifest in manifests:
         for item in read_json(manifest)["items"]:
-            case = item["case_id"]
-            if case not in volumes:
-                raise MetricsError(f"{manifest}: item {item['item']} comes from {case}, which is not a real case input")
-            pairs.append(Pair(Volume(item["item"], Path(item["image"]), Path(item["layout"])), volumes[case]))
+            if item["case_id"] not in volumes:
+                raise MetricsError(
+                    f"{manifest}: item {item['item']} comes from {item['case_id']}, which is not a real case input"
+                )
+            items.append(item)
+    items.sort(key=lambda item: (item["case_id"], item["k"], item["item"]))
+    pairs = [Pair(Volume(i["item"], Path(i["image"]), Path(i["layout"])), volumes[i["case_id"]]) for i in items]
     floor, reference = real_halves(
         list(volumes.values()), [p.real.name for p in pairs], {c: patients[c] for c in volumes}, seed, floor_fraction
     )

@@ -122,7 +122,8 @@ def synthesize_shard(
     bank_path: Path | None = None,
     threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Sample ``items`` of ``run`` into ``out_dir``; returns one manifest entry per item (skipped or made)."""
+    """Sample ``items`` of ``run`` into ``out_dir``; returns one manifest entry per item (skipped or made), in the
+    order of ``items`` whatever was skipped (the manifest, and what reads it, never depends on a run's history)."""
     from tqdm import tqdm
 
     from ..viz import three_plane_png
@@ -145,7 +146,7 @@ def synthesize_shard(
     settings = _settings(cfg, run, file_sha256(checkpoint), file_sha256(bank_path) if bank is not None else None)
     inputs: dict[str, str] = {}  # per case: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest: list[dict[str, Any]] = []
+    entries: dict[str, dict[str, Any]] = {}  # item name -> manifest entry
     pending: list[tuple[Item, dict[str, Path]]] = []
     for item in items:
         files = item_files(out_dir, item)
@@ -153,7 +154,7 @@ def synthesize_shard(
             inputs[item.case_id] = files_sha256([ct_paths[item.case_id], layout_paths[item.case_id]])
         if provenance_complete(files, item_settings(settings, item, inputs[item.case_id])):
             log.info("%s: complete, skipped", item.name)
-            manifest.append({**_entry(item, files), "skipped": True})
+            entries[item.name] = {**_entry(item, files), "skipped": True}
         else:
             for path in files.values():  # a killed earlier run may have left hidden temporaries: never reused
                 for stale in remove_stale_temps(path):
@@ -247,7 +248,7 @@ def synthesize_shard(
                 seconds,
                 len(edits),
             )
-            manifest.append({**_entry(item, files), "skipped": False, "seconds": round(seconds, 2)})
+            entries[item.name] = {**_entry(item, files), "skipped": False, "seconds": round(seconds, 2)}
         bar.update(len(chunk))
     bar.close()
-    return manifest
+    return [entries[item.name] for item in items]

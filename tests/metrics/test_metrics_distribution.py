@@ -65,6 +65,30 @@ def test_bootstrap_distance_interval_and_errors() -> None:
         mmd(a, b[:, :3])
 
 
+def mean_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """|mean of a's first feature - mean of b's|: a distance whose value k copies of every row leave unchanged."""
+    return abs(float(a[:, 0].mean() - b[:, 0].mean()))
+
+
+def test_bootstrap_distance_resamples_whole_groups() -> None:
+    """k copies of one row per layout (the k samples sharing a real background): the cluster bootstrap gives the
+    interval of one row per layout, where resampling rows would make it ~sqrt(k) narrower."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(12, 3)), rng.normal(0.5, 1.0, size=(200, 3))  # b large: a dominates the width
+    k = 4
+    copies, layouts = np.repeat(a, k, axis=0), np.repeat(np.arange(len(a)), k)
+    one = bootstrap_distance(mean_gap, a, b, 400, 0.9, seed=3)
+    grouped = bootstrap_distance(mean_gap, copies, b, 400, 0.9, seed=3, groups_a=layouts)
+    naive = bootstrap_distance(mean_gap, copies, b, 400, 0.9, seed=3)
+    assert grouped == pytest.approx(one, rel=1e-9)
+    assert naive[0] == pytest.approx(one[0], rel=1e-9)
+    assert (naive[2] - naive[1]) < 0.7 * (one[2] - one[1])  # the row bootstrap: ~1/sqrt(k) too narrow
+    distinct = bootstrap_distance(fid, a, b, 30, seed=1, groups_a=[f"case{i}" for i in range(len(a))])
+    assert distinct == bootstrap_distance(fid, a, b, 30, seed=1)  # every label distinct: the plain bootstrap
+    with pytest.raises(ValueError, match="3 labels for 12 rows"):
+        bootstrap_distance(fid, a, b, 5, groups_a=[0, 1, 2])
+
+
 def test_w1_equals_scipy_on_integer_and_float_samples() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):  # integer HU: the sort-free path

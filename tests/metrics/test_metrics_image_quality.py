@@ -7,8 +7,23 @@ import numpy as np
 import pytest
 
 from lungddpm.cli import main
-from lungddpm.io import Geometry, read_volume, write_volume
-from lungddpm.metrics.image_quality import MetricsError, Volume, folder_sets, image_quality, real_halves
+from lungddpm.errors import ImageError
+from lungddpm.io import Geometry, read_volume, write_json, write_volume
+from lungddpm.metrics import distribution
+from lungddpm.metrics import image_quality as iq
+from lungddpm.metrics.image_quality import (
+    MetricsError,
+    Pair,
+    Volume,
+    canonical_order,
+    folder_patient,
+    folder_sets,
+    image_quality,
+    real_halves,
+    summarize_pairs,
+    workflow_sets,
+)
+from lungddpm.metrics.voxel import bootstrap_ci
 from lungddpm.report.summary import quality_section
 
 SETTINGS = {
@@ -117,3 +132,138 @@ def test_too_few_real_patients_are_refused_naming_the_fix() -> None:
     vols = [Volume(n, Path(f"{n}.nii.gz"), None) for n in ("a", "b", "c")]
     with pytest.raises(MetricsError, match="add real cases"):
         real_halves(vols, ["a"])
+
+
+def manifest_item(folders: dict[str, Path], case_id: str, k: int) -> dict[str, object]:
+    """An eval-run manifest entry (``synthesize_shard``) of the fixture's synthetic ``<case_id>_<k>``."""
+    name = f"{case_id}_{k}"
+    syn = folders["synthetic"]
+    return {"item": name, "case_id": case_id, "k": k, "image": str(syn / f"{name}.nii.gz"),
+            "layout": str(syn / f"{name}_layout.nii.gz")}  # fmt: skip
+
+
+def test_same_volumes_same_numbers_whatever_the_shards_or_resume_history(folders: dict[str, Path]) -> None:
+    """One manifest, two round-robin shards, or a resumed shard that listed its skipped items first: the same four
+    pairs, so the same table and per-pair rows (4 synthetic > 3 floor volumes: the subsample picks by position)."""
+    items = [manifest_item(folders, f"LIDC-IDRI-000{c}", k) for c in range(2) for k in range(2)]
+    real = {n: (p, folders["labels"] / p.name) for n, p in ((p.name.removesuffix(".nii.gz"), p)
+            for p in sorted(folders["real"].glob("*.nii.gz")))}  # fmt: skip
+    patients = {c: c for c in real}
+    splits = {"one": [items], "shards": [items[0::2], items[1::2]], "resumed": [items[2:] + items[:2]]}
+    tables, per_pair = {}, {}
+    for how, shards in splits.items():
+        out = folders["root"] / f"order_{how}"
+        manifests = [out / f"shard_{i}.json" for i in range(len(shards))]
+        for path, shard_items in zip(manifests, shards):
+            write_json(path, {"run": "eval", "items": shard_items})
+        pairs, reference, floor = workflow_sets(manifests, real, patients)
+        assert [p.synthetic.name for p in pairs] == [i["item"] for i in items]  # (case, k) order
+        image_quality(pairs, reference, floor, SETTINGS, (-1000, 400), out / "iq.csv", out / "pc.csv",
+                      folders["root"] / "cache")  # fmt: skip
+        tables[how], per_pair[how] = (out / "iq.csv").read_text(), (out / "pc.csv").read_text()
+    assert tables["shards"] == tables["one"] and tables["resumed"] == tables["one"]
+    assert per_pair["shards"] == per_pair["one"] and per_pair["resumed"] == per_pair["one"]
+    shuffled = [Pair(Volume(f"c_{k}", Path(f"c_{k}.nii.gz"), None), Volume("c", Path("c.nii.gz"), None))
+                for k in (10, 2, 0, 11, 1)]  # fmt: skip
+    assert [p.synthetic.name for p in canonical_order(shuffled)] == ["c_0", "c_1", "c_2", "c_10", "c_11"]
+
+
+def per_pair_rows(values: list[float], k: int) -> list[dict[str, object]]:
+    """Per-pair rows (``pair_rows``) of k synthetic samples of each layout, all k with their layout's value."""
+    return [{"synthetic": f"case{i}_{j}", "real": f"case{i}", "mse_whole": v, "ssim_lung": 1 - v / 10}
+            for i, v in enumerate(values) for j in range(k)]  # fmt: skip
+
+
+def test_paired_intervals_resample_whole_layouts_not_samples() -> None:
+    """k samples of one layout share its real CT: with k copies of one value per layout the interval is that of one
+    sample per layout, not ~sqrt(k) narrower."""
+    values = list(np.random.default_rng(2).normal(5.0, 2.0, 12))
+    settings = {**SETTINGS, "bootstrap": 500}
+    one = {(r["metric"], r["region"]): r for r in summarize_pairs(per_pair_rows(values, 1), settings)}
+    four = {(r["metric"], r["region"]): r for r in summarize_pairs(per_pair_rows(values, 4), settings)}
+    assert set(one) == set(four) == {("mse", "whole"), ("ssim", "lung")}
+    for key, r in four.items():
+        assert r["n_a"] == 48 and one[key]["n_a"] == 12
+        for col in ("value", "ci_low", "ci_high"):
+            assert r[col] == pytest.approx(one[key][col], rel=1e-9), (key, col)
+    _, lo, hi = bootstrap_ci(np.repeat(values, 4), 500, SETTINGS["ci_level"], SETTINGS["seed"])  # 48 "independent"
+    mse = four[("mse", "whole")]
+    assert mse["ci_high"] - mse["ci_low"] > 1.5 * (hi - lo)  # ~sqrt(4) = 2 times the per-sample interval
+
+
+def test_distribution_intervals_resample_whole_layouts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The synthetic side of the distribution bootstrap draws whole layouts: k volumes of a layout with one feature
+    vector (a shared background) give the interval of one volume per layout."""
+    rng = np.random.default_rng(3)
+    layout_feats = {f"case{i}": rng.normal(size=4) for i in range(10)}
+    feats = {f"floor{i}": rng.normal(0.3, 1.0, 4) for i in range(40)}
+    feats |= {f"ref{i}": rng.normal(size=4) for i in range(8)}
+    for k in (1, 3):
+        feats |= {f"case{i}_{k}_{j}": f for i, (c, f) in enumerate(layout_feats.items()) for j in range(k)}
+
+    def fake_features(extractor: object, volumes: list[Volume], region: str, cache_dir: Path, what: str) -> np.ndarray:
+        return np.stack([feats[v.name] for v in volumes])
+
+    monkeypatch.setattr(iq, "_features", fake_features)
+    monkeypatch.setattr(iq, "pair_rows", lambda pairs, settings, hu_window: [])
+    monkeypatch.setitem(distribution.DISTANCES, "gap", lambda a, b: abs(float(a[:, 0].mean() - b[:, 0].mean())))
+    monkeypatch.setattr(iq, "build_extractor", lambda settings: type("Fake", (), {"identity": "x", "reportable": 0}))
+    settings = {**SETTINGS, "regions": ["whole"], "distances": ["gap"], "bootstrap": 300}
+    reference = [Volume(f"ref{i}", Path(f"ref{i}.nii.gz"), None) for i in range(8)]
+    floor = [Volume(f"floor{i}", Path(f"floor{i}.nii.gz"), None) for i in range(40)]
+    rows = {}
+    for k in (1, 3):
+        pairs = [Pair(Volume(f"case{i}_{k}_{j}", Path(f"s{i}_{j}.nii.gz"), None), Volume(c, Path(f"{c}.nii.gz"), None))
+                 for i, c in enumerate(layout_feats) for j in range(k)]  # fmt: skip
+        table = image_quality(pairs, reference, floor, settings, (-1000, 400), tmp_path / "iq.csv",
+                              tmp_path / "pc.csv", tmp_path)  # fmt: skip
+        rows[k] = next(r for r in table if r["comparison"] == iq.SYNTHETIC_VS_REAL)
+    assert rows[3]["n_a"] == 30 and rows[1]["n_a"] == 10
+    for col in ("value", "ci_low", "ci_high"):
+        assert rows[3][col] == pytest.approx(rows[1][col], rel=1e-9), col
+
+
+def name_folders(root: Path, real: list[str], synthetic: list[str]) -> tuple[Path, Path]:
+    """Folders of empty ``<name>.nii.gz`` files (``folder_sets`` only lists them)."""
+    for folder, names in ((root / "real", real), (root / "synthetic", synthetic)):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / f"{name}.nii.gz").touch()
+    return root / "real", root / "synthetic"
+
+
+def assert_patients_whole(floor: list[Volume], reference: list[Volume], series: dict[str, list[str]]) -> None:
+    """Every patient's series (patient -> case ids) lie in one half."""
+    halves = {v.name: half for half, vols in (("floor", floor), ("reference", reference)) for v in vols}
+    for patient, cases in series.items():
+        assert len({halves[c] for c in cases}) == 1, (patient, {c: halves[c] for c in cases})
+
+
+def test_folder_sets_keep_a_patients_series_in_one_half(tmp_path: Path) -> None:
+    """``lungddpm metrics``: the two series of a patient (LIDC case ids ``<patient>_s<n>``) never land in both halves,
+    and a patient with a sampled series is wholly in the floor."""
+    assert folder_patient("LIDC-IDRI-0365_s2") == "LIDC-IDRI-0365"
+    assert folder_patient("LIDC-IDRI-0001") == "LIDC-IDRI-0001"
+    series = {p: [f"{p}_s1", f"{p}_s2"] for p in ("LIDC-IDRI-0365", "LIDC-IDRI-0002")}
+    singles = [f"LIDC-IDRI-00{i}" for i in range(10, 16)]
+    real, syn = name_folders(tmp_path, [c for cs in series.values() for c in cs] + singles, ["LIDC-IDRI-0365_s1_0"])
+    for seed in range(8):
+        pairs, reference, floor = folder_sets(real, syn, seed=seed)
+        assert [p.real.name for p in pairs] == ["LIDC-IDRI-0365_s1"]
+        assert {"LIDC-IDRI-0365_s1", "LIDC-IDRI-0365_s2"} <= {v.name for v in floor}
+        assert_patients_whole(floor, reference, series)
+
+
+def test_folder_sets_group_by_the_configs_patient_regex(tmp_path: Path) -> None:
+    """With ``data.images.patient_regex`` the patients are its first group (``patient_of``), as in the split."""
+    regex = r"(p\d+)_t\d+$"
+    assert folder_patient("p07_t1", regex) == "p07"
+    with pytest.raises(ImageError, match="patient_regex"):
+        folder_patient("q07", regex)
+    series = {p: [f"{p}_t0", f"{p}_t1"] for p in ("p01", "p02")}
+    singles = [f"p1{i}_t0" for i in range(6)]
+    real, syn = name_folders(tmp_path, [c for cs in series.values() for c in cs] + singles, ["p01_t0_0"])
+    for seed in range(8):
+        _, reference, floor = folder_sets(real, syn, seed=seed, patient_regex=regex)
+        assert {"p01_t0", "p01_t1"} <= {v.name for v in floor}
+        assert_patients_whole(floor, reference, series)

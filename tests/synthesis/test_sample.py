@@ -127,6 +127,11 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
     cfg_eval = synth_config(samples_per_layout=2)
     redo = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=2)
     assert [m["skipped"] for m in redo] == [True, True, True, False]
+    (tmp_path / "case0_0.gif").unlink()  # the first item redone, the rest skipped: the manifest stays in item order
+    resumed = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    assert [(m["item"], m["k"], m["skipped"]) for m in resumed] == [
+        ("case0_0", 0, False), ("case0_1", 1, True), ("case1_0", 0, True), ("case1_1", 1, True)
+    ]  # fmt: skip
     other = synth_config(samples_per_layout=2, steps=4)  # changed settings: everything is redone
     assert not any(
         m["skipped"]
