@@ -87,7 +87,8 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
     data = config.get("data", {})
     if not problems and data.get("source") == "lidc" and not data.get("dicom_root"):
         problems.append(
-            "data.dicom_root: required when data.source is 'lidc'; pass --config data.dicom_root=/path/to/LIDC-IDRI"
+            "data.dicom_root: required when data.source is 'lidc'; pass snakemake --config 'data={source: lidc, "
+            "dicom_root: /path/to/LIDC-IDRI}' (lungddpm: --set data.dicom_root=/path/to/LIDC-IDRI)"
         )
     if not problems and data.get("source") == "images" and not data["images"]["ct_dir"]:
         problems.append("data.images.ct_dir: required when data.source is 'images'; set it to your CT volumes' folder")
@@ -344,3 +345,18 @@ def lesion_config(cfg: Config) -> Config:
             f"{exc}\n  (model.*, diffusion.* and train.* above are lesion.model.*, lesion.diffusion.* and "
             "lesion.train.* merged over them)"
         ) from exc
+
+
+def lesion_training_settings(lesion: Config) -> dict[str, Any]:
+    """What the lesion model's training reads of :func:`lesion_config`'s merged view ``lesion``: network (less
+    ``init_from``, always null there), diffusion (null keys left out), training keys, HU window and ROI grid. The
+    ``train_lesion`` rule's params: a whole-volume key that ``lesion.*`` overrides (``train.steps``) or never reaches
+    (``train.gpus``) does not retrain it; one it inherits (``train.lr_warmup_steps``), or a ``lesion.*`` edit, does."""
+    raw = lesion.raw
+    return {
+        "model": {k: v for k, v in raw["model"].items() if k != "init_from"},
+        "diffusion": set_keys(raw["diffusion"]),
+        "train": raw["train"],
+        "intensity": raw["intensity"],
+        "preprocess": {k: raw["preprocess"][k] for k in ("size", "spacing_mm")},
+    }

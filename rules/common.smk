@@ -4,9 +4,9 @@ from pathlib import Path
 from lungddpm.data.lidc import CLUSTERING_VERSION
 from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.data.sources import DEMO_ROOT, source_files
-from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, list_cases, model_checkpoint, run_cases
+from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
-from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, set_keys
+from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys
 from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -16,12 +16,15 @@ validate_config(config, source="snakemake config")
 config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
 CFG = config_from_mapping(config)
 CASES = list_cases(CFG)
-SPLIT = case_split(CFG, CASES)
+STRATA = case_strata(CFG, CASES)  # images: from the label maps' content, so a fixed label can move a case
+SPLIT = case_split(CFG, CASES, STRATA)
 PATIENTS = case_patients(CFG, CASES)
 IS_DEMO = CFG.data.source == "demo"
 BANK_CASES = bank_cases(CFG, SPLIT)
 MODEL = config["train"]["name"]
 CHECKPOINT = str(model_checkpoint(CFG, "results"))
+# sample.checkpoint names a model of its own: the whole-volume model train.name is then neither trained nor reported
+GIVEN_CHECKPOINT = CHECKPOINT != str(Path("results", "models", MODEL, "checkpoint.pt"))
 N_SHARDS = config["sample"]["shards"]
 LESION = config["lesion"]["enabled"]
 LESION_CFG = lesion_config(CFG)  # validates lesion.model / lesion.train at parse time
@@ -39,7 +42,8 @@ real_halves(
 
 def final_targets():
     targets = expand("results/layouts/{case}.nii.gz", case=CASES) + ["results/splits.csv"]
-    targets.append(f"results/models/{MODEL}/checkpoint.pt")
+    if not GIVEN_CHECKPOINT:
+        targets.append(f"results/models/{MODEL}/checkpoint.pt")
     targets += expand("results/synthetic/{run}/shard_{shard}.json", run=("eval", "augment"), shard=range(N_SHARDS))
     targets += ["results/metrics/eval/image_quality.csv", "results/report/summary.md"]
     if IS_DEMO:
@@ -125,7 +129,8 @@ def report_inputs(wildcards):
         inputs["fidelity"] = "results/metrics/lesion/fidelity.csv"
         inputs["fidelity_profiles"] = "results/metrics/lesion/profiles.png"
         inputs["fidelity_gallery"] = "results/metrics/lesion/gallery.png"
-    if not config["model"]["init_from"]:  # an imported checkpoint has no training log
+    # an imported (model.init_from) or given (sample.checkpoint) model has no training log: the summary names it
+    if not config["model"]["init_from"] and not GIVEN_CHECKPOINT:
         inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
     return inputs
 

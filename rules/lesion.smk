@@ -35,7 +35,8 @@ rule train_lesion:
         preview=report("results/models/lesion/{name}/preview.png", category="Lesion scale", caption="../report/preview.rst"),
     params:
         state_dir=lambda wildcards: f"state/models/lesion/{wildcards.name}",
-        settings={**settings("model", "diffusion", "train", "intensity"), **lesion_settings("roi", "model", "diffusion", "train", "texture_hu"), **context_margin()},
+        # the merged lesion view it trains with, not the whole-volume sections: train.steps alone does not retrain it
+        settings={**lesion_training_settings(LESION_CFG), **lesion_settings("roi", "texture_hu"), **context_margin()},
     priority: 10  # the lesion chain (train, inpaint, segment) is the demo's critical path: start it first
     log:
         "logs/train_lesion/{name}.log",

@@ -13,6 +13,7 @@ from lungddpm.config import (
     config_from_mapping,
     key_order_reference,
     lesion_config,
+    lesion_training_settings,
     load_config,
     validate_config,
 )
@@ -194,3 +195,37 @@ def test_the_key_order_reference_needs_no_valid_shipped_file(tmp_path: Path) -> 
     ref = key_order_reference(edited, {})
     assert list(ref)[:2] == ["data", "split"] and ref["split"]["train"] == 0.7  # its order, the defaults filled
     assert key_order_reference(tmp_path / "missing.yaml", {"x": 1}) == {"x": 1}
+
+
+def test_missing_dicom_root_hint_is_a_config_snakemake_accepts() -> None:
+    """The hint's ``--config`` argument parses (Snakemake refuses dotted keys) into the key it names."""
+    import shlex
+
+    from snakemake.cli import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config({"data": {"source": "lidc"}})
+    hint = str(err.value).split("pass snakemake --config ", 1)[1]
+    arg = shlex.split(hint)[0]
+    assert parse_config([arg])["data"] == {"source": "lidc", "dicom_root": "/path/to/LIDC-IDRI"}
+
+
+def _lesion_training(overrides: dict) -> dict:
+    raw = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    _merge(raw, overrides)
+    return lesion_training_settings(lesion_config(config_from_mapping(raw)))
+
+
+def test_lesion_training_settings_follow_the_merged_lesion_view_only() -> None:
+    """train_lesion's params: a whole-volume key that lesion.* overrides or never reaches leaves them alone; a key
+    the lesion model inherits, or a lesion.* edit, changes them."""
+    base = _lesion_training({})
+    whole_only = {"train": {"steps": 9999, "gpus": 1, "processes": 1}, "model": {"model_channels": 48}}
+    assert _lesion_training(whole_only) == base
+    assert _lesion_training({"preprocess": {"size": [16, 16, 16], "spacing_mm": [20.0, 20.0, 20.0]}}) == base
+    assert _lesion_training({"lesion": {"train": {"steps": 1601}}})["train"]["steps"] == 1601
+    inherited = _lesion_training({"train": {"lr_warmup_steps": 21}})
+    assert inherited != base and inherited["train"]["lr_warmup_steps"] == 21
+    assert _lesion_training({"intensity": {"hu_window": [-1100, 500]}}) != base
+    assert _lesion_training({"lesion": {"roi": {"size": 16}}})["preprocess"]["size"] == [16, 16, 16]
+    assert base["model"]["model_channels"] == 16 and "init_from" not in base["model"]

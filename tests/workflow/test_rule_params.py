@@ -1,0 +1,110 @@
+"""What reruns and what is scheduled, as Snakemake sees it: rule params, the split's rerun when a label map changes,
+and sampling from a given checkpoint. Each test parses the workflow (seconds); only the split rule is run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO, make_workdir, snakemake
+
+from lungddpm.config import load_config
+from lungddpm.preprocessing.cases import case_split, list_cases
+
+IMAGES = {"source": "images", "images": {"ct_dir": "data/CT", "label_dir": "data/SEG"}}
+EDGE = 8  # voxels: the split reads only the file names and the label maps' values
+LUNG, NODULE = 1, 2  # Lung-DDPM's label convention (data.images.label_convention: lung_nodule)
+
+# Snakemake has no public call that returns a rule's params; the API's parsed workflow holds them
+PARAMS = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+snakefile, workdir, overrides, rules = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4:]
+with SnakemakeApi(OutputSettings()) as api:
+    wf = api.workflow(snakefile=snakefile, workdir=workdir, resource_settings=ResourceSettings(cores=1),
+                      config_settings=ConfigSettings(configfiles=[workdir / "ci.yaml"], config=overrides))
+    params = {r: {k: repr(v) for k, v in wf._workflow.get_rule(r).params.items() if not callable(v)} for r in rules}
+print("PARAMS " + json.dumps(params))
+"""
+
+
+def rule_params(workdir: Path, overrides: dict, *rules: str) -> dict[str, dict[str, str]]:
+    """The ``repr`` of each non-callable param of ``rules`` (what Snakemake compares to rerun a job), with the CI
+    config and ``overrides`` (as ``--config``)."""
+    args = [str(REPO / "Snakefile"), str(workdir), json.dumps(overrides), *rules]
+    proc = subprocess.run([sys.executable, "-c", PARAMS, *args], capture_output=True, text=True, cwd=workdir)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("PARAMS ")]
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[0].removeprefix("PARAMS "))
+
+
+def test_train_lesion_reruns_on_lesion_settings_not_on_whole_volume_only_ones(tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path)
+    base = rule_params(workdir, {}, "train_lesion", "train")
+    whole = rule_params(workdir, {"train": {"steps": 500, "name": "other"}}, "train_lesion", "train")
+    lesion = rule_params(workdir, {"lesion": {"train": {"name": "ci", "steps": 7}}}, "train_lesion")
+    assert whole["train"] != base["train"]  # the whole-volume model does retrain
+    assert whole["train_lesion"] == base["train_lesion"]  # lesion.train.steps overrides train.steps
+    assert lesion["train_lesion"] != base["train_lesion"]
+
+
+def _write_case(data: Path, case: str, nodule: bool) -> None:
+    ct = np.full((EDGE,) * 3, -1000, np.int16)
+    label = np.zeros((EDGE,) * 3, np.uint8)
+    label[2:-2, 2:-2, 2:-2] = LUNG
+    label[EDGE // 2, EDGE // 2, EDGE // 2] = NODULE if nodule else LUNG
+    sitk.WriteImage(sitk.GetImageFromArray(ct), str(data / "CT" / f"{case}.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(data / "SEG" / f"{case}.nii.gz"))
+
+
+def _splits(path: Path) -> dict[str, tuple[str, str]]:
+    with open(path, newline="") as fh:
+        return {r["case_id"]: (r["subset"], r["has_nodule"]) for r in csv.DictReader(fh)}
+
+
+def test_split_reruns_when_a_label_map_gains_a_nodule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With images the split's strata come from the label maps: fixing one changes the split the workflow uses
+    at parse time, so splits.csv must be rewritten to match it."""
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "cache"))
+    workdir = make_workdir(tmp_path / "wd", {"data": IMAGES, "segmentation": {"enabled": False}})
+    data = workdir / "data"
+    for sub in ("CT", "SEG"):
+        (data / sub).mkdir(parents=True)
+    cases = [f"LIDC-IDRI-{i:04d}" for i in range(1, 7)]
+    nodules = {c: i < len(cases) // 2 for i, c in enumerate(cases)}
+    for case in cases:
+        _write_case(data, case, nodules[case])
+    snakemake(workdir, "results/splits.csv")
+    assert "Nothing to be done" in snakemake(workdir, "-n", "results/splits.csv").stdout
+    nodules[cases[-1]] = True  # a nodule that the first label map missed
+    _write_case(data, cases[-1], nodules[cases[-1]])
+    dry = snakemake(workdir, "-n", "results/splits.csv").stdout
+    assert "Params have changed" in dry, dry
+    snakemake(workdir, "results/splits.csv")
+    monkeypatch.chdir(workdir)
+    cfg = load_config(workdir / "config/config.yaml", {"data": IMAGES})
+    split = case_split(cfg, list_cases(cfg))
+    assert _splits(workdir / "results/splits.csv") == {c: (split[c], str(int(nodules[c]))) for c in cases}
+
+
+def test_a_given_checkpoint_is_sampled_without_training_the_whole_volume_model(tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path)
+    checkpoint = tmp_path / "external.pt"
+    checkpoint.write_bytes(b"")  # an input of the sample jobs; a dry run never reads it
+
+    def scheduled(*config: str) -> set[str]:
+        out = snakemake(workdir, "-n", "--quiet", "rules", *config).stdout
+        return {line.split()[0] for line in out.splitlines() if line.strip() and line.split()[-1].isdigit()}
+
+    assert {"train", "sample", "report"} <= scheduled()
+    given = scheduled("--config", f"sample={{checkpoint: {checkpoint}}}")
+    assert "train" not in given and {"sample", "report"} <= given
