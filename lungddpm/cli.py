@@ -196,14 +196,9 @@ def cmd_metrics(args: argparse.Namespace) -> None:
     cfg = _config(args)
     torch.set_num_threads(args.threads)
     settings = cfg.raw["metrics"]
-    pairs, reference, floor = folder_sets(
-        Path(args.real),
-        Path(args.synthetic),
-        Path(args.real_labels) if args.real_labels else None,
-        settings["seed"],
-        settings["floor_fraction"],
-        cfg.data.images.patient_regex,  # the real volumes split by patient (else by LIDC's _s<n> series suffix)
-    )
+    labels = Path(args.real_labels) if args.real_labels else None
+    pairs, reference, floor = folder_sets(Path(args.real), Path(args.synthetic), labels, settings["seed"],
+                                          settings["floor_fraction"], cfg.data.images.patient_regex)  # fmt: skip
     out = Path(args.out)
     rows = image_quality(
         pairs, reference, floor, settings, cfg.intensity.hu_window, out / "image_quality.csv", out / "per_case.csv",

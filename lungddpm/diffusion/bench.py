@@ -237,6 +237,7 @@ def compare_samplers(
                     torch.Generator().manual_seed(seed + j),
                     blend=blend,
                     clip_x0=sc["clip_x0"],
+                    timestep_spacing=sc["timestep_spacing"],
                 )
                 seconds.append(time.perf_counter() - t0)
                 hu = convention.to_hu(x[0, 0].numpy(), inp)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import LungDDPMError
 from ..preprocessing.layout import read_case_pair
-from .encoding import ANY_TEXTURE, hu_to_model, layout_to_channels
+from .encoding import ANY_TEXTURE, NODULE_THRESHOLD, hu_to_model, layout_to_channels
 
 
 @dataclass(frozen=True)
@@ -139,15 +139,16 @@ class StepBatches(torch.utils.data.Dataset):
         return out
 
     def _augment(self, case: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """One sample, with the nodule texture dropped to 'any texture' (p = ``cond_dropout``) and random flips;
-        the random draws come after the timestep and noise, so they leave those unchanged."""
+        """One sample, with the nodule texture dropped to 'any texture' (p = ``cond_dropout``: every nodule voxel,
+        whatever its texture level) and random flips; the random draws come after the timestep and noise, so they
+        leave those unchanged."""
         d = self.data
         sample = {"x0": d.images[case], "layout": d.layouts[case]}
         if d.weights is not None:
             sample["weight"] = d.weights[case]
         if self.cond_dropout > 0 and float(torch.rand((), generator=g)) < self.cond_dropout:
             lay = sample["layout"].clone()
-            lay[1] = torch.where(lay[1] > 0, torch.tensor(ANY_TEXTURE), lay[1])
+            lay[1] = torch.where(lay[1] > NODULE_THRESHOLD, torch.tensor(ANY_TEXTURE), lay[1])
             sample["layout"] = lay
         if self.flip:
             dims = [a + 1 for a in range(3) if float(torch.rand((), generator=g)) < 0.5]

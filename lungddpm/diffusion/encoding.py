@@ -32,6 +32,7 @@ def model_to_hu(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 TEXTURE_CLASSES = ("ground-glass", "part-solid", "solid")
 UNKNOWN_TEXTURE = "unknown"  # the class of a nodule whose source has no texture rating (a label map's components)
 ANY_TEXTURE = 1.0  # the nodule channel's value for "nodule, texture not given" (the whole-volume scale's only one)
+NODULE_THRESHOLD = -0.95  # nodule channel above this = nodule: any texture level or ANY_TEXTURE; -1 outside them
 
 
 def texture_levels(texture_hu: Sequence[float], window: tuple[float, float]) -> tuple[float, float, float]:
@@ -79,5 +80,5 @@ def channels_to_layout(channels: torch.Tensor | np.ndarray) -> np.ndarray:
     """[2, D, H, W] channels in {-1, 1} (or soft) -> uint8 labels; nodule wins where both are on."""
     c = np.asarray(channels)
     out = np.where(c[0] > 0, LUNG, 0).astype(np.uint8)
-    out[c[1] > -0.95] = NODULE  # the lesion scale's texture levels lie in (-0.9, 0.95)
+    out[c[1] > NODULE_THRESHOLD] = NODULE  # the lesion scale's texture levels lie in (-0.9, 0.95)
     return out

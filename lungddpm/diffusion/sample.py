@@ -2,7 +2,9 @@
 anatomically-aware sampling.
 
 Every sampler is built from the training scheduler's config, so they share its ᾱ_t; the loop is the same for
-all: ``set_timesteps`` -> for each t: model output -> ``step``.
+all: ``set_timesteps`` -> for each t: model output -> ``step``, and every step lands exactly on the noise level of
+the next timestep in the list (DDIM is first-order DPM-Solver++, the same update: diffusers' DDIMScheduler steps
+to t - T // steps, one level off the list when ``steps`` does not divide T).
 
 Anatomically-aware sampling keeps the reference CT where the layout is background, away from the lungs: in the
 *keep mask* (background eroded by a margin, so the seam falls in generated tissue) the sample is replaced after
@@ -24,28 +26,29 @@ from scipy import ndimage as ndi
 from .process import GaussianDiffusion, Model
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+SPACINGS = ("trailing", "quadratic")  # sample.timestep_spacing
 
 
 def make_sampler(diffusion: GaussianDiffusion, name: str, clip_x0: bool = True) -> Any:
     """A fresh diffusers scheduler of kind ``name`` sharing the diffusion's schedule and prediction type.
 
     ``clip_x0`` clamps each step's x̂_0 to [-1, 1] (the data range), as Lung-DDPM's sampler does
-    (``clip_denoised``); for DPM-Solver++ this is diffusers' thresholding with a maximum of 1.
+    (``clip_denoised``); for DDIM and DPM-Solver++ this is diffusers' thresholding with a maximum of 1. DDIM (η = 0)
+    is first-order DPM-Solver++: x_s = α_s x̂_0 + σ_s ε̂ with ε̂ re-derived from the clipped x̂_0 (guided-diffusion's
+    DDIM; diffusers' DDIMScheduler keeps the unclipped ε by default), its last step returns x̂_0.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     config = diffusion.scheduler.config
-    if name == "ddpm":
-        return DDPMScheduler.from_config(config, clip_sample=clip_x0, clip_sample_range=1.0)
-    if name == "ddim":
-        return DDIMScheduler.from_config(
-            config, clip_sample=clip_x0, clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing"
+    if name == "ddpm":  # trailing: from t = T - 1, pure noise, at any step count (leading starts lower)
+        return DDPMScheduler.from_config(
+            config, clip_sample=clip_x0, clip_sample_range=1.0, timestep_spacing="trailing"
         )
-    if name == "dpm++":
+    if name in ("ddim", "dpm++"):
         return DPMSolverMultistepScheduler.from_config(
             config,
             algorithm_type="dpmsolver++",
-            solver_order=2,
+            solver_order=1 if name == "ddim" else 2,
             lower_order_final=True,
             final_sigmas_type="zero",
             timestep_spacing="trailing",  # "linspace" hits λ = -inf at T=250 with the cosine schedule
@@ -53,6 +56,39 @@ def make_sampler(diffusion: GaussianDiffusion, name: str, clip_x0: bool = True) 
             sample_max_value=1.0,
         )
     raise ValueError(f"sampler {name!r} unknown; choose one of {SAMPLERS}")
+
+
+def sampling_timesteps(num_train: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """The ``steps`` timesteps the network is called at, descending from T - 1 = ``num_train`` - 1.
+
+    trailing: round(arange(T, 0, -T / steps)) - 1 (diffusers' trailing; the last call at about T / steps, whence
+    the jump to σ = 0 smooths away texture finer than that noise level);
+    quadratic: DPM-Solver's time-quadratic grid (Lu et al. 2022): √τ evenly spaced for τ = (t + 1) / T from 1 to
+    1 / T, the last call at t = 0 (its denoise-to-zero step), rounded and, near t = 0, raised where rounding would
+    repeat a timestep; the low noise levels, where fine texture forms, get more of the steps.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"sample.timestep_spacing {spacing!r} unknown; choose one of {SPACINGS}")
+    if not 1 <= steps <= num_train:
+        raise ValueError(f"sampler steps {steps} must lie in 1..{num_train} (diffusion.timesteps): sample.steps")
+    if spacing == "trailing":
+        return (np.round(np.arange(num_train, 0, -num_train / steps)).astype(np.int64) - 1).tolist()
+    up = np.round(np.linspace(np.sqrt(num_train), 1.0, steps) ** 2 - 1).astype(np.int64)[::-1]  # (0 ..) T - 1
+    k = np.arange(steps)
+    up = np.maximum.accumulate(up - k) + k  # the least strictly increasing sequence >= up; it still ends at T - 1
+    return up[::-1].tolist()
+
+
+def start_timesteps(scheduler: Any, steps: int, spacing: str, device: torch.device, at: int = 0) -> None:
+    """Set ``scheduler``'s timesteps (:func:`sampling_timesteps`) and start it at list index ``at``: a multistep
+    scheduler counts its steps, so a RePaint jump back restarts it (DDIM, first order, carries no history)."""
+    plan = sampling_timesteps(scheduler.config.num_train_timesteps, steps, spacing)  # checks spacing and steps
+    if spacing == "trailing":  # diffusers' own list, equal to the plan
+        scheduler.set_timesteps(steps, device=device)
+    else:
+        scheduler.set_timesteps(timesteps=plan, device=device)
+    if at and hasattr(scheduler, "set_begin_index"):  # DDPM's step looks its timestep up: nothing to restart
+        scheduler.set_begin_index(at)
 
 
 def keep_mask(layout: np.ndarray, margin_vox: tuple[int, int, int]) -> np.ndarray:
@@ -93,6 +129,7 @@ def sample(
     uncond_layout: torch.Tensor | None = None,
     resample: Resample | None = None,
     progress: Callable[[int, int], None] | None = None,
+    timestep_spacing: str = "trailing",
 ) -> torch.Tensor:
     """Generate images for ``layout`` [B, 2, D, H, W] -> x_0 [B, 1, D, H, W] in model units (about [-1, 1]).
 
@@ -105,7 +142,7 @@ def sample(
     ``resample`` (RePaint, with ``blend``): every ``jump_length`` steps the sample is forward-noised back
     ``jump_length`` steps and denoised again, ``jump_n_sample - 1`` extra times, so the generated region can
     harmonise with the kept one; single-step samplers only (ddpm, ddim). ``progress(i, steps)`` is called after
-    step ``i`` of ``steps`` (it goes back with RePaint's jumps).
+    step ``i`` of ``steps`` (it goes back with RePaint's jumps). ``timestep_spacing``: :func:`sampling_timesteps`.
     """
     guided = uncond_layout is not None and guidance != 1.0
     jump, repeats = (resample.jump_length, resample.jump_n_sample) if resample is not None else (0, 1)
@@ -117,7 +154,7 @@ def sample(
         )
     device = layout.device
     scheduler = make_sampler(diffusion, sampler, clip_x0)
-    scheduler.set_timesteps(steps, device=device)
+    start_timesteps(scheduler, steps, timestep_spacing, device)
     shape = (layout.shape[0], 1, *layout.shape[2:])
     generators = list(generator) if isinstance(generator, Sequence) else [generator] * shape[0]
     if len(generators) != shape[0]:
@@ -166,6 +203,7 @@ def sample(
                 jumps[i] = jumps.get(i, 0) + 1
                 x = renoise(diffusion, x, timesteps[i + 1], timesteps[back], randn())
                 i = back
+                start_timesteps(scheduler, steps, timestep_spacing, device, at=back)
                 continue
         i += 1
     return x

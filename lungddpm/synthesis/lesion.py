@@ -36,7 +36,7 @@ from ..diffusion.encoding import (
 )
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
-from ..diffusion.sample import Blend, Resample, sample
+from ..diffusion.sample import SPACINGS, Blend, Resample, sample
 from ..errors import LayoutError
 from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, dilate_mm, face_border
@@ -178,6 +178,7 @@ def inpaint(
             resample=Resample(int(sc["jump_length"]), int(sc["jump_n_sample"])),
             uncond_layout=uncond,
             progress=progress,
+            timestep_spacing=sc["timestep_spacing"],
         )
         for b, c in enumerate(chunk):
             hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))
@@ -228,6 +229,8 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
     disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi``."""
     sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
+    if sample["timestep_spacing"] == SPACINGS[0]:  # the default, as before the key: old items stay complete
+        del sample["timestep_spacing"]
     out = {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}

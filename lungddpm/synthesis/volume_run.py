@@ -25,7 +25,7 @@ from ..diffusion.checkpoint import load_for_sampling
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
-from ..diffusion.sample import Blend, keep_mask, sample
+from ..diffusion.sample import SPACINGS, Blend, keep_mask, sample
 from ..errors import LayoutError
 from ..io import (
     atomic_path,
@@ -83,6 +83,8 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
             "start_fraction": s["blend_start_fraction"],
         },
     }
+    if s["timestep_spacing"] != SPACINGS[0]:  # the default, as before the key: old items stay complete
+        settings["timestep_spacing"] = s["timestep_spacing"]
     if run == "augment":
         settings["layout_edit"] = cfg.raw["layout_edit"]
     if bank_sha is not None:
@@ -204,6 +206,7 @@ def synthesize_shard(
             blend=blend,
             autocast_dtype=dtype,
             clip_x0=sc["clip_x0"],
+            timestep_spacing=sc["timestep_spacing"],
         )
         seconds = (time.perf_counter() - t0) / len(chunk)
         for b, ((item, files), (ct, layout, geometry, edits, keep, inp)) in enumerate(zip(chunk, prepared)):

@@ -107,7 +107,7 @@ def test_inpainting_feeds_a_context_model_the_sites_own_roi_and_keep_mask() -> N
          "num_res_blocks": 1, "num_heads": 1, "dropout": 0.0, "use_checkpoint": False, "context": True}  # fmt: skip
     model = _Recorder(UNet3D(unet_config_from_dict(d, image_size=16)).eval())
     sc = {"batch_size": 2, "precision": "fp32", "sampler": "dpm++", "steps": 3, "clip_x0": True, "guidance": 2.0,
-          "jump_length": 0, "jump_n_sample": 1}  # fmt: skip
+          "jump_length": 0, "jump_n_sample": 1, "timestep_spacing": "trailing"}  # fmt: skip
     after = inpaint(model, GaussianDiffusion(DiffusionConfig(timesteps=50)), ins, WINDOW, sc, torch.device("cpu"))
     assert len(model.seen) == 2 * 3  # guided: a conditional and an unconditional pass per step
     for seen in model.seen:

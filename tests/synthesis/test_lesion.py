@@ -129,6 +129,7 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
         "guidance": 1.0,
         "jump_length": 0,
         "jump_n_sample": 1,
+        "timestep_spacing": "trailing",
     }
     a = inpaint(model, diffusion, ins, (-1000.0, 400.0), sc, torch.device("cpu"))
     b = inpaint(model, diffusion, ins[1:], (-1000.0, 400.0), {**sc, "batch_size": 1}, torch.device("cpu"))
@@ -238,6 +239,36 @@ def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None
     assert 0.4 < dropped / 1200 < 0.6
     again = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 300, cond_dropout=0.5, flip=True, balance=True)
     assert all(torch.equal(a, b) for a, b in zip(sb[17][0].values(), again[17][0].values()))
+
+
+def test_cond_dropout_drops_every_texture_class_to_any_texture() -> None:
+    # the default texture levels (about -0.36, 0.0, 0.43) all lie above the channel's -1: each class is dropped, not
+    # only solid, so the unconditional pass of the guidance learns from every class
+    from lungddpm.diffusion.data import StepBatches, TrainData
+    from lungddpm.diffusion.encoding import texture_levels
+
+    levels = texture_levels([-550, -300, 0], (-1000, 400))  # lesion.texture_hu, intensity.hu_window defaults
+    assert min(levels) < 0 < max(levels)
+    layouts = torch.full((3, 2, 4, 4, 4), -1.0)
+    layouts[:, 0, :2] = 1.0  # lung
+    for c, level in enumerate(levels):
+        layouts[c, 1, 1:3, 1:3, 1:3] = level
+    images = torch.arange(3.0).view(3, 1, 1, 1, 1).expand(3, 1, 4, 4, 4)  # a sample's case = its image value
+    data = TrainData(images, layouts, ("ground-glass", "part-solid", "solid"))
+    always = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 20, cond_dropout=1.0)
+    never = StepBatches(data, 0, 4, 1, 0, 1, 50, 0, 20, cond_dropout=0.0)
+    seen = set()
+    for i in range(20):
+        a, b = always[i][0], never[i][0]
+        cases = b["x0"][:, 0, 0, 0, 0].long()
+        seen.update(cases.tolist())
+        nodule = layouts[cases, 1] > -1
+        assert torch.equal(b["layout"], layouts[cases])  # cond_dropout 0: unchanged
+        assert torch.equal(a["layout"][:, 1][nodule], torch.full((int(nodule.sum()),), ANY_TEXTURE))  # every voxel
+        assert torch.equal(a["layout"][:, 1][~nodule], torch.full((int((~nodule).sum()),), -1.0))  # background
+        assert torch.equal(a["layout"][:, 0], b["layout"][:, 0])  # the lung channel untouched
+        assert torch.equal(a["t"], b["t"]) and torch.equal(a["noise"], b["noise"])  # the dropout is drawn after them
+    assert seen == {0, 1, 2}
 
 
 def test_step_batches_crop_one_window_of_every_tensor_and_keep_timesteps() -> None:

@@ -1,0 +1,154 @@
+"""Sampler timesteps: every step lands on the next listed timestep's noise level; DDPM starts from pure noise at any
+step count; the optional time-quadratic spacing (sample.timestep_spacing) keeps fine texture, the default is
+today's DPM-Solver++."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+
+from lungddpm.diffusion.process import GaussianDiffusion
+from lungddpm.diffusion.sample import Blend, Resample, make_sampler, sample, sampling_timesteps
+
+T = 250  # diffusion.timesteps' default
+GRID = (1, 1, 16, 16, 16)
+
+
+def _trajectory(d: GaussianDiffusion, sampler: str, steps: int, **kw: object) -> list[tuple[int, float, float]]:
+    """Deterministic sampling of a known x0 with the exact ε, from x0 noised with e to the first timestep: the sample
+    stays in span{x0, e}, x = p x0 + q e, and at a call at t it should be at t's level, p = sqrt(ᾱ_t),
+    q = sqrt(1 - ᾱ_t). Returns (t, p - sqrt(ᾱ_t), q - sqrt(1 - ᾱ_t)) per network call."""
+    g = torch.Generator().manual_seed(0)
+    x0, e = torch.rand(GRID, generator=g) - 0.5, torch.randn(GRID, generator=g)
+    basis = torch.stack([x0.flatten(), e.flatten()], 1).double()
+    a = d.alphas_cumprod
+    seen = []
+
+    def oracle(x_t: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        at = a[t].view(-1, 1, 1, 1, 1)
+        p, q = torch.linalg.lstsq(basis, x_t.flatten().double()[:, None]).solution[:, 0].tolist()
+        seen.append((int(t[0]), p - float(at.sqrt()), q - float((1 - at).sqrt())))
+        return (x_t - at.sqrt() * x0) / (1 - at).sqrt()
+
+    first = a[sampling_timesteps(T, steps, str(kw.get("timestep_spacing", "trailing")))[0]]
+    sample(oracle, d, torch.zeros(1, 2, *GRID[2:]), sampler, steps, noise=first.sqrt() * x0 + (1 - first).sqrt() * e,
+           **kw)  # fmt: skip
+    return seen
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 20), ("ddim", 30), ("dpm++", 20), ("ddim", 50)])
+def test_each_step_lands_on_the_next_timesteps_noise_level(sampler: str, steps: int) -> None:
+    # T=250, 20 steps: diffusers' DDIMScheduler stepped from 237 to 225 (237 - 250 // 20), the next call was at 224
+    d = GaussianDiffusion()
+    off = _trajectory(d, sampler, steps)
+    assert [t for t, _, _ in off] == sampling_timesteps(T, steps)
+    assert max(max(abs(dp), abs(dq)) for _, dp, dq in off) < 1e-4, off[:3]
+
+
+def test_ddim_with_repaint_restarts_its_solver_and_still_recovers_x0() -> None:
+    # a jump back renoises with fresh noise (outside span{x0, e}), so check the call schedule and the end point
+    d = GaussianDiffusion()
+    x0 = torch.rand(GRID, generator=torch.Generator().manual_seed(1)) - 0.5
+    keep = torch.zeros(GRID, dtype=torch.bool)
+    keep[..., :8] = True
+    calls = []
+
+    def oracle(x_t: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        at = d.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        return (x_t - at.sqrt() * x0) / (1 - at).sqrt()
+
+    out = sample(oracle, d, torch.zeros(1, 2, *GRID[2:]), "ddim", 20, torch.Generator().manual_seed(0),
+                 blend=Blend(x0, keep), resample=Resample(5, 2))  # fmt: skip
+    ts = sampling_timesteps(T, 20)
+    assert calls == ts[:5] * 2 + ts[5:10] * 2 + ts[10:15] * 2 + ts[15:]
+    assert (out - x0).abs().max() < 1e-4
+
+
+def test_ddpm_starts_from_pure_noise_at_any_step_count() -> None:
+    d = GaussianDiffusion()
+    for steps in (20, 30, T):
+        s = make_sampler(d, "ddpm")
+        s.set_timesteps(steps)
+        ts = s.timesteps.tolist()
+        assert ts == sampling_timesteps(T, steps) and ts[0] == T - 1  # "leading" started at 228 for 20 steps
+        assert [int(s.previous_timestep(t)) for t in ts] == [*ts[1:], -1]  # each step goes to the next listed
+    assert sampling_timesteps(T, T) == list(range(T - 1, -1, -1))  # steps = T: the paper's chain, as before
+
+
+def test_quadratic_spacing_is_dpm_solvers_and_has_steps_timesteps() -> None:
+    assert sampling_timesteps(T, 20, "quadratic") == [
+        249, 225, 202, 181, 160, 141, 123, 106, 91, 76, 63, 51, 41, 31, 23, 16, 10, 6, 2, 0
+    ]  # fmt: skip
+    assert sampling_timesteps(T, 20) == [
+        249, 237, 224, 211, 199, 187, 174, 161, 149, 137, 124, 111, 99, 87, 74, 61, 49, 37, 24, 11
+    ]  # fmt: skip
+    for n in range(1, T + 1):  # rounding never merges two timesteps: the network runs exactly `steps` times
+        ts = sampling_timesteps(T, n, "quadratic")
+        assert len(ts) == n and ts[0] == T - 1 and all(a > b for a, b in pairwise(ts)) and ts[-1] >= 0
+    assert sampling_timesteps(T, T, "quadratic") == list(range(T - 1, -1, -1))
+    with pytest.raises(ValueError, match="timestep_spacing 'linear' unknown"):
+        sampling_timesteps(T, 20, "linear")
+    with pytest.raises(ValueError, match="steps 251 must lie in 1..250"):
+        sampling_timesteps(T, 251)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
+def test_quadratic_spacing_calls_the_network_steps_times_at_its_timesteps(sampler: str) -> None:
+    d = GaussianDiffusion()
+    calls = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        return 0.1 * x
+
+    sample(model, d, torch.zeros(1, 2, 4, 4, 4), sampler, 20, torch.Generator().manual_seed(0),
+           timestep_spacing="quadratic")  # fmt: skip
+    assert calls == sampling_timesteps(T, 20, "quadratic")
+    if sampler != "ddpm":  # and each step lands on the next listed level
+        off = _trajectory(d, sampler, 20, timestep_spacing="quadratic")
+        assert max(max(abs(dp), abs(dq)) for _, dp, dq in off) < 1e-4
+
+
+def test_quadratic_spacing_keeps_fine_texture_that_trailing_smooths_away() -> None:
+    # Gaussian data of std 0.03 (fine texture), the exact ε for the schedule: E[ε | x_t] = sqrt(1-ᾱ) x_t / (ᾱ s² + 1-ᾱ).
+    # Trailing's last call is at t=11 (σ ≈ 0.087 > 0.03): the jump to σ = 0 returns a smoothed x̂0
+    d = GaussianDiffusion()
+    std = 0.03
+
+    def exact(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        a = d.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        return (1 - a).sqrt() * x / (a * std**2 + 1 - a)
+
+    layout = torch.zeros(1, 2, 32, 32, 32)
+    kept = {}
+    for spacing in ("trailing", "quadratic"):
+        out = sample(exact, d, layout, "dpm++", 20, torch.Generator().manual_seed(0), timestep_spacing=spacing)
+        kept[spacing] = float(out.std()) / std
+    assert kept["trailing"] < 0.4 and kept["quadratic"] > 0.85, kept  # measured 0.33 and 0.90
+
+
+def test_default_dpm_solver_is_unchanged() -> None:
+    # the default (trailing) is today's DPM-Solver++(2M): plain diffusers, step by step, bit for bit
+    from diffusers import DPMSolverMultistepScheduler
+
+    d = GaussianDiffusion()
+    layout = torch.zeros(1, 2, 8, 8, 8)
+
+    def model(x: torch.Tensor, t: torch.Tensor, lay: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(0.7 * x + 0.003 * t.view(-1, 1, 1, 1, 1) - 0.2)
+
+    s = DPMSolverMultistepScheduler.from_config(
+        d.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+        final_sigmas_type="zero", timestep_spacing="trailing", thresholding=True, sample_max_value=1.0,
+    )  # fmt: skip
+    s.set_timesteps(20)
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+    for t in s.timesteps:
+        x = s.step(model(x, t.view(1), layout), t, x).prev_sample
+    out = sample(model, d, layout, "dpm++", 20, torch.Generator().manual_seed(4))
+    assert torch.equal(out, x)
+    again = sample(model, d, layout, "dpm++", 20, torch.Generator().manual_seed(4), timestep_spacing="trailing")
+    assert torch.equal(again, out)
