@@ -29,7 +29,7 @@ from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
-from ..synthesis.paste import feather_weight, native_box, native_labels, nearest_in_box, paste_back
+from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,8 @@ class Studio:
         ct_before, labels_before = session.ct[box.slices].copy(), session.labels[box.slices].copy()
         _, changed = paste_back(session.ct, box, after, feather_weight(ins.generated, float(roi.spacing[0]),
                                                                        float(lc["insert"]["feather_mm"])))  # fmt: skip
-        session.labels[box.slices][nearest_in_box(box, ins.nodule)] = NODULE
+        fraction = float(self.cfg.raw["preprocess"]["nodule_fraction"])
+        session.labels[box.slices][nodule_in_box(box, session.source.grid, roi, ins.nodule, fraction)] = NODULE
         mean_hu = round(nodule_mean_hu(after, ins.nodule), 1)
         record = {**ins.record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}
         edit = Edit(record, roi, ins.site.ct, after, ins.layout, box.slices, ct_before, labels_before,

@@ -42,6 +42,7 @@ class SliceGrid:
     col_spacing: float
     x0: float
     y0: float
+    z_step: float = 0.0  # slice spacing (mm) where the slices cannot tell it: a one-slice grid (0: 1 mm)
 
     @classmethod
     def of_series(cls, series: DicomSeries) -> SliceGrid:
@@ -51,7 +52,14 @@ class SliceGrid:
     def of_regular(cls, geometry: Geometry, n_slices: int) -> SliceGrid:
         """The grid of ``n_slices`` slices of a regular, axis-aligned ``geometry``."""
         zs = geometry.origin[2] + np.arange(n_slices) * geometry.spacing[0]
-        return cls(zs, geometry.spacing[1], geometry.spacing[2], geometry.origin[0], geometry.origin[1])
+        return cls(zs, geometry.spacing[1], geometry.spacing[2], geometry.origin[0], geometry.origin[1],
+                   float(geometry.spacing[0]))  # fmt: skip
+
+    @property
+    def slice_step(self) -> float:
+        """The (median) slice spacing, mm: from the slices, else ``z_step``, else 1."""
+        zs = self.z_positions
+        return float(np.median(np.diff(zs))) if zs.size > 1 else (self.z_step or 1.0)
 
     def world_to_index(self, world_xyz: np.ndarray, flag_beyond: bool = True) -> np.ndarray:
         """[N, 3] LPS (x, y, z) -> [N, 3] fractional (k, i, j); points beyond the slices get k = :data:`BEYOND`
@@ -59,17 +67,20 @@ class SliceGrid:
         w = np.asarray(world_xyz, dtype=np.float64)
         zs = self.z_positions
         k = np.interp(w[:, 2], zs, np.arange(zs.size, dtype=np.float64))
-        if flag_beyond:
-            half = (np.median(np.diff(zs)) / 2) if zs.size > 1 else 0.5
+        if flag_beyond:  # a slice holds half a slice spacing either side of its centre
+            half = self.slice_step / 2
             k[(w[:, 2] < zs[0] - half) | (w[:, 2] > zs[-1] + half)] = BEYOND
         return np.stack([k, (w[:, 1] - self.y0) / self.row_spacing, (w[:, 0] - self.x0) / self.col_spacing], 1)
 
     def crop(self, k0: int, i0: int, j0: int, nk: int) -> SliceGrid:
+        """The ``nk`` slices from ``k0``, rows from ``i0``, columns from ``j0``; a one-slice crop keeps the
+        series' slice spacing (a nodule drawn on one slice is a slice thick, not 1 mm)."""
         return replace(
             self,
             z_positions=self.z_positions[k0 : k0 + nk],
             x0=self.x0 + j0 * self.col_spacing,
             y0=self.y0 + i0 * self.row_spacing,
+            z_step=self.slice_step,
         )
 
 

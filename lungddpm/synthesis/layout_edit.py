@@ -136,11 +136,16 @@ def load_bank(path: Path) -> NoduleBank:
 
 
 def rescale_mask(mask: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
-    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing (coverage >= 0.5, >= 1 voxel)."""
-    extent = np.asarray(mask.shape) * np.asarray(spacing)
-    size = tuple(int(s) for s in np.ceil(extent / np.asarray(target)).astype(int) + 2)
+    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing (coverage >= 0.5, >= 1 voxel). The
+    target grid is centred on the centroid and reaches the mask's farthest face (a lopsided nodule keeps its tail);
+    a mask one slice thick is a slice spacing thick."""
+    sp, tg = np.asarray(spacing, dtype=float), np.asarray(target, dtype=float)
     centre_idx = np.argwhere(mask).mean(axis=0)
-    grid = SliceGrid(np.arange(mask.shape[0]) * spacing[0], spacing[1], spacing[2], 0.0, 0.0)
+    base = np.ceil(np.asarray(mask.shape) * sp / tg).astype(int) + 2  # the bounding box's extent
+    reach = np.maximum(centre_idx + 0.5, np.asarray(mask.shape) - 0.5 - centre_idx) * sp  # centroid to farthest face
+    grow = np.maximum(np.ceil(2 * reach / tg).astype(int) + 2 - base, 0)
+    size = tuple(int(n) for n in base + 2 * ((grow + 1) // 2))  # the same parity: a centred mask's voxels stay put
+    grid = SliceGrid(np.arange(mask.shape[0]) * sp[0], sp[1], sp[2], 0.0, 0.0, float(sp[0]))
     centre = np.array([centre_idx[2] * spacing[2], centre_idx[1] * spacing[1], centre_idx[0] * spacing[0]])
     geometry = grid_geometry(centre, tuple(target), size)  # type: ignore[arg-type]
     out = coverage(mask, grid, geometry, size) >= 0.5

@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
+from ..data.sources import source_files
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
@@ -30,7 +31,7 @@ from .lesion import (
     run_settings,
     site_seed,
 )
-from .paste import feather_weight, native_box, native_labels, nearest_in_box, paste_back
+from .paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
 from .plan import Item
 from .volume_run import item_settings, provenance_complete
 
@@ -77,7 +78,8 @@ def _write_item(
 
     geometry = native_geometry(src)  # refuses irregular slices before anything is written
     feather = float(cfg.raw["lesion"]["insert"]["feather_mm"])
-    ct = src.hu.astype(np.int16)
+    fraction = float(cfg.raw["preprocess"]["nodule_fraction"])
+    ct = np.rint(src.hu).astype(np.int16)  # rounded, as the ROIs and every other HU volume
     labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
     records = []
     for j, (c, roi_after) in enumerate(zip(ins, after)):
@@ -86,7 +88,7 @@ def _write_item(
         if box is None:
             raise RuntimeError(f"{item.name}: site {c.site.name} lies outside its scan")  # rois never writes one
         _, changed = paste_back(ct, box, roi_after, feather_weight(c.generated, c.site.geometry.spacing[0], feather))
-        labels[box.slices][nearest_in_box(box, c.nodule)] = NODULE
+        labels[box.slices][nodule_in_box(box, src.grid, c.site.geometry, c.nodule, fraction)] = NODULE
         write_volume(files[f"s{j}_before"], c.site.ct, c.site.geometry)
         write_volume(files[f"s{j}_after"], roi_after, c.site.geometry)
         write_volume(files[f"s{j}_layout"], c.layout, c.site.geometry)
@@ -128,7 +130,8 @@ def synthesize_lesion_shard(
         sites = read_sites(roi_tables[item.case_id])
         files = item_files(out_dir, item, len(sites))
         if item.case_id not in inputs:  # once per case: its k items read the same files
-            inputs[item.case_id] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id])
+            sources = list(source_files(cfg, item.case_id).values())  # images: the CT pasted into, its labels
+            inputs[item.case_id] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id], sources)
         if provenance_complete(files, item_settings(settings, item, inputs[item.case_id])):
             log.info("%s: complete, skipped", item.name)
             manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})

@@ -1,8 +1,10 @@
 """Paste a generated ROI region back into the full CT on its native grid, and the native label map.
 
 Only the generated region changes: its weight (1 deep inside, falling to 0 over ``feather_mm`` towards its
-boundary, 0 outside) is interpolated from the ROI grid at every native voxel near the ROI; a native voxel with
-weight 0 keeps its source value bit for bit, the others become ``round(w * generated + (1 - w) * source)``.
+boundary, 0 outside) is interpolated from the ROI grid at every native voxel whose nearest ROI voxel is generated
+(0 at every other, so nothing beyond the generated region moves); a native voxel with weight 0 keeps its source
+value bit for bit, the others become ``round(w * generated + (1 - w) * source)``. The new nodule's native label
+follows the rule of every nodule label: the native voxels it covers by at least a fraction, and its centroid's.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def paste_back(
     """Blend ``generated_hu`` (the ROI after inpainting, [n, n, n] HU) into ``native`` [K, I, J] in place through
     ``weight`` (:func:`feather_weight`); returns (the native weights in the box, the number of voxels changed)."""
     w = np.clip(_at(weight.astype(np.float32), box.roi_index, 1), 0.0, 1.0)
-    w[w < 1e-6] = 0.0
+    w[(w < 1e-6) | ~nearest_in_box(box, weight > 0)] = 0.0  # interpolation reaches a voxel past the region: not there
     gen = _at(generated_hu.astype(np.float32), box.roi_index, 1)
     region = native[box.slices]
     changed = w > 0
@@ -82,6 +84,24 @@ def nearest_in_box(box: NativeBox, roi_mask: np.ndarray) -> np.ndarray:
     out = np.zeros(idx.shape[:-1], bool)
     out[inside] = roi_mask[tuple(idx[inside].T)]
     return out
+
+
+def nodule_in_box(box: NativeBox, grid: SliceGrid, roi: Geometry, nodule: np.ndarray, fraction: float) -> np.ndarray:
+    """The native voxels of ``box`` (on ``grid``, regular slices) that the ROI ``nodule`` [n, n, n] (on ``roi``)
+    covers by at least ``fraction``, and the voxel of each of its components' centroids -> bool [k, i, j]: a thin
+    nodule between two native slices is not lost (a nearest-neighbour lookup could miss it whole)."""
+    from ..data.nodules import components
+    from ..preprocessing.grid import nodule_labels
+
+    k, i, j = (sl.start for sl in box.slices)
+    shape = tuple(sl.stop - sl.start for sl in box.slices)
+    zs = grid.z_positions
+    spacing = (grid.slice_step, grid.row_spacing, grid.col_spacing)
+    origin = (grid.x0 + j * grid.col_spacing, grid.y0 + i * grid.row_spacing, float(zs[k]))
+    roi_grid = SliceGrid.of_regular(roi, nodule.shape[0])
+    nods = components(nodule, tuple(float(v) for v in roi.spacing))
+    labels, _ = nodule_labels(nods, roi_grid, Geometry(spacing=spacing, origin=origin), shape, fraction)
+    return labels > 0
 
 
 def native_labels(

@@ -143,3 +143,15 @@ def test_coverage_integrates_to_the_nodule_volume() -> None:
     frac = coverage(large, grid, target, (6, 8, 8))
     assert frac.sum() * 1000 == pytest.approx(large.sum() * 2.5 * 0.49, rel=0.03)
     assert frac.max() <= 1.0 and frac.min() >= 0.0
+
+
+def test_a_nodule_drawn_on_one_slice_is_a_slice_thick() -> None:
+    """A 6.4 mm disc on one 2.5 mm slice (85 mm^3) labelled on a 1.25 mm grid: its crop is a one-slice grid, which
+    held only 0.5 mm either side of the slice, so the disc shrank to its centroid voxel."""
+    grid = SliceGrid(np.arange(0, 100, 2.5), 0.7, 0.7, -20.0, -20.0)
+    disc = sphere((1, 11, 11), (0, 5, 5), 3.2, (2.5, 0.7, 0.7))
+    true_mm3 = disc.sum() * 2.5 * 0.49
+    target = grid_geometry(np.array([-16.5, -16.5, 50.0]), (1.25, 1.25, 1.25), (12, 16, 16))
+    _, counts = nodule_labels([_nodule(disc, (20, 0, 0))], grid, target, (12, 16, 16), 0.5)
+    assert counts[0] * 1.25**3 == pytest.approx(true_mm3, rel=0.35) and counts[0] > 20  # was 1 voxel
+    assert grid.crop(20, 0, 0, 1).slice_step == 2.5 and SliceGrid(np.array([3.0]), 1, 1, 0, 0).slice_step == 1.0

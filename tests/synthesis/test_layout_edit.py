@@ -84,3 +84,17 @@ def test_impossible_edits_fail_clearly() -> None:
 def test_remove_nodules() -> None:
     out, edits = remove_nodules(toy_layout(), GEOM)
     assert (out == 2).sum() == 0 and len(edits) == 1 and edits[0]["voxels"] == 8
+
+
+def test_rescale_keeps_one_slice_nodules_and_lopsided_tails() -> None:
+    yy, xx = np.mgrid[0:11, 0:11]
+    disc = ((((yy - 5) * 0.7) ** 2 + ((xx - 5) * 0.7) ** 2) <= 3.2**2)[None]  # 6.4 mm, one 2.5 mm slice
+    out = rescale_mask(disc, (2.5, 0.7, 0.7), (1.25, 1.25, 1.25))
+    assert out.sum() * 1.25**3 == pytest.approx(disc.sum() * 2.5 * 0.49, rel=0.35)  # was a single voxel
+    blob = np.zeros((12, 12, 40), bool)  # a 9 mm ball with a 17 mm tail to one side (1 mm voxels)
+    zz, yy, xx = np.indices(blob.shape)
+    blob[((zz - 6) ** 2 + (yy - 6) ** 2 + (xx - 6) ** 2) <= 4.5**2] = True
+    blob[5:8, 5:8, 6:40] = True
+    out = rescale_mask(blob, (1.0, 1.0, 1.0), (1.25, 1.25, 1.25))
+    assert out.shape[2] * 1.25 >= 38  # the tail's end is kept (the centroid-centred grid cut it to ~32 mm)
+    assert out.sum() * 1.25**3 == pytest.approx(blob.sum(), rel=0.15)

@@ -16,7 +16,14 @@ from lungddpm.preprocessing.layout import LUNG, NODULE, face_border
 from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, focus_weights, shift_inside
 from lungddpm.synthesis.layout_edit import place_at
 from lungddpm.synthesis.lesion import Site, inpaint, place
-from lungddpm.synthesis.paste import feather_weight, native_box, paste_back, seam_gradient_ratio
+from lungddpm.synthesis.paste import (
+    feather_weight,
+    native_box,
+    nearest_in_box,
+    nodule_in_box,
+    paste_back,
+    seam_gradient_ratio,
+)
 
 
 def test_texture_classes_and_channel_levels() -> None:
@@ -155,8 +162,9 @@ def test_paste_back_changes_only_the_generated_region_and_is_seamless() -> None:
     diff = native != before
     assert changed > 0 and diff.sum() <= changed
     outside = np.ones(native.shape, bool)
-    outside[box.slices] = w == 0
+    outside[box.slices] = ~nearest_in_box(box, ins.generated)  # native voxels nearest to a kept ROI voxel
     assert np.array_equal(native[outside], before[outside])  # bit-identical outside the generated region
+    assert (w[~outside[box.slices]] > 0).any() and (w[outside[box.slices]] == 0).all()
     spacing = (1.5, 1.0, 1.0)
     lung = src.hu > -1000
     lung[:, :4] = lung[:, -4:] = False
@@ -170,6 +178,26 @@ def test_paste_back_changes_only_the_generated_region_and_is_seamless() -> None:
     gen[cube] = -500
     w2, _ = paste_back(hard, box, gen, feather_weight(cube, 1.0, 0.0))
     assert seam_gradient_ratio(hard, spacing, w2, box, lung) > 1.2
+
+
+def test_a_thin_new_nodule_between_native_slices_keeps_its_native_label() -> None:
+    """2.5 mm native slices under a 1.25 mm ROI: ROI slice 15 lies between two native slices, so no native voxel's
+    nearest ROI voxel is on it; a one-voxel nodule there had no native label although its HU was pasted."""
+    from lungddpm.io import Geometry
+    from lungddpm.preprocessing.grid import SliceGrid
+
+    grid = SliceGrid(np.arange(0, 60, 2.5), 1.0, 1.0, 0.0, 0.0)
+    roi = Geometry(spacing=(1.25, 1.25, 1.25), origin=(10.0, 10.0, 0.625))
+    box = native_box(grid, (24, 64, 64), roi, 32)
+    nodule = np.zeros((32, 32, 32), bool)
+    nodule[15, 16, 16] = True
+    assert not nearest_in_box(box, nodule).any()  # the old lookup: no label at all
+    assert nodule_in_box(box, grid, roi, nodule, 0.5).sum() == 1  # its centroid's voxel
+    ball = np.zeros((32, 32, 32), bool)
+    zz, yy, xx = np.indices(ball.shape)
+    ball[((zz - 15) ** 2 + (yy - 16) ** 2 + (xx - 16) ** 2) <= 9] = True  # 7.5 mm across
+    native = nodule_in_box(box, grid, roi, ball, 0.5)
+    assert native.sum() * 2.5 == pytest.approx(ball.sum() * 1.25**3, rel=0.25)  # its volume, at 1 mm x 2.5 mm
 
 
 def test_focus_weights_cover_nodule_and_margin() -> None:
