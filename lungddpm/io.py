@@ -149,9 +149,20 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
+_OPEN_MODE = 0o666  # what open() asks for a new file; the umask takes its bits away
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0o666 less the process umask (read, then restored at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return _OPEN_MODE & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` only on success.
+    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` only on success. The file
+    gets the mode a plain ``open()`` would give it (mkstemp's 0600 would make it private to its owner).
 
     A failed or interrupted write leaves ``path`` as it was (a kill -9 may leave a hidden ``.<name>.*.tmp*``
     file, which :func:`remove_stale_temps` clears); running out of space raises :class:`DiskFullError`.
@@ -163,6 +174,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, new_file_mode())  # writers open it in place (truncating), so the mode carries over
         try:
             yield tmp
         except (OSError, RuntimeError) as exc:

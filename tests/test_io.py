@@ -44,6 +44,36 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
         write_volume(target, np.zeros((2, 2)), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path: Path, umask: int, mode: int) -> None:
+    """mkstemp makes 0600 files: checkpoints and previews were private to their owner, unlike every other output."""
+    import os
+    import stat
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lungddpm.diffusion.checkpoint import save_atomic
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"a": 1})
+        write_volume(tmp_path / "v.nii.gz", np.zeros((2, 2, 2), np.int16), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+        save_atomic({"w": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+        fig = plt.figure()
+        with atomic_path(tmp_path / "preview.png") as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    got = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert got == dict.fromkeys(["a.json", "v.nii.gz", "checkpoint.pt", "preview.png", "plain.txt"], mode)
+
+
 def test_unreadable_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(LungDDPMError, match="missing.nii.gz: no such file"):
         read_volume(tmp_path / "missing.nii.gz")

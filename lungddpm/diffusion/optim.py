@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,18 @@ def make_optimizer(
     """AdamW; on a GPU its fused kernel (one launch for all parameters instead of a few per tensor group). The
     state dict has the same keys either way, so a checkpoint resumes on either device."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer ``state`` (moments, step counts) into ``optimizer``, keeping the settings it
+    was built with (weight decay, betas, eps, fused, ...): ``load_state_dict`` alone puts the checkpoint's back, so
+    a changed ``train.weight_decay`` or a CPU checkpoint resumed on a GPU (fused) would not apply. The learning rate
+    stays the checkpoint's (the schedule sets it every step)."""
+    groups = [
+        {**saved, **{k: v for k, v in built.items() if k not in ("params", "lr")}}
+        for saved, built in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})  # before the cast: fused moves step counts
 
 
 def apply_update(

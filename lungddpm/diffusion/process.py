@@ -109,7 +109,8 @@ class GaussianDiffusion:
         weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss [B] (mean over voxels) of ``model`` at timesteps ``t`` with the given ``noise``, times
-        :meth:`timestep_weight`; ``weight`` [B, 1, D, H, W] makes it the weighted mean (the lesion-focused loss)."""
+        :meth:`timestep_weight`; ``weight`` [B, 1, D, H, W] makes it the weighted mean (the lesion-focused loss),
+        0 for a sample whose weights are all 0 (a training crop that misses a context model's generated region)."""
         x_t = self.add_noise(x0, noise, t)
         out = model(x_t, t, layout)
         target = self.target(x0, noise, t).to(out.dtype)
@@ -122,4 +123,6 @@ class GaussianDiffusion:
         if weight is None:
             return err.float().flatten(1).mean(1) * per_t
         w = weight.float().expand_as(err).flatten(1)
-        return (err.float().flatten(1) * w).sum(1) / w.sum(1) * per_t
+        total = w.sum(1)
+        total = torch.where(total > 0, total, torch.ones_like(total))  # all-zero weights: 0 / 1, not 0 / 0
+        return (err.float().flatten(1) * w).sum(1) / total * per_t

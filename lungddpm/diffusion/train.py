@@ -31,7 +31,7 @@ from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_c
 from .data import StepBatches, TrainData, data_digest
 from .distributed import all_mean, barrier, setup_distributed
 from .encoding import model_to_hu
-from .optim import EMA, apply_update, make_optimizer
+from .optim import EMA, apply_update, load_optimizer_state, make_optimizer
 from .precision import autocast, checked_cpu_bf16, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, count_parameters, unet_config_from_dict
@@ -173,12 +173,10 @@ def train(
         _check_resume(ckpt, cfg, state_dir)
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # with today's weight decay, betas, fused
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt["rng_cuda"]:
-            torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
+        restore_rng(ckpt, device)
         start = int(ckpt["step"])
     elif tc.resume == "never" and dist.is_main:
         for old in step_checkpoints(state_dir):
@@ -264,7 +262,8 @@ def train(
         if not stepped:
             bar.close()
             raise _diverged(step, float(mean_loss), float(grad_norm), state_dir)
-        loss_window.append(mean_loss)  # tensors: read back only when logged, so the device is not waited on
+        if dist.is_main:  # tensors: read back only when logged, so the device is not waited on
+            loss_window.append(mean_loss)
         last_loss = mean_loss
         bar.update(1)
         if dist.is_main and (step % tc.log_every == 0 or step == tc.steps):
@@ -328,6 +327,19 @@ def train(
     return TrainResult(step, final_loss, n_params, bar.format_dict["elapsed"])
 
 
+def restore_rng(ckpt: dict[str, Any], device: torch.device) -> None:
+    """Put a checkpoint's RNG states back: the CPU's and, on a GPU, the saved device's state into ``device`` only (an
+    older checkpoint's list of every visible GPU's states gives ``device``'s entry, or its first one when it holds
+    fewer GPUs than ``device``'s index, e.g. after train.gpus was lowered). A CPU checkpoint leaves the GPU's as is."""
+    torch.set_rng_state(ckpt["rng_cpu"])
+    saved = ckpt["rng_cuda"]
+    if isinstance(saved, list | tuple):  # older checkpoints: every visible GPU's state; CPU ones: empty
+        index = device.index or 0
+        saved = (saved[index] if index < len(saved) else saved[0]) if saved else None
+    if device.type == "cuda" and saved is not None:
+        torch.cuda.set_rng_state(saved, device)
+
+
 def _diverged(step: int, loss: float, grad_norm: float, state_dir: Path) -> TrainingDivergedError:
     kept = step_checkpoints(state_dir)
     last = f"the last good checkpoint {kept[0]} is kept and a rerun resumes from it" if kept else "no checkpoint yet"
@@ -380,7 +392,7 @@ def _state(
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
         "step": step,
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else [],  # this device's only
         "fingerprint": expected,
         "config": cfg.raw,
         "version": __version__,

@@ -74,6 +74,8 @@ class SourceCT:
     fine: Geometry
     nodules: Sequence[Nodule]
     padding_hu: float
+    # index boxes (offset, shape) [Z, Y, X] of real nodules not among ``nodules`` (data.min_readers), avoided too
+    avoid: Sequence[tuple[tuple[int, int, int], tuple[int, int, int]]] = ()
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """LPS (x, y, z) of the first and last voxel centres."""
@@ -118,11 +120,9 @@ def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.n
 
 
 def _nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """World (x, y, z) boxes of the consensus masks, grown by ``margin_mm``."""
+    """World (x, y, z) boxes of the consensus masks and of ``src.avoid``, grown by ``margin_mm``."""
     g, boxes = src.grid, []
-    for nod in src.nodules:
-        k0, i0, j0 = nod.offset
-        nk, ni, nj = nod.mask.shape
+    for (k0, i0, j0), (nk, ni, nj) in [*((nod.offset, nod.mask.shape) for nod in src.nodules), *src.avoid]:
         zs = g.z_positions[k0 : k0 + nk]
         lo = np.array([g.x0 + j0 * g.col_spacing, g.y0 + i0 * g.row_spacing, zs[0]]) - margin_mm
         hi = np.array([g.x0 + (j0 + nj - 1) * g.col_spacing, g.y0 + (i0 + ni - 1) * g.row_spacing, zs[-1]])
@@ -241,13 +241,15 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
 
 def load_source(case_id: str, preprocessed: Path, cfg: Config, base: Path = Path(".")) -> SourceCT:
     """The native CT of ``case_id`` read from its source (``data.sources.read_case``; relative folders under
-    ``base``), its fine lung mask and its nodules."""
+    ``base``), its fine lung mask and its nodules; LIDC's clusters below ``data.min_readers`` as boxes to avoid."""
+    from ..data import lidc
     from ..data.sources import read_case
 
     scan = read_case(cfg, case_id, base)
     lung_fine, fine = read_volume(Path(preprocessed) / "lung_fine.nii.gz")
+    avoid = [] if cfg.data.source == "images" else lidc.unused_cluster_boxes(case_id, cfg.data.min_readers)
     return SourceCT(case_id, scan.series.hu, SliceGrid.of_series(scan.series), lung_fine > 0, fine, scan.nodules,
-                    cfg.preprocess.padding_hu)  # fmt: skip
+                    cfg.preprocess.padding_hu, avoid)  # fmt: skip
 
 
 def read_roi_table(path: Path) -> list[dict[str, str]]:

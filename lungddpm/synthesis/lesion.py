@@ -236,13 +236,15 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}
 
 
-def item_inputs_sha256(table: Path, preprocessed: Path) -> str:
+def item_inputs_sha256(table: Path, preprocessed: Path, sources: Sequence[str | Path] = ()) -> str:
     """One digest of what an item reads besides the settings: its case's ``rois.csv``, the nodule-free ROIs it names
-    (CT and layout) and the fine lung mask the paste-back labels with."""
+    (CT and layout), the fine lung mask the paste-back labels with and ``sources``, the case's source files that the
+    paste-back writes into (:func:`lungddpm.data.sources.source_files`: images' CT and label map). DICOM sources have
+    none, so their digest is the one computed before the source files were hashed."""
     rows = [r for r in read_roi_table(table) if r["kind"] == "free"]
     folder = Path(table).parent
     sites = [folder / r[k] for r in rows for k in ("ct", "layout")]
-    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz"])
+    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz", *map(Path, sources)])
 
 
 def site_seed(item: Item, j: int) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lungddpm.diffusion.device import tune_backends
-from lungddpm.diffusion.optim import EMA, apply_update, make_optimizer
+from lungddpm.diffusion.optim import EMA, apply_update, load_optimizer_state, make_optimizer
 
 
 def _setup(seed: int = 0, fused: bool = False) -> tuple[nn.Module, torch.optim.AdamW, EMA]:
@@ -73,6 +73,28 @@ def test_a_fused_optimizers_state_resumes_an_unfused_one_and_both_step_alike() -
     opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from a file: loading shares the tensors
     step_alike((a, opt_a), (c, opt_c))
     assert make_optimizer(c.parameters(), 1e-4, 0.0, torch.device("cpu")).defaults["fused"] is False
+
+
+def test_loading_a_state_keeps_the_settings_the_optimizer_was_built_with() -> None:
+    """A CPU checkpoint (unfused, no weight decay) resumed where AdamW is fused with weight decay: moments and step
+    counts come from the checkpoint, the settings stay today's, and the step counts move where fused needs them."""
+    a, opt_a, _ = _setup(fused=False)
+    for group in opt_a.param_groups:
+        group.update(weight_decay=0.0, betas=(0.8, 0.9), eps=1e-6, lr=5e-3)
+    _backward(a)
+    opt_a.step()
+    b, _, _ = _setup(fused=False)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    load_optimizer_state(opt_b, copy.deepcopy(opt_a.state_dict()))
+    (group,) = opt_b.param_groups
+    assert (group["weight_decay"], group["betas"], group["eps"], group["fused"]) == (0.1, (0.9, 0.999), 1e-8, True)
+    assert group["lr"] == 5e-3 and group["params"] == list(b.parameters())  # the lr: the schedule's to set
+    for p, q in zip(a.parameters(), b.parameters()):
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert float(sb["step"]) == 1.0 and sb["step"].dtype == torch.float32 and sb["step"].device == q.device
+    _backward(b)
+    opt_b.step()  # the fused kernel accepts the loaded state
 
 
 def test_cudnn_times_its_algorithms_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:

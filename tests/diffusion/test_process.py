@@ -45,6 +45,26 @@ def test_loss_is_zero_for_a_perfect_denoiser_and_l1_or_l2() -> None:
         assert torch.allclose(off, torch.full((2,), 0.5 if loss == "l1" else 0.25))
 
 
+def test_a_sample_with_all_zero_loss_weights_adds_zero_not_nan() -> None:
+    # a context model's crop that misses the generated region, outside weight 0: every weight of the sample is 0
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.rand(3, 1, 4, 4, 4, generator=g), torch.randn(3, 1, 4, 4, 4, generator=g)
+    weight = torch.rand(3, 1, 4, 4, 4, generator=g) + 0.5
+    weight[1] = 0.0
+    t = torch.tensor([10, 100, 200])
+    d = GaussianDiffusion(DiffusionConfig(loss="l2"))
+    off = torch.randn(3, 1, 4, 4, 4, generator=g, requires_grad=True)
+    got = d.loss(lambda x, tt, lay: noise + off, x0, None, t, noise, weight)
+    err = torch.nn.functional.mse_loss(noise + off.detach(), noise, reduction="none").flatten(1)
+    w = weight.flatten(1)
+    expected = (err * w).sum(1) / w.sum(1)  # the weighted mean of the others
+    assert got[1].item() == 0.0
+    assert torch.equal(got[[0, 2]], expected[[0, 2]])  # the others: bit-identical to before
+    assert got.mean().item() == pytest.approx((expected[0] + expected[2]).item() / 3, rel=1e-6)  # the step's loss
+    got.mean().backward()
+    assert torch.isfinite(off.grad).all() and off.grad[1].abs().max() == 0
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 @pytest.mark.parametrize("loss", ["l1", "l2"])
 def test_min_snr_weight_is_the_x0_error_capped_at_gamma(prediction: str, loss: str) -> None:

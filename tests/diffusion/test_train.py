@@ -218,3 +218,84 @@ def test_cpu_bf16_training_probes_the_convolution_gradients_of_its_levels(tmp_pa
     native = precision.cpu_has_native_bf16()
     assert ("training in fp32 instead" in caplog.text) == (wrong and native)
     assert ("bfloat16" in caplog.text) == (native and not wrong)  # the run's precision, as logged
+
+
+def test_a_resume_applies_todays_weight_decay(tmp_path: Path) -> None:
+    """load_state_dict alone put the checkpoint's weight decay (and fused, betas, eps) back over today's."""
+    import shutil
+
+    before = tiny_config(steps=4, checkpoint_every=2, weight_decay=0.0)
+    train(tiny_data(), before, tmp_path / "o", tmp_path / "same", threads=2, stop_after=2)
+    shutil.copytree(tmp_path / "same", tmp_path / "decay")
+    train(tiny_data(), before, tmp_path / "o", tmp_path / "same", threads=2, stop_after=3)
+    after = tiny_config(steps=4, checkpoint_every=2, weight_decay=0.1)
+    train(tiny_data(), after, tmp_path / "o", tmp_path / "decay", threads=2, stop_after=3)
+    same = load_checkpoint(tmp_path / "same" / "step_0000003.pt")
+    decay = load_checkpoint(tmp_path / "decay" / "step_0000003.pt")
+    assert [g["weight_decay"] for g in same["optimizer"]["param_groups"]] == [0.0]
+    assert [g["weight_decay"] for g in decay["optimizer"]["param_groups"]] == [0.1]
+    assert all(g["lr"] == 2e-3 and g["fused"] is False for g in decay["optimizer"]["param_groups"])
+    assert not all(torch.equal(same["model"][k], decay["model"][k]) for k in same["model"])  # step 3 decayed
+
+
+def test_only_the_main_rank_keeps_the_loss_window(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every rank appended each step's loss, only rank 0 (which logs) cleared them: the other ranks kept them all."""
+    import weakref
+
+    from lungddpm.diffusion import train as train_module
+    from lungddpm.diffusion.distributed import Dist
+
+    monkeypatch.setattr(train_module, "setup_distributed", lambda: Dist(1, 1, 1, torch.device("cpu")))
+    batches = train_module.StepBatches  # rank 1 of a world of 1 (no process group): rank 0's batches
+    monkeypatch.setattr(train_module, "StepBatches", lambda *a: batches(*a[:4], 0, *a[5:]))
+    losses: list[weakref.ref] = []
+    alive: list[int] = []
+
+    def all_mean(value: torch.Tensor, dist: Dist) -> torch.Tensor:
+        alive.append(sum(r() is not None for r in losses))  # earlier steps' losses still referenced
+        out = value.clone()
+        losses.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(train_module, "all_mean", all_mean)
+    train(tiny_data(), tiny_config(steps=6, checkpoint_every=6), tmp_path / "o", tmp_path / "s", stop_after=6)
+    assert alive == [0, 1, 1, 1, 1, 1]  # the previous step's (last_loss) only
+    assert not (tmp_path / "s").exists()  # a rank other than 0 writes nothing
+
+
+def test_gpu_rng_state_is_this_devices_and_restores_to_it_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 saved every visible GPU's state and each rank restored the whole list: with fewer GPUs on resume
+    (train.gpus 2 -> 1) that indexed a missing one. Now one state, this device's; older lists still load."""
+    from torch import nn
+
+    from lungddpm.diffusion import train as train_module
+    from lungddpm.diffusion.optim import EMA
+
+    state_of = {torch.device("cuda:1"): torch.tensor([1], dtype=torch.uint8)}
+    restored: list[tuple[list[int], torch.device]] = []
+
+    def every_gpu() -> list[torch.Tensor]:
+        raise AssertionError("saved every GPU's state")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: state_of[torch.device(device)])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s.tolist(), device)))
+    model = nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cuda1 = torch.device("cuda:1")
+    state = train_module._state(model, EMA(model, 0.9, False), opt, scaler, 1, tiny_config(), {}, cuda1)
+    assert state["rng_cuda"].tolist() == [1]
+    cpu = torch.get_rng_state()
+    a, b = torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)
+    cases = [
+        (state["rng_cuda"], cuda1, [([1], cuda1)]),  # this format: the saved device's state, into this device
+        ([a, b], cuda1, [([8], cuda1)]),  # an older list: this device's entry...
+        ([a], cuda1, [([7], cuda1)]),  # ... or the first, when it holds fewer GPUs
+        ([], cuda1, []),  # a CPU checkpoint resumed on a GPU
+        (state["rng_cuda"], torch.device("cpu"), []),  # a GPU checkpoint resumed on the CPU
+    ]
+    for saved, device, expected in cases:
+        restored.clear()
+        train_module.restore_rng({"rng_cpu": cpu, "rng_cuda": saved}, device)
+        assert restored == expected

@@ -1,0 +1,60 @@
+"""Nodule-free ROIs avoid every annotated nodule, those below data.min_readers too (they are real nodules)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import lidc_config, roi_settings, source_ct, tiny_config
+
+from lungddpm.data import lidc, sources
+from lungddpm.data.nodules import Nodule
+from lungddpm.io import DicomSeries, write_volume
+from lungddpm.preprocessing import rois
+from lungddpm.preprocessing.rois import free_sites, load_source
+
+
+def test_lidc_gives_the_boxes_of_the_clusters_below_min_readers(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = "LIDC-IDRI-0078"  # clusters of 4, 4, 1 and 4 readers
+    every = lidc.nodules(case, 0.5, min_readers=1)
+    one_reader = [(n.offset, n.mask.shape) for n in every if n.n_readers == 1]
+    assert one_reader == [((47, 345, 333), (2, 8, 7))]
+    assert lidc.unused_cluster_boxes(case, 3) == one_reader  # the box its consensus mask has
+    assert lidc.unused_cluster_boxes(case, 2) == one_reader
+    assert len(lidc.unused_cluster_boxes(case, 4)) == 1
+    monkeypatch.setattr(lidc, "_scan_by_case", lambda case: pytest.fail("min_readers 1 asked pylidc"))
+    assert lidc.unused_cluster_boxes(case, 1) == []  # the default: nothing to avoid, nothing read
+
+
+def test_nodule_free_sites_avoid_the_boxes_of_unused_clusters() -> None:
+    src, s = source_ct(), roi_settings(free_per_case=2)
+    plain = free_sites(src, s, np.random.default_rng(0))
+    x, y, z = plain[0]
+    box = ((round(z / 1.5), round(y), round(x)), (1, 1, 1))  # a 1-reader nodule where the first site was
+    avoided = free_sites(replace(src, avoid=[box]), s, np.random.default_rng(0))
+    centre = rois._nodule_boxes(replace(src, avoid=[box]), 0.0)[0][0]
+    reach = s.half_extent_mm + s.spacing_mm  # the nodule outside the ROI and one voxel beyond
+    assert np.all(np.abs(plain[0] - centre) <= reach)
+    assert all(np.any(np.abs(c - centre) > reach) for c in avoided)
+    nodule = Nodule(np.ones((1, 1, 1), bool), box[0], 1, 3.0, 3, 3, tuple(map(float, box[0])))  # type: ignore[arg-type]
+    assert np.array_equal(avoided, free_sites(replace(src, nodules=[nodule]), s, np.random.default_rng(0)))  # alike
+
+
+@pytest.mark.parametrize("source,min_readers,asked", [("lidc", 3, True), ("lidc", 1, False), ("images", 3, False)])
+def test_load_source_passes_the_unused_clusters_of_lidc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, min_readers: int, asked: bool
+) -> None:
+    toy = source_ct()
+    series = DicomSeries(toy.hu, toy.grid.z_positions, (1.0, 1.0), (0.0, 0.0), "1.2", tmp_path)
+    scan = sources.CaseScan("LIDC-IDRI-0001", "LIDC-IDRI-0001", series, [], None)
+    monkeypatch.setattr(sources, "read_case", lambda cfg, case, base: scan)
+    box = ((3, 4, 5), (2, 2, 2))
+
+    monkeypatch.setattr(lidc, "unused_cluster_boxes", lambda case, readers: [box] if readers > 1 else [])
+    write_volume(tmp_path / "lung_fine.nii.gz", toy.lung_fine.astype(np.uint8), toy.fine)
+    cfg = lidc_config(tiny_config(), tmp_path)
+    cfg = replace(cfg, data=replace(cfg.data, source=source, min_readers=min_readers))
+    src = load_source("LIDC-IDRI-0001", tmp_path, cfg)
+    assert list(src.avoid) == ([box] if asked else [])

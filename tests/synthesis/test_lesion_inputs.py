@@ -1,0 +1,75 @@
+"""What a lesion item's provenance digests: the files it reads, the source CT it is pasted into among them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from lungddpm.config import load_config
+from lungddpm.io import files_sha256
+from lungddpm.synthesis import lesion_run
+from lungddpm.synthesis.lesion import item_inputs_sha256
+from lungddpm.synthesis.plan import Item
+
+
+def _case(root: Path) -> tuple[Path, Path, list[Path]]:
+    """A case's rois.csv naming one nodule-free ROI, its preprocessed folder and its source CT and label map."""
+    rois, pre, src = root / "rois" / "c1", root / "preprocessed" / "c1", root / "images"
+    for folder in (rois, pre, src):
+        folder.mkdir(parents=True)
+    with open(rois / "rois.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["roi", "kind", "ct", "layout"])
+        writer.writeheader()
+        writer.writerow({"roi": "c1_f0", "kind": "free", "ct": "c1_f0_ct.nii.gz", "layout": "c1_f0_layout.nii.gz"})
+    for path in (rois / "c1_f0_ct.nii.gz", rois / "c1_f0_layout.nii.gz", pre / "lung_fine.nii.gz"):
+        path.write_bytes(path.name.encode())
+    sources = [src / "c1.nii.gz", src / "c1_label.nii.gz"]
+    for path in sources:
+        path.write_bytes(b"\0" * 64)
+    return rois / "rois.csv", pre, sources
+
+
+def test_the_source_ct_is_part_of_an_items_inputs(tmp_path: Path) -> None:
+    """A CT re-exported with changes outside every ROI kept the old digest: the item was skipped, its paste-back
+    into the old CT kept."""
+    table, pre, sources = _case(tmp_path)
+    rois = table.parent
+    before = item_inputs_sha256(table, pre)  # DICOM sources: no source file, the digest as before
+    assert before == files_sha256([table, rois / "c1_f0_ct.nii.gz", rois / "c1_f0_layout.nii.gz",
+                                   pre / "lung_fine.nii.gz"])  # fmt: skip
+    digest = item_inputs_sha256(table, pre, sources)
+    assert digest == files_sha256([table, rois / "c1_f0_ct.nii.gz", rois / "c1_f0_layout.nii.gz",
+                                   pre / "lung_fine.nii.gz", *sources])  # fmt: skip
+    assert digest == item_inputs_sha256(table, pre, [str(p) for p in sources])
+    data = bytearray(sources[0].read_bytes())
+    data[-1] ^= 1  # one byte of the CT, outside every ROI
+    sources[0].write_bytes(bytes(data))
+    assert item_inputs_sha256(table, pre, sources) not in (digest, before)
+
+
+def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table, pre, sources = _case(tmp_path)
+    cfg = load_config(REPO / "config" / "config.yaml")
+    seen: list[tuple[Path, Path, list[str]]] = []
+
+    def digest(table: Path, preprocessed: Path, sources: list[str] = []) -> str:  # noqa: B006
+        seen.append((table, preprocessed, list(sources)))
+        return "digest"
+
+    files = {"image": str(sources[0]), "label": str(sources[1])}
+    monkeypatch.setattr(lesion_run, "_setup", lambda *a: (None, None, "cpu", (-1000, 400), [0.0], []))
+    monkeypatch.setattr(lesion_run, "file_sha256", lambda path: "sha")
+    monkeypatch.setattr(lesion_run, "read_sites", lambda table: [])
+    monkeypatch.setattr(lesion_run, "source_files", lambda c, case: files if case == "c1" else {})
+    monkeypatch.setattr(lesion_run, "item_inputs_sha256", digest)
+    monkeypatch.setattr(lesion_run, "provenance_complete", lambda files, settings: True)  # every item skipped
+    monkeypatch.setattr(lesion_run, "inpaint", lambda model, diffusion, ins, *a: [])
+    items = [Item("lesion", "c1", k, k) for k in range(2)]
+    out = lesion_run.synthesize_lesion_shard(
+        items, cfg, tmp_path / "ckpt.pt", {"c1": table}, {"c1": pre}, tmp_path / "bank.npz", tmp_path / "out"
+    )
+    assert [e["skipped"] for e in out] == [True, True]
+    assert seen == [(table, pre, [str(p) for p in sources])]  # once per case, with its source files
