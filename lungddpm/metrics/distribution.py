@@ -107,6 +107,17 @@ def kid(a: np.ndarray, b: np.ndarray, subset_size: int = 100, n_subsets: int = 1
 DISTANCES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"fid": fid, "mmd": mmd, "kid": kid}
 
 
+def group_members(groups: Sequence[object]) -> list[np.ndarray]:
+    """The row indices of each distinct label of ``groups`` (one label per row), in order of first appearance."""
+    labels = list(dict.fromkeys(groups))
+    return [np.flatnonzero([g == label for g in groups]) for label in labels]
+
+
+def cluster_draw(members: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one cluster-bootstrap resample: as many groups as there are, drawn with replacement, whole."""
+    return np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+
+
 def bootstrap_distance(
     distance: Callable[[np.ndarray, np.ndarray], float],
     a: np.ndarray,
@@ -128,14 +139,10 @@ def bootstrap_distance(
     if groups_a is not None:
         if len(groups_a) != len(a):
             raise ValueError(f"groups_a has {len(groups_a)} labels for {len(a)} rows")
-        labels = list(dict.fromkeys(groups_a))
-        members = [np.flatnonzero([g == label for g in groups_a]) for label in labels]
+        members = group_members(groups_a)
     boots: list[float] = []
     while len(boots) < n_boot:
-        if members is None:
-            ia = rng.integers(0, len(a), len(a))
-        else:
-            ia = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        ia = rng.integers(0, len(a), len(a)) if members is None else cluster_draw(members, rng)
         ib = rng.integers(0, len(b), len(b))
         if len(set(ia)) < min_distinct or len(set(ib)) < min_distinct:
             continue

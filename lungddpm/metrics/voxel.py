@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .distribution import w1
+from .distribution import cluster_draw, group_members, w1
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,11 +120,7 @@ def bootstrap_ci(
     if groups is None:
         boots = np.array([statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)])
     else:
-        labels = list(dict.fromkeys(groups))
-        members = [np.flatnonzero([g == label for g in groups]) for label in labels]
-        boots = np.array(
-            [statistic(v[np.concatenate([members[k] for k in rng.integers(0, len(labels), len(labels))])])
-             for _ in range(n_boot)]
-        )  # fmt: skip
+        members = group_members(groups)
+        boots = np.array([statistic(v[cluster_draw(members, rng)]) for _ in range(n_boot)])
     alpha = (1 - level) / 2
     return float(statistic(v)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))

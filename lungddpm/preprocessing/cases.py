@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from ..config import Config
 from ..data import lidc, sources
 from ..data.sources import dicom_root
-from ..errors import DicomError
+from ..errors import ConfigError, DicomError
 from ..io import safe_component
 from .split import split_cases, write_splits
 
@@ -64,6 +65,27 @@ def case_strata(cfg: Config, cases: list[str]) -> dict[str, bool]:
 def case_split(cfg: Config, cases: list[str], strata: dict[str, bool] | None = None) -> dict[str, str]:
     """case id -> train / val / test; ``strata`` from :func:`case_strata` when already computed."""
     return split_cases(case_patients(cfg, cases), case_strata(cfg, cases) if strata is None else strata, cfg.split)
+
+
+def check_written_split(path: Path, split: dict[str, str], strata: dict[str, bool]) -> None:
+    """Refuse a written ``splits.csv`` that the label maps have outgrown: with your own images the split's strata
+    (a case has nodules or not) come from the label maps, which no setting shows, so an edit that adds or removes a
+    case's nodules can move cases between subsets while the file, and the models trained on it, would not follow.
+    Only a changed stratum counts (a changed case list or split setting reruns the split by itself)."""
+    if not Path(path).is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    both = sorted(rows.keys() & split.keys())
+    relabelled = [c for c in both if bool(int(rows[c]["has_nodule"])) != bool(strata[c])]
+    moved = [c for c in both if rows[c]["subset"] != split[c]]
+    if relabelled and moved:
+        shown = ", ".join(f"{c} {rows[c]['subset']} -> {split[c]}" for c in moved[:5])
+        raise ConfigError(
+            f"{path}: the label maps of {len(relabelled)} case(s) ({', '.join(relabelled[:5])}) gained or lost their "
+            f"nodules since the split was written, which moves {len(moved)} case(s) to another subset ({shown}); "
+            f"delete {path} to rerun the split and everything trained or tested on it, or restore the label maps"
+        )
 
 
 def write_case_split(cfg: Config, path: Path) -> dict[str, str]:

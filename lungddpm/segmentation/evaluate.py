@@ -28,6 +28,7 @@ from scipy import ndimage, stats
 
 from ..errors import LungDDPMError
 from ..io import atomic_path, read_json, read_volume, write_csv
+from ..metrics.distribution import group_members
 from ..metrics.voxel import bootstrap_ci, dice
 from ..preprocessing.layout import NODULE
 from .arms import EvaluationConfig
@@ -167,10 +168,10 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
                          "cluster": clusters[case], **scores})  # fmt: skip
     write_csv(out, rows, SCORE_COLUMNS)
     for metric in ("dice", "sensitivity", "detection_sensitivity", "false_positives"):
-        vals = [r[metric] for r in rows if not math.isnan(r[metric])]
-        log.info(
-            "arm %s: mean %s %.4f over %d case x model(s)", arm, metric, np.mean(vals) if vals else math.nan, len(vals)
-        )
+        kept = [r for r in rows if not math.isnan(r[metric])]
+        w = [r["n_nodules"] if metric == "detection_sensitivity" else 1 for r in kept]  # nodules found / nodules
+        mean = np.average([r[metric] for r in kept], weights=w) if kept and sum(w) else math.nan
+        log.info("arm %s: mean %s %.4f over %d case x model(s)", arm, metric, mean, len(kept))
     return rows
 
 
@@ -194,12 +195,19 @@ def per_case(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, float]
     return {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else math.nan for c, v in sorted(by_case.items())}
 
 
-def _models_sd(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
-    """Standard deviation, over the arm's models, of each model's mean over cases (NaN with one model)."""
-    by_model: dict[tuple[str, str], list[float]] = {}
+def _models_sd(rows: Sequence[Mapping[str, Any]], metric: str, weight: Mapping[str, float] | None = None) -> float:
+    """Standard deviation, over the arm's models, of each model's mean over cases (weighted by ``weight``, case ->
+    its nodules, as the arm's mean is; NaN with one model)."""
+    by_model: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in rows:
-        by_model.setdefault((str(r["seed"]), str(r["fold"])), []).append(float(r[metric]))
-    means = [float(np.nanmean(v)) for v in by_model.values() if not np.all(np.isnan(v))]
+        w = 1.0 if weight is None else weight[r["case_id"]]
+        by_model.setdefault((str(r["seed"]), str(r["fold"])), []).append((float(r[metric]), w))
+    means = []
+    for pairs in by_model.values():
+        v, w = np.array(pairs).T
+        ok = ~np.isnan(v) & (w > 0)
+        if ok.any():
+            means.append(float(np.average(v[ok], weights=w[ok])))
     return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
 
 
@@ -249,7 +257,7 @@ def compare_arms(
     cluster = {r["case_id"]: r.get("cluster") or r["case_id"] for rows in data.values() for r in rows}
     fp_name = FP_METRIC["free" if any(r.get("kind") == "free" for r in data[baseline]) else "scan"]
     base_cases = {m: per_case(data[baseline], m) for m in METRICS}
-    nodules = nodule_counts(data[baseline])
+    nodules = {c: n for rows in data.values() for c, n in nodule_counts(rows).items()}  # a property of the truth
     out: list[dict[str, Any]] = []
     for arm, rows in data.items():
         n_models = len({(r["seed"], r["fold"]) for r in rows})
@@ -268,7 +276,7 @@ def compare_arms(
                 "mean": mean,
                 "ci_low": lo,
                 "ci_high": hi,
-                "models_sd": _models_sd(rows, metric),
+                "models_sd": _models_sd(rows, metric, weight),
                 "baseline": baseline,
                 "diff": math.nan,
                 "diff_ci_low": math.nan,
@@ -285,8 +293,7 @@ def compare_arms(
                     row["diff"], row["diff_ci_low"], row["diff_ci_high"] = _weighted_ci(d, wd, ev, ev.seed + i, g)
                     # the test pairs independent units: the (weighted) mean difference per cluster (nodule, patient)
                     ones = np.ones(d.size) if wd is None else wd
-                    members = [np.array([k for k, x in enumerate(g) if x == label]) for label in dict.fromkeys(g)]
-                    per_cluster = [float(np.average(d[m], weights=ones[m])) for m in members if ones[m].sum() > 0]
+                    per_cluster = [float(np.average(d[m], weights=ones[m])) for m in group_members(g) if ones[m].sum()]
                     row["p_value"] = paired_test(np.array(per_cluster), ev.paired_test)
                     row["test"] = ev.paired_test
             out.append(row)

@@ -48,7 +48,8 @@ def run_experiment(
                 a = seg.arm(arm)
                 cases = arm_cases(scale, a, seed, train_inputs(scale, a, train, results, synthetic), test)
                 prepare_arm(a, seed, cases, test, A.state_dir(state, scale, arm, seed),
-                            A.prepared_manifest(results, scale, arm, seed), seg, threads)  # fmt: skip
+                            A.prepared_manifest(results, scale, arm, seed), seg, threads,
+                            case_patients(cfg, sorted({c.source_case for c in cases})))  # fmt: skip
             for fold in folds if "train" in steps else ():
                 train_arm(A.prepared_manifest(results, scale, arm, seed), fold, tests,
                           A.predictions_dir(results, scale, arm, seed, fold),

@@ -7,11 +7,10 @@ lungddpm.segmentation.nnunet_stages <stage> <job.json>`` with the arm's paths in
 streams its output into the log. The child's ``__main__`` guard also keeps nnU-Net's spawned worker pools from
 re-running the stage.
 
-Stages (:mod:`.nnunet_stages`): ``plan`` (integrity check, fingerprint, plan, preprocess one configuration) and
-``train`` (train one fold on an instantiated trainer with the configured length, then predict the test images).
-nnU-Net's trees live under ``state/`` (not rule outputs, so a rerun resumes from ``checkpoint_latest.pth`` or reuses
-``checkpoint_final.pth`` when the data and settings are unchanged); the rule outputs are manifests and the test
-predictions, written last.
+Stages (:mod:`.nnunet_stages`): ``plan`` (integrity check, fingerprint, plan, preprocess, the 5 folds) and ``train``
+(one fold, then predict the test images). nnU-Net's trees live under ``state/`` (not rule outputs: a rerun resumes
+from ``checkpoint_latest.pth`` or reuses ``checkpoint_final.pth`` when the data and settings are unchanged); the rule
+outputs are manifests and the test predictions, written last.
 """
 
 from __future__ import annotations
@@ -209,12 +208,13 @@ def prepare_arm(
     out: Path,
     cfg: SegmentationConfig,
     threads: int,
+    patients: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Export the arm's raw dataset (``cases``, see :mod:`.datasets`), then fingerprint, plan and preprocess it
     with nnU-Net, resizing its network as ``segmentation.network`` says; write ``out``.
 
     test_cases: the test split's cases (never a training case's source). ``out`` (JSON) lists the training cases
-    and nnU-Net's plan (patch size, batch size, spacing, features) and is what the training rule depends on.
+    and nnU-Net's plan and is what the training rule depends on. ``patients`` (case -> patient) groups the 5 folds.
     """
     t0 = time.perf_counter()
     leaked = sorted({c.source_case for c in cases} & set(test_cases))
@@ -232,7 +232,7 @@ def prepare_arm(
         "fingerprint_samples": cfg.fingerprint_samples,
         "processes": cfg.processes,
         "threads": threads,
-        "groups": {c.identifier: c.source_case for c in cases},  # the 5 folds keep a patient's cases together
+        "groups": {c.identifier: (patients or {}).get(c.source_case, c.source_case) for c in cases},
     }
     result = launch("plan", job, nnunet_env(roots, cfg, threads), state_dir / "plan")
     plans_path = roots["nnUNet_preprocessed"] / name / f"{result['plans_identifier']}.json"

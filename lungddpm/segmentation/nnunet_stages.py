@@ -72,9 +72,9 @@ def _plan(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def grouped_splits(groups: dict[str, str], seed: int, n_splits: int = 5) -> list[dict[str, list[str]]] | None:
-    """A seeded ``n_splits``-fold split of the identifiers (``groups``: identifier -> its group, the source case)
-    that keeps each group in one fold, so that no validation case shares a patient (or a nodule's jittered ROIs) with
-    its fold's training cases; None with fewer groups than folds."""
+    """A seeded ``n_splits``-fold split of the identifiers (``groups``: identifier -> its group, the patient of its
+    source case) that keeps each group in one fold, so that no validation case shares a patient (a nodule's jittered
+    ROIs, a patient's series) with its fold's training cases; None with fewer groups than folds."""
     labels = sorted(set(groups.values()))
     if len(labels) < n_splits:
         return None
@@ -86,7 +86,7 @@ def grouped_splits(groups: dict[str, str], seed: int, n_splits: int = 5) -> list
 
 def _write_splits(dataset_id: int, groups: dict[str, str] | None = None) -> None:
     """The seeded 5-fold split, written once here (atomically) instead of by the first fold to train: folds of one arm
-    train side by side and would race on a half-written ``splits_final.json``. Grouped by source case
+    train side by side and would race on a half-written ``splits_final.json``. Grouped by patient
     (:func:`grouped_splits`) where ``groups`` names at least 5; else nnU-Net's own split of the identifiers, whose
     validation then shares patients with training (its pseudo-Dice flatters; the test set is never touched)."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
@@ -99,7 +99,7 @@ def _write_splits(dataset_id: int, groups: dict[str, str] | None = None) -> None
     if splits is None:
         if groups:
             log.warning(
-                "%d source cases are too few for 5 grouped folds: nnU-Net's own split of %d cases, whose "
+                "%d patients are too few for 5 grouped folds: nnU-Net's own split of %d cases, whose "
                 "validation shares patients with training",
                 len(set(groups.values())),
                 len(identifiers),

@@ -244,7 +244,9 @@ def item_inputs_sha256(table: Path, preprocessed: Path, sources: Sequence[str | 
     rows = [r for r in read_roi_table(table) if r["kind"] == "free"]
     folder = Path(table).parent
     sites = [folder / r[k] for r in rows for k in ("ct", "layout")]
-    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz", *map(Path, sources)])
+    files = [f for s in map(Path, sources) for f in (sorted(q for q in s.rglob("*") if q.is_file()) if s.is_dir()
+                                                     else [s])]  # a DICOM folder: its files  # fmt: skip
+    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz", *files])
 
 
 def site_seed(item: Item, j: int) -> int:

@@ -16,7 +16,7 @@ from lungddpm.data import lidc
 from lungddpm.io import read_json, read_volume, write_volume
 from lungddpm.preprocessing.layout import NODULE, ball
 from lungddpm.preprocessing.rois import read_roi_table
-from lungddpm.synthesis.paste import native_box, nearest_in_box
+from lungddpm.synthesis.paste import native_box, nearest_in_box, nodule_in_box
 
 
 def _rows(workdir: Path) -> list[dict[str, str]]:
@@ -79,9 +79,9 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
     changed = hu != src.hu.astype(np.int16)
     assert changed.any()
     assert geometry.same_grid(geometry) and np.allclose(geometry.spacing[1:], src.grid.row_spacing)
-    # every changed voxel lies in a site's generated region (the new nodule + margin; the native voxels between
-    # its outermost ROI voxels and the next ones take a feathered share), and the label map gains exactly the edited
-    # layouts' new nodules there
+    # every changed voxel lies in a site's generated region (the new nodule + margin: the native voxels whose
+    # nearest ROI voxel is generated), and the label map gains the edited layouts' new nodules there, by the
+    # coverage rule of every nodule label
     inside_any = np.zeros(hu.shape, bool)
     for j, site in enumerate(prov["sites"]):
         before, roi_geometry = read_volume(files[f"s{j}_before"])
@@ -94,9 +94,10 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
         assert np.array_equal(after[~gen], before[~gen])  # the ROI outside the generated region is the source
         box = native_box(src.grid, hu.shape, roi_geometry, 16)
         region = np.zeros(hu.shape, bool)
-        region[box.slices] = nearest_in_box(box, ndi.binary_dilation(gen, structure=np.ones((3, 3, 3), bool)))
+        region[box.slices] = nearest_in_box(box, gen)
         inside_any |= region
-        assert (labels[box.slices][nearest_in_box(box, new)] == NODULE).all()
+        native = nodule_in_box(box, src.grid, roi_geometry, new, cfg.raw["preprocess"]["nodule_fraction"])
+        assert native.any() and (labels[box.slices][native] == NODULE).all()
     assert not changed[~inside_any].any()  # bit-identical outside the generated regions
     assert set(np.unique(labels)) <= {0, 1, 2}
 

@@ -73,7 +73,7 @@ def _splits(path: Path) -> dict[str, tuple[str, str]]:
 
 def test_split_reruns_when_a_label_map_gains_a_nodule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With images the split's strata come from the label maps: fixing one changes the split the workflow uses
-    at parse time, so splits.csv must be rewritten to match it."""
+    at parse time, so a splits.csv written before is refused, naming the way out, and rewritten once deleted."""
     monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "cache"))
     workdir = make_workdir(tmp_path / "wd", {"data": IMAGES, "segmentation": {"enabled": False}})
     data = workdir / "data"
@@ -87,8 +87,11 @@ def test_split_reruns_when_a_label_map_gains_a_nodule(tmp_path: Path, monkeypatc
     assert "Nothing to be done" in snakemake(workdir, "-n", "results/splits.csv").stdout
     nodules[cases[-1]] = True  # a nodule that the first label map missed
     _write_case(data, cases[-1], nodules[cases[-1]])
-    dry = snakemake(workdir, "-n", "results/splits.csv").stdout
-    assert "Params have changed" in dry, dry
+    dry = snakemake(workdir, "-n", "results/splits.csv", check=False)
+    said = dry.stdout + dry.stderr
+    assert dry.returncode != 0 and "results/splits.csv: the label maps of 1 case(s) (LIDC-IDRI-0006)" in said, said
+    assert "delete results/splits.csv to rerun the split" in said  # before: "Nothing to be done"
+    (workdir / "results/splits.csv").unlink()
     snakemake(workdir, "results/splits.csv")
     monkeypatch.chdir(workdir)
     cfg = load_config(workdir / "config/config.yaml", {"data": IMAGES})
@@ -108,3 +111,15 @@ def test_a_given_checkpoint_is_sampled_without_training_the_whole_volume_model(t
     assert {"train", "sample", "report"} <= scheduled()
     given = scheduled("--config", f"sample={{checkpoint: {checkpoint}}}")
     assert "train" not in given and {"sample", "report"} <= given
+
+
+def test_a_key_added_at_its_old_behaviour_reruns_nothing(tmp_path: Path) -> None:
+    """sample.timestep_spacing arrived after workdirs existed: at its default (what sampling did before it) it is
+    not in the sampling rules' params, so its arrival reruns no sampling; another value does."""
+    workdir = make_workdir(tmp_path)
+    rules = ("sample", "synthesize_lesion", "lesion_texture")
+    base = rule_params(workdir, {}, *rules)
+    assert not any("timestep_spacing" in v for r in rules for v in base[r].values())
+    quad = rule_params(workdir, {"sample": {"timestep_spacing": "quadratic"},
+                                 "lesion": {"sample": {"timestep_spacing": "quadratic"}}}, *rules)  # fmt: skip
+    assert all(quad[r] != base[r] for r in rules)
