@@ -194,11 +194,15 @@ def split_merged(masks: list[np.ndarray], max_size: int = MAX_READERS) -> list[l
     return split(list(range(len(masks)))) if len(masks) > max_size else [list(range(len(masks)))]
 
 
+def _common_box(boxes: list[tuple[slice, ...]]) -> tuple[list[int], list[int]]:
+    """The first and one-past-last index of the box around pylidc's annotation ``bbox()`` slices (i, j, k)."""
+    return [min(b[d].start for b in boxes) for d in range(3)], [max(b[d].stop for b in boxes) for d in range(3)]
+
+
 def _annotation_masks(cluster: list[Any]) -> list[np.ndarray]:
     """Each annotation's boolean mask in the cluster's common box (pylidc's (i, j, k) order)."""
     boxes = [a.bbox() for a in cluster]
-    lo = [min(b[d].start for b in boxes) for d in range(3)]
-    hi = [max(b[d].stop for b in boxes) for d in range(3)]
+    lo, hi = _common_box(boxes)
     out = []
     for a, box in zip(cluster, boxes):
         m = np.zeros([h - lo_ for lo_, h in zip(lo, hi)], dtype=bool)
@@ -348,9 +352,7 @@ def unused_cluster_boxes(case_id: str, min_readers: int) -> list[tuple[tuple[int
     out = []
     for cluster in _clusters(_scan_by_case(case_id)) if min_readers > 1 else []:
         if len(cluster) < min_readers:
-            boxes = [a.bbox() for a in cluster]  # (i, j, k) slices
-            i0, j0, k0 = (min(b[d].start for b in boxes) for d in range(3))
-            i1, j1, k1 = (max(b[d].stop for b in boxes) for d in range(3))
+            (i0, j0, k0), (i1, j1, k1) = _common_box([a.bbox() for a in cluster])
             out.append(((k0, i0, j0), (k1 - k0, i1 - i0, j1 - j0)))
     return out
 
