@@ -126,6 +126,16 @@ def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if v is not None}
 
 
+# keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
+LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing"}
+
+
+def without_later_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``section`` without the :data:`LATER_DEFAULTS` keys that hold that value: what rule params and item provenance
+    compare, so that such a key's arrival reruns and remakes nothing (as :func:`set_keys` for null defaults)."""
+    return {k: v for k, v in section.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v}
+
+
 def canonical(value: Any, reference: Any) -> Any:
     """``value`` with every mapping's keys in ``reference``'s order (keys it lacks after them, sorted), recursively;
     list items against the reference's item at their index (else its first). Snakemake compares a rule's params by

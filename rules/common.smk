@@ -6,7 +6,7 @@ from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
-from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys
+from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, without_later_defaults
 from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -136,15 +136,6 @@ def report_inputs(wildcards):
     if not config["model"]["init_from"] and not GIVEN_CHECKPOINT:
         inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
     return inputs
-
-
-# keys added after workdirs existed, at the default that does what they did before the key: left out of params, so
-# that the key's arrival reruns nothing (as a null diffusion key)
-LATER_DEFAULTS = {"timestep_spacing": "trailing"}
-
-
-def without_later_defaults(section):
-    return {k: v for k, v in section.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v}
 
 
 def lesion_settings(*keys):

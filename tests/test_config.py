@@ -16,6 +16,7 @@ from lungddpm.config import (
     lesion_training_settings,
     load_config,
     validate_config,
+    without_later_defaults,
 )
 from lungddpm.errors import ConfigError
 
@@ -64,6 +65,13 @@ def test_bad_enum_and_split_sum() -> None:
     with pytest.raises(ConfigError, match="diffusion.timesteps: 20 with the linear schedule makes beta reach 1"):
         validate_config({"diffusion": {"schedule": "linear", "timesteps": 20}})
     assert validate_config({"diffusion": {"schedule": "linear", "timesteps": 21}})["diffusion"]["snr_gamma"] is None
+
+
+def test_a_later_key_at_its_schema_default_is_left_out_and_any_other_value_kept() -> None:
+    cfg = validate_config({})
+    for section in (cfg["sample"], cfg["lesion"]["sample"]):  # the value that does what was done before the key
+        assert "timestep_spacing" in section and "timestep_spacing" not in without_later_defaults(section)
+        assert without_later_defaults({**section, "timestep_spacing": "quadratic"})["timestep_spacing"] == "quadratic"
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

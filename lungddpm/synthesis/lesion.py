@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, without_later_defaults
 from ..diffusion.checkpoint import CheckpointError, load_for_sampling
 from ..diffusion.encoding import (
     ANY_TEXTURE,
@@ -36,7 +36,7 @@ from ..diffusion.encoding import (
 )
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
-from ..diffusion.sample import SPACINGS, Blend, Resample, sample
+from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, dilate_mm, face_border
@@ -229,8 +229,7 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
     disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi``."""
     sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
-    if sample["timestep_spacing"] == SPACINGS[0]:  # the default, as before the key: old items stay complete
-        del sample["timestep_spacing"]
+    sample = without_later_defaults(sample)  # the default, as before the key: old items stay complete
     out = {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}

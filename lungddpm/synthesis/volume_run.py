@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, without_later_defaults
 from ..diffusion.checkpoint import load_for_sampling
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
-from ..diffusion.sample import SPACINGS, Blend, keep_mask, sample
+from ..diffusion.sample import Blend, keep_mask, sample
 from ..errors import LayoutError
 from ..io import (
     atomic_path,
@@ -82,9 +82,9 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
             "margin_mm": s["blend_margin_mm"],
             "start_fraction": s["blend_start_fraction"],
         },
+        "timestep_spacing": s["timestep_spacing"],
     }
-    if s["timestep_spacing"] != SPACINGS[0]:  # the default, as before the key: old items stay complete
-        settings["timestep_spacing"] = s["timestep_spacing"]
+    settings = without_later_defaults(settings)  # the default, as before the key: old items stay complete
     if run == "augment":
         settings["layout_edit"] = cfg.raw["layout_edit"]
     if bank_sha is not None:
