@@ -40,6 +40,7 @@ rule segment_prepare:
         state_dir=lambda wildcards: f"state/segmentation/{SEG.scale}/{wildcards.arm}/seed{wildcards.seed}",
         arm=lambda wildcards: asdict(SEG.arm(wildcards.arm)),
         test_cases=SEG_TEST,
+        patients={c: PATIENTS[c] for c in SEG_TRAIN},  # nnU-Net's 5 folds keep a patient's cases together
         settings={k: config["segmentation"][k] for k in SEG_PLAN_KEYS},
     wildcard_constraints:
         arm=SEG_ARM_RE,

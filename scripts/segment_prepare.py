@@ -2,9 +2,7 @@
 
 from pathlib import Path
 
-from lungddpm.config import config_from_mapping
 from lungddpm.logs import rule_logging
-from lungddpm.preprocessing.cases import case_patients
 from lungddpm.segmentation.arms import segmentation_config
 from lungddpm.segmentation.datasets import arm_cases
 from lungddpm.segmentation.nnunet import prepare_arm
@@ -13,6 +11,5 @@ with rule_logging(snakemake.log[0]):
     params, cfg, seed = snakemake.params, segmentation_config(snakemake.config), int(snakemake.wildcards.seed)
     arm = cfg.arm(snakemake.wildcards.arm)
     cases = arm_cases(cfg.scale, arm, seed, dict(snakemake.input.items()), params.test_cases)
-    patients = case_patients(config_from_mapping(snakemake.config), sorted({c.source_case for c in cases}))
     prepare_arm(arm, seed, cases, params.test_cases, Path(params.state_dir), Path(snakemake.output.prepared), cfg,
-                snakemake.threads, patients)  # fmt: skip
+                snakemake.threads, params.patients)  # fmt: skip
