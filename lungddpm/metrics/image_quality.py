@@ -321,17 +321,15 @@ def workflow_sets(
     (ct, layout) files, split by ``patients`` (case id -> patient id) into floor and reference (``real_halves``)."""
     from ..io import read_json
 
-    items = []
+    pairs = []
     volumes = {case: Volume(case, ct, layout) for case, (ct, layout) in real.items()}
     for manifest in manifests:
         for item in read_json(manifest)["items"]:
-            if item["case_id"] not in volumes:
-                raise MetricsError(
-                    f"{manifest}: item {item['item']} comes from {item['case_id']}, which is not a real case input"
-                )
-            items.append(item)
-    items.sort(key=lambda item: (item["case_id"], item["k"], item["item"]))
-    pairs = [Pair(Volume(i["item"], Path(i["image"]), Path(i["layout"])), volumes[i["case_id"]]) for i in items]
+            case = item["case_id"]
+            if case not in volumes:
+                raise MetricsError(f"{manifest}: item {item['item']} comes from {case}, which is not a real case input")
+            pairs.append(Pair(Volume(item["item"], Path(item["image"]), Path(item["layout"])), volumes[case]))
+    pairs = canonical_order(pairs)  # the items are named <case>_<k>
     floor, reference = real_halves(
         list(volumes.values()), [p.real.name for p in pairs], {c: patients[c] for c in volumes}, seed, floor_fraction
     )
