@@ -118,6 +118,14 @@ def cluster_draw(members: Sequence[np.ndarray], rng: np.random.Generator) -> np.
     return np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
 
 
+def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.ndarray] | None:
+    if groups is None:
+        return None
+    if len(groups) != rows:
+        raise ValueError(f"{what} has {len(groups)} labels for {rows} rows")
+    return group_members(groups)
+
+
 def bootstrap_distance(
     distance: Callable[[np.ndarray, np.ndarray], float],
     a: np.ndarray,
@@ -127,23 +135,21 @@ def bootstrap_distance(
     seed: int | Sequence[int] = 0,
     min_distinct: int = 2,
     groups_a: Sequence[object] | None = None,
+    groups_b: Sequence[object] | None = None,
 ) -> tuple[float, float, float]:
     """(value, low, high): ``distance(a, b)`` and a percentile bootstrap interval from resampling each set with
     replacement (resamples that leave fewer than ``min_distinct`` distinct rows in a set are drawn again: a feature
     covariance needs 2; 1 for a distance defined on any one row, which a set of one row needs). With ``groups_a``
     (one label per row of ``a``), ``a`` is resampled by whole groups (a cluster bootstrap: the k samples of one
-    layout are one draw); with every label distinct it is the plain bootstrap, draw for draw."""
+    layout, or the series of one patient, are one draw), and ``b`` likewise with ``groups_b``; with every label
+    distinct it is the plain bootstrap, draw for draw."""
     value = distance(a, b)
     rng = np.random.default_rng(seed)
-    members = None
-    if groups_a is not None:
-        if len(groups_a) != len(a):
-            raise ValueError(f"groups_a has {len(groups_a)} labels for {len(a)} rows")
-        members = group_members(groups_a)
+    members_a, members_b = _members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")
     boots: list[float] = []
     while len(boots) < n_boot:
-        ia = rng.integers(0, len(a), len(a)) if members is None else cluster_draw(members, rng)
-        ib = rng.integers(0, len(b), len(b))
+        ia = rng.integers(0, len(a), len(a)) if members_a is None else cluster_draw(members_a, rng)
+        ib = rng.integers(0, len(b), len(b)) if members_b is None else cluster_draw(members_b, rng)
         if len(set(ia)) < min_distinct or len(set(ib)) < min_distinct:
             continue
         boots.append(distance(a[ia], b[ib]))

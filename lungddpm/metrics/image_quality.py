@@ -6,9 +6,10 @@ counts (FID and KID depend on N), each with a bootstrap interval. Each is comput
 lung region alone, because anatomically-aware sampling copies the real background and inflates whole-volume
 similarity. Paired voxel metrics (MSE, MAE, PSNR, SSIM; whole volume and inside the lungs), the HU histogram
 distance inside the lungs and nodule HU/size agreement compare each synthetic volume with its real counterpart.
-The k synthetic samples of one layout share its real CT and background, so every interval resamples whole layouts
-(a cluster bootstrap), and the pairs are taken in a canonical order (case, k), so that the same volumes give the same
-numbers whatever the sharding or rerun history of the run that made them.
+The k synthetic samples of one layout share its real CT and background, and the series of one patient its anatomy,
+so every interval resamples whole patients (a cluster bootstrap, the real sets' too), and the pairs are taken in a
+canonical order (case, k), so that the same volumes give the same numbers whatever the sharding or rerun history of
+the run that made them.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def distribution_rows(
 ) -> list[dict[str, Any]]:
     """Rows (metric, region, comparison, value, CI, N) of every distribution metric, synthetic-vs-real and
     real-vs-real at the same counts: both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference.
-    ``groups`` (one label per synthetic volume: its layout) makes the synthetic side's bootstrap resample whole
-    layouts; None: each volume is its own."""
+    ``groups`` (one label per synthetic volume: its real case's patient) makes the synthetic side's bootstrap resample
+    whole patients (None: each volume is its own); the floor and the reference resample by ``Volume.unit``."""
     if groups is not None and len(groups) != len(synthetic):
         raise MetricsError(f"{len(groups)} group labels for {len(synthetic)} synthetic volumes")
     if len(reference) < 2 or min(len(synthetic), len(floor)) < 2:
@@ -94,7 +95,11 @@ def distribution_rows(
     n = min(len(synthetic), len(floor))
     pick_syn, pick_floor = _subsample(len(synthetic), n, rng), _subsample(len(floor), n, rng)
     sets = {SYNTHETIC_VS_REAL: [synthetic[i] for i in pick_syn], REAL_VS_REAL: [floor[i] for i in pick_floor]}
-    set_groups = {SYNTHETIC_VS_REAL: None if groups is None else [groups[i] for i in pick_syn], REAL_VS_REAL: None}
+    set_groups = {
+        SYNTHETIC_VS_REAL: None if groups is None else [groups[i] for i in pick_syn],
+        REAL_VS_REAL: [v.unit for v in sets[REAL_VS_REAL]],
+    }
+    ref_groups = [v.unit for v in reference]
     log.info(
         "distribution metrics: %d synthetic and %d floor volumes vs %d reference volumes, %s features",
         n,
@@ -112,7 +117,7 @@ def distribution_rows(
             for metric in settings["distances"]:
                 value, lo, hi = bootstrap_distance(
                     distances[metric], feats, ref, settings["bootstrap"], settings["ci_level"], settings["seed"],
-                    groups_a=set_groups[comparison],
+                    groups_a=set_groups[comparison], groups_b=ref_groups,
                 )  # fmt: skip
                 rows.append(
                     {
@@ -150,7 +155,7 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
             labels, lg = read_volume(label_path)
             if labels.shape != real.shape or not lg.same_grid(rg):
                 raise MetricsError(f"{label_path}: layout grid differs from {p.real.image}'s; use the pair's layout")
-        row: dict[str, Any] = {"synthetic": p.synthetic.name, "real": p.real.name}
+        row: dict[str, Any] = {"synthetic": p.synthetic.name, "real": p.real.name, "patient": p.real.unit}
         regions: dict[str, np.ndarray | None] = {"whole": None}
         if labels is not None:
             regions["lung"] = labels > 0
@@ -180,7 +185,8 @@ def _summary_key(column: str) -> tuple[str, str] | None:
 
 def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Mean over pairs with a bootstrap interval, one row per paired metric and region; the interval resamples
-    whole real cases (the k samples of one layout share its real CT: one draw, not k)."""
+    whole patients (the k samples of one layout share its real CT, the series of one patient its anatomy: one draw,
+    not k; a row without a ``patient`` is grouped by its ``real`` case)."""
     columns: list[str] = []
     for r in per_pair:
         columns += [c for c in r if c not in columns and _summary_key(c)]
@@ -189,7 +195,7 @@ def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]
         kept = [r for r in per_pair if col in r and np.isfinite(r[col])]
         if not kept:
             continue
-        values, groups = [r[col] for r in kept], [r["real"] for r in kept]
+        values, groups = [r[col] for r in kept], [r.get("patient") or r["real"] for r in kept]
         metric, region = _summary_key(col)  # type: ignore[misc]
         value, lo, hi = bootstrap_ci(values, settings["bootstrap"], settings["ci_level"], settings["seed"],
                                      groups=groups)  # fmt: skip
@@ -230,7 +236,7 @@ def image_quality(
         raise MetricsError(f"the floor set must be disjoint from the reference set; shared: {sorted(overlap)[:3]}")
     pairs = canonical_order(pairs)
     rows = distribution_rows(
-        [p.synthetic for p in pairs], reference, floor, settings, cache_dir, groups=[p.real.name for p in pairs]
+        [p.synthetic for p in pairs], reference, floor, settings, cache_dir, groups=[p.real.unit for p in pairs]
     )
     per_pair = pair_rows(pairs, settings, hu_window)
     rows += summarize_pairs(per_pair, settings)
@@ -284,7 +290,10 @@ def folder_sets(
     pairs with real ``<case>``; the real volumes are split by patient (``folder_patient``) into floor and reference
     (``real_halves``), so the real folder needs at least two volumes of patients that no synthetic volume was sampled
     from."""
-    real = {n: Volume(n, p, _labels_for(n, p, real_labels)) for n, p in _nifti(real_dir).items()}
+    real = {
+        n: Volume(n, p, _labels_for(n, p, real_labels), folder_patient(n, patient_regex))
+        for n, p in _nifti(real_dir).items()
+    }
     pairs = []
     for name, path in _nifti(synthetic_dir).items():
         base = name if name in real else name.rpartition("_")[0]
@@ -292,7 +301,7 @@ def folder_sets(
             raise MetricsError(f"{path}: no real volume {base!r} (or {name!r}) in {real_dir} to pair it with")
         pairs.append(Pair(Volume(name, path, _labels_for(name, path, None)), real[base]))
     sources = [p.real.name for p in pairs]
-    patients = {n: folder_patient(n, patient_regex) for n in real}
+    patients = {n: v.patient for n, v in real.items()}
     floor, reference = real_halves(list(real.values()), sources, patients, seed, floor_fraction)
     log.info(
         "%d pairs; real volumes: %d floor, %d reference (%d patients)",
@@ -322,7 +331,7 @@ def workflow_sets(
     from ..io import read_json
 
     pairs = []
-    volumes = {case: Volume(case, ct, layout) for case, (ct, layout) in real.items()}
+    volumes = {case: Volume(case, ct, layout, patients[case]) for case, (ct, layout) in real.items()}
     for manifest in manifests:
         for item in read_json(manifest)["items"]:
             case = item["case_id"]

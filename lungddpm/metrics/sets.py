@@ -18,11 +18,18 @@ class MetricsError(LungDDPMError):
 
 @dataclass(frozen=True)
 class Volume:
-    """An HU volume with its layout (labels 0 background, 1 lung, 2 nodule; None when unknown)."""
+    """An HU volume with its layout (labels 0 background, 1 lung, 2 nodule; None when unknown) and its patient (the
+    bootstraps' independent unit; "" when unknown: the volume is its own)."""
 
     name: str
     image: Path
     labels: Path | None
+    patient: str = ""
+
+    @property
+    def unit(self) -> str:
+        """The independent unit of the bootstraps: the patient, else the volume."""
+        return self.patient or self.name
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,13 @@ def test_paired_intervals_resample_whole_layouts_not_samples() -> None:
     _, lo, hi = bootstrap_ci(np.repeat(values, 4), 500, SETTINGS["ci_level"], SETTINGS["seed"])  # 48 "independent"
     mse = four[("mse", "whole")]
     assert mse["ci_high"] - mse["ci_low"] > 1.5 * (hi - lo)  # ~sqrt(4) = 2 times the per-sample interval
+    series = [
+        {**r, "real": f"{r['real']}_s{n}", "patient": r["real"]} for r in per_pair_rows(values, 1) for n in (1, 2)
+    ]
+    two = {(r["metric"], r["region"]): r for r in summarize_pairs(series, settings)}  # a patient's 2 series: 1 draw
+    assert [two[key][col] for key in one for col in ("ci_low", "ci_high")] == pytest.approx(
+        [one[key][col] for key in one for col in ("ci_low", "ci_high")], rel=1e-9
+    )
 
 
 def test_distribution_intervals_resample_whole_layouts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -201,14 +208,7 @@ def test_distribution_intervals_resample_whole_layouts(monkeypatch: pytest.Monke
     for k in (1, 3):
         feats |= {f"case{i}_{k}_{j}": f for i, (c, f) in enumerate(layout_feats.items()) for j in range(k)}
 
-    def fake_features(extractor: object, volumes: list[Volume], region: str, cache_dir: Path, what: str) -> np.ndarray:
-        return np.stack([feats[v.name] for v in volumes])
-
-    monkeypatch.setattr(iq, "_features", fake_features)
-    monkeypatch.setattr(iq, "pair_rows", lambda pairs, settings, hu_window: [])
-    monkeypatch.setitem(distribution.DISTANCES, "gap", lambda a, b: abs(float(a[:, 0].mean() - b[:, 0].mean())))
-    monkeypatch.setattr(iq, "build_extractor", lambda settings: type("Fake", (), {"identity": "x", "reportable": 0}))
-    settings = {**SETTINGS, "regions": ["whole"], "distances": ["gap"], "bootstrap": 300}
+    settings = fake_gap_features(monkeypatch, feats)
     reference = [Volume(f"ref{i}", Path(f"ref{i}.nii.gz"), None) for i in range(8)]
     floor = [Volume(f"floor{i}", Path(f"floor{i}.nii.gz"), None) for i in range(40)]
     rows = {}
@@ -221,6 +221,48 @@ def test_distribution_intervals_resample_whole_layouts(monkeypatch: pytest.Monke
     assert rows[3]["n_a"] == 30 and rows[1]["n_a"] == 10
     for col in ("value", "ci_low", "ci_high"):
         assert rows[3][col] == pytest.approx(rows[1][col], rel=1e-9), col
+
+
+def fake_gap_features(monkeypatch: pytest.MonkeyPatch, feats: dict[str, np.ndarray]) -> dict[str, object]:
+    """Settings of one distance, "gap" (|difference of the sets' first-feature means|: k copies of a row leave it
+    unchanged), on the features ``feats`` (volume name -> vector) in place of the extractor's; no paired metrics."""
+
+    def fake_features(extractor: object, volumes: list[Volume], region: str, cache_dir: Path, what: str) -> np.ndarray:
+        return np.stack([feats[v.name] for v in volumes])
+
+    monkeypatch.setattr(iq, "_features", fake_features)
+    monkeypatch.setattr(iq, "pair_rows", lambda pairs, settings, hu_window: [])
+    monkeypatch.setitem(distribution.DISTANCES, "gap", lambda a, b: abs(float(a[:, 0].mean() - b[:, 0].mean())))
+    monkeypatch.setattr(iq, "build_extractor", lambda settings: type("Fake", (), {"identity": "x", "reportable": 0}))
+    return {**SETTINGS, "regions": ["whole"], "distances": ["gap"], "bootstrap": 300}
+
+
+def test_real_sets_resample_whole_patients(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The floor and the reference draw whole patients: two series of a patient with one feature vector give the
+    real-vs-real interval of one series per patient, where resampling volumes would narrow it."""
+    rng = np.random.default_rng(4)
+    floor_feats, ref_feats = rng.normal(0.3, 1.0, (10, 4)), rng.normal(size=(8, 4))
+    feats = {f"s{i}": rng.normal(size=4) for i in range(20)}
+    feats |= {f"f{i}_s{j}": f for i, f in enumerate(floor_feats) for j in (1, 2)}
+    feats |= {f"r{i}_s{j}": f for i, f in enumerate(ref_feats) for j in (1, 2)}
+    settings = fake_gap_features(monkeypatch, feats)
+    pairs = [Pair(Volume(f"s{i}", Path(f"s{i}.nii.gz"), None), Volume("f0_s1", Path("f0_s1.nii.gz"), None, "f0"))
+             for i in range(20)]  # fmt: skip
+
+    def real(prefix: str, n: int, series: tuple[int, ...], patient: bool) -> list[Volume]:
+        return [Volume(f"{prefix}{i}_s{j}", Path(f"{prefix}{i}_s{j}.nii.gz"), None, f"{prefix}{i}" if patient else "")
+                for i in range(n) for j in series]  # fmt: skip
+
+    rows = {}
+    for name, series, patient in (("one", (1,), True), ("two", (1, 2), True), ("two, no patients", (1, 2), False)):
+        table = image_quality(pairs, real("r", 8, series, patient), real("f", 10, series, patient), settings,
+                              (-1000, 400), tmp_path / "iq.csv", tmp_path / "pc.csv", tmp_path)  # fmt: skip
+        rows[name] = next(r for r in table if r["comparison"] == iq.REAL_VS_REAL)
+    assert (rows["two"]["n_a"], rows["two"]["n_b"], rows["one"]["n_a"], rows["one"]["n_b"]) == (20, 16, 10, 8)
+    for col in ("value", "ci_low", "ci_high"):
+        assert rows["two"][col] == pytest.approx(rows["one"][col], rel=1e-9), col
+    width = {k: r["ci_high"] - r["ci_low"] for k, r in rows.items()}
+    assert width["two, no patients"] < 0.85 * width["one"]  # volumes as units: too narrow
 
 
 def name_folders(root: Path, real: list[str], synthetic: list[str]) -> tuple[Path, Path]:
@@ -252,6 +294,8 @@ def test_folder_sets_keep_a_patients_series_in_one_half(tmp_path: Path) -> None:
         assert [p.real.name for p in pairs] == ["LIDC-IDRI-0365_s1"]
         assert {"LIDC-IDRI-0365_s1", "LIDC-IDRI-0365_s2"} <= {v.name for v in floor}
         assert_patients_whole(floor, reference, series)
+        assert {v.name: v.unit for v in floor + reference}["LIDC-IDRI-0365_s2"] == "LIDC-IDRI-0365"
+        assert pairs[0].real.unit == "LIDC-IDRI-0365"
 
 
 def test_folder_sets_group_by_the_configs_patient_regex(tmp_path: Path) -> None:
