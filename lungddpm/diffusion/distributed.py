@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .device import tune_backends
@@ -50,3 +51,11 @@ def barrier(dist: Dist) -> None:
     """Wait for every rank (no-op in one process)."""
     if dist.world > 1:
         torch.distributed.barrier()
+
+
+def seed_rank(seed: int, step: int, dist: Dist) -> None:
+    """Give each rank past the first its own stream of the global RNGs (dropout draws from them) from step ``step``
+    on: seeded from (``seed``, ``step``, rank). Rank 0 keeps its state, so one process is unchanged, and the ranks of
+    a run resumed from a checkpoint (which holds rank 0's state) do not repeat one another's dropout masks."""
+    if dist.rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, dist.rank]).generate_state(1)[0]))

@@ -29,7 +29,7 @@ from ..faults import kill_point
 from ..io import atomic_path
 from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
 from .data import StepBatches, TrainData, data_digest
-from .distributed import all_mean, barrier, setup_distributed
+from .distributed import all_mean, barrier, seed_rank, setup_distributed
 from .encoding import model_to_hu
 from .optim import EMA, apply_update, load_optimizer_state, make_optimizer
 from .precision import autocast, checked_cpu_bf16, resolve_precision
@@ -181,6 +181,7 @@ def train(
     elif tc.resume == "never" and dist.is_main:
         for old in step_checkpoints(state_dir):
             old.unlink()
+    seed_rank(tc.seed, start, dist)
     log_rows: list[dict[str, Any]] = _read_log(state_dir / "train_log.csv", start) if dist.is_main else []
 
     net: nn.Module = model

@@ -21,6 +21,7 @@ from lungddpm.diffusion.checkpoint import (
     load_model,
 )
 from lungddpm.diffusion.data import TrainData, data_digest
+from lungddpm.diffusion.distributed import Dist, seed_rank
 from lungddpm.diffusion.jobs import make_job, run_job
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.train import train
@@ -299,3 +300,21 @@ def test_gpu_rng_state_is_this_devices_and_restores_to_it_only(monkeypatch: pyte
         restored.clear()
         train_module.restore_rng({"rng_cpu": cpu, "rng_cuda": saved}, device)
         assert restored == expected
+
+
+def test_each_rank_draws_its_own_dropout_masks() -> None:
+    """After ``seed_rank`` (fresh or resumed: every rank starts from rank 0's RNG state) rank 0 draws as one process
+    does and rank 1 other masks, the same on every run, and other ones after a resume at another step."""
+    drop = torch.nn.Dropout(0.5)
+
+    def masks(rank: int, step: int) -> torch.Tensor:
+        torch.manual_seed(7)  # build_model's seed, or a checkpoint's restored state: the same on every rank
+        seed_rank(7, step, Dist(2, rank, rank, torch.device("cpu")))
+        return drop(torch.ones(256)) > 0
+
+    torch.manual_seed(7)
+    one_process = drop(torch.ones(256)) > 0
+    assert torch.equal(masks(0, 0), one_process) and torch.equal(masks(0, 40), one_process)
+    assert torch.equal(masks(1, 0), masks(1, 0))
+    assert (masks(1, 0) != one_process).float().mean() > 0.3  # independent masks differ in ~half the units
+    assert (masks(1, 40) != masks(1, 0)).float().mean() > 0.3
