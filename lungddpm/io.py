@@ -71,6 +71,12 @@ class Geometry:
         }
 
 
+def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header line, as dicts of strings."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def write_csv(
     path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
 ) -> None:

@@ -26,7 +26,7 @@ from .. import __version__
 from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
 from ..faults import kill_point
-from ..io import atomic_path
+from ..io import atomic_path, read_csv
 from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
 from .data import StepBatches, TrainData, data_digest
 from .distributed import all_mean, barrier, seed_rank, setup_distributed
@@ -71,8 +71,7 @@ class TrainResult:
 def _read_log(path: Path, up_to: int) -> list[dict[str, str]]:
     if not path.is_file():
         return []
-    with open(path, newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) <= up_to]
+    return [row for row in read_csv(path) if int(row["step"]) <= up_to]
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:

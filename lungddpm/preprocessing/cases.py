@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from pathlib import Path
@@ -11,7 +10,7 @@ from ..config import Config
 from ..data import lidc, sources
 from ..data.sources import dicom_root
 from ..errors import ConfigError, DicomError
-from ..io import safe_component
+from ..io import read_csv, safe_component
 from .split import split_cases, write_splits
 
 log = logging.getLogger(__name__)
@@ -74,8 +73,7 @@ def check_written_split(path: Path, split: dict[str, str], strata: dict[str, boo
     Only a changed stratum counts (a changed case list or split setting reruns the split by itself)."""
     if not Path(path).is_file():
         return
-    with open(path, newline="") as fh:
-        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    rows = {r["case_id"]: r for r in read_csv(path)}
     both = sorted(rows.keys() & split.keys())
     relabelled = [c for c in both if bool(int(rows[c]["has_nodule"])) != bool(strata[c])]
     moved = [c for c in both if rows[c]["subset"] != split[c]]

@@ -23,7 +23,7 @@ from ..config import Config
 from ..data.nodules import UNKNOWN, Nodule
 from ..diffusion.encoding import TEXTURE_CLASSES, UNKNOWN_TEXTURE, texture_class, texture_levels
 from ..errors import LayoutError
-from ..io import Geometry, read_volume, safe_component, write_csv, write_volume
+from ..io import Geometry, read_csv, read_volume, safe_component, write_csv, write_volume
 from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
 from .layout import compose_layout
 
@@ -254,12 +254,9 @@ def load_source(case_id: str, preprocessed: Path, cfg: Config, base: Path = Path
 
 def read_roi_table(path: Path) -> list[dict[str, str]]:
     """Rows of a ``rois.csv``; the ROI files it names lie beside it."""
-    import csv
-
     if not Path(path).is_file():
         raise LayoutError(f"{path}: no ROI table; run the rois rule (lungddpm rois) for this case")
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv(path)
 
 
 def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], np.ndarray, Geometry, np.ndarray]]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import SplitConfig
 from ..errors import ConfigError
-from ..io import write_text
+from ..io import read_csv, write_text
 
 SUBSETS = ("train", "val", "test")
 
@@ -67,5 +67,4 @@ def write_splits(
 
 
 def read_splits(path: Path) -> dict[str, str]:
-    with open(path, newline="") as fh:
-        return {row["case_id"]: row["subset"] for row in csv.DictReader(fh)}
+    return {row["case_id"]: row["subset"] for row in read_csv(path)}

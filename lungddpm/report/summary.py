@@ -4,7 +4,6 @@ then training, sampler timings, the lesion run and the samples. Figures are PNG 
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 from collections import defaultdict
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_path, read_json
+from ..io import atomic_path, read_csv, read_json
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +23,6 @@ DEMO_NOTE = (
     "test patients. They show that the pipeline runs end to end and how it is measured; they are not evidence about "
     "real CT."
 )
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts of strings."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _fmt(v: str | float) -> str:

@@ -16,7 +16,6 @@ without a true nodule gives no Dice, sensitivity or detection, only its false po
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from ..errors import LungDDPMError
-from ..io import atomic_path, read_json, read_volume, write_csv
+from ..io import atomic_path, read_csv, read_json, read_volume, write_csv
 from ..metrics.distribution import group_members
 from ..metrics.voxel import bootstrap_ci, dice
 from ..preprocessing.layout import NODULE
@@ -177,8 +176,7 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
 
 def read_scores(path: Path) -> list[dict[str, Any]]:
     """``scores.csv`` -> rows with numbers parsed (empty cells -> NaN)."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(path)
     if not rows:
         raise LungDDPMError(f"{path}: no scores; rerun segment_score")
     for r in rows:
