@@ -61,6 +61,12 @@ class SliceGrid:
         zs = self.z_positions
         return float(np.median(np.diff(zs))) if zs.size > 1 else (self.z_step or 1.0)
 
+    def geometry(self) -> Geometry:
+        """The axis-aligned geometry of this grid: voxel [0, 0, 0] at its origin, the slices ``slice_step`` apart
+        (exact for regularly spaced slices)."""
+        return Geometry(spacing=(self.slice_step, self.row_spacing, self.col_spacing),
+                        origin=(self.x0, self.y0, float(self.z_positions[0])))  # fmt: skip
+
     def world_to_index(self, world_xyz: np.ndarray, flag_beyond: bool = True) -> np.ndarray:
         """[N, 3] LPS (x, y, z) -> [N, 3] fractional (k, i, j); points beyond the slices get k = :data:`BEYOND`
         (``flag_beyond``) or the nearest slice's k."""

@@ -59,14 +59,14 @@ def native_geometry(src: SourceCT) -> Geometry:
     from ..errors import DicomError
 
     zs, g = src.grid.z_positions, src.grid
-    dz = float(np.median(np.diff(zs))) if zs.size > 1 else 1.0
+    dz = g.slice_step
     if zs.size > 1 and np.max(np.abs(np.diff(zs) - dz)) > 0.01 * dz:
         raise DicomError(
             f"{src.case_id}: slices are irregularly spaced (steps {np.diff(zs).min():.3f}..{np.diff(zs).max():.3f} "
             "mm), which a NIfTI file cannot represent exactly, so the pasted CT would not overlay the source; drop "
             "this case from the lesion run (data.cases) or re-export the series with regular spacing"
         )
-    return Geometry(spacing=(dz, g.row_spacing, g.col_spacing), origin=(g.x0, g.y0, float(zs[0])))
+    return g.geometry()
 
 
 def _write_item(

@@ -95,12 +95,9 @@ def nodule_in_box(box: NativeBox, grid: SliceGrid, roi: Geometry, nodule: np.nda
 
     k, i, j = (sl.start for sl in box.slices)
     shape = tuple(sl.stop - sl.start for sl in box.slices)
-    zs = grid.z_positions
-    spacing = (grid.slice_step, grid.row_spacing, grid.col_spacing)
-    origin = (grid.x0 + j * grid.col_spacing, grid.y0 + i * grid.row_spacing, float(zs[k]))
     roi_grid = SliceGrid.of_regular(roi, nodule.shape[0])
     nods = components(nodule, tuple(float(v) for v in roi.spacing))
-    labels, _ = nodule_labels(nods, roi_grid, Geometry(spacing=spacing, origin=origin), shape, fraction)
+    labels, _ = nodule_labels(nods, roi_grid, grid.crop(k, i, j, shape[0]).geometry(), shape, fraction)
     return labels > 0
 
 
