@@ -138,7 +138,6 @@ def distribution_rows(
 
 def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequence[float]) -> list[dict[str, Any]]:
     """Per-pair voxel metrics (whole and lung), lung HU histogram distance and nodule agreement."""
-    data_range = float(hu_window[1] - hu_window[0])
     rows = []
     for p in tqdm(pairs, desc="paired metrics", unit="pair", mininterval=5):
         real, rg = read_volume(p.real.image)
@@ -160,7 +159,7 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
         if labels is not None:
             regions["lung"] = labels > 0
         for region, mask in regions.items():
-            m = paired_metrics(real, syn, mask, data_range, settings["ssim_window"], settings["ssim_sigma"])
+            m = paired_metrics(real, syn, mask, hu_window, settings["ssim_window"], settings["ssim_sigma"])
             row.update({f"{k}_{region}": v for k, v in m.items()})
         if labels is not None:
             row["hu_w1_lung"] = hu_histogram_distance(real, syn, labels > 0)

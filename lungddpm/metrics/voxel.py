@@ -55,21 +55,32 @@ def ssim_map(real: np.ndarray, synthetic: np.ndarray, data_range: float, window:
     return ssim[0, 0].double().numpy()
 
 
+def windowed(hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """HU clipped to ``hu_window`` (lo, hi) and shifted to [0, hi - lo]: the intensities that PSNR's peak and SSIM's
+    constants (C1 = (0.01 L)², C2 = (0.03 L)², L = hi - lo) assume."""
+    lo, hi = (float(v) for v in hu_window)
+    return np.clip(hu.astype(np.float64), lo, hi) - lo
+
+
 def paired_metrics(
     real: np.ndarray,
     synthetic: np.ndarray,
     mask: np.ndarray | None,
-    data_range: float,
+    hu_window: Sequence[float],
     ssim_window: int = 7,
     ssim_sigma: float = 1.5,
 ) -> dict[str, float]:
-    """MSE, MAE (HU², HU), PSNR (dB, peak ``data_range``) and SSIM between paired HU volumes [Z, Y, X], over the
-    whole volume (``mask`` None) or inside ``mask``. SSIM inside a mask averages the local SSIM map over the mask's
-    voxels whose window lies inside the volume."""
+    """MSE, MAE (HU², HU; raw HU), PSNR (dB) and SSIM (both on the HU window, :func:`windowed`, peak its width)
+    between paired HU volumes [Z, Y, X], over the whole volume (``mask`` None) or inside ``mask``. SSIM inside a mask
+    averages the local SSIM map over the mask's voxels whose window lies inside the volume."""
     r, s = _region(real, synthetic, mask)
     d = r - s
     mse = float(np.mean(d * d))
-    smap = ssim_map(real, synthetic, data_range, ssim_window, ssim_sigma)
+    data_range = float(hu_window[1]) - float(hu_window[0])
+    wr, ws = windowed(real, hu_window), windowed(synthetic, hu_window)
+    wd = np.subtract(*_region(wr, ws, mask))
+    mse_window = float(np.mean(wd * wd))
+    smap = ssim_map(wr, ws, data_range, ssim_window, ssim_sigma)
     if mask is not None:  # map index i is the window starting at voxel i, centred at i + (w - 1) // 2
         lo, hi = (ssim_window - 1) // 2, ssim_window // 2
         inner = mask[lo : mask.shape[0] - hi, lo : mask.shape[1] - hi, lo : mask.shape[2] - hi]
@@ -77,7 +88,7 @@ def paired_metrics(
     return {
         "mse": mse,
         "mae": float(np.mean(np.abs(d))),
-        "psnr": float(10 * np.log10(data_range**2 / mse)) if mse > 0 else float("inf"),
+        "psnr": float(10 * np.log10(data_range**2 / mse_window)) if mse_window > 0 else float("inf"),
         "ssim": float(np.mean(smap)),
     }
 

@@ -27,25 +27,29 @@ def test_bootstrap_interval_contains_the_mean() -> None:
     assert bootstrap_ci([3.0, 3.0]) == (3.0, 3.0, 3.0)
 
 
+WINDOW = (-1000.0, 400.0)
+
+
 def test_paired_metrics_identical_and_lung_region_ignores_outside() -> None:
     rng = np.random.default_rng(0)
     real = rng.normal(-500, 200, (16, 16, 16)).astype(np.float32)
     lung = np.zeros(real.shape, bool)
     lung[4:12, 4:12, 4:12] = True
-    same = paired_metrics(real, real.copy(), None, 1400.0)
+    same = paired_metrics(real, real.copy(), None, WINDOW)
     assert same["mse"] == 0.0 and same["mae"] == 0.0 and same["psnr"] == float("inf")
     assert same["ssim"] == pytest.approx(1.0, abs=1e-5)
     syn = real.copy()
     syn[~lung] += 300.0  # changes outside the lungs only
-    inside = paired_metrics(real, syn, lung, 1400.0, ssim_window=3)
-    whole = paired_metrics(real, syn, None, 1400.0, ssim_window=3)
+    inside = paired_metrics(real, syn, lung, WINDOW, ssim_window=3)
+    whole = paired_metrics(real, syn, None, WINDOW, ssim_window=3)
     assert inside["mse"] == 0.0 and inside["mae"] == 0.0
     assert whole["mse"] == pytest.approx(300.0**2 * (~lung).mean(), rel=1e-4)
-    assert whole["psnr"] == pytest.approx(10 * np.log10(1400.0**2 / whole["mse"]), rel=1e-6)
+    clipped = np.mean((np.clip(real, -1000, 400) - np.clip(syn, -1000, 400)).astype(np.float64) ** 2)
+    assert whole["psnr"] == pytest.approx(10 * np.log10(1400.0**2 / clipped), rel=1e-6)
     assert whole["ssim"] < 0.99
     core = np.zeros(real.shape, bool)
     core[6:10, 6:10, 6:10] = True  # 3x3x3 windows around these voxels stay inside the lungs
-    assert paired_metrics(real, syn, core, 1400.0, ssim_window=3)["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert paired_metrics(real, syn, core, WINDOW, ssim_window=3)["ssim"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_nodule_agreement_known_answer() -> None:
@@ -69,5 +73,20 @@ def test_lung_ssim_crops_the_mask_to_the_map_for_any_window(window: int) -> None
     real = rng.normal(-500, 200, (12, 12, 12)).astype(np.float32)
     mask = np.zeros(real.shape, bool)
     mask[3:9, 3:9, 3:9] = True
-    out = paired_metrics(real, real.copy(), mask, 1400.0, ssim_window=window)
+    out = paired_metrics(real, real.copy(), mask, WINDOW, ssim_window=window)
     assert out["ssim"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ssim_and_psnr_are_on_the_hu_window_whatever_the_tissue_level() -> None:
+    """SSIM's constants assume intensities in [0, L]: on raw HU a synthetic copy 60 HU brighter scored 0.997 in the
+    lungs (-850 HU) and 0.066 at 0 HU. On the window the same shift scores alike at every level, and HU beyond the
+    window (bone above 400) counts as the window's edge."""
+    texture = np.random.default_rng(3).normal(0, 30, (16, 16, 16))
+    scores = [paired_metrics(base + texture, base + texture + 60, None, WINDOW, ssim_window=5)
+              for base in (-850, -100, 0, 40)]  # fmt: skip
+    assert all(m["mae"] == pytest.approx(60.0) for m in scores)
+    ssim = [m["ssim"] for m in scores]
+    assert min(ssim) > 0.9 and max(ssim) - min(ssim) < 0.06, ssim
+    assert all(m["psnr"] == pytest.approx(10 * np.log10(1400.0**2 / 60.0**2), rel=1e-6) for m in scores)
+    bone = paired_metrics(np.full((8, 8, 8), 900.0), np.full((8, 8, 8), 1500.0), None, WINDOW, ssim_window=3)
+    assert bone["mae"] == 600.0 and bone["psnr"] == float("inf") and bone["ssim"] == pytest.approx(1.0)
