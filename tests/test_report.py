@@ -40,3 +40,29 @@ def test_a_model_trained_here_shows_its_loss_without_the_note(tmp_path: Path) ->
     log.write_text("step,loss\n1,0.5\n2,0.4\n")
     summary = _summary(tmp_path, log, _manifest(tmp_path, "results/models/demo/checkpoint.pt"))
     assert "Not trained here" not in summary and "![training loss](loss.png)" in summary
+
+
+def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Path) -> None:
+    """2 train CTs x 2 items of 3 and 1 sites: 8 nodules in 2 CTs (not 4 items), and the seconds per nodule
+    averaged over the nodules (3 nodules at 1 s and 1 at 5 s per CT: 2.00 s, where the items' mean is 3.00)."""
+    from lungddpm.report.summary import lesion_section
+
+    items = []
+    for case in ("LIDC-IDRI-0001", "LIDC-IDRI-0002"):
+        for k, (n_sites, seconds) in enumerate(((3, 1.0), (1, 5.0))):
+            name = f"{case}_{k}"
+            files = {f"s{j}_montage": f"{name}_s{j}_montage.png" for j in range(n_sites)}
+            for f in files.values():
+                (tmp_path / f).write_bytes(b"png")
+            prov = {"source_case": case, "sites": [{}] * n_sites, "seconds_per_nodule": seconds, "files": files,
+                    "sample": {"sampler": "dpm++", "steps": 20, "batch_size": 4},
+                    "insert": {"feather_mm": 2.0, "margin_mm": 3.0}}  # fmt: skip
+            (tmp_path / f"{name}.json").write_text(json.dumps(prov))
+            items.append({"item": name})
+    manifest = tmp_path / "shard_0.json"
+    manifest.write_text(json.dumps({"items": items}))
+    texture = tmp_path / "texture.csv"
+    texture.write_text("texture_class,inserted_mean_hu,inserted_sd_hu,n_inserted,real_mean_hu,real_sd_hu,n_real\n")
+    text = "\n".join(lesion_section([manifest], texture, tmp_path / "figures", tmp_path, montages=1))
+    assert "8 nodules inserted into the nodule-free lung ROIs of 2 train CT(s)" in text
+    assert "2.00 s of sampling per nodule" in text

@@ -291,19 +291,20 @@ def _w1(row: dict[str, str], key: str = "w1") -> str:
 def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:
     """Markdown: the lesion run (nodules inserted into train CTs, sampler, seconds per nodule), the texture-control
     table, and the before/after montages of the first ``montages`` sites."""
-    sites, seconds, shown, prov = [], [], [], None
+    sites, seconds, cases, shown, prov = [], [], set(), [], None
     for m in manifests:
         for item in read_json(m)["items"]:
             prov = read_json(Path(m).parent / f"{item['item']}.json")
             sites += prov["sites"]
-            seconds.append(prov["seconds_per_nodule"])
+            seconds += [prov["seconds_per_nodule"]] * len(prov["sites"])  # a mean per nodule, not per item
+            cases.add(prov["source_case"])
             shown += [Path(m).parent / prov["files"][f"s{j}_montage"] for j in range(len(prov["sites"]))]
     out = ["## Lesion scale: nodules inpainted into real CTs at native resolution", ""]
     if prov is None:
         return out
     s = prov["sample"]
     out.append(
-        f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(seconds)} train CT(s), {s['sampler']} "
+        f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(cases)} train CT(s), {s['sampler']} "
         f"{s['steps']} steps, {np.mean(seconds):.2f} s of sampling per nodule in a shard job (batched "
         f"{s['batch_size']}; the shards run side by side), "
         f"pasted back with a {prov['insert']['feather_mm']} mm feather inside a {prov['insert']['margin_mm']} mm "
