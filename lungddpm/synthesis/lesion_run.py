@@ -81,6 +81,7 @@ def _write_item(
     fraction = float(cfg.raw["preprocess"]["nodule_fraction"])
     ct = np.rint(src.hu).astype(np.int16)  # rounded, as the ROIs and every other HU volume
     labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
+    files["provenance"].unlink(missing_ok=True)  # an item killed while rewritten is incomplete, not the old one
     records = []
     for j, (c, roi_after) in enumerate(zip(ins, after)):
         n = c.site.ct.shape[0]

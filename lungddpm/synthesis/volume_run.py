@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import Config, without_later_defaults
+from ..config import LATER_DEFAULTS, Config, without_later_defaults
 from ..diffusion.checkpoint import load_for_sampling
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import resolve_precision
@@ -99,14 +99,18 @@ def item_settings(settings: dict[str, Any], item: Item, inputs_sha256: str) -> d
 
 
 def provenance_complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
-    """All ``files`` exist and the provenance (``files['provenance']``, written last) agrees with ``settings``."""
+    """All ``files`` exist and the provenance (``files['provenance']``, written last) agrees with ``settings``; a
+    :data:`~lungddpm.config.LATER_DEFAULTS` key that ``settings`` leaves out (it holds the default) must be absent
+    from the provenance or hold the default too."""
     if not files["provenance"].is_file() or not all(p.is_file() for p in files.values()):
         return False
     try:
         prov = read_json(files["provenance"])
     except Exception:
         return False
-    return all(prov.get(k) == v for k, v in settings.items())
+    return all(prov.get(k) == v for k, v in settings.items()) and all(
+        prov.get(k, d) == d for k, d in LATER_DEFAULTS.items() if k not in settings
+    )
 
 
 def _entry(item: Item, files: dict[str, Path]) -> dict[str, Any]:
@@ -145,6 +149,12 @@ def synthesize_shard(
             raise LayoutError("the augment run inserts nodules but no nodule bank was given; run the nodule_bank rule")
         bank = load_bank(bank_path)
         candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
+        if not candidates:
+            raise LayoutError(
+                f"{bank_path}: none of its {len(bank.nodules)} nodules matches layout_edit (diameter_mm "
+                f"{edit['diameter_mm']}, textures {edit['textures']}, malignancies {edit['malignancies']}, min_readers "
+                f"{edit['min_readers']}); widen these filters or raise layout_edit.bank_max_scans"
+            )
     settings = _settings(cfg, run, file_sha256(checkpoint), file_sha256(bank_path) if bank is not None else None)
     inputs: dict[str, str] = {}  # per case: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,9 +187,15 @@ def synthesize_shard(
                     layout, removed = remove_nodules(layout, geometry)
                     edits += removed
                 if edit["insert"] > 0:
-                    layout, inserted = insert_nodules(
-                        layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
-                    )
+                    try:
+                        layout, inserted = insert_nodules(
+                            layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
+                        )
+                    except LayoutError as exc:
+                        raise LayoutError(
+                            f"{layout_paths[item.case_id]} (item {item.name}): {exc}; lower layout_edit.insert or "
+                            "layout_edit.diameter_mm, or raise layout_edit.max_attempts"
+                        ) from exc
                     edits += inserted
             margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
             keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
@@ -212,6 +228,7 @@ def synthesize_shard(
         for b, ((item, files), (ct, layout, geometry, edits, keep, inp)) in enumerate(zip(chunk, prepared)):
             hu = convention.to_hu(x[b, 0].float().cpu().numpy(), inp)  # HU on the case's grid
             hu = np.where(keep, ct, np.round(hu)).astype(np.int16)  # the reference's exact HU where it was kept
+            files["provenance"].unlink(missing_ok=True)  # an item killed while rewritten is incomplete, not the old one
             write_volume(files["image"], hu, geometry)
             write_volume(files["layout"], layout, geometry)
             gif_sweep(files["gif"], hu.astype(np.float32))

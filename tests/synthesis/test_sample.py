@@ -16,6 +16,7 @@ from lungddpm.diffusion.train import train
 from lungddpm.errors import LayoutError
 from lungddpm.io import Geometry, files_sha256, read_volume, write_volume
 from lungddpm.preprocessing.layout import read_case_pair
+from lungddpm.synthesis import volume_run
 from lungddpm.synthesis.layout_edit import NoduleBank, save_bank
 from lungddpm.synthesis.plan import plan, shard
 from lungddpm.synthesis.volume_run import synthesize_shard
@@ -165,6 +166,64 @@ def test_a_new_seed_new_inputs_or_a_new_bank_are_sampled_anew(tiny_model, tmp_pa
     save_bank(NoduleBank((ball_nodule(0, 14.0),)), other_bank)
     assert skipped(items, other_bank) == [False, False]  # another nodule bank
     assert skipped(items, other_bank, synth_config(samples_per_layout=1, precision="fp32")) == [False, False]
+
+
+def test_a_rerun_never_accepts_an_item_that_other_settings_made_or_half_rewrote(
+    tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back to the default timestep spacing after a quadratic run: sampled anew (the default is left out of the
+    settings, so the provenance's "quadratic" must count). A rerun with other settings killed after the image was
+    rewritten: the item is incomplete, so going back to the first settings samples it anew too."""
+    checkpoint, cts, layouts, _ = tiny_model
+    cases = {p.parent.name: p for p in cts}
+    lays = {p.name.removesuffix(".nii.gz"): p for p in layouts}
+    items = plan("eval", sorted(cases), 1, 0)[:1]
+
+    def skipped(config) -> list[bool]:
+        return [m["skipped"] for m in synthesize_shard("eval", items, config, checkpoint, cases, lays, tmp_path, None,
+                                                       threads=2)]  # fmt: skip
+
+    trailing, quadratic = (
+        synth_config(samples_per_layout=1),
+        synth_config(samples_per_layout=1, timestep_spacing="quadratic"),
+    )
+    assert skipped(trailing) == [False] and skipped(trailing) == [True]
+    assert skipped(quadratic) == [False] and skipped(quadratic) == [True]
+    assert skipped(trailing) == [False]
+    image = tmp_path / f"{items[0].name}.nii.gz"
+    first = image.read_bytes()
+    real_write = volume_run.write_volume
+
+    def killed_after_the_image(path: Path, *args, **kwargs) -> None:
+        real_write(path, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(volume_run, "write_volume", killed_after_the_image)
+    with pytest.raises(KeyboardInterrupt):
+        skipped(synth_config(samples_per_layout=1, steps=4))
+    monkeypatch.undo()
+    assert image.read_bytes() != first and not (tmp_path / f"{items[0].name}.json").exists()
+    assert skipped(trailing) == [False] and image.read_bytes() == first
+
+
+def test_an_impossible_augment_names_the_bank_or_the_layout_and_the_keys(tiny_model, tmp_path: Path) -> None:
+    checkpoint, cts, layouts, bank = tiny_model
+    cases = {p.parent.name: p for p in cts}
+    lays = {p.name.removesuffix(".nii.gz"): p for p in layouts}
+    items = plan("augment", sorted(cases), 1, 0)[:1]
+
+    def augment(**layout_edit: object) -> None:
+        raw = dict(synth_config(samples_per_layout=1).raw)
+        raw["layout_edit"] = {**raw["layout_edit"], **layout_edit}
+        cfg = type(synth_config()).from_dict(raw)
+        synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
+
+    with pytest.raises(LayoutError, match=rf"{bank.name}: none of its \d+ nodules matches layout_edit \(diameter_mm "
+                                          r"\[90, 95\].*min_readers 1\); widen"):  # fmt: skip
+        augment(diameter_mm=[90, 95])
+    with pytest.raises(LayoutError, match=rf"{lays['case0'].name} \(item case0_0\): could not place 4000 nodule.*; "
+                                          "lower layout_edit.insert"):  # fmt: skip
+        augment(insert=4000, max_attempts=1)
 
 
 def test_bad_layouts_are_refused(tmp_path: Path) -> None:
