@@ -175,12 +175,10 @@ def insert_nodules(
     Each lies wholly inside the lung, at least ``border`` voxels from the grid's faces (the lesion scale keeps its
     generated region off the ROI's faces), and does not touch any other nodule (existing or inserted); a nodule that
     finds no place in ``max_attempts`` random positions is replaced by another draw, and if none fits a
-    :class:`LayoutError` names the layout.
+    :class:`LayoutError` says so (the caller names the layout and its settings).
     """
     if not candidates and k:
-        raise LayoutError(
-            "no bank nodule matches the insertion filters (layout_edit.diameter_mm, texture, malignancy); widen them"
-        )
+        raise LayoutError("no bank nodule to insert: no candidate passed the insertion filters")
     out = layout.copy()
     edits: list[dict[str, Any]] = []
     for _ in range(k):
@@ -194,7 +192,7 @@ def insert_nodules(
             off = f", {border} voxel(s) off its faces," if border else ""
             raise LayoutError(
                 f"could not place {k} nodule(s) inside the lung{off} without touching another nodule after "
-                f"{10 * max_attempts} tries; lower layout_edit.insert or the diameters"
+                f"{10 * max_attempts} tries"
             )
         sl = tuple(slice(o, o + s) for o, s in zip(placed, mask.shape))
         out[sl][mask] = NODULE

@@ -74,7 +74,7 @@ def test_inserted_nodules_lie_in_the_lung_and_never_touch() -> None:
 
 def test_impossible_edits_fail_clearly() -> None:
     layout = toy_layout()
-    with pytest.raises(LayoutError, match="no bank nodule matches"):
+    with pytest.raises(LayoutError, match="no bank nodule to insert"):
         insert_nodules(layout, GEOM, [], 1, np.random.default_rng(0))
     huge = BankNodule(0, "LIDC-IDRI-0001", np.ones((40, 100, 100), bool), (2.5, 0.7, 0.7), 80.0, 5, 5, 4)
     with pytest.raises(LayoutError, match="could not place 1 nodule"):
