@@ -108,6 +108,7 @@ rule lesion_fidelity:
         gallery=report("results/metrics/lesion/gallery.png", category="Lesion scale", caption="../report/lesion_gallery.rst"),
     params:
         settings=lesion_settings("fidelity", "texture_hu"),
+        patients=PATIENTS,  # the independent unit of the floor's halves and the bootstraps
     log:
         "logs/lesion_fidelity.log",
     benchmark:

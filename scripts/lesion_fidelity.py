@@ -11,4 +11,4 @@ with rule_logging(snakemake.log[0]):
     items = lesion_outputs([Path(m) for m in inp.manifests], "roi")
     settings = fidelity_settings(snakemake.config["lesion"])
     lesion_fidelity([Path(t) for t in inp.tables], items, settings, Path(out.table), Path(out.profiles),
-                    Path(out.gallery))  # fmt: skip
+                    Path(out.gallery), dict(snakemake.params.patients))  # fmt: skip

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..data.images import patient_of
 from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, kid
 from .features import FeatureExtractor, build_extractor, cached_features
-from .sets import MetricsError, Pair, Volume, real_halves
+from .sets import MetricsError, Pair, Volume, real_halves, series_patient
 from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ SYNTHETIC_VS_REAL = "synthetic-vs-real"
 REAL_VS_REAL = "real-vs-real"
 PAIRED = "synthetic-vs-real (paired)"
 VOXEL_METRICS = ("mse", "mae", "psnr", "ssim")
-SERIES_SUFFIX = re.compile(r"(.+)_s\d+$")  # lungddpm's LIDC case ids: <patient>_s<n> for a patient's n-th series
 
 
 def _subsample(size: int, n: int, rng: np.random.Generator) -> list[int]:
@@ -271,10 +269,7 @@ def folder_patient(name: str, patient_regex: str | None = None) -> str:
     """The patient of a real volume ``name``: the first group of ``patient_regex`` (``data.images.patient_regex``,
     as ``patient_of``) when given, else the name less a ``_s<n>`` series suffix (``LIDC-IDRI-0365_s2`` ->
     ``LIDC-IDRI-0365``), else the name itself."""
-    if patient_regex:
-        return patient_of(name, patient_regex)
-    m = SERIES_SUFFIX.fullmatch(name)
-    return m.group(1) if m else name
+    return patient_of(name, patient_regex) if patient_regex else series_patient(name)
 
 
 def folder_sets(

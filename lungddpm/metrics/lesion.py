@@ -7,15 +7,16 @@ boundary (depth measured as the profile's distance). Per set of nodules: the poo
 HU mean and SD (a pooled histogram can hide a bright core behind a dark rim), the pooled solid fraction, the mean
 profile and its sharpness (HU drop per mm across the boundary, the central difference of the mean profile at +-1
 step). Distances between two sets: the Wasserstein-1 distance of the pooled HU histograms, the differences of those
-statistics and the mean absolute difference of the profiles; W1 with a percentile bootstrap interval over nodules
-(both sets resampled, nodules kept whole), and for the synthetic row the excess over the floor, W1(synthetic, B) -
-W1(A, B), with a paired interval (A, B and the synthetic set resampled together): an interval above 0 says that the
-synthetic nodules are further from real ones than real ones are from each other, beyond the sampling of nodules.
-The same for the cores: the W1 of their pooled HU histograms, and its excess over the floor from the same paired
-draws (a bright, variable core weighs little in the whole nodule's histogram of a small nodule).
+statistics and the mean absolute difference of the profiles; W1 with a percentile bootstrap interval, and for the
+synthetic row the excess over the floor, W1(synthetic, B) - W1(A, B), with a paired interval (A, B and the synthetic
+set resampled together): an interval above 0 says that the synthetic nodules are further from real ones than real
+ones are from each other, beyond the sampling of patients. The same for the cores (a bright, variable core weighs
+little in the whole nodule's histogram of a small nodule): the W1 of their pooled HU histograms and its excess.
 
-The floor: the real nodules of a class split into two seeded disjoint halves A and B; the synthetic nodules are
-compared with the same half B, so a synthetic row and its floor row share their reference.
+The floor: the real nodules of a class split into two seeded halves A and B of disjoint patients; the synthetic
+nodules are compared with the same half B. Every bootstrap draws whole patients (:attr:`Nodule.unit`), nodules kept
+whole: one patient's nodules share scanner, kernel and noise, a patient's two series (``<patient>_s<n>``) hold the
+same physical nodules, and the k synthetic nodules of a site share its CT.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from scipy import ndimage as ndi
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import read_volume, write_csv
 from ..preprocessing.layout import NODULE
-from .distribution import bootstrap_distance, w1
+from .distribution import bootstrap_distance, cluster_draw, group_members, w1
+from .sets import series_patient
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ class FidelitySettings:
 @dataclass(frozen=True)
 class Nodule:
     """One nodule: ``hu`` [N] inside it, ``core`` [M <= N] its core's, ``profile`` [B] (HU per distance bin),
-    ``crop`` [H, W] (axial slice)."""
+    ``crop`` [H, W] (axial slice); ``case`` (real: its CT; synthetic: the CT of its site) and that case's
+    ``patient`` ("" when unknown)."""
 
     name: str
     texture_class: str
@@ -72,6 +75,18 @@ class Nodule:
     solid_fraction: float
     profile: np.ndarray
     crop: np.ndarray
+    case: str = ""
+    patient: str = ""
+
+    @property
+    def unit(self) -> str:
+        """The independent unit of the split and the bootstraps: the patient, else the case, else the nodule."""
+        return self.patient or self.case or self.name
+
+
+def patient_of_case(case: str, patients: Mapping[str, str] | None = None) -> str:
+    """The patient of ``case``: ``patients[case]`` (the workflow's), else the case id less a ``_s<n>`` series suffix."""
+    return (patients or {}).get(case) or series_patient(case)
 
 
 def profile_bins(s: FidelitySettings) -> np.ndarray:
@@ -105,14 +120,15 @@ def margin_profile(
     return out
 
 
-def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: float, s: FidelitySettings) -> Nodule:
+def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: float, s: FidelitySettings,
+            case: str = "", patient: str = "") -> Nodule:  # fmt: skip
     """One nodule's statistics; ``mask`` [Z, Y, X] bool must be non-empty."""
     hu = ct[mask].astype(np.float64)
     signed = signed_distance(mask, spacing_mm)  # one pair of distance transforms for the core and the profile
     core = ct[mask & (signed <= -s.core_mm)].astype(np.float64)
     z = round(np.argwhere(mask)[:, 0].mean())
     return Nodule(name, cls, hu, core, float(np.mean(hu >= s.solid_hu)), margin_profile(ct, mask, spacing_mm,
-                  profile_bins(s), signed), ct[z].astype(np.float32))  # fmt: skip
+                  profile_bins(s), signed), ct[z].astype(np.float32), case, patient)  # fmt: skip
 
 
 def mean_profile(nodules: Sequence[Nodule]) -> np.ndarray:
@@ -172,12 +188,13 @@ def excess_intervals(
     rng: np.random.Generator,
 ) -> dict[str, tuple[float, float]]:
     """Paired percentile bootstrap intervals of W1(syn, b) - W1(a, b), of the pooled HU (``"w1"``) and of the
-    pooled core HU (``"core_w1"``), from the same draws: each resample draws the nodules of all three sets with
-    replacement and measures both distances to the same resampled ``b``. A core resample with an empty set is
-    left out; (NaN, NaN) for 0 resamples or when no core resample is left."""
+    pooled core HU (``"core_w1"``), from the same draws: each resample draws the units (patients) of all three sets
+    with replacement, whole, and measures both distances to the same resampled ``b``. A core resample with an empty
+    set is left out; (NaN, NaN) for 0 resamples or when no core resample is left."""
     d = np.full((2, max(resamples, 0)), np.nan)
+    units = [group_members([n.unit for n in x]) for x in (a, syn, b)]
     for i in range(resamples):
-        ia, isyn, ib = (rng.integers(len(x), size=len(x)) for x in (a, syn, b))
+        ia, isyn, ib = (cluster_draw(u, rng) for u in units)
         for k, field in enumerate(("hu", "core")):
             ref = _pooled(b, ib, field)
             d[k, i] = _w1_or_nan(_pooled(syn, isyn, field), ref) - _w1_or_nan(_pooled(a, ia, field), ref)
@@ -193,10 +210,10 @@ def compare_sets(
     seed: int | Sequence[int] = 0,
 ) -> dict[str, Any]:
     """One table row of set ``a`` against set ``b`` (both non-empty). W1's percentile bootstrap interval (level
-    ``ci``) comes from ``resamples`` draws (seeded by ``seed``) of the nodules of ``a`` and of ``b`` with
-    replacement, each nodule whole (its voxels are not independent of each other); NaN for 0 resamples. A
+    ``ci``) comes from ``resamples`` draws (seeded by ``seed``) of the units (patients) of ``a`` and of ``b`` with
+    replacement, whole (neither a nodule's voxels nor a patient's nodules are independent); NaN for 0 resamples. A
     distance's resamples lie above 0 even for a set against itself, so the floor row's interval also shows how far
-    apart the sampling of nodules alone puts two sets."""
+    apart the sampling of patients alone puts two sets."""
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
 
     def pooled_w1(ia: np.ndarray, ib: np.ndarray) -> float:  # of two resamples of nodule indices
@@ -204,7 +221,8 @@ def compare_sets(
 
     all_a, all_b = np.arange(len(a)), np.arange(len(b))
     if resamples > 0:
-        dist, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1)
+        dist, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1,
+                                             groups_a=[n.unit for n in a], groups_b=[n.unit for n in b])  # fmt: skip
     else:
         dist, low, high = pooled_w1(all_a, all_b), float("nan"), float("nan")
     return {
@@ -240,21 +258,22 @@ def matched_rows(
     """The floor and the synthetic row with real halves ``a`` and ``b`` size-matched to ``syn``
     (:func:`size_matched`; ``n_a``/``n_b``: the distinct nodules used; in the pooled histograms a real nodule matched
     k times weighs k times). Every interval comes from the same ``s.bootstrap`` resamples, each drawing ``a``, ``b``
-    and ``syn`` with replacement (the unit: a distinct nodule) and matching again: both rows' W1 and the synthetic
-    row's excesses (paired). Two caveats. The matched halves hold few distinct real nodules and ``syn`` many, so the
+    and ``syn`` by unit (patient) with replacement and matching again: both rows' W1 and the synthetic row's
+    excesses (paired). Two caveats. The matched halves hold few distinct real nodules and ``syn`` many, so the
     matched floor is noisier, hence larger, than a synthetic set like the real one would be from B: the excess leans
-    below 0 (with synthetic nodules drawn like the real ones, true excess 0: about -4 HU for 20 synthetic and -11 HU
-    for 80, against 20 real per half). And a nearest-neighbour match is not smooth in the resample (a resample
-    matches from about 63 % of the distinct nodules, so less closely), so its percentile intervals are approximate."""
+    below 0 (with synthetic nodules drawn like the real ones, true excess 0, a nodule per patient: about -4 HU for 20
+    synthetic and -11 HU for 80, against 20 real per half). And a nearest-neighbour match is not smooth in the
+    resample (a resample matches from about 63 % of the distinct nodules, so less closely): approximate intervals."""
     ma, mb = size_matched(syn, a), size_matched(syn, b)
     floor, synth = compare_sets(ma, mb, s.profile_step_mm), compare_sets(syn, mb, s.profile_step_mm)
     floor.update(n_a=len({id(n) for n in ma}), n_b=len({id(n) for n in mb}), **dict.fromkeys(EXCESS, float("nan")))
     synth["n_b"] = floor["n_b"]
     rng, resamples = np.random.default_rng(seed), max(s.bootstrap, 0)
     d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
+    u_syn, u_a, u_b = (group_members([n.unit for n in x]) for x in (syn, a, b))
     for i in range(resamples):
-        t = [syn[j] for j in rng.integers(len(syn), size=len(syn))]
-        ra, rb = (size_matched(t, [h[j] for j in rng.integers(len(h), size=len(h))]) for h in (a, b))
+        t = [syn[j] for j in cluster_draw(u_syn, rng)]
+        ra, rb = (size_matched(t, [h[j] for j in cluster_draw(u, rng)]) for h, u in ((a, u_a), (b, u_b)))
         for k, field in enumerate(("hu", "core")):
             ref = _pooled(rb, np.arange(len(rb)), field)
             d[2 * k : 2 * k + 2, i] = [_w1_or_nan(_pooled(x, np.arange(len(x)), field), ref) for x in (ra, t)]
@@ -268,16 +287,37 @@ def matched_rows(
             {"comparison": "synthetic vs real B, size-matched", **synth}]  # fmt: skip
 
 
-def real_nodules(tables: Sequence[Path], s: FidelitySettings) -> list[Nodule]:
-    """The real nodules of ``rois.csv`` tables: each nodule's first ROI, its voxels of its own texture class."""
+def patient_halves(nodules: Sequence[Nodule], seed: int | Sequence[int]) -> tuple[list[Nodule], list[Nodule]]:
+    """Two disjoint halves (A, B) of ``nodules`` by unit (:attr:`Nodule.unit`, the patient): the units in a seeded
+    order, A the shortest run of them from the start whose nodules come closest to half, B the rest; a unit's
+    nodules all in one half. One nodule per unit: the seeded halves of the nodules. Under two units: ([], all)."""
+    units = group_members([n.unit for n in nodules])
+    if len(units) < 2:
+        return [], list(nodules)
+    order = np.random.default_rng(seed).permutation(len(units))
+    held = np.cumsum([len(units[u]) for u in order])[:-1]  # nodules in A when it takes the first 1, 2, ... units
+    cut = int(np.argmin(np.abs(held - len(nodules) / 2))) + 1
+    half_a, half_b = ([nodules[i] for u in part for i in units[u]] for part in (order[:cut], order[cut:]))
+    return half_a, half_b
+
+
+def real_nodules(
+    tables: Sequence[Path], s: FidelitySettings, patients: Mapping[str, str] | None = None
+) -> list[Nodule]:
+    """The real nodules of ``rois.csv`` tables: each nodule's first ROI, its voxels of its own texture class (the
+    ROI's own nodule), with its case and patient (:func:`patient_of_case`)."""
     from ..preprocessing.rois import real_nodule_rois
 
-    return [measure(r["roi"], r["texture_class"], ct, m, g.spacing[0], s) for r, ct, g, m in real_nodule_rois(tables)]
+    return [measure(r["roi"], r["texture_class"], ct, m, g.spacing[0], s, r["case_id"],
+                    patient_of_case(r["case_id"], patients)) for r, ct, g, m in real_nodule_rois(tables)]  # fmt: skip
 
 
-def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -> list[Nodule]:
+def synthetic_nodules(
+    items: Sequence[Mapping[str, Any]], s: FidelitySettings, patients: Mapping[str, str] | None = None
+) -> list[Nodule]:
     """The lesion run's inserted nodules (``datasets.lesion_outputs(..., "roi")``): the inpainted ROI inside its
-    layout's nodule label, classed by the texture requested (``any`` when unconditional)."""
+    layout's nodule label, classed by the texture requested (``any`` when unconditional), with its site's case
+    (``case_id``) and that case's patient (:func:`patient_of_case`)."""
     out = []
     for it in items:
         ct, geometry = read_volume(it["image"])
@@ -285,7 +325,9 @@ def synthetic_nodules(items: Sequence[Mapping[str, Any]], s: FidelitySettings) -
         mask = layout == NODULE
         if not mask.any():
             raise ValueError(f"{it['layout']}: no nodule label in a lesion-run ROI; rerun synthesize_lesion")
-        out.append(measure(it["id"], it.get("texture") or "any", ct, mask, geometry.spacing[0], s))
+        case = str(it.get("case_id") or "")
+        out.append(measure(it["id"], it.get("texture") or "any", ct, mask, geometry.spacing[0], s, case,
+                           patient_of_case(case, patients)))  # fmt: skip
     return out
 
 
@@ -294,13 +336,15 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
     real B``, each with its W1 interval (``s.bootstrap`` resamples), the synthetic row also with its excesses over
     the floor, of W1 and of the cores' W1 (NaN where the class has no floor, or its floor no core); then the same
     two rows with the real halves size-matched to the synthetic nodules (:func:`matched_rows`). A class without
-    the nodules for a row has none."""
+    the nodules for a row has none, a class whose real nodules are one patient's (:attr:`Nodule.unit`) no floor."""
     rows = []
     for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
         r = [n for n in real if cls in (ALL, n.texture_class)]
         syn = [n for n in synthetic if cls in (ALL, n.texture_class)]
-        perm = np.random.default_rng([s.seed, k]).permutation(len(r))
-        half_a, half_b = [r[i] for i in perm[: len(r) // 2]], [r[i] for i in perm[len(r) // 2 :]]
+        half_a, half_b = patient_halves(r, [s.seed, k])
+        log.log(logging.INFO if half_a or not r else logging.WARNING, "%s: real half A %d nodules of %d patients, "
+                "half B %d of %d%s", cls, len(half_a), len({n.unit for n in half_a}), len(half_b),
+                len({n.unit for n in half_b}), "" if half_a or not r else ": one patient, no floor")  # fmt: skip
         for j, (name, a) in enumerate((("real A vs real B", half_a), ("synthetic vs real B", syn))):
             if a and half_b:
                 seed = [s.seed, k, j]  # each row its own draws: rows do not shift each other
@@ -314,13 +358,12 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
                 synth.update({f"{key}_excess_hu": synth[f"{key}_hu"] - floor[f"{key}_hu"],
                               f"{key}_excess_ci_low": low, f"{key}_excess_ci_high": high})  # fmt: skip
             rows += [{"texture_class": cls, **r} for r in matched_rows(half_a, syn, half_b, s, [s.seed, k, 3])]
+    logged = ("texture_class", "comparison", "w1_hu", "w1_ci_low", "w1_ci_high", *EXCESS[:3], "mean_hu_a",
+              "mean_hu_b", "solid_fraction_a", "solid_fraction_b", "core_w1_hu", *EXCESS[3:], "n_a", "n_b")  # fmt: skip
     for row in rows:
         log.info("%s %s: W1 %.1f HU (%.1f-%.1f; over the floor %.1f, %.1f-%.1f), mean %.0f vs %.0f HU, solid %.2f "
-                 "vs %.2f, core W1 %.1f HU (over the floor %.1f, %.1f-%.1f) (n %d vs %d)", row["texture_class"],
-                 row["comparison"], row["w1_hu"], row["w1_ci_low"], row["w1_ci_high"], row["w1_excess_hu"],
-                 row["w1_excess_ci_low"], row["w1_excess_ci_high"], row["mean_hu_a"], row["mean_hu_b"],
-                 row["solid_fraction_a"], row["solid_fraction_b"], row["core_w1_hu"], row["core_w1_excess_hu"],
-                 row["core_w1_excess_ci_low"], row["core_w1_excess_ci_high"], row["n_a"], row["n_b"])  # fmt: skip
+                 "vs %.2f, core W1 %.1f HU (over the floor %.1f, %.1f-%.1f) (n %d vs %d)",
+                 *map(row.get, logged))  # fmt: skip
     return rows
 
 
@@ -338,13 +381,16 @@ def lesion_fidelity(
     table: Path,
     profiles: Path,
     montage: Path,
+    patients: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The fidelity table (``table``, COLUMNS) of the lesion run's nodules (``items``) against the real nodules of
-    ``tables``, with the margin profiles (``profiles``) and the gallery (``montage``), both PNG."""
-    real, synthetic = real_nodules(tables, s), synthetic_nodules(items, s)
-    if not real or not synthetic:
-        raise ValueError(f"lesion fidelity needs real and synthetic nodules: {len(real)} real, {len(synthetic)} "
-                         "synthetic; check the ROI tables and the lesion run")  # fmt: skip
+    ``tables``, with the margin profiles (``profiles``) and the gallery (``montage``), both PNG; ``patients``: case
+    id -> patient id (the split's; else :func:`patient_of_case`'s guess from the case id)."""
+    real, synthetic = real_nodules(tables, s, patients), synthetic_nodules(items, s, patients)
+    if not synthetic or len(units := {n.unit for n in real}) < 2:
+        raise ValueError(f"lesion fidelity needs synthetic nodules and real ones of two patients (disjoint halves): "
+                         f"{len(synthetic)} synthetic, {len(real)} real of {len(units)} patient(s); check the ROI "
+                         "tables and lesion run, or add CTs with nodules (data.demo.n_scans, data.cases)")  # fmt: skip
     from .lesion_figures import gallery, plot_profiles
 
     rows = fidelity(real, synthetic, s)

@@ -38,18 +38,31 @@ def plot_profiles(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: Fideli
     plt.close(fig)
 
 
+OTHER = "any / unknown"  # the gallery's rows of the nodules of no texture class
+
+
+def gallery_rows(real: Sequence[Nodule], synthetic: Sequence[Nodule], per_row: int) -> list[tuple[str, list[Nodule]]]:
+    """(label, up to ``per_row`` nodules) per row of the gallery: per texture class a synthetic and a real row,
+    then, where any nodule has no texture class (synthetic ``any`` of an unconditional run, real ``unknown`` of an
+    unrated label map), a synthetic and a real row of those (:data:`OTHER`)."""
+
+    def row_class(n: Nodule) -> str:
+        return n.texture_class if n.texture_class in TEXTURE_CLASSES else OTHER
+
+    classes = [*TEXTURE_CLASSES, *[OTHER] * any(row_class(n) == OTHER for n in (*real, *synthetic))]
+    return [(f"{label} {cls}", [n for n in group if row_class(n) == cls][:per_row]) for cls in classes
+            for label, group in (("synthetic", synthetic), ("real", real))]  # fmt: skip
+
+
 def gallery(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings, path: Path) -> None:
-    """Per texture class two rows: up to ``gallery`` synthetic nodules, then as many real ones (the axial slice
-    through each nodule's centre, lung window)."""
+    """The rows of :func:`gallery_rows`: up to ``gallery`` nodules each (the axial slice through each nodule's
+    centre, lung window)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
-    for cls in TEXTURE_CLASSES:
-        for label, group in (("synthetic", synthetic), ("real", real)):
-            rows.append((f"{label} {cls}", [n for n in group if n.texture_class == cls][: s.gallery]))
+    rows = gallery_rows(real, synthetic, s.gallery)
     n_col = max(1, s.gallery)
     fig, axes = plt.subplots(len(rows), n_col, figsize=(1.6 * n_col, 1.7 * len(rows)), squeeze=False)
     for axrow, (label, group) in zip(axes, rows):

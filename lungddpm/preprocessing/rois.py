@@ -259,10 +259,27 @@ def read_roi_table(path: Path) -> list[dict[str, str]]:
     return read_csv(path)
 
 
+def own_nodule(mask: np.ndarray, geometry: Geometry, row: dict[str, str]) -> np.ndarray:
+    """The voxels of ``mask`` [D, H, W] (an ROI's nodule voxels of one class) that are the ROI's own nodule: the
+    26-connected components within its radius (``diameter_mm`` / 2, 0 if not recorded, + a voxel) of its centroid
+    (``nodule_x/y/z``, else the ROI's centre), and the one nearest to it; another nodule of the class is left out."""
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return mask
+    keys = ("nodule_x", "nodule_y", "nodule_z")
+    centre = (geometry.world_to_index(np.array([float(row[k]) for k in keys]))[0] if all(row.get(k) for k in keys)
+              else (np.array(mask.shape) - 1) / 2)  # fmt: skip
+    voxels = np.argwhere(mask)
+    dist = np.linalg.norm((voxels - centre) * np.asarray(geometry.spacing), axis=1)  # mm; spacing is (z, y, x)
+    near = labels[tuple(voxels.T)]
+    reach = float(row.get("diameter_mm") or 0) / 2 + max(geometry.spacing)
+    return np.isin(labels, [near[np.argmin(dist)], *near[dist <= reach]])
+
+
 def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], np.ndarray, Geometry, np.ndarray]]:
     """Each real nodule's first ROI in ``rois.csv`` tables: (row, HU [D, H, W], geometry, bool mask of its own
-    texture class's voxels, or of the unrated nodule voxels for class ``unknown``), for nodules whose mask is not
-    empty."""
+    texture class's voxels, or of the unrated nodule voxels for class ``unknown``, of that nodule only
+    (:func:`own_nodule`)), for nodules whose mask is not empty."""
     from .layout import NODULE
 
     for table in tables:
@@ -276,7 +293,7 @@ def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], n
             else:
                 mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
             if mask.any():
-                yield row, ct, geometry, mask
+                yield row, ct, geometry, own_nodule(mask, geometry, row)
 
 
 def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float], name: str) -> np.ndarray:

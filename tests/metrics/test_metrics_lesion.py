@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 
 from lungddpm.io import Geometry, write_csv, write_volume
 from lungddpm.metrics.lesion import (
+    COLUMNS,
     FidelitySettings,
     compare_sets,
     excess_intervals,
@@ -20,9 +21,13 @@ from lungddpm.metrics.lesion import (
     margin_profile,
     matched_rows,
     measure,
+    patient_halves,
+    patient_of_case,
     profile_bins,
+    real_nodules,
     size_matched,
 )
+from lungddpm.metrics.lesion_figures import OTHER, gallery_rows
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
 S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0, core_mm=1.0)
@@ -181,7 +186,7 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
         ct, mask = _sphere(-40.0 * i, -820.0)
         write_volume(tmp_path / f"n{i}_ct.nii.gz", ct.astype(np.int16), g)
         write_volume(tmp_path / f"n{i}_tex.nii.gz", np.where(mask, 3, 0).astype(np.uint8), g)  # 3 = solid's label
-        rows.append({"roi": f"c_n{i + 1}_0", "case_id": "c", "kind": "nodule", "texture_class": "solid",
+        rows.append({"roi": f"c_n{i + 1}_0", "case_id": f"c{i}", "kind": "nodule", "texture_class": "solid",
                      "ct": f"n{i}_ct.nii.gz", "layout": "", "texture_map": f"n{i}_tex.nii.gz"})  # fmt: skip
     write_csv(tmp_path / "rois.csv", rows, ROI_COLUMNS)
     ct, mask = _sphere(-200.0, -820.0, radius=3.0)
@@ -226,3 +231,77 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     bad = [{**items[0], "layout": tmp_path / "n0_tex.nii.gz"}]  # no label 2
     with pytest.raises(ValueError, match="no nodule label"):
         lesion_fidelity([tmp_path / "rois.csv"], bad, S, out / "f.csv", out / "p.png", out / "g.png")
+    # the patients map (the workflow's splits) names the unit; all four nodules of one patient: no floor, refused
+    one = {f"c{i}": "p" for i in range(4)}
+    assert {(n.case, n.patient) for n in real_nodules([tmp_path / "rois.csv"], S, one)} == {(f"c{i}", "p") for i in
+                                                                                          range(4)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"real ones of two patients .*4 real of 1 patient\(s\)"):
+        lesion_fidelity([tmp_path / "rois.csv"], items, S, out / "f.csv", out / "p.png", out / "g.png", one)
+
+
+def _patients(hus: list[float], copies: int, tag: str, radius: float = 4.0) -> list:
+    """One nodule per patient ``{tag}{i}`` of HU ``hus[i]``, each ``copies`` times (as two series of a patient, or
+    ``samples_per_case`` nodules at one site): identical voxels, distinct names."""
+    return [measure(f"{tag}{i}_{c}", "solid", *_sphere(hu, -800.0, radius=radius + 0.5 * (i % 3)), 1.0, S,
+                    f"{tag}{i}_s{c + 1}", f"{tag}{i}") for i, hu in enumerate(hus) for c in range(copies)]  # fmt: skip
+
+
+def test_halves_and_bootstraps_go_by_patient() -> None:
+    """A patient's nodules are one unit: a real set whose patients each hold 3 copies of one nodule, and a synthetic
+    set of 2 copies per site, give the floor, W1, excesses and all their intervals of one nodule per patient."""
+    s = dataclasses.replace(S, bootstrap=120)
+    real_hu, syn_hu = [-40.0 * i for i in range(8)], [-60.0 - 50.0 * j for j in range(3)]
+    once = fidelity(_patients(real_hu, 1, "p"), _patients(syn_hu, 1, "q"), s)
+    copied = fidelity(_patients(real_hu, 3, "p"), _patients(syn_hu, 2, "q"), s)
+    assert len(once) == len(copied) == 8 and all(np.isfinite(r["w1_ci_low"]) for r in copied)
+    for a, b in zip(once, copied, strict=True):
+        assert (a["texture_class"], a["comparison"]) == (b["texture_class"], b["comparison"])
+        for key in COLUMNS[4:]:
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-9, nan_ok=True), (a["comparison"], key)
+        if not a["comparison"].endswith("size-matched"):  # matched rows count distinct nodules
+            assert (b["n_a"], b["n_b"]) == ((2 if a["comparison"].startswith("syn") else 3) * a["n_a"], 3 * a["n_b"])
+    floor = next(r for r in copied if r["comparison"] == "real A vs real B")
+    assert floor["w1_hu"] > 0.0 and floor["w1_ci_low"] < floor["w1_ci_high"]  # copies never sit on both sides
+
+
+def test_patient_halves_are_patient_disjoint() -> None:
+    counts = [5, 1, 1, 2, 1, 3, 1]  # nodules per patient
+    real = [measure(f"r{p}_{k}", "solid", *_sphere(-30.0 * p, -800.0), 1.0, S, f"P{p}_s{k % 2}", f"P{p}")
+            for p, n in enumerate(counts) for k in range(n)]  # fmt: skip
+    for seed in range(12):
+        a, b = patient_halves(real, [seed, 3])
+        units_a, units_b = {n.unit for n in a}, {n.unit for n in b}
+        assert not units_a & units_b and units_a | units_b == {f"P{p}" for p in range(len(counts))}
+        assert len(a) + len(b) == 14 and 4 <= len(a) <= 10  # about half of the nodules (as whole patients allow)
+        assert patient_halves(real, [seed, 3]) == (a, b)  # seeded
+    single = [measure(f"s{i}", "solid", *_sphere(-30.0 * i, -800.0), 1.0, S) for i in range(7)]  # own units
+    perm = np.random.default_rng([0, 2]).permutation(7)  # one nodule per patient: the seeded halves of the nodules
+    assert patient_halves(single, [0, 2]) == ([single[i] for i in perm[:3]], [single[i] for i in perm[3:]])
+    assert patient_halves(real[:5], [0, 2]) == ([], real[:5])  # one patient: no halves
+    rows = fidelity(real, single[:2], S)  # the floor's n: a prefix of whole patients
+    floor = next(r for r in rows if r["texture_class"] == "solid" and r["comparison"] == "real A vs real B")
+    assert (floor["n_a"], floor["n_b"]) == tuple(map(len, patient_halves(real, [S.seed, 2])))
+    assert patient_of_case("LIDC-IDRI-0365_s2") == "LIDC-IDRI-0365" == patient_of_case("LIDC-IDRI-0365")
+    assert patient_of_case("ct_7", {"ct_7": "anon-3"}) == "anon-3" and patient_of_case("") == ""
+
+
+def test_a_class_of_one_patient_has_no_floor(caplog: pytest.LogCaptureFixture) -> None:
+    real = _patients([-40.0 * i for i in range(4)], 1, "p")
+    real += [measure(f"g{k}", "ground-glass", *_sphere(-600.0 - 10 * k, -800.0), 1.0, S, "g_s1", "g") for k in range(3)]
+    syn = [measure("s", "ground-glass", *_sphere(-620.0, -800.0), 1.0, S, "q", "q")]
+    with caplog.at_level("WARNING"):
+        rows = fidelity(real, syn, S)
+    by = {(r["texture_class"], r["comparison"]): r for r in rows}
+    assert ("ground-glass", "real A vs real B") not in by and by["ground-glass", "synthetic vs real B"]["n_b"] == 3
+    assert np.isnan(by["ground-glass", "synthetic vs real B"]["w1_excess_hu"])
+    assert "ground-glass: real half A 0 nodules of 0 patients, half B 3 of 1: one patient, no floor" in caplog.text
+
+
+def test_gallery_shows_nodules_of_no_texture_class() -> None:
+    real = [*_patients([-40.0, -80.0], 1, "p"), measure("u", "unknown", *_sphere(-90.0, -800.0), 1.0, S)]
+    syn = [measure(f"a{i}", "any", *_sphere(-50.0, -800.0), 1.0, S) for i in range(3)]
+    rows = dict(gallery_rows(real, syn, 2))
+    assert rows[f"synthetic {OTHER}"] == syn[:2] and rows[f"real {OTHER}"] == [real[2]]
+    assert rows["real solid"] == real[:2] and rows["synthetic solid"] == []
+    assert list(dict(gallery_rows(real[:2], real[:1], 2))) == [f"{w} {c}" for c in ("ground-glass", "part-solid",
+                                                               "solid") for w in ("synthetic", "real")]  # fmt: skip

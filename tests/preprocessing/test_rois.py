@@ -58,3 +58,34 @@ def test_load_source_passes_the_unused_clusters_of_lidc(
     cfg = replace(cfg, data=replace(cfg.data, source=source, min_readers=min_readers))
     src = load_source("LIDC-IDRI-0001", tmp_path, cfg)
     assert list(src.avoid) == ([box] if asked else [])
+
+
+def test_real_nodule_rois_keep_the_rois_own_nodule(tmp_path: Path) -> None:
+    """Two solid nodules in one ROI: each nodule's ROI gives its own voxels only (not the other's size, HU and
+    centroid), a detached piece within its radius kept (the centroid voxel of a hollow nodule); ``unknown`` alike."""
+    from lungddpm.io import Geometry, write_csv
+    from lungddpm.preprocessing.rois import ROI_COLUMNS, real_nodule_rois
+
+    g = Geometry(spacing=(1.25, 1.25, 1.25), origin=(-10.0, -20.0, -30.0))
+    d2 = [sum((ax - c) ** 2 for ax, c in zip(np.mgrid[:24, :24, :24], centre)) for centre in ((11, 12, 12), (4, 4, 19))]
+    own = ((d2[0] > 2.5**2) & (d2[0] <= 3.5**2)) | (d2[0] == 0)  # a hollow ball and its centroid voxel, apart
+    other = d2[1] <= 2.5**2
+    ct = np.where(own, 40, np.where(other, -200, -850)).astype(np.int16)
+    for name, vol in (("ct", ct), ("layout", np.where(own | other, 2, 1)), ("tex", np.where(own | other, 3, 0))):
+        write_volume(tmp_path / f"{name}.nii.gz", vol.astype(np.int16 if name == "ct" else np.uint8), g)
+    write_volume(tmp_path / "zero.nii.gz", np.zeros(ct.shape, np.uint8), g)
+    world = [g.index_to_world(np.array([c]))[0] for c in ((11, 12, 12), (4, 4, 19))]
+    base = {"kind": "nodule", "case_id": "c", "texture_class": "solid", "ct": "ct.nii.gz", "layout": "layout.nii.gz",
+            "texture_map": "tex.nii.gz"}  # fmt: skip
+    at = [dict(zip(("nodule_x", "nodule_y", "nodule_z"), w)) for w in world]
+    rows = [
+        {**base, "roi": "c_n1_0", "diameter_mm": 8.75, **at[0]},
+        {**base, "roi": "c_n2_0", "diameter_mm": 6.25, **at[1]},
+        {**base, "roi": "c_n3_0", "diameter_mm": 8.75},  # no centroid recorded: around the ROI's centre
+        {**base, "roi": "c_n4_0", "diameter_mm": 8.75, "texture_class": "unknown", "texture_map": "zero.nii.gz"},
+    ]
+    write_csv(tmp_path / "rois.csv", rows, ROI_COLUMNS)
+    got = {row["roi"]: mask for row, _ct, _g, mask in real_nodule_rois([tmp_path / "rois.csv"])}
+    assert got["c_n1_0"].sum() == own.sum() and np.array_equal(got["c_n1_0"], own)
+    assert np.array_equal(got["c_n2_0"], other)
+    assert np.array_equal(got["c_n3_0"], own) and np.array_equal(got["c_n4_0"], own)
