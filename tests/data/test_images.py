@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,45 @@ def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path:
     write_image(tmp_path / "s0001" / "ct.nii.gz", _ct(), _series(_ct()))
     with pytest.raises(ImageError, match=r"s0001: a folder of volume files \(ct.nii.gz\), not a DICOM series; put "):
         read_ct(tmp_path / "s0001", -1024.0, 3071.0)
+
+
+def _write_non_axial_series(folder: Path, orientation: str, skip: int | None) -> None:
+    """12 coronal (slice n at y = -10 + 2n mm) or sagittal (x = -10 + 2n) 0.8 mm slices, rows along -z; slice n is
+    40 + n HU inside a soft-tissue rectangle. Written with pydicom (SimpleITK's DICOM writer resets the C locale)."""
+    hu = np.full((12, 32, 32), -1000.0, np.float32)
+    hu[:, 10:20, 8:24] = 40 + np.arange(12)[:, None, None]
+    uid = "1.2.826.0.1.3680043.2.1125.9." + ("1" if orientation == "coronal" else "2")
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", uid, 0.8, np.arange(12) * 2.0, 2.0, rows=32, cols=32)
+    paths = write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+    for n, path in enumerate(paths):
+        if n == skip:
+            path.unlink()
+            continue
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1] if orientation == "coronal" else [0, 1, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [-16, -10 + 2 * n, 50] if orientation == "coronal" else [-10 + 2 * n, -16, 50]
+        if "SliceLocation" in ds:
+            del ds.SliceLocation
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("orientation", ["coronal", "sagittal"])
+def test_a_non_axial_series_with_a_missing_slice_is_refused(tmp_path: Path, orientation: str) -> None:
+    """The gap check read only ImagePositionPatient's z, which a coronal or sagittal series keeps constant: a missing
+    slice passed and SimpleITK restacked the rest evenly, shifting every slice past the gap."""
+    _write_non_axial_series(tmp_path / "full", orientation, None)
+    series = read_ct(tmp_path / "full", -1024.0, 3071.0)
+    axis = 1 if orientation == "coronal" else 2  # the slice axis of the LPS [Z, Y, X] volume
+    origin, spacing = series.origin_xy[2 - axis], series.pixel_spacing[axis - 1]
+    slices = np.moveaxis(series.hu, axis, 0)
+    assert slices.shape[0] == 12 and spacing == pytest.approx(2.0)
+    assert [float(v) for v in slices.max(axis=(1, 2))] == [40.0 + n for n in range(12)]  # slice n ...
+    assert origin + spacing * np.arange(12) == pytest.approx(-10.0 + 2.0 * np.arange(12))  # ... at -10 + 2n mm
+    _write_non_axial_series(tmp_path / "gap", orientation, 5)
+    normal = "[0.0, 1.0, 0.0]" if orientation == "coronal" else "[-1.0, 0.0, 0.0]"
+    message = rf"gap: slices are not evenly spaced along the slice normal {re.escape(normal)} \(1 gap\(s\) unlike "
+    with pytest.raises(ImageError, match=message + r"the usual 2 mm: -2.00 to 2.00 mm\); slices are missing"):
+        read_ct(tmp_path / "gap", -1024.0, 3071.0)
 
 
 def _labels(shape: tuple[int, int, int]) -> np.ndarray:
