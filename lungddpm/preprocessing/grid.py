@@ -117,7 +117,8 @@ def resample(
     ``antialias`` low-passes before downsampling: block averages in-plane, then a Gaussian of sigma
     (factor - 1) / 2 voxels per axis, so a 0.7 mm CT becomes a clean 10 mm grid and a mask a coverage fraction.
     ``crop`` filters only the part of ``volume`` the target reaches (its filter and interpolation support
-    included): the same values, much faster for an ROI of a whole CT.
+    included): the same values, much faster for an ROI of a whole CT. Target voxels outside the field of view (more
+    than half a pixel or half a slice beyond the edge voxels) get ``fill``; inside it, the edge values extend.
     """
     block, sigma = 1, [0.0, 0.0, 0.0]
     if antialias:
@@ -130,18 +131,22 @@ def resample(
         if max(sigma) <= 0.05:
             sigma = [0.0, 0.0, 0.0]
     points = grid_points(target, size)
-    k_full, k0 = None, 0
+    full = grid.world_to_index(points)  # on the whole volume: k is BEYOND beyond its slices
+    n_i, n_j = volume.shape[1:3]
+    outside = (full[:, 0] == BEYOND) | (np.abs(full[:, 1] - (n_i - 1) / 2) > n_i / 2)
+    outside |= np.abs(full[:, 2] - (n_j - 1) / 2) > n_j / 2  # the FOV ends half a pixel beyond the edge pixels
+    k0 = 0
     ranges = _support(grid, target, size, volume.shape, block, sigma) if crop else None
     if ranges and any(r != (0, n) for r, n in zip(ranges, volume.shape)):
-        k_full = grid.world_to_index(points)[:, 0]  # BEYOND beyond the whole grid's slices
         (k0, k1), (i0, i1), (j0, j1) = ranges
         volume = volume[k0:k1, i0:i1, j0:j1]
         grid = grid.crop(k0, i0, j0, k1 - k0)
     vol = np.asarray(volume, dtype=np.float32)
-    if block > 1:
+    if block > 1:  # a trailing partial block is padded with its edge values: the FOV's edge keeps its own values
         k, i, j = vol.shape
-        i2, j2 = i // block * block, j // block * block
-        vol = vol[:, :i2, :j2].reshape(k, i2 // block, block, j2 // block, block).mean(axis=(2, 4))
+        i2, j2 = -(-i // block) * block, -(-j // block) * block
+        vol = np.pad(vol, ((0, 0), (0, i2 - i), (0, j2 - j)), mode="edge")
+        vol = vol.reshape(k, i2 // block, block, j2 // block, block).mean(axis=(2, 4))
         grid = replace(
             grid,
             row_spacing=grid.row_spacing * block,
@@ -151,10 +156,11 @@ def resample(
         )
     if max(sigma) > 0:
         vol = ndi.gaussian_filter(vol, sigma=sigma, mode="nearest")
-    idx = grid.world_to_index(points)
-    if k_full is not None:
-        idx[:, 0] = np.where(k_full == BEYOND, BEYOND, k_full - k0)
-    out = ndi.map_coordinates(vol, idx.T, order=order, mode="constant", cval=fill, prefilter=False)
+    idx = grid.world_to_index(points, flag_beyond=False)
+    idx[:, 0] = full[:, 0] - k0  # the whole volume's slice positions, as the crop's slices
+    idx[outside] = 0.0  # filled below
+    out = ndi.map_coordinates(vol, idx.T, order=order, mode="nearest", prefilter=False)
+    out[outside] = fill
     return out.reshape(size).astype(np.float32)
 
 
@@ -228,13 +234,14 @@ def coverage(
     if nz.size == 0:
         return out
     lo, hi = nz.min(axis=0), nz.max(axis=0)
+    nk = grid.z_positions.size
+
+    def z_of(k: int) -> float:  # beyond the end slices, whole slices on (np.interp would clamp to the end slice)
+        return float(np.interp(k, np.arange(nk), grid.z_positions)) + (k - min(max(k, 0), nk - 1)) * grid.slice_step
+
     corners = np.array(
         [
-            [
-                grid.x0 + j * grid.col_spacing,
-                grid.y0 + i * grid.row_spacing,
-                float(np.interp(k, np.arange(grid.z_positions.size), grid.z_positions)),
-            ]
+            [grid.x0 + j * grid.col_spacing, grid.y0 + i * grid.row_spacing, z_of(k)]
             for k in (lo[0] - 1, hi[0] + 1)
             for i in (lo[1] - 1, hi[1] + 1)
             for j in (lo[2] - 1, hi[2] + 1)
@@ -320,7 +327,7 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
             "nodule label so that lungddpm segments the lungs"
         )
     if seg.lung_ml < cfg.layout.min_lung_ml:  # a thin scan or a label map's lungs: say so before writing anything
-        air = (fine_hu < cfg.lungmask.threshold_hu) & body_mask(fine_hu, cfg.lungmask.threshold_hu)[0]
+        air = (fine_hu < cfg.lungmask.threshold_hu) & body_mask(fine_hu, cfg.lungmask.threshold_hu)
         label = str(scan.label) if lung_source == "label" else None
         check_source_lungs(seg.lung, air, fine.spacing, cfg.layout, str(series_dir), label, len(scan.nodules))
     if not seg.lung.any():
