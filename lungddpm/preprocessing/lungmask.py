@@ -30,7 +30,7 @@ class LungmaskResult:
     lung_ml: float
     airway_ml: float
     n_components: int
-    body_midline_x: float  # fractional x index of the body's left-right centre (patient midline)
+    body_midline_x: float  # fractional x index of the torso's left-right centre (patient midline, :func:`body_midline`)
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
@@ -55,14 +55,15 @@ def outside_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     return np.isin(labels, border)
 
 
-def _airway(hu: np.ndarray, body: np.ndarray, spacing: np.ndarray, cfg: LungmaskConfig) -> np.ndarray:
-    """Trachea and main bronchi: grown through HU < airway threshold from a trachea seed in the top slices."""
+def _airway(hu: np.ndarray, body: np.ndarray, midline_x: float, spacing: np.ndarray, cfg: LungmaskConfig) -> np.ndarray:
+    """Trachea and main bronchi: grown through HU < airway threshold from a trachea seed near the midline in the top
+    slices."""
     pixel_area = float(spacing[1] * spacing[2])
     candidates = (hu < cfg.airway_threshold_hu) & body
     cols = np.flatnonzero(body.any(axis=(0, 1)))
     if cols.size == 0:
         return np.zeros_like(body)
-    centre_x = (cols[0] + cols[-1]) / 2
+    centre_x = midline_x
     tolerance_x = 0.12 * (cols[-1] - cols[0] + 1)
     max_area = np.pi * (cfg.airway_max_diameter_mm / 2) ** 2
     for z in range(hu.shape[0] - 1, max(hu.shape[0] - 12, -1), -1):  # top slices (z ascending = superior last)
@@ -155,20 +156,36 @@ def pleural_dents(
     return added
 
 
-def body_mask(hu: np.ndarray, threshold_hu: float) -> tuple[np.ndarray, float]:
-    """The body (everything but outside air, filled per slice) and its midline: the fractional x index of its
-    left-right centre. hu: [Z, Y, X]; returns (bool [Z, Y, X], x index)."""
-    body = _fill_holes_2d(~outside_air(hu, threshold_hu))
-    cols = np.flatnonzero(body.any(axis=(0, 1)))
-    return body, float(cols[0] + cols[-1]) / 2 if cols.size else (hu.shape[2] - 1) / 2
+def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """The body: everything but outside air, filled per slice (with the table and whatever else lies in the field
+    of view). hu: [Z, Y, X]; returns bool [Z, Y, X]."""
+    return _fill_holes_2d(~outside_air(hu, threshold_hu))
+
+
+TORSO_CORE_MM = 25.0  # the torso's core: body pixels this deep (at most half the slice's deepest) below its surface
+
+
+def body_midline(body: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """The patient's midline: the fractional x index of the torso's left-right centre, the median over the axial
+    slices of the centre of the largest component of the slice's body core (pixels at least ``TORSO_CORE_MM``, or
+    half the slice's greatest depth, from the body's surface). The core drops the table, which spans the field of
+    view but is thin, and thin attachments; it shrinks the torso equally on both sides. body: bool [Z, Y, X]."""
+    centres = []
+    for z in np.flatnonzero(body.any(axis=(1, 2))):
+        depth = ndi.distance_transform_edt(np.pad(body[z], 1), sampling=spacing[1:])[1:-1, 1:-1]  # edge: outside
+        core, _ = ndi.label(depth >= min(TORSO_CORE_MM, 0.5 * float(depth.max())))
+        cols = np.flatnonzero((core == np.argmax(np.bincount(core.ravel())[1:]) + 1).any(axis=0))
+        centres.append((cols[0] + cols[-1]) / 2)
+    return float(np.median(centres)) if centres else (body.shape[2] - 1) / 2
 
 
 def lungs_from_label(
     hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig
 ) -> LungmaskResult:
     """A source's own lung label as a :class:`LungmaskResult`: nothing segmented or removed (no airway), its
-    26-connected components counted, the body midline from ``hu``. hu, lung: [Z, Y, X] on the same grid."""
-    _, midline = body_mask(hu, cfg.threshold_hu)
+    26-connected components counted, the body midline from ``hu`` (:func:`body_midline`). hu, lung: [Z, Y, X] on
+    the same grid."""
+    midline = body_midline(body_mask(hu, cfg.threshold_hu), spacing)
     n = int(ndi.label(lung, structure=np.ones((3, 3, 3), bool))[1])
     lung_ml = float(lung.sum()) * float(np.prod(spacing)) / 1000
     return LungmaskResult(lung=lung, airway=np.zeros_like(lung), lung_ml=lung_ml, airway_ml=0.0, n_components=n,
@@ -182,8 +199,9 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     """
     sp = np.asarray(spacing, dtype=float)
     voxel_ml = float(np.prod(sp)) / 1000
-    body, midline = body_mask(hu, cfg.threshold_hu)
-    airway = _airway(hu, body, sp, cfg)
+    body = body_mask(hu, cfg.threshold_hu)
+    midline = body_midline(body, spacing)
+    airway = _airway(hu, body, midline, sp, cfg)
     candidates = (hu < cfg.threshold_hu) & body & ~airway
     labels, n = ndi.label(candidates)
     if n == 0:

@@ -77,6 +77,19 @@ def test_a_label_lung_is_taken_as_is_with_its_own_components() -> None:
     assert result.body_midline_x == segment_lungs(hu, SPACING, CFG).body_midline_x == pytest.approx(47.5, abs=1)
 
 
+@pytest.mark.parametrize("shift", [-5, 0, 5])
+def test_the_midline_follows_the_patient_not_the_table(shift: int) -> None:
+    """A table across the whole field of view, touching the patient's back: the body mask keeps it, so the centre of
+    the body's extent was the FOV centre (47.5) wherever the patient lay; the midline is the torso's centre."""
+    hu, lung, _ = toy_thorax()
+    hu, lung = np.roll(hu, shift, axis=2), np.roll(lung, shift, axis=2)  # body centre x = 48 + shift (index)
+    hu[:, 70:73, :] = 300.0  # the table, right under the back, across the field of view
+    result = segment_lungs(hu, SPACING, CFG)
+    assert result.body_midline_x == pytest.approx(48 + shift, abs=0.5)
+    assert lungs_from_label(hu, lung, SPACING, CFG).body_midline_x == result.body_midline_x
+    assert dice(result.lung, lung) > 0.95
+
+
 def test_empty_scan_gives_empty_mask() -> None:
     result = segment_lungs(np.full((10, 20, 20), 40.0, dtype=np.float32), SPACING, CFG)
     assert not result.lung.any() and result.lung_ml == 0.0
