@@ -20,12 +20,13 @@ import numpy as np
 
 from .. import __version__
 from ..config import Config
+from ..data.sources import dicom_root
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
-from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load_source, shift_inside
+from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load_source, nodule_boxes, shift_inside
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
@@ -35,11 +36,38 @@ log = logging.getLogger(__name__)
 
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEXTURE_REQUESTS = ("bank", "any", *TEXTURE_CLASSES)
+SEED_MAX = 2**62 - 1  # numpy and torch take any seed up to here
+ROI_SCALE = ("spacing_mm", "size", "nodule_fraction")  # the lesion.roi keys that shape what the model sees
 Progress = Callable[[int, int], None]
 
 
 class StudioError(LungDDPMError):
     """A request the studio refuses; the message says why and what to do instead."""
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in 0..:data:`SEED_MAX`; :class:`StudioError` for anything else (an empty field: None)."""
+    try:
+        value = int(seed)
+        ok = value == seed and 0 <= value <= SEED_MAX
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise StudioError(f"seed {seed!r}: the seed must be an integer 0..2**62-1")
+    return value
+
+
+def check_roi_scale(roi: dict[str, Any], trained: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse ``lesion.roi`` settings that cut ROIs at another scale than the lesion model's training ROIs had
+    (``trained``: the checkpoint's ``lesion.roi``)."""
+    diff = [f"lesion.roi.{k} is {roi.get(k)} here, {trained.get(k)} in training" for k in ROI_SCALE
+            if roi.get(k) != trained.get(k)]  # fmt: skip
+    if diff:
+        raise StudioError(
+            f"{checkpoint}: {'; '.join(diff)}: the studio would cut ROIs at a scale the lesion model was not trained "
+            "on; start the studio with the config the workflow ran with (--configfile), or retrain the model with "
+            "these settings (`snakemake --cores all train_lesion`)"
+        )
 
 
 @dataclass
@@ -50,7 +78,8 @@ class Edit:
     roi: Geometry  # the ROI's grid
     roi_before: np.ndarray  # int16 HU [n, n, n]
     roi_after: np.ndarray  # int16 HU [n, n, n]
-    roi_layout: np.ndarray  # uint8 [n, n, n], with the new nodule
+    roi_layout: np.ndarray  # uint8 [n, n, n], with the new nodule (and every other nodule in the ROI)
+    roi_nodule: np.ndarray  # bool [n, n, n]: the new nodule alone
     slices: tuple[slice, slice, slice]  # the native box
     ct_before: np.ndarray  # int16 HU of the box before the edit
     labels_before: np.ndarray  # uint8 labels of the box before the edit
@@ -97,13 +126,15 @@ class Studio:
         lc = cfg.raw["lesion"]
         self.checkpoint = self.results / "models" / "lesion" / lc["train"]["name"] / "checkpoint.pt"
         bank_path = self.workdir / "resources" / "nodule_bank.npz"
-        for path, rule in ((self.checkpoint, "train_lesion"), (bank_path, "nodule_bank")):
-            if not path.is_file():
-                raise StudioError(
-                    f"{path}: missing; the studio needs the workflow's lesion model and nodule bank: run "
-                    f"`snakemake --cores all {rule}` in {self.workdir} (or the whole workflow) first"
-                )
+        if not self.checkpoint.is_file():
+            raise self._missing_checkpoint(str(lc["train"]["name"]))
+        if not bank_path.is_file():
+            raise StudioError(
+                f"{bank_path}: missing; the studio needs the workflow's nodule bank: run "
+                f"`snakemake --cores all nodule_bank` in {self.workdir} (or the whole workflow) first"
+            )
         self.model, self.diffusion, ckpt, self.device = load_lesion_model(self.checkpoint, lc["sample"])
+        check_roi_scale(lc["roi"], ckpt["config"]["lesion"]["roi"], self.checkpoint)
         self.window = tuple(ckpt["hu_window"])
         self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
         self.checkpoint_sha = file_sha256(self.checkpoint)
@@ -113,6 +144,16 @@ class Studio:
         self.cases = tuple(c for c in list_cases(cfg, self.workdir) if self._lung_fine(c).is_file())
         if not self.cases:
             raise StudioError(f"{self.results / 'preprocessed'}: no preprocessed case; run the workflow first")
+
+    def _missing_checkpoint(self, name: str) -> StudioError:
+        found = sorted(str(p.relative_to(self.workdir)) for p in self.checkpoint.parents[1].glob("*/checkpoint.pt"))
+        there = (f"; the lesion models there: {', '.join(found)} (lesion.train.name is the folder's name)" if found
+                 else f"; there is no lesion model under {self.checkpoint.parents[1]}")  # fmt: skip
+        return StudioError(
+            f"{self.checkpoint}: missing: the studio needs the lesion model of lesion.train.name={name!r}. Start it "
+            f"with the config the workflow ran with (--configfile) or check lesion.train.name{there}; or run "
+            f"`snakemake --cores all train_lesion` in {self.workdir} (or the whole workflow) first"
+        )
 
     def _lung_fine(self, case_id: str) -> Path:
         return self.results / "preprocessed" / case_id / "lung_fine.nii.gz"
@@ -135,9 +176,17 @@ class Studio:
         """The native CT of ``case_id`` (one of :attr:`cases`) and its label map (fine lung, consensus nodules)."""
         if not isinstance(case_id, str) or not CASE_ID.match(case_id) or case_id not in self.cases:
             raise StudioError(f"unknown case {case_id!r}: choose one of the workflow's cases: {', '.join(self.cases)}")
-        src = load_source(case_id, self._lung_fine(case_id).parent, self.cfg, self.workdir)
-        geometry = native_geometry(src)
-        ct = src.hu.astype(np.int16)  # as the lesion run: the source's integral HU
+        try:
+            src = load_source(case_id, self._lung_fine(case_id).parent, self.cfg, self.workdir)
+            geometry = native_geometry(src)
+        except (LungDDPMError, OSError) as exc:
+            root = dicom_root(self.cfg)
+            root = root if root.is_absolute() else self.workdir / root
+            raise StudioError(
+                f"case {case_id} cannot be opened: {exc}. Its source is read from {root} (data.source: "
+                f"{self.cfg.data.source}): restore or fix it there, or choose another case"
+            ) from exc
+        ct = np.rint(src.hu).astype(np.int16)  # rounded, as the lesion run and the ROIs
         labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
         return CaseSession(case_id, src, geometry, ct, labels)
 
@@ -145,24 +194,33 @@ class Studio:
         self, session: CaseSession, index_zyx: Sequence[int], nodule: BankNodule, texture: str = "any", seed: int = 0
     ) -> Insertion:
         """``nodule`` placed at native voxel ``index_zyx`` of the current CT, ready to inpaint with ``texture``
-        (bank | any | a class) and ``seed``; :class:`StudioError` says why a site is refused: outside the lung, the
-        nodule not wholly in lung, or its generated region touching another nodule."""
+        (bank | any | a class) and ``seed``; :class:`StudioError` says why a site is refused: outside the lung, on or
+        near a nodule (those read by fewer than ``data.min_readers`` radiologists too), the nodule not wholly in
+        lung, or its generated region touching another nodule."""
         if texture not in TEXTURE_REQUESTS:
             raise StudioError(f"texture {texture!r}: choose one of {', '.join(TEXTURE_REQUESTS)}")
+        seed = check_seed(seed)
         k, i, j = (int(v) for v in index_zyx)
         if not all(0 <= v < n for v, n in zip((k, i, j), session.ct.shape)):
             raise StudioError(f"site {(k, i, j)} is outside the scan {session.ct.shape}")
         if session.labels[k, i, j] == NODULE:
             raise StudioError("that site is on a nodule: click in nodule-free lung")
+        target = session.world((k, i, j))
+        margin = float(self.cfg.raw["lesion"]["insert"]["margin_mm"])
+        if _in_boxes(target[None], _unused_boxes(session.source, margin))[0]:
+            raise StudioError(
+                f"that site is on (or within {margin} mm of) a nodule read by fewer than data.min_readers radiologists "
+                "(not in the label map, but a real nodule): click in nodule-free lung"
+            )
         if session.labels[k, i, j] != LUNG:
             raise StudioError("that site is outside the lung: click inside the lung (the tinted region)")
-        target = session.world((k, i, j))
         lo, hi = session.source.bounds()
         roi = self.roi.geometry(shift_inside(target, self.roi.half_extent_mm, lo, hi))
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
-        layout[self._native_nodules_in(session, roi)] = NODULE  # nodules inserted earlier
-        margin = float(self.cfg.raw["lesion"]["insert"]["margin_mm"])
+        world = roi.index_to_world(np.indices(layout.shape).reshape(3, -1).T)  # [n^3, 3] x, y, z of the ROI voxels
+        layout[self._native_nodules_in(session, world).reshape(layout.shape)] = NODULE  # nodules inserted earlier
+        unused = _in_boxes(world, _unused_boxes(session.source, float(roi.spacing[0]) / 2)).reshape(layout.shape)
         border = face_border(margin, float(roi.spacing[0]))
         try:
             edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border)
@@ -170,30 +228,29 @@ class Studio:
             raise StudioError(f"{exc}: click deeper inside the lung or choose a smaller nodule") from exc
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
-        ins = insertion(site, edited, edit, nodule, margin, self.levels, texture, int(seed))
-        if (ins.generated & (layout == NODULE)).any():
+        ins = insertion(site, edited, edit, nodule, margin, self.levels, texture, seed)
+        if (ins.generated & ((layout == NODULE) | unused)).any():
             raise StudioError(
                 f"too close to another nodule: the generated region (the nodule + {margin} mm) would touch it; "
                 "click further away from it or choose a smaller nodule"
             )
         return ins
 
-    def _native_nodules_in(self, session: CaseSession, roi: Geometry) -> np.ndarray:
-        """bool [n, n, n]: ROI voxels whose nearest native voxel is labelled nodule."""
-        n = self.roi.size
-        world = roi.index_to_world(np.indices((n,) * 3).reshape(3, -1).T)
-        idx = session.source.grid.world_to_index(world)
-        kij = np.round(idx).astype(int)
+    @staticmethod
+    def _native_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:
+        """bool [N]: points ``world`` [N, 3] (x, y, z) whose nearest native voxel is labelled nodule."""
+        kij = np.round(session.source.grid.world_to_index(world)).astype(int)
         inside = np.all((kij >= 0) & (kij < np.asarray(session.labels.shape)), axis=1)
-        out = np.zeros(n**3, bool)
+        out = np.zeros(len(world), bool)
         out[inside] = session.labels[tuple(kij[inside].T)] == NODULE
-        return out.reshape((n,) * 3)
+        return out
 
     def random_site(
         self, session: CaseSession, nodule: BankNodule, seed: int, tries: int = 200
     ) -> tuple[int, int, int]:
         """A seeded random valid site (native k, i, j) for ``nodule``: a lung voxel at least
         ``lesion.roi.site_min_depth_mm`` deep where :meth:`check_site` accepts it."""
+        seed = check_seed(seed)
         if session.deep_lung is None:
             session.deep_lung = deep_lung(session.source, self.roi.site_min_depth_mm)
         cand = session.deep_lung
@@ -227,7 +284,7 @@ class Studio:
         session.labels[box.slices][nodule_in_box(box, session.source.grid, roi, ins.nodule, fraction)] = NODULE
         mean_hu = round(nodule_mean_hu(after, ins.nodule), 1)
         record = {**ins.record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}
-        edit = Edit(record, roi, ins.site.ct, after, ins.layout, box.slices, ct_before, labels_before,
+        edit = Edit(record, roi, ins.site.ct, after, ins.layout, ins.nodule, box.slices, ct_before, labels_before,
                     time.perf_counter() - t0)  # fmt: skip
         session.edits.append(edit)
         log.info("%s: bank nodule %d (%s) at %s in %.2f s", session.case_id, record["bank_index"],
@@ -262,6 +319,20 @@ class Studio:
             "lungddpm_version": __version__,
         })  # fmt: skip
         return {**files, "provenance": provenance}
+
+
+def _unused_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (x, y, z) boxes of ``src.avoid`` (LIDC clusters below ``data.min_readers``) grown by ``margin_mm``,
+    as the nodule-free ROIs avoid them."""
+    return nodule_boxes(replace(src, nodules=()), margin_mm)
+
+
+def _in_boxes(world: np.ndarray, boxes: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """bool [N]: points ``world`` [N, 3] (x, y, z) inside any of ``boxes``."""
+    inside = np.zeros(len(world), bool)
+    for lo, hi in boxes:
+        inside |= np.all((world >= lo) & (world <= hi), axis=1)
+    return inside
 
 
 def bench_sites(cfg: Config, workdir: Path, sites: int, threads: int) -> Iterator[dict[str, Any]]:

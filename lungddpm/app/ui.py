@@ -10,13 +10,17 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .studio import TEXTURE_REQUESTS, CaseSession, Studio, StudioError
+from .studio import SEED_MAX, TEXTURE_REQUESTS, CaseSession, Studio, StudioError
 from .views import PLANES, click_to_index, render_plane, roi_panel
 
 log = logging.getLogger(__name__)
 
 TEXTURE_NAMES = {1: "1 ground-glass", 2: "2", 3: "3 part-solid", 4: "4", 5: "5 solid"}
 EDIT_COLUMNS = ["#", "bank nodule", "diameter mm", "texture", "site (k, i, j)", "mean HU", "seconds"]
+# every handler that reads or changes a CaseSession (or the shared model) runs in this one queue, one at a time,
+# across all tabs: Gradio gives each event its own queue otherwise, so a case opened during a generate would be
+# overwritten by the generate's session when it returns
+ONE_AT_A_TIME: dict[str, Any] = {"concurrency_id": "studio", "concurrency_limit": 1}
 
 
 def nodule_label(n: Any) -> str:
@@ -68,7 +72,7 @@ def build_app(studio: Studio) -> Any:
                 nodule = gr.Dropdown([], label="bank nodule", elem_id="nodule")
             with gr.Column():
                 texture = gr.Dropdown(list(TEXTURE_REQUESTS), value=insert["texture"], label="texture to generate")
-                seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
+                seed = gr.Number(0, precision=0, minimum=0, maximum=SEED_MAX, label="seed", elem_id="seed")
                 with gr.Row():
                     random_site = gr.Button("random site", elem_id="random-site")
                     generate = gr.Button("generate", variant="primary", elem_id="generate")
@@ -86,14 +90,15 @@ def build_app(studio: Studio) -> Any:
             return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
 
         def open_case(case_id: str, lung: bool) -> tuple[Any, ...]:
+            """-> session, cursor, planes, status, table, ROI panel, downloads: all of the previous case cleared."""
             try:
                 s = studio.open_case(case_id)
-            except StudioError as exc:
-                return None, [0, 0, 0], *_planes(None, [0, 0, 0], lung), f"**Refused:** {exc}", [], None
+            except StudioError as exc:  # no case is loaded, rather than the previous one under the new name
+                return None, [0, 0, 0], *_planes(None, [0, 0, 0], lung), f"**Refused:** {exc}", [], None, None
             lung_idx = np.argwhere(s.labels == 1)
             c = [int(v) for v in np.round(lung_idx.mean(axis=0))] if lung_idx.size else [v // 2 for v in s.ct.shape]
             msg = f"Opened {case_id}: {s.ct.shape[0]} slices of {s.ct.shape[1]}x{s.ct.shape[2]}. Click a site."
-            return s, c, *_planes(s, c, lung), msg, [], None
+            return s, c, *_planes(s, c, lung), msg, [], None, None
 
         def clicked(plane: str) -> Any:
             def handler(s: CaseSession | None, c: list[int], lung: bool, evt: gr.SelectData) -> tuple[Any, ...]:
@@ -106,21 +111,21 @@ def build_app(studio: Studio) -> Any:
 
             return handler
 
-        def pick_random(s: CaseSession | None, c: list[int], idx: int | None, sd: float, lung: bool) -> tuple:
+        def pick_random(s: CaseSession | None, c: list[int], idx: int | None, sd: float | None, lung: bool) -> tuple:
             if s is None or idx is None:
                 return c, *_planes(s, c, lung), "Choose a case and a bank nodule first."
             try:
-                c = list(studio.random_site(s, studio.nodule(idx), int(sd)))
+                c = list(studio.random_site(s, studio.nodule(idx), sd))
             except StudioError as exc:
                 return c, *_planes(s, c, lung), f"**Refused:** {exc}"
             return c, *_planes(s, c, lung), f"Random valid site (k, i, j) = {tuple(c)}. Press generate."
 
-        def run(s: CaseSession | None, c: list[int], idx: int | None, tex: str, sd: float, lung: bool,
+        def run(s: CaseSession | None, c: list[int], idx: int | None, tex: str, sd: float | None, lung: bool,
                 progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # fmt: skip
             if s is None or idx is None:
                 return s, *_planes(s, c, lung), "Choose a case and a bank nodule first.", gr.skip(), _edits_table(s)
             try:
-                ins = studio.check_site(s, c, studio.nodule(idx), tex, int(sd))
+                ins = studio.check_site(s, c, studio.nodule(idx), tex, sd)
                 progress(0.0, desc="generating")
                 step = max(1, int(studio.cfg.raw["lesion"]["sample"]["steps"]) // 4)  # a few updates, not one per step
                 edit = studio.generate(
@@ -132,13 +137,13 @@ def build_app(studio: Studio) -> Any:
             msg = (f"Inserted bank nodule #{r['bank_index']} ({r['diameter_mm']} mm, {r['texture_requested']}) at "
                    f"{tuple(c)} in {edit.seconds:.2f} s: mean {r['nodule_mean_hu']} HU, "
                    f"{r['native_voxels_changed']} native voxels changed.")  # fmt: skip
-            panel = roi_panel(edit.roi_before, edit.roi_after, edit.roi_layout)
+            panel = roi_panel(edit.roi_before, edit.roi_after, edit.roi_layout, edit.roi_nodule)
             return s, *_planes(s, c, lung), msg, panel, _edits_table(s)
 
         def run_undo(s: CaseSession | None, c: list[int], lung: bool) -> tuple[Any, ...]:
             edit = s.undo() if s is not None else None
             msg = "Nothing to undo." if edit is None else f"Removed bank nodule #{edit.record['bank_index']}."
-            return s, *_planes(s, c, lung), msg, _edits_table(s)
+            return s, *_planes(s, c, lung), msg, None, _edits_table(s)  # None: the ROI panel showed the removed edit
 
         def run_download(s: CaseSession | None) -> tuple[Any, str]:
             if s is None:
@@ -153,17 +158,18 @@ def build_app(studio: Studio) -> Any:
         for f in filters:
             f.change(bank_choices, filters, nodule)
         app.load(bank_choices, filters, nodule)
-        case.change(open_case, [case, show_lung], [session, cursor, *views, status, edits, roi])
-        show_lung.change(lambda s, c, lung: _planes(s, c, lung), [session, cursor, show_lung], views)
+        case.change(open_case, [case, show_lung], [session, cursor, *views, status, edits, roi, files], **ONE_AT_A_TIME)
+        show_lung.change(lambda s, c, lung: _planes(s, c, lung), [session, cursor, show_lung], views, **ONE_AT_A_TIME)
         for plane, view in zip(PLANES, views):
-            view.select(clicked(plane), [session, cursor, show_lung], [cursor, *views, status])
-        random_site.click(pick_random, [session, cursor, nodule, seed, show_lung], [cursor, *views, status])
+            view.select(clicked(plane), [session, cursor, show_lung], [cursor, *views, status], **ONE_AT_A_TIME)
+        random_site.click(pick_random, [session, cursor, nodule, seed, show_lung], [cursor, *views, status],
+                          **ONE_AT_A_TIME)  # fmt: skip
         # the progress bar on the ROI panel alone: an animated tracker on every output costs the browser CPU that
         # the sampler shares on a laptop
         generate.click(run, [session, cursor, nodule, texture, seed, show_lung], [session, *views, status, roi, edits],
-                       show_progress_on=[roi])  # fmt: skip
-        undo.click(run_undo, [session, cursor, show_lung], [session, *views, status, edits])
-        download.click(run_download, [session], [files, status])
+                       show_progress_on=[roi], **ONE_AT_A_TIME)  # fmt: skip
+        undo.click(run_undo, [session, cursor, show_lung], [session, *views, status, roi, edits], **ONE_AT_A_TIME)
+        download.click(run_download, [session], [files, status], **ONE_AT_A_TIME)
     return app
 
 
@@ -177,6 +183,6 @@ def serve(studio: Studio, host: str | None = None, port: int = 7860, block: bool
     font = ["ui-sans-serif", "system-ui", "sans-serif"]
     theme = gr.themes.Default(font=font, font_mono=["ui-monospace", "monospace"])
     app = build_app(studio)
-    app.queue(default_concurrency_limit=1)  # one generation at a time: the CPU is shared
+    app.queue(default_concurrency_limit=1)  # the session handlers share one queue (ONE_AT_A_TIME): the CPU is shared
     return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
                       allowed_paths=[str(studio.results / "studio")], show_error=True, inbrowser=False)  # fmt: skip

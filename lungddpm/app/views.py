@@ -36,9 +36,20 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, show_lung: bool = True) -> np.n
 
 
 def display_rows(n: int, voxel_mm: float, pixel_mm: float) -> np.ndarray:
-    """Source row of each display row when ``n`` rows of ``voxel_mm`` are drawn at ``pixel_mm`` per pixel."""
-    rows = max(1, round(n * voxel_mm / pixel_mm))
+    """Source row of each display row when ``n`` rows of ``voxel_mm`` are drawn at ``pixel_mm`` per pixel; never
+    fewer display rows than source rows, so that every source row is drawn (and can be clicked)."""
+    rows = max(n, 1, round(n * voxel_mm / pixel_mm))
     return np.minimum((np.arange(rows) * n) // rows, n - 1)
+
+
+def _display_axes(plane: str, shape: Sequence[int], spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Source row and column of each display row and column of ``plane`` of a [K, I, J] volume: both drawn at the
+    finer of the two spacings, so that the proportions are true and every row and column is drawn."""
+    k, i, j = shape
+    n_rows, n_cols = {"axial": (i, j), "coronal": (k, j), "sagittal": (k, i)}[plane]
+    row_mm, col_mm = _row_spacing(plane, spacing)
+    pixel_mm = min(row_mm, col_mm)
+    return display_rows(n_rows, row_mm, pixel_mm), display_rows(n_cols, col_mm, pixel_mm)
 
 
 def _plane(volume: np.ndarray, plane: str, cursor: Sequence[int]) -> np.ndarray:
@@ -68,18 +79,18 @@ def render_plane(
     show_lung: bool = True,
     window: Sequence[float] = LUNG_WINDOW,
 ) -> np.ndarray:
-    """One plane of the CT [K, I, J] with the label map and a cursor cross, rows stretched to true proportions."""
-    row_mm, col_mm = _row_spacing(plane, spacing)
-    rows = display_rows(_plane(ct, plane, cursor).shape[0], row_mm, col_mm)
-    img = overlay(window_rgb(_plane(ct, plane, cursor)[rows], window), _plane(labels, plane, cursor)[rows], show_lung)
+    """One plane of the CT [K, I, J] with the label map and a cursor cross, stretched to true proportions."""
+    rows, cols = _display_axes(plane, ct.shape, spacing)
+    pick = np.ix_(rows, cols)
+    img = overlay(window_rgb(_plane(ct, plane, cursor)[pick], window), _plane(labels, plane, cursor)[pick], show_lung)
     k, i, j = cursor
     n_rows = _plane(ct, plane, cursor).shape[0]
     src_row = {"axial": i, "coronal": n_rows - 1 - k, "sagittal": n_rows - 1 - k}[plane]
-    col = {"axial": j, "coronal": j, "sagittal": i}[plane]
-    r = np.flatnonzero(rows == src_row)
+    src_col = {"axial": j, "coronal": j, "sagittal": i}[plane]
+    r, c = np.flatnonzero(rows == src_row), np.flatnonzero(cols == src_col)
     gap = 6  # the cross leaves the site itself visible
-    if r.size:
-        y = int(r[r.size // 2])  # one display row, the middle of the source row's
+    if r.size and c.size:
+        y, col = int(r[r.size // 2]), int(c[c.size // 2])  # one display row and column, the middle of the voxel's
         img[y, : max(0, col - gap)] = CURSOR_RGB
         img[y, col + gap + 1 :] = CURSOR_RGB
         img[: max(0, y - gap), col] = CURSOR_RGB
@@ -92,23 +103,25 @@ def click_to_index(
 ) -> tuple[int, int, int]:
     """The native voxel (k, i, j) under display pixel (``x``, ``y``) of ``plane`` (the other axis from ``cursor``)."""
     k, i, j = (int(v) for v in cursor)
-    row_mm, col_mm = _row_spacing(plane, spacing)
+    rows, cols = _display_axes(plane, shape, spacing)
     n_rows = {"axial": shape[1], "coronal": shape[0], "sagittal": shape[0]}[plane]
-    rows = display_rows(n_rows, row_mm, col_mm)
     src = int(rows[min(max(int(y), 0), rows.size - 1)])
+    col = int(cols[min(max(int(x), 0), cols.size - 1)])
     if plane == "axial":
-        i, j = src, int(x)
+        i, j = src, col
     elif plane == "coronal":
-        k, j = n_rows - 1 - src, int(x)
+        k, j = n_rows - 1 - src, col
     else:
-        k, i = n_rows - 1 - src, int(x)
+        k, i = n_rows - 1 - src, col
     return (min(max(k, 0), shape[0] - 1), min(max(i, 0), shape[1] - 1), min(max(j, 0), shape[2] - 1))
 
 
-def roi_panel(before: np.ndarray, after: np.ndarray, layout: np.ndarray, zoom: int = 6) -> np.ndarray:
-    """The ROI magnified ``zoom`` x: rows axial / coronal through the new nodule's centre, columns before, after,
-    after with the edited layout -> RGB uint8."""
-    nod = layout == NODULE
+def roi_panel(
+    before: np.ndarray, after: np.ndarray, layout: np.ndarray, nodule: np.ndarray | None = None, zoom: int = 6
+) -> np.ndarray:
+    """The ROI magnified ``zoom`` x: rows axial / coronal through the centre of ``nodule`` (bool: the new nodule;
+    default every nodule of ``layout``), columns before, after, after with the edited layout -> RGB uint8."""
+    nod = layout == NODULE if nodule is None else np.asarray(nodule, bool)
     centre = np.round(np.argwhere(nod).mean(axis=0)).astype(int) if nod.any() else np.array(layout.shape) // 2
     tiles = []
     for plane in ("axial", "coronal"):

@@ -119,7 +119,7 @@ def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.n
     return {"ct": np.round(ct).astype(np.int16), "layout": compose_layout(lung, labels), "texture": texture}
 
 
-def _nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """World (x, y, z) boxes of the consensus masks and of ``src.avoid``, grown by ``margin_mm``."""
     g, boxes = src.grid, []
     for (k0, i0, j0), (nk, ni, nj) in [*((nod.offset, nod.mask.shape) for nod in src.nodules), *src.avoid]:
@@ -144,7 +144,7 @@ def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: i
     cand = deep_lung(src, s.site_min_depth_mm)
     lo, hi = src.bounds()
     half = s.half_extent_mm
-    boxes = _nodule_boxes(src, half + s.spacing_mm)
+    boxes = nodule_boxes(src, half + s.spacing_mm)
     chosen: list[np.ndarray] = []
     for _ in range(tries if cand.size else 0):
         c = src.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])[0]

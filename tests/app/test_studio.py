@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 from scipy import ndimage as ndi
 
+import lungddpm.app.studio as studio_module
 from lungddpm.app.studio import Studio, StudioError
-from lungddpm.config import load_config
-from lungddpm.io import read_json, read_volume
+from lungddpm.config import Config, load_config
+from lungddpm.errors import DicomError
+from lungddpm.io import Geometry, read_json, read_volume
+from lungddpm.preprocessing.grid import SliceGrid
 from lungddpm.preprocessing.layout import NODULE, ball
+from lungddpm.preprocessing.rois import SourceCT
 from lungddpm.synthesis.paste import native_box, nearest_in_box
+
+SEED_ERROR = r"seed must be an integer 0\.\.2\*\*62-1"
+
+
+def ci_config(workdir: Path, **sections: dict[str, Any]) -> Config:
+    """The CI workflow's config with ``sections``' keys changed (one level down: ``lesion={"roi": {...}}``)."""
+    ci = yaml.safe_load((workdir / "ci.yaml").read_text())
+    for name, keys in sections.items():
+        for key, value in keys.items():
+            ci.setdefault(name, {})[key] = {**ci[name].get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(workdir / "config/config.yaml", ci)
 
 
 @pytest.fixture(scope="module")
 def studio(demo_workflow: Path) -> Studio:
-    cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
-    return Studio(cfg, demo_workflow, threads=2)
+    return Studio(ci_config(demo_workflow), demo_workflow, threads=2)
+
+
+def toy_source(hu: np.ndarray, z_mm: list[float]) -> SourceCT:
+    """A source CT of ``hu`` [K, I, J] with slices at ``z_mm``, all lung, no nodules."""
+    fine = Geometry(spacing=(2.5, 0.7, 0.7), origin=(0.0, 0.0, 0.0))
+    return SourceCT("toy", hu, SliceGrid(np.asarray(z_mm, float), 0.7, 0.7, 0.0, 0.0), np.ones(hu.shape, bool), fine,
+                    [], -1024.0)  # fmt: skip
 
 
 def n_nodules(labels: np.ndarray) -> int:
@@ -100,3 +124,83 @@ def test_bench_reports_seconds_per_nodule(studio: Studio) -> None:
     assert [r["what"] for r in rows] == ["open", "nodule", "nodule"]
     assert all(r["total_s"] >= r["generate_s"] > 0 and r["check_s"] > 0 for r in rows[1:])
     assert rows[1]["site"] != rows[2]["site"]  # one seeded random site each
+
+
+def test_missing_model_names_the_config_and_the_models_there(demo_workflow: Path) -> None:
+    cfg = ci_config(demo_workflow, lesion={"train": {"name": "other"}})
+    with pytest.raises(StudioError, match="lesion.train.name='other'") as err:
+        Studio(cfg, demo_workflow)
+    assert "--configfile" in str(err.value) and "results/models/lesion/ci/checkpoint.pt" in str(err.value)
+
+
+def test_an_roi_grid_other_than_the_models_is_refused(demo_workflow: Path) -> None:
+    cfg = ci_config(demo_workflow, lesion={"roi": {"spacing_mm": 2.0}})
+    with pytest.raises(StudioError, match=r"lesion.roi.spacing_mm is 2.0 here, 2.5 in training") as err:
+        Studio(cfg, demo_workflow)
+    assert "--configfile" in str(err.value)
+
+
+def test_the_ct_is_rounded_as_in_the_lesion_run(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    hu = np.full((4, 8, 8), -850.6, np.float32)
+    hu[:, :, 4:] = 40.6
+    monkeypatch.setattr(studio_module, "load_source", lambda *args, **kwargs: toy_source(hu, [0.0, 2.5, 5.0, 7.5]))
+    assert np.unique(studio.open_case(studio.cases[0]).ct).tolist() == [-851, 41]  # np.rint, not truncation
+
+
+def test_a_case_that_cannot_be_read_is_a_studio_error(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = studio.cases[0]
+    irregular = toy_source(np.full((4, 8, 8), -850.0, np.float32), [0.0, 2.5, 5.0, 10.0])
+    monkeypatch.setattr(studio_module, "load_source", lambda *args, **kwargs: irregular)
+    with pytest.raises(StudioError, match=f"case {case} cannot be opened: .*irregularly spaced") as err:
+        studio.open_case(case)
+    assert "choose another case" in str(err.value)
+
+    def moved(*args: Any, **kwargs: Any) -> SourceCT:
+        raise DicomError(f"/data/{case}: no DICOM series with SeriesInstanceUID 1.2.3")
+
+    monkeypatch.setattr(studio_module, "load_source", moved)
+    with pytest.raises(StudioError, match=f"case {case} cannot be opened: /data/{case}: no DICOM series") as err:
+        studio.open_case(case)
+    assert str(studio.workdir / "resources/demo/LIDC-IDRI") in str(err.value)
+
+
+def test_seeds_outside_0_to_2_62_are_refused(studio: Studio) -> None:
+    s = studio.open_case(studio.cases[0])
+    nodule = studio.candidates((3, 12))[0]
+    site = studio.random_site(s, nodule, 0)
+    for bad in (None, -1, 2**62, 2**64, 1.5, float("nan")):
+        with pytest.raises(StudioError, match=SEED_ERROR):
+            studio.check_site(s, site, nodule, "bank", bad)
+        with pytest.raises(StudioError, match=SEED_ERROR):
+            studio.random_site(s, nodule, bad)
+    assert studio.check_site(s, site, nodule, "bank", 2**62 - 1).seed == 2**62 - 1
+
+
+def test_nodules_below_min_readers_are_avoided(studio: Studio) -> None:
+    """LIDC clusters read by fewer than data.min_readers radiologists are not in the label map but are real."""
+    s = studio.open_case(studio.cases[1])
+    nodule = max(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
+    site = studio.random_site(s, nodule, seed=1)
+    k, i, j = site
+    on = replace(s, source=replace(s.source, avoid=[((k - 1, i - 2, j - 2), (3, 5, 5))]))
+    with pytest.raises(StudioError, match="fewer than data.min_readers"):
+        studio.check_site(on, site, nodule)
+    moved = studio.random_site(on, nodule, seed=1)
+    assert moved != site and not np.all(np.abs(np.subtract(moved, site)) <= (1, 2, 2))
+    margin = float(studio.cfg.raw["lesion"]["insert"]["margin_mm"])
+    j0 = j + math.ceil((margin + 1.0) / s.source.grid.col_spacing)  # beyond the margin, within nodule + margin
+    near = replace(s, source=replace(s.source, avoid=[((k - 1, i - 2, j0), (3, 5, 5))]))
+    with pytest.raises(StudioError, match="too close"):
+        studio.check_site(near, site, nodule)
+
+
+def test_lidc_clusters_below_min_readers_are_avoided(demo_workflow: Path) -> None:
+    studio = Studio(ci_config(demo_workflow, data={"min_readers": 2}), demo_workflow, threads=2)
+    nodule = studio.candidates((3, 12))[0]
+    for case in studio.cases:  # the CI cases have single-reader clusters
+        s = studio.open_case(case)
+        if s.source.avoid:
+            break
+    (k0, i0, j0), (nk, ni, nj) = s.source.avoid[0]
+    with pytest.raises(StudioError, match="fewer than data.min_readers"):
+        studio.check_site(s, (k0 + nk // 2, i0 + ni // 2, j0 + nj // 2), nodule)

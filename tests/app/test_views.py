@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungddpm.app.views import CURSOR_RGB, click_to_index, display_rows, render_plane, roi_panel
+from lungddpm.app.views import CURSOR_RGB, click_to_index, display_rows, render_plane, roi_panel, window_rgb
 
 
 def toy() -> tuple[np.ndarray, np.ndarray]:
@@ -61,3 +61,37 @@ def test_roi_panel_magnifies_before_after_and_layout() -> None:
     assert panel.shape == ((8 * 2 + 2) * 3, (8 * 3 + 4) * 3, 3)
     tile = 8 * 3
     assert panel[4 * 3, 4 * 3, 0] < panel[4 * 3, (tile + 2 * 3) + 4 * 3, 0]  # the nodule appears only after
+
+
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_every_slice_is_drawn_and_clickable_when_slices_are_finer_than_pixels(plane: str) -> None:
+    """300 slices of 0.625 mm under 0.8 mm pixels: no slice dropped from the display, proportions kept."""
+    shape, spacing = (300, 20, 24), (0.625, 0.8, 0.8)
+    ct, labels = np.full(shape, -850, np.int16), np.ones(shape, np.uint8)
+    assert set(display_rows(300, 0.625, 0.8)) == set(range(300))
+    for k in range(300):
+        cursor = (k, 10, 12)
+        img = render_plane(ct, labels, plane, cursor, spacing)
+        yellow = np.all(img == CURSOR_RGB, axis=-1)
+        row, col = int(np.bincount(np.nonzero(yellow)[0]).argmax()), int(np.bincount(np.nonzero(yellow)[1]).argmax())
+        assert click_to_index(plane, col, row, cursor, shape, spacing) == cursor
+    height_mm, width_mm = 300 * 0.625, {"coronal": 24, "sagittal": 20}[plane] * 0.8
+    assert img.shape[0] == 300 and abs(img.shape[1] - img.shape[0] * width_mm / height_mm) <= 1
+
+
+def test_roi_panel_centres_on_the_new_nodule_not_on_every_nodule() -> None:
+    n = 32
+    before = np.full((n,) * 3, -850, np.int16)
+    layout = np.ones((n,) * 3, np.uint8)
+    layout[4:9, 4:9, 4:9] = 2  # a real nodule kept in the ROI
+    before[4:9, 4:9, 4:9] = 30
+    after = before.copy()
+    new = np.zeros((n,) * 3, bool)
+    new[22:27, 22:27, 22:27] = True
+    layout[new], after[new] = 2, 40
+    panel = roi_panel(before, after, layout, new, zoom=1)
+    # the axial row goes through z = 24: the new nodule at (y, x) = (24, 24) in the after tile, not in the before
+    assert panel[24, (n + 2) + 24].tolist() == window_rgb(np.array([[40]]))[0, 0].round().astype(int).tolist()
+    assert panel[24, 24].tolist() == window_rgb(np.array([[-850]]))[0, 0].round().astype(int).tolist()
+    # and the coronal row through y = 24 shows it at (z, x) = (24, 24), superior up
+    assert panel[(n + 2) + (n - 1 - 24), (n + 2) + 24].tolist() == panel[24, (n + 2) + 24].tolist()

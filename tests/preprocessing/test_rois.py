@@ -34,7 +34,7 @@ def test_nodule_free_sites_avoid_the_boxes_of_unused_clusters() -> None:
     x, y, z = plain[0]
     box = ((round(z / 1.5), round(y), round(x)), (1, 1, 1))  # a 1-reader nodule where the first site was
     avoided = free_sites(replace(src, avoid=[box]), s, np.random.default_rng(0))
-    centre = rois._nodule_boxes(replace(src, avoid=[box]), 0.0)[0][0]
+    centre = rois.nodule_boxes(replace(src, avoid=[box]), 0.0)[0][0]
     reach = s.half_extent_mm + s.spacing_mm  # the nodule outside the ROI and one voxel beyond
     assert np.all(np.abs(plain[0] - centre) <= reach)
     assert all(np.any(np.abs(c - centre) > reach) for c in avoided)
