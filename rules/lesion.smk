@@ -37,6 +37,8 @@ rule train_lesion:
         state_dir=lambda wildcards: f"state/models/lesion/{wildcards.name}",
         # the merged lesion view it trains with, not the whole-volume sections: train.steps alone does not retrain it
         settings={**lesion_training_settings(LESION_CFG), **lesion_settings("roi", "texture_hu"), **context_margin()},
+    wildcard_constraints:
+        name=re.escape(LESION_CFG.train.name),  # only this config's lesion model
     priority: 10  # the lesion chain (train, inpaint, segment) is the demo's critical path: start it first
     log:
         "logs/train_lesion/{name}.log",

@@ -14,7 +14,7 @@ rule train:
         processes=config["train"]["processes"],
         settings=settings("model", "diffusion", "train", "intensity"),
     wildcard_constraints:
-        name=r"[^/]+",
+        name=re.escape(MODEL),  # only this config's model: a checkpoint given in sample.checkpoint is never retrained
     log:
         "logs/train/{name}.log",
     benchmark:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import Config, TrainConfig
+from ..config import RESUME_NEUTRAL, Config, TrainConfig
 from ..errors import LungDDPMError
 from ..faults import kill_point
 from ..io import atomic_path, read_csv
@@ -39,10 +39,6 @@ from .unet import UNet3D, count_parameters, unet_config_from_dict
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds", "samples_per_s")
-# train keys that do not shape the weights: a finished training resumed with only these changed is handed back as is
-RESUME_NEUTRAL = frozenset({"name", "steps", "checkpoint_every", "keep_checkpoints", "preview_every",
-                            "preview_sampler_steps", "log_every", "compile", "channels_last", "num_workers", "resume",
-                            "gpus"})  # fmt: skip
 
 
 class TrainingDivergedError(LungDDPMError):

@@ -55,6 +55,9 @@ def test_train_lesion_reruns_on_lesion_settings_not_on_whole_volume_only_ones(tm
     assert whole["train"] != base["train"]  # the whole-volume model does retrain
     assert whole["train_lesion"] == base["train_lesion"]  # lesion.train.steps overrides train.steps
     assert lesion["train_lesion"] != base["train_lesion"]
+    how = {"num_workers": 3, "compile": True, "log_every": 7, "gpus": 1, "checkpoint_every": 9}  # not the weights
+    running = rule_params(workdir, {"train": how, "lesion": {"train": how}}, "train_lesion", "train")
+    assert running == base  # a rerun would rewrite the checkpoint, and everything sampled with it would follow
 
 
 def _write_case(data: Path, case: str, nodule: bool) -> None:
@@ -111,6 +114,11 @@ def test_a_given_checkpoint_is_sampled_without_training_the_whole_volume_model(t
     assert {"train", "sample", "report"} <= scheduled()
     given = scheduled("--config", f"sample={{checkpoint: {checkpoint}}}")
     assert "train" not in given and {"sample", "report"} <= given
+    imported = workdir / "results/models/lung-ddpm/checkpoint.pt"  # where `lungddpm import-lungddpm` suggests
+    imported.parent.mkdir(parents=True)
+    imported.write_bytes(b"")
+    given = scheduled("--config", "sample={checkpoint: results/models/lung-ddpm/checkpoint.pt}")
+    assert "train" not in given and {"sample", "report"} <= given  # before: a train job that overwrote it
 
 
 def test_a_key_added_at_its_old_behaviour_reruns_nothing(tmp_path: Path) -> None:
