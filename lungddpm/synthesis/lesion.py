@@ -227,11 +227,13 @@ def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
 
 def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dict[str, Any]:
     """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
-    disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi``."""
+    disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi`` and
+    ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
     sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
     sample = without_later_defaults(sample)  # the default, as before the key: old items stay complete
     out = {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
-           "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"]}  # fmt: skip
+           "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"],
+           "nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]}  # fmt: skip
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}
 
 

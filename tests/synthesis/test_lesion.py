@@ -417,3 +417,13 @@ def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_
     extract_rois(src, roi_settings(), tmp_path / "b")  # free ROIs only
     with pytest.raises(LayoutError, match=r"no nodule among them: the train split has no labelled nodule"):
         load_roi_training_data([tmp_path / "b/rois.csv"], cfg)
+
+
+def test_the_pasted_labels_nodule_fraction_is_part_of_a_lesion_items_settings() -> None:
+    """The pasted CT's native nodule labels follow preprocess.nodule_fraction: items made with another fraction
+    are not complete (before: skipped, keeping their old labels)."""
+    from lungddpm.synthesis.lesion import run_settings
+
+    fractions = [load_config("config/config.yaml", {"preprocess": {"nodule_fraction": f}}) for f in (0.5, 0.25)]
+    settings = [run_settings(cfg, "x") for cfg in fractions]
+    assert settings[0]["nodule_fraction"] == 0.5 and settings[1]["nodule_fraction"] == 0.25
