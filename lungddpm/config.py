@@ -114,7 +114,7 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
             "regions); set lesion.model.context instead"
         )
     if not problems:
-        problems += consistency_problems(config)
+        problems += consistency_problems(config, scale)
     if problems:
         raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml):\n  " + "\n  ".join(problems))
     return config

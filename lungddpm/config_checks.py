@@ -13,16 +13,61 @@ from typing import Any
 LINEAR_MIN_TIMESTEPS = 21  # below, the linear schedule's beta_end (DDPM's 0.02 at T=1000, x 1000 / T) reaches 1
 
 
-def consistency_problems(config: Mapping[str, Any]) -> list[str]:
+def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> list[str]:
     """Every cross-field problem of ``config`` (defaults filled): grids, crops, attention and heads of the network,
-    lesion insertion, ROI jitter and the fidelity profile, and the linear schedule's length."""
+    lesion insertion, ROI jitter and the fidelity profile, the linear schedule's length, the HU window and what
+    lies in it, sampler steps against the schedule, and the layout's lung-volume bounds. ``scale``: ``lesion`` for
+    :func:`lungddpm.config.lesion_config`'s merged view (its ``sample`` section is the whole-volume model's)."""
     return (
         _grid_problems(config)
         + _network_problems(config)
         + _lesion_problems(config.get("lesion") or {})
         + _diameter_problems(config.get("layout_edit") or {}, "layout_edit")
         + _schedule_problems(config.get("diffusion") or {})
+        + _range_problems(config, scale)
     )
+
+
+def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
+    """Bounds that would fail only hours in (sampler steps after training) or never (a reversed HU window trains
+    on constant images): the HU window, the texture HU inside it, the sampler steps within the schedule's
+    timesteps (an imported network, ``model.init_from``, brings its own), RePaint with DPM-Solver++, the layout's
+    lung-volume bounds."""
+    out = []
+    lo, hi = (float(v) for v in config["intensity"]["hu_window"])
+    if lo >= hi:
+        return [f"intensity.hu_window: [{lo:g}, {hi:g}] is reversed or empty; give [lowest HU, highest HU], e.g. "
+                "[-1000, 400]"]  # fmt: skip
+    lesion = config.get("lesion") or {}
+    texture = [float(v) for v in lesion.get("texture_hu") or []]
+    if texture and not all(lo < v < hi for v in texture):
+        out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}]; move it in")
+    steps = [("train.preview_sampler_steps", config["train"].get("preview_sampler_steps"))]
+    if scale == "volume":
+        steps.append(("sample.steps", (config.get("sample") or {}).get("steps")))
+    timesteps = int((config.get("diffusion") or {}).get("timesteps", 1000))
+    if not config["model"].get("init_from"):
+        for key, value in steps:
+            if value is not None and int(value) > timesteps:
+                out.append(f"{key}: {value} steps exceed diffusion.timesteps {timesteps}; use at most {timesteps}")
+    if lesion:
+        lesion_t = int({**(config.get("diffusion") or {}), **(lesion.get("diffusion") or {})}.get("timesteps", 1000))
+        ls = lesion["sample"]
+        if int(ls["steps"]) > lesion_t:
+            out.append(f"lesion.sample.steps: {ls['steps']} steps exceed the lesion model's diffusion.timesteps "
+                       f"{lesion_t}; use at most {lesion_t}")  # fmt: skip
+        if ls["sampler"] == "dpm++" and int(ls["jump_length"]) > 0 and int(ls["jump_n_sample"]) > 1:
+            out.append("lesion.sample.jump_n_sample: RePaint resampling needs a single-step sampler; set "
+                       "lesion.sample.sampler to ddim or ddpm, or jump_n_sample: 1")  # fmt: skip
+        for key in ("processes", "gpus"):
+            if int((lesion.get("train") or {}).get(key) or 0) > 1:
+                out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "
+                           "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
+    layout = config.get("layout") or {}
+    if layout and float(layout["min_lung_ml"]) > float(layout["max_lung_ml"]):
+        out.append(f"layout.min_lung_ml: {layout['min_lung_ml']} is above layout.max_lung_ml "
+                   f"{layout['max_lung_ml']}, so every case would fail; lower it or raise max_lung_ml")  # fmt: skip
+    return out
 
 
 def _grid_problems(config: Mapping[str, Any]) -> list[str]:

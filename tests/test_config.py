@@ -129,6 +129,15 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ({"lesion": {"roi": {"nodule_jitter_mm": 20}}}, r"nodule_jitter_mm: 20 can move a nodule's centre out"),
         ({"lesion": {"fidelity": {"profile_step_mm": 0.5}}}, r"profile_step_mm: 0.5 is finer than the ROI spacing"),
         ({"lesion": {"fidelity": {"profile_mm": 1.0}}}, r"profile_mm: 1.0 is less than one profile bin \(1.25 mm\)"),
+        # a reversed window trains on constant images; steps past the schedule fail only after training
+        ({"intensity": {"hu_window": [400, -1000]}}, r"intensity.hu_window: \[400, -1000\] is reversed or empty"),
+        ({"intensity": {"hu_window": [-1000, -400]}}, r"lesion.texture_hu: .* must lie inside intensity.hu_window"),
+        ({"sample": {"steps": 251}}, r"sample.steps: 251 steps exceed diffusion.timesteps 250"),
+        ({"train": {"preview_sampler_steps": 300}}, r"train.preview_sampler_steps: 300 steps exceed diffusion"),
+        ({"lesion": {"diffusion": {"timesteps": 10}}}, r"lesion.sample.steps: 20 steps exceed the lesion model's"),
+        ({"lesion": {"sample": {"jump_length": 5, "jump_n_sample": 2}}}, r"RePaint resampling needs a single-step"),
+        ({"lesion": {"train": {"processes": 2}}}, r"lesion.train.processes: the lesion model trains in one process"),
+        ({"layout": {"min_lung_ml": 13000}}, r"layout.min_lung_ml: 13000 is above layout.max_lung_ml 12000"),
     ],
 )
 def test_settings_that_would_fail_late_or_silently_are_refused(config: dict, message: str) -> None:
