@@ -94,6 +94,7 @@ rule lesion_texture:
     threads: workflow.cores
     resources:
         mem_mb=4000,
+        gpu=min(config["train"]["gpus"], 1),  # it inpaints: the GPU when the models have one
     conda:
         "../envs/lungddpm.yaml"
     script:

@@ -18,6 +18,7 @@ rule metrics:
     threads: workflow.cores
     resources:
         mem_mb=6000,
+        gpu=min(config["train"]["gpus"], 1),  # the feature network: the GPU when the models have one
     conda:
         "../envs/lungddpm.yaml"
     script:
