@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: refused — it cannot be loaded with torch.load(weights_only=True) because it contains "
             "arbitrary Python objects, which could run code; re-save it as plain state dicts (tensors, numbers, "
             f"strings) ({str(exc).splitlines()[0]})"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path") from exc
+    except (RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint — truncated, damaged or another kind of file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); copy or download it again and "
+            "compare its SHA-256 with the source's"
         ) from exc
 
 

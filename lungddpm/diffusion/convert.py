@@ -52,6 +52,7 @@ SCHEDULE_BUFFERS = (
 # float32 storage of the same schedule: betas agree to ~6e-8 relative; the cumulative product to ~1.3e-5
 SCHEDULE_TOLERANCE = {"betas": (1e-5, 1e-8), "alphas_cumprod": (1e-4, 1e-7)}  # (rtol, atol)
 MAX_LISTED = 12  # problems listed in an error message
+LUNG_DDPM_HEADS_GROUPS = (1, 32)  # the released network's attention heads (create_model's default) and GroupNorm32
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,12 @@ def infer_unet_config(
         if len(outs) != 1 or next(iter(outs)) % ch:
             raise _fail(where, [f"level {n} res blocks have {sorted(outs)} channels"], f"expected one multiple of {ch}")
         mults.append(next(iter(outs)) // ch)
+    if mults[0] != 1:
+        raise ConventionError(
+            f"{where}: its first level has {mults[0]} x {ch} channels (channel_mult[0] = {mults[0]}); lungddpm's UNet "
+            "starts at the base width (channel_mult[0] = 1, as Lung-DDPM's released network), so this network "
+            "cannot be converted"
+        )
     attention_ds = [2**n for n, level in enumerate(levels) if any(att for _, att in level)]
     if image_size % 2 ** (len(levels) - 1):
         raise ConventionError(
@@ -232,10 +239,15 @@ def convert(
     """A loaded Lung-DDPM checkpoint -> a lungddpm model checkpoint (``ema``, ``model``, ``step``, ``unet``,
     ``diffusion``, ``convention``; the caller adds ``source``). Raises :class:`CheckpointError` naming every
     missing, unexpected or mis-shaped key."""
+    if isinstance(source, Mapping) and any(str(k).startswith(PREFIX) for k in source):
+        log.warning("%s: a bare GaussianDiffusion state dict ('%s*' at the top level): taken as its EMA weights",
+                    where, PREFIX)  # fmt: skip
+        source = {"ema": source}
     if not isinstance(source, Mapping) or not isinstance(source.get("ema"), Mapping):
-        keys = sorted(source) if isinstance(source, Mapping) else type(source).__name__
+        keys = sorted(map(str, source)) if isinstance(source, Mapping) else [type(source).__name__]
+        shown = keys[:MAX_LISTED] + ([f"... and {len(keys) - MAX_LISTED} more"] if len(keys) > MAX_LISTED else [])
         raise CheckpointError(
-            f"{where}: not a Lung-DDPM checkpoint (top level {keys}); expected the trainer's dict with 'ema' "
+            f"{where}: not a Lung-DDPM checkpoint (top level {shown}); expected the trainer's dict with 'ema' "
             "(and 'model', 'step') — e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt"
         )
     ema_state = source["ema"]
@@ -314,7 +326,16 @@ def import_from_config(cfg: Config, src: Path, out: Path) -> ImportSummary:
     config; the other ``model`` / ``diffusion`` keys train lungddpm's own models and are not used — where they
     differ from the imported file's, a warning says so (the file wins)."""
     convention = LungDDPMConvention.from_dict(cfg.raw["init_convention"])
-    summary = import_lung_ddpm(src, out, convention, int(cfg.model["num_heads"]), int(cfg.model["norm_groups"]))
+    heads, groups = int(cfg.model["num_heads"]), int(cfg.model["norm_groups"])
+    if (heads, groups) != LUNG_DDPM_HEADS_GROUPS:
+        log.warning(
+            "model.num_heads %d / model.norm_groups %d: the import converts the file's attention and GroupNorm with "
+            "these, which its shapes cannot tell; Lung-DDPM's released network has %d head(s) and %d groups, and "
+            "a mismatch changes every output (15-60 %% of its range in a test): set model.num_heads: %d and "
+            "model.norm_groups: %d unless this file was trained otherwise",
+            heads, groups, *LUNG_DDPM_HEADS_GROUPS, *LUNG_DDPM_HEADS_GROUPS,
+        )  # fmt: skip
+    summary = import_lung_ddpm(src, out, convention, heads, groups)
     imported = {
         "model.model_channels": summary.unet.model_channels,
         "model.channel_mult": list(summary.unet.channel_mult),

@@ -165,6 +165,34 @@ def test_refuses_files_that_need_pickle_and_cli_reports(tmp_path: Path, capsys: 
     assert main(["import-lungddpm", str(evil), "--out", str(out)]) == 2  # refused, logged
 
 
+def test_damaged_bare_and_unconvertible_files_say_what_they_are(tmp_path: Path, caplog) -> None:
+    """A truncated or non-torch file names itself and the fix (it was a bare traceback); a bare GaussianDiffusion
+    state dict converts as its EMA weights; a first level wider than the base width is refused for that reason."""
+    ema, raw = tiny_nets()
+    good = tmp_path / "tiny.pt"
+    torch.save(original_layout(ema, raw), good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("hello")
+    for name in ("truncated.pt", "text.pt"):
+        with pytest.raises(CheckpointError, match=rf"{name}: not a readable torch checkpoint .*SHA-256"):
+            import_lung_ddpm(tmp_path / name, tmp_path / "out.pt", LungDDPMConvention(size=16), norm_groups=4)
+    with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint file"):
+        load_model(tmp_path / "missing.pt")
+    bare = convert(original_layout(ema, raw)["ema"], LungDDPMConvention(size=16), norm_groups=4)
+    wrapped = convert({"ema": original_layout(ema, raw)["ema"]}, LungDDPMConvention(size=16), norm_groups=4)
+    assert all(torch.equal(bare["ema"][k], v) for k, v in wrapped["ema"].items()) and "bare" in caplog.text
+    many = {f"key{i}": torch.zeros(1) for i in range(40)}
+    with pytest.raises(CheckpointError, match=r"top level \[.*'\.\.\. and 28 more'\]"):
+        convert(many, LungDDPMConvention(size=16))
+    wide = original_layout(ema, raw)["ema"]
+    wide[PREFIX + "input_blocks.0.0.weight"] = torch.zeros(16, 3, 3, 3, 3)  # 2 x 8 channels
+    for k in [k for k in wide if k.startswith(PREFIX + "input_blocks.1.0.in_layers.2")]:
+        wide[k] = torch.zeros(16, *wide[k].shape[1:])
+    with pytest.raises(Exception, match=r"channel_mult\[0\] = 2"):
+        convert({"ema": wide}, LungDDPMConvention(size=16), norm_groups=4)
+
+
 def test_imported_model_samples_through_the_workflow(demo_workflow: Path, tmp_path: Path) -> None:
     """model.init_from: the import rule replaces training; both runs sample from the imported model (16³ network
     on the 32³ demo grid: resized there and back), HU outputs with the true affine and the reference kept."""
