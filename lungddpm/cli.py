@@ -36,9 +36,15 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace):
+    """The config as Snakemake sees it: ``--configfile`` merged over the workflow's config/config.yaml (the
+    Snakefile's ``configfile:``, in ``--workdir`` if any) when that exists and is another file, then ``--set``."""
     from .config import load_config
 
-    return load_config(args.configfile, _overrides(args.set))
+    base = Path(getattr(args, "workdir", None) or ".", "config", "config.yaml")
+    path = Path(args.configfile or (base if base.is_file() else "config/config.yaml"))
+    if merge := base.is_file() and not (path.exists() and path.samefile(base)):
+        log.info("config: %s merged over %s", path, base)
+    return load_config(path, _overrides(args.set), base=base if merge else None)
 
 
 def cmd_cases(args: argparse.Namespace) -> None:
@@ -169,8 +175,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     sc = cfg.raw["sample"]
+    shards = sc["shards"] if args.shards is None else args.shards
+    if shards < 1:
+        raise LungDDPMError(f"--shards {shards}: need at least 1 shard (default sample.shards)")
+    if not 0 <= args.shard < shards:
+        raise LungDDPMError(f"--shard {args.shard}: not a shard of --shards {shards}; choose 0 to {shards - 1}")
     cases = run_cases(case_split(cfg, list_cases(cfg)), args.run)
-    items = shard(plan(args.run, cases, samples_per_layout(sc, args.run), sc["seed"]), args.shards, args.shard)
+    items = shard(plan(args.run, cases, samples_per_layout(sc, args.run), sc["seed"]), shards, args.shard)
     res = Path(args.results)
     out = res / "synthetic" / args.run
     manifest = synthesize_shard(
@@ -243,14 +254,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungddpm", description=__doc__)
-    parser.add_argument("--configfile", default="config/config.yaml", help="workflow config (YAML)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set data.source=lidc (repeatable)",
-    )
+    parser.add_argument("--configfile", default=None, help="workflow config (YAML), merged as Snakemake does over "
+                        "config/config.yaml (app: <--workdir>/config/...), which is the default")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.source=lidc (repeatable)")  # fmt: skip
     parser.add_argument("--log", default=None, help="also log to this file")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cases", help="list the cases of the config and their split")
@@ -294,9 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model.norm_groups and init_convention.* from the config)",
     )
     p.add_argument("checkpoint", help="e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt (loaded with weights_only=True)")
-    p.add_argument(
-        "--out", required=True, help="the lungddpm checkpoint to write, e.g. results/models/lung-ddpm/checkpoint.pt"
-    )
+    p.add_argument("--out", required=True,
+                   help="the lungddpm checkpoint to write, e.g. results/models/lung-ddpm/checkpoint.pt")  # fmt: skip
     p.set_defaults(func=cmd_import_lungddpm)
     p = sub.add_parser("rois", help="lesion-scale ROIs of one case from its source DICOM (needs its preprocess)")
     p.add_argument("--case", required=True)
@@ -308,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_nodule_bank)
     p = sub.add_parser("sample", help="sample one shard of a run (eval: test layouts; augment: edited train layouts)")
     p.add_argument("--run", choices=["eval", "augment"], required=True)
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--shard", type=int, default=0, help="this shard, 0 to --shards - 1")
+    p.add_argument("--shards", type=int, default=None, help="shards of the run (default sample.shards)")
     p.add_argument("--results", default="results")
     p.add_argument("--bank", default="resources/nodule_bank.npz")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -359,17 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up); speed: repeats (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser(
-        "segment", help="downstream nnU-Net v2: prepare/train each arm, score it on the test split, compare the arms"
-    )
+    p = sub.add_parser("segment", help="downstream nnU-Net v2: prepare/train each arm, score it on the test split, "
+                       "compare the arms")  # fmt: skip
     p.add_argument("what", choices=["prepare", "train", "score", "compare", "all"])
     p.add_argument("--arm", action="append", help="only this arm (repeatable); default every configured arm")
     p.add_argument("--seed", type=int, action="append", help="only this seed (repeatable)")
     p.add_argument("--fold", action="append", help="only this fold, 0-4 or all (repeatable)")
     p.add_argument("--results", default="results")
-    p.add_argument(
-        "--state", default="state", help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)"
-    )
+    p.add_argument("--state", default="state",
+                   help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)")  # fmt: skip
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("app", help="the interactive nodule studio: a local web app over the workflow's results")

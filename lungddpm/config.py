@@ -53,6 +53,8 @@ def _coerce(instance: Any, schema: Mapping[str, Any]) -> Any:
         return [_coerce(v, schema["items"]) for v in instance]
     if isinstance(instance, str) and "string" not in types:
         text = instance.strip()
+        if "enum" in schema and instance not in schema["enum"]:  # segmentation.folds: [0, 1] -> ints, all stays
+            return next((v for v in schema["enum"] if str(v) == text), instance)
         if "boolean" in types and text in ("true", "True", "false", "False"):
             return text in ("true", "True")
         if "null" in types and text in ("null", "None", "~", ""):
@@ -176,9 +178,7 @@ def key_order_reference(path: str | Path, fallback: dict[str, Any]) -> dict[str,
     return ref
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML config, apply ``overrides`` (nested dict), validate, and return its typed view."""
-    p = Path(path)
+def _read_yaml(p: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except FileNotFoundError as exc:
@@ -187,14 +187,24 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (data, preprocess, ...)")
-    if overrides:
-        _merge(raw, overrides)
-    return Config.from_dict(validate_config(raw, source=str(p)))
+    return raw
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, base: str | Path | None = None) -> Config:
+    """Read a YAML config (merged over ``base`` when given, as Snakemake merges a ``--configfile`` over the
+    Snakefile's ``configfile:``), apply ``overrides`` (nested dict), validate, and return its typed view."""
+    raw = _read_yaml(Path(base)) if base is not None else {}
+    _merge(raw, _read_yaml(Path(path)))
+    _merge(raw, overrides or {})
+    source = str(path) if base is None else f"{path} merged over {base}"
+    return Config.from_dict(validate_config(raw, source=source))
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """``extra`` into ``base`` as Snakemake's ``update_config``: mappings merged key by key, the rest replaced."""
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+        if isinstance(value, Mapping):
+            base[key] = base[key] if isinstance(base.get(key), dict) else {}
             _merge(base[key], value)
         else:
             base[key] = copy.deepcopy(value)

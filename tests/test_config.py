@@ -98,6 +98,33 @@ def test_strings_from_the_command_line_are_coerced() -> None:
         validate_config({"preprocess": {"size": ["big", "64", "64"]}})
 
 
+def test_folds_from_the_command_line_are_ints_and_all_stays() -> None:
+    """snakemake --config 'segmentation={folds: [0, 1]}' delivers the folds as strings."""
+    assert validate_config({"segmentation": {"folds": ["0", "1"]}})["segmentation"]["folds"] == [0, 1]
+    assert validate_config({"segmentation": {"folds": ["all"]}})["segmentation"]["folds"] == ["all"]
+    assert validate_config({"segmentation": {"folds": [4, "all"]}})["segmentation"]["folds"] == [4, "all"]
+    with pytest.raises(ConfigError, match=r"segmentation.folds.1: '5' is not one of \[0, 1, 2, 3, 4, 'all'\]"):
+        validate_config({"segmentation": {"folds": ["0", "5"]}})
+    with pytest.raises(ConfigError, match=r"segmentation.folds.0: 'ALL' is not one of \[0, 1, 2, 3, 4, 'all'\]"):
+        validate_config({"segmentation": {"folds": ["ALL"]}})
+
+
+def test_merge_is_snakemakes_update_config() -> None:
+    """Mappings merged key by key, lists and scalars replaced, a mapping over a scalar taken whole."""
+    from snakemake.utils import update_config
+
+    def both(base: dict, extra: dict) -> tuple[dict, dict]:
+        ours, theirs = yaml.safe_load(yaml.safe_dump(base)), yaml.safe_load(yaml.safe_dump(base))
+        _merge(ours, extra)
+        update_config(theirs, yaml.safe_load(yaml.safe_dump(extra)))
+        return ours, theirs
+
+    base = {"a": {"b": [1, 2], "c": {"d": 1, "e": 2}}, "f": 3, "g": None}
+    extra = {"a": {"b": [9], "c": {"e": 5}}, "f": {"x": 1}, "g": {"y": 2}, "h": [1]}
+    ours, theirs = both(base, extra)
+    assert ours == theirs == {"a": {"b": [9], "c": {"d": 1, "e": 5}}, "f": {"x": 1}, "g": {"y": 2}, "h": [1]}
+
+
 def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
     with pytest.raises(
         ConfigError, match=r"preprocess.size: \[31, 32, 32\] is not a multiple of 4 .*channel_mult \[1, 2, 2\]"

@@ -123,7 +123,7 @@ class SegmentationConfig:
             arm({"name": f"sweep_{f:g}x", "real": True, "synthetic_fraction": f, "real_fraction": sw["real_fraction"]})
             for f in sorted(set(sw["fractions"]))
         )
-        if scale == "lesion" and not raw["lesion"]["enabled"]:
+        if s["enabled"] and scale == "lesion" and not raw["lesion"]["enabled"]:  # off: nothing of it runs
             raise ConfigError(
                 "segmentation.scale is lesion but lesion.enabled is false: the ROIs and the lesion run are off; set "
                 "lesion.enabled: true or segmentation.scale: whole"

@@ -229,6 +229,9 @@ def test_network_resizing_and_scale_config() -> None:
     raw["segmentation"]["arms"][0].pop("synthetic_source")
     with pytest.raises(ConfigError, match="lesion.enabled is false"):
         SegmentationConfig.from_config(raw)
+    raw["segmentation"]["enabled"] = False  # segmentation off too: nothing needs the ROIs
+    seg = SegmentationConfig.from_config(raw)
+    assert (seg.enabled, seg.scale, seg.arm_names) == (False, "lesion", ["v"])
 
 
 def test_jittered_rois_of_one_nodule_are_one_cluster(tmp_path: Path) -> None:

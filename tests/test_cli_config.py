@@ -1,0 +1,104 @@
+"""``lungddpm --configfile``: the config Snakemake would see; ``lungddpm sample``'s shards."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from snakemake.utils import update_config
+
+from lungddpm.cli import _config, build_parser, main
+from lungddpm.config import load_config, validate_config
+from lungddpm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PARTIAL = {"sample": {"steps": 30}, "segmentation": {"seeds": [3, 4]}}
+
+
+def _cli_config(*argv: str) -> dict[str, Any]:
+    return _config(build_parser().parse_args([*argv])).raw
+
+
+@pytest.fixture
+def workflow_dir(tmp_path: Path) -> Path:
+    """A workflow directory holding the shipped config/config.yaml, and a partial my.yaml beside it."""
+    (tmp_path / "wf/config").mkdir(parents=True)
+    shutil.copy2(REPO / "config/config.yaml", tmp_path / "wf/config/config.yaml")
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(PARTIAL))
+    return tmp_path / "wf"
+
+
+def test_a_partial_configfile_is_merged_over_the_workflow_config_as_snakemake_merges_it(
+    workflow_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lungddpm")
+    shipped = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    through_snakemake = copy.deepcopy(shipped)
+    update_config(through_snakemake, copy.deepcopy(PARTIAL))
+    expected = validate_config(through_snakemake)
+    partial = str(workflow_dir.parent / "my.yaml")
+    monkeypatch.chdir(workflow_dir)
+    merged = _cli_config("--configfile", partial, "cases")
+    assert merged == expected
+    # the demo's lesion model, not the schema's defaults (which a file read alone would get)
+    assert merged["lesion"]["train"]["name"] == "demo" and merged["model"]["model_channels"] == 24
+    assert (merged["lesion"]["roi"]["size"], merged["lesion"]["roi"]["spacing_mm"]) == (32, 1.25)
+    assert merged["sample"]["steps"] == 30 and merged["segmentation"]["seeds"] == [3, 4]  # lists replaced
+    assert f"config: {partial} merged over config/config.yaml" in caplog.text
+    assert _cli_config("--configfile", partial, "--set", "sample.steps=40", "cases")["sample"]["steps"] == 40
+    # the workflow's config itself, named or by default: read once, nothing merged
+    caplog.clear()
+    assert _cli_config("--configfile", "config/config.yaml", "cases") == validate_config(copy.deepcopy(shipped))
+    assert _cli_config("cases") == validate_config(copy.deepcopy(shipped)) and "merged" not in caplog.text
+    # app: the base is --workdir's config/config.yaml, whatever the working directory
+    monkeypatch.chdir(workflow_dir.parent)
+    assert _cli_config("--configfile", partial, "app", "--workdir", str(workflow_dir)) == expected
+    assert _cli_config("app", "--workdir", str(workflow_dir))["sample"]["steps"] == shipped["sample"]["steps"]
+    # no workflow config here: the file alone, as before
+    alone = _cli_config("--configfile", partial, "cases")
+    assert alone["lesion"]["train"]["name"] == "lesion" and alone["model"]["model_channels"] == 64
+    assert alone["sample"]["steps"] == 30
+
+
+def test_load_config_names_both_files_when_the_merge_is_invalid(workflow_dir: Path) -> None:
+    bad = workflow_dir / "bad.yaml"
+    bad.write_text("sample: {steps: 0}\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml merged over .*config.yaml: invalid configuration[\s\S]*sample.steps"
+    ):
+        load_config(bad, base=workflow_dir / "config/config.yaml")
+
+
+def _fake_synthesize(run: str, items: list, *args: Any) -> list[dict[str, Any]]:
+    return [{"name": it.name, "seed": it.seed} for it in items]
+
+
+def test_sample_shards_default_to_the_config_and_bad_shards_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lungddpm.synthesis.volume_run as volume_run
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(volume_run, "synthesize_shard", _fake_synthesize)
+    shipped = yaml.safe_load((REPO / "config/config.yaml").read_text())["sample"]["shards"]
+    assert shipped == 2
+    cmd = ["sample", "--run", "eval", "--results", str(tmp_path)]
+    assert main([*cmd, "--shard", "0"]) == 0 and main([*cmd, "--shard", "1"]) == 0
+    shards = [json.loads((tmp_path / f"synthetic/eval/shard_{i}.json").read_text())["items"] for i in (0, 1)]
+    assert all(shards) and not {json.dumps(i) for i in shards[0]} & {json.dumps(i) for i in shards[1]}
+    assert main([*cmd, "--shard", "0", "--shards", "1"]) == 0  # one shard: the whole run
+    whole = json.loads((tmp_path / "synthetic/eval/shard_0.json").read_text())["items"]
+    assert sorted(map(json.dumps, whole)) == sorted(map(json.dumps, shards[0] + shards[1]))
+    capsys.readouterr()
+    assert main([*cmd, "--shard", "2"]) == 2
+    assert "--shard 2: not a shard of --shards 2; choose 0 to 1" in capsys.readouterr().err
+    assert main([*cmd, "--shard", "-1", "--shards", "3"]) == 2
+    assert "--shard -1: not a shard of --shards 3; choose 0 to 2" in capsys.readouterr().err
+    assert main([*cmd, "--shards", "0"]) == 2
+    assert "--shards 0: need at least 1 shard" in capsys.readouterr().err
