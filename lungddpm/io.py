@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import DicomError, LungDDPMError
+from .errors import LungDDPMError
 from .faults import kill_point
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def write_csv(
         columns = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(v: Any) -> Any:
-        if isinstance(v, float):
+        if isinstance(v, float | np.floating):
             return "" if np.isnan(v) else f"{v:.6g}"
         return v
 
@@ -263,138 +263,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-# --------------------------------------------------------------------------------------------------- DICOM
-@dataclass(frozen=True)
-class DicomSeries:
-    """An axial CT series in HU, slices sorted by ascending z."""
-
-    hu: np.ndarray  # float32 [Z, Y, X]
-    z_positions: np.ndarray  # [Z] mm, ascending
-    pixel_spacing: tuple[float, float]  # (row, column) mm
-    origin_xy: tuple[float, float]  # LPS (x, y) of pixel [0, 0]
-    series_uid: str
-    directory: Path
-
-
-def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
-    """Find the folder under ``patient_dir`` whose DICOM files belong to ``series_uid`` (any folder layout)."""
-    import pydicom
-
-    if not patient_dir.is_dir():
-        raise DicomError(
-            f"{patient_dir}: patient folder not found; put the TCIA LIDC-IDRI download under data.dicom_root "
-            "(<root>/<patient id>/...) or remove the patient from data.cases"
-        )
-    fast = [d for d in patient_dir.rglob(glob.escape(safe_component(series_uid, "SeriesInstanceUID"))) if d.is_dir()]
-    if fast:
-        return fast[0]
-    for folder in sorted({p.parent for p in dicom_files(patient_dir, recursive=True)}):
-        for first in dicom_files(folder)[:3]:  # a file or two may be unreadable: the series is still this folder's
-            try:
-                ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-            except Exception:
-                continue
-            if getattr(ds, "SeriesInstanceUID", None) == series_uid:
-                return folder
-            break
-    raise DicomError(
-        f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}; the download is incomplete — "
-        "re-download this patient from TCIA"
-    )
-
-
-def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """The ``*.dcm`` files of ``folder`` (and below, if ``recursive``), sorted, without hidden ones: macOS writes a
-    ``._<name>.dcm`` metadata file beside each file copied to a FAT or network drive, and pylidc skips them too."""
-    found = Path(folder).rglob("*.dcm") if recursive else Path(folder).glob("*.dcm")
-    return sorted(p for p in found if not p.name.startswith("."))
-
-
-def _slice_order(directory: Path, files: list[Path], slices: list[Any]) -> tuple[list[int], np.ndarray]:
-    """The slices to stack, by ascending z, and their z (mm). Of slices at the same z (within 1 um) the one with the
-    lowest InstanceNumber is kept, as pylidc keeps (its slice positions, and so the annotations' slice indices, count
-    each z once); the others are named in a warning. Without InstanceNumbers to choose by, :class:`DicomError`."""
-    z = [float(ds.ImagePositionPatient[2]) for ds, _ in slices]
-    groups: list[list[int]] = []
-    for i in sorted(range(len(z)), key=z.__getitem__):  # runs of positions less than 1 um apart
-        if groups and z[i] - z[groups[-1][-1]] < 1e-3:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    order, dropped = [], []
-    for members in groups:
-        if len(members) > 1:
-            names = " and ".join(files[i].name for i in members)
-            try:
-                ranked = sorted((int(slices[i][0].InstanceNumber), files[i].name, i) for i in members)
-            except (AttributeError, TypeError, ValueError) as exc:
-                raise DicomError(f"{directory}: {names}: same slice position z={z[members[0]]} and no InstanceNumber "
-                                 f"to choose by ({exc}); remove the duplicate file") from exc  # fmt: skip
-            members = [ranked[0][2]]
-            dropped += [i for *_, i in ranked[1:]]
-        order.append(members[0])
-    if dropped:
-        log.warning("%s: %d slice(s) at the z of another slice left out, keeping the lower InstanceNumber as pylidc "
-                    "does: %s", directory, len(dropped), ", ".join(files[i].name for i in sorted(dropped)))  # fmt: skip
-    return order, np.asarray([z[i] for i in order])
-
-
-def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: float = 3071.0) -> DicomSeries:
-    """Read every ``*.dcm`` of one axial CT series -> HU volume; padding outside the field of view -> ``padding_hu``.
-
-    Refuses (naming the file): an empty folder, unreadable files, several series mixed in one folder,
-    non-axial orientation, inconsistent pixel spacing or size. Of two slices at one position the one with the lower
-    InstanceNumber is kept, as pylidc does (a warning names the other).
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    files = dicom_files(directory)
-    if not files:
-        raise DicomError(f"{directory}: no *.dcm files; check data.dicom_root or re-download the series")
-    slices = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f)
-            pixels = ds.pixel_array
-        except (InvalidDicomError, AttributeError, ValueError, OSError, KeyError) as exc:
-            raise DicomError(f"{f}: corrupt or incomplete DICOM file ({exc}); re-download this series") from exc
-        slices.append((ds, pixels))
-    uids = {ds.SeriesInstanceUID for ds, _ in slices}
-    if len(uids) > 1:
-        counts = {u: [f.name for f, (d, _) in zip(files, slices) if d.SeriesInstanceUID == u][:3] for u in uids}
-        raise DicomError(f"{directory}: files of {len(uids)} series are mixed ({counts}); keep one series per folder")
-    ref = slices[0][0]
-    orientation = np.asarray([float(v) for v in ref.ImageOrientationPatient])
-    if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):
-        raise DicomError(
-            f"{files[0]}: ImageOrientationPatient {orientation.tolist()} is not axial; only axial CT is supported"
-        )
-    spacing = tuple(float(v) for v in ref.PixelSpacing)
-    shape = (int(ref.Rows), int(ref.Columns))
-    for f, (ds, _) in zip(files, slices):
-        if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
-    order, z = _slice_order(directory, files, slices)
-    hu = np.empty((len(order), *shape), dtype=np.float32)
-    for out_k, k in enumerate(order):
-        ds, pixels = slices[k]
-        raw = pixels.astype(np.float32)
-        pad = getattr(ds, "PixelPaddingValue", None)
-        slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
-        values = raw * slope + intercept
-        if pad is not None:
-            values[pixels == pad] = padding_hu
-        hu[out_k] = values
-    np.clip(hu, padding_hu, max_hu, out=hu)
-    x0, y0 = (float(v) for v in ref.ImagePositionPatient[:2])
-    return DicomSeries(
-        hu=hu,
-        z_positions=z,
-        pixel_spacing=spacing,  # type: ignore[arg-type]
-        origin_xy=(x0, y0),
-        series_uid=str(ref.SeriesInstanceUID),
-        directory=directory,
-    )

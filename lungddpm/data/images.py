@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
-from ..io import DicomSeries
+from .dicom import DicomSeries
 from .nodules import Nodule, components, paint
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,10 @@ from scipy import ndimage as ndi
 
 from .. import __version__
 from ..config import Config
+from ..data.dicom import DicomSeries
 from ..data.nodules import Nodule
 from ..errors import DicomError
-from ..io import DicomSeries, Geometry, write_json, write_volume
+from ..io import Geometry, write_json, write_volume
 from .layout import check_source_lungs
 from .lungmask import body_mask, lungs_from_label, segment_lungs
 

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from lungddpm.config import Config, ConfigError, validate_config
+from lungddpm.data.dicom import DicomSeries, read_dicom_series
 from lungddpm.data.images import (
     ImageCase,
     case_id_of,
@@ -25,7 +26,6 @@ from lungddpm.data.images import (
 from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
 from lungddpm.errors import DicomError, ImageError, LayoutError
-from lungddpm.io import DicomSeries, read_dicom_series
 from lungddpm.preprocessing.grid import preprocess_case
 
 SPACING = (0.75, 0.8, 2.5)  # x, y, z mm

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from lungddpm.data.dicom import find_series_dir, read_dicom_series
 from lungddpm.data.phantom import (
     DicomQuirks,
     NoduleSpec,
@@ -22,7 +23,6 @@ from lungddpm.data.phantom import (
     write_dicom_series,
 )
 from lungddpm.errors import ConfigError, DicomError
-from lungddpm.io import find_series_dir, read_dicom_series
 
 PS = 2.7
 N = 128
@@ -340,7 +340,7 @@ def test_a_duplicate_slice_and_hidden_macos_files_are_handled_as_pylidc_does(
     dup.InstanceNumber = 999  # the copy pylidc leaves out: the higher InstanceNumber
     dup.PixelData = np.zeros_like(dup.pixel_array).tobytes()
     dup.save_as(series / "zz_dup.dcm")
-    caplog.set_level("WARNING", logger="lungddpm.io")
+    caplog.set_level("WARNING", logger="lungddpm.data.dicom")
     after = read_dicom_series(series)
     assert np.array_equal(after.hu, before.hu) and np.array_equal(after.z_positions, before.z_positions)
     assert "1 slice(s) at the z of another slice left out" in caplog.text and "zz_dup.dcm" in caplog.text
@@ -355,3 +355,38 @@ def test_a_duplicate_slice_and_hidden_macos_files_are_handled_as_pylidc_does(
     first.save_as(series / "zz_dup.dcm")
     with pytest.raises(DicomError, match=r"zz_dup.dcm: same slice position z=.* no InstanceNumber to choose by"):
         read_dicom_series(series)
+
+
+def test_every_slice_is_checked_for_the_tags_and_orientation_that_place_it(
+    tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slice without ImagePositionPatient, or tilted while the first file is axial, is refused naming that file
+    (before: a bare AttributeError, and a wrong volume); slices whose x/y move (a gantry tilt) are stacked as pylidc
+    stacks them, with a warning, the origin the lowest slice's."""
+    series = tmp_path / "s"
+    paths = write_dicom_series(plain[0], geom, series, quirks_for(0))
+    before = read_dicom_series(series)
+    k = len(paths) // 2
+    original = pydicom.dcmread(paths[k])
+    broken = pydicom.dcmread(paths[k])
+    del broken.ImagePositionPatient
+    broken.save_as(paths[k])
+    with pytest.raises(DicomError, match=rf"{paths[k].name}: no ImagePositionPatient .*re-download"):
+        read_dicom_series(series)
+    tilted = pydicom.dcmread(paths[-1])
+    tilted.ImageOrientationPatient = [1, 0, 0, 0, 0.966, -0.259]
+    original.save_as(paths[k])
+    saved = pydicom.dcmread(paths[-1])
+    tilted.save_as(paths[-1])
+    with pytest.raises(DicomError, match=rf"{paths[-1].name}: ImageOrientationPatient .* is not axial"):
+        read_dicom_series(series)
+    saved.save_as(paths[-1])
+    for p in paths:  # a gantry tilt: y moves 0.5 mm per mm of z
+        ds = pydicom.dcmread(p)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.5 * (z - float(geom.slice_zvals[0])), z]
+        ds.save_as(p)
+    caplog.set_level("WARNING", logger="lungddpm.data.dicom")
+    sheared = read_dicom_series(series)
+    assert np.array_equal(sheared.hu, before.hu) and "gantry tilt" in caplog.text
+    assert sheared.origin_xy == pytest.approx(before.origin_xy)  # the lowest slice's, whichever file is first

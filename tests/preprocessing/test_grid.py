@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.lidc import ScanInfo
 from lungddpm.data.nodules import Nodule
 from lungddpm.data.sources import check_against_annotations
 from lungddpm.errors import DicomError
-from lungddpm.io import DicomSeries, Geometry
+from lungddpm.io import Geometry
 from lungddpm.preprocessing.grid import (
     SliceGrid,
     grid_geometry,

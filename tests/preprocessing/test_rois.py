@@ -10,8 +10,9 @@ import pytest
 from support import lidc_config, roi_settings, source_ct, tiny_config
 
 from lungddpm.data import lidc, sources
+from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.nodules import Nodule
-from lungddpm.io import DicomSeries, write_volume
+from lungddpm.io import write_volume
 from lungddpm.preprocessing import rois
 from lungddpm.preprocessing.rois import free_sites, load_source
 

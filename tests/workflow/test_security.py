@@ -22,8 +22,9 @@ from support import lidc_config
 
 from lungddpm.config import Config, load_config, validate_config
 from lungddpm.data import lidc
+from lungddpm.data.dicom import find_series_dir
 from lungddpm.errors import ConfigError
-from lungddpm.io import UnsafePathError, find_series_dir, safe_component
+from lungddpm.io import UnsafePathError, safe_component
 from lungddpm.preprocessing.cases import case_ct, case_layout, model_checkpoint
 from lungddpm.preprocessing.grid import preprocess_case
 from lungddpm.preprocessing.layout import make_layout
