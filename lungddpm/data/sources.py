@@ -11,8 +11,8 @@ import numpy as np
 
 from ..config import Config
 from ..errors import DicomError, ImageError
-from ..io import DicomSeries, find_series_dir, read_dicom_series
 from . import images, lidc
+from .dicom import DicomSeries, find_series_dir, read_dicom_series
 from .nodules import Nodule
 
 DEMO_ROOT = Path("resources/demo")
@@ -58,10 +58,10 @@ def patient_of(cfg: Config, case_id: str) -> str:
 
 
 def has_nodules(cfg: Config, case_id: str) -> bool:
-    """Whether a case has annotated nodules (the split's stratum)."""
+    """Whether a case has nodules that its layout holds (the split's stratum; LIDC: read by ``data.min_readers``)."""
     if cfg.data.source == "images":
         return images.has_nodules(image_cases(cfg)[case_id], cfg.data.images.label_convention)
-    return lidc.has_nodules(case_id)
+    return lidc.has_nodules(case_id, cfg.data.min_readers)
 
 
 def source_files(cfg: Config, case_id: str) -> dict[str, str]:

@@ -122,3 +122,16 @@ def test_a_cluster_of_more_annotations_than_readers_is_warned_about(caplog: pyte
     merged = [n for n in lidc.nodules(case, 0.5) if n.n_readers == 5]
     assert len(merged) == 1 and f"{case}: 5 annotations in one cluster around slice 178" in caplog.text
     assert "neither pylidc nor lungddpm could separate them" in caplog.text and "data.cases" in caplog.text
+
+
+def test_the_split_stratum_counts_the_nodules_the_layouts_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIDC-IDRI-0002's one nodule was read by 2 radiologists: with data.min_readers 3 its layout holds none, so
+    it is no nodule case for the stratified split (before: any annotation counted); the counts come from the cache
+    the second time."""
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path))
+    monkeypatch.setattr(lidc, "_MOST_READERS", {})
+    assert lidc.has_nodules("LIDC-IDRI-0002") and lidc.has_nodules("LIDC-IDRI-0002", 2)
+    assert not lidc.has_nodules("LIDC-IDRI-0002", 3) and lidc.most_readers("LIDC-IDRI-0003") == 4
+    monkeypatch.setattr(lidc, "_MOST_READERS", {})
+    monkeypatch.setattr(lidc, "_clusters", lambda scan: pytest.fail("clustered again: the cache was not read"))
+    assert lidc.most_readers("LIDC-IDRI-0002") == 2 and lidc.most_readers("LIDC-IDRI-0003") == 4
