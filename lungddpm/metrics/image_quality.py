@@ -246,7 +246,8 @@ def image_quality(
 def _nifti(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise MetricsError(f"{folder}: not a folder of NIfTI volumes")
-    files = {p.name.removesuffix(".nii.gz").removesuffix(".nii"): p for p in sorted(folder.glob("*.nii*"))}
+    found = sorted(p for p in folder.glob("*.nii*") if not p.name.startswith("."))  # not a killed write's temp
+    files = {p.name.removesuffix(".nii.gz").removesuffix(".nii"): p for p in found}
     files = {k: v for k, v in files.items() if not k.endswith("_layout")}
     if not files:
         raise MetricsError(f"{folder}: no *.nii / *.nii.gz volumes")

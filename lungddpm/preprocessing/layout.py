@@ -84,6 +84,8 @@ def check_layout(
     voxel_ml = float(np.prod(geometry.spacing)) / 1000
     lung = layout > 0
     lung_ml = float(lung.sum()) * voxel_ml
+    if not lung.any():  # layout.min_lung_ml: 0 lets an empty one through the bounds
+        raise LayoutError(f"{name}: no lung voxel; the lung segmentation failed — inspect lung_fine.nii.gz")
     if not cfg.min_lung_ml <= lung_ml <= cfg.max_lung_ml:
         raise LayoutError(
             f"{name}: lung volume {lung_ml:.0f} mL outside [{cfg.min_lung_ml}, {cfg.max_lung_ml}] mL; the lung "

@@ -112,6 +112,17 @@ def test_image_quality_tables_have_floor_beside_synthetic_at_the_same_n(folders:
     assert "never a reported metric" in md
 
 
+def test_a_killed_writes_hidden_temporary_is_no_volume(folders: dict[str, Path]) -> None:
+    real = sorted(folders["real"].glob("*.nii.gz"))[0]
+    temp = folders["real"] / f".{real.name}.abc.tmp.nii.gz"
+    temp.write_bytes(real.read_bytes())
+    try:
+        _, reference, floor = folder_sets(folders["real"], folders["synthetic"], folders["labels"])
+    finally:
+        temp.unlink()  # the folders are the module's
+    assert not [v.name for v in reference + floor if v.name.startswith(".")]
+
+
 def test_metrics_cli_on_two_folders(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = folders["root"] / "cli"
     args = ["--set", "metrics.features.extractor=random", "--set", "metrics.features.size=[16,16,16]",

@@ -54,6 +54,10 @@ def test_checks_fail_loudly() -> None:
     tiny[10:12, 10:12, 5:7] = tiny[10:12, 10:12, 20:22] = True
     with pytest.raises(LayoutError, match="lung volume 16 mL outside"):
         check_layout(compose_layout(tiny, np.zeros(lung.shape, np.uint8)), GEOM, CFG, "case-x")
+    empty = np.zeros(lung.shape, np.uint8)
+    for midline in (None, 0.0):  # min_lung_ml 0 let it through to an IndexError / ZeroDivisionError
+        with pytest.raises(LayoutError, match="case-x: no lung voxel"):
+            check_layout(empty, GEOM, LayoutConfig(0, 12000, 0.15), "case-x", midline_x_mm=midline)
 
 
 def test_make_layout_writes_same_grid(tmp_path: Path) -> None:
