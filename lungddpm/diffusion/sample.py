@@ -71,8 +71,9 @@ def sampling_timesteps(num_train: int, steps: int, spacing: str = "trailing") ->
         raise ValueError(f"sample.timestep_spacing {spacing!r} unknown; choose one of {SPACINGS}")
     if not 1 <= steps <= num_train:
         raise ValueError(f"sampler steps {steps} must lie in 1..{num_train} (diffusion.timesteps): sample.steps")
-    if spacing == "trailing":
-        return (np.round(np.arange(num_train, 0, -num_train / steps)).astype(np.int64) - 1).tolist()
+    if spacing == "trailing":  # T - i T / steps, as arange computes it, for exactly ``steps`` i (arange's float end
+        # gave one more for some counts, 61 of T = 250: a call at t = -1)
+        return (np.round(num_train - np.arange(steps) * (num_train / steps)).astype(np.int64) - 1).tolist()
     up = np.round(np.linspace(np.sqrt(num_train), 1.0, steps) ** 2 - 1).astype(np.int64)[::-1]  # (0 ..) T - 1
     k = np.arange(steps)
     up = np.maximum.accumulate(up - k) + k  # the least strictly increasing sequence >= up; it still ends at T - 1
@@ -83,10 +84,7 @@ def start_timesteps(scheduler: Any, steps: int, spacing: str, device: torch.devi
     """Set ``scheduler``'s timesteps (:func:`sampling_timesteps`) and start it at list index ``at``: a multistep
     scheduler counts its steps, so a RePaint jump back restarts it (DDIM, first order, carries no history)."""
     plan = sampling_timesteps(scheduler.config.num_train_timesteps, steps, spacing)  # checks spacing and steps
-    if spacing == "trailing":  # diffusers' own list, equal to the plan
-        scheduler.set_timesteps(steps, device=device)
-    else:
-        scheduler.set_timesteps(timesteps=plan, device=device)
+    scheduler.set_timesteps(timesteps=plan, device=device)  # diffusers' own trailing list has the float end too
     if at and hasattr(scheduler, "set_begin_index"):  # DDPM's step looks its timestep up: nothing to restart
         scheduler.set_begin_index(at)
 
@@ -170,7 +168,8 @@ def sample(
     x = (randn() if noise is None else noise.to(device)) * scheduler.init_noise_sigma
     step_generator = generators if isinstance(generator, Sequence) else generator
     timesteps = [int(t) for t in scheduler.timesteps.tolist()]  # read back once, not once per step
-    first_blend = round((blend.start_fraction if blend else 0.0) * len(timesteps))
+    first_blend = min(round((blend.start_fraction if blend else 0.0) * len(timesteps)), len(timesteps) - 1)  # the
+    # last step always pastes the reference
     if blend is not None:  # once, not at every step
         blend = Blend(to_device(blend.reference, device), to_device(blend.keep, device), blend.start_fraction)
     jumps: dict[int, int] = {}

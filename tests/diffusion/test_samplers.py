@@ -89,6 +89,10 @@ def test_quadratic_spacing_is_dpm_solvers_and_has_steps_timesteps() -> None:
         ts = sampling_timesteps(T, n, "quadratic")
         assert len(ts) == n and ts[0] == T - 1 and all(a > b for a, b in pairwise(ts)) and ts[-1] >= 0
     assert sampling_timesteps(T, T, "quadratic") == list(range(T - 1, -1, -1))
+    for total in (T, 1000):  # trailing too: arange's float end gave 62 timesteps for 61 steps, the last t = -1
+        for n in range(1, total + 1):
+            ts = sampling_timesteps(total, n)
+            assert len(ts) == n and ts[0] == total - 1 and all(a > b for a, b in pairwise(ts)) and ts[-1] >= 0, n
     with pytest.raises(ValueError, match="timestep_spacing 'linear' unknown"):
         sampling_timesteps(T, 20, "linear")
     with pytest.raises(ValueError, match="steps 251 must lie in 1..250"):
@@ -110,6 +114,25 @@ def test_quadratic_spacing_calls_the_network_steps_times_at_its_timesteps(sample
     if sampler != "ddpm":  # and each step lands on the next listed level
         off = _trajectory(d, sampler, 20, timestep_spacing="quadratic")
         assert max(max(abs(dp), abs(dq)) for _, dp, dq in off) < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
+def test_61_trailing_steps_call_the_network_61_times_and_a_late_blend_still_pastes(sampler: str) -> None:
+    """61 of T = 250 made 62 calls, the last at t = -1 (the blend noised the reference to t = T - 1 there); a
+    blend_start_fraction whose first blended step rounded to the end blended nothing, not even the last step."""
+    d = GaussianDiffusion()
+    calls = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        return 0.1 * x
+
+    ref, keep = torch.rand(1, 1, 4, 4, 4) * 2 - 1, torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    keep[..., :2] = True
+    out = sample(model, d, torch.zeros(1, 2, 4, 4, 4), sampler, 61, torch.Generator().manual_seed(0),
+                 blend=Blend(ref, keep, 0.999))  # fmt: skip
+    assert calls == sampling_timesteps(T, 61) and len(calls) == 61 and calls[-1] == 3
+    assert torch.equal(out[keep], ref[keep])
 
 
 def test_quadratic_spacing_keeps_fine_texture_that_trailing_smooths_away() -> None:
