@@ -141,9 +141,9 @@ def whole_cases(
         grid = Path(real[it["case_id"]][0]) if arm.synthetic_source == "lesion" and it["case_id"] in real else None
         if arm.synthetic_source == "lesion" and grid is None:
             raise LungDDPMError(f"lesion item {name}: its case {it['case_id']} is not a train case of this split")
-        cases.append(
-            TrainingCase(f"syn_{name}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"], grid)
-        )
+        image, layout = (Path(it["folder"]) / Path(it[k]).name if "folder" in it else Path(it[k])
+                         for k in ("image", "layout"))  # beside its manifest, wherever the command runs  # fmt: skip
+        cases.append(TrainingCase(f"syn_{name}", image, layout, "synthetic", it["case_id"], grid))
     _check_leak(arm, cases, test_cases)
     _log(arm, seed, cases, "CTs")
     return cases

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LungDDPMError
-from ..io import read_json, read_volume, write_json, write_volume
+from ..io import files_sha256, read_json, read_volume, write_json, write_volume
 from ..preprocessing.layout import NODULE, read_case_pair
 from .arms import Arm, SegmentationConfig, check_fold_cases
 from .datasets import EvalCase, TrainingCase
@@ -250,15 +250,9 @@ def prepare_arm(
     conf = plans["configurations"][cfg.configuration]
     median = conf.get("median_image_size_in_voxels")
     features = conf["architecture"]["arch_kwargs"]["features_per_stage"]
-    log.info(
-        "nnU-Net plan %s: patch %s, batch %d, spacing %s, features %s, median image %s",
-        cfg.configuration,
-        conf["patch_size"],
-        conf["batch_size"],
-        conf["spacing"],
-        features,
-        median,
-    )
+    log.info("nnU-Net plan %s: patch %s, batch %d, spacing %s, features %s, median image %s", cfg.configuration,
+             conf["patch_size"], conf["batch_size"], conf["spacing"], features, median)  # fmt: skip
+    exported = sorted(p for d in ("imagesTr", "labelsTr") for p in (roots["nnUNet_raw"] / name / d).iterdir())
     manifest = {
         "arm": arm.name,
         "scale": cfg.scale,
@@ -279,6 +273,7 @@ def prepare_arm(
         "state_dir": str(state_dir),
         "plans_identifier": result["plans_identifier"],
         "plans_sha256": _digest(plans),
+        "data_sha256": _digest([files_sha256(exported), job["groups"]]),  # the exported voxels and the fold groups
         "configuration": cfg.configuration,
         "patch_size": conf["patch_size"],
         "batch_size": conf["batch_size"],
@@ -343,8 +338,8 @@ def train_arm(
         "test_time_mirroring": cfg.test_time_mirroring,
         "tile_step_size": cfg.tile_step_size,
         **settings,
-        # same data, plan, settings, seed and fold -> nnU-Net's checkpoints in this tree are reused or resumed
-        "stamp": _digest([prep["cases"], prep["plans_sha256"], settings, prep["seed"], fold]),
+        # same data (its voxels), plan, settings, seed and fold -> nnU-Net's checkpoints here are reused or resumed
+        "stamp": _digest([prep["cases"], prep["plans_sha256"], prep["data_sha256"], settings, prep["seed"], fold]),
         "test": {case: str(Path(p).resolve()) for case, p in sorted(test_images.items())},
         "predictions_dir": str(raw_dir.resolve()),
     }

@@ -56,8 +56,9 @@ def _plan(job: dict[str, Any]) -> dict[str, Any]:
     class Fingerprint(DatasetFingerprintExtractor):  # only its constructor differs: nothing of it is pickled
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if samples is not None:  # nnU-Net draws 1e8 with replacement, ~2 s of CPU per case even at 32^3
-                self.num_foreground_voxels_for_intensitystats = int(samples)
+            if samples is not None:  # nnU-Net draws 1e8 with replacement, ~2 s of CPU per case even at 32^3; it
+                # takes samples // cases per case: at least one each (0 left its statistics empty, an IndexError)
+                self.num_foreground_voxels_for_intensitystats = max(int(samples), len(self.dataset))
 
     dataset_id, n = int(job["dataset_id"]), int(job["processes"])
     verify_dataset_integrity(str(Path(os.environ["nnUNet_raw"]) / dataset_name(dataset_id)), n)
@@ -66,7 +67,10 @@ def _plan(job: dict[str, Any]) -> dict[str, Any]:
     da = os.environ.get("nnUNet_n_proc_DA")
     with _env(nnUNet_n_proc_DA=str(max(1, int(job["threads"])))) if da == "0" else contextlib.nullcontext():
         plans_identifier = plan_experiments([dataset_id], job["planner"])
-    preprocess([dataset_id], plans_identifier, [job["configuration"]], [n], verbose=False, show_progress_bar=False)
+    configurations = [job["configuration"], *["3d_fullres"] * (job["configuration"] == "3d_lowres")]  # the
+    # cascade's next stage: nnU-Net's final validation of a 3d_lowres model reads 3d_fullres's preprocessed data
+    preprocess([dataset_id], plans_identifier, configurations, [n] * len(configurations), verbose=False,
+               show_progress_bar=False)  # fmt: skip
     _write_splits(dataset_id, job.get("groups"))
     return {"plans_identifier": plans_identifier}
 

@@ -21,6 +21,7 @@ from lungddpm.diffusion.precision import cpu_has_native_bf16
 from lungddpm.errors import ConfigError, LungDDPMError
 from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
 from lungddpm.metrics.voxel import dice
+from lungddpm.segmentation import nnunet
 from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig, check_arms, segmentation_config
 from lungddpm.segmentation.datasets import EvalCase, TrainingCase, eval_set, nested_draw, whole_cases
 from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
@@ -415,6 +416,23 @@ def test_segment_train_reuses_a_finished_model(
     for t in tests:
         ours = read_volume(tmp_path / f"pred/{t.identifier}.nii.gz")[0]
         assert np.array_equal(ours, read_volume(seg / f"fold_all/predictions/{t.identifier}.nii.gz")[0])
+    # the exported voxels are part of what is reused: other HU outside the nodules (the plan alone did not change)
+    # give another stamp, so nnU-Net's checkpoints of the old data are not taken for the new
+    prep = read_json(seg / "prepared.json")
+    assert len(prep["data_sha256"]) == 64
+    stamps = []
+
+    def stamp_of(stage: str, job: dict, env: dict, work: Path) -> dict:
+        stamps.append(job["stamp"])
+        raise RuntimeError("stamp read")
+
+    monkeypatch.setattr(nnunet, "launch", stamp_of)
+    for data in (prep["data_sha256"], "0" * 64):
+        write_json(tmp_path / "prepared.json", {**prep, "data_sha256": data})
+        with pytest.raises(RuntimeError, match="stamp read"):
+            train_arm(tmp_path / "prepared.json", "all", tests, tmp_path / "p2", tmp_path / "r2.json",
+                      _ci_segmentation(demo_workflow), 1)  # fmt: skip
+    assert len(stamps) == 2 and stamps[0] != stamps[1]
 
 
 def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, tmp_path: Path) -> None:

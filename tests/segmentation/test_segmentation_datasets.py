@@ -110,6 +110,18 @@ def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path)
     cases = whole_cases(Arm("p", True, 1.0, synthetic_source="lesion"), 0, real, items, ["t"])
     syn = [c for c in cases if c.kind == "synthetic"]
     assert [c.identifier for c in syn] == ["syn_c1_0", "syn_c2_0"] and syn[0].grid == real["c1"][0]
+    augment = [
+        {
+            "item": "c1_0",
+            "case_id": "c1",
+            "image": "results/synthetic/augment/c1_0.nii.gz",
+            "layout": "results/synthetic/augment/c1_0_layout.nii.gz",
+            "folder": str(tmp_path / "augment"),
+        }
+    ]
+    (syn_volume,) = [c for c in whole_cases(Arm("v", True, 0.5), 0, real, augment, ["t"]) if c.kind == "synthetic"]
+    assert syn_volume.image == tmp_path / "augment" / "c1_0.nii.gz"  # beside its manifest, not in the cwd
+    assert syn_volume.layout == tmp_path / "augment" / "c1_0_layout.nii.gz"
     quarter = whole_cases(Arm("q", True, 0.0, real_fraction=0.25), 0, real, [], ["t"])
     assert len(quarter) == 1
     # a native 1 mm CT with a 6 mm nodule, resampled onto a 2 mm model grid of the same patient
