@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,13 @@ def setup_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < local_world:  # CPU DDP (train.gpus: 0) on a host with fewer GPUs than ranks: all on the CPU
+        if local_rank == 0:
+            logging.getLogger(__name__).warning("%d ranks for %d GPU(s): training on the CPU", local_world, gpus)
+        gpus = 0
+    device = torch.device(f"cuda:{local_rank}") if gpus else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tune_backends(device)

@@ -69,12 +69,17 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
 
 def job_gpus(requested: int, env: Mapping[str, str] | None = None) -> int:
     """GPUs this job holds: the ``gpu`` resource it was scheduled with (Slurm ``--gpus``), capped by the devices it
-    can see (``CUDA_VISIBLE_DEVICES``, which Slurm and most schedulers set to the job's GPUs) when that is set."""
+    can see: ``CUDA_VISIBLE_DEVICES`` (which Slurm and most schedulers set to the job's GPUs) up to its first
+    invalid entry, as CUDA reads it, else the GPUs present."""
     env = os.environ if env is None else env
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return max(0, int(requested))
-    seen = len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+        import torch
+
+        present = torch.cuda.device_count() if torch.cuda.is_available() else None
+        return max(0, int(requested)) if present is None else min(max(0, int(requested)), present)
+    entries = [d.strip() for d in visible.split(",")]
+    seen = next((i for i, d in enumerate(entries) if not d or d == "-1"), len(entries))  # CUDA reads up to there
     if seen < requested:
         log.warning("the job requested %d GPU(s) but CUDA_VISIBLE_DEVICES=%r shows %d", requested, visible, seen)
     return min(max(0, int(requested)), seen)
@@ -119,10 +124,13 @@ def launch(job: dict[str, Any], processes: int) -> None:
 
     job_path = Path(job["state_dir"]) / "job.json"
     job_path.parent.mkdir(parents=True, exist_ok=True)
-    job_path.write_text(json.dumps(job, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, int(job["threads"]) // processes)))
+    per_rank = max(1, int(job["threads"]) // processes)  # each rank sets torch's threads from its job
+    job_path.write_text(json.dumps({**job, "threads": per_rank}, indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS=str(per_rank))
     cmd = torchrun_command(job_path, processes)
     log.info("launching %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout or ():  # the ranks' log lines (and errors) into this job's log
+            log.info("| %s", line.rstrip())
     if proc.returncode != 0:
-        raise LungDDPMError(f"torchrun exited with {proc.returncode}; see the log above ({job_path})")
+        raise LungDDPMError(f"torchrun exited with {proc.returncode}; see the ranks' lines above ({job_path})")

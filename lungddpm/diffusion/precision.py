@@ -33,10 +33,22 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively (NVIDIA compute capability >= 8, Ampere on; ROCm): cuDNN's bf16
+    convolutions need it, an older GPU (V100, T4) falls back to slow kernels."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = fp32; otherwise the autocast dtype (``auto``: bf16 on a GPU and on a CPU with native bf16, else fp32)."""
+    """None = fp32; otherwise the autocast dtype (``auto``: bf16 on a GPU or CPU with native bf16, else fp32)."""
     if precision == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        native = (device.type == "cuda" and gpu_has_native_bf16(device)) or (
+            device.type == "cpu" and cpu_has_native_bf16()
+        )
+        if device.type == "cuda" and not native:
+            log.info("precision auto: this GPU has no native bf16 (compute capability < 8): fp32; fp16 may be faster")
         return torch.bfloat16 if native else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 

@@ -206,7 +206,9 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.Mo
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         precision.cpu_has_native_bf16.cache_clear()
         assert precision.resolve_precision("auto", cpu) is expected
-        assert precision.resolve_precision("auto", gpu) is torch.bfloat16
+        for capability, on_gpu in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 0), None), ((7, 5), None)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+            assert precision.resolve_precision("auto", gpu) is on_gpu, capability  # V100, T4: fp32
         assert (
             precision.resolve_precision("fp32", cpu) is None
             and precision.resolve_precision("bf16", cpu) is torch.bfloat16

@@ -318,3 +318,25 @@ def test_each_rank_draws_its_own_dropout_masks() -> None:
     assert torch.equal(masks(1, 0), masks(1, 0))
     assert (masks(1, 0) != one_process).float().mean() > 0.3  # independent masks differ in ~half the units
     assert (masks(1, 40) != masks(1, 0)).float().mean() > 0.3
+
+
+def test_torchrun_ranks_get_their_share_of_threads_and_log_into_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """launch writes each rank's share of the threads into job.json (the ranks set torch's threads from it, which
+    overrode OMP_NUM_THREADS) and forwards the ranks' output into this job's log (it went to stderr only)."""
+    from lungddpm.diffusion import jobs
+
+    def fake_torchrun(job_path: Path, processes: int) -> list[str]:
+        code = (
+            "import json, os, sys; j = json.load(open(sys.argv[1])); "
+            "print('rank threads', j['threads'], 'omp', os.environ['OMP_NUM_THREADS']); sys.exit(j['exit'])"
+        )
+        return [sys.executable, "-c", code, str(job_path)]
+
+    monkeypatch.setattr(jobs, "torchrun_command", fake_torchrun)
+    caplog.set_level(logging.INFO, logger="lungddpm.diffusion.jobs")
+    jobs.launch({"state_dir": str(tmp_path), "threads": 16, "exit": 0}, 4)
+    assert "| rank threads 4 omp 4" in caplog.text
+    with pytest.raises(LungDDPMError, match="torchrun exited with 3"):
+        jobs.launch({"state_dir": str(tmp_path), "threads": 16, "exit": 3}, 4)

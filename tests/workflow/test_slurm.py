@@ -99,6 +99,7 @@ def test_one_torchrun_rank_per_gpu_of_the_job() -> None:
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2  # fewer visible than requested: the visible ones
     assert job_gpus(2, {}) == 2 and job_gpus(0, {"CUDA_VISIBLE_DEVICES": "0"}) == 0
     assert job_gpus(1, {"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == 1  # CUDA stops reading at the first invalid entry
     assert train_processes(1, 4) == 4  # a job with 4 GPUs: 4 ranks
     assert train_processes(1, 1) == train_processes(1, 0) == 1
     assert train_processes(2, 0) == 2  # CPU DDP (gloo), as in the tests
