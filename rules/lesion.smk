@@ -107,7 +107,7 @@ rule lesion_fidelity:
         manifests=expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS)),
     output:
         table=report("results/metrics/lesion/fidelity.csv", category="Lesion scale", caption="../report/lesion_fidelity.rst"),
-        profiles=report("results/metrics/lesion/profiles.png", category="Lesion scale", caption="../report/lesion_fidelity.rst"),
+        profiles=report("results/metrics/lesion/profiles.png", category="Lesion scale", caption="../report/lesion_profiles.rst"),
         gallery=report("results/metrics/lesion/gallery.png", category="Lesion scale", caption="../report/lesion_gallery.rst"),
     params:
         settings=lesion_settings("fidelity", "texture_hu"),

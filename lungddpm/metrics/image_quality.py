@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..data.images import patient_of
 from ..io import read_volume, write_csv
-from .distribution import DISTANCES, bootstrap_distance, kid
+from .distribution import DISTANCES, bootstrap_distance, bootstrap_excess, kid
 from .features import FeatureExtractor, build_extractor, cached_features
 from .sets import MetricsError, Pair, Volume, real_halves, series_patient
 from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SYNTHETIC_VS_REAL = "synthetic-vs-real"
 REAL_VS_REAL = "real-vs-real"
 PAIRED = "synthetic-vs-real (paired)"
+EXCESS = "synthetic minus real-vs-real"  # the distance's excess over the floor, with a paired interval
 VOXEL_METRICS = ("mse", "mae", "psnr", "ssim")
 
 
@@ -78,7 +79,8 @@ def distribution_rows(
     groups: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (metric, region, comparison, value, CI, N) of every distribution metric, synthetic-vs-real and
-    real-vs-real at the same counts: both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference.
+    real-vs-real at the same counts (both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference), and
+    the synthetic's excess over the floor (:data:`EXCESS`) with a paired interval (:func:`bootstrap_excess`).
     ``groups`` (one label per synthetic volume: its real case's patient) makes the synthetic side's bootstrap resample
     whole patients (None: each volume is its own); the floor and the reference resample by ``Volume.unit``."""
     if groups is not None and len(groups) != len(synthetic):
@@ -110,27 +112,24 @@ def distribution_rows(
     rows = []
     for region in settings["regions"]:
         ref = _features(extractor, reference, region, cache_dir, "reference")
-        for comparison, volumes in sets.items():
-            feats = _features(extractor, volumes, region, cache_dir, comparison)
-            for metric in settings["distances"]:
-                value, lo, hi = bootstrap_distance(
-                    distances[metric], feats, ref, settings["bootstrap"], settings["ci_level"], settings["seed"],
-                    groups_a=set_groups[comparison], groups_b=ref_groups,
+        feats = {comparison: _features(extractor, volumes, region, cache_dir, comparison)
+                 for comparison, volumes in sets.items()}  # fmt: skip
+        for metric in settings["distances"]:
+            found = {}
+            for comparison in sets:
+                found[comparison] = bootstrap_distance(
+                    distances[metric], feats[comparison], ref, settings["bootstrap"], settings["ci_level"],
+                    settings["seed"], groups_a=set_groups[comparison], groups_b=ref_groups,
                 )  # fmt: skip
-                rows.append(
-                    {
-                        "metric": metric,
-                        "region": region,
-                        "comparison": comparison,
-                        "value": value,
-                        "ci_low": lo,
-                        "ci_high": hi,
-                        "n_a": len(feats),
-                        "n_b": len(ref),
-                        "features": extractor.identity,
-                        "reportable": extractor.reportable,
-                    }
-                )
+            found[EXCESS] = bootstrap_excess(
+                distances[metric], feats[SYNTHETIC_VS_REAL], feats[REAL_VS_REAL], ref, settings["bootstrap"],
+                settings["ci_level"], settings["seed"], (set_groups[SYNTHETIC_VS_REAL], set_groups[REAL_VS_REAL],
+                ref_groups),
+            )  # fmt: skip
+            for comparison, (value, lo, hi) in found.items():
+                rows.append({"metric": metric, "region": region, "comparison": comparison, "value": value,
+                             "ci_low": lo, "ci_high": hi, "n_a": n, "n_b": len(ref), "features": extractor.identity,
+                             "reportable": extractor.reportable})  # fmt: skip
     return rows
 
 

@@ -5,7 +5,7 @@ import pytest
 from scipy import linalg
 from scipy.stats import wasserstein_distance
 
-from lungddpm.metrics.distribution import bootstrap_distance, fid, kid, median_bandwidth, mmd, w1
+from lungddpm.metrics.distribution import bootstrap_distance, bootstrap_excess, fid, kid, median_bandwidth, mmd, w1
 
 
 def fid_reference(a: np.ndarray, b: np.ndarray) -> float:
@@ -87,6 +87,22 @@ def test_bootstrap_distance_resamples_whole_groups() -> None:
     assert distinct == bootstrap_distance(fid, a, b, 30, seed=1)  # every label distinct: the plain bootstrap
     with pytest.raises(ValueError, match="3 labels for 12 rows"):
         bootstrap_distance(fid, a, b, 5, groups_a=[0, 1, 2])
+
+
+def test_bootstrap_excess_is_paired_and_groups_each_set() -> None:
+    """The excess distance(a, b) - distance(floor, b) with a paired interval: near 0 for a floor drawn like a,
+    above 0 for a shifted a; by groups, k copies of each row give the interval of one row each."""
+    rng = np.random.default_rng(7)
+    b, floor = rng.normal(size=(40, 3)), rng.normal(size=(30, 3))
+    same, shifted = rng.normal(size=(30, 3)), rng.normal(1.5, 1.0, size=(30, 3))
+    value, lo, hi = bootstrap_excess(mean_gap, same, floor, b, 300, 0.9, seed=1)
+    assert value == pytest.approx(mean_gap(same, b) - mean_gap(floor, b)) and lo < 0 < hi
+    value, lo, hi = bootstrap_excess(mean_gap, shifted, floor, b, 300, 0.9, seed=1)
+    assert value > 1.0 and lo > 0.5
+    k = 3
+    grouped = bootstrap_excess(mean_gap, np.repeat(shifted, k, axis=0), floor, b, 300, 0.9, seed=1,
+                               groups=(np.repeat(np.arange(30), k), None, None))  # fmt: skip
+    assert grouped == pytest.approx((value, lo, hi), rel=1e-9)
 
 
 def test_w1_equals_scipy_on_integer_and_float_samples() -> None:

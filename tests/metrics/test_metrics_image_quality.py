@@ -90,10 +90,14 @@ def test_image_quality_tables_have_floor_beside_synthetic_at_the_same_n(folders:
     table = list(csv.DictReader(open(out / "iq.csv")))
     assert len(table) == len(rows)
     dist = [r for r in table if "paired" not in r["comparison"]]
-    assert len(dist) == 3 * 2 * 2  # metrics x regions x (synthetic-vs-real, real-vs-real)
+    assert len(dist) == 3 * 2 * 3  # metrics x regions x (synthetic-vs-real, real-vs-real, the excess)
     for r in dist:
         assert r["n_a"] == "3" and r["n_b"] == "3" and r["reportable"] == "False"
         assert float(r["ci_low"]) <= float(r["ci_high"])
+    by = {(r["metric"], r["region"], r["comparison"]): float(r["value"]) for r in dist}
+    for metric, region, _ in by:  # the excess is the synthetic row's value less the floor's
+        gap = by[(metric, region, iq.SYNTHETIC_VS_REAL)] - by[(metric, region, iq.REAL_VS_REAL)]
+        assert by[(metric, region, iq.EXCESS)] == pytest.approx(gap, rel=1e-4, abs=1e-9)
     paired = {(r["metric"], r["region"]): float(r["value"]) for r in table if "paired" in r["comparison"]}
     assert paired[("mse", "whole")] < paired[("mse", "lung")]  # all differences lie inside the lungs
     assert paired[("ssim", "whole")] > paired[("ssim", "lung")]
@@ -108,7 +112,8 @@ def test_image_quality_tables_have_floor_beside_synthetic_at_the_same_n(folders:
     assert [r["synthetic"] for r in per_case] == ["LIDC-IDRI-0000_0", "LIDC-IDRI-0000_1", "LIDC-IDRI-0001_0",
                                                    "LIDC-IDRI-0001_1"]  # fmt: skip
     md = "\n".join(quality_section(table))
-    assert "| synthetic vs real | real vs real (floor) |" in md and "3 vs 3" in md
+    assert "| synthetic vs real | real vs real (floor) | synthetic − floor [paired] |" in md and "3 vs 3" in md
+    assert "| mse | whole | HU² |" in md and "| psnr | whole | dB |" in md
     assert "never a reported metric" in md
 
 
