@@ -43,7 +43,8 @@ COLUMNS = (
     "texture_class", "comparison", "n_a", "n_b", "w1_hu", "w1_ci_low", "w1_ci_high", "w1_excess_hu",
     "w1_excess_ci_low", "w1_excess_ci_high", "mean_hu_a", "mean_hu_b", "sd_hu_a", "sd_hu_b", "solid_fraction_a",
     "solid_fraction_b", "sharpness_a", "sharpness_b", "profile_l1_hu", "core_hu_a", "core_hu_b", "core_sd_a",
-    "core_sd_b", "core_w1_hu", "core_w1_excess_hu", "core_w1_excess_ci_low", "core_w1_excess_ci_high",
+    "core_sd_b", "core_w1_hu", "core_w1_excess_hu", "core_w1_excess_ci_low", "core_w1_excess_ci_high", "patients_a",
+    "patients_b",
 )  # fmt: skip
 EXCESS = tuple(f"{k}_excess_{x}" for k in ("w1", "core_w1") for x in ("hu", "ci_low", "ci_high"))
 
@@ -210,24 +211,22 @@ def compare_sets(
     seed: int | Sequence[int] = 0,
 ) -> dict[str, Any]:
     """One table row of set ``a`` against set ``b`` (both non-empty). W1's percentile bootstrap interval (level
-    ``ci``) comes from ``resamples`` draws (seeded by ``seed``) of the units (patients) of ``a`` and of ``b`` with
-    replacement, whole (neither a nodule's voxels nor a patient's nodules are independent); NaN for 0 resamples. A
-    distance's resamples lie above 0 even for a set against itself, so the floor row's interval also shows how far
-    apart the sampling of patients alone puts two sets."""
+    ``ci``) draws ``resamples`` times (seeded) the units (patients) of ``a`` and ``b`` with replacement, whole; NaN
+    for 0 resamples or a side of one patient. Resamples lie above 0 even for a set against itself, so the floor
+    row's interval also shows how far apart the sampling of patients alone puts two sets."""
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
 
     def pooled_w1(ia: np.ndarray, ib: np.ndarray) -> float:  # of two resamples of nodule indices
         return w1(_pooled(a, ia), _pooled(b, ib))
 
-    all_a, all_b = np.arange(len(a)), np.arange(len(b))
-    if resamples > 0:
+    all_a, all_b, units = np.arange(len(a)), np.arange(len(b)), [len({n.unit for n in x}) for x in (a, b)]
+    if resamples > 0 and min(units) > 1:  # one patient: every resample the same, a zero-width interval
         dist, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1,
                                              groups_a=[n.unit for n in a], groups_b=[n.unit for n in b])  # fmt: skip
     else:
         dist, low, high = pooled_w1(all_a, all_b), float("nan"), float("nan")
     return {
-        "n_a": sa["n"],
-        "n_b": sb["n"],
+        **dict(n_a=sa["n"], n_b=sb["n"], patients_a=units[0], patients_b=units[1]),
         "w1_hu": dist,
         "w1_ci_low": low,
         "w1_ci_high": high,

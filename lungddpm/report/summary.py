@@ -273,7 +273,7 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
     )
     out.append("")
     body = [
-        [r["texture_class"], r["comparison"], f"{r['n_a']} vs {r['n_b']}", _w1(r), _w1(r, "w1_excess"),
+        [r["texture_class"], r["comparison"], _counts(r), _w1(r), _w1(r, "w1_excess"),
          f"{_fmt(r['mean_hu_a'])} / {_fmt(r['mean_hu_b'])}", f"{_fmt(r['sd_hu_a'])} / {_fmt(r['sd_hu_b'])}",
          f"{_fmt(r['solid_fraction_a'])} / {_fmt(r['solid_fraction_b'])}",
          f"{_fmt(r['sharpness_a'])} / {_fmt(r['sharpness_b'])}", _fmt(r["profile_l1_hu"]),
@@ -298,6 +298,12 @@ def _w1(row: dict[str, str], key: str = "w1") -> str:
     if low == "" or high == "":
         return _fmt(value)
     return _ci(row, f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high")
+
+
+def _counts(row: dict[str, str]) -> str:
+    """``n_a vs n_b`` nodules, with the patients (the bootstrap's unit) where the table has them."""
+    n = f"{row['n_a']} vs {row['n_b']}"
+    return f"{n} ({row['patients_a']} vs {row['patients_b']} patients)" if row.get("patients_a") else n
 
 
 def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:

@@ -72,8 +72,9 @@ def test_set_distances_known_answers() -> None:
 def test_w1_interval_resamples_whole_nodules() -> None:
     a = [measure(f"a{i}", "solid", *_sphere(-40.0 * i, -800.0), 1.0, S) for i in range(5)]
     b = [measure(f"b{i}", "solid", *_sphere(-300.0 - 40.0 * i, -800.0), 1.0, S) for i in range(5)]
-    one = compare_sets(a[:1], a[:1], 1.0, 50, 0.95, 0)  # one nodule each: every resample is the same
-    assert (one["w1_ci_low"], one["w1_ci_high"]) == (0.0, 0.0)
+    one = compare_sets(a[:1], a[:1], 1.0, 50, 0.95, 0)  # one nodule (patient) each: every resample the same,
+    assert np.isnan(one["w1_ci_low"]) and np.isnan(one["w1_ci_high"])  # no interval (was a zero-width one)
+    assert (one["patients_a"], one["patients_b"], one["n_a"]) == (1, 1, 1)
     d = compare_sets(a, b, 1.0, 400, 0.95, 1)
     assert d["w1_ci_low"] < d["w1_hu"] < d["w1_ci_high"]
     # every resample of a lies at -160..0 HU and of b at -460..-300: W1 is 140 at the least and 460 at the most
@@ -210,8 +211,11 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
 
     md = "\n".join(fidelity_section(out / "f.csv", [out / "p.png"], out))
     assert "| core HU a / b |" in md and "| -200 / " in md  # the synthetic row's core, then the real half's
-    w1 = float(row["w1_hu"])
-    assert float(row["w1_ci_low"]) <= w1 <= float(row["w1_ci_high"]) and f"| {w1:.4g} [" in md
+    w1 = float(row["w1_hu"])  # one synthetic nodule (one unit): no interval of its own, not a zero-width one
+    assert row["w1_ci_low"] == row["w1_ci_high"] == "" and f"| {w1:.4g} |" in md
+    assert (row["patients_a"], row["patients_b"]) == ("1", "2") and "1 vs 2 (1 vs 2 patients)" in md
+    floor_w1 = next(r for r in written if r["texture_class"] == "solid" and r["comparison"] == "real A vs real B")
+    assert float(floor_w1["w1_ci_low"]) <= float(floor_w1["w1_hu"]) <= float(floor_w1["w1_ci_high"])
     excess = float(row["w1_excess_hu"])  # one synthetic nodule against two real halves of two
     assert float(row["w1_excess_ci_low"]) <= excess <= float(row["w1_excess_ci_high"])
     assert f"| {excess:.4g} [" in md and "| W1 over the floor HU |" in md
