@@ -325,6 +325,8 @@ def train_arm(
     raw_dir = work / "predictions"
     shutil.rmtree(raw_dir, ignore_errors=True)
     settings = training_settings(cfg)
+    data = [prep[k] for k in ("data_sha256",) if k in prep]  # its voxels (a manifest from before the key: as then)
+    stamped = [prep["cases"], prep["plans_sha256"], *data, settings, prep["seed"], fold]
     job = {
         "dataset_id": prep["dataset_id"],
         "plans_identifier": prep["plans_identifier"],
@@ -338,8 +340,7 @@ def train_arm(
         "test_time_mirroring": cfg.test_time_mirroring,
         "tile_step_size": cfg.tile_step_size,
         **settings,
-        # same data (its voxels), plan, settings, seed and fold -> nnU-Net's checkpoints here are reused or resumed
-        "stamp": _digest([prep["cases"], prep["plans_sha256"], prep["data_sha256"], settings, prep["seed"], fold]),
+        "stamp": _digest(stamped),  # the same -> nnU-Net's checkpoints here are reused or resumed
         "test": {case: str(Path(p).resolve()) for case, p in sorted(test_images.items())},
         "predictions_dir": str(raw_dir.resolve()),
     }
