@@ -142,7 +142,7 @@ def weight_settings(train: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
-LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing"}
+LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing", "nodule_fraction": 0.5}
 
 
 def without_later_defaults(section: Mapping[str, Any]) -> dict[str, Any]:

@@ -101,12 +101,8 @@ def place(
     texture: str,
 ) -> Insertion:
     """Draw a nodule for ``site`` (seeded), place it inside the site's lung, and make the generated region."""
-    if not candidates:
-        raise LayoutError(
-            f"{case_id}: no bank nodule matches lesion.insert (diameter_mm {insert['diameter_mm']}, textures "
-            f"{insert['textures']}, malignancies {insert['malignancies']}, min_readers {insert['min_readers']}); "
-            "widen these filters or raise layout_edit.bank_max_scans"
-        )
+    if not candidates:  # the lesion run refuses this earlier, naming the filters (NoduleBank.matching)
+        raise LayoutError(f"{case_id}: no bank nodule matches lesion.insert; widen its filters")
     rng = np.random.default_rng(seed)
     try:
         border = face_border(insert["margin_mm"], float(site.geometry.spacing[0]))  # no generated voxel on a face
@@ -233,7 +229,7 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     sample = without_later_defaults(sample)  # the default, as before the key: old items stay complete
     out = {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"],
-           "nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]}  # fmt: skip
+           **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}
 
 

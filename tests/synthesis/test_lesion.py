@@ -419,11 +419,24 @@ def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_
         load_roi_training_data([tmp_path / "b/rois.csv"], cfg)
 
 
-def test_the_pasted_labels_nodule_fraction_is_part_of_a_lesion_items_settings() -> None:
-    """The pasted CT's native nodule labels follow preprocess.nodule_fraction: items made with another fraction
-    are not complete (before: skipped, keeping their old labels)."""
+def test_the_pasted_labels_nodule_fraction_is_part_of_a_lesion_items_settings(tmp_path) -> None:
+    """The pasted CT's native nodule labels follow preprocess.nodule_fraction: an item made with another fraction
+    is not complete (before: skipped, keeping its old labels); at the default, 0.5, the key stays out, so items
+    made before it (whose provenance lacks it) stay complete."""
+    import json
+
     from lungddpm.synthesis.lesion import run_settings
+    from lungddpm.synthesis.volume_run import provenance_complete
 
     fractions = [load_config("config/config.yaml", {"preprocess": {"nodule_fraction": f}}) for f in (0.5, 0.25)]
-    settings = [run_settings(cfg, "x") for cfg in fractions]
-    assert settings[0]["nodule_fraction"] == 0.5 and settings[1]["nodule_fraction"] == 0.25
+    default, quarter = (run_settings(cfg, "x") for cfg in fractions)
+    assert "nodule_fraction" not in default and quarter["nodule_fraction"] == 0.25
+    files = {"provenance": tmp_path / "item.json", "ct": tmp_path / "item_ct.nii.gz"}
+    files["ct"].write_bytes(b"")
+
+    def complete(made_with: dict, now: dict) -> bool:
+        files["provenance"].write_text(json.dumps(made_with))
+        return provenance_complete(files, now)
+
+    assert complete(default, default) and complete(quarter, quarter)  # the old items' provenance: as `default`
+    assert not complete(default, quarter) and not complete(quarter, default)
