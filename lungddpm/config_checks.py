@@ -39,11 +39,12 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         return [f"intensity.hu_window: [{lo:g}, {hi:g}] is reversed or empty; give [lowest HU, highest HU], e.g. "
                 "[-1000, 400]"]  # fmt: skip
     lesion = config.get("lesion") or {}
+    lesion = lesion if lesion.get("enabled", True) else {}  # a disabled lesion scale is not checked
     texture = [float(v) for v in lesion.get("texture_hu") or []]
     if texture and not all(lo < v < hi for v in texture):
         out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}]; move it in")
     steps = [("train.preview_sampler_steps", config["train"].get("preview_sampler_steps"))]
-    if scale == "volume":
+    if scale == "volume" and not (config.get("sample") or {}).get("checkpoint"):  # a given model: its own schedule
         steps.append(("sample.steps", (config.get("sample") or {}).get("steps")))
     timesteps = int((config.get("diffusion") or {}).get("timesteps", 1000))
     if not config["model"].get("init_from"):

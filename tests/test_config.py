@@ -174,6 +174,16 @@ def test_settings_that_would_fail_late_or_silently_are_refused(config: dict, mes
         lesion_config(config_from_mapping(demo))  # the whole config, then the lesion scale's merged view
 
 
+def test_the_range_checks_leave_a_given_model_and_a_disabled_lesion_scale_alone() -> None:
+    """sample.checkpoint brings its own schedule (1000 steps of a T=1000 model are fine); a disabled lesion scale's
+    settings are not checked (its texture HU outside a lung-only window, its steps past its schedule)."""
+    given = {"sample": {"checkpoint": "/models/t1000.pt", "steps": 1000, "sampler": "ddpm"}}
+    assert load_config(REPO / "config/config.yaml", given).raw["sample"]["steps"] == 1000
+    off = {"lesion": {"enabled": False, "diffusion": {"timesteps": 10}}, "intensity": {"hu_window": [-1000, -400]},
+           "segmentation": {"enabled": False}}  # fmt: skip
+    assert load_config(REPO / "config/config.yaml", off).raw["lesion"]["enabled"] is False
+
+
 def test_the_lesion_networks_crop_and_attention_are_checked_on_the_roi_grid() -> None:
     demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cfg = config_from_mapping(demo)
