@@ -71,9 +71,9 @@ def sampling_timesteps(num_train: int, steps: int, spacing: str = "trailing") ->
         raise ValueError(f"sample.timestep_spacing {spacing!r} unknown; choose one of {SPACINGS}")
     if not 1 <= steps <= num_train:
         raise ValueError(f"sampler steps {steps} must lie in 1..{num_train} (diffusion.timesteps): sample.steps")
-    if spacing == "trailing":  # T - i T / steps, as arange computes it, for exactly ``steps`` i (arange's float end
-        # gave one more for some counts, 61 of T = 250: a call at t = -1)
-        return (np.round(num_train - np.arange(steps) * (num_train / steps)).astype(np.int64) - 1).tolist()
+    if spacing == "trailing":  # diffusers' list, cut to ``steps``: arange's float end gives one more for some counts
+        # (61 of T = 250: a call at t = -1)
+        return (np.round(np.arange(num_train, 0, -num_train / steps))[:steps].astype(np.int64) - 1).tolist()
     up = np.round(np.linspace(np.sqrt(num_train), 1.0, steps) ** 2 - 1).astype(np.int64)[::-1]  # (0 ..) T - 1
     k = np.arange(steps)
     up = np.maximum.accumulate(up - k) + k  # the least strictly increasing sequence >= up; it still ends at T - 1

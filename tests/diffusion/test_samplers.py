@@ -9,7 +9,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from lungddpm.diffusion.process import GaussianDiffusion
+from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.sample import Blend, Resample, make_sampler, sample, sampling_timesteps
 
 T = 250  # diffusion.timesteps' default
@@ -90,9 +90,12 @@ def test_quadratic_spacing_is_dpm_solvers_and_has_steps_timesteps() -> None:
         assert len(ts) == n and ts[0] == T - 1 and all(a > b for a, b in pairwise(ts)) and ts[-1] >= 0
     assert sampling_timesteps(T, T, "quadratic") == list(range(T - 1, -1, -1))
     for total in (T, 1000):  # trailing too: arange's float end gave 62 timesteps for 61 steps, the last t = -1
+        s = make_sampler(GaussianDiffusion(DiffusionConfig(timesteps=total)), "ddim")
         for n in range(1, total + 1):
             ts = sampling_timesteps(total, n)
             assert len(ts) == n and ts[0] == total - 1 and all(a > b for a, b in pairwise(ts)) and ts[-1] >= 0, n
+            s.set_timesteps(n)  # diffusers' own trailing list, less its extra t = -1 where it has one
+            assert ts == [t for t in s.timesteps.tolist() if t >= 0][:n], n
     with pytest.raises(ValueError, match="timestep_spacing 'linear' unknown"):
         sampling_timesteps(T, 20, "linear")
     with pytest.raises(ValueError, match="steps 251 must lie in 1..250"):
