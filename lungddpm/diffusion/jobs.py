@@ -70,7 +70,7 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
 def job_gpus(requested: int, env: Mapping[str, str] | None = None) -> int:
     """GPUs this job holds: the ``gpu`` resource it was scheduled with (Slurm ``--gpus``), capped by the devices it
     can see: ``CUDA_VISIBLE_DEVICES`` (which Slurm and most schedulers set to the job's GPUs) up to its first
-    invalid entry, as CUDA reads it, else the GPUs present."""
+    invalid entry, as CUDA reads it, else the GPUs present (on a host without CUDA the request stands)."""
     env = os.environ if env is None else env
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None:

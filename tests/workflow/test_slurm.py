@@ -94,10 +94,18 @@ def test_plugin_turns_the_profile_into_gpu_sbatch_flags(gpus: int) -> None:
     assert "--gpus" not in call and "--cpus-per-task=2" in call and "--mem 1500" in call, call
 
 
-def test_one_torchrun_rank_per_gpu_of_the_job() -> None:
+def test_one_torchrun_rank_per_gpu_of_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a host without CUDA: the request stands
+    assert job_gpus(2, {}) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert job_gpus(2, {}) == 1  # CUDA_VISIBLE_DEVICES unset: capped by the GPUs present
+    monkeypatch.undo()
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == 4
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2  # fewer visible than requested: the visible ones
-    assert job_gpus(2, {}) == 2 and job_gpus(0, {"CUDA_VISIBLE_DEVICES": "0"}) == 0
+    assert job_gpus(0, {"CUDA_VISIBLE_DEVICES": "0"}) == 0
     assert job_gpus(1, {"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == 1  # CUDA stops reading at the first invalid entry
     assert train_processes(1, 4) == 4  # a job with 4 GPUs: 4 ranks
