@@ -26,7 +26,16 @@ from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
-from ..preprocessing.rois import RoiSettings, SourceCT, cut_roi, deep_lung, load_source, nodule_boxes, shift_inside
+from ..preprocessing.rois import (
+    RoiSettings,
+    SourceCT,
+    cut_roi,
+    deep_lung,
+    in_boxes,
+    load_source,
+    nodule_boxes,
+    shift_inside,
+)
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
@@ -207,7 +216,7 @@ class Studio:
             raise StudioError("that site is on a nodule: click in nodule-free lung")
         target = session.world((k, i, j))
         margin = float(self.cfg.raw["lesion"]["insert"]["margin_mm"])
-        if _in_boxes(target[None], _unused_boxes(session.source, margin))[0]:
+        if in_boxes(target[None], _unused_boxes(session.source, margin))[0]:
             raise StudioError(
                 f"that site is on (or within {margin} mm of) a nodule read by fewer than data.min_readers radiologists "
                 "(not in the label map, but a real nodule): click in nodule-free lung"
@@ -220,7 +229,7 @@ class Studio:
         layout = cut["layout"].copy()
         world = roi.index_to_world(np.indices(layout.shape).reshape(3, -1).T)  # [n^3, 3] x, y, z of the ROI voxels
         layout[self._native_nodules_in(session, world).reshape(layout.shape)] = NODULE  # nodules inserted earlier
-        unused = _in_boxes(world, _unused_boxes(session.source, float(roi.spacing[0]) / 2)).reshape(layout.shape)
+        unused = in_boxes(world, _unused_boxes(session.source, float(roi.spacing[0]) / 2)).reshape(layout.shape)
         border = face_border(margin, float(roi.spacing[0]))
         try:
             edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border)
@@ -325,14 +334,6 @@ def _unused_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.
     """World (x, y, z) boxes of ``src.avoid`` (LIDC clusters below ``data.min_readers``) grown by ``margin_mm``,
     as the nodule-free ROIs avoid them."""
     return nodule_boxes(replace(src, nodules=()), margin_mm)
-
-
-def _in_boxes(world: np.ndarray, boxes: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """bool [N]: points ``world`` [N, 3] (x, y, z) inside any of ``boxes``."""
-    inside = np.zeros(len(world), bool)
-    for lo, hi in boxes:
-        inside |= np.all((world >= lo) & (world <= hi), axis=1)
-    return inside
 
 
 def bench_sites(cfg: Config, workdir: Path, sites: int, threads: int) -> Iterator[dict[str, Any]]:

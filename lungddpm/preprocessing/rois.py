@@ -25,7 +25,7 @@ from ..diffusion.encoding import TEXTURE_CLASSES, UNKNOWN_TEXTURE, texture_class
 from ..errors import LayoutError
 from ..io import Geometry, read_csv, read_volume, safe_component, write_csv, write_volume
 from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
-from .layout import compose_layout
+from .layout import LUNG, NODULE, ball, check_labels, compose_layout, dilate_mm
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,11 @@ def nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.n
     return boxes
 
 
+def in_boxes(world: np.ndarray, boxes: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """bool [N]: points ``world`` [N, 3] (x, y, z) inside any of ``boxes`` (:func:`nodule_boxes`)."""
+    return np.any([np.all((world >= lo) & (world <= hi), axis=1) for lo, hi in boxes] or [[False] * len(world)], 0)
+
+
 def deep_lung(src: SourceCT, min_depth_mm: float) -> np.ndarray:
     """Fine-grid indices [N, 3] (z, y, x) of lung voxels at least ``min_depth_mm`` inside the fine lung mask."""
     depth = ndi.distance_transform_edt(src.lung_fine, sampling=src.fine.spacing)
@@ -150,7 +155,7 @@ def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: i
         c = src.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])[0]
         if np.any(c - half < lo) or np.any(c + half > hi):
             continue
-        if any(np.all(c >= b_lo) and np.all(c <= b_hi) for b_lo, b_hi in boxes):
+        if in_boxes(c[None], boxes)[0]:
             continue
         if any(np.all(np.abs(c - o) < 2 * half + s.spacing_mm) for o in chosen):
             continue
@@ -280,8 +285,6 @@ def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], n
     """Each real nodule's first ROI in ``rois.csv`` tables: (row, HU [D, H, W], geometry, bool mask of its own
     texture class's voxels, or of the unrated nodule voxels for class ``unknown``, of that nodule only
     (:func:`own_nodule`)), for nodules whose mask is not empty."""
-    from .layout import NODULE
-
     for table in tables:
         for row in read_roi_table(Path(table)):
             if row["kind"] != "nodule" or not row["roi"].endswith("_0"):
@@ -306,8 +309,6 @@ def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float
 
 def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:
     """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm``, 1 elsewhere."""
-    from .layout import NODULE, ball
-
     r = max(0, round(margin_mm / spacing_mm))
     nod = layout == NODULE
     if r and nod.any():
@@ -322,8 +323,6 @@ def generated_region(
     dilated by ``margin_mm`` (:func:`~lungddpm.preprocessing.layout.dilate_mm`, as insertion does); in a
     nodule-free ROI a ball of a seeded diameter in ``free_diameter_mm`` at a lung voxel at least its radius deep
     (the deepest one if none is), dilated the same way. layout [n, n, n] -> bool [n, n, n]."""
-    from .layout import LUNG, NODULE, dilate_mm
-
     region = layout == NODULE
     if not region.any():
         rng = np.random.default_rng(seed)
@@ -348,7 +347,6 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
 
     from ..diffusion.data import TrainData
     from ..diffusion.encoding import context_channels, hu_to_model
-    from .layout import check_labels
 
     levels = texture_levels(cfg.raw["lesion"]["texture_hu"], cfg.intensity.hu_window)
     spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])

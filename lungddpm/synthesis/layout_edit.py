@@ -9,7 +9,7 @@ it lies wholly inside the lung and does not touch another nodule. Every edit is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,19 @@ class NoduleBank:
             and (not malignancies or n.malignancy in malignancies)
             and n.n_readers >= min_readers
         ]
+
+    def matching(self, section: Mapping[str, Any], key: str, where: str) -> list[BankNodule]:
+        """:meth:`select` with the filters of a config ``section`` (``layout_edit``, ``lesion.insert``, named by
+        ``key``); :class:`LayoutError` naming ``where`` (the bank) and the four filters when none matches."""
+        found = self.select(section["diameter_mm"], section["textures"], section["malignancies"],
+                            section["min_readers"])  # fmt: skip
+        if not found:
+            raise LayoutError(
+                f"{where}: none of its {len(self.nodules)} nodules matches {key} (diameter_mm "
+                f"{section['diameter_mm']}, textures {section['textures']}, malignancies {section['malignancies']}, "
+                f"min_readers {section['min_readers']}); widen these filters or raise layout_edit.bank_max_scans"
+            )
+        return found
 
 
 def build_nodule_bank(case_ids: Sequence[str], consensus_level: float) -> NoduleBank:

@@ -39,9 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def _candidates(cfg: Config, bank_path: Path) -> list[Any]:
-    ins = cfg.raw["lesion"]["insert"]
-    bank = load_bank(bank_path)
-    return bank.select(ins["diameter_mm"], ins["textures"], ins["malignancies"], ins["min_readers"])
+    return load_bank(bank_path).matching(cfg.raw["lesion"]["insert"], "lesion.insert", str(bank_path))
 
 
 def _setup(cfg: Config, checkpoint: Path, bank_path: Path, threads: int | None) -> tuple[Any, ...]:

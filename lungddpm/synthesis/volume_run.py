@@ -148,13 +148,7 @@ def synthesize_shard(
         if bank_path is None:
             raise LayoutError("the augment run inserts nodules but no nodule bank was given; run the nodule_bank rule")
         bank = load_bank(bank_path)
-        candidates = bank.select(edit["diameter_mm"], edit["textures"], edit["malignancies"], edit["min_readers"])
-        if not candidates:
-            raise LayoutError(
-                f"{bank_path}: none of its {len(bank.nodules)} nodules matches layout_edit (diameter_mm "
-                f"{edit['diameter_mm']}, textures {edit['textures']}, malignancies {edit['malignancies']}, min_readers "
-                f"{edit['min_readers']}); widen these filters or raise layout_edit.bank_max_scans"
-            )
+        candidates = bank.matching(edit, "layout_edit", str(bank_path))
     settings = _settings(cfg, run, file_sha256(checkpoint), file_sha256(bank_path) if bank is not None else None)
     inputs: dict[str, str] = {}  # per case: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
