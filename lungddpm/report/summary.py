@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_path, read_csv, read_json
+from .figures import loss_figure, placeholder_figure, quality_figure
 
 log = logging.getLogger(__name__)
 
@@ -96,72 +97,6 @@ def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
         )
         out.append("")
     return out
-
-
-def loss_figure(train_log: Path, out_png: Path) -> None:
-    """Training loss (and its running mean) against step → PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_csv(train_log)
-    steps = np.array([int(r["step"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
-    if len(loss) >= 5:
-        w = max(5, len(loss) // 20)
-        ax.plot(steps[w - 1 :], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5, label=f"mean of {w}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def placeholder_figure(text: str, out_png: Path) -> None:
-    """A small PNG that says ``text`` (for a declared figure that has no data in this configuration)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 1), dpi=100)
-    ax.axis("off")
-    ax.text(0.5, 0.5, text, ha="center", va="center")
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def quality_figure(rows: Sequence[dict[str, str]], out_png: Path) -> None:
-    """Bar plot of each distribution metric and region: synthetic-vs-real beside the real-vs-real floor, with
-    CIs → PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dist = [r for r in rows if r["comparison"] in ("synthetic-vs-real", "real-vs-real")]
-    keys = sorted({(r["metric"], r["region"]) for r in dist})
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(2.4 * max(1, len(keys)), 3.2), dpi=100, squeeze=False)
-    for ax, (metric, region) in zip(axes[0], keys):
-        for i, comp in enumerate(("synthetic-vs-real", "real-vs-real")):
-            for r in dist:
-                if (r["metric"], r["region"], r["comparison"]) == (metric, region, comp):
-                    v, lo, hi = float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
-                    ax.bar(i, v, color=("tab:orange", "tab:blue")[i])
-                    ax.vlines(i, lo, hi, color="k")  # the interval as it is, even where it lies above its value
-                    ax.hlines([lo, hi], i - 0.1, i + 0.1, color="k")
-        ax.set_xticks([0, 1], ["synthetic", "real floor"], fontsize=8)
-        ax.set_title(f"{metric.upper()} ({region})", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def timing_section(manifests: Sequence[Path]) -> list[str]:
