@@ -26,6 +26,10 @@ class CheckpointError(LungDDPMError):
     """A checkpoint that cannot or must not be used."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A file that torch cannot read at all: truncated, damaged or another kind of file."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused, not trusted."""
     try:
@@ -39,7 +43,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such checkpoint file; check the path") from exc
     except (RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
             f"{path}: not a readable torch checkpoint — truncated, damaged or another kind of file "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); copy or download it again and "
             "compare its SHA-256 with the source's"
@@ -128,7 +132,10 @@ def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[st
     for path in step_checkpoints(state_dir):
         try:
             ckpt = load_checkpoint(path)
-        except CheckpointError:
+        except UnreadableCheckpointError as exc:  # e.g. a write cut short: the one before it resumes
+            log.warning("%s: unreadable checkpoint skipped (%s)", path, exc)
+            continue
+        except CheckpointError:  # unsafe to load: refused, not skipped
             raise
         except Exception as exc:
             log.warning("%s: unreadable checkpoint skipped (%s)", path, exc)

@@ -189,7 +189,7 @@ def test_image_quality_and_report(demo_workflow: Path) -> None:
     with open(demo_workflow / "results/metrics/eval/image_quality.csv") as fh:
         rows = list(csv.DictReader(fh))
     dist = [r for r in rows if "paired" not in r["comparison"]]
-    comparisons = ("synthetic-vs-real", "real-vs-real")
+    comparisons = ("synthetic-vs-real", "real-vs-real", "synthetic minus real-vs-real")
     assert {(r["metric"], r["region"], r["comparison"]) for r in dist} == {
         (m, g, c) for m in ("kid", "fid", "mmd") for g in ("whole", "lung") for c in comparisons
     }
@@ -201,7 +201,8 @@ def test_image_quality_and_report(demo_workflow: Path) -> None:
     with open(demo_workflow / "results/metrics/eval/per_case.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2  # one test layout x 2 samples
     summary = (demo_workflow / "results/report/summary.md").read_text()
-    assert "| synthetic vs real | real vs real (floor) |" in summary and "not evidence about real CT" in summary
+    assert "| synthetic vs real | real vs real (floor) | synthetic − floor [paired] |" in summary
+    assert "not evidence about real CT" in summary
     assert "## Sampling" in summary and "dpm++" in summary
     for png in ("training_loss.png", "image_quality.png"):
         assert (demo_workflow / "results/report" / png).read_bytes()[:4] == b"\x89PNG"
