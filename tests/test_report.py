@@ -66,3 +66,14 @@ def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Pa
     text = "\n".join(lesion_section([manifest], texture, tmp_path / "figures", tmp_path, montages=1))
     assert "8 nodules inserted into the nodule-free lung ROIs of 2 train CT(s)" in text
     assert "2.00 s of sampling per nodule" in text
+
+
+def test_items_sampled_since_the_model_digest_name_it(tmp_path: Path) -> None:
+    """Provenance written since 2026-12-05 holds the model's content digest (model_sha256), older the file's."""
+    from lungddpm.report.summary import sampled_checkpoints
+
+    new = _manifest(tmp_path, "/models/external.pt")
+    prov = tmp_path / "eval_0.json"
+    record = json.loads(prov.read_text())
+    prov.write_text(json.dumps({**{k: v for k, v in record.items() if k != "checkpoint_sha256"}, "model_sha256": SHA}))
+    assert sampled_checkpoints([new]) == [f"`/models/external.pt` (model digest `{SHA[:12]}`)"]

@@ -3,6 +3,8 @@ trainer's resumable step checkpoints (fingerprint, newest complete one, atomic s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pickle
 import zipfile
@@ -48,6 +50,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); copy or download it again and "
             "compare its SHA-256 with the source's"
         ) from exc
+
+
+def model_sha256(path: Path) -> str:
+    """sha256 of a model checkpoint's content by value (its tensors and settings, not ``version``): what a sampled
+    item's provenance compares. The file's own bytes differ each time torch.save writes the same content (a
+    serialization id), so a training rerun that hands back the same weights would otherwise remake every item."""
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if torch.is_tensor(obj):
+            h.update(f"tensor {obj.dtype} {tuple(obj.shape)}".encode())
+            h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                h.update(f"key {key!r}".encode())
+                feed(obj[key])
+        else:
+            h.update(json.dumps(obj, sort_keys=True, default=repr).encode())
+
+    feed({k: v for k, v in load_checkpoint(Path(path)).items() if k != "version"})
+    return h.hexdigest()
 
 
 def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str, Any]]:

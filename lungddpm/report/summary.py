@@ -120,9 +120,11 @@ def timing_section(manifests: Sequence[Path]) -> list[str]:
 
 
 def sampled_checkpoints(manifests: Sequence[Path]) -> list[str]:
-    """Each checkpoint the whole-volume runs sampled from, as ``path`` (SHA-256 prefix), from the provenance."""
+    """Each checkpoint the whole-volume runs sampled from, as ``path`` (its content digest's prefix, or the file's
+    SHA-256 for items sampled before 2026-12-05), from the provenance."""
     provs = [read_json(item["provenance"]) for m in manifests for item in read_json(m)["items"]]
-    return sorted({f"`{p['checkpoint']}` (SHA-256 `{p['checkpoint_sha256'][:12]}`)" for p in provs})
+    return sorted({f"`{p['checkpoint']}` (model digest `{p['model_sha256'][:12]}`)" if "model_sha256" in p else
+                   f"`{p['checkpoint']}` (SHA-256 `{p['checkpoint_sha256'][:12]}`)" for p in provs})  # fmt: skip
 
 
 def montage_section(manifests: Sequence[Path], figures: Path, per_run: int) -> list[str]:

@@ -227,7 +227,7 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
     sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
     sample = without_later_defaults(sample)  # the default, as before the key: old items stay complete
-    out = {"checkpoint_sha256": ckpt_sha, "sample": sample | {"shards": None},
+    out = {"model_sha256": ckpt_sha, "sample": sample | {"shards": None},
            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"],
            **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}

@@ -14,6 +14,7 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..data.sources import source_files
+from ..diffusion.checkpoint import model_sha256
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
@@ -123,7 +124,7 @@ def synthesize_lesion_shard(
 
     lc = cfg.raw["lesion"]
     model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
-    settings = run_settings(cfg, file_sha256(checkpoint), file_sha256(bank_path))
+    settings = run_settings(cfg, model_sha256(checkpoint), file_sha256(bank_path))
     manifest, pending, inputs = [], [], {}
     for item in items:
         sites = read_sites(roi_tables[item.case_id])

@@ -100,7 +100,7 @@ def test_generate_paste_undo_and_export(studio: Studio) -> None:
     assert np.array_equal(ct, s.ct) and np.array_equal(labels, s.labels)
     assert geometry.same_grid(s.geometry)
     prov = read_json(paths["provenance"])
-    assert prov["source_case"] == s.case_id and prov["checkpoint_sha256"] == studio.checkpoint_sha
+    assert prov["source_case"] == s.case_id and prov["model_sha256"] == studio.checkpoint_sha
     assert [site["bank_index"] for site in prov["sites"]] == [nodule.index]
     assert np.array_equal(read_volume(paths["s0_layout"])[0], edit.roi_layout)
     again = studio.export(s)

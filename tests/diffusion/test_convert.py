@@ -19,7 +19,7 @@ from conftest import CI_CONFIG, make_workdir, snakemake
 from support import TINY, randomise
 
 from lungddpm.cli import main
-from lungddpm.diffusion.checkpoint import CheckpointError, load_model
+from lungddpm.diffusion.checkpoint import CheckpointError, load_model, model_sha256
 from lungddpm.diffusion.convention import LungDDPMConvention
 from lungddpm.diffusion.convert import (
     PREFIX,
@@ -229,7 +229,7 @@ def test_imported_model_samples_through_the_workflow(demo_workflow: Path, tmp_pa
     for it in items:
         prov = read_json(workdir / it["image"].replace(".nii.gz", ".json"))
         assert prov["convention"] == "lung-ddpm"
-        assert prov["checkpoint_sha256"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
+        assert prov["model_sha256"] == model_sha256(ckpt_path)
         ct = nib.load(workdir / f"results/preprocessed/{it['case_id']}/ct.nii.gz")
         syn = nib.load(workdir / it["image"])
         assert np.allclose(syn.affine, ct.affine) and syn.get_data_dtype() == np.int16

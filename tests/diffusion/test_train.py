@@ -340,3 +340,22 @@ def test_torchrun_ranks_get_their_share_of_threads_and_log_into_the_job(
     assert "| rank threads 4 omp 4" in caplog.text
     with pytest.raises(LungDDPMError, match="torchrun exited with 3"):
         jobs.launch({"state_dir": str(tmp_path), "threads": 16, "exit": 3}, 4)
+
+
+def test_a_checkpoint_written_again_with_the_same_content_has_the_same_model_digest(tmp_path: Path) -> None:
+    """Sampled items compare the model by content: torch.save's bytes differ between processes (a serialization
+    id), so a training rerun that hands back the same weights kept its items only by luck of the bytes before."""
+    import subprocess
+
+    from lungddpm.diffusion.checkpoint import model_sha256
+
+    code = (
+        "import sys, torch; g = torch.Generator().manual_seed(0); "
+        "torch.save({'ema': {'w': torch.randn(4, 4, generator=g)}, 'unet': {'c': 8}, 'version': sys.argv[2]}, "
+        "sys.argv[1])"
+    )
+    for name, version in (("a.pt", "1"), ("b.pt", "2")):  # two processes, and another code version
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name), version], check=True)
+    assert model_sha256(tmp_path / "a.pt") == model_sha256(tmp_path / "b.pt")
+    torch.save({"ema": {"w": torch.zeros(4, 4)}, "unet": {"c": 8}, "version": "1"}, tmp_path / "c.pt")
+    assert model_sha256(tmp_path / "c.pt") != model_sha256(tmp_path / "a.pt")

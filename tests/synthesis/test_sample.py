@@ -115,7 +115,7 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
         assert prov["keep_voxels"] == int(keep.sum()) > 0
         assert np.array_equal(syn[keep], ct[keep])  # the reference's exact HU where it was kept
         assert prov["edits"][0]["op"] == "insert" and prov["sampler"] == "ddim" and prov["steps"] == 3
-        assert len(prov["checkpoint_sha256"]) == 64 and prov["seed"] == item.seed
+        assert len(prov["model_sha256"]) == 64 and prov["seed"] == item.seed
         assert (layout == 2).sum() > (read_volume(lays[item.case_id])[0] == 2).sum()
         assert (tmp_path / f"{item.name}.gif").read_bytes()[:3] == b"GIF"
         assert (tmp_path / f"{item.name}_montage.png").read_bytes()[:4] == b"\x89PNG"

@@ -69,7 +69,7 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
     prov = read_json(provs[0])
     case = prov["source_case"]
     assert len(prov["sites"]) == CI_CONFIG["lesion"]["roi"]["free_per_case"]
-    assert prov["checkpoint_sha256"] and prov["sample"]["sampler"] == "dpm++"
+    assert prov["model_sha256"] and prov["sample"]["sampler"] == "dpm++"
     src = load_source(case, demo_workflow / f"results/preprocessed/{case}", cfg, demo_workflow)
     files = {k: out / v for k, v in prov["files"].items()}
     ct = nib.load(files["ct"])
