@@ -18,10 +18,12 @@ def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> li
     lesion insertion, ROI jitter and the fidelity profile, the linear schedule's length, the HU window and what
     lies in it, sampler steps against the schedule, and the layout's lung-volume bounds. ``scale``: ``lesion`` for
     :func:`lungddpm.config.lesion_config`'s merged view (its ``sample`` section is the whole-volume model's)."""
+    lesion = config.get("lesion") or {}
+    config = {**config, "lesion": lesion if lesion.get("enabled", True) else {}}  # a disabled scale: not checked
     return (
         _grid_problems(config)
         + _network_problems(config)
-        + _lesion_problems(config.get("lesion") or {})
+        + _lesion_problems(config["lesion"])
         + _diameter_problems(config.get("layout_edit") or {}, "layout_edit")
         + _schedule_problems(config.get("diffusion") or {})
         + _range_problems(config, scale)
@@ -39,7 +41,6 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         return [f"intensity.hu_window: [{lo:g}, {hi:g}] is reversed or empty; give [lowest HU, highest HU], e.g. "
                 "[-1000, 400]"]  # fmt: skip
     lesion = config.get("lesion") or {}
-    lesion = lesion if lesion.get("enabled", True) else {}  # a disabled lesion scale is not checked
     texture = [float(v) for v in lesion.get("texture_hu") or []]
     if texture and not all(lo < v < hi for v in texture):
         out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}]; move it in")

@@ -179,7 +179,8 @@ def test_the_range_checks_leave_a_given_model_and_a_disabled_lesion_scale_alone(
     settings are not checked (its texture HU outside a lung-only window, its steps past its schedule)."""
     given = {"sample": {"checkpoint": "/models/t1000.pt", "steps": 1000, "sampler": "ddpm"}}
     assert load_config(REPO / "config/config.yaml", given).raw["sample"]["steps"] == 1000
-    off = {"lesion": {"enabled": False, "diffusion": {"timesteps": 10}}, "intensity": {"hu_window": [-1000, -400]},
+    off = {"lesion": {"enabled": False, "diffusion": {"timesteps": 10}, "insert": {"feather_mm": 99}},
+           "intensity": {"hu_window": [-1000, -400]},
            "segmentation": {"enabled": False}}  # fmt: skip
     assert load_config(REPO / "config/config.yaml", off).raw["lesion"]["enabled"] is False
 

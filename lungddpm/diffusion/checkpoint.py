@@ -43,7 +43,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"strings) ({str(exc).splitlines()[0]})"
         ) from exc
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path") from exc
+        raise UnreadableCheckpointError(f"{path}: no such checkpoint file; check the path") from exc
     except (RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise UnreadableCheckpointError(
             f"{path}: not a readable torch checkpoint — truncated, damaged or another kind of file "
@@ -53,9 +53,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def model_sha256(path: Path) -> str:
-    """sha256 of a model checkpoint's content by value (its tensors and settings, not ``version``): what a sampled
-    item's provenance compares. The file's own bytes differ each time torch.save writes the same content (a
-    serialization id), so a training rerun that hands back the same weights would otherwise remake every item."""
+    """sha256 of a model checkpoint's content by value: what a sampled item's provenance compares. Its tensors and
+    settings, not ``version`` and, of the training's whole ``config``, only what sampling reads (the lesion model's
+    ``texture_hu`` and ``roi``): an edit elsewhere in the config does not change the model. The file's own bytes
+    differ each time torch.save writes the same content (a serialization id), so a training rerun that hands back
+    the same weights would otherwise remake every item."""
     h = hashlib.sha256()
 
     def feed(obj: Any) -> None:
@@ -66,10 +68,17 @@ def model_sha256(path: Path) -> str:
             for key in sorted(obj, key=str):
                 h.update(f"key {key!r}".encode())
                 feed(obj[key])
+        elif isinstance(obj, list | tuple):
+            h.update(f"sequence {len(obj)}".encode())
+            for item in obj:
+                feed(item)
         else:
             h.update(json.dumps(obj, sort_keys=True, default=repr).encode())
 
-    feed({k: v for k, v in load_checkpoint(Path(path)).items() if k != "version"})
+    ckpt = load_checkpoint(Path(path))
+    lesion = (ckpt.get("config") or {}).get("lesion") or {}
+    read = {k: lesion[k] for k in ("texture_hu", "roi") if k in lesion}
+    feed({**{k: v for k, v in ckpt.items() if k not in ("version", "config")}, "config": read})
     return h.hexdigest()
 
 

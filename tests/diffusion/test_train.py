@@ -359,3 +359,10 @@ def test_a_checkpoint_written_again_with_the_same_content_has_the_same_model_dig
     assert model_sha256(tmp_path / "a.pt") == model_sha256(tmp_path / "b.pt")
     torch.save({"ema": {"w": torch.zeros(4, 4)}, "unet": {"c": 8}, "version": "1"}, tmp_path / "c.pt")
     assert model_sha256(tmp_path / "c.pt") != model_sha256(tmp_path / "a.pt")
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    for name, config in (("d", {"sample": {"steps": 5}, "train": {"num_workers": 3}}), ("e", {"lesion": {"roi": 32}})):
+        torch.save({**a, "config": config}, tmp_path / f"{name}.pt")  # only what sampling reads of the config counts
+    assert model_sha256(tmp_path / "d.pt") == model_sha256(tmp_path / "a.pt") != model_sha256(tmp_path / "e.pt")
+    torch.save({**a, "extra": [torch.zeros(3000), torch.ones(3000)]}, tmp_path / "f.pt")
+    torch.save({**a, "extra": [torch.zeros(3000), torch.full((3000,), 2.0)]}, tmp_path / "g.pt")
+    assert model_sha256(tmp_path / "f.pt") != model_sha256(tmp_path / "g.pt")  # tensors in a list: by value
