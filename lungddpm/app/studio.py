@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..config import Config
 from ..data.sources import dicom_root
-from ..diffusion.checkpoint import model_sha256
+from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
@@ -147,7 +147,7 @@ class Studio:
         check_roi_scale(lc["roi"], ckpt["config"]["lesion"]["roi"], self.checkpoint)
         self.window = tuple(ckpt["hu_window"])
         self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
-        self.checkpoint_sha = model_sha256(self.checkpoint)
+        self.checkpoint_sha = model_digest(ckpt)
         self.bank: NoduleBank = load_bank(bank_path)
         self.bank_sha = file_sha256(bank_path)
         self.roi = RoiSettings.from_config(cfg)

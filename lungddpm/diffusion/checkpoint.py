@@ -52,12 +52,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-def model_sha256(path: Path) -> str:
-    """sha256 of a model checkpoint's content by value: what a sampled item's provenance compares. Its tensors and
-    settings, not ``version`` and, of the training's whole ``config``, only what sampling reads (the lesion model's
-    ``texture_hu`` and ``roi``): an edit elsewhere in the config does not change the model. The file's own bytes
-    differ each time torch.save writes the same content (a serialization id), so a training rerun that hands back
-    the same weights would otherwise remake every item."""
+def model_digest(ckpt: dict[str, Any]) -> str:
+    """sha256 of a loaded model checkpoint's content by value: what a sampled item's provenance compares. Its tensors
+    and settings, not ``version`` and, of the training's whole ``config``, only what sampling reads (the lesion
+    model's ``texture_hu`` and ``roi``): an edit elsewhere in the config does not change the model. The file's own
+    bytes differ each time torch.save writes the same content (a serialization id), so a training rerun that hands
+    back the same weights would otherwise remake every item."""
     h = hashlib.sha256()
 
     def feed(obj: Any) -> None:
@@ -75,11 +75,15 @@ def model_sha256(path: Path) -> str:
         else:
             h.update(json.dumps(obj, sort_keys=True, default=repr).encode())
 
-    ckpt = load_checkpoint(Path(path))
     lesion = (ckpt.get("config") or {}).get("lesion") or {}
     read = {k: lesion[k] for k in ("texture_hu", "roi") if k in lesion}
     feed({**{k: v for k, v in ckpt.items() if k not in ("version", "config")}, "config": read})
     return h.hexdigest()
+
+
+def model_sha256(path: Path) -> str:
+    """:func:`model_digest` of the checkpoint file at ``path`` (a caller that has loaded it passes the dict)."""
+    return model_digest(load_checkpoint(Path(path)))
 
 
 def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str, Any]]:

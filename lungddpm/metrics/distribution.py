@@ -4,7 +4,8 @@ and ``b: [Nb, D]`` float arrays, computed in float64); between two samples of va
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import numpy as np
 
@@ -135,17 +136,10 @@ def bootstrap_excess(
     kernel distances upward at small N, so a distance's own interval can lie above its value; the bias is common to
     both terms of the difference, whose interval is what tells a synthetic set from the real-vs-real floor."""
     value = distance(a, b) - distance(floor, b)
-    rng = np.random.default_rng(seed)
     members = [_members(g, len(x), name) for g, x, name in zip(groups, (a, floor, b), ("a", "floor", "b"))]
-    boots: list[float] = []
-    while len(boots) < n_boot:
-        ia, ifl, ib = (rng.integers(0, len(x), len(x)) if m is None else cluster_draw(m, rng)
-                       for x, m in zip((a, floor, b), members))  # fmt: skip
-        if min(len(set(ia)), len(set(ifl)), len(set(ib))) < min_distinct:
-            continue
-        boots.append(distance(a[ia], b[ib]) - distance(floor[ifl], b[ib]))
-    alpha = (1 - level) / 2
-    return value, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    draws = _resamples(np.random.default_rng(seed), (len(a), len(floor), len(b)), members, min_distinct)
+    boots = [distance(a[ia], b[ib]) - distance(floor[ifl], b[ib]) for ia, ifl, ib in islice(draws, n_boot)]
+    return _percentiles(value, boots, level)
 
 
 def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.ndarray] | None:
@@ -154,6 +148,23 @@ def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.n
     if len(groups) != rows:
         raise ValueError(f"{what} has {len(groups)} labels for {rows} rows")
     return group_members(groups)
+
+
+def _resamples(
+    rng: np.random.Generator, sizes: Sequence[int], members: Sequence[list[np.ndarray] | None], min_distinct: int
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Endless bootstrap resamples of several sets at once, one index array per set (of ``sizes[i]`` rows): drawn
+    with replacement, by whole groups where ``members[i]`` is given; a resample leaving fewer than ``min_distinct``
+    distinct rows in any set is drawn again."""
+    while True:
+        draw = tuple(rng.integers(0, n, n) if m is None else cluster_draw(m, rng) for n, m in zip(sizes, members))
+        if min(len(set(i)) for i in draw) >= min_distinct:
+            yield draw
+
+
+def _percentiles(value: float, boots: Sequence[float], level: float) -> tuple[float, float, float]:
+    alpha = (1 - level) / 2
+    return value, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
 
 def bootstrap_distance(
@@ -174,14 +185,6 @@ def bootstrap_distance(
     layout, or the series of one patient, are one draw), and ``b`` likewise with ``groups_b``; with every label
     distinct it is the plain bootstrap, draw for draw."""
     value = distance(a, b)
-    rng = np.random.default_rng(seed)
-    members_a, members_b = _members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")
-    boots: list[float] = []
-    while len(boots) < n_boot:
-        ia = rng.integers(0, len(a), len(a)) if members_a is None else cluster_draw(members_a, rng)
-        ib = rng.integers(0, len(b), len(b)) if members_b is None else cluster_draw(members_b, rng)
-        if len(set(ia)) < min_distinct or len(set(ib)) < min_distinct:
-            continue
-        boots.append(distance(a[ia], b[ib]))
-    alpha = (1 - level) / 2
-    return value, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    members = [_members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")]
+    draws = _resamples(np.random.default_rng(seed), (len(a), len(b)), members, min_distinct)
+    return _percentiles(value, [distance(a[ia], b[ib]) for ia, ib in islice(draws, n_boot)], level)

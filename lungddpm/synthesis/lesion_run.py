@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..data.sources import source_files
-from ..diffusion.checkpoint import model_sha256
+from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
@@ -44,13 +44,14 @@ def _candidates(cfg: Config, bank_path: Path) -> list[Any]:
 
 
 def _setup(cfg: Config, checkpoint: Path, bank_path: Path, threads: int | None) -> tuple[Any, ...]:
-    """Threads, the lesion model and process, its HU window and texture levels, the filtered bank nodules."""
+    """Threads, the lesion model and process, its HU window and texture levels, the filtered bank nodules and the
+    loaded checkpoint."""
     if threads:
         torch.set_num_threads(threads)
     model, diffusion, ckpt, device = load_lesion_model(checkpoint, cfg.raw["lesion"]["sample"])
     window = tuple(ckpt["hu_window"])
     levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
-    return model, diffusion, device, window, levels, _candidates(cfg, bank_path)
+    return model, diffusion, device, window, levels, _candidates(cfg, bank_path), ckpt
 
 
 def native_geometry(src: SourceCT) -> Geometry:
@@ -123,8 +124,8 @@ def synthesize_lesion_shard(
     from tqdm import tqdm
 
     lc = cfg.raw["lesion"]
-    model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
-    settings = run_settings(cfg, model_sha256(checkpoint), file_sha256(bank_path))
+    model, diffusion, device, window, levels, candidates, ckpt = _setup(cfg, checkpoint, bank_path, threads)
+    settings = run_settings(cfg, model_digest(ckpt), file_sha256(bank_path))
     manifest, pending, inputs = [], [], {}
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
@@ -186,7 +187,7 @@ def texture_control(
     mean HU of the inserted nodules per class beside that of the real nodules of the class in the same ROIs'
     cases (nodule ROIs of ``roi_tables``). Writes ``out_csv``; returns its rows."""
     lc = cfg.raw["lesion"]
-    model, diffusion, device, window, levels, candidates = _setup(cfg, checkpoint, bank_path, threads)
+    model, diffusion, device, window, levels, candidates, _ = _setup(cfg, checkpoint, bank_path, threads)
     chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
     real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
     for row, ct, _, nodule in real_nodule_rois(roi_tables):

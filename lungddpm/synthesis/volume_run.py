@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..config import LATER_DEFAULTS, Config, without_later_defaults
-from ..diffusion.checkpoint import load_for_sampling, model_sha256
+from ..diffusion.checkpoint import load_for_sampling, model_digest
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
@@ -149,7 +149,7 @@ def synthesize_shard(
             raise LayoutError("the augment run inserts nodules but no nodule bank was given; run the nodule_bank rule")
         bank = load_bank(bank_path)
         candidates = bank.matching(edit, "layout_edit", str(bank_path))
-    settings = _settings(cfg, run, model_sha256(checkpoint), file_sha256(bank_path) if bank is not None else None)
+    settings = _settings(cfg, run, model_digest(ckpt), file_sha256(bank_path) if bank is not None else None)
     inputs: dict[str, str] = {}  # per case: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict[str, Any]] = {}  # item name -> manifest entry

@@ -94,7 +94,9 @@ def synth_config(**sample_cfg: object):
     return type(cfg).from_dict(raw)
 
 
-def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: Path) -> None:
+def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from lungddpm.diffusion import checkpoint as checkpoints
+
     checkpoint, cts, layouts, bank = tiny_model
     cfg = synth_config(samples_per_layout=2)
     cases = {p.parent.name: p for p in cts}
@@ -115,15 +117,18 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
         assert prov["keep_voxels"] == int(keep.sum()) > 0
         assert np.array_equal(syn[keep], ct[keep])  # the reference's exact HU where it was kept
         assert prov["edits"][0]["op"] == "insert" and prov["sampler"] == "ddim" and prov["steps"] == 3
-        assert len(prov["model_sha256"]) == 64 and prov["seed"] == item.seed
+        assert prov["model_sha256"] == checkpoints.model_sha256(checkpoint) and prov["seed"] == item.seed
         assert (layout == 2).sum() > (read_volume(lays[item.case_id])[0] == 2).sum()
         assert (tmp_path / f"{item.name}.gif").read_bytes()[:3] == b"GIF"
         assert (tmp_path / f"{item.name}_montage.png").read_bytes()[:4] == b"\x89PNG"
     k0, _ = read_volume(tmp_path / "case0_0.nii.gz")
     k1, _ = read_volume(tmp_path / "case0_1.nii.gz")
     assert not np.array_equal(k0, k1)  # different seeds per k
+    loads = []
+    load = checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: loads.append(path) or load(path))
     again = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
-    assert [m["skipped"] for m in again] == [True] * 4
+    assert [m["skipped"] for m in again] == [True] * 4 and loads == [checkpoint]  # read once, digest included
     (tmp_path / "case1_1.gif").unlink()  # an incomplete item is redone, the rest skipped
     cfg_eval = synth_config(samples_per_layout=2)
     redo = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=2)
