@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
+from . import series_patient
 from .dicom import DicomSeries
 from .nodules import Nodule, components, paint
 
@@ -107,9 +108,10 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
 
 def patient_of(case_id: str, pattern: str | None) -> str:
     """The patient of a case: the first group of ``data.images.patient_regex`` matched at the start of the case
-    id, or the case id itself (one patient per volume)."""
+    id; without a regex the case id less a ``_s<n>`` series suffix (lungddpm's names of a patient's series, as
+    ``lungddpm demo-images`` exports them), else the case id itself (one patient per volume)."""
     if not pattern:
-        return case_id
+        return series_patient(case_id)
     m = re.match(pattern, case_id)
     if not m or not m.groups() or not m.group(1):
         raise ImageError(
@@ -358,7 +360,7 @@ def has_nodules(case: ImageCase, convention: str) -> bool:
 
 def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
     """Write ``array`` [Z, Y, X] on the grid of ``series`` (regular slices) to ``path`` in the format its suffix
-    names (NIfTI, NRRD, MHA, MHD + raw), atomically (a temporary name of the same format, then renamed)."""
+    names (NIfTI, NRRD, MHA, MHD or NHDR + raw), atomically (a temporary name of the same format, then renamed)."""
     import SimpleITK as sitk
 
     spacing, origin = _sitk_grid(series)
@@ -371,13 +373,17 @@ def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
         raise ImageError(f"{path}: unknown volume format; use one of {', '.join(SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name[: -len(suffix)]}.{os.getpid()}.tmp{suffix}")
-    sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
-    if suffix == ".mhd":  # the header names its data file: keep the pair's names consistent
-        raw = tmp.with_suffix(".raw")
-        header = tmp.read_text().replace(raw.name, path.with_suffix(".raw").name)
-        os.replace(raw, path.with_suffix(".raw"))
-        tmp.write_text(header)
-    os.replace(tmp, path)
+    raw = tmp.with_suffix(".raw")  # a detached header's data file (.mhd, .nhdr)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
+        if suffix in (".mhd", ".nhdr"):  # the header names its data file: keep the pair's names consistent
+            header = tmp.read_text().replace(raw.name, path.with_suffix(".raw").name)
+            os.replace(raw, path.with_suffix(".raw"))
+            tmp.write_text(header)
+        os.replace(tmp, path)
+    finally:
+        for left in (tmp, raw):
+            left.unlink(missing_ok=True)
 
 
 def export_case(series: DicomSeries, lung: np.ndarray, nodules: list[Nodule], ct_path: Path, label_path: Path) -> None:

@@ -28,7 +28,7 @@ from ..data.images import patient_of
 from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, bootstrap_excess, kid
 from .features import FeatureExtractor, build_extractor, cached_features
-from .sets import MetricsError, Pair, Volume, real_halves, series_patient
+from .sets import MetricsError, Pair, Volume, real_halves
 from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
 
 log = logging.getLogger(__name__)
@@ -266,10 +266,10 @@ def _labels_for(name: str, image: Path, labels_dir: Path | None) -> Path | None:
 
 
 def folder_patient(name: str, patient_regex: str | None = None) -> str:
-    """The patient of a real volume ``name``: the first group of ``patient_regex`` (``data.images.patient_regex``,
-    as ``patient_of``) when given, else the name less a ``_s<n>`` series suffix (``LIDC-IDRI-0365_s2`` ->
-    ``LIDC-IDRI-0365``), else the name itself."""
-    return patient_of(name, patient_regex) if patient_regex else series_patient(name)
+    """The patient of a real volume ``name``, as the split's :func:`lungddpm.data.images.patient_of`: the first group
+    of ``patient_regex`` (``data.images.patient_regex``) when given, else the name less a ``_s<n>`` series suffix
+    (``LIDC-IDRI-0365_s2`` -> ``LIDC-IDRI-0365``), else the name itself."""
+    return patient_of(name, patient_regex)
 
 
 def folder_sets(

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..data import series_patient
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import read_volume, write_csv
 from ..preprocessing.layout import NODULE
 from .distribution import bootstrap_distance, cluster_draw, group_members, w1
-from .sets import series_patient
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@ real-vs-real floor and the reference (light: imported when the workflow is parse
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LungDDPMError
-
-SERIES_SUFFIX = re.compile(r"(.+)_s\d+$")  # lungddpm's LIDC case ids: <patient>_s<n> for a patient's n-th series
-
-
-def series_patient(name: str) -> str:
-    """``name`` less a ``_s<n>`` series suffix (``LIDC-IDRI-0365_s2`` -> ``LIDC-IDRI-0365``), else ``name``."""
-    m = SERIES_SUFFIX.fullmatch(name)
-    return m.group(1) if m else name
 
 
 class MetricsError(LungDDPMError):

@@ -25,10 +25,26 @@ def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def _donor(assignment: Mapping[str, str], has_nodule: Mapping[str, bool], subset: str) -> str:
+    """The patient that the empty ``subset`` takes: never train's last nodule patient; train takes a nodule patient
+    where there is one; else from the largest subset, of its larger stratum (nodule / none), a nodule-free one on a
+    tie (a subset keeps its nodule patients while it has others to give)."""
+    size = {s: sum(a == s for a in assignment.values()) for s in SUBSETS}
+    stratum = {(s, f): sum(assignment[p] == s and has_nodule[p] == f for p in assignment) for s in SUBSETS
+               for f in (True, False)}  # fmt: skip
+
+    def key(p: str) -> tuple[object, ...]:
+        s, nodule = assignment[p], has_nodule[p]
+        last = s == "train" and nodule and stratum["train", True] == 1
+        return not last, subset == "train" and nodule, size[s], stratum[s, nodule], not nodule, p
+
+    return max(assignment, key=key)
+
+
 def split_cases(patient_of: Mapping[str, str], has_nodule: Mapping[str, bool], cfg: SplitConfig) -> dict[str, str]:
     """case id -> subset. All series of a patient share a subset; patients are shuffled (seeded) within the
     strata "has a nodule" / "has none" and allocated by the configured fractions; a subset with a non-zero
-    fraction gets at least one patient when there are enough patients."""
+    fraction gets at least one patient when there are enough patients (taken as :func:`_donor` says)."""
     fractions = [cfg.train, cfg.val, cfg.test]
     patients: dict[str, bool] = {}
     for case, patient in patient_of.items():
@@ -47,8 +63,7 @@ def split_cases(patient_of: Mapping[str, str], has_nodule: Mapping[str, bool], c
     if len(patients) >= len(wanted):
         for subset in wanted:
             if subset not in assignment.values():
-                donors = sorted((sum(a == assignment[p] for a in assignment.values()), p) for p in assignment)
-                assignment[donors[-1][1]] = subset
+                assignment[_donor(assignment, patients, subset)] = subset
     elif len(patients) == 0:
         raise ConfigError("split: no cases to split; check data.cases / data.dicom_root")
     return {case: assignment[patient] for case, patient in patient_of.items()}

@@ -30,7 +30,7 @@ from lungddpm.preprocessing.grid import preprocess_case
 
 SPACING = (0.75, 0.8, 2.5)  # x, y, z mm
 ORIGIN = (-12.0, 30.5, -101.25)
-FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+FORMATS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _ct(shape: tuple[int, int, int] = (10, 24, 20)) -> np.ndarray:
@@ -54,6 +54,9 @@ def test_each_volume_format_reads_back_its_hu_and_geometry(tmp_path: Path, suffi
     path = tmp_path / f"case{suffix}"
     write_image(path, hu, _series(hu))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    if suffix in (".mhd", ".nhdr"):  # the header names its own data file (.nhdr named the temporary one's)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["case.raw", f"case{suffix}"])
+        assert "case.raw" in path.read_text() and "tmp" not in path.read_text()
     series = read_ct(path, padding_hu=-1024.0, max_hu=3071.0)
     assert np.array_equal(series.hu, hu.astype(np.float32))
     assert series.pixel_spacing == pytest.approx((SPACING[1], SPACING[0]))
@@ -296,6 +299,20 @@ def test_patient_regex_groups_series_and_is_checked_at_parse_time(tmp_path: Path
         validate_config({"data": {"source": "images", "images": {"ct_dir": str(ct), "patient_regex": r"p\d+"}}})
     with pytest.raises(ConfigError, match=r"data.images.ct_dir: required when data.source is 'images'"):
         validate_config({"data": {"source": "images"}})
+
+
+def test_without_a_regex_a_patients_series_are_one_patient_in_every_split() -> None:
+    """The export names a patient's series <patient>_s<n>; without a regex each file was its own patient, and seeds
+    3 and 4 of the demo's export split LIDC-IDRI-0365's two series between train and test."""
+    from lungddpm.preprocessing.split import SplitConfig, split_cases
+
+    names = [f"LIDC-IDRI-{i:04d}" for i in range(1, 11)] + ["LIDC-IDRI-0365_s1", "LIDC-IDRI-0365_s2", "x_s"]
+    patients = {c: patient_of(c, None) for c in names}
+    assert patients["LIDC-IDRI-0365_s2"] == patients["LIDC-IDRI-0365_s1"] == "LIDC-IDRI-0365"
+    assert patients["LIDC-IDRI-0001"] == "LIDC-IDRI-0001" and patients["x_s"] == "x_s"
+    for seed in range(8):
+        split = split_cases(patients, {c: True for c in names}, SplitConfig(0.7, 0.1, 0.2, seed))
+        assert split["LIDC-IDRI-0365_s1"] == split["LIDC-IDRI-0365_s2"], seed
 
 
 def test_axial_diameter_and_components_of_known_shapes() -> None:

@@ -49,6 +49,19 @@ def test_every_subset_non_empty_when_possible(n: int, k: int) -> None:
     assert set(split.values()) == {"train", "val", "test"}
 
 
+@settings(deadline=None, max_examples=60)
+@given(n=st.integers(3, 8), k=st.integers(1, 8), seed=st.integers(0, 50))
+def test_filling_an_empty_subset_keeps_a_nodule_patient_in_train(n: int, k: int, seed: int) -> None:
+    """A subset left empty takes a patient from another; it used to take the largest patient id whatever its
+    stratum, so 3 patients (2 with nodules) left train with the nodule-free one."""
+    split = split_cases({"A": "A", "B": "B", "C": "C"}, {"A": False, "B": True, "C": True}, CFG)
+    assert split["A"] != "train" and sorted(split.values()) == ["test", "train", "val"]
+    patient_of, has = _cases(n, min(k, n))
+    split = split_cases(patient_of, has, SplitConfig(0.7, 0.1, 0.2, seed))
+    assert any(has[c] and s == "train" for c, s in split.items())
+    assert set(split.values()) == {"train", "val", "test"}
+
+
 def test_csv_round_trip(tmp_path: Path) -> None:
     patient_of, has = _cases(10, 5)
     split = split_cases(patient_of, has, CFG)
