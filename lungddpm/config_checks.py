@@ -142,11 +142,16 @@ def _lesion_problems(lesion: Mapping[str, Any]) -> list[str]:
     spacing = float(roi["spacing_mm"])
     edge_mm = int(roi["size"]) * spacing
     out = _diameter_problems(insert, "lesion.insert")
-    if float(insert["feather_mm"]) > float(insert["margin_mm"]):
+    if float(insert["feather_mm"]) > float(insert["margin_mm"]) - spacing / 2:  # a nodule voxel's least depth
         out.append(
-            f"lesion.insert.feather_mm: {insert['feather_mm']} is more than margin_mm {insert['margin_mm']}: the "
-            "paste-back weight would still be below 1 inside the new nodule, which the label map marks whole; "
-            "lower feather_mm or raise margin_mm"
+            f"lesion.insert.feather_mm: {insert['feather_mm']} is more than margin_mm {insert['margin_mm']} less half "
+            f"an ROI voxel ({spacing / 2:g} mm): the paste-back weight would still be below 1 inside the new nodule, "
+            "which the label map marks whole; lower feather_mm or raise margin_mm"
+        )
+    if int(roi["free_per_case"]) < 1:
+        out.append(
+            "lesion.roi.free_per_case: 0 leaves the lesion run no nodule-free site to insert a nodule into; set it "
+            "to 1 or more, or lesion.enabled: false"
         )
     if float(insert["diameter_mm"][0]) + 2 * (float(insert["margin_mm"]) + spacing) >= edge_mm:  # then none fits
         out.append(

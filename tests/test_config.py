@@ -150,6 +150,9 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ({"model": {"num_heads": 5}}, r"model.num_heads: 5 does not divide the \[48\] channels"),
         # the paste-back's feather reaching into the new nodule: a faded nodule that the label map marks whole
         ({"lesion": {"insert": {"margin_mm": 1.25, "feather_mm": 5.0}}}, r"feather_mm: 5.0 is more than margin_mm"),
+        # equal to the margin: the nodule's outer voxels lie half a voxel less deep (110 of 257 pasted below 1)
+        ({"lesion": {"insert": {"margin_mm": 3.75, "feather_mm": 3.75}}}, r"less half an ROI voxel \(0.625 mm\)"),
+        ({"lesion": {"roi": {"free_per_case": 0}}}, r"free_per_case: 0 leaves the lesion run no nodule-free site"),
         ({"lesion": {"insert": {"diameter_mm": [15, 5]}}}, r"lesion.insert.diameter_mm: \[15, 5\] is reversed"),
         ({"layout_edit": {"diameter_mm": [30, 10]}}, r"layout_edit.diameter_mm: \[30, 10\] is reversed"),
         ({"lesion": {"insert": {"diameter_mm": [33, 36]}}}, r"the smallest, 33 mm, .* does not fit an ROI of 40 mm"),

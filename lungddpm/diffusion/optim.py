@@ -45,6 +45,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         for saved, built in zip(state["param_groups"], optimizer.param_groups)
     ]
     optimizer.load_state_dict({**state, "param_groups": groups})  # before the cast: fused moves step counts
+    for group in optimizer.param_groups:  # the moments in their parameter's layout (train.channels_last may differ):
+        for p in group["params"]:  # fused AdamW reads raw memory (CPU) or refuses mixed strides (CUDA)
+            saved = optimizer.state.get(p, {})
+            for key, value in saved.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    saved[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def apply_update(

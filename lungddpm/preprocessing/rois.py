@@ -99,11 +99,12 @@ def shift_inside(centre: np.ndarray, half: float, lo: np.ndarray, hi: np.ndarray
 
 
 def outside_voxels(src: SourceCT, geometry: Geometry, size: int) -> int:
-    """ROI voxel centres beyond the scan (which resampling fills with padding)."""
+    """ROI voxel centres beyond the scan (which resampling fills with padding): over half a pixel or half a slice
+    beyond the edge voxels' centres, as :func:`lungddpm.preprocessing.grid.resample` reads them."""
     lo, hi = src.bounds()
     idx = np.indices((size,) * 3).reshape(3, -1).T
     world = geometry.index_to_world(idx)
-    tol = np.array([src.grid.col_spacing, src.grid.row_spacing, 0.0]) / 2 + 1e-3
+    tol = np.array([src.grid.col_spacing, src.grid.row_spacing, src.grid.slice_step]) / 2 + 1e-3
     return int(np.any((world < lo - tol) | (world > hi + tol), axis=1).sum())
 
 

@@ -90,3 +90,20 @@ def test_real_nodule_rois_keep_the_rois_own_nodule(tmp_path: Path) -> None:
     assert got["c_n1_0"].sum() == own.sum() and np.array_equal(got["c_n1_0"], own)
     assert np.array_equal(got["c_n2_0"], other)
     assert np.array_equal(got["c_n3_0"], own) and np.array_equal(got["c_n4_0"], own)
+
+
+def test_padded_voxels_are_those_resampling_pads_half_a_slice_beyond_the_end_slices() -> None:
+    """A scan shorter than the ROI: voxel centres within half a slice of the end slices read the end slices (no
+    padding), yet were counted as padded, so edge: refuse refused an ROI without one padded voxel."""
+    from lungddpm.preprocessing.grid import SliceGrid
+
+    src = source_ct()
+    src = replace(src, hu=src.hu[:10], grid=SliceGrid(np.arange(10) * 1.5, 1.0, 1.0, 0.0, 0.0))  # 13.5 mm
+    s = roi_settings(size=16, spacing_mm=0.95)  # 14.25 mm between the first and last voxel centres
+    lo, hi = src.bounds()
+    geometry = s.geometry(rois.shift_inside(np.array([32.0, 32.0, 7.0]), s.half_extent_mm, lo, hi))
+    assert int((rois.cut_roi(src, geometry, s)["ct"] == -1024).sum()) == 0
+    assert rois.outside_voxels(src, geometry, s.size) == 0
+    deeper = s.geometry(np.array([32.0, 32.0, 7.0 + 1.5]))  # 1.5 mm further: the top layer lies past the slices
+    padded = int((rois.cut_roi(src, deeper, s)["ct"] == -1024).sum())
+    assert padded == rois.outside_voxels(src, deeper, s.size) > 0

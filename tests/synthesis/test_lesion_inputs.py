@@ -73,3 +73,24 @@ def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: py
     )
     assert [e["skipped"] for e in out] == [True, True]
     assert seen == [(table, pre, [str(p) for p in sources])]  # once per case, with its source files
+
+
+def test_the_native_geometry_refuses_slices_that_drift_off_the_written_grid() -> None:
+    """Each step within 1 % of the median passed, yet 130 steps of 2.52 mm after 150 of 2.5 put the last slices
+    2.6 mm (a slice) off the regular grid the pasted CT's NIfTI states; now each slice's position is checked."""
+    from dataclasses import replace
+
+    import numpy as np
+    from support import source_ct
+
+    from lungddpm.errors import DicomError
+    from lungddpm.preprocessing.grid import SliceGrid
+
+    src = source_ct()
+    drifting = np.concatenate([np.arange(151) * 2.5, 375 + np.arange(1, 131) * 2.52])
+    with pytest.raises(DicomError, match=r"LIDC-IDRI-0001: slices are irregularly spaced .* 2.60 mm off a regular"):
+        lesion_run.native_geometry(replace(src, grid=SliceGrid(drifting, 1.0, 1.0, 0.0, 0.0)))
+    jitter = np.arange(281) * 0.45 + np.arange(281) * 0.000012  # LIDC-IDRI-0490: 0.007 mm off at the end
+    assert lesion_run.native_geometry(replace(src, grid=SliceGrid(jitter, 1.0, 1.0, 0.0, 0.0))).spacing[0] == (
+        pytest.approx(0.45, abs=1e-4)
+    )
