@@ -25,7 +25,7 @@ from ..diffusion.encoding import TEXTURE_CLASSES, UNKNOWN_TEXTURE, texture_class
 from ..errors import LayoutError
 from ..io import Geometry, read_csv, read_volume, safe_component, write_csv, write_volume
 from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
-from .layout import LUNG, NODULE, ball, check_labels, compose_layout, dilate_mm
+from .layout import LUNG, NODULE, ball, check_labels, compose_layout, dilate_mm, face_border
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ def outside_voxels(src: SourceCT, geometry: Geometry, size: int) -> int:
     """ROI voxel centres beyond the scan (which resampling fills with padding): over half a pixel or half a slice
     beyond the edge voxels' centres, as :func:`lungddpm.preprocessing.grid.resample` reads them."""
     lo, hi = src.bounds()
-    idx = np.indices((size,) * 3).reshape(3, -1).T
-    world = geometry.index_to_world(idx)
+    world = geometry.index_to_world(np.indices((size,) * 3).reshape(3, -1).T)
     tol = np.array([src.grid.col_spacing, src.grid.row_spacing, src.grid.slice_step]) / 2 + 1e-3
     return int(np.any((world < lo - tol) | (world > hi + tol), axis=1).sum())
 
@@ -323,12 +322,16 @@ def generated_region(
     """Where a context model (``model.context``) learns to generate in an ROI, as insertion generates: its nodules
     dilated by ``margin_mm`` (:func:`~lungddpm.preprocessing.layout.dilate_mm`, as insertion does); in a
     nodule-free ROI a ball of a seeded diameter in ``free_diameter_mm`` at a lung voxel at least its radius deep
-    (the deepest one if none is), dilated the same way. layout [n, n, n] -> bool [n, n, n]."""
+    (the deepest one if none is) and off the faces as insertion's (``face_border``), dilated the same way.
+    layout [n, n, n] -> bool [n, n, n]."""
     region = layout == NODULE
     if not region.any():
         rng = np.random.default_rng(seed)
         radius = rng.uniform(*free_diameter_mm) / 2.0 / spacing_mm
-        depth = ndi.distance_transform_edt(layout == LUNG)
+        b = face_border(margin_mm, spacing_mm) + int(np.floor(radius + 1e-9))  # the ball's least centre index
+        depth, inner = ndi.distance_transform_edt(layout == LUNG), np.zeros(layout.shape, bool)
+        inner[tuple(slice(b, n - b) for n in layout.shape)] = True
+        depth = np.where(inner, depth, -1.0) if inner.any() else depth  # an ROI too small for the border: anywhere
         deep = np.argwhere(depth >= radius)
         centre = deep[rng.integers(len(deep))] if len(deep) else np.unravel_index(np.argmax(depth), depth.shape)
         zz, yy, xx = np.ogrid[: layout.shape[0], : layout.shape[1], : layout.shape[2]]
