@@ -4,6 +4,7 @@ from pathlib import Path
 
 from lungddpm.logs import rule_logging
 from lungddpm.report.summary import write_report
+from lungddpm.segmentation.arms import segmentation_config
 
 
 def optional(name: str) -> Path | None:
@@ -18,4 +19,5 @@ with rule_logging(snakemake.log[0]):
         optional("segmentation"), optional("segmentation_png"),
         [Path(m) for m in inp.get("lesion", [])], optional("lesion_texture"),
         optional("fidelity"), [p for p in (optional("fidelity_profiles"), optional("fidelity_gallery")) if p],
+        cluster=segmentation_config(snakemake.config).evaluation.cluster,
     )  # fmt: skip

@@ -77,3 +77,23 @@ def test_items_sampled_since_the_model_digest_name_it(tmp_path: Path) -> None:
     record = json.loads(prov.read_text())
     prov.write_text(json.dumps({**{k: v for k, v in record.items() if k != "checkpoint_sha256"}, "model_sha256": SHA}))
     assert sampled_checkpoints([new]) == [f"`/models/external.pt` (model digest `{SHA[:12]}`)"]
+
+
+def test_the_lesion_cluster_note_names_the_configured_cluster(tmp_path: Path) -> None:
+    """segmentation.evaluation.cluster: patient groups every ROI of a patient, not one nodule's jittered ROIs."""
+    comparison = tmp_path / "comparison.csv"
+    header = "arm,metric,n_cases,n_clusters,n_models,mean,ci_low,ci_high,baseline,diff,diff_ci_low,diff_ci_high,p_value"
+    comparison.write_text(f"{header},test\nreal,fp_per_free_roi,4,2,1,0.5,0,1,real,,,,,\n")
+    quality = tmp_path / "image_quality.csv"
+    quality.write_text("metric,region,comparison,value,ci_low,ci_high,n_a,n_b,features\n")
+    manifest, out = _manifest(tmp_path, "/models/external.pt"), tmp_path / "report"
+    notes = {}
+    for cluster in ("nodule", "patient"):
+        write_report(
+            out / "summary.md", quality, None, [manifest], out / "loss.png", out / "quality.png", out / "figures", 0,
+            demo=False, segmentation=comparison, cluster=cluster,
+        )  # fmt: skip
+        notes[cluster] = next(ln for ln in (out / "summary.md").read_text().splitlines() if "A cluster is" in ln)
+    assert notes["nodule"].startswith("A cluster is one nodule's jittered ROIs: intervals resample whole clusters")
+    assert notes["patient"].startswith("A cluster is every ROI of one patient (`segmentation.evaluation.cluster: ")
+    assert "jittered" not in notes["patient"]

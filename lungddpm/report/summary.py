@@ -44,6 +44,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+CLUSTER_UNITS = {"nodule": "one nodule's jittered ROIs",  # segmentation.evaluation.cluster -> its unit
+                 "patient": "every ROI of one patient (`segmentation.evaluation.cluster: patient`)"}  # fmt: skip
 PAIRED_UNITS = {"mse": "HU²", "mae": "HU", "psnr": "dB", "ssim": "", "hu_w1": "HU", "hu_abs_diff": "HU",
                 "ml_abs_diff": "mL"}  # fmt: skip
 
@@ -153,11 +155,11 @@ def montage_section(manifests: Sequence[Path], figures: Path, per_run: int) -> l
     return out
 
 
-def segmentation_section(comparison: Path, figure: Path | None, base: Path) -> list[str]:
+def segmentation_section(comparison: Path, figure: Path | None, base: Path, cluster: str = "nodule") -> list[str]:
     """Markdown: the downstream nnU-Net comparison (mean [CI] per arm and metric, difference from the baseline arm
-    with its CI and paired test) and its plot."""
+    with its CI and paired test) and its plot. ``cluster``: ``segmentation.evaluation.cluster`` (nodule, patient)."""
     rows = read_csv(comparison)
-    lesion = any(r["metric"] == "fp_per_free_roi" for r in rows)
+    lesion = any(r["metric"] == "fp_per_free_roi" for r in rows)  # named by the scores' kind: ROIs, free ones or not
     out = ["## Downstream nodule segmentation (nnU-Net v2, real test split)", ""]
     out.append(
         "Scale: **ROIs** at native resolution (`segmentation.scale: lesion`): each arm trains on ROIs of the train "
@@ -179,7 +181,7 @@ def segmentation_section(comparison: Path, figure: Path | None, base: Path) -> l
         if lesion:
             out.append("")
             out.append(
-                "A cluster is one nodule's jittered ROIs: intervals resample whole clusters and the paired test "
+                f"A cluster is {CLUSTER_UNITS[cluster]}: intervals resample whole clusters and the paired test "
                 "compares one mean difference per cluster, so correlated ROIs do not overstate confidence."
             )
         out.append("")
@@ -308,9 +310,11 @@ def write_report(
     lesion_texture: Path | None = None,
     fidelity: Path | None = None,
     fidelity_figures: Sequence[Path] = (),
+    cluster: str = "nodule",
 ) -> None:
     """Write ``summary.md`` and its figures (loss curve — without a training log, an imported or given checkpoint,
-    a note naming it —, image-quality bars, copied montages): downstream result first, then fidelity, then samples."""
+    a note naming it —, image-quality bars, copied montages): downstream result first, then fidelity, then samples.
+    ``cluster``: ``segmentation.evaluation.cluster``, the lesion scale's unit of the intervals and paired test."""
     rows = read_csv(image_quality)
     if train_log is not None:
         loss_figure(train_log, loss_png)
@@ -322,7 +326,7 @@ def write_report(
     if demo:
         md += [DEMO_NOTE, ""]
     if segmentation is not None:
-        md += segmentation_section(segmentation, segmentation_png, base)
+        md += segmentation_section(segmentation, segmentation_png, base, cluster)
     if fidelity is not None:
         md += fidelity_section(fidelity, fidelity_figures, base)
     md += quality_section(rows)

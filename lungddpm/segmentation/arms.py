@@ -140,8 +140,9 @@ class SegmentationConfig:
                     f"segmentation.arms[{a.name}]: real is false and synthetic_fraction is 0, so it has no training "
                     "data; set real: true or a synthetic_fraction > 0"
                 )
-        if s["baseline"] not in names:
-            raise ConfigError(f"segmentation.baseline: {s['baseline']!r} is not an arm; choose one of {names}")
+        if s["baseline"] not in [a.name for a in arms]:  # the sweep compares with its own smallest fraction
+            raise ConfigError(f"segmentation.baseline: {s['baseline']!r} is not one of segmentation.arms; choose one "
+                              f"of {[a.name for a in arms]}")  # fmt: skip
         s["seeds"] = tuple(int(v) for v in s["seeds"])
         s["folds"] = tuple(str(v) for v in s["folds"])
         for key in ("seeds", "folds"):

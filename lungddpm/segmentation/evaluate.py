@@ -130,14 +130,13 @@ def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig, kind
     return scores
 
 
-def truth_instances(case: EvalCase, connectivity: int = 3) -> np.ndarray:
-    """The instance map of a test case's true nodules: ``nodules.nii.gz`` as written, or the connected components
-    of an ROI layout's nodule label."""
+def truth_instances(case: EvalCase) -> np.ndarray:
+    """The instance map of a test case's true nodules: ``nodules.nii.gz`` as written, or the 26-connected
+    components of an ROI layout's nodule label (``evaluation.connectivity`` is the predictions' alone)."""
     volume = read_volume(case.truth)[0]
     if case.kind == "scan":
         return volume
-    structure = ndimage.generate_binary_structure(3, connectivity)
-    return ndimage.label(volume == NODULE, structure=structure)[0].astype(np.int32)
+    return ndimage.label(volume == NODULE, structure=ndimage.generate_binary_structure(3, 3))[0].astype(np.int32)
 
 
 def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Path, ev: EvaluationConfig) -> list[dict]:
@@ -146,7 +145,7 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
     tests: the test set (:mod:`.datasets`). One row per model x case, columns SCORE_COLUMNS.
     """
     rows: list[dict[str, Any]] = []
-    truth = {t.identifier: truth_instances(t, ev.connectivity) for t in tests}
+    truth = {t.identifier: truth_instances(t) for t in tests}
     kinds = {t.identifier: t.kind for t in tests}
     clusters = {t.identifier: t.cluster or t.identifier for t in tests}
     for run_path in runs:
@@ -252,8 +251,17 @@ def compare_arms(
     if baseline not in scores:
         raise LungDDPMError(f"baseline arm {baseline!r} has no scores; arms: {sorted(scores)}")
     data = {arm: read_scores(p) for arm, p in scores.items()}
+    base_ids = {r["case_id"] for r in data[baseline]}
+    for arm, rows in data.items():  # a mean over other cases than the paired difference's would mislead
+        if (ids := {r["case_id"] for r in rows}) != base_ids:
+            raise LungDDPMError(
+                f"{scores[arm]}: arm {arm!r} scores {len(ids)} test case(s), baseline {baseline!r} {len(base_ids)}: "
+                f"missing {sorted(base_ids - ids)[:5]}, extra {sorted(ids - base_ids)[:5]}; rerun segment_score for "
+                f"arm {arm!r} (and {baseline!r}) on the same test split"
+            )
     cluster = {r["case_id"]: r.get("cluster") or r["case_id"] for rows in data.values() for r in rows}
-    fp_name = FP_METRIC["free" if any(r.get("kind") == "free" for r in data[baseline]) else "scan"]
+    lesion = any(r.get("kind") in ("nodule", "free") for r in data[baseline])  # ROIs, even with no free ROI
+    fp_name = FP_METRIC["free" if lesion else "scan"]
     base_cases = {m: per_case(data[baseline], m) for m in METRICS}
     nodules = {c: n for rows in data.values() for c, n in nodule_counts(rows).items()}  # a property of the truth
     out: list[dict[str, Any]] = []

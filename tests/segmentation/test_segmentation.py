@@ -19,7 +19,7 @@ from conftest import CI_CONFIG, REPO, snakemake
 from lungddpm.config import load_config
 from lungddpm.diffusion.precision import cpu_has_native_bf16
 from lungddpm.errors import ConfigError, LungDDPMError
-from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
+from lungddpm.io import Geometry, read_json, read_volume, write_csv, write_json, write_volume
 from lungddpm.metrics.voxel import dice
 from lungddpm.segmentation import nnunet
 from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig, check_arms, segmentation_config
@@ -161,6 +161,19 @@ def test_whole_scans_pool_detection_cluster_by_patient_and_drop_empty_truth(tmp_
     assert (by["syn", "fp_per_scan"]["diff"], by["syn", "fp_per_scan"]["n_clusters"]) == (pytest.approx(1 / 3), 2)
 
 
+def test_compare_refuses_arms_scored_on_other_test_cases(tmp_path: Path) -> None:
+    """An arm's mean over its own cases beside a difference over the shared ones would mislead: refused, named."""
+    for arm, cases in (("real", ["c1", "c2", "c3", "c4"]), ("syn", ["c1", "c2", "c5"])):
+        rows = [{"arm": arm, "seed": 0, "fold": "all", "case_id": c, "kind": "scan", "cluster": c, "dice": 0.5,
+                 "sensitivity": 0.5, "specificity": 1.0, "detection_sensitivity": 1.0, "false_positives": 0}
+                for c in cases]  # fmt: skip
+        write_csv(tmp_path / f"{arm}.csv", rows)
+    scores = {"real": tmp_path / "real.csv", "syn": tmp_path / "syn.csv"}
+    with pytest.raises(LungDDPMError, match=r"syn.csv: arm 'syn' scores 3 test case\(s\), baseline 'real' 4: "
+                       r"missing \['c3', 'c4'\], extra \['c5'\]; rerun segment_score for arm 'syn'"):  # fmt: skip
+        compare_arms(scores, "real", tmp_path / "c.csv", None, EV)
+
+
 def test_paired_ttest_of_equal_differences_is_undefined() -> None:
     from lungddpm.segmentation.evaluate import paired_test
 
@@ -184,6 +197,9 @@ def test_arms_config_errors_name_the_key() -> None:
         _seg(arms=[{"name": "a", "real": True, "synthetic_fraction": 0}] * 2)
     with pytest.raises(ConfigError, match="segmentation.baseline"):
         _seg(baseline="nope")
+    with pytest.raises(ConfigError, match=r"segmentation.baseline: 'sweep_0x' is not one of segmentation.arms; "
+                       r"choose one of \['real', 'real\+synthetic'\]"):  # fmt: skip
+        _seg(baseline="sweep_0x")  # a sweep arm: compare never reads its scores
     with pytest.raises(ConfigError, match="no training data"):
         _seg(arms=[{"name": "real", "real": False, "synthetic_fraction": 0}])
     with pytest.raises(ConfigError, match="segmentation.arms"):  # the schema refuses path-like names

@@ -286,3 +286,40 @@ def test_nnunet_folds_keep_a_source_case_together() -> None:
         assert not {groups[k] for k in s["val"]} & {groups[k] for k in s["train"]}  # no patient on both sides
         assert sorted(s["train"] + s["val"]) == sorted(groups)
     assert grouped_splits({f"r{i}": f"c{i % 4}" for i in range(8)}, 12345) is None  # 4 patients: no 5 grouped folds
+
+
+def _score_rows(arm: str, kinds: dict[str, str], dice: float) -> list[dict[str, object]]:
+    """One model's scores.csv rows: ``kinds`` case id -> kind; nodule ROIs score ``dice``, the rest NaN."""
+    return [{"arm": arm, "seed": 0, "fold": "all", "case_id": c, "kind": k, "cluster": c,
+             "dice": dice if k == "nodule" else math.nan, "sensitivity": math.nan, "specificity": 1.0,
+             "detection_sensitivity": math.nan, "false_positives": 0 if k == "free" else math.nan, "n_nodules": 1}
+            for c, k in kinds.items()]  # fmt: skip
+
+
+def test_rois_without_free_rois_are_still_the_roi_scale(tmp_path: Path) -> None:
+    """lesion.roi.free_per_case: 0 leaves only nodule ROIs: still ROIs (fp_per_free_roi, with no case), not CTs."""
+    from lungddpm.report.summary import segmentation_section
+
+    write_csv(tmp_path / "real.csv", _score_rows("real", {"n1": "nodule", "n2": "nodule"}, 0.5))
+    out = compare_arms({"real": tmp_path / "real.csv"}, "real", tmp_path / "c.csv", tmp_path / "c.png", EV)
+    fp = {r["metric"]: r for r in out}["fp_per_free_roi"]
+    assert fp["n_cases"] == 0 and math.isnan(fp["mean"]) and "fp_per_scan" not in {r["metric"] for r in out}
+    text = "\n".join(segmentation_section(tmp_path / "c.csv", None, tmp_path))
+    assert "Scale: **ROIs**" in text and "whole CTs" not in text
+
+
+def test_roi_truth_is_26_connected_whatever_the_prediction_connectivity(tmp_path: Path) -> None:
+    """A true nodule of two diagonal voxels is one nodule under evaluation.connectivity 1 (the predictions' only)."""
+    from lungddpm.segmentation.datasets import EvalCase
+
+    layout = np.ones((6, 6, 6), np.uint8)
+    layout[2, 2, 2] = layout[3, 3, 3] = 2
+    write_volume(tmp_path / "layout.nii.gz", layout, ROI)
+    write_volume(tmp_path / "pred.nii.gz", (layout == 2).astype(np.uint8), ROI)
+    write_json(tmp_path / "run.json", {"arm": "real", "seed": 0, "fold": "all",
+                                       "predictions": {"r": str(tmp_path / "pred.nii.gz")}})  # fmt: skip
+    tests = [EvalCase("r", tmp_path / "ct.nii.gz", tmp_path / "layout.nii.gz", "nodule", "r")]
+    faces = EvaluationConfig(1, 1, 200, 0.95, "wilcoxon", 0)
+    (row,) = score_arm("real", [tmp_path / "run.json"], tests, tmp_path / "scores.csv", faces)
+    assert (row["n_nodules"], row["n_found"], row["detection_sensitivity"]) == (1, 1, 1.0)
+    assert row["n_components"] == 2  # the prediction's two voxels: two components with faces only
