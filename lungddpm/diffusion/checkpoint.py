@@ -37,19 +37,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # an opcode no pickle of tensors holds: damaged bytes, no code
+            raise UnreadableCheckpointError(
+                f"{path}: not a readable torch checkpoint — its pickle is damaged ({_last_line(exc)}); copy or "
+                "download it again and compare its SHA-256 with the source's"
+            ) from exc
         raise CheckpointError(
             f"{path}: refused — it cannot be loaded with torch.load(weights_only=True) because it contains "
             "arbitrary Python objects, which could run code; re-save it as plain state dicts (tensors, numbers, "
-            f"strings) ({str(exc).splitlines()[0]})"
+            f"strings); a damaged file can read so too: compare its SHA-256 with the source's ({_last_line(exc)})"
         ) from exc
     except FileNotFoundError as exc:
         raise UnreadableCheckpointError(f"{path}: no such checkpoint file; check the path") from exc
-    except (RuntimeError, KeyError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, KeyError, IndexError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise UnreadableCheckpointError(
             f"{path}: not a readable torch checkpoint — truncated, damaged or another kind of file "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); copy or download it again and "
             "compare its SHA-256 with the source's"
         ) from exc
+
+
+def _last_line(exc: BaseException) -> str:
+    """The line of torch's long weights-only message that says what failed."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if "Unpickler error" in ln or "Unsupported" in ln]
+    return lines[-1] if lines else str(exc).splitlines()[0]
 
 
 def model_digest(ckpt: dict[str, Any]) -> str:

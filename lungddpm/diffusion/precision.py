@@ -53,6 +53,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The config's name of a :func:`resolve_precision` result (what ``auto`` became): fp32, bf16 or fp16."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` to ``dtype`` on ``device``; a no-op for fp32 (``dtype`` None)."""
     if dtype is None:

@@ -16,6 +16,7 @@ from ..config import Config
 from ..data.sources import source_files
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
+from ..diffusion.precision import precision_name, resolve_precision
 from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
 from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
@@ -173,6 +174,7 @@ def synthesize_lesion_shard(
                 "sites": records,
                 "files": {k: p.name for k, p in files.items() if k != "provenance"},
                 "device": str(device),
+                "precision_used": precision_name(resolve_precision(lc["sample"]["precision"], device)),  # auto: which
                 "seconds_per_nodule": round(per_nodule, 3),
                 "seconds_paste_and_write": round(time.perf_counter() - t1, 2),
                 "lungddpm_version": __version__,

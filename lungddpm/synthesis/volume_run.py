@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import LATER_DEFAULTS, Config, without_later_defaults
 from ..diffusion.checkpoint import load_for_sampling, model_digest
 from ..diffusion.convention import convention_from_checkpoint
-from ..diffusion.precision import resolve_precision
+from ..diffusion.precision import precision_name, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, keep_mask, sample
 from ..errors import LayoutError
@@ -249,6 +249,7 @@ def synthesize_shard(
                     "geometry": geometry.to_json(),
                     **inp.record,  # the intensity mapping: hu_window, or Lung-DDPM's per-column min/max
                     "device": str(device),
+                    "precision_used": precision_name(dtype),  # sample.precision resolved (auto: this device's)
                     "batch_size": len(chunk),
                     "seconds": round(seconds, 2),
                     "lungddpm_version": __version__,

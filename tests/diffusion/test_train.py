@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,16 @@ def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
         load_model(evil)
     with pytest.raises(CheckpointError, match="not a lungddpm model checkpoint"):
         load_model(state / "step_0000010.pt")
+    # a damaged pickle (an opcode that no pickle holds) is skipped like a truncated file, not refused as unsafe
+    evil.unlink()
+    good, damaged = state / "step_0000010.pt", state / "step_0000050.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(damaged, "w") as out:
+        for name in src.namelist():
+            data = src.read(name)
+            out.writestr(name, data[:2] + b"\xff" + data[3:] if name.endswith("data.pkl") else data)
+    with pytest.raises(CheckpointError, match=r"step_0000050.pt: not a readable .* pickle is damaged .*operand 255"):
+        load_model(damaged)
+    assert find_resume_checkpoint(state, expected)["step"] == 10
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:

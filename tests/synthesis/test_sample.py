@@ -10,6 +10,7 @@ import pytest
 import torch
 from support import ball_nodule, tiny_config, tiny_data, write_cases
 
+from lungddpm.diffusion.precision import precision_name, resolve_precision
 from lungddpm.diffusion.process import GaussianDiffusion
 from lungddpm.diffusion.sample import Blend, keep_mask, sample
 from lungddpm.diffusion.train import train
@@ -118,6 +119,9 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
         assert np.array_equal(syn[keep], ct[keep])  # the reference's exact HU where it was kept
         assert prov["edits"][0]["op"] == "insert" and prov["sampler"] == "ddim" and prov["steps"] == 3
         assert prov["model_sha256"] == checkpoints.model_sha256(checkpoint) and prov["seed"] == item.seed
+        assert prov["precision"] == cfg.raw["sample"]["precision"] and prov["precision_used"] == precision_name(
+            resolve_precision(prov["precision"], torch.device("cpu"))
+        )  # auto: what it became here
         assert (layout == 2).sum() > (read_volume(lays[item.case_id])[0] == 2).sum()
         assert (tmp_path / f"{item.name}.gif").read_bytes()[:3] == b"GIF"
         assert (tmp_path / f"{item.name}_montage.png").read_bytes()[:4] == b"\x89PNG"
