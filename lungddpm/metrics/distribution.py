@@ -132,11 +132,14 @@ def bootstrap_excess(
 ) -> tuple[float, float, float]:
     """(value, low, high): ``distance(a, b) - distance(floor, b)`` and a paired percentile bootstrap interval: each
     resample draws ``a``, ``floor`` and ``b`` with replacement (by whole groups where ``groups`` (of a, floor, b)
-    give labels) and measures both distances to the same resampled ``b``. Resampling duplicates rows, which biases
-    kernel distances upward at small N, so a distance's own interval can lie above its value; the bias is common to
-    both terms of the difference, whose interval is what tells a synthetic set from the real-vs-real floor."""
+    give labels; a grouped set of one group: no interval, NaN) and measures both distances to the same resampled
+    ``b``. Resampling duplicates rows, which biases kernel distances upward at small N, so a distance's own interval
+    can lie above its value; the bias is common to both terms of the difference, whose interval is what tells a
+    synthetic set from the real-vs-real floor."""
     value = distance(a, b) - distance(floor, b)
     members = [_members(g, len(x), name) for g, x, name in zip(groups, (a, floor, b), ("a", "floor", "b"))]
+    if _one_group(members):
+        return value, float("nan"), float("nan")
     draws = _resamples(np.random.default_rng(seed), (len(a), len(floor), len(b)), members, min_distinct)
     boots = [distance(a[ia], b[ib]) - distance(floor[ifl], b[ib]) for ia, ifl, ib in islice(draws, n_boot)]
     return _percentiles(value, boots, level)
@@ -148,6 +151,12 @@ def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.n
     if len(groups) != rows:
         raise ValueError(f"{what} has {len(groups)} labels for {rows} rows")
     return group_members(groups)
+
+
+def _one_group(members: Sequence[list[np.ndarray] | None]) -> bool:
+    """A set resampled by groups that has one group (one patient) draws itself every time: a zero-width interval
+    that would look exact, so the interval is undefined (NaN) instead."""
+    return any(m is not None and len(m) < 2 for m in members)
 
 
 def _resamples(
@@ -182,9 +191,11 @@ def bootstrap_distance(
     replacement (resamples that leave fewer than ``min_distinct`` distinct rows in a set are drawn again: a feature
     covariance needs 2; 1 for a distance defined on any one row, which a set of one row needs). With ``groups_a``
     (one label per row of ``a``), ``a`` is resampled by whole groups (a cluster bootstrap: the k samples of one
-    layout, or the series of one patient, are one draw), and ``b`` likewise with ``groups_b``; with every label
-    distinct it is the plain bootstrap, draw for draw."""
+    layout, or the series of one patient, are one draw), and ``b`` likewise with ``groups_b`` (a set of one group
+    has no interval: NaN); with every label distinct it is the plain bootstrap, draw for draw."""
     value = distance(a, b)
     members = [_members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")]
+    if _one_group(members):
+        return value, float("nan"), float("nan")
     draws = _resamples(np.random.default_rng(seed), (len(a), len(b)), members, min_distinct)
     return _percentiles(value, [distance(a[ia], b[ib]) for ia, ib in islice(draws, n_boot)], level)

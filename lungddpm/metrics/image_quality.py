@@ -189,6 +189,9 @@ def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]
     rows = []
     for col in columns:
         kept = [r for r in per_pair if col in r and np.isfinite(r[col])]
+        if len(kept) < sum(col in r for r in per_pair):  # SSIM inside a mask no window fits: undefined, not 0
+            log.warning("%s: %d of %d pairs undefined, left out of the mean", col,
+                        sum(col in r for r in per_pair) - len(kept), sum(col in r for r in per_pair))  # fmt: skip
         if not kept:
             continue
         values, groups = [r[col] for r in kept], [r.get("patient") or r["real"] for r in kept]
@@ -246,7 +249,12 @@ def _nifti(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise MetricsError(f"{folder}: not a folder of NIfTI volumes")
     found = sorted(p for p in folder.glob("*.nii*") if not p.name.startswith("."))  # not a killed write's temp
-    files = {p.name.removesuffix(".nii.gz").removesuffix(".nii"): p for p in found}
+    files: dict[str, Path] = {}
+    for p in found:
+        name = p.name.removesuffix(".nii.gz").removesuffix(".nii")
+        if name in files:
+            raise MetricsError(f"{files[name]} and {p.name}: both are volume {name!r}; remove or rename one")
+        files[name] = p
     files = {k: v for k, v in files.items() if not k.endswith("_layout")}
     if not files:
         raise MetricsError(f"{folder}: no *.nii / *.nii.gz volumes")
@@ -293,7 +301,8 @@ def folder_sets(
         base = name if name in real else name.rpartition("_")[0]
         if base not in real:
             raise MetricsError(f"{path}: no real volume {base!r} (or {name!r}) in {real_dir} to pair it with")
-        pairs.append(Pair(Volume(name, path, _labels_for(name, path, None)), real[base]))
+        labels = _labels_for(name, path, None) or real[base].labels  # sampled on its real case's layout
+        pairs.append(Pair(Volume(name, path, labels), real[base]))
     sources = [p.real.name for p in pairs]
     patients = {n: v.patient for n, v in real.items()}
     floor, reference = real_halves(list(real.values()), sources, patients, seed, floor_fraction)

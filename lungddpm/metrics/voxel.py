@@ -62,6 +62,9 @@ def windowed(hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
     return np.clip(hu.astype(np.float64), lo, hi) - lo
 
 
+PSNR_FLOOR = 1e-10  # of the squared window: PSNR is capped at 100 dB (identical volumes), never infinite
+
+
 def paired_metrics(
     real: np.ndarray,
     synthetic: np.ndarray,
@@ -70,9 +73,9 @@ def paired_metrics(
     ssim_window: int = 7,
     ssim_sigma: float = 1.5,
 ) -> dict[str, float]:
-    """MSE, MAE (HU², HU; raw HU), PSNR (dB) and SSIM (both on the HU window, :func:`windowed`, peak its width)
-    between paired HU volumes [Z, Y, X], over the whole volume (``mask`` None) or inside ``mask``. SSIM inside a mask
-    averages the local SSIM map over the mask's voxels whose window lies inside the volume."""
+    """MSE, MAE (HU², HU; raw HU), PSNR (dB, at most 100) and SSIM (both on the HU window, :func:`windowed`, peak its
+    width) between paired HU volumes [Z, Y, X], over the whole volume (``mask`` None) or inside ``mask``. SSIM inside
+    a mask averages the local SSIM map over the mask's voxels whose window lies inside the volume."""
     r, s = _region(real, synthetic, mask)
     d = r - s
     mse = float(np.mean(d * d))
@@ -88,7 +91,7 @@ def paired_metrics(
     return {
         "mse": mse,
         "mae": float(np.mean(np.abs(d))),
-        "psnr": float(10 * np.log10(data_range**2 / mse_window)) if mse_window > 0 else float("inf"),
+        "psnr": float(10 * np.log10(data_range**2 / max(mse_window, PSNR_FLOOR * data_range**2))),
         "ssim": float(np.mean(smap)),
     }
 
@@ -125,13 +128,15 @@ def bootstrap_ci(
 ) -> tuple[float, float, float]:
     """(statistic, low, high) percentile bootstrap interval of ``values``. With ``groups`` (one label per value),
     a cluster bootstrap: whole groups are resampled, so that correlated values (several ROIs of one nodule) count as
-    one draw; with every label distinct it is the plain bootstrap, draw for draw."""
+    one draw; one group gives no interval (NaN); with every label distinct it is the plain bootstrap, draw for draw."""
     v = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if groups is None:
         boots = np.array([statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)])
     else:
         members = group_members(groups)
+        if len(members) < 2:  # one patient: every resample the same; a zero-width interval would look exact
+            return float(statistic(v)), float("nan"), float("nan")
         boots = np.array([statistic(v[cluster_draw(members, rng)]) for _ in range(n_boot)])
     alpha = (1 - level) / 2
     return float(statistic(v)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))

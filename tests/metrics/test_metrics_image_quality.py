@@ -327,3 +327,39 @@ def test_folder_sets_group_by_the_configs_patient_regex(tmp_path: Path) -> None:
         _, reference, floor = folder_sets(real, syn, seed=seed, patient_regex=regex)
         assert {"p01_t0", "p01_t1"} <= {v.name for v in floor}
         assert_patients_whole(floor, reference, series)
+
+
+def test_folder_volumes_are_unique_and_a_synthetic_one_falls_back_to_its_real_cases_layout(tmp_path: Path) -> None:
+    """``e.nii`` beside ``e.nii.gz`` dropped one of them unsaid; a synthetic volume without a layout of its own had
+    no lung region although its pairs' lung metrics used the real case's layout."""
+    names = [f"LIDC-IDRI-00{i}" for i in range(10, 16)]
+    real, syn = name_folders(tmp_path, names, ["LIDC-IDRI-0010_0"])
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "LIDC-IDRI-0010.nii.gz").touch()
+    (pair,) = folder_sets(real, syn, real_labels=labels)[0]
+    assert pair.synthetic.labels == pair.real.labels == labels / "LIDC-IDRI-0010.nii.gz"
+    (syn / "LIDC-IDRI-0010_0_layout.nii.gz").touch()  # its own layout comes first
+    assert folder_sets(real, syn, real_labels=labels)[0][0].synthetic.labels == syn / "LIDC-IDRI-0010_0_layout.nii.gz"
+    (real / "LIDC-IDRI-0011.nii").touch()
+    with pytest.raises(MetricsError, match=r"real/LIDC-IDRI-0011.nii and LIDC-IDRI-0011.nii.gz: both are volume "):
+        folder_sets(real, syn)
+
+
+def test_identical_pairs_stay_in_the_summary_and_one_patient_has_no_interval(caplog) -> None:
+    """PSNR of an identical pair was infinite and silently left out of the mean (the best pairs vanished); a set
+    of one patient resampled to itself every time, a zero-width interval that looked exact."""
+    settings = {"bootstrap": 50, "ci_level": 0.95, "seed": 0}
+    rows = [{"synthetic": "a_0", "real": "a", "patient": "P1", "psnr_whole": 100.0, "ssim_lung": float("nan")},
+            {"synthetic": "a_1", "real": "a", "patient": "P2", "psnr_whole": 60.0, "ssim_lung": 0.5},
+            {"synthetic": "b_0", "real": "b", "patient": "P2", "psnr_whole": 70.0, "ssim_lung": 0.7}]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        out = {(r["metric"], r["region"]): r for r in summarize_pairs(rows, settings)}
+    assert out["psnr", "whole"]["value"] == pytest.approx(230 / 3) and out["psnr", "whole"]["n_a"] == 3
+    assert out["ssim", "lung"]["n_a"] == 2 and "ssim_lung: 1 of 3 pairs undefined" in caplog.text
+    value, lo, hi = bootstrap_ci([0.3, 0.9], 50, groups=["P1", "P1"])
+    assert value == pytest.approx(0.6) and np.isnan(lo) and np.isnan(hi)
+    a, b = np.random.default_rng(0).normal(size=(2, 4, 3))
+    assert np.isnan(distribution.bootstrap_distance(distribution.fid, a, b, 20, groups_a=["P1"] * 4)[1])
+    excess = distribution.bootstrap_excess(distribution.fid, a, a, b, 20, groups=(None, ["P1"] * 4, None))
+    assert excess[0] == 0.0 and np.isnan(excess[1]) and np.isnan(excess[2])
