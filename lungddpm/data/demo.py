@@ -56,6 +56,9 @@ def write_demo_case(case_id: str, index: int, root: Path, cfg: Config) -> Path:
     quirks = quirks_for(index)
     write_dicom_series(hu, geom, series_dir, quirks)
     dz = float(np.median(np.diff(geom.slice_zvals))) if len(geom.slice_zvals) > 1 else info.slice_thickness
+    if len(geom.slice_zvals) > 2 and np.ptp(np.diff(geom.slice_zvals)) > 0.01 * dz:  # LIDC-IDRI-0514: a 38 mm gap
+        log.warning("%s: irregular slices; the truth NIfTI's affine places them %.3g mm apart, so read its slices at "
+                    "pylidc's slice_zvals (as qc_case does), not at its own z", case_id, dz)  # fmt: skip
     truth_geometry = Geometry(
         spacing=(dz, info.pixel_spacing, info.pixel_spacing),
         origin=(geom.x0, geom.y0, float(geom.slice_zvals[0])),
@@ -87,19 +90,26 @@ def qc_case(case_id: str, truth_file: Path, preprocessed: Path) -> dict[str, Any
     truth_fine = resample(truth, grid, fine, ours.shape, order=1, fill=0.0, antialias=True) >= 0.5
     meta = read_json(preprocessed / "meta.json")
     labels, model = read_volume(preprocessed / "nodules.nii.gz")
-    errors_vox = []
+    errors_vox, missing = [], []
     for n, row in enumerate(meta["nodules"], start=1):
         idx = np.argwhere(labels == n)
-        if idx.size == 0 or row["consensus_voxels"] == 0:
+        if row["consensus_voxels"] == 0:
+            continue
+        if idx.size == 0:  # annotated, yet no voxel on the model grid: preprocessing lost it
+            missing.append(n)
             continue
         ours_world = model.index_to_world(idx.mean(axis=0)[None])[0]
         err = (ours_world - np.asarray(row["centroid_lps_mm"])) / np.asarray(model.spacing[::-1])
         errors_vox.append(float(np.linalg.norm(err)))
+    if missing:
+        log.warning("%s: nodule(s) %s of meta.json have no voxel in %s", case_id, missing,
+                    preprocessed / "nodules.nii.gz")  # fmt: skip
     return {
         "case_id": case_id,
         "lung_dice_fine": round(dice(ours > 0, truth_fine), 4),
         "fine_spacing_mm": fine.spacing[0],
         "n_nodules": len(errors_vox),
+        "n_missing": len(missing),
         "max_centroid_error_voxels": round(max(errors_vox), 3) if errors_vox else 0.0,
     }
 
@@ -135,7 +145,8 @@ def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suf
     demo_cfg = replace(cfg, data=replace(cfg.data, source="lidc", dicom_root=str(Path(root) / "LIDC-IDRI")))
     written = []
     for case in cases:
-        if not truth_path(root, case).is_file():
+        series = lidc.series_dir_hint(Path(root) / "LIDC-IDRI", lidc.scan_info(case))
+        if not (truth_path(root, case).is_file() and series.is_dir()):  # either missing: synthesise both
             write_demo_case(case, cases.index(case), root, cfg)
         scan = read_case(demo_cfg, case)
         lung, _ = read_volume(truth_path(root, case))

@@ -65,10 +65,11 @@ def quality_figure(rows: Sequence[dict[str, str]], out_png: Path) -> None:
         for i, comp in enumerate(("synthetic-vs-real", "real-vs-real")):
             for r in dist:
                 if (r["metric"], r["region"], r["comparison"]) == (metric, region, comp):
-                    v, lo, hi = float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
+                    v, lo, hi = (float(r[k]) if r[k] else float("nan") for k in ("value", "ci_low", "ci_high"))
                     ax.bar(i, v, color=("tab:orange", "tab:blue")[i])
-                    ax.vlines(i, lo, hi, color="k")  # the interval as it is, even where it lies above its value
-                    ax.hlines([lo, hi], i - 0.1, i + 0.1, color="k")
+                    if np.isfinite(lo) and np.isfinite(hi):  # none for a set of one patient
+                        ax.vlines(i, lo, hi, color="k")  # the interval as it is, even where it lies above its value
+                        ax.hlines([lo, hi], i - 0.1, i + 0.1, color="k")
         ax.set_xticks([0, 1], ["synthetic", "real floor"], fontsize=8)
         ax.set_title(f"{metric.upper()} ({region})", fontsize=9)
     fig.tight_layout()

@@ -289,7 +289,9 @@ def test_dicom_round_trip(
     paths2 = write_dicom_series(hu, geom, out, quirks)
     assert [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths2] == uids
     assert len(set(uids)) == 30 and not (out / "stale.dcm").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["series"]
+    other = write_dicom_series(hu + 1.0, geom, tmp_path / "brighter", quirks)  # other content: other instances
+    assert not {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in other} & set(uids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brighter", "series"]
 
 
 def test_dicom_read_by_simpleitk(tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]) -> None:

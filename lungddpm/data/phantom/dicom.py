@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -69,7 +70,8 @@ def _stored_values(hu: np.ndarray, quirks: DicomQuirks, outside: np.ndarray) -> 
 def _slice_dataset(geom: ScanGeometry, quirks: DicomQuirks, k: int, pixels: np.ndarray, frame_uid: str) -> Dataset:
     z = float(geom.slice_zvals[k])
     instance = len(geom.slice_zvals) - k  # the top slice is instance 1, as in LIDC
-    sop_uid = generate_uid(entropy_srcs=[geom.series_uid, str(k)])
+    content = hashlib.sha256(pixels.tobytes() + repr(quirks).encode()).hexdigest()  # new content, new instance UID
+    sop_uid = generate_uid(entropy_srcs=[geom.series_uid, "|", str(k), "|", content])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
