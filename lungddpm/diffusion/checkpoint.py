@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 CKPT_KEYS = {"model", "ema", "optimizer", "scaler", "step", "rng_cpu", "rng_cuda", "fingerprint", "config", "version"}
 
 
+DAMAGED_PICKLE = ("Unsupported operand", "Only persistent_load of storage", "String is too long")  # torch's words
+
+
 class CheckpointError(LungDDPMError):
     """A checkpoint that cannot or must not be used."""
 
@@ -37,7 +40,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # an opcode no pickle of tensors holds: damaged bytes, no code
+        if any(mark in str(exc) for mark in DAMAGED_PICKLE):  # bytes no pickle writes: damaged, not unsafe
             raise UnreadableCheckpointError(
                 f"{path}: not a readable torch checkpoint — its pickle is damaged ({_last_line(exc)}); copy or "
                 "download it again and compare its SHA-256 with the source's"

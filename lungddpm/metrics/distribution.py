@@ -138,11 +138,11 @@ def bootstrap_excess(
     synthetic set from the real-vs-real floor."""
     value = distance(a, b) - distance(floor, b)
     members = [_members(g, len(x), name) for g, x, name in zip(groups, (a, floor, b), ("a", "floor", "b"))]
-    if _one_group(members):
+    if one_group(members):
         return value, float("nan"), float("nan")
     draws = _resamples(np.random.default_rng(seed), (len(a), len(floor), len(b)), members, min_distinct)
     boots = [distance(a[ia], b[ib]) - distance(floor[ifl], b[ib]) for ia, ifl, ib in islice(draws, n_boot)]
-    return _percentiles(value, boots, level)
+    return percentile_interval(value, boots, level)
 
 
 def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.ndarray] | None:
@@ -153,7 +153,7 @@ def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.n
     return group_members(groups)
 
 
-def _one_group(members: Sequence[list[np.ndarray] | None]) -> bool:
+def one_group(members: Sequence[list[np.ndarray] | None]) -> bool:
     """A set resampled by groups that has one group (one patient) draws itself every time: a zero-width interval
     that would look exact, so the interval is undefined (NaN) instead."""
     return any(m is not None and len(m) < 2 for m in members)
@@ -171,7 +171,8 @@ def _resamples(
             yield draw
 
 
-def _percentiles(value: float, boots: Sequence[float], level: float) -> tuple[float, float, float]:
+def percentile_interval(value: float, boots: Sequence[float], level: float) -> tuple[float, float, float]:
+    """(value, low, high): the central ``level`` percentile interval of the bootstrap statistics ``boots``."""
     alpha = (1 - level) / 2
     return value, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
@@ -195,7 +196,7 @@ def bootstrap_distance(
     has no interval: NaN); with every label distinct it is the plain bootstrap, draw for draw."""
     value = distance(a, b)
     members = [_members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")]
-    if _one_group(members):
+    if one_group(members):
         return value, float("nan"), float("nan")
     draws = _resamples(np.random.default_rng(seed), (len(a), len(b)), members, min_distinct)
-    return _percentiles(value, [distance(a[ia], b[ib]) for ia, ib in islice(draws, n_boot)], level)
+    return percentile_interval(value, [distance(a[ia], b[ib]) for ia, ib in islice(draws, n_boot)], level)

@@ -220,7 +220,7 @@ def compare_sets(
         return w1(_pooled(a, ia), _pooled(b, ib))
 
     all_a, all_b, units = np.arange(len(a)), np.arange(len(b)), [len({n.unit for n in x}) for x in (a, b)]
-    if resamples > 0 and min(units) > 1:  # one patient: every resample the same, a zero-width interval
+    if resamples > 0:  # a side of one patient: no interval (bootstrap_distance's NaN)
         dist, low, high = bootstrap_distance(pooled_w1, all_a, all_b, resamples, ci, seed, min_distinct=1,
                                              groups_a=[n.unit for n in a], groups_b=[n.unit for n in b])  # fmt: skip
     else:

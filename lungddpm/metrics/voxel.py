@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .distribution import cluster_draw, group_members, w1
+from .distribution import cluster_draw, group_members, one_group, percentile_interval, w1
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,12 +131,11 @@ def bootstrap_ci(
     one draw; one group gives no interval (NaN); with every label distinct it is the plain bootstrap, draw for draw."""
     v = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    if groups is None:
-        boots = np.array([statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)])
+    members = None if groups is None else group_members(groups)
+    if members is not None and one_group([members]):
+        return float(statistic(v)), float("nan"), float("nan")
+    if members is None:
+        boots = [statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)]
     else:
-        members = group_members(groups)
-        if len(members) < 2:  # one patient: every resample the same; a zero-width interval would look exact
-            return float(statistic(v)), float("nan"), float("nan")
-        boots = np.array([statistic(v[cluster_draw(members, rng)]) for _ in range(n_boot)])
-    alpha = (1 - level) / 2
-    return float(statistic(v)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+        boots = [statistic(v[cluster_draw(members, rng)]) for _ in range(n_boot)]
+    return percentile_interval(float(statistic(v)), boots, level)

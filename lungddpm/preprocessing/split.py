@@ -27,8 +27,8 @@ def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
 
 def _donor(assignment: Mapping[str, str], has_nodule: Mapping[str, bool], subset: str) -> str:
     """The patient that the empty ``subset`` takes: never train's last nodule patient; train takes a nodule patient
-    where there is one; else from the largest subset, of its larger stratum (nodule / none), a nodule-free one on a
-    tie (a subset keeps its nodule patients while it has others to give)."""
+    where there is one; else from the largest subset, of its larger stratum (nodule / none, keeping the strata's
+    proportions), a nodule-free one on a tie."""
     size = {s: sum(a == s for a in assignment.values()) for s in SUBSETS}
     stratum = {(s, f): sum(assignment[p] == s and has_nodule[p] == f for p in assignment) for s in SUBSETS
                for f in (True, False)}  # fmt: skip

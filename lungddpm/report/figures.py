@@ -50,6 +50,11 @@ def placeholder_figure(text: str, out_png: Path) -> None:
     plt.close(fig)
 
 
+def cells(row: dict[str, str], keys: Sequence[str] = ("value", "ci_low", "ci_high")) -> list[float]:
+    """A CSV row's numbers; an empty cell (an undefined value or interval) is NaN."""
+    return [float(row[k]) if row[k] not in ("", None) else float("nan") for k in keys]
+
+
 def quality_figure(rows: Sequence[dict[str, str]], out_png: Path) -> None:
     """Bar plot of each distribution metric and region: synthetic-vs-real beside the real-vs-real floor, with
     CIs → PNG."""
@@ -65,7 +70,7 @@ def quality_figure(rows: Sequence[dict[str, str]], out_png: Path) -> None:
         for i, comp in enumerate(("synthetic-vs-real", "real-vs-real")):
             for r in dist:
                 if (r["metric"], r["region"], r["comparison"]) == (metric, region, comp):
-                    v, lo, hi = (float(r[k]) if r[k] else float("nan") for k in ("value", "ci_low", "ci_high"))
+                    v, lo, hi = cells(r)
                     ax.bar(i, v, color=("tab:orange", "tab:blue")[i])
                     if np.isfinite(lo) and np.isfinite(hi):  # none for a set of one patient
                         ax.vlines(i, lo, hi, color="k")  # the interval as it is, even where it lies above its value

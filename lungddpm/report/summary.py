@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_path, read_csv, read_json
-from .figures import loss_figure, placeholder_figure, quality_figure
+from .figures import cells, loss_figure, placeholder_figure, quality_figure
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _ci_marked(row: dict[str, str] | None) -> str:
     """:func:`_ci`, marked † where the value lies outside its own interval (the resampling bias at small N)."""
     if not row:
         return ""
-    v, lo, hi = (float(row[k]) if row[k] not in ("", None) else float("nan") for k in ("value", "ci_low", "ci_high"))
+    v, lo, hi = cells(row)
     return _ci(row) + (" †" if v < lo or v > hi else "")
 
 

@@ -123,6 +123,13 @@ class Payload:
     """Not a tensor: torch.load(weights_only=True) must refuse it."""
 
 
+class Shell:
+    """A pickle that would call os.system on load (never run: weights_only refuses its module)."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, ("true",)
+
+
 def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     cfg = tiny_config(steps=20, checkpoint_every=10)
     state = tmp_path / "state"
@@ -154,6 +161,9 @@ def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
         find_resume_checkpoint(state, expected)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_model(evil)
+    torch.save({"model": {}, "payload": Shell()}, evil)  # a blocked module (posix): refused too, not "damaged"
+    with pytest.raises(CheckpointError, match="refused — .* arbitrary Python objects"):
+        find_resume_checkpoint(state, expected)
     with pytest.raises(CheckpointError, match="not a lungddpm model checkpoint"):
         load_model(state / "step_0000010.pt")
     # a damaged pickle (an opcode that no pickle holds) is skipped like a truncated file, not refused as unsafe

@@ -297,7 +297,8 @@ def _score_rows(arm: str, kinds: dict[str, str], dice: float) -> list[dict[str, 
 
 
 def test_rois_without_free_rois_are_still_the_roi_scale(tmp_path: Path) -> None:
-    """lesion.roi.free_per_case: 0 leaves only nodule ROIs: still ROIs (fp_per_free_roi, with no case), not CTs."""
+    """Scores without a free-ROI row (e.g. an arm scored on nodule ROIs only) are still ROIs (fp_per_free_roi, with
+    no case), not whole CTs: the scale is read from the rows' kind."""
     from lungddpm.report.summary import segmentation_section
 
     write_csv(tmp_path / "real.csv", _score_rows("real", {"n1": "nodule", "n2": "nodule"}, 0.5))

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import CI_CONFIG
 from scipy import ndimage as ndi
 
@@ -70,6 +71,10 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
     case = prov["source_case"]
     assert len(prov["sites"]) == CI_CONFIG["lesion"]["roi"]["free_per_case"]
     assert prov["model_sha256"] and prov["sample"]["sampler"] == "dpm++"
+    from lungddpm.diffusion.precision import precision_name, resolve_precision
+
+    used = precision_name(resolve_precision(prov["sample"]["precision"], torch.device("cpu")))
+    assert prov["precision_used"] == used == CI_CONFIG["lesion"]["sample"]["precision"]  # the CI config's bf16
     src = load_source(case, demo_workflow / f"results/preprocessed/{case}", cfg, demo_workflow)
     files = {k: out / v for k, v in prov["files"].items()}
     ct = nib.load(files["ct"])
