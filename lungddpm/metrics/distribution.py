@@ -140,7 +140,7 @@ def bootstrap_excess(
     members = [_members(g, len(x), name) for g, x, name in zip(groups, (a, floor, b), ("a", "floor", "b"))]
     if one_group(members):
         return value, float("nan"), float("nan")
-    draws = _resamples(np.random.default_rng(seed), (len(a), len(floor), len(b)), members, min_distinct)
+    draws = resamples(np.random.default_rng(seed), (len(a), len(floor), len(b)), members, min_distinct)
     boots = [distance(a[ia], b[ib]) - distance(floor[ifl], b[ib]) for ia, ifl, ib in islice(draws, n_boot)]
     return percentile_interval(value, boots, level)
 
@@ -159,12 +159,12 @@ def one_group(members: Sequence[list[np.ndarray] | None]) -> bool:
     return any(m is not None and len(m) < 2 for m in members)
 
 
-def _resamples(
+def resamples(
     rng: np.random.Generator, sizes: Sequence[int], members: Sequence[list[np.ndarray] | None], min_distinct: int
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Endless bootstrap resamples of several sets at once, one index array per set (of ``sizes[i]`` rows): drawn
     with replacement, by whole groups where ``members[i]`` is given; a resample leaving fewer than ``min_distinct``
-    distinct rows in any set is drawn again."""
+    distinct rows in any set is drawn again (1: every resample is kept)."""
     while True:
         draw = tuple(rng.integers(0, n, n) if m is None else cluster_draw(m, rng) for n, m in zip(sizes, members))
         if min(len(set(i)) for i in draw) >= min_distinct:
@@ -198,5 +198,5 @@ def bootstrap_distance(
     members = [_members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")]
     if one_group(members):
         return value, float("nan"), float("nan")
-    draws = _resamples(np.random.default_rng(seed), (len(a), len(b)), members, min_distinct)
+    draws = resamples(np.random.default_rng(seed), (len(a), len(b)), members, min_distinct)
     return percentile_interval(value, [distance(a[ia], b[ib]) for ia, ib in islice(draws, n_boot)], level)

@@ -188,10 +188,10 @@ def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]
         columns += [c for c in r if c not in columns and _summary_key(c)]
     rows = []
     for col in columns:
-        kept = [r for r in per_pair if col in r and np.isfinite(r[col])]
-        if len(kept) < sum(col in r for r in per_pair):  # SSIM inside a mask no window fits: undefined, not 0
-            log.warning("%s: %d of %d pairs undefined, left out of the mean", col,
-                        sum(col in r for r in per_pair) - len(kept), sum(col in r for r in per_pair))  # fmt: skip
+        having = [r for r in per_pair if col in r]
+        kept = [r for r in having if np.isfinite(r[col])]
+        if len(kept) < len(having):  # SSIM inside a mask no window fits: undefined, not 0
+            log.warning("%s: %d of %d pairs undefined, left out of the mean", col, len(having) - len(kept), len(having))
         if not kept:
             continue
         values, groups = [r[col] for r in kept], [r.get("patient") or r["real"] for r in kept]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import islice
 
 import numpy as np
 from scipy import ndimage
 
-from .distribution import cluster_draw, group_members, one_group, percentile_interval, w1
+from .distribution import group_members, one_group, percentile_interval, resamples, w1
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,12 +131,8 @@ def bootstrap_ci(
     a cluster bootstrap: whole groups are resampled, so that correlated values (several ROIs of one nodule) count as
     one draw; one group gives no interval (NaN); with every label distinct it is the plain bootstrap, draw for draw."""
     v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
     members = None if groups is None else group_members(groups)
-    if members is not None and one_group([members]):
+    if one_group([members]):
         return float(statistic(v)), float("nan"), float("nan")
-    if members is None:
-        boots = [statistic(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)]
-    else:
-        boots = [statistic(v[cluster_draw(members, rng)]) for _ in range(n_boot)]
-    return percentile_interval(float(statistic(v)), boots, level)
+    draws = resamples(np.random.default_rng(seed), (v.size,), [members], 1)
+    return percentile_interval(float(statistic(v)), [statistic(v[i]) for (i,) in islice(draws, n_boot)], level)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,9 +30,8 @@ def _donor(assignment: Mapping[str, str], has_nodule: Mapping[str, bool], subset
     """The patient that the empty ``subset`` takes: never train's last nodule patient; train takes a nodule patient
     where there is one; else from the largest subset, of its larger stratum (nodule / none, keeping the strata's
     proportions), a nodule-free one on a tie."""
-    size = {s: sum(a == s for a in assignment.values()) for s in SUBSETS}
-    stratum = {(s, f): sum(assignment[p] == s and has_nodule[p] == f for p in assignment) for s in SUBSETS
-               for f in (True, False)}  # fmt: skip
+    stratum = Counter((s, has_nodule[p]) for p, s in assignment.items())  # (subset, has a nodule) -> patients
+    size = {s: stratum[s, True] + stratum[s, False] for s in SUBSETS}
 
     def key(p: str) -> tuple[object, ...]:
         s, nodule = assignment[p], has_nodule[p]

@@ -140,9 +140,10 @@ class SegmentationConfig:
                     f"segmentation.arms[{a.name}]: real is false and synthetic_fraction is 0, so it has no training "
                     "data; set real: true or a synthetic_fraction > 0"
                 )
-        if s["baseline"] not in [a.name for a in arms]:  # the sweep compares with its own smallest fraction
+        choices = [a.name for a in arms]  # not the sweep's: it compares with its own smallest fraction
+        if s["baseline"] not in choices:
             raise ConfigError(f"segmentation.baseline: {s['baseline']!r} is not one of segmentation.arms; choose one "
-                              f"of {[a.name for a in arms]}")  # fmt: skip
+                              f"of {choices}")  # fmt: skip
         s["seeds"] = tuple(int(v) for v in s["seeds"])
         s["folds"] = tuple(str(v) for v in s["folds"])
         for key in ("seeds", "folds"):

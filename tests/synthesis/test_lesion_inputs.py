@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from lungddpm.config import load_config
@@ -60,7 +61,8 @@ def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: py
         return "digest"
 
     files = {"image": str(sources[0]), "label": str(sources[1])}
-    monkeypatch.setattr(lesion_run, "_setup", lambda *a: (None, None, "cpu", (-1000, 400), [0.0], [], {"ema": {}}))
+    setup = (None, None, torch.device("cpu"), (-1000, 400), [0.0], [], {"ema": {}})  # model .. checkpoint
+    monkeypatch.setattr(lesion_run, "_setup", lambda *a: setup)
     monkeypatch.setattr(lesion_run, "file_sha256", lambda path: "sha")
     monkeypatch.setattr(lesion_run, "read_sites", lambda table: [])
     monkeypatch.setattr(lesion_run, "source_files", lambda c, case: files if case == "c1" else {})
