@@ -4,6 +4,7 @@ from pathlib import Path
 
 from lungddpm.data.lidc import CLUSTERING_VERSION
 from lungddpm.data.phantom import PHANTOM_VERSION
+from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard

@@ -6,6 +6,7 @@ rule demo_dicom:
         index=lambda wildcards: CASES.index(wildcards.case),
         settings=settings("data"),
         phantom=PHANTOM_VERSION,
+        **output_version("demo_dicom"),
     log:
         "logs/demo_dicom/{case}.log",
     benchmark:
@@ -25,6 +26,7 @@ rule split:
     params:
         cases=CASES,
         settings=settings("data", "split"),  # a split moved by a label-map edit is refused at parse time (common.smk)
+        **output_version("split"),
     log:
         "logs/split.log",
     benchmark:
@@ -43,6 +45,8 @@ rule demo_qc:
         truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
     output:
         qc="results/qc/demo/{case}.json",
+    params:
+        **output_version("demo_qc"),
     log:
         "logs/demo_qc/{case}.log",
     benchmark:
@@ -58,6 +62,8 @@ rule demo_qc_table:
         rows=expand("results/qc/demo/{case}.json", case=CASES),
     output:
         table=report("results/qc/demo_segmentation.csv", category="Data", caption="../report/demo_qc.rst"),
+    params:
+        **output_version("demo_qc_table"),
     log:
         "logs/demo_qc_table.log",
     conda:

@@ -25,6 +25,7 @@ if config["model"]["init_from"]:
             checkpoint="results/models/{name}/checkpoint.pt",
         params:
             settings=settings("model", "init_convention"),
+            **output_version("import_checkpoint"),
         wildcard_constraints:
             name=r"[^/]+",
         log:

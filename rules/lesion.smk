@@ -11,6 +11,7 @@ rule rois:
         table=report("results/rois/{case}/rois.csv", category="Lesion scale", subcategory="ROIs", caption="../report/rois.rst"),
     params:
         settings={**settings("data", "preprocess"), "roi": config["lesion"]["roi"]},
+        **output_version("rois"),
     priority: 10
     log:
         "logs/rois/{case}.log",
@@ -37,6 +38,7 @@ rule train_lesion:
         state_dir=lambda wildcards: f"state/models/lesion/{wildcards.name}",
         # the merged lesion view it trains with, not the whole-volume sections: train.steps alone does not retrain it
         settings={**lesion_training_settings(LESION_CFG), **lesion_settings("roi", "texture_hu"), **context_margin()},
+        **output_version("train_lesion"),
     wildcard_constraints:
         name=re.escape(LESION_CFG.train.name),  # only this config's lesion model
     priority: 10  # the lesion chain (train, inpaint, segment) is the demo's critical path: start it first
@@ -62,6 +64,7 @@ rule synthesize_lesion:
     params:
         shard_items=lesion_shard_items,
         settings={**settings("intensity", "data", "preprocess"), **lesion_settings("insert", "sample")},
+        **output_version("synthesize_lesion"),
     priority: 10
     log:
         "logs/synthesize_lesion/{shard}.log",
@@ -87,6 +90,7 @@ rule lesion_texture:
     params:
         sites=config["lesion"]["texture_control_sites"],
         settings=lesion_settings("insert", "sample"),
+        **output_version("lesion_texture"),
     log:
         "logs/lesion_texture.log",
     benchmark:
@@ -112,6 +116,7 @@ rule lesion_fidelity:
     params:
         settings=lesion_settings("fidelity", "texture_hu"),
         patients=PATIENTS,  # the independent unit of the floor's halves and the bootstraps
+        **output_version("lesion_fidelity"),
     log:
         "logs/lesion_fidelity.log",
     benchmark:

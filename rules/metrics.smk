@@ -11,6 +11,7 @@ rule metrics:
         patients=PATIENTS,
         cache_dir="state/feature_cache",
         settings=settings("metrics", "intensity"),
+        **output_version("metrics"),
     log:
         "logs/metrics/eval.log",
     benchmark:

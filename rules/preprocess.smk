@@ -9,6 +9,7 @@ rule preprocess:
         meta="results/preprocessed/{case}/meta.json",
     params:
         settings=settings("data", "preprocess", "lungmask"),
+        **output_version("preprocess"),
     log:
         "logs/preprocess/{case}.log",
     benchmark:
@@ -31,6 +32,7 @@ rule layout:
         layout="results/layouts/{case}.nii.gz",
     params:
         settings=settings("layout"),
+        **output_version("layout"),
     log:
         "logs/layout/{case}.log",
     benchmark:

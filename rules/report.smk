@@ -16,6 +16,7 @@ rule report:
     params:
         montages=config["report"]["montages"],
         demo=IS_DEMO,
+        **output_version("report"),
     log:
         "logs/report.log",
     benchmark:

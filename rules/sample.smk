@@ -5,6 +5,7 @@ rule nodule_bank:
         cases=BANK_CASES,
         consensus_level=config["data"]["consensus_level"],
         clustering=CLUSTERING_VERSION,
+        **output_version("nodule_bank"),
     log:
         "logs/nodule_bank.log",
     benchmark:
@@ -23,6 +24,7 @@ rule sample:
     params:
         shard_items=shard_items,
         settings=settings("sample", "layout_edit", "intensity"),
+        **output_version("sample"),
     log:
         "logs/sample/{run}_{shard}.log",
     benchmark:

@@ -42,6 +42,7 @@ rule segment_prepare:
         test_cases=SEG_TEST,
         patients={c: PATIENTS[c] for c in SEG_TRAIN},  # nnU-Net's 5 folds keep a patient's cases together
         settings={k: config["segmentation"][k] for k in SEG_PLAN_KEYS},
+        **output_version("segment_prepare"),
     wildcard_constraints:
         arm=SEG_ARM_RE,
         seed=r"\d+",
@@ -49,7 +50,9 @@ rule segment_prepare:
         "logs/segment_prepare/{arm}_seed{seed}.log",
     benchmark:
         "benchmarks/segment_prepare/{arm}_seed{seed}.tsv"
-    priority: 5  # before the whole-volume chain: both arms prepare first, then train side by side (demo: 2 x 1 core)
+    # above segment_train: both arms prepare before either trains, then they train side by side (demo: 2 x 1 core);
+    # at equal priority one arm's training plus a 1-core job tied with the other arm's 2-core prepare
+    priority: 6
     threads: min(SEG.processes, workflow.cores)
     resources:
         mem_mb=4000,
@@ -68,6 +71,7 @@ rule segment_train:
         run=f"{SEG_DIR}/{{arm}}/seed{{seed}}/fold_{{fold}}/run.json",
     params:
         settings={k: config["segmentation"][k] for k in SEG_TRAIN_KEYS + SEG_PREDICT_KEYS},
+        **output_version("segment_train"),
     wildcard_constraints:
         arm=SEG_ARM_RE,
         seed=r"\d+",
@@ -101,6 +105,7 @@ rule segment_score:
     params:
         settings=config["segmentation"]["evaluation"],
         patients={c: PATIENTS[c] for c in SEG_TEST},  # the independent unit of the whole scale (and lesion, by patient)
+        **output_version("segment_score"),
     wildcard_constraints:
         arm=SEG_ARM_RE,
     log:
@@ -130,6 +135,7 @@ rule segment_compare:
     params:
         arms=SEG_ARMS,
         settings={k: config["segmentation"][k] for k in ("baseline", "evaluation")},
+        **output_version("segment_compare"),
     log:
         "logs/segment_compare.log",
     benchmark:
@@ -149,6 +155,7 @@ rule segment_sweep:
     params:
         fractions=[a.synthetic_fraction for a in SEG.sweep],
         settings={k: config["segmentation"][k] for k in ("sweep", "evaluation")},
+        **output_version("segment_sweep"),
     log:
         "logs/segment_sweep.log",
     benchmark:

@@ -13,6 +13,7 @@ rule train:
         state_dir=lambda wildcards: f"state/models/{wildcards.name}",
         processes=config["train"]["processes"],
         settings=settings("model", "diffusion", "train", "intensity"),
+        **output_version("train"),
     wildcard_constraints:
         name=re.escape(MODEL),  # only this config's model: a checkpoint given in sample.checkpoint is never retrained
     log:

@@ -16,6 +16,7 @@ import torch
 from ..config import Config, set_keys
 from ..errors import LungDDPMError
 from ..io import atomic_path
+from ..versions import output_version
 from .device import pick_device
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
 
@@ -141,18 +142,21 @@ FINGERPRINT_NAMES = {
     "data": "training data (the train split's volumes and layouts or ROIs as loaded, with their texture levels, "
     "generated regions and loss weights, which at the lesion scale train.seed, focus_weight, focus_margin_mm, "
     "context_free_diameter_mm, context_outside_weight and lesion.insert.margin_mm shape too)",
+    "version": "training code (lungddpm.versions.OUTPUT_VERSIONS)",
 }
 
 
-def fingerprint(cfg: Config, data: str | None = None) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: network, process, grid, intensity mapping and, when given, the
-    training data's :func:`lungddpm.diffusion.data.data_digest`. A diffusion key left at null is left out, so a
-    training begun before the key existed (``snr_gamma``) still resumes."""
+def fingerprint(cfg: Config, data: str | None = None, stage: str = "train") -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: network, process, grid, intensity mapping, the training code's
+    version (``stage``'s :func:`lungddpm.versions.output_version`: ``train`` or ``train_lesion``) and, when given,
+    the training data's :func:`lungddpm.diffusion.data.data_digest`. A diffusion key left at null is left out, so a
+    training begun before the key existed (``snr_gamma``) still resumes; so is version 1."""
     out = {
         "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
         "diffusion": set_keys(cfg.raw["diffusion"]),
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
+        **output_version(stage),
     }
     return out if data is None else {**out, "data": data}
 
@@ -168,7 +172,10 @@ def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any], pat
     for key in sorted(set(found) | set(expected)):
         if found.get(key) != expected.get(key):
             what = FINGERPRINT_NAMES.get(key, key)
-            out.append(what if key == "data" else f"{what}: {found.get(key)} then, {expected.get(key)} now")
+            if key == "version":  # absent: version 1
+                out.append(f"{what}: version {found.get(key, 1)} then, {expected.get(key, 1)} now")
+            else:
+                out.append(what if key == "data" else f"{what}: {found.get(key)} then, {expected.get(key)} now")
     return out
 
 

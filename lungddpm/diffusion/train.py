@@ -127,8 +127,10 @@ def train(
     preview_data: TrainData | None = None,
     threads: int | None = None,
     stop_after: int | None = None,
+    stage: str = "train",
 ) -> TrainResult:
-    """Train (or resume) the model ``cfg.train.name``.
+    """Train (or resume) the model ``cfg.train.name`` for the workflow stage ``stage`` (``train`` or ``train_lesion``:
+    whose :mod:`lungddpm.versions` number a resume compares).
 
     Declared outputs in ``out_dir``: ``train_log.csv``, ``preview.png`` and, last, ``checkpoint.pt`` (EMA and raw
     weights, configs). ``stop_after`` ends the run right after step ``stop_after`` (and its checkpoint), leaving
@@ -160,7 +162,7 @@ def train(
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    expected = fingerprint(cfg, data_digest(data))
+    expected = fingerprint(cfg, data_digest(data), stage)
 
     start = 0
     ckpt = find_resume_checkpoint(state_dir, expected) if tc.resume == "auto" else None

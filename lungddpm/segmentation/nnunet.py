@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import LungDDPMError
 from ..io import files_sha256, read_json, read_volume, write_json, write_volume
 from ..preprocessing.layout import NODULE, read_case_pair
+from ..versions import output_version
 from .arms import Arm, SegmentationConfig, check_fold_cases
 from .datasets import EvalCase, TrainingCase
 
@@ -326,7 +327,8 @@ def train_arm(
     shutil.rmtree(raw_dir, ignore_errors=True)
     settings = training_settings(cfg)
     data = [prep[k] for k in ("data_sha256",) if k in prep]  # its voxels (a manifest from before the key: as then)
-    stamped = [prep["cases"], prep["plans_sha256"], *data, settings, prep["seed"], fold]
+    version = [v] if (v := output_version("segment_train")) else []  # version 1: the stamp as before versions
+    stamped = [prep["cases"], prep["plans_sha256"], *data, settings, prep["seed"], fold, *version]
     job = {
         "dataset_id": prep["dataset_id"],
         "plans_identifier": prep["plans_identifier"],

@@ -41,6 +41,7 @@ from ..errors import LayoutError
 from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
+from ..versions import output_version
 from .layout_edit import BankNodule, insert_nodules
 from .plan import Item
 
@@ -230,6 +231,7 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     out = {"model_sha256": ckpt_sha, "sample": sample | {"shards": None},
            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"],
            **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
+    out.update(output_version("synthesize_lesion"))  # a bump remakes items made by older code
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}
 
 

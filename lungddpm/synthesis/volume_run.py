@@ -38,6 +38,7 @@ from ..io import (
     write_volume,
 )
 from ..preprocessing.layout import read_case_pair
+from ..versions import output_version
 from .plan import Item
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
         "timestep_spacing": s["timestep_spacing"],
     }
     settings = without_later_defaults(settings)  # the default, as before the key: old items stay complete
+    settings.update(output_version("sample"))  # a bump remakes items made by older code
     if run == "augment":
         settings["layout_edit"] = cfg.raw["layout_edit"]
     if bank_sha is not None:

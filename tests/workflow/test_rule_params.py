@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,19 @@ def test_train_lesion_reruns_on_lesion_settings_not_on_whole_volume_only_ones(tm
     assert running == base  # a rerun would rewrite the checkpoint, and everything sampled with it would follow
 
 
+def _images_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, bool]]:
+    """A workdir of 6 own-image cases (data.source images), the first 3 with a nodule: (workdir, case -> nodule)."""
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "cache"))
+    workdir = make_workdir(tmp_path / "wd", {"data": IMAGES, "segmentation": {"enabled": False}})
+    for sub in ("CT", "SEG"):
+        (workdir / "data" / sub).mkdir(parents=True)
+    cases = [f"LIDC-IDRI-{i:04d}" for i in range(1, 7)]
+    nodules = {c: i < len(cases) // 2 for i, c in enumerate(cases)}
+    for case in cases:
+        _write_case(workdir / "data", case, nodules[case])
+    return workdir, nodules
+
+
 def _write_case(data: Path, case: str, nodule: bool) -> None:
     ct = np.full((EDGE,) * 3, -1000, np.int16)
     label = np.zeros((EDGE,) * 3, np.uint8)
@@ -77,15 +91,8 @@ def _splits(path: Path) -> dict[str, tuple[str, str]]:
 def test_split_reruns_when_a_label_map_gains_a_nodule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With images the split's strata come from the label maps: fixing one changes the split the workflow uses
     at parse time, so a splits.csv written before is refused, naming the way out, and rewritten once deleted."""
-    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "cache"))
-    workdir = make_workdir(tmp_path / "wd", {"data": IMAGES, "segmentation": {"enabled": False}})
-    data = workdir / "data"
-    for sub in ("CT", "SEG"):
-        (data / sub).mkdir(parents=True)
-    cases = [f"LIDC-IDRI-{i:04d}" for i in range(1, 7)]
-    nodules = {c: i < len(cases) // 2 for i, c in enumerate(cases)}
-    for case in cases:
-        _write_case(data, case, nodules[case])
+    workdir, nodules = _images_workdir(tmp_path, monkeypatch)
+    data, cases = workdir / "data", sorted(nodules)
     snakemake(workdir, "results/splits.csv")
     assert "Nothing to be done" in snakemake(workdir, "-n", "results/splits.csv").stdout
     nodules[cases[-1]] = True  # a nodule that the first label map missed
@@ -100,6 +107,20 @@ def test_split_reruns_when_a_label_map_gains_a_nodule(tmp_path: Path, monkeypatc
     cfg = load_config(workdir / "config/config.yaml", {"data": IMAGES})
     split = case_split(cfg, list_cases(cfg))
     assert _splits(workdir / "results/splits.csv") == {c: (split[c], str(int(nodules[c]))) for c in cases}
+
+
+def test_a_bumped_output_version_reruns_its_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A code change that alters what a stage writes bumps its number in lungddpm.versions: the next run reruns
+    that stage (here the split, bumped by a sitecustomize in Snakemake's process), named for its params."""
+    workdir, _ = _images_workdir(tmp_path, monkeypatch)
+    snakemake(workdir, "results/splits.csv")
+    assert "Nothing to be done" in snakemake(workdir, "-n", "results/splits.csv").stdout
+    bump = tmp_path / "bump"
+    bump.mkdir()
+    (bump / "sitecustomize.py").write_text("import lungddpm.versions as v\nv.OUTPUT_VERSIONS['split'] += 1\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(bump), os.environ.get("PYTHONPATH")])))
+    dry = snakemake(workdir, "-n", "results/splits.csv").stdout
+    assert "rule split:" in dry and "reason: Params have changed since last execution" in dry, dry
 
 
 def test_a_given_checkpoint_is_sampled_without_training_the_whole_volume_model(tmp_path: Path) -> None:

@@ -1,0 +1,61 @@
+"""What version of its code each workflow stage's outputs were made by.
+
+A stage's logic lives in this package, not in the rule's ``script:``, so Snakemake's ``code`` rerun trigger never
+sees it change. Instead each rule passes :func:`output_version` of its own name among its params, and the stages that
+keep finished work through a rerun compare it too: the trainings' resume fingerprint, the sampled items' provenance
+(``sample``, ``synthesize_lesion``) and nnU-Net's reuse stamp (``segment_train``). Bump a stage's number in
+:data:`OUTPUT_VERSIONS`, with a line saying why, when a code change alters its outputs for the same inputs and
+config: ``snakemake`` then reruns that stage, and the stages after it, in every existing workdir (what reads unchanged
+inputs still reuses its work: a training resumes, an item whose provenance matches is kept). A bumped training
+refuses to resume state of the older code and says how to train anew. Version 1 is left out of params and
+comparisons, so that a workdir made before a stage had a version does not rerun for the number alone. The
+image-quality feature cache is keyed by its extractor (weights and preprocessing), not by this number.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .errors import LungDDPMError
+
+# One entry per Snakemake rule (``all`` aside); tests/test_structure.py checks that each rule passes its own.
+OUTPUT_VERSIONS: Final[dict[str, int]] = {
+    "demo_dicom": 1,  # the phantom has its own version too (PHANTOM_VERSION, a param of the rule)
+    "split": 2,  # 2: own images' <patient>_s<n> series kept in one subset; train keeps a nodule patient
+    "demo_qc": 2,  # 2: the n_missing column
+    "demo_qc_table": 1,
+    # 2: one-slice nodules labelled in full, nodules no longer cut short by their outer half-slices, no +x/+y
+    # field-of-view edge band of padding HU, no table midline (labels and HU made before then differ)
+    "preprocess": 2,
+    "layout": 1,
+    "rois": 2,  # 2: the labels as preprocess 2 (the same code)
+    "train": 1,  # the shared training loop's version is this and train_lesion's, in each resume fingerprint
+    "import_checkpoint": 1,
+    "nodule_bank": 1,
+    # 2: no cut bank tails, no paste-back rim outside the generated region, ddim / short ddpm schedules no longer
+    # one level off: items made before then are remade (their provenance lacks the 2)
+    "sample": 2,
+    "metrics": 2,  # 2: SSIM / PSNR on the HU window, PSNR capped at 100 dB, intervals resampling patients
+    "report": 2,  # 2: the reading rule against the real-vs-real interval
+    "segment_prepare": 1,
+    "segment_train": 1,
+    "segment_score": 2,  # 2: ground-truth nodules 26-connected, as the predictions
+    "segment_compare": 1,
+    "segment_sweep": 1,
+    "train_lesion": 1,
+    "synthesize_lesion": 2,  # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule)
+    "lesion_texture": 1,
+    "lesion_fidelity": 2,  # 2: halves and bootstraps by patient, not by nodule
+}
+
+
+def output_version(stage: str) -> dict[str, int]:
+    """``{"version": n}`` for stage ``stage`` (a rule's name) at version n > 1, ``{}`` at 1: what a rule's params
+    and a stage's reuse keys add. An unknown stage is an error (a rule without an entry would never rerun)."""
+    try:
+        n = OUTPUT_VERSIONS[stage]
+    except KeyError:
+        raise LungDDPMError(
+            f"no output version for the stage {stage!r}; add it to lungddpm.versions.OUTPUT_VERSIONS"
+        ) from None
+    return {} if n == 1 else {"version": n}
