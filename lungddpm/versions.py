@@ -18,7 +18,7 @@ from typing import Final
 
 from .errors import LungDDPMError
 
-# One entry per Snakemake rule (``all`` aside); tests/test_structure.py checks that each rule passes its own.
+# One entry per Snakemake rule (``all`` aside); tests/test_versions.py checks that each rule passes its own.
 OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "demo_dicom": 1,  # the phantom has its own version too (PHANTOM_VERSION, a param of the rule)
     "split": 2,  # 2: own images' <patient>_s<n> series kept in one subset; train keeps a nodule patient
@@ -29,7 +29,7 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "preprocess": 2,
     "layout": 1,
     "rois": 2,  # 2: the labels as preprocess 2 (the same code)
-    "train": 1,  # the shared training loop's version is this and train_lesion's, in each resume fingerprint
+    "train": 1,  # also in its resume fingerprint (train_lesion: its own number)
     "import_checkpoint": 1,
     "nodule_bank": 1,
     # 2: no cut bank tails, no paste-back rim outside the generated region, ddim / short ddpm schedules no longer
