@@ -108,7 +108,8 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
     if not problems and 0 < train["gpus"] < train["processes"]:
         problems.append(
             f"train.processes: {train['processes']} processes for {train['gpus']} GPU(s); DDP runs one process per "
-            "GPU: set train.gpus >= train.processes (or train.gpus: 0 to train on CPUs)"
+            "GPU: set train.gpus >= train.processes (or train.gpus: 0 to request none: the ranks then run on the "
+            "CPU unless the host shows a GPU for each)"
         )
     if not problems and scale == "volume" and config["model"].get("context"):
         problems.append(

@@ -19,4 +19,5 @@ with rule_logging(snakemake.log[0]):
         snakemake.threads,
     )
     # one torchrun rank per GPU when the job holds several (e.g. a Slurm job with --gpus=N)
-    launch(job, train_processes(snakemake.params.processes, job_gpus(int(snakemake.resources.get("gpu", 0)))))
+    gpus = job_gpus(int(snakemake.resources.get("gpu", 0)))
+    launch({**job, "gpus": gpus}, train_processes(snakemake.params.processes, gpus))

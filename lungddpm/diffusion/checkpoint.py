@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, set_keys
+from ..config import RESUME_NEUTRAL, Config, set_keys
 from ..errors import LungDDPMError
 from ..io import atomic_path
 from ..versions import output_version
@@ -214,6 +214,37 @@ def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[st
         log.info("resuming from %s (step %d)", path, ckpt["step"])
         return ckpt
     return None
+
+
+def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path, global_batch: int) -> None:
+    """Refuse a checkpoint past ``train.steps``, or a finished training (its last step) whose result-shaping train
+    settings have changed since: resuming it would hand back the old weights as if trained with the new settings.
+    Changes before the last step are allowed (a deliberate change mid-run) and logged, as is another global batch
+    (another number of GPUs or processes: each rank draws ``batch_size``)."""
+    step, steps = int(ckpt["step"]), cfg.train.steps
+    was = ckpt.get("global_batch", global_batch)  # a checkpoint from before the key: unknown
+    if was != global_batch and step < steps:
+        log.warning("the global batch was %d up to step %d and is %d from now on (train.batch_size x processes x "
+                    "grad_accum); to keep %d, resume on as many GPUs (processes) as before", was, step, global_batch,
+                    was)  # fmt: skip
+    if step > steps:
+        raise LungDDPMError(
+            f"{state_dir}: the newest checkpoint is at step {step}, past train.steps {steps}; raise train.steps to "
+            f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
+        )
+    before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
+    changed = sorted(
+        k for k, v in cfg.raw["train"].items() if k not in RESUME_NEUTRAL and k in before and before[k] != v
+    )
+    if changed and step == steps:
+        diff = ", ".join(f"{k} {before[k]} then, {cfg.raw['train'][k]} now" for k in changed)
+        raise LungDDPMError(
+            f"{state_dir}: this training finished (step {step} of {steps}) with other train settings ({diff}); to "
+            f"train anew with them choose a new train.name (or set train.resume: never, or delete {state_dir}); to "
+            "keep the finished model, restore them; to continue it with them, raise train.steps"
+        )
+    if changed:
+        log.warning("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

@@ -61,8 +61,9 @@ def barrier(dist: Dist) -> None:
 
 
 def seed_rank(seed: int, step: int, dist: Dist) -> None:
-    """Give each rank past the first its own stream of the global RNGs (dropout draws from them) from step ``step``
-    on: seeded from (``seed``, ``step``, rank). Rank 0 keeps its state, so one process is unchanged, and the ranks of
-    a run resumed from a checkpoint (which holds rank 0's state) do not repeat one another's dropout masks."""
+    """Give each rank past the first its own stream of the global RNGs (dropout draws from them) for the step after
+    ``step``: seeded from (``seed``, ``step``, rank), at every step, so that a run resumed from a checkpoint (which
+    holds rank 0's state only) draws what the uninterrupted run drew. Rank 0 keeps its state, so one process is
+    unchanged, and the ranks do not repeat one another's dropout masks."""
     if dist.rank:
         torch.manual_seed(int(np.random.SeedSequence([seed, step, dist.rank]).generate_state(1)[0]))

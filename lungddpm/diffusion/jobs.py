@@ -71,15 +71,22 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
 
 def job_gpus(requested: int, env: Mapping[str, str] | None = None) -> int:
     """GPUs this job holds: the ``gpu`` resource it was scheduled with (Slurm ``--gpus``), capped by the devices it
-    can see: ``CUDA_VISIBLE_DEVICES`` (which Slurm and most schedulers set to the job's GPUs) up to its first
-    invalid entry, as CUDA reads it, else the GPUs present (on a host without CUDA the request stands)."""
+    can see: where CUDA is available, the count CUDA itself gives (it reads ``CUDA_VISIBLE_DEVICES``, which Slurm
+    and most schedulers set to the job's GPUs, with its own rules: UUIDs, MIG slices, invalid entries); elsewhere
+    ``CUDA_VISIBLE_DEVICES`` (of ``env``) up to its first invalid entry, and without it the request stands
+    (:func:`launch` refuses to start a job that holds GPUs on a host where CUDA shows fewer)."""
+    import torch
+
+    requested = max(0, int(requested))
+    if torch.cuda.is_available():
+        present = torch.cuda.device_count()
+        if present < requested:
+            log.warning("the job requested %d GPU(s) but CUDA shows %d", requested, present)
+        return min(requested, present)
     env = os.environ if env is None else env
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        import torch
-
-        present = torch.cuda.device_count() if torch.cuda.is_available() else None
-        return max(0, int(requested)) if present is None else min(max(0, int(requested)), present)
+        return requested
     entries = [d.strip() for d in visible.split(",")]
     seen = next((i for i, d in enumerate(entries) if not d or d == "-1"), len(entries))  # CUDA reads up to there
     if seen < requested:
@@ -117,7 +124,21 @@ def torchrun_command(job_path: Path, processes: int) -> list[str]:
 
 
 def launch(job: dict[str, Any], processes: int) -> None:
-    """Run ``job`` in this process, or under ``torchrun --standalone`` with ``processes`` ranks (DDP)."""
+    """Run ``job`` in this process, or under ``torchrun --standalone`` with ``processes`` ranks (DDP). A job holding
+    GPUs (its ``gpus``, :func:`job_gpus`) where CUDA shows fewer than its ranks need is refused: its ranks would
+    train on the CPU, for days, while the GPUs stay reserved."""
+    held = int(job.get("gpus", 0))
+    if held:
+        import torch
+
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if seen < min(held, processes):
+            raise LungDDPMError(
+                f"this job holds {held} GPU(s) (the train rule's gpu resource) for {processes} rank(s), but CUDA "
+                f"shows {seen} here (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the "
+                "node's GPU driver and the profile's gpu / gpu_model, or set the train rule's gpu to 0 to train on "
+                "CPUs"
+            )
     if processes == 1:
         run_job(job)
         return

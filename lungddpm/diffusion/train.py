@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import RESUME_NEUTRAL, Config, TrainConfig
+from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
 from ..faults import kill_point
 from ..io import atomic_path, read_csv
-from .checkpoint import find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
+from .checkpoint import check_resume, find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
 from .data import StepBatches, TrainData, data_digest
 from .distributed import all_mean, barrier, seed_rank, setup_distributed
 from .encoding import model_to_hu
@@ -166,8 +166,9 @@ def train(
 
     start = 0
     ckpt = find_resume_checkpoint(state_dir, expected) if tc.resume == "auto" else None
+    global_batch = tc.batch_size * dist.world * tc.grad_accum
     if ckpt is not None:
-        _check_resume(ckpt, cfg, state_dir)
+        check_resume(ckpt, cfg, state_dir, global_batch)
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         load_optimizer_state(optimizer, ckpt["optimizer"])  # with today's weight decay, betas, fused
@@ -178,7 +179,6 @@ def train(
     elif tc.resume == "never" and dist.is_main:
         for old in step_checkpoints(state_dir):
             old.unlink()
-    seed_rank(tc.seed, start, dist)
     log_rows: list[dict[str, Any]] = _read_log(state_dir / "train_log.csv", start) if dist.is_main else []
 
     net: nn.Module = model
@@ -241,6 +241,7 @@ def train(
     final_loss = float(log_rows[-1]["loss"]) if log_rows else float("nan")  # a finished run resumed: as logged
     last_loss: torch.Tensor | None = None
     for step_batches in loader:
+        seed_rank(tc.seed, step, dist)  # ranks past the first: their dropout stream from (seed, step, rank)
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, tc)
@@ -283,7 +284,7 @@ def train(
             if dist.is_main:
                 _write_log(state_dir / "train_log.csv", log_rows)
                 save_atomic(
-                    _state(model, ema, optimizer, scaler, step, cfg, expected, device),
+                    _state(model, ema, optimizer, scaler, step, cfg, expected, device, global_batch),
                     state_dir / f"step_{step:07d}.pt",
                 )
                 for old in step_checkpoints(state_dir)[tc.keep_checkpoints :]:
@@ -348,31 +349,6 @@ def _diverged(step: int, loss: float, grad_norm: float, state_dir: Path) -> Trai
     )
 
 
-def _check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
-    """Refuse a checkpoint past ``train.steps``, or a finished training (its last step) whose result-shaping train
-    settings have changed since: resuming it would hand back the old weights as if trained with the new settings.
-    Changes before the last step are allowed (a deliberate change mid-run) and logged."""
-    step, steps = int(ckpt["step"]), cfg.train.steps
-    if step > steps:
-        raise LungDDPMError(
-            f"{state_dir}: the newest checkpoint is at step {step}, past train.steps {steps}; raise train.steps to "
-            f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
-        )
-    before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
-    changed = sorted(
-        k for k, v in cfg.raw["train"].items() if k not in RESUME_NEUTRAL and k in before and before[k] != v
-    )
-    if changed and step == steps:
-        diff = ", ".join(f"{k} {before[k]} then, {cfg.raw['train'][k]} now" for k in changed)
-        raise LungDDPMError(
-            f"{state_dir}: this training finished (step {step} of {steps}) with other train settings ({diff}); to "
-            f"train anew with them choose a new train.name (or set train.resume: never, or delete {state_dir}); to "
-            "keep the finished model, restore them; to continue it with them, raise train.steps"
-        )
-    if changed:
-        log.warning("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
-
-
 def _state(
     model: nn.Module,
     ema: EMA,
@@ -382,8 +358,10 @@ def _state(
     cfg: Config,
     expected: dict[str, Any],
     device: torch.device,
+    global_batch: int,
 ) -> dict[str, Any]:
     return {
+        "global_batch": global_batch,
         "model": model.state_dict(),
         "ema": ema.model.state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -63,13 +63,15 @@ def tree(state_dir: Path, fold: str | None = None) -> dict[str, Path]:
 
 
 def nnunet_env(roots: Mapping[str, Path], cfg: SegmentationConfig, threads: int) -> dict[str, str]:
-    """The child's environment: this process's, plus nnU-Net's paths and process counts."""
+    """The child's environment: this process's, plus nnU-Net's paths and process counts (its default DA: <= threads)."""
     env = dict(os.environ)
     env.update({k: str(Path(v).resolve()) for k, v in roots.items()})
     env["nnUNet_def_n_proc"] = str(cfg.processes)
     env["nnUNet_compile"] = "true" if cfg.compile else "false"  # the child forces false on CPU
-    if cfg.da_processes is not None:
-        env["nnUNet_n_proc_DA"] = str(cfg.da_processes)
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA  # 12 (by hostname), capped by the node
+
+    da = cfg.da_processes if cfg.da_processes is not None else min(get_allowed_n_proc_DA(), max(1, threads))
+    env["nnUNet_n_proc_DA"] = str(da)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"

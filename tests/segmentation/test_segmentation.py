@@ -191,6 +191,19 @@ def _seg(**over: object) -> SegmentationConfig:
     return SegmentationConfig.from_config(raw)
 
 
+def test_nnunet_augmentation_workers_fit_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """da_processes null: nnU-Net's own number (12 off its sites), at most the job's threads (its default is capped
+    by the node's CPUs only: 12 workers on a Slurm job of 8 CPUs); a number given is passed as is."""
+    import nnunetv2.utilities.default_n_proc_DA as default_da
+
+    monkeypatch.setattr(default_da, "get_allowed_n_proc_DA", lambda: 12)
+    roots = {"nnUNet_raw": Path("raw")}
+    assert nnunet.nnunet_env(roots, _seg(da_processes=None), 8)["nnUNet_n_proc_DA"] == "8"
+    assert nnunet.nnunet_env(roots, _seg(da_processes=None), 32)["nnUNet_n_proc_DA"] == "12"
+    assert nnunet.nnunet_env(roots, _seg(da_processes=0), 8)["nnUNet_n_proc_DA"] == "0"
+    assert nnunet.nnunet_env(roots, _seg(da_processes=16), 8)["nnUNet_n_proc_DA"] == "16"
+
+
 def test_arms_config_errors_name_the_key() -> None:
     assert _seg().arm_names == ["real", "real+synthetic"] and _seg().folds == ("all",)
     with pytest.raises(ConfigError, match="appear more than once"):

@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO
 
 from lungddpm.config import validate_config
-from lungddpm.diffusion.jobs import job_gpus, torchrun_command, train_processes
+from lungddpm.diffusion.jobs import job_gpus, launch, torchrun_command, train_processes
 from lungddpm.errors import ConfigError, LungDDPMError
 
 GPU_RULES = ("train", "sample", "metrics", "segment_train", "train_lesion", "synthesize_lesion")
@@ -88,6 +88,8 @@ def test_plugin_turns_the_profile_into_gpu_sbatch_flags(gpus: int) -> None:
     call = get_submit_command(job, params) + set_gres_string(job)
     assert f"--gpus={gpus}" in call and "--cpus-per-gpu=8" in call and "--mem 64000" in call, call
     assert "--cpus-per-task" not in call and "-t 2880" in call
+    assert "--nodes=1" in call  # torchrun --standalone: the job's GPUs on one node
+    assert real["cores"] >= gpus * 8  # the threads N GPUs x cpus_per_gpu are not cut to the profile's cores
     ci = profile("slurm-ci")
     job = fake_job("train", ci, ci["set-threads"]["train"])
     call = get_submit_command(job, params) + set_gres_string(job)
@@ -102,12 +104,20 @@ def test_one_torchrun_rank_per_gpu_of_the_job(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert job_gpus(2, {}) == 1  # CUDA_VISIBLE_DEVICES unset: capped by the GPUs present
+    # where CUDA is available its own count wins over the entries (two MIG slices: one per process; "0,0": none)
+    assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "MIG-a,MIG-b"}) == 1
     monkeypatch.undo()
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == 4
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2  # fewer visible than requested: the visible ones
     assert job_gpus(0, {"CUDA_VISIBLE_DEVICES": "0"}) == 0
     assert job_gpus(1, {"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == 1  # CUDA stops reading at the first invalid entry
+    # a job holding GPUs where CUDA shows none is refused, never trained on the CPU while its GPUs stay reserved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LungDDPMError, match=r"this job holds 2 GPU\(s\) \(the train rule's gpu resource\) for 2 "
+                       r"rank\(s\), but CUDA shows 0 here"):  # fmt: skip
+        launch({"gpus": 2, "state_dir": "unused", "threads": 2}, 2)
+    monkeypatch.undo()
     assert train_processes(1, 4) == 4  # a job with 4 GPUs: 4 ranks
     assert train_processes(1, 1) == train_processes(1, 0) == 1
     assert train_processes(2, 0) == 2  # CPU DDP (gloo), as in the tests
