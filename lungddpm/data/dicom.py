@@ -57,6 +57,7 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
 
 
 SLICE_TAGS = ("SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+RESCALE_TAGS = ("RescaleSlope", "RescaleIntercept")
 XY_DRIFT_MM = 0.01  # slices whose x/y positions differ more are a sheared (gantry-tilted) stack
 
 
@@ -117,9 +118,22 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
             pixels = ds.pixel_array
         except (InvalidDicomError, AttributeError, ValueError, OSError, KeyError) as exc:
             raise DicomError(f"{f}: corrupt or incomplete DICOM file ({exc}); re-download this series") from exc
+        except (RuntimeError, NotImplementedError) as exc:  # pydicom: no decoder (plugin) could decode the pixels
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", syntax)
+            raise DicomError(
+                f"{f}: its pixel data ({name}) cannot be decoded ({str(exc).splitlines()[0]}); re-download this "
+                "series, or install a pydicom decoder for that transfer syntax (pylibjpeg, python-gdcm)"
+            ) from exc
         missing = [tag for tag in SLICE_TAGS if getattr(ds, tag, None) in (None, "")]
         if missing:
             raise DicomError(f"{f}: no {', '.join(missing)} (needed to place the slice); re-download this series")
+        unmapped = [tag for tag in RESCALE_TAGS if getattr(ds, tag, None) in (None, "")]
+        if unmapped:  # required in a CT image: without them stored values are not HU (unsigned air would be +1024)
+            raise DicomError(
+                f"{f}: no {', '.join(unmapped)} (maps its stored values to HU; required in CT images); re-download "
+                "this series or re-export it with them"
+            )
         slices.append((ds, pixels))
     uids = {ds.SeriesInstanceUID for ds, _ in slices}
     if len(uids) > 1:
@@ -149,7 +163,7 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         ds, pixels = slices[k]
         raw = pixels.astype(np.float32)
         pad = getattr(ds, "PixelPaddingValue", None)
-        slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         values = raw * slope + intercept
         if pad is not None:
             values[pixels == pad] = padding_hu

