@@ -121,7 +121,7 @@ def cmd_demo_qc(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .diffusion.jobs import job_gpus, launch, make_job, train_processes
+    from .diffusion.jobs import launch_training, make_job
     from .preprocessing.cases import case_ct, case_layout, case_split, list_cases
 
     cfg = _config(args)
@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         Path(args.state) / "models" / cfg.train.name,
         args.threads,
     )
-    launch(job, train_processes(cfg.train.processes, job_gpus(cfg.train.gpus)))
+    launch_training(job, cfg.train.gpus, cfg.train.processes)
 
 
 def cmd_train_job(args: argparse.Namespace) -> None:

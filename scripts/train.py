@@ -1,9 +1,9 @@
-"""Snakemake adapter: train the diffusion model (lungddpm.diffusion.jobs.launch; torchrun when processes > 1)."""
+"""Snakemake adapter: train the diffusion model (lungddpm.diffusion.jobs.launch_training; torchrun for several)."""
 
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
-from lungddpm.diffusion.jobs import job_gpus, launch, make_job, train_processes
+from lungddpm.diffusion.jobs import launch_training, make_job
 from lungddpm.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):
@@ -19,5 +19,4 @@ with rule_logging(snakemake.log[0]):
         snakemake.threads,
     )
     # one torchrun rank per GPU when the job holds several (e.g. a Slurm job with --gpus=N)
-    gpus = job_gpus(int(snakemake.resources.get("gpu", 0)))
-    launch({**job, "gpus": gpus}, train_processes(snakemake.params.processes, gpus))
+    launch_training(job, int(snakemake.resources.get("gpu", 0)), snakemake.params.processes)

@@ -62,6 +62,21 @@ def test_a_bumped_lesion_run_remakes_its_items(tmp_path: Path, monkeypatch: pyte
     assert run_settings(cfg, "x") == {**old, "version": 2} and not provenance_complete(files, run_settings(cfg, "x"))
 
 
+def test_a_bumped_sampling_run_remakes_its_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungddpm.synthesis.volume_run import _settings
+
+    cfg = load_config(REPO / "config/config.yaml")
+    files = {"provenance": tmp_path / "item.json", "ct": tmp_path / "item_ct.nii.gz"}
+    files["ct"].write_bytes(b"")
+    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "sample", 1)
+    old = _settings(cfg, "eval", "x", None)
+    files["provenance"].write_text(json.dumps(old))
+    assert "version" not in old and provenance_complete(files, old)
+    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "sample", 3)
+    assert _settings(cfg, "eval", "x", None) == {**old, "version": 3}
+    assert not provenance_complete(files, _settings(cfg, "eval", "x", None))
+
+
 def test_a_bumped_training_refuses_to_resume_older_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config()
     monkeypatch.setitem(versions.OUTPUT_VERSIONS, "train_lesion", 1)

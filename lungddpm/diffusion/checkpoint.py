@@ -216,17 +216,11 @@ def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[st
     return None
 
 
-def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path, global_batch: int) -> None:
+def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
     """Refuse a checkpoint past ``train.steps``, or a finished training (its last step) whose result-shaping train
     settings have changed since: resuming it would hand back the old weights as if trained with the new settings.
-    Changes before the last step are allowed (a deliberate change mid-run) and logged, as is another global batch
-    (another number of GPUs or processes: each rank draws ``batch_size``)."""
+    Changes before the last step are allowed (a deliberate change mid-run) and logged."""
     step, steps = int(ckpt["step"]), cfg.train.steps
-    was = ckpt.get("global_batch", global_batch)  # a checkpoint from before the key: unknown
-    if was != global_batch and step < steps:
-        log.warning("the global batch was %d up to step %d and is %d from now on (train.batch_size x processes x "
-                    "grad_accum); to keep %d, resume on as many GPUs (processes) as before", was, step, global_batch,
-                    was)  # fmt: skip
     if step > steps:
         raise LungDDPMError(
             f"{state_dir}: the newest checkpoint is at step {step}, past train.steps {steps}; raise train.steps to "
@@ -245,6 +239,16 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path, global_batc
         )
     if changed:
         log.warning("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))
+
+
+def check_global_batch(ckpt: dict[str, Any], global_batch: int, steps: int) -> None:
+    """Log a resume, before ``steps``, with another global batch than the checkpoint's (another number of GPUs or
+    processes: each rank draws ``train.batch_size``); the training goes on with it. Older checkpoints have none."""
+    was, step = ckpt.get("global_batch", global_batch), int(ckpt["step"])
+    if was != global_batch and step < steps:
+        log.warning("the global batch was %d up to step %d and is %d from now on (train.batch_size x processes x "
+                    "grad_accum); to keep %d, resume on as many GPUs (processes) as before", was, step, global_batch,
+                    was)  # fmt: skip
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

@@ -74,7 +74,7 @@ def job_gpus(requested: int, env: Mapping[str, str] | None = None) -> int:
     can see: where CUDA is available, the count CUDA itself gives (it reads ``CUDA_VISIBLE_DEVICES``, which Slurm
     and most schedulers set to the job's GPUs, with its own rules: UUIDs, MIG slices, invalid entries); elsewhere
     ``CUDA_VISIBLE_DEVICES`` (of ``env``) up to its first invalid entry, and without it the request stands
-    (:func:`launch` refuses to start a job that holds GPUs on a host where CUDA shows fewer)."""
+    (:func:`launch` refuses to start a job that holds GPUs on a host where CUDA shows none)."""
     import torch
 
     requested = max(0, int(requested))
@@ -121,6 +121,14 @@ def torchrun_command(job_path: Path, processes: int) -> list[str]:
         "train-job",
         str(job_path),
     ]
+
+
+def launch_training(job: dict[str, Any], requested_gpus: int, configured_processes: int = 1) -> None:
+    """Run a training ``job`` on the GPUs it holds (``requested_gpus``, e.g. its rule's ``gpu`` resource, capped by
+    :func:`job_gpus`): one rank per GPU, or ``train.processes`` (:func:`train_processes`); refused by :func:`launch`
+    where CUDA shows none of them. The train and train_lesion rules and ``lungddpm train`` go through here."""
+    gpus = job_gpus(requested_gpus)
+    launch({**job, "gpus": gpus}, train_processes(configured_processes, gpus))
 
 
 def launch(job: dict[str, Any], processes: int) -> None:

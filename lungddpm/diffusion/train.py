@@ -27,7 +27,14 @@ from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
 from ..faults import kill_point
 from ..io import atomic_path, read_csv
-from .checkpoint import check_resume, find_resume_checkpoint, fingerprint, save_atomic, step_checkpoints
+from .checkpoint import (
+    check_global_batch,
+    check_resume,
+    find_resume_checkpoint,
+    fingerprint,
+    save_atomic,
+    step_checkpoints,
+)
 from .data import StepBatches, TrainData, data_digest
 from .distributed import all_mean, barrier, seed_rank, setup_distributed
 from .encoding import model_to_hu
@@ -166,9 +173,8 @@ def train(
 
     start = 0
     ckpt = find_resume_checkpoint(state_dir, expected) if tc.resume == "auto" else None
-    global_batch = tc.batch_size * dist.world * tc.grad_accum
     if ckpt is not None:
-        check_resume(ckpt, cfg, state_dir, global_batch)
+        check_resume(ckpt, cfg, state_dir)
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         load_optimizer_state(optimizer, ckpt["optimizer"])  # with today's weight decay, betas, fused
@@ -201,6 +207,8 @@ def train(
         tc.balance_textures,
         tc.crop,
     )
+    if ckpt is not None:
+        check_global_batch(ckpt, batches.global_batch, tc.steps)
     loader = torch.utils.data.DataLoader(
         batches,
         batch_size=None,
@@ -284,7 +292,7 @@ def train(
             if dist.is_main:
                 _write_log(state_dir / "train_log.csv", log_rows)
                 save_atomic(
-                    _state(model, ema, optimizer, scaler, step, cfg, expected, device, global_batch),
+                    _state(model, ema, optimizer, scaler, step, cfg, expected, device, batches.global_batch),
                     state_dir / f"step_{step:07d}.pt",
                 )
                 for old in step_checkpoints(state_dir)[tc.keep_checkpoints :]:

@@ -118,11 +118,14 @@ def test_merged_pylidc_clusters_are_split_into_their_nodules(caplog: pytest.LogC
 def test_touching_groups_keep_one_nodule_and_part_contours_that_never_meet() -> None:
     shape = (12, 20, 40)
     a, b = _ball(shape, (6, 10, 10), 4), _ball(shape, (6, 10, 10.5), 4)  # two readings of one nodule
-    beside = _ball(shape, (6, 10, 15), 1)  # a voxel's gap from a, inside its dilation: touching
+    beside = _ball(shape, (6, 10, 16), 1)  # next to a (x 15 against its 14), sharing no voxel: touching
+    apart = _ball(shape, (6, 10, 17), 1)  # one empty voxel (x 15) between them: not touching
     far = _ball(shape, (6, 10, 30), 6)  # one reader's larger nodule 20 voxels away
+    assert not (a & beside).any() and not (a & apart).any()
     assert lidc.touching_groups([a, b]) == [[0, 1]]
     assert lidc.touching_groups([a, far, b]) == [[0, 2], [1]]
     assert lidc.touching_groups([far, a, beside]) == [[0], [1, 2]]
+    assert lidc.touching_groups([a, apart]) == [[0], [1]]
 
 
 def test_a_small_pylidc_cluster_whose_contours_never_meet_is_split(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,8 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless
 from scipy import ndimage
 
 from lungddpm.data.dicom import find_series_dir, read_dicom_series
@@ -376,19 +374,6 @@ def test_every_slice_is_checked_for_the_tags_and_orientation_that_place_it(
     del broken.ImagePositionPatient
     broken.save_as(paths[k])
     with pytest.raises(DicomError, match=rf"{paths[k].name}: no ImagePositionPatient .*re-download"):
-        read_dicom_series(series)
-    del broken.RescaleIntercept  # unsigned air would read as +1024 HU (before: intercept 0, silently)
-    broken.ImagePositionPatient = original.ImagePositionPatient
-    broken.save_as(paths[k])
-    with pytest.raises(DicomError, match=rf"{paths[k].name}: no RescaleIntercept \(maps its stored values to HU"):
-        read_dicom_series(series)
-    undecodable = pydicom.dcmread(paths[k])  # JPEG 2000 pixel data no decoder reads: a bare RuntimeError before
-    undecodable.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    undecodable.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(50)])
-    undecodable["PixelData"].VR = "OB"
-    undecodable.save_as(paths[k], enforce_file_format=True)
-    with pytest.raises(DicomError, match=rf"{paths[k].name}: its pixel data \(JPEG 2000 Image Compression \(Lossless"
-                       r" Only\)\) cannot be decoded .*install a pydicom decoder"):  # fmt: skip
         read_dicom_series(series)
     tilted = pydicom.dcmread(paths[-1])
     tilted.ImageOrientationPatient = [1, 0, 0, 0, 0.966, -0.259]

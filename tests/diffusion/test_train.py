@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
@@ -388,43 +387,3 @@ def test_a_checkpoint_written_again_with_the_same_content_has_the_same_model_dig
     torch.save({**a, "extra": [torch.zeros(3000), torch.ones(3000)]}, tmp_path / "f.pt")
     torch.save({**a, "extra": [torch.zeros(3000), torch.full((3000,), 2.0)]}, tmp_path / "g.pt")
     assert model_sha256(tmp_path / "f.pt") != model_sha256(tmp_path / "g.pt")  # tensors in a list: by value
-
-
-def test_ranks_past_the_first_resume_their_dropout_stream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A rank past the first draws its dropout from (seed, step, rank) at every step: a run stopped at a checkpoint
-    and resumed ends with the uninterrupted run's weights (before: it reseeded at the resumed step only, so its
-    masks from there on differed; 2 gloo ranks, dropout 0.3: weights 5.6e-3 apart). Rank 0 writes the checkpoints
-    here, with rank 1's seeding, since only rank 0 writes them."""
-    from lungddpm.config import Config, validate_config
-    from lungddpm.diffusion import train as train_module
-
-    as_rank_1 = Dist(2, 1, 1, torch.device("cpu"))
-    monkeypatch.setattr(train_module, "seed_rank", lambda seed, step, dist: seed_rank(seed, step, as_rank_1))
-    raw = copy.deepcopy(tiny_config(steps=4, checkpoint_every=2).raw)
-    raw["model"]["dropout"] = 0.3
-    cfg = Config.from_dict(validate_config(raw))
-    whole = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)
-    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2, stop_after=2)
-    resumed = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2)
-    assert whole.step == resumed.step == 4
-    a, b = load_checkpoint(tmp_path / "a/checkpoint.pt"), load_checkpoint(tmp_path / "b/checkpoint.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-def test_a_resume_with_another_global_batch_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    """Each rank draws train.batch_size: resuming on another number of GPUs changes the global batch. Mid-run it goes
-    on, with a warning naming both; a finished training is handed back as is; older checkpoints have no record."""
-    from lungddpm.diffusion.checkpoint import check_resume
-
-    cfg = tiny_config(steps=20)
-    ckpt = {"step": 10, "config": cfg.raw, "global_batch": 8}
-    caplog.set_level(logging.WARNING, logger="lungddpm.diffusion")
-    check_resume(ckpt, cfg, Path("s"), 8)
-    assert not caplog.text
-    check_resume(ckpt, cfg, Path("s"), 4)
-    assert "the global batch was 8 up to step 10 and is 4 from now on" in caplog.text
-    assert "to keep 8, resume on as many GPUs (processes) as before" in caplog.text
-    caplog.clear()
-    check_resume({**ckpt, "step": 20}, cfg, Path("s"), 4)
-    check_resume({k: v for k, v in ckpt.items() if k != "global_batch"}, cfg, Path("s"), 4)
-    assert not caplog.text

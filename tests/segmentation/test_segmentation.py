@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import CI_CONFIG, REPO, snakemake
 
+from lungddpm import versions
 from lungddpm.config import load_config
 from lungddpm.diffusion.precision import cpu_has_native_bf16
 from lungddpm.errors import ConfigError, LungDDPMError
@@ -456,12 +457,13 @@ def test_segment_train_reuses_a_finished_model(
         raise RuntimeError("stamp read")
 
     monkeypatch.setattr(nnunet, "launch", stamp_of)
-    for data in (prep["data_sha256"], "0" * 64):
+    for data, version in ((prep["data_sha256"], 1), ("0" * 64, 1), (prep["data_sha256"], 2)):
+        monkeypatch.setitem(versions.OUTPUT_VERSIONS, "segment_train", version)  # 2: a code change bumped it
         write_json(tmp_path / "prepared.json", {**prep, "data_sha256": data})
         with pytest.raises(RuntimeError, match="stamp read"):
             train_arm(tmp_path / "prepared.json", "all", tests, tmp_path / "p2", tmp_path / "r2.json",
                       _ci_segmentation(demo_workflow), 1)  # fmt: skip
-    assert len(stamps) == 2 and stamps[0] != stamps[1]
+    assert len(stamps) == 3 and len(set(stamps)) == 3  # the version-1 stamp is the one the workflow's run reused
 
 
 def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO
 
 from lungddpm.config import validate_config
-from lungddpm.diffusion.jobs import job_gpus, launch, torchrun_command, train_processes
+from lungddpm.diffusion.jobs import job_gpus, launch, launch_training, torchrun_command, train_processes
 from lungddpm.errors import ConfigError, LungDDPMError
 
 GPU_RULES = ("train", "sample", "metrics", "segment_train", "train_lesion", "synthesize_lesion")
@@ -106,17 +106,19 @@ def test_one_torchrun_rank_per_gpu_of_the_job(monkeypatch: pytest.MonkeyPatch) -
     assert job_gpus(2, {}) == 1  # CUDA_VISIBLE_DEVICES unset: capped by the GPUs present
     # where CUDA is available its own count wins over the entries (two MIG slices: one per process; "0,0": none)
     assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "MIG-a,MIG-b"}) == 1
-    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA: what the scheduler's variable says
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == 4
     assert job_gpus(4, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2  # fewer visible than requested: the visible ones
     assert job_gpus(0, {"CUDA_VISIBLE_DEVICES": "0"}) == 0
     assert job_gpus(1, {"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == 1  # CUDA stops reading at the first invalid entry
     # a job holding GPUs where CUDA shows none is refused, never trained on the CPU while its GPUs stay reserved
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(LungDDPMError, match=r"this job holds 2 GPU\(s\) \(the train rule's gpu resource\) for 2 "
                        r"rank\(s\), but CUDA shows 0 here"):  # fmt: skip
         launch({"gpus": 2, "state_dir": "unused", "threads": 2}, 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the train_lesion rule's one GPU, as the CLI's
+    with pytest.raises(LungDDPMError, match=r"this job holds 1 GPU\(s\) .* for 1 rank\(s\), but CUDA shows 0"):
+        launch_training({"state_dir": "unused", "threads": 2}, 1)
     monkeypatch.undo()
     assert train_processes(1, 4) == 4  # a job with 4 GPUs: 4 ranks
     assert train_processes(1, 1) == train_processes(1, 0) == 1

@@ -1,0 +1,49 @@
+"""Reading a DICOM series (lungddpm.data.dicom): slices it cannot read as HU are refused, naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+
+from lungddpm.data.dicom import read_dicom_series
+from lungddpm.data.phantom import ScanGeometry, quirks_for, write_dicom_series
+from lungddpm.errors import DicomError
+
+
+def _series(folder: Path) -> list[Path]:
+    """Four 32 x 32 slices of -800 HU inside the field of view, written as the demo writes its phantoms (here
+    unsigned, intercept -1024: 0 stored outside the field of view, read as -1024)."""
+    geom = ScanGeometry("LIDC-IDRI-9999", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.7, np.arange(4) * 2.5, 2.5, 32, 32)
+    paths = write_dicom_series(np.full((4, 32, 32), -800, np.int16), geom, folder, quirks_for(1))
+    assert np.array_equal(np.unique(read_dicom_series(folder).hu), [-1024, -800])
+    return paths
+
+
+@pytest.mark.parametrize("tag", ["RescaleIntercept", "RescaleSlope"])
+def test_a_slice_without_its_rescale_tags_is_refused(tmp_path: Path, tag: str) -> None:
+    """Stored values are HU only through RescaleSlope / RescaleIntercept (required in CT images): without the
+    intercept the -800 HU here read as +224 (before: intercept 0, silently)."""
+    paths = _series(tmp_path / "s")
+    ds = pydicom.dcmread(paths[2])
+    delattr(ds, tag)
+    ds.save_as(paths[2])
+    with pytest.raises(DicomError, match=rf"{paths[2].name}: no {tag} \(maps its stored values to HU; required"):
+        read_dicom_series(tmp_path / "s")
+
+
+def test_pixel_data_no_decoder_reads_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """JPEG 2000 pixel data that no installed decoder reads: before, pydicom's bare RuntimeError named no file."""
+    paths = _series(tmp_path / "s")
+    ds = pydicom.dcmread(paths[1])
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(50)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(paths[1], enforce_file_format=True)
+    said = rf"{paths[1].name}: its pixel data \(JPEG 2000 Image Compression \(Lossless Only\)\) cannot be decoded"
+    with pytest.raises(DicomError, match=said + r" .*; re-download this series, or install a pydicom decoder"):
+        read_dicom_series(tmp_path / "s")

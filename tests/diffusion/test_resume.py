@@ -1,0 +1,51 @@
+"""Resuming a training where a run of several processes differs from one: the dropout streams of ranks past the
+first, and the global batch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from support import tiny_config, tiny_data
+
+from lungddpm.config import Config, validate_config
+from lungddpm.diffusion.checkpoint import load_checkpoint
+from lungddpm.diffusion.distributed import Dist, seed_rank
+from lungddpm.diffusion.train import train
+
+
+def test_ranks_past_the_first_resume_their_dropout_stream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A rank past the first draws its dropout from (seed, step, rank) at every step: a run stopped at a checkpoint
+    and resumed ends with the uninterrupted run's weights (before: it reseeded at the resumed step only, so its
+    masks from there on differed; 2 gloo ranks, dropout 0.3: weights 5.6e-3 apart). Rank 0 writes the checkpoints
+    here, with rank 1's seeding, since only rank 0 writes them."""
+    from lungddpm.diffusion import train as train_module
+
+    as_rank_1 = Dist(2, 1, 1, torch.device("cpu"))
+    monkeypatch.setattr(train_module, "seed_rank", lambda seed, step, dist: seed_rank(seed, step, as_rank_1))
+    raw = copy.deepcopy(tiny_config(steps=4, checkpoint_every=2).raw)
+    raw["model"]["dropout"] = 0.3
+    cfg = Config.from_dict(validate_config(raw))
+    whole = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)
+    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2, stop_after=2)
+    resumed = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2)
+    assert whole.step == resumed.step == 4
+    a, b = load_checkpoint(tmp_path / "a/checkpoint.pt"), load_checkpoint(tmp_path / "b/checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_resume_with_another_global_batch_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each rank draws train.batch_size, so resuming on another number of GPUs changes the global batch: the
+    checkpoint records it, and a resume before the last step goes on with the new one, saying so (here the batch
+    size itself changes, one process, which the settings warning names too)."""
+    train(tiny_data(), tiny_config(steps=4, checkpoint_every=2, batch_size=2), tmp_path / "o", tmp_path / "s",
+          threads=2, stop_after=2)  # fmt: skip
+    assert load_checkpoint(tmp_path / "s/step_0000002.pt")["global_batch"] == 2
+    caplog.set_level(logging.WARNING, logger="lungddpm.diffusion")
+    train(tiny_data(), tiny_config(steps=4, checkpoint_every=2, batch_size=1), tmp_path / "o", tmp_path / "s")
+    assert "the global batch was 2 up to step 2 and is 1 from now on (train.batch_size x processes x" in caplog.text
+    assert "to keep 2, resume on as many GPUs (processes) as before" in caplog.text
+    assert load_checkpoint(tmp_path / "s/step_0000004.pt")["global_batch"] == 1
