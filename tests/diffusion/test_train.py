@@ -306,7 +306,7 @@ def test_gpu_rng_state_is_this_devices_and_restores_to_it_only(monkeypatch: pyte
     opt = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cuda1 = torch.device("cuda:1")
-    state = train_module._state(model, EMA(model, 0.9, False), opt, scaler, 1, tiny_config(), {}, cuda1)
+    state = train_module._state(model, EMA(model, 0.9, False), opt, scaler, 1, tiny_config(), {}, cuda1, 1)
     assert state["rng_cuda"].tolist() == [1]
     cpu = torch.get_rng_state()
     a, b = torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)
