@@ -142,10 +142,10 @@ def launch(job: dict[str, Any], processes: int) -> None:
         seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if seen < min(held, processes):
             raise LungDDPMError(
-                f"this job holds {held} GPU(s) (the train rule's gpu resource) for {processes} rank(s), but CUDA "
-                f"shows {seen} here (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the "
-                "node's GPU driver and the profile's gpu / gpu_model, or set the train rule's gpu to 0 to train on "
-                "CPUs"
+                f"this job holds {held} GPU(s) (its rule's gpu resource, from train.gpus or a profile) for {processes} "
+                f"rank(s), but CUDA shows {seen} here (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+                "; check the node's GPU driver and the profile's gpu / gpu_model, or set train.gpus: 0 (in a profile: "
+                "the rule's gpu resource) to train on the CPU"
             )
     if processes == 1:
         run_job(job)

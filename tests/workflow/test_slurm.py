@@ -113,8 +113,8 @@ def test_one_torchrun_rank_per_gpu_of_the_job(monkeypatch: pytest.MonkeyPatch) -
     assert job_gpus(1, {"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert job_gpus(2, {"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == 1  # CUDA stops reading at the first invalid entry
     # a job holding GPUs where CUDA shows none is refused, never trained on the CPU while its GPUs stay reserved
-    with pytest.raises(LungDDPMError, match=r"this job holds 2 GPU\(s\) \(the train rule's gpu resource\) for 2 "
-                       r"rank\(s\), but CUDA shows 0 here"):  # fmt: skip
+    with pytest.raises(LungDDPMError, match=r"this job holds 2 GPU\(s\) \(its rule's gpu resource, from train.gpus or"
+                       r" a profile\) for 2 rank\(s\), but CUDA shows 0 here.*or set train.gpus: 0"):  # fmt: skip
         launch({"gpus": 2, "state_dir": "unused", "threads": 2}, 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the train_lesion rule's one GPU, as the CLI's
     with pytest.raises(LungDDPMError, match=r"this job holds 1 GPU\(s\) .* for 1 rank\(s\), but CUDA shows 0"):
