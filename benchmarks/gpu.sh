@@ -11,9 +11,9 @@
 # (on the device machine: OUT_DIR=$OUT/speed so that they come back).
 # PHASES="3 5 6" runs only those phases (numbered 1-7 below): a second call on the still-warm machine finishes what
 # the first call's budget cut (a machine idle for 30 s is given back, so send the second call at once).
-# CPU dry run (32³: at 16³ the paper network's deepest level is 2 voxels deep, where a oneDNN fault makes bf16 weight
-# gradients wrong on some CPUs, so its bf16 rows can say NOT FINITE; see lungddpm.diffusion.precision.checked_cpu_bf16):
-# SIZE=32 CHANNELS=32 MAX=2 LESION_SIZE=32 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
+# CPU dry run: SIZE=16 CHANNELS=32 MAX=2 LESION_SIZE=16 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
+# (its ours-bf16 rows say NOT FINITE on a CPU with oneDNN's bf16 fault at a level 2 voxels deep, at 16³ and 32³:
+# README, Training; lungddpm.diffusion.precision.checked_cpu_bf16. The tooling is what a dry run checks.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 src=${LUNG_DDPM:-peers/Lung-DDPM}
