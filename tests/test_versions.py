@@ -15,7 +15,7 @@ from lungddpm.config import load_config
 from lungddpm.diffusion.checkpoint import CheckpointError, find_resume_checkpoint, fingerprint, save_atomic
 from lungddpm.errors import LungDDPMError
 from lungddpm.synthesis.lesion import run_settings
-from lungddpm.synthesis.volume_run import provenance_complete
+from lungddpm.synthesis.volume_run import _settings, provenance_complete
 
 REPO = Path(__file__).resolve().parents[1]
 RULE = re.compile(r"^([ \t]*)rule (\w+):\n((?:\1[ \t]+.*\n|[ \t]*\n)*)", re.M)
@@ -48,33 +48,25 @@ def test_output_version_leaves_version_1_out_and_refuses_an_unknown_stage(monkey
         versions.output_version("sampel")
 
 
-def test_a_bumped_lesion_run_remakes_its_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An item's provenance holds the run's version; items of older code (version 1: no key) are not complete."""
+@pytest.mark.parametrize(("stage", "bump"), [("synthesize_lesion", 2), ("sample", 3)])
+def test_a_bumped_sampling_stage_remakes_its_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, bump: int
+) -> None:
+    """An item's provenance holds its run's version; items of older code (version 1: no key) are not complete."""
     cfg = load_config(REPO / "config/config.yaml")
+    settings = {
+        "synthesize_lesion": lambda: run_settings(cfg, "x"),
+        "sample": lambda: _settings(cfg, "eval", "x", None),
+    }
     files = {"provenance": tmp_path / "item.json", "ct": tmp_path / "item_ct.nii.gz"}
     files["ct"].write_bytes(b"")
-    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "synthesize_lesion", 1)
-    old = run_settings(cfg, "x")
-    assert "version" not in old
-    files["provenance"].write_text(json.dumps(old))
-    assert provenance_complete(files, old)
-    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "synthesize_lesion", 2)
-    assert run_settings(cfg, "x") == {**old, "version": 2} and not provenance_complete(files, run_settings(cfg, "x"))
-
-
-def test_a_bumped_sampling_run_remakes_its_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lungddpm.synthesis.volume_run import _settings
-
-    cfg = load_config(REPO / "config/config.yaml")
-    files = {"provenance": tmp_path / "item.json", "ct": tmp_path / "item_ct.nii.gz"}
-    files["ct"].write_bytes(b"")
-    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "sample", 1)
-    old = _settings(cfg, "eval", "x", None)
+    monkeypatch.setitem(versions.OUTPUT_VERSIONS, stage, 1)
+    old = settings[stage]()
     files["provenance"].write_text(json.dumps(old))
     assert "version" not in old and provenance_complete(files, old)
-    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "sample", 3)
-    assert _settings(cfg, "eval", "x", None) == {**old, "version": 3}
-    assert not provenance_complete(files, _settings(cfg, "eval", "x", None))
+    monkeypatch.setitem(versions.OUTPUT_VERSIONS, stage, bump)
+    assert settings[stage]() == {**old, "version": bump}
+    assert not provenance_complete(files, settings[stage]())
 
 
 def test_a_bumped_training_refuses_to_resume_older_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

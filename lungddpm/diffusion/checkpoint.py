@@ -172,10 +172,12 @@ def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any], pat
     for key in sorted(set(found) | set(expected)):
         if found.get(key) != expected.get(key):
             what = FINGERPRINT_NAMES.get(key, key)
-            if key == "version":  # absent: version 1
+            if key == "data":
+                out.append(what)
+            elif key == "version":  # absent: version 1
                 out.append(f"{what}: version {found.get(key, 1)} then, {expected.get(key, 1)} now")
             else:
-                out.append(what if key == "data" else f"{what}: {found.get(key)} then, {expected.get(key)} now")
+                out.append(f"{what}: {found.get(key)} then, {expected.get(key)} now")
     return out
 
 
