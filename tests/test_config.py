@@ -203,6 +203,30 @@ def test_the_packaged_schema_is_the_workflow_schema() -> None:
     assert packaged.is_symlink() and packaged.resolve() == (REPO / "config/schema.yaml").resolve()
 
 
+SCHEMA_KEYWORDS = {"type", "properties", "additionalProperties", "default", "description", "enum", "minimum",
+                   "maximum", "exclusiveMinimum", "exclusiveMaximum", "items", "minItems", "maxItems", "required",
+                   "oneOf", "anyOf", "allOf", "pattern", "$schema", "title", "uniqueItems", "minLength", "const",
+                   "patternProperties", "not", "if", "then", "else"}  # fmt: skip
+
+
+def test_every_schema_node_holds_only_json_schema_keywords() -> None:
+    """An unquoted description with a comma in a YAML flow mapping ends at the comma and turns the rest into keys
+    (``{description: from (seed, case, k).}`` -> keys ``case``, ``k).``): the description a user reads is cut."""
+
+    def stray(node: object, path: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [k for i, x in enumerate(node) for k in stray(x, f"{path}.{i}")] if isinstance(node, list) else []
+        found = [f"{path}: {k!r}" for k in node if k not in SCHEMA_KEYWORDS]
+        for k, v in node.items():
+            if k in ("properties", "patternProperties"):
+                found += [x for name, sub in v.items() for x in stray(sub, f"{path}.{name}")]
+            elif k not in ("default", "enum", "const", "description"):
+                found += stray(v, path)
+        return found
+
+    assert stray(yaml.safe_load((REPO / "config/schema.yaml").read_text()), "schema") == []
+
+
 def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in d.items():

@@ -207,7 +207,7 @@ def train(
         tc.balance_textures,
         tc.crop,
     )
-    if ckpt is not None:
+    if ckpt is not None and dist.is_main:
         check_global_batch(ckpt, batches.global_batch, tc.steps)
     loader = torch.utils.data.DataLoader(
         batches,
