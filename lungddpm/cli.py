@@ -29,22 +29,35 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
             raise LungDDPMError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.source=lidc")
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LungDDPMError(
+                    f"--set {item!r}: {'.'.join(parts[: depth + 1])} is set to a value by an earlier --set"
+                )
         node[parts[-1]] = yaml.safe_load(value)
     return out
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _config(args: argparse.Namespace):
     """The config as Snakemake sees it: ``--configfile`` merged over the workflow's config/config.yaml (the
     Snakefile's ``configfile:``, in ``--workdir`` if any) when that exists and is another file, then ``--set``."""
-    from .config import load_config
+    from .config import lesion_config, load_config
 
     base = Path(getattr(args, "workdir", None) or ".", "config", "config.yaml")
     path = Path(args.configfile or (base if base.is_file() else "config/config.yaml"))
     if merge := base.is_file() and not (path.exists() and path.samefile(base)):
         log.info("config: %s merged over %s", path, base)
-    return load_config(path, _overrides(args.set), base=base if merge else None)
+    cfg = load_config(path, _overrides(args.set), base=base if merge else None)
+    lesion_config(cfg)  # its keys are checked as Snakemake checks them at parse time
+    return cfg
 
 
 def cmd_cases(args: argparse.Namespace) -> None:
@@ -168,34 +181,11 @@ def cmd_nodule_bank(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .io import write_json
-    from .preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
-    from .synthesis.plan import plan, samples_per_layout, shard
-    from .synthesis.volume_run import synthesize_shard
+    from .synthesis.volume_run import sample_shard_entry
 
-    cfg = _config(args)
-    sc = cfg.raw["sample"]
-    shards = sc["shards"] if args.shards is None else args.shards
-    if shards < 1:
-        raise LungDDPMError(f"--shards {shards}: need at least 1 shard (default sample.shards)")
-    if not 0 <= args.shard < shards:
-        raise LungDDPMError(f"--shard {args.shard}: not a shard of --shards {shards}; choose 0 to {shards - 1}")
-    cases = run_cases(case_split(cfg, list_cases(cfg)), args.run)
-    items = shard(plan(args.run, cases, samples_per_layout(sc, args.run), sc["seed"]), shards, args.shard)
-    res = Path(args.results)
-    out = res / "synthetic" / args.run
-    manifest = synthesize_shard(
-        args.run,
-        items,
-        cfg,
-        model_checkpoint(cfg, res),
-        {c: case_ct(res, c) for c in cases},
-        {c: case_layout(res, c) for c in cases},
-        out,
-        Path(args.bank),
-        args.threads,
-    )
-    write_json(out / f"shard_{args.shard}.json", {"run": args.run, "items": manifest})
+    path = sample_shard_entry(_config(args), args.run, args.shard, args.shards, Path(args.results),
+                              Path(args.bank), args.threads)  # fmt: skip
+    log.info("shard manifest: %s", path)
 
 
 def cmd_metrics(args: argparse.Namespace) -> None:
@@ -290,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the diffusion model on the train split (torchrun if train.processes > 1)")
     p.add_argument("--results", default="results", help="results root holding preprocessed/ and layouts/")
     p.add_argument("--state", default="state", help="root of resumable state (checkpoints)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("train-job", help="(internal) one rank of a training job written by `train`")
     p.add_argument("job")
@@ -315,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample one shard of a run (eval: test layouts; augment: edited train layouts)")
     p.add_argument("--run", choices=["eval", "augment"], required=True)
     p.add_argument("--shard", type=int, default=0, help="this shard, 0 to --shards - 1")
-    p.add_argument("--shards", type=int, default=None, help="shards of the run (default sample.shards)")
+    p.add_argument("--shards", type=_positive, default=None, help="shards of the run (default sample.shards)")
     p.add_argument("--results", default="results")
     p.add_argument("--bank", default="resources/nodule_bank.npz")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser(
         "metrics",
@@ -330,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", required=True, help="folder of synthetic volumes (with <name>_layout.nii.gz)")
     p.add_argument("--real-labels", default=None, help="folder of layouts <case>.nii.gz of the real volumes")
     p.add_argument("--out", required=True, help="folder for image_quality.csv and per_case.csv")
-    p.add_argument("--cache", default=None, help="feature cache (default $LUNGDDPM_CACHE/features)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="feature cache (default $LUNGDDPM_CACHE/features, else ~/.cache/lungddpm/features)",
+    )
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("bench", help="benchmarks: train step time, sampling time per volume, sampler quality")
     p.add_argument(
@@ -344,49 +338,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lung-ddpm", default="peers/Lung-DDPM", help="speed: a checkout of Manem-Lab/Lung-DDPM")
     p.add_argument("--modes", nargs="+", default=None, help="speed: NETWORK:PRECISION[:COMPILE][:channels-last]"
                    "[:device-rng][:checkpoint] (default: the device's set)")  # fmt: skip
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="speed: cubic grid edges")
+    p.add_argument("--sizes", type=_positive, nargs="+", default=[32, 64], help="speed: cubic grid edges")
     p.add_argument("--batch-sizes", nargs="+", default=["1"], help="speed: batches; max = the largest that fits (GPU)")
-    p.add_argument("--sampler-steps", type=int, default=20, help="speed: DPM-Solver++ steps per volume")
-    p.add_argument("--channels", type=int, default=64, help="speed: base channels of both networks (paper 64)")
+    p.add_argument("--sampler-steps", type=_positive, default=20, help="speed: DPM-Solver++ steps per volume")
+    p.add_argument("--channels", type=_positive, default=64, help="speed: base channels of both networks (paper 64)")
     p.add_argument("--guidance", type=float, default=1.0, help="speed: != 1 = guided sampling, two passes per step "
                    "(the lesion scale's inpainting)")  # fmt: skip
     p.add_argument("--samplers", nargs="+", default=["ddpm:250", "ddim:50", "dpm++:20"], help="NAME:STEPS")
-    p.add_argument("--k", type=int, default=2, help="quality: samples per test layout; studio: sites")
+    p.add_argument("--k", type=_positive, default=2, help="quality: samples per test layout; studio: sites")
     p.add_argument("--results", default="results", help="quality: results root")
     p.add_argument("--out", default=None, help="quality: also write the table to this JSON file; speed: a folder")
-    p.add_argument("--size", type=int, default=64, help="cubic grid edge")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch (lesion sample: nodules per batch)")
+    p.add_argument("--size", type=_positive, default=64, help="cubic grid edge")
+    p.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch (lesion sample: nodules per batch)")
     p.add_argument("--scale", choices=["whole", "lesion"], default="whole", help="sample: lesion = inpaint ROIs")
     p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="also run torch.compile")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--profile", action="store_true", help="speed: also profile each row into <--out or .>/profile/")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up); speed: repeats (median)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--steps", type=_positive, default=3, help="timed steps (after warm-up); speed: repeats (median)")
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("segment", help="downstream nnU-Net v2: prepare/train each arm, score it on the test split, "
                        "compare the arms")  # fmt: skip
     p.add_argument("what", choices=["prepare", "train", "score", "compare", "all"])
     p.add_argument("--arm", action="append", help="only this arm (repeatable); default every configured arm")
     p.add_argument("--seed", type=int, action="append", help="only this seed (repeatable)")
-    p.add_argument("--fold", action="append", help="only this fold, 0-4 or all (repeatable)")
+    p.add_argument(
+        "--fold", action="append", choices=["0", "1", "2", "3", "4", "all"], help="only this fold (repeatable)"
+    )
     p.add_argument("--results", default="results")
     p.add_argument("--state", default="state",
                    help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("app", help="the interactive nodule studio: a local web app over the workflow's results")
     p.add_argument("--workdir", default=".", help="the workflow directory (its results/ and resources/)")
     p.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
     p.set_defaults(func=cmd_app)
+    for p in sub.choices.values():  # also after the stage, as in `lungddpm app --configfile my.yaml`
+        p.add_argument("--configfile", dest="stage_configfile", default=None, help="as before the stage")
+        p.add_argument("--set", dest="stage_set", action="append", default=[], metavar="KEY=VALUE",
+                       help="as before the stage; after those given there")  # fmt: skip
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, ``--configfile`` / ``--set`` given before or after the stage (``--set``: those before first)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage_configfile and args.configfile not in (None, args.stage_configfile):
+        parser.error(f"--configfile {args.configfile} and {args.stage_configfile}: give one config file")
+    args.configfile, args.set = args.stage_configfile or args.configfile, args.set + args.stage_set
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.log)
     try:
         args.func(args)

@@ -51,6 +51,8 @@ def _coerce(instance: Any, schema: Mapping[str, Any]) -> Any:
         return instance
     if isinstance(instance, list) and "items" in schema:
         return [_coerce(v, schema["items"]) for v in instance]
+    if isinstance(instance, str) and "string" in types and "null" in types and instance.strip() in ("null", "~"):
+        return None  # snakemake --config 'data={images: {label_dir: null}}' delivers the text "null"
     if isinstance(instance, str) and "string" not in types:
         text = instance.strip()
         if "enum" in schema and instance not in schema["enum"]:  # segmentation.folds: [0, 1] -> ints, all stays

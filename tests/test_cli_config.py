@@ -13,7 +13,7 @@ import pytest
 import yaml
 from snakemake.utils import update_config
 
-from lungddpm.cli import _config, build_parser, main
+from lungddpm.cli import _config, main, parse_args
 from lungddpm.config import load_config, validate_config
 from lungddpm.errors import ConfigError
 
@@ -22,7 +22,7 @@ PARTIAL = {"sample": {"steps": 30}, "segmentation": {"seeds": [3, 4]}}
 
 
 def _cli_config(*argv: str) -> dict[str, Any]:
-    return _config(build_parser().parse_args([*argv])).raw
+    return _config(parse_args([*argv])).raw
 
 
 @pytest.fixture
@@ -60,6 +60,12 @@ def test_a_partial_configfile_is_merged_over_the_workflow_config_as_snakemake_me
     monkeypatch.chdir(workflow_dir.parent)
     assert _cli_config("--configfile", partial, "app", "--workdir", str(workflow_dir)) == expected
     assert _cli_config("app", "--workdir", str(workflow_dir))["sample"]["steps"] == shipped["sample"]["steps"]
+    # after the stage too, as the README writes `lungddpm app --configfile my.yaml`; --set after those before it
+    assert _cli_config("app", "--workdir", str(workflow_dir), "--configfile", partial) == expected
+    after = _cli_config("--set", "sample.steps=40", "app", "--workdir", str(workflow_dir), "--set", "sample.steps=50")
+    assert after["sample"]["steps"] == 50
+    with pytest.raises(SystemExit, match="2"):
+        parse_args(["--configfile", partial, "app", "--configfile", "other.yaml"])
     # no workflow config here: the file alone, as before
     alone = _cli_config("--configfile", partial, "cases")
     assert alone["lesion"]["train"]["name"] == "lesion" and alone["model"]["model_channels"] == 64
@@ -92,13 +98,31 @@ def test_sample_shards_default_to_the_config_and_bad_shards_are_refused(
     assert main([*cmd, "--shard", "0"]) == 0 and main([*cmd, "--shard", "1"]) == 0
     shards = [json.loads((tmp_path / f"synthetic/eval/shard_{i}.json").read_text())["items"] for i in (0, 1)]
     assert all(shards) and not {json.dumps(i) for i in shards[0]} & {json.dumps(i) for i in shards[1]}
-    assert main([*cmd, "--shard", "0", "--shards", "1"]) == 0  # one shard: the whole run
-    whole = json.loads((tmp_path / "synthetic/eval/shard_0.json").read_text())["items"]
+    assert main([*cmd, "--shard", "0", "--shards", "1"]) == 0  # one shard: the whole run, beside the workflow's
+    whole = json.loads((tmp_path / "synthetic/eval/shard_0_of_1.json").read_text())["items"]
     assert sorted(map(json.dumps, whole)) == sorted(map(json.dumps, shards[0] + shards[1]))
+    assert json.loads((tmp_path / "synthetic/eval/shard_0.json").read_text())["items"] == shards[0]  # untouched
     capsys.readouterr()
     assert main([*cmd, "--shard", "2"]) == 2
     assert "--shard 2: not a shard of --shards 2; choose 0 to 1" in capsys.readouterr().err
     assert main([*cmd, "--shard", "-1", "--shards", "3"]) == 2
     assert "--shard -1: not a shard of --shards 3; choose 0 to 2" in capsys.readouterr().err
-    assert main([*cmd, "--shards", "0"]) == 2
-    assert "--shards 0: need at least 1 shard" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*cmd, "--shards", "0"])
+    assert "--shards: '0' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_what_snakemake_refuses_and_bad_numbers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lesion model's keys are checked as at Snakemake's parse time; counts are whole numbers >= 1; a --set
+    under a key an earlier --set gave a value is an error, not a traceback."""
+    monkeypatch.chdir(REPO)
+    assert main(["--set", "lesion.train.stpes=3", "cases"]) == 2
+    assert "train: Additional properties are not allowed ('stpes' was unexpected)" in capsys.readouterr().err
+    assert main(["--set", "a=1", "--set", "a.b=2", "cases"]) == 2
+    assert "--set 'a.b=2': a is set to a value by an earlier --set" in capsys.readouterr().err
+    for bad in (["metrics", "--threads", "0"], ["segment", "--fold", "7"]):
+        with pytest.raises(SystemExit, match="2"):
+            main(bad)
+    assert "invalid choice: '7'" in capsys.readouterr().err

@@ -92,8 +92,12 @@ def test_strings_from_the_command_line_are_coerced() -> None:
         }
     )
     assert cfg["preprocess"]["size"] == [64, 64, 48] and cfg["preprocess"]["fine_spacing_mm"] == 2.5
-    assert cfg["data"]["dicom_root"] == "null"  # a string where a string is allowed stays a string
     assert cfg["data"]["consensus_level"] == 0.25
+    assert cfg["data"]["dicom_root"] is None  # YAML's null, as the text Snakemake passes, where null is allowed
+    cfg = validate_config({"data": {"images": {"ct_dir": "/ct", "label_dir": "~"}}, "sample": {"checkpoint": "null"}})
+    assert cfg["data"]["images"]["label_dir"] is None and cfg["sample"]["checkpoint"] is None
+    cfg = validate_config({"train": {"name": "null"}})
+    assert cfg["train"]["name"] == "null"  # a string where only a string is allowed stays a string
     with pytest.raises(ConfigError, match="preprocess.size.0: 'big' is not of type 'integer'"):
         validate_config({"preprocess": {"size": ["big", "64", "64"]}})
 

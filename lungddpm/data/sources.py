@@ -122,7 +122,13 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
         scan = images.read_image_case(case, cfg.data.images.label_convention, pc.padding_hu, pc.max_hu)
         return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung, case.label)
     info = lidc.scan_info(case_id)
-    series_dir = find_series_dir(Path(str(_under(base, str(dicom_root(cfg))))) / info.patient_id, info.series_uid)
+    patient_dir = Path(str(_under(base, str(dicom_root(cfg))))) / info.patient_id
+    if cfg.data.source == "demo" and not patient_dir.is_dir():
+        raise DicomError(
+            f"{patient_dir}: the demo series of {case_id} is not written yet; write it with `lungddpm demo-dicom "
+            f"--case {case_id}` or `snakemake --cores all {DEMO_ROOT}/series/{case_id}.json`"
+        )
+    series_dir = find_series_dir(patient_dir, info.series_uid)
     series = read_dicom_series(series_dir, padding_hu=pc.padding_hu, max_hu=pc.max_hu)
     check_against_annotations(series, info)
     warn_of_slice_gaps(series, case_id)

@@ -333,13 +333,18 @@ def workflow_sets(
     (ct, layout) files, split by ``patients`` (case id -> patient id) into floor and reference (``real_halves``)."""
     from ..io import read_json
 
-    pairs = []
+    pairs, listed_in = [], {}
     volumes = {case: Volume(case, ct, layout, patients[case]) for case, (ct, layout) in real.items()}
     for manifest in manifests:
         for item in read_json(manifest)["items"]:
             case = item["case_id"]
             if case not in volumes:
                 raise MetricsError(f"{manifest}: item {item['item']} comes from {case}, which is not a real case input")
+            if (first := listed_in.setdefault(item["item"], manifest)) != manifest:
+                raise MetricsError(
+                    f"{manifest}: item {item['item']} is listed in {first} too (shard manifests of two shardings?); "
+                    "rerun the sample rule for this run: snakemake --cores all --forcerun sample"
+                )
             pairs.append(Pair(Volume(item["item"], Path(item["image"]), Path(item["layout"])), volumes[case]))
     pairs = canonical_order(pairs)  # the items are named <case>_<k>
     floor, reference = real_halves(

@@ -26,7 +26,7 @@ from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import precision_name, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, keep_mask, sample
-from ..errors import LayoutError
+from ..errors import LayoutError, LungDDPMError
 from ..io import (
     atomic_path,
     file_sha256,
@@ -269,3 +269,26 @@ def synthesize_shard(
         bar.update(len(chunk))
     bar.close()
     return [entries[item.name] for item in items]
+
+
+def sample_shard_entry(cfg: Config, run: str, shard_index: int, shards: int | None, results: Path,
+                       bank: Path | None, threads: int) -> Path:  # fmt: skip
+    """``lungddpm sample``: shard ``shard_index`` of ``shards`` (default ``sample.shards``) of ``run`` from the
+    workflow's ``results``; returns its manifest. Another sharding than ``sample.shards`` writes
+    ``shard_<i>_of_<n>.json``, never over the workflow's manifests (which would then list items twice)."""
+    from ..io import write_json
+    from ..preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
+    from .plan import plan, samples_per_layout, shard
+
+    sc = cfg.raw["sample"]
+    n = sc["shards"] if shards is None else shards
+    if not 0 <= shard_index < n:
+        raise LungDDPMError(f"--shard {shard_index}: not a shard of --shards {n}; choose 0 to {n - 1}")
+    cases = run_cases(case_split(cfg, list_cases(cfg)), run)
+    items = shard(plan(run, cases, samples_per_layout(sc, run), sc["seed"]), n, shard_index)
+    out = results / "synthetic" / run
+    cts, layouts = {c: case_ct(results, c) for c in cases}, {c: case_layout(results, c) for c in cases}
+    manifest = synthesize_shard(run, items, cfg, model_checkpoint(cfg, results), cts, layouts, out, bank, threads)
+    path = out / (f"shard_{shard_index}.json" if n == sc["shards"] else f"shard_{shard_index}_of_{n}.json")
+    write_json(path, {"run": run, "items": manifest})
+    return path

@@ -47,3 +47,15 @@ def test_pixel_data_no_decoder_reads_is_refused_naming_the_file(tmp_path: Path) 
     said = rf"{paths[1].name}: its pixel data \(JPEG 2000 Image Compression \(Lossless Only\)\) cannot be decoded"
     with pytest.raises(DicomError, match=said + r" .*; re-download this series, or install a pydicom decoder"):
         read_dicom_series(tmp_path / "s")
+
+
+def test_a_demo_case_without_its_series_says_how_to_write_it(tmp_path: Path) -> None:
+    """The demo's series are written by the workflow (or `lungddpm demo-dicom`); the TCIA download advice of a
+    missing LIDC patient folder does not apply to it."""
+    from lungddpm.config import load_config
+    from lungddpm.data.sources import read_case
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "config/config.yaml")
+    advice = r"write it with `lungddpm demo-dicom --case LIDC-IDRI-0078` or `snakemake --cores all resources/demo/"
+    with pytest.raises(DicomError, match=r"demo series of LIDC-IDRI-0078 is not written yet; " + advice):
+        read_case(cfg, "LIDC-IDRI-0078", tmp_path)

@@ -179,6 +179,9 @@ def test_same_volumes_same_numbers_whatever_the_shards_or_resume_history(folders
         tables[how], per_pair[how] = (out / "iq.csv").read_text(), (out / "pc.csv").read_text()
     assert tables["shards"] == tables["one"] and tables["resumed"] == tables["one"]
     assert per_pair["shards"] == per_pair["one"] and per_pair["resumed"] == per_pair["one"]
+    overlapping = [folders["root"] / "order_one/shard_0.json", folders["root"] / "order_shards/shard_1.json"]
+    with pytest.raises(MetricsError, match=r"item LIDC-IDRI-0000_1 is listed in .*order_one/shard_0.json too"):
+        workflow_sets(overlapping, real, patients)  # a manifest of one shard beside shard 1 of two
     shuffled = [Pair(Volume(f"c_{k}", Path(f"c_{k}.nii.gz"), None), Volume("c", Path("c.nii.gz"), None))
                 for k in (10, 2, 0, 11, 1)]  # fmt: skip
     assert [p.synthetic.name for p in canonical_order(shuffled)] == ["c_0", "c_1", "c_2", "c_10", "c_11"]
