@@ -7,7 +7,7 @@ from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
-from lungddpm.synthesis.plan import item_to_dict, lesion_plan, plan, samples_per_layout, shard
+from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
@@ -83,6 +83,14 @@ def settings(*sections):
     return out
 
 
+def sample_settings(wildcards):
+    """The sample rule's settings: what changes the run's volumes (as the items' provenance compares it). The item
+    lists (seeds, samples per layout) are shard_items; the intensity mapping comes with the checkpoint; layout
+    editing shapes the augment run only. Editing another key would rewrite the manifests and rerun the metrics."""
+    out = {"sample": {k: v for k, v in sampling_what(config["sample"]).items() if k not in PER_ITEM_LIST}}
+    return out | ({"layout_edit": config["layout_edit"]} if wildcards.run == "augment" else {})
+
+
 def series_input(wildcards):
     """Demo: the manifest written last by demo_dicom. Images: the CT and its label map (edits rerun the case).
     LIDC DICOM has no buildable input."""
@@ -144,9 +152,9 @@ def report_inputs(wildcards):
 
 
 def lesion_settings(*keys):
-    """Keys of the lesion section a rule depends on, as params (editing one reruns exactly the rules that use it)."""
-    return {f"lesion.{k}": without_later_defaults(config["lesion"][k]) if k == "sample" else config["lesion"][k]
-            for k in keys}
+    """Keys of the lesion section a rule depends on, as params (editing one reruns exactly the rules that use it);
+    of lesion.sample what changes the nodules (as the items' provenance: lesion.run_settings)."""
+    return {f"lesion.{k}": sampling_what(config["lesion"][k]) if k == "sample" else config["lesion"][k] for k in keys}
 
 
 def context_margin():

@@ -63,7 +63,7 @@ rule synthesize_lesion:
         manifest="results/synthetic/lesion/shard_{shard}.json",
     params:
         shard_items=lesion_shard_items,
-        settings={**settings("intensity", "data", "preprocess"), **lesion_settings("insert", "sample")},
+        settings={**settings("data", "preprocess"), **lesion_settings("insert", "sample")},  # the window: the checkpoint's
         **output_version("synthesize_lesion"),
     priority: 10
     log:

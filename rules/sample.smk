@@ -23,7 +23,7 @@ rule sample:
         manifest="results/synthetic/{run}/shard_{shard}.json",
     params:
         shard_items=shard_items,
-        settings=settings("sample", "layout_edit", "intensity"),
+        settings=sample_settings,
         **output_version("sample"),
     log:
         "logs/sample/{run}_{shard}.log",

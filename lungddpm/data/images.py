@@ -67,6 +67,8 @@ def case_id_of(path: Path) -> str:
     case = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
     if not case:
         raise ImageError(f"{path}: no usable case id in its name; rename it (letters, digits, . _ -)")
+    if re.match(r"shard($|_)", case):  # items <case>_<k> would be named like the runs' shard_<i>.json manifests
+        raise ImageError(f"{path}: case id {case!r}: names starting with 'shard' are the workflow's; rename it")
     return case
 
 

@@ -124,24 +124,30 @@ def save_bank(bank: NoduleBank, path: Path) -> None:
 
 
 def load_bank(path: Path) -> NoduleBank:
+    """The bank :func:`save_bank` wrote; :class:`LungDDPMError` naming the file for anything else."""
     try:
         z = np.load(path, allow_pickle=False)
+        shapes = [tuple(int(v) for v in s) for s in z["mask_shapes"]]
+        columns = [z[k] for k in ("case_id", "spacing", "diameter_mm", "texture", "malignancy", "n_readers")]
         bits = np.unpackbits(z["mask_data"])[: int(z["mask_bits"])].astype(bool)
-    except (OSError, ValueError, KeyError) as exc:
+        if bits.size != sum(int(np.prod(s)) for s in shapes) or any(len(c) != len(shapes) for c in columns):
+            raise ValueError(f"{bits.size} mask bits for {len(shapes)} masks of {sum(map(np.prod, shapes))} voxels")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LungDDPMError(f"{path}: not a nodule bank ({exc}); rerun the nodule_bank rule") from exc
     nodules, start = [], 0
-    for i, shape in enumerate(z["mask_shapes"]):
+    for i, shape in enumerate(shapes):
         size = int(np.prod(shape))
+        case_ids, spacing, diameters, textures, malignancies, readers = columns
         nodules.append(
             BankNodule(
                 i,
-                str(z["case_id"][i]),
+                str(case_ids[i]),
                 bits[start : start + size].reshape(shape),
-                tuple(float(s) for s in z["spacing"][i]),
-                float(z["diameter_mm"][i]),
-                int(z["texture"][i]),
-                int(z["malignancy"][i]),
-                int(z["n_readers"][i]),
+                tuple(float(s) for s in spacing[i]),
+                float(diameters[i]),
+                int(textures[i]),
+                int(malignancies[i]),
+                int(readers[i]),
             )
         )
         start += size
@@ -275,8 +281,9 @@ def _place(
 
 
 def remove_nodules(layout: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Relabel every nodule as lung -> (new layout, one record per removed connected nodule)."""
-    labels, n = ndi.label(layout == NODULE)
+    """Relabel every nodule as lung -> (new layout, one record per removed nodule: a 26-connected component, as
+    :func:`lungddpm.data.nodules.components` counts them)."""
+    labels, n = ndi.label(layout == NODULE, structure=np.ones((3, 3, 3), bool))
     edits = []
     for i in range(1, n + 1):
         centre = np.argwhere(labels == i).mean(axis=0)

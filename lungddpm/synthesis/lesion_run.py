@@ -132,7 +132,8 @@ def synthesize_lesion_shard(
     lc = cfg.raw["lesion"]
     model, diffusion, device, window, levels, candidates, ckpt = _setup(cfg, checkpoint, bank_path, threads)
     settings = run_settings(cfg, model_digest(ckpt), file_sha256(bank_path))
-    used = precision_name(resolve_precision(lc["sample"]["precision"], device))  # what auto became here
+    # what auto became here, compared as the settings are: a resume on another device remakes items, never mixes
+    settings["precision_used"] = precision_name(resolve_precision(lc["sample"]["precision"], device))
     manifest, pending, inputs = [], [], {}
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
@@ -175,7 +176,6 @@ def synthesize_lesion_shard(
                 "sites": records,
                 "files": {k: p.name for k, p in files.items() if k != "provenance"},
                 "device": str(device),
-                "precision_used": used,
                 "seconds_per_nodule": round(per_nodule, 3),
                 "seconds_paste_and_write": round(time.perf_counter() - t1, 2),
                 "lungddpm_version": __version__,

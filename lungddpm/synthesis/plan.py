@@ -7,7 +7,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..config import without_later_defaults
+
 RUNS = ("eval", "augment")
+SAMPLING_HOW = ("batch_size", "compile", "shards")  # how a run is computed, never what it makes (each item its seed)
+PER_ITEM_LIST = ("seed", "samples_per_layout", "eval_samples_per_layout")  # in each item (its seed) or the item list
+
+
+def sampling_what(section: dict[str, Any]) -> dict[str, Any]:
+    """A ``sample`` / ``lesion.sample`` section without :data:`SAMPLING_HOW` and the keys left at a later-added
+    default (:func:`lungddpm.config.without_later_defaults`): what the sampling rules' params compare."""
+    return without_later_defaults({k: v for k, v in section.items() if k not in SAMPLING_HOW})
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,7 @@ def synthesize_shard(
         bank = load_bank(bank_path)
         candidates = bank.matching(edit, "layout_edit", str(bank_path))
     settings = _settings(cfg, run, model_digest(ckpt), file_sha256(bank_path) if bank is not None else None)
+    settings["precision_used"] = precision_name(dtype)  # what auto became here: a resume elsewhere remakes, not mixes
     inputs: dict[str, str] = {}  # per case: the digest of its CT and layout, so that new inputs are sampled anew
     out_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict[str, Any]] = {}  # item name -> manifest entry
@@ -251,7 +252,6 @@ def synthesize_shard(
                     "geometry": geometry.to_json(),
                     **inp.record,  # the intensity mapping: hu_window, or Lung-DDPM's per-column min/max
                     "device": str(device),
-                    "precision_used": precision_name(dtype),  # sample.precision resolved (auto: this device's)
                     "batch_size": len(chunk),
                     "seconds": round(seconds, 2),
                     "lungddpm_version": __version__,

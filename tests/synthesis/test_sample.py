@@ -174,7 +174,11 @@ def test_a_new_seed_new_inputs_or_a_new_bank_are_sampled_anew(tiny_model, tmp_pa
     other_bank = tmp_path / "bank.npz"
     save_bank(NoduleBank((ball_nodule(0, 14.0),)), other_bank)
     assert skipped(items, other_bank) == [False, False]  # another nodule bank
-    assert skipped(items, other_bank, synth_config(samples_per_layout=1, precision="fp32")) == [False, False]
+    fp32 = synth_config(samples_per_layout=1, precision="fp32")
+    assert skipped(items, other_bank, fp32) == [False, False]
+    made = json.loads((out / "case0_0.json").read_text())
+    (out / "case0_0.json").write_text(json.dumps({**made, "precision_used": "bf16"}))  # auto, on a bf16 machine
+    assert skipped(items, other_bank, fp32) == [False, True]  # a resume in another precision remakes, never mixes
 
 
 def test_a_rerun_never_accepts_an_item_that_other_settings_made_or_half_rewrote(

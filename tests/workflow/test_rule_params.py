@@ -26,6 +26,7 @@ LUNG, NODULE = 1, 2  # Lung-DDPM's label convention (data.images.label_conventio
 PARAMS = """
 import json, sys
 from pathlib import Path
+from types import SimpleNamespace
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
@@ -33,14 +34,21 @@ snakefile, workdir, overrides, rules = Path(sys.argv[1]), Path(sys.argv[2]), jso
 with SnakemakeApi(OutputSettings()) as api:
     wf = api.workflow(snakefile=snakefile, workdir=workdir, resource_settings=ResourceSettings(cores=1),
                       config_settings=ConfigSettings(configfiles=[workdir / "ci.yaml"], config=overrides))
-    params = {r: {k: repr(v) for k, v in wf._workflow.get_rule(r).params.items() if not callable(v)} for r in rules}
+    params = {}
+    for spec in rules:  # rule, or rule:key=value,... (wildcards: callable params are called with them)
+        name, _, given = spec.partition(":")
+        wildcards = SimpleNamespace(**dict(kv.split("=") for kv in given.split(","))) if given else None
+        given_params = wf._workflow.get_rule(name).params.items()
+        params[spec] = {k: repr(v(wildcards) if callable(v) else v) for k, v in given_params
+                        if wildcards is not None or not callable(v)}
 print("PARAMS " + json.dumps(params))
 """
 
 
 def rule_params(workdir: Path, overrides: dict, *rules: str) -> dict[str, dict[str, str]]:
-    """The ``repr`` of each non-callable param of ``rules`` (what Snakemake compares to rerun a job), with the CI
-    config and ``overrides`` (as ``--config``)."""
+    """The ``repr`` of each param of ``rules`` (what Snakemake compares to rerun a job), with the CI config and
+    ``overrides`` (as ``--config``); a rule given as ``rule:run=eval,shard=0`` has its callable params called with
+    those wildcards, one given by name alone only its other params."""
     args = [str(REPO / "Snakefile"), str(workdir), json.dumps(overrides), *rules]
     proc = subprocess.run([sys.executable, "-c", PARAMS, *args], capture_output=True, text=True, cwd=workdir)
     line = [x for x in proc.stdout.splitlines() if x.startswith("PARAMS ")]
@@ -59,6 +67,25 @@ def test_train_lesion_reruns_on_lesion_settings_not_on_whole_volume_only_ones(tm
     how = {"num_workers": 3, "compile": True, "log_every": 7, "gpus": 1, "checkpoint_every": 9}  # not the weights
     running = rule_params(workdir, {"train": how, "lesion": {"train": how}}, "train_lesion", "train")
     assert running == base  # a rerun would rewrite the checkpoint, and everything sampled with it would follow
+
+
+def test_sampling_reruns_on_what_changes_its_volumes_only(tmp_path: Path) -> None:
+    """Batching, compiling and the intensity section (the checkpoint's) never change a sampled volume; layout
+    editing shapes the augment run only, eval_samples_per_layout the eval run only. A rerun would rewrite the
+    manifests and rerun the metrics and the segmentation arms after them."""
+    workdir = make_workdir(tmp_path)
+    runs = ("sample:run=eval,shard=0", "sample:run=augment,shard=0", "synthesize_lesion:shard=0", "lesion_texture")
+    base = rule_params(workdir, {}, *runs)
+    how = {"sample": {"batch_size": 3, "compile": True}, "lesion": {"sample": {"batch_size": 5, "compile": True}},
+           "intensity": {"hu_window": [-1100, 500]}}  # fmt: skip
+    assert rule_params(workdir, how, *runs) == base
+    edit = rule_params(workdir, {"sample": {"eval_samples_per_layout": 3}}, *runs[:2])
+    assert edit[runs[1]] == base[runs[1]] and edit[runs[0]]["shard_items"] != base[runs[0]]["shard_items"]
+    assert edit[runs[0]]["settings"] == base[runs[0]]["settings"]
+    augment = rule_params(workdir, {"layout_edit": {"insert": 2}}, *runs[:2])
+    assert augment[runs[0]] == base[runs[0]] and augment[runs[1]]["settings"] != base[runs[1]]["settings"]
+    steps = rule_params(workdir, {"sample": {"steps": 7}, "lesion": {"sample": {"steps": 7}}}, *runs)
+    assert all(steps[r]["settings"] != base[r]["settings"] for r in runs)
 
 
 def _images_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, bool]]:
@@ -146,7 +173,7 @@ def test_a_key_added_at_its_old_behaviour_reruns_nothing(tmp_path: Path) -> None
     """sample.timestep_spacing arrived after workdirs existed: at its default (what sampling did before it) it is
     not in the sampling rules' params, so its arrival reruns no sampling; another value does."""
     workdir = make_workdir(tmp_path)
-    rules = ("sample", "synthesize_lesion", "lesion_texture")
+    rules = ("sample:run=eval,shard=0", "synthesize_lesion:shard=0", "lesion_texture")
     base = rule_params(workdir, {}, *rules)
     assert not any("timestep_spacing" in v for r in rules for v in base[r].values())
     quad = rule_params(workdir, {"sample": {"timestep_spacing": "quadratic"},
