@@ -65,6 +65,13 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "
                            "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
+    features = (config.get("metrics") or {}).get("features") or {}
+    if features and float(features["clip_hu"][0]) >= float(features["clip_hu"][1]):
+        out.append(f"metrics.features.clip_hu: {features['clip_hu']} is reversed or empty (every volume would give "
+                   "the same features); give [lowest HU, highest HU], e.g. [-1000, 200]")  # fmt: skip
+    if features.get("extractor") == "medicalnet" and not features.get("weights"):
+        out.append("metrics.features.weights: the medicalnet extractor needs its weight file; give the path of a "
+                   "local MedicalNet resnet_50 .pth file (Tencent/MedicalNet), or use extractor: astra")  # fmt: skip
     layout = config.get("layout") or {}
     if layout and float(layout["min_lung_ml"]) > float(layout["max_lung_ml"]):
         out.append(f"layout.min_lung_ml: {layout['min_lung_ml']} is above layout.max_lung_ml "

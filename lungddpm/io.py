@@ -81,9 +81,12 @@ def write_csv(
     path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
 ) -> None:
     """Rows of dicts → CSV, atomically. ``columns`` default to the union of the rows' keys in first-seen order;
-    floats are written with 6 significant digits and NaN as an empty cell."""
+    floats are written with 6 significant digits and NaN, or a column a row lacks, as an empty cell. A row key that
+    is not a column is an error (a misspelt key would vanish from the table)."""
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
+    if extra := sorted({str(k) for r in rows for k in r} - set(columns)):
+        raise ValueError(f"{path}: row keys {extra} are not columns of the table ({', '.join(columns)})")
 
     def cell(v: Any) -> Any:
         if isinstance(v, float | np.floating):
@@ -91,7 +94,7 @@ def write_csv(
         return v
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="raise")
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
         writer.writeheader()
         for r in rows:
             writer.writerow({k: cell(r.get(k)) for k in columns})
@@ -225,6 +228,9 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
         raise VolumeReadError(f"{p}: not a readable NIfTI volume ({exc}); delete it and rerun its stage") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeReadError(f"{p}: a {image.GetDimension()}-D image of {image.GetNumberOfComponentsPerPixel()} "
+                              "value(s) per voxel, not a 3-D volume; give a 3-D scalar volume")  # fmt: skip
     geometry = Geometry(
         spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),  # type: ignore[arg-type]
         origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]

@@ -121,12 +121,16 @@ def sample_inputs(wildcards):
 
 
 def metrics_inputs(wildcards):
-    """The eval run's shard manifests, and the real CT + layout of every case (split into floor and reference)."""
+    """The eval run's shard manifests, the real CT + layout of every case (split into floor and reference), and
+    the feature network's weight file where it is one."""
     cases = sorted(SPLIT)
+    features = config["metrics"]["features"]
     return {
         "manifests": expand("results/synthetic/eval/shard_{shard}.json", shard=range(N_SHARDS)),
         "ct": expand("results/preprocessed/{case}/ct.nii.gz", case=cases),
         "layouts": expand("results/layouts/{case}.nii.gz", case=cases),
+        # a MedicalNet weight file replaced at the same path reruns the metrics
+        **({"weights": str(Path(features["weights"]).expanduser())} if features["extractor"] == "medicalnet" else {}),
     }
 
 
@@ -183,8 +187,8 @@ def lesion_inputs(wildcards):
     if IS_DEMO:
         inputs["series"] = expand(f"{DEMO_ROOT}/series/{{case}}.json", case=cases)
     for case in cases:  # images: the CTs (and label maps) the nodules are pasted into
-        for key, path in source_files(CFG, case).items():
-            inputs.setdefault(f"source_{key}", []).append(path)
+        for key, paths in source_files(CFG, case).items():
+            inputs.setdefault(f"source_{key}", []).extend([paths] if isinstance(paths, str) else paths)
     return inputs
 
 

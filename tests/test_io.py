@@ -5,9 +5,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from lungddpm.errors import LungDDPMError
-from lungddpm.io import Geometry, atomic_path, read_json, read_volume, write_json, write_volume
+from lungddpm.io import Geometry, atomic_path, read_json, read_volume, write_csv, write_json, write_volume
 
 
 def test_nifti_round_trip_keeps_voxels_and_true_affine(tmp_path: Path) -> None:
@@ -81,8 +82,23 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
     bad.write_bytes(b"not a nifti")
     with pytest.raises(LungDDPMError, match="bad.nii.gz: not a readable NIfTI volume"):
         read_volume(bad)
+    for name, image in (("plane.nii.gz", sitk.Image(5, 6, sitk.sitkInt16)),
+                        ("vector.nii.gz", sitk.Image([4, 5, 6], sitk.sitkVectorFloat32, 3))):  # fmt: skip
+        sitk.WriteImage(image, str(tmp_path / name))
+        with pytest.raises(LungDDPMError, match=f"{name}: a .* not a 3-D volume; give a 3-D scalar volume"):
+            read_volume(tmp_path / name)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(LungDDPMError, match="bad.json: invalid JSON"):
         read_json(tmp_path / "bad.json")
     write_json(tmp_path / "ok.json", {"a": np.float32(1.5), "b": np.arange(2)})
     assert read_json(tmp_path / "ok.json") == {"a": 1.5, "b": [0, 1]}
+
+
+def test_a_row_key_that_is_no_column_is_refused(tmp_path: Path) -> None:
+    """DictWriter's extrasaction never saw the extra keys (rows were rebuilt from the columns): a misspelt key
+    vanished and its column was left empty."""
+    write_csv(tmp_path / "ok.csv", [{"arm": "real", "mean": 0.5}], ["arm", "mean", "ci_low"])
+    assert (tmp_path / "ok.csv").read_text().splitlines() == ["arm,mean,ci_low", "real,0.5,"]
+    with pytest.raises(ValueError, match=r"t.csv: row keys \['mean_typo'\] are not columns of the table"):
+        write_csv(tmp_path / "t.csv", [{"arm": "real", "mean_typo": 0.7}], ["arm", "mean"])
+    assert not (tmp_path / "t.csv").exists()

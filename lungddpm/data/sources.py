@@ -5,6 +5,7 @@ space, its lungs when the source labels them, and its patient. Everything downst
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +69,45 @@ def has_nodules(cfg: Config, case_id: str) -> bool:
     return lidc.has_nodules(case_id, cfg.data.min_readers)
 
 
-def source_files(cfg: Config, case_id: str) -> dict[str, str]:
-    """The files a case is read from that a rule can declare as inputs (images: the CT and its label map)."""
+DATA_FILE = {".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
+             ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.M | re.I)}  # fmt: skip
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files that hold a volume's voxels apart from ``path``: a DICOM folder's files, the data file(s) a detached
+    ``.mhd`` / ``.nhdr`` header names (one file, ``LIST`` of files, or a ``%d`` pattern with min max step); []
+    for a self-contained file. A rule declares them, so that rewriting the voxels reruns the case."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    pattern = next((rx for suffix, rx in DATA_FILE.items() if path.name.lower().endswith(suffix)), None)
+    if pattern is None or not (m := pattern.search(text := path.read_text(errors="replace"))):
+        return []
+    value, parts = m.group(1), m.group(1).split()
+    if value.upper() == "LOCAL":
+        return []
+    if parts[0].upper() == "LIST":
+        names = [line.strip() for line in text[m.end() :].splitlines() if line.strip()]
+    elif "%" in parts[0] and len(parts) >= 3:
+        lo, hi, step = (int(v) for v in (parts[1:4] if len(parts) > 3 else [*parts[1:3], "1"]))
+        names = [parts[0] % i for i in range(lo, hi + (1 if step > 0 else -1), step)]
+    else:
+        names = [value]
+    return [path.parent / n for n in names]
+
+
+def source_files(cfg: Config, case_id: str) -> dict[str, str | list[str]]:
+    """The files a case is read from that a rule can declare as inputs (images: the CT and its label map, and the
+    files holding their voxels: :func:`data_files`)."""
     if cfg.data.source != "images":
         return {}
     case = image_cases(cfg)[case_id]
-    return {"image": str(case.image), **({"label": str(case.label)} if case.label else {})}
+    out: dict[str, str | list[str]] = {}
+    for key, path in (("image", case.image), ("label", case.label)):
+        if path is not None:
+            out[key] = str(path)
+            if data := data_files(Path(path)):
+                out[f"{key}_data"] = [str(p) for p in data]
+    return out
 
 
 def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:

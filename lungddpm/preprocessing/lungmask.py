@@ -232,7 +232,10 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
         lung[sl] |= closed
     lung &= body
     lung |= pleural_dents(lung & ~airway, body & ~airway, midline, sp, cfg.pleural_max_diameter_mm)
-    lung = _fill_holes_2d(lung & ~airway)
+    # holes (vessels, nodules) are filled on each side of the midline apart: where the lungs meet in front of the
+    # mediastinum and the closing bridges the gap behind it, the mediastinum is a hole of the joined lungs
+    left, lung = np.arange(lung.shape[2]) < midline, lung & ~airway
+    lung = _fill_holes_2d(lung & left) | _fill_holes_2d(lung & ~left)
     return LungmaskResult(
         lung=lung,
         airway=airway,

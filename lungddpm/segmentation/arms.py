@@ -153,6 +153,10 @@ class SegmentationConfig:
         s["nodule_fraction"] = float(raw["preprocess"]["nodule_fraction"])
         return cls(arms=arms, **s)
 
+    def workers(self, threads: int) -> int:
+        """nnU-Net's worker processes (fingerprint, preprocessing): ``processes`` within the job's ``threads``."""
+        return max(1, min(self.processes, threads))
+
     def arm(self, name: str) -> Arm:
         for a in self.arms + self.sweep:
             if a.name == name:

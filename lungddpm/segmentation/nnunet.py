@@ -66,7 +66,7 @@ def nnunet_env(roots: Mapping[str, Path], cfg: SegmentationConfig, threads: int)
     """The child's environment: this process's, plus nnU-Net's paths and process counts (its default DA: <= threads)."""
     env = dict(os.environ)
     env.update({k: str(Path(v).resolve()) for k, v in roots.items()})
-    env["nnUNet_def_n_proc"] = str(cfg.processes)
+    env["nnUNet_def_n_proc"] = str(cfg.workers(threads))
     env["nnUNet_compile"] = "true" if cfg.compile else "false"  # the child forces false on CPU
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA  # 12 (by hostname), capped by the node
 
@@ -233,7 +233,7 @@ def prepare_arm(
         "configuration": cfg.configuration,
         "planner": cfg.planner,
         "fingerprint_samples": cfg.fingerprint_samples,
-        "processes": cfg.processes,
+        "processes": cfg.workers(threads),
         "threads": threads,
         "groups": {c.identifier: (patients or {}).get(c.source_case, c.source_case) for c in cases},
     }

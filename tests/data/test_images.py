@@ -25,6 +25,7 @@ from lungddpm.data.images import (
 )
 from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
+from lungddpm.data.sources import data_files, source_files
 from lungddpm.errors import DicomError, ImageError, LayoutError
 from lungddpm.preprocessing.grid import preprocess_case
 
@@ -57,11 +58,31 @@ def test_each_volume_format_reads_back_its_hu_and_geometry(tmp_path: Path, suffi
     if suffix in (".mhd", ".nhdr"):  # the header names its own data file (.nhdr named the temporary one's)
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["case.raw", f"case{suffix}"])
         assert "case.raw" in path.read_text() and "tmp" not in path.read_text()
+    # the files holding the voxels, which the workflow declares as inputs (a rewritten .raw reruns the case)
+    assert data_files(path) == ([tmp_path / "case.raw"] if suffix in (".mhd", ".nhdr") else [])
     series = read_ct(path, padding_hu=-1024.0, max_hu=3071.0)
     assert np.array_equal(series.hu, hu.astype(np.float32))
     assert series.pixel_spacing == pytest.approx((SPACING[1], SPACING[0]))
     assert series.origin_xy == pytest.approx(ORIGIN[:2])
     assert series.z_positions == pytest.approx(ORIGIN[2] + SPACING[2] * np.arange(hu.shape[0]))
+
+
+def test_the_data_files_of_multi_file_headers_and_dicom_folders(tmp_path: Path) -> None:
+    """Detached headers may list their slices (LIST) or name them by a pattern; a DICOM folder's voxels are its
+    files. source_files gives them beside the header, so that a rule declares every file a case is read from."""
+    (tmp_path / "a.nhdr").write_text("NRRD0004\ntype: short\ndata file: LIST 2\ns1.raw\ns2.raw\n")
+    (tmp_path / "b.mhd").write_text("NDims = 3\nElementDataFile = sl%02d.raw 1 5 2\n")
+    (tmp_path / "c.mhd").write_text("NDims = 3\nElementDataFile = LOCAL\n")
+    assert data_files(tmp_path / "a.nhdr") == [tmp_path / "s1.raw", tmp_path / "s2.raw"]
+    assert data_files(tmp_path / "b.mhd") == [tmp_path / f"sl0{i}.raw" for i in (1, 3, 5)]
+    assert data_files(tmp_path / "c.mhd") == []
+    hu = _ct((6, 32, 32)).astype(np.float32)
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=32, cols=32)
+    write_dicom_series(hu, geom, tmp_path / "CT" / "P1", DicomQuirks(True, -1024.0, None))
+    files = sorted((tmp_path / "CT" / "P1").iterdir())
+    assert len(files) == 6 and data_files(tmp_path / "CT" / "P1") == files
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": {"ct_dir": str(tmp_path / "CT")}}}))
+    assert source_files(cfg, "P1") == {"image": str(tmp_path / "CT/P1"), "image_data": [str(f) for f in files]}
 
 
 def test_a_dicom_subfolder_reads_like_lungddpms_dicom_reader(tmp_path: Path) -> None:

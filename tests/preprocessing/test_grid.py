@@ -9,7 +9,7 @@ from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.lidc import ScanInfo
 from lungddpm.data.nodules import Nodule
 from lungddpm.data.sources import check_against_annotations
-from lungddpm.errors import DicomError
+from lungddpm.errors import DicomError, LayoutError
 from lungddpm.io import Geometry
 from lungddpm.preprocessing.grid import (
     SliceGrid,
@@ -220,3 +220,15 @@ def test_antialiased_resampling_is_exact_on_a_ramp_inside_the_fov() -> None:
     inner = (slice(1, 5), slice(2, 9), slice(2, 9))
     assert np.abs(out[inner] - expected[inner]).max() < 0.05
     assert out.min() > ramp.min() - 1 and out.max() < ramp.max() + 1  # no fill at the FOV's edges
+
+
+def test_a_regular_grid_of_another_direction_and_too_many_nodules_are_refused() -> None:
+    """of_regular rebuilds a grid from spacing and origin: a flipped source would be read as if it were not
+    (SimpleITK: [90, 60, 30, 0] where it gave [-1, -1, -1, 0]); labels are uint8, so 256 nodules cannot be told."""
+    flipped = Geometry((10.0, 1.0, 1.0), (0.0, 0.0, 30.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+    with pytest.raises(LayoutError, match=r"a grid of direction .* is not axis-aligned in LPS; resample it first"):
+        SliceGrid.of_regular(flipped, 4)
+    speck = Nodule(np.ones((1, 1, 1), bool), (0, 0, 0), 3, 1.0, 5, 3, (0.0, 0.0, 0.0))
+    grid = SliceGrid.of_regular(Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), 4)
+    with pytest.raises(LayoutError, match="256 nodules: at most 255 fit the model grid's uint8 labels"):
+        nodule_labels([speck] * 256, grid, grid.geometry(), (4, 4, 4), 0.5)

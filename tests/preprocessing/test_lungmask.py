@@ -160,3 +160,33 @@ def test_juxtapleural_nodules_of_10_to_50_mm_lie_inside_the_lung_mask(nodules: t
         assert inside >= 0.95, f"{diameter} mm {side}: {inside:.3f} inside the lung mask"
         assert (off & nodule).sum() / nodule.sum() < 0.95  # without the correction they are cut out
     assert dice(ours, on_fine[0]) >= 0.985  # the mediastinum and chest wall stay out
+
+
+def junction_thorax() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 2 mm chest whose lungs meet in front of the mediastinum (the anterior junction line) and behind it leave a
+    gap of 8 mm, which the lungs' closing bridges; a trachea in the mediastinum. Returns (hu, lung, mediastinum,
+    trachea)."""
+    z, y, x = np.mgrid[0:40, 0:75, 0:90].astype(float) * 2.0
+    hu = np.full(z.shape, -1000.0)
+    body = ((x - 90) / 80) ** 2 + ((y - 75) / 55) ** 2 <= 1
+    hu[body] = 40.0
+    lung = np.zeros(z.shape, bool)
+    for cx in (55.0, 125.0):
+        lung |= (((x - cx) / 30) ** 2 + ((y - 75) / 42) ** 2 + ((z - 40) / 40) ** 2) <= 1
+    medi = ((x - 90) / 18) ** 2 + ((y - 75) / 28) ** 2 <= 1
+    ant = (np.abs(x - 90) <= 35) & (np.abs(y - 42) <= 5) & (z >= 30) & (z <= 60)  # the lungs meet
+    post = (np.abs(x - 90) <= 35) & (np.abs(y - 108) <= 4) & (z >= 30) & (z <= 60) & (np.abs(x - 90) >= 4)
+    lung |= (ant | post) & body & ~medi
+    hu[lung] = -850.0
+    trachea = ((x - 90) ** 2 + (y - 75) ** 2 <= 5**2) & (z >= 45)
+    hu[trachea] = -1000.0
+    return hu.astype(np.float32), lung, medi & ~lung, trachea
+
+
+def test_lungs_meeting_around_the_mediastinum_leave_it_and_the_trachea_out() -> None:
+    """Where the lungs touch in front of the mediastinum and the closing bridges the gap behind it, the mediastinum
+    is a hole of the joined lungs: filling holes across the midline labelled it (and the trachea) lung."""
+    hu, lung, medi, trachea = junction_thorax()
+    result = segment_lungs(hu, (2.0, 2.0, 2.0), CFG)
+    assert (result.lung & medi).sum() < 0.02 * medi.sum() and not (result.lung & trachea).any()
+    assert dice(result.lung, lung) > 0.97

@@ -202,6 +202,9 @@ def test_nnunet_augmentation_workers_fit_the_job(monkeypatch: pytest.MonkeyPatch
     assert nnunet.nnunet_env(roots, _seg(da_processes=None), 8)["nnUNet_n_proc_DA"] == "8"
     assert nnunet.nnunet_env(roots, _seg(da_processes=None), 32)["nnUNet_n_proc_DA"] == "12"
     assert nnunet.nnunet_env(roots, _seg(da_processes=0), 8)["nnUNet_n_proc_DA"] == "0"
+    # nnU-Net's worker pools stay within the job's cores (segment_prepare's threads are capped at --cores)
+    assert nnunet.nnunet_env(roots, _seg(processes=4), 2)["nnUNet_def_n_proc"] == "2"
+    assert nnunet.nnunet_env(roots, _seg(processes=4), 8)["nnUNet_def_n_proc"] == "4"
     assert nnunet.nnunet_env(roots, _seg(da_processes=16), 8)["nnUNet_n_proc_DA"] == "16"
 
 

@@ -179,3 +179,13 @@ def test_a_key_added_at_its_old_behaviour_reruns_nothing(tmp_path: Path) -> None
     quad = rule_params(workdir, {"sample": {"timestep_spacing": "quadratic"},
                                  "lesion": {"sample": {"timestep_spacing": "quadratic"}}}, *rules)  # fmt: skip
     assert all(quad[r] != base[r] for r in rules)
+
+
+def test_the_medicalnet_weight_file_is_an_input_of_the_metrics(tmp_path: Path) -> None:
+    """A weight file replaced at the same path must rerun the metrics (its features change): it is declared."""
+    workdir = make_workdir(tmp_path, {"metrics": {"features": {"extractor": "medicalnet", "weights": "w.pth"}}})
+    dry = snakemake(workdir, "-n", "results/metrics/eval/image_quality.csv", check=False)
+    assert dry.returncode != 0 and "Missing input files for rule metrics" in dry.stdout + dry.stderr
+    (workdir / "w.pth").write_bytes(b"weights")
+    dry = snakemake(workdir, "-n", "--forceall", "results/metrics/eval/image_quality.csv")
+    assert dry.returncode == 0 and "rule metrics" in dry.stdout
