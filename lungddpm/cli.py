@@ -39,8 +39,7 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
+def _positive(text: str) -> int:  # an argparse type
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
@@ -190,21 +189,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_metrics(args: argparse.Namespace) -> None:
     """Image-quality metrics of any two folders of NIfTI volumes (settings from the config's metrics section)."""
-    import torch
+    from .metrics.image_quality import folders_entry
 
-    from .metrics.image_quality import default_cache_dir, folder_sets, image_quality
-
-    cfg = _config(args)
-    torch.set_num_threads(args.threads)
-    settings = cfg.raw["metrics"]
-    labels = Path(args.real_labels) if args.real_labels else None
-    pairs, reference, floor = folder_sets(Path(args.real), Path(args.synthetic), labels, settings["seed"],
-                                          settings["floor_fraction"], cfg.data.images.patient_regex)  # fmt: skip
-    out = Path(args.out)
-    rows = image_quality(
-        pairs, reference, floor, settings, cfg.intensity.hu_window, out / "image_quality.csv", out / "per_case.csv",
-        Path(args.cache) if args.cache else default_cache_dir(), args.threads,
-    )  # fmt: skip
+    labels, cache = (Path(p) if p else None for p in (args.real_labels, args.cache))
+    rows = folders_entry(
+        _config(args), Path(args.real), Path(args.synthetic), labels, Path(args.out), cache, args.threads
+    )
     for r in rows:
         print(f"{r['metric']:>12} {r['region']:>6} {r['comparison']:<28} {r['value']:.4g} "
               f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] N={r['n_a']} vs {r['n_b']}")  # fmt: skip

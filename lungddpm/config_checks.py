@@ -16,7 +16,8 @@ LINEAR_MIN_TIMESTEPS = 21  # below, the linear schedule's beta_end (DDPM's 0.02 
 def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> list[str]:
     """Every cross-field problem of ``config`` (defaults filled): grids, crops, attention and heads of the network,
     lesion insertion, ROI jitter and the fidelity profile, the linear schedule's length, the HU window and what
-    lies in it, sampler steps against the schedule, and the layout's lung-volume bounds. ``scale``: ``lesion`` for
+    lies in it, sampler steps against the schedule, the layout's lung-volume bounds, the feature network's
+    settings and a case list the source does not read. ``scale``: ``lesion`` for
     :func:`lungddpm.config.lesion_config`'s merged view (its ``sample`` section is the whole-volume model's)."""
     lesion = config.get("lesion") or {}
     config = {**config, "lesion": lesion if lesion.get("enabled", True) else {}}  # a disabled scale: not checked
@@ -65,6 +66,12 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "
                            "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
+    data = config.get("data") or {}
+    if data.get("cases") and data.get("source") != "lidc":
+        out.append(
+            f"data.cases: a list of LIDC patients, which data.source {data['source']!r} does not read (demo: "
+            "data.demo.n_scans picks the cases; images: each volume of data.images.ct_dir); remove it"
+        )
     features = (config.get("metrics") or {}).get("features") or {}
     if features and float(features["clip_hu"][0]) >= float(features["clip_hu"][1]):
         out.append(f"metrics.features.clip_hu: {features['clip_hu']} is reversed or empty (every volume would give "

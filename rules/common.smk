@@ -9,10 +9,11 @@ from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, weight_settings, without_later_defaults
-from lungddpm.metrics.sets import Volume, real_halves
+from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
-validate_config(config, source="snakemake config")
+CONFIG_SOURCES = [*map(str, workflow.configfiles), *(["--config"] if workflow.config_settings.config else [])]
+validate_config(config, source=f"snakemake config ({' merged with '.join(CONFIG_SOURCES) or 'no config file'})")
 # the keys in the order of the shipped config (defaults filled): the params, hence the reruns, do not depend on the
 # order of a config file's keys, and a workdir made with the shipped order keeps its params
 config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
@@ -41,6 +42,7 @@ real_halves(
     config["metrics"]["seed"],
     config["metrics"]["floor_fraction"],
 )
+check_synthetic_set(sum(s == "test" for s in SPLIT.values()), samples_per_layout(config["sample"], "eval"))
 
 
 def final_targets():

@@ -172,6 +172,7 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ({"lesion": {"sample": {"jump_length": 5, "jump_n_sample": 2}}}, r"RePaint resampling needs a single-step"),
         ({"lesion": {"train": {"processes": 2}}}, r"lesion.train.processes: the lesion model trains in one process"),
         ({"layout": {"min_lung_ml": 13000}}, r"layout.min_lung_ml: 13000 is above layout.max_lung_ml 12000"),
+        ({"data": {"cases": ["LIDC-IDRI-0001"]}}, r"data.cases: a list of LIDC patients, which data.source 'demo'"),
         ({"metrics": {"features": {"clip_hu": [200, -1000]}}}, r"metrics.features.clip_hu: \[200, -1000\] is reversed"),
         ({"metrics": {"features": {"extractor": "medicalnet"}}}, r"metrics.features.weights: the medicalnet extractor"),
     ],

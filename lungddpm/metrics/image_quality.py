@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import Config
 from ..data.images import patient_of
 from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, bootstrap_excess, kid
@@ -319,6 +320,18 @@ def folder_sets(
 def default_cache_dir() -> Path:
     """The feature cache of the CLI: $LUNGDDPM_CACHE/features or ~/.cache/lungddpm/features."""
     return Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm")) / "features"
+
+
+def folders_entry(cfg: Config, real: Path, synthetic: Path, real_labels: Path | None, out: Path,
+                  cache: Path | None, threads: int) -> list[dict[str, Any]]:  # fmt: skip
+    """``lungddpm metrics``: the metrics of two folders of NIfTI volumes (:func:`folder_sets`) into ``out``'s
+    ``image_quality.csv`` and ``per_case.csv``, with the config's ``metrics`` settings; returns the table's rows."""
+    torch.set_num_threads(threads)
+    settings = cfg.raw["metrics"]
+    pairs, reference, floor = folder_sets(real, synthetic, real_labels, settings["seed"], settings["floor_fraction"],
+                                          cfg.data.images.patient_regex)  # fmt: skip
+    return image_quality(pairs, reference, floor, settings, cfg.intensity.hu_window, out / "image_quality.csv",
+                         out / "per_case.csv", cache or default_cache_dir(), threads)  # fmt: skip
 
 
 def workflow_sets(

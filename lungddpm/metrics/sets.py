@@ -72,3 +72,13 @@ def real_halves(
             "synthetic volume was sampled from; add real cases (demo: data.demo.n_scans >= 4)"
         )
     return floor, reference
+
+
+def check_synthetic_set(n_test: int, per_layout: int) -> None:
+    """The eval run must give the distribution metrics >= 2 synthetic volumes (``n_test`` test layouts x
+    ``per_layout`` samples); checked when the workflow is parsed, not after training and sampling."""
+    if n_test * per_layout < 2:
+        raise MetricsError(
+            f"{n_test} test case(s) x {per_layout} sample(s) per layout: the distribution metrics need >= 2 synthetic "
+            "volumes; raise sample.eval_samples_per_layout (or split.test)"
+        )

@@ -23,6 +23,7 @@ from lungddpm.metrics.image_quality import (
     summarize_pairs,
     workflow_sets,
 )
+from lungddpm.metrics.sets import check_synthetic_set
 from lungddpm.metrics.voxel import bootstrap_ci
 from lungddpm.report.summary import quality_section
 
@@ -66,6 +67,15 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 write_volume(syn / f"LIDC-IDRI-000{i}_{k}.nii.gz", s, GEOM)
                 write_volume(syn / f"LIDC-IDRI-000{i}_{k}_layout.nii.gz", layout, GEOM)
     return {"root": root, "real": real, "labels": labels, "synthetic": syn}
+
+
+def test_a_single_synthetic_volume_is_refused_when_the_workflow_is_parsed() -> None:
+    """One test case with one sample per layout gives one synthetic volume: the metrics would fail after training and
+    sampling, so the workflow's parse refuses it (rules/common.smk), naming the key."""
+    check_synthetic_set(1, 2)
+    check_synthetic_set(2, 1)
+    with pytest.raises(MetricsError, match=r"1 test case\(s\) x 1 sample\(s\) per layout: .* sample.eval_samples_per"):
+        check_synthetic_set(1, 1)
 
 
 def test_real_halves_are_disjoint_patient_groups_with_sources_in_the_floor() -> None:
