@@ -21,21 +21,19 @@ log = logging.getLogger("lungddpm")
 
 
 def _overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``a.b=value`` pairs (YAML-parsed values) -> nested dict."""
+    """``a.b=value`` pairs (YAML-parsed values) -> nested dict; mappings merge key by key and a later value replaces
+    an earlier one, as Snakemake merges ``--config``."""
+    from snakemake.utils import update_config
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise LungDDPMError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.source=lidc")
-        node = out
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise LungDDPMError(
-                    f"--set {item!r}: {'.'.join(parts[: depth + 1])} is set to a value by an earlier --set"
-                )
-        node[parts[-1]] = yaml.safe_load(value)
+        nested: Any = yaml.safe_load(value)
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        update_config(out, nested)
     return out
 
 

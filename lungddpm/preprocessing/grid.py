@@ -22,6 +22,7 @@ from scipy import ndimage as ndi
 from .. import __version__
 from ..config import Config
 from ..data.dicom import DicomSeries
+from ..data.images import MAX_NODULES
 from ..data.nodules import Nodule
 from ..errors import DicomError, LayoutError
 from ..io import IDENTITY_DIRECTION, Geometry, write_json, write_volume
@@ -53,7 +54,8 @@ class SliceGrid:
     def of_regular(cls, geometry: Geometry, n_slices: int) -> SliceGrid:
         """The grid of ``n_slices`` slices of a regular, axis-aligned ``geometry`` (another direction is refused)."""
         if not np.allclose(geometry.direction, IDENTITY_DIRECTION, atol=1e-5):
-            raise LayoutError(f"a grid of direction {geometry.direction} is not axis-aligned in LPS; resample it first")
+            raise LayoutError(f"a grid of direction {geometry.direction} is not LPS-ordered (identity direction); "
+                              "resample it first")  # fmt: skip
         zs = geometry.origin[2] + np.arange(n_slices) * geometry.spacing[0]
         return cls(zs, geometry.spacing[1], geometry.spacing[2], geometry.origin[0], geometry.origin[1],
                    float(geometry.spacing[0]))  # fmt: skip
@@ -283,8 +285,9 @@ def nodule_labels(
     non-empty nodule keeps at least the voxel holding its centroid, so small nodules survive coarse grids.
     Later nodules win overlaps.
     """
-    if len(nodules) > 255:  # uint8 labels (the image reader's MAX_NODULES)
-        raise LayoutError(f"{len(nodules)} nodules: at most 255 fit the model grid's uint8 labels; merge or drop some")
+    if len(nodules) > MAX_NODULES:
+        raise LayoutError(f"{len(nodules)} nodules: at most {MAX_NODULES} fit the model grid's uint8 labels; merge or "
+                          "drop some")  # fmt: skip
     labels = np.zeros(size, dtype=np.uint8)
     for n, nod in enumerate(nodules, start=1):
         if not nod.mask.any():

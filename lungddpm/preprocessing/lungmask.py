@@ -37,6 +37,22 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(mask, structure=_IN_PLANE)
 
 
+def _lung_holes(lung: np.ndarray, airway: np.ndarray, midline: float, spacing: np.ndarray, max_mm: float) -> np.ndarray:
+    """The in-plane holes of ``lung`` [Z, Y, X] that are lung (vessels, nodules): those on one side of the body
+    ``midline`` (x index), and those across it no larger than a disc of ``max_mm`` less the airway. Where the lungs
+    meet in front of the mediastinum and the closing bridges the gap behind it, the mediastinum is a large hole
+    across the midline of the joined lungs: it stays out; a nodule of a lung that reaches past the midline is in."""
+    labels, n = ndi.label(_fill_holes_2d(lung) & ~lung, structure=_IN_PLANE)
+    if n == 0:
+        return np.zeros_like(lung)
+    cols = np.broadcast_to(np.arange(lung.shape[2]) < midline, lung.shape)
+    left = ndi.maximum(cols, labels, np.arange(1, n + 1)).astype(bool)
+    right = ~ndi.minimum(cols, labels, np.arange(1, n + 1)).astype(bool)
+    small = np.bincount(labels.ravel())[1:] * float(spacing[1] * spacing[2]) <= np.pi * (max_mm / 2) ** 2
+    one_side, across = ~(left & right), left & right & small
+    return np.concatenate([[False], one_side])[labels] | (np.concatenate([[False], across])[labels] & ~airway)
+
+
 def _ball(radius_vox: np.ndarray) -> np.ndarray:
     r = np.maximum(np.round(radius_vox).astype(int), 0)
     zz, yy, xx = np.ogrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1, -r[2] : r[2] + 1]
@@ -232,10 +248,8 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
         lung[sl] |= closed
     lung &= body
     lung |= pleural_dents(lung & ~airway, body & ~airway, midline, sp, cfg.pleural_max_diameter_mm)
-    # holes (vessels, nodules) are filled on each side of the midline apart: where the lungs meet in front of the
-    # mediastinum and the closing bridges the gap behind it, the mediastinum is a hole of the joined lungs
-    left, lung = np.arange(lung.shape[2]) < midline, lung & ~airway
-    lung = _fill_holes_2d(lung & left) | _fill_holes_2d(lung & ~left)
+    lung = lung & ~airway
+    lung |= _lung_holes(lung, airway, midline, sp, cfg.midline_hole_max_mm)
     return LungmaskResult(
         lung=lung,
         airway=airway,

@@ -43,7 +43,7 @@ from ..preprocessing.layout import NODULE, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
 from ..versions import output_version
 from .layout_edit import BankNodule, insert_nodules
-from .plan import Item
+from .plan import Item, sampling_what
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,8 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
     disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi`` and
     ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
-    sample = {k: v for k, v in cfg.raw["lesion"]["sample"].items() if k != "compile"}  # how, not what: as shards
-    sample = without_later_defaults(sample)  # the default, as before the key: old items stay complete
-    out = {"model_sha256": ckpt_sha, "sample": sample | {"shards": None},
+    sample = sampling_what(cfg.raw["lesion"]["sample"])  # what, not how (batching, compiling, sharding), as the rule
+    out = {"model_sha256": ckpt_sha, "sample": sample,
            "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"],
            **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
     out.update(output_version("synthesize_lesion"))  # a bump remakes items made by older code
@@ -238,14 +237,13 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
 def item_inputs_sha256(table: Path, preprocessed: Path, sources: Sequence[str | Path] = ()) -> str:
     """One digest of what an item reads besides the settings: its case's ``rois.csv``, the nodule-free ROIs it names
     (CT and layout), the fine lung mask the paste-back labels with and ``sources``, the case's source files that the
-    paste-back writes into (:func:`lungddpm.data.sources.source_files`: images' CT and label map). DICOM sources have
-    none, so their digest is the one computed before the source files were hashed."""
+    paste-back writes into (:func:`lungddpm.data.sources.source_paths`: images' CT and label map, and the files
+    holding their voxels). DICOM sources have none, so their digest is the one computed before source files were
+    hashed."""
     rows = [r for r in read_roi_table(table) if r["kind"] == "free"]
     folder = Path(table).parent
     sites = [folder / r[k] for r in rows for k in ("ct", "layout")]
-    files = [f for s in map(Path, sources) for f in (sorted(q for q in s.rglob("*") if q.is_file()) if s.is_dir()
-                                                     else [s])]  # a DICOM folder: its files  # fmt: skip
-    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz", *files])
+    return files_sha256([Path(table), *sites, Path(preprocessed) / "lung_fine.nii.gz", *map(Path, sources)])
 
 
 def site_seed(item: Item, j: int) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..data.sources import source_files
+from ..data.sources import source_paths
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..diffusion.precision import precision_name, resolve_precision
@@ -139,14 +139,7 @@ def synthesize_lesion_shard(
         sites = read_sites(roi_tables[item.case_id])
         files = item_files(out_dir, item, len(sites))
         if item.case_id not in inputs:  # once per case: its k items read the same files
-            given = source_files(cfg, item.case_id)  # images: the CT pasted into, its labels, their headers' data
-            sources = [v for v in given.values() if isinstance(v, str)]  # a folder is hashed whole, file by file
-            sources += [
-                p
-                for k, v in given.items()
-                if not isinstance(v, str) and Path(given[k.removesuffix("_data")]).is_file()
-                for p in v
-            ]
+            sources = source_paths(cfg, item.case_id)  # images: the CT pasted into, its labels, their data files
             inputs[item.case_id] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id], sources)
         if provenance_complete(files, item_settings(settings, item, inputs[item.case_id])):
             log.info("%s: complete, skipped", item.name)

@@ -25,7 +25,7 @@ from lungddpm.data.images import (
 )
 from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
-from lungddpm.data.sources import data_files, source_files
+from lungddpm.data.sources import data_files, source_files, source_paths
 from lungddpm.errors import DicomError, ImageError, LayoutError
 from lungddpm.preprocessing.grid import preprocess_case
 
@@ -83,6 +83,7 @@ def test_the_data_files_of_multi_file_headers_and_dicom_folders(tmp_path: Path) 
     assert len(files) == 6 and data_files(tmp_path / "CT" / "P1") == files
     cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": {"ct_dir": str(tmp_path / "CT")}}}))
     assert source_files(cfg, "P1") == {"image": str(tmp_path / "CT/P1"), "image_data": [str(f) for f in files]}
+    assert source_paths(cfg, "P1") == files  # what the lesion run's digest hashes: the same files
 
 
 def test_a_dicom_subfolder_reads_like_lungddpms_dicom_reader(tmp_path: Path) -> None:

@@ -226,7 +226,9 @@ def test_a_regular_grid_of_another_direction_and_too_many_nodules_are_refused() 
     """of_regular rebuilds a grid from spacing and origin: a flipped source would be read as if it were not
     (SimpleITK: [90, 60, 30, 0] where it gave [-1, -1, -1, 0]); labels are uint8, so 256 nodules cannot be told."""
     flipped = Geometry((10.0, 1.0, 1.0), (0.0, 0.0, 30.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
-    with pytest.raises(LayoutError, match=r"a grid of direction .* is not axis-aligned in LPS; resample it first"):
+    with pytest.raises(
+        LayoutError, match=r"a grid of direction .* is not LPS-ordered \(identity direction\); resample it first"
+    ):
         SliceGrid.of_regular(flipped, 4)
     speck = Nodule(np.ones((1, 1, 1), bool), (0, 0, 0), 3, 1.0, 5, 3, (0.0, 0.0, 0.0))
     grid = SliceGrid.of_regular(Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), 4)

@@ -60,12 +60,11 @@ def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: py
         seen.append((table, preprocessed, list(sources)))
         return "digest"
 
-    files = {"image": str(sources[0]), "label": str(sources[1])}
     setup = (None, None, torch.device("cpu"), (-1000, 400), [0.0], [], {"ema": {}})  # model .. checkpoint
     monkeypatch.setattr(lesion_run, "_setup", lambda *a: setup)
     monkeypatch.setattr(lesion_run, "file_sha256", lambda path: "sha")
     monkeypatch.setattr(lesion_run, "read_sites", lambda table: [])
-    monkeypatch.setattr(lesion_run, "source_files", lambda c, case: files if case == "c1" else {})
+    monkeypatch.setattr(lesion_run, "source_paths", lambda c, case: sources if case == "c1" else [])
     monkeypatch.setattr(lesion_run, "item_inputs_sha256", digest)
     monkeypatch.setattr(lesion_run, "provenance_complete", lambda files, settings: True)  # every item skipped
     monkeypatch.setattr(lesion_run, "inpaint", lambda model, diffusion, ins, *a: [])
@@ -74,7 +73,7 @@ def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: py
         items, cfg, tmp_path / "ckpt.pt", {"c1": table}, {"c1": pre}, tmp_path / "bank.npz", tmp_path / "out"
     )
     assert [e["skipped"] for e in out] == [True, True]
-    assert seen == [(table, pre, [str(p) for p in sources])]  # once per case, with its source files
+    assert seen == [(table, pre, sources)]  # once per case, with its source files
 
 
 def test_the_native_geometry_refuses_slices_that_drift_off_the_written_grid() -> None:

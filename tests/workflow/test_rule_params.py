@@ -189,3 +189,12 @@ def test_the_medicalnet_weight_file_is_an_input_of_the_metrics(tmp_path: Path) -
     (workdir / "w.pth").write_bytes(b"weights")
     dry = snakemake(workdir, "-n", "--forceall", "results/metrics/eval/image_quality.csv")
     assert dry.returncode == 0 and "rule metrics" in dry.stdout
+
+
+def test_an_invalid_config_names_its_files_in_merge_order(tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path, {"sample": {"stpes": 3}})
+    dry = snakemake(workdir, "-n", "--config", "train={steps: 5}", check=False)
+    assert dry.returncode != 0
+    out = dry.stdout + dry.stderr
+    assert f"snakemake config (config/config.yaml, then {workdir / 'ci.yaml'}, then --config): invalid" in out
+    assert "sample: Additional properties are not allowed ('stpes' was unexpected)" in out
