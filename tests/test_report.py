@@ -55,7 +55,7 @@ def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Pa
             for f in files.values():
                 (tmp_path / f).write_bytes(b"png")
             prov = {"source_case": case, "sites": [{}] * n_sites, "seconds_per_nodule": seconds, "files": files,
-                    "sample": {"sampler": "dpm++", "steps": 20, "batch_size": 4},
+                    "sample": {"sampler": "dpm++", "steps": 20}, "batch_size": 4,
                     "insert": {"feather_mm": 2.0, "margin_mm": 3.0}}  # fmt: skip
             (tmp_path / f"{name}.json").write_text(json.dumps(prov))
             items.append({"item": name})
@@ -65,7 +65,7 @@ def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Pa
     texture.write_text("texture_class,inserted_mean_hu,inserted_sd_hu,n_inserted,real_mean_hu,real_sd_hu,n_real\n")
     text = "\n".join(lesion_section([manifest], texture, tmp_path / "figures", tmp_path, montages=1))
     assert "8 nodules inserted into the nodule-free lung ROIs of 2 train CT(s)" in text
-    assert "2.00 s of sampling per nodule" in text
+    assert "2.00 s of sampling per nodule in a shard job (batched 4;" in text
 
 
 def test_items_sampled_since_the_model_digest_name_it(tmp_path: Path) -> None:

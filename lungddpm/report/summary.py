@@ -263,7 +263,7 @@ def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base
     out.append(
         f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(cases)} train CT(s), {s['sampler']} "
         f"{s['steps']} steps, {np.mean(seconds):.2f} s of sampling per nodule in a shard job (batched "
-        f"{s['batch_size']}; the shards run side by side), "
+        f"{prov['batch_size']}; the shards run side by side), "
         f"pasted back with a {prov['insert']['feather_mm']} mm feather inside a {prov['insert']['margin_mm']} mm "
         "margin."
     )

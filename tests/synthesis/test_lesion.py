@@ -379,7 +379,7 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
 
 def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provenance(tmp_path) -> None:
     """lesion.sample.compile: the same weights behind torch.compile (lazy: compiling starts at the first call), and
-    items inpainted either way count as done (compile is how, not what, as shards)."""
+    items inpainted either way count as done (compile is how, not what, as batching and shards)."""
     from lungddpm.synthesis.lesion import load_lesion_model, run_settings
 
     model, _ = _tiny_model()
@@ -392,11 +392,10 @@ def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provena
     assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) and not isinstance(eager, type(net))
     inner = net._orig_mod.state_dict()
     assert all(torch.equal(inner[k], v) for k, v in weights.items())
-    cfgs = [load_config("config/config.yaml", {"lesion": {"sample": {"compile": c}}}) for c in (False, True)]
-    assert (
-        run_settings(cfgs[0], "x") == run_settings(cfgs[1], "x")
-        and "compile" not in run_settings(cfgs[1], "x")["sample"]
-    )
+    how = ({"compile": False}, {"compile": True}, {"batch_size": 3}, {"shards": 5})  # never what a nodule is
+    cfgs = [load_config("config/config.yaml", {"lesion": {"sample": h}}) for h in how]
+    assert all(run_settings(c, "x") == run_settings(cfgs[0], "x") for c in cfgs)
+    assert not {"compile", "batch_size", "shards"} & set(run_settings(cfgs[1], "x")["sample"])
 
 
 def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:
