@@ -26,7 +26,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "demo_qc_table": 1,
     # 2: one-slice nodules labelled in full, nodules no longer cut short by their outer half-slices, no +x/+y
     # field-of-view edge band of padding HU, no table midline (labels and HU made before then differ)
-    # 3: lung holes filled on each side of the midline (lungs meeting around the mediastinum no longer take it in)
+    # 3: lung holes across the body midline filled only up to lungmask.midline_hole_max_mm (lungs meeting around
+    # the mediastinum no longer take it in, nor the trachea)
     "preprocess": 3,
     "layout": 1,
     "rois": 2,  # 2: the labels as preprocess 2 (the same code)
