@@ -28,7 +28,28 @@ def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> li
         + _diameter_problems(config.get("layout_edit") or {}, "layout_edit")
         + _schedule_problems(config.get("diffusion") or {})
         + _range_problems(config, scale)
+        + _input_problems(config)
     )
+
+
+def _input_problems(config: Mapping[str, Any]) -> list[str]:
+    """Inputs a run would ignore or miss: a case list the source does not read, a reversed feature-network HU
+    range (every volume would give the same features), the medicalnet extractor without its weight file."""
+    out = []
+    data = config.get("data") or {}
+    if data.get("cases") and data.get("source") != "lidc":
+        out.append(
+            f"data.cases: a list of LIDC patients, which data.source {data['source']!r} does not read (demo: "
+            "data.demo.n_scans picks the cases; images: each volume of data.images.ct_dir); remove it"
+        )
+    features = (config.get("metrics") or {}).get("features") or {}
+    if features and float(features["clip_hu"][0]) >= float(features["clip_hu"][1]):
+        out.append(f"metrics.features.clip_hu: {features['clip_hu']} is reversed or empty (every volume would give "
+                   "the same features); give [lowest HU, highest HU], e.g. [-1000, 200]")  # fmt: skip
+    if features.get("extractor") == "medicalnet" and not features.get("weights"):
+        out.append("metrics.features.weights: the medicalnet extractor needs its weight file; give the path of a "
+                   "local MedicalNet resnet_50 .pth file (Tencent/MedicalNet), or use extractor: astra")  # fmt: skip
+    return out
 
 
 def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
@@ -66,19 +87,6 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "
                            "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
-    data = config.get("data") or {}
-    if data.get("cases") and data.get("source") != "lidc":
-        out.append(
-            f"data.cases: a list of LIDC patients, which data.source {data['source']!r} does not read (demo: "
-            "data.demo.n_scans picks the cases; images: each volume of data.images.ct_dir); remove it"
-        )
-    features = (config.get("metrics") or {}).get("features") or {}
-    if features and float(features["clip_hu"][0]) >= float(features["clip_hu"][1]):
-        out.append(f"metrics.features.clip_hu: {features['clip_hu']} is reversed or empty (every volume would give "
-                   "the same features); give [lowest HU, highest HU], e.g. [-1000, 200]")  # fmt: skip
-    if features.get("extractor") == "medicalnet" and not features.get("weights"):
-        out.append("metrics.features.weights: the medicalnet extractor needs its weight file; give the path of a "
-                   "local MedicalNet resnet_50 .pth file (Tencent/MedicalNet), or use extractor: astra")  # fmt: skip
     layout = config.get("layout") or {}
     if layout and float(layout["min_lung_ml"]) > float(layout["max_lung_ml"]):
         out.append(f"layout.min_lung_ml: {layout['min_lung_ml']} is above layout.max_lung_ml "

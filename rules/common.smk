@@ -5,7 +5,7 @@ from pathlib import Path
 from lungddpm.data.lidc import CLUSTERING_VERSION
 from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.versions import output_version
-from lungddpm.data.sources import DEMO_ROOT, source_files
+from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config, lesion_training_settings, set_keys, weight_settings
@@ -45,7 +45,7 @@ real_halves(
     config["metrics"]["seed"],
     config["metrics"]["floor_fraction"],
 )
-check_synthetic_set(sum(s == "test" for s in SPLIT.values()), samples_per_layout(config["sample"], "eval"))
+check_synthetic_set(len(run_cases(SPLIT, "eval")), samples_per_layout(config["sample"], "eval"))
 
 
 def final_targets():
@@ -190,9 +190,9 @@ def lesion_inputs(wildcards):
     }
     if IS_DEMO:
         inputs["series"] = expand(f"{DEMO_ROOT}/series/{{case}}.json", case=cases)
-    for case in cases:  # images: the CTs (and label maps) the nodules are pasted into
-        for key, paths in source_files(CFG, case).items():
-            inputs.setdefault(f"source_{key}", []).extend([paths] if isinstance(paths, str) else paths)
+    # images: the files of the CTs (and label maps) the nodules are pasted into, which the items' digest hashes
+    if sources := [str(p) for case in cases for p in source_paths(CFG, case)]:
+        inputs["sources"] = sources
     return inputs
 
 
