@@ -33,6 +33,7 @@ from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
 log = logging.getLogger(__name__)
 
 PREFIX = "denoise_fn."
+WRAPPER = "module."  # what (Distributed)DataParallel's state_dict puts before every key
 # the GaussianDiffusion buffers Lung-DDPM stores next to the network (all of shape [T])
 SCHEDULE_BUFFERS = (
     "betas",
@@ -71,6 +72,14 @@ def _fail(where: str, problems: list[str], hint: str) -> CheckpointError:
     shown = problems[:MAX_LISTED]
     more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     return CheckpointError(f"{where}: {'; '.join(shown)}{more}. {hint}")
+
+
+def _unwrap(state: Any, where: str) -> Any:
+    """``state`` without the ``module.`` that (Distributed)DataParallel puts before every key, where all have it."""
+    if isinstance(state, Mapping) and state and all(str(k).startswith(WRAPPER) for k in state):
+        log.info("%s: keys saved through (Distributed)DataParallel ('%s' prefix): taken without it", where, WRAPPER)
+        return {str(k).removeprefix(WRAPPER): v for k, v in state.items()}
+    return state
 
 
 def _need(net: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
@@ -239,6 +248,7 @@ def convert(
     """A loaded Lung-DDPM checkpoint -> a lungddpm model checkpoint (``ema``, ``model``, ``step``, ``unet``,
     ``diffusion``, ``convention``; the caller adds ``source``). Raises :class:`CheckpointError` naming every
     missing, unexpected or mis-shaped key."""
+    source = _unwrap(source, where)
     if isinstance(source, Mapping) and any(str(k).startswith(PREFIX) for k in source):
         log.warning("%s: a bare GaussianDiffusion state dict ('%s*' at the top level): taken as its EMA weights",
                     where, PREFIX)  # fmt: skip
@@ -250,6 +260,7 @@ def convert(
             f"{where}: not a Lung-DDPM checkpoint (top level {shown}); expected the trainer's dict with 'ema' "
             "(and 'model', 'step') — e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt"
         )
+    source = {**source, **{k: _unwrap(source[k], f"{where} [{k!r}]") for k in ("ema", "model") if k in source}}
     ema_state = source["ema"]
     net = {k.removeprefix(PREFIX): v for k, v in ema_state.items() if k.startswith(PREFIX) and torch.is_tensor(v)}
     unet = infer_unet_config(net, convention.size, num_heads, norm_groups, f"{where} ['ema']")

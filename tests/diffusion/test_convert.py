@@ -124,6 +124,21 @@ def test_tiny_original_layout_keeps_ema_and_raw_weights_apart(tmp_path: Path) ->
         assert torch.allclose(model(x, t, layout), net.eval()(x, t, layout), atol=1e-6)
 
 
+def test_dataparallel_prefixes_are_taken_off_every_state_dict() -> None:
+    """A trainer run under (Distributed)DataParallel saves 'module.' before every key, the schedule's too."""
+    ema, raw = tiny_nets()
+    plain = original_layout(ema, raw)
+    wrapped = {**plain, **{k: {"module." + n: v for n, v in plain[k].items()} for k in ("model", "ema")}}
+    ckpt = convert(wrapped, LungDDPMConvention(size=16), norm_groups=4)
+    assert all(torch.equal(ckpt["ema"][k], v) for k, v in ema.state_dict().items())
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in raw.state_dict().items())
+    bare = convert({"module." + n: v for n, v in plain["ema"].items()}, LungDDPMConvention(size=16), norm_groups=4)
+    assert all(torch.equal(bare["ema"][k], v) for k, v in ema.state_dict().items())
+    partly = {**plain, "ema": {**plain["ema"], "module.extra": torch.zeros(1)}}  # not every key: nothing is taken off
+    with pytest.raises(CheckpointError, match="unexpected key module.extra"):
+        convert(partly, LungDDPMConvention(size=16), norm_groups=4)
+
+
 def test_legacy_multi_head_qkv_order_is_converted() -> None:
     """guided-diffusion's QKVAttentionLegacy (heads outermost) == our block after the qkv rows are reordered."""
     torch.manual_seed(0)
