@@ -39,9 +39,14 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "sample": 2,
     "metrics": 2,  # 2: SSIM / PSNR on the HU window, PSNR capped at 100 dB, intervals resampling patients
     "report": 2,  # 2: the reading rule against the real-vs-real interval
-    "segment_prepare": 1,
+    # 2: with real_fraction < 1, synthetic cases only from those built on the real data the arm sees (the others
+    # brought a left-out real CT or nodule-free ROI back); arms whose cases do not change reuse their trainings
+    "segment_prepare": 2,
     "segment_train": 1,
-    "segment_score": 2,  # 2: ground-truth nodules 26-connected, as the predictions
+    # 2: ground-truth nodules 26-connected, as the predictions; 3: a nodule smaller than min_overlap_voxels is found
+    # by a component covering all of it, a nodule ROI detects its own nodule only (a neighbour in it was counted
+    # again), and nodules seen in each other's ROIs are one cluster
+    "segment_score": 3,
     "segment_compare": 1,
     "segment_sweep": 1,
     "train_lesion": 1,

@@ -114,6 +114,12 @@ class SegmentationConfig:
                     f"segmentation.arms[{a['name']}]: synthetic_source {source!r} at segmentation.scale lesion; ROIs "
                     "come from the lesion run only — drop synthetic_source or set segmentation.scale: whole"
                 )
+            if scale == "whole" and source == "lesion" and not a["real"] and a["synthetic_fraction"] > 0:
+                raise ConfigError(
+                    f"segmentation.arms[{a['name']}]: real: false with synthetic_source lesion at segmentation.scale "
+                    "whole; a lesion-run CT is a real train CT (its real nodules labelled) with nodules pasted in, so "
+                    "the arm would not be synthetic-only — set synthetic_source: volume, or real: true"
+                )
             return Arm(a["name"], bool(a["real"]), float(a["synthetic_fraction"]), float(a.get("real_fraction", 1.0)),
                        source)  # fmt: skip
 

@@ -6,7 +6,9 @@
 - ``whole``: the real train CTs on the model grid, plus whole-volume ``augment`` CTs or lesion-run CTs (real train
   CTs with pasted nodules, resampled onto their case's model grid at export); the test set is the test CTs.
 
-Every draw is seeded and nested: for one seed a smaller fraction's cases are inside a larger one's.
+Every draw is seeded and nested: for one seed a smaller fraction's cases are inside a larger one's. With
+``real_fraction`` < 1 the synthetic cases are drawn from those built on the real data the arm sees (its CTs; its
+nodule-free ROIs), so that no real CT or ROI left out comes back under a synthetic name.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class EvalCase:
     kind: str  # "scan" | "nodule" | "free"
     source_case: str
     cluster: str = ""
+    own: tuple[tuple[str, str], ...] = ()  # a nodule ROI's own nodule: its rois.csv nodule_x/y/z and diameter_mm
 
 
 def nested_draw(n_total: int, n: int, seed: int | Sequence[int]) -> list[int]:
@@ -74,7 +77,8 @@ def shard_items(manifests: Sequence[Path], run: str) -> list[dict[str, Any]]:
 
 def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
     """The lesion run's synthetic cases: ``per="roi"`` one per inserted nodule (the inpainted ROI and its layout),
-    ``per="ct"`` one per item (the pasted native CT and its label map). Keys: id, image, layout, case_id."""
+    ``per="ct"`` one per item (the pasted native CT and its label map). Keys: id, image, layout, case_id (and,
+    per ROI, site: the nodule-free ROI it was inpainted into, and texture)."""
     out = []
     for it in shard_items(manifests, "lesion"):
         folder = Path(it["folder"])
@@ -87,7 +91,7 @@ def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
             continue
         for j, site in enumerate(prov["sites"]):
             out.append({"id": f"{it['item']}_s{j}", "image": folder / files[f"s{j}_after"],
-                        "layout": folder / files[f"s{j}_layout"], "case_id": prov["source_case"],
+                        "layout": folder / files[f"s{j}_layout"], "case_id": prov["source_case"], "site": site["site"],
                         "texture": site.get("texture_requested", "")})  # fmt: skip
     return out
 
@@ -106,11 +110,20 @@ def _log(arm: Arm, seed: int, cases: Sequence[TrainingCase], what: str) -> None:
     log.info("arm %s seed %d: %d real + %d synthetic training %s", arm.name, seed, n_real, len(cases) - n_real, what)
 
 
-def _synthetic(arm: Arm, items: Sequence[Mapping[str, Any]], n: int, seed: int, fix: str) -> list[Mapping[str, Any]]:
+def _synthetic(
+    arm: Arm, items: Sequence[Mapping[str, Any]], seen: set[str], key: str, n: int, seed: int, fix: str
+) -> list[Mapping[str, Any]]:
+    """``n`` of ``items``, drawn with ``seed``. With ``real_fraction`` < 1 only those built on the real data the arm
+    sees (``item[key]`` in ``seen``): a synthetic case on a real CT or ROI left out would bring that back."""
+    if arm.real and arm.real_fraction < 1:
+        items = [it for it in items if it[key] in seen]
+        made = f"made {len(items)} on the real data this arm sees (real_fraction {arm.real_fraction:g})"
+    else:
+        made = f"made {len(items)}"
     if n > len(items):
         raise ConfigError(
             f"segmentation.arms[{arm.name}]: synthetic_fraction {arm.synthetic_fraction} needs {n} synthetic cases "
-            f"but the {arm.synthetic_source} run made {len(items)}; {fix}, or lower the fraction"
+            f"but the {arm.synthetic_source} run {made}; {fix}, or lower the fraction"
         )
     return [items[i] for i in nested_draw(len(items), n, seed)]
 
@@ -129,14 +142,12 @@ def whole_cases(
     CTs are resampled onto their case's model grid. test_cases: refused if any training case derives from one.
     """
     names = sorted(real)
-    cases = [
-        TrainingCase(f"real_{c}", Path(real[c][0]), Path(real[c][1]), "real", c)
-        for c in (names[i] for i in nested_draw(len(names), arm.n_real(len(names)), [seed, 1]))
-    ]
+    chosen = [names[i] for i in nested_draw(len(names), arm.n_real(len(names)), [seed, 1])]
+    cases = [TrainingCase(f"real_{c}", Path(real[c][0]), Path(real[c][1]), "real", c) for c in chosen]
     fix = {"volume": "raise sample.samples_per_layout", "lesion": "raise lesion.insert.samples_per_case"}[
         arm.synthetic_source
     ]
-    for it in _synthetic(arm, synthetic, arm.n_synthetic(len(real)), seed, fix):
+    for it in _synthetic(arm, synthetic, set(chosen), "case_id", arm.n_synthetic(len(real)), seed, fix):
         name = it.get("item", it.get("id"))
         grid = Path(real[it["case_id"]][0]) if arm.synthetic_source == "lesion" and it["case_id"] in real else None
         if arm.synthetic_source == "lesion" and grid is None:
@@ -176,10 +187,12 @@ def lesion_cases(
         groups.setdefault((r["case_id"], r["nodule"]), []).append(r)
     keys = sorted(groups)
     chosen = [r for i in nested_draw(len(keys), arm.n_real(len(keys)), [seed, 1]) for r in groups[keys[i]]]
-    chosen += [free[i] for i in nested_draw(len(free), arm.n_real(len(free)), [seed, 2])]
+    chosen_free = [free[i] for i in nested_draw(len(free), arm.n_real(len(free)), [seed, 2])]
+    chosen += chosen_free
     cases = [TrainingCase(f"real_{r['roi']}", r["ct_path"], r["layout_path"], "real", r["case_id"]) for r in chosen]
     fix = "raise lesion.insert.samples_per_case or lesion.roi.free_per_case"
-    for it in _synthetic(arm, synthetic, arm.n_synthetic(len(nodule_rows)), seed, fix):
+    seen = {r["roi"] for r in chosen_free}  # a synthetic ROI is a nodule-free ROI with a nodule inpainted
+    for it in _synthetic(arm, synthetic, seen, "site", arm.n_synthetic(len(nodule_rows)), seed, fix):
         cases.append(TrainingCase(f"syn_{it['id']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"]))
     if not cases:
         raise ConfigError(f"segmentation.arms[{arm.name}]: no training ROI; check lesion.roi and the split")
@@ -192,18 +205,50 @@ def lesion_eval_set(
     tables: Sequence[Path], patients: Mapping[str, str] | None = None, cluster: str = "nodule"
 ) -> list[EvalCase]:
     """Every ROI (nodule and nodule-free) of the test split's ``rois.csv`` tables. Its cluster: with ``cluster``
-    "nodule", a nodule ROI's nodule (its jittered ROIs together) and a nodule-free ROI itself; with "patient", the
-    case's patient (``patients``: case -> patient id; the case id where absent)."""
+    "nodule", a nodule ROI's nodule (its jittered ROIs together, and those of a nodule either one's ROIs reach:
+    ``<case>_n2+3``) and a nodule-free ROI itself; with "patient", the case's patient (``patients``: case ->
+    patient id; the case id where absent)."""
     rows = roi_rows(tables)
     if not any(r["kind"] == "nodule" for r in rows):
         raise LungDDPMError(f"{[str(t) for t in tables]}: the test split has no nodule ROI to segment")
 
+    together = _sharing_nodules(rows)
+
     def unit(r: Mapping[str, Any]) -> str:
         if cluster == "patient":
             return (patients or {}).get(r["case_id"], r["case_id"])
-        return f"{r['case_id']}_n{r['nodule']}" if r["kind"] == "nodule" else r["roi"]
+        return together[(r["case_id"], r["nodule"])] if r["kind"] == "nodule" else r["roi"]
 
-    return [EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"], unit(r)) for r in rows]
+    own = ("nodule_x", "nodule_y", "nodule_z", "diameter_mm")
+    return [EvalCase(r["roi"], r["ct_path"], r["layout_path"], r["kind"], r["case_id"], unit(r),
+                     tuple((k, r.get(k) or "") for k in own) if r["kind"] == "nodule" else ())
+            for r in rows]  # fmt: skip
+
+
+def _sharing_nodules(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
+    """(case, nodule) -> its cluster name: the nodule with every nodule that one of their ROIs reaches (its centre
+    within the ROI's box widened by its radius), so that two nodules seen in each other's ROIs are one unit."""
+    nodules = {(r["case_id"], r["nodule"]): r for r in rows if r["kind"] == "nodule"}
+    parent = {k: k for k in nodules}
+
+    def root(k: tuple[str, str]) -> tuple[str, str]:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for r in (r for r in rows if r["kind"] == "nodule" and r.get("centre_x") and r.get("size")):
+        centre = np.array([float(r[f"centre_{a}"]) for a in "xyz"])
+        half = float(r["size"]) * float(r["spacing_mm"]) / 2
+        for (case, n), other in nodules.items():
+            if case != r["case_id"] or n == r["nodule"] or not other.get("nodule_x"):
+                continue
+            at = np.array([float(other[f"nodule_{a}"]) for a in "xyz"])
+            if np.all(np.abs(at - centre) <= half + float(other.get("diameter_mm") or 0) / 2):
+                parent[root((case, n))] = root((r["case_id"], r["nodule"]))
+    members: dict[tuple[str, str], list[str]] = {}
+    for k in sorted(nodules, key=lambda k: (k[0], int(k[1]) if str(k[1]).isdigit() else 0, str(k[1]))):
+        members.setdefault(root(k), []).append(str(k[1]))
+    return {k: f"{k[0]}_n{'+'.join(members[root(k)])}" for k in nodules}
 
 
 def whole_eval_set(

@@ -2,9 +2,10 @@
 
 Per test case and model (seed x fold): voxel Dice, sensitivity and specificity of the nodule mask, and nodule-level
 detection — a true nodule (an instance of ``nodules.nii.gz``, or a connected nodule component of an ROI's layout)
-is found when one predicted connected component overlaps it by ``min_overlap_voxels``; a predicted component that
-overlaps no nodule so is a false positive. At the lesion scale a test case is an ROI: nodule ROIs give Dice,
-sensitivity and detection, nodule-free ROIs the false-positive components (``fp_per_free_roi``).
+is found when one predicted connected component overlaps it by ``min_overlap_voxels`` (all of it, if smaller); a
+predicted component that overlaps no nodule so is a false positive. At the lesion scale a test case is an ROI:
+nodule ROIs give Dice, sensitivity and the detection of their own nodule (a neighbour seen in the ROI counts in the
+voxels only), nodule-free ROIs the false-positive components (``fp_per_free_roi``).
 Per arm: each case's scores are averaged over the arm's models, then the mean over cases gets a percentile
 bootstrap interval; each arm is compared with the baseline arm per test case (paired difference with a bootstrap
 interval and a Wilcoxon signed-rank or paired t-test). Cases of one cluster — the jittered ROIs of one nodule, or
@@ -30,46 +31,17 @@ from ..io import atomic_path, read_csv, read_json, read_volume, write_csv
 from ..metrics.distribution import group_members
 from ..metrics.voxel import bootstrap_ci, dice
 from ..preprocessing.layout import NODULE
+from ..preprocessing.rois import own_nodule
 from .arms import EvaluationConfig
 from .datasets import EvalCase
 
 log = logging.getLogger(__name__)
 
 METRICS = ("dice", "sensitivity", "specificity", "detection_sensitivity", "false_positives")
-SCORE_COLUMNS = (
-    "arm",
-    "seed",
-    "fold",
-    "case_id",
-    "kind",
-    "cluster",
-    *METRICS,
-    "n_nodules",
-    "n_found",
-    "n_components",
-    "truth_voxels",
-    "pred_voxels",
-    "tp",
-    "fp",
-    "fn",
-)
-COMPARISON_COLUMNS = (
-    "arm",
-    "metric",
-    "n_cases",
-    "n_clusters",
-    "n_models",
-    "mean",
-    "ci_low",
-    "ci_high",
-    "models_sd",
-    "baseline",
-    "diff",
-    "diff_ci_low",
-    "diff_ci_high",
-    "p_value",
-    "test",
-)
+SCORE_COLUMNS = ("arm", "seed", "fold", "case_id", "kind", "cluster", *METRICS, "n_nodules", "n_found", "n_components",
+                 "truth_voxels", "pred_voxels", "tp", "fp", "fn")  # fmt: skip
+COMPARISON_COLUMNS = ("arm", "metric", "n_cases", "n_clusters", "n_models", "mean", "ci_low", "ci_high", "models_sd",
+                      "baseline", "diff", "diff_ci_low", "diff_ci_high", "p_value", "test")  # fmt: skip
 FP_METRIC = {"scan": "fp_per_scan", "free": "fp_per_free_roi"}  # the mean of false_positives over those cases
 PLOTTED = (("dice", "Dice"), ("sensitivity", "voxel sensitivity"), ("detection_sensitivity", "nodule detection"))
 
@@ -95,7 +67,8 @@ def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_
     """Nodule-level detection of the instance map ``nodules`` (0 = none, 1..n) by the mask ``pred`` [Z, Y, X].
 
     A nodule is found when a single predicted component (``connectivity`` 1-3, as scipy's) overlaps it by
-    ``min_overlap`` voxels; a component overlapping no nodule by that much is a false positive.
+    ``min_overlap`` voxels (or all of it, where it is smaller); a component overlapping no nodule so is a false
+    positive.
     Returns n_nodules, n_found, n_components, false_positives and detection_sensitivity (NaN without nodules).
     """
     if pred.shape != nodules.shape:
@@ -105,8 +78,9 @@ def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_
     true_components: set[int] = set()
     found = 0
     for i in ids:
-        hits = np.bincount(components[nodules == i], minlength=n_comp + 1)[1:]
-        matched = np.flatnonzero(hits >= min_overlap) + 1
+        inside = components[nodules == i]
+        hits = np.bincount(inside, minlength=n_comp + 1)[1:]
+        matched = np.flatnonzero(hits >= min(min_overlap, inside.size)) + 1  # a nodule smaller: all of it
         true_components.update(matched.tolist())
         found += int(matched.size > 0)
     return {
@@ -120,9 +94,11 @@ def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_
 
 def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig, kind: str = "scan") -> dict[str, float]:
     """Every per-case score of a predicted mask against the instance map of the true nodules. A ``kind`` "nodule"
-    ROI has no false-positive count (NaN); a "free" ROI, and a scan without a true nodule, only that one (the rest
+    ROI has no false-positive count (NaN) and detects its own nodule, instance 1 (:func:`truth_instances`; Dice and
+    sensitivity are over every nodule voxel); a "free" ROI, and a scan without a true nodule, only that one (the rest
     NaN: an empty truth gives Dice 1 or 0 by whether one voxel is predicted, a false positive counted twice)."""
-    scores = {**voxel_scores(pred, nodules > 0), **detection(pred, nodules, ev.connectivity, ev.min_overlap_voxels)}
+    own = np.where(nodules == 1, 1, 0) if kind == "nodule" else nodules  # a nodule ROI detects its own nodule
+    scores = {**voxel_scores(pred, nodules > 0), **detection(pred, own, ev.connectivity, ev.min_overlap_voxels)}
     if kind == "nodule":
         scores["false_positives"] = math.nan
     elif kind == "free" or not scores["truth_voxels"]:  # no true nodule: only the false positives count (no Dice)
@@ -132,11 +108,17 @@ def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig, kind
 
 def truth_instances(case: EvalCase) -> np.ndarray:
     """The instance map of a test case's true nodules: ``nodules.nii.gz`` as written, or the 26-connected
-    components of an ROI layout's nodule label (``evaluation.connectivity`` is the predictions' alone)."""
-    volume = read_volume(case.truth)[0]
+    components of an ROI layout's nodule label (``evaluation.connectivity`` is the predictions' alone); in a nodule
+    ROI its own nodule (:func:`~lungddpm.preprocessing.rois.own_nodule`) is 1 and a neighbour in the ROI 2, 3, ..."""
+    volume, geometry = read_volume(case.truth)
     if case.kind == "scan":
         return volume
-    return ndimage.label(volume == NODULE, structure=ndimage.generate_binary_structure(3, 3))[0].astype(np.int32)
+    labels = ndimage.label(volume == NODULE, structure=ndimage.generate_binary_structure(3, 3))[0].astype(np.int32)
+    if case.kind != "nodule" or labels.max() <= 1:
+        return labels
+    own = own_nodule(labels > 0, geometry, dict(case.own))
+    others = ndimage.label((labels > 0) & ~own, structure=ndimage.generate_binary_structure(3, 3))[0]
+    return np.where(own, 1, np.where(others > 0, others + 1, 0)).astype(np.int32)
 
 
 def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Path, ev: EvaluationConfig) -> list[dict]:

@@ -68,6 +68,12 @@ def test_detection_found_missed_and_false_positives() -> None:
     assert d["detection_sensitivity"] == pytest.approx(0.5)
     strict = detection(pred, nodules, min_overlap=2)  # a one-voxel touch no longer finds nodule 1
     assert (strict["n_found"], strict["false_positives"]) == (0, 2)
+    # a nodule smaller than min_overlap is found by a component covering all of it (a perfect prediction of a
+    # one-voxel nodule was a miss and a false positive)
+    tiny = np.zeros(shape, np.uint8)
+    tiny[4, 4, 4] = 1
+    exact = detection(tiny > 0, tiny, min_overlap=2)
+    assert (exact["n_found"], exact["false_positives"]) == (1, 0)
     # two diagonal neighbours: one component with corners (3), two with faces only (1)
     diagonal = np.zeros(shape, bool)
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
@@ -489,18 +495,24 @@ def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, 
 
 def test_workflow_sweep_target_plots_dice_against_the_synthetic_fraction(demo_workflow: Path) -> None:
     """`snakemake segment_sweep` (its own target): one arm per fraction at sweep.real_fraction, one table, one plot."""
-    snakemake(demo_workflow, "--config", "segmentation={sweep: {fractions: [0, 0.5], real_fraction: 0.5}}", "--",
+    snakemake(demo_workflow, "--config", "segmentation={sweep: {fractions: [0, 0.25], real_fraction: 0.5}}", "--",
               "segment_sweep")  # fmt: skip
     train, _ = _split(demo_workflow)
     seg = demo_workflow / "results/segmentation/lesion"
     rois = _rois(demo_workflow, train)
-    prep = read_json(seg / "sweep_0.5x/seed0/prepared.json")
+    prep = read_json(seg / "sweep_0.25x/seed0/prepared.json")
     assert prep["real_fraction"] == 0.5 and 0 < prep["n_real"] < len(rois)
-    assert prep["n_synthetic"] == math.floor(0.5 * sum(r["kind"] == "nodule" for r in rois) + 0.5)
+    assert prep["n_synthetic"] == math.floor(0.25 * sum(r["kind"] == "nodule" for r in rois) + 0.5)
     base = read_json(seg / "sweep_0x/seed0/prepared.json")
-    assert {c["identifier"] for c in base["cases"]} <= {c["identifier"] for c in prep["cases"]}  # nested draws
+    ids = {c["identifier"] for c in prep["cases"]}
+    assert {c["identifier"] for c in base["cases"]} <= ids  # nested draws
+    # every synthetic ROI was inpainted into a nodule-free ROI this half of the real data holds
+    items = (read_json(f) for f in (demo_workflow / "results/synthetic/lesion").glob("LIDC-IDRI-*.json"))
+    site = {f"syn_{p['item']}_s{j}": s["site"] for p in items for j, s in enumerate(p["sites"])}
+    synthetic = [i for i in ids if i.startswith("syn_")]
+    assert len(synthetic) == prep["n_synthetic"] and all(f"real_{site[i]}" in ids for i in synthetic)
     with open(seg / "sweep.csv") as fh:
         rows = list(csv.DictReader(fh))
     dice = {float(r["synthetic_fraction"]): r for r in rows if r["metric"] == "dice"}
-    assert sorted(dice) == [0.0, 0.5] and dice[0.5]["baseline"] == "sweep_0x" and dice[0.5]["p_value"] != ""
+    assert sorted(dice) == [0.0, 0.25] and dice[0.25]["baseline"] == "sweep_0x" and dice[0.25]["p_value"] != ""
     assert (seg / "sweep.png").read_bytes()[:4] == b"\x89PNG"

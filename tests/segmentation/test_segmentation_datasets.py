@@ -50,17 +50,18 @@ def _roi_table(folder: Path, case: str, n_nodules: int, rois_per_nodule: int, n_
     return folder / "rois.csv"
 
 
-def _lesion_run(folder: Path, cases: list[str], sites: int) -> Path:
-    """A lesion shard manifest with one item per case, ``sites`` inserted-nodule ROIs each."""
+def _lesion_run(folder: Path, cases: list[str], sites: int, per_case: int = 1) -> Path:
+    """A lesion shard manifest with ``per_case`` items per case, each inserting a nodule into the case's nodule-free
+    ROIs ``<case>_f0`` .. ``_f<sites - 1>``."""
     folder.mkdir(parents=True, exist_ok=True)
     items = []
-    for case in cases:
-        item = f"{case}_0"
+    for case, k in ((c, k) for c in cases for k in range(per_case)):
+        item = f"{case}_{k}"
         files = {"ct": f"{item}_ct.nii.gz", "label": f"{item}_label.nii.gz"}
         for j in range(sites):
             files |= {f"s{j}_after": f"{item}_s{j}_after.nii.gz", f"s{j}_layout": f"{item}_s{j}_layout.nii.gz"}
         prov = {"item": item, "source_case": case, "files": files,
-                "sites": [{"texture_requested": "solid"} for _ in range(sites)]}  # fmt: skip
+                "sites": [{"site": f"{case}_f{j}", "texture_requested": "solid"} for j in range(sites)]}  # fmt: skip
         write_json(folder / f"{item}.json", prov)
         items.append({"item": item, "case_id": case, "skipped": False})
     write_json(folder / "shard_0.json", {"run": "lesion", "items": items})
@@ -79,9 +80,10 @@ def test_nested_draws_and_real_fraction_counts() -> None:
 
 def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tmp_path: Path) -> None:
     tables = [_roi_table(tmp_path / "rois" / c, c, 2, 2, 2) for c in ("c1", "c2")]  # 8 nodule ROIs, 4 free
-    shard = _lesion_run(tmp_path / "lesion", ["c1", "c2"], 3)  # 6 inserted nodules
+    shard = _lesion_run(tmp_path / "lesion", ["c1", "c2"], 2, per_case=2)  # 8 inserted nodules, 2 per free ROI
     syn = lesion_outputs([shard], "roi")
     assert [s["id"] for s in syn][:2] == ["c1_0_s0", "c1_0_s1"] and syn[0]["texture"] == "solid"
+    assert [s["site"] for s in syn][:3] == ["c1_f0", "c1_f1", "c1_f0"]
     assert syn[0]["image"] == tmp_path / "lesion/c1_0_s0_after.nii.gz"
     full = lesion_cases(Arm("r", True, 0.0), 0, tables, syn, ["t1"])
     assert len(full) == 12 and all(c.kind == "real" for c in full)
@@ -91,10 +93,17 @@ def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tm
     nodules = {i.rsplit("_", 1)[0] for i in real_half if "_n" in i}
     assert len(nodules) == 2 and sum("_n" in i for i in real_half) == 4 and sum("_f" in i for i in real_half) == 2
     assert set(real_half) <= {c.identifier for c in full}
-    # synthetic_fraction x all 8 nodule ROIs of the split, whatever real_fraction: 0.5 x 8 = 4
-    assert [c.kind for c in half].count("synthetic") == 4
-    with pytest.raises(ConfigError, match=r"needs 8 synthetic cases but the lesion run made 6; raise lesion.insert"):
-        lesion_cases(Arm("x", True, 1.0, synthetic_source="lesion"), 0, tables, syn, ["t1"])
+    # synthetic_fraction x all 8 nodule ROIs of the split, whatever real_fraction: 0.5 x 8 = 4, all of them
+    # inpainted into the 2 free ROIs this arm sees: one built on a free ROI left out would bring that ROI back
+    synthetic = [c.identifier.removeprefix("syn_") for c in half if c.kind == "synthetic"]
+    site = {s["id"]: s["site"] for s in syn}
+    assert len(synthetic) == 4 and {f"real_{site[i]}" for i in synthetic} == {i for i in real_half if "_f" in i}
+    assert len({c.identifier for c in lesion_cases(Arm("s", True, 0.5), 0, tables, syn, ["t1"])} - set(real_half)) > 4
+    with pytest.raises(ConfigError, match=r"needs 6 synthetic cases but the lesion run made 4 on the real data this "
+                       r"arm sees \(real_fraction 0.5\); raise lesion.insert"):  # fmt: skip
+        lesion_cases(Arm("h", True, 0.75, 0.5, "lesion"), 0, tables, syn, ["t1"])
+    with pytest.raises(ConfigError, match=r"needs 12 synthetic cases but the lesion run made 8; raise lesion.insert"):
+        lesion_cases(Arm("x", True, 1.5, synthetic_source="lesion"), 0, tables, syn, ["t1"])
     with pytest.raises(LungDDPMError, match=r"derive from test cases \['c2'\]"):
         lesion_cases(Arm("r", True, 0.0), 0, tables, syn, ["c2"])
     via_inputs = arm_cases("lesion", Arm("h", True, 0.5, 0.5, "lesion"), 0, {"tables": tables, "synthetic": [shard]},
@@ -124,6 +133,14 @@ def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path)
     assert syn_volume.layout == tmp_path / "augment" / "c1_0_layout.nii.gz"
     quarter = whole_cases(Arm("q", True, 0.0, real_fraction=0.25), 0, real, [], ["t"])
     assert len(quarter) == 1
+    # half the real CTs plus pasted CTs: only those pasted into the CT this arm sees (the others hold the real
+    # nodules, and their labels, of a CT left out)
+    more = lesion_outputs([_lesion_run(tmp_path / "lesion2", ["c1", "c2"], 1, per_case=2)], "ct")
+    half = whole_cases(Arm("h", True, 0.5, real_fraction=0.5, synthetic_source="lesion"), 0, real, more, ["t"])
+    (seen,) = [c.source_case for c in half if c.kind == "real"]
+    assert [c.source_case for c in half if c.kind == "synthetic"] == [seen]
+    with pytest.raises(ConfigError, match=r"needs 2 synthetic cases but the lesion run made 1 on the real data"):
+        whole_cases(Arm("h", True, 1.0, real_fraction=0.5, synthetic_source="lesion"), 0, real, items, ["t"])
     # a native 1 mm CT with a 6 mm nodule, resampled onto a 2 mm model grid of the same patient
     native = Geometry(spacing=(1.0, 1.0, 1.0), origin=(-10.0, -10.0, -10.0))
     ct = np.full((20, 20, 20), -900, np.int16)
@@ -237,6 +254,12 @@ def test_network_resizing_and_scale_config() -> None:
     raw["segmentation"]["baseline"] = "v"
     with pytest.raises(ConfigError, match="ROIs come from the lesion run only"):
         SegmentationConfig.from_config(raw)
+    raw["segmentation"]["scale"] = "whole"  # a lesion-run CT keeps its real, labelled nodules: not synthetic-only
+    raw["segmentation"]["arms"][0].update(real=False, synthetic_source="lesion")
+    with pytest.raises(ConfigError, match=r"arms\[v\]: real: false with synthetic_source lesion .* not be synth"):
+        SegmentationConfig.from_config(raw)
+    raw["segmentation"]["arms"][0].update(real=True)
+    assert SegmentationConfig.from_config(raw).arm("v").synthetic_source == "lesion"
     raw["segmentation"]["scale"], raw["lesion"]["enabled"] = "lesion", False
     raw["segmentation"]["arms"][0].pop("synthetic_source")
     with pytest.raises(ConfigError, match="lesion.enabled is false"):
@@ -271,6 +294,33 @@ def test_jittered_rois_of_one_nodule_are_one_cluster(tmp_path: Path) -> None:
     dice = out["syn", "dice"]
     assert (dice["n_cases"], dice["n_clusters"]) == (4, 2) and dice["diff"] == pytest.approx(0.2)
     assert dice["p_value"] == pytest.approx(0.5)  # exact Wilcoxon on 2 nodule pairs (+0.1, +0.3), not on 4 ROIs
+
+
+def test_a_nodule_roi_detects_its_own_nodule_and_neighbours_share_a_cluster(tmp_path: Path) -> None:
+    """Two nodules in each other's ROIs: each ROI counts its own nodule for detection (the neighbour's voxels only
+    in Dice), and the two nodules are one unit of the intervals and the test."""
+    folder = tmp_path / "rois/t1"
+    folder.mkdir(parents=True)
+    layout = np.ones((8, 8, 8), np.uint8)
+    layout[1:3, 1:3, 1:3] = layout[5:7, 5:7, 5:7] = 2  # nodule 1 around index 1.5, nodule 2 around 5.5
+    write_volume(folder / "layout.nii.gz", layout, ROI)
+    write_volume(folder / "ct.nii.gz", np.where(layout == 2, 20, -800).astype(np.int16), ROI)
+    at = {1: 1.5 * 1.25, 2: 5.5 * 1.25, 3: 40.0}  # nodule centres (mm on every axis); nodule 3 lies far away
+    rows = [{"roi": f"t1_n{n}_0", "case_id": "t1", "kind": "nodule", "nodule": n, "diameter_mm": 2.5, "size": 8,
+             "spacing_mm": 1.25, "ct": "ct.nii.gz", "layout": "layout.nii.gz", "texture_map": "",
+             **{f"centre_{a}": 3.5 * 1.25 if n < 3 else 40.0 for a in "xyz"}, **{f"nodule_{a}": at[n] for a in "xyz"}}
+            for n in (1, 2, 3)]  # fmt: skip
+    write_csv(folder / "rois.csv", rows, ROI_COLUMNS)
+    tests = lesion_eval_set([folder / "rois.csv"])
+    assert [t.cluster for t in tests] == ["t1_n1+2", "t1_n1+2", "t1_n3"]
+    pred = np.zeros((8, 8, 8), np.uint8)
+    pred[1:3, 1:3, 1:3] = 1  # nodule 1 found, nodule 2 missed
+    write_volume(tmp_path / "pred.nii.gz", pred, ROI)
+    predictions = {t.identifier: str(tmp_path / "pred.nii.gz") for t in tests}
+    write_json(tmp_path / "run.json", {"arm": "real", "seed": 0, "fold": "all", "predictions": predictions})
+    by = {r["case_id"]: r for r in score_arm("real", [tmp_path / "run.json"], tests, tmp_path / "s.csv", EV)}
+    assert (by["t1_n1_0"]["n_nodules"], by["t1_n1_0"]["n_found"], by["t1_n2_0"]["n_found"]) == (1, 1, 0)
+    assert by["t1_n1_0"]["dice"] == pytest.approx(2 * 8 / (8 + 16)) and by["t1_n1_0"]["truth_voxels"] == 16
 
 
 def test_nnunet_folds_keep_a_source_case_together() -> None:
