@@ -48,7 +48,10 @@ def _config(args: argparse.Namespace):
     Snakefile's ``configfile:``, in ``--workdir`` if any) when that exists and is another file, then ``--set``."""
     from .config import lesion_config, load_config
 
-    base = Path(getattr(args, "workdir", None) or ".", "config", "config.yaml")
+    workdir = getattr(args, "workdir", None) or "."
+    base = Path(workdir, "config", "config.yaml")
+    if workdir != "." and not base.is_file() and not args.configfile:  # not the config of the cwd's workflow instead
+        raise LungDDPMError(f"--workdir {workdir}: no config/config.yaml there; give the folder you ran snakemake in")
     path = Path(args.configfile or (base if base.is_file() else "config/config.yaml"))
     if merge := base.is_file() and not (path.exists() and path.samefile(base)):
         log.info("config: %s merged over %s", path, base)
@@ -352,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["prepare", "train", "score", "compare", "all"])
     p.add_argument("--arm", action="append", help="only this arm (repeatable); default every configured arm")
     p.add_argument("--seed", type=int, action="append", help="only this seed (repeatable)")
-    p.add_argument(
-        "--fold", action="append", choices=["0", "1", "2", "3", "4", "all"], help="only this fold (repeatable)"
-    )
+    p.add_argument("--fold", action="append", choices=[*"01234", "all"], help="only this fold (repeatable)")
     p.add_argument("--results", default="results")
     p.add_argument("--state", default="state",
                    help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)")  # fmt: skip

@@ -15,7 +15,7 @@ from snakemake.utils import update_config
 
 from lungddpm.cli import _config, main, parse_args
 from lungddpm.config import load_config, validate_config
-from lungddpm.errors import ConfigError
+from lungddpm.errors import ConfigError, LungDDPMError
 
 REPO = Path(__file__).resolve().parents[1]
 PARTIAL = {"sample": {"steps": 30}, "segmentation": {"seeds": [3, 4]}}
@@ -66,6 +66,11 @@ def test_a_partial_configfile_is_merged_over_the_workflow_config_as_snakemake_me
     assert after["sample"]["steps"] == 50
     with pytest.raises(SystemExit, match="2"):
         parse_args(["--configfile", partial, "app", "--configfile", "other.yaml"])
+    # a --workdir without a workflow config: refused, not the config of the working directory's workflow instead
+    monkeypatch.chdir(workflow_dir)
+    with pytest.raises(LungDDPMError, match="--workdir /nowhere/wf: no config/config.yaml there; give the folder"):
+        _cli_config("app", "--workdir", "/nowhere/wf")
+    monkeypatch.chdir(workflow_dir.parent)
     # no workflow config here: the file alone, as before
     alone = _cli_config("--configfile", partial, "cases")
     assert alone["lesion"]["train"]["name"] == "lesion" and alone["model"]["model_channels"] == 64

@@ -244,6 +244,14 @@ class Studio:
                 f"too close to another nodule: the generated region (the nodule + {margin} mm) would touch it; "
                 "click further away from it or choose a smaller nodule"
             )
+        box = native_box(session.source.grid, session.ct.shape, roi, self.roi.size)
+        fraction = float(self.cfg.raw["preprocess"]["nodule_fraction"])
+        if box is not None and (session.labels[box.slices][nodule_in_box(box, session.source.grid, roi, ins.nodule,
+                                                                        fraction)] == 0).any():  # fmt: skip
+            raise StudioError(  # the ROI's lung is the CT's resampled: its edge can reach past the CT's own
+                "the nodule would reach outside the lung on the CT's own grid: click deeper inside the lung or choose "
+                "a smaller nodule"
+            )
         return ins
 
     @staticmethod

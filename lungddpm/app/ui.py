@@ -21,6 +21,7 @@ EDIT_COLUMNS = ["#", "bank nodule", "diameter mm", "texture", "site (k, i, j)", 
 # across all tabs: Gradio gives each event its own queue otherwise, so a case opened during a generate would be
 # overwritten by the generate's session when it returns
 ONE_AT_A_TIME: dict[str, Any] = {"concurrency_id": "studio", "concurrency_limit": 1}
+CACHE_CLEANUP_S = (3600, 3600)  # Gradio's delete_cache: every hour, its cached files older than an hour
 
 
 def nodule_label(n: Any) -> str:
@@ -49,8 +50,11 @@ def build_app(studio: Studio) -> Any:
     """The Gradio Blocks app over ``studio`` (one :class:`CaseSession` per browser tab, in ``gr.State``)."""
     insert = studio.cfg.raw["lesion"]["insert"]
     lo, hi = (float(v) for v in insert["diameter_mm"])
-    with gr.Blocks(title="lungddpm nodule studio", analytics_enabled=False) as app:
+    # Gradio copies each download into its cache (results/studio/.gradio): cleared hourly of files over an hour old,
+    # and whole at a restart
+    with gr.Blocks(title="lungddpm nodule studio", analytics_enabled=False, delete_cache=CACHE_CLEANUP_S) as app:
         session = gr.State(None)
+        kept = gr.State({})  # case -> the tab's session of a case left with inserted nodules, until it is reopened
         cursor = gr.State([0, 0, 0])
         gr.Markdown(
             "## lungddpm nodule studio\nOpen a case, click a site in the lung on any plane (or ask for a random "
@@ -72,7 +76,8 @@ def build_app(studio: Studio) -> Any:
                 nodule = gr.Dropdown([], label="bank nodule", elem_id="nodule")
             with gr.Column():
                 texture = gr.Dropdown(list(TEXTURE_REQUESTS), value=insert["texture"], label="texture to generate")
-                seed = gr.Number(0, precision=0, minimum=0, maximum=SEED_MAX, label="seed", elem_id="seed")
+                # no minimum / maximum here: Gradio would refuse such a seed in a toast, not the status line
+                seed = gr.Number(0, precision=0, label=f"seed (0..{SEED_MAX})", elem_id="seed")
                 with gr.Row():
                     random_site = gr.Button("random site", elem_id="random-site")
                     generate = gr.Button("generate", variant="primary", elem_id="generate")
@@ -89,16 +94,26 @@ def build_app(studio: Studio) -> Any:
             choices = [(nodule_label(n), n.index) for n in found]
             return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
 
-        def open_case(case_id: str, lung: bool) -> tuple[Any, ...]:
-            """-> session, cursor, planes, status, table, ROI panel, downloads: all of the previous case cleared."""
-            try:
-                s = studio.open_case(case_id)
-            except StudioError as exc:  # no case is loaded, rather than the previous one under the new name
-                return None, [0, 0, 0], *_planes(None, [0, 0, 0], lung), f"**Refused:** {exc}", [], None, None
+        def open_case(case_id: str, lung: bool, old: CaseSession | None, held: dict) -> tuple[Any, ...]:
+            """-> session, kept sessions, cursor, planes, status, table, ROI panel, downloads. The case left keeps
+            its inserted nodules (in ``held``) until it is opened again."""
+            if old is not None and old.edits and old.case_id != case_id:
+                held = {**held, old.case_id: old}
+            note = "".join(f" {c} keeps its {len(k.edits)} inserted nodule(s): open it again to go on or download."
+                           for c, k in held.items() if c != case_id)  # fmt: skip
+            if case_id in held:
+                s, held = held[case_id], {c: k for c, k in held.items() if c != case_id}
+                msg = f"Back to {case_id}, with the {len(s.edits)} nodule(s) inserted before."
+            else:
+                try:
+                    s = studio.open_case(case_id)
+                except StudioError as exc:  # no case is loaded, rather than the previous one under the new name
+                    return (None, held, [0, 0, 0], *_planes(None, [0, 0, 0], lung), f"**Refused:** {exc}{note}", [],
+                            None, None)  # fmt: skip
+                msg = f"Opened {case_id}: {s.ct.shape[0]} slices of {s.ct.shape[1]}x{s.ct.shape[2]}. Click a site."
             lung_idx = np.argwhere(s.labels == 1)
             c = [int(v) for v in np.round(lung_idx.mean(axis=0))] if lung_idx.size else [v // 2 for v in s.ct.shape]
-            msg = f"Opened {case_id}: {s.ct.shape[0]} slices of {s.ct.shape[1]}x{s.ct.shape[2]}. Click a site."
-            return s, c, *_planes(s, c, lung), msg, [], None, None
+            return s, held, c, *_planes(s, c, lung), msg + note, _edits_table(s), None, None
 
         def clicked(plane: str) -> Any:
             def handler(s: CaseSession | None, c: list[int], lung: bool, evt: gr.SelectData) -> tuple[Any, ...]:
@@ -158,7 +173,8 @@ def build_app(studio: Studio) -> Any:
         for f in filters:
             f.change(bank_choices, filters, nodule)
         app.load(bank_choices, filters, nodule)
-        case.change(open_case, [case, show_lung], [session, cursor, *views, status, edits, roi, files], **ONE_AT_A_TIME)
+        case.change(open_case, [case, show_lung, session, kept],
+                    [session, kept, cursor, *views, status, edits, roi, files], **ONE_AT_A_TIME)  # fmt: skip
         show_lung.change(lambda s, c, lung: _planes(s, c, lung), [session, cursor, show_lung], views, **ONE_AT_A_TIME)
         for plane, view in zip(PLANES, views):
             view.select(clicked(plane), [session, cursor, show_lung], [cursor, *views, status], **ONE_AT_A_TIME)
@@ -184,5 +200,8 @@ def serve(studio: Studio, host: str | None = None, port: int = 7860, block: bool
     theme = gr.themes.Default(font=font, font_mono=["ui-monospace", "monospace"])
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)  # the session handlers share one queue (ONE_AT_A_TIME): the CPU is shared
-    return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
-                      allowed_paths=[str(studio.results / "studio")], show_error=True, inbrowser=False)  # fmt: skip
+    try:
+        return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
+                          allowed_paths=[str(studio.results / "studio")], show_error=True, inbrowser=False)  # fmt: skip
+    except OSError as exc:  # Gradio: "Cannot find empty port in range"
+        raise StudioError(f"cannot serve on {host}:{port} ({exc}); another program holds it: pass --port N") from exc

@@ -72,6 +72,30 @@ def test_invalid_sites_get_a_reason(studio: Studio) -> None:
         studio.check_site(s, (0, 0, 0), nodule, texture="glassy")
 
 
+def test_an_accepted_nodule_lies_wholly_in_the_native_lung(studio: Studio) -> None:
+    """The ROI's lung is the CT's resampled: at the lung's edge a nodule that fits the ROI's lung can reach past the
+    native lung mask, and its label would mark chest wall as nodule. Such a site is refused."""
+    from lungddpm.synthesis.paste import nodule_in_box
+
+    s = studio.open_case(studio.cases[0])
+    nodule = max(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
+    lung = s.labels == 1
+    edge = np.argwhere(lung & ~ndi.binary_erosion(lung, iterations=2))
+    reasons = []
+    for site in edge[np.random.default_rng(0).permutation(len(edge))[:150]]:
+        try:
+            ins = studio.check_site(s, tuple(site), nodule)
+        except StudioError as exc:
+            reasons.append(str(exc))
+            continue
+        box = native_box(s.source.grid, s.ct.shape, ins.site.geometry, 16)
+        covered = nodule_in_box(
+            box, s.source.grid, ins.site.geometry, ins.nodule, studio.cfg.preprocess.nodule_fraction
+        )
+        assert covered.any() and (s.labels[box.slices][covered] > 0).all()
+    assert any("outside the lung on the CT's own grid" in r for r in reasons)
+
+
 def test_generate_paste_undo_and_export(studio: Studio) -> None:
     s = studio.open_case(studio.cases[1])
     source_ct, source_labels = s.ct.copy(), s.labels.copy()

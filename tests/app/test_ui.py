@@ -26,7 +26,7 @@ class FakeStudio:
     cfg = SimpleNamespace(
         raw={"lesion": {"insert": {"diameter_mm": [5, 15], "texture": "bank"}, "sample": {"steps": 4}}}
     )
-    cases = ("A", "B")
+    cases = ("A", "B", "C")
 
     def candidates(self, *args: Any) -> list[Any]:
         return []
@@ -76,10 +76,10 @@ def test_every_handler_of_the_session_shares_one_queue(app: Any) -> None:
 
 def test_a_case_that_fails_to_open_unloads_the_previous_one(app: Any) -> None:
     fn = handler(app, "open_case")
-    opened = fn.fn("A", True)
+    opened = fn.fn("A", True, None, {})
     assert session_output(fn, opened).case_id == "A"
     assert output(fn, opened, "plane-axial") is not None
-    failed = fn.fn("B", True)
+    failed = fn.fn("B", True, session_output(fn, opened), {})
     assert session_output(fn, failed) is None  # not case A under case B's name
     assert all(output(fn, failed, f"plane-{p}") is None for p in ui.PLANES)
     assert output(fn, failed, "roi") is None and output(fn, failed, "files") is None
@@ -88,28 +88,65 @@ def test_a_case_that_fails_to_open_unloads_the_previous_one(app: Any) -> None:
 
 def test_opening_a_case_clears_the_previous_downloads(app: Any) -> None:
     fn = handler(app, "open_case")
-    assert output(fn, fn.fn("A", True), "files") is None
+    assert output(fn, fn.fn("A", True, None, {}), "files") is None
+
+
+def toy_edit(s: CaseSession) -> None:
+    """Insert a stand-in nodule (bank #7, HU 40 in a box) into ``s``, as Studio.generate records one."""
+    roi = np.zeros((4, 4, 4), np.int16)
+    box = (slice(1, 3), slice(2, 6), slice(2, 6))
+    s.edits.append(Edit({"bank_index": 7, "diameter_mm": 6.0, "texture_requested": "bank", "site_index_kij": [2, 4, 4],
+                         "nodule_mean_hu": 40.0}, Geometry(spacing=(2.5,) * 3, origin=(0.0,) * 3), roi, roi,
+                        roi.astype(np.uint8), roi > 0, box, s.ct[box].copy(), s.labels[box].copy(), 0.1))  # fmt: skip
+    s.ct[box] = 40
+
+
+def test_a_case_left_with_inserted_nodules_is_kept_until_it_is_opened_again(app: Any) -> None:
+    fn = handler(app, "open_case")
+    a = session_output(fn, fn.fn("A", True, None, {}))
+    toy_edit(a)
+    on_c = fn.fn("C", True, a, {})
+    held = on_c[1]  # outputs: session, kept sessions, cursor, ...
+    assert session_output(fn, on_c).case_id == "C" and held == {"A": a} and output(fn, on_c, "roi") is None
+    assert "A keeps its 1 inserted nodule(s)" in output(fn, on_c, "status")
+    failed = fn.fn("B", True, session_output(fn, on_c), held)  # C has no nodule: not kept; A still is
+    assert session_output(fn, failed) is None and "A keeps its 1" in output(fn, failed, "status")
+    back = fn.fn("A", True, None, held)
+    assert session_output(fn, back) is a and len(a.edits) == 1 and (a.ct == 40).sum() == 2 * 4 * 4
+    assert "Back to A, with the 1 nodule(s)" in output(fn, back, "status") and "keeps" not in output(fn, back, "status")
+    assert back[1] == {}
 
 
 def test_undo_clears_the_roi_panel(app: Any) -> None:
     s = toy_session("A")
     before = s.ct.copy()
-    roi = np.zeros((4, 4, 4), np.int16)
-    box = (slice(1, 3), slice(2, 6), slice(2, 6))
-    edit = Edit({"bank_index": 7}, Geometry(spacing=(2.5,) * 3, origin=(0.0,) * 3), roi, roi, roi.astype(np.uint8),
-                roi > 0, box, s.ct[box].copy(), s.labels[box].copy(), 0.1)  # fmt: skip
-    s.ct[box] = 40
-    s.edits.append(edit)
+    toy_edit(s)
     fn = handler(app, "run_undo")
     result = fn.fn(s, [2, 5, 5], True)
     assert output(fn, result, "roi") is None
     assert np.array_equal(s.ct, before) and "Removed bank nodule #7" in output(fn, result, "status")
 
 
-def test_the_seed_field_is_bounded_and_an_empty_one_is_refused(app: Any) -> None:
+def test_a_seed_out_of_range_or_empty_is_refused_in_the_status_line(app: Any) -> None:
+    """The field itself has no bounds: Gradio would refuse such a value in a toast before the handler saw it."""
     seed = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "seed")
-    assert (seed.minimum, seed.maximum, seed.precision) == (0, SEED_MAX, 0) and SEED_MAX == 2**62 - 1
+    assert (seed.minimum, seed.maximum, seed.precision) == (None, None, 0) and SEED_MAX == 2**62 - 1
+    assert seed.preprocess(-1) == -1 and seed.preprocess(2**64) == 2**64  # reach the handler
     fn = handler(app, "run")
     for bad in (None, -1, 2**64):
         result = fn.fn(toy_session("A"), [2, 5, 5], 3, "bank", bad, True)
         assert "seed must be an integer 0..2**62-1" in output(fn, result, "status")
+
+
+def test_a_port_in_use_is_refused_naming_the_option_and_the_cache_is_cleared(app: Any, tmp_path: Any) -> None:
+    import socket
+
+    assert app.delete_cache == ui.CACHE_CLEANUP_S == (3600, 3600)  # every hour, its files over an hour old
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        studio = FakeStudio()
+        studio.results = tmp_path  # type: ignore[attr-defined]
+        with pytest.raises(StudioError, match=f"cannot serve on 127.0.0.1:{port} .*pass --port N"):
+            ui.serve(studio, "127.0.0.1", port, block=False)  # type: ignore[arg-type]
