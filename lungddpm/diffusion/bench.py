@@ -3,9 +3,8 @@ samples/s, peak memory; and the largest training batch that fits a GPU."""
 
 from __future__ import annotations
 
-import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +16,8 @@ from .device import pick_device
 from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
+from .profiling import device_name, peak_memory_mb, reset_peak_memory
 from .unet import UNet3D, count_parameters, unet_config_from_dict
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on a GPU, the process's max RSS on the CPU (MB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
-
-
-def largest_batch(try_batch: Callable[[int], Callable[[], None]], limit: int = 256) -> int:
-    """The largest batch (doubling from 1) whose training step runs without running out of GPU memory."""
-    best, b = 0, 1
-    while b <= limit:
-        try:
-            step = try_batch(b)
-            step()
-            step()
-            best, b = b, 2 * b
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
-    if not best:
-        raise LungDDPMError("speed: not even batch 1 fits in GPU memory")
-    return best
 
 
 def _setup(
@@ -96,11 +67,13 @@ def bench_train(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    skipped = [0]  # timed steps whose update the finite check skipped (no AdamW, no EMA: a faster, wrong step)
+
     def train_step() -> None:  # the training loop's update: clipping, the finite check, AdamW, EMA
         with autocast(device, dtype):
             loss = diffusion.loss(net, x0, layout, t, noise).mean()
         scaler.scale(loss).backward()
-        apply_update(model, opt, scaler, ema, 0, loss.detach(), tc.grad_clip)
+        skipped[0] += not apply_update(model, opt, scaler, ema, 0, loss.detach(), tc.grad_clip)[0]
 
     def forward() -> None:
         with torch.no_grad(), autocast(device, dtype):
@@ -111,8 +84,8 @@ def bench_train(
     forward()
     sync()
     warmup_s = time.perf_counter() - t_compile
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
+    skipped[0] = 0
     timings = {}
     for name, fn in (("train_step_s", train_step), ("forward_s", forward)):
         sync()
@@ -134,7 +107,8 @@ def bench_train(
         "forward_s": round(timings["forward_s"], 4),
         "samples_per_s": round(batch / timings["train_step_s"], 4),
         "peak_memory_mb": round(peak, 1),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "updates_skipped": skipped[0],  # of the steps timed: > 0, a non-finite step (see docs: Mixed precision)
         "warmup_s": round(warmup_s, 1),
     }
 
@@ -161,9 +135,7 @@ def bench_sample(
     sample(model, diffusion, layout, "ddim", 1, torch.Generator().manual_seed(0), blend=blend, autocast_dtype=dtype)
     out = []
     for name, steps in specs:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         sample(
             model, diffusion, layout, name, steps, torch.Generator().manual_seed(0), blend=blend, autocast_dtype=dtype
@@ -294,9 +266,12 @@ def bench_inpaint(
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         kw = {"blend": blend, "autocast_dtype": dtype, "guidance": guidance, "uncond_layout": uncond}
         sample(model, diffusion, layout, sampler, 2, gens, **kw)  # warm-up
+        reset_peak_memory(device)  # and wait for the warm-up
         t0 = time.perf_counter()
         for _ in range(repeats):
             sample(model, diffusion, layout, sampler, steps, gens, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / repeats
         peak = peak_memory_mb(device)
         out.append(
@@ -351,26 +326,28 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
         out = Path(args.out) if args.out else None
         yield from bench_quality(cfg, Path(args.results), sampler_specs(args.samplers), args.k, args.threads, out)
         return
-    if args.what == "sample" and args.scale == "lesion":  # the config's lesion network (lesion.model)
+    if args.scale == "lesion":  # the config's lesion network (lesion.model), sampled or trained on its ROI grid
         from ..config import lesion_config
 
-        for name, steps in sampler_specs(args.samplers):
-            for precision in args.precision:
-                yield from bench_inpaint(lesion_config(cfg), args.batch, name, steps, precision, args.threads)
-        return
-    if args.model == "paper":  # the schema defaults are the paper's network and process
+        cfg = lesion_config(cfg)
+        if args.what == "sample":
+            for name, steps in sampler_specs(args.samplers):
+                for precision in args.precision:
+                    yield from bench_inpaint(cfg, args.batch, name, steps, precision, args.threads)
+            return
+    elif args.model == "paper":  # the schema defaults are the paper's network and process
         from ..config import validate_config
 
         raw = dict(cfg.raw)
         raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
         cfg = Config.from_dict(raw)
-    image_size = 128 if args.model == "paper" else None
+    image_size = 128 if args.model == "paper" and args.scale != "lesion" else None
     if args.what == "sample":
         for precision in args.precision:
             yield from bench_sample(cfg, args.size, sampler_specs(args.samplers), precision, args.channels_last,
                                     args.threads, image_size=image_size)  # fmt: skip
         return
-    for precision in args.precision:
+    for batch, precision in ((b, p) for b in args.batch for p in args.precision):
         for compiled in [False, True] if args.compile else [False]:
-            yield bench_train(cfg, args.size, args.batch[0], precision, compiled, args.channels_last, args.steps,
+            yield bench_train(cfg, args.size, batch, precision, compiled, args.channels_last, args.steps,
                               args.threads, image_size=image_size)  # fmt: skip

@@ -30,13 +30,12 @@ from torch import nn
 
 from ..errors import LungDDPMError
 from ..io import write_text
-from .bench import device_name, largest_batch, peak_memory_mb
 from .convert import original_state_to_ours
 from .device import pick_device
 from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, forward_differences, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
-from .profiling import profile_tables
+from .profiling import device_name, largest_batch, peak_memory_mb, profile_tables, reset_peak_memory
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig, count_parameters
 
 log = logging.getLogger(__name__)
@@ -149,13 +148,6 @@ def _clock(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(out)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 @dataclass(frozen=True)
 class Case:
     """What to time: the grid, the batch, repeats and the sampler's steps."""
@@ -213,7 +205,7 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
     try:
         for _ in range(case.warmup):
             step()
-        _reset_peak(device)
+        reset_peak_memory(device)
         row["train_step_s"] = round(_clock(device, step, case.repeats), 4)
         row["peak_train_mb"] = round(peak_memory_mb(device), 1)
         row["weights_finite"] = all(stepped) and all(bool(torch.isfinite(p).all()) for p in eager.parameters())
@@ -249,12 +241,12 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
 
     if mode.compile != "off" or device.type == "cuda":  # (on the CPU the forwards above warmed it up)
         volume()
-    _reset_peak(device)
+    reset_peak_memory(device)
     row["sampler_steps"], row["guidance"] = case.sampler_steps, case.guidance
     row["sample_volume_s"] = round(_clock(device, volume, max(1, case.repeats // 2)) / case.batch, 4)
     row["peak_sample_mb"] = round(peak_memory_mb(device), 1)
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
-    row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process max RSS"
+    row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
     if case.profile:  # after the timings, which it does not touch
         calls = {"forward": forward, f"DPM-Solver++-{case.sampler_steps} batch": volume}
         name = f"{mode.label.replace(' ', '_').replace('=', '-')}_{case.size}_{case.batch}.txt"

@@ -96,7 +96,21 @@ def test_modes_parse_and_bad_ones_say_the_grammar() -> None:
         Mode.parse("original:bf16:default")
 
 
-def test_largest_batch_doubles_until_out_of_memory() -> None:
+def test_each_measurement_starts_a_new_cpu_peak() -> None:
+    """A row's peak is its own: the process's peak RSS is reset before it (it was the max RSS of the whole run)."""
+    import numpy as np
+
+    from lungddpm.diffusion.profiling import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = np.ones(400 * 2**20 // 8)  # 400 MB touched
+    high = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 300
+
+
+def test_largest_batch_doubles_then_bisects_to_the_largest_that_fits() -> None:
     tried: list[int] = []
 
     def attempt(limit: int):
@@ -111,7 +125,10 @@ def test_largest_batch_doubles_until_out_of_memory() -> None:
 
         return try_batch
 
-    assert largest_batch(attempt(5)) == 4 and tried == [1, 2, 4, 8]
+    assert largest_batch(attempt(5)) == 5 and tried == [1, 2, 4, 8, 6, 5]  # not the power of two below
+    tried.clear()
+    assert largest_batch(attempt(7)) == 7 and tried == [1, 2, 4, 8, 6, 7]
+    assert largest_batch(attempt(1000), limit=256) == 256
     with pytest.raises(LungDDPMError, match="not even batch 1"):
         largest_batch(attempt(0))
 

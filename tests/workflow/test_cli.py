@@ -52,10 +52,26 @@ def test_benchmarks_print_numbers() -> None:
         "--set",
         "preprocess.size=[16,16,16]",
     ]
-    proc = run_cli(*tiny, "bench", "train", "--model", "config", "--size", "16", "--steps", "1", "--threads", "1")
+    proc = run_cli(*tiny, "bench", "train", "--model", "config", "--size", "16", "--steps", "1", "--threads", "1",
+                   "--batch", "1", "2", "--precision", "fp32")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = json.loads(proc.stdout.splitlines()[-1])
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["batch"] for r in rows] == [1, 2] and rows[0]["updates_skipped"] == 0  # every batch, not the first
+    row = rows[0]
     assert row["size"] == 16 and row["train_step_s"] > 0 and row["forward_s"] > 0 and row["peak_memory_mb"] > 0
+    # --scale lesion trains the config's lesion network (it timed the paper's network)
+    from lungddpm.cli import _config, parse_args
+    from lungddpm.config import lesion_config
+    from lungddpm.diffusion.unet import UNet3D, count_parameters, unet_config_from_dict
+
+    small = ["--set", "lesion.model={model_channels: 8, channel_mult: [1, 2], norm_groups: 4}",
+             "--set", "lesion.model.attention_resolutions=[]", "--set", "lesion.roi.size=16"]  # fmt: skip
+    lesion = lesion_config(_config(parse_args([*small, "cases"])))
+    expected = count_parameters(UNet3D(unet_config_from_dict(lesion.model, image_size=16)))
+    proc = run_cli(*small, "bench", "train", "--scale", "lesion", "--size", "16", "--steps", "1", "--threads", "1",
+                   "--precision", "fp32")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["parameters"] == expected != 40_226_433
     proc = run_cli(
         *tiny,
         "bench",
