@@ -52,10 +52,14 @@ phase() {
   shift
   if [ "$left" -lt 30 ]; then echo "gpu.sh: $table $* not run: the ${budget} s budget is spent" >&2; failed=1; return; fi
   echo "gpu.sh: $table at ${grid}³, batch $batch: $* (${left} s left)" >&2
+  local t0=$SECONDS
   timeout -s INT -k 10 "$left" "$py" -m lungddpm.cli bench speed --lung-ddpm "$src" --steps "${STEPS:-6}" \
     --channels "${CHANNELS:-64}" --sizes "$grid" --batch-sizes "$batch" --out "$out/$table" "${extra[@]}" --modes "$@"
   local rc=$?
-  if [ "$rc" -ne 0 ]; then echo "gpu.sh: $table $*: exit $rc (124: cut at the budget)" >&2; failed=1; fi
+  # by the clock, not the code: a cut is 124, or 137 when timeout's KILL 10 s later ends a pool still shutting down
+  local why="failed"
+  if [ $((SECONDS - t0)) -ge "$left" ]; then why="cut at the ${budget} s budget"; fi
+  if [ "$rc" -ne 0 ]; then echo "gpu.sh: $table $*: exit $rc ($why)" >&2; failed=1; fi
 }
 lesion=(${LESION_SIZE:-64} ${BATCH:-32} --guidance 3 --)
 phase whole "$size" 1 -- original:fp32 ours:bf16 ours:bf16:default
