@@ -91,8 +91,8 @@ def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
             continue
         for j, site in enumerate(prov["sites"]):
             out.append({"id": f"{it['item']}_s{j}", "image": folder / files[f"s{j}_after"],
-                        "layout": folder / files[f"s{j}_layout"], "case_id": prov["source_case"], "site": site["site"],
-                        "texture": site.get("texture_requested", "")})  # fmt: skip
+                        "layout": folder / files[f"s{j}_layout"], "case_id": prov["source_case"],
+                        "site": site.get("site", ""), "texture": site.get("texture_requested", "")})  # fmt: skip
     return out
 
 
