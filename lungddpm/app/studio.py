@@ -76,7 +76,7 @@ def check_roi_scale(roi: dict[str, Any], trained: dict[str, Any], checkpoint: Pa
         raise StudioError(
             f"{checkpoint}: {'; '.join(diff)}: the studio would cut ROIs at a scale the lesion model was not trained "
             "on; start the studio with the config the workflow ran with (--configfile), or retrain the model with "
-            "these settings (`snakemake --cores all train_lesion`)"
+            f"these settings (`snakemake --cores all results/models/lesion/{checkpoint.parent.name}/checkpoint.pt`)"
         )
 
 
@@ -162,7 +162,8 @@ class Studio:
         return StudioError(
             f"{self.checkpoint}: missing: the studio needs the lesion model of lesion.train.name={name!r}. Start it "
             f"with the config the workflow ran with (--configfile) or check lesion.train.name{there}; or run "
-            f"`snakemake --cores all train_lesion` in {self.workdir} (or the whole workflow) first"
+            f"`snakemake --cores all {self.checkpoint.relative_to(self.workdir)}` in {self.workdir} (or the whole "
+            "workflow) first"
         )
 
     def _lung_fine(self, case_id: str) -> Path:
