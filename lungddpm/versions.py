@@ -52,7 +52,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "train_lesion": 1,
     "synthesize_lesion": 2,  # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule)
     "lesion_texture": 1,
-    "lesion_fidelity": 2,  # 2: halves and bootstraps by patient, not by nodule
+    # 2: halves and bootstraps by patient, not by nodule; 3: no interval where a set is one patient's (the excess's
+    # and the size-matched rows' had one), a synthetic nodule of a class a half lacks left out of the matched rows
+    "lesion_fidelity": 3,
 }
 
 

@@ -114,6 +114,20 @@ def group_members(groups: Sequence[object]) -> list[np.ndarray]:
     return [np.flatnonzero([g == label for g in groups]) for label in labels]
 
 
+def unit_halves(units: Sequence[object], seed: int | Sequence[int]) -> tuple[list[int], list[int]]:
+    """Row indices of two disjoint halves (A, B) of rows labelled by ``units`` (e.g. the patient of each nodule): the
+    units in a seeded order, A the shortest run of them from the start whose rows come closest to half, B the rest;
+    a unit's rows all in one half (one row per unit: the seeded halves of the rows). Under two units: ([], all)."""
+    members = group_members(units)
+    if len(members) < 2:
+        return [], list(range(len(units)))
+    order = np.random.default_rng(seed).permutation(len(members))
+    held = np.cumsum([len(members[u]) for u in order])[:-1]  # rows in A when it takes the first 1, 2, ... units
+    cut = int(np.argmin(np.abs(held - len(units) / 2))) + 1
+    half_a, half_b = ([int(i) for u in part for i in members[u]] for part in (order[:cut], order[cut:]))
+    return half_a, half_b
+
+
 def cluster_draw(members: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """Row indices of one cluster-bootstrap resample: as many groups as there are, drawn with replacement, whole."""
     return np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])

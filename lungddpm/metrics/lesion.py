@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ..data import series_patient
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import read_volume, write_csv
 from ..preprocessing.layout import NODULE
-from .distribution import bootstrap_distance, cluster_draw, group_members, w1
+from .distribution import bootstrap_distance, cluster_draw, group_members, one_group, unit_halves, w1
+from .voxel import margin_profile, signed_distance
 
 log = logging.getLogger(__name__)
 
@@ -95,30 +95,6 @@ def profile_bins(s: FidelitySettings) -> np.ndarray:
     boundary lies between the two central bins."""
     n = max(1, round(s.profile_mm / s.profile_step_mm))
     return (np.arange(-n, n) + 0.5) * s.profile_step_mm
-
-
-def signed_distance(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Signed distance (mm) [Z, Y, X] to the boundary of ``mask`` (negative inside): to the nearest voxel of the
-    other side, less half a voxel, so the boundary voxels on either side sit at -+ half a voxel."""
-    inside = ndi.distance_transform_edt(mask, sampling=spacing_mm)
-    outside = ndi.distance_transform_edt(~mask, sampling=spacing_mm)
-    return np.where(mask, -(inside - spacing_mm / 2), outside - spacing_mm / 2)
-
-
-def margin_profile(
-    ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np.ndarray, signed: np.ndarray | None = None
-) -> np.ndarray:
-    """Mean HU of ``ct`` [Z, Y, X] per bin (:func:`profile_bins`) of the :func:`signed_distance` to the boundary of
-    ``mask`` (``signed``, when the caller has it); NaN for a bin with no voxel."""
-    signed = signed_distance(mask, spacing_mm) if signed is None else signed
-    step = float(bins[1] - bins[0])
-    which = np.floor(signed / step).astype(int) + len(bins) // 2
-    out = np.full(len(bins), np.nan)
-    for k in range(len(bins)):
-        sel = which == k
-        if sel.any():
-            out[k] = float(ct[sel].mean())
-    return out
 
 
 def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: float, s: FidelitySettings,
@@ -191,9 +167,10 @@ def excess_intervals(
     """Paired percentile bootstrap intervals of W1(syn, b) - W1(a, b), of the pooled HU (``"w1"``) and of the
     pooled core HU (``"core_w1"``), from the same draws: each resample draws the units (patients) of all three sets
     with replacement, whole, and measures both distances to the same resampled ``b``. A core resample with an empty
-    set is left out; (NaN, NaN) for 0 resamples or when no core resample is left."""
-    d = np.full((2, max(resamples, 0)), np.nan)
+    set is left out; (NaN, NaN) for 0 resamples, a set of one patient, or when no core resample is left."""
     units = [group_members([n.unit for n in x]) for x in (a, syn, b)]
+    resamples = 0 if one_group(units) else max(resamples, 0)  # a set of one patient: no interval
+    d = np.full((2, resamples), np.nan)
     for i in range(resamples):
         ia, isyn, ib = (cluster_draw(u, rng) for u in units)
         for k, field in enumerate(("hu", "core")):
@@ -240,39 +217,52 @@ def compare_sets(
     }
 
 
-def size_matched(target: Sequence[Nodule], pool: Sequence[Nodule]) -> list[Nodule]:
-    """Per nodule of ``target``, the nodule of ``pool`` nearest to it in log voxel count among those of its texture
-    class (all of ``pool`` where none is; the first of ties): ``pool`` drawn to ``target``'s size mix. A small
+def size_matched(target: Sequence[Nodule], pool: Sequence[Nodule]) -> list[Nodule | None]:
+    """Per nodule of ``target``, the nodule of ``pool`` of its texture class nearest to it in log voxel count (the
+    first of ties; None where ``pool`` has none of its class): ``pool`` drawn to ``target``'s size mix. A small
     nodule is mostly partial-volume rim, so pooled histograms of two sets of different sizes differ even where
     like sizes agree."""
+    if not pool:
+        return [None] * len(target)
     gap = np.abs(np.log([[t.hu.size] for t in target]) - np.log([n.hu.size for n in pool]))  # [T, P]
     same = np.array([[t.texture_class] for t in target]) == np.array([n.texture_class for n in pool])
-    gap = np.where(same | ~same.any(axis=1, keepdims=True), gap, np.inf)
-    return [pool[int(j)] for j in np.argmin(gap, axis=1)]
+    best = np.argmin(np.where(same, gap, np.inf), axis=1)
+    return [pool[int(j)] if same[i, j] else None for i, j in enumerate(best)]
+
+
+def _matched(t: Sequence[Nodule], a: Sequence[Nodule], b: Sequence[Nodule]) -> tuple[list[Nodule], ...]:
+    """(the nodules of ``t`` whose class both ``a`` and ``b`` hold, their matches in ``a``, in ``b``)."""
+    kept = [(n, x, y) for n, x, y in zip(t, size_matched(t, a), size_matched(t, b)) if x is not None and y is not None]
+    return tuple([k[i] for k in kept] for i in range(3))
 
 
 def matched_rows(
     a: Sequence[Nodule], syn: Sequence[Nodule], b: Sequence[Nodule], s: FidelitySettings, seed: Sequence[int]
 ) -> list[dict[str, Any]]:
-    """The floor and the synthetic row with real halves ``a`` and ``b`` size-matched to ``syn``
-    (:func:`size_matched`; ``n_a``/``n_b``: the distinct nodules used; in the pooled histograms a real nodule matched
-    k times weighs k times). Every interval comes from the same ``s.bootstrap`` resamples, each drawing ``a``, ``b``
-    and ``syn`` by unit (patient) with replacement and matching again: both rows' W1 and the synthetic row's
-    excesses (paired). Two caveats. The matched halves hold few distinct real nodules and ``syn`` many, so the
-    matched floor is noisier, hence larger, than a synthetic set like the real one would be from B: the excess leans
-    below 0 (with synthetic nodules drawn like the real ones, true excess 0, a nodule per patient: about -4 HU for 20
-    synthetic and -11 HU for 80, against 20 real per half). And a nearest-neighbour match is not smooth in the
-    resample (a resample matches from about 63 % of the distinct nodules, so less closely): approximate intervals."""
-    ma, mb = size_matched(syn, a), size_matched(syn, b)
+    """The floor and the synthetic row with real halves ``a`` and ``b`` size-matched to ``syn`` (:func:`size_matched`;
+    ``n_a``/``n_b``: the distinct nodules used; a real nodule matched k times weighs k times; a synthetic nodule of a
+    class either half lacks is left out; no rows where none is left; no interval where a set is one patient's).
+    Every interval comes from the same ``s.bootstrap`` resamples, each drawing ``a``, ``b`` and ``syn`` by unit
+    (patient) with replacement and matching again: both rows' W1 and the synthetic row's excesses (paired). Two
+    caveats. The matched halves hold few distinct real nodules and ``syn`` many, so the matched floor is noisier,
+    hence larger, than a synthetic set like the real one would be from B: the excess leans below 0 (with synthetic
+    nodules drawn like the real ones, true excess 0, a nodule per patient: about -4 HU for 20 synthetic and -11 HU
+    for 80, against 20 real per half). And a nearest-neighbour match is not smooth in the resample (a resample
+    matches from about 63 % of the distinct nodules, so less closely): approximate intervals."""
+    syn, ma, mb = _matched(syn, a, b)
+    if not syn:
+        return []
     floor, synth = compare_sets(ma, mb, s.profile_step_mm), compare_sets(syn, mb, s.profile_step_mm)
     floor.update(n_a=len({id(n) for n in ma}), n_b=len({id(n) for n in mb}), **dict.fromkeys(EXCESS, float("nan")))
     synth["n_b"] = floor["n_b"]
-    rng, resamples = np.random.default_rng(seed), max(s.bootstrap, 0)
-    d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
     u_syn, u_a, u_b = (group_members([n.unit for n in x]) for x in (syn, a, b))
+    rng, resamples = np.random.default_rng(seed), 0 if one_group([u_syn, u_a, u_b]) else max(s.bootstrap, 0)
+    d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
     for i in range(resamples):
-        t = [syn[j] for j in cluster_draw(u_syn, rng)]
-        ra, rb = (size_matched(t, [h[j] for j in cluster_draw(u, rng)]) for h, u in ((a, u_a), (b, u_b)))
+        draws = ([h[j] for j in cluster_draw(u, rng)] for h, u in ((syn, u_syn), (a, u_a), (b, u_b)))
+        t, ra, rb = _matched(*draws)
+        if not t:
+            continue
         for k, field in enumerate(("hu", "core")):
             ref = _pooled(rb, np.arange(len(rb)), field)
             d[2 * k : 2 * k + 2, i] = [_w1_or_nan(_pooled(x, np.arange(len(x)), field), ref) for x in (ra, t)]
@@ -287,17 +277,10 @@ def matched_rows(
 
 
 def patient_halves(nodules: Sequence[Nodule], seed: int | Sequence[int]) -> tuple[list[Nodule], list[Nodule]]:
-    """Two disjoint halves (A, B) of ``nodules`` by unit (:attr:`Nodule.unit`, the patient): the units in a seeded
-    order, A the shortest run of them from the start whose nodules come closest to half, B the rest; a unit's
-    nodules all in one half. One nodule per unit: the seeded halves of the nodules. Under two units: ([], all)."""
-    units = group_members([n.unit for n in nodules])
-    if len(units) < 2:
-        return [], list(nodules)
-    order = np.random.default_rng(seed).permutation(len(units))
-    held = np.cumsum([len(units[u]) for u in order])[:-1]  # nodules in A when it takes the first 1, 2, ... units
-    cut = int(np.argmin(np.abs(held - len(nodules) / 2))) + 1
-    half_a, half_b = ([nodules[i] for u in part for i in units[u]] for part in (order[:cut], order[cut:]))
-    return half_a, half_b
+    """Two disjoint halves (A, B) of ``nodules`` by unit (:attr:`Nodule.unit`, the patient):
+    :func:`~lungddpm.metrics.distribution.unit_halves`. Under two units: ([], all)."""
+    half_a, half_b = unit_halves([n.unit for n in nodules], seed)
+    return [nodules[i] for i in half_a], [nodules[i] for i in half_b]
 
 
 def real_nodules(

@@ -56,7 +56,7 @@ def gallery_rows(real: Sequence[Nodule], synthetic: Sequence[Nodule], per_row: i
 
 def gallery(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings, path: Path) -> None:
     """The rows of :func:`gallery_rows`: up to ``gallery`` nodules each (the axial slice through each nodule's
-    centre, at -1000..400 HU: wider than the montages' lung window, for the nodules' texture)."""
+    centre, at -1000..400 HU: narrower and higher than the montages' lung window, -1350..150, for their texture)."""
     import matplotlib
 
     matplotlib.use("Agg")

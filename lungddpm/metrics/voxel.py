@@ -1,4 +1,5 @@
-"""Paired voxel metrics on HU volumes, restricted to a region (e.g. the lungs), and bootstrap intervals."""
+"""Paired voxel metrics on HU volumes, restricted to a region (e.g. the lungs), and bootstrap intervals; the signed
+distance to a mask's boundary and the mean HU per distance bin across it (a nodule's margin profile)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,27 @@ def bootstrap_ci(
         return float(statistic(v)), float("nan"), float("nan")
     draws = resamples(np.random.default_rng(seed), (v.size,), [members], 1)
     return percentile_interval(float(statistic(v)), [statistic(v[i]) for (i,) in islice(draws, n_boot)], level)
+
+
+def signed_distance(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Signed distance (mm) [Z, Y, X] to the boundary of ``mask`` (negative inside): to the nearest voxel of the
+    other side, less half a voxel, so the boundary voxels on either side sit at -+ half a voxel."""
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
+    return np.where(mask, -(inside - spacing_mm / 2), outside - spacing_mm / 2)
+
+
+def margin_profile(
+    ct: np.ndarray, mask: np.ndarray, spacing_mm: float, bins: np.ndarray, signed: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean HU of ``ct`` [Z, Y, X] per bin (:func:`profile_bins`) of the :func:`signed_distance` to the boundary of
+    ``mask`` (``signed``, when the caller has it); NaN for a bin with no voxel."""
+    signed = signed_distance(mask, spacing_mm) if signed is None else signed
+    step = float(bins[1] - bins[0])
+    which = np.floor(signed / step).astype(int) + len(bins) // 2
+    out = np.full(len(bins), np.nan)
+    for k in range(len(bins)):
+        sel = which == k
+        if sel.any():
+            out[k] = float(ct[sel].mean())
+    return out

@@ -105,6 +105,10 @@ def test_w1_excess_over_the_floor_is_paired() -> None:
     got = excess_intervals(half_a, bright, half_b, 300, 0.95, rng(0))
     assert got["w1"][1] < 100.0 < 140.0 < got["core_w1"][0] < got["core_w1"][1] < 220.0
     assert all(np.isnan(v).all() for v in excess_intervals(half_a, far, half_b, 0, 0.95, rng(0)).values())
+    # a half of one patient is the same in every draw: no interval (it was the synthetic set's spread alone)
+    one = [dataclasses.replace(n, patient="P1") for n in half_a]
+    assert all(np.isnan(v).all() for v in excess_intervals(one, far, half_b, 300, 0.95, rng(0)).values())
+    assert np.isnan(matched_rows(one, far, half_b, S, [0, 1])[1]["w1_excess_ci_low"])
     rows = fidelity(half_a + half_b, bright, S)  # the real split draws its own halves; the synthetic row carries it
     by = {(r["texture_class"], r["comparison"]): r for r in rows}
     floor, synth = by["solid", "real A vs real B"], by["solid", "synthetic vs real B"]
@@ -132,7 +136,10 @@ def test_size_matched_rows_compare_like_sizes() -> None:
     assert size_matched(syn, b) == [small[1]] * 3  # 32 voxels each: the first of the tied small ones
     gg = measure("g", "ground-glass", *_sphere(-300.0, -800.0, radius=2.0), 1.0, S)
     assert size_matched(syn[:1], [gg, big[0]]) == [big[0]]  # its own class first, whatever the size
-    assert size_matched([gg], [big[0], small[0]]) == [small[0]]  # no ground-glass in the pool: the nearest size
+    assert size_matched([gg], [big[0], small[0]]) == [None]  # no ground-glass in the pool: no match, not a solid one
+    assert matched_rows(a, [gg], b, s, [0, 1]) == []  # no class of the halves: no size-matched rows
+    kept = matched_rows(a, [*syn, gg], b, s, [0, 1])[1]  # the ground-glass nodule is left out, not matched to solid
+    assert kept["n_a"] == 3 and kept["w1_hu"] == matched_rows(a, syn, b, s, [0, 1])[1]["w1_hu"]
     plain = compare_sets(syn, b, 1.0)
     assert plain["w1_hu"] > 150.0 > 50.0 > compare_sets(a, b, 1.0)["w1_hu"]  # far above the plain floor
     floor, synth = matched_rows(a, syn, b, s, [0, 1])
@@ -216,13 +223,13 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     assert (row["patients_a"], row["patients_b"]) == ("1", "2") and "1 vs 2 (1 vs 2 patients)" in md
     floor_w1 = next(r for r in written if r["texture_class"] == "solid" and r["comparison"] == "real A vs real B")
     assert float(floor_w1["w1_ci_low"]) <= float(floor_w1["w1_hu"]) <= float(floor_w1["w1_ci_high"])
-    excess = float(row["w1_excess_hu"])  # one synthetic nodule against two real halves of two
-    assert float(row["w1_excess_ci_low"]) <= excess <= float(row["w1_excess_ci_high"])
-    assert f"| {excess:.4g} [" in md and "| W1 over the floor HU |" in md
+    excess = float(row["w1_excess_hu"])  # one synthetic nodule (one patient): an excess, and no interval
+    assert row["w1_excess_ci_low"] == row["w1_excess_ci_high"] == ""
+    assert f"| {excess:.4g} |" in md and "| W1 over the floor HU |" in md
     core, core_excess = float(row["core_w1_hu"]), float(row["core_w1_excess_hu"])
     assert core > 0.0 and core == pytest.approx(float(row["core_hu_b"]) + 200.0)  # a point mass below the cores
-    assert float(row["core_w1_excess_ci_low"]) <= core_excess <= float(row["core_w1_excess_ci_high"])
-    assert "| core W1 HU | core W1 over the floor HU |" in md and f"| {core:.4g} | {core_excess:.4g} [" in md
+    assert row["core_w1_excess_ci_low"] == row["core_w1_excess_ci_high"] == ""
+    assert "| core W1 HU | core W1 over the floor HU |" in md and f"| {core:.4g} | {core_excess:.4g} |" in md
     floor_row = next(r for r in written if r["texture_class"] == "solid" and r["comparison"].startswith("real"))
     assert floor_row["w1_excess_hu"] == floor_row["core_w1_excess_hu"] == ""  # no excess over itself: empty, not 0
     old = [{k: v for k, v in r.items() if not k.startswith("core_w1")} for r in written]  # a table from before
