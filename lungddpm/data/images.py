@@ -33,6 +33,8 @@ SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_NODULES = 255  # nodule indices are stored as uint8 on the model grid
 COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
+# a chest CT in HU holds both air or lung and soft tissue (the demo's: 39-69 % and 19-46 % of the voxels)
+HU_AIR, HU_TISSUE, HU_MIN_FRACTION = (-1100.0, -700.0), (-200.0, 300.0), 0.02
 CONVENTIONS = {"lung_nodule": {"lung": 1, "nodule": 2}, "binary": {"lung": None, "nodule": 1}}
 
 
@@ -118,7 +120,7 @@ def patient_of(case_id: str, pattern: str | None) -> str:
     if not m or not m.groups() or not m.group(1):
         raise ImageError(
             f"case {case_id!r}: data.images.patient_regex {pattern!r} does not match it with a non-empty first group; "
-            "make the patient part a required group, e.g. '(.+)_t\\d+$'"
+            "make the patient part a required, non-empty first group, e.g. '(.+?)(?:_t\\d+)?$' for P1_t1, P1_t2, P2"
         )
     return m.group(1)
 
@@ -243,10 +245,13 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
         raise ImageError(
             f"{path}: {nans} NaN voxel(s); fill them with the HU of air outside the body (e.g. -1024) and export again"
         )
-    if hu.size == 0 or float(hu.min()) >= -200.0:
+    air, tissue = (float(np.mean((hu >= lo) & (hu <= hi))) if hu.size else 0.0 for lo, hi in (HU_AIR, HU_TISSUE))
+    if min(air, tissue) < HU_MIN_FRACTION:  # e.g. stored values (HU + 1024) as exported, or the rescale done twice
+        span = f"{hu.min():.0f} to {hu.max():.0f}" if hu.size else "none"
         raise ImageError(
-            f"{path}: minimum value {float(hu.min()) if hu.size else 'n/a'} - this is not a CT in Hounsfield units "
-            "(air is about -1000); export it in HU (apply the rescale slope and intercept)"
+            f"{path}: {air:.1%} of the voxels at air or lung HU {HU_AIR}, {tissue:.1%} at soft tissue {HU_TISSUE} "
+            f"(values {span}): not a chest CT in Hounsfield units (each holds far more); export it in HU, the rescale "
+            "slope and intercept applied once"
         )
     np.clip(hu, padding_hu, max_hu, out=hu)
     sx, sy, sz = image.GetSpacing()
@@ -302,7 +307,7 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
         hint = f"set label_convention: {other} if that is how the maps are coded, or recode" if fits else "recode"
         raise ImageError(
             f"{path}: labels {sorted(found)}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
-            f"{hint} the map"
+            f"{hint} the map (a map of nodule instances 1..n: nodule = label > 0, with label_convention: binary)"
         )
     nodule = labels == codes["nodule"]
     lung = None

@@ -146,7 +146,8 @@ def check_source_lungs(
     if label is not None:
         raise LayoutError(
             f"{short}, from the lung label of {label}: label the whole lungs, or keep only the nodule label so that "
-            "lungddpm segments the lungs"
+            "lungddpm segments the lungs (a map of nodule instances 1..n: nodule = label > 0, label_convention: "
+            "binary)"
         )
 
 

@@ -120,8 +120,17 @@ def test_an_oblique_volume_and_a_non_hu_volume_are_refused(tmp_path: Path) -> No
     with pytest.raises(ImageError, match=r"oblique.mha: oblique orientation .*resample it onto axial"):
         read_ct(tmp_path / "oblique.mha", -1024, 3071)
     sitk.WriteImage(sitk.GetImageFromArray((_ct() + 1024).astype(np.uint16)), str(tmp_path / "raw.nrrd"))
-    with pytest.raises(ImageError, match=r"raw.nrrd: minimum value .* not a CT in Hounsfield units"):
+    with pytest.raises(ImageError, match=r"raw.nrrd: 0.0% of the voxels at air or lung HU .* not a chest CT in Houns"):
         read_ct(tmp_path / "raw.nrrd", -1024, 3071)
+    # stored values with LIDC's -2000 padding (a minimum below -200), and HU rescaled twice: each passed the
+    # minimum-only check, to train on CTs 1024 HU off
+    stored = np.where(np.arange(20) < 2, -2000, _ct() + 1024).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(stored), str(tmp_path / "stored.nrrd"))
+    twice = np.clip(_ct() - 1024, -1024, None).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(twice), str(tmp_path / "twice.nrrd"))
+    for name, which in (("stored", "0.0% of the voxels at air or lung"), ("twice", "0.0% at soft tissue")):
+        with pytest.raises(ImageError, match=f"{name}.nrrd: .*{which}"):
+            read_ct(tmp_path / f"{name}.nrrd", -1024, 3071)
 
 
 def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path: Path) -> None:
