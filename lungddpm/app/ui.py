@@ -22,6 +22,7 @@ EDIT_COLUMNS = ["#", "bank nodule", "diameter mm", "texture", "site (k, i, j)", 
 # overwritten by the generate's session when it returns
 ONE_AT_A_TIME: dict[str, Any] = {"concurrency_id": "studio", "concurrency_limit": 1}
 CACHE_CLEANUP_S = (3600, 3600)  # Gradio's delete_cache: every hour, its cached files older than an hour
+KEEP_CASES = 3  # cases a tab keeps with their inserted nodules when another is opened (each holds its whole CT)
 
 
 def nodule_label(n: Any) -> str:
@@ -98,12 +99,17 @@ def build_app(studio: Studio) -> Any:
             """-> session, kept sessions, cursor, planes, status, table, ROI panel, downloads. The case left keeps
             its inserted nodules (in ``held``) until it is opened again."""
             if old is not None and old.edits and old.case_id != case_id:
-                held = {**held, old.case_id: old}
+                held = {**{c: k for c, k in held.items() if c != old.case_id}, old.case_id: old}
+            back = held.get(case_id)
+            others = [c for c in held if c != case_id]
+            dropped = others[: max(0, len(others) - KEEP_CASES)]  # a whole CT each: the oldest go
+            held = {c: held[c] for c in others if c not in dropped}
             note = "".join(f" {c} keeps its {len(k.edits)} inserted nodule(s): open it again to go on or download."
-                           for c, k in held.items() if c != case_id)  # fmt: skip
-            if case_id in held:
-                s, held = held[case_id], {c: k for c, k in held.items() if c != case_id}
-                msg = f"Back to {case_id}, with the {len(s.edits)} nodule(s) inserted before."
+                           for c, k in held.items())  # fmt: skip
+            if dropped:
+                note += f" Dropped the nodules of {', '.join(dropped)}: a tab keeps those of {KEEP_CASES} other cases."
+            if back is not None:
+                s, msg = back, f"Back to {case_id}, with the {len(back.edits)} nodule(s) inserted before."
             else:
                 try:
                     s = studio.open_case(case_id)
@@ -204,4 +210,7 @@ def serve(studio: Studio, host: str | None = None, port: int = 7860, block: bool
         return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
                           allowed_paths=[str(studio.results / "studio")], show_error=True, inbrowser=False)  # fmt: skip
     except OSError as exc:  # Gradio: "Cannot find empty port in range"
-        raise StudioError(f"cannot serve on {host}:{port} ({exc}); another program holds it: pass --port N") from exc
+        raise StudioError(
+            f"cannot serve on {host}:{port} ({exc}): another program holds the port (pass --port N), or the address is "
+            "not this machine's (--host)"
+        ) from exc

@@ -19,6 +19,8 @@ from .process import DiffusionConfig, GaussianDiffusion
 from .profiling import device_name, peak_memory_mb, reset_peak_memory
 from .unet import UNet3D, count_parameters, unet_config_from_dict
 
+DEFAULT_SIZE = 64  # `lungddpm bench train / sample`'s grid edge without --size (the lesion scale: its ROI's)
+
 
 def _setup(
     cfg: Config, precision: str, channels_last: bool, threads: int, image_size: int | None
@@ -84,7 +86,7 @@ def bench_train(
     forward()
     sync()
     warmup_s = time.perf_counter() - t_compile
-    reset_peak_memory(device)
+    peak_kind = reset_peak_memory(device)
     skipped[0] = 0
     timings = {}
     for name, fn in (("train_step_s", train_step), ("forward_s", forward)):
@@ -107,7 +109,7 @@ def bench_train(
         "forward_s": round(timings["forward_s"], 4),
         "samples_per_s": round(batch / timings["train_step_s"], 4),
         "peak_memory_mb": round(peak, 1),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "peak_memory_kind": peak_kind,
         "updates_skipped": skipped[0],  # of the steps timed: > 0, a non-finite step (see docs: Mixed precision)
         "warmup_s": round(warmup_s, 1),
     }
@@ -135,7 +137,7 @@ def bench_sample(
     sample(model, diffusion, layout, "ddim", 1, torch.Generator().manual_seed(0), blend=blend, autocast_dtype=dtype)
     out = []
     for name, steps in specs:
-        reset_peak_memory(device)
+        peak_kind = reset_peak_memory(device)
         t0 = time.perf_counter()
         sample(
             model, diffusion, layout, name, steps, torch.Generator().manual_seed(0), blend=blend, autocast_dtype=dtype
@@ -155,6 +157,7 @@ def bench_sample(
                 "seconds_per_volume": round(seconds, 3),
                 "seconds_per_step": round(seconds / steps, 4),
                 "peak_memory_mb": round(peak, 1),
+                "peak_memory_kind": peak_kind,
             }
         )
     return out
@@ -266,7 +269,7 @@ def bench_inpaint(
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         kw = {"blend": blend, "autocast_dtype": dtype, "guidance": guidance, "uncond_layout": uncond}
         sample(model, diffusion, layout, sampler, 2, gens, **kw)  # warm-up
-        reset_peak_memory(device)  # and wait for the warm-up
+        peak_kind = reset_peak_memory(device)  # and wait for the warm-up
         t0 = time.perf_counter()
         for _ in range(repeats):
             sample(model, diffusion, layout, sampler, steps, gens, **kw)
@@ -287,6 +290,7 @@ def bench_inpaint(
                 "nodules_batched": batch,
                 "seconds_per_nodule": round(seconds / batch, 3),
                 "peak_memory_mb": round(peak, 1),
+                "peak_memory_kind": peak_kind,
             }
         )
     return out
@@ -342,12 +346,13 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
         raw.update({k: validate_config({})[k] for k in ("model", "diffusion")})
         cfg = Config.from_dict(raw)
     image_size = 128 if args.model == "paper" and args.scale != "lesion" else None
+    size = args.size or (int(cfg.preprocess.size[0]) if args.scale == "lesion" else DEFAULT_SIZE)
     if args.what == "sample":
         for precision in args.precision:
-            yield from bench_sample(cfg, args.size, sampler_specs(args.samplers), precision, args.channels_last,
+            yield from bench_sample(cfg, size, sampler_specs(args.samplers), precision, args.channels_last,
                                     args.threads, image_size=image_size)  # fmt: skip
         return
     for batch, precision in ((b, p) for b in args.batch for p in args.precision):
         for compiled in [False, True] if args.compile else [False]:
-            yield bench_train(cfg, args.size, batch, precision, compiled, args.channels_last, args.steps,
+            yield bench_train(cfg, size, batch, precision, compiled, args.channels_last, args.steps,
                               args.threads, image_size=image_size)  # fmt: skip

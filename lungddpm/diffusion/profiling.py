@@ -5,6 +5,7 @@ operators that took the most time on the device (the GPU's kernels, or the CPU's
 from __future__ import annotations
 
 import resource
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,21 +28,23 @@ def peak_memory_mb(device: torch.device) -> float:
         status = Path("/proc/self/status").read_text()
         return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> str:
     """Start a new peak for :func:`peak_memory_mb`: CUDA's counters (after the work queued), or on the CPU the
-    process's peak RSS, set to the current RSS (Linux: ``/proc/self/clear_refs``), so that a row is not another's."""
+    process's peak RSS, set to the current RSS (Linux: ``/proc/self/clear_refs``), so that a row is not another's.
+    Returns what the next peak will be (a row's ``peak_memory_kind``): without ``clear_refs``, the process's."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        return
+        return "cuda max_memory_allocated"
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux: the peak stays the process's
-        pass
+        return "process peak RSS"
+    except OSError:
+        return "process max RSS since its start"
 
 
 def device_name(device: torch.device, threads: int) -> str:

@@ -241,12 +241,12 @@ def run_mode(mode: Mode, checkout: Path, case: Case, threads: int) -> dict[str, 
 
     if mode.compile != "off" or device.type == "cuda":  # (on the CPU the forwards above warmed it up)
         volume()
-    reset_peak_memory(device)
+    peak_kind = reset_peak_memory(device)
     row["sampler_steps"], row["guidance"] = case.sampler_steps, case.guidance
     row["sample_volume_s"] = round(_clock(device, volume, max(1, case.repeats // 2)) / case.batch, 4)
     row["peak_sample_mb"] = round(peak_memory_mb(device), 1)
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
-    row["peak_memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
+    row["peak_memory_kind"] = peak_kind
     if case.profile:  # after the timings, which it does not touch
         calls = {"forward": forward, f"DPM-Solver++-{case.sampler_steps} batch": volume}
         name = f"{mode.label.replace(' ', '_').replace('=', '-')}_{case.size}_{case.batch}.txt"

@@ -227,7 +227,8 @@ def lesion_eval_set(
 
 def _sharing_nodules(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
     """(case, nodule) -> its cluster name: the nodule with every nodule that one of their ROIs reaches (its centre
-    within the ROI's box widened by its radius), so that two nodules seen in each other's ROIs are one unit."""
+    within the ROI's box widened by its radius and a voxel: the nodules' recorded sizes, not their shapes), so that
+    two nodules seen in each other's ROIs are one unit."""
     nodules = {(r["case_id"], r["nodule"]): r for r in rows if r["kind"] == "nodule"}
     parent = {k: k for k in nodules}
 
@@ -238,7 +239,7 @@ def _sharing_nodules(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str],
 
     for r in (r for r in rows if r["kind"] == "nodule" and r.get("centre_x") and r.get("size")):
         centre = np.array([float(r[f"centre_{a}"]) for a in "xyz"])
-        half = float(r["size"]) * float(r["spacing_mm"]) / 2
+        half = (float(r["size"]) / 2 + 1) * float(r["spacing_mm"])  # the ROI's box and a voxel
         for (case, n), other in nodules.items():
             if case != r["case_id"] or n == r["nodule"] or not other.get("nodule_x"):
                 continue

@@ -26,7 +26,7 @@ class FakeStudio:
     cfg = SimpleNamespace(
         raw={"lesion": {"insert": {"diameter_mm": [5, 15], "texture": "bank"}, "sample": {"steps": 4}}}
     )
-    cases = ("A", "B", "C")
+    cases = ("A", "B", "C", "D", "E", "F")
 
     def candidates(self, *args: Any) -> list[Any]:
         return []
@@ -115,6 +115,17 @@ def test_a_case_left_with_inserted_nodules_is_kept_until_it_is_opened_again(app:
     assert session_output(fn, back) is a and len(a.edits) == 1 and (a.ct == 40).sum() == 2 * 4 * 4
     assert "Back to A, with the 1 nodule(s)" in output(fn, back, "status") and "keeps" not in output(fn, back, "status")
     assert back[1] == {}
+
+
+def test_a_tab_keeps_the_nodules_of_at_most_keep_cases_other_cases(app: Any) -> None:
+    fn = handler(app, "open_case")
+    s, held = None, {}
+    for case in ("A", "C", "D", "E", "F"):  # a nodule in each, then the next case
+        result = fn.fn(case, True, s, held)
+        s, held = session_output(fn, result), result[1]
+        toy_edit(s)
+    assert ui.KEEP_CASES == 3 and list(held) == ["C", "D", "E"]  # A, the oldest, dropped when F opened
+    assert "Dropped the nodules of A" in output(fn, result, "status")
 
 
 def test_undo_clears_the_roi_panel(app: Any) -> None:

@@ -96,6 +96,22 @@ def test_modes_parse_and_bad_ones_say_the_grammar() -> None:
         Mode.parse("original:bf16:default")
 
 
+def test_bench_train_counts_the_updates_the_finite_check_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timed step whose loss is not finite makes no update (no AdamW, no EMA): the row says how many."""
+    from lungddpm.config import load_config
+    from lungddpm.diffusion.bench import bench_train
+    from lungddpm.diffusion.process import GaussianDiffusion
+
+    tiny = {"model": {"model_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []}}
+    cfg = load_config(REPO / "config/config.yaml", tiny)
+    row = bench_train(cfg, 8, 1, "fp32", False, False, 2, 1)
+    assert row["updates_skipped"] == 0 and row["peak_memory_kind"] == "process peak RSS"
+    real_loss = GaussianDiffusion.loss
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
+    assert bench_train(cfg, 8, 1, "fp32", False, False, 2, 1)["updates_skipped"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak RSS through Linux's /proc")
 def test_each_measurement_starts_a_new_cpu_peak() -> None:
     """A row's peak is its own: the process's peak RSS is reset before it (it was the max RSS of the whole run)."""
     import numpy as np
@@ -161,7 +177,7 @@ def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path, tmp_path:
     sections = profiled.split("=== ")[1:]
     assert [s.split(" (")[0] for s in sections] == ["train step", "forward", "DPM-Solver++-2 batch"]
     assert all("conv" in "".join(s.split("\n")[5:8]) for s in sections), profiled[:3000]
-    assert row["mode"] == "ours fp32" and row["batch"] == 1 and row["peak_memory_kind"] == "process max RSS"
+    assert row["mode"] == "ours fp32" and row["batch"] == 1 and row["peak_memory_kind"] == "process peak RSS"
     compiled = {"mode": "ours bf16 compile=default", "max_rel_diff_vs_eager": 3e-3, "eager_vs_fp32": 4e-3}
     table = markdown_table([{**row, **compiled, "compiled_vs_fp32": 5e-3}, row])
     lines = table.splitlines()

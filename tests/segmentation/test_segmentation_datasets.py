@@ -141,6 +141,11 @@ def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path)
     assert [c.source_case for c in half if c.kind == "synthetic"] == [seen]
     with pytest.raises(ConfigError, match=r"needs 2 synthetic cases but the lesion run made 1 on the real data"):
         whole_cases(Arm("h", True, 1.0, real_fraction=0.5, synthetic_source="lesion"), 0, real, items, ["t"])
+    # whole-volume samples too: their layouts are the nodule annotations of the CTs they were sampled from
+    sampled = [{**augment[0], "item": f"{c}_0", "case_id": c} for c in ("c1", "c2")]
+    by_layout = whole_cases(Arm("v", True, 0.5, real_fraction=0.5), 0, real, sampled, ["t"])
+    (sampled_from,) = [c.source_case for c in by_layout if c.kind == "synthetic"]
+    assert sampled_from == seen  # the same seeded half of the CTs
     # a native 1 mm CT with a 6 mm nodule, resampled onto a 2 mm model grid of the same patient
     native = Geometry(spacing=(1.0, 1.0, 1.0), origin=(-10.0, -10.0, -10.0))
     ct = np.full((20, 20, 20), -900, np.int16)

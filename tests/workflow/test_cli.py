@@ -68,10 +68,11 @@ def test_benchmarks_print_numbers() -> None:
              "--set", "lesion.model.attention_resolutions=[]", "--set", "lesion.roi.size=16"]  # fmt: skip
     lesion = lesion_config(_config(parse_args([*small, "cases"])))
     expected = count_parameters(UNet3D(unet_config_from_dict(lesion.model, image_size=16)))
-    proc = run_cli(*small, "bench", "train", "--scale", "lesion", "--size", "16", "--steps", "1", "--threads", "1",
+    proc = run_cli(*small, "bench", "train", "--scale", "lesion", "--steps", "1", "--threads", "1",
                    "--precision", "fp32")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.splitlines()[-1])["parameters"] == expected != 40_226_433
+    lesion_row = json.loads(proc.stdout.splitlines()[-1])
+    assert lesion_row["parameters"] == expected != 40_226_433 and lesion_row["size"] == 16  # the ROI's edge
     proc = run_cli(
         *tiny,
         "bench",
