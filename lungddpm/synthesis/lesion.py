@@ -224,11 +224,11 @@ def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
 
 def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dict[str, Any]:
     """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
-    disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` / ``roi`` and
-    ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
+    disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` (less ``samples_per_case``: how many
+    items, not what one holds) / ``roi`` and ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
     sample = sampling_what(cfg.raw["lesion"]["sample"])  # what, not how (batching, compiling, sharding), as the rule
-    out = {"model_sha256": ckpt_sha, "sample": sample,
-           "insert": cfg.raw["lesion"]["insert"], "roi": cfg.raw["lesion"]["roi"],
+    insert = {k: v for k, v in cfg.raw["lesion"]["insert"].items() if k != "samples_per_case"}
+    out = {"model_sha256": ckpt_sha, "sample": sample, "insert": insert, "roi": cfg.raw["lesion"]["roi"],
            **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
     out.update(output_version("synthesize_lesion"))  # a bump remakes items made by older code
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}

@@ -17,6 +17,7 @@ from ..data.sources import source_paths
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..diffusion.precision import precision_name, resolve_precision
+from ..errors import DicomError
 from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
 from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
@@ -60,8 +61,6 @@ SLICE_DRIFT = 0.05  # of a slice: the most a slice may lie off the written regul
 
 def native_geometry(src: SourceCT) -> Geometry:
     """The NIfTI geometry of the source series; refuses irregular slice spacing, which NIfTI cannot hold."""
-    from ..errors import DicomError
-
     zs, g = src.grid.z_positions, src.grid
     dz = g.slice_step
     drift = np.abs(zs - (zs[0] + dz * np.arange(zs.size)))  # each slice against the regular grid the file states
@@ -82,7 +81,7 @@ def _write_item(
     from ..viz import three_plane_png
     from .volume_run import gif_sweep
 
-    geometry = native_geometry(src)  # refuses irregular slices before anything is written
+    geometry = native_geometry(src)  # refuses irregular slices before any of the item's files is written
     feather = float(cfg.raw["lesion"]["insert"]["feather_mm"])
     fraction = float(cfg.raw["preprocess"]["nodule_fraction"])
     ct = np.rint(src.hu).astype(np.int16)  # rounded, as the ROIs and every other HU volume
@@ -159,12 +158,16 @@ def synthesize_lesion_shard(
     if n_nodules:
         log.info("inpainted %d nodule(s): %.3f s per nodule (%s %d steps, batch %d)", n_nodules, per_nodule,
                  lc["sample"]["sampler"], lc["sample"]["steps"], lc["sample"]["batch_size"])  # fmt: skip
-    done = 0
+    done, refused = 0, {}
     for item, files, ins in tqdm(pending, desc="lesion paste-back", unit="item", mininterval=5.0):
         t1 = time.perf_counter()
         src = load_source(item.case_id, preprocessed[item.case_id], cfg)
-        records = _write_item(item, src, ins, after[done : done + len(ins)], files, cfg)
         done += len(ins)
+        try:
+            records = _write_item(item, src, ins, after[done - len(ins) : done], files, cfg)
+        except DicomError as exc:  # irregular slices: the shard's other items are still written, then it fails
+            refused[item.case_id] = str(exc)
+            continue
         write_json(
             files["provenance"],
             {
@@ -185,6 +188,8 @@ def synthesize_lesion_shard(
         log.info("%s: %d nodule(s) pasted and written in %.1f s", item.name, len(ins), time.perf_counter() - t1)
         manifest.append({"item": item.name, "case_id": item.case_id, "skipped": False, "nodules": len(ins),
                          "seconds_per_nodule": round(per_nodule, 3)})  # fmt: skip
+    if refused:  # a rerun keeps the items written here and samples only those of these cases again
+        raise DicomError("; ".join(refused.values()))
     return manifest
 
 

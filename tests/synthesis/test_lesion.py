@@ -396,6 +396,11 @@ def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provena
     cfgs = [load_config("config/config.yaml", {"lesion": {"sample": h}}) for h in how]
     assert all(run_settings(c, "x") == run_settings(cfgs[0], "x") for c in cfgs)
     assert not {"compile", "batch_size", "shards"} & set(run_settings(cfgs[1], "x")["sample"])
+    # more items per case: the items already made are kept (they were remade, byte-identical), and the rest made
+    more = load_config("config/config.yaml", {"lesion": {"insert": {"samples_per_case": 3}}})
+    assert run_settings(more, "x") == run_settings(cfgs[0], "x")
+    margin = load_config("config/config.yaml", {"lesion": {"insert": {"margin_mm": 5.0}}})
+    assert run_settings(margin, "x") != run_settings(cfgs[0], "x")  # what a nodule is still counts
 
 
 def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:

@@ -76,6 +76,36 @@ def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: py
     assert seen == [(table, pre, sources)]  # once per case, with its source files
 
 
+def test_an_irregular_case_fails_the_shard_after_its_other_items_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slice check runs at the paste-back, after the shard's sampling: the shard's other items are written (a
+    rerun keeps them and samples only the refused case's again), then the shard fails naming the case."""
+    from lungddpm.errors import DicomError
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    setup = (None, None, torch.device("cpu"), (-1000, 400), [0.0], [], {"ema": {}})  # model .. checkpoint
+    for name, stand_in in (("_setup", lambda *a: setup), ("file_sha256", lambda path: "sha"),
+                           ("read_sites", lambda table: []), ("source_paths", lambda c, case: []),
+                           ("item_inputs_sha256", lambda *a: "digest"), ("inpaint", lambda *a: []),
+                           ("provenance_complete", lambda files, settings: False),
+                           ("load_source", lambda case, *a: case)):  # fmt: skip
+        monkeypatch.setattr(lesion_run, name, stand_in)
+
+    def write(item: Item, src: str, *args: object) -> list[dict[str, object]]:
+        if src == "c1":
+            raise DicomError("c1: slices are irregularly spaced")
+        return []
+
+    monkeypatch.setattr(lesion_run, "_write_item", write)
+    items = [Item("lesion", c, 0, n) for n, c in enumerate(("c1", "c2"))]  # the refused case first
+    cases = {"c1": tmp_path / "t.csv", "c2": tmp_path / "t.csv"}
+    with pytest.raises(DicomError, match="c1: slices are irregularly spaced"):
+        lesion_run.synthesize_lesion_shard(items, cfg, tmp_path / "ckpt.pt", cases, cases, tmp_path / "b.npz",
+                                           tmp_path)  # fmt: skip
+    assert (tmp_path / f"{items[1].name}.json").is_file() and not (tmp_path / f"{items[0].name}.json").exists()
+
+
 def test_the_native_geometry_refuses_slices_that_drift_off_the_written_grid() -> None:
     """Each step within 1 % of the median passed, yet 130 steps of 2.52 mm after 150 of 2.5 put the last slices
     2.6 mm (a slice) off the regular grid the pasted CT's NIfTI states; now each slice's position is checked."""
