@@ -37,7 +37,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 2: no cut bank tails, no paste-back rim outside the generated region, ddim / short ddpm schedules no longer
     # one level off: items made before then are remade (their provenance lacks the 2)
     "sample": 2,
-    "metrics": 2,  # 2: SSIM / PSNR on the HU window, PSNR capped at 100 dB, intervals resampling patients
+    # 2: SSIM / PSNR on the HU window, PSNR capped at 100 dB, intervals resampling patients; 3: a paired row's n_b is
+    # the patients its interval resamples (it repeated the pairs)
+    "metrics": 3,
     "report": 2,  # 2: the reading rule against the real-vs-real interval
     # 2: with real_fraction < 1, synthetic cases only from those built on the real data the arm sees (the others
     # brought a left-out real CT or nodule-free ROI back); arms whose cases do not change reuse their trainings

@@ -94,6 +94,36 @@ def test_the_lesion_cluster_note_names_the_configured_cluster(tmp_path: Path) ->
             demo=False, segmentation=comparison, cluster=cluster,
         )  # fmt: skip
         notes[cluster] = next(ln for ln in (out / "summary.md").read_text().splitlines() if "A cluster is" in ln)
-    assert notes["nodule"].startswith("A cluster is one nodule's jittered ROIs: intervals resample whole clusters")
+    assert notes["nodule"].startswith("A cluster is one nodule's jittered ROIs, with the nodules seen in them: inter")
     assert notes["patient"].startswith("A cluster is every ROI of one patient (`segmentation.evaluation.cluster: ")
     assert "jittered" not in notes["patient"]
+
+
+def test_whole_scale_clusters_paired_patients_and_a_lone_nodule_are_said(tmp_path: Path) -> None:
+    """The whole scale's cluster is a patient (it was unexplained); a paired row shows the patients its interval
+    resamples (4 pairs of 2 patients looked like 4 units); one real nodule has no spread (it showed '± 0')."""
+    from lungddpm.report.summary import quality_section, segmentation_section
+
+    comparison = tmp_path / "comparison.csv"
+    header = "arm,metric,n_cases,n_clusters,n_models,mean,ci_low,ci_high,baseline,diff,diff_ci_low,diff_ci_high,p_value"
+    comparison.write_text(
+        f"{header},test\nreal,dice,12,9,5,0.5,0.4,0.6,real,,,,,\nreal,fp_per_scan,12,9,5,1,0,2,real,,,,,\n"
+    )
+    text = "\n".join(segmentation_section(comparison, None, tmp_path))
+    assert "| 12 (9 clusters) x 5 |" in text and "A cluster is one patient (the CTs of its series together)" in text
+    paired = {
+        "metric": "mse",
+        "region": "whole",
+        "comparison": "synthetic-vs-real (paired)",
+        "value": "7758",
+        "ci_low": "6086",
+        "ci_high": "9431",
+        "n_a": "4",
+        "n_b": "2",
+        "features": "",
+        "reportable": "True",
+    }
+    assert "| mse | whole | HU² | 7758 [6086, 9431] | 4 (2 patients) |" in "\n".join(quality_section([paired]))
+    from lungddpm.report.summary import _mean_sd
+
+    assert _mean_sd("-485.3", "0", "1") == "-485.3 (n=1)" and _mean_sd("-175", "99.9", "25") == "-175 ± 99.9 (n=25)"

@@ -208,7 +208,7 @@ def summarize_pairs(per_pair: Sequence[dict[str, Any]], settings: dict[str, Any]
                 "ci_low": lo,
                 "ci_high": hi,
                 "n_a": len(values),
-                "n_b": len(values),
+                "n_b": len(set(groups)),  # the patients the interval resamples
                 "features": "",
                 "reportable": True,
             }

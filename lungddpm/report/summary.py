@@ -44,7 +44,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-CLUSTER_UNITS = {"nodule": "one nodule's jittered ROIs",  # segmentation.evaluation.cluster -> its unit
+CLUSTER_UNITS = {"nodule": "one nodule's jittered ROIs, with the nodules seen in them",  # evaluation.cluster -> unit
                  "patient": "every ROI of one patient (`segmentation.evaluation.cluster: patient`)"}  # fmt: skip
 PAIRED_UNITS = {"mse": "HU²", "mae": "HU", "psnr": "dB", "ssim": "", "hu_w1": "HU", "hu_abs_diff": "HU",
                 "ml_abs_diff": "mL"}  # fmt: skip
@@ -56,6 +56,16 @@ def _ci_marked(row: dict[str, str] | None) -> str:
         return ""
     v, lo, hi = cells(row)
     return _ci(row) + (" †" if v < lo or v > hi else "")
+
+
+def _mean_sd(mean: str, sd: str, n: str) -> str:
+    """'mean ± SD (n=k)'; one nodule has no spread: 'mean (n=1)'."""
+    return f"{_fmt(mean)} (n={n})" if n == "1" else f"{_fmt(mean)} ± {_fmt(sd)} (n={n})"
+
+
+def _pairs(row: dict[str, str]) -> str:
+    """'4 (2 patients)': a paired row's pairs, and the patients its interval resamples (``n_b``; metrics 3)."""
+    return f"{row['n_a']} ({row['n_b']} patients)"
 
 
 def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
@@ -72,8 +82,9 @@ def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
         first = next(iter(dist.values()))
         any_row = next(iter(first.values()))
         out.append(
-            f"Features: `{any_row['features']}`. Value [bootstrap confidence interval]; N = volumes compared per set "
-            "(synthetic and floor sets have the same N, as FID and KID depend on it). KID, unbiased in N, is the "
+            f"Features: `{any_row['features']}`. Value [bootstrap confidence interval]; N = volumes per set (the "
+            "synthetic and the floor set have the same N, as FID and KID depend on it) vs the real reference set's "
+            "volumes. KID, unbiased in N, is the "
             "headline at small N. Resampling duplicates volumes, which biases kernel distances upward at small N: "
             "a distance's own interval can lie above its value (marked †), so compare the sets by the excess, "
             "synthetic minus floor, whose paired interval draws both against the same reference resamples: an "
@@ -88,14 +99,14 @@ def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
             body.append([metric.upper(), region, _ci_marked(s), _ci_marked(f), _ci(e) if e else "",
                          f"{(s or f)['n_a']} vs {(s or f)['n_b']}"])  # fmt: skip
         out += _table(["metric", "region", "synthetic vs real", "real vs real (floor)", "synthetic − floor [paired]",
-                       "N"], body)  # fmt: skip
+                       "N per set vs reference"], body)  # fmt: skip
         out.append("")
     if paired:
         out += ["Paired voxel metrics (each synthetic volume against the real CT of its layout; the interval resamples "
                 "patients, a layout's samples together):", ""]  # fmt: skip
         out += _table(
-            ["metric", "region", "unit", "mean [CI]", "pairs"],
-            [[r["metric"], r["region"], PAIRED_UNITS.get(r["metric"], ""), _ci(r), r["n_a"]] for r in paired],
+            ["metric", "region", "unit", "mean [CI]", "pairs (patients resampled)"],
+            [[r["metric"], r["region"], PAIRED_UNITS.get(r["metric"], ""), _ci(r), _pairs(r)] for r in paired],
         )
         out.append("")
     return out
@@ -178,12 +189,12 @@ def segmentation_section(comparison: Path, figure: Path | None, base: Path, clus
         body.append([r["arm"], r["metric"], mean, diff, p, f"{r['n_cases']}{clusters} x {r['n_models']}"])
     if body:
         out += _table(["arm", "metric", "mean [CI]", "difference from baseline [CI]", "p", "cases x models"], body)
-        if lesion:
-            out.append("")
-            out.append(
-                f"A cluster is {CLUSTER_UNITS[cluster]}: intervals resample whole clusters and the paired test "
-                "compares one mean difference per cluster, so correlated ROIs do not overstate confidence."
-            )
+        out.append("")
+        out.append(
+            f"A cluster is {CLUSTER_UNITS[cluster] if lesion else 'one patient (the CTs of its series together)'}: "
+            "intervals resample whole clusters and the paired test compares one mean difference per cluster, so "
+            "correlated cases do not overstate confidence."
+        )
         out.append("")
     if figure is not None:
         out += [f"![segmentation]({_relative(figure, base)})", ""]
@@ -270,8 +281,8 @@ def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base
     )
     out += ["", "Texture control (the same nodules, sites and seeds per requested class):", ""]
     body = [
-        [r["texture_class"], f"{_fmt(r['inserted_mean_hu'])} ± {_fmt(r['inserted_sd_hu'])} (n={r['n_inserted']})",
-         f"{_fmt(r['real_mean_hu'])} ± {_fmt(r['real_sd_hu'])} (n={r['n_real']})" if r["n_real"] != "0" else "none"]
+        [r["texture_class"], _mean_sd(r["inserted_mean_hu"], r["inserted_sd_hu"], r["n_inserted"]),
+         _mean_sd(r["real_mean_hu"], r["real_sd_hu"], r["n_real"]) if r["n_real"] != "0" else "none"]
         for r in read_csv(texture)
     ]  # fmt: skip
     out += _table(["requested texture", "inserted nodules: mean HU", "real train nodules: mean HU"], body)

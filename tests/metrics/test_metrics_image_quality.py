@@ -212,7 +212,7 @@ def test_paired_intervals_resample_whole_layouts_not_samples() -> None:
     four = {(r["metric"], r["region"]): r for r in summarize_pairs(per_pair_rows(values, 4), settings)}
     assert set(one) == set(four) == {("mse", "whole"), ("ssim", "lung")}
     for key, r in four.items():
-        assert r["n_a"] == 48 and one[key]["n_a"] == 12
+        assert (r["n_a"], r["n_b"], one[key]["n_a"]) == (48, 12, 12)  # 48 pairs, 12 units resampled
         for col in ("value", "ci_low", "ci_high"):
             assert r[col] == pytest.approx(one[key][col], rel=1e-9), (key, col)
     _, lo, hi = bootstrap_ci(np.repeat(values, 4), 500, SETTINGS["ci_level"], SETTINGS["seed"])  # 48 "independent"
@@ -222,6 +222,7 @@ def test_paired_intervals_resample_whole_layouts_not_samples() -> None:
         {**r, "real": f"{r['real']}_s{n}", "patient": r["real"]} for r in per_pair_rows(values, 1) for n in (1, 2)
     ]
     two = {(r["metric"], r["region"]): r for r in summarize_pairs(series, settings)}  # a patient's 2 series: 1 draw
+    assert {(r["n_a"], r["n_b"]) for r in two.values()} == {(24, 12)}
     assert [two[key][col] for key in one for col in ("ci_low", "ci_high")] == pytest.approx(
         [one[key][col] for key in one for col in ("ci_low", "ci_high")], rel=1e-9
     )
