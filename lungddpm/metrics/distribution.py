@@ -86,7 +86,8 @@ def mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None) -> float:
 def kid(a: np.ndarray, b: np.ndarray, subset_size: int = 100, n_subsets: int = 100, seed: int = 0) -> float:
     """Kernel Inception Distance: unbiased squared MMD with the cubic polynomial kernel (xᵀy / D + 1)³, averaged
     over ``n_subsets`` random subsets of ``min(subset_size, Na, Nb)`` samples of each set (all of them once when
-    both sets are that small). Unbiased in N, hence the headline at small N."""
+    both sets hold exactly that many; sets of unequal size are subsampled to the smaller, as torchmetrics' KID does,
+    so a larger reference adds Monte Carlo noise of the draw). Unbiased in N, hence the headline at small N."""
     a, b = _check(a, b, 2)
     dim = a.shape[1]
     m = min(subset_size, len(a), len(b))
