@@ -48,7 +48,7 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 2: ground-truth nodules 26-connected, as the predictions; 3: a nodule smaller than min_overlap_voxels is found
     # by a component covering all of it, a nodule ROI detects its own nodule only (a neighbour in it was counted
     # again), and nodules seen in each other's ROIs are one cluster
-    "segment_score": 3,
+    "segment_score": 4,  # 4: clusters of ROI-sharing nodules reach a voxel further
     "segment_compare": 1,
     "segment_sweep": 1,
     "train_lesion": 1,

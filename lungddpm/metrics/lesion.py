@@ -217,22 +217,35 @@ def compare_sets(
     }
 
 
-def size_matched(target: Sequence[Nodule], pool: Sequence[Nodule]) -> list[Nodule | None]:
+def size_matched(
+    target: Sequence[Nodule], pool: Sequence[Nodule], fallback: Sequence[Nodule] = ()
+) -> list[Nodule | None]:
     """Per nodule of ``target``, the nodule of ``pool`` of its texture class nearest to it in log voxel count (the
-    first of ties; None where ``pool`` has none of its class): ``pool`` drawn to ``target``'s size mix. A small
-    nodule is mostly partial-volume rim, so pooled histograms of two sets of different sizes differ even where
-    like sizes agree."""
-    if not pool:
-        return [None] * len(target)
-    gap = np.abs(np.log([[t.hu.size] for t in target]) - np.log([n.hu.size for n in pool]))  # [T, P]
-    same = np.array([[t.texture_class] for t in target]) == np.array([n.texture_class for n in pool])
-    best = np.argmin(np.where(same, gap, np.inf), axis=1)
-    return [pool[int(j)] if same[i, j] else None for i, j in enumerate(best)]
+    first of ties; of ``fallback`` where ``pool`` has none of its class, None where neither has; any class for a
+    nodule of no class, ``any``): ``pool`` drawn to ``target``'s size mix. A small nodule is mostly partial-volume
+    rim, so pooled histograms of two sets of different sizes differ even where like sizes agree."""
+    out: list[Nodule | None] = [None] * len(target)
+    for source in (pool, fallback):
+        todo = [i for i, m in enumerate(out) if m is None]
+        if not source or not todo:
+            continue
+        t = [target[i] for i in todo]
+        gap = np.abs(np.log([[n.hu.size] for n in t]) - np.log([n.hu.size for n in source]))  # [T, P]
+        same = np.array([[n.texture_class] for n in t]) == np.array([n.texture_class for n in source])
+        same |= np.array([[n.texture_class not in TEXTURE_CLASSES] for n in t])
+        best = np.argmin(np.where(same, gap, np.inf), axis=1)
+        for i, k, j in zip(todo, range(len(t)), best):
+            out[i] = source[int(j)] if same[k, j] else None
+    return out
 
 
-def _matched(t: Sequence[Nodule], a: Sequence[Nodule], b: Sequence[Nodule]) -> tuple[list[Nodule], ...]:
-    """(the nodules of ``t`` whose class both ``a`` and ``b`` hold, their matches in ``a``, in ``b``)."""
-    kept = [(n, x, y) for n, x, y in zip(t, size_matched(t, a), size_matched(t, b)) if x is not None and y is not None]
+def _matched(
+    t: Sequence[Nodule], a: Sequence[Nodule], b: Sequence[Nodule], full: tuple[Sequence[Nodule], ...] = ((), ())
+) -> tuple[list[Nodule], ...]:
+    """(the nodules of ``t`` whose class both ``a`` and ``b`` hold, their matches in ``a``, in ``b``); a resample
+    missing a class matches it within its full half (``full``), so that every resample keeps the estimate's mix."""
+    ma, mb = size_matched(t, a, full[0]), size_matched(t, b, full[1])
+    kept = [(n, x, y) for n, x, y in zip(t, ma, mb) if x is not None and y is not None]
     return tuple([k[i] for k in kept] for i in range(3))
 
 
@@ -260,7 +273,7 @@ def matched_rows(
     d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
     for i in range(resamples):
         draws = ([h[j] for j in cluster_draw(u, rng)] for h, u in ((syn, u_syn), (a, u_a), (b, u_b)))
-        t, ra, rb = _matched(*draws)
+        t, ra, rb = _matched(*draws, full=(a, b))
         if not t:
             continue
         for k, field in enumerate(("hu", "core")):

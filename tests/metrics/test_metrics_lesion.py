@@ -137,6 +137,9 @@ def test_size_matched_rows_compare_like_sizes() -> None:
     gg = measure("g", "ground-glass", *_sphere(-300.0, -800.0, radius=2.0), 1.0, S)
     assert size_matched(syn[:1], [gg, big[0]]) == [big[0]]  # its own class first, whatever the size
     assert size_matched([gg], [big[0], small[0]]) == [None]  # no ground-glass in the pool: no match, not a solid one
+    assert size_matched([gg], [big[0]], [small[0], gg]) == [gg]  # a resample without the class: the full half's
+    anyone = dataclasses.replace(syn[0], texture_class="any")  # lesion.insert.texture: any matches every class
+    assert size_matched([anyone], [gg, big[0]]) == [gg] and matched_rows(a, [anyone], b, s, [0, 1])
     assert matched_rows(a, [gg], b, s, [0, 1]) == []  # no class of the halves: no size-matched rows
     kept = matched_rows(a, [*syn, gg], b, s, [0, 1])[1]  # the ground-glass nodule is left out, not matched to solid
     assert kept["n_a"] == 3 and kept["w1_hu"] == matched_rows(a, syn, b, s, [0, 1])[1]["w1_hu"]
