@@ -229,14 +229,11 @@ def _sharing_nodules(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str],
     """(case, nodule) -> its cluster name: the nodule with every nodule that one of their ROIs reaches (its centre
     within the ROI's box widened by its radius and a voxel: the nodules' recorded sizes, not their shapes), so that
     two nodules seen in each other's ROIs are one unit."""
+    from scipy.sparse.csgraph import connected_components
+
     nodules = {(r["case_id"], r["nodule"]): r for r in rows if r["kind"] == "nodule"}
-    parent = {k: k for k in nodules}
-
-    def root(k: tuple[str, str]) -> tuple[str, str]:
-        while parent[k] != k:
-            k = parent[k]
-        return k
-
+    index = {k: i for i, k in enumerate(nodules)}
+    reach = np.zeros((len(nodules), len(nodules)), bool)  # [ROI's nodule, nodule it reaches]
     for r in (r for r in rows if r["kind"] == "nodule" and r.get("centre_x") and r.get("size")):
         centre = np.array([float(r[f"centre_{a}"]) for a in "xyz"])
         half = (float(r["size"]) / 2 + 1) * float(r["spacing_mm"])  # the ROI's box and a voxel
@@ -245,11 +242,14 @@ def _sharing_nodules(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str],
                 continue
             at = np.array([float(other[f"nodule_{a}"]) for a in "xyz"])
             if np.all(np.abs(at - centre) <= half + float(other.get("diameter_mm") or 0) / 2):
-                parent[root((case, n))] = root((r["case_id"], r["nodule"]))
-    members: dict[tuple[str, str], list[str]] = {}
+                reach[index[(r["case_id"], r["nodule"])], index[(case, n)]] = True
+    if not nodules:
+        return {}
+    _, group = connected_components(reach | reach.T, directed=False)  # as data.nodules.touching_groups groups
+    members: dict[int, list[str]] = {}
     for k in sorted(nodules, key=lambda k: (k[0], int(k[1]) if str(k[1]).isdigit() else 0, str(k[1]))):
-        members.setdefault(root(k), []).append(str(k[1]))
-    return {k: f"{k[0]}_n{'+'.join(members[root(k)])}" for k in nodules}
+        members.setdefault(int(group[index[k]]), []).append(str(k[1]))
+    return {k: f"{k[0]}_n{'+'.join(members[int(group[index[k]])])}" for k in nodules}
 
 
 def whole_eval_set(
