@@ -125,35 +125,6 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
     return config
 
 
-def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of a config section that are not left at null: what a resume fingerprint and a rule's params
-    compare, so that a key added later with a null default (``diffusion.snr_gamma``) changes neither."""
-    return {k: v for k, v in section.items() if v is not None}
-
-
-# train keys that do not shape the weights: a finished training resumed with only these changed is handed back as is
-RESUME_NEUTRAL = frozenset({"name", "steps", "checkpoint_every", "keep_checkpoints", "preview_every",
-                            "preview_sampler_steps", "log_every", "compile", "channels_last", "num_workers", "resume",
-                            "gpus"})  # fmt: skip
-
-
-def weight_settings(train: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``train`` keys that shape a model's weights (``steps`` and every key not in :data:`RESUME_NEUTRAL`): a
-    training rule's params, so that a change of how it runs (``num_workers``, ``compile``, ``gpus``, ...) neither
-    reruns it nor, by rewriting its checkpoint, everything sampled with it."""
-    return {k: v for k, v in train.items() if k == "steps" or k not in RESUME_NEUTRAL}
-
-
-# keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
-LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing", "nodule_fraction": 0.5}
-
-
-def without_later_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
-    """``section`` without the :data:`LATER_DEFAULTS` keys that hold that value: what rule params and item provenance
-    compare, so that such a key's arrival reruns and remakes nothing (as :func:`set_keys` for null defaults)."""
-    return {k: v for k, v in section.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v}
-
-
 def canonical(value: Any, reference: Any) -> Any:
     """``value`` with every mapping's keys in ``reference``'s order (keys it lacks after them, sorted), recursively;
     list items against the reference's item at their index (else its first). Snakemake compares a rule's params by
@@ -317,6 +288,8 @@ class TrainConfig:
     context_free_diameter_mm: tuple[float, float] = (5.0, 15.0)
     context_outside_weight: float = 1.0
     crop: int = 0
+    ema_every: int = 1
+    ema_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -382,18 +355,3 @@ def lesion_config(cfg: Config) -> Config:
             f"{exc}\n  (model.*, diffusion.* and train.* above are lesion.model.*, lesion.diffusion.* and "
             "lesion.train.* merged over them)"
         ) from exc
-
-
-def lesion_training_settings(lesion: Config) -> dict[str, Any]:
-    """What the lesion model's training reads of :func:`lesion_config`'s merged view ``lesion``: network (less
-    ``init_from``, always null there), diffusion (null keys left out), training keys, HU window and ROI grid. The
-    ``train_lesion`` rule's params: a whole-volume key that ``lesion.*`` overrides (``train.steps``) or never reaches
-    (``train.gpus``) does not retrain it; one it inherits (``train.lr_warmup_steps``), or a ``lesion.*`` edit, does."""
-    raw = lesion.raw
-    return {
-        "model": {k: v for k, v in raw["model"].items() if k != "init_from"},
-        "diffusion": set_keys(raw["diffusion"]),
-        "train": weight_settings(raw["train"]),
-        "intensity": raw["intensity"],
-        "preprocess": {k: raw["preprocess"][k] for k in ("size", "spacing_mm")},
-    }

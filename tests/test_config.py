@@ -13,12 +13,11 @@ from lungddpm.config import (
     config_from_mapping,
     key_order_reference,
     lesion_config,
-    lesion_training_settings,
     load_config,
     validate_config,
-    without_later_defaults,
 )
 from lungddpm.errors import ConfigError
+from lungddpm.settings import lesion_training_settings, weight_settings, without_later_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +36,21 @@ def test_paper_config_needs_dicom_root() -> None:
         load_config(REPO / "config/paper.yaml")
     cfg = load_config(REPO / "config/paper.yaml", {"data": {"dicom_root": "/data/LIDC-IDRI"}})
     assert cfg.preprocess.size == (128, 128, 128)
+
+
+def test_paper_config_trains_as_lung_ddpms_train_py() -> None:
+    """The original's train.py and Trainer: batch 1, 2 accumulated, lr 1e-5, Adam (AdamW without decay), no
+    clipping, EMA 0.995 after every 10th step from step 2000 (a copy before), L1 on ε, cosine T=250, 100k steps;
+    the lesion model (not Lung-DDPM's) keeps the defaults those change."""
+    cfg = load_config(REPO / "config/paper.yaml", {"data": {"dicom_root": "/data/LIDC-IDRI"}})
+    t = cfg.train
+    assert (t.batch_size, t.grad_accum, t.lr, t.weight_decay, t.grad_clip, t.steps) == (1, 2, 1e-5, 0.0, 0, 100000)
+    assert (t.ema_decay, t.ema_warmup, t.ema_every, t.ema_start) == (0.995, False, 10, 2000)
+    assert {k: cfg.diffusion[k] for k in ("timesteps", "schedule", "prediction", "loss")} == {
+        "timesteps": 250, "schedule": "cosine", "prediction": "epsilon", "loss": "l1"}  # fmt: skip
+    lesion = lesion_config(cfg).train
+    assert (lesion.grad_accum, lesion.grad_clip, lesion.ema_warmup, lesion.ema_every, lesion.ema_start) == (
+        1, 1.0, True, 1, 0)  # fmt: skip
 
 
 def test_empty_config_gets_every_default() -> None:
@@ -72,6 +86,16 @@ def test_a_later_key_at_its_schema_default_is_left_out_and_any_other_value_kept(
     for section in (cfg["sample"], cfg["lesion"]["sample"]):  # the value that does what was done before the key
         assert "timestep_spacing" in section and "timestep_spacing" not in without_later_defaults(section)
         assert without_later_defaults({**section, "timestep_spacing": "quadratic"})["timestep_spacing"] == "quadratic"
+
+
+def test_keys_that_change_how_a_training_runs_leave_its_params_alone() -> None:
+    """A train rule's params (the weight settings) of a workdir made before ema_every / ema_start existed, or with
+    another process count, are unchanged; an EMA schedule of its own changes them."""
+    train = validate_config({})["train"]
+    old = {k: v for k, v in train.items() if k not in ("ema_every", "ema_start")}
+    assert weight_settings(train) == weight_settings(old) == weight_settings({**train, "processes": 4})
+    assert weight_settings({**train, "ema_every": 10})["ema_every"] == 10
+    assert "gpus" not in weight_settings(train) and weight_settings(train)["processes"] == 1
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -318,3 +342,4 @@ def test_lesion_training_settings_follow_the_merged_lesion_view_only() -> None:
     assert _lesion_training({"intensity": {"hu_window": [-1100, 500]}}) != base
     assert _lesion_training({"lesion": {"roi": {"size": 16}}})["preprocess"]["size"] == [16, 16, 16]
     assert base["model"]["model_channels"] == 16 and "init_from" not in base["model"]
+    assert _lesion_training({"lesion": {"model": {"use_checkpoint": True}}}) == base  # memory for time, not weights

@@ -41,18 +41,24 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
     fast = [d for d in patient_dir.rglob(glob.escape(safe_component(series_uid, "SeriesInstanceUID"))) if d.is_dir()]
     if fast:
         return fast[0]
+
+    def uid(path: Path) -> str | None:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+        except Exception:  # unreadable, or no such tag: not this series' file
+            return None
+
     for folder in sorted({p.parent for p in dicom_files(patient_dir, recursive=True)}):
-        for first in dicom_files(folder)[:3]:  # a file or two may be unreadable: the series is still this folder's
-            try:
-                ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-            except Exception:
-                continue
-            if getattr(ds, "SeriesInstanceUID", None) == series_uid:
-                return folder
-            break
+        # the folder where any file (headers only; a few may be unreadable) is the series': one that mixes series (a
+        # flattened download) too, so that reading it names the mix
+        if any(uid(f) == series_uid for f in dicom_files(folder)):
+            return folder
+    unread = (p for p in patient_dir.rglob("*") if p.is_file() and p.suffix != ".dcm")
+    others = sorted(str(p.relative_to(patient_dir)) for p in unread if p.suffix.lower() in (".dcm", ".zip", ""))
+    hint = f"; files not read (only *.dcm files are, unpacked): {others[:5]}" if others else ""
     raise DicomError(
-        f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}; the download is incomplete — "
-        "re-download this patient from TCIA"
+        f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}{hint}; rename or unpack them, or, if "
+        "the download is incomplete, re-download this patient from TCIA"
     )
 
 

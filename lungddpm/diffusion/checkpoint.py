@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ..config import RESUME_NEUTRAL, Config, set_keys
+from ..config import Config
 from ..errors import LungDDPMError
 from ..io import atomic_path
+from ..settings import LATER_DEFAULTS, model_weight_settings, set_keys, weight_settings
 from ..versions import output_version
 from .device import pick_device
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
@@ -69,8 +70,9 @@ def _last_line(exc: BaseException) -> str:
 
 def model_digest(ckpt: dict[str, Any]) -> str:
     """sha256 of a loaded model checkpoint's content by value: what a sampled item's provenance compares. Its tensors
-    and settings, not ``version`` and, of the training's whole ``config``, only what sampling reads (the lesion
-    model's ``texture_hu`` and ``roi``): an edit elsewhere in the config does not change the model. The file's own
+    and settings (the network's with :data:`~lungddpm.settings.NEUTRAL_AT_DEFAULT` keys held), not ``version`` or
+    ``global_batch`` and, of the training's whole ``config``, only what sampling reads (the lesion model's
+    ``texture_hu`` and ``roi``): an edit elsewhere in the config does not change the model. The file's own
     bytes differ each time torch.save writes the same content (a serialization id), so a training rerun that hands
     back the same weights would otherwise remake every item."""
     h = hashlib.sha256()
@@ -92,7 +94,8 @@ def model_digest(ckpt: dict[str, Any]) -> str:
 
     lesion = (ckpt.get("config") or {}).get("lesion") or {}
     read = {k: lesion[k] for k in ("texture_hu", "roi") if k in lesion}
-    feed({**{k: v for k, v in ckpt.items() if k not in ("version", "config")}, "config": read})
+    unet = {"unet": model_weight_settings(ckpt["unet"])} if isinstance(ckpt.get("unet"), dict) else {}
+    feed({**{k: v for k, v in ckpt.items() if k not in ("version", "config", "global_batch")}, **unet, "config": read})
     return h.hexdigest()
 
 
@@ -152,7 +155,7 @@ def fingerprint(cfg: Config, data: str | None = None, stage: str = "train") -> d
     the training data's :func:`lungddpm.diffusion.data.data_digest`. A diffusion key left at null is left out, so a
     training begun before the key existed (``snr_gamma``) still resumes; so is version 1."""
     out = {
-        "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
+        "model": {k: v for k, v in model_weight_settings(cfg.raw["model"]).items() if k != "init_from"},
         "diffusion": set_keys(cfg.raw["diffusion"]),
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
@@ -176,6 +179,10 @@ def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any], pat
                 out.append(what)
             elif key == "version":  # absent: version 1
                 out.append(f"{what}: version {found.get(key, 1)} then, {expected.get(key, 1)} now")
+            elif isinstance(found.get(key), dict) and isinstance(expected.get(key), dict):  # name the keys that differ
+                a, b = found[key], expected[key]
+                keys = [k for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+                out.append(f"{what}: " + ", ".join(f"{k} {a.get(k)} then, {b.get(k)} now" for k in keys))
             else:
                 out.append(f"{what}: {found.get(key)} then, {expected.get(key)} now")
     return out
@@ -229,11 +236,13 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
             f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
         )
     before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
-    changed = sorted(
-        k for k, v in cfg.raw["train"].items() if k not in RESUME_NEUTRAL and k in before and before[k] != v
-    )
+    # a key the checkpoint predates is compared only where its arrival kept the old behaviour (LATER_DEFAULTS)
+    was, now = weight_settings(before), weight_settings(cfg.raw["train"])
+    value = {k: (was.get(k, LATER_DEFAULTS.get(k)), now.get(k, LATER_DEFAULTS.get(k))) for k in {*was, *now}}
+    value.pop("steps", None)
+    changed = sorted(k for k, (a, b) in value.items() if a != b and (k in before or k in LATER_DEFAULTS))
     if changed and step == steps:
-        diff = ", ".join(f"{k} {before[k]} then, {cfg.raw['train'][k]} now" for k in changed)
+        diff = ", ".join(f"{k} {value[k][0]} then, {value[k][1]} now" for k in changed)
         raise LungDDPMError(
             f"{state_dir}: this training finished (step {step} of {steps}) with other train settings ({diff}); to "
             f"train anew with them choose a new train.name (or set train.resume: never, or delete {state_dir}); to "

@@ -12,17 +12,26 @@ from torch import nn
 
 
 class EMA:
-    """Exponential moving average of parameters (buffers copied), with the usual warm-up."""
+    """Exponential moving average of parameters (buffers copied): updated after every ``every``-th optimizer update,
+    a plain copy of the weights before update ``start`` (Lung-DDPM's trainer: every 10th from step 2000), with the
+    usual warm-up ``min(decay, (1 + k) / (10 + k))`` over its own updates k when ``warmup``."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool, every: int = 1, start: int = 0) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup, self.every, self.start = decay, warmup, every, start
 
     @torch.no_grad()
     def update(self, model: nn.Module, n_updates: int) -> None:
-        decay = min(self.decay, (1 + n_updates) / (10 + n_updates)) if self.warmup else self.decay
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
+        """After optimizer update ``n_updates`` (0-based: the number of updates before it)."""
+        if n_updates % self.every:
+            return
+        ema_p, new_p = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if n_updates < self.start:
+            torch._foreach_copy_(ema_p, new_p)
+        else:
+            k = (n_updates - self.start) // self.every  # this EMA's own updates before this one
+            decay = min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
+            torch._foreach_lerp_(ema_p, new_p, 1.0 - decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 

@@ -168,7 +168,7 @@ def train(
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup, tc.ema_every, tc.ema_start)
     expected = fingerprint(cfg, data_digest(data), stage)
 
     start = 0
@@ -321,6 +321,7 @@ def train(
             "model": model.state_dict(),
             "step": step,
             "unet": asdict(model.cfg),
+            "global_batch": batches.global_batch,  # the ranks come from the job's GPUs; not in the model digest
             "diffusion": dict(cfg.diffusion),
             "hu_window": list(cfg.intensity.hu_window),
             "size": list(cfg.preprocess.size),

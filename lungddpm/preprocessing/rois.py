@@ -119,8 +119,8 @@ def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.n
     return {"ct": np.round(ct).astype(np.int16), "layout": compose_layout(lung, labels), "texture": texture}
 
 
-def nodule_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """World (x, y, z) boxes of the consensus masks and of ``src.avoid``, grown by ``margin_mm``."""
+def nodule_boxes(src: SourceCT, margin_mm: float | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (x, y, z) boxes of the consensus masks' voxel centres and ``src.avoid``, grown by ``margin_mm`` [3]."""
     g, boxes = src.grid, []
     for (k0, i0, j0), (nk, ni, nj) in [*((nod.offset, nod.mask.shape) for nod in src.nodules), *src.avoid]:
         zs = g.z_positions[k0 : k0 + nk]
@@ -141,15 +141,20 @@ def deep_lung(src: SourceCT, min_depth_mm: float) -> np.ndarray:
     return np.argwhere(depth >= min_depth_mm)
 
 
+def free_site_boxes(src: SourceCT, s: RoiSettings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The boxes a nodule-free ROI's centre keeps out of: :func:`nodule_boxes` grown so that the ROI's face voxels
+    lie a voxel, and one native step (their interpolation's reach: thick slices), off the nodules' voxel centres."""
+    step = np.array([src.grid.col_spacing, src.grid.row_spacing, np.diff(src.grid.z_positions).max(initial=0.0)])
+    return nodule_boxes(src, s.half_extent_mm + np.maximum(s.spacing_mm, step - s.spacing_mm / 2))
+
+
 def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: int = 4000) -> list[np.ndarray]:
     """Centres (x, y, z) of ``free_per_case`` nodule-free ROIs: at least ``site_min_depth_mm`` inside the fine
-    lung mask, the cube inside the scan, away from every nodule and from each other."""
+    lung mask, the cube inside the scan, out of :func:`free_site_boxes` and away from each other."""
     if s.free_per_case == 0:
         return []
-    cand = deep_lung(src, s.site_min_depth_mm)
-    lo, hi = src.bounds()
-    half = s.half_extent_mm
-    boxes = nodule_boxes(src, half + s.spacing_mm)
+    cand, (lo, hi), half = deep_lung(src, s.site_min_depth_mm), src.bounds(), s.half_extent_mm
+    boxes = free_site_boxes(src, s)
     chosen: list[np.ndarray] = []
     for _ in range(tries if cand.size else 0):
         c = src.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])[0]
@@ -218,26 +223,14 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
         for key, path in files.items():
             write_volume(path, roi[key], geometry)
         offset = centre - target
-        rows.append(
-            {
-                "roi": name,
-                "case_id": case,
-                **info,
-                **{f"centre_{a}": round(float(v), 3) for a, v in zip("xyz", centre)},
-                **{f"offset_{a}": round(float(v), 3) for a, v in zip("xyz", offset)},
-                **(
-                    {f"nodule_{a}": round(float(v), 3) for a, v in zip("xyz", target)}
-                    if info["kind"] == "nodule"
-                    else {}
-                ),
-                "spacing_mm": s.spacing_mm,
-                "size": s.size,
-                "padded_voxels": padded,
-                "ct": files["ct"].name,
-                "layout": files["layout"].name,
-                "texture_map": files["texture"].name,
-            }
+        nodule_at = (
+            {f"nodule_{a}": round(float(v), 3) for a, v in zip("xyz", target)} if info["kind"] == "nodule" else {}
         )
+        rows.append({"roi": name, "case_id": case, **info,
+                     **{f"centre_{a}": round(float(v), 3) for a, v in zip("xyz", centre)},
+                     **{f"offset_{a}": round(float(v), 3) for a, v in zip("xyz", offset)}, **nodule_at,
+                     "spacing_mm": s.spacing_mm, "size": s.size, "padded_voxels": padded, "ct": files["ct"].name,
+                     "layout": files["layout"].name, "texture_map": files["texture"].name})  # fmt: skip
     write_csv(out_dir / "rois.csv", rows, ROI_COLUMNS)
     log.info("%s: %d nodule ROIs, %d nodule-free ROIs -> %s", case, sum(r["kind"] == "nodule" for r in rows),
              sum(r["kind"] == "free" for r in rows), out_dir)  # fmt: skip

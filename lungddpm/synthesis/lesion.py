@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, without_later_defaults
+from ..config import Config
 from ..diffusion.checkpoint import CheckpointError, load_for_sampling
 from ..diffusion.encoding import (
     ANY_TEXTURE,
@@ -41,6 +41,7 @@ from ..errors import LayoutError
 from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
+from ..settings import without_later_defaults
 from ..versions import output_version
 from .layout_edit import BankNodule, insert_nodules
 from .plan import Item, sampling_what

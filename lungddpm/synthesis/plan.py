@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import without_later_defaults
+from ..settings import without_later_defaults
 
 RUNS = ("eval", "augment")
 SAMPLING_HOW = ("batch_size", "compile", "shards")  # how a run is computed, never what it makes (each item its seed)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import LATER_DEFAULTS, Config, without_later_defaults
+from ..config import Config
 from ..diffusion.checkpoint import load_for_sampling, model_digest
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import precision_name, resolve_precision
@@ -38,6 +38,7 @@ from ..io import (
     write_volume,
 )
 from ..preprocessing.layout import read_case_pair
+from ..settings import LATER_DEFAULTS, without_later_defaults
 from ..versions import output_version
 from .plan import Item
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +393,25 @@ def test_every_slice_is_checked_for_the_tags_and_orientation_that_place_it(
     sheared = read_dicom_series(series)
     assert np.array_equal(sheared.hu, before.hu) and "gantry tilt" in caplog.text
     assert sheared.origin_xy == pytest.approx(before.origin_xy)  # the lowest slice's, whichever file is first
+
+
+def test_a_flattened_or_zipped_download_is_named_as_such(
+    tmp_path: Path, geom: ScanGeometry, plain: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A patient folder holding two series' files in one folder is found and refused as a mix (it was "the download
+    is incomplete"); a series only as a zip or with other suffixes is named among the files not read."""
+    flat = tmp_path / "LIDC-IDRI-0001"
+    write_dicom_series(plain[0][:3], replace(geom, slice_zvals=geom.slice_zvals[:3]), flat, quirks_for(0))
+    other = replace(geom, series_uid=geom.series_uid + ".9", slice_zvals=geom.slice_zvals[:3])
+    for p in write_dicom_series(plain[0][:3], other, tmp_path / "o", quirks_for(0)):
+        p.rename(flat / f"z{p.name}")  # sorted after the first series' files
+    assert find_series_dir(flat, other.series_uid) == flat
+    with pytest.raises(DicomError, match=r"LIDC-IDRI-0001: files of 2 series are mixed .* keep one series per"):
+        read_dicom_series(flat)
+    zipped = tmp_path / "LIDC-IDRI-0002"
+    zipped.mkdir()
+    (zipped / "series.zip").write_bytes(b"PK\x03\x04")
+    (zipped / "1-001.DCM").write_bytes(b"")
+    with pytest.raises(DicomError, match=r"no DICOM series with .*files not read \(only \*.dcm files are, unpacked\): "
+                       r"\['1-001.DCM', 'series.zip'\]; rename or unpack"):  # fmt: skip
+        find_series_dir(zipped, geom.series_uid)

@@ -127,3 +127,31 @@ def test_cudnn_times_its_algorithms_on_a_gpu_only(monkeypatch: pytest.MonkeyPatc
     assert torch.backends.cudnn.benchmark is False
     tune_backends(torch.device("cuda"))  # a flag only: no GPU is needed to set it
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_the_ema_schedule_of_lung_ddpms_trainer_by_values() -> None:
+    """``EMA(every=k, start=s)`` against a transcription of Lung-DDPM's ``Trainer.step_ema`` (after optimizer step
+    i, 0-based: if i % update_ema_every == 0, copy the weights while i < step_start_ema, else average them with
+    ``old * beta + (1 - beta) * new``); the defaults (every 1, start 0) keep the warm-up average of before."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ours, warm = EMA(model, 0.9, warmup=False, every=3, start=6), EMA(model, 0.9, warmup=True)
+    theirs, before = copy.deepcopy(model), copy.deepcopy(model)
+    for i in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model, i)
+        warm.update(model, i)
+        if i % 3 == 0:
+            for t, p in zip(theirs.parameters(), model.parameters()):
+                t.data = p.data.clone() if i < 6 else t.data * 0.9 + (1 - 0.9) * p.data
+        for b, p in zip(before.parameters(), model.parameters()):  # the warm-up average of before this change
+            b.data = b.data + (1 - min(0.9, (1 + i) / (10 + i))) * (p.data - b.data)
+        if i == 5:  # copies so far: equal to the weights of step 3, not of step 5
+            assert not torch.equal(ours.model.weight, model.weight)
+            assert torch.equal(ours.model.weight, theirs.weight)
+    for a, b in zip(ours.model.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(warm.model.parameters(), before.parameters()):
+        torch.testing.assert_close(a, b)

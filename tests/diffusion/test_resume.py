@@ -15,6 +15,7 @@ from lungddpm.config import Config, validate_config
 from lungddpm.diffusion.checkpoint import load_checkpoint
 from lungddpm.diffusion.distributed import Dist, seed_rank
 from lungddpm.diffusion.train import train
+from lungddpm.errors import LungDDPMError
 
 
 def test_ranks_past_the_first_resume_their_dropout_stream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -49,3 +50,32 @@ def test_a_resume_with_another_global_batch_says_so(tmp_path: Path, caplog: pyte
     assert "the global batch was 2 up to step 2 and is 1 from now on (train.batch_size x processes x" in caplog.text
     assert "to keep 2, resume on as many GPUs (processes) as before" in caplog.text
     assert load_checkpoint(tmp_path / "s/step_0000004.pt")["global_batch"] == 1
+
+
+def test_activation_checkpointing_and_the_process_count_resume_a_training(tmp_path: Path) -> None:
+    """model.use_checkpoint trades memory for time and train.processes how the ranks are launched (as train.gpus):
+    neither changes the weights, so a training stopped at step 2 resumes with either switched (before: "trained
+    with another network (model.*)", or a finished training refused), with the uninterrupted run's weights and
+    model digest; a refusal names the key that differs, not the whole section."""
+    from lungddpm.diffusion.checkpoint import check_resume, fingerprint, fingerprint_differences, model_digest
+
+    def cfg(use_checkpoint: bool = False, **train: object) -> Config:
+        raw = copy.deepcopy(tiny_config(steps=4, checkpoint_every=2, **train).raw)
+        raw["model"]["use_checkpoint"] = use_checkpoint
+        return Config.from_dict(validate_config(raw))
+
+    train(tiny_data(), cfg(), tmp_path / "a", tmp_path / "sa", threads=2)
+    train(tiny_data(), cfg(), tmp_path / "b", tmp_path / "sb", threads=2, stop_after=2)
+    train(tiny_data(), cfg(use_checkpoint=True), tmp_path / "b", tmp_path / "sb", threads=2)
+    a, b = load_checkpoint(tmp_path / "a/checkpoint.pt"), load_checkpoint(tmp_path / "b/checkpoint.pt")
+    assert b["unet"]["use_checkpoint"] and not a["unet"]["use_checkpoint"] and a["global_batch"] == 1
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and model_digest(a) == model_digest(b)
+    finished = load_checkpoint(tmp_path / "sa/step_0000004.pt")
+    check_resume(finished, cfg(processes=2), tmp_path / "sa")  # handed back as is, as with train.gpus
+    with pytest.raises(LungDDPMError, match=r"with other train settings \(ema_every 1 then, 10 now\)"):
+        check_resume(finished, cfg(ema_every=10), tmp_path / "sa")  # a key the checkpoint predates: its old value
+    wider = copy.deepcopy(cfg().raw)
+    wider["model"]["model_channels"] *= 2
+    diff = fingerprint_differences(fingerprint(cfg()), fingerprint(Config.from_dict(validate_config(wider))), tmp_path)
+    assert diff == [f"network (model.*): model_channels {cfg().model['model_channels']} then, "
+                    f"{wider['model']['model_channels']} now"]  # fmt: skip

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from lungddpm.config import LungmaskConfig, validate_config
+from lungddpm.data.phantom import NoduleSpec, ScanGeometry, synthesize_thorax
 from lungddpm.preprocessing.lungmask import lungs_from_label, outside_air, segment_lungs
 
 CFG = LungmaskConfig(**validate_config({})["lungmask"])
@@ -129,16 +131,21 @@ def _tangent_site(lung: np.ndarray, diameter: float, side: str) -> tuple[float, 
     return k, rows.max() - r if side == "posterior" else rows.min() + r, j
 
 
+@functools.cache
+def _nodule_free_lungs() -> tuple[ScanGeometry, np.ndarray]:
+    """The LIDC-like series' geometry and its phantom's true lungs without nodules (shared by the sites)."""
+    geom = ScanGeometry("P", "1.2.3", "1.2.3.4", PIXEL, np.arange(0, 300, SLICE), SLICE)
+    return geom, synthesize_thorax(geom, [], seed=1)[1]
+
+
 SITES = [((10, "right"), (20, "left")), ((30, "posterior"), (40, "anterior")), ((50, "left"),)]
 
 
 @pytest.mark.parametrize("nodules", SITES)
 def test_juxtapleural_nodules_of_10_to_50_mm_lie_inside_the_lung_mask(nodules: tuple[tuple[int, str], ...]) -> None:
-    from lungddpm.data.phantom import NoduleSpec, ScanGeometry, synthesize_thorax
     from lungddpm.preprocessing.grid import SliceGrid, fine_geometry, resample
 
-    geom = ScanGeometry("P", "1.2.3", "1.2.3.4", PIXEL, np.arange(0, 300, SLICE), SLICE)
-    _, lung0 = synthesize_thorax(geom, [], seed=1)
+    geom, lung0 = _nodule_free_lungs()
     kk, ii, jj = np.ogrid[: lung0.shape[0], : lung0.shape[1], : lung0.shape[2]]
     spheres = []
     for diameter, side in nodules:
@@ -151,9 +158,9 @@ def test_juxtapleural_nodules_of_10_to_50_mm_lie_inside_the_lung_mask(nodules: t
     grid = SliceGrid(geom.slice_zvals.astype(float), PIXEL, PIXEL, -PIXEL * 256, -PIXEL * 256)
     fine, size = fine_geometry(grid, hu.shape, 2.0)  # preprocessing's fine grid
     on_fine = [resample(m.astype(np.float32), grid, fine, size, order=1, fill=0.0) >= 0.5 for m in (truth, *spheres)]
-    ours = segment_lungs(resample(hu, grid, fine, size, order=1, fill=-1024.0), fine.spacing, CFG).lung
-    off = segment_lungs(resample(hu, grid, fine, size, order=1, fill=-1024.0), fine.spacing,
-                        replace(CFG, pleural_max_diameter_mm=0)).lung  # fmt: skip
+    hu_fine = resample(hu, grid, fine, size, order=1, fill=-1024.0)
+    ours = segment_lungs(hu_fine.copy(), fine.spacing, CFG).lung
+    off = segment_lungs(hu_fine, fine.spacing, replace(CFG, pleural_max_diameter_mm=0)).lung
     for (diameter, side), nodule in zip(nodules, on_fine[1:]):
         assert hu[spheres[0]].mean() > -100  # solid: far above the lung threshold
         inside = (ours & nodule).sum() / nodule.sum()

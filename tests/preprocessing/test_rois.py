@@ -107,3 +107,22 @@ def test_padded_voxels_are_those_resampling_pads_half_a_slice_beyond_the_end_sli
     deeper = s.geometry(np.array([32.0, 32.0, 7.0 + 1.5]))  # 1.5 mm further: the top layer lies past the slices
     padded = int((rois.cut_roi(src, deeper, s)["ct"] == -1024).sum())
     assert padded == rois.outside_voxels(src, deeper, s.size) > 0
+
+
+def test_nodule_free_rois_keep_an_interpolation_step_off_a_nodule_of_thick_slices() -> None:
+    """Slices thicker than the ROI spacing: a face voxel interpolates from a slice one native step away, so a site
+    keeps that step off the nodule, not only a voxel. Just past the old margin (half + a voxel) an ROI at 0.5 mm
+    beside an 8 mm nodule of 1.5 mm slices has nodule HU on its face, unlabelled: refused now; just past the new
+    margin it sees lung only."""
+    from support import labelled_source_ct
+
+    src, s = labelled_source_ct(), roi_settings(spacing_mm=0.5)
+    lo, hi = rois.nodule_boxes(src, 0.0)[0]
+    x, y = (lo[:2] + hi[:2]) / 2
+    old, new = np.array([x, y, hi[2] + s.half_extent_mm + 0.5 + 0.05]), np.array([x, y, hi[2] + s.half_extent_mm + 1.3])
+    assert not rois.in_boxes(old[None], rois.nodule_boxes(src, s.half_extent_mm + s.spacing_mm))[0]  # accepted before
+    assert rois.in_boxes(old[None], rois.free_site_boxes(src, s))[0]
+    assert rois.cut_roi(src, s.geometry(old), s)["ct"].max() > -500  # what it would have held
+    assert not rois.in_boxes(new[None], rois.free_site_boxes(src, s))[0]
+    roi = rois.cut_roi(src, s.geometry(new), s)
+    assert not (roi["layout"] == 2).any() and roi["ct"].max() < -700

@@ -1,0 +1,70 @@
+"""What rule params, a checkpoint's resume check and digest, and sampled items' provenance compare of the config:
+the keys that shape a result, with those that only change how a job runs left out or held at one value, and keys
+added after workdirs existed left out at their old behaviour, so that neither reruns anything."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a config section that are not left at null: what a resume fingerprint and a rule's params
+    compare, so that a key added later with a null default (``diffusion.snr_gamma``) changes neither."""
+    return {k: v for k, v in section.items() if v is not None}
+
+
+# train keys that do not shape the weights: a finished training resumed with only these changed is handed back as is
+RESUME_NEUTRAL = frozenset({"name", "steps", "checkpoint_every", "keep_checkpoints", "preview_every",
+                            "preview_sampler_steps", "log_every", "compile", "channels_last", "num_workers", "resume",
+                            "gpus", "processes"})  # fmt: skip
+# keys that change how a training runs, not its weights, which rule params held before they were known to: compared
+# at these values (their defaults) wherever weights are compared (rule params, a checkpoint's fingerprint, resume
+# check and digest), so that switching one resumes a training and a workdir made before keeps its params
+NEUTRAL_AT_DEFAULT: dict[str, dict[str, Any]] = {"model": {"use_checkpoint": False}, "train": {"processes": 1}}
+
+
+def weight_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``train`` keys that shape a model's weights (``steps`` and every key not in :data:`RESUME_NEUTRAL`; those
+    of :data:`NEUTRAL_AT_DEFAULT` at its value, :data:`LATER_DEFAULTS` at theirs left out): a training rule's params,
+    so that a change of how it runs (``num_workers``, ``compile``, ``gpus``, ...) neither reruns it nor, by
+    rewriting its checkpoint, everything sampled with it."""
+    held = NEUTRAL_AT_DEFAULT["train"]
+    kept = {k: held.get(k, v) for k, v in train.items() if k == "steps" or k not in RESUME_NEUTRAL or k in held}
+    return without_later_defaults(kept)
+
+
+def model_weight_settings(model: Mapping[str, Any]) -> dict[str, Any]:
+    """``model`` (a config section or a checkpoint's ``unet``) with the :data:`NEUTRAL_AT_DEFAULT` model keys it has
+    at their compared values."""
+    held = NEUTRAL_AT_DEFAULT["model"]
+    return {k: held.get(k, v) for k, v in model.items()}
+
+
+# keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
+LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing", "nodule_fraction": 0.5, "ema_every": 1,
+                                  "ema_start": 0}  # fmt: skip
+
+
+def without_later_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``section`` without the :data:`LATER_DEFAULTS` keys that hold that value: what rule params and item provenance
+    compare, so that such a key's arrival reruns and remakes nothing (as :func:`set_keys` for null defaults)."""
+    return {k: v for k, v in section.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v}
+
+
+def lesion_training_settings(lesion: Config) -> dict[str, Any]:
+    """What the lesion model's training reads of :func:`lesion_config`'s merged view ``lesion``: network (less
+    ``init_from``, always null there), diffusion (null keys left out), training keys, HU window and ROI grid. The
+    ``train_lesion`` rule's params: a whole-volume key that ``lesion.*`` overrides (``train.steps``) or never reaches
+    (``train.gpus``) does not retrain it; one it inherits (``train.lr_warmup_steps``), or a ``lesion.*`` edit, does."""
+    raw = lesion.raw
+    return {
+        "model": {k: v for k, v in model_weight_settings(raw["model"]).items() if k != "init_from"},
+        "diffusion": set_keys(raw["diffusion"]),
+        "train": weight_settings(raw["train"]),
+        "intensity": raw["intensity"],
+        "preprocess": {k: raw["preprocess"][k] for k in ("size", "spacing_mm")},
+    }
