@@ -152,7 +152,9 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
         if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):
             raise DicomError(
-                f"{f}: ImageOrientationPatient {orientation.tolist()} is not axial; only axial CT is supported"
+                f"{f}: ImageOrientationPatient {orientation.tolist()} is not [1, 0, 0, 0, 1, 0] (axial, rows along "
+                "+x, columns along +y), which data.source lidc reads; a flipped or oblique series reads as a volume "
+                "through data.source: images (reoriented there)"
             )
         if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
             raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")

@@ -32,6 +32,7 @@ from .lungmask import body_mask, lungs_from_label, segment_lungs
 log = logging.getLogger(__name__)
 
 BEYOND = -1e6  # the slice index of a point beyond a series' slices: far outside, so sampling gives the fill value
+MIN_LUNG_KEPT = 0.9  # a model grid holding less of the fine lung mask's volume is said to cut the lungs
 
 
 @dataclass(frozen=True)
@@ -339,10 +340,8 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
         label = str(scan.label) if lung_source == "label" else None
         check_source_lungs(seg.lung, air, fine.spacing, cfg.layout, str(series_dir), label, len(scan.nodules))
     if not seg.lung.any():
-        raise DicomError(
-            f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
-            "CT in HU? Check lungmask.threshold_hu"
-        )
+        raise DicomError(f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
+                         "CT in HU? Check lungmask.threshold_hu")  # fmt: skip
     removed = f", airway {seg.airway_ml:.0f} mL removed" if lung_source == "lungmask" else ""
     log.info("%s: lungs %.0f mL (%s) in %d component(s)%s", case_id, seg.lung_ml, lung_source, seg.n_components,
              removed)  # fmt: skip
@@ -357,6 +356,11 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
     nods = scan.nodules
     nod_labels, counts = nodule_labels(nods, grid, model, pc.size, pc.nodule_fraction)
     lung |= nod_labels > 0
+    kept = float(lung.sum()) * float(np.prod(pc.spacing_mm)) / 1000 / seg.lung_ml  # the model grid's share of the lungs
+    if kept < MIN_LUNG_KEPT or any(nod.mask.any() and not c for nod, c in zip(nods, counts)):
+        log.warning("%s: the model grid (preprocess.size x spacing_mm) holds %.0f %% of the lungs and %d of %d nodules "
+                    "(a nodule outside it, or covering under preprocess.nodule_fraction of every voxel, is not in the "
+                    "layout)", case_id, 100 * kept, sum(c > 0 for c in counts), len(nods))  # fmt: skip
 
     out_dir = Path(out_dir)
     write_volume(out_dir / "ct.nii.gz", np.round(ct).astype(np.int16), model)

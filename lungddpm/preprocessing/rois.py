@@ -219,6 +219,12 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
             log.warning("%s: ROI %s crosses the scan's edge: %d voxels padded with %.0f HU", case, name, padded,
                         src.padding_hu)  # fmt: skip
         roi = cut_roi(src, geometry, s)
+        shell = roi["layout"] == NODULE
+        shell[1:-1, 1:-1, 1:-1] = False
+        if info["kind"] == "nodule" and shell.any():  # a nodule larger than the ROI (or jittered to its face)
+            log.warning("%s: ROI %s has %d nodule voxels on its faces (its %s mm nodule or a neighbour, cut by the "
+                        "%.1f mm ROI); for whole nodules raise lesion.roi.size or lower nodule_jitter_mm", case, name,
+                        shell.sum(), info["diameter_mm"], s.size * s.spacing_mm)  # fmt: skip
         files = {key: out_dir / f"{name}_{key}.nii.gz" for key in ("ct", "layout", "texture")}
         for key, path in files.items():
             write_volume(path, roi[key], geometry)

@@ -370,3 +370,24 @@ def test_export_writes_lung_ddpm_labels(tmp_path: Path) -> None:
     export_case(_series(hu), lung, scan_nodules, tmp_path / "CT/x.nii.gz", tmp_path / "SEG/x.nii.gz")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "SEG/x.nii.gz")))
     assert np.array_equal(labels, _labels(hu.shape))
+
+
+def test_a_model_grid_that_cuts_the_lungs_or_a_nodule_off_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model grid is centred on the lungs; where it is smaller than they are, what falls outside (here most of
+    a 100 mm chest and its one nodule, near the top) is not in the layout: a warning says how much."""
+    hu = _chest(40)
+    labels = np.where(hu == -850, 1, 0).astype(np.uint8)
+    labels[2:5, 50:56, 30:36] = 2
+    for folder, volume in (("CT", hu), ("SEG", labels)):
+        write_image(tmp_path / folder / "case0.nii.gz", volume, _series(hu))
+    images = {"ct_dir": str(tmp_path / "CT"), "label_dir": str(tmp_path / "SEG")}
+    small = {"size": [16, 16, 16], "spacing_mm": [2.0, 2.0, 2.0]}
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": images}, "preprocess": small,
+                                            "layout": {"min_lung_ml": 1}}))  # fmt: skip
+    caplog.set_level("WARNING", logger="lungddpm.preprocessing.grid")
+    preprocess_case("case0", tmp_path / "out", cfg)
+    kept = re.search(r"case0: the model grid \(preprocess.size x spacing_mm\) holds (\d+) % of the lungs and 0 of 1 "
+                     r"nodules", caplog.text)  # fmt: skip
+    assert kept and 8 < int(kept.group(1)) < 16, caplog.text  # a 32 mm cube of the 100 x 56 x 45 mm lungs: 12 %

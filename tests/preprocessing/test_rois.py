@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,3 +127,17 @@ def test_nodule_free_rois_keep_an_interpolation_step_off_a_nodule_of_thick_slice
     assert not rois.in_boxes(new[None], rois.free_site_boxes(src, s))[0]
     roi = rois.cut_roi(src, s.geometry(new), s)
     assert not (roi["layout"] == 2).any() and roi["ct"].max() < -700
+
+
+def test_a_nodule_cut_by_its_roi_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An 8 mm nodule in an 8 mm ROI reaches its faces: the ROI is written, and a warning says how many of its
+    nodule voxels lie on the faces; centred in a 16 mm ROI it says nothing."""
+    from support import labelled_source_ct
+
+    caplog.set_level("WARNING", logger="lungddpm.preprocessing.rois")
+    rois.extract_rois(labelled_source_ct(), roi_settings(size=16, nodule_jitter_mm=0.0, free_per_case=0), tmp_path)
+    assert "on its faces" not in caplog.text
+    rows = rois.extract_rois(labelled_source_ct(), roi_settings(size=8, free_per_case=0), tmp_path / "small")
+    assert [r["roi"] for r in rows] == ["LIDC-IDRI-0001_n1_0"]
+    assert re.search(r"LIDC-IDRI-0001_n1_0 has \d+ nodule voxels on its faces \(its \d.\d+ mm nodule or a neighbour, "
+                     r"cut by the 8.0 mm ROI\); for whole nodules raise lesion.roi.size", caplog.text)  # fmt: skip
