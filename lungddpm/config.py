@@ -127,8 +127,9 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
 
 def canonical(value: Any, reference: Any) -> Any:
     """``value`` with every mapping's keys in ``reference``'s order (keys it lacks after them, sorted), recursively;
-    list items against the reference's item at their index (else its first). Snakemake compares a rule's params by
-    their ``repr``, so without this a config file with the same values in another key order reruns every job."""
+    list items against the reference's item at their index (else its first); a number as an int or a float as the
+    reference has it (where that keeps its value). Snakemake compares a rule's params by their ``repr``, so without
+    this a config file with the same values in another key order, or ``-400.0`` for ``-400``, reruns every job."""
     if isinstance(value, Mapping):
         ref = reference if isinstance(reference, Mapping) else {}
         keys = [k for k in ref if k in value] + sorted((k for k in value if k not in ref), key=str)
@@ -136,7 +137,16 @@ def canonical(value: Any, reference: Any) -> Any:
     if isinstance(value, list):
         ref = reference if isinstance(reference, list) else []
         return [canonical(v, ref[i] if i < len(ref) else (ref[0] if ref else None)) for i, v in enumerate(value)]
+    if _is_number(value) and _is_number(reference):  # -400 and -400.0 are one value: written as the reference is
+        if isinstance(reference, int) and float(value).is_integer():
+            return int(value)
+        if isinstance(reference, float):
+            return float(value)
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def key_order_reference(path: str | Path, fallback: dict[str, Any]) -> dict[str, Any]:

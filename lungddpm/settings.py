@@ -44,6 +44,16 @@ def model_weight_settings(model: Mapping[str, Any]) -> dict[str, Any]:
     return {k: held.get(k, v) for k, v in model.items()}
 
 
+def case_data_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` keys that shape a case's own outputs (preprocessing, ROIs, lesion items): not which cases there
+    are (``cases``, ``demo.n_scans``: a case's files are the inputs of its jobs) nor where the LIDC download lies
+    (``dicom_root``), so that adding a case or moving the download reruns no other case."""
+    out = {k: v for k, v in data.items() if k not in ("cases", "dicom_root")}
+    if isinstance(out.get("demo"), Mapping):
+        out["demo"] = {k: v for k, v in out["demo"].items() if k != "n_scans"}
+    return out
+
+
 # keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
 LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing", "nodule_fraction": 0.5, "ema_every": 1,
                                   "ema_start": 0}  # fmt: skip

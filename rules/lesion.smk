@@ -10,7 +10,7 @@ rule rois:
     output:
         table=report("results/rois/{case}/rois.csv", category="Lesion scale", subcategory="ROIs", caption="../report/rois.rst"),
     params:
-        settings={**settings("data", "preprocess"), "roi": config["lesion"]["roi"]},
+        settings={**settings("data", "preprocess", case=True), "roi": config["lesion"]["roi"]},
         **output_version("rois"),
     priority: 10
     log:
@@ -63,7 +63,7 @@ rule synthesize_lesion:
         manifest="results/synthetic/lesion/shard_{shard}.json",
     params:
         shard_items=lesion_shard_items,
-        settings={**settings("data", "preprocess"), **lesion_settings("insert", "sample")},  # the window: the checkpoint's
+        settings={**settings("data", "preprocess", case=True), **lesion_settings("insert", "sample")},  # the window: the checkpoint's
         **output_version("synthesize_lesion"),
     priority: 10
     log:

@@ -8,7 +8,7 @@ rule preprocess:
         lung_fine="results/preprocessed/{case}/lung_fine.nii.gz",
         meta="results/preprocessed/{case}/meta.json",
     params:
-        settings=settings("data", "preprocess", "lungmask"),
+        settings=settings("data", "preprocess", "lungmask", case=True),
         **output_version("preprocess"),
     log:
         "logs/preprocess/{case}.log",

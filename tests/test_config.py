@@ -17,7 +17,7 @@ from lungddpm.config import (
     validate_config,
 )
 from lungddpm.errors import ConfigError
-from lungddpm.settings import lesion_training_settings, weight_settings, without_later_defaults
+from lungddpm.settings import case_data_settings, lesion_training_settings, weight_settings, without_later_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,6 +297,14 @@ def test_canonical_order_follows_the_shipped_config_whatever_a_files_order() -> 
     assert [list(a) for a in arms] == [list(shipped["segmentation"]["arms"][0])] * 2  # items against the first
     extra = canonical({"z": 1, "b": {"y": 2, "x": 3}, "a": 4}, {"b": {}, "a": 0})
     assert repr(extra) == repr({"b": {"x": 3, "y": 2}, "a": 4, "z": 1})  # unknown keys after, sorted
+    # the same number as an int or a float: written as the shipped file has it (it was -400 there, -400.0 here)
+    retyped = validate_config({"lungmask": {"threshold_hu": -400.0}, "preprocess": {"spacing_mm": [10, 10, 10]}})
+    assert repr(retyped["lungmask"]["threshold_hu"]) == "-400.0" and shipped["lungmask"]["threshold_hu"] == -400
+    same = canonical(retyped, shipped)
+    assert repr(same["lungmask"]) == repr(shipped["lungmask"]) and repr(same["preprocess"]) == repr(
+        shipped["preprocess"]
+    )
+    assert canonical({"a": [2.5, True, 3.0]}, {"a": [1]}) == {"a": [2.5, True, 3]}  # a value kept, bools left alone
 
 
 def test_the_key_order_reference_needs_no_valid_shipped_file(tmp_path: Path) -> None:
@@ -343,3 +351,15 @@ def test_lesion_training_settings_follow_the_merged_lesion_view_only() -> None:
     assert _lesion_training({"lesion": {"roi": {"size": 16}}})["preprocess"]["size"] == [16, 16, 16]
     assert base["model"]["model_channels"] == 16 and "init_from" not in base["model"]
     assert _lesion_training({"lesion": {"model": {"use_checkpoint": True}}}) == base  # memory for time, not weights
+
+
+def test_a_cases_rules_see_how_a_case_is_made_not_which_cases_or_where_they_lie() -> None:
+    """preprocess / rois / the lesion run's params: adding a case (data.cases, demo.n_scans) or moving the LIDC
+    download (dicom_root) changes no other case's; the consensus level, readers or a phantom setting do."""
+    data = validate_config({"data": {"source": "lidc", "dicom_root": "/a", "cases": ["LIDC-IDRI-0001"]}})["data"]
+    base = case_data_settings(data)
+    assert case_data_settings({**data, "dicom_root": "/b", "cases": ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]}) == base
+    assert case_data_settings({**data, "demo": {**data["demo"], "n_scans": 40}}) == base
+    assert case_data_settings({**data, "consensus_level": 0.25}) != base
+    assert case_data_settings({**data, "demo": {**data["demo"], "noise_hu": 1.0}}) != base
+    assert set(data) - set(base) == {"cases", "dicom_root"}
