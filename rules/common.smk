@@ -37,6 +37,7 @@ N_SHARDS = config["sample"]["shards"]
 LESION = config["lesion"]["enabled"]
 LESION_CFG = lesion_config(CFG)  # validates lesion.model / lesion.train at parse time
 LESION_CHECKPOINT = f"results/models/lesion/{LESION_CFG.train.name}/checkpoint.pt"
+LESION_GPU = min(LESION_CFG.train.gpus, 1)  # the lesion jobs' GPU: lesion.train.gpus, else train.gpus (at most 1)
 LESION_SHARDS = config["lesion"]["sample"]["shards"]
 # the image-quality floor and reference must both be possible before any job runs (raises naming the fix)
 real_halves(

@@ -49,7 +49,7 @@ rule train_lesion:
     threads: workflow.cores
     resources:
         mem_mb=6000,
-        gpu=min(config["train"]["gpus"], 1),
+        gpu=LESION_GPU,
     conda:
         "../envs/lungddpm.yaml"
     script:
@@ -73,7 +73,7 @@ rule synthesize_lesion:
     threads: max(1, workflow.cores // config["lesion"]["sample"]["shards"])
     resources:
         mem_mb=4000,
-        gpu=min(config["train"]["gpus"], 1),
+        gpu=LESION_GPU,
     conda:
         "../envs/lungddpm.yaml"
     script:
@@ -98,7 +98,7 @@ rule lesion_texture:
     threads: workflow.cores
     resources:
         mem_mb=4000,
-        gpu=min(config["train"]["gpus"], 1),  # it inpaints: the GPU when the models have one
+        gpu=LESION_GPU,  # it inpaints: the GPU when the models have one
     conda:
         "../envs/lungddpm.yaml"
     script:

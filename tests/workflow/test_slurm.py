@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, make_workdir, snakemake
 
 from lungddpm.config import validate_config
 from lungddpm.diffusion.jobs import job_gpus, launch, launch_training, torchrun_command, train_processes
@@ -172,3 +172,13 @@ def test_train_rule_launches_one_rank_per_gpu_of_its_job(
     assert launched[0][0]["threads"] == 8 and launched[0][0]["state_dir"] == job.params.state_dir
     if ranks > 1:
         assert f"--nproc_per_node={ranks}" in torchrun_command(Path("job.json"), ranks)
+
+
+def test_the_lesion_jobs_request_the_lesion_models_gpu(tmp_path: Path) -> None:
+    """lesion.train.gpus: 1 gives train_lesion (and the lesion run) a GPU while the whole-volume model keeps
+    train.gpus 0 (before: the lesion jobs followed train.gpus alone)."""
+    work = make_workdir(tmp_path)
+    dry = snakemake(work, "-n", "--config", "lesion={train: {gpus: 1}}").stdout
+    resources = {rule: re.search(rf"\nrule {rule}:\n(?:    .*\n)*?    resources: (.*)", dry).group(1)
+                 for rule in ("train", "train_lesion")}  # fmt: skip
+    assert "gpu=1" in resources["train_lesion"] and "gpu=0" in resources["train"], resources
