@@ -140,7 +140,7 @@ def canonical(value: Any, reference: Any) -> Any:
     if _is_number(value) and _is_number(reference):  # -400 and -400.0 are one value: written as the reference is
         if isinstance(reference, int) and float(value).is_integer():
             return int(value)
-        if isinstance(reference, float):
+        if isinstance(reference, float) and float(value) == value:
             return float(value)
     return value
 

@@ -53,7 +53,7 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
         # flattened download) too, so that reading it names the mix
         if any(uid(f) == series_uid for f in dicom_files(folder)):
             return folder
-    unread = (p for p in patient_dir.rglob("*") if p.is_file() and p.suffix != ".dcm")
+    unread = (p for p in patient_dir.rglob("*") if p.is_file() and p.suffix != ".dcm" and not p.name.startswith("."))
     others = sorted(str(p.relative_to(patient_dir)) for p in unread if p.suffix.lower() in (".dcm", ".zip", ""))
     hint = f"; files not read (only *.dcm files are, unpacked): {others[:5]}" if others else ""
     raise DicomError(
@@ -153,8 +153,8 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):
             raise DicomError(
                 f"{f}: ImageOrientationPatient {orientation.tolist()} is not [1, 0, 0, 0, 1, 0] (axial, rows along "
-                "+x, columns along +y), which data.source lidc reads; a flipped or oblique series reads as a volume "
-                "through data.source: images (reoriented there)"
+                "+x, columns along +y), which data.source lidc reads; a flipped series reads as a volume through "
+                "data.source: images (reoriented there), an oblique one after resampling it onto axial"
             )
         if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
             raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")

@@ -167,6 +167,8 @@ def fingerprint(cfg: Config, data: str | None = None, stage: str = "train") -> d
 def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any], path: Path) -> list[str]:
     """What differs between a checkpoint's fingerprint and the expected one, in words; a checkpoint written before
     the data digest existed is not refused for lacking it (a warning says that its data cannot be checked)."""
+    if isinstance(found.get("model"), dict):  # written before NEUTRAL_AT_DEFAULT held its keys: held now
+        found = {**found, "model": model_weight_settings(found["model"])}
     if "data" in expected and "data" not in found:
         log.warning("%s: written before lungddpm compared the training data on resume; assuming they are the same",
                     path)  # fmt: skip

@@ -359,7 +359,7 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
     kept = float(lung.sum()) * float(np.prod(pc.spacing_mm)) / 1000 / seg.lung_ml  # the model grid's share of the lungs
     if kept < MIN_LUNG_KEPT or any(nod.mask.any() and not c for nod, c in zip(nods, counts)):
         log.warning("%s: the model grid (preprocess.size x spacing_mm) holds %.0f %% of the lungs and %d of %d nodules "
-                    "(a nodule outside it, or covering under preprocess.nodule_fraction of every voxel, is not in the "
+                    "(a nodule outside it, or overwritten by a later nodule in the same voxels, is not in the "
                     "layout)", case_id, 100 * kept, sum(c > 0 for c in counts), len(nods))  # fmt: skip
 
     out_dir = Path(out_dir)

@@ -119,13 +119,18 @@ def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.n
     return {"ct": np.round(ct).astype(np.int16), "layout": compose_layout(lung, labels), "texture": texture}
 
 
-def nodule_boxes(src: SourceCT, margin_mm: float | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """World (x, y, z) boxes of the consensus masks' voxel centres and ``src.avoid``, grown by ``margin_mm`` [3]."""
-    g, boxes = src.grid, []
+def nodule_boxes(src: SourceCT, margin_mm: float, reach: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (x, y, z) boxes of the consensus masks' voxel centres and ``src.avoid``, grown by ``margin_mm`` and,
+    where ``reach`` > 0, per side by the larger of ``reach`` and the native step beyond the box there (the pixel; in
+    z the step to the next slice, which a linear sample outside the box still reads)."""
+    g, z, boxes = src.grid, src.grid.z_positions, []
     for (k0, i0, j0), (nk, ni, nj) in [*((nod.offset, nod.mask.shape) for nod in src.nodules), *src.avoid]:
-        zs = g.z_positions[k0 : k0 + nk]
-        lo = np.array([g.x0 + j0 * g.col_spacing, g.y0 + i0 * g.row_spacing, zs[0]]) - margin_mm
-        hi = np.array([g.x0 + (j0 + nj - 1) * g.col_spacing, g.y0 + (i0 + ni - 1) * g.row_spacing, zs[-1]])
+        lo = np.array([g.x0 + j0 * g.col_spacing, g.y0 + i0 * g.row_spacing, z[k0]]) - margin_mm
+        hi = np.array([g.x0 + (j0 + nj - 1) * g.col_spacing, g.y0 + (i0 + ni - 1) * g.row_spacing, z[k0 + nk - 1]])
+        if reach:
+            dz = (z[k0] - z[k0 - 1] if k0 else 0.0), (z[k0 + nk] - z[k0 + nk - 1] if k0 + nk < len(z) else 0.0)
+            lo = lo - np.maximum(reach, [g.col_spacing, g.row_spacing, dz[0]])
+            hi = hi + np.maximum(reach, [g.col_spacing, g.row_spacing, dz[1]])
         boxes.append((lo, hi + margin_mm))
     return boxes
 
@@ -141,20 +146,15 @@ def deep_lung(src: SourceCT, min_depth_mm: float) -> np.ndarray:
     return np.argwhere(depth >= min_depth_mm)
 
 
-def free_site_boxes(src: SourceCT, s: RoiSettings) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The boxes a nodule-free ROI's centre keeps out of: :func:`nodule_boxes` grown so that the ROI's face voxels
-    lie a voxel, and one native step (their interpolation's reach: thick slices), off the nodules' voxel centres."""
-    step = np.array([src.grid.col_spacing, src.grid.row_spacing, np.diff(src.grid.z_positions).max(initial=0.0)])
-    return nodule_boxes(src, s.half_extent_mm + np.maximum(s.spacing_mm, step - s.spacing_mm / 2))
-
-
 def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: int = 4000) -> list[np.ndarray]:
     """Centres (x, y, z) of ``free_per_case`` nodule-free ROIs: at least ``site_min_depth_mm`` inside the fine
-    lung mask, the cube inside the scan, out of :func:`free_site_boxes` and away from each other."""
+    lung mask, the cube inside the scan, away from each other and from every nodule: its faces a voxel, and the
+    native step beyond the nodule (the reach of their anti-aliased linear samples: thick slices), off the nodule's
+    voxel centres (:func:`nodule_boxes` with ``reach``)."""
     if s.free_per_case == 0:
         return []
     cand, (lo, hi), half = deep_lung(src, s.site_min_depth_mm), src.bounds(), s.half_extent_mm
-    boxes = free_site_boxes(src, s)
+    boxes = nodule_boxes(src, half, reach=s.spacing_mm)
     chosen: list[np.ndarray] = []
     for _ in range(tries if cand.size else 0):
         c = src.fine.index_to_world(cand[int(rng.integers(len(cand)))][None])[0]

@@ -16,7 +16,7 @@ PER_ITEM_LIST = ("seed", "samples_per_layout", "eval_samples_per_layout")  # in 
 
 def sampling_what(section: dict[str, Any]) -> dict[str, Any]:
     """A ``sample`` / ``lesion.sample`` section without :data:`SAMPLING_HOW` and the keys left at a later-added
-    default (:func:`lungddpm.config.without_later_defaults`): what the sampling rules' params compare."""
+    default (:func:`lungddpm.settings.without_later_defaults`): what the sampling rules' params compare."""
     return without_later_defaults({k: v for k, v in section.items() if k not in SAMPLING_HOW})
 
 

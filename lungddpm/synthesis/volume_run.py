@@ -103,7 +103,7 @@ def item_settings(settings: dict[str, Any], item: Item, inputs_sha256: str) -> d
 
 def provenance_complete(files: dict[str, Path], settings: dict[str, Any]) -> bool:
     """All ``files`` exist and the provenance (``files['provenance']``, written last) agrees with ``settings``; a
-    :data:`~lungddpm.config.LATER_DEFAULTS` key that ``settings`` leaves out (it holds the default) must be absent
+    :data:`~lungddpm.settings.LATER_DEFAULTS` key that ``settings`` leaves out (it holds the default) must be absent
     from the provenance or hold the default too."""
     if not files["provenance"].is_file() or not all(p.is_file() for p in files.values()):
         return False

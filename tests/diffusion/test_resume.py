@@ -57,7 +57,13 @@ def test_activation_checkpointing_and_the_process_count_resume_a_training(tmp_pa
     neither changes the weights, so a training stopped at step 2 resumes with either switched (before: "trained
     with another network (model.*)", or a finished training refused), with the uninterrupted run's weights and
     model digest; a refusal names the key that differs, not the whole section."""
-    from lungddpm.diffusion.checkpoint import check_resume, fingerprint, fingerprint_differences, model_digest
+    from lungddpm.diffusion.checkpoint import (
+        check_resume,
+        fingerprint,
+        fingerprint_differences,
+        model_digest,
+        save_atomic,
+    )
 
     def cfg(use_checkpoint: bool = False, **train: object) -> Config:
         raw = copy.deepcopy(tiny_config(steps=4, checkpoint_every=2, **train).raw)
@@ -72,6 +78,9 @@ def test_activation_checkpointing_and_the_process_count_resume_a_training(tmp_pa
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and model_digest(a) == model_digest(b)
     finished = load_checkpoint(tmp_path / "sa/step_0000004.pt")
     check_resume(finished, cfg(processes=2), tmp_path / "sa")  # handed back as is, as with train.gpus
+    finished["fingerprint"]["model"]["use_checkpoint"] = True  # as the code before wrote it for such a run
+    save_atomic(finished, tmp_path / "sa/step_0000004.pt")
+    assert train(tiny_data(), cfg(use_checkpoint=True), tmp_path / "a", tmp_path / "sa").step == 4  # resumed
     with pytest.raises(LungDDPMError, match=r"with other train settings \(ema_every 1 then, 10 now\)"):
         check_resume(finished, cfg(ema_every=10), tmp_path / "sa")  # a key the checkpoint predates: its old value
     wider = copy.deepcopy(cfg().raw)

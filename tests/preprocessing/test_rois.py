@@ -111,22 +111,27 @@ def test_padded_voxels_are_those_resampling_pads_half_a_slice_beyond_the_end_sli
 
 
 def test_nodule_free_rois_keep_an_interpolation_step_off_a_nodule_of_thick_slices() -> None:
-    """Slices thicker than the ROI spacing: a face voxel interpolates from a slice one native step away, so a site
-    keeps that step off the nodule, not only a voxel. Just past the old margin (half + a voxel) an ROI at 0.5 mm
+    """Slices thicker than the ROI spacing: a face voxel samples the slices around it, so a site keeps the native
+    step beyond the nodule off it, not only a voxel. Just past the old margin (half + a voxel) an ROI at 0.5 mm
     beside an 8 mm nodule of 1.5 mm slices has nodule HU on its face, unlabelled: refused now; just past the new
-    margin it sees lung only."""
+    margin it sees lung only. The step is the one next to the nodule: a gap elsewhere in the series changes no box."""
     from support import labelled_source_ct
 
     src, s = labelled_source_ct(), roi_settings(spacing_mm=0.5)
+    half = s.half_extent_mm
     lo, hi = rois.nodule_boxes(src, 0.0)[0]
     x, y = (lo[:2] + hi[:2]) / 2
-    old, new = np.array([x, y, hi[2] + s.half_extent_mm + 0.5 + 0.05]), np.array([x, y, hi[2] + s.half_extent_mm + 1.3])
-    assert not rois.in_boxes(old[None], rois.nodule_boxes(src, s.half_extent_mm + s.spacing_mm))[0]  # accepted before
-    assert rois.in_boxes(old[None], rois.free_site_boxes(src, s))[0]
+    old, new = np.array([x, y, hi[2] + half + 0.5 + 0.05]), np.array([x, y, hi[2] + half + 1.5 + 0.05])
+    assert not rois.in_boxes(old[None], rois.nodule_boxes(src, half + s.spacing_mm))[0]  # accepted before
+    boxes = rois.nodule_boxes(src, half, reach=s.spacing_mm)
+    assert rois.in_boxes(old[None], boxes)[0] and not rois.in_boxes(new[None], boxes)[0]
     assert rois.cut_roi(src, s.geometry(old), s)["ct"].max() > -500  # what it would have held
-    assert not rois.in_boxes(new[None], rois.free_site_boxes(src, s))[0]
     roi = rois.cut_roi(src, s.geometry(new), s)
-    assert not (roi["layout"] == 2).any() and roi["ct"].max() < -700
+    assert not (roi["layout"] == 2).any() and roi["ct"].max() < -780
+    z = src.grid.z_positions.copy()
+    z[-1] += 40.0  # a 41.5 mm step at the top of the series, far from the nodule
+    far = rois.nodule_boxes(replace(src, grid=replace(src.grid, z_positions=z)), half, reach=s.spacing_mm)
+    assert np.array_equal(far[0][0], boxes[0][0]) and np.array_equal(far[0][1], boxes[0][1])
 
 
 def test_a_nodule_cut_by_its_roi_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
