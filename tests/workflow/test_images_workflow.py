@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import make_workdir, snakemake
+from conftest import CI_CONFIG, make_workdir, snakemake
 from scipy import ndimage as ndi
 
 from lungddpm.config import load_config
@@ -30,8 +30,14 @@ from lungddpm.preprocessing.layout import NODULE
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
 NORMAL = "CT-normal-0001"  # a nodule-free CT (LeFusion's "normal CT" case) as a DICOM series folder
 IMAGES = {"source": "images", "images": {"ct_dir": "data/LIDC-IDRI/CT", "label_dir": "data/LIDC-IDRI/SEG"}}
-# nnU-Net reads only the ROIs and preprocessed cases, whatever their source (the demo workflow runs it): off here
-EXTRA = {"data": IMAGES, "segmentation": {"enabled": False}}
+# nnU-Net reads only the ROIs and preprocessed cases, whatever their source (the demo workflow runs it): off here;
+# one shard per sampling run (the demo workflow runs two each), so fewer jobs start
+EXTRA = {
+    "data": IMAGES,
+    "segmentation": {"enabled": False},
+    "sample": {**CI_CONFIG["sample"], "shards": 1},
+    "lesion": {**CI_CONFIG["lesion"], "sample": {**CI_CONFIG["lesion"]["sample"], "shards": 1}},
+}
 
 
 def _demo_cases(demo_workflow: Path) -> list[str]:
