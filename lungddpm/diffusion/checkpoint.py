@@ -155,7 +155,7 @@ def fingerprint(cfg: Config, data: str | None = None, stage: str = "train") -> d
     the training data's :func:`lungddpm.diffusion.data.data_digest`. A diffusion key left at null is left out, so a
     training begun before the key existed (``snr_gamma``) still resumes; so is version 1."""
     out = {
-        "model": {k: v for k, v in model_weight_settings(cfg.raw["model"]).items() if k != "init_from"},
+        "model": {k: v for k, v in cfg.raw["model"].items() if k != "init_from"},  # init_from skips training
         "diffusion": set_keys(cfg.raw["diffusion"]),
         "size": list(cfg.preprocess.size),
         "hu_window": list(cfg.intensity.hu_window),
@@ -167,8 +167,9 @@ def fingerprint(cfg: Config, data: str | None = None, stage: str = "train") -> d
 def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any], path: Path) -> list[str]:
     """What differs between a checkpoint's fingerprint and the expected one, in words; a checkpoint written before
     the data digest existed is not refused for lacking it (a warning says that its data cannot be checked)."""
-    if isinstance(found.get("model"), dict):  # written before NEUTRAL_AT_DEFAULT held its keys: held now
-        found = {**found, "model": model_weight_settings(found["model"])}
+    # the network keys that change memory, not weights (NEUTRAL_AT_DEFAULT) are held on both sides
+    found, expected = ({**f, "model": model_weight_settings(f["model"])} if isinstance(f.get("model"), dict) else f
+                       for f in (found, expected))  # fmt: skip
     if "data" in expected and "data" not in found:
         log.warning("%s: written before lungddpm compared the training data on resume; assuming they are the same",
                     path)  # fmt: skip
