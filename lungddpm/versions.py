@@ -30,7 +30,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # the mediastinum no longer take it in, nor the trachea)
     "preprocess": 3,
     "layout": 1,
-    "rois": 2,  # 2: the labels as preprocess 2 (the same code)
+    # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
+    # (a 26 mm nodule in the demo's 40 mm ROI could be jittered onto a face)
+    "rois": 3,
     "train": 1,  # also in its resume fingerprint (train_lesion: its own number)
     "import_checkpoint": 1,
     "nodule_bank": 1,

@@ -49,7 +49,7 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
 
     cfg = config_from_mapping(job["config"])
     if job.get("scale") == "lesion":
-        from ..preprocessing.rois import load_roi_training_data
+        from ..preprocessing.roi_training import load_roi_training_data
 
         cfg = lesion_config(cfg)
         data = load_roi_training_data([Path(p) for p in job["train_cts"]], cfg)

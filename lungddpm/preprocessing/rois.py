@@ -21,11 +21,11 @@ from scipy import ndimage as ndi
 
 from ..config import Config
 from ..data.nodules import UNKNOWN, Nodule
-from ..diffusion.encoding import TEXTURE_CLASSES, UNKNOWN_TEXTURE, texture_class, texture_levels
+from ..diffusion.encoding import TEXTURE_CLASSES, UNKNOWN_TEXTURE, texture_class
 from ..errors import LayoutError
 from ..io import Geometry, read_csv, read_volume, safe_component, write_csv, write_volume
 from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels, resample, resample_regular
-from .layout import LUNG, NODULE, ball, check_labels, compose_layout, dilate_mm, face_border
+from .layout import NODULE, compose_layout
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,32 @@ def _jitter(rng: np.random.Generator, s: RoiSettings) -> np.ndarray:
     return rng.uniform(-s.nodule_jitter_mm, s.nodule_jitter_mm, size=3)
 
 
+def jittered_centre(
+    centroid: np.ndarray, box: tuple[np.ndarray, np.ndarray], jitter: np.ndarray, s: RoiSettings
+) -> tuple[np.ndarray, bool]:
+    """The centre (x, y, z) of a nodule's ROI: ``centroid`` moved by ``jitter`` (drawn uniform in +-nodule_jitter_mm),
+    per axis rescaled into the centres whose cube keeps the nodule's ``box`` (:func:`nodule_boxes` with ``reach``)
+    off its faces; where the box is longer than the cube, clipped to the centres whose cube lies within it. Returns
+    the centre and whether the whole box fits."""
+    half, j = s.half_extent_mm, s.nodule_jitter_mm
+    a_lo, a_hi = box[1] - half, box[0] + half  # the whole box inside the cube for centres in [a_lo, a_hi]
+    out = centroid + jitter
+    for a in range(3):
+        if a_lo[a] > a_hi[a]:  # a nodule longer than the cube on this axis: the cube within it
+            out[a] = min(max(out[a], a_hi[a]), a_lo[a])
+        elif not (a_lo[a] <= centroid[a] - j and centroid[a] + j <= a_hi[a]):
+            lo, hi = max(centroid[a] - j, a_lo[a]), min(centroid[a] + j, a_hi[a])
+            out[a] = lo + (jitter[a] + j) / (2 * j) * (hi - lo) if lo <= hi else min(max(centroid[a], a_lo[a]), a_hi[a])
+    return out, bool(np.all(a_lo <= a_hi))
+
+
 def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str, Any]]:
     """Write every ROI of ``src`` into ``out_dir`` and ``rois.csv`` (last); returns the table rows."""
     case = safe_component(src.case_id, "case id")
     rng = np.random.default_rng([s.seed, *case.encode()])
     lo, hi = src.bounds()
     plans: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]] = []
+    boxes = nodule_boxes(src, 0.0, reach=s.spacing_mm)  # src.nodules first, in order
     for n, nod in enumerate(src.nodules, start=1):
         if not nod.mask.any():
             log.warning("%s: nodule %d has an empty consensus mask; no ROI", case, n)
@@ -198,7 +218,16 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
             "malignancy": None if nod.malignancy == UNKNOWN else nod.malignancy,
         }
         for r in range(s.rois_per_nodule):
-            wanted = centroid + _jitter(rng, s)
+            wanted, fits = jittered_centre(centroid, boxes[n - 1], _jitter(rng, s), s)
+            if not fits and r == 0:
+                log.warning(
+                    "%s: nodule %d (%.1f mm) is longer than the %.1f mm ROI; its ROIs cut it (raise "
+                    "lesion.roi.size for whole nodules)",
+                    case,
+                    n,
+                    nod.diameter_mm,
+                    s.size * s.spacing_mm,
+                )
             centre = shift_inside(wanted, s.half_extent_mm, lo, hi)
             plans.append((f"{case}_n{n}_{r}", centre, centroid, info))
     for j, centre in enumerate(free_sites(src, s, rng)):
@@ -221,10 +250,10 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
         roi = cut_roi(src, geometry, s)
         shell = roi["layout"] == NODULE
         shell[1:-1, 1:-1, 1:-1] = False
-        if info["kind"] == "nodule" and shell.any():  # a nodule larger than the ROI (or jittered to its face)
-            log.warning("%s: ROI %s has %d nodule voxels on its faces (its %s mm nodule or a neighbour, cut by the "
-                        "%.1f mm ROI); for whole nodules raise lesion.roi.size or lower nodule_jitter_mm", case, name,
-                        shell.sum(), info["diameter_mm"], s.size * s.spacing_mm)  # fmt: skip
+        if info["kind"] == "nodule" and shell.any():  # a neighbour, or its nodule (too long, or at the scan's edge)
+            log.warning("%s: ROI %s has %d nodule voxels on its faces (a neighbour, or its %s mm nodule cut by the "
+                        "%.1f mm ROI or by the scan's edge)", case, name, shell.sum(), info["diameter_mm"],
+                        s.size * s.spacing_mm)  # fmt: skip
         files = {key: out_dir / f"{name}_{key}.nii.gz" for key in ("ct", "layout", "texture")}
         for key, path in files.items():
             write_volume(path, roi[key], geometry)
@@ -296,104 +325,3 @@ def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], n
                 mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
             if mask.any():
                 yield row, ct, geometry, own_nodule(mask, geometry, row)
-
-
-def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float], name: str) -> np.ndarray:
-    """Network layout channels of an ROI: [2, D, H, W], the nodule channel at its nodules' texture levels."""
-    from ..diffusion.encoding import layout_to_channels
-
-    lut = np.array([1.0, *levels], np.float32)  # texture map 0 (no class known) -> "any texture"
-    return layout_to_channels(layout, name, lut[texture])
-
-
-def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:
-    """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm``, 1 elsewhere."""
-    r = max(0, round(margin_mm / spacing_mm))
-    nod = layout == NODULE
-    if r and nod.any():
-        nod = ndi.binary_dilation(nod, structure=ball(r))
-    return (1.0 + weight * nod).astype(np.float32)
-
-
-def generated_region(
-    layout: np.ndarray, spacing_mm: float, margin_mm: float, free_diameter_mm: Sequence[float], seed: int
-) -> np.ndarray:
-    """Where a context model (``model.context``) learns to generate in an ROI, as insertion generates: its nodules
-    dilated by ``margin_mm`` (:func:`~lungddpm.preprocessing.layout.dilate_mm`, as insertion does); in a
-    nodule-free ROI a ball of a seeded diameter in ``free_diameter_mm`` at a lung voxel at least its radius deep
-    (the deepest one if none is) and off the faces as insertion's (``face_border``), dilated the same way.
-    layout [n, n, n] -> bool [n, n, n]."""
-    region = layout == NODULE
-    if not region.any():
-        rng = np.random.default_rng(seed)
-        radius = rng.uniform(*free_diameter_mm) / 2.0 / spacing_mm
-        b = face_border(margin_mm, spacing_mm) + int(np.floor(radius + 1e-9))  # the ball's least centre index
-        depth, inner = ndi.distance_transform_edt(layout == LUNG), np.zeros(layout.shape, bool)
-        inner[tuple(slice(b, n - b) for n in layout.shape)] = True
-        depth = np.where(inner, depth, -1.0) if inner.any() else depth  # an ROI too small for the border: anywhere
-        deep = np.argwhere(depth >= radius)
-        centre = deep[rng.integers(len(deep))] if len(deep) else np.unravel_index(np.argmax(depth), depth.shape)
-        zz, yy, xx = np.ogrid[: layout.shape[0], : layout.shape[1], : layout.shape[2]]
-        region = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2 + 1e-9
-    return dilate_mm(region, margin_mm, spacing_mm)
-
-
-def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
-    """Every ROI of ``tables`` as :class:`lungddpm.diffusion.data.TrainData` for the lesion model ``cfg``
-    (:func:`lungddpm.config.lesion_config`): images [N, 1, n, n, n] in [-1, 1], layouts [N, 2, n, n, n] with
-    texture levels (a context model: [N, 4, n, n, n], the known ROI and keep mask of :func:`generated_region`
-    appended), and loss weights when ``train.focus_weight`` > 0 or the model has context (then 1 + focus inside
-    the generated region, ``train.context_outside_weight`` outside)."""
-    import zlib
-
-    import torch
-
-    from ..diffusion.data import TrainData
-    from ..diffusion.encoding import context_channels, hu_to_model
-
-    levels = texture_levels(cfg.raw["lesion"]["texture_hu"], cfg.intensity.hu_window)
-    spacing = float(cfg.raw["lesion"]["roi"]["spacing_mm"])
-    context, tc = bool(cfg.model.get("context")), cfg.train
-    margin = float(cfg.raw["lesion"]["insert"]["margin_mm"])  # context: insertion's generated region
-    images, layouts, weights, ids, groups = [], [], [], [], []
-    for table in tables:
-        for row in read_roi_table(Path(table)):
-            folder = Path(table).parent
-            ct, _geometry = read_volume(folder / row["ct"])
-            layout, _ = read_volume(folder / row["layout"])
-            texture, _ = read_volume(folder / row["texture_map"])
-            if ct.shape != (cfg.preprocess.size[0],) * 3:
-                raise LayoutError(
-                    f"{folder / row['ct']}: ROI grid {ct.shape} is not lesion.roi.size {cfg.preprocess.size}; rerun "
-                    "the rois rule"
-                )
-            check_labels(layout, str(folder / row["layout"]))
-            image = hu_to_model(ct, cfg.intensity.hu_window)
-            images.append(image[None])
-            channels = roi_channels(layout, texture, levels, row["roi"])
-            weight = focus_weights(layout, spacing, tc.focus_weight, tc.focus_margin_mm) if tc.focus_weight else None
-            if context:
-                seed = int(np.random.SeedSequence([tc.seed, zlib.crc32(row["roi"].encode())]).generate_state(1)[0])
-                region = generated_region(layout, spacing, margin, tc.context_free_diameter_mm, seed)
-                channels = np.concatenate([channels, context_channels(image, ~region)])
-                inside = weight if weight is not None else np.ones(layout.shape, np.float32)
-                weight = np.where(region, inside, np.float32(tc.context_outside_weight)).astype(np.float32)
-            layouts.append(channels)
-            if weight is not None:
-                weights.append(weight[None])
-            ids.append(row["roi"])
-            groups.append(row["texture_class"] or "free")
-    if not ids:
-        raise LayoutError(f"no ROIs in {[str(t) for t in tables]}: the train split has no ROI; check lesion.roi")
-    if all(g == "free" for g in groups):
-        raise LayoutError(
-            f"{len(ids)} ROIs in {len(tables)} table(s) and no nodule among them: the train split has no labelled "
-            "nodule to learn nodule appearance from; label nodules in some train CTs or set lesion.enabled: false"
-        )
-    return TrainData(
-        torch.from_numpy(np.stack(images)),
-        torch.from_numpy(np.stack(layouts)),
-        tuple(ids),
-        torch.from_numpy(np.stack(weights)) if weights else None,
-        tuple(groups),
-    )

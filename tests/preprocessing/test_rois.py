@@ -13,7 +13,7 @@ from support import lidc_config, roi_settings, source_ct, tiny_config
 from lungddpm.data import lidc, sources
 from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.nodules import Nodule
-from lungddpm.io import write_volume
+from lungddpm.io import read_volume, write_volume
 from lungddpm.preprocessing import rois
 from lungddpm.preprocessing.rois import free_sites, load_source
 
@@ -135,14 +135,61 @@ def test_nodule_free_rois_keep_an_interpolation_step_off_a_nodule_of_thick_slice
 
 
 def test_a_nodule_cut_by_its_roi_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """An 8 mm nodule in an 8 mm ROI reaches its faces: the ROI is written, and a warning says how many of its
-    nodule voxels lie on the faces; centred in a 16 mm ROI it says nothing."""
+    """An 8 mm nodule in an 8 mm ROI reaches its faces: the ROI is written, and warnings say that the nodule is
+    longer than the ROI and how many of its voxels lie on the faces; centred in a 16 mm ROI it says nothing."""
     from support import labelled_source_ct
 
     caplog.set_level("WARNING", logger="lungddpm.preprocessing.rois")
     rois.extract_rois(labelled_source_ct(), roi_settings(size=16, nodule_jitter_mm=0.0, free_per_case=0), tmp_path)
-    assert "on its faces" not in caplog.text
+    assert "on its faces" not in caplog.text and "longer than" not in caplog.text
     rows = rois.extract_rois(labelled_source_ct(), roi_settings(size=8, free_per_case=0), tmp_path / "small")
     assert [r["roi"] for r in rows] == ["LIDC-IDRI-0001_n1_0"]
-    assert re.search(r"LIDC-IDRI-0001_n1_0 has \d+ nodule voxels on its faces \(its \d.\d+ mm nodule or a neighbour, "
-                     r"cut by the 8.0 mm ROI\); for whole nodules raise lesion.roi.size", caplog.text)  # fmt: skip
+    assert re.search(r"nodule 1 \(\d.\d mm\) is longer than the 8.0 mm ROI; its ROIs cut it", caplog.text)
+    assert re.search(r"LIDC-IDRI-0001_n1_0 has \d+ nodule voxels on its faces \(a neighbour, or its \d.\d+ mm nodule "
+                     r"cut by the 8.0 mm ROI or by the scan's edge\)", caplog.text)  # fmt: skip
+
+
+def test_the_jitter_keeps_a_nodule_that_fits_whole_and_still_moves_it(tmp_path: Path) -> None:
+    """A 6 mm jitter could put the 8 mm nodule on a 15 mm ROI's faces (the old uniform draw did, in 5 of 12 ROIs):
+    each draw is rescaled, per axis, into the centres whose cube keeps the nodule and the reach of its samples off
+    the faces, so no ROI cuts it, the centres still spread, and each offset stays within the jitter. A jitter that
+    cannot reach the faces leaves the draw as it was (centroid + the same seeded uniform offset)."""
+    from support import labelled_source_ct
+
+    src = labelled_source_ct()
+    s = roi_settings(size=16, nodule_jitter_mm=6.0, rois_per_nodule=12, free_per_case=0)
+    rows = rois.extract_rois(src, s, tmp_path)
+    for r in rows:
+        layout = read_volume(tmp_path / r["layout"])[0] == 2
+        inner = layout[1:-1, 1:-1, 1:-1].sum()
+        assert layout.sum() == inner > 0, r["roi"]  # nothing of the nodule on a face
+    offsets = np.array([[r[f"offset_{a}"] for a in "xyz"] for r in rows])
+    assert np.all(np.abs(offsets) <= 6.0 + 1e-3) and np.all(offsets.std(axis=0) > 1.0)
+    centroid = np.array([rows[0][f"nodule_{a}"] for a in "xyz"])
+    rng = np.random.default_rng([0, *b"LIDC-IDRI-0001"])
+    old = [centroid + rng.uniform(-6.0, 6.0, 3) for _ in range(12)]
+    cut = 0
+    for c in old:
+        roi = rois.cut_roi(src, s.geometry(c), s)["layout"] == 2
+        cut += roi.sum() > roi[1:-1, 1:-1, 1:-1].sum()
+    assert cut >= 3  # the old draw cut the nodule
+    small = roi_settings(size=16, nodule_jitter_mm=1.0, rois_per_nodule=3, free_per_case=0)
+    rows = rois.extract_rois(src, small, tmp_path / "small")
+    rng = np.random.default_rng([0, *b"LIDC-IDRI-0001"])
+    for r in rows:
+        expected = centroid + rng.uniform(-1.0, 1.0, 3)
+        assert np.allclose([r[f"centre_{a}"] for a in "xyz"], expected, atol=1e-3)
+
+
+def test_a_nodule_longer_than_the_roi_is_cut_evenly_by_a_cube_within_it() -> None:
+    """On an axis where the nodule's box is longer than the cube, the centre is clipped to the centres whose cube
+    lies within the box (both sides cut, never one side left empty); the other axes still keep it whole."""
+    s = roi_settings(size=11, spacing_mm=1.0, nodule_jitter_mm=4.0)  # half 5 mm
+    box = (np.array([-3.0, -3.0, -20.0]), np.array([3.0, 3.0, 20.0]))  # 6 x 6 x 40 mm
+    for jitter in ([4.0, -4.0, 4.0], [-4.0, 4.0, -4.0], [0.0, 0.0, 0.0]):
+        centre, fits = rois.jittered_centre(np.zeros(3), box, np.array(jitter), s)
+        assert not fits
+        assert -2.0 <= centre[0] <= 2.0 and -2.0 <= centre[1] <= 2.0  # x, y: the 6 mm kept whole in the 10 mm cube
+        assert -15.0 <= centre[2] <= 15.0 and centre[2] == pytest.approx(jitter[2])  # z: the cube within the 40 mm
+    centre, fits = rois.jittered_centre(np.zeros(3), (np.full(3, -3.0), np.full(3, 3.0)), np.full(3, 4.0), s)
+    assert fits and np.allclose(centre, 2.0)  # each axis: [-2, 2] mm of centres keep it; the draw at its top

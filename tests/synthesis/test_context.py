@@ -15,7 +15,8 @@ from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import ConfigError
 from lungddpm.preprocessing.layout import LUNG, NODULE, ball
-from lungddpm.preprocessing.rois import extract_rois, generated_region, load_roi_training_data
+from lungddpm.preprocessing.roi_training import generated_region, load_roi_training_data
+from lungddpm.preprocessing.rois import extract_rois
 from lungddpm.synthesis.lesion import inpaint, place
 
 WINDOW = (-1000.0, 400.0)

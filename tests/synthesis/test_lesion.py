@@ -13,7 +13,8 @@ from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import LayoutError
 from lungddpm.preprocessing.layout import LUNG, NODULE, face_border
-from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, focus_weights, shift_inside
+from lungddpm.preprocessing.roi_training import focus_weights
+from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, shift_inside
 from lungddpm.synthesis.layout_edit import place_at
 from lungddpm.synthesis.lesion import Site, inpaint, place
 from lungddpm.synthesis.paste import (
@@ -406,7 +407,8 @@ def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provena
 def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:
     from dataclasses import replace
 
-    from lungddpm.preprocessing.rois import load_roi_training_data, real_nodule_rois
+    from lungddpm.preprocessing.roi_training import load_roi_training_data
+    from lungddpm.preprocessing.rois import real_nodule_rois
 
     labelled = labelled_source_ct()  # a 8 mm label-map nodule
     src = replace(labelled, nodules=[])
