@@ -111,6 +111,10 @@ def _grid_problems(config: Mapping[str, Any]) -> list[str]:
                 f"{key}: {value} is not a multiple of {step} (the UNet halves its grid {len(mult) - 1} times: "
                 f"{section}.channel_mult {list(mult)}); choose a size divisible by {step} or fewer levels"
             )
+    window = (config.get("metrics") or {}).get("ssim_window")
+    if window and min(int(s) for s in config["preprocess"]["size"]) < int(window):
+        out.append(f"metrics.ssim_window: {window} voxels is larger than the grid preprocess.size "
+                   f"{list(config['preprocess']['size'])}; lower metrics.ssim_window")  # fmt: skip
     return out
 
 

@@ -45,7 +45,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "report": 2,  # 2: the reading rule against the real-vs-real interval
     # 2: with real_fraction < 1, synthetic cases only from those built on the real data the arm sees (the others
     # brought a left-out real CT or nodule-free ROI back); arms whose cases do not change reuse their trainings
-    "segment_prepare": 2,
+    # 3: a fraction x count that is an exact half rounds up as documented (0.29 x 50 -> 15; the float product fell
+    # below 14.5 and gave 14); the demo's arms are unchanged
+    "segment_prepare": 3,
     "segment_train": 1,
     # 2: ground-truth nodules 26-connected, as the predictions; 3: a nodule smaller than min_overlap_voxels is found
     # by a component covering all of it, a nodule ROI detects its own nodule only (a neighbour in it was counted

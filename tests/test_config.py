@@ -162,6 +162,10 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         validate_config({"lesion": {"roi": {"size": 30}, "model": {"channel_mult": [1, 2, 4]}}})
     # an imported network brings its own grid: preprocess.size is resampled to it, so any size goes
     validate_config({"preprocess": {"size": [31, 32, 32]}, "model": {"init_from": "released.pt"}})
+    with pytest.raises(ConfigError, match=r"metrics.ssim_window: 9 voxels is larger than the grid preprocess.size "
+                       r"\[8, 16, 16\]; lower metrics.ssim_window"):  # fmt: skip
+        validate_config({"preprocess": {"size": [8, 16, 16]}, "model": {"channel_mult": [1, 2]},
+                         "metrics": {"ssim_window": 9}})  # fmt: skip
 
 
 @pytest.mark.parametrize(

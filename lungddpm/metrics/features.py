@@ -241,12 +241,15 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, volume_hu: np.ndarray, geometry: Geometry, region: np.ndarray | None = None) -> np.ndarray:
-        """volume_hu: [Z, Y, X] HU (optionally restricted to ``region``) → feature vector [dim] float64."""
+        """volume_hu: [Z, Y, X] HU (optionally restricted to ``region``) → feature vector [dim] float64. Full fp32
+        convolutions on a GPU too (cuDNN's default TF32 keeps 10 mantissa bits), so that features cached on one
+        device and computed on another compare."""
         device = next(self.net.parameters()).device
         x = self.prep(volume_hu, geometry, region).to(device)
         if self.kind == "astra":
             x = x.expand(-1, 3, -1, -1, -1)  # the inflated RGB stem sees the CT three times
-        return self.net(x)[0].double().cpu().numpy()
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return self.net(x)[0].double().cpu().numpy()
 
 
 def astra_weights() -> Path:

@@ -145,6 +145,11 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
                 f"{p.synthetic.image} and {p.real.image} are not on the same grid; pair each synthetic volume with "
                 "the real case it was sampled for"
             )
+        if min(real.shape) < settings["ssim_window"]:
+            raise MetricsError(
+                f"{p.real.image}: grid {real.shape} is smaller than the {settings['ssim_window']}-voxel SSIM window; "
+                "lower metrics.ssim_window"
+            )
         real, syn = real.astype(np.float32), syn.astype(np.float32)
         labels = None
         label_path = p.synthetic.labels or p.real.labels

@@ -65,11 +65,14 @@ def real_halves(
     floor_groups = set(firsts + rest[: max(0, n_floor - len(firsts))])
     floor = [v for g in names if g in floor_groups for v in by_group[g]]
     reference = [v for g in names if g not in floor_groups for v in by_group[g]]
-    if len({group.get(v.name, v.name) for v in reference}) < 2 or len(floor) < 2:
+    n_ref = len({group.get(v.name, v.name) for v in reference})
+    if n_ref < 2 or len(floor) < 2:
         raise MetricsError(
-            f"{len(names)} real patients, {len(firsts)} of them sources of synthetic volumes: the floor ({len(floor)}) "
-            f"and the reference ({len(reference)}) need >= 2 volumes each, and the reference only patients that no "
-            "synthetic volume was sampled from; add real cases (demo: data.demo.n_scans >= 4)"
+            f"{len(names)} real patients, {len(firsts)} of them sources of synthetic volumes (always in the floor): "
+            f"the floor has {len(floor)} volume(s) of {len(floor_groups)} patient(s), the reference {len(reference)} "
+            f"of {n_ref}; the floor needs >= 2 volumes and the reference >= 2 patients. metrics.floor_fraction "
+            f"(now {floor_fraction}) sets the floor's share of the patients: change it, or add real cases (demo: "
+            "data.demo.n_scans >= 4)"
         )
     return floor, reference
 

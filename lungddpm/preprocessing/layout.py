@@ -53,9 +53,14 @@ def read_case_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.nda
     ct, geometry = read_volume(ct_path)
     layout, lay_geometry = read_volume(layout_path)
     if layout.shape != ct.shape or not lay_geometry.same_grid(geometry):
+
+        def grid(shape: tuple[int, ...], g: Geometry) -> str:
+            return f"{shape} at {g.spacing} mm, origin {g.origin}, direction {g.direction}"
+
         raise LayoutError(
-            f"{layout_path}: grid {layout.shape} at {lay_geometry.spacing} mm differs from its reference CT "
-            f"{ct_path} {ct.shape} at {geometry.spacing} mm; rerun the layout stage for this case"
+            f"{layout_path}: grid {grid(layout.shape, lay_geometry)} differs from its CT {ct_path}: "
+            f"{grid(ct.shape, geometry)}; rerun the stage that wrote them (layout for a real case; sample or "
+            "synthesize_lesion for a synthetic item)"
         )
     check_labels(layout, str(layout_path))
     return ct, layout.astype(np.uint8), geometry

@@ -220,14 +220,10 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
         for r in range(s.rois_per_nodule):
             wanted, fits = jittered_centre(centroid, boxes[n - 1], _jitter(rng, s), s)
             if not fits and r == 0:
-                log.warning(
-                    "%s: nodule %d (%.1f mm) is longer than the %.1f mm ROI; its ROIs cut it (raise "
-                    "lesion.roi.size for whole nodules)",
-                    case,
-                    n,
-                    nod.diameter_mm,
-                    s.size * s.spacing_mm,
-                )
+                reach = " x ".join(f"{v:.1f}" for v in boxes[n - 1][1] - boxes[n - 1][0])
+                log.warning("%s: nodule %d (%.1f mm across; %s mm in x, y, z with the reach of its samples) does not "
+                            "fit between the %.1f mm ROI's face voxels: its ROIs may cut it (raise lesion.roi.size "
+                            "for whole nodules)", case, n, nod.diameter_mm, reach, 2 * s.half_extent_mm)  # fmt: skip
             centre = shift_inside(wanted, s.half_extent_mm, lo, hi)
             plans.append((f"{case}_n{n}_{r}", centre, centroid, info))
     for j, centre in enumerate(free_sites(src, s, rng)):

@@ -14,12 +14,12 @@ ever sees a test patient. Each arm repeats over ``seeds`` x ``folds``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..config import validate_config
 from ..errors import ConfigError
@@ -29,8 +29,10 @@ SCALES = ("lesion", "whole")
 SOURCES = ("volume", "lesion")  # whole-volume augment CTs | lesion-run nodules (ROIs or pasted CTs)
 
 
-def _round(x: float) -> int:
-    return int(np.floor(x + 0.5))
+def _times(fraction: float, n: int) -> int:
+    """``fraction`` x ``n`` rounded half up, exactly: the fraction as written (0.29 x 50 = 14.5 -> 15; in floats
+    0.29 * 50 + 0.5 falls below 15)."""
+    return math.floor(Fraction(str(fraction)) * n + Fraction(1, 2))
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,11 @@ class Arm:
 
     def n_synthetic(self, n_real: int) -> int:
         """Synthetic cases for ``n_real`` real train cases (nodule ROIs), rounded half up."""
-        return _round(self.synthetic_fraction * n_real)
+        return _times(self.synthetic_fraction, n_real)
 
     def n_real(self, n_units: int) -> int:
         """Real units (cases; nodules or free ROIs) used out of ``n_units``: at least 1 when any is asked for."""
-        return 0 if not self.real or n_units == 0 else max(1, _round(self.real_fraction * n_units))
+        return 0 if not self.real or n_units == 0 else max(1, _times(self.real_fraction, n_units))
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,9 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
         for case, pred_path in sorted(run["predictions"].items()):
             pred = read_volume(pred_path)[0]
             if pred.shape != truth[case].shape:
-                raise LungDDPMError(f"{pred_path}: shape {pred.shape}, but its truth is {truth[case].shape}")
+                raise LungDDPMError(
+                    f"{pred_path}: shape {pred.shape}, but its truth is {truth[case].shape}; rerun segment_train"
+                )
             scores = score_case(pred > 0, truth[case], ev, kinds[case])
             rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, "kind": kinds[case],
                          "cluster": clusters[case], **scores})  # fmt: skip
@@ -160,6 +162,9 @@ def read_scores(path: Path) -> list[dict[str, Any]]:
     rows = read_csv(path)
     if not rows:
         raise LungDDPMError(f"{path}: no scores; rerun segment_score")
+    missing = [k for k in METRICS if k not in rows[0]]
+    if missing:
+        raise LungDDPMError(f"{path}: no column {', '.join(missing)} (a table of older code?); rerun segment_score")
     for r in rows:
         for k in METRICS:
             r[k] = float(r[k]) if r[k] != "" else math.nan

@@ -122,3 +122,15 @@ def test_feature_cache_is_keyed_by_file_content(tmp_path: Path) -> None:
     assert not np.allclose(second, first) and not np.allclose(second, first + 1.0)
     other = F.build_extractor({**RANDOM, "seed": 1})  # another extractor: another cache folder
     assert other.identity != ex.identity
+
+
+def test_features_are_computed_without_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN convolves fp32 in TF32 by default on a GPU: the extractor turns that off for its forward (features
+    cached on the CPU and computed on a GPU then agree to fp32), and restores the setting after."""
+    ex = F.build_extractor(RANDOM)
+    seen = []
+    hook = ex.net.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    feat = ex(phantom(), Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    hook.remove()
+    assert seen == [False] and torch.backends.cudnn.allow_tf32 and feat.shape == (ex.dim,)

@@ -127,6 +127,14 @@ def test_image_quality_tables_have_floor_beside_synthetic_at_the_same_n(folders:
     assert "never a reported metric" in md
 
 
+def test_a_volume_smaller_than_the_ssim_window_is_refused_naming_the_key(folders: dict[str, Path]) -> None:
+    pairs, _, _ = folder_sets(folders["real"], folders["synthetic"], folders["labels"])
+    shape = read_volume(pairs[0].real.image)[0].shape
+    with pytest.raises(MetricsError, match=rf"LIDC-IDRI-0000.nii.gz: grid \({shape[0]}, .*smaller than the "
+                       rf"{min(shape) + 1}-voxel SSIM window; lower metrics.ssim_window"):  # fmt: skip
+        iq.pair_rows(pairs, {**SETTINGS, "ssim_window": min(shape) + 1}, (-1000, 400))
+
+
 def test_a_killed_writes_hidden_temporary_is_no_volume(folders: dict[str, Path]) -> None:
     real = sorted(folders["real"].glob("*.nii.gz"))[0]
     temp = folders["real"] / f".{real.name}.abc.tmp.nii.gz"
@@ -156,8 +164,14 @@ def test_metrics_cli_on_two_folders(folders: dict[str, Path], capsys: pytest.Cap
 
 def test_too_few_real_patients_are_refused_naming_the_fix() -> None:
     vols = [Volume(n, Path(f"{n}.nii.gz"), None) for n in ("a", "b", "c")]
-    with pytest.raises(MetricsError, match="add real cases"):
+    floor_short = r"the floor has 1 volume\(s\) of 1 patient\(s\), the reference 2 of 2; .* add real cases"
+    with pytest.raises(MetricsError, match=floor_short):
         real_halves(vols, ["a"])
+    six = [Volume(n, Path(f"{n}.nii.gz"), None) for n in "abcdef"]  # 0.9 leaves one reference patient; 0.5 three
+    with pytest.raises(MetricsError, match=r"the floor has 5 volume\(s\) of 5 patient\(s\), the reference 1 of 1; "
+                       r".*metrics.floor_fraction \(now 0.9\) sets the floor's share"):  # fmt: skip
+        real_halves(six, ["a"], floor_fraction=0.9)
+    assert len(real_halves(six, ["a"], floor_fraction=0.5)[1]) == 3
 
 
 def manifest_item(folders: dict[str, Path], case_id: str, k: int) -> dict[str, object]:

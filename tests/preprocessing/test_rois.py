@@ -141,10 +141,11 @@ def test_a_nodule_cut_by_its_roi_is_named(tmp_path: Path, caplog: pytest.LogCapt
 
     caplog.set_level("WARNING", logger="lungddpm.preprocessing.rois")
     rois.extract_rois(labelled_source_ct(), roi_settings(size=16, nodule_jitter_mm=0.0, free_per_case=0), tmp_path)
-    assert "on its faces" not in caplog.text and "longer than" not in caplog.text
+    assert "on its faces" not in caplog.text and "does not fit" not in caplog.text
     rows = rois.extract_rois(labelled_source_ct(), roi_settings(size=8, free_per_case=0), tmp_path / "small")
     assert [r["roi"] for r in rows] == ["LIDC-IDRI-0001_n1_0"]
-    assert re.search(r"nodule 1 \(\d.\d mm\) is longer than the 8.0 mm ROI; its ROIs cut it", caplog.text)
+    assert re.search(r"nodule 1 \(\d.\d mm across; \d+.\d x \d+.\d x \d+.\d mm in x, y, z with the reach of its "
+                     r"samples\) does not fit between the 7.0 mm ROI's face voxels", caplog.text)  # fmt: skip
     assert re.search(r"LIDC-IDRI-0001_n1_0 has \d+ nodule voxels on its faces \(a neighbour, or its \d.\d+ mm nodule "
                      r"cut by the 8.0 mm ROI or by the scan's edge\)", caplog.text)  # fmt: skip
 

@@ -74,6 +74,9 @@ def test_nested_draws_and_real_fraction_counts() -> None:
     assert Arm("a", True, 0.0, real_fraction=0.25).n_real(9) == 2  # round half up, 2.25 -> 2
     assert Arm("a", True, 0.0, real_fraction=0.01).n_real(9) == 1  # at least one unit when real is on
     assert Arm("a", False, 1.0).n_real(9) == 0 and Arm("a", True, 0.5).n_synthetic(7) == 4
+    # exact halves round up though the float product lies below them (0.29 * 50 = 14.499999999999998)
+    assert Arm("a", True, 0.29).n_synthetic(50) == 15 and Arm("a", True, 0.57).n_synthetic(50) == 29
+    assert Arm("a", True, 0.0, real_fraction=0.35).n_real(90) == 32
     with pytest.raises(ConfigError, match="only 3 exist"):
         nested_draw(3, 4, 0)
 
@@ -199,6 +202,13 @@ def test_roi_scores_by_kind_and_the_fp_metric(tmp_path: Path) -> None:
     assert got["detection_sensitivity"]["mean"] == 0.5
     with open(tmp_path / "scores.csv") as fh:
         assert [r["kind"] for r in csv.DictReader(fh)] == ["free", "free", "nodule", "nodule"]  # by case id
+    old = [{k: v for k, v in r.items() if k != "sensitivity"} for r in csv.DictReader(open(tmp_path / "scores.csv"))]
+    write_csv(tmp_path / "old.csv", old)  # a table without a metric column: named, with the fix
+    with pytest.raises(LungDDPMError, match=r"old.csv: no column sensitivity .*; rerun segment_score"):
+        compare_arms({"real": tmp_path / "old.csv"}, "real", tmp_path / "c2.csv", tmp_path / "c2.png", EV)
+    write_volume(tmp_path / "pred/t1_f1.nii.gz", np.zeros((4, 4, 4), np.uint8), ROI)  # not the truth's grid
+    with pytest.raises(LungDDPMError, match=r"t1_f1.nii.gz: shape \(4, 4, 4\), but its truth is .*; rerun segment_tr"):
+        score_arm("real", [run], tests, tmp_path / "scores2.csv", EV)
 
 
 def test_sweep_table_and_plot(tmp_path: Path) -> None:

@@ -246,8 +246,12 @@ def test_bad_layouts_are_refused(tmp_path: Path) -> None:
     write_volume(tmp_path / "bad_shape.nii.gz", np.zeros((8, 8, 4), np.uint8), geom)
     with pytest.raises(LayoutError, match=r"bad_labels.nii.gz: labels \[3\] found"):
         read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_labels.nii.gz")
-    with pytest.raises(LayoutError, match="bad_shape.nii.gz: grid .* differs from its reference CT"):
+    with pytest.raises(LayoutError, match=r"bad_shape.nii.gz: grid \(8, 8, 4\) at .* differs from its CT"):
         read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_shape.nii.gz")
+    write_volume(tmp_path / "moved.nii.gz", np.zeros((8, 8, 8), np.uint8), Geometry((10.0,) * 3, (5.0, 0.0, 0.0)))
+    with pytest.raises(LayoutError, match=r"origin \(5.0, 0.0, 0.0\).* differs from its CT .*origin \(0.0, 0.0, 0.0\)"
+                       r".*synthesize_lesion for a synthetic item"):  # fmt: skip
+        read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "moved.nii.gz")
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
