@@ -9,32 +9,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
 from tqdm import tqdm
 
 from .errors import LungDDPMError
 from .logs import setup_logging
 
 log = logging.getLogger("lungddpm")
-
-
-def _overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``a.b=value`` pairs (YAML-parsed values) -> nested dict; mappings merge key by key and a later value replaces
-    an earlier one, as Snakemake merges ``--config``."""
-    from snakemake.utils import update_config
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LungDDPMError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.source=lidc")
-        nested: Any = yaml.safe_load(value)
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        update_config(out, nested)
-    return out
 
 
 def _positive(text: str) -> int:  # an argparse type
@@ -46,7 +27,7 @@ def _positive(text: str) -> int:  # an argparse type
 def _config(args: argparse.Namespace):
     """The config as Snakemake sees it: ``--configfile`` merged over the workflow's config/config.yaml (the
     Snakefile's ``configfile:``, in ``--workdir`` if any) when that exists and is another file, then ``--set``."""
-    from .config import lesion_config, load_config
+    from .config import lesion_config, load_config, set_overrides
 
     workdir = getattr(args, "workdir", None) or "."
     base = Path(workdir, "config", "config.yaml")
@@ -55,7 +36,7 @@ def _config(args: argparse.Namespace):
     path = Path(args.configfile or (base if base.is_file() else "config/config.yaml"))
     if merge := base.is_file() and not (path.exists() and path.samefile(base)):
         log.info("config: %s merged over %s", path, base)
-    cfg = load_config(path, _overrides(args.set), base=base if merge else None)
+    cfg = load_config(path, set_overrides(args.set), base=base if merge else None)
     lesion_config(cfg)  # its keys are checked as Snakemake checks them at parse time
     return cfg
 

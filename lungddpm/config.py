@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -88,7 +88,7 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
     _coerce(config, schema)
     _fill_defaults(config, schema)
     problems = list(_errors(config, schema))
-    data = config.get("data", {})
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}  # else the schema's problem
     if not problems and data.get("source") == "lidc" and not data.get("dicom_root"):
         problems.append(
             "data.dicom_root: required when data.source is 'lidc'; pass snakemake --config 'data={source: lidc, "
@@ -96,7 +96,7 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
         )
     if not problems and data.get("source") == "images" and not data["images"]["ct_dir"]:
         problems.append("data.images.ct_dir: required when data.source is 'images'; set it to your CT volumes' folder")
-    regex = data.get("images", {}).get("patient_regex")
+    regex = (data.get("images") or {}).get("patient_regex") if isinstance(data.get("images") or {}, dict) else None
     if not problems and regex:
         try:
             if re.compile(regex).groups < 1:
@@ -169,9 +169,34 @@ def _read_yaml(p: Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: config file not found; start from config/config.yaml") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, or not text
+        raise ConfigError(f"{p}: not a readable YAML text file ({exc}); give the config file's path") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (data, preprocess, ...)")
     return raw
+
+
+def set_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``a.b=value`` pairs (YAML-parsed values) -> nested dict; mappings merge key by key and a later value replaces
+    an earlier one, as Snakemake merges ``--config``."""
+    from snakemake.utils import update_config
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.source=lidc")
+        try:
+            nested: Any = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            why = getattr(exc, "problem", None) or exc
+            raise ConfigError(
+                f"--set {item!r}: the value is not YAML ({why}); e.g. --set preprocess.size=[64,64,64]"
+            ) from exc
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        update_config(out, nested)
+    return out
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, base: str | Path | None = None) -> Config:

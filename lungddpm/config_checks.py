@@ -20,7 +20,7 @@ def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> li
     settings and a case list the source does not read. ``scale``: ``lesion`` for
     :func:`lungddpm.config.lesion_config`'s merged view (its ``sample`` section is the whole-volume model's)."""
     lesion = config.get("lesion") or {}
-    config = {**config, "lesion": lesion if lesion.get("enabled", True) else {}}  # a disabled scale: not checked
+    config = {**config, "lesion": lesion if lesion_scale_runs(config) else {}}  # a scale that never runs: not checked
     return (
         _grid_problems(config)
         + _network_problems(config)
@@ -30,6 +30,16 @@ def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> li
         + _range_problems(config, scale)
         + _input_problems(config)
     )
+
+
+def lesion_scale_runs(config: Mapping[str, Any]) -> bool:
+    """Whether a stage reads the lesion scale: ``lesion.enabled``, or an enabled segmentation at scale ``lesion`` or
+    with an arm of ``synthetic_source: lesion`` (which runs the ROIs and the lesion run even when it is off)."""
+    lesion, seg = config.get("lesion") or {}, config.get("segmentation") or {}
+    if lesion.get("enabled", True) or not seg.get("enabled", True):
+        return bool(lesion.get("enabled", True))
+    arms = seg.get("arms") or []
+    return seg.get("scale") == "lesion" or any((a or {}).get("synthetic_source") == "lesion" for a in arms)
 
 
 def _input_problems(config: Mapping[str, Any]) -> list[str]:
@@ -83,6 +93,17 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         if ls["sampler"] == "dpm++" and int(ls["jump_length"]) > 0 and int(ls["jump_n_sample"]) > 1:
             out.append("lesion.sample.jump_n_sample: RePaint resampling needs a single-step sampler; set "
                        "lesion.sample.sampler to ddim or ddpm, or jump_n_sample: 1")  # fmt: skip
+        if int(ls["jump_length"]) >= int(ls["steps"]) and int(ls["jump_n_sample"]) > 1:
+            out.append(f"lesion.sample.jump_length: {ls['jump_length']} is not below lesion.sample.steps "
+                       f"{ls['steps']}, so no jump is ever taken (RePaint off); use fewer, e.g. 10 of 20")  # fmt: skip
+        dropout = float({**config["train"], **(lesion.get("train") or {})}.get("cond_dropout") or 0)
+        unconditional = [k for k, bad in (("sample.guidance", float(ls["guidance"]) != 1.0),
+                                          ("insert.texture: any", (lesion.get("insert") or {}).get("texture") == "any"))
+                         if bad]  # fmt: skip
+        if unconditional and dropout == 0 and (config.get("data") or {}).get("source") != "images":
+            out.append(f"lesion.{unconditional[0]}: asks the lesion model for 'any texture', a class it never "
+                       "learns with lesion.train.cond_dropout 0 (LIDC nodules all have a texture); set "
+                       "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 and a texture class")  # fmt: skip
         for key in ("processes", "gpus"):
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "

@@ -219,6 +219,46 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geom
         sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
+def nifti_truncation(path: Path) -> str | None:
+    """Why a ``.nii`` / ``.nii.gz`` file holds fewer voxel bytes than its header promises (a cut copy or download,
+    which SimpleITK reads without a word, the missing voxels 0), or None when it is whole or not NIfTI."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+    except Exception as exc:
+        return f"unreadable header ({exc})"
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if not path.name.lower().endswith(".gz"):
+        got = path.stat().st_size
+    else:
+        got = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    got += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"its gzip stream ends early after {got} bytes ({exc})"
+    return f"{got} of the {expected} bytes its header promises" if got < expected else None
+
+
+def nifti_nans(path: Path) -> int:
+    """NaN voxels of a float NIfTI file (SimpleITK's reader turns them into 0 without a word); 0 otherwise."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return 0
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0
+    return int(np.isnan(np.asanyarray(img.dataobj)).sum())
+
+
 def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
     """Read a NIfTI file -> (array ``[Z, Y, X]``, geometry)."""
     p = Path(path)
@@ -228,6 +268,9 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
         raise VolumeReadError(f"{p}: not a readable NIfTI volume ({exc}); delete it and rerun its stage") from exc
+    cut = nifti_truncation(p)
+    if cut:
+        raise VolumeReadError(f"{p}: truncated: {cut}; delete it and rerun its stage (or copy it again)")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeReadError(f"{p}: a {image.GetDimension()}-D image of {image.GetNumberOfComponentsPerPixel()} "
                               "value(s) per voxel, not a 3-D volume; give a 3-D scalar volume")  # fmt: skip

@@ -136,3 +136,24 @@ def test_the_cli_refuses_what_snakemake_refuses_and_bad_numbers(
     monkeypatch.chdir(REPO)
     merged = _cli_config("--set", "data.consensus_level=0.25", "--set", "data={min_readers: 2}", "cases")["data"]
     assert (merged["consensus_level"], merged["min_readers"]) == (0.25, 2)
+
+
+def test_unreadable_overrides_config_files_and_splits_are_named(tmp_path: Path) -> None:
+    """A --set value that is not YAML, a --configfile that is a folder or binary, a splits.csv of older code: each
+    named with its fix (they were bare YAML / OS / Unicode / Key errors)."""
+    from lungddpm.config import set_overrides
+    from lungddpm.preprocessing.cases import check_written_split
+
+    with pytest.raises(
+        ConfigError,
+        match=r"--set 'preprocess.size=\[64,64': the value is not YAML \(expected ',' or '\]', but got '<stream end",
+    ):
+        set_overrides(["preprocess.size=[64,64"])
+    assert set_overrides(["a.b=[1, 2]", "a.c=x"]) == {"a": {"b": [1, 2], "c": "x"}}
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x81")
+    for path in (tmp_path, tmp_path / "binary.yaml"):
+        with pytest.raises(ConfigError, match=rf"{path.name}: not a readable YAML text file .*config file's path"):
+            load_config(path)
+    (tmp_path / "splits.csv").write_text("case_id,subset\nLIDC-IDRI-0001,train\n")
+    with pytest.raises(ConfigError, match=r"splits.csv: no has_nodule / subset column .*delete it to split anew"):
+        check_written_split(tmp_path / "splits.csv", {"LIDC-IDRI-0001": "train"}, {"LIDC-IDRI-0001": True})

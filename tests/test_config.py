@@ -199,6 +199,16 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ({"lesion": {"diffusion": {"timesteps": 10}}}, r"lesion.sample.steps: 20 steps exceed the lesion model's"),
         ({"lesion": {"sample": {"jump_length": 5, "jump_n_sample": 2}}}, r"RePaint resampling needs a single-step"),
         ({"lesion": {"train": {"processes": 2}}}, r"lesion.train.processes: the lesion model trains in one process"),
+        # RePaint that never jumps; the unconditional class a model without condition dropout never learns
+        (
+            {"lesion": {"sample": {"sampler": "ddim", "jump_length": 20, "jump_n_sample": 3}}},
+            r"lesion.sample.jump_length: 20 is not below lesion.sample.steps 20, so no jump is ever taken",
+        ),
+        (
+            {"lesion": {"sample": {"guidance": 3.0}, "train": {"cond_dropout": 0.0}}},
+            r"lesion.sample.guidance: asks the lesion model for 'any texture', a class it never learns",
+        ),
+        ({"lesion": {"insert": {"texture": "any"}, "train": {"cond_dropout": 0}}}, r"lesion.insert.texture: any: asks"),
         ({"layout": {"min_lung_ml": 13000}}, r"layout.min_lung_ml: 13000 is above layout.max_lung_ml 12000"),
         ({"data": {"cases": ["LIDC-IDRI-0001"]}}, r"data.cases: a list of LIDC patients, which data.source 'demo'"),
         ({"metrics": {"features": {"clip_hu": [200, -1000]}}}, r"metrics.features.clip_hu: \[200, -1000\] is reversed"),
@@ -221,6 +231,11 @@ def test_the_range_checks_leave_a_given_model_and_a_disabled_lesion_scale_alone(
            "intensity": {"hu_window": [-1000, -400]},
            "segmentation": {"enabled": False}}  # fmt: skip
     assert load_config(REPO / "config/config.yaml", off).raw["lesion"]["enabled"] is False
+    # off, but the segmentation still reads it (ROIs, or an arm of lesion-run nodules): checked, at parse time
+    for seg in ({"scale": "lesion"}, {"scale": "whole", "arms": [{"name": "a", "real": True, "synthetic_fraction": 1.0,
+                                                                   "synthetic_source": "lesion"}]}):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"lesion.diffusion.timesteps|feather"):
+            load_config(REPO / "config/config.yaml", {**off, "segmentation": {"enabled": True, **seg}})
 
 
 def test_the_lesion_networks_crop_and_attention_are_checked_on_the_roi_grid() -> None:
@@ -368,3 +383,11 @@ def test_a_cases_rules_see_how_a_case_is_made_not_which_cases_or_where_they_lie(
     assert case_data_settings({**data, "consensus_level": 0.25}) != base
     assert case_data_settings({**data, "demo": {**data["demo"], "noise_hu": 1.0}}) != base
     assert set(data) - set(base) == {"cases", "dicom_root"}
+
+
+@pytest.mark.parametrize("data", [None, {"images": None}, [1, 2]])
+def test_an_emptied_section_is_named_not_a_traceback(data: object) -> None:
+    """A section whose keys are all commented out reads as null: the schema names it (an AttributeError before)."""
+    where = "data.images" if isinstance(data, dict) else "data"
+    with pytest.raises(ConfigError, match=rf"{where}: .* is not of type 'object'"):
+        validate_config({"data": data})

@@ -102,3 +102,26 @@ def test_a_row_key_that_is_no_column_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"t.csv: row keys \['mean_typo'\] are not columns of the table"):
         write_csv(tmp_path / "t.csv", [{"arm": "real", "mean_typo": 0.7}], ["arm", "mean"])
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_truncated_nifti_is_refused_not_read_with_zeros(tmp_path: Path, suffix: str) -> None:
+    """SimpleITK reads a NIfTI cut short (a broken copy) as a whole volume with the missing voxels 0: refused,
+    naming the file; own images (data.source: images) alike."""
+    from lungddpm.data.images import read_ct
+    from lungddpm.errors import ImageError
+    from lungddpm.io import VolumeReadError
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-1000, 400, (16, 32, 32)).astype(np.int16)
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(whole), useCompression=suffix.endswith(".gz"))
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    assert np.array_equal(read_volume(whole)[0], vol)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(cut))).shape == vol.shape  # what SimpleITK does alone
+    with pytest.raises(VolumeReadError, match=rf"cut{suffix}: truncated: .*; delete it and rerun its stage"):
+        read_volume(cut)
+    with pytest.raises(ImageError, match=rf"cut{suffix}: truncated: .*; copy or export the volume again"):
+        read_ct(cut, -1024, 3071)

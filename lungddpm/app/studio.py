@@ -226,7 +226,8 @@ class Studio:
         if session.labels[k, i, j] != LUNG:
             raise StudioError("that site is outside the lung: click inside the lung (the tinted region)")
         lo, hi = session.source.bounds()
-        roi = self.roi.geometry(shift_inside(target, self.roi.half_extent_mm, lo, hi))
+        centre = shift_inside(target, self.roi.half_extent_mm, lo, hi)
+        roi = self.roi.geometry(centre)
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
         world = roi.index_to_world(np.indices(layout.shape).reshape(3, -1).T)  # [n^3, 3] x, y, z of the ROI voxels
@@ -236,7 +237,10 @@ class Studio:
         try:
             edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border)
         except LungDDPMError as exc:
-            raise StudioError(f"{exc}: click deeper inside the lung or choose a smaller nodule") from exc
+            edge = np.abs(centre - target).max() > 1e-6 and "does not fit" in str(exc)  # the ROI shifted inward
+            hint = ("the site is near the scan's edge, where the ROI cannot centre on it: click further from the "
+                    "scan's first or last slice or its sides" if edge else "click deeper inside the lung")  # fmt: skip
+            raise StudioError(f"{exc}: {hint}, or choose a smaller nodule") from exc
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
         ins = insertion(site, edited, edit, nodule, margin, self.levels, texture, seed)
@@ -318,9 +322,13 @@ class Studio:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = self.results / "studio" / session.case_id / stamp
         n = 1
-        while out.exists():  # never overwrite an earlier download
-            n += 1
-            out = self.results / "studio" / session.case_id / f"{stamp}-{n}"
+        while True:  # never overwrite an earlier download (claimed by mkdir: another process's too)
+            try:
+                out.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                n += 1
+                out = self.results / "studio" / session.case_id / f"{stamp}-{n}"
         base = f"{session.case_id}_studio"
         files = {"ct": out / f"{base}_ct.nii.gz", "label": out / f"{base}_label.nii.gz"}
         write_volume(files["ct"], session.ct, session.geometry)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
+from ..io import nifti_nans, nifti_truncation
 from . import series_patient
 from .dicom import DicomSeries
 from .nodules import Nodule, components, paint
@@ -77,7 +78,8 @@ def case_id_of(path: Path) -> str:
 def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
     """case id -> volume file (or DICOM folder) of ``folder``; other files are listed in a warning."""
     if not folder.is_dir():
-        raise ImageError(f"{folder}: {what} does not exist; point it at the folder holding your volumes")
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ImageError(f"{folder}: {what} {state}; point it at the folder holding your volumes")
     found: dict[str, Path] = {}
     ignored = []
     for entry in sorted(folder.iterdir()):
@@ -170,6 +172,8 @@ def _read(path: Path) -> Any:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
+    if not path.is_dir() and (cut := nifti_truncation(path)):
+        raise ImageError(f"{path}: truncated: {cut}; copy or export the volume again")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{path}: {image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} "
                          "component(s); a CT must be one 3-D scalar volume")  # fmt: skip
@@ -222,25 +226,13 @@ def _check_slice_positions(folder: Path, positions: np.ndarray, orientation: Seq
         )
 
 
-def _nifti_nans(path: Path) -> int:
-    """NaN voxels of a float NIfTI file (SimpleITK's reader turns them into 0 without a word); 0 otherwise."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return 0
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    if not np.issubdtype(img.get_data_dtype(), np.floating):
-        return 0
-    return int(np.isnan(np.asanyarray(img.dataobj)).sum())
-
-
 def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     """A CT volume -> axial series in HU [Z, Y, X] (z ascending), clipped to [``padding_hu``, ``max_hu``]."""
     import SimpleITK as sitk
 
     image = _read(Path(path))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
-    nans = int(np.isnan(hu).sum()) or (0 if Path(path).is_dir() else _nifti_nans(Path(path)))
+    nans = int(np.isnan(hu).sum()) or (0 if Path(path).is_dir() else nifti_nans(Path(path)))
     if nans:
         raise ImageError(
             f"{path}: {nans} NaN voxel(s); fill them with the HU of air outside the body (e.g. -1024) and export again"

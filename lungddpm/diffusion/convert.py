@@ -300,6 +300,11 @@ def import_lung_ddpm(
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file; set model.init_from to the released Lung-DDPM checkpoint")
+    if out.exists():  # never overwritten: the released file itself, a model trained here, an earlier import
+        trained = (out.parent / "train_log.csv").is_file()
+        what = ("the checkpoint being imported" if out.resolve() == src.resolve() else
+                "a model trained here, train_log.csv beside it" if trained else "an earlier file")  # fmt: skip
+        raise CheckpointError(f"{out}: exists ({what}); write the import to a new path, or delete it first")
     ckpt = convert(load_checkpoint(src), convention, num_heads, norm_groups, str(src))
     digest = file_sha256(src)
     ckpt["source"] = {"file": str(src), "sha256": digest, "format": "Lung-DDPM GaussianDiffusion state dict"}

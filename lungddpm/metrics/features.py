@@ -322,7 +322,7 @@ def cached_features(
             feat = np.load(path)
             if feat.shape == (extractor.dim,):
                 return feat
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             pass
         log.warning("%s: unreadable cache entry, recomputing", path)
     volume, geometry = read_volume(image)

@@ -74,6 +74,8 @@ def check_written_split(path: Path, split: dict[str, str], strata: dict[str, boo
     if not Path(path).is_file():
         return
     rows = {r["case_id"]: r for r in read_csv(path)}
+    if rows and not {"has_nodule", "subset"} <= next(iter(rows.values())).keys():
+        raise ConfigError(f"{path}: no has_nodule / subset column (a split of older code?); delete it to split anew")
     both = sorted(rows.keys() & split.keys())
     relabelled = [c for c in both if bool(int(rows[c]["has_nodule"])) != bool(strata[c])]
     moved = [c for c in both if rows[c]["subset"] != split[c]]

@@ -9,6 +9,7 @@ it lies wholly inside the lung and does not touch another nodule. Every edit is 
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def load_bank(path: Path) -> NoduleBank:
         bits = np.unpackbits(z["mask_data"])[: int(z["mask_bits"])].astype(bool)
         if bits.size != sum(int(np.prod(s)) for s in shapes) or any(len(c) != len(shapes) for c in columns):
             raise ValueError(f"{bits.size} mask bits for {len(shapes)} masks of {sum(map(np.prod, shapes))} voxels")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise LungDDPMError(f"{path}: not a nodule bank ({exc}); rerun the nodule_bank rule") from exc
     nodules, start = [], 0
     for i, shape in enumerate(shapes):

@@ -202,12 +202,12 @@ def load_lesion_model(
 ) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
     """The lesion network (EMA weights by default) on the GPU when there is one, its process and checkpoint."""
     net, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compiles at the first batch
-    if (
-        "lesion" not in ckpt.get("config", {})
-        or list(ckpt.get("size", [])) != [ckpt["config"]["lesion"]["roi"]["size"]] * 3
-    ):
+    roi = ckpt.get("config", {}).get("lesion", {}).get("roi", {})
+    grid = [roi.get("size")] * 3, [roi.get("spacing_mm")] * 3
+    if not roi or list(ckpt.get("size", [])) != grid[0] or [float(s) for s in ckpt.get("spacing_mm", [])] != grid[1]:
         raise CheckpointError(
-            f"{checkpoint}: not a lesion-scale model (its grid is not lesion.roi's); point lesion at the checkpoint "
+            f"{checkpoint}: not a lesion-scale model (its grid {ckpt.get('size')} at {ckpt.get('spacing_mm')} mm is "
+            f"not lesion.roi's {grid[0]} at {grid[1]} mm: a whole-volume model?); point lesion at the checkpoint "
             "that train_lesion wrote (results/models/lesion/<lesion.train.name>/checkpoint.pt)"
         )
     return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device

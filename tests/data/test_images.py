@@ -391,3 +391,11 @@ def test_a_model_grid_that_cuts_the_lungs_or_a_nodule_off_says_so(
     kept = re.search(r"case0: the model grid \(preprocess.size x spacing_mm\) holds (\d+) % of the lungs and 0 of 1 "
                      r"nodules", caplog.text)  # fmt: skip
     assert kept and 8 < int(kept.group(1)) < 16, caplog.text  # a 32 mm cube of the 100 x 56 x 45 mm lungs: 12 %
+
+
+def test_an_image_folder_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "ct.nii.gz").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"ct.nii.gz: data.images.ct_dir is a file, not a folder; point it at"):
+        discover(str(tmp_path / "ct.nii.gz"), None, None)
+    with pytest.raises(ImageError, match=r"none: data.images.ct_dir does not exist"):
+        discover(str(tmp_path / "none"), None, None)

@@ -177,7 +177,18 @@ def test_refuses_files_that_need_pickle_and_cli_reports(tmp_path: Path, capsys: 
     args = ["--set", "model.norm_groups=4", "--set", "init_convention.size=16", "import-lungddpm", str(good)]
     assert main([*args, "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"] == sum(p.numel() for p in ema.parameters())
-    assert main(["import-lungddpm", str(evil), "--out", str(out)]) == 2  # refused, logged
+    assert main(["import-lungddpm", str(evil), "--out", str(tmp_path / "evil-out.pt")]) == 2  # refused, logged
+    # never overwritten: the released file itself, a model trained here, an earlier import
+    before = {f: f.read_bytes() for f in (good, out)}
+    trained = tmp_path / "models/demo/checkpoint.pt"
+    trained.parent.mkdir(parents=True)
+    trained.write_bytes(b"trained")
+    (trained.parent / "train_log.csv").write_text("step,loss\n")
+    for target, what in ((good, "the checkpoint being imported"), (trained, "a model trained here"),
+                         (out, "an earlier file")):  # fmt: skip
+        with pytest.raises(CheckpointError, match=rf"{target.name}: exists \({what}.*write the import to a new path"):
+            import_lung_ddpm(good, target, LungDDPMConvention(size=16), norm_groups=4)
+    assert all(f.read_bytes() == b for f, b in before.items()) and trained.read_bytes() == b"trained"
 
 
 def test_damaged_bare_and_unconvertible_files_say_what_they_are(tmp_path: Path, caplog) -> None:

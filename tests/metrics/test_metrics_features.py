@@ -111,6 +111,8 @@ def test_feature_cache_is_keyed_by_file_content(tmp_path: Path) -> None:
     first = F.cached_features(ex, image, tmp_path / "cache")
     entries = list((tmp_path / "cache" / ex.identity).glob("*.npy"))
     assert len(entries) == 1 and np.array_equal(np.load(entries[0]), first)
+    entries[0].write_bytes(b"")  # an emptied entry (a full disk, a cleanup) is recomputed, not an EOFError
+    assert np.array_equal(F.cached_features(ex, image, tmp_path / "cache"), first)
     np.save(entries[0], first + 1.0)  # a cache hit returns the stored vector (proves the cache is read)
     assert np.array_equal(F.cached_features(ex, image, tmp_path / "cache"), first + 1.0)
     time.sleep(0.01)

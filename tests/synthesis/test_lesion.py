@@ -372,9 +372,16 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
         "size": [32] * 3,
         "hu_window": [-1000, 400],
     }
-    ckpt |= {"diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": {"size": 16}}}}  # trained at 32^3, ROIs 16^3
-    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    roi = {"size": 16, "spacing_mm": 1.25}
+    ckpt |= {"diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": roi}}, "spacing_mm": [1.25] * 3}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")  # trained at 32^3, ROIs 16^3
     with pytest.raises(CheckpointError, match=r"not a lesion-scale model.*train_lesion"):
+        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
+    # the demo's grids: a whole-volume model of 32^3 at 10 mm beside 32^3 ROIs at 1.25 mm (the grid alone matched)
+    ckpt |= {"config": {"lesion": {"roi": {**roi, "size": 32}}}, "spacing_mm": [10.0] * 3}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"its grid \[32, 32, 32\] at \[10.0, 10.0, 10.0\] mm is not lesion.roi's "
+                       r"\[32, 32, 32\] at \[1.25, 1.25, 1.25\] mm: a whole-volume model\?"):  # fmt: skip
         load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
 
 
@@ -385,8 +392,9 @@ def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provena
 
     model, _ = _tiny_model()
     weights = model.state_dict()
-    ckpt = {"ema": weights, "model": weights, "unet": dict(vars(model.cfg)), "size": [16] * 3}
-    ckpt |= {"hu_window": [-1000, 400], "diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": {"size": 16}}}}
+    ckpt = {"ema": weights, "model": weights, "unet": dict(vars(model.cfg)), "size": [16] * 3, "spacing_mm": [1.0] * 3}
+    roi = {"size": 16, "spacing_mm": 1.0}
+    ckpt |= {"hu_window": [-1000, 400], "diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": roi}}}
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     eager, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": False})
     net, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
