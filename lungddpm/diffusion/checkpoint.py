@@ -196,8 +196,9 @@ def step_checkpoints(state_dir: Path) -> list[Path]:
     return sorted(state_dir.glob("step_*.pt"), reverse=True)
 
 
-def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest complete checkpoint; truncated or corrupt files are skipped (and reported), never loaded."""
+def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any], keys: str = "train") -> dict[str, Any] | None:
+    """The newest complete checkpoint; truncated or corrupt files are skipped (and reported), never loaded. ``keys``:
+    the config section a refusal names (``lesion.train`` for the lesion model)."""
     for path in step_checkpoints(state_dir):
         try:
             ckpt = load_checkpoint(path)
@@ -220,23 +221,23 @@ def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any]) -> dict[st
         if changed:
             raise CheckpointError(
                 f"{path}: trained with another {'; another '.join(changed)}; to train anew with this config choose a "
-                f"new train.name (or set train.resume: never, or delete {state_dir}); to keep that training, restore "
-                "the config it was trained with"
+                f"new {keys}.name (or set {keys}.resume: never, or delete {state_dir}); to keep that training, "
+                "restore the config it was trained with"
             )
         log.info("resuming from %s (step %d)", path, ckpt["step"])
         return ckpt
     return None
 
 
-def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
+def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path, keys: str = "train") -> None:
     """Refuse a checkpoint past ``train.steps``, or a finished training (its last step) whose result-shaping train
     settings have changed since: resuming it would hand back the old weights as if trained with the new settings.
     Changes before the last step are allowed (a deliberate change mid-run) and logged."""
     step, steps = int(ckpt["step"]), cfg.train.steps
     if step > steps:
         raise LungDDPMError(
-            f"{state_dir}: the newest checkpoint is at step {step}, past train.steps {steps}; raise train.steps to "
-            f"continue it, or set train.resume: never (or delete {state_dir}) to train from scratch"
+            f"{state_dir}: the newest checkpoint is at step {step}, past {keys}.steps {steps}; raise {keys}.steps "
+            f"to continue it, or set {keys}.resume: never (or delete {state_dir}) to train from scratch"
         )
     before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
     # a key the checkpoint predates is compared only where its arrival kept the old behaviour (LATER_DEFAULTS)
@@ -248,8 +249,8 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path) -> None:
         diff = ", ".join(f"{k} {value[k][0]} then, {value[k][1]} now" for k in changed)
         raise LungDDPMError(
             f"{state_dir}: this training finished (step {step} of {steps}) with other train settings ({diff}); to "
-            f"train anew with them choose a new train.name (or set train.resume: never, or delete {state_dir}); to "
-            "keep the finished model, restore them; to continue it with them, raise train.steps"
+            f"train anew with them choose a new {keys}.name (or set {keys}.resume: never, or delete {state_dir}); "
+            f"to keep the finished model, restore them; to continue it with them, raise {keys}.steps"
         )
     if changed:
         log.warning("train settings changed since the checkpoint of step %d: %s", step, ", ".join(changed))

@@ -172,9 +172,10 @@ def train(
     expected = fingerprint(cfg, data_digest(data), stage)
 
     start = 0
-    ckpt = find_resume_checkpoint(state_dir, expected) if tc.resume == "auto" else None
+    keys = "lesion.train" if stage == "train_lesion" else "train"  # what a refusal tells the user to change
+    ckpt = find_resume_checkpoint(state_dir, expected, keys) if tc.resume == "auto" else None
     if ckpt is not None:
-        check_resume(ckpt, cfg, state_dir)
+        check_resume(ckpt, cfg, state_dir, keys)
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         load_optimizer_state(optimizer, ckpt["optimizer"])  # with today's weight decay, betas, fused

@@ -110,6 +110,9 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     with pytest.raises(CheckpointError, match=r"step_0000020.pt: trained with another training data \(the train"):
         train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=2)
     assert not (tmp_path / "c").exists()
+    # the lesion model's refusal names its own keys (a demo upgraded to new ROIs was told train.name)
+    with pytest.raises(CheckpointError, match=r"choose a new lesion.train.name \(or set lesion.train.resume: never"):
+        train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=2, stage="train_lesion")
     # how often it logs or checkpoints does not shape the weights: handed back as is
     same = train(tiny_data(), tiny_config(steps=20, checkpoint_every=5, log_every=2), tmp_path / "c", tmp_path / "sa")
     assert same.step == 20 and (tmp_path / "c" / "checkpoint.pt").is_file()
