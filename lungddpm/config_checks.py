@@ -108,6 +108,10 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "
                            "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
+    window = (config.get("metrics") or {}).get("ssim_window")  # whole volumes only (the lesion view has ROI grids)
+    if scale == "volume" and window and min(int(s) for s in config["preprocess"]["size"]) < int(window):
+        out.append(f"metrics.ssim_window: {window} voxels is larger than the grid preprocess.size "
+                   f"{list(config['preprocess']['size'])}; lower metrics.ssim_window")  # fmt: skip
     layout = config.get("layout") or {}
     if layout and float(layout["min_lung_ml"]) > float(layout["max_lung_ml"]):
         out.append(f"layout.min_lung_ml: {layout['min_lung_ml']} is above layout.max_lung_ml "
@@ -132,10 +136,6 @@ def _grid_problems(config: Mapping[str, Any]) -> list[str]:
                 f"{key}: {value} is not a multiple of {step} (the UNet halves its grid {len(mult) - 1} times: "
                 f"{section}.channel_mult {list(mult)}); choose a size divisible by {step} or fewer levels"
             )
-    window = (config.get("metrics") or {}).get("ssim_window")
-    if window and min(int(s) for s in config["preprocess"]["size"]) < int(window):
-        out.append(f"metrics.ssim_window: {window} voxels is larger than the grid preprocess.size "
-                   f"{list(config['preprocess']['size'])}; lower metrics.ssim_window")  # fmt: skip
     return out
 
 

@@ -221,7 +221,9 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geom
 
 def nifti_truncation(path: Path) -> str | None:
     """Why a ``.nii`` / ``.nii.gz`` file holds fewer voxel bytes than its header promises (a cut copy or download,
-    which SimpleITK reads without a word, the missing voxels 0), or None when it is whole or not NIfTI."""
+    which SimpleITK reads without a word, the missing voxels 0), or None when it is whole, or not NIfTI-1 that
+    nibabel reads. A gzip stream whose trailer gives the promised size is taken as whole (the cheap case); any
+    other is decompressed up to that size (trailing bytes after it, or several gzip members, are fine)."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return None
     import gzip
@@ -229,21 +231,30 @@ def nifti_truncation(path: Path) -> str | None:
 
     import nibabel as nib
 
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"  # by content: SimpleITK reads a plain file named .nii.gz too
     try:
-        header = nib.load(str(path)).header
-    except Exception as exc:
-        return f"unreadable header ({exc})"
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    if not path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
+            header = nib.Nifti1Header.from_fileobj(fh)
+        voxels = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        expected = int(header.get_data_offset()) + voxels
+    except Exception:  # not a NIfTI-1 header nibabel reads: nothing to compare with
+        return None
+    if not gz:
         got = path.stat().st_size
-    else:
-        got = 0
-        try:
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    got += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            return f"its gzip stream ends early after {got} bytes ({exc})"
+        return f"{got} of the {expected} bytes its header promises" if got < expected else None
+    with open(path, "rb") as raw:
+        raw.seek(max(path.stat().st_size - 4, 0))
+        if int.from_bytes(raw.read(4), "little") == expected % 2**32:  # the gzip trailer's uncompressed size
+            return None
+    got = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while got < expected and (chunk := fh.read(min(1 << 16, expected - got))):
+                got += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        if got < expected:
+            return f"its gzip stream ends after about {got} of the {expected} bytes its header promises ({exc})"
     return f"{got} of the {expected} bytes its header promises" if got < expected else None
 
 

@@ -31,7 +31,7 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "preprocess": 3,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
-    # (a 26 mm nodule in the demo's 40 mm ROI could be jittered onto a face)
+    # (the demo's 24 mm nodule of LIDC-IDRI-0709 was jittered onto a face of its 40 mm ROI)
     "rois": 3,
     "train": 1,  # also in its resume fingerprint (train_lesion: its own number)
     "import_checkpoint": 1,

@@ -125,3 +125,13 @@ def test_a_truncated_nifti_is_refused_not_read_with_zeros(tmp_path: Path, suffix
         read_volume(cut)
     with pytest.raises(ImageError, match=rf"cut{suffix}: truncated: .*; copy or export the volume again"):
         read_ct(cut, -1024, 3071)
+    # whole files that are not one plain gzip stream read as before: trailing bytes, a plain file named .nii.gz
+    from lungddpm.io import nifti_truncation
+
+    trailing = tmp_path / f"trailing{suffix}"
+    trailing.write_bytes(data + b"garbage after the stream")
+    plain = tmp_path / "plain.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "plain.nii"))
+    plain.write_bytes((tmp_path / "plain.nii").read_bytes())
+    for path in (whole, trailing, plain):
+        assert nifti_truncation(path) is None and np.array_equal(read_volume(path)[0], vol), path.name

@@ -119,12 +119,20 @@ def cut_roi(src: SourceCT, geometry: Geometry, s: RoiSettings) -> dict[str, np.n
     return {"ct": np.round(ct).astype(np.int16), "layout": compose_layout(lung, labels), "texture": texture}
 
 
-def nodule_boxes(src: SourceCT, margin_mm: float, reach: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """World (x, y, z) boxes of the consensus masks' voxel centres and ``src.avoid``, grown by ``margin_mm`` and,
-    where ``reach`` > 0, per side by the larger of ``reach`` and the native step beyond the box there (the pixel; in
-    z the step to the next slice, which a linear sample outside the box still reads)."""
+def nodule_boxes(
+    src: SourceCT, margin_mm: float, reach: float = 0.0, tight: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (x, y, z) boxes of the consensus masks' grids (pylidc's: every reader's outline; ``tight``: the voxels
+    of the consensus itself) and ``src.avoid``, grown by ``margin_mm`` and, where ``reach`` > 0, per side by the
+    larger of ``reach`` and the native step beyond the box there (the pixel; in z the step to the next slice, which
+    a linear sample outside the box still reads)."""
     g, z, boxes = src.grid, src.grid.z_positions, []
-    for (k0, i0, j0), (nk, ni, nj) in [*((nod.offset, nod.mask.shape) for nod in src.nodules), *src.avoid]:
+    spans = []
+    for nod in src.nodules:
+        on = np.argwhere(nod.mask) if tight else np.zeros((0, 3), int)
+        first, size = (on.min(0), on.max(0) - on.min(0) + 1) if len(on) else ((0, 0, 0), nod.mask.shape)
+        spans.append((tuple(int(o + f) for o, f in zip(nod.offset, first)), tuple(int(s) for s in size)))
+    for (k0, i0, j0), (nk, ni, nj) in [*spans, *src.avoid]:
         lo = np.array([g.x0 + j0 * g.col_spacing, g.y0 + i0 * g.row_spacing, z[k0]]) - margin_mm
         hi = np.array([g.x0 + (j0 + nj - 1) * g.col_spacing, g.y0 + (i0 + ni - 1) * g.row_spacing, z[k0 + nk - 1]])
         if reach:
@@ -203,7 +211,7 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
     rng = np.random.default_rng([s.seed, *case.encode()])
     lo, hi = src.bounds()
     plans: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]] = []
-    boxes = nodule_boxes(src, 0.0, reach=s.spacing_mm)  # src.nodules first, in order
+    boxes = nodule_boxes(src, 0.0, reach=s.spacing_mm, tight=True)  # src.nodules first, in order
     for n, nod in enumerate(src.nodules, start=1):
         if not nod.mask.any():
             log.warning("%s: nodule %d has an empty consensus mask; no ROI", case, n)

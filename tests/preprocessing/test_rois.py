@@ -174,6 +174,13 @@ def test_the_jitter_keeps_a_nodule_that_fits_whole_and_still_moves_it(tmp_path: 
         roi = rois.cut_roi(src, s.geometry(c), s)["layout"] == 2
         cut += roi.sum() > roi[1:-1, 1:-1, 1:-1].sum()
     assert cut >= 3  # the old draw cut the nodule
+    # pylidc's consensus mask lies on the grid of every reader's outline: a reader's larger outline (here 8 empty
+    # slices each way) must not count as nodule (it made the nodule "not fit" and cut it in 2 of these 12 ROIs)
+    (nod,) = src.nodules
+    loose = replace(nod, mask=np.pad(nod.mask, ((8, 8), (0, 0), (0, 0))), offset=(nod.offset[0] - 8, *nod.offset[1:]))
+    for r in rois.extract_rois(replace(src, nodules=[loose]), s, tmp_path / "loose"):
+        layout = read_volume(tmp_path / "loose" / r["layout"])[0] == 2
+        assert layout.sum() == layout[1:-1, 1:-1, 1:-1].sum() > 0, r["roi"]
     small = roi_settings(size=16, nodule_jitter_mm=1.0, rois_per_nodule=3, free_per_case=0)
     rows = rois.extract_rois(src, small, tmp_path / "small")
     rng = np.random.default_rng([0, *b"LIDC-IDRI-0001"])
@@ -183,8 +190,8 @@ def test_the_jitter_keeps_a_nodule_that_fits_whole_and_still_moves_it(tmp_path: 
 
 
 def test_a_nodule_longer_than_the_roi_is_cut_evenly_by_a_cube_within_it() -> None:
-    """On an axis where the nodule's box is longer than the cube, the centre is clipped to the centres whose cube
-    lies within the box (both sides cut, never one side left empty); the other axes still keep it whole."""
+    """On an axis where the nodule's box is longer than the cube, the jittered centre is clipped to the centres whose
+    cube lies within the box (never a cube beside the nodule); the other axes still keep it whole."""
     s = roi_settings(size=11, spacing_mm=1.0, nodule_jitter_mm=4.0)  # half 5 mm
     box = (np.array([-3.0, -3.0, -20.0]), np.array([3.0, 3.0, 20.0]))  # 6 x 6 x 40 mm
     for jitter in ([4.0, -4.0, 4.0], [-4.0, 4.0, -4.0], [0.0, 0.0, 0.0]):
