@@ -182,6 +182,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     file, which :func:`remove_stale_temps` clears); running out of space raises :class:`DiskFullError`.
     """
     target = Path(path)
+    if target.is_dir():  # os.replace would fail after the work, with IsADirectoryError
+        raise LungDDPMError(f"{target}: is a folder, not a file; give the path of the file to write (e.g. --out)")
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)

@@ -135,3 +135,12 @@ def test_a_truncated_nifti_is_refused_not_read_with_zeros(tmp_path: Path, suffix
     plain.write_bytes((tmp_path / "plain.nii").read_bytes())
     for path in (whole, trailing, plain):
         assert nifti_truncation(path) is None and np.array_equal(read_volume(path)[0], vol), path.name
+
+
+def test_an_output_path_that_is_a_folder_is_named_before_any_work(tmp_path: Path) -> None:
+    """``--out <folder>`` failed with IsADirectoryError from the rename, after the work."""
+    with pytest.raises(LungDDPMError, match=rf"{tmp_path.name}: is a folder, not a file; give the path of the file"):
+        write_csv(tmp_path, [{"a": 1}])
+    with pytest.raises(LungDDPMError, match="is a folder, not a file"):
+        write_volume(tmp_path, np.zeros((2, 2, 2), np.int16), Geometry((1.0,) * 3, (0.0,) * 3))
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # refused before a temporary was made beside it
