@@ -96,7 +96,8 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
         )
     if not problems and data.get("source") == "images" and not data["images"]["ct_dir"]:
         problems.append("data.images.ct_dir: required when data.source is 'images'; set it to your CT volumes' folder")
-    regex = (data.get("images") or {}).get("patient_regex") if isinstance(data.get("images") or {}, dict) else None
+    images = data.get("images")
+    regex = images.get("patient_regex") if isinstance(images, dict) else None  # else the schema's problem
     if not problems and regex:
         try:
             if re.compile(regex).groups < 1:
