@@ -136,9 +136,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_job(args: argparse.Namespace) -> None:
-    from .diffusion.jobs import run_job
+    from .diffusion.jobs import read_job, run_job
 
-    run_job(json.loads(Path(args.job).read_text()))
+    run_job(read_job(Path(args.job)))
 
 
 def cmd_import_lungddpm(args: argparse.Namespace) -> None:

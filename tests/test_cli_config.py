@@ -157,3 +157,28 @@ def test_unreadable_overrides_config_files_and_splits_are_named(tmp_path: Path) 
     (tmp_path / "splits.csv").write_text("case_id,subset\nLIDC-IDRI-0001,train\n")
     with pytest.raises(ConfigError, match=r"splits.csv: no has_nodule / subset column .*delete it to split anew"):
         check_written_split(tmp_path / "splits.csv", {"LIDC-IDRI-0001": "train"}, {"LIDC-IDRI-0001": True})
+
+
+def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train-job`` with a missing, non-JSON or foreign file and ``bench --size`` that the network cannot halve give
+    one line naming the file or the size and the fix (raw KeyError / JSONDecodeError / the UNet's ValueError after
+    the network was built, before)."""
+    monkeypatch.chdir(REPO)
+    (tmp_path / "other.json").write_text('{"config": {}}')
+    (tmp_path / "text.json").write_text("not json")
+    for name, message in (("missing.json", "No such file"), ("text.json", "Expecting value"),
+                          ("other.json", "missing train_cts, train_layouts, val_cts")):  # fmt: skip
+        assert main(["train-job", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name}: not a" in err and message in err and "rerun that" in err
+        assert "Traceback" not in err
+    assert main(["bench", "sample", "--size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 30: the network halves the grid 4 times (model.channel_mult [1, 1, 2, 3, 4])" in err  # the paper's
+    assert "a multiple of 16; try --size 16" in err and "Traceback" not in err
+    assert main(["bench", "train", "--model", "config", "--size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "halves the grid 2 times (model.channel_mult [1, 2, 2]), so the edge must be a multiple of 4" in err
+    assert "; try --size 28" in err

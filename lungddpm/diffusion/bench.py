@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..errors import LungDDPMError
+from ..errors import ConfigError, LungDDPMError
 from .device import pick_device
 from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, resolve_precision
@@ -347,6 +347,13 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
         cfg = Config.from_dict(raw)
     image_size = 128 if args.model == "paper" and args.scale != "lesion" else None
     size = args.size or (int(cfg.preprocess.size[0]) if args.scale == "lesion" else DEFAULT_SIZE)
+    step = 2 ** (len(cfg.model["channel_mult"]) - 1)  # UNet3D.downsampling, checked before building anything
+    if size % step:
+        raise ConfigError(
+            f"--size {size}: the network halves the grid {len(cfg.model['channel_mult']) - 1} times "
+            f"(model.channel_mult {list(cfg.model['channel_mult'])}), so the edge must be a multiple of {step}; "
+            f"try --size {max(step, size // step * step)}"
+        )
     if args.what == "sample":
         for precision in args.precision:
             yield from bench_sample(cfg, size, sampler_specs(args.samplers), precision, args.channels_last,

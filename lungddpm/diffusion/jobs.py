@@ -43,6 +43,25 @@ def make_job(
     }
 
 
+JOB_KEYS = ("config", "train_cts", "train_layouts", "val_cts", "val_layouts", "out_dir", "state_dir", "threads")
+
+
+def read_job(path: Path) -> dict[str, Any]:
+    """The job :func:`make_job` wrote to ``path`` (``lungddpm train-job``'s argument), refused with the file named
+    where it is missing, not JSON or lacks a key."""
+    import json
+
+    fix = "it is written by `lungddpm train` (or the train rules), which runs it: rerun that"
+    try:
+        job = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LungDDPMError(f"{path}: not a readable training job ({exc}); {fix}") from exc
+    missing = [k for k in JOB_KEYS if k not in job] if isinstance(job, dict) else list(JOB_KEYS)
+    if missing:
+        raise LungDDPMError(f"{path}: not a training job (missing {', '.join(missing)}); {fix}")
+    return job
+
+
 def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
     """Load the cases of ``job`` and train (one process of a torchrun group, or the only one)."""
     from ..config import config_from_mapping, lesion_config
