@@ -8,8 +8,13 @@ placed at the site, the nodule dilated by ``lesion.insert.margin_mm`` is generat
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +29,7 @@ from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
-from ..io import Geometry, file_sha256, write_json, write_volume
+from ..io import Geometry, file_sha256, new_file_mode, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
 from ..preprocessing.rois import (
@@ -316,36 +321,52 @@ class Studio:
 
     def export(self, session: CaseSession) -> dict[str, Path]:
         """Write the edited CT (int16 HU) and label map (0/1/2) on the native grid, each site's ROI before, after and
-        its layout, and the provenance (last) to a new folder ``results/studio/<case>/<time>/``; returns the paths."""
+        its layout, and the provenance to a new folder ``results/studio/<case>/<time>/``; returns the paths. The
+        folder appears whole or not at all: it is written hidden beside its name, then renamed, never onto an
+        earlier download."""
         if not session.edits:
             raise StudioError("nothing to download yet: insert a nodule first")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = self.results / "studio" / session.case_id / stamp
-        n = 1
-        while True:  # never overwrite an earlier download (claimed by mkdir: another process's too)
-            try:
-                out.mkdir(parents=True, exist_ok=False)
-                break
-            except FileExistsError:
-                n += 1
-                out = self.results / "studio" / session.case_id / f"{stamp}-{n}"
+        parent = self.results / "studio" / session.case_id
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stamp}.", suffix=".tmp", dir=parent))
+        try:
+            names = self._write_export(session, tmp)
+            mode = new_file_mode()
+            os.chmod(tmp, mode | (mode & 0o444) >> 2)  # a plain mkdir's mode (mkdtemp's is 0700)
+            for n in itertools.count(1):  # a rename onto a folder with files fails: another process's download
+                out = parent / (stamp if n == 1 else f"{stamp}-{n}")
+                if out.exists():
+                    continue
+                try:
+                    os.rename(tmp, out)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {key: out / name for key, name in names.items()}
+
+    def _write_export(self, session: CaseSession, folder: Path) -> dict[str, str]:
+        """:meth:`export`'s files in ``folder``; returns their names by key (``provenance`` last)."""
         base = f"{session.case_id}_studio"
-        files = {"ct": out / f"{base}_ct.nii.gz", "label": out / f"{base}_label.nii.gz"}
+        files = {"ct": folder / f"{base}_ct.nii.gz", "label": folder / f"{base}_label.nii.gz"}
         write_volume(files["ct"], session.ct, session.geometry)
         write_volume(files["label"], session.labels, session.geometry)
         for j, e in enumerate(session.edits):  # each site's ROI, as the lesion run writes them
             for kind, volume in (("before", e.roi_before), ("after", e.roi_after), ("layout", e.roi_layout)):
-                files[f"s{j}_{kind}"] = out / f"{base}_s{j}_{kind}.nii.gz"
+                files[f"s{j}_{kind}"] = folder / f"{base}_s{j}_{kind}.nii.gz"
                 write_volume(files[f"s{j}_{kind}"], volume, e.roi)
-        provenance = out / f"{base}.json"
-        write_json(provenance, {
+        write_json(folder / f"{base}.json", {
             "item": base, "source_case": session.case_id, "tool": "lungddpm app",
             **run_settings(self.cfg, self.checkpoint_sha, self.bank_sha), "checkpoint": str(self.checkpoint),
             "sites": [e.record for e in session.edits], "files": {k: p.name for k, p in files.items()},
             "device": str(self.device), "seconds_per_nodule": [round(e.seconds, 3) for e in session.edits],
             "lungddpm_version": __version__,
         })  # fmt: skip
-        return {**files, "provenance": provenance}
+        return {**{k: p.name for k, p in files.items()}, "provenance": f"{base}.json"}
 
 
 def _unused_boxes(src: SourceCT, margin_mm: float) -> list[tuple[np.ndarray, np.ndarray]]:

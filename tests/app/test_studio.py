@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def test_an_accepted_nodule_lies_wholly_in_the_native_lung(studio: Studio) -> No
     assert any("outside the lung on the CT's own grid" in r for r in reasons)
 
 
-def test_generate_paste_undo_and_export(studio: Studio) -> None:
+def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
     s = studio.open_case(studio.cases[1])
     source_ct, source_labels = s.ct.copy(), s.labels.copy()
     nodule = max(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
@@ -127,8 +128,23 @@ def test_generate_paste_undo_and_export(studio: Studio) -> None:
     assert prov["source_case"] == s.case_id and prov["model_sha256"] == studio.checkpoint_sha
     assert [site["bank_index"] for site in prov["sites"]] == [nodule.index]
     assert np.array_equal(read_volume(paths["s0_layout"])[0], edit.roi_layout)
+    assert sorted(p.name for p in paths["ct"].parent.iterdir()) == sorted(p.name for p in paths.values())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert paths["ct"].parent.stat().st_mode & 0o777 == 0o777 & ~mask  # a plain mkdir's, not mkdtemp's 0700
     again = studio.export(s)
     assert again["ct"].parent != paths["ct"].parent and paths["ct"].is_file()  # never overwritten
+    # a write that fails (the provenance, written last) leaves neither a folder nor a hidden temporary one
+    case_folder = sorted(paths["ct"].parent.parent.iterdir())
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lungddpm.app.studio.write_json", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        studio.export(s)
+    assert sorted(paths["ct"].parent.parent.iterdir()) == case_folder
+    monkeypatch.undo()
     assert s.undo() is edit and s.undo() is None
     assert np.array_equal(s.ct, source_ct) and np.array_equal(s.labels, source_labels)
     with pytest.raises(StudioError, match="nothing to download"):
