@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -124,6 +125,28 @@ def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str
     model = UNet3D(UNetConfig(**unet_cfg))
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     return model.eval(), ckpt
+
+
+def check_sampling_grid(
+    ckpt: dict[str, Any], shape: tuple[int, ...], spacing: tuple[float, ...], checkpoint: Path, layout: Path
+) -> None:
+    """Refuse to sample ``layout`` (a ``shape`` [Z, Y, X] grid of ``spacing`` mm voxels) with a model trained at
+    another spacing (it would draw anatomy at the wrong scale), and warn at another grid size (a convolutional
+    network runs there, on a field of view it never saw: e.g. ``sample.checkpoint`` of another run). An imported
+    Lung-DDPM model (a ``convention``) resizes every case to its own grid, so it is not checked."""
+    if "convention" in ckpt:
+        return
+    trained = ckpt.get("spacing_mm")
+    if trained is not None and not np.allclose(np.asarray(trained, float), np.asarray(spacing, float), rtol=1e-4):
+        raise CheckpointError(
+            f"{layout}: voxels of {[round(float(s), 4) for s in spacing]} mm, but {checkpoint} was trained on "
+            f"{list(trained)} mm (preprocess.spacing_mm): it would draw anatomy at the wrong scale; sample with the "
+            "preprocess settings it was trained with, or train a model on this grid (sample.checkpoint: null)"
+        )
+    size = ckpt.get("size")
+    if size is not None and [int(n) for n in size] != [int(n) for n in shape]:
+        log.warning("%s: a %s grid, but %s was trained on %s (preprocess.size): sampling a field of view the model "
+                    "never saw", layout, list(shape), checkpoint, list(size))  # fmt: skip
 
 
 def load_for_sampling(

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..diffusion.checkpoint import load_for_sampling, model_digest
+from ..diffusion.checkpoint import check_sampling_grid, load_for_sampling, model_digest
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import precision_name, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
@@ -178,6 +178,7 @@ def synthesize_shard(
         prepared = []
         for item, _ in chunk:
             ct, layout, geometry = read_case_pair(ct_paths[item.case_id], layout_paths[item.case_id])
+            check_sampling_grid(ckpt, layout.shape, geometry.spacing, checkpoint, layout_paths[item.case_id])
             edits: list[dict[str, Any]] = []
             if run == "augment":
                 rng = np.random.default_rng(item.seed)

@@ -284,3 +284,35 @@ def test_a_batch_equals_its_volumes_sampled_alone(sampler: str) -> None:
         assert torch.allclose(batch[b : b + 1], alone, atol=1e-5)
     with pytest.raises(ValueError, match="1 generators for a batch of 2"):
         sample(model, d, layouts, sampler, 2, [torch.Generator()])
+
+
+def test_a_model_of_another_grid_is_refused_or_named(tiny_model, tmp_path: Path, caplog) -> None:
+    """``sample.checkpoint`` of a model trained at other voxels: another spacing is refused, naming the layout and
+    both spacings (it drew anatomy at the wrong scale, silently, before); another grid size is sampled with a
+    warning; an imported Lung-DDPM model (its own convention and grid) is not checked."""
+    from lungddpm.diffusion.checkpoint import CheckpointError, check_sampling_grid, load_checkpoint
+
+    checkpoint, cts, layouts, _bank = tiny_model
+    ct, layout, geometry = read_case_pair(cts[0], layouts[0])
+    coarse = Geometry((12.5, 10.0, 10.0), geometry.origin)
+    for path, volume in ((tmp_path / "case0" / "ct.nii.gz", ct), (tmp_path / "case0.nii.gz", layout)):
+        path.parent.mkdir(exist_ok=True)
+        write_volume(path, volume, coarse)
+    items = plan("eval", ["case0"], 1, 0)
+    cfg = synth_config(samples_per_layout=1)
+    said = (
+        r"case0.nii.gz: voxels of \[12.5, 10.0, 10.0\] mm, but .*checkpoint.pt was trained on \[10.0, 10.0, 10.0\] mm "
+        r"\(preprocess.spacing_mm\): it would draw anatomy"
+    )
+    with pytest.raises(CheckpointError, match=said):
+        synthesize_shard("eval", items, cfg, checkpoint, {"case0": tmp_path / "case0/ct.nii.gz"},
+                         {"case0": tmp_path / "case0.nii.gz"}, tmp_path / "out", None, threads=2)  # fmt: skip
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+    ckpt = load_checkpoint(checkpoint)
+    caplog.set_level("WARNING")
+    check_sampling_grid(ckpt, (16, 24, 24), geometry.spacing, checkpoint, layouts[0])
+    assert f"{layouts[0]}: a [16, 24, 24] grid, but {checkpoint} was trained on {list(ckpt['size'])}" in caplog.text
+    caplog.clear()
+    check_sampling_grid(ckpt, tuple(ckpt["size"]), geometry.spacing, checkpoint, layouts[0])
+    check_sampling_grid({**ckpt, "convention": {}}, (16, 24, 24), (1.0, 1.0, 1.0), checkpoint, layouts[0])
+    assert not caplog.text
