@@ -1,6 +1,7 @@
 """Lesion-scale regions of interest (DESIGN §5): isotropic ROIs resampled from the *source* CT at native resolution.
 
-Per case: one ROI per consensus nodule and ``rois_per_nodule`` (centre moved by a seeded uniform jitter), and
+Per case: one ROI per consensus nodule and ``rois_per_nodule`` (centre moved by a seeded uniform jitter; one that
+the scan's edges hold within half a voxel of an earlier one of its nodule is left out, with a warning), and
 ``free_per_case`` nodule-free lung ROIs (centres deep inside the lung, no nodule inside, not overlapping each
 other): the insertion sites and the segmentation negatives. Each ROI is written as ``<roi>_ct.nii.gz`` (int16 HU),
 ``<roi>_layout.nii.gz`` (0/1/2: lung from the fine lung mask, nodules = consensus coverage at the ROI spacing) and
@@ -225,6 +226,7 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
             "diameter_mm": round(nod.diameter_mm, 2),
             "malignancy": None if nod.malignancy == UNKNOWN else nod.malignancy,
         }
+        centres: list[np.ndarray] = []
         for r in range(s.rois_per_nodule):
             wanted, fits = jittered_centre(centroid, boxes[n - 1], _jitter(rng, s), s)
             if not fits and r == 0:
@@ -233,6 +235,12 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
                             "fit between the %.1f mm ROI's face voxels: its ROIs may cut it (raise lesion.roi.size "
                             "for whole nodules)", case, n, nod.diameter_mm, reach, 2 * s.half_extent_mm)  # fmt: skip
             centre = shift_inside(wanted, s.half_extent_mm, lo, hi)
+            same = [k for k, c in enumerate(centres) if np.all(np.abs(c - centre) < s.spacing_mm / 2)]
+            if same:  # the scan's edges held it on every axis: a copy of an earlier ROI would weigh it twice
+                log.warning("%s: ROI %s_n%d_%d would repeat %s_n%d_%d (within half a voxel: the scan's edges leave "
+                            "its centre no room to move); not written", case, case, n, r, case, n, same[0])  # fmt: skip
+                continue
+            centres.append(centre)
             plans.append((f"{case}_n{n}_{r}", centre, centroid, info))
     for j, centre in enumerate(free_sites(src, s, rng)):
         plans.append((f"{case}_f{j}", centre, centre, {"kind": "free"}))

@@ -201,3 +201,26 @@ def test_a_nodule_longer_than_the_roi_is_cut_evenly_by_a_cube_within_it() -> Non
         assert -15.0 <= centre[2] <= 15.0 and centre[2] == pytest.approx(jitter[2])  # z: the cube within the 40 mm
     centre, fits = rois.jittered_centre(np.zeros(3), (np.full(3, -3.0), np.full(3, 3.0)), np.full(3, 4.0), s)
     assert fits and np.allclose(centre, 2.0)  # each axis: [-2, 2] mm of centres keep it; the draw at its top
+
+
+def test_jittered_rois_that_the_scan_edges_hold_in_place_are_not_written_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 72 mm ROI in a 64 x 64 x 58.5 mm scan is centred on the scan on every axis, whatever its jitter: its three
+    ROIs of one nodule were three copies (the nodule weighed thrice in training and in the segmentation split). One
+    is written and the others are named; a 16 mm ROI keeps all three, each moved."""
+    from support import labelled_source_ct
+
+    caplog.set_level("WARNING", logger="lungddpm.preprocessing.rois")
+    s = roi_settings(size=72, nodule_jitter_mm=3.0, rois_per_nodule=3, free_per_case=0)
+    rows = rois.extract_rois(labelled_source_ct(), s, tmp_path / "big")
+    assert [r["roi"] for r in rows] == ["LIDC-IDRI-0001_n1_0"]
+    for r in (1, 2):
+        assert f"ROI LIDC-IDRI-0001_n1_{r} would repeat LIDC-IDRI-0001_n1_0 (within half a voxel" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == sorted(
+        ["rois.csv", *(rows[0][k] for k in ("ct", "layout", "texture_map"))]
+    )
+    rows = rois.extract_rois(labelled_source_ct(), replace(s, size=16), tmp_path / "small")
+    assert [r["roi"] for r in rows] == [f"LIDC-IDRI-0001_n1_{r}" for r in range(3)]
+    centres = np.array([[r[f"centre_{a}"] for a in "xyz"] for r in rows])
+    assert len({tuple(c) for c in centres.round(3)}) == 3
