@@ -61,6 +61,18 @@ CI_CONFIG = {
 }
 
 
+# Under pytest-xdist (``-n 2 --dist loadgroup``), the tests that use the CI-size workflow share one worker, in their
+# order: the workflow is built once, and the tests that rerun parts of it never run side by side.
+WORKFLOW_FIXTURES = {"demo_workflow"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if WORKFLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("demo_workflow"))
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the repository's workflow in ``workdir`` with the CI config."""
     cmd = [

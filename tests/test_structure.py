@@ -65,3 +65,36 @@ def test_tests_share_helpers_through_support_only() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 assert not node.module.startswith("test_"), f"{path}: import helpers from tests/support.py"
+
+
+def test_ci_runs_the_readmes_test_command_and_groups_the_workflow_tests() -> None:
+    """CI (``.ci/run``) runs the README's test command, verbatim; under its xdist workers every test that uses the
+    CI-size workflow is put in one group, before xdist reads the groups (the workflow built once, in one worker, and
+    never rerun by two tests side by side: without ``tryfirst`` xdist read no group and built it twice)."""
+    import re
+
+    import conftest
+    import pytest
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"# 2\. install and run the tests.*\n(?:#.*\n)*((?:[^#\n].*\n)+)", readme)
+    assert block, "README: no test command under '# 2. install and run the tests'"
+    command = " ".join(line.strip().rstrip("\\").strip() for line in block.group(1).splitlines())
+    ci = " ".join(line.strip().rstrip("\\").strip() for line in (REPO / ".ci/run").read_text().splitlines())
+    assert "python -m pytest -n 2 --dist loadgroup" in command and command in ci
+
+    class Item:
+        def __init__(self, *fixtures: str) -> None:
+            self.fixturenames, self.marks = fixtures, []
+
+        def add_marker(self, mark: pytest.MarkDecorator) -> None:
+            self.marks.append(mark.mark)
+
+    items = [Item("tmp_path"), Item("studio", "demo_workflow", "tmp_path"), Item("demo_workflow")]
+    conftest.pytest_collection_modifyitems(None, items)  # type: ignore[arg-type]
+    assert [[(m.name, m.args) for m in item.marks] for item in items] == [
+        [],
+        [("xdist_group", ("demo_workflow",))],
+        [("xdist_group", ("demo_workflow",))],
+    ]
+    assert conftest.pytest_collection_modifyitems.pytest_impl["tryfirst"]  # type: ignore[attr-defined]
