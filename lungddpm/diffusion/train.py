@@ -171,7 +171,7 @@ def train(
     ema = EMA(model, tc.ema_decay, tc.ema_warmup, tc.ema_every, tc.ema_start)
     expected = fingerprint(cfg, data_digest(data), stage)
 
-    start = 0
+    start, carried = 0, []  # carried: the losses of the steps since the last log row, as checkpointed
     keys = "lesion.train" if stage == "train_lesion" else "train"  # what a refusal tells the user to change
     ckpt = find_resume_checkpoint(state_dir, expected, keys) if tc.resume == "auto" else None
     if ckpt is not None:
@@ -182,7 +182,7 @@ def train(
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt, device)
-        start = int(ckpt["step"])
+        start, carried = int(ckpt["step"]), [float(v) for v in ckpt.get("loss_window", [])]
     elif tc.resume == "never" and dist.is_main:
         for old in step_checkpoints(state_dir):
             old.unlink()
@@ -246,7 +246,10 @@ def train(
         total=tc.steps, initial=start, desc=f"train {tc.name}", unit="step", disable=not dist.is_main, mininterval=5.0
     )
     model.train()
-    t_window, loss_window, step = time.perf_counter(), [], start
+    # a resumed window goes on with the losses its checkpoint carried, so each log row averages the same steps as
+    # an uninterrupted run's; its time per step counts this process's steps only
+    loss_window = [torch.tensor(v, device=device) for v in carried] if dist.is_main else []
+    t_window, timed, step = time.perf_counter(), 0, start
     final_loss = float(log_rows[-1]["loss"]) if log_rows else float("nan")  # a finished run resumed: as logged
     last_loss: torch.Tensor | None = None
     for step_batches in loader:
@@ -272,10 +275,11 @@ def train(
             raise _diverged(step, float(mean_loss), float(grad_norm), state_dir)
         if dist.is_main:  # tensors: read back only when logged, so the device is not waited on
             loss_window.append(mean_loss)
+            timed += 1
         last_loss = mean_loss
         bar.update(1)
         if dist.is_main and (step % tc.log_every == 0 or step == tc.steps):
-            seconds = (time.perf_counter() - t_window) / len(loss_window)
+            seconds = (time.perf_counter() - t_window) / timed
             window_loss = float(torch.stack(loss_window).double().mean())
             log_rows.append(
                 {
@@ -288,14 +292,13 @@ def train(
                 }
             )
             bar.set_postfix(loss=f"{window_loss:.4f}")
-            t_window, loss_window = time.perf_counter(), []
+            t_window, loss_window, timed = time.perf_counter(), [], 0
         if step % tc.checkpoint_every == 0 or step == tc.steps or step == stop_after:
             if dist.is_main:
                 _write_log(state_dir / "train_log.csv", log_rows)
-                save_atomic(
-                    _state(model, ema, optimizer, scaler, step, cfg, expected, device, batches.global_batch),
-                    state_dir / f"step_{step:07d}.pt",
-                )
+                state = _state(model, ema, optimizer, scaler, step, cfg, expected, device, batches.global_batch)
+                state["loss_window"] = [float(v) for v in loss_window]  # the next log row's losses so far
+                save_atomic(state, state_dir / f"step_{step:07d}.pt")
                 for old in step_checkpoints(state_dir)[tc.keep_checkpoints :]:
                     old.unlink()
                 kill_point("checkpoint", step)

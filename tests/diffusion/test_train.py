@@ -93,6 +93,16 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
         assert _states_equal(a[key], b[key]), key
     log_a, log_b = read_log(tmp_path / "a" / "train_log.csv"), read_log(tmp_path / "b" / "train_log.csv")
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 20
+    # a resume between two log rows: the row after it averages the same steps (9-12) as the uninterrupted run's
+    # (before, 11-12: the losses of steps 9 and 10 were lost with the process)
+    sparse = tiny_config(steps=20, checkpoint_every=10, log_every=4)
+    train(tiny_data(), sparse, tmp_path / "d", tmp_path / "sd", threads=2, stop_after=10)
+    train(tiny_data(), sparse, tmp_path / "d", tmp_path / "sd", threads=2)
+    train(tiny_data(), sparse, tmp_path / "e", tmp_path / "se", threads=2)
+    log_d, log_e = read_log(tmp_path / "d" / "train_log.csv"), read_log(tmp_path / "e" / "train_log.csv")
+    assert [r["step"] for r in log_d] == [r["step"] for r in log_e] == ["4", "8", "12", "16", "20"]
+    assert [r["loss"] for r in log_d] == [r["loss"] for r in log_e]
+    assert float(log_e[2]["loss"]) == pytest.approx(np.mean([float(r["loss"]) for r in log_a[8:12]]), abs=2e-6)
     again = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)  # finished: nothing left to train
     assert again.step == 20 and again.final_loss == float(log_a[-1]["loss"])  # the logged loss, not NaN
     # fewer steps than the newest checkpoint: refused with the way out, never a silently longer model
