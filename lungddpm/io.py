@@ -161,16 +161,21 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
 _OPEN_MODE = 0o666  # what open() asks for a new file; the umask takes its bits away
 
 
-def new_file_mode() -> int:
-    """The mode a plain ``open()`` gives a new file: 0o666 less the process umask, read from ``/proc/self/status``
-    (Linux; setting it to read it, elsewhere, leaves a moment in which another thread's new file would get 0o666)."""
+def process_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` (Linux; setting it to read it, elsewhere, leaves a moment
+    in which another thread's new file would get the mode without it)."""
     try:
         with open("/proc/self/status") as fh:
-            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
         umask = os.umask(0)
         os.umask(umask)
-    return _OPEN_MODE & ~umask
+        return umask
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0o666 less the process umask."""
+    return _OPEN_MODE & ~process_umask()
 
 
 @contextlib.contextmanager

@@ -45,6 +45,24 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
         write_volume(target, np.zeros((2, 2)), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o037, 0o044, 0o777])
+def test_the_process_umask_is_read_whole(tmp_path: Path, umask: int) -> None:
+    """A folder made whole elsewhere gets ``0o777 & ~process_umask()``: a plain mkdir's mode for any umask (a mode
+    derived from a file's, 0o666 less the umask, was wrong for umasks that part read from execute, e.g. 037)."""
+    import os
+    import stat
+
+    from lungddpm.io import process_umask
+
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain").mkdir()
+        got = process_umask()
+    finally:
+        os.umask(old)
+    assert got == umask and 0o777 & ~got == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path: Path, umask: int, mode: int) -> None:
     """mkstemp makes 0600 files: checkpoints and previews were private to their owner, unlike every other output."""

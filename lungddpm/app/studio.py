@@ -8,7 +8,6 @@ placed at the site, the nodule dilated by ``lesion.insert.margin_mm`` is generat
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
@@ -29,7 +28,7 @@ from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
-from ..io import Geometry, file_sha256, new_file_mode, write_json, write_volume
+from ..io import Geometry, file_sha256, process_umask, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
 from ..preprocessing.rois import (
@@ -332,18 +331,19 @@ class Studio:
         tmp = Path(tempfile.mkdtemp(prefix=f".{stamp}.", suffix=".tmp", dir=parent))
         try:
             names = self._write_export(session, tmp)
-            mode = new_file_mode()
-            os.chmod(tmp, mode | (mode & 0o444) >> 2)  # a plain mkdir's mode (mkdtemp's is 0700)
-            for n in itertools.count(1):  # a rename onto a folder with files fails: another process's download
+            os.chmod(tmp, 0o777 & ~process_umask())  # a plain mkdir's mode (mkdtemp's is 0700)
+            for n in itertools.count(1):  # the name is claimed by an exclusive mkdir (another process's too)
                 out = parent / (stamp if n == 1 else f"{stamp}-{n}")
-                if out.exists():
-                    continue
                 try:
-                    os.rename(tmp, out)
+                    out.mkdir()
                     break
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
+                except FileExistsError:
+                    continue
+            try:
+                os.replace(tmp, out)  # onto the empty folder claimed: the files appear all at once
+            except OSError:
+                out.rmdir()
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

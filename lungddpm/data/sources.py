@@ -164,12 +164,11 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
         return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung, case.label)
     info = lidc.scan_info(case_id)
     patient_dir = Path(str(_under(base, str(dicom_root(cfg))))) / info.patient_id
-    rewrite = (
-        f"`lungddpm demo-dicom --case {case_id}` (it replaces the series folder) or `snakemake --cores all "
-        f"{DEMO_ROOT}/series/{case_id}.json`"
-    )
     if cfg.data.source == "demo" and not patient_dir.is_dir():
-        raise DicomError(f"{patient_dir}: the demo series of {case_id} is not written yet; write it with {rewrite}")
+        raise DicomError(
+            f"{patient_dir}: the demo series of {case_id} is not written yet; write it with `lungddpm demo-dicom "
+            f"--case {case_id}` or `snakemake --cores all {DEMO_ROOT}/series/{case_id}.json`"
+        )
     try:
         series = read_dicom_series(
             find_series_dir(patient_dir, info.series_uid), padding_hu=pc.padding_hu, max_hu=pc.max_hu
@@ -178,8 +177,14 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
     except DicomError as exc:
         if cfg.data.source != "demo":
             raise
-        msg = f"{exc}. This is the demo's generated series, not a download: rewrite it with {rewrite}"
-        raise DicomError(msg) from exc
+        # the demo's series is generated, not downloaded: the reader's download advice is replaced, and Snakemake,
+        # whose output (the manifest) is intact, is told to write it again
+        said = str(exc).split("; ")
+        raise DicomError(
+            "; ".join([said[0], *(part for part in said[1:] if "download" not in part)])
+            + f"; the demo series of {case_id} is damaged: write it again with `lungddpm demo-dicom --case {case_id}` "
+            f"(it replaces the series folder) or `snakemake --cores all --force {DEMO_ROOT}/series/{case_id}.json`"
+        ) from exc
     warn_of_slice_gaps(series, case_id)
     nods = lidc.nodules(case_id, cfg.data.consensus_level, cfg.data.min_readers)
     return CaseScan(case_id, info.patient_id, series, nods, None)

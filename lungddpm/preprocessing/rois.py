@@ -1,7 +1,7 @@
 """Lesion-scale regions of interest (DESIGN §5): isotropic ROIs resampled from the *source* CT at native resolution.
 
 Per case: one ROI per consensus nodule and ``rois_per_nodule`` (centre moved by a seeded uniform jitter; one that
-the scan's edges hold within half a voxel of an earlier one of its nodule is left out, with a warning), and
+the scan's edges hold on the centre of an earlier one of its nodule is left out, with a warning), and
 ``free_per_case`` nodule-free lung ROIs (centres deep inside the lung, no nodule inside, not overlapping each
 other): the insertion sites and the segmentation negatives. Each ROI is written as ``<roi>_ct.nii.gz`` (int16 HU),
 ``<roi>_layout.nii.gz`` (0/1/2: lung from the fine lung mask, nodules = consensus coverage at the ROI spacing) and
@@ -29,6 +29,10 @@ from .grid import SliceGrid, grid_geometry, nodule_centroid_world, nodule_labels
 from .layout import NODULE, compose_layout
 
 log = logging.getLogger(__name__)
+
+# Two jittered ROIs of one nodule whose centres lie this close (mm, every axis) are one ROI: only the scan's edges,
+# holding both draws at the same place, bring them so close (two free draws within it: a chance of about 1e-18)
+SAME_CENTRE_MM = 1e-6
 
 ROI_COLUMNS = (
     "roi", "case_id", "kind", "nodule", "texture", "texture_class", "diameter_mm", "malignancy",
@@ -226,7 +230,7 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
             "diameter_mm": round(nod.diameter_mm, 2),
             "malignancy": None if nod.malignancy == UNKNOWN else nod.malignancy,
         }
-        centres: list[np.ndarray] = []
+        centres: list[tuple[int, np.ndarray]] = []  # (r, centre) of the ROIs of this nodule kept so far
         for r in range(s.rois_per_nodule):
             wanted, fits = jittered_centre(centroid, boxes[n - 1], _jitter(rng, s), s)
             if not fits and r == 0:
@@ -235,12 +239,12 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
                             "fit between the %.1f mm ROI's face voxels: its ROIs may cut it (raise lesion.roi.size "
                             "for whole nodules)", case, n, nod.diameter_mm, reach, 2 * s.half_extent_mm)  # fmt: skip
             centre = shift_inside(wanted, s.half_extent_mm, lo, hi)
-            same = [k for k, c in enumerate(centres) if np.all(np.abs(c - centre) < s.spacing_mm / 2)]
+            same = [k for k, c in centres if np.allclose(c, centre, rtol=0.0, atol=SAME_CENTRE_MM)]
             if same:  # the scan's edges held it on every axis: a copy of an earlier ROI would weigh it twice
-                log.warning("%s: ROI %s_n%d_%d would repeat %s_n%d_%d (within half a voxel: the scan's edges leave "
-                            "its centre no room to move); not written", case, case, n, r, case, n, same[0])  # fmt: skip
+                log.warning("%s: ROI %s_n%d_%d would repeat %s_n%d_%d (the scan's edges leave its centre no room to "
+                            "move); not written", case, case, n, r, case, n, same[0])  # fmt: skip
                 continue
-            centres.append(centre)
+            centres.append((r, centre))
             plans.append((f"{case}_n{n}_{r}", centre, centroid, info))
     for j, centre in enumerate(free_sites(src, s, rng)):
         plans.append((f"{case}_f{j}", centre, centre, {"kind": "free"}))

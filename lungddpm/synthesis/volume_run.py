@@ -32,6 +32,7 @@ from ..io import (
     file_sha256,
     files_sha256,
     read_json,
+    read_volume,
     remove_stale_temps,
     safe_component,
     write_json,
@@ -170,6 +171,9 @@ def synthesize_shard(
                 for stale in remove_stale_temps(path):
                     log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
             pending.append((item, files))
+    for case_id in dict.fromkeys(item.case_id for item, _ in pending):  # each case once, before any sampling
+        layout, geometry = read_volume(layout_paths[case_id])
+        check_sampling_grid(ckpt, layout.shape, geometry.spacing, checkpoint, layout_paths[case_id])
     batch_size = int(sc["batch_size"])
     bar = tqdm(total=len(pending), desc=f"sample {run}", unit="volume", mininterval=5.0)
     for start in range(0, len(pending), batch_size):
@@ -178,7 +182,6 @@ def synthesize_shard(
         prepared = []
         for item, _ in chunk:
             ct, layout, geometry = read_case_pair(ct_paths[item.case_id], layout_paths[item.case_id])
-            check_sampling_grid(ckpt, layout.shape, geometry.spacing, checkpoint, layout_paths[item.case_id])
             edits: list[dict[str, Any]] = []
             if run == "augment":
                 rng = np.random.default_rng(item.seed)

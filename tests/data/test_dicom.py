@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +57,16 @@ def test_a_demo_case_without_its_series_says_how_to_write_it(tmp_path: Path) -> 
     from lungddpm.data.sources import read_case
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "config/config.yaml")
-    advice = (
-        r"write it with `lungddpm demo-dicom --case LIDC-IDRI-0078` \(it replaces the series folder\) or "
-        r"`snakemake --cores all resources/demo/series/LIDC-IDRI-0078.json`"
-    )
+    advice = r"write it with `lungddpm demo-dicom --case LIDC-IDRI-0078` or `snakemake --cores all resources/demo/"
     with pytest.raises(DicomError, match=r"demo series of LIDC-IDRI-0078 is not written yet; " + advice):
         read_case(cfg, "LIDC-IDRI-0078", tmp_path)
-    # its folder without the series (deleted files): the reader's TCIA advice is corrected, not left alone
+    # its folder without the series (deleted files): no TCIA advice, and Snakemake forced (its manifest is intact)
     (tmp_path / "resources/demo/LIDC-IDRI/LIDC-IDRI-0078").mkdir(parents=True)
-    with pytest.raises(DicomError, match=r"no DICOM series with SeriesInstanceUID .*This is the demo's generated "
-                       r"series, not a download: re" + advice):  # fmt: skip
+    with pytest.raises(DicomError) as err:
         read_case(cfg, "LIDC-IDRI-0078", tmp_path)
+    assert re.fullmatch(
+        r".*LIDC-IDRI-0078: no DICOM series with SeriesInstanceUID [\d.]+; the demo series of LIDC-IDRI-0078 is "
+        r"damaged: write it again with `lungddpm demo-dicom --case LIDC-IDRI-0078` \(it replaces the series folder\) "
+        r"or `snakemake --cores all --force resources/demo/series/LIDC-IDRI-0078.json`",
+        str(err.value),
+    )

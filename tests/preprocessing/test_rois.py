@@ -204,7 +204,7 @@ def test_a_nodule_longer_than_the_roi_is_cut_evenly_by_a_cube_within_it() -> Non
 
 
 def test_jittered_rois_that_the_scan_edges_hold_in_place_are_not_written_twice(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 72 mm ROI in a 64 x 64 x 58.5 mm scan is centred on the scan on every axis, whatever its jitter: its three
     ROIs of one nodule were three copies (the nodule weighed thrice in training and in the segmentation split). One
@@ -216,7 +216,7 @@ def test_jittered_rois_that_the_scan_edges_hold_in_place_are_not_written_twice(
     rows = rois.extract_rois(labelled_source_ct(), s, tmp_path / "big")
     assert [r["roi"] for r in rows] == ["LIDC-IDRI-0001_n1_0"]
     for r in (1, 2):
-        assert f"ROI LIDC-IDRI-0001_n1_{r} would repeat LIDC-IDRI-0001_n1_0 (within half a voxel" in caplog.text
+        assert f"ROI LIDC-IDRI-0001_n1_{r} would repeat LIDC-IDRI-0001_n1_0 (the scan's edges" in caplog.text
     assert sorted(p.name for p in (tmp_path / "big").iterdir()) == sorted(
         ["rois.csv", *(rows[0][k] for k in ("ct", "layout", "texture_map"))]
     )
@@ -224,3 +224,14 @@ def test_jittered_rois_that_the_scan_edges_hold_in_place_are_not_written_twice(
     assert [r["roi"] for r in rows] == [f"LIDC-IDRI-0001_n1_{r}" for r in range(3)]
     centres = np.array([[r[f"centre_{a}"] for a in "xyz"] for r in rows])
     assert len({tuple(c) for c in centres.round(3)}) == 3
+    # draws past the scan on every axis (the 1st, 2nd) are held at one centre: the 2nd is left out; draws a tenth of
+    # a voxel apart (the 3rd, 4th) are kept (a sub-voxel shift resamples anew); a copy of the 3rd is named by its
+    # ROI, n1_2, not by its place among the kept ones
+    caplog.clear()
+    draws = iter([np.full(3, 40.0), np.full(3, 41.0), np.zeros(3), np.full(3, 0.1), np.zeros(3)])
+    monkeypatch.setattr(rois, "_jitter", lambda rng, s: next(draws))
+    monkeypatch.setattr(rois, "jittered_centre", lambda centroid, box, jitter, s: (centroid + jitter, True))
+    rows = rois.extract_rois(labelled_source_ct(), replace(s, size=16, rois_per_nodule=5), tmp_path / "edge")
+    assert [r["roi"] for r in rows] == [f"LIDC-IDRI-0001_n1_{r}" for r in (0, 2, 3)]
+    assert "ROI LIDC-IDRI-0001_n1_1 would repeat LIDC-IDRI-0001_n1_0 (the scan's edges" in caplog.text
+    assert "ROI LIDC-IDRI-0001_n1_4 would repeat LIDC-IDRI-0001_n1_2 (the scan's edges" in caplog.text
