@@ -127,3 +127,43 @@ def test_whole_scale_clusters_paired_patients_and_a_lone_nodule_are_said(tmp_pat
     from lungddpm.report.summary import _mean_sd
 
     assert _mean_sd("-485.3", "0", "1") == "-485.3 (n=1)" and _mean_sd("-175", "99.9", "25") == "-175 ± 99.9 (n=25)"
+
+
+def test_the_baseline_mixed_devices_biased_w1_and_empty_inputs_are_said(tmp_path: Path) -> None:
+    """The segmentation table names its baseline arm (a NaN difference looked like the baseline's blank one); a run
+    sampled on two devices says both (the first item's device was printed beside every item's mean seconds); a W1
+    outside its own interval is marked † as the image-quality table marks it; montages link relative to the summary;
+    an empty quality table and a lesion run with no items say so (an empty heading, a blank plot before)."""
+    from lungddpm.report.summary import _w1, lesion_section, montage_section, segmentation_section, timing_section
+
+    comparison = tmp_path / "comparison.csv"
+    header = "arm,metric,n_cases,n_clusters,n_models,mean,ci_low,ci_high,baseline,diff,diff_ci_low,diff_ci_high,p_value"
+    comparison.write_text(f"{header},test\nreal,dice,4,4,1,0.5,0.4,0.6,real,,,,,\nsyn,dice,4,4,1,0.6,0.5,0.7,real,"
+                          "0.1,0.0,0.2,0.3,wilcoxon\n")  # fmt: skip
+    text = "\n".join(segmentation_section(comparison, None, tmp_path))
+    assert "Baseline arm: `real`; a difference is the arm's mean minus the baseline's, paired by case." in text
+    assert "| syn | dice | 0.6 [0.5, 0.7] | 0.1 [0, 0.2] | 0.3 (wilcoxon) |" in text
+    manifest = _manifest(tmp_path, "/models/m.pt")
+    other = tmp_path / "eval_1.json"
+    record = json.loads((tmp_path / "eval_0.json").read_text())
+    other.write_text(json.dumps({**record, "device": "cuda", "seconds": 0.5}))
+    data = json.loads(manifest.read_text())
+    data["items"].append({"item": "eval_1", "provenance": str(other)})
+    manifest.write_text(json.dumps(data))
+    assert "| eval | dpm++ | 3 | cpu, cuda | 2 | 1.0 |" in timing_section([manifest])
+    row = {"w1_hu": "2.54", "w1_ci_low": "2.568", "w1_ci_high": "6.6", "w1_excess_hu": "-1", "w1_excess_ci_low": "-2",
+           "w1_excess_ci_high": "0.5"}  # fmt: skip
+    assert _w1(row) == "2.54 [2.568, 6.6] †" and _w1({**row, "w1_hu": "3"}) == "3 [2.568, 6.6]"
+    assert _w1(row, "w1_excess") == "-1 [-2, 0.5]"
+    for name in ("m.png", "m.gif"):
+        (tmp_path / name).write_bytes(b"x")
+    data["items"] = [{**data["items"][0], "montage": str(tmp_path / "m.png"), "gif": str(tmp_path / "m.gif")}]
+    manifest.write_text(json.dumps(data))
+    links = montage_section([manifest], tmp_path / "elsewhere" / "figs", 1, tmp_path / "report")
+    assert "![eval_0](../elsewhere/figs/eval_m.png) ![sweep](../elsewhere/figs/eval_m.gif)" in links
+    summary = _summary(tmp_path, None, _manifest(tmp_path, "/models/m.pt"))
+    assert "No image-quality rows: the table is empty (rerun the metrics rule)." in summary
+    empty = tmp_path / "lesion_shard.json"
+    empty.write_text(json.dumps({"items": []}))
+    said = lesion_section([empty], tmp_path / "texture.csv", tmp_path / "figures", tmp_path, montages=1)
+    assert "The lesion run inserted no nodules (its manifests list no items)." in said

@@ -65,6 +65,9 @@ def quality_figure(rows: Sequence[dict[str, str]], out_png: Path) -> None:
 
     dist = [r for r in rows if r["comparison"] in ("synthetic-vs-real", "real-vs-real")]
     keys = sorted({(r["metric"], r["region"]) for r in dist})
+    if not keys:
+        placeholder_figure("no image-quality rows", out_png)
+        return
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(2.4 * max(1, len(keys)), 3.2), dpi=100, squeeze=False)
     for ax, (metric, region) in zip(axes[0], keys):
         for i, comp in enumerate(("synthetic-vs-real", "real-vs-real")):

@@ -78,6 +78,8 @@ def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
         else:
             dist[(r["metric"], r["region"])][r["comparison"]] = r
     out = ["## Image quality (eval run: test layouts)", ""]
+    if not rows:
+        return [*out, "No image-quality rows: the table is empty (rerun the metrics rule).", ""]
     if dist:
         first = next(iter(dist.values()))
         any_row = next(iter(first.values()))
@@ -119,12 +121,12 @@ def timing_section(manifests: Sequence[Path]) -> list[str]:
         data = read_json(m)
         for item in data["items"]:
             prov = read_json(item["provenance"])
-            r = runs.setdefault(
-                data["run"], {"sampler": prov["sampler"], "steps": prov["steps"], "device": prov["device"], "s": []}
-            )
+            r = runs.setdefault(data["run"], {"sampler": {}, "steps": {}, "device": {}, "s": []})
+            for key in ("sampler", "steps", "device"):  # a resume elsewhere keeps earlier items: every value shown
+                r[key][str(prov[key])] = None
             r["s"].append(float(prov["seconds"]))
     body = [
-        [run, r["sampler"], str(r["steps"]), r["device"], str(len(r["s"])), f"{np.mean(r['s']):.1f}"]
+        [run, *(", ".join(r[k]) for k in ("sampler", "steps", "device")), str(len(r["s"])), f"{np.mean(r['s']):.1f}"]
         for run, r in sorted(runs.items())
     ]
     out = ["## Sampling", ""]
@@ -140,8 +142,9 @@ def sampled_checkpoints(manifests: Sequence[Path]) -> list[str]:
                    f"`{p['checkpoint']}` (SHA-256 `{p['checkpoint_sha256'][:12]}`)" for p in provs})  # fmt: skip
 
 
-def montage_section(manifests: Sequence[Path], figures: Path, per_run: int) -> list[str]:
-    """Copy the first ``per_run`` montages and GIF sweeps of each run into ``figures`` and link them."""
+def montage_section(manifests: Sequence[Path], figures: Path, per_run: int, base: Path) -> list[str]:
+    """Copy the first ``per_run`` montages and GIF sweeps of each run into ``figures`` and link them (relative to
+    ``base``, the summary's folder)."""
     note = "Each montage: real CT | layout | synthetic (three planes); the GIF sweeps the axial slices."
     out = ["## Samples", "", note, ""]
     figures.mkdir(parents=True, exist_ok=True)
@@ -158,10 +161,8 @@ def montage_section(manifests: Sequence[Path], figures: Path, per_run: int) -> l
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(src, tmp)
             out.append(f"**{data['run']} / {item['item']}**  ")
-            out.append(
-                f"![{item['item']}]({figures.name}/{data['run']}_{Path(item['montage']).name}) "
-                f"![sweep]({figures.name}/{data['run']}_{Path(item['gif']).name})"
-            )
+            montage, sweep = (figures / f"{data['run']}_{Path(item[k]).name}" for k in ("montage", "gif"))
+            out.append(f"![{item['item']}]({_relative(montage, base)}) ![sweep]({_relative(sweep, base)})")
             out.append("")
     return out
 
@@ -188,6 +189,9 @@ def segmentation_section(comparison: Path, figure: Path | None, base: Path, clus
         clusters = f" ({r['n_clusters']} clusters)" if r.get("n_clusters") not in (None, "", r["n_cases"]) else ""
         body.append([r["arm"], r["metric"], mean, diff, p, f"{r['n_cases']}{clusters} x {r['n_models']}"])
     if body:
+        if rows[0].get("baseline"):
+            out += [f"Baseline arm: `{rows[0]['baseline']}`; a difference is the arm's mean minus the baseline's, "
+                    "paired by case.", ""]  # fmt: skip
         out += _table(["arm", "metric", "mean [CI]", "difference from baseline [CI]", "p", "cases x models"], body)
         out.append("")
         out.append(
@@ -248,7 +252,8 @@ def _w1(row: dict[str, str], key: str = "w1") -> str:
         return ""
     if low == "" or high == "":
         return _fmt(value)
-    return _ci(row, f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high")
+    outside = key in ("w1", "core_w1") and not float(low) <= float(value) <= float(high)  # a distance's bias (†)
+    return _ci(row, f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high") + (" †" if outside else "")
 
 
 def _counts(row: dict[str, str]) -> str:
@@ -270,7 +275,7 @@ def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base
             shown += [Path(m).parent / prov["files"][f"s{j}_montage"] for j in range(len(prov["sites"]))]
     out = ["## Lesion scale: nodules inpainted into real CTs at native resolution", ""]
     if prov is None:
-        return out
+        return [*out, "The lesion run inserted no nodules (its manifests list no items).", ""]
     s = prov["sample"]
     out.append(
         f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(cases)} train CT(s), {s['sampler']} "
@@ -351,7 +356,7 @@ def write_report(
     md += timing_section(manifests)
     if lesion_texture is not None:
         md += lesion_section(lesion_manifests, lesion_texture, figures, base, montages)
-    md += montage_section(manifests, figures, montages)
+    md += montage_section(manifests, figures, montages, base)
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(md) + "\n")
     log.info("report: %s", out_md)
