@@ -210,9 +210,10 @@ def insert_nodules(
                 break
         else:
             off = f", {border} voxel(s) off its faces," if border else ""
+            free = "" if _free_lung(out).any() else " (no lung voxel is left free of nodules)"
             raise LayoutError(
-                f"could not place {k} nodule(s) inside the lung{off} without touching another nodule after "
-                f"{10 * max_attempts} tries"
+                f"could not place nodule {len(edits) + 1} of {k} inside the lung{off} without touching another "
+                f"nodule: 10 draws x {max_attempts} positions{free}"
             )
         sl = tuple(slice(o, o + s) for o, s in zip(placed, mask.shape))
         out[sl][mask] = NODULE

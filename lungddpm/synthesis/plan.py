@@ -52,7 +52,10 @@ def plan(run: str, cases: Sequence[str], samples_per_layout: int, seed: int) -> 
 
 
 def shard(items: Sequence[Item], n_shards: int, index: int) -> list[Item]:
-    """Round-robin share ``index`` of ``n_shards`` (every item in exactly one shard)."""
+    """Round-robin share ``index`` of ``n_shards`` (every item in exactly one shard); an index outside the shards is
+    an error (an empty manifest would stand for a share never sampled)."""
+    if n_shards < 1 or not 0 <= index < n_shards:
+        raise ValueError(f"shard {index} of {n_shards}: a shard index runs from 0 to n_shards - 1 (sample.shards)")
     return [it for i, it in enumerate(items) if i % n_shards == index]
 
 

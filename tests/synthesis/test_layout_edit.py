@@ -87,8 +87,17 @@ def test_impossible_edits_fail_clearly() -> None:
     with pytest.raises(LayoutError, match="no bank nodule to insert"):
         insert_nodules(layout, GEOM, [], 1, np.random.default_rng(0))
     huge = BankNodule(0, "LIDC-IDRI-0001", np.ones((40, 100, 100), bool), (2.5, 0.7, 0.7), 80.0, 5, 5, 4)
-    with pytest.raises(LayoutError, match="could not place 1 nodule"):
+    with pytest.raises(LayoutError, match=r"could not place nodule 1 of 1 inside the lung without touching another "
+                       r"nodule: 10 draws x 5 positions$"):  # fmt: skip
         insert_nodules(layout, GEOM, [huge], 1, np.random.default_rng(0), max_attempts=5)
+    # a lung whose few lung voxels all touch a nodule: the message says which nodule failed and that none is free
+    small = BankNodule(1, "LIDC-IDRI-0001", np.ones((1, 1, 1), bool), (2.5, 0.7, 0.7), 3.0, 5, 5, 4)
+    full = np.where(layout > 0, 2, 0).astype(np.uint8)
+    free = np.argwhere(layout == 1)[:2]  # two lung voxels left, far apart
+    full[tuple(free[0])], full[tuple(free[-1])] = 1, 1
+    full[tuple(np.argwhere(layout == 1)[-1])] = 1
+    with pytest.raises(LayoutError, match=r"could not place nodule \d of 4 .*\(no lung voxel is left free of nodul"):
+        insert_nodules(full, GEOM, [small], 4, np.random.default_rng(0), max_attempts=5)
 
 
 def test_remove_nodules() -> None:

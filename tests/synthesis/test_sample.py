@@ -104,6 +104,9 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
     lays = {p.name.removesuffix(".nii.gz"): p for p in layouts}
     items = plan("augment", sorted(cases), 2, 0)
     assert [it.name for it in shard(items, 2, 0)] == ["case0_0", "case1_0"]
+    for n, index in ((2, 2), (2, -1), (0, 0)):  # an empty manifest would stand for a share never sampled
+        with pytest.raises(ValueError, match=rf"shard {index} of {n}: a shard index runs from 0 to n_shards - 1"):
+            shard(items, n, index)
     manifest = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
     assert [m["skipped"] for m in manifest] == [False] * 4
     for item in items:
@@ -234,8 +237,8 @@ def test_an_impossible_augment_names_the_bank_or_the_layout_and_the_keys(tiny_mo
     with pytest.raises(LayoutError, match=rf"{bank.name}: none of its \d+ nodules matches layout_edit \(diameter_mm "
                                           r"\[90, 95\].*min_readers 1\); widen"):  # fmt: skip
         augment(diameter_mm=[90, 95])
-    with pytest.raises(LayoutError, match=rf"{lays['case0'].name} \(item case0_0\): could not place 4000 nodule.*; "
-                                          "lower layout_edit.insert"):  # fmt: skip
+    with pytest.raises(LayoutError, match=rf"{lays['case0'].name} \(item case0_0\): could not place nodule \d+ of "
+                                          "4000 .*; lower layout_edit.insert"):  # fmt: skip
         augment(insert=4000, max_attempts=1)
 
 
