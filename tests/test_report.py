@@ -155,6 +155,7 @@ def test_the_baseline_mixed_devices_biased_w1_and_empty_inputs_are_said(tmp_path
            "w1_excess_ci_high": "0.5"}  # fmt: skip
     assert _w1(row) == "2.54 [2.568, 6.6] †" and _w1({**row, "w1_hu": "3"}) == "3 [2.568, 6.6]"
     assert _w1(row, "w1_excess") == "-1 [-2, 0.5]"
+    assert "†" not in _w1({**row, "w1_ci_low": "nan", "w1_ci_high": "nan"})  # no interval to lie outside of
     for name in ("m.png", "m.gif"):
         (tmp_path / name).write_bytes(b"x")
     data["items"] = [{**data["items"][0], "montage": str(tmp_path / "m.png"), "gif": str(tmp_path / "m.gif")}]

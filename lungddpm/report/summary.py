@@ -252,7 +252,8 @@ def _w1(row: dict[str, str], key: str = "w1") -> str:
         return ""
     if low == "" or high == "":
         return _fmt(value)
-    outside = key in ("w1", "core_w1") and not float(low) <= float(value) <= float(high)  # a distance's bias (†)
+    v, lo, hi = float(value), float(low), float(high)
+    outside = key in ("w1", "core_w1") and bool(np.isfinite([v, lo, hi]).all()) and not lo <= v <= hi  # bias (†)
     return _ci(row, f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high") + (" †" if outside else "")
 
 
