@@ -17,7 +17,7 @@ from .optim import EMA, apply_update, make_optimizer
 from .precision import autocast, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .profiling import device_name, peak_memory_mb, reset_peak_memory
-from .unet import UNet3D, count_parameters, unet_config_from_dict
+from .unet import UNet3D, count_parameters, downsampling, unet_config_from_dict
 
 DEFAULT_SIZE = 64  # `lungddpm bench train / sample`'s grid edge without --size (the lesion scale: its ROI's)
 
@@ -347,7 +347,7 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
         cfg = Config.from_dict(raw)
     image_size = 128 if args.model == "paper" and args.scale != "lesion" else None
     size = args.size or (int(cfg.preprocess.size[0]) if args.scale == "lesion" else DEFAULT_SIZE)
-    step = 2 ** (len(cfg.model["channel_mult"]) - 1)  # UNet3D.downsampling, checked before building anything
+    step = downsampling(cfg.model["channel_mult"])  # checked before building anything
     if size % step:
         raise ConfigError(
             f"--size {size}: the network halves the grid {len(cfg.model['channel_mult']) - 1} times "

@@ -13,6 +13,7 @@ from ..config import Config
 from ..errors import LungDDPMError
 from .data import load_training_data
 from .train import TrainResult, train
+from .unet import downsampling
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
         return train(
             data, cfg, Path(job["out_dir"]), Path(job["state_dir"]), val, job["threads"], stop_after, "train_lesion"
         )
-    multiple = 2 ** (len(cfg.model["channel_mult"]) - 1)
+    multiple = downsampling(cfg.model["channel_mult"])
     data = load_training_data(
         [Path(p) for p in job["train_cts"]], [Path(p) for p in job["train_layouts"]], cfg.intensity.hu_window, multiple
     )

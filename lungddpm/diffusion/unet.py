@@ -242,7 +242,7 @@ class UNet3D(nn.Module):
     @property
     def downsampling(self) -> int:
         """Spatial sizes must be multiples of this."""
-        return 2 ** (len(self.cfg.channel_mult) - 1)
+        return downsampling(self.cfg.channel_mult)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, layout: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, D, H, W], t [B], layout [B, L, D, H, W] -> [B, out_channels, D, H, W]."""
@@ -269,6 +269,12 @@ class UNet3D(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def downsampling(channel_mult: Sequence[int]) -> int:
+    """How many times a network of ``channel_mult`` (``model.channel_mult``) halves its grid, as the factor of which
+    its spatial sizes must be multiples (without building it)."""
+    return 2 ** (len(channel_mult) - 1)
 
 
 def unet_config_from_dict(d: dict, image_size: int) -> UNetConfig:

@@ -50,12 +50,13 @@ PAIRED_UNITS = {"mse": "HU²", "mae": "HU", "psnr": "dB", "ssim": "", "hu_w1": "
                 "ml_abs_diff": "mL"}  # fmt: skip
 
 
-def _ci_marked(row: dict[str, str] | None) -> str:
-    """:func:`_ci`, marked † where the value lies outside its own interval (the resampling bias at small N)."""
+def _ci_marked(row: dict[str, str] | None, *keys: str) -> str:
+    """:func:`_ci` (of ``keys``: value, low, high), marked † where the value lies outside its own interval (the
+    resampling bias at small N); an undefined interval (NaN) marks nothing."""
     if not row:
         return ""
-    v, lo, hi = cells(row)
-    return _ci(row) + (" †" if v < lo or v > hi else "")
+    v, lo, hi = cells(row, keys) if keys else cells(row)
+    return _ci(row, *keys) + (" †" if v < lo or v > hi else "")
 
 
 def _mean_sd(mean: str, sd: str, n: str) -> str:
@@ -252,9 +253,8 @@ def _w1(row: dict[str, str], key: str = "w1") -> str:
         return ""
     if low == "" or high == "":
         return _fmt(value)
-    v, lo, hi = float(value), float(low), float(high)
-    outside = key in ("w1", "core_w1") and bool(np.isfinite([v, lo, hi]).all()) and not lo <= v <= hi  # bias (†)
-    return _ci(row, f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high") + (" †" if outside else "")
+    keys = (f"{key}_hu", f"{key}_ci_low", f"{key}_ci_high")
+    return _ci_marked(row, *keys) if key in ("w1", "core_w1") else _ci(row, *keys)  # a distance's bias: †
 
 
 def _counts(row: dict[str, str]) -> str:
