@@ -38,7 +38,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "nodule_bank": 1,
     # 2: no cut bank tails, no paste-back rim outside the generated region, ddim / short ddpm schedules no longer
     # one level off: items made before then are remade (their provenance lacks the 2)
-    "sample": 2,
+    # 3: an inserted bank nodule rescaled on a grid centred on its bounding box (not its centroid) and never split
+    "sample": 3,
     # 2: SSIM / PSNR on the HU window, PSNR capped at 100 dB, intervals resampling patients; 3: a paired row's n_b is
     # the patients its interval resamples (it repeated the pairs)
     "metrics": 3,
@@ -58,7 +59,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "segment_compare": 1,
     "segment_sweep": 1,
     "train_lesion": 1,
-    "synthesize_lesion": 2,  # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule)
+    # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule); 3: as sample (the bank's rescale)
+    "synthesize_lesion": 3,
     "lesion_texture": 1,
     # 2: halves and bootstraps by patient, not by nodule; 3: no interval where a set is one patient's (the excess's
     # and the size-matched rows' had one), a synthetic nodule of a class a half lacks left out of the matched rows

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.graph import MCP
 
 from ..errors import LayoutError, LungDDPMError
 from ..io import Geometry, atomic_path
@@ -24,6 +25,9 @@ from ..preprocessing.grid import SliceGrid, coverage, grid_geometry
 from ..preprocessing.layout import LUNG, NODULE
 
 log = logging.getLogger(__name__)
+
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)  # a nodule's voxels meet at faces, edges or corners
+SPACING_RTOL = 1e-6  # extents within this of a whole number of target voxels are that number (0.74 * 3 / 0.74)
 
 
 @dataclass(frozen=True)
@@ -156,29 +160,54 @@ def load_bank(path: Path) -> NoduleBank:
 
 
 def rescale_mask(mask: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
-    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing (coverage >= 0.5, >= 1 voxel). The
-    target grid is centred on the centroid and reaches the mask's farthest face (a lopsided nodule keeps its tail);
-    a mask one slice thick is a slice spacing thick."""
+    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing, cropped (coverage >= 0.5, at least
+    one voxel). The target grid is centred on the mask's bounding box, so the same spacing gives the same mask and a
+    lopsided nodule keeps its tail; a mask one slice thick is a slice spacing thick. A nodule that the threshold
+    splits into more 26-connected parts than it had is joined again by the most-covered voxels between its parts
+    (:func:`_rejoin`)."""
+    nonzero = ndi.find_objects(np.asarray(mask, dtype=np.uint8))
+    if not nonzero:
+        raise LayoutError("an empty nodule mask cannot be rescaled")
+    mask = np.asarray(mask, dtype=bool)[nonzero[0]]
     sp, tg = np.asarray(spacing, dtype=float), np.asarray(target, dtype=float)
-    centre_idx = np.argwhere(mask).mean(axis=0)
-    base = np.ceil(np.asarray(mask.shape) * sp / tg).astype(int) + 2  # the bounding box's extent
-    reach = np.maximum(centre_idx + 0.5, np.asarray(mask.shape) - 0.5 - centre_idx) * sp  # centroid to farthest face
-    grow = np.maximum(np.ceil(2 * reach / tg).astype(int) + 2 - base, 0)
-    size = tuple(int(n) for n in base + 2 * ((grow + 1) // 2))  # the same parity: a centred mask's voxels stay put
+    size = tuple(int(n) for n in np.ceil(np.asarray(mask.shape) * sp / tg - SPACING_RTOL).astype(int) + 2)
     grid = SliceGrid(np.arange(mask.shape[0]) * sp[0], sp[1], sp[2], 0.0, 0.0, float(sp[0]))
-    centre = np.array([centre_idx[2] * spacing[2], centre_idx[1] * spacing[1], centre_idx[0] * spacing[0]])
-    geometry = grid_geometry(centre, tuple(target), size)  # type: ignore[arg-type]
-    out = coverage(mask, grid, geometry, size) >= 0.5
+    centre = ((np.asarray(mask.shape) - 1) / 2 * sp)[::-1]  # the bounding box's centre, LPS (x, y, z)
+    cover = coverage(mask, grid, grid_geometry(centre, tuple(target), size), size)  # type: ignore[arg-type]
+    out = cover >= 0.5
     if not out.any():
-        out[tuple(s // 2 for s in size)] = True
-    sl = ndi.find_objects(out.astype(np.uint8))[0]
-    return out[sl]
+        out[np.unravel_index(int(np.argmax(cover)), size)] = True
+    out = _rejoin(out, cover, ndi.label(mask, structure=CONNECTIVITY_26)[1])
+    return out[ndi.find_objects(out.astype(np.uint8))[0]]
+
+
+def _rejoin(out: np.ndarray, cover: np.ndarray, parts: int) -> np.ndarray:
+    """``out`` (bool [Z, Y, X]) with its 26-connected components joined, down to ``parts``, by least-cost paths
+    through the voxels that ``cover`` (their coverage) touches, a voxel costing 1 - coverage: the fewest and
+    most-covered voxels that bridge each gap. Components no such path reaches stay apart."""
+    labels, n = ndi.label(out, structure=CONNECTIVITY_26)
+    if n <= parts:
+        return out
+    out = out.copy()
+    cost = np.where(out, 0.0, np.where(cover > 0, 1.0 - cover, np.inf))
+    while n > parts:
+        main = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        cumulative, _ = (mcp := MCP(cost, fully_connected=True)).find_costs(np.argwhere(labels == main))
+        others = (labels > 0) & (labels != main) & np.isfinite(cumulative)
+        if not others.any():
+            break
+        end = np.unravel_index(int(np.argmin(np.where(others, cumulative, np.inf))), out.shape)
+        for voxel in mcp.traceback(end):
+            out[voxel] = True
+            cost[voxel] = 0.0
+        labels, n = ndi.label(out, structure=CONNECTIVITY_26)
+    return out
 
 
 def _free_lung(layout: np.ndarray) -> np.ndarray:
     """Lung voxels at least one voxel away from every nodule."""
     nodules = layout == NODULE
-    return (layout == LUNG) & ~ndi.binary_dilation(nodules, structure=np.ones((3, 3, 3), bool))
+    return (layout == LUNG) & ~ndi.binary_dilation(nodules, structure=CONNECTIVITY_26)
 
 
 def insert_nodules(
@@ -285,7 +314,7 @@ def _place(
 def remove_nodules(layout: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Relabel every nodule as lung -> (new layout, one record per removed nodule: a 26-connected component, as
     :func:`lungddpm.data.nodules.components` counts them)."""
-    labels, n = ndi.label(layout == NODULE, structure=np.ones((3, 3, 3), bool))
+    labels, n = ndi.label(layout == NODULE, structure=CONNECTIVITY_26)
     edits = []
     for i in range(1, n + 1):
         centre = np.argwhere(labels == i).mean(axis=0)
