@@ -13,11 +13,14 @@ import csv
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +215,66 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+@dataclass
+class FolderWrite:
+    """A folder that :func:`atomic_folder` is writing: files go into ``tmp``; ``path`` is the name it gets."""
+
+    tmp: Path
+    path: Path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[FolderWrite]:
+    """Yield a hidden temporary folder beside ``path`` to write into; on success it becomes the folder ``path``
+    whole, with a plain mkdir's mode (mkdtemp's is 0700). ``replace``: an earlier ``path`` is swapped out and
+    removed. Otherwise nothing is written onto: the first free name of ``path``, ``path-2``, ``path-3``, ... is
+    claimed by an exclusive mkdir (another process's too), the folder is renamed onto it, and ``FolderWrite.path``
+    says which. A failed write leaves nothing; running out of space raises :class:`DiskFullError`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    job = FolderWrite(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)), target)
+    try:
+        try:
+            yield job
+        except (OSError, RuntimeError) as exc:
+            if _disk_full(exc):
+                raise DiskFullError(
+                    f"{target}: no space left on device while writing it ({exc}); nothing was written there — free "
+                    f"space on {target.parent} (df -h) and rerun"
+                ) from exc
+            raise
+        os.chmod(job.tmp, 0o777 & ~process_umask())
+        if replace:
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+            had = target.exists()
+            if had:
+                os.replace(target, old)
+            try:
+                os.replace(job.tmp, target)
+            except OSError:
+                if had:
+                    os.replace(old, target)  # the earlier folder back where it was
+                raise
+            if had:
+                shutil.rmtree(old, ignore_errors=True)
+            return
+        for n in itertools.count(1):
+            job.path = target if n == 1 else target.with_name(f"{target.name}-{n}")
+            try:
+                job.path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        try:
+            os.replace(job.tmp, job.path)  # onto the empty folder claimed: the files appear all at once
+        except OSError:
+            job.path.rmdir()
+            raise
+    except BaseException:
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        raise
+
+
 def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geometry) -> None:
     """Write ``array`` ``[Z, Y, X]`` as compressed NIfTI with the affine of ``geometry``, atomically."""
     if array.ndim != 3:
@@ -280,24 +343,50 @@ def nifti_nans(path: Path) -> int:
 def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
     """Read a NIfTI file -> (array ``[Z, Y, X]``, geometry)."""
     p = Path(path)
-    if not p.is_file():
-        raise VolumeReadError(f"{p}: no such file; run the stage that produces it first")
-    try:
-        image = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        raise VolumeReadError(f"{p}: not a readable NIfTI volume ({exc}); delete it and rerun its stage") from exc
+    image = _read_image(p, sitk.ReadImage)
     cut = nifti_truncation(p)
     if cut:
         raise VolumeReadError(f"{p}: truncated: {cut}; delete it and rerun its stage (or copy it again)")
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeReadError(f"{p}: a {image.GetDimension()}-D image of {image.GetNumberOfComponentsPerPixel()} "
-                              "value(s) per voxel, not a 3-D volume; give a 3-D scalar volume")  # fmt: skip
-    geometry = Geometry(
+    return sitk.GetArrayFromImage(image), _geometry(image)
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], Geometry]:
+    """A NIfTI file's grid, from its header alone -> (shape (z, y, x), geometry); errors as :func:`read_volume`."""
+
+    def information(name: str) -> sitk.ImageFileReader:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        return reader
+
+    reader = _read_image(Path(path), information)
+    return tuple(int(n) for n in reader.GetSize()[::-1]), _geometry(reader)  # type: ignore[return-value]
+
+
+def _read_image(p: Path, read: Any) -> Any:
+    """``read(str(p))`` (an image or a reader of its header), checked to be one 3-D scalar volume."""
+    if not p.is_file():
+        raise VolumeReadError(f"{p}: no such file; run the stage that produces it first")
+    try:
+        image = read(str(p))
+    except RuntimeError as exc:
+        raise VolumeReadError(f"{p}: not a readable NIfTI volume ({exc}); delete it and rerun its stage") from exc
+    per_voxel = (
+        image.GetNumberOfComponentsPerPixel() if isinstance(image, sitk.Image) else image.GetNumberOfComponents()
+    )
+    if image.GetDimension() != 3 or per_voxel != 1:
+        raise VolumeReadError(f"{p}: a {image.GetDimension()}-D image of {per_voxel} value(s) per voxel, not a 3-D "
+                              "volume; give a 3-D scalar volume")  # fmt: skip
+    return image
+
+
+def _geometry(image: Any) -> Geometry:
+    """The geometry of a SimpleITK image or header reader (spacing reversed to (z, y, x); origin LPS (x, y, z))."""
+    return Geometry(
         spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),  # type: ignore[arg-type]
         origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
         direction=tuple(float(d) for d in image.GetDirection()),
     )
-    return sitk.GetArrayFromImage(image), geometry
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -162,3 +162,63 @@ def test_an_output_path_that_is_a_folder_is_named_before_any_work(tmp_path: Path
     with pytest.raises(LungDDPMError, match="is a folder, not a file"):
         write_volume(tmp_path, np.zeros((2, 2, 2), np.int16), Geometry((1.0,) * 3, (0.0,) * 3))
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # refused before a temporary was made beside it
+
+
+def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The phantom's DICOM series (``replace``) and the studio's downloads (never onto an earlier one)."""
+    import os
+    import stat
+
+    from lungddpm.io import atomic_folder
+
+    target = tmp_path / "series"
+    with atomic_folder(target, replace=True) as folder:
+        (folder.tmp / "a.dcm").write_text("1")
+        assert not target.exists() and folder.tmp.parent == tmp_path and folder.tmp.name.startswith(".series.")
+    assert folder.path == target and [p.name for p in target.iterdir()] == ["a.dcm"]
+    with pytest.raises(RuntimeError, match="cut"), atomic_folder(target, replace=True) as folder:
+        (folder.tmp / "b.dcm").write_text("2")
+        raise RuntimeError("cut")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"] and (target / "a.dcm").read_text() == "1"
+    with atomic_folder(target, replace=True) as folder:
+        (folder.tmp / "b.dcm").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["b.dcm"] and sorted(os.listdir(tmp_path)) == ["series"]
+
+    made = []
+    old = os.umask(0o027)
+    try:
+        for _ in range(3):
+            with atomic_folder(tmp_path / "export", replace=False) as folder:
+                (folder.tmp / "ct.nii.gz").write_text(str(len(made)))
+            made.append(folder.path)
+    finally:
+        os.umask(old)
+    assert [p.name for p in made] == ["export", "export-2", "export-3"]
+    assert [(p / "ct.nii.gz").read_text() for p in made] == ["0", "1", "2"]  # none written onto another
+    assert {stat.S_IMODE(p.stat().st_mode) for p in made} == {0o750}  # a plain mkdir's (mkdtemp's is 0700)
+    with pytest.raises(OSError), atomic_folder(tmp_path / "export", replace=False) as folder:
+        raise OSError(5, "I/O error")
+    assert sorted(os.listdir(tmp_path)) == ["export", "export-2", "export-3", "series"]
+    import errno
+
+    from lungddpm.io import DiskFullError
+
+    with pytest.raises(DiskFullError, match=r"export: no space left on device .*nothing was written there — free"):
+        with atomic_folder(tmp_path / "export", replace=False) as folder:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["export", "export-2", "export-3", "series"]
+
+
+def test_a_header_read_gives_the_grid_without_the_voxels(tmp_path: Path) -> None:
+    from lungddpm.io import read_header
+
+    geometry = Geometry((2.5, 0.7, 0.8), (-10.0, 20.0, 30.0))
+    write_volume(tmp_path / "v.nii.gz", np.zeros((3, 4, 5), np.uint8), geometry)
+    shape, got = read_header(tmp_path / "v.nii.gz")
+    assert shape == (3, 4, 5) and got == read_volume(tmp_path / "v.nii.gz")[1]
+    assert np.allclose(got.spacing, geometry.spacing) and np.allclose(got.origin, geometry.origin)
+    with pytest.raises(LungDDPMError, match=r"w.nii.gz: no such file; run the stage that produces it first"):
+        read_header(tmp_path / "w.nii.gz")
+    (tmp_path / "bad.nii.gz").write_bytes(b"nope")
+    with pytest.raises(LungDDPMError, match=r"bad.nii.gz: not a readable NIfTI volume"):
+        read_header(tmp_path / "bad.nii.gz")

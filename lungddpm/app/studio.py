@@ -8,12 +8,8 @@ placed at the site, the nodule dilated by ``lesion.insert.margin_mm`` is generat
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +24,7 @@ from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
-from ..io import Geometry, file_sha256, process_umask, write_json, write_volume
+from ..io import Geometry, atomic_folder, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
 from ..preprocessing.rois import (
@@ -321,33 +317,13 @@ class Studio:
     def export(self, session: CaseSession) -> dict[str, Path]:
         """Write the edited CT (int16 HU) and label map (0/1/2) on the native grid, each site's ROI before, after and
         its layout, and the provenance to a new folder ``results/studio/<case>/<time>/``; returns the paths. The
-        folder appears whole or not at all: it is written hidden beside its name, then renamed, never onto an
-        earlier download."""
+        folder appears whole or not at all, never onto an earlier download (:func:`lungddpm.io.atomic_folder`)."""
         if not session.edits:
             raise StudioError("nothing to download yet: insert a nodule first")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        parent = self.results / "studio" / session.case_id
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stamp}.", suffix=".tmp", dir=parent))
-        try:
-            names = self._write_export(session, tmp)
-            os.chmod(tmp, 0o777 & ~process_umask())  # a plain mkdir's mode (mkdtemp's is 0700)
-            for n in itertools.count(1):  # the name is claimed by an exclusive mkdir (another process's too)
-                out = parent / (stamp if n == 1 else f"{stamp}-{n}")
-                try:
-                    out.mkdir()
-                    break
-                except FileExistsError:
-                    continue
-            try:
-                os.replace(tmp, out)  # onto the empty folder claimed: the files appear all at once
-            except OSError:
-                out.rmdir()
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return {key: out / name for key, name in names.items()}
+        with atomic_folder(self.results / "studio" / session.case_id / stamp, replace=False) as folder:
+            names = self._write_export(session, folder.tmp)
+        return {key: folder.path / name for key, name in names.items()}
 
     def _write_export(self, session: CaseSession, folder: Path) -> dict[str, str]:
         """:meth:`export`'s files in ``folder``; returns their names by key (``provenance`` last)."""

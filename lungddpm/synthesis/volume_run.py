@@ -31,8 +31,8 @@ from ..io import (
     atomic_path,
     file_sha256,
     files_sha256,
+    read_header,
     read_json,
-    read_volume,
     remove_stale_temps,
     safe_component,
     write_json,
@@ -172,8 +172,8 @@ def synthesize_shard(
                     log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
             pending.append((item, files))
     for case_id in dict.fromkeys(item.case_id for item, _ in pending):  # each case once, before any sampling
-        layout, geometry = read_volume(layout_paths[case_id])
-        check_sampling_grid(ckpt, layout.shape, geometry.spacing, checkpoint, layout_paths[case_id])
+        shape, geometry = read_header(layout_paths[case_id])
+        check_sampling_grid(ckpt, shape, geometry.spacing, checkpoint, layout_paths[case_id])
     batch_size = int(sc["batch_size"])
     bar = tqdm(total=len(pending), desc=f"sample {run}", unit="volume", mininterval=5.0)
     for start in range(0, len(pending), batch_size):

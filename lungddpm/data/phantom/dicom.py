@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from ...errors import ConfigError, DicomError
+from ...io import atomic_folder
 from .spec import ScanGeometry, fov_mask
 
 log = logging.getLogger(__name__)
@@ -141,26 +138,13 @@ def write_dicom_series(hu: np.ndarray, geom: ScanGeometry, out_dir: Path, quirks
             f"{out_dir}: volume shape {hu.shape} does not match the geometry {geom.shape} (slices, rows, cols)"
         )
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     names = []
-    try:
+    with atomic_folder(out_dir, replace=True) as folder:
         outside = ~fov_mask(geom)
         frame_uid = generate_uid(entropy_srcs=[geom.series_uid, "frame of reference"])
         for k in range(hu.shape[0]):
             ds = _slice_dataset(geom, quirks, k, _stored_values(hu[k], quirks, outside), frame_uid)
             names.append(f"{ds.InstanceNumber:04d}.dcm")
-            dcmwrite(tmp / names[-1], ds, enforce_file_format=True)
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            dcmwrite(folder.tmp / names[-1], ds, enforce_file_format=True)
     log.info("%s: wrote %d DICOM slices (%s)", out_dir, len(names), quirks)
     return [out_dir / n for n in names]
