@@ -19,11 +19,16 @@ BACKGROUND, LUNG, NODULE = 0, 1, 2
 LABELS = (BACKGROUND, LUNG, NODULE)
 
 
+# A reach in voxels within this (relative) of a whole number is that number: a spacing read back from NIfTI is float32
+# (1.2 mm is 1.2000000477), so 3.6 mm / 1.2 mm fell just short of 3 voxels at insertion and not in training.
+VOXEL_RTOL = 1e-6
+
+
 def ball(radius_vox: float) -> np.ndarray:
     """Bool sphere structuring element of ``radius_vox`` voxels (centre voxel included), [2r+1]^3."""
-    r = int(np.ceil(radius_vox))
+    r = int(np.ceil(radius_vox - VOXEL_RTOL * radius_vox))
     zz, yy, xx = np.ogrid[-r : r + 1, -r : r + 1, -r : r + 1]
-    return zz**2 + yy**2 + xx**2 <= radius_vox**2 + 1e-9
+    return zz**2 + yy**2 + xx**2 <= radius_vox**2 * (1 + 2 * VOXEL_RTOL) + 1e-9
 
 
 def dilate_mm(mask: np.ndarray, margin_mm: float, spacing_mm: float) -> np.ndarray:
@@ -35,7 +40,7 @@ def dilate_mm(mask: np.ndarray, margin_mm: float, spacing_mm: float) -> np.ndarr
 def face_border(margin_mm: float, spacing_mm: float) -> int:
     """Voxels to keep between a nodule and the grid's faces so that :func:`dilate_mm` by ``margin_mm`` leaves at least
     one kept voxel outside it on every side: the reach of its ball along an axis, plus one."""
-    return int(np.floor(margin_mm / spacing_mm + 1e-9)) + 1
+    return int(np.floor(margin_mm / spacing_mm * (1 + VOXEL_RTOL) + 1e-9)) + 1
 
 
 def check_labels(layout: np.ndarray, name: str) -> None:

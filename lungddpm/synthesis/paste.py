@@ -66,14 +66,20 @@ def paste_back(
     native: np.ndarray, box: NativeBox, generated_hu: np.ndarray, weight: np.ndarray
 ) -> tuple[np.ndarray, int]:
     """Blend ``generated_hu`` (the ROI after inpainting, [n, n, n] HU) into ``native`` [K, I, J] in place through
-    ``weight`` (:func:`feather_weight`); returns (the native weights in the box, the number of voxels changed)."""
-    w = np.clip(_at(weight.astype(np.float32), box.roi_index, 1), 0.0, 1.0)
-    w[(w < 1e-6) | ~nearest_in_box(box, weight > 0)] = 0.0  # interpolation reaches a voxel past the region: not there
+    ``weight`` (:func:`feather_weight`), interpolated onto the native voxels; a 0/1 weight (``feather_mm`` 0) is taken
+    nearest-neighbour: a hard paste. Returns (the native weights in the box, the number of voxels whose value
+    changed)."""
+    inside = nearest_in_box(box, weight > 0)
+    if np.isin(weight, (0.0, 1.0)).all():
+        w = inside.astype(np.float32)
+    else:
+        w = np.clip(_at(weight.astype(np.float32), box.roi_index, 1), 0.0, 1.0)
+        w[(w < 1e-6) | ~inside] = 0.0  # interpolation reaches a voxel past the region: not there
     gen = _at(generated_hu.astype(np.float32), box.roi_index, 1)
     region = native[box.slices]
-    changed = w > 0
-    mixed = np.round(w * gen + (1 - w) * region.astype(np.float32))
-    region[changed] = mixed[changed].astype(native.dtype)
+    mixed = np.round(w * gen + (1 - w) * region.astype(np.float32)).astype(native.dtype)
+    changed = (w > 0) & (mixed != region)
+    region[changed] = mixed[changed]
     return w, int(changed.sum())
 
 

@@ -8,7 +8,15 @@ import pytest
 from lungddpm.config import LayoutConfig
 from lungddpm.errors import LayoutError
 from lungddpm.io import Geometry, read_volume, write_json, write_volume
-from lungddpm.preprocessing.layout import check_layout, check_source_lungs, compose_layout, make_layout
+from lungddpm.preprocessing.layout import (
+    ball,
+    check_layout,
+    check_source_lungs,
+    compose_layout,
+    dilate_mm,
+    face_border,
+    make_layout,
+)
 
 GEOM = Geometry(spacing=(10.0, 10.0, 10.0), origin=(-155.0, -155.0, -300.0))
 CFG = LayoutConfig(min_lung_ml=500, max_lung_ml=12000, min_side_fraction=0.15)
@@ -88,3 +96,19 @@ def test_only_a_scan_whose_air_is_too_little_and_cut_at_both_ends_is_called_thin
         check_source_lungs(few, air, (10.0, 10.0, 10.0), CFG, "ct.nii.gz", "seg.nrrd", 0)
     with pytest.raises(LayoutError, match=r"from the lung label of seg.nrrd: label the whole lungs"):
         check_source_lungs(few, air, (10.0, 10.0, 10.0), CFG, "ct.nii.gz", "seg.nrrd", 2)
+
+
+@pytest.mark.parametrize(("spacing", "margin"), [(1.2, 3.6), (0.8, 2.4), (1.1, 4.4), (1.25, 3.75), (0.6, 3.0)])
+def test_a_float32_spacing_reaches_as_far_as_the_configured_one(tmp_path: Path, spacing: float, margin: float) -> None:
+    """Insertion reads the ROI's spacing back from NIfTI (float32: 1.2 is 1.2000000477); training takes the config's.
+    3.6 mm / 1.2000000477 mm fell short of 3 voxels: the generated region lost its outer shell (311 voxels, not 389)
+    and the face border a voxel."""
+    n = 16
+    layout = np.ones((n, n, n), np.uint8)
+    layout[7:9, 7:9, 7:9] = 2
+    write_volume(tmp_path / "roi.nii.gz", layout, Geometry((spacing,) * 3, (0.0, 0.0, 0.0)))
+    back = read_volume(tmp_path / "roi.nii.gz")[1].spacing[0]
+    assert back != spacing or spacing in (1.25,)  # the float32 round trip (1.25 is exact)
+    assert np.array_equal(dilate_mm(layout == 2, margin, back), dilate_mm(layout == 2, margin, spacing))
+    assert face_border(margin, back) == face_border(margin, spacing) == round(margin / spacing) + 1
+    assert ball(margin / back).sum() == ball(round(margin / spacing)).sum()
