@@ -4,7 +4,7 @@
 ``n``-th time (or, for ``checkpoint``, right after writing the checkpoint of step ``n``). Points:
 
 - ``checkpoint`` — training, right after the resumable checkpoint ``step_<n>.pt`` was written;
-- ``rename`` — any atomic write (:func:`lungddpm.io.atomic_path`), after the temporary file is complete and
+- ``rename`` — any atomic write (:func:`lungddpm.atomic.atomic_path`), after the temporary file is complete and
   before it is renamed onto its target: the ``n``-th atomic write of the process.
 
 Unset (the normal case) it costs one dictionary lookup. Never a timer: the kill happens at the same point on

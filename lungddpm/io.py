@@ -1,4 +1,5 @@
-"""The only module that touches file formats: NIfTI volumes with their true affine, JSON, atomic writes.
+"""The only module that touches file formats: NIfTI volumes with their true affine, JSON, CSV (written through
+:mod:`lungddpm.atomic`).
 
 Arrays in memory are numpy ``[Z, Y, X]`` (slices first). A :class:`Geometry` holds the spacing ``(z, y, x)`` in
 mm, the LPS world position ``(x, y, z)`` of voxel ``[0, 0, 0]`` and the direction cosines (SimpleITK's
@@ -8,20 +9,13 @@ On disk, SimpleITK converts this to a NIfTI RAS affine, so any NIfTI reader sees
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import errno
-import glob
 import hashlib
-import itertools
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +23,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import LungDDPMError
-from .faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +118,6 @@ class VolumeReadError(LungDDPMError):
     """A NIfTI file that cannot be read."""
 
 
-class DiskFullError(LungDDPMError):
-    """A write that ran out of space (ENOSPC / EDQUOT); the previous file is left as it was."""
-
-
 class UnsafePathError(LungDDPMError):
     """A case id, run or model name that would put a file outside its folder."""
 
@@ -144,135 +134,6 @@ def safe_component(name: str, what: str) -> str:
             "no output lands outside results/); fix the id in the config or on the command line"
         )
     return name
-
-
-def _disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, RuntimeError) and "No space left on device" in str(exc)  # SimpleITK's report
-
-
-def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporaries of ``path`` left by a killed :func:`atomic_path` write; returns what was removed."""
-    target = Path(path)
-    stale = sorted(target.parent.glob(f".{glob.escape(target.name)}.*.tmp*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
-_OPEN_MODE = 0o666  # what open() asks for a new file; the umask takes its bits away
-
-
-def process_umask() -> int:
-    """The process umask, read from ``/proc/self/status`` (Linux; setting it to read it, elsewhere, leaves a moment
-    in which another thread's new file would get the mode without it)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0)
-        os.umask(umask)
-        return umask
-
-
-def new_file_mode() -> int:
-    """The mode a plain ``open()`` gives a new file: 0o666 less the process umask."""
-    return _OPEN_MODE & ~process_umask()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` only on success. The file
-    gets the mode a plain ``open()`` would give it (mkstemp's 0600 would make it private to its owner).
-
-    A failed or interrupted write leaves ``path`` as it was (a kill -9 may leave a hidden ``.<name>.*.tmp*``
-    file, which :func:`remove_stale_temps` clears); running out of space raises :class:`DiskFullError`.
-    """
-    target = Path(path)
-    if target.is_dir():  # os.replace would fail after the work, with IsADirectoryError
-        raise LungDDPMError(f"{target}: is a folder, not a file; give the path of the file to write (e.g. --out)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, new_file_mode())  # writers open it in place (truncating), so the mode carries over
-        try:
-            yield tmp
-        except (OSError, RuntimeError) as exc:
-            if _disk_full(exc):
-                raise DiskFullError(
-                    f"{target}: no space left on device while writing it ({exc}); the previous version of the "
-                    f"file, if any, is untouched — free space on {target.parent} (df -h) and rerun"
-                ) from exc
-            raise
-        kill_point("rename")
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@dataclass
-class FolderWrite:
-    """A folder that :func:`atomic_folder` is writing: files go into ``tmp``; ``path`` is the name it gets."""
-
-    tmp: Path
-    path: Path
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[FolderWrite]:
-    """Yield a hidden temporary folder beside ``path`` to write into; on success it becomes the folder ``path``
-    whole, with a plain mkdir's mode (mkdtemp's is 0700). ``replace``: an earlier ``path`` is swapped out and
-    removed. Otherwise nothing is written onto: the first free name of ``path``, ``path-2``, ``path-3``, ... is
-    claimed by an exclusive mkdir (another process's too), the folder is renamed onto it, and ``FolderWrite.path``
-    says which. A failed write leaves nothing; running out of space raises :class:`DiskFullError`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    job = FolderWrite(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)), target)
-    try:
-        try:
-            yield job
-        except (OSError, RuntimeError) as exc:
-            if _disk_full(exc):
-                raise DiskFullError(
-                    f"{target}: no space left on device while writing it ({exc}); nothing was written there — free "
-                    f"space on {target.parent} (df -h) and rerun"
-                ) from exc
-            raise
-        os.chmod(job.tmp, 0o777 & ~process_umask())
-        if replace:
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-            had = target.exists()
-            if had:
-                os.replace(target, old)
-            try:
-                os.replace(job.tmp, target)
-            except OSError:
-                if had:
-                    os.replace(old, target)  # the earlier folder back where it was
-                raise
-            if had:
-                shutil.rmtree(old, ignore_errors=True)
-            return
-        for n in itertools.count(1):
-            job.path = target if n == 1 else target.with_name(f"{target.name}-{n}")
-            try:
-                job.path.mkdir()
-                break
-            except FileExistsError:
-                continue
-        try:
-            os.replace(job.tmp, job.path)  # onto the empty folder claimed: the files appear all at once
-        except OSError:
-            job.path.rmdir()
-            raise
-    except BaseException:
-        shutil.rmtree(job.tmp, ignore_errors=True)
-        raise
 
 
 def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geometry) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .io import atomic_path
+from .atomic import atomic_path
 
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lungddpm.atomic import atomic_path
 from lungddpm.errors import LungDDPMError
-from lungddpm.io import Geometry, atomic_path, read_json, read_volume, write_csv, write_json, write_volume
+from lungddpm.io import Geometry, read_json, read_volume, write_csv, write_json, write_volume
 
 
 def test_nifti_round_trip_keeps_voxels_and_true_affine(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_the_process_umask_is_read_whole(tmp_path: Path, umask: int) -> None:
     import os
     import stat
 
-    from lungddpm.io import process_umask
+    from lungddpm.atomic import process_umask
 
     old = os.umask(umask)
     try:
@@ -169,7 +170,7 @@ def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     import os
     import stat
 
-    from lungddpm.io import atomic_folder
+    from lungddpm.atomic import atomic_folder
 
     target = tmp_path / "series"
     with atomic_folder(target, replace=True) as folder:
@@ -183,6 +184,12 @@ def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     with atomic_folder(target, replace=True) as folder:
         (folder.tmp / "b.dcm").write_text("2")
     assert [p.name for p in target.iterdir()] == ["b.dcm"] and sorted(os.listdir(tmp_path)) == ["series"]
+    (tmp_path / "file").write_text("x")  # replaced, it was left hidden beside the new folder
+    with pytest.raises(LungDDPMError, match=r"file: is a file or link, not a folder; move it away"):
+        with atomic_folder(tmp_path / "file", replace=True):
+            pass
+    assert sorted(os.listdir(tmp_path)) == ["file", "series"]
+    (tmp_path / "file").unlink()
 
     made = []
     old = os.umask(0o027)
@@ -201,7 +208,7 @@ def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["export", "export-2", "export-3", "series"]
     import errno
 
-    from lungddpm.io import DiskFullError
+    from lungddpm.atomic import DiskFullError
 
     with pytest.raises(DiskFullError, match=r"export: no space left on device .*nothing was written there — free"):
         with atomic_folder(tmp_path / "export", replace=False) as folder:

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..atomic import atomic_folder
 from ..config import Config
 from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..errors import LungDDPMError
-from ..io import Geometry, atomic_folder, file_sha256, write_json, write_volume
+from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
 from ..preprocessing.rois import (
@@ -317,7 +318,7 @@ class Studio:
     def export(self, session: CaseSession) -> dict[str, Path]:
         """Write the edited CT (int16 HU) and label map (0/1/2) on the native grid, each site's ROI before, after and
         its layout, and the provenance to a new folder ``results/studio/<case>/<time>/``; returns the paths. The
-        folder appears whole or not at all, never onto an earlier download (:func:`lungddpm.io.atomic_folder`)."""
+        folder appears whole or not at all, never onto an earlier download (:func:`lungddpm.atomic.atomic_folder`)."""
         if not session.edits:
             raise StudioError("nothing to download yet: insert a nodule first")
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..config import Config
 from ..errors import LungDDPMError
-from ..io import atomic_path
 from ..settings import LATER_DEFAULTS, model_weight_settings, set_keys, weight_settings
 from ..versions import output_version
 from .device import pick_device

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..config import Config
-from ..io import atomic_path
 from .checkpoint import CheckpointError, load_checkpoint
 from .convention import ConventionError, LungDDPMConvention
 from .process import SCHEDULES, DiffusionConfig, make_scheduler

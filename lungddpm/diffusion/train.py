@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..config import Config, TrainConfig
 from ..errors import LungDDPMError
 from ..faults import kill_point
-from ..io import atomic_path, read_csv
+from ..io import read_csv
 from .checkpoint import (
     check_global_batch,
     check_resume,

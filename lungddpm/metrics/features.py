@@ -28,9 +28,10 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from ..atomic import atomic_path
 from ..diffusion.convention import resize
 from ..errors import LungDDPMError
-from ..io import Geometry, atomic_path, file_sha256, read_volume
+from ..io import Geometry, file_sha256, read_volume
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..diffusion.encoding import TEXTURE_CLASSES
-from ..io import atomic_path
 from .lesion import ALL, FidelitySettings, Nodule, mean_profile, profile_bins
 
 

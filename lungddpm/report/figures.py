@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path, read_csv
+from ..atomic import atomic_path
+from ..io import read_csv
 
 
 def loss_figure(train_log: Path, out_png: Path) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_path, read_csv, read_json
+from ..atomic import atomic_path
+from ..io import read_csv, read_json
 from .figures import cells, loss_figure, placeholder_figure, quality_figure
 
 log = logging.getLogger(__name__)

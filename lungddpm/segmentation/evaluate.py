@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
+from ..atomic import atomic_path
 from ..errors import LungDDPMError
-from ..io import atomic_path, read_csv, read_json, read_volume, write_csv
+from ..io import read_csv, read_json, read_volume, write_csv
 from ..metrics.distribution import group_members
 from ..metrics.voxel import bootstrap_ci, dice
 from ..preprocessing.layout import NODULE

@@ -19,15 +19,16 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.graph import MCP
 
+from ..atomic import atomic_path
 from ..errors import LayoutError, LungDDPMError
-from ..io import Geometry, atomic_path
+from ..io import Geometry
 from ..preprocessing.grid import SliceGrid, coverage, grid_geometry
 from ..preprocessing.layout import LUNG, NODULE
 
 log = logging.getLogger(__name__)
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)  # a nodule's voxels meet at faces, edges or corners
-SPACING_RTOL = 1e-6  # extents within this of a whole number of target voxels are that number (0.74 * 3 / 0.74)
+SPACING_RTOL = 1e-4  # spacings, and extents in target voxels, this close (relative) are equal (float32 in files)
 
 
 @dataclass(frozen=True)
@@ -161,36 +162,44 @@ def load_bank(path: Path) -> NoduleBank:
 
 def rescale_mask(mask: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
     """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing, cropped (coverage >= 0.5, at least
-    one voxel). The target grid is centred on the mask's bounding box, so the same spacing gives the same mask and a
-    lopsided nodule keeps its tail; a mask one slice thick is a slice spacing thick. A nodule that the threshold
-    splits into more 26-connected parts than it had is joined again by the most-covered voxels between its parts
-    (:func:`_rejoin`)."""
+    one voxel). The target grid is centred on the mask's bounding box, so a lopsided nodule keeps its tail, and the
+    same spacing (within ``SPACING_RTOL``) gives the mask back as it is; a mask one slice thick is a slice spacing
+    thick. Each of the mask's 26-connected parts that the threshold cuts into pieces is joined again by the
+    most-covered voxels between them (:func:`_rejoin`)."""
     nonzero = ndi.find_objects(np.asarray(mask, dtype=np.uint8))
     if not nonzero:
         raise LayoutError("an empty nodule mask cannot be rescaled")
     mask = np.asarray(mask, dtype=bool)[nonzero[0]]
     sp, tg = np.asarray(spacing, dtype=float), np.asarray(target, dtype=float)
-    size = tuple(int(n) for n in np.ceil(np.asarray(mask.shape) * sp / tg - SPACING_RTOL).astype(int) + 2)
+    if np.allclose(sp, tg, rtol=SPACING_RTOL, atol=0.0):
+        return mask.copy()
+    extent = np.asarray(mask.shape) * sp / tg  # the bounding box, in target voxels
+    size = tuple(int(n) for n in np.ceil(extent * (1 - SPACING_RTOL)).astype(int) + 2)
     grid = SliceGrid(np.arange(mask.shape[0]) * sp[0], sp[1], sp[2], 0.0, 0.0, float(sp[0]))
     centre = ((np.asarray(mask.shape) - 1) / 2 * sp)[::-1]  # the bounding box's centre, LPS (x, y, z)
-    cover = coverage(mask, grid, grid_geometry(centre, tuple(target), size), size)  # type: ignore[arg-type]
+    geometry = grid_geometry(centre, tuple(target), size)  # type: ignore[arg-type]
+    parts, n_parts = ndi.label(mask, structure=CONNECTIVITY_26)
+    covers = np.stack([coverage(parts == p, grid, geometry, size) for p in range(1, n_parts + 1)])
+    cover = covers.sum(axis=0)  # the parts are disjoint: their coverages add up to the mask's
     out = cover >= 0.5
     if not out.any():
         out[np.unravel_index(int(np.argmax(cover)), size)] = True
-    out = _rejoin(out, cover, ndi.label(mask, structure=CONNECTIVITY_26)[1])
+    owner = np.argmax(covers, axis=0)
+    for p in range(n_parts):
+        out |= _rejoin(out & (owner == p), covers[p])
     return out[ndi.find_objects(out.astype(np.uint8))[0]]
 
 
-def _rejoin(out: np.ndarray, cover: np.ndarray, parts: int) -> np.ndarray:
-    """``out`` (bool [Z, Y, X]) with its 26-connected components joined, down to ``parts``, by least-cost paths
-    through the voxels that ``cover`` (their coverage) touches, a voxel costing 1 - coverage: the fewest and
-    most-covered voxels that bridge each gap. Components no such path reaches stay apart."""
-    labels, n = ndi.label(out, structure=CONNECTIVITY_26)
-    if n <= parts:
-        return out
-    out = out.copy()
+def _rejoin(piece: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """``piece`` (bool [Z, Y, X]: the voxels one part of a nodule gave) with its 26-connected pieces joined to the
+    largest by least-cost paths through the voxels that the part's ``cover`` (coverage) touches, a voxel costing
+    1 - coverage: the fewest and most-covered voxels that bridge each gap. A piece no such path reaches stays apart."""
+    labels, n = ndi.label(piece, structure=CONNECTIVITY_26)
+    if n <= 1:
+        return piece
+    out = piece.copy()
     cost = np.where(out, 0.0, np.where(cover > 0, 1.0 - cover, np.inf))
-    while n > parts:
+    while n > 1:
         main = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
         cumulative, _ = (mcp := MCP(cost, fully_connected=True)).find_costs(np.argwhere(labels == main))
         others = (labels > 0) & (labels != main) & np.isfinite(cumulative)

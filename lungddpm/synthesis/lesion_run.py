@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import remove_stale_temps
 from ..config import Config
 from ..data.sources import source_paths
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..diffusion.precision import precision_name, resolve_precision
 from ..errors import DicomError
-from ..io import Geometry, file_sha256, remove_stale_temps, write_csv, write_json, write_volume
+from ..io import Geometry, file_sha256, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
 from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
 from .layout_edit import load_bank

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import atomic_path, remove_stale_temps
 from ..config import Config
 from ..diffusion.checkpoint import check_sampling_grid, load_for_sampling, model_digest
 from ..diffusion.convention import convention_from_checkpoint
@@ -27,17 +28,7 @@ from ..diffusion.precision import precision_name, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, keep_mask, sample
 from ..errors import LayoutError, LungDDPMError
-from ..io import (
-    atomic_path,
-    file_sha256,
-    files_sha256,
-    read_header,
-    read_json,
-    remove_stale_temps,
-    safe_component,
-    write_json,
-    write_volume,
-)
+from ..io import file_sha256, files_sha256, read_header, read_json, safe_component, write_json, write_volume
 from ..preprocessing.layout import read_case_pair
 from ..settings import LATER_DEFAULTS, without_later_defaults
 from ..versions import output_version

@@ -22,10 +22,11 @@ from conftest import snakemake
 from support import tiny_config, tiny_data
 
 from lungddpm import faults
+from lungddpm.atomic import DiskFullError
 from lungddpm.diffusion.checkpoint import load_checkpoint
 from lungddpm.diffusion.process import GaussianDiffusion
 from lungddpm.diffusion.train import TrainingDivergedError, train
-from lungddpm.io import DiskFullError, Geometry, read_json, read_volume, write_json, write_volume
+from lungddpm.io import Geometry, read_json, read_volume, write_json, write_volume
 
 CHECKPOINT = "results/models/demo/checkpoint.pt"
 UPSTREAM = (

@@ -129,8 +129,10 @@ def test_rescale_to_the_same_spacing_is_the_identity() -> None:
     padded = np.pad(blob, ((1, 2), (3, 0), (0, 4)))  # a mask not cropped to its nodule comes back cropped
     for spacing in ((2.5, 0.742188, 0.742188), (1.25, 0.878906, 0.878906), (1.0, 1.0, 1.0)):
         # 3 x 0.878906 / 0.878906 is 3.0000000000000004 in floats: a voxel more, and the centroid-centred grid of
-        # before moved lopsided masks by part of a voxel (135 of the demo bank's 340 nodules changed)
+        # before moved lopsided masks by part of a voxel (214 of the demo bank's 340 nodules changed)
         assert np.array_equal(rescale_mask(padded, spacing, spacing), blob)
+        near = tuple(s * (1 + 7e-7) for s in spacing)  # 0.742188 vs 0.7421875: one spacing, written two ways
+        assert np.array_equal(rescale_mask(padded, spacing, near), blob)
     with pytest.raises(LayoutError, match="empty nodule mask"):
         rescale_mask(np.zeros((2, 2, 2), bool), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
 
@@ -149,3 +151,18 @@ def test_rescale_keeps_a_nodule_in_one_piece() -> None:
     apart = rescale_mask(balls, spacing, target)
     assert ndi.label(apart, structure=np.ones((3, 3, 3), bool))[1] == 2  # parts that were apart stay apart
     assert out.shape == apart.shape and int(out.sum() - apart.sum()) == 7  # the 8.4 mm neck: 7 voxels, no more
+    # each part of a nodule is joined on its own: a speck that vanishes no longer hides the cut neck (the parts'
+    # count, 2, was not exceeded), and a ball beside the dumbbell is not bridged to it in place of the neck
+    speck = np.pad(dumbbell, ((0, 0), (0, 0), (0, 6)))
+    speck[0, 0, -1] = True  # one 0.7 mm voxel: under half of any 1.25 mm voxel
+    out = rescale_mask(speck, spacing, target)
+    assert ndi.label(out, structure=np.ones((3, 3, 3), bool))[1] == 1
+    shape = (11, 11, 50)  # a 4.2 mm ball 0.7 mm off a dumbbell like the one above (2 parts, 3 pieces at 1.25 mm)
+    zz, yy, xx = np.indices(shape)
+    beside = np.zeros(shape, bool)
+    for cx in (5, 13, 32):
+        beside[((zz - 5) ** 2 + (yy - 5) ** 2 + (xx - cx) ** 2) <= 3**2] = True
+    beside[5, 5, 13:32] = True
+    labels, n = ndi.label(rescale_mask(beside, spacing, target), structure=np.ones((3, 3, 3), bool))
+    spans = sorted(int(np.ptp(np.nonzero(labels == i)[2])) + 1 for i in range(1, n + 1))  # along x, in voxels
+    assert n == 2 and spans == [3, 13]  # the ball apart; the dumbbell (18.2 mm) whole

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from ...atomic import atomic_folder
 from ...errors import ConfigError, DicomError
-from ...io import atomic_folder
 from .spec import ScanGeometry, fov_mask
 
 log = logging.getLogger(__name__)
