@@ -32,6 +32,18 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "No space left on device" in str(exc)  # SimpleITK's report
 
 
+@contextlib.contextmanager
+def _disk_full_said(target: Path, left: str) -> Iterator[None]:
+    """Running out of space in the block raised as :class:`DiskFullError` naming ``target``; ``left``: what is left."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if _disk_full(exc):
+            raise DiskFullError(f"{target}: no space left on device while writing it ({exc}); {left} — free space "
+                                f"on {target.parent} (df -h) and rerun") from exc  # fmt: skip
+        raise
+
+
 def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     """Delete temporaries of ``path`` left by a killed :func:`atomic_path` write; returns what was removed."""
     target = Path(path)
@@ -79,15 +91,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         os.chmod(tmp, new_file_mode())  # writers open it in place (truncating), so the mode carries over
-        try:
+        with _disk_full_said(target, "the previous version of the file, if any, is untouched"):
             yield tmp
-        except (OSError, RuntimeError) as exc:
-            if _disk_full(exc):
-                raise DiskFullError(
-                    f"{target}: no space left on device while writing it ({exc}); the previous version of the "
-                    f"file, if any, is untouched — free space on {target.parent} (df -h) and rerun"
-                ) from exc
-            raise
         kill_point("rename")
         os.replace(tmp, target)
     finally:
@@ -116,15 +121,8 @@ def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[Fo
     target.parent.mkdir(parents=True, exist_ok=True)
     job = FolderWrite(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)), target)
     try:
-        try:
+        with _disk_full_said(target, "nothing was written there"):
             yield job
-        except (OSError, RuntimeError) as exc:
-            if _disk_full(exc):
-                raise DiskFullError(
-                    f"{target}: no space left on device while writing it ({exc}); nothing was written there — free "
-                    f"space on {target.parent} (df -h) and rerun"
-                ) from exc
-            raise
         os.chmod(job.tmp, 0o777 & ~process_umask())
         if replace:
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
