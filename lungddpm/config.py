@@ -167,7 +167,10 @@ def _read_yaml(p: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except FileNotFoundError as exc:
-        raise ConfigError(f"{p}: config file not found; start from config/config.yaml") from exc
+        raise ConfigError(
+            f"{p.resolve()}: config file not found; run lungddpm in the workflow's folder (the clone, holding "
+            "config/config.yaml), or give --configfile (lungddpm app: --workdir)"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
     except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, or not text
@@ -207,6 +210,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, ba
     _merge(raw, _read_yaml(Path(path)))
     _merge(raw, overrides or {})
     source = str(path) if base is None else f"{path} merged over {base}"
+    source += " with the command line's --set values" if overrides else ""
     return Config.from_dict(validate_config(raw, source=source))
 
 

@@ -43,8 +43,9 @@ def lesion_scale_runs(config: Mapping[str, Any]) -> bool:
 
 
 def _input_problems(config: Mapping[str, Any]) -> list[str]:
-    """Inputs a run would ignore or miss: a case list the source does not read, a reversed feature-network HU
-    range (every volume would give the same features), the medicalnet extractor without its weight file."""
+    """Inputs a run would ignore or miss: a case list or data folder the source does not read, a reversed
+    feature-network HU range (every volume would give the same features), the medicalnet extractor without its
+    weight file."""
     out = []
     data = config.get("data") or {}
     if data.get("cases") and data.get("source") != "lidc":
@@ -52,6 +53,14 @@ def _input_problems(config: Mapping[str, Any]) -> list[str]:
             f"data.cases: a list of LIDC patients, which data.source {data['source']!r} does not read (demo: "
             "data.demo.n_scans picks the cases; images: each volume of data.images.ct_dir); remove it"
         )
+    source = data.get("source", "demo")
+    given = {"dicom_root": ("lidc", data.get("dicom_root"))}
+    given |= {f"images.{k}": ("images", (data.get("images") or {}).get(k)) for k in ("ct_dir", "label_dir")}
+    for key, (reads, value) in given.items():
+        if value is not None and source != reads:  # the demo would run in place of the data given
+            out.append(f"data.{key}: {value!r} is read with data.source {reads} only, and data.source is {source!r} "
+                       f"(the {'phantom demo' if source == 'demo' else source + ' data'} would run instead); add "
+                       f"source: {reads} (--config 'data={{source: {reads}, ...}}'), or remove data.{key}")  # fmt: skip
     features = (config.get("metrics") or {}).get("features") or {}
     if features and float(features["clip_hu"][0]) >= float(features["clip_hu"][1]):
         out.append(f"metrics.features.clip_hu: {features['clip_hu']} is reversed or empty (every volume would give "

@@ -1,8 +1,10 @@
 # Parse-time state: the validated config, the case list and the split (deterministic from the config).
 import re
+import sys
 from pathlib import Path
 
 from lungddpm.data.lidc import CLUSTERING_VERSION
+from lungddpm.errors import LungDDPMError
 from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
@@ -17,37 +19,44 @@ from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 # lists the command line's first)
 CONFIG_SOURCES = [str(f) for f in workflow.configfiles if f not in workflow.overwrite_configfiles]
 CONFIG_SOURCES += [*map(str, workflow.overwrite_configfiles), *(["--config"] if workflow.config_settings.config else [])]
-validate_config(config, source=f"snakemake config ({', then '.join(CONFIG_SOURCES) or 'no config file'})")
-# the keys in the order of the shipped config (defaults filled): the params, hence the reruns, do not depend on the
-# order of a config file's keys, and a workdir made with the shipped order keeps its params
-config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
-CFG = config_from_mapping(config)
-CASES = list_cases(CFG)
-STRATA = case_strata(CFG, CASES)  # images: from the label maps' content, so a fixed label can move a case
-SPLIT = case_split(CFG, CASES, STRATA)
-PATIENTS = case_patients(CFG, CASES)
-check_written_split(Path("results/splits.csv"), SPLIT, STRATA)  # a label-map edit that moved a case: say so, rerun nothing
-IS_DEMO = CFG.data.source == "demo"
-BANK_CASES = bank_cases(CFG, SPLIT)
-MODEL = config["train"]["name"]
-CHECKPOINT = str(model_checkpoint(CFG, "results"))
-# sample.checkpoint names a model of its own: the whole-volume model train.name is then neither trained nor reported
-GIVEN_CHECKPOINT = CHECKPOINT != str(Path("results", "models", MODEL, "checkpoint.pt"))
-N_SHARDS = config["sample"]["shards"]
-LESION = config["lesion"]["enabled"]
-LESION_CFG = lesion_config(CFG)  # validates lesion.model / lesion.train at parse time
-LESION_CHECKPOINT = f"results/models/lesion/{LESION_CFG.train.name}/checkpoint.pt"
-LESION_GPU = min(LESION_CFG.train.gpus, 1)  # the lesion jobs' GPU: lesion.train.gpus, else train.gpus (at most 1)
-LESION_SHARDS = config["lesion"]["sample"]["shards"]
-# the image-quality floor and reference must both be possible before any job runs (raises naming the fix)
-real_halves(
-    [Volume(c, Path(c), None) for c in sorted(SPLIT)],
-    [c for c, s in SPLIT.items() if s == "test"],
-    PATIENTS,
-    config["metrics"]["seed"],
-    config["metrics"]["floor_fraction"],
-)
-check_synthetic_set(len(run_cases(SPLIT, "eval")), samples_per_layout(config["sample"], "eval"))
+# a config or data problem found while parsing: its message (naming the key or file and the fix), without the
+# parser's traceback through lungddpm's code
+try:
+    validate_config(config, source=f"snakemake config ({', then '.join(CONFIG_SOURCES) or 'no config file'})")
+    # the keys in the order of the shipped config (defaults filled): the params, hence the reruns, do not depend on
+    # the order of a config file's keys, and a workdir made with the shipped order keeps its params
+    config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
+    CFG = config_from_mapping(config)
+    CASES = list_cases(CFG)
+    STRATA = case_strata(CFG, CASES)  # images: from the label maps' content, so a fixed label can move a case
+    SPLIT = case_split(CFG, CASES, STRATA)
+    PATIENTS = case_patients(CFG, CASES)
+    # a label-map edit that moved a case: say so, rerun nothing
+    check_written_split(Path("results/splits.csv"), SPLIT, STRATA)
+    IS_DEMO = CFG.data.source == "demo"
+    BANK_CASES = bank_cases(CFG, SPLIT)
+    MODEL = config["train"]["name"]
+    CHECKPOINT = str(model_checkpoint(CFG, "results"))
+    # sample.checkpoint names a model of its own: the whole-volume model train.name is then neither trained nor
+    # reported
+    GIVEN_CHECKPOINT = CHECKPOINT != str(Path("results", "models", MODEL, "checkpoint.pt"))
+    N_SHARDS = config["sample"]["shards"]
+    LESION = config["lesion"]["enabled"]
+    LESION_CFG = lesion_config(CFG)  # validates lesion.model / lesion.train at parse time
+    LESION_CHECKPOINT = f"results/models/lesion/{LESION_CFG.train.name}/checkpoint.pt"
+    LESION_GPU = min(LESION_CFG.train.gpus, 1)  # the lesion jobs' GPU: lesion.train.gpus, else train.gpus (at most 1)
+    LESION_SHARDS = config["lesion"]["sample"]["shards"]
+    # the image-quality floor and reference must both be possible before any job runs (raises naming the fix)
+    real_halves(
+        [Volume(c, Path(c), None) for c in sorted(SPLIT)],
+        [c for c, s in SPLIT.items() if s == "test"],
+        PATIENTS,
+        config["metrics"]["seed"],
+        config["metrics"]["floor_fraction"],
+    )
+    check_synthetic_set(len(run_cases(SPLIT, "eval")), samples_per_layout(config["sample"], "eval"))
+except LungDDPMError as exc:
+    sys.exit(f"{type(exc).__name__}: {exc}")
 
 
 def final_targets():

@@ -99,8 +99,10 @@ def test_keys_that_change_how_a_training_runs_leave_its_params_alone() -> None:
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found; run lungddpm in the workflow's folder"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"config.yaml with the command line's --set values: invalid configuration"):
+        load_config(REPO / "config/config.yaml", {"train": {"stpes": 10}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
@@ -118,7 +120,9 @@ def test_strings_from_the_command_line_are_coerced() -> None:
     assert cfg["preprocess"]["size"] == [64, 64, 48] and cfg["preprocess"]["fine_spacing_mm"] == 2.5
     assert cfg["data"]["consensus_level"] == 0.25
     assert cfg["data"]["dicom_root"] is None  # YAML's null, as the text Snakemake passes, where null is allowed
-    cfg = validate_config({"data": {"images": {"ct_dir": "/ct", "label_dir": "~"}}, "sample": {"checkpoint": "null"}})
+    cfg = validate_config(
+        {"data": {"source": "images", "images": {"ct_dir": "/ct", "label_dir": "~"}}, "sample": {"checkpoint": "null"}}
+    )
     assert cfg["data"]["images"]["label_dir"] is None and cfg["sample"]["checkpoint"] is None
     cfg = validate_config({"train": {"name": "null"}})
     assert cfg["train"]["name"] == "null"  # a string where only a string is allowed stays a string
@@ -214,6 +218,17 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ({"lesion": {"insert": {"texture": "any"}, "train": {"cond_dropout": 0}}}, r"lesion.insert.texture: any: asks"),
         ({"layout": {"min_lung_ml": 13000}}, r"layout.min_lung_ml: 13000 is above layout.max_lung_ml 12000"),
         ({"data": {"cases": ["LIDC-IDRI-0001"]}}, r"data.cases: a list of LIDC patients, which data.source 'demo'"),
+        # a data folder without its source: the phantom demo ran in its place, without a word
+        (
+            {"data": {"dicom_root": "/data/LIDC-IDRI"}},
+            r"data.dicom_root: '/data/LIDC-IDRI' is read with data.source lidc only, and data.source is 'demo' \(the "
+            r"phantom demo would run instead\); add source: lidc",
+        ),
+        ({"data": {"images": {"ct_dir": "ct"}}}, r"data.images.ct_dir: 'ct' is read with data.source images only"),
+        (
+            {"data": {"source": "lidc", "dicom_root": "/d", "images": {"label_dir": "seg"}}},
+            r"data.images.label_dir: 'seg' .* and data.source is 'lidc' \(the lidc data would run instead\)",
+        ),
         ({"metrics": {"features": {"clip_hu": [200, -1000]}}}, r"metrics.features.clip_hu: \[200, -1000\] is reversed"),
         ({"metrics": {"features": {"extractor": "medicalnet"}}}, r"metrics.features.weights: the medicalnet extractor"),
     ],

@@ -24,6 +24,7 @@ from ..config import Config
 from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
+from ..diffusion.precision import precision_name, resolve_precision
 from ..errors import LungDDPMError
 from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
@@ -38,7 +39,7 @@ from ..preprocessing.rois import (
     nodule_boxes,
     shift_inside,
 )
-from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at
+from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
 from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
@@ -227,7 +228,11 @@ class Studio:
         if session.labels[k, i, j] != LUNG:
             raise StudioError("that site is outside the lung: click inside the lung (the tinted region)")
         lo, hi = session.source.bounds()
-        centre = shift_inside(target, self.roi.half_extent_mm, lo, hi)
+        # the ROI moved by the part of a voxel that puts the nodule's centroid on the site (place_at rounds to voxels)
+        half = (self.roi.size - 1) / 2  # the site's ROI index on each axis, the ROI centred on it
+        c = np.argwhere(rescale_mask(nodule.mask, nodule.spacing, (self.roi.spacing_mm,) * 3)).mean(axis=0)
+        wanted = target + ((half - c) - np.round(half - c))[::-1] * self.roi.spacing_mm
+        centre = shift_inside(wanted, self.roi.half_extent_mm, lo, hi)
         roi = self.roi.geometry(centre)
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
@@ -238,7 +243,7 @@ class Studio:
         try:
             edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border)
         except LungDDPMError as exc:
-            edge = np.abs(centre - target).max() > 1e-6 and "does not fit" in str(exc)  # the ROI shifted inward
+            edge = np.abs(centre - wanted).max() > 1e-6 and "does not fit" in str(exc)  # the ROI shifted inward
             hint = ("the site is near the scan's edge, where the ROI cannot centre on it: click further from the "
                     "scan's first or last slice or its sides" if edge else "click deeper inside the lung")  # fmt: skip
             raise StudioError(f"{exc}: {hint}, or choose a smaller nodule") from exc
@@ -339,8 +344,12 @@ class Studio:
         write_json(folder / f"{base}.json", {
             "item": base, "source_case": session.case_id, "tool": "lungddpm app",
             **run_settings(self.cfg, self.checkpoint_sha, self.bank_sha), "checkpoint": str(self.checkpoint),
+            "note": "insert.texture and sample.seed are the config's defaults; each site's are in sites",
             "sites": [e.record for e in session.edits], "files": {k: p.name for k, p in files.items()},
-            "device": str(self.device), "seconds_per_nodule": [round(e.seconds, 3) for e in session.edits],
+            "device": str(self.device),
+            "precision_used": precision_name(resolve_precision(self.cfg.raw["lesion"]["sample"]["precision"],
+                                                               self.device)),
+            "seconds_per_nodule": [round(e.seconds, 3) for e in session.edits],
             "lungddpm_version": __version__,
         })  # fmt: skip
         return {**{k: p.name for k, p in files.items()}, "provenance": f"{base}.json"}

