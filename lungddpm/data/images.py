@@ -90,6 +90,10 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
             if not dicom_dirs or not any(entry.iterdir()):
                 ignored.append(entry.name)
                 continue
+            volumes = [f.name for f in sorted(entry.iterdir()) if f.name.lower().endswith(SUFFIXES)]
+            others = [f for f in entry.iterdir() if f.is_file() and not f.name.lower().endswith(SUFFIXES + COMPANIONS)]
+            if volumes and not others:  # volume files only, nothing that could be DICOM beside them
+                raise _volume_folder_error(entry, volumes, what)
         elif not lower.endswith(SUFFIXES):
             if not lower.endswith(COMPANIONS):
                 ignored.append(entry.name)
@@ -110,6 +114,13 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
             f"check {what}"
         )
     return found
+
+
+def _volume_folder_error(folder: Path, volumes: Sequence[str], what: str) -> ImageError:
+    """The error for a subfolder of volume files where a DICOM series folder was expected (one per case)."""
+    suffix = next(x for x in SUFFIXES if volumes[0].lower().endswith(x))
+    return ImageError(f"{folder}: a folder of volume files ({', '.join(volumes[:3])}), not a DICOM series; put each "
+                      f"CT directly in {what} as <case>{suffix}, named by its case")  # fmt: skip
 
 
 def patient_of(case_id: str, pattern: str | None) -> str:
@@ -155,11 +166,7 @@ def _read(path: Path) -> Any:
             series = reader.GetGDCMSeriesIDs(str(path))
             volumes = [f.name for f in sorted(path.iterdir()) if f.name.lower().endswith(SUFFIXES)]
             if not series and volumes:
-                suffix = next(x for x in SUFFIXES if volumes[0].lower().endswith(x))
-                raise ImageError(
-                    f"{path}: a folder of volume files ({', '.join(volumes[:3])}), not a DICOM series; put each CT "
-                    f"directly in data.images.ct_dir as <case>{suffix}, named by its case"
-                )
+                raise _volume_folder_error(path, volumes, "data.images.ct_dir")
             if len(series) != 1:
                 raise ImageError(
                     f"{path}: {len(series)} DICOM series in this folder; keep exactly one series per subfolder"

@@ -324,6 +324,14 @@ def test_case_ids_are_sanitised_stems_and_stems_must_match(tmp_path: Path) -> No
     (ct / "a.nrrd").write_bytes(b"")
     with pytest.raises(ImageError, match=r"a.nii.gz and .*a.nrrd: both give case id 'a'; rename one"):
         discover(str(ct), None, None)
+    (ct / "a.nrrd").unlink()
+    (ct / "sub").mkdir()  # a NIfTI in a subfolder was a DICOM case named 'sub' until its job refused it
+    (ct / "sub" / "LIDC-IDRI-0078.nii.gz").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"sub: a folder of volume files \(LIDC-IDRI-0078.nii.gz\), not a DICOM "
+                       r"series; put each CT directly in data.images.ct_dir as <case>.nii.gz"):  # fmt: skip
+        discover(str(ct), None, None)
+    (ct / "sub" / "0001.dcm").write_bytes(b"")  # beside DICOM files: a series folder, read (and checked) as one
+    assert list(discover(str(ct), None, None)) == ["a", "b", "sub"]
 
 
 def test_patient_regex_groups_series_and_is_checked_at_parse_time(tmp_path: Path) -> None:
