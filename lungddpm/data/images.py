@@ -77,9 +77,10 @@ def case_id_of(path: Path) -> str:
 
 def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
     """case id -> volume file (or DICOM folder) of ``folder``; other files are listed in a warning."""
+    kind = "label maps" if "label" in what else "CT volumes"
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise ImageError(f"{folder}: {what} {state}; point it at the folder holding your volumes")
+        raise ImageError(f"{folder}: {what} {state}; point it at the folder holding your {kind}")
     found: dict[str, Path] = {}
     ignored = []
     for entry in sorted(folder.iterdir()):
@@ -109,10 +110,9 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
             "%s: not volumes, ignored: %s", folder, ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else "")
         )
     if not found:
-        raise ImageError(
-            f"{folder}: no CT volumes ({', '.join(SUFFIXES)} files{' or DICOM series folders' if dicom_dirs else ''}); "
-            f"check {what}"
-        )
+        series = " or DICOM series folders" if dicom_dirs else ""
+        dicom = " (DICOM files go one series per subfolder)" if any(n.lower().endswith(".dcm") for n in ignored) else ""
+        raise ImageError(f"{folder}: no {kind} ({', '.join(SUFFIXES)} files{series}){dicom}; check {what}")
     return found
 
 

@@ -332,6 +332,14 @@ def test_case_ids_are_sanitised_stems_and_stems_must_match(tmp_path: Path) -> No
         discover(str(ct), None, None)
     (ct / "sub" / "0001.dcm").write_bytes(b"")  # beside DICOM files: a series folder, read (and checked) as one
     assert list(discover(str(ct), None, None)) == ["a", "b", "sub"]
+    (tmp_path / "flat").mkdir()  # a series' files straight in ct_dir; an empty label folder
+    (tmp_path / "flat" / "0001.dcm").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"flat: no CT volumes \(.* or DICOM series folders\) \(DICOM files go one "
+                       r"series per subfolder\); check data.images.ct_dir"):  # fmt: skip
+        discover(str(tmp_path / "flat"), None, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match=r"empty: no label maps \(.nii.gz, .*.mhd files\); check data.images.label_d"):
+        discover(str(ct), str(tmp_path / "empty"), None)
 
 
 def test_patient_regex_groups_series_and_is_checked_at_parse_time(tmp_path: Path) -> None:
