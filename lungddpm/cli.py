@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key, e.g. --set data.source=lidc (repeatable)")  # fmt: skip
     parser.add_argument("--log", default=None, help="also log to this file")
     sub = parser.add_subparsers(dest="command", required=True)
+    threads = {"type": _positive, "default": os.cpu_count() or 1, "help": "CPU threads (default: every core)"}
     p = sub.add_parser("cases", help="list the cases of the config and their split")
     p.set_defaults(func=cmd_cases)
     p = sub.add_parser("demo-dicom", help="write the demo phantom DICOM series")
@@ -230,32 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_dicom)
     p = sub.add_parser("demo-images", help="write the demo cases in Lung-DDPM's CT/ + SEG/ layout (source images)")
     p.add_argument("--out", required=True, help="folder to hold CT/ and SEG/")
-    p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
+    p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"],
+                   help="file format of the volumes")  # fmt: skip
     p.add_argument("--root", default=None, help="demo DICOM root (default resources/demo; missing series are written)")
     p.set_defaults(func=cmd_demo_images)
     p = sub.add_parser("preprocess", help="DICOM -> HU volume, lung and nodule masks on the model grid")
-    p.add_argument("--case", required=True)
+    p.add_argument("--case", required=True, help="case id (`lungddpm cases` lists them)")
     p.add_argument("--out", required=True, help="output folder of the case")
     p.set_defaults(func=cmd_preprocess)
     p = sub.add_parser("layout", help="lung + nodule masks -> semantic layout (0/1/2)")
-    p.add_argument("--case-dir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--case-dir", required=True, help="a preprocessed case's folder (results/preprocessed/<case>)")
+    p.add_argument("--out", required=True, help="the layout to write (.nii.gz)")
     p.set_defaults(func=cmd_layout)
     p = sub.add_parser("split", help="write the patient-level train/val/test split")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the split CSV to write (the workflow's: results/splits.csv)")
     p.set_defaults(func=cmd_split)
     p = sub.add_parser("demo-qc", help="score lung masks and nodule positions against the demo phantom's truth")
-    p.add_argument("--root", default=None)
-    p.add_argument("--preprocessed", default="results/preprocessed")
-    p.add_argument("--out", required=True)
+    p.add_argument("--root", default=None, help="demo DICOM root (default resources/demo)")
+    p.add_argument("--preprocessed", default="results/preprocessed", help="folder of the preprocessed cases")
+    p.add_argument("--out", required=True, help="the QC CSV to write")
     p.set_defaults(func=cmd_demo_qc)
     p = sub.add_parser("train", help="train the diffusion model on the train split (torchrun if train.processes > 1)")
     p.add_argument("--results", default="results", help="results root holding preprocessed/ and layouts/")
     p.add_argument("--state", default="state", help="root of resumable state (checkpoints)")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("train-job", help="(internal) one rank of a training job written by `train`")
-    p.add_argument("job")
+    p.add_argument("job", help="the job file that `train` wrote")
     p.set_defaults(func=cmd_train_job)
     p = sub.add_parser(
         "import-lungddpm",
@@ -267,20 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lungddpm checkpoint to write, e.g. results/models/lung-ddpm/checkpoint.pt")  # fmt: skip
     p.set_defaults(func=cmd_import_lungddpm)
     p = sub.add_parser("rois", help="lesion-scale ROIs of one case from its source DICOM (needs its preprocess)")
-    p.add_argument("--case", required=True)
+    p.add_argument("--case", required=True, help="case id (`lungddpm cases` lists them)")
     p.add_argument("--preprocessed", default=None, help="default results/preprocessed/<case>")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the case's ROI folder to write")
     p.set_defaults(func=cmd_rois)
     p = sub.add_parser("nodule-bank", help="build the nodule bank for layout editing")
-    p.add_argument("--out", default="resources/nodule_bank.npz")
+    p.add_argument("--out", default="resources/nodule_bank.npz", help="the bank (.npz) to write")
     p.set_defaults(func=cmd_nodule_bank)
     p = sub.add_parser("sample", help="sample one shard of a run (eval: test layouts; augment: edited train layouts)")
-    p.add_argument("--run", choices=["eval", "augment"], required=True)
+    p.add_argument("--run", choices=["eval", "augment"], required=True, help="eval: test layouts; augment: edited")
     p.add_argument("--shard", type=int, default=0, help="this shard, 0 to --shards - 1")
     p.add_argument("--shards", type=_positive, default=None, help="shards of the run (default sample.shards)")
-    p.add_argument("--results", default="results")
-    p.add_argument("--bank", default="resources/nodule_bank.npz")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--results", default="results", help="results root")
+    p.add_argument("--bank", default="resources/nodule_bank.npz", help="the nodule bank (augment's insertions)")
+    p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser(
         "metrics",
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="feature cache (default $LUNGDDPM_CACHE/features, else ~/.cache/lungddpm/features)",
     )
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("bench", help="benchmarks: train step time, sampling time per volume, sampler quality")
     p.add_argument(
@@ -324,34 +326,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch (lesion sample: nodules per batch)")
     p.add_argument("--scale", choices=["whole", "lesion"], default="whole", help="lesion: the lesion network's")
     p.add_argument("--model", choices=["config", "paper"], default="paper", help="network: the config's or the paper's")
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"], help="to time")
     p.add_argument("--compile", action="store_true", help="also run torch.compile")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--profile", action="store_true", help="speed: also profile each row into <--out or .>/profile/")
     p.add_argument("--steps", type=_positive, default=3, help="timed steps (after warm-up); speed: repeats (median)")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("segment", help="downstream nnU-Net v2: prepare/train each arm, score it on the test split, "
                        "compare the arms")  # fmt: skip
-    p.add_argument("what", choices=["prepare", "train", "score", "compare", "all"])
+    p.add_argument("what", choices=["prepare", "train", "score", "compare", "all"], help="the stage, or all in order")
     p.add_argument("--arm", action="append", help="only this arm (repeatable); default every configured arm")
     p.add_argument("--seed", type=int, action="append", help="only this seed (repeatable)")
     p.add_argument("--fold", action="append", choices=[*"01234", "all"], help="only this fold (repeatable)")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="results", help="results root")
     p.add_argument("--state", default="state",
                    help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)")  # fmt: skip
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("app", help="the interactive nodule studio: a local web app over the workflow's results")
     p.add_argument("--workdir", default=".", help="the workflow directory (its results/ and resources/)")
     p.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_app)
     for p in sub.choices.values():  # also after the stage, as in `lungddpm app --configfile my.yaml`
-        p.add_argument("--configfile", dest="stage_configfile", default=None, help="as before the stage")
+        p.add_argument(
+            "--configfile",
+            dest="stage_configfile",
+            default=None,
+            help="workflow config (YAML), as --configfile before the command",
+        )
         p.add_argument("--set", dest="stage_set", action="append", default=[], metavar="KEY=VALUE",
-                       help="as before the stage; after those given there")  # fmt: skip
+                       help="as --set before the command; applied after those")  # fmt: skip
     return parser
 
 

@@ -182,3 +182,15 @@ def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_w
     err = capsys.readouterr().err
     assert "halves the grid 2 times (model.channel_mult [1, 2, 2]), so the edge must be a multiple of 4" in err
     assert "; try --size 28" in err
+
+
+def test_every_option_of_every_command_says_what_it_is() -> None:
+    """`lungddpm <command> --help` explains each option (--case, --out, --threads had no text)."""
+    import argparse
+
+    from lungddpm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(sub.choices) >= 17
+    silent = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions if not a.help]
+    assert silent == []
