@@ -192,5 +192,5 @@ def test_every_option_of_every_command_says_what_it_is() -> None:
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert len(sub.choices) >= 17
-    silent = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions if not a.help]
+    silent = [f"{c} {a.option_strings or a.dest}" for c, p in sub.choices.items() for a in p._actions if not a.help]
     assert silent == []
