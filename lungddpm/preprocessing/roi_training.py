@@ -14,7 +14,7 @@ from ..config import Config
 from ..diffusion.encoding import texture_levels
 from ..errors import LayoutError
 from ..io import read_volume
-from .layout import LUNG, NODULE, ball, check_labels, dilate_mm, face_border
+from .layout import LUNG, NODULE, check_labels, dilate_mm, face_border
 from .rois import read_roi_table
 
 
@@ -27,11 +27,11 @@ def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float
 
 
 def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:
-    """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm``, 1 elsewhere."""
-    r = max(0, round(margin_mm / spacing_mm))
+    """Loss weights [D, H, W]: 1 + ``weight`` inside the nodules dilated by ``margin_mm`` (:func:`dilate_mm`: every
+    voxel within the margin, as insertion's generated region), 1 elsewhere."""
     nod = layout == NODULE
-    if r and nod.any():
-        nod = ndi.binary_dilation(nod, structure=ball(r))
+    if nod.any():
+        nod = dilate_mm(nod, margin_mm, spacing_mm)
     return (1.0 + weight * nod).astype(np.float32)
 
 

@@ -208,6 +208,12 @@ def test_focus_weights_cover_nodule_and_margin() -> None:
     layout[4, 4, 4] = NODULE
     w = focus_weights(layout, 1.0, 2.0, 2.0)
     assert w[4, 4, 4] == 3.0 and w[4, 4, 6] == 3.0 and w[4, 4, 7] == 1.0 and w[0, 0, 0] == 1.0
+    # every voxel within the margin, not within a whole number of voxels (the demo's 3 mm at 1.25 mm was 2 voxels:
+    # 2.5 mm; 3.2 mm was 3 voxels: 3.75 mm)
+    zz, yy, xx = np.indices(layout.shape)
+    for margin in (3.0, 3.2, 0.5):
+        within = (((zz - 4) ** 2 + (yy - 4) ** 2 + (xx - 4) ** 2) * 1.25**2) <= margin**2
+        assert np.array_equal(focus_weights(layout, 1.25, 2.0, margin) == 3.0, within)
 
 
 def test_lesion_config_merges_overrides_and_names_bad_keys(tmp_path) -> None:
