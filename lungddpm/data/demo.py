@@ -22,6 +22,8 @@ from ..io import Geometry, read_json, read_volume, write_text, write_volume
 from ..metrics.voxel import dice
 from ..preprocessing.grid import SliceGrid, resample
 from . import lidc
+from .dicom import DicomSeries
+from .nodules import Nodule, paint
 from .phantom import NoduleSpec, PhantomConfig, ScanGeometry, quirks_for, synthesize_thorax, write_dicom_series
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,6 @@ def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suf
     ``--mask_path`` take. Series missing under ``root`` are synthesised first. Returns the CT files."""
     from dataclasses import replace
 
-    from .images import export_case
     from .sources import read_case
 
     demo_cfg = replace(cfg, data=replace(cfg.data, source="lidc", dicom_root=str(Path(root) / "LIDC-IDRI")))
@@ -155,3 +156,12 @@ def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suf
         log.info("%s: %s + %s (%d nodules)", case, ct_file, seg_file, len(scan.nodules))
         written.append(ct_file)
     return written
+
+
+def export_case(series: DicomSeries, lung: np.ndarray, nodules: list[Nodule], ct_path: Path, label_path: Path) -> None:
+    """One case in Lung-DDPM's folder layout: the CT (int16 HU) and its 0/1/2 label map (lung, nodule)."""
+    from .images import write_image
+
+    labels = paint(lung.astype(np.uint8), nodules, 2)
+    write_image(ct_path, np.round(series.hu).astype(np.int16), series)
+    write_image(label_path, labels, series)

@@ -26,7 +26,7 @@ from ..errors import ImageError
 from ..io import nifti_nans, nifti_truncation
 from . import series_patient
 from .dicom import DicomSeries
-from .nodules import Nodule, components, paint
+from .nodules import Nodule, components
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ def _volume_folder_error(folder: Path, volumes: Sequence[str], what: str) -> Ima
     suffix = next(x for x in SUFFIXES if volumes[0].lower().endswith(x))
     return ImageError(f"{folder}: a folder of volume files ({', '.join(volumes[:3])}), not a DICOM series; put each "
                       f"CT directly in {what} as <case>{suffix}, named by its case")  # fmt: skip
+
+
+def _looks_like_ct(path: Path, found: set[int]) -> ImageError:
+    """A label map with negative values: HU, not classes (a CT in the label folder, or the two folders swapped)."""
+    return ImageError(f"{path}: negative labels ({len(found)} distinct values from {min(found)} to {max(found)}): "
+                      "this looks like a CT, not a label map; check data.images.label_dir")  # fmt: skip
 
 
 def patient_of(case_id: str, pattern: str | None) -> str:
@@ -305,12 +311,10 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
         other = "binary" if convention == "lung_nodule" else "lung_nodule"
         fits = found <= {0} | {v for v in CONVENTIONS[other].values() if v is not None}
         hint = f"set label_convention: {other} if that is how the maps are coded, or recode" if fits else "recode"
-        said = sorted(found) if len(found) <= 12 else f"{len(found)} distinct values from {min(found)} to {max(found)}"
-        if min(found) < 0:  # HU, not classes: a CT in the label folder, or the two folders swapped
-            raise ImageError(f"{path}: negative labels ({said}): this looks like a CT, not a label map; check "
-                             "data.images.label_dir (the folder of label maps, not of the CTs)")  # fmt: skip
+        if min(found) < 0:
+            raise _looks_like_ct(path, found)
         raise ImageError(
-            f"{path}: labels {said}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
+            f"{path}: labels {sorted(found)}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
             f"{hint} the map (a map of nodule instances 1..n: nodule = label > 0, with label_convention: binary)"
         )
     nodule = labels == codes["nodule"]
@@ -358,6 +362,8 @@ def has_nodules(case: ImageCase, convention: str) -> bool:
     import SimpleITK as sitk
 
     labels = sitk.GetArrayFromImage(_read(case.label))
+    if labels.size and labels.min() < 0:  # the split's strata would come from HU
+        raise _looks_like_ct(case.label, {int(v) for v in np.unique(labels)})
     flag = bool((labels == CONVENTIONS[convention]["nodule"]).any())
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -395,10 +401,3 @@ def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
     finally:
         for left in (tmp, raw):
             left.unlink(missing_ok=True)
-
-
-def export_case(series: DicomSeries, lung: np.ndarray, nodules: list[Nodule], ct_path: Path, label_path: Path) -> None:
-    """One case in Lung-DDPM's folder layout: the CT (int16 HU) and its 0/1/2 label map (lung, nodule)."""
-    labels = paint(lung.astype(np.uint8), nodules, 2)
-    write_image(ct_path, np.round(series.hu).astype(np.int16), series)
-    write_image(label_path, labels, series)

@@ -11,12 +11,13 @@ import pytest
 import SimpleITK as sitk
 
 from lungddpm.config import Config, ConfigError, validate_config
+from lungddpm.data.demo import export_case
 from lungddpm.data.dicom import DicomSeries, read_dicom_series
 from lungddpm.data.images import (
     ImageCase,
     case_id_of,
     discover,
-    export_case,
+    has_nodules,
     patient_of,
     read_ct,
     read_image_case,
@@ -236,6 +237,9 @@ def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> N
     with pytest.raises(ImageError, match=r"ct_as_label.nrrd: negative labels \(\d+ distinct values from -\d+ to \d+\): "
                        r"this looks like a CT, not a label map; check data.images.label_dir"):  # fmt: skip
         read_label(tmp_path / "ct_as_label.nrrd", series, "lung_nodule")
+    case = ImageCase("c", tmp_path / "ct.nrrd", tmp_path / "ct_as_label.nrrd", "c")
+    with pytest.raises(ImageError, match=r"ct_as_label.nrrd: negative labels"):  # at parse time: the split's strata
+        has_nodules(case, "lung_nodule")
     speckled = np.zeros(hu.shape, np.uint8)
     speckled[::2, ::2, ::2] = 2  # 5 x 12 x 10 = 600 one-voxel nodules: more than the model grid's uint8 index holds
     write_image(tmp_path / "speckled.nrrd", speckled, series)
