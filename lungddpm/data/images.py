@@ -96,19 +96,16 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
             if volumes and not others:  # volume files only, nothing that could be DICOM beside them
                 raise _volume_folder_error(entry, volumes, what)
         elif not lower.endswith(SUFFIXES):
-            if not lower.endswith(COMPANIONS):
-                ignored.append(entry.name)
+            ignored += [] if lower.endswith(COMPANIONS) else [entry.name]  # a header's data file is no case
             continue
         case = case_id_of(entry)
         if case in found:
-            raise ImageError(
-                f"{found[case]} and {entry}: both give case id {case!r}; rename one (case ids are sanitised stems)"
-            )
+            raise ImageError(f"{found[case]} and {entry}: both give case id {case!r}; rename one (case ids are "
+                             "sanitised stems)")  # fmt: skip
         found[case] = entry
     if ignored:
-        log.warning(
-            "%s: not volumes, ignored: %s", folder, ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else "")
-        )
+        log.warning("%s: not volumes, ignored: %s", folder,
+                    ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))  # fmt: skip
     if not found:
         series = " or DICOM series folders" if dicom_dirs else ""
         dicom = " (DICOM files go one series per subfolder)" if any(n.lower().endswith(".dcm") for n in ignored) else ""
