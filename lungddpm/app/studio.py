@@ -230,7 +230,8 @@ class Studio:
         lo, hi = session.source.bounds()
         # the ROI moved by the part of a voxel that puts the nodule's centroid on the site (place_at rounds to voxels)
         half = (self.roi.size - 1) / 2  # the site's ROI index on each axis, the ROI centred on it
-        c = np.argwhere(rescale_mask(nodule.mask, nodule.spacing, (self.roi.spacing_mm,) * 3)).mean(axis=0)
+        mask = rescale_mask(nodule.mask, nodule.spacing, (self.roi.spacing_mm,) * 3)  # as place_at places it
+        c = np.argwhere(mask).mean(axis=0)
         wanted = target + ((half - c) - np.round(half - c))[::-1] * self.roi.spacing_mm
         centre = shift_inside(wanted, self.roi.half_extent_mm, lo, hi)
         roi = self.roi.geometry(centre)
@@ -241,7 +242,7 @@ class Studio:
         unused = in_boxes(world, _unused_boxes(session.source, float(roi.spacing[0]) / 2)).reshape(layout.shape)
         border = face_border(margin, float(roi.spacing[0]))
         try:
-            edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border)
+            edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border, mask)
         except LungDDPMError as exc:
             edge = np.abs(centre - wanted).max() > 1e-6 and "does not fit" in str(exc)  # the ROI shifted inward
             hint = ("the site is near the scan's edge, where the ROI cannot centre on it: click further from the "

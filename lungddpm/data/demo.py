@@ -23,6 +23,7 @@ from ..metrics.voxel import dice
 from ..preprocessing.grid import SliceGrid, resample
 from . import lidc
 from .dicom import DicomSeries
+from .images import write_image
 from .nodules import Nodule, paint
 from .phantom import NoduleSpec, PhantomConfig, ScanGeometry, quirks_for, synthesize_thorax, write_dicom_series
 
@@ -160,8 +161,6 @@ def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suf
 
 def export_case(series: DicomSeries, lung: np.ndarray, nodules: list[Nodule], ct_path: Path, label_path: Path) -> None:
     """One case in Lung-DDPM's folder layout: the CT (int16 HU) and its 0/1/2 label map (lung, nodule)."""
-    from .images import write_image
-
     labels = paint(lung.astype(np.uint8), nodules, 2)
     write_image(ct_path, np.round(series.hu).astype(np.int16), series)
     write_image(label_path, labels, series)

@@ -77,7 +77,7 @@ def case_id_of(path: Path) -> str:
 
 def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
     """case id -> volume file (or DICOM folder) of ``folder``; other files are listed in a warning."""
-    kind = "label maps" if "label" in what else "CT volumes"
+    kind = "CT volumes" if dicom_dirs else "label maps"  # only the CT folder may hold DICOM series folders
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
         raise ImageError(f"{folder}: {what} {state}; point it at the folder holding your {kind}")

@@ -276,12 +276,18 @@ def _insert_record(nod: BankNodule, mask: np.ndarray, offset: Sequence[int], geo
 
 
 def place_at(
-    layout: np.ndarray, geometry: Geometry, nod: BankNodule, centre_zyx: Sequence[float], border: int = 0
+    layout: np.ndarray,
+    geometry: Geometry,
+    nod: BankNodule,
+    centre_zyx: Sequence[float],
+    border: int = 0,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Insert ``nod`` into ``layout`` [Z, Y, X] with its centroid at the fractional index ``centre_zyx`` -> (new
     layout, edit record); :class:`LayoutError` when it would come within ``border`` voxels of the grid's faces,
-    leave the lung or touch another nodule."""
-    mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing)
+    leave the lung or touch another nodule. ``mask``: ``nod`` already rescaled to ``geometry``'s spacing
+    (:func:`rescale_mask`), when the caller has it."""
+    mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing) if mask is None else mask
     offset = np.round(np.asarray(centre_zyx, float) - np.argwhere(mask).mean(axis=0)).astype(int)
     what = f"a nodule of {nod.diameter_mm:.1f} mm centred there"
     if not _fits(offset, mask.shape, layout.shape, border):
