@@ -12,7 +12,16 @@ class ConfigError(LungDDPMError):
 
 
 class DicomError(LungDDPMError):
-    """A DICOM root, series or file that cannot be used."""
+    """A DICOM root, series or file that cannot be used: ``problem`` (names the file) and ``fix`` (what to do; may
+    be ""), said as ``"<problem>; <fix>"``. A caller that knows better advice (the demo's series are written, not
+    downloaded) re-raises the problem with its own fix."""
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem, self.fix = problem, fix
+
+    def __reduce__(self) -> tuple[type[DicomError], tuple[str, str]]:  # pickled whole (across processes)
+        return type(self), (self.problem, self.fix)
 
 
 class AnnotationError(LungDDPMError):

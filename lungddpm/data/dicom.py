@@ -35,8 +35,9 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
 
     if not patient_dir.is_dir():
         raise DicomError(
-            f"{patient_dir}: patient folder not found; put the TCIA LIDC-IDRI download under data.dicom_root "
-            "(<root>/<patient id>/...) or remove the patient from data.cases"
+            f"{patient_dir}: patient folder not found",
+            "put the TCIA LIDC-IDRI download under data.dicom_root (<root>/<patient id>/...) or remove the patient "
+            "from data.cases",
         )
     fast = [d for d in patient_dir.rglob(glob.escape(safe_component(series_uid, "SeriesInstanceUID"))) if d.is_dir()]
     if fast:
@@ -57,8 +58,9 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
     others = sorted(str(p.relative_to(patient_dir)) for p in unread if p.suffix.lower() in (".dcm", ".zip", ""))
     hint = f"; files not read (only *.dcm files are, unpacked): {others[:5]}" if others else ""
     raise DicomError(
-        f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}{hint}; rename or unpack them, or, if "
-        "the download is incomplete, re-download this patient from TCIA"
+        f"{patient_dir}: no DICOM series with SeriesInstanceUID {series_uid}{hint}",
+        f"{'rename or unpack them, or, if the download is incomplete, ' if hint else ''}re-download this patient "
+        "from TCIA",
     )
 
 
@@ -116,35 +118,36 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
 
     files = dicom_files(directory)
     if not files:
-        raise DicomError(f"{directory}: no *.dcm files; check data.dicom_root or re-download the series")
+        raise DicomError(f"{directory}: no *.dcm files", "check data.dicom_root or re-download the series")
     slices = []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
             pixels = ds.pixel_array
         except (InvalidDicomError, AttributeError, ValueError, OSError, KeyError) as exc:
-            raise DicomError(f"{f}: corrupt or incomplete DICOM file ({exc}); re-download this series") from exc
+            raise DicomError(f"{f}: corrupt or incomplete DICOM file ({exc})", "re-download this series") from exc
         except (RuntimeError, NotImplementedError) as exc:  # pydicom: no decoder (plugin) could decode the pixels
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(syntax, "name", syntax)
             raise DicomError(
-                f"{f}: its pixel data ({name}) cannot be decoded ({str(exc).splitlines()[0]}); re-download this "
-                "series, or install a pydicom decoder for that transfer syntax (pylibjpeg, python-gdcm)"
+                f"{f}: its pixel data ({name}) cannot be decoded ({str(exc).splitlines()[0]})",
+                "re-download this series, or install a pydicom decoder for that transfer syntax (pylibjpeg, "
+                "python-gdcm)",
             ) from exc
         missing = [tag for tag in SLICE_TAGS if getattr(ds, tag, None) in (None, "")]
         if missing:
-            raise DicomError(f"{f}: no {', '.join(missing)} (needed to place the slice); re-download this series")
+            raise DicomError(f"{f}: no {', '.join(missing)} (needed to place the slice)", "re-download this series")
         unmapped = [tag for tag in RESCALE_TAGS if getattr(ds, tag, None) in (None, "")]
         if unmapped:  # required in a CT image: without them stored values are not HU (unsigned air would be +1024)
             raise DicomError(
-                f"{f}: no {', '.join(unmapped)} (maps its stored values to HU; required in CT images); re-download "
-                "this series or re-export it with them"
+                f"{f}: no {', '.join(unmapped)} (maps its stored values to HU; required in CT images)",
+                "re-download this series or re-export it with them",
             )
         slices.append((ds, pixels))
     uids = {ds.SeriesInstanceUID for ds, _ in slices}
     if len(uids) > 1:
         counts = {u: [f.name for f, (d, _) in zip(files, slices) if d.SeriesInstanceUID == u][:3] for u in uids}
-        raise DicomError(f"{directory}: files of {len(uids)} series are mixed ({counts}); keep one series per folder")
+        raise DicomError(f"{directory}: files of {len(uids)} series are mixed ({counts})", "keep one series per folder")
     ref = slices[0][0]
     spacing = tuple(float(v) for v in ref.PixelSpacing)
     shape = (int(ref.Rows), int(ref.Columns))

@@ -122,15 +122,16 @@ def check_against_annotations(series: DicomSeries, info: lidc.ScanInfo) -> None:
     expected = np.asarray(info.slice_zvals)
     if series.series_uid != info.series_uid:
         raise DicomError(
-            f"{series.directory}: SeriesInstanceUID {series.series_uid} is not {info.case_id}'s "
-            f"{info.series_uid}; fix the folder layout"
+            f"{series.directory}: SeriesInstanceUID {series.series_uid} is not {info.case_id}'s {info.series_uid}",
+            "fix the folder layout",
         )
     if series.z_positions.size != expected.size or not np.allclose(series.z_positions, expected, atol=0.01):
         missing = sorted(set(np.round(expected, 2).tolist()) - set(np.round(series.z_positions, 2).tolist()))
         extra = sorted(set(np.round(series.z_positions, 2).tolist()) - set(np.round(expected, 2).tolist()))
         raise DicomError(
             f"{series.directory}: {series.z_positions.size} slices, pylidc expects {expected.size}; missing z "
-            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected z {extra[:5]}; re-download the series"
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected z {extra[:5]}",
+            "re-download the series",
         )
 
 
@@ -177,13 +178,12 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
     except DicomError as exc:
         if cfg.data.source != "demo":
             raise
-        # the demo's series is generated, not downloaded: the reader's download advice is replaced, and Snakemake,
-        # whose output (the manifest) is intact, is told to write it again
-        said = str(exc).split("; ")
+        # the demo's series is generated, not downloaded: the reader's advice is replaced, and Snakemake, whose
+        # output (the manifest) is intact, is told to write it again
         raise DicomError(
-            "; ".join([said[0], *(part for part in said[1:] if "download" not in part)])
-            + f"; the demo series of {case_id} is damaged: write it again with `lungddpm demo-dicom --case {case_id}` "
-            f"(it replaces the series folder) or `snakemake --cores all --force {DEMO_ROOT}/series/{case_id}.json`"
+            exc.problem,
+            f"the demo series of {case_id} is damaged: write it again with `lungddpm demo-dicom --case {case_id}` "
+            f"(it replaces the series folder) or `snakemake --cores all --force {DEMO_ROOT}/series/{case_id}.json`",
         ) from exc
     warn_of_slice_gaps(series, case_id)
     nods = lidc.nodules(case_id, cfg.data.consensus_level, cfg.data.min_readers)

@@ -72,6 +72,9 @@ def load_training_data(
 
 
 def _seed(*parts: int) -> int:
+    # SeedSequence pads with zeros, so _seed(s, step) == _seed(s, step, 0): harmless, as the first seeds numpy's
+    # PCG64 (the step's case draw) and the second torch's Mersenne Twister (sample 0), unrelated generators;
+    # changing it would change every training's draws (a ``train`` version bump).
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 

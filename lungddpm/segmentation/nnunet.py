@@ -97,7 +97,8 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
         target = (layout == NODULE).astype(np.uint8)
         if case.grid is not None:
             ct, target, geometry = onto_grid(ct, target, geometry, Path(case.grid), nodule_fraction)
-        write_volume(folder / "imagesTr" / f"{case.identifier}_0000{FILE_ENDING}", ct.astype(np.int16), geometry)
+        hu = np.clip(np.rint(ct), -32768, 32767).astype(np.int16)  # rounded: a float CT's 10.7 HU is 11, not 10
+        write_volume(folder / "imagesTr" / f"{case.identifier}_0000{FILE_ENDING}", hu, geometry)
         write_volume(folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", target, geometry)
     write_json(
         folder / "dataset.json",

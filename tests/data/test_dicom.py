@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -70,3 +71,16 @@ def test_a_demo_case_without_its_series_says_how_to_write_it(tmp_path: Path) -> 
         r"or `snakemake --cores all --force resources/demo/series/LIDC-IDRI-0078.json`",
         str(err.value),
     )
+    # a damaged file in the series' folder: the reader's problem kept whole, its advice replaced by the demo's
+    uid = re.search(r"SeriesInstanceUID ([\d.]+)", str(err.value)).group(1)
+    (tmp_path / "resources/demo/LIDC-IDRI/LIDC-IDRI-0078" / uid).mkdir()
+    (tmp_path / "resources/demo/LIDC-IDRI/LIDC-IDRI-0078" / uid / "000001.dcm").write_bytes(b"not DICOM")
+    with pytest.raises(DicomError) as err:
+        read_case(cfg, "LIDC-IDRI-0078", tmp_path)
+    said = str(err.value)
+    assert "000001.dcm: corrupt or incomplete DICOM file (" in said and "download" not in said
+    assert said.endswith("; the demo series of LIDC-IDRI-0078 is damaged: write it again with `lungddpm demo-dicom "
+                         "--case LIDC-IDRI-0078` (it replaces the series folder) or `snakemake --cores all --force "
+                         "resources/demo/series/LIDC-IDRI-0078.json`")  # fmt: skip
+    again = pickle.loads(pickle.dumps(err.value))  # across processes: the problem and the fix travel whole
+    assert (again.problem, again.fix, str(again)) == (err.value.problem, err.value.fix, said)

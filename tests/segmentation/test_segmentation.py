@@ -270,10 +270,10 @@ def test_synthetic_draws_are_nested_seeded_and_never_from_test_cases() -> None:
 def test_raw_dataset_export_passes_nnunet_integrity_check(tmp_path: Path) -> None:
     cases = []
     for i in range(2):
-        ct = np.full((8, 10, 12), -800, np.int16)
+        ct = np.full((8, 10, 12), -800.0 if i else -800, np.float32 if i else np.int16)
         layout = np.ones((8, 10, 12), np.uint8)
         layout[2:4, 3:5, 4 + i : 6 + i] = 2
-        ct[layout == 2] = 30
+        ct[layout == 2] = 30.7 if i else 30  # a float CT is rounded, not truncated
         write_volume(tmp_path / f"ct{i}.nii.gz", ct, GEOMETRY)
         write_volume(tmp_path / f"lay{i}.nii.gz", layout, GEOMETRY)
         cases.append(
@@ -290,6 +290,7 @@ def test_raw_dataset_export_passes_nnunet_integrity_check(tmp_path: Path) -> Non
     label, geometry = read_volume(folder / "labelsTr/real_c1.nii.gz")
     image, _ = read_volume(folder / "imagesTr/real_c1_0000.nii.gz")
     assert geometry == GEOMETRY and label.sum() == 8 and set(np.unique(label)) == {0, 1} and image.dtype == np.int16
+    assert set(np.unique(image[label == 1])) == {31} and set(np.unique(image[label == 0])) == {-800}
     # one child process (nnunetv2 is never imported here): the export passes; a label 2 in one file fails
     bad = tmp_path / "bad_label.nii.gz"
     write_volume(bad, (label * 2).astype(np.uint8), GEOMETRY)
