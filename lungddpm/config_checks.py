@@ -121,6 +121,9 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
     if scale == "volume" and window and min(int(s) for s in config["preprocess"]["size"]) < int(window):
         out.append(f"metrics.ssim_window: {window} voxels is larger than the grid preprocess.size "
                    f"{list(config['preprocess']['size'])}; lower metrics.ssim_window")  # fmt: skip
+    if window and int(window) % 2 == 0:  # the metrics crop their masks to the window's centre voxel
+        out.append(f"metrics.ssim_window: {window} is even, so the window has no centre voxel and SSIM's map sits "
+                   f"half a voxel off the masks; use {int(window) - 1} or {int(window) + 1}")  # fmt: skip
     layout = config.get("layout") or {}
     if layout and float(layout["min_lung_ml"]) > float(layout["max_lung_ml"]):
         out.append(f"layout.min_lung_ml: {layout['min_lung_ml']} is above layout.max_lung_ml "

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from support import THREADS
+
+torch.set_num_threads(THREADS)  # in-process torch work: this worker's share of the cores (support.THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 

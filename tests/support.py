@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,12 @@ from lungddpm.preprocessing.grid import SliceGrid
 from lungddpm.preprocessing.rois import RoiSettings, SourceCT, cut_roi
 from lungddpm.synthesis.layout_edit import BankNodule
 from lungddpm.synthesis.lesion import Site
+
+# torch threads for in-process work: the cores shared out among pytest-xdist's workers (on 2 cores, 2 workers: 1
+# each). Two threads in each worker next to the other worker's Snakemake jobs oversubscribe the cores, and OpenMP's
+# waiting threads then cost more than they give: measured, a 120-step tiny training beside one busy core took 47 s
+# with 2 threads and 22 s with 1 (14 s and 21 s on idle cores).
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), norm_groups=4)
 

@@ -170,6 +170,8 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
                        r"\[8, 16, 16\]; lower metrics.ssim_window"):  # fmt: skip
         validate_config({"preprocess": {"size": [8, 16, 16]}, "model": {"channel_mult": [1, 2]},
                          "metrics": {"ssim_window": 9}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"metrics.ssim_window: 8 is even, .* use 7 or 9"):
+        validate_config({"metrics": {"ssim_window": 8}})
     # ROIs smaller than the window are fine: SSIM is computed on whole volumes only (the lesion view's grid is the ROI)
     small_rois = {"lesion": {"roi": {"size": 16, "spacing_mm": 2.5}}, "metrics": {"ssim_window": 17}}
     assert lesion_config(load_config(REPO / "config/config.yaml", small_rois)).preprocess.size == (16, 16, 16)

@@ -142,6 +142,8 @@ def sample(
     harmonise with the kept one; single-step samplers only (ddpm, ddim). ``progress(i, steps)`` is called after
     step ``i`` of ``steps`` (it goes back with RePaint's jumps). ``timestep_spacing``: :func:`sampling_timesteps`.
     """
+    if guidance != 1.0 and uncond_layout is None:
+        raise ValueError(f"sample: guidance {guidance} needs uncond_layout (the layout with its condition dropped)")
     guided = uncond_layout is not None and guidance != 1.0
     jump, repeats = (resample.jump_length, resample.jump_n_sample) if resample is not None else (0, 1)
     jumping = repeats > 1 and jump > 0

@@ -130,10 +130,11 @@ def bootstrap_ci(
 ) -> tuple[float, float, float]:
     """(statistic, low, high) percentile bootstrap interval of ``values``. With ``groups`` (one label per value),
     a cluster bootstrap: whole groups are resampled, so that correlated values (several ROIs of one nodule) count as
-    one draw; one group gives no interval (NaN); with every label distinct it is the plain bootstrap, draw for draw."""
+    one draw; one group, or one value, gives no interval (NaN); with every label distinct it is the plain bootstrap,
+    draw for draw."""
     v = np.asarray(values, dtype=np.float64)
     members = None if groups is None else group_members(groups)
-    if one_group([members]):
+    if v.size < 2 or one_group([members]):
         return float(statistic(v)), float("nan"), float("nan")
     draws = resamples(np.random.default_rng(seed), (v.size,), [members], 1)
     return percentile_interval(float(statistic(v)), [statistic(v[i]) for (i,) in islice(draws, n_boot)], level)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from scipy import ndimage as ndi
+from support import THREADS
 
 from lungddpm.config import load_config
 from lungddpm.io import read_json, read_volume
@@ -39,7 +40,7 @@ def app_url(demo_workflow: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     (tmp / "studio.yaml").write_text(yaml.safe_dump(cfg.raw))
     port = _free_port()
     cmd = [sys.executable, "-m", "lungddpm.cli", "--configfile", str(tmp / "studio.yaml"), "app",
-           "--workdir", str(demo_workflow), "--port", str(port), "--threads", "2"]  # fmt: skip
+           "--workdir", str(demo_workflow), "--port", str(port), "--threads", str(THREADS)]  # fmt: skip
     log = open(tmp / "app.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

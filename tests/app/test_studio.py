@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from scipy import ndimage as ndi
+from support import THREADS
 
 import lungddpm.app.studio as studio_module
 from lungddpm.app.studio import Studio, StudioError
@@ -38,7 +39,7 @@ def ci_config(workdir: Path, **sections: dict[str, Any]) -> Config:
 
 @pytest.fixture(scope="module")
 def studio(demo_workflow: Path) -> Studio:
-    return Studio(ci_config(demo_workflow), demo_workflow, threads=2)
+    return Studio(ci_config(demo_workflow), demo_workflow, threads=THREADS)
 
 
 def toy_source(hu: np.ndarray, z_mm: list[float]) -> SourceCT:
@@ -240,7 +241,7 @@ def test_nodules_below_min_readers_are_avoided(studio: Studio) -> None:
 
 
 def test_lidc_clusters_below_min_readers_are_avoided(demo_workflow: Path) -> None:
-    studio = Studio(ci_config(demo_workflow, data={"min_readers": 2}), demo_workflow, threads=2)
+    studio = Studio(ci_config(demo_workflow, data={"min_readers": 2}), demo_workflow, threads=THREADS)
     nodule = studio.candidates((3, 12))[0]
     for case in studio.cases:  # the CI cases have single-reader clusters
         s = studio.open_case(case)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_config, tiny_data
+from support import THREADS, tiny_config, tiny_data
 
 from lungddpm.config import Config, validate_config
 from lungddpm.diffusion.checkpoint import load_checkpoint
@@ -30,9 +30,9 @@ def test_ranks_past_the_first_resume_their_dropout_stream(monkeypatch: pytest.Mo
     raw = copy.deepcopy(tiny_config(steps=4, checkpoint_every=2).raw)
     raw["model"]["dropout"] = 0.3
     cfg = Config.from_dict(validate_config(raw))
-    whole = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)
-    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2, stop_after=2)
-    resumed = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2)
+    whole = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=THREADS)
+    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=THREADS, stop_after=2)
+    resumed = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=THREADS)
     assert whole.step == resumed.step == 4
     a, b = load_checkpoint(tmp_path / "a/checkpoint.pt"), load_checkpoint(tmp_path / "b/checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -43,7 +43,7 @@ def test_a_resume_with_another_global_batch_says_so(tmp_path: Path, caplog: pyte
     checkpoint records it, and a resume before the last step goes on with the new one, saying so (here the batch
     size itself changes, one process, which the settings warning names too)."""
     train(tiny_data(), tiny_config(steps=4, checkpoint_every=2, batch_size=2), tmp_path / "o", tmp_path / "s",
-          threads=2, stop_after=2)  # fmt: skip
+          threads=THREADS, stop_after=2)  # fmt: skip
     assert load_checkpoint(tmp_path / "s/step_0000002.pt")["global_batch"] == 2
     caplog.set_level(logging.WARNING, logger="lungddpm.diffusion")
     train(tiny_data(), tiny_config(steps=4, checkpoint_every=2, batch_size=1), tmp_path / "o", tmp_path / "s")
@@ -70,9 +70,9 @@ def test_activation_checkpointing_and_the_process_count_resume_a_training(tmp_pa
         raw["model"]["use_checkpoint"] = use_checkpoint
         return Config.from_dict(validate_config(raw))
 
-    train(tiny_data(), cfg(), tmp_path / "a", tmp_path / "sa", threads=2)
-    train(tiny_data(), cfg(), tmp_path / "b", tmp_path / "sb", threads=2, stop_after=2)
-    train(tiny_data(), cfg(use_checkpoint=True), tmp_path / "b", tmp_path / "sb", threads=2)
+    train(tiny_data(), cfg(), tmp_path / "a", tmp_path / "sa", threads=THREADS)
+    train(tiny_data(), cfg(), tmp_path / "b", tmp_path / "sb", threads=THREADS, stop_after=2)
+    train(tiny_data(), cfg(use_checkpoint=True), tmp_path / "b", tmp_path / "sb", threads=THREADS)
     a, b = load_checkpoint(tmp_path / "a/checkpoint.pt"), load_checkpoint(tmp_path / "b/checkpoint.pt")
     assert b["unet"]["use_checkpoint"] and not a["unet"]["use_checkpoint"] and a["global_batch"] == 1
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and model_digest(a) == model_digest(b)

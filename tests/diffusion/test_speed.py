@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from support import randomise
+from support import THREADS, randomise
 
 from lungddpm.diffusion import precision
 from lungddpm.diffusion.precision import forward_differences
@@ -172,7 +172,7 @@ def test_compiled_forward_matches_eager_without_graph_breaks() -> None:
 
 def test_a_row_has_every_number_and_the_table_shows_it(checkout: Path, tmp_path: Path) -> None:
     case = Case(size=16, batch=1, repeats=1, warmup=1, sampler_steps=2, channels=32, profile=str(tmp_path))
-    row = run_mode(Mode.parse("ours:fp32"), checkout, case, threads=2)
+    row = run_mode(Mode.parse("ours:fp32"), checkout, case, threads=THREADS)
     for key in ("train_step_s", "forward_s", "sample_volume_s", "peak_train_mb", "peak_sample_mb"):
         assert row[key] > 0, key
     assert row["weights_finite"]  # the training loop's update stepped (fp32: no oneDNN fault at 16³)
@@ -277,3 +277,22 @@ def test_bf16_training_falls_back_or_stops_where_the_cpus_conv_gradients_are_wro
     n = len(seen)  # a GPU, fp32 and fp16 are not probed
     assert precision.checked_cpu_bf16(bf16, gpu, levels, "auto", wrong_at_depth_2) is bf16
     assert precision.checked_cpu_bf16(None, cpu, levels, "fp32", wrong_at_depth_2) is None and len(seen) == n
+
+
+def test_sampler_quality_interval_resamples_whole_layouts(tmp_path: Path) -> None:
+    """`bench quality`'s k samples of a layout share its CT: the interval draws layouts, not samples (one layout
+    gives none; two give the two layouts' own means as its ends, every resample being one, the other or both)."""
+    from support import tiny_config, tiny_data, write_cases
+
+    from lungddpm.diffusion.bench import compare_samplers
+    from lungddpm.diffusion.train import train
+
+    cfg = tiny_config(steps=2, checkpoint_every=2)
+    train(tiny_data(), cfg, tmp_path / "out", tmp_path / "state", None, threads=1)
+    pairs = list(zip(*write_cases(tmp_path / "cases", 2)))
+    (one,) = compare_samplers(cfg, tmp_path / "out/checkpoint.pt", pairs[:1], [("ddim", 2)], 2, 1)
+    (two,) = compare_samplers(cfg, tmp_path / "out/checkpoint.pt", pairs, [("ddim", 2)], 2, 1)
+    assert (one["n"], one["lung_mse_ci95"], one["lung_hist_w1_ci95"]) == (2, None, None)
+    lo, hi = two["lung_mse_ci95"]
+    assert two["n"] == 4 and min(lo, hi) < two["lung_mse_hu2"] < max(lo, hi)
+    assert one["lung_mse_hu2"] in (lo, hi) and one["lung_hist_w1_hu"] in two["lung_hist_w1_ci95"]

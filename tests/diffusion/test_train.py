@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import TINY_MODEL, tiny_config, tiny_data, write_cases
+from support import THREADS, TINY_MODEL, tiny_config, tiny_data, write_cases
 
 from lungddpm.diffusion.checkpoint import (
     CheckpointError,
@@ -56,7 +56,7 @@ def test_overfit_fixed_sample() -> None:
 
 def test_trainer_writes_outputs_and_learns(tmp_path: Path) -> None:
     cfg = tiny_config(steps=120, checkpoint_every=60, log_every=10, preview_every=60)
-    result = train(tiny_data(), cfg, tmp_path / "out", tmp_path / "state", tiny_data(1), threads=2)
+    result = train(tiny_data(), cfg, tmp_path / "out", tmp_path / "state", tiny_data(1), threads=THREADS)
     assert result.step == 120
     rows = read_log(tmp_path / "out" / "train_log.csv")
     assert [int(r["step"]) for r in rows] == list(range(10, 121, 10))
@@ -83,10 +83,10 @@ def _states_equal(a: dict, b: dict) -> bool:
 
 def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(steps=20, checkpoint_every=10)
-    train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)
-    first = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2, stop_after=10)
+    train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=THREADS)
+    first = train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=THREADS, stop_after=10)
     assert first.step == 10 and not (tmp_path / "b" / "checkpoint.pt").exists()  # stopped: no declared output
-    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=2)  # resumes at step 10
+    train(tiny_data(), cfg, tmp_path / "b", tmp_path / "sb", threads=THREADS)  # resumes at step 10
     a = load_checkpoint(tmp_path / "sa" / "step_0000020.pt")
     b = load_checkpoint(tmp_path / "sb" / "step_0000020.pt")
     for key in ("model", "ema", "optimizer", "rng_cpu", "step"):
@@ -96,18 +96,18 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     # a resume between two log rows: the row after it averages the same steps (9-12) as the uninterrupted run's
     # (before, 11-12: the losses of steps 9 and 10 were lost with the process)
     sparse = tiny_config(steps=20, checkpoint_every=10, log_every=4)
-    train(tiny_data(), sparse, tmp_path / "d", tmp_path / "sd", threads=2, stop_after=10)
-    train(tiny_data(), sparse, tmp_path / "d", tmp_path / "sd", threads=2)
-    train(tiny_data(), sparse, tmp_path / "e", tmp_path / "se", threads=2)
+    train(tiny_data(), sparse, tmp_path / "d", tmp_path / "sd", threads=THREADS, stop_after=10)
+    train(tiny_data(), sparse, tmp_path / "d", tmp_path / "sd", threads=THREADS)
+    train(tiny_data(), sparse, tmp_path / "e", tmp_path / "se", threads=THREADS)
     log_d, log_e = read_log(tmp_path / "d" / "train_log.csv"), read_log(tmp_path / "e" / "train_log.csv")
     assert [r["step"] for r in log_d] == [r["step"] for r in log_e] == ["4", "8", "12", "16", "20"]
     assert [r["loss"] for r in log_d] == [r["loss"] for r in log_e]
     assert float(log_e[2]["loss"]) == pytest.approx(np.mean([float(r["loss"]) for r in log_a[8:12]]), abs=2e-6)
-    again = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=2)  # finished: nothing left to train
+    again = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=THREADS)  # finished: nothing left to train
     assert again.step == 20 and again.final_loss == float(log_a[-1]["loss"])  # the logged loss, not NaN
     # fewer steps than the newest checkpoint: refused with the way out, never a silently longer model
     with pytest.raises(LungDDPMError, match=r"sa: the newest checkpoint is at step 20, past train.steps 15; raise"):
-        train(tiny_data(), tiny_config(steps=15, checkpoint_every=10), tmp_path / "c", tmp_path / "sa", threads=2)
+        train(tiny_data(), tiny_config(steps=15, checkpoint_every=10), tmp_path / "c", tmp_path / "sa", threads=THREADS)
     assert not (tmp_path / "c").exists()
     # a finished training whose weight-shaping settings changed is refused, never handed back as if retrained...
     with pytest.raises(LungDDPMError, match=r"sa: this training finished \(step 20 of 20\) with other train settings "
@@ -118,16 +118,22 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     other = TrainData(other.images.flip(-1), other.layouts, other.case_ids)
     assert data_digest(other) != data_digest(tiny_data()) == data_digest(tiny_data())
     with pytest.raises(CheckpointError, match=r"step_0000020.pt: trained with another training data \(the train"):
-        train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=2)
+        train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=THREADS)
     assert not (tmp_path / "c").exists()
     # the lesion model's refusal names its own keys (a demo upgraded to new ROIs was told train.name)
     with pytest.raises(CheckpointError, match=r"choose a new lesion.train.name \(or set lesion.train.resume: never"):
-        train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=2, stage="train_lesion")
+        train(other, cfg, tmp_path / "c", tmp_path / "sa", threads=THREADS, stage="train_lesion")
     # how often it logs or checkpoints does not shape the weights: handed back as is
     same = train(tiny_data(), tiny_config(steps=20, checkpoint_every=5, log_every=2), tmp_path / "c", tmp_path / "sa")
     assert same.step == 20 and (tmp_path / "c" / "checkpoint.pt").is_file()
     caplog.set_level(logging.INFO, logger="lungddpm.diffusion")
-    train(tiny_data(), tiny_config(steps=21, checkpoint_every=10, lr=1e-4), tmp_path / "a", tmp_path / "sa", threads=2)
+    train(
+        tiny_data(),
+        tiny_config(steps=21, checkpoint_every=10, lr=1e-4),
+        tmp_path / "a",
+        tmp_path / "sa",
+        threads=THREADS,
+    )
     assert "step_0000020.pt (step 20)" in caplog.text  # continued with another lr: a deliberate change mid-run
     assert "train settings changed since the checkpoint of step 20: lr\n" in caplog.text
 
@@ -146,7 +152,7 @@ class Shell:
 def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     cfg = tiny_config(steps=20, checkpoint_every=10)
     state = tmp_path / "state"
-    train(tiny_data(), cfg, tmp_path / "out", state, threads=2)
+    train(tiny_data(), cfg, tmp_path / "out", state, threads=THREADS)
     expected = fingerprint(cfg, data_digest(tiny_data()))
     # a truncated newest checkpoint is skipped, never loaded
     newest = state / "step_0000020.pt"
@@ -244,12 +250,12 @@ def test_cpu_bf16_training_probes_the_convolution_gradients_of_its_levels(tmp_pa
     wrong = not precision.bf16_conv_grad_error((2, 2, 2), 32) <= precision.CONV_GRAD_TOLERANCE  # on this machine
     if wrong:
         with pytest.raises(LungDDPMError, match=r"2x2x2 voxels and 32 channels.*auto or fp32, or choose"):
-            train(tiny_data(), cfg("bf16"), tmp_path / "a", tmp_path / "sa", threads=2)
+            train(tiny_data(), cfg("bf16"), tmp_path / "a", tmp_path / "sa", threads=THREADS)
         assert not (tmp_path / "a").exists()
     else:
-        assert train(tiny_data(), cfg("bf16"), tmp_path / "a", tmp_path / "sa", threads=2).step == 2
+        assert train(tiny_data(), cfg("bf16"), tmp_path / "a", tmp_path / "sa", threads=THREADS).step == 2
     with caplog.at_level(logging.INFO):
-        assert train(tiny_data(), cfg("auto"), tmp_path / "b", tmp_path / "sb", threads=2).step == 2
+        assert train(tiny_data(), cfg("auto"), tmp_path / "b", tmp_path / "sb", threads=THREADS).step == 2
     native = precision.cpu_has_native_bf16()
     assert ("training in fp32 instead" in caplog.text) == (wrong and native)
     assert ("bfloat16" in caplog.text) == (native and not wrong)  # the run's precision, as logged
@@ -260,11 +266,11 @@ def test_a_resume_applies_todays_weight_decay(tmp_path: Path) -> None:
     import shutil
 
     before = tiny_config(steps=4, checkpoint_every=2, weight_decay=0.0)
-    train(tiny_data(), before, tmp_path / "o", tmp_path / "same", threads=2, stop_after=2)
+    train(tiny_data(), before, tmp_path / "o", tmp_path / "same", threads=THREADS, stop_after=2)
     shutil.copytree(tmp_path / "same", tmp_path / "decay")
-    train(tiny_data(), before, tmp_path / "o", tmp_path / "same", threads=2, stop_after=3)
+    train(tiny_data(), before, tmp_path / "o", tmp_path / "same", threads=THREADS, stop_after=3)
     after = tiny_config(steps=4, checkpoint_every=2, weight_decay=0.1)
-    train(tiny_data(), after, tmp_path / "o", tmp_path / "decay", threads=2, stop_after=3)
+    train(tiny_data(), after, tmp_path / "o", tmp_path / "decay", threads=THREADS, stop_after=3)
     same = load_checkpoint(tmp_path / "same" / "step_0000003.pt")
     decay = load_checkpoint(tmp_path / "decay" / "step_0000003.pt")
     assert [g["weight_decay"] for g in same["optimizer"]["param_groups"]] == [0.0]

@@ -25,6 +25,8 @@ def test_bootstrap_interval_contains_the_mean() -> None:
     m, lo, hi = bootstrap_ci(values)
     assert lo < m < hi and lo > 4.6 and hi < 5.4
     assert bootstrap_ci([3.0, 3.0]) == (3.0, 3.0, 3.0)
+    m, lo, hi = bootstrap_ci([3.0])  # one value: no interval (it would look exact)
+    assert m == 3.0 and np.isnan(lo) and np.isnan(hi)
 
 
 WINDOW = (-1000.0, 400.0)

@@ -250,6 +250,8 @@ def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
                    uncond_layout=-layout, **kw)  # fmt: skip
     # cond == uncond: the guided output is the plain one (up to batched-convolution rounding); otherwise it moves
     assert (plain - same).abs().max() < 1e-4 * (plain - other).abs().max()
+    with pytest.raises(ValueError, match="guidance 4.0 needs uncond_layout"):  # not silently unguided
+        sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0, **kw)
 
 
 def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None:

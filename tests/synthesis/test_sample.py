@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from support import ball_nodule, tiny_config, tiny_data, write_cases
+from support import THREADS, ball_nodule, tiny_config, tiny_data, write_cases
 
 from lungddpm.diffusion.precision import precision_name, resolve_precision
 from lungddpm.diffusion.process import GaussianDiffusion
@@ -80,7 +80,7 @@ def test_same_seed_same_volume_different_seed_different() -> None:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Path], Path]:
     root = tmp_path_factory.mktemp("synth")
     cfg = tiny_config(steps=3, checkpoint_every=3)
-    train(tiny_data(), cfg, root / "model", root / "state", threads=2)
+    train(tiny_data(), cfg, root / "model", root / "state", threads=THREADS)
     cts, layouts = write_cases(root / "data", 2)
     bank = NoduleBank((ball_nodule(0, 12.0), ball_nodule(1, 15.0)))
     save_bank(bank, root / "bank.npz")
@@ -107,7 +107,7 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
     for n, index in ((2, 2), (2, -1), (0, 0)):  # an empty manifest would stand for a share never sampled
         with pytest.raises(ValueError, match=rf"shard {index} of {n}: a shard index runs from 0 to n_shards - 1"):
             shard(items, n, index)
-    manifest = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    manifest = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=THREADS)
     assert [m["skipped"] for m in manifest] == [False] * 4
     for item in items:
         ct, _ = read_volume(cases[item.case_id])
@@ -134,21 +134,21 @@ def test_synthesized_files_hu_affine_provenance_and_skip(tiny_model, tmp_path: P
     loads = []
     load = checkpoints.load_checkpoint
     monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: loads.append(path) or load(path))
-    again = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    again = synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=THREADS)
     assert [m["skipped"] for m in again] == [True] * 4 and loads == [checkpoint]  # read once, digest included
     (tmp_path / "case1_1.gif").unlink()  # an incomplete item is redone, the rest skipped
     cfg_eval = synth_config(samples_per_layout=2)
-    redo = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    redo = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=THREADS)
     assert [m["skipped"] for m in redo] == [True, True, True, False]
     (tmp_path / "case0_0.gif").unlink()  # the first item redone, the rest skipped: the manifest stays in item order
-    resumed = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=2)
+    resumed = synthesize_shard("augment", items, cfg_eval, checkpoint, cases, lays, tmp_path, bank, threads=THREADS)
     assert [(m["item"], m["k"], m["skipped"]) for m in resumed] == [
         ("case0_0", 0, False), ("case0_1", 1, True), ("case1_0", 0, True), ("case1_1", 1, True)
     ]  # fmt: skip
     other = synth_config(samples_per_layout=2, steps=4)  # changed settings: everything is redone
     assert not any(
         m["skipped"]
-        for m in synthesize_shard("augment", items[:1], other, checkpoint, cases, lays, tmp_path, bank, threads=2)
+        for m in synthesize_shard("augment", items[:1], other, checkpoint, cases, lays, tmp_path, bank, threads=THREADS)
     )
 
 
@@ -162,7 +162,7 @@ def test_a_new_seed_new_inputs_or_a_new_bank_are_sampled_anew(tiny_model, tmp_pa
 
     def skipped(items: list, bank_path: Path = bank, config=cfg) -> list[bool]:
         return [m["skipped"] for m in synthesize_shard("augment", items, config, checkpoint, cases, lays, out,
-                                                       bank_path, threads=2)]  # fmt: skip
+                                                       bank_path, threads=THREADS)]  # fmt: skip
 
     items = plan("augment", sorted(cases), 1, 0)
     assert skipped(items) == [False, False] and skipped(items) == [True, True]
@@ -197,7 +197,7 @@ def test_a_rerun_never_accepts_an_item_that_other_settings_made_or_half_rewrote(
 
     def skipped(config) -> list[bool]:
         return [m["skipped"] for m in synthesize_shard("eval", items, config, checkpoint, cases, lays, tmp_path, None,
-                                                       threads=2)]  # fmt: skip
+                                                       threads=THREADS)]  # fmt: skip
 
     trailing, quadratic = (
         synth_config(samples_per_layout=1),
@@ -232,7 +232,7 @@ def test_an_impossible_augment_names_the_bank_or_the_layout_and_the_keys(tiny_mo
         raw = dict(synth_config(samples_per_layout=1).raw)
         raw["layout_edit"] = {**raw["layout_edit"], **layout_edit}
         cfg = type(synth_config()).from_dict(raw)
-        synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=2)
+        synthesize_shard("augment", items, cfg, checkpoint, cases, lays, tmp_path, bank, threads=THREADS)
 
     with pytest.raises(LayoutError, match=rf"{bank.name}: none of its \d+ nodules matches layout_edit \(diameter_mm "
                                           r"\[90, 95\].*min_readers 1\); widen"):  # fmt: skip
@@ -309,7 +309,7 @@ def test_a_model_of_another_grid_is_refused_or_named(tiny_model, tmp_path: Path,
     )
     with pytest.raises(CheckpointError, match=said):
         synthesize_shard("eval", items, cfg, checkpoint, {"case0": tmp_path / "case0/ct.nii.gz"},
-                         {"case0": tmp_path / "case0.nii.gz"}, tmp_path / "out", None, threads=2)  # fmt: skip
+                         {"case0": tmp_path / "case0.nii.gz"}, tmp_path / "out", None, threads=THREADS)  # fmt: skip
     assert not list((tmp_path / "out").glob("*.nii.gz"))
     ckpt = load_checkpoint(checkpoint)
     caplog.set_level("WARNING")
