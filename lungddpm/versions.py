@@ -9,7 +9,8 @@ config: ``snakemake`` then reruns that stage, and the stages after it, in every 
 inputs still reuses its work: a training resumes, an item whose provenance matches is kept). A bumped training
 refuses to resume state of the older code and says how to train anew. Version 1 is left out of params and
 comparisons, so that a workdir made before a stage had a version does not rerun for the number alone. The
-image-quality feature cache is keyed by its extractor (weights and preprocessing), not by this number.
+image-quality feature cache is keyed by its extractor (weights, preprocessing settings and
+``metrics.features.PREPROCESSING_VERSION``), not by this number.
 """
 
 from __future__ import annotations

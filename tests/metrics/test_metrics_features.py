@@ -102,7 +102,7 @@ def test_preprocessing_crops_to_the_body_or_the_region() -> None:
         prep(vol, g, np.zeros_like(lung))
 
 
-def test_feature_cache_is_keyed_by_file_content(tmp_path: Path) -> None:
+def test_feature_cache_is_keyed_by_file_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ex = F.build_extractor(RANDOM)
     assert not ex.reportable
     g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
@@ -124,6 +124,8 @@ def test_feature_cache_is_keyed_by_file_content(tmp_path: Path) -> None:
     assert not np.allclose(second, first) and not np.allclose(second, first + 1.0)
     other = F.build_extractor({**RANDOM, "seed": 1})  # another extractor: another cache folder
     assert other.identity != ex.identity
+    monkeypatch.setattr(F, "PREPROCESSING_VERSION", 2)  # the preprocessing code changed: the cache is not reused
+    assert F.build_extractor(RANDOM).identity == ex.identity + "_p2"
 
 
 def test_features_are_computed_without_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
