@@ -40,7 +40,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 2: no cut bank tails, no paste-back rim outside the generated region, ddim / short ddpm schedules no longer
     # one level off: items made before then are remade (their provenance lacks the 2)
     # 3: an inserted bank nodule rescaled on a grid centred on its bounding box (not its centroid) and never split
-    "sample": 3,
+    # 4: a bank nodule's rescale counts a probe on a voxel boundary for the upper voxel (np.round's ties to even
+    # gave even voxels 1.2^3 of their coverage and odd ones 0.8^3: 48-144 of the demo bank's 340 masks change)
+    "sample": 4,
     # 2: SSIM / PSNR on the HU window, PSNR capped at 100 dB, intervals resampling patients; 3: a paired row's n_b is
     # the patients its interval resamples (it repeated the pairs)
     "metrics": 3,
@@ -62,9 +64,11 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 2: the focus weight covers every voxel within lesion.train.focus_margin_mm (the margin was rounded to whole
     # voxels: 31 % of the demo's voxels within 3 mm of a nodule missed it)
     "train_lesion": 2,
-    # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule); 3: as sample (the bank's rescale)
-    "synthesize_lesion": 3,
-    "lesion_texture": 1,
+    # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule); 3: as sample (the bank's rescale);
+    # 4: as sample 4 (a boundary probe of the rescale's coverage)
+    "synthesize_lesion": 4,
+    # 2: its bank nodules rescaled as sample 3 and 4 (the bounding box's grid, never split, boundary probes)
+    "lesion_texture": 2,
     # 2: halves and bootstraps by patient, not by nodule; 3: no interval where a set is one patient's (the excess's
     # and the size-matched rows' had one), a synthetic nodule of a class a half lacks left out of the matched rows
     "lesion_fidelity": 3,

@@ -189,6 +189,9 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
             r"attention_resolutions: \[3\] is no level of the 32³ .*\[32, 16, 8\]",
         ),
         ({"model": {"num_heads": 5}}, r"model.num_heads: 5 does not divide the \[48\] channels"),
+        # HU the int16 volumes cannot hold (padding would wrap round to +25536)
+        ({"preprocess": {"padding_hu": -40000}}, r"preprocess.padding_hu: -40000 is less than the minimum of -32768"),
+        ({"preprocess": {"max_hu": 40000}}, r"preprocess.max_hu: 40000 is greater than the maximum of 32767"),
         # the paste-back's feather reaching into the new nodule: a faded nodule that the label map marks whole
         ({"lesion": {"insert": {"margin_mm": 1.25, "feather_mm": 5.0}}}, r"feather_mm: 5.0 is more than margin_mm"),
         # equal to the margin: the nodule's outer voxels lie half a voxel less deep (110 of 257 pasted below 1)

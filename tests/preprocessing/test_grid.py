@@ -13,6 +13,7 @@ from lungddpm.errors import DicomError, LayoutError
 from lungddpm.io import Geometry
 from lungddpm.preprocessing.grid import (
     SliceGrid,
+    coverage,
     grid_geometry,
     grid_points,
     nodule_labels,
@@ -234,3 +235,14 @@ def test_a_regular_grid_of_another_direction_and_too_many_nodules_are_refused() 
     grid = SliceGrid.of_regular(Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), 4)
     with pytest.raises(LayoutError, match="256 nodules: at most 255 fit the model grid's uint8 labels"):
         nodule_labels([speck] * 256, grid, grid.geometry(), (4, 4, 4), 0.5)
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_a_voxel_on_a_grid_half_a_voxel_off_covers_one_voxel_whatever_its_parity(k: int) -> None:
+    """Probes on the boundary of two voxels go to one of them the same way everywhere (np.round's ties to even gave
+    an odd voxel 0.8^3 of a voxel of coverage and an even one 1.2^3)."""
+    mask = np.zeros((12, 12, 12), bool)
+    mask[k, k, k] = True
+    grid = SliceGrid(np.arange(12) * 1.0, 1.0, 1.0, 0.0, 0.0)
+    cover = coverage(mask, grid, Geometry((1.0, 1.0, 1.0), (0.5, 0.5, 0.5)), (12, 12, 12))
+    assert cover.sum() == pytest.approx(1.0) and cover.max() == pytest.approx(0.6**3)
