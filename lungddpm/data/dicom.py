@@ -69,6 +69,14 @@ RESCALE_TAGS = ("RescaleSlope", "RescaleIntercept")
 XY_DRIFT_MM = 0.01  # slices whose x/y positions differ more are a sheared (gantry-tilted) stack
 
 
+def same_bits(value: int, dtype: np.dtype) -> np.generic:
+    """``value`` as the integer ``dtype`` holds its bit pattern (-2000 as uint16 is 63536, 63536 as int16 -2000)."""
+    if np.dtype(dtype).kind not in "iu":
+        return np.dtype(dtype).type(value)
+    bits = np.dtype(dtype).itemsize * 8
+    return np.array(value & ((1 << bits) - 1), dtype=f"u{bits // 8}").view(dtype)[()]
+
+
 def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The ``*.dcm`` files of ``folder`` (and below, if ``recursive``), sorted, without hidden ones: macOS writes a
     ``._<name>.dcm`` metadata file beside each file copied to a FAT or network drive, and pylidc skips them too."""
@@ -176,8 +184,8 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         pad = getattr(ds, "PixelPaddingValue", None)
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         values = raw * slope + intercept
-        if pad is not None:
-            values[pixels == pad] = padding_hu
+        if pad is not None:  # by its bit pattern: a file may write it in the other signedness (SS -2000 = US 63536)
+            values[pixels == same_bits(int(pad), pixels.dtype)] = padding_hu
         hu[out_k] = values
     np.clip(hu, padding_hu, max_hu, out=hu)
     x0, y0 = (float(v) for v in first.ImagePositionPatient[:2])

@@ -227,6 +227,12 @@ def _check_slice_positions(folder: Path, positions: np.ndarray, orientation: Seq
         return
     step = float(np.median(gaps))
     odd = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * step))
+    same = np.flatnonzero(gaps <= max(1e-3, 0.01 * step))
+    if same.size:
+        raise ImageError(
+            f"{folder}: {same.size} slice(s) at the position of another (first at {along[same[0]]:.2f} mm along the "
+            "slice normal): two series, or one exported twice, in one folder; keep one copy of each slice"
+        )
     if odd.size:
         where = ", ".join(f"{along[i]:.2f} to {along[i + 1]:.2f} mm" for i in odd[:3])
         axis = "" if abs(normal[2]) > 0.99 else f" along the slice normal {(normal.round(3) + 0.0).tolist()}"

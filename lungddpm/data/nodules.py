@@ -60,12 +60,13 @@ class Nodule:
 def paint(volume: np.ndarray, nodules: Sequence[Nodule], value: int | bool) -> np.ndarray:
     """Set every voxel of ``nodules``' masks in ``volume`` [Z, Y, X] (their scan's index space) to ``value``, in
     place; masks reaching beyond the volume are cut. Returns ``volume``."""
-    k, i, j = volume.shape
     for nod in nodules:
-        k0, i0, j0 = nod.offset
-        m = nod.mask
-        sl = (slice(k0, k0 + m.shape[0]), slice(i0, i0 + m.shape[1]), slice(j0, j0 + m.shape[2]))
-        volume[sl][m[: k - k0, : i - i0, : j - j0]] = value
+        lo = np.maximum(np.asarray(nod.offset), 0)
+        hi = np.minimum(np.asarray(nod.offset) + nod.mask.shape, volume.shape)
+        if np.any(hi <= lo):  # wholly outside
+            continue
+        inner = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, nod.offset))
+        volume[tuple(slice(a, b) for a, b in zip(lo, hi))][nod.mask[inner]] = value
     return volume
 
 

@@ -84,3 +84,25 @@ def test_a_demo_case_without_its_series_says_how_to_write_it(tmp_path: Path) -> 
                          "resources/demo/series/LIDC-IDRI-0078.json`")  # fmt: skip
     again = pickle.loads(pickle.dumps(err.value))  # across processes: the problem and the fix travel whole
     assert (again.problem, again.fix, str(again)) == (err.value.problem, err.value.fix, said)
+
+
+def test_padding_written_in_the_other_signedness_is_still_padding(tmp_path: Path) -> None:
+    """Unsigned pixels whose PixelPaddingValue is written as SS -2000 (the bit pattern 63536): matched by value, the
+    padding read as 63536 - 1024 HU, a bright 3071 HU border round the field of view."""
+    from pydicom.dataelem import DataElement
+
+    from lungddpm.data.phantom import DicomQuirks
+
+    geom = ScanGeometry("P", "1.2.3", "1.2.3.4", 0.7, np.array([0.0, 2.5]), 2.5, rows=16, cols=16)
+    write_dicom_series(np.full(geom.shape, -500.0), geom, tmp_path / "s", DicomQuirks(False, -1024.0, None))
+    before = read_dicom_series(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu  # air round its round field
+    for f in sorted((tmp_path / "s").glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        pixels = ds.pixel_array.copy()
+        pixels[0, :] = 63536
+        ds.BitsStored, ds.HighBit = 16, 15
+        ds.add(DataElement(0x00280120, "SS", -2000))
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(f)
+    hu = read_dicom_series(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu
+    assert set(np.unique(hu[:, 0, :])) == {-1024.0} and np.array_equal(hu[:, 1:], before[:, 1:])

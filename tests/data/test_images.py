@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,10 @@ def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path:
     files[3].unlink()
     with pytest.raises(ImageError, match=r"P1: slices are not evenly spaced \(1 gap\(s\) unlike the usual 2.5 mm: "
                        r"-35.00 to -30.00 mm\); slices are missing"):  # fmt: skip
+        read_ct(folder, -1024.0, 3071.0)
+    shutil.copyfile(files[0], folder / "copy.dcm")  # a slice twice: said so, not "missing" (a gap of 0 mm)
+    with pytest.raises(ImageError, match=r"P1: 1 slice\(s\) at the position of another \(first at -40.00 mm along "
+                       r"the slice normal\): two series, or one exported twice"):  # fmt: skip
         read_ct(folder, -1024.0, 3071.0)
     # NaN voxels: NRRD keeps them, SimpleITK's NIfTI reader turns them into 0 HU silently; both refused
     nan = _ct().astype(np.float32)

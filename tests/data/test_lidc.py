@@ -217,3 +217,16 @@ def test_lidc_0733s_two_one_reader_readings_of_one_nodule_are_one_nodule(caplog:
     assert joined.diameter_mm == pytest.approx((6.2889 + 7.5729) / 2, abs=1e-3)  # the median of the two readings
     centres = np.array([n.centroid_index for n in nods])  # the others: none near another (voxels)
     assert np.min(np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(len(nods)) * 1e9) > 20
+
+
+@pytest.mark.parametrize("offset, painted", [((8, 0, 0), 8), ((-2, -1, 0), 4), ((10, 0, 0), 0), ((-4, 0, 0), 0)])
+def test_paint_cuts_masks_at_every_face_of_the_volume(offset: tuple[int, int, int], painted: int) -> None:
+    """A mask reaching past any face is cut there, one wholly outside paints nothing (both raised IndexError)."""
+    from lungddpm.data.nodules import Nodule, paint
+
+    nod = Nodule(np.ones((4, 2, 2), bool), offset, 1, 3.0, 5, 3, (0.0, 0.0, 0.0))
+    volume = paint(np.zeros((10, 4, 4), bool), [nod], True)
+    assert int(volume.sum()) == painted
+    if painted:
+        lo = np.maximum(offset, 0)
+        assert volume[tuple(lo)]  # the mask's first voxel inside the volume
