@@ -1,17 +1,19 @@
 """Reading an axial CT series of DICOM files into HU (LIDC-IDRI's downloads and the demo's phantoms): its folder
-under a patient's, the slices sorted by position, rescaled to HU with the padding masked."""
+under a patient's, the slices sorted by position, rescaled to HU with the padding masked; and the check of the slice
+positions of a series that ``data.source: images`` reads through SimpleITK (any orientation)."""
 
 from __future__ import annotations
 
 import glob
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DicomError
+from ..errors import DicomError, ImageError
 from ..io import safe_component
 
 log = logging.getLogger(__name__)
@@ -197,3 +199,49 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         series_uid=str(ref.SeriesInstanceUID),
         directory=directory,
     )
+
+
+def slice_geometry(reader: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice's ImagePositionPatient [n, 3] and the first slice's ImageOrientationPatient [6] (axial when absent)
+    of a series that SimpleITK's ``reader`` read with its per-slice headers (``data.source: images``)."""
+
+    def floats(i: int, tag: str) -> list[float]:
+        return [float(v) for v in reader.GetMetaData(i, tag).split("\\")]
+
+    positions = np.array([floats(i, "0020|0032") for i in range(n)], dtype=np.float64)
+    axial = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    orientation = floats(0, "0020|0037") if reader.HasMetaDataKey(0, "0020|0037") else axial
+    return positions, np.asarray(orientation, dtype=np.float64)
+
+
+def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequence[float]) -> None:
+    """Refuse a DICOM series whose slices (ImagePositionPatient [n, 3]) are not evenly spaced along the slice normal
+    (row x column cosines of ImageOrientationPatient): a missing slice of an axial, coronal or sagittal series.
+    SimpleITK would stack them at one spacing and shift everything past the gap."""
+    cosines = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(cosines[:3], cosines[3:6])
+    if np.linalg.norm(normal) < 1e-6:
+        raise ImageError(
+            f"{folder}: ImageOrientationPatient {cosines.round(4).tolist()} has parallel row and column cosines; "
+            "re-export the series with a valid orientation"
+        )
+    along = np.sort(np.asarray(positions, dtype=np.float64).reshape(-1, 3) @ (normal / np.linalg.norm(normal)))
+    gaps = np.diff(along)
+    if gaps.size < 2:
+        return
+    step = float(np.median(gaps))
+    odd = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * step))
+    same = np.flatnonzero(gaps <= max(1e-3, 0.01 * step))
+    if same.size:
+        raise ImageError(
+            f"{folder}: {same.size} slice(s) at the position of another (first at {along[same[0]]:.2f} mm along the "
+            "slice normal): two series, or one exported twice, in one folder; keep one copy of each slice"
+        )
+    if odd.size:
+        where = ", ".join(f"{along[i]:.2f} to {along[i + 1]:.2f} mm" for i in odd[:3])
+        axis = "" if abs(normal[2]) > 0.99 else f" along the slice normal {(normal.round(3) + 0.0).tolist()}"
+        raise ImageError(
+            f"{folder}: slices are not evenly spaced{axis} ({odd.size} gap(s) unlike the usual {step:.3g} mm: "
+            f"{where}); slices are missing or the series is irregular. Re-export the complete series, or resample it "
+            "onto regular slices and give it as a volume file"
+        )

@@ -35,8 +35,8 @@ class Nodule:
     offset: tuple[int, int, int]  # (k, i, j) of mask[0, 0, 0] in the scan
     n_readers: int  # radiologists who annotated it; UNKNOWN for a label map
     diameter_mm: float  # LIDC: median of the readers' diameters; label map: largest axial extent
-    texture: int  # median rating, 1 (ground-glass) .. 5 (solid); UNKNOWN for a label map
-    malignancy: int  # median rating 1..5; UNKNOWN for a label map
+    texture: int  # median rating, 1 (ground-glass) .. 5 (solid), an even split rounded up; UNKNOWN for a label map
+    malignancy: int  # median rating 1..5, an even split rounded up; UNKNOWN for a label map
     centroid_index: tuple[float, float, float]  # (k, i, j) of the mask centroid, scan index space
     volume_ml: float | None = None  # mask volume (label maps; LIDC rows give consensus_voxels)
 

@@ -263,8 +263,7 @@ def coverage(
     voxels = np.indices(block, dtype=np.float64).reshape(3, -1).T + first
     sub = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
     points = (voxels[:, None, :] + sub[None]).reshape(-1, 3)
-    # half up, never to even: a probe on the boundary of two voxels (grids of commensurate spacing put many there)
-    # belongs to the upper one whatever its parity; np.round gave every even voxel the ties and each odd one none
+    # half up: a probe on a voxel boundary goes to the upper voxel (np.round's ties to even favoured even voxels)
     src = np.floor(grid.world_to_index(target.index_to_world(points)) + 0.5).astype(int)
     inside = np.all((src >= 0) & (src < np.asarray(mask.shape)), axis=1)
     hit = np.zeros(len(src), dtype=bool)

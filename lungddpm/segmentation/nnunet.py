@@ -81,10 +81,9 @@ def nnunet_env(roots: Mapping[str, Path], cfg: SegmentationConfig, threads: int)
 def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id: int, nodule_fraction: float) -> Path:
     """Write ``<raw_root>/DatasetXXX_LungNodule/{imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz, dataset.json}``.
 
-    Images: int16 HU [Z, Y, X] with the CT's affine; labels: uint8, 1 where the layout is nodule (2). A case with a
-    ``grid`` is resampled onto that CT's grid first (its label by ``nodule_fraction``, :func:`onto_grid`). Any
-    previous export is replaced. Returns the dataset folder.
-    """
+    Images: int16 HU [Z, Y, X] (rounded) with the CT's affine; labels: uint8, 1 where the layout is nodule (2). A
+    case with a ``grid`` is resampled onto that CT's grid first (its label by ``nodule_fraction``, :func:`onto_grid`).
+    Any previous export is replaced. Returns the dataset folder."""
     from tqdm import tqdm
 
     folder = raw_root / dataset_name(dataset_id)
@@ -97,7 +96,7 @@ def export_raw_dataset(cases: Sequence[TrainingCase], raw_root: Path, dataset_id
         target = (layout == NODULE).astype(np.uint8)
         if case.grid is not None:
             ct, target, geometry = onto_grid(ct, target, geometry, Path(case.grid), nodule_fraction)
-        hu = np.clip(np.rint(ct), -32768, 32767).astype(np.int16)  # rounded: a float CT's 10.7 HU is 11, not 10
+        hu = np.clip(np.rint(ct), -32768, 32767).astype(np.int16)  # 10.7 HU is 11, not 10
         write_volume(folder / "imagesTr" / f"{case.identifier}_0000{FILE_ENDING}", hu, geometry)
         write_volume(folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", target, geometry)
     write_json(
