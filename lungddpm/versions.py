@@ -29,11 +29,14 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # field-of-view edge band of padding HU, no table midline (labels and HU made before then differ)
     # 3: lung holes across the body midline filled only up to lungmask.midline_hole_max_mm (lungs meeting around
     # the mediastinum no longer take it in, nor the trachea)
-    "preprocess": 3,
+    # 4: a coverage probe on a voxel boundary counts for the upper voxel (np.round's ties to even): labels change on
+    # grids commensurate with the scan's (config/paper.yaml: 6 voxels of LIDC-IDRI-0171 at some centres), not the demo
+    "preprocess": 4,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
     # (the demo's 24 mm nodule of LIDC-IDRI-0709 was jittered onto a face of its 40 mm ROI)
-    "rois": 3,
+    # 4: as preprocess 4 (the demo: LIDC-IDRI-0709_n6_0, moved inside the scan, 45 -> 47 nodule voxels)
+    "rois": 4,
     "train": 1,  # also in its resume fingerprint (train_lesion: its own number)
     "import_checkpoint": 1,
     "nodule_bank": 1,

@@ -21,7 +21,8 @@ from lungddpm.synthesis.lesion import Site
 # each). Two threads in each worker next to the other worker's Snakemake jobs oversubscribe the cores, and OpenMP's
 # waiting threads then cost more than they give: measured, a 120-step tiny training beside one busy core took 47 s
 # with 2 threads and 22 s with 1 (14 s and 21 s on idle cores).
-THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # this process's
+THREADS = max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 TINY = UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), norm_groups=4)
 

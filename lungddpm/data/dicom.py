@@ -71,12 +71,17 @@ RESCALE_TAGS = ("RescaleSlope", "RescaleIntercept")
 XY_DRIFT_MM = 0.01  # slices whose x/y positions differ more are a sheared (gantry-tilted) stack
 
 
-def same_bits(value: int, dtype: np.dtype) -> np.generic:
-    """``value`` as the integer ``dtype`` holds its bit pattern (-2000 as uint16 is 63536, 63536 as int16 -2000)."""
-    if np.dtype(dtype).kind not in "iu":
-        return np.dtype(dtype).type(value)
-    bits = np.dtype(dtype).itemsize * 8
-    return np.array(value & ((1 << bits) - 1), dtype=f"u{bits // 8}").view(dtype)[()]
+def same_bits(value: int, dtype: np.dtype) -> int | None:
+    """The stored value whose bits ``value`` has in the integer pixel ``dtype`` (any byte order): -2000 in uint16 is
+    63536, 63536 in int16 is -2000; None where it fits neither signedness of those bits (it matches no pixel)."""
+    dt = np.dtype(dtype)
+    if dt.kind not in "iu":
+        return value
+    bits = dt.itemsize * 8
+    if not -(1 << (bits - 1)) <= value < 1 << bits:
+        return None
+    stored = value % (1 << bits)
+    return stored - (1 << bits) if dt.kind == "i" and stored >= 1 << (bits - 1) else stored
 
 
 def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
@@ -105,7 +110,7 @@ def _slice_order(directory: Path, files: list[Path], slices: list[Any]) -> tuple
                 ranked = sorted((int(slices[i][0].InstanceNumber), files[i].name, i) for i in members)
             except (AttributeError, TypeError, ValueError) as exc:
                 raise DicomError(f"{directory}: {names}: same slice position z={z[members[0]]} and no InstanceNumber "
-                                 f"to choose by ({exc}); remove the duplicate file") from exc  # fmt: skip
+                                 f"to choose by ({exc})", "remove the duplicate file") from exc  # fmt: skip
             members = [ranked[0][2]]
             dropped += [i for *_, i in ranked[1:]]
         order.append(members[0])
@@ -166,11 +171,12 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         if not np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-3):
             raise DicomError(
                 f"{f}: ImageOrientationPatient {orientation.tolist()} is not [1, 0, 0, 0, 1, 0] (axial, rows along "
-                "+x, columns along +y), which data.source lidc reads; a flipped series reads as a volume through "
-                "data.source: images (reoriented there), an oblique one after resampling it onto axial"
+                "+x, columns along +y), which data.source lidc reads",
+                "a flipped series reads as a volume through data.source: images (reoriented there), an oblique one "
+                "after resampling it onto axial",
             )
         if tuple(float(v) for v in ds.PixelSpacing) != spacing or (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}; mixed series?")
+            raise DicomError(f"{f}: pixel spacing or size differs from {files[0].name}", "keep one series per folder")
     order, z = _slice_order(directory, files, slices)
     first = slices[order[0]][0]  # the lowest slice: the volume's origin
     xy = np.asarray([[float(v) for v in slices[k][0].ImagePositionPatient[:2]] for k in order])
@@ -186,8 +192,13 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         pad = getattr(ds, "PixelPaddingValue", None)
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         values = raw * slope + intercept
-        if pad is not None:  # by its bit pattern: a file may write it in the other signedness (SS -2000 = US 63536)
-            values[pixels == same_bits(int(pad), pixels.dtype)] = padding_hu
+        try:
+            stored = None if pad is None else same_bits(int(pad), pixels.dtype)  # a file may write it in the other
+        except (TypeError, ValueError) as exc:
+            raise DicomError(f"{files[k]}: PixelPaddingValue {pad!r} is not one whole number",
+                             "re-export the series with a valid one, or without it") from exc  # fmt: skip
+        if stored is not None:  # signedness (SS -2000 = US 63536): matched by its bits
+            values[pixels == stored] = padding_hu
         hu[out_k] = values
     np.clip(hu, padding_hu, max_hu, out=hu)
     x0, y0 = (float(v) for v in first.ImagePositionPatient[:2])
@@ -216,8 +227,8 @@ def slice_geometry(reader: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequence[float]) -> None:
     """Refuse a DICOM series whose slices (ImagePositionPatient [n, 3]) are not evenly spaced along the slice normal
-    (row x column cosines of ImageOrientationPatient): a missing slice of an axial, coronal or sagittal series.
-    SimpleITK would stack them at one spacing and shift everything past the gap."""
+    (row x column cosines of ImageOrientationPatient): a missing slice of an axial, coronal or sagittal series, or
+    two slices at one position. SimpleITK would stack them at one spacing and shift everything past the gap."""
     cosines = np.asarray(orientation, dtype=np.float64)
     normal = np.cross(cosines[:3], cosines[3:6])
     if np.linalg.norm(normal) < 1e-6:
@@ -227,17 +238,15 @@ def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequ
         )
     along = np.sort(np.asarray(positions, dtype=np.float64).reshape(-1, 3) @ (normal / np.linalg.norm(normal)))
     gaps = np.diff(along)
-    if gaps.size < 2:
-        return
-    step = float(np.median(gaps))
-    odd = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * step))
+    step = float(np.median(gaps)) if gaps.size else 0.0
     same = np.flatnonzero(gaps <= max(1e-3, 0.01 * step))
     if same.size:
         raise ImageError(
             f"{folder}: {same.size} slice(s) at the position of another (first at {along[same[0]]:.2f} mm along the "
             "slice normal): two series, or one exported twice, in one folder; keep one copy of each slice"
         )
-    if odd.size:
+    odd = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * step))
+    if gaps.size >= 2 and odd.size:
         where = ", ".join(f"{along[i]:.2f} to {along[i + 1]:.2f} mm" for i in odd[:3])
         axis = "" if abs(normal[2]) > 0.99 else f" along the slice normal {(normal.round(3) + 0.0).tolist()}"
         raise ImageError(

@@ -69,42 +69,87 @@ CONV_GRAD_TOLERANCE = 0.05  # bf16's own error on these probes is about 4e-3; a 
 PROBE_MAX_EDGE = 6  # probe shapes are capped at this many voxels per axis, so the float64 reference stays cheap
 
 
+# A convolution as the probe takes it: (input grid (D, H, W), in channels, out channels, kernel, stride, channels-last)
+ConvCase = tuple[tuple[int, int, int], int, int, int, int, bool]
+
+
+def network_convolutions(model: nn.Module, grid: Sequence[int], channels_last: bool) -> list[ConvCase]:
+    """Every distinct 3D convolution ``model`` (a layout-conditioned UNet with a ``cfg``) runs on a ``grid``
+    (D, H, W) input: a forward of a copy built on the meta device (no memory, no arithmetic) with hooks."""
+    cfg = model.cfg  # type: ignore[union-attr]
+    with torch.device("meta"):
+        net = type(model)(cfg)
+    cases: set[ConvCase] = set()
+
+    def record(conv: nn.Conv3d, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        shape = tuple(int(s) for s in inputs[0].shape[2:])
+        cases.add((shape, conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], channels_last))  # type: ignore[arg-type]
+
+    for module in net.modules():
+        if isinstance(module, nn.Conv3d):
+            module.register_forward_hook(record)
+    with torch.device("meta"), torch.no_grad():
+        net(torch.zeros(1, cfg.in_channels, *grid), torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, cfg.layout_channels, *grid))  # fmt: skip
+    return sorted(cases)
+
+
 @functools.cache
-def bf16_conv_grad_error(shape: tuple[int, int, int], channels: int) -> float:
-    """This CPU's bf16 weight gradient of a 3x3x3 convolution (padding 1) on a (2, channels, *shape) input: its
-    largest error against float64, relative to the largest value (nan = not finite). oneDNN in torch 2.14 on an
-    AVX512-BF16 CPU returns garbage when the depth is 2 (README: Mixed precision)."""
+def bf16_conv_grad_error(
+    shape: tuple[int, int, int], cin: int, cout: int, kernel: int = 3, stride: int = 1, channels_last: bool = False
+) -> float:
+    """This CPU's bf16 gradients (weight and input, by autograd under autocast, in the given memory format) of a
+    biased ``kernel``³ convolution (padding kernel // 2) on a (2, cin, *shape) input: the larger error against
+    float64, relative to the largest value (nan = not finite). oneDNN in torch 2.14 on an AVX512-BF16 CPU returns
+    garbage when the depth is 2, for some channel counts only (README: Mixed precision)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, channels, *shape, generator=g)
-    dy = torch.randn(2, channels, *shape, generator=g)
-    w = (channels, channels, 3, 3, 3)
-    ref = torch.nn.grad.conv3d_weight(x.double(), w, dy.double(), padding=1)
-    got = torch.nn.grad.conv3d_weight(x.bfloat16(), w, dy.bfloat16(), padding=1).double()
-    err = float((got - ref).abs().max() / ref.abs().max())
-    return err if torch.isfinite(got).all() else float("nan")
+    conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=kernel // 2)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(2, cin, *shape, generator=g)
+    ref = nn.Conv3d(cin, cout, kernel, stride=stride, padding=kernel // 2).double()
+    ref.load_state_dict(conv.state_dict())
+    x64 = x.double().requires_grad_()
+    y64 = ref(x64)
+    dy = torch.randn(y64.shape, generator=g)
+    y64.backward(dy.double())
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    conv = conv.to(memory_format=fmt)
+    x16 = x.contiguous(memory_format=fmt).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x16)
+    y.backward(dy.to(y.dtype))
+    pairs = ((conv.weight.grad, ref.weight.grad), (x16.grad, x64.grad))
+    if not all(torch.isfinite(got).all() for got, _ in pairs):  # type: ignore[arg-type]
+        return float("nan")
+    return max(float((got.double() - want).abs().max() / want.abs().max()) for got, want in pairs)  # type: ignore[union-attr]
 
 
 def checked_cpu_bf16(
     dtype: torch.dtype | None,
     device: torch.device,
-    levels: Sequence[tuple[tuple[int, int, int], int]],
+    convs: Sequence[ConvCase],
     precision: str,
-    probe: Callable[[tuple[int, int, int], int], float] = bf16_conv_grad_error,
+    probe: Callable[..., float] = bf16_conv_grad_error,
 ) -> torch.dtype | None:
-    """``dtype`` for training, unless this CPU's bf16 convolution gradients are wrong at one of the UNet's
-    ``levels`` ((D, H, W) grid, channels) each: then fp32 for ``precision: auto`` (with a warning), an error for an
-    explicit ``bf16``. GPUs and fp32 / fp16 pass unchecked."""
+    """``dtype`` for training, unless this CPU's bf16 convolution gradients are wrong for one of the network's
+    ``convs`` (:func:`network_convolutions`; probed at their grid capped to ``PROBE_MAX_EDGE`` voxels per axis): then
+    fp32 for ``precision: auto`` (with a warning), an error for an explicit ``bf16``. GPUs and fp32 / fp16 pass
+    unchecked."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return dtype
-    for shape, channels in levels:
+    for shape, cin, cout, kernel, stride, channels_last in convs:
         capped = tuple(min(s, PROBE_MAX_EDGE) for s in shape)
-        err = probe(capped, channels)  # type: ignore[arg-type]
+        err = probe(capped, cin, cout, kernel, stride, channels_last)
         if err <= CONV_GRAD_TOLERANCE:  # False for nan
             continue
+        layout = ", channels-last" if channels_last else ""
         why = (
-            f"this CPU's bf16 convolution gradients are wrong on a UNet level of {shape[0]}x{shape[1]}x{shape[2]} "
-            f"voxels and {channels} channels (relative error {err:.2g} against float64; bf16's own is about 4e-3, "
-            "a oneDNN fault with a depth of 2)"
+            f"this CPU's bf16 convolution gradients are wrong for the network's {kernel}x{kernel}x{kernel} "
+            f"convolution of {cin} -> {cout} channels (stride {stride}{layout}) on {shape[0]}x{shape[1]}x{shape[2]} "
+            f"voxels (relative error {err:.2g} against float64; bf16's own is about 4e-3, a oneDNN fault with a "
+            "depth of 2)"
         )
         fix = "choose preprocess.size / train.crop / model.channel_mult so that no level has a depth of 2"
         if precision == "auto":

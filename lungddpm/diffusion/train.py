@@ -40,7 +40,7 @@ from .data import StepBatches, TrainData, data_digest
 from .distributed import all_mean, barrier, seed_rank, setup_distributed
 from .encoding import model_to_hu
 from .optim import EMA, apply_update, load_optimizer_state, make_optimizer
-from .precision import autocast, checked_cpu_bf16, resolve_precision
+from .precision import autocast, checked_cpu_bf16, network_convolutions, resolve_precision
 from .process import DiffusionConfig, GaussianDiffusion
 from .unet import UNet3D, count_parameters, unet_config_from_dict
 
@@ -163,8 +163,9 @@ def train(
             f"{model.downsampling}; change preprocess.size, train.crop or model.channel_mult"
         )
     grid = (tc.crop,) * 3 if tc.crop else tuple(data.images.shape[2:])
-    levels = [(tuple(s >> i for s in grid), model.cfg.model_channels * m) for i, m in enumerate(model.cfg.channel_mult)]
-    dtype = checked_cpu_bf16(dtype, device, levels, tc.precision)  # type: ignore[arg-type]
+    probed = device.type == "cpu" and dtype == torch.bfloat16  # the convolutions' bf16 gradients on this CPU
+    convs = network_convolutions(model, grid, tc.channels_last) if probed else []
+    dtype = checked_cpu_bf16(dtype, device, convs, tc.precision)
     memory_format = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)

@@ -296,7 +296,7 @@ def nodule_labels(
             continue
         local = grid.crop(nod.offset[0], nod.offset[1], nod.offset[2], nod.mask.shape[0])
         mine = coverage(nod.mask, local, target, size) >= min_fraction
-        c = np.round(target.world_to_index(nodule_centroid_world(nod, grid)[None])[0]).astype(int)
+        c = np.floor(target.world_to_index(nodule_centroid_world(nod, grid)[None])[0] + 0.5).astype(int)  # as coverage
         if all(0 <= c[a] < size[a] for a in range(3)):
             mine[tuple(c)] = True
         labels[mine] = n

@@ -12,7 +12,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from lungddpm.data.dicom import read_dicom_series
+from lungddpm.data.dicom import read_dicom_series, same_bits
 from lungddpm.data.phantom import ScanGeometry, quirks_for, write_dicom_series
 from lungddpm.errors import DicomError
 
@@ -86,10 +86,13 @@ def test_a_demo_case_without_its_series_says_how_to_write_it(tmp_path: Path) -> 
     assert (again.problem, again.fix, str(again)) == (err.value.problem, err.value.fix, said)
 
 
-def test_padding_written_in_the_other_signedness_is_still_padding(tmp_path: Path) -> None:
-    """Unsigned pixels whose PixelPaddingValue is written as SS -2000 (the bit pattern 63536): matched by value, the
-    padding read as 63536 - 1024 HU, a bright 3071 HU border round the field of view."""
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_padding_is_matched_by_its_bits_in_either_signedness_and_byte_order(tmp_path: Path, big_endian: bool) -> None:
+    """Unsigned pixels with PixelPaddingValue 63536: written as SS -2000 (the same bits), or big-endian (pydicom
+    reads '>u2'). Matched by value the first, or by a native-order reinterpretation the second, the padding read as
+    63536 - 1024 HU: a bright 3071 HU border round the field of view."""
     from pydicom.dataelem import DataElement
+    from pydicom.uid import ExplicitVRBigEndian
 
     from lungddpm.data.phantom import DicomQuirks
 
@@ -101,8 +104,17 @@ def test_padding_written_in_the_other_signedness_is_still_padding(tmp_path: Path
         pixels = ds.pixel_array.copy()
         pixels[0, :] = 63536
         ds.BitsStored, ds.HighBit = 16, 15
-        ds.add(DataElement(0x00280120, "SS", -2000))
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(f)
+        if big_endian:
+            ds.PixelPaddingValue = 63536
+            ds.PixelData = pixels.astype(">u2").tobytes()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+            pydicom.dcmwrite(f, ds, little_endian=False, implicit_vr=False, force_encoding=True)
+        else:
+            ds.add(DataElement(0x00280120, "SS", -2000))
+            ds.PixelData = pixels.tobytes()
+            ds.save_as(f)
+    assert pydicom.dcmread(f).pixel_array.dtype.byteorder == (">" if big_endian else "=")
     hu = read_dicom_series(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu
     assert set(np.unique(hu[:, 0, :])) == {-1024.0} and np.array_equal(hu[:, 1:], before[:, 1:])
+    # a value no pixel of that width can hold matches none (wrapped round, -2000 would be uint8's 48)
+    assert [same_bits(v, np.dtype(t)) for v, t in ((-2000, "u1"), (70000, ">u2"), (3000, "i1"))] == [None] * 3

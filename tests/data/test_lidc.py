@@ -219,7 +219,19 @@ def test_lidc_0733s_two_one_reader_readings_of_one_nodule_are_one_nodule(caplog:
     assert np.min(np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(len(nods)) * 1e9) > 20
 
 
-@pytest.mark.parametrize("offset, painted", [((8, 0, 0), 8), ((-2, -1, 0), 4), ((10, 0, 0), 0), ((-4, 0, 0), 0)])
+@pytest.mark.parametrize(
+    "offset, painted",
+    [
+        ((8, 0, 0), 8),  # cut at the last slice
+        ((-2, -1, 0), 4),  # before the first slice and row
+        ((0, 3, 3), 4),  # past the last row and column
+        ((10, 0, 0), 0),  # wholly outside, at each face
+        ((11, 0, 0), 0),
+        ((0, 5, 0), 0),
+        ((0, 0, 4), 0),
+        ((-4, 0, 0), 0),
+    ],
+)
 def test_paint_cuts_masks_at_every_face_of_the_volume(offset: tuple[int, int, int], painted: int) -> None:
     """A mask reaching past any face is cut there, one wholly outside paints nothing (both raised IndexError)."""
     from lungddpm.data.nodules import Nodule, paint

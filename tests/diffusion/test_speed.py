@@ -256,27 +256,42 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.Mo
 
 
 def test_bf16_training_falls_back_or_stops_where_the_cpus_conv_gradients_are_wrong(caplog) -> None:
-    """The probe on this machine (a level without a depth of 2 is right everywhere), and the decision per result:
-    a wrong level makes auto train in fp32 with a warning, an explicit bf16 stop naming the fix."""
-    assert precision.bf16_conv_grad_error((4, 4, 4), 32) < 1e-2  # bf16's own error, on any CPU
+    """The probe on this machine (a grid without a depth of 2 is right everywhere), and the decision per result:
+    a wrong convolution makes auto train in fp32 with a warning, an explicit bf16 stop naming the fix."""
+    assert precision.bf16_conv_grad_error((4, 4, 4), 32, 32) < 1e-2  # bf16's own error, on any CPU
+    assert precision.bf16_conv_grad_error((4, 4, 4), 48, 16, 3, 2, True) < 1e-2  # strided, channels-last
     cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
-    levels = [((16, 16, 16), 16), ((8, 8, 8), 32), ((2, 4, 4), 64)]
+    convs = [((16, 16, 16), 16, 16, 3, 1, False), ((8, 8, 8), 32, 32, 3, 2, False), ((2, 4, 4), 64, 32, 3, 1, True)]
     seen: list[tuple[tuple[int, int, int], int]] = []
 
-    def wrong_at_depth_2(shape: tuple[int, int, int], channels: int) -> float:
-        seen.append((shape, channels))
+    def wrong_at_depth_2(shape: tuple[int, int, int], cin: int, *_: object) -> float:
+        seen.append((shape, cin))
         return float("nan") if shape[0] == 2 else 4e-3
 
-    assert precision.checked_cpu_bf16(bf16, cpu, levels[:2], "auto", wrong_at_depth_2) is bf16
+    assert precision.checked_cpu_bf16(bf16, cpu, convs[:2], "auto", wrong_at_depth_2) is bf16
     assert seen == [((6, 6, 6), 16), ((6, 6, 6), 32)]  # capped at PROBE_MAX_EDGE voxels per axis
     with caplog.at_level("WARNING"):
-        assert precision.checked_cpu_bf16(bf16, cpu, levels, "auto", wrong_at_depth_2) is None
-    assert "2x4x4 voxels and 64 channels" in caplog.text and "training in fp32 instead" in caplog.text
+        assert precision.checked_cpu_bf16(bf16, cpu, convs, "auto", wrong_at_depth_2) is None
+    said = "3x3x3 convolution of 64 -> 32 channels (stride 1, channels-last) on 2x4x4 voxels"
+    assert said in caplog.text and "training in fp32 instead" in caplog.text
     with pytest.raises(LungDDPMError, match=r"relative error nan.*train.precision \(lesion.train.precision\) to auto"):
-        precision.checked_cpu_bf16(bf16, cpu, levels, "bf16", wrong_at_depth_2)
+        precision.checked_cpu_bf16(bf16, cpu, convs, "bf16", wrong_at_depth_2)
     n = len(seen)  # a GPU, fp32 and fp16 are not probed
-    assert precision.checked_cpu_bf16(bf16, gpu, levels, "auto", wrong_at_depth_2) is bf16
-    assert precision.checked_cpu_bf16(None, cpu, levels, "fp32", wrong_at_depth_2) is None and len(seen) == n
+    assert precision.checked_cpu_bf16(bf16, gpu, convs, "auto", wrong_at_depth_2) is bf16
+    assert precision.checked_cpu_bf16(None, cpu, convs, "fp32", wrong_at_depth_2) is None and len(seen) == n
+
+
+def test_the_probe_sees_every_convolution_the_network_runs() -> None:
+    """Found by a forward on the meta device: the decoder's convolutions take the skip's channels too (16 -> 8 at
+    the 2³ level of an 8-channel network, which the oneDNN fault breaks where 8 -> 8 passes), the downsamplings are
+    strided, and the memory format is the training's."""
+    net = UNet3D(UNetConfig(image_size=16, model_channels=8, channel_mult=(1, 1, 1, 1), attention_resolutions=(),
+                            norm_groups=4))  # fmt: skip
+    convs = precision.network_convolutions(net, (16, 16, 16), True)
+    assert ((2, 2, 2), 8, 8, 3, 1, True) in convs and ((2, 2, 2), 16, 8, 3, 1, True) in convs
+    assert ((16, 16, 16), 3, 8, 3, 1, True) in convs and ((8, 8, 8), 8, 8, 3, 2, True) in convs  # input; a downsampling
+    assert ((2, 2, 2), 16, 8, 1, 1, True) in convs  # a decoder block's 1x1 skip projection
+    assert len(convs) == len(set(convs)) == 17 and all(p.device.type == "cpu" for p in net.parameters())
 
 
 def test_sampler_quality_interval_resamples_whole_layouts(tmp_path: Path) -> None:
