@@ -166,7 +166,7 @@ def make_layout(case_dir: Path, out_path: Path, cfg: LayoutConfig) -> dict[str, 
     checked layout NIfTI."""
     lung, geometry = read_volume(case_dir / "lung.nii.gz")
     nodules, nod_geometry = read_volume(case_dir / "nodules.nii.gz")
-    if not np.allclose(geometry.origin, nod_geometry.origin) or lung.shape != nodules.shape:
+    if lung.shape != nodules.shape or not geometry.same_grid(nod_geometry):  # spacing and direction too
         raise LayoutError(f"{case_dir}: lung.nii.gz and nodules.nii.gz are on different grids; rerun preprocess")
     layout = compose_layout(lung > 0, nodules)
     midline = read_json(case_dir / "meta.json").get("body_midline_x_mm")

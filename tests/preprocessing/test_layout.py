@@ -78,6 +78,11 @@ def test_make_layout_writes_same_grid(tmp_path: Path) -> None:
     layout, geom = read_volume(tmp_path / "layout.nii.gz")
     assert geom == GEOM or np.allclose(geom.origin, GEOM.origin)
     assert (layout == 2).sum() == 8 and layout.dtype == np.uint8
+    # nodules on another spacing, same origin and shape: refused (only the origin and shape were compared)
+    write_volume(tmp_path / "nodules.nii.gz", nodules, Geometry(tuple(2 * s for s in GEOM.spacing), GEOM.origin))
+    with pytest.raises(LayoutError, match="lung.nii.gz and nodules.nii.gz are on different grids; rerun preprocess"):
+        make_layout(tmp_path, tmp_path / "layout2.nii.gz", CFG)
+    assert not (tmp_path / "layout2.nii.gz").exists()
 
 
 def test_only_a_scan_whose_air_is_too_little_and_cut_at_both_ends_is_called_thin() -> None:
