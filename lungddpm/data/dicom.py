@@ -192,12 +192,12 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         pad = getattr(ds, "PixelPaddingValue", None)
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         values = raw * slope + intercept
-        try:
-            stored = None if pad is None else same_bits(int(pad), pixels.dtype)  # a file may write it in the other
+        try:  # matched by its bits: a file may write it in the other signedness (SS -2000 = US 63536)
+            stored = None if pad is None else same_bits(int(pad), pixels.dtype)
         except (TypeError, ValueError) as exc:
             raise DicomError(f"{files[k]}: PixelPaddingValue {pad!r} is not one whole number",
                              "re-export the series with a valid one, or without it") from exc  # fmt: skip
-        if stored is not None:  # signedness (SS -2000 = US 63536): matched by its bits
+        if stored is not None:
             values[pixels == stored] = padding_hu
         hu[out_k] = values
     np.clip(hu, padding_hu, max_hu, out=hu)
@@ -239,13 +239,14 @@ def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequ
     along = np.sort(np.asarray(positions, dtype=np.float64).reshape(-1, 3) @ (normal / np.linalg.norm(normal)))
     gaps = np.diff(along)
     step = float(np.median(gaps)) if gaps.size else 0.0
-    same = np.flatnonzero(gaps <= max(1e-3, 0.01 * step))
+    tolerance = max(1e-3, 0.01 * step)
+    same = np.flatnonzero(gaps <= tolerance)
     if same.size:
         raise ImageError(
             f"{folder}: {same.size} slice(s) at the position of another (first at {along[same[0]]:.2f} mm along the "
             "slice normal): two series, or one exported twice, in one folder; keep one copy of each slice"
         )
-    odd = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * step))
+    odd = np.flatnonzero(np.abs(gaps - step) > tolerance)
     if gaps.size >= 2 and odd.size:
         where = ", ".join(f"{along[i]:.2f} to {along[i + 1]:.2f} mm" for i in odd[:3])
         axis = "" if abs(normal[2]) > 0.99 else f" along the slice normal {(normal.round(3) + 0.0).tolist()}"

@@ -94,12 +94,9 @@ def test_padding_is_matched_by_its_bits_in_either_signedness_and_byte_order(tmp_
     from pydicom.dataelem import DataElement
     from pydicom.uid import ExplicitVRBigEndian
 
-    from lungddpm.data.phantom import DicomQuirks
-
-    geom = ScanGeometry("P", "1.2.3", "1.2.3.4", 0.7, np.array([0.0, 2.5]), 2.5, rows=16, cols=16)
-    write_dicom_series(np.full(geom.shape, -500.0), geom, tmp_path / "s", DicomQuirks(False, -1024.0, None))
+    paths = _series(tmp_path / "s")  # unsigned pixels, no padding tag yet
     before = read_dicom_series(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu  # air round its round field
-    for f in sorted((tmp_path / "s").glob("*.dcm")):
+    for f in paths:
         ds = pydicom.dcmread(f)
         pixels = ds.pixel_array.copy()
         pixels[0, :] = 63536
