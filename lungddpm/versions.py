@@ -37,7 +37,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # (the demo's 24 mm nodule of LIDC-IDRI-0709 was jittered onto a face of its 40 mm ROI)
     # 4: as preprocess 4 (the demo: LIDC-IDRI-0709_n6_0, moved inside the scan, 45 -> 47 nodule voxels)
     "rois": 4,
-    "train": 1,  # also in its resume fingerprint (train_lesion: its own number)
+    # 2: the loss scored against the fp32 target (a bf16 run rounded it onto the output's bf16 grid first); an fp16
+    # step that GradScaler skips leaves the EMA as it was
+    "train": 2,  # also in its resume fingerprint (train_lesion: its own number)
     "import_checkpoint": 1,
     "nodule_bank": 1,
     # 2: no cut bank tails, no paste-back rim outside the generated region, ddim / short ddpm schedules no longer
@@ -66,7 +68,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "segment_sweep": 1,
     # 2: the focus weight covers every voxel within lesion.train.focus_margin_mm (the margin was rounded to whole
     # voxels: 31 % of the demo's voxels within 3 mm of a nodule missed it)
-    "train_lesion": 2,
+    # 3: as train 2 (the fp32 loss target, fp16's skipped steps)
+    "train_lesion": 3,
     # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule); 3: as sample (the bank's rescale);
     # 4: as sample 4 (a boundary probe of the rescale's coverage)
     "synthesize_lesion": 4,

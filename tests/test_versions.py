@@ -72,6 +72,7 @@ def test_a_bumped_sampling_stage_remakes_its_items(
 def test_a_bumped_training_refuses_to_resume_older_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config()
     monkeypatch.setitem(versions.OUTPUT_VERSIONS, "train_lesion", 1)
+    monkeypatch.setitem(versions.OUTPUT_VERSIONS, "train", 1)
     old = fingerprint(cfg, "d", "train_lesion")
     assert "version" not in old and old == fingerprint(cfg, "d")  # version 1: the fingerprint as before versions
     state = {"fingerprint": old, "step": 5, "rng_cpu": torch.zeros(1, dtype=torch.uint8), "rng_cuda": []}

@@ -74,15 +74,18 @@ def apply_update(
     """After the backward passes of one step: unscale, clip to ``grad_clip`` (0 = no clipping; the norm is still
     measured), and — where the step's mean ``loss`` (a 0-d tensor) and the gradient norm are finite — step, zero
     the gradients and update ``ema`` (``n_updates`` before this one). fp16's GradScaler skips steps with inf
-    gradients by design, so there only the loss must be finite. Returns (stepped, gradient norm); a step that is
-    not finite leaves the weights, the optimizer and the EMA untouched. One host synchronisation: the check."""
+    gradients by design (and lowers its scale), so there only the loss must be finite, and a step it skipped leaves
+    the EMA as it was. Returns (stepped, gradient norm); a step that is not finite leaves the weights, the optimizer
+    and the EMA untouched. One host synchronisation: the check (fp16: two more, the scale before and after)."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
     if not bool(finite):
         return False, grad_norm
+    scale = scaler.get_scale()  # 1.0 without fp16
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    ema.update(model, n_updates)
+    if scaler.get_scale() >= scale:  # a skipped fp16 step backs the scale off; no step, no average of it
+        ema.update(model, n_updates)
     return True, grad_norm

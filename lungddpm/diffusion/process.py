@@ -112,8 +112,10 @@ class GaussianDiffusion:
         :meth:`timestep_weight`; ``weight`` [B, 1, D, H, W] makes it the weighted mean (the lesion-focused loss),
         0 for a sample whose weights are all 0 (a training crop that misses a context model's generated region)."""
         x_t = self.add_noise(x0, noise, t)
-        out = model(x_t, t, layout)
-        target = self.target(x0, noise, t).to(out.dtype)
+        # the error in fp32: under autocast a bf16 target would land on the output's grid, zeroing or flipping
+        # L1's gradient sign wherever the two round alike
+        out = model(x_t, t, layout).float()
+        target = self.target(x0, noise, t).float()
         err = (
             F.l1_loss(out, target, reduction="none")
             if self.cfg.loss == "l1"
@@ -121,8 +123,8 @@ class GaussianDiffusion:
         )
         per_t = self.timestep_weight(t.to(x0.device))
         if weight is None:
-            return err.float().flatten(1).mean(1) * per_t
+            return err.flatten(1).mean(1) * per_t
         w = weight.float().expand_as(err).flatten(1)
         total = w.sum(1)
         total = torch.where(total > 0, total, torch.ones_like(total))  # all-zero weights: 0 / 1, not 0 / 0
-        return (err.float().flatten(1) * w).sum(1) / total * per_t
+        return (err.flatten(1) * w).sum(1) / total * per_t

@@ -54,6 +54,27 @@ def test_a_step_that_is_not_finite_changes_nothing() -> None:
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
+def test_an_fp16_step_the_scaler_skips_leaves_the_ema_as_it_was() -> None:
+    model, opt, ema = _setup()
+    with torch.no_grad():
+        torch._foreach_add_(list(ema.model.parameters()), 1.0)  # an average apart from the weights
+    weights = [p.detach().clone() for p in model.parameters()]
+    averaged = [p.clone() for p in ema.model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.linspace(-1, 1, 2 * 2 * 4**3).reshape(2, 2, 4, 4, 4)
+    loss = model(x).abs().mean()
+    scaler.scale(loss).backward()
+    next(model.parameters()).grad[0] = float("inf")  # fp16 overflowed: a finite loss, an infinite gradient
+    stepped, _ = apply_update(model, opt, scaler, ema, 0, loss.detach(), 1.0)
+    assert stepped and scaler.get_scale() == 2.0**15  # the loop goes on with a lower scale
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(averaged, ema.model.parameters()))  # updated, it moved to weights
+    loss = model(x).abs().mean()
+    scaler.scale(loss).backward()  # the next step is finite: weights and EMA move
+    assert apply_update(model, opt, scaler, ema, 1, loss.detach(), 1.0)[0] and scaler.get_scale() == 2.0**15
+    assert not all(torch.equal(a, b) for a, b in zip(averaged, ema.model.parameters()))
+
+
 def test_a_fused_optimizers_state_resumes_an_unfused_one_and_both_step_alike() -> None:
     """The GPU trains with fused AdamW, the CPU without: a checkpoint of either resumes on the other."""
     (a, opt_a, _), (b, opt_b, _) = _setup(fused=True), _setup(fused=False)

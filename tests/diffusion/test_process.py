@@ -45,6 +45,23 @@ def test_loss_is_zero_for_a_perfect_denoiser_and_l1_or_l2() -> None:
         assert torch.allclose(off, torch.full((2,), 0.5 if loss == "l1" else 0.25))
 
 
+def test_a_bf16_output_is_scored_against_the_fp32_target() -> None:
+    # under bf16 autocast the output lies on bf16's grid; a target rounded onto it too scored the rounded denoiser 0,
+    # with no gradient, though it is a bf16 ulp off the true ε (and L1's gradient sign flipped near it)
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.rand(2, 1, 4, 4, 4, generator=g), torch.randn(2, 1, 4, 4, 4, generator=g)
+    t = torch.tensor([10, 200])
+    rounded = noise.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = GaussianDiffusion(DiffusionConfig(loss="l1")).loss(lambda x, tt, lay: rounded, x0, None, t, noise)
+    assert loss.dtype == torch.float32
+    expected = (rounded.detach().float() - noise).abs().flatten(1).mean(1)
+    assert expected.min() > 1e-4 and torch.allclose(loss, expected, rtol=1e-6)
+    loss.sum().backward()
+    sign = torch.sign(rounded.detach().float() - noise)
+    assert torch.equal(torch.sign(rounded.grad.float()), sign)  # every voxel pulled towards the true ε
+
+
 def test_a_sample_with_all_zero_loss_weights_adds_zero_not_nan() -> None:
     # a context model's crop that misses the generated region, outside weight 0: every weight of the sample is 0
     g = torch.Generator().manual_seed(3)
