@@ -1,6 +1,6 @@
 """Reading an axial CT series of DICOM files into HU (LIDC-IDRI's downloads and the demo's phantoms): its folder
 under a patient's, the slices sorted by position, rescaled to HU with the padding masked; and the check of the slice
-positions of a series that ``data.source: images`` reads through SimpleITK (any orientation)."""
+geometry of a series that ``data.source: images`` reads through SimpleITK (any orientation)."""
 
 from __future__ import annotations
 
@@ -212,17 +212,61 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
     )
 
 
-def slice_geometry(reader: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each slice's ImagePositionPatient [n, 3] and the first slice's ImageOrientationPatient [6] (axial when absent)
-    of a series that SimpleITK's ``reader`` read with its per-slice headers (``data.source: images``)."""
+SLICE_TAG_NAMES = {"0020|0032": "ImagePositionPatient", "0020|0037": "ImageOrientationPatient",
+                   "0028|0030": "PixelSpacing"}  # fmt: skip
+
+
+def slice_geometry(reader: Any, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each slice's ImagePositionPatient [n, 3], ImageOrientationPatient [n, 6] (axial where absent) and
+    PixelSpacing [n, 2] of a series that SimpleITK's ``reader`` read with its per-slice headers from the files
+    ``names`` (``data.source: images``)."""
 
     def floats(i: int, tag: str) -> list[float]:
-        return [float(v) for v in reader.GetMetaData(i, tag).split("\\")]
+        if reader.HasMetaDataKey(i, tag):
+            return [float(v) for v in reader.GetMetaData(i, tag).split("\\")]
+        if tag == "0020|0037":
+            return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # axial
+        raise ImageError(f"{names[i]}: no {SLICE_TAG_NAMES[tag]} (needed to place the slice); re-export the series")
 
+    n = len(names)
     positions = np.array([floats(i, "0020|0032") for i in range(n)], dtype=np.float64)
-    axial = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    orientation = floats(0, "0020|0037") if reader.HasMetaDataKey(0, "0020|0037") else axial
-    return positions, np.asarray(orientation, dtype=np.float64)
+    orientations = np.array([floats(i, "0020|0037") for i in range(n)], dtype=np.float64)
+    spacings = np.array([floats(i, "0028|0030") for i in range(n)], dtype=np.float64)
+    return positions, orientations, spacings
+
+
+HEADER_TOLERANCE = 1e-4  # orientation cosines and pixel spacings (mm) of one series' slices agree to this
+TILT_MAX_PIXELS = 0.1  # in-plane drift of the slice positions, in pixels, below which a stack counts as unsheared
+
+
+def check_slice_geometry(
+    folder: Path, names: Sequence[str], positions: np.ndarray, orientations: np.ndarray, spacings: np.ndarray
+) -> None:
+    """Refuse a series (:func:`slice_geometry`) that SimpleITK would stack wrongly from its first slice's header:
+    slices of another orientation or pixel spacing (mirrored or stretched silently), slices whose in-plane
+    positions drift (a gantry tilt: stacked unsheared at the slanted distance between slices), and the slice
+    positions :func:`check_slice_positions` refuses."""
+    for values, tag in ((orientations, "ImageOrientationPatient"), (spacings, "PixelSpacing")):
+        odd = np.flatnonzero(np.abs(values - values[0]).max(axis=1) > HEADER_TOLERANCE)
+        if odd.size:
+            raise ImageError(
+                f"{names[odd[0]]}: {tag} {values[odd[0]].round(4).tolist()} differs from that of {names[0]}, "
+                f"{values[0].round(4).tolist()} ({odd.size} of {len(names)} slices): one series must have one; keep "
+                "one series per folder, or re-export it"
+            )
+    cosines = orientations[0]
+    rel = positions - positions[0]
+    in_plane = float(np.abs(rel @ np.stack([cosines[:3], cosines[3:6]]).T).max()) if len(rel) else 0.0
+    if in_plane > max(XY_DRIFT_MM, TILT_MAX_PIXELS * float(spacings[0].min())):
+        normal = np.cross(cosines[:3], cosines[3:6])
+        extent = float(np.ptp(rel @ normal)) or 1.0
+        raise ImageError(
+            f"{folder}: the slices' in-plane positions move by up to {in_plane:.2f} mm over the stack (a gantry tilt "
+            f"of about {np.degrees(np.arctan(in_plane / extent)):.1f} degrees), which would be stacked unsheared at "
+            "the slanted distance between slices; correct the tilt first (dcm2niix writes a tilt-corrected volume, "
+            "*_Tilt_1.nii) and give that volume instead"
+        )
+    check_slice_positions(folder, positions, cosines)
 
 
 def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequence[float]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ImageError
 from ..io import nifti_nans, nifti_truncation
 from . import series_patient
-from .dicom import DicomSeries, check_slice_positions, slice_geometry
+from .dicom import DicomSeries, check_slice_geometry, slice_geometry
 from .nodules import Nodule, components
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,9 @@ def _read(path: Path) -> Any:
             names = reader.GetGDCMSeriesFileNames(str(path), series[0])
             reader.SetFileNames(names)
             reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header, read with its pixels
+            reader.SetOutputPixelType(sitk.sitkFloat32)  # not the first slice's type: each slice's own rescale
             image = reader.Execute()
-            check_slice_positions(path, *slice_geometry(reader, len(names)))
+            check_slice_geometry(path, names, *slice_geometry(reader, names))
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

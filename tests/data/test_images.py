@@ -166,6 +166,57 @@ def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path:
         read_ct(tmp_path / "s0001", -1024.0, 3071.0)
 
 
+def test_slices_unlike_the_first_and_tilted_stacks_are_refused_and_each_slice_rescaled(tmp_path: Path) -> None:
+    """SimpleITK stacks a series by its first slice's header: other slices' orientation or spacing, a gantry tilt's
+    drifting positions (stacked unsheared at the slanted distance) and each slice's rescale (cast to the first
+    slice's integer type: -897.5 HU read as -897) must not pass unseen."""
+    hu = _ct((6, 32, 32)).astype(np.float32)
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=32, cols=32)
+
+    def edited(name: str, edit: object) -> Path:
+        folder = tmp_path / name
+        write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+        files = sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            edit(k, ds)  # type: ignore[operator]
+            ds.save_as(f)
+        return folder
+
+    def tilt(k: int, ds: pydicom.Dataset) -> None:  # 10 degrees: y moves by tan(10°) x 2.5 mm a slice
+        ds.ImagePositionPatient[1] = float(ds.ImagePositionPatient[1]) + k * 2.5 * np.tan(np.radians(10))
+
+    with pytest.raises(ImageError, match=r"tilt: the slices' in-plane positions move by up to 2.20 mm over the stack "
+                       r"\(a gantry tilt of about 10.0 degrees\).*correct the tilt first"):  # fmt: skip
+        read_ct(edited("tilt", tilt), -1024.0, 3071.0)
+
+    def mirrored_first(k: int, ds: pydicom.Dataset) -> None:
+        if k == 0:
+            ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+
+    with pytest.raises(ImageError, match=r"mirrored/.*: ImageOrientationPatient \[1.0, 0.0, 0.0, 0.0, 1.0, 0.0\] "
+                       r"differs from that of .*, \[-1.0, 0.0, 0.0, 0.0, -1.0, 0.0\] \(5 of 6 slices\)"):  # fmt: skip
+        read_ct(edited("mirrored", mirrored_first), -1024.0, 3071.0)
+
+    def spacing(k: int, ds: pydicom.Dataset) -> None:
+        if k == 3:
+            ds.PixelSpacing = [0.9, 0.9]
+
+    with pytest.raises(ImageError, match=r"spacing/.*: PixelSpacing \[0.9, 0.9\] differs from that of .*\[0.8, 0.8\] "
+                       r"\(1 of 6 slices\)"):  # fmt: skip
+        read_ct(edited("spacing", spacing), -1024.0, 3071.0)
+
+    def halves(k: int, ds: pydicom.Dataset) -> None:  # the upper slices at slope 0.5: stored values doubled
+        if k >= 3:
+            ds.PixelData = (ds.pixel_array.astype(np.int16) * 2 + 1).tobytes()  # s = v + 1024 -> 2s + 1
+            ds.RescaleSlope = 0.5  # 0.5 (2s + 1) - 1024 = v + 0.5
+
+    ct = read_ct(edited("halves", halves), -1024.0, 3071.0)
+    expected = hu.copy()
+    expected[3:] += 0.5
+    assert np.array_equal(ct.hu, np.clip(expected, -1024.0, 3071.0))
+
+
 def _write_non_axial_series(folder: Path, orientation: str, skip: int | None) -> None:
     """12 coronal (slice n at y = -10 + 2n mm) or sagittal (x = -10 + 2n) 0.8 mm slices, rows along -z; slice n is
     40 + n HU inside a soft-tissue rectangle. Written with pydicom (SimpleITK's DICOM writer resets the C locale)."""
