@@ -189,8 +189,9 @@ def nifti_truncation(path: Path) -> str | None:
     return f"{got} of the {expected} bytes its header promises" if got < expected else None
 
 
-def nifti_nans(path: Path) -> int:
-    """NaN voxels of a float NIfTI file (SimpleITK's reader turns them into 0 without a word); 0 otherwise."""
+def nifti_non_finite(path: Path) -> int:
+    """NaN or infinite voxels of a float NIfTI file (SimpleITK's reader turns NaN into 0 without a word); 0
+    otherwise."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return 0
     import nibabel as nib
@@ -198,7 +199,7 @@ def nifti_nans(path: Path) -> int:
     img = nib.load(str(path))
     if not np.issubdtype(img.get_data_dtype(), np.floating):
         return 0
-    return int(np.isnan(np.asanyarray(img.dataobj)).sum())
+    return int((~np.isfinite(np.asanyarray(img.dataobj))).sum())
 
 
 def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
-from ..io import nifti_nans, nifti_truncation
+from ..io import nifti_non_finite, nifti_truncation
 from . import series_patient
 from .dicom import DicomSeries, check_slice_geometry, slice_geometry
 from .nodules import Nodule, components
@@ -204,10 +204,11 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
 
     image = _read(Path(path))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
-    nans = int(np.isnan(hu).sum()) or (0 if Path(path).is_dir() else nifti_nans(Path(path)))
-    if nans:
+    bad = int((~np.isfinite(hu)).sum()) or (0 if Path(path).is_dir() else nifti_non_finite(Path(path)))
+    if bad:
         raise ImageError(
-            f"{path}: {nans} NaN voxel(s); fill them with the HU of air outside the body (e.g. -1024) and export again"
+            f"{path}: {bad} NaN or infinite voxel(s); fill them with the HU of air outside the body (e.g. -1024) "
+            "and export again"
         )
     air, tissue = (float(np.mean((hu >= lo) & (hu <= hi))) if hu.size else 0.0 for lo, hi in (HU_AIR, HU_TISSUE))
     if min(air, tissue) < HU_MIN_FRACTION:  # e.g. stored values (HU + 1024) as exported, or the rescale done twice

@@ -154,9 +154,10 @@ def test_missing_slices_nan_voxels_and_a_folder_of_volumes_are_refused(tmp_path:
     # NaN voxels: NRRD keeps them, SimpleITK's NIfTI reader turns them into 0 HU silently; both refused
     nan = _ct().astype(np.float32)
     nan[3, 10, 10] = np.nan
+    nan[4, 10, 10] = np.inf  # an infinite one was clipped to max_hu
     for name in ("nan.nrrd", "nan.nii.gz"):
         write_image(tmp_path / name, nan, _series(nan))
-        with pytest.raises(ImageError, match=rf"{name}: 1 NaN voxel\(s\); fill them with the HU of air"):
+        with pytest.raises(ImageError, match=rf"{name}: 2 NaN or infinite voxel\(s\); fill them with the HU of air"):
             read_ct(tmp_path / name, -1024.0, 3071.0)
     # one NIfTI per case folder (TotalSegmentator's layout) is not a DICOM series: say how to lay it out
     (tmp_path / "s0001").mkdir()
