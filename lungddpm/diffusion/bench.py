@@ -173,7 +173,8 @@ def compare_samplers(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Quality of each (sampler, steps) on ``pairs`` of (reference CT path, layout path): lung-region MSE (HU²)
-    and HU histogram distance inside the lungs, with anatomically-aware blending as configured, k samples per
+    and HU histogram distance inside the lungs, with anatomically-aware blending and the weights (EMA or raw) as
+    ``sample`` configures them (``blend``, ``use_ema``), k samples per
     layout; mean and 95% bootstrap interval resampling whole layouts (the k samples of one layout share its CT;
     a single layout gives no interval: None)."""
     import numpy as np
@@ -185,22 +186,24 @@ def compare_samplers(
     from .sample import Blend, keep_mask, sample
 
     torch.set_num_threads(threads)
-    model, ckpt = load_model(checkpoint)
+    sc = cfg.raw["sample"]
+    model, ckpt = load_model(checkpoint, use_ema=sc["use_ema"])
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)
-    sc = cfg.raw["sample"]
     results = []
     for name, steps in specs:
         mse, hist, seconds, groups = [], [], [], []
         for index, (ct_path, layout_path) in enumerate(pairs):
             ct, layout, geometry = read_case_pair(ct_path, layout_path)
             margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
-            keep = keep_mask(layout, margin)
+            keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
             lung = layout > 0
             inp = convention.to_model(ct, layout, keep)
-            blend = Blend(
-                torch.from_numpy(inp.image)[None], torch.from_numpy(inp.keep)[None], sc["blend_start_fraction"]
-            )
+            blend = None
+            if sc["blend"]:
+                blend = Blend(
+                    torch.from_numpy(inp.image)[None], torch.from_numpy(inp.keep)[None], sc["blend_start_fraction"]
+                )
             lay = torch.from_numpy(inp.layout)[None]
             for j in range(k):
                 t0 = time.perf_counter()

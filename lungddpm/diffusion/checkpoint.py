@@ -105,13 +105,33 @@ def model_sha256(path: Path) -> str:
     return model_digest(load_checkpoint(Path(path)))
 
 
+LUNG_DDPM_PREFIX = "denoise_fn."  # the original trainer's GaussianDiffusion holds its UNet as ``denoise_fn``
+
+
+def _is_lung_ddpm(ckpt: dict[str, Any]) -> bool:
+    """Whether ``ckpt`` is the original's trainer dict (its ``ema`` / ``model`` state dicts) or a bare state dict."""
+    states = [ckpt] + [ckpt[k] for k in ("ema", "model") if isinstance(ckpt.get(k), dict)]
+    return any(str(key).startswith(LUNG_DDPM_PREFIX) for state in states for key in state)
+
+
 def load_model(checkpoint: Path, use_ema: bool = True) -> tuple[UNet3D, dict[str, Any]]:
     """A trained (or imported) network from a final ``checkpoint.pt`` (EMA weights by default), in eval mode; its
     input convention is :func:`lungddpm.diffusion.convention.convention_from_checkpoint` of the returned dict."""
     ckpt = load_checkpoint(Path(checkpoint))
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{checkpoint}: not a lungddpm model checkpoint (it holds a {type(ckpt).__name__}, not a dict); give the "
+            "checkpoint.pt that the train stage writes"
+        )
     missing = {"ema", "model", "unet", "diffusion"} - set(ckpt)
     if "hu_window" not in ckpt and "convention" not in ckpt:
         missing.add("hu_window")
+    if missing and _is_lung_ddpm(ckpt):
+        raise CheckpointError(
+            f"{checkpoint}: a Lung-DDPM checkpoint (its weights are named '{LUNG_DDPM_PREFIX}*'), not a lungddpm one; "
+            "import it: set model.init_from to this file (rule import_checkpoint), or run `lungddpm import-lungddpm "
+            f"{checkpoint} --out <checkpoint.pt>` and give that file"
+        )
     if missing:
         raise CheckpointError(
             f"{checkpoint}: not a lungddpm model checkpoint (missing {sorted(missing)}); rerun the train stage"

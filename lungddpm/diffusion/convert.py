@@ -25,14 +25,13 @@ import torch
 from .. import __version__
 from ..atomic import atomic_path
 from ..config import Config
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import LUNG_DDPM_PREFIX, CheckpointError, load_checkpoint
 from .convention import ConventionError, LungDDPMConvention
 from .process import SCHEDULES, DiffusionConfig, make_scheduler
 from .unet import LUNG_DDPM_TIME_MAX_PERIOD, UNet3D, UNetConfig
 
 log = logging.getLogger(__name__)
 
-PREFIX = "denoise_fn."
 WRAPPER = "module."  # what (Distributed)DataParallel's state_dict puts before every key
 # the GaussianDiffusion buffers Lung-DDPM stores next to the network (all of shape [T])
 SCHEDULE_BUFFERS = (
@@ -85,7 +84,9 @@ def _unwrap(state: Any, where: str) -> Any:
 def _need(net: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
     if key not in net:
         raise _fail(
-            where, [f"missing key {PREFIX}{key}"], "Is this a Lung-DDPM checkpoint (weights under 'denoise_fn.')?"
+            where,
+            [f"missing key {LUNG_DDPM_PREFIX}{key}"],
+            "Is this a Lung-DDPM checkpoint (weights under 'denoise_fn.')?",
         )
     return net[key]
 
@@ -103,7 +104,9 @@ def infer_unet_config(
     ch = int(emb.shape[1])
     if emb.shape[0] != 4 * ch:
         raise _fail(
-            where, [f"{PREFIX}time_embed.0.weight: shape {list(emb.shape)}"], "expected [4 C, C] (C = base channels)"
+            where,
+            [f"{LUNG_DDPM_PREFIX}time_embed.0.weight: shape {list(emb.shape)}"],
+            "expected [4 C, C] (C = base channels)",
         )
     conv_in = _need(net, "input_blocks.0.0.weight", where)  # [ch, image + layout, 3, 3, 3]
     out_channels = int(_need(net, "out.2.weight", where).shape[0])
@@ -128,7 +131,7 @@ def infer_unet_config(
     if len(counts) != 1 or 0 in counts:
         raise _fail(
             where,
-            [f"res blocks per level {[len(level) for level in levels]} in {PREFIX}input_blocks.*"],
+            [f"res blocks per level {[len(level) for level in levels]} in {LUNG_DDPM_PREFIX}input_blocks.*"],
             "every level must have the same number (>= 1) of res blocks",
         )
     mults = []
@@ -176,12 +179,14 @@ def _network_state(
     """Strict prefix strip: every ``denoise_fn.`` tensor onto a network tensor of the same shape, every other key
     a schedule buffer, every network tensor covered."""
     problems = [f"{k}: not a tensor ({type(v).__name__})" for k, v in state.items() if not torch.is_tensor(v)]
-    net = {k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)}
-    problems += [f"unexpected key {k}" for k in state if not k.startswith(PREFIX) and k not in SCHEDULE_BUFFERS]
-    problems += [f"missing key {PREFIX}{k}" for k in expected if k not in net]
-    problems += [f"unexpected key {PREFIX}{k}" for k in net if k not in expected]
+    net = {k.removeprefix(LUNG_DDPM_PREFIX): v for k, v in state.items() if k.startswith(LUNG_DDPM_PREFIX)}
     problems += [
-        f"{PREFIX}{k}: shape {list(v.shape)} in the file, {list(expected[k])} expected"
+        f"unexpected key {k}" for k in state if not k.startswith(LUNG_DDPM_PREFIX) and k not in SCHEDULE_BUFFERS
+    ]
+    problems += [f"missing key {LUNG_DDPM_PREFIX}{k}" for k in expected if k not in net]
+    problems += [f"unexpected key {LUNG_DDPM_PREFIX}{k}" for k in net if k not in expected]
+    problems += [
+        f"{LUNG_DDPM_PREFIX}{k}: shape {list(v.shape)} in the file, {list(expected[k])} expected"
         for k, v in net.items()
         if k in expected and torch.is_tensor(v) and v.shape != expected[k]
     ]
@@ -204,7 +209,7 @@ def original_state_to_ours(
 ) -> dict[str, torch.Tensor]:
     """The original ``UNetModel``'s own state dict (no prefix) -> ``model``'s state dict, strictly checked."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    return _network_state({PREFIX + k: v for k, v in state.items()}, expected, heads, where)
+    return _network_state({LUNG_DDPM_PREFIX + k: v for k, v in state.items()}, expected, heads, where)
 
 
 def match_schedule(state: Mapping[str, Any], where: str) -> DiffusionConfig:
@@ -249,9 +254,20 @@ def convert(
     ``diffusion``, ``convention``; the caller adds ``source``). Raises :class:`CheckpointError` naming every
     missing, unexpected or mis-shaped key."""
     source = _unwrap(source, where)
-    if isinstance(source, Mapping) and any(str(k).startswith(PREFIX) for k in source):
+    if isinstance(source, Mapping) and {"unet", "diffusion", "ema"} <= set(source):
+        raise CheckpointError(
+            f"{where}: already a lungddpm model checkpoint (it has 'unet' and 'diffusion'); give it as "
+            "sample.checkpoint (or copy it to results/models/<train.name>/checkpoint.pt) instead of importing it"
+        )
+    if isinstance(source, Mapping) and "time_embed.0.weight" in source:  # denoise_fn.state_dict(): no schedule
+        raise CheckpointError(
+            f"{where}: a bare Lung-DDPM UNet state dict (no '{LUNG_DDPM_PREFIX}' names, no schedule buffers): the "
+            "samplers need the schedule it was trained with; give the trainer's checkpoint (with 'ema' and 'model', "
+            "e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt) or the GaussianDiffusion's own state_dict()"
+        )
+    if isinstance(source, Mapping) and any(str(k).startswith(LUNG_DDPM_PREFIX) for k in source):
         log.warning("%s: a bare GaussianDiffusion state dict ('%s*' at the top level): taken as its EMA weights",
-                    where, PREFIX)  # fmt: skip
+                    where, LUNG_DDPM_PREFIX)  # fmt: skip
         source = {"ema": source}
     if not isinstance(source, Mapping) or not isinstance(source.get("ema"), Mapping):
         keys = sorted(map(str, source)) if isinstance(source, Mapping) else [type(source).__name__]
@@ -262,7 +278,11 @@ def convert(
         )
     source = {**source, **{k: _unwrap(source[k], f"{where} [{k!r}]") for k in ("ema", "model") if k in source}}
     ema_state = source["ema"]
-    net = {k.removeprefix(PREFIX): v for k, v in ema_state.items() if k.startswith(PREFIX) and torch.is_tensor(v)}
+    net = {
+        k.removeprefix(LUNG_DDPM_PREFIX): v
+        for k, v in ema_state.items()
+        if k.startswith(LUNG_DDPM_PREFIX) and torch.is_tensor(v)
+    }
     unet = infer_unet_config(net, convention.size, num_heads, norm_groups, f"{where} ['ema']")
     try:
         with torch.device("meta"):

@@ -19,10 +19,9 @@ from conftest import CI_CONFIG, make_workdir, snakemake
 from support import TINY, randomise
 
 from lungddpm.cli import main
-from lungddpm.diffusion.checkpoint import CheckpointError, load_model, model_sha256
+from lungddpm.diffusion.checkpoint import LUNG_DDPM_PREFIX, CheckpointError, load_model, model_sha256
 from lungddpm.diffusion.convention import LungDDPMConvention
 from lungddpm.diffusion.convert import (
-    PREFIX,
     convert,
     import_lung_ddpm,
     legacy_qkv_to_ours,
@@ -55,7 +54,7 @@ def original_layout(ema: UNet3D, raw: UNet3D, step: int = 1234) -> dict[str, Any
     buffers = schedule_buffers()
 
     def wrapper(net: UNet3D) -> dict[str, torch.Tensor]:
-        return {**{PREFIX + k: v.clone() for k, v in net.state_dict().items()}, **buffers}
+        return {**{LUNG_DDPM_PREFIX + k: v.clone() for k, v in net.state_dict().items()}, **buffers}
 
     return {"step": step, "model": wrapper(raw), "ema": wrapper(ema)}
 
@@ -82,9 +81,9 @@ def test_manifest_checkpoint_converts_strictly_and_round_trips(tmp_path: Path) -
     assert ckpt["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert ckpt["convention"] == {"name": "lung-ddpm", "axes": [0, 1, 2], "flip": [False, False, False], "size": 128}
     ours = model.state_dict()
-    network = {k: v for k, v in source["ema"].items() if k.startswith(PREFIX)}
-    assert {PREFIX + k for k in ours} == set(network)
-    assert all(torch.equal(ours[k.removeprefix(PREFIX)], v) for k, v in network.items())
+    network = {k: v for k, v in source["ema"].items() if k.startswith(LUNG_DDPM_PREFIX)}
+    assert {LUNG_DDPM_PREFIX + k for k in ours} == set(network)
+    assert all(torch.equal(ours[k.removeprefix(LUNG_DDPM_PREFIX)], v) for k, v in network.items())
 
     def fails(state: dict[str, Any], match: str) -> None:
         with pytest.raises(CheckpointError, match=match):
@@ -208,12 +207,26 @@ def test_damaged_bare_and_unconvertible_files_say_what_they_are(tmp_path: Path, 
     bare = convert(original_layout(ema, raw)["ema"], LungDDPMConvention(size=16), norm_groups=4)
     wrapped = convert({"ema": original_layout(ema, raw)["ema"]}, LungDDPMConvention(size=16), norm_groups=4)
     assert all(torch.equal(bare["ema"][k], v) for k, v in wrapped["ema"].items()) and "bare" in caplog.text
+    net_only = {k.removeprefix(LUNG_DDPM_PREFIX): v for k, v in original_layout(ema, raw)["ema"].items()}
+    net_only = {k: v for k, v in net_only.items() if k not in schedule_buffers()}  # denoise_fn.state_dict()
+    with pytest.raises(CheckpointError, match=r"net: a bare Lung-DDPM UNet state dict .* need the schedule"):
+        convert(net_only, LungDDPMConvention(size=16), norm_groups=4, where="net")
+    # files given to the wrong step say which step takes them (they said "missing ... retrain" / "missing key")
+    torch.save(original_layout(ema, raw), tmp_path / "original.pt")
+    with pytest.raises(CheckpointError, match=r"original.pt: a Lung-DDPM checkpoint .*import it: set model.init_from"):
+        load_model(tmp_path / "original.pt")
+    with pytest.raises(CheckpointError, match=r"ours: already a lungddpm model checkpoint .*sample.checkpoint"):
+        convert(wrapped, LungDDPMConvention(size=16), norm_groups=4, where="ours")
+    for name, value in (("tensor.pt", torch.zeros(3)), ("none.pt", None)):
+        torch.save(value, tmp_path / name)
+        with pytest.raises(CheckpointError, match=rf"{name}: not a lungddpm model checkpoint \(it holds a"):
+            load_model(tmp_path / name)
     many = {f"key{i}": torch.zeros(1) for i in range(40)}
     with pytest.raises(CheckpointError, match=r"top level \[.*'\.\.\. and 28 more'\]"):
         convert(many, LungDDPMConvention(size=16))
     wide = original_layout(ema, raw)["ema"]
-    wide[PREFIX + "input_blocks.0.0.weight"] = torch.zeros(16, 3, 3, 3, 3)  # 2 x 8 channels
-    for k in [k for k in wide if k.startswith(PREFIX + "input_blocks.1.0.in_layers.2")]:
+    wide[LUNG_DDPM_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(16, 3, 3, 3, 3)  # 2 x 8 channels
+    for k in [k for k in wide if k.startswith(LUNG_DDPM_PREFIX + "input_blocks.1.0.in_layers.2")]:
         wide[k] = torch.zeros(16, *wide[k].shape[1:])
     with pytest.raises(Exception, match=r"channel_mult\[0\] = 2"):
         convert({"ema": wide}, LungDDPMConvention(size=16), norm_groups=4)
@@ -401,7 +414,7 @@ def test_import_matches_an_independent_forward_of_the_original_by_values() -> No
     theirs = {k: torch.randn(v.shape, generator=g) * (0.2 if v.dim() > 1 else 0.1) + (1.0 if "norm" in k or
               k.endswith(("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")) else 0.0)
               for k, v in names.items()}  # fmt: skip
-    ckpt = convert({"step": 1, "ema": {**{PREFIX + k: v for k, v in theirs.items()}, **schedule_buffers()}},
+    ckpt = convert({"step": 1, "ema": {**{LUNG_DDPM_PREFIX + k: v for k, v in theirs.items()}, **schedule_buffers()}},
                    LungDDPMConvention(size=16), num_heads=2, norm_groups=32, where="parity")  # fmt: skip
     imported = UNet3D(replace(cfg, **{k: ckpt["unet"][k] for k in ("time_max_period",)}))
     imported.load_state_dict(ckpt["ema"])

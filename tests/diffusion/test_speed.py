@@ -18,6 +18,7 @@ import torch
 from conftest import REPO
 from support import THREADS, randomise
 
+from lungddpm.config import Config
 from lungddpm.diffusion import precision
 from lungddpm.diffusion.precision import forward_differences
 from lungddpm.diffusion.speed import (
@@ -311,3 +312,8 @@ def test_sampler_quality_interval_resamples_whole_layouts(tmp_path: Path) -> Non
     lo, hi = two["lung_mse_ci95"]
     assert two["n"] == 4 and min(lo, hi) < two["lung_mse_hu2"] < max(lo, hi)
     assert one["lung_mse_hu2"] in (lo, hi) and one["lung_hist_w1_hu"] in two["lung_hist_w1_ci95"]
+    # sample.blend and sample.use_ema as configured (it always blended and took the EMA weights)
+    for key, value in (("blend", False), ("use_ema", False)):
+        other = Config.from_dict({**cfg.raw, "sample": {**cfg.raw["sample"], key: value}})
+        (got,) = compare_samplers(other, tmp_path / "out/checkpoint.pt", pairs[:1], [("ddim", 2)], 2, 1)
+        assert got["lung_mse_hu2"] != one["lung_mse_hu2"], key
