@@ -75,7 +75,8 @@ def model_digest(ckpt: dict[str, Any]) -> str:
     ``global_batch`` and, of the training's whole ``config``, only what sampling reads (the lesion model's
     ``texture_hu`` and ``roi``): an edit elsewhere in the config does not change the model. The file's own
     bytes differ each time torch.save writes the same content (a serialization id), so a training rerun that hands
-    back the same weights would otherwise remake every item."""
+    back the same weights would otherwise remake every item; nor does an import's source path (the same file
+    imported from another folder is the same model)."""
     h = hashlib.sha256()
 
     def feed(obj: Any) -> None:
@@ -96,7 +97,10 @@ def model_digest(ckpt: dict[str, Any]) -> str:
     lesion = (ckpt.get("config") or {}).get("lesion") or {}
     read = {k: lesion[k] for k in ("texture_hu", "roi") if k in lesion}
     unet = {"unet": model_weight_settings(ckpt["unet"])} if isinstance(ckpt.get("unet"), dict) else {}
-    feed({**{k: v for k, v in ckpt.items() if k not in ("version", "config", "global_batch")}, **unet, "config": read})
+    kept = {k: v for k, v in ckpt.items() if k not in ("version", "config", "global_batch")}
+    if isinstance(ckpt.get("source"), dict):  # an import: the file's sha256, not where it lay
+        kept["source"] = {k: v for k, v in ckpt["source"].items() if k != "file"}
+    feed({**kept, **unet, "config": read})
     return h.hexdigest()
 
 

@@ -190,6 +190,21 @@ def test_refuses_files_that_need_pickle_and_cli_reports(tmp_path: Path, capsys: 
     assert all(f.read_bytes() == b for f, b in before.items()) and trained.read_bytes() == b"trained"
 
 
+def test_the_same_file_imported_from_another_folder_is_the_same_model(tmp_path: Path) -> None:
+    """Sampled items compare the model's digest: moving the released file and importing it again must not remake
+    them all (the digest held the source's path), while other weights must."""
+    ema, raw = tiny_nets()
+    digests = []
+    for folder, state in (("a", original_layout(ema, raw)), ("b", original_layout(ema, raw)), ("c", None)):
+        (tmp_path / folder).mkdir()
+        state = state or original_layout(raw, ema)
+        torch.save(state, tmp_path / folder / "released.pt")
+        out = tmp_path / folder / "checkpoint.pt"
+        import_lung_ddpm(tmp_path / folder / "released.pt", out, LungDDPMConvention(size=16), norm_groups=4)
+        digests.append(model_sha256(out))
+    assert digests[0] == digests[1] != digests[2]
+
+
 def test_damaged_bare_and_unconvertible_files_say_what_they_are(tmp_path: Path, caplog) -> None:
     """A truncated or non-torch file names itself and the fix (it was a bare traceback); a bare GaussianDiffusion
     state dict converts as its EMA weights; a first level wider than the base width is refused for that reason."""
