@@ -24,6 +24,14 @@ def _positive(text: str) -> int:  # an argparse type
     return int(text)
 
 
+def _batch(text: str) -> int:  # an argparse type: a batch size, or max (0: the largest that fits)
+    if text.strip() == "max":
+        return 0
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number >= 1 nor max")
+    return int(text)
+
+
 def _config(args: argparse.Namespace):
     """The config as Snakemake sees it: ``--configfile`` merged over the workflow's config/config.yaml (the
     Snakefile's ``configfile:``, in ``--workdir`` if any) when that exists and is another file, then ``--set``."""
@@ -313,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=None, help="speed: NETWORK:PRECISION[:COMPILE][:channels-last]"
                    "[:device-rng][:checkpoint] (default: the device's set)")  # fmt: skip
     p.add_argument("--sizes", type=_positive, nargs="+", default=[32, 64], help="speed: cubic grid edges")
-    p.add_argument("--batch-sizes", nargs="+", default=["1"], help="speed: batches; max = the largest that fits (GPU)")
+    p.add_argument("--batch-sizes", nargs="+", type=_batch, default=[1],
+                   help="speed: batches; max = the largest that fits (GPU)")  # fmt: skip
     p.add_argument("--sampler-steps", type=_positive, default=20, help="speed: DPM-Solver++ steps per volume")
     p.add_argument("--channels", type=_positive, default=64, help="speed: base channels of both networks (paper 64)")
     p.add_argument("--guidance", type=float, default=1.0, help="speed: != 1 = guided sampling, two passes per step "
@@ -374,7 +383,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log)
+    try:
+        setup_logging(args.log)
+    except OSError as exc:
+        print(f"lungddpm: --log {args.log}: cannot write it ({exc.strerror}); give a file path", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except LungDDPMError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -13,7 +12,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .config_checks import consistency_problems
+from .config_checks import consistency_problems, lesion_scale_runs
 from .errors import ConfigError
 
 SCHEMA_FILE = "schema.yaml"
@@ -81,6 +80,24 @@ def _errors(instance: Any, schema: Mapping[str, Any]) -> Iterator[str]:
             yield f"{where}: {err.message}"
 
 
+def _override_problems(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """``lesion.model`` / ``lesion.diffusion`` / ``lesion.train``: each key they override, coerced and checked
+    against its own section's schema (no defaults filled: they are partial), so that a mistyped value is named
+    there before any check computes with it."""
+    lesion = config.get("lesion") if isinstance(config.get("lesion"), dict) else {}
+    out = []
+    for section in ("model", "diffusion", "train"):
+        given = lesion.get(section)
+        if not isinstance(given, dict):  # else the schema's problem
+            continue
+        partial = {k: v for k, v in schema["properties"][section].items() if k not in ("default", "required")}
+        _coerce(given, partial)
+        where = f"lesion.{section}"
+        out += [f"{where}{p.removeprefix('<top level>')}" if p.startswith("<top level>") else f"{where}.{p}"
+                for p in _errors(given, partial)]  # fmt: skip
+    return out
+
+
 def validate_config(config: dict[str, Any], source: str = "config", scale: str = "volume") -> dict[str, Any]:
     """Validate ``config`` in place (defaults filled) and return it; raise :class:`ConfigError` listing every
     offending key and how to fix it. ``scale``: ``lesion`` for :func:`lesion_config`'s merged view."""
@@ -88,39 +105,10 @@ def validate_config(config: dict[str, Any], source: str = "config", scale: str =
     _coerce(config, schema)
     _fill_defaults(config, schema)
     problems = list(_errors(config, schema))
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}  # else the schema's problem
-    if not problems and data.get("source") == "lidc" and not data.get("dicom_root"):
-        problems.append(
-            "data.dicom_root: required when data.source is 'lidc'; pass snakemake --config 'data={source: lidc, "
-            "dicom_root: /path/to/LIDC-IDRI}' (lungddpm: --set data.dicom_root=/path/to/LIDC-IDRI)"
-        )
-    if not problems and data.get("source") == "images" and not data["images"]["ct_dir"]:
-        problems.append("data.images.ct_dir: required when data.source is 'images'; set it to your CT volumes' folder")
-    images = data.get("images")
-    regex = images.get("patient_regex") if isinstance(images, dict) else None  # else the schema's problem
-    if not problems and regex:
-        try:
-            if re.compile(regex).groups < 1:
-                problems.append(f"data.images.patient_regex: {regex!r} has no group; put the patient part in (...)")
-        except re.error as exc:
-            problems.append(f"data.images.patient_regex: {regex!r} is not a regex ({exc})")
-    split = config.get("split", {})
-    if not problems and abs(sum(split[k] for k in ("train", "val", "test")) - 1.0) > 1e-6:
-        problems.append("split: train + val + test must sum to 1")
-    train = config.get("train", {})
-    if not problems and 0 < train["gpus"] < train["processes"]:
-        problems.append(
-            f"train.processes: {train['processes']} processes for {train['gpus']} GPU(s); DDP runs one process per "
-            "GPU: set train.gpus >= train.processes (or train.gpus: 0 to request none: the ranks then run on the "
-            "CPU unless the host shows a GPU for each)"
-        )
-    if not problems and scale == "volume" and config["model"].get("context"):
-        problems.append(
-            "model.context: mask-conditioned inpainting is the lesion scale's (its training knows the generated "
-            "regions); set lesion.model.context instead"
-        )
-    if not problems:
-        problems += consistency_problems(config, scale)
+    if not problems and scale == "volume":
+        problems += _override_problems(config, schema)
+    if not problems and (scale == "volume" or lesion_scale_runs(config)):  # a lesion scale that never runs: not
+        problems += consistency_problems(config, scale)  # checked (its network may not fit the whole-volume grid)
     if problems:
         raise ConfigError(f"{source}: invalid configuration (see config/schema.yaml):\n  " + "\n  ".join(problems))
     return config
@@ -383,7 +371,10 @@ def lesion_config(cfg: Config) -> Config:
     lesion = raw["lesion"]
     raw["model"] = {**raw["model"], **lesion["model"], "init_from": None}
     raw["diffusion"] = {**raw["diffusion"], **lesion["diffusion"]}
-    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("gpus", "processes")}
+    # one process on at most one GPU: the whole-volume model's DDP is not the lesion model's (lesion.train.gpus: 0
+    # keeps it off a GPU that train.gpus requests)
+    raw["train"] = {k: v for k, v in raw["train"].items() if k != "processes"}
+    raw["train"]["gpus"] = min(int(raw["train"]["gpus"]), 1)
     _merge(raw["train"], lesion["train"])
     n, s = int(lesion["roi"]["size"]), float(lesion["roi"]["spacing_mm"])
     raw["preprocess"] = {**raw["preprocess"], "size": [n, n, n], "spacing_mm": [s, s, s]}

@@ -7,9 +7,13 @@ are checked again through :func:`lungddpm.config.lesion_config`'s merged view (`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+# the nodule channel's texture levels (lesion.texture_hu in model units) lie strictly inside these
+# (diffusion.encoding.texture_levels): apart from -1 outside the nodules and from 1, "any texture"
+TEXTURE_LEVEL_BOUNDS = (-0.9, 0.95)
 LINEAR_MIN_TIMESTEPS = 21  # below, the linear schedule's beta_end (DDPM's 0.02 at T=1000, x 1000 / T) reaches 1
 
 
@@ -19,6 +23,8 @@ def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> li
     lies in it, sampler steps against the schedule, the layout's lung-volume bounds, the feature network's
     settings and a case list the source does not read. ``scale``: ``lesion`` for
     :func:`lungddpm.config.lesion_config`'s merged view (its ``sample`` section is the whole-volume model's)."""
+    if first := _section_problems(config, scale):  # the rest builds on these
+        return first
     lesion = config.get("lesion") or {}
     config = {**config, "lesion": lesion if lesion_scale_runs(config) else {}}  # a scale that never runs: not checked
     return (
@@ -30,6 +36,44 @@ def consistency_problems(config: Mapping[str, Any], scale: str = "volume") -> li
         + _range_problems(config, scale)
         + _input_problems(config)
     )
+
+
+def _section_problems(config: Mapping[str, Any], scale: str) -> list[str]:
+    """What a section needs of itself beyond its schema: the data source's folders, a patient regex with a group,
+    a split that sums to 1, a GPU per DDP process, inpainting context at the lesion scale only."""
+    out: list[str] = []
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}  # else the schema's problem
+    if data.get("source") == "lidc" and not data.get("dicom_root"):
+        out.append(
+            "data.dicom_root: required when data.source is 'lidc'; pass snakemake --config 'data={source: lidc, "
+            "dicom_root: /path/to/LIDC-IDRI}' (lungddpm: --set data.dicom_root=/path/to/LIDC-IDRI)"
+        )
+    if data.get("source") == "images" and not data["images"]["ct_dir"]:
+        out.append("data.images.ct_dir: required when data.source is 'images'; set it to your CT volumes' folder")
+    images = data.get("images")
+    regex = images.get("patient_regex") if isinstance(images, dict) else None  # else the schema's problem
+    if regex:
+        try:
+            if re.compile(regex).groups < 1:
+                out.append(f"data.images.patient_regex: {regex!r} has no group; put the patient part in (...)")
+        except re.error as exc:
+            out.append(f"data.images.patient_regex: {regex!r} is not a regex ({exc})")
+    split = config.get("split", {})
+    if abs(sum(split[k] for k in ("train", "val", "test")) - 1.0) > 1e-6:
+        out.append("split: train + val + test must sum to 1")
+    train = config.get("train", {})
+    if 0 < train["gpus"] < train["processes"]:
+        out.append(
+            f"train.processes: {train['processes']} processes for {train['gpus']} GPU(s); DDP runs one process per "
+            "GPU: set train.gpus >= train.processes (or train.gpus: 0 to request none: the ranks then run on the "
+            "CPU unless the host shows a GPU for each)"
+        )
+    if scale == "volume" and config["model"].get("context"):
+        out.append(
+            "model.context: mask-conditioned inpainting is the lesion scale's (its training knows the generated "
+            "regions); set lesion.model.context instead"
+        )
+    return out
 
 
 def lesion_scale_runs(config: Mapping[str, Any]) -> bool:
@@ -83,8 +127,11 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
                 "[-1000, 400]"]  # fmt: skip
     lesion = config.get("lesion") or {}
     texture = [float(v) for v in lesion.get("texture_hu") or []]
-    if texture and not all(lo < v < hi for v in texture):
-        out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}]; move it in")
+    low, high = (lo + (hi - lo) * (level + 1) / 2 for level in TEXTURE_LEVEL_BOUNDS)
+    if texture and not all(low < v < high for v in texture):
+        out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}], clear of its "
+                   f"ends: between {low:g} and {high:g} HU (each texture's level in the nodule channel stays apart "
+                   "from -1 outside the nodules and 1 for any texture); move it in or widen the window")  # fmt: skip
     steps = [("train.preview_sampler_steps", config["train"].get("preview_sampler_steps"))]
     if scale == "volume" and not (config.get("sample") or {}).get("checkpoint"):  # a given model: its own schedule
         steps.append(("sample.steps", (config.get("sample") or {}).get("steps")))

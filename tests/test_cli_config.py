@@ -182,6 +182,19 @@ def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_w
     err = capsys.readouterr().err
     assert "halves the grid 2 times (model.channel_mult [1, 2, 2]), so the edge must be a multiple of 4" in err
     assert "; try --size 28" in err
+    # samplers, batch sizes and the log file, named before any work (tracebacks, or a batch of 0 taken as max)
+    for spec in ("foo:2", "ddim:0", "ddim:9999"):
+        assert main(["bench", "sample", "--model", "config", "--size", "16", "--samplers", spec]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"--samplers '{spec}': expected NAME:STEPS with NAME one of ['ddpm', 'ddim', 'dpm++'] and 1 to 250" in err
+        )
+    for batch in ("foo", "0"):
+        with pytest.raises(SystemExit, match="2"):
+            main(["bench", "speed", "--batch-sizes", "1", batch])
+        assert f"--batch-sizes: '{batch}' is neither a whole number >= 1 nor max" in capsys.readouterr().err
+    assert main(["--log", str(tmp_path), "cases"]) == 2
+    assert f"--log {tmp_path}: cannot write it (Is a directory); give a file path" in capsys.readouterr().err
 
 
 def test_every_option_of_every_command_says_what_it_is() -> None:

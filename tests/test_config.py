@@ -206,6 +206,14 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         # a reversed window trains on constant images; steps past the schedule fail only after training
         ({"intensity": {"hu_window": [400, -1000]}}, r"intensity.hu_window: \[400, -1000\] is reversed or empty"),
         ({"intensity": {"hu_window": [-1000, -400]}}, r"lesion.texture_hu: .* must lie inside intensity.hu_window"),
+        # inside the window but at its ends: its level would meet "any texture" (texture_levels failed in training)
+        ({"intensity": {"hu_window": [-1000, 20]}}, r"texture_hu: .* clear of its ends: between -949 and -5.5 HU"),
+        ({"lesion": {"texture_hu": [-950, -300, 0]}}, r"texture_hu: \[-950.0, -300.0, 0.0\] must lie .*-930 and 365"),
+        # the lesion sections' own values, typed as their sections (a ValueError / TypeError inside the checks)
+        ({"lesion": {"diffusion": {"timesteps": "1k"}}}, r"lesion.diffusion.timesteps: '1k' is not of type 'integer'"),
+        ({"lesion": {"model": {"channel_mult": 5}}}, r"lesion.model.channel_mult: 5 is not of type 'array'"),
+        ({"lesion": {"train": {"cond_dropout": "high"}}}, r"lesion.train.cond_dropout: 'high' is not of type"),
+        ({"lesion": {"train": {"gpus": "one"}}}, r"lesion.train.gpus: 'one' is not of type 'integer'"),
         ({"sample": {"steps": 251}}, r"sample.steps: 251 steps exceed diffusion.timesteps 250"),
         ({"train": {"preview_sampler_steps": 300}}, r"train.preview_sampler_steps: 300 steps exceed diffusion"),
         ({"lesion": {"diffusion": {"timesteps": 10}}}, r"lesion.sample.steps: 20 steps exceed the lesion model's"),
@@ -254,6 +262,11 @@ def test_the_range_checks_leave_a_given_model_and_a_disabled_lesion_scale_alone(
            "intensity": {"hu_window": [-1000, -400]},
            "segmentation": {"enabled": False}}  # fmt: skip
     assert load_config(REPO / "config/config.yaml", off).raw["lesion"]["enabled"] is False
+    # nor through the lesion view that the CLI and the Snakefile build whatever the switch (a whole-volume network
+    # of 3 heads, or an ROI grid its network cannot halve, were refused as lesion problems)
+    for edit in ({"model": {"num_heads": 3}, "segmentation": {"scale": "whole"}},
+                 {"lesion": {**off["lesion"], "roi": {"size": 30}}}):  # fmt: skip
+        lesion_config(load_config(REPO / "config/config.yaml", {**off, **edit}))
     # off, but the segmentation still reads it (ROIs, or an arm of lesion-run nodules): checked, at parse time
     for seg in ({"scale": "lesion"}, {"scale": "whole", "arms": [{"name": "a", "real": True, "synthetic_fraction": 1.0,
                                                                    "synthetic_source": "lesion"}]}):  # fmt: skip
@@ -394,6 +407,17 @@ def test_lesion_training_settings_follow_the_merged_lesion_view_only() -> None:
     assert _lesion_training({"lesion": {"roi": {"size": 16}}})["preprocess"]["size"] == [16, 16, 16]
     assert base["model"]["model_channels"] == 16 and "init_from" not in base["model"]
     assert _lesion_training({"lesion": {"model": {"use_checkpoint": True}}}) == base  # memory for time, not weights
+
+
+def test_the_lesion_jobs_take_the_gpu_that_train_gpus_requests_but_never_ddp() -> None:
+    """train.gpus: 1 (config/paper.yaml) gives the lesion jobs a GPU (their gpu resource was 0: unlimited beside the
+    training); at most one, in one process; lesion.train.gpus: 0 keeps them off it."""
+    paper = load_config(REPO / "config/paper.yaml", {"data": {"dicom_root": "/d"}})
+    assert (paper.train.gpus, lesion_config(paper).train.gpus, lesion_config(paper).train.processes) == (1, 1, 1)
+    ddp = load_config(REPO / "config/config.yaml", {"train": {"gpus": 4, "processes": 4}})
+    assert (lesion_config(ddp).train.gpus, lesion_config(ddp).train.processes) == (1, 1)
+    off = load_config(REPO / "config/paper.yaml", {"data": {"dicom_root": "/d"}, "lesion": {"train": {"gpus": 0}}})
+    assert lesion_config(off).train.gpus == 0
 
 
 def test_a_cases_rules_see_how_a_case_is_made_not_which_cases_or_where_they_lie() -> None:

@@ -301,28 +301,37 @@ def bench_inpaint(
     return out
 
 
-def sampler_specs(items: Sequence[str]) -> list[tuple[str, int]]:
-    """["dpm++:20", "ddpm:250"] -> [("dpm++", 20), ("ddpm", 250)]."""
+def sampler_specs(items: Sequence[str], timesteps: int) -> list[tuple[str, int]]:
+    """["dpm++:20", "ddpm:250"] -> [("dpm++", 20), ("ddpm", 250)], each a known sampler with 1 to ``timesteps``
+    (the model's schedule) steps."""
+    from .sample import SAMPLERS
+
     out = []
     for item in items:
         name, _, steps = item.partition(":")
-        if not steps.isdigit():
-            raise LungDDPMError(f"--samplers {item!r}: expected NAME:STEPS, e.g. dpm++:20")
+        if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
+            raise LungDDPMError(
+                f"--samplers {item!r}: expected NAME:STEPS with NAME one of {list(SAMPLERS)} and 1 to {timesteps} "
+                "steps (the model's diffusion.timesteps), e.g. dpm++:20"
+            )
         out.append((name, int(steps)))
     return out
 
 
 def bench_quality(
-    cfg: Config, results: Path, specs: list[tuple[str, int]], k: int, threads: int, out: Path | None = None
+    cfg: Config, results: Path, samplers: Sequence[str], k: int, threads: int, out: Path | None = None
 ) -> list[dict[str, Any]]:
-    """:func:`compare_samplers` on the eval run's real CTs and layouts under ``results`` with the workflow's model;
-    the rows (and the cases and checkpoint) are also written to ``out`` when given."""
+    """:func:`compare_samplers` of ``samplers`` (NAME:STEPS, :func:`sampler_specs`) on the eval run's real CTs and
+    layouts under ``results`` with the workflow's model; the rows (and the cases and checkpoint) are also written
+    to ``out`` when given."""
     from ..io import write_json
     from ..preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
+    from .checkpoint import load_checkpoint
 
     cases = run_cases(case_split(cfg, list_cases(cfg)), "eval")
     pairs = [(case_ct(results, c), case_layout(results, c)) for c in cases]
     checkpoint = model_checkpoint(cfg, results)
+    specs = sampler_specs(samplers, int(load_checkpoint(checkpoint)["diffusion"]["timesteps"]))
     rows = compare_samplers(cfg, checkpoint, pairs, specs, k, threads)
     if out is not None:
         write_json(out, {"cases": cases, "checkpoint": str(checkpoint), "rows": rows})
@@ -333,14 +342,14 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
     """``lungddpm bench``'s rows for its parsed arguments ``args``: quality, sample (whole or lesion) or train."""
     if args.what == "quality":
         out = Path(args.out) if args.out else None
-        yield from bench_quality(cfg, Path(args.results), sampler_specs(args.samplers), args.k, args.threads, out)
+        yield from bench_quality(cfg, Path(args.results), args.samplers, args.k, args.threads, out)
         return
     if args.scale == "lesion":  # the config's lesion network (lesion.model), sampled or trained on its ROI grid
         from ..config import lesion_config
 
         cfg = lesion_config(cfg)
         if args.what == "sample":
-            for name, steps in sampler_specs(args.samplers):
+            for name, steps in sampler_specs(args.samplers, int(cfg.diffusion["timesteps"])):
                 for precision in args.precision:
                     yield from bench_inpaint(cfg, args.batch, name, steps, precision, args.threads)
             return
@@ -361,7 +370,8 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
         )
     if args.what == "sample":
         for precision in args.precision:
-            yield from bench_sample(cfg, size, sampler_specs(args.samplers), precision, args.channels_last,
+            specs = sampler_specs(args.samplers, int(cfg.diffusion["timesteps"]))
+            yield from bench_sample(cfg, size, specs, precision, args.channels_last,
                                     args.threads, image_size=image_size)  # fmt: skip
         return
     for batch, precision in ((b, p) for b in args.batch for p in args.precision):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..config_checks import TEXTURE_LEVEL_BOUNDS
 from ..preprocessing.layout import LUNG, NODULE, check_labels
 
 if TYPE_CHECKING:  # torch is not needed at run time: the ROI and metric jobs import this module without it
@@ -39,7 +40,7 @@ def texture_levels(texture_hu: Sequence[float], window: tuple[float, float]) -> 
     """Nodule-channel values of the texture classes: their typical HU (``lesion.texture_hu``) in model units; each
     lies below :data:`ANY_TEXTURE` and above the channel's -1 outside the nodules."""
     levels = tuple(float(v) for v in hu_to_model(np.asarray(texture_hu, np.float32), window))
-    if not all(-0.9 < v < 0.95 for v in levels):
+    if not all(TEXTURE_LEVEL_BOUNDS[0] < v < TEXTURE_LEVEL_BOUNDS[1] for v in levels):
         raise ValueError(f"lesion.texture_hu {list(texture_hu)} maps to {levels}: keep it inside intensity.hu_window")
     return levels  # type: ignore[return-value]
 
