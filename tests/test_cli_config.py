@@ -132,6 +132,10 @@ def test_the_cli_refuses_what_snakemake_refuses_and_bad_numbers(
         with pytest.raises(SystemExit, match="2"):
             main(bad)
         assert message in capsys.readouterr().err
+    # scoring one fold would rewrite the arm's scores.csv (the workflow's, every seed and fold) with that fold alone
+    assert main(["segment", "score", "--fold", "1", "--seed", "0"]) == 2
+    assert "segment score: an arm's scores.csv covers every seed [0] and fold ['all'] of the config (the workflow's " \
+        "table), not seeds [0] and folds ['1'] alone" in capsys.readouterr().err  # fmt: skip
     # mappings merge key by key, whichever --set came first (as Snakemake's update_config)
     monkeypatch.chdir(REPO)
     merged = _cli_config("--set", "data.consensus_level=0.25", "--set", "data={min_readers: 2}", "cases")["data"]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Config
+from ..errors import SegmentationError
 from ..preprocessing.cases import case_patients, case_split, list_cases
 from . import arms as A
 from .datasets import arm_cases, eval_inputs, eval_set, train_inputs
@@ -29,6 +30,15 @@ def run_experiment(
     on the workflow's outputs under ``results``, with nnU-Net's state under ``state``; the same named inputs and
     outputs as the rules."""
     seg = A.segmentation_config(cfg.raw)
+    seeds = list(seeds) if seeds is not None else seg.seeds
+    folds = list(folds) if folds else seg.folds
+    if "score" in steps and (sorted(map(str, seeds)) != sorted(map(str, seg.seeds))
+                             or sorted(map(str, folds)) != sorted(map(str, seg.folds))):  # fmt: skip
+        raise SegmentationError(
+            f"segment score: an arm's scores.csv covers every seed {list(seg.seeds)} and fold {list(seg.folds)} of the config "
+            f"(the workflow's table), not seeds {seeds} and folds {folds} alone; score without --seed / --fold, or "
+            "set segmentation.seeds / segmentation.folds"
+        )
     split = case_split(cfg, list_cases(cfg))
     train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))
     scale = seg.scale
@@ -36,8 +46,6 @@ def run_experiment(
     shards = {"volume": ("augment", sc["shards"]), "lesion": ("lesion", lc["shards"])}
     synthetic = {k: [results / "synthetic" / r / f"shard_{i}.json" for i in range(n)] for k, (r, n) in shards.items()}
     names = [seg.arm(a).name for a in arms] if arms else seg.arm_names
-    seeds = list(seeds) if seeds is not None else seg.seeds
-    folds = list(folds) if folds else seg.folds
     patients = case_patients(cfg, test)
     tests = []
     if {"train", "score"} & set(steps):
