@@ -7,7 +7,10 @@ from dataclasses import asdict
 
 from lungddpm.segmentation.arms import check_arms, segmentation_config
 
-SEG = segmentation_config(config)
+try:  # a segmentation key's problem: its message, without the parser's traceback (as rules/common.smk)
+    SEG = segmentation_config(config)
+except LungDDPMError as exc:
+    sys.exit(f"{type(exc).__name__}: {exc}")
 SEG_ARMS = SEG.arm_names
 SEG_DIR = f"results/segmentation/{SEG.scale}"
 SEG_TRAIN = subset_cases("train")
@@ -28,7 +31,10 @@ SEG_TRAIN_KEYS = (
 )
 SEG_PREDICT_KEYS = ("final_validation", "test_time_mirroring", "tile_step_size")
 if SEG.enabled:
-    check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()))
+    try:
+        check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()))
+    except LungDDPMError as exc:
+        sys.exit(f"{type(exc).__name__}: {exc}")
 
 
 rule segment_prepare:
