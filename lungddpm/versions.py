@@ -71,10 +71,12 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 3: as train 2 (the fp32 loss target, fp16's skipped steps)
     "train_lesion": 3,
     # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule); 3: as sample (the bank's rescale);
-    # 4: as sample 4 (a boundary probe of the rescale's coverage)
-    "synthesize_lesion": 4,
-    # 2: its bank nodules rescaled as sample 3 and 4 (the bounding box's grid, never split, boundary probes)
-    "lesion_texture": 2,
+    # 4: as sample 4 (a boundary probe of the rescale's coverage); 5: RePaint's jumps aligned with the end, as its
+    # get_schedule_jump (items sampled with lesion.sample.jump_length > 0 differ; counted from the start before)
+    "synthesize_lesion": 5,
+    # 2: its bank nodules rescaled as sample 3 and 4 (the bounding box's grid, never split, boundary probes); 3: as
+    # synthesize_lesion 5 (RePaint's jumps)
+    "lesion_texture": 3,
     # 2: halves and bootstraps by patient, not by nodule; 3: no interval where a set is one patient's (the excess's
     # and the size-matched rows' had one), a synthetic nodule of a class a half lacks left out of the matched rows
     "lesion_fidelity": 3,

@@ -198,8 +198,10 @@ def sample(
             x = torch.where(blend.keep, ref, x)
         if progress is not None:
             progress(i + 1, len(timesteps))
-        back = i + 1 - jump
-        if jumping and i + 1 < len(timesteps) and (i + 1) % jump == 0 and back >= 0:
+        # RePaint's jumps (Lugmayr et al. 2022, get_schedule_jump): at every jump-th level counted from the end,
+        # where the level is the calls still to make - 1 (0: before the last call, which is never resampled)
+        level, back = len(timesteps) - 2 - i, i + 1 - jump
+        if jumping and level >= 0 and level % jump == 0 and back >= 0:
             if jumps.get(i, 0) < repeats - 1:
                 jumps[i] = jumps.get(i, 0) + 1
                 x = renoise(diffusion, x, timesteps[i + 1], timesteps[back], randn())

@@ -35,9 +35,9 @@ def run_experiment(
     if "score" in steps and (sorted(map(str, seeds)) != sorted(map(str, seg.seeds))
                              or sorted(map(str, folds)) != sorted(map(str, seg.folds))):  # fmt: skip
         raise SegmentationError(
-            f"segment score: an arm's scores.csv covers every seed {list(seg.seeds)} and fold {list(seg.folds)} of the config "
-            f"(the workflow's table), not seeds {seeds} and folds {folds} alone; score without --seed / --fold, or "
-            "set segmentation.seeds / segmentation.folds"
+            f"segment score: an arm's scores.csv covers every seed {list(seg.seeds)} and fold {list(seg.folds)} of "
+            f"the config (the workflow's table), not seeds {seeds} and folds {folds} alone; score without --seed / "
+            "--fold, or set segmentation.seeds / segmentation.folds"
         )
     split = case_split(cfg, list_cases(cfg))
     train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))

@@ -63,8 +63,45 @@ def test_ddim_with_repaint_restarts_its_solver_and_still_recovers_x0() -> None:
     out = sample(oracle, d, torch.zeros(1, 2, *GRID[2:]), "ddim", 20, torch.Generator().manual_seed(0),
                  blend=Blend(x0, keep), resample=Resample(5, 2))  # fmt: skip
     ts = sampling_timesteps(T, 20)
-    assert calls == ts[:5] * 2 + ts[5:10] * 2 + ts[10:15] * 2 + ts[15:]
+    # RePaint's schedule, aligned with the end (from the states before calls 9, 14 and 19 back by 5 calls; the jumps
+    # were counted from the start, so the last calls were never resampled and the first jump went back to T - 1)
+    assert calls == ts[:9] + ts[4:14] + ts[9:19] + ts[14:]
+    assert calls == _repaint_calls(ts, 5, 2)
     assert (out - x0).abs().max() < 1e-4
+
+
+def _repaint_calls(ts: list[int], jump_length: int, jump_n_sample: int) -> list[int]:
+    """The network calls of RePaint's sampler (andreas128/RePaint, scheduler.get_schedule_jump with one sample per
+    step: states x_t from t = n - 1 down to -1 = clean, a call from each t to t - 1, and after reaching a state t in
+    0, j, 2j, ... < n - j, jump_n_sample - 1 jumps up by j) over our timesteps ``ts`` (n = len(ts)): state t is the
+    input of our call ts[n - 1 - t]. diffusers' RePaintScheduler lays its jumps one level lower (after the call at
+    each such level, down to re-noising the clean sample)."""
+    n = len(ts)
+    left = {j: jump_n_sample - 1 for j in range(0, n - jump_length, jump_length)}
+    state, calls = n - 1, []
+    while state >= 0:
+        calls.append(ts[n - 1 - state])
+        state -= 1
+        if left.get(state, 0) > 0:
+            left[state] -= 1
+            state += jump_length
+    return calls
+
+
+@pytest.mark.parametrize(("steps", "jump_length", "jump_n_sample"), [(20, 2, 2), (20, 10, 3), (21, 10, 2), (50, 5, 2)])
+def test_repaint_jumps_are_repaints_schedule(steps: int, jump_length: int, jump_n_sample: int) -> None:
+    d = GaussianDiffusion()
+    for sampler in ("ddpm", "ddim"):
+        calls: list[int] = []
+
+        def record(x_t: torch.Tensor, t: torch.Tensor, layout: torch.Tensor, calls: list[int] = calls) -> torch.Tensor:
+            calls.append(int(t[0]))
+            return torch.zeros_like(x_t)
+
+        ref = torch.zeros(1, 1, 4, 4, 4)
+        sample(record, d, torch.zeros(1, 2, 4, 4, 4), sampler, steps, torch.Generator().manual_seed(0),
+               blend=Blend(ref, ref.bool()), resample=Resample(jump_length, jump_n_sample))  # fmt: skip
+        assert calls == _repaint_calls(sampling_timesteps(T, steps), jump_length, jump_n_sample), sampler
 
 
 def test_ddpm_starts_from_pure_noise_at_any_step_count() -> None:
