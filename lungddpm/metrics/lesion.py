@@ -22,6 +22,7 @@ same physical nodules, and the k synthetic nodules of a site share its CT.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,9 @@ def patient_of_case(case: str, patients: Mapping[str, str] | None = None) -> str
 
 
 def profile_bins(s: FidelitySettings) -> np.ndarray:
-    """Bin centres (mm) of the margin profile, ``(k + 1/2) x step`` from ``-profile_mm`` to ``+profile_mm``: the
-    boundary lies between the two central bins."""
-    n = max(1, round(s.profile_mm / s.profile_step_mm))
+    """Bin centres (mm) of the margin profile, ``(k + 1/2) x step`` in whole steps out to ``profile_mm`` (not
+    beyond: 7 mm in 2 mm steps reaches 6 mm) either side: the boundary lies between the two central bins."""
+    n = max(1, math.floor(s.profile_mm / s.profile_step_mm + 1e-9))
     return (np.arange(-n, n) + 0.5) * s.profile_step_mm
 
 

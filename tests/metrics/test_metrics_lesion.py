@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ def test_margin_profile_of_a_step_edge() -> None:
     ct, mask = _sphere(0.0, -800.0)
     bins = profile_bins(S)
     assert list(bins) == [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+    for reach, step, edge in ((7.0, 2.0, 6.0), (5.0, 2.0, 4.0), (5.0, 1.25, 5.0), (0.9, 1.0, 1.0)):  # whole steps
+        wider = profile_bins(replace(S, profile_mm=reach, profile_step_mm=step))  # not beyond (7 / 2 reached 8 mm)
+        assert wider[-1] + step / 2 == edge and wider[0] == -wider[-1]
     prof = margin_profile(ct, mask, 1.0, bins)
     assert np.all(prof[:3] == 0.0) and np.all(prof[3:] == -800.0)  # inside at the nodule's HU, outside the lung's
     n = measure("a", "solid", ct, mask, 1.0, S)
