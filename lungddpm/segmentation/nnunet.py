@@ -390,9 +390,9 @@ def _copy_prediction(src: Path, ct_path: Path, dst: Path) -> None:
     pred, pg = read_volume(src)
     ct, cg = read_volume(ct_path)
     if pred.shape != ct.shape or not pg.same_grid(cg):
-        raise NnUNetError(
-            f"{src}: prediction grid {pred.shape} at {pg.spacing} mm differs from its CT {ct_path} {ct.shape} at "
-            f"{cg.spacing} mm; check the plan's transpose and spacing in the prepared dataset manifest"
+        raise NnUNetError(  # nnU-Net writes a prediction on its input's grid: one that is not is a bug to report
+            f"{src}: {pred.shape} at {pg.spacing} mm, origin {pg.origin}, direction {pg.direction}: not the grid of "
+            f"its CT {ct_path}, {ct.shape} at {cg.spacing} mm, origin {cg.origin}, direction {cg.direction}; report it"
         )
     labels = set(np.unique(pred).tolist())
     if not labels <= set(LABELS.values()):

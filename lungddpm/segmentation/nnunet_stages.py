@@ -51,6 +51,7 @@ def _plan(job: dict[str, Any]) -> dict[str, Any]:
     )
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
+    _planner_class(job["planner"])  # before the fingerprint: a wrong name fails in seconds, naming the key
     samples = job["fingerprint_samples"]
 
     class Fingerprint(DatasetFingerprintExtractor):  # only its constructor differs: nothing of it is pickled
@@ -112,6 +113,20 @@ def _write_splits(dataset_id: int, groups: dict[str, str] | None = None) -> None
     write_json(Path(os.environ["nnUNet_preprocessed"]) / dataset_name(dataset_id) / "splits_final.json", splits)
 
 
+def _planner_class(name: str) -> type:
+    """nnU-Net's experiment planner class ``name`` (nnU-Net's own lookup gives None for an unknown one, and then a
+    TypeError deep inside its planning)."""
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    found = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "experiment_planning"), name,
+                                        current_module="nnunetv2.experiment_planning")  # fmt: skip
+    if found is None:
+        raise ValueError(f"segmentation.planner: {name!r} is no nnU-Net experiment planner (nnunetv2."
+                         "experiment_planning); use e.g. ExperimentPlanner or nnUNetPlannerResEncM")  # fmt: skip
+    return found
+
+
 def _trainer_class(name: str) -> type:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -171,16 +186,18 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
     name = dataset_name(int(job["dataset_id"]))
     pre = Path(os.environ["nnUNet_preprocessed"]) / name
     results = Path(os.environ["nnUNet_results"])
-    stamp = results / "lungddpm_stamp.json"
-    if not (stamp.is_file() and read_json(stamp) == job["stamp"]):
-        if results.exists():
-            log.info("data or settings changed: discarding %s", results)
-            shutil.rmtree(results)
-        write_json(stamp, job["stamp"])
     cls = _trainer_class(job["trainer"])
     dtype = resolve_precision(job["cpu_precision"], device) if device.type == "cpu" else None
     if dtype is not None:
         cls = cpu_autocast_trainer(cls, dtype)
+    # the settings' digest and what this host made of them (device: auto, cpu_precision: auto): a model trained, or
+    # half trained, on another device or precision is neither reported as this one's nor resumed under it
+    stamp, stamped = results / "lungddpm_stamp.json", [job["stamp"], device.type, str(dtype)]
+    if not (stamp.is_file() and read_json(stamp) == stamped):
+        if results.exists():
+            log.info("data, settings, device or precision changed: discarding %s", results)
+            shutil.rmtree(results)
+        write_json(stamp, stamped)
     fold: int | str = job["fold"] if job["fold"] == "all" else int(job["fold"])
     fold_dir = results / name / f"{cls.__name__}__{job['plans_identifier']}__{job['configuration']}" / f"fold_{fold}"
     final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"

@@ -476,6 +476,62 @@ def test_segment_train_reuses_a_finished_model(
     assert len(stamps) == 3 and len(set(stamps)) == 3  # the version-1 stamp is the one the workflow's run reused
 
 
+def test_a_prediction_off_its_cts_grid_and_an_unknown_planner_are_named(tmp_path: Path) -> None:
+    """A prediction half a millimetre off its CT says where each lies (it printed two equal shapes and spacings and
+    blamed a transpose in the manifest, which holds none); an unknown planner is named before any fingerprinting
+    (nnU-Net's lookup gave None, then a TypeError deep in its planning)."""
+    from lungddpm.segmentation.nnunet_stages import _planner_class
+
+    grid = Geometry((1.25, 1.25, 1.25), (0.0, 0.0, 0.0))
+    write_volume(tmp_path / "ct.nii.gz", np.zeros((4, 5, 6), np.int16), grid)
+    write_volume(tmp_path / "pred.nii.gz", np.zeros((4, 5, 6), np.uint8), Geometry(grid.spacing, (0.5, 0.0, 0.0)))
+    with pytest.raises(nnunet.NnUNetError, match=r"pred.nii.gz: \(4, 5, 6\) at .* origin \(0.5, 0.0, 0.0\).*: not "
+                       r"the grid of its CT .*ct.nii.gz, \(4, 5, 6\) at .* origin \(0.0, 0.0, 0.0\)"):  # fmt: skip
+        nnunet._copy_prediction(tmp_path / "pred.nii.gz", tmp_path / "ct.nii.gz", tmp_path / "out.nii.gz")
+    assert not (tmp_path / "out.nii.gz").exists()
+    assert _planner_class("nnUNetPlannerResEncM").__name__ == "nnUNetPlannerResEncM"
+    with pytest.raises(ValueError, match=r"segmentation.planner: 'NoSuchPlanner' is no nnU-Net experiment planner"):
+        _planner_class("NoSuchPlanner")
+
+
+def test_a_model_trained_at_another_precision_or_device_is_not_reused(
+    demo_workflow: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpu_precision / device auto: what the host made of them is stamped with the settings, so a model trained in
+    bf16 is neither reported as an fp32 host's nor resumed there in fp32 (the stamp held 'auto' alone)."""
+    import batchgenerators.utilities.file_and_folder_operations as bg
+    import torch
+
+    from lungddpm.diffusion import precision
+    from lungddpm.segmentation import nnunet_stages
+
+    state = (
+        demo_workflow / read_json(demo_workflow / "results/segmentation/lesion/real/seed0/prepared.json")["state_dir"]
+    )
+    job = read_json(state / "fold_all/train_job.json")
+    results = tmp_path / "nnUNet_results"
+    shutil.copytree(state / "fold_all/nnUNet_results", results)
+    trained = read_json(results / "lungddpm_stamp.json")
+    assert trained[0] == job["stamp"] and trained[1] == "cpu"
+    monkeypatch.setenv("nnUNet_preprocessed", str(state / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(results))
+
+    def stop(*args: object) -> None:  # past the stamp check: nnU-Net's plans are read next
+        raise RuntimeError("past the stamp")
+
+    monkeypatch.setattr(bg, "load_json", stop)
+    checkpoints = lambda: sorted(p.name for p in results.rglob("checkpoint_*.pth"))  # noqa: E731
+    before = checkpoints()
+    assert before
+    other = {"torch.bfloat16": None, "None": torch.bfloat16}[trained[2]]
+    for dtype, kept in ((getattr(torch, trained[2].removeprefix("torch."), None), True), (other, False)):
+        monkeypatch.setattr(precision, "resolve_precision", lambda *a, dtype=dtype: dtype)
+        with pytest.raises(RuntimeError, match="past the stamp"):
+            nnunet_stages._train(job, torch.device("cpu"))
+        assert (checkpoints() == before) is kept
+        assert read_json(results / "lungddpm_stamp.json") == [job["stamp"], "cpu", str(dtype)]
+
+
 def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, tmp_path: Path) -> None:
     """`lungddpm segment compare` calls the same function as the rule: same scores in, same table out."""
     cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
