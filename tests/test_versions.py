@@ -83,5 +83,5 @@ def test_a_bumped_training_refuses_to_resume_older_state(tmp_path: Path, monkeyp
     now = fingerprint(cfg, "d", "train_lesion")
     assert now["version"] == 2 and "version" not in fingerprint(cfg, "d", "train")  # each stage its own number
     said = r"step_0000005.pt: trained with another training code \(lungddpm.versions.OUTPUT_VERSIONS\): version 1 then"
-    with pytest.raises(CheckpointError, match=said + r", 2 now; to train anew with this config choose a new train"):
+    with pytest.raises(CheckpointError, match=said + r", 2 now; to train anew choose a new train"):
         find_resume_checkpoint(tmp_path, now)

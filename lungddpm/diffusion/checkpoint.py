@@ -267,9 +267,9 @@ def find_resume_checkpoint(state_dir: Path, expected: dict[str, Any], keys: str 
         changed = fingerprint_differences(ckpt["fingerprint"], expected, path)
         if changed:
             raise CheckpointError(
-                f"{path}: trained with another {'; another '.join(changed)}; to train anew with this config choose a "
-                f"new {keys}.name (or set {keys}.resume: never, or delete {state_dir}); to keep that training, "
-                "restore the config it was trained with"
+                f"{path}: trained with another {'; another '.join(changed)}; to train anew choose a new {keys}.name "
+                f"(or set {keys}.resume: never, or delete {state_dir}); to keep that training, restore the config "
+                "and the lungddpm version it was trained with"
             )
         log.info("resuming from %s (step %d)", path, ckpt["step"])
         return ckpt
