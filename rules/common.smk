@@ -32,7 +32,7 @@ try:
     SPLIT = case_split(CFG, CASES, STRATA)
     PATIENTS = case_patients(CFG, CASES)
     # a label-map edit that moved a case: say so, rerun nothing
-    check_written_split(Path("results/splits.csv"), SPLIT, STRATA)
+    check_written_split(Path("results/splits.csv"), SPLIT, STRATA, lambda strata: case_split(CFG, CASES, strata))
     IS_DEMO = CFG.data.source == "demo"
     BANK_CASES = bank_cases(CFG, SPLIT)
     MODEL = config["train"]["name"]

@@ -160,7 +160,7 @@ def test_unreadable_overrides_config_files_and_splits_are_named(tmp_path: Path) 
             load_config(path)
     (tmp_path / "splits.csv").write_text("case_id,subset\nLIDC-IDRI-0001,train\n")
     with pytest.raises(ConfigError, match=r"splits.csv: no has_nodule / subset column .*delete it to split anew"):
-        check_written_split(tmp_path / "splits.csv", {"LIDC-IDRI-0001": "train"}, {"LIDC-IDRI-0001": True})
+        check_written_split(tmp_path / "splits.csv", {"LIDC-IDRI-0001": "train"}, {"LIDC-IDRI-0001": True}, dict)
 
 
 def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_work(

@@ -302,15 +302,17 @@ def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu:
 
 
 def _cache_file(label: Path, convention: str) -> Path:
-    st = label.stat()
-    key = f"images-v1|{label.resolve()}|{st.st_size}|{st.st_mtime_ns}|{convention}"
+    from .sources import data_files  # a detached header's data files: rewriting only them changes the voxels
+
+    stats = [(f.resolve(), f.stat().st_size, f.stat().st_mtime_ns) for f in (label, *data_files(label))]
+    key = f"images-v2|{stats}|{convention}"
     root = Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
     return root / "labels" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
 
 
 def has_nodules(case: ImageCase, convention: str) -> bool:
-    """Whether the case's label map has a nodule voxel; cached on disk by file path, size and mtime, because the
-    split needs it whenever Snakemake parses the workflow."""
+    """Whether the case's label map has a nodule voxel; cached on disk by the path, size and mtime of its file and
+    of the files holding its voxels, because the split needs it whenever Snakemake parses the workflow."""
     if case.label is None:
         return False
     cache = _cache_file(case.label, convention)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config
@@ -66,21 +67,28 @@ def case_split(cfg: Config, cases: list[str], strata: dict[str, bool] | None = N
     return split_cases(case_patients(cfg, cases), case_strata(cfg, cases) if strata is None else strata, cfg.split)
 
 
-def check_written_split(path: Path, split: dict[str, str], strata: dict[str, bool]) -> None:
+def check_written_split(
+    path: Path, split: dict[str, str], strata: dict[str, bool], split_with: Callable[[dict[str, bool]], dict[str, str]]
+) -> None:
     """Refuse a written ``splits.csv`` that the label maps have outgrown: with your own images the split's strata
     (a case has nodules or not) come from the label maps, which no setting shows, so an edit that adds or removes a
     case's nodules can move cases between subsets while the file, and the models trained on it, would not follow.
-    Only a changed stratum counts (a changed case list or split setting reruns the split by itself)."""
+    ``split_with(strata)`` splits the current cases with the current settings: only what the changed strata move
+    counts (a changed case list or split setting reruns the split by itself, and may move cases too)."""
     if not Path(path).is_file():
         return
     rows = {r["case_id"]: r for r in read_csv(path)}
     if rows and not {"has_nodule", "subset"} <= next(iter(rows.values())).keys():
         raise ConfigError(f"{path}: no has_nodule / subset column (a split of older code?); delete it to split anew")
     both = sorted(rows.keys() & split.keys())
-    relabelled = [c for c in both if bool(int(rows[c]["has_nodule"])) != bool(strata[c])]
-    moved = [c for c in both if rows[c]["subset"] != split[c]]
-    if relabelled and moved:
-        shown = ", ".join(f"{c} {rows[c]['subset']} -> {split[c]}" for c in moved[:5])
+    written = {c: bool(int(rows[c]["has_nodule"])) for c in both}
+    relabelled = [c for c in both if written[c] != bool(strata[c])]
+    if not relabelled:
+        return
+    before = split_with({**strata, **written})  # the same cases and settings, the strata as written
+    moved = [c for c in both if before[c] != split[c]]
+    if moved:
+        shown = ", ".join(f"{c} {before[c]} -> {split[c]}" for c in moved[:5])
         raise ConfigError(
             f"{path}: the label maps of {len(relabelled)} case(s) ({', '.join(relabelled[:5])}) gained or lost their "
             f"nodules since the split was written, which moves {len(moved)} case(s) to another subset ({shown}); "

@@ -218,6 +218,22 @@ def test_slices_unlike_the_first_and_tilted_stacks_are_refused_and_each_slice_re
     assert np.array_equal(ct.hu, np.clip(expected, -1024.0, 3071.0))
 
 
+def test_the_nodule_flag_cache_sees_a_rewrite_of_a_detached_headers_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split's strata are cached by file stats: for a .mhd label map the voxels lie in its .raw, which an editor
+    may rewrite alone (the header's stats unchanged: the cached 'has nodules' was kept)."""
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "cache"))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[2, 2, 2] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "c1.mhd"))
+    case = ImageCase("c1", tmp_path / "c1.mhd", tmp_path / "c1.mhd", "c1")
+    assert has_nodules(case, "lung_nodule")
+    header = (tmp_path / "c1.mhd").stat().st_mtime_ns
+    (tmp_path / "c1.raw").write_bytes(np.zeros_like(labels).tobytes())  # the nodule erased in the data file only
+    assert (tmp_path / "c1.mhd").stat().st_mtime_ns == header and not has_nodules(case, "lung_nodule")
+
+
 def _write_non_axial_series(folder: Path, orientation: str, skip: int | None) -> None:
     """12 coronal (slice n at y = -10 + 2n mm) or sagittal (x = -10 + 2n) 0.8 mm slices, rows along -z; slice n is
     40 + n HU inside a soft-tissue rectangle. Written with pydicom (SimpleITK's DICOM writer resets the C locale)."""

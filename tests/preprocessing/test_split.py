@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lungddpm.config import SplitConfig
+from lungddpm.errors import ConfigError
+from lungddpm.preprocessing.cases import check_written_split
 from lungddpm.preprocessing.split import read_splits, split_cases, write_splits
 
 CFG = SplitConfig(train=0.7, val=0.1, test=0.2, seed=0)
@@ -69,3 +73,27 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     write_splits(path, split, patient_of, has)
     assert read_splits(path) == split
     assert path.read_text().splitlines()[0] == "case_id,patient_id,subset,has_nodule"
+
+
+def test_a_written_split_is_refused_only_for_what_its_label_changes_move(tmp_path: Path) -> None:
+    """A label edit that moves no case is accepted (the file keeps its stale stratum); a later split.seed change then
+    moves cases by itself, and is accepted too (it was blamed on the label edit and refused); a label edit that does
+    move cases is refused, naming them."""
+    patient_of = {f"P{i}": f"P{i}" for i in range(9)} | {"Q_s1": "Q", "Q_s2": "Q"}
+    has = {c: c < "P6" or c.startswith("Q") for c in patient_of}
+    path = tmp_path / "splits.csv"
+    write_splits(path, split_cases(patient_of, has, CFG), patient_of, has)
+
+    def split_with(seed: int) -> Callable[[dict[str, bool]], dict[str, str]]:
+        return lambda strata: split_cases(patient_of, strata, SplitConfig(0.7, 0.1, 0.2, seed))
+
+    quiet = {**has, "Q_s2": False}  # Q keeps a nodule in its other series: its patient's stratum is unchanged
+    for seed in (0, 1):
+        split = split_with(seed)(quiet)
+        assert seed == 0 or split != split_with(0)(quiet)  # the seed moves cases
+        check_written_split(path, split, quiet, split_with(seed))
+    loud = {**has, "P0": False, "P1": False, "P2": False}  # three nodule patients fewer: the strata move cases
+    moved = split_with(0)(loud)
+    assert moved != split_with(0)(has)
+    with pytest.raises(ConfigError, match=r"label maps of 3 case\(s\) \(P0, P1, P2\) gained or lost .* which moves"):
+        check_written_split(path, moved, loud, split_with(0))
