@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         setup_logging(args.log)
     except OSError as exc:
-        print(f"lungddpm: --log {args.log}: cannot write it ({exc.strerror}); give a file path", file=sys.stderr)
+        print(f"lungddpm: --log {args.log}: cannot write it ({exc.strerror or exc}); give a file path", file=sys.stderr)
         return 2
     try:
         args.func(args)

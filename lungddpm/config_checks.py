@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 # the nodule channel's texture levels (lesion.texture_hu in model units) lie strictly inside these
 # (diffusion.encoding.texture_levels): apart from -1 outside the nodules and from 1, "any texture"
 TEXTURE_LEVEL_BOUNDS = (-0.9, 0.95)
@@ -128,7 +130,9 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
     lesion = config.get("lesion") or {}
     texture = [float(v) for v in lesion.get("texture_hu") or []]
     low, high = (lo + (hi - lo) * (level + 1) / 2 for level in TEXTURE_LEVEL_BOUNDS)
-    if texture and not all(low < v < high for v in texture):
+    # the levels as diffusion.encoding computes them, in float32 (a bound met in float64 can be missed there)
+    levels = (np.clip(np.asarray(texture, np.float32), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+    if texture and not all(TEXTURE_LEVEL_BOUNDS[0] < v < TEXTURE_LEVEL_BOUNDS[1] for v in levels):
         out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}], clear of its "
                    f"ends: between {low:g} and {high:g} HU (each texture's level in the nodule channel stays apart "
                    "from -1 outside the nodules and 1 for any texture); move it in or widen the window")  # fmt: skip

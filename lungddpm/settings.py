@@ -69,7 +69,8 @@ def lesion_training_settings(lesion: Config) -> dict[str, Any]:
     """What the lesion model's training reads of :func:`lesion_config`'s merged view ``lesion``: network (less
     ``init_from``, always null there), diffusion (null keys left out), training keys, HU window and ROI grid. The
     ``train_lesion`` rule's params: a whole-volume key that ``lesion.*`` overrides (``train.steps``) or never reaches
-    (``train.gpus``) does not retrain it; one it inherits (``train.lr_warmup_steps``), or a ``lesion.*`` edit, does."""
+    (``train.processes``), or one of how it runs (``train.gpus``), does not retrain it; one it inherits
+    (``train.lr_warmup_steps``), or a ``lesion.*`` edit, does."""
     raw = lesion.raw
     return {
         "model": {k: v for k, v in model_weight_settings(raw["model"]).items() if k != "init_from"},

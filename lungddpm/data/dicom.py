@@ -226,7 +226,9 @@ def slice_geometry(reader: Any, names: Sequence[str]) -> tuple[np.ndarray, np.nd
             return [float(v) for v in reader.GetMetaData(i, tag).split("\\")]
         if tag == "0020|0037":
             return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # axial
-        raise ImageError(f"{names[i]}: no {SLICE_TAG_NAMES[tag]} (needed to place the slice); re-export the series")
+        raise ImageError(
+            f"{names[i]}: no {SLICE_TAG_NAMES[tag]} (needed for the slice's geometry); re-export the series"
+        )
 
     n = len(names)
     positions = np.array([floats(i, "0020|0032") for i in range(n)], dtype=np.float64)

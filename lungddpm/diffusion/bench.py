@@ -167,12 +167,13 @@ def compare_samplers(
     cfg: Config,
     checkpoint: Any,
     pairs: list[tuple[Any, Any]],
-    specs: list[tuple[str, int]],
+    samplers: Sequence[str],
     k: int,
     threads: int,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Quality of each (sampler, steps) on ``pairs`` of (reference CT path, layout path): lung-region MSE (HU²)
+    """Quality of each of ``samplers`` (NAME:STEPS, :func:`sampler_specs` against the checkpoint's schedule) on
+    ``pairs`` of (reference CT path, layout path): lung-region MSE (HU²)
     and HU histogram distance inside the lungs, with anatomically-aware blending and the weights (EMA or raw) as
     ``sample`` configures them (``blend``, ``use_ema``), k samples per
     layout; mean and 95% bootstrap interval resampling whole layouts (the k samples of one layout share its CT;
@@ -191,7 +192,7 @@ def compare_samplers(
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)
     results = []
-    for name, steps in specs:
+    for name, steps in sampler_specs(samplers, int(ckpt["diffusion"]["timesteps"])):
         mse, hist, seconds, groups = [], [], [], []
         for index, (ct_path, layout_path) in enumerate(pairs):
             ct, layout, geometry = read_case_pair(ct_path, layout_path)
@@ -301,9 +302,9 @@ def bench_inpaint(
     return out
 
 
-def sampler_specs(items: Sequence[str], timesteps: int) -> list[tuple[str, int]]:
+def sampler_specs(items: Sequence[str], timesteps: int, key: str = "diffusion.timesteps") -> list[tuple[str, int]]:
     """["dpm++:20", "ddpm:250"] -> [("dpm++", 20), ("ddpm", 250)], each a known sampler with 1 to ``timesteps``
-    (the model's schedule) steps."""
+    (the model's schedule, ``key`` in the config) steps."""
     from .sample import SAMPLERS
 
     out = []
@@ -312,7 +313,7 @@ def sampler_specs(items: Sequence[str], timesteps: int) -> list[tuple[str, int]]
         if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
             raise LungDDPMError(
                 f"--samplers {item!r}: expected NAME:STEPS with NAME one of {list(SAMPLERS)} and 1 to {timesteps} "
-                "steps (the model's diffusion.timesteps), e.g. dpm++:20"
+                f"steps (the model's {key}), e.g. dpm++:20"
             )
         out.append((name, int(steps)))
     return out
@@ -321,18 +322,16 @@ def sampler_specs(items: Sequence[str], timesteps: int) -> list[tuple[str, int]]
 def bench_quality(
     cfg: Config, results: Path, samplers: Sequence[str], k: int, threads: int, out: Path | None = None
 ) -> list[dict[str, Any]]:
-    """:func:`compare_samplers` of ``samplers`` (NAME:STEPS, :func:`sampler_specs`) on the eval run's real CTs and
-    layouts under ``results`` with the workflow's model; the rows (and the cases and checkpoint) are also written
-    to ``out`` when given."""
+    """:func:`compare_samplers` of ``samplers`` (NAME:STEPS) on the eval run's real CTs and layouts under
+    ``results`` with the workflow's model; the rows (and the cases and checkpoint) are also written to ``out`` when
+    given."""
     from ..io import write_json
     from ..preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
-    from .checkpoint import load_checkpoint
 
     cases = run_cases(case_split(cfg, list_cases(cfg)), "eval")
     pairs = [(case_ct(results, c), case_layout(results, c)) for c in cases]
     checkpoint = model_checkpoint(cfg, results)
-    specs = sampler_specs(samplers, int(load_checkpoint(checkpoint)["diffusion"]["timesteps"]))
-    rows = compare_samplers(cfg, checkpoint, pairs, specs, k, threads)
+    rows = compare_samplers(cfg, checkpoint, pairs, samplers, k, threads)
     if out is not None:
         write_json(out, {"cases": cases, "checkpoint": str(checkpoint), "rows": rows})
     return rows
@@ -349,7 +348,9 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
 
         cfg = lesion_config(cfg)
         if args.what == "sample":
-            for name, steps in sampler_specs(args.samplers, int(cfg.diffusion["timesteps"])):
+            for name, steps in sampler_specs(
+                args.samplers, int(cfg.diffusion["timesteps"]), "lesion.diffusion.timesteps"
+            ):
                 for precision in args.precision:
                     yield from bench_inpaint(cfg, args.batch, name, steps, precision, args.threads)
             return

@@ -93,7 +93,8 @@ def patient_of_case(case: str, patients: Mapping[str, str] | None = None) -> str
 
 def profile_bins(s: FidelitySettings) -> np.ndarray:
     """Bin centres (mm) of the margin profile, ``(k + 1/2) x step`` in whole steps out to ``profile_mm`` (not
-    beyond: 7 mm in 2 mm steps reaches 6 mm) either side: the boundary lies between the two central bins."""
+    beyond: 7 mm in 2 mm steps reaches 6 mm; at least one step) either side: the boundary lies between the two
+    central bins."""
     n = max(1, math.floor(s.profile_mm / s.profile_step_mm + 1e-9))
     return (np.arange(-n, n) + 0.5) * s.profile_step_mm
 

@@ -34,10 +34,11 @@ def run_experiment(
     folds = list(folds) if folds else seg.folds
     if "score" in steps and (sorted(map(str, seeds)) != sorted(map(str, seg.seeds))
                              or sorted(map(str, folds)) != sorted(map(str, seg.folds))):  # fmt: skip
+        what = "score" if len(steps) == 1 else " / ".join(steps)
         raise SegmentationError(
-            f"segment score: an arm's scores.csv covers every seed {list(seg.seeds)} and fold {list(seg.folds)} of "
+            f"segment {what}: an arm's scores.csv covers every seed {list(seg.seeds)} and fold {list(seg.folds)} of "
             f"the config (the workflow's table), not seeds {seeds} and folds {folds} alone; score without --seed / "
-            "--fold, or set segmentation.seeds / segmentation.folds"
+            "--fold (prepare or train a subset: segment train --fold 1), or set segmentation.seeds / .folds"
         )
     split = case_split(cfg, list_cases(cfg))
     train, test = ([c for c in sorted(split) if split[c] == s] for s in ("train", "test"))

@@ -306,8 +306,8 @@ def test_sampler_quality_interval_resamples_whole_layouts(tmp_path: Path) -> Non
     cfg = tiny_config(steps=2, checkpoint_every=2)
     train(tiny_data(), cfg, tmp_path / "out", tmp_path / "state", None, threads=1)
     pairs = list(zip(*write_cases(tmp_path / "cases", 2)))
-    (one,) = compare_samplers(cfg, tmp_path / "out/checkpoint.pt", pairs[:1], [("ddim", 2)], 2, 1)
-    (two,) = compare_samplers(cfg, tmp_path / "out/checkpoint.pt", pairs, [("ddim", 2)], 2, 1)
+    (one,) = compare_samplers(cfg, tmp_path / "out/checkpoint.pt", pairs[:1], ["ddim:2"], 2, 1)
+    (two,) = compare_samplers(cfg, tmp_path / "out/checkpoint.pt", pairs, ["ddim:2"], 2, 1)
     assert (one["n"], one["lung_mse_ci95"], one["lung_hist_w1_ci95"]) == (2, None, None)
     lo, hi = two["lung_mse_ci95"]
     assert two["n"] == 4 and min(lo, hi) < two["lung_mse_hu2"] < max(lo, hi)
@@ -315,5 +315,5 @@ def test_sampler_quality_interval_resamples_whole_layouts(tmp_path: Path) -> Non
     # sample.blend and sample.use_ema as configured (it always blended and took the EMA weights)
     for key, value in (("blend", False), ("use_ema", False)):
         other = Config.from_dict({**cfg.raw, "sample": {**cfg.raw["sample"], key: value}})
-        (got,) = compare_samplers(other, tmp_path / "out/checkpoint.pt", pairs[:1], [("ddim", 2)], 2, 1)
+        (got,) = compare_samplers(other, tmp_path / "out/checkpoint.pt", pairs[:1], ["ddim:2"], 2, 1)
         assert got["lung_mse_hu2"] != one["lung_mse_hu2"], key
