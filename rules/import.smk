@@ -27,7 +27,7 @@ if config["model"]["init_from"]:
             settings=settings("model", "init_convention"),
             **output_version("import_checkpoint"),
         wildcard_constraints:
-            name=r"[^/]+",
+            name=re.escape(MODEL),  # train.name's only: never a sample.checkpoint of another model under results/
         log:
             "logs/import_checkpoint/{name}.log",
         benchmark:

@@ -20,7 +20,7 @@ from lungddpm.config import validate_config
 from lungddpm.diffusion.jobs import job_gpus, launch, launch_training, torchrun_command, train_processes
 from lungddpm.errors import ConfigError, LungDDPMError
 
-GPU_RULES = ("train", "sample", "metrics", "segment_train", "train_lesion", "synthesize_lesion")
+GPU_RULES = ("train", "sample", "metrics", "segment_train", "train_lesion", "synthesize_lesion", "lesion_texture")
 
 
 def profile(name: str) -> dict[str, Any]:
@@ -51,8 +51,10 @@ def test_cluster_profile_gives_gpu_rules_gpus_and_ci_profile_none() -> None:
         assert "gpu_model" not in res  # a site-specific GRES type: left commented for the user
     # every rule that declares a gpu resource is covered by both profiles
     declared = {rule for rule, res in rule_resources().items() if "gpu" in res}
-    assert {"train", "sample"} <= declared
+    assert {"train", "sample"} <= declared and declared == set(GPU_RULES)
     assert declared <= set(real["set-resources"]) & set(ci["set-resources"])
+    # CI overrides each declared gpu with 0 (left out, the rule's own, train.gpus' 1 in config/paper.yaml, stood)
+    assert all(ci["set-resources"][rule].get("gpu") == 0 for rule in declared)
     # CI: no GPU request anywhere (the node has none), memory capped below the node's 4000 MB minimum
     cap = ci["default-resources"]["mem_mb"]
     assert 2 * cap <= 4000
