@@ -116,9 +116,11 @@ def case_layout(results: Path, case: str) -> Path:
 
 
 def model_checkpoint(cfg: Config, results: Path) -> Path:
-    """``sample.checkpoint``, or the trained model ``results/models/<train.name>/checkpoint.pt``."""
-    name = safe_component(cfg.train.name, "train.name")
-    return Path(cfg.raw["sample"]["checkpoint"] or Path(results) / "models" / name / "checkpoint.pt")
+    """``sample.checkpoint``, or the trained model ``results/models/<train.name>/checkpoint.pt`` (also when
+    ``sample.checkpoint`` names that file by another path: then it is the model trained here, not a given one)."""
+    trained = Path(results) / "models" / safe_component(cfg.train.name, "train.name") / "checkpoint.pt"
+    given = cfg.raw["sample"]["checkpoint"]
+    return trained if not given or Path(given).resolve() == trained.resolve() else Path(given)
 
 
 def lidc_patient_of(cfg: Config, case_id: str) -> str | None:

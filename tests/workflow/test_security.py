@@ -88,6 +88,12 @@ def test_escaping_ids_in_config_or_command_line_write_nothing(tmp_path: Path) ->
             validate_config({key: value})
     cfg = Config.from_dict(validate_config({}))
     assert model_checkpoint(cfg, tmp_path) == tmp_path / "models/demo/checkpoint.pt"
+    # sample.checkpoint naming that very file by another path is the model trained here (it counted as a given
+    # model, so train was dropped and the sample rule's input had no rule), another file is a given one
+    for given, expected in ((tmp_path / "x/../models/demo/checkpoint.pt", tmp_path / "models/demo/checkpoint.pt"),
+                            (tmp_path / "other.pt", tmp_path / "other.pt")):  # fmt: skip
+        raw = validate_config({"sample": {"checkpoint": str(given)}})
+        assert model_checkpoint(Config.from_dict(raw), tmp_path) == expected
     # the command line: an unknown or escaping case id stops before anything is written
     out = tmp_path / "out"
     cli = [sys.executable, "-m", "lungddpm.cli", "--configfile", str(REPO / "config/config.yaml")]
