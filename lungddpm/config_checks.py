@@ -7,6 +7,7 @@ are checked again through :func:`lungddpm.config.lesion_config`'s merged view (`
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -78,6 +79,14 @@ def _section_problems(config: Mapping[str, Any], scale: str) -> list[str]:
     return out
 
 
+def given_checkpoint(config: Mapping[str, Any]) -> bool:
+    """Whether ``sample.checkpoint`` names a model of its own: set, and not the path of the model trained here,
+    ``results/models/<train.name>/checkpoint.pt`` (by any path to it; symlinks are not followed)."""
+    given = (config.get("sample") or {}).get("checkpoint")
+    trained = os.path.join("results", "models", str((config.get("train") or {}).get("name")), "checkpoint.pt")
+    return bool(given) and os.path.abspath(given) != os.path.abspath(trained)
+
+
 def lesion_scale_runs(config: Mapping[str, Any]) -> bool:
     """Whether a stage reads the lesion scale: ``lesion.enabled``, or an enabled segmentation at scale ``lesion`` or
     with an arm of ``synthetic_source: lesion`` (which runs the ROIs and the lesion run even when it is off)."""
@@ -132,12 +141,12 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
     low, high = (lo + (hi - lo) * (level + 1) / 2 for level in TEXTURE_LEVEL_BOUNDS)
     # the levels as diffusion.encoding computes them, in float32 (a bound met in float64 can be missed there)
     levels = (np.clip(np.asarray(texture, np.float32), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
-    if texture and not all(TEXTURE_LEVEL_BOUNDS[0] < v < TEXTURE_LEVEL_BOUNDS[1] for v in levels):
+    if texture and not all(TEXTURE_LEVEL_BOUNDS[0] < float(v) < TEXTURE_LEVEL_BOUNDS[1] for v in levels):
         out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}], clear of its "
                    f"ends: between {low:g} and {high:g} HU (each texture's level in the nodule channel stays apart "
                    "from -1 outside the nodules and 1 for any texture); move it in or widen the window")  # fmt: skip
     steps = [("train.preview_sampler_steps", config["train"].get("preview_sampler_steps"))]
-    if scale == "volume" and not (config.get("sample") or {}).get("checkpoint"):  # a given model: its own schedule
+    if scale == "volume" and not given_checkpoint(config):  # a given model: its own schedule
         steps.append(("sample.steps", (config.get("sample") or {}).get("steps")))
     timesteps = int((config.get("diffusion") or {}).get("timesteps", 1000))
     if not config["model"].get("init_from"):

@@ -258,6 +258,10 @@ def test_the_range_checks_leave_a_given_model_and_a_disabled_lesion_scale_alone(
     settings are not checked (its texture HU outside a lung-only window, its steps past its schedule)."""
     given = {"sample": {"checkpoint": "/models/t1000.pt", "steps": 1000, "sampler": "ddpm"}}
     assert load_config(REPO / "config/config.yaml", given).raw["sample"]["steps"] == 1000
+    # the model trained here, named by another path, is not a given one: its schedule is diffusion's
+    own = {"sample": {**given["sample"], "checkpoint": str(Path("results/x/../models/demo/checkpoint.pt").absolute())}}
+    with pytest.raises(ConfigError, match=r"sample.steps: 1000 steps exceed diffusion.timesteps 250"):
+        load_config(REPO / "config/config.yaml", own)
     off = {"lesion": {"enabled": False, "diffusion": {"timesteps": 10}, "insert": {"feather_mm": 99}},
            "intensity": {"hu_window": [-1000, -400]},
            "segmentation": {"enabled": False}}  # fmt: skip

@@ -349,7 +349,7 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
         cfg = lesion_config(cfg)
         if args.what == "sample":
             for name, steps in sampler_specs(
-                args.samplers, int(cfg.diffusion["timesteps"]), "lesion.diffusion.timesteps"
+                args.samplers, int(cfg.diffusion["timesteps"]), "lesion.diffusion.timesteps, else diffusion.timesteps"
             ):
                 for precision in args.precision:
                     yield from bench_inpaint(cfg, args.batch, name, steps, precision, args.threads)

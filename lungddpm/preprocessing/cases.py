@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -117,10 +118,11 @@ def case_layout(results: Path, case: str) -> Path:
 
 def model_checkpoint(cfg: Config, results: Path) -> Path:
     """``sample.checkpoint``, or the trained model ``results/models/<train.name>/checkpoint.pt`` (also when
-    ``sample.checkpoint`` names that file by another path: then it is the model trained here, not a given one)."""
+    ``sample.checkpoint`` names that file by another path, symlinks not followed: then it is the model trained
+    here, not a given one)."""
     trained = Path(results) / "models" / safe_component(cfg.train.name, "train.name") / "checkpoint.pt"
     given = cfg.raw["sample"]["checkpoint"]
-    return trained if not given or Path(given).resolve() == trained.resolve() else Path(given)
+    return trained if not given or os.path.abspath(given) == os.path.abspath(trained) else Path(given)
 
 
 def lidc_patient_of(cfg: Config, case_id: str) -> str | None:
