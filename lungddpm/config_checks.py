@@ -79,11 +79,11 @@ def _section_problems(config: Mapping[str, Any], scale: str) -> list[str]:
     return out
 
 
-def given_checkpoint(config: Mapping[str, Any]) -> bool:
+def given_checkpoint(config: Mapping[str, Any], results: str | os.PathLike[str] = "results") -> bool:
     """Whether ``sample.checkpoint`` names a model of its own: set, and not the path of the model trained here,
-    ``results/models/<train.name>/checkpoint.pt`` (by any path to it; symlinks are not followed)."""
+    ``<results>/models/<train.name>/checkpoint.pt`` (by any path to it; symlinks are not followed)."""
     given = (config.get("sample") or {}).get("checkpoint")
-    trained = os.path.join("results", "models", str((config.get("train") or {}).get("name")), "checkpoint.pt")
+    trained = os.path.join(results, "models", str((config.get("train") or {}).get("name")), "checkpoint.pt")
     return bool(given) and os.path.abspath(given) != os.path.abspath(trained)
 
 

@@ -304,7 +304,10 @@ def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu:
 def _cache_file(label: Path, convention: str) -> Path:
     from .sources import data_files  # a detached header's data files: rewriting only them changes the voxels
 
-    stats = [(f.resolve(), f.stat().st_size, f.stat().st_mtime_ns) for f in (label, *data_files(label))]
+    stats = []
+    for f in (label, *data_files(label)):
+        st = f.stat()
+        stats.append((f.resolve(), st.st_size, st.st_mtime_ns))
     key = f"images-v2|{stats}|{convention}"
     root = Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
     return root / "labels" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"

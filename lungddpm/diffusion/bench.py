@@ -370,8 +370,8 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
             f"try --size {max(step, size // step * step)}"
         )
     if args.what == "sample":
+        specs = sampler_specs(args.samplers, int(cfg.diffusion["timesteps"]))
         for precision in args.precision:
-            specs = sampler_specs(args.samplers, int(cfg.diffusion["timesteps"]))
             yield from bench_sample(cfg, size, specs, precision, args.channels_last,
                                     args.threads, image_size=image_size)  # fmt: skip
         return

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config
+from ..config_checks import given_checkpoint
 from ..data import lidc, sources
 from ..data.sources import dicom_root
 from ..errors import ConfigError, DicomError
@@ -121,8 +121,7 @@ def model_checkpoint(cfg: Config, results: Path) -> Path:
     ``sample.checkpoint`` names that file by another path, symlinks not followed: then it is the model trained
     here, not a given one)."""
     trained = Path(results) / "models" / safe_component(cfg.train.name, "train.name") / "checkpoint.pt"
-    given = cfg.raw["sample"]["checkpoint"]
-    return trained if not given or os.path.abspath(given) == os.path.abspath(trained) else Path(given)
+    return Path(cfg.raw["sample"]["checkpoint"]) if given_checkpoint(cfg.raw, results) else trained
 
 
 def lidc_patient_of(cfg: Config, case_id: str) -> str | None:
