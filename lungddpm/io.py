@@ -202,6 +202,25 @@ def nifti_non_finite(path: Path) -> int:
     return int((~np.isfinite(np.asanyarray(img.dataobj))).sum())
 
 
+def nifti_forms(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A NIfTI file's qform and sform affines (RAS, 4 x 4) where both are set and differ beyond 0.01 mm (or 1e-4 in
+    the direction cosines times spacing); None otherwise. SimpleITK then chooses one of them without a word (the
+    qform where the sform is not orthonormal, by ITK's rules), nibabel the sform."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+    except Exception:  # not a NIfTI header nibabel reads: nothing to compare
+        return None
+    (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+    if not (qcode and scode) or qform is None or sform is None:
+        return None
+    same = np.allclose(qform[:3, :3], sform[:3, :3], atol=1e-4) and np.allclose(qform[:3, 3], sform[:3, 3], atol=1e-2)
+    return None if same else (qform, sform)
+
+
 def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
     """Read a NIfTI file -> (array ``[Z, Y, X]``, geometry)."""
     p = Path(path)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
-from ..io import nifti_non_finite, nifti_truncation
+from ..io import nifti_forms, nifti_non_finite, nifti_truncation
 from . import series_patient
 from .dicom import DicomSeries, check_slice_geometry, slice_geometry
 from .nodules import Nodule, components
@@ -189,6 +189,8 @@ def _read(path: Path) -> Any:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{path}: {image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} "
                          "component(s); a CT must be one 3-D scalar volume")  # fmt: skip
+    if not path.is_dir() and (forms := nifti_forms(path)) is not None:
+        _check_forms(path, image, *forms)
     image = sitk.DICOMOrient(image, "LPS")
     if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel(), atol=1e-3):
         raise ImageError(
@@ -196,6 +198,24 @@ def _read(path: Path) -> Any:
             "axis-aligned slices first (only axial CT is supported)"
         )
     return image
+
+
+def _check_forms(path: Path, image: Any, qform: np.ndarray, sform: np.ndarray) -> None:
+    """A NIfTI file whose qform and sform (RAS 4 x 4) differ: refused where they differ in voxel size or orientation
+    (the volume's size or handedness is then unknown); a warning naming the one SimpleITK read where they differ in
+    position alone (its label map is read the same way, so the two stay aligned)."""
+    if not np.allclose(qform[:3, :3], sform[:3, :3], atol=1e-4):
+        q, s = (np.round(f[:3, :3], 4).tolist() for f in (qform, sform))
+        raise ImageError(
+            f"{path}: its qform and sform disagree on voxel size or orientation (qform {q}, sform {s}); SimpleITK "
+            "reads one, nibabel the other: export it again with both set to the true one (nibabel: "
+            "img.set_qform(img.get_sform()))"
+        )
+    origin = np.asarray(image.GetOrigin()) * (-1, -1, 1)  # SimpleITK's LPS -> the forms' RAS
+    used = min((np.abs(f[:3, 3] - origin).max(), name) for f, name in ((qform, "qform"), (sform, "sform")))[1]
+    log.warning("%s: its qform and sform place the volume %.1f mm apart; read at the %s's position, as SimpleITK "
+                "chooses (its label map likewise); set both alike to silence this", path,
+                float(np.linalg.norm(qform[:3, 3] - sform[:3, 3])), used)  # fmt: skip
 
 
 def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
@@ -218,6 +238,9 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
             f"(values {span}): not a chest CT in Hounsfield units (each holds far more); export it in HU, the rescale "
             "slope and intercept applied once"
         )
+    if hu.shape[0] < 2:
+        raise ImageError(f"{path}: {hu.shape[0]} axial slice(s) of {hu.shape[1]} x {hu.shape[2]}; a CT must be a "
+                         "volume of at least 2 slices (one has no slice spacing): give the whole series")  # fmt: skip
     np.clip(hu, padding_hu, max_hu, out=hu)
     sx, sy, sz = image.GetSpacing()
     x0, y0, z0 = image.GetOrigin()

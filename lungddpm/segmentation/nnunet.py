@@ -118,14 +118,15 @@ def onto_grid(ct: np.ndarray, target: np.ndarray, geometry: Any, grid: Path, fra
     """A native CT [Z, Y, X] and its 0/1 target resampled onto the grid of the CT ``grid`` (a model-grid CT of the
     same patient): HU antialiased and linear; the target by the rule of the real cases' nodule labels
     (:func:`..preprocessing.grid.nodule_labels`): a voxel at least ``fraction`` covered by a nodule (each 26-connected
-    component of the target), and each nodule's centroid voxel, so small nodules are not lost. -> (int16 HU,
-    uint8 0/1, the grid's geometry)."""
+    component of the target), and each nodule's centroid voxel, so small nodules are not lost. Voxels beyond the
+    native CT keep the grid CT's values (its ``preprocess.padding_hu``). -> (int16 HU, uint8 0/1, the grid's
+    geometry)."""
     from ..data.nodules import components
     from ..preprocessing.grid import SliceGrid, nodule_labels, resample_regular
 
     ref, ref_geometry = read_volume(grid)
-    fill = float(ct.min())
-    hu = resample_regular(ct, geometry, ref_geometry, ref.shape, order=1, fill=fill)
+    hu = resample_regular(ct, geometry, ref_geometry, ref.shape, order=1, fill=np.nan)
+    hu = np.where(np.isnan(hu), ref, hu)
     nodules = components(target > 0, tuple(float(v) for v in geometry.spacing))
     labels, _ = nodule_labels(nodules, SliceGrid.of_regular(geometry, ct.shape[0]), ref_geometry, ref.shape, fraction)
     return np.rint(hu).astype(np.int16), (labels > 0).astype(np.uint8), ref_geometry
@@ -330,7 +331,10 @@ def train_arm(
     settings = training_settings(cfg)
     data = [prep[k] for k in ("data_sha256",) if k in prep]  # its voxels (a manifest from before the key: as then)
     version = [v] if (v := output_version("segment_train")) else []  # version 1: the stamp as before versions
-    stamped = [prep["cases"], prep["plans_sha256"], *data, settings, prep["seed"], fold, *version]
+    # the voxels' digest stands for the image paths (another --results path reuses the training); the older stamp,
+    # of the paths too, is accepted where they are the same
+    same = [prep["plans_sha256"], *data, settings, prep["seed"], fold, *version]
+    cases = [{k: v for k, v in c.items() if k != "image" or not data} for c in prep["cases"]]
     job = {
         "dataset_id": prep["dataset_id"],
         "plans_identifier": prep["plans_identifier"],
@@ -344,7 +348,8 @@ def train_arm(
         "test_time_mirroring": cfg.test_time_mirroring,
         "tile_step_size": cfg.tile_step_size,
         **settings,
-        "stamp": _digest(stamped),  # the same -> nnU-Net's checkpoints here are reused or resumed
+        "stamp": _digest([cases, *same]),  # the same -> nnU-Net's checkpoints here are reused or resumed
+        "stamp_before": _digest([prep["cases"], *same]),
         "test": {case: str(Path(p).resolve()) for case, p in sorted(test_images.items())},
         "predictions_dir": str(raw_dir.resolve()),
     }
@@ -370,16 +375,10 @@ def train_arm(
         "predictions": {case: str(p) for case, p in paths.items()},
     }
     write_json(out, run)
-    trained = f"{result['iterations']} iterations in {result['train_seconds']:.0f} s"
-    log.info(
-        "arm %s seed %s fold %s: %s, %d test case(s) predicted in %.1f s",
-        prep["arm"],
-        prep["seed"],
-        fold,
-        trained if result["trained"] else "model reused",
-        len(test_images),
-        result["predict_seconds"],
-    )
+    it, seconds = result["iterations"], result["train_seconds"]
+    done = f"{it} iterations in {seconds:.0f} s" if result["trained"] else "model reused"
+    log.info("arm %s seed %s fold %s: %s, %d test case(s) predicted in %.1f s", prep["arm"], prep["seed"], fold, done,
+             len(test_images), result["predict_seconds"])  # fmt: skip
     return run
 
 

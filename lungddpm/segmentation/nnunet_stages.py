@@ -193,10 +193,11 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
     # the settings' digest and what this host made of them (device: auto, cpu_precision: auto): a model trained, or
     # half trained, on another device or precision is neither reported as this one's nor resumed under it
     stamp, stamped = results / "lungddpm_stamp.json", [job["stamp"], device.type, str(dtype)]
-    if not (stamp.is_file() and read_json(stamp) == stamped):
-        if results.exists():
-            log.info("data, settings, device or precision changed: discarding %s", results)
-            shutil.rmtree(results)
+    held = read_json(stamp) if stamp.is_file() else None
+    if held not in (stamped, [job.get("stamp_before"), device.type, str(dtype)]) and results.exists():
+        log.info("data, settings, device or precision changed: discarding %s", results)
+        shutil.rmtree(results)
+    if held != stamped:
         write_json(stamp, stamped)
     fold: int | str = job["fold"] if job["fold"] == "all" else int(job["fold"])
     fold_dir = results / name / f"{cls.__name__}__{job['plans_identifier']}__{job['configuration']}" / f"fold_{fold}"

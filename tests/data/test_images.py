@@ -498,3 +498,45 @@ def test_an_image_folder_that_is_a_file_is_named_as_such(tmp_path: Path) -> None
         discover(str(tmp_path / "ct.nii.gz"), None, None)
     with pytest.raises(ImageError, match=r"none: data.images.ct_dir does not exist"):
         discover(str(tmp_path / "none"), None, None)
+
+
+def test_disagreeing_nifti_forms_and_a_single_slice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A qform and sform 40 mm apart were read as SimpleITK chose, without a word (nibabel takes the other); ones
+    of other voxel sizes left the volume's size unknown; a one-slice volume lost its slice thickness."""
+    import logging
+
+    import nibabel as nib
+
+    hu = np.transpose(_ct(), (2, 1, 0))  # nibabel's [X, Y, Z]
+    qform = np.diag([-0.7, -0.7, 2.5, 1.0])
+    qform[:3, 3] = (10.0, 20.0, -30.0)
+    img = nib.Nifti1Image(hu, None)
+    sform = qform.copy()
+    sform[2, 3] += 40.0
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=1)
+    nib.save(img, tmp_path / "apart.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="lungddpm.data.images"):
+        series = read_ct(tmp_path / "apart.nii.gz", -1024.0, 3071.0)
+    used = "qform" if series.z_positions[0] == pytest.approx(-30.0) else "sform"
+    assert series.z_positions[0] == pytest.approx({"qform": -30.0, "sform": 10.0}[used])
+    assert re.search(
+        rf"apart.nii.gz: its qform and sform place the volume 40.0 mm apart; read at the {used}'s", caplog.text
+    )
+    sizes = qform.copy()
+    sizes[0, 0] = -0.8
+    img.set_sform(sizes, code=1)
+    nib.save(img, tmp_path / "sizes.nii.gz")
+    with pytest.raises(ImageError, match=r"sizes.nii.gz: its qform and sform disagree on voxel size or orientation "
+                       r"\(qform \[\[-0.7, .*sform \[\[-0.8, .*img.set_qform\(img.get_sform\(\)\)"):  # fmt: skip
+        read_ct(tmp_path / "sizes.nii.gz", -1024.0, 3071.0)
+    caplog.clear()
+    img.set_sform(qform, code=1)  # alike: read silently
+    nib.save(img, tmp_path / "alike.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="lungddpm.data.images"):
+        assert read_ct(tmp_path / "alike.nii.gz", -1024.0, 3071.0).z_positions[0] == pytest.approx(-30.0)
+    assert "qform" not in caplog.text
+    write_image(tmp_path / "slice.nii.gz", _ct((1, 24, 20)), _series(_ct((1, 24, 20))))
+    with pytest.raises(ImageError, match=r"slice.nii.gz: 1 axial slice\(s\) of 24 x 20; a CT must be a volume of at "
+                       r"least 2 slices"):  # fmt: skip
+        read_ct(tmp_path / "slice.nii.gz", -1024.0, 3071.0)

@@ -460,20 +460,27 @@ def test_segment_train_reuses_a_finished_model(
     # give another stamp, so nnU-Net's checkpoints of the old data are not taken for the new
     prep = read_json(seg / "prepared.json")
     assert len(prep["data_sha256"]) == 64
-    stamps = []
+    stamps, before = [], []
 
     def stamp_of(stage: str, job: dict, env: dict, work: Path) -> dict:
         stamps.append(job["stamp"])
+        before.append(job["stamp_before"])
         raise RuntimeError("stamp read")
 
+    # the same cases by absolute paths (`lungddpm segment --results /abs/results`): the same stamp, as the voxels'
+    # digest stands for the paths; the older stamp, of the paths, differs
+    absolute = [{**c, "image": str(Path(c["image"]).resolve())} for c in prep["cases"]]
+    assert absolute != prep["cases"]
     monkeypatch.setattr(nnunet, "launch", stamp_of)
-    for data, version in ((prep["data_sha256"], 1), ("0" * 64, 1), (prep["data_sha256"], 2)):
+    digest, given = prep["data_sha256"], prep["cases"]
+    for data, version, cases in ((digest, 1, given), ("0" * 64, 1, given), (digest, 2, given), (digest, 1, absolute)):
         monkeypatch.setitem(versions.OUTPUT_VERSIONS, "segment_train", version)  # 2: a code change bumped it
-        write_json(tmp_path / "prepared.json", {**prep, "data_sha256": data})
+        write_json(tmp_path / "prepared.json", {**prep, "data_sha256": data, "cases": cases})
         with pytest.raises(RuntimeError, match="stamp read"):
             train_arm(tmp_path / "prepared.json", "all", tests, tmp_path / "p2", tmp_path / "r2.json",
                       _ci_segmentation(demo_workflow), 1)  # fmt: skip
-    assert len(stamps) == 3 and len(set(stamps)) == 3  # the version-1 stamp is the one the workflow's run reused
+    assert len(set(stamps[:3])) == 3 and stamps[3] == stamps[0]  # the version-1 stamp is the workflow run's
+    assert before[3] != before[0] and len(set(before + stamps)) == 7
 
 
 def test_a_prediction_off_its_cts_grid_and_an_unknown_planner_are_named(tmp_path: Path) -> None:
@@ -523,6 +530,8 @@ def test_a_model_trained_at_another_precision_or_device_is_not_reused(
     checkpoints = lambda: sorted(p.name for p in results.rglob("checkpoint_*.pth"))  # noqa: E731
     before = checkpoints()
     assert before
+    # the older stamp, of the image paths, is taken for this one, and rewritten
+    write_json(results / "lungddpm_stamp.json", [job["stamp_before"], *trained[1:]])
     other = {"torch.bfloat16": None, "None": torch.bfloat16}[trained[2]]
     for dtype, kept in ((getattr(torch, trained[2].removeprefix("torch."), None), True), (other, False)):
         monkeypatch.setattr(precision, "resolve_precision", lambda *a, dtype=dtype: dtype)

@@ -168,6 +168,12 @@ def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path)
     assert label.sum() == 1  # its centroid voxel, as the real cases' nodule labels keep it
     _, label, _ = onto_grid(ct, small, native, tmp_path / "grid.nii.gz", 0.05)
     assert label.sum() == 8  # every voxel it covers by at least 5 % (1/8 each, as sampled by 5^3 points)
+    # a grid reaching 6 mm beyond the native CT (whose minimum, -900, never reaches the padding): those voxels keep
+    # the grid CT's padding, not the native CT's minimum
+    wide = Geometry(spacing=(2.0, 2.0, 2.0), origin=(-9.5, -9.5, -15.5))
+    write_volume(tmp_path / "wide.nii.gz", np.full((13, 10, 10), -1024, np.int16), wide)
+    hu, _, _ = onto_grid(ct, target, native, tmp_path / "wide.nii.gz", 0.5)
+    assert hu[:3, 5, 5].tolist() == [-1024] * 3 and hu[3, 5, 5] == -900 and hu[8, 5, 5] == 40
 
 
 def test_roi_scores_by_kind_and_the_fp_metric(tmp_path: Path) -> None:
