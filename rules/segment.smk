@@ -32,7 +32,7 @@ SEG_TRAIN_KEYS = (
 SEG_PREDICT_KEYS = ("final_validation", "test_time_mirroring", "tile_step_size")
 if SEG.enabled:
     try:
-        check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()))
+        seg_check_arms()
     except LungDDPMError as exc:
         sys.exit(f"{type(exc).__name__}: {exc}")
 

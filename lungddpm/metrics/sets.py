@@ -80,6 +80,11 @@ def real_halves(
 def check_synthetic_set(n_test: int, per_layout: int) -> None:
     """The eval run must give the distribution metrics >= 2 synthetic volumes (``n_test`` test layouts x
     ``per_layout`` samples); checked when the workflow is parsed, not after training and sampling."""
+    if n_test == 0:
+        raise MetricsError(
+            "the test split is empty: the synthetic volumes are sampled for its layouts; give split.test > 0 (a "
+            "subset gets a patient once there is one patient per subset with a non-zero fraction)"
+        )
     if n_test * per_layout < 2:
         raise MetricsError(
             f"{n_test} test case(s) x {per_layout} sample(s) per layout: the distribution metrics need >= 2 synthetic "

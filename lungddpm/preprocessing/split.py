@@ -18,7 +18,10 @@ SUBSETS = ("train", "val", "test")
 
 
 def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
-    """Largest-remainder rounding of ``n`` items over ``fractions``."""
+    """Largest-remainder rounding of ``n`` items over ``fractions``. Equal remainders are ordered as float64
+    computes them (of 2 patients at 0.7 / 0.1 / 0.2, train's 0.7 * 2 - 1 = 0.3999999999999999 loses to test's 0.4),
+    exact ties in the order train, val, test: deterministic on every IEEE-754 platform, and kept so that written
+    splits stay valid."""
     raw = np.asarray(fractions) * n
     counts = np.floor(raw).astype(int)
     for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:

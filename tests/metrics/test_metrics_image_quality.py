@@ -76,6 +76,9 @@ def test_a_single_synthetic_volume_is_refused_when_the_workflow_is_parsed() -> N
     check_synthetic_set(2, 1)
     with pytest.raises(MetricsError, match=r"1 test case\(s\) x 1 sample\(s\) per layout: .* sample.eval_samples_per"):
         check_synthetic_set(1, 1)
+    # an empty test split (split.test: 0): raising the samples per layout, as the message said, cannot help
+    with pytest.raises(MetricsError, match=r"^the test split is empty: .* give split.test > 0"):
+        check_synthetic_set(0, 5)
 
 
 def test_real_halves_are_disjoint_patient_groups_with_sources_in_the_floor() -> None:

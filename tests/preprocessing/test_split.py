@@ -97,3 +97,14 @@ def test_a_written_split_is_refused_only_for_what_its_label_changes_move(tmp_pat
     assert moved != split_with(0)(has)
     with pytest.raises(ConfigError, match=r"label maps of 3 case\(s\) \(P0, P1, P2\) gained or lost .* which moves"):
         check_written_split(path, moved, loud, split_with(0))
+
+
+def test_largest_remainder_ties_are_kept_as_float64_orders_them() -> None:
+    """Written splits stay valid only if the allocation never changes: near-ties go as float64 computes the
+    remainders (train's 0.7 * 2 - 1 = 0.3999999999999999 < test's 0.4), exact ties train, val, test first."""
+    from lungddpm.preprocessing.split import _allocate
+
+    assert _allocate(2, (0.7, 0.1, 0.2)) == [1, 0, 1]
+    assert _allocate(5, (0.7, 0.1, 0.2)) == [4, 0, 1]  # 3.5, 0.5, 1.0: train before val on the exact tie
+    assert _allocate(14, (0.6, 0.1, 0.3)) == [9, 1, 4]
+    assert [sum(_allocate(n, (0.7, 0.1, 0.2))) for n in range(40)] == list(range(40))

@@ -160,6 +160,21 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "data.dicom_root does not exist" in proc.stdout + proc.stderr
 
 
+def test_a_disabled_segmentation_asked_for_by_name_checks_its_arms(tmp_path: Path) -> None:
+    """segmentation.enabled: false leaves it out of the default target; `snakemake segment_compare` still plans it,
+    and its arms were then never checked against the split (a job failed late): now the plan stops, naming the arm."""
+    from conftest import CI_CONFIG
+
+    arms = [{"name": "real", "real": True, "synthetic_fraction": 0.0},
+            {"name": "lots", "real": True, "synthetic_fraction": 50.0}]  # fmt: skip
+    seg = {**CI_CONFIG["segmentation"], "enabled": False, "scale": "whole", "arms": arms}
+    workdir = make_workdir(tmp_path, {"segmentation": seg})
+    assert snakemake(workdir, "-n", "--quiet", "rules").returncode == 0
+    proc = snakemake(workdir, "-n", "segment_compare", check=False)
+    assert proc.returncode != 0
+    assert "segmentation.arms[lots]: synthetic_fraction 50.0 needs" in proc.stdout + proc.stderr
+
+
 def test_training_outputs_and_resume_from_undeclared_state(demo_workflow: Path) -> None:
     model_dir = demo_workflow / "results/models/demo"
     ckpt = torch.load(model_dir / "checkpoint.pt", weights_only=True)
