@@ -8,24 +8,39 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..diffusion.encoding import TEXTURE_CLASSES
-from .lesion import ALL, FidelitySettings, Nodule, mean_profile, profile_bins
+from .lesion import ALL, FidelitySettings, Nodule, mean_profile, patient_halves, profile_bins
+
+
+def profile_curves(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings) -> list[
+        tuple[str, list[tuple[str, list[Nodule]]]]]:  # fmt: skip
+    """Per texture class (and all): (class, [(label, nodules)]), the real nodules as the fidelity table's halves
+    (:func:`.lesion.patient_halves`, the same seeds: A and B, whose gap is the floor; the synthetic row is scored
+    against B), or all of them where they are one patient's; then the synthetic nodules. Empty sets left out."""
+    out = []
+    for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
+        r = [n for n in real if cls in (ALL, n.texture_class)]
+        half_a, half_b = patient_halves(r, [s.seed, k])
+        reals = [("real A", half_a), ("real B", half_b)] if half_a and half_b else [("real", r)]
+        syn = [n for n in synthetic if cls in (ALL, n.texture_class)]
+        out.append((cls, [(label, group) for label, group in (*reals, ("synthetic", syn)) if group]))
+    return out
 
 
 def plot_profiles(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySettings, path: Path) -> None:
-    """One panel per texture class (and all): the mean margin profile of the real and the synthetic nodules."""
+    """One panel per texture class (and all): the mean margin profiles of :func:`profile_curves`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bins = profile_bins(s)
-    classes = [*TEXTURE_CLASSES, ALL]
-    fig, axes = plt.subplots(1, len(classes), figsize=(4 * len(classes), 3.4), sharey=True)
-    for ax, cls in zip(axes, classes):
-        for label, group in (("real", real), ("synthetic", synthetic)):
-            sel = [n for n in group if cls in (ALL, n.texture_class)]
-            if sel:
-                ax.plot(bins, mean_profile(sel), marker=".", label=f"{label} (n={len(sel)})")
+    panels = profile_curves(real, synthetic, s)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
+    styles = {"real A": ("C0", ":"), "real B": ("C0", "-"), "real": ("C0", "-"), "synthetic": ("C1", "-")}
+    for ax, (cls, curves) in zip(axes, panels):
+        for label, group in curves:
+            color, line = styles[label]
+            ax.plot(bins, mean_profile(group), line, color=color, marker=".", label=f"{label} (n={len(group)})")
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_title(cls)
         ax.set_xlabel("distance to the nodule boundary (mm, < 0 inside)")

@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 
 from lungddpm.io import Geometry, write_csv, write_volume
 from lungddpm.metrics.lesion import (
+    ALL,
     COLUMNS,
     FidelitySettings,
     compare_sets,
@@ -28,7 +29,7 @@ from lungddpm.metrics.lesion import (
     real_nodules,
     size_matched,
 )
-from lungddpm.metrics.lesion_figures import OTHER, gallery_rows
+from lungddpm.metrics.lesion_figures import OTHER, gallery_rows, profile_curves
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
 S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0, core_mm=1.0)
@@ -313,6 +314,14 @@ def test_a_class_of_one_patient_has_no_floor(caplog: pytest.LogCaptureFixture) -
     assert ("ground-glass", "real A vs real B") not in by and by["ground-glass", "synthetic vs real B"]["n_b"] == 3
     assert np.isnan(by["ground-glass", "synthetic vs real B"]["w1_excess_hu"])
     assert "ground-glass: real half A 0 nodules of 0 patients, half B 3 of 1: one patient, no floor" in caplog.text
+    # the profiles figure draws the table's halves (it drew every real nodule, the table's B half only one of them)
+    curves = {cls: dict(c) for cls, c in profile_curves(real, syn, S)}
+    assert list(curves["ground-glass"]) == ["real", "synthetic"] and curves["ground-glass"]["real"] == real[4:]
+    assert list(curves["solid"]) == ["real A", "real B"] and "part-solid" not in {c for c, v in curves.items() if v}
+    for cls in ("solid", ALL):
+        table = {r["comparison"]: r for r in rows if r["texture_class"] == cls}
+        assert len(curves[cls]["real A"]) == table["real A vs real B"]["n_a"]
+        assert len(curves[cls]["real B"]) == table["real A vs real B"]["n_b"]
 
 
 def test_gallery_shows_nodules_of_no_texture_class() -> None:
