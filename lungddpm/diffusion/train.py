@@ -163,9 +163,8 @@ def train(
             f"{model.downsampling}; change preprocess.size, train.crop or model.channel_mult"
         )
     grid = (tc.crop,) * 3 if tc.crop else tuple(data.images.shape[2:])
-    probed = device.type == "cpu" and dtype == torch.bfloat16  # the convolutions' bf16 gradients on this CPU
-    convs = network_convolutions(model, grid, tc.channels_last) if probed else []
-    dtype = checked_cpu_bf16(dtype, device, convs, tc.precision)
+    convs = lambda: network_convolutions(model, grid, tc.channels_last)  # noqa: E731
+    dtype = checked_cpu_bf16(dtype, device, convs, tc.precision)  # the convolutions' bf16 gradients on this CPU
     memory_format = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, device)

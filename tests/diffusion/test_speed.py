@@ -269,17 +269,21 @@ def test_bf16_training_falls_back_or_stops_where_the_cpus_conv_gradients_are_wro
         seen.append((shape, cin))
         return float("nan") if shape[0] == 2 else 4e-3
 
-    assert precision.checked_cpu_bf16(bf16, cpu, convs[:2], "auto", wrong_at_depth_2) is bf16
+    assert precision.checked_cpu_bf16(bf16, cpu, lambda: convs[:2], "auto", wrong_at_depth_2) is bf16
     assert seen == [((6, 6, 6), 16), ((6, 6, 6), 32)]  # capped at PROBE_MAX_EDGE voxels per axis
     with caplog.at_level("WARNING"):
-        assert precision.checked_cpu_bf16(bf16, cpu, convs, "auto", wrong_at_depth_2) is None
+        assert precision.checked_cpu_bf16(bf16, cpu, lambda: convs, "auto", wrong_at_depth_2) is None
     said = "3x3x3 convolution of 64 -> 32 channels (stride 1, channels-last) on 2x4x4 voxels"
     assert said in caplog.text and "training in fp32 instead" in caplog.text
     with pytest.raises(LungDDPMError, match=r"relative error nan.*train.precision \(lesion.train.precision\) to auto"):
-        precision.checked_cpu_bf16(bf16, cpu, convs, "bf16", wrong_at_depth_2)
-    n = len(seen)  # a GPU, fp32 and fp16 are not probed
-    assert precision.checked_cpu_bf16(bf16, gpu, convs, "auto", wrong_at_depth_2) is bf16
-    assert precision.checked_cpu_bf16(None, cpu, convs, "fp32", wrong_at_depth_2) is None and len(seen) == n
+        precision.checked_cpu_bf16(bf16, cpu, lambda: convs, "bf16", wrong_at_depth_2)
+    n = len(seen)  # a GPU, fp32 and fp16 are not probed, nor their convolutions listed
+
+    def unlisted() -> list:
+        raise AssertionError("listed")
+
+    assert precision.checked_cpu_bf16(bf16, gpu, unlisted, "auto", wrong_at_depth_2) is bf16
+    assert precision.checked_cpu_bf16(None, cpu, unlisted, "fp32", wrong_at_depth_2) is None and len(seen) == n
 
 
 def test_the_probe_sees_every_convolution_the_network_runs() -> None:
