@@ -44,7 +44,8 @@ def test_a_model_trained_here_shows_its_loss_without_the_note(tmp_path: Path) ->
 
 def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Path) -> None:
     """2 train CTs x 2 items of 3 and 1 sites: 8 nodules in 2 CTs (not 4 items), and the seconds per nodule
-    averaged over the nodules (3 nodules at 1 s and 1 at 5 s per CT: 2.00 s, where the items' mean is 3.00)."""
+    averaged over the nodules (3 nodules at 1 s and 1 at 5 s per CT: 2.00 s, where the items' mean is 3.00); each
+    batch size of the items."""
     from lungddpm.report.summary import lesion_section
 
     items = []
@@ -55,8 +56,8 @@ def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Pa
             for f in files.values():
                 (tmp_path / f).write_bytes(b"png")
             prov = {"source_case": case, "sites": [{}] * n_sites, "seconds_per_nodule": seconds, "files": files,
-                    "sample": {"sampler": "dpm++", "steps": 20}, "batch_size": 4,
-                    "insert": {"feather_mm": 2.0, "margin_mm": 3.0}}  # fmt: skip
+                    "sample": {"sampler": "dpm++", "steps": 20}, "batch_size": 4 if k == 0 else 1,
+                    "device": "cpu", "insert": {"feather_mm": 2.0, "margin_mm": 3.0}}  # fmt: skip
             (tmp_path / f"{name}.json").write_text(json.dumps(prov))
             items.append({"item": name})
     manifest = tmp_path / "shard_0.json"
@@ -65,7 +66,8 @@ def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Pa
     texture.write_text("texture_class,inserted_mean_hu,inserted_sd_hu,n_inserted,real_mean_hu,real_sd_hu,n_real\n")
     text = "\n".join(lesion_section([manifest], texture, tmp_path / "figures", tmp_path, montages=1))
     assert "8 nodules inserted into the nodule-free lung ROIs of 2 train CT(s)" in text
-    assert "2.00 s of sampling per nodule in a shard job (batched 4;" in text
+    # every item's batch size (a resume keeps items of another; the last item's alone was said), and the device
+    assert "dpm++ 20 steps, 2.00 s of sampling per nodule in a shard job (batched 4 / 1, on cpu;" in text
 
 
 def test_items_sampled_since_the_model_digest_name_it(tmp_path: Path) -> None:

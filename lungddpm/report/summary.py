@@ -267,7 +267,8 @@ def _counts(row: dict[str, str]) -> str:
 def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:
     """Markdown: the lesion run (nodules inserted into train CTs, sampler, seconds per nodule), the texture-control
     table, and the before/after montages of the first ``montages`` sites."""
-    sites, seconds, cases, shown, prov = [], [], set(), [], None
+    sites, seconds, cases, shown = [], [], set(), []
+    how: dict[str, dict[str, None]] = {k: {} for k in ("sampler", "batch", "device", "feather", "margin")}
     for m in manifests:
         for item in read_json(m)["items"]:
             prov = read_json(Path(m).parent / f"{item['item']}.json")
@@ -275,16 +276,19 @@ def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base
             seconds += [prov["seconds_per_nodule"]] * len(prov["sites"])  # a mean per nodule, not per item
             cases.add(prov["source_case"])
             shown += [Path(m).parent / prov["files"][f"s{j}_montage"] for j in range(len(prov["sites"]))]
+            # each value of the items (a resume keeps items made at another batch size or on another device)
+            values = (f"{prov['sample']['sampler']} {prov['sample']['steps']} steps", prov["batch_size"],
+                      prov.get("device", "an unrecorded device"), prov["insert"]["feather_mm"], prov["insert"]["margin_mm"])  # fmt: skip
+            for seen, value in zip(how.values(), values):
+                seen[str(value)] = None
     out = ["## Lesion scale: nodules inpainted into real CTs at native resolution", ""]
-    if prov is None:
+    if not cases:  # every item has its source case
         return [*out, "The lesion run inserted no nodules (its manifests list no items).", ""]
-    s = prov["sample"]
+    sampler, batch, device, feather, margin = (" / ".join(v) for v in how.values())
     out.append(
-        f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(cases)} train CT(s), {s['sampler']} "
-        f"{s['steps']} steps, {np.mean(seconds):.2f} s of sampling per nodule in a shard job (batched "
-        f"{prov['batch_size']}; the shards run side by side), "
-        f"pasted back with a {prov['insert']['feather_mm']} mm feather inside a {prov['insert']['margin_mm']} mm "
-        "margin."
+        f"{len(sites)} nodules inserted into the nodule-free lung ROIs of {len(cases)} train CT(s), {sampler}, "
+        f"{np.mean(seconds):.2f} s of sampling per nodule in a shard job (batched {batch}, on {device}; the shards "
+        f"run side by side), pasted back with a {feather} mm feather inside a {margin} mm margin."
     )
     out += ["", "Texture control (the same nodules, sites and seeds per requested class):", ""]
     body = [

@@ -44,6 +44,7 @@ SCORE_COLUMNS = ("arm", "seed", "fold", "case_id", "kind", "cluster", *METRICS, 
 COMPARISON_COLUMNS = ("arm", "metric", "n_cases", "n_clusters", "n_models", "mean", "ci_low", "ci_high", "models_sd",
                       "baseline", "diff", "diff_ci_low", "diff_ci_high", "p_value", "test")  # fmt: skip
 FP_METRIC = {"scan": "fp_per_scan", "free": "fp_per_free_roi"}  # the mean of false_positives over those cases
+ROUNDING = 1e-9  # a mean difference this small is float rounding of an exact 0 (the metrics are fractions, counts)
 PLOTTED = (("dice", "Dice"), ("sensitivity", "voxel sensitivity"), ("detection_sensitivity", "nodule detection"))
 
 
@@ -222,6 +223,7 @@ def paired_test(diffs: np.ndarray, test: str) -> float:
     when every difference is the same non-zero value)."""
     if diffs.size < 2:
         return math.nan
+    diffs = np.where(np.abs(diffs) < ROUNDING, 0.0, diffs)  # k/3 found of 3 models: 1/3 - 1/3 may be 1.85e-17
     if not np.any(diffs != 0):
         return 1.0
     if test == "wilcoxon":
@@ -284,7 +286,10 @@ def compare_arms(
                 if d.size:
                     g = [cluster[c] for c in common]
                     wd = None if weight is None else np.array([weight[c] for c in common])
-                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = _weighted_ci(d, wd, ev, ev.seed + i, g)
+                    diff = _weighted_ci(d, wd, ev, ev.seed + i, g)
+                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = (
+                        0.0 if abs(v) < ROUNDING else v for v in diff
+                    )
                     # the test pairs independent units: the (weighted) mean difference per cluster (nodule, patient)
                     ones = np.ones(d.size) if wd is None else wd
                     per_cluster = [float(np.average(d[m], weights=ones[m])) for m in group_members(g) if ones[m].sum()]
@@ -329,7 +334,9 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: Path, ci_level: flo
             lo = np.array([get[arm, m]["ci_low"] for m in metrics], dtype=float)
             hi = np.array([get[arm, m]["ci_high"] for m in metrics], dtype=float)
             err = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0).clip(min=0)
-            axis.bar(xs, np.nan_to_num(means), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=arm)
+            axis.bar(xs, means, width, yerr=err, capsize=3, color=colours[k % len(colours)], label=arm)  # NaN: none
+            for x in xs[np.isnan(means)]:  # a mean with no case to take it over (no free ROI): said, not drawn as 0
+                axis.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     n = max((r["n_cases"] for r in rows if r["metric"] == "dice"), default=0)
     lesion = fp == "fp_per_free_roi"
     ax.set_xticks(np.arange(len(PLOTTED)), [label for _, label in PLOTTED])

@@ -187,6 +187,32 @@ def test_paired_ttest_of_equal_differences_is_undefined() -> None:
     assert math.isnan(paired_test(np.array([0.1, 0.1, 0.1]), "ttest"))  # no variance: not p = 0
     assert paired_test(np.array([0.1, 0.1]), "wilcoxon") == pytest.approx(0.5)
     assert paired_test(np.zeros(3), "ttest") == 1.0
+    # float rounding of an exact 0 (k/3 found of 3 models, spread otherwise over a cluster's ROIs) is a 0: it was
+    # ranked by the Wilcoxon test (p 0.75 for 1.0) and t-tested (p 0.67 for 1.0)
+    noise = (1 / 3 + 1 / 3 + 1 / 3) / 3 - (0 + 1 / 3 + 2 / 3) / 3 + 1.85e-17
+    assert paired_test(np.array([noise, 1 / 3, -1 / 9]), "wilcoxon") == paired_test(np.array([0, 1 / 3, -1 / 9]),
+                                                                                     "wilcoxon") == 1.0  # fmt: skip
+    assert paired_test(np.array([1.85e-17, -1.85e-17, 6.2e-18]), "ttest") == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the bars are recorded, not drawn
+def test_a_mean_over_no_case_is_marked_not_drawn_as_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No nodule-free ROI in the test set: fp_per_free_roi is n/a in the table; the figure drew bars of height 0
+    ("no false positives"), now none, with "n/a" written where they would stand."""
+    import matplotlib.axes
+
+    from lungddpm.segmentation.evaluate import plot_comparison
+
+    bars, texts = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: bars.append(np.asarray(h, float)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **k: texts.append((float(x), s)))
+    rows = [{"arm": arm, "metric": m, "mean": math.nan if m == "fp_per_free_roi" else 0.5, "ci_low": math.nan,
+             "ci_high": math.nan, "n_cases": 3} for arm in ("real", "syn")
+            for m in ("dice", "sensitivity", "detection_sensitivity", "fp_per_free_roi")]  # fmt: skip
+    plot_comparison(rows, tmp_path / "c.png", 0.95)
+    assert len(bars) == 4 and all(b.shape == (1,) and np.isnan(b).all() for b in bars[1::2])
+    assert [b.tolist() for b in bars[0::2]] == [[0.5] * 3] * 2
+    assert [s for _, s in texts] == ["n/a", "n/a"] and texts[0][0] < texts[1][0]
 
 
 # ---------------------------------------------------------------------------------------------- arms
