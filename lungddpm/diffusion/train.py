@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -293,7 +292,8 @@ def train(
                 }
             )
             bar.set_postfix(loss=f"{window_loss:.4f}")
-            t_window, loss_window, timed = time.perf_counter(), [], 0
+            if step % tc.log_every == 0:  # the last step's row off the cadence keeps its window: a run extended by
+                t_window, loss_window, timed = time.perf_counter(), [], 0  # train.steps logs as an unbroken one
         if step % tc.checkpoint_every == 0 or step == tc.steps or step == stop_after:
             if dist.is_main:
                 _write_log(state_dir / "train_log.csv", log_rows)
@@ -318,8 +318,8 @@ def train(
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_log(state_dir / "train_log.csv", log_rows)
-        shutil.copyfile(state_dir / "train_log.csv", out_dir / "train_log.csv.tmp")
-        os.replace(out_dir / "train_log.csv.tmp", out_dir / "train_log.csv")
+        with atomic_path(out_dir / "train_log.csv") as tmp:  # a failed copy leaves no partial file
+            shutil.copyfile(state_dir / "train_log.csv", tmp)
         show(out_dir / "preview.png")
         final = {
             "ema": ema.model.state_dict(),

@@ -180,7 +180,7 @@ def synthesize_lesion_shard(
                 "sites": records,
                 "files": {k: p.name for k, p in files.items() if k != "provenance"},
                 "device": str(device),
-                "batch_size": lc["sample"]["batch_size"],  # how it ran (never changes a nodule: not compared)
+                "batch_size": lc["sample"]["batch_size"],  # how it ran (float rounding only: not compared)
                 "seconds_per_nodule": round(per_nodule, 3),
                 "seconds_paste_and_write": round(time.perf_counter() - t1, 2),
                 "lungddpm_version": __version__,

@@ -210,3 +210,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, mo
     assert load_checkpoint(state / "step_0000002.pt")["step"] == 2
     monkeypatch.setattr(torch, "save", real_save)
     assert train(tiny_data(), cfg, tmp_path / "out", state, threads=1).step == 4  # resumes from step 2
+    # the final loss log's copy into the declared output folder: it left train_log.csv.tmp there, with OSError
+    from lungddpm.diffusion import train as training
+
+    monkeypatch.setattr(training.shutil, "copyfile", lambda src, dst, **k: enospc()(dst))
+    with pytest.raises(DiskFullError, match=r"train_log\.csv: no space left on device"):
+        train(tiny_data(), cfg, tmp_path / "out2", state, threads=1)
+    assert list((tmp_path / "out2").iterdir()) == []

@@ -261,6 +261,11 @@ def test_bf16_training_falls_back_or_stops_where_the_cpus_conv_gradients_are_wro
     a wrong convolution makes auto train in fp32 with a warning, an explicit bf16 stop naming the fix."""
     assert precision.bf16_conv_grad_error((4, 4, 4), 32, 32) < 1e-2  # bf16's own error, on any CPU
     assert precision.bf16_conv_grad_error((4, 4, 4), 48, 16, 3, 2, True) < 1e-2  # strided, channels-last
+    torch.manual_seed(5)  # the global RNG untouched (a training's dropout after the probe depended on it)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    precision.bf16_conv_grad_error((4, 4, 4), 8, 8, 3, 1, False)
+    assert torch.equal(torch.rand(3), before)
     cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
     convs = [((16, 16, 16), 16, 16, 3, 1, False), ((8, 8, 8), 32, 32, 3, 2, False), ((2, 4, 4), 64, 32, 3, 1, True)]
     seen: list[tuple[tuple[int, int, int], int]] = []

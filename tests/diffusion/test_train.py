@@ -103,6 +103,14 @@ def test_resume_is_bit_for_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert [r["step"] for r in log_d] == [r["step"] for r in log_e] == ["4", "8", "12", "16", "20"]
     assert [r["loss"] for r in log_d] == [r["loss"] for r in log_e]
     assert float(log_e[2]["loss"]) == pytest.approx(np.mean([float(r["loss"]) for r in log_a[8:12]]), abs=2e-6)
+    # a finished run of 10 steps extended to 20 by train.steps: its row at 10 (off the cadence) no longer cuts the
+    # window, so row 12 averages 9-12 as the unbroken run's (it averaged 11-12)
+    train(tiny_data(), tiny_config(steps=10, checkpoint_every=10, log_every=4), tmp_path / "f", tmp_path / "sf",
+          threads=THREADS)  # fmt: skip
+    train(tiny_data(), sparse, tmp_path / "f", tmp_path / "sf", threads=THREADS)
+    log_f = read_log(tmp_path / "f" / "train_log.csv")
+    assert [r["step"] for r in log_f] == ["4", "8", "10", "12", "16", "20"]
+    assert [r["loss"] for r in log_f if r["step"] != "10"] == [r["loss"] for r in log_e]
     again = train(tiny_data(), cfg, tmp_path / "a", tmp_path / "sa", threads=THREADS)  # finished: nothing left to train
     assert again.step == 20 and again.final_loss == float(log_a[-1]["loss"])  # the logged loss, not NaN
     # fewer steps than the newest checkpoint: refused with the way out, never a silently longer model
