@@ -119,9 +119,9 @@ def native_labels(
     ok = [(f >= 0) & (f < n) for f, n in zip((fz, fy, fx), lung_fine.shape)]
     lung = lung_fine[np.clip(fz, 0, lung_fine.shape[0] - 1)][:, np.clip(fy, 0, lung_fine.shape[1] - 1)][
         :, :, np.clip(fx, 0, lung_fine.shape[2] - 1)
-    ]
-    lung = lung & ok[0][:, None, None] & ok[1][None, :, None] & ok[2][None, None, :]
-    return paint(np.where(lung, LUNG, 0).astype(np.uint8), nodules, NODULE)
+    ].astype(bool, copy=False)
+    lung &= ok[0][:, None, None] & ok[1][None, :, None] & ok[2][None, None, :]
+    return paint(lung.view(np.uint8) * np.uint8(LUNG), nodules, NODULE)  # uint8 throughout (np.where made int64)
 
 
 def seam_gradient_ratio(
