@@ -166,13 +166,15 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             out.append(f"lesion.sample.jump_length: {ls['jump_length']} is not below lesion.sample.steps "
                        f"{ls['steps']}, so no jump is ever taken (RePaint off); use fewer, e.g. 10 of 20")  # fmt: skip
         dropout = float({**config["train"], **(lesion.get("train") or {})}.get("cond_dropout") or 0)
-        unconditional = [k for k, bad in (("sample.guidance", float(ls["guidance"]) != 1.0),
+        guided = float(ls["guidance"]) != 1.0 and ls.get("guidance_against", "any") == "any"
+        unconditional = [k for k, bad in (("sample.guidance", guided),
                                           ("insert.texture: any", (lesion.get("insert") or {}).get("texture") == "any"))
                          if bad]  # fmt: skip
         if unconditional and dropout == 0 and (config.get("data") or {}).get("source") != "images":
             out.append(f"lesion.{unconditional[0]}: asks the lesion model for 'any texture', a class it never "
                        "learns with lesion.train.cond_dropout 0 (LIDC nodules all have a texture); set "
-                       "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 and a texture class")  # fmt: skip
+                       "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 (or guidance_against: classes) and a "
+                       "texture class")  # fmt: skip
         for key in ("processes", "gpus"):
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "

@@ -442,3 +442,11 @@ def test_an_emptied_section_is_named_not_a_traceback(data: object) -> None:
     where = "data.images" if isinstance(data, dict) else "data"
     with pytest.raises(ConfigError, match=rf"{where}: .* is not of type 'object'"):
         validate_config({"data": data})
+
+
+def test_guidance_against_the_classes_needs_no_condition_dropout() -> None:
+    """Only 'any texture' guidance asks the model for a class learnt through cond_dropout."""
+    over = {"lesion": {"sample": {"guidance": 2.0, "guidance_against": "classes"}, "train": {"cond_dropout": 0.0}}}
+    assert load_config("config/config.yaml", over).raw["lesion"]["sample"]["guidance_against"] == "classes"
+    with pytest.raises(ConfigError, match=r"guidance_against: 'all' is not one of \['any', 'classes'\]"):
+        load_config("config/config.yaml", {"lesion": {"sample": {"guidance_against": "all"}}})

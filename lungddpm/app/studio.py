@@ -302,7 +302,8 @@ class Studio:
         the session. ``progress(step, steps)`` is called after each sampler step."""
         t0 = time.perf_counter()
         lc = self.cfg.raw["lesion"]
-        after = inpaint(self.model, self.diffusion, [ins], self.window, lc["sample"], self.device, progress)[0]
+        after = inpaint(self.model, self.diffusion, [ins], self.window, lc["sample"], self.device, progress,
+                        self.levels)[0]  # fmt: skip
         roi = ins.site.geometry
         box = native_box(session.source.grid, session.ct.shape, roi, self.roi.size)
         if box is None:  # check_site shifts every ROI inside the scan

@@ -246,7 +246,8 @@ def bench_inpaint(
 ) -> list[dict[str, Any]]:
     """Lesion scale: seconds per inserted nodule and peak memory when ``batch`` ROIs of the (lesion) config's grid
     are inpainted together — a 10 mm sphere generated inside a 3-voxel margin, the rest of the ROI kept — with the
-    config's texture guidance (``lesion.sample.guidance``; > 1 = two network passes per step)."""
+    config's texture guidance (``lesion.sample.guidance`` > 1: two network passes per step against ``any``, three
+    against the ``classes``: ``guidance_against``)."""
     import numpy as np
 
     from .sample import Blend, sample
@@ -260,6 +261,7 @@ def bench_inpaint(
     radius = 5.0 / float(cfg.preprocess.spacing_mm[0])
     nodule, generated = r2 <= radius**2, r2 <= (radius + 3) ** 2
     guidance = float(cfg.raw["lesion"]["sample"]["guidance"])
+    against = cfg.raw["lesion"]["sample"].get("guidance_against", "any")
     out = []
     for batch in batches:
         planes = [np.ones((n, n, n)), np.where(nodule, 0.75, -1.0)]
@@ -270,8 +272,11 @@ def bench_inpaint(
         blend = Blend(
             torch.zeros(batch, 1, n, n, n), torch.from_numpy(~generated)[None, None].repeat(batch, 1, 1, 1, 1)
         )
-        uncond = layout.clone()
-        uncond[:, 1] = torch.where(uncond[:, 1] > -1, 1.0, -1.0)
+        levels = (1.0,) if against == "any" else (-0.5, 0.0)  # any texture; or the other two classes (timing alike)
+        others = [layout.clone() for _ in levels]
+        for other, level in zip(others, levels):
+            other[:, 1] = torch.where(other[:, 1] > -1, level, -1.0)
+        uncond = others if against == "any" else [layout, *others]  # the requested class's own pass reused
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         kw = {"blend": blend, "autocast_dtype": dtype, "guidance": guidance, "uncond_layout": uncond}
         sample(model, diffusion, layout, sampler, 2, gens, **kw)  # warm-up
@@ -293,6 +298,7 @@ def bench_inpaint(
                 "steps": steps,
                 "precision": "fp32" if dtype is None else precision,
                 "guidance": guidance,
+                "guidance_against": against,
                 "nodules_batched": batch,
                 "seconds_per_nodule": round(seconds / batch, 3),
                 "peak_memory_mb": round(peak, 1),

@@ -124,7 +124,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     clip_x0: bool = True,
     guidance: float = 1.0,
-    uncond_layout: torch.Tensor | None = None,
+    uncond_layout: torch.Tensor | Sequence[torch.Tensor] | None = None,
     resample: Resample | None = None,
     progress: Callable[[int, int], None] | None = None,
     timestep_spacing: str = "trailing",
@@ -137,14 +137,17 @@ def sample(
 
     ``guidance`` != 1 with ``uncond_layout`` [B, 2, D, H, W] (the layout with its condition dropped, e.g. "any
     texture") is classifier-free guidance: output = uncond + guidance * (cond - uncond), two network passes per step.
+    A sequence of layouts guides against the mean of their outputs (e.g. the three texture classes); an entry that
+    is ``layout`` itself reuses the conditional pass.
     ``resample`` (RePaint, with ``blend``): every ``jump_length`` steps the sample is forward-noised back
     ``jump_length`` steps and denoised again, ``jump_n_sample - 1`` extra times, so the generated region can
     harmonise with the kept one; single-step samplers only (ddpm, ddim). ``progress(i, steps)`` is called after
     step ``i`` of ``steps`` (it goes back with RePaint's jumps). ``timestep_spacing``: :func:`sampling_timesteps`.
     """
-    if guidance != 1.0 and uncond_layout is None:
+    against = [uncond_layout] if isinstance(uncond_layout, torch.Tensor) else list(uncond_layout or [])
+    if guidance != 1.0 and not against:
         raise ValueError(f"sample: guidance {guidance} needs uncond_layout (the layout with its condition dropped)")
-    guided = uncond_layout is not None and guidance != 1.0
+    guided = guidance != 1.0
     jump, repeats = (resample.jump_length, resample.jump_n_sample) if resample is not None else (0, 1)
     jumping = repeats > 1 and jump > 0
     if jumping and sampler == "dpm++":
@@ -182,9 +185,9 @@ def sample(
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             x_in = scheduler.scale_model_input(x, t)
-            if guided:  # two passes, not one of twice the batch: on the CPU a doubled batch costs ~2.5x
+            if guided:  # separate passes, not one of twice the batch: on the CPU a doubled batch costs ~2.5x
                 cond = model(x_in, tt, layout).float()
-                uncond = model(x_in, tt, uncond_layout).float()
+                uncond = sum(cond if u is layout else model(x_in, tt, u).float() for u in against) / len(against)
                 out = uncond + guidance * (cond - uncond)
             else:
                 out = model(x_in, tt, layout).float()

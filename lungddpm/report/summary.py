@@ -278,7 +278,8 @@ def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base
             shown += [Path(m).parent / prov["files"][f"s{j}_montage"] for j in range(len(prov["sites"]))]
             # each value of the items (a resume keeps items made at another batch size or on another device)
             values = (f"{prov['sample']['sampler']} {prov['sample']['steps']} steps", prov["batch_size"],
-                      prov.get("device", "an unrecorded device"), prov["insert"]["feather_mm"], prov["insert"]["margin_mm"])  # fmt: skip
+                      prov.get("device", "an unrecorded device"), prov["insert"]["feather_mm"],
+                      prov["insert"]["margin_mm"])  # fmt: skip
             for seen, value in zip(how.values(), values):
                 seen[str(value)] = None
     out = ["## Lesion scale: nodules inpainted into real CTs at native resolution", ""]

@@ -139,6 +139,29 @@ def insertion(
     return Insertion(site, layout, nodule, generated, level, record, seed)
 
 
+def guidance_layouts(
+    chunk: Sequence[Insertion],
+    extra: list[np.ndarray],
+    layout: torch.Tensor,
+    against: str,
+    class_levels: Sequence[float],
+    device: torch.device,
+) -> torch.Tensor | list[torch.Tensor]:
+    """The layouts the texture guidance pushes away from: ``any`` texture (one layout), or ``classes``: the three
+    texture classes, whose mean the guidance departs from towards the requested one. Where every nodule of the chunk
+    asks for a class, its own is ``layout`` (the conditional pass, reused) and the other two follow; otherwise
+    (``any`` asked for) all three classes. [B, C, n, n, n] each."""
+    if against == "any":  # "any texture": the unconditional pass of classifier-free guidance
+        return _network_layouts(chunk, [ANY_TEXTURE] * len(chunk), extra).to(device)
+    if len(class_levels) != len(TEXTURE_CLASSES):
+        raise ValueError(f"guidance against the texture classes needs their {len(TEXTURE_CLASSES)} levels, got "
+                         f"{list(class_levels)}")  # fmt: skip
+    own = all(c.level in class_levels for c in chunk)
+    orders = [[c.level, *(v for v in class_levels if v != c.level)] if own else list(class_levels) for c in chunk]
+    rest = [_network_layouts(chunk, [o[k] for o in orders], extra).to(device) for k in range(int(own), 3)]
+    return [layout, *rest] if own else rest
+
+
 def inpaint(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
@@ -147,10 +170,13 @@ def inpaint(
     sc: dict[str, Any],
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
+    class_levels: Sequence[float] = (),
 ) -> list[np.ndarray]:
     """Inpaint the generated regions of ``insertions`` in batches of ``sc['batch_size']`` -> the ROIs after, int16
     HU [n, n, n] each (source HU outside the generated region, bit for bit). ``progress``: per sampler step. A
-    context model (``model.context``) also gets the known ROI and the keep mask as input channels."""
+    context model (``model.context``) also gets the known ROI and the keep mask as input channels. ``class_levels``:
+    the texture classes' nodule-channel values (:func:`..diffusion.encoding.texture_levels`), which guidance
+    against the classes (``sc['guidance_against']``) needs."""
     dtype = resolve_precision(sc["precision"], device)
     out: list[np.ndarray] = []
     for start in range(0, len(insertions), int(sc["batch_size"])):
@@ -158,14 +184,15 @@ def inpaint(
         ref = torch.from_numpy(np.stack([hu_to_model(c.site.ct, window)[None] for c in chunk]))
         keep = torch.from_numpy(np.stack([~c.generated[None] for c in chunk]))
         extra = [context_channels(r[0].numpy(), k[0].numpy()) for r, k in zip(ref, keep)] if model.cfg.context else []
+        layout = _network_layouts(chunk, [c.level for c in chunk], extra).to(device)
         uncond = None
-        if float(sc["guidance"]) != 1.0:  # "any texture": the unconditional pass of the guidance
-            uncond = _network_layouts(chunk, [ANY_TEXTURE] * len(chunk), extra).to(device)
+        if float(sc["guidance"]) != 1.0:
+            uncond = guidance_layouts(chunk, extra, layout, sc.get("guidance_against", "any"), class_levels, device)
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
         x = sample(
             model,
             diffusion,
-            _network_layouts(chunk, [c.level for c in chunk], extra).to(device),
+            layout,
             sc["sampler"],
             sc["steps"],
             generators,

@@ -153,7 +153,8 @@ def synthesize_lesion_shard(
         pending.append((item, files, ins))
     # every nodule of the shard is inpainted in batches of lesion.sample.batch_size (items share batches)
     t0 = time.perf_counter()
-    after = inpaint(model, diffusion, [c for _, _, ins in pending for c in ins], window, lc["sample"], device)
+    after = inpaint(model, diffusion, [c for _, _, ins in pending for c in ins], window, lc["sample"], device,
+                    class_levels=levels)  # fmt: skip
     n_nodules = sum(len(ins) for _, _, ins in pending)
     per_nodule = (time.perf_counter() - t0) / max(1, n_nodules)
     if n_nodules:
@@ -212,7 +213,7 @@ def texture_control(
     for cls in TEXTURE_CLASSES:
         ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls)
                for j, (t, s) in enumerate(chosen)]  # fmt: skip
-        after = inpaint(model, diffusion, ins, window, lc["sample"], device)
+        after = inpaint(model, diffusion, ins, window, lc["sample"], device, class_levels=levels)
         hu = [nodule_mean_hu(a, c.nodule) for c, a in zip(ins, after)]
         rows.append({"texture_class": cls, "n_inserted": len(hu), "inserted_mean_hu": float(np.mean(hu)),
                      "inserted_sd_hu": float(np.std(hu)), "n_real": len(real[cls]),

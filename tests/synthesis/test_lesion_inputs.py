@@ -67,7 +67,7 @@ def test_a_shard_digests_each_cases_source_files(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(lesion_run, "source_paths", lambda c, case: sources if case == "c1" else [])
     monkeypatch.setattr(lesion_run, "item_inputs_sha256", digest)
     monkeypatch.setattr(lesion_run, "provenance_complete", lambda files, settings: True)  # every item skipped
-    monkeypatch.setattr(lesion_run, "inpaint", lambda model, diffusion, ins, *a: [])
+    monkeypatch.setattr(lesion_run, "inpaint", lambda model, diffusion, ins, *a, **k: [])
     items = [Item("lesion", "c1", k, k) for k in range(2)]
     out = lesion_run.synthesize_lesion_shard(
         items, cfg, tmp_path / "ckpt.pt", {"c1": table}, {"c1": pre}, tmp_path / "bank.npz", tmp_path / "out"
@@ -87,7 +87,7 @@ def test_an_irregular_case_fails_the_shard_after_its_other_items_are_written(
     setup = (None, None, torch.device("cpu"), (-1000, 400), [0.0], [], {"ema": {}})  # model .. checkpoint
     for name, stand_in in (("_setup", lambda *a: setup), ("file_sha256", lambda path: "sha"),
                            ("read_sites", lambda table: []), ("source_paths", lambda c, case: []),
-                           ("item_inputs_sha256", lambda *a: "digest"), ("inpaint", lambda *a: []),
+                           ("item_inputs_sha256", lambda *a: "digest"), ("inpaint", lambda *a, **k: []),
                            ("provenance_complete", lambda files, settings: False),
                            ("load_source", lambda case, *a: case)):  # fmt: skip
         monkeypatch.setattr(lesion_run, name, stand_in)
