@@ -175,6 +175,11 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
                        "learns with lesion.train.cond_dropout 0 (LIDC nodules all have a texture); set "
                        "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 (or guidance_against: classes) and a "
                        "texture class")  # fmt: skip
+        if float(ls["guidance"]) != 1.0 and ls.get("guidance_against") == "classes" and (
+                config.get("data") or {}).get("source") == "images":  # fmt: skip
+            out.append("lesion.sample.guidance_against: classes needs a model that learnt the texture classes, and "
+                       "data.source images has none (its nodules' texture is unknown); use guidance_against: any or "
+                       "guidance: 1")  # fmt: skip
         for key in ("processes", "gpus"):
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "

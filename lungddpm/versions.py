@@ -54,7 +54,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 2: the reading rule against the real-vs-real interval; 3: the baseline arm named, a run's every device, a W1
     # outside its own interval marked (a workdir's report is remade once; nothing before it reruns)
     # 4: the size-matched rows said "nearest in voxel count"; they match in log voxel count (as they always did)
-    "report": 4,
+    # 5: the lesion section names every batch size, device, sampler, feather and margin of the items (the last's)
+    "report": 5,
     # 2: with real_fraction < 1, synthetic cases only from those built on the real data the arm sees (the others
     # brought a left-out real CT or nodule-free ROI back); arms whose cases do not change reuse their trainings
     # 3: a fraction x count that is an exact half rounds up as documented (0.29 x 50 -> 15; the float product fell
@@ -65,7 +66,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # by a component covering all of it, a nodule ROI detects its own nodule only (a neighbour in it was counted
     # again), and nodules seen in each other's ROIs are one cluster
     "segment_score": 4,  # 4: clusters of ROI-sharing nodules reach a voxel further
-    "segment_compare": 1,
+    # 2: float rounding of an exact zero difference is 0 (the paired test ranked 1.85e-17); a mean over no case is
+    # marked n/a in comparison.png, not drawn as a bar of 0
+    "segment_compare": 2,
     "segment_sweep": 1,
     # 2: the focus weight covers every voxel within lesion.train.focus_margin_mm (the margin was rounded to whole
     # voxels: 31 % of the demo's voxels within 3 mm of a nodule missed it)
@@ -82,7 +85,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # and the size-matched rows' had one), a synthetic nodule of a class a half lacks left out of the matched rows
     # 4: the margin profile reaches profile_mm in whole steps, never beyond (7 mm in 2 mm steps reached 8 mm; the
     # demo's 5 mm in 1.25 mm steps is unchanged)
-    "lesion_fidelity": 4,
+    # 5: profiles.png draws the real nodules as the table's halves A and B (it drew them all)
+    "lesion_fidelity": 5,
 }
 
 

@@ -450,3 +450,7 @@ def test_guidance_against_the_classes_needs_no_condition_dropout() -> None:
     assert load_config("config/config.yaml", over).raw["lesion"]["sample"]["guidance_against"] == "classes"
     with pytest.raises(ConfigError, match=r"guidance_against: 'all' is not one of \['any', 'classes'\]"):
         load_config("config/config.yaml", {"lesion": {"sample": {"guidance_against": "all"}}})
+    # own images: every nodule of unknown texture, so the model never learns the classes it would average
+    images = {"data": {"source": "images", "images": {"ct_dir": "ct"}}, **over}
+    with pytest.raises(ConfigError, match=r"guidance_against: classes needs a model that learnt the texture classes"):
+        load_config("config/config.yaml", images)

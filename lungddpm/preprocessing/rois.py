@@ -196,9 +196,8 @@ def jittered_centre(
 ) -> tuple[np.ndarray, bool]:
     """The centre (x, y, z) of a nodule's ROI: ``centroid`` moved by ``jitter`` (drawn uniform in +-nodule_jitter_mm),
     per axis rescaled into the centres whose cube keeps the nodule's ``box`` (:func:`nodule_boxes` with ``reach``)
-    off its faces (where the centroid is more than the jitter off those centres, a lopsided nodule, into their 2 x
-    jitter nearest it); where the box is longer than the cube, clipped to the centres whose cube lies within it.
-    Returns the centre and whether the whole box fits."""
+    off its faces; where the box is longer than the cube, clipped to the centres whose cube lies within it. Returns
+    the centre and whether the whole box fits."""
     half, j = s.half_extent_mm, s.nodule_jitter_mm
     a_lo, a_hi = box[1] - half, box[0] + half  # the whole box inside the cube for centres in [a_lo, a_hi]
     out = centroid + jitter
@@ -207,10 +206,7 @@ def jittered_centre(
             out[a] = min(max(out[a], a_hi[a]), a_lo[a])
         elif not (a_lo[a] <= centroid[a] - j and centroid[a] + j <= a_hi[a]):
             lo, hi = max(centroid[a] - j, a_lo[a]), min(centroid[a] + j, a_hi[a])
-            if lo > hi:  # the centroid over j off the centres that keep the box (a lopsided nodule): the 2j nearest
-                lo = a_lo[a] if hi < a_lo[a] else max(a_hi[a] - 2 * j, a_lo[a])
-                hi = min(lo + 2 * j, a_hi[a])
-            out[a] = lo + (jitter[a] + j) / (2 * j) * (hi - lo) if j > 0 else lo
+            out[a] = lo + (jitter[a] + j) / (2 * j) * (hi - lo) if lo <= hi else min(max(centroid[a], a_lo[a]), a_hi[a])
     return out, bool(np.all(a_lo <= a_hi))
 
 

@@ -340,6 +340,9 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: Path, ci_level: flo
     n = max((r["n_cases"] for r in rows if r["metric"] == "dice"), default=0)
     lesion = fp == "fp_per_free_roi"
     ax.set_xticks(np.arange(len(PLOTTED)), [label for _, label in PLOTTED])
+    ax.set_xlim(-0.5, len(PLOTTED) - 0.5)  # NaN bars give no data limits: every group (and its n/a) in view
+    ax_fp.set_xlim(-0.5, 0.5)
+    ax_fp.set_ylim(bottom=0)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"mean over {n} test {'nodule ROI' if lesion else 'case'}(s), {ci_level:.0%} bootstrap CI")
     ax.legend(title="arm", fontsize=8)

@@ -195,24 +195,28 @@ def test_paired_ttest_of_equal_differences_is_undefined() -> None:
     assert paired_test(np.array([1.85e-17, -1.85e-17, 6.2e-18]), "ttest") == 1.0
 
 
-@pytest.mark.filterwarnings("ignore:No artists with labels")  # the bars are recorded, not drawn
 def test_a_mean_over_no_case_is_marked_not_drawn_as_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No nodule-free ROI in the test set: fp_per_free_roi is n/a in the table; the figure drew bars of height 0
-    ("no false positives"), now none, with "n/a" written where they would stand."""
-    import matplotlib.axes
+    ("no false positives"), now none, with "n/a" written inside the panel where they would stand."""
+    import matplotlib.pyplot as plt
 
     from lungddpm.segmentation.evaluate import plot_comparison
 
-    bars, texts = [], []
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: bars.append(np.asarray(h, float)))
-    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **k: texts.append((float(x), s)))
-    rows = [{"arm": arm, "metric": m, "mean": math.nan if m == "fp_per_free_roi" else 0.5, "ci_low": math.nan,
-             "ci_high": math.nan, "n_cases": 3} for arm in ("real", "syn")
-            for m in ("dice", "sensitivity", "detection_sensitivity", "fp_per_free_roi")]  # fmt: skip
-    plot_comparison(rows, tmp_path / "c.png", 0.95)
-    assert len(bars) == 4 and all(b.shape == (1,) and np.isnan(b).all() for b in bars[1::2])
-    assert [b.tolist() for b in bars[0::2]] == [[0.5] * 3] * 2
-    assert [s for _, s in texts] == ["n/a", "n/a"] and texts[0][0] < texts[1][0]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # the figure drawn, kept to read back
+    for fp_means in ((math.nan, math.nan), (0.5, math.nan)):
+        rows = [{"arm": arm, "metric": m, "mean": fp if m == "fp_per_free_roi" else 0.5, "ci_low": math.nan,
+                 "ci_high": math.nan, "n_cases": 3} for arm, fp in zip(("real", "syn"), fp_means)
+                for m in ("dice", "sensitivity", "detection_sensitivity", "fp_per_free_roi")]  # fmt: skip
+        plot_comparison(rows, tmp_path / "c.png", 0.95)
+        ax, ax_fp = figures[-1].axes
+        heights = [p.get_height() for p in ax_fp.patches]
+        assert heights[0] == fp_means[0] or (math.isnan(fp_means[0]) and math.isnan(heights[0]))
+        assert math.isnan(heights[1]) and [p.get_height() for p in ax.patches] == [0.5] * 6
+        marks = [t for t in ax_fp.texts if t.get_text() == "n/a"]
+        assert len(marks) == sum(map(math.isnan, fp_means))
+        lo, hi = ax_fp.get_xlim()
+        assert all(lo < t.get_position()[0] < hi for t in marks) and ax_fp.get_ylim()[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------- arms
