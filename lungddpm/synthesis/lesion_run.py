@@ -85,7 +85,8 @@ def _write_item(
     geometry = native_geometry(src)  # refuses irregular slices before any of the item's files is written
     feather = float(cfg.raw["lesion"]["insert"]["feather_mm"])
     fraction = float(cfg.raw["preprocess"]["nodule_fraction"])
-    ct = np.rint(src.hu).astype(np.int16)  # rounded, as the ROIs and every other HU volume
+    ct = np.empty(src.hu.shape, np.int16)  # rounded, as the ROIs and every other HU volume (no float32 copy)
+    np.rint(src.hu, out=ct, casting="unsafe")
     labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
     files["provenance"].unlink(missing_ok=True)  # an item killed while rewritten is incomplete, not the old one
     records = []
@@ -160,10 +161,12 @@ def synthesize_lesion_shard(
     if n_nodules:
         log.info("inpainted %d nodule(s): %.3f s per nodule (%s %d steps, batch %d)", n_nodules, per_nodule,
                  lc["sample"]["sampler"], lc["sample"]["steps"], lc["sample"]["batch_size"])  # fmt: skip
-    done, refused = 0, {}
+    done, refused, src, src_case = 0, {}, None, None
     for item, files, ins in tqdm(pending, desc="lesion paste-back", unit="item", mininterval=5.0):
         t1 = time.perf_counter()
-        src = load_source(item.case_id, preprocessed[item.case_id], cfg)
+        if item.case_id != src_case:  # a case's k items in a row read its CT once; the last one is let go first
+            src = None
+            src, src_case = load_source(item.case_id, preprocessed[item.case_id], cfg), item.case_id
         done += len(ins)
         try:
             records = _write_item(item, src, ins, after[done - len(ins) : done], files, cfg)

@@ -104,6 +104,14 @@ def test_an_irregular_case_fails_the_shard_after_its_other_items_are_written(
         lesion_run.synthesize_lesion_shard(items, cfg, tmp_path / "ckpt.pt", cases, cases, tmp_path / "b.npz",
                                            tmp_path)  # fmt: skip
     assert (tmp_path / f"{items[1].name}.json").is_file() and not (tmp_path / f"{items[0].name}.json").exists()
+    # a case's items in a row read its CT once (each item read it again, and the last case's CT was still held
+    # while the next was read: two native CTs at the peak)
+    loads: list[str] = []
+    monkeypatch.setattr(lesion_run, "load_source", lambda case, *a: loads.append(case) or case)
+    monkeypatch.setattr(lesion_run, "_write_item", lambda *a: [])
+    items = [Item("lesion", c, k, n) for n, (c, k) in enumerate((("c1", 0), ("c1", 1), ("c2", 0), ("c2", 1)))]
+    lesion_run.synthesize_lesion_shard(items, cfg, tmp_path / "ckpt.pt", cases, cases, tmp_path / "b.npz", tmp_path)
+    assert loads == ["c1", "c2"]
 
 
 def test_the_native_geometry_refuses_slices_that_drift_off_the_written_grid() -> None:
