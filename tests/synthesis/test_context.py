@@ -109,15 +109,23 @@ class _Recorder(torch.nn.Module):
         return self.net(x, t, layout)
 
 
-def test_inpainting_feeds_a_context_model_the_sites_own_roi_and_keep_mask() -> None:
+LEVELS = (0.25, 0.5, 0.75)
+
+
+def _two_sites_and_a_context_net(texture: str = "bank") -> tuple[list, UNet3D]:
+    """Two insertion sites of the toy source CT, a bank nodule placed in each, and a seeded 8-channel context UNet."""
     src = source_ct()
     sites = [toy_site(src), toy_site(src, (30.0, 34.0, 28.0))]
-    levels = (0.25, 0.5, 0.75)
-    ins = [place("LIDC-IDRI-0001", s, lesion_bank(), 10 + j, INSERT, levels, "bank") for j, s in enumerate(sites)]
+    ins = [place("LIDC-IDRI-0001", s, lesion_bank(), 10 + j, INSERT, LEVELS, texture) for j, s in enumerate(sites)]
     torch.manual_seed(0)
     d = {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4,
          "num_res_blocks": 1, "num_heads": 1, "dropout": 0.0, "use_checkpoint": False, "context": True}  # fmt: skip
-    model = _Recorder(UNet3D(unet_config_from_dict(d, image_size=16)).eval())
+    return ins, UNet3D(unet_config_from_dict(d, image_size=16)).eval()
+
+
+def test_inpainting_feeds_a_context_model_the_sites_own_roi_and_keep_mask() -> None:
+    ins, net = _two_sites_and_a_context_net()
+    model = _Recorder(net)
     sc = {"batch_size": 2, "precision": "fp32", "sampler": "dpm++", "steps": 3, "clip_x0": True, "guidance": 2.0,
           "jump_length": 0, "jump_n_sample": 1, "timestep_spacing": "trailing"}  # fmt: skip
     after = inpaint(model, GaussianDiffusion(DiffusionConfig(timesteps=50)), ins, WINDOW, sc, torch.device("cpu"))
@@ -139,14 +147,8 @@ def test_guidance_against_the_texture_classes_departs_from_their_mean() -> None:
     pass reused (three passes per step, not four), and the result is m + w (cond - m) by values; with `any`
     requested all three classes are passed. ('any texture' guidance darkened every class on the demo: `any`, the
     channel's top value, inserts brighter than solid nodules.)"""
-    src = source_ct()
-    sites = [toy_site(src), toy_site(src, (30.0, 34.0, 28.0))]
-    levels = (0.25, 0.5, 0.75)
-    ins = [place("LIDC-IDRI-0001", s, lesion_bank(), 10 + j, INSERT, levels, "bank") for j, s in enumerate(sites)]
-    torch.manual_seed(0)
-    d = {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [], "norm_groups": 4,
-         "num_res_blocks": 1, "num_heads": 1, "dropout": 0.0, "use_checkpoint": False, "context": True}  # fmt: skip
-    net = UNet3D(unet_config_from_dict(d, image_size=16)).eval()
+    ins, net = _two_sites_and_a_context_net()
+    levels = LEVELS
     with torch.no_grad():  # the output layer starts at zero: give the network a response to its layout
         for p in net.parameters():
             p.normal_(0.0, 0.05)
@@ -182,7 +184,7 @@ def test_guidance_against_the_texture_classes_departs_from_their_mean() -> None:
     plain = inpaint(net, diffusion, ins, WINDOW, {**sc, "guidance": 1.0}, cpu)
     assert not all(np.array_equal(a, p) for a, p in zip(after, plain))  # it guides
     # `any` requested: the mean of all three classes (four passes per step); the levels are required
-    anys = [place("LIDC-IDRI-0001", s, lesion_bank(), 10 + j, INSERT, levels, "any") for j, s in enumerate(sites)]
+    anys = _two_sites_and_a_context_net("any")[0]
     model.seen.clear()
     inpaint(model, diffusion, anys, WINDOW, sc, cpu, class_levels=levels)
     assert len(model.seen) == 4 * 3
