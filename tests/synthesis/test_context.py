@@ -17,7 +17,7 @@ from lungddpm.errors import ConfigError
 from lungddpm.preprocessing.layout import LUNG, NODULE, ball
 from lungddpm.preprocessing.roi_training import generated_region, load_roi_training_data
 from lungddpm.preprocessing.rois import extract_rois
-from lungddpm.synthesis.lesion import inpaint, place
+from lungddpm.synthesis.lesion import Insertion, inpaint, place
 
 WINDOW = (-1000.0, 400.0)
 
@@ -112,7 +112,7 @@ class _Recorder(torch.nn.Module):
 LEVELS = (0.25, 0.5, 0.75)
 
 
-def _two_sites_and_a_context_net(texture: str = "bank") -> tuple[list, UNet3D]:
+def _two_sites_and_a_context_net(texture: str = "bank") -> tuple[list[Insertion], UNet3D]:
     """Two insertion sites of the toy source CT, a bank nodule placed in each, and a seeded 8-channel context UNet."""
     src = source_ct()
     sites = [toy_site(src), toy_site(src, (30.0, 34.0, 28.0))]
