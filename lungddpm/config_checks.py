@@ -166,17 +166,17 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             out.append(f"lesion.sample.jump_length: {ls['jump_length']} is not below lesion.sample.steps "
                        f"{ls['steps']}, so no jump is ever taken (RePaint off); use fewer, e.g. 10 of 20")  # fmt: skip
         dropout = float({**config["train"], **(lesion.get("train") or {})}.get("cond_dropout") or 0)
-        guided = float(ls["guidance"]) != 1.0 and ls.get("guidance_against", "any") == "any"
-        unconditional = [k for k, bad in (("sample.guidance", guided),
+        source = (config.get("data") or {}).get("source")
+        guided, against = float(ls["guidance"]) != 1.0, ls.get("guidance_against", "any")
+        unconditional = [k for k, bad in (("sample.guidance", guided and against == "any"),
                                           ("insert.texture: any", (lesion.get("insert") or {}).get("texture") == "any"))
                          if bad]  # fmt: skip
-        if unconditional and dropout == 0 and (config.get("data") or {}).get("source") != "images":
+        if unconditional and dropout == 0 and source != "images":
             out.append(f"lesion.{unconditional[0]}: asks the lesion model for 'any texture', a class it never "
                        "learns with lesion.train.cond_dropout 0 (LIDC nodules all have a texture); set "
                        "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 (or guidance_against: classes) and a "
                        "texture class")  # fmt: skip
-        if float(ls["guidance"]) != 1.0 and ls.get("guidance_against") == "classes" and (
-                config.get("data") or {}).get("source") == "images":  # fmt: skip
+        if guided and against == "classes" and source == "images":
             out.append("lesion.sample.guidance_against: classes needs a model that learnt the texture classes, and "
                        "data.source images has none (its nodules' texture is unknown); use guidance_against: any or "
                        "guidance: 1")  # fmt: skip

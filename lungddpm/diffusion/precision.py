@@ -143,9 +143,8 @@ def checked_cpu_bf16(
 ) -> torch.dtype | None:
     """``dtype`` for training, unless this CPU's bf16 convolution gradients are wrong for one of the network's
     ``convs()`` (:func:`network_convolutions`, listed only when bf16 on a CPU is asked for; probed at their grid
-    capped to ``PROBE_MAX_EDGE`` voxels per axis): then
-    fp32 for ``precision: auto`` (with a warning), an error for an explicit ``bf16``. GPUs and fp32 / fp16 pass
-    unchecked."""
+    capped to ``PROBE_MAX_EDGE`` voxels per axis): then fp32 for ``precision: auto`` (with a warning), an error for an
+    explicit ``bf16``. GPUs and fp32 / fp16 pass unchecked."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return dtype
     for shape, cin, cout, kernel, stride, channels_last in convs():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import logging
 import shutil
 import time
@@ -162,7 +163,7 @@ def train(
             f"{model.downsampling}; change preprocess.size, train.crop or model.channel_mult"
         )
     grid = (tc.crop,) * 3 if tc.crop else tuple(data.images.shape[2:])
-    convs = lambda: network_convolutions(model, grid, tc.channels_last)  # noqa: E731
+    convs = functools.partial(network_convolutions, model, grid, tc.channels_last)  # listed only when probed
     dtype = checked_cpu_bf16(dtype, device, convs, tc.precision)  # the convolutions' bf16 gradients on this CPU
     memory_format = torch.channels_last_3d if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)

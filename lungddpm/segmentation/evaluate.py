@@ -218,12 +218,19 @@ def _weighted_ci(
     return bootstrap_ci(np.arange(values.size, dtype=float), ev.bootstrap, ev.ci_level, seed, weighted, groups)
 
 
+def exact_zeros(values: Any) -> np.ndarray:
+    """``values`` with each below :data:`ROUNDING` in size set to 0 (float rounding of an exact zero difference, e.g.
+    1/3 - 1/3 of k/3 found by 3 models: 1.85e-17); NaN kept."""
+    values = np.asarray(values, dtype=float)
+    return np.where(np.abs(values) < ROUNDING, 0.0, values)
+
+
 def paired_test(diffs: np.ndarray, test: str) -> float:
     """Two-sided p-value that the paired differences are centred on 0 (NaN with fewer than 2 pairs, and for the t-test
     when every difference is the same non-zero value)."""
     if diffs.size < 2:
         return math.nan
-    diffs = np.where(np.abs(diffs) < ROUNDING, 0.0, diffs)  # k/3 found of 3 models: 1/3 - 1/3 may be 1.85e-17
+    diffs = exact_zeros(diffs)
     if not np.any(diffs != 0):
         return 1.0
     if test == "wilcoxon":
@@ -286,10 +293,8 @@ def compare_arms(
                 if d.size:
                     g = [cluster[c] for c in common]
                     wd = None if weight is None else np.array([weight[c] for c in common])
-                    diff = _weighted_ci(d, wd, ev, ev.seed + i, g)
-                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = (
-                        0.0 if abs(v) < ROUNDING else v for v in diff
-                    )
+                    diff = exact_zeros(_weighted_ci(d, wd, ev, ev.seed + i, g)).tolist()
+                    row["diff"], row["diff_ci_low"], row["diff_ci_high"] = diff
                     # the test pairs independent units: the (weighted) mean difference per cluster (nodule, patient)
                     ones = np.ones(d.size) if wd is None else wd
                     per_cluster = [float(np.average(d[m], weights=ones[m])) for m in group_members(g) if ones[m].sum()]
