@@ -8,7 +8,9 @@ Three kinds, chosen by ``metrics.features.extractor``:
   written here with parameter names that load its state dict strictly: ``conv1`` 3x7x7 stride (1, 2, 2), ``maxpool``
   3x3x3 stride 2, Bottleneck layers [3, 8, 36, 3] with 3x3x3 middle convolutions, global average pooling to 2048-d.
 - ``medicalnet``: a user-supplied local MedicalNet ResNet-50 file (``resnet_50*.pth``), the network behind the
-  HA-GAN-style numbers Lung-DDPM reports; 2048-d.
+  HA-GAN-style numbers Lung-DDPM reports; 2048-d. Its input is laid out as Astra's, not as HA-GAN's evaluation's
+  (SimpleITK's (z, y, x), -1024..600 HU to -1..1, no z-score; README: Image quality), so its numbers are not on
+  published HA-GAN-style scales.
 - ``random``: a seeded, randomly initialised small 3D ResNet. For unit tests only; never a reported metric.
 
 Each extractor owns its preprocessing from an HU volume on disk ([Z, Y, X] + geometry) to its input tensor, and an
