@@ -8,14 +8,14 @@ Three kinds, chosen by ``metrics.features.extractor``:
   written here with parameter names that load its state dict strictly: ``conv1`` 3x7x7 stride (1, 2, 2), ``maxpool``
   3x3x3 stride 2, Bottleneck layers [3, 8, 36, 3] with 3x3x3 middle convolutions, global average pooling to 2048-d.
 - ``medicalnet``: a user-supplied local MedicalNet ResNet-50 file (``resnet_50*.pth``), the network behind the
-  HA-GAN-style numbers Lung-DDPM reports; 2048-d. Its input is laid out as Astra's, not as HA-GAN's evaluation's
-  (SimpleITK's (z, y, x), -1024..600 HU to -1..1, no z-score; README: Image quality), so its numbers are not on
-  published HA-GAN-style scales.
+  HA-GAN-style numbers Lung-DDPM reports; 2048-d. Its numbers are on HA-GAN's scale only with
+  ``metrics.features.preprocessing: hagan`` (HA-GAN's evaluation's input chain, :meth:`Preprocessing.hagan`); by
+  default its input is laid out as Astra's, z-scored by MedicalNet's rule.
 - ``random``: a seeded, randomly initialised small 3D ResNet. For unit tests only; never a reported metric.
 
 Each extractor owns its preprocessing from an HU volume on disk ([Z, Y, X] + geometry) to its input tensor, and an
 ``identity`` string (weights hash + preprocessing settings + :data:`PREPROCESSING_VERSION`, and for
-``medicalnet`` its normalisation's ``_zabove``) that keys the cache.
+``medicalnet`` its normalisation's ``_zabove``, for HA-GAN's chain ``_hagan``) that keys the cache.
 """
 
 from __future__ import annotations
@@ -169,12 +169,14 @@ def body_box(volume_hu: np.ndarray, threshold_hu: float) -> tuple[slice, ...]:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """HU volume → network input: RAS, crop to body, clip and scale, resize to ``size`` (D, H, W)."""
+    """HU volume → network input: RAS, crop to body, clip and scale, resize to ``size`` (D, H, W); or, with
+    ``style`` "hagan", HA-GAN's evaluation's chain (:meth:`hagan`)."""
 
     size: tuple[int, int, int]
     clip_hu: tuple[float, float]
     body_threshold_hu: float
     zscore: bool = False  # MedicalNet's rule: zero mean, unit std over the voxels above the lower clip, those at it 0
+    style: str = "lungddpm"  # or "hagan"
 
     def __call__(self, volume_hu: np.ndarray, geometry: Geometry, region: np.ndarray | None = None) -> torch.Tensor:
         """volume_hu: [Z, Y, X] → [1, 1, D, H, W] float32 (D axial, H = RAS x, W = RAS y, as Astra/Merlin).
@@ -182,6 +184,8 @@ class Preprocessing:
         With ``region`` ([Z, Y, X] bool, e.g. the lungs) the crop is the region's bounding box and voxels outside
         it are set to the lower clip value; without, the crop is the body's bounding box.
         """
+        if self.style == "hagan":
+            return self.hagan(volume_hu, geometry, region)
         ras = to_ras(volume_hu, geometry).astype(np.float32)
         lo, hi = self.clip_hu
         if region is None:
@@ -198,6 +202,31 @@ class Preprocessing:
             if kept.any():  # does not enter the statistics: it did, so the mask's shape moved the lung's intensities)
                 x = np.where(kept, (x - x[kept].mean()) / max(float(x[kept].std()), 1e-6), np.float32(0))
         return torch.from_numpy(resize(np.transpose(x, (2, 0, 1))[None], self.size, "trilinear"))[None]
+
+    def hagan(self, volume_hu: np.ndarray, geometry: Geometry, region: np.ndarray | None = None) -> torch.Tensor:
+        """HA-GAN's evaluation (batmanlab/HA-GAN ``preprocess.py``, then ``evaluation/fid_score.py``): volume_hu
+        [Z, Y, X] → [1, 1, D, H, W] float32, D, H, W = z, y, x toward S, P, L (the array SimpleITK reads from a
+        DICOM-oriented scan), ``clip_hu`` linearly onto [-1, 1], the axial planes with nothing above the lower clip
+        dropped, skimage's resize to ``size`` (linear, anti-aliased, -1 beyond the edge); no crop, no z-score. With
+        ``region`` (not HA-GAN's): its bounding box, the voxels outside it at the lower clip."""
+        from skimage.transform import resize as sk_resize
+
+        def lps(a: np.ndarray) -> np.ndarray:  # RAS [x, y, z] → [z, y, x] toward S, P, L
+            return np.transpose(to_ras(a, geometry), (2, 1, 0))[:, ::-1, ::-1]
+
+        lo, hi = self.clip_hu
+        hu = lps(volume_hu).astype(np.float64)
+        if region is not None:
+            inside = lps(region)
+            if not inside.any():
+                raise FeatureError("empty feature region (no lung voxels)")
+            box = ndimage.find_objects(inside.astype(np.int8))[0]
+            hu = np.where(inside, hu, lo)[box]
+        x = np.interp(hu, [lo, hi], [-1.0, 1.0])
+        x = x[np.mean(x, axis=(1, 2)) != -1]  # HA-GAN's test for a blank plane: every voxel at the lower clip
+        if not x.size:
+            raise FeatureError(f"no axial plane above the lower clip ({lo:g} HU): nothing for the network to see")
+        return torch.from_numpy(sk_resize(x, self.size, mode="constant", cval=-1).astype(np.float32))[None, None]
 
 
 # --------------------------------------------------------------------------------------------------- extractors
@@ -298,11 +327,15 @@ def build_extractor(settings: dict[str, Any]) -> FeatureExtractor:
     """The extractor described by the ``metrics.features`` config section (kind, size, clip, weights, seed)."""
     kind = settings["extractor"]
     size = tuple(int(s) for s in settings["size"])
-    prep = Preprocessing(size, tuple(settings["clip_hu"]), settings["body_threshold_hu"], zscore=kind == "medicalnet")
+    style = settings.get("preprocessing", "lungddpm")
+    zscore = kind == "medicalnet" and style == "lungddpm"
+    prep = Preprocessing(size, tuple(settings["clip_hu"]), settings["body_threshold_hu"], zscore, style)
     lo, hi = prep.clip_hu
     prep_id = f"size{'x'.join(map(str, size))}_clip{lo:g}_{hi:g}_body{prep.body_threshold_hu:g}"
     if PREPROCESSING_VERSION > 1:  # version 1 is left out, so that the caches made before it had one still serve
         prep_id += f"_p{PREPROCESSING_VERSION}"
+    if style != "lungddpm":
+        prep_id += f"_{style}"
     if prep.zscore:  # MedicalNet's statistics over the voxels above the clip (over every voxel until 2026-12-06)
         prep_id += "_zabove"
     sha256 = None  # the weight file's, hashed once

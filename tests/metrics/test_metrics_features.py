@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungddpm.io import Geometry, write_volume
+from lungddpm.io import Geometry, read_volume, write_volume
 from lungddpm.metrics import features as F
 
 RANDOM = {"extractor": "random", "size": [16, 16, 16], "clip_hu": [-1000, 200], "body_threshold_hu": -500, "seed": 0}
@@ -116,6 +116,53 @@ def test_medicalnet_statistics_skip_the_fill_so_the_mask_shape_moves_nothing() -
     assert int(inside.sum()) == 48 and (out[~inside] == 0).all()
     assert float(out[inside].mean()) == pytest.approx(0.0, abs=1e-5)
     assert float(out[inside].std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+
+
+def hagan_reference(path: Path, size: tuple[int, int, int], lo: float, hi: float) -> np.ndarray:
+    """HA-GAN's evaluation input, restated from batmanlab/HA-GAN (preprocess.py's resize_img on SimpleITK's array
+    of the file; fid_score.py feeds it as it is): [D, H, W] float32."""
+    import SimpleITK as sitk
+    from skimage.transform import resize as sk_resize
+
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float64)
+    img = np.interp(img, [lo, hi], [-1, 1])
+    img = img[np.mean(img, (1, 2)) != -1]
+    return sk_resize(img, size, mode="constant", cval=-1).astype(np.float32)
+
+
+def test_hagan_preprocessing_equals_ha_gans_chain_on_a_dicom_oriented_file(tmp_path: Path) -> None:
+    """With ``preprocessing: hagan`` the network sees what HA-GAN's evaluation feeds MedicalNet for the same file:
+    SimpleITK's array, -1024..600 HU onto -1..1, blank axial planes dropped, skimage's resize; no crop, no z-score."""
+    rng = np.random.default_rng(1)
+    vol = rng.uniform(-1100, 700, (14, 12, 10)).astype(np.float32)
+    vol[:2] = vol[-1] = -2000  # planes outside the scanner's field of view: blank after the clip
+    g = Geometry((2.5, 0.7, 0.7), (-100.0, -120.0, 300.0))  # LPS axes, as a scan read from DICOM
+    path = tmp_path / "ct.nii.gz"
+    write_volume(path, vol.astype(np.int16), g)
+    prep = F.Preprocessing((8, 16, 16), (-1024.0, 600.0), -500.0, style="hagan")
+    ours = prep(*read_volume(path))[0, 0].numpy()
+    want = hagan_reference(path, (8, 16, 16), -1024.0, 600.0)
+    assert ours.shape == want.shape == (8, 16, 16)
+    assert np.abs(ours - want).max() <= 1e-6
+    assert float(ours.min()) >= -1.0 and float(ours.max()) <= 1.0 and abs(float(ours.mean())) < 0.5  # not z-scored
+    # the same CT stored with its x and y flipped (a RAS-ordered file) gives the same input: oriented to LPS first
+    ras = Geometry(g.spacing, (-100.0 + 9 * 0.7, -120.0 + 11 * 0.7, 300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    write_volume(tmp_path / "flipped.nii.gz", vol[:, ::-1, ::-1].astype(np.int16), ras)
+    assert np.array_equal(prep(*read_volume(tmp_path / "flipped.nii.gz"))[0, 0].numpy(), ours)
+    blank = np.full_like(vol, -1500)
+    with pytest.raises(F.FeatureError, match="no axial plane above the lower clip"):
+        prep(blank, g)
+
+
+def test_hagan_preprocessing_keys_its_own_cache_and_drops_the_z_score() -> None:
+    ex = F.build_extractor({**RANDOM, "preprocessing": "hagan"})
+    assert ex.identity.endswith("_hagan") and ex.prep.style == "hagan" and not ex.prep.zscore
+    assert F.build_extractor(RANDOM).identity == ex.identity.removesuffix("_hagan")
+    g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    vol = phantom()
+    lung = vol == -850.0
+    x = ex.prep(vol, g, lung)[0, 0]  # the lungs' box (4 x 4 x 3 voxels) resized to 16^3, all lung HU
+    assert float(x.max()) == pytest.approx(2 * (-850 + 1000) / 1200 - 1, abs=1e-5)
 
 
 def test_feature_cache_is_keyed_by_file_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
