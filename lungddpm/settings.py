@@ -56,7 +56,7 @@ def case_data_settings(data: Mapping[str, Any]) -> dict[str, Any]:
 
 # keys added after workdirs existed, at the value that does what was done before the key (the schema's default)
 LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing", "nodule_fraction": 0.5, "ema_every": 1,
-                                  "ema_start": 0, "guidance_against": "any"}  # fmt: skip
+                                  "ema_start": 0, "guidance_against": "any", "preprocessing": "lungddpm"}  # fmt: skip
 
 
 def without_later_defaults(section: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import case_data_settings, lesion_training_settings, model_weight_settings, set_keys, weight_settings
+from lungddpm.settings import case_data_settings, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -99,6 +99,8 @@ def settings(*sections, case=False):
         out["model"] = model_weight_settings(out["model"])
     if "data" in out and CFG.data.source != "images":
         out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
+    if "metrics" in out:  # a feature key that arrived at what was done before it reruns no metrics
+        out["metrics"] = {**out["metrics"], "features": without_later_defaults(out["metrics"]["features"])}
     return out
 
 

@@ -181,6 +181,16 @@ def test_a_key_added_at_its_old_behaviour_reruns_nothing(tmp_path: Path) -> None
     assert all(quad[r] != base[r] for r in rules)
 
 
+def test_the_feature_preprocessing_key_reruns_the_metrics_only_away_from_its_old_behaviour(tmp_path: Path) -> None:
+    """metrics.features.preprocessing arrived after workdirs existed: at lungddpm (what was done before it) it is not
+    in the metrics rule's params, so a finished workdir reruns nothing; hagan reruns the metrics."""
+    workdir = make_workdir(tmp_path)
+    base = rule_params(workdir, {}, "metrics")
+    assert "'features'" in base["metrics"]["settings"] and "preprocessing" not in base["metrics"]["settings"]
+    hagan = rule_params(workdir, {"metrics": {"features": {"preprocessing": "hagan"}}}, "metrics")
+    assert "'preprocessing': 'hagan'" in hagan["metrics"]["settings"]
+
+
 def test_the_medicalnet_weight_file_is_an_input_of_the_metrics(tmp_path: Path) -> None:
     """A weight file replaced at the same path must rerun the metrics (its features change): it is declared."""
     workdir = make_workdir(tmp_path, {"metrics": {"features": {"extractor": "medicalnet", "weights": "w.pth"}}})
