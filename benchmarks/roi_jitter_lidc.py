@@ -7,11 +7,12 @@ and :func:`lungddpm.preprocessing.rois.jittered_centre` is asked for the two end
 
 - *longer than the ROI* where on some axis no centre keeps it whole (cut, with a warning);
 - *clipped* where on some axis the jitter's window is narrowed to the centres that keep it whole;
-- *collapsed* where on some axis that window is empty: every draw gives the nearest centre that keeps it whole, so
-  its later ROIs repeat the first and are left out with a warning (a lopsided nodule: its centroid lies more than
-  the jitter outside those centres).
+- *pinned* where on some axis that window is empty (a lopsided nodule: its centroid lies more than the jitter
+  outside those centres): every draw gives the nearest centre that keeps it whole on that axis, so its ROIs are
+  jittered on the other axes only; pinned on every axis, its later ROIs would repeat the first and be left out with
+  a warning.
 
-Usage: ``python benchmarks/roi_jitter_lidc.py [CONFIG ...]``; prints one line per config and the collapsed nodules.
+Usage: ``python benchmarks/roi_jitter_lidc.py [CONFIG ...]``; prints one line per config and the pinned nodules.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main(configs: list[Path]) -> None:
         s = rois[path]
         nodules = geometry.get((cfg.raw["data"]["consensus_level"], cfg.raw["data"]["min_readers"], s.spacing_mm), [])
         j = np.full(3, s.nodule_jitter_mm)
-        longer, clipped, collapsed = 0, 0, []
+        longer, clipped, pinned, everywhere = 0, 0, [], 0
         for case, centroid, box in nodules:
             low, fits = jittered_centre(centroid, box, -j, s)
             high, _ = jittered_centre(centroid, box, j, s)
@@ -83,12 +84,14 @@ def main(configs: list[Path]) -> None:
             if not fits:
                 longer += 1
             elif np.any(width <= 0):
-                collapsed.append(f"{case} ({float(np.max(box[1] - box[0])):.1f} mm box)")
+                axes = "".join(a for a, w in zip("xyz", width) if w <= 0)
+                pinned.append(f"{case} ({float(np.max(box[1] - box[0])):.1f} mm box, pinned in {axes})")
+                everywhere += bool(np.all(width <= 0))
             elif np.any(width < 2 * s.nodule_jitter_mm - 1e-9):
                 clipped += 1
         print(f"{path}: {len(nodules)} nodules, ROI {s.size} x {s.spacing_mm} mm, jitter {s.nodule_jitter_mm} mm: "
-              f"{longer} longer than the ROI, {clipped} with the window clipped, {len(collapsed)} collapsed"
-              + (f": {', '.join(collapsed)}" if collapsed else ""))  # fmt: skip
+              f"{longer} longer than the ROI, {clipped} with the window clipped, {len(pinned)} pinned on an axis "
+              f"({everywhere} on every axis)" + (f": {', '.join(pinned)}" if pinned else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ class Preprocessing:
     style: str = "lungddpm"  # or "hagan"
 
     def __call__(self, volume_hu: np.ndarray, geometry: Geometry, region: np.ndarray | None = None) -> torch.Tensor:
-        """volume_hu: [Z, Y, X] → [1, 1, D, H, W] float32 (D axial, H = RAS x, W = RAS y, as Astra/Merlin).
+        """volume_hu: [Z, Y, X] → [1, 1, D, H, W] float32 (D axial, H = RAS x, W = RAS y, as Astra/Merlin; style
+        "hagan": :meth:`hagan`).
 
         With ``region`` ([Z, Y, X] bool, e.g. the lungs) the crop is the region's bounding box and voxels outside
         it are set to the lower clip value; without, the crop is the body's bounding box.
