@@ -37,7 +37,7 @@ from ..preprocessing.rois import (
     in_boxes,
     load_source,
     nodule_boxes,
-    shift_inside,
+    shift_inside_by_steps,
 )
 from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
@@ -109,12 +109,14 @@ class CaseSession:
     labels: np.ndarray  # uint8 0/1/2 [K, I, J]
     edits: list[Edit] = field(default_factory=list)
     deep_lung: np.ndarray | None = None  # fine-grid candidate sites, computed on the first random site
+    changes: int = 0  # edits made and undone so far: a site checked before a later change is checked again
 
     def undo(self) -> Edit | None:
         """Restore the native region of the last edit; returns it (None when there is nothing to undo)."""
         if not self.edits:
             return None
         edit = self.edits.pop()
+        self.changes += 1
         self.ct[edit.slices] = edit.ct_before
         self.labels[edit.slices] = edit.labels_before
         return edit
@@ -233,7 +235,7 @@ class Studio:
         mask = rescale_mask(nodule.mask, nodule.spacing, (self.roi.spacing_mm,) * 3)  # as place_at places it
         c = np.argwhere(mask).mean(axis=0)
         wanted = target + ((half - c) - np.round(half - c))[::-1] * self.roi.spacing_mm
-        centre = shift_inside(wanted, self.roi.half_extent_mm, lo, hi)
+        centre = shift_inside_by_steps(wanted, self.roi.half_extent_mm, lo, hi, self.roi.spacing_mm)
         roi = self.roi.geometry(centre)
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
@@ -246,7 +248,8 @@ class Studio:
         except LungDDPMError as exc:
             edge = np.abs(centre - wanted).max() > 1e-6 and "does not fit" in str(exc)  # the ROI shifted inward
             hint = ("the site is near the scan's edge, where the ROI cannot centre on it: click further from the "
-                    "scan's first or last slice or its sides" if edge else "click deeper inside the lung")  # fmt: skip
+                    "scan's first or last slice or its sides" if edge else "click further from that nodule (red)"
+                    if "touch another nodule" in str(exc) else "click deeper inside the lung")  # fmt: skip
             raise StudioError(f"{exc}: {hint}, or choose a smaller nodule") from exc
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
@@ -264,6 +267,7 @@ class Studio:
                 "the nodule would reach outside the lung on the CT's own grid: click deeper inside the lung or choose "
                 "a smaller nodule"
             )
+        ins.record["checked_at_change"] = session.changes  # generate refuses it once the case has changed
         return ins
 
     @staticmethod
@@ -299,7 +303,13 @@ class Studio:
 
     def generate(self, session: CaseSession, ins: Insertion, progress: Progress | None = None) -> Edit:
         """Inpaint ``ins`` (:meth:`check_site`), paste it into the case's CT and label map; the edit is appended to
-        the session. ``progress(step, steps)`` is called after each sampler step."""
+        the session. ``progress(step, steps)`` is called after each sampler step; a site checked before the case's
+        last edit or undo is refused (its checks were made on the CT as it was)."""
+        if ins.record.get("checked_at_change") != session.changes:
+            raise StudioError(
+                f"site {ins.record['site_index_kij']}: the case changed (a nodule inserted or undone) since this site "
+                "was checked: check it again (Studio.check_site)"
+            )
         t0 = time.perf_counter()
         lc = self.cfg.raw["lesion"]
         after = inpaint(self.model, self.diffusion, [ins], self.window, lc["sample"], self.device, progress,
@@ -314,10 +324,12 @@ class Studio:
         fraction = float(self.cfg.raw["preprocess"]["nodule_fraction"])
         session.labels[box.slices][nodule_in_box(box, session.source.grid, roi, ins.nodule, fraction)] = NODULE
         mean_hu = round(nodule_mean_hu(after, ins.nodule), 1)
-        record = {**ins.record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}
+        record = {k: v for k, v in ins.record.items() if k != "checked_at_change"}
+        record = {**record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}
         edit = Edit(record, roi, ins.site.ct, after, ins.layout, ins.nodule, box.slices, ct_before, labels_before,
                     time.perf_counter() - t0)  # fmt: skip
         session.edits.append(edit)
+        session.changes += 1
         log.info("%s: bank nodule %d (%s) at %s in %.2f s", session.case_id, record["bank_index"],
                  record["texture_requested"], record["site_index_kij"], edit.seconds)  # fmt: skip
         return edit

@@ -239,6 +239,13 @@ def slice_geometry(reader: Any, names: Sequence[str]) -> tuple[np.ndarray, np.nd
 
 HEADER_TOLERANCE = 1e-4  # orientation cosines and pixel spacings (mm) of one series' slices agree to this
 TILT_MAX_PIXELS = 0.1  # in-plane drift of the slice positions, in pixels, below which a stack counts as unsheared
+# slice positions, as fractions of the slice step: a gap off the usual one by more is a missing or irregular slice;
+# a slice off the evenly spaced stack SimpleITK builds ((last - first) / (n - 1) apart) by more is misplaced. Loose
+# enough for positions stored with few decimals (DICOM's DS: 0.625 mm slices at 0.1 mm are 0.6 / 0.7 mm apart),
+# and never below POSITION_ROUNDING_MM (positions written at one decimal: up to 0.05 mm off at either end)
+GAP_TOLERANCE = 0.25
+STACK_TOLERANCE = 0.1
+POSITION_ROUNDING_MM = 0.1
 
 
 def check_slice_geometry(
@@ -271,10 +278,23 @@ def check_slice_geometry(
     check_slice_positions(folder, positions, cosines)
 
 
+def series_count_error(path: Path, count: int) -> ImageError:
+    """The error for a case folder holding ``count`` != 1 DICOM series; with none, it names the subfolders that hold
+    one (a series one folder too deep, as PACS exports nest them)."""
+    import SimpleITK as sitk
+
+    deeper = [] if count else [d.name for d in sorted(path.iterdir()) if d.is_dir()]
+    deeper = [name for name in deeper if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path / name))]
+    where = (f" (found one level down, in {', '.join(deeper[:5])}: move each series folder directly into "
+             "data.images.ct_dir, named by its case)") if deeper else ""  # fmt: skip
+    return ImageError(f"{path}: {count} DICOM series in this folder{where}; keep exactly one series per subfolder")
+
+
 def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequence[float]) -> None:
     """Refuse a DICOM series whose slices (ImagePositionPatient [n, 3]) are not evenly spaced along the slice normal
     (row x column cosines of ImageOrientationPatient): a missing slice of an axial, coronal or sagittal series, or
-    two slices at one position. SimpleITK would stack them at one spacing and shift everything past the gap."""
+    two slices at one position. SimpleITK would stack them at one spacing and shift everything past the gap. Positions
+    rounded to a few decimals pass (``GAP_TOLERANCE``, ``STACK_TOLERANCE``)."""
     cosines = np.asarray(orientation, dtype=np.float64)
     normal = np.cross(cosines[:3], cosines[3:6])
     if np.linalg.norm(normal) < 1e-6:
@@ -292,7 +312,19 @@ def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequ
             f"{folder}: {same.size} slice(s) at the position of another (first at {along[same[0]]:.2f} mm along the "
             "slice normal): two series, or one exported twice, in one folder; keep one copy of each slice"
         )
-    odd = np.flatnonzero(np.abs(gaps - step) > tolerance)
+    # the rounding floor capped at half a step, so that a missing slice (a gap off by a whole step) is always seen
+    loose = min(0.5 * step, max(POSITION_ROUNDING_MM, GAP_TOLERANCE * step)) + 1e-6
+    odd = np.flatnonzero(np.abs(gaps - step) > loose)
+    if gaps.size >= 2 and not odd.size:  # each gap near the usual one, yet they may add up to a drift
+        stacked = along[0] + np.arange(along.size) * (along[-1] - along[0]) / (along.size - 1)
+        off = np.abs(along - stacked)
+        if off.max() > min(0.5 * step, max(POSITION_ROUNDING_MM, STACK_TOLERANCE * step)) + 1e-6:
+            worst = int(np.argmax(off))
+            raise ImageError(
+                f"{folder}: slice positions drift from an even spacing (the slice at {along[worst]:.2f} mm along the "
+                f"slice normal would be stacked {off[worst]:.2f} mm away: the gaps change along the series); "
+                "re-export the series with regular slices, or resample it and give it as a volume file"
+            )
     if gaps.size >= 2 and odd.size:
         where = ", ".join(f"{along[i]:.2f} to {along[i + 1]:.2f} mm" for i in odd[:3])
         axis = "" if abs(normal[2]) > 0.99 else f" along the slice normal {(normal.round(3) + 0.0).tolist()}"

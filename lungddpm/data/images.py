@@ -25,12 +25,15 @@ import numpy as np
 from ..errors import ImageError
 from ..io import nifti_forms, nifti_non_finite, nifti_truncation
 from . import series_patient
-from .dicom import DicomSeries, check_slice_geometry, slice_geometry
+from .dicom import DicomSeries, check_slice_geometry, series_count_error, slice_geometry
 from .nodules import Nodule, components
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# SimpleITK's reader for each suffix, chosen by the lower-cased name (it picks MetaImage by case: CASE1.MHA failed)
+IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+             ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}  # fmt: skip
 MAX_NODULES = 255  # nodule indices are stored as uint8 on the model grid
 COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
@@ -171,9 +174,7 @@ def _read(path: Path) -> Any:
             if not series and volumes:
                 raise _volume_folder_error(path, volumes, "data.images.ct_dir")
             if len(series) != 1:
-                raise ImageError(
-                    f"{path}: {len(series)} DICOM series in this folder; keep exactly one series per subfolder"
-                )
+                raise series_count_error(path, len(series))
             names = reader.GetGDCMSeriesFileNames(str(path), series[0])
             reader.SetFileNames(names)
             reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header, read with its pixels
@@ -181,7 +182,8 @@ def _read(path: Path) -> Any:
             image = reader.Execute()
             check_slice_geometry(path, names, *slice_geometry(reader, names))
         else:
-            image = sitk.ReadImage(str(path))
+            io = next((v for k, v in IMAGE_IOS.items() if path.name.lower().endswith(k)), "")
+            image = sitk.ReadImage(str(path), imageIO=io)
     except RuntimeError as exc:
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
     if not path.is_dir() and (cut := nifti_truncation(path)):
@@ -218,18 +220,20 @@ def _check_forms(path: Path, image: Any, qform: np.ndarray, sform: np.ndarray) -
                 float(np.linalg.norm(qform[:3, 3] - sform[:3, 3])), used)  # fmt: skip
 
 
+def _refuse_non_finite(path: Path, values: np.ndarray, fill: str) -> None:
+    """Refuse NaN or infinite voxels of ``path`` (SimpleITK's NIfTI reader turns NaN into 0 without a word)."""
+    bad = int((~np.isfinite(values)).sum()) or (0 if path.is_dir() else nifti_non_finite(path))
+    if bad:
+        raise ImageError(f"{path}: {bad} NaN or infinite voxel(s); fill them with {fill} and export again")
+
+
 def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     """A CT volume -> axial series in HU [Z, Y, X] (z ascending), clipped to [``padding_hu``, ``max_hu``]."""
     import SimpleITK as sitk
 
     image = _read(Path(path))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
-    bad = int((~np.isfinite(hu)).sum()) or (0 if Path(path).is_dir() else nifti_non_finite(Path(path)))
-    if bad:
-        raise ImageError(
-            f"{path}: {bad} NaN or infinite voxel(s); fill them with the HU of air outside the body (e.g. -1024) "
-            "and export again"
-        )
+    _refuse_non_finite(Path(path), hu, "the HU of air outside the body (e.g. -1024)")
     air, tissue = (float(np.mean((hu >= lo) & (hu <= hi))) if hu.size else 0.0 for lo, hi in (HU_AIR, HU_TISSUE))
     if min(air, tissue) < HU_MIN_FRACTION:  # e.g. stored values (HU + 1024) as exported, or the rescale done twice
         span = f"{hu.min():.0f} to {hu.max():.0f}" if hu.size else "none"
@@ -282,8 +286,10 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
             f"{path}: grid {labels.shape[::-1]} at spacing {np.round((sx, sy, sz), 4).tolist()} origin "
             f"{np.round(image.GetOrigin(), 2).tolist()} does not match its CT {ct.directory} "
             f"({ct.hu.shape[::-1]}, {np.round(spacing_ct, 4).tolist()}, {np.round(origin_ct, 2).tolist()}); "
-            "a label map must lie on its CT's voxel grid"
+            "a label map must lie on its CT's voxel grid: resample it onto the CT (nearest neighbour, e.g. "
+            "SimpleITK's Resample with the CT as reference) or give the CT it was drawn on"
         )
+    _refuse_non_finite(Path(path), labels, "their class (0 where background)")  # NaN read as 0: a hole in a nodule
     if not np.array_equal(labels, np.round(labels)):
         raise ImageError(f"{path}: non-integer labels; a label map holds integer classes")
     codes = CONVENTIONS[convention]

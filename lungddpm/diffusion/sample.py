@@ -51,7 +51,7 @@ def make_sampler(diffusion: GaussianDiffusion, name: str, clip_x0: bool = True) 
             solver_order=1 if name == "ddim" else 2,
             lower_order_final=True,
             final_sigmas_type="zero",
-            timestep_spacing="trailing",  # "linspace" hits λ = -inf at T=250 with the cosine schedule
+            timestep_spacing="trailing",  # "linspace" rounds to a repeated timestep at 250 steps: a step of 0
             thresholding=clip_x0,
             sample_max_value=1.0,
         )

@@ -103,6 +103,21 @@ def shift_inside(centre: np.ndarray, half: float, lo: np.ndarray, hi: np.ndarray
     return out
 
 
+def shift_inside_by_steps(centre: np.ndarray, half: float, lo: np.ndarray, hi: np.ndarray, step: float) -> np.ndarray:
+    """:func:`shift_inside`, then on each axis it moved on by the least part of ``step`` (mm) that leaves the centre
+    a whole number of steps from ``centre`` where the cube still fits: a point keeps its sub-voxel position in the
+    cube's grid of that ``step`` (the studio's nodule stays centred on the click near the scan's edge)."""
+    centre = np.asarray(centre, float)
+    out = shift_inside(centre, half, lo, hi)
+    for a in np.flatnonzero(np.abs(out - centre) > 1e-6):
+        rest = (centre[a] - out[a]) % step
+        for delta in sorted((rest, rest - step), key=abs):
+            if lo[a] + half - 1e-6 <= out[a] + delta <= hi[a] - half + 1e-6:
+                out[a] += delta
+                break
+    return out
+
+
 def outside_voxels(src: SourceCT, geometry: Geometry, size: int) -> int:
     """ROI voxel centres beyond the scan (which resampling fills with padding): over half a pixel or half a slice
     beyond the edge voxels' centres, as :func:`lungddpm.preprocessing.grid.resample` reads them."""

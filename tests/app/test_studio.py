@@ -106,7 +106,11 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
     site = studio.random_site(s, nodule, seed=3)
     assert site == studio.random_site(s, nodule, seed=3)  # seeded
     steps: list[tuple[int, int]] = []
+    early = studio.check_site(s, studio.random_site(s, nodule, seed=4), nodule)  # checked before the next insertion
     edit = studio.generate(s, studio.check_site(s, site, nodule, "solid", seed=5), lambda i, n: steps.append((i, n)))
+    with pytest.raises(StudioError, match=r"the case changed .* since this site was checked: check it again"):
+        studio.generate(s, early)  # its checks saw the CT without the nodule just inserted (it could touch it)
+    assert "checked_at_change" not in edit.record and len(s.edits) == 1
     assert steps[-1] == (3, 3)  # the CI lesion sampler's steps, reported as they run
     assert n_nodules(s.labels) == n_nodules(source_labels) + 1
     changed = s.ct != source_ct

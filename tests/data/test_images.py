@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from lungddpm.config import Config, ConfigError, validate_config
 from lungddpm.data.demo import export_case
-from lungddpm.data.dicom import DicomSeries, read_dicom_series
+from lungddpm.data.dicom import DicomSeries, check_slice_positions, read_dicom_series
 from lungddpm.data.images import (
     ImageCase,
     case_id_of,
@@ -254,6 +254,26 @@ def _write_non_axial_series(folder: Path, orientation: str, skip: int | None) ->
         ds.save_as(path)
 
 
+@pytest.mark.parametrize(("step", "decimals"), [(0.625, 2), (0.625, 1), (1.25, 1), (0.7, 1)])
+def test_slice_positions_stored_with_few_decimals_pass(step: float, decimals: int) -> None:
+    """DICOM's DS may round ImagePositionPatient: 0.625 mm slices at 2 decimals are 0.62 / 0.63 mm apart, which the
+    1 % gap tolerance refused as "not evenly spaced" though SimpleITK stacks them within 0.005 mm."""
+    z = np.round(-100.0 + step * np.arange(40), decimals)
+    positions = np.stack([np.full(40, 10.0), np.full(40, -20.0), z], axis=1)
+    check_slice_positions(Path("P1"), positions, [1, 0, 0, 0, 1, 0])  # no error
+    with pytest.raises(ImageError, match="P1: slices are not evenly spaced"):  # a missing slice still is refused
+        check_slice_positions(Path("P1"), np.delete(positions, 20, axis=0), [1, 0, 0, 0, 1, 0])
+
+
+def test_slice_gaps_that_drift_are_refused() -> None:
+    # every gap within GAP_TOLERANCE of the usual one, but 1.0 mm for 10 slices then 1.2 mm: SimpleITK stacks them
+    # 1.1 mm apart, so the eleventh slice lands 1 mm off
+    z = np.concatenate([np.arange(11) * 1.0, 10.0 + np.arange(1, 11) * 1.2])
+    positions = np.stack([np.zeros(21), np.zeros(21), z], axis=1)
+    with pytest.raises(ImageError, match=r"P1: slice positions drift .* at 10.00 mm .* stacked 1.00 mm away"):
+        check_slice_positions(Path("P1"), positions, [1, 0, 0, 0, 1, 0])
+
+
 @pytest.mark.parametrize("orientation", ["coronal", "sagittal"])
 def test_a_non_axial_series_with_a_missing_slice_is_refused(tmp_path: Path, orientation: str) -> None:
     """The gap check read only ImagePositionPatient's z, which a coronal or sagittal series keeps constant: a missing
@@ -378,6 +398,29 @@ def test_a_label_map_on_another_grid_is_refused_naming_both_files(tmp_path: Path
     write_image(tmp_path / "seg.mha", _labels(hu.shape)[:, :, :-1], _series(hu[:, :, :-1]))
     with pytest.raises(ImageError, match=r"seg.mha: grid .* does not match its CT .*ct.mha"):
         read_label(tmp_path / "seg.mha", read_ct(tmp_path / "ct.mha", -1024, 3071), "lung_nodule")
+
+
+def test_label_nan_upper_case_meta_and_nested_dicom(tmp_path: Path) -> None:
+    hu = _ct()
+    series = _series(hu)
+    # an upper-case MetaImage name is discovered as a case and read (SimpleITK picked its reader by case: unreadable)
+    write_image(tmp_path / "ct.mha", hu, series)
+    (tmp_path / "ct.mha").rename(tmp_path / "CASE1.MHA")
+    ct = read_ct(tmp_path / "CASE1.MHA", -1024, 3071)
+    assert np.array_equal(ct.hu, hu) and case_id_of(tmp_path / "CASE1.MHA") == "CASE1"
+    # a NaN in a float NIfTI label map: SimpleITK reads it as 0, a hole in the nodule; refused, naming the file
+    labels = _labels(hu.shape).astype(np.float32)
+    labels[3, 8, 6] = np.nan  # inside the 3 x 3 x 3 nodule
+    write_image(tmp_path / "seg.nii.gz", labels, series)
+    with pytest.raises(ImageError, match=r"seg.nii.gz: 1 NaN or infinite voxel\(s\); fill them with their class"):
+        read_label(tmp_path / "seg.nii.gz", ct, "lung_nodule")
+    # a DICOM series one folder too deep (ct_dir/P1/<series>/*.dcm): the message says where it is and what to do
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=32, cols=32)
+    quirks = DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None)
+    write_dicom_series(_ct((6, 32, 32)).astype(np.float32), geom, tmp_path / "P1" / "series1", quirks)
+    with pytest.raises(ImageError, match=r"P1: 0 DICOM series in this folder \(found one level down, in series1: "
+                       r"move each series folder directly into data.images.ct_dir"):  # fmt: skip
+        read_ct(tmp_path / "P1", -1024, 3071)
 
 
 def test_case_ids_are_sanitised_stems_and_stems_must_match(tmp_path: Path) -> None:

