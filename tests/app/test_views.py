@@ -39,6 +39,24 @@ def test_a_click_maps_back_to_the_voxel_under_the_cursor(plane: str) -> None:
     assert img.shape[:2] == (expected_h, 40)
 
 
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_every_pixel_clicks_the_voxel_it_draws(plane: str) -> None:
+    """An off-centre nodule (the toy's own sits on its symmetry centre, where a flipped or rotated plane looks the
+    same): every pixel drawn red is a nodule voxel by click_to_index, and every other one is not."""
+    ct, labels = toy()
+    labels[labels == 2] = 1
+    labels[3:5, 6:9, 27:31] = 2  # low, anterior, left (high j)
+    ct[labels == 1], ct[labels == 2] = -850, 20
+    spacing, cursor = (2.5, 0.7, 0.7), (3, 7, 28)  # through the nodule
+    img = render_plane(ct, labels, plane, cursor, spacing)
+    red = (img[..., 0].astype(int) > img[..., 1].astype(int) + 50) & ~np.all(img == CURSOR_RGB, axis=-1)
+    drawn = np.zeros(red.shape, bool)
+    for y, x in np.ndindex(red.shape):
+        drawn[y, x] = labels[click_to_index(plane, x, y, cursor, ct.shape, spacing)] == 2
+    cursor_px = np.all(img == CURSOR_RGB, axis=-1)
+    assert red.sum() > 10 and np.array_equal(red, drawn & ~cursor_px)
+
+
 def test_superior_is_up_and_labels_are_tinted() -> None:
     ct, labels = toy()
     labels[9, :, :] = 0

@@ -158,7 +158,10 @@ def test_metrics_cli_on_two_folders(folders: dict[str, Path], capsys: pytest.Cap
     assert code == 0
     printed = capsys.readouterr().out
     assert "real-vs-real" in printed and "N=3 vs 3" in printed
-    assert {r["region"] for r in csv.DictReader(open(out / "image_quality.csv"))} >= {"whole", "lung"}
+    rows = list(csv.DictReader(open(out / "image_quality.csv")))
+    distances = [r for r in rows if "paired" not in r["comparison"]]  # --set metrics.regions=[whole] applied
+    assert distances and {r["region"] for r in distances} == {"whole"} and {r["n_a"] for r in distances} == {"3"}
+    assert {r["region"] for r in rows if "paired" in r["comparison"]} >= {"whole", "lung"}  # paired: every region
     lonely = folders["root"] / "lonely"
     write_volume(lonely / "LIDC-IDRI-0999_0.nii.gz", np.zeros((4, 4, 4), np.int16), GEOM)
     with pytest.raises(MetricsError, match="LIDC-IDRI-0999_0.nii.gz: no real volume 'LIDC-IDRI-0999'"):

@@ -414,12 +414,21 @@ def test_workflow_lesion_scale_trains_on_rois_and_scores_every_test_roi(demo_wor
         assert run["iterations"] == CI_CONFIG["segmentation"]["iterations_per_epoch"] and run["scale"] == "lesion"
         assert run["cpu_precision"] == "auto" and run["cpu_autocast"] == ("bfloat16" if cpu_has_native_bf16() else None)
         assert sorted(run["predictions"]) == sorted(r["roi"] for r in test_rois)
+        dice = {}
         for r in test_rois:  # each prediction on its ROI's exact grid
             pred = nib.load(seg / arm / f"seed0/fold_all/predictions/{r['roi']}.nii.gz")
             roi = nib.load(demo_workflow / f"results/rois/{r['case_id']}/{r['ct']}")
             assert pred.shape == roi.shape and np.allclose(pred.affine, roi.affine)
+            if r["kind"] == "nodule":  # Dice over every nodule voxel of the ROI, recomputed from the files
+                p = np.asanyarray(pred.dataobj) > 0
+                t = np.asanyarray(nib.load(demo_workflow / f"results/rois/{r['case_id']}/{r['layout']}").dataobj) == 2
+                dice[r["roi"]] = 2 * (p & t).sum() / (p.sum() + t.sum())
         with open(seg / arm / "scores.csv") as fh:
             rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+        assert dice and all(float(rows[c]["dice"]) == pytest.approx(d, abs=1e-6) for c, d in dice.items())
+        mean = float(next(r for r in csv.DictReader(open(seg / "comparison.csv")) if r["arm"] == arm
+                          and r["metric"] == "dice")["mean"])  # fmt: skip
+        assert mean == pytest.approx(np.mean(list(dice.values())), abs=1e-5)  # one model: the mean over ROIs
         assert {c: r["kind"] for c, r in rows.items()} == {r["roi"]: r["kind"] for r in test_rois}
         for r in rows.values():
             if r["kind"] == "nodule":
@@ -447,6 +456,8 @@ def test_workflow_whole_scale_with_volume_and_pasted_arms(demo_workflow: Path) -
     run's pasted CTs. Two arms, not three: a real-only arm is the lesion scale's baseline, already run."""
     arms = ("[{name: volume, real: true, synthetic_fraction: 1.0, synthetic_source: volume},"
             " {name: pasted, real: true, synthetic_fraction: 1.0, synthetic_source: lesion}]")  # fmt: skip
+    lesion = demo_workflow / "results/segmentation/lesion/comparison.csv"  # the lesion scale's, run before
+    lesion_before = (lesion.read_bytes(), lesion.stat().st_mtime_ns)
     snakemake(demo_workflow, "--config", f"segmentation={{scale: whole, baseline: volume, arms: {arms}}}", "--",
               "results/segmentation/whole/comparison.csv")  # fmt: skip
     train, test = _split(demo_workflow)
@@ -469,7 +480,7 @@ def test_workflow_whole_scale_with_volume_and_pasted_arms(demo_workflow: Path) -
     assert {r["arm"] for r in table} == {"volume", "pasted"} and {r["baseline"] for r in table} == {"volume"}
     assert "fp_per_scan" in {r["metric"] for r in table} and len(table) == 10
     # the lesion scale's results are untouched, beside these
-    assert (demo_workflow / "results/segmentation/lesion/comparison.csv").is_file()
+    assert (lesion.read_bytes(), lesion.stat().st_mtime_ns) == lesion_before
 
 
 def test_segment_train_reuses_a_finished_model(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import CI_CONFIG, make_workdir, snakemake
 from scipy import ndimage as ndi
@@ -104,8 +105,21 @@ def test_every_stage_ran_on_the_image_folder(images_workflow: Path, demo_workflo
         assert all(row["texture"] is None and row["volume_ml"] > 0 for row in meta["nodules"])
     rois = list(csv.DictReader(open(res / f"rois/{_demo_cases(demo_workflow)[0]}/rois.csv")))
     assert {r["texture_class"] for r in rois if r["kind"] == "nodule"} == {"unknown"}
-    assert (res / "models/demo/checkpoint.pt").is_file() and (res / "metrics/eval/image_quality.csv").is_file()
-    assert (res / "synthetic/lesion/texture_control.csv").is_file() and (res / "report/summary.md").is_file()
+    ci = yaml.safe_load((images_workflow / "ci.yaml").read_text())
+    assert torch.load(res / "models/demo/checkpoint.pt", weights_only=True)["step"] == ci["train"]["steps"]
+    quality = [
+        r for r in csv.DictReader(open(res / "metrics/eval/image_quality.csv")) if "paired" not in r["comparison"]
+    ]
+    assert {(r["metric"], r["region"]) for r in quality} == {
+        (m, g) for m in ("kid", "fid", "mmd") for g in ("whole", "lung")
+    }
+    assert all(np.isfinite(float(r["value"])) for r in quality)
+    texture = list(csv.DictReader(open(res / "synthetic/lesion/texture_control.csv")))
+    assert [r["texture_class"] for r in texture] == ["ground-glass", "part-solid", "solid"]
+    assert all(int(r["n_inserted"]) == ci["lesion"]["texture_control_sites"] for r in texture)
+    summary = (res / "report/summary.md").read_text()
+    assert "## Image quality" in summary and "## Lesion fidelity" in summary  # segmentation is off here
+    assert "## Downstream nodule segmentation" not in summary
 
 
 def test_nodules_are_inserted_into_the_nodule_free_ct(images_workflow: Path) -> None:

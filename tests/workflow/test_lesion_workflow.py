@@ -14,7 +14,7 @@ from conftest import CI_CONFIG
 from scipy import ndimage as ndi
 
 from lungddpm.data import lidc
-from lungddpm.io import read_json, read_volume, write_volume
+from lungddpm.io import Geometry, read_json, read_volume, write_volume
 from lungddpm.preprocessing.layout import NODULE, ball
 from lungddpm.preprocessing.rois import read_roi_table
 from lungddpm.synthesis.paste import native_box, nearest_in_box, nodule_in_box
@@ -54,7 +54,7 @@ def test_rois_at_native_resolution_with_true_geometry(demo_workflow: Path) -> No
         assert error <= 2.5, (r["roi"], error)
         offsets.append(np.array([float(r[f"offset_{a}"]) for a in "xyz"]))
     # the centres are jittered (seeded, up to 5 mm per axis; ROIs near the scan's edge are shifted further inward)
-    assert all(np.abs(o).max() > 0.1 for o in offsets)
+    assert offsets and all(np.abs(o).max() > 0.1 for o in offsets)
     assert sum(bool(np.all(np.abs(o) <= 5.0 + 1e-6)) for o in offsets) >= len(offsets) / 2
 
 
@@ -83,7 +83,11 @@ def test_lesion_items_paste_only_the_generated_region(demo_workflow: Path) -> No
     labels, _ = read_volume(files["label"])
     changed = hu != src.hu.astype(np.int16)
     assert changed.any()
-    assert geometry.same_grid(geometry) and np.allclose(geometry.spacing[1:], src.grid.row_spacing)
+    g = src.grid  # the source's own native grid, as its DICOM gives it
+    native = Geometry(
+        (float(np.diff(g.z_positions).mean()), g.row_spacing, g.col_spacing), (g.x0, g.y0, g.z_positions[0])
+    )
+    assert geometry.same_grid(native) and labels.shape == hu.shape
     # every changed voxel lies in a site's generated region (the new nodule + margin: the native voxels whose
     # nearest ROI voxel is generated), and the label map gains the edited layouts' new nodules there, by the
     # coverage rule of every nodule label
@@ -111,6 +115,15 @@ def test_texture_control_table(demo_workflow: Path) -> None:
     rows = list(csv.DictReader(open(demo_workflow / "results/synthetic/lesion/texture_control.csv")))
     assert [r["texture_class"] for r in rows] == ["ground-glass", "part-solid", "solid"]
     assert all(int(r["n_inserted"]) == 2 and -1100 < float(r["inserted_mean_hu"]) < 500 for r in rows)
+    # the same sites, nodules and seeds in each class: only the requested class tells the rows apart
+    assert len({r["inserted_mean_hu"] for r in rows}) == 3
+    # the real nodules: each train case's first ROI of each nodule, by its class
+    train = [r["case_id"] for r in csv.DictReader(open(demo_workflow / "results/splits.csv")) if r["subset"] == "train"]
+    first = [r for case in train for r in csv.DictReader(open(demo_workflow / f"results/rois/{case}/rois.csv"))
+             if r["kind"] == "nodule" and r["roi"].endswith("_0")]  # fmt: skip
+    for r in rows:
+        n = sum(f["texture_class"] == r["texture_class"] for f in first)
+        assert int(r["n_real"]) == n and (np.isfinite(float(r["real_mean_hu"])) == (n > 0))
 
 
 def test_lesion_shard_skips_complete_items_and_reproduces_an_item(

@@ -151,6 +151,7 @@ def test_no_dicom_patient_identifiers_reach_any_output(demo_workflow: Path, tmp_
     assert len(written) >= 7
     needles = [re.escape(w).encode() for v in PHI.values() for w in {v, v.replace("^", " ")}]
     pattern = re.compile(b"|".join(needles), re.IGNORECASE)
+    assert all(pattern.search(f.read_bytes()) for f in series.glob("*.dcm"))  # the inputs do carry them
     for path in written:
         data = path.read_bytes()
         if path.name.endswith(".gz"):

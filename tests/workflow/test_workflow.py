@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -144,11 +145,14 @@ def test_resampled_nodules_sit_at_the_annotations(demo_workflow: Path) -> None:
     case = cases_of(demo_workflow)[0]
     labels, geometry = read_volume(demo_workflow / f"results/preprocessed/{case}/nodules.nii.gz")
     meta = read_json(demo_workflow / f"results/preprocessed/{case}/meta.json")
+    checked = 0
     for n, row in enumerate(meta["nodules"], start=1):
         if row["diameter_mm"] < 10:
             continue
         ours = geometry.index_to_world(np.argwhere(labels == n).mean(axis=0)[None])[0]
         assert np.all(np.abs(ours - row["centroid_lps_mm"]) < np.asarray(geometry.spacing[::-1]))
+        checked += 1
+    assert checked  # the first case has a nodule of 10 mm or more
 
 
 def test_bad_config_stops_snakemake_before_any_job(tmp_path: Path) -> None:
@@ -236,6 +240,23 @@ def test_image_quality_and_report(demo_workflow: Path) -> None:
         assert len(list(csv.DictReader(fh))) == 2  # one test layout x 2 samples
     summary = (demo_workflow / "results/report/summary.md").read_text()
     assert "| synthetic vs real | real vs real (floor) | synthetic − floor [paired] |" in summary
+    # each cell's value [interval] is its comparison's row of image_quality.csv (4 significant digits; n/a: none)
+    table = {}
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("KID", "FID", "MMD"):
+            table[(cells[0].lower(), cells[1])] = cells[2:5]
+    by = {(r["metric"], r["region"], r["comparison"]): r for r in dist}
+    assert set(table) == {(m, g) for m in ("kid", "fid", "mmd") for g in ("whole", "lung")}
+    for (metric, region), cells in table.items():
+        for cell, comparison in zip(cells, comparisons):
+            row = by[(metric, region, comparison)]
+            shown = re.findall(r"n/a|nan|-?inf|-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", cell)
+            assert len(shown) == 3, (metric, region, comparison, cell)
+            for text, key in zip(shown, ("value", "ci_low", "ci_high")):
+                assert (text == "n/a") == (row[key] == ""), (metric, region, comparison, key, cell)
+                if text != "n/a":
+                    assert float(text) == pytest.approx(float(row[key]), rel=1e-3, abs=1e-12, nan_ok=True), cell
     assert "not evidence about real CT" in summary
     assert "## Sampling" in summary and "dpm++" in summary
     for png in ("training_loss.png", "image_quality.png"):
@@ -246,4 +267,5 @@ def test_image_quality_and_report(demo_workflow: Path) -> None:
     assert any((demo_workflow / "state/feature_cache").rglob("*.npy"))
     html = demo_workflow / "report.html"
     snakemake(demo_workflow, "--report", str(html))
-    assert html.stat().st_size > 10_000
+    text = html.read_text()  # the declared report items, by category and file name
+    assert all(name in text for name in ("Image quality", "image_quality.png", "summary.md", "training_loss.png"))
