@@ -75,11 +75,15 @@ def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 
 def write_csv(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    digits: int = 6,
 ) -> None:
     """Rows of dicts → CSV, atomically. ``columns`` default to the union of the rows' keys in first-seen order;
-    floats are written with 6 significant digits and NaN, or a column a row lacks, as an empty cell. A row key that
-    is not a column is an error (a misspelt key would vanish from the table)."""
+    floats are written with ``digits`` significant digits (17: exactly, for a table read back into statistics) and
+    NaN, or a column a row lacks, as an empty cell. A row key that is not a column is an error (a misspelt key would
+    vanish from the table)."""
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     if extra := sorted({str(k) for r in rows for k in r} - set(columns)):
@@ -87,7 +91,7 @@ def write_csv(
 
     def cell(v: Any) -> Any:
         if isinstance(v, float | np.floating):
-            return "" if np.isnan(v) else f"{v:.6g}"
+            return "" if np.isnan(v) else f"{v:.{digits}g}"
         return v
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:

@@ -150,7 +150,7 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
             scores = score_case(pred > 0, truth[case], ev, kinds[case])
             rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, "kind": kinds[case],
                          "cluster": clusters[case], **scores})  # fmt: skip
-    write_csv(out, rows, SCORE_COLUMNS)
+    write_csv(out, rows, SCORE_COLUMNS, digits=17)  # exact: the comparison averages and differences them
     for metric in ("dice", "sensitivity", "detection_sensitivity", "false_positives"):
         kept = [r for r in rows if not math.isnan(r[metric])]
         w = [r["n_nodules"] if metric == "detection_sensitivity" else 1 for r in kept]  # nodules found / nodules

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import CI_CONFIG, REPO, snakemake
+from scipy import stats
 
 from lungddpm import versions
 from lungddpm.config import load_config
@@ -166,6 +167,33 @@ def test_whole_scans_pool_detection_cluster_by_patient_and_drop_empty_truth(tmp_
     assert (by["real", "dice"]["n_cases"], by["real", "dice"]["n_clusters"]) == (2, 2)
     assert by["real", "detection_sensitivity"]["mean"] == pytest.approx(1 / 9)  # nodules found / nodules, not 1/2
     assert (by["syn", "fp_per_scan"]["diff"], by["syn", "fp_per_scan"]["n_clusters"]) == (pytest.approx(1 / 3), 2)
+
+
+def test_scores_are_written_exactly_so_equal_detections_pair_to_zero(tmp_path: Path) -> None:
+    """Scans of 3 nodules, 3 models per arm: real finds 2, 2, 2 and syn 1, 3, 2 of scan s0's nodules (the same
+    mean, 2/3), 1 and 2 of the others'. At 6 significant digits k/3 read back as 0.333333 / 0.666667 and s0's
+    difference was 2e-7, ranked by the Wilcoxon test as a real pair."""
+    shape = (4, 8, 8)
+    truth = np.zeros(shape, np.uint8)
+    for n in range(3):
+        truth[1:3, 1:3, 1 + 3 * n : 3 + 3 * n] = n + 1
+    cases = [f"s{i}" for i in range(4)]
+    tests = []
+    for case in cases:
+        write_volume(tmp_path / "gt" / f"{case}.nii.gz", truth, GEOMETRY)
+        tests.append(EvalCase(case, tmp_path / f"{case}.nii.gz", tmp_path / "gt" / f"{case}.nii.gz", "scan", case))
+    found = {"real": [[2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]], "syn": [[1, 3, 2], [2, 2, 2], [2, 2, 2], [3, 2, 3]]}
+    for arm, per_case in found.items():
+        runs = [_write_run(tmp_path, arm, m, {c: (truth > 0) & (truth <= k[m]) for c, k in zip(cases, per_case)})
+                for m in range(3)]  # fmt: skip
+        score_arm(arm, runs, tests, tmp_path / f"{arm}.csv", EV)
+    written = [r for r in csv.DictReader(open(tmp_path / "syn.csv")) if r["case_id"] == "s0"]
+    assert [float(r["detection_sensitivity"]) for r in written] == [1 / 3, 1.0, 2 / 3]  # read back exactly
+    scores = {"real": tmp_path / "real.csv", "syn": tmp_path / "syn.csv"}
+    by = {(r["arm"], r["metric"]): r for r in compare_arms(scores, "real", tmp_path / "c.csv", None, EV)}
+    # per-case differences 0, 1/3, 1/3, 5/9 (weighted equally: 3 nodules each): s0's 0 is dropped by the test
+    assert by["syn", "detection_sensitivity"]["diff"] == pytest.approx((0 + 1 / 3 + 1 / 3 + 5 / 9) / 4)
+    assert by["syn", "detection_sensitivity"]["p_value"] == pytest.approx(stats.wilcoxon([1 / 3, 1 / 3, 5 / 9]).pvalue)
 
 
 def test_compare_refuses_arms_scored_on_other_test_cases(tmp_path: Path) -> None:
