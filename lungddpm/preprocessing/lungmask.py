@@ -38,10 +38,11 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
 
 def _lung_holes(lung: np.ndarray, airway: np.ndarray, midline: float, spacing: np.ndarray, max_mm: float) -> np.ndarray:
-    """The in-plane holes of ``lung`` [Z, Y, X] that are lung (vessels, nodules): those on one side of the body
-    ``midline`` (x index), and those across it no larger than a disc of ``max_mm`` less the airway. Where the lungs
+    """The in-plane holes of ``lung`` [Z, Y, X] that are lung (vessels, nodules), the ``airway`` never: those on one
+    side of the body ``midline`` (x index), and those across it no larger than a disc of ``max_mm``. Where the lungs
     meet in front of the mediastinum and the closing bridges the gap behind it, the mediastinum is a large hole
-    across the midline of the joined lungs: it stays out; a nodule of a lung that reaches past the midline is in."""
+    across the midline of the joined lungs: it stays out; a nodule of a lung that reaches past the midline is in.
+    A main bronchus that the lung encloses in-plane stays out too (it was put back: 19-64 voxels in 4 demo cases)."""
     labels, n = ndi.label(_fill_holes_2d(lung) & ~lung, structure=_IN_PLANE)
     if n == 0:
         return np.zeros_like(lung)
@@ -50,7 +51,7 @@ def _lung_holes(lung: np.ndarray, airway: np.ndarray, midline: float, spacing: n
     right = ~ndi.minimum(cols, labels, np.arange(1, n + 1)).astype(bool)
     small = np.bincount(labels.ravel())[1:] * float(spacing[1] * spacing[2]) <= np.pi * (max_mm / 2) ** 2
     one_side, across = ~(left & right), left & right & small
-    return np.concatenate([[False], one_side])[labels] | (np.concatenate([[False], across])[labels] & ~airway)
+    return np.concatenate([[False], one_side | across])[labels] & ~airway
 
 
 def _ball(radius_vox: np.ndarray) -> np.ndarray:

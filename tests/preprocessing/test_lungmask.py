@@ -66,6 +66,21 @@ def test_segments_lungs_with_vessels_and_without_airways() -> None:
     assert abs(result.lung_ml - expected_ml) / expected_ml < 0.05
 
 
+def test_a_bronchus_enclosed_by_the_lung_stays_out_of_its_holes() -> None:
+    """The airway is removed, then the lung's in-plane holes are put back (vessels, nodules): a main bronchus that a
+    lung encloses in-plane came back as lung with them; a vessel hole beside it still does."""
+    from lungddpm.preprocessing.lungmask import _lung_holes
+
+    lung = np.zeros((1, 20, 40), bool)
+    lung[0, 4:16, 3:15] = True  # a lung on one side of the midline (x 20)
+    airway = np.zeros_like(lung)
+    airway[0, 9:11, 8:10] = True  # a bronchus inside it
+    lung &= ~airway
+    lung[0, 5, 5] = False  # a vessel hole
+    holes = _lung_holes(lung, airway, 20.0, np.array([2.0, 2.0, 2.0]), 30.0)
+    assert not (holes & airway).any() and holes[0, 5, 5] and int(holes.sum()) == 1
+
+
 def test_a_label_lung_is_taken_as_is_with_its_own_components() -> None:
     """A source's lung label: nothing removed (its airway voxels stay), its components counted, our midline."""
     hu, lung, airway = toy_thorax()
