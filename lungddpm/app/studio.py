@@ -37,9 +37,10 @@ from ..preprocessing.rois import (
     in_boxes,
     load_source,
     nodule_boxes,
+    shift_inside,
     shift_inside_by_steps,
 )
-from ..synthesis.layout_edit import BankNodule, NoduleBank, load_bank, place_at, rescale_mask
+from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, place_at, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
 from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
@@ -236,13 +237,16 @@ class Studio:
         c = np.argwhere(mask).mean(axis=0)
         wanted = target + ((half - c) - np.round(half - c))[::-1] * self.roi.spacing_mm
         centre = shift_inside_by_steps(wanted, self.roi.half_extent_mm, lo, hi, self.roi.spacing_mm)
+        offset = np.round(self.roi.geometry(centre).world_to_index(target[None])[0] - c).astype(int)
+        border = face_border(margin, self.roi.spacing_mm)
+        if not fits(offset, mask.shape, (self.roi.size,) * 3, border):  # the whole steps inward cost the fit: the
+            centre = shift_inside(wanted, self.roi.half_extent_mm, lo, hi)  # centroid up to half a voxel off the site
         roi = self.roi.geometry(centre)
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
         world = roi.index_to_world(np.indices(layout.shape).reshape(3, -1).T)  # [n^3, 3] x, y, z of the ROI voxels
         layout[self._native_nodules_in(session, world).reshape(layout.shape)] = NODULE  # nodules inserted earlier
         unused = in_boxes(world, _unused_boxes(session.source, float(roi.spacing[0]) / 2)).reshape(layout.shape)
-        border = face_border(margin, float(roi.spacing[0]))
         try:
             edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border, mask)
         except LungDDPMError as exc:

@@ -283,8 +283,13 @@ def series_count_error(path: Path, count: int) -> ImageError:
     one (a series one folder too deep, as PACS exports nest them)."""
     import SimpleITK as sitk
 
-    deeper = [] if count else [d.name for d in sorted(path.iterdir()) if d.is_dir()]
-    deeper = [name for name in deeper if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path / name))]
+    def holds_series(folder: Path) -> bool:
+        try:
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        except RuntimeError:  # an unreadable subfolder: not named, and the count's message kept
+            return False
+
+    deeper = [] if count else [d.name for d in sorted(path.iterdir()) if d.is_dir() and holds_series(d)]
     where = (f" (found one level down, in {', '.join(deeper[:5])}: move each series folder directly into "
              "data.images.ct_dir, named by its case)") if deeper else ""  # fmt: skip
     return ImageError(f"{path}: {count} DICOM series in this folder{where}; keep exactly one series per subfolder")
@@ -293,8 +298,8 @@ def series_count_error(path: Path, count: int) -> ImageError:
 def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequence[float]) -> None:
     """Refuse a DICOM series whose slices (ImagePositionPatient [n, 3]) are not evenly spaced along the slice normal
     (row x column cosines of ImageOrientationPatient): a missing slice of an axial, coronal or sagittal series, or
-    two slices at one position. SimpleITK would stack them at one spacing and shift everything past the gap. Positions
-    rounded to a few decimals pass (``GAP_TOLERANCE``, ``STACK_TOLERANCE``)."""
+    two slices at one position, or gaps that drift from one another. SimpleITK would stack them at one spacing and
+    shift everything past the gap. Positions rounded to a few decimals pass (``GAP_TOLERANCE``, ``STACK_TOLERANCE``)."""
     cosines = np.asarray(orientation, dtype=np.float64)
     normal = np.cross(cosines[:3], cosines[3:6])
     if np.linalg.norm(normal) < 1e-6:

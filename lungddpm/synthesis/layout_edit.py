@@ -290,7 +290,7 @@ def place_at(
     mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing) if mask is None else mask
     offset = np.round(np.asarray(centre_zyx, float) - np.argwhere(mask).mean(axis=0)).astype(int)
     what = f"a nodule of {nod.diameter_mm:.1f} mm centred there"
-    if not _fits(offset, mask.shape, layout.shape, border):
+    if not fits(offset, mask.shape, layout.shape, border):
         room = f" with {border} voxel(s) to its faces" if border else ""
         raise LayoutError(f"{what} does not fit in the {layout.shape} region around the site{room}")
     sl = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, mask.shape))
@@ -303,7 +303,7 @@ def place_at(
     return out, _insert_record(nod, mask, [int(o) for o in offset], geometry)
 
 
-def _fits(offset: np.ndarray, box: Sequence[int], grid: Sequence[int], border: int) -> bool:
+def fits(offset: np.ndarray, box: Sequence[int], grid: Sequence[int], border: int) -> bool:
     """Whether a ``box`` at ``offset`` lies inside ``grid`` with at least ``border`` voxels to each face."""
     return bool(np.all(offset >= border) and np.all(offset + np.asarray(box) <= np.asarray(grid) - border))
 
@@ -318,7 +318,7 @@ def _place(
     half = np.asarray(mask.shape) // 2
     for _ in range(attempts):
         offset = cand[int(rng.integers(len(cand)))] - half
-        if not _fits(offset, mask.shape, layout.shape, border):
+        if not fits(offset, mask.shape, layout.shape, border):
             continue
         sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
         if free[sl][mask].all():

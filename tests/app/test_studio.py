@@ -21,7 +21,7 @@ from lungddpm.config import Config, load_config
 from lungddpm.errors import DicomError
 from lungddpm.io import Geometry, read_json, read_volume
 from lungddpm.preprocessing.grid import SliceGrid
-from lungddpm.preprocessing.layout import NODULE, ball
+from lungddpm.preprocessing.layout import LUNG, NODULE, ball
 from lungddpm.preprocessing.rois import SourceCT
 from lungddpm.synthesis.paste import native_box, nearest_in_box
 
@@ -98,6 +98,32 @@ def test_an_accepted_nodule_lies_wholly_in_the_native_lung(studio: Studio) -> No
         )
         assert covered.any() and (s.labels[box.slices][covered] > 0).all()
     assert accepted and any("outside the lung on the CT's own grid" in r for r in reasons)
+
+
+def test_a_site_near_the_scans_end_keeps_the_nodule_on_the_click(studio: Studio) -> None:
+    """Near the first or last slice the ROI cannot centre on the site and moves inward (shift_inside): by whole ROI
+    voxels, so that the nodule's centroid stays on the click (it moved by the rest of a voxel too: up to half a voxel
+    off, 0.38 mm on a demo case), and never out of the scan."""
+    shifted = 0
+    nodule = min(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
+    for case in studio.cases:
+        s = studio.open_case(case)
+        lo, hi = s.source.bounds()
+        lung_k = np.flatnonzero((s.labels == LUNG).any(axis=(1, 2)))
+        for k in [*lung_k[:6], *lung_k[-6:]]:
+            depth = ndi.distance_transform_edt(s.labels[k] == LUNG)
+            i, j = np.unravel_index(np.argmax(depth), depth.shape)
+            try:
+                ins = studio.check_site(s, (k, i, j), nodule)
+            except StudioError:
+                continue
+            ends = ins.site.geometry.index_to_world(np.array([[0.0] * 3, [studio.roi.size - 1.0] * 3]))
+            assert np.all(ends >= lo - 1e-6) and np.all(ends <= hi + 1e-6)  # the ROI inside the scan
+            centre = ends.mean(axis=0)
+            if abs(centre[2] - s.world((k, i, j))[2]) > studio.roi.spacing_mm:  # moved inward along z
+                shifted += 1
+                assert np.allclose(ins.record["centre_lps_mm"], ins.record["site_lps_mm"], atol=0.011), (case, k)
+    assert shifted
 
 
 def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,7 +115,7 @@ def test_shift_inside_by_steps_keeps_the_centre_on_its_voxel_grid() -> None:
     wanted = np.array([50.3, 2.0, 29.2])  # x inside; y, z too near the edges of a cube of half-edge 10 mm
     out = rois.shift_inside_by_steps(wanted, 10.0, lo, hi, 1.25)
     assert out[0] == wanted[0]
-    # shift_inside puts y at 10.0 and z at 20.0; by steps they move on inward to 10.75 and 19.2 (8 steps)
+    # shift_inside puts y at 10.0 and z at 20.0; by steps they move on inward to 10.75 and 19.2 (7 and 8 steps)
     assert out[1:] == pytest.approx([10.75, 19.2])
     steps = (out - wanted) / 1.25
     assert np.allclose(steps, np.round(steps), atol=1e-9)  # whole steps from the wanted centre on every axis
