@@ -32,7 +32,7 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 4: a coverage probe on a voxel boundary counts for the upper voxel (np.round's ties to even): labels change on
     # grids commensurate with the scan's (config/paper.yaml: 6 voxels of LIDC-IDRI-0171 at some centres), not the demo
     # 5: a main bronchus that the lung encloses in-plane is no longer put back as lung with the lung's holes (the
-    # demo: 19-64 voxels of the 2 mm lung mask in each of the 4 cases checked, at the hilum)
+    # demo: 15-64 voxels of the 2 mm lung mask in each of its 12 cases, at the hilum)
     "preprocess": 5,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits

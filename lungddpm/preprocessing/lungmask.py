@@ -42,7 +42,7 @@ def _lung_holes(lung: np.ndarray, airway: np.ndarray, midline: float, spacing: n
     side of the body ``midline`` (x index), and those across it no larger than a disc of ``max_mm``. Where the lungs
     meet in front of the mediastinum and the closing bridges the gap behind it, the mediastinum is a large hole
     across the midline of the joined lungs: it stays out; a nodule of a lung that reaches past the midline is in.
-    A main bronchus that the lung encloses in-plane stays out too (it was put back: 19-64 voxels in 4 demo cases)."""
+    A main bronchus that the lung encloses in-plane stays out too (it was put back: 15-64 voxels per demo case)."""
     labels, n = ndi.label(_fill_holes_2d(lung) & ~lung, structure=_IN_PLANE)
     if n == 0:
         return np.zeros_like(lung)
