@@ -317,13 +317,15 @@ def check_slice_positions(folder: Path, positions: np.ndarray, orientation: Sequ
             f"{folder}: {same.size} slice(s) at the position of another (first at {along[same[0]]:.2f} mm along the "
             "slice normal): two series, or one exported twice, in one folder; keep one copy of each slice"
         )
-    # the rounding floor capped at half a step, so that a missing slice (a gap off by a whole step) is always seen
-    loose = min(0.5 * step, max(POSITION_ROUNDING_MM, GAP_TOLERANCE * step)) + 1e-6
-    odd = np.flatnonzero(np.abs(gaps - step) > loose)
+
+    def allowed(fraction: float) -> float:  # the rounding floor capped at half a step: a missing slice (a gap off
+        return min(0.5 * step, max(POSITION_ROUNDING_MM, fraction * step)) + 1e-6  # by a whole step) is always seen
+
+    odd = np.flatnonzero(np.abs(gaps - step) > allowed(GAP_TOLERANCE))
     if gaps.size >= 2 and not odd.size:  # each gap near the usual one, yet they may add up to a drift
         stacked = along[0] + np.arange(along.size) * (along[-1] - along[0]) / (along.size - 1)
         off = np.abs(along - stacked)
-        if off.max() > min(0.5 * step, max(POSITION_ROUNDING_MM, STACK_TOLERANCE * step)) + 1e-6:
+        if off.max() > allowed(STACK_TOLERANCE):
             worst = int(np.argmax(off))
             raise ImageError(
                 f"{folder}: slice positions drift from an even spacing (the slice at {along[worst]:.2f} mm along the "

@@ -30,10 +30,11 @@ from .nodules import Nodule, components
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-# SimpleITK's reader for each suffix, chosen by the lower-cased name (it picks MetaImage by case: CASE1.MHA failed)
+# the volume suffixes, each with SimpleITK's reader, chosen by the lower-cased name (SimpleITK picks MetaImage by
+# case: CASE1.MHA failed); .nii.gz before .nii
 IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}  # fmt: skip
+SUFFIXES = tuple(IMAGE_IOS)
 MAX_NODULES = 255  # nodule indices are stored as uint8 on the model grid
 COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
