@@ -40,7 +40,7 @@ from ..preprocessing.rois import (
     shift_inside,
     shift_inside_by_steps,
 )
-from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, place_at, rescale_mask
+from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, place_at, placement_offset, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
 from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
@@ -237,7 +237,7 @@ class Studio:
         c = np.argwhere(mask).mean(axis=0)
         wanted = target + ((half - c) - np.round(half - c))[::-1] * self.roi.spacing_mm
         centre = shift_inside_by_steps(wanted, self.roi.half_extent_mm, lo, hi, self.roi.spacing_mm)
-        offset = np.round(self.roi.geometry(centre).world_to_index(target[None])[0] - c).astype(int)
+        offset = placement_offset(mask, self.roi.geometry(centre).world_to_index(target[None])[0])
         border = face_border(margin, self.roi.spacing_mm)
         if not fits(offset, mask.shape, (self.roi.size,) * 3, border):  # the whole steps inward cost the fit: the
             centre = shift_inside(wanted, self.roi.half_extent_mm, lo, hi)  # centroid up to half a voxel off the site

@@ -288,7 +288,7 @@ def place_at(
     leave the lung or touch another nodule. ``mask``: ``nod`` already rescaled to ``geometry``'s spacing
     (:func:`rescale_mask`), when the caller has it."""
     mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing) if mask is None else mask
-    offset = np.round(np.asarray(centre_zyx, float) - np.argwhere(mask).mean(axis=0)).astype(int)
+    offset = placement_offset(mask, centre_zyx)
     what = f"a nodule of {nod.diameter_mm:.1f} mm centred there"
     if not fits(offset, mask.shape, layout.shape, border):
         room = f" with {border} voxel(s) to its faces" if border else ""
@@ -301,6 +301,11 @@ def place_at(
     out = layout.copy()
     out[sl][mask] = NODULE
     return out, _insert_record(nod, mask, [int(o) for o in offset], geometry)
+
+
+def placement_offset(mask: np.ndarray, centre_zyx: Sequence[float]) -> np.ndarray:
+    """Where :func:`place_at` puts ``mask``'s corner (int [3]): its centroid nearest the index ``centre_zyx``."""
+    return np.round(np.asarray(centre_zyx, float) - np.argwhere(mask).mean(axis=0)).astype(int)
 
 
 def fits(offset: np.ndarray, box: Sequence[int], grid: Sequence[int], border: int) -> bool:
