@@ -9,6 +9,7 @@ the real checkout the benchmark's parity line measured 1.4e-6 at 32³ (paper net
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,22 @@ def test_merged_rows_replace_only_what_was_measured_again() -> None:
     assert [r["s"] for r in merge_rows(old, new)] == [1, 3, 4, 5]
     legacy = {"mode": "ours bf16", "size": 128, "batch": 1, "s": 0}  # a row from before requested_batch/guidance
     assert [r["s"] for r in merge_rows([legacy], [row("ours bf16", 128, 1, 1.0, 6)])] == [6]
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_once(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda v=native: v)
+        precision._warn_emulated_bf16.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lungddpm.diffusion.precision"):
+            assert precision.resolve_precision("bf16", cpu) is torch.bfloat16
+            assert precision.resolve_precision("bf16", cpu) is torch.bfloat16
+            assert precision.resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+            assert precision.resolve_precision("fp32", cpu) is None
+        emulated = [r for r in caplog.records if "oneDNN emulates it" in r.getMessage()]
+        assert len(emulated) == (0 if native else 1)  # once per process, and only for an explicit bf16
+    precision._warn_emulated_bf16.cache_clear()
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
