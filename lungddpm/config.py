@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -27,7 +28,14 @@ def _schema_path() -> Path:
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(_schema_path().read_text())
+    """The parsed schema (a fresh copy: callers may fill it in)."""
+    return copy.deepcopy(_parsed_schema())
+
+
+@functools.cache
+def _parsed_schema() -> dict[str, Any]:
+    """Parsed once per process, by libyaml where PyYAML has it: a Snakemake parse validates five times."""
+    return yaml.load(_schema_path().read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _fill_defaults(instance: dict[str, Any], schema: Mapping[str, Any]) -> None:

@@ -293,6 +293,17 @@ def test_the_packaged_schema_is_the_workflow_schema() -> None:
     assert packaged.is_symlink() and packaged.resolve() == (REPO / "config/schema.yaml").resolve()
 
 
+def test_the_schema_is_parsed_once_as_pyyaml_reads_it_and_each_caller_gets_its_own_copy() -> None:
+    """The cached libyaml parse equals PyYAML's pure-Python one; a caller that fills its copy in (defaults)
+    changes no later caller's."""
+    from lungddpm.config import load_schema
+
+    first = load_schema()
+    assert first == yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    first["properties"]["data"]["properties"].clear()
+    assert load_schema()["properties"]["data"]["properties"]["source"]["default"] == "demo"
+
+
 SCHEMA_KEYWORDS = {"type", "properties", "additionalProperties", "default", "description", "enum", "minimum",
                    "maximum", "exclusiveMinimum", "exclusiveMaximum", "items", "minItems", "maxItems", "required",
                    "oneOf", "anyOf", "allOf", "pattern", "$schema", "title", "uniqueItems", "minLength", "const",

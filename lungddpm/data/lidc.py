@@ -14,10 +14,12 @@ from __future__ import annotations
 import configparser
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +48,12 @@ def _apply_shims() -> None:
             setattr(np, name, value)
     if not hasattr(configparser, "SafeConfigParser"):
         configparser.SafeConfigParser = configparser.ConfigParser  # type: ignore[attr-defined]
+
+
+@functools.cache
+def pylidc_version() -> str:
+    """pylidc's version (the disk caches' key) from its metadata: importing pylidc takes 3 s of each parse."""
+    return importlib.metadata.version("pylidc")
 
 
 @functools.cache
@@ -134,8 +142,8 @@ def scan_info(case_id: str) -> ScanInfo:
 
 
 def all_cases() -> list[str]:
-    """Every case id of the database, sorted."""
-    return sorted(_case_ids().values())
+    """Every case id of the database, sorted (cached: the nodule bank lists them at each parse)."""
+    return list(_per_case("cases", "all", lambda _: sorted(_case_ids().values())))
 
 
 def patient_ids() -> set[str]:
@@ -243,12 +251,9 @@ def _cache(key: str, field: str, value: Any, what: str) -> None:
 
 def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, max_slices: int) -> list[str]:
     """Deterministic demo pick: the shortest series (ties by patient and series UID) having a nodule with
-    median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists.
-
-    The pick depends only on the arguments and pylidc's (static) database, so it is cached on disk
-    (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``): Snakemake evaluates it at every parse.
-    """
-    key = f"demo-v1-c{CLUSTERING_VERSION}-{pylidc().__version__}-{n_scans}-{min_diameter_mm}-{min_readers}-{max_slices}"
+    median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists; cached on disk
+    (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``) as it depends only on pylidc's static database."""
+    key = f"demo-v1-c{CLUSTERING_VERSION}-{pylidc_version()}-{n_scans}-{min_diameter_mm}-{min_readers}-{max_slices}"
     cached = _cached(key, "cases")
     if cached is not None:
         return list(cached)
@@ -282,23 +287,35 @@ def has_nodules(case_id: str, min_readers: int = 1) -> bool:
     """Whether this series has a nodule >= 3 mm that ``min_readers`` radiologists annotated (a nodule the layouts
     hold: :func:`nodules` keeps those clusters only)."""
     if min_readers <= 1:
-        return bool(_scan_by_case(case_id).annotations)
+        return _per_case("annotations", case_id, lambda c: len(_scan_by_case(c).annotations)) > 0
     return most_readers(case_id) >= min_readers
 
 
-_MOST_READERS: dict[str, int] = {}
+def patient_of(case_id: str) -> str:
+    """The LIDC patient id of a case (cached: :func:`_per_case`)."""
+    return _per_case("patients", case_id, lambda c: str(_scan_by_case(c).patient_id))
+
+
+_PER_CASE: dict[str, dict[str, Any]] = {}  # cache key -> case id -> value
+
+
+def _per_case(name: str, case_id: str, value: Callable[[str], Any]) -> Any:
+    """``value(case_id)`` (JSON), cached in memory and on disk per pylidc version (as the demo's pick): the split
+    needs every case at each parse, and a warm cache spares the parse pylidc's import (3 s) and its queries."""
+    key = f"{name}-v1-c{CLUSTERING_VERSION}-{pylidc_version()}"
+    store = _PER_CASE.setdefault(key, {})
+    if not store:
+        store.update(_cached(key, "counts") or {})
+    if case_id not in store:
+        store[case_id] = value(case_id)
+        _cache(key, "counts", store, name)
+    return store[case_id]
 
 
 def most_readers(case_id: str) -> int:
-    """The readers of the series' most-read nodule cluster (0 without annotations). Clustering takes ~0.2 s a
-    series and the split needs every case at each parse, so the counts are cached on disk, as the demo's pick."""
-    key = f"readers-v1-c{CLUSTERING_VERSION}-{pylidc().__version__}"
-    if not _MOST_READERS:
-        _MOST_READERS.update(_cached(key, "counts") or {})
-    if case_id not in _MOST_READERS:
-        _MOST_READERS[case_id] = max((len(c) for c in _clusters(_scan_by_case(case_id))), default=0)
-        _cache(key, "counts", _MOST_READERS, "reader counts")
-    return _MOST_READERS[case_id]
+    """The readers of the series' most-read nodule cluster (0 without annotations); clustering takes ~0.2 s a
+    series, so the counts are cached (:func:`_per_case`)."""
+    return _per_case("readers", case_id, lambda c: max((len(x) for x in _clusters(_scan_by_case(c))), default=0))
 
 
 def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[Nodule]:

@@ -59,7 +59,7 @@ def image_cases(cfg: Config, base: Path = Path(".")) -> dict[str, images.ImageCa
 def patient_of(cfg: Config, case_id: str) -> str:
     if cfg.data.source == "images":
         return image_cases(cfg)[case_id].patient_id
-    return lidc.scan_info(case_id).patient_id
+    return lidc.patient_of(case_id)
 
 
 def has_nodules(cfg: Config, case_id: str) -> bool:

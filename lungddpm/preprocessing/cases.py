@@ -140,7 +140,7 @@ def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:
     if cfg.data.source == "images":
         held_out = {p for c, s in split.items() if s != "train" and (p := lidc_patient_of(cfg, c))}
     else:
-        held_out = {lidc.scan_info(c).patient_id for c, s in split.items() if s != "train"}
+        held_out = {lidc.patient_of(c) for c, s in split.items() if s != "train"}
     everything = lidc.all_cases()
     cases = [c for c in everything if c.split("_")[0] not in held_out]
     images = cfg.data.source == "images" and held_out  # shown at parse time: it depends on your file names

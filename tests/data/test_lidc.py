@@ -155,12 +155,14 @@ def test_the_split_stratum_counts_the_nodules_the_layouts_hold(tmp_path: Path, m
     it is no nodule case for the stratified split (before: any annotation counted); the counts come from the cache
     the second time."""
     monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path))
-    monkeypatch.setattr(lidc, "_MOST_READERS", {})
+    monkeypatch.setattr(lidc, "_PER_CASE", {})
     assert lidc.has_nodules("LIDC-IDRI-0002") and lidc.has_nodules("LIDC-IDRI-0002", 2)
     assert not lidc.has_nodules("LIDC-IDRI-0002", 3) and lidc.most_readers("LIDC-IDRI-0003") == 4
-    monkeypatch.setattr(lidc, "_MOST_READERS", {})
+    monkeypatch.setattr(lidc, "_PER_CASE", {})
     monkeypatch.setattr(lidc, "_clusters", lambda scan: pytest.fail("clustered again: the cache was not read"))
+    monkeypatch.setattr(lidc, "_scan_by_case", lambda case: pytest.fail("queried again: the cache was not read"))
     assert lidc.most_readers("LIDC-IDRI-0002") == 2 and lidc.most_readers("LIDC-IDRI-0003") == 4
+    assert lidc.has_nodules("LIDC-IDRI-0002") and not lidc.has_nodules("LIDC-IDRI-0002", 3)
 
 
 def test_a_gap_between_slices_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
@@ -242,3 +244,40 @@ def test_paint_cuts_masks_at_every_face_of_the_volume(offset: tuple[int, int, in
     if painted:
         lo = np.maximum(offset, 0)
         assert volume[tuple(lo)]  # the mask's first voxel inside the volume
+
+
+PARSE = """
+import json, sys
+from lungddpm.config import load_config
+from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, list_cases
+out = []
+for readers in (1, 3):
+    cfg = load_config("config/config.yaml", {"data": {"demo": {"n_scans": 4}, "min_readers": readers}})
+    cases = list_cases(cfg)
+    split = case_split(cfg, cases, case_strata(cfg, cases))
+    out += [split, case_strata(cfg, cases), case_patients(cfg, cases), bank_cases(cfg, split)]
+print(json.dumps([out, "pylidc" in sys.modules]))
+"""
+
+
+def test_a_parse_with_a_warm_cache_never_imports_pylidc(tmp_path: Path) -> None:
+    """What the Snakefile computes at each parse (the demo's cases, their strata at data.min_readers 1 and 3, split
+    and patients, the nodule bank) comes from the disk cache the second time, with the same values and without
+    importing pylidc (3 s of every ``snakemake`` call)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LUNGDDPM_CACHE": str(tmp_path)}
+    repo = Path(__file__).resolve().parents[2]
+
+    def parse() -> tuple[list, bool]:
+        proc = subprocess.run([sys.executable, "-c", PARSE], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return tuple(json.loads(proc.stdout))
+
+    (cold, imported), (warm, imported_again) = parse(), parse()
+    assert imported and not imported_again
+    assert cold == warm and len(warm[0]) == 4 and warm[2]["LIDC-IDRI-0078"] == "LIDC-IDRI-0078"
+    assert all(warm[1].values())  # every demo case has a nodule of >= 3 readers

@@ -28,7 +28,7 @@ from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig
 from lungddpm.segmentation.datasets import EvalCase, TrainingCase, eval_set, nested_draw, whole_cases
 from lungddpm.segmentation.evaluate import compare_arms, detection, score_arm, voxel_scores
 from lungddpm.segmentation.nnunet import dataset_name, export_raw_dataset, prepare_arm, train_arm
-from lungddpm.segmentation.nnunet_stages import cpu_autocast_trainer, without_cpu_autocast
+from lungddpm.segmentation.nnunet_stages import cpu_autocast_trainer, in_process_pools, without_cpu_autocast
 
 EV = EvaluationConfig(
     connectivity=3, min_overlap_voxels=1, bootstrap=200, ci_level=0.95, paired_test="wilcoxon", seed=0
@@ -270,6 +270,30 @@ def test_nnunet_augmentation_workers_fit_the_job(monkeypatch: pytest.MonkeyPatch
     assert nnunet.nnunet_env(roots, _seg(processes=4), 2)["nnUNet_def_n_proc"] == "2"
     assert nnunet.nnunet_env(roots, _seg(processes=4), 8)["nnUNet_def_n_proc"] == "4"
     assert nnunet.nnunet_env(roots, _seg(da_processes=16), 8)["nnUNet_n_proc_DA"] == "16"
+
+
+def test_one_process_runs_nnunets_pools_in_this_process() -> None:
+    """processes 1: nnU-Net's ``get_context("spawn").Pool`` runs its tasks in a thread of the child (no spawned
+    worker re-importing torch and nnunetv2); any other context, any other pool size and the code after are untouched."""
+    import multiprocessing
+    import multiprocessing.context as contexts
+    import multiprocessing.pool
+
+    real = multiprocessing.get_context
+    with in_process_pools(1):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert isinstance(pool, multiprocessing.pool.ThreadPool)
+            assert pool.starmap(os.getpid, [(), ()]) == [os.getpid()] * 2
+            assert all(w.is_alive() for w in pool._pool)  # what nnU-Net polls while it waits
+        assert multiprocessing.get_context("spawn").Process is contexts.SpawnProcess  # only Pool is replaced
+        assert isinstance(multiprocessing.get_context("forkserver"), contexts.ForkServerContext)
+    assert multiprocessing.get_context is real
+    with in_process_pools(2):
+        assert multiprocessing.get_context is real
+        assert isinstance(multiprocessing.get_context("spawn"), contexts.SpawnContext)
+    with pytest.raises(RuntimeError), in_process_pools(1):
+        raise RuntimeError("a failed stage")
+    assert multiprocessing.get_context is real
 
 
 def test_arms_config_errors_name_the_key() -> None:
