@@ -1,9 +1,13 @@
 """data.source images at CI size: the demo's cases in Lung-DDPM's CT/ + SEG/ layout, one volume format each, plus a
 nodule-free CT as a DICOM subfolder, through every stage at both scales (nnU-Net, which reads only ROIs and
-preprocessed cases, runs in the demo workflow's tests)."""
+preprocessed cases, runs in the demo workflow's tests).
+
+Its own demo DICOM is written here (as the demo workflow's demo_dicom rule writes it), not read from the CI-size demo
+workflow: so this module, a group of its own, runs on the other pytest-xdist worker while that one builds the demo."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import shutil
@@ -17,8 +21,8 @@ import yaml
 from conftest import CI_CONFIG, make_workdir, snakemake
 from scipy import ndimage as ndi
 
-from lungddpm.config import load_config
-from lungddpm.data.demo import export_demo_images, scan_geometry
+from lungddpm.config import Config, load_config
+from lungddpm.data.demo import export_demo_images, scan_geometry, write_demo_case
 from lungddpm.data.images import read_ct, read_label, write_image
 from lungddpm.data.lidc import scan_info
 from lungddpm.data.nodules import paint
@@ -27,6 +31,8 @@ from lungddpm.data.sources import read_case
 from lungddpm.io import read_json, read_volume
 from lungddpm.preprocessing.cases import case_split, list_cases
 from lungddpm.preprocessing.layout import NODULE
+
+pytestmark = pytest.mark.xdist_group("images_workflow")  # one worker builds the module's workflow once
 
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
 NORMAL = "CT-normal-0001"  # a nodule-free CT (LeFusion's "normal CT" case) as a DICOM series folder
@@ -41,8 +47,16 @@ EXTRA = {
 }
 
 
-def _demo_cases(demo_workflow: Path) -> list[str]:
-    return sorted(p.name for p in (demo_workflow / "results/preprocessed").iterdir())
+DEMO = "resources/demo"  # the demo's DICOM and truth, under the module's workdir (where the demo workflow has them)
+
+
+def _demo_config(work: Path) -> Config:
+    """The CI-size demo's config (source demo, its DICOM under ``work``)."""
+    return load_config(work / "config/config.yaml", copy.deepcopy(CI_CONFIG))
+
+
+def _demo_cases(work: Path) -> list[str]:
+    return list_cases(_demo_config(work))
 
 
 def _write_normal_ct(data: Path, like: str) -> None:
@@ -55,13 +69,14 @@ def _write_normal_ct(data: Path, like: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def images_workflow(demo_workflow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def images_workflow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = make_workdir(tmp_path_factory.mktemp("images"), EXTRA)
     cfg = load_config(work / "config/config.yaml", yaml.safe_load((work / "ci.yaml").read_text()))
-    data = work / "data/LIDC-IDRI"
-    for case, suffix in zip(_demo_cases(demo_workflow), FORMATS, strict=True):
-        export_demo_images(cfg, [case], demo_workflow / "resources/demo", data, suffix)
-    _write_normal_ct(data, _demo_cases(demo_workflow)[0])
+    data, cases = work / "data/LIDC-IDRI", _demo_cases(work)
+    for index, (case, suffix) in enumerate(zip(cases, FORMATS, strict=True)):
+        write_demo_case(case, index, work / DEMO, _demo_config(work))  # as the demo's demo_dicom rule does
+        export_demo_images(cfg, [case], work / DEMO, data, suffix)
+    _write_normal_ct(data, cases[0])
     # a split seed that puts the nodule-free CT into train, where the lesion run inserts nodules
     base = Path.cwd()
     os.chdir(work)
@@ -79,11 +94,11 @@ def _nodule_voxels(scan: object) -> np.ndarray:
     return paint(np.zeros(scan.series.hu.shape, bool), scan.nodules, True)
 
 
-def test_each_format_reads_the_same_hu_as_the_dicom_it_came_from(images_workflow: Path, demo_workflow: Path) -> None:
+def test_each_format_reads_the_same_hu_as_the_dicom_it_came_from(images_workflow: Path) -> None:
     cfg = load_config(images_workflow / "config/config.yaml", yaml.safe_load((images_workflow / "ci.yaml").read_text()))
-    demo = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
-    for case in _demo_cases(demo_workflow):
-        ours, theirs = read_case(cfg, case, images_workflow), read_case(demo, case, demo_workflow)
+    demo = _demo_config(images_workflow)
+    for case in _demo_cases(images_workflow):
+        ours, theirs = read_case(cfg, case, images_workflow), read_case(demo, case, images_workflow)
         assert np.array_equal(ours.series.hu, theirs.series.hu), case
         assert ours.series.z_positions == pytest.approx(theirs.series.z_positions, abs=1e-3)
         assert ours.series.origin_xy == pytest.approx(theirs.series.origin_xy, abs=1e-3)
@@ -92,10 +107,10 @@ def test_each_format_reads_the_same_hu_as_the_dicom_it_came_from(images_workflow
         assert all(n.texture == 0 for n in ours.nodules)
 
 
-def test_every_stage_ran_on_the_image_folder(images_workflow: Path, demo_workflow: Path) -> None:
+def test_every_stage_ran_on_the_image_folder(images_workflow: Path) -> None:
     res = images_workflow / "results"
     split = {r["case_id"]: r for r in csv.DictReader(open(res / "splits.csv"))}
-    assert sorted(split) == sorted([*_demo_cases(demo_workflow), NORMAL])
+    assert sorted(split) == sorted([*_demo_cases(images_workflow), NORMAL])
     assert split[NORMAL]["has_nodule"] == "0" and split[NORMAL]["subset"] == "train"
     for case in split:
         meta = read_json(res / f"preprocessed/{case}/meta.json")
@@ -103,7 +118,7 @@ def test_every_stage_ran_on_the_image_folder(images_workflow: Path, demo_workflo
         assert meta["airway_ml_removed"] is None and meta["lung_components"] >= 1  # the label's, not our mask's
         assert (len(meta["nodules"]) == 0) == (case == NORMAL)
         assert all(row["texture"] is None and row["volume_ml"] > 0 for row in meta["nodules"])
-    rois = list(csv.DictReader(open(res / f"rois/{_demo_cases(demo_workflow)[0]}/rois.csv")))
+    rois = list(csv.DictReader(open(res / f"rois/{_demo_cases(images_workflow)[0]}/rois.csv")))
     assert {r["texture_class"] for r in rois if r["kind"] == "nodule"} == {"unknown"}
     ci = yaml.safe_load((images_workflow / "ci.yaml").read_text())
     assert torch.load(res / "models/demo/checkpoint.pt", weights_only=True)["step"] == ci["train"]["steps"]
@@ -154,15 +169,13 @@ def test_editing_a_label_map_reruns_that_case_only(images_workflow: Path) -> Non
     assert planned["preprocess"] == 1 and planned["rois"] == 1 and planned["layout"] == 1
 
 
-def test_without_label_maps_the_lungs_come_from_the_lung_mask(
-    images_workflow: Path, demo_workflow: Path, tmp_path: Path
-) -> None:
+def test_without_label_maps_the_lungs_come_from_the_lung_mask(images_workflow: Path, tmp_path: Path) -> None:
     from lungddpm.preprocessing.grid import preprocess_case
 
     shutil.copytree(images_workflow / "data/LIDC-IDRI/CT", tmp_path / "CT", ignore=shutil.ignore_patterns(NORMAL))
     cfg = load_config(images_workflow / "config/config.yaml", {"data": {"source": "images",
                       "images": {"ct_dir": str(tmp_path / "CT"), "label_dir": None}}})  # fmt: skip
-    case = _demo_cases(demo_workflow)[0]
+    case = _demo_cases(images_workflow)[0]
     meta = preprocess_case(case, tmp_path / "out", cfg)
     assert meta["lung_source"] == "lungmask" and meta["nodules"] == [] and meta["airway_ml_removed"] > 0
     ours, _ = read_volume(tmp_path / "out/lung_fine.nii.gz")
