@@ -373,13 +373,16 @@ def test_raw_dataset_export_passes_nnunet_integrity_check(tmp_path: Path) -> Non
     image, _ = read_volume(folder / "imagesTr/real_c1_0000.nii.gz")
     assert geometry == GEOMETRY and label.sum() == 8 and set(np.unique(label)) == {0, 1} and image.dtype == np.int16
     assert set(np.unique(image[label == 1])) == {31} and set(np.unique(image[label == 0])) == {-800}
-    # one child process (nnunetv2 is never imported here): the export passes; a label 2 in one file fails
+    # one child process (nnunetv2 is never imported here), its pool in-process as segment_prepare's with one
+    # process: the export passes; a label 2 in one file fails
     bad = tmp_path / "bad_label.nii.gz"
     write_volume(bad, (label * 2).astype(np.uint8), GEOMETRY)
     code = (
         "import shutil, sys\n"
         "from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as v\n"
+        "from lungddpm.segmentation.nnunet_stages import in_process_pools\n"
         "if __name__ == '__main__':\n"
+        "  with in_process_pools(1):\n"
         f"    v({str(folder)!r}, 1)\n"
         f"    shutil.copyfile({str(bad)!r}, {str(folder / 'labelsTr/real_c1.nii.gz')!r})\n"
         "    try:\n"

@@ -190,7 +190,11 @@ def test_training_outputs_and_resume_from_undeclared_state(demo_workflow: Path) 
     assert sorted(p.name for p in state.glob("step_*.pt")) == ["step_0000003.pt", "step_0000006.pt"]
     # Snakemake deletes a rule's declared outputs before rerunning it; the undeclared state survives,
     # so the rerun resumes at step 6 instead of retraining
-    snakemake(demo_workflow, "--forcerun", "train", "results/models/demo/checkpoint.pt")  # not the downstream
+    # the target first: after --forcerun (a list) it would be read as another rule to force, and the default target
+    # would rerun every sampling job downstream
+    proc = snakemake(demo_workflow, "results/models/demo/checkpoint.pt", "--forcerun", "train")
+    out = proc.stdout + proc.stderr
+    assert "rule train:" in out and "rule sample:" not in out  # not the downstream
     log = (demo_workflow / "logs/train/demo.log").read_text()
     assert "resuming from" in log and "step_0000006.pt" in log
     assert torch.load(model_dir / "checkpoint.pt", weights_only=True)["step"] == 6
