@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import configparser
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -264,11 +268,6 @@ def test_a_parse_with_a_warm_cache_never_imports_pylidc(tmp_path: Path) -> None:
     """What the Snakefile computes at each parse (the demo's cases, their strata at data.min_readers 1 and 3, split
     and patients, the nodule bank) comes from the disk cache the second time, with the same values and without
     importing pylidc (3 s of every ``snakemake`` call)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "LUNGDDPM_CACHE": str(tmp_path)}
     repo = Path(__file__).resolve().parents[2]
 
