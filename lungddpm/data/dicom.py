@@ -237,6 +237,39 @@ def slice_geometry(reader: Any, names: Sequence[str]) -> tuple[np.ndarray, np.nd
     return positions, orientations, spacings
 
 
+def mask_padding(image: Any, reader: Any, names: Sequence[str], padding_hu: float) -> Any:
+    """``image`` (SimpleITK, float HU [Z, Y, X] in the order of ``names``, as ``reader`` read it with its per-slice
+    headers) with each slice's PixelPaddingValue voxels set to ``padding_hu``, as :func:`read_dicom_series` does
+    (matched by its bits: a file may write it in the other signedness, SS -2000 = US 63536); SimpleITK rescales
+    padding as HU (unsigned 63536 at intercept -1024: a 62512 HU border round the field of view)."""
+    import SimpleITK as sitk
+
+    def tag(i: int, key: str, default: str | None) -> str | None:
+        return reader.GetMetaData(i, key).strip() if reader.HasMetaDataKey(i, key) else default
+
+    hu = None
+    for i, name in enumerate(names):
+        if (pad := tag(i, "0028|0120", None)) in (None, ""):
+            continue
+        signed, bits = tag(i, "0028|0103", "0") == "1", int(tag(i, "0028|0100", "16") or 16)
+        try:
+            stored = same_bits(int(float(pad)), np.dtype(f"{'i' if signed else 'u'}{max(bits // 8, 1)}"))
+            slope, intercept = (float(tag(i, k, d) or d) for k, d in (("0028|1053", "1"), ("0028|1052", "0")))
+        except (TypeError, ValueError) as exc:
+            raise ImageError(f"{name}: PixelPaddingValue {pad!r} or its rescale is not a number; re-export the series "
+                             "with valid ones, or without PixelPaddingValue") from exc  # fmt: skip
+        if stored is None:
+            continue
+        hu = sitk.GetArrayFromImage(image) if hu is None else hu
+        # stored values are whole numbers, so rescaled ones lie |slope| apart: half of that matches the padding alone
+        hu[i][np.abs(hu[i] - (stored * slope + intercept)) <= abs(slope) / 2] = padding_hu
+    if hu is None:
+        return image
+    out = sitk.GetImageFromArray(hu)
+    out.CopyInformation(image)
+    return out
+
+
 HEADER_TOLERANCE = 1e-4  # orientation cosines and pixel spacings (mm) of one series' slices agree to this
 TILT_MAX_PIXELS = 0.1  # in-plane drift of the slice positions, in pixels, below which a stack counts as unsheared
 # slice positions, as fractions of the slice step: a gap off the usual one by more is a missing or irregular slice;

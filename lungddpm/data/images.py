@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ImageError
 from ..io import nifti_forms, nifti_non_finite, nifti_truncation
 from . import series_patient
-from .dicom import DicomSeries, check_slice_geometry, series_count_error, slice_geometry
+from .dicom import DicomSeries, check_slice_geometry, mask_padding, series_count_error, slice_geometry
 from .nodules import Nodule, components
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,9 @@ def discover(ct_dir: str, label_dir: str | None, patient_regex: str | None) -> d
     return {c: ImageCase(c, images[c], labels.get(c), patient_of(c, patient_regex)) for c in sorted(images)}
 
 
-def _read(path: Path) -> Any:
-    """A SimpleITK image of a volume file or of the one DICOM series of a folder, reoriented to LPS axes."""
+def _read(path: Path, padding_hu: float | None = None) -> Any:
+    """A SimpleITK image of a volume file or of the one DICOM series of a folder, reoriented to LPS axes; a series'
+    PixelPaddingValue voxels set to ``padding_hu`` (when given)."""
     import SimpleITK as sitk
 
     try:
@@ -182,6 +183,7 @@ def _read(path: Path) -> Any:
             reader.SetOutputPixelType(sitk.sitkFloat32)  # not the first slice's type: each slice's own rescale
             image = reader.Execute()
             check_slice_geometry(path, names, *slice_geometry(reader, names))
+            image = image if padding_hu is None else mask_padding(image, reader, names, padding_hu)
         else:
             io = next((v for k, v in IMAGE_IOS.items() if path.name.lower().endswith(k)), "")
             image = sitk.ReadImage(str(path), imageIO=io)
@@ -232,7 +234,7 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     """A CT volume -> axial series in HU [Z, Y, X] (z ascending), clipped to [``padding_hu``, ``max_hu``]."""
     import SimpleITK as sitk
 
-    image = _read(Path(path))
+    image = _read(Path(path), padding_hu)
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     _refuse_non_finite(Path(path), hu, "the HU of air outside the body (e.g. -1024)")
     air, tissue = (float(np.mean((hu >= lo) & (hu <= hi))) if hu.size else 0.0 for lo, hi in (HU_AIR, HU_TISSUE))

@@ -13,16 +13,20 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from lungddpm.data.dicom import read_dicom_series, same_bits
+from lungddpm.data.images import read_ct
 from lungddpm.data.phantom import ScanGeometry, quirks_for, write_dicom_series
 from lungddpm.errors import DicomError
 
 
-def _series(folder: Path) -> list[Path]:
-    """Four 32 x 32 slices of -800 HU inside the field of view, written as the demo writes its phantoms (here
-    unsigned, intercept -1024: 0 stored outside the field of view, read as -1024)."""
+def _series(folder: Path, tissue: bool = False) -> list[Path]:
+    """Four 32 x 32 slices of -800 HU inside the field of view (``tissue``: its right half +40 HU, so that it reads
+    as a chest CT through ``read_ct``), written as the demo writes its phantoms (here unsigned, intercept -1024: 0
+    stored outside the field of view, read as -1024)."""
     geom = ScanGeometry("LIDC-IDRI-9999", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.7, np.arange(4) * 2.5, 2.5, 32, 32)
-    paths = write_dicom_series(np.full((4, 32, 32), -800, np.int16), geom, folder, quirks_for(1))
-    assert np.array_equal(np.unique(read_dicom_series(folder).hu), [-1024, -800])
+    volume = np.full((4, 32, 32), -800, np.int16)
+    volume[..., 16:] = 40 if tissue else -800
+    paths = write_dicom_series(volume, geom, folder, quirks_for(1))
+    assert np.array_equal(np.unique(read_dicom_series(folder).hu), [-1024, -800, 40] if tissue else [-1024, -800])
     return paths
 
 
@@ -94,7 +98,7 @@ def test_padding_is_matched_by_its_bits_in_either_signedness_and_byte_order(tmp_
     from pydicom.dataelem import DataElement
     from pydicom.uid import ExplicitVRBigEndian
 
-    paths = _series(tmp_path / "s")  # unsigned pixels, no padding tag yet
+    paths = _series(tmp_path / "s", tissue=True)  # unsigned pixels, no padding tag yet
     before = read_dicom_series(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu  # air round its round field
     for f in paths:
         ds = pydicom.dcmread(f)
@@ -113,5 +117,7 @@ def test_padding_is_matched_by_its_bits_in_either_signedness_and_byte_order(tmp_
     assert pydicom.dcmread(f).pixel_array.dtype.byteorder == (">" if big_endian else "=")
     hu = read_dicom_series(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu
     assert set(np.unique(hu[:, 0, :])) == {-1024.0} and np.array_equal(hu[:, 1:], before[:, 1:])
+    # the same folder as `data.source: images` reads it (SimpleITK rescales the padding as HU: 62512 before the fix)
+    assert np.array_equal(read_ct(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu, hu)
     # a value no pixel of that width can hold matches none (wrapped round, -2000 would be uint8's 48)
     assert [same_bits(v, np.dtype(t)) for v, t in ((-2000, "u1"), (70000, ">u2"), (3000, "i1"))] == [None] * 3
