@@ -33,7 +33,7 @@ import numpy as np
 from ..data import series_patient
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import read_volume, write_csv
-from ..preprocessing.layout import NODULE
+from ..preprocessing.layout import NODULE, VOXEL_RTOL
 from .distribution import bootstrap_distance, cluster_draw, group_members, one_group, unit_halves, w1
 from .voxel import margin_profile, signed_distance
 
@@ -104,7 +104,8 @@ def measure(name: str, cls: str, ct: np.ndarray, mask: np.ndarray, spacing_mm: f
     """One nodule's statistics; ``mask`` [Z, Y, X] bool must be non-empty."""
     hu = ct[mask].astype(np.float64)
     signed = signed_distance(mask, spacing_mm)  # one pair of distance transforms for the core and the profile
-    core = ct[mask & (signed <= -s.core_mm)].astype(np.float64)
+    # the tolerance: a spacing read from a file is float32 (0.7 -> 0.69999999), which must not drop a whole layer
+    core = ct[mask & (signed <= -s.core_mm * (1 - VOXEL_RTOL))].astype(np.float64)
     z = round(np.argwhere(mask)[:, 0].mean())
     return Nodule(name, cls, hu, core, float(np.mean(hu >= s.solid_hu)), margin_profile(ct, mask, spacing_mm,
                   profile_bins(s), signed), ct[z].astype(np.float32), case, patient)  # fmt: skip

@@ -135,7 +135,8 @@ def synthesize_lesion_shard(
     settings = run_settings(cfg, model_digest(ckpt), file_sha256(bank_path))
     # what auto became here, compared as the settings are: a resume on another device remakes items, never mixes
     settings["precision_used"] = precision_name(resolve_precision(lc["sample"]["precision"], device))
-    manifest, pending, inputs = [], [], {}
+    entries: dict[str, dict[str, Any]] = {}  # by item: the manifest in the order of items, whatever was skipped
+    pending, inputs = [], {}
     for item in items:
         sites = read_sites(roi_tables[item.case_id])
         files = item_files(out_dir, item, len(sites))
@@ -144,7 +145,7 @@ def synthesize_lesion_shard(
             inputs[item.case_id] = item_inputs_sha256(roi_tables[item.case_id], preprocessed[item.case_id], sources)
         if provenance_complete(files, item_settings(settings, item, inputs[item.case_id])):
             log.info("%s: complete, skipped", item.name)
-            manifest.append({"item": item.name, "case_id": item.case_id, "skipped": True})
+            entries[item.name] = {"item": item.name, "case_id": item.case_id, "skipped": True}
             continue
         for path in files.values():
             for stale in remove_stale_temps(path):
@@ -191,11 +192,11 @@ def synthesize_lesion_shard(
             },
         )
         log.info("%s: %d nodule(s) pasted and written in %.1f s", item.name, len(ins), time.perf_counter() - t1)
-        manifest.append({"item": item.name, "case_id": item.case_id, "skipped": False, "nodules": len(ins),
-                         "seconds_per_nodule": round(per_nodule, 3)})  # fmt: skip
+        entries[item.name] = {"item": item.name, "case_id": item.case_id, "skipped": False, "nodules": len(ins),
+                              "seconds_per_nodule": round(per_nodule, 3)}  # fmt: skip
     if refused:  # a rerun keeps the items written here and samples only those of these cases again
         raise DicomError("; ".join(refused.values()))
-    return manifest
+    return [entries[it.name] for it in items]
 
 
 def texture_control(

@@ -46,6 +46,17 @@ def _sphere(
     return (ct if core_hu is None else np.where(r2 <= 2.0**2, core_hu, ct)).astype(np.float32), mask
 
 
+@pytest.mark.parametrize("spacing", [1.0, 1.25, 0.7, 0.9, 1.3])
+def test_core_keeps_its_layer_at_a_float32_spacing(spacing: float) -> None:
+    """A 5^3 cube's layers lie 0.5, 1.5 and 2.5 voxels deep; a core from 1.5 voxels in holds the inner 3^3. The
+    spacing as a NIfTI file stores it (float32: 0.7 -> 0.69999999) dropped that layer (1 voxel) before."""
+    mask = np.zeros((9, 9, 9), bool)
+    mask[2:7, 2:7, 2:7] = True
+    settings = replace(S, core_mm=1.5 * spacing)
+    got = measure("x", "solid", np.zeros(mask.shape, np.int16), mask, float(np.float32(spacing)), settings)
+    assert got.core.size == 27
+
+
 def test_margin_profile_of_a_step_edge() -> None:
     ct, mask = _sphere(0.0, -800.0)
     bins = profile_bins(S)

@@ -113,6 +113,14 @@ def test_an_irregular_case_fails_the_shard_after_its_other_items_are_written(
     lesion_run.synthesize_lesion_shard(items, cfg, tmp_path / "ckpt.pt", cases, cases, tmp_path / "b.npz", tmp_path)
     assert loads == ["c1", "c2"]
 
+    # a resumed shard (the middle item complete) lists its items in their order, not the skipped ones first: the
+    # report shows the montages of the first items it lists
+    monkeypatch.setattr(lesion_run, "provenance_complete", lambda files, settings: "c2_0" in files["provenance"].name)
+    out = lesion_run.synthesize_lesion_shard(items[1:], cfg, tmp_path / "ckpt.pt", cases, cases, tmp_path / "b.npz",
+                                             tmp_path)  # fmt: skip
+    assert [(e["item"], e["skipped"]) for e in out] == [(it.name, it.name.endswith("c2_0")) for it in items[1:]]
+    assert sum(e["skipped"] for e in out) == 1
+
 
 def test_the_native_geometry_refuses_slices_that_drift_off_the_written_grid() -> None:
     """Each step within 1 % of the median passed, yet 130 steps of 2.52 mm after 150 of 2.5 put the last slices
