@@ -164,7 +164,7 @@ def read_scores(path: Path) -> list[dict[str, Any]]:
     rows = read_csv(path)
     if not rows:
         raise LungDDPMError(f"{path}: no scores; rerun segment_score")
-    missing = [k for k in METRICS if k not in rows[0]]
+    missing = [k for k in ("kind", "cluster", *METRICS, "n_nodules") if k not in rows[0]]
     if missing:
         raise LungDDPMError(f"{path}: no column {', '.join(missing)} (a table of older code?); rerun segment_score")
     for r in rows:
@@ -195,12 +195,6 @@ def _models_sd(rows: Sequence[Mapping[str, Any]], metric: str, weight: Mapping[s
         if ok.any():
             means.append(float(np.average(v[ok], weights=w[ok])))
     return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
-
-
-def nodule_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Case -> its number of true nodules (``n_nodules``, the same for every model of the case; 1 where a table
-    lacks it, which leaves a plain mean)."""
-    return {r["case_id"]: float(r["n_nodules"]) if r.get("n_nodules") not in (None, "") else 1.0 for r in rows}
 
 
 def _weighted_ci(
@@ -256,11 +250,18 @@ def compare_arms(
                 f"missing {sorted(base_ids - ids)[:5]}, extra {sorted(ids - base_ids)[:5]}; rerun segment_score for "
                 f"arm {arm!r} (and {baseline!r}) on the same test split"
             )
-    cluster = {r["case_id"]: r.get("cluster") or r["case_id"] for rows in data.values() for r in rows}
+    truth = {r["case_id"]: (r["cluster"], float(r["n_nodules"])) for r in data[baseline]}  # the same in every arm
+    for arm, rows in data.items():  # (not the last arm's clusters for every arm, unchecked)
+        if odd := [r for r in rows if (r["cluster"], float(r["n_nodules"])) != truth[r["case_id"]]]:
+            raise LungDDPMError(
+                f"{scores[arm]}: arm {arm!r} gives case {odd[0]['case_id']} cluster {odd[0]['cluster']!r} and "
+                f"{odd[0]['n_nodules']} nodule(s), {scores[baseline]} {truth[odd[0]['case_id']]} (other evaluation."
+                "cluster settings or test truth); rerun segment_score for every arm"
+            )
+    cluster, nodules = {c: t[0] for c, t in truth.items()}, {c: t[1] for c, t in truth.items()}
     lesion = any(r.get("kind") in ("nodule", "free") for r in data[baseline])  # ROIs, even with no free ROI
     fp_name = FP_METRIC["free" if lesion else "scan"]
     base_cases = {m: per_case(data[baseline], m) for m in METRICS}
-    nodules = {c: n for rows in data.values() for c, n in nodule_counts(rows).items()}  # a property of the truth
     out: list[dict[str, Any]] = []
     for arm, rows in data.items():
         n_models = len({(r["seed"], r["fold"]) for r in rows})

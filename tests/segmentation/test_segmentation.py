@@ -200,13 +200,25 @@ def test_compare_refuses_arms_scored_on_other_test_cases(tmp_path: Path) -> None
     """An arm's mean over its own cases beside a difference over the shared ones would mislead: refused, named."""
     for arm, cases in (("real", ["c1", "c2", "c3", "c4"]), ("syn", ["c1", "c2", "c5"])):
         rows = [{"arm": arm, "seed": 0, "fold": "all", "case_id": c, "kind": "scan", "cluster": c, "dice": 0.5,
-                 "sensitivity": 0.5, "specificity": 1.0, "detection_sensitivity": 1.0, "false_positives": 0}
-                for c in cases]  # fmt: skip
+                 "sensitivity": 0.5, "specificity": 1.0, "detection_sensitivity": 1.0, "false_positives": 0,
+                 "n_nodules": 1} for c in cases]  # fmt: skip
         write_csv(tmp_path / f"{arm}.csv", rows)
     scores = {"real": tmp_path / "real.csv", "syn": tmp_path / "syn.csv"}
     with pytest.raises(LungDDPMError, match=r"syn.csv: arm 'syn' scores 3 test case\(s\), baseline 'real' 4: "
                        r"missing \['c3', 'c4'\], extra \['c5'\]; rerun segment_score for arm 'syn'"):  # fmt: skip
         compare_arms(scores, "real", tmp_path / "c.csv", None, EV)
+    # the same cases clustered otherwise (another evaluation.cluster): refused, whichever arm comes last (before,
+    # the last arm's clusters were every arm's, so the baseline's interval and the p-value depended on the order)
+    rows = list(csv.DictReader(open(tmp_path / "real.csv")))
+    write_csv(tmp_path / "syn.csv", [{**r, "arm": "syn", "cluster": "P1"} for r in rows])
+    for order in (["real", "syn"], ["syn", "real"]):
+        with pytest.raises(LungDDPMError, match=r"syn.csv: arm 'syn' gives case c1 cluster 'P1' and 1 nodule\(s\), "
+                           r".*real.csv \('c1', 1.0\) .*; rerun segment_score for every arm"):  # fmt: skip
+            compare_arms({a: scores[a] for a in order}, "real", tmp_path / "c.csv", None, EV)
+    # a table of older code without clusters: each ROI was its own unit, silently
+    write_csv(tmp_path / "old.csv", [{k: v for k, v in r.items() if k != "cluster"} for r in rows])
+    with pytest.raises(LungDDPMError, match=r"old.csv: no column cluster \(a table of older code\?\); rerun"):
+        compare_arms({"real": tmp_path / "old.csv"}, "real", tmp_path / "c.csv", None, EV)
 
 
 def test_paired_ttest_of_equal_differences_is_undefined() -> None:

@@ -232,12 +232,14 @@ def test_sweep_table_and_plot(tmp_path: Path) -> None:
                 "specificity": 1.0,
                 "detection_sensitivity": 1.0 if i < found else 0.0,
                 "false_positives": math.nan,
+                "cluster": f"n{i}",
+                "n_nodules": 1,
             }
             for i in range(4)
         ]
         rows.append({"arm": f"sweep_{f:g}x", "seed": 0, "fold": "all", "case_id": "f0", "kind": "free",
                      "dice": math.nan, "sensitivity": math.nan, "specificity": 1.0, "detection_sensitivity": math.nan,
-                     "false_positives": 3 - f})  # fmt: skip
+                     "false_positives": 3 - f, "cluster": "f0", "n_nodules": 0})  # fmt: skip
         scores[f] = tmp_path / f"{f}.csv"
         write_csv(scores[f], rows)
     out = sweep(scores, tmp_path / "sweep.csv", tmp_path / "sweep.png", EV, 0.25)
@@ -307,7 +309,8 @@ def test_jittered_rois_of_one_nodule_are_one_cluster(tmp_path: Path) -> None:
             rows[arm].append({"arm": arm, "seed": 0, "fold": "all", "case_id": t.identifier, "kind": t.kind,
                               "cluster": t.cluster, "dice": d if t.kind == "nodule" else math.nan,
                               "sensitivity": math.nan, "specificity": 1.0, "detection_sensitivity": math.nan,
-                              "false_positives": 0 if t.kind == "free" else math.nan})  # fmt: skip
+                              "false_positives": 0 if t.kind == "free" else math.nan,
+                              "n_nodules": int(t.kind == "nodule")})  # fmt: skip
     for arm in rows:
         write_csv(tmp_path / f"{arm}.csv", rows[arm])
     scores = {arm: tmp_path / f"{arm}.csv" for arm in rows}
