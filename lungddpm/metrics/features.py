@@ -389,7 +389,10 @@ def cached_features(
             raise FeatureError(f"{labels}: grid {layout.shape} at {lg.spacing} mm differs from {image}'s; pair each "
                                "volume with its own layout")  # fmt: skip
         region = layout > 0
-    feat = extractor(volume, geometry, region)
+    try:
+        feat = extractor(volume, geometry, region)
+    except FeatureError as exc:  # e.g. no lung voxels, an oblique volume: named by its files
+        raise FeatureError(f"{image}{'' if labels is None else f' (layout {labels})'}: {exc}") from exc
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, feat)
     return feat

@@ -157,6 +157,8 @@ def pair_rows(pairs: Sequence[Pair], settings: dict[str, Any], hu_window: Sequen
             labels, lg = read_volume(label_path)
             if labels.shape != real.shape or not lg.same_grid(rg):
                 raise MetricsError(f"{label_path}: layout grid differs from {p.real.image}'s; use the pair's layout")
+            if not (labels > 0).any():
+                raise MetricsError(f"{label_path}: a layout without lung (no label > 0); use the pair's own layout")
         row: dict[str, Any] = {"synthetic": p.synthetic.name, "real": p.real.name, "patient": p.real.unit}
         regions: dict[str, np.ndarray | None] = {"whole": None}
         if labels is not None:

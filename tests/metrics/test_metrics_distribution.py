@@ -105,6 +105,22 @@ def test_bootstrap_excess_is_paired_and_groups_each_set() -> None:
     assert grouped == pytest.approx((value, lo, hi), rel=1e-9)
 
 
+def test_a_set_that_can_only_draw_itself_has_no_interval() -> None:
+    """Two one-volume patients, resampled keeping 2 distinct rows (FID's covariance): every kept draw is the set
+    reordered, so the interval had zero width at the value ([12.43, 12.43] for an excess), as if exact; NaN now,
+    as for a set of one patient. Two patients of two volumes each, or three of one, can vary: an interval."""
+    rng = np.random.default_rng(2)
+    a, floor, b = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)), rng.normal(0.4, 1.0, size=(2, 3))
+    units = (["p1", "p2"], ["p3", "p4"], ["p5", "p6"])
+    value, lo, hi = bootstrap_excess(fid, a, floor, b, 50, seed=0, groups=units)
+    assert value == pytest.approx(fid(a, b) - fid(floor, b)) and np.isnan(lo) and np.isnan(hi)
+    assert np.isnan(bootstrap_distance(fid, a, b, 50, seed=0, groups_a=units[0], groups_b=units[2])[1])
+    four, three = rng.normal(size=(4, 3)), rng.normal(size=(3, 3))
+    lo, hi = bootstrap_distance(fid, four, three, 50, seed=0, groups_a=["p1", "p1", "p2", "p2"],
+                                groups_b=["p3", "p4", "p5"])[1:]  # fmt: skip
+    assert lo < hi
+
+
 def test_w1_equals_scipy_on_integer_and_float_samples() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):  # integer HU: the sort-free path

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,22 @@ def test_a_volume_smaller_than_the_ssim_window_is_refused_naming_the_key(folders
     with pytest.raises(MetricsError, match=rf"LIDC-IDRI-0000.nii.gz: grid \({shape[0]}, .*smaller than the "
                        rf"{min(shape) + 1}-voxel SSIM window; lower metrics.ssim_window"):  # fmt: skip
         iq.pair_rows(pairs, {**SETTINGS, "ssim_window": min(shape) + 1}, (-1000, 400))
+
+
+def test_a_layout_without_lung_is_refused_naming_the_files(folders: dict[str, Path], tmp_path: Path) -> None:
+    """Before: a bare ValueError (a traceback from the CLI) from the voxel metrics and a FeatureError naming no file
+    from the features."""
+    from lungddpm.metrics.features import FeatureError, build_extractor, cached_features
+
+    pairs, _, _ = folder_sets(folders["real"], folders["synthetic"], folders["labels"])
+    empty = tmp_path / "empty_layout.nii.gz"
+    write_volume(empty, np.zeros(read_volume(pairs[0].real.image)[0].shape, np.uint8), GEOM)
+    pair = dataclasses.replace(pairs[0], synthetic=dataclasses.replace(pairs[0].synthetic, labels=empty))
+    with pytest.raises(MetricsError, match=r"empty_layout.nii.gz: a layout without lung \(no label > 0\)"):
+        iq.pair_rows([pair], SETTINGS, (-1000, 400))
+    image = pairs[0].real.image
+    with pytest.raises(FeatureError, match=rf"{image.name} \(layout .*empty_layout.nii.gz\): empty feature region"):
+        cached_features(build_extractor(SETTINGS["features"]), image, tmp_path / "cache", empty)
 
 
 def test_a_killed_writes_hidden_temporary_is_no_volume(folders: dict[str, Path]) -> None:
