@@ -72,7 +72,7 @@ def paired_metrics(
     synthetic: np.ndarray,
     mask: np.ndarray | None,
     hu_window: Sequence[float],
-    ssim_window: int = 7,
+    ssim_window: int = 11,
     ssim_sigma: float = 1.5,
 ) -> dict[str, float]:
     """MSE, MAE (HU², HU; raw HU), PSNR (dB, at most 100) and SSIM (both on the HU window, :func:`windowed`, peak its
