@@ -4,7 +4,7 @@ rule demo_dicom:
         truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
     params:
         index=lambda wildcards: CASES.index(wildcards.case),
-        settings=settings("data"),
+        settings=settings("data", case=True),  # not which cases there are (demo.n_scans): a new one reruns no other
         phantom=PHANTOM_VERSION,
         **output_version("demo_dicom"),
     log:

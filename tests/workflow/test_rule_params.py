@@ -208,3 +208,13 @@ def test_an_invalid_config_names_its_files_in_merge_order(tmp_path: Path) -> Non
     out = dry.stdout + dry.stderr
     assert f"snakemake config (config/config.yaml, then {workdir / 'ci.yaml'}, then --config): invalid" in out
     assert "sample: Additional properties are not allowed ('stpes' was unexpected)" in out
+
+
+def test_a_demo_case_is_written_again_only_when_what_shapes_it_changes(tmp_path: Path) -> None:
+    """demo_dicom's params: not demo.n_scans (which cases there are; before, a new one rewrote every phantom and
+    reran every case after it), but the noise, the seed and the case's index in the sorted list."""
+    workdir = make_workdir(tmp_path)
+    rule = "demo_dicom:case=LIDC-IDRI-0078"
+    base = rule_params(workdir, {}, rule)
+    assert rule_params(workdir, {"data": {"demo": {"n_scans": 5}}}, rule) == base
+    assert rule_params(workdir, {"data": {"demo": {"noise_hu": 5}}}, rule) != base
