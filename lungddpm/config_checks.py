@@ -145,6 +145,9 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         out.append(f"lesion.texture_hu: {texture} must lie inside intensity.hu_window [{lo:g}, {hi:g}], clear of its "
                    f"ends: between {low:g} and {high:g} HU (each texture's level in the nodule channel stays apart "
                    "from -1 outside the nodules and 1 for any texture); move it in or widen the window")  # fmt: skip
+    if len(set(levels.tolist())) < len(levels):  # two classes one level: merged, or guidance's list one short
+        out.append(f"lesion.texture_hu: {texture} gives two texture classes one level (in float32); give each class "
+                   "its own HU")  # fmt: skip
     steps = [("train.preview_sampler_steps", config["train"].get("preview_sampler_steps"))]
     if scale == "volume" and not given_checkpoint(config):  # a given model: its own schedule
         steps.append(("sample.steps", (config.get("sample") or {}).get("steps")))
@@ -176,10 +179,18 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
                        "learns with lesion.train.cond_dropout 0 (LIDC nodules all have a texture); set "
                        "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 (or guidance_against: classes) and a "
                        "texture class")  # fmt: skip
+        requested = (lesion.get("insert") or {}).get("texture", "bank")
+        if source == "images" and requested not in ("bank", "any"):
+            out.append(f"lesion.insert.texture: {requested} is a texture class, and a lesion model trained on "
+                       "data.source images learns none (its nodules' texture is unknown); use bank or any (both "
+                       "'any texture' there)")  # fmt: skip
         if guided and against == "classes" and source == "images":
             out.append("lesion.sample.guidance_against: classes needs a model that learnt the texture classes, and "
                        "data.source images has none (its nodules' texture is unknown); use guidance_against: any or "
                        "guidance: 1")  # fmt: skip
+        if (lesion.get("model") or {}).get("init_from"):
+            out.append("lesion.model.init_from: the lesion model trains from scratch (an imported network is the "
+                       "whole-volume model's, model.init_from); remove the key")  # fmt: skip
         for key in ("processes", "gpus"):
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "

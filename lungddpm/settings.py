@@ -79,3 +79,14 @@ def lesion_training_settings(lesion: Config) -> dict[str, Any]:
         "intensity": raw["intensity"],
         "preprocess": {k: raw["preprocess"][k] for k in ("size", "spacing_mm")},
     }
+
+
+def lesion_insert(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``lesion.insert`` as the lesion run uses it: ``texture: bank`` (each bank nodule's own class) is ``any`` where
+    the lesion model learns no texture class (``data.source: images``: its nodules' texture is unknown, so the
+    nodule channel says "any texture" in training, and a class level would be one it never saw). What the rule's
+    params and the items' provenance compare, so an images workdir made before remakes its items once."""
+    insert = dict(config["lesion"]["insert"])
+    if insert.get("texture") == "bank" and (config.get("data") or {}).get("source") == "images":
+        insert["texture"] = "any"
+    return insert

@@ -11,7 +11,7 @@ from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import case_data_settings, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
+from lungddpm.settings import case_data_settings, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -180,7 +180,8 @@ def report_inputs(wildcards):
 def lesion_settings(*keys):
     """Keys of the lesion section a rule depends on, as params (editing one reruns exactly the rules that use it);
     of lesion.sample what changes the nodules (as the items' provenance: lesion.run_settings)."""
-    return {f"lesion.{k}": sampling_what(config["lesion"][k]) if k == "sample" else config["lesion"][k] for k in keys}
+    sections = {**config["lesion"], "sample": sampling_what(config["lesion"]["sample"]), "insert": lesion_insert(config)}
+    return {f"lesion.{k}": sections[k] for k in keys}
 
 
 def context_margin():

@@ -193,6 +193,9 @@ def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_w
         assert (
             f"--samplers '{spec}': expected NAME:STEPS with NAME one of ['ddpm', 'ddim', 'dpm++'] and 1 to 250" in err
         )
+    # the lesion inpainting bench runs on the config's ROI grid, eagerly: flags it would drop are refused
+    assert main(["bench", "sample", "--scale", "lesion", "--size", "48", "--channels-last"]) == 2
+    assert "--size, --channels-last: not used by bench sample --scale lesion" in capsys.readouterr().err
     for batch in ("foo", "0"):
         with pytest.raises(SystemExit, match="2"):
             main(["bench", "speed", "--batch-sizes", "1", batch])

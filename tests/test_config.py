@@ -465,3 +465,29 @@ def test_guidance_against_the_classes_needs_no_condition_dropout() -> None:
     images = {"data": {"source": "images", "images": {"ct_dir": "ct"}}, **over}
     with pytest.raises(ConfigError, match=r"guidance_against: classes needs a model that learnt the texture classes"):
         load_config("config/config.yaml", images)
+
+
+def test_own_images_insert_any_texture_for_bank_and_refuse_a_class() -> None:
+    """A lesion model trained on data.source images saw its nodules as 'any texture' only: bank (each bank
+    nodule's LIDC class, a level it never saw, before) is asked as any, in the lesion run and in what its rule and
+    items compare; a class is refused. LIDC and the demo keep bank."""
+    from lungddpm.settings import lesion_insert
+
+    images = {"data": {"source": "images", "images": {"ct_dir": "ct"}}}
+    assert lesion_insert(load_config("config/config.yaml", images).raw)["texture"] == "any"
+    assert lesion_insert(load_config("config/config.yaml").raw)["texture"] == "bank"
+    solid = {**images, "lesion": {"insert": {"texture": "solid"}}}
+    with pytest.raises(ConfigError, match=r"lesion.insert.texture: solid is a texture class, and a lesion model "
+                       r"trained on data.source images learns none"):  # fmt: skip
+        load_config("config/config.yaml", solid)
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"texture_hu": [-300, -300, 0]}, r"lesion.texture_hu: \[-300.0, -300.0, 0.0\] gives two texture classes"),
+    ({"model": {"init_from": "lesion.pt"}}, r"lesion.model.init_from: the lesion model trains from scratch"),
+])  # fmt: skip
+def test_lesion_keys_that_would_merge_classes_or_be_ignored_are_refused(over: dict, message: str) -> None:
+    """Accepted before: two classes at one level merged (and guidance against the classes indexed past the end
+    of the shortened level list, hours in), and lesion.model.init_from was dropped without a word."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("config/config.yaml", {"lesion": over})

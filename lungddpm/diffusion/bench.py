@@ -354,6 +354,10 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
 
         cfg = lesion_config(cfg)
         if args.what == "sample":
+            if unused := [f for f, v in (("--size", args.size), ("--channels-last", args.channels_last),
+                                         ("--compile", args.compile)) if v]:  # fmt: skip
+                raise LungDDPMError(f"{', '.join(unused)}: not used by bench sample --scale lesion, which inpaints "
+                                    "the ROIs of the config's lesion grid in eager mode; leave them out")  # fmt: skip
             for name, steps in sampler_specs(
                 args.samplers, int(cfg.diffusion["timesteps"]), "lesion.diffusion.timesteps, else diffusion.timesteps"
             ):

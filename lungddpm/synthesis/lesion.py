@@ -41,7 +41,7 @@ from ..errors import LayoutError
 from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
-from ..settings import without_later_defaults
+from ..settings import lesion_insert, without_later_defaults
 from ..versions import output_version
 from .layout_edit import BankNodule, insert_nodules
 from .plan import Item, sampling_what
@@ -255,7 +255,7 @@ def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dic
     disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` (less ``samples_per_case``: how many
     items, not what one holds) / ``roi`` and ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
     sample = sampling_what(cfg.raw["lesion"]["sample"])  # what, not how (batching, compiling, sharding), as the rule
-    insert = {k: v for k, v in cfg.raw["lesion"]["insert"].items() if k != "samples_per_case"}
+    insert = {k: v for k, v in lesion_insert(cfg.raw).items() if k != "samples_per_case"}  # bank: any for images
     out = {"model_sha256": ckpt_sha, "sample": sample, "insert": insert, "roi": cfg.raw["lesion"]["roi"],
            **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
     out.update(output_version("synthesize_lesion"))  # a bump remakes items made by older code

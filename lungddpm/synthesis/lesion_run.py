@@ -22,6 +22,7 @@ from ..errors import DicomError
 from ..io import Geometry, file_sha256, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
 from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
+from ..settings import lesion_insert
 from .layout_edit import load_bank
 from .lesion import (
     Insertion,
@@ -135,6 +136,7 @@ def synthesize_lesion_shard(
     settings = run_settings(cfg, model_digest(ckpt), file_sha256(bank_path))
     # what auto became here, compared as the settings are: a resume on another device remakes items, never mixes
     settings["precision_used"] = precision_name(resolve_precision(lc["sample"]["precision"], device))
+    texture = lesion_insert(cfg.raw)["texture"]  # bank: any where the model learns no class (data.source images)
     entries: dict[str, dict[str, Any]] = {}  # by item: the manifest in the order of items, whatever was skipped
     pending, inputs = [], {}
     for item in items:
@@ -150,7 +152,7 @@ def synthesize_lesion_shard(
         for path in files.values():
             for stale in remove_stale_temps(path):
                 log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
-        ins = [place(item.case_id, s, candidates, site_seed(item, j), lc["insert"], levels, lc["insert"]["texture"])
+        ins = [place(item.case_id, s, candidates, site_seed(item, j), lc["insert"], levels, texture)
                for j, s in enumerate(sites)]  # fmt: skip
         pending.append((item, files, ins))
     # every nodule of the shard is inpainted in batches of lesion.sample.batch_size (items share batches)

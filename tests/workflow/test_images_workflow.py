@@ -141,6 +141,8 @@ def test_nodules_are_inserted_into_the_nodule_free_ct(images_workflow: Path) -> 
     out = images_workflow / "results/synthetic/lesion"
     provs = [read_json(p) for p in out.glob(f"{NORMAL}_*.json")]
     assert provs, "no lesion item for the nodule-free CT"
+    # the model learnt no texture class from these label maps: bank nodules are asked as 'any texture' (1.0)
+    assert {(r["texture_requested"], r["nodule_level"]) for p in provs for r in p["sites"]} == {("any", 1.0)}
     files = {k: out / v for k, v in provs[0]["files"].items()}
     ct, _ = read_volume(files["ct"])
     labels, _ = read_volume(files["label"])
