@@ -165,9 +165,9 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         if ls["sampler"] == "dpm++" and int(ls["jump_length"]) > 0 and int(ls["jump_n_sample"]) > 1:
             out.append("lesion.sample.jump_n_sample: RePaint resampling needs a single-step sampler; set "
                        "lesion.sample.sampler to ddim or ddpm, or jump_n_sample: 1")  # fmt: skip
-        if int(ls["jump_length"]) >= int(ls["steps"]) and int(ls["jump_n_sample"]) > 1:
-            out.append(f"lesion.sample.jump_length: {ls['jump_length']} is not below lesion.sample.steps "
-                       f"{ls['steps']}, so no jump is ever taken (RePaint off); use fewer, e.g. 10 of 20")  # fmt: skip
+        if not 0 < int(ls["jump_length"]) < int(ls["steps"]) and int(ls["jump_n_sample"]) > 1:
+            out.append(f"lesion.sample.jump_length: {ls['jump_length']} is not between 0 and lesion.sample.steps "
+                       f"{ls['steps']}, so no jump is ever taken (RePaint off); use e.g. 10 of 20")  # fmt: skip
         dropout = float({**config["train"], **(lesion.get("train") or {})}.get("cond_dropout") or 0)
         source = (config.get("data") or {}).get("source")
         guided, against = float(ls["guidance"]) != 1.0, ls.get("guidance_against", "any")

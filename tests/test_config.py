@@ -222,7 +222,11 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         # RePaint that never jumps; the unconditional class a model without condition dropout never learns
         (
             {"lesion": {"sample": {"sampler": "ddim", "jump_length": 20, "jump_n_sample": 3}}},
-            r"lesion.sample.jump_length: 20 is not below lesion.sample.steps 20, so no jump is ever taken",
+            r"lesion.sample.jump_length: 20 is not between 0 and lesion.sample.steps 20, so no jump is ever taken",
+        ),
+        (  # jump_length 0: RePaint off without a word before
+            {"lesion": {"sample": {"sampler": "ddim", "jump_length": 0, "jump_n_sample": 3}}},
+            r"lesion.sample.jump_length: 0 is not between 0 and lesion.sample.steps 20",
         ),
         (
             {"lesion": {"sample": {"guidance": 3.0}, "train": {"cond_dropout": 0.0}}},
