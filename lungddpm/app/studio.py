@@ -152,6 +152,8 @@ class Studio:
         check_roi_scale(lc["roi"], ckpt["config"]["lesion"]["roi"], self.checkpoint)
         self.window = tuple(ckpt["hu_window"])
         self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
+        self.classless = ckpt["config"]["data"]["source"] == "images"  # no texture class learnt: settings.lesion_insert
+        self.texture_requests = ("bank", "any") if self.classless else TEXTURE_REQUESTS
         self.checkpoint_sha = model_digest(ckpt)
         self.bank: NoduleBank = load_bank(bank_path)
         self.bank_sha = file_sha256(bank_path)
@@ -213,8 +215,8 @@ class Studio:
         (bank | any | a class) and ``seed``; :class:`StudioError` says why a site is refused: outside the lung, on or
         near a nodule (those read by fewer than ``data.min_readers`` radiologists too), the nodule not wholly in
         lung, or its generated region touching another nodule."""
-        if texture not in TEXTURE_REQUESTS:
-            raise StudioError(f"texture {texture!r}: choose one of {', '.join(TEXTURE_REQUESTS)}")
+        if texture not in (allowed := self.texture_requests):  # own images: the model learnt no class
+            raise StudioError(f"texture {texture!r}: choose one of {', '.join(allowed)}")
         seed = check_seed(seed)
         k, i, j = (int(v) for v in index_zyx)
         if not all(0 <= v < n for v, n in zip((k, i, j), session.ct.shape)):
@@ -257,7 +259,7 @@ class Studio:
             raise StudioError(f"{exc}: {hint}, or choose a smaller nodule") from exc
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
-        ins = insertion(site, edited, edit, nodule, margin, self.levels, texture, seed)
+        ins = insertion(site, edited, edit, nodule, margin, self.levels, "any" if self.classless else texture, seed)
         if (ins.generated & ((layout == NODULE) | unused)).any():
             raise StudioError(
                 f"too close to another nodule: the generated region (the nodule + {margin} mm) would touch it; "

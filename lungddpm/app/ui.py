@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .studio import SEED_MAX, TEXTURE_REQUESTS, CaseSession, Studio, StudioError
+from .studio import SEED_MAX, CaseSession, Studio, StudioError
 from .views import PLANES, click_to_index, render_plane, roi_panel
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def build_app(studio: Studio) -> Any:
                 malignancies = gr.CheckboxGroup([str(m) for m in range(1, 6)], label="bank malignancies (none = all)")
                 nodule = gr.Dropdown([], label="bank nodule", elem_id="nodule")
             with gr.Column():
-                texture = gr.Dropdown(list(TEXTURE_REQUESTS), value=insert["texture"], label="texture to generate")
+                texture = gr.Dropdown(list(studio.texture_requests), value=insert["texture"], label="texture")
                 # no minimum / maximum here: Gradio would refuse such a seed in a toast, not the status line
                 seed = gr.Number(0, precision=0, label=f"seed (0..{SEED_MAX})", elem_id="seed")
                 with gr.Row():

@@ -61,6 +61,19 @@ def test_cases_are_the_workflows_and_ids_are_validated(studio: Studio) -> None:
             studio.open_case(bad)
 
 
+def test_a_model_of_own_images_takes_bank_or_any_as_any(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lesion model trained on data.source images learnt no texture class (settings.lesion_insert): a class is
+    refused, bank is asked as 'any texture' (its LIDC class level, before)."""
+    monkeypatch.setattr(studio, "classless", True)
+    monkeypatch.setattr(studio, "texture_requests", ("bank", "any"))
+    s = studio.open_case(studio.cases[0])
+    nodule = studio.candidates((3, 12))[0]
+    site = studio.random_site(s, nodule, seed=4)
+    with pytest.raises(StudioError, match=r"texture 'solid': choose one of bank, any$"):
+        studio.check_site(s, site, nodule, "solid")
+    assert studio.check_site(s, site, nodule, "bank").record["texture_requested"] == "any"
+
+
 def test_invalid_sites_get_a_reason(studio: Studio) -> None:
     s = studio.open_case(studio.cases[0])
     nodule = studio.candidates((3, 12))[0]

@@ -27,6 +27,7 @@ class FakeStudio:
         raw={"lesion": {"insert": {"diameter_mm": [5, 15], "texture": "bank"}, "sample": {"steps": 4}}}
     )
     cases = ("A", "B", "C", "D", "E", "F")
+    texture_requests = ("bank", "any", "ground-glass", "part-solid", "solid")
 
     def candidates(self, *args: Any) -> list[Any]:
         return []
