@@ -171,7 +171,7 @@ def in_boxes(world: np.ndarray, boxes: Sequence[tuple[np.ndarray, np.ndarray]]) 
 def deep_lung(src: SourceCT, min_depth_mm: float) -> np.ndarray:
     """Fine-grid indices [N, 3] (z, y, x) of lung voxels at least ``min_depth_mm`` inside the fine lung mask."""
     depth = ndi.distance_transform_edt(src.lung_fine, sampling=src.fine.spacing)
-    return np.argwhere(depth >= min_depth_mm)
+    return np.argwhere(src.lung_fine & (depth >= min_depth_mm))  # depth 0 outside: not lung at min_depth_mm 0
 
 
 def free_sites(src: SourceCT, s: RoiSettings, rng: np.random.Generator, tries: int = 4000) -> list[np.ndarray]:
@@ -255,9 +255,11 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
                             "for whole nodules)", case, n, nod.diameter_mm, reach, 2 * s.half_extent_mm)  # fmt: skip
             centre = shift_inside(wanted, s.half_extent_mm, lo, hi)
             same = [k for k, c in centres if np.allclose(c, centre, rtol=0.0, atol=SAME_CENTRE_MM)]
-            if same:  # the scan's edges held it on every axis: a copy of an earlier ROI would weigh it twice
-                log.warning("%s: ROI %s_n%d_%d would repeat %s_n%d_%d (the scan's edges leave its centre no room to "
-                            "move); not written", case, case, n, r, case, n, same[0])  # fmt: skip
+            if same:  # no jitter, or the scan's edges held it on every axis: a copy would weigh it twice
+                why = ("the scan's edges leave its centre no room to move" if s.nodule_jitter_mm else
+                       "lesion.roi.nodule_jitter_mm is 0")  # fmt: skip
+                log.warning("%s: ROI %s_n%d_%d would repeat %s_n%d_%d (%s); not written", case, case, n, r, case, n,
+                            same[0], why)  # fmt: skip
                 continue
             centres.append((r, centre))
             plans.append((f"{case}_n{n}_{r}", centre, centroid, info))

@@ -44,6 +44,17 @@ def test_nodule_free_sites_avoid_the_boxes_of_unused_clusters() -> None:
     assert np.array_equal(avoided, free_sites(replace(src, nodules=[nodule]), s, np.random.default_rng(0)))  # alike
 
 
+def test_sites_at_depth_0_are_still_lung() -> None:
+    """lesion.roi.site_min_depth_mm: 0 (allowed): every voxel outside the lung has depth 0 and passed, so a
+    "nodule-free lung ROI" (and the studio's random site) could be centred in the chest wall."""
+    src = source_ct()
+    found = rois.deep_lung(src, 0.0)
+    assert len(found) == int(src.lung_fine.sum()) and src.lung_fine[tuple(found.T)].all()
+    sites = free_sites(src, roi_settings(site_min_depth_mm=0.0, free_per_case=3, size=8), np.random.default_rng(9))
+    index = np.rint(src.fine.world_to_index(np.array(sites))).astype(int)
+    assert len(sites) == 3 and src.lung_fine[tuple(index.T)].all()
+
+
 @pytest.mark.parametrize("source,min_readers,asked", [("lidc", 3, True), ("lidc", 1, False), ("images", 3, False)])
 def test_load_source_passes_the_unused_clusters_of_lidc(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, min_readers: int, asked: bool
