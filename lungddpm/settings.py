@@ -90,3 +90,14 @@ def lesion_insert(config: Mapping[str, Any]) -> dict[str, Any]:
     if insert.get("texture") == "bank" and (config.get("data") or {}).get("source") == "images":
         insert["texture"] = "any"
     return insert
+
+
+def fractional_blend(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"margin_vox": [z, y, x]}`` where ``sample.blend_margin_mm`` is no whole number of voxels of the model grid
+    (``preprocess.spacing_mm``), else ``{}``: such a margin was rounded per axis until 2026-12-07
+    (:func:`lungddpm.diffusion.sample.blend_radii`), so the sample rule's params and its items' provenance carry it
+    there and a workdir made before samples again; on a grid that divides the margin nothing changed or reruns."""
+    s = config["sample"]
+    radii = [float(s["blend_margin_mm"]) / float(v) for v in config["preprocess"]["spacing_mm"]]
+    whole = all(abs(r - round(r)) <= 1e-6 * max(r, 1.0) for r in radii)
+    return {} if whole or not s["blend"] else {"margin_vox": [round(r, 6) for r in radii]}

@@ -11,7 +11,7 @@ from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import case_data_settings, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
+from lungddpm.settings import case_data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -109,6 +109,7 @@ def sample_settings(wildcards):
     lists (seeds, samples per layout) are shard_items; the intensity mapping comes with the checkpoint; layout
     editing shapes the augment run only. Editing another key would rewrite the manifests and rerun the metrics."""
     out = {"sample": {k: v for k, v in sampling_what(config["sample"]).items() if k not in PER_ITEM_LIST}}
+    out["sample"] |= {f"blend_{k}": v for k, v in fractional_blend(config).items()}  # exact since 2026-12-07
     return out | ({"layout_edit": config["layout_edit"]} if wildcards.run == "augment" else {})
 
 

@@ -184,7 +184,7 @@ def compare_samplers(
     from ..preprocessing.layout import read_case_pair
     from .checkpoint import load_model
     from .convention import convention_from_checkpoint
-    from .sample import Blend, keep_mask, sample
+    from .sample import Blend, blend_radii, keep_mask, sample
 
     torch.set_num_threads(threads)
     sc = cfg.raw["sample"]
@@ -196,7 +196,7 @@ def compare_samplers(
         mse, hist, seconds, groups = [], [], [], []
         for index, (ct_path, layout_path) in enumerate(pairs):
             ct, layout, geometry = read_case_pair(ct_path, layout_path)
-            margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
+            margin = blend_radii(sc["blend_margin_mm"], geometry.spacing)
             keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
             lung = layout > 0
             inp = convention.to_model(ct, layout, keep)

@@ -26,11 +26,11 @@ from ..diffusion.checkpoint import check_sampling_grid, load_for_sampling, model
 from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import precision_name, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
-from ..diffusion.sample import Blend, keep_mask, sample
+from ..diffusion.sample import Blend, blend_radii, keep_mask, sample
 from ..errors import LayoutError, LungDDPMError
 from ..io import file_sha256, files_sha256, read_header, read_json, safe_component, write_json, write_volume
 from ..preprocessing.layout import read_case_pair
-from ..settings import LATER_DEFAULTS, without_later_defaults
+from ..settings import LATER_DEFAULTS, fractional_blend, without_later_defaults
 from ..versions import output_version
 from .plan import Item
 
@@ -75,6 +75,7 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
             "enabled": s["blend"],
             "margin_mm": s["blend_margin_mm"],
             "start_fraction": s["blend_start_fraction"],
+            **fractional_blend(cfg.raw),
         },
         "timestep_spacing": s["timestep_spacing"],
     }
@@ -190,7 +191,7 @@ def synthesize_shard(
                             "layout_edit.diameter_mm, or raise layout_edit.max_attempts"
                         ) from exc
                     edits += inserted
-            margin = tuple(round(sc["blend_margin_mm"] / s) for s in geometry.spacing)
+            margin = blend_radii(sc["blend_margin_mm"], geometry.spacing)
             keep = keep_mask(layout, margin) if sc["blend"] else np.zeros(layout.shape, bool)
             prepared.append((ct, layout, geometry, edits, keep, convention.to_model(ct, layout, keep)))
         shapes = {p[5].image.shape[1:] for p in prepared}

@@ -12,7 +12,7 @@ from support import THREADS, ball_nodule, tiny_config, tiny_data, write_cases
 
 from lungddpm.diffusion.precision import precision_name, resolve_precision
 from lungddpm.diffusion.process import GaussianDiffusion
-from lungddpm.diffusion.sample import Blend, keep_mask, sample
+from lungddpm.diffusion.sample import Blend, blend_radii, keep_mask, sample
 from lungddpm.diffusion.train import train
 from lungddpm.errors import LayoutError
 from lungddpm.io import Geometry, files_sha256, read_volume, write_volume
@@ -31,6 +31,31 @@ def test_keep_mask_is_eroded_background() -> None:
     assert not keep[3, 4, 4] and keep[2, 4, 4]  # one-voxel margin around the lung is generated
     assert keep[0, 0, 0]  # the volume border does not erode
     assert np.array_equal(keep_mask(layout, (0, 0, 0)), layout == 0)
+
+
+@pytest.mark.parametrize(("spacing", "margin"), [((1.25, 0.7, 0.7), 10.0), ((3.0, 1.0, 1.0), 3.2), ((1, 1, 1), 1.45),
+                                                 ((0.1, 0.1, 0.1), 0.3)])  # fmt: skip
+def test_the_blend_margin_is_a_ball_in_mm_on_any_grid(spacing: tuple[float, ...], margin: float) -> None:
+    """The kept background starts exactly beyond sample.blend_margin_mm of the lung. The margin was rounded per
+    axis before: 300 kept voxels within 10 mm of a lung voxel at 1.25 x 0.7 x 0.7 mm (radii 8, 14, 14)."""
+    from scipy import ndimage
+
+    layout = np.zeros((25, 41, 41), np.uint8)
+    layout[12, 20, 20] = 1
+    keep = keep_mask(layout, blend_radii(margin, spacing))
+    distance = ndimage.distance_transform_edt(layout == 0, sampling=spacing)
+    assert np.array_equal(keep, distance > margin * (1 + 1e-9))
+
+
+def test_a_fractional_blend_margin_reruns_sampling_only_where_it_changed() -> None:
+    """The shipped grids divide their margins (nothing reruns); elsewhere the params and provenance carry it."""
+    from lungddpm.settings import fractional_blend
+
+    base = {"sample": {"blend": True, "blend_margin_mm": 10.0}, "preprocess": {"spacing_mm": [10.0, 10.0, 10.0]}}
+    assert fractional_blend(base) == {} and fractional_blend({**base, "preprocess": {"spacing_mm": [2.5] * 3}}) == {}
+    odd = {**base, "preprocess": {"spacing_mm": [1.25, 0.7, 0.7]}}
+    assert fractional_blend(odd) == {"margin_vox": [8.0, 14.285714, 14.285714]}
+    assert fractional_blend({**odd, "sample": {"blend": False, "blend_margin_mm": 10.0}}) == {}
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 20), ("dpm++", 20)])
