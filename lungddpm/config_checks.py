@@ -171,15 +171,14 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         dropout = float({**config["train"], **(lesion.get("train") or {})}.get("cond_dropout") or 0)
         source = (config.get("data") or {}).get("source")
         guided, against = float(ls["guidance"]) != 1.0, ls.get("guidance_against", "any")
+        requested = (lesion.get("insert") or {}).get("texture", "bank")
         unconditional = [k for k, bad in (("sample.guidance", guided and against == "any"),
-                                          ("insert.texture: any", (lesion.get("insert") or {}).get("texture") == "any"))
-                         if bad]  # fmt: skip
+                                          ("insert.texture: any", requested == "any")) if bad]  # fmt: skip
         if unconditional and dropout == 0 and source != "images":
             out.append(f"lesion.{unconditional[0]}: asks the lesion model for 'any texture', a class it never "
                        "learns with lesion.train.cond_dropout 0 (LIDC nodules all have a texture); set "
                        "lesion.train.cond_dropout to e.g. 0.1, or guidance: 1 (or guidance_against: classes) and a "
                        "texture class")  # fmt: skip
-        requested = (lesion.get("insert") or {}).get("texture", "bank")
         if source == "images" and requested not in ("bank", "any"):
             out.append(f"lesion.insert.texture: {requested} is a texture class, and a lesion model trained on "
                        "data.source images learns none (its nodules' texture is unknown); use bank or any (both "

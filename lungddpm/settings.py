@@ -81,14 +81,20 @@ def lesion_training_settings(lesion: Config) -> dict[str, Any]:
     }
 
 
+def insert_texture(texture: str, source: str | None) -> str:
+    """The texture the lesion model is asked for, for ``lesion.insert.texture`` (or the studio's) ``texture``:
+    ``bank`` (each bank nodule's own class) is ``any`` where the model learns no texture class (``source`` images:
+    its nodules' texture is unknown, so the nodule channel says "any texture" in training, and a class level would be
+    one it never saw)."""
+    return "any" if texture == "bank" and source == "images" else texture
+
+
 def lesion_insert(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``lesion.insert`` as the lesion run uses it: ``texture: bank`` (each bank nodule's own class) is ``any`` where
-    the lesion model learns no texture class (``data.source: images``: its nodules' texture is unknown, so the
-    nodule channel says "any texture" in training, and a class level would be one it never saw). What the rule's
-    params and the items' provenance compare, so an images workdir made before remakes its items once."""
+    """``lesion.insert`` as the lesion run uses it (its texture: :func:`insert_texture`): what the rule's params and
+    the items' provenance compare, so an images workdir made before remakes its items once."""
     insert = dict(config["lesion"]["insert"])
-    if insert.get("texture") == "bank" and (config.get("data") or {}).get("source") == "images":
-        insert["texture"] = "any"
+    if "texture" in insert:
+        insert["texture"] = insert_texture(insert["texture"], (config.get("data") or {}).get("source"))
     return insert
 
 

@@ -40,6 +40,7 @@ from ..preprocessing.rois import (
     shift_inside,
     shift_inside_by_steps,
 )
+from ..settings import insert_texture
 from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, place_at, placement_offset, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
@@ -152,8 +153,8 @@ class Studio:
         check_roi_scale(lc["roi"], ckpt["config"]["lesion"]["roi"], self.checkpoint)
         self.window = tuple(ckpt["hu_window"])
         self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
-        self.classless = ckpt["config"]["data"]["source"] == "images"  # no texture class learnt: settings.lesion_insert
-        self.texture_requests = ("bank", "any") if self.classless else TEXTURE_REQUESTS
+        self.source = ckpt["config"]["data"]["source"]  # images: the model learnt no texture class (insert_texture)
+        self.texture_requests = ("bank", "any") if self.source == "images" else TEXTURE_REQUESTS
         self.checkpoint_sha = model_digest(ckpt)
         self.bank: NoduleBank = load_bank(bank_path)
         self.bank_sha = file_sha256(bank_path)
@@ -259,7 +260,7 @@ class Studio:
             raise StudioError(f"{exc}: {hint}, or choose a smaller nodule") from exc
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
-        ins = insertion(site, edited, edit, nodule, margin, self.levels, "any" if self.classless else texture, seed)
+        ins = insertion(site, edited, edit, nodule, margin, self.levels, insert_texture(texture, self.source), seed)
         if (ins.generated & ((layout == NODULE) | unused)).any():
             raise StudioError(
                 f"too close to another nodule: the generated region (the nodule + {margin} mm) would touch it; "

@@ -64,7 +64,7 @@ def test_cases_are_the_workflows_and_ids_are_validated(studio: Studio) -> None:
 def test_a_model_of_own_images_takes_bank_or_any_as_any(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lesion model trained on data.source images learnt no texture class (settings.lesion_insert): a class is
     refused, bank is asked as 'any texture' (its LIDC class level, before)."""
-    monkeypatch.setattr(studio, "classless", True)
+    monkeypatch.setattr(studio, "source", "images")
     monkeypatch.setattr(studio, "texture_requests", ("bank", "any"))
     s = studio.open_case(studio.cases[0])
     nodule = studio.candidates((3, 12))[0]
