@@ -53,6 +53,31 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk, so that a rename onto it survives a power loss with
+    its content; a filesystem that cannot sync a folder (EINVAL, e.g. some network mounts) is left to its own."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """:func:`_fsync` every file and folder under ``folder``, the folder last."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(Path(root, name))
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(Path(root, name))
+    _fsync(folder)
+
+
 _OPEN_MODE = 0o666  # what open() asks for a new file; the umask takes its bits away
 
 
@@ -93,8 +118,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, new_file_mode())  # writers open it in place (truncating), so the mode carries over
         with _disk_full_said(target, "the previous version of the file, if any, is untouched"):
             yield tmp
+            _fsync(tmp)  # the content on disk before the name: a power loss leaves the old file or the new one
         kill_point("rename")
         os.replace(tmp, target)
+        _fsync(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -123,6 +150,7 @@ def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[Fo
     try:
         with _disk_full_said(target, "nothing was written there"):
             yield job
+            _fsync_tree(job.tmp)
         os.chmod(job.tmp, 0o777 & ~process_umask())
         if replace:
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
@@ -138,6 +166,7 @@ def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[Fo
                     except OSError as exc:
                         log.error("%s: the earlier folder could not be put back (%s); it is %s", target, exc, old)
                 raise
+            _fsync(target.parent)
             if had:
                 shutil.rmtree(old, ignore_errors=True)
             return
@@ -153,6 +182,7 @@ def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[Fo
         except OSError:
             job.path.rmdir()
             raise
+        _fsync(target.parent)
     except BaseException:
         shutil.rmtree(job.tmp, ignore_errors=True)
         raise

@@ -238,3 +238,41 @@ def test_a_header_read_gives_the_grid_without_the_voxels(tmp_path: Path) -> None
     (tmp_path / "bad.nii.gz").write_bytes(b"nope")
     with pytest.raises(LungDDPMError, match=r"bad.nii.gz: not a readable NIfTI volume"):
         read_header(tmp_path / "bad.nii.gz")
+
+
+def test_atomic_writes_reach_the_disk_before_their_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss after the rename must find the new content: the file (every file of a folder) is synced before
+    the rename, and the folder holding the name after it."""
+    import os
+
+    from lungddpm import atomic
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    target = tmp_path / "a.json"
+    with atomic.atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    assert [e[0] for e in events] == ["sync", "rename", "sync"]
+    assert Path(events[0][1]).name.startswith(".a.json.") and events[1][1] == str(target)
+    assert events[2][1] == str(tmp_path)
+    events.clear()
+    with atomic.atomic_folder(tmp_path / "series", replace=False) as folder:
+        (folder.tmp / "sub").mkdir()
+        (folder.tmp / "sub" / "1.dcm").write_text("1")
+        (folder.tmp / "2.dcm").write_text("2")
+    synced = [Path(p).name for kind, p in events[:-2]]
+    assert [e[0] for e in events] == ["sync"] * 4 + ["rename", "sync"]
+    assert sorted(synced[:3]) == ["1.dcm", "2.dcm", "sub"] and synced[3].startswith(".series.")
+    assert events[-2][1] == str(tmp_path / "series") and events[-1][1] == str(tmp_path)
+    assert (tmp_path / "series" / "sub" / "1.dcm").read_text() == "1"
