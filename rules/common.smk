@@ -3,13 +3,15 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
+
 from lungddpm.data.lidc import CLUSTERING_VERSION
 from lungddpm.errors import LungDDPMError
 from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
-from lungddpm.synthesis.plan import PER_ITEM_LIST, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
+from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
 from lungddpm.settings import case_data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
@@ -197,6 +199,13 @@ def lesion_items():
 
 def lesion_shard_items(wildcards):
     return [item_to_dict(it) for it in shard(lesion_items(), LESION_SHARDS, int(wildcards.shard))]
+
+
+for _run, _n, _shards, _key in [(r, len(run_items(r)), N_SHARDS, "sample.shards") for r in ("eval", "augment")] + (
+    [("lesion", len(lesion_items()), LESION_SHARDS, "lesion.sample.shards")] if LESION else []
+):
+    if _warning := empty_shards_warning(_run, _n, _shards, _key):
+        logger.warning(f"Warning: {_warning}")
 
 
 def lesion_inputs(wildcards):

@@ -132,6 +132,10 @@ def synthesize_lesion_shard(
     from tqdm import tqdm
 
     lc = cfg.raw["lesion"]
+    if not items:  # more shards than items: nothing to load the model for
+        log.warning("this shard has no items: lesion.sample.shards (%d) is above the lesion run's item count; "
+                    "lower it to use fewer jobs", lc["sample"]["shards"])  # fmt: skip
+        return []
     model, diffusion, device, window, levels, candidates, ckpt = _setup(cfg, checkpoint, bank_path, threads)
     settings = run_settings(cfg, model_digest(ckpt), file_sha256(bank_path))
     # what auto became here, compared as the settings are: a resume on another device remakes items, never mixes

@@ -59,6 +59,15 @@ def shard(items: Sequence[Item], n_shards: int, index: int) -> list[Item]:
     return [it for i, it in enumerate(items) if i % n_shards == index]
 
 
+def empty_shards_warning(run: str, n_items: int, n_shards: int, key: str) -> str | None:
+    """What to tell the user when ``n_shards`` (config ``key``) exceeds the ``n_items`` of ``run``, else None."""
+    if n_shards <= n_items:
+        return None
+    return (f"{key}: {n_shards} shards for the {n_items} items of the {run} run: shards {n_items} to {n_shards - 1} "
+            f"have nothing to make (jobs that only write an empty manifest, each asking the resources of a sampling "
+            f"job under a cluster profile); set {key} <= {n_items}")  # fmt: skip
+
+
 def item_to_dict(item: Item) -> dict[str, Any]:
     return asdict(item)
 

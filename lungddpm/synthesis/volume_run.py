@@ -131,9 +131,13 @@ def synthesize_shard(
     from ..viz import three_plane_png
     from .layout_edit import insert_nodules, load_bank, remove_nodules
 
+    sc = cfg.raw["sample"]
+    if not items:  # more shards than items: nothing to load the model for
+        log.warning("this shard has no items: sample.shards (%d) is above the %s run's item count; lower it to use "
+                    "fewer jobs", sc["shards"], run)  # fmt: skip
+        return []
     if threads:
         torch.set_num_threads(threads)
-    sc = cfg.raw["sample"]
     model, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compile: README Speed
     dtype = resolve_precision(sc["precision"], device)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))

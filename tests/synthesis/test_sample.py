@@ -344,3 +344,22 @@ def test_a_model_of_another_grid_is_refused_or_named(tiny_model, tmp_path: Path,
     check_sampling_grid(ckpt, tuple(ckpt["size"]), geometry.spacing, checkpoint, layouts[0])
     check_sampling_grid({**ckpt, "convention": {}}, (16, 24, 24), (1.0, 1.0, 1.0), checkpoint, layouts[0])
     assert not caplog.text
+
+
+def test_more_shards_than_items_are_named_and_an_empty_shard_loads_no_model(tmp_path: Path, caplog) -> None:
+    """sample.shards above a run's items: said at parse time with the bound, and a shard without items writes its
+    empty manifest without reading the model (the checkpoint here does not exist)."""
+    from lungddpm.synthesis.lesion_run import synthesize_lesion_shard
+    from lungddpm.synthesis.plan import empty_shards_warning
+
+    items = plan("eval", ["c0", "c1", "c2"], 1, 0)
+    assert [len(shard(items, 5, i)) for i in range(5)] == [1, 1, 1, 0, 0]
+    said = empty_shards_warning("eval", len(items), 5, "sample.shards")
+    assert said is not None and "5 shards for the 3 items of the eval run: shards 3 to 4" in said
+    assert said.endswith("set sample.shards <= 3") and empty_shards_warning("eval", 3, 3, "sample.shards") is None
+    cfg = tiny_config()
+    missing = tmp_path / "no_model.pt"
+    assert synthesize_shard("eval", [], cfg, missing, {}, {}, tmp_path / "out") == []
+    assert synthesize_lesion_shard([], cfg, missing, {}, {}, tmp_path / "bank.npz", tmp_path / "lesion") == []
+    assert "this shard has no items: sample.shards" in caplog.text and "lesion.sample.shards" in caplog.text
+    assert not (tmp_path / "out").exists()
