@@ -56,16 +56,18 @@ def image_cases(cfg: Config, base: Path = Path(".")) -> dict[str, images.ImageCa
     return images.discover(str(_under(base, im.ct_dir)), _under(base, im.label_dir), im.patient_regex)
 
 
-def patient_of(cfg: Config, case_id: str) -> str:
+def patient_of(cfg: Config, case_id: str, base: Path = Path(".")) -> str:
+    """The patient of ``case_id``; relative image folders are under ``base`` (the workflow directory)."""
     if cfg.data.source == "images":
-        return image_cases(cfg)[case_id].patient_id
+        return image_cases(cfg, base)[case_id].patient_id
     return lidc.patient_of(case_id)
 
 
-def has_nodules(cfg: Config, case_id: str) -> bool:
-    """Whether a case has nodules that its layout holds (the split's stratum; LIDC: read by ``data.min_readers``)."""
+def has_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
+    """Whether a case has nodules that its layout holds (the split's stratum; LIDC: read by ``data.min_readers``);
+    relative image folders are under ``base``."""
     if cfg.data.source == "images":
-        return images.has_nodules(image_cases(cfg)[case_id], cfg.data.images.label_convention)
+        return images.has_nodules(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
     return lidc.has_nodules(case_id, cfg.data.min_readers)
 
 

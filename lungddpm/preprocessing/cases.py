@@ -53,19 +53,23 @@ def list_cases(cfg: Config, base: Path = Path(".")) -> list[str]:
     return lidc.cases_of_patients(patients)
 
 
-def case_patients(cfg: Config, cases: list[str]) -> dict[str, str]:
-    """case id -> patient id (series of one patient share it)."""
-    return {c: sources.patient_of(cfg, c) for c in cases}
+def case_patients(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict[str, str]:
+    """case id -> patient id (series of one patient share it); relative folders under ``base`` as in
+    :func:`list_cases`."""
+    return {c: sources.patient_of(cfg, c, base) for c in cases}
 
 
-def case_strata(cfg: Config, cases: list[str]) -> dict[str, bool]:
+def case_strata(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict[str, bool]:
     """case id -> whether it has annotated nodules (the split's stratum; with images, from the label maps)."""
-    return {c: sources.has_nodules(cfg, c) for c in cases}
+    return {c: sources.has_nodules(cfg, c, base) for c in cases}
 
 
-def case_split(cfg: Config, cases: list[str], strata: dict[str, bool] | None = None) -> dict[str, str]:
+def case_split(
+    cfg: Config, cases: list[str], strata: dict[str, bool] | None = None, base: Path = Path(".")
+) -> dict[str, str]:
     """case id -> train / val / test; ``strata`` from :func:`case_strata` when already computed."""
-    return split_cases(case_patients(cfg, cases), case_strata(cfg, cases) if strata is None else strata, cfg.split)
+    strata = case_strata(cfg, cases, base) if strata is None else strata
+    return split_cases(case_patients(cfg, cases, base), strata, cfg.split)
 
 
 def check_written_split(

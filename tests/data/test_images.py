@@ -583,3 +583,26 @@ def test_disagreeing_nifti_forms_and_a_single_slice(tmp_path: Path, caplog: pyte
     with pytest.raises(ImageError, match=r"slice.nii.gz: 1 axial slice\(s\) of 24 x 20; a CT must be a volume of at "
                        r"least 2 slices"):  # fmt: skip
         read_ct(tmp_path / "slice.nii.gz", -1024.0, 3071.0)
+
+
+def test_relative_image_folders_are_read_under_the_given_workflow_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The studio lists a workflow's cases from another folder: the patients and the split of relative
+    data.images folders come from that workflow folder too, as its case list does."""
+    from lungddpm.config import config_from_mapping
+    from lungddpm.preprocessing.cases import case_patients, case_split, list_cases
+
+    ct = tmp_path / "work" / "CT"
+    ct.mkdir(parents=True)
+    for name in ("p01_t0.mha", "p01_t1.mha", "p02_t0.mha"):
+        (ct / name).write_bytes(b"")
+    cfg = config_from_mapping(validate_config({"data": {"source": "images", "images": {
+        "ct_dir": "CT", "patient_regex": r"(p\d+)_"}}}))  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # not the workflow folder: "CT" is not here
+    cases = list_cases(cfg, tmp_path / "work")
+    assert case_patients(cfg, cases, tmp_path / "work") == {"p01_t0": "p01", "p01_t1": "p01", "p02_t0": "p02"}
+    split = case_split(cfg, cases, {c: False for c in cases}, tmp_path / "work")
+    assert set(split) == set(cases) and split["p01_t0"] == split["p01_t1"]
+    with pytest.raises(ImageError, match="CT"):
+        case_patients(cfg, cases)
