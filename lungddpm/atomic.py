@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,10 +38,11 @@ def _disk_full_said(target: Path, left: str) -> Iterator[None]:
     """Running out of space in the block raised as :class:`DiskFullError` naming ``target``; ``left``: what is left."""
     try:
         yield
-    except (OSError, RuntimeError) as exc:
-        if _disk_full(exc):
-            raise DiskFullError(f"{target}: no space left on device while writing it ({exc}); {left} — free space "
-                                f"on {target.parent} (df -h) and rerun") from exc  # fmt: skip
+    except (OSError, RuntimeError, DiskFullError) as exc:
+        if isinstance(exc, DiskFullError) or _disk_full(exc):  # a file's write inside a folder's: said as the folder
+            cause = exc.__cause__ if isinstance(exc, DiskFullError) and exc.__cause__ is not None else exc
+            raise DiskFullError(f"{target}: no space left on device while writing it ({cause}); {left} — free "
+                                f"space on {target.parent} (df -h) and rerun") from cause  # fmt: skip
         raise
 
 
@@ -76,6 +78,30 @@ def _fsync_tree(folder: Path) -> None:
             if not os.path.islink(os.path.join(root, name)):
                 _fsync(Path(root, name))
     _fsync(folder)
+
+
+STALE_AFTER_S = 3600.0  # a write's temporaries older than this are a killed write's, not one in progress
+
+
+def remove_stale_folders(parent: Path, min_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete what :func:`atomic_folder` writes (``replace=False``) killed more than ``min_age_s`` ago left in
+    ``parent``: hidden temporary folders, and the empty folders they had claimed for their rename; returns them.
+    The age spares a write that another process is making now."""
+    if not parent.is_dir():
+        return []
+    now, stale = time.time(), []
+    for p in sorted(parent.iterdir()):
+        if p.is_symlink() or not p.is_dir() or now - p.stat().st_mtime < min_age_s:
+            continue
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
+        elif not p.name.startswith(".") and not any(p.iterdir()):
+            p.rmdir()
+            stale.append(p)
+    if stale:
+        log.warning("%s: removed %d folder(s) that killed writes left: %s", parent, len(stale), [q.name for q in stale])
+    return stale
 
 
 _OPEN_MODE = 0o666  # what open() asks for a new file; the umask takes its bits away

@@ -83,11 +83,13 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     "train_lesion": 3,
     # 2: as sample (bank tails, the paste-back's rim, the sampler's schedule); 3: as sample (the bank's rescale);
     # 4: as sample 4 (a boundary probe of the rescale's coverage); 5: RePaint's jumps aligned with the end, as its
-    # get_schedule_jump (items sampled with lesion.sample.jump_length > 0 differ; counted from the start before)
-    "synthesize_lesion": 5,
+    # get_schedule_jump (items sampled with lesion.sample.jump_length > 0 differ; counted from the start before);
+    # 6: the native label map keeps the lung on the series' last slices past the fine grid's last voxel (background)
+    "synthesize_lesion": 6,
     # 2: its bank nodules rescaled as sample 3 and 4 (the bounding box's grid, never split, boundary probes); 3: as
-    # synthesize_lesion 5 (RePaint's jumps)
-    "lesion_texture": 3,
+    # synthesize_lesion 5 (RePaint's jumps); 4: a model that learnt no class (own images) is asked "any" once,
+    # beside every real nodule, not the three classes it never saw
+    "lesion_texture": 4,
     # 2: halves and bootstraps by patient, not by nodule; 3: no interval where a set is one patient's (the excess's
     # and the size-matched rows' had one), a synthetic nodule of a class a half lacks left out of the matched rows
     # 4: the margin profile reaches profile_mm in whole steps, never beyond (7 mm in 2 mm steps reached 8 mm; the

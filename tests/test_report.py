@@ -42,6 +42,17 @@ def test_a_model_trained_here_shows_its_loss_without_the_note(tmp_path: Path) ->
     assert "Not trained here" not in summary and "![training loss](loss.png)" in summary
 
 
+def test_stages_switched_off_are_said_with_the_key_not_left_out(tmp_path: Path) -> None:
+    """Without segmentation and the lesion scale the report said nothing of them (no heading, no note)."""
+    summary = _summary(tmp_path, None, _manifest(tmp_path, "/models/external.pt"))
+    for heading, key in (
+        ("## Downstream nodule segmentation", "segmentation.enabled"),
+        ("## Lesion scale", "lesion.enabled"),
+    ):
+        section = summary.split(heading, 1)[1].split("##", 1)[0]
+        assert f"Not run: `{key}: false` in this run's config. Set it to true and rerun" in section
+
+
 def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Path) -> None:
     """2 train CTs x 2 items of 3 and 1 sites: 8 nodules in 2 CTs (not 4 items), and the seconds per nodule
     averaged over the nodules (3 nodules at 1 s and 1 at 5 s per CT: 2.00 s, where the items' mean is 3.00); each

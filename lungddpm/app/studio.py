@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, remove_stale_folders
 from ..config import Config
 from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
@@ -45,43 +45,13 @@ from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, pla
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
 from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
+from .checks import StudioError, check_roi_scale, check_seed
 
 log = logging.getLogger(__name__)
 
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEXTURE_REQUESTS = ("bank", "any", *TEXTURE_CLASSES)
-SEED_MAX = 2**62 - 1  # numpy and torch take any seed up to here
-ROI_SCALE = ("spacing_mm", "size", "nodule_fraction")  # the lesion.roi keys that shape what the model sees
 Progress = Callable[[int, int], None]
-
-
-class StudioError(LungDDPMError):
-    """A request the studio refuses; the message says why and what to do instead."""
-
-
-def check_seed(seed: Any) -> int:
-    """``seed`` as an int in 0..:data:`SEED_MAX`; :class:`StudioError` for anything else (an empty field: None)."""
-    try:
-        value = int(seed)
-        ok = value == seed and 0 <= value <= SEED_MAX
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise StudioError(f"seed {seed!r}: the seed must be an integer 0..2**62-1")
-    return value
-
-
-def check_roi_scale(roi: dict[str, Any], trained: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse ``lesion.roi`` settings that cut ROIs at another scale than the lesion model's training ROIs had
-    (``trained``: the checkpoint's ``lesion.roi``)."""
-    diff = [f"lesion.roi.{k} is {roi.get(k)} here, {trained.get(k)} in training" for k in ROI_SCALE
-            if roi.get(k) != trained.get(k)]  # fmt: skip
-    if diff:
-        raise StudioError(
-            f"{checkpoint}: {'; '.join(diff)}: the studio would cut ROIs at a scale the lesion model was not trained "
-            "on; start the studio with the config the workflow ran with (--configfile), or retrain the model with "
-            f"these settings (`snakemake --cores all results/models/lesion/{checkpoint.parent.name}/checkpoint.pt`)"
-        )
 
 
 @dataclass
@@ -199,12 +169,12 @@ class Studio:
             src = load_source(case_id, self._lung_fine(case_id).parent, self.cfg, self.workdir)
             geometry = native_geometry(src)
         except (LungDDPMError, OSError) as exc:
-            root = dicom_root(self.cfg)
+            root, fine = dicom_root(self.cfg), self._lung_fine(case_id)
             root = root if root.is_absolute() else self.workdir / root
-            raise StudioError(
-                f"case {case_id} cannot be opened: {exc}. Its source is read from {root} (data.source: "
-                f"{self.cfg.data.source}): restore or fix it there, or choose another case"
-            ) from exc
+            fix = (f"Remake it: `snakemake --cores all {fine.relative_to(self.workdir)}` in {self.workdir}" if
+                   str(fine) in str(exc) else f"Its source is read from {root} (data.source: {self.cfg.data.source}): "
+                   "restore or fix it there")  # fmt: skip
+            raise StudioError(f"case {case_id} cannot be opened: {exc}. {fix}, or choose another case") from exc
         ct = np.rint(src.hu).astype(np.int16)  # rounded, as the lesion run and the ROIs
         labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
         return CaseSession(case_id, src, geometry, ct, labels)
@@ -347,8 +317,9 @@ class Studio:
         folder appears whole or not at all, never onto an earlier download (:func:`lungddpm.atomic.atomic_folder`)."""
         if not session.edits:
             raise StudioError("nothing to download yet: insert a nodule first")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        with atomic_folder(self.results / "studio" / session.case_id / stamp, replace=False) as folder:
+        stamp, case_dir = time.strftime("%Y%m%d-%H%M%S"), self.results / "studio" / session.case_id
+        remove_stale_folders(case_dir)  # what killed downloads left (22 MB each), never one being written now
+        with atomic_folder(case_dir / stamp, replace=False) as folder:
             names = self._write_export(session, folder.tmp)
         return {key: folder.path / name for key, name in names.items()}
 

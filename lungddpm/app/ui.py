@@ -10,7 +10,9 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .studio import SEED_MAX, CaseSession, Studio, StudioError
+from ..errors import LungDDPMError
+from .checks import SEED_MAX
+from .studio import CaseSession, Studio, StudioError
 from .views import PLANES, click_to_index, render_plane, roi_panel
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,8 @@ def build_app(studio: Studio) -> Any:
                 paths = studio.export(s)
             except StudioError as exc:
                 return None, f"**Refused:** {exc}"
+            except (LungDDPMError, OSError) as exc:  # a full disk, a folder not writable: said here, not as a popup
+                return None, f"**Not written:** {exc}"
             return [str(p) for p in paths.values()], f"Wrote {paths['ct'].parent}."
 
         filters = [smallest, diameter, textures, malignancies]

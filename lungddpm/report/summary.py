@@ -318,6 +318,12 @@ def _relative(path: Path, base: Path) -> str:
         return os.path.relpath(path.resolve(), base.resolve())
 
 
+NOT_RUN = (
+    "Not run: `{key}: false` in this run's config. Set it to true and rerun `snakemake --cores all` (the "
+    "stages it adds run, and this report is remade)."
+)
+
+
 def write_report(
     out_md: Path,
     image_quality: Path,
@@ -351,8 +357,12 @@ def write_report(
         md += [DEMO_NOTE, ""]
     if segmentation is not None:
         md += segmentation_section(segmentation, segmentation_png, base, cluster)
+    else:
+        md += ["## Downstream nodule segmentation", "", NOT_RUN.format(key="segmentation.enabled"), ""]
     if fidelity is not None:
         md += fidelity_section(fidelity, fidelity_figures, base)
+    else:
+        md += ["## Lesion scale", "", NOT_RUN.format(key="lesion.enabled"), ""]
     md += quality_section(rows)
     md += [f"![image quality]({_relative(quality_png, base)})", ""]
     md += ["## Training (whole-volume model)", ""]

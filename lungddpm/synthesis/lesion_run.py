@@ -22,7 +22,7 @@ from ..errors import DicomError
 from ..io import Geometry, file_sha256, write_csv, write_json, write_volume
 from ..preprocessing.layout import NODULE
 from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
-from ..settings import lesion_insert
+from ..settings import insert_texture, lesion_insert
 from .layout_edit import load_bank
 from .lesion import (
     Insertion,
@@ -211,16 +211,19 @@ def texture_control(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Texture control: the same bank nodules, sites and seeds inpainted once per requested texture class; the
     mean HU of the inserted nodules per class beside that of the real nodules of the class in the same ROIs'
-    cases (nodule ROIs of ``roi_tables``). Writes ``out_csv``; returns its rows."""
+    cases (nodule ROIs of ``roi_tables``). A model that learnt no class (``data.source: images``: label maps carry
+    no texture) is asked ``any`` once, beside every real nodule. Writes ``out_csv``; returns its rows."""
     lc = cfg.raw["lesion"]
     model, diffusion, device, window, levels, candidates, _ = _setup(cfg, checkpoint, bank_path, threads)
     chosen = [(t, s) for t in roi_tables for s in read_sites(t)][:sites]
-    real: dict[str, list[float]] = {c: [] for c in TEXTURE_CLASSES}
+    classes = ("any",) if insert_texture("bank", cfg.data.source) == "any" else TEXTURE_CLASSES
+    real: dict[str, list[float]] = {c: [] for c in classes}
     for row, ct, _, nodule in real_nodule_rois(roi_tables):
-        if row["texture_class"] in real:  # nodules of unknown texture (label maps) have no class to compare with
-            real[row["texture_class"]].append(float(ct[nodule].mean()))
+        cls = "any" if classes == ("any",) else row["texture_class"]
+        if cls in real:  # nodules of unknown texture (label maps) have no class to compare with
+            real[cls].append(float(ct[nodule].mean()))
     rows = []
-    for cls in TEXTURE_CLASSES:
+    for cls in classes:
         ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls)
                for j, (t, s) in enumerate(chosen)]  # fmt: skip
         after = inpaint(model, diffusion, ins, window, lc["sample"], device, class_levels=levels)

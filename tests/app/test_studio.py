@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lungddpm.app.studio import Studio, StudioError
 from lungddpm.atomic import DiskFullError
 from lungddpm.config import Config, load_config
 from lungddpm.errors import DicomError
-from lungddpm.io import Geometry, read_json, read_volume
+from lungddpm.io import Geometry, VolumeReadError, read_json, read_volume
 from lungddpm.preprocessing.grid import SliceGrid
 from lungddpm.preprocessing.layout import LUNG, NODULE, ball
 from lungddpm.preprocessing.rois import SourceCT
@@ -186,7 +187,7 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
     # a write that fails (the provenance, written last) leaves neither a folder nor a hidden temporary one
     case_folder = sorted(paths["ct"].parent.parent.iterdir())
 
-    def disk_full(*args: object) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("lungddpm.app.studio.write_json", disk_full)
@@ -194,6 +195,24 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
         studio.export(s)
     assert sorted(paths["ct"].parent.parent.iterdir()) == case_folder
     monkeypatch.undo()
+    # the disk filling inside a volume's own write is said as the download's, not as a vanished temporary file's
+    monkeypatch.setattr("lungddpm.io.sitk.WriteImage", disk_full)
+    with pytest.raises(DiskFullError, match=rf"{s.case_id}/\d{{8}}-\d{{6}}: no space left .*nothing was written there"):
+        studio.export(s)
+    assert sorted(paths["ct"].parent.parent.iterdir()) == case_folder
+    monkeypatch.undo()
+    # what killed downloads left (a hidden temporary folder, an empty claimed one) goes once an hour old, and a
+    # download being written now (a fresh temporary folder) stays
+    case_dir = paths["ct"].parent.parent
+    killed, claimed, writing = case_dir / ".20260101-000000.x1.tmp", case_dir / "20260101-000000", case_dir / ".y.tmp"
+    for folder in (killed, claimed, writing):
+        folder.mkdir()
+    (killed / "ct.nii.gz").write_bytes(b"partial")
+    for folder in (killed, claimed):
+        os.utime(folder, (time.time() - 7200,) * 2)
+    studio.export(s)
+    assert not killed.exists() and not claimed.exists() and writing.is_dir()
+    writing.rmdir()
     assert s.undo() is edit and s.undo() is None
     assert np.array_equal(s.ct, source_ct) and np.array_equal(s.labels, source_labels)
     with pytest.raises(StudioError, match="nothing to download"):
@@ -252,6 +271,18 @@ def test_a_case_that_cannot_be_read_is_a_studio_error(studio: Studio, monkeypatc
     with pytest.raises(StudioError, match=f"case {case} cannot be opened: /data/{case}: no DICOM series") as err:
         studio.open_case(case)
     assert str(studio.workdir / "resources/demo/LIDC-IDRI") in str(err.value)
+
+    def damaged(*args: Any, **kwargs: Any) -> SourceCT:  # a results file, not the source: remade by its rule
+        raise VolumeReadError(f"{studio.results}/preprocessed/{case}/lung_fine.nii.gz: truncated; delete it")
+
+    monkeypatch.setattr(studio_module, "load_source", damaged)
+    with pytest.raises(
+        StudioError,
+        match=rf"lung_fine.nii.gz: truncated; delete it. Remake it: `snakemake --cores "
+        rf"all results/preprocessed/{case}/lung_fine.nii.gz` in {studio.workdir}, or choose",
+    ) as err:
+        studio.open_case(case)
+    assert "resources/demo/LIDC-IDRI" not in str(err.value)  # restoring the DICOM would not mend it
 
 
 def test_seeds_outside_0_to_2_62_are_refused(studio: Studio) -> None:

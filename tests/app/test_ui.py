@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from lungddpm.app import ui
-from lungddpm.app.studio import SEED_MAX, CaseSession, Edit, StudioError, check_seed
+from lungddpm.app.checks import SEED_MAX, check_seed
+from lungddpm.app.studio import CaseSession, Edit, StudioError
+from lungddpm.atomic import DiskFullError
 from lungddpm.io import Geometry
 
 
@@ -43,6 +45,11 @@ class FakeStudio:
     def check_site(self, session: CaseSession, site: Any, nodule: Any, texture: str, seed: Any) -> Any:
         check_seed(seed)
         raise StudioError("a refused site")
+
+    def export(self, session: CaseSession) -> dict[str, Any]:
+        if session.case_id == "C":
+            raise StudioError("nothing to download yet: insert a nodule first")
+        raise DiskFullError("/w/results/studio/A/20261207-101010: no space left on device while writing it")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,14 @@ def test_a_case_that_fails_to_open_unloads_the_previous_one(app: Any) -> None:
     assert all(output(fn, failed, f"plane-{p}") is None for p in ui.PLANES)
     assert output(fn, failed, "roi") is None and output(fn, failed, "files") is None
     assert "**Refused:** case B cannot be opened" in output(fn, failed, "status")
+
+
+def test_a_download_that_cannot_be_written_is_said_in_the_status_line(app: Any) -> None:
+    """A full disk (or an unwritable folder) raised past the handler as Gradio's generic popup before."""
+    fn = handler(app, "run_download")
+    assert fn.fn(toy_session("C")) == (None, "**Refused:** nothing to download yet: insert a nodule first")
+    files, status = fn.fn(toy_session("A"))
+    assert files is None and status.startswith("**Not written:** /w/results/studio/A/20261207-101010: no space")
 
 
 def test_opening_a_case_clears_the_previous_downloads(app: Any) -> None:

@@ -20,6 +20,7 @@ from lungddpm.synthesis.lesion import Site, inpaint, place
 from lungddpm.synthesis.paste import (
     feather_weight,
     native_box,
+    native_labels,
     nearest_in_box,
     nodule_in_box,
     paste_back,
@@ -464,3 +465,19 @@ def test_the_pasted_labels_nodule_fraction_is_part_of_a_lesion_items_settings(tm
 
     assert complete(default, default) and complete(quarter, quarter)  # the old items' provenance: as `default`
     assert not complete(default, quarter) and not complete(quarter, default)
+
+
+def test_the_native_label_map_keeps_the_lung_up_to_the_series_edges() -> None:
+    """The fine grid (2 mm) stops up to a step short of the series' last slice (7.5 mm of 2.5 mm slices: fine centres
+    0..6 mm) and of its last column: lung running to the edge was background on that slice and column before."""
+    from lungddpm.preprocessing.grid import SliceGrid, fine_geometry
+
+    grid = SliceGrid(np.array([0.0, 2.5, 5.0, 7.5]), 0.7, 0.7, -10.0, -20.0)
+    fine, size = fine_geometry(grid, (4, 8, 8), 2.0)
+    assert size == (4, 3, 3)  # 7.5 // 2 + 1; 4.9 // 2 + 1
+    labels = native_labels((4, 8, 8), grid, np.ones(size, bool), fine, [])
+    assert labels.dtype == np.uint8 and (labels == 1).all()
+    half = np.ones(size, bool)
+    half[:, :, 2] = False  # the fine grid's last column (4 mm): native columns nearest it and beyond are not lung
+    labels = native_labels((4, 8, 8), grid, half, fine, [])
+    assert (labels[:, :, :5] == 1).all() and (labels[:, :, 5:] == 0).all()  # 3.5 mm -> fine 2, 2.8 mm -> fine 1

@@ -130,11 +130,14 @@ def test_every_stage_ran_on_the_image_folder(images_workflow: Path) -> None:
     }
     assert all(np.isfinite(float(r["value"])) for r in quality)
     texture = list(csv.DictReader(open(res / "synthetic/lesion/texture_control.csv")))
-    assert [r["texture_class"] for r in texture] == ["ground-glass", "part-solid", "solid"]
+    assert [r["texture_class"] for r in texture] == ["any"]  # the one texture the model learnt: every real nodule
+    train_rois = [r for c, row in split.items() if row["subset"] == "train"
+                  for r in csv.DictReader(open(res / f"rois/{c}/rois.csv"))]  # fmt: skip
+    assert int(texture[0]["n_real"]) == sum(r["kind"] == "nodule" and r["roi"].endswith("_0") for r in train_rois) > 0
     assert all(int(r["n_inserted"]) == ci["lesion"]["texture_control_sites"] for r in texture)
     summary = (res / "report/summary.md").read_text()
     assert "## Image quality" in summary and "## Lesion fidelity" in summary  # segmentation is off here
-    assert "## Downstream nodule segmentation" not in summary
+    assert "Not run: `segmentation.enabled: false`" in summary.split("## Downstream nodule segmentation", 1)[1]
 
 
 def test_nodules_are_inserted_into_the_nodule_free_ct(images_workflow: Path) -> None:
