@@ -1,19 +1,17 @@
 # model.init_from: a released Lung-DDPM checkpoint becomes results/models/<name>/checkpoint.pt instead of training.
 from pathlib import Path
 
-from lungddpm.errors import ConfigError
 
-
-if config["model"]["init_from"]:
+if config["model"]["init_from"]:  # a problem is one message, without the parser's traceback (as in common.smk)
     if not Path(config["model"]["init_from"]).is_file():
-        raise ConfigError(
-            f"model.init_from: {config['model']['init_from']} is not a file (relative paths start at the working "
-            "directory); point it at the released Lung-DDPM checkpoint, e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt"
+        sys.exit(
+            f"ConfigError: model.init_from: {config['model']['init_from']} is not a file (relative paths start at the "
+            "working directory); point it at the released Lung-DDPM checkpoint, e.g. Lung-DDPM-LIDC-IDRI-100000-steps.pt"
         )
     if Path(f"results/models/{MODEL}/train_log.csv").is_file():
-        raise ConfigError(
-            f"model.init_from: results/models/{MODEL}/ holds a model trained here (train_log.csv), which the import "
-            f"would overwrite; set train.name to another name (e.g. lung-ddpm-released), or delete that folder"
+        sys.exit(
+            f"ConfigError: model.init_from: results/models/{MODEL}/ holds a model trained here (train_log.csv), which "
+            f"the import would overwrite; set train.name to another name (e.g. lung-ddpm-released), or delete that folder"
         )
 
     ruleorder: import_checkpoint > train
