@@ -153,7 +153,7 @@ def bootstrap_excess(
     synthetic set from the real-vs-real floor."""
     value = distance(a, b) - distance(floor, b)
     members = [_members(g, len(x), name) for g, x, name in zip(groups, (a, floor, b), ("a", "floor", "b"))]
-    if one_group(members, min_distinct):
+    if draws_only_itself(members, min_distinct):
         return value, float("nan"), float("nan")
     draws = resamples(np.random.default_rng(seed), (len(a), len(floor), len(b)), members, min_distinct)
     boots = [distance(a[ia], b[ib]) - distance(floor[ifl], b[ib]) for ia, ifl, ib in islice(draws, n_boot)]
@@ -168,7 +168,7 @@ def _members(groups: Sequence[object] | None, rows: int, what: str) -> list[np.n
     return group_members(groups)
 
 
-def one_group(members: Sequence[list[np.ndarray] | None], min_distinct: int = 1) -> bool:
+def draws_only_itself(members: Sequence[list[np.ndarray] | None], min_distinct: int = 1) -> bool:
     """A set resampled by groups that draws itself every time: one group (one patient), or groups too few and small
     for a resample without one of them to keep ``min_distinct`` distinct rows (two one-volume patients at 2: every
     kept resample is the set reordered). Its zero-width share of the interval would look exact, so the interval is
@@ -213,7 +213,7 @@ def bootstrap_distance(
     has no interval: NaN); with every label distinct it is the plain bootstrap, draw for draw."""
     value = distance(a, b)
     members = [_members(groups_a, len(a), "groups_a"), _members(groups_b, len(b), "groups_b")]
-    if one_group(members, min_distinct):
+    if draws_only_itself(members, min_distinct):
         return value, float("nan"), float("nan")
     draws = resamples(np.random.default_rng(seed), (len(a), len(b)), members, min_distinct)
     return percentile_interval(value, [distance(a[ia], b[ib]) for ia, ib in islice(draws, n_boot)], level)

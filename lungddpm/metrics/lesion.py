@@ -34,7 +34,7 @@ from ..data import series_patient
 from ..diffusion.encoding import TEXTURE_CLASSES
 from ..io import read_volume, write_csv
 from ..preprocessing.layout import NODULE, VOXEL_RTOL
-from .distribution import bootstrap_distance, cluster_draw, group_members, one_group, unit_halves, w1
+from .distribution import bootstrap_distance, cluster_draw, draws_only_itself, group_members, unit_halves, w1
 from .voxel import margin_profile, signed_distance
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def excess_intervals(
     with replacement, whole, and measures both distances to the same resampled ``b``. A core resample with an empty
     set is left out; (NaN, NaN) for 0 resamples, a set of one patient, or when no core resample is left."""
     units = [group_members([n.unit for n in x]) for x in (a, syn, b)]
-    resamples = 0 if one_group(units) else max(resamples, 0)  # a set of one patient: no interval
+    resamples = 0 if draws_only_itself(units) else max(resamples, 0)  # a set of one patient: no interval
     d = np.full((2, resamples), np.nan)
     for i in range(resamples):
         ia, isyn, ib = (cluster_draw(u, rng) for u in units)
@@ -272,7 +272,7 @@ def matched_rows(
     floor.update(n_a=len({id(n) for n in ma}), n_b=len({id(n) for n in mb}), **dict.fromkeys(EXCESS, float("nan")))
     synth["n_b"] = floor["n_b"]
     u_syn, u_a, u_b = (group_members([n.unit for n in x]) for x in (syn, a, b))
-    rng, resamples = np.random.default_rng(seed), 0 if one_group([u_syn, u_a, u_b]) else max(s.bootstrap, 0)
+    rng, resamples = np.random.default_rng(seed), 0 if draws_only_itself([u_syn, u_a, u_b]) else max(s.bootstrap, 0)
     d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
     for i in range(resamples):
         draws = ([h[j] for j in cluster_draw(u, rng)] for h, u in ((syn, u_syn), (a, u_a), (b, u_b)))

@@ -9,7 +9,7 @@ from itertools import islice
 import numpy as np
 from scipy import ndimage
 
-from .distribution import group_members, one_group, percentile_interval, resamples, w1
+from .distribution import draws_only_itself, group_members, percentile_interval, resamples, w1
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -134,7 +134,7 @@ def bootstrap_ci(
     draw for draw."""
     v = np.asarray(values, dtype=np.float64)
     members = None if groups is None else group_members(groups)
-    if v.size < 2 or one_group([members]):
+    if v.size < 2 or draws_only_itself([members]):
         return float(statistic(v)), float("nan"), float("nan")
     draws = resamples(np.random.default_rng(seed), (v.size,), [members], 1)
     return percentile_interval(float(statistic(v)), [statistic(v[i]) for (i,) in islice(draws, n_boot)], level)
