@@ -58,6 +58,8 @@ def _coerce(instance: Any, schema: Mapping[str, Any]) -> Any:
         return instance
     if isinstance(instance, list) and "items" in schema:
         return [_coerce(v, schema["items"]) for v in instance]
+    if isinstance(instance, float) and "integer" in types and "number" not in types and instance.is_integer():
+        return int(instance)  # 16.0 from a script's YAML passes the schema as an integer, then breaks torch
     if isinstance(instance, str) and "string" in types and "null" in types and instance.strip() in ("null", "~"):
         return None  # snakemake --config 'data={images: {label_dir: null}}' delivers the text "null"
     if isinstance(instance, str) and "string" not in types:

@@ -126,6 +126,20 @@ def _input_problems(config: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _hu_floor_problems(config: Mapping[str, Any]) -> list[str]:
+    """The readers raise everything below ``preprocess.padding_hu`` to it: the lung mask's thresholds must lie above
+    it, or no voxel is ever below them (no airway removed, or no lung found), where the lung mask is computed."""
+    data, pad = config.get("data") or {}, float(config["preprocess"]["padding_hu"])
+    if data.get("source") == "images" and (data.get("images") or {}).get("label_dir"):
+        return []  # the label maps give the lungs
+    lm = config.get("lungmask") or {}
+    return [f"lungmask.{k}: {lm[k]:g} HU is not above preprocess.padding_hu {pad:g} HU, the floor every CT is raised "
+            f"to, so no voxel is below it ({what}); raise lungmask.{k} or lower preprocess.padding_hu"
+            for k, what in (("threshold_hu", "no lung would be found"),
+                            ("airway_threshold_hu", "the trachea and main bronchi would stay in the lungs"))
+            if k in lm and float(lm[k]) <= pad]  # fmt: skip
+
+
 def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
     """Bounds that would fail only hours in (sampler steps after training) or never (a reversed HU window trains
     on constant images): the HU window, the texture HU inside it, the sampler steps within the schedule's
@@ -194,6 +208,13 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
             if int((lesion.get("train") or {}).get(key) or 0) > 1:
                 out.append(f"lesion.train.{key}: the lesion model trains in one process on at most one GPU; "
                            "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
+    tc, key = config["train"], "lesion.train" if scale == "lesion" else "train"
+    trains = bool(lesion) if scale == "lesion" else not (config["model"].get("init_from") or given_checkpoint(config))
+    if trains and int(tc.get("ema_every", 1)) > int(tc["steps"]):
+        out.append(f"{key}.ema_every: {tc['ema_every']} is above {key}.steps {tc['steps']}, so the EMA weights, "
+                   "which sampling uses (use_ema), would be those after the first step; lower ema_every (1: every "
+                   "step)")  # fmt: skip
+    out += _hu_floor_problems(config) if scale == "volume" else []
     window = (config.get("metrics") or {}).get("ssim_window")  # whole volumes only (the lesion view has ROI grids)
     if scale == "volume" and window and min(int(s) for s in config["preprocess"]["size"]) < int(window):
         out.append(f"metrics.ssim_window: {window} voxels is larger than the grid preprocess.size "

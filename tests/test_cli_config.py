@@ -196,6 +196,16 @@ def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_w
     # the lesion inpainting bench runs on the config's ROI grid, eagerly: flags it would drop are refused
     assert main(["bench", "sample", "--scale", "lesion", "--size", "48", "--channels-last"]) == 2
     assert "--size, --channels-last: not used by bench sample --scale lesion" in capsys.readouterr().err
+    # so are those the whole-volume sampler and the side-by-side speed run would drop (they were ignored)
+    assert (
+        main(["bench", "sample", "--model", "config", "--size", "16", "--compile", "--batch", "4", "--steps", "7"]) == 2
+    )
+    assert "--compile, --batch, --steps: not used by bench sample (speed: --sizes" in capsys.readouterr().err
+    assert main(["bench", "speed", "--lung-ddpm", "/nowhere", "--size", "32", "--precision", "bf16"]) == 2
+    assert (
+        "--size, --precision: not used by bench speed (speed: --sizes, --batch-sizes, --modes"
+        in capsys.readouterr().err
+    )
     for batch in ("foo", "0"):
         with pytest.raises(SystemExit, match="2"):
             main(["bench", "speed", "--batch-sizes", "1", batch])

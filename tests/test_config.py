@@ -495,3 +495,36 @@ def test_lesion_keys_that_would_merge_classes_or_be_ignored_are_refused(over: di
     of the shortened level list, hours in), and lesion.model.init_from was dropped without a word."""
     with pytest.raises(ConfigError, match=message):
         load_config("config/config.yaml", {"lesion": over})
+
+
+def test_lung_mask_thresholds_must_lie_above_the_hu_floor() -> None:
+    """The readers raise every HU below preprocess.padding_hu to it: at -940 no voxel is below the airway threshold
+    (-950), and the trachea and bronchi stayed in the lungs with a log line only."""
+    with pytest.raises(ConfigError, match=r"lungmask.airway_threshold_hu: -950 HU is not above preprocess.padding_hu "
+                       r"-940 HU, .*trachea and main bronchi would stay in the lungs\); raise"):  # fmt: skip
+        load_config(REPO / "config/config.yaml", {"preprocess": {"padding_hu": -940}})
+    with pytest.raises(ConfigError, match=r"lungmask.threshold_hu: -950 HU is not above .* -920 HU.*no lung would be"):
+        load_config(
+            REPO / "config/config.yaml", {"preprocess": {"padding_hu": -920}, "lungmask": {"threshold_hu": -950}}
+        )
+    with pytest.raises(ConfigError, match=r"lungmask.airway_threshold_hu: -1024 HU is not above .* -1024 HU"):
+        load_config(REPO / "config/config.yaml", {"lungmask": {"airway_threshold_hu": -1024}})  # the schema's minimum
+    assert load_config(REPO / "config/config.yaml", {"lungmask": {"airway_threshold_hu": -1000}}).raw["lungmask"]
+
+
+def test_an_ema_that_would_update_once_is_refused_in_both_models() -> None:
+    """ema_every above steps: the EMA (sampled by default) held the weights after the first optimizer step."""
+    with pytest.raises(ConfigError, match=r"train.ema_every: 60 is above train.steps 50, so the EMA weights"):
+        load_config(REPO / "config/config.yaml", {"train": {"steps": 50, "ema_every": 60}})
+    demo = load_config(REPO / "config/config.yaml", {"lesion": {"train": {"steps": 50, "ema_every": 60}}})
+    with pytest.raises(ConfigError, match=r"lesion.train.ema_every: 60 is above lesion.train.steps 50"):
+        lesion_config(demo)
+    assert load_config(REPO / "config/config.yaml", {"train": {"steps": 50, "ema_every": 50}}).train.ema_every == 50
+
+
+def test_whole_number_floats_become_integers_and_fractions_are_refused() -> None:
+    """16.0 passed the schema as an integer and reached torch as a float (TypeError building the network)."""
+    cfg = load_config(REPO / "config/config.yaml", {"model": {"model_channels": 16.0}, "train": {"steps": 400.0}})
+    assert type(cfg.model["model_channels"]) is int and type(cfg.train.steps) is int and cfg.train.steps == 400
+    with pytest.raises(ConfigError, match=r"model.model_channels.*16.5"):
+        load_config(REPO / "config/config.yaml", {"model": {"model_channels": 16.5}})

@@ -329,8 +329,7 @@ def bench_quality(
     cfg: Config, results: Path, samplers: Sequence[str], k: int, threads: int, out: Path | None = None
 ) -> list[dict[str, Any]]:
     """:func:`compare_samplers` of ``samplers`` (NAME:STEPS) on the eval run's real CTs and layouts under
-    ``results`` with the workflow's model; the rows (and the cases and checkpoint) are also written to ``out`` when
-    given."""
+    ``results`` with the workflow's model; the rows (with the cases and checkpoint) also go to ``out`` if given."""
     from ..io import write_json
     from ..preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
 
@@ -343,8 +342,22 @@ def bench_quality(
     return rows
 
 
+def refuse_unused(args: Any) -> None:
+    """Flags that ``lungddpm bench <what>`` would ignore (its numbers would not be what was asked), refused."""
+    lesion, where, batched = args.scale == "lesion", f"bench {args.what}", args.batch != [1]
+    where += " --scale lesion" * (lesion and args.what == "sample")
+    flags = {"sample": {"--size": lesion and args.size, "--channels-last": lesion and args.channels_last, "--compile":
+                        args.compile, "--batch": not lesion and batched, "--steps": args.steps != 3},
+             "speed": {"--size": args.size, "--precision": args.precision != ["fp32"], "--compile": args.compile,
+                       "--channels-last": args.channels_last, "--batch": batched}}.get(args.what, {})  # fmt: skip
+    if unused := [name for name, given in flags.items() if given]:
+        raise LungDDPMError(f"{', '.join(unused)}: not used by {where} (speed: --sizes, --batch-sizes, --modes; "
+                            "compiled or batched training: bench train); leave them out")  # fmt: skip
+
+
 def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
     """``lungddpm bench``'s rows for its parsed arguments ``args``: quality, sample (whole or lesion) or train."""
+    refuse_unused(args)
     if args.what == "quality":
         out = Path(args.out) if args.out else None
         yield from bench_quality(cfg, Path(args.results), args.samplers, args.k, args.threads, out)
@@ -354,10 +367,6 @@ def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
 
         cfg = lesion_config(cfg)
         if args.what == "sample":
-            if unused := [f for f, v in (("--size", args.size), ("--channels-last", args.channels_last),
-                                         ("--compile", args.compile)) if v]:  # fmt: skip
-                raise LungDDPMError(f"{', '.join(unused)}: not used by bench sample --scale lesion, which inpaints "
-                                    "the ROIs of the config's lesion grid in eager mode; leave them out")  # fmt: skip
             for name, steps in sampler_specs(
                 args.samplers, int(cfg.diffusion["timesteps"]), "lesion.diffusion.timesteps, else diffusion.timesteps"
             ):

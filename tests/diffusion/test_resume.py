@@ -81,8 +81,8 @@ def test_activation_checkpointing_and_the_process_count_resume_a_training(tmp_pa
     finished["fingerprint"]["model"]["use_checkpoint"] = True  # as the code before wrote it for such a run
     save_atomic(finished, tmp_path / "sa/step_0000004.pt")
     assert train(tiny_data(), cfg(use_checkpoint=True), tmp_path / "a", tmp_path / "sa").step == 4  # resumed
-    with pytest.raises(LungDDPMError, match=r"with other train settings \(ema_every 1 then, 10 now\)"):
-        check_resume(finished, cfg(ema_every=10), tmp_path / "sa")  # a key the checkpoint predates: its old value
+    with pytest.raises(LungDDPMError, match=r"with other train settings \(ema_every 1 then, 3 now\)"):
+        check_resume(finished, cfg(ema_every=3), tmp_path / "sa")  # a key the checkpoint predates: its old value
     wider = copy.deepcopy(cfg().raw)
     wider["model"]["model_channels"] *= 2
     diff = fingerprint_differences(fingerprint(cfg()), fingerprint(Config.from_dict(validate_config(wider))), tmp_path)
