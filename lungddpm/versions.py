@@ -33,7 +33,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # grids commensurate with the scan's (config/paper.yaml: 6 voxels of LIDC-IDRI-0171 at some centres), not the demo
     # 5: a main bronchus that the lung encloses in-plane is no longer put back as lung with the lung's holes (the
     # demo: 15-64 voxels of the 2 mm lung mask in each of its 12 cases, at the hilum)
-    "preprocess": 5,
+    # 6: an enclosed air-like space outside the torso's core (a table's foam or hollow core) is no lung component
+    "preprocess": 6,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
     # (the demo's 24 mm nodule of LIDC-IDRI-0709 was jittered onto a face of its 40 mm ROI)

@@ -73,7 +73,7 @@ def run_job(job: dict[str, Any], stop_after: int | None = None) -> TrainResult:
 
         cfg = lesion_config(cfg)
         data = load_roi_training_data([Path(p) for p in job["train_cts"]], cfg)
-        val = load_roi_training_data([Path(p) for p in job["val_cts"]], cfg) if job["val_cts"] else None
+        val = load_roi_training_data([Path(p) for p in job["val_cts"]], cfg, "val") if job["val_cts"] else None
         return train(
             data, cfg, Path(job["out_dir"]), Path(job["state_dir"]), val, job["threads"], stop_after, "train_lesion"
         )

@@ -43,13 +43,16 @@ def face_border(margin_mm: float, spacing_mm: float) -> int:
     return int(np.floor(margin_mm / spacing_mm * (1 + VOXEL_RTOL) + 1e-9)) + 1
 
 
-def check_labels(layout: np.ndarray, name: str) -> None:
-    """Raise :class:`LayoutError` unless ``layout`` holds only the labels 0/1/2."""
+REWRITE_LAYOUT = (
+    "rerun the stage that wrote it (layout for a real case; sample or synthesize_lesion for a synthetic item)"
+)
+
+
+def check_labels(layout: np.ndarray, name: str, fix: str = "rerun the layout stage") -> None:
+    """Raise :class:`LayoutError` unless ``layout`` holds only the labels 0/1/2; ``fix``: how to remake the file."""
     found = set(np.unique(layout).tolist())
     if not found <= set(LABELS):
-        raise LayoutError(
-            f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; rerun the layout stage"
-        )
+        raise LayoutError(f"{name}: labels {sorted(found)} found, expected a subset of {{0, 1, 2}}; {fix}")
 
 
 def read_case_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
@@ -64,10 +67,9 @@ def read_case_pair(ct_path: Path, layout_path: Path) -> tuple[np.ndarray, np.nda
 
         raise LayoutError(
             f"{layout_path}: grid {grid(layout.shape, lay_geometry)} differs from its CT {ct_path}: "
-            f"{grid(ct.shape, geometry)}; rerun the stage that wrote them (layout for a real case; sample or "
-            "synthesize_lesion for a synthetic item)"
+            f"{grid(ct.shape, geometry)}; {REWRITE_LAYOUT.replace('that wrote it', 'that wrote them')}"
         )
-    check_labels(layout, str(layout_path))
+    check_labels(layout, str(layout_path), REWRITE_LAYOUT)
     return ct, layout.astype(np.uint8), geometry
 
 

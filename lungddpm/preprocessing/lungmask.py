@@ -182,17 +182,25 @@ def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
 TORSO_CORE_MM = 25.0  # the torso's core: body pixels this deep (at most half the slice's deepest) below its surface
 
 
-def body_midline(body: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """The patient's midline: the fractional x index of the torso's left-right centre, the median over the axial
-    slices of the centre of the largest component of the slice's body core (pixels at least ``TORSO_CORE_MM``, or
-    half the slice's greatest depth, from the body's surface). The core drops the table, which spans the field of
-    view but is thin, and thin attachments; it shrinks the torso equally on both sides. body: bool [Z, Y, X]."""
-    centres = []
+def torso_core(body: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Per axial slice, the largest component of the body's core: pixels at least ``TORSO_CORE_MM`` (or half the
+    slice's greatest depth) from the body's surface. It drops the table, which spans the field of view but is thin,
+    and thin attachments. body: bool [Z, Y, X]; returns bool [Z, Y, X]."""
+    core = np.zeros_like(body)
     for z in np.flatnonzero(body.any(axis=(1, 2))):
         depth = ndi.distance_transform_edt(np.pad(body[z], 1), sampling=spacing[1:])[1:-1, 1:-1]  # edge: outside
-        core, _ = ndi.label(depth >= min(TORSO_CORE_MM, 0.5 * float(depth.max())))
-        cols = np.flatnonzero((core == np.argmax(np.bincount(core.ravel())[1:]) + 1).any(axis=0))
-        centres.append((cols[0] + cols[-1]) / 2)
+        labels, _ = ndi.label(depth >= min(TORSO_CORE_MM, 0.5 * float(depth.max())))
+        core[z] = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return core
+
+
+def body_midline(body: np.ndarray, spacing: tuple[float, float, float], core: np.ndarray | None = None) -> float:
+    """The patient's midline: the fractional x index of the torso's left-right centre, the median over the axial
+    slices of the centre of :func:`torso_core` (``core`` when already computed), which shrinks the torso equally on
+    both sides. body: bool [Z, Y, X]."""
+    core = torso_core(body, spacing) if core is None else core
+    centres = [(cols[0] + cols[-1]) / 2 for z in np.flatnonzero(core.any(axis=(1, 2)))
+               for cols in [np.flatnonzero(core[z].any(axis=0))]]  # fmt: skip
     return float(np.median(centres)) if centres else (body.shape[2] - 1) / 2
 
 
@@ -217,13 +225,17 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     sp = np.asarray(spacing, dtype=float)
     voxel_ml = float(np.prod(sp)) / 1000
     body = body_mask(hu, cfg.threshold_hu)
-    midline = body_midline(body, spacing)
+    core = torso_core(body, spacing)
+    midline = body_midline(body, spacing, core)
     airway = _airway(hu, body, midline, sp, cfg)
     candidates = (hu < cfg.threshold_hu) & body & ~airway
     labels, n = ndi.label(candidates)
-    if n == 0:
+    # lungs reach into the torso's core; an enclosed air-like space outside it (a table's foam or hollow core under
+    # the patient) does not, and would otherwise pass as a lung (it spans the scan)
+    in_torso = np.isin(np.arange(1, n + 1), labels[core & candidates])
+    if not in_torso.any():
         return LungmaskResult(np.zeros_like(body), airway, 0.0, float(airway.sum() * voxel_ml), 0, midline)
-    sizes = ndi.sum(np.ones_like(labels), labels, np.arange(1, n + 1)) * voxel_ml
+    sizes = ndi.sum(np.ones_like(labels), labels, np.arange(1, n + 1)) * voxel_ml * in_torso
     boxes = ndi.find_objects(labels)
     largest = int(np.argmax(sizes))
     mid_height = (boxes[largest][0].start + boxes[largest][0].stop) / 2
@@ -232,7 +244,8 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     keep = [
         i + 1
         for i in np.argsort(sizes)[::-1]
-        if sizes[i] >= max(cfg.min_lung_ml, cfg.min_component_fraction * sizes[largest])
+        if in_torso[i]
+        and sizes[i] >= max(cfg.min_lung_ml, cfg.min_component_fraction * sizes[largest])
         and boxes[i][0].stop > mid_height
     ]
     lung = np.zeros_like(body)

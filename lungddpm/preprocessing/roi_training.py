@@ -58,8 +58,9 @@ def generated_region(
     return dilate_mm(region, margin_mm, spacing_mm)
 
 
-def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
-    """Every ROI of ``tables`` as :class:`lungddpm.diffusion.data.TrainData` for the lesion model ``cfg``
+def load_roi_training_data(tables: Sequence[Path], cfg: Config, split: str = "train") -> Any:
+    """Every ROI of ``tables`` (of the ``split`` subset: ``val`` feeds the preview only, so it may hold no nodule,
+    or no ROI: None) as :class:`lungddpm.diffusion.data.TrainData` for the lesion model ``cfg``
     (:func:`lungddpm.config.lesion_config`): images [N, 1, n, n, n] in [-1, 1], layouts [N, 2, n, n, n] with
     texture levels (a context model: [N, 4, n, n, n], the known ROI and keep mask of :func:`generated_region`
     appended), and loss weights when ``train.focus_weight`` > 0 or the model has context (then 1 + focus inside
@@ -87,7 +88,7 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
                     f"{folder / row['ct']}: ROI grid {ct.shape} is not lesion.roi.size {cfg.preprocess.size}; rerun "
                     "the rois rule"
                 )
-            check_labels(layout, str(folder / row["layout"]))
+            check_labels(layout, str(folder / row["layout"]), "rerun the rois rule for its case")
             image = hu_to_model(ct, cfg.intensity.hu_window)
             images.append(image[None])
             channels = roi_channels(layout, texture, levels, row["roi"])
@@ -103,9 +104,11 @@ def load_roi_training_data(tables: Sequence[Path], cfg: Config) -> Any:
                 weights.append(weight[None])
             ids.append(row["roi"])
             groups.append(row["texture_class"] or "free")
+    if not ids and split != "train":
+        return None
     if not ids:
         raise LayoutError(f"no ROIs in {[str(t) for t in tables]}: the train split has no ROI; check lesion.roi")
-    if all(g == "free" for g in groups):
+    if split == "train" and all(g == "free" for g in groups):
         raise LayoutError(
             f"{len(ids)} ROIs in {len(tables)} table(s) and no nodule among them: the train split has no labelled "
             "nodule to learn nodule appearance from; label nodules in some train CTs or set lesion.enabled: false"

@@ -107,6 +107,22 @@ def test_the_midline_follows_the_patient_not_the_table(shift: int) -> None:
     assert dice(result.lung, lung) > 0.95
 
 
+@pytest.mark.parametrize("gap", [True, False])
+def test_a_tables_air_like_core_is_not_a_lung(gap: bool) -> None:
+    """A table with a foam or hollow core (-900 HU inside a 300 HU shell) under the patient, apart or touching the
+    back: the core is enclosed (not outside air), spans the scan and is large, so it was kept as a third lung (all
+    its 4608 voxels)."""
+    hu, lung, _ = toy_thorax()
+    top = 71 if gap else 70  # the body's back is at y = 70
+    hu[:, top : top + 5, 4:92] = 300.0
+    hu[:, top + 1 : top + 4, 6:90] = -900.0
+    core = np.zeros(hu.shape, bool)
+    core[:, top + 1 : top + 4, 6:90] = True
+    result = segment_lungs(hu, SPACING, CFG)
+    assert not (result.lung & core).any() and result.n_components == 2
+    assert dice(result.lung, lung) > 0.95
+
+
 def test_empty_scan_gives_empty_mask() -> None:
     result = segment_lungs(np.full((10, 20, 20), 40.0, dtype=np.float32), SPACING, CFG)
     assert not result.lung.any() and result.lung_ml == 0.0

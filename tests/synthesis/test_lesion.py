@@ -12,6 +12,7 @@ from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import LayoutError
+from lungddpm.io import read_volume, write_volume
 from lungddpm.preprocessing.layout import LUNG, NODULE, face_border
 from lungddpm.preprocessing.roi_training import focus_weights
 from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, shift_inside
@@ -442,6 +443,16 @@ def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_
     extract_rois(src, roi_settings(), tmp_path / "b")  # free ROIs only
     with pytest.raises(LayoutError, match=r"no nodule among them: the train split has no labelled nodule"):
         load_roi_training_data([tmp_path / "b/rois.csv"], cfg)
+    # the validation ROIs feed the preview only: nodule-free (or none) they are taken, not refused as the train's
+    assert load_roi_training_data([tmp_path / "b/rois.csv"], cfg, "val").case_ids
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c/rois.csv").write_text((tmp_path / "b/rois.csv").read_text().splitlines()[0] + "\n")  # no ROI
+    assert load_roi_training_data([tmp_path / "c/rois.csv"], cfg, "val") is None
+    first = next(iter(sorted((tmp_path / "b").glob("*_layout.nii.gz"))))
+    layout, geometry = read_volume(first)
+    write_volume(first, np.where(layout == 1, 3, layout).astype(np.uint8), geometry)  # a label no layout holds
+    with pytest.raises(LayoutError, match=r"_layout.nii.gz: labels \[3\] found, .*; rerun the rois rule for its case"):
+        load_roi_training_data([tmp_path / "b/rois.csv"], cfg, "val")
 
 
 def test_the_pasted_labels_nodule_fraction_is_part_of_a_lesion_items_settings(tmp_path) -> None:
