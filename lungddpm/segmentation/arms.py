@@ -215,8 +215,8 @@ def check_arms(cfg: SegmentationConfig, n_real_train: int, n_augment: int, n_tes
                 f"cases ({n_real_train} real train cases) but the augment run makes {n_augment}; raise "
                 "sample.samples_per_layout or lower the fraction"
             )
-        n = arm.n_real(n_real_train) + n_syn
-        if n == 0:
+        n = arm.n_real(n_real_train) + n_syn  # lesion scale: synthetic ROIs count from nodule ROIs, checked later
+        if n == 0 and not (cfg.scale == "lesion" and arm.synthetic_fraction > 0):
             raise ConfigError(
                 f"segmentation.arms[{arm.name}]: no training case (the split has {n_real_train} real train cases); "
                 "add cases or raise split.train"

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, LungDDPMError
 from ..io import read_json
+from ..preprocessing.cases import LIDC_PATIENT
 from ..preprocessing.rois import read_roi_table
 from .arms import Arm
 
@@ -40,6 +41,7 @@ class TrainingCase:
     kind: str  # "real" | "synthetic"
     source_case: str
     grid: Path | None = None
+    bank_cases: tuple[str, ...] = ()  # a lesion item's inserted nodules: the LIDC cases their contours come from
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def shard_items(manifests: Sequence[Path], run: str) -> list[dict[str, Any]]:
 def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
     """The lesion run's synthetic cases: ``per="roi"`` one per inserted nodule (the inpainted ROI and its layout),
     ``per="ct"`` one per item (the pasted native CT and its label map). Keys: id, image, layout, case_id (and,
-    per ROI, site: the nodule-free ROI it was inpainted into, and texture)."""
+    per ROI, site: the nodule-free ROI it was inpainted into, and texture; bank_cases: the LIDC cases of its inserted
+    nodules)."""
     out = []
     for it in shard_items(manifests, "lesion"):
         folder = Path(it["folder"])
@@ -87,21 +90,33 @@ def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
         files = prov["files"]
         if per == "ct":
             out.append({"id": it["item"], "image": folder / files["ct"], "layout": folder / files["label"],
-                        "case_id": prov["source_case"]})  # fmt: skip
+                        "case_id": prov["source_case"], "provenance": prov_path,
+                        "bank_cases": tuple(s.get("source_case", "") for s in prov["sites"])})  # fmt: skip
             continue
         for j, site in enumerate(prov["sites"]):
             out.append({"id": f"{it['item']}_s{j}", "image": folder / files[f"s{j}_after"],
                         "layout": folder / files[f"s{j}_layout"], "case_id": prov["source_case"],
-                        "site": site.get("site", ""), "texture": site.get("texture_requested", "")})  # fmt: skip
+                        "site": site.get("site", ""), "texture": site.get("texture_requested", ""),
+                        "provenance": prov_path, "bank_cases": (site.get("source_case", ""),)})  # fmt: skip
     return out
 
 
 def _check_leak(arm: Arm, cases: Sequence[TrainingCase], test_cases: Sequence[str]) -> None:
+    """Refuse training cases made on a test case, or holding a nodule drawn from a test patient's (the bank)."""
     leaked = sorted({c.source_case for c in cases} & set(test_cases))
     if leaked:
         raise LungDDPMError(
             f"arm {arm.name}: training cases derive from test cases {leaked}; the synthetic runs must use train "
             "cases only — rerun the split, sample and synthesize_lesion stages"
+        )
+    tested = {m.group(0).upper() for c in test_cases if (m := LIDC_PATIENT.search(c))}
+    banked = sorted({f"{c.identifier} ({b})" for c in cases for b in c.bank_cases
+                     if (m := LIDC_PATIENT.search(b)) and m.group(0).upper() in tested})  # fmt: skip
+    if banked:
+        raise LungDDPMError(
+            f"arm {arm.name}: synthetic cases hold nodules drawn from test patients: {banked[:5]}"
+            f"{' ...' if len(banked) > 5 else ''}; the nodule bank must leave the test split out — rerun nodule_bank "
+            "and synthesize_lesion"
         )
 
 
@@ -151,10 +166,14 @@ def whole_cases(
         name = it.get("item", it.get("id"))
         grid = Path(real[it["case_id"]][0]) if arm.synthetic_source == "lesion" and it["case_id"] in real else None
         if arm.synthetic_source == "lesion" and grid is None:
-            raise LungDDPMError(f"lesion item {name}: its case {it['case_id']} is not a train case of this split")
+            raise LungDDPMError(
+                f"{it.get('provenance', name)}: lesion item {name} of case {it['case_id']}, not a "
+                "train case of this split (made before the split changed); rerun synthesize_lesion"
+            )
         image, layout = (Path(it["folder"]) / Path(it[k]).name if "folder" in it else Path(it[k])
                          for k in ("image", "layout"))  # beside its manifest, wherever the command runs  # fmt: skip
-        cases.append(TrainingCase(f"syn_{name}", image, layout, "synthetic", it["case_id"], grid))
+        cases.append(TrainingCase(f"syn_{name}", image, layout, "synthetic", it["case_id"], grid,
+                                  tuple(it.get("bank_cases", ()))))  # fmt: skip
     _check_leak(arm, cases, test_cases)
     _log(arm, seed, cases, "CTs")
     return cases
@@ -192,8 +211,13 @@ def lesion_cases(
     cases = [TrainingCase(f"real_{r['roi']}", r["ct_path"], r["layout_path"], "real", r["case_id"]) for r in chosen]
     fix = "raise lesion.insert.samples_per_case or lesion.roi.free_per_case"
     seen = {r["roi"] for r in chosen_free}  # a synthetic ROI is a nodule-free ROI with a nodule inpainted
+    if stale := [it for it in synthetic if it["case_id"] not in {r["case_id"] for r in rows}]:
+        raise LungDDPMError(f"{stale[0].get('provenance', stale[0]['id'])}: lesion item of case "
+                            f"{stale[0]['case_id']}, not a train case of this split (made before the split changed; "
+                            f"{len(stale)} such ROIs); rerun synthesize_lesion")  # fmt: skip
     for it in _synthetic(arm, synthetic, seen, "site", arm.n_synthetic(len(nodule_rows)), seed, fix):
-        cases.append(TrainingCase(f"syn_{it['id']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"]))
+        cases.append(TrainingCase(f"syn_{it['id']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"],
+                                  bank_cases=tuple(it.get("bank_cases", ()))))  # fmt: skip
     if not cases:
         raise ConfigError(f"segmentation.arms[{arm.name}]: no training ROI; check lesion.roi and the split")
     _check_leak(arm, cases, test_cases)

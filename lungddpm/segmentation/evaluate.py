@@ -28,7 +28,7 @@ from scipy import ndimage, stats
 
 from ..atomic import atomic_path
 from ..errors import LungDDPMError
-from ..io import read_csv, read_json, read_volume, write_csv
+from ..io import read_csv, read_header, read_json, read_volume, write_csv
 from ..metrics.distribution import group_members
 from ..metrics.voxel import bootstrap_ci, dice
 from ..preprocessing.layout import NODULE
@@ -129,7 +129,7 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
     tests: the test set (:mod:`.datasets`). One row per model x case, columns SCORE_COLUMNS.
     """
     rows: list[dict[str, Any]] = []
-    truth = {t.identifier: truth_instances(t) for t in tests}
+    truth, files = {t.identifier: truth_instances(t) for t in tests}, {t.identifier: t.truth for t in tests}
     kinds = {t.identifier: t.kind for t in tests}
     clusters = {t.identifier: t.cluster or t.identifier for t in tests}
     for run_path in runs:
@@ -142,11 +142,10 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
                 "segment_train"
             )
         for case, pred_path in sorted(run["predictions"].items()):
-            pred = read_volume(pred_path)[0]
-            if pred.shape != truth[case].shape:
-                raise LungDDPMError(
-                    f"{pred_path}: shape {pred.shape}, but its truth is {truth[case].shape}; rerun segment_train"
-                )
+            (pred, grid), (shape, truth_grid) = read_volume(pred_path), read_header(files[case])
+            if pred.shape != truth[case].shape or not grid.same_grid(truth_grid):  # a test ROI remade since: moved
+                raise LungDDPMError(f"{pred_path}: grid {pred.shape} at {grid.origin}, but its truth {files[case]} "
+                                    f"is {shape} at {truth_grid.origin}; rerun segment_train")  # fmt: skip
             scores = score_case(pred > 0, truth[case], ev, kinds[case])
             rows.append({"arm": arm, "seed": run["seed"], "fold": run["fold"], "case_id": case, "kind": kinds[case],
                          "cluster": clusters[case], **scores})  # fmt: skip

@@ -338,6 +338,12 @@ def test_arms_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="no test case"):
         check_arms(_seg(), 8, 8, 0)
     check_arms(_seg(), 8, 8, 2)
+    # a synthetic-only lesion arm counts its ROIs from the nodule ROIs (0.2 x 10 = 2), not the 2 train cases
+    # (0.2 x 2 = 0): it was refused with "no training case" at parse time, though prepare would build it
+    only = _seg(scale="lesion", arms=[{"name": "syn", "real": False, "synthetic_fraction": 0.2}], baseline="syn")
+    check_arms(only, 2, 0, 1)
+    with pytest.raises(ConfigError, match=r"arms\[syn\]: no training case"):
+        check_arms(_seg(arms=[{"name": "syn", "real": False, "synthetic_fraction": 0.2}], baseline="syn"), 2, 8, 1)
 
 
 def test_synthetic_draws_are_nested_seeded_and_never_from_test_cases() -> None:
@@ -690,3 +696,14 @@ def test_workflow_sweep_target_plots_dice_against_the_synthetic_fraction(demo_wo
     dice = {float(r["synthetic_fraction"]): r for r in rows if r["metric"] == "dice"}
     assert sorted(dice) == [0.0, 0.25] and dice[0.25]["baseline"] == "sweep_0x" and dice[0.25]["p_value"] != ""
     assert (seg / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_segment_command_checks_the_arms_before_any_work(tmp_path: Path) -> None:
+    """`lungddpm segment` skipped the workflow's parse-time check: with no test case it prepared and trained every
+    arm, and failed at compare with "no scores; rerun segment_score"."""
+    from lungddpm.segmentation.experiment import run_experiment
+
+    cfg = load_config(REPO / "config/config.yaml", {"split": {"train": 0.9, "val": 0.1, "test": 0.0}})
+    with pytest.raises(ConfigError, match=r"segmentation: the split has no test case to segment; raise split.test"):
+        run_experiment(cfg, tmp_path / "results", tmp_path / "state", steps=("prepare", "compare"))
+    assert not (tmp_path / "results").exists() and not (tmp_path / "state").exists()

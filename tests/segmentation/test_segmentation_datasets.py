@@ -13,7 +13,7 @@ from conftest import REPO
 
 from lungddpm.config import load_config
 from lungddpm.errors import ConfigError, LungDDPMError
-from lungddpm.io import Geometry, read_volume, write_csv, write_json, write_volume
+from lungddpm.io import Geometry, read_json, read_volume, write_csv, write_json, write_volume
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 from lungddpm.segmentation.arms import Arm, EvaluationConfig, SegmentationConfig
 from lungddpm.segmentation.datasets import (
@@ -112,6 +112,33 @@ def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tm
     via_inputs = arm_cases("lesion", Arm("h", True, 0.5, 0.5, "lesion"), 0, {"tables": tables, "synthetic": [shard]},
                            ["t1"])  # fmt: skip
     assert [c.identifier for c in via_inputs] == [c.identifier for c in half]
+
+
+def test_items_of_other_cases_or_holding_test_patients_nodules_are_refused(tmp_path: Path) -> None:
+    """A bank that held a test patient's nodule (a stale or hand-made one) put its contour into training, and a
+    lesion item of a case no longer in the train split trained silently at the lesion scale."""
+    tables = [_roi_table(tmp_path / "rois" / c, c, 1, 1, 1) for c in ("c1", "c2")]
+    shard = _lesion_run(tmp_path / "lesion", ["c1", "c2"], 1)
+    prov = read_json(tmp_path / "lesion/c2_0.json")
+    prov["sites"][0]["source_case"] = "LIDC-IDRI-0886"  # the bank nodule's scan
+    write_json(tmp_path / "lesion/c2_0.json", prov)
+    syn = lesion_outputs([shard], "roi")
+    assert [s["bank_cases"] for s in syn] == [("",), ("LIDC-IDRI-0886",)]
+    assert len(lesion_cases(Arm("s", True, 1.0), 0, tables, syn, ["LIDC-IDRI-0001"])) == 6  # another patient
+    with pytest.raises(LungDDPMError, match=r"arm s: synthetic cases hold nodules drawn from test patients: "
+                       r"\['syn_c2_0_s0 \(LIDC-IDRI-0886\)'\]; .*rerun nodule_bank and synthesize_lesion"):  # fmt: skip
+        lesion_cases(Arm("s", True, 1.0), 0, tables, syn, ["LIDC-IDRI-0886_s1"])  # the patient's other series
+    real = {"c1": (tmp_path / "c1_ct.nii.gz", tmp_path / "c1_layout.nii.gz")}
+    cts = lesion_outputs([shard], "ct")
+    with pytest.raises(LungDDPMError, match=r"synthetic cases hold nodules drawn from test patients: \['syn_c2_0"):
+        whole_cases(
+            Arm("p", True, 1.0, synthetic_source="lesion"), 0, {**real, "c2": real["c1"]}, cts, ["LIDC-IDRI-0886"]
+        )
+    with pytest.raises(LungDDPMError, match=r"c2_0.json: lesion item c2_0 of case c2, not a train case .*rerun synth"):
+        whole_cases(Arm("p", True, 1.0, synthetic_source="lesion"), 0, real, cts[1:], ["t"])
+    with pytest.raises(LungDDPMError, match=r"c2_0.json: lesion item of case c2, not a train case .*\(made before the "
+                       r"split changed; 1 such ROIs\); rerun synthesize_lesion"):  # fmt: skip
+        lesion_cases(Arm("s", True, 0.5), 0, tables[:1], syn, ["t"])
 
 
 def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path) -> None:
@@ -213,7 +240,12 @@ def test_roi_scores_by_kind_and_the_fp_metric(tmp_path: Path) -> None:
     with pytest.raises(LungDDPMError, match=r"old.csv: no column sensitivity .*; rerun segment_score"):
         compare_arms({"real": tmp_path / "old.csv"}, "real", tmp_path / "c2.csv", tmp_path / "c2.png", EV)
     write_volume(tmp_path / "pred/t1_f1.nii.gz", np.zeros((4, 4, 4), np.uint8), ROI)  # not the truth's grid
-    with pytest.raises(LungDDPMError, match=r"t1_f1.nii.gz: shape \(4, 4, 4\), but its truth is .*; rerun segment_tr"):
+    with pytest.raises(LungDDPMError, match=r"t1_f1.nii.gz: grid \(4, 4, 4\) at .*, but its truth .* is \(8, 8, 8\)"):
+        score_arm("real", [run], tests, tmp_path / "scores2.csv", EV)
+    # a prediction of the same shape on a test ROI since remade elsewhere (another jitter) was scored as its own
+    moved = Geometry(ROI.spacing, (ROI.origin[0] + 10.0, *ROI.origin[1:]))
+    write_volume(tmp_path / "pred/t1_f1.nii.gz", preds["t1_f1"], moved)
+    with pytest.raises(LungDDPMError, match=r"t1_f1.nii.gz: grid \(8, 8, 8\) at .*, but its truth .*rerun segment_tr"):
         score_arm("real", [run], tests, tmp_path / "scores2.csv", EV)
 
 
