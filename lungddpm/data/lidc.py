@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import AnnotationError
 from .nodules import MAX_READERS, Nodule, join_touching, masks_touch, split_merged, touching_groups
+from .nodules import min_contour_distance as _min_contour_distance
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def _clusters(scan: Any) -> list[list[Any]]:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clusters = scan.cluster_annotations(verbose=False)
+        clusters = scan.cluster_annotations(metric=_min_contour_distance(), verbose=False)
     out: list[list[Any]] = []
     for cluster in clusters:
         masks = _annotation_masks(cluster) if len(cluster) > 1 else []

