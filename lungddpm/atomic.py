@@ -91,14 +91,18 @@ def remove_stale_folders(parent: Path, min_age_s: float = STALE_AFTER_S) -> list
         return []
     now, stale = time.time(), []
     for p in sorted(parent.iterdir()):
-        if p.is_symlink() or not p.is_dir() or now - p.stat().st_mtime < min_age_s:
-            continue
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            shutil.rmtree(p, ignore_errors=True)
-            stale.append(p)
-        elif not p.name.startswith(".") and not any(p.iterdir()):
-            p.rmdir()
-            stale.append(p)
+        try:  # another process may clean up or claim the same entries now: what it took first is skipped
+            if p.is_symlink() or not p.is_dir() or now - p.stat().st_mtime < min_age_s:
+                continue
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                shutil.rmtree(p)
+                stale.append(p)
+            elif not p.name.startswith(".") and not any(p.iterdir()):
+                p.rmdir()
+                stale.append(p)
+        except (FileNotFoundError, OSError) as exc:
+            if not isinstance(exc, FileNotFoundError) and exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     if stale:
         log.warning("%s: removed %d folder(s) that killed writes left: %s", parent, len(stale), [q.name for q in stale])
     return stale

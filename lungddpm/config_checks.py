@@ -128,11 +128,9 @@ def _input_problems(config: Mapping[str, Any]) -> list[str]:
 
 def _hu_floor_problems(config: Mapping[str, Any]) -> list[str]:
     """The readers raise everything below ``preprocess.padding_hu`` to it: the lung mask's thresholds must lie above
-    it, or no voxel is ever below them (no airway removed, or no lung found), where the lung mask is computed."""
-    data, pad = config.get("data") or {}, float(config["preprocess"]["padding_hu"])
-    if data.get("source") == "images" and (data.get("images") or {}).get("label_dir"):
-        return []  # the label maps give the lungs
-    lm = config.get("lungmask") or {}
+    it, or no voxel is ever below them (no airway removed, or no lung found; with label maps of the lungs the body
+    mask's midline still uses ``threshold_hu``, and maps without a lung label are segmented)."""
+    pad, lm = float(config["preprocess"]["padding_hu"]), config.get("lungmask") or {}  # label maps too: the body
     return [f"lungmask.{k}: {lm[k]:g} HU is not above preprocess.padding_hu {pad:g} HU, the floor every CT is raised "
             f"to, so no voxel is below it ({what}); raise lungmask.{k} or lower preprocess.padding_hu"
             for k, what in (("threshold_hu", "no lung would be found"),
@@ -210,10 +208,11 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
                            "remove the key (train.processes and train.gpus are the whole-volume model's)")  # fmt: skip
     tc, key = config["train"], "lesion.train" if scale == "lesion" else "train"
     trains = bool(lesion) if scale == "lesion" else not (config["model"].get("init_from") or given_checkpoint(config))
-    if trains and int(tc.get("ema_every", 1)) > int(tc["steps"]):
-        out.append(f"{key}.ema_every: {tc['ema_every']} is above {key}.steps {tc['steps']}, so the EMA weights, "
-                   "which sampling uses (use_ema), would be those after the first step; lower ema_every (1: every "
-                   "step)")  # fmt: skip
+    use_ema = ((lesion.get("sample") if scale == "lesion" else config.get("sample")) or {}).get("use_ema", True)
+    if trains and use_ema and int(tc["steps"]) > 1 and int(tc.get("ema_every", 1)) >= int(tc["steps"]):
+        out.append(f"{key}.ema_every: {tc['ema_every']} is not below {key}.steps {tc['steps']} (the EMA is updated "
+                   "after optimizer updates 0, ema_every, 2 x ema_every, ...), so the EMA weights, which sampling uses "
+                   "(use_ema), would be those after the first step; lower ema_every (1: every step)")  # fmt: skip
     out += _hu_floor_problems(config) if scale == "volume" else []
     window = (config.get("metrics") or {}).get("ssim_window")  # whole volumes only (the lesion view has ROI grids)
     if scale == "volume" and window and min(int(s) for s in config["preprocess"]["size"]) < int(window):

@@ -513,13 +513,18 @@ def test_lung_mask_thresholds_must_lie_above_the_hu_floor() -> None:
 
 
 def test_an_ema_that_would_update_once_is_refused_in_both_models() -> None:
-    """ema_every above steps: the EMA (sampled by default) held the weights after the first optimizer step."""
-    with pytest.raises(ConfigError, match=r"train.ema_every: 60 is above train.steps 50, so the EMA weights"):
-        load_config(REPO / "config/config.yaml", {"train": {"steps": 50, "ema_every": 60}})
-    demo = load_config(REPO / "config/config.yaml", {"lesion": {"train": {"steps": 50, "ema_every": 60}}})
-    with pytest.raises(ConfigError, match=r"lesion.train.ema_every: 60 is above lesion.train.steps 50"):
+    """ema_every at or above steps: the EMA (sampled by default) held the weights after the first optimizer step
+    (updates 0, ema_every, ... of 0..steps-1)."""
+    config = REPO / "config/config.yaml"
+    with pytest.raises(ConfigError, match=r"train.ema_every: 50 is not below train.steps 50 \(the EMA is updated"):
+        load_config(config, {"train": {"steps": 50, "ema_every": 50}})
+    demo = load_config(config, {"lesion": {"train": {"steps": 50, "ema_every": 60}}})
+    with pytest.raises(ConfigError, match=r"lesion.train.ema_every: 60 is not below lesion.train.steps 50"):
         lesion_config(demo)
-    assert load_config(REPO / "config/config.yaml", {"train": {"steps": 50, "ema_every": 50}}).train.ema_every == 50
+    assert load_config(config, {"train": {"steps": 50, "ema_every": 49}}).train.ema_every == 49
+    unused = {"train": {"steps": 50, "ema_every": 50}, "sample": {"use_ema": False}}  # the EMA is never sampled
+    assert load_config(config, unused).train.ema_every == 50
+    assert load_config(config, {"train": {"steps": 1, "ema_every": 1}}).train.steps == 1  # one step: its EMA
 
 
 def test_whole_number_floats_become_integers_and_fractions_are_refused() -> None:

@@ -276,3 +276,30 @@ def test_atomic_writes_reach_the_disk_before_their_name(tmp_path: Path, monkeypa
     assert sorted(synced[:3]) == ["1.dcm", "2.dcm", "sub"] and synced[3].startswith(".series.")
     assert events[-2][1] == str(tmp_path / "series") and events[-1][1] == str(tmp_path)
     assert (tmp_path / "series" / "sub" / "1.dcm").read_text() == "1"
+
+
+def test_stale_download_folders_go_and_a_cleanup_racing_another_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two studios on one workdir may clean the same killed download: the entry the other took first is skipped."""
+    import os
+    import time
+
+    from lungddpm.atomic import remove_stale_folders
+
+    for name in (".a.x.tmp", "claimed", "kept", ".young.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "kept" / "ct.nii.gz").write_bytes(b"done")  # a finished download, however old
+    for name in (".a.x.tmp", "claimed", "kept"):
+        os.utime(tmp_path / name, (time.time() - 7200,) * 2)
+    (tmp_path / "file.tmp").write_bytes(b"")
+    real_rmdir = Path.rmdir
+
+    def taken(self: Path) -> None:  # the other studio removed it between our look and our rmdir
+        real_rmdir(self)
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+
+    monkeypatch.setattr(Path, "rmdir", taken)
+    assert [p.name for p in remove_stale_folders(tmp_path)] == [".a.x.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".young.tmp", "file.tmp", "kept"]
+    assert remove_stale_folders(tmp_path / "none") == []

@@ -44,7 +44,8 @@ def face_border(margin_mm: float, spacing_mm: float) -> int:
 
 
 REWRITE_LAYOUT = (
-    "rerun the stage that wrote it (layout for a real case; sample or synthesize_lesion for a synthetic item)"
+    "rerun the stage that wrote it (layout for a real case, rois for a real ROI; sample or synthesize_lesion for a "
+    "synthetic item)"
 )
 
 

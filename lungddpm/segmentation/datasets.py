@@ -101,6 +101,14 @@ def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
     return out
 
 
+def _inserted_from(item: Mapping[str, Any]) -> tuple[str, ...]:
+    """The LIDC cases of the bank nodules an ``augment`` item's layout edit inserted (its provenance's edits)."""
+    if "folder" not in item:
+        return ()
+    edits = read_json(Path(item["folder"]) / f"{item['item']}.json").get("edits") or []
+    return tuple(e.get("source_case", "") for e in edits if e.get("op") == "insert")
+
+
 def _check_leak(arm: Arm, cases: Sequence[TrainingCase], test_cases: Sequence[str]) -> None:
     """Refuse training cases made on a test case, or holding a nodule drawn from a test patient's (the bank)."""
     leaked = sorted({c.source_case for c in cases} & set(test_cases))
@@ -173,7 +181,7 @@ def whole_cases(
         image, layout = (Path(it["folder"]) / Path(it[k]).name if "folder" in it else Path(it[k])
                          for k in ("image", "layout"))  # beside its manifest, wherever the command runs  # fmt: skip
         cases.append(TrainingCase(f"syn_{name}", image, layout, "synthetic", it["case_id"], grid,
-                                  tuple(it.get("bank_cases", ()))))  # fmt: skip
+                                  tuple(it["bank_cases"]) if "bank_cases" in it else _inserted_from(it)))  # fmt: skip
     _check_leak(arm, cases, test_cases)
     _log(arm, seed, cases, "CTs")
     return cases

@@ -158,7 +158,12 @@ def test_whole_cases_with_lesion_cts_resample_onto_the_case_grid(tmp_path: Path)
             "folder": str(tmp_path / "augment"),
         }
     ]
+    write_json(tmp_path / "augment/c1_0.json", {"edits": [{"op": "remove"}, {"op": "insert", "source_case": "c9"}]})
     (syn_volume,) = [c for c in whole_cases(Arm("v", True, 0.5), 0, real, augment, ["t"]) if c.kind == "synthetic"]
+    assert syn_volume.bank_cases == ("c9",)  # the augment run's inserted bank nodule, checked against the test split
+    write_json(tmp_path / "augment/c1_0.json", {"edits": [{"op": "insert", "source_case": "LIDC-IDRI-0886"}]})
+    with pytest.raises(LungDDPMError, match=r"synthetic cases hold nodules drawn from test patients: \['syn_c1_0"):
+        whole_cases(Arm("v", True, 0.5), 0, real, augment, ["LIDC-IDRI-0886"])
     assert syn_volume.image == tmp_path / "augment" / "c1_0.nii.gz"  # beside its manifest, not in the cwd
     assert syn_volume.layout == tmp_path / "augment" / "c1_0_layout.nii.gz"
     quarter = whole_cases(Arm("q", True, 0.0, real_fraction=0.25), 0, real, [], ["t"])

@@ -273,7 +273,8 @@ def test_bad_layouts_are_refused(tmp_path: Path) -> None:
     write_volume(tmp_path / "bad_labels.nii.gz", np.full((8, 8, 8), 3, np.uint8), geom)
     write_volume(tmp_path / "bad_shape.nii.gz", np.zeros((8, 8, 4), np.uint8), geom)
     with pytest.raises(LayoutError, match=r"bad_labels.nii.gz: labels \[3\] found.*; rerun the stage that wrote it "
-                       r"\(layout for a real case; sample or synthesize_lesion for a synthetic item\)"):  # fmt: skip
+                       r"\(layout for a real case, rois for a real ROI; sample or synthesize_lesion for a synthetic "
+                       r"item\)"):  # fmt: skip
         read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_labels.nii.gz")
     with pytest.raises(LayoutError, match=r"bad_shape.nii.gz: grid \(8, 8, 4\) at .* differs from its CT"):
         read_case_pair(tmp_path / "ct.nii.gz", tmp_path / "bad_shape.nii.gz")
