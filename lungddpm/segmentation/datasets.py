@@ -219,7 +219,8 @@ def lesion_cases(
     cases = [TrainingCase(f"real_{r['roi']}", r["ct_path"], r["layout_path"], "real", r["case_id"]) for r in chosen]
     fix = "raise lesion.insert.samples_per_case or lesion.roi.free_per_case"
     seen = {r["roi"] for r in chosen_free}  # a synthetic ROI is a nodule-free ROI with a nodule inpainted
-    if stale := [it for it in synthetic if it["case_id"] not in {r["case_id"] for r in rows}]:
+    train = {r["case_id"] for r in rows}
+    if stale := [it for it in synthetic if it["case_id"] not in train]:
         raise LungDDPMError(f"{stale[0].get('provenance', stale[0]['id'])}: lesion item of case "
                             f"{stale[0]['case_id']}, not a train case of this split (made before the split changed; "
                             f"{len(stale)} such ROIs); rerun synthesize_lesion")  # fmt: skip
