@@ -57,8 +57,12 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
 
 def _fsync(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk, so that a rename onto it survives a power loss with
-    its content; a filesystem that cannot sync a folder (EINVAL, e.g. some network mounts) is left to its own."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    its content; a filesystem that cannot sync a folder (EINVAL, e.g. some network mounts), or a folder that may be
+    written but not read (mode -wx), is left to its own."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     except OSError as exc:

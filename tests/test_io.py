@@ -303,3 +303,25 @@ def test_stale_download_folders_go_and_a_cleanup_racing_another_is_no_error(
     assert [p.name for p in remove_stale_folders(tmp_path)] == [".a.x.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".young.tmp", "file.tmp", "kept"]
     assert remove_stale_folders(tmp_path / "none") == []
+
+
+def test_an_output_folder_that_may_be_written_but_not_read_still_takes_atomic_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncing the folder after the rename opens it; a folder of mode -wx cannot be opened (EACCES, as for a user
+    other than root), and that must not fail the write."""
+    import os
+
+    from lungddpm import atomic
+
+    real_open = os.open
+
+    def no_read(path: str | os.PathLike[str], flags: int, *args: int) -> int:
+        if Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(atomic.os, "open", no_read)
+    with atomic.atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "a.txt").read_text() == "x"
