@@ -11,7 +11,7 @@ from lungddpm.data.phantom import PHANTOM_VERSION
 from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
-from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, lesion_plan, plan, samples_per_layout, sampling_what, shard
+from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
 from lungddpm.settings import case_data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
@@ -125,7 +125,7 @@ def series_input(wildcards):
 
 
 def run_items(run):
-    return plan(run, run_cases(SPLIT, run), samples_per_layout(config["sample"], run), config["sample"]["seed"])
+    return items_of_run(config, run, run_cases(SPLIT, run))
 
 
 def shard_items(wildcards):
@@ -193,8 +193,7 @@ def context_margin():
 
 
 def lesion_items():
-    ins = config["lesion"]["insert"]
-    return lesion_plan(subset_cases("train"), ins["samples_per_case"], config["lesion"]["sample"]["seed"])
+    return items_of_run(config, "lesion", subset_cases("train"))
 
 
 def lesion_shard_items(wildcards):

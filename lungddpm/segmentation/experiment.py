@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import SegmentationError
 from ..preprocessing.cases import case_patients, case_split, list_cases, run_cases
-from ..synthesis.plan import lesion_plan, plan, samples_per_layout
+from ..synthesis.plan import items_of_run
 from . import arms as A
 from .datasets import arm_cases, eval_inputs, eval_set, train_inputs
 from .evaluate import compare_arms, score_arm
@@ -46,9 +46,8 @@ def run_experiment(
     scale = seg.scale
     sc, lc = cfg.raw["sample"], cfg.raw["lesion"]["sample"]
     # what the workflow checks when it parses: an empty test split, or arms the runs cannot fill, before any work
-    augment = plan("augment", run_cases(split, "augment"), samples_per_layout(sc, "augment"), sc["seed"])
-    lesion = lesion_plan(train, cfg.raw["lesion"]["insert"]["samples_per_case"], lc["seed"])
-    A.check_arms(seg, len(train), len(augment), len(test), len(lesion))
+    augment = items_of_run(cfg.raw, "augment", run_cases(split, "augment"))
+    A.check_arms(seg, len(train), len(augment), len(test), len(items_of_run(cfg.raw, "lesion", train)))
     shards = {"volume": ("augment", sc["shards"]), "lesion": ("lesion", lc["shards"])}
     synthetic = {k: [results / "synthetic" / r / f"shard_{i}.json" for i in range(n)] for k, (r, n) in shards.items()}
     names = [seg.arm(a).name for a in arms] if arms else seg.arm_names

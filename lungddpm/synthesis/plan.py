@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,3 +77,12 @@ def lesion_plan(cases: Sequence[str], samples_per_case: int, seed: int) -> list[
     return [
         Item("lesion", c, k, item_seed(seed, "lesion", c, k)) for c in sorted(cases) for k in range(samples_per_case)
     ]
+
+
+def items_of_run(config: Mapping[str, Any], run: str, cases: Sequence[str]) -> list[Item]:
+    """The items run ``run`` (eval, augment or lesion) makes of ``cases`` under the config mapping ``config``: its
+    samples per case and seed as the workflow's sample and synthesize_lesion jobs read them."""
+    if run == "lesion":
+        lesion = config["lesion"]
+        return lesion_plan(cases, lesion["insert"]["samples_per_case"], lesion["sample"]["seed"])
+    return plan(run, cases, samples_per_layout(config["sample"], run), config["sample"]["seed"])

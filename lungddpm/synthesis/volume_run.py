@@ -279,14 +279,14 @@ def sample_shard_entry(cfg: Config, run: str, shard_index: int, shards: int | No
     ``shard_<i>_of_<n>.json``, never over the workflow's manifests (which would then list items twice)."""
     from ..io import write_json
     from ..preprocessing.cases import case_ct, case_layout, case_split, list_cases, model_checkpoint, run_cases
-    from .plan import plan, samples_per_layout, shard
+    from .plan import items_of_run, shard
 
     sc = cfg.raw["sample"]
     n = sc["shards"] if shards is None else shards
     if not 0 <= shard_index < n:
         raise LungDDPMError(f"--shard {shard_index}: not a shard of --shards {n}; choose 0 to {n - 1}")
     cases = run_cases(case_split(cfg, list_cases(cfg)), run)
-    items = shard(plan(run, cases, samples_per_layout(sc, run), sc["seed"]), n, shard_index)
+    items = shard(items_of_run(cfg.raw, run, cases), n, shard_index)
     out = results / "synthetic" / run
     cts, layouts = {c: case_ct(results, c) for c in cases}, {c: case_layout(results, c) for c in cases}
     manifest = synthesize_shard(run, items, cfg, model_checkpoint(cfg, results), cts, layouts, out, bank, threads)

@@ -19,7 +19,7 @@ from lungddpm.io import Geometry, files_sha256, read_volume, write_volume
 from lungddpm.preprocessing.layout import read_case_pair
 from lungddpm.synthesis import volume_run
 from lungddpm.synthesis.layout_edit import NoduleBank, save_bank
-from lungddpm.synthesis.plan import plan, shard
+from lungddpm.synthesis.plan import items_of_run, lesion_plan, plan, shard
 from lungddpm.synthesis.volume_run import synthesize_shard
 
 
@@ -356,6 +356,11 @@ def test_more_shards_than_items_are_named_and_an_empty_shard_loads_no_model(tmp_
 
     items = plan("eval", ["c0", "c1", "c2"], 1, 0)
     assert [len(shard(items, 5, i)) for i in range(5)] == [1, 1, 1, 0, 0]
+    raw = {"sample": {"samples_per_layout": 3, "eval_samples_per_layout": 1, "seed": 0},
+           "lesion": {"insert": {"samples_per_case": 2}, "sample": {"seed": 5}}}  # fmt: skip
+    assert items_of_run(raw, "eval", ["c2", "c0", "c1"]) == items  # the eval run's own samples per layout
+    assert items_of_run(raw, "augment", ["c0"]) == plan("augment", ["c0"], 3, 0)
+    assert items_of_run(raw, "lesion", ["c1", "c0"]) == lesion_plan(["c0", "c1"], 2, 5)
     said = empty_shards_warning("eval", len(items), 5, "sample.shards")
     assert said is not None and "5 shards for the 3 items of the eval run: shards 3 to 4" in said
     assert said.endswith("set sample.shards <= 3") and empty_shards_warning("eval", 3, 3, "sample.shards") is None
