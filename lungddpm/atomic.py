@@ -104,8 +104,8 @@ def remove_stale_folders(parent: Path, min_age_s: float = STALE_AFTER_S) -> list
             elif not p.name.startswith(".") and not any(p.iterdir()):
                 p.rmdir()
                 stale.append(p)
-        except (FileNotFoundError, OSError) as exc:
-            if not isinstance(exc, FileNotFoundError) and exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
                 raise
     if stale:
         log.warning("%s: removed %d folder(s) that killed writes left: %s", parent, len(stale), [q.name for q in stale])

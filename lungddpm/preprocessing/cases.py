@@ -128,11 +128,16 @@ def model_checkpoint(cfg: Config, results: Path) -> Path:
     return Path(cfg.raw["sample"]["checkpoint"]) if given_checkpoint(cfg.raw, results) else trained
 
 
+def lidc_patient_in(text: str) -> str | None:
+    """The ``LIDC-IDRI-xxxx`` patient named in ``text`` (a case id, a patient id), upper case; None if none is."""
+    found = LIDC_PATIENT.search(text)
+    return found.group(0).upper() if found else None
+
+
 def lidc_patient_of(cfg: Config, case_id: str) -> str | None:
     """The LIDC-IDRI patient of an image case (``data.source: images``): the ``LIDC-IDRI-xxxx`` in its patient id
     (``data.images.patient_regex``), else in its case id; None for a CT that names no LIDC patient."""
-    found = LIDC_PATIENT.search(sources.patient_of(cfg, case_id)) or LIDC_PATIENT.search(case_id)
-    return found.group(0).upper() if found else None
+    return lidc_patient_in(sources.patient_of(cfg, case_id)) or lidc_patient_in(case_id)
 
 
 def bank_cases(cfg: Config, split: dict[str, str]) -> list[str]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, LungDDPMError
 from ..io import read_json
-from ..preprocessing.cases import LIDC_PATIENT
+from ..preprocessing.cases import lidc_patient_in
 from ..preprocessing.rois import read_roi_table
 from .arms import Arm
 
@@ -109,6 +109,13 @@ def _inserted_from(item: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(e.get("source_case", "") for e in edits if e.get("op") == "insert")
 
 
+def _not_a_train_case(item: Mapping[str, Any], what: str, more: str = "") -> LungDDPMError:
+    """The refusal of a lesion ``item`` made on a case that is no train case of the split (a stale lesion run)."""
+    return LungDDPMError(f"{item.get('provenance', item.get('id'))}: {what} of case {item['case_id']}, not a "
+                         f"train case of this split (made before the split changed{more}); rerun "
+                         "synthesize_lesion")  # fmt: skip
+
+
 def _check_leak(arm: Arm, cases: Sequence[TrainingCase], test_cases: Sequence[str]) -> None:
     """Refuse training cases made on a test case, or holding a nodule drawn from a test patient's (the bank)."""
     leaked = sorted({c.source_case for c in cases} & set(test_cases))
@@ -117,9 +124,8 @@ def _check_leak(arm: Arm, cases: Sequence[TrainingCase], test_cases: Sequence[st
             f"arm {arm.name}: training cases derive from test cases {leaked}; the synthetic runs must use train "
             "cases only — rerun the split, sample and synthesize_lesion stages"
         )
-    tested = {m.group(0).upper() for c in test_cases if (m := LIDC_PATIENT.search(c))}
-    banked = sorted({f"{c.identifier} ({b})" for c in cases for b in c.bank_cases
-                     if (m := LIDC_PATIENT.search(b)) and m.group(0).upper() in tested})  # fmt: skip
+    tested = {lidc_patient_in(c) for c in test_cases} - {None}
+    banked = sorted({f"{c.identifier} ({b})" for c in cases for b in c.bank_cases if lidc_patient_in(b) in tested})
     if banked:
         raise LungDDPMError(
             f"arm {arm.name}: synthetic cases hold nodules drawn from test patients: {banked[:5]}"
@@ -174,10 +180,7 @@ def whole_cases(
         name = it.get("item", it.get("id"))
         grid = Path(real[it["case_id"]][0]) if arm.synthetic_source == "lesion" and it["case_id"] in real else None
         if arm.synthetic_source == "lesion" and grid is None:
-            raise LungDDPMError(
-                f"{it.get('provenance', name)}: lesion item {name} of case {it['case_id']}, not a "
-                "train case of this split (made before the split changed); rerun synthesize_lesion"
-            )
+            raise _not_a_train_case(it, f"lesion item {name}")
         image, layout = (Path(it["folder"]) / Path(it[k]).name if "folder" in it else Path(it[k])
                          for k in ("image", "layout"))  # beside its manifest, wherever the command runs  # fmt: skip
         cases.append(TrainingCase(f"syn_{name}", image, layout, "synthetic", it["case_id"], grid,
@@ -221,9 +224,7 @@ def lesion_cases(
     seen = {r["roi"] for r in chosen_free}  # a synthetic ROI is a nodule-free ROI with a nodule inpainted
     train = {r["case_id"] for r in rows}
     if stale := [it for it in synthetic if it["case_id"] not in train]:
-        raise LungDDPMError(f"{stale[0].get('provenance', stale[0]['id'])}: lesion item of case "
-                            f"{stale[0]['case_id']}, not a train case of this split (made before the split changed; "
-                            f"{len(stale)} such ROIs); rerun synthesize_lesion")  # fmt: skip
+        raise _not_a_train_case(stale[0], "lesion item", f"; {len(stale)} such ROIs")
     for it in _synthetic(arm, synthetic, seen, "site", arm.n_synthetic(len(nodule_rows)), seed, fix):
         cases.append(TrainingCase(f"syn_{it['id']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"],
                                   bank_cases=tuple(it.get("bank_cases", ()))))  # fmt: skip

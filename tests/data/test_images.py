@@ -606,3 +606,11 @@ def test_relative_image_folders_are_read_under_the_given_workflow_folder(
     assert set(split) == set(cases) and split["p01_t0"] == split["p01_t1"]
     with pytest.raises(ImageError, match="CT"):
         case_patients(cfg, cases)
+
+
+def test_the_lidc_patient_named_in_an_id_is_found_in_any_case() -> None:
+    """One reading of "which LIDC patient": the bank's exclusion of held-out patients and the leak check share it."""
+    from lungddpm.preprocessing.cases import lidc_patient_in
+
+    assert lidc_patient_in("lidc-idri-0365_s2") == "LIDC-IDRI-0365" == lidc_patient_in("p_LIDC-IDRI-0365_t0")
+    assert lidc_patient_in("patient_12") is None and lidc_patient_in("LIDC-IDRI-36") is None
