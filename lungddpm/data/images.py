@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import ImageError
 from ..io import nifti_forms, nifti_non_finite, nifti_truncation
 from . import series_patient
+from .cache import cache_root
 from .dicom import DicomSeries, check_slice_geometry, mask_padding, series_count_error, slice_geometry
 from .nodules import Nodule, components
 
@@ -341,8 +342,7 @@ def _cache_file(label: Path, convention: str) -> Path:
         st = f.stat()
         stats.append((f.resolve(), st.st_size, st.st_mtime_ns))
     key = f"images-v2|{stats}|{convention}"
-    root = Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
-    return root / "labels" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
+    return cache_root() / "labels" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
 
 
 def has_nodules(case: ImageCase, convention: str) -> bool:

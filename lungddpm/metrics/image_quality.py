@@ -15,7 +15,6 @@ the run that made them.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
+from ..data.cache import cache_root
 from ..data.images import patient_of
 from ..io import read_volume, write_csv
 from .distribution import DISTANCES, bootstrap_distance, bootstrap_excess, kid
@@ -326,7 +326,7 @@ def folder_sets(
 
 def default_cache_dir() -> Path:
     """The feature cache of the CLI: $LUNGDDPM_CACHE/features or ~/.cache/lungddpm/features."""
-    return Path(os.environ.get("LUNGDDPM_CACHE", Path.home() / ".cache" / "lungddpm")) / "features"
+    return cache_root() / "features"
 
 
 def folders_entry(cfg: Config, real: Path, synthetic: Path, real_labels: Path | None, out: Path,

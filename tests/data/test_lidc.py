@@ -172,6 +172,36 @@ def test_a_cluster_of_more_annotations_than_readers_is_warned_about(caplog: pyte
     assert "neither pylidc nor lungddpm could separate them" in caplog.text and "data.cases" in caplog.text
 
 
+def test_nodules_and_scan_info_come_from_the_disk_cache_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each stage of a case asks for its nodules and geometry (importing pylidc and clustering: ~3 s a process): the
+    second time they come from the disk cache, equal in every field and voxel, saying again what the first
+    computation logged (LIDC-IDRI-0092: a cluster of five annotations)."""
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path))
+    caplog.set_level("INFO", logger="lungddpm.data.lidc")
+    case = "LIDC-IDRI-0092"
+    first, info = lidc.nodules(case, 0.5, 2), lidc.scan_info(case)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    caplog.clear()
+    monkeypatch.setattr(lidc, "_scan_by_case", lambda c: pytest.fail("queried again: the cache was not read"))
+    again, info_again = lidc.nodules(case, 0.5, 2), lidc.scan_info(case)
+    assert info_again == info and info.n_slices > 0 and isinstance(info.slice_zvals, tuple)
+    assert len(again) == len(first) > 0
+    for a, b in zip(first, again):
+        assert b.mask.dtype == bool and np.array_equal(a.mask, b.mask)
+        assert {k: v for k, v in vars(a).items() if k != "mask"} == {k: v for k, v in vars(b).items() if k != "mask"}
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == said
+    assert any("5 annotations in one cluster" in m for _, m in said)
+    with pytest.raises(pytest.fail.Exception, match="cache was not read"):  # another consensus level: its own entry
+        lidc.nodules(case, 0.25, 2)
+    (file,) = [f for f in tmp_path.glob("*.json") if "nodules" in f.read_text()]
+    file.write_text("{damaged")  # recomputed, not trusted
+    monkeypatch.undo()
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path))
+    assert [n.n_readers for n in lidc.nodules(case, 0.5, 2)] == [n.n_readers for n in first]
+
+
 def test_the_split_stratum_counts_the_nodules_the_layouts_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LIDC-IDRI-0002's one nodule was read by 2 radiologists: with data.min_readers 3 its layout holds none, so
     it is no nodule case for the stratified split (before: any annotation counted); the counts come from the cache

@@ -11,8 +11,10 @@ from lungddpm.data.nodules import Nodule
 from lungddpm.data.sources import check_against_annotations
 from lungddpm.errors import DicomError, LayoutError
 from lungddpm.io import Geometry
+from lungddpm.preprocessing import grid as grid_module
 from lungddpm.preprocessing.grid import (
     SliceGrid,
+    axis_points,
     coverage,
     grid_geometry,
     grid_points,
@@ -78,6 +80,30 @@ def test_an_roi_cut_from_the_cropped_volume_equals_the_whole_volume_path(
     assert (
         resample(volume, grid, grid_geometry(lo - 30.0, (1.25,) * 3, (4,) * 3), (4,) * 3, 1, -1024.0) == -1024
     ).all()
+
+
+def test_per_axis_coordinates_sample_bit_for_bit_what_every_voxels_point_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An axis-aligned target is sampled from per-axis coordinates broadcast over the grid (2-10x faster on a fine
+    grid, which took a third of a case's preprocessing): the very values of the point-per-voxel path, on irregular
+    slices, with targets inside, across the edges and beyond, both orders, with and without the low-pass."""
+    rng = np.random.default_rng(1)
+    zs = np.cumsum(rng.choice([1.25, 2.5, 3.1], size=30)) - 20.0
+    grid = SliceGrid(zs, 0.7, 0.65, -40.0, -35.0)
+    volume = rng.normal(-500, 300, (30, 90, 101)).astype(np.float32)
+    lo, hi = np.array([-40.0, -35.0, zs[0]]), np.array([-40.0 + 100 * 0.65, -35.0 + 89 * 0.7, zs[-1]])
+    cases = []
+    for n in range(10):
+        centre = lo + rng.uniform(-0.3, 1.3, 3) * (hi - lo)
+        spacing = tuple(float(v) for v in rng.uniform(0.5, 6.0, 3))
+        size = tuple(int(v) for v in rng.integers(3, 24, 3))
+        cases.append((grid_geometry(centre, spacing, size), size, n % 2, n % 3 > 0))  # type: ignore[arg-type]
+    fast = [resample(volume, grid, g, size, order, -1024.0, aa) for g, size, order, aa in cases]
+    monkeypatch.setattr(grid_module, "axis_points", lambda geometry, size: None)
+    slow = [resample(volume, grid, g, size, order, -1024.0, aa) for g, size, order, aa in cases]
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
+    assert 0 < np.mean([(a == -1024).mean() for a in fast]) < 1  # some voxels outside the FOV, most not
+    oblique = Geometry(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=(0, 1, 0, 1, 0, 0, 0, 0, 1))
+    assert axis_points(oblique, (2, 3, 4)) is None and axis_points(cases[0][0], (2, 3, 4)).shape == (4, 3)
 
 
 @pytest.mark.parametrize("target_spacing", [2.0, 5.0, 10.0])
