@@ -1,5 +1,4 @@
-"""Training benchmark: seconds per step (forward, backward and the training loop's update), no-grad forward,
-samples/s, peak memory; and the largest training batch that fits a GPU."""
+"""``lungddpm bench``: training step time and peak memory, seconds per volume or inpainted nodule, sampler quality."""
 
 from __future__ import annotations
 
@@ -350,6 +349,7 @@ def refuse_unused(args: Any) -> None:
                         args.compile, "--batch": not lesion and batched, "--steps": args.steps != 3},
              "speed": {"--size": args.size, "--precision": args.precision != ["fp32"], "--compile": args.compile,
                        "--channels-last": args.channels_last, "--batch": batched}}.get(args.what, {})  # fmt: skip
+    flags["--profile"] = args.profile and args.what != "speed"  # the profiler runs in bench speed only
     if unused := [name for name, given in flags.items() if given]:
         raise LungDDPMError(f"{', '.join(unused)}: not used by {where} (speed: --sizes, --batch-sizes, --modes; "
                             "compiled or batched training: bench train); leave them out")  # fmt: skip
