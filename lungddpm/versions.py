@@ -39,7 +39,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
     # (the demo's 24 mm nodule of LIDC-IDRI-0709 was jittered onto a face of its 40 mm ROI)
     # 4: as preprocess 4 (the demo: LIDC-IDRI-0709_n6_0, moved inside the scan, 45 -> 47 nodule voxels)
-    "rois": 4,
+    # 5: the free sites and each nodule's jitters drawn from streams of their own (rois.roi_stream): changing
+    # rois_per_nodule or the nodule list moved every free site of a case
+    "rois": 5,
     # 2: the loss scored against the fp32 target (a bf16 run rounded it onto the output's bf16 grid first); an fp16
     # step that GradScaler skips leaves the EMA as it was
     "train": 2,  # also in its resume fingerprint (train_lesion: its own number)

@@ -206,6 +206,13 @@ def _jitter(rng: np.random.Generator, s: RoiSettings) -> np.ndarray:
     return rng.uniform(-s.nodule_jitter_mm, s.nodule_jitter_mm, size=3)
 
 
+def roi_stream(seed: int, case: str, *key: int) -> np.random.Generator:
+    """The case's random stream ``key``: (0,) its free sites, (1, n) nodule n's jitters. Each its own, so that the
+    free sites stay where they are whatever ``rois_per_nodule`` or the nodule list, and a nodule's first ROIs
+    whatever the others' (one stream for all moved every site when one count changed)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *case.encode()], spawn_key=key))
+
+
 def jittered_centre(
     centroid: np.ndarray, box: tuple[np.ndarray, np.ndarray], jitter: np.ndarray, s: RoiSettings
 ) -> tuple[np.ndarray, bool]:
@@ -228,7 +235,6 @@ def jittered_centre(
 def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str, Any]]:
     """Write every ROI of ``src`` into ``out_dir`` and ``rois.csv`` (last); returns the table rows."""
     case = safe_component(src.case_id, "case id")
-    rng = np.random.default_rng([s.seed, *case.encode()])
     lo, hi = src.bounds()
     plans: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]] = []
     boxes = nodule_boxes(src, 0.0, reach=s.spacing_mm, tight=True)  # src.nodules first, in order
@@ -246,6 +252,7 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
             "malignancy": None if nod.malignancy == UNKNOWN else nod.malignancy,
         }
         centres: list[tuple[int, np.ndarray]] = []  # (r, centre) of the ROIs of this nodule kept so far
+        rng = roi_stream(s.seed, case, 1, n)
         for r in range(s.rois_per_nodule):
             wanted, fits = jittered_centre(centroid, boxes[n - 1], _jitter(rng, s), s)
             if not fits and r == 0:
@@ -263,7 +270,7 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
                 continue
             centres.append((r, centre))
             plans.append((f"{case}_n{n}_{r}", centre, centroid, info))
-    for j, centre in enumerate(free_sites(src, s, rng)):
+    for j, centre in enumerate(free_sites(src, s, roi_stream(s.seed, case, 0))):
         plans.append((f"{case}_f{j}", centre, centre, {"kind": "free"}))
 
     rows = []
