@@ -94,7 +94,7 @@ def cmd_demo_images(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from .preprocessing.grid import preprocess_case
+    from .preprocessing.preprocess import preprocess_case
 
     cfg = _config(args)
     preprocess_case(args.case, Path(args.out), cfg)

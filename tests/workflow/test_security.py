@@ -26,8 +26,8 @@ from lungddpm.data.dicom import find_series_dir
 from lungddpm.errors import ConfigError
 from lungddpm.io import UnsafePathError, safe_component
 from lungddpm.preprocessing.cases import case_ct, case_layout, model_checkpoint
-from lungddpm.preprocessing.grid import preprocess_case
 from lungddpm.preprocessing.layout import make_layout
+from lungddpm.preprocessing.preprocess import preprocess_case
 from lungddpm.synthesis.plan import Item
 from lungddpm.synthesis.volume_run import item_files
 

@@ -19,7 +19,7 @@ from lungddpm.config import Config, validate_config
 from lungddpm.data import lidc
 from lungddpm.errors import DicomError
 from lungddpm.io import read_json, read_volume, write_volume
-from lungddpm.preprocessing.grid import preprocess_case
+from lungddpm.preprocessing.preprocess import preprocess_case
 
 
 def cases_of(workdir: Path) -> list[str]:
