@@ -191,11 +191,11 @@ def cmd_metrics(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .diffusion.bench import bench_entry
+    from .diffusion.bench import bench_entry, refuse_unused
+    from .diffusion.speed import speed_entry
 
+    refuse_unused(args)  # every bench: the flags it would ignore
     if args.what == "speed":  # prints its own table; the rows also go to --out
-        from .diffusion.speed import speed_entry
-
         speed_entry(args)
         return
     if args.what == "studio":

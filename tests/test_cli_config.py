@@ -203,6 +203,8 @@ def test_a_bad_train_job_and_a_bench_size_off_the_network_are_named_before_any_w
     assert "--compile, --batch, --steps: not used by bench sample (speed: --sizes" in capsys.readouterr().err
     assert main(["bench", "train", "--model", "config", "--size", "16", "--profile"]) == 2  # it profiled nothing
     assert "--profile: not used by bench train" in capsys.readouterr().err
+    assert main(["bench", "studio", "--profile"]) == 2  # refused before the studio bench looks for its workflow
+    assert "--profile: not used by bench studio" in capsys.readouterr().err
     assert main(["bench", "speed", "--lung-ddpm", "/nowhere", "--size", "32", "--precision", "bf16"]) == 2
     assert (
         "--size, --precision: not used by bench speed (speed: --sizes, --batch-sizes, --modes"

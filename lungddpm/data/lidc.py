@@ -300,12 +300,18 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
     with what the first computation logged (said again from the cache): each stage of a case asks for them.
     """
     key = f"nodules-v1-c{CLUSTERING_VERSION}-{pylidc_version()}-{_row(case_id)[0]}-{consensus_level!r}-{min_readers}"
-    if (entry := cached(key, "nodules")) is not None:
-        replay(log, entry["log"])
-        return [decode_nodule(row) for row in entry["nodules"]]
+    level = log.getEffectiveLevel()  # an entry made at a higher level lacks the messages below it: computed again
+    if (entry := cached(key, "nodules")) is not None and entry.get("level", logging.CRITICAL) <= level:
+        try:
+            found = [decode_nodule(row) for row in entry["nodules"]]
+        except (KeyError, TypeError, ValueError):  # another layout: computed again
+            found = None
+        if found is not None:
+            replay(log, entry["log"])
+            return found
     with recording(log) as said:
         found = _consensus_nodules(case_id, consensus_level, min_readers)
-    store(key, "nodules", {"nodules": [encode_nodule(n) for n in found], "log": said}, "nodules")
+    store(key, "nodules", {"nodules": [encode_nodule(n) for n in found], "log": said, "level": level}, "nodules")
     return found
 
 

@@ -356,8 +356,8 @@ def refuse_unused(args: Any) -> None:
 
 
 def bench_entry(args: Any, cfg: Config) -> Iterator[dict[str, Any]]:
-    """``lungddpm bench``'s rows for its parsed arguments ``args``: quality, sample (whole or lesion) or train."""
-    refuse_unused(args)
+    """``lungddpm bench``'s rows for its parsed arguments ``args`` (:func:`refuse_unused` passed): quality, sample
+    (whole or lesion) or train."""
     if args.what == "quality":
         out = Path(args.out) if args.out else None
         yield from bench_quality(cfg, Path(args.results), args.samplers, args.k, args.threads, out)

@@ -367,9 +367,7 @@ def parity(checkout: Path, size: int, channels: int, image_size: int = 128) -> f
 def speed_entry(args: Any) -> list[dict[str, Any]]:
     """``lungddpm bench speed``: the rows, the table on stdout, and both under ``--out`` (a folder) when given."""
     from ..io import read_json, write_json
-    from .bench import refuse_unused
 
-    refuse_unused(args)
     checkout = Path(args.lung_ddpm)
     default = GPU_MODES if torch.cuda.is_available() else CPU_MODES
     modes = [Mode.parse(m) for m in (args.modes or default)]

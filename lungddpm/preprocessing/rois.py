@@ -208,8 +208,9 @@ def _jitter(rng: np.random.Generator, s: RoiSettings) -> np.ndarray:
 
 def roi_stream(seed: int, case: str, *key: int) -> np.random.Generator:
     """The case's random stream ``key``: (0,) its free sites, (1, n) nodule n's jitters. Each its own, so that the
-    free sites stay where they are whatever ``rois_per_nodule`` or the nodule list, and a nodule's first ROIs
-    whatever the others' (one stream for all moved every site when one count changed)."""
+    free sites draw the same candidates whatever ``rois_per_nodule`` or the nodule list (only a candidate that a
+    nodule's box takes is skipped, moving the sites after it), and a nodule's first ROIs stay whatever the others'
+    count (one stream for all moved every site when one count changed)."""
     return np.random.default_rng(np.random.SeedSequence([seed, *case.encode()], spawn_key=key))
 
 

@@ -528,7 +528,7 @@ def test_a_model_grid_that_cuts_the_lungs_or_a_nodule_off_says_so(
     small = {"size": [16, 16, 16], "spacing_mm": [2.0, 2.0, 2.0]}
     cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": images}, "preprocess": small,
                                             "layout": {"min_lung_ml": 1}}))  # fmt: skip
-    caplog.set_level("WARNING", logger="lungddpm.preprocessing.grid")
+    caplog.set_level("WARNING", logger="lungddpm.preprocessing.preprocess")
     preprocess_case("case0", tmp_path / "out", cfg)
     kept = re.search(r"case0: the model grid \(preprocess.size x spacing_mm\) holds (\d+) % of the lungs and 0 of 1 "
                      r"nodules", caplog.text)  # fmt: skip

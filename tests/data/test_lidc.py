@@ -200,6 +200,14 @@ def test_nodules_and_scan_info_come_from_the_disk_cache_unchanged(
     monkeypatch.undo()
     monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path))
     assert [n.n_readers for n in lidc.nodules(case, 0.5, 2)] == [n.n_readers for n in first]
+    # an entry made where INFO was off holds no INFO line: where it is on, the entry is made again, not replayed short
+    caplog.set_level("WARNING", logger="lungddpm.data.lidc")
+    lidc.nodules(case, 0.5, 3)
+    monkeypatch.setattr(lidc, "_scan_by_case", lambda c: pytest.fail("computed again"))
+    assert len(lidc.nodules(case, 0.5, 3)) == len([n for n in first if n.n_readers >= 3])  # WARNING: replayed
+    caplog.set_level("INFO", logger="lungddpm.data.lidc")
+    with pytest.raises(pytest.fail.Exception, match="computed again"):
+        lidc.nodules(case, 0.5, 3)
 
 
 def test_the_split_stratum_counts_the_nodules_the_layouts_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
