@@ -10,8 +10,6 @@ reoriented to LPS-aligned axes (``DICOMOrient``) so that they follow the same ``
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import re
@@ -25,7 +23,7 @@ import numpy as np
 from ..errors import ImageError
 from ..io import nifti_forms, nifti_non_finite, nifti_truncation
 from . import series_patient
-from .cache import cache_root
+from .cache import cached, store
 from .dicom import DicomSeries, check_slice_geometry, mask_padding, series_count_error, slice_geometry
 from .nodules import Nodule, components
 
@@ -334,15 +332,14 @@ def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu:
     return ImageScan(ct, lung, nods)
 
 
-def _cache_file(label: Path, convention: str) -> Path:
+def _cache_key(label: Path, convention: str) -> str:
     from .sources import data_files  # a detached header's data files: rewriting only them changes the voxels
 
     stats = []
     for f in (label, *data_files(label)):
         st = f.stat()
         stats.append((f.resolve(), st.st_size, st.st_mtime_ns))
-    key = f"images-v2|{stats}|{convention}"
-    return cache_root() / "labels" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
+    return f"images-v2|{stats}|{convention}"
 
 
 def has_nodules(case: ImageCase, convention: str) -> bool:
@@ -350,24 +347,16 @@ def has_nodules(case: ImageCase, convention: str) -> bool:
     of the files holding its voxels, because the split needs it whenever Snakemake parses the workflow."""
     if case.label is None:
         return False
-    cache = _cache_file(case.label, convention)
-    try:
-        return bool(json.loads(cache.read_text())["has_nodules"])
-    except (OSError, ValueError, KeyError):
-        pass
+    key = _cache_key(case.label, convention)
+    if (cached_flag := cached(key, "has_nodules")) is not None:
+        return bool(cached_flag)
     import SimpleITK as sitk
 
     labels = sitk.GetArrayFromImage(_read(case.label))
     if labels.size and labels.min() < 0:  # the split's strata would come from HU
         raise _looks_like_ct(case.label, {int(v) for v in np.unique(labels)})
     flag = bool((labels == CONVENTIONS[convention]["nodule"]).any())
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"label": str(case.label), "has_nodules": flag}))
-        os.replace(tmp, cache)
-    except OSError as exc:  # a read-only home only costs speed
-        log.debug("label scan not cached: %s", exc)
+    store(key, "has_nodules", flag, "label scan")
     return flag
 
 
