@@ -12,6 +12,7 @@ Index conventions: pylidc masks are ``(i, j, k)`` = (row, column, slice index in
 from __future__ import annotations
 
 import configparser
+import contextlib
 import functools
 import importlib.metadata
 import logging
@@ -302,11 +303,8 @@ def nodules(case_id: str, consensus_level: float, min_readers: int = 1) -> list[
     key = f"nodules-v1-c{CLUSTERING_VERSION}-{pylidc_version()}-{_row(case_id)[0]}-{consensus_level!r}-{min_readers}"
     level = log.getEffectiveLevel()  # an entry made at a higher level lacks the messages below it: computed again
     if (entry := cached(key, "nodules")) is not None and entry.get("level", logging.CRITICAL) <= level:
-        try:
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # an entry of another layout: computed again
             found = [decode_nodule(row) for row in entry["nodules"]]
-        except (KeyError, TypeError, ValueError):  # another layout: computed again
-            found = None
-        if found is not None:
             replay(log, entry["log"])
             return found
     with recording(log) as said:
