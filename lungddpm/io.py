@@ -118,6 +118,27 @@ def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> str:
     return h.hexdigest()
 
 
+def zip_damage(path: str | os.PathLike[str], expect_zip: bool = False) -> str | None:
+    """What is wrong with the zip archive ``path`` (a torch checkpoint since torch 1.6): cut short, a broken
+    directory, or the first member whose bytes fail their CRC-32; None where every member checks, or the file is no
+    zip and ``expect_zip`` is False (torch's legacy format carries no checksum). torch itself reads a member without
+    its CRC, so a flipped bit in the weights would load as other weights."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == b"PK\x03\x04":  # a zip's first member, but no directory at its end
+            return "it is cut short (a zip archive without its directory at the end)"
+        return f"it is not a zip archive ({f'starts {head!r}' if head else 'empty'})" if expect_zip else None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError) as exc:  # a cut or mangled archive
+        return f"its zip structure is broken ({type(exc).__name__}: {exc})"
+    return None if bad is None else f"its member {bad} fails its CRC-32 check"
+
+
 class VolumeReadError(LungDDPMError):
     """A NIfTI file that cannot be read."""
 

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from lungddpm.atomic import atomic_path
 from lungddpm.errors import LungDDPMError
-from lungddpm.io import Geometry, read_json, read_volume, write_csv, write_json, write_volume
+from lungddpm.io import Geometry, read_json, read_volume, write_csv, write_json, write_volume, zip_damage
 
 
 def test_nifti_round_trip_keeps_voxels_and_true_affine(tmp_path: Path) -> None:
@@ -325,3 +325,23 @@ def test_an_output_folder_that_may_be_written_but_not_read_still_takes_atomic_wr
     with atomic.atomic_path(tmp_path / "a.txt") as tmp:
         tmp.write_text("x")
     assert (tmp_path / "a.txt").read_text() == "x"
+
+
+def test_zip_damage_names_what_is_wrong_and_passes_intact_or_legacy_files(tmp_path: Path) -> None:
+    """A torch zip checkpoint: intact -> None; a bit flipped in a record, cut short, empty or not a zip (where a zip
+    is expected) -> what is wrong; torch's legacy (non-zip) format, which has no checksum -> None."""
+    import torch
+
+    good, legacy, bad = tmp_path / "good.pt", tmp_path / "legacy.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, good)
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    raw = good.read_bytes()
+    at = raw.index(np.arange(4096, dtype=np.float32)[2000:2004].tobytes())
+    assert zip_damage(good) is None and zip_damage(legacy) is None
+    assert zip_damage(legacy, expect_zip=True) == f"it is not a zip archive (starts {legacy.read_bytes()[:4]!r})"
+    bad.write_bytes(raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1 :])
+    assert zip_damage(bad) == "its member good/data/0 fails its CRC-32 check"
+    bad.write_bytes(raw[: len(raw) - 100])
+    assert zip_damage(bad) == "it is cut short (a zip archive without its directory at the end)"
+    bad.write_bytes(b"")
+    assert zip_damage(bad) is None and zip_damage(bad, expect_zip=True) == "it is not a zip archive (empty)"

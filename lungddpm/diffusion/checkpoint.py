@@ -17,6 +17,7 @@ import torch
 from ..atomic import atomic_path
 from ..config import Config
 from ..errors import LungDDPMError
+from ..io import zip_damage
 from ..settings import LATER_DEFAULTS, model_weight_settings, set_keys, weight_settings
 from ..versions import output_version
 from .device import pick_device
@@ -39,7 +40,13 @@ class UnreadableCheckpointError(CheckpointError):
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused, not trusted."""
+    """``torch.load(weights_only=True)`` of an archive whose members all pass their CRC-32 (a damaged file is
+    :class:`UnreadableCheckpointError`); a file that needs arbitrary unpickling is refused, not trusted."""
+    if path.is_file() and (damage := zip_damage(path)) is not None:
+        raise UnreadableCheckpointError(
+            f"{path}: not a readable torch checkpoint — {damage}, so the file is damaged (a bad copy, disk or "
+            "transfer); copy or download it again and compare its SHA-256 with the source's"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

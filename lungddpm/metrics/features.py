@@ -34,7 +34,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..diffusion.convention import resize
 from ..errors import LungDDPMError
-from ..io import Geometry, file_sha256, read_volume
+from ..io import Geometry, file_sha256, read_volume, zip_damage
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,8 @@ class Preprocessing:
 
 # --------------------------------------------------------------------------------------------------- extractors
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if Path(path).is_file() and (damage := zip_damage(path)) is not None:
+        raise FeatureError(f"{path}: {damage}, so the file is damaged; download the weights again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle that needs code execution, or a broken file

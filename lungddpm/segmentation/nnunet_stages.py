@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import read_json, write_json
+from ..atomic import atomic_path
+from ..io import read_json, write_json, zip_damage
 from .nnunet import FILE_ENDING, dataset_name
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,24 @@ def cpu_autocast_trainer(cls: type, dtype: Any) -> type:
     return Trainer
 
 
+def atomic_checkpoint_trainer(cls: type) -> type:
+    """``cls`` whose checkpoints are written atomically (:func:`lungddpm.atomic.atomic_path`): nnU-Net's
+    ``torch.save`` onto ``checkpoint_final.pth`` / ``checkpoint_latest.pth`` leaves a cut file where a job is killed
+    mid-write, which a rerun would take for a finished or resumable training. Same name, so nnU-Net's folders do
+    not change."""
+
+    class Trainer(cls):  # type: ignore[misc, valid-type]
+        def save_checkpoint(self, filename: str) -> None:
+            if self.local_rank != 0 or self.disable_checkpointing:  # nnU-Net writes nothing (and says so)
+                super().save_checkpoint(filename)
+                return
+            with atomic_path(filename) as tmp:
+                super().save_checkpoint(str(tmp))
+
+    Trainer.__name__ = Trainer.__qualname__ = cls.__name__
+    return Trainer
+
+
 def without_cpu_autocast(network: Any) -> None:
     """Undo :func:`cpu_autocast_trainer`'s wrapper on ``network`` (a no-op on any other): its class's fp32 forward."""
     network.__dict__.pop("forward", None)
@@ -228,6 +247,7 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
     dtype = resolve_precision(job["cpu_precision"], device) if device.type == "cpu" else None
     if dtype is not None:
         cls = cpu_autocast_trainer(cls, dtype)
+    cls = atomic_checkpoint_trainer(cls)
     # the settings' digest and what this host made of them (device: auto, cpu_precision: auto): a model trained, or
     # half trained, on another device or precision is neither reported as this one's nor resumed under it
     stamp, stamped = results / "lungddpm_stamp.json", [job["stamp"], device.type, str(dtype)]
@@ -240,6 +260,10 @@ def _train(job: dict[str, Any], device: Any) -> dict[str, Any]:
     fold: int | str = job["fold"] if job["fold"] == "all" else int(job["fold"])
     fold_dir = results / name / f"{cls.__name__}__{job['plans_identifier']}__{job['configuration']}" / f"fold_{fold}"
     final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"
+    for ckpt in (final, latest):  # written by earlier lungddpm atomically, or cut by a kill: never loaded damaged
+        if ckpt.is_file() and (damage := zip_damage(ckpt, expect_zip=True)) is not None:
+            log.warning("%s: %s; discarded (this fold resumes from an intact checkpoint or trains anew)", ckpt, damage)
+            ckpt.unlink()
     plans = load_json(str(pre / f"{job['plans_identifier']}.json"))
     plans["continue_training"] = latest.is_file() and not final.is_file()
     trainer = cls(

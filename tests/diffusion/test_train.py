@@ -203,6 +203,20 @@ def test_unsafe_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"step_0000050.pt: not a readable .* pickle is damaged .*operand 255"):
         load_model(damaged)
     assert find_resume_checkpoint(state, expected)["step"] == 10
+    # one flipped bit in the weights: torch reads the record without its CRC-32 (other weights, silently); the
+    # archive's check finds it, and a resume falls back to the checkpoint before, as for a file cut short
+    raw = good.read_bytes()
+    with zipfile.ZipFile(good) as zf:
+        record = max(zf.infolist(), key=lambda i: i.file_size)  # the largest tensor's bytes
+    at = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + record.file_size // 2
+    damaged.write_bytes(raw[:at] + bytes([raw[at] ^ 0x10]) + raw[at + 1 :])
+    with pytest.raises(CheckpointError, match=rf"step_0000050.pt: .* its member {record.filename} fails its CRC-32"):
+        load_model(damaged)
+    assert find_resume_checkpoint(state, expected)["step"] == 10
+    damaged.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"step_0000050.pt: not a readable .* it is cut short"):
+        load_model(damaged)
+    assert find_resume_checkpoint(state, expected)["step"] == 10
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:

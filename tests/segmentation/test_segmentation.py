@@ -655,6 +655,68 @@ def test_a_model_trained_at_another_precision_or_device_is_not_reused(
         assert read_json(results / "lungddpm_stamp.json") == [job["stamp"], "cpu", str(dtype)]
 
 
+def test_nnunet_checkpoints_are_written_atomically_and_a_damaged_one_is_discarded(
+    demo_workflow: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nnU-Net's own torch.save onto checkpoint_final.pth, cut by a kill, left a file that every rerun took for a
+    finished model and failed to load. Its saves now go through a temporary file, and a cut or bit-flipped
+    checkpoint found by a rerun is discarded with a warning, an intact one kept."""
+    import batchgenerators.utilities.file_and_folder_operations as bg
+    import torch
+
+    from lungddpm.segmentation import nnunet_stages
+
+    state = (
+        demo_workflow / read_json(demo_workflow / "results/segmentation/lesion/real/seed0/prepared.json")["state_dir"]
+    )
+    job = read_json(state / "fold_all/train_job.json")
+    results = tmp_path / "nnUNet_results"
+    shutil.copytree(state / "fold_all/nnUNet_results", results)
+    monkeypatch.setenv("nnUNet_preprocessed", str(state / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(results))
+    final = next(results.rglob("checkpoint_final.pth"))
+    intact = final.read_bytes()
+    # nnU-Net's trainer (the real one) saving over the final checkpoint, stopped half way through the write
+    pre = state / "nnUNet_preprocessed" / dataset_name(int(job["dataset_id"]))
+    cls = nnunet_stages.atomic_checkpoint_trainer(nnunet_stages._trainer_class(job["trainer"]))
+    plans = bg.load_json(str(pre / f"{job['plans_identifier']}.json"))
+    trainer = cls(plans=plans, configuration=job["configuration"], fold="all",
+                  dataset_json=bg.load_json(str(pre / "dataset.json")), device=torch.device("cpu"))  # fmt: skip
+    trainer.initialize()
+    real_save = torch.save
+
+    def cut_short(obj: object, f: str) -> None:
+        real_save(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:1000])
+        raise KeyboardInterrupt  # the kill
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(final))
+    assert final.read_bytes() == intact and sorted(p.name for p in final.parent.iterdir() if ".tmp" in p.name) == []
+    monkeypatch.setattr(torch, "save", real_save)
+    trainer.save_checkpoint(str(final.with_name("checkpoint_latest.pth")))  # completes: a loadable checkpoint
+    assert torch.load(final.with_name("checkpoint_latest.pth"), weights_only=False)["current_epoch"] == 1
+
+    # a rerun finding a damaged checkpoint (as written before, or a bad copy) discards it and keeps an intact one
+    def stop(*args: object) -> None:  # past the checkpoint checks: nnU-Net's plans are read next
+        raise RuntimeError("past the checks")
+
+    monkeypatch.setattr(bg, "load_json", stop)
+    latest = final.with_name("checkpoint_latest.pth")
+    half = len(intact) // 2  # in the weights' bytes
+    flipped = intact[:half] + bytes([intact[half] ^ 1]) + intact[half + 1 :]
+    for damaged, said in ((intact[:half], "it is cut short"), (flipped, "fails its CRC-32 check")):
+        final.write_bytes(damaged)
+        kept = latest.read_bytes()
+        with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="past the checks"):
+            nnunet_stages._train(job, torch.device("cpu"))
+        assert not final.exists() and latest.read_bytes() == kept
+        warning = next(r.getMessage() for r in caplog.records if "checkpoint_final.pth" in r.getMessage())
+        assert said in warning and "discarded (this fold resumes from an intact checkpoint or trains anew)" in warning
+        caplog.clear()
+
+
 def test_cli_segment_compare_reproduces_the_workflow_table(demo_workflow: Path, tmp_path: Path) -> None:
     """`lungddpm segment compare` calls the same function as the rule: same scores in, same table out."""
     cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
