@@ -238,6 +238,7 @@ class ImagesConfig:
     label_dir: str | None
     label_convention: str
     patient_regex: str | None
+    max_air_nodule_ml: float
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,11 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
             {"data": {"source": "lidc", "dicom_root": "/d", "images": {"label_dir": "seg"}}},
             r"data.images.label_dir: 'seg' .* and data.source is 'lidc' \(the lidc data would run instead\)",
         ),
+        # an empty folder is the workflow's own folder: scanned for label maps (and its volumes paired as labels)
+        (
+            {"data": {"source": "images", "images": {"ct_dir": "ct", "label_dir": ""}}},
+            r"data.images.label_dir: '' should be non-empty",
+        ),
         ({"metrics": {"features": {"clip_hu": [200, -1000]}}}, r"metrics.features.clip_hu: \[200, -1000\] is reversed"),
         ({"metrics": {"features": {"extractor": "medicalnet"}}}, r"metrics.features.weights: the medicalnet extractor"),
     ],

@@ -25,7 +25,7 @@ from ..io import nifti_forms, nifti_non_finite, nifti_truncation
 from . import series_patient
 from .cache import cached, store
 from .dicom import DicomSeries, check_slice_geometry, mask_padding, series_count_error, slice_geometry
-from .nodules import Nodule, components
+from .nodules import Nodule, components, lung_like
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def case_id_of(path: Path) -> str:
     return case
 
 
-def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
-    """case id -> volume file (or DICOM folder) of ``folder``; other files are listed in a warning."""
+def _entries(folder: Path, what: str, dicom_dirs: bool, skip: Path | None = None) -> dict[str, Path]:
+    """case id -> volume file (or DICOM folder) of ``folder`` but ``skip`` (the label folder inside it); other files
+    are listed in a warning. Case ids may not differ in letter case only (one file on macOS and Windows)."""
     kind = "CT volumes" if dicom_dirs else "label maps"  # only the CT folder may hold DICOM series folders
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
@@ -87,8 +88,8 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
     found: dict[str, Path] = {}
     ignored = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
+        if entry.name.startswith(".") or entry.name == "__MACOSX" or (skip and entry.resolve() == skip.resolve()):
+            continue  # hidden, a macOS archive's resource forks, or the label folder
         lower = entry.name.lower()
         if entry.is_dir():
             if not dicom_dirs or not any(entry.iterdir()):
@@ -102,9 +103,10 @@ def _entries(folder: Path, what: str, dicom_dirs: bool) -> dict[str, Path]:
             ignored += [] if lower.endswith(COMPANIONS) else [entry.name]  # a header's data file is no case
             continue
         case = case_id_of(entry)
-        if case in found:
-            raise ImageError(f"{found[case]} and {entry}: both give case id {case!r}; rename one (case ids are "
-                             "sanitised stems)")  # fmt: skip
+        if (same := next((c for c in found if c.casefold() == case.casefold()), None)) is not None:
+            clash = f"both give case id {case!r}" if same == case else f"case ids {same!r} and {case!r} differ in " \
+                "letter case only (one file name on macOS and Windows)"  # fmt: skip
+            raise ImageError(f"{found[same]} and {entry}: {clash}; rename one (case ids are sanitised stems)")
         found[case] = entry
     if ignored:
         log.warning("%s: not volumes, ignored: %s", folder,
@@ -147,7 +149,7 @@ def patient_of(case_id: str, pattern: str | None) -> str:
 @functools.cache
 def discover(ct_dir: str, label_dir: str | None, patient_regex: str | None) -> dict[str, ImageCase]:
     """Every case of an image folder, by case id (sorted); label maps are matched by stem, both ways."""
-    images = _entries(Path(ct_dir), "data.images.ct_dir", dicom_dirs=True)
+    images = _entries(Path(ct_dir), "data.images.ct_dir", dicom_dirs=True, skip=Path(label_dir) if label_dir else None)
     labels = _entries(Path(label_dir), "data.images.label_dir", dicom_dirs=False) if label_dir else {}
     if label_dir:
         no_label = sorted(set(images) - set(labels))
@@ -314,8 +316,11 @@ def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray
     return lung, nodule
 
 
-def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu: float) -> ImageScan:
-    """CT, lungs (when labelled) and nodule components (26-connected) of one case."""
+def read_image_case(
+    case: ImageCase, convention: str, padding_hu: float, max_hu: float, max_air_nodule_ml: float
+) -> ImageScan:
+    """CT, lungs (when labelled) and nodule components (26-connected) of one case; a component that is lung
+    (:func:`~lungddpm.data.nodules.lung_like`) is refused."""
     ct = read_ct(case.image, padding_hu, max_hu)
     if case.label is None:
         return ImageScan(ct, None, [])
@@ -327,6 +332,11 @@ def read_image_case(case: ImageCase, convention: str, padding_hu: float, max_hu:
             f"{case.label}: {len(nods)} separate nodule pieces (at most {MAX_NODULES}); a nodule label this "
             "speckled is noise or a thresholded map: remove the specks (keep the nodules' connected masks)"
         )
+    if (air := lung_like(nods, ct.hu, max_air_nodule_ml)) is not None:
+        codes = "a lung mask under label_convention: binary, or lung_nodule codes swapped (lung 1, nodule 2)"
+        raise ImageError(f"{case.label}: a nodule of {air[0].volume_ml:.0f} mL at mean {air[1]:.0f} HU (air-filled) "
+                         f"is lung, not a nodule: {codes}; recode the map (or raise data.images.max_air_nodule_ml "
+                         "for a large air-filled lesion)")  # fmt: skip
     log.info("%s: %d nodule component(s) in %s, lung %s", case.case_id, len(nods), case.label.name,
              "from the label map" if lung is not None else "from lungddpm's lung mask")  # fmt: skip
     return ImageScan(ct, lung, nods)
@@ -337,6 +347,8 @@ def _cache_key(label: Path, convention: str) -> str:
 
     stats = []
     for f in (label, *data_files(label)):
+        if not f.is_file():  # a detached header whose data file was not copied with it
+            raise ImageError(f"{label}: its voxels' file {f} is missing; copy it beside the header")
         st = f.stat()
         stats.append((f.resolve(), st.st_size, st.st_mtime_ns))
     return f"images-v2|{stats}|{convention}"

@@ -116,6 +116,21 @@ def components(nodule_mask: np.ndarray, spacing: tuple[float, float, float]) -> 
     return sorted(out, key=lambda nod: nod.offset)
 
 
+AIR_HU = -600.0  # a mean at or below this is air-filled tissue: lung (nodules, even ground-glass ones, are denser)
+
+
+def lung_like(nodules: Sequence[Nodule], hu: np.ndarray, max_air_ml: float) -> tuple[Nodule, float] | None:
+    """The first of ``nodules`` (of a scan whose HU are ``hu`` [Z, Y, X]) larger than ``max_air_ml`` mL with a mean
+    at or below :data:`AIR_HU`, and that mean: a lung read as a nodule; None where there is none."""
+    for nod in nodules:
+        if nod.volume_ml is not None and nod.volume_ml > max_air_ml:
+            box = tuple(slice(o, o + n) for o, n in zip(nod.offset, nod.mask.shape))
+            mean = float(hu[box][nod.mask].mean())
+            if mean <= AIR_HU:
+                return nod, mean
+    return None
+
+
 def split_merged(masks: list[np.ndarray], max_size: int = MAX_READERS) -> list[list[int]]:
     """Groups of annotation indices for one pylidc cluster: a cluster of more than ``max_size`` annotations (pylidc
     stops separating nodules whose contours touch) is split in two while its two halves hold separate nodules, and

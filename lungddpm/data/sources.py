@@ -163,7 +163,9 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
         if case_id not in cases:
             raise ImageError(f"{cfg.data.images.ct_dir}: no CT volume of case {case_id!r} (cases: {', '.join(cases)})")
         case = cases[case_id]
-        scan = images.read_image_case(case, cfg.data.images.label_convention, pc.padding_hu, pc.max_hu)
+        scan = images.read_image_case(
+            case, cfg.data.images.label_convention, pc.padding_hu, pc.max_hu, cfg.data.images.max_air_nodule_ml
+        )
         return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung, case.label)
     info = lidc.scan_info(case_id)
     patient_dir = Path(str(_under(base, str(dicom_root(cfg))))) / info.patient_id

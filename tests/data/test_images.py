@@ -232,6 +232,9 @@ def test_the_nodule_flag_cache_sees_a_rewrite_of_a_detached_headers_data_file(
     header = (tmp_path / "c1.mhd").stat().st_mtime_ns
     (tmp_path / "c1.raw").write_bytes(np.zeros_like(labels).tobytes())  # the nodule erased in the data file only
     assert (tmp_path / "c1.mhd").stat().st_mtime_ns == header and not has_nodules(case, "lung_nodule")
+    (tmp_path / "c1.raw").unlink()  # the header copied without its data file: said at parse time, not a traceback
+    with pytest.raises(ImageError, match=r"c1.mhd: its voxels' file .*c1.raw is missing; copy it beside the header"):
+        has_nodules(case, "lung_nodule")
 
 
 def _write_non_axial_series(folder: Path, orientation: str, skip: int | None) -> None:
@@ -308,7 +311,7 @@ def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> N
     write_image(tmp_path / "ct.nrrd", hu, series)
     write_image(tmp_path / "seg.nrrd", _labels(hu.shape), series)
     case = ImageCase("c", tmp_path / "ct.nrrd", tmp_path / "seg.nrrd", "c")
-    scan = read_image_case(case, "lung_nodule", -1024, 3071)
+    scan = read_image_case(case, "lung_nodule", -1024, 3071, 100.0)
     assert scan.lung is not None and np.array_equal(scan.lung, _labels(hu.shape) > 0)
     assert [n.offset for n in scan.nodules] == [(2, 7, 5), (6, 12, 12)]
     voxel_ml = np.prod(SPACING) / 1000
@@ -338,8 +341,24 @@ def test_label_conventions_give_lungs_and_nodule_components(tmp_path: Path) -> N
     write_image(tmp_path / "speckled.nrrd", speckled, series)
     with pytest.raises(ImageError, match=r"speckled.nrrd: 600 separate nodule pieces \(at most 255\)"):
         read_image_case(
-            ImageCase("c", tmp_path / "ct.nrrd", tmp_path / "speckled.nrrd", "c"), "lung_nodule", -1024, 3071
+            ImageCase("c", tmp_path / "ct.nrrd", tmp_path / "speckled.nrrd", "c"), "lung_nodule", -1024, 3071, 100.0
         )
+    # a lung read as a nodule: a lung mask given as a binary nodule map, or lung_nodule codes swapped; both passed
+    # every check and trained as lung-sized "nodules" (the demo-sized lungs here are 1.05 mL, so the limit is 1 mL)
+    swapped = np.where(_labels(hu.shape) == 1, 2, np.where(_labels(hu.shape) == 2, 1, 0)).astype(np.uint8)
+    lung_mask = (_labels(hu.shape) > 0).astype(np.uint8)
+    for name, volume, convention in (("swapped", swapped, "lung_nodule"), ("lungmask", lung_mask, "binary")):
+        write_image(tmp_path / f"{name}.nrrd", volume, series)
+        case = ImageCase("c", tmp_path / "ct.nrrd", tmp_path / f"{name}.nrrd", "c")
+        with pytest.raises(ImageError, match=rf"{name}.nrrd: a nodule of 1 mL at mean -8[45]\d HU \(air-filled\) is "
+                           r"lung, not a nodule: a lung mask under label_convention: binary, or lung_nodule codes "
+                           r"swapped .* raise data.images.max_air_nodule_ml"):  # fmt: skip
+            read_image_case(case, convention, -1024, 3071, 1.0)
+        assert len(read_image_case(case, convention, -1024, 3071, 1.1).nodules) == 2  # a limit above the lungs
+    dense = np.round(hu + 900 * (swapped == 2)).astype(np.int16)  # as large, but soft tissue: a mass, kept
+    write_image(tmp_path / "dense.nrrd", dense, series)
+    case = ImageCase("c", tmp_path / "dense.nrrd", tmp_path / "swapped.nrrd", "c")
+    assert [n.volume_ml > 1.0 for n in read_image_case(case, "lung_nodule", -1024, 3071, 1.0).nodules] == [True] * 2
 
 
 def test_label_lungs_that_vanish_on_the_fine_grid_are_an_error_naming_the_ct(tmp_path: Path) -> None:
@@ -460,6 +479,22 @@ def test_case_ids_are_sanitised_stems_and_stems_must_match(tmp_path: Path) -> No
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageError, match=r"empty: no label maps \(.nii.gz, .*.mhd files\); check data.images.label_d"):
         discover(str(ct), str(tmp_path / "empty"), None)
+    # ids that differ in letter case only are one file on macOS and Windows, so their outputs would overwrite
+    (ct / "A.nii.gz").write_bytes(b"")
+    discover.cache_clear()  # a parse's answers are cached: this folder's changed
+    with pytest.raises(ImageError, match=r"A.nii.gz and .*a.nii.gz: case ids 'A' and 'a' differ in letter case only"):
+        discover(str(ct), None, None)
+    (ct / "A.nii.gz").unlink()
+    # the label folder inside the CT folder, and a macOS archive's __MACOSX folder of ._ files, are no CT cases
+    # (they were taken for DICOM folders and refused as "a folder of volume files")
+    shutil.rmtree(ct / "sub")
+    (ct / "labels").mkdir()
+    for name in ("a", "b"):
+        (ct / "labels" / f"{name}.nii.gz").write_bytes(b"")
+    (ct / "__MACOSX").mkdir()
+    (ct / "__MACOSX" / "._a.nii.gz").write_bytes(b"")
+    cases = discover(str(ct), str(ct / "labels"), None)
+    assert list(cases) == ["a", "b"] and cases["a"].label == ct / "labels" / "a.nii.gz"
 
 
 def test_patient_regex_groups_series_and_is_checked_at_parse_time(tmp_path: Path) -> None:

@@ -679,7 +679,7 @@ def test_nnunet_checkpoints_are_written_atomically_and_a_damaged_one_is_discarde
     # nnU-Net's trainer (the real one) saving over the final checkpoint, stopped half way through the write
     pre = state / "nnUNet_preprocessed" / dataset_name(int(job["dataset_id"]))
     cls = nnunet_stages.atomic_checkpoint_trainer(nnunet_stages._trainer_class(job["trainer"]))
-    plans = bg.load_json(str(pre / f"{job['plans_identifier']}.json"))
+    plans = {**bg.load_json(str(pre / f"{job['plans_identifier']}.json")), "continue_training": False}
     trainer = cls(plans=plans, configuration=job["configuration"], fold="all",
                   dataset_json=bg.load_json(str(pre / "dataset.json")), device=torch.device("cpu"))  # fmt: skip
     trainer.initialize()
