@@ -177,7 +177,7 @@ class Studio:
             raise StudioError(f"case {case_id} cannot be opened: {exc}. {fix}, or choose another case") from exc
         ct = np.rint(src.hu).astype(np.int16)  # rounded, as the lesion run and the ROIs
         labels = native_labels(ct.shape, src.grid, src.lung_fine, src.fine, src.nodules)
-        return CaseSession(case_id, src, geometry, ct, labels)
+        return CaseSession(case_id, replace(src, hu=ct), geometry, ct, labels)  # no float32 copy of the CT held
 
     def check_site(
         self, session: CaseSession, index_zyx: Sequence[int], nodule: BankNodule, texture: str = "any", seed: int = 0

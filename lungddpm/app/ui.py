@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -49,6 +53,33 @@ def _edits_table(session: CaseSession | None) -> list[list[Any]]:
     ]  # fmt: skip
 
 
+NO_MATCH = "widen them (the smallest diameter at most the largest, fewer textures or malignancies)"
+
+
+def _choose(session: CaseSession | None) -> str:
+    if session is None:
+        return "Choose a case first."
+    return f"Choose a bank nodule first (an empty list: none matches the filters; {NO_MATCH})."
+
+
+def _servable(paths: list[Path]) -> list[str]:
+    """Links (copies across file systems) of ``paths`` in a new folder of a random name in Gradio's upload folder,
+    which the page serves the downloads from; the studio's results folder itself is not served. Such folders over
+    an hour old go, as Gradio's cache does (:data:`CACHE_CLEANUP_S`)."""
+    root = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("download-*"):
+        if time.time() - old.stat().st_mtime > CACHE_CLEANUP_S[1]:
+            shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix="download-", dir=root))
+    for p in paths:
+        try:
+            os.link(p, stage / p.name)
+        except OSError:
+            shutil.copy2(p, stage / p.name)
+    return [str(stage / p.name) for p in paths]
+
+
 def build_app(studio: Studio) -> Any:
     """The Gradio Blocks app over ``studio`` (one :class:`CaseSession` per browser tab, in ``gr.State``)."""
     insert = studio.cfg.raw["lesion"]["insert"]
@@ -91,11 +122,15 @@ def build_app(studio: Studio) -> Any:
                        elem_id="roi", format="png")  # fmt: skip
         edits = gr.Dataframe(headers=EDIT_COLUMNS, value=[], label="inserted nodules", interactive=False)
 
-        def bank_choices(d_min: float, d_max: float, tex: list[str], mal: list[str]) -> Any:
+        def bank_choices(d_min: float, d_max: float, tex: list[str], mal: list[str], current: int | None) -> Any:
+            """-> the nodule list (the chosen one kept while it still matches: it was replaced by the first match
+            without a word), and a status line only when none matches."""
             codes = [int(t.split()[0]) for t in tex]
             found = studio.candidates((float(d_min), float(d_max)), codes, [int(m) for m in mal])
             choices = [(nodule_label(n), n.index) for n in found]
-            return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+            keep = current if current in [i for _, i in choices] else (choices[0][1] if choices else None)
+            said = gr.skip() if choices else f"No bank nodule matches the filters: {NO_MATCH}"
+            return gr.Dropdown(choices=choices, value=keep), said
 
         def open_case(case_id: str, lung: bool, old: CaseSession | None, held: dict) -> tuple[Any, ...]:
             """-> session, kept sessions, cursor, planes, status, table, ROI panel, downloads. The case left keeps
@@ -136,7 +171,7 @@ def build_app(studio: Studio) -> Any:
 
         def pick_random(s: CaseSession | None, c: list[int], idx: int | None, sd: float | None, lung: bool) -> tuple:
             if s is None or idx is None:
-                return c, *_planes(s, c, lung), "Choose a case and a bank nodule first."
+                return c, *_planes(s, c, lung), _choose(s)
             try:
                 c = list(studio.random_site(s, studio.nodule(idx), sd))
             except StudioError as exc:
@@ -146,7 +181,7 @@ def build_app(studio: Studio) -> Any:
         def run(s: CaseSession | None, c: list[int], idx: int | None, tex: str, sd: float | None, lung: bool,
                 progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # fmt: skip
             if s is None or idx is None:
-                return s, *_planes(s, c, lung), "Choose a case and a bank nodule first.", gr.skip(), _edits_table(s)
+                return s, *_planes(s, c, lung), _choose(s), gr.skip(), _edits_table(s), gr.skip()
             try:
                 ins = studio.check_site(s, c, studio.nodule(idx), tex, sd)
                 progress(0.0, desc="generating")
@@ -155,18 +190,19 @@ def build_app(studio: Studio) -> Any:
                     s, ins, lambda i, n: progress(i / n, desc=f"step {i}/{n}") if i % step == 0 else None
                 )
             except StudioError as exc:
-                return s, *_planes(s, c, lung), f"**Refused:** {exc}", gr.skip(), _edits_table(s)
+                return s, *_planes(s, c, lung), f"**Refused:** {exc}", gr.skip(), _edits_table(s), gr.skip()
             r = edit.record
             msg = (f"Inserted bank nodule #{r['bank_index']} ({r['diameter_mm']} mm, {r['texture_requested']}) at "
                    f"{tuple(c)} in {edit.seconds:.2f} s: mean {r['nodule_mean_hu']} HU, "
                    f"{r['native_voxels_changed']} native voxels changed.")  # fmt: skip
             panel = roi_panel(edit.roi_before, edit.roi_after, edit.roi_layout, edit.roi_nodule)
-            return s, *_planes(s, c, lung), msg, panel, _edits_table(s)
+            return s, *_planes(s, c, lung), msg, panel, _edits_table(s), None  # the downloads lack this nodule
 
         def run_undo(s: CaseSession | None, c: list[int], lung: bool) -> tuple[Any, ...]:
             edit = s.undo() if s is not None else None
             msg = "Nothing to undo." if edit is None else f"Removed bank nodule #{edit.record['bank_index']}."
-            return s, *_planes(s, c, lung), msg, None, _edits_table(s)  # None: the ROI panel showed the removed edit
+            # None: the ROI panel showed the removed edit, and the downloads hold it
+            return s, *_planes(s, c, lung), msg, None, _edits_table(s), gr.skip() if edit is None else None
 
         def run_download(s: CaseSession | None) -> tuple[Any, str]:
             if s is None:
@@ -177,12 +213,12 @@ def build_app(studio: Studio) -> Any:
                 return None, f"**Refused:** {exc}"
             except (LungDDPMError, OSError) as exc:  # a full disk, a folder not writable: said here, not as a popup
                 return None, f"**Not written:** {exc}"
-            return [str(p) for p in paths.values()], f"Wrote {paths['ct'].parent}."
+            return _servable(list(paths.values())), f"Wrote {paths['ct'].parent}."
 
         filters = [smallest, diameter, textures, malignancies]
         for f in filters:
-            f.change(bank_choices, filters, nodule)
-        app.load(bank_choices, filters, nodule)
+            f.change(bank_choices, [*filters, nodule], [nodule, status])
+        app.load(bank_choices, [*filters, nodule], [nodule, status])
         case.change(open_case, [case, show_lung, session, kept],
                     [session, kept, cursor, *views, status, edits, roi, files], **ONE_AT_A_TIME)  # fmt: skip
         show_lung.change(lambda s, c, lung: _planes(s, c, lung), [session, cursor, show_lung], views, **ONE_AT_A_TIME)
@@ -192,9 +228,10 @@ def build_app(studio: Studio) -> Any:
                           **ONE_AT_A_TIME)  # fmt: skip
         # the progress bar on the ROI panel alone: an animated tracker on every output costs the browser CPU that
         # the sampler shares on a laptop
-        generate.click(run, [session, cursor, nodule, texture, seed, show_lung], [session, *views, status, roi, edits],
-                       show_progress_on=[roi], **ONE_AT_A_TIME)  # fmt: skip
-        undo.click(run_undo, [session, cursor, show_lung], [session, *views, status, roi, edits], **ONE_AT_A_TIME)
+        generate.click(run, [session, cursor, nodule, texture, seed, show_lung], [session, *views, status, roi, edits,
+                       files], show_progress_on=[roi], **ONE_AT_A_TIME)  # fmt: skip
+        undo.click(run_undo, [session, cursor, show_lung], [session, *views, status, roi, edits, files],
+                   **ONE_AT_A_TIME)  # fmt: skip
         download.click(run_download, [session], [files, status], **ONE_AT_A_TIME)
     return app
 
@@ -211,10 +248,11 @@ def serve(studio: Studio, host: str | None = None, port: int = 7860, block: bool
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)  # the session handlers share one queue (ONE_AT_A_TIME): the CPU is shared
     try:
+        # no allowed_paths: results/studio is not served, so nobody fetches another user's download by its name
         return app.launch(server_name=host, server_port=port, share=False, theme=theme, prevent_thread_lock=not block,
-                          allowed_paths=[str(studio.results / "studio")], show_error=True, inbrowser=False)  # fmt: skip
-    except OSError as exc:  # Gradio: "Cannot find empty port in range"
+                          show_error=True, inbrowser=False)  # fmt: skip
+    except (OSError, OverflowError) as exc:  # Gradio: "Cannot find empty port in range"; bind(): port must be 0-65535
         raise StudioError(
-            f"cannot serve on {host}:{port} ({exc}): another program holds the port (pass --port N), or the address is "
-            "not this machine's (--host)"
+            f"cannot serve on {host}:{port} ({exc}): another program holds the port, or it is not one of 1-65535 "
+            "(pass --port N), or the address is not this machine's (--host)"
         ) from exc

@@ -212,9 +212,12 @@ def inpaint(
 
 
 def _network_layouts(chunk: Sequence[Insertion], levels: Sequence[float], extra: Sequence[np.ndarray]) -> torch.Tensor:
-    """The network's layout input of a batch of insertions -> [B, 2 (+2 context), n, n, n]: each site is nodule-free,
-    so its new nodule is the only one, at ``levels[b]``; ``extra``: the context channels per insertion, or empty."""
-    lays = [layout_to_channels(c.layout, c.site.name, np.float32(v)) for c, v in zip(chunk, levels)]
+    """The network's layout input of a batch of insertions -> [B, 2 (+2 context), n, n, n]: the new nodule at
+    ``levels[b]``, any other nodule of the site (the studio's: one inserted before, a real one) at
+    :data:`ANY_TEXTURE`, as training gives a nodule of no known class; ``extra``: the context channels per insertion,
+    or empty."""
+    lays = [layout_to_channels(c.layout, c.site.name, np.where(c.nodule, np.float32(v), np.float32(ANY_TEXTURE)))
+            for c, v in zip(chunk, levels)]  # fmt: skip
     if extra:
         lays = [np.concatenate([lay, e]) for lay, e in zip(lays, extra)]
     return torch.from_numpy(np.stack(lays))

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,5 +130,9 @@ def test_place_a_nodule_in_the_browser_and_download_it(app_url: str, demo_workfl
     changed = ct != original.ct
     assert changed.any() and not changed[~region].any()
     prov = read_json(got["_studio.json"])
+    # the download folder itself is not served (it was, with the whole results/studio tree, by guessable names)
+    (written,) = (demo_workflow / "results/studio" / case).glob(f"*/{case}_studio_ct.nii.gz")
+    with pytest.raises(urllib.error.HTTPError, match="HTTP Error 403"):
+        urllib.request.urlopen(f"{app_url}gradio_api/file={written}", timeout=10)
     assert prov["source_case"] == case and prov["tool"] == "lungddpm app" and len(prov["sites"]) == 1
     assert 0 < int(changed.sum()) <= prov["sites"][0]["native_voxels_changed"]  # rewritten; some keep their HU

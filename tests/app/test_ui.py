@@ -177,3 +177,69 @@ def test_a_port_in_use_is_refused_naming_the_option_and_the_cache_is_cleared(app
         studio.results = tmp_path  # type: ignore[attr-defined]
         with pytest.raises(StudioError, match=f"cannot serve on 127.0.0.1:{port} .*pass --port N"):
             ui.serve(studio, "127.0.0.1", port, block=False)  # type: ignore[arg-type]
+
+
+class BankStudio(FakeStudio):
+    """A stand-in studio with a bank of two nodules, 6 and 12 mm."""
+
+    def candidates(self, diameter: tuple[float, float], textures: list[int], malignancies: list[int]) -> list[Any]:
+        bank = [SimpleNamespace(index=i, diameter_mm=d, texture=5, malignancy=3, case_id="A") for i, d in ((0, 6.0),
+                (1, 12.0))]  # fmt: skip
+        return [n for n in bank if diameter[0] <= n.diameter_mm <= diameter[1]]
+
+
+def test_a_filter_change_keeps_the_chosen_nodule_and_an_empty_list_is_said() -> None:
+    """Raising the smallest diameter replaced the chosen nodule by the first match without a word, so generate
+    inserted another nodule than the one picked; filters that match nothing emptied the list silently, and generate
+    then asked to choose a case that was open."""
+    app = ui.build_app(BankStudio())
+    fn = handler(app, "bank_choices")
+    dropdown, said = fn.fn(5.0, 15.0, [], [], 1)  # #1 chosen, both match
+    assert dropdown.value == 1 and isinstance(said, type(gr.skip()))  # the status line left as it was
+    assert fn.fn(7.0, 15.0, [], [], 0)[0].value == 1  # the chosen one no longer matches: the first that does
+    dropdown, said = fn.fn(14.0, 6.0, [], [], 1)
+    assert dropdown.value is None and said.startswith("No bank nodule matches the filters: widen them")
+    run = handler(app, "run")
+    result = run.fn(toy_session("A"), [2, 5, 5], None, "bank", 0, True)
+    assert "Choose a bank nodule first (an empty list: none matches the filters" in output(run, result, "status")
+    assert "Choose a case first." in output(run, run.fn(None, [2, 5, 5], None, "bank", 0, True), "status")
+
+
+def test_generate_and_undo_clear_the_downloads_they_make_stale(app: Any) -> None:
+    """After an undo the downloads still offered the removed nodule, after a generate they lacked the new one."""
+    s = toy_session("A")
+    toy_edit(s)
+    undo = handler(app, "run_undo")
+    assert output(undo, undo.fn(s, [2, 5, 5], True), "files") is None
+    assert isinstance(output(undo, undo.fn(s, [2, 5, 5], True), "files"), type(gr.skip()))  # nothing undone: kept
+    run = handler(app, "run")
+    assert isinstance(output(run, run.fn(s, [2, 5, 5], 3, "bank", 0, True), "files"), type(gr.skip()))  # refused
+
+
+def test_downloads_are_served_from_a_random_folder_not_the_results(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole results/studio tree was served (allowed_paths) by guessable names: case and second. A download is
+    now a link in a new random folder of Gradio's upload folder; such folders over an hour old go."""
+    import os
+    import time
+    from pathlib import Path
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "upload"))
+    export = tmp_path / "results/studio/A/20261207-101010"
+    export.mkdir(parents=True)
+    (export / "A_studio_ct.nii.gz").write_bytes(b"ct")
+    old = tmp_path / "upload/download-old"
+    old.mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * 3600,) * 2)
+    served = [Path(p) for p in ui._servable([export / "A_studio_ct.nii.gz"])]
+    assert served[0].read_bytes() == b"ct" and served[0].parent.parent == tmp_path / "upload"
+    assert served[0].parent.name.startswith("download-") and len(served[0].parent.name) > len("download-") + 4
+    assert not old.exists() and served[0].stat().st_ino == (export / "A_studio_ct.nii.gz").stat().st_ino
+
+
+def test_a_port_out_of_range_is_refused_naming_the_option(app: Any, tmp_path: Any) -> None:
+    studio = FakeStudio()
+    studio.results = tmp_path  # type: ignore[attr-defined]
+    with pytest.raises(StudioError, match=r"cannot serve on 127.0.0.1:70000 .*not one of 1-65535 \(pass --port N\)"):
+        ui.serve(studio, "127.0.0.1", 70000, block=False)  # type: ignore[arg-type]

@@ -255,6 +255,25 @@ def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
         sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0, **kw)
 
 
+def test_another_nodule_in_the_site_keeps_no_class_while_the_new_one_gets_its_level() -> None:
+    """A studio site may hold a nodule inserted before, or a real one: it was given the new nodule's texture level
+    (all NODULE voxels got one scalar), a layout training never shows; now it is "any texture", as training gives
+    a nodule of no known class, and the new nodule alone carries the level asked for."""
+    from lungddpm.synthesis.lesion import Insertion, _network_layouts
+
+    layout = np.full((8, 8, 8), LUNG, np.uint8)
+    new = np.zeros(layout.shape, bool)
+    new[2:4, 2:4, 2:4] = True
+    layout[new] = NODULE
+    layout[5:7, 5:7, 5:7] = NODULE  # the other nodule
+    site = Site("s", np.zeros(layout.shape, np.int16), layout, None)
+    ins = Insertion(site, layout, new, new, -0.3, {}, 0)
+    channels = _network_layouts([ins, ins], [-0.3, 0.4], [])[:, 1].numpy()
+    assert channels.shape == (2, 8, 8, 8)
+    assert (channels[0][new] == np.float32(-0.3)).all() and (channels[1][new] == np.float32(0.4)).all()
+    assert (channels[:, 5:7, 5:7, 5:7] == ANY_TEXTURE).all() and (channels[:, layout == LUNG] == -1.0).all()
+
+
 def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None:
     from lungddpm.diffusion.data import StepBatches, TrainData
 
