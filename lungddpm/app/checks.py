@@ -1,14 +1,13 @@
-"""The studio's checks of what a user asks: a seed, and ROI settings against the lesion model's training."""
+"""The studio's checks of what a user asks: a seed (ROI settings against the lesion model's training:
+:func:`lungddpm.synthesis.lesion.load_lesion_model`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..errors import LungDDPMError
 
 SEED_MAX = 2**62 - 1  # numpy and torch take any seed up to here
-ROI_SCALE = ("spacing_mm", "size", "nodule_fraction")  # the lesion.roi keys that shape what the model sees
 
 
 class StudioError(LungDDPMError):
@@ -25,16 +24,3 @@ def check_seed(seed: Any) -> int:
     if not ok:
         raise StudioError(f"seed {seed!r}: the seed must be an integer 0..2**62-1")
     return value
-
-
-def check_roi_scale(roi: dict[str, Any], trained: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse ``lesion.roi`` settings that cut ROIs at another scale than the lesion model's training ROIs had
-    (``trained``: the checkpoint's ``lesion.roi``)."""
-    diff = [f"lesion.roi.{k} is {roi.get(k)} here, {trained.get(k)} in training" for k in ROI_SCALE
-            if roi.get(k) != trained.get(k)]  # fmt: skip
-    if diff:
-        raise StudioError(
-            f"{checkpoint}: {'; '.join(diff)}: the studio would cut ROIs at a scale the lesion model was not trained "
-            "on; start the studio with the config the workflow ran with (--configfile), or retrain the model with "
-            f"these settings (`snakemake --cores all results/models/lesion/{checkpoint.parent.name}/checkpoint.pt`)"
-        )

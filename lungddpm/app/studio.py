@@ -45,7 +45,7 @@ from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, pla
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
 from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
-from .checks import StudioError, check_roi_scale, check_seed
+from .checks import StudioError, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class Studio:
                 f"{bank_path}: missing; the studio needs the workflow's nodule bank: run "
                 f"`snakemake --cores all nodule_bank` in {self.workdir} (or the whole workflow) first"
             )
-        self.model, self.diffusion, ckpt, self.device = load_lesion_model(self.checkpoint, lc["sample"])
-        check_roi_scale(lc["roi"], ckpt["config"]["lesion"]["roi"], self.checkpoint)
+        self.model, self.diffusion, ckpt, self.device = load_lesion_model(self.checkpoint, lc)
         self.window = tuple(ckpt["hu_window"])
         self.levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], self.window)
         self.source = ckpt["config"]["data"]["source"]  # images: the model learnt no texture class (insert_texture)

@@ -189,7 +189,10 @@ def resamples(
 
 
 def percentile_interval(value: float, boots: Sequence[float], level: float) -> tuple[float, float, float]:
-    """(value, low, high): the central ``level`` percentile interval of the bootstrap statistics ``boots``."""
+    """(value, low, high): the central ``level`` percentile interval of the bootstrap statistics ``boots`` (none:
+    no interval, NaN)."""
+    if len(boots) == 0:
+        return value, float("nan"), float("nan")
     alpha = (1 - level) / 2
     return value, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 

@@ -27,7 +27,7 @@ from ..config import Config
 from ..data.cache import cache_root
 from ..data.images import patient_of
 from ..io import read_volume, write_csv
-from .distribution import DISTANCES, bootstrap_distance, bootstrap_excess, kid
+from .distribution import DISTANCES, bootstrap_distance, bootstrap_excess, kid, median_bandwidth, mmd
 from .features import FeatureExtractor, build_extractor, cached_features
 from .sets import MetricsError, Pair, Volume, real_halves
 from .voxel import bootstrap_ci, hu_histogram_distance, nodule_agreement, paired_metrics
@@ -115,6 +115,11 @@ def distribution_rows(
         ref = _features(extractor, reference, region, cache_dir, "reference")
         feats = {comparison: _features(extractor, volumes, region, cache_dir, comparison)
                  for comparison, volumes in sets.items()}  # fmt: skip
+        # MMD: one kernel for the region, its bandwidth the median distance of every set pooled, for both rows, the
+        # excess and every resample (a median per call compared two kernels in the excess: the MMD of a larger mean
+        # shift could come out smaller)
+        sigma = median_bandwidth(ref, np.concatenate(list(feats.values())))
+        distances["mmd"] = lambda a, b, sigma=sigma: mmd(a, b, sigma)
         for metric in settings["distances"]:
             found = {}
             for comparison in sets:

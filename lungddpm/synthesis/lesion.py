@@ -227,10 +227,16 @@ def nodule_mean_hu(roi_hu: np.ndarray, nodule: np.ndarray) -> float:
     return float(roi_hu[nodule].mean())
 
 
+ROI_SCALE = ("spacing_mm", "size", "nodule_fraction")  # the lesion.roi keys that shape what the model sees
+
+
 def load_lesion_model(
-    checkpoint: Path, sc: dict[str, Any]
+    checkpoint: Path, lesion: dict[str, Any]
 ) -> tuple[torch.nn.Module, GaussianDiffusion, dict[str, Any], torch.device]:
-    """The lesion network (EMA weights by default) on the GPU when there is one, its process and checkpoint."""
+    """The lesion network (EMA weights by default, per ``lesion.sample``) on the GPU when there is one, its process
+    and checkpoint; a model trained on ROIs of another scale than ``lesion.roi`` cuts is refused (the lesion run
+    did not check it, so a model kept past a change of ROI settings inpainted at the wrong scale)."""
+    sc = lesion["sample"]
     net, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compiles at the first batch
     roi = ckpt.get("config", {}).get("lesion", {}).get("roi", {})
     grid = [roi.get("size")] * 3, [roi.get("spacing_mm")] * 3
@@ -239,6 +245,14 @@ def load_lesion_model(
             f"{checkpoint}: not a lesion-scale model (its grid {ckpt.get('size')} at {ckpt.get('spacing_mm')} mm is "
             f"not lesion.roi's {grid[0]} at {grid[1]} mm: a whole-volume model?); point lesion at the checkpoint "
             "that train_lesion wrote (results/models/lesion/<lesion.train.name>/checkpoint.pt)"
+        )
+    diff = [f"lesion.roi.{k} is {lesion['roi'].get(k)} here, {roi.get(k)} in training" for k in ROI_SCALE
+            if lesion["roi"].get(k) != roi.get(k)]  # fmt: skip
+    if diff:
+        raise CheckpointError(
+            f"{checkpoint}: {'; '.join(diff)}: ROIs would be cut at a scale the lesion model was not trained on; use "
+            "the config it was trained with (--configfile), or retrain it with these settings (`snakemake --cores "
+            f"all results/models/lesion/{checkpoint.parent.name}/checkpoint.pt`)"
         )
     return net, GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"])), ckpt, device
 

@@ -52,7 +52,7 @@ def _setup(cfg: Config, checkpoint: Path, bank_path: Path, threads: int | None) 
     loaded checkpoint."""
     if threads:
         torch.set_num_threads(threads)
-    model, diffusion, ckpt, device = load_lesion_model(checkpoint, cfg.raw["lesion"]["sample"])
+    model, diffusion, ckpt, device = load_lesion_model(checkpoint, cfg.raw["lesion"])
     window = tuple(ckpt["hu_window"])
     levels = texture_levels(ckpt["config"]["lesion"]["texture_hu"], window)
     return model, diffusion, device, window, levels, _candidates(cfg, bank_path), ckpt

@@ -19,6 +19,7 @@ import lungddpm.app.studio as studio_module
 from lungddpm.app.studio import Studio, StudioError
 from lungddpm.atomic import DiskFullError
 from lungddpm.config import Config, load_config
+from lungddpm.diffusion.checkpoint import CheckpointError
 from lungddpm.errors import DicomError
 from lungddpm.io import Geometry, VolumeReadError, read_json, read_volume
 from lungddpm.preprocessing.grid import SliceGrid
@@ -244,7 +245,7 @@ def test_missing_model_names_the_config_and_the_models_there(demo_workflow: Path
 
 def test_an_roi_grid_other_than_the_models_is_refused(demo_workflow: Path) -> None:
     cfg = ci_config(demo_workflow, lesion={"roi": {"spacing_mm": 2.0}})
-    with pytest.raises(StudioError, match=r"lesion.roi.spacing_mm is 2.0 here, 2.5 in training") as err:
+    with pytest.raises(CheckpointError, match=r"lesion.roi.spacing_mm is 2.0 here, 2.5 in training") as err:
         Studio(cfg, demo_workflow)
     assert "--configfile" in str(err.value) and "`snakemake --cores all results/models/lesion/" in str(err.value)
 

@@ -130,3 +130,13 @@ def test_w1_equals_scipy_on_integer_and_float_samples() -> None:
     a, b = rng.normal(size=200), rng.normal(0.5, 2.0, size=80)  # fractions: scipy's path
     assert w1(a, b) == pytest.approx(wasserstein_distance(a, b), rel=1e-12)
     assert w1(np.array([3.0]), np.array([3.0])) == 0.0 and w1(np.array([0.0]), np.array([-40.0])) == 40.0
+
+
+def test_no_resample_gives_no_interval_rather_than_an_index_error() -> None:
+    """bootstrap_ci(values, 0) raised IndexError from np.quantile([]) (the schema keeps the workflow at >= 10)."""
+    from lungddpm.metrics.distribution import percentile_interval
+    from lungddpm.metrics.voxel import bootstrap_ci
+
+    value, low, high = bootstrap_ci([1.0, 2.0, 3.0], 0)
+    assert value == 2.0 and np.isnan(low) and np.isnan(high)
+    assert percentile_interval(1.5, [1.0, 2.0], 0.5) == (1.5, 1.25, 1.75)

@@ -290,6 +290,27 @@ def test_distribution_intervals_resample_whole_layouts(monkeypatch: pytest.Monke
         assert rows[3][col] == pytest.approx(rows[1][col], rel=1e-9), col
 
 
+def test_mmd_rows_and_their_excess_share_one_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each MMD took the median bandwidth of its own two sets, so the excess subtracted MMDs of two kernels (and one
+    of a larger mean shift could come out smaller): one bandwidth per region now, of every set pooled."""
+    rng = np.random.default_rng(5)
+    feats = {f"s{i}": rng.normal(2.0, 1.0, 4) for i in range(6)} | {f"f{i}": rng.normal(0.5, 1.0, 4) for i in range(6)}
+    feats |= {f"r{i}": rng.normal(0.0, 1.0, 4) for i in range(8)} | {f"c{i}": rng.normal(size=4) for i in range(6)}
+    settings = {**fake_gap_features(monkeypatch, feats), "distances": ["mmd"], "bootstrap": 20}
+    volumes = {k: [Volume(f"{k}{i}", Path(f"{k}{i}.nii.gz"), None) for i in range(n)] for k, n in
+               (("s", 6), ("f", 6), ("r", 8), ("c", 6))}  # fmt: skip
+    pairs = [Pair(s, c) for s, c in zip(volumes["s"], volumes["c"])]
+    table = image_quality(pairs, volumes["r"], volumes["f"], settings, (-1000, 400), tmp_path / "iq.csv",
+                          tmp_path / "pc.csv", tmp_path)  # fmt: skip
+    row = {r["comparison"]: r["value"] for r in table}
+    stack = {k: np.stack([feats[v.name] for v in vs]) for k, vs in volumes.items()}
+    sigma = distribution.median_bandwidth(stack["r"], np.concatenate([stack["s"], stack["f"]]))
+    syn, floor = distribution.mmd(stack["s"], stack["r"], sigma), distribution.mmd(stack["f"], stack["r"], sigma)
+    assert row[iq.SYNTHETIC_VS_REAL] == pytest.approx(syn) and row[iq.REAL_VS_REAL] == pytest.approx(floor)
+    assert row[iq.EXCESS] == pytest.approx(syn - floor) and syn > floor
+    assert distribution.mmd(stack["s"], stack["r"]) != pytest.approx(syn)  # its own median: another kernel
+
+
 def fake_gap_features(monkeypatch: pytest.MonkeyPatch, feats: dict[str, np.ndarray]) -> dict[str, object]:
     """Settings of one distance, "gap" (|difference of the sets' first-feature means|: k copies of a row leave it
     unchanged), on the features ``feats`` (volume name -> vector) in place of the extractor's; no paired metrics."""

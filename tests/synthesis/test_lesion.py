@@ -407,13 +407,20 @@ def test_a_whole_volume_checkpoint_is_refused_for_the_lesion_run(tmp_path) -> No
     ckpt |= {"diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": roi}}, "spacing_mm": [1.25] * 3}
     torch.save(ckpt, tmp_path / "checkpoint.pt")  # trained at 32^3, ROIs 16^3
     with pytest.raises(CheckpointError, match=r"not a lesion-scale model.*train_lesion"):
-        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
+        load_lesion_model(tmp_path / "checkpoint.pt", {"sample": {"use_ema": True, "compile": True}, "roi": roi})
     # the demo's grids: a whole-volume model of 32^3 at 10 mm beside 32^3 ROIs at 1.25 mm (the grid alone matched)
     ckpt |= {"config": {"lesion": {"roi": {**roi, "size": 32}}}, "spacing_mm": [10.0] * 3}
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match=r"its grid \[32, 32, 32\] at \[10.0, 10.0, 10.0\] mm is not lesion.roi's "
                        r"\[32, 32, 32\] at \[1.25, 1.25, 1.25\] mm: a whole-volume model\?"):  # fmt: skip
-        load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
+        load_lesion_model(tmp_path / "checkpoint.pt", {"sample": {"use_ema": True, "compile": True}, "roi": roi})
+    # a lesion model trained on other ROIs than the config cuts now (kept past a change: --allowed-rules, --touch)
+    ckpt |= {"size": [16] * 3, "spacing_mm": [1.25] * 3, "config": {"lesion": {"roi": roi}}}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"lesion.roi.spacing_mm is 1.0 here, 1.25 in training: ROIs would be "
+                       r"cut at a scale .*`snakemake --cores all results/models/lesion/.*/checkpoint.pt`"):  # fmt: skip
+        load_lesion_model(tmp_path / "checkpoint.pt", {"sample": {"use_ema": True, "compile": False},
+                                                        "roi": {**roi, "spacing_mm": 1.0}})  # fmt: skip
 
 
 def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provenance(tmp_path) -> None:
@@ -427,8 +434,10 @@ def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provena
     roi = {"size": 16, "spacing_mm": 1.0}
     ckpt |= {"hu_window": [-1000, 400], "diffusion": {"timesteps": 50}, "config": {"lesion": {"roi": roi}}}
     torch.save(ckpt, tmp_path / "checkpoint.pt")
-    eager, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": False})
-    net, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"use_ema": True, "compile": True})
+    eager, *_ = load_lesion_model(
+        tmp_path / "checkpoint.pt", {"sample": {"use_ema": True, "compile": False}, "roi": roi}
+    )
+    net, *_ = load_lesion_model(tmp_path / "checkpoint.pt", {"sample": {"use_ema": True, "compile": True}, "roi": roi})
     assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) and not isinstance(eager, type(net))
     inner = net._orig_mod.state_dict()
     assert all(torch.equal(inner[k], v) for k, v in weights.items())
