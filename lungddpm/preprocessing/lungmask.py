@@ -31,6 +31,8 @@ class LungmaskResult:
     airway_ml: float
     n_components: int
     body_midline_x: float  # fractional x index of the torso's left-right centre (patient midline, :func:`body_midline`)
+    edge_ml: float = 0.0  # lung lost to the image's edge (:func:`lung_beside_outside_air`)
+    edge_slices: tuple[int, ...] = ()  # the slices where it was lost
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
@@ -173,6 +175,18 @@ def pleural_dents(
     return added
 
 
+def lung_beside_outside_air(lung: np.ndarray, outside: np.ndarray, voxel_ml: float) -> tuple[float, tuple[int, ...]]:
+    """mL of ``outside`` air (:func:`outside_air`) where the lung lies in a neighbouring slice, and those slices: a
+    lung that reaches the edge of the image (or of a circular field of view, padded as air) joins the room air
+    there and is cut from the body, and the part below the cut can be dropped as bowel gas. Elsewhere a chest wall
+    separates the lungs from the room air. lung, outside: bool [Z, Y, X]."""
+    near = np.zeros_like(lung)
+    near[1:] |= lung[:-1]
+    near[:-1] |= lung[1:]
+    per_slice = (outside & near).sum(axis=(1, 2))
+    return float(per_slice.sum()) * voxel_ml, tuple(int(z) for z in np.flatnonzero(per_slice))
+
+
 def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     """The body: everything but outside air, filled per slice (with the table and whatever else lies in the field
     of view). hu: [Z, Y, X]; returns bool [Z, Y, X]."""
@@ -224,7 +238,8 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     """
     sp = np.asarray(spacing, dtype=float)
     voxel_ml = float(np.prod(sp)) / 1000
-    body = body_mask(hu, cfg.threshold_hu)
+    outside = outside_air(hu, cfg.threshold_hu)
+    body = _fill_holes_2d(~outside)  # body_mask
     core = torso_core(body, spacing)
     midline = body_midline(body, spacing, core)
     airway = _airway(hu, body, midline, sp, cfg)
@@ -264,6 +279,7 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     lung |= pleural_dents(lung & ~airway, body & ~airway, midline, sp, cfg.pleural_max_diameter_mm)
     lung = lung & ~airway
     lung |= _lung_holes(lung, airway, midline, sp, cfg.midline_hole_max_mm)
+    edge_ml, edge_slices = lung_beside_outside_air(lung, outside, voxel_ml)
     return LungmaskResult(
         lung=lung,
         airway=airway,
@@ -271,4 +287,6 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
         airway_ml=float(airway.sum() * voxel_ml),
         n_components=len(keep),
         body_midline_x=midline,
+        edge_ml=edge_ml,
+        edge_slices=edge_slices,
     )

@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 MIN_LUNG_KEPT = 0.9  # a model grid holding less of the fine lung mask's volume is said to cut the lungs
 
 
+EDGE_LUNG_ML = 1.0  # lung beside the image's edge air beyond this (mL) is warned about: a CT cut through the chest
+
+
+def _runs(slices: tuple[int, ...]) -> str:
+    """Slice indices as runs: (3, 4, 5, 9) -> '3-5, 9'."""
+    runs: list[list[int]] = []
+    for z in slices:
+        if runs and z == runs[-1][1] + 1:
+            runs[-1][1] = z
+        else:
+            runs.append([z, z])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
     """Preprocess one case of any source into ``out_dir``: ``ct.nii.gz`` (int16 HU), ``lung.nii.gz`` and
     ``nodules.nii.gz`` (uint8, model grid), ``lung_fine.nii.gz`` (uint8, fine grid), and ``meta.json`` (written last).
@@ -70,6 +84,12 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
     if not seg.lung.any():
         raise DicomError(f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
                          "CT in HU? Check lungmask.threshold_hu")  # fmt: skip
+    if seg.edge_ml > EDGE_LUNG_ML:
+        log.warning("%s: the lungs reach the edge of the image (or of its field of view) in %d fine slice(s) (%s): "
+                    "%.1f mL of air there joins the air outside the body, so the lung mask can miss lung there and "
+                    "below it; inspect lung_fine.nii.gz, and give the CT uncropped (the chest wall inside the field of "
+                    "view) or with a lung label", case_id, len(seg.edge_slices), _runs(seg.edge_slices),
+                    seg.edge_ml)  # fmt: skip
     removed = f", airway {seg.airway_ml:.0f} mL removed" if lung_source == "lungmask" else ""
     log.info("%s: lungs %.0f mL (%s) in %d component(s)%s", case_id, seg.lung_ml, lung_source, seg.n_components,
              removed)  # fmt: skip
@@ -116,6 +136,7 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
         "lung_source": lung_source,
         "airway_ml_removed": round(seg.airway_ml, 1) if lung_source == "lungmask" else None,
         "lung_components": seg.n_components,
+        "lung_at_image_edge_ml": round(seg.edge_ml, 1),  # lung lost where it reaches the image's edge (warned)
         "lung_centre_lps_mm": [round(float(c), 2) for c in centre],
         "body_midline_x_mm": round(midline_x, 2),
         "consensus_level": cfg.data.consensus_level,

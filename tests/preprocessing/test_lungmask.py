@@ -56,6 +56,42 @@ def test_outside_air_is_room_air_only() -> None:
     assert not (outside & lung).any()
 
 
+def test_lungs_cut_by_the_image_edge_are_measured() -> None:
+    """A CT cropped through the chest (or a lung reaching a circular field of view padded as air): where a lung
+    touches the image's edge its air joins the room air, so that slice's lung left the body, and the part below it
+    was dropped as bowel gas, without a word (47 % of a lung lost here); the lung beside that outside air in the next
+    slice measures it. The whole chest in view measures 0."""
+    hu, lung, _ = toy_thorax()
+    whole = segment_lungs(hu, SPACING, CFG)
+    assert whole.edge_ml == 0.0 and whole.edge_slices == ()
+    cropped = segment_lungs(np.ascontiguousarray(hu[:, :, 13:]), SPACING, CFG)
+    touching = np.flatnonzero(lung[:, :, 13].any(axis=1))  # where the lung meets the new edge
+    assert cropped.edge_ml > 1.0 and set(cropped.edge_slices) >= {int(z) for z in touching}
+    assert cropped.lung_ml < 0.8 * whole.lung_ml  # what it cost
+
+
+def test_preprocessing_a_ct_cut_through_the_chest_warns_and_records_the_loss(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pathlib import Path
+
+    from lungddpm.config import Config
+    from lungddpm.data.dicom import DicomSeries
+    from lungddpm.data.images import write_image
+    from lungddpm.preprocessing.preprocess import _runs, preprocess_case
+
+    hu = np.round(toy_thorax()[0][:, :, 13:]).astype(np.int16)
+    series = DicomSeries(hu.astype(np.float32), 4.0 * np.arange(hu.shape[0]), (4.0, 4.0), (0.0, 0.0), "s", Path("ct"))
+    write_image(tmp_path / "CT" / "cut.nii.gz", hu, series)
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": {"ct_dir": str(tmp_path / "CT")}}}))
+    with caplog.at_level("WARNING"):
+        meta = preprocess_case("cut", tmp_path / "out", cfg)
+    assert meta["lung_at_image_edge_ml"] > 1.0
+    assert "cut: the lungs reach the edge of the image (or of its field of view) in" in caplog.text
+    assert "give the CT uncropped (the chest wall inside the field of view) or with a lung label" in caplog.text
+    assert _runs((3, 4, 5, 9)) == "3-5, 9" and _runs(()) == ""
+
+
 def test_segments_lungs_with_vessels_and_without_airways() -> None:
     hu, lung, airway = toy_thorax()
     result = segment_lungs(hu, SPACING, CFG)
