@@ -78,7 +78,7 @@ def cmd_demo_dicom(args: argparse.Namespace) -> None:
     for case in tqdm(todo, desc="demo series", unit="scan"):
         if case not in cases:
             raise LungDDPMError(f"--case {case}: not one of the demo cases {cases}")
-        write_demo_case(case, cases.index(case), Path(args.root or DEMO_ROOT), cfg)
+        write_demo_case(case, Path(args.root or DEMO_ROOT), cfg)
 
 
 def cmd_demo_images(args: argparse.Namespace) -> None:

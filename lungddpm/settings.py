@@ -44,12 +44,22 @@ def model_weight_settings(model: Mapping[str, Any]) -> dict[str, Any]:
     return {k: held.get(k, v) for k, v in model.items()}
 
 
-def case_data_settings(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``data`` keys that shape a case's own outputs (preprocessing, ROIs, lesion items): not which cases there
-    are (``cases``, ``demo.n_scans``: a case's files are the inputs of its jobs) nor where the LIDC download lies
-    (``dicom_root``), so that adding a case or moving the download reruns no other case."""
-    out = {k: v for k, v in data.items() if k not in ("cases", "dicom_root")}
-    if isinstance(out.get("demo"), Mapping):
+# data keys that only refuse input, never shape an output: in no rule's params, so that setting one reruns nothing
+# (and its arrival reran nothing)
+CHECK_ONLY_DATA = {"images": ("max_air_nodule_ml",)}
+
+
+def data_settings(data: Mapping[str, Any], case: bool = False) -> dict[str, Any]:
+    """The ``data`` keys that shape a rule's outputs: never where the LIDC download lies (``dicom_root``: moving it
+    reruns nothing) nor the :data:`CHECK_ONLY_DATA` keys; of a ``case``-wise rule (preprocessing, ROIs, lesion
+    items) not which cases there are either (``cases``, ``demo.n_scans``: a case's files are the inputs of its jobs),
+    so that adding a case reruns no other case."""
+    drop = ("cases", "dicom_root") if case else ("dicom_root",)
+    out = {k: v for k, v in data.items() if k not in drop}
+    for section, keys in CHECK_ONLY_DATA.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    if case and isinstance(out.get("demo"), Mapping):
         out["demo"] = {k: v for k, v in out["demo"].items() if k != "n_scans"}
     return out
 

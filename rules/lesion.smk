@@ -89,7 +89,7 @@ rule lesion_texture:
         table=report("results/synthetic/lesion/texture_control.csv", category="Lesion scale", caption="../report/texture_control.rst"),
     params:
         sites=config["lesion"]["texture_control_sites"],
-        settings=lesion_settings("insert", "sample"),
+        settings={**lesion_settings("sample"), "lesion.insert": texture_insert()},
         **output_version("lesion_texture"),
     log:
         "logs/lesion_texture.log",

@@ -31,8 +31,7 @@ rule layout:
     output:
         layout="results/layouts/{case}.nii.gz",
     params:
-        settings=settings("layout"),
-        **output_version("layout"),
+        **output_version("layout"),  # the layout.* keys only refuse a layout (scripts/layout.py reads them)
     log:
         "logs/layout/{case}.log",
     benchmark:

@@ -11,7 +11,6 @@ rule train:
         preview=report("results/models/{name}/preview.png", category="Training", caption="../report/preview.rst"),
     params:
         state_dir=lambda wildcards: f"state/models/{wildcards.name}",
-        processes=config["train"]["processes"],
         settings=settings("model", "diffusion", "train", "intensity"),
         **output_version("train"),
     wildcard_constraints:

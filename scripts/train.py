@@ -19,4 +19,4 @@ with rule_logging(snakemake.log[0]):
         snakemake.threads,
     )
     # one torchrun rank per GPU when the job holds several (e.g. a Slurm job with --gpus=N)
-    launch_training(job, int(snakemake.resources.get("gpu", 0)), snakemake.params.processes)
+    launch_training(job, int(snakemake.resources.get("gpu", 0)), snakemake.config["train"]["processes"])

@@ -17,7 +17,7 @@ from lungddpm.config import (
     validate_config,
 )
 from lungddpm.errors import ConfigError
-from lungddpm.settings import case_data_settings, lesion_training_settings, weight_settings, without_later_defaults
+from lungddpm.settings import data_settings, lesion_training_settings, weight_settings, without_later_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -448,12 +448,21 @@ def test_a_cases_rules_see_how_a_case_is_made_not_which_cases_or_where_they_lie(
     """preprocess / rois / the lesion run's params: adding a case (data.cases, demo.n_scans) or moving the LIDC
     download (dicom_root) changes no other case's; the consensus level, readers or a phantom setting do."""
     data = validate_config({"data": {"source": "lidc", "dicom_root": "/a", "cases": ["LIDC-IDRI-0001"]}})["data"]
-    base = case_data_settings(data)
-    assert case_data_settings({**data, "dicom_root": "/b", "cases": ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]}) == base
-    assert case_data_settings({**data, "demo": {**data["demo"], "n_scans": 40}}) == base
-    assert case_data_settings({**data, "consensus_level": 0.25}) != base
-    assert case_data_settings({**data, "demo": {**data["demo"], "noise_hu": 1.0}}) != base
+    base = data_settings(data, case=True)
+    assert data_settings({**data, "dicom_root": "/b", "cases": ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]}, True) == base
+    assert data_settings({**data, "demo": {**data["demo"], "n_scans": 40}}, True) == base
+    assert data_settings({**data, "consensus_level": 0.25}, True) != base
+    assert data_settings({**data, "demo": {**data["demo"], "noise_hu": 1.0}}, True) != base
     assert set(data) - set(base) == {"cases", "dicom_root"}
+    # the split's: moving the download reran it, and with its table every training (not the cases: they are its own)
+    split = data_settings(data)
+    assert data_settings({**data, "dicom_root": "/b"}) == split and set(data) - set(split) == {"dicom_root"}
+    # a check-only key (it refuses input, shapes nothing) in no rule's params: its arrival reran all 83 demo jobs
+    assert "max_air_nodule_ml" in data["images"]
+    for case in (True, False):
+        images = {**data["images"], "max_air_nodule_ml": 500}
+        assert data_settings({**data, "images": images}, case) == data_settings(data, case)
+        assert "max_air_nodule_ml" not in data_settings(data, case)["images"]
 
 
 @pytest.mark.parametrize("data", [None, {"images": None}, [1, 2]])

@@ -45,8 +45,16 @@ def truth_path(root: Path, case_id: str) -> Path:
     return Path(root) / "truth" / case_id / "lung.nii.gz"
 
 
-def write_demo_case(case_id: str, index: int, root: Path, cfg: Config) -> Path:
-    """Synthesise case ``case_id`` (the ``index``-th demo case, which picks its DICOM quirks) under ``root``
+def case_draws(seed: int, case_id: str) -> tuple[int, int]:
+    """(phantom seed, DICOM quirks index) of demo case ``case_id``: from ``data.demo.seed`` and the case id alone,
+    so that a case added to the demo or left out (``n_scans``) leaves every other case's phantom as it was (they
+    came from the case's index in the sorted list: one case more rewrote 11 of 12)."""
+    phantom, quirks = np.random.SeedSequence([int(seed), *case_id.encode()]).generate_state(2, dtype=np.uint64)
+    return int(phantom >> 1), int(quirks >> 1)
+
+
+def write_demo_case(case_id: str, root: Path, cfg: Config) -> Path:
+    """Synthesise case ``case_id`` (its anatomy, noise and DICOM quirks: :func:`case_draws`) under ``root``
     (series in ``root/LIDC-IDRI``, truth in ``root/truth``); returns the series folder."""
     t0 = time.perf_counter()
     info = lidc.scan_info(case_id)
@@ -54,9 +62,10 @@ def write_demo_case(case_id: str, index: int, root: Path, cfg: Config) -> Path:
     nods = lidc.nodules(case_id, cfg.data.consensus_level, min_readers=1)
     specs = [NoduleSpec(mask=n.mask, offset=n.offset, texture=n.texture) for n in nods]
     pcfg = PhantomConfig(noise_hu=cfg.data.demo.noise_hu)
-    hu, lung = synthesize_thorax(geom, specs, seed=cfg.data.demo.seed + index, cfg=pcfg)
+    phantom_seed, quirks_index = case_draws(cfg.data.demo.seed, case_id)
+    hu, lung = synthesize_thorax(geom, specs, seed=phantom_seed, cfg=pcfg)
     series_dir = lidc.series_dir_hint(Path(root) / "LIDC-IDRI", info)
-    quirks = quirks_for(index)
+    quirks = quirks_for(quirks_index)
     write_dicom_series(hu, geom, series_dir, quirks)
     dz = float(np.median(np.diff(geom.slice_zvals))) if len(geom.slice_zvals) > 1 else info.slice_thickness
     if len(geom.slice_zvals) > 2 and np.ptp(np.diff(geom.slice_zvals)) > 0.01 * dz:  # LIDC-IDRI-0514: a 38 mm gap
@@ -149,7 +158,7 @@ def export_demo_images(cfg: Config, cases: list[str], root: Path, out: Path, suf
     for case in cases:
         series = lidc.series_dir_hint(Path(root) / "LIDC-IDRI", lidc.scan_info(case))
         if not (truth_path(root, case).is_file() and series.is_dir()):  # either missing: synthesise both
-            write_demo_case(case, cases.index(case), root, cfg)
+            write_demo_case(case, root, cfg)
         scan = read_case(demo_cfg, case)
         lung, _ = read_volume(truth_path(root, case))
         ct_file, seg_file = Path(out) / "CT" / f"{case}{suffix}", Path(out) / "SEG" / f"{case}{suffix}"

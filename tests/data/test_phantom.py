@@ -418,3 +418,19 @@ def test_a_flattened_or_zipped_download_is_named_as_such(
     with pytest.raises(DicomError, match=r"no DICOM series with .*files not read \(only \*.dcm files are, unpacked\): "
                        r"\['1-001.DCM', 'series.zip'\]; rename or unpack"):  # fmt: skip
         find_series_dir(zipped, geom.series_uid)
+
+
+def test_a_demo_cases_draws_come_from_the_seed_and_its_id_and_cover_every_quirk() -> None:
+    """A demo case's phantom seed and DICOM quirks were its index in the sorted case list, so one more case
+    (n_scans 13 adds LIDC-IDRI-0098, second in the list) rewrote 11 of the 12 phantoms. Now they come from
+    data.demo.seed and the case id; the default demo still stores its series in every quirk."""
+    from lungddpm.data.demo import case_draws
+    from lungddpm.data.lidc import select_demo_cases
+    from lungddpm.data.phantom.dicom import _QUIRKS
+
+    twelve, thirteen = sorted(select_demo_cases(12, 10, 3, 200)), sorted(select_demo_cases(13, 10, 3, 200))
+    (new,) = set(thirteen) - set(twelve)
+    assert thirteen.index(new) < len(twelve) - 1  # it sorts among them: every case after it had moved
+    draws = {c: case_draws(0, c) for c in twelve}
+    assert len({d[0] for d in draws.values()}) == 12 and case_draws(1, twelve[0]) != draws[twelve[0]]
+    assert {quirks_for(d[1]) for d in draws.values()} == set(_QUIRKS)

@@ -73,8 +73,8 @@ def images_workflow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = make_workdir(tmp_path_factory.mktemp("images"), EXTRA)
     cfg = load_config(work / "config/config.yaml", yaml.safe_load((work / "ci.yaml").read_text()))
     data, cases = work / "data/LIDC-IDRI", _demo_cases(work)
-    for index, (case, suffix) in enumerate(zip(cases, FORMATS, strict=True)):
-        write_demo_case(case, index, work / DEMO, _demo_config(work))  # as the demo's demo_dicom rule does
+    for case, suffix in zip(cases, FORMATS, strict=True):
+        write_demo_case(case, work / DEMO, _demo_config(work))  # as the demo's demo_dicom rule does
         export_demo_images(cfg, [case], work / DEMO, data, suffix)
     _write_normal_ct(data, cases[0])
     # a split seed that puts the nodule-free CT into train, where the lesion run inserts nodules

@@ -212,9 +212,25 @@ def test_an_invalid_config_names_its_files_in_merge_order(tmp_path: Path) -> Non
 
 def test_a_demo_case_is_written_again_only_when_what_shapes_it_changes(tmp_path: Path) -> None:
     """demo_dicom's params: not demo.n_scans (which cases there are; before, a new one rewrote every phantom and
-    reran every case after it), but the noise, the seed and the case's index in the sorted list."""
+    reran every case after it), but the noise and the seed (a case's own draws come from the seed and its id)."""
     workdir = make_workdir(tmp_path)
     rule = "demo_dicom:case=LIDC-IDRI-0078"
     base = rule_params(workdir, {}, rule)
     assert rule_params(workdir, {"data": {"demo": {"n_scans": 5}}}, rule) == base
     assert rule_params(workdir, {"data": {"demo": {"noise_hu": 5}}}, rule) != base
+
+
+def test_check_only_and_how_it_runs_keys_rerun_nothing(tmp_path: Path) -> None:
+    """Keys that only refuse input (a layout's sanity limits, data.images.max_air_nodule_ml) or change how a job runs
+    (train.processes) are no rule's params: each reran the layouts or the training and all after them; the texture
+    check reads neither the run's texture nor its samples per case. What shapes them still reruns them."""
+    workdir = make_workdir(tmp_path)
+    rules = ("layout:case=LIDC-IDRI-0078", "train:name=ci", "lesion_texture", "preprocess:case=LIDC-IDRI-0078", "split")
+    base = rule_params(workdir, {}, *rules)
+    quiet = {"layout": {"min_side_fraction": 0.05, "max_lung_ml": 20000}, "train": {"processes": 2},
+             "data": {"images": {"max_air_nodule_ml": 300}},
+             "lesion": {"insert": {"samples_per_case": 2, "texture": "solid"}}}  # fmt: skip
+    assert rule_params(workdir, quiet, *rules) == base
+    assert not any("max_air_nodule_ml" in v or "dicom_root" in v for r in rules for v in base[r].values())
+    shaping = rule_params(workdir, {"train": {"lr": 1e-3}, "lesion": {"insert": {"feather_mm": 1.25}}}, *rules)
+    assert shaping["train:name=ci"] != base["train:name=ci"] and shaping["lesion_texture"] != base["lesion_texture"]

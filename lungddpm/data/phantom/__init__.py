@@ -25,7 +25,8 @@ from .volume import synthesize_thorax
 
 # Bumped when the same geometry, nodules and seed give another phantom (the demo_dicom rule's params: a new
 # version remakes the demo's series). 2 (2026-12-05): the body is fitted to hold every nodule in its lungs.
-PHANTOM_VERSION = 2
+# 3 (2026-12-07): each case's seed and DICOM quirks drawn from data.demo.seed and its case id, not its index.
+PHANTOM_VERSION = 3
 
 __all__ = [
     "PHANTOM_VERSION",
