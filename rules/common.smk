@@ -102,8 +102,9 @@ def settings(*sections, case=False):
         out["model"] = model_weight_settings(out["model"])
     if "data" in out and CFG.data.source != "images":
         out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
-    if "metrics" in out:  # a feature key that arrived at what was done before it reruns no metrics
-        out["metrics"] = {**out["metrics"], "features": without_later_defaults(out["metrics"]["features"])}
+    if "metrics" in out:  # a feature key that arrived at what was done before it, or where they run, reruns nothing
+        features = {k: v for k, v in out["metrics"]["features"].items() if k != "device"}
+        out["metrics"] = {**out["metrics"], "features": without_later_defaults(features)}
     return out
 
 

@@ -189,6 +189,8 @@ def test_the_feature_preprocessing_key_reruns_the_metrics_only_away_from_its_old
     assert "'features'" in base["metrics"]["settings"] and "preprocessing" not in base["metrics"]["settings"]
     hagan = rule_params(workdir, {"metrics": {"features": {"preprocessing": "hagan"}}}, "metrics")
     assert "'preprocessing': 'hagan'" in hagan["metrics"]["settings"]
+    # where the feature network runs is how, not what (as segmentation.device): it reran the metrics
+    assert rule_params(workdir, {"metrics": {"features": {"device": "cpu"}}}, "metrics") == base
 
 
 def test_the_medicalnet_weight_file_is_an_input_of_the_metrics(tmp_path: Path) -> None:
