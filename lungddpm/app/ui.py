@@ -53,6 +53,7 @@ def _edits_table(session: CaseSession | None) -> list[list[Any]]:
     ]  # fmt: skip
 
 
+NO_BANK_NODULE = "No bank nodule matches the filters"
 NO_MATCH = "widen them (the smallest diameter at most the largest, fewer textures or malignancies)"
 
 
@@ -122,14 +123,21 @@ def build_app(studio: Studio) -> Any:
                        elem_id="roi", format="png")  # fmt: skip
         edits = gr.Dataframe(headers=EDIT_COLUMNS, value=[], label="inserted nodules", interactive=False)
 
-        def bank_choices(d_min: float, d_max: float, tex: list[str], mal: list[str], current: int | None) -> Any:
+        def bank_choices(
+            d_min: float, d_max: float, tex: list[str], mal: list[str], current: int | None, shown: str
+        ) -> Any:
             """-> the nodule list (the chosen one kept while it still matches: it was replaced by the first match
-            without a word), and a status line only when none matches."""
+            without a word), and the status line when none matches, or when it said so and some match again."""
             codes = [int(t.split()[0]) for t in tex]
             found = studio.candidates((float(d_min), float(d_max)), codes, [int(m) for m in mal])
             choices = [(nodule_label(n), n.index) for n in found]
             keep = current if current in [i for _, i in choices] else (choices[0][1] if choices else None)
-            said = gr.skip() if choices else f"No bank nodule matches the filters: {NO_MATCH}"
+            if not choices:
+                said = f"{NO_BANK_NODULE}: {NO_MATCH}"
+            else:
+                said = (
+                    f"{len(choices)} bank nodule(s) match." if (shown or "").startswith(NO_BANK_NODULE) else gr.skip()
+                )
             return gr.Dropdown(choices=choices, value=keep), said
 
         def open_case(case_id: str, lung: bool, old: CaseSession | None, held: dict) -> tuple[Any, ...]:
@@ -209,16 +217,17 @@ def build_app(studio: Studio) -> Any:
                 return None, "Choose a case first."
             try:
                 paths = studio.export(s)
+                served = _servable(list(paths.values()))
             except StudioError as exc:
                 return None, f"**Refused:** {exc}"
             except (LungDDPMError, OSError) as exc:  # a full disk, a folder not writable: said here, not as a popup
                 return None, f"**Not written:** {exc}"
-            return _servable(list(paths.values())), f"Wrote {paths['ct'].parent}."
+            return served, f"Wrote {paths['ct'].parent}."
 
         filters = [smallest, diameter, textures, malignancies]
         for f in filters:
-            f.change(bank_choices, [*filters, nodule], [nodule, status])
-        app.load(bank_choices, [*filters, nodule], [nodule, status])
+            f.change(bank_choices, [*filters, nodule, status], [nodule, status])
+        app.load(bank_choices, [*filters, nodule, status], [nodule, status])
         case.change(open_case, [case, show_lung, session, kept],
                     [session, kept, cursor, *views, status, edits, roi, files], **ONE_AT_A_TIME)  # fmt: skip
         show_lung.change(lambda s, c, lung: _planes(s, c, lung), [session, cursor, show_lung], views, **ONE_AT_A_TIME)

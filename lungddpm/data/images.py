@@ -333,7 +333,7 @@ def read_image_case(
             "speckled is noise or a thresholded map: remove the specks (keep the nodules' connected masks)"
         )
     if (air := lung_like(nods, ct.hu, max_air_nodule_ml)) is not None:
-        codes = "a lung mask under label_convention: binary, or lung_nodule codes swapped (lung 1, nodule 2)"
+        codes = "a lung mask under label_convention: binary, or lung_nodule codes swapped (1 nodule, 2 lung)"
         raise ImageError(f"{case.label}: a nodule of {air[0].volume_ml:.0f} mL at mean {air[1]:.0f} HU (air-filled) "
                          f"is lung, not a nodule: {codes}; recode the map (or raise data.images.max_air_nodule_ml "
                          "for a large air-filled lesion)")  # fmt: skip

@@ -45,7 +45,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_file() and (damage := zip_damage(path)) is not None:
         raise UnreadableCheckpointError(
             f"{path}: not a readable torch checkpoint — {damage}, so the file is damaged (a bad copy, disk or "
-            "transfer); copy or download it again and compare its SHA-256 with the source's"
+            "transfer); copy or download it again and compare its SHA-256 with the source's, or, for one trained "
+            "here, delete it and rerun the rule that wrote it"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

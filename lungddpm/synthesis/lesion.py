@@ -214,8 +214,9 @@ def inpaint(
 def _network_layouts(chunk: Sequence[Insertion], levels: Sequence[float], extra: Sequence[np.ndarray]) -> torch.Tensor:
     """The network's layout input of a batch of insertions -> [B, 2 (+2 context), n, n, n]: the new nodule at
     ``levels[b]``, any other nodule of the site (the studio's: one inserted before, a real one) at
-    :data:`ANY_TEXTURE`, as training gives a nodule of no known class; ``extra``: the context channels per insertion,
-    or empty."""
+    :data:`ANY_TEXTURE`, as training gives a nodule of no known class (it took the new nodule's level: a real
+    ground-glass nodule was told solid when a solid one was inserted beside it); ``extra``: the context channels per
+    insertion, or empty."""
     lays = [layout_to_channels(c.layout, c.site.name, np.where(c.nodule, np.float32(v), np.float32(ANY_TEXTURE)))
             for c, v in zip(chunk, levels)]  # fmt: skip
     if extra:

@@ -194,11 +194,12 @@ def test_a_filter_change_keeps_the_chosen_nodule_and_an_empty_list_is_said() -> 
     then asked to choose a case that was open."""
     app = ui.build_app(BankStudio())
     fn = handler(app, "bank_choices")
-    dropdown, said = fn.fn(5.0, 15.0, [], [], 1)  # #1 chosen, both match
+    dropdown, said = fn.fn(5.0, 15.0, [], [], 1, "Opened A")  # #1 chosen, both match
     assert dropdown.value == 1 and isinstance(said, type(gr.skip()))  # the status line left as it was
-    assert fn.fn(7.0, 15.0, [], [], 0)[0].value == 1  # the chosen one no longer matches: the first that does
-    dropdown, said = fn.fn(14.0, 6.0, [], [], 1)
+    assert fn.fn(7.0, 15.0, [], [], 0, "")[0].value == 1  # the chosen one no longer matches: the first that does
+    dropdown, said = fn.fn(14.0, 6.0, [], [], 1, "Opened A")
     assert dropdown.value is None and said.startswith("No bank nodule matches the filters: widen them")
+    assert fn.fn(5.0, 15.0, [], [], None, said)[1] == "2 bank nodule(s) match."  # widened again: said, not left
     run = handler(app, "run")
     result = run.fn(toy_session("A"), [2, 5, 5], None, "bank", 0, True)
     assert "Choose a bank nodule first (an empty list: none matches the filters" in output(run, result, "status")

@@ -257,8 +257,8 @@ def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
 
 def test_another_nodule_in_the_site_keeps_no_class_while_the_new_one_gets_its_level() -> None:
     """A studio site may hold a nodule inserted before, or a real one: it was given the new nodule's texture level
-    (all NODULE voxels got one scalar), a layout training never shows; now it is "any texture", as training gives
-    a nodule of no known class, and the new nodule alone carries the level asked for."""
+    (all NODULE voxels got one scalar: a ground-glass neighbour told solid); now it is "any texture", as training
+    gives a nodule of no known class, and the new nodule alone carries the level asked for."""
     from lungddpm.synthesis.lesion import Insertion, _network_layouts
 
     layout = np.full((8, 8, 8), LUNG, np.uint8)
