@@ -118,8 +118,9 @@ def distribution_rows(
         # MMD: one kernel for the region, its bandwidth the median distance of every set pooled, for both rows, the
         # excess and every resample (a median per call compared two kernels in the excess: the MMD of a larger mean
         # shift could come out smaller)
-        sigma = median_bandwidth(ref, np.concatenate(list(feats.values())))
-        distances["mmd"] = lambda a, b, sigma=sigma: mmd(a, b, sigma)
+        if "mmd" in settings["distances"]:
+            sigma = median_bandwidth(ref, np.concatenate(list(feats.values())))
+            distances["mmd"] = lambda a, b, sigma=sigma: mmd(a, b, sigma)
         for metric in settings["distances"]:
             found = {}
             for comparison in sets:

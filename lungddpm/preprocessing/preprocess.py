@@ -35,8 +35,6 @@ from .lungmask import body_mask, lungs_from_label, segment_lungs
 log = logging.getLogger(__name__)
 
 MIN_LUNG_KEPT = 0.9  # a model grid holding less of the fine lung mask's volume is said to cut the lungs
-
-
 EDGE_LUNG_ML = 1.0  # lung beside the image's edge air beyond this (mL) is warned about: a CT cut through the chest
 
 
