@@ -182,9 +182,8 @@ def cmd_metrics(args: argparse.Namespace) -> None:
     from .metrics.image_quality import folders_entry
 
     labels, cache = (Path(p) if p else None for p in (args.real_labels, args.cache))
-    rows = folders_entry(
-        _config(args), Path(args.real), Path(args.synthetic), labels, Path(args.out), cache, args.threads
-    )
+    rows = folders_entry(_config(args), Path(args.real), Path(args.synthetic), labels, Path(args.out), cache,
+                         args.threads)  # fmt: skip
     for r in rows:
         print(f"{r['metric']:>12} {r['region']:>6} {r['comparison']:<28} {r['value']:.4g} "
               f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}] N={r['n_a']} vs {r['n_b']}")  # fmt: skip
@@ -217,8 +216,8 @@ def cmd_app(args: argparse.Namespace) -> None:
 def cmd_segment(args: argparse.Namespace) -> None:
     from .segmentation.experiment import STEPS, run_experiment
 
-    steps = STEPS if args.what == "all" else (args.what,)
-    run_experiment(_config(args), Path(args.results), Path(args.state), steps, args.arm, args.seed, args.fold,
+    what = STEPS if args.what == "all" else (args.what,)
+    run_experiment(_config(args), Path(args.results), Path(args.state), what, args.arm, args.seed, args.fold,
                    args.threads)  # fmt: skip
 
 
@@ -351,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results root")
     p.add_argument("--state", default="state",
                    help="root of nnU-Net's folders (state/segmentation/<scale>/<arm>/seed<s>)")  # fmt: skip
-    p.add_argument("--threads", **threads)
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads of every step (default: as the rules: "
+                   "segmentation.processes to prepare, segmentation.threads to train)")  # fmt: skip
     p.set_defaults(func=cmd_segment)
     p = sub.add_parser("app", help="the interactive nodule studio: a local web app over the workflow's results")
     p.add_argument("--workdir", default=".", help="the workflow directory (its results/ and resources/)")

@@ -15,7 +15,6 @@ SEG_ARMS = SEG.arm_names
 SEG_DIR = f"results/segmentation/{SEG.scale}"
 SEG_TRAIN = subset_cases("train")
 SEG_TEST = subset_cases("test")
-SEG_THREADS = workflow.cores if SEG.threads == 0 else min(SEG.threads, workflow.cores)
 SEG_AUGMENT = expand("results/synthetic/augment/shard_{shard}.json", shard=range(N_SHARDS))
 SEG_LESION = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
 SEG_ARM_RE = "|".join(re.escape(a) for a in SEG_ARMS + SEG.sweep_names)
@@ -59,7 +58,7 @@ rule segment_prepare:
     # above segment_train: both arms prepare before either trains, then they train side by side (demo: 2 x 1 core);
     # at equal priority one arm's training plus a 1-core job tied with the other arm's 2-core prepare
     priority: 6
-    threads: min(SEG.processes, workflow.cores)
+    threads: SEG.job_threads("prepare", workflow.cores)
     resources:
         mem_mb=4000,
     conda:
@@ -87,7 +86,7 @@ rule segment_train:
     benchmark:
         "benchmarks/segment_train/{arm}_seed{seed}_fold{fold}.tsv"
     priority: 5
-    threads: SEG_THREADS
+    threads: SEG.job_threads("train", workflow.cores)
     resources:
         mem_mb=8000,
         gpu=SEG.gpus,

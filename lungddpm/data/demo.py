@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..io import Geometry, read_json, read_volume, write_text, write_volume
+from ..io import Geometry, read_json, read_volume, write_json, write_text, write_volume
 from ..metrics.voxel import dice
 from ..preprocessing.grid import SliceGrid, resample
 from . import lidc
@@ -45,6 +45,11 @@ def truth_path(root: Path, case_id: str) -> Path:
     return Path(root) / "truth" / case_id / "lung.nii.gz"
 
 
+def manifest_path(root: Path, case_id: str) -> Path:
+    """The case's manifest, written last: the demo_dicom rule's output, so a series written by the CLI is kept."""
+    return Path(root) / "series" / f"{case_id}.json"
+
+
 def case_draws(seed: int, case_id: str) -> tuple[int, int]:
     """(phantom seed, DICOM quirks index) of demo case ``case_id``: from ``data.demo.seed`` and the case id alone,
     so that a case added to the demo or left out (``n_scans``) leaves every other case's phantom as it was (they
@@ -55,7 +60,8 @@ def case_draws(seed: int, case_id: str) -> tuple[int, int]:
 
 def write_demo_case(case_id: str, root: Path, cfg: Config) -> Path:
     """Synthesise case ``case_id`` (its anatomy, noise and DICOM quirks: :func:`case_draws`) under ``root``
-    (series in ``root/LIDC-IDRI``, truth in ``root/truth``); returns the series folder."""
+    (series in ``root/LIDC-IDRI``, truth in ``root/truth``, then the manifest :func:`manifest_path`); returns the
+    series folder."""
     t0 = time.perf_counter()
     info = lidc.scan_info(case_id)
     geom = scan_geometry(info)
@@ -76,6 +82,7 @@ def write_demo_case(case_id: str, root: Path, cfg: Config) -> Path:
         origin=(geom.x0, geom.y0, float(geom.slice_zvals[0])),
     )
     write_volume(truth_path(root, case_id), lung.astype(np.uint8), truth_geometry)
+    write_json(manifest_path(root, case_id), {"case_id": case_id, "series_dir": str(series_dir)})
     log.info(
         "%s: %d slices, %d nodules, quirks %s, %.1f s",
         case_id,

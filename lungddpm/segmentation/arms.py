@@ -161,6 +161,11 @@ class SegmentationConfig:
         s["nodule_fraction"] = float(raw["preprocess"]["nodule_fraction"])
         return cls(arms=arms, **s)
 
+    def job_threads(self, step: str, cores: int) -> int:
+        """A ``prepare`` or ``train`` job's threads on ``cores``: ``processes`` or ``threads`` (0 = all cores)."""
+        want = self.processes if step == "prepare" else self.threads or cores
+        return max(1, min(want, cores))
+
     def workers(self, threads: int) -> int:
         """nnU-Net's worker processes (fingerprint, preprocessing): ``processes`` within the job's ``threads``."""
         return max(1, min(self.processes, threads))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,12 +26,14 @@ def run_experiment(
     arms: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     folds: Sequence[int | str] | None = None,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> None:
     """Run ``steps`` of the segmentation experiment for ``arms`` x ``seeds`` x ``folds`` (default: the config's)
     on the workflow's outputs under ``results``, with nnU-Net's state under ``state``; the same named inputs and
-    outputs as the rules."""
+    outputs as the rules. ``threads`` (default: each step's as its rule's, :meth:`SegmentationConfig.job_threads`
+    on this machine's cores) is used by every step."""
     seg = A.segmentation_config(cfg.raw)
+    prepare_threads, train_threads = (threads or seg.job_threads(s, os.cpu_count() or 1) for s in ("prepare", "train"))
     seeds = list(seeds) if seeds is not None else seg.seeds
     folds = list(folds) if folds else seg.folds
     if "score" in steps and (sorted(map(str, seeds)) != sorted(map(str, seg.seeds))
@@ -61,12 +64,12 @@ def run_experiment(
                 a = seg.arm(arm)
                 cases = arm_cases(scale, a, seed, train_inputs(scale, a, train, results, synthetic), test)
                 prepare_arm(a, seed, cases, test, A.state_dir(state, scale, arm, seed),
-                            A.prepared_manifest(results, scale, arm, seed), seg, threads,
+                            A.prepared_manifest(results, scale, arm, seed), seg, prepare_threads,
                             case_patients(cfg, sorted({c.source_case for c in cases})))  # fmt: skip
             for fold in folds if "train" in steps else ():
                 train_arm(A.prepared_manifest(results, scale, arm, seed), fold, tests,
                           A.predictions_dir(results, scale, arm, seed, fold),
-                          A.run_manifest(results, scale, arm, seed, fold), seg, threads)  # fmt: skip
+                          A.run_manifest(results, scale, arm, seed, fold), seg, train_threads)  # fmt: skip
         if "score" in steps:
             runs = [A.run_manifest(results, scale, arm, s, f) for s in seeds for f in folds]
             score_arm(arm, runs, tests, A.scores_table(results, scale, arm), seg.evaluation)

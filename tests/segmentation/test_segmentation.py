@@ -284,6 +284,16 @@ def test_nnunet_augmentation_workers_fit_the_job(monkeypatch: pytest.MonkeyPatch
     assert nnunet.nnunet_env(roots, _seg(da_processes=16), 8)["nnUNet_n_proc_DA"] == "16"
 
 
+def test_job_threads_are_the_rules_and_the_clis_default() -> None:
+    """segment_prepare takes ``processes``, segment_train ``threads`` (0 = every core), both within the cores;
+    `lungddpm segment` uses the same numbers unless --threads is given."""
+    assert _seg(processes=4).job_threads("prepare", 2) == 2
+    assert _seg(processes=1).job_threads("prepare", 8) == 1
+    assert _seg(threads=0).job_threads("train", 6) == 6
+    assert _seg(threads=1).job_threads("train", 6) == 1
+    assert _seg(threads=16).job_threads("train", 6) == 6
+
+
 def test_one_process_runs_nnunets_pools_in_this_process() -> None:
     """processes 1: nnU-Net's ``get_context("spawn").Pool`` runs its tasks in a thread of the child (no spawned
     worker re-importing torch and nnunetv2); any other context, any other pool size and the code after are untouched."""

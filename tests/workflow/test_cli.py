@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, make_workdir, snakemake
 
 from lungddpm.data import lidc
+from lungddpm.data.sources import DEMO_ROOT
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -100,3 +101,17 @@ def test_python_m_lungddpm_is_the_cli() -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == json.loads(run_cli("--set", "data.demo.n_scans=3", "cases").stdout)
+
+
+def test_a_series_written_by_demo_dicom_is_kept_by_the_workflow(tmp_path: Path) -> None:
+    """`lungddpm demo-dicom` writes the rule's outputs, the manifest last, so Snakemake does not write them again."""
+    work = make_workdir(tmp_path / "work")
+    cases = json.loads(run_cli("--configfile", str(work / "ci.yaml"), "cases", cwd=work).stdout)
+    first = sorted(cases)[0]
+    proc = run_cli("--configfile", str(work / "ci.yaml"), "demo-dicom", "--case", first, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((work / DEMO_ROOT / "series" / f"{first}.json").read_text())
+    assert manifest["case_id"] == first and any((work / manifest["series_dir"]).iterdir())
+    planned = snakemake(work, "-n", "--quiet", "rules").stdout
+    jobs = dict(line.split()[:2] for line in planned.splitlines() if line.split()[:1] in (["demo_dicom"], ["total"]))
+    assert int(jobs["demo_dicom"]) == len(cases) - 1, planned  # every case but the one written by the CLI
