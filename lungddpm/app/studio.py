@@ -227,7 +227,8 @@ class Studio:
                     "scan's first or last slice or its sides" if edge else "click further from that nodule (red)"
                     if "touch another nodule" in str(exc) else "click deeper inside the lung")  # fmt: skip
             raise StudioError(f"{exc}: {hint}, or choose a smaller nodule") from exc
-        site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi)
+        classes = self._texture_of_edits(session, world, cut["texture"], layout)  # the other nodules' classes
+        site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi, classes)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
         ins = insertion(site, edited, edit, nodule, margin, self.levels, insert_texture(texture, self.source), seed)
         if (ins.generated & ((layout == NODULE) | unused)).any():
@@ -245,6 +246,23 @@ class Studio:
             )
         ins.record["checked_at_change"] = session.changes  # generate refuses it once the case has changed
         return ins
+
+    @staticmethod
+    def _texture_of_edits(
+        session: CaseSession, world: np.ndarray, texture: np.ndarray, layout: np.ndarray
+    ) -> np.ndarray:
+        """The ROI's texture map (uint8 [n, n, n], as :func:`cut_roi`'s: the real nodules' classes) with the class
+        asked for each nodule inserted before (none for ``any``), so the network sees each at its own level."""
+        texture = texture.copy()
+        for e in session.edits:
+            if (cls := e.record["texture_requested"]) not in TEXTURE_CLASSES:
+                continue
+            kij = np.round(e.roi.world_to_index(world)).astype(int)  # the ROI's voxels in that edit's ROI
+            inside = np.all((kij >= 0) & (kij < np.asarray(e.roi_nodule.shape)), axis=1)
+            theirs = np.zeros(len(world), bool)
+            theirs[inside] = e.roi_nodule[tuple(kij[inside].T)]
+            texture[theirs.reshape(layout.shape) & (layout == NODULE)] = 1 + TEXTURE_CLASSES.index(cls)
+        return texture
 
     @staticmethod
     def _native_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:

@@ -53,6 +53,12 @@ def texture_class(rating: int) -> int:
     return 0 if rating <= 2 else 1 if rating == 3 else 2
 
 
+def texture_values(texture: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """A texture map (an ROI's ``_texture.nii.gz``: 0 = no class known, 1 + class index) -> float32 nodule-channel
+    values of the same shape: :data:`ANY_TEXTURE` where no class is known, else the class's level."""
+    return np.array([ANY_TEXTURE, *levels], np.float32)[np.asarray(texture, np.intp)]
+
+
 def layout_to_channels(layout: np.ndarray, name: str = "layout", nodule_level: np.ndarray | None = None) -> np.ndarray:
     """layout [D, H, W] labels 0/1/2 -> float32 [2, D, H, W]: lung (label 1) and nodule (label 2) in {-1, 1}.
 

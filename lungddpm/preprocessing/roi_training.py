@@ -20,10 +20,9 @@ from .rois import read_roi_table
 
 def roi_channels(layout: np.ndarray, texture: np.ndarray, levels: Sequence[float], name: str) -> np.ndarray:
     """Network layout channels of an ROI: [2, D, H, W], the nodule channel at its nodules' texture levels."""
-    from ..diffusion.encoding import layout_to_channels
+    from ..diffusion.encoding import layout_to_channels, texture_values
 
-    lut = np.array([1.0, *levels], np.float32)  # texture map 0 (no class known) -> "any texture"
-    return layout_to_channels(layout, name, lut[texture])
+    return layout_to_channels(layout, name, texture_values(texture, levels))
 
 
 def focus_weights(layout: np.ndarray, spacing_mm: float, weight: float, margin_mm: float) -> np.ndarray:

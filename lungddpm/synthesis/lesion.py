@@ -33,6 +33,7 @@ from ..diffusion.encoding import (
     layout_to_channels,
     model_to_hu,
     texture_class,
+    texture_values,
 )
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
@@ -51,12 +52,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Site:
-    """A nodule-free ROI of a case."""
+    """An ROI of a case to insert into: the workflow's are nodule-free; the studio's may hold other nodules."""
 
     name: str
     ct: np.ndarray  # int16 HU [n, n, n]
     layout: np.ndarray  # uint8 [n, n, n]
     geometry: Geometry
+    texture: np.ndarray | None = None  # uint8 [n, n, n]: its nodules' classes (0 = none known, 1 + class); None: 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Insertion:
     level: float  # nodule-channel value (texture class level or ANY_TEXTURE)
     record: dict[str, Any]
     seed: int
+    others: np.ndarray | None = None  # float32 [n, n, n]: the site's other nodules' values; None: ANY_TEXTURE
 
 
 def read_sites(table: Path) -> list[Site]:
@@ -136,7 +139,8 @@ def insertion(
     level, cls = texture_level(texture, bank_nodule, levels)
     record = {"site": site.name, **edit, "texture_class_bank": TEXTURE_CLASSES[texture_class(bank_nodule.texture)],
               "texture_requested": cls, "nodule_level": level, "generated_voxels": int(generated.sum())}  # fmt: skip
-    return Insertion(site, layout, nodule, generated, level, record, seed)
+    others = None if site.texture is None else texture_values(site.texture, levels)
+    return Insertion(site, layout, nodule, generated, level, record, seed, others)
 
 
 def guidance_layouts(
@@ -213,11 +217,12 @@ def inpaint(
 
 def _network_layouts(chunk: Sequence[Insertion], levels: Sequence[float], extra: Sequence[np.ndarray]) -> torch.Tensor:
     """The network's layout input of a batch of insertions -> [B, 2 (+2 context), n, n, n]: the new nodule at
-    ``levels[b]``, any other nodule of the site (the studio's: one inserted before, a real one) at
-    :data:`ANY_TEXTURE`, as training gives a nodule of no known class (it took the new nodule's level: a real
-    ground-glass nodule was told solid when a solid one was inserted beside it); ``extra``: the context channels per
-    insertion, or empty."""
-    lays = [layout_to_channels(c.layout, c.site.name, np.where(c.nodule, np.float32(v), np.float32(ANY_TEXTURE)))
+    ``levels[b]``, any other nodule of the site (the studio's: one inserted before, a real one) at its own class's
+    level where known (``Insertion.others``), else :data:`ANY_TEXTURE`, as training gives them (it took the new
+    nodule's level: a real ground-glass nodule was told solid when a solid one was inserted beside it); ``extra``:
+    the context channels per insertion, or empty."""
+    lays = [layout_to_channels(c.layout, c.site.name, np.where(c.nodule, np.float32(v),
+                                                               ANY_TEXTURE if c.others is None else c.others))
             for c, v in zip(chunk, levels)]  # fmt: skip
     if extra:
         lays = [np.concatenate([lay, e]) for lay, e in zip(lays, extra)]

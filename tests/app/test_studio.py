@@ -220,6 +220,38 @@ def test_generate_paste_undo_and_export(studio: Studio, monkeypatch: pytest.Monk
         studio.export(s)
 
 
+def test_a_nodule_inserted_before_keeps_its_class_in_the_next_sites_layout(studio: Studio) -> None:
+    """A site whose ROI holds a nodule inserted before: the network sees that nodule at the class asked for it
+    (ground-glass), as training sees a neighbour of known class, and the new one at its own (solid); before, the
+    neighbour was "any texture"."""
+    from lungddpm.synthesis.lesion import _network_layouts
+
+    s = studio.open_case(studio.cases[1])
+    nodule = min(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
+    first = studio.random_site(s, nodule, seed=3)
+    edit = studio.generate(s, studio.check_site(s, first, nodule, "ground-glass", seed=5))
+    here = s.world(first)
+    lung = np.argwhere(s.labels == LUNG)
+    far = np.linalg.norm(np.array([s.world(v) for v in lung[:: max(1, len(lung) // 20000)]]) - here, axis=1)
+    near = lung[:: max(1, len(lung) // 20000)][np.argsort(np.abs(far - 16.0))[:60]]  # about 16 mm away
+    ins = None
+    for site in near:
+        try:
+            ins = studio.check_site(s, tuple(site), nodule, "solid")
+        except StudioError:
+            continue
+        if (ins.layout == NODULE).sum() > ins.nodule.sum():
+            break
+    assert ins is not None and ins.others is not None
+    neighbour = (ins.layout == NODULE) & ~ins.nodule
+    kij = np.round(edit.roi.world_to_index(ins.site.geometry.index_to_world(np.argwhere(neighbour)))).astype(int)
+    assert edit.roi_nodule[tuple(kij.T)].mean() > 0.9  # the other nodule of the site is the one inserted first
+    channel = _network_layouts([ins], [ins.level], [])[0, 1].numpy()
+    assert np.isclose(channel[neighbour], studio.levels[0]).mean() > 0.9  # ground-glass, as asked for it
+    assert np.isclose(channel[ins.nodule], studio.levels[2]).all() and ins.level == studio.levels[2]
+    assert s.undo() is edit
+
+
 def test_missing_model_is_a_clear_error(demo_workflow: Path, tmp_path: Path) -> None:
     cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
     target = r"`snakemake --cores all results/models/lesion/\w+/checkpoint.pt` in "  # not the rule: it has a wildcard

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from support import INSERT, labelled_source_ct, lesion_bank, roi_settings, source_ct, toy_site
 
 from lungddpm.config import lesion_config, load_config
-from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture_class
+from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture_class, texture_values
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
 from lungddpm.errors import LayoutError
 from lungddpm.io import read_volume, write_volume
 from lungddpm.preprocessing.layout import LUNG, NODULE, face_border
-from lungddpm.preprocessing.roi_training import focus_weights
+from lungddpm.preprocessing.roi_training import focus_weights, roi_channels
 from lungddpm.preprocessing.rois import SourceCT, cut_roi, extract_rois, shift_inside
 from lungddpm.synthesis.layout_edit import place_at
 from lungddpm.synthesis.lesion import Site, inpaint, place
@@ -255,10 +257,10 @@ def test_guidance_with_an_identical_uncond_layout_changes_nothing() -> None:
         sample(model, diffusion, layout, "dpm++", 3, torch.Generator().manual_seed(1), guidance=4.0, **kw)
 
 
-def test_another_nodule_in_the_site_keeps_no_class_while_the_new_one_gets_its_level() -> None:
+def test_another_nodule_in_the_site_keeps_its_own_class_while_the_new_one_gets_its_level() -> None:
     """A studio site may hold a nodule inserted before, or a real one: it was given the new nodule's texture level
-    (all NODULE voxels got one scalar: a ground-glass neighbour told solid); now it is "any texture", as training
-    gives a nodule of no known class, and the new nodule alone carries the level asked for."""
+    (all NODULE voxels got one scalar: a ground-glass neighbour told solid); now it gets its own class's level where
+    known, else "any texture", as training gives them, and the new nodule alone carries the level asked for."""
     from lungddpm.synthesis.lesion import Insertion, _network_layouts
 
     layout = np.full((8, 8, 8), LUNG, np.uint8)
@@ -272,6 +274,15 @@ def test_another_nodule_in_the_site_keeps_no_class_while_the_new_one_gets_its_le
     assert channels.shape == (2, 8, 8, 8)
     assert (channels[0][new] == np.float32(-0.3)).all() and (channels[1][new] == np.float32(0.4)).all()
     assert (channels[:, 5:7, 5:7, 5:7] == ANY_TEXTURE).all() and (channels[:, layout == LUNG] == -1.0).all()
+    # a neighbour of known class (the studio's: a real LIDC nodule's texture map, or the class asked for an earlier
+    # insertion) gets that class's level, as roi_channels gives it in training
+    levels = (-0.4, -0.2, 0.1)
+    known = np.zeros(layout.shape, np.uint8)
+    known[5:7, 5:7, 5:7] = 1 + 0  # ground-glass
+    ins = replace(ins, site=replace(site, texture=known), others=texture_values(known, levels))
+    channels = _network_layouts([ins], [0.1], [])[0, 1].numpy()
+    assert (channels[5:7, 5:7, 5:7] == np.float32(-0.4)).all() and (channels[new] == np.float32(0.1)).all()
+    assert np.array_equal(channels, roi_channels(layout, np.where(new, 3, known), levels, "s")[1])
 
 
 def test_step_batches_balance_dropout_and_flips_are_seeded_and_aligned() -> None:
