@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from .nnunet import FILE_ENDING, dataset_name
 
 log = logging.getLogger(__name__)
 NNUNET_SPLIT_SEED = 12345  # nnU-Net's do_split seed
+_np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / 1.26
+# what an nnU-Net checkpoint holds besides tensors and builtins: numpy scalars (its _best_ema, a float32)
+NUMPY_SCALARS = [_np_core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "?"))]
 
 
 @contextlib.contextmanager
@@ -200,10 +204,21 @@ def cpu_autocast_trainer(cls: type, dtype: Any) -> type:
 def atomic_checkpoint_trainer(cls: type) -> type:
     """``cls`` whose checkpoints are written atomically (:func:`lungddpm.atomic.atomic_path`): nnU-Net's
     ``torch.save`` onto ``checkpoint_final.pth`` / ``checkpoint_latest.pth`` leaves a cut file where a job is killed
-    mid-write, which a rerun would take for a finished or resumable training. Same name, so nnU-Net's folders do
-    not change."""
+    mid-write, which a rerun would take for a finished or resumable training. And read weights-only
+    (:func:`lungddpm.diffusion.checkpoint.load_checkpoint`, numpy's scalars allowed): nnU-Net's own ``torch.load``
+    unpickles anything, so a checkpoint put into ``state/`` could run code. Same name, so nnU-Net's folders do not
+    change."""
+    import torch
 
     class Trainer(cls):  # type: ignore[misc, valid-type]
+        def load_checkpoint(self, filename_or_checkpoint: str) -> None:
+            from ..diffusion.checkpoint import load_checkpoint
+
+            with torch.serialization.safe_globals(NUMPY_SCALARS):
+                checkpoint = load_checkpoint(Path(filename_or_checkpoint))
+            with mock.patch.object(torch, "load", lambda *a, **k: checkpoint):  # nnU-Net's dict argument is unused
+                super().load_checkpoint(str(filename_or_checkpoint))
+
         def save_checkpoint(self, filename: str) -> None:
             if self.local_rank != 0 or self.disable_checkpointing:  # nnU-Net writes nothing (and says so)
                 super().save_checkpoint(filename)

@@ -19,6 +19,7 @@ from scipy import stats
 
 from lungddpm import versions
 from lungddpm.config import load_config
+from lungddpm.diffusion.checkpoint import CheckpointError
 from lungddpm.diffusion.precision import cpu_has_native_bf16
 from lungddpm.errors import ConfigError, LungDDPMError
 from lungddpm.io import Geometry, read_json, read_volume, write_csv, write_json, write_volume
@@ -665,6 +666,16 @@ def test_a_model_trained_at_another_precision_or_device_is_not_reused(
         assert read_json(results / "lungddpm_stamp.json") == [job["stamp"], "cpu", str(dtype)]
 
 
+class RunsCode:
+    """Unpickled, it creates ``path``: a stand-in for a tampered checkpoint's payload."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (self.path.touch, ())
+
+
 def test_nnunet_checkpoints_are_written_atomically_and_a_damaged_one_is_discarded(
     demo_workflow: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -707,6 +718,23 @@ def test_nnunet_checkpoints_are_written_atomically_and_a_damaged_one_is_discarde
     monkeypatch.setattr(torch, "save", real_save)
     trainer.save_checkpoint(str(final.with_name("checkpoint_latest.pth")))  # completes: a loadable checkpoint
     assert torch.load(final.with_name("checkpoint_latest.pth"), weights_only=False)["current_epoch"] == 1
+    # read back weights-only (nnU-Net's own torch.load unpickles anything): the same weights and epoch
+    weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    with torch.no_grad():
+        next(trainer.network.parameters()).add_(1.0)
+    trainer.current_epoch = 0
+    trainer.load_checkpoint(str(final.with_name("checkpoint_latest.pth")))
+    assert trainer.current_epoch == 1 and all(
+        torch.equal(v, weights[k]) for k, v in trainer.network.state_dict().items()
+    )
+    # a checkpoint that would run code when unpickled (here: touch a file) is refused and runs nothing
+    marker, evil = tmp_path / "ran", tmp_path / "checkpoint_evil.pth"
+    real_save({"network_weights": weights, "current_epoch": RunsCode(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refused .* arbitrary Python objects"):
+        trainer.load_checkpoint(str(evil))
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # what nnU-Net's load_checkpoint does with it
+    assert marker.exists()
 
     # a rerun finding a damaged checkpoint (as written before, or a bad copy) discards it and keeps an intact one
     def stop(*args: object) -> None:  # past the checkpoint checks: nnU-Net's plans are read next
