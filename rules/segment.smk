@@ -3,7 +3,6 @@
 # seed (dataset export, plan, preprocess), one trains each fold and predicts the test set, one scores each arm, one
 # compares the arms; segment_sweep runs the synthetic_fraction sweep. nnU-Net's folders live under state/.
 import re
-from dataclasses import asdict
 
 from lungddpm.segmentation.arms import check_arms, segmentation_config
 
@@ -43,7 +42,7 @@ rule segment_prepare:
         prepared=f"{SEG_DIR}/{{arm}}/seed{{seed}}/prepared.json",
     params:
         state_dir=lambda wildcards: f"state/segmentation/{SEG.scale}/{wildcards.arm}/seed{wildcards.seed}",
-        arm=lambda wildcards: asdict(SEG.arm(wildcards.arm)),
+        arm=lambda wildcards: SEG.arm(wildcards.arm).params(),
         test_cases=SEG_TEST,
         patients={c: PATIENTS[c] for c in SEG_TRAIN},  # nnU-Net's 5 folds keep a patient's cases together
         settings={k: config["segmentation"][k] for k in SEG_PLAN_KEYS},

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,13 @@ class Arm:
     def n_real(self, n_units: int) -> int:
         """Real units (cases; nodules or free ROIs) used out of ``n_units``: at least 1 when any is asked for."""
         return 0 if not self.real or n_units == 0 else max(1, _times(self.real_fraction, n_units))
+
+    def params(self) -> dict[str, Any]:
+        """The arm's settings as segment_prepare's params. A low-data arm (real, ``real_fraction`` < 1) also carries
+        its synthetic draw's version: 2 since 2026-12-07, when it stopped drawing synthetic cases with a nodule outline
+        of a train case it leaves out; so such an arm prepares again, and no other."""
+        d = asdict(self)
+        return {**d, "synthetic_draw": 2} if self.real and self.real_fraction < 1 else d
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,11 @@ def lesion_outputs(manifests: Sequence[Path], per: str) -> list[dict[str, Any]]:
     return out
 
 
+def _bank_cases(item: Mapping[str, Any]) -> tuple[str, ...]:
+    """The LIDC cases of the bank nodules inserted into a synthetic ``item`` (lesion run or ``augment``)."""
+    return tuple(item["bank_cases"]) if "bank_cases" in item else _inserted_from(item)
+
+
 def _inserted_from(item: Mapping[str, Any]) -> tuple[str, ...]:
     """The LIDC cases of the bank nodules an ``augment`` item's layout edit inserted (its provenance's edits)."""
     if "folder" not in item:
@@ -140,13 +145,22 @@ def _log(arm: Arm, seed: int, cases: Sequence[TrainingCase], what: str) -> None:
 
 
 def _synthetic(
-    arm: Arm, items: Sequence[Mapping[str, Any]], seen: set[str], key: str, n: int, seed: int, fix: str
+    arm: Arm,
+    items: Sequence[Mapping[str, Any]],
+    seen: set[str],
+    left_out: set[str],
+    key: str,
+    n: int,
+    seed: int,
+    fix: str,
 ) -> list[Mapping[str, Any]]:
     """``n`` of ``items``, drawn with ``seed``. With ``real_fraction`` < 1 only those built on the real data the arm
-    sees (``item[key]`` in ``seen``): a synthetic case on a real CT or ROI left out would bring that back."""
+    sees (``item[key]`` in ``seen``) whose inserted bank nodules come from no train case with annotations the arm
+    leaves out (``left_out``): either would bring a real CT, ROI or nodule outline left out back."""
     if arm.real and arm.real_fraction < 1:
-        items = [it for it in items if it[key] in seen]
-        made = f"made {len(items)} on the real data this arm sees (real_fraction {arm.real_fraction:g})"
+        items = [it for it in items if it[key] in seen and not set(_bank_cases(it)) & left_out]
+        made = (f"made {len(items)} on the real data this arm sees, with no nodule outline of a train case it leaves "
+                f"out (real_fraction {arm.real_fraction:g})")  # fmt: skip
     else:
         made = f"made {len(items)}"
     if n > len(items):
@@ -176,7 +190,8 @@ def whole_cases(
     fix = {"volume": "raise sample.samples_per_layout", "lesion": "raise lesion.insert.samples_per_case"}[
         arm.synthetic_source
     ]
-    for it in _synthetic(arm, synthetic, set(chosen), "case_id", arm.n_synthetic(len(real)), seed, fix):
+    left_out = set(names) - set(chosen)
+    for it in _synthetic(arm, synthetic, set(chosen), left_out, "case_id", arm.n_synthetic(len(real)), seed, fix):
         name = it.get("item", it.get("id"))
         grid = Path(real[it["case_id"]][0]) if arm.synthetic_source == "lesion" and it["case_id"] in real else None
         if arm.synthetic_source == "lesion" and grid is None:
@@ -184,7 +199,7 @@ def whole_cases(
         image, layout = (Path(it["folder"]) / Path(it[k]).name if "folder" in it else Path(it[k])
                          for k in ("image", "layout"))  # beside its manifest, wherever the command runs  # fmt: skip
         cases.append(TrainingCase(f"syn_{name}", image, layout, "synthetic", it["case_id"], grid,
-                                  tuple(it["bank_cases"]) if "bank_cases" in it else _inserted_from(it)))  # fmt: skip
+                                  _bank_cases(it)))  # fmt: skip
     _check_leak(arm, cases, test_cases)
     _log(arm, seed, cases, "CTs")
     return cases
@@ -216,7 +231,9 @@ def lesion_cases(
     for r in nodule_rows:
         groups.setdefault((r["case_id"], r["nodule"]), []).append(r)
     keys = sorted(groups)
-    chosen = [r for i in nested_draw(len(keys), arm.n_real(len(keys)), [seed, 1]) for r in groups[keys[i]]]
+    kept = [keys[i] for i in nested_draw(len(keys), arm.n_real(len(keys)), [seed, 1])]
+    chosen = [r for k in kept for r in groups[k]]
+    left_out = {case for case, _ in set(keys) - set(kept)}  # a case with a nodule left out: its outlines are not seen
     chosen_free = [free[i] for i in nested_draw(len(free), arm.n_real(len(free)), [seed, 2])]
     chosen += chosen_free
     cases = [TrainingCase(f"real_{r['roi']}", r["ct_path"], r["layout_path"], "real", r["case_id"]) for r in chosen]
@@ -225,7 +242,7 @@ def lesion_cases(
     train = {r["case_id"] for r in rows}
     if stale := [it for it in synthetic if it["case_id"] not in train]:
         raise _not_a_train_case(stale[0], "lesion item", f"; {len(stale)} such ROIs")
-    for it in _synthetic(arm, synthetic, seen, "site", arm.n_synthetic(len(nodule_rows)), seed, fix):
+    for it in _synthetic(arm, synthetic, seen, left_out, "site", arm.n_synthetic(len(nodule_rows)), seed, fix):
         cases.append(TrainingCase(f"syn_{it['id']}", Path(it["image"]), Path(it["layout"]), "synthetic", it["case_id"],
                                   bank_cases=tuple(it.get("bank_cases", ()))))  # fmt: skip
     if not cases:

@@ -103,7 +103,8 @@ def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tm
     assert len(synthetic) == 4 and {f"real_{site[i]}" for i in synthetic} == {i for i in real_half if "_f" in i}
     assert len({c.identifier for c in lesion_cases(Arm("s", True, 0.5), 0, tables, syn, ["t1"])} - set(real_half)) > 4
     with pytest.raises(ConfigError, match=r"needs 6 synthetic cases but the lesion run made 4 on the real data this "
-                       r"arm sees \(real_fraction 0.5\); raise lesion.insert"):  # fmt: skip
+                       r"arm sees, with no nodule outline of a train case it leaves out \(real_fraction 0.5\); "
+                       r"raise lesion.insert"):  # fmt: skip
         lesion_cases(Arm("h", True, 0.75, 0.5, "lesion"), 0, tables, syn, ["t1"])
     with pytest.raises(ConfigError, match=r"needs 12 synthetic cases but the lesion run made 8; raise lesion.insert"):
         lesion_cases(Arm("x", True, 1.5, synthetic_source="lesion"), 0, tables, syn, ["t1"])
@@ -112,6 +113,44 @@ def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tm
     via_inputs = arm_cases("lesion", Arm("h", True, 0.5, 0.5, "lesion"), 0, {"tables": tables, "synthetic": [shard]},
                            ["t1"])  # fmt: skip
     assert [c.identifier for c in via_inputs] == [c.identifier for c in half]
+
+
+def test_a_low_data_arm_draws_no_synthetic_case_holding_an_outline_it_leaves_out(tmp_path: Path) -> None:
+    """real_fraction < 1: a synthetic case whose inserted bank nodule comes from a train case with annotations the arm
+    leaves out brought that outline back (the baseline at that real_fraction never sees it); such cases are not
+    drawn. Outlines of kept cases, and of LIDC scans outside the split, stay."""
+    tables = [_roi_table(tmp_path / "rois" / c, c, 2, 1, 2) for c in ("c1", "c2")]  # 4 nodules, 4 free ROIs
+    syn = lesion_outputs([_lesion_run(tmp_path / "lesion", ["c1", "c2"], 2, per_case=2)], "roi")
+    arm = Arm("h", True, 0.25, 0.5, "lesion")  # 2 of the 4 nodules, 2 of the 4 free ROIs; 0.25 x 4 = 1 synthetic
+    half = lesion_cases(arm, 0, tables, syn, ["t"])
+    kept = {c.identifier.removeprefix("real_").rsplit("_", 1)[0] for c in half if "_n" in c.identifier}
+    left_out = sorted({n.split("_n")[0] for n in {f"{c}_n{k}" for c in ("c1", "c2") for k in (1, 2)} - kept})
+    seen = {c.identifier.removeprefix("real_") for c in half if "_f" in c.identifier}
+    on_seen = [it["id"] for it in syn if it["site"] in seen]
+    assert left_out and len(on_seen) == 4
+    # every item on a seen site but one holds an outline of a case with a nodule left out: that one is drawn
+    tagged = [{**it, "bank_cases": (left_out[0] if it["id"] in on_seen[1:] else "LIDC-IDRI-0001",)} for it in syn]
+    drawn = [c.identifier for c in lesion_cases(arm, 0, tables, tagged, ["t"]) if c.kind == "synthetic"]
+    assert drawn == [f"syn_{on_seen[0]}"]
+    with pytest.raises(ConfigError, match=r"needs 2 synthetic cases but the lesion run made 1 on the real data this "
+                       r"arm sees, with no nodule outline of a train case it leaves out"):  # fmt: skip
+        lesion_cases(Arm("h", True, 0.5, 0.5, "lesion"), 0, tables, tagged, ["t"])
+    assert len(lesion_cases(Arm("a", True, 1.0, 1.0, "lesion"), 0, tables, tagged, ["t"])) == 12  # all real: no filter
+    # the whole scale: an augment layout with a bank nodule of the train CT the arm leaves out
+    real = {c: (tmp_path / f"{c}_ct.nii.gz", tmp_path / f"{c}_layout.nii.gz") for c in ("c1", "c2")}
+    augment = []
+    for case, source in (("c1", "c2"), ("c2", "c1"), ("c1", "c1"), ("c2", "c2")):
+        item = f"{case}_{source}"
+        write_json(tmp_path / "augment" / f"{item}.json", {"edits": [{"op": "insert", "source_case": source}]})
+        augment.append({"item": item, "case_id": case, "image": f"{item}.nii.gz", "layout": f"{item}_layout.nii.gz",
+                        "folder": str(tmp_path / "augment")})  # fmt: skip
+    cases = whole_cases(Arm("v", True, 0.5, real_fraction=0.5), 0, real, augment, ["t"])
+    (own,) = [c.source_case for c in cases if c.kind == "real"]
+    assert [(c.source_case, c.bank_cases) for c in cases if c.kind == "synthetic"] == [(own, (own,))]
+    # only such arms prepare again (segment_prepare's params): their draw's version
+    assert Arm("h", True, 0.5, 0.5).params()["synthetic_draw"] == 2
+    assert Arm("a", True, 0.5).params() == {"name": "a", "real": True, "synthetic_fraction": 0.5, "real_fraction": 1.0,
+                                            "synthetic_source": "volume"}  # fmt: skip
 
 
 def test_items_of_other_cases_or_holding_test_patients_nodules_are_refused(tmp_path: Path) -> None:
