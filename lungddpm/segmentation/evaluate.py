@@ -160,6 +160,10 @@ def score_arm(arm: str, runs: Sequence[Path], tests: Sequence[EvalCase], out: Pa
 
 def read_scores(path: Path) -> list[dict[str, Any]]:
     """``scores.csv`` -> rows with numbers parsed (empty cells -> NaN)."""
+    if not Path(path).is_file():
+        raise LungDDPMError(
+            f"{path}: no scores table; score the arm first (lungddpm segment score: rule segment_score)"
+        )
     rows = read_csv(path)
     if not rows:
         raise LungDDPMError(f"{path}: no scores; rerun segment_score")

@@ -225,6 +225,7 @@ def prepare_arm(
     if leaked:
         raise NnUNetError(f"arm {arm.name}: test cases {leaked} are among the training cases; check the split")
     check_fold_cases(cfg, arm.name, len(cases))
+    Path(out).unlink(missing_ok=True)  # the data below is replaced: a stale manifest must not outlive a failed run
     roots = tree(state_dir)
     export_raw_dataset(cases, roots["nnUNet_raw"], cfg.dataset_id, cfg.nodule_fraction)
     name = dataset_name(cfg.dataset_id)

@@ -474,3 +474,29 @@ def test_roi_truth_is_26_connected_whatever_the_prediction_connectivity(tmp_path
     (row,) = score_arm("real", [tmp_path / "run.json"], tests, tmp_path / "scores.csv", faces)
     assert (row["n_nodules"], row["n_found"], row["detection_sensitivity"]) == (1, 1, 1.0)
     assert row["n_components"] == 2  # the prediction's two voxels: two components with faces only
+
+
+def test_a_failed_prepare_leaves_no_manifest_and_a_missing_scores_table_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lungddpm segment prepare` stopped by nnU-Net (or a kill) after the raw dataset was rewritten kept the old
+    prepared.json, which training then trusted; and compare before score gave a FileNotFoundError traceback."""
+    from lungddpm.segmentation import nnunet
+    from lungddpm.segmentation.arms import segmentation_config
+    from lungddpm.segmentation.evaluate import read_scores
+
+    cfg = segmentation_config(load_config(REPO / "config/config.yaml").raw)
+    tables = [_roi_table(tmp_path / "rois" / c, c, 2, 2, 2) for c in ("c1", "c2", "c3")]
+    arm = Arm("real", True, 0.0, synthetic_source="lesion")
+    out = tmp_path / "prepared.json"
+    write_json(out, {"arm": "real", "cases": [{"identifier": "OLD"}], "data_sha256": "old"})
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise NnUNetError("killed during nnU-Net plan")
+
+    monkeypatch.setattr(nnunet, "launch", killed)
+    with pytest.raises(NnUNetError, match="killed"):
+        nnunet.prepare_arm(arm, 0, lesion_cases(arm, 0, tables, [], ["t"]), ["t"], tmp_path / "state", out, cfg, 1)
+    assert any((tmp_path / "state/nnUNet_raw").rglob("*.nii.gz")) and not out.exists()
+    with pytest.raises(LungDDPMError, match=r"real/scores.csv: no scores table; score the arm first"):
+        read_scores(tmp_path / "real/scores.csv")
