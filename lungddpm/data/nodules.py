@@ -186,20 +186,28 @@ def masks_touch(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
 
 
 def join_touching(
-    sizes: Sequence[int], touch: Callable[[int, int], bool], max_size: int = MAX_READERS
+    sizes: Sequence[int],
+    touch: Callable[[int, int], bool],
+    max_size: int = MAX_READERS,
+    origin: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Groups of cluster indices: clusters (of ``sizes`` annotations) joined where ``touch(i, j)`` and together they
     hold at most ``max_size`` annotations (one per reader), in order of their first index; ``touch`` is asked only of
     pairs that could join. pylidc clusters contours within ``slice_thickness`` of each other in voxel indices, so at
     0.75 mm slices two readings of one nodule a voxel apart stay two clusters (LIDC-IDRI-0733): a nodule is the
     annotations that touch (:func:`touching_groups`), across clusters too. Clusters that hold more annotations
-    together than readers are separate nodules side by side (:func:`split_merged`), never joined."""
+    together than readers are separate nodules side by side (:func:`split_merged`), never joined; nor are two pieces
+    of one pylidc cluster (``origin[i]``: cluster i's pylidc cluster), which :func:`split_merged` parted, however few
+    annotations they hold together (three touching nodules read twice each stay three)."""
     groups = [[i] for i in range(len(sizes))]
     owner = list(range(len(sizes)))
+    origin = list(origin) if origin is not None else list(range(len(sizes)))
     for i in range(len(sizes)):
         for j in range(i + 1, len(sizes)):
             a, b = owner[i], owner[j]
-            if a == b or sum(sizes[k] for k in groups[a] + groups[b]) > max_size or not touch(i, j):
+            if a == b or sum(sizes[k] for k in groups[a] + groups[b]) > max_size:
+                continue
+            if {origin[k] for k in groups[a]} & {origin[k] for k in groups[b]} or not touch(i, j):
                 continue
             for k in groups[b]:
                 owner[k] = a

@@ -282,7 +282,7 @@ def test_a_gap_between_slices_is_warned_about(caplog: pytest.LogCaptureFixture) 
 def test_clusters_whose_readings_touch_are_joined_up_to_one_reading_per_reader() -> None:
     """Two clusters are one nodule where an annotation of one touches one of the other and together they hold at
     most four (LIDC's readers); more than four are separate nodules side by side, never joined; joins chain."""
-    from lungddpm.data.nodules import join_touching, masks_touch
+    from lungddpm.data.nodules import join_touching, masks_touch, split_merged
 
     shape = (12, 20, 40)
     a, b = _ball(shape, (6, 10, 10), 4), _ball(shape, (6, 10, 10.5), 4)
@@ -301,6 +301,15 @@ def test_clusters_whose_readings_touch_are_joined_up_to_one_reading_per_reader()
     asked.clear()
     assert join_touching([4, 1, 3], touch) == [[0], [1, 2]] and (0, 1) not in asked  # five: never asked
     assert join_touching([1, 1, 1], lambda i, j: False) == [[0], [1], [2]]
+    # three touching nodules read twice each, parted by split_merged from one pylidc cluster: two pieces hold four
+    # annotations together and touch, yet stay apart (they were joined into one 4-reader nodule)
+    balls = [_ball(shape, (6, 10, x), 4) for x in (8, 16, 24)]
+    masks = [m for m in balls for _ in range(2)]
+    pieces = split_merged(masks)
+    assert sorted(map(sorted, pieces)) == [[0, 1], [2, 3], [4, 5]]
+    touch_pieces = lambda i, j: masks_touch([masks[k] for k in pieces[i]], [masks[k] for k in pieces[j]])  # noqa: E731
+    assert join_touching([2, 2, 2], touch_pieces, origin=[0, 0, 0]) == [[0], [1], [2]]
+    assert len(join_touching([2, 2, 2], touch_pieces)) < 3  # as two pylidc clusters they would join
 
 
 def test_lidc_0733s_two_one_reader_readings_of_one_nodule_are_one_nodule(caplog: pytest.LogCaptureFixture) -> None:
