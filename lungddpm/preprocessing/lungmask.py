@@ -10,7 +10,7 @@ masses) -> fill holes slice by slice. Deep lung-mask tools fetch weights at run 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -31,8 +31,9 @@ class LungmaskResult:
     airway_ml: float
     n_components: int
     body_midline_x: float  # fractional x index of the torso's left-right centre (patient midline, :func:`body_midline`)
-    edge_ml: float = 0.0  # lung lost to the image's edge (:func:`lung_beside_outside_air`)
+    edge_ml: float = 0.0  # lung lost to the image's edge (:func:`lung_beside_outside_air`), after the repair
     edge_slices: tuple[int, ...] = ()  # the slices where it was lost
+    edge_repaired_ml: float = 0.0  # air cut off by the image's edge taken back as lung (:func:`edge_cut_lung`)
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
@@ -187,6 +188,29 @@ def lung_beside_outside_air(lung: np.ndarray, outside: np.ndarray, voxel_ml: flo
     return float(per_slice.sum()) * voxel_ml, tuple(int(z) for z in np.flatnonzero(per_slice))
 
 
+EDGE_CUT_OVERLAP = 0.5  # an outside-air component this much above or below lung is lung cut by the image's edge
+
+
+def edge_cut_lung(outside: np.ndarray, lung: np.ndarray, overlap: float = EDGE_CUT_OVERLAP) -> np.ndarray:
+    """The in-plane components of ``outside`` air (:func:`outside_air`) that are lung cut by the image's edge: at
+    least ``overlap`` of one lies on ``lung``, or on such a component, in the slice above or below (propagated slice
+    by slice). Room air lies beside the body, never over a lung; a lung cut in every slice, or one that joins the room
+    air through a padded circular field of view (one component), is not found. outside, lung: bool [Z, Y, X]."""
+    labels, n = ndi.label(outside, structure=_IN_PLANE)
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    cut = np.zeros(n + 1, bool)
+    confirmed = lung.copy()
+    while True:
+        above = np.bincount(labels[1:][confirmed[:-1]], minlength=n + 1)
+        below = np.bincount(labels[:-1][confirmed[1:]], minlength=n + 1)
+        new = (np.maximum(above, below) >= overlap * area) & ~cut
+        new[0] = False
+        if not new.any():
+            return cut[labels]
+        cut |= new
+        confirmed |= new[labels]
+
+
 def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     """The body: everything but outside air, filled per slice (with the table and whatever else lies in the field
     of view). hu: [Z, Y, X]; returns bool [Z, Y, X]."""
@@ -232,13 +256,26 @@ def lungs_from_label(
 
 
 def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig) -> LungmaskResult:
-    """Segment both lungs (parenchyma with vessels and nodules, without trachea and main bronchi).
+    """Segment both lungs (parenchyma with vessels and nodules, without trachea and main bronchi). Where a lung
+    reaches the image's edge, its air there is taken for room air; where that air lies over lung in the next slice
+    (:func:`edge_cut_lung`) it is taken back and the lungs segmented again; what is still lost is measured.
 
     hu: [Z, Y, X] HU on an (about) isotropic grid, z ascending (superior last); spacing (z, y, x) mm.
     """
+    outside = outside_air(hu, cfg.threshold_hu)
+    result = _segment(hu, spacing, cfg, outside)
+    if result.edge_ml and (cut := edge_cut_lung(outside, result.lung)).any():  # a lung cut by the image's edge
+        repaired = _segment(hu, spacing, cfg, outside & ~cut)
+        result = replace(repaired, edge_repaired_ml=float(cut.sum()) * float(np.prod(spacing)) / 1000)
+    return result
+
+
+def _segment(
+    hu: np.ndarray, spacing: tuple[float, float, float], cfg: LungmaskConfig, outside: np.ndarray
+) -> LungmaskResult:
+    """:func:`segment_lungs` with ``outside`` air given."""
     sp = np.asarray(spacing, dtype=float)
     voxel_ml = float(np.prod(sp)) / 1000
-    outside = outside_air(hu, cfg.threshold_hu)
     body = _fill_holes_2d(~outside)  # body_mask
     core = torso_core(body, spacing)
     midline = body_midline(body, spacing, core)

@@ -82,6 +82,10 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
     if not seg.lung.any():
         raise DicomError(f"{series_dir}: no lungs found (threshold {cfg.lungmask.threshold_hu} HU); is this a chest "
                          "CT in HU? Check lungmask.threshold_hu")  # fmt: skip
+    if seg.edge_repaired_ml:
+        log.info("%s: the lungs reach the edge of the image (or of its field of view): %.1f mL of air there, taken for "
+                 "air outside the body, lies over lung in the next slice and was taken back as lung", case_id,
+                 seg.edge_repaired_ml)  # fmt: skip
     if seg.edge_ml > EDGE_LUNG_ML:
         log.warning("%s: the lungs reach the edge of the image (or of its field of view) in %d fine slice(s) (%s): "
                     "%.1f mL of air there joins the air outside the body, so the lung mask can miss lung there and "
@@ -135,6 +139,7 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
         "airway_ml_removed": round(seg.airway_ml, 1) if lung_source == "lungmask" else None,
         "lung_components": seg.n_components,
         "lung_at_image_edge_ml": round(seg.edge_ml, 1),  # lung lost where it reaches the image's edge (warned)
+        "lung_edge_repaired_ml": round(seg.edge_repaired_ml, 1),  # air cut off by the edge taken back as lung
         "lung_centre_lps_mm": [round(float(c), 2) for c in centre],
         "body_midline_x_mm": round(midline_x, 2),
         "consensus_level": cfg.data.consensus_level,
