@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lungddpm.io import write_csv
 from lungddpm.report.summary import write_report
 
 SHA = "ab" * 32
@@ -181,3 +182,16 @@ def test_the_baseline_mixed_devices_biased_w1_and_empty_inputs_are_said(tmp_path
     empty.write_text(json.dumps({"items": []}))
     said = lesion_section([empty], tmp_path / "texture.csv", tmp_path / "figures", tmp_path, montages=1)
     assert "The lesion run inserted no nodules (its manifests list no items)." in said
+    # a class with real nodules but none inserted: said (its table had a floor row alone, its gallery row was blank)
+    from lungddpm.report.summary import fidelity_section
+
+    fidelity = tmp_path / "fidelity.csv"
+    from lungddpm.metrics.lesion import COLUMNS
+
+    rows = [("solid", "real A vs real B"), ("solid", "synthetic vs real B"), ("part-solid", "real A vs real B"),
+            ("all", "real A vs real B"), ("all", "synthetic vs real B")]  # fmt: skip
+    write_csv(fidelity, [{**dict.fromkeys(COLUMNS, 1), "texture_class": c, "comparison": k} for c, k in rows], COLUMNS)
+
+    said = "\n".join(fidelity_section(fidelity, [], tmp_path))
+    assert "No synthetic nodule of class part-solid was inserted: only its floor is shown." in said
+    assert "class solid" not in said

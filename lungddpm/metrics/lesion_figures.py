@@ -42,7 +42,8 @@ def plot_profiles(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: Fideli
             color, line = styles[label]
             ax.plot(bins, mean_profile(group), line, color=color, marker=".", label=f"{label} (n={len(group)})")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_title(cls)
+        missing = [k for k in ("real", "synthetic") if not any(label.startswith(k) for label, _ in curves)]
+        ax.set_title(cls + "".join(f" (no {k})" for k in missing))
         ax.set_xlabel("distance to the nodule boundary (mm, < 0 inside)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -85,7 +86,7 @@ def gallery(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySett
             ax.axis("off")
             if j < len(group):
                 ax.imshow(group[j].crop, cmap="gray", vmin=-1000, vmax=400)
-        axrow[0].set_title(label, fontsize=8, loc="left")
+        axrow[0].set_title(label if group else f"{label}: none (n=0)", fontsize=8, loc="left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

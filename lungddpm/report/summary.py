@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEMO_NOTE = (
     "> **Demo data.** Every number here comes from procedural thorax phantoms (written as DICOM at real LIDC scan "
-    "geometry, nodules at real LIDC contours), small models trained for minutes on a 2-core CPU and a handful of "
+    "geometry, nodules at real LIDC contours), small models trained briefly and a handful of "
     "test patients. They show that the pipeline runs end to end and how it is measured; they are not evidence about "
     "real CT."
 )
@@ -147,7 +147,7 @@ def sampled_checkpoints(manifests: Sequence[Path]) -> list[str]:
 def montage_section(manifests: Sequence[Path], figures: Path, per_run: int, base: Path) -> list[str]:
     """Copy the first ``per_run`` montages and GIF sweeps of each run into ``figures`` and link them (relative to
     ``base``, the summary's folder)."""
-    note = "Each montage: real CT | layout | synthetic (three planes); the GIF sweeps the axial slices."
+    note = "Each montage: rows real CT, layout, synthetic; columns axial, coronal, sagittal. The GIF sweeps the axial slices."  # noqa: E501
     out = ["## Samples", "", note, ""]
     figures.mkdir(parents=True, exist_ok=True)
     shown: dict[str, int] = defaultdict(int)
@@ -229,18 +229,23 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
         "nodules the matched floor is the noisier side, so their excess leans below 0."
     )
     out.append("")
+    rows = read_csv(table)
     body = [
         [r["texture_class"], r["comparison"], _counts(r), _w1(r), _w1(r, "w1_excess"),
          f"{_fmt(r['mean_hu_a'])} / {_fmt(r['mean_hu_b'])}", f"{_fmt(r['sd_hu_a'])} / {_fmt(r['sd_hu_b'])}",
          f"{_fmt(r['solid_fraction_a'])} / {_fmt(r['solid_fraction_b'])}",
          f"{_fmt(r['sharpness_a'])} / {_fmt(r['sharpness_b'])}", _fmt(r["profile_l1_hu"]),
          f"{_fmt(r['core_hu_a'])} / {_fmt(r['core_hu_b'])}", _w1(r, "core_w1"), _w1(r, "core_w1_excess")]
-        for r in read_csv(table)
+        for r in rows
     ]  # fmt: skip
     out += _table(["class", "comparison", "n", "W1 HU", "W1 over the floor HU", "mean HU a / b", "SD HU a / b",
                    "solid a / b", "sharpness HU/mm a / b", "profile L1 HU", "core HU a / b", "core W1 HU",
                    "core W1 over the floor HU"], body)  # fmt: skip
     out.append("")
+    made = {r["texture_class"] for r in rows if r["comparison"].startswith("synthetic")}
+    unmade = [c for c in dict.fromkeys(r["texture_class"] for r in rows) if c not in made]
+    if unmade:  # its table rows, profile and gallery row show the real nodules alone
+        out += [f"No synthetic nodule of class {', '.join(unmade)} was inserted: only its floor is shown.", ""]
     out += [f"![{Path(f).stem}]({_relative(Path(f), base)})" for f in figures] + [""]
     return out
 

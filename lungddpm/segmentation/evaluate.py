@@ -352,9 +352,9 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: Path, ci_level: flo
     ax.set_xlim(-0.5, len(PLOTTED) - 0.5)  # NaN bars give no data limits: every group (and its n/a) in view
     ax_fp.set_xlim(-0.5, 0.5)
     ax_fp.set_ylim(bottom=0)
-    ax.set_ylim(0, 1)
+    ax.set(ylim=(0, 1.2), yticks=np.linspace(0, 1, 6))  # the legend above 1: it hid an interval's top end
     ax.set_ylabel(f"mean over {n} test {'nodule ROI' if lesion else 'case'}(s), {ci_level:.0%} bootstrap CI")
-    ax.legend(title="arm", fontsize=8)
+    ax.legend(title="arm", fontsize=8, loc="upper center", ncol=min(len(arms), 3))
     ax_fp.set_xticks([0], ["false positives / free ROI" if lesion else "false positives / scan"])
     ax.set_title(f"nnU-Net v2 nodule segmentation, real test split ({'ROIs' if lesion else 'whole CTs'})")
     fig.tight_layout()
@@ -390,7 +390,7 @@ def sweep(
     n = max((r["n_cases"] for r in rows if r["metric"] == "dice"), default=0)
     ax.set_xlabel("synthetic_fraction (synthetic nodule cases / real train nodule cases)")
     ax.set_ylabel(f"mean over {n} test case(s), {ev.ci_level:.0%} bootstrap CI")
-    ax.set_ylim(0, 1)
+    ax.set(ylim=(0, 1.2), yticks=np.linspace(0, 1, 6))  # the legend above 1: it hid an interval's top end
     ax.set_title(f"nnU-Net v2 with synthetic data, {real_fraction:.0%} of the real train data")
     ax.legend(fontsize=8)
     fig.tight_layout()
