@@ -27,13 +27,24 @@ RESUME_NEUTRAL = frozenset({"name", "steps", "checkpoint_every", "keep_checkpoin
 NEUTRAL_AT_DEFAULT: dict[str, dict[str, Any]] = {"model": {"use_checkpoint": False}, "train": {"processes": 1}}
 
 
-def weight_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+# train keys that only the lesion scale's training data reads (loss weights, texture groups, context): the
+# whole-volume data has none of them, so editing one (for the lesion model, which inherits it) must not retrain it
+LESION_ONLY_TRAIN = frozenset({"focus_weight", "focus_margin_mm", "balance_textures", "context_free_diameter_mm",
+                               "context_outside_weight"})  # fmt: skip
+
+
+def weight_settings(train: Mapping[str, Any], whole: bool = False) -> dict[str, Any]:
     """The ``train`` keys that shape a model's weights (``steps`` and every key not in :data:`RESUME_NEUTRAL`; those
     of :data:`NEUTRAL_AT_DEFAULT` at its value, :data:`LATER_DEFAULTS` at theirs left out): a training rule's params,
     so that a change of how it runs (``num_workers``, ``compile``, ``gpus``, ...) neither reruns it nor, by
-    rewriting its checkpoint, everything sampled with it."""
+    rewriting its checkpoint, everything sampled with it. Of the ``whole``-volume model, not the
+    :data:`LESION_ONLY_TRAIN` keys, nor ``cond_dropout`` without ``flip`` or ``crop`` (its nodules are all "any
+    texture" already; its draw shifts only those of the flips and crops)."""
     held = NEUTRAL_AT_DEFAULT["train"]
     kept = {k: held.get(k, v) for k, v in train.items() if k == "steps" or k not in RESUME_NEUTRAL or k in held}
+    if whole:
+        unread = LESION_ONLY_TRAIN | ({"cond_dropout"} if not (train.get("flip") or train.get("crop")) else set())
+        kept = {k: v for k, v in kept.items() if k not in unread}
     return without_later_defaults(kept)
 
 

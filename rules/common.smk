@@ -97,7 +97,7 @@ def settings(*sections, case=False):
     if "data" in out:
         out["data"] = data_settings(out["data"], case)
     if "train" in out:
-        out["train"] = weight_settings(out["train"])
+        out["train"] = weight_settings(out["train"], whole=True)  # the whole-volume training's (rule train)
     if "model" in out:
         out["model"] = model_weight_settings(out["model"])
     if "data" in out and CFG.data.source != "images":

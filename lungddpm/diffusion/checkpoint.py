@@ -296,7 +296,8 @@ def check_resume(ckpt: dict[str, Any], cfg: Config, state_dir: Path, keys: str =
         )
     before = ckpt["config"]["train"]  # find_resume_checkpoint only returns checkpoints with a config
     # a key the checkpoint predates is compared only where its arrival kept the old behaviour (LATER_DEFAULTS)
-    was, now = weight_settings(before), weight_settings(cfg.raw["train"])
+    whole = keys == "train"  # the whole-volume model's settings: as its rule's params (weight_settings)
+    was, now = weight_settings(before, whole), weight_settings(cfg.raw["train"], whole)
     value = {k: (was.get(k, LATER_DEFAULTS.get(k)), now.get(k, LATER_DEFAULTS.get(k))) for k in {*was, *now}}
     value.pop("steps", None)
     changed = sorted(k for k, (a, b) in value.items() if a != b and (k in before or k in LATER_DEFAULTS))

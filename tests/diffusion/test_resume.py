@@ -78,6 +78,12 @@ def test_activation_checkpointing_and_the_process_count_resume_a_training(tmp_pa
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and model_digest(a) == model_digest(b)
     finished = load_checkpoint(tmp_path / "sa/step_0000004.pt")
     check_resume(finished, cfg(processes=2), tmp_path / "sa")  # handed back as is, as with train.gpus
+    # a lesion-only key (the lesion model inherits it) does not refuse the whole-volume model, which never reads it
+    # (it did, after Snakemake had deleted its checkpoint.pt: the model was lost); the lesion model's it does
+    lesion_only = cfg(focus_margin_mm=2.0, focus_weight=1.0, balance_textures=True, cond_dropout=0.2)
+    check_resume(finished, lesion_only, tmp_path / "sa")
+    with pytest.raises(LungDDPMError, match=r"focus_margin_mm 3.0 then, 2.0 now"):
+        check_resume(finished, lesion_only, tmp_path / "sa", "lesion.train")
     finished["fingerprint"]["model"]["use_checkpoint"] = True  # as the code before wrote it for such a run
     save_atomic(finished, tmp_path / "sa/step_0000004.pt")
     assert train(tiny_data(), cfg(use_checkpoint=True), tmp_path / "a", tmp_path / "sa").step == 4  # resumed

@@ -67,6 +67,12 @@ def test_train_lesion_reruns_on_lesion_settings_not_on_whole_volume_only_ones(tm
     how = {"num_workers": 3, "compile": True, "log_every": 7, "gpus": 1, "checkpoint_every": 9}  # not the weights
     running = rule_params(workdir, {"train": how, "lesion": {"train": how}}, "train_lesion", "train")
     assert running == base  # a rerun would rewrite the checkpoint, and everything sampled with it would follow
+    # keys only the lesion scale's data reads retrain the lesion model (which inherits them), not the whole-volume one
+    lesion_only = {"focus_margin_mm": 2.0, "focus_weight": 1.5, "balance_textures": True, "cond_dropout": 0.3}
+    edited = rule_params(workdir, {"train": lesion_only}, "train")
+    assert edited["train"] == base["train"]
+    flips = [rule_params(workdir, {"train": {"flip": True, "cond_dropout": p}}, "train")["train"] for p in (0, 0.3)]
+    assert flips[0] != flips[1]  # with flips, the dropout's draw shifts theirs: it shapes the weights
 
 
 def test_sampling_reruns_on_what_changes_its_volumes_only(tmp_path: Path) -> None:
