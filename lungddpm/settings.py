@@ -4,11 +4,25 @@ added after workdirs existed left out at their old behaviour, so that neither re
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import Config
+
+
+def schema_defaults(section: str) -> dict[str, Any]:
+    """A copy of the schema's defaults of config ``section`` (validated once)."""
+    return copy.deepcopy(_defaults()[section])
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from .config import validate_config
+
+    return validate_config({})
 
 
 def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,14 +51,15 @@ def weight_settings(train: Mapping[str, Any], whole: bool = False) -> dict[str, 
     """The ``train`` keys that shape a model's weights (``steps`` and every key not in :data:`RESUME_NEUTRAL`; those
     of :data:`NEUTRAL_AT_DEFAULT` at its value, :data:`LATER_DEFAULTS` at theirs left out): a training rule's params,
     so that a change of how it runs (``num_workers``, ``compile``, ``gpus``, ...) neither reruns it nor, by
-    rewriting its checkpoint, everything sampled with it. Of the ``whole``-volume model, not the
-    :data:`LESION_ONLY_TRAIN` keys, nor ``cond_dropout`` without ``flip`` or ``crop`` (its nodules are all "any
-    texture" already; its draw shifts only those of the flips and crops)."""
+    rewriting its checkpoint, everything sampled with it. Of the ``whole``-volume model, the
+    :data:`LESION_ONLY_TRAIN` keys, and ``cond_dropout`` without ``flip`` or ``crop`` (its nodules are all "any
+    texture" already; its draw shifts only those of the flips and crops), are held at their defaults."""
     held = NEUTRAL_AT_DEFAULT["train"]
     kept = {k: held.get(k, v) for k, v in train.items() if k == "steps" or k not in RESUME_NEUTRAL or k in held}
-    if whole:
+    if whole:  # held at the schema's defaults, so that a workdir made before keeps its params
+        defaults = schema_defaults("train")
         unread = LESION_ONLY_TRAIN | ({"cond_dropout"} if not (train.get("flip") or train.get("crop")) else set())
-        kept = {k: v for k, v in kept.items() if k not in unread}
+        kept = {k: defaults[k] if k in unread else v for k, v in kept.items()}
     return without_later_defaults(kept)
 
 
@@ -60,18 +75,30 @@ def model_weight_settings(model: Mapping[str, Any]) -> dict[str, Any]:
 CHECK_ONLY_DATA = {"images": ("max_air_nodule_ml",)}
 
 
-def data_settings(data: Mapping[str, Any], case: bool = False) -> dict[str, Any]:
+SOURCE_SECTIONS = ("demo", "images")  # a source's own keys: held at their defaults where another source is read
+# which demo cases exist, not what a case is: the case list (the split's ``cases`` param, each case's jobs) says it
+DEMO_SELECTION = ("min_nodule_diameter_mm", "min_readers", "max_slices")
+
+
+def data_settings(data: Mapping[str, Any], case: bool = False, held: tuple[str, ...] = ()) -> dict[str, Any]:
     """The ``data`` keys that shape a rule's outputs: never where the LIDC download lies (``dicom_root``: moving it
     reruns nothing) nor the :data:`CHECK_ONLY_DATA` keys; of a ``case``-wise rule (preprocessing, ROIs, lesion
     items) not which cases there are either (``cases``, ``demo.n_scans``: a case's files are the inputs of its jobs),
-    so that adding a case reruns no other case."""
+    so that adding a case reruns no other case. Held at the schema's defaults, so that editing one reruns nothing
+    (and a workdir made before keeps its params): the section of the source not read (:data:`SOURCE_SECTIONS`), the
+    demo's :data:`DEMO_SELECTION` keys, and ``held`` (top-level keys the rule does not read)."""
+    defaults = schema_defaults("data")
     drop = ("cases", "dicom_root") if case else ("dicom_root",)
-    out = {k: v for k, v in data.items() if k not in drop}
+    out = {k: defaults[k] if k in held else v for k, v in data.items() if k not in drop}
+    for section in SOURCE_SECTIONS:
+        if section in out and section != out.get("source"):
+            out[section] = defaults[section]
+    if isinstance(out.get("demo"), Mapping):
+        out["demo"] = {k: defaults["demo"][k] if k in DEMO_SELECTION else v for k, v in out["demo"].items()
+                       if not (case and k == "n_scans")}  # fmt: skip
     for section, keys in CHECK_ONLY_DATA.items():
         if isinstance(out.get(section), Mapping):
             out[section] = {k: v for k, v in out[section].items() if k not in keys}
-    if case and isinstance(out.get("demo"), Mapping):
-        out["demo"] = {k: v for k, v in out["demo"].items() if k != "n_scans"}
     return out
 
 

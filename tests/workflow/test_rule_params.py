@@ -226,6 +226,15 @@ def test_a_demo_case_is_written_again_only_when_what_shapes_it_changes(tmp_path:
     base = rule_params(workdir, {}, rule)
     assert rule_params(workdir, {"data": {"demo": {"n_scans": 5}}}, rule) == base
     assert rule_params(workdir, {"data": {"demo": {"noise_hu": 5}}}, rule) != base
+    # nor which cases are chosen (the split's case list says it), nor another source's keys, nor data.min_readers
+    # (every reader's nodule is painted); each reran every case, and the split, with the case list unchanged
+    rules = (rule, "preprocess:case=LIDC-IDRI-0078", "split")
+    base = rule_params(workdir, {}, *rules)
+    quiet = {"demo": {"min_nodule_diameter_mm": 9, "min_readers": 2, "max_slices": 250},
+             "images": {"label_convention": "binary", "patient_regex": "(.*)"}}  # fmt: skip
+    assert rule_params(workdir, {"data": quiet}, *rules) == base
+    readers = rule_params(workdir, {"data": {"min_readers": 2}}, *rules)
+    assert readers[rule] == base[rule] and readers["preprocess:case=LIDC-IDRI-0078"] != base[rules[1]]
 
 
 def test_check_only_and_how_it_runs_keys_rerun_nothing(tmp_path: Path) -> None:
