@@ -22,7 +22,9 @@ if config["model"]["init_from"]:  # a problem is one message, without the parser
         output:
             checkpoint="results/models/{name}/checkpoint.pt",
         params:
-            settings=settings("model", "init_convention"),
+            # what the import reads of the config: the other model keys are the file's (a warning says where they differ)
+            settings={"model": {k: config["model"][k] for k in ("num_heads", "norm_groups")},
+                      "init_convention": config["init_convention"]},
             **output_version("import_checkpoint"),
         wildcard_constraints:
             name=re.escape(MODEL),  # train.name's only: never a sample.checkpoint of another model under results/

@@ -251,3 +251,16 @@ def test_check_only_and_how_it_runs_keys_rerun_nothing(tmp_path: Path) -> None:
     assert not any("max_air_nodule_ml" in v or "dicom_root" in v for r in rules for v in base[r].values())
     shaping = rule_params(workdir, {"train": {"lr": 1e-3}, "lesion": {"insert": {"feather_mm": 1.25}}}, *rules)
     assert shaping["train:name=ci"] != base["train:name=ci"] and shaping["lesion_texture"] != base["lesion_texture"]
+
+
+def test_an_import_reruns_on_what_it_reads_only(tmp_path: Path) -> None:
+    """import_checkpoint reads init_convention and model.num_heads / norm_groups; the other model keys are the file's
+    (a warning says where they differ), yet editing one reran the import and everything sampled after it."""
+    workdir = make_workdir(tmp_path)
+    (workdir / "released.pt").write_bytes(b"not read when parsing")
+    given = {"model": {"init_from": "released.pt"}, "train": {"name": "imp"}}
+    rule = "import_checkpoint:name=imp"
+    base = rule_params(workdir, given, rule)
+    wider = rule_params(workdir, {**given, "model": {"init_from": "released.pt", "model_channels": 16}}, rule)
+    heads = rule_params(workdir, {**given, "model": {"init_from": "released.pt", "num_heads": 2}}, rule)
+    assert wider == base and heads != base
