@@ -7,17 +7,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..settings import without_later_defaults
+from ..settings import schema_defaults, without_later_defaults
 
 RUNS = ("eval", "augment")
 SAMPLING_HOW = ("batch_size", "compile", "shards")  # how a run is computed, never what it makes (each item its seed)
 PER_ITEM_LIST = ("seed", "samples_per_layout", "eval_samples_per_layout")  # in each item (its seed) or the item list
 
 
+BLEND_SHAPE = ("blend_margin_mm", "blend_start_fraction")  # what shapes a blend: nothing where none is made
+
+
 def sampling_what(section: dict[str, Any]) -> dict[str, Any]:
     """A ``sample`` / ``lesion.sample`` section without :data:`SAMPLING_HOW` and the keys left at a later-added
-    default (:func:`lungddpm.settings.without_later_defaults`): what the sampling rules' params compare."""
-    return without_later_defaults({k: v for k, v in section.items() if k not in SAMPLING_HOW})
+    default (:func:`lungddpm.settings.without_later_defaults`), with :data:`BLEND_SHAPE` held at the schema's defaults
+    where ``blend`` is off: what the sampling rules' params and the items' provenance compare."""
+    out = without_later_defaults({k: v for k, v in section.items() if k not in SAMPLING_HOW})
+    if out.get("blend") is False:
+        defaults = schema_defaults("sample")
+        out |= {k: defaults[k] for k in BLEND_SHAPE if k in out}
+    return out
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from ..io import file_sha256, files_sha256, read_header, read_json, safe_compone
 from ..preprocessing.layout import read_case_pair
 from ..settings import LATER_DEFAULTS, fractional_blend, without_later_defaults
 from ..versions import output_version
-from .plan import Item
+from .plan import Item, sampling_what
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def gif_sweep(path: Path, volume_hu: np.ndarray, window: tuple[float, float] = (
 
 def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dict[str, Any]:
     """What every item of a run depends on besides its own seed and inputs (a rerun redoes items that disagree)."""
-    s = cfg.raw["sample"]
+    s = {**cfg.raw["sample"], **sampling_what(cfg.raw["sample"])}  # the blend's shape held where none is made
     settings = {
         "model_sha256": ckpt_sha,
         "precision": s["precision"],

@@ -370,3 +370,19 @@ def test_more_shards_than_items_are_named_and_an_empty_shard_loads_no_model(tmp_
     assert synthesize_lesion_shard([], cfg, missing, {}, {}, tmp_path / "bank.npz", tmp_path / "lesion") == []
     assert "this shard has no items: sample.shards" in caplog.text and "lesion.sample.shards" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_an_items_blend_settings_count_only_where_it_blends() -> None:
+    """blend off: the margin and start fraction shape no volume, so an item's provenance (and the rule's params) hold
+    them; before, editing one remade every item. With blending on they count."""
+    import copy
+
+    from lungddpm.config import Config, validate_config
+
+    def settings(**sample: object) -> dict:
+        raw = copy.deepcopy(tiny_config().raw)
+        raw["sample"].update(sample)
+        return volume_run._settings(Config.from_dict(validate_config(raw)), "eval", "x", None)
+
+    assert settings(blend=False) == settings(blend=False, blend_margin_mm=20, blend_start_fraction=0.5)
+    assert settings(blend=True) != settings(blend=True, blend_margin_mm=20)

@@ -92,6 +92,10 @@ def test_sampling_reruns_on_what_changes_its_volumes_only(tmp_path: Path) -> Non
     assert augment[runs[0]] == base[runs[0]] and augment[runs[1]]["settings"] != base[runs[1]]["settings"]
     steps = rule_params(workdir, {"sample": {"steps": 7}, "lesion": {"sample": {"steps": 7}}}, *runs)
     assert all(steps[r]["settings"] != base[r]["settings"] for r in runs)
+    # with blending off, the blend's margin and start shape nothing (they reran sampling)
+    off = [rule_params(workdir, {"sample": {"blend": False, **m}}, runs[0])[runs[0]]["settings"]
+           for m in ({}, {"blend_margin_mm": 20, "blend_start_fraction": 0.5})]  # fmt: skip
+    assert off[0] == off[1] != base[runs[0]]["settings"]
 
 
 def _images_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, bool]]:
