@@ -18,7 +18,8 @@ from .split import split_cases, write_splits
 log = logging.getLogger(__name__)
 
 PATIENT_DIR = re.compile(r"^LIDC-IDRI-\d{4}$")
-LIDC_PATIENT = re.compile(r"LIDC-IDRI-\d{4}", re.IGNORECASE)  # in an image case's patient id or file stem
+# in an image case's patient id or file stem, hyphens or underscores (a cleaned-up space) or none between the parts
+LIDC_PATIENT = re.compile(r"LIDC[-_]?IDRI[-_]?(\d{4})(?!\d)", re.IGNORECASE)
 
 
 def list_cases(cfg: Config, base: Path = Path(".")) -> list[str]:
@@ -129,9 +130,10 @@ def model_checkpoint(cfg: Config, results: Path) -> Path:
 
 
 def lidc_patient_in(text: str) -> str | None:
-    """The ``LIDC-IDRI-xxxx`` patient named in ``text`` (a case id, a patient id), upper case; None if none is."""
+    """The ``LIDC-IDRI-xxxx`` patient named in ``text`` (a case id, a patient id; also ``LIDC_IDRI_xxxx``,
+    ``lidc-idri-xxxx``, ``LIDCIDRIxxxx``), as pylidc names it; None if none is."""
     found = LIDC_PATIENT.search(text)
-    return found.group(0).upper() if found else None
+    return f"LIDC-IDRI-{found.group(1)}" if found else None
 
 
 def lidc_patient_of(cfg: Config, case_id: str) -> str | None:

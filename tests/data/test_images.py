@@ -649,3 +649,7 @@ def test_the_lidc_patient_named_in_an_id_is_found_in_any_case() -> None:
 
     assert lidc_patient_in("lidc-idri-0365_s2") == "LIDC-IDRI-0365" == lidc_patient_in("p_LIDC-IDRI-0365_t0")
     assert lidc_patient_in("patient_12") is None and lidc_patient_in("LIDC-IDRI-36") is None
+    # underscores (or a space, cleaned up to one) between the parts: the val and test patients' nodules stayed in
+    # the bank, without a word
+    assert lidc_patient_in("LIDC_IDRI_0719") == "LIDC-IDRI-0719" == lidc_patient_in("lidcidri0719_ct")
+    assert lidc_patient_in("LIDC-IDRI-07190") is None
