@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -244,6 +245,41 @@ def nifti_forms(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     same = np.allclose(qform[:3, :3], sform[:3, :3], atol=1e-4) and np.allclose(qform[:3, 3], sform[:3, 3], atol=1e-2)
     return None if same else (qform, sform)
+
+
+def unoriented(path: Path) -> str | None:
+    """Why a volume file's header gives no orientation (a NIfTI file with qform_code and sform_code 0, an NRRD file
+    without a ``space`` field), which SimpleITK reads as LPS without a word, mirroring a volume stored otherwise; None
+    when it gives one, or for another format."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            header = nib.load(str(path)).header
+        except Exception:  # not a NIfTI header nibabel reads: SimpleITK's own error says so
+            return None
+        return None if header["qform_code"] or header["sform_code"] else "no orientation (qform_code and sform_code 0)"
+    if name.endswith((".nrrd", ".nhdr")):
+        fields = set()
+        with open(path, "rb") as f:  # the header: the lines before the first empty one
+            for line in itertools.islice(iter(f.readline, b""), 1000):
+                if not line.strip():
+                    break
+                fields.add(line.split(b":")[0].strip().lower())
+        return None if b"space" in fields else "no space field (no orientation)"
+    return None
+
+
+def volume_header_problem(path: Path) -> str | None:
+    """What makes a volume file unusable before its voxels are read (:func:`nifti_truncation`, :func:`unoriented`),
+    with the fix; None when nothing does."""
+    if cut := nifti_truncation(path):
+        return f"truncated: {cut}; copy or export the volume again"
+    if missing := unoriented(path):
+        return (f"{missing}: left and right are unknown (it would be read as LPS); write it again with its true "
+                "affine (nibabel: img.set_sform(affine, code=1); NRRD: a space field)")  # fmt: skip
+    return None
 
 
 def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
-from ..io import nifti_forms, nifti_non_finite, nifti_truncation
+from ..io import nifti_forms, nifti_non_finite, volume_header_problem
 from . import series_patient
 from .cache import cached, store
 from .dicom import DicomSeries, check_slice_geometry, mask_padding, series_count_error, slice_geometry
@@ -190,8 +190,8 @@ def _read(path: Path, padding_hu: float | None = None) -> Any:
             image = sitk.ReadImage(str(path), imageIO=io)
     except RuntimeError as exc:
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
-    if not path.is_dir() and (cut := nifti_truncation(path)):
-        raise ImageError(f"{path}: truncated: {cut}; copy or export the volume again")
+    if not path.is_dir() and (problem := volume_header_problem(path)):
+        raise ImageError(f"{path}: {problem}")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{path}: {image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} "
                          "component(s); a CT must be one 3-D scalar volume")  # fmt: skip

@@ -620,6 +620,32 @@ def test_disagreeing_nifti_forms_and_a_single_slice(tmp_path: Path, caplog: pyte
         read_ct(tmp_path / "slice.nii.gz", -1024.0, 3071.0)
 
 
+def test_a_volume_whose_header_gives_no_orientation_is_refused(tmp_path: Path) -> None:
+    """A NIfTI file with qform_code and sform_code 0 (nibabel's Nifti1Image(data, None), Analyze conversions) and an
+    NRRD file without a space field were read as LPS without a word: a volume stored right-anterior first came out
+    mirrored left-right and front-back. A qform alone, or an NRRD space, orients it."""
+    import nibabel as nib
+
+    hu = np.transpose(_ct(), (2, 1, 0))  # nibabel's [X, Y, Z]
+    nib.save(nib.Nifti1Image(hu, None), tmp_path / "bare.nii.gz")
+    with pytest.raises(ImageError, match=r"bare.nii.gz: no orientation \(qform_code and sform_code 0\): left and "
+                       r"right are unknown .*img.set_sform\(affine, code=1\)"):  # fmt: skip
+        read_ct(tmp_path / "bare.nii.gz", -1024.0, 3071.0)
+    img = nib.Nifti1Image(hu, None)
+    img.set_qform(np.diag([-0.7, -0.7, 2.5, 1.0]), code=1)
+    nib.save(img, tmp_path / "qform.nii.gz")
+    assert read_ct(tmp_path / "qform.nii.gz", -1024.0, 3071.0).hu.shape == (10, 24, 20)
+    sitk.WriteImage(sitk.GetImageFromArray(_ct()), str(tmp_path / "lps.nrrd"))
+    assert read_ct(tmp_path / "lps.nrrd", -1024.0, 3071.0).hu.shape == (10, 24, 20)
+    header, data = (tmp_path / "lps.nrrd").read_bytes().split(b"\n\n", 1)
+    kept = [
+        line for line in header.split(b"\n") if not line.startswith((b"space:", b"space directions", b"space origin"))
+    ]
+    (tmp_path / "bare.nrrd").write_bytes(b"\n".join(kept) + b"\n\n" + data)
+    with pytest.raises(ImageError, match=r"bare.nrrd: no space field \(no orientation\): left and right are unknown"):
+        read_ct(tmp_path / "bare.nrrd", -1024.0, 3071.0)
+
+
 def test_relative_image_folders_are_read_under_the_given_workflow_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
