@@ -44,6 +44,9 @@ def _config(args: argparse.Namespace):
     path = Path(args.configfile or (base if base.is_file() else "config/config.yaml"))
     if merge := base.is_file() and not (path.exists() and path.samefile(base)):
         log.info("config: %s merged over %s", path, base)
+    elif not base.is_file():  # not what Snakemake would run: its defaults are the workflow's config, not the schema's
+        log.warning("config: %s alone, the schema's defaults for the rest: no %s here (run from the workflow's "
+                    "folder for the settings Snakemake uses)", path, base)  # fmt: skip
     cfg = load_config(path, set_overrides(args.set), base=base if merge else None)
     lesion_config(cfg)  # its keys are checked as Snakemake checks them at parse time
     return cfg
@@ -223,8 +226,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungddpm", description=__doc__)
-    parser.add_argument("--configfile", default=None, help="workflow config (YAML), merged as Snakemake does over "
-                        "config/config.yaml (app: <--workdir>/config/...), which is the default")  # fmt: skip
+    parser.add_argument("--configfile", action="append", default=[], help="workflow config (YAML), merged as Snakemake "
+                        "does over config/config.yaml (app: <--workdir>/config/...), which is the default")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.source=lidc (repeatable)")  # fmt: skip
     parser.add_argument("--log", default=None, help="also log to this file")
@@ -360,12 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", **threads)
     p.set_defaults(func=cmd_app)
     for p in sub.choices.values():  # also after the stage, as in `lungddpm app --configfile my.yaml`
-        p.add_argument(
-            "--configfile",
-            dest="stage_configfile",
-            default=None,
-            help="workflow config (YAML), as --configfile before the command",
-        )
+        p.add_argument("--configfile", dest="stage_configfile", action="append", default=[],
+                       help="workflow config (YAML), as --configfile before the command")  # fmt: skip
         p.add_argument("--set", dest="stage_set", action="append", default=[], metavar="KEY=VALUE",
                        help="as --set before the command; applied after those")  # fmt: skip
     return parser
@@ -375,9 +374,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The arguments, ``--configfile`` / ``--set`` given before or after the stage (``--set``: those before first)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.stage_configfile and args.configfile not in (None, args.stage_configfile):
-        parser.error(f"--configfile {args.configfile} and {args.stage_configfile}: give one config file")
-    args.configfile, args.set = args.stage_configfile or args.configfile, args.set + args.stage_set
+    files = list(dict.fromkeys([*args.configfile, *args.stage_configfile]))  # given twice: once
+    if len(files) > 1:  # Snakemake merges several; one here, so that none is dropped without a word
+        parser.error(f"--configfile {' and '.join(files)}: give one config file (merge the others' keys into it)")
+    args.configfile, args.set = (files or [None])[0], args.set + args.stage_set
     return args
 
 

@@ -35,7 +35,10 @@ def workflow_dir(tmp_path: Path) -> Path:
 
 
 def test_a_partial_configfile_is_merged_over_the_workflow_config_as_snakemake_merges_it(
-    workflow_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    workflow_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.INFO, logger="lungddpm")
     shipped = yaml.safe_load((REPO / "config/config.yaml").read_text())
@@ -66,13 +69,20 @@ def test_a_partial_configfile_is_merged_over_the_workflow_config_as_snakemake_me
     assert after["sample"]["steps"] == 50
     with pytest.raises(SystemExit, match="2"):
         parse_args(["--configfile", partial, "app", "--configfile", "other.yaml"])
+    # twice before the stage: the first was dropped without a word (Snakemake merges both)
+    with pytest.raises(SystemExit, match="2"):
+        parse_args(["--configfile", partial, "--configfile", "other.yaml", "cases"])
+    assert "--configfile" in capsys.readouterr().err.splitlines()[-1]
+    assert _cli_config("--configfile", partial, "cases", "--configfile", partial)["sample"]["steps"] == 30  # one file
     # a --workdir without a workflow config: refused, not the config of the working directory's workflow instead
     monkeypatch.chdir(workflow_dir)
     with pytest.raises(LungDDPMError, match="--workdir /nowhere/wf: no config/config.yaml there; give the folder"):
         _cli_config("app", "--workdir", "/nowhere/wf")
     monkeypatch.chdir(workflow_dir.parent)
-    # no workflow config here: the file alone, as before
+    # no workflow config here: the file alone, as before, now said (the CLI would run other settings than Snakemake)
+    caplog.clear()
     alone = _cli_config("--configfile", partial, "cases")
+    assert "alone, the schema's defaults for the rest: no config/config.yaml here" in caplog.text
     assert alone["lesion"]["train"]["name"] == "lesion" and alone["model"]["model_channels"] == 64
     assert alone["sample"]["steps"] == 30
 

@@ -84,9 +84,9 @@ def _entries(folder: Path, what: str, dicom_dirs: bool, skip: Path | None = None
     kind = "CT volumes" if dicom_dirs else "label maps"  # only the CT folder may hold DICOM series folders
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise ImageError(f"{folder}: {what} {state}; point it at the folder holding your {kind}")
-    found: dict[str, Path] = {}
-    ignored = []
+        where = "" if folder.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ImageError(f"{folder}: {what} {state}{where}; point it at the folder holding your {kind}")
+    found, ignored = dict[str, Path](), list[str]()
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or entry.name == "__MACOSX" or (skip and entry.resolve() == skip.resolve()):
             continue  # hidden, a macOS archive's resource forks, or the label folder

@@ -574,8 +574,19 @@ def test_an_image_folder_that_is_a_file_is_named_as_such(tmp_path: Path) -> None
     (tmp_path / "ct.nii.gz").write_bytes(b"")
     with pytest.raises(ImageError, match=r"ct.nii.gz: data.images.ct_dir is a file, not a folder; point it at"):
         discover(str(tmp_path / "ct.nii.gz"), None, None)
-    with pytest.raises(ImageError, match=r"none: data.images.ct_dir does not exist"):
+    with pytest.raises(ImageError, match=r"none: data.images.ct_dir does not exist; point it at"):
         discover(str(tmp_path / "none"), None, None)
+
+
+def test_a_relative_image_folder_that_is_missing_is_named_with_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snakemake reads a relative ct_dir under its working directory (-d), not where the user typed the command: the
+    message said only "data/CT does not exist" while that folder lay in front of them."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImageError, match=rf"data/CT: data.images.ct_dir does not exist \(relative to the working "
+                       rf"directory {re.escape(str(tmp_path))}\); point it at"):  # fmt: skip
+        discover("data/CT", None, None)
 
 
 def test_disagreeing_nifti_forms_and_a_single_slice(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
