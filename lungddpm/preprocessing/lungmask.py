@@ -188,27 +188,40 @@ def lung_beside_outside_air(lung: np.ndarray, outside: np.ndarray, voxel_ml: flo
     return float(per_slice.sum()) * voxel_ml, tuple(int(z) for z in np.flatnonzero(per_slice))
 
 
-EDGE_CUT_OVERLAP = 0.5  # an outside-air component this much above or below lung is lung cut by the image's edge
+EDGE_CUT_OVERLAP = 0.5  # an outside-air component's lung-like voxels this much over lung: lung cut by the edge
+# lung-like: lung (-850 HU; emphysema -950 on average), not room air or a field of view's padding (-1000 and below)
+EDGE_CUT_LUNG_HU = -960.0
 
 
-def edge_cut_lung(outside: np.ndarray, lung: np.ndarray, overlap: float = EDGE_CUT_OVERLAP) -> np.ndarray:
-    """The in-plane components of ``outside`` air (:func:`outside_air`) that are lung cut by the image's edge: at
-    least ``overlap`` of one lies on ``lung``, or on such a component, in the slice above or below (propagated slice
-    by slice). Room air lies beside the body, never over a lung; a lung cut in every slice, or one that joins the room
-    air through a padded circular field of view (one component), is not found. outside, lung: bool [Z, Y, X]."""
+def edge_cut_lung(
+    outside: np.ndarray, lung: np.ndarray, hu: np.ndarray, overlap: float = EDGE_CUT_OVERLAP
+) -> np.ndarray:
+    """The voxels of ``outside`` air (:func:`outside_air`) that are lung cut by the image's edge: the lung-like ones
+    (at least :data:`EDGE_CUT_LUNG_HU`) of each in-plane component of outside air at least ``overlap`` of whose
+    lung-like voxels lie on ``lung``, or on voxels so found, in the slice above or below (propagated slice by slice,
+    within the lung's slices). Room air lies beside the body, never over a lung, and it and the padding outside a
+    field of view are darker than lung, so neither is taken, even where a lung joins them in a slice; a lung cut in
+    every slice and joined to no lung found is not found. outside, lung: bool [Z, Y, X]; hu: [Z, Y, X]."""
     labels, n = ndi.label(outside, structure=_IN_PLANE)
-    area = np.bincount(labels.ravel(), minlength=n + 1)
+    slices = np.flatnonzero(lung.any(axis=(1, 2)))
+    within = np.zeros(lung.shape[0], bool)
+    if slices.size:
+        within[slices.min() : slices.max() + 1] = True
+    like = outside & (hu >= EDGE_CUT_LUNG_HU) & within[:, None, None]
+    n_like = np.bincount(labels[like], minlength=n + 1)
     cut = np.zeros(n + 1, bool)
     confirmed = lung.copy()
     while True:
-        above = np.bincount(labels[1:][confirmed[:-1]], minlength=n + 1)
-        below = np.bincount(labels[:-1][confirmed[1:]], minlength=n + 1)
-        new = (np.maximum(above, below) >= overlap * area) & ~cut
+        over = np.zeros_like(lung)
+        over[1:] |= confirmed[:-1]
+        over[:-1] |= confirmed[1:]
+        n_over = np.bincount(labels[over & like], minlength=n + 1)
+        new = (n_over >= overlap * n_like) & (n_over > 0) & ~cut
         new[0] = False
         if not new.any():
-            return cut[labels]
+            return cut[labels] & like
         cut |= new
-        confirmed |= new[labels]
+        confirmed |= new[labels] & like
 
 
 def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
@@ -264,7 +277,7 @@ def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Lung
     """
     outside = outside_air(hu, cfg.threshold_hu)
     result = _segment(hu, spacing, cfg, outside)
-    if result.edge_ml and (cut := edge_cut_lung(outside, result.lung)).any():  # a lung cut by the image's edge
+    if result.edge_ml and (cut := edge_cut_lung(outside, result.lung, hu)).any():  # a lung cut by the image's edge
         repaired = _segment(hu, spacing, cfg, outside & ~cut)
         result = replace(repaired, edge_repaired_ml=float(cut.sum()) * float(np.prod(spacing)) / 1000)
     return result
