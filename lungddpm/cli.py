@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace):
     path = Path(args.configfile or (base if base.is_file() else "config/config.yaml"))
     if merge := base.is_file() and not (path.exists() and path.samefile(base)):
         log.info("config: %s merged over %s", path, base)
-    elif not base.is_file():  # not what Snakemake would run: its defaults are the workflow's config, not the schema's
+    elif args.configfile and not base.is_file():  # not what Snakemake would run: its defaults are the workflow's
         log.warning("config: %s alone, the schema's defaults for the rest: no %s here (run from the workflow's "
                     "folder for the settings Snakemake uses)", path, base)  # fmt: skip
     cfg = load_config(path, set_overrides(args.set), base=base if merge else None)

