@@ -446,13 +446,17 @@ def test_the_lesion_jobs_take_the_gpu_that_train_gpus_requests_but_never_ddp() -
 
 def test_a_cases_rules_see_how_a_case_is_made_not_which_cases_or_where_they_lie() -> None:
     """preprocess / rois / the lesion run's params: adding a case (data.cases, demo.n_scans) or moving the LIDC
-    download (dicom_root) changes no other case's; the consensus level, readers or a phantom setting do."""
+    download (dicom_root) changes no other case's; the consensus level, readers or (of a demo case) a phantom setting
+    do."""
     data = validate_config({"data": {"source": "lidc", "dicom_root": "/a", "cases": ["LIDC-IDRI-0001"]}})["data"]
     base = data_settings(data, case=True)
     assert data_settings({**data, "dicom_root": "/b", "cases": ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]}, True) == base
     assert data_settings({**data, "demo": {**data["demo"], "n_scans": 40}}, True) == base
     assert data_settings({**data, "consensus_level": 0.25}, True) != base
-    assert data_settings({**data, "demo": {**data["demo"], "noise_hu": 1.0}}, True) != base
+    # a phantom setting shapes a demo case, not a LIDC one (another source's section is held at its defaults)
+    assert data_settings({**data, "demo": {**data["demo"], "noise_hu": 1.0}}, True) == base
+    demo = {**data, "source": "demo"}
+    assert data_settings({**demo, "demo": {**data["demo"], "noise_hu": 1.0}}, True) != data_settings(demo, True)
     assert set(data) - set(base) == {"cases", "dicom_root"}
     # the split's: moving the download reran it, and with its table every training (not the cases: they are its own)
     split = data_settings(data)
