@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,6 +23,12 @@ def _defaults() -> dict[str, Any]:
     from .config import validate_config
 
     return validate_config({})
+
+
+def at_defaults(section: Mapping[str, Any], keys: Collection[str], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``section`` with its ``keys`` at their ``defaults`` (keys a rule does not read, compared at one value so that
+    editing one reruns nothing, and a workdir made before keeps its params)."""
+    return {k: defaults[k] if k in keys else v for k, v in section.items()}
 
 
 def set_keys(section: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,7 +65,7 @@ def weight_settings(train: Mapping[str, Any], whole: bool = False) -> dict[str, 
     if whole:  # held at the schema's defaults, so that a workdir made before keeps its params
         defaults = schema_defaults("train")
         unread = LESION_ONLY_TRAIN | ({"cond_dropout"} if not (train.get("flip") or train.get("crop")) else set())
-        kept = {k: defaults[k] if k in unread else v for k, v in kept.items()}
+        kept = at_defaults(kept, unread, defaults)
     return without_later_defaults(kept)
 
 
@@ -80,22 +86,20 @@ SOURCE_SECTIONS = ("demo", "images")  # a source's own keys: held at their defau
 DEMO_SELECTION = ("min_nodule_diameter_mm", "min_readers", "max_slices")
 
 
-def data_settings(data: Mapping[str, Any], case: bool = False, held: tuple[str, ...] = ()) -> dict[str, Any]:
+def data_settings(data: Mapping[str, Any], case: bool = False, unread: tuple[str, ...] = ()) -> dict[str, Any]:
     """The ``data`` keys that shape a rule's outputs: never where the LIDC download lies (``dicom_root``: moving it
     reruns nothing) nor the :data:`CHECK_ONLY_DATA` keys; of a ``case``-wise rule (preprocessing, ROIs, lesion
     items) not which cases there are either (``cases``, ``demo.n_scans``: a case's files are the inputs of its jobs),
     so that adding a case reruns no other case. Held at the schema's defaults, so that editing one reruns nothing
     (and a workdir made before keeps its params): the section of the source not read (:data:`SOURCE_SECTIONS`), the
-    demo's :data:`DEMO_SELECTION` keys, and ``held`` (top-level keys the rule does not read)."""
+    demo's :data:`DEMO_SELECTION` keys, and ``unread`` (top-level keys the rule does not read)."""
     defaults = schema_defaults("data")
     drop = ("cases", "dicom_root") if case else ("dicom_root",)
-    out = {k: defaults[k] if k in held else v for k, v in data.items() if k not in drop}
-    for section in SOURCE_SECTIONS:
-        if section in out and section != out.get("source"):
-            out[section] = defaults[section]
+    other_source = [section for section in SOURCE_SECTIONS if section != data.get("source")]
+    out = at_defaults({k: v for k, v in data.items() if k not in drop}, [*unread, *other_source], defaults)
     if isinstance(out.get("demo"), Mapping):
-        out["demo"] = {k: defaults["demo"][k] if k in DEMO_SELECTION else v for k, v in out["demo"].items()
-                       if not (case and k == "n_scans")}  # fmt: skip
+        demo = {k: v for k, v in out["demo"].items() if not (case and k == "n_scans")}
+        out["demo"] = at_defaults(demo, DEMO_SELECTION, defaults["demo"])
     for section, keys in CHECK_ONLY_DATA.items():
         if isinstance(out.get(section), Mapping):
             out[section] = {k: v for k, v in out[section].items() if k not in keys}

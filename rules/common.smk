@@ -85,7 +85,7 @@ def subset_cases(subset):
     return sorted(case for case, where in SPLIT.items() if where == subset)
 
 
-def settings(*sections, case=False, held=()):
+def settings(*sections, case=False, unread=()):
     """Config sections a rule depends on, passed as params so that editing them reruns the rule (of ``train``, the
     keys that shape the weights: ``weight_settings``). A diffusion key
     left at null is left out, as in a checkpoint's fingerprint: a key added later with a null default
@@ -95,7 +95,7 @@ def settings(*sections, case=False, held=()):
     (``data_settings``)."""
     out = {name: set_keys(config[name]) if name == "diffusion" else config[name] for name in sections}
     if "data" in out:
-        out["data"] = data_settings(out["data"], case, held)
+        out["data"] = data_settings(out["data"], case, unread)
     if "train" in out:
         out["train"] = weight_settings(out["train"], whole=True)  # the whole-volume training's (rule train)
     if "model" in out:

@@ -5,7 +5,7 @@ rule demo_dicom:
     params:
         # not which cases there are (demo.n_scans: a new one reruns no other), nor data.min_readers (every reader's
         # nodule is painted)
-        settings=settings("data", case=True, held=("min_readers",)),
+        settings=settings("data", case=True, unread=("min_readers",)),
         phantom=PHANTOM_VERSION,
         **output_version("demo_dicom"),
     log:

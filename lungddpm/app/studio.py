@@ -70,6 +70,16 @@ class Edit:
     seconds: float
 
 
+def _nearest(volume: np.ndarray, to_index: Callable[[np.ndarray], np.ndarray], world: np.ndarray) -> np.ndarray:
+    """[N]: the value of ``volume`` [K, I, J] at the voxel nearest each point ``world`` [N, 3] (x, y, z), mapped by
+    ``to_index`` (a grid's ``world_to_index``); 0 (False) for a point outside it."""
+    kij = np.round(to_index(world)).astype(int)
+    inside = np.all((kij >= 0) & (kij < np.asarray(volume.shape)), axis=1)
+    out = np.zeros(len(world), volume.dtype)
+    out[inside] = volume[tuple(kij[inside].T)]
+    return out
+
+
 @dataclass
 class CaseSession:
     """One case being edited: the source, the current CT and label map on its native grid, the edits so far."""
@@ -257,21 +267,14 @@ class Studio:
         for e in session.edits:
             if (cls := e.record["texture_requested"]) not in TEXTURE_CLASSES:
                 continue
-            kij = np.round(e.roi.world_to_index(world)).astype(int)  # the ROI's voxels in that edit's ROI
-            inside = np.all((kij >= 0) & (kij < np.asarray(e.roi_nodule.shape)), axis=1)
-            theirs = np.zeros(len(world), bool)
-            theirs[inside] = e.roi_nodule[tuple(kij[inside].T)]
-            texture[theirs.reshape(layout.shape) & (layout == NODULE)] = 1 + TEXTURE_CLASSES.index(cls)
+            theirs = _nearest(e.roi_nodule, e.roi.world_to_index, world).reshape(layout.shape)  # in that edit's ROI
+            texture[theirs & (layout == NODULE)] = 1 + TEXTURE_CLASSES.index(cls)
         return texture
 
     @staticmethod
     def _native_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:
         """bool [N]: points ``world`` [N, 3] (x, y, z) whose nearest native voxel is labelled nodule."""
-        kij = np.round(session.source.grid.world_to_index(world)).astype(int)
-        inside = np.all((kij >= 0) & (kij < np.asarray(session.labels.shape)), axis=1)
-        out = np.zeros(len(world), bool)
-        out[inside] = session.labels[tuple(kij[inside].T)] == NODULE
-        return out
+        return _nearest(session.labels, session.source.grid.world_to_index, world) == NODULE
 
     def random_site(
         self, session: CaseSession, nodule: BankNodule, seed: int, tries: int = 200

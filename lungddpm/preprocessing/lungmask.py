@@ -176,15 +176,20 @@ def pleural_dents(
     return added
 
 
+def _over(mask: np.ndarray) -> np.ndarray:
+    """bool [Z, Y, X]: the voxels whose neighbour in the slice above or below is in ``mask`` (bool [Z, Y, X])."""
+    over = np.zeros_like(mask)
+    over[1:] |= mask[:-1]
+    over[:-1] |= mask[1:]
+    return over
+
+
 def lung_beside_outside_air(lung: np.ndarray, outside: np.ndarray, voxel_ml: float) -> tuple[float, tuple[int, ...]]:
     """mL of ``outside`` air (:func:`outside_air`) where the lung lies in a neighbouring slice, and those slices: a
     lung that reaches the edge of the image (or of a circular field of view, padded as air) joins the room air
     there and is cut from the body, and the part below the cut can be dropped as bowel gas. Elsewhere a chest wall
     separates the lungs from the room air. lung, outside: bool [Z, Y, X]."""
-    near = np.zeros_like(lung)
-    near[1:] |= lung[:-1]
-    near[:-1] |= lung[1:]
-    per_slice = (outside & near).sum(axis=(1, 2))
+    per_slice = (outside & _over(lung)).sum(axis=(1, 2))
     return float(per_slice.sum()) * voxel_ml, tuple(int(z) for z in np.flatnonzero(per_slice))
 
 
@@ -212,10 +217,7 @@ def edge_cut_lung(
     cut = np.zeros(n + 1, bool)
     confirmed = lung.copy()
     while True:
-        over = np.zeros_like(lung)
-        over[1:] |= confirmed[:-1]
-        over[:-1] |= confirmed[1:]
-        n_over = np.bincount(labels[over & like], minlength=n + 1)
+        n_over = np.bincount(labels[_over(confirmed) & like], minlength=n + 1)
         new = (n_over >= overlap * n_like) & (n_over > 0) & ~cut
         new[0] = False
         if not new.any():

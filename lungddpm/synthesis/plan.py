@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..settings import schema_defaults, without_later_defaults
+from ..settings import at_defaults, schema_defaults, without_later_defaults
 
 RUNS = ("eval", "augment")
 SAMPLING_HOW = ("batch_size", "compile", "shards")  # how a run is computed, never what it makes (each item its seed)
@@ -22,10 +22,7 @@ def sampling_what(section: dict[str, Any]) -> dict[str, Any]:
     default (:func:`lungddpm.settings.without_later_defaults`), with :data:`BLEND_SHAPE` held at the schema's defaults
     where ``blend`` is off: what the sampling rules' params and the items' provenance compare."""
     out = without_later_defaults({k: v for k, v in section.items() if k not in SAMPLING_HOW})
-    if out.get("blend") is False:
-        defaults = schema_defaults("sample")
-        out |= {k: defaults[k] for k in BLEND_SHAPE if k in out}
-    return out
+    return at_defaults(out, BLEND_SHAPE, schema_defaults("sample")) if out.get("blend") is False else out
 
 
 @dataclass(frozen=True)
