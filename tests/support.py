@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 
 from lungddpm.config import Config, validate_config
+from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
 from lungddpm.diffusion.data import TrainData
 from lungddpm.diffusion.unet import UNet3D, UNetConfig
 from lungddpm.io import Geometry, write_volume
@@ -168,3 +170,23 @@ def reverse_keys(value: object) -> object:
     if isinstance(value, dict):
         return {k: reverse_keys(value[k]) for k in reversed(list(value))}
     return [reverse_keys(v) for v in value] if isinstance(value, list) else value
+
+
+def write_non_axial_series(folder: Path, orientation: str, skip: int | None) -> None:
+    """12 coronal (slice n at y = -10 + 2n mm) or sagittal (x = -10 + 2n) 0.8 mm slices, rows along -z; slice n is
+    40 + n HU inside a soft-tissue rectangle. Written with pydicom (SimpleITK's DICOM writer resets the C locale)."""
+    hu = np.full((12, 32, 32), -1000.0, np.float32)
+    hu[:, 10:20, 8:24] = 40 + np.arange(12)[:, None, None]
+    uid = "1.2.826.0.1.3680043.2.1125.9." + ("1" if orientation == "coronal" else "2")
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", uid, 0.8, np.arange(12) * 2.0, 2.0, rows=32, cols=32)
+    paths = write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+    for n, path in enumerate(paths):
+        if n == skip:
+            path.unlink()
+            continue
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1] if orientation == "coronal" else [0, 1, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [-16, -10 + 2 * n, 50] if orientation == "coronal" else [-10 + 2 * n, -16, 50]
+        if "SliceLocation" in ds:
+            del ds.SliceLocation
+        ds.save_as(path)

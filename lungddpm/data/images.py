@@ -1,10 +1,7 @@
-"""``data.source: images``: your own CT folders (NIfTI, NRRD, MHA/MHD, or one DICOM series per subfolder), read with
-SimpleITK at their true geometry, with optional label maps matched by file stem.
-
-Label conventions: ``lung_nodule`` (Lung-DDPM's 0 background, 1 lung, 2 nodule) or ``binary`` (0, 1 = nodule).
-The lungs come from the label map when it has lung voxels, otherwise from lungddpm's lung mask; nodules are the
-connected components of the nodule label (their texture, malignancy and readers are unknown). Volumes are
-reoriented to LPS-aligned axes (``DICOMOrient``) so that they follow the same ``[Z, Y, X]`` convention as DICOM.
+"""``data.source: images``: your own CT folders (NIfTI, NRRD, MHA/MHD, or one DICOM series per subfolder), found
+and read with SimpleITK at their true geometry, with optional label maps matched by file stem (read in
+:mod:`~lungddpm.data.labels`). Volumes are reoriented to LPS-aligned axes (``DICOMOrient``) so that they follow the
+same ``[Z, Y, X]`` convention as DICOM.
 """
 
 from __future__ import annotations
@@ -23,9 +20,7 @@ import numpy as np
 from ..errors import ImageError
 from ..io import nifti_forms, nifti_non_finite, volume_header_problem
 from . import series_patient
-from .cache import cached, store
 from .dicom import DicomSeries, check_slice_geometry, mask_padding, series_count_error, slice_geometry
-from .nodules import Nodule, components, lung_like
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +29,10 @@ log = logging.getLogger(__name__)
 IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}  # fmt: skip
 SUFFIXES = tuple(IMAGE_IOS)
-MAX_NODULES = 255  # nodule indices are stored as uint8 on the model grid
 COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
 # a chest CT in HU holds both air or lung and soft tissue (the demo's: 39-69 % and 19-46 % of the voxels)
 HU_AIR, HU_TISSUE, HU_MIN_FRACTION = (-1100.0, -700.0), (-200.0, 300.0), 0.02
-CONVENTIONS = {"lung_nodule": {"lung": 1, "nodule": 2}, "binary": {"lung": None, "nodule": 1}}
 
 
 @dataclass(frozen=True)
@@ -50,15 +43,6 @@ class ImageCase:
     image: Path  # a volume file, or a folder holding one DICOM series
     label: Path | None
     patient_id: str
-
-
-@dataclass(frozen=True)
-class ImageScan:
-    """A CT read from an image folder, as an axial series, with what its label map says."""
-
-    series: DicomSeries
-    lung: np.ndarray | None  # bool [Z, Y, X] on the CT's grid, when the label map has lung voxels
-    nodules: list[Nodule]
 
 
 def case_id_of(path: Path) -> str:
@@ -86,7 +70,7 @@ def _entries(folder: Path, what: str, dicom_dirs: bool, skip: Path | None = None
         state = "is a file, not a folder" if folder.exists() else "does not exist"
         where = "" if folder.is_absolute() else f" (relative to the working directory {Path.cwd()})"
         raise ImageError(f"{folder}: {what} {state}{where}; point it at the folder holding your {kind}")
-    found, ignored = dict[str, Path](), list[str]()
+    found, ignored, cleaned = dict[str, Path](), list[str](), list[str]()
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or entry.name == "__MACOSX" or (skip and entry.resolve() == skip.resolve()):
             continue  # hidden, a macOS archive's resource forks, or the label folder
@@ -108,6 +92,12 @@ def _entries(folder: Path, what: str, dicom_dirs: bool, skip: Path | None = None
                 "letter case only (one file name on macOS and Windows)"  # fmt: skip
             raise ImageError(f"{found[same]} and {entry}: {clash}; rename one (case ids are sanitised stems)")
         found[case] = entry
+        if not re.fullmatch(rf"{re.escape(case)}(_0000)?({'|'.join(map(re.escape, SUFFIXES))})?", lower, re.I):
+            cleaned.append(f"{entry.name!r} -> {case}")
+    if cleaned:  # outputs are named by case id: say which file each cleaned-up one is
+        shown = ", ".join(cleaned[:10]) + (" ..." if len(cleaned) > 10 else "")
+        log.warning("%s: case ids cleaned up from file names (letters, digits, . _ - kept; rename the files to "
+                    "silence this): %s", folder, shown)  # fmt: skip
     if ignored:
         log.warning("%s: not volumes, ignored: %s", folder,
                     ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))  # fmt: skip
@@ -123,12 +113,6 @@ def _volume_folder_error(folder: Path, volumes: Sequence[str], what: str) -> Ima
     suffix = next(x for x in SUFFIXES if volumes[0].lower().endswith(x))
     return ImageError(f"{folder}: a folder of volume files ({', '.join(volumes[:3])}), not a DICOM series; put each "
                       f"CT directly in {what} as <case>{suffix}, named by its case")  # fmt: skip
-
-
-def _looks_like_ct(path: Path, found: set[int]) -> ImageError:
-    """A label map with negative values: HU, not classes (a CT in the label folder, or the two folders swapped)."""
-    return ImageError(f"{path}: negative labels ({len(found)} distinct values from {min(found)} to {max(found)}): "
-                      "this looks like a CT, not a label map; check data.images.label_dir")  # fmt: skip
 
 
 def patient_of(case_id: str, pattern: str | None) -> str:
@@ -164,7 +148,7 @@ def discover(ct_dir: str, label_dir: str | None, patient_regex: str | None) -> d
     return {c: ImageCase(c, images[c], labels.get(c), patient_of(c, patient_regex)) for c in sorted(images)}
 
 
-def _read(path: Path, padding_hu: float | None = None) -> Any:
+def read_image(path: Path, padding_hu: float | None = None) -> Any:
     """A SimpleITK image of a volume file or of the one DICOM series of a folder, reoriented to LPS axes; a series'
     PixelPaddingValue voxels set to ``padding_hu`` (when given)."""
     import SimpleITK as sitk
@@ -224,7 +208,7 @@ def _check_forms(path: Path, image: Any, qform: np.ndarray, sform: np.ndarray) -
                 float(np.linalg.norm(qform[:3, 3] - sform[:3, 3])), used)  # fmt: skip
 
 
-def _refuse_non_finite(path: Path, values: np.ndarray, fill: str) -> None:
+def refuse_non_finite(path: Path, values: np.ndarray, fill: str) -> None:
     """Refuse NaN or infinite voxels of ``path`` (SimpleITK's NIfTI reader turns NaN into 0 without a word)."""
     bad = int((~np.isfinite(values)).sum()) or (0 if path.is_dir() else nifti_non_finite(path))
     if bad:
@@ -235,9 +219,9 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     """A CT volume -> axial series in HU [Z, Y, X] (z ascending), clipped to [``padding_hu``, ``max_hu``]."""
     import SimpleITK as sitk
 
-    image = _read(Path(path), padding_hu)
+    image = read_image(Path(path), padding_hu)
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
-    _refuse_non_finite(Path(path), hu, "the HU of air outside the body (e.g. -1024)")
+    refuse_non_finite(Path(path), hu, "the HU of air outside the body (e.g. -1024)")
     air, tissue = (float(np.mean((hu >= lo) & (hu <= hi))) if hu.size else 0.0 for lo, hi in (HU_AIR, HU_TISSUE))
     if min(air, tissue) < HU_MIN_FRACTION:  # e.g. stored values (HU + 1024) as exported, or the rescale done twice
         span = f"{hu.min():.0f} to {hu.max():.0f}" if hu.size else "none"
@@ -262,7 +246,7 @@ def read_ct(path: Path, padding_hu: float, max_hu: float) -> DicomSeries:
     )
 
 
-def _sitk_grid(series: DicomSeries) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+def sitk_grid(series: DicomSeries) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """SimpleITK (x, y, z) spacing and origin of a series with regular slices (else :class:`ImageError`)."""
     dz = np.diff(series.z_positions)
     if dz.size and not np.allclose(dz, dz[0], atol=1e-3):
@@ -271,113 +255,12 @@ def _sitk_grid(series: DicomSeries) -> tuple[tuple[float, float, float], tuple[f
     return spacing, (*series.origin_xy, float(series.z_positions[0]))
 
 
-def read_label(path: Path, ct: DicomSeries, convention: str) -> tuple[np.ndarray | None, np.ndarray]:
-    """A label map on the grid of ``ct`` -> (lung bool [Z, Y, X] or None when it has no lung label, nodule bool)."""
-    import SimpleITK as sitk
-
-    image = _read(Path(path))
-    labels = sitk.GetArrayFromImage(image)
-    sx, sy, sz = image.GetSpacing()
-    spacing_ct, origin_ct = _sitk_grid(ct)
-    if ct.z_positions.size < 2:  # one slice: no slice spacing to compare
-        spacing_ct = (*spacing_ct[:2], sz)
-    if (
-        labels.shape != ct.hu.shape
-        or not np.allclose((sx, sy, sz), spacing_ct, rtol=1e-3)
-        or not np.allclose(image.GetOrigin(), origin_ct, atol=0.1 * min(spacing_ct))
-    ):
-        raise ImageError(
-            f"{path}: grid {labels.shape[::-1]} at spacing {np.round((sx, sy, sz), 4).tolist()} origin "
-            f"{np.round(image.GetOrigin(), 2).tolist()} does not match its CT {ct.directory} "
-            f"({ct.hu.shape[::-1]}, {np.round(spacing_ct, 4).tolist()}, {np.round(origin_ct, 2).tolist()}); "
-            "a label map must lie on its CT's voxel grid: resample it onto the CT (nearest neighbour, e.g. "
-            "SimpleITK's Resample with the CT as reference) or give the CT it was drawn on"
-        )
-    _refuse_non_finite(Path(path), labels, "their class (0 where background)")  # NaN read as 0: a hole in a nodule
-    if not np.array_equal(labels, np.round(labels)):
-        raise ImageError(f"{path}: non-integer labels; a label map holds integer classes")
-    codes = CONVENTIONS[convention]
-    allowed = {0} | {v for v in codes.values() if v is not None}
-    found = {int(v) for v in np.unique(labels)}
-    if not found <= allowed:
-        other = "binary" if convention == "lung_nodule" else "lung_nodule"
-        fits = found <= {0} | {v for v in CONVENTIONS[other].values() if v is not None}
-        hint = f"set label_convention: {other} if that is how the maps are coded, or recode" if fits else "recode"
-        if min(found) < 0:
-            raise _looks_like_ct(path, found)
-        raise ImageError(
-            f"{path}: labels {sorted(found)}, data.images.label_convention {convention!r} allows {sorted(allowed)}; "
-            f"{hint} the map (a map of nodule instances 1..n: nodule = label > 0, with label_convention: binary)"
-        )
-    nodule = labels == codes["nodule"]
-    lung = None
-    if codes["lung"] is not None and (labels == codes["lung"]).any():
-        lung = labels > 0  # the lungs with their nodules
-    return lung, nodule
-
-
-def read_image_case(
-    case: ImageCase, convention: str, padding_hu: float, max_hu: float, max_air_nodule_ml: float
-) -> ImageScan:
-    """CT, lungs (when labelled) and nodule components (26-connected) of one case; a component that is lung
-    (:func:`~lungddpm.data.nodules.lung_like`) is refused."""
-    ct = read_ct(case.image, padding_hu, max_hu)
-    if case.label is None:
-        return ImageScan(ct, None, [])
-    lung, nodule = read_label(case.label, ct, convention)
-    dz = float(np.median(np.diff(ct.z_positions))) if ct.z_positions.size > 1 else 1.0
-    nods = components(nodule, (dz, *ct.pixel_spacing))
-    if len(nods) > MAX_NODULES:
-        raise ImageError(
-            f"{case.label}: {len(nods)} separate nodule pieces (at most {MAX_NODULES}); a nodule label this "
-            "speckled is noise or a thresholded map: remove the specks (keep the nodules' connected masks)"
-        )
-    if (air := lung_like(nods, ct.hu, max_air_nodule_ml)) is not None:
-        codes = "a lung mask under label_convention: binary, or lung_nodule codes swapped (1 nodule, 2 lung)"
-        raise ImageError(f"{case.label}: a nodule of {air[0].volume_ml:.0f} mL at mean {air[1]:.0f} HU (air-filled) "
-                         f"is lung, not a nodule: {codes}; recode the map (or raise data.images.max_air_nodule_ml "
-                         "for a large air-filled lesion)")  # fmt: skip
-    log.info("%s: %d nodule component(s) in %s, lung %s", case.case_id, len(nods), case.label.name,
-             "from the label map" if lung is not None else "from lungddpm's lung mask")  # fmt: skip
-    return ImageScan(ct, lung, nods)
-
-
-def _cache_key(label: Path, convention: str) -> str:
-    from .sources import data_files  # a detached header's data files: rewriting only them changes the voxels
-
-    stats = []
-    for f in (label, *data_files(label)):
-        if not f.is_file():  # a detached header whose data file was not copied with it
-            raise ImageError(f"{label}: its voxels' file {f} is missing; copy it beside the header")
-        st = f.stat()
-        stats.append((f.resolve(), st.st_size, st.st_mtime_ns))
-    return f"images-v2|{stats}|{convention}"
-
-
-def has_nodules(case: ImageCase, convention: str) -> bool:
-    """Whether the case's label map has a nodule voxel; cached on disk by the path, size and mtime of its file and
-    of the files holding its voxels, because the split needs it whenever Snakemake parses the workflow."""
-    if case.label is None:
-        return False
-    key = _cache_key(case.label, convention)
-    if (cached_flag := cached(key, "has_nodules")) is not None:
-        return bool(cached_flag)
-    import SimpleITK as sitk
-
-    labels = sitk.GetArrayFromImage(_read(case.label))
-    if labels.size and labels.min() < 0:  # the split's strata would come from HU
-        raise _looks_like_ct(case.label, {int(v) for v in np.unique(labels)})
-    flag = bool((labels == CONVENTIONS[convention]["nodule"]).any())
-    store(key, "has_nodules", flag, "label scan")
-    return flag
-
-
 def write_image(path: Path, array: np.ndarray, series: DicomSeries) -> None:
     """Write ``array`` [Z, Y, X] on the grid of ``series`` (regular slices) to ``path`` in the format its suffix
     names (NIfTI, NRRD, MHA, MHD or NHDR + raw), atomically (a temporary name of the same format, then renamed)."""
     import SimpleITK as sitk
 
-    spacing, origin = _sitk_grid(series)
+    spacing, origin = sitk_grid(series)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import DicomError, ImageError
-from . import images, lidc
+from . import images, labels, lidc
 from .dicom import DicomSeries, find_series_dir, read_dicom_series
 from .nodules import Nodule
 
@@ -67,7 +67,7 @@ def has_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
     """Whether a case has nodules that its layout holds (the split's stratum; LIDC: read by ``data.min_readers``);
     relative image folders are under ``base``."""
     if cfg.data.source == "images":
-        return images.has_nodules(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
+        return labels.has_nodules(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
     return lidc.has_nodules(case_id, cfg.data.min_readers)
 
 
@@ -163,7 +163,7 @@ def read_case(cfg: Config, case_id: str, base: Path = Path(".")) -> CaseScan:
         if case_id not in cases:
             raise ImageError(f"{cfg.data.images.ct_dir}: no CT volume of case {case_id!r} (cases: {', '.join(cases)})")
         case = cases[case_id]
-        scan = images.read_image_case(
+        scan = labels.read_image_case(
             case, cfg.data.images.label_convention, pc.padding_hu, pc.max_hu, cfg.data.images.max_air_nodule_ml
         )
         return CaseScan(case_id, case.patient_id, scan.series, scan.nodules, scan.lung, case.label)

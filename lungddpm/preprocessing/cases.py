@@ -11,7 +11,7 @@ from ..config import Config
 from ..config_checks import given_checkpoint
 from ..data import lidc, sources
 from ..data.sources import dicom_root
-from ..errors import ConfigError, DicomError
+from ..errors import ConfigError, DicomError, ImageError
 from ..io import read_csv, safe_component
 from .split import split_cases, write_splits
 
@@ -61,8 +61,19 @@ def case_patients(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict
 
 
 def case_strata(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict[str, bool]:
-    """case id -> whether it has annotated nodules (the split's stratum; with images, from the label maps)."""
-    return {c: sources.has_nodules(cfg, c, base) for c in cases}
+    """case id -> whether it has annotated nodules (the split's stratum; with images, from the label maps, each
+    checked: every map that fails is named in one error, not one a run)."""
+    strata, errors = dict[str, bool](), list[str]()
+    for c in cases:
+        try:
+            strata[c] = sources.has_nodules(cfg, c, base)
+        except ImageError as exc:
+            errors.append(str(exc))
+    if len(errors) == 1:
+        raise ImageError(errors[0])
+    if errors:
+        raise ImageError(f"{len(errors)} of {len(cases)} cases cannot be read; fix each:\n" + "\n".join(errors))
+    return strata
 
 
 def case_split(

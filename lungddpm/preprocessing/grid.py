@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..data.dicom import DicomSeries
-from ..data.images import MAX_NODULES
+from ..data.labels import MAX_NODULES
 from ..data.nodules import Nodule
 from ..errors import LayoutError
 from ..io import IDENTITY_DIRECTION, Geometry

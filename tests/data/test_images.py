@@ -10,21 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from support import write_non_axial_series
 
 from lungddpm.config import Config, ConfigError, validate_config
 from lungddpm.data.demo import export_case
 from lungddpm.data.dicom import DicomSeries, check_slice_positions, read_dicom_series
-from lungddpm.data.images import (
-    ImageCase,
-    case_id_of,
-    discover,
-    has_nodules,
-    patient_of,
-    read_ct,
-    read_image_case,
-    read_label,
-    write_image,
-)
+from lungddpm.data.images import ImageCase, case_id_of, discover, patient_of, read_ct, write_image
+from lungddpm.data.labels import has_nodules, read_image_case, read_label
 from lungddpm.data.nodules import UNKNOWN, axial_diameter_mm, components
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
 from lungddpm.data.sources import data_files, source_files, source_paths
@@ -237,26 +229,6 @@ def test_the_nodule_flag_cache_sees_a_rewrite_of_a_detached_headers_data_file(
         has_nodules(case, "lung_nodule")
 
 
-def _write_non_axial_series(folder: Path, orientation: str, skip: int | None) -> None:
-    """12 coronal (slice n at y = -10 + 2n mm) or sagittal (x = -10 + 2n) 0.8 mm slices, rows along -z; slice n is
-    40 + n HU inside a soft-tissue rectangle. Written with pydicom (SimpleITK's DICOM writer resets the C locale)."""
-    hu = np.full((12, 32, 32), -1000.0, np.float32)
-    hu[:, 10:20, 8:24] = 40 + np.arange(12)[:, None, None]
-    uid = "1.2.826.0.1.3680043.2.1125.9." + ("1" if orientation == "coronal" else "2")
-    geom = ScanGeometry("P1", "1.2.826.0.1.1", uid, 0.8, np.arange(12) * 2.0, 2.0, rows=32, cols=32)
-    paths = write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
-    for n, path in enumerate(paths):
-        if n == skip:
-            path.unlink()
-            continue
-        ds = pydicom.dcmread(path)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1] if orientation == "coronal" else [0, 1, 0, 0, 0, -1]
-        ds.ImagePositionPatient = [-16, -10 + 2 * n, 50] if orientation == "coronal" else [-10 + 2 * n, -16, 50]
-        if "SliceLocation" in ds:
-            del ds.SliceLocation
-        ds.save_as(path)
-
-
 @pytest.mark.parametrize(("step", "decimals"), [(0.625, 2), (0.625, 1), (1.25, 1), (0.7, 1)])
 def test_slice_positions_stored_with_few_decimals_pass(step: float, decimals: int) -> None:
     """DICOM's DS may round ImagePositionPatient: 0.625 mm slices at 2 decimals are 0.62 / 0.63 mm apart, which the
@@ -281,7 +253,7 @@ def test_slice_gaps_that_drift_are_refused() -> None:
 def test_a_non_axial_series_with_a_missing_slice_is_refused(tmp_path: Path, orientation: str) -> None:
     """The gap check read only ImagePositionPatient's z, which a coronal or sagittal series keeps constant: a missing
     slice passed and SimpleITK restacked the rest evenly, shifting every slice past the gap."""
-    _write_non_axial_series(tmp_path / "full", orientation, None)
+    write_non_axial_series(tmp_path / "full", orientation, None)
     series = read_ct(tmp_path / "full", -1024.0, 3071.0)
     axis = 1 if orientation == "coronal" else 2  # the slice axis of the LPS [Z, Y, X] volume
     origin, spacing = series.origin_xy[2 - axis], series.pixel_spacing[axis - 1]
@@ -289,7 +261,7 @@ def test_a_non_axial_series_with_a_missing_slice_is_refused(tmp_path: Path, orie
     assert slices.shape[0] == 12 and spacing == pytest.approx(2.0)
     assert [float(v) for v in slices.max(axis=(1, 2))] == [40.0 + n for n in range(12)]  # slice n ...
     assert origin + spacing * np.arange(12) == pytest.approx(-10.0 + 2.0 * np.arange(12))  # ... at -10 + 2n mm
-    _write_non_axial_series(tmp_path / "gap", orientation, 5)
+    write_non_axial_series(tmp_path / "gap", orientation, 5)
     normal = "[0.0, 1.0, 0.0]" if orientation == "coronal" else "[-1.0, 0.0, 0.0]"
     message = rf"gap: slices are not evenly spaced along the slice normal {re.escape(normal)} \(1 gap\(s\) unlike "
     with pytest.raises(ImageError, match=message + r"the usual 2 mm: -2.00 to 2.00 mm\); slices are missing"):
@@ -415,7 +387,7 @@ def test_a_label_map_on_another_grid_is_refused_naming_both_files(tmp_path: Path
     hu = _ct()
     write_image(tmp_path / "ct.mha", hu, _series(hu))
     write_image(tmp_path / "seg.mha", _labels(hu.shape)[:, :, :-1], _series(hu[:, :, :-1]))
-    with pytest.raises(ImageError, match=r"seg.mha: grid .* does not match its CT .*ct.mha"):
+    with pytest.raises(ImageError, match=r"seg.mha: its grid does not match its CT .*ct.mha"):
         read_label(tmp_path / "seg.mha", read_ct(tmp_path / "ct.mha", -1024, 3071), "lung_nodule")
 
 

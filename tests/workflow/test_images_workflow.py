@@ -23,7 +23,8 @@ from scipy import ndimage as ndi
 
 from lungddpm.config import Config, load_config
 from lungddpm.data.demo import export_demo_images, scan_geometry, write_demo_case
-from lungddpm.data.images import read_ct, read_label, write_image
+from lungddpm.data.images import read_ct, write_image
+from lungddpm.data.labels import read_label
 from lungddpm.data.lidc import scan_info
 from lungddpm.data.nodules import paint
 from lungddpm.data.phantom import quirks_for, synthesize_thorax, write_dicom_series

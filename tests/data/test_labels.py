@@ -1,0 +1,146 @@
+"""Own label maps checked when the workflow is parsed: the CT's grid from its header alone, the map's values, and
+every failing map named in one error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from support import write_non_axial_series
+
+from lungddpm.config import Config, validate_config
+from lungddpm.data.dicom import DicomSeries
+from lungddpm.data.images import discover, read_ct, read_image, write_image
+from lungddpm.data.labels import Grid, has_nodules, header_grid, image_grid, read_label
+from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
+from lungddpm.errors import ImageError
+from lungddpm.preprocessing.cases import case_strata, list_cases
+
+SHAPE = (8, 20, 16)  # z, y, x
+
+
+def _series(shape: tuple[int, ...] = SHAPE, origin: tuple[float, float, float] = (-12.0, 30.5, -101.25)) -> DicomSeries:
+    z = origin[2] + 2.5 * np.arange(shape[0])
+    return DicomSeries(np.zeros(shape, np.float32), z, (0.8, 0.75), origin[:2], "s", Path("ct"))
+
+
+def _ct(shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    hu = np.full(shape, -1000, np.int16)
+    hu[:, 2:-2, 2:-2] = 40
+    hu[:, 4:-4, 3:7] = hu[:, 4:-4, 9:13] = -850
+    return hu
+
+
+def _labels(shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 4:-4, 3:7] = labels[:, 4:-4, 9:13] = 1
+    labels[2:5, 6:9, 4:6] = 2
+    return labels
+
+
+def _same(a: Grid | None, b: Grid) -> bool:
+    return a is not None and a.size == b.size and np.allclose(a.spacing, b.spacing) and np.allclose(a.origin, b.origin)
+
+
+def test_header_grids_in_lps_order_are_the_grids_read(tmp_path: Path) -> None:
+    """The parse-time check reads headers only; its LPS grid must be the one read_image's DICOMOrient gives, for
+    volumes stored with flipped and permuted axes and for DICOM series (axial, coronal, sagittal)."""
+    write_image(tmp_path / "lps.nii.gz", _ct(), _series())
+    image = sitk.ReadImage(str(tmp_path / "lps.nii.gz"))
+    stored = {
+        "lps.nii.gz": image,
+        "ras.nrrd": sitk.Flip(image, [True, True, False]),
+        "permuted.mha": sitk.PermuteAxes(sitk.Flip(image, [False, True, True]), [2, 0, 1]),
+    }
+    for name, volume in stored.items():
+        sitk.WriteImage(volume, str(tmp_path / name))
+        grid = header_grid(tmp_path / name)
+        assert grid is not None and grid.direction == pytest.approx(volume.GetDirection())
+        assert _same(grid.lps(), image_grid(read_image(tmp_path / name)))
+    assert header_grid(tmp_path / "permuted.mha").size == (8, 16, 20)  # as stored: z, x, y
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=24, cols=20)
+    write_dicom_series(_ct((6, 24, 20)).astype(np.float32), geom, tmp_path / "axial", DicomQuirks(True, -1024.0, None))
+    for orientation in ("coronal", "sagittal"):
+        write_non_axial_series(tmp_path / orientation, orientation, None)
+    for folder in ("axial", "coronal", "sagittal"):
+        read = image_grid(read_image(tmp_path / folder))
+        assert _same(header_grid(tmp_path / folder).lps(), read), folder  # type: ignore[union-attr]
+    assert header_grid(tmp_path / "axial").lps().size == (20, 24, 6)  # type: ignore[union-attr]
+    oblique = sitk.GetImageFromArray(_ct())
+    oblique.SetDirection((np.cos(0.3), -np.sin(0.3), 0, np.sin(0.3), np.cos(0.3), 0, 0, 0, 1))
+    sitk.WriteImage(oblique, str(tmp_path / "oblique.mha"))
+    assert header_grid(tmp_path / "oblique.mha").lps() is None  # type: ignore[union-attr]  # refused when read
+
+
+def _folders(tmp_path: Path, labels: dict[str, np.ndarray], shifted: str = "") -> Config:
+    """A CT of the shared grid for each case, and its label map (``shifted``'s 5 mm along x); the config."""
+    for case, volume in labels.items():
+        write_image(tmp_path / "CT" / f"{case}.nii.gz", _ct(), _series())
+        origin = (-7.0 if case == shifted else -12.0, 30.5, -101.25)
+        write_image(tmp_path / "SEG" / f"{case}.nrrd", volume, _series(origin=origin))
+    images = {"ct_dir": str(tmp_path / "CT"), "label_dir": str(tmp_path / "SEG")}
+    discover.cache_clear()
+    return Config.from_dict(validate_config({"data": {"source": "images", "images": images}}))
+
+
+def test_every_bad_label_map_is_named_when_the_workflow_is_parsed(tmp_path: Path) -> None:
+    """A label map off its CT's grid, or with classes the convention lacks, failed one at a time in the first
+    preprocess job of its case; now the parse (the split's strata) names every one, with what differs."""
+    recoded = _labels() * 2  # lung 2, nodule 4
+    cfg = _folders(tmp_path, {"a": _labels(), "b": _labels(), "c": recoded, "d": _labels()}, shifted="b")
+    with pytest.raises(ImageError) as err:
+        case_strata(cfg, list_cases(cfg))
+    text = str(err.value)
+    assert text.startswith("2 of 4 cases cannot be read; fix each:\n") and len(text.splitlines()) == 3
+    assert "SEG/b.nrrd: its grid does not match its CT " in text and "CT/b.nii.gz (x, y, z in LPS order: " in text
+    assert "origin [-7.0, 30.5, -101.25] against [-12.0, 30.5, -101.25]; as stored: the label map 16 x 20 x 8 " in text
+    assert "SEG/c.nrrd: labels [0, 2, 4], data.images.label_convention 'lung_nodule' allows [0, 1, 2]" in text
+    assert "a.nrrd" not in text and "d.nrrd" not in text
+    # the same voxels stored with x and y reversed (a RAS map of an LPS CT) lie on the CT's grid: accepted
+    flipped = sitk.Flip(sitk.ReadImage(str(tmp_path / "SEG" / "a.nrrd")), [True, True, False])
+    for case in ("b", "c"):
+        sitk.WriteImage(flipped, str(tmp_path / "SEG" / f"{case}.nrrd"))
+    assert case_strata(cfg, list_cases(cfg)) == {"a": True, "b": True, "c": True, "d": True}
+    # the flag is cached by both files: a CT rewritten on another grid is seen at the next parse
+    write_image(tmp_path / "CT" / "d.nii.gz", _ct(), _series(origin=(-12.0, 30.5, -90.0)))
+    with pytest.raises(ImageError, match=r"^\S*SEG/d.nrrd: its grid does not match its CT .*origin \[-12.0, 30.5, "
+                       r"-101.25\] against \[-12.0, 30.5, -90.0\]"):  # fmt: skip
+        case_strata(cfg, list_cases(cfg))
+
+
+def test_a_label_map_off_its_ct_names_both_headers_as_stored(tmp_path: Path) -> None:
+    """Read on the CT's grid (the preprocess job), the message names what differs in LPS order and both headers as
+    stored, directions included: a map saved with a flipped axis is seen as such (it named the reoriented origin)."""
+    write_image(tmp_path / "CT" / "c.nii.gz", _ct(), _series())
+    image = sitk.GetImageFromArray(_labels()[:, :, ::-1].copy())  # stored right to left, from the wrong corner
+    image.SetSpacing((0.75, 0.8, 2.5))
+    image.SetOrigin((-12.0, 30.5, -101.25))
+    image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    (tmp_path / "SEG").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "SEG" / "c.nrrd"))
+    ct = read_ct(tmp_path / "CT" / "c.nii.gz", -1024, 3071)
+    with pytest.raises(ImageError) as err:
+        read_label(tmp_path / "SEG" / "c.nrrd", ct, "lung_nodule")
+    assert "SEG/c.nrrd: its grid does not match its CT " in str(err.value)
+    stored = (
+        "(x, y, z in LPS order: origin [-23.25, 30.5, -101.25] against [-12.0, 30.5, -101.25]; as stored: the label "
+        "map 16 x 20 x 8 voxels of [0.75, 0.8, 2.5] mm, origin [-12.0, 30.5, -101.25], direction [-1.0, 0.0, 0.0, "
+        "0.0, 1.0, 0.0, 0.0, 0.0, 1.0]; the CT 16 x 20 x 8 voxels of [0.75, 0.8, 2.5] mm, origin [-12.0, 30.5, "
+        "-101.25], direction [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])"
+    )
+    assert stored in str(err.value)
+    case = discover(str(tmp_path / "CT"), str(tmp_path / "SEG"), None)["c"]  # at parse time: the same message
+    with pytest.raises(ImageError, match=r"SEG/c.nrrd: its grid does not match its CT .*CT/c.nii.gz \(x, y, z in LPS"):
+        has_nodules(case, "lung_nodule")
+
+
+def test_cleaned_up_file_names_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("patient 0886 (copy).nii.gz", "LIDC-IDRI-0001_0000.nii.gz", "ok.NRRD"):
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="lungddpm"):
+        assert list(discover(str(tmp_path), None, None)) == ["LIDC-IDRI-0001", "ok", "patient_0886_copy"]
+    assert "case ids cleaned up from file names" in caplog.text
+    assert "'patient 0886 (copy).nii.gz' -> patient_0886_copy" in caplog.text and "ok.NRRD" not in caplog.text
