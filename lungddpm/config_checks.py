@@ -87,6 +87,15 @@ def given_checkpoint(config: Mapping[str, Any], results: str | os.PathLike[str] 
     return bool(given) and os.path.abspath(given) != os.path.abspath(trained)
 
 
+def trained_checkpoint_unset(config: dict[str, Any], results: str | os.PathLike[str] = "results") -> dict[str, Any]:
+    """``config`` with ``sample.checkpoint`` null where it names the model trained here (its default), so that the
+    rules' params read the same whether that path is written out or not (written out, it reran every sampling job)."""
+    sample = config.get("sample") or {}
+    if sample.get("checkpoint") is None or given_checkpoint(config, results):
+        return config
+    return {**config, "sample": {**sample, "checkpoint": None}}
+
+
 def lesion_scale_runs(config: Mapping[str, Any]) -> bool:
     """Whether a stage reads the lesion scale: ``lesion.enabled``, or an enabled segmentation at scale ``lesion`` or
     with an arm of ``synthetic_source: lesion`` (which runs the ROIs and the lesion run even when it is off)."""

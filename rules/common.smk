@@ -12,6 +12,7 @@ from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
+from lungddpm.config_checks import trained_checkpoint_unset
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
 from lungddpm.settings import data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
@@ -28,6 +29,7 @@ try:
     # the keys in the order of the shipped config (defaults filled): the params, hence the reruns, do not depend on
     # the order of a config file's keys, and a workdir made with the shipped order keeps its params
     config.update(canonical(config, key_order_reference(Path(workflow.basedir, "config", "config.yaml"), config)))
+    config.update(trained_checkpoint_unset(config))  # its default written out: the same params
     CFG = config_from_mapping(config)
     CASES = list_cases(CFG)
     STRATA = case_strata(CFG, CASES)  # images: from the label maps' content, so a fixed label can move a case

@@ -96,6 +96,9 @@ def test_sampling_reruns_on_what_changes_its_volumes_only(tmp_path: Path) -> Non
     off = [rule_params(workdir, {"sample": {"blend": False, **m}}, runs[0])[runs[0]]["settings"]
            for m in ({}, {"blend_margin_mm": 20, "blend_start_fraction": 0.5})]  # fmt: skip
     assert off[0] == off[1] != base[runs[0]]["settings"]
+    # the trained model's path written out as sample.checkpoint is its default: the same params (it reran sampling)
+    trained = {"sample": {"checkpoint": str(workdir / "results/models/demo/checkpoint.pt")}}
+    assert rule_params(workdir, trained, *runs[:2]) == {r: base[r] for r in runs[:2]}
 
 
 def _images_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, bool]]:
