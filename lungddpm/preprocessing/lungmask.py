@@ -1,10 +1,10 @@
 """Classical lung segmentation on a CT resampled to a fine isotropic spacing (about 2 mm).
 
 Threshold -> remove outside air and table -> fill the body -> remove trachea and main bronchi (grown from the
-trachea in the top slices) -> keep the lung-sized components -> close (vessels, small juxtapleural nodules) ->
-pleural-surface correction (dents of the costal surface up to ``pleural_max_diameter_mm``: juxtapleural nodules and
-masses) -> fill holes slice by slice. Deep lung-mask tools fetch weights at run time, which cannot work offline
-(DESIGN §3).
+trachea in the top slices) -> keep the lung-sized components (not thin pockets of room air that the body encloses
+with the arms or a table) -> close (vessels, small juxtapleural nodules) -> pleural-surface correction (dents of the
+costal surface up to ``pleural_max_diameter_mm``: juxtapleural nodules and masses) -> fill holes slice by slice.
+Deep lung-mask tools fetch weights at run time, which cannot work offline (DESIGN §3).
 """
 
 from __future__ import annotations
@@ -195,14 +195,14 @@ def lung_beside_outside_air(lung: np.ndarray, outside: np.ndarray, voxel_ml: flo
 
 EDGE_CUT_OVERLAP = 0.5  # an outside-air component's lung-like voxels this much over lung: lung cut by the edge
 # lung-like: lung (-850 HU; emphysema -950 on average), not room air or a field of view's padding (-1000 and below)
-EDGE_CUT_LUNG_HU = -960.0
+LUNG_LIKE_HU = -960.0
 
 
 def edge_cut_lung(
     outside: np.ndarray, lung: np.ndarray, hu: np.ndarray, overlap: float = EDGE_CUT_OVERLAP
 ) -> np.ndarray:
     """The voxels of ``outside`` air (:func:`outside_air`) that are lung cut by the image's edge: the lung-like ones
-    (at least :data:`EDGE_CUT_LUNG_HU`) of each in-plane component of outside air at least ``overlap`` of whose
+    (at least :data:`LUNG_LIKE_HU`) of each in-plane component of outside air at least ``overlap`` of whose
     lung-like voxels lie on ``lung``, or on voxels so found, in the slice above or below (propagated slice by slice,
     within the lung's slices). Room air lies beside the body, never over a lung, and it and the padding outside a
     field of view are darker than lung, so neither is taken, even where a lung joins them in a slice; a lung cut in
@@ -212,7 +212,7 @@ def edge_cut_lung(
     within = np.zeros(lung.shape[0], bool)
     if slices.size:
         within[slices.min() : slices.max() + 1] = True
-    like = outside & (hu >= EDGE_CUT_LUNG_HU) & within[:, None, None]
+    like = outside & (hu >= LUNG_LIKE_HU) & within[:, None, None]
     n_like = np.bincount(labels[like], minlength=n + 1)
     cut = np.zeros(n + 1, bool)
     confirmed = lung.copy()
@@ -224,6 +224,22 @@ def edge_cut_lung(
             return cut[labels] & like
         cut |= new
         confirmed |= new[labels] & like
+
+
+POCKET_RADIUS_MM = 25.0  # enclosed room air that no ball of this radius fits in is a pocket; lungs are thicker
+
+
+def room_air_pocket(component: np.ndarray, hu: np.ndarray, spacing: np.ndarray) -> bool:
+    """Whether an air ``component`` inside the body (bool [Z, Y, X]; ``hu`` over the same box) is room air that the
+    body encloses in-plane with the arms, a table's rails or a skin fold, not lung: the median HU of its inside (its
+    voxels off its in-plane border, spared partial volume) below :data:`LUNG_LIKE_HU`, and no ball of
+    :data:`POCKET_RADIUS_MM` fitting in it (its in-plane holes, vessels, filled). Lung parenchyma, emphysematous
+    too, is brighter, and a lung as dark as room air (bullae) is thicker."""
+    inside = ndi.binary_erosion(component, structure=_IN_PLANE)
+    if not inside.any() or np.median(hu[inside]) >= LUNG_LIKE_HU:
+        return False
+    depth = ndi.distance_transform_edt(np.pad(_fill_holes_2d(component), 1), sampling=spacing)
+    return bool(depth.max() < POCKET_RADIUS_MM)
 
 
 def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
@@ -304,6 +320,9 @@ def _segment(
         return LungmaskResult(np.zeros_like(body), airway, 0.0, float(airway.sum() * voxel_ml), 0, midline)
     sizes = ndi.sum(np.ones_like(labels), labels, np.arange(1, n + 1)) * voxel_ml * in_torso
     boxes = ndi.find_objects(labels)
+    for i in np.flatnonzero(sizes >= cfg.min_lung_ml):  # air that the body encloses with the arms or a table
+        if room_air_pocket(labels[boxes[i]] == i + 1, hu[boxes[i]], sp):
+            in_torso[i], sizes[i] = False, 0.0
     largest = int(np.argmax(sizes))
     mid_height = (boxes[largest][0].start + boxes[largest][0].stop) / 2
     # lung pieces (both lungs, or a lobe cut off by a fissure) are large and reach the upper chest; bowel gas is

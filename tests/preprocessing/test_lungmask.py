@@ -208,6 +208,42 @@ def test_a_tables_air_like_core_is_not_a_lung(gap: bool) -> None:
     assert dice(result.lung, lung) > 0.95
 
 
+def arms_and_rails(hu: np.ndarray, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`toy_thorax`'s ``hu`` and ``lung`` widened by 96 mm each side, with (1) arms down at the sides (100 mm
+    thick) joined to the flanks by folds in front and behind, enclosing 12-16 mm of room air against the chest wall in
+    slices 8-55, and (2) instead a table under the back whose rails rise to the flanks, enclosing the air between
+    them and the back in every slice. Returns (hu with arms, hu with rails, lung, the enclosed room air of both)."""
+    hu, lung = (np.pad(a, ((0, 0), (0, 0), (24, 24)), constant_values=v) for a, v in ((hu, -1000.0), (lung, False)))
+    y, x = np.mgrid[0:80, 0:144].astype(float)
+    torso = ((x - 72) / 42) ** 2 + ((y - 40) / 30) ** 2 <= 1
+    beyond = np.abs(x - 72) - 42 * np.sqrt(np.clip(1 - ((y - 40) / 30) ** 2, 0, 1))  # past the flank (voxels)
+    gap = (beyond > 0) & (beyond < 4) & (np.abs(y - 40) <= 13)
+    arms, rails = hu.copy(), hu.copy()
+    arms[8:56, (beyond >= 0) & (beyond <= 25) & (np.abs(y - 40) <= 16) & ~gap & ~torso] = 40.0
+    rails[:, 71:74] = rails[:, (np.abs(np.abs(x - 72) - 31) <= 1) & (y >= 60) & (y < 74)] = 300.0
+    pocket = np.zeros(hu.shape, bool)
+    pocket[8:56] |= gap
+    pocket |= ((np.abs(x - 72) < 30) & (y >= 60) & (y < 71) & ~torso)[None]
+    noise = np.random.default_rng(1).normal(0, 10, hu.shape)
+    return (arms + noise).astype(np.float32), (rails + noise).astype(np.float32), lung, pocket
+
+
+def test_room_air_enclosed_by_the_arms_or_a_tables_rails_is_not_a_lung() -> None:
+    """Arms down at the sides, or a table's rails, enclose in-plane room air against the torso: the body's per-slice
+    filling took it in, it reached the torso's core and held over 10 % of a lung, so it was kept as lung (arms: 2 x
+    330 mL, 1044 mL of false lung, Dice 0.87; rails: 2 x 370 mL, 773 mL, Dice 0.90). It is as dark as room air and
+    thin; lung parenchyma is brighter, and lungs as dark as room air (bullae) are thicker: they stay."""
+    hu, lung, _ = toy_thorax()
+    for dark in (False, True):
+        if dark:
+            hu[lung] = -1000.0  # lungs as dark as room air
+        arms, rails, wide, pocket = arms_and_rails(hu, lung)
+        for enclosed in (arms, rails):
+            result = segment_lungs(enclosed, SPACING, CFG)
+            assert not (result.lung & pocket).any() and dice(result.lung, wide) > 0.97
+            assert result.edge_ml == 0.0  # the arms' pockets open at their ends: they were lung lost to the edge
+
+
 def test_empty_scan_gives_empty_mask() -> None:
     result = segment_lungs(np.full((10, 20, 20), 40.0, dtype=np.float32), SPACING, CFG)
     assert not result.lung.any() and result.lung_ml == 0.0
