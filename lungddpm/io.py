@@ -220,9 +220,20 @@ def nifti_non_finite(path: Path) -> int:
     otherwise."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return 0
+    import gzip
+
     import nibabel as nib
 
-    img = nib.load(str(path))
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"  # by content, as SimpleITK reads it (nibabel goes by the name)
+    try:
+        if gz == path.name.lower().endswith(".gz"):
+            img = nib.load(str(path))  # memory-mapped where it can be
+        else:  # plain bytes named .nii.gz, or gzip named .nii
+            with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
+                img = nib.Nifti1Image.from_bytes(fh.read())
+    except Exception:  # not NIfTI-1 that nibabel reads: nothing to count
+        return 0
     if not np.issubdtype(img.get_data_dtype(), np.floating):
         return 0
     return int((~np.isfinite(np.asanyarray(img.dataobj))).sum())

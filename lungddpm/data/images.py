@@ -92,7 +92,8 @@ def _entries(folder: Path, what: str, dicom_dirs: bool, skip: Path | None = None
                 "letter case only (one file name on macOS and Windows)"  # fmt: skip
             raise ImageError(f"{found[same]} and {entry}: {clash}; rename one (case ids are sanitised stems)")
         found[case] = entry
-        if not re.fullmatch(rf"{re.escape(case)}(_0000)?({'|'.join(map(re.escape, SUFFIXES))})?", lower, re.I):
+        kept = rf"{re.escape(case)}(_0000)?({'|'.join(map(re.escape, SUFFIXES))})?"  # a file's stem, as it is
+        if (case != entry.name) if entry.is_dir() else not re.fullmatch(kept, lower, re.I):
             cleaned.append(f"{entry.name!r} -> {case}")
     if cleaned:  # outputs are named by case id: say which file each cleaned-up one is
         shown = ", ".join(cleaned[:10]) + (" ..." if len(cleaned) > 10 else "")

@@ -101,8 +101,11 @@ def header_grid(path: Path) -> Grid | None:
     except RuntimeError as exc:
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
     step = (np.asarray(last.GetOrigin()) - np.asarray(first.GetOrigin())) / (len(names) - 1)  # slice to slice, mm
+    if float(np.linalg.norm(step)) < 1e-6:  # no slice positions (or all at one): reading the series names that
+        return None
+    # as ImageSeriesReader's: the first slice's row, column and normal, not the step (off the normal by a drift the
+    # read accepts; with the normal against S, DICOMOrient's origin moves along the normal)
     d = np.asarray(first.GetDirection()).reshape(3, 3)
-    d[:, 2] = step / max(float(np.linalg.norm(step)), 1e-12)
     size, spacing = first.GetSize(), first.GetSpacing()
     return Grid((size[0], size[1], len(names)), (spacing[0], spacing[1], float(np.linalg.norm(step))),
                 first.GetOrigin(), tuple(d.ravel().tolist()))  # fmt: skip
