@@ -226,6 +226,14 @@ def _cache_key(case: ImageCase, convention: str) -> str:
     return f"images-v3|{stats}|{convention}"
 
 
+def checked(case: ImageCase, convention: str) -> bool:
+    """Whether :func:`has_nodules` has its answer for the case cached (no label map to read)."""
+    try:
+        return case.label is None or cached(_cache_key(case, convention), "has_nodules") is not None
+    except ImageError:  # a file missing: has_nodules names it
+        return False
+
+
 def has_nodules(case: ImageCase, convention: str) -> bool:
     """Whether the case's label map has a nodule voxel, once its values and its grid (against the CT's header) pass
     the checks :func:`read_label` makes; cached on disk by the path, size and mtime of the label map's and the CT's

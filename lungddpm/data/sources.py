@@ -71,6 +71,13 @@ def has_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
     return lidc.has_nodules(case_id, cfg.data.min_readers)
 
 
+def nodules_known(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
+    """Whether :func:`has_nodules` answers without reading a file (images: the label map's check is cached)."""
+    if cfg.data.source != "images":
+        return True
+    return labels.checked(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
+
+
 DATA_FILE = {".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
              ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.M | re.I)}  # fmt: skip
 

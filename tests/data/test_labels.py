@@ -18,6 +18,7 @@ from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.images import discover, read_ct, read_image, write_image
 from lungddpm.data.labels import Grid, grid_problems, has_nodules, header_grid, image_grid, read_label
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
+from lungddpm.data.sources import nodules_known
 from lungddpm.errors import ImageError
 from lungddpm.preprocessing.cases import case_strata, list_cases
 
@@ -187,3 +188,15 @@ def test_cleaned_up_file_names_are_reported(tmp_path: Path, caplog: pytest.LogCa
     assert "case ids cleaned up from file names" in caplog.text
     assert "'P10_0000' -> P10, 'patient 0886 (copy).nii.gz' -> patient_0886_copy" in caplog.text
     assert "ok.NRRD" not in caplog.text and "LIDC-IDRI-0001_0000" not in caplog.text and "P11" not in caplog.text
+
+
+def test_label_maps_read_at_parse_time_show_progress_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A first parse reads every label map (a minute or more for hundreds of CTs): a progress bar says so; the next
+    parse reads none (the checks are cached by file) and shows nothing."""
+    cfg = _folders(tmp_path, {f"c{i:02d}": _labels() for i in range(10)})
+    cases = list_cases(cfg)
+    assert not any(nodules_known(cfg, c) for c in cases)
+    assert case_strata(cfg, cases) == dict.fromkeys(cases, True)
+    assert "checking 10 label maps: 100%" in capsys.readouterr().err
+    assert all(nodules_known(cfg, c) for c in cases)
+    assert case_strata(cfg, cases) == dict.fromkeys(cases, True) and capsys.readouterr().err == ""
