@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}  # fmt: skip
 SUFFIXES = tuple(IMAGE_IOS)
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines off an axis by less count as that axis; more is oblique
 COMPANIONS = (".raw", ".zraw", ".raw.gz", ".img")  # data files of .mhd / .nhdr headers, never cases themselves
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's raw image naming: <case>_0000.nii.gz
 # a chest CT in HU holds both air or lung and soft tissue (the demo's: 39-69 % and 19-46 % of the voxels)
@@ -177,18 +178,26 @@ def read_image(path: Path, padding_hu: float | None = None) -> Any:
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
     if not path.is_dir() and (problem := volume_header_problem(path)):
         raise ImageError(f"{path}: {problem}")
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageError(f"{path}: {image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} "
-                         "component(s); a CT must be one 3-D scalar volume")  # fmt: skip
+    refuse_shape(path, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
     if not path.is_dir() and (forms := nifti_forms(path)) is not None:
         _check_forms(path, image, *forms)
     image = sitk.DICOMOrient(image, "LPS")
-    if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel(), atol=1e-3):
-        raise ImageError(
-            f"{path}: oblique orientation {np.round(image.GetDirection(), 3).tolist()}; resample it onto axial, "
-            "axis-aligned slices first (only axial CT is supported)"
-        )
+    if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel(), atol=ORIENTATION_TOLERANCE):
+        raise oblique_error(path, image.GetDirection())
     return image
+
+
+def refuse_shape(path: Path, dimension: int, components: int) -> None:
+    """Refuse an image that is not one 3-D scalar volume."""
+    if dimension != 3 or components != 1:
+        raise ImageError(f"{path}: {dimension}-D image with {components} component(s); a CT must be one 3-D scalar "
+                         "volume")  # fmt: skip
+
+
+def oblique_error(path: Path, direction: Sequence[float]) -> ImageError:
+    """The error for a volume whose axes are not along L, P and S (``direction``: 3 x 3 row-major)."""
+    return ImageError(f"{path}: oblique orientation {(np.round(direction, 3) + 0.0).tolist()}; resample it onto "
+                      "axial, axis-aligned slices first (only axial CT is supported)")  # fmt: skip
 
 
 def _check_forms(path: Path, image: Any, qform: np.ndarray, sform: np.ndarray) -> None:

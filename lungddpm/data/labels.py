@@ -18,15 +18,24 @@ import numpy as np
 from ..errors import ImageError
 from ..io import volume_header_problem
 from .cache import cached, store
-from .dicom import DicomSeries
-from .images import IMAGE_IOS, ImageCase, read_ct, read_image, refuse_non_finite, sitk_grid
+from .dicom import DicomSeries, series_count_error
+from .images import (
+    IMAGE_IOS,
+    ORIENTATION_TOLERANCE,
+    ImageCase,
+    oblique_error,
+    read_ct,
+    read_image,
+    refuse_non_finite,
+    refuse_shape,
+    sitk_grid,
+)
 from .nodules import Nodule, components, lung_like
 
 log = logging.getLogger(__name__)
 
 MAX_NODULES = 255  # nodule indices are stored as uint8 on the model grid
 CONVENTIONS = {"lung_nodule": {"lung": 1, "nodule": 2}, "binary": {"lung": None, "nodule": 1}}
-ORIENTATION_TOLERANCE = 1e-3  # direction cosines off an axis by less count as that axis (as read_image checks)
 SPACING_RTOL = 1e-3  # a label map's voxel size may differ from its CT's by this fraction
 ORIGIN_TOLERANCE = 0.1  # ... and its first voxel lie this many of the CT's smallest voxel sizes away
 
@@ -52,14 +61,15 @@ class Grid:
 
     def lps(self) -> Grid | None:
         """The grid ``DICOMOrient(image, "LPS")`` makes of it (axes along L, P, S, the origin at the new first
-        voxel); None when an axis is oblique (such a volume is refused when it is read)."""
+        voxel); None when it is oblique, as :func:`~lungddpm.data.images.read_image` judges it (refused)."""
         d = np.asarray(self.direction, np.float64).reshape(3, 3)
         axis = np.abs(d).argmax(axis=1)  # for each of L, P, S, the stored axis nearest to it
-        if sorted(axis) != [0, 1, 2] or not np.allclose(np.abs(d[[0, 1, 2], axis]), 1, atol=ORIENTATION_TOLERANCE):
+        flip = np.sign(d[[0, 1, 2], axis])
+        if sorted(axis) != [0, 1, 2] or not np.allclose(d[:, axis] * flip, np.eye(3), atol=ORIENTATION_TOLERANCE):
             return None
         origin = np.asarray(self.origin, np.float64)
         for j, i in enumerate(axis):
-            if d[j, i] < 0:  # stored against L, P or S: the first voxel becomes the far one
+            if flip[j] < 0:  # stored against L, P or S: the first voxel becomes the far one
                 origin = origin + d[:, i] * self.spacing[i] * (self.size[i] - 1)
         return Grid(tuple(self.size[i] for i in axis), tuple(self.spacing[i] for i in axis), tuple(origin.tolist()))
 
@@ -75,9 +85,10 @@ def image_grid(image: Any) -> Grid:
     return Grid(*(tuple(f()) for f in get))
 
 
-def header_grid(path: Path) -> Grid | None:
-    """The grid a volume file or a DICOM series folder is stored on, from its headers alone (no voxels read); None
-    for a folder holding other than one series of at least 2 slices (reading it names that)."""
+def header_grid(path: Path) -> Grid:
+    """The grid a volume file or a DICOM series folder is stored on, from its headers alone (no voxels read),
+    refusing what reading it would refuse from them: unreadable, no orientation (NIfTI, NRRD), not one 3-D scalar
+    volume, a folder not holding one series of at least 2 slices at distinct positions."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -89,26 +100,38 @@ def header_grid(path: Path) -> Grid | None:
             reader.SetFileName(str(path))
             reader.SetImageIO(next((v for k, v in IMAGE_IOS.items() if path.name.lower().endswith(k)), ""))
             reader.ReadImageInformation()
-            return image_grid(reader) if reader.GetDimension() == 3 else None
+            refuse_shape(path, reader.GetDimension(), reader.GetNumberOfComponents())
+            return image_grid(reader)
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if len(series) == 1 else ()
-        if len(names) < 2:
-            return None
+        if len(series) != 1:
+            raise series_count_error(path, len(series))
+        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
         first, last = (sitk.ImageFileReader() for _ in range(2))
         for reader, name in ((first, names[0]), (last, names[-1])):
             reader.SetFileName(name)
             reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
-    step = (np.asarray(last.GetOrigin()) - np.asarray(first.GetOrigin())) / (len(names) - 1)  # slice to slice, mm
-    if float(np.linalg.norm(step)) < 1e-6:  # no slice positions (or all at one): reading the series names that
-        return None
+    refuse_shape(path, 3, first.GetNumberOfComponents())
+    step = (np.asarray(last.GetOrigin()) - np.asarray(first.GetOrigin())) / max(len(names) - 1, 1)  # mm a slice
+    if float(np.linalg.norm(step)) < 1e-6:  # one slice, or all at one position: no slice spacing
+        raise ImageError(f"{path}: {len(names)} DICOM slice(s) at one position; a CT must be a volume of at least 2 "
+                         "slices at their own positions: give the whole series")  # fmt: skip
     # as ImageSeriesReader's: the first slice's row, column and normal, not the step (off the normal by a drift the
     # read accepts; with the normal against S, DICOMOrient's origin moves along the normal)
     d = np.asarray(first.GetDirection()).reshape(3, 3)
     size, spacing = first.GetSize(), first.GetSpacing()
     return Grid((size[0], size[1], len(names)), (spacing[0], spacing[1], float(np.linalg.norm(step))),
                 first.GetOrigin(), tuple(d.ravel().tolist()))  # fmt: skip
+
+
+def ct_grid(path: Path) -> Grid:
+    """The LPS grid of a CT from its headers alone (:func:`header_grid`), refusing an oblique one as reading it
+    would: what the workflow checks of every CT when it is parsed."""
+    stored = header_grid(path)
+    if (grid := stored.lps()) is None:
+        raise oblique_error(Path(path), stored.direction)
+    return grid
 
 
 def grid_problems(label: Grid, ct: Grid) -> list[str]:
@@ -129,7 +152,7 @@ def grid_error(path: Path, ct_path: Path, problems: list[str]) -> ImageError:
     stored = []
     for what, file in (("the label map", path), ("the CT", ct_path)):
         try:
-            stored.append(f"{what} {header_grid(file) or '(not read)'}")
+            stored.append(f"{what} {header_grid(file)}")
         except ImageError:
             stored.append(f"{what} (unreadable header)")
     return ImageError(
@@ -216,42 +239,40 @@ def _cache_key(case: ImageCase, convention: str) -> str:
     from .sources import data_files  # a detached header's data files: rewriting only them changes the voxels
 
     stats = []
-    for path in (case.label, case.image):
-        assert path is not None
+    for path in (p for p in (case.label, case.image) if p is not None):
         for f in ([] if path.is_dir() else [path]) + data_files(path):
             if not f.is_file():  # a detached header whose data file was not copied with it
                 raise ImageError(f"{path}: its voxels' file {f} is missing; copy it beside the header")
             st = f.stat()
             stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return f"images-v3|{stats}|{convention}"
+    return f"images-v4|{stats}|{convention}"
 
 
 def checked(case: ImageCase, convention: str) -> bool:
-    """Whether :func:`has_nodules` has its answer for the case cached (no label map to read)."""
+    """Whether :func:`has_nodules` has its answer for the case cached (no file to read)."""
     try:
-        return case.label is None or cached(_cache_key(case, convention), "has_nodules") is not None
+        return cached(_cache_key(case, convention), "has_nodules") is not None
     except ImageError:  # a file missing: has_nodules names it
         return False
 
 
 def has_nodules(case: ImageCase, convention: str) -> bool:
-    """Whether the case's label map has a nodule voxel, once its values and its grid (against the CT's header) pass
-    the checks :func:`read_label` makes; cached on disk by the path, size and mtime of the label map's and the CT's
+    """Whether the case's label map has a nodule voxel, once the CT's headers (:func:`ct_grid`) and the label map
+    (values, grid) pass the checks reading them would make; cached on disk by the path, size and mtime of their
     files, because the split needs it whenever Snakemake parses the workflow."""
-    if case.label is None:
-        return False
     key = _cache_key(case, convention)
     if (cached_flag := cached(key, "has_nodules")) is not None:
         return bool(cached_flag)
     import SimpleITK as sitk
 
-    image = read_image(case.label)
-    labels = sitk.GetArrayFromImage(image)
-    check_values(case.label, labels, convention)
-    ct = header_grid(case.image)
-    label, ct = image_grid(image).lps(), ct.lps() if ct is not None else None  # the label map's is already LPS
-    if label is not None and ct is not None and (problems := grid_problems(label, ct)):
-        raise grid_error(case.label, case.image, problems)
-    flag = bool((labels == CONVENTIONS[convention]["nodule"]).any())
-    store(key, "has_nodules", flag, "label scan")
+    ct = ct_grid(case.image)
+    flag = False
+    if case.label is not None:
+        image = read_image(case.label)
+        labels = sitk.GetArrayFromImage(image)
+        check_values(case.label, labels, convention)
+        if problems := grid_problems(image_grid(image), ct):  # the label map's is already in LPS order
+            raise grid_error(case.label, case.image, problems)
+        flag = bool((labels == CONVENTIONS[convention]["nodule"]).any())
+    store(key, "has_nodules", flag, "case check")
     return flag

@@ -64,8 +64,8 @@ def patient_of(cfg: Config, case_id: str, base: Path = Path(".")) -> str:
 
 
 def has_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
-    """Whether a case has nodules that its layout holds (the split's stratum; LIDC: read by ``data.min_readers``);
-    relative image folders are under ``base``."""
+    """Whether a case has nodules that its layout holds (the split's stratum; LIDC: read by ``data.min_readers``;
+    images: once the CT's header and the label map pass their checks); relative image folders are under ``base``."""
     if cfg.data.source == "images":
         return labels.has_nodules(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
     return lidc.has_nodules(case_id, cfg.data.min_readers)

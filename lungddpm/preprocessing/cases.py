@@ -17,7 +17,7 @@ from .split import split_cases, write_splits
 
 log = logging.getLogger(__name__)
 
-PROGRESS_MIN_CASES = 10  # label maps to read at parse time from which a progress bar is shown
+PROGRESS_MIN_CASES = 10  # cases whose files are read at parse time from which a progress bar is shown
 
 PATIENT_DIR = re.compile(r"^LIDC-IDRI-\d{4}$")
 # in an image case's patient id or file stem, hyphens or underscores (a cleaned-up space) or none between the parts
@@ -63,13 +63,13 @@ def case_patients(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict
 
 
 def case_strata(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict[str, bool]:
-    """case id -> whether it has annotated nodules (the split's stratum; with images, from the label maps, each
-    checked: every map that fails is named in one error, not one a run)."""
+    """case id -> whether it has annotated nodules (the split's stratum; with images, from the label maps, once each
+    CT's header and label map pass their checks: every case that fails is named in one error, not one a run)."""
     from tqdm import tqdm
 
     strata, errors = dict[str, bool](), list[str]()
     todo = sum(not sources.nodules_known(cfg, c, base) for c in cases)  # read once, then cached by file
-    for c in tqdm(cases, desc=f"checking {todo} label maps", unit="case", disable=todo < PROGRESS_MIN_CASES):
+    for c in tqdm(cases, desc=f"checking the files of {todo} cases", unit="case", disable=todo < PROGRESS_MIN_CASES):
         try:
             strata[c] = sources.has_nodules(cfg, c, base)
         except ImageError as exc:

@@ -16,7 +16,7 @@ from support import write_non_axial_series
 from lungddpm.config import Config, validate_config
 from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.images import discover, read_ct, read_image, write_image
-from lungddpm.data.labels import Grid, grid_problems, has_nodules, header_grid, image_grid, read_label
+from lungddpm.data.labels import Grid, ct_grid, grid_problems, has_nodules, header_grid, image_grid, read_label
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
 from lungddpm.data.sources import nodules_known
 from lungddpm.errors import ImageError
@@ -197,6 +197,46 @@ def test_label_maps_read_at_parse_time_show_progress_once(tmp_path: Path, capsys
     cases = list_cases(cfg)
     assert not any(nodules_known(cfg, c) for c in cases)
     assert case_strata(cfg, cases) == dict.fromkeys(cases, True)
-    assert "checking 10 label maps: 100%" in capsys.readouterr().err
+    assert "checking the files of 10 cases: 100%" in capsys.readouterr().err
     assert all(nodules_known(cfg, c) for c in cases)
     assert case_strata(cfg, cases) == dict.fromkeys(cases, True) and capsys.readouterr().err == ""
+
+
+def test_every_ct_refused_by_its_header_is_named_when_the_workflow_is_parsed(tmp_path: Path) -> None:
+    """What reading a CT refuses from its header alone (no orientation, oblique, two series in a folder, an RGB
+    volume) failed one case a run, in its preprocess job, also without label maps; now the parse names every one."""
+    import nibabel as nib
+
+    ct = tmp_path / "CT"
+    write_image(ct / "good.nii.gz", _ct(), _series())
+    nib.save(nib.Nifti1Image(np.transpose(_ct(), (2, 1, 0)), None), ct / "bare.nii.gz")  # qform and sform codes 0
+    oblique = sitk.GetImageFromArray(_ct())
+    oblique.SetDirection((np.cos(0.01), -np.sin(0.01), 0, np.sin(0.01), np.cos(0.01), 0, 0, 0, 1))  # 0.6 degrees
+    sitk.WriteImage(oblique, str(ct / "tilted.mha"))
+    sitk.WriteImage(sitk.Compose(*[sitk.GetImageFromArray(_ct())] * 3), str(ct / "rgb.nrrd"))
+    for uid in ("1.2.826.0.1.7", "1.2.826.0.1.8"):  # two series in one case folder
+        geom = ScanGeometry("P1", "1.2.826.0.1.1", uid, 0.8, np.arange(4) * 2.5, 2.5, rows=20, cols=16)
+        write_dicom_series(
+            _ct((4, 20, 16)).astype(np.float32), geom, ct / "two" / uid, DicomQuirks(True, -1024.0, None)
+        )
+        for f in (ct / "two" / uid).iterdir():
+            f.rename(ct / "two" / f"{uid}_{f.name}")
+        (ct / "two" / uid).rmdir()
+    discover.cache_clear()
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": {"ct_dir": str(ct)}}}))
+    cases = list_cases(cfg)
+    with pytest.raises(ImageError) as err:
+        case_strata(cfg, cases)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "4 of 5 cases cannot be read; fix each:" and len(lines) == 5
+    assert "CT/bare.nii.gz: no orientation (qform_code and sform_code 0)" in lines[1]
+    assert "CT/rgb.nrrd: 3-D image with 3 component(s); a CT must be one 3-D scalar volume" in lines[2]
+    assert "CT/tilted.mha: oblique orientation [1.0, -0.01, 0.0, 0.01, 1.0, 0.0, 0.0, 0.0, 1.0]" in lines[3]
+    assert "CT/two: 2 DICOM series in this folder; keep exactly one series per subfolder" in lines[4]
+    for name in ("bare.nii.gz", "rgb.nrrd", "tilted.mha"):  # each refused by the read too (the preprocess job)
+        with pytest.raises(ImageError, match=name):
+            read_ct(ct / name, -1024, 3071)
+    slight = sitk.GetImageFromArray(_ct())  # 0.03 degrees: within the read's tolerance, read as axial
+    slight.SetDirection((np.cos(5e-4), -np.sin(5e-4), 0, np.sin(5e-4), np.cos(5e-4), 0, 0, 0, 1))
+    sitk.WriteImage(slight, str(tmp_path / "slight.mha"))
+    assert ct_grid(tmp_path / "slight.mha").size == (16, 20, 8) and read_ct(tmp_path / "slight.mha", -1024, 3071)
