@@ -204,6 +204,16 @@ def _check_forms(path: Path, image: Any, qform: np.ndarray, sform: np.ndarray) -
     """A NIfTI file whose qform and sform (RAS 4 x 4) differ: refused where they differ in voxel size or orientation
     (the volume's size or handedness is then unknown); a warning naming the one SimpleITK read where they differ in
     position alone (its label map is read the same way, so the two stay aligned)."""
+    refuse_forms(path, qform, sform)
+    origin = np.asarray(image.GetOrigin()) * (-1, -1, 1)  # SimpleITK's LPS -> the forms' RAS
+    used = min((np.abs(f[:3, 3] - origin).max(), name) for f, name in ((qform, "qform"), (sform, "sform")))[1]
+    log.warning("%s: its qform and sform place the volume %.1f mm apart; read at the %s's position, as SimpleITK "
+                "chooses (its label map likewise); set both alike to silence this", path,
+                float(np.linalg.norm(qform[:3, 3] - sform[:3, 3])), used)  # fmt: skip
+
+
+def refuse_forms(path: Path, qform: np.ndarray, sform: np.ndarray) -> None:
+    """Refuse a NIfTI file whose qform and sform (RAS 4 x 4) differ in voxel size or orientation."""
     if not np.allclose(qform[:3, :3], sform[:3, :3], atol=1e-4):
         q, s = (np.round(f[:3, :3], 4).tolist() for f in (qform, sform))
         raise ImageError(
@@ -211,11 +221,6 @@ def _check_forms(path: Path, image: Any, qform: np.ndarray, sform: np.ndarray) -
             "reads one, nibabel the other: export it again with both set to the true one (nibabel: "
             "img.set_qform(img.get_sform()))"
         )
-    origin = np.asarray(image.GetOrigin()) * (-1, -1, 1)  # SimpleITK's LPS -> the forms' RAS
-    used = min((np.abs(f[:3, 3] - origin).max(), name) for f, name in ((qform, "qform"), (sform, "sform")))[1]
-    log.warning("%s: its qform and sform place the volume %.1f mm apart; read at the %s's position, as SimpleITK "
-                "chooses (its label map likewise); set both alike to silence this", path,
-                float(np.linalg.norm(qform[:3, 3] - sform[:3, 3])), used)  # fmt: skip
 
 
 def refuse_non_finite(path: Path, values: np.ndarray, fill: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
-from ..io import volume_header_problem
+from ..io import nifti_forms, volume_header_problem
 from .cache import cached, store
 from .dicom import DicomSeries, series_count_error
 from .images import (
@@ -26,6 +26,7 @@ from .images import (
     oblique_error,
     read_ct,
     read_image,
+    refuse_forms,
     refuse_non_finite,
     refuse_shape,
     sitk_grid,
@@ -94,14 +95,19 @@ def header_grid(path: Path) -> Grid:
     path = Path(path)
     try:
         if not path.is_dir():
-            if problem := volume_header_problem(path):
-                raise ImageError(f"{path}: {problem}")
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.SetImageIO(next((v for k, v in IMAGE_IOS.items() if path.name.lower().endswith(k)), ""))
             reader.ReadImageInformation()
+            if problem := volume_header_problem(path):
+                raise ImageError(f"{path}: {problem}")
             refuse_shape(path, reader.GetDimension(), reader.GetNumberOfComponents())
-            return image_grid(reader)
+            if (forms := nifti_forms(path)) is not None:
+                refuse_forms(path, *forms)
+            grid = image_grid(reader)  # a negative spacing (MetaImage) read as ReadImage does: its axis reversed
+            sign = np.where(np.asarray(grid.spacing) < 0, -1.0, 1.0)
+            d = np.asarray(grid.direction).reshape(3, 3) * sign
+            return Grid(grid.size, tuple(np.abs(grid.spacing).tolist()), grid.origin, tuple(d.ravel().tolist()))
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
         if len(series) != 1:
             raise series_count_error(path, len(series))
@@ -110,9 +116,12 @@ def header_grid(path: Path) -> Grid:
         for reader, name in ((first, names[0]), (last, names[-1])):
             reader.SetFileName(name)
             reader.ReadImageInformation()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: a file this user may not read
         raise ImageError(f"{path}: unreadable ({str(exc).strip().splitlines()[-1]}); re-export the volume") from exc
     refuse_shape(path, 3, first.GetNumberOfComponents())
+    if len(names) == 1:
+        raise ImageError(f"{path}: one DICOM file (one slice, or a multi-frame file, which is not read); give the "
+                         "series as one file per slice")  # fmt: skip
     step = (np.asarray(last.GetOrigin()) - np.asarray(first.GetOrigin())) / max(len(names) - 1, 1)  # mm a slice
     if float(np.linalg.norm(step)) < 1e-6:  # one slice, or all at one position: no slice spacing
         raise ImageError(f"{path}: {len(names)} DICOM slice(s) at one position; a CT must be a volume of at least 2 "

@@ -15,7 +15,7 @@ from support import write_non_axial_series
 
 from lungddpm.config import Config, validate_config
 from lungddpm.data.dicom import DicomSeries
-from lungddpm.data.images import discover, read_ct, read_image, write_image
+from lungddpm.data.images import ImageCase, discover, read_ct, read_image, write_image
 from lungddpm.data.labels import Grid, ct_grid, grid_problems, has_nodules, header_grid, image_grid, read_label
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
 from lungddpm.data.sources import nodules_known
@@ -240,3 +240,35 @@ def test_every_ct_refused_by_its_header_is_named_when_the_workflow_is_parsed(tmp
     slight.SetDirection((np.cos(5e-4), -np.sin(5e-4), 0, np.sin(5e-4), np.cos(5e-4), 0, 0, 0, 1))
     sitk.WriteImage(slight, str(tmp_path / "slight.mha"))
     assert ct_grid(tmp_path / "slight.mha").size == (16, 20, 8) and read_ct(tmp_path / "slight.mha", -1024, 3071)
+
+
+def test_header_only_reads_follow_the_reader_on_negative_spacing_forms_and_unreadable_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MetaImage with a negative spacing (read with that axis reversed) on one grid with its label map was refused
+    at parse time (spacing -2.5 against 2.5); a NIfTI whose qform and sform differ in voxel size passed it (the read
+    refuses it); a file this user may not read raised an OSError traceback through the parse."""
+    import nibabel as nib
+
+    for name, element, values in (("ct", "MET_SHORT", _ct((6, 16, 16))), ("lab", "MET_UCHAR", _labels((6, 16, 16)))):
+        values.tofile(tmp_path / f"{name}.raw")
+        (tmp_path / f"{name}.mhd").write_text(
+            "ObjectType = Image\nNDims = 3\nDimSize = 16 16 6\nElementSpacing = 0.8 0.8 -2.5\nOffset = 0 0 10\n"
+            f"ElementType = {element}\nElementDataFile = {name}.raw\n"
+        )
+    assert _same(ct_grid(tmp_path / "ct.mhd"), image_grid(read_image(tmp_path / "ct.mhd")))
+    assert has_nodules(ImageCase("ct", tmp_path / "ct.mhd", tmp_path / "lab.mhd", "ct"), "lung_nodule")
+    qform = np.diag([-0.8, -0.8, 2.5, 1.0])
+    img = nib.Nifti1Image(np.transpose(_ct(), (2, 1, 0)), None)
+    img.set_qform(qform, code=1)
+    img.set_sform(np.diag([-0.9, -0.8, 2.5, 1.0]), code=1)  # another voxel size
+    nib.save(img, tmp_path / "forms.nii.gz")
+    with pytest.raises(ImageError, match=r"forms.nii.gz: its qform and sform disagree on voxel size"):
+        ct_grid(tmp_path / "forms.nii.gz")
+
+    def locked(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("lungddpm.data.labels.volume_header_problem", locked)
+    with pytest.raises(ImageError, match=r"ct.mhd: unreadable \(.*Permission denied.*\); re-export the volume"):
+        ct_grid(tmp_path / "ct.mhd")
