@@ -72,7 +72,7 @@ def has_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
 
 
 def nodules_known(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
-    """Whether :func:`has_nodules` answers without reading a file (images: the label map's check is cached)."""
+    """Whether :func:`has_nodules` answers without reading a file (images: the case's checks are cached)."""
     if cfg.data.source != "images":
         return True
     return labels.checked(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
