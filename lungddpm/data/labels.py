@@ -257,12 +257,13 @@ def _cache_key(case: ImageCase, convention: str) -> str:
     return f"images-v4|{stats}|{convention}"
 
 
-def checked(case: ImageCase, convention: str) -> bool:
-    """Whether :func:`has_nodules` has its answer for the case cached (no file to read)."""
+def known_flag(case: ImageCase, convention: str) -> bool | None:
+    """:func:`has_nodules`' answer when it is cached (no file to read), else None."""
     try:
-        return cached(_cache_key(case, convention), "has_nodules") is not None
+        flag = cached(_cache_key(case, convention), "has_nodules")
     except ImageError:  # a file missing: has_nodules names it
-        return False
+        return None
+    return None if flag is None else bool(flag)
 
 
 def has_nodules(case: ImageCase, convention: str) -> bool:

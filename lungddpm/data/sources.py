@@ -71,11 +71,11 @@ def has_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
     return lidc.has_nodules(case_id, cfg.data.min_readers)
 
 
-def nodules_known(cfg: Config, case_id: str, base: Path = Path(".")) -> bool:
-    """Whether :func:`has_nodules` answers without reading a file (images: the case's checks are cached)."""
+def known_nodules(cfg: Config, case_id: str, base: Path = Path(".")) -> bool | None:
+    """:func:`has_nodules` when it reads no file (images: the case's checks cached), else None."""
     if cfg.data.source != "images":
-        return True
-    return labels.checked(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
+        return has_nodules(cfg, case_id, base)
+    return labels.known_flag(image_cases(cfg, base)[case_id], cfg.data.images.label_convention)
 
 
 DATA_FILE = {".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),

@@ -67,18 +67,19 @@ def case_strata(cfg: Config, cases: list[str], base: Path = Path(".")) -> dict[s
     CT's header and label map pass their checks: every case that fails is named in one error, not one a run)."""
     from tqdm import tqdm
 
-    strata, errors = dict[str, bool](), list[str]()
-    todo = sum(not sources.nodules_known(cfg, c, base) for c in cases)  # read once, then cached by file
-    for c in tqdm(cases, desc=f"checking the files of {todo} cases", unit="case", disable=todo < PROGRESS_MIN_CASES):
+    known = {c: sources.known_nodules(cfg, c, base) for c in cases}  # read once, then cached by file
+    todo, errors = [c for c, flag in known.items() if flag is None], list[str]()
+    for c in tqdm(todo, desc=f"checking the files of {len(todo)} cases", unit="case",
+                  disable=len(todo) < PROGRESS_MIN_CASES):  # fmt: skip
         try:
-            strata[c] = sources.has_nodules(cfg, c, base)
+            known[c] = sources.has_nodules(cfg, c, base)
         except ImageError as exc:
             errors.append(str(exc))
     if len(errors) == 1:
         raise ImageError(errors[0])
     if errors:
         raise ImageError(f"{len(errors)} of {len(cases)} cases cannot be read; fix each:\n" + "\n".join(errors))
-    return strata
+    return {c: bool(flag) for c, flag in known.items()}
 
 
 def case_split(

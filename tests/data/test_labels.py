@@ -18,7 +18,7 @@ from lungddpm.data.dicom import DicomSeries
 from lungddpm.data.images import ImageCase, discover, read_ct, read_image, write_image
 from lungddpm.data.labels import Grid, ct_grid, grid_problems, has_nodules, header_grid, image_grid, read_label
 from lungddpm.data.phantom import DicomQuirks, ScanGeometry, write_dicom_series
-from lungddpm.data.sources import nodules_known
+from lungddpm.data.sources import known_nodules
 from lungddpm.errors import ImageError
 from lungddpm.preprocessing.cases import case_strata, list_cases
 
@@ -195,10 +195,10 @@ def test_label_maps_read_at_parse_time_show_progress_once(tmp_path: Path, capsys
     parse reads none (the checks are cached by file) and shows nothing."""
     cfg = _folders(tmp_path, {f"c{i:02d}": _labels() for i in range(10)})
     cases = list_cases(cfg)
-    assert not any(nodules_known(cfg, c) for c in cases)
+    assert all(known_nodules(cfg, c) is None for c in cases)
     assert case_strata(cfg, cases) == dict.fromkeys(cases, True)
     assert "checking the files of 10 cases: 100%" in capsys.readouterr().err
-    assert all(nodules_known(cfg, c) for c in cases)
+    assert all(known_nodules(cfg, c) is True for c in cases)
     assert case_strata(cfg, cases) == dict.fromkeys(cases, True) and capsys.readouterr().err == ""
 
 
