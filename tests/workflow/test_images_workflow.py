@@ -187,3 +187,28 @@ def test_without_label_maps_the_lungs_come_from_the_lung_mask(images_workflow: P
     ours, _ = read_volume(tmp_path / "out/lung_fine.nii.gz")
     labelled, _ = read_volume(images_workflow / f"results/preprocessed/{case}/lung_fine.nii.gz")
     assert 2 * (ours & labelled).sum() / (ours.sum() + labelled.sum()) > 0.97  # our mask against the label's lungs
+
+
+def test_one_run_names_every_ct_whose_voxels_fail_preprocess(tmp_path: Path) -> None:
+    """What only a CT's voxels show (NaN, values not in HU) fails that case's `preprocess` job. The default
+    profile's keep-going runs every other case's job, so one run names them all; before, Snakemake stopped
+    scheduling at the first failure (with 2 cores, at most 2 of these 3 were ever named in a run)."""
+    own = {"data": {"source": "images", "images": {"ct_dir": "CT", "label_dir": None}}}
+    work = make_workdir(tmp_path / "work", own)
+    geom = scan_geometry(scan_info(_demo_cases(work)[0]))
+    write_dicom_series(synthesize_thorax(geom, [], seed=7)[0], geom, tmp_path / "dicom", quirks_for(1))
+    series = read_ct(tmp_path / "dicom", -1024, 3071)
+    hu = series.hu.astype(np.int16)
+    nan = series.hu.copy()
+    nan[len(nan) // 2, 100:102, 100] = np.nan
+    volumes = {"good": hu, "nan": nan, "stored": hu + np.int16(1024), "blank": np.zeros_like(hu)}
+    for case, array in volumes.items():
+        write_image(work / "CT" / f"{case}.nii.gz", array, series)
+    proc = snakemake(work, *[f"results/preprocessed/{case}/meta.json" for case in volumes], check=False)
+    assert proc.returncode != 0
+    assert read_json(work / "results/preprocessed/good/meta.json")["lung_source"] == "lungmask"
+    logs = {case: (work / f"logs/preprocess/{case}.log").read_text() for case in ("nan", "stored", "blank")}
+    assert "ImageError: CT/nan.nii.gz: 2 NaN or infinite voxel(s)" in logs["nan"]  # ct_dir as given: relative
+    for case in ("stored", "blank"):
+        assert f"ImageError: CT/{case}.nii.gz: " in logs[case] and "not a chest CT in Hounsfield units" in logs[case]
+    assert all(not (work / f"results/preprocessed/{case}").exists() for case in logs)
