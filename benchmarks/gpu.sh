@@ -13,13 +13,13 @@
 # the first call's budget cut (a machine idle for 30 s is given back, so send the second call at once).
 # CPU dry run: SIZE=16 CHANNELS=32 MAX=2 LESION_SIZE=16 BATCH=2 STEPS=1 OUT_DIR=/tmp/dry bash benchmarks/gpu.sh
 # (its ours-bf16 rows say NOT FINITE on a CPU with oneDNN's bf16 fault at a level 2 voxels deep, at 16³ and 32³:
-# README, Training; lungddpm.diffusion.precision.checked_cpu_bf16. The tooling is what a dry run checks.)
+# docs/training.md; lungddpm.diffusion.precision.checked_cpu_bf16. The tooling is what a dry run checks.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 src=${LUNG_DDPM:-peers/Lung-DDPM}
 # without an install: this checkout, plus the dependencies the machine lacks, carried along in the git-ignored peers/:
 # wheels in peers/whl (`pip download --no-deps --only-binary=:all: --python-version 3.12 --platform ... -d
-# peers/whl diffusers jsonschema referencing jsonschema-specifications rpds-py simpleitk`, README: Speed), installed
+# peers/whl diffusers jsonschema referencing jsonschema-specifications rpds-py simpleitk`, docs/speed.md), installed
 # here into a temporary folder where they are missing, or an installed tree in peers/site
 py=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -111,8 +111,9 @@ def bf16_conv_grad_error(
     """This CPU's bf16 gradients (weight and input, by autograd under autocast, in the given memory format) of a
     biased ``kernel``³ convolution (padding kernel // 2) on a (2, cin, *shape) input: the larger error against
     float64, relative to the largest value (nan = not finite). oneDNN in torch 2.14 on an AVX512-BF16 CPU returns
-    garbage when the depth is 2, for some channel counts only (README: Mixed precision). The global RNG is left as it
-    was (the layers' initialisation drew from it, so a training's dropout depended on whether this ran before)."""
+    garbage when the depth is 2, for some channel counts only (docs/training.md: Mixed precision). The global RNG is
+    left as it was (the layers' initialisation drew from it, so a training's dropout depended on whether this ran
+    before)."""
     with torch.random.fork_rng(devices=[]):
         return _conv_grad_error(shape, cin, cout, kernel, stride, channels_last)
 

@@ -46,7 +46,7 @@ GPU_MODES = ("original:fp32", "original:bf16", "ours:fp32", "ours:bf16", "ours:b
              "ours:bf16:reduce-overhead", "ours:bf16:default:device-rng")  # fmt: skip
 CPU_MODES = ("original:fp32", "ours:fp32", "ours:bf16")
 PAPER_LR = 1e-5  # Lung-DDPM's train.py --train_lr
-PAPER_GRAD_CLIP = 1.0  # lungddpm's default train.grad_clip (config/paper.yaml: 0); README, Speed
+PAPER_GRAD_CLIP = 1.0  # lungddpm's default train.grad_clip (config/paper.yaml: 0); docs/speed.md
 ORIGINAL_EMA_EVERY = 10  # Lung-DDPM's Trainer(update_ema_every=10)
 PARITY_SIZE = 32  # the grid of the fp32 parity check of the two networks (on the CPU, before any timing)
 

@@ -138,7 +138,7 @@ def synthesize_shard(
         return []
     if threads:
         torch.set_num_threads(threads)
-    model, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compile: README Speed
+    model, ckpt, device = load_for_sampling(checkpoint, sc["use_ema"], sc["compile"])  # compile: docs/speed.md
     dtype = resolve_precision(sc["precision"], device)
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
