@@ -63,7 +63,7 @@ def test_a_partial_configfile_is_merged_over_the_workflow_config_as_snakemake_me
     monkeypatch.chdir(workflow_dir.parent)
     assert _cli_config("--configfile", partial, "app", "--workdir", str(workflow_dir)) == expected
     assert _cli_config("app", "--workdir", str(workflow_dir))["sample"]["steps"] == shipped["sample"]["steps"]
-    # after the stage too, as the README writes `lungddpm app --configfile my.yaml`; --set after those before it
+    # after the stage too, as docs/studio.md writes `lungddpm app [--configfile my.yaml]`; --set after those before it
     assert _cli_config("app", "--workdir", str(workflow_dir), "--configfile", partial) == expected
     after = _cli_config("--set", "sample.steps=40", "app", "--workdir", str(workflow_dir), "--set", "sample.steps=50")
     assert after["sample"]["steps"] == 50
