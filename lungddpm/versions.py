@@ -90,7 +90,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 4: as sample 4 (a boundary probe of the rescale's coverage); 5: RePaint's jumps aligned with the end, as its
     # get_schedule_jump (items sampled with lesion.sample.jump_length > 0 differ; counted from the start before);
     # 6: the native label map keeps the lung on the series' last slices past the fine grid's last voxel (background)
-    "synthesize_lesion": 6,
+    # 7: every native voxel labelled as the new nodule is pasted with weight 1 (interpolated, rim voxels kept 5-15 %
+    # of the source's HU); a hard paste (feather_mm 0) rounds halfway voxels up, not to even
+    "synthesize_lesion": 7,
     # 2: its bank nodules rescaled as sample 3 and 4 (the bounding box's grid, never split, boundary probes); 3: as
     # synthesize_lesion 5 (RePaint's jumps); 4: a model that learnt no class (own images) is asked "any" once,
     # beside every real nodule, not the three classes it never saw

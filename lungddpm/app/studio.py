@@ -316,10 +316,11 @@ class Studio:
         if box is None:  # check_site shifts every ROI inside the scan
             raise StudioError(f"site {ins.record['site_index_kij']}: its ROI misses the scan")
         ct_before, labels_before = session.ct[box.slices].copy(), session.labels[box.slices].copy()
-        _, changed = paste_back(session.ct, box, after, feather_weight(ins.generated, float(roi.spacing[0]),
-                                                                       float(lc["insert"]["feather_mm"])))  # fmt: skip
         fraction = float(self.cfg.raw["preprocess"]["nodule_fraction"])
-        session.labels[box.slices][nodule_in_box(box, session.source.grid, roi, ins.nodule, fraction)] = NODULE
+        new = nodule_in_box(box, session.source.grid, roi, ins.nodule, fraction)
+        weight = feather_weight(ins.generated, float(roi.spacing[0]), float(lc["insert"]["feather_mm"]))
+        _, changed = paste_back(session.ct, box, after, weight, whole=new)
+        session.labels[box.slices][new] = NODULE
         mean_hu = round(nodule_mean_hu(after, ins.nodule), 1)
         record = {k: v for k, v in ins.record.items() if k != "checked_at_change"}
         record = {**record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}

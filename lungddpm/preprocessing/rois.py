@@ -234,7 +234,8 @@ def jittered_centre(
 
 
 def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str, Any]]:
-    """Write every ROI of ``src`` into ``out_dir`` and ``rois.csv`` (last); returns the table rows."""
+    """Write every ROI of ``src`` into ``out_dir`` and ``rois.csv`` (last; an earlier table there is removed first,
+    so that a rerun cut short leaves no table naming ROI files it overwrote); returns the table rows."""
     case = safe_component(src.case_id, "case id")
     lo, hi = src.bounds()
     plans: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]] = []
@@ -276,6 +277,7 @@ def extract_rois(src: SourceCT, s: RoiSettings, out_dir: Path) -> list[dict[str,
 
     rows = []
     out_dir = Path(out_dir)
+    (out_dir / "rois.csv").unlink(missing_ok=True)
     for name, centre, target, info in plans:
         geometry = s.geometry(centre)
         padded = outside_voxels(src, geometry, s.size)

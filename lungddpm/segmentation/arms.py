@@ -134,6 +134,9 @@ class SegmentationConfig:
 
         arms = tuple(arm(a) for a in s.pop("arms"))
         sw = s.pop("sweep")
+        if len({f"{f:g}" for f in sw["fractions"]}) < len(set(sw["fractions"])):  # the arms' names: 6 digits
+            raise ConfigError(f"segmentation.sweep.fractions: {sw['fractions']} name two arms alike at 6 significant "
+                              "digits (sweep_<fraction>x); give fractions that differ within 6 digits")  # fmt: skip
         s["sweep"] = tuple(
             arm({"name": f"sweep_{f:g}x", "real": True, "synthetic_fraction": f, "real_fraction": sw["real_fraction"]})
             for f in sorted(set(sw["fractions"]))

@@ -101,10 +101,10 @@ def score_case(pred: np.ndarray, nodules: np.ndarray, ev: EvaluationConfig, kind
     NaN: an empty truth gives Dice 1 or 0 by whether one voxel is predicted, a false positive counted twice)."""
     own = np.where(nodules == 1, 1, 0) if kind == "nodule" else nodules  # a nodule ROI detects its own nodule
     scores = {**voxel_scores(pred, nodules > 0), **detection(pred, own, ev.connectivity, ev.min_overlap_voxels)}
-    if kind == "nodule":
-        scores["false_positives"] = math.nan
-    elif kind == "free" or not scores["truth_voxels"]:  # no true nodule: only the false positives count (no Dice)
+    if kind == "free" or not scores["truth_voxels"]:  # no true nodule: only the false positives count (no Dice)
         scores.update(dice=math.nan, sensitivity=math.nan, detection_sensitivity=math.nan)
+    if kind == "nodule":  # (its empty truth was scored Dice 1 or 0 until 2026-12-08)
+        scores["false_positives"] = math.nan
     return scores
 
 
@@ -370,10 +370,10 @@ def sweep(
     comparison table of the sweep's arms against the smallest fraction, plus a ``synthetic_fraction`` column) and
     ``figure`` (Dice, voxel sensitivity and detection against the fraction, with their intervals)."""
     fractions = sorted(scores)
-    named = {f"sweep_{f:g}x": scores[f] for f in fractions}
-    rows = compare_arms(named, f"sweep_{fractions[0]:g}x", table, None, ev)
+    fraction_of = {f"sweep_{f:g}x": f for f in fractions}  # the fraction itself, not read back from the arm's name
+    rows = compare_arms({n: scores[f] for n, f in fraction_of.items()}, f"sweep_{fractions[0]:g}x", table, None, ev)
     for r in rows:
-        r["synthetic_fraction"] = float(r["arm"].removeprefix("sweep_").removesuffix("x"))
+        r["synthetic_fraction"] = fraction_of[r["arm"]]
     write_csv(table, rows, ("synthetic_fraction", *COMPARISON_COLUMNS))
     import matplotlib
 

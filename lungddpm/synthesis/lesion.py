@@ -40,7 +40,7 @@ from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
 from ..errors import LayoutError
 from ..io import Geometry, files_sha256, read_volume, safe_component
-from ..preprocessing.layout import NODULE, dilate_mm, face_border
+from ..preprocessing.layout import NODULE, check_labels, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
 from ..settings import lesion_insert, without_later_defaults
 from ..versions import output_version
@@ -76,7 +76,8 @@ class Insertion:
 
 
 def read_sites(table: Path) -> list[Site]:
-    """The nodule-free ROIs of one case's ``rois.csv``."""
+    """The nodule-free ROIs of one case's ``rois.csv``; a layout file with labels beyond 0/1/2 is refused by name
+    when read, before any site of the shard is inpainted."""
     sites = []
     for row in read_roi_table(table):
         if row["kind"] != "free":
@@ -84,6 +85,7 @@ def read_sites(table: Path) -> list[Site]:
         folder = Path(table).parent
         ct, geometry = read_volume(folder / row["ct"])
         layout, _ = read_volume(folder / row["layout"])
+        check_labels(layout, str(folder / row["layout"]), "rerun the rois rule for its case")
         sites.append(Site(row["roi"], ct, layout.astype(np.uint8), geometry))
     return sites
 

@@ -96,8 +96,10 @@ def _write_item(
         box = native_box(src.grid, ct.shape, c.site.geometry, n)
         if box is None:
             raise RuntimeError(f"{item.name}: site {c.site.name} lies outside its scan")  # rois never writes one
-        _, changed = paste_back(ct, box, roi_after, feather_weight(c.generated, c.site.geometry.spacing[0], feather))
-        labels[box.slices][nodule_in_box(box, src.grid, c.site.geometry, c.nodule, fraction)] = NODULE
+        new = nodule_in_box(box, src.grid, c.site.geometry, c.nodule, fraction)
+        weight = feather_weight(c.generated, c.site.geometry.spacing[0], feather)
+        _, changed = paste_back(ct, box, roi_after, weight, whole=new)
+        labels[box.slices][new] = NODULE
         write_volume(files[f"s{j}_before"], c.site.ct, c.site.geometry)
         write_volume(files[f"s{j}_after"], roi_after, c.site.geometry)
         write_volume(files[f"s{j}_layout"], c.layout, c.site.geometry)

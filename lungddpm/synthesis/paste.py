@@ -2,9 +2,11 @@
 
 Only the generated region changes: its weight (1 deep inside, falling to 0 over ``feather_mm`` towards its
 boundary, 0 outside) is interpolated from the ROI grid at every native voxel whose nearest ROI voxel is generated
-(0 at every other, so nothing beyond the generated region moves); a native voxel with weight 0 keeps its source
-value bit for bit, the others become ``round(w * generated + (1 - w) * source)``. The new nodule's native label
-follows the rule of every nodule label: the native voxels it covers by at least a fraction, and its centroid's.
+(0 at every other, so nothing beyond the generated region moves), and is 1 at every native voxel the new nodule's
+label covers (interpolated, a labelled rim voxel between a nodule voxel and a feathered one kept 5-15 % of the
+source); a native voxel with weight 0 keeps its source value bit for bit, the others become
+``round(w * generated + (1 - w) * source)``. The new nodule's native label follows the rule of every nodule label:
+the native voxels it covers by at least a fraction, and its centroid's.
 """
 
 from __future__ import annotations
@@ -63,18 +65,21 @@ def _at(volume: np.ndarray, idx: np.ndarray, order: int) -> np.ndarray:
 
 
 def paste_back(
-    native: np.ndarray, box: NativeBox, generated_hu: np.ndarray, weight: np.ndarray
+    native: np.ndarray, box: NativeBox, generated_hu: np.ndarray, weight: np.ndarray, whole: np.ndarray | None = None
 ) -> tuple[np.ndarray, int]:
     """Blend ``generated_hu`` (the ROI after inpainting, [n, n, n] HU) into ``native`` [K, I, J] in place through
     ``weight`` (:func:`feather_weight`), interpolated onto the native voxels; a 0/1 weight (``feather_mm`` 0) is taken
-    nearest-neighbour: a hard paste. Returns (the native weights in the box, the number of voxels whose value
-    changed)."""
+    nearest-neighbour: a hard paste. ``whole`` (bool [k, i, j], the box's native voxels labelled as the new nodule:
+    :func:`nodule_in_box`) takes weight 1, so that every voxel the label map calls the new nodule is wholly generated.
+    Returns (the native weights in the box, the number of voxels whose value changed)."""
     inside = nearest_in_box(box, weight > 0)
     if np.isin(weight, (0.0, 1.0)).all():
         w = inside.astype(np.float32)
     else:
         w = np.clip(_at(weight.astype(np.float32), box.roi_index, 1), 0.0, 1.0)
         w[(w < 1e-6) | ~inside] = 0.0  # interpolation reaches a voxel past the region: not there
+    if whole is not None:
+        w[whole] = 1.0
     gen = _at(generated_hu.astype(np.float32), box.roi_index, 1)
     region = native[box.slices]
     mixed = np.round(w * gen + (1 - w) * region.astype(np.float32)).astype(native.dtype)
@@ -84,8 +89,10 @@ def paste_back(
 
 
 def nearest_in_box(box: NativeBox, roi_mask: np.ndarray) -> np.ndarray:
-    """``roi_mask`` [n, n, n] looked up nearest-neighbour at the box's native voxels -> bool [k, i, j]."""
-    idx = np.round(box.roi_index).astype(int)
+    """``roi_mask`` [n, n, n] looked up nearest-neighbour at the box's native voxels -> bool [k, i, j]; a native
+    voxel halfway between two ROI voxels takes the upper one (half up, as :func:`lungddpm.preprocessing.grid.coverage`
+    rounds: ``np.round``'s half to even made a hard paste's extent depend on the region's index parity)."""
+    idx = np.floor(box.roi_index + 0.5).astype(int)
     inside = np.all((idx >= 0) & (idx < np.asarray(roi_mask.shape)), axis=-1)
     out = np.zeros(idx.shape[:-1], bool)
     out[inside] = roi_mask[tuple(idx[inside].T)]

@@ -285,3 +285,25 @@ def test_jittered_rois_that_the_scan_edges_hold_in_place_are_not_written_twice(
     assert [r["roi"] for r in rows] == [f"LIDC-IDRI-0001_n1_{r}" for r in (0, 2, 3)]
     assert "ROI LIDC-IDRI-0001_n1_1 would repeat LIDC-IDRI-0001_n1_0 (the scan's edges" in caplog.text
     assert "ROI LIDC-IDRI-0001_n1_4 would repeat LIDC-IDRI-0001_n1_2 (the scan's edges" in caplog.text
+
+
+def test_a_rerun_cut_short_leaves_no_table_naming_overwritten_rois(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lungddpm rois --out DIR` again with other settings, killed after its first files: the earlier complete
+    rois.csv stayed, naming ROI files that now held the new settings' voxels (another centre, another grid)."""
+    src = labelled_source_ct()
+    first = rois.extract_rois(src, roi_settings(size=16, nodule_jitter_mm=0.0, free_per_case=0), tmp_path)
+    assert first and (tmp_path / "rois.csv").is_file()
+    written: list[Path] = []
+
+    def dies_after_two(path: Path, *args: object, **kwargs: object) -> None:
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(Path(path))
+        write_volume(path, *args, **kwargs)
+
+    monkeypatch.setattr(rois, "write_volume", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        rois.extract_rois(src, roi_settings(size=8, free_per_case=0), tmp_path)
+    assert written and not (tmp_path / "rois.csv").exists()  # readers now say: run the stage

@@ -58,6 +58,21 @@ def test_dice_known_answers_and_empty_cases() -> None:
     assert s["dice"] == 1.0 and math.isnan(s["sensitivity"]) and s["specificity"] == 1.0
 
 
+def test_a_roi_without_a_true_nodule_has_no_dice_whatever_its_kind() -> None:
+    """An empty truth scores no Dice (1 or 0 by whether one voxel is predicted): a scan's and a free ROI's were NaN,
+    a nodule ROI's (its nodule lost upstream) read 0 for one stray voxel and 1 for none."""
+    from lungddpm.segmentation.evaluate import score_case
+
+    empty, stray = np.zeros((6, 6, 6), np.int32), np.zeros((6, 6, 6), bool)
+    stray[0, 0, 0] = True
+    for kind in ("scan", "free", "nodule"):
+        for pred in (stray, np.zeros_like(stray)):
+            s = score_case(pred, empty, EV, kind)
+            assert math.isnan(s["dice"]) and math.isnan(s["sensitivity"]), (kind, s)
+            assert math.isnan(s["false_positives"]) == (kind == "nodule")  # a nodule ROI counts none
+    assert score_case(stray, empty, EV, "free")["false_positives"] == 1
+
+
 def test_detection_found_missed_and_false_positives() -> None:
     shape = (8, 8, 8)
     nodules = np.zeros(shape, np.uint8)
@@ -317,6 +332,17 @@ def test_one_process_runs_nnunets_pools_in_this_process() -> None:
     with pytest.raises(RuntimeError), in_process_pools(1):
         raise RuntimeError("a failed stage")
     assert multiprocessing.get_context is real
+
+
+def test_sweep_fractions_alike_at_six_digits_are_named_as_such() -> None:
+    """Two fractions that name one arm (sweep_<fraction:g>x) said "segmentation.arms: arm name(s) ['sweep_1x'] appear
+    more than once; give each arm its own name", of arms the user never named."""
+    with pytest.raises(ConfigError, match=r"segmentation.sweep.fractions: \[1.0, 1.0000001\] name two arms alike"):
+        _seg(sweep={"fractions": [1.0, 1.0000001], "real_fraction": 0.5})
+    assert [a.name for a in _seg(sweep={"fractions": [1 / 3, 0.5], "real_fraction": 0.5}).sweep] == [
+        "sweep_0.333333x",
+        "sweep_0.5x",
+    ]
 
 
 def test_arms_config_errors_name_the_key() -> None:

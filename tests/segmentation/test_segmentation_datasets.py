@@ -304,8 +304,9 @@ def test_roi_scores_by_kind_and_the_fp_metric(tmp_path: Path) -> None:
 
 
 def test_sweep_table_and_plot(tmp_path: Path) -> None:
+    """A fraction's row holds the fraction itself: read back from the arm's name (6 digits) it was 0.333333."""
     scores = {}
-    for f, found in ((0.0, 1), (1.0, 2), (2.0, 3)):
+    for f, found in ((0.0, 1), (1 / 3, 2), (2.0, 3)):
         rows = [
             {
                 "arm": f"sweep_{f:g}x",
@@ -330,7 +331,7 @@ def test_sweep_table_and_plot(tmp_path: Path) -> None:
         write_csv(scores[f], rows)
     out = sweep(scores, tmp_path / "sweep.csv", tmp_path / "sweep.png", EV, 0.25)
     dice = {r["synthetic_fraction"]: r for r in out if r["metric"] == "dice"}
-    assert [dice[f]["mean"] for f in (0.0, 1.0, 2.0)] == [0.25, 0.5, 0.75]
+    assert [dice[f]["mean"] for f in (0.0, 1 / 3, 2.0)] == [0.25, 0.5, 0.75]
     assert dice[2.0]["diff"] == pytest.approx(0.5) and dice[0.0]["baseline"] == "sweep_0x"
     assert {r["metric"] for r in out} >= {"fp_per_free_roi"}
     with open(tmp_path / "sweep.csv") as fh:

@@ -207,6 +207,53 @@ def test_a_thin_new_nodule_between_native_slices_keeps_its_native_label() -> Non
     assert native.sum() * 2.5 == pytest.approx(ball.sum() * 1.25**3, rel=0.25)  # its volume, at 1 mm x 2.5 mm
 
 
+@pytest.mark.parametrize("slice_mm", [2.5, 0.7])
+def test_every_native_voxel_labelled_as_the_new_nodule_is_wholly_generated(slice_mm: float) -> None:
+    """The demo's paste (1.25 mm ROI, margin 3.75, feather 2.5 mm: a weight of 1 on every ROI voxel of the nodule)
+    interpolated the weight onto the native grid, so a labelled rim voxel between a nodule voxel and a feathered one
+    kept 5-15 % of the source HU (111 of 414 labelled voxels at 2.5 mm slices, 424 of 1517 at 0.7 mm)."""
+    from lungddpm.io import Geometry
+    from lungddpm.preprocessing.grid import SliceGrid
+    from lungddpm.preprocessing.layout import dilate_mm
+
+    grid = SliceGrid(np.arange(0, 80, slice_mm), 0.7, 0.7, 0.0, 0.0)
+    roi = Geometry(spacing=(1.25, 1.25, 1.25), origin=(19.7, 19.9, 19.8))
+    zz, yy, xx = np.indices((32, 32, 32))
+    nodule = ((zz - 15.3) ** 2 + (yy - 16.1) ** 2 + (xx - 15.7) ** 2) <= 16  # 10 mm across
+    generated = dilate_mm(nodule, 3.75, 1.25)
+    after = np.where(nodule, 40, -800).astype(np.int16)
+    native = np.full((len(grid.z_positions), 100, 100), -800, np.int16)
+    box = native_box(grid, native.shape, roi, 32)
+    new = nodule_in_box(box, grid, roi, nodule, 0.5)
+    w_roi = feather_weight(generated, 1.25, 2.5)
+    assert w_roi[nodule].min() == 1.0
+    w_old, _ = paste_back(native.copy(), box, after, w_roi)
+    assert (w_old[new] < 1).sum() > 0.1 * new.sum()  # the interpolated weight alone
+    w, changed = paste_back(native, box, after, w_roi, whole=new)
+    assert new.sum() > 100 and w[new].min() == 1.0 and changed > 0
+    assert np.array_equal(w[~new], w_old[~new])  # the feathered rim is unchanged
+    native_after = native[box.slices]
+    assert (native_after[new] > -800).all()  # every labelled voxel carries the generated HU, not the source's
+
+
+def test_a_hard_paste_rounds_half_up_so_its_extent_does_not_depend_on_parity() -> None:
+    """feather_mm 0 pastes each native voxel by its nearest ROI voxel; native centres halfway between ROI voxels (a
+    site on the 2 mm fine grid over 1.25 mm slices) were decided by np.round's half to even: a 5-slice region pasted
+    as 4 or 6 native slices by its index parity."""
+    from lungddpm.io import Geometry
+    from lungddpm.preprocessing.grid import SliceGrid
+
+    grid = SliceGrid(np.arange(30) * 1.25, 1.25, 1.25, 0.0, 0.0)
+    roi = Geometry(spacing=(1.25, 1.25, 1.25), origin=(0.625, 0.625, 0.625))
+    box = native_box(grid, (30, 40, 40), roi, 16)
+    for lo in (5, 6):
+        generated = np.zeros((16, 16, 16), bool)
+        generated[lo : lo + 5, 4:12, 4:12] = True
+        native = np.zeros((30, 40, 40), np.int16)
+        paste_back(native, box, np.where(generated, 100, 0).astype(np.int16), feather_weight(generated, 1.25, 0.0))
+        assert np.flatnonzero(native.any(axis=(1, 2))).tolist() == list(range(lo, lo + 5))
+
+
 def test_focus_weights_cover_nodule_and_margin() -> None:
     layout = np.ones((9, 9, 9), np.uint8)
     layout[4, 4, 4] = NODULE

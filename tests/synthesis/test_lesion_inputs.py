@@ -141,3 +141,24 @@ def test_the_native_geometry_refuses_slices_that_drift_off_the_written_grid() ->
     assert lesion_run.native_geometry(replace(src, grid=SliceGrid(jitter, 1.0, 1.0, 0.0, 0.0))).spacing[0] == (
         pytest.approx(0.45, abs=1e-4)
     )
+
+
+def test_a_site_layout_with_labels_beyond_the_convention_is_refused_by_file_when_read(tmp_path: Path) -> None:
+    """A free ROI's layout holding a 3 was refused only when the shard's sites were inpainted (every site placed
+    first), naming the ROI (`c1_f0`) and saying "rerun the layout stage"; now its file and the rois rule."""
+    import numpy as np
+
+    from lungddpm.errors import LayoutError
+    from lungddpm.io import Geometry, write_volume
+    from lungddpm.synthesis.lesion import read_sites
+
+    table, _, _ = _case(tmp_path)
+    geometry = Geometry(spacing=(1.25, 1.25, 1.25), origin=(0.0, 0.0, 0.0))
+    layout = np.ones((8, 8, 8), np.uint8)
+    write_volume(table.parent / "c1_f0_ct.nii.gz", np.full((8, 8, 8), -800, np.int16), geometry)
+    write_volume(table.parent / "c1_f0_layout.nii.gz", layout, geometry)
+    assert [s.name for s in read_sites(table)] == ["c1_f0"]
+    layout[2, 2, 2] = 3
+    write_volume(table.parent / "c1_f0_layout.nii.gz", layout, geometry)
+    with pytest.raises(LayoutError, match=r"c1_f0_layout.nii.gz: labels \[1, 3\] found.*rerun the rois rule"):
+        read_sites(table)
