@@ -58,7 +58,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 4: medicalnet's z-score over the voxels above the lower clip, the fill 0 (MedicalNet's rule; astra's and
     # random's features are unchanged, their cache still serves)
     # 5: MMD's three rows and every resample of a region on one kernel (a bandwidth of every set pooled)
-    "metrics": 5,
+    # 6: the paired metrics (MSE, MAE, lung W1, nodule HU and volume) on both volumes clipped to intensity.hu_window,
+    # as PSNR and SSIM were: raw HU charged the model for real voxels outside the window its outputs cannot leave
+    "metrics": 6,
     # 2: the reading rule against the real-vs-real interval; 3: the baseline arm named, a run's every device, a W1
     # outside its own interval marked (a workdir's report is remade once; nothing before it reruns)
     # 4: the size-matched rows said "nearest in voxel count"; they match in log voxel count (as they always did)

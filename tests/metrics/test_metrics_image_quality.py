@@ -139,6 +139,24 @@ def test_a_volume_smaller_than_the_ssim_window_is_refused_naming_the_key(folders
         iq.pair_rows(pairs, {**SETTINGS, "ssim_window": min(shape) + 1}, (-1000, 400))
 
 
+def test_paired_metrics_score_a_perfect_model_zero_beyond_the_hu_window(tmp_path: Path) -> None:
+    """The model's outputs are clipped to intensity.hu_window; the real CT is not: emphysema below -1000 HU and a
+    calcified nodule above 400 HU charged a perfect model (real through the window and back) MAE, lung W1 and 336 HU
+    of nodule HU, while its PSNR and SSIM (windowed) said identical."""
+    ct, layout = case(np.random.default_rng(1))
+    ct[layout == 1] = np.where(np.arange(int((layout == 1).sum())) % 3 == 0, -1040, -860)  # below the window
+    ct[layout == 2] = 736  # a calcified nodule
+    write_volume(tmp_path / "real.nii.gz", ct, GEOM)
+    write_volume(tmp_path / "layout.nii.gz", layout, GEOM)
+    write_volume(tmp_path / "syn.nii.gz", np.clip(ct, -1000, 400), GEOM)  # a perfect model
+    real = Volume("real", tmp_path / "real.nii.gz", tmp_path / "layout.nii.gz")
+    row = iq.pair_rows([Pair(Volume("syn", tmp_path / "syn.nii.gz", None), real)], SETTINGS, (-1000, 400))[0]
+    for column in ("mse_whole", "mae_whole", "mse_lung", "mae_lung", "hu_w1_lung", "nodule_hu_abs_diff"):
+        assert row[column] == 0.0, (column, row[column])
+    assert row["psnr_whole"] == 100.0 and row["ssim_lung"] == pytest.approx(1.0)
+    assert row["nodule_mean_hu_real"] == 400.0
+
+
 def test_a_layout_without_lung_is_refused_naming_the_files(folders: dict[str, Path], tmp_path: Path) -> None:
     """Before: a bare ValueError (a traceback from the CLI) from the voxel metrics and a FeatureError naming no file
     from the features."""
