@@ -355,7 +355,7 @@ def own_nodule(mask: np.ndarray, geometry: Geometry, row: dict[str, str]) -> np.
 def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], np.ndarray, Geometry, np.ndarray]]:
     """Each real nodule's first ROI in ``rois.csv`` tables: (row, HU [D, H, W], geometry, bool mask of its own
     texture class's voxels, or of the unrated nodule voxels for class ``unknown``, of that nodule only
-    (:func:`own_nodule`)), for nodules whose mask is not empty."""
+    (:func:`own_nodule`)), for nodules whose mask is not empty (the others named in a warning)."""
     for table in tables:
         for row in read_roi_table(Path(table)):
             if row["kind"] != "nodule" or not row["roi"].endswith("_0"):
@@ -366,5 +366,8 @@ def real_nodule_rois(tables: Sequence[Path]) -> Iterator[tuple[dict[str, str], n
                 mask = (tex == 0) & (read_volume(Path(table).parent / row["layout"])[0] == NODULE)
             else:
                 mask = tex == 1 + TEXTURE_CLASSES.index(row["texture_class"])
-            if mask.any():
-                yield row, ct, geometry, own_nodule(mask, geometry, row)
+            if not mask.any():  # e.g. another nodule's class painted over it in the texture map
+                log.warning("%s: ROI %s holds no voxel of its nodule's class (%s); left out of the real nodules",
+                            table, row["roi"], row["texture_class"])  # fmt: skip
+                continue
+            yield row, ct, geometry, own_nodule(mask, geometry, row)

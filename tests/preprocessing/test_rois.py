@@ -73,7 +73,7 @@ def test_load_source_passes_the_unused_clusters_of_lidc(
     assert list(src.avoid) == ([box] if asked else [])
 
 
-def test_real_nodule_rois_keep_the_rois_own_nodule(tmp_path: Path) -> None:
+def test_real_nodule_rois_keep_the_rois_own_nodule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two solid nodules in one ROI: each nodule's ROI gives its own voxels only (not the other's size, HU and
     centroid), a detached piece within its radius kept (the centroid voxel of a hollow nodule); ``unknown`` alike."""
     from lungddpm.io import Geometry, write_csv
@@ -102,6 +102,11 @@ def test_real_nodule_rois_keep_the_rois_own_nodule(tmp_path: Path) -> None:
     assert got["c_n1_0"].sum() == own.sum() and np.array_equal(got["c_n1_0"], own)
     assert np.array_equal(got["c_n2_0"], other)
     assert np.array_equal(got["c_n3_0"], own) and np.array_equal(got["c_n4_0"], own)
+    # a nodule whose class has no voxel in its ROI's texture map is left out with a warning (it was silently)
+    write_csv(tmp_path / "rois.csv", [{**rows[0], "texture_class": "ground-glass"}, rows[1]], ROI_COLUMNS)
+    with caplog.at_level("WARNING", logger="lungddpm.preprocessing.rois"):
+        assert [row["roi"] for row, *_ in real_nodule_rois([tmp_path / "rois.csv"])] == ["c_n2_0"]
+    assert "ROI c_n1_0 holds no voxel of its nodule's class (ground-glass); left out of the real nodules" in caplog.text
 
 
 def test_free_sites_and_a_nodules_first_rois_stay_put_when_the_roi_counts_change(tmp_path: Path) -> None:
