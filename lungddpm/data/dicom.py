@@ -42,7 +42,7 @@ def find_series_dir(patient_dir: Path, series_uid: str) -> Path:
             "from data.cases",
         )
     fast = [d for d in patient_dir.rglob(glob.escape(safe_component(series_uid, "SeriesInstanceUID"))) if d.is_dir()]
-    if fast:
+    if fast and dicom_files(fast[0]):  # a folder named by the UID without *.dcm files: the search below says why
         return fast[0]
 
     def uid(path: Path) -> str | None:

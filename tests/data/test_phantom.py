@@ -418,6 +418,13 @@ def test_a_flattened_or_zipped_download_is_named_as_such(
     with pytest.raises(DicomError, match=r"no DICOM series with .*files not read \(only \*.dcm files are, unpacked\): "
                        r"\['1-001.DCM', 'series.zip'\]; rename or unpack"):  # fmt: skip
         find_series_dir(zipped, geom.series_uid)
+    # in a folder named by the series' UID (NBIA's classic layout) the same files were "no *.dcm files; ...
+    # re-download the series": the folder was taken by its name alone
+    by_uid = tmp_path / "LIDC-IDRI-0003" / "study" / geom.series_uid
+    by_uid.mkdir(parents=True)
+    (by_uid / "1-001.DCM").write_bytes(b"")
+    with pytest.raises(DicomError, match=r"files not read \(only \*.dcm .*: \['study/.*/1-001.DCM'\]; rename"):
+        find_series_dir(tmp_path / "LIDC-IDRI-0003", geom.series_uid)
 
 
 def test_a_demo_cases_draws_come_from_the_seed_and_its_id_and_cover_every_quirk() -> None:
