@@ -129,6 +129,10 @@ def _input_problems(config: Mapping[str, Any]) -> list[str]:
     if features and float(features["clip_hu"][0]) >= float(features["clip_hu"][1]):
         out.append(f"metrics.features.clip_hu: {features['clip_hu']} is reversed or empty (every volume would give "
                    "the same features); give [lowest HU, highest HU], e.g. [-1000, 200]")  # fmt: skip
+    if features.get("weights") and features.get("extractor", "astra") != "medicalnet":  # astra would run, silently
+        out.append(f"metrics.features.weights: {features['weights']!r} is read by the medicalnet extractor only, and "
+                   f"metrics.features.extractor is {features.get('extractor', 'astra')!r}; set extractor: medicalnet, "
+                   "or remove weights")  # fmt: skip
     if features.get("extractor") == "medicalnet" and not features.get("weights"):
         out.append("metrics.features.weights: the medicalnet extractor needs its weight file; give the path of a "
                    "local MedicalNet resnet_50 .pth file (Tencent/MedicalNet), or use extractor: astra")  # fmt: skip

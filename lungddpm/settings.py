@@ -111,6 +111,15 @@ LATER_DEFAULTS: dict[str, Any] = {"timestep_spacing": "trailing", "nodule_fracti
                                   "ema_start": 0, "guidance_against": "any", "preprocessing": "lungddpm"}  # fmt: skip
 
 
+def unread_feature_keys(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``metrics.features`` keys that change no feature under the config's extractor, so no rule param: where it
+    runs (``device``), the weight file where the extractor is not medicalnet, the seed where it is not random (each
+    reran the metrics and the report)."""
+    extractor = config["metrics"]["features"]["extractor"]
+    unread = {"device": True, "weights": extractor != "medicalnet", "seed": extractor != "random"}
+    return tuple(k for k, v in unread.items() if v)
+
+
 def without_later_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
     """``section`` without the :data:`LATER_DEFAULTS` keys that hold that value: what rule params and item provenance
     compare, so that such a key's arrival reruns and remakes nothing (as :func:`set_keys` for null defaults)."""

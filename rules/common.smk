@@ -14,7 +14,7 @@ from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, 
 from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
 from lungddpm.config_checks import trained_checkpoint_unset
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, weight_settings, without_later_defaults
+from lungddpm.settings import data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, unread_feature_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -105,7 +105,7 @@ def settings(*sections, case=False, unread=()):
     if "data" in out and CFG.data.source != "images":
         out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
     if "metrics" in out:  # a feature key that arrived at what was done before it, or where they run, reruns nothing
-        features = {k: v for k, v in out["metrics"]["features"].items() if k != "device"}
+        features = {k: v for k, v in out["metrics"]["features"].items() if k not in unread_feature_keys(config)}
         out["metrics"] = {**out["metrics"], "features": without_later_defaults(features)}
     return out
 
@@ -186,8 +186,9 @@ def report_inputs(wildcards):
 
 def texture_insert():
     """lesion.insert as the texture check reads it: it asks each class itself, at its own sites (not the run's
-    texture or samples_per_case)."""
-    return {k: v for k, v in lesion_insert(config).items() if k not in ("texture", "samples_per_case")}
+    texture or samples_per_case), and pastes nothing back (not feather_mm)."""
+    unread = ("texture", "samples_per_case", "feather_mm")
+    return {k: v for k, v in lesion_insert(config).items() if k not in unread}
 
 
 def lesion_settings(*keys):

@@ -253,6 +253,12 @@ def test_grids_the_network_cannot_take_are_refused_at_parse_time() -> None:
         ),
         ({"metrics": {"features": {"clip_hu": [200, -1000]}}}, r"metrics.features.clip_hu: \[200, -1000\] is reversed"),
         ({"metrics": {"features": {"extractor": "medicalnet"}}}, r"metrics.features.weights: the medicalnet extractor"),
+        # a MedicalNet file given with the astra extractor: astra's features were computed without a word
+        (
+            {"metrics": {"features": {"weights": "/data/resnet_50.pth"}}},
+            r"metrics.features.weights: '/data/resnet_50.pth' is read by the medicalnet extractor only, and "
+            r"metrics.features.extractor is 'astra'; set extractor: medicalnet, or remove weights",
+        ),
     ],
 )
 def test_settings_that_would_fail_late_or_silently_are_refused(config: dict, message: str) -> None:

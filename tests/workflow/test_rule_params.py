@@ -202,8 +202,12 @@ def test_the_feature_preprocessing_key_reruns_the_metrics_only_away_from_its_old
     assert "'features'" in base["metrics"]["settings"] and "preprocessing" not in base["metrics"]["settings"]
     hagan = rule_params(workdir, {"metrics": {"features": {"preprocessing": "hagan"}}}, "metrics")
     assert "'preprocessing': 'hagan'" in hagan["metrics"]["settings"]
-    # where the feature network runs is how, not what (as segmentation.device): it reran the metrics
-    assert rule_params(workdir, {"metrics": {"features": {"device": "cpu"}}}, "metrics") == base
+    # where the feature network runs is how, not what (as segmentation.device): it reran the metrics; so is the
+    # random network's seed under astra (it reran them too)
+    assert rule_params(workdir, {"metrics": {"features": {"device": "cpu", "seed": 5}}}, "metrics") == base
+    random = {"metrics": {"features": {"extractor": "random"}}}
+    assert rule_params(workdir, random, "metrics") != rule_params(workdir, {"metrics": {"features": {
+        "extractor": "random", "seed": 5}}}, "metrics")  # fmt: skip
 
 
 def test_the_medicalnet_weight_file_is_an_input_of_the_metrics(tmp_path: Path) -> None:
@@ -253,10 +257,10 @@ def test_check_only_and_how_it_runs_keys_rerun_nothing(tmp_path: Path) -> None:
     base = rule_params(workdir, {}, *rules)
     quiet = {"layout": {"min_side_fraction": 0.05, "max_lung_ml": 20000}, "train": {"processes": 2},
              "data": {"images": {"max_air_nodule_ml": 300}},
-             "lesion": {"insert": {"samples_per_case": 2, "texture": "solid"}}}  # fmt: skip
-    assert rule_params(workdir, quiet, *rules) == base
+             "lesion": {"insert": {"samples_per_case": 2, "texture": "solid", "feather_mm": 1.25}}}  # fmt: skip
+    assert rule_params(workdir, quiet, *rules) == base  # the texture check pastes nothing back: not feather_mm
     assert not any("max_air_nodule_ml" in v or "dicom_root" in v for r in rules for v in base[r].values())
-    shaping = rule_params(workdir, {"train": {"lr": 1e-3}, "lesion": {"insert": {"feather_mm": 1.25}}}, *rules)
+    shaping = rule_params(workdir, {"train": {"lr": 1e-3}, "lesion": {"insert": {"margin_mm": 6.0}}}, *rules)
     assert shaping["train:name=ci"] != base["train:name=ci"] and shaping["lesion_texture"] != base["lesion_texture"]
 
 
