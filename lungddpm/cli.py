@@ -78,9 +78,9 @@ def cmd_demo_dicom(args: argparse.Namespace) -> None:
     cfg = _config(args)
     cases = list_cases(cfg)
     todo = args.case or cases
+    if unknown := [case for case in todo if case not in cases]:  # all checked before any series is written
+        raise LungDDPMError(f"--case {', '.join(unknown)}: not one of the demo cases {cases}")
     for case in tqdm(todo, desc="demo series", unit="scan"):
-        if case not in cases:
-            raise LungDDPMError(f"--case {case}: not one of the demo cases {cases}")
         write_demo_case(case, Path(args.root or DEMO_ROOT), cfg)
 
 

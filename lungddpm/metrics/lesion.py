@@ -32,9 +32,11 @@ import numpy as np
 
 from ..data import series_patient
 from ..diffusion.encoding import TEXTURE_CLASSES
+from ..errors import LayoutError
 from ..io import read_volume, write_csv
 from ..preprocessing.layout import NODULE, VOXEL_RTOL
 from .distribution import bootstrap_distance, cluster_draw, draws_only_itself, group_members, unit_halves, w1
+from .sets import MetricsError
 from .voxel import margin_profile, signed_distance
 
 log = logging.getLogger(__name__)
@@ -322,7 +324,7 @@ def synthetic_nodules(
         layout, _ = read_volume(it["layout"])
         mask = layout == NODULE
         if not mask.any():
-            raise ValueError(f"{it['layout']}: no nodule label in a lesion-run ROI; rerun synthesize_lesion")
+            raise LayoutError(f"{it['layout']}: no nodule label in a lesion-run ROI; rerun synthesize_lesion")
         case = str(it.get("case_id") or "")
         out.append(measure(it["id"], it.get("texture") or "any", ct, mask, geometry.spacing[0], s, case,
                            patient_of_case(case, patients)))  # fmt: skip
@@ -386,7 +388,7 @@ def lesion_fidelity(
     id -> patient id (the split's; else :func:`patient_of_case`'s guess from the case id)."""
     real, synthetic = real_nodules(tables, s, patients), synthetic_nodules(items, s, patients)
     if not synthetic or len(units := {n.unit for n in real}) < 2:
-        raise ValueError(f"lesion fidelity needs synthetic nodules and real ones of two patients (disjoint halves): "
+        raise MetricsError(f"lesion fidelity needs synthetic nodules and real ones of two patients (disjoint halves): "
                          f"{len(synthetic)} synthetic, {len(real)} real of {len(units)} patient(s); check the ROI "
                          "tables and lesion run, or add CTs with nodules (data.demo.n_scans, data.cases)")  # fmt: skip
     from .lesion_figures import gallery, plot_profiles

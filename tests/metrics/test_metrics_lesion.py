@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from lungddpm.errors import LayoutError
 from lungddpm.io import Geometry, write_csv, write_volume
 from lungddpm.metrics.lesion import (
     ALL,
@@ -30,6 +31,7 @@ from lungddpm.metrics.lesion import (
     size_matched,
 )
 from lungddpm.metrics.lesion_figures import OTHER, gallery_rows, profile_curves
+from lungddpm.metrics.sets import MetricsError
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
 S = FidelitySettings(solid_hu=-300, profile_mm=3.0, profile_step_mm=1.0, gallery=2, seed=0, core_mm=1.0)
@@ -259,13 +261,13 @@ def test_lesion_fidelity_reads_rois_and_the_lesion_run(tmp_path: Path) -> None:
     write_csv(out / "tiny.csv", tiny, list(written[0]))
     assert "| n/a / " in "\n".join(fidelity_section(out / "tiny.csv", [], out))
     bad = [{**items[0], "layout": tmp_path / "n0_tex.nii.gz"}]  # no label 2
-    with pytest.raises(ValueError, match="no nodule label"):
+    with pytest.raises(LayoutError, match="no nodule label"):
         lesion_fidelity([tmp_path / "rois.csv"], bad, S, out / "f.csv", out / "p.png", out / "g.png")
     # the patients map (the workflow's splits) names the unit; all four nodules of one patient: no floor, refused
     one = {f"c{i}": "p" for i in range(4)}
     assert {(n.case, n.patient) for n in real_nodules([tmp_path / "rois.csv"], S, one)} == {(f"c{i}", "p") for i in
                                                                                           range(4)}  # fmt: skip
-    with pytest.raises(ValueError, match=r"real ones of two patients .*4 real of 1 patient\(s\)"):
+    with pytest.raises(MetricsError, match=r"real ones of two patients .*4 real of 1 patient\(s\)"):
         lesion_fidelity([tmp_path / "rois.csv"], items, S, out / "f.csv", out / "p.png", out / "g.png", one)
 
 

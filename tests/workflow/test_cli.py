@@ -108,6 +108,11 @@ def test_a_series_written_by_demo_dicom_is_kept_by_the_workflow(tmp_path: Path) 
     work = make_workdir(tmp_path / "work")
     cases = json.loads(run_cli("--configfile", str(work / "ci.yaml"), "cases", cwd=work).stdout)
     first = sorted(cases)[0]
+    # a bad --case beside a good one: refused before any series is written (the good one was written first)
+    proc = run_cli("--configfile", str(work / "ci.yaml"), "demo-dicom", "--case", first, "--case", "LIDC-IDRI-9999",
+                   cwd=work)  # fmt: skip
+    assert proc.returncode != 0 and "--case LIDC-IDRI-9999: not one of the demo cases" in proc.stderr
+    assert not (work / DEMO_ROOT).exists()
     proc = run_cli("--configfile", str(work / "ci.yaml"), "demo-dicom", "--case", first, cwd=work)
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((work / DEMO_ROOT / "series" / f"{first}.json").read_text())
