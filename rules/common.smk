@@ -235,16 +235,18 @@ def lesion_inputs(wildcards):
     return inputs
 
 
-def seg_check_arms():  # SEG* are set by rules/segment.smk
+def seg_check_arms(arms=None):  # SEG* are set by rules/segment.smk
     """The arms against the split and the synthetic runs: at parse time when segmentation is enabled; when it is
-    not, as a segment job asked for by name is planned (an input function's error, naming the key)."""
-    check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()))
+    not, or for a sweep arm, as a segment job asked for by name is planned (an input function's error, naming it)."""
+    check_arms(SEG, len(SEG_TRAIN), len(run_items("augment")), len(SEG_TEST), len(lesion_items()), arms)
 
 
 def seg_train_inputs(wildcards):  # SEG* are set by rules/segment.smk
     """The arm's training data: train ROI tables (lesion) or train CTs and layouts (whole), plus its synthetic run."""
     if not SEG.enabled:  # a segment target asked for by name: checked here, not at parse time
         seg_check_arms()
+    if (arm := SEG.arm(wildcards.arm)) in SEG.sweep:  # a sweep arm (its own target): when it is planned
+        seg_check_arms((arm,))
     synthetic = {"volume": SEG_AUGMENT, "lesion": SEG_LESION}
     return train_inputs(SEG.scale, SEG.arm(wildcards.arm), SEG_TRAIN, "results", synthetic)
 

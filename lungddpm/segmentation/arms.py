@@ -206,34 +206,42 @@ def segmentation_config(config: Mapping[str, Any]) -> SegmentationConfig:
     return SegmentationConfig.from_config(validate_config(copy.deepcopy(dict(config))))
 
 
-def check_arms(cfg: SegmentationConfig, n_real_train: int, n_augment: int, n_test: int, n_lesion: int = 0) -> None:
-    """Fail before any job when the test split is empty, a whole-scale arm needs more synthetic cases than
-    ``augment`` (or the lesion run's ``n_lesion`` items) makes or has no training case, or an integer fold is asked
-    for with fewer than 5 training cases.
-    (Lesion-scale counts depend on the ROIs found, so :func:`..nnunet.prepare_arm` checks them.)"""
+def check_arms(
+    cfg: SegmentationConfig,
+    n_real_train: int,
+    n_augment: int,
+    n_test: int,
+    n_lesion: int = 0,
+    arms: Sequence[Arm] | None = None,
+) -> None:
+    """Fail before any job when the test split is empty, a whole-scale arm (of ``arms``, default ``cfg.arms``: the
+    sweep's are checked as its target is planned) needs more synthetic cases than ``augment`` (or the lesion run's
+    ``n_lesion`` items) makes or has no training case, or an integer fold is asked for with fewer than 5 training
+    cases. (Lesion-scale counts depend on the ROIs found, so :func:`..nnunet.prepare_arm` checks them.)"""
     if n_test == 0:
         raise ConfigError(
             "segmentation: the split has no test case to segment; raise split.test, add cases, or set "
             "segmentation.enabled: false"
         )
-    for arm in cfg.arms:  # the sweep's arms are checked when it runs (it is its own target)
+    for arm in cfg.arms if arms is None else arms:
+        key = f"segmentation.arms[{arm.name}]" if arm in cfg.arms else f"segmentation.sweep.fractions ({arm.name})"
         n_syn = arm.n_synthetic(n_real_train)
         if cfg.scale == "whole" and arm.synthetic_source == "lesion" and n_syn > n_lesion:
             raise ConfigError(
-                f"segmentation.arms[{arm.name}]: synthetic_fraction {arm.synthetic_fraction} needs {n_syn} pasted CTs "
+                f"{key}: synthetic_fraction {arm.synthetic_fraction} needs {n_syn} pasted CTs "
                 f"({n_real_train} real train cases) but the lesion run makes {n_lesion}; raise "
                 "lesion.insert.samples_per_case or lower the fraction"
             )
         if cfg.scale == "whole" and arm.synthetic_source == "volume" and n_syn > n_augment:
             raise ConfigError(
-                f"segmentation.arms[{arm.name}]: synthetic_fraction {arm.synthetic_fraction} needs {n_syn} synthetic "
+                f"{key}: synthetic_fraction {arm.synthetic_fraction} needs {n_syn} synthetic "
                 f"cases ({n_real_train} real train cases) but the augment run makes {n_augment}; raise "
                 "sample.samples_per_layout or lower the fraction"
             )
         n = arm.n_real(n_real_train) + n_syn  # lesion scale: synthetic ROIs count from nodule ROIs, checked later
         if n == 0 and not (cfg.scale == "lesion" and arm.synthetic_fraction > 0):
             raise ConfigError(
-                f"segmentation.arms[{arm.name}]: no training case (the split has {n_real_train} real train cases); "
+                f"{key}: no training case (the split has {n_real_train} real train cases); "
                 "add cases or raise split.train"
             )
         if cfg.scale == "whole":

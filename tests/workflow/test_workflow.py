@@ -177,6 +177,14 @@ def test_a_disabled_segmentation_asked_for_by_name_checks_its_arms(tmp_path: Pat
     proc = snakemake(workdir, "-n", "segment_compare", check=False)
     assert proc.returncode != 0
     assert "segmentation.arms[lots]: synthetic_fraction 50.0 needs" in proc.stdout + proc.stderr
+    # the sweep (its own target) was never checked: a fraction the augment run cannot feed failed in its
+    # segment_prepare job, after the sampling; now its plan stops, naming the sweep's key
+    seg = {**seg, "enabled": True, "arms": arms[:1], "sweep": {"fractions": [0, 50], "real_fraction": 1.0}}
+    workdir = make_workdir(tmp_path / "sweep", {"segmentation": seg})
+    assert snakemake(workdir, "-n", "--quiet", "rules").returncode == 0
+    proc = snakemake(workdir, "-n", "segment_sweep", check=False)
+    assert proc.returncode != 0
+    assert "segmentation.sweep.fractions (sweep_50x): synthetic_fraction 50.0 needs" in proc.stdout + proc.stderr
 
 
 def test_training_outputs_and_resume_from_undeclared_state(demo_workflow: Path) -> None:
