@@ -84,6 +84,28 @@ def same_bits(value: int, dtype: np.dtype) -> int | None:
     return stored - (1 << bits) if dt.kind == "i" and stored >= 1 << (bits - 1) else stored
 
 
+def padding_value(value: int, dtype: np.dtype, bits_stored: int | None) -> tuple[int | None, bool]:
+    """(the value readers give PixelPaddingValue ``value``'s pixels of ``dtype``, kept to ``bits_stored`` bits as
+    pydicom and GDCM keep them (:func:`same_bits`), whether it lay beyond them): 63536 in 12 unsigned bits reads
+    2096 (+1072 HU), a value tissue may hold, so it is padding only where it joins the edge (:func:`edge_joined`)."""
+    stored = same_bits(value, dtype)
+    width = np.dtype(dtype).itemsize * 8
+    if stored is None or not bits_stored or bits_stored >= width or np.dtype(dtype).kind not in "iu":
+        return stored, False
+    low = stored % (1 << bits_stored)
+    low = low - (1 << bits_stored) if np.dtype(dtype).kind == "i" and low >= 1 << (bits_stored - 1) else low
+    return low, low != stored
+
+
+def edge_joined(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` [H, W] in 4-connected components touching the slice's edge (outside the field of view)."""
+    from scipy import ndimage as ndi
+
+    labels, _ = ndi.label(mask)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin(labels, edge[edge > 0])
+
+
 def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The ``*.dcm`` files of ``folder`` (and below, if ``recursive``), sorted, without hidden ones: macOS writes a
     ``._<name>.dcm`` metadata file beside each file copied to a FAT or network drive, and pylidc skips them too."""
@@ -193,12 +215,13 @@ def read_dicom_series(directory: Path, padding_hu: float = -1024.0, max_hu: floa
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         values = raw * slope + intercept
         try:  # matched by its bits: a file may write it in the other signedness (SS -2000 = US 63536)
-            stored = None if pad is None else same_bits(int(pad), pixels.dtype)
+            bits = getattr(ds, "BitsStored", None)
+            stored, beyond = (None, False) if pad is None else padding_value(int(pad), pixels.dtype, bits)
         except (TypeError, ValueError) as exc:
             raise DicomError(f"{files[k]}: PixelPaddingValue {pad!r} is not one whole number",
                              "re-export the series with a valid one, or without it") from exc  # fmt: skip
         if stored is not None:
-            values[pixels == stored] = padding_hu
+            values[edge_joined(pixels == stored) if beyond else pixels == stored] = padding_hu
         hu[out_k] = values
     np.clip(hu, padding_hu, max_hu, out=hu)
     x0, y0 = (float(v) for v in first.ImagePositionPatient[:2])
@@ -253,7 +276,8 @@ def mask_padding(image: Any, reader: Any, names: Sequence[str], padding_hu: floa
             continue
         signed, bits = tag(i, "0028|0103", "0") == "1", int(tag(i, "0028|0100", "16") or 16)
         try:
-            stored = same_bits(int(float(pad)), np.dtype(f"{'i' if signed else 'u'}{max(bits // 8, 1)}"))
+            dtype = np.dtype(f"{'i' if signed else 'u'}{max(bits // 8, 1)}")
+            stored, beyond = padding_value(int(float(pad)), dtype, int(tag(i, "0028|0101", "0") or 0) or None)
             slope, intercept = (float(tag(i, k, d) or d) for k, d in (("0028|1053", "1"), ("0028|1052", "0")))
         except (TypeError, ValueError) as exc:
             raise ImageError(f"{name}: PixelPaddingValue {pad!r} or its rescale is not a number; re-export the series "
@@ -262,7 +286,8 @@ def mask_padding(image: Any, reader: Any, names: Sequence[str], padding_hu: floa
             continue
         hu = sitk.GetArrayFromImage(image) if hu is None else hu
         # stored values are whole numbers, so rescaled ones lie |slope| apart: half of that matches the padding alone
-        hu[i][np.abs(hu[i] - (stored * slope + intercept)) <= abs(slope) / 2] = padding_hu
+        match = np.abs(hu[i] - (stored * slope + intercept)) <= abs(slope) / 2
+        hu[i][edge_joined(match) if beyond else match] = padding_hu
     if hu is None:
         return image
     out = sitk.GetImageFromArray(hu)

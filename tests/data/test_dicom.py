@@ -121,3 +121,30 @@ def test_padding_is_matched_by_its_bits_in_either_signedness_and_byte_order(tmp_
     assert np.array_equal(read_ct(tmp_path / "s", padding_hu=-1024.0, max_hu=3071.0).hu, hu)
     # a value no pixel of that width can hold matches none (wrapped round, -2000 would be uint8's 48)
     assert [same_bits(v, np.dtype(t)) for v, t in ((-2000, "u1"), (70000, ">u2"), (3000, "i1"))] == [None] * 3
+
+
+@pytest.mark.parametrize("source", ["lidc", "images"])
+def test_padding_beyond_the_stored_bits_is_matched_outside_the_field_of_view_only(tmp_path: Path, source: str) -> None:
+    """Unsigned 12-bit pixels (BitsStored 12, as the demo writes them) padded with 63536: pydicom and GDCM keep the
+    12 stored bits, 2096, so no pixel matched 63536 and the border read +1072 HU (a bright ring round the body). The
+    same 2096 in tissue inside the field of view is bone, kept: only padding joined to the slice's edge is padding."""
+    from pydicom.dataelem import DataElement
+
+    paths = _series(tmp_path / "s", tissue=True)
+    before = read_dicom_series(tmp_path / "s").hu
+    for f in paths:
+        ds = pydicom.dcmread(f)
+        assert (ds.BitsStored, ds.PixelRepresentation) == (12, 0)
+        pixels = ds.pixel_array.copy()
+        pixels[0, :] = 63536  # the padding rows, written whole (16 bits)
+        pixels[20, 20] = 2096  # +1072 HU of bone inside the field of view: its 12 bits are the padding's
+        ds.add(DataElement(0x00280120, "US", 63536))  # PixelPaddingValue
+        ds.PixelData = pixels.astype("<u2").tobytes()
+        ds.save_as(f)
+    read = read_dicom_series if source == "lidc" else read_ct
+    hu = read(tmp_path / "s", -1024.0, 3071.0).hu
+    assert set(np.unique(hu[:, 0, :]).tolist()) == {-1024.0}  # was 1072
+    assert (hu[:, 20, 20] == 1072.0).all()  # the bone pixel kept
+    rest = np.ones(hu.shape[1:], bool)
+    rest[0, :] = rest[20, 20] = False
+    assert np.array_equal(hu[:, rest], before[:, rest])
