@@ -10,6 +10,7 @@ On disk, SimpleITK converts this to a NIfTI RAS affine, so any NIfTI reader sees
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import itertools
 import json
@@ -174,6 +175,33 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geom
     image.SetDirection(tuple(float(d) for d in geometry.direction))
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
+        short = nifti_truncation(Path(tmp)) if _nifti_header(Path(tmp)) is not None else "no whole NIfTI header"
+        if short is not None:  # the writer does not raise when the disk fills
+            disk = os.statvfs(Path(tmp).parent)
+            if disk.f_bavail * disk.f_frsize < DISK_NEARLY_FULL:  # said as DiskFullError, the old file kept
+                raise OSError(errno.ENOSPC, f"the NIfTI writer stopped short: {short}")
+            raise LungDDPMError(f"{path}: the NIfTI writer stopped short ({short}); check the disk and rerun")
+
+
+DISK_NEARLY_FULL = 1 << 20  # bytes free below which a NIfTI write that stopped short is taken as a full disk
+
+
+def _nifti_header(path: Path) -> Any | None:
+    """``path``'s NIfTI-1 or -2 header, read by content as SimpleITK reads it (gzip or plain, whatever the name
+    says; nibabel goes by the name, and a plain file named .nii.gz read as none), or None where there is none."""
+    import gzip
+
+    import nibabel as nib
+
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+    for kind in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
+                return kind.from_fileobj(fh)
+        except Exception:  # not this kind of header (or none)
+            continue
+    return None
 
 
 def nifti_truncation(path: Path) -> str | None:
@@ -245,11 +273,7 @@ def nifti_forms(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     qform where the sform is not orthonormal, by ITK's rules), nibabel the sform."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return None
-    import nibabel as nib
-
-    try:
-        header = nib.load(str(path)).header
-    except Exception:  # not a NIfTI header nibabel reads: nothing to compare
+    if (header := _nifti_header(path)) is None:  # not a NIfTI header nibabel reads: nothing to compare
         return None
     (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
     if not (qcode and scode) or qform is None or sform is None:
@@ -264,11 +288,7 @@ def unoriented(path: Path) -> str | None:
     when it gives one, or for another format."""
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        try:
-            header = nib.load(str(path)).header
-        except Exception:  # not a NIfTI header nibabel reads: SimpleITK's own error says so
+        if (header := _nifti_header(path)) is None:  # not a NIfTI header nibabel reads: SimpleITK's error says so
             return None
         return None if header["qform_code"] or header["sform_code"] else "no orientation (qform_code and sform_code 0)"
     if name.endswith((".nrrd", ".nhdr")):

@@ -345,3 +345,30 @@ def test_zip_damage_names_what_is_wrong_and_passes_intact_or_legacy_files(tmp_pa
     assert zip_damage(bad) == "it is cut short (a zip archive without its directory at the end)"
     bad.write_bytes(b"")
     assert zip_damage(bad) is None and zip_damage(bad, expect_zip=True) == "it is not a zip archive (empty)"
+
+
+def test_a_nifti_write_the_disk_cut_short_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimpleITK's NIfTI writer does not raise when the disk fills (a plain .nii prints "NWAD: wrote only ...", a
+    .nii.gz nothing): the cut temporary was renamed over the previous output. Now the write is checked first."""
+    import lungddpm.io as io
+    from lungddpm.atomic import DiskFullError
+
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    target = tmp_path / "v.nii.gz"
+    noise = np.random.default_rng(0).integers(-1000, 1000, (16, 16, 16)).astype(np.int16)  # no gzip shrinks it
+    write_volume(target, noise, geometry)
+    before = target.read_bytes()
+    real = sitk.WriteImage
+
+    def cut_short(image: sitk.Image, name: str, useCompression: bool = False) -> None:
+        real(image, name, useCompression=useCompression)
+        data = Path(name).read_bytes()
+        Path(name).write_bytes(data[: len(data) // 2])  # the disk filled: the rest never written
+
+    monkeypatch.setattr(io.sitk, "WriteImage", cut_short)
+    with pytest.raises(LungDDPMError, match=r"v.nii.gz: the NIfTI writer stopped short \(.*bytes its header prom"):
+        write_volume(target, noise[::-1].copy(), geometry)
+    monkeypatch.setattr(io.os, "statvfs", lambda _: type("S", (), {"f_bavail": 0, "f_frsize": 4096})())
+    with pytest.raises(DiskFullError, match=r"v.nii.gz: no space left on device while writing it"):
+        write_volume(target, noise[::-1].copy(), geometry)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["v.nii.gz"]

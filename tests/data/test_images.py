@@ -614,6 +614,12 @@ def test_a_volume_whose_header_gives_no_orientation_is_refused(tmp_path: Path) -
     with pytest.raises(ImageError, match=r"bare.nii.gz: no orientation \(qform_code and sform_code 0\): left and "
                        r"right are unknown .*img.set_sform\(affine, code=1\)"):  # fmt: skip
         read_ct(tmp_path / "bare.nii.gz", -1024.0, 3071.0)
+    # the same bytes uncompressed but named .nii.gz: SimpleITK reads them (by content); nibabel, by the name, read no
+    # header, so the check said nothing and the volume came out as LPS
+    nib.save(nib.Nifti1Image(hu, None), tmp_path / "plain.nii")
+    (tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
+    with pytest.raises(ImageError, match=r"plain.nii.gz: no orientation \(qform_code and sform_code 0\)"):
+        read_ct(tmp_path / "plain.nii.gz", -1024.0, 3071.0)
     img = nib.Nifti1Image(hu, None)
     img.set_qform(np.diag([-0.7, -0.7, 2.5, 1.0]), code=1)
     nib.save(img, tmp_path / "qform.nii.gz")
