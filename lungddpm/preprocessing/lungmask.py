@@ -96,15 +96,15 @@ def _airway(hu: np.ndarray, body: np.ndarray, midline_x: float, spacing: np.ndar
         ok = (areas >= 20.0) & (areas <= max_area) & (np.abs(cx - centre_x) <= tolerance_x)
         if not ok.any():
             continue
-        seed_label = idx[ok][np.argmin(np.abs(cx[ok] - centre_x))]
+        # each near-midline spot grown through the volume; the trachea grows furthest (the carina, the bronchi),
+        # where the spot nearest the midline may be swallowed air in the oesophagus, which left the trachea as lung
         grown, _ = ndi.label(candidates)
-        seed_voxel = np.argwhere(labels == seed_label)[0]
-        airway = grown == grown[z, seed_voxel[0], seed_voxel[1]]
-        volume_ml = airway.sum() * pixel_area * spacing[0] / 1000
-        if volume_ml > 400:  # leaked into emphysematous lung: do not carve the lungs
-            log.warning("airway growing leaked (%.0f mL); trachea not removed", volume_ml)
+        ids = [grown[z, y, x] for y, x in (np.argwhere(labels == label)[0] for label in idx[ok])]
+        volumes_ml = np.bincount(grown.ravel())[ids] * pixel_area * spacing[0] / 1000
+        if volumes_ml.max() > 400:  # leaked into emphysematous lung: do not carve the lungs
+            log.warning("airway growing leaked (%.0f mL); trachea not removed", volumes_ml.max())
             return np.zeros_like(body)
-        return ndi.binary_dilation(airway, iterations=1) & body
+        return ndi.binary_dilation(grown == ids[int(np.argmax(volumes_ml))], iterations=1) & body
     log.warning("no trachea found in the top slices; airways not removed")
     return np.zeros_like(body)
 

@@ -365,3 +365,29 @@ def test_a_nodule_on_the_midline_of_a_lung_reaching_past_it_is_lung() -> None:
     assert result.body_midline_x == 45.0 and (result.lung & nodule).sum() == nodule.sum()
     small = segment_lungs(hu.astype(np.float32), (2.0, 2.0, 2.0), replace(CFG, midline_hole_max_mm=10.0))
     assert (small.lung & nodule).sum() < nodule.sum() // 2  # larger than 10 mm: left out (split at the midline)
+
+
+def test_swallowed_air_on_the_midline_is_not_taken_for_the_trachea() -> None:
+    """The trachea seed was the air spot of the top slices nearest the midline: a small column of air in the
+    oesophagus on the midline, with the trachea 12 mm to one side, was grown instead (13 mL), and the trachea and
+    main bronchi were kept as lung. Each spot is grown now, and the trachea grows furthest."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[0:60, 0:80, 0:96].astype(float)
+    hu = np.full(z.shape, -1000.0)
+    hu[((x - 48) / 42) ** 2 + ((y - 40) / 30) ** 2 <= 1] = 40.0
+    hu[(y >= 74) & (y <= 76)] = 300.0
+    lung = np.zeros(z.shape, dtype=bool)
+    for cx in (28, 68):
+        lung |= (((x - cx) / 15) ** 2 + ((y - 40) / 20) ** 2 + ((z - 25) / 24) ** 2) <= 1
+    hu[lung] = -850.0
+    airway = (((x - 51) / 3) ** 2 + ((y - 36) / 3) ** 2 <= 1) & (z >= 35)  # the trachea, 3 voxels off the midline
+    for t in np.linspace(0, 1, 40):
+        for side in (-1, 1):
+            airway |= ((x - 51 - side * (20 - side * 3) * t) ** 2 + (y - 36) ** 2 + (z - 35 + 6 * t) ** 2) <= 2.5**2
+    hu[airway] = -1000.0
+    hu[(((x - 48) / 1.2) ** 2 + ((y - 42) / 1.2) ** 2 <= 1) & (z >= 45)] = -1000.0  # air in the oesophagus
+    hu += rng.normal(0, 10, hu.shape)
+    result = segment_lungs(hu.astype(np.float32), SPACING, CFG)
+    airway &= ~lung
+    assert (result.lung & airway).sum() == 0 and result.airway[airway].all()  # 930 of 930 airway voxels were lung
+    assert dice(result.lung, lung) > 0.97
