@@ -44,7 +44,7 @@ from ..settings import insert_texture
 from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, place_at, placement_offset, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
-from ..synthesis.paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
+from ..synthesis.paste import feather_weight, native_box, native_labels, nearest_in_box, nodule_in_box, paste_back
 from .checks import StudioError, check_seed
 
 log = logging.getLogger(__name__)
@@ -241,12 +241,15 @@ class Studio:
         site = Site(f"{session.case_id}_studio{len(session.edits)}", cut["ct"], layout, roi, classes)
         edit = {**edit, "site_index_kij": [k, i, j], "site_lps_mm": [round(float(v), 2) for v in target]}
         ins = insertion(site, edited, edit, nodule, margin, self.levels, insert_texture(texture, self.source), seed)
-        if (ins.generated & ((layout == NODULE) | unused)).any():
+        box = native_box(session.source.grid, session.ct.shape, roi, self.roi.size)
+        touches = bool((ins.generated & ((layout == NODULE) | unused)).any())  # and on the CT's own grid, where the
+        if box is not None:  # paste changes each voxel nearest a generated one (a nodule's rim, finer than the ROI's)
+            touches |= bool((session.labels[box.slices][nearest_in_box(box, ins.generated)] == NODULE).any())
+        if touches:
             raise StudioError(
                 f"too close to another nodule: the generated region (the nodule + {margin} mm) would touch it; "
                 "click further away from it or choose a smaller nodule"
             )
-        box = native_box(session.source.grid, session.ct.shape, roi, self.roi.size)
         fraction = float(self.cfg.raw["preprocess"]["nodule_fraction"])
         if box is not None and (session.labels[box.slices][nodule_in_box(box, session.source.grid, roi, ins.nodule,
                                                                         fraction)] == 0).any():  # fmt: skip

@@ -358,3 +358,24 @@ def test_lidc_clusters_below_min_readers_are_avoided(demo_workflow: Path) -> Non
     (k0, i0, j0), (nk, ni, nj) = s.source.avoid[0]
     with pytest.raises(StudioError, match="fewer than data.min_readers"):
         studio.check_site(s, (k0 + nk // 2, i0 + ni // 2, j0 + nj // 2), nodule)
+
+
+def test_a_site_whose_paste_would_reach_another_nodule_on_the_cts_grid_is_refused(studio: Studio) -> None:
+    """The "too close to another nodule" check ran on the 2.5 mm ROI grid only; a nodule's rim on the CT's own grid
+    can miss it, and the paste changes every native voxel nearest a generated one: accepted sites overwrote up to 5
+    voxels of a nodule inserted before (the label map still calling them that nodule). Now no accepted site's
+    generated region reaches a voxel labelled nodule, and some near ones are refused for it."""
+    s = studio.open_case("LIDC-IDRI-0171")
+    nodules = sorted(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
+    studio.generate(s, studio.check_site(s, studio.random_site(s, nodules[-1], 3), nodules[-1], "solid", 1))
+    refused = 0
+    for kij in [(67, 331, 312), (65, 329, 303), (66, 329, 299)]:  # accepted before, each touching the first
+        try:
+            ins = studio.check_site(s, kij, nodules[0], "any", 0)
+        except StudioError as exc:
+            assert "too close to another nodule" in str(exc)
+            refused += 1
+            continue
+        box = native_box(s.source.grid, s.ct.shape, ins.site.geometry, ins.site.ct.shape[0])
+        assert not (s.labels[box.slices][nearest_in_box(box, ins.generated)] == NODULE).any(), kij
+    assert refused == 3
