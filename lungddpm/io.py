@@ -175,7 +175,7 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geom
     image.SetDirection(tuple(float(d) for d in geometry.direction))
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        short = nifti_truncation(Path(tmp)) if _nifti_header(Path(tmp)) is not None else "no whole NIfTI header"
+        short = nifti_truncation(Path(tmp), no_header="no whole NIfTI header")
         if short is not None:  # the writer does not raise when the disk fills
             disk = os.statvfs(Path(tmp).parent)
             if disk.f_bavail * disk.f_frsize < DISK_NEARLY_FULL:  # said as DiskFullError, the old file kept
@@ -204,10 +204,11 @@ def _nifti_header(path: Path) -> Any | None:
     return None
 
 
-def nifti_truncation(path: Path) -> str | None:
+def nifti_truncation(path: Path, no_header: str | None = None) -> str | None:
     """Why a ``.nii`` / ``.nii.gz`` file holds fewer voxel bytes than its header promises (a cut copy or download,
-    which SimpleITK reads without a word, the missing voxels 0), or None when it is whole, or not NIfTI-1 that
-    nibabel reads. A gzip stream whose trailer gives the promised size is taken as whole (the cheap case); any
+    which SimpleITK reads without a word, the missing voxels 0), or None when it is whole; ``no_header`` where it
+    holds no NIfTI-1 header that nibabel reads (a file of ours cut inside its header; None: not NIfTI, nothing to
+    compare). A gzip stream whose trailer gives the promised size is taken as whole (the cheap case); any
     other is decompressed up to that size (trailing bytes after it, or several gzip members, are fine)."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return None
@@ -224,7 +225,7 @@ def nifti_truncation(path: Path) -> str | None:
         voxels = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
         expected = int(header.get_data_offset()) + voxels
     except Exception:  # not a NIfTI-1 header nibabel reads: nothing to compare with
-        return None
+        return no_header
     if not gz:
         got = path.stat().st_size
         return f"{got} of the {expected} bytes its header promises" if got < expected else None

@@ -105,7 +105,8 @@ def settings(*sections, case=False, unread=()):
     if "data" in out and CFG.data.source != "images":
         out["data"] = {**out["data"], "clustering": CLUSTERING_VERSION}
     if "metrics" in out:  # a feature key that arrived at what was done before it, or where they run, reruns nothing
-        features = {k: v for k, v in out["metrics"]["features"].items() if k not in unread_feature_keys(config)}
+        unread_features = unread_feature_keys(config)
+        features = {k: v for k, v in out["metrics"]["features"].items() if k not in unread_features}
         out["metrics"] = {**out["metrics"], "features": without_later_defaults(features)}
     return out
 
@@ -248,7 +249,7 @@ def seg_train_inputs(wildcards):  # SEG* are set by rules/segment.smk
     if (arm := SEG.arm(wildcards.arm)) in SEG.sweep:  # a sweep arm (its own target): when it is planned
         seg_check_arms((arm,))
     synthetic = {"volume": SEG_AUGMENT, "lesion": SEG_LESION}
-    return train_inputs(SEG.scale, SEG.arm(wildcards.arm), SEG_TRAIN, "results", synthetic)
+    return train_inputs(SEG.scale, arm, SEG_TRAIN, "results", synthetic)
 
 
 def seg_test_inputs(wildcards):

@@ -44,7 +44,7 @@ from ..settings import insert_texture
 from ..synthesis.layout_edit import BankNodule, NoduleBank, fits, load_bank, place_at, placement_offset, rescale_mask
 from ..synthesis.lesion import Insertion, Site, inpaint, insertion, load_lesion_model, nodule_mean_hu, run_settings
 from ..synthesis.lesion_run import native_geometry
-from ..synthesis.paste import feather_weight, native_box, native_labels, nearest_in_box, nodule_in_box, paste_back
+from ..synthesis.paste import native_box, native_labels, nearest_in_box, nodule_in_box, paste_nodule
 from .checks import StudioError, check_seed
 
 log = logging.getLogger(__name__)
@@ -319,11 +319,9 @@ class Studio:
         if box is None:  # check_site shifts every ROI inside the scan
             raise StudioError(f"site {ins.record['site_index_kij']}: its ROI misses the scan")
         ct_before, labels_before = session.ct[box.slices].copy(), session.labels[box.slices].copy()
-        fraction = float(self.cfg.raw["preprocess"]["nodule_fraction"])
-        new = nodule_in_box(box, session.source.grid, roi, ins.nodule, fraction)
-        weight = feather_weight(ins.generated, float(roi.spacing[0]), float(lc["insert"]["feather_mm"]))
-        _, changed = paste_back(session.ct, box, after, weight, whole=new)
-        session.labels[box.slices][new] = NODULE
+        changed = paste_nodule(session.ct, session.labels, box, session.source.grid, roi, ins.nodule, ins.generated,
+                               after, float(lc["insert"]["feather_mm"]),
+                               float(self.cfg.raw["preprocess"]["nodule_fraction"]))  # fmt: skip
         mean_hu = round(nodule_mean_hu(after, ins.nodule), 1)
         record = {k: v for k, v in ins.record.items() if k != "checked_at_change"}
         record = {**record, "native_voxels_changed": changed, "nodule_mean_hu": mean_hu, "seed": ins.seed}

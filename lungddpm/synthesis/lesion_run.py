@@ -20,7 +20,6 @@ from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..diffusion.precision import precision_name, resolve_precision
 from ..errors import DicomError
 from ..io import Geometry, file_sha256, write_csv, write_json, write_volume
-from ..preprocessing.layout import NODULE
 from ..preprocessing.rois import SourceCT, load_source, real_nodule_rois
 from ..settings import insert_texture, lesion_insert
 from .layout_edit import load_bank
@@ -36,7 +35,7 @@ from .lesion import (
     run_settings,
     site_seed,
 )
-from .paste import feather_weight, native_box, native_labels, nodule_in_box, paste_back
+from .paste import native_box, native_labels, paste_nodule
 from .plan import Item
 from .volume_run import item_settings, provenance_complete
 
@@ -96,10 +95,8 @@ def _write_item(
         box = native_box(src.grid, ct.shape, c.site.geometry, n)
         if box is None:
             raise RuntimeError(f"{item.name}: site {c.site.name} lies outside its scan")  # rois never writes one
-        new = nodule_in_box(box, src.grid, c.site.geometry, c.nodule, fraction)
-        weight = feather_weight(c.generated, c.site.geometry.spacing[0], feather)
-        _, changed = paste_back(ct, box, roi_after, weight, whole=new)
-        labels[box.slices][new] = NODULE
+        changed = paste_nodule(ct, labels, box, src.grid, c.site.geometry, c.nodule, c.generated, roi_after, feather,
+                               fraction)  # fmt: skip
         write_volume(files[f"s{j}_before"], c.site.ct, c.site.geometry)
         write_volume(files[f"s{j}_after"], roi_after, c.site.geometry)
         write_volume(files[f"s{j}_layout"], c.layout, c.site.geometry)

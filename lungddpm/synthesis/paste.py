@@ -88,6 +88,29 @@ def paste_back(
     return w, int(changed.sum())
 
 
+def paste_nodule(
+    native: np.ndarray,
+    labels: np.ndarray,
+    box: NativeBox,
+    grid: SliceGrid,
+    roi: Geometry,
+    nodule: np.ndarray,
+    generated: np.ndarray,
+    generated_hu: np.ndarray,
+    feather_mm: float,
+    fraction: float,
+) -> int:
+    """Paste an inpainted ROI (``generated_hu`` [n, n, n] on ``roi``; its ``generated`` region feathered over
+    ``feather_mm``) into ``native`` and label its new ``nodule`` in ``labels`` (both [K, I, J] on ``grid``, in place):
+    the lesion run's and the studio's one insertion, every labelled voxel at weight 1 (:func:`nodule_in_box` at
+    ``fraction``, :func:`paste_back`). Returns the number of native voxels whose value changed."""
+    new = nodule_in_box(box, grid, roi, nodule, fraction)
+    weight = feather_weight(generated, float(roi.spacing[0]), feather_mm)
+    _, changed = paste_back(native, box, generated_hu, weight, whole=new)
+    labels[box.slices][new] = NODULE
+    return changed
+
+
 def nearest_in_box(box: NativeBox, roi_mask: np.ndarray) -> np.ndarray:
     """``roi_mask`` [n, n, n] looked up nearest-neighbour at the box's native voxels -> bool [k, i, j]; a native
     voxel halfway between two ROI voxels takes the upper one (half up, as :func:`lungddpm.preprocessing.grid.coverage`
