@@ -34,7 +34,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 5: a main bronchus that the lung encloses in-plane is no longer put back as lung with the lung's holes (the
     # demo: 15-64 voxels of the 2 mm lung mask in each of its 12 cases, at the hilum)
     # 6: an enclosed air-like space outside the torso's core (a table's foam or hollow core) is no lung component
-    "preprocess": 6,
+    # 7: the lung mask's edge repair propagates past the first pass's lung slices (a chest cropped in front or behind
+    # lost its lungs below the cut); the demo's masks are unchanged
+    "preprocess": 7,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
     # (the demo's 24 mm nodule of LIDC-IDRI-0709 was jittered onto a face of its 40 mm ROI)
