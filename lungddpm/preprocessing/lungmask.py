@@ -205,9 +205,10 @@ def edge_cut_lung(
     (at least :data:`LUNG_LIKE_HU`) of each in-plane component of outside air at least ``overlap`` of whose
     lung-like voxels lie on ``lung``, or on voxels so found, in the slice above or below (propagated slice by slice,
     past the slices of ``lung`` too: a chest cropped in front or behind cuts the lungs in their middle slices, and
-    the lung below the cut was dropped as bowel gas). Room air lies beside the body, never over a lung, and it and the padding outside a
-    field of view are darker than lung, so neither is taken, even where a lung joins them in a slice; a lung cut in
-    every slice and joined to no lung found is not found. outside, lung: bool [Z, Y, X]; hu: [Z, Y, X]."""
+    the lung below the cut was dropped as bowel gas). Room air lies beside the body, never over a lung, and it and
+    the padding outside a field of view are darker than lung, so neither is taken, even where a lung joins them in a
+    slice; a lung cut in every slice and joined to no lung found is not found.
+    outside, lung: bool [Z, Y, X]; hu: [Z, Y, X]."""
     labels, n = ndi.label(outside, structure=_IN_PLANE)
     like = outside & (hu >= LUNG_LIKE_HU)
     n_like = np.bincount(labels[like], minlength=n + 1)
