@@ -227,7 +227,7 @@ class Studio:
         cut = cut_roi(replace(session.source, hu=session.ct), roi, self.roi)  # resample converts only the crop
         layout = cut["layout"].copy()
         world = roi.index_to_world(np.indices(layout.shape).reshape(3, -1).T)  # [n^3, 3] x, y, z of the ROI voxels
-        layout[self._native_nodules_in(session, world).reshape(layout.shape)] = NODULE  # nodules inserted earlier
+        layout[self._inserted_nodules_in(session, world).reshape(layout.shape)] = NODULE  # nodules inserted earlier
         unused = in_boxes(world, _unused_boxes(session.source, float(roi.spacing[0]) / 2)).reshape(layout.shape)
         try:
             edited, edit = place_at(layout, roi, nodule, roi.world_to_index(target[None])[0], border, mask)
@@ -275,9 +275,14 @@ class Studio:
         return texture
 
     @staticmethod
-    def _native_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:
-        """bool [N]: points ``world`` [N, 3] (x, y, z) whose nearest native voxel is labelled nodule."""
-        return _nearest(session.labels, session.source.grid.world_to_index, world) == NODULE
+    def _inserted_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:
+        """bool [N]: points ``world`` [N, 3] (x, y, z) whose nearest native voxel a nodule inserted in the session
+        labels. The real nodules are in :func:`cut_roi`'s layout, with their classes, as training saw them: their
+        nearest-voxel rim added here was "any texture"."""
+        inserted = np.zeros(session.labels.shape, bool)
+        for e in session.edits:  # a later edit never touches an earlier nodule; an undone one is no longer listed
+            inserted[e.slices] |= (session.labels[e.slices] == NODULE) & (e.labels_before != NODULE)
+        return _nearest(inserted, session.source.grid.world_to_index, world)
 
     def random_site(
         self, session: CaseSession, nodule: BankNodule, seed: int, tries: int = 200

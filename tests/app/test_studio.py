@@ -252,6 +252,29 @@ def test_a_nodule_inserted_before_keeps_its_class_in_the_next_sites_layout(studi
     assert s.undo() is edit
 
 
+def test_a_real_nodule_in_a_sites_roi_is_seen_at_its_own_class_only(studio: Studio) -> None:
+    """A site about 15 mm from a real nodule: every voxel of that nodule in the ROI's layout carries its texture
+    class, as training's ROIs do. The nearest-native-voxel rim once added to it was "any texture" (3 of 101 voxels
+    in LIDC-IDRI-0171, 21 of 86 in LIDC-IDRI-0719)."""
+    nodule = min(studio.candidates((3, 12)), key=lambda n: n.diameter_mm)
+    for case in studio.cases:
+        s = studio.open_case(case)
+        real, lung = np.argwhere(s.labels == NODULE), np.argwhere(s.labels == LUNG)
+        if not len(real):
+            continue
+        lung = lung[:: max(1, len(lung) // 20000)]
+        far = np.linalg.norm(np.array([s.world(v) for v in lung]) - s.world(np.round(real.mean(0)).astype(int)), axis=1)
+        for site in lung[np.argsort(np.abs(far - 15.0))[:40]]:
+            try:
+                ins = studio.check_site(s, tuple(site), nodule, "solid")
+            except StudioError:
+                continue
+            if (other := (ins.layout == NODULE) & ~ins.nodule).any():
+                assert ins.site.texture is not None and (ins.site.texture[other] > 0).all(), case
+                return
+    pytest.fail("no site near a real nodule")
+
+
 def test_missing_model_is_a_clear_error(demo_workflow: Path, tmp_path: Path) -> None:
     cfg = load_config(demo_workflow / "config/config.yaml", yaml.safe_load((demo_workflow / "ci.yaml").read_text()))
     target = r"`snakemake --cores all results/models/lesion/\w+/checkpoint.pt` in "  # not the rule: it has a wildcard
