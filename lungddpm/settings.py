@@ -168,3 +168,13 @@ def fractional_blend(config: Mapping[str, Any]) -> dict[str, Any]:
     radii = [float(s["blend_margin_mm"]) / float(v) for v in config["preprocess"]["spacing_mm"]]
     whole = all(abs(r - round(r)) <= 1e-6 * max(r, 1.0) for r in radii)
     return {} if whole or not s["blend"] else {"margin_vox": [round(r, 6) for r in radii]}
+
+
+def layout_edit_read(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``layout_edit`` keys the augment run reads: with ``insert: 0`` only ``insert`` and ``remove_existing``
+    (the bank's filters and the placement tries shape nothing). What the sample rule's params and the augment items'
+    provenance compare, an item's recorded section reduced alike: editing an unread key reruns and remakes nothing
+    (it resampled the whole run)."""
+    if section.get("insert", 0) > 0:
+        return dict(section)
+    return {k: section[k] for k in ("insert", "remove_existing") if k in section}

@@ -30,7 +30,7 @@ from ..diffusion.sample import Blend, blend_radii, keep_mask, sample
 from ..errors import LayoutError, LungDDPMError
 from ..io import file_sha256, files_sha256, read_header, read_json, safe_component, write_json, write_volume
 from ..preprocessing.layout import read_case_pair
-from ..settings import LATER_DEFAULTS, fractional_blend, without_later_defaults
+from ..settings import LATER_DEFAULTS, fractional_blend, layout_edit_read, without_later_defaults
 from ..versions import output_version
 from .plan import Item, sampling_what
 
@@ -82,7 +82,7 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
     settings = without_later_defaults(settings)  # the default, as before the key: old items stay complete
     settings.update(output_version("sample"))  # a bump remakes items made by older code
     if run == "augment":
-        settings["layout_edit"] = cfg.raw["layout_edit"]
+        settings["layout_edit"] = layout_edit_read(cfg.raw["layout_edit"])
     if bank_sha is not None:
         settings["bank_sha256"] = bank_sha
     return settings
@@ -104,6 +104,8 @@ def provenance_complete(files: dict[str, Path], settings: dict[str, Any]) -> boo
         prov = read_json(files["provenance"])
     except Exception:
         return False
+    if isinstance(prov.get("layout_edit"), dict):  # an item made before the unread keys were left out
+        prov["layout_edit"] = layout_edit_read(prov["layout_edit"])
     return all(prov.get(k) == v for k, v in settings.items()) and all(
         prov.get(k, d) == d for k, d in LATER_DEFAULTS.items() if k not in settings
     )

@@ -209,6 +209,31 @@ def test_a_new_seed_new_inputs_or_a_new_bank_are_sampled_anew(tiny_model, tmp_pa
     assert skipped(items, other_bank, fp32) == [False, True]  # a resume in another precision remakes, never mixes
 
 
+def test_an_augment_run_inserting_nothing_ignores_the_banks_filters(tiny_model, tmp_path: Path) -> None:
+    """With layout_edit.insert 0 the bank's filters and the placement tries shape nothing: editing them remakes no
+    item (it resampled the whole run), nor does an item whose provenance holds the whole section (made before);
+    remove_existing does shape the layouts."""
+    checkpoint, cts, layouts, _bank = tiny_model
+    cases = {p.parent.name: p for p in cts}
+    lays = {p.name.removesuffix(".nii.gz"): p for p in layouts}
+    out = tmp_path / "out"
+
+    def skipped(**edit: object) -> list[bool]:
+        cfg = synth_config(samples_per_layout=1)
+        raw = {**cfg.raw, "layout_edit": {**cfg.raw["layout_edit"], "insert": 0, **edit}}
+        return [m["skipped"] for m in synthesize_shard("augment", items, type(cfg).from_dict(raw), checkpoint, cases,
+                                                       lays, out, None, threads=THREADS)]  # fmt: skip
+
+    items = plan("augment", sorted(cases), 1, 0)[:1]
+    assert skipped() == [False] and skipped(diameter_mm=[3, 5], max_attempts=7, min_readers=3) == [True]
+    prov_path = out / f"{items[0].name}.json"
+    prov = json.loads(prov_path.read_text())
+    assert prov["layout_edit"] == {"insert": 0, "remove_existing": False}
+    prov_path.write_text(json.dumps({**prov, "layout_edit": {**synth_config().raw["layout_edit"], "insert": 0}}))
+    assert skipped() == [True]  # the whole section, as items made before recorded it
+    assert skipped(remove_existing=True) == [False]
+
+
 def test_a_rerun_never_accepts_an_item_that_other_settings_made_or_half_rewrote(
     tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -90,6 +90,10 @@ def test_sampling_reruns_on_what_changes_its_volumes_only(tmp_path: Path) -> Non
     assert edit[runs[0]]["settings"] == base[runs[0]]["settings"]
     augment = rule_params(workdir, {"layout_edit": {"insert": 2}}, *runs[:2])
     assert augment[runs[0]] == base[runs[0]] and augment[runs[1]]["settings"] != base[runs[1]]["settings"]
+    # inserting nothing, the bank's filters and the placement tries shape nothing (they resampled the augment run)
+    none = [rule_params(workdir, {"layout_edit": {"insert": 0, **e}}, runs[1])[runs[1]]
+            for e in ({}, {"diameter_mm": [3, 5], "max_attempts": 7, "textures": [5]})]  # fmt: skip
+    assert none[0] == none[1] and none[0]["settings"] != base[runs[1]]["settings"]
     steps = rule_params(workdir, {"sample": {"steps": 7}, "lesion": {"sample": {"steps": 7}}}, *runs)
     assert all(steps[r]["settings"] != base[r]["settings"] for r in runs)
     # with blending off, the blend's margin and start shape nothing (they reran sampling)
