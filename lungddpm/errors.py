@@ -35,3 +35,7 @@ class LayoutError(LungDDPMError):
 
 class ImageError(LungDDPMError):
     """A CT volume or label map of ``data.source: images`` that cannot be used."""
+
+
+class SamplingError(LungDDPMError):
+    """A sampled volume that is not finite (the network's output overflowed, or its weights are not finite)."""

@@ -25,7 +25,7 @@ from ..data.sources import dicom_root
 from ..diffusion.checkpoint import model_digest
 from ..diffusion.encoding import TEXTURE_CLASSES, texture_levels
 from ..diffusion.precision import precision_name, resolve_precision
-from ..errors import LungDDPMError
+from ..errors import LungDDPMError, SamplingError
 from ..io import Geometry, file_sha256, write_json, write_volume
 from ..preprocessing.cases import list_cases
 from ..preprocessing.layout import LUNG, NODULE, face_border
@@ -277,8 +277,7 @@ class Studio:
     @staticmethod
     def _inserted_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:
         """bool [N]: points ``world`` [N, 3] (x, y, z) whose nearest native voxel a nodule inserted in the session
-        labels. The real nodules are in :func:`cut_roi`'s layout, with their classes, as training saw them: their
-        nearest-voxel rim added here was "any texture"."""
+        labels (real nodules are in :func:`cut_roi`'s layout at their classes; their rim added here had none)."""
         inserted = np.zeros(session.labels.shape, bool)
         for e in session.edits:  # a later edit never touches an earlier nodule; an undone one is no longer listed
             inserted[e.slices] |= (session.labels[e.slices] == NODULE) & (e.labels_before != NODULE)
@@ -317,8 +316,11 @@ class Studio:
             )
         t0 = time.perf_counter()
         lc = self.cfg.raw["lesion"]
-        after = inpaint(self.model, self.diffusion, [ins], self.window, lc["sample"], self.device, progress,
-                        self.levels)[0]  # fmt: skip
+        try:
+            after = inpaint(self.model, self.diffusion, [ins], self.window, lc["sample"], self.device, progress,
+                            self.levels)[0]  # fmt: skip
+        except SamplingError as exc:  # said in the page, not as a popup
+            raise StudioError(f"{self.checkpoint}: {exc}") from exc
         roi = ins.site.geometry
         box = native_box(session.source.grid, session.ct.shape, roi, self.roi.size)
         if box is None:  # check_site shifts every ROI inside the scan

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from ..errors import SamplingError
 from .process import GaussianDiffusion, Model
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -220,6 +221,13 @@ def sample(
                 start_timesteps(scheduler, steps, timestep_spacing, device, at=back)
                 continue
         i += 1
+    if not (finite := torch.isfinite(x).flatten(1).all(dim=1)).all():  # NaN would be written as 0 HU, inf clipped
+        bad = [int(b) for b in torch.nonzero(~finite).flatten()]
+        under = f"under {str(autocast_dtype).removeprefix('torch.')} autocast " if autocast_dtype else ""
+        raise SamplingError(
+            f"volume(s) {bad} of the batch of {shape[0]} came out not finite (NaN or inf): the network's output "
+            f"overflowed {under}or the checkpoint's weights are not finite; sample in fp32, or check the checkpoint"
+        )
     return x
 
 

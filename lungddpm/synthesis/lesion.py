@@ -38,7 +38,7 @@ from ..diffusion.encoding import (
 from ..diffusion.precision import resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, Resample, sample
-from ..errors import LayoutError
+from ..errors import LayoutError, SamplingError
 from ..io import Geometry, files_sha256, read_volume, safe_component
 from ..preprocessing.layout import NODULE, check_labels, dilate_mm, face_border
 from ..preprocessing.rois import read_roi_table
@@ -195,22 +195,14 @@ def inpaint(
         if float(sc["guidance"]) != 1.0:
             uncond = guidance_layouts(chunk, extra, layout, sc.get("guidance_against", "any"), class_levels, device)
         generators = [torch.Generator().manual_seed(c.seed) for c in chunk]
-        x = sample(
-            model,
-            diffusion,
-            layout,
-            sc["sampler"],
-            sc["steps"],
-            generators,
-            blend=Blend(ref, keep),
-            autocast_dtype=dtype,
-            clip_x0=sc["clip_x0"],
-            guidance=float(sc["guidance"]),
-            resample=Resample(int(sc["jump_length"]), int(sc["jump_n_sample"])),
-            uncond_layout=uncond,
-            progress=progress,
-            timestep_spacing=sc["timestep_spacing"],
-        )
+        try:
+            x = sample(model, diffusion, layout, sc["sampler"], sc["steps"], generators, blend=Blend(ref, keep),
+                       autocast_dtype=dtype, clip_x0=sc["clip_x0"], guidance=float(sc["guidance"]),
+                       resample=Resample(int(sc["jump_length"]), int(sc["jump_n_sample"])), uncond_layout=uncond,
+                       progress=progress, timestep_spacing=sc["timestep_spacing"])  # fmt: skip
+        except SamplingError as exc:
+            names = ", ".join(c.site.name for c in chunk)
+            raise SamplingError(f"sites {names}: {exc} (lesion.sample.precision: fp32)") from exc
         for b, c in enumerate(chunk):
             hu = np.round(model_to_hu(x[b, 0].float().cpu().numpy(), window))
             out.append(np.where(c.generated, hu, c.site.ct).astype(np.int16))

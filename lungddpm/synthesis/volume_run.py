@@ -27,7 +27,7 @@ from ..diffusion.convention import convention_from_checkpoint
 from ..diffusion.precision import precision_name, resolve_precision
 from ..diffusion.process import DiffusionConfig, GaussianDiffusion
 from ..diffusion.sample import Blend, blend_radii, keep_mask, sample
-from ..errors import LayoutError, LungDDPMError
+from ..errors import LayoutError, LungDDPMError, SamplingError
 from ..io import file_sha256, files_sha256, read_header, read_json, safe_component, write_json, write_volume
 from ..preprocessing.layout import read_case_pair
 from ..settings import LATER_DEFAULTS, fractional_blend, layout_edit_read, without_later_defaults
@@ -212,18 +212,13 @@ def synthesize_shard(
             )
         layout_t = torch.from_numpy(np.stack([p[5].layout for p in prepared])).to(device)
         generators = [torch.Generator().manual_seed(item.seed) for item, _ in chunk]
-        x = sample(
-            model,
-            diffusion,
-            layout_t,
-            sc["sampler"],
-            sc["steps"],
-            generators,
-            blend=blend,
-            autocast_dtype=dtype,
-            clip_x0=sc["clip_x0"],
-            timestep_spacing=sc["timestep_spacing"],
-        )
+        try:
+            x = sample(model, diffusion, layout_t, sc["sampler"], sc["steps"], generators, blend=blend,
+                       autocast_dtype=dtype, clip_x0=sc["clip_x0"],
+                       timestep_spacing=sc["timestep_spacing"])  # fmt: skip
+        except SamplingError as exc:
+            names = ", ".join(item.name for item, _ in chunk)
+            raise SamplingError(f"{checkpoint}: items {names}: {exc} (sample.precision: fp32)") from exc
         seconds = (time.perf_counter() - t0) / len(chunk)
         for b, ((item, files), (ct, layout, geometry, edits, keep, inp)) in enumerate(zip(chunk, prepared)):
             hu = convention.to_hu(x[b, 0].float().cpu().numpy(), inp)  # HU on the case's grid

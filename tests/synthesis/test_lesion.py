@@ -13,7 +13,7 @@ from lungddpm.config import lesion_config, load_config
 from lungddpm.diffusion.encoding import ANY_TEXTURE, layout_to_channels, texture_class, texture_values
 from lungddpm.diffusion.process import DiffusionConfig, GaussianDiffusion
 from lungddpm.diffusion.unet import UNet3D, unet_config_from_dict
-from lungddpm.errors import LayoutError
+from lungddpm.errors import LayoutError, SamplingError
 from lungddpm.io import read_volume, write_volume
 from lungddpm.preprocessing.layout import LUNG, NODULE, face_border
 from lungddpm.preprocessing.roi_training import focus_weights, roi_channels
@@ -150,6 +150,11 @@ def test_inpaint_keeps_roi_outside_generated_region_and_is_seeded(sampler: str) 
         assert np.array_equal(after[~c.generated], c.site.ct[~c.generated])
         assert not np.array_equal(after[c.generated], c.site.ct[c.generated])
     assert np.array_equal(a[1], b[0])  # same seed, same ROI, batched or alone
+    for p in model.parameters():  # weights that are not finite: the sites named, nothing returned
+        p.data.fill_(float("nan"))
+    names = rf"sites {ins[0].site.name}, {ins[1].site.name}: volume\(s\) \[0, 1\] of the batch of 2 came out not finite"
+    with pytest.raises(SamplingError, match=names + r".* \(lesion.sample.precision: fp32\)$"):
+        inpaint(model, diffusion, ins, (-1000.0, 400.0), sc, torch.device("cpu"))
 
 
 def test_paste_back_changes_only_the_generated_region_and_is_seamless() -> None:

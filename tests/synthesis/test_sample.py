@@ -14,7 +14,7 @@ from lungddpm.diffusion.precision import precision_name, resolve_precision
 from lungddpm.diffusion.process import GaussianDiffusion
 from lungddpm.diffusion.sample import Blend, blend_radii, keep_mask, sample
 from lungddpm.diffusion.train import train
-from lungddpm.errors import LayoutError
+from lungddpm.errors import LayoutError, SamplingError
 from lungddpm.io import Geometry, files_sha256, read_volume, write_volume
 from lungddpm.preprocessing.layout import read_case_pair
 from lungddpm.synthesis import volume_run
@@ -232,6 +232,25 @@ def test_an_augment_run_inserting_nothing_ignores_the_banks_filters(tiny_model, 
     prov_path.write_text(json.dumps({**prov, "layout_edit": {**synth_config().raw["layout_edit"], "insert": 0}}))
     assert skipped() == [True]  # the whole section, as items made before recorded it
     assert skipped(remove_existing=True) == [False]
+
+
+def test_a_checkpoint_that_samples_nan_is_named_with_its_items_and_writes_nothing(tiny_model, tmp_path: Path) -> None:
+    """Weights that are not finite (an imported checkpoint, say) sample NaN: refused with the checkpoint, the items
+    and the fp32 key, no volume written (NaN became 0 HU, soft tissue, in the synthetic CT)."""
+    checkpoint, cts, layouts, _bank = tiny_model
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in ("model", "ema"):
+        ckpt[key] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ckpt[key].items()}
+    broken = tmp_path / "broken.pt"
+    torch.save(ckpt, broken)
+    cases = {p.parent.name: p for p in cts}
+    lays = {p.name.removesuffix(".nii.gz"): p for p in layouts}
+    items = plan("eval", sorted(cases), 1, 0)
+    with pytest.raises(SamplingError, match=rf"{broken}: items case0_0: volume\(s\) \[0\] of the batch of 1 came out "
+                       r"not finite .* \(sample.precision: fp32\)"):  # fmt: skip
+        synthesize_shard("eval", items, synth_config(samples_per_layout=1), broken, cases, lays, tmp_path / "out",
+                         threads=THREADS)  # fmt: skip
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
 def test_a_rerun_never_accepts_an_item_that_other_settings_made_or_half_rewrote(
