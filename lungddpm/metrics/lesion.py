@@ -145,17 +145,17 @@ def set_stats(nodules: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
     }
 
 
-def _pooled(nodules: Sequence[Nodule], idx: np.ndarray, field: str = "hu") -> np.ndarray:
+def pooled_values(nodules: Sequence[Nodule], idx: np.ndarray, field: str = "hu") -> np.ndarray:
     """The values ``field`` (``hu`` or ``core``) of the nodules ``idx`` (a resample's indices), pooled."""
     return np.concatenate([getattr(nodules[j], field) for j in idx])
 
 
-def _w1_or_nan(a: np.ndarray, b: np.ndarray) -> float:
+def w1_or_nan(a: np.ndarray, b: np.ndarray) -> float:
     """W1 of two pooled value arrays; NaN when either is empty (a set whose nodules have no core)."""
     return w1(a, b) if a.size and b.size else float("nan")
 
 
-def _interval(v: np.ndarray, ci: float) -> tuple[float, float]:
+def finite_interval(v: np.ndarray, ci: float) -> tuple[float, float]:
     """The percentile interval (level ``ci``) of the finite resamples ``v``; (NaN, NaN) when none is."""
     v = v[np.isfinite(v)]
     return tuple(float(x) for x in np.quantile(v, [(1 - ci) / 2, (1 + ci) / 2])) if v.size else (np.nan, np.nan)  # type: ignore[return-value]
@@ -179,9 +179,9 @@ def excess_intervals(
     for i in range(resamples):
         ia, isyn, ib = (cluster_draw(u, rng) for u in units)
         for k, field in enumerate(("hu", "core")):
-            ref = _pooled(b, ib, field)
-            d[k, i] = _w1_or_nan(_pooled(syn, isyn, field), ref) - _w1_or_nan(_pooled(a, ia, field), ref)
-    return {key: _interval(d[k], ci) for k, key in enumerate(("w1", "core_w1"))}
+            ref = pooled_values(b, ib, field)
+            d[k, i] = w1_or_nan(pooled_values(syn, isyn, field), ref) - w1_or_nan(pooled_values(a, ia, field), ref)
+    return {key: finite_interval(d[k], ci) for k, key in enumerate(("w1", "core_w1"))}
 
 
 def compare_sets(
@@ -199,7 +199,7 @@ def compare_sets(
     sa, sb = set_stats(a, step_mm), set_stats(b, step_mm)
 
     def pooled_w1(ia: np.ndarray, ib: np.ndarray) -> float:  # of two resamples of nodule indices
-        return w1(_pooled(a, ia), _pooled(b, ib))
+        return w1(pooled_values(a, ia), pooled_values(b, ib))
 
     all_a, all_b, units = np.arange(len(a)), np.arange(len(b)), [len({n.unit for n in x}) for x in (a, b)]
     if resamples > 0:  # a side of one patient: no interval (bootstrap_distance's NaN)
@@ -218,80 +218,8 @@ def compare_sets(
         "sharpness_b": sb["sharpness"],
         "profile_l1_hu": _mean_abs(sa["profile"] - sb["profile"]),
         **{f"{k}_{side}": st[k] for k in ("core_hu", "core_sd") for side, st in (("a", sa), ("b", sb))},
-        "core_w1_hu": _w1_or_nan(_pooled(a, all_a, "core"), _pooled(b, all_b, "core")),
+        "core_w1_hu": w1_or_nan(pooled_values(a, all_a, "core"), pooled_values(b, all_b, "core")),
     }
-
-
-def size_matched(
-    target: Sequence[Nodule], pool: Sequence[Nodule], fallback: Sequence[Nodule] = ()
-) -> list[Nodule | None]:
-    """Per nodule of ``target``, the nodule of ``pool`` of its texture class nearest to it in log voxel count (the
-    first of ties; of ``fallback`` where ``pool`` has none of its class, None where neither has; any class for a
-    nodule of no class, ``any``): ``pool`` drawn to ``target``'s size mix. A small nodule is mostly partial-volume
-    rim, so pooled histograms of two sets of different sizes differ even where like sizes agree."""
-    out: list[Nodule | None] = [None] * len(target)
-    for source in (pool, fallback):
-        todo = [i for i, m in enumerate(out) if m is None]
-        if not source or not todo:
-            continue
-        t = [target[i] for i in todo]
-        gap = np.abs(np.log([[n.hu.size] for n in t]) - np.log([n.hu.size for n in source]))  # [T, P]
-        same = np.array([[n.texture_class] for n in t]) == np.array([n.texture_class for n in source])
-        same |= np.array([[n.texture_class not in TEXTURE_CLASSES] for n in t])
-        best = np.argmin(np.where(same, gap, np.inf), axis=1)
-        for i, k, j in zip(todo, range(len(t)), best):
-            out[i] = source[int(j)] if same[k, j] else None
-    return out
-
-
-def _matched(
-    t: Sequence[Nodule], a: Sequence[Nodule], b: Sequence[Nodule], full: tuple[Sequence[Nodule], ...] = ((), ())
-) -> tuple[list[Nodule], ...]:
-    """(the nodules of ``t`` whose class both ``a`` and ``b`` hold, their matches in ``a``, in ``b``); a resample
-    missing a class matches it within its full half (``full``), so that every resample keeps the estimate's mix."""
-    ma, mb = size_matched(t, a, full[0]), size_matched(t, b, full[1])
-    kept = [(n, x, y) for n, x, y in zip(t, ma, mb) if x is not None and y is not None]
-    return tuple([k[i] for k in kept] for i in range(3))
-
-
-def matched_rows(
-    a: Sequence[Nodule], syn: Sequence[Nodule], b: Sequence[Nodule], s: FidelitySettings, seed: Sequence[int]
-) -> list[dict[str, Any]]:
-    """The floor and the synthetic row with real halves ``a`` and ``b`` size-matched to ``syn`` (:func:`size_matched`;
-    ``n_a``/``n_b``: the distinct nodules used; a real nodule matched k times weighs k times; a synthetic nodule of a
-    class either half lacks is left out; no rows where none is left; no interval where a set is one patient's).
-    Every interval comes from the same ``s.bootstrap`` resamples, each drawing ``a``, ``b`` and ``syn`` by unit
-    (patient) with replacement and matching again: both rows' W1 and the synthetic row's excesses (paired). Two
-    caveats. The matched halves hold few distinct real nodules and ``syn`` many, so the matched floor is noisier,
-    hence larger, than a synthetic set like the real one would be from B: the excess leans below 0 (with synthetic
-    nodules drawn like the real ones, true excess 0, a nodule per patient: about -4 HU for 20 synthetic and -11 HU
-    for 80, against 20 real per half). And a nearest-neighbour match is not smooth in the resample (a resample
-    matches from about 63 % of the distinct nodules, so less closely): approximate intervals."""
-    syn, ma, mb = _matched(syn, a, b)
-    if not syn:
-        return []
-    floor, synth = compare_sets(ma, mb, s.profile_step_mm), compare_sets(syn, mb, s.profile_step_mm)
-    floor.update(n_a=len({id(n) for n in ma}), n_b=len({id(n) for n in mb}), **dict.fromkeys(EXCESS, float("nan")))
-    synth["n_b"] = floor["n_b"]
-    u_syn, u_a, u_b = (group_members([n.unit for n in x]) for x in (syn, a, b))
-    rng, resamples = np.random.default_rng(seed), 0 if draws_only_itself([u_syn, u_a, u_b]) else max(s.bootstrap, 0)
-    d = np.full((4, resamples), np.nan)  # W1 floor, synthetic; core W1 floor, synthetic
-    for i in range(resamples):
-        draws = ([h[j] for j in cluster_draw(u, rng)] for h, u in ((syn, u_syn), (a, u_a), (b, u_b)))
-        t, ra, rb = _matched(*draws, full=(a, b))
-        if not t:
-            continue
-        for k, field in enumerate(("hu", "core")):
-            ref = _pooled(rb, np.arange(len(rb)), field)
-            d[2 * k : 2 * k + 2, i] = [_w1_or_nan(_pooled(x, np.arange(len(x)), field), ref) for x in (ra, t)]
-    floor["w1_ci_low"], floor["w1_ci_high"] = _interval(d[0], s.ci)
-    synth["w1_ci_low"], synth["w1_ci_high"] = _interval(d[1], s.ci)
-    for k, key in enumerate(("w1", "core_w1")):
-        low, high = _interval(d[2 * k + 1] - d[2 * k], s.ci)
-        synth.update({f"{key}_excess_hu": synth[f"{key}_hu"] - floor[f"{key}_hu"], f"{key}_excess_ci_low": low,
-                      f"{key}_excess_ci_high": high})  # fmt: skip
-    return [{"comparison": "real A vs real B, size-matched", **floor},
-            {"comparison": "synthetic vs real B, size-matched", **synth}]  # fmt: skip
 
 
 def patient_halves(nodules: Sequence[Nodule], seed: int | Sequence[int]) -> tuple[list[Nodule], list[Nodule]]:
@@ -336,7 +264,10 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
     real B``, each with its W1 interval (``s.bootstrap`` resamples), the synthetic row also with its excesses over
     the floor, of W1 and of the cores' W1 (NaN where the class has no floor, or its floor no core); then the same
     two rows with the real halves size-matched to the synthetic nodules (:func:`matched_rows`). A class without
-    the nodules for a row has none, a class whose real nodules are one patient's (:attr:`Nodule.unit`) no floor."""
+    the nodules for a row has none, a class whose real nodules are one patient's (:attr:`Nodule.unit`) no floor; a
+    class with synthetic nodules and no real one a synthetic row of their own statistics (n_b 0)."""
+    from .lesion_matched import matched_rows  # it builds on this module's rows
+
     rows = []
     for k, cls in enumerate([*TEXTURE_CLASSES, ALL]):
         r = [n for n in real if cls in (ALL, n.texture_class)]
@@ -351,6 +282,10 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
                 rows.append({"texture_class": cls, "comparison": name,
                              **compare_sets(a, half_b, s.profile_step_mm, s.bootstrap, s.ci, seed),
                              **dict.fromkeys(EXCESS, float("nan"))})  # fmt: skip
+        if syn and not half_b:  # nothing real to compare them with: said, and their own statistics shown
+            log.warning("%s: %d synthetic nodules but no real one of this class: no comparison (the %s rows hold "
+                        "them)", cls, len(syn), ALL)  # fmt: skip
+            rows.append(_unmatched_row(cls, syn, s.profile_step_mm))
         if syn and half_a and half_b:
             floor, synth = rows[-2], rows[-1]
             ci = excess_intervals(half_a, syn, half_b, s.bootstrap, s.ci, np.random.default_rng([s.seed, k, 2]))
@@ -365,6 +300,16 @@ def fidelity(real: Sequence[Nodule], synthetic: Sequence[Nodule], s: FidelitySet
                  "vs %.2f, core W1 %.1f HU (over the floor %.1f, %.1f-%.1f) (n %d vs %d)",
                  *map(row.get, logged))  # fmt: skip
     return rows
+
+
+def _unmatched_row(cls: str, syn: Sequence[Nodule], step_mm: float) -> dict[str, Any]:
+    """A ``synthetic vs real B`` row of a class with no real nodule: the synthetic side's statistics, n_b 0, the
+    rest NaN."""
+    st = set_stats(syn, step_mm)
+    row = {k: float("nan") for k in COLUMNS[2:]}
+    row.update({f"{k}_a": st[k] for k in ("mean_hu", "sd_hu", "solid_fraction", "sharpness", "core_hu", "core_sd")})
+    return {**row, "texture_class": cls, "comparison": "synthetic vs real B", "n_a": len(syn), "n_b": 0,
+            "patients_a": len({n.unit for n in syn}), "patients_b": 0}  # fmt: skip
 
 
 def fidelity_settings(lesion: Mapping[str, Any]) -> FidelitySettings:

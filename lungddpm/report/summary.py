@@ -246,6 +246,9 @@ def fidelity_section(table: Path, figures: Sequence[Path], base: Path) -> list[s
     unmade = [c for c in dict.fromkeys(r["texture_class"] for r in rows) if c not in made]
     if unmade:  # its table rows, profile and gallery row show the real nodules alone
         out += [f"No synthetic nodule of class {', '.join(unmade)} was inserted: only its floor is shown.", ""]
+    if alone := [r["texture_class"] for r in rows if r["comparison"].startswith("synthetic") and r["n_b"] == "0"]:
+        out += [f"No real nodule of class {', '.join(alone)} to compare its synthetic ones with: their row shows "
+                "their own statistics only.", ""]  # fmt: skip
     out += [f"![{Path(f).stem}]({_relative(Path(f), base)})" for f in figures] + [""]
     return out
 

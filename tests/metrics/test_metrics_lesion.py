@@ -22,15 +22,14 @@ from lungddpm.metrics.lesion import (
     fidelity,
     lesion_fidelity,
     margin_profile,
-    matched_rows,
     measure,
     patient_halves,
     patient_of_case,
     profile_bins,
     real_nodules,
-    size_matched,
 )
 from lungddpm.metrics.lesion_figures import OTHER, gallery_rows, profile_curves
+from lungddpm.metrics.lesion_matched import matched_rows, size_matched
 from lungddpm.metrics.sets import MetricsError
 from lungddpm.preprocessing.rois import ROI_COLUMNS
 
@@ -335,6 +334,29 @@ def test_a_class_of_one_patient_has_no_floor(caplog: pytest.LogCaptureFixture) -
         table = {r["comparison"]: r for r in rows if r["texture_class"] == cls}
         assert len(curves[cls]["real A"]) == table["real A vs real B"]["n_a"]
         assert len(curves[cls]["real B"]) == table["real A vs real B"]["n_b"]
+
+
+def test_a_synthetic_class_with_no_real_nodule_has_a_row_of_its_own_and_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ground-glass nodules inserted where the real ones are all solid: a row counts them (n_b 0) with their own
+    statistics, the log and the report say why nothing compares them (the class had no row and nothing said so)."""
+    from lungddpm.report.summary import fidelity_section
+
+    real = _patients([-40.0 * i for i in range(4)], 1, "p")
+    syn = [measure(f"s{k}", "ground-glass", *_sphere(-600.0 - 20 * k, -800.0), 1.0, S, f"q{k}", f"q{k}")
+           for k in range(2)]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        rows = fidelity(real, syn, S)
+    gg = [r for r in rows if r["texture_class"] == "ground-glass"]
+    assert [(r["comparison"], r["n_a"], r["n_b"], r["patients_a"]) for r in gg] == [("synthetic vs real B", 2, 0, 2)]
+    assert gg[0]["mean_hu_a"] == -610.0 and gg[0]["solid_fraction_a"] == 0.0 and np.isnan(gg[0]["w1_hu"])
+    assert "ground-glass: 2 synthetic nodules but no real one of this class: no comparison" in caplog.text
+    table = tmp_path / "fidelity.csv"
+    write_csv(table, rows, COLUMNS)
+    said = "\n".join(fidelity_section(table, [], tmp_path))
+    assert "No real nodule of class ground-glass to compare its synthetic ones with" in said
+    assert "| ground-glass | synthetic vs real B | 2 vs 0 (2 vs 0 patients) |  |  | -610 / n/a |" in said
 
 
 def test_gallery_shows_nodules_of_no_texture_class() -> None:
