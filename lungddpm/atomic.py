@@ -112,6 +112,26 @@ def remove_stale_folders(parent: Path, min_age_s: float = STALE_AFTER_S) -> list
     return stale
 
 
+def _remove_killed_swaps(target: Path) -> None:
+    """After ``target`` was replaced whole: delete the earlier folders that a kill between the two renames of an
+    :func:`atomic_folder` swap left hidden beside it (``.<name>.old-*``), and its killed writes' temporary folders
+    older than :data:`STALE_AFTER_S` (a younger one may be another process's write)."""
+    now, name = time.time(), glob.escape(target.name)
+    left = [p for p in target.parent.glob(f".{name}.old-*") if p.is_dir() and not p.is_symlink()]
+    for p in target.parent.glob(f".{name}.*.tmp"):
+        try:
+            if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime >= STALE_AFTER_S:
+                left.append(p)
+        except FileNotFoundError:
+            continue
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    if left:
+        log.warning(
+            "%s: removed %d folder(s) that a killed write left: %s", target, len(left), sorted(p.name for p in left)
+        )
+
+
 _OPEN_MODE = 0o666  # what open() asks for a new file; the umask takes its bits away
 
 
@@ -191,6 +211,7 @@ def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[Fo
             had = target.exists()
             if had:
                 os.replace(target, old)
+                kill_point("swap")
             try:
                 os.replace(job.tmp, target)
             except BaseException:
@@ -203,6 +224,7 @@ def atomic_folder(path: str | os.PathLike[str], *, replace: bool) -> Iterator[Fo
             _fsync(target.parent)
             if had:
                 shutil.rmtree(old, ignore_errors=True)
+            _remove_killed_swaps(target)
             return
         for n in itertools.count(1):
             job.path = target if n == 1 else target.with_name(f"{target.name}-{n}")

@@ -5,7 +5,9 @@
 
 - ``checkpoint`` — training, right after the resumable checkpoint ``step_<n>.pt`` was written;
 - ``rename`` — any atomic write (:func:`lungddpm.atomic.atomic_path`), after the temporary file is complete and
-  before it is renamed onto its target: the ``n``-th atomic write of the process.
+  before it is renamed onto its target: the ``n``-th atomic write of the process;
+- ``swap`` — a folder replaced whole (:func:`lungddpm.atomic.atomic_folder`, ``replace``), after the earlier folder
+  was moved aside and before the new one is renamed in.
 
 Unset (the normal case) it costs one dictionary lookup. Never a timer: the kill happens at the same point on
 every run, which is what makes the resume and no-partial-output tests exact.
@@ -23,7 +25,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENV = "LUNGDDPM_KILL_AT"
-POINTS = ("checkpoint", "rename")
+POINTS = ("checkpoint", "rename", "swap")
 _seen: Counter[str] = Counter()
 
 

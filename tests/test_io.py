@@ -225,6 +225,39 @@ def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["export", "export-2", "export-3", "series"]
 
 
+def test_a_folder_swap_killed_between_its_renames_is_cleaned_up_by_the_next_and_never_read(tmp_path: Path) -> None:
+    """kill -9 after the earlier folder was moved aside: the next write of that folder removes it, and the killed
+    write's temporary folder once an hour old (a younger one may be another process's); a DICOM series search never
+    reads such hidden folders. They were left for good, and the search could return the earlier series."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lungddpm.atomic import atomic_folder
+    from lungddpm.data.dicom import dicom_files
+
+    target = tmp_path / "series"
+    target.mkdir()
+    (target / "a.dcm").write_text("old")
+    code = (
+        "import sys; from pathlib import Path; from lungddpm.atomic import atomic_folder\n"
+        "with atomic_folder(Path(sys.argv[1]), replace=True) as f:\n"
+        "    (f.tmp / 'b.dcm').write_text('new')"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(target)], env={**os.environ, "LUNGDDPM_KILL_AT": "swap:1"})
+    assert killed.returncode == -9 and not target.exists()
+    old, tmp = sorted(tmp_path.glob(".series.old-*")), sorted(tmp_path.glob(".series.*.tmp"))
+    assert len(old) == len(tmp) == 1 and (old[0] / "a.dcm").read_text() == "old"
+    assert dicom_files(tmp_path, recursive=True) == []  # neither hidden folder is a series
+    young = tmp_path / ".series.young.tmp"
+    young.mkdir()
+    os.utime(tmp[0], (time.time() - 7200,) * 2)
+    with atomic_folder(target, replace=True) as folder:
+        (folder.tmp / "c.dcm").write_text("newer")
+    assert sorted(os.listdir(tmp_path)) == [".series.young.tmp", "series"] and dicom_files(target)[0].name == "c.dcm"
+
+
 def test_a_header_read_gives_the_grid_without_the_voxels(tmp_path: Path) -> None:
     from lungddpm.io import read_header
 

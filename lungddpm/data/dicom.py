@@ -107,10 +107,10 @@ def edge_joined(mask: np.ndarray) -> np.ndarray:
 
 
 def dicom_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """The ``*.dcm`` files of ``folder`` (and below, if ``recursive``), sorted, without hidden ones: macOS writes a
-    ``._<name>.dcm`` metadata file beside each file copied to a FAT or network drive, and pylidc skips them too."""
+    """The ``*.dcm`` files of ``folder`` (and below, outside hidden folders, if ``recursive``), sorted, without hidden
+    ones: macOS writes ``._<name>.dcm`` beside each file copied to a FAT or network drive (pylidc skips them too)."""
     found = Path(folder).rglob("*.dcm") if recursive else Path(folder).glob("*.dcm")
-    return sorted(p for p in found if not p.name.startswith("."))
+    return sorted(p for p in found if not any(c.startswith(".") for c in p.relative_to(folder).parts))
 
 
 def _slice_order(directory: Path, files: list[Path], slices: list[Any]) -> tuple[list[int], np.ndarray]:
