@@ -207,7 +207,7 @@ def _nifti_header(path: Path) -> Any | None:
 def nifti_truncation(path: Path, no_header: str | None = None) -> str | None:
     """Why a ``.nii`` / ``.nii.gz`` file holds fewer voxel bytes than its header promises (a cut copy or download,
     which SimpleITK reads without a word, the missing voxels 0), or None when it is whole; ``no_header`` where it
-    holds no NIfTI-1 header that nibabel reads (a file of ours cut inside its header; None: not NIfTI, nothing to
+    holds no NIfTI-1 or -2 header that nibabel reads (a file of ours cut inside its header; None: not NIfTI, nothing to
     compare). A gzip stream whose trailer gives the promised size is taken as whole (the cheap case); any
     other is decompressed up to that size (trailing bytes after it, or several gzip members, are fine)."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
@@ -215,16 +215,13 @@ def nifti_truncation(path: Path, no_header: str | None = None) -> str | None:
     import gzip
     import zlib
 
-    import nibabel as nib
-
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"  # by content: SimpleITK reads a plain file named .nii.gz too
     try:
-        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
-            header = nib.Nifti1Header.from_fileobj(fh)
+        header = _nifti_header(path)
         voxels = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
         expected = int(header.get_data_offset()) + voxels
-    except Exception:  # not a NIfTI-1 header nibabel reads: nothing to compare with
+    except Exception:  # not a NIfTI header nibabel reads (None has no shape): nothing to compare with
         return no_header
     if not gz:
         got = path.stat().st_size
