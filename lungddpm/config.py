@@ -76,6 +76,12 @@ def _coerce(instance: Any, schema: Mapping[str, Any]) -> Any:
                     return cast(text)
                 except ValueError:
                     pass
+        if "integer" in types:  # snakemake --config 'model={model_channels: 24.0}': the text of a whole float
+            try:
+                if (number := float(text)).is_integer():
+                    return int(number)
+            except ValueError:
+                pass
     return instance
 
 
