@@ -68,7 +68,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 4: the size-matched rows said "nearest in voxel count"; they match in log voxel count (as they always did)
     # 5: the lesion section names every batch size, device, sampler, feather and margin of the items (the last's)
     # 6: a stage switched off (segmentation.enabled, lesion.enabled) keeps its heading with a "Not run" line
-    "report": 6,
+    # 7: with lesion.enabled false and a segmentation arm of synthetic_source lesion, the lesion run is shown and the
+    # heading says that only its fidelity and texture control did not run (it said the lesion stages had not)
+    "report": 7,
     # 2: with real_fraction < 1, synthetic cases only from those built on the real data the arm sees (the others
     # brought a left-out real CT or nodule-free ROI back); arms whose cases do not change reuse their trainings
     # 3: a fraction x count that is an exact half rounds up as documented (0.29 x 50 -> 15; the float product fell

@@ -12,7 +12,7 @@ from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
-from lungddpm.config_checks import trained_checkpoint_unset
+from lungddpm.config_checks import lesion_scale_runs, trained_checkpoint_unset
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
 from lungddpm.settings import data_settings, fractional_blend, layout_edit_read, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, unread_feature_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
@@ -173,8 +173,9 @@ def report_inputs(wildcards):
         seg = f"results/segmentation/{config['segmentation']['scale']}"
         inputs["segmentation"] = f"{seg}/comparison.csv"
         inputs["segmentation_png"] = f"{seg}/comparison.png"
-    if LESION:
+    if lesion_scale_runs(config):  # with lesion.enabled false, for a segmentation arm of synthetic_source lesion
         inputs["lesion"] = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
+    if LESION:
         inputs["lesion_texture"] = "results/synthetic/lesion/texture_control.csv"
         inputs["fidelity"] = "results/metrics/lesion/fidelity.csv"
         inputs["fidelity_profiles"] = "results/metrics/lesion/profiles.png"

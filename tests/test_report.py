@@ -80,6 +80,19 @@ def test_the_lesion_section_counts_train_cts_and_seconds_per_nodule(tmp_path: Pa
     assert "8 nodules inserted into the nodule-free lung ROIs of 2 train CT(s)" in text
     # every item's batch size (a resume keeps items of another; the last item's alone was said), and the device
     assert "dpm++ 20 steps, 2.00 s of sampling per nodule in a shard job (batched 4 / 1, on cpu;" in text
+    assert "Texture control" in text
+    # lesion.enabled false, the lesion run made for a whole-scale arm of synthetic_source lesion: the run is shown,
+    # and the heading says what did not run (it said the lesion stages had not run, and showed no lesion run)
+    text = "\n".join(lesion_section([manifest], None, tmp_path / "figures", tmp_path, montages=1))
+    assert "8 nodules inserted" in text and "Texture control" not in text
+    quality = tmp_path / "image_quality.csv"
+    quality.write_text("metric,region,comparison,value,ci_low,ci_high,n_a,n_b,features\n")
+    out = tmp_path / "report"
+    write_report(out / "summary.md", quality, None, [_manifest(tmp_path / "figures", "/m.pt")], out / "loss.png",
+                 out / "quality.png", out / "figures", 0, demo=False, lesion_manifests=[manifest])  # fmt: skip
+    summary = (out / "summary.md").read_text()
+    assert "The lesion run ran for the segmentation arms that use it (`synthetic_source: lesion`)" in summary
+    assert "Not run: `lesion.enabled" not in summary and "8 nodules inserted into the nodule-free lung" in summary
 
 
 def test_items_sampled_since_the_model_digest_name_it(tmp_path: Path) -> None:

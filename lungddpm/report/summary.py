@@ -272,9 +272,11 @@ def _counts(row: dict[str, str]) -> str:
     return f"{n} ({row['patients_a']} vs {row['patients_b']} patients)" if row.get("patients_a") else n
 
 
-def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base: Path, montages: int) -> list[str]:
+def lesion_section(
+    manifests: Sequence[Path], texture: Path | None, figures: Path, base: Path, montages: int
+) -> list[str]:
     """Markdown: the lesion run (nodules inserted into train CTs, sampler, seconds per nodule), the texture-control
-    table, and the before/after montages of the first ``montages`` sites."""
+    table (``texture``; None: not run), and the before/after montages of the first ``montages`` sites."""
     sites, seconds, cases, shown = [], [], set(), []
     how: dict[str, dict[str, None]] = {k: {} for k in ("sampler", "batch", "device", "feather", "margin")}
     for m in manifests:
@@ -299,13 +301,14 @@ def lesion_section(manifests: Sequence[Path], texture: Path, figures: Path, base
         f"{np.mean(seconds):.2f} s of sampling per nodule in a shard job (batched {batch}, on {device}; the shards "
         f"run side by side), pasted back with a {feather} mm feather inside a {margin} mm margin."
     )
-    out += ["", "Texture control (the same nodules, sites and seeds per requested class):", ""]
-    body = [
-        [r["texture_class"], _mean_sd(r["inserted_mean_hu"], r["inserted_sd_hu"], r["n_inserted"]),
-         _mean_sd(r["real_mean_hu"], r["real_sd_hu"], r["n_real"]) if r["n_real"] != "0" else "none"]
-        for r in read_csv(texture)
-    ]  # fmt: skip
-    out += _table(["requested texture", "inserted nodules: mean HU", "real train nodules: mean HU"], body)
+    if texture is not None:
+        out += ["", "Texture control (the same nodules, sites and seeds per requested class):", ""]
+        body = [
+            [r["texture_class"], _mean_sd(r["inserted_mean_hu"], r["inserted_sd_hu"], r["n_inserted"]),
+             _mean_sd(r["real_mean_hu"], r["real_sd_hu"], r["n_real"]) if r["n_real"] != "0" else "none"]
+            for r in read_csv(texture)
+        ]  # fmt: skip
+        out += _table(["requested texture", "inserted nodules: mean HU", "real train nodules: mean HU"], body)
     out.append("")
     figures.mkdir(parents=True, exist_ok=True)
     for src in shown[:montages]:
@@ -326,6 +329,10 @@ def _relative(path: Path, base: Path) -> str:
         return os.path.relpath(path.resolve(), base.resolve())
 
 
+FOR_ARMS_ONLY = (
+    "The lesion run ran for the segmentation arms that use it (`synthetic_source: lesion`); its fidelity and texture"
+    " control did not (`lesion.enabled: false`: set it to true and rerun `snakemake --cores all` to add them)."
+)
 NOT_RUN = (
     "Not run: `{key}: false` in this run's config. Set it to true and rerun `snakemake --cores all` (the "
     "stages it adds run, and this report is remade)."
@@ -369,6 +376,8 @@ def write_report(
         md += ["## Downstream nodule segmentation", "", NOT_RUN.format(key="segmentation.enabled"), ""]
     if fidelity is not None:
         md += fidelity_section(fidelity, fidelity_figures, base)
+    elif lesion_manifests:  # lesion.enabled false, the lesion run made for a segmentation arm
+        md += ["## Lesion scale", "", FOR_ARMS_ONLY, ""]
     else:
         md += ["## Lesion scale", "", NOT_RUN.format(key="lesion.enabled"), ""]
     md += quality_section(rows)
@@ -379,7 +388,7 @@ def write_report(
         md += [f"Not trained here (`model.init_from` or `sample.checkpoint`): the samples came from {used}.", ""]
     md += [f"![training loss]({_relative(loss_png, base)})", ""]
     md += timing_section(manifests)
-    if lesion_texture is not None:
+    if lesion_manifests:
         md += lesion_section(lesion_manifests, lesion_texture, figures, base, montages)
     md += montage_section(manifests, figures, montages, base)
     with atomic_path(out_md) as tmp:
