@@ -3,7 +3,7 @@
 Per test case and model (seed x fold): voxel Dice, sensitivity and specificity of the nodule mask, and nodule-level
 detection — a true nodule (an instance of ``nodules.nii.gz``, or a connected nodule component of an ROI's layout)
 is found when one predicted connected component overlaps it by ``min_overlap_voxels`` (all of it, if smaller); a
-predicted component that overlaps no nodule so is a false positive. At the lesion scale a test case is an ROI:
+predicted component that touches no nodule is a false positive. At the lesion scale a test case is an ROI:
 nodule ROIs give Dice, sensitivity and the detection of their own nodule (a neighbour seen in the ROI counts in the
 voxels only), nodule-free ROIs the false-positive components (``fp_per_free_roi``).
 Per arm: each case's scores are averaged over the arm's models, then the mean over cases gets a percentile
@@ -69,27 +69,26 @@ def detection(pred: np.ndarray, nodules: np.ndarray, connectivity: int = 3, min_
     """Nodule-level detection of the instance map ``nodules`` (0 = none, 1..n) by the mask ``pred`` [Z, Y, X].
 
     A nodule is found when a single predicted component (``connectivity`` 1-3, as scipy's) overlaps it by
-    ``min_overlap`` voxels (or all of it, where it is smaller); a component overlapping no nodule so is a false
-    positive.
+    ``min_overlap`` voxels (or all of it, where it is smaller); a component touching no nodule is a false positive
+    (one on a nodule by fewer voxels finds nothing, but is no false positive: a fragment of a found nodule counted
+    as one where ``min_overlap`` was raised).
     Returns n_nodules, n_found, n_components, false_positives and detection_sensitivity (NaN without nodules).
     """
     if pred.shape != nodules.shape:
         raise ValueError(f"prediction {pred.shape} and nodule map {nodules.shape} differ in shape")
     components, n_comp = ndimage.label(pred.astype(bool), structure=ndimage.generate_binary_structure(3, connectivity))
     ids = [int(i) for i in np.unique(nodules) if i != 0]
-    true_components: set[int] = set()
     found = 0
     for i in ids:
         inside = components[nodules == i]
         hits = np.bincount(inside, minlength=n_comp + 1)[1:]
-        matched = np.flatnonzero(hits >= min(min_overlap, inside.size)) + 1  # a nodule smaller: all of it
-        true_components.update(matched.tolist())
-        found += int(matched.size > 0)
+        found += int((hits >= min(min_overlap, inside.size)).any())  # a nodule smaller: all of it
+    on_nodules = np.unique(components[(nodules > 0) & (components > 0)])
     return {
         "n_nodules": len(ids),
         "n_found": found,
         "n_components": int(n_comp),
-        "false_positives": int(n_comp - len(true_components)),
+        "false_positives": int(n_comp - on_nodules.size),
         "detection_sensitivity": found / len(ids) if ids else math.nan,
     }
 

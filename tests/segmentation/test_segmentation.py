@@ -84,7 +84,15 @@ def test_detection_found_missed_and_false_positives() -> None:
     assert (d["n_nodules"], d["n_found"], d["n_components"], d["false_positives"]) == (2, 1, 2, 1)
     assert d["detection_sensitivity"] == pytest.approx(0.5)
     strict = detection(pred, nodules, min_overlap=2)  # a one-voxel touch no longer finds nodule 1
-    assert (strict["n_found"], strict["false_positives"]) == (0, 2)
+    assert (strict["n_found"], strict["false_positives"]) == (0, 1)  # nor is it a false positive (it was)
+    # a nodule found by one component (8 voxels), a 2-voxel fragment touching it by one: never a false positive
+    big = np.zeros(shape, np.uint8)
+    big[1:6, 1:6, 1:6] = 1
+    fragment = box(shape, slice(2, 4), slice(2, 4), slice(2, 4))
+    fragment[5, 5, 5] = fragment[5, 5, 6] = True  # (5, 5, 5) on the nodule, (5, 5, 6) beside it
+    for k in (1, 5):  # at 5 the fragment counted as a false positive
+        d = detection(fragment, big, min_overlap=k)
+        assert (d["n_found"], d["n_components"], d["false_positives"]) == (1, 2, 0), k
     # a nodule smaller than min_overlap is found by a component covering all of it (a perfect prediction of a
     # one-voxel nodule was a miss and a false positive)
     tiny = np.zeros(shape, np.uint8)
