@@ -75,7 +75,9 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # brought a left-out real CT or nodule-free ROI back); arms whose cases do not change reuse their trainings
     # 3: a fraction x count that is an exact half rounds up as documented (0.29 x 50 -> 15; the float product fell
     # below 14.5 and gave 14); the demo's arms are unchanged
-    "segment_prepare": 3,
+    # 4: a low-data lesion arm draws nodules seen in each other's ROIs together (one's ROIs hold the other's label);
+    # real_fraction 1 arms are unchanged
+    "segment_prepare": 4,
     "segment_train": 1,
     # 2: ground-truth nodules 26-connected, as the predictions; 3: a nodule smaller than min_overlap_voxels is found
     # by a component covering all of it, a nodule ROI detects its own nodule only (a neighbour in it was counted

@@ -223,18 +223,20 @@ def lesion_cases(
     test_cases: Sequence[str],
 ) -> list[TrainingCase]:
     """The lesion-scale training set of ``arm`` for ``seed``: ``real_fraction`` of the train nodules (all their
-    ROIs) and of the nodule-free ROIs of ``tables``, plus ``synthetic_fraction`` x the tables' nodule ROIs of the
+    ROIs; nodules seen in each other's ROIs, :func:`_sharing_nodules`, drawn together: one's ROIs hold the other's
+    label) and of the nodule-free ROIs of ``tables``, plus ``synthetic_fraction`` x the tables' nodule ROIs of the
     lesion run's ROIs (:func:`lesion_outputs`, ``per="roi"``)."""
     rows = roi_rows(tables)
     nodule_rows = [r for r in rows if r["kind"] == "nodule"]
     free = [r for r in rows if r["kind"] == "free"]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in nodule_rows:
-        groups.setdefault((r["case_id"], r["nodule"]), []).append(r)
-    keys = sorted(groups)
+    unit_of = _sharing_nodules(nodule_rows)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(nodule_rows, key=lambda r: (r["case_id"], r["nodule"])):  # units in their first nodule's order
+        groups.setdefault(unit_of[(r["case_id"], r["nodule"])], []).append(r)
+    keys = list(groups)
     kept = [keys[i] for i in nested_draw(len(keys), arm.n_real(len(keys)), [seed, 1])]
     chosen = [r for k in kept for r in groups[k]]
-    left_out = {case for case, _ in set(keys) - set(kept)}  # a case with a nodule left out: its outlines are not seen
+    left_out = {r["case_id"] for k in set(keys) - set(kept) for r in groups[k]}  # its outlines are not seen
     chosen_free = [free[i] for i in nested_draw(len(free), arm.n_real(len(free)), [seed, 2])]
     chosen += chosen_free
     cases = [TrainingCase(f"real_{r['roi']}", r["ct_path"], r["layout_path"], "real", r["case_id"]) for r in chosen]

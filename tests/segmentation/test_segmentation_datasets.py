@@ -115,6 +115,30 @@ def test_lesion_cases_group_a_nodules_rois_and_count_synthetic_by_nodule_rois(tm
     assert [c.identifier for c in via_inputs] == [c.identifier for c in half]
 
 
+def test_a_low_data_arm_keeps_or_leaves_out_nodules_seen_in_each_others_rois_together(tmp_path: Path) -> None:
+    """Case A's nodules 1 and 2 lie 10 mm apart, each in the other's 40 mm ROIs; case B has one. A draw of a third of
+    the nodules kept A1's ROIs, which hold A2's label, while A2 counted as left out (seeds 2, 3 and 5)."""
+    rows = []
+    for case, nodules in (("A", {"1": 0, "2": 10}), ("B", {"1": 0})):
+        for n, x in nodules.items():
+            for r in range(2):
+                roi = f"{case}_n{n}_{r}"
+                rows.append({"roi": roi, "case_id": case, "kind": "nodule", "nodule": n, "diameter_mm": 8,
+                             "centre_x": x + r, "centre_y": 0, "centre_z": 0, "nodule_x": x, "nodule_y": 0,
+                             "nodule_z": 0, "spacing_mm": 1.25, "size": 32, "ct": f"{roi}_ct.nii.gz",
+                             "layout": f"{roi}_layout.nii.gz"})  # fmt: skip
+        rows.append({"roi": f"{case}_f0", "case_id": case, "kind": "free", "spacing_mm": 1.25, "size": 32,
+                     "ct": f"{case}_f0_ct.nii.gz", "layout": f"{case}_f0_layout.nii.gz"})  # fmt: skip
+    write_csv(tmp_path / "rois.csv", rows, ROI_COLUMNS)
+    drawn = set()
+    for seed in range(8):
+        cases = lesion_cases(Arm("low", True, 0.0, real_fraction=0.34), seed, [tmp_path / "rois.csv"], [], ["T"])
+        kept = frozenset(c.identifier.removeprefix("real_").rsplit("_", 1)[0] for c in cases if "_n" in c.identifier)
+        assert kept in ({"A_n1", "A_n2"}, {"B_n1"}), (seed, kept)
+        drawn.add(kept)
+    assert len(drawn) == 2  # both units are drawn by some seed
+
+
 def test_a_low_data_arm_draws_no_synthetic_case_holding_an_outline_it_leaves_out(tmp_path: Path) -> None:
     """real_fraction < 1: a synthetic case whose inserted bank nodule comes from a train case with annotations the arm
     leaves out brought that outline back (the baseline at that real_fraction never sees it); such cases are not
