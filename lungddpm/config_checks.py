@@ -226,6 +226,12 @@ def _range_problems(config: Mapping[str, Any], scale: str) -> list[str]:
         out.append(f"{key}.ema_every: {tc['ema_every']} is not below {key}.steps {tc['steps']} (the EMA is updated "
                    "after optimizer updates 0, ema_every, 2 x ema_every, ...), so the EMA weights, which sampling uses "
                    "(use_ema), would be those after the first step; lower ema_every (1: every step)")  # fmt: skip
+    if trains and use_ema and float(tc.get("ema_decay", 0.995)) >= 1 and not tc.get("ema_warmup", True):
+        out.append(f"{key}.ema_decay: 1 without {key}.ema_warmup never moves the EMA weights, which sampling uses "
+                   "(use_ema): they would stay the network's first weights (or those at ema_start); lower it (the "
+                   "paper's 0.995) or turn ema_warmup on")  # fmt: skip
+    if scale == "lesion" and trains and config["model"].get("context"):
+        out += _context_region_problems(tc, lesion)
     out += _hu_floor_problems(config) if scale == "volume" else []
     window = (config.get("metrics") or {}).get("ssim_window")  # whole volumes only (the lesion view has ROI grids)
     if scale == "volume" and window and min(int(s) for s in config["preprocess"]["size"]) < int(window):
@@ -300,6 +306,24 @@ def _diameter_problems(section: Mapping[str, Any], key: str) -> list[str]:
     lo, hi = (float(v) for v in section.get("diameter_mm") or (0.0, 0.0))
     if lo > hi:
         return [f"{key}.diameter_mm: [{lo:g}, {hi:g}] is reversed; give [smallest, largest]"]
+    return []
+
+
+def _context_region_problems(train: Mapping[str, Any], lesion: Mapping[str, Any]) -> list[str]:
+    """A context model's nodule-free training region (``lesion.train.context_free_diameter_mm``) against the ROI, as
+    insertion's diameters: a ball as large as the ROI leaves no context to learn from."""
+    lo, hi = (float(v) for v in train.get("context_free_diameter_mm") or (5.0, 15.0))
+    spacing, margin = float(lesion["roi"]["spacing_mm"]), float(lesion["insert"]["margin_mm"])
+    edge_mm = int(lesion["roi"]["size"]) * spacing
+    if lo > hi:
+        return [f"lesion.train.context_free_diameter_mm: [{lo:g}, {hi:g}] is reversed; give [smallest, largest]"]
+    if lo + 2 * (margin + spacing) >= edge_mm:  # as insertion's diameters: then none fits
+        return [
+            f"lesion.train.context_free_diameter_mm: even the smallest, {lo:g} mm, with lesion.insert.margin_mm "
+            f"{margin:g} and a voxel on either side does not fit an ROI of {edge_mm:g} mm, so the generated region "
+            "would cover it and leave the context model no context; lower it (the default [5, 15]) or raise "
+            "lesion.roi.size"
+        ]
     return []
 
 

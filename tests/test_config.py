@@ -525,6 +525,20 @@ def test_lesion_keys_that_would_merge_classes_or_be_ignored_are_refused(over: di
         load_config("config/config.yaml", {"lesion": over})
 
 
+def test_a_context_models_nodule_free_region_must_fit_the_roi() -> None:
+    """[100, 200] mm made the whole 40 mm ROI the generated region of every nodule-free ROI (no context learnt),
+    and a reversed range drew from it anyway; both were accepted."""
+    too_big = r"even the smallest, 100 mm, with lesion.insert.margin_mm 3.75 and a voxel on either side does not fit"
+    for diameters, message in (([100, 200], too_big), ([15, 5], r"\[15, 5\] is reversed")):
+        over = {"lesion": {"model": {"context": True}, "train": {"context_free_diameter_mm": diameters}}}
+        with pytest.raises(ConfigError, match=rf"lesion.train.context_free_diameter_mm: {message}"):
+            lesion_config(load_config("config/config.yaml", over))
+    fits = {"lesion": {"model": {"context": True}, "train": {"context_free_diameter_mm": [5, 20]}}}
+    assert lesion_config(load_config("config/config.yaml", fits)).train.context_free_diameter_mm == [5, 20]
+    no_context = {"lesion": {"model": {"context": False}, "train": {"context_free_diameter_mm": [100, 200]}}}  # unread
+    assert lesion_config(load_config("config/config.yaml", no_context)).train.context_free_diameter_mm[1] == 200
+
+
 def test_lung_mask_thresholds_must_lie_above_the_hu_floor() -> None:
     """The readers raise every HU below preprocess.padding_hu to it: at -940 no voxel is below the airway threshold
     (-950), and the trachea and bronchi stayed in the lungs with a log line only."""
@@ -553,6 +567,14 @@ def test_an_ema_that_would_update_once_is_refused_in_both_models() -> None:
     unused = {"train": {"steps": 50, "ema_every": 50}, "sample": {"use_ema": False}}  # the EMA is never sampled
     assert load_config(config, unused).train.ema_every == 50
     assert load_config(config, {"train": {"steps": 1, "ema_every": 1}}).train.steps == 1  # one step: its EMA
+    # a decay of 1 without the warm-up never moves the EMA: sampling used the untrained weights (accepted before)
+    frozen = {"ema_decay": 1, "ema_warmup": False}
+    with pytest.raises(ConfigError, match=r"train.ema_decay: 1 without train.ema_warmup never moves the EMA weights"):
+        load_config(config, {"train": frozen})
+    with pytest.raises(ConfigError, match=r"lesion.train.ema_decay: 1 without lesion.train.ema_warmup never moves"):
+        lesion_config(load_config(config, {"lesion": {"train": frozen}}))
+    assert load_config(config, {"train": {"ema_decay": 1}}).train.ema_decay == 1  # the warm-up moves it
+    assert load_config(config, {"train": frozen, "sample": {"use_ema": False}}).train.ema_decay == 1
 
 
 def test_whole_number_floats_become_integers_and_fractions_are_refused() -> None:
