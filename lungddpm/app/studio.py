@@ -215,7 +215,7 @@ class Studio:
         lo, hi = session.source.bounds()
         # the ROI moved by the part of a voxel that puts the nodule's centroid on the site (place_at rounds to voxels)
         half = (self.roi.size - 1) / 2  # the site's ROI index on each axis, the ROI centred on it
-        mask = rescale_mask(nodule.mask, nodule.spacing, (self.roi.spacing_mm,) * 3)  # as place_at places it
+        mask = rescale_mask(nodule.mask, nodule.spacing, (self.roi.spacing_mm,) * 3, self.roi.nodule_fraction)
         c = np.argwhere(mask).mean(axis=0)
         wanted = target + ((half - c) - np.round(half - c))[::-1] * self.roi.spacing_mm
         centre = shift_inside_by_steps(wanted, self.roi.half_extent_mm, lo, hi, self.roi.spacing_mm)

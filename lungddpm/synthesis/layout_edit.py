@@ -160,12 +160,15 @@ def load_bank(path: Path) -> NoduleBank:
     return NoduleBank(tuple(nodules))
 
 
-def rescale_mask(mask: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
-    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing, cropped (coverage >= 0.5, at least
-    one voxel). The target grid is centred on the mask's bounding box, so a lopsided nodule keeps its tail, and the
-    same spacing (within ``SPACING_RTOL``) gives the mask back as it is; a mask one slice thick is a slice spacing
-    thick. Each of the mask's 26-connected parts that the threshold cuts into pieces is joined again by the
-    most-covered voxels between them (:func:`_rejoin`)."""
+def rescale_mask(
+    mask: np.ndarray, spacing: Sequence[float], target: Sequence[float], fraction: float = 0.5
+) -> np.ndarray:
+    """A nodule mask [Z, Y, X] at ``spacing`` -> its voxels at ``target`` spacing, cropped (coverage >= ``fraction``,
+    the grid's ``nodule_fraction``, as its real nodules are labelled; at least one voxel). The target grid is
+    centred on the mask's bounding box, so a lopsided nodule keeps its tail, and the same spacing (within
+    ``SPACING_RTOL``) gives the mask back as it is; a mask one slice thick is a slice spacing thick. Each of the
+    mask's 26-connected parts that the threshold cuts into pieces is joined again by the most-covered voxels between
+    them (:func:`_rejoin`)."""
     nonzero = ndi.find_objects(np.asarray(mask, dtype=np.uint8))
     if not nonzero:
         raise LayoutError("an empty nodule mask cannot be rescaled")
@@ -181,7 +184,7 @@ def rescale_mask(mask: np.ndarray, spacing: Sequence[float], target: Sequence[fl
     parts, n_parts = ndi.label(mask, structure=CONNECTIVITY_26)
     covers = np.stack([coverage(parts == p, grid, geometry, size) for p in range(1, n_parts + 1)])
     cover = covers.sum(axis=0)  # the parts are disjoint: their coverages add up to the mask's
-    out = cover >= 0.5
+    out = cover >= fraction * (1 - 1e-9)  # a voxel covered exactly by the fraction, in float sums
     if not out.any():
         out[np.unravel_index(int(np.argmax(cover)), size)] = True
     owner = np.argmax(covers, axis=0)
@@ -227,13 +230,15 @@ def insert_nodules(
     rng: np.random.Generator,
     max_attempts: int = 200,
     border: int = 0,
+    fraction: float = 0.5,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Insert ``k`` nodules drawn from ``candidates`` into ``layout`` [Z, Y, X] -> (new layout, edit records).
 
     Each lies wholly inside the lung, at least ``border`` voxels from the grid's faces (the lesion scale keeps its
     generated region off the ROI's faces), and does not touch any other nodule (existing or inserted); a nodule that
     finds no place in ``max_attempts`` random positions is replaced by another draw, and if none fits a
-    :class:`LayoutError` says so (the caller names the layout and its settings).
+    :class:`LayoutError` says so (the caller names the layout and its settings). ``fraction``: the grid's
+    ``nodule_fraction`` (:func:`rescale_mask`).
     """
     if not candidates and k:
         raise LayoutError("no bank nodule to insert: no candidate passed the insertion filters")
@@ -242,7 +247,7 @@ def insert_nodules(
     for _ in range(k):
         for _draw in range(10):
             nod = candidates[int(rng.integers(len(candidates)))]
-            mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing)
+            mask = rescale_mask(nod.mask, nod.spacing, geometry.spacing, fraction)
             placed = _place(out, mask, rng, max_attempts, border)
             if placed is not None:
                 break

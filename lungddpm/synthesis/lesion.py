@@ -106,14 +106,17 @@ def place(
     insert: dict[str, Any],
     levels: Sequence[float],
     texture: str,
+    fraction: float = 0.5,
 ) -> Insertion:
-    """Draw a nodule for ``site`` (seeded), place it inside the site's lung, and make the generated region."""
+    """Draw a nodule for ``site`` (seeded), place it inside the site's lung, and make the generated region;
+    ``fraction``: ``lesion.roi.nodule_fraction`` (:func:`~.layout_edit.rescale_mask`)."""
     if not candidates:  # the lesion run refuses this earlier, naming the filters (NoduleBank.matching)
         raise LayoutError(f"{case_id}: no bank nodule matches lesion.insert; widen its filters")
     rng = np.random.default_rng(seed)
     try:
         border = face_border(insert["margin_mm"], float(site.geometry.spacing[0]))  # no generated voxel on a face
-        layout, edits = insert_nodules(site.layout, site.geometry, candidates, 1, rng, insert["max_attempts"], border)
+        layout, edits = insert_nodules(site.layout, site.geometry, candidates, 1, rng, insert["max_attempts"], border,
+                                       fraction)  # fmt: skip
     except LayoutError as exc:
         raise LayoutError(
             f"{case_id}: site {site.name} has no room for a nodule of {insert['diameter_mm']} mm inside its lung "

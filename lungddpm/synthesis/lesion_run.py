@@ -155,8 +155,8 @@ def synthesize_lesion_shard(
         for path in files.values():
             for stale in remove_stale_temps(path):
                 log.info("%s: removed %s left by an interrupted write", item.name, stale.name)
-        ins = [place(item.case_id, s, candidates, site_seed(item, j), lc["insert"], levels, texture)
-               for j, s in enumerate(sites)]  # fmt: skip
+        ins = [place(item.case_id, s, candidates, site_seed(item, j), lc["insert"], levels, texture,
+                     float(lc["roi"]["nodule_fraction"])) for j, s in enumerate(sites)]  # fmt: skip
         pending.append((item, files, ins))
     # every nodule of the shard is inpainted in batches of lesion.sample.batch_size (items share batches)
     t0 = time.perf_counter()
@@ -223,8 +223,8 @@ def texture_control(
             real[cls].append(float(ct[nodule].mean()))
     rows = []
     for cls in classes:
-        ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls)
-               for j, (t, s) in enumerate(chosen)]  # fmt: skip
+        ins = [place(row_case(t), s, candidates, 7919 * j + lc["sample"]["seed"], lc["insert"], levels, cls,
+                     float(lc["roi"]["nodule_fraction"])) for j, (t, s) in enumerate(chosen)]  # fmt: skip
         after = inpaint(model, diffusion, ins, window, lc["sample"], device, class_levels=levels)
         hu = [nodule_mean_hu(a, c.nodule) for c, a in zip(ins, after)]
         rows.append({"texture_class": cls, "n_inserted": len(hu), "inserted_mean_hu": float(np.mean(hu)),

@@ -145,6 +145,7 @@ def synthesize_shard(
     diffusion = GaussianDiffusion(DiffusionConfig(**ckpt["diffusion"]))
     convention = convention_from_checkpoint(ckpt, checkpoint)  # how this model sees a case (HU window or Lung-DDPM's)
     edit = cfg.raw["layout_edit"]
+    fraction = float(cfg.raw["preprocess"]["nodule_fraction"])  # inserted nodules labelled as the real ones
     bank = candidates = None
     if run == "augment" and edit["insert"] > 0:
         if bank_path is None:
@@ -188,9 +189,8 @@ def synthesize_shard(
                     edits += removed
                 if edit["insert"] > 0:
                     try:
-                        layout, inserted = insert_nodules(
-                            layout, geometry, candidates, edit["insert"], rng, edit["max_attempts"]
-                        )
+                        layout, inserted = insert_nodules(layout, geometry, candidates, edit["insert"], rng,
+                                                          edit["max_attempts"], fraction=fraction)  # fmt: skip
                     except LayoutError as exc:
                         raise LayoutError(
                             f"{layout_paths[item.case_id]} (item {item.name}): {exc}; lower layout_edit.insert or "

@@ -77,6 +77,19 @@ def test_rescale_keeps_volume() -> None:
     assert tiny.sum() == 1  # a small nodule keeps one voxel
 
 
+def test_an_inserted_nodule_is_labelled_at_the_grids_nodule_fraction() -> None:
+    """Real nodules are labelled where they cover nodule_fraction of a voxel; inserted ones were at 0.5 whatever the
+    fraction (a 14 mm ball: 88 voxels at 2.5 mm under any fraction), so at 0.9 the two followed different rules."""
+    nod = ball_nodule(0, 14.0)
+    at = {f: rescale_mask(nod.mask, nod.spacing, (2.5, 2.5, 2.5), f) for f in (0.1, 0.5, 0.9)}
+    assert np.array_equal(at[0.5], rescale_mask(nod.mask, nod.spacing, (2.5, 2.5, 2.5)))  # the default
+    assert at[0.9].sum() < at[0.5].sum() < at[0.1].sum()
+    layout = toy_layout()
+    out, edits = insert_nodules(layout, GEOM, [nod], 1, np.random.default_rng(0), fraction=0.9)
+    assert edits[0]["voxels"] == ((out == 2) & (layout != 2)).sum() == rescale_mask(nod.mask, nod.spacing,
+                                                                                   GEOM.spacing, 0.9).sum()  # fmt: skip
+
+
 def test_inserted_nodules_lie_in_the_lung_and_never_touch() -> None:
     layout = toy_layout()
     bank = NoduleBank(tuple(ball_nodule(i, d) for i, d in enumerate((8.0, 12.0, 16.0))))
