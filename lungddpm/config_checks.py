@@ -143,9 +143,16 @@ def _hu_floor_problems(config: Mapping[str, Any]) -> list[str]:
     """The readers raise everything below ``preprocess.padding_hu`` to it: the lung mask's thresholds must lie above
     it, or no voxel is ever below them (no airway removed, or no lung found; with label maps of the lungs the body
     mask's midline still uses ``threshold_hu``, and maps without a lung label are segmented)."""
+    from .preprocessing.lungmask import LUNG_LIKE_HU  # (lungmask imports the config)
+
     pad, lm = float(config["preprocess"]["padding_hu"]), config.get("lungmask") or {}  # label maps too: the body
-    return [f"lungmask.{k}: {lm[k]:g} HU is not above preprocess.padding_hu {pad:g} HU, the floor every CT is raised "
-            f"to, so no voxel is below it ({what}); raise lungmask.{k} or lower preprocess.padding_hu"
+    out = []
+    if pad >= LUNG_LIKE_HU:
+        out = [f"preprocess.padding_hu: {pad:g} HU is not below {LUNG_LIKE_HU:g} HU, the darkest lung (emphysema): "
+                "room air and padding raised to it would read as lung, and the lung mask would take them for a lung "
+                "the image's edge cut or miss room air enclosed by the arms; lower it (the default -1024)"]  # fmt: skip
+    return out + [f"lungmask.{k}: {lm[k]:g} HU is not above preprocess.padding_hu {pad:g} HU, the floor every CT is "
+            f"raised to, so no voxel is below it ({what}); raise lungmask.{k} or lower preprocess.padding_hu"
             for k, what in (("threshold_hu", "no lung would be found"),
                             ("airway_threshold_hu", "the trachea and main bronchi would stay in the lungs"))
             if k in lm and float(lm[k]) <= pad]  # fmt: skip

@@ -552,6 +552,19 @@ def test_lung_mask_thresholds_must_lie_above_the_hu_floor() -> None:
     with pytest.raises(ConfigError, match=r"lungmask.airway_threshold_hu: -1024 HU is not above .* -1024 HU"):
         load_config(REPO / "config/config.yaml", {"lungmask": {"airway_threshold_hu": -1024}})  # the schema's minimum
     assert load_config(REPO / "config/config.yaml", {"lungmask": {"airway_threshold_hu": -1000}}).raw["lungmask"]
+    # a floor at lung HU (-960 and above): room air raised to it reads as lung to the edge repair and the room-air
+    # pocket test (accepted up to -900 before); thresholds below it pass with it
+    low = {"preprocess": {"padding_hu": -955}, "lungmask": {"threshold_hu": -400, "airway_threshold_hu": -950}}
+    with pytest.raises(ConfigError, match=r"preprocess.padding_hu: -955 HU is not below -960 HU, the darkest lung"):
+        load_config(REPO / "config/config.yaml", low)
+    assert load_config(REPO / "config/config.yaml", {"preprocess": {"padding_hu": -961}}).preprocess.padding_hu == -961
+    half, narrow = {"layout": {"min_side_fraction": 0.5}}, {"lungmask": {"airway_max_diameter_mm": 5}}
+    for over, message in (
+        (half, "greater than or equal to the maximum of 0.5"),
+        (narrow, "less than the minimum of 6"),
+    ):
+        with pytest.raises(ConfigError, match=message):  # every case failed / no trachea seed could be found
+            load_config(REPO / "config/config.yaml", over)
 
 
 def test_an_ema_that_would_update_once_is_refused_in_both_models() -> None:
