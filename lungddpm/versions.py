@@ -35,7 +35,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # demo: 15-64 voxels of the 2 mm lung mask in each of its 12 cases, at the hilum)
     # 6: an enclosed air-like space outside the torso's core (a table's foam or hollow core) is no lung component
     # 7: the lung mask's edge repair propagates past the first pass's lung slices (a chest cropped in front or behind
-    # lost its lungs below the cut); the demo's masks are unchanged
+    # lost its lungs below the cut); the trachea seeded in the top 22 mm (it was 11 slices at any fine_spacing_mm); the
+    # demo's and the paper config's masks are unchanged (2 mm: 11 slices)
     "preprocess": 7,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits

@@ -75,6 +75,10 @@ def outside_air(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     return np.isin(labels, border)
 
 
+TRACHEA_SEED_MM = 22.0  # the trachea is seeded in the top this many mm of the scan (11 slices of 2 mm; it was 11
+# slices at any spacing: 5.5 mm of a 0.5 mm grid, 55 mm of a 5 mm one)
+
+
 def _airway(hu: np.ndarray, body: np.ndarray, midline_x: float, spacing: np.ndarray, cfg: LungmaskConfig) -> np.ndarray:
     """Trachea and main bronchi: grown through HU < airway threshold from a trachea seed near the midline in the top
     slices."""
@@ -86,7 +90,8 @@ def _airway(hu: np.ndarray, body: np.ndarray, midline_x: float, spacing: np.ndar
     centre_x = midline_x
     tolerance_x = 0.12 * (cols[-1] - cols[0] + 1)
     max_area = np.pi * (cfg.airway_max_diameter_mm / 2) ** 2
-    for z in range(hu.shape[0] - 1, max(hu.shape[0] - 12, -1), -1):  # top slices (z ascending = superior last)
+    top = max(1, round(TRACHEA_SEED_MM / float(spacing[0])))  # 11 slices at the 2 mm fine grid
+    for z in range(hu.shape[0] - 1, max(hu.shape[0] - 1 - top, -1), -1):  # top slices (z ascending = superior last)
         labels, n = ndi.label(candidates[z])
         if n == 0:
             continue

@@ -254,6 +254,20 @@ def test_room_air_enclosed_by_the_arms_or_a_tables_rails_is_not_a_lung() -> None
             assert result.edge_ml == 0.0  # the arms' pockets open at their ends: they were lung lost to the edge
 
 
+def test_the_trachea_is_seeded_in_the_top_22_mm_at_any_slice_spacing() -> None:
+    """1 mm slices with 15 mm of neck above the trachea's top: the seed search looked at the top 11 slices (11 mm
+    here, 44 mm at 4 mm) and found no trachea; it looks at the top 22 mm (11 slices of the 2 mm fine grid)."""
+    from lungddpm.preprocessing.lungmask import _airway, body_mask, body_midline
+
+    hu, _, airway = toy_thorax()
+    neck = np.where(body_mask(hu, CFG.threshold_hu)[-1:], 40.0, -1000.0).repeat(15, axis=0)
+    volume = np.concatenate([hu, neck]).astype(np.float32)
+    spacing = np.array([1.0, 4.0, 4.0])
+    body = body_mask(volume, CFG.threshold_hu)
+    found = _airway(volume, body, body_midline(body, tuple(spacing)), spacing, CFG)
+    assert (found[: len(hu)] & airway).sum() == airway.sum()
+
+
 def test_empty_scan_gives_empty_mask() -> None:
     result = segment_lungs(np.full((10, 20, 20), 40.0, dtype=np.float32), SPACING, CFG)
     assert not result.lung.any() and result.lung_ml == 0.0
