@@ -70,18 +70,12 @@ def _coerce(instance: Any, schema: Mapping[str, Any]) -> Any:
             return text in ("true", "True")
         if "null" in types and text in ("null", "None", "~", ""):
             return None
-        for kind, cast in (("integer", int), ("number", float)):
+        for kind, cast in (("integer", int), ("integer", float), ("number", float)):  # '24.0': a whole float's text
             if kind in types:
                 try:
-                    return cast(text)
+                    return _coerce(cast(text), schema)  # 24.0 -> 24 where an integer is asked, as from a file
                 except ValueError:
                     pass
-        if "integer" in types:  # snakemake --config 'model={model_channels: 24.0}': the text of a whole float
-            try:
-                if (number := float(text)).is_integer():
-                    return int(number)
-            except ValueError:
-                pass
     return instance
 
 

@@ -122,7 +122,7 @@ def test_strings_from_the_command_line_are_coerced() -> None:
     assert cfg["data"]["dicom_root"] is None  # YAML's null, as the text Snakemake passes, where null is allowed
     # a whole float's text where an integer is asked, as a file's 24.0 reads (it was refused from --config only)
     assert validate_config({"model": {"model_channels": "24.0"}})["model"]["model_channels"] == 24
-    with pytest.raises(ConfigError, match=r"model.model_channels: '24.5' is not of type 'integer'"):
+    with pytest.raises(ConfigError, match=r"model.model_channels: 24.5 is not of type 'integer'"):
         validate_config({"model": {"model_channels": "24.5"}})
     cfg = validate_config(
         {"data": {"source": "images", "images": {"ct_dir": "/ct", "label_dir": "~"}}, "sample": {"checkpoint": "null"}}

@@ -15,6 +15,7 @@ the run that made them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,15 @@ def distribution_rows(
     cache_dir: Path,
     extractor: FeatureExtractor | None = None,
     groups: Sequence[str] | None = None,
+    layouts: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (metric, region, comparison, value, CI, N) of every distribution metric, synthetic-vs-real and
     real-vs-real at the same counts (both compare ``n = min(|synthetic|, |floor|)`` volumes with the reference), and
     the synthetic's excess over the floor (:data:`EXCESS`) with a paired interval (:func:`bootstrap_excess`).
     ``groups`` (one label per synthetic volume: its real case's patient) makes the synthetic side's bootstrap resample
-    whole patients (None: each volume is its own); the floor and the reference resample by ``Volume.unit``."""
+    whole patients (None: each volume is its own); the floor and the reference resample by ``Volume.unit``.
+    ``layouts`` (one per synthetic volume: its layout) counts the layouts of the set compared (``layouts_a``): fewer
+    than its volumes, samples of one layout (correlated) bias the synthetic rows and the excess upward."""
     if groups is not None and len(groups) != len(synthetic):
         raise MetricsError(f"{len(groups)} group labels for {len(synthetic)} synthetic volumes")
     if len(reference) < 2 or min(len(synthetic), len(floor)) < 2:
@@ -96,6 +100,7 @@ def distribution_rows(
     n = min(len(synthetic), len(floor))
     pick_syn, pick_floor = _subsample(len(synthetic), n, rng), _subsample(len(floor), n, rng)
     sets = {SYNTHETIC_VS_REAL: [synthetic[i] for i in pick_syn], REAL_VS_REAL: [floor[i] for i in pick_floor]}
+    n_layouts = len({layouts[i] for i in pick_syn}) if layouts is not None else n
     set_groups = {
         SYNTHETIC_VS_REAL: None if groups is None else [groups[i] for i in pick_syn],
         REAL_VS_REAL: [v.unit for v in sets[REAL_VS_REAL]],
@@ -136,7 +141,7 @@ def distribution_rows(
             for comparison, (value, lo, hi) in found.items():
                 rows.append({"metric": metric, "region": region, "comparison": comparison, "value": value,
                              "ci_low": lo, "ci_high": hi, "n_a": n, "n_b": len(ref), "features": extractor.identity,
-                             "reportable": extractor.reportable})  # fmt: skip
+                             "reportable": extractor.reportable, "layouts_a": n_layouts})  # fmt: skip
     return rows
 
 
@@ -251,9 +256,14 @@ def image_quality(
     if overlap:
         raise MetricsError(f"the floor set must be disjoint from the reference set; shared: {sorted(overlap)[:3]}")
     pairs = canonical_order(pairs)
-    rows = distribution_rows(
-        [p.synthetic for p in pairs], reference, floor, settings, cache_dir, groups=[p.real.unit for p in pairs]
-    )
+    taken: Counter[str] = Counter()  # the first samples_per_layout of each layout (canonical order: by k)
+    chosen = []
+    for p in pairs:
+        taken[p.real.name] += 1
+        if taken[p.real.name] <= int(settings.get("samples_per_layout", 1)):
+            chosen.append(p)
+    rows = distribution_rows([p.synthetic for p in chosen], reference, floor, settings, cache_dir,
+                             groups=[p.real.unit for p in chosen], layouts=[p.real.name for p in chosen])  # fmt: skip
     per_pair = pair_rows(pairs, settings, hu_window)
     rows += summarize_pairs(per_pair, settings)
     write_csv(out_per_case, per_pair)

@@ -5,6 +5,7 @@ then training, sampler timings, the lesion run and the samples. Figures are PNG 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
@@ -96,6 +97,10 @@ def quality_section(rows: Sequence[dict[str, str]]) -> list[str]:
         )
         if any_row.get("reportable") == "False":
             out.append("**Random-network features: a test configuration, never a reported metric.**")
+        syn = next((r for by in dist.values() for c, r in by.items() if c == "synthetic-vs-real"), None)
+        if syn and syn.get("layouts_a") and (n := int(syn["n_a"])) > (layouts := int(syn["layouts_a"])):
+            out.append(f"**The {n} synthetic volumes come from {layouts} test layouts (metrics.samples_per_layout "
+                       f"{-(-n // layouts)}): {CORRELATED}**")  # fmt: skip
         out.append("")
         body = []
         for (metric, region), by in dist.items():
@@ -321,17 +326,16 @@ def lesion_section(
 
 
 def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        import os
-
-        return os.path.relpath(path.resolve(), base.resolve())
+    return os.path.relpath(path.resolve(), base.resolve())  # "figures/x.png" below base, "../x.png" beside it
 
 
+CORRELATED = (
+    "a layout's samples share its anatomy and background: the synthetic rows and the excess are biased "
+    "upward (above 0 for a perfect generator); upper bounds. More test layouts: samples_per_layout 1"
+)
 FOR_ARMS_ONLY = (
-    "The lesion run ran for the segmentation arms that use it (`synthetic_source: lesion`); its fidelity and texture"
-    " control did not (`lesion.enabled: false`: set it to true and rerun `snakemake --cores all` to add them)."
+    "The lesion run ran for the segmentation arms that use it (`synthetic_source: lesion`); its fidelity "
+    "and texture control did not (`lesion.enabled: false`: set it to true and rerun to add them)."
 )
 NOT_RUN = (
     "Not run: `{key}: false` in this run's config. Set it to true and rerun `snakemake --cores all` (the "

@@ -33,7 +33,7 @@ SETTINGS = {
                  "weights": None, "seed": 0},
     "regions": ["whole", "lung"], "distances": ["kid", "fid", "mmd"], "kid_subset_size": 100, "kid_subsets": 10,
     "bootstrap": 20, "ci_level": 0.9, "seed": 0, "ssim_window": 3, "ssim_sigma": 1.0, "nodule_solid_hu": -400,
-    "nodule_margin_voxels": 1, "floor_fraction": 0.5,
+    "nodule_margin_voxels": 1, "floor_fraction": 0.5, "samples_per_layout": 4,  # every sample of these tests' layouts
 }  # fmt: skip
 GEOM = Geometry((4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
 
@@ -343,6 +343,42 @@ def fake_gap_features(monkeypatch: pytest.MonkeyPatch, feats: dict[str, np.ndarr
     return {**SETTINGS, "regions": ["whole"], "distances": ["gap"], "bootstrap": 300}
 
 
+def test_distribution_metrics_take_samples_per_layout_and_count_the_layouts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The k samples of a layout share its anatomy: several per layout biased the synthetic rows and the excess over
+    the floor (one volume per patient) upward. By default the first sample of each layout counts (by k, however the
+    manifests listed them); layouts_a counts the layouts, and the report says when there are fewer than volumes."""
+    rng = np.random.default_rng(6)
+    feats = {f"case{i}_{k}": rng.normal(size=4) for i in range(6) for k in range(3)}
+    feats |= {f"floor{i}": rng.normal(size=4) for i in range(12)} | {f"ref{i}": rng.normal(size=4) for i in range(8)}
+    settings = fake_gap_features(monkeypatch, feats)
+    seen: list[list[str]] = []
+    real_distribution = iq.distribution_rows
+
+    def spy(synthetic: list[Volume], *args: object, **kwargs: object) -> list:
+        seen.append([v.name for v in synthetic])
+        return real_distribution(synthetic, *args, **kwargs)
+
+    monkeypatch.setattr(iq, "distribution_rows", spy)
+    pairs = [Pair(Volume(f"case{i}_{k}", Path(f"case{i}_{k}.nii.gz"), None), Volume(f"case{i}", Path(f"c{i}.nii.gz"),
+                                                                                     None)) for i in range(6)
+             for k in (2, 0, 1)]  # fmt: skip
+    reference = [Volume(f"ref{i}", Path(f"ref{i}.nii.gz"), None) for i in range(8)]
+    floor = [Volume(f"floor{i}", Path(f"floor{i}.nii.gz"), None) for i in range(12)]
+    out = []
+    for per_layout in (1, 2):
+        table = image_quality(pairs, reference, floor, {**settings, "samples_per_layout": per_layout},
+                              (-1000, 400), tmp_path / "iq.csv", tmp_path / "pc.csv", tmp_path)  # fmt: skip
+        out.append(next(r for r in table if r["comparison"] == iq.SYNTHETIC_VS_REAL))
+    assert seen[0] == [f"case{i}_0" for i in range(6)]
+    assert seen[1] == [f"case{i}_{k}" for i in range(6) for k in (0, 1)]
+    assert (out[0]["n_a"], out[0]["layouts_a"], out[1]["n_a"], out[1]["layouts_a"]) == (6, 6, 12, 6)
+    said = "\n".join(quality_section([{k: str(v) for k, v in r.items()} for r in (out[1],)]))
+    assert "The 12 synthetic volumes come from 6 test layouts (metrics.samples_per_layout 2)" in said
+    assert "come from" not in "\n".join(quality_section([{k: str(v) for k, v in out[0].items()}]))
+
+
 def test_real_sets_resample_whole_patients(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The floor and the reference draw whole patients: two series of a patient with one feature vector give the
     real-vs-real interval of one series per patient, where resampling volumes would narrow it."""
@@ -351,7 +387,7 @@ def test_real_sets_resample_whole_patients(monkeypatch: pytest.MonkeyPatch, tmp_
     feats = {f"s{i}": rng.normal(size=4) for i in range(20)}
     feats |= {f"f{i}_s{j}": f for i, f in enumerate(floor_feats) for j in (1, 2)}
     feats |= {f"r{i}_s{j}": f for i, f in enumerate(ref_feats) for j in (1, 2)}
-    settings = fake_gap_features(monkeypatch, feats)
+    settings = {**fake_gap_features(monkeypatch, feats), "samples_per_layout": 20}  # all 20 of the one layout
     pairs = [Pair(Volume(f"s{i}", Path(f"s{i}.nii.gz"), None), Volume("f0_s1", Path("f0_s1.nii.gz"), None, "f0"))
              for i in range(20)]  # fmt: skip
 
