@@ -296,6 +296,7 @@ def train(
             if step % tc.log_every == 0:  # the last step's row off the cadence keeps its window: a run extended by
                 t_window, loss_window, timed = time.perf_counter(), [], 0  # train.steps logs as an unbroken one
         if step % tc.checkpoint_every == 0 or step == tc.steps or step == stop_after:
+            t_checkpoint = time.perf_counter()
             if dist.is_main:
                 _write_log(state_dir / "train_log.csv", log_rows)
                 state = _state(model, ema, optimizer, scaler, step, cfg, expected, device, batches.global_batch)
@@ -305,6 +306,7 @@ def train(
                     old.unlink()
                 kill_point("checkpoint", step)
             barrier(dist)
+            t_window += time.perf_counter() - t_checkpoint  # nor is writing a checkpoint (it slowed the next row)
         if dist.is_main and tc.preview_every and step % tc.preview_every == 0:
             t_preview = time.perf_counter()
             show(state_dir / "previews" / f"step_{step:07d}.png")

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -69,6 +70,19 @@ def test_trainer_writes_outputs_and_learns(tmp_path: Path) -> None:
     model, _ = load_model(tmp_path / "out" / "checkpoint.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["ema"].values()))
     assert sorted(p.name for p in (tmp_path / "state").glob("step_*.pt")) == ["step_0000060.pt", "step_0000120.pt"]
+
+
+def test_the_logs_seconds_per_step_leave_out_writing_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint that takes 2 s to write: the next log row's seconds per step were 1 s longer (a 0.6 GB paper
+    checkpoint every 1000 steps slowed every 100th row)."""
+    import lungddpm.diffusion.train as training
+
+    write = training.save_atomic
+    monkeypatch.setattr(training, "save_atomic", lambda *a, **k: (time.sleep(2.0), write(*a, **k))[1])
+    train(tiny_data(2), tiny_config(steps=6, checkpoint_every=2, log_every=2), tmp_path / "o", tmp_path / "s",
+          threads=THREADS)  # fmt: skip
+    seconds = [float(r["seconds"]) for r in read_log(tmp_path / "o" / "train_log.csv")]
+    assert len(seconds) == 3 and max(seconds) - min(seconds) < 0.5, seconds
 
 
 def _states_equal(a: dict, b: dict) -> bool:
