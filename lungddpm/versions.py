@@ -36,7 +36,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 6: an enclosed air-like space outside the torso's core (a table's foam or hollow core) is no lung component
     # 7: the lung mask's edge repair propagates past the first pass's lung slices (a chest cropped in front or behind
     # lost its lungs below the cut); the trachea seeded in the top 22 mm (it was 11 slices at any fine_spacing_mm); the
-    # demo's and the paper config's masks are unchanged (2 mm: 11 slices)
+    # demo's and the paper config's masks are unchanged (2 mm: 11 slices); the model-grid lung mask sampled linearly
+    # (> 0.5, as the ROIs'): nearest-neighbour put it 1 mm towards -x/-y/-z where the grids were half a voxel apart
     "preprocess": 7,
     "layout": 1,
     # 2: the labels as preprocess 2 (the same code); 3: a nodule ROI's jitter keeps its nodule whole where it fits
@@ -104,7 +105,8 @@ OUTPUT_VERSIONS: Final[dict[str, int]] = {
     # 6: the native label map keeps the lung on the series' last slices past the fine grid's last voxel (background)
     # 7: every native voxel labelled as the new nodule is pasted with weight 1 (interpolated, rim voxels kept 5-15 %
     # of the source's HU); a hard paste (feather_mm 0) rounds halfway voxels up, not to even
-    "synthesize_lesion": 7,
+    # 8: the native label map's fine-grid lookup rounds ties up (to even, a lung slab's extent depended on parity)
+    "synthesize_lesion": 8,
     # 2: its bank nodules rescaled as sample 3 and 4 (the bounding box's grid, never split, boundary probes); 3: as
     # synthesize_lesion 5 (RePaint's jumps); 4: a model that learnt no class (own images) is asked "any" once,
     # beside every real nodule, not the three classes it never saw

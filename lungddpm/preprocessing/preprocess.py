@@ -102,7 +102,9 @@ def preprocess_case(case_id: str, out_dir: Path, cfg: Config) -> dict[str, Any]:
     model = grid_geometry(centre, pc.spacing_mm, pc.size)
 
     ct = resample(series.hu, grid, model, pc.size, order=1, fill=pc.padding_hu)
-    lung = resample_regular(seg.lung, fine, model, pc.size, order=0, fill=0.0, antialias=False) > 0.5
+    # linear > 0.5, as cut_roi: nearest-neighbour took the upper fine voxel at every tie (a model grid half a fine
+    # voxel off the fine one), and the lung lay 1 mm towards -x/-y/-z of the CT
+    lung = resample_regular(seg.lung.astype(np.float32), fine, model, pc.size, order=1, fill=0.0, antialias=False) > 0.5
     nods = scan.nodules
     nod_labels, counts = nodule_labels(nods, grid, model, pc.size, pc.nodule_fraction)
     lung |= nod_labels > 0

@@ -144,9 +144,10 @@ def native_labels(
     nodules at their native masks (nodules are lung too). The fine grid ends up to a fine step short of the series'
     far edges (:func:`lungddpm.preprocessing.grid.fine_geometry`): native voxels there take its last voxel."""
     _, i, j = (int(n) for n in shape)
-    fz = np.round((grid.z_positions - fine.origin[2]) / fine.spacing[0]).astype(int)
-    fy = np.round((grid.y0 + np.arange(i) * grid.row_spacing - fine.origin[1]) / fine.spacing[1]).astype(int)
-    fx = np.round((grid.x0 + np.arange(j) * grid.col_spacing - fine.origin[0]) / fine.spacing[2]).astype(int)
+    up = lambda f: np.floor(f + 0.5).astype(int)  # noqa: E731  # a tie to the upper voxel: np.round's ties to even
+    fz = up((grid.z_positions - fine.origin[2]) / fine.spacing[0])  # gave a lung slab 5 or 7 native slices by parity
+    fy = up((grid.y0 + np.arange(i) * grid.row_spacing - fine.origin[1]) / fine.spacing[1])
+    fx = up((grid.x0 + np.arange(j) * grid.col_spacing - fine.origin[0]) / fine.spacing[2])
     ok = [(f >= 0) & (f <= n) for f, n in zip((fz, fy, fx), lung_fine.shape)]  # n: within its last step
     lung = lung_fine[np.clip(fz, 0, lung_fine.shape[0] - 1)][:, np.clip(fy, 0, lung_fine.shape[1] - 1)][
         :, :, np.clip(fx, 0, lung_fine.shape[2] - 1)

@@ -668,3 +668,36 @@ def test_the_lidc_patient_named_in_an_id_is_found_in_any_case() -> None:
     # the bank, without a word
     assert lidc_patient_in("LIDC_IDRI_0719") == "LIDC-IDRI-0719" == lidc_patient_in("lidcidri0719_ct")
     assert lidc_patient_in("LIDC-IDRI-07190") is None
+
+
+def test_the_model_grid_lung_lies_where_the_fine_lung_does_at_a_half_voxel_offset(tmp_path: Path) -> None:
+    """A model grid half a 2 mm fine voxel off the fine grid in y and z: nearest-neighbour took the upper fine voxel
+    at every tie, and lung.nii.gz lay 1 mm towards -y and -z of lung_fine.nii.gz and the CT (a reviewer's case)."""
+    import nibabel as nib
+
+    from lungddpm.io import read_volume
+
+    affine = np.diag([1.6, 1.8, 4.0, 1.0])
+    affine[:3, 3] = [-88.0, -95.0, -80.0]
+    i, j, k = np.meshgrid(np.arange(110), np.arange(100), np.arange(45), indexing="ij")  # RAS-stored, (x, y, z)
+    x, y, z = 1.6 * i - 88.0, 1.8 * j - 95.0, 4.0 * k - 80.0
+    lungs = (((x - 40) / 28) ** 2 + ((y - 5) / 40) ** 2 + ((z - 10) / 60) ** 2 < 1) | (
+        ((x + 40) / 28) ** 2 + ((y - 5) / 40) ** 2 + ((z - 10) / 60) ** 2 < 1
+    )
+    ct = np.where((x / 80) ** 2 + (y / 70) ** 2 < 1, 40, -1000).astype(np.int16)
+    ct[lungs] = -850
+    for volume, folder in ((ct, "CT"), (lungs.astype(np.uint8), "SEG")):
+        (tmp_path / folder).mkdir()
+        image = nib.Nifti1Image(volume, affine)
+        image.set_qform(affine, 1)
+        nib.save(image, str(tmp_path / folder / "c1.nii.gz"))
+    images = {"ct_dir": str(tmp_path / "CT"), "label_dir": str(tmp_path / "SEG")}
+    cfg = Config.from_dict(validate_config({"data": {"source": "images", "images": images},
+                                            "preprocess": {"spacing_mm": [2.0, 2.0, 2.0], "size": [64, 96, 96]},
+                                            "model": {"attention_resolutions": [12]}}))  # fmt: skip
+    preprocess_case("c1", tmp_path / "out", cfg)
+    (model, grid), (fine, fine_grid) = (read_volume(tmp_path / "out" / f) for f in ("lung.nii.gz", "lung_fine.nii.gz"))
+    offset = (np.asarray(grid.origin) - np.asarray(fine_grid.origin)) / 2.0  # in fine voxels (x, y, z)
+    assert np.isclose(offset[1:] % 1, 0.5).all()  # the ties this case is about
+    centre = [g.index_to_world(np.argwhere(m > 0).mean(0)[None])[0] for m, g in ((model, grid), (fine, fine_grid))]
+    assert np.abs(centre[0] - centre[1]).max() < 0.1  # mm; it was 1.0 in y and z

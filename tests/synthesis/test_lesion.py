@@ -583,3 +583,19 @@ def test_the_native_label_map_keeps_the_lung_up_to_the_series_edges() -> None:
     half[:, :, 2] = False  # the fine grid's last column (4 mm): native columns nearest it and beyond are not lung
     labels = native_labels((4, 8, 8), grid, half, fine, [])
     assert (labels[:, :, :5] == 1).all() and (labels[:, :, 5:] == 0).all()  # 3.5 mm -> fine 2, 2.8 mm -> fine 1
+
+
+def test_a_native_lung_slab_keeps_its_extent_whatever_its_parity() -> None:
+    """1 mm native slices on a 2 mm fine grid: every other native slice is a tie. np.round's ties to even gave the
+    same 6 mm of lung 5 native slices or 7 by where it started; ties now go up, as coverage's do."""
+    from lungddpm.io import Geometry
+    from lungddpm.preprocessing.grid import SliceGrid
+
+    grid = SliceGrid(np.arange(14) * 1.0, 2.0, 2.0, 0.0, 0.0)
+    fine = Geometry(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    extents = []
+    for first in (1, 2, 3):
+        lung = np.zeros((7, 3, 3), bool)
+        lung[first : first + 3] = True  # 3 fine slices: 6 mm of lung
+        extents.append(np.flatnonzero(native_labels((14, 3, 3), grid, lung, fine, [])[:, 1, 1] == 1).tolist())
+    assert [len(e) for e in extents] == [6, 6, 6] and [e[0] for e in extents] == [1, 3, 5], extents
