@@ -12,7 +12,7 @@ from lungddpm.versions import output_version
 from lungddpm.data.sources import DEMO_ROOT, source_files, source_paths
 from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, case_strata, check_written_split, list_cases, model_checkpoint, run_cases
 from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
-from lungddpm.config_checks import lesion_scale_runs, trained_checkpoint_unset
+from lungddpm.config_checks import trained_checkpoint_unset
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
 from lungddpm.settings import data_settings, fractional_blend, layout_edit_read, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, unread_feature_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
@@ -58,7 +58,8 @@ try:
         config["metrics"]["seed"],
         config["metrics"]["floor_fraction"],
     )
-    check_synthetic_set(len(run_cases(SPLIT, "eval")), samples_per_layout(config["sample"], "eval"))
+    check_synthetic_set(len(run_cases(SPLIT, "eval")), samples_per_layout(config["sample"], "eval"),
+                        config["metrics"]["samples_per_layout"])
 except LungDDPMError as exc:
     sys.exit(f"{type(exc).__name__}: {exc}")
 
@@ -117,7 +118,11 @@ def sample_settings(wildcards):
     editing shapes the augment run only. Editing another key would rewrite the manifests and rerun the metrics."""
     out = {"sample": {k: v for k, v in sampling_what(config["sample"]).items() if k not in PER_ITEM_LIST}}
     out["sample"] |= {f"blend_{k}": v for k, v in fractional_blend(config).items()}  # exact since 2026-12-07
-    return out | ({"layout_edit": layout_edit_read(config["layout_edit"])} if wildcards.run == "augment" else {})
+    if wildcards.run != "augment":
+        return out
+    edit = layout_edit_read(config["layout_edit"])  # and the inserted nodules' label fraction, where not the default
+    fraction = without_later_defaults({"nodule_fraction": config["preprocess"]["nodule_fraction"]})
+    return out | {"layout_edit": edit} | (fraction if edit["insert"] > 0 else {})
 
 
 def series_input(wildcards):
@@ -173,7 +178,7 @@ def report_inputs(wildcards):
         seg = f"results/segmentation/{config['segmentation']['scale']}"
         inputs["segmentation"] = f"{seg}/comparison.csv"
         inputs["segmentation_png"] = f"{seg}/comparison.png"
-    if lesion_scale_runs(config):  # with lesion.enabled false, for a segmentation arm of synthetic_source lesion
+    if LESION or (config["segmentation"]["enabled"] and SEG.needs("lesion", SEG.arms)):  # off: an arm trains on it
         inputs["lesion"] = expand("results/synthetic/lesion/shard_{shard}.json", shard=range(LESION_SHARDS))
     if LESION:
         inputs["lesion_texture"] = "results/synthetic/lesion/texture_control.csv"

@@ -89,7 +89,9 @@ rule lesion_texture:
         table=report("results/synthetic/lesion/texture_control.csv", category="Lesion scale", caption="../report/texture_control.rst"),
     params:
         sites=config["lesion"]["texture_control_sites"],
-        settings={**lesion_settings("sample"), "lesion.insert": texture_insert()},
+        # the bank nodules' label fraction where not the default (outputs made before labelled them at 0.5)
+        settings={**lesion_settings("sample"), "lesion.insert": texture_insert(),
+                  **without_later_defaults({"nodule_fraction": config["lesion"]["roi"]["nodule_fraction"]})},
         **output_version("lesion_texture"),
     log:
         "logs/lesion_texture.log",

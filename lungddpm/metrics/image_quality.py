@@ -93,7 +93,8 @@ def distribution_rows(
     if len(reference) < 2 or min(len(synthetic), len(floor)) < 2:
         raise MetricsError(
             f"distribution metrics need >= 2 volumes per set: {len(synthetic)} synthetic, {len(reference)} "
-            f"reference and {len(floor)} floor real volumes; use more cases or test layouts"
+            f"reference and {len(floor)} floor real volumes; use more cases or test layouts (the synthetic set holds "
+            "metrics.samples_per_layout of each)"
         )
     extractor = extractor or build_extractor(settings["features"])
     rng = np.random.default_rng(settings["seed"])

@@ -77,9 +77,10 @@ def real_halves(
     return floor, reference
 
 
-def check_synthetic_set(n_test: int, per_layout: int) -> None:
+def check_synthetic_set(n_test: int, per_layout: int, metrics_per_layout: int | None = None) -> None:
     """The eval run must give the distribution metrics >= 2 synthetic volumes (``n_test`` test layouts x
-    ``per_layout`` samples); checked when the workflow is parsed, not after training and sampling."""
+    ``per_layout`` samples, of which they take ``metrics_per_layout``: ``metrics.samples_per_layout``); checked when
+    the workflow is parsed, not after training and sampling."""
     if n_test == 0:
         raise MetricsError(
             "the test split is empty: the synthetic volumes are sampled for its layouts; give split.test > 0 (a "
@@ -89,4 +90,9 @@ def check_synthetic_set(n_test: int, per_layout: int) -> None:
         raise MetricsError(
             f"{n_test} test case(s) x {per_layout} sample(s) per layout: the distribution metrics need >= 2 synthetic "
             "volumes; raise sample.eval_samples_per_layout (or split.test)"
+        )
+    if metrics_per_layout is not None and n_test * min(per_layout, metrics_per_layout) < 2:
+        raise MetricsError(
+            f"{n_test} test case(s) x metrics.samples_per_layout {metrics_per_layout}: the distribution metrics need "
+            ">= 2 synthetic volumes; raise split.test (or metrics.samples_per_layout, which biases them upward)"
         )

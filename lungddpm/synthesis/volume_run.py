@@ -83,6 +83,8 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
     settings.update(output_version("sample"))  # a bump remakes items made by older code
     if run == "augment":
         settings["layout_edit"] = layout_edit_read(cfg.raw["layout_edit"])
+        if settings["layout_edit"]["insert"] > 0:  # the inserted nodules' label fraction (0.5 before the key)
+            settings.update(without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]}))
     if bank_sha is not None:
         settings["bank_sha256"] = bank_sha
     return settings

@@ -75,6 +75,10 @@ def test_a_single_synthetic_volume_is_refused_when_the_workflow_is_parsed() -> N
     sampling, so the workflow's parse refuses it (rules/common.smk), naming the key."""
     check_synthetic_set(1, 2)
     check_synthetic_set(2, 1)
+    check_synthetic_set(1, 2, 2)
+    # the metrics take metrics.samples_per_layout of them (1 by default): one layout gives them one volume
+    with pytest.raises(MetricsError, match=r"1 test case\(s\) x metrics.samples_per_layout 1: .* raise split.test"):
+        check_synthetic_set(1, 2, 1)
     with pytest.raises(MetricsError, match=r"1 test case\(s\) x 1 sample\(s\) per layout: .* sample.eval_samples_per"):
         check_synthetic_set(1, 1)
     # an empty test split (split.test: 0): raising the samples per layout, as the message said, cannot help

@@ -202,6 +202,9 @@ def test_a_new_seed_new_inputs_or_a_new_bank_are_sampled_anew(tiny_model, tmp_pa
     other_bank = tmp_path / "bank.npz"
     save_bank(NoduleBank((ball_nodule(0, 14.0),)), other_bank)
     assert skipped(items, other_bank) == [False, False]  # another nodule bank
+    third = synth_config(samples_per_layout=1)
+    third = type(third).from_dict({**third.raw, "preprocess": {**third.raw["preprocess"], "nodule_fraction": 0.3}})
+    assert skipped(items, other_bank, third) == [False, False]  # inserted nodules labelled at another fraction
     fp32 = synth_config(samples_per_layout=1, precision="fp32")
     assert skipped(items, other_bank, fp32) == [False, False]
     made = json.loads((out / "case0_0.json").read_text())

@@ -94,6 +94,14 @@ def test_sampling_reruns_on_what_changes_its_volumes_only(tmp_path: Path) -> Non
     none = [rule_params(workdir, {"layout_edit": {"insert": 0, **e}}, runs[1])[runs[1]]
             for e in ({}, {"diameter_mm": [3, 5], "max_attempts": 7, "textures": [5]})]  # fmt: skip
     assert none[0] == none[1] and none[0]["settings"] != base[runs[1]]["settings"]
+    # the inserted nodules' label fraction: another one remakes the augment run (and the texture check at the lesion
+    # scale), not the eval run; the default, written out, changes nothing
+    for fraction, changed in ((0.5, False), (0.3, True)):
+        got = rule_params(workdir, {"preprocess": {"nodule_fraction": fraction},
+                                    "lesion": {"roi": {"nodule_fraction": fraction}}}, *runs)  # fmt: skip
+        assert got[runs[0]] == base[runs[0]]
+        assert (got[runs[1]]["settings"] != base[runs[1]]["settings"]) is changed
+        assert (got[runs[3]]["settings"] != base[runs[3]]["settings"]) is changed
     steps = rule_params(workdir, {"sample": {"steps": 7}, "lesion": {"sample": {"steps": 7}}}, *runs)
     assert all(steps[r]["settings"] != base[r]["settings"] for r in runs)
     # with blending off, the blend's margin and start shape nothing (they reran sampling)
