@@ -134,6 +134,12 @@ def series_input(wildcards):
     return source_files(CFG, wildcards.case)
 
 
+def source_stamps(wildcards):
+    """Own images: each file the case is read from, with its size and mtime (ns). Snakemake reruns a job for a newer
+    input only: a CT or label map replaced by an older file (cp -p, rsync -a, a backup) rebuilt nothing."""
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_paths(CFG, wildcards.case) if p.exists()]
+
+
 def run_items(run):
     return items_of_run(config, run, run_cases(SPLIT, run))
 

@@ -9,6 +9,7 @@ rule preprocess:
         meta="results/preprocessed/{case}/meta.json",
     params:
         settings=settings("data", "preprocess", "lungmask", case=True),
+        sources=source_stamps,
         **output_version("preprocess"),
     log:
         "logs/preprocess/{case}.log",

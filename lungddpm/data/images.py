@@ -165,11 +165,18 @@ def read_image(path: Path, padding_hu: float | None = None) -> Any:
             if len(series) != 1:
                 raise series_count_error(path, len(series))
             names = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            check_series_files(path, names)
             reader.SetFileNames(names)
             reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header, read with its pixels
             reader.SetOutputPixelType(sitk.sitkFloat32)  # not the first slice's type: each slice's own rescale
             image = reader.Execute()
             check_slice_geometry(path, names, *slice_geometry(reader, names))
+            rescaled = [reader.HasMetaDataKey(i, "0028|1053") for i in range(len(names))]
+            if any(rescaled) and not all(rescaled):  # its stored values would be read as HU
+                raise ImageError(
+                    f"{names[rescaled.index(False)]}: no RescaleSlope / RescaleIntercept, which the other "
+                    f"slices of {path} have (its stored values would be read as HU); re-export the series"
+                )
             image = image if padding_hu is None else mask_padding(image, reader, names, padding_hu)
         else:
             io = next((v for k, v in IMAGE_IOS.items() if path.name.lower().endswith(k)), "")
@@ -185,6 +192,21 @@ def read_image(path: Path, padding_hu: float | None = None) -> Any:
     if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel(), atol=ORIENTATION_TOLERANCE):
         raise oblique_error(path, image.GetDirection())
     return image
+
+
+def check_series_files(folder: Path, names: Sequence[str]) -> None:
+    """Refuse a DICOM ``folder`` whose DICOM files (a ``.dcm`` name or the ``DICM`` preamble) are not all among its
+    series' slices ``names``: GDCM leaves out a corrupt, cut or empty file without a word, and the volume then lacks
+    that slice (its origin moved, or a gap said of the slices around it)."""
+    kept, left = {Path(n).name for n in names}, []
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and f.name not in kept:
+            with open(f, "rb") as fh:
+                if f.suffix.lower() == ".dcm" or fh.read(132)[128:132] == b"DICM":
+                    left.append(f.name)
+    if left:
+        raise ImageError(f"{folder}: {len(left)} DICOM file(s) not read as slices of its series, corrupt, cut or empty "
+                         f"({', '.join(left[:5])}); copy them again, or re-export the series")  # fmt: skip
 
 
 def refuse_shape(path: Path, dimension: int, components: int) -> None:

@@ -23,6 +23,7 @@ from .images import (
     IMAGE_IOS,
     ORIENTATION_TOLERANCE,
     ImageCase,
+    check_series_files,
     oblique_error,
     read_ct,
     read_image,
@@ -112,6 +113,7 @@ def header_grid(path: Path) -> Grid:
         if len(series) != 1:
             raise series_count_error(path, len(series))
         names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+        check_series_files(path, names)  # at parse time, before a left-out slice moves the grid
         first, last = (sitk.ImageFileReader() for _ in range(2))
         for reader, name in ((first, names[0]), (last, names[-1])):
             reader.SetFileName(name)

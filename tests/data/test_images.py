@@ -93,6 +93,35 @@ def test_a_dicom_subfolder_reads_like_lungddpms_dicom_reader(tmp_path: Path) -> 
     assert ours.pixel_spacing == pytest.approx(reference.pixel_spacing)
 
 
+def test_a_cut_or_empty_slice_file_and_a_slice_without_rescale_are_refused_by_name(tmp_path: Path) -> None:
+    """GDCM leaves a corrupt, cut or empty file out of the series without a word: the volume lost that slice (an
+    empty first file moved its origin); a slice without RescaleSlope / Intercept among slices with them was read as
+    HU (air at +24). Both are refused, naming the file, at parse time too (header_grid)."""
+    from lungddpm.data.labels import header_grid
+
+    hu = _ct((6, 32, 32)).astype(np.float32)
+    geom = ScanGeometry("P1", "1.2.826.0.1.1", "1.2.826.0.1.2", 0.8, np.arange(6) * 2.5 - 40.0, 2.5, rows=32, cols=32)
+    for damage in ("cut", "empty"):
+        folder = tmp_path / damage
+        paths = write_dicom_series(
+            hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None)
+        )
+        paths[0].write_bytes(paths[0].read_bytes()[:200] if damage == "cut" else b"")
+        message = (
+            rf"{folder}: 1 DICOM file\(s\) not read as slices of its series, corrupt, cut or empty \({paths[0].name}\)"
+        )
+        for read in (lambda f: read_ct(f, -1024.0, 3071.0), header_grid):
+            with pytest.raises(ImageError, match=message):
+                read(folder)
+    folder = tmp_path / "norescale"
+    paths = write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+    ds = pydicom.dcmread(paths[2])
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.save_as(paths[2])
+    with pytest.raises(ImageError, match=rf"{paths[2].name}: no RescaleSlope / RescaleIntercept, which the other"):
+        read_ct(folder, -1024.0, 3071.0)
+
+
 def test_a_volume_stored_in_ras_order_is_reoriented_to_lps(tmp_path: Path) -> None:
     hu = _ct()
     lps = tmp_path / "lps.nii.gz"

@@ -161,6 +161,23 @@ def test_split_reruns_when_a_label_map_gains_a_nodule(tmp_path: Path, monkeypatc
     assert _splits(workdir / "results/splits.csv") == {c: (split[c], str(int(nodules[c]))) for c in cases}
 
 
+def test_a_source_file_replaced_by_an_older_one_reruns_its_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snakemake reruns a job for a newer input only: a label map restored with cp -p, rsync -a or from a backup
+    (an older mtime) rebuilt nothing, while the split read the new file. Each source file's size and mtime are in
+    the preprocess job's params."""
+    workdir, _ = _images_workdir(tmp_path, monkeypatch)
+    rule = "preprocess:case=LIDC-IDRI-0001"
+    before = rule_params(workdir, {"data": IMAGES}, rule)[rule]
+    assert "SEG/LIDC-IDRI-0001.nii.gz" in before["sources"] and "CT/LIDC-IDRI-0001.nii.gz" in before["sources"]
+    label = workdir / "data" / "SEG" / "LIDC-IDRI-0001.nii.gz"
+    _write_case(workdir / "data", "LIDC-IDRI-0001", False)  # the nodule gone, then the file dated back
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns - 10**12))
+    after = rule_params(workdir, {"data": IMAGES}, rule)[rule]
+    assert after["sources"] != before["sources"] and after["settings"] == before["settings"]
+
+
 def test_a_bumped_output_version_reruns_its_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A code change that alters what a stage writes bumps its number in lungddpm.versions: the next run reruns
     that stage (here the split, bumped by a sitecustomize in Snakemake's process), named for its params."""
