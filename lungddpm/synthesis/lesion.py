@@ -273,11 +273,15 @@ def item_files(out_dir: Path, item: Item, n_sites: int) -> dict[str, Path]:
 def run_settings(cfg: Config, ckpt_sha: str, bank_sha: str | None = None) -> dict[str, Any]:
     """What every item's files depend on besides its own seed and inputs (a rerun redoes items whose provenance
     disagrees): the model, the nodule bank, ``lesion.sample`` / ``insert`` (less ``samples_per_case``: how many
-    items, not what one holds) / ``roi`` and ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels)."""
+    items, not what one holds) / ``roi``, ``preprocess.nodule_fraction`` (the pasted CT's native nodule labels) and
+    the HU range a CT is read at (``padding_hu``, ``max_hu``: the pasted CT is the whole CT, whose clipped bone a
+    changed ceiling rewrote where the ROIs, deep in the lung, kept every voxel)."""
     sample = sampling_what(cfg.raw["lesion"]["sample"])  # what, not how (batching, compiling, sharding), as the rule
     insert = {k: v for k, v in lesion_insert(cfg.raw).items() if k != "samples_per_case"}  # bank: any for images
+    pre = cfg.raw["preprocess"]
     out = {"model_sha256": ckpt_sha, "sample": sample, "insert": insert, "roi": cfg.raw["lesion"]["roi"],
-           **without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]})}  # fmt: skip
+           **without_later_defaults({"nodule_fraction": pre["nodule_fraction"]}),
+           "hu_read": [pre["padding_hu"], pre["max_hu"]]}  # fmt: skip
     out.update(output_version("synthesize_lesion"))  # a bump remakes items made by older code
     return out if bank_sha is None else {**out, "bank_sha256": bank_sha}
 

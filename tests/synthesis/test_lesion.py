@@ -513,6 +513,10 @@ def test_lesion_sample_compile_wraps_the_loaded_weights_and_stays_out_of_provena
     assert run_settings(more, "x") == run_settings(cfgs[0], "x")
     margin = load_config("config/config.yaml", {"lesion": {"insert": {"margin_mm": 5.0}}})
     assert run_settings(margin, "x") != run_settings(cfgs[0], "x")  # what a nodule is still counts
+    # the HU range the whole CT is read at: its clipped bone is pasted, while the lung ROIs keep every voxel (a
+    # changed ceiling kept every item, the pasted CTs clipped at the old one)
+    ceiling = load_config("config/config.yaml", {"preprocess": {"max_hu": 500}})
+    assert run_settings(ceiling, "x")["hu_read"] == [-1024, 500] != run_settings(cfgs[0], "x")["hu_read"]
 
 
 def test_unrated_nodules_give_unknown_rois_and_a_train_split_without_nodules_is_refused(tmp_path) -> None:
