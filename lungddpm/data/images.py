@@ -195,15 +195,26 @@ def read_image(path: Path, padding_hu: float | None = None) -> Any:
 
 
 def check_series_files(folder: Path, names: Sequence[str]) -> None:
-    """Refuse a DICOM ``folder`` whose DICOM files (a ``.dcm`` name or the ``DICM`` preamble) are not all among its
-    series' slices ``names``: GDCM leaves out a corrupt, cut or empty file without a word, and the volume then lacks
-    that slice (its origin moved, or a gap said of the slices around it)."""
-    kept, left = {Path(n).name for n in names}, []
+    """Refuse a DICOM ``folder`` with DICOM files (a ``.dcm`` name or the ``DICM`` preamble) not among its series'
+    slices ``names`` that are unreadable, or of the slices' SOP class: GDCM leaves out a corrupt, cut or empty file
+    without a word, and the volume then lacks that slice (its origin moved, or a gap said of the slices around it).
+    Objects of another class (a dose report, a structure set) are left out by design, and pass."""
+    import pydicom
+
+    def sop_class(f: Path | str) -> str | None:
+        try:
+            return str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+        except Exception:  # cut or empty: unreadable, or a header cut before its SOP class
+            return None
+
+    kept, left, theirs = {Path(n).name for n in names}, [], sop_class(names[0]) if names else None
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and f.name not in kept:
             with open(f, "rb") as fh:
-                if f.suffix.lower() == ".dcm" or fh.read(132)[128:132] == b"DICM":
-                    left.append(f.name)
+                if f.suffix.lower() != ".dcm" and fh.read(132)[128:132] != b"DICM":
+                    continue
+            if (cls := sop_class(f)) is None or cls == theirs:
+                left.append(f.name)
     if left:
         raise ImageError(f"{folder}: {len(left)} DICOM file(s) not read as slices of its series, corrupt, cut or empty "
                          f"({', '.join(left[:5])}); copy them again, or re-export the series")  # fmt: skip

@@ -256,7 +256,7 @@ def _cache_key(case: ImageCase, convention: str) -> str:
                 raise ImageError(f"{path}: its voxels' file {f} is missing; copy it beside the header")
             st = f.stat()
             stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return f"images-v4|{stats}|{convention}"
+    return f"images-v5|{stats}|{convention}"
 
 
 def known_flag(case: ImageCase, convention: str) -> bool | None:

@@ -113,6 +113,15 @@ def test_a_cut_or_empty_slice_file_and_a_slice_without_rescale_are_refused_by_na
         for read in (lambda f: read_ct(f, -1024.0, 3071.0), header_grid):
             with pytest.raises(ImageError, match=message):
                 read(folder)
+    # an object without pixels (a dose report, a structure set) beside the slices: left out by GDCM, and read as before
+    folder = tmp_path / "report"
+    write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
+    report = pydicom.dcmread(next(folder.glob("*.dcm")))
+    del report.PixelData
+    report.SOPClassUID, report.Modality = "1.2.840.10008.5.1.4.1.1.88.67", "SR"  # X-Ray Radiation Dose SR
+    report.SeriesInstanceUID = "1.2.826.0.1.9"
+    report.save_as(folder / "dose_report.dcm")
+    assert read_ct(folder, -1024.0, 3071.0).hu.shape == hu.shape and header_grid(folder).size[2] == 6
     folder = tmp_path / "norescale"
     paths = write_dicom_series(hu, geom, folder, DicomQuirks(signed=True, rescale_intercept=-1024.0, padding_hu=None))
     ds = pydicom.dcmread(paths[2])
