@@ -178,3 +178,13 @@ def layout_edit_read(section: Mapping[str, Any]) -> dict[str, Any]:
     if section.get("insert", 0) > 0:
         return dict(section)
     return {k: section[k] for k in ("insert", "remove_existing") if k in section}
+
+
+def augment_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What shapes the augment run's layouts beyond the eval run's settings, as the sample rule's params and the
+    augment items' provenance both compare it: the ``layout_edit`` keys it reads (:func:`layout_edit_read`) and,
+    where it inserts nodules and the fraction is not the default, ``preprocess.nodule_fraction`` (the inserted
+    nodules' labels: 0.5 before the key counted)."""
+    edit = layout_edit_read(config["layout_edit"])
+    fraction = without_later_defaults({"nodule_fraction": config["preprocess"]["nodule_fraction"]})
+    return {"layout_edit": edit, **(fraction if edit["insert"] > 0 else {})}

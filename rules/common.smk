@@ -14,7 +14,7 @@ from lungddpm.preprocessing.cases import bank_cases, case_patients, case_split, 
 from lungddpm.synthesis.plan import PER_ITEM_LIST, empty_shards_warning, item_to_dict, items_of_run, samples_per_layout, sampling_what, shard
 from lungddpm.config_checks import trained_checkpoint_unset
 from lungddpm.config import canonical, key_order_reference, validate_config, config_from_mapping, lesion_config
-from lungddpm.settings import data_settings, fractional_blend, layout_edit_read, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, unread_feature_keys, weight_settings, without_later_defaults
+from lungddpm.settings import augment_settings, data_settings, fractional_blend, lesion_insert, lesion_training_settings, model_weight_settings, set_keys, unread_feature_keys, weight_settings, without_later_defaults
 from lungddpm.metrics.sets import Volume, check_synthetic_set, real_halves
 from lungddpm.segmentation.datasets import eval_inputs, train_inputs
 
@@ -118,11 +118,7 @@ def sample_settings(wildcards):
     editing shapes the augment run only. Editing another key would rewrite the manifests and rerun the metrics."""
     out = {"sample": {k: v for k, v in sampling_what(config["sample"]).items() if k not in PER_ITEM_LIST}}
     out["sample"] |= {f"blend_{k}": v for k, v in fractional_blend(config).items()}  # exact since 2026-12-07
-    if wildcards.run != "augment":
-        return out
-    edit = layout_edit_read(config["layout_edit"])  # and the inserted nodules' label fraction, where not the default
-    fraction = without_later_defaults({"nodule_fraction": config["preprocess"]["nodule_fraction"]})
-    return out | {"layout_edit": edit} | (fraction if edit["insert"] > 0 else {})
+    return out | (augment_settings(config) if wildcards.run == "augment" else {})
 
 
 def series_input(wildcards):
@@ -137,7 +133,8 @@ def series_input(wildcards):
 def source_stamps(wildcards):
     """Own images: each file the case is read from, with its size and mtime (ns). Snakemake reruns a job for a newer
     input only: a CT or label map replaced by an older file (cp -p, rsync -a, a backup) rebuilt nothing."""
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_paths(CFG, wildcards.case) if p.exists()]
+    stats = ((p, p.stat()) for p in source_paths(CFG, wildcards.case) if p.exists())
+    return [(str(p), st.st_size, st.st_mtime_ns) for p, st in stats]
 
 
 def run_items(run):

@@ -276,12 +276,12 @@ class Studio:
 
     @staticmethod
     def _inserted_nodules_in(session: CaseSession, world: np.ndarray) -> np.ndarray:
-        """bool [N]: points ``world`` [N, 3] (x, y, z) whose nearest native voxel a nodule inserted in the session
-        labels (real nodules are in :func:`cut_roi`'s layout at their classes; their rim added here had none)."""
-        inserted = np.zeros(session.labels.shape, bool)
-        for e in session.edits:  # a later edit never touches an earlier nodule; an undone one is no longer listed
-            inserted[e.slices] |= (session.labels[e.slices] == NODULE) & (e.labels_before != NODULE)
-        return _nearest(inserted, session.source.grid.world_to_index, world)
+        """bool [N]: points ``world`` [N, 3] whose nearest native voxel an inserted nodule labels (real: cut_roi's)."""
+        kij, hit = np.round(session.source.grid.world_to_index(world)), np.zeros(len(world), bool)
+        for e in session.edits:  # its own box, no whole-CT mask; a later edit never touches an earlier nodule
+            new = (session.labels[e.slices] == NODULE) & (e.labels_before != NODULE)
+            hit |= _nearest(new, lambda _, e=e: kij - [s.start for s in e.slices], world)
+        return hit
 
     def random_site(
         self, session: CaseSession, nodule: BankNodule, seed: int, tries: int = 200

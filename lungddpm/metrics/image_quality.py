@@ -257,11 +257,11 @@ def image_quality(
     if overlap:
         raise MetricsError(f"the floor set must be disjoint from the reference set; shared: {sorted(overlap)[:3]}")
     pairs = canonical_order(pairs)
-    taken: Counter[str] = Counter()  # the first samples_per_layout of each layout (canonical order: by k)
+    per_layout, taken = int(settings.get("samples_per_layout", 1)), Counter[str]()  # the first of each layout, by k
     chosen = []
     for p in pairs:
         taken[p.real.name] += 1
-        if taken[p.real.name] <= int(settings.get("samples_per_layout", 1)):
+        if taken[p.real.name] <= per_layout:
             chosen.append(p)
     rows = distribution_rows([p.synthetic for p in chosen], reference, floor, settings, cache_dir,
                              groups=[p.real.unit for p in chosen], layouts=[p.real.name for p in chosen])  # fmt: skip

@@ -234,6 +234,12 @@ def fine_geometry(
     return geometry, size  # type: ignore[return-value]
 
 
+def round_half_up(index: np.ndarray) -> np.ndarray:
+    """Fractional voxel indices -> int, a tie to the upper voxel (``np.round``'s ties to even favoured even voxels,
+    so a region's extent depended on its index parity)."""
+    return np.floor(np.asarray(index) + 0.5).astype(int)
+
+
 def coverage(
     mask: np.ndarray, grid: SliceGrid, target: Geometry, size: tuple[int, int, int], subsamples: int = 5
 ) -> np.ndarray:
@@ -270,8 +276,7 @@ def coverage(
     voxels = np.indices(block, dtype=np.float64).reshape(3, -1).T + first
     sub = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
     points = (voxels[:, None, :] + sub[None]).reshape(-1, 3)
-    # half up: a probe on a voxel boundary goes to the upper voxel (np.round's ties to even favoured even voxels)
-    src = np.floor(grid.world_to_index(target.index_to_world(points)) + 0.5).astype(int)
+    src = round_half_up(grid.world_to_index(target.index_to_world(points)))  # a probe on a boundary: the upper voxel
     inside = np.all((src >= 0) & (src < np.asarray(mask.shape)), axis=1)
     hit = np.zeros(len(src), dtype=bool)
     hit[inside] = mask[tuple(src[inside].T)]
@@ -303,7 +308,7 @@ def nodule_labels(
             continue
         local = grid.crop(nod.offset[0], nod.offset[1], nod.offset[2], nod.mask.shape[0])
         mine = coverage(nod.mask, local, target, size) >= min_fraction
-        c = np.floor(target.world_to_index(nodule_centroid_world(nod, grid)[None])[0] + 0.5).astype(int)  # as coverage
+        c = round_half_up(target.world_to_index(nodule_centroid_world(nod, grid)[None])[0])  # as coverage
         if all(0 <= c[a] < size[a] for a in range(3)):
             mine[tuple(c)] = True
         labels[mine] = n

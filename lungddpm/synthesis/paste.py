@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 
 from ..data.nodules import Nodule, paint
 from ..io import Geometry
-from ..preprocessing.grid import SliceGrid
+from ..preprocessing.grid import SliceGrid, round_half_up
 from ..preprocessing.layout import LUNG, NODULE
 
 
@@ -115,7 +115,7 @@ def nearest_in_box(box: NativeBox, roi_mask: np.ndarray) -> np.ndarray:
     """``roi_mask`` [n, n, n] looked up nearest-neighbour at the box's native voxels -> bool [k, i, j]; a native
     voxel halfway between two ROI voxels takes the upper one (half up, as :func:`lungddpm.preprocessing.grid.coverage`
     rounds: ``np.round``'s half to even made a hard paste's extent depend on the region's index parity)."""
-    idx = np.floor(box.roi_index + 0.5).astype(int)
+    idx = round_half_up(box.roi_index)
     inside = np.all((idx >= 0) & (idx < np.asarray(roi_mask.shape)), axis=-1)
     out = np.zeros(idx.shape[:-1], bool)
     out[inside] = roi_mask[tuple(idx[inside].T)]
@@ -144,10 +144,9 @@ def native_labels(
     nodules at their native masks (nodules are lung too). The fine grid ends up to a fine step short of the series'
     far edges (:func:`lungddpm.preprocessing.grid.fine_geometry`): native voxels there take its last voxel."""
     _, i, j = (int(n) for n in shape)
-    up = lambda f: np.floor(f + 0.5).astype(int)  # noqa: E731  # a tie to the upper voxel: np.round's ties to even
-    fz = up((grid.z_positions - fine.origin[2]) / fine.spacing[0])  # gave a lung slab 5 or 7 native slices by parity
-    fy = up((grid.y0 + np.arange(i) * grid.row_spacing - fine.origin[1]) / fine.spacing[1])
-    fx = up((grid.x0 + np.arange(j) * grid.col_spacing - fine.origin[0]) / fine.spacing[2])
+    fz = round_half_up((grid.z_positions - fine.origin[2]) / fine.spacing[0])  # ties up: a lung slab kept its extent
+    fy = round_half_up((grid.y0 + np.arange(i) * grid.row_spacing - fine.origin[1]) / fine.spacing[1])
+    fx = round_half_up((grid.x0 + np.arange(j) * grid.col_spacing - fine.origin[0]) / fine.spacing[2])
     ok = [(f >= 0) & (f <= n) for f, n in zip((fz, fy, fx), lung_fine.shape)]  # n: within its last step
     lung = lung_fine[np.clip(fz, 0, lung_fine.shape[0] - 1)][:, np.clip(fy, 0, lung_fine.shape[1] - 1)][
         :, :, np.clip(fx, 0, lung_fine.shape[2] - 1)

@@ -30,7 +30,7 @@ from ..diffusion.sample import Blend, blend_radii, keep_mask, sample
 from ..errors import LayoutError, LungDDPMError, SamplingError
 from ..io import file_sha256, files_sha256, read_header, read_json, safe_component, write_json, write_volume
 from ..preprocessing.layout import read_case_pair
-from ..settings import LATER_DEFAULTS, fractional_blend, layout_edit_read, without_later_defaults
+from ..settings import LATER_DEFAULTS, augment_settings, fractional_blend, layout_edit_read, without_later_defaults
 from ..versions import output_version
 from .plan import Item, sampling_what
 
@@ -82,9 +82,7 @@ def _settings(cfg: Config, run: str, ckpt_sha: str, bank_sha: str | None) -> dic
     settings = without_later_defaults(settings)  # the default, as before the key: old items stay complete
     settings.update(output_version("sample"))  # a bump remakes items made by older code
     if run == "augment":
-        settings["layout_edit"] = layout_edit_read(cfg.raw["layout_edit"])
-        if settings["layout_edit"]["insert"] > 0:  # the inserted nodules' label fraction (0.5 before the key)
-            settings.update(without_later_defaults({"nodule_fraction": cfg.raw["preprocess"]["nodule_fraction"]}))
+        settings.update(augment_settings(cfg.raw))
     if bank_sha is not None:
         settings["bank_sha256"] = bank_sha
     return settings
